@@ -1,0 +1,1 @@
+"""Benchmarks: each compares car-grpc against a bare baseline measured in the same run."""

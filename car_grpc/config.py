@@ -1,0 +1,145 @@
+"""Configuration of a car-grpc server, as one typed object.
+
+`Config.from_env()` reads the environment variables of PROTOCOL.md (CAR_HOME,
+CAR_NO_AUTH, CAR_NO_APPROVALS, CAR_TOOL_TIMEOUT, CAR_HANDLER_TIMEOUT, ...); the CLI
+overrides fields from its flags; embedders build one directly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Methods the approval gate parks by default (PROTOCOL.md §6).
+DEFAULT_GATED_METHODS = frozenset(
+    {
+        "automation.run_applescript",
+        "automation.run_powershell",
+        "automation.shortcuts.run",
+        "messages.send",
+        "mail.send",
+        "vision.ocr",
+        "calendar.create_event",
+        "calendar.update_event",
+        "calendar.delete_event",
+    }
+)
+
+#: The car-server release whose wire protocol this server speaks, reported by
+#: server.handshake (car-runtime warns about version skew on any other value).
+SERVER_VERSION = "0.58.0"
+PROTOCOL_VERSIONS = frozenset({2, 3})
+#: Capabilities the server negotiates in server.handshake.
+CAPABILITIES = frozenset(
+    {
+        "approvals",
+        "chats",
+        "goals",
+        "host_events",
+        "proposals",
+        "runs",
+        "state",
+        "tools",
+        "voice_events",
+    }
+)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as e:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from e
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def default_state_root() -> Path:
+    """`$CAR_HOME`, else `~/.car`: where the store and other state live."""
+    home = os.environ.get("CAR_HOME")
+    return Path(home) if home else Path.home() / ".car"
+
+
+def default_token_dir() -> Path:
+    """The directory of the auth-token and host-token files (PROTOCOL.md §2).
+
+    `$CAR_HOME/ai.parslee.car`, else `$XDG_RUNTIME_DIR/ai.parslee.car`, else
+    `~/.config/ai.parslee.car`: the path car-runtime reads.
+    """
+    if home := os.environ.get("CAR_HOME"):
+        return Path(home) / "ai.parslee.car"
+    if runtime := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(runtime) / "ai.parslee.car"
+    return Path.home() / ".config" / "ai.parslee.car"
+
+
+def default_unix_socket() -> Path | None:
+    """`$CAR_HOME/run/car-server.sock`, else `$XDG_RUNTIME_DIR/ai.parslee.car/car-server.sock`."""
+    if home := os.environ.get("CAR_HOME"):
+        return Path(home) / "run" / "car-server.sock"
+    if runtime := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(runtime) / "ai.parslee.car" / "car-server.sock"
+    return None
+
+
+@dataclass
+class Config:
+    """Everything a server needs to start. Defaults are the embedded, loopback-only ones."""
+
+    #: Where the embedded store lives (`$CAR_HOME`, default `~/.car`).
+    state_root: Path = field(default_factory=default_state_root)
+    #: Where the daemon and host token files are written.
+    token_dir: Path = field(default_factory=default_token_dir)
+    #: Require session.auth (off with --no-auth / CAR_NO_AUTH=1).
+    auth: bool = True
+    #: Park gated methods for a person's approval (off with --no-approvals / CAR_NO_APPROVALS=1).
+    approvals: bool = True
+    #: Methods the approval gate wraps.
+    gated_methods: frozenset[str] = DEFAULT_GATED_METHODS
+    #: How long a gated call waits for host.resolve_approval, in seconds.
+    approval_timeout: float = 60.0
+    #: Backstop wait for a tool callback without its own timeout_ms (CAR_TOOL_TIMEOUT).
+    tool_timeout: float = 300.0
+    #: Extra wait beyond an action's timeout_ms before the server gives up on the callback.
+    callback_grace: float = 5.0
+    #: Deadline of one request handler (CAR_HANDLER_TIMEOUT).
+    handler_timeout: float = 1800.0
+    #: Grace before a run whose connection closed becomes `incomplete`.
+    run_complete_grace: float = 0.25
+    #: How long agents.chat waits for the agent's ack.
+    chat_ack_timeout: float = 5.0
+    #: gRPC core listener.
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 9102
+    #: WebSocket gateway listener.
+    ws_host: str = "127.0.0.1"
+    ws_port: int = 9100
+    #: Unix socket of the gateway (None: none).
+    unix_socket: Path | None = field(default_factory=default_unix_socket)
+    #: Most requests one session may have in flight; reading pauses beyond it.
+    max_inflight_per_session: int = 256
+    #: Frames queued towards one session before senders wait (or fan-out drops).
+    session_outbound_queue: int = 1024
+
+    @classmethod
+    def from_env(cls) -> Config:
+        return cls(
+            auth=not _env_flag("CAR_NO_AUTH"),
+            approvals=not _env_flag("CAR_NO_APPROVALS"),
+            tool_timeout=_env_seconds("CAR_TOOL_TIMEOUT", 300.0),
+            handler_timeout=_env_seconds("CAR_HANDLER_TIMEOUT", 1800.0),
+            approval_timeout=_env_seconds("CAR_APPROVAL_TIMEOUT", 60.0),
+        )
+
+    @property
+    def store_path(self) -> Path:
+        return self.state_root / "car-grpc" / "store.sqlite3"

@@ -1,0 +1,1 @@
+"""The core: ServerState, sessions and the domain handlers behind the gRPC API."""

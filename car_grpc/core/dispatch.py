@@ -1,0 +1,136 @@
+"""Handlers and the one dispatch path that both the session stream and typed RPCs use.
+
+Domain modules register a handler per ClientFrame request member with `@handles(member)`.
+`execute` runs one request for a session: auth and handshake checks, the approval gate,
+the handler under its deadline, and the mapping of every failure to a CarError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from google.protobuf.message import Message
+
+from car_grpc import api
+from car_grpc.errors import (
+    AUTH_REQUIRED,
+    DEADLINE_EXCEEDED,
+    HANDSHAKE_REQUIRED,
+    INTERNAL,
+    METHOD_NOT_FOUND,
+    CarError,
+    invalid_params,
+)
+
+if TYPE_CHECKING:
+    from car_grpc.core.session import ClientSession
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass
+class Reply:
+    """A handler's response plus work to start once the response is queued to the client
+    (e.g. the pump of a subscription, whose events must not overtake its snapshot)."""
+
+    message: Message
+    then: Callable[[], None]
+
+
+Handler = Callable[["ClientSession", Any], Awaitable[Message | Reply]]
+NotificationHandler = Callable[["ClientSession", Any], Awaitable[None]]
+
+#: Request handlers by ClientFrame member name (e.g. "runs_start").
+HANDLERS: dict[str, Handler] = {}
+#: Handlers of client notifications by ClientFrame member name (e.g. "agent_chat_event").
+NOTIFICATION_HANDLERS: dict[str, NotificationHandler] = {}
+
+#: Members allowed before session.auth.
+_BEFORE_AUTH = frozenset({"session_auth"})
+#: Members that need a successful server.handshake first.
+_NEEDS_HANDSHAKE = frozenset({"host_subscribe"})
+
+
+def handles(member: str) -> Callable[[Handler], Handler]:
+    """Register the handler of a ClientFrame request member."""
+    if member not in api.CLIENT_MEMBERS or api.CLIENT_MEMBERS[member].kind != api.REQUEST:
+        raise ValueError(f"{member!r} is not a request member of ClientFrame")
+
+    def register(fn: Handler) -> Handler:
+        if member in HANDLERS:
+            raise ValueError(f"two handlers for {member!r}")
+        HANDLERS[member] = fn
+        return fn
+
+    return register
+
+
+def handles_notification(member: str) -> Callable[[NotificationHandler], NotificationHandler]:
+    """Register the handler of a ClientFrame notification member."""
+    if member not in api.CLIENT_MEMBERS or api.CLIENT_MEMBERS[member].kind != api.NOTIFICATION:
+        raise ValueError(f"{member!r} is not a notification member of ClientFrame")
+
+    def register(fn: NotificationHandler) -> NotificationHandler:
+        NOTIFICATION_HANDLERS[member] = fn
+        return fn
+
+    return register
+
+
+class AuthRequired(CarError):
+    """A request before auth: answered with -32001, then the stream is closed."""
+
+    def __init__(self) -> None:
+        super().__init__(AUTH_REQUIRED, "auth required: call session.auth first")
+
+
+async def execute(session: ClientSession, member: str, request: Message) -> Message | Reply:
+    """Run one request of `session`. Raises CarError for every failure."""
+    method = api.CLIENT_MEMBERS[member].method
+    if not session.authenticated and member not in _BEFORE_AUTH:
+        raise AuthRequired()
+    if member in _NEEDS_HANDSHAKE and session.protocol_version is None:
+        raise CarError(
+            HANDSHAKE_REQUIRED,
+            f"protocol handshake required: call server.handshake before {method}",
+        )
+    handler = HANDLERS.get(member)
+    if handler is None:
+        raise CarError(METHOD_NOT_FOUND, f"unknown method: {method}")
+    server = session.server
+    deadline = asyncio.timeout(server.config.handler_timeout)
+    try:
+        async with deadline:
+            await server.gate(session, method, request)
+            return await handler(session, request)
+    except CarError:
+        raise
+    except TimeoutError as e:
+        if deadline.expired():
+            limit = server.config.handler_timeout
+            raise CarError(
+                DEADLINE_EXCEEDED, f"handler deadline exceeded: {method} ran past {limit:g}s"
+            ) from None
+        log.exception("handler for %s timed out", method)
+        raise CarError(INTERNAL, f"{method} failed: timed out") from e
+    except Exception as e:
+        log.exception("handler for %s failed", method)
+        raise CarError(INTERNAL, f"{method} failed: {e}") from e
+
+
+def field_error(name: str, reason: str = "missing field") -> CarError:
+    """-32602 naming the field, e.g. `invalid params: missing field: name`."""
+    return invalid_params(f"invalid params: {reason}: {name}")
+
+
+def require(value: str, name: str) -> str:
+    """The value of a required string field, or -32602 naming it."""
+    if not value:
+        raise field_error(name)
+    return value

@@ -1,0 +1,12 @@
+"""Installs every domain of the core: importing a module registers its handlers, and
+`install` gives each domain its state on the ServerState."""
+
+from __future__ import annotations
+
+from car_grpc.core import sessions  # noqa: F401  (registers handlers)
+from car_grpc.core.server_state import ServerState
+
+
+async def install(state: ServerState) -> None:
+    """Attach domain state to a fresh ServerState (called once at start)."""
+    return None

@@ -1,0 +1,308 @@
+"""The gRPC face of the core: SessionService.Connect, the typed per-domain RPCs, health
+and reflection. Every path ends in `dispatch.execute`, so the session stream and the typed
+RPCs share their handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from car_grpc import api
+from car_grpc.core import dispatch
+from car_grpc.core.dispatch import AuthRequired, Reply
+from car_grpc.core.server_state import ServerState
+from car_grpc.core.session import ClientSession, Role, SessionClosed
+from car_grpc.core.sessions import authenticate
+from car_grpc.errors import ERROR_TRAILER, INVALID_REQUEST, CarError, grpc_status_for
+from car_grpc.v1 import session_pb2
+
+log = logging.getLogger(__name__)
+
+SESSION_ID_KEY = "car-session-id"
+AGENT_ID_KEY = "car-agent-id"
+
+StreamHandler = Callable[[ClientSession, Any], AsyncIterator[Message]]
+#: Server-streaming RPC handlers by RPC name (e.g. "WatchRun"), registered by domains.
+STREAM_HANDLERS: dict[str, StreamHandler] = {}
+
+
+def streams(rpc_name: str) -> Callable[[StreamHandler], StreamHandler]:
+    """Register the handler of a server-streaming typed RPC."""
+
+    def register(fn: StreamHandler) -> StreamHandler:
+        STREAM_HANDLERS[rpc_name] = fn
+        return fn
+
+    return register
+
+
+def _error_frame(frame_id: str, error: CarError) -> session_pb2.ServerFrame:
+    return session_pb2.ServerFrame(id=frame_id, error=error.to_proto())
+
+
+class SessionStream:
+    """One Connect call: reads client frames, runs requests concurrently, writes frames."""
+
+    def __init__(self, state: ServerState, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.state = state
+        self.context = context
+        self.session = state.open_session(streaming=True, peer=context.peer())
+        self.inflight = asyncio.Semaphore(state.config.max_inflight_per_session)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._write_loop())
+        try:
+            await self._read_loop()
+        finally:
+            for task in self.tasks:
+                task.cancel()
+            await self.state.close_session(self.session)
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    async def _write_loop(self) -> None:
+        queue = self.session.outbound
+        while True:
+            frame = await queue.get()
+            try:
+                await self.context.write(frame)
+            finally:
+                queue.task_done()
+
+    async def _read_loop(self) -> None:
+        while True:
+            frame = await self.context.read()
+            if frame is grpc.aio.EOF:
+                return
+            assert isinstance(frame, session_pb2.ClientFrame)
+            member = frame.WhichOneof("body")
+            binding = api.CLIENT_MEMBERS.get(member or "")
+            if member == "error" or (binding and binding.kind == api.RESPONSE):
+                self.session.resolve(frame)  # late or unknown answers are ignored
+            elif binding is None:
+                err = CarError(INVALID_REQUEST, "invalid request: frame has no body")
+                await self.session.send(_error_frame(frame.id, err))
+            elif binding.kind == api.NOTIFICATION:
+                await self._spawn(self._notification(binding.field, frame))
+            elif not self.session.authenticated:
+                # Until auth succeeds, requests run one at a time, in order.
+                if not await self._request(frame, binding.field):
+                    await self._end_unauthenticated()
+                    return
+            else:
+                await self._spawn(self._request(frame, binding.field))
+
+    async def _spawn(self, work: Any) -> None:
+        await self.inflight.acquire()  # backpressure: stop reading while saturated
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.inflight.release()
+
+    async def _request(self, frame: session_pb2.ClientFrame, member: str) -> bool:
+        """Run one request and answer it. False when it failed for lack of auth."""
+        request = getattr(frame, member)
+        try:
+            result = await dispatch.execute(self.session, member, request)
+        except AuthRequired as e:
+            await self._send(_error_frame(frame.id, e))
+            return False
+        except CarError as e:
+            await self._send(_error_frame(frame.id, e))
+            return True
+        reply = result if isinstance(result, Reply) else None
+        message = reply.message if reply else result
+        out = session_pb2.ServerFrame(id=frame.id)
+        getattr(out, member).CopyFrom(message)
+        await self._send(out)
+        if reply is not None:
+            reply.then()
+        return True
+
+    async def _send(self, frame: session_pb2.ServerFrame) -> None:
+        with contextlib.suppress(SessionClosed):
+            await self.session.send(frame)
+
+    async def _notification(self, member: str, frame: session_pb2.ClientFrame) -> None:
+        if not self.session.authenticated:
+            return
+        handler = dispatch.NOTIFICATION_HANDLERS.get(member)
+        if handler is None:
+            return
+        try:
+            await handler(self.session, getattr(frame, member))
+        except Exception:
+            log.exception("notification handler %s failed", member)
+
+    async def _end_unauthenticated(self) -> None:
+        """Flush the -32001 answer, then end the stream."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await self.session.outbound.join()
+        await self.context.abort(grpc.StatusCode.UNAUTHENTICATED, "auth required")
+
+
+# ------------------------------------------------------------------ typed RPCs
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: CarError) -> None:
+    context.set_trailing_metadata(((ERROR_TRAILER, error.to_proto().SerializeToString()),))
+    await context.abort(grpc_status_for(error.code), error.message)
+
+
+class _Binding:
+    """The session a typed RPC runs as: a live one (car-session-id) or a one-call session."""
+
+    def __init__(self, state: ServerState, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.state = state
+        self.context = context
+        self.session: ClientSession | None = None
+        self.ephemeral = False
+
+    async def __aenter__(self) -> ClientSession:
+        meta = {k: v for k, v in self.context.invocation_metadata() or () if isinstance(v, str)}
+        token = meta.get("authorization", "").removeprefix("Bearer ").strip()
+        agent_id = meta.get(AGENT_ID_KEY, "")
+        if session_id := meta.get(SESSION_ID_KEY):
+            live = self.state.sessions.get(session_id)
+            if live is None or not self._same_credential(live, token, agent_id):
+                raise CarError(
+                    AuthRequired().code, "auth required: unknown session or wrong credentials"
+                )
+            self.session = live
+            return live
+        session = self.state.open_session(streaming=False, peer=self.context.peer())
+        self.session, self.ephemeral = session, True
+        if self.state.auth_enabled and not token:
+            raise AuthRequired()
+        tokens = self.state.tokens
+        is_host = tokens is not None and bool(token) and tokens.is_host(token)
+        try:
+            if agent_id and not is_host:
+                # Agent credentials on a one-call session: the identity, not an attachment
+                # (the agent's live session keeps its chats).
+                if self.state.auth_enabled and not await self.state.agent_tokens.verify(
+                    agent_id, token
+                ):
+                    raise CarError(AuthRequired().code, "auth failed: token mismatch")
+                session.role, session.agent_id = Role.AGENT, agent_id
+            else:
+                await authenticate(
+                    session, host_token=token if is_host else "", token="" if is_host else token
+                )
+        except CarError as e:
+            raise CarError(AuthRequired().code, e.message) from None
+        return session
+
+    def _same_credential(self, live: ClientSession, token: str, agent_id: str) -> bool:
+        if not self.state.auth_enabled:
+            return True
+        kind, secret = live.credential
+        expected = f"agent:{agent_id}" if agent_id else kind
+        if agent_id and kind != expected:
+            return False
+        return bool(secret) and hmac.compare_digest(secret.encode(), token.encode())
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.ephemeral and self.session is not None:
+            await self.state.close_session(self.session)
+
+
+def _unary(state: ServerState, member: str) -> Callable[..., Any]:
+    async def call(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        try:
+            async with _Binding(state, context) as session:
+                result = await dispatch.execute(session, member, request)
+        except CarError as e:
+            await _abort(context, e)
+            raise AssertionError("unreachable") from None
+        return result.message if isinstance(result, Reply) else result
+
+    return call
+
+
+def _server_stream(state: ServerState, rpc: api.TypedRpc) -> Callable[..., Any]:
+    async def call(
+        request: Message, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Message]:
+        handler = STREAM_HANDLERS.get(rpc.name)
+        try:
+            if handler is None:
+                raise CarError(-32601, f"unknown method: {rpc.service.name}/{rpc.name}")
+            async with _Binding(state, context) as session:
+                async for item in handler(session, request):
+                    yield item
+        except CarError as e:
+            await _abort(context, e)
+
+    return call
+
+
+def _message_class(desc: Any) -> Any:
+    from google.protobuf import message_factory
+
+    return message_factory.GetMessageClass(desc)
+
+
+def generic_handlers(state: ServerState) -> list[grpc.GenericRpcHandler]:
+    """The handlers of SessionService.Connect and of every typed RPC."""
+
+    async def connect(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await SessionStream(state, context).run()
+
+    by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {
+        "car.v1.SessionService": {
+            "Connect": grpc.stream_stream_rpc_method_handler(
+                connect,
+                request_deserializer=session_pb2.ClientFrame.FromString,
+                response_serializer=session_pb2.ServerFrame.SerializeToString,
+            )
+        }
+    }
+    for rpc in api.TYPED_RPCS:
+        req_cls, resp_cls = _message_class(rpc.request), _message_class(rpc.response)
+        table = by_service.setdefault(rpc.service.full_name, {})
+        if rpc.server_streaming:
+            table[rpc.name] = grpc.unary_stream_rpc_method_handler(
+                _server_stream(state, rpc),
+                request_deserializer=req_cls.FromString,
+                response_serializer=resp_cls.SerializeToString,
+            )
+            continue
+        member = api.request_member_for(rpc.request)
+        if member is None:
+            raise RuntimeError(f"{rpc.service.name}/{rpc.name}: no ClientFrame member")
+        table[rpc.name] = grpc.unary_unary_rpc_method_handler(
+            _unary(state, member.field),
+            request_deserializer=req_cls.FromString,
+            response_serializer=resp_cls.SerializeToString,
+        )
+    return [grpc.method_handlers_generic_handler(name, t) for name, t in by_service.items()]
+
+
+def add_health_and_reflection(server: grpc.aio.Server) -> health.HealthServicer:
+    """Standard gRPC health (all services SERVING) and server reflection."""
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = ["car.v1.SessionService", *sorted({r.service.full_name for r in api.TYPED_RPCS})]
+    for name in [*names, ""]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [*names, reflection.SERVICE_NAME, health.SERVICE_NAME], server
+    )
+    return health_servicer

@@ -1,0 +1,180 @@
+"""ClientSession: one client session (one Connect stream, or one unbound typed RPC call).
+
+A session owns its auth state and role, negotiated protocol, tools, policies, key-value
+state, current run and halted flag. Frames towards the client go through one bounded
+queue that the stream's writer drains. Server-initiated requests (`call`) get ids `cb-N`
+and wait, bounded, for the client's answer; when the session closes every pending call
+fails at once and the close hooks registered by the domain modules run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf.message import Message
+
+from car_grpc.errors import INTERNAL, CarError
+from car_grpc.v1 import session_pb2, state_pb2, tools_pb2
+
+if TYPE_CHECKING:
+    from car_grpc.core.server_state import ServerState
+
+log = logging.getLogger(__name__)
+
+CloseHook = Callable[["ClientSession"], Awaitable[None] | None]
+
+
+class Role(enum.Enum):
+    """What a session authenticated as."""
+
+    NONE = "none"  # not authenticated yet
+    ORDINARY = "ordinary"  # daemon token (or auth off)
+    HOST = "host"  # host token
+    AGENT = "agent"  # an agent token: attached as agent_id
+
+
+class SessionClosed(Exception):
+    """The session ended while something waited on it."""
+
+
+class ClientSession:
+    def __init__(self, server: ServerState, *, streaming: bool, peer: str = "") -> None:
+        self.server = server
+        self.id = uuid.uuid4().hex
+        self.peer = peer
+        #: False for the one-call session of an unbound typed RPC: it cannot be called back.
+        self.streaming = streaming
+        self.role = Role.NONE
+        self.agent_id: str | None = None
+        self.memory_namespace: str | None = None
+        #: The credential the session authenticated with (typed RPCs bind only with it).
+        self.credential: tuple[str, str] = ("", "")
+        self.protocol_version: int | None = None
+        self.capabilities: frozenset[str] = frozenset()
+        self.tools: dict[str, tools_pb2.ToolDefinition] = {}
+        self.policies: dict[str, state_pb2.PolicyDefinition] = {}
+        self.kv: dict[str, Any] = {}
+        self.current_run: str | None = None
+        self.halted = False
+        self.closed = asyncio.Event()
+        self.outbound: asyncio.Queue[session_pb2.ServerFrame] = asyncio.Queue(
+            server.config.session_outbound_queue
+        )
+        self._callback_ids = itertools.count(1)
+        self._pending: dict[str, asyncio.Future[session_pb2.ClientFrame]] = {}
+        self._close_hooks: list[CloseHook] = []
+
+    @property
+    def authenticated(self) -> bool:
+        return self.role is not Role.NONE
+
+    @property
+    def is_host(self) -> bool:
+        return self.role is Role.HOST
+
+    def __repr__(self) -> str:
+        return f"<ClientSession {self.id[:8]} {self.role.value} agent={self.agent_id}>"
+
+    # ------------------------------------------------------------ outbound frames
+
+    async def send(self, frame: session_pb2.ServerFrame) -> None:
+        """Queue a frame for the client, waiting while the queue is full (backpressure)."""
+        if self.closed.is_set():
+            raise SessionClosed(self.id)
+        if not self.streaming:
+            return
+        await self.outbound.put(frame)
+
+    def try_send(self, frame: session_pb2.ServerFrame) -> bool:
+        """Queue a frame without waiting; False when the queue is full or the session gone.
+
+        For fan-out, where a slow client must not stall the sender: callers count the drop.
+        """
+        if self.closed.is_set() or not self.streaming:
+            return False
+        try:
+            self.outbound.put_nowait(frame)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    async def notify(self, member: str, message: Message) -> None:
+        """Send a notification (ServerFrame member `member`, no id)."""
+        frame = session_pb2.ServerFrame()
+        getattr(frame, member).CopyFrom(message)
+        await self.send(frame)
+
+    # ------------------------------------------------------------ server -> client calls
+
+    def next_callback_id(self) -> str:
+        return f"cb-{next(self._callback_ids)}"
+
+    async def call(
+        self,
+        member: str,
+        message: Message,
+        timeout: float,
+        callback_id: str | None = None,
+    ) -> session_pb2.ClientFrame:
+        """Send a server-initiated request and wait for the client's answer frame.
+
+        Raises CarError when the client answers with an error, TimeoutError after
+        `timeout` seconds, SessionClosed when the session ends first.
+        """
+        if not self.streaming:
+            raise CarError(INTERNAL, "this call has no session stream to call back on")
+        cid = callback_id or self.next_callback_id()
+        frame = session_pb2.ServerFrame(id=cid)
+        getattr(frame, member).CopyFrom(message)
+        future: asyncio.Future[session_pb2.ClientFrame] = asyncio.get_running_loop().create_future()
+        self._pending[cid] = future
+        try:
+            async with asyncio.timeout(timeout):
+                await self.send(frame)
+                answer = await future
+        finally:
+            self._pending.pop(cid, None)
+        if answer.WhichOneof("body") == "error":
+            raise CarError.from_proto(answer.error)
+        return answer
+
+    def resolve(self, frame: session_pb2.ClientFrame) -> bool:
+        """Deliver the client's answer to a pending call; False for unknown/late ids."""
+        future = self._pending.get(frame.id)
+        if future is None or future.done():
+            return False
+        future.set_result(frame)
+        return True
+
+    # ------------------------------------------------------------ lifecycle
+
+    def on_close(self, hook: CloseHook) -> None:
+        """Run `hook(session)` when the session ends (domain clean-up)."""
+        self._close_hooks.append(hook)
+
+    async def close(self) -> None:
+        """End the session: fail pending calls, run close hooks, release everything."""
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(SessionClosed(self.id))
+        self._pending.clear()
+        for hook in reversed(self._close_hooks):
+            try:
+                result = hook(self)
+                if result is not None:
+                    await result
+            except Exception:
+                log.exception("close hook failed for %r", self)
+        self._close_hooks.clear()
+        self.tools.clear()
+        self.policies.clear()
+        self.kv.clear()

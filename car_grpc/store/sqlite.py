@@ -1,0 +1,118 @@
+"""The embedded store: one SQLite database under the state root.
+
+All SQL runs on one dedicated thread that owns the connection, so the event loop never
+blocks on disk and writes are serialized. The database is in WAL mode with
+`synchronous=FULL`: a transaction is on disk when `run` returns, which is what
+"acknowledged after commit" needs. Several processes may open the same file (the CLI's
+`agents add` writes while a server runs).
+
+Schema changes are migrations: append a new entry to MIGRATIONS, never edit an old one.
+`PRAGMA user_version` records how many have been applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
+
+#: Ordered schema migrations. Entry i brings the schema from version i to i + 1. Each is
+#: plain SQL statements separated by ";" (no triggers or literals containing ";").
+MIGRATIONS: list[str] = [
+    # 1: per-agent tokens, stored as SHA-256 digests (tokens are 256-bit random).
+    """
+    CREATE TABLE agent_tokens (
+        agent_id   TEXT PRIMARY KEY,
+        token_hash BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    """,
+]
+
+
+class Store(Protocol):
+    """What the core needs from a store: run a function against the database, in order."""
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+    def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+    async def close(self) -> None: ...
+
+
+class SqliteStore:
+    """The SQLite store. `run(fn)` calls `fn(connection)` inside one transaction."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="car-store")
+        self._lock = threading.Lock()
+        self._conn = self._executor.submit(self._open).result()
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA foreign_keys=ON")
+        migrate(conn)
+        return conn
+
+    def _in_transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            return result
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in a transaction on the store thread; returns once committed."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._in_transaction, fn)
+
+    def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Blocking variant for start-up, shutdown and the CLI (not for the event loop)."""
+        return self._executor.submit(self._in_transaction, fn).result()
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._conn.close)
+        self._executor.shutdown(wait=True)
+
+    def close_sync(self) -> None:
+        self._executor.submit(self._conn.close).result()
+        self._executor.shutdown(wait=True)
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Apply the migrations the database has not seen yet, each in its own transaction."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > len(MIGRATIONS):
+        raise RuntimeError(
+            f"store schema version {version} is newer than this server ({len(MIGRATIONS)})"
+        )
+    for number in range(version, len(MIGRATIONS)):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(MIGRATIONS[number]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={number + 1}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Static checks run by CI (through `./dev check`): ruff, mypy --strict, buf lint / format /
+# breaking, and codegen drift (regenerate car_grpc/v1 and fail on any difference).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+BUF=node_modules/.bin/buf
+
+echo "== ruff"
+"$PY" -m ruff check .
+"$PY" -m ruff format --check .
+echo "== mypy --strict"
+"$PY" -m mypy
+echo "== buf lint / format"
+"$BUF" lint
+"$BUF" format --diff --exit-code
+echo "== buf breaking (against the last commit of main that has protos)"
+if base=$(git log -1 --format=%H HEAD~1 -- proto 2>/dev/null) && [ -n "$base" ]; then
+  "$BUF" breaking --against ".git#ref=$base"
+else
+  echo "no earlier commit with protos: skipped"
+fi
+echo "== codegen drift"
+"$PY" scripts/gen_protos.py >/dev/null 2>&1
+if ! git diff --exit-code --stat -- car_grpc/v1 || [ -n "$(git status --porcelain -- car_grpc/v1)" ]; then
+  echo "car_grpc/v1 differs from what proto/ generates: run ./dev gen and commit" >&2
+  exit 1
+fi
+echo "all checks passed"

@@ -1,0 +1,46 @@
+"""Shared fixtures: a real core on an ephemeral loopback port, with its state in tmp_path."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from car_grpc.config import Config
+from car_grpc.core.server import Core
+
+
+def make_config(root: Path, **overrides: object) -> Config:
+    config = Config(
+        state_root=root / "car-home",
+        token_dir=root / "car-home" / "ai.parslee.car",
+        grpc_port=0,
+        ws_port=0,
+        unix_socket=None,
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return make_config(tmp_path)
+
+
+@pytest.fixture
+async def core(config: Config) -> AsyncIterator[Core]:
+    core = Core(config)
+    await core.start()
+    try:
+        yield core
+    finally:
+        await core.stop(grace=0)
+
+
+@pytest.fixture
+async def channel(core: Core) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(core.grpc_address) as ch:
+        yield ch
