@@ -26,4 +26,6 @@ if ! git diff --exit-code --stat -- car_grpc/v1 || [ -n "$(git status --porcelai
   echo "car_grpc/v1 differs from what proto/ generates: run ./dev gen and commit" >&2
   exit 1
 fi
+echo "== API table drift (docs/api-table.md)"
+"$PY" scripts/gen_api_table.py --check
 echo "all checks passed"
