@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from car_grpc.core import sessions  # noqa: F401  (registers handlers)
+from car_grpc.core import policies, sessions, tools  # noqa: F401  (registers handlers)
+from car_grpc.core import state as _state  # noqa: F401  (registers handlers)
 from car_grpc.core.server_state import ServerState
 
 

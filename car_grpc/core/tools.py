@@ -1,0 +1,187 @@
+"""Tools and proposals on a session (PROTOCOL.md §3): session.init, session.clear_halt,
+tools.register/list/unregister and proposal.submit.
+
+proposal.submit runs the executor (proposals.py) with a tool caller bound to the session:
+each tool call is a server-initiated `tools.execute` on the session's stream (id and
+request_id `cb-N`), waited for at most timeout_ms + callback_grace (or tool_timeout when
+the action declares no timeout_ms). Every call given up — timeout, proposal abort,
+handler deadline, cancelled RPC — sends the notification `tools.cancel`; a late answer is
+ignored by the session. A client error answer fails the action with its message; one with
+`data.terminal: true` aborts the proposal and halts the session.
+
+A halted session runs no proposal: every action of a later proposal comes back
+`skipped` with the error HALTED, and no tool is called, until `session.clear_halt` (or a
+new session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from car_grpc.codec import JSON, to_struct, value_to_json
+from car_grpc.core import proposals
+from car_grpc.core.dispatch import field_error, handles, require
+from car_grpc.core.policies import checked_policy
+from car_grpc.core.proposals import ToolFailed, ToolInvocation
+from car_grpc.core.session import ClientSession, SessionClosed
+from car_grpc.errors import INTERNAL, CarError
+from car_grpc.v1 import session_pb2, tools_pb2
+
+log = logging.getLogger(__name__)
+
+HALTED = "session halted by a terminal tool error; call session.clear_halt"
+
+
+def _checked_tools(
+    tools: list[tools_pb2.ToolDefinition], path: str = "tools"
+) -> list[tools_pb2.ToolDefinition]:
+    """Copies of `tools` (parameters `{}` when not given), or -32602 naming the field."""
+    checked = []
+    for i, tool in enumerate(tools):
+        require(tool.name, f"{path}[{i}].name")
+        copy = tools_pb2.ToolDefinition()
+        copy.CopyFrom(tool)
+        copy.parameters.SetInParent()
+        checked.append(copy)
+    return checked
+
+
+@handles("session_init")
+async def session_init(
+    session: ClientSession, req: session_pb2.InitSessionRequest
+) -> session_pb2.InitSessionResponse:
+    tools = _checked_tools(list(req.tools))
+    policies = [checked_policy(p, f"policies[{i}].") for i, p in enumerate(req.policies)]
+    for tool in tools:
+        session.tools[tool.name] = tool
+    for policy in policies:
+        session.policies[policy.name] = policy
+    return session_pb2.InitSessionResponse(
+        session_id=session.id, tools_registered=len(tools), policies_registered=len(policies)
+    )
+
+
+@handles("session_clear_halt")
+async def session_clear_halt(
+    session: ClientSession, req: session_pb2.ClearHaltRequest
+) -> session_pb2.ClearHaltResponse:
+    was_halted, session.halted = session.halted, False
+    return session_pb2.ClearHaltResponse(cleared=was_halted)
+
+
+@handles("tools_register")
+async def tools_register(
+    session: ClientSession, req: tools_pb2.RegisterToolsRequest
+) -> tools_pb2.RegisterToolsResponse:
+    tools = _checked_tools(list(req.tools))
+    for tool in tools:
+        session.tools[tool.name] = tool
+    return tools_pb2.RegisterToolsResponse(count=len(tools))
+
+
+@handles("tools_list")
+async def tools_list(
+    session: ClientSession, req: tools_pb2.ListToolsRequest
+) -> tools_pb2.ListToolsResponse:
+    tools = [session.tools[name] for name in sorted(session.tools)]
+    return tools_pb2.ListToolsResponse(tools=tools, count=len(tools))
+
+
+@handles("tools_unregister")
+async def tools_unregister(
+    session: ClientSession, req: tools_pb2.UnregisterToolRequest
+) -> tools_pb2.UnregisterToolResponse:
+    name = require(req.name, "name")
+    removed = session.tools.pop(name, None) is not None
+    return tools_pb2.UnregisterToolResponse(unregistered=name, removed=int(removed))
+
+
+@handles("proposal_submit")
+async def proposal_submit(
+    session: ClientSession, req: tools_pb2.SubmitProposalRequest
+) -> tools_pb2.SubmitProposalResponse:
+    if not req.HasField("proposal"):
+        raise field_error("proposal")
+    plan = proposals.plan(req.proposal)
+    if session.halted:
+        return tools_pb2.SubmitProposalResponse(result=proposals.skipped_result(plan, HALTED))
+    calls_tools = any(a.type == tools_pb2.ACTION_TYPE_TOOL_CALL for a in plan.actions)
+    if calls_tools and not session.streaming:
+        raise CarError(
+            INTERNAL,
+            "proposal.submit calls tools back on a session stream: "
+            "bind the call to a Connect session with car-session-id",
+        )
+    label = req.session_id if req.HasField("session_id") else None
+    result = await proposals.execute(
+        plan,
+        state=session.kv,
+        policies=list(session.policies.values()),
+        call_tool=SessionTools(session, label),
+    )
+    if any(r.terminal for r in result.results):
+        session.halted = True
+    return tools_pb2.SubmitProposalResponse(result=result)
+
+
+class SessionTools:
+    """The executor's CallTool for one session: tools.execute on the session's stream."""
+
+    def __init__(self, session: ClientSession, label: str | None) -> None:
+        self.session = session
+        self.label = label
+
+    async def __call__(self, inv: ToolInvocation) -> JSON:
+        config = self.session.server.config
+        if inv.timeout_ms is None:
+            wait = config.tool_timeout
+        else:
+            wait = inv.timeout_ms / 1000 + config.callback_grace
+        request_id = self.session.next_callback_id()
+        request = tools_pb2.ExecuteToolRequest(
+            action_id=inv.action_id,
+            tool=inv.tool,
+            parameters=to_struct(inv.parameters),
+            attempt=inv.attempt,
+            request_id=request_id,
+        )
+        if inv.timeout_ms is not None:
+            request.timeout_ms = inv.timeout_ms
+        if self.label is not None:
+            request.session_id = self.label
+        try:
+            answer = await self.session.call("tools_execute", request, wait, request_id)
+        except TimeoutError:
+            self._cancel(request_id, inv, proposals.CANCEL_TIMEOUT)
+            raise ToolFailed(proposals.timed_out(inv.tool, wait)) from None
+        except SessionClosed:
+            raise ToolFailed(f"tool '{inv.tool}' callback failed: session closed") from None
+        except CarError as e:
+            raise ToolFailed(e.message, terminal=_is_terminal(e)) from None
+        except asyncio.CancelledError as e:
+            reason = e.args[0] if e.args and isinstance(e.args[0], str) else "cancelled"
+            self._cancel(request_id, inv, reason)
+            raise
+        member = answer.WhichOneof("body")
+        if member != "tools_execute":
+            raise ToolFailed(f"tool '{inv.tool}' callback was answered with {member}")
+        return value_to_json(answer.tools_execute.output)
+
+    def _cancel(self, request_id: str, inv: ToolInvocation, reason: str) -> None:
+        """Send tools.cancel without waiting (a cancelled task must not block on a full
+        queue); when the queue is full or the session gone the notice is dropped."""
+        notice = tools_pb2.CancelToolNotice(
+            request_id=request_id, action_id=inv.action_id, reason=reason
+        )
+        if not self.session.try_send(session_pb2.ServerFrame(tools_cancel=notice)):
+            log.debug("tools.cancel %s not delivered (session full or closed)", request_id)
+
+
+def _is_terminal(error: CarError) -> bool:
+    """Whether a client error answer says `data.terminal: true`."""
+    data = error.data
+    if data is None or data.WhichOneof("kind") != "struct_value":
+        return False
+    flag = data.struct_value.fields.get("terminal")
+    return flag is not None and flag.WhichOneof("kind") == "bool_value" and flag.bool_value
