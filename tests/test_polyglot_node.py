@@ -59,3 +59,28 @@ async def test_node_agent_with_a_wrong_token_is_refused(core: Core, config: Conf
             "message": "auth failed: token mismatch",
         }
         assert await agent.proc.wait() == 1
+
+
+async def test_node_tool_host_answers_the_callbacks_of_its_proposal(
+    core: Core, config: Config
+) -> None:
+    async with run_node(
+        "tool-host.js", address=core.grpc_address, car_home=_car_home(config)
+    ) as host:
+        registered, result = await host.finish(timeout=30)
+    # The typed ListTools call, bound to the live session by car-session-id, saw the tools.
+    assert registered == {"event": "registered", "count": 2, "tools": ["add", "divide"]}
+    assert result["proposal_id"] == "node-proposal"
+    assert result["results"] == [
+        {"action_id": "sum", "status": "ACTION_STATUS_SUCCEEDED", "output": 5, "error": None},
+        # "$sum.output" was replaced by 5, so `half` ran after `sum`.
+        {"action_id": "half", "status": "ACTION_STATUS_SUCCEEDED", "output": 2.5, "error": None},
+        # The tool answered ClientFrame.error; failure_behavior skip kept the others.
+        {
+            "action_id": "oops",
+            "status": "ACTION_STATUS_FAILED",
+            "output": None,
+            "error": "division by zero",
+        },
+    ]
+    assert result["tool_calls"] == 3

@@ -107,9 +107,11 @@ function unary(service, rpc, request, md = new grpc.Metadata()) {
 
 // ------------------------------------------------------------------ errors
 
+// proto-loader makes no standalone decoders, so car.v1.Error is decoded with protobufjs
+// (the library under proto-loader). Its google/protobuf imports resolve to the built-in
+// copies that protobufjs (and proto-loader, above) register.
 const root = new protobuf.Root();
-root.resolvePath = (_origin, target) =>
-  fs.existsSync(path.join(PROTO_DIR, target)) ? path.join(PROTO_DIR, target) : target;
+root.resolvePath = (_origin, target) => path.join(PROTO_DIR, target);
 root.loadSync("car/v1/errors.proto", { keepCase: true });
 const ErrorType = root.lookupType("car.v1.Error");
 
