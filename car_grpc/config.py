@@ -129,6 +129,19 @@ class Config:
     max_inflight_per_session: int = 256
     #: Frames queued towards one session before senders wait (or fan-out drops).
     session_outbound_queue: int = 1024
+    #: Seconds between the gateway's WebSocket pings.
+    ws_ping_interval: float = 30.0
+    #: Close a WebSocket peer that sent nothing (no frame, no pong) for this many seconds.
+    ws_idle_timeout: float = 90.0
+    #: Largest WebSocket message accepted; a bigger one closes the connection (1009).
+    ws_max_message_bytes: int = 64 * 1024 * 1024
+    #: Text frames queued towards one WebSocket client; a client that lets more pile up
+    #: (it stopped reading) is disconnected instead of holding memory or the core.
+    ws_outbound_queue: int = 1024
+    #: High-water mark in bytes of one WebSocket's write buffer (websockets' write_limit).
+    ws_write_limit: int = 64 * 1024
+    #: How long closing a WebSocket may take before the TCP connection is dropped.
+    ws_close_timeout: float = 10.0
 
     @classmethod
     def from_env(cls) -> Config:

@@ -1,0 +1,196 @@
+"""One WebSocket connection bridged to one SessionService.Connect stream.
+
+Four tasks per connection: client -> core (text frames through the Bridge onto the gRPC
+stream), core -> client (ServerFrames through the Bridge onto a bounded queue), the
+writer (queue -> WebSocket) and the keepalive. Whichever side ends first ends the
+connection once, with one close code and reason:
+
+- the client goes away: the stream to the core is cancelled (the core ends the session);
+- the core ends the stream: open requests get -32603, then the WebSocket closes (1011);
+- the core refuses the session (-32001): the error is sent, then the WebSocket closes (1008);
+- the client stops reading and the queue fills up: the WebSocket closes (1008) at once,
+  so the core never waits on a slow client;
+- nothing at all arrives for `ws_idle_timeout` seconds (pongs count): closed (1001).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import grpc
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConcurrencyError, ConnectionClosed
+from websockets.frames import CloseCode
+
+from car_grpc.config import Config
+from car_grpc.gateway.jsonrpc import Bridge
+from car_grpc.v1 import session_pb2
+
+log = logging.getLogger(__name__)
+
+ConnectCallable = grpc.aio.StreamStreamMultiCallable[
+    session_pb2.ClientFrame, session_pb2.ServerFrame
+]
+
+#: RFC 6455 caps a close reason at 123 bytes of UTF-8.
+_MAX_REASON_BYTES = 123
+
+
+class TrackedConnection(ServerConnection):
+    """A server connection that notes when the peer last sent anything at all."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_activity = self.loop.time()
+
+    def data_received(self, data: bytes) -> None:
+        # Any bytes count: messages, pongs, pings, close frames.
+        self.last_activity = self.loop.time()
+        super().data_received(data)
+
+
+def _clip(reason: str) -> str:
+    raw = reason.encode()
+    if len(raw) <= _MAX_REASON_BYTES:
+        return reason
+    return raw[: _MAX_REASON_BYTES - 3].decode(errors="ignore") + "..."
+
+
+class Connection:
+    """The bridge between one WebSocket and its Connect stream."""
+
+    def __init__(
+        self,
+        ws: TrackedConnection,
+        connect: ConnectCallable,
+        config: Config,
+    ) -> None:
+        self.ws = ws
+        self.config = config
+        self.bridge = Bridge()
+        self.call = connect()
+        self.outbound: asyncio.Queue[str] = asyncio.Queue(config.ws_outbound_queue)
+        self._ended = asyncio.Event()
+        self.close_code: int = CloseCode.NORMAL_CLOSURE
+        self.close_reason = ""
+        self._flush = False  # send what is queued before closing
+
+    def end(self, code: int, reason: str, *, flush: bool = False) -> None:
+        """End the connection (the first call wins)."""
+        if self._ended.is_set():
+            return
+        self.close_code, self.close_reason, self._flush = code, _clip(reason), flush
+        self._ended.set()
+
+    async def run(self) -> None:
+        tasks = [
+            asyncio.create_task(self._client_to_core()),
+            asyncio.create_task(self._core_to_client()),
+            asyncio.create_task(self._write()),
+            asyncio.create_task(self._keepalive()),
+        ]
+        try:
+            await self._ended.wait()
+        finally:
+            self.call.cancel()
+            if self._flush:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.ws_close_timeout):
+                        await self.outbound.join()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._close()
+
+    async def _close(self) -> None:
+        # websockets bounds the closing handshake, but not the wait for room in the write
+        # buffer of a client that stopped reading: bound the whole close here.
+        try:
+            async with asyncio.timeout(self.config.ws_close_timeout):
+                await self.ws.close(self.close_code, self.close_reason)
+        except TimeoutError:
+            self.ws.transport.abort()
+        if self.close_code != CloseCode.NORMAL_CLOSURE:
+            log.info(
+                "gateway: closed %s: %d %s",
+                self.ws.remote_address,
+                self.close_code,
+                self.close_reason,
+            )
+
+    def _queue(self, text: str) -> None:
+        try:
+            self.outbound.put_nowait(text)
+        except asyncio.QueueFull:
+            limit = self.config.ws_outbound_queue
+            self.end(CloseCode.POLICY_VIOLATION, f"client not reading: {limit} frames queued")
+
+    async def _client_to_core(self) -> None:
+        try:
+            async for message in self.ws:
+                inbound = self.bridge.from_client(message)
+                for text in inbound.replies:
+                    self._queue(text)
+                for frame in inbound.frames:
+                    await self.call.write(frame)
+        except ConnectionClosed:
+            pass
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            return  # the stream ended: _core_to_client says why
+        self.end(CloseCode.NORMAL_CLOSURE, "")
+
+    async def _core_to_client(self) -> None:
+        try:
+            while True:
+                frame = await self.call.read()
+                if frame is grpc.aio.EOF:
+                    reason = "core ended the session"
+                    break
+                assert isinstance(frame, session_pb2.ServerFrame)
+                text = self.bridge.from_core(frame)
+                if text is not None:
+                    self._queue(text)
+                if self.bridge.auth_refused:
+                    self._abandon("auth required")
+                    self.end(CloseCode.POLICY_VIOLATION, "auth required", flush=True)
+                    return
+        except grpc.aio.AioRpcError as e:
+            reason = f"core unavailable: {e.code().name}: {e.details()}"
+        self._abandon(reason)
+        self.end(CloseCode.INTERNAL_ERROR, reason, flush=True)
+
+    def _abandon(self, reason: str) -> None:
+        for text in self.bridge.abandon(reason):
+            self._queue(text)
+
+    async def _write(self) -> None:
+        queue, ws = self.outbound, self.ws
+        while True:
+            text = await queue.get()
+            try:
+                await ws.send(text)
+            except ConnectionClosed:
+                self.end(CloseCode.NORMAL_CLOSURE, "")
+            finally:
+                queue.task_done()
+
+    async def _keepalive(self) -> None:
+        interval, idle = self.config.ws_ping_interval, self.config.ws_idle_timeout
+        loop = asyncio.get_running_loop()
+        next_ping = loop.time() + interval
+        while True:
+            silent_at = self.ws.last_activity + idle
+            await asyncio.sleep(max(0.0, min(next_ping, silent_at) - loop.time()))
+            now = loop.time()
+            if now >= self.ws.last_activity + idle:
+                self.end(CloseCode.GOING_AWAY, f"idle timeout: nothing received for {idle:g}s")
+                return
+            if now >= next_ping:
+                next_ping = now + interval
+                # ping() waits for room in the write buffer: never past the idle deadline.
+                with contextlib.suppress(ConnectionClosed, ConcurrencyError, TimeoutError):
+                    async with asyncio.timeout(self.ws.last_activity + idle - now):
+                        await self.ws.ping()

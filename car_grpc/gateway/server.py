@@ -1,0 +1,141 @@
+"""The WebSocket JSON-RPC front end of a core, embeddable in any asyncio application.
+
+    gateway = Gateway(Config(ws_port=0), core_address="127.0.0.1:9102")
+    await gateway.start()       # TCP (and Unix socket) listeners bound
+    ... gateway.url ...
+    await gateway.stop()        # connections closed (1001), channel closed, socket removed
+
+The gateway keeps nothing but its connections: each WebSocket connection gets its own
+SessionService.Connect stream on one shared channel, so any number of gateways can serve
+one core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+import grpc
+from websockets.asyncio.server import Server, serve
+from websockets.frames import CloseCode
+
+from car_grpc.config import Config
+from car_grpc.core.server import MAX_MESSAGE_BYTES
+from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection
+from car_grpc.v1 import session_pb2
+
+log = logging.getLogger(__name__)
+
+_CONNECT = f"/{session_pb2.DESCRIPTOR.services_by_name['SessionService'].full_name}/Connect"
+
+
+class Gateway:
+    def __init__(self, config: Config, core_address: str) -> None:
+        self.config = config
+        self.core_address = core_address
+        #: The bound TCP port (useful with ws_port=0), known after start().
+        self.ws_port = 0
+        self._channel: grpc.aio.Channel | None = None
+        self._connect: ConnectCallable | None = None
+        self._servers: list[Server] = []
+        self._unix_socket: Path | None = None
+        self._connections: set[Connection] = set()
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.config.ws_host}:{self.ws_port}/"
+
+    @property
+    def unix_socket(self) -> Path | None:
+        """The Unix socket being served, if any."""
+        return self._unix_socket
+
+    async def start(self) -> None:
+        config = self.config
+        self._channel = grpc.aio.insecure_channel(
+            self.core_address,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._connect = self._channel.stream_stream(
+            _CONNECT,
+            request_serializer=session_pb2.ClientFrame.SerializeToString,
+            response_deserializer=session_pb2.ServerFrame.FromString,
+        )
+        tcp = await self._serve(host=config.ws_host, port=config.ws_port)
+        self._servers.append(tcp)
+        self.ws_port = tcp.sockets[0].getsockname()[1]
+        log.info("gateway: WebSocket listening on %s (core %s)", self.url, self.core_address)
+        if config.unix_socket is not None:
+            path = config.unix_socket
+            _prepare_unix_socket(path)
+            unix = await self._serve(unix=True, path=str(path))
+            os.chmod(path, 0o600)
+            self._servers.append(unix)
+            self._unix_socket = path
+            log.info("gateway: WebSocket listening on unix:%s", path)
+
+    async def _serve(self, **where: Any) -> Server:
+        config = self.config
+        return await serve(
+            self._handle,  # type: ignore[arg-type]  # a TrackedConnection, see below
+            create_connection=TrackedConnection,
+            ping_interval=None,  # our keepalive counts any traffic, not just pongs
+            max_size=config.ws_max_message_bytes,
+            write_limit=config.ws_write_limit,
+            close_timeout=config.ws_close_timeout,
+            **where,
+        )
+
+    async def _handle(self, ws: TrackedConnection) -> None:
+        assert self._connect is not None
+        connection = Connection(ws, self._connect, self.config)
+        self._connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self._connections.discard(connection)
+
+    async def stop(self) -> None:
+        """Stop accepting, close every connection (1001) and the channel to the core."""
+        for server in self._servers:
+            server.close(close_connections=False)
+        for connection in list(self._connections):
+            connection.end(CloseCode.GOING_AWAY, "server shutting down")
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+        if self._unix_socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._unix_socket.unlink()
+            self._unix_socket = None
+
+
+def _prepare_unix_socket(path: Path) -> None:
+    """Make the socket's directory (0700) and clear a stale socket left by a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        path.unlink()  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise OSError(f"{path}: another server is already listening there")
