@@ -8,11 +8,17 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
 
 from car_grpc.config import Config
 from car_grpc.core.auth import AgentTokens
 from car_grpc.core.server import Core
+from car_grpc.gateway import Gateway
+from car_grpc.server import Server
 from car_grpc.store.sqlite import SqliteStore
+
+log = logging.getLogger("car_grpc")
 
 
 def _add_core_flags(p: argparse.ArgumentParser) -> None:
@@ -39,22 +45,71 @@ def _config(args: argparse.Namespace) -> Config:
     return config
 
 
-async def _run_until_signalled(core: Core) -> None:
+def _add_ws_flags(p: argparse.ArgumentParser, unix_default: str) -> None:
+    p.add_argument("--host", help="WebSocket listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="WebSocket port (default 9100; 0 picks a free one)")
+    p.add_argument(
+        "--unix-socket",
+        metavar="PATH",
+        type=Path,
+        help=f"also serve WebSocket JSON-RPC on this Unix socket (default: {unix_default})",
+    )
+
+
+def _ws_config(config: Config, args: argparse.Namespace) -> Config:
+    if args.host:
+        config.ws_host = args.host
+    if args.port is not None:
+        config.ws_port = args.port
+    if args.unix_socket is not None:
+        config.unix_socket = args.unix_socket
+    return config
+
+
+class _Service(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+async def _run_until_signalled(service: _Service) -> None:
+    """Start, log one line per listener, and stop cleanly on SIGINT or SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await core.start()
-    print(f"car-grpc core: gRPC on {core.grpc_address}", flush=True)
+    await service.start()
     try:
         await stop.wait()
     finally:
-        await core.stop()
+        await service.stop()
+        log.info("stopped")
+
+
+def _run(service: _Service) -> int:
+    try:
+        asyncio.run(_run_until_signalled(service))
+    except OSError as e:  # e.g. a port already in use
+        print(f"car-grpc: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_core(args: argparse.Namespace) -> int:
-    asyncio.run(_run_until_signalled(Core(_config(args))))
-    return 0
+    return _run(Core(_config(args)))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    config = _ws_config(_config(args), args)
+    if args.no_unix_socket:
+        config.unix_socket = None
+    return _run(Server(config))
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    config = _ws_config(Config.from_env(), args)
+    if args.unix_socket is None:
+        config.unix_socket = None  # several gateways may run side by side: none by default
+    return _run(Gateway(config, args.core))
 
 
 def _agents_store() -> AgentTokens:
@@ -85,9 +140,38 @@ def build_parser() -> argparse.ArgumentParser:
         "$CAR_HOME (default ~/.car).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="run the server: the gRPC core and the WebSocket gateway in one process",
+        description="Run the gRPC core and the WebSocket JSON-RPC gateway in one process, "
+        "with the embedded store and the token files under $CAR_HOME. Logs one line per "
+        "listener; SIGINT/SIGTERM stop it cleanly (token files removed, store closed).",
+    )
+    _add_ws_flags(
+        serve, "$CAR_HOME/run/car-server.sock, else $XDG_RUNTIME_DIR/ai.parslee.car/car-server.sock"
+    )
+    serve.add_argument(
+        "--no-unix-socket", action="store_true", help="serve no Unix socket, TCP only"
+    )
+    _add_core_flags(serve)
+    serve.set_defaults(func=_cmd_serve)
+
     core = sub.add_parser("core", help="run the gRPC core alone")
     _add_core_flags(core)
     core.set_defaults(func=_cmd_core)
+
+    gateway = sub.add_parser(
+        "gateway",
+        help="run a WebSocket gateway alone, in front of a running core",
+        description="Run a WebSocket JSON-RPC gateway in front of the core at --core. "
+        "Gateways keep no state of their own: run several on one core, each on its own "
+        "--port.",
+    )
+    gateway.add_argument(
+        "--core", required=True, metavar="ADDR", help="the core's gRPC address, e.g. 127.0.0.1:9102"
+    )
+    _add_ws_flags(gateway, "none")
+    gateway.set_defaults(func=_cmd_gateway)
 
     agents = sub.add_parser("agents", help="manage per-agent tokens")
     agents_sub = agents.add_subparsers(dest="agents_cmd", required=True)
@@ -104,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # we log our own listeners
     args = build_parser().parse_args(argv)
     result: int = args.func(args)
     return result
