@@ -1,0 +1,140 @@
+"""The official client, `car-runtime` 0.58 from PyPI, against `car-grpc serve`, unmodified:
+it finds the auth token on its own through CAR_HOME and talks to the WebSocket gateway.
+
+Each scenario of tests/car_runtime_scenarios.py runs in its own process (car-runtime is
+configured only by environment variables and keeps process-wide handlers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from car_grpc.errors import (
+    AUTH_REQUIRED,
+    INVALID_PARAMS,
+    METHOD_NOT_FOUND,
+    PROTOCOL_VERSION_MISMATCH,
+)
+from tests.serve_process import serve
+
+SCENARIOS = Path(__file__).with_name("car_runtime_scenarios.py")
+
+
+async def run_scenario(name: str, url: str, home: Path) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
+    env |= {
+        "CAR_DAEMON_URL": url,
+        "CAR_HOME": str(home),
+        "CAR_NO_VERSION_WARNING": "1",
+        "CAR_DAEMON_TIMEOUT": "20",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(SCENARIOS),
+        name,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 45)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+async def scenario(tmp_path: Path, name: str, *serve_flags: str) -> dict[str, Any]:
+    home = tmp_path / "home"
+    async with serve(home, *serve_flags) as url:
+        return await run_scenario(name, url, home)
+
+
+async def test_daemon_calls(tmp_path: Path) -> None:
+    seen = await scenario(tmp_path, "daemon_calls")
+    assert seen["tools.register"] == {"result": 1}
+    listed = seen["tools.list"]["result"]
+    assert listed["count"] == 2 and [t["name"] for t in listed["tools"]] == ["add", "sub"]
+    add = listed["tools"][0]
+    assert add["description"] == "adds" and add["parameters"] == {"type": "object"}
+    assert [t["name"] for t in seen["list_tools"]["result"]] == ["add", "sub"]
+    assert seen["state.get"] == {"result": {"n": 42, "list": [1, None, "x"]}}
+    assert seen["state_exists"] == {"result": True}
+    assert seen["state_keys"] == {"result": ["answer"]}
+    [policy] = seen["policy.list"]["result"]["policies"]
+    assert policy["name"] == "no-rm" and policy["target"] == "rm"
+    assert seen["unregister_tool"] == {"result": 1}
+    assert seen["server.handshake"]["result"]["protocol_version"] == 3
+
+
+async def test_errors_are_daemon_rpc_errors_with_their_codes(tmp_path: Path) -> None:
+    seen = await scenario(tmp_path, "errors")
+    assert seen["unknown"] == {
+        "raised": "DaemonRpcError",
+        "code": METHOD_NOT_FOUND,
+        "message": "unknown method: no.such.method",
+    }  # no `data` attribute at all when the error has none
+    assert seen["codec"] == {
+        "raised": "DaemonRpcError",
+        "code": INVALID_PARAMS,
+        "message": "invalid params: expected a string: name",
+        "data": {"field": "name"},
+    }
+    assert seen["handler"]["code"] == INVALID_PARAMS and "name" in seen["handler"]["message"]
+    assert seen["version"]["code"] == PROTOCOL_VERSION_MISMATCH
+    assert seen["after"]["result"]["count"] == 0
+
+
+async def test_without_a_token_the_handshake_is_refused(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    async with serve(home) as url:
+        seen = await run_scenario("no_token", url, tmp_path / "elsewhere")
+    first = seen["first"]
+    assert first["raised"] == "RuntimeError"
+    assert str(AUTH_REQUIRED) in first["message"] and "auth required" in first["message"]
+
+
+async def test_tool_handler_drives_real_tools_execute_callbacks(tmp_path: Path) -> None:
+    seen = await scenario(tmp_path, "proposal")
+    ok = seen["ok"]["result"]
+    assert ok["proposal_id"] == "p1"
+    statuses = {r["action_id"]: r["status"] for r in ok["results"]}
+    assert statuses == {"a1": "succeeded", "a2": "failed", "a3": "succeeded"}
+    outputs = {r["action_id"]: r.get("output") for r in ok["results"]}
+    assert outputs["a1"] == {"sum": 3} and outputs["a3"] == {"sum": 42}
+    a2 = next(r for r in ok["results"] if r["action_id"] == "a2")
+    assert "kaboom" in a2["error"]
+    fatal = seen["fatal"]["result"]["results"][0]
+    assert fatal["status"] == "failed" and fatal["terminal"] is True
+    assert "disk gone" in fatal["error"]
+    # The terminal error halted the session: the next proposal runs no tool.
+    assert seen["after_halt"]["result"]["results"][0]["status"] == "skipped"
+    # Independent actions run concurrently: the order of the callbacks is free.
+    calls = {c["action_id"]: c for c in seen["calls"]}
+    assert {a: c["tool"] for a, c in calls.items()} == {
+        "a1": "add",
+        "a2": "boom",
+        "a3": "add",
+        "f1": "fatal",
+    }
+    a1 = calls["a1"]
+    assert a1["params"] == {"a": 1, "b": 2} and a1["attempt"] == 1
+    assert a1["request_id"].startswith("cb-") and a1["timeout_ms"] == 5000
+    assert len({c["request_id"] for c in calls.values()}) == 4
+
+
+async def test_cancel_handler_receives_tools_cancel(tmp_path: Path) -> None:
+    seen = await scenario(tmp_path, "cancel")
+    [request_id] = seen["request_ids"]
+    assert seen["cancelled"] == [request_id]
+    [result] = seen["result"]["result"]["results"]
+    assert result["status"] == "failed" and "timed out" in result["error"]
+    assert seen["after"]["result"]["count"] == 0  # the late answer did no harm
