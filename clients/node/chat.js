@@ -24,7 +24,9 @@ call.on("data", (item) => {
   car.log("event", { kind, delta: delta || null });
   if (TERMINAL.has(kind)) car.log("reply", { text });
 });
-call.on("end", () => car.log("end"));
+call.on("status", (status) => {
+  if (status.code === car.grpc.status.OK) car.log("end");
+});
 call.on("error", (err) => {
   const e = car.fromStatus(err);
   car.log("error", { code: e.code, message: e.message });

@@ -11,9 +11,12 @@
 const car = require("./lib/car");
 
 const [runId, from = "0"] = process.argv.slice(2);
-const md = process.env.CAR_AGENT_ID
-  ? car.metadata({ token: process.env.CAR_AGENT_TOKEN, agentId: process.env.CAR_AGENT_ID })
-  : car.metadata({ token: car.hostToken() });
+// Read the token at every (re)connect: the server writes a new host token when it restarts.
+function credentials() {
+  return process.env.CAR_AGENT_ID
+    ? car.metadata({ token: process.env.CAR_AGENT_TOKEN, agentId: process.env.CAR_AGENT_ID })
+    : car.metadata({ token: car.hostToken() });
+}
 
 // A RunRecord as plain JSON: its `detail` oneof says which of started / turn / ended it is.
 function describe(record) {
@@ -25,16 +28,28 @@ function describe(record) {
   return { kind: "started", agent_id: detail.agent_id, intent: detail.intent };
 }
 
+// Reconnect every 200 ms while the server is unreachable, for at most ~10 s in a row.
+const RETRY_MS = 200;
+const RETRIES = 50;
+
 function watch(cursor, retries) {
-  const call = car.client("RunService").WatchRun({ run_id: runId, cursor }, md);
+  const call = car.client("RunService").WatchRun({ run_id: runId, cursor }, credentials());
   call.on("data", (item) => {
     cursor = item.cursor; // records seen so far: where to resume
+    retries = RETRIES;
     car.log("record", { cursor: item.cursor, status: item.status, ...describe(item.record) });
   });
-  call.on("end", () => car.log("end", { cursor }));
+  // Every call ends with a status; OK means the run ended and every record was seen.
+  call.on("status", (status) => {
+    if (status.code === car.grpc.status.OK) car.log("end", { cursor });
+  });
   call.on("error", (err) => {
-    if (err.code === car.grpc.status.UNAVAILABLE && retries > 0) {
-      setTimeout(() => watch(cursor, retries - 1), 200); // resume after the last record seen
+    // The server's own answers (run not found, auth failed) carry a car-error-bin trailer
+    // and are final; any other failure is the connection: resume after the last record.
+    const answered = err.metadata && err.metadata.get("car-error-bin").length > 0;
+    if (!answered && retries > 0) {
+      if (retries === RETRIES) car.log("reconnecting", { cursor, reason: err.details });
+      setTimeout(() => watch(cursor, retries - 1), RETRY_MS);
       return;
     }
     const e = car.fromStatus(err);
@@ -43,4 +58,4 @@ function watch(cursor, retries) {
   });
 }
 
-watch(Number(from), 5);
+watch(Number(from), RETRIES);

@@ -1,4 +1,5 @@
-"""Run the programs of the Node.js client (clients/node) as subprocesses of a test.
+"""Client programs in other processes: the Node.js client (clients/node) and an agent on
+the official `car-runtime` client (tests/car_runtime_agent.py).
 
 The programs report what they do as JSON lines on stdout (`{"event": "ready", ...}`); a
 test waits for the events it expects. `npm ci` runs once, when node_modules does not match
@@ -13,11 +14,13 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-NODE_DIR = Path(__file__).resolve().parents[1] / "clients" / "node"
+TESTS = Path(__file__).resolve().parent
+NODE_DIR = TESTS.parent / "clients" / "node"
 _LOCK = NODE_DIR / "package-lock.json"
 _STAMP = NODE_DIR / "node_modules" / ".car-grpc-installed-lock"
 #: Most stderr kept per program (shown when a test fails).
@@ -41,8 +44,8 @@ def ensure_installed() -> None:
     _STAMP.write_bytes(lock)
 
 
-class NodeProgram:
-    """One running Node program and the events it printed."""
+class Program:
+    """One running client program and the events it printed."""
 
     def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
         self.name = name
@@ -107,6 +110,8 @@ class NodeProgram:
         return self.events
 
     async def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         if self.proc.returncode is None:
             self.proc.terminate()
             try:
@@ -119,33 +124,54 @@ class NodeProgram:
             await self._stderr_task
 
 
-@contextlib.asynccontextmanager
-async def run_node(
-    script: str, *args: str, address: str, car_home: Path, **env: str
-) -> AsyncIterator[NodeProgram]:
-    """Start `node <script> <args>` against the server at `address` (gRPC).
+def _env(**env: str) -> dict[str, str]:
+    """The test run's environment without any CAR_* variable, plus `env`."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("CAR_")}, **env}
 
-    The program finds the token files under `car_home`, as a local client would; extra
-    `env` (e.g. CAR_AGENT_ID, CAR_AGENT_TOKEN) is added. Nothing CAR_* leaks in from the
-    environment of the test run.
-    """
-    base = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-    full_env = {**base, "CAR_GRPC_ADDRESS": address, "CAR_HOME": str(car_home), **env}
-    node = shutil.which("node")
-    if node is None:
-        raise RuntimeError("node is not on PATH: the polyglot tests need Node.js")
+
+@contextlib.asynccontextmanager
+async def _run(
+    name: str, argv: Sequence[str], env: dict[str, str], cwd: Path
+) -> AsyncIterator[Program]:
     proc = await asyncio.create_subprocess_exec(
-        node,
-        str(NODE_DIR / script),
-        *args,
-        cwd=NODE_DIR,
-        env=full_env,
-        stdin=asyncio.subprocess.DEVNULL,
+        *argv,
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    program = NodeProgram(script, proc)
+    program = Program(name, proc)
     try:
         yield program
     finally:
         await program.stop()
+
+
+def run_node(
+    script: str, *args: str, address: str, car_home: Path, **env: str
+) -> contextlib.AbstractAsyncContextManager[Program]:
+    """Start `node clients/node/<script> <args>` against the server's gRPC `address`.
+
+    The program finds the token files under `car_home`, as a local client would; `env`
+    (e.g. CAR_AGENT_ID, CAR_AGENT_TOKEN) is added.
+    """
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError("node is not on PATH: the polyglot tests need Node.js")
+    full_env = _env(CAR_GRPC_ADDRESS=address, CAR_HOME=str(car_home), **env)
+    return _run(script, [node, str(NODE_DIR / script), *args], full_env, NODE_DIR)
+
+
+def run_car_runtime_agent(
+    reply: str, *, url: str, agent_id: str, token: str
+) -> contextlib.AbstractAsyncContextManager[Program]:
+    """Start tests/car_runtime_agent.py: `agent_id` attached through the gateway at `url`."""
+    script = str(TESTS / "car_runtime_agent.py")
+    env = _env(
+        CAR_DAEMON_URL=url,
+        CAR_AGENT_ID=agent_id,
+        CAR_AGENT_TOKEN=token,
+        CAR_NO_VERSION_WARNING="1",
+    )
+    return _run("car_runtime_agent.py", [sys.executable, script, reply], env, TESTS)
