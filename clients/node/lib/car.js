@@ -17,7 +17,7 @@ const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
 const protobuf = require("protobufjs");
 
-// Where the protos are; CAR_PROTO_DIR overrides (e.g. a copy of proto/ in another repo).
+// Where the protos are: proto/ of this repository, or CAR_PROTO_DIR (e.g. a copy of it).
 const PROTO_DIR = process.env.CAR_PROTO_DIR || path.resolve(__dirname, "..", "..", "..", "proto");
 const PROTO_FILES = fs
   .readdirSync(path.join(PROTO_DIR, "car", "v1"))
@@ -47,7 +47,7 @@ function address() {
   return process.env.CAR_GRPC_ADDRESS || "127.0.0.1:9102";
 }
 
-// The directory of the token files, as the server writes them (PROTOCOL.md §2).
+// The directory of the token files, as the server writes them (docs/grpc-guide.md §2).
 function tokenDir() {
   if (process.env.CAR_HOME) return path.join(process.env.CAR_HOME, "ai.parslee.car");
   if (process.env.XDG_RUNTIME_DIR) return path.join(process.env.XDG_RUNTIME_DIR, "ai.parslee.car");
