@@ -625,7 +625,15 @@ Global___ResolveApprovalResponse: _TypeAlias = ResolveApprovalResponse  # noqa: 
 
 @_typing.final
 class WatchHostEventsRequest(_message.Message):
-    """WatchHostEvents."""
+    """WatchHostEvents.
+
+    The server keeps its newest host events (Config.host_event_history, 1024 by default).
+    A resume point older than those starts the stream at the oldest kept event: the client
+    sees the gap in `sequence` and re-reads ListAgents and ListApprovals to catch up. A
+    resume point beyond the newest event is refused with INVALID_ARGUMENT (-32602):
+    sequences restart at 1 when the server restarts. A consumer that stops reading loses
+    its oldest undelivered events rather than slowing anyone else, and sees that gap too.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
