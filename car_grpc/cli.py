@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -30,6 +31,29 @@ def _add_core_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="disable the approval gate (or CAR_NO_APPROVALS=1)",
     )
+    p.add_argument(
+        "--gate-method",
+        action="append",
+        default=[],
+        metavar="METHOD",
+        help="also park METHOD for approval (repeatable; or CAR_GATED_METHODS=a,b)",
+    )
+    p.add_argument(
+        "--approval-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="how long a gated call waits for approval (default 60; or CAR_APPROVAL_TIMEOUT)",
+    )
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {raw}")
+    return value
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -42,6 +66,9 @@ def _config(args: argparse.Namespace) -> Config:
         config.auth = False
     if args.no_approvals:
         config.approvals = False
+    config.gated_methods |= frozenset(args.gate_method)
+    if args.approval_timeout is not None:
+        config.approval_timeout = args.approval_timeout
     return config
 
 

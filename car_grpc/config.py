@@ -63,6 +63,11 @@ def _env_seconds(name: str, default: float) -> float:
     return value
 
 
+def _env_methods(name: str) -> frozenset[str]:
+    """A comma-separated list of JSON-RPC method names."""
+    return frozenset(m.strip() for m in os.environ.get(name, "").split(",") if m.strip())
+
+
 def default_state_root() -> Path:
     """`$CAR_HOME`, else `~/.car`: where the store and other state live."""
     home = os.environ.get("CAR_HOME")
@@ -107,6 +112,11 @@ class Config:
     gated_methods: frozenset[str] = DEFAULT_GATED_METHODS
     #: How long a gated call waits for host.resolve_approval, in seconds.
     approval_timeout: float = 60.0
+    #: Host events kept for snapshots and for WatchHostEvents to resume from.
+    host_event_history: int = 1024
+    #: Host events queued per subscriber; a subscriber that falls further behind misses
+    #: events (a visible gap in `sequence`) instead of slowing anyone else.
+    host_event_queue: int = 256
     #: Backstop wait for a tool callback without its own timeout_ms (CAR_TOOL_TIMEOUT).
     tool_timeout: float = 300.0
     #: Extra wait beyond an action's timeout_ms before the server gives up on the callback.
@@ -151,6 +161,7 @@ class Config:
             tool_timeout=_env_seconds("CAR_TOOL_TIMEOUT", 300.0),
             handler_timeout=_env_seconds("CAR_HANDLER_TIMEOUT", 1800.0),
             approval_timeout=_env_seconds("CAR_APPROVAL_TIMEOUT", 60.0),
+            gated_methods=DEFAULT_GATED_METHODS | _env_methods("CAR_GATED_METHODS"),
         )
 
     @property

@@ -67,8 +67,10 @@ class SessionStream:
         finally:
             for task in self.tasks:
                 task.cancel()
-            await self.state.close_session(self.session)
             writer.cancel()
+            # Shielded: the RPC may be cancelled again while the session closes, and the
+            # close hooks (some write to the store) must still run to the end.
+            await asyncio.shield(self.state.close_session(self.session))
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
 
@@ -220,7 +222,7 @@ class _Binding:
 
     async def __aexit__(self, *exc: object) -> None:
         if self.ephemeral and self.session is not None:
-            await self.state.close_session(self.session)
+            await asyncio.shield(self.state.close_session(self.session))
 
 
 def _unary(state: ServerState, member: str) -> Callable[..., Any]:

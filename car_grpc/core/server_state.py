@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
@@ -17,6 +18,10 @@ from car_grpc.core.auth import AgentTokens, ServerTokens
 from car_grpc.core.session import ClientSession, Role
 from car_grpc.store.sqlite import SqliteStore
 
+if TYPE_CHECKING:
+    from car_grpc.core.approvals import Approvals
+    from car_grpc.core.host import Host
+
 log = logging.getLogger(__name__)
 
 #: `gate(session, method, request)`: returns when the request may run, raises CarError
@@ -24,6 +29,8 @@ log = logging.getLogger(__name__)
 Gate = Callable[[ClientSession, str, Message], Awaitable[None]]
 #: Called with (agent_id, old session) when an attachment is replaced or ends.
 DetachHook = Callable[[str, ClientSession], Awaitable[None]]
+#: Called once at shutdown, after every session has closed and before the store closes.
+ShutdownHook = Callable[[], Awaitable[None]]
 
 
 async def _open_gate(session: ClientSession, method: str, request: Message) -> None:
@@ -31,6 +38,11 @@ async def _open_gate(session: ClientSession, method: str, request: Message) -> N
 
 
 class ServerState:
+    #: Host events and the host's agent registry (set by domains.install).
+    host: Host
+    #: The approval ledger and the approval gate (set by domains.install).
+    approvals: Approvals
+
     def __init__(self, config: Config, store: SqliteStore, tokens: ServerTokens | None) -> None:
         self.config = config
         self.store = store
@@ -42,6 +54,7 @@ class ServerState:
         self.attached: dict[str, ClientSession] = {}
         self.detach_hooks: list[DetachHook] = []
         self.gate: Gate = _open_gate
+        self.shutdown_hooks: list[ShutdownHook] = []
 
     @property
     def auth_enabled(self) -> bool:
@@ -79,3 +92,8 @@ class ServerState:
     async def shutdown(self) -> None:
         for session in list(self.sessions.values()):
             await self.close_session(session)
+        for hook in self.shutdown_hooks:
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")

@@ -33,6 +33,19 @@ MIGRATIONS: list[str] = [
         created_at INTEGER NOT NULL
     );
     """,
+    # 2: the approval ledger (car_grpc/store/approvals.py). A row is a serialized
+    # car.v1.HostApproval; status and times are copied out for queries.
+    """
+    CREATE TABLE approvals (
+        id          TEXT PRIMARY KEY,
+        status      TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        resolved_at INTEGER,
+        approval    BLOB NOT NULL
+    );
+    CREATE INDEX approvals_by_status ON approvals(status, created_at);
+    CREATE INDEX approvals_by_resolution ON approvals(resolved_at);
+    """,
 ]
 
 

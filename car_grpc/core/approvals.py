@@ -1,0 +1,293 @@
+"""Approvals: the durable ledger, its three methods, and the approval gate (PROTOCOL.md §6).
+
+An approval is pending until someone resolves it, it times out, or whoever waited on it
+is gone. Each change is committed to the store before anyone hears of it, and then
+announced as a host event (`approval.requested`, `approval.resolved`). Pending approvals
+are also held in memory with the future a parked call waits on; approvals that a stopped
+server left pending (one server owns a state root) are marked expired at start-up.
+
+Who may resolve: an approval raised with host.request_approval belongs to the session
+that raised it; a system approval (raised by the gate, no `client_id`) may be resolved
+by any authenticated session.
+
+The gate parks requests for the methods of Config.gated_methods that this server serves
+(dispatch.execute calls it, after auth and before the handler, on the session stream and
+on the typed RPCs alike; an unknown method is answered -32601 before it gets here). It
+raises a system approval with action `ws.method:<method>` and a truncated preview of the
+params, and waits up to Config.approval_timeout: approved, the request runs; denied or
+timed out, -32003 and the connection stays open. Only the parked request waits: the
+session's other requests run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import uuid
+from typing import TYPE_CHECKING, TypeAlias
+
+from google.protobuf.message import Message
+
+from car_grpc import codec
+from car_grpc.core.dispatch import handles, require
+from car_grpc.core.host import now_ms
+from car_grpc.core.session import ClientSession
+from car_grpc.errors import APPROVAL_DENIED, CarError, internal, invalid_params
+from car_grpc.store import approvals as ledger
+from car_grpc.v1 import host_pb2
+
+if TYPE_CHECKING:
+    from car_grpc.core.server_state import ServerState
+
+log = logging.getLogger(__name__)
+
+HostApproval = host_pb2.HostApproval
+Status: TypeAlias = host_pb2.ApprovalStatus.ValueType
+PENDING = host_pb2.APPROVAL_STATUS_PENDING
+APPROVED = host_pb2.APPROVAL_STATUS_APPROVED
+DENIED = host_pb2.APPROVAL_STATUS_DENIED
+EXPIRED = host_pb2.APPROVAL_STATUS_EXPIRED
+
+OPTIONS = ("approve", "deny")
+#: Longest params preview of a system approval, in characters.
+PREVIEW_CHARS = 256
+#: Resolved approvals host.approvals lists after the pending ones (the newest).
+HISTORY_LIMIT = 200
+#: Approvals one session may have pending at a time (host.request_approval).
+MAX_PENDING_PER_SESSION = 256
+#: Methods the gate refuses to wrap: session.auth runs before the session is anyone, and
+#: a parked host.resolve_approval would leave nothing able to resolve it.
+UNGATEABLE = frozenset({"session.auth", "host.resolve_approval"})
+
+
+def params_preview(request: Message) -> str:
+    """The request's params as compact JSON, cut to PREVIEW_CHARS."""
+    text = json.dumps(
+        codec.message_to_json(request), ensure_ascii=False, separators=(",", ":"), sort_keys=True
+    )
+    return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
+
+
+def status_name(status: Status) -> str:
+    return codec.enum_to_json(host_pb2.ApprovalStatus.DESCRIPTOR, status)
+
+
+class Approvals:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.config = state.config
+        if refused := sorted(self.config.gated_methods & UNGATEABLE):
+            raise ValueError(f"these methods cannot be gated: {', '.join(refused)}")
+        self._pending: dict[str, HostApproval] = {}
+        #: approval id -> the future a parked request waits on (its final row).
+        self._waiters: dict[str, asyncio.Future[HostApproval]] = {}
+        #: Sessions whose close hook is installed.
+        self._hooked: set[str] = set()
+        self._closed = False
+
+    async def start(self) -> None:
+        """Expire the approvals a previous server left pending."""
+
+        def expire_all(conn: sqlite3.Connection) -> int:
+            stale = ledger.pending(conn)
+            for approval in stale:
+                ledger.finish(conn, _resolved(approval, EXPIRED, "the server stopped"))
+            return len(stale)
+
+        if count := await self.state.store.run(expire_all):
+            log.info("expired %d approvals left pending by a previous server", count)
+
+    async def close(self) -> None:
+        """At shutdown: whatever is still pending expires."""
+        self._closed = True
+        for approval_id in list(self._pending):
+            await self._finish(approval_id, EXPIRED, "the server stopped")
+
+    # ------------------------------------------------------------ the ledger
+
+    def pending(self) -> list[HostApproval]:
+        return list(self._pending.values())
+
+    async def listing(self) -> list[HostApproval]:
+        """Pending approvals first (oldest first), then the newest resolved ones."""
+        pending = self.pending()
+        history = await self.state.store.run(lambda c: ledger.history(c, HISTORY_LIMIT))
+        resolved = {a.id for a in history}  # resolved while the history was read
+        return [*(a for a in pending if a.id not in resolved), *history]
+
+    async def request(
+        self, session: ClientSession, req: host_pb2.RequestApprovalRequest
+    ) -> HostApproval:
+        title = require(req.title, "title")
+        mine = sum(1 for a in self._pending.values() if a.client_id == session.id)
+        if mine >= MAX_PENDING_PER_SESSION:
+            raise internal(f"too many pending approvals: at most {MAX_PENDING_PER_SESSION}")
+        approval = _new(title, req.agent_id or session.agent_id)
+        approval.client_id = session.id
+        if req.HasField("description"):
+            approval.details.fields["description"].string_value = req.description
+        if req.HasField("context"):
+            approval.details.fields["context"].struct_value.CopyFrom(req.context)
+        if session.id not in self._hooked:
+            self._hooked.add(session.id)
+            session.on_close(self._session_closed)
+        await self._open(approval)
+        return approval
+
+    async def resolve(
+        self, session: ClientSession, req: host_pb2.ResolveApprovalRequest
+    ) -> HostApproval:
+        approval_id = require(req.approval_id, "approval_id")
+        approval = self._pending.get(approval_id)
+        if approval is None:
+            row = await self.state.store.run(lambda c: ledger.get(c, approval_id))
+            if row is None:
+                raise invalid_params(f"invalid params: unknown approval: {approval_id}")
+            raise _already(row)
+        if approval.HasField("client_id") and approval.client_id != session.id:
+            raise invalid_params(f"approval '{approval_id}' was raised by another session")
+        notes = req.notes if req.HasField("notes") else None
+        row, won = await self._finish(approval_id, APPROVED if req.approved else DENIED, notes)
+        if not won:
+            raise _already(row)
+        return row
+
+    async def _open(self, approval: HostApproval) -> None:
+        await self.state.store.run(lambda c: ledger.insert(c, approval))
+        self._pending[approval.id] = approval
+        self._announce("approval.requested", approval)
+
+    async def _finish(
+        self, approval_id: str, status: Status, notes: str | None
+    ) -> tuple[HostApproval, bool]:
+        """Resolve a pending approval durably, then wake its waiter and announce it.
+
+        Returns the approval as the ledger now has it, and whether this call resolved it
+        (False when someone else got there first: their outcome stands).
+        """
+        approval = self._pending.get(approval_id)
+        if approval is None:
+            row = await self.state.store.run(lambda c: ledger.get(c, approval_id))
+            assert row is not None, approval_id
+            return row, False
+        resolved = _resolved(approval, status, notes)
+        row, won = await self.state.store.run(lambda c: ledger.finish(c, resolved))
+        assert row is not None, approval_id
+        if won:
+            self._pending.pop(approval_id, None)
+            waiter = self._waiters.get(approval_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(row)
+            self._announce("approval.resolved", row)
+        return row, won
+
+    def _announce(self, kind: str, approval: HostApproval) -> None:
+        self.state.host.publish(
+            kind,
+            agent_id=approval.agent_id,
+            message=approval.action,
+            payload=codec.message_to_json(approval),
+        )
+
+    async def _session_closed(self, session: ClientSession) -> None:
+        """Approvals only this session could resolve can no longer be resolved."""
+        self._hooked.discard(session.id)
+        for approval in [a for a in self._pending.values() if a.client_id == session.id]:
+            await self._finish(approval.id, EXPIRED, "the session that raised it closed")
+
+    # ------------------------------------------------------------ the gate
+
+    async def gate(self, session: ClientSession, method: str, request: Message) -> None:
+        """Return when `method` may run; raise -32003 when it may not."""
+        if not self.config.approvals or method not in self.config.gated_methods:
+            return
+        approval = _new(f"ws.method:{method}", session.agent_id)
+        approval.details.fields["method"].string_value = method
+        approval.details.fields["params_preview"].string_value = params_preview(request)
+        waiter: asyncio.Future[HostApproval] = asyncio.get_running_loop().create_future()
+        self._waiters[approval.id] = waiter
+        timeout = self.config.approval_timeout
+        try:
+            await self._open(approval)
+            try:
+                async with asyncio.timeout(timeout):
+                    outcome = await waiter
+            except TimeoutError:
+                outcome, _ = await self._finish(approval.id, EXPIRED, f"no answer in {timeout:g}s")
+        finally:
+            self._waiters.pop(approval.id, None)
+            if approval.id in self._pending and not self._closed:
+                # The request ended while parked (its session closed, or its deadline).
+                await self._finish(approval.id, EXPIRED, "the request ended while waiting")
+        if outcome.status == APPROVED:
+            return
+        if outcome.status == DENIED:
+            reason = f": {outcome.notes}" if outcome.HasField("notes") else ""
+            raise CarError(APPROVAL_DENIED, f"approval denied: {method}{reason}")
+        raise CarError(
+            APPROVAL_DENIED, f"approval timed out: {method} was not approved within {timeout:g}s"
+        )
+
+
+def _new(action: str, agent_id: str | None) -> HostApproval:
+    approval = HostApproval(
+        id=uuid.uuid4().hex,
+        action=action,
+        options=OPTIONS,
+        status=PENDING,
+        created_at=now_ms(),
+    )
+    approval.details.SetInParent()
+    if agent_id:
+        approval.agent_id = agent_id
+    return approval
+
+
+def _resolved(approval: HostApproval, status: Status, notes: str | None) -> HostApproval:
+    resolved = HostApproval()
+    resolved.CopyFrom(approval)
+    resolved.status = status
+    resolved.resolved_at = now_ms()
+    if notes is not None:
+        resolved.notes = notes
+    return resolved
+
+
+def _already(approval: HostApproval) -> CarError:
+    return invalid_params(f"approval '{approval.id}' is already {status_name(approval.status)}")
+
+
+# ---------------------------------------------------------------- handlers
+
+
+@handles("host_request_approval")
+async def host_request_approval(
+    session: ClientSession, req: host_pb2.RequestApprovalRequest
+) -> host_pb2.RequestApprovalResponse:
+    approval = await session.server.approvals.request(session, req)
+    return host_pb2.RequestApprovalResponse(approval=approval)
+
+
+@handles("host_approvals")
+async def host_approvals(
+    session: ClientSession, req: host_pb2.ListApprovalsRequest
+) -> host_pb2.ListApprovalsResponse:
+    return host_pb2.ListApprovalsResponse(approvals=await session.server.approvals.listing())
+
+
+@handles("host_resolve_approval")
+async def host_resolve_approval(
+    session: ClientSession, req: host_pb2.ResolveApprovalRequest
+) -> host_pb2.ResolveApprovalResponse:
+    approval = await session.server.approvals.resolve(session, req)
+    return host_pb2.ResolveApprovalResponse(approval=approval)
+
+
+async def install(state: ServerState) -> None:
+    """The ledger and the gate (after host.install: approvals announce host events)."""
+    state.approvals = approvals = Approvals(state)
+    await approvals.start()
+    state.gate = approvals.gate
+    state.shutdown_hooks.append(approvals.close)

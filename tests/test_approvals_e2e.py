@@ -1,0 +1,396 @@
+"""End-to-end: the approval ledger and the approval gate on a real core (gRPC)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from car_grpc import codec
+from car_grpc.config import Config
+from car_grpc.core.server import Core
+from car_grpc.errors import APPROVAL_DENIED, ERROR_TRAILER, INVALID_PARAMS, CarError
+from car_grpc.store import approvals as ledger
+from car_grpc.store.sqlite import SqliteStore
+from car_grpc.v1 import errors_pb2, host_pb2, host_pb2_grpc, tools_pb2
+from tests.conftest import make_config
+from tests.session_client import SessionClient, connect
+
+HostApproval = host_pb2.HostApproval
+
+
+@pytest.fixture
+async def started(tmp_path: Path) -> AsyncIterator[Any]:
+    """`await started(**config)`: a core with that configuration, stopped afterwards."""
+    cores: list[Core] = []
+
+    async def start(**overrides: Any) -> Core:
+        core = Core(make_config(tmp_path, **overrides))
+        await core.start()
+        cores.append(core)
+        return core
+
+    yield start
+    for core in cores:
+        await core.stop(grace=0)
+
+
+def token(core: Core) -> str:
+    assert core.state is not None and core.state.tokens is not None
+    return core.state.tokens.daemon
+
+
+async def session(core: Core, channel: grpc.aio.Channel) -> SessionClient:
+    return await connect(channel, token=token(core))
+
+
+async def approver(core: Core, channel: grpc.aio.Channel) -> SessionClient:
+    client = await session(core, channel)
+    await client.request("host_subscribe", host_pb2.SubscribeHostRequest())
+    return client
+
+
+async def next_requested(client: SessionClient) -> HostApproval:
+    """The approval of the next `approval.requested` host event."""
+    while True:
+        frame = await client.next_notification()
+        event = frame.host_event
+        if event.kind == "approval.requested":
+            approval = HostApproval()
+            codec.json_to_message(codec.value_to_json(event.payload), approval)
+            return approval
+
+
+async def resolve(
+    client: SessionClient, approval_id: str, approved: bool, notes: str | None = None
+) -> HostApproval:
+    req = host_pb2.ResolveApprovalRequest(approval_id=approval_id, approved=approved)
+    if notes is not None:
+        req.notes = notes
+    reply: host_pb2.ResolveApprovalResponse = await client.request("host_resolve_approval", req)
+    return reply.approval
+
+
+async def listing(client: SessionClient) -> list[HostApproval]:
+    reply = await client.request("host_approvals", host_pb2.ListApprovalsRequest())
+    return list(reply.approvals)
+
+
+def agent(agent_id: str) -> host_pb2.RegisterAgentRequest:
+    return host_pb2.RegisterAgentRequest(id=agent_id, name="Agent", kind="assistant")
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+async def test_a_session_raised_approval_is_resolved_only_by_its_session(
+    core: Core, channel: grpc.aio.Channel
+) -> None:
+    raiser, other = await session(core, channel), await approver(core, channel)
+    req = host_pb2.RequestApprovalRequest(agent_id="a1", title="Deploy?", description="to prod")
+    req.context.update({"env": "prod"})
+    asked = (await raiser.request("host_request_approval", req)).approval
+    assert codec.message_to_json(asked) == {
+        "id": asked.id,
+        "agent_id": "a1",
+        "action": "Deploy?",
+        "details": {"description": "to prod", "context": {"env": "prod"}},
+        "options": ["approve", "deny"],
+        "status": "pending",
+        "created_at": asked.created_at,
+        "client_id": asked.client_id,
+    }
+    assert (await next_requested(other)).id == asked.id
+
+    with pytest.raises(CarError) as err:
+        await resolve(other, asked.id, approved=True)
+    assert err.value.message == f"approval '{asked.id}' was raised by another session"
+    done = await resolve(raiser, asked.id, approved=False, notes="not today")
+    assert (status_of(done), done.notes) == ("denied", "not today")
+    resolved = (await other.next_notification()).host_event
+    assert (resolved.kind, codec.value_to_json(resolved.payload)["status"]) == (
+        "approval.resolved",
+        "denied",
+    )
+    with pytest.raises(CarError) as err:
+        await resolve(raiser, asked.id, approved=True)
+    assert err.value.message == f"approval '{asked.id}' is already denied"
+    with pytest.raises(CarError) as err:
+        await resolve(raiser, "nope", approved=True)
+    assert (err.value.code, err.value.message) == (
+        INVALID_PARAMS,
+        "invalid params: unknown approval: nope",
+    )
+    with pytest.raises(CarError) as err:
+        await raiser.request("host_request_approval", host_pb2.RequestApprovalRequest())
+    assert err.value.message == "invalid params: missing field: title"
+    await raiser.close()
+    await other.close()
+
+
+async def test_a_session_raised_approval_expires_with_its_session(
+    core: Core, channel: grpc.aio.Channel
+) -> None:
+    raiser, watcher = await session(core, channel), await approver(core, channel)
+    req = host_pb2.RequestApprovalRequest(title="Deploy?")
+    asked = (await raiser.request("host_request_approval", req)).approval
+    await raiser.close()
+    await next_requested(watcher)
+    resolved = (await watcher.next_notification()).host_event
+    assert resolved.kind == "approval.resolved"
+    (row,) = await listing(watcher)
+    assert (row.id, status_of(row), row.notes) == (
+        asked.id,
+        "expired",
+        "the session that raised it closed",
+    )
+    await watcher.close()
+
+
+def status_of(approval: HostApproval) -> str:
+    return str(codec.message_to_json(approval)["status"])
+
+
+# ---------------------------------------------------------------- the gate
+
+
+async def test_a_gated_call_runs_once_a_second_session_approves(started: Any) -> None:
+    core = await started(gated_methods=frozenset({"host.register_agent"}))
+    async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+        caller, person = await session(core, channel), await approver(core, channel)
+        parked = asyncio.create_task(caller.request("host_register_agent", agent("a1")))
+        approval = await next_requested(person)
+        assert approval.action == "ws.method:host.register_agent"
+        assert not approval.HasField("client_id")  # a system approval
+        details = codec.struct_to_json(approval.details)
+        assert details["method"] == "host.register_agent"
+        assert '"id":"a1"' in details["params_preview"]
+
+        # The parked call delays nothing else, on its own session or another.
+        listed = await caller.request("host_agents", host_pb2.ListAgentsRequest())
+        assert not listed.agents
+        assert [a.id for a in await listing(person)] == [approval.id]
+        assert not parked.done()
+
+        done = await resolve(person, approval.id, approved=True)
+        assert status_of(done) == "approved"
+        assert (await parked).agent.id == "a1"
+        await caller.close()
+        await person.close()
+
+
+async def test_a_denied_gated_call_fails_and_the_connection_stays_open(started: Any) -> None:
+    core = await started(gated_methods=frozenset({"host.register_agent"}))
+    async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+        caller, person = await session(core, channel), await approver(core, channel)
+        parked = asyncio.create_task(caller.request("host_register_agent", agent("a1")))
+        approval = await next_requested(person)
+        await resolve(person, approval.id, approved=False, notes="no")
+        with pytest.raises(CarError) as err:
+            await parked
+        assert (err.value.code, err.value.message) == (
+            APPROVAL_DENIED,
+            "approval denied: host.register_agent: no",
+        )
+        assert not (await caller.request("host_agents", host_pb2.ListAgentsRequest())).agents
+        await caller.close()
+        await person.close()
+
+
+async def test_a_gated_call_nobody_answers_times_out(started: Any) -> None:
+    core = await started(gated_methods=frozenset({"host.register_agent"}), approval_timeout=0.2)
+    async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+        caller, person = await session(core, channel), await approver(core, channel)
+        with pytest.raises(CarError) as err:
+            await caller.request("host_register_agent", agent("a1"))
+        assert err.value.code == APPROVAL_DENIED
+        assert err.value.message == (
+            "approval timed out: host.register_agent was not approved within 0.2s"
+        )
+        approval = await next_requested(person)
+        (row,) = await listing(person)
+        assert (row.id, status_of(row), row.notes) == (approval.id, "expired", "no answer in 0.2s")
+        with pytest.raises(CarError) as late:
+            await resolve(person, approval.id, approved=True)
+        assert late.value.message == f"approval '{approval.id}' is already expired"
+        # The connection stays open.
+        assert not (await caller.request("host_agents", host_pb2.ListAgentsRequest())).agents
+        await caller.close()
+        await person.close()
+
+
+async def test_the_gate_wraps_typed_rpcs_too(started: Any) -> None:
+    core = await started(gated_methods=frozenset({"host.agents"}))
+    async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+        person = await approver(core, channel)
+        stub = host_pb2_grpc.HostServiceStub(channel)
+        metadata = (("authorization", f"Bearer {token(core)}"),)
+
+        async def list_agents() -> host_pb2.ListAgentsResponse:
+            reply: host_pb2.ListAgentsResponse = await stub.ListAgents(
+                host_pb2.ListAgentsRequest(), metadata=metadata
+            )
+            return reply
+
+        parked = asyncio.create_task(list_agents())
+        approval = await next_requested(person)
+        # The typed ApprovalService lists and resolves a system approval (one-call session).
+        approvals = host_pb2_grpc.ApprovalServiceStub(channel)
+        listed = await approvals.ListApprovals(host_pb2.ListApprovalsRequest(), metadata=metadata)
+        assert [a.id for a in listed.approvals] == [approval.id]
+        resolved = await approvals.ResolveApproval(
+            host_pb2.ResolveApprovalRequest(approval_id=approval.id, approved=True),
+            metadata=metadata,
+        )
+        assert resolved.approval.status == host_pb2.APPROVAL_STATUS_APPROVED
+        assert not (await parked).agents
+
+        denied = asyncio.create_task(list_agents())
+        await resolve(person, (await next_requested(person)).id, approved=False)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await denied
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        trailer = dict(err.value.trailing_metadata() or ())[ERROR_TRAILER]
+        assert isinstance(trailer, bytes)
+        assert errors_pb2.Error.FromString(trailer).code == APPROVAL_DENIED
+        await person.close()
+
+
+async def test_no_approvals_turns_the_gate_off(started: Any) -> None:
+    core = await started(gated_methods=frozenset({"host.register_agent"}), approvals=False)
+    async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+        caller = await session(core, channel)
+        assert (await caller.request("host_register_agent", agent("a1"))).agent.id == "a1"
+        assert not await listing(caller)
+        await caller.close()
+
+
+async def test_methods_that_cannot_be_gated_are_refused_at_start(tmp_path: Path) -> None:
+    core = Core(make_config(tmp_path, gated_methods=frozenset({"host.resolve_approval"})))
+    with pytest.raises(ValueError, match=r"cannot be gated: host\.resolve_approval"):
+        await core.start()
+    await core.stop()
+
+
+async def test_a_gated_proposal_calls_its_tools_only_after_approval(started: Any) -> None:
+    core = await started(gated_methods=frozenset({"proposal.submit"}))
+    async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+        caller, person = await session(core, channel), await approver(core, channel)
+        proposal = tools_pb2.SubmitProposalRequest()
+        codec.json_to_message(
+            {
+                "proposal": {
+                    "id": "p1",
+                    "actions": [
+                        {"id": "a1", "type": "tool_call", "tool": "add", "parameters": {"a": 1}}
+                    ],
+                }
+            },
+            proposal,
+        )
+        parked = asyncio.create_task(caller.request("proposal_submit", proposal, timeout=10))
+        approval = await next_requested(person)
+        assert approval.action == "ws.method:proposal.submit"
+        # A round trip on the caller's stream: no tool callback has been sent.
+        await caller.request("host_agents", host_pb2.ListAgentsRequest())
+        assert caller.server_requests.empty()
+
+        await resolve(person, approval.id, approved=True)
+        call = await caller.next_server_request()
+        assert call.tools_execute.tool == "add"
+        output = tools_pb2.ExecuteToolResponse(output=codec.to_value({"sum": 1}))
+        await caller.answer(call.id, "tools_execute", output)
+        (result,) = (await parked).result.results
+        assert (result.action_id, codec.value_to_json(result.output)) == ("a1", {"sum": 1})
+
+        # Denied: the proposal never reaches its tools.
+        parked = asyncio.create_task(caller.request("proposal_submit", proposal, timeout=10))
+        await resolve(person, (await next_requested(person)).id, approved=False)
+        with pytest.raises(CarError) as err:
+            await parked
+        assert err.value.code == APPROVAL_DENIED
+        await caller.request("host_agents", host_pb2.ListAgentsRequest())
+        assert caller.server_requests.empty()
+        await caller.close()
+        await person.close()
+
+
+# ---------------------------------------------------------------- durability
+
+
+async def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:
+    config: Config = make_config(tmp_path, gated_methods=frozenset({"host.register_agent"}))
+    first = Core(config)
+    await first.start()
+    async with grpc.aio.insecure_channel(first.grpc_address) as channel:
+        raiser, person = await session(first, channel), await approver(first, channel)
+        kept = (
+            await raiser.request(
+                "host_request_approval", host_pb2.RequestApprovalRequest(title="Ship it?")
+            )
+        ).approval
+        await resolve(raiser, kept.id, approved=True, notes="ok")
+        assert (await next_requested(person)).id == kept.id
+        # Still pending when the server stops: the gate's call, and a session's request.
+        parked = asyncio.create_task(raiser.request("host_register_agent", agent("a1")))
+        gated = await next_requested(person)
+        open_one = (
+            await person.request(
+                "host_request_approval", host_pb2.RequestApprovalRequest(title="Later?")
+            )
+        ).approval
+        await first.stop(grace=0)
+        with pytest.raises(ConnectionError):
+            await parked
+        await raiser.close()
+        await person.close()
+
+    second = Core(config)
+    await second.start()
+    try:
+        async with grpc.aio.insecure_channel(second.grpc_address) as channel:
+            reader = await session(second, channel)
+            rows = {a.id: a for a in await listing(reader)}
+            assert (status_of(rows[kept.id]), rows[kept.id].notes) == ("approved", "ok")
+            assert rows[kept.id].action == "Ship it?"
+            for pending in (gated, open_one):
+                assert status_of(rows[pending.id]) == "expired"
+            snapshot = await reader.request("host_subscribe", host_pb2.SubscribeHostRequest())
+            assert not snapshot.approvals  # nothing is pending any more
+            await reader.close()
+    finally:
+        await second.stop(grace=0)
+
+
+async def test_pending_approvals_of_a_dead_server_expire_at_start(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    # What a server that died (no graceful stop) leaves behind: a pending row.
+    store = SqliteStore(config.store_path)
+    orphan = HostApproval(
+        id="orphan",
+        action="ws.method:mail.send",
+        status=host_pb2.APPROVAL_STATUS_PENDING,
+        created_at=1,
+    )
+    orphan.options.extend(["approve", "deny"])
+    await store.run(lambda c: ledger.insert(c, orphan))
+    await store.close()
+
+    core = Core(config)
+    await core.start()
+    try:
+        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+            reader = await session(core, channel)
+            (row,) = await listing(reader)
+            assert (row.id, status_of(row), row.notes) == (
+                "orphan",
+                "expired",
+                "the server stopped",
+            )
+            await reader.close()
+    finally:
+        await core.stop(grace=0)
