@@ -302,6 +302,8 @@ async def test_a_gated_proposal_calls_its_tools_only_after_approval(started: Any
         await resolve(person, approval.id, approved=True)
         call = await caller.next_server_request()
         assert call.tools_execute.tool == "add"
+        # When the tool is called, the ledger already has the approval approved.
+        assert [status_of(a) for a in await listing(caller)] == ["approved"]
         output = tools_pb2.ExecuteToolResponse(output=codec.to_value({"sum": 1}))
         await caller.answer(call.id, "tools_execute", output)
         (result,) = (await parked).result.results

@@ -118,6 +118,26 @@ async def test_snapshot_carries_agents_pending_approvals_and_recent_events(
     await late.close()
 
 
+async def test_subscribing_again_replaces_the_subscription(
+    core: Core, channel: grpc.aio.Channel
+) -> None:
+    host, owner = await session(core, channel), await session(core, channel)
+    await subscribe(host)
+    await subscribe(host)
+    for i in range(3):
+        await owner.request("host_register_agent", register(f"a{i}"))
+    await owner.request("host_unregister_agent", host_pb2.UnregisterAgentRequest(agent_id="a0"))
+    seen = [await next_event(host) for _ in range(4)]
+    assert [(e.kind, e.agent_id) for e in seen] == [
+        ("agent.registered", "a0"),
+        ("agent.registered", "a1"),
+        ("agent.registered", "a2"),
+        ("agent.unregistered", "a0"),
+    ]  # each once
+    await host.close()
+    await owner.close()
+
+
 async def test_only_the_registering_session_may_change_its_agent(
     core: Core, channel: grpc.aio.Channel
 ) -> None:
