@@ -198,6 +198,7 @@ def test_free_form_json_round_trips_exactly() -> None:
     reply.id = frame.id
     text = bridge.from_core(reply)
     assert text is not None and json.loads(text)["result"] == value
+    assert text.isascii()  # non-ASCII is escaped: the connection sizes frames by len()
 
 
 def test_core_errors_keep_code_message_and_data() -> None:

@@ -77,6 +77,7 @@ class Connection:
         self.close_code: int = CloseCode.NORMAL_CLOSURE
         self.close_reason = ""
         self._flush = False  # send what is queued before closing
+        self._writing = False  # the writer task is inside ws.send()
 
     def end(self, code: int, reason: str, *, flush: bool = False) -> None:
         """End the connection (the first call wins)."""
@@ -152,7 +153,7 @@ class Connection:
                 assert isinstance(frame, session_pb2.ServerFrame)
                 text = self.bridge.from_core(frame)
                 if text is not None:
-                    self._queue(text)
+                    await self._send(text)
                 if self.bridge.auth_refused:
                     self._abandon("auth required")
                     self.end(CloseCode.POLICY_VIOLATION, "auth required", flush=True)
@@ -162,6 +163,20 @@ class Connection:
         self._abandon(reason)
         self.end(CloseCode.INTERNAL_ERROR, reason, flush=True)
 
+    async def _send(self, text: str) -> None:
+        """Send at once while the client keeps up (no hop through the writer task); once
+        it falls behind, queue behind what is already waiting."""
+        # Texts are ASCII (json.dumps escapes the rest): len() is the payload's size, and a
+        # frame header is at most 14 bytes. Below the write limit, ws.send() never waits.
+        room = self.config.ws_write_limit - self.ws.transport.get_write_buffer_size()
+        if self.outbound.empty() and not self._writing and len(text) + 14 < room:
+            try:
+                await self.ws.send(text)
+            except ConnectionClosed:
+                self.end(CloseCode.NORMAL_CLOSURE, "")
+        else:
+            self._queue(text)
+
     def _abandon(self, reason: str) -> None:
         for text in self.bridge.abandon(reason):
             self._queue(text)
@@ -170,11 +185,13 @@ class Connection:
         queue, ws = self.outbound, self.ws
         while True:
             text = await queue.get()
+            self._writing = True
             try:
                 await ws.send(text)
             except ConnectionClosed:
                 self.end(CloseCode.NORMAL_CLOSURE, "")
             finally:
+                self._writing = False
                 queue.task_done()
 
     async def _keepalive(self) -> None:

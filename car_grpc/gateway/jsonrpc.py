@@ -93,16 +93,24 @@ def _reject_constant(name: str) -> JSON:
     raise ValueError(f"{name} is not JSON")
 
 
+# Built once: json.loads / json.dumps with options build a new decoder / encoder per call.
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+# ensure_ascii: every text frame is ASCII, so its length is its size in bytes.
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
 def parse(text: str | bytes) -> JSON:
     """Strict JSON (no NaN/Infinity). Raises ValueError when the frame is not JSON."""
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        if not isinstance(text, str):
+            text = text.decode(json.detect_encoding(text))  # as json.loads does
+        return _decoder.decode(text)
     except RecursionError as e:
         raise ValueError("nested too deeply") from e
 
 
 def dumps(obj: JSON) -> str:
-    return json.dumps(obj, separators=(",", ":"))
+    return _encoder.encode(obj)
 
 
 def error_object(code: int, message: str, data: JSON = None, *, has_data: bool = False) -> JSON:
