@@ -50,7 +50,8 @@ class ClientSession:
         self.peer = peer
         #: False for the one-call session of an unbound typed RPC: it cannot be called back.
         self.streaming = streaming
-        self.role = Role.NONE
+        # With auth off there is nothing to prove: a session starts out ordinary.
+        self.role = Role.NONE if server.auth_enabled else Role.ORDINARY
         self.agent_id: str | None = None
         self.memory_namespace: str | None = None
         #: The credential the session authenticated with (typed RPCs bind only with it).

@@ -1,0 +1,150 @@
+"""End-to-end: the `car-grpc` command. `car-grpc core` serves stock gRPC health and
+reflection; `car-grpc agents add|list|remove` manage agent tokens that a running core
+honours at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import stat
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from car_grpc.core.auth import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
+from car_grpc.core.server import Core
+from car_grpc.errors import INTERNAL, CarError
+from car_grpc.v1 import session_pb2
+from tests.conftest import make_config
+from tests.serve_process import launched
+from tests.session_client import SessionClient
+
+CAR_GRPC = str(Path(sys.executable).with_name("car-grpc"))
+TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def car_env(car_home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
+    env["CAR_HOME"] = str(car_home)
+    return env
+
+
+async def car_grpc(car_home: Path, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        CAR_GRPC,
+        *args,
+        env=car_env(car_home),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_core_serves_health_and_reflection(tmp_path: Path) -> None:
+    async with launched(tmp_path / "car-home", "core", "--grpc-port", "0") as core:
+        [address] = await core.listeners(1)
+        async with grpc.aio.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "car.v1.SessionService", "car.v1.ToolService"):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            stream = reflection.ServerReflectionInfo()
+            await stream.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            listed = await stream.read()
+            # A service's file descriptor, as grpcurl fetches it.
+            await stream.write(
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="car.v1.ToolService")
+            )
+            files = await stream.read()
+            await stream.done_writing()
+        assert await core.terminate() == 0, core.lines
+    names = {s.name for s in listed.list_services_response.service}
+    expected = {
+        "car.v1.SessionService",
+        "car.v1.ToolService",
+        "car.v1.StateService",
+        "car.v1.PolicyService",
+        "grpc.health.v1.Health",
+    }
+    assert expected <= names
+    assert files.file_descriptor_response.file_descriptor_proto
+
+
+async def test_core_writes_private_token_files_and_removes_them(tmp_path: Path) -> None:
+    car_home = tmp_path / "car-home"
+    token_dir = car_home / "ai.parslee.car"  # what car-runtime reads under CAR_HOME
+    async with launched(car_home, "core", "--grpc-port", "0") as core:
+        await core.listeners(1)
+        for name in (AUTH_TOKEN_FILE, HOST_TOKEN_FILE):
+            path = token_dir / name
+            assert TOKEN.fullmatch(path.read_text())
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert await core.terminate() == 0, core.lines
+    assert not (token_dir / AUTH_TOKEN_FILE).exists()
+    assert not (token_dir / HOST_TOKEN_FILE).exists()
+
+
+async def attach(channel: grpc.aio.Channel, agent_id: str, token: str) -> tuple[SessionClient, str]:
+    client = SessionClient(channel)
+    reply = await client.request(
+        "session_auth", session_pb2.AuthenticateRequest(token=token, agent_id=agent_id)
+    )
+    assert reply.agent_id == agent_id
+    return client, reply.session_id
+
+
+async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> None:
+    config = make_config(tmp_path)  # CAR_HOME is tmp_path/car-home
+    car_home = config.state_root
+    core = Core(config)
+    await core.start()
+    try:
+        code, out, err = await car_grpc(car_home, "agents", "add", "agent-x")
+        assert code == 0, err
+        token = out.removesuffix("\n")
+        assert out == token + "\n" and TOKEN.fullmatch(token)  # the token alone, once
+
+        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+            first, first_id = await attach(channel, "agent-x", token)
+            # Re-attach of the same agent replaces the older attachment.
+            second, second_id = await attach(channel, "agent-x", token)
+            assert core.state is not None
+            assert core.state.attached["agent-x"].id == second_id != first_id
+
+            code, out, _ = await car_grpc(car_home, "agents", "list")
+            assert code == 0 and out.startswith("agent-x\t")
+
+            # Minting again replaces the token; removing revokes it.
+            code, out, _ = await car_grpc(car_home, "agents", "add", "agent-x")
+            newer = out.strip()
+            assert newer != token
+            client = SessionClient(channel)
+            with pytest.raises(CarError) as caught:
+                await client.request(
+                    "session_auth", session_pb2.AuthenticateRequest(token=token, agent_id="agent-x")
+                )
+            assert caught.value.code == INTERNAL
+            await client.close()
+            code, _, _ = await car_grpc(car_home, "agents", "remove", "agent-x")
+            assert code == 0
+            client = SessionClient(channel)
+            with pytest.raises(CarError):
+                await client.request(
+                    "session_auth", session_pb2.AuthenticateRequest(token=newer, agent_id="agent-x")
+                )
+            await client.close()
+            code, _, err = await car_grpc(car_home, "agents", "remove", "agent-x")
+            assert code == 1 and "agent-x" in err
+            for c in (first, second):
+                await c.close()
+    finally:
+        await core.stop(grace=0)
