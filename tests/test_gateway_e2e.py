@@ -446,6 +446,13 @@ async def test_two_gateways_serve_one_core(served: tuple[Core, Gateway]) -> None
             auth_b = await b.login(daemon_token(core))
             assert core.state is not None
             assert {auth_a["session_id"], auth_b["session_id"]} <= set(core.state.sessions)
+            # Events cross gateways: a host on one sees an agent registered on the other.
+            await a.result("host.subscribe", {})
+            agent = await b.result("host.register_agent", {"name": "worker", "kind": "bot"})
+            event = await a.next_frame()
+            assert event["method"] == "host.event" and "id" not in event
+            assert event["params"]["kind"] == "agent.registered"
+            assert event["params"]["agent_id"] == agent["id"]
             # Per-connection state stays per connection, whichever gateway carries it.
             await a.result("state.set", {"key": "k", "value": "a"})
             await b.result("state.set", {"key": "k", "value": "b"})
@@ -455,5 +462,9 @@ async def test_two_gateways_serve_one_core(served: tuple[Core, Gateway]) -> None
             await second.stop()
             assert await a.result("state.get", {"key": "k"}) == "a"
             await session_closed(core, auth_b["session_id"])
+            # ... and the core saw b's session end: its agent left the registry.
+            gone = await a.next_frame()
+            assert gone["params"]["kind"] == "agent.unregistered"
+            assert gone["params"]["agent_id"] == agent["id"]
     finally:
         await second.stop()

@@ -45,6 +45,9 @@ class Rpc:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self._next = 10
+        #: Frames that arrived while `call` waited for its answer (notifications, server
+        #: requests), in order; `next_frame` returns them first.
+        self.other: list[Any] = []
 
     async def send(self, message: Any) -> None:
         await self.ws.send(message if isinstance(message, str) else json.dumps(message))
@@ -59,9 +62,19 @@ class Rpc:
         if params is not None:
             request["params"] = params
         await self.send(request)
-        answer = await self.recv()
-        assert answer["id"] == self._next, answer
-        return answer
+        while True:
+            answer = await self.recv()
+            if (
+                isinstance(answer, dict)
+                and answer.get("id") == self._next
+                and ("result" in answer or "error" in answer)
+            ):
+                return answer
+            self.other.append(answer)
+
+    async def next_frame(self, timeout: float = 5) -> Any:
+        """The next frame that was not an answer to `call`."""
+        return self.other.pop(0) if self.other else await self.recv(timeout)
 
     async def result(self, method: str, params: Any = None) -> Any:
         answer = await self.call(method, params)
