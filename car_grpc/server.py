@@ -31,7 +31,6 @@ class Server:
         try:
             await gateway.start()
         except BaseException:
-            await gateway.stop()
             await self.core.stop()
             raise
         self.gateway = gateway

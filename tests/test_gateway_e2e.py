@@ -432,7 +432,9 @@ async def test_stale_unix_socket_is_replaced(tmp_path: Path) -> None:
         second = Gateway(make_config(tmp_path, unix_socket=path), "127.0.0.1:1")
         with pytest.raises(OSError, match="already listening"):
             await second.start()
-        await second.stop()
+        assert second.ws_port != 0
+        with pytest.raises(OSError):  # a failed start left no listener behind
+            await asyncio.open_connection("127.0.0.1", second.ws_port)
 
 
 async def test_two_gateways_serve_one_core(served: tuple[Core, Gateway]) -> None:

@@ -56,6 +56,14 @@ class Gateway:
         return self._unix_socket
 
     async def start(self) -> None:
+        """Open the channel to the core and bind the listeners (all or none)."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         config = self.config
         self._channel = grpc.aio.insecure_channel(
             self.core_address,
@@ -85,7 +93,8 @@ class Gateway:
     async def _serve(self, **where: Any) -> Server:
         config = self.config
         return await serve(
-            self._handle,  # type: ignore[arg-type]  # a TrackedConnection, see below
+            # Typed for ServerConnection; create_connection makes it a TrackedConnection.
+            self._handle,  # type: ignore[arg-type]
             create_connection=TrackedConnection,
             ping_interval=None,  # our keepalive counts any traffic, not just pongs
             max_size=config.ws_max_message_bytes,
