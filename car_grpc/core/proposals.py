@@ -25,6 +25,7 @@ import json
 import re
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -353,15 +354,25 @@ class _Run:
     started: dict[str, float] = field(default_factory=dict)
     cost: tools_pb2.ProposalCost = field(default_factory=tools_pb2.ProposalCost)
 
+    def __post_init__(self) -> None:
+        self.by_id = {a.id: a for a in self.plan.actions}
+        #: action id -> the actions waiting for it.
+        self.dependents: dict[str, list[str]] = {a.id: [] for a in self.plan.actions}
+        for action_id, deps in self.plan.deps.items():
+            for dep in deps:
+                self.dependents[dep].append(action_id)
+        #: action id -> how many of its dependencies have not finished yet.
+        self.blocked = {action_id: len(deps) for action_id, deps in self.plan.deps.items()}
+        #: Actions whose dependencies have all finished, in submission order at first.
+        self.ready = deque(a.id for a in self.plan.actions if not self.blocked[a.id])
+
     async def run(self) -> tools_pb2.ProposalResult:
         begin = time.monotonic()
-        waiting = [a.id for a in self.plan.actions]
-        by_id = {a.id: a for a in self.plan.actions}
         running: dict[asyncio.Task[_Outcome], str] = {}
         abort_reason: str | None = None
         try:
             while True:
-                self._start_ready(waiting, by_id, running)
+                self._start_ready(running)
                 if not running:
                     break
                 done, _ = await asyncio.wait(set(running), return_when=asyncio.FIRST_COMPLETED)
@@ -378,10 +389,10 @@ class _Run:
             await self._cancel(running, CANCEL_CANCELLED)
             raise
         if abort_reason is not None:
-            for action_id in waiting:
-                self._finish(
-                    action_id, self._skipped(action_id, f"proposal aborted: {abort_reason}")
-                )
+            for action in self.plan.actions:
+                if action.id not in self.results:
+                    reason = f"proposal aborted: {abort_reason}"
+                    self._finish(action.id, self._skipped(action.id, reason))
             self._roll_back()
         result = tools_pb2.ProposalResult(proposal_id=self.plan.proposal_id)
         result.results.extend(self.results[a.id] for a in self.plan.actions)
@@ -389,32 +400,22 @@ class _Run:
         result.cost.CopyFrom(self.cost)
         return result
 
-    def _start_ready(
-        self,
-        waiting: list[str],
-        by_id: Mapping[str, tools_pb2.Action],
-        running: dict[asyncio.Task[_Outcome], str],
-    ) -> None:
-        """Start (or skip) every waiting action whose dependencies have all finished."""
-        progress = True
-        while progress:
-            progress = False
-            for action_id in list(waiting):
-                deps = self.plan.deps[action_id]
-                if any(d not in self.results for d in deps):
-                    continue
-                waiting.remove(action_id)
-                progress = True
-                failed = sorted(
-                    d for d in deps if self.results[d].status != Status.ACTION_STATUS_SUCCEEDED
-                )
-                if failed:
-                    reason = f"dependency '{failed[0]}' did not succeed"
-                    self._finish(action_id, self._skipped(action_id, reason))
-                    continue
-                self.started[action_id] = time.monotonic()
-                task = asyncio.create_task(self._run_action(by_id[action_id]))
-                running[task] = action_id
+    def _start_ready(self, running: dict[asyncio.Task[_Outcome], str]) -> None:
+        """Start every ready action; skip those with a dependency that did not succeed."""
+        while self.ready:
+            action_id = self.ready.popleft()
+            failed = sorted(
+                d
+                for d in self.plan.deps[action_id]
+                if self.results[d].status != Status.ACTION_STATUS_SUCCEEDED
+            )
+            if failed:
+                reason = f"dependency '{failed[0]}' did not succeed"
+                self._finish(action_id, self._skipped(action_id, reason))
+                continue
+            self.started[action_id] = time.monotonic()
+            task = asyncio.create_task(self._run_action(self.by_id[action_id]))
+            running[task] = action_id
 
     def _finish(self, action_id: str, result: tools_pb2.ActionResult) -> None:
         self.results[action_id] = result
@@ -425,6 +426,10 @@ class _Run:
             self.cost.actions_rejected += 1
         else:
             self.cost.actions_skipped += 1
+        for dependent in self.dependents[action_id]:
+            self.blocked[dependent] -= 1
+            if not self.blocked[dependent]:
+                self.ready.append(dependent)
 
     async def _cancel(self, running: dict[asyncio.Task[_Outcome], str], reason: str) -> None:
         """Cancel in-flight actions (their tool calls see `reason`); they end skipped."""

@@ -1,0 +1,112 @@
+"""Proposals whose tool calls go back to the client, on an in-process core over real gRPC.
+
+- round trip: p50/p99 of proposal.submit with one tool_call answered at once (request,
+  tools.execute, answer, response), as a ratio to a plain state.get on the same stream.
+- wide: one proposal of 200 independent tool calls (all in flight together): callbacks/s.
+- chain: one proposal of 200 tool calls, each taking the previous output ($<id>.output):
+  callbacks/s, i.e. the cost of one dependent step.
+
+    python -m bench bench_proposals          (or ./dev bench bench_proposals)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from car_grpc import codec
+from car_grpc.config import Config
+from car_grpc.core.server import Core
+from car_grpc.v1 import state_pb2, tools_pb2
+from tests.session_client import SessionClient, connect
+from tests.tool_host import ToolHost
+
+ROUND_TRIPS = 500
+WIDTH = 200
+
+
+def _submit(actions: list[dict[str, Any]]) -> tools_pb2.SubmitProposalRequest:
+    req = tools_pb2.SubmitProposalRequest()
+    codec.json_to_message({"proposal": {"actions": actions}}, req)
+    return req
+
+
+async def _p(client: SessionClient, member: str, message: Any) -> list[float]:
+    times = []
+    for _ in range(ROUND_TRIPS):
+        start = time.perf_counter()
+        await client.request(member, message)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+async def _callbacks_per_second(
+    client: SessionClient, proposal: tools_pb2.SubmitProposalRequest
+) -> float:
+    start = time.perf_counter()
+    reply = await client.request("proposal_submit", proposal)
+    elapsed = time.perf_counter() - start
+    assert reply.result.cost.tool_calls == len(proposal.proposal.actions)
+    return len(proposal.proposal.actions) / elapsed
+
+
+def _quantiles(times: list[float]) -> tuple[float, float]:
+    cuts = statistics.quantiles(times, n=100)
+    return cuts[49] * 1000, cuts[98] * 1000
+
+
+async def _run() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        core = Core(
+            Config(state_root=root, token_dir=root / "tokens", grpc_port=0, unix_socket=None)
+        )
+        await core.start()
+        try:
+            async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+                assert core.state is not None and core.state.tokens is not None
+                client = await connect(channel, token=core.state.tokens.daemon)
+                host = ToolHost(client, lambda req: asyncio.sleep(0, 1))
+
+                base = await _p(client, "state_get", state_pb2.GetStateRequest(key="k"))
+                one = _submit([{"id": "a", "type": "tool_call", "tool": "t"}])
+                calls = await _p(client, "proposal_submit", one)
+                (b50, _), (c50, c99) = _quantiles(base), _quantiles(calls)
+                print(
+                    f"round trip: p50 {c50:.3f} ms, p99 {c99:.3f} ms "
+                    f"({c50 / b50:.2f}x a state.get at p50 {b50:.3f} ms)"
+                )
+
+                wide = _submit(
+                    [{"id": f"a{i}", "type": "tool_call", "tool": "t"} for i in range(WIDTH)]
+                )
+                rate = await _callbacks_per_second(client, wide)
+                print(f"wide ({WIDTH} independent): {rate:.0f} callbacks/s")
+
+                chain = _submit(
+                    [
+                        {
+                            "id": f"a{i}",
+                            "type": "tool_call",
+                            "tool": "t",
+                            "parameters": {"prev": f"$a{i - 1}.output"} if i else {},
+                        }
+                        for i in range(WIDTH)
+                    ]
+                )
+                rate = await _callbacks_per_second(client, chain)
+                print(f"chain ({WIDTH} dependent): {rate:.0f} callbacks/s")
+                await host.close()
+                await client.close()
+        finally:
+            await core.stop(grace=0)
+
+
+def main() -> None:
+    asyncio.run(_run())
