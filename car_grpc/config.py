@@ -125,6 +125,9 @@ class Config:
     handler_timeout: float = 1800.0
     #: Grace before a run whose connection closed becomes `incomplete`.
     run_complete_grace: float = 0.25
+    #: Trace events queued per (session, run) subscription; beyond it the oldest are
+    #: dropped and the subscriber sees a cursor gap.
+    run_subscriber_queue: int = 256
     #: How long agents.chat waits for the agent's ack.
     chat_ack_timeout: float = 5.0
     #: gRPC core listener.

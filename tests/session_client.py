@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -37,11 +37,30 @@ class SessionClient:
         self._handlers: set[asyncio.Task[None]] = set()
         self.ended = asyncio.Event()
         self.end_code: grpc.StatusCode | None = None
+        self._writing = asyncio.Lock()
+        #: Cleared by `pause_reading`: frames then stay in the transport (a slow client).
+        self._reading = asyncio.Event()
+        self._reading.set()
         self._reader = asyncio.create_task(self._read())
+
+    def pause_reading(self) -> None:
+        """Stop reading the stream, as a client that stopped reading its socket would."""
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    async def _frames(self) -> AsyncIterator[session_pb2.ServerFrame]:
+        while True:
+            await self._reading.wait()
+            frame = await self.call.read()
+            if frame is grpc.aio.EOF:
+                return
+            yield frame
 
     async def _read(self) -> None:
         try:
-            async for frame in self.call:
+            async for frame in self._frames():
                 if frame.id in self._waiting:
                     self._waiting.pop(frame.id).set_result(frame)
                 elif frame.id:
@@ -62,7 +81,8 @@ class SessionClient:
                     fut.set_exception(ConnectionError("stream ended"))
 
     async def send(self, frame: session_pb2.ClientFrame) -> None:
-        await self.call.write(frame)
+        async with self._writing:  # grpc.aio allows one write at a time per call
+            await self.call.write(frame)
 
     async def request_frame(
         self, member: str, message: Message, timeout: float = 10

@@ -21,6 +21,7 @@ from car_grpc.store.sqlite import SqliteStore
 if TYPE_CHECKING:
     from car_grpc.core.approvals import Approvals
     from car_grpc.core.host import Host
+    from car_grpc.core.runs import Runs
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class ServerState:
     host: Host
     #: The approval ledger and the approval gate (set by domains.install).
     approvals: Approvals
+    #: Agent runs and their live readers (set by domains.install).
+    runs: Runs
 
     def __init__(self, config: Config, store: SqliteStore, tokens: ServerTokens | None) -> None:
         self.config = config

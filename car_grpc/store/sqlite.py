@@ -46,6 +46,29 @@ MIGRATIONS: list[str] = [
     CREATE INDEX approvals_by_status ON approvals(status, created_at);
     CREATE INDEX approvals_by_resolution ON approvals(resolved_at);
     """,
+    # 3: agent runs and their ordered records (car_grpc/store/runs.py). A record is a
+    # serialized car.v1.RunRecord; seq 0 is `started`.
+    """
+    CREATE TABLE runs (
+        run_id              TEXT PRIMARY KEY,
+        agent_id            TEXT NOT NULL,
+        intent              TEXT NOT NULL,
+        outcome_description TEXT,
+        started_at          INTEGER NOT NULL,
+        ended_at            INTEGER,
+        status              TEXT NOT NULL,
+        turn_count          INTEGER NOT NULL DEFAULT 0,
+        record_count        INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX runs_by_agent ON runs(agent_id, started_at);
+    CREATE INDEX runs_by_status ON runs(status);
+    CREATE TABLE run_records (
+        run_id TEXT NOT NULL REFERENCES runs(run_id),
+        seq    INTEGER NOT NULL,
+        record BLOB NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 

@@ -1,0 +1,643 @@
+"""Agent runs (PROTOCOL.md §4): a run's lifecycle, its durable trace and its live readers.
+
+A run is `in_progress` from runs.start until runs.complete (`completed`) or until the
+connection that owns it has been gone for Config.run_complete_grace (`incomplete`).
+Every in-progress run of this process is in `Runs.live`, with the one lock that orders
+its writes: each write is decided, committed to the store and fanned out under that lock,
+so readers see records in commit order and a decision (limit, terminal) never races an
+append. The sections that change a run run to the end even when their request is
+cancelled (disconnect, deadline): a commit is never left half-applied in memory.
+
+Readers: `runs.subscribe` (a snapshot plus `runs.trace.event` notifications through a
+bounded per-subscription queue that drops its oldest events when full, so the newest
+event, and with it the cursor gap and the final `ended`, always arrives), `WatchRun`
+(reads the store from a cursor and waits for appends: a slow reader simply reads later),
+`runs.get_trace` and `runs.list`.
+
+Authorization: only a session attached as the run's agent may write (the host token
+does not); the run's agent and host-role sessions may read. Everyone else gets the same
+answer as for an unknown run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeAlias, TypeVar
+
+from car_grpc.codec import to_value
+from car_grpc.core.dispatch import Reply, field_error, handles, require
+from car_grpc.core.grpc_service import streams
+from car_grpc.core.run_turns import cap_turn
+from car_grpc.core.server_state import ServerState
+from car_grpc.core.session import ClientSession, Role, SessionClosed
+from car_grpc.errors import INTERNAL, INVALID_PARAMS, CarError
+from car_grpc.store.runs import RunRow, RunStore, SqliteRunStore, status_name
+from car_grpc.v1 import runs_pb2
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_TURNS_PER_RUN = 2000
+MAX_TURNS_PER_BATCH = 256
+#: started + every turn + ended.
+MAX_RECORDS_PER_RUN = MAX_TURNS_PER_RUN + 2
+RECORD_TURNS_USAGE = "runs.record_turns requires { run_id, turns: [RunTurn] }"
+#: Records WatchRun reads from the store at a time.
+_WATCH_PAGE = 256
+#: How long WatchRun waits for an append before it looks at the run again.
+_WATCH_RECHECK = 30.0
+
+IN_PROGRESS = runs_pb2.RUN_STATUS_IN_PROGRESS
+COMPLETED = runs_pb2.RUN_STATUS_COMPLETED
+INCOMPLETE = runs_pb2.RUN_STATUS_INCOMPLETE
+STARTED = runs_pb2.RUN_RECORD_KIND_STARTED
+TURN = runs_pb2.RUN_RECORD_KIND_TURN
+ENDED = runs_pb2.RUN_RECORD_KIND_ENDED
+RunStatus: TypeAlias = runs_pb2.RunStatus.ValueType
+DropReason: TypeAlias = runs_pb2.RunDropReason.ValueType
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def slug(name: str) -> str:
+    """Lowercase words joined by "-": "My Agent!" -> "my-agent"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def may_write(session: ClientSession, agent_id: str) -> bool:
+    """Writes are owner-only: the session must be attached as the run's agent."""
+    return session.role is Role.AGENT and session.agent_id == agent_id
+
+
+def may_read(session: ClientSession, agent_id: str) -> bool:
+    return session.is_host or may_write(session, agent_id)
+
+
+def _not_found(run_id: str) -> CarError:
+    return field_error("run_id", f"unknown run {run_id!r}")
+
+
+def _usage_error(field: str) -> CarError:
+    return CarError(INVALID_PARAMS, RECORD_TURNS_USAGE, to_value({"field": field}))
+
+
+def ended_record(
+    status: RunStatus, outcome: runs_pb2.RunOutcome | None = None
+) -> runs_pb2.RunRecord:
+    record = runs_pb2.RunRecord(record=ENDED, timestamp=now_ms())
+    record.ended.status = status
+    if outcome is not None:
+        record.ended.outcome.CopyFrom(outcome)
+    return record
+
+
+class Subscription:
+    """One session's `runs.subscribe` to one run.
+
+    Events wait in a bounded queue that a pump drains into the session (waiting on the
+    session's own backpressure). When the queue is full the oldest event is dropped: the
+    recorder never waits, and the subscriber sees the jump in cursors.
+    """
+
+    def __init__(self, runs: Runs, session: ClientSession, run_id: str) -> None:
+        self.runs = runs
+        self.session = session
+        self.run_id = run_id
+        self.events: collections.deque[runs_pb2.RunTraceEvent] = collections.deque(
+            maxlen=session.server.config.run_subscriber_queue
+        )
+        self.dropped = 0
+        self._ready = asyncio.Event()
+        self._pump: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    def offer(self, event: runs_pb2.RunTraceEvent) -> None:
+        if len(self.events) == self.events.maxlen:
+            self.dropped += 1
+        self.events.append(event)
+        self._ready.set()
+
+    def start(self) -> None:
+        """Start delivering (called once the snapshot response is queued)."""
+        if not self._stopped and self._pump is None:
+            self._pump = asyncio.create_task(self._deliver())
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._pump is not None:
+            self._pump.cancel()
+
+    async def _deliver(self) -> None:
+        with contextlib.suppress(SessionClosed):
+            while True:
+                await self._ready.wait()  # ends with the session or the subscription
+                self._ready.clear()
+                while self.events:
+                    event = self.events.popleft()
+                    await self.session.notify("runs_trace_event", event)
+                    if event.record.record == ENDED:
+                        self.runs.forget(self)
+                        return
+
+
+class LiveRun:
+    """An in-progress run of this process (and, once ended, its last state)."""
+
+    def __init__(self, row: RunRow, owner: ClientSession | None) -> None:
+        self.run_id = row.run_id
+        self.agent_id = row.agent_id
+        self.status: RunStatus = row.status
+        self.turn_count = row.turn_count
+        self.record_count = row.record_count
+        #: The connection whose close makes the run incomplete (None: a one-call session).
+        self.owner = owner
+        self.lock = asyncio.Lock()
+        self.subscribers: dict[str, Subscription] = {}
+        #: Set (and replaced) after every commit: wakes WatchRun readers.
+        self.appended = asyncio.Event()
+
+    def publish(self, records: Sequence[runs_pb2.RunRecord], first_cursor: int) -> None:
+        """Fan committed records out to subscribers and watchers (never waits)."""
+        if self.subscribers:
+            for i, record in enumerate(records):
+                event = runs_pb2.RunTraceEvent(
+                    run_id=self.run_id,
+                    agent_id=self.agent_id,
+                    record=record,
+                    cursor=first_cursor + i,
+                    status=self.status,
+                )
+                for sub in self.subscribers.values():
+                    sub.offer(event)
+        woken, self.appended = self.appended, asyncio.Event()
+        woken.set()
+
+
+class _SessionRuns:
+    """What one session holds in the runs domain, released when it closes."""
+
+    def __init__(self) -> None:
+        self.subscriptions: dict[str, Subscription] = {}
+        self.owned: set[str] = set()
+
+
+class Runs:
+    """The runs domain of one ServerState."""
+
+    def __init__(self, state: ServerState, store: RunStore) -> None:
+        self.state = state
+        self.store = store
+        self.live: dict[str, LiveRun] = {}
+        self._sessions: dict[str, _SessionRuns] = {}
+        self._resuming = asyncio.Lock()
+        #: Work that must finish although its request may be cancelled.
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: Pending `incomplete` timers of runs whose connection closed.
+        self._graces: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _of(self, session: ClientSession) -> _SessionRuns:
+        held = self._sessions.get(session.id)
+        if held is None:
+            held = self._sessions[session.id] = _SessionRuns()
+            session.on_close(self._session_closed)
+        return held
+
+    def _spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("runs: background work failed", exc_info=task.exception())
+
+    async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work` to completion even if the caller is cancelled."""
+        return await asyncio.shield(self._spawn(work))
+
+    async def _locked(self, run: LiveRun, fn: Callable[[], Awaitable[T]]) -> T:
+        async def section() -> T:
+            async with run.lock:
+                return await fn()
+
+        return await self._to_the_end(section())
+
+    def _own(self, run: LiveRun, session: ClientSession) -> None:
+        if not session.streaming:
+            return
+        if run.owner is not None and run.owner is not session:
+            held = self._sessions.get(run.owner.id)
+            if held is not None:
+                held.owned.discard(run.run_id)
+        run.owner = session
+        self._of(session).owned.add(run.run_id)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(
+        self, session: ClientSession, req: runs_pb2.StartRunRequest
+    ) -> runs_pb2.StartRunResponse:
+        intent = require(req.intent, "intent")
+        agent_id = self._resolve_agent(session, req)
+        reply = await self._to_the_end(self._open(session, agent_id, intent, req))
+        session.current_run = reply.run_id
+        return reply
+
+    async def _open(
+        self, session: ClientSession, agent_id: str, intent: str, req: runs_pb2.StartRunRequest
+    ) -> runs_pb2.StartRunResponse:
+        if not req.HasField("idempotency_key"):
+            run_id = f"run-{uuid.uuid4().hex}"
+            await self._create(session, run_id, agent_id, intent, req)
+            return runs_pb2.StartRunResponse(run_id=run_id, agent_id=agent_id)
+        run_id = req.idempotency_key
+        async with self._resuming:  # one start per key at a time: no duplicate
+            resumed = await self._resume(session, run_id, agent_id)
+            if resumed is not None:
+                return resumed
+            await self._create(session, run_id, agent_id, intent, req)
+            return runs_pb2.StartRunResponse(run_id=run_id, agent_id=agent_id)
+
+    def _resolve_agent(self, session: ClientSession, req: runs_pb2.StartRunRequest) -> str:
+        if req.agent_id:
+            return req.agent_id
+        if session.role is Role.AGENT and session.agent_id:
+            return session.agent_id
+        if name := slug(req.agent_name):
+            return f"name:{name}"
+        raise field_error("agent_id", "no agent (give agent_id or agent_name, or attach)")
+
+    async def _resume(
+        self, session: ClientSession, run_id: str, agent_id: str
+    ) -> runs_pb2.StartRunResponse | None:
+        """The existing run `run_id` (which becomes the session's), or None."""
+        run = self.live.get(run_id)
+        if run is not None:
+            if run.agent_id == agent_id:
+                self._own(run, session)  # e.g. the agent reconnected within the grace
+            return runs_pb2.StartRunResponse(run_id=run_id, agent_id=run.agent_id)
+        row = await self.store.get(run_id)
+        if row is None:
+            return None
+        return runs_pb2.StartRunResponse(run_id=run_id, agent_id=row.agent_id)
+
+    async def _create(
+        self,
+        session: ClientSession,
+        run_id: str,
+        agent_id: str,
+        intent: str,
+        req: runs_pb2.StartRunRequest,
+    ) -> None:
+        description = req.outcome_description if req.HasField("outcome_description") else None
+        row = RunRow(run_id, agent_id, intent, description, now_ms(), None, IN_PROGRESS, 0, 1)
+        started = runs_pb2.RunRecord(
+            record=STARTED,
+            timestamp=row.started_at,
+            started=runs_pb2.RunStarted(
+                run_id=run_id,
+                agent_id=agent_id,
+                intent=intent,
+                outcome_description=description,
+            ),
+        )
+        await self.store.create(row, started)
+        run = LiveRun(row, None)
+        self.live[run_id] = run
+        self._own(run, session)
+
+    async def complete(
+        self, session: ClientSession, req: runs_pb2.CompleteRunRequest
+    ) -> runs_pb2.CompleteRunResponse:
+        run_id = require(req.run_id, "run_id")
+        if not req.HasField("outcome"):
+            raise field_error("outcome")
+        outcome = runs_pb2.RunOutcome()
+        outcome.CopyFrom(req.outcome)
+        if not outcome.HasField("timestamp"):
+            outcome.timestamp = now_ms()
+        run = self.live.get(run_id)
+        if run is None:
+            row = await self.store.get(run_id)
+            if row is None or not may_write(session, row.agent_id):
+                raise _not_found(run_id)
+            raise _already_ended(run_id, row.status)
+
+        async def end() -> None:
+            if not may_write(session, run.agent_id):
+                raise _not_found(run_id)
+            if run.status != IN_PROGRESS:
+                raise _already_ended(run_id, run.status)
+            await self._end(run, ended_record(COMPLETED, outcome))
+
+        await self._locked(run, end)
+        return runs_pb2.CompleteRunResponse(run_id=run_id, ok=True)
+
+    async def _end(self, run: LiveRun, ended: runs_pb2.RunRecord) -> None:
+        """Append `ended` (under the run's lock) and retire the run."""
+        await self.store.end(run.run_id, run.record_count, ended, ended.ended.status)
+        run.record_count += 1
+        run.status = ended.ended.status
+        run.publish([ended], run.turn_count)
+        self.live.pop(run.run_id, None)
+        if run.owner is not None:
+            held = self._sessions.get(run.owner.id)
+            if held is not None:
+                held.owned.discard(run.run_id)
+
+    async def _session_closed(self, session: ClientSession) -> None:
+        held = self._sessions.pop(session.id, None)
+        if held is None:
+            return
+        for sub in held.subscriptions.values():
+            self._unregister(sub)
+        for run_id in held.owned:
+            run = self.live.get(run_id)
+            if run is not None:
+                grace = self._spawn(self._expire(run, session))
+                self._graces.add(grace)
+                grace.add_done_callback(self._graces.discard)
+
+    async def _expire(self, run: LiveRun, owner: ClientSession) -> None:
+        """After the grace, end the run as incomplete unless it was completed or resumed."""
+        await asyncio.sleep(self.state.config.run_complete_grace)
+
+        async def end() -> None:
+            if run.status == IN_PROGRESS and run.owner is owner:
+                await self._end(run, ended_record(INCOMPLETE))
+
+        await self._locked(run, end)
+
+    async def shutdown(self) -> None:
+        """Stopping: pending graces are moot, every open run ends incomplete now."""
+        for grace in list(self._graces):
+            grace.cancel()
+        for run in list(self.live.values()):
+            async with run.lock:
+                if run.status == IN_PROGRESS:
+                    await self._end(run, ended_record(INCOMPLETE))
+
+    # ------------------------------------------------------------ turns
+
+    async def record_turns(
+        self, session: ClientSession, req: runs_pb2.RecordTurnsRequest
+    ) -> runs_pb2.RecordTurnsResponse:
+        if not req.run_id:
+            raise _usage_error("run_id")
+        if not 1 <= len(req.turns) <= MAX_TURNS_PER_BATCH:
+            raise _usage_error("turns")
+        run_id = req.run_id
+        for turn in req.turns:
+            if not cap_turn(turn):
+                return _dropped(run_id, runs_pb2.RUN_DROP_REASON_TURN_TOO_LARGE)
+        run = self.live.get(run_id)
+        if run is None:
+            row = await self.store.get(run_id)
+            if row is None or not may_write(session, row.agent_id):
+                return _dropped(run_id, runs_pb2.RUN_DROP_REASON_RUN_NOT_FOUND)
+            return _dropped(run_id, runs_pb2.RUN_DROP_REASON_RUN_TERMINAL)
+        turns = req.turns
+
+        async def append() -> runs_pb2.RecordTurnsResponse:
+            if not may_write(session, run.agent_id):
+                return _dropped(run_id, runs_pb2.RUN_DROP_REASON_RUN_NOT_FOUND)
+            if run.status != IN_PROGRESS:
+                return _dropped(run_id, runs_pb2.RUN_DROP_REASON_RUN_TERMINAL)
+            base = run.turn_count
+            if base + len(turns) > MAX_TURNS_PER_RUN:
+                return _dropped(run_id, runs_pb2.RUN_DROP_REASON_RUN_TURN_LIMIT)
+            timestamp = now_ms()
+            records = []
+            for i, turn in enumerate(turns):
+                turn.index = base + i
+                records.append(runs_pb2.RunRecord(record=TURN, timestamp=timestamp, turn=turn))
+            await self.store.append(run_id, run.record_count, records)
+            run.turn_count += len(records)
+            run.record_count += len(records)
+            run.publish(records, base + 1)
+            return runs_pb2.RecordTurnsResponse(
+                run_id=run_id, base_index=base, count=len(records), ok=True
+            )
+
+        return await self._locked(run, append)
+
+    # ------------------------------------------------------------ readers
+
+    async def subscribe(
+        self, session: ClientSession, req: runs_pb2.SubscribeRunRequest
+    ) -> runs_pb2.SubscribeRunResponse | Reply:
+        run_id = require(req.run_id, "run_id")
+        run = self.live.get(run_id)
+        if run is None:
+            row = await self.store.get(run_id)
+            if row is None or not may_read(session, row.agent_id):
+                raise _not_found(run_id)
+            return await self._snapshot(row.run_id, row.agent_id, row.turn_count, row.status)
+        if not may_read(session, run.agent_id):
+            raise _not_found(run_id)
+        async with run.lock:  # no append between the snapshot and the registration
+            snapshot = await self._snapshot(run_id, run.agent_id, run.turn_count, run.status)
+            if run.status != IN_PROGRESS:
+                return snapshot
+            held = self._of(session)
+            old = held.subscriptions.get(run_id)
+            if old is not None:
+                self._unregister(old)
+            sub = Subscription(self, session, run_id)
+            held.subscriptions[run_id] = sub
+            run.subscribers[session.id] = sub
+        return Reply(snapshot, then=sub.start)
+
+    async def _snapshot(
+        self, run_id: str, agent_id: str, turn_count: int, status: RunStatus
+    ) -> runs_pb2.SubscribeRunResponse:
+        records = await self.store.records(run_id, 1, turn_count) if turn_count else []
+        return runs_pb2.SubscribeRunResponse(
+            run_id=run_id,
+            agent_id=agent_id,
+            turns_so_far=[r.turn for r in records],
+            cursor=turn_count,
+            status=status,
+        )
+
+    def _unregister(self, sub: Subscription) -> None:
+        sub.stop()
+        run = self.live.get(sub.run_id)
+        if run is not None and run.subscribers.get(sub.session.id) is sub:
+            del run.subscribers[sub.session.id]
+
+    def forget(self, sub: Subscription) -> None:
+        """A subscription delivered its run's `ended`: nothing more will come."""
+        held = self._sessions.get(sub.session.id)
+        if held is not None and held.subscriptions.get(sub.run_id) is sub:
+            del held.subscriptions[sub.run_id]
+
+    async def unsubscribe(
+        self, session: ClientSession, req: runs_pb2.UnsubscribeRunRequest
+    ) -> runs_pb2.UnsubscribeRunResponse:
+        run_id = require(req.run_id, "run_id")
+        held = self._sessions.get(session.id)
+        sub = held.subscriptions.pop(run_id, None) if held is not None else None
+        if sub is not None:
+            self._unregister(sub)
+        return runs_pb2.UnsubscribeRunResponse(run_id=run_id, removed=sub is not None)
+
+    async def list_runs(
+        self, session: ClientSession, req: runs_pb2.ListRunsRequest
+    ) -> runs_pb2.ListRunsResponse:
+        agent_id = require(req.agent_id, "agent_id")
+        reply = runs_pb2.ListRunsResponse(agent_id=agent_id)
+        if may_read(session, agent_id):
+            reply.runs.extend(row.summary() for row in await self.store.list_for_agent(agent_id))
+        return reply
+
+    async def get_trace(
+        self, session: ClientSession, req: runs_pb2.GetTraceRequest
+    ) -> runs_pb2.GetTraceResponse:
+        run_id = require(req.run_id, "run_id")
+        row = await self.store.get(run_id)
+        if row is None or not may_read(session, row.agent_id):
+            return runs_pb2.GetTraceResponse(run_id=run_id, not_found=True)
+        cursor = req.cursor
+        limit = (
+            min(req.limit, MAX_RECORDS_PER_RUN) if req.HasField("limit") else MAX_RECORDS_PER_RUN
+        )
+        records = await self.store.records(run_id, cursor, limit) if limit else []
+        return runs_pb2.GetTraceResponse(
+            run_id=run_id, agent_id=row.agent_id, records=records, cursor=cursor + len(records)
+        )
+
+    async def watch(
+        self, session: ClientSession, req: runs_pb2.WatchRunRequest
+    ) -> AsyncIterator[runs_pb2.WatchRunResponse]:
+        """Every record from `req.cursor` on, then each new one, ending after `ended`."""
+        run_id = require(req.run_id, "run_id")
+        row = await self.store.get(run_id)
+        if row is None or not may_read(session, row.agent_id):
+            raise _not_found(run_id)
+        if req.cursor > row.record_count:
+            raise field_error("cursor", f"past the end of the run ({row.record_count} records)")
+        cursor = req.cursor
+        while True:
+            run = self.live.get(run_id)
+            appended = run.appended if run is not None else None  # taken before the read
+            records = await self.store.records(run_id, cursor, _WATCH_PAGE)
+            for record in records:
+                cursor += 1
+                ended = record.record == ENDED
+                yield runs_pb2.WatchRunResponse(
+                    run_id=run_id,
+                    agent_id=row.agent_id,
+                    record=record,
+                    cursor=cursor,
+                    status=record.ended.status if ended else IN_PROGRESS,
+                )
+                if ended:
+                    return
+            if records:
+                continue
+            if appended is None:
+                return  # ended before this read, and everything has been read
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_WATCH_RECHECK):
+                    await appended.wait()
+
+
+def _dropped(run_id: str, reason: DropReason) -> runs_pb2.RecordTurnsResponse:
+    return runs_pb2.RecordTurnsResponse(
+        run_id=run_id, base_index=0, count=0, ok=False, dropped=reason
+    )
+
+
+def _already_ended(run_id: str, status: RunStatus) -> CarError:
+    return CarError(INTERNAL, f"run {run_id!r} has already ended ({status_name(status)})")
+
+
+# ---------------------------------------------------------------- wiring
+
+
+async def install(state: ServerState) -> None:
+    """Give `state` its runs domain; end the runs a previous process left open."""
+    store = SqliteRunStore(state.store)
+    abandoned = await store.abandon_open(ended_record(INCOMPLETE))
+    if abandoned:
+        log.info(
+            "runs: %d run(s) left open by a previous process marked incomplete", len(abandoned)
+        )
+    state.runs = Runs(state, store)
+    state.shutdown_hooks.append(state.runs.shutdown)
+
+
+def _runs(session: ClientSession) -> Runs:
+    return session.server.runs
+
+
+@handles("runs_start")
+async def runs_start(
+    session: ClientSession, req: runs_pb2.StartRunRequest
+) -> runs_pb2.StartRunResponse:
+    return await _runs(session).start(session, req)
+
+
+@handles("runs_complete")
+async def runs_complete(
+    session: ClientSession, req: runs_pb2.CompleteRunRequest
+) -> runs_pb2.CompleteRunResponse:
+    return await _runs(session).complete(session, req)
+
+
+@handles("runs_record_turns")
+async def runs_record_turns(
+    session: ClientSession, req: runs_pb2.RecordTurnsRequest
+) -> runs_pb2.RecordTurnsResponse:
+    return await _runs(session).record_turns(session, req)
+
+
+@handles("runs_subscribe")
+async def runs_subscribe(
+    session: ClientSession, req: runs_pb2.SubscribeRunRequest
+) -> runs_pb2.SubscribeRunResponse | Reply:
+    return await _runs(session).subscribe(session, req)
+
+
+@handles("runs_unsubscribe")
+async def runs_unsubscribe(
+    session: ClientSession, req: runs_pb2.UnsubscribeRunRequest
+) -> runs_pb2.UnsubscribeRunResponse:
+    return await _runs(session).unsubscribe(session, req)
+
+
+@handles("runs_list")
+async def runs_list(
+    session: ClientSession, req: runs_pb2.ListRunsRequest
+) -> runs_pb2.ListRunsResponse:
+    return await _runs(session).list_runs(session, req)
+
+
+@handles("runs_get_trace")
+async def runs_get_trace(
+    session: ClientSession, req: runs_pb2.GetTraceRequest
+) -> runs_pb2.GetTraceResponse:
+    return await _runs(session).get_trace(session, req)
+
+
+@streams("WatchRun")
+async def watch_run(
+    session: ClientSession, req: runs_pb2.WatchRunRequest
+) -> AsyncIterator[runs_pb2.WatchRunResponse]:
+    async for item in _runs(session).watch(session, req):
+        yield item

@@ -1,0 +1,243 @@
+"""Runs in the store: one row per run and its ordered records (PROTOCOL.md §4).
+
+A run's records are numbered from 0 (`started`), then its turns, then `ended`; each is a
+serialized car.v1.RunRecord. Every write is one transaction that also moves the run's
+counters, so a crash leaves either the whole batch or none of it, and the row always
+agrees with its records. `RunStore` is what the runs domain needs; `SqliteRunStore` keeps
+it in the embedded database (schema: migration 2 of car_grpc/store/sqlite.py).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from car_grpc.store.sqlite import SqliteStore
+from car_grpc.v1 import runs_pb2
+
+RunStatus = runs_pb2.RunStatus
+
+
+def status_name(status: RunStatus.ValueType) -> str:
+    """The stored (and JSON) name of a status: RUN_STATUS_IN_PROGRESS -> "in_progress"."""
+    return RunStatus.Name(status).removeprefix("RUN_STATUS_").lower()
+
+
+def _status_value(name: str) -> RunStatus.ValueType:
+    return RunStatus.Value("RUN_STATUS_" + name.upper())
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """A run without its records."""
+
+    run_id: str
+    agent_id: str
+    intent: str
+    outcome_description: str | None
+    started_at: int
+    ended_at: int | None
+    status: RunStatus.ValueType
+    turn_count: int
+    #: Records stored so far (started + turns + ended): the seq of the next one.
+    record_count: int
+
+    def summary(self) -> runs_pb2.RunSummary:
+        out = runs_pb2.RunSummary(
+            run_id=self.run_id,
+            agent_id=self.agent_id,
+            intent=self.intent,
+            started_at=self.started_at,
+            status=self.status,
+            turn_count=self.turn_count,
+        )
+        if self.ended_at is not None:
+            out.ended_at = self.ended_at
+        return out
+
+
+class RunStore(Protocol):
+    """The durable side of runs. Every method returns once its change is committed."""
+
+    async def create(self, row: RunRow, started: runs_pb2.RunRecord) -> None: ...
+
+    async def append(
+        self, run_id: str, first_seq: int, turns: Sequence[runs_pb2.RunRecord]
+    ) -> None: ...
+
+    async def end(
+        self, run_id: str, seq: int, ended: runs_pb2.RunRecord, status: RunStatus.ValueType
+    ) -> None: ...
+
+    async def get(self, run_id: str) -> RunRow | None: ...
+
+    async def list_for_agent(self, agent_id: str) -> list[RunRow]: ...
+
+    async def records(self, run_id: str, start: int, limit: int) -> list[runs_pb2.RunRecord]: ...
+
+    async def abandon_open(self, ended: runs_pb2.RunRecord) -> list[str]: ...
+
+
+_COLUMNS = (
+    "run_id, agent_id, intent, outcome_description, started_at, ended_at, status,"
+    " turn_count, record_count"
+)
+
+
+def _row(values: tuple[object, ...]) -> RunRow:
+    run_id, agent_id, intent, description, started_at, ended_at, status, turns, records = values
+    return RunRow(
+        run_id=str(run_id),
+        agent_id=str(agent_id),
+        intent=str(intent),
+        outcome_description=None if description is None else str(description),
+        started_at=int(started_at),  # type: ignore[call-overload]
+        ended_at=None if ended_at is None else int(ended_at),  # type: ignore[call-overload]
+        status=_status_value(str(status)),
+        turn_count=int(turns),  # type: ignore[call-overload]
+        record_count=int(records),  # type: ignore[call-overload]
+    )
+
+
+class StoreConflict(RuntimeError):
+    """A write did not match the stored run (a bug: the domain serializes writes per run)."""
+
+
+def _insert_records(
+    conn: sqlite3.Connection, run_id: str, first_seq: int, records: Sequence[runs_pb2.RunRecord]
+) -> None:
+    conn.executemany(
+        "INSERT INTO run_records(run_id, seq, record) VALUES (?, ?, ?)",
+        [(run_id, first_seq + i, r.SerializeToString()) for i, r in enumerate(records)],
+    )
+
+
+def _advance(
+    conn: sqlite3.Connection, run_id: str, first_seq: int, sql_set: str, *args: object
+) -> None:
+    """Move the run's counters past `first_seq`, or fail when it is not where we think."""
+    cur = conn.execute(
+        f"UPDATE runs SET {sql_set} WHERE run_id = ? AND record_count = ?",
+        (*args, run_id, first_seq),
+    )
+    if cur.rowcount != 1:
+        raise StoreConflict(f"run {run_id!r} is not at record {first_seq}")
+
+
+class SqliteRunStore:
+    """RunStore on the embedded SQLite store."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.store = store
+
+    async def create(self, row: RunRow, started: runs_pb2.RunRecord) -> None:
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                f"INSERT INTO runs({_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, ?, 0, 1)",
+                (
+                    row.run_id,
+                    row.agent_id,
+                    row.intent,
+                    row.outcome_description,
+                    row.started_at,
+                    status_name(row.status),
+                ),
+            )
+            _insert_records(conn, row.run_id, 0, [started])
+
+        await self.store.run(insert)
+
+    async def append(
+        self, run_id: str, first_seq: int, turns: Sequence[runs_pb2.RunRecord]
+    ) -> None:
+        count = len(turns)
+
+        def insert(conn: sqlite3.Connection) -> None:
+            _advance(
+                conn,
+                run_id,
+                first_seq,
+                "turn_count = turn_count + ?, record_count = record_count + ?",
+                count,
+                count,
+            )
+            _insert_records(conn, run_id, first_seq, turns)
+
+        await self.store.run(insert)
+
+    async def end(
+        self, run_id: str, seq: int, ended: runs_pb2.RunRecord, status: RunStatus.ValueType
+    ) -> None:
+        def insert(conn: sqlite3.Connection) -> None:
+            _advance(
+                conn,
+                run_id,
+                seq,
+                "status = ?, ended_at = ?, record_count = record_count + 1",
+                status_name(status),
+                ended.timestamp,
+            )
+            _insert_records(conn, run_id, seq, [ended])
+
+        await self.store.run(insert)
+
+    async def get(self, run_id: str) -> RunRow | None:
+        def select(conn: sqlite3.Connection) -> RunRow | None:
+            found = conn.execute(
+                f"SELECT {_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            return None if found is None else _row(found)
+
+        return await self.store.run(select)
+
+    async def list_for_agent(self, agent_id: str) -> list[RunRow]:
+        """The agent's runs, newest first (ties: the later-created first)."""
+
+        def select(conn: sqlite3.Connection) -> list[RunRow]:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM runs WHERE agent_id = ?"
+                " ORDER BY started_at DESC, rowid DESC",
+                (agent_id,),
+            ).fetchall()
+            return [_row(r) for r in rows]
+
+        return await self.store.run(select)
+
+    async def records(self, run_id: str, start: int, limit: int) -> list[runs_pb2.RunRecord]:
+        """Up to `limit` records of the run from seq `start`, in order."""
+
+        def select(conn: sqlite3.Connection) -> list[runs_pb2.RunRecord]:
+            rows = conn.execute(
+                "SELECT record FROM run_records WHERE run_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
+                (run_id, start, limit),
+            ).fetchall()
+            return [runs_pb2.RunRecord.FromString(blob) for (blob,) in rows]
+
+        return await self.store.run(select)
+
+    async def abandon_open(self, ended: runs_pb2.RunRecord) -> list[str]:
+        """End every run still `in_progress` (left by a process that died) with `ended`.
+
+        Called once at start-up, before anything is served.
+        """
+
+        def close_all(conn: sqlite3.Connection) -> list[str]:
+            open_runs = conn.execute(
+                "SELECT run_id, record_count FROM runs WHERE status = ?",
+                (status_name(RunStatus.RUN_STATUS_IN_PROGRESS),),
+            ).fetchall()
+            for run_id, seq in open_runs:
+                _advance(
+                    conn,
+                    run_id,
+                    seq,
+                    "status = ?, ended_at = ?, record_count = record_count + 1",
+                    status_name(ended.ended.status),
+                    ended.timestamp,
+                )
+                _insert_records(conn, run_id, seq, [ended])
+            return [str(run_id) for run_id, _ in open_runs]
+
+        return await self.store.run(close_all)

@@ -1,0 +1,154 @@
+"""Durability across a hard crash: the core as a real process, killed with SIGKILL while an
+agent streams turns, then restarted on the same state root."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from car_grpc.config import Config
+from car_grpc.core.auth import AgentTokens
+from car_grpc.core.runs import ENDED, IN_PROGRESS, INCOMPLETE, STARTED, TURN, ended_record
+from car_grpc.store.runs import RunRow, SqliteRunStore
+from car_grpc.store.sqlite import SqliteStore
+from car_grpc.v1 import runs_pb2
+from tests.runs_helpers import record, start, summaries, trace
+from tests.session_client import SessionClient, connect
+
+LISTENING = re.compile(r"gRPC listening on (\S+)")
+
+
+@contextlib.asynccontextmanager
+async def core_process(home: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`car-grpc core --grpc-port 0` with CAR_HOME=home; yields it and its gRPC address
+    (from its "gRPC listening on" log line)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
+    env["CAR_HOME"] = str(home)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "car_grpc.cli",
+        "core",
+        "--grpc-port",
+        "0",
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    drain: asyncio.Task[None] | None = None
+    try:
+        async with asyncio.timeout(20):
+            while not (found := LISTENING.search(lines[-1] if lines else "")):
+                line = await proc.stderr.readline()
+                assert line, f"core exited early: {lines}"
+                lines.append(line.decode())
+        drain = asyncio.create_task(_drain(proc.stderr))  # a full pipe would stall the core
+        yield proc, found[1]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        if drain is not None:
+            await drain
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
+
+
+def mint_agent_token(home: Path, agent_id: str) -> str:
+    store = SqliteStore(Config(state_root=home).store_path)
+    try:
+        return AgentTokens(store).add(agent_id)
+    finally:
+        store.close_sync()
+
+
+async def stream_turns(
+    client: SessionClient, run_id: str, acked: list[str], enough: asyncio.Event
+) -> None:
+    """Record batches, four in flight at a time, noting the prompts of acknowledged turns;
+    set `enough` once 400 are acknowledged, and go on."""
+
+    async def one(batch: int) -> None:
+        prompts = [f"b{batch}-t{i}" for i in range(8)]
+        reply = await record(client, run_id, [runs_pb2.RunTurn(prompt=p) for p in prompts])
+        assert reply.ok
+        acked.extend(prompts)
+        if len(acked) >= 400:
+            enough.set()
+
+    batch = 0
+    while True:
+        await asyncio.gather(*(one(batch + i) for i in range(4)))
+        batch += 4
+
+
+async def test_acknowledged_turns_survive_sigkill(tmp_path: Path) -> None:
+    home = tmp_path / "car-home"
+    token = mint_agent_token(home, "bot")
+    acked: list[str] = []
+
+    enough = asyncio.Event()
+    async with core_process(home) as (proc, address), grpc.aio.insecure_channel(address) as channel:
+        bot = await connect(channel, token=token, agent_id="bot")
+        run_id = await start(bot, "survive a crash")
+        writer = asyncio.create_task(stream_turns(bot, run_id, acked, enough))
+        async with asyncio.timeout(20):
+            await enough.wait()
+        proc.send_signal(signal.SIGKILL)  # mid-stream: batches are in flight
+        await proc.wait()
+        with pytest.raises(ConnectionError):
+            await writer  # batches were in flight when the server died
+        await bot.close()
+
+    async with core_process(home) as (_, address), grpc.aio.insecure_channel(address) as channel:
+        bot = await connect(channel, token=token, agent_id="bot")
+        got = await trace(bot, run_id)
+        kinds = [r.record for r in got.records]
+        stored = [r.turn.prompt for r in got.records if r.record == runs_pb2.RUN_RECORD_KIND_TURN]
+        assert set(acked) <= set(stored)
+        assert [r.turn.index for r in got.records[1:-1]] == list(range(len(stored)))
+        assert len(stored) % 8 == 0  # whole batches only: no torn batch
+        assert kinds[0] == runs_pb2.RUN_RECORD_KIND_STARTED
+        assert kinds[-1] == runs_pb2.RUN_RECORD_KIND_ENDED
+        assert got.records[-1].ended.status == runs_pb2.RUN_STATUS_INCOMPLETE
+        [summary] = await summaries(bot, "bot")
+        assert (summary.status, summary.turn_count) == (
+            runs_pb2.RUN_STATUS_INCOMPLETE,
+            len(stored),
+        )
+        await bot.close()
+
+
+async def test_the_store_ends_runs_left_open(tmp_path: Path) -> None:
+    """The store ends every run left in_progress, once."""
+    config = Config(state_root=tmp_path / "home")
+    store = SqliteStore(config.store_path)
+    runs = SqliteRunStore(store)
+    row = RunRow("left-open", "bot", "i", None, 1, None, IN_PROGRESS, 0, 1)
+    await runs.create(row, runs_pb2.RunRecord(record=STARTED, timestamp=1))
+    await runs.append("left-open", 1, [runs_pb2.RunRecord(record=TURN)])
+
+    assert await runs.abandon_open(ended_record(INCOMPLETE)) == ["left-open"]
+    assert await runs.abandon_open(ended_record(INCOMPLETE)) == []
+    got = await runs.get("left-open")
+    assert got is not None
+    assert (got.status, got.turn_count, got.record_count) == (INCOMPLETE, 1, 3)
+    assert got.ended_at is not None
+    records = await runs.records("left-open", 0, 10)
+    assert [r.record for r in records] == [STARTED, TURN, ENDED]
+    await store.close()
