@@ -165,6 +165,7 @@ class _Field:
     presence: bool
     inline: bool
     wkt: str  # full name of Struct/Value/ListValue, or ""
+    is_enum: bool
 
 
 @dataclass
@@ -191,7 +192,8 @@ def _plan(desc: Descriptor) -> _Plan:
             if message_type.full_name in (_STRUCT, _VALUE, _LIST):
                 wkt = message_type.full_name
         inline = fd.GetOptions().Extensions[options_pb2.json_inline]
-        f = _Field(fd, fd.name, repeated, fd.has_presence, inline, wkt)
+        is_enum = fd.type == FieldDescriptor.TYPE_ENUM
+        f = _Field(fd, fd.name, repeated, fd.has_presence, inline, wkt, is_enum)
         fields.append(f)
         if inline and wkt == _STRUCT:
             rest = f
@@ -218,6 +220,8 @@ def _write(msg: Message, out: dict[str, JSON]) -> None:
         if f.presence and not msg.HasField(f.name):
             continue
         value = getattr(msg, f.name)
+        if f.is_enum and not f.repeated and value == 0:
+            continue  # _UNSPECIFIED is never written
         if f.inline:
             if f.wkt == _STRUCT:
                 for k, v in value.fields.items():
