@@ -117,3 +117,8 @@ def request_member_for(message: Descriptor) -> Member | None:
         if member.message is message:
             return member
     return None
+
+
+def params_usage(message: Descriptor) -> str:
+    """The fixed -32602 message of a request's params (`json_rpc_usage`), or ""."""
+    return str(message.GetOptions().Extensions[options_pb2.json_rpc_usage])

@@ -31,6 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeAlias, TypeVar
 
+from car_grpc import api
 from car_grpc.codec import to_value
 from car_grpc.core.dispatch import Reply, field_error, handles, require
 from car_grpc.core.grpc_service import streams
@@ -49,7 +50,8 @@ MAX_TURNS_PER_RUN = 2000
 MAX_TURNS_PER_BATCH = 256
 #: started + every turn + ended.
 MAX_RECORDS_PER_RUN = MAX_TURNS_PER_RUN + 2
-RECORD_TURNS_USAGE = "runs.record_turns requires { run_id, turns: [RunTurn] }"
+#: The -32602 message of every malformed runs.record_turns (declared in runs.proto).
+RECORD_TURNS_USAGE = api.params_usage(runs_pb2.RecordTurnsRequest.DESCRIPTOR)
 #: Records WatchRun reads from the store at a time.
 _WATCH_PAGE = 256
 #: How long WatchRun waits for an append before it looks at the run again.

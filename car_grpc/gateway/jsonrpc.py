@@ -285,6 +285,7 @@ class Bridge:
             codec.params_to_message(message.get("params"), body, binding.bare_field)
         except (ValueError, TypeError, RecursionError) as e:
             msg, data = _params_error(e)
+            msg = api.params_usage(body.DESCRIPTOR) or msg  # e.g. runs.record_turns
             return self._refuse(is_request, client_id, error_object(INVALID_PARAMS, msg, data))
         if binding.deep and _too_deep(frame):
             msg = f"invalid params: nested more than {MAX_PROTO_DEPTH} levels deep"

@@ -106,6 +106,7 @@ Global___JsonRpcBinding: _TypeAlias = JsonRpcBinding  # noqa: Y015
 JSON_RPC_FIELD_NUMBER: _builtins.int
 JSON_INLINE_FIELD_NUMBER: _builtins.int
 JSON_RPC_METHOD_FIELD_NUMBER: _builtins.int
+JSON_RPC_USAGE_FIELD_NUMBER: _builtins.int
 json_rpc: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, Global___JsonRpcBinding]
 """Set on every member of the `body` oneof of ClientFrame and ServerFrame."""
 json_inline: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.bool]
@@ -119,4 +120,10 @@ json_rpc_method: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.Metho
 """The JSON-RPC method that an RPC of a per-domain service performs (a unary RPC and the
 session-stream member with that method share one handler) or, for a streaming RPC,
 stands in for (WatchRun for `runs.subscribe`, Chat for `agents.chat`).
+"""
+json_rpc_usage: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MessageOptions, _builtins.str]
+"""On a request message: the fixed message of every -32602 its params can get (bad
+JSON shape at the gateway, or a rule the handler checks), when the protocol fixes
+one (`runs.record_turns requires { run_id, turns: [RunTurn] }`). The error's `data`
+then names the offending field: `{field}`.
 """

@@ -26,13 +26,15 @@ from car_grpc.v1 import options_pb2 as car_dot_v1_dot_options__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x63\x61r/v1/runs.proto\x12\x06\x63\x61r.v1\x1a\x14\x63\x61r/v1/options.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xd9\x01\n\x0fStartRunRequest\x12\x0e\n\x06intent\x18\x01 \x01(\t\x12\x15\n\x08\x61gent_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x17\n\nagent_name\x18\x03 \x01(\tH\x01\x88\x01\x01\x12 \n\x13outcome_description\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x1c\n\x0fidempotency_key\x18\x05 \x01(\tH\x03\x88\x01\x01\x42\x0b\n\t_agent_idB\r\n\x0b_agent_nameB\x16\n\x14_outcome_descriptionB\x12\n\x10_idempotency_key\"4\n\x10StartRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"\xb8\x01\n\nRunOutcome\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x14\n\x07summary\x18\x02 \x01(\tH\x00\x88\x01\x01\x12(\n\x08\x65vidence\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12(\n\x07metrics\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\ttimestamp\x18\x05 \x01(\x03H\x01\x88\x01\x01\x42\n\n\x08_summaryB\x0c\n\n_timestamp\"I\n\x12\x43ompleteRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12#\n\x07outcome\x18\x02 \x01(\x0b\x32\x12.car.v1.RunOutcome\"1\n\x13\x43ompleteRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\"\xca\x02\n\x07RunTurn\x12\x12\n\x05index\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x11\n\x04tool\x18\x03 \x01(\tH\x02\x88\x01\x01\x12*\n\nparameters\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12&\n\x06output\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12+\n\x0b\x63li_outcome\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x1d\n\x10verifier_verdict\x18\x07 \x01(\tH\x03\x88\x01\x01\x12\x1c\n\x0fpolicy_rejected\x18\x08 \x01(\x08H\x04\x88\x01\x01\x42\x08\n\x06_indexB\t\n\x07_promptB\x07\n\x05_toolB\x13\n\x11_verifier_verdictB\x12\n\x10_policy_rejected\"D\n\x12RecordTurnsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x1e\n\x05turns\x18\x02 \x03(\x0b\x32\x0f.car.v1.RunTurn\"\x8d\x01\n\x13RecordTurnsResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nbase_index\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\n\n\x02ok\x18\x04 \x01(\x08\x12+\n\x07\x64ropped\x18\x05 \x01(\x0e\x32\x15.car.v1.RunDropReasonH\x00\x88\x01\x01\x42\n\n\x08_dropped\"x\n\nRunStarted\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06intent\x18\x03 \x01(\t\x12 \n\x13outcome_description\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x16\n\x14_outcome_description\"R\n\x08RunEnded\x12!\n\x06status\x18\x01 \x01(\x0e\x32\x11.car.v1.RunStatus\x12#\n\x07outcome\x18\x02 \x01(\x0b\x32\x12.car.v1.RunOutcome\"\xcc\x01\n\tRunRecord\x12%\n\x06record\x18\x01 \x01(\x0e\x32\x15.car.v1.RunRecordKind\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\x12+\n\x07started\x18\x03 \x01(\x0b\x32\x12.car.v1.RunStartedB\x04\xa8\xbb\x18\x01H\x00\x12%\n\x04turn\x18\x04 \x01(\x0b\x32\x0f.car.v1.RunTurnB\x04\xa8\xbb\x18\x01H\x00\x12\'\n\x05\x65nded\x18\x05 \x01(\x0b\x32\x10.car.v1.RunEndedB\x04\xa8\xbb\x18\x01H\x00\x42\x08\n\x06\x64\x65tail\"%\n\x13SubscribeRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x92\x01\n\x14SubscribeRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12%\n\x0cturns_so_far\x18\x03 \x03(\x0b\x32\x0f.car.v1.RunTurn\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\x04\x12!\n\x06status\x18\x05 \x01(\x0e\x32\x11.car.v1.RunStatus\"\'\n\x15UnsubscribeRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"9\n\x16UnsubscribeRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x08\"\x87\x01\n\rRunTraceEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12!\n\x06record\x18\x03 \x01(\x0b\x32\x11.car.v1.RunRecord\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\x04\x12!\n\x06status\x18\x05 \x01(\x0e\x32\x11.car.v1.RunStatus\"#\n\x0fListRunsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\xad\x01\n\nRunSummary\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06intent\x18\x03 \x01(\t\x12\x12\n\nstarted_at\x18\x04 \x01(\x03\x12\x15\n\x08\x65nded_at\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12!\n\x06status\x18\x06 \x01(\x0e\x32\x11.car.v1.RunStatus\x12\x12\n\nturn_count\x18\x07 \x01(\rB\x0b\n\t_ended_at\"F\n\x10ListRunsResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12 \n\x04runs\x18\x02 \x03(\x0b\x32\x12.car.v1.RunSummary\"_\n\x0fGetTraceRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x06\x63ursor\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\x05limit\x18\x03 \x01(\rH\x01\x88\x01\x01\x42\t\n\x07_cursorB\x08\n\x06_limit\"\xb0\x01\n\x10GetTraceResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\x08\x61gent_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\"\n\x07records\x18\x03 \x03(\x0b\x32\x11.car.v1.RunRecord\x12\x13\n\x06\x63ursor\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\tnot_found\x18\x05 \x01(\x08H\x02\x88\x01\x01\x42\x0b\n\t_agent_idB\t\n\x07_cursorB\x0c\n\n_not_found\"1\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x04\"\x8a\x01\n\x10WatchRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12!\n\x06record\x18\x03 \x01(\x0b\x32\x11.car.v1.RunRecord\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\x04\x12!\n\x06status\x18\x05 \x01(\x0e\x32\x11.car.v1.RunStatus*x\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16RUN_STATUS_IN_PROGRESS\x10\x01\x12\x18\n\x14RUN_STATUS_COMPLETED\x10\x02\x12\x19\n\x15RUN_STATUS_INCOMPLETE\x10\x03*\xbd\x01\n\rRunDropReason\x12\x1f\n\x1bRUN_DROP_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1eRUN_DROP_REASON_TURN_TOO_LARGE\x10\x01\x12!\n\x1dRUN_DROP_REASON_RUN_NOT_FOUND\x10\x02\x12 \n\x1cRUN_DROP_REASON_RUN_TERMINAL\x10\x03\x12\"\n\x1eRUN_DROP_REASON_RUN_TURN_LIMIT\x10\x04*\x82\x01\n\rRunRecordKind\x12\x1f\n\x1bRUN_RECORD_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17RUN_RECORD_KIND_STARTED\x10\x01\x12\x18\n\x14RUN_RECORD_KIND_TURN\x10\x02\x12\x19\n\x15RUN_RECORD_KIND_ENDED\x10\x03\x32\x8b\x04\n\nRunService\x12M\n\x08StartRun\x12\x17.car.v1.StartRunRequest\x1a\x18.car.v1.StartRunResponse\"\x0e\xb2\xbb\x18\nruns.start\x12Y\n\x0b\x43ompleteRun\x12\x1a.car.v1.CompleteRunRequest\x1a\x1b.car.v1.CompleteRunResponse\"\x11\xb2\xbb\x18\rruns.complete\x12]\n\x0bRecordTurns\x12\x1a.car.v1.RecordTurnsRequest\x1a\x1b.car.v1.RecordTurnsResponse\"\x15\xb2\xbb\x18\x11runs.record_turns\x12L\n\x08ListRuns\x12\x17.car.v1.ListRunsRequest\x1a\x18.car.v1.ListRunsResponse\"\r\xb2\xbb\x18\truns.list\x12Q\n\x08GetTrace\x12\x17.car.v1.GetTraceRequest\x1a\x18.car.v1.GetTraceResponse\"\x12\xb2\xbb\x18\x0eruns.get_trace\x12S\n\x08WatchRun\x12\x17.car.v1.WatchRunRequest\x1a\x18.car.v1.WatchRunResponse\"\x12\xb2\xbb\x18\x0eruns.subscribe0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x63\x61r/v1/runs.proto\x12\x06\x63\x61r.v1\x1a\x14\x63\x61r/v1/options.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xd9\x01\n\x0fStartRunRequest\x12\x0e\n\x06intent\x18\x01 \x01(\t\x12\x15\n\x08\x61gent_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x17\n\nagent_name\x18\x03 \x01(\tH\x01\x88\x01\x01\x12 \n\x13outcome_description\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x1c\n\x0fidempotency_key\x18\x05 \x01(\tH\x03\x88\x01\x01\x42\x0b\n\t_agent_idB\r\n\x0b_agent_nameB\x16\n\x14_outcome_descriptionB\x12\n\x10_idempotency_key\"4\n\x10StartRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"\xb8\x01\n\nRunOutcome\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x14\n\x07summary\x18\x02 \x01(\tH\x00\x88\x01\x01\x12(\n\x08\x65vidence\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12(\n\x07metrics\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\ttimestamp\x18\x05 \x01(\x03H\x01\x88\x01\x01\x42\n\n\x08_summaryB\x0c\n\n_timestamp\"I\n\x12\x43ompleteRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12#\n\x07outcome\x18\x02 \x01(\x0b\x32\x12.car.v1.RunOutcome\"1\n\x13\x43ompleteRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\"\xca\x02\n\x07RunTurn\x12\x12\n\x05index\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x11\n\x04tool\x18\x03 \x01(\tH\x02\x88\x01\x01\x12*\n\nparameters\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12&\n\x06output\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12+\n\x0b\x63li_outcome\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x1d\n\x10verifier_verdict\x18\x07 \x01(\tH\x03\x88\x01\x01\x12\x1c\n\x0fpolicy_rejected\x18\x08 \x01(\x08H\x04\x88\x01\x01\x42\x08\n\x06_indexB\t\n\x07_promptB\x07\n\x05_toolB\x13\n\x11_verifier_verdictB\x12\n\x10_policy_rejected\"\x81\x01\n\x12RecordTurnsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x1e\n\x05turns\x18\x02 \x03(\x0b\x32\x0f.car.v1.RunTurn:;\xba\xbb\x18\x37runs.record_turns requires { run_id, turns: [RunTurn] }\"\x8d\x01\n\x13RecordTurnsResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nbase_index\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\n\n\x02ok\x18\x04 \x01(\x08\x12+\n\x07\x64ropped\x18\x05 \x01(\x0e\x32\x15.car.v1.RunDropReasonH\x00\x88\x01\x01\x42\n\n\x08_dropped\"x\n\nRunStarted\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06intent\x18\x03 \x01(\t\x12 \n\x13outcome_description\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x16\n\x14_outcome_description\"R\n\x08RunEnded\x12!\n\x06status\x18\x01 \x01(\x0e\x32\x11.car.v1.RunStatus\x12#\n\x07outcome\x18\x02 \x01(\x0b\x32\x12.car.v1.RunOutcome\"\xcc\x01\n\tRunRecord\x12%\n\x06record\x18\x01 \x01(\x0e\x32\x15.car.v1.RunRecordKind\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\x12+\n\x07started\x18\x03 \x01(\x0b\x32\x12.car.v1.RunStartedB\x04\xa8\xbb\x18\x01H\x00\x12%\n\x04turn\x18\x04 \x01(\x0b\x32\x0f.car.v1.RunTurnB\x04\xa8\xbb\x18\x01H\x00\x12\'\n\x05\x65nded\x18\x05 \x01(\x0b\x32\x10.car.v1.RunEndedB\x04\xa8\xbb\x18\x01H\x00\x42\x08\n\x06\x64\x65tail\"%\n\x13SubscribeRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x92\x01\n\x14SubscribeRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12%\n\x0cturns_so_far\x18\x03 \x03(\x0b\x32\x0f.car.v1.RunTurn\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\x04\x12!\n\x06status\x18\x05 \x01(\x0e\x32\x11.car.v1.RunStatus\"\'\n\x15UnsubscribeRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"9\n\x16UnsubscribeRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x08\"\x87\x01\n\rRunTraceEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12!\n\x06record\x18\x03 \x01(\x0b\x32\x11.car.v1.RunRecord\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\x04\x12!\n\x06status\x18\x05 \x01(\x0e\x32\x11.car.v1.RunStatus\"#\n\x0fListRunsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\xad\x01\n\nRunSummary\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06intent\x18\x03 \x01(\t\x12\x12\n\nstarted_at\x18\x04 \x01(\x03\x12\x15\n\x08\x65nded_at\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12!\n\x06status\x18\x06 \x01(\x0e\x32\x11.car.v1.RunStatus\x12\x12\n\nturn_count\x18\x07 \x01(\rB\x0b\n\t_ended_at\"F\n\x10ListRunsResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12 \n\x04runs\x18\x02 \x03(\x0b\x32\x12.car.v1.RunSummary\"_\n\x0fGetTraceRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x06\x63ursor\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\x05limit\x18\x03 \x01(\rH\x01\x88\x01\x01\x42\t\n\x07_cursorB\x08\n\x06_limit\"\xb0\x01\n\x10GetTraceResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\x08\x61gent_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\"\n\x07records\x18\x03 \x03(\x0b\x32\x11.car.v1.RunRecord\x12\x13\n\x06\x63ursor\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\tnot_found\x18\x05 \x01(\x08H\x02\x88\x01\x01\x42\x0b\n\t_agent_idB\t\n\x07_cursorB\x0c\n\n_not_found\"1\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x04\"\x8a\x01\n\x10WatchRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12!\n\x06record\x18\x03 \x01(\x0b\x32\x11.car.v1.RunRecord\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\x04\x12!\n\x06status\x18\x05 \x01(\x0e\x32\x11.car.v1.RunStatus*x\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16RUN_STATUS_IN_PROGRESS\x10\x01\x12\x18\n\x14RUN_STATUS_COMPLETED\x10\x02\x12\x19\n\x15RUN_STATUS_INCOMPLETE\x10\x03*\xbd\x01\n\rRunDropReason\x12\x1f\n\x1bRUN_DROP_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1eRUN_DROP_REASON_TURN_TOO_LARGE\x10\x01\x12!\n\x1dRUN_DROP_REASON_RUN_NOT_FOUND\x10\x02\x12 \n\x1cRUN_DROP_REASON_RUN_TERMINAL\x10\x03\x12\"\n\x1eRUN_DROP_REASON_RUN_TURN_LIMIT\x10\x04*\x82\x01\n\rRunRecordKind\x12\x1f\n\x1bRUN_RECORD_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17RUN_RECORD_KIND_STARTED\x10\x01\x12\x18\n\x14RUN_RECORD_KIND_TURN\x10\x02\x12\x19\n\x15RUN_RECORD_KIND_ENDED\x10\x03\x32\x8b\x04\n\nRunService\x12M\n\x08StartRun\x12\x17.car.v1.StartRunRequest\x1a\x18.car.v1.StartRunResponse\"\x0e\xb2\xbb\x18\nruns.start\x12Y\n\x0b\x43ompleteRun\x12\x1a.car.v1.CompleteRunRequest\x1a\x1b.car.v1.CompleteRunResponse\"\x11\xb2\xbb\x18\rruns.complete\x12]\n\x0bRecordTurns\x12\x1a.car.v1.RecordTurnsRequest\x1a\x1b.car.v1.RecordTurnsResponse\"\x15\xb2\xbb\x18\x11runs.record_turns\x12L\n\x08ListRuns\x12\x17.car.v1.ListRunsRequest\x1a\x18.car.v1.ListRunsResponse\"\r\xb2\xbb\x18\truns.list\x12Q\n\x08GetTrace\x12\x17.car.v1.GetTraceRequest\x1a\x18.car.v1.GetTraceResponse\"\x12\xb2\xbb\x18\x0eruns.get_trace\x12S\n\x08WatchRun\x12\x17.car.v1.WatchRunRequest\x1a\x18.car.v1.WatchRunResponse\"\x12\xb2\xbb\x18\x0eruns.subscribe0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'car_grpc.v1.runs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RECORDTURNSREQUEST']._loaded_options = None
+  _globals['_RECORDTURNSREQUEST']._serialized_options = b'\272\273\0307runs.record_turns requires { run_id, turns: [RunTurn] }'
   _globals['_RUNRECORD'].fields_by_name['started']._loaded_options = None
   _globals['_RUNRECORD'].fields_by_name['started']._serialized_options = b'\250\273\030\001'
   _globals['_RUNRECORD'].fields_by_name['turn']._loaded_options = None
@@ -51,12 +53,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNSERVICE'].methods_by_name['GetTrace']._serialized_options = b'\262\273\030\016runs.get_trace'
   _globals['_RUNSERVICE'].methods_by_name['WatchRun']._loaded_options = None
   _globals['_RUNSERVICE'].methods_by_name['WatchRun']._serialized_options = b'\262\273\030\016runs.subscribe'
-  _globals['_RUNSTATUS']._serialized_start=2807
-  _globals['_RUNSTATUS']._serialized_end=2927
-  _globals['_RUNDROPREASON']._serialized_start=2930
-  _globals['_RUNDROPREASON']._serialized_end=3119
-  _globals['_RUNRECORDKIND']._serialized_start=3122
-  _globals['_RUNRECORDKIND']._serialized_end=3252
+  _globals['_RUNSTATUS']._serialized_start=2869
+  _globals['_RUNSTATUS']._serialized_end=2989
+  _globals['_RUNDROPREASON']._serialized_start=2992
+  _globals['_RUNDROPREASON']._serialized_end=3181
+  _globals['_RUNRECORDKIND']._serialized_start=3184
+  _globals['_RUNRECORDKIND']._serialized_end=3314
   _globals['_STARTRUNREQUEST']._serialized_start=82
   _globals['_STARTRUNREQUEST']._serialized_end=299
   _globals['_STARTRUNRESPONSE']._serialized_start=301
@@ -69,40 +71,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPLETERUNRESPONSE']._serialized_end=666
   _globals['_RUNTURN']._serialized_start=669
   _globals['_RUNTURN']._serialized_end=999
-  _globals['_RECORDTURNSREQUEST']._serialized_start=1001
-  _globals['_RECORDTURNSREQUEST']._serialized_end=1069
-  _globals['_RECORDTURNSRESPONSE']._serialized_start=1072
-  _globals['_RECORDTURNSRESPONSE']._serialized_end=1213
-  _globals['_RUNSTARTED']._serialized_start=1215
-  _globals['_RUNSTARTED']._serialized_end=1335
-  _globals['_RUNENDED']._serialized_start=1337
-  _globals['_RUNENDED']._serialized_end=1419
-  _globals['_RUNRECORD']._serialized_start=1422
-  _globals['_RUNRECORD']._serialized_end=1626
-  _globals['_SUBSCRIBERUNREQUEST']._serialized_start=1628
-  _globals['_SUBSCRIBERUNREQUEST']._serialized_end=1665
-  _globals['_SUBSCRIBERUNRESPONSE']._serialized_start=1668
-  _globals['_SUBSCRIBERUNRESPONSE']._serialized_end=1814
-  _globals['_UNSUBSCRIBERUNREQUEST']._serialized_start=1816
-  _globals['_UNSUBSCRIBERUNREQUEST']._serialized_end=1855
-  _globals['_UNSUBSCRIBERUNRESPONSE']._serialized_start=1857
-  _globals['_UNSUBSCRIBERUNRESPONSE']._serialized_end=1914
-  _globals['_RUNTRACEEVENT']._serialized_start=1917
-  _globals['_RUNTRACEEVENT']._serialized_end=2052
-  _globals['_LISTRUNSREQUEST']._serialized_start=2054
-  _globals['_LISTRUNSREQUEST']._serialized_end=2089
-  _globals['_RUNSUMMARY']._serialized_start=2092
-  _globals['_RUNSUMMARY']._serialized_end=2265
-  _globals['_LISTRUNSRESPONSE']._serialized_start=2267
-  _globals['_LISTRUNSRESPONSE']._serialized_end=2337
-  _globals['_GETTRACEREQUEST']._serialized_start=2339
-  _globals['_GETTRACEREQUEST']._serialized_end=2434
-  _globals['_GETTRACERESPONSE']._serialized_start=2437
-  _globals['_GETTRACERESPONSE']._serialized_end=2613
-  _globals['_WATCHRUNREQUEST']._serialized_start=2615
-  _globals['_WATCHRUNREQUEST']._serialized_end=2664
-  _globals['_WATCHRUNRESPONSE']._serialized_start=2667
-  _globals['_WATCHRUNRESPONSE']._serialized_end=2805
-  _globals['_RUNSERVICE']._serialized_start=3255
-  _globals['_RUNSERVICE']._serialized_end=3778
+  _globals['_RECORDTURNSREQUEST']._serialized_start=1002
+  _globals['_RECORDTURNSREQUEST']._serialized_end=1131
+  _globals['_RECORDTURNSRESPONSE']._serialized_start=1134
+  _globals['_RECORDTURNSRESPONSE']._serialized_end=1275
+  _globals['_RUNSTARTED']._serialized_start=1277
+  _globals['_RUNSTARTED']._serialized_end=1397
+  _globals['_RUNENDED']._serialized_start=1399
+  _globals['_RUNENDED']._serialized_end=1481
+  _globals['_RUNRECORD']._serialized_start=1484
+  _globals['_RUNRECORD']._serialized_end=1688
+  _globals['_SUBSCRIBERUNREQUEST']._serialized_start=1690
+  _globals['_SUBSCRIBERUNREQUEST']._serialized_end=1727
+  _globals['_SUBSCRIBERUNRESPONSE']._serialized_start=1730
+  _globals['_SUBSCRIBERUNRESPONSE']._serialized_end=1876
+  _globals['_UNSUBSCRIBERUNREQUEST']._serialized_start=1878
+  _globals['_UNSUBSCRIBERUNREQUEST']._serialized_end=1917
+  _globals['_UNSUBSCRIBERUNRESPONSE']._serialized_start=1919
+  _globals['_UNSUBSCRIBERUNRESPONSE']._serialized_end=1976
+  _globals['_RUNTRACEEVENT']._serialized_start=1979
+  _globals['_RUNTRACEEVENT']._serialized_end=2114
+  _globals['_LISTRUNSREQUEST']._serialized_start=2116
+  _globals['_LISTRUNSREQUEST']._serialized_end=2151
+  _globals['_RUNSUMMARY']._serialized_start=2154
+  _globals['_RUNSUMMARY']._serialized_end=2327
+  _globals['_LISTRUNSRESPONSE']._serialized_start=2329
+  _globals['_LISTRUNSRESPONSE']._serialized_end=2399
+  _globals['_GETTRACEREQUEST']._serialized_start=2401
+  _globals['_GETTRACEREQUEST']._serialized_end=2496
+  _globals['_GETTRACERESPONSE']._serialized_start=2499
+  _globals['_GETTRACERESPONSE']._serialized_end=2675
+  _globals['_WATCHRUNREQUEST']._serialized_start=2677
+  _globals['_WATCHRUNREQUEST']._serialized_end=2726
+  _globals['_WATCHRUNRESPONSE']._serialized_start=2729
+  _globals['_WATCHRUNRESPONSE']._serialized_end=2867
+  _globals['_RUNSERVICE']._serialized_start=3317
+  _globals['_RUNSERVICE']._serialized_end=3840
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,524 @@
+"""Runs over the WebSocket gateway (PROTOCOL.md §4 on the JSON-RPC wire): exact JSON
+shapes, validation messages, drops, the 2000-turn ceiling under pipelining, live traces,
+disconnects, and the official `car-runtime` client recording a run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from car_grpc.config import Config
+from car_grpc.core.run_turns import FIELD_CAP, TRUNCATED, TURN_REPLACED
+from car_grpc.core.runs import RECORD_TURNS_USAGE
+from car_grpc.core.server import Core
+from car_grpc.gateway import Gateway
+from tests.conftest import make_config
+from tests.ws_helpers import RawWebSocket, running
+
+JSON = Any
+
+
+class Peer:
+    """A JSON-RPC client on one WebSocket: pipelined requests matched by (integer) id,
+    notifications queued."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self._ids = 0
+        self._waiting: dict[int, asyncio.Future[dict[str, JSON]]] = {}
+        self.notifications: asyncio.Queue[dict[str, JSON]] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in self.ws:
+                message = json.loads(raw)
+                if "method" in message:
+                    await self.notifications.put(message)
+                else:
+                    self._waiting.pop(message["id"]).set_result(message)
+
+    async def call(self, method: str, params: JSON) -> dict[str, JSON]:
+        """The whole answer: {result} or {error}."""
+        self._ids += 1
+        answer = self._waiting[self._ids] = asyncio.get_running_loop().create_future()
+        request = {"jsonrpc": "2.0", "id": self._ids, "method": method, "params": params}
+        await self.ws.send(json.dumps(request))
+        return await asyncio.wait_for(answer, 10)
+
+    async def result(self, method: str, params: JSON) -> JSON:
+        answer = await self.call(method, params)
+        assert "result" in answer, answer
+        return answer["result"]
+
+    async def error(self, method: str, params: JSON) -> dict[str, JSON]:
+        answer = await self.call(method, params)
+        assert "error" in answer, answer
+        error: dict[str, JSON] = answer["error"]
+        return error
+
+    async def event(self) -> dict[str, JSON]:
+        note = await asyncio.wait_for(self.notifications.get(), 5)
+        assert note["method"] == "runs.trace.event", note
+        params: dict[str, JSON] = note["params"]
+        return params
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return make_config(tmp_path, run_complete_grace=0.05)
+
+
+@pytest.fixture
+async def served(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
+    async with running(config) as both:
+        yield both
+
+
+@pytest.fixture
+async def peers(served: tuple[Core, Gateway]) -> AsyncIterator[Peers]:
+    made = Peers(*served)
+    try:
+        yield made
+    finally:
+        for peer in made.opened:
+            await peer.close()
+
+
+class Peers:
+    """Opens authenticated WebSocket sessions: agents, the host, an ordinary client."""
+
+    def __init__(self, core: Core, gateway: Gateway) -> None:
+        assert core.state is not None and core.state.tokens is not None
+        self.state = core.state
+        self.tokens = core.state.tokens
+        self.url = gateway.url
+        self.opened: list[Peer] = []
+
+    async def open(self, auth: dict[str, str]) -> Peer:
+        ws = await connect(self.url, ping_interval=None, max_size=None)
+        peer = Peer(ws)
+        self.opened.append(peer)
+        await peer.result("session.auth", auth)
+        await peer.result("server.handshake", {"protocol_version": 3})
+        return peer
+
+    async def agent(self, agent_id: str = "bot") -> Peer:
+        return await self.open(
+            {"agent_id": agent_id, "token": self.state.agent_tokens.add(agent_id)}
+        )
+
+    async def host(self) -> Peer:
+        return await self.open({"host_token": self.tokens.host})
+
+    async def ordinary(self) -> Peer:
+        return await self.open({"token": self.tokens.daemon})
+
+
+def turns(n: int, prompt: str = "p") -> list[dict[str, JSON]]:
+    return [{"prompt": f"{prompt}{i}"} for i in range(n)]
+
+
+def dropped(run_id: str, reason: str) -> dict[str, JSON]:
+    return {"run_id": run_id, "base_index": 0, "count": 0, "ok": False, "dropped": reason}
+
+
+async def start(peer: Peer, **params: JSON) -> str:
+    result = await peer.result("runs.start", {"intent": "ship it", **params})
+    return str(result["run_id"])
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+async def test_a_run_on_the_json_wire(peers: Peers) -> None:
+    bot = await peers.agent()
+    started = await bot.result(
+        "runs.start", {"intent": "ship it", "agent_name": "Bot", "outcome_description": "green"}
+    )
+    run_id = started["run_id"]
+    assert started == {"run_id": run_id, "agent_id": "bot"}  # the attachment wins
+
+    recorded = await bot.result(
+        "runs.record_turns",
+        {
+            "run_id": run_id,
+            "turns": [
+                {"index": 99, "prompt": "list files", "tool": "shell", "parameters": {"cmd": "ls"}},
+                {"output": {"files": 3}, "cli_outcome": "ok", "verifier_verdict": "passed"},
+            ],
+        },
+    )
+    assert recorded == {"run_id": run_id, "base_index": 0, "count": 2, "ok": True}
+    outcome = {"status": "success", "summary": "done", "evidence": ["a"], "timestamp": 7}
+    completed = await bot.result("runs.complete", {"run_id": run_id, "outcome": outcome})
+    assert completed == {"run_id": run_id, "ok": True}
+
+    got = await bot.result("runs.get_trace", {"run_id": run_id})
+    stamps = [r.pop("timestamp") for r in got["records"]]
+    assert all(isinstance(t, int) and t > 0 for t in stamps)
+    assert got == {
+        "run_id": run_id,
+        "agent_id": "bot",
+        "cursor": 4,
+        "records": [
+            {
+                "record": "started",
+                "run_id": run_id,
+                "agent_id": "bot",
+                "intent": "ship it",
+                "outcome_description": "green",
+            },
+            {
+                "record": "turn",
+                "index": 0,
+                "prompt": "list files",
+                "tool": "shell",
+                "parameters": {"cmd": "ls"},
+                "verifier_verdict": "not_run",
+            },
+            {
+                "record": "turn",
+                "index": 1,
+                "output": {"files": 3},
+                "cli_outcome": "ok",
+                "verifier_verdict": "passed",
+            },
+            {"record": "ended", "status": "completed", "outcome": outcome},
+        ],
+    }
+
+    [summary] = (await bot.result("runs.list", {"agent_id": "bot"}))["runs"]
+    assert summary.pop("started_at") <= summary.pop("ended_at")
+    assert summary == {
+        "run_id": run_id,
+        "agent_id": "bot",
+        "intent": "ship it",
+        "status": "completed",
+        "turn_count": 2,
+    }
+    again = await bot.error("runs.complete", {"run_id": run_id, "outcome": {"status": "x"}})
+    assert again["code"] == -32603 and "already ended (completed)" in again["message"]
+
+
+async def test_start_rules_on_the_json_wire(peers: Peers, served: tuple[Core, Gateway]) -> None:
+    plain = await peers.ordinary()
+    named = await plain.result("runs.start", {"intent": "i", "agent_name": "Deep Thought"})
+    assert named["agent_id"] == "name:deep-thought"
+    none = await plain.error("runs.start", {"intent": "i"})
+    assert none["code"] == -32602 and "agent_id" in none["message"]
+
+    bot = await peers.agent()
+    first = await start(bot, idempotency_key="job-1")
+    assert await start(bot, idempotency_key="job-1") == first == "job-1"
+    assert served[0].state is not None
+    assert served[0].state.attached["bot"].current_run == "job-1"
+    listed = await bot.result("runs.list", {"agent_id": "bot"})
+    assert [r["run_id"] for r in listed["runs"]] == ["job-1"]
+
+
+# ---------------------------------------------------------------- record_turns
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"turns": [{}]}, "run_id"),
+        ({"run_id": "", "turns": [{}]}, "run_id"),
+        ({"run_id": "r"}, "turns"),
+        ({"run_id": "r", "turns": []}, "turns"),
+        ({"run_id": "r", "turns": [{}] * 257}, "turns"),
+        ({"run_id": "r", "turns": "all of them"}, "turns"),
+        ({"run_id": "r", "turns": [7]}, "turns[0]"),
+        ({"run_id": "r", "turns": [{}, {"prompt": 5}]}, "turns[1].prompt"),
+        ({"run_id": "r", "turns": [{"index": -1}]}, "turns[0].index"),
+        ({"run_id": 3, "turns": [{}]}, "run_id"),
+    ],
+)
+async def test_malformed_record_turns(peers: Peers, params: JSON, field: str) -> None:
+    bot = await peers.agent()
+    await start(bot, idempotency_key="r")
+    error = await bot.error("runs.record_turns", params)
+    assert error == {"code": -32602, "message": RECORD_TURNS_USAGE, "data": {"field": field}}
+    assert (await bot.result("runs.get_trace", {"run_id": "r"}))["cursor"] == 1
+
+
+async def test_caps_on_the_json_wire(peers: Peers) -> None:
+    bot = await peers.agent()
+    run_id = await start(bot)
+    long = "é" * FIELD_CAP  # 32 KiB of UTF-8
+    capped = "é" * (FIELD_CAP // 2) + TRUNCATED
+    huge = {"pages": ["x" * 10_000 for _ in range(30)]}
+    result = await bot.result(
+        "runs.record_turns",
+        {
+            "run_id": run_id,
+            "turns": [
+                {"prompt": long, "parameters": {"q": long, "k": [long]}, "output": long},
+                {"prompt": "p", "tool": "read", "output": huge},
+            ],
+        },
+    )
+    assert result["ok"] and result["count"] == 2
+    records = (await bot.result("runs.get_trace", {"run_id": run_id, "cursor": 1}))["records"]
+    assert records[0]["prompt"] == records[0]["output"] == capped
+    assert records[0]["parameters"] == {"q": capped, "k": [capped]}
+    replaced = {k: records[1][k] for k in ("prompt", "parameters", "output", "tool")}
+    assert replaced == {
+        "prompt": TURN_REPLACED,
+        "parameters": TURN_REPLACED,
+        "output": TURN_REPLACED,
+        "tool": "read",
+    }
+
+    hopeless = {"cli_outcome": {"log": "z" * (300 * 1024)}}
+    answer = await bot.result("runs.record_turns", {"run_id": run_id, "turns": [{}, hopeless]})
+    assert answer == dropped(run_id, "turn_too_large")
+
+
+async def test_writers_and_drops_on_the_json_wire(peers: Peers) -> None:
+    bot = await peers.agent()
+    run_id = await start(bot)
+    for peer in (await peers.agent("intruder"), await peers.host(), await peers.ordinary()):
+        answer = await peer.result("runs.record_turns", {"run_id": run_id, "turns": [{}]})
+        assert answer == dropped(run_id, "run_not_found")
+    unknown = await bot.result("runs.record_turns", {"run_id": "nope", "turns": [{}]})
+    assert unknown == dropped("nope", "run_not_found")
+
+    await bot.result("runs.complete", {"run_id": run_id, "outcome": {"status": "done"}})
+    ended = await bot.result("runs.record_turns", {"run_id": run_id, "turns": [{}]})
+    assert ended == dropped(run_id, "run_terminal")
+
+
+async def test_pipelined_batches_stop_at_exactly_2000(peers: Peers) -> None:
+    bot = await peers.agent()
+    run_id = await start(bot)
+    answers = await asyncio.gather(
+        *(
+            bot.result("runs.record_turns", {"run_id": run_id, "turns": turns(200)})
+            for _ in range(15)
+        )
+    )
+    accepted = sorted(a["base_index"] for a in answers if a["ok"])
+    assert accepted == list(range(0, 2000, 200))
+    assert [a for a in answers if not a["ok"]] == [dropped(run_id, "run_turn_limit")] * 5
+    [summary] = (await bot.result("runs.list", {"agent_id": "bot"}))["runs"]
+    assert summary["turn_count"] == 2000
+
+
+# ---------------------------------------------------------------- readers
+
+
+async def test_subscribe_and_trace_events_on_the_json_wire(peers: Peers) -> None:
+    bot = await peers.agent()
+    watcher = await peers.host()
+    intruder = await peers.agent("intruder")
+    run_id = await start(bot)
+    await bot.result("runs.record_turns", {"run_id": run_id, "turns": turns(2)})
+
+    snapshot = await watcher.result("runs.subscribe", {"run_id": run_id})
+    assert snapshot == {
+        "run_id": run_id,
+        "agent_id": "bot",
+        "turns_so_far": [
+            {"index": 0, "prompt": "p0", "verifier_verdict": "not_run"},
+            {"index": 1, "prompt": "p1", "verifier_verdict": "not_run"},
+        ],
+        "cursor": 2,
+        "status": "in_progress",
+    }
+    refused = await intruder.error("runs.subscribe", {"run_id": run_id})
+    assert refused["code"] == -32602 and "unknown run" in refused["message"]
+
+    await bot.result("runs.record_turns", {"run_id": run_id, "turns": [{"tool": "t"}]})
+    event = await watcher.event()
+    assert event["record"].pop("timestamp") > 0
+    assert event == {
+        "run_id": run_id,
+        "agent_id": "bot",
+        "record": {"record": "turn", "index": 2, "tool": "t", "verifier_verdict": "not_run"},
+        "cursor": 3,
+        "status": "in_progress",
+    }
+    await bot.result("runs.complete", {"run_id": run_id, "outcome": {"status": "ok"}})
+    ended = await watcher.event()
+    assert ended["record"].pop("timestamp") > 0
+    assert ended == {
+        "run_id": run_id,
+        "agent_id": "bot",
+        "record": {"record": "ended", "status": "completed", "outcome": ended["record"]["outcome"]},
+        "cursor": 3,
+        "status": "completed",
+    }
+    assert ended["record"]["outcome"]["status"] == "ok"
+    assert await watcher.result("runs.unsubscribe", {"run_id": run_id}) == {
+        "run_id": run_id,
+        "removed": False,  # the subscription ended with its run
+    }
+
+
+async def test_get_trace_not_found_on_the_json_wire(peers: Peers) -> None:
+    bot = await peers.agent()
+    run_id = await start(bot)
+    for peer, target in ((await peers.agent("intruder"), run_id), (bot, "nope")):
+        answer = await peer.result("runs.get_trace", {"run_id": target})
+        assert answer == {"run_id": target, "records": [], "not_found": True}
+    page = await bot.result("runs.get_trace", {"run_id": run_id, "cursor": 0, "limit": 1})
+    assert [r["record"] for r in page["records"]] == ["started"] and page["cursor"] == 1
+
+
+async def test_disconnect_on_the_json_wire(peers: Peers) -> None:
+    bot = await peers.agent()
+    boss = await peers.host()
+    run_id = await start(bot)
+    await bot.result("runs.record_turns", {"run_id": run_id, "turns": turns(1)})
+    bot.ws.transport.abort()  # as car-runtime does: TCP dropped, no close frame
+
+    async with asyncio.timeout(5):
+        while True:
+            [summary] = (await boss.result("runs.list", {"agent_id": "bot"}))["runs"]
+            if summary["status"] == "incomplete":
+                break
+            await asyncio.sleep(0.01)
+    records = (await boss.result("runs.get_trace", {"run_id": run_id}))["records"]
+    assert [(r["record"], r.get("status")) for r in records] == [
+        ("started", None),
+        ("turn", None),
+        ("ended", "incomplete"),
+    ]
+
+
+# ---------------------------------------------------------------- car-runtime
+
+CAR_RUNTIME_AGENT = """
+import json
+import os
+import sys
+from car_runtime import CarRuntime
+
+rt = CarRuntime()
+run = json.loads(rt.runs_start(json.dumps({"intent": "refactor", "agent_name": "Bot"})))
+turns = [{"prompt": "read", "tool": "fs.read", "parameters": {"path": "a.py"}}, {"output": "ok"}]
+recorded = json.loads(
+    rt.daemon_call("runs.record_turns", json.dumps({"run_id": run["run_id"], "turns": turns}))
+)
+outcome = {"status": "success", "summary": "refactored"}
+done = json.loads(rt.runs_complete(json.dumps({"run_id": run["run_id"], "outcome": outcome})))
+print(json.dumps({"run": run, "recorded": recorded, "done": done}))
+"""
+
+
+async def test_car_runtime_records_a_run(peers: Peers) -> None:
+    token = peers.state.agent_tokens.add("bot")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
+    env |= {
+        "CAR_DAEMON_URL": peers.url,
+        "CAR_AGENT_ID": "bot",
+        "CAR_AGENT_TOKEN": token,
+        "CAR_NO_VERSION_WARNING": "1",
+        "CAR_DAEMON_TIMEOUT": "20",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CAR_RUNTIME_AGENT,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 45)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    seen = json.loads(out.decode().strip().splitlines()[-1])
+    run_id = seen["run"]["run_id"]
+    assert seen == {
+        "run": {"run_id": run_id, "agent_id": "bot"},
+        "recorded": {"run_id": run_id, "base_index": 0, "count": 2, "ok": True},
+        "done": {"run_id": run_id, "ok": True},
+    }
+
+    boss = await peers.host()
+    records = (await boss.result("runs.get_trace", {"run_id": run_id}))["records"]
+    assert [r["record"] for r in records] == ["started", "turn", "turn", "ended"]
+    assert records[1]["parameters"] == {"path": "a.py"}
+    assert (records[3]["status"], records[3]["outcome"]["summary"]) == ("completed", "refactored")
+
+
+# ---------------------------------------------------------------- a slow subscriber
+
+
+async def test_a_subscriber_that_stops_reading_slows_no_one(tmp_path: Path) -> None:
+    """Over WebSocket the gateway, not the core, meets the slow reader first: it closes
+    the connection (1008) once its bounded queue is full, so that the core never waits.
+    The writer and the other subscriber go on at full speed; the slow subscriber learns of
+    the loss from the close, comes back, and gets a complete snapshot."""
+    config = make_config(
+        tmp_path, ws_outbound_queue=16, ws_write_limit=16 * 1024, ws_close_timeout=0.5
+    )
+    async with running(config) as served:
+        peers = Peers(*served)
+        try:
+            await _slow_ws_subscriber(peers, served[1])
+        finally:
+            for peer in peers.opened:
+                await peer.close()
+
+
+async def _slow_ws_subscriber(peers: Peers, gateway: Gateway) -> None:
+    bot = await peers.agent()
+    fast = await peers.host()
+    run_id = await start(bot)
+    slow = await RawWebSocket.open("127.0.0.1", gateway.ws_port, rcvbuf=4096)
+    for n, (method, params) in enumerate(
+        [
+            ("session.auth", {"host_token": peers.tokens.host}),
+            ("server.handshake", {"protocol_version": 3}),
+            ("runs.subscribe", {"run_id": run_id}),
+        ]
+    ):
+        await slow.send_text({"jsonrpc": "2.0", "id": n, "method": method, "params": params})
+        assert "result" in json.loads((await slow.read_frame())[1])
+    await fast.result("runs.subscribe", {"run_id": run_id})
+    # From here on the slow subscriber reads nothing.
+
+    prompt = "x" * 4096  # 2000 events of 4 KiB: more than every buffer on the way
+    for batch in range(100):
+        answer = await bot.result(
+            "runs.record_turns", {"run_id": run_id, "turns": turns(20, prompt)}
+        )
+        assert (answer["ok"], answer["base_index"]) == (True, batch * 20)
+        cursors = [(await fast.event())["cursor"] for _ in range(20)]
+        assert cursors == list(range(batch * 20 + 1, batch * 20 + 21))
+
+    code, reason, _ = await slow.read_until_close()
+    slow.close()
+    assert (code, reason) == (1008, "client not reading: 16 frames queued")
+
+    back = await peers.host()
+    snapshot = await back.result("runs.subscribe", {"run_id": run_id})
+    assert (snapshot["cursor"], snapshot["status"]) == (2000, "in_progress")
+    assert [t["index"] for t in snapshot["turns_so_far"]] == list(range(2000))
+    await bot.result("runs.complete", {"run_id": run_id, "outcome": {"status": "ok"}})
+    for peer in (fast, back):
+        ended = await peer.event()
+        assert (ended["record"]["record"], ended["cursor"]) == ("ended", 2000)
