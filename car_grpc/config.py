@@ -128,8 +128,15 @@ class Config:
     #: Trace events queued per (session, run) subscription; beyond it the oldest are
     #: dropped and the subscriber sees a cursor gap.
     run_subscriber_queue: int = 256
-    #: How long agents.chat waits for the agent's ack.
+    #: How long agents.chat waits for the agent's ack (and agents.chat.approve for the
+    #: agent's answer).
     chat_ack_timeout: float = 5.0
+    #: Chat events buffered between an agent and its host; beyond it the agent is slowed
+    #: down (its events wait in order) rather than any being dropped.
+    chat_buffer: int = 256
+    #: How long an agent's chat events may wait for a host that stopped reading before
+    #: the chat ends with an `error` event (and is cancelled at the agent).
+    chat_stall_timeout: float = 30.0
     #: gRPC core listener.
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 9102

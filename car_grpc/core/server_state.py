@@ -20,6 +20,7 @@ from car_grpc.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
     from car_grpc.core.approvals import Approvals
+    from car_grpc.core.chats import Chats
     from car_grpc.core.host import Host
     from car_grpc.core.runs import Runs
 
@@ -43,6 +44,8 @@ class ServerState:
     host: Host
     #: The approval ledger and the approval gate (set by domains.install).
     approvals: Approvals
+    #: Chats between hosts and attached agents, and standing goals (set by domains.install).
+    chats: Chats
     #: Agent runs and their live readers (set by domains.install).
     runs: Runs
 

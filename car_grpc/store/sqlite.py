@@ -69,6 +69,21 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, seq)
     ) WITHOUT ROWID;
     """,
+    # 4: standing goals of chat sessions (car_grpc/store/goals.py).
+    """
+    CREATE TABLE goals (
+        session_id     TEXT PRIMARY KEY,
+        check_text     TEXT NOT NULL,
+        max_iterations INTEGER NOT NULL,
+        status         TEXT NOT NULL,
+        last_iteration INTEGER,
+        last_met       INTEGER,
+        last_grounded  INTEGER,
+        last_reason    TEXT,
+        terminal_kind  TEXT,
+        updated_at     INTEGER NOT NULL
+    );
+    """,
 ]
 
 

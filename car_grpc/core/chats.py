@@ -1,0 +1,582 @@
+"""Chats between hosts and attached agents, and standing goals (PROTOCOL.md §5).
+
+A host asks for a chat with an attached agent; the chat is routed by its session_id to the
+agent's connection at that moment. The server reverse-calls `agent.chat` there and answers
+the host only once the agent has acknowledged. From then on the agent's `agent.chat.event`
+notifications reach the originating host, and only it, as `agents.chat.event`, until a
+terminal kind (done, error, auth_required) ends the routing; anything later is dropped.
+Every accepted chat a host still listens to ends with exactly one terminal event: the
+agent's own, or one the server makes up when the agent goes away, is replaced, the chat is
+cancelled, or the host stopped reading for too long.
+
+Each chat's events flow through one bounded EventBuffer (car_grpc.core.chat_buffer) to the
+host: a pump task for hosts on the session stream, the Chat RPC itself for gRPC hosts. A
+full buffer slows the agent down instead of dropping tokens, within `chat_stall_timeout`.
+
+A standing goal (goal.set) belongs to a chat session_id. Chats of that session carry it
+when the host gives none, and its status follows their goal_evaluated and terminal events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from typing import TypeAlias, TypeVar
+from urllib.parse import urlsplit
+
+from google.protobuf import struct_pb2
+
+from car_grpc.core.chat_buffer import EventBuffer, PutResult
+from car_grpc.core.dispatch import Reply, field_error, handles, handles_notification, require
+from car_grpc.core.grpc_service import streams
+from car_grpc.core.server_state import ServerState
+from car_grpc.core.session import ClientSession, SessionClosed
+from car_grpc.errors import INTERNAL, CarError
+from car_grpc.store import goals as goal_store
+from car_grpc.v1 import chats_pb2, session_pb2
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Event kinds that end a chat.
+TERMINAL_KINDS = frozenset({"done", "error", "auth_required"})
+#: Decisions (besides `true`) that approve in agents.chat.approve.
+APPROVING = frozenset({"approve", "approved", "yes"})
+IMAGE_MEDIA_TYPES = frozenset({"png", "jpeg", "gif", "webp"})
+DEFAULT_MAX_ITERATIONS = 8
+MAX_ITERATIONS = 50
+
+GoalStatus: TypeAlias = chats_pb2.GoalStatus.ValueType
+
+
+# ------------------------------------------------------------------ validation (pure)
+
+
+def valid_goal(check: str, max_iterations: int | None, field: str) -> chats_pb2.ChatGoal:
+    """A goal with its check required and max_iterations defaulted and clamped to 1..50."""
+    if not check.strip():
+        raise field_error(f"{field}.check" if field else "check")
+    n = DEFAULT_MAX_ITERATIONS if max_iterations is None else max_iterations
+    return chats_pb2.ChatGoal(check=check, max_iterations=min(max(n, 1), MAX_ITERATIONS))
+
+
+def _inline_goal(goal: chats_pb2.ChatGoal, field: str) -> chats_pb2.ChatGoal:
+    max_iterations = goal.max_iterations if goal.HasField("max_iterations") else None
+    return valid_goal(goal.check, max_iterations, field)
+
+
+def check_attachments(attachments: Iterable[chats_pb2.ChatAttachment]) -> None:
+    """-32602 naming the first attachment field that is missing or wrong."""
+    for i, a in enumerate(attachments):
+        name = f"attachments[{i}]"
+        if a.type == chats_pb2.ATTACHMENT_TYPE_IMAGE_BASE64:
+            if not a.data:
+                raise field_error(f"{name}.data", "image_base64 needs string data")
+            if a.media_type.removeprefix("image/") not in IMAGE_MEDIA_TYPES:
+                raise field_error(
+                    f"{name}.media_type", "media_type must be image/png, jpeg, gif or webp"
+                )
+        elif a.type == chats_pb2.ATTACHMENT_TYPE_IMAGE_URL:
+            url = urlsplit(a.url)
+            if url.scheme.lower() not in ("http", "https") or not url.netloc:
+                raise field_error(f"{name}.url", "image_url must be an http(s) URL")
+        else:
+            raise field_error(f"{name}.type", "type must be image_base64 or image_url")
+
+
+def decision_approves(decision: struct_pb2.Value) -> bool:
+    """true, or "approve" / "approved" / "yes", approves; anything else denies."""
+    kind = decision.WhichOneof("kind")
+    if kind == "bool_value":
+        return decision.bool_value
+    if kind == "string_value":
+        return decision.string_value.strip().lower() in APPROVING
+    return False
+
+
+def goal_status_after(kind: str | None, evaluated: bool, met: bool) -> GoalStatus:
+    """A goal's status once the chat running it ends with `kind` (None: cancelled)."""
+    if met:
+        return chats_pb2.GOAL_STATUS_MET
+    if kind in ("error", "auth_required"):
+        return chats_pb2.GOAL_STATUS_ERROR
+    if kind == "done" and not evaluated:
+        return chats_pb2.GOAL_STATUS_UNEVALUATED
+    return chats_pb2.GOAL_STATUS_ACTIVE  # the goal still stands; no chat runs it
+
+
+def _error_event(message: str) -> chats_pb2.ChatEvent:
+    return chats_pb2.ChatEvent(kind="error", message=message)
+
+
+# ------------------------------------------------------------------ the chat registry
+
+
+@dataclass(eq=False)
+class Chat:
+    session_id: str
+    agent_id: str
+    #: The agent's connection the chat was routed to (only it may emit events).
+    agent: ClientSession
+    #: The originating host's session.
+    host: ClientSession
+    events: EventBuffer[chats_pb2.ChatEventNotice]
+    #: The stored goal's status when the chat began (None: no stored goal to follow).
+    goal_before: GoalStatus | None
+    accepted: bool = False
+    #: Why the chat ended before the agent's ack was in.
+    lost: str | None = None
+    evaluated: bool = False
+    met: bool = False
+    #: Delivers events to a session-stream host.
+    pump: asyncio.Task[None] | None = None
+
+
+class Chats:
+    """Open chats by session_id, the chats of each host, and the goal book."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.config = state.config
+        #: Routed chats: session_id -> chat. A chat leaves when it ends.
+        self.open: dict[str, Chat] = {}
+        #: host session id -> its chats still routed or still being delivered. The key
+        #: stays while the host lives: it marks the close hook as registered.
+        self._by_host: dict[str, set[Chat]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self._in_order(goal_store.reset_running)
+        self.state.detach_hooks.append(self._agent_detached)
+        self.state.shutdown_hooks.append(self.drain)
+
+    async def drain(self) -> None:
+        """Wait for background goal writes (at shutdown, before the store closes)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+    # -------------------------------------------------------------- store, in order
+
+    def _in_order(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Task[T]:
+        """Run `fn` in the store after every goal store call made before this one.
+
+        Tasks take their first step in creation order, and that step hands `fn` to the
+        store's single thread, so calls commit in the order they were made, even from
+        synchronous code such as a chat ending.
+        """
+        return asyncio.create_task(self.state.store.run(fn))
+
+    def _write_goal(self, fn: Callable[[sqlite3.Connection], object]) -> None:
+        task = asyncio.create_task(self._background(fn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _background(self, fn: Callable[[sqlite3.Connection], object]) -> None:
+        try:
+            await self._in_order(fn)
+        except Exception:
+            log.exception("goal status update failed")
+
+    # -------------------------------------------------------------- opening a chat
+
+    async def open_chat(self, host: ClientSession, req: chats_pb2.ChatRequest) -> Chat:
+        """Validate, route to the attached agent and wait for its ack.
+
+        Returns the accepted chat; raises CarError (-32602 for bad params, -32603 when the
+        agent is not attached, refuses, disconnects or does not ack in time).
+        """
+        agent_id = require(req.agent_id, "agent_id")
+        require(req.prompt, "prompt")
+        check_attachments(req.attachments)
+        goal = _inline_goal(req.goal, "goal") if req.HasField("goal") else None
+        if goal is not None and req.attachments:
+            raise field_error("goal", "goal and attachments are mutually exclusive")
+        session_id = req.session_id or f"chat-{uuid.uuid4()}"
+        stored = await self._in_order(lambda c: goal_store.get(c, session_id))
+        # From here to the reverse call nothing awaits: routing is set up atomically.
+        if session_id in self.open:
+            raise field_error("session_id", "a chat with this session_id is already open")
+        agent = self.state.attached.get(agent_id)
+        if agent is None:
+            raise CarError(INTERNAL, f"agent '{agent_id}' is not attached")
+        if goal is None and stored is not None:
+            goal = chats_pb2.ChatGoal(check=stored.check, max_iterations=stored.max_iterations)
+        limit, stall = self.config.chat_buffer, self.config.chat_stall_timeout
+        chat = Chat(
+            session_id=session_id,
+            agent_id=agent_id,
+            agent=agent,
+            host=host,
+            events=EventBuffer(limit, stall),
+            goal_before=stored.status if stored is not None else None,
+        )
+        self._route(chat)
+        if stored is not None:
+            self._write_goal(
+                lambda c: goal_store.set_status(c, session_id, chats_pb2.GOAL_STATUS_RUNNING)
+            )
+        request = chats_pb2.AgentChatRequest(
+            session_id=session_id,
+            prompt=req.prompt,
+            stream=req.stream if req.HasField("stream") else True,
+            attachments=req.attachments,
+            context=chats_pb2.AgentChatContext(host_client_id=host.id),
+        )
+        if req.HasField("model"):
+            request.model = req.model
+        if goal is not None:
+            request.goal.CopyFrom(goal)
+        await self._await_ack(chat, request)
+        return chat
+
+    async def _await_ack(self, chat: Chat, request: chats_pb2.AgentChatRequest) -> None:
+        timeout = self.config.chat_ack_timeout
+        who = f"agent '{chat.agent_id}'"
+        try:
+            answer = await chat.agent.call("agent_chat", request, timeout=timeout)
+        except TimeoutError:
+            reason = f"{who} did not acknowledge the chat within {timeout:g}s"
+            raise self._lost(chat, reason, cancel_agent=True) from None
+        except SessionClosed:
+            raise self._lost(chat, f"{who} disconnected", cancel_agent=False) from None
+        except CarError as e:
+            reason = f"{who} refused the chat: {e.message}"
+            raise self._lost(chat, reason, cancel_agent=False) from None
+        except BaseException:  # the host's request was cancelled: it went away
+            self._lost(chat, "the host went away", cancel_agent=True)
+            raise
+        if chat.lost is not None:  # ended while the ack was on its way
+            raise CarError(INTERNAL, chat.lost)
+        if answer.WhichOneof("body") != "agent_chat" or not answer.agent_chat.accepted:
+            raise self._lost(chat, f"{who} declined the chat", cancel_agent=False)
+        chat.accepted = True
+
+    def _lost(self, chat: Chat, reason: str, *, cancel_agent: bool) -> CarError:
+        """End a chat that was never accepted; the error the host gets instead."""
+        self.end(chat, reason, cancel_agent=cancel_agent, tell_host=False, kind=None)
+        return CarError(INTERNAL, chat.lost or reason)
+
+    # -------------------------------------------------------------- routing
+
+    def _route(self, chat: Chat) -> None:
+        self.open[chat.session_id] = chat
+        host = chat.host
+        if host.id not in self._by_host:
+            self._by_host[host.id] = set()
+            host.on_close(self._host_closed)
+        self._by_host[host.id].add(chat)
+
+    def _unroute(self, chat: Chat) -> bool:
+        """Stop routing `chat`; False when it was no longer routed."""
+        if self.open.get(chat.session_id) is not chat:
+            return False
+        del self.open[chat.session_id]
+        if chat.pump is None or chat.pump.done():
+            self._release(chat)
+        return True
+
+    def _release(self, chat: Chat) -> None:
+        chats = self._by_host.get(chat.host.id)
+        if chats is not None:
+            chats.discard(chat)
+
+    def _cancel_at_agent(self, chat: Chat) -> None:
+        notice = session_pb2.ServerFrame()
+        notice.agent_chat_cancel.session_id = chat.session_id
+        if not chat.agent.try_send(notice):
+            log.warning("agent.chat.cancel for %s not delivered", chat.session_id)
+
+    def authorized(self, session: ClientSession, session_id: str) -> Chat | None:
+        """The open chat `session_id` if `session` may steer it: its originating host or a
+        host-role session, never the agent itself."""
+        chat = self.open.get(session_id)
+        if chat is None or session is chat.agent or session.agent_id == chat.agent_id:
+            return None
+        return chat if session is chat.host or session.is_host else None
+
+    # -------------------------------------------------------------- delivery to hosts
+
+    def start_pump(self, chat: Chat) -> None:
+        """Deliver the chat's events to its session-stream host as notifications."""
+        chat.pump = asyncio.create_task(self._pump(chat))
+
+    async def _pump(self, chat: Chat) -> None:
+        try:
+            while (notice := await chat.events.get()) is not None:
+                await chat.host.notify("agents_chat_event", notice)
+        except SessionClosed:
+            pass
+        finally:
+            if self.open.get(chat.session_id) is not chat:
+                self._release(chat)
+
+    async def relay(self, agent: ClientSession, notice: chats_pb2.AgentChatEventNotice) -> None:
+        """An `agent.chat.event` from `agent`: on to the chat's host, in order."""
+        chat = self.open.get(notice.session_id)
+        if chat is None or chat.agent is not agent:
+            return  # unknown or over, or not this connection's chat: dropped
+        event = notice.event
+        out = chats_pb2.ChatEventNotice(session_id=chat.session_id, agent_id=chat.agent_id)
+        out.event.CopyFrom(event)
+        terminal = event.kind in TERMINAL_KINDS
+        # Everything up to the buffer is synchronous, so events keep their arrival order.
+        self._follow_goal(chat, event)
+        if terminal:
+            self._unroute(chat)
+        outcome = await chat.events.put(out)
+        if outcome is PutResult.STALLED:
+            self._stalled(chat)
+        elif terminal:
+            chat.events.close()
+
+    def _stalled(self, chat: Chat) -> None:
+        stall = self.config.chat_stall_timeout
+        reason = f"chat ended: the host read nothing for {stall:g}s"
+        if self._unroute(chat):
+            self._cancel_at_agent(chat)
+            self._settle_goal(chat, "error")
+        chat.events.close(self._notice(chat, _error_event(reason)), drop_waiting=True)
+
+    def _notice(self, chat: Chat, event: chats_pb2.ChatEvent) -> chats_pb2.ChatEventNotice:
+        return chats_pb2.ChatEventNotice(
+            session_id=chat.session_id, agent_id=chat.agent_id, event=event
+        )
+
+    # -------------------------------------------------------------- ending chats
+
+    def end(
+        self, chat: Chat, reason: str, *, cancel_agent: bool, tell_host: bool, kind: str | None
+    ) -> bool:
+        """End a routed chat; False when it had already ended.
+
+        `tell_host` gives the host a terminal `error` event with `reason` (after what is
+        already buffered); otherwise nobody listens and buffered events are dropped. `kind`
+        is the terminal kind the goal follows (None: cancelled).
+        """
+        if not self._unroute(chat):
+            return False
+        if cancel_agent:
+            self._cancel_at_agent(chat)
+        if chat.accepted:
+            self._settle_goal(chat, kind)
+        else:
+            chat.lost = reason
+            self._restore_goal(chat)
+        if tell_host and chat.accepted:
+            chat.events.close(self._notice(chat, _error_event(reason)))
+        else:
+            chat.events.discard()
+        return True
+
+    async def _agent_detached(self, agent_id: str, session: ClientSession) -> None:
+        replaced = agent_id in self.state.attached
+        how = "re-attached on another connection" if replaced else "disconnected"
+        for chat in [c for c in self.open.values() if c.agent is session]:
+            self.end(
+                chat, f"agent '{agent_id}' {how}", cancel_agent=False, tell_host=True, kind="error"
+            )
+
+    async def _host_closed(self, host: ClientSession) -> None:
+        for chat in self._by_host.pop(host.id, set()):
+            if chat.pump is not None:
+                chat.pump.cancel()
+            if not self.end(
+                chat, "the host went away", cancel_agent=True, tell_host=False, kind=None
+            ):
+                chat.events.discard()
+
+    # -------------------------------------------------------------- goals over chats
+
+    def _follow_goal(self, chat: Chat, event: chats_pb2.ChatEvent) -> None:
+        if chat.goal_before is None:
+            return
+        if event.kind == "goal_evaluated":
+            chat.evaluated = True
+            chat.met = event.met
+            status = chats_pb2.GOAL_STATUS_MET if event.met else chats_pb2.GOAL_STATUS_RUNNING
+            sid, copy = chat.session_id, chats_pb2.ChatEvent()
+            copy.CopyFrom(event)
+            self._write_goal(lambda c: goal_store.record_evaluation(c, sid, copy, status))
+        elif event.kind in TERMINAL_KINDS:
+            self._settle_goal(chat, event.kind)
+
+    def _settle_goal(self, chat: Chat, kind: str | None) -> None:
+        if chat.goal_before is None:
+            return
+        status = goal_status_after(kind, chat.evaluated, chat.met)
+        sid = chat.session_id
+        self._write_goal(lambda c: goal_store.set_status(c, sid, status, kind))
+
+    def _restore_goal(self, chat: Chat) -> None:
+        """The chat never started: its goal goes back to the status it had."""
+        if chat.goal_before is None:
+            return
+        before, sid = chat.goal_before, chat.session_id
+        self._write_goal(lambda c: goal_store.set_status(c, sid, before))
+
+    # -------------------------------------------------------------- goal book
+
+    async def set_goal(self, session_id: str, goal: chats_pb2.ChatGoal) -> chats_pb2.StoredGoal:
+        """Store the goal (acknowledged once committed) and return it as stored."""
+
+        def put(conn: sqlite3.Connection) -> chats_pb2.StoredGoal:
+            goal_store.put(conn, session_id, goal.check, goal.max_iterations)
+            stored = goal_store.get(conn, session_id)
+            assert stored is not None
+            return stored
+
+        return await self._in_order(put)
+
+    async def goal(self, session_id: str) -> chats_pb2.StoredGoal | None:
+        return await self._in_order(lambda c: goal_store.get(c, session_id))
+
+    async def all_goals(self) -> list[chats_pb2.StoredGoal]:
+        return await self._in_order(goal_store.list_all)
+
+    async def clear_goal(self, session_id: str) -> bool:
+        return await self._in_order(lambda c: goal_store.clear(c, session_id))
+
+    async def clear_goals(self) -> int:
+        return await self._in_order(goal_store.clear_all)
+
+
+async def install(state: ServerState) -> None:
+    state.chats = Chats(state)
+    await state.chats.start()
+
+
+def _chats(session: ClientSession) -> Chats:
+    return session.server.chats
+
+
+# ------------------------------------------------------------------ host side
+
+
+@handles("agents_chat")
+async def agents_chat(session: ClientSession, req: chats_pb2.ChatRequest) -> Reply:
+    chats = _chats(session)
+    chat = await chats.open_chat(session, req)
+    # Events wait in the chat's buffer until the host has its `accepted` answer.
+    accepted = chats_pb2.ChatAccepted(accepted=True, session_id=chat.session_id)
+    return Reply(accepted, lambda: chats.start_pump(chat))
+
+
+@streams("Chat")
+async def chat_stream(
+    session: ClientSession, req: chats_pb2.ChatRequest
+) -> AsyncIterator[chats_pb2.ChatResponse]:
+    """ChatService.Chat: `accepted`, then the chat's events up to its terminal one."""
+    chats = _chats(session)
+    chat = await chats.open_chat(session, req)
+    try:
+        accepted = chats_pb2.ChatAccepted(accepted=True, session_id=chat.session_id)
+        yield chats_pb2.ChatResponse(accepted=accepted)
+        while (notice := await chat.events.get()) is not None:
+            yield chats_pb2.ChatResponse(event=notice)
+    finally:
+        # The caller stopped listening (or the chat is over, and this does nothing).
+        chats.end(
+            chat, "the host cancelled the call", cancel_agent=True, tell_host=False, kind=None
+        )
+
+
+@handles("agents_chat_cancel")
+async def agents_chat_cancel(
+    session: ClientSession, req: chats_pb2.CancelChatRequest
+) -> chats_pb2.CancelChatResponse:
+    session_id = require(req.session_id, "session_id")
+    chats = _chats(session)
+    chat = chats.authorized(session, session_id)
+    cancelled = chat is not None and chats.end(
+        chat, "chat cancelled", cancel_agent=True, tell_host=True, kind=None
+    )
+    return chats_pb2.CancelChatResponse(cancelled=cancelled, session_id=session_id)
+
+
+@handles("agents_chat_approve")
+async def agents_chat_approve(
+    session: ClientSession, req: chats_pb2.ApproveChatRequest
+) -> chats_pb2.ApproveChatResponse:
+    session_id = require(req.session_id, "session_id")
+    approval_id = require(req.approval_id, "approval_id")
+    chat = _chats(session).authorized(session, session_id)
+    if chat is None:
+        raise CarError(INTERNAL, f"no open chat '{session_id}' that this session may steer")
+    request = chats_pb2.AgentChatApproveRequest(
+        session_id=session_id,
+        approval_id=approval_id,
+        approved=decision_approves(req.decision),
+        decision=req.decision,
+    )
+    timeout = session.server.config.chat_ack_timeout
+    who = f"agent '{chat.agent_id}'"
+    try:
+        answer = await chat.agent.call("agent_chat_approve", request, timeout=timeout)
+    except TimeoutError:
+        raise CarError(INTERNAL, f"{who} did not answer the approval within {timeout:g}s") from None
+    except SessionClosed:
+        raise CarError(INTERNAL, f"{who} disconnected") from None
+    except CarError as e:
+        raise CarError(INTERNAL, f"{who} could not resolve the approval: {e.message}") from None
+    resolved = (
+        answer.WhichOneof("body") == "agent_chat_approve" and answer.agent_chat_approve.resolved
+    )
+    return chats_pb2.ApproveChatResponse(resolved=resolved, session_id=session_id)
+
+
+# ------------------------------------------------------------------ agent side
+
+
+@handles_notification("agent_chat_event")
+async def agent_chat_event(session: ClientSession, notice: chats_pb2.AgentChatEventNotice) -> None:
+    await _chats(session).relay(session, notice)
+
+
+# ------------------------------------------------------------------ standing goals
+
+
+@handles("goal_set")
+async def goal_set(
+    session: ClientSession, req: chats_pb2.SetGoalRequest
+) -> chats_pb2.SetGoalResponse:
+    session_id = require(req.session_id, "session_id")
+    if req.HasField("goal"):
+        goal = _inline_goal(req.goal, "goal")
+    else:
+        max_iterations = req.max_iterations if req.HasField("max_iterations") else None
+        goal = valid_goal(req.check, max_iterations, "")
+    stored = await _chats(session).set_goal(session_id, goal)
+    return chats_pb2.SetGoalResponse(set=True, goal=stored)
+
+
+@handles("goal_status")
+async def goal_status(
+    session: ClientSession, req: chats_pb2.GetGoalStatusRequest
+) -> chats_pb2.GetGoalStatusResponse:
+    chats = _chats(session)
+    if not req.HasField("session_id"):
+        return chats_pb2.GetGoalStatusResponse(goals=await chats.all_goals())
+    session_id = require(req.session_id, "session_id")
+    reply = chats_pb2.GetGoalStatusResponse(session_id=session_id)
+    if (stored := await chats.goal(session_id)) is not None:
+        reply.goal.CopyFrom(stored)
+    return reply
+
+
+@handles("goal_clear")
+async def goal_clear(
+    session: ClientSession, req: chats_pb2.ClearGoalRequest
+) -> chats_pb2.ClearGoalResponse:
+    chats = _chats(session)
+    reply = chats_pb2.ClearGoalResponse()
+    if not req.HasField("session_id"):
+        reply.cleared.number_value = await chats.clear_goals()
+        return reply
+    reply.session_id = require(req.session_id, "session_id")
+    reply.cleared.bool_value = await chats.clear_goal(reply.session_id)
+    return reply

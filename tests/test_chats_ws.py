@@ -1,0 +1,437 @@
+"""End-to-end chats through the WebSocket gateway: WebSocket hosts and agents speaking
+JSON-RPC (PROTOCOL.md §5), mixed with gRPC ones, and the official `car-runtime` client as
+the agent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from car_grpc.config import Config
+from car_grpc.core.server import Core
+from car_grpc.gateway import Gateway
+from car_grpc.v1 import chats_pb2
+from tests.chat_helpers import accept_chat, agent, bearer, chat_stub, emit, host, tokens
+from tests.conftest import make_config
+from tests.ws_helpers import running
+
+CAR_RUNTIME_AGENT = Path(__file__).with_name("car_runtime_chat_agent.py")
+
+
+class WsPeer:
+    """A JSON-RPC peer on one WebSocket: requests matched by id; server requests and
+    notifications queued for the test."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self._ids = 0
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.server_requests: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.notifications: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in self.ws:
+                message = json.loads(raw)
+                if "method" not in message:
+                    self._waiting.pop(message["id"]).set_result(message)
+                elif "id" in message:
+                    await self.server_requests.put(message)
+                else:
+                    await self.notifications.put(message)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps({"jsonrpc": "2.0", **message}))
+
+    async def call(self, method: str, params: Any) -> dict[str, Any]:
+        """The whole answer: {result} or {error}."""
+        self._ids += 1
+        answer = self._waiting[self._ids] = asyncio.get_running_loop().create_future()
+        await self.send({"id": self._ids, "method": method, "params": params})
+        return await asyncio.wait_for(answer, 5)
+
+    async def result(self, method: str, params: Any) -> Any:
+        answer = await self.call(method, params)
+        assert "result" in answer, answer
+        return answer["result"]
+
+    async def notify(self, method: str, params: Any) -> None:
+        await self.send({"method": method, "params": params})
+
+    async def next_request(self, method: str) -> dict[str, Any]:
+        request = await asyncio.wait_for(self.server_requests.get(), 5)
+        assert request["method"] == method, request
+        return request
+
+    async def next_notification(self, method: str) -> dict[str, Any]:
+        note = await asyncio.wait_for(self.notifications.get(), 5)
+        assert note["method"] == method, note
+        params: dict[str, Any] = note["params"]
+        return params
+
+    async def answer(self, request: dict[str, Any], result: Any) -> None:
+        await self.send({"id": request["id"], "result": result})
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+@contextlib.asynccontextmanager
+async def ws_peer(gateway: Gateway, auth: dict[str, str]) -> AsyncIterator[WsPeer]:
+    async with connect(gateway.url, ping_interval=None) as ws:
+        peer = WsPeer(ws)
+        await peer.result("session.auth", auth)
+        await peer.result("server.handshake", {"protocol_version": 3})
+        try:
+            yield peer
+        finally:
+            await peer.close()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return make_config(tmp_path, chat_ack_timeout=0.5)
+
+
+@pytest.fixture
+async def served(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
+    async with running(config) as both:
+        yield both
+
+
+def daemon(core: Core) -> dict[str, str]:
+    return {"token": tokens(core)[0]}
+
+
+def as_agent(core: Core, agent_id: str = "agent-1") -> dict[str, str]:
+    assert core.state is not None
+    return {"agent_id": agent_id, "token": core.state.agent_tokens.add(agent_id)}
+
+
+async def ws_chat(h: WsPeer, a: WsPeer, **params: Any) -> tuple[str, dict[str, Any]]:
+    """agents.chat from WebSocket host `h`, acked by WebSocket agent `a`."""
+    pending = asyncio.create_task(h.call("agents.chat", {"agent_id": "agent-1", **params}))
+    request = await a.next_request("agent.chat")
+    assert request["id"].startswith("cb-")
+    await a.answer(request, {"accepted": True})
+    answer = await pending
+    assert answer["result"] == {"accepted": True, "session_id": request["params"]["session_id"]}
+    return answer["result"]["session_id"], request["params"]
+
+
+# ------------------------------------------------------------------ WebSocket host and agent
+
+
+async def test_ws_host_and_ws_agent_stream_a_chat(served: tuple[Core, Gateway]) -> None:
+    core, gateway = served
+    async with ws_peer(gateway, daemon(core)) as h, ws_peer(gateway, as_agent(core)) as a:
+        sid, asked = await ws_chat(h, a, prompt="hi", model="m", goal={"check": "c"})
+        assert asked["prompt"] == "hi" and asked["model"] == "m" and asked["stream"] is True
+        assert asked["goal"] == {"check": "c", "max_iterations": 8}
+        assert asked["context"]["host_client_id"]
+        for delta in ("Hel", "lo"):
+            await a.notify("agent.chat.event", {"session_id": sid, "kind": "token", "delta": delta})
+        await a.notify("agent.chat.event", {"session_id": sid, "kind": "tool_call", "delta": None})
+        await a.notify(
+            "agent.chat.event",
+            {"session_id": sid, "kind": "tool_result", "tool": "grep", "output": {"hits": 2}},
+        )
+        await a.notify("agent.chat.event", {"session_id": sid, "kind": "done"})
+        events = [await h.next_notification("agents.chat.event") for _ in range(5)]
+        assert events[:2] == [
+            {"session_id": sid, "agent_id": "agent-1", "kind": "token", "delta": "Hel"},
+            {"session_id": sid, "agent_id": "agent-1", "kind": "token", "delta": "lo"},
+        ]
+        assert events[2] == {"session_id": sid, "agent_id": "agent-1", "kind": "tool_call"}
+        # Keys the proto does not name travel unchanged.
+        assert events[3]["tool"] == "grep" and events[3]["output"] == {"hits": 2}
+        assert events[4]["kind"] == "done"
+
+
+async def test_ws_errors_for_unattached_agents_and_bad_params(
+    served: tuple[Core, Gateway],
+) -> None:
+    core, gateway = served
+    async with ws_peer(gateway, daemon(core)) as h:
+        missing = await h.call("agents.chat", {"agent_id": "nobody", "prompt": "hi"})
+        assert missing["error"] == {"code": -32603, "message": "agent 'nobody' is not attached"}
+        bad = await h.call(
+            "agents.chat",
+            {
+                "agent_id": "nobody",
+                "prompt": "hi",
+                "attachments": [{"type": "image_url", "url": "ftp://x"}],
+            },
+        )
+        assert bad["error"]["code"] == -32602
+        assert "attachments[0].url" in bad["error"]["message"]
+        both = await h.call(
+            "agents.chat",
+            {
+                "agent_id": "nobody",
+                "prompt": "hi",
+                "goal": {"check": "x"},
+                "attachments": [{"type": "image_url", "url": "https://x.test/a.png"}],
+            },
+        )
+        assert both["error"]["code"] == -32602 and "goal" in both["error"]["message"]
+
+
+async def test_ws_agent_that_never_acks(served: tuple[Core, Gateway]) -> None:
+    core, gateway = served
+    async with ws_peer(gateway, daemon(core)) as h, ws_peer(gateway, as_agent(core)) as a:
+        pending = asyncio.create_task(h.call("agents.chat", {"agent_id": "agent-1", "prompt": "x"}))
+        request = await a.next_request("agent.chat")
+        answer = await pending
+        assert answer["error"]["code"] == -32603
+        assert "did not acknowledge" in answer["error"]["message"]
+        cancel = await a.next_notification("agent.chat.cancel")
+        assert cancel == {"session_id": request["params"]["session_id"]}
+
+
+async def test_ws_cancel_and_approve(served: tuple[Core, Gateway]) -> None:
+    core, gateway = served
+    async with ws_peer(gateway, daemon(core)) as h, ws_peer(gateway, as_agent(core)) as a:
+        sid, _ = await ws_chat(h, a, prompt="hi")
+        await a.notify(
+            "agent.chat.event", {"session_id": sid, "kind": "approval_pending", "approval_id": "p"}
+        )
+        assert (await h.next_notification("agents.chat.event"))["approval_id"] == "p"
+        for decision, approved in (("approve", True), ("no", False), (True, True)):
+            pending = asyncio.create_task(
+                h.call(
+                    "agents.chat.approve",
+                    {"session_id": sid, "approval_id": "p", "decision": decision},
+                )
+            )
+            request = await a.next_request("agent.chat.approve")
+            assert request["params"]["approved"] is approved
+            assert request["params"]["decision"] == decision
+            await a.answer(request, {"resolved": True})
+            assert (await pending)["result"] == {"resolved": True, "session_id": sid}
+        # The agent itself may not approve its own approval.
+        refused = await a.call(
+            "agents.chat.approve", {"session_id": sid, "approval_id": "p", "decision": True}
+        )
+        assert refused["error"]["code"] == -32603
+        cancelled = await h.result("agents.chat.cancel", {"session_id": sid})
+        assert cancelled == {"cancelled": True, "session_id": sid}
+        assert await a.next_notification("agent.chat.cancel") == {"session_id": sid}
+        last = await h.next_notification("agents.chat.event")
+        assert (last["kind"], last["message"]) == ("error", "chat cancelled")
+
+
+async def test_ws_goal_status_over_a_chat(served: tuple[Core, Gateway]) -> None:
+    core, gateway = served
+    async with ws_peer(gateway, daemon(core)) as h, ws_peer(gateway, as_agent(core)) as a:
+        stored = await h.result("goal.set", {"session_id": "g", "check": "green"})
+        assert stored["set"] is True and stored["goal"]["status"] == "active"
+        _, asked = await ws_chat(h, a, prompt="go", session_id="g")
+        assert asked["goal"] == {"check": "green", "max_iterations": 8}
+        running = await h.result("goal.status", {"session_id": "g"})
+        assert running["goal"]["status"] == "running"
+        await a.notify(
+            "agent.chat.event",
+            {
+                "session_id": "g",
+                "kind": "goal_evaluated",
+                "iteration": 1,
+                "met": True,
+                "grounded": False,
+                "reason": "all green",
+            },
+        )
+        await a.notify("agent.chat.event", {"session_id": "g", "kind": "done", "delta": None})
+        await h.next_notification("agents.chat.event")
+        await h.next_notification("agents.chat.event")
+        goal = (await h.result("goal.status", {"session_id": "g"}))["goal"]
+        assert {k: goal[k] for k in ("status", "last_iteration", "last_met", "terminal_kind")} == {
+            "status": "met",
+            "last_iteration": 1,
+            "last_met": True,
+            "terminal_kind": "done",
+        }
+        assert goal["last_grounded"] is False and goal["last_reason"] == "all green"
+        assert (await h.result("goal.status", {}))["goals"][0]["session_id"] == "g"
+        assert await h.result("goal.clear", {}) == {"cleared": 1}
+
+
+async def test_ws_agent_drop_and_host_drop(served: tuple[Core, Gateway]) -> None:
+    core, gateway = served
+    async with ws_peer(gateway, as_agent(core)) as a:
+        async with ws_peer(gateway, daemon(core)) as h:
+            sid, _ = await ws_chat(h, a, prompt="x", session_id="dropped-host")
+        # The host's WebSocket closed: the agent is told to stop.
+        assert await a.next_notification("agent.chat.cancel") == {"session_id": sid}
+    async with ws_peer(gateway, daemon(core)) as h:
+        async with ws_peer(gateway, as_agent(core)) as a:
+            sid, _ = await ws_chat(h, a, prompt="x")
+        last = await h.next_notification("agents.chat.event")
+        assert last == {
+            "session_id": sid,
+            "agent_id": "agent-1",
+            "kind": "error",
+            "message": "agent 'agent-1' disconnected",
+        }
+
+
+async def test_two_ws_hosts_with_one_agent_never_cross(served: tuple[Core, Gateway]) -> None:
+    core, gateway = served
+    async with (
+        ws_peer(gateway, daemon(core)) as h1,
+        ws_peer(gateway, daemon(core)) as h2,
+        ws_peer(gateway, as_agent(core)) as a,
+    ):
+        sid1, _ = await ws_chat(h1, a, prompt="one")
+        sid2, _ = await ws_chat(h2, a, prompt="two")
+        for i in range(30):
+            for sid in (sid1, sid2):
+                await a.notify(
+                    "agent.chat.event", {"session_id": sid, "kind": "token", "delta": f"{sid}:{i}"}
+                )
+        for sid in (sid1, sid2):
+            await a.notify("agent.chat.event", {"session_id": sid, "kind": "done"})
+        for h, sid in ((h1, sid1), (h2, sid2)):
+            got = [await h.next_notification("agents.chat.event") for _ in range(31)]
+            assert {e["session_id"] for e in got} == {sid}
+            assert [e.get("delta") for e in got[:-1]] == [f"{sid}:{i}" for i in range(30)]
+            assert h.notifications.empty()
+
+
+# ------------------------------------------------------------------ mixed transports
+
+
+async def test_ws_host_with_a_grpc_agent(served: tuple[Core, Gateway], tmp_path: Path) -> None:
+    core, gateway = served
+    async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+        a = await agent(core, channel, "agent-1")
+        async with ws_peer(gateway, daemon(core)) as h:
+            pending = asyncio.create_task(
+                h.call("agents.chat", {"agent_id": "agent-1", "prompt": "hi"})
+            )
+            sid = (await accept_chat(a)).session_id
+            assert (await pending)["result"]["session_id"] == sid
+            await emit(a, sid, "token", delta="from gRPC")
+            await emit(a, sid, "done")
+            assert (await h.next_notification("agents.chat.event"))["delta"] == "from gRPC"
+            assert (await h.next_notification("agents.chat.event"))["kind"] == "done"
+        await a.close()
+
+
+async def test_grpc_hosts_with_a_ws_agent(served: tuple[Core, Gateway]) -> None:
+    core, gateway = served
+    async with (
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+        ws_peer(gateway, as_agent(core)) as a,
+    ):
+        h = await host(core, channel)
+        pending = asyncio.create_task(
+            h.request("agents_chat", chats_pb2.ChatRequest(agent_id="agent-1", prompt="hi"))
+        )
+        request = await a.next_request("agent.chat")
+        await a.answer(request, {"accepted": True})
+        sid = (await pending).session_id
+        await a.notify("agent.chat.event", {"session_id": sid, "kind": "token", "delta": "ws"})
+        await a.notify("agent.chat.event", {"session_id": sid, "kind": "done", "delta": None})
+        first = await h.next_notification()
+        assert first.agents_chat_event.event.delta == "ws"
+        assert (await h.next_notification()).agents_chat_event.event.kind == "done"
+        await h.close()
+        # The same over ChatService.Chat.
+        call = chat_stub(channel).Chat(
+            chats_pb2.ChatRequest(agent_id="agent-1", prompt="hi", session_id="rpc"),
+            metadata=bearer(tokens(core)[0]),
+        )
+        request = await a.next_request("agent.chat")
+        await a.answer(request, {"accepted": True})
+        await a.notify("agent.chat.event", {"session_id": "rpc", "kind": "done"})
+        kinds = [i.WhichOneof("item") async for i in call]
+        assert kinds == ["accepted", "event"]
+
+
+# ------------------------------------------------------------------ car-runtime as the agent
+
+
+@contextlib.asynccontextmanager
+async def car_runtime_agent(
+    core: Core, gateway: Gateway, home: Path, agent_id: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """tests/car_runtime_chat_agent.py attached as `agent_id`; yields once it is attached."""
+    assert core.state is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
+    env |= {
+        "CAR_DAEMON_URL": gateway.url,
+        "CAR_HOME": str(home),
+        "CAR_AGENT_ID": agent_id,
+        "CAR_AGENT_TOKEN": core.state.agent_tokens.add(agent_id),
+        "CAR_NO_VERSION_WARNING": "1",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(CAR_RUNTIME_AGENT),
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert json.loads(line) == {"event": "ready"}
+        yield proc
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_car_runtime_agent_serves_ws_and_grpc_hosts(
+    served: tuple[Core, Gateway], tmp_path: Path
+) -> None:
+    core, gateway = served
+    async with car_runtime_agent(core, gateway, tmp_path / "agent-home", "rt-agent"):
+        async with ws_peer(gateway, daemon(core)) as h:
+            answer = await h.result(
+                "agents.chat",
+                {"agent_id": "rt-agent", "prompt": "hello there", "goal": {"check": "c"}},
+            )
+            sid = answer["session_id"]
+            events: list[dict[str, Any]] = []
+            while not events or events[-1]["kind"] not in ("done", "error"):
+                events.append(await h.next_notification("agents.chat.event"))
+        # The handler echoes what it was asked, word by word, then reports done.
+        assert {e["session_id"] for e in events} == {sid}
+        assert {e["agent_id"] for e in events} == {"rt-agent"}
+        assert [e["kind"] for e in events] == ["token"] * 4 + ["done"]
+        asked = json.loads("".join(e["delta"] for e in events[:-1]))
+        assert asked["prompt"] == "hello there" and asked["session_id"] == sid
+        assert asked["goal"] == {"check": "c", "max_iterations": 8}
+        assert asked["context"]["host_client_id"]
+        # A gRPC host over ChatService.Chat, served by the same car-runtime agent.
+        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+            call = chat_stub(channel).Chat(
+                chats_pb2.ChatRequest(agent_id="rt-agent", prompt="from gRPC", session_id="g"),
+                metadata=bearer(tokens(core)[0]),
+            )
+            items = [i async for i in call]
+        assert items[0].accepted.session_id == "g"
+        assert [i.event.event.kind for i in items[1:]] == ["token"] * 4 + ["done"]
+        text = "".join(i.event.event.delta for i in items[1:-1])
+        assert json.loads(text)["prompt"] == "from gRPC"
