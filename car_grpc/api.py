@@ -19,6 +19,7 @@ from car_grpc.v1 import (
     runs_pb2,
     session_pb2,
     state_pb2,
+    status_pb2,
     tools_pb2,
     voice_pb2,
 )
@@ -84,7 +85,16 @@ class TypedRpc:
 
 
 def _all_services() -> list[ServiceDescriptor]:
-    files = [session_pb2, tools_pb2, state_pb2, runs_pb2, chats_pb2, host_pb2, voice_pb2]
+    files = [
+        session_pb2,
+        tools_pb2,
+        state_pb2,
+        runs_pb2,
+        chats_pb2,
+        host_pb2,
+        voice_pb2,
+        status_pb2,
+    ]
     return [svc for f in files for svc in f.DESCRIPTOR.services_by_name.values()]
 
 

@@ -180,6 +180,7 @@ class Approvals:
             waiter = self._waiters.get(approval_id)
             if waiter is not None and not waiter.done():
                 waiter.set_result(row)
+            self.state.metrics.approvals.inc(status_name(row.status))
             self._announce("approval.resolved", row)
         return row, won
 

@@ -93,6 +93,19 @@ class AuthRequired(CarError):
 async def execute(session: ClientSession, member: str, request: Message) -> Message | Reply:
     """Run one request of `session`. Raises CarError for every failure."""
     method = api.CLIENT_MEMBERS[member].method
+    metrics = session.server.metrics
+    try:
+        result = await _execute(session, member, method, request)
+    except CarError as e:
+        metrics.request_done(method, e.code, None)
+        raise
+    metrics.request_done(method, None, result.message if isinstance(result, Reply) else result)
+    return result
+
+
+async def _execute(
+    session: ClientSession, member: str, method: str, request: Message
+) -> Message | Reply:
     if not session.authenticated and member not in _BEFORE_AUTH:
         raise AuthRequired()
     if member in _NEEDS_HANDSHAKE and session.protocol_version is None:

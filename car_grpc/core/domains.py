@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from car_grpc.core import approvals, chats, host, policies, runs, sessions, tools  # noqa: F401  (registers handlers)
+from car_grpc.core import approvals, chats, host, policies, runs, sessions, status, tools  # noqa: F401  (registers handlers)
 from car_grpc.core import state as _state  # noqa: F401  (registers handlers)
 from car_grpc.core.server_state import ServerState
 

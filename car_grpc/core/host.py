@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from car_grpc import codec
 from car_grpc.core.dispatch import Reply, handles, require
 from car_grpc.core.grpc_service import streams
+from car_grpc.core.metrics import Metrics
 from car_grpc.core.session import ClientSession, SessionClosed
 from car_grpc.errors import CarError, invalid_params
 from car_grpc.v1 import host_pb2
@@ -47,10 +48,11 @@ def now_ms() -> int:
 class Listener:
     """One consumer of host events, with its own bounded queue."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, metrics: Metrics) -> None:
         self.queue: asyncio.Queue[host_pb2.HostEvent] = asyncio.Queue(size)
         #: Events missed because the queue was full.
         self.dropped = 0
+        self._metrics = metrics
         #: The task forwarding events to a host.subscribe session, once started.
         self.pump: asyncio.Task[None] | None = None
 
@@ -59,6 +61,7 @@ class Listener:
         if self.queue.full():
             self.queue.get_nowait()
             self.dropped += 1
+            self._metrics.queue_drops.inc("host_events")
         self.queue.put_nowait(event)
 
     async def next(self) -> host_pb2.HostEvent:
@@ -80,12 +83,14 @@ def ownership_error(agent_id: str) -> CarError:
 
 
 class Host:
-    def __init__(self, history: int, queue_size: int) -> None:
+    def __init__(self, history: int, queue_size: int, metrics: Metrics | None = None) -> None:
         if history < 1 or queue_size < 1:
             raise ValueError("host_event_history and host_event_queue must be at least 1")
         self.history: deque[host_pb2.HostEvent] = deque(maxlen=history)
         self._last_sequence = 0
         self._queue_size = queue_size
+        #: Counts the events listeners drop (the core's; a private one when standalone).
+        self._metrics = metrics or Metrics()
         self._listeners: set[Listener] = set()
         #: session id -> the listener of its host.subscribe.
         self._subscriptions: dict[str, Listener] = {}
@@ -126,7 +131,7 @@ class Host:
 
     def listen(self) -> Listener:
         """A new listener: it receives every event published from now on."""
-        listener = Listener(self._queue_size)
+        listener = Listener(self._queue_size, self._metrics)
         self._listeners.add(listener)
         return listener
 
@@ -320,4 +325,5 @@ async def watch_host_events(
 
 
 def install(state: ServerState) -> None:
-    state.host = Host(state.config.host_event_history, state.config.host_event_queue)
+    config = state.config
+    state.host = Host(config.host_event_history, config.host_event_queue, state.metrics)

@@ -8,6 +8,7 @@ hangs off this one. Nothing about WebSocket or JSON is known here.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from google.protobuf.message import Message
 
 from car_grpc.config import Config
 from car_grpc.core.auth import AgentTokens, ServerTokens
+from car_grpc.core.metrics import Metrics
 from car_grpc.core.session import ClientSession, Role
 from car_grpc.store.sqlite import SqliteStore
 
@@ -61,6 +63,9 @@ class ServerState:
         self.detach_hooks: list[DetachHook] = []
         self.gate: Gate = _open_gate
         self.shutdown_hooks: list[ShutdownHook] = []
+        self.metrics = Metrics()
+        #: Unix ms when this core started (uptime).
+        self.started_at = time.time_ns() // 1_000_000
 
     @property
     def auth_enabled(self) -> bool:
@@ -69,6 +74,8 @@ class ServerState:
     def open_session(self, *, streaming: bool, peer: str = "") -> ClientSession:
         session = ClientSession(self, streaming=streaming, peer=peer)
         self.sessions[session.id] = session
+        if streaming:
+            self.metrics.sessions_opened.inc()
         return session
 
     async def close_session(self, session: ClientSession) -> None:

@@ -13,12 +13,14 @@ import asyncio
 import enum
 import itertools
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 
+from car_grpc import api
 from car_grpc.errors import INTERNAL, CarError
 from car_grpc.v1 import session_pb2, state_pb2, tools_pb2
 
@@ -48,6 +50,8 @@ class ClientSession:
         self.server = server
         self.id = uuid.uuid4().hex
         self.peer = peer
+        #: Unix ms.
+        self.connected_at = time.time_ns() // 1_000_000
         #: False for the one-call session of an unbound typed RPC: it cannot be called back.
         self.streaming = streaming
         # With auth off there is nothing to prove: a session starts out ordinary.
@@ -102,6 +106,7 @@ class ClientSession:
         try:
             self.outbound.put_nowait(frame)
         except asyncio.QueueFull:
+            self.server.metrics.queue_drops.inc("session_outbound")
             return False
         return True
 
@@ -135,12 +140,15 @@ class ClientSession:
         getattr(frame, member).CopyFrom(message)
         future: asyncio.Future[session_pb2.ClientFrame] = asyncio.get_running_loop().create_future()
         self._pending[cid] = future
+        sent = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
                 await self.send(frame)
                 answer = await future
         finally:
             self._pending.pop(cid, None)
+        method = api.SERVER_MEMBERS[member].method
+        self.server.metrics.callback_seconds.observe(time.perf_counter() - sent, method)
         if answer.WhichOneof("body") == "error":
             raise CarError.from_proto(answer.error)
         return answer

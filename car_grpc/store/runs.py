@@ -58,6 +58,17 @@ class RunRow:
         return out
 
 
+@dataclass(frozen=True)
+class RunAgentRow:
+    """An agent that has runs, and how many."""
+
+    agent_id: str
+    runs: int
+    in_progress: int
+    #: Unix ms: when its newest run started.
+    last_started_at: int
+
+
 class RunStore(Protocol):
     """The durable side of runs. Every method returns once its change is committed."""
 
@@ -74,6 +85,8 @@ class RunStore(Protocol):
     async def get(self, run_id: str) -> RunRow | None: ...
 
     async def list_for_agent(self, agent_id: str) -> list[RunRow]: ...
+
+    async def agents(self, limit: int) -> list[RunAgentRow]: ...
 
     async def records(self, run_id: str, start: int, limit: int) -> list[runs_pb2.RunRecord]: ...
 
@@ -202,6 +215,19 @@ class SqliteRunStore:
                 (agent_id,),
             ).fetchall()
             return [_row(r) for r in rows]
+
+        return await self.store.run(select)
+
+    async def agents(self, limit: int) -> list[RunAgentRow]:
+        """Agents with runs, the one whose newest run started last first."""
+
+        def select(conn: sqlite3.Connection) -> list[RunAgentRow]:
+            rows = conn.execute(
+                "SELECT agent_id, COUNT(*), SUM(status = ?), MAX(started_at) FROM runs"
+                " GROUP BY agent_id ORDER BY MAX(started_at) DESC, agent_id LIMIT ?",
+                (status_name(RunStatus.RUN_STATUS_IN_PROGRESS), limit),
+            ).fetchall()
+            return [RunAgentRow(str(a), int(n), int(o), int(t)) for a, n, o, t in rows]
 
         return await self.store.run(select)
 
