@@ -75,6 +75,8 @@ def cap_turn(turn: runs_pb2.RunTurn) -> bool:
     turn.ClearField("index")
     if not turn.HasField("verifier_verdict"):
         turn.verifier_verdict = DEFAULT_VERDICT
+    if turn.ByteSize() <= FIELD_CAP:
+        return True  # the usual turn: no string in it can be over a cap, nor the whole
     if turn.HasField("prompt"):
         turn.prompt = cap_text(turn.prompt)
     if turn.HasField("parameters"):

@@ -40,7 +40,7 @@ from car_grpc.core.server_state import ServerState
 from car_grpc.core.session import ClientSession, Role, SessionClosed
 from car_grpc.errors import INTERNAL, INVALID_PARAMS, CarError
 from car_grpc.store.runs import RunRow, RunStore, SqliteRunStore, status_name
-from car_grpc.v1 import runs_pb2
+from car_grpc.v1 import runs_pb2, session_pb2
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,8 @@ class Subscription:
         self.runs = runs
         self.session = session
         self.run_id = run_id
-        self.events: collections.deque[runs_pb2.RunTraceEvent] = collections.deque(
+        #: `runs.trace.event` frames, shared by every subscriber of the run.
+        self.events: collections.deque[session_pb2.ServerFrame] = collections.deque(
             maxlen=session.server.config.run_subscriber_queue
         )
         self.dropped = 0
@@ -123,7 +124,7 @@ class Subscription:
         self._pump: asyncio.Task[None] | None = None
         self._stopped = False
 
-    def offer(self, event: runs_pb2.RunTraceEvent) -> None:
+    def offer(self, event: session_pb2.ServerFrame) -> None:
         if len(self.events) == self.events.maxlen:
             self.dropped += 1
         self.events.append(event)
@@ -146,8 +147,8 @@ class Subscription:
                 self._ready.clear()
                 while self.events:
                     event = self.events.popleft()
-                    await self.session.notify("runs_trace_event", event)
-                    if event.record.record == ENDED:
+                    await self.session.send(event)
+                    if event.runs_trace_event.record.record == ENDED:
                         self.runs.forget(self)
                         return
 
@@ -172,15 +173,13 @@ class LiveRun:
         """Fan committed records out to subscribers and watchers (never waits)."""
         if self.subscribers:
             for i, record in enumerate(records):
-                event = runs_pb2.RunTraceEvent(
-                    run_id=self.run_id,
-                    agent_id=self.agent_id,
-                    record=record,
-                    cursor=first_cursor + i,
-                    status=self.status,
-                )
+                frame = session_pb2.ServerFrame()  # built once for every subscriber
+                event = frame.runs_trace_event
+                event.run_id, event.agent_id = self.run_id, self.agent_id
+                event.record.CopyFrom(record)
+                event.cursor, event.status = first_cursor + i, self.status
                 for sub in self.subscribers.values():
-                    sub.offer(event)
+                    sub.offer(frame)
         woken, self.appended = self.appended, asyncio.Event()
         woken.set()
 

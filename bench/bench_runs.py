@@ -1,0 +1,353 @@
+"""runs.record_turns through the WebSocket front end, with a subscriber attached.
+
+`car-grpc serve` (gateway + core, auth on, its own CAR_HOME) runs in its own process. An
+agent records batches of 1, 16 and 256 turns, one batch at a time (each acknowledged
+only once committed with synchronous=FULL), on runs of up to 2000 turns; a host session
+subscribes to every run and must see every turn. Reported: turns per second and the p50
+latency of one batch.
+
+Two baselines, measured in the same run:
+
+- `sqlite`: the same batches as raw SQLite inserts with the same durability (WAL,
+  synchronous=FULL, one transaction per batch), in this process: the cost of the disk;
+- `echo`: the same record_turns frames sent to a bare `websockets` echo server in its own
+  process: the cost of the WebSocket round trip.
+
+    python -m bench bench_runs          (or ./dev bench bench_runs)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
+
+from car_grpc.config import Config
+from car_grpc.core.auth import HOST_TOKEN_FILE, AgentTokens
+from car_grpc.store.sqlite import SqliteStore
+
+BATCH_SIZES = (1, 16, 256)
+#: Turns recorded per batch size (and per baseline).
+TURNS = {1: 2000, 16: 8000, 256: 20480}
+MAX_TURNS_PER_RUN = 2000
+LISTENING = re.compile(r"WebSocket listening on ws://(\S+?)/")
+
+
+def turn(i: int) -> dict[str, Any]:
+    """A typical turn: a prompt, a tool call and its output (about 600 bytes of JSON)."""
+    return {
+        "prompt": f"step {i}: " + "look at the failing test and decide what to change " * 4,
+        "tool": "shell",
+        "parameters": {"cmd": f"pytest -q tests/test_{i % 50}.py", "timeout": 60},
+        "output": "F." * 60 + f" {i} passed",
+        "verifier_verdict": "not_run",
+    }
+
+
+def frame(run_id: str, batch: list[dict[str, Any]], request_id: int) -> str:
+    params = {"run_id": run_id, "turns": batch}
+    return json.dumps(
+        {"jsonrpc": "2.0", "id": request_id, "method": "runs.record_turns", "params": params}
+    )
+
+
+@dataclass
+class Figures:
+    turns_per_s: float
+    p50_ms: float
+
+
+def figures(turns: int, elapsed: float, latencies: list[float]) -> Figures:
+    return Figures(turns / elapsed, statistics.median(latencies) * 1000)
+
+
+# ------------------------------------------------------------------ car-grpc
+
+
+@contextlib.asynccontextmanager
+async def car_grpc_serve(home: Path) -> AsyncIterator[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
+    env["CAR_HOME"] = str(home)
+    args = ["serve", "--port", "0", "--grpc-port", "0", "--no-unix-socket"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "car_grpc.cli",
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    drain: asyncio.Task[None] | None = None
+    try:
+        async with asyncio.timeout(20):
+            while not (match := LISTENING.search((await proc.stderr.readline()).decode())):
+                assert proc.returncode is None, "car-grpc serve exited"
+        drain = asyncio.create_task(_drain(proc.stderr))
+        yield f"ws://{match[1]}/"
+    finally:
+        await _stop(proc)
+        if drain is not None:
+            await drain
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), 10)
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+class Client:
+    """One JSON-RPC WebSocket session; answers by id, notifications counted."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.ids = 0
+        self.answers: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        #: Turn events received, cursor gaps seen, and each run's `ended` event.
+        self.events = 0
+        self.gaps = 0
+        self.last_cursor: dict[str, int] = {}
+        self.ended: dict[str, asyncio.Event] = {}
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            message = json.loads(raw)
+            if "id" in message and "method" not in message:
+                self.answers.pop(message["id"]).set_result(message)
+            elif message.get("method") == "runs.trace.event":
+                params = message["params"]
+                run_id = params["run_id"]
+                if params["record"]["record"] == "ended":
+                    self.ended_event(run_id).set()
+                    continue
+                self.events += 1
+                self.gaps += params["cursor"] != self.last_cursor.get(run_id, 0) + 1
+                self.last_cursor[run_id] = params["cursor"]
+
+    def ended_event(self, run_id: str) -> asyncio.Event:
+        return self.ended.setdefault(run_id, asyncio.Event())
+
+    def next_id(self) -> int:
+        self.ids += 1
+        return self.ids
+
+    async def send_frame(self, text: str, request_id: int) -> dict[str, Any]:
+        answer = self.answers[request_id] = asyncio.get_running_loop().create_future()
+        await self.ws.send(text)
+        result: dict[str, Any] = await answer
+        return result
+
+    async def call(self, method: str, params: dict[str, Any]) -> Any:
+        request_id = self.next_id()
+        request = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+        answer = await self.send_frame(json.dumps(request), request_id)
+        assert "result" in answer, answer
+        return answer["result"]
+
+
+async def open_client(url: str, auth: dict[str, str]) -> Client:
+    ws = await connect(url, ping_interval=None, compression=None, max_size=None)
+    client = Client(ws)
+    await client.call("session.auth", auth)
+    await client.call("server.handshake", {"protocol_version": 3})
+    return client
+
+
+@dataclass
+class Delivery:
+    events: int
+    gaps: int
+
+
+async def bench_car_grpc(
+    batch_size: int, agent: Client, watcher: Client | None
+) -> tuple[Figures, Delivery]:
+    total = TURNS[batch_size]
+    per_run = MAX_TURNS_PER_RUN // batch_size * batch_size
+    latencies: list[float] = []
+    events, gaps = (watcher.events, watcher.gaps) if watcher else (0, 0)
+    clock = time.perf_counter
+    done = 0
+    runs = []
+    while done < total:
+        run_id = (await agent.call("runs.start", {"intent": f"bench {batch_size}"}))["run_id"]
+        runs.append(run_id)
+        if watcher is not None:
+            await watcher.call("runs.subscribe", {"run_id": run_id})
+        for _ in range(min(per_run, total - done) // batch_size):
+            batch = [turn(done + i) for i in range(batch_size)]
+            request_id = agent.next_id()
+            text = frame(run_id, batch, request_id)
+            start = clock()
+            answer = await agent.send_frame(text, request_id)
+            latencies.append(clock() - start)
+            assert answer["result"]["ok"], answer
+            done += batch_size
+        await agent.call("runs.complete", {"run_id": run_id, "outcome": {"status": "ok"}})
+    if watcher is None:
+        return figures(total, sum(latencies), latencies), Delivery(0, 0)
+    async with asyncio.timeout(30):  # every run's `ended` reaches the subscriber
+        for run_id in runs:
+            await watcher.ended_event(run_id).wait()
+    delivery = Delivery(watcher.events - events, watcher.gaps - gaps)
+    return figures(total, sum(latencies), latencies), delivery
+
+
+# ------------------------------------------------------------------ baselines
+
+
+def bench_sqlite(batch_size: int, path: Path) -> Figures:
+    """The same batches as raw inserts: WAL, synchronous=FULL, one transaction each."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS t(run INTEGER, seq INTEGER, body BLOB,"
+        " PRIMARY KEY (run, seq)) WITHOUT ROWID"
+    )
+    total = TURNS[batch_size]
+    latencies: list[float] = []
+    clock = time.perf_counter
+    for n in range(0, total, batch_size):
+        rows = [(batch_size, n + i, json.dumps(turn(n + i)).encode()) for i in range(batch_size)]
+        start = clock()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
+        conn.execute("COMMIT")
+        latencies.append(clock() - start)
+    conn.close()
+    return figures(total, sum(latencies), latencies)
+
+
+async def _echo(ws: ServerConnection) -> None:
+    async for message in ws:
+        await ws.send(message)
+
+
+async def run_echo_server() -> None:
+    """`python -m bench.bench_runs echo`: print the port, echo until stdin closes."""
+    async with serve(
+        _echo, "127.0.0.1", 0, ping_interval=None, compression=None, max_size=None
+    ) as server:
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+async def bench_echo(batch_size: int) -> Figures:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.bench_runs",
+        "echo",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        port = int(await asyncio.wait_for(proc.stdout.readline(), 20))
+        async with connect(
+            f"ws://127.0.0.1:{port}/", ping_interval=None, compression=None, max_size=None
+        ) as ws:
+            total = TURNS[batch_size]
+            latencies: list[float] = []
+            clock = time.perf_counter
+            for n in range(0, total, batch_size):
+                text = frame("run-x", [turn(n + i) for i in range(batch_size)], n)
+                start = clock()
+                await ws.send(text)
+                await ws.recv()
+                latencies.append(clock() - start)
+        proc.stdin.close()
+        return figures(total, sum(latencies), latencies)
+    finally:
+        await _stop(proc)
+
+
+# ------------------------------------------------------------------ report
+
+
+async def run() -> list[tuple[int, Figures, Figures, Figures, Figures, Delivery]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        store = SqliteStore(Config(state_root=home).store_path)
+        token = AgentTokens(store).add("bench-agent")
+        store.close_sync()
+        async with car_grpc_serve(home) as url:
+            host_token = (home / "ai.parslee.car" / HOST_TOKEN_FILE).read_text()
+            agent = await open_client(url, {"agent_id": "bench-agent", "token": token})
+            watcher = await open_client(url, {"host_token": host_token})
+            for size in BATCH_SIZES:
+                await bench_car_grpc(size, agent, watcher)  # warm up
+                ours, delivery = await bench_car_grpc(size, agent, watcher)
+                alone, _ = await bench_car_grpc(size, agent, None)
+                raw = bench_sqlite(size, Path(tmp) / f"raw-{size}.sqlite3")
+                echo = await bench_echo(size)
+                rows.append((size, ours, alone, raw, echo, delivery))
+            for client in (agent, watcher):
+                await client.ws.close()
+                client.reader.cancel()
+    return rows
+
+
+def main() -> None:
+    started = time.perf_counter()
+    rows = asyncio.run(run())
+    print(
+        f"{'':6}{'car-grpc, subscribed':>21}{'no subscriber':>16}{'sqlite':>16}{'ws echo':>16}"
+        f"{'subscribed / baseline':>30}{'subscriber':>17}"
+    )
+    print(
+        f"{'batch':>5} {'turns/s':>11}{'p50 ms':>9}"
+        + f"{'turns/s':>9}{'p50 ms':>7}" * 3
+        + f"   {'vs sqlite':>9}{'vs echo':>8}{'p50 vs both':>12}   {'events':>7}{'gaps':>5}"
+    )
+    for size, ours, alone, raw, echo, seen in rows:
+        vs_raw = ours.turns_per_s / raw.turns_per_s
+        vs_echo = ours.turns_per_s / echo.turns_per_s
+        floor = raw.p50_ms + echo.p50_ms
+        print(
+            f"{size:5d} {ours.turns_per_s:11.0f}{ours.p50_ms:9.2f}"
+            + "".join(f"{f.turns_per_s:9.0f}{f.p50_ms:7.2f}" for f in (alone, raw, echo))
+            + f"   {vs_raw:8.2f}x{vs_echo:7.2f}x{ours.p50_ms / floor:11.1f}x"
+            f"   {seen.events / TURNS[size]:7.0%}{seen.gaps:5d}"
+        )
+    print(
+        "car-grpc: `car-grpc serve` (gateway + core in one process), one writer, one batch in"
+        " flight; `subscribed`: a host subscribed to every run (events: turn events it got;"
+        " gaps: where fan-out fell behind the recorder and dropped). turns/s ratios: higher"
+        f" is better. Ran in {time.perf_counter() - started:.0f}s."
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["echo"]:
+        asyncio.run(run_echo_server())
+    else:
+        main()
