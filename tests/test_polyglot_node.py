@@ -5,15 +5,26 @@ gRPC, on raw WebSocket JSON-RPC, and on the official `car-runtime` client.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
+import json
+import re
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
 
-from car_grpc.v1 import tools_pb2, tools_pb2_grpc
-from tests.client_programs import Program, ensure_installed, run_node
+from car_grpc.core.server import Core
+from car_grpc.v1 import chats_pb2, runs_pb2, session_pb2, tools_pb2, tools_pb2_grpc
+from tests.client_programs import Program, ensure_installed, run_car_runtime_agent, run_node
+from tests.conftest import make_config
 from tests.serve_sync import Served, start_serve
+from tests.session_client import SessionClient, connect
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,6 +60,16 @@ def node_agent(served: Served, agent_id: str) -> contextlib.AbstractAsyncContext
     """clients/node/agent.js attached as `agent_id` with a token from `car-grpc agents add`."""
     token = served.add_agent(agent_id)
     return node(served, "agent.js", CAR_AGENT_ID=agent_id, CAR_AGENT_TOKEN=token)
+
+
+def node_reply(agent_id: str, prompt: str) -> str:
+    """What clients/node/agent.js answers to a prompt."""
+    return f"Node agent {agent_id} heard: {prompt}"
+
+
+def words(text: str) -> list[str]:
+    """`text` as chat tokens: each word with the whitespace after it."""
+    return re.findall(r"\S+\s*", text)
 
 
 # ------------------------------------------------------------------ the Node agent
@@ -88,7 +109,137 @@ async def test_node_agent_with_a_wrong_token_is_refused(served: Served) -> None:
         assert await agent.proc.wait() == 1
 
 
+async def test_python_grpc_host_chats_with_the_node_agent(
+    served: Served, channel: grpc.aio.Channel
+) -> None:
+    async with node_agent(served, "node-agent") as agent:
+        await agent.expect("ready")
+        host = await connect(channel, token=served.token("auth-token"))
+        try:
+            ask = chats_pb2.ChatRequest(agent_id="node-agent", prompt="hello from Python")
+            accepted = await host.request("agents_chat", ask)
+            assert accepted.accepted
+            events: list[chats_pb2.ChatEvent] = []
+            while not events or events[-1].kind not in ("done", "error"):
+                frame = await host.next_notification()
+                assert frame.agents_chat_event.session_id == accepted.session_id
+                assert frame.agents_chat_event.agent_id == "node-agent"
+                events.append(frame.agents_chat_event.event)
+        finally:
+            await host.close()
+        chat = await agent.expect("chat")
+    assert chat == {
+        "event": "chat",
+        "session_id": accepted.session_id,
+        "prompt": "hello from Python",
+    }
+    assert [e.kind for e in events] == ["token"] * (len(events) - 1) + ["done"]
+    assert "".join(e.delta for e in events[:-1]) == node_reply("node-agent", "hello from Python")
+
+
+class JsonRpc:
+    """A raw JSON-RPC client on one WebSocket, as any WebSocket host would be."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self._ids = itertools.count(1)
+        #: Frames that arrived while a call waited for its answer.
+        self._inbox: list[dict[str, Any]] = []
+
+    async def _recv(self, timeout: float) -> dict[str, Any]:
+        message: dict[str, Any] = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        return message
+
+    async def call(self, method: str, params: Any, timeout: float = 5) -> Any:
+        frame_id = next(self._ids)
+        frame = {"jsonrpc": "2.0", "id": frame_id, "method": method, "params": params}
+        await self.ws.send(json.dumps(frame))
+        while True:
+            message = await self._recv(timeout)
+            if message.get("id") == frame_id and "method" not in message:
+                assert "result" in message, f"{method}: {message}"
+                return message["result"]
+            self._inbox.append(message)
+
+    async def next_message(self, timeout: float = 5) -> dict[str, Any]:
+        return self._inbox.pop(0) if self._inbox else await self._recv(timeout)
+
+
+async def test_python_websocket_host_chats_with_the_node_agent(served: Served) -> None:
+    async with node_agent(served, "node-agent") as agent:
+        await agent.expect("ready")
+        async with ws_connect(served.ws_url, ping_interval=None) as ws:
+            host = JsonRpc(ws)
+            await host.call("session.auth", {"token": served.token("auth-token")})
+            await host.call("server.handshake", {"protocol_version": 3})
+            ask = {"agent_id": "node-agent", "prompt": "hello over WebSocket"}
+            accepted = await host.call("agents.chat", ask)
+            assert accepted["accepted"] is True
+            events: list[dict[str, Any]] = []
+            while not events or events[-1]["kind"] not in ("done", "error"):
+                message = await host.next_message()
+                assert message["method"] == "agents.chat.event", message
+                events.append(message["params"])
+        chat = await agent.expect("chat")
+    assert chat["session_id"] == accepted["session_id"]
+    assert chat["prompt"] == "hello over WebSocket"
+    assert all(e["session_id"] == accepted["session_id"] for e in events)
+    assert all(e["agent_id"] == "node-agent" for e in events)
+    assert [e["kind"] for e in events] == ["token"] * (len(events) - 1) + ["done"]
+    text = "".join(e["delta"] for e in events[:-1])
+    assert text == node_reply("node-agent", "hello over WebSocket")
+
+
 # ------------------------------------------------------------------ the Node host
+
+
+def serve_chats_in_python(agent: SessionClient, reply: str) -> None:
+    """A Python agent on the gRPC session stream: ack each agent.chat, stream `reply`."""
+
+    async def on_request(frame: session_pb2.ServerFrame) -> None:
+        assert frame.WhichOneof("body") == "agent_chat", frame
+        session_id = frame.agent_chat.session_id
+        await agent.answer(frame.id, "agent_chat", chats_pb2.AgentChatResponse(accepted=True))
+        for kind, delta in [*(("token", w) for w in words(reply)), ("done", None)]:
+            notice = chats_pb2.AgentChatEventNotice(
+                session_id=session_id, event=chats_pb2.ChatEvent(kind=kind, delta=delta)
+            )
+            await agent.send(session_pb2.ClientFrame(agent_chat_event=notice))
+
+    agent.on_server_request = on_request
+
+
+def assert_chat_reply(events: list[dict[str, Any]], reply: str) -> None:
+    """The events of clients/node/chat.js for a chat answered with `reply`."""
+    assert events[0]["event"] == "accepted" and events[0]["session_id"], events
+    assert [e["delta"] for e in events[1:-3]] == words(reply)
+    assert [e["kind"] for e in events[1:-2]] == ["token"] * len(words(reply)) + ["done"]
+    assert events[-2:] == [{"event": "reply", "text": reply}, {"event": "end"}]
+
+
+async def test_node_host_chats_with_a_python_grpc_agent(
+    served: Served, channel: grpc.aio.Channel
+) -> None:
+    agent = await connect(channel, token=served.add_agent("py-agent"), agent_id="py-agent")
+    serve_chats_in_python(agent, "Python says hi")
+    try:
+        async with node(served, "chat.js", "py-agent", "hello from Node") as host:
+            events = await host.finish()
+    finally:
+        await agent.close()
+    assert_chat_reply(events, "Python says hi")
+
+
+async def test_node_host_chats_with_a_car_runtime_agent(served: Served) -> None:
+    """The official Python client, attached over WebSocket, serves the Node gRPC host."""
+    token = served.add_agent("runtime-agent")
+    async with run_car_runtime_agent(
+        "car-runtime says hi", url=served.ws_url, agent_id="runtime-agent", token=token
+    ) as agent:
+        await agent.expect("ready")
+        async with node(served, "chat.js", "runtime-agent", "hello from Node") as host:
+            events = await host.finish()
+    assert_chat_reply(events, "car-runtime says hi")
 
 
 async def test_node_tool_host_answers_the_callbacks_of_its_proposal(served: Served) -> None:
@@ -110,3 +261,94 @@ async def test_node_tool_host_answers_the_callbacks_of_its_proposal(served: Serv
         },
     ]
     assert result["tool_calls"] == 3
+
+
+# ------------------------------------------------------------------ the Node run watcher
+
+
+def turns(*prompts: str) -> list[runs_pb2.RunTurn]:
+    return [runs_pb2.RunTurn(prompt=p, tool="shell") for p in prompts]
+
+
+async def test_node_run_watcher_follows_a_python_agents_run_and_resumes(
+    served: Served, channel: grpc.aio.Channel
+) -> None:
+    agent = await connect(channel, token=served.add_agent("py-agent"), agent_id="py-agent")
+    try:
+        started = await agent.request("runs_start", runs_pb2.StartRunRequest(intent="fix it"))
+        run_id = started.run_id
+        batch = runs_pb2.RecordTurnsRequest(run_id=run_id, turns=turns("one", "two"))
+        await agent.request("runs_record_turns", batch)
+
+        async with node(served, "watch-run.js", run_id) as watcher:
+            # The records already stored, from cursor 0 (the host token reads any run).
+            seen = [await watcher.expect("record") for _ in range(3)]
+            assert [(r["cursor"], r["kind"]) for r in seen] == [
+                (1, "started"),
+                (2, "turn"),
+                (3, "turn"),
+            ]
+            assert seen[0]["agent_id"] == "py-agent" and seen[0]["intent"] == "fix it"
+            assert [r["prompt"] for r in seen[1:]] == ["one", "two"]
+            assert all(r["status"] == "RUN_STATUS_IN_PROGRESS" for r in seen)
+            # Then live: a turn recorded now, and the end of the run.
+            batch = runs_pb2.RecordTurnsRequest(run_id=run_id, turns=turns("three"))
+            await agent.request("runs_record_turns", batch)
+            live = await watcher.expect("record")
+            assert (live["cursor"], live["prompt"], live["index"]) == (4, "three", 2)
+            outcome = runs_pb2.RunOutcome(status="success", summary="done")
+            complete = runs_pb2.CompleteRunRequest(run_id=run_id, outcome=outcome)
+            await agent.request("runs_complete", complete)
+            ended = await watcher.expect("record")
+            assert (ended["cursor"], ended["kind"]) == (5, "ended")
+            assert ended["status"] == "RUN_STATUS_COMPLETED"
+            assert (await watcher.finish())[-1] == {"event": "end", "cursor": 5}
+    finally:
+        await agent.close()
+
+    # A watcher that resumes from cursor 3 gets exactly the records after it.
+    async with node(served, "watch-run.js", run_id, "3") as resumed:
+        events = await resumed.finish()
+    assert [(e["event"], e.get("cursor"), e.get("kind")) for e in events] == [
+        ("record", 4, "turn"),
+        ("record", 5, "ended"),
+        ("end", 5, None),
+    ]
+
+
+async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) -> None:
+    """The watcher reconnects with its last cursor (and the new host token) and sees the
+    run that the restart left incomplete end, with nothing missed or repeated."""
+    config = make_config(tmp_path)
+    core = Core(config)
+    await core.start()
+    try:
+        assert core.state is not None
+        token = await asyncio.to_thread(core.state.agent_tokens.add, "py-agent")
+        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+            agent = await connect(channel, token=token, agent_id="py-agent")
+            run = await agent.request("runs_start", runs_pb2.StartRunRequest(intent="survive"))
+            batch = runs_pb2.RecordTurnsRequest(run_id=run.run_id, turns=turns("one"))
+            await agent.request("runs_record_turns", batch)
+            async with run_node(
+                "watch-run.js",
+                run.run_id,
+                address=core.grpc_address,
+                car_home=config.token_dir.parent,
+            ) as watcher:
+                assert [(await watcher.expect("record"))["cursor"] for _ in range(2)] == [1, 2]
+                await core.stop(grace=0)  # the agent is still connected: its run stays open
+                assert (await watcher.next_event())["event"] == "reconnecting"
+                config.grpc_port = core.grpc_port  # the same address, a new process state
+                core = Core(config)
+                await core.start()
+                seen = len(watcher.events)
+                events = (await watcher.finish(timeout=20))[seen:]
+            await agent.close()
+    finally:
+        await core.stop(grace=0)
+    assert [(e["event"], e.get("cursor"), e.get("kind")) for e in events] == [
+        ("record", 3, "ended"),
+        ("end", 3, None),
+    ]
+    assert events[0]["status"] == "RUN_STATUS_INCOMPLETE"
