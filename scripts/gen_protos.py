@@ -1,4 +1,5 @@
-"""Regenerate car_grpc/v1 from proto/car/v1: messages, gRPC stubs and mypy-protobuf stubs.
+"""Regenerate car_grpc/v1 from proto/car/v1: messages, gRPC stubs and mypy-protobuf stubs;
+then docs/api-table.md from the new code (scripts/gen_api_table.py).
 
 Run with `python scripts/gen_protos.py` (the dev extra provides grpcio-tools and
 mypy-protobuf). The output is committed; CI regenerates it and fails on any difference.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -59,7 +61,9 @@ def main() -> int:
             (OUT / src.name).write_text(text)
     (OUT / "__init__.py").write_text(INIT)
     (OUT / "py.typed").write_text("")
-    return 0
+    # A fresh interpreter, so that the table is made from the code just written.
+    table = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_api_table.py")])
+    return table.returncode
 
 
 if __name__ == "__main__":
