@@ -28,6 +28,7 @@ FrameKind = options_pb2.FrameKind
 REQUEST = options_pb2.FRAME_KIND_REQUEST
 RESPONSE = options_pb2.FRAME_KIND_RESPONSE
 NOTIFICATION = options_pb2.FRAME_KIND_NOTIFICATION
+BINARY = options_pb2.FRAME_KIND_BINARY
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,9 @@ CLIENT_NOTIFICATIONS = _by_method(CLIENT_MEMBERS, NOTIFICATION)
 SERVER_RESPONSES = _by_method(SERVER_MEMBERS, RESPONSE)
 SERVER_REQUESTS = _by_method(SERVER_MEMBERS, REQUEST)
 SERVER_NOTIFICATIONS = _by_method(SERVER_MEMBERS, NOTIFICATION)
+# Members that travel as CAR binary frames on the WebSocket (no JSON-RPC method), by field.
+CLIENT_BINARY = {m.field: m for m in CLIENT_MEMBERS.values() if m.kind == BINARY}
+SERVER_BINARY = {m.field: m for m in SERVER_MEMBERS.values() if m.kind == BINARY}
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ def _member(member: api.Member) -> str:
 def _rpc(method: MethodDescriptor) -> str:
     assert method.containing_service is not None
     text = f"`{method.containing_service.name}.{method.name}`"
+    if method.client_streaming and method.server_streaming:
+        return text + " (bidi stream)"
     return text + " (server stream)" if method.server_streaming else text
 
 
@@ -137,6 +139,21 @@ def render() -> str:
         for method, member in api.CLIENT_NOTIFICATIONS.items()
     ]
     parts.append(_rows(["JSON-RPC method", "direction", "member"], rows))
+
+    parts.append(
+        "\n## Binary frames\n\n"
+        "Members that are not JSON-RPC: on the WebSocket they travel as CAR binary frames "
+        "(a 26-byte header, then the payload; see `voice.proto`), on the session stream as "
+        "frames with an empty `id`. Nothing answers them.\n\n"
+    )
+    rows = [
+        ["client → server", f"`ClientFrame.{m.field}` {_type(m.message)}"]
+        for m in api.CLIENT_BINARY.values()
+    ] + [
+        ["server → client", f"`ServerFrame.{m.field}` {_type(m.message)}"]
+        for m in api.SERVER_BINARY.values()
+    ]
+    parts.append(_rows(["direction", "member"], rows))
 
     parts.append(
         "\n## Typed RPCs\n\n"

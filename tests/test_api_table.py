@@ -23,6 +23,9 @@ CLIENT_REQUESTS = {
     "goal.set", "goal.status", "goal.clear",
     "host.subscribe", "host.register_agent", "host.unregister_agent", "host.set_status",
     "host.request_approval", "host.approvals", "host.resolve_approval",
+    "voice.transcribe_stream.start", "voice.transcribe_stream.push",
+    "voice.transcribe_stream.stop", "voice.sessions.list", "voice.providers.list",
+    "meeting.start", "meeting.stop", "meeting.list", "meeting.get",
 }  # fmt: skip
 SERVER_REQUESTS = {"tools.execute", "agent.chat", "agent.chat.approve"}
 SERVER_NOTIFICATIONS = {
@@ -48,6 +51,12 @@ def test_server_initiated_requests_have_typed_answers() -> None:
 def test_notifications_both_ways() -> None:
     assert set(api.SERVER_NOTIFICATIONS) == SERVER_NOTIFICATIONS
     assert set(api.CLIENT_NOTIFICATIONS) == CLIENT_NOTIFICATIONS
+
+
+def test_audio_travels_as_binary_frames_both_ways() -> None:
+    assert set(api.CLIENT_BINARY) == set(api.SERVER_BINARY) == {"voice_audio"}
+    for member in [*api.CLIENT_BINARY.values(), *api.SERVER_BINARY.values()]:
+        assert member.method == "" and member.message.name == "VoiceAudio"
 
 
 def test_bare_params_and_results_are_declared() -> None:

@@ -72,8 +72,9 @@ def handles(member: str) -> Callable[[Handler], Handler]:
 
 
 def handles_notification(member: str) -> Callable[[NotificationHandler], NotificationHandler]:
-    """Register the handler of a ClientFrame notification member."""
-    if member not in api.CLIENT_MEMBERS or api.CLIENT_MEMBERS[member].kind != api.NOTIFICATION:
+    """Register the handler of a ClientFrame notification (or binary frame) member."""
+    kind = api.CLIENT_MEMBERS[member].kind if member in api.CLIENT_MEMBERS else None
+    if kind not in (api.NOTIFICATION, api.BINARY):
         raise ValueError(f"{member!r} is not a notification member of ClientFrame")
 
     def register(fn: NotificationHandler) -> NotificationHandler:

@@ -96,7 +96,7 @@ class SessionStream:
             elif binding is None:
                 err = CarError(INVALID_REQUEST, "invalid request: frame has no body")
                 await self.session.send(_error_frame(frame.id, err))
-            elif binding.kind == api.NOTIFICATION:
+            elif binding.kind in (api.NOTIFICATION, api.BINARY):
                 await self._spawn(self._notification(binding.field, frame))
             elif not self.session.authenticated:
                 # Until auth succeeds, requests run one at a time, in order.

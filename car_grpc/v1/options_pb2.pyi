@@ -34,6 +34,10 @@ class _FrameKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FrameKind.V
     """The result of a request (JSON-RPC `result`), matched to it by the frame id."""
     FRAME_KIND_NOTIFICATION: _FrameKind.ValueType  # 3
     """A notification: `method` and `params`, no `id`, no answer."""
+    FRAME_KIND_BINARY: _FrameKind.ValueType  # 4
+    """Not JSON-RPC: on the WebSocket the member travels as a CAR binary frame (a 26-byte
+    header, then the payload; see voice.proto), with no answer. `method` is empty.
+    """
 
 class FrameKind(_FrameKind, metaclass=_FrameKindEnumTypeWrapper):
     """Options that bind the typed API to the CAR JSON-RPC wire (PROTOCOL.md).
@@ -64,6 +68,10 @@ FRAME_KIND_RESPONSE: FrameKind.ValueType  # 2
 """The result of a request (JSON-RPC `result`), matched to it by the frame id."""
 FRAME_KIND_NOTIFICATION: FrameKind.ValueType  # 3
 """A notification: `method` and `params`, no `id`, no answer."""
+FRAME_KIND_BINARY: FrameKind.ValueType  # 4
+"""Not JSON-RPC: on the WebSocket the member travels as a CAR binary frame (a 26-byte
+header, then the payload; see voice.proto), with no answer. `method` is empty.
+"""
 Global___FrameKind: _TypeAlias = FrameKind  # noqa: Y015
 
 @_typing.final

@@ -358,6 +358,16 @@ class ClientFrame(_message.Message):
     HOST_RESOLVE_APPROVAL_FIELD_NUMBER: _builtins.int
     SERVER_STATUS_FIELD_NUMBER: _builtins.int
     SERVER_METRICS_FIELD_NUMBER: _builtins.int
+    VOICE_TRANSCRIBE_STREAM_START_FIELD_NUMBER: _builtins.int
+    VOICE_TRANSCRIBE_STREAM_PUSH_FIELD_NUMBER: _builtins.int
+    VOICE_TRANSCRIBE_STREAM_STOP_FIELD_NUMBER: _builtins.int
+    VOICE_SESSIONS_LIST_FIELD_NUMBER: _builtins.int
+    VOICE_PROVIDERS_LIST_FIELD_NUMBER: _builtins.int
+    VOICE_AUDIO_FIELD_NUMBER: _builtins.int
+    MEETING_START_FIELD_NUMBER: _builtins.int
+    MEETING_STOP_FIELD_NUMBER: _builtins.int
+    MEETING_LIST_FIELD_NUMBER: _builtins.int
+    MEETING_GET_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Correlation id: a fresh id per request (any string, unique among the client's open
     requests); for an answer, the id of the server request it answers; empty for a
@@ -471,6 +481,36 @@ class ClientFrame(_message.Message):
 
     @_builtins.property
     def server_metrics(self) -> _status_pb2.GetMetricsRequest: ...
+    @_builtins.property
+    def voice_transcribe_stream_start(self) -> _voice_pb2.StartTranscribeStreamRequest:
+        """§7 voice sessions (voice.proto)."""
+
+    @_builtins.property
+    def voice_transcribe_stream_push(self) -> _voice_pb2.PushTranscribeAudioRequest: ...
+    @_builtins.property
+    def voice_transcribe_stream_stop(self) -> _voice_pb2.StopTranscribeStreamRequest: ...
+    @_builtins.property
+    def voice_sessions_list(self) -> _voice_pb2.ListVoiceSessionsRequest: ...
+    @_builtins.property
+    def voice_providers_list(self) -> _voice_pb2.ListVoiceProvidersRequest: ...
+    @_builtins.property
+    def voice_audio(self) -> _voice_pb2.VoiceAudio:
+        """PCM audio for a voice session of this connection (type AUDIO_FRAME_TYPE_PCM): a
+        binary frame of type 0x01 on the WebSocket. Nothing answers it; a chunk the server
+        cannot take (unknown voice session, bad size) is answered with a (not terminal)
+        error `voice.event` for that session id.
+        """
+
+    @_builtins.property
+    def meeting_start(self) -> _voice_pb2.StartMeetingRequest:
+        """§7 meetings (voice.proto)."""
+
+    @_builtins.property
+    def meeting_stop(self) -> _voice_pb2.StopMeetingRequest: ...
+    @_builtins.property
+    def meeting_list(self) -> _voice_pb2.ListMeetingsRequest: ...
+    @_builtins.property
+    def meeting_get(self) -> _voice_pb2.GetMeetingRequest: ...
     def __init__(
         self,
         *,
@@ -519,12 +559,22 @@ class ClientFrame(_message.Message):
         host_resolve_approval: _host_pb2.ResolveApprovalRequest | None = ...,
         server_status: _status_pb2.GetStatusRequest | None = ...,
         server_metrics: _status_pb2.GetMetricsRequest | None = ...,
+        voice_transcribe_stream_start: _voice_pb2.StartTranscribeStreamRequest | None = ...,
+        voice_transcribe_stream_push: _voice_pb2.PushTranscribeAudioRequest | None = ...,
+        voice_transcribe_stream_stop: _voice_pb2.StopTranscribeStreamRequest | None = ...,
+        voice_sessions_list: _voice_pb2.ListVoiceSessionsRequest | None = ...,
+        voice_providers_list: _voice_pb2.ListVoiceProvidersRequest | None = ...,
+        voice_audio: _voice_pb2.VoiceAudio | None = ...,
+        meeting_start: _voice_pb2.StartMeetingRequest | None = ...,
+        meeting_stop: _voice_pb2.StopMeetingRequest | None = ...,
+        meeting_list: _voice_pb2.ListMeetingsRequest | None = ...,
+        meeting_get: _voice_pb2.GetMeetingRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_event", b"agent_chat_event", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_event", b"agent_chat_event", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "meeting_get", b"meeting_get", "meeting_list", b"meeting_list", "meeting_start", b"meeting_start", "meeting_stop", b"meeting_stop", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister", "voice_audio", b"voice_audio", "voice_providers_list", b"voice_providers_list", "voice_sessions_list", b"voice_sessions_list", "voice_transcribe_stream_push", b"voice_transcribe_stream_push", "voice_transcribe_stream_start", b"voice_transcribe_stream_start", "voice_transcribe_stream_stop", b"voice_transcribe_stream_stop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_event", b"agent_chat_event", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "id", b"id", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_event", b"agent_chat_event", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "id", b"id", "meeting_get", b"meeting_get", "meeting_list", b"meeting_list", "meeting_start", b"meeting_start", "meeting_stop", b"meeting_stop", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister", "voice_audio", b"voice_audio", "voice_providers_list", b"voice_providers_list", "voice_sessions_list", b"voice_sessions_list", "voice_transcribe_stream_push", b"voice_transcribe_stream_push", "voice_transcribe_stream_start", b"voice_transcribe_stream_start", "voice_transcribe_stream_stop", b"voice_transcribe_stream_stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["error", "session_auth", "server_handshake", "session_init", "session_clear_halt", "tools_register", "tools_list", "tools_unregister", "proposal_submit", "tools_execute", "policy_register", "policy_unregister", "policy_list", "state_get", "state_set", "state_exists", "state_keys", "state_snapshot", "runs_start", "runs_complete", "runs_record_turns", "runs_subscribe", "runs_unsubscribe", "runs_list", "runs_get_trace", "agents_chat", "agents_chat_cancel", "agents_chat_approve", "goal_set", "goal_status", "goal_clear", "agent_chat", "agent_chat_approve", "agent_chat_event", "host_subscribe", "host_register_agent", "host_unregister_agent", "host_set_status", "host_agents", "host_request_approval", "host_approvals", "host_resolve_approval", "server_status", "server_metrics"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["error", "session_auth", "server_handshake", "session_init", "session_clear_halt", "tools_register", "tools_list", "tools_unregister", "proposal_submit", "tools_execute", "policy_register", "policy_unregister", "policy_list", "state_get", "state_set", "state_exists", "state_keys", "state_snapshot", "runs_start", "runs_complete", "runs_record_turns", "runs_subscribe", "runs_unsubscribe", "runs_list", "runs_get_trace", "agents_chat", "agents_chat_cancel", "agents_chat_approve", "goal_set", "goal_status", "goal_clear", "agent_chat", "agent_chat_approve", "agent_chat_event", "host_subscribe", "host_register_agent", "host_unregister_agent", "host_set_status", "host_agents", "host_request_approval", "host_approvals", "host_resolve_approval", "server_status", "server_metrics", "voice_transcribe_stream_start", "voice_transcribe_stream_push", "voice_transcribe_stream_stop", "voice_sessions_list", "voice_providers_list", "voice_audio", "meeting_start", "meeting_stop", "meeting_list", "meeting_get"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -589,6 +639,16 @@ class ServerFrame(_message.Message):
     SERVER_STATUS_FIELD_NUMBER: _builtins.int
     SERVER_METRICS_FIELD_NUMBER: _builtins.int
     VOICE_EVENT_FIELD_NUMBER: _builtins.int
+    VOICE_TRANSCRIBE_STREAM_START_FIELD_NUMBER: _builtins.int
+    VOICE_TRANSCRIBE_STREAM_PUSH_FIELD_NUMBER: _builtins.int
+    VOICE_TRANSCRIBE_STREAM_STOP_FIELD_NUMBER: _builtins.int
+    VOICE_SESSIONS_LIST_FIELD_NUMBER: _builtins.int
+    VOICE_PROVIDERS_LIST_FIELD_NUMBER: _builtins.int
+    VOICE_AUDIO_FIELD_NUMBER: _builtins.int
+    MEETING_START_FIELD_NUMBER: _builtins.int
+    MEETING_STOP_FIELD_NUMBER: _builtins.int
+    MEETING_LIST_FIELD_NUMBER: _builtins.int
+    MEETING_GET_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The id of the request this answers; `cb-N` for a server-initiated request; empty for
     a notification.
@@ -713,6 +773,32 @@ class ServerFrame(_message.Message):
     def voice_event(self) -> _voice_pb2.VoiceEventNotice:
         """§7 voice."""
 
+    @_builtins.property
+    def voice_transcribe_stream_start(self) -> _voice_pb2.StartTranscribeStreamResponse: ...
+    @_builtins.property
+    def voice_transcribe_stream_push(self) -> _voice_pb2.PushTranscribeAudioResponse: ...
+    @_builtins.property
+    def voice_transcribe_stream_stop(self) -> _voice_pb2.StopTranscribeStreamResponse: ...
+    @_builtins.property
+    def voice_sessions_list(self) -> _voice_pb2.ListVoiceSessionsResponse: ...
+    @_builtins.property
+    def voice_providers_list(self) -> _voice_pb2.ListVoiceProvidersResponse: ...
+    @_builtins.property
+    def voice_audio(self) -> _voice_pb2.VoiceAudio:
+        """Synthesized speech of a voice session of this connection (type TTS_CHUNK, TTS_FINAL
+        or TTS_ERROR): a binary frame of type 0x02, 0x03 or 0x04 on the WebSocket.
+        """
+
+    @_builtins.property
+    def meeting_start(self) -> _voice_pb2.StartMeetingResponse:
+        """§7 meetings (voice.proto)."""
+
+    @_builtins.property
+    def meeting_stop(self) -> _voice_pb2.StopMeetingResponse: ...
+    @_builtins.property
+    def meeting_list(self) -> _voice_pb2.ListMeetingsResponse: ...
+    @_builtins.property
+    def meeting_get(self) -> _voice_pb2.GetMeetingResponse: ...
     def __init__(
         self,
         *,
@@ -766,12 +852,22 @@ class ServerFrame(_message.Message):
         server_status: _status_pb2.GetStatusResponse | None = ...,
         server_metrics: _status_pb2.GetMetricsResponse | None = ...,
         voice_event: _voice_pb2.VoiceEventNotice | None = ...,
+        voice_transcribe_stream_start: _voice_pb2.StartTranscribeStreamResponse | None = ...,
+        voice_transcribe_stream_push: _voice_pb2.PushTranscribeAudioResponse | None = ...,
+        voice_transcribe_stream_stop: _voice_pb2.StopTranscribeStreamResponse | None = ...,
+        voice_sessions_list: _voice_pb2.ListVoiceSessionsResponse | None = ...,
+        voice_providers_list: _voice_pb2.ListVoiceProvidersResponse | None = ...,
+        voice_audio: _voice_pb2.VoiceAudio | None = ...,
+        meeting_start: _voice_pb2.StartMeetingResponse | None = ...,
+        meeting_stop: _voice_pb2.StopMeetingResponse | None = ...,
+        meeting_list: _voice_pb2.ListMeetingsResponse | None = ...,
+        meeting_get: _voice_pb2.GetMeetingResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_cancel", b"agent_chat_cancel", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "agents_chat_event", b"agents_chat_event", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_event", b"host_event", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_trace_event", b"runs_trace_event", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_cancel", b"tools_cancel", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister", "voice_event", b"voice_event"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_cancel", b"agent_chat_cancel", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "agents_chat_event", b"agents_chat_event", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_event", b"host_event", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "meeting_get", b"meeting_get", "meeting_list", b"meeting_list", "meeting_start", b"meeting_start", "meeting_stop", b"meeting_stop", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_trace_event", b"runs_trace_event", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_cancel", b"tools_cancel", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister", "voice_audio", b"voice_audio", "voice_event", b"voice_event", "voice_providers_list", b"voice_providers_list", "voice_sessions_list", b"voice_sessions_list", "voice_transcribe_stream_push", b"voice_transcribe_stream_push", "voice_transcribe_stream_start", b"voice_transcribe_stream_start", "voice_transcribe_stream_stop", b"voice_transcribe_stream_stop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_cancel", b"agent_chat_cancel", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "agents_chat_event", b"agents_chat_event", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_event", b"host_event", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "id", b"id", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_trace_event", b"runs_trace_event", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_cancel", b"tools_cancel", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister", "voice_event", b"voice_event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_cancel", b"agent_chat_cancel", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "agents_chat_event", b"agents_chat_event", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_event", b"host_event", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "id", b"id", "meeting_get", b"meeting_get", "meeting_list", b"meeting_list", "meeting_start", b"meeting_start", "meeting_stop", b"meeting_stop", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_trace_event", b"runs_trace_event", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_cancel", b"tools_cancel", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister", "voice_audio", b"voice_audio", "voice_event", b"voice_event", "voice_providers_list", b"voice_providers_list", "voice_sessions_list", b"voice_sessions_list", "voice_transcribe_stream_push", b"voice_transcribe_stream_push", "voice_transcribe_stream_start", b"voice_transcribe_stream_start", "voice_transcribe_stream_stop", b"voice_transcribe_stream_stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["error", "session_auth", "server_handshake", "session_init", "session_clear_halt", "tools_register", "tools_list", "tools_unregister", "proposal_submit", "tools_execute", "tools_cancel", "policy_register", "policy_unregister", "policy_list", "state_get", "state_set", "state_exists", "state_keys", "state_snapshot", "runs_start", "runs_complete", "runs_record_turns", "runs_subscribe", "runs_unsubscribe", "runs_list", "runs_get_trace", "runs_trace_event", "agents_chat", "agents_chat_cancel", "agents_chat_approve", "goal_set", "goal_status", "goal_clear", "agent_chat", "agent_chat_approve", "agents_chat_event", "agent_chat_cancel", "host_subscribe", "host_register_agent", "host_unregister_agent", "host_set_status", "host_agents", "host_request_approval", "host_approvals", "host_resolve_approval", "host_event", "server_status", "server_metrics", "voice_event"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["error", "session_auth", "server_handshake", "session_init", "session_clear_halt", "tools_register", "tools_list", "tools_unregister", "proposal_submit", "tools_execute", "tools_cancel", "policy_register", "policy_unregister", "policy_list", "state_get", "state_set", "state_exists", "state_keys", "state_snapshot", "runs_start", "runs_complete", "runs_record_turns", "runs_subscribe", "runs_unsubscribe", "runs_list", "runs_get_trace", "runs_trace_event", "agents_chat", "agents_chat_cancel", "agents_chat_approve", "goal_set", "goal_status", "goal_clear", "agent_chat", "agent_chat_approve", "agents_chat_event", "agent_chat_cancel", "host_subscribe", "host_register_agent", "host_unregister_agent", "host_set_status", "host_agents", "host_request_approval", "host_approvals", "host_resolve_approval", "host_event", "server_status", "server_metrics", "voice_event", "voice_transcribe_stream_start", "voice_transcribe_stream_push", "voice_transcribe_stream_stop", "voice_sessions_list", "voice_providers_list", "voice_audio", "meeting_start", "meeting_stop", "meeting_list", "meeting_get"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

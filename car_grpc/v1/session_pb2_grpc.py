@@ -44,9 +44,9 @@ class SessionServiceStub:
     # Typed RPCs and how they bind to a session
 
     Every per-domain service (ToolService, StateService, PolicyService, RunService,
-    ChatService, HostService, ApprovalService, StatusService) offers the same operations
-    as unary or server-streaming RPCs, run by the same handlers as the session stream.
-    Each call carries gRPC metadata:
+    ChatService, HostService, ApprovalService, StatusService, VoiceService, MeetingService)
+    offers the same operations as unary or server-streaming RPCs, run by the same handlers
+    as the session stream. Each call carries gRPC metadata:
 
     - `authorization: Bearer <token>`: required unless auth is off. `<token>` is the daemon
     token (ordinary session), the host token (host role), or an agent token, in which
@@ -104,9 +104,9 @@ class SessionServiceServicer:
     # Typed RPCs and how they bind to a session
 
     Every per-domain service (ToolService, StateService, PolicyService, RunService,
-    ChatService, HostService, ApprovalService, StatusService) offers the same operations
-    as unary or server-streaming RPCs, run by the same handlers as the session stream.
-    Each call carries gRPC metadata:
+    ChatService, HostService, ApprovalService, StatusService, VoiceService, MeetingService)
+    offers the same operations as unary or server-streaming RPCs, run by the same handlers
+    as the session stream. Each call carries gRPC metadata:
 
     - `authorization: Bearer <token>`: required unless auth is off. `<token>` is the daemon
     token (ordinary session), the host token (host role), or an agent token, in which
@@ -194,9 +194,9 @@ class SessionService:
     # Typed RPCs and how they bind to a session
 
     Every per-domain service (ToolService, StateService, PolicyService, RunService,
-    ChatService, HostService, ApprovalService, StatusService) offers the same operations
-    as unary or server-streaming RPCs, run by the same handlers as the session stream.
-    Each call carries gRPC metadata:
+    ChatService, HostService, ApprovalService, StatusService, VoiceService, MeetingService)
+    offers the same operations as unary or server-streaming RPCs, run by the same handlers
+    as the session stream. Each call carries gRPC metadata:
 
     - `authorization: Bearer <token>`: required unless auth is off. `<token>` is the daemon
     token (ordinary session), the host token (host role), or an agent token, in which

@@ -45,9 +45,9 @@ class SessionServiceStub:
     # Typed RPCs and how they bind to a session
 
     Every per-domain service (ToolService, StateService, PolicyService, RunService,
-    ChatService, HostService, ApprovalService, StatusService) offers the same operations
-    as unary or server-streaming RPCs, run by the same handlers as the session stream.
-    Each call carries gRPC metadata:
+    ChatService, HostService, ApprovalService, StatusService, VoiceService, MeetingService)
+    offers the same operations as unary or server-streaming RPCs, run by the same handlers
+    as the session stream. Each call carries gRPC metadata:
 
       - `authorization: Bearer <token>`: required unless auth is off. `<token>` is the daemon
         token (ordinary session), the host token (host role), or an agent token, in which
@@ -101,9 +101,9 @@ class SessionServiceAsyncStub(SessionServiceStub):
     # Typed RPCs and how they bind to a session
 
     Every per-domain service (ToolService, StateService, PolicyService, RunService,
-    ChatService, HostService, ApprovalService, StatusService) offers the same operations
-    as unary or server-streaming RPCs, run by the same handlers as the session stream.
-    Each call carries gRPC metadata:
+    ChatService, HostService, ApprovalService, StatusService, VoiceService, MeetingService)
+    offers the same operations as unary or server-streaming RPCs, run by the same handlers
+    as the session stream. Each call carries gRPC metadata:
 
       - `authorization: Bearer <token>`: required unless auth is off. `<token>` is the daemon
         token (ordinary session), the host token (host role), or an agent token, in which
@@ -153,9 +153,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     # Typed RPCs and how they bind to a session
 
     Every per-domain service (ToolService, StateService, PolicyService, RunService,
-    ChatService, HostService, ApprovalService, StatusService) offers the same operations
-    as unary or server-streaming RPCs, run by the same handlers as the session stream.
-    Each call carries gRPC metadata:
+    ChatService, HostService, ApprovalService, StatusService, VoiceService, MeetingService)
+    offers the same operations as unary or server-streaming RPCs, run by the same handlers
+    as the session stream. Each call carries gRPC metadata:
 
       - `authorization: Bearer <token>`: required unless auth is off. `<token>` is the daemon
         token (ordinary session), the host token (host role), or an agent token, in which

@@ -22,22 +22,115 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from car_grpc.v1 import options_pb2 as car_dot_v1_dot_options__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63\x61r/v1/voice.proto\x12\x06\x63\x61r.v1\x1a\x1cgoogle/protobuf/struct.proto\"M\n\x10VoiceEventNotice\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"U\n\x18PublishVoiceEventRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\".\n\x19PublishVoiceEventResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x08\x32h\n\x0cVoiceService\x12X\n\x11PublishVoiceEvent\x12 .car.v1.PublishVoiceEventRequest\x1a!.car.v1.PublishVoiceEventResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63\x61r/v1/voice.proto\x12\x06\x63\x61r.v1\x1a\x14\x63\x61r/v1/options.proto\x1a\x1cgoogle/protobuf/struct.proto\"M\n\x10VoiceEventNotice\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"U\n\x18PublishVoiceEventRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\".\n\x19PublishVoiceEventResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x08\"\x86\x01\n\nVoiceAudio\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12$\n\x04type\x18\x03 \x01(\x0e\x32\x16.car.v1.AudioFrameType\x12#\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x13.car.v1.AudioFormat\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\xc0\x01\n\x1cStartTranscribeStreamRequest\x12\x17\n\nsession_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x19\n\x0c\x61udio_source\x18\x02 \x01(\tH\x01\x88\x01\x01\x12(\n\x07options\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\x08provider\x18\x04 \x01(\tH\x02\x88\x01\x01\x42\r\n\x0b_session_idB\x0f\n\r_audio_sourceB\x0b\n\t_provider\"[\n\x1dStartTranscribeStreamResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x14\n\x0c\x61udio_source\x18\x03 \x01(\t\"A\n\x1aPushTranscribeAudioRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07pcm_b64\x18\x02 \x01(\t\">\n\x1bPushTranscribeAudioResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"1\n\x1bStopTranscribeStreamRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"C\n\x1cStopTranscribeStreamResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07stopped\x18\x02 \x01(\x08\"\x1a\n\x18ListVoiceSessionsRequest\"\xbd\x01\n\x0cVoiceSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x14\n\x0c\x61udio_source\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x12\n\nstarted_at\x18\x05 \x01(\x03\x12\x11\n\tchunks_in\x18\x06 \x01(\x04\x12\x12\n\nevents_out\x18\x07 \x01(\x04\x12\x17\n\nmeeting_id\x18\x08 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_meeting_id\"C\n\x19ListVoiceSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.car.v1.VoiceSession\"\x1b\n\x19ListVoiceProvidersRequest\"?\n\rVoiceProvider\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x10\n\x08sessions\x18\x03 \x01(\r\"F\n\x1aListVoiceProvidersResponse\x12(\n\tproviders\x18\x01 \x03(\x0b\x32\x15.car.v1.VoiceProvider\"\xf2\x01\n\x11ServeVoiceRequest\x12/\n\x08register\x18\x01 \x01(\x0b\x32\x1b.car.v1.RegisterVoiceEngineH\x00\x12,\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1a.car.v1.VoiceSessionAnswerH\x00\x12)\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x18.car.v1.VoiceEngineEventH\x00\x12#\n\x05\x61udio\x18\x04 \x01(\x0b\x32\x12.car.v1.VoiceAudioH\x00\x12&\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x17.car.v1.EndVoiceSessionH\x00\x42\x06\n\x04\x62ody\"\xf7\x01\n\x12ServeVoiceResponse\x12\x33\n\nregistered\x18\x01 \x01(\x0b\x32\x1d.car.v1.VoiceEngineRegisteredH\x00\x12(\n\x04open\x18\x02 \x01(\x0b\x32\x18.car.v1.OpenVoiceSessionH\x00\x12#\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x12.car.v1.VoiceAudioH\x00\x12(\n\x04stop\x18\x04 \x01(\x0b\x32\x18.car.v1.StopVoiceSessionH\x00\x12+\n\x06\x63losed\x18\x05 \x01(\x0b\x32\x19.car.v1.CloseVoiceSessionH\x00\x42\x06\n\x04\x62ody\"H\n\x13RegisterVoiceEngine\x12\x13\n\x06\x65ngine\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x11\n\tproviders\x18\x02 \x03(\tB\t\n\x07_engine\":\n\x15VoiceEngineRegistered\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x11\n\tproviders\x18\x02 \x03(\t\"\xa0\x01\n\x10OpenVoiceSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x14\n\x0c\x61udio_source\x18\x03 \x01(\t\x12(\n\x07options\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\nmeeting_id\x18\x05 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_meeting_id\"F\n\x12VoiceSessionAnswer\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\x05\x65rror\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_error\"M\n\x10VoiceEngineEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"&\n\x10StopVoiceSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\"C\n\x0f\x45ndVoiceSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\x05\x65rror\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_error\"7\n\x11\x43loseVoiceSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x92\x02\n\x07Meeting\x12\x12\n\nmeeting_id\x18\x01 \x01(\t\x12\x12\n\x05title\x18\x02 \x01(\tH\x00\x88\x01\x01\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.car.v1.MeetingStatus\x12\x12\n\nstarted_at\x18\x04 \x01(\x03\x12\x15\n\x08\x65nded_at\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\x15\n\rsegment_count\x18\x08 \x01(\r\x12\x11\n\ttruncated\x18\t \x01(\x08\x12\x17\n\nend_reason\x18\n \x01(\tH\x02\x88\x01\x01\x42\x08\n\x06_titleB\x0b\n\t_ended_atB\r\n\x0b_end_reason\"\xbf\x01\n\x11TranscriptSegment\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07speaker\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08start_ms\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x13\n\x06\x65nd_ms\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x13\n\x0breceived_at\x18\x06 \x01(\x03\x12\x12\n\nsession_id\x18\x07 \x01(\tB\n\n\x08_speakerB\x0b\n\t_start_msB\t\n\x07_end_ms\"\xed\x01\n\x13StartMeetingRequest\x12\x0f\n\x02id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05title\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x17\n\nsession_id\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x15\n\x08provider\x18\x04 \x01(\tH\x03\x88\x01\x01\x12\x19\n\x0c\x61udio_source\x18\x05 \x01(\tH\x04\x88\x01\x01\x12(\n\x07options\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructB\x05\n\x03_idB\x08\n\x06_titleB\r\n\x0b_session_idB\x0b\n\t_providerB\x0f\n\r_audio_source\"L\n\x14StartMeetingResponse\x12 \n\x07meeting\x18\x01 \x01(\x0b\x32\x0f.car.v1.Meeting\x12\x12\n\nsession_id\x18\x02 \x01(\t\"(\n\x12StopMeetingRequest\x12\x12\n\nmeeting_id\x18\x01 \x01(\t\"H\n\x13StopMeetingResponse\x12 \n\x07meeting\x18\x01 \x01(\x0b\x32\x0f.car.v1.Meeting\x12\x0f\n\x07stopped\x18\x02 \x01(\x08\"3\n\x13ListMeetingsRequest\x12\x12\n\x05limit\x18\x01 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_limit\"9\n\x14ListMeetingsResponse\x12!\n\x08meetings\x18\x01 \x03(\x0b\x32\x0f.car.v1.Meeting\"\'\n\x11GetMeetingRequest\x12\x12\n\nmeeting_id\x18\x01 \x01(\t\"c\n\x12GetMeetingResponse\x12 \n\x07meeting\x18\x01 \x01(\x0b\x32\x0f.car.v1.Meeting\x12+\n\x08segments\x18\x02 \x03(\x0b\x32\x19.car.v1.TranscriptSegment*\xac\x01\n\x0e\x41udioFrameType\x12 \n\x1c\x41UDIO_FRAME_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41UDIO_FRAME_TYPE_PCM\x10\x01\x12\x1e\n\x1a\x41UDIO_FRAME_TYPE_TTS_CHUNK\x10\x02\x12\x1e\n\x1a\x41UDIO_FRAME_TYPE_TTS_FINAL\x10\x03\x12\x1e\n\x1a\x41UDIO_FRAME_TYPE_TTS_ERROR\x10\x04*q\n\x0b\x41udioFormat\x12\x1c\n\x18\x41UDIO_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41UDIO_FORMAT_PCM16LE\x10\x01\x12\x14\n\x10\x41UDIO_FORMAT_MP3\x10\x02\x12\x14\n\x10\x41UDIO_FORMAT_WAV\x10\x03*\x82\x01\n\rMeetingStatus\x12\x1e\n\x1aMEETING_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13MEETING_STATUS_LIVE\x10\x01\x12\x18\n\x14MEETING_STATUS_ENDED\x10\x02\x12\x1e\n\x1aMEETING_STATUS_INTERRUPTED\x10\x03\x32\xae\x06\n\x0cVoiceService\x12X\n\x11PublishVoiceEvent\x12 .car.v1.PublishVoiceEventRequest\x1a!.car.v1.PublishVoiceEventResponse\x12G\n\nServeVoice\x12\x19.car.v1.ServeVoiceRequest\x1a\x1a.car.v1.ServeVoiceResponse(\x01\x30\x01\x12\x87\x01\n\x15StartTranscribeStream\x12$.car.v1.StartTranscribeStreamRequest\x1a%.car.v1.StartTranscribeStreamResponse\"!\xb2\xbb\x18\x1dvoice.transcribe_stream.start\x12\x80\x01\n\x13PushTranscribeAudio\x12\".car.v1.PushTranscribeAudioRequest\x1a#.car.v1.PushTranscribeAudioResponse\" \xb2\xbb\x18\x1cvoice.transcribe_stream.push\x12\x83\x01\n\x14StopTranscribeStream\x12#.car.v1.StopTranscribeStreamRequest\x1a$.car.v1.StopTranscribeStreamResponse\" \xb2\xbb\x18\x1cvoice.transcribe_stream.stop\x12q\n\x11ListVoiceSessions\x12 .car.v1.ListVoiceSessionsRequest\x1a!.car.v1.ListVoiceSessionsResponse\"\x17\xb2\xbb\x18\x13voice.sessions.list\x12u\n\x12ListVoiceProviders\x12!.car.v1.ListVoiceProvidersRequest\x1a\".car.v1.ListVoiceProvidersResponse\"\x18\xb2\xbb\x18\x14voice.providers.list2\xfb\x02\n\x0eMeetingService\x12\\\n\x0cStartMeeting\x12\x1b.car.v1.StartMeetingRequest\x1a\x1c.car.v1.StartMeetingResponse\"\x11\xb2\xbb\x18\rmeeting.start\x12X\n\x0bStopMeeting\x12\x1a.car.v1.StopMeetingRequest\x1a\x1b.car.v1.StopMeetingResponse\"\x10\xb2\xbb\x18\x0cmeeting.stop\x12[\n\x0cListMeetings\x12\x1b.car.v1.ListMeetingsRequest\x1a\x1c.car.v1.ListMeetingsResponse\"\x10\xb2\xbb\x18\x0cmeeting.list\x12T\n\nGetMeeting\x12\x19.car.v1.GetMeetingRequest\x1a\x1a.car.v1.GetMeetingResponse\"\x0f\xb2\xbb\x18\x0bmeeting.getb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'car_grpc.v1.voice_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VOICEEVENTNOTICE']._serialized_start=60
-  _globals['_VOICEEVENTNOTICE']._serialized_end=137
-  _globals['_PUBLISHVOICEEVENTREQUEST']._serialized_start=139
-  _globals['_PUBLISHVOICEEVENTREQUEST']._serialized_end=224
-  _globals['_PUBLISHVOICEEVENTRESPONSE']._serialized_start=226
-  _globals['_PUBLISHVOICEEVENTRESPONSE']._serialized_end=272
-  _globals['_VOICESERVICE']._serialized_start=274
-  _globals['_VOICESERVICE']._serialized_end=378
+  _globals['_VOICESERVICE'].methods_by_name['StartTranscribeStream']._loaded_options = None
+  _globals['_VOICESERVICE'].methods_by_name['StartTranscribeStream']._serialized_options = b'\262\273\030\035voice.transcribe_stream.start'
+  _globals['_VOICESERVICE'].methods_by_name['PushTranscribeAudio']._loaded_options = None
+  _globals['_VOICESERVICE'].methods_by_name['PushTranscribeAudio']._serialized_options = b'\262\273\030\034voice.transcribe_stream.push'
+  _globals['_VOICESERVICE'].methods_by_name['StopTranscribeStream']._loaded_options = None
+  _globals['_VOICESERVICE'].methods_by_name['StopTranscribeStream']._serialized_options = b'\262\273\030\034voice.transcribe_stream.stop'
+  _globals['_VOICESERVICE'].methods_by_name['ListVoiceSessions']._loaded_options = None
+  _globals['_VOICESERVICE'].methods_by_name['ListVoiceSessions']._serialized_options = b'\262\273\030\023voice.sessions.list'
+  _globals['_VOICESERVICE'].methods_by_name['ListVoiceProviders']._loaded_options = None
+  _globals['_VOICESERVICE'].methods_by_name['ListVoiceProviders']._serialized_options = b'\262\273\030\024voice.providers.list'
+  _globals['_MEETINGSERVICE'].methods_by_name['StartMeeting']._loaded_options = None
+  _globals['_MEETINGSERVICE'].methods_by_name['StartMeeting']._serialized_options = b'\262\273\030\rmeeting.start'
+  _globals['_MEETINGSERVICE'].methods_by_name['StopMeeting']._loaded_options = None
+  _globals['_MEETINGSERVICE'].methods_by_name['StopMeeting']._serialized_options = b'\262\273\030\014meeting.stop'
+  _globals['_MEETINGSERVICE'].methods_by_name['ListMeetings']._loaded_options = None
+  _globals['_MEETINGSERVICE'].methods_by_name['ListMeetings']._serialized_options = b'\262\273\030\014meeting.list'
+  _globals['_MEETINGSERVICE'].methods_by_name['GetMeeting']._loaded_options = None
+  _globals['_MEETINGSERVICE'].methods_by_name['GetMeeting']._serialized_options = b'\262\273\030\013meeting.get'
+  _globals['_AUDIOFRAMETYPE']._serialized_start=3696
+  _globals['_AUDIOFRAMETYPE']._serialized_end=3868
+  _globals['_AUDIOFORMAT']._serialized_start=3870
+  _globals['_AUDIOFORMAT']._serialized_end=3983
+  _globals['_MEETINGSTATUS']._serialized_start=3986
+  _globals['_MEETINGSTATUS']._serialized_end=4116
+  _globals['_VOICEEVENTNOTICE']._serialized_start=82
+  _globals['_VOICEEVENTNOTICE']._serialized_end=159
+  _globals['_PUBLISHVOICEEVENTREQUEST']._serialized_start=161
+  _globals['_PUBLISHVOICEEVENTREQUEST']._serialized_end=246
+  _globals['_PUBLISHVOICEEVENTRESPONSE']._serialized_start=248
+  _globals['_PUBLISHVOICEEVENTRESPONSE']._serialized_end=294
+  _globals['_VOICEAUDIO']._serialized_start=297
+  _globals['_VOICEAUDIO']._serialized_end=431
+  _globals['_STARTTRANSCRIBESTREAMREQUEST']._serialized_start=434
+  _globals['_STARTTRANSCRIBESTREAMREQUEST']._serialized_end=626
+  _globals['_STARTTRANSCRIBESTREAMRESPONSE']._serialized_start=628
+  _globals['_STARTTRANSCRIBESTREAMRESPONSE']._serialized_end=719
+  _globals['_PUSHTRANSCRIBEAUDIOREQUEST']._serialized_start=721
+  _globals['_PUSHTRANSCRIBEAUDIOREQUEST']._serialized_end=786
+  _globals['_PUSHTRANSCRIBEAUDIORESPONSE']._serialized_start=788
+  _globals['_PUSHTRANSCRIBEAUDIORESPONSE']._serialized_end=850
+  _globals['_STOPTRANSCRIBESTREAMREQUEST']._serialized_start=852
+  _globals['_STOPTRANSCRIBESTREAMREQUEST']._serialized_end=901
+  _globals['_STOPTRANSCRIBESTREAMRESPONSE']._serialized_start=903
+  _globals['_STOPTRANSCRIBESTREAMRESPONSE']._serialized_end=970
+  _globals['_LISTVOICESESSIONSREQUEST']._serialized_start=972
+  _globals['_LISTVOICESESSIONSREQUEST']._serialized_end=998
+  _globals['_VOICESESSION']._serialized_start=1001
+  _globals['_VOICESESSION']._serialized_end=1190
+  _globals['_LISTVOICESESSIONSRESPONSE']._serialized_start=1192
+  _globals['_LISTVOICESESSIONSRESPONSE']._serialized_end=1259
+  _globals['_LISTVOICEPROVIDERSREQUEST']._serialized_start=1261
+  _globals['_LISTVOICEPROVIDERSREQUEST']._serialized_end=1288
+  _globals['_VOICEPROVIDER']._serialized_start=1290
+  _globals['_VOICEPROVIDER']._serialized_end=1353
+  _globals['_LISTVOICEPROVIDERSRESPONSE']._serialized_start=1355
+  _globals['_LISTVOICEPROVIDERSRESPONSE']._serialized_end=1425
+  _globals['_SERVEVOICEREQUEST']._serialized_start=1428
+  _globals['_SERVEVOICEREQUEST']._serialized_end=1670
+  _globals['_SERVEVOICERESPONSE']._serialized_start=1673
+  _globals['_SERVEVOICERESPONSE']._serialized_end=1920
+  _globals['_REGISTERVOICEENGINE']._serialized_start=1922
+  _globals['_REGISTERVOICEENGINE']._serialized_end=1994
+  _globals['_VOICEENGINEREGISTERED']._serialized_start=1996
+  _globals['_VOICEENGINEREGISTERED']._serialized_end=2054
+  _globals['_OPENVOICESESSION']._serialized_start=2057
+  _globals['_OPENVOICESESSION']._serialized_end=2217
+  _globals['_VOICESESSIONANSWER']._serialized_start=2219
+  _globals['_VOICESESSIONANSWER']._serialized_end=2289
+  _globals['_VOICEENGINEEVENT']._serialized_start=2291
+  _globals['_VOICEENGINEEVENT']._serialized_end=2368
+  _globals['_STOPVOICESESSION']._serialized_start=2370
+  _globals['_STOPVOICESESSION']._serialized_end=2408
+  _globals['_ENDVOICESESSION']._serialized_start=2410
+  _globals['_ENDVOICESESSION']._serialized_end=2477
+  _globals['_CLOSEVOICESESSION']._serialized_start=2479
+  _globals['_CLOSEVOICESESSION']._serialized_end=2534
+  _globals['_MEETING']._serialized_start=2537
+  _globals['_MEETING']._serialized_end=2811
+  _globals['_TRANSCRIPTSEGMENT']._serialized_start=2814
+  _globals['_TRANSCRIPTSEGMENT']._serialized_end=3005
+  _globals['_STARTMEETINGREQUEST']._serialized_start=3008
+  _globals['_STARTMEETINGREQUEST']._serialized_end=3245
+  _globals['_STARTMEETINGRESPONSE']._serialized_start=3247
+  _globals['_STARTMEETINGRESPONSE']._serialized_end=3323
+  _globals['_STOPMEETINGREQUEST']._serialized_start=3325
+  _globals['_STOPMEETINGREQUEST']._serialized_end=3365
+  _globals['_STOPMEETINGRESPONSE']._serialized_start=3367
+  _globals['_STOPMEETINGRESPONSE']._serialized_end=3439
+  _globals['_LISTMEETINGSREQUEST']._serialized_start=3441
+  _globals['_LISTMEETINGSREQUEST']._serialized_end=3492
+  _globals['_LISTMEETINGSRESPONSE']._serialized_start=3494
+  _globals['_LISTMEETINGSRESPONSE']._serialized_end=3551
+  _globals['_GETMEETINGREQUEST']._serialized_start=3553
+  _globals['_GETMEETINGREQUEST']._serialized_end=3592
+  _globals['_GETMEETINGRESPONSE']._serialized_start=3594
+  _globals['_GETMEETINGRESPONSE']._serialized_end=3693
+  _globals['_VOICESERVICE']._serialized_start=4119
+  _globals['_VOICESERVICE']._serialized_end=4933
+  _globals['_MEETINGSERVICE']._serialized_start=4936
+  _globals['_MEETINGSERVICE']._serialized_end=5315
 # @@protoc_insertion_point(module_scope)

@@ -3,9 +3,12 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -17,18 +20,123 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _AudioFrameType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AudioFrameTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AudioFrameType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIO_FRAME_TYPE_UNSPECIFIED: _AudioFrameType.ValueType  # 0
+    AUDIO_FRAME_TYPE_PCM: _AudioFrameType.ValueType  # 1
+    """0x01: PCM16LE audio from the client (and from the server to the engine)."""
+    AUDIO_FRAME_TYPE_TTS_CHUNK: _AudioFrameType.ValueType  # 2
+    """0x02: a chunk of synthesized speech, server -> client (and engine -> server)."""
+    AUDIO_FRAME_TYPE_TTS_FINAL: _AudioFrameType.ValueType  # 3
+    """0x03: the end of a stretch of synthesized speech; no payload."""
+    AUDIO_FRAME_TYPE_TTS_ERROR: _AudioFrameType.ValueType  # 4
+    """0x04: speech synthesis failed; the payload is the UTF-8 message."""
+
+class AudioFrameType(_AudioFrameType, metaclass=_AudioFrameTypeEnumTypeWrapper):
+    """The type of a CAR binary audio frame; the value is the frame's first byte."""
+
+AUDIO_FRAME_TYPE_UNSPECIFIED: AudioFrameType.ValueType  # 0
+AUDIO_FRAME_TYPE_PCM: AudioFrameType.ValueType  # 1
+"""0x01: PCM16LE audio from the client (and from the server to the engine)."""
+AUDIO_FRAME_TYPE_TTS_CHUNK: AudioFrameType.ValueType  # 2
+"""0x02: a chunk of synthesized speech, server -> client (and engine -> server)."""
+AUDIO_FRAME_TYPE_TTS_FINAL: AudioFrameType.ValueType  # 3
+"""0x03: the end of a stretch of synthesized speech; no payload."""
+AUDIO_FRAME_TYPE_TTS_ERROR: AudioFrameType.ValueType  # 4
+"""0x04: speech synthesis failed; the payload is the UTF-8 message."""
+Global___AudioFrameType: _TypeAlias = AudioFrameType  # noqa: Y015
+
+class _AudioFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AudioFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AudioFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIO_FORMAT_UNSPECIFIED: _AudioFormat.ValueType  # 0
+    AUDIO_FORMAT_PCM16LE: _AudioFormat.ValueType  # 1
+    """Signed 16-bit little-endian PCM (byte 0x00). Unset means this one."""
+    AUDIO_FORMAT_MP3: _AudioFormat.ValueType  # 2
+    """MP3 (byte 0x01)."""
+    AUDIO_FORMAT_WAV: _AudioFormat.ValueType  # 3
+    """WAV (byte 0x02)."""
+
+class AudioFormat(_AudioFormat, metaclass=_AudioFormatEnumTypeWrapper):
+    """The encoding of an audio payload. The binary frame's format byte is the value - 1."""
+
+AUDIO_FORMAT_UNSPECIFIED: AudioFormat.ValueType  # 0
+AUDIO_FORMAT_PCM16LE: AudioFormat.ValueType  # 1
+"""Signed 16-bit little-endian PCM (byte 0x00). Unset means this one."""
+AUDIO_FORMAT_MP3: AudioFormat.ValueType  # 2
+"""MP3 (byte 0x01)."""
+AUDIO_FORMAT_WAV: AudioFormat.ValueType  # 3
+"""WAV (byte 0x02)."""
+Global___AudioFormat: _TypeAlias = AudioFormat  # noqa: Y015
+
+class _MeetingStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MeetingStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MeetingStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MEETING_STATUS_UNSPECIFIED: _MeetingStatus.ValueType  # 0
+    MEETING_STATUS_LIVE: _MeetingStatus.ValueType  # 1
+    """Its voice session is running."""
+    MEETING_STATUS_ENDED: _MeetingStatus.ValueType  # 2
+    """Stopped by meeting.stop."""
+    MEETING_STATUS_INTERRUPTED: _MeetingStatus.ValueType  # 3
+    """Its voice session ended otherwise (client gone, engine gone or failed, server
+    stopped); `end_reason` says why. meeting.start with its id continues it.
+    """
+
+class MeetingStatus(_MeetingStatus, metaclass=_MeetingStatusEnumTypeWrapper):
+    """---------------------------------------------------------------- meetings
+
+    Where a meeting stands.
+    """
+
+MEETING_STATUS_UNSPECIFIED: MeetingStatus.ValueType  # 0
+MEETING_STATUS_LIVE: MeetingStatus.ValueType  # 1
+"""Its voice session is running."""
+MEETING_STATUS_ENDED: MeetingStatus.ValueType  # 2
+"""Stopped by meeting.stop."""
+MEETING_STATUS_INTERRUPTED: MeetingStatus.ValueType  # 3
+"""Its voice session ended otherwise (client gone, engine gone or failed, server
+stopped); `end_reason` says why. meeting.start with its id continues it.
+"""
+Global___MeetingStatus: _TypeAlias = MeetingStatus  # noqa: Y015
+
 @_typing.final
 class VoiceEventNotice(_message.Message):
-    """Server -> client notification `voice.event`."""
+    """Server -> client notification `voice.event`: one event of a voice session the
+    connection owns.
+
+    Events from engines are free-form and forwarded untouched. One shape has a meaning to
+    the server: a final transcript segment,
+    `{"type": "transcript", "final": true, "text": "...", "speaker"?: "...",
+      "start_ms"?: n, "end_ms"?: n}`,
+    which a meeting adds to its transcript (partial ones carry `"final": false`).
+
+    The server itself sends one event per session, the last one, marked `"terminal": true`:
+    `{"type": "ended", "reason": "stopped" | "engine", "terminal": true}` when the client
+    stopped the session or the engine ended it, or
+    `{"type": "error", "message": "...", "terminal": true}` when it ended otherwise (the
+    engine failed, disconnected or stalled, or the client stopped reading its events).
+    A session that ends because its connection closed sends nothing.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    """The voice session."""
     @_builtins.property
     def event(self) -> _struct_pb2.Value:
-        """The engine's event, free-form (e.g. {"type": "transcript", "text": ..., "final": true})."""
+        """The event."""
 
     def __init__(
         self,
@@ -93,3 +201,1079 @@ class PublishVoiceEventResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishVoiceEventResponse: _TypeAlias = PublishVoiceEventResponse  # noqa: Y015
+
+@_typing.final
+class VoiceAudio(_message.Message):
+    """One audio frame of a voice session: the ClientFrame / ServerFrame member `voice_audio`
+    (a CAR binary frame on the WebSocket), and the audio of the ServeVoice stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The voice session (32 lowercase hex digits)."""
+    seq: _builtins.int
+    """PCM in: the client's own numbering (the server does not rely on it). Towards the
+    engine: the server's count of the session's chunks, from 0, without gaps. TTS: the
+    engine's numbering, passed through.
+    """
+    type: Global___AudioFrameType.ValueType
+    """What the frame is."""
+    format: Global___AudioFormat.ValueType
+    """The payload's encoding (TTS chunks; PCM is always PCM16LE)."""
+    data: _builtins.bytes
+    """The audio (PCM, TTS chunk), the UTF-8 message (TTS error), or nothing (TTS final)."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        type: Global___AudioFrameType.ValueType = ...,
+        format: Global___AudioFormat.ValueType = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "format", b"format", "seq", b"seq", "session_id", b"session_id", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoiceAudio: _TypeAlias = VoiceAudio  # noqa: Y015
+
+@_typing.final
+class StartTranscribeStreamRequest(_message.Message):
+    """`voice.transcribe_stream.start`: opens a voice session owned by the calling connection
+    and hands it to the engine serving `provider`. Answered once the engine has accepted
+    the session: from then on the connection's audio reaches the engine and the engine's
+    events reach the connection. Needs a session stream (typed calls: bind with
+    `car-session-id`). Errors: -32603 `no voice engine serves provider '<name>'`, the
+    engine's refusal or silence (-32603), a session id in use or not a UUID (-32602).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    AUDIO_SOURCE_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The voice session id, a UUID in any spelling; minted when absent."""
+    audio_source: _builtins.str
+    """Where the audio comes from, passed to the engine verbatim: "client" (the default:
+    the client pushes PCM), or a source the engine captures itself.
+    """
+    provider: _builtins.str
+    """The voice provider. May be omitted when exactly one provider is registered."""
+    @_builtins.property
+    def options(self) -> _struct_pb2.Struct:
+        """Engine options, passed to the engine verbatim."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str | None = ...,
+        audio_source: _builtins.str | None = ...,
+        options: _struct_pb2.Struct | None = ...,
+        provider: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_audio_source", b"_audio_source", "_provider", b"_provider", "_session_id", b"_session_id", "audio_source", b"audio_source", "options", b"options", "provider", b"provider", "session_id", b"session_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_audio_source", b"_audio_source", "_provider", b"_provider", "_session_id", b"_session_id", "audio_source", b"audio_source", "options", b"options", "provider", b"provider", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__audio_source: _TypeAlias = _typing.Literal["audio_source"]  # noqa: Y015
+    _WhichOneofArgType__audio_source: _TypeAlias = _typing.Literal["_audio_source", b"_audio_source"]  # noqa: Y015
+    _WhichOneofReturnType__provider: _TypeAlias = _typing.Literal["provider"]  # noqa: Y015
+    _WhichOneofArgType__provider: _TypeAlias = _typing.Literal["_provider", b"_provider"]  # noqa: Y015
+    _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
+    _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__audio_source) -> _WhichOneofReturnType__audio_source | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__provider) -> _WhichOneofReturnType__provider | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__session_id) -> _WhichOneofReturnType__session_id | None: ...
+
+Global___StartTranscribeStreamRequest: _TypeAlias = StartTranscribeStreamRequest  # noqa: Y015
+
+@_typing.final
+class StartTranscribeStreamResponse(_message.Message):
+    """`voice.transcribe_stream.start` result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    AUDIO_SOURCE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The voice session id (32 lowercase hex digits): the id of its events and binary frames."""
+    provider: _builtins.str
+    """The provider serving it."""
+    audio_source: _builtins.str
+    """The audio source, as sent to the engine."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        audio_source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_source", b"audio_source", "provider", b"provider", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartTranscribeStreamResponse: _TypeAlias = StartTranscribeStreamResponse  # noqa: Y015
+
+@_typing.final
+class PushTranscribeAudioRequest(_message.Message):
+    """`voice.transcribe_stream.push`: one chunk of PCM16LE audio for a voice session of the
+    calling connection (binary frames of type 0x01 do the same without base64). Waits while
+    the session's audio queue is full (see the Bounds section).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PCM_B64_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Required."""
+    pcm_b64: _builtins.str
+    """The audio, base64 (standard alphabet, padded). Required; an even number of bytes, at
+    most Config.voice_max_chunk_bytes.
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        pcm_b64: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pcm_b64", b"pcm_b64", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushTranscribeAudioRequest: _TypeAlias = PushTranscribeAudioRequest  # noqa: Y015
+
+@_typing.final
+class PushTranscribeAudioResponse(_message.Message):
+    """`voice.transcribe_stream.push` result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    seq: _builtins.int
+    """The chunk's seq towards the engine."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushTranscribeAudioResponse: _TypeAlias = PushTranscribeAudioResponse  # noqa: Y015
+
+@_typing.final
+class StopTranscribeStreamRequest(_message.Message):
+    """`voice.transcribe_stream.stop`: ends a voice session of the calling connection. The
+    engine is told that the audio is over and gets Config.voice_ack_timeout to send its
+    last events; the answer comes once they (and the terminal `ended` event) are queued to
+    the connection.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Required."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopTranscribeStreamRequest: _TypeAlias = StopTranscribeStreamRequest  # noqa: Y015
+
+@_typing.final
+class StopTranscribeStreamResponse(_message.Message):
+    """`voice.transcribe_stream.stop` result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    STOPPED_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    stopped: _builtins.bool
+    """True when the engine confirmed the end in time (false: the session ended anyway,
+    with an error event).
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        stopped: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "stopped", b"stopped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopTranscribeStreamResponse: _TypeAlias = StopTranscribeStreamResponse  # noqa: Y015
+
+@_typing.final
+class ListVoiceSessionsRequest(_message.Message):
+    """`voice.sessions.list` takes no params."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVoiceSessionsRequest: _TypeAlias = ListVoiceSessionsRequest  # noqa: Y015
+
+@_typing.final
+class VoiceSession(_message.Message):
+    """A live voice session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    AUDIO_SOURCE_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    CHUNKS_IN_FIELD_NUMBER: _builtins.int
+    EVENTS_OUT_FIELD_NUMBER: _builtins.int
+    MEETING_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    provider: _builtins.str
+    audio_source: _builtins.str
+    engine: _builtins.str
+    """The engine serving it."""
+    started_at: _builtins.int
+    """Unix ms."""
+    chunks_in: _builtins.int
+    """PCM chunks accepted so far."""
+    events_out: _builtins.int
+    """Events and audio frames delivered to the owner so far."""
+    meeting_id: _builtins.str
+    """The meeting the session records, if any."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        audio_source: _builtins.str = ...,
+        engine: _builtins.str = ...,
+        started_at: _builtins.int = ...,
+        chunks_in: _builtins.int = ...,
+        events_out: _builtins.int = ...,
+        meeting_id: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_meeting_id", b"_meeting_id", "meeting_id", b"meeting_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_meeting_id", b"_meeting_id", "audio_source", b"audio_source", "chunks_in", b"chunks_in", "engine", b"engine", "events_out", b"events_out", "meeting_id", b"meeting_id", "provider", b"provider", "session_id", b"session_id", "started_at", b"started_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__meeting_id: _TypeAlias = _typing.Literal["meeting_id"]  # noqa: Y015
+    _WhichOneofArgType__meeting_id: _TypeAlias = _typing.Literal["_meeting_id", b"_meeting_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__meeting_id) -> _WhichOneofReturnType__meeting_id | None: ...
+
+Global___VoiceSession: _TypeAlias = VoiceSession  # noqa: Y015
+
+@_typing.final
+class ListVoiceSessionsResponse(_message.Message):
+    """`voice.sessions.list` result: the calling connection's voice sessions (a host-role
+    session sees every one), oldest first.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VoiceSession]: ...
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___VoiceSession] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVoiceSessionsResponse: _TypeAlias = ListVoiceSessionsResponse  # noqa: Y015
+
+@_typing.final
+class ListVoiceProvidersRequest(_message.Message):
+    """`voice.providers.list` takes no params."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVoiceProvidersRequest: _TypeAlias = ListVoiceProvidersRequest  # noqa: Y015
+
+@_typing.final
+class VoiceProvider(_message.Message):
+    """A provider of a connected engine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    engine: _builtins.str
+    """The engine serving it."""
+    sessions: _builtins.int
+    """Its live voice sessions."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        engine: _builtins.str = ...,
+        sessions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "name", b"name", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoiceProvider: _TypeAlias = VoiceProvider  # noqa: Y015
+
+@_typing.final
+class ListVoiceProvidersResponse(_message.Message):
+    """`voice.providers.list` result, sorted by name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def providers(self) -> _containers.RepeatedCompositeFieldContainer[Global___VoiceProvider]: ...
+    def __init__(
+        self,
+        *,
+        providers: _abc.Iterable[Global___VoiceProvider] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["providers", b"providers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVoiceProvidersResponse: _TypeAlias = ListVoiceProvidersResponse  # noqa: Y015
+
+@_typing.final
+class ServeVoiceRequest(_message.Message):
+    """---------------------------------------------------------------- the engine stream
+
+    Engine -> server on ServeVoice.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGISTER_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    AUDIO_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def register(self) -> Global___RegisterVoiceEngine:
+        """First, and only once: what the engine serves."""
+
+    @_builtins.property
+    def answer(self) -> Global___VoiceSessionAnswer:
+        """The answer to `open`."""
+
+    @_builtins.property
+    def event(self) -> Global___VoiceEngineEvent:
+        """An event for the owner of a session (delivered as `voice.event`)."""
+
+    @_builtins.property
+    def audio(self) -> Global___VoiceAudio:
+        """Synthesized speech for the owner of a session: type TTS_CHUNK, TTS_FINAL or
+        TTS_ERROR (delivered as a binary frame), at most Config.voice_max_chunk_bytes.
+        """
+
+    @_builtins.property
+    def end(self) -> Global___EndVoiceSession:
+        """The engine ends a session: the answer to `stop`, or on its own."""
+
+    def __init__(
+        self,
+        *,
+        register: Global___RegisterVoiceEngine | None = ...,
+        answer: Global___VoiceSessionAnswer | None = ...,
+        event: Global___VoiceEngineEvent | None = ...,
+        audio: Global___VoiceAudio | None = ...,
+        end: Global___EndVoiceSession | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "audio", b"audio", "body", b"body", "end", b"end", "event", b"event", "register", b"register"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "audio", b"audio", "body", b"body", "end", b"end", "event", b"event", "register", b"register"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "answer", "event", "audio", "end"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___ServeVoiceRequest: _TypeAlias = ServeVoiceRequest  # noqa: Y015
+
+@_typing.final
+class ServeVoiceResponse(_message.Message):
+    """Server -> engine on ServeVoice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGISTERED_FIELD_NUMBER: _builtins.int
+    OPEN_FIELD_NUMBER: _builtins.int
+    AUDIO_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    CLOSED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def registered(self) -> Global___VoiceEngineRegistered:
+        """The registration took effect."""
+
+    @_builtins.property
+    def open(self) -> Global___OpenVoiceSession:
+        """A client opened a session for one of the engine's providers: answer it."""
+
+    @_builtins.property
+    def audio(self) -> Global___VoiceAudio:
+        """PCM16LE audio of a session (type PCM), seq 0, 1, 2, ... without gaps."""
+
+    @_builtins.property
+    def stop(self) -> Global___StopVoiceSession:
+        """The client stopped the session: no more audio; send the last events, then `end`."""
+
+    @_builtins.property
+    def closed(self) -> Global___CloseVoiceSession:
+        """The session is gone; send nothing more for it."""
+
+    def __init__(
+        self,
+        *,
+        registered: Global___VoiceEngineRegistered | None = ...,
+        open: Global___OpenVoiceSession | None = ...,
+        audio: Global___VoiceAudio | None = ...,
+        stop: Global___StopVoiceSession | None = ...,
+        closed: Global___CloseVoiceSession | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "body", b"body", "closed", b"closed", "open", b"open", "registered", b"registered", "stop", b"stop"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "body", b"body", "closed", b"closed", "open", b"open", "registered", b"registered", "stop", b"stop"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["registered", "open", "audio", "stop", "closed"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___ServeVoiceResponse: _TypeAlias = ServeVoiceResponse  # noqa: Y015
+
+@_typing.final
+class RegisterVoiceEngine(_message.Message):
+    """An engine's registration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGINE_FIELD_NUMBER: _builtins.int
+    PROVIDERS_FIELD_NUMBER: _builtins.int
+    engine: _builtins.str
+    """A name for logs and listings; defaults to `engine-<n>`."""
+    @_builtins.property
+    def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The provider names it serves (at least one; each served by one engine at a time)."""
+
+    def __init__(
+        self,
+        *,
+        engine: _builtins.str | None = ...,
+        providers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_engine", b"_engine", "engine", b"engine"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_engine", b"_engine", "engine", b"engine", "providers", b"providers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__engine: _TypeAlias = _typing.Literal["engine"]  # noqa: Y015
+    _WhichOneofArgType__engine: _TypeAlias = _typing.Literal["_engine", b"_engine"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__engine) -> _WhichOneofReturnType__engine | None: ...
+
+Global___RegisterVoiceEngine: _TypeAlias = RegisterVoiceEngine  # noqa: Y015
+
+@_typing.final
+class VoiceEngineRegistered(_message.Message):
+    """The answer to RegisterVoiceEngine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGINE_FIELD_NUMBER: _builtins.int
+    PROVIDERS_FIELD_NUMBER: _builtins.int
+    engine: _builtins.str
+    @_builtins.property
+    def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        engine: _builtins.str = ...,
+        providers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "providers", b"providers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoiceEngineRegistered: _TypeAlias = VoiceEngineRegistered  # noqa: Y015
+
+@_typing.final
+class OpenVoiceSession(_message.Message):
+    """A new voice session for the engine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    AUDIO_SOURCE_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    MEETING_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    provider: _builtins.str
+    audio_source: _builtins.str
+    meeting_id: _builtins.str
+    """Set when the session records a meeting."""
+    @_builtins.property
+    def options(self) -> _struct_pb2.Struct:
+        """The client's options, verbatim."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        audio_source: _builtins.str = ...,
+        options: _struct_pb2.Struct | None = ...,
+        meeting_id: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_meeting_id", b"_meeting_id", "meeting_id", b"meeting_id", "options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_meeting_id", b"_meeting_id", "audio_source", b"audio_source", "meeting_id", b"meeting_id", "options", b"options", "provider", b"provider", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__meeting_id: _TypeAlias = _typing.Literal["meeting_id"]  # noqa: Y015
+    _WhichOneofArgType__meeting_id: _TypeAlias = _typing.Literal["_meeting_id", b"_meeting_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__meeting_id) -> _WhichOneofReturnType__meeting_id | None: ...
+
+Global___OpenVoiceSession: _TypeAlias = OpenVoiceSession  # noqa: Y015
+
+@_typing.final
+class VoiceSessionAnswer(_message.Message):
+    """The engine's answer to OpenVoiceSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    error: _builtins.str
+    """Set to refuse the session; the client's start fails with this message."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        error: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "error", b"error", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__error: _TypeAlias = _typing.Literal["error"]  # noqa: Y015
+    _WhichOneofArgType__error: _TypeAlias = _typing.Literal["_error", b"_error"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__error) -> _WhichOneofReturnType__error | None: ...
+
+Global___VoiceSessionAnswer: _TypeAlias = VoiceSessionAnswer  # noqa: Y015
+
+@_typing.final
+class VoiceEngineEvent(_message.Message):
+    """An event of a session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    @_builtins.property
+    def event(self) -> _struct_pb2.Value: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        event: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoiceEngineEvent: _TypeAlias = VoiceEngineEvent  # noqa: Y015
+
+@_typing.final
+class StopVoiceSession(_message.Message):
+    """The audio of a session is over."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopVoiceSession: _TypeAlias = StopVoiceSession  # noqa: Y015
+
+@_typing.final
+class EndVoiceSession(_message.Message):
+    """The engine ends a session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    error: _builtins.str
+    """Set when the session failed: the owner gets it as the terminal error event."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        error: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "error", b"error", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__error: _TypeAlias = _typing.Literal["error"]  # noqa: Y015
+    _WhichOneofArgType__error: _TypeAlias = _typing.Literal["_error", b"_error"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__error) -> _WhichOneofReturnType__error | None: ...
+
+Global___EndVoiceSession: _TypeAlias = EndVoiceSession  # noqa: Y015
+
+@_typing.final
+class CloseVoiceSession(_message.Message):
+    """The server dropped a session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    reason: _builtins.str
+    """Why, for logs."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseVoiceSession: _TypeAlias = CloseVoiceSession  # noqa: Y015
+
+@_typing.final
+class Meeting(_message.Message):
+    """A meeting, without its transcript."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEETING_ID_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    SEGMENT_COUNT_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    END_REASON_FIELD_NUMBER: _builtins.int
+    meeting_id: _builtins.str
+    title: _builtins.str
+    status: Global___MeetingStatus.ValueType
+    started_at: _builtins.int
+    """Unix ms of the first start."""
+    ended_at: _builtins.int
+    """Unix ms; set once not live."""
+    session_id: _builtins.str
+    """The (last) voice session recording it."""
+    provider: _builtins.str
+    segment_count: _builtins.int
+    """Segments in the transcript."""
+    truncated: _builtins.bool
+    """True once segments were left out because the transcript reached
+    Config.meeting_max_segments.
+    """
+    end_reason: _builtins.str
+    """Why an interrupted meeting ended."""
+    def __init__(
+        self,
+        *,
+        meeting_id: _builtins.str = ...,
+        title: _builtins.str | None = ...,
+        status: Global___MeetingStatus.ValueType = ...,
+        started_at: _builtins.int = ...,
+        ended_at: _builtins.int | None = ...,
+        session_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        segment_count: _builtins.int = ...,
+        truncated: _builtins.bool = ...,
+        end_reason: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_end_reason", b"_end_reason", "_ended_at", b"_ended_at", "_title", b"_title", "end_reason", b"end_reason", "ended_at", b"ended_at", "title", b"title"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_reason", b"_end_reason", "_ended_at", b"_ended_at", "_title", b"_title", "end_reason", b"end_reason", "ended_at", b"ended_at", "meeting_id", b"meeting_id", "provider", b"provider", "segment_count", b"segment_count", "session_id", b"session_id", "started_at", b"started_at", "status", b"status", "title", b"title", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__end_reason: _TypeAlias = _typing.Literal["end_reason"]  # noqa: Y015
+    _WhichOneofArgType__end_reason: _TypeAlias = _typing.Literal["_end_reason", b"_end_reason"]  # noqa: Y015
+    _WhichOneofReturnType__ended_at: _TypeAlias = _typing.Literal["ended_at"]  # noqa: Y015
+    _WhichOneofArgType__ended_at: _TypeAlias = _typing.Literal["_ended_at", b"_ended_at"]  # noqa: Y015
+    _WhichOneofReturnType__title: _TypeAlias = _typing.Literal["title"]  # noqa: Y015
+    _WhichOneofArgType__title: _TypeAlias = _typing.Literal["_title", b"_title"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__end_reason) -> _WhichOneofReturnType__end_reason | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ended_at) -> _WhichOneofReturnType__ended_at | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__title) -> _WhichOneofReturnType__title | None: ...
+
+Global___Meeting: _TypeAlias = Meeting  # noqa: Y015
+
+@_typing.final
+class TranscriptSegment(_message.Message):
+    """One final transcript segment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    SPEAKER_FIELD_NUMBER: _builtins.int
+    START_MS_FIELD_NUMBER: _builtins.int
+    END_MS_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Position in the transcript, from 0."""
+    text: _builtins.str
+    """The text (cut at 16 KiB)."""
+    speaker: _builtins.str
+    start_ms: _builtins.int
+    """Offsets the engine gave, in ms."""
+    end_ms: _builtins.int
+    received_at: _builtins.int
+    """Unix ms when the server ingested it."""
+    session_id: _builtins.str
+    """The voice session it came from."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        text: _builtins.str = ...,
+        speaker: _builtins.str | None = ...,
+        start_ms: _builtins.int | None = ...,
+        end_ms: _builtins.int | None = ...,
+        received_at: _builtins.int = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_speaker", b"_speaker", "_start_ms", b"_start_ms", "end_ms", b"end_ms", "speaker", b"speaker", "start_ms", b"start_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_speaker", b"_speaker", "_start_ms", b"_start_ms", "end_ms", b"end_ms", "index", b"index", "received_at", b"received_at", "session_id", b"session_id", "speaker", b"speaker", "start_ms", b"start_ms", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__end_ms: _TypeAlias = _typing.Literal["end_ms"]  # noqa: Y015
+    _WhichOneofArgType__end_ms: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms"]  # noqa: Y015
+    _WhichOneofReturnType__speaker: _TypeAlias = _typing.Literal["speaker"]  # noqa: Y015
+    _WhichOneofArgType__speaker: _TypeAlias = _typing.Literal["_speaker", b"_speaker"]  # noqa: Y015
+    _WhichOneofReturnType__start_ms: _TypeAlias = _typing.Literal["start_ms"]  # noqa: Y015
+    _WhichOneofArgType__start_ms: _TypeAlias = _typing.Literal["_start_ms", b"_start_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__end_ms) -> _WhichOneofReturnType__end_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__speaker) -> _WhichOneofReturnType__speaker | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__start_ms) -> _WhichOneofReturnType__start_ms | None: ...
+
+Global___TranscriptSegment: _TypeAlias = TranscriptSegment  # noqa: Y015
+
+@_typing.final
+class StartMeetingRequest(_message.Message):
+    """`meeting.start`: starts a meeting and its voice session (as
+    voice.transcribe_stream.start, owned by the calling connection). With the `id` of a
+    meeting that is not live, continues it: a new voice session appends to its transcript.
+    A live meeting's id: -32602.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    AUDIO_SOURCE_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The meeting id; `meeting-<uuid>` when absent."""
+    title: _builtins.str
+    session_id: _builtins.str
+    """As in StartTranscribeStreamRequest."""
+    provider: _builtins.str
+    audio_source: _builtins.str
+    @_builtins.property
+    def options(self) -> _struct_pb2.Struct: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str | None = ...,
+        title: _builtins.str | None = ...,
+        session_id: _builtins.str | None = ...,
+        provider: _builtins.str | None = ...,
+        audio_source: _builtins.str | None = ...,
+        options: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_audio_source", b"_audio_source", "_id", b"_id", "_provider", b"_provider", "_session_id", b"_session_id", "_title", b"_title", "audio_source", b"audio_source", "id", b"id", "options", b"options", "provider", b"provider", "session_id", b"session_id", "title", b"title"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_audio_source", b"_audio_source", "_id", b"_id", "_provider", b"_provider", "_session_id", b"_session_id", "_title", b"_title", "audio_source", b"audio_source", "id", b"id", "options", b"options", "provider", b"provider", "session_id", b"session_id", "title", b"title"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__audio_source: _TypeAlias = _typing.Literal["audio_source"]  # noqa: Y015
+    _WhichOneofArgType__audio_source: _TypeAlias = _typing.Literal["_audio_source", b"_audio_source"]  # noqa: Y015
+    _WhichOneofReturnType__id: _TypeAlias = _typing.Literal["id"]  # noqa: Y015
+    _WhichOneofArgType__id: _TypeAlias = _typing.Literal["_id", b"_id"]  # noqa: Y015
+    _WhichOneofReturnType__provider: _TypeAlias = _typing.Literal["provider"]  # noqa: Y015
+    _WhichOneofArgType__provider: _TypeAlias = _typing.Literal["_provider", b"_provider"]  # noqa: Y015
+    _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
+    _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015
+    _WhichOneofReturnType__title: _TypeAlias = _typing.Literal["title"]  # noqa: Y015
+    _WhichOneofArgType__title: _TypeAlias = _typing.Literal["_title", b"_title"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__audio_source) -> _WhichOneofReturnType__audio_source | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__id) -> _WhichOneofReturnType__id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__provider) -> _WhichOneofReturnType__provider | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__session_id) -> _WhichOneofReturnType__session_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__title) -> _WhichOneofReturnType__title | None: ...
+
+Global___StartMeetingRequest: _TypeAlias = StartMeetingRequest  # noqa: Y015
+
+@_typing.final
+class StartMeetingResponse(_message.Message):
+    """`meeting.start` result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEETING_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The voice session to send the meeting's audio to."""
+    @_builtins.property
+    def meeting(self) -> Global___Meeting: ...
+    def __init__(
+        self,
+        *,
+        meeting: Global___Meeting | None = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meeting", b"meeting"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["meeting", b"meeting", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartMeetingResponse: _TypeAlias = StartMeetingResponse  # noqa: Y015
+
+@_typing.final
+class StopMeetingRequest(_message.Message):
+    """`meeting.stop`: stops a live meeting's voice session (as voice.transcribe_stream.stop,
+    so the engine's last segments are in the transcript) and marks it ended. Only the
+    connection running it (or a host-role session) may stop it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEETING_ID_FIELD_NUMBER: _builtins.int
+    meeting_id: _builtins.str
+    """Required."""
+    def __init__(
+        self,
+        *,
+        meeting_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["meeting_id", b"meeting_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopMeetingRequest: _TypeAlias = StopMeetingRequest  # noqa: Y015
+
+@_typing.final
+class StopMeetingResponse(_message.Message):
+    """`meeting.stop` result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEETING_FIELD_NUMBER: _builtins.int
+    STOPPED_FIELD_NUMBER: _builtins.int
+    stopped: _builtins.bool
+    """False when the meeting was not live."""
+    @_builtins.property
+    def meeting(self) -> Global___Meeting: ...
+    def __init__(
+        self,
+        *,
+        meeting: Global___Meeting | None = ...,
+        stopped: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meeting", b"meeting"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["meeting", b"meeting", "stopped", b"stopped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopMeetingResponse: _TypeAlias = StopMeetingResponse  # noqa: Y015
+
+@_typing.final
+class ListMeetingsRequest(_message.Message):
+    """`meeting.list`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """At most this many (default 100, at most 1000)."""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__limit: _TypeAlias = _typing.Literal["limit"]  # noqa: Y015
+    _WhichOneofArgType__limit: _TypeAlias = _typing.Literal["_limit", b"_limit"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__limit) -> _WhichOneofReturnType__limit | None: ...
+
+Global___ListMeetingsRequest: _TypeAlias = ListMeetingsRequest  # noqa: Y015
+
+@_typing.final
+class ListMeetingsResponse(_message.Message):
+    """`meeting.list` result, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEETINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def meetings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Meeting]: ...
+    def __init__(
+        self,
+        *,
+        meetings: _abc.Iterable[Global___Meeting] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["meetings", b"meetings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMeetingsResponse: _TypeAlias = ListMeetingsResponse  # noqa: Y015
+
+@_typing.final
+class GetMeetingRequest(_message.Message):
+    """`meeting.get`. An unknown id: -32602 `unknown meeting '<id>'`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEETING_ID_FIELD_NUMBER: _builtins.int
+    meeting_id: _builtins.str
+    """Required."""
+    def __init__(
+        self,
+        *,
+        meeting_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["meeting_id", b"meeting_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMeetingRequest: _TypeAlias = GetMeetingRequest  # noqa: Y015
+
+@_typing.final
+class GetMeetingResponse(_message.Message):
+    """`meeting.get` result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEETING_FIELD_NUMBER: _builtins.int
+    SEGMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def meeting(self) -> Global___Meeting: ...
+    @_builtins.property
+    def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___TranscriptSegment]:
+        """The whole transcript, in order."""
+
+    def __init__(
+        self,
+        *,
+        meeting: Global___Meeting | None = ...,
+        segments: _abc.Iterable[Global___TranscriptSegment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meeting", b"meeting"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["meeting", b"meeting", "segments", b"segments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMeetingResponse: _TypeAlias = GetMeetingResponse  # noqa: Y015

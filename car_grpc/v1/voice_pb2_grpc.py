@@ -26,10 +26,47 @@ if _version_not_supported:
 
 
 class VoiceServiceStub:
-    """Voice events (PROTOCOL.md §7). The server does no speech itself: producers (speech
-    engines in any language) publish events for a voice session through this service, and
-    the server delivers each to the one connection that owns that voice session, as the
-    `voice.event` notification (ServerFrame.voice_event).
+    """Voice sessions and meeting transcripts (PROTOCOL.md §7).
+
+    The server does no speech itself: it routes. A speech engine (speech-to-text,
+    text-to-speech, in any language) holds one `ServeVoice` stream and registers the voice
+    providers it serves. A client opens a voice session with `voice.transcribe_stream.start`
+    naming a provider; the server hands the session to that provider's engine, forwards the
+    client's audio to it in order, and delivers the engine's events (`voice.event`) and
+    speech (binary frames) to the one connection that owns the session, and to no other.
+
+    # Voice session ids and the CAR binary frame protocol
+
+    A voice session id is a UUID written as 32 lowercase hex digits
+    (`5f0c...`, no dashes). Requests accept any spelling of a UUID and answer with this one.
+    On the WebSocket, audio travels in binary frames, never as JSON:
+
+    byte 0       frame type: 0x01 PCM in (client -> server), 0x02 TTS chunk, 0x03 TTS
+    final, 0x04 TTS error (server -> client); see AudioFrameType
+    bytes 1-16   the voice session id as 16 raw UUID bytes
+    bytes 17-24  seq, u64 little-endian
+    byte 25      format, meaningful for 0x02: 0x00 PCM16LE, 0x01 MP3, 0x02 WAV
+    (AudioFormat value - 1); ignored on other types, written as 0x00
+    bytes 26-    payload: audio for 0x01 / 0x02, nothing for 0x03, the UTF-8 error
+    message for 0x04
+
+    A binary frame whose first byte is 0x01-0x1f (other than the JSON whitespace bytes
+    0x09, 0x0a, 0x0d) is such an audio frame; any other binary frame is a JSON-RPC text
+    frame. A malformed audio frame (shorter than 26 bytes, an unknown type, a server ->
+    client type, a PCM payload that is empty or of odd length) is answered with the JSON-RPC
+    error `{"id": null, "error": {"code": -32600, "message": "invalid binary frame: ..."}}`;
+    the connection stays open. On the session stream the same frames are the ClientFrame /
+    ServerFrame member `voice_audio` (a VoiceAudio message).
+
+    # Bounds
+
+    Audio towards an engine waits in a per-session queue (`Config.voice_audio_queue`
+    chunks). When it is full, pushes wait in order; when the engine takes nothing for
+    `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
+    event. Events and speech towards the owner wait in a per-session queue
+    (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
+    error event, and the engine's other sessions go on. An engine that takes no message
+    from its stream for `voice_stall_timeout` seconds is disconnected (RESOURCE_EXHAUSTED).
     """
 
     def __init__(self, channel):
@@ -43,17 +80,146 @@ class VoiceServiceStub:
                 request_serializer=car_dot_v1_dot_voice__pb2.PublishVoiceEventRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_voice__pb2.PublishVoiceEventResponse.FromString,
                 _registered_method=True)
+        self.ServeVoice = channel.stream_stream(
+                '/car.v1.VoiceService/ServeVoice',
+                request_serializer=car_dot_v1_dot_voice__pb2.ServeVoiceRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_voice__pb2.ServeVoiceResponse.FromString,
+                _registered_method=True)
+        self.StartTranscribeStream = channel.unary_unary(
+                '/car.v1.VoiceService/StartTranscribeStream',
+                request_serializer=car_dot_v1_dot_voice__pb2.StartTranscribeStreamRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_voice__pb2.StartTranscribeStreamResponse.FromString,
+                _registered_method=True)
+        self.PushTranscribeAudio = channel.unary_unary(
+                '/car.v1.VoiceService/PushTranscribeAudio',
+                request_serializer=car_dot_v1_dot_voice__pb2.PushTranscribeAudioRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_voice__pb2.PushTranscribeAudioResponse.FromString,
+                _registered_method=True)
+        self.StopTranscribeStream = channel.unary_unary(
+                '/car.v1.VoiceService/StopTranscribeStream',
+                request_serializer=car_dot_v1_dot_voice__pb2.StopTranscribeStreamRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_voice__pb2.StopTranscribeStreamResponse.FromString,
+                _registered_method=True)
+        self.ListVoiceSessions = channel.unary_unary(
+                '/car.v1.VoiceService/ListVoiceSessions',
+                request_serializer=car_dot_v1_dot_voice__pb2.ListVoiceSessionsRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_voice__pb2.ListVoiceSessionsResponse.FromString,
+                _registered_method=True)
+        self.ListVoiceProviders = channel.unary_unary(
+                '/car.v1.VoiceService/ListVoiceProviders',
+                request_serializer=car_dot_v1_dot_voice__pb2.ListVoiceProvidersRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_voice__pb2.ListVoiceProvidersResponse.FromString,
+                _registered_method=True)
 
 
 class VoiceServiceServicer:
-    """Voice events (PROTOCOL.md §7). The server does no speech itself: producers (speech
-    engines in any language) publish events for a voice session through this service, and
-    the server delivers each to the one connection that owns that voice session, as the
-    `voice.event` notification (ServerFrame.voice_event).
+    """Voice sessions and meeting transcripts (PROTOCOL.md §7).
+
+    The server does no speech itself: it routes. A speech engine (speech-to-text,
+    text-to-speech, in any language) holds one `ServeVoice` stream and registers the voice
+    providers it serves. A client opens a voice session with `voice.transcribe_stream.start`
+    naming a provider; the server hands the session to that provider's engine, forwards the
+    client's audio to it in order, and delivers the engine's events (`voice.event`) and
+    speech (binary frames) to the one connection that owns the session, and to no other.
+
+    # Voice session ids and the CAR binary frame protocol
+
+    A voice session id is a UUID written as 32 lowercase hex digits
+    (`5f0c...`, no dashes). Requests accept any spelling of a UUID and answer with this one.
+    On the WebSocket, audio travels in binary frames, never as JSON:
+
+    byte 0       frame type: 0x01 PCM in (client -> server), 0x02 TTS chunk, 0x03 TTS
+    final, 0x04 TTS error (server -> client); see AudioFrameType
+    bytes 1-16   the voice session id as 16 raw UUID bytes
+    bytes 17-24  seq, u64 little-endian
+    byte 25      format, meaningful for 0x02: 0x00 PCM16LE, 0x01 MP3, 0x02 WAV
+    (AudioFormat value - 1); ignored on other types, written as 0x00
+    bytes 26-    payload: audio for 0x01 / 0x02, nothing for 0x03, the UTF-8 error
+    message for 0x04
+
+    A binary frame whose first byte is 0x01-0x1f (other than the JSON whitespace bytes
+    0x09, 0x0a, 0x0d) is such an audio frame; any other binary frame is a JSON-RPC text
+    frame. A malformed audio frame (shorter than 26 bytes, an unknown type, a server ->
+    client type, a PCM payload that is empty or of odd length) is answered with the JSON-RPC
+    error `{"id": null, "error": {"code": -32600, "message": "invalid binary frame: ..."}}`;
+    the connection stays open. On the session stream the same frames are the ClientFrame /
+    ServerFrame member `voice_audio` (a VoiceAudio message).
+
+    # Bounds
+
+    Audio towards an engine waits in a per-session queue (`Config.voice_audio_queue`
+    chunks). When it is full, pushes wait in order; when the engine takes nothing for
+    `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
+    event. Events and speech towards the owner wait in a per-session queue
+    (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
+    error event, and the engine's other sessions go on. An engine that takes no message
+    from its stream for `voice_stall_timeout` seconds is disconnected (RESOURCE_EXHAUSTED).
     """
 
     def PublishVoiceEvent(self, request, context):
-        """Publishes one event to the owner of a voice session.
+        """Publishes one event to the owner of a voice session, exactly as the session's engine
+        would on its ServeVoice stream (a final transcript of a meeting's session is also
+        added to the meeting's transcript). gRPC only; any authenticated caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ServeVoice(self, request_iterator, context):
+        """The stream of one speech engine. gRPC only. Authenticate with call metadata
+        (`authorization: Bearer <token>`, as for the typed RPCs). The engine's first message
+        must be `register`; the server answers `registered`, or ends the stream with
+        INVALID_ARGUMENT (no providers, register not first) or ALREADY_EXISTS (a provider
+        another live engine serves). Then, per voice session:
+
+        server: open          engine: answer (accept or refuse, within
+        Config.voice_ack_timeout)
+        server: audio (PCM, seq 0, 1, 2, ... in the order the client sent it)
+        engine: event / audio (TTS), any number, any time
+        server: stop           engine: end (after its last event; within voice_ack_timeout)
+        or at any time:
+        server: closed         the session is gone (owner left, stalled, ...): send
+        nothing more for it
+        engine: end            the engine ends the session itself (error set: it failed)
+
+        When the stream ends, every session of the engine ends with an error event at its
+        owner and the engine's providers are unregistered.
+        The stream's frames are its whole vocabulary in both directions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartTranscribeStream(self, request, context):
+        """Opens a voice session. JSON-RPC: `voice.transcribe_stream.start`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushTranscribeAudio(self, request, context):
+        """Sends PCM audio to a voice session. JSON-RPC: `voice.transcribe_stream.push`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopTranscribeStream(self, request, context):
+        """Ends a voice session. JSON-RPC: `voice.transcribe_stream.stop`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVoiceSessions(self, request, context):
+        """The caller's voice sessions. JSON-RPC: `voice.sessions.list`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVoiceProviders(self, request, context):
+        """The providers the connected engines serve. JSON-RPC: `voice.providers.list`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -67,6 +233,36 @@ def add_VoiceServiceServicer_to_server(servicer, server):
                     request_deserializer=car_dot_v1_dot_voice__pb2.PublishVoiceEventRequest.FromString,
                     response_serializer=car_dot_v1_dot_voice__pb2.PublishVoiceEventResponse.SerializeToString,
             ),
+            'ServeVoice': grpc.stream_stream_rpc_method_handler(
+                    servicer.ServeVoice,
+                    request_deserializer=car_dot_v1_dot_voice__pb2.ServeVoiceRequest.FromString,
+                    response_serializer=car_dot_v1_dot_voice__pb2.ServeVoiceResponse.SerializeToString,
+            ),
+            'StartTranscribeStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartTranscribeStream,
+                    request_deserializer=car_dot_v1_dot_voice__pb2.StartTranscribeStreamRequest.FromString,
+                    response_serializer=car_dot_v1_dot_voice__pb2.StartTranscribeStreamResponse.SerializeToString,
+            ),
+            'PushTranscribeAudio': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushTranscribeAudio,
+                    request_deserializer=car_dot_v1_dot_voice__pb2.PushTranscribeAudioRequest.FromString,
+                    response_serializer=car_dot_v1_dot_voice__pb2.PushTranscribeAudioResponse.SerializeToString,
+            ),
+            'StopTranscribeStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopTranscribeStream,
+                    request_deserializer=car_dot_v1_dot_voice__pb2.StopTranscribeStreamRequest.FromString,
+                    response_serializer=car_dot_v1_dot_voice__pb2.StopTranscribeStreamResponse.SerializeToString,
+            ),
+            'ListVoiceSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVoiceSessions,
+                    request_deserializer=car_dot_v1_dot_voice__pb2.ListVoiceSessionsRequest.FromString,
+                    response_serializer=car_dot_v1_dot_voice__pb2.ListVoiceSessionsResponse.SerializeToString,
+            ),
+            'ListVoiceProviders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVoiceProviders,
+                    request_deserializer=car_dot_v1_dot_voice__pb2.ListVoiceProvidersRequest.FromString,
+                    response_serializer=car_dot_v1_dot_voice__pb2.ListVoiceProvidersResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'car.v1.VoiceService', rpc_method_handlers)
@@ -76,10 +272,47 @@ def add_VoiceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class VoiceService:
-    """Voice events (PROTOCOL.md §7). The server does no speech itself: producers (speech
-    engines in any language) publish events for a voice session through this service, and
-    the server delivers each to the one connection that owns that voice session, as the
-    `voice.event` notification (ServerFrame.voice_event).
+    """Voice sessions and meeting transcripts (PROTOCOL.md §7).
+
+    The server does no speech itself: it routes. A speech engine (speech-to-text,
+    text-to-speech, in any language) holds one `ServeVoice` stream and registers the voice
+    providers it serves. A client opens a voice session with `voice.transcribe_stream.start`
+    naming a provider; the server hands the session to that provider's engine, forwards the
+    client's audio to it in order, and delivers the engine's events (`voice.event`) and
+    speech (binary frames) to the one connection that owns the session, and to no other.
+
+    # Voice session ids and the CAR binary frame protocol
+
+    A voice session id is a UUID written as 32 lowercase hex digits
+    (`5f0c...`, no dashes). Requests accept any spelling of a UUID and answer with this one.
+    On the WebSocket, audio travels in binary frames, never as JSON:
+
+    byte 0       frame type: 0x01 PCM in (client -> server), 0x02 TTS chunk, 0x03 TTS
+    final, 0x04 TTS error (server -> client); see AudioFrameType
+    bytes 1-16   the voice session id as 16 raw UUID bytes
+    bytes 17-24  seq, u64 little-endian
+    byte 25      format, meaningful for 0x02: 0x00 PCM16LE, 0x01 MP3, 0x02 WAV
+    (AudioFormat value - 1); ignored on other types, written as 0x00
+    bytes 26-    payload: audio for 0x01 / 0x02, nothing for 0x03, the UTF-8 error
+    message for 0x04
+
+    A binary frame whose first byte is 0x01-0x1f (other than the JSON whitespace bytes
+    0x09, 0x0a, 0x0d) is such an audio frame; any other binary frame is a JSON-RPC text
+    frame. A malformed audio frame (shorter than 26 bytes, an unknown type, a server ->
+    client type, a PCM payload that is empty or of odd length) is answered with the JSON-RPC
+    error `{"id": null, "error": {"code": -32600, "message": "invalid binary frame: ..."}}`;
+    the connection stays open. On the session stream the same frames are the ClientFrame /
+    ServerFrame member `voice_audio` (a VoiceAudio message).
+
+    # Bounds
+
+    Audio towards an engine waits in a per-session queue (`Config.voice_audio_queue`
+    chunks). When it is full, pushes wait in order; when the engine takes nothing for
+    `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
+    event. Events and speech towards the owner wait in a per-session queue
+    (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
+    error event, and the engine's other sessions go on. An engine that takes no message
+    from its stream for `voice_stall_timeout` seconds is disconnected (RESOURCE_EXHAUSTED).
     """
 
     @staticmethod
@@ -99,6 +332,388 @@ class VoiceService:
             '/car.v1.VoiceService/PublishVoiceEvent',
             car_dot_v1_dot_voice__pb2.PublishVoiceEventRequest.SerializeToString,
             car_dot_v1_dot_voice__pb2.PublishVoiceEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ServeVoice(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/car.v1.VoiceService/ServeVoice',
+            car_dot_v1_dot_voice__pb2.ServeVoiceRequest.SerializeToString,
+            car_dot_v1_dot_voice__pb2.ServeVoiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartTranscribeStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/car.v1.VoiceService/StartTranscribeStream',
+            car_dot_v1_dot_voice__pb2.StartTranscribeStreamRequest.SerializeToString,
+            car_dot_v1_dot_voice__pb2.StartTranscribeStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushTranscribeAudio(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/car.v1.VoiceService/PushTranscribeAudio',
+            car_dot_v1_dot_voice__pb2.PushTranscribeAudioRequest.SerializeToString,
+            car_dot_v1_dot_voice__pb2.PushTranscribeAudioResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopTranscribeStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/car.v1.VoiceService/StopTranscribeStream',
+            car_dot_v1_dot_voice__pb2.StopTranscribeStreamRequest.SerializeToString,
+            car_dot_v1_dot_voice__pb2.StopTranscribeStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVoiceSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/car.v1.VoiceService/ListVoiceSessions',
+            car_dot_v1_dot_voice__pb2.ListVoiceSessionsRequest.SerializeToString,
+            car_dot_v1_dot_voice__pb2.ListVoiceSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVoiceProviders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/car.v1.VoiceService/ListVoiceProviders',
+            car_dot_v1_dot_voice__pb2.ListVoiceProvidersRequest.SerializeToString,
+            car_dot_v1_dot_voice__pb2.ListVoiceProvidersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class MeetingServiceStub:
+    """Meetings: a voice session whose final transcript segments are kept, durably, as the
+    meeting's transcript. Every final transcript event of the meeting's voice session (see
+    VoiceEventNotice) is first added to the transcript in the store, then forwarded to the
+    owner untouched; `meeting.get` returns the whole transcript to any authenticated
+    session, after the client has gone and after a restart.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.StartMeeting = channel.unary_unary(
+                '/car.v1.MeetingService/StartMeeting',
+                request_serializer=car_dot_v1_dot_voice__pb2.StartMeetingRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_voice__pb2.StartMeetingResponse.FromString,
+                _registered_method=True)
+        self.StopMeeting = channel.unary_unary(
+                '/car.v1.MeetingService/StopMeeting',
+                request_serializer=car_dot_v1_dot_voice__pb2.StopMeetingRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_voice__pb2.StopMeetingResponse.FromString,
+                _registered_method=True)
+        self.ListMeetings = channel.unary_unary(
+                '/car.v1.MeetingService/ListMeetings',
+                request_serializer=car_dot_v1_dot_voice__pb2.ListMeetingsRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_voice__pb2.ListMeetingsResponse.FromString,
+                _registered_method=True)
+        self.GetMeeting = channel.unary_unary(
+                '/car.v1.MeetingService/GetMeeting',
+                request_serializer=car_dot_v1_dot_voice__pb2.GetMeetingRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_voice__pb2.GetMeetingResponse.FromString,
+                _registered_method=True)
+
+
+class MeetingServiceServicer:
+    """Meetings: a voice session whose final transcript segments are kept, durably, as the
+    meeting's transcript. Every final transcript event of the meeting's voice session (see
+    VoiceEventNotice) is first added to the transcript in the store, then forwarded to the
+    owner untouched; `meeting.get` returns the whole transcript to any authenticated
+    session, after the client has gone and after a restart.
+    """
+
+    def StartMeeting(self, request, context):
+        """Starts (or continues) a meeting. JSON-RPC: `meeting.start`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopMeeting(self, request, context):
+        """Stops a live meeting. JSON-RPC: `meeting.stop`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMeetings(self, request, context):
+        """Lists meetings, newest first. JSON-RPC: `meeting.list`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMeeting(self, request, context):
+        """One meeting and its whole transcript. JSON-RPC: `meeting.get`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MeetingServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'StartMeeting': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartMeeting,
+                    request_deserializer=car_dot_v1_dot_voice__pb2.StartMeetingRequest.FromString,
+                    response_serializer=car_dot_v1_dot_voice__pb2.StartMeetingResponse.SerializeToString,
+            ),
+            'StopMeeting': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopMeeting,
+                    request_deserializer=car_dot_v1_dot_voice__pb2.StopMeetingRequest.FromString,
+                    response_serializer=car_dot_v1_dot_voice__pb2.StopMeetingResponse.SerializeToString,
+            ),
+            'ListMeetings': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMeetings,
+                    request_deserializer=car_dot_v1_dot_voice__pb2.ListMeetingsRequest.FromString,
+                    response_serializer=car_dot_v1_dot_voice__pb2.ListMeetingsResponse.SerializeToString,
+            ),
+            'GetMeeting': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMeeting,
+                    request_deserializer=car_dot_v1_dot_voice__pb2.GetMeetingRequest.FromString,
+                    response_serializer=car_dot_v1_dot_voice__pb2.GetMeetingResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'car.v1.MeetingService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('car.v1.MeetingService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MeetingService:
+    """Meetings: a voice session whose final transcript segments are kept, durably, as the
+    meeting's transcript. Every final transcript event of the meeting's voice session (see
+    VoiceEventNotice) is first added to the transcript in the store, then forwarded to the
+    owner untouched; `meeting.get` returns the whole transcript to any authenticated
+    session, after the client has gone and after a restart.
+    """
+
+    @staticmethod
+    def StartMeeting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/car.v1.MeetingService/StartMeeting',
+            car_dot_v1_dot_voice__pb2.StartMeetingRequest.SerializeToString,
+            car_dot_v1_dot_voice__pb2.StartMeetingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopMeeting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/car.v1.MeetingService/StopMeeting',
+            car_dot_v1_dot_voice__pb2.StopMeetingRequest.SerializeToString,
+            car_dot_v1_dot_voice__pb2.StopMeetingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMeetings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/car.v1.MeetingService/ListMeetings',
+            car_dot_v1_dot_voice__pb2.ListMeetingsRequest.SerializeToString,
+            car_dot_v1_dot_voice__pb2.ListMeetingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMeeting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/car.v1.MeetingService/GetMeeting',
+            car_dot_v1_dot_voice__pb2.GetMeetingRequest.SerializeToString,
+            car_dot_v1_dot_voice__pb2.GetMeetingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,10 +27,47 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class VoiceServiceStub:
-    """Voice events (PROTOCOL.md §7). The server does no speech itself: producers (speech
-    engines in any language) publish events for a voice session through this service, and
-    the server delivers each to the one connection that owns that voice session, as the
-    `voice.event` notification (ServerFrame.voice_event).
+    """Voice sessions and meeting transcripts (PROTOCOL.md §7).
+
+    The server does no speech itself: it routes. A speech engine (speech-to-text,
+    text-to-speech, in any language) holds one `ServeVoice` stream and registers the voice
+    providers it serves. A client opens a voice session with `voice.transcribe_stream.start`
+    naming a provider; the server hands the session to that provider's engine, forwards the
+    client's audio to it in order, and delivers the engine's events (`voice.event`) and
+    speech (binary frames) to the one connection that owns the session, and to no other.
+
+    # Voice session ids and the CAR binary frame protocol
+
+    A voice session id is a UUID written as 32 lowercase hex digits
+    (`5f0c...`, no dashes). Requests accept any spelling of a UUID and answer with this one.
+    On the WebSocket, audio travels in binary frames, never as JSON:
+
+      byte 0       frame type: 0x01 PCM in (client -> server), 0x02 TTS chunk, 0x03 TTS
+                   final, 0x04 TTS error (server -> client); see AudioFrameType
+      bytes 1-16   the voice session id as 16 raw UUID bytes
+      bytes 17-24  seq, u64 little-endian
+      byte 25      format, meaningful for 0x02: 0x00 PCM16LE, 0x01 MP3, 0x02 WAV
+                   (AudioFormat value - 1); ignored on other types, written as 0x00
+      bytes 26-    payload: audio for 0x01 / 0x02, nothing for 0x03, the UTF-8 error
+                   message for 0x04
+
+    A binary frame whose first byte is 0x01-0x1f (other than the JSON whitespace bytes
+    0x09, 0x0a, 0x0d) is such an audio frame; any other binary frame is a JSON-RPC text
+    frame. A malformed audio frame (shorter than 26 bytes, an unknown type, a server ->
+    client type, a PCM payload that is empty or of odd length) is answered with the JSON-RPC
+    error `{"id": null, "error": {"code": -32600, "message": "invalid binary frame: ..."}}`;
+    the connection stays open. On the session stream the same frames are the ClientFrame /
+    ServerFrame member `voice_audio` (a VoiceAudio message).
+
+    # Bounds
+
+    Audio towards an engine waits in a per-session queue (`Config.voice_audio_queue`
+    chunks). When it is full, pushes wait in order; when the engine takes nothing for
+    `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
+    event. Events and speech towards the owner wait in a per-session queue
+    (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
+    error event, and the engine's other sessions go on. An engine that takes no message
+    from its stream for `voice_stall_timeout` seconds is disconnected (RESOURCE_EXHAUSTED).
     """
 
     @_typing.overload
@@ -38,25 +75,167 @@ class VoiceServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> VoiceServiceAsyncStub: ...
     PublishVoiceEvent: _grpc.UnaryUnaryMultiCallable[_voice_pb2.PublishVoiceEventRequest, _voice_pb2.PublishVoiceEventResponse]
-    """Publishes one event to the owner of a voice session."""
+    """Publishes one event to the owner of a voice session, exactly as the session's engine
+    would on its ServeVoice stream (a final transcript of a meeting's session is also
+    added to the meeting's transcript). gRPC only; any authenticated caller.
+    """
+    ServeVoice: _grpc.StreamStreamMultiCallable[_voice_pb2.ServeVoiceRequest, _voice_pb2.ServeVoiceResponse]
+    """The stream of one speech engine. gRPC only. Authenticate with call metadata
+    (`authorization: Bearer <token>`, as for the typed RPCs). The engine's first message
+    must be `register`; the server answers `registered`, or ends the stream with
+    INVALID_ARGUMENT (no providers, register not first) or ALREADY_EXISTS (a provider
+    another live engine serves). Then, per voice session:
+
+      server: open          engine: answer (accept or refuse, within
+                                    Config.voice_ack_timeout)
+      server: audio (PCM, seq 0, 1, 2, ... in the order the client sent it)
+                             engine: event / audio (TTS), any number, any time
+      server: stop           engine: end (after its last event; within voice_ack_timeout)
+      or at any time:
+      server: closed         the session is gone (owner left, stalled, ...): send
+                             nothing more for it
+      engine: end            the engine ends the session itself (error set: it failed)
+
+    When the stream ends, every session of the engine ends with an error event at its
+    owner and the engine's providers are unregistered.
+    The stream's frames are its whole vocabulary in both directions.
+    """
+    StartTranscribeStream: _grpc.UnaryUnaryMultiCallable[_voice_pb2.StartTranscribeStreamRequest, _voice_pb2.StartTranscribeStreamResponse]
+    """Opens a voice session. JSON-RPC: `voice.transcribe_stream.start`."""
+    PushTranscribeAudio: _grpc.UnaryUnaryMultiCallable[_voice_pb2.PushTranscribeAudioRequest, _voice_pb2.PushTranscribeAudioResponse]
+    """Sends PCM audio to a voice session. JSON-RPC: `voice.transcribe_stream.push`."""
+    StopTranscribeStream: _grpc.UnaryUnaryMultiCallable[_voice_pb2.StopTranscribeStreamRequest, _voice_pb2.StopTranscribeStreamResponse]
+    """Ends a voice session. JSON-RPC: `voice.transcribe_stream.stop`."""
+    ListVoiceSessions: _grpc.UnaryUnaryMultiCallable[_voice_pb2.ListVoiceSessionsRequest, _voice_pb2.ListVoiceSessionsResponse]
+    """The caller's voice sessions. JSON-RPC: `voice.sessions.list`."""
+    ListVoiceProviders: _grpc.UnaryUnaryMultiCallable[_voice_pb2.ListVoiceProvidersRequest, _voice_pb2.ListVoiceProvidersResponse]
+    """The providers the connected engines serve. JSON-RPC: `voice.providers.list`."""
 
 @_typing.type_check_only
 class VoiceServiceAsyncStub(VoiceServiceStub):
-    """Voice events (PROTOCOL.md §7). The server does no speech itself: producers (speech
-    engines in any language) publish events for a voice session through this service, and
-    the server delivers each to the one connection that owns that voice session, as the
-    `voice.event` notification (ServerFrame.voice_event).
+    """Voice sessions and meeting transcripts (PROTOCOL.md §7).
+
+    The server does no speech itself: it routes. A speech engine (speech-to-text,
+    text-to-speech, in any language) holds one `ServeVoice` stream and registers the voice
+    providers it serves. A client opens a voice session with `voice.transcribe_stream.start`
+    naming a provider; the server hands the session to that provider's engine, forwards the
+    client's audio to it in order, and delivers the engine's events (`voice.event`) and
+    speech (binary frames) to the one connection that owns the session, and to no other.
+
+    # Voice session ids and the CAR binary frame protocol
+
+    A voice session id is a UUID written as 32 lowercase hex digits
+    (`5f0c...`, no dashes). Requests accept any spelling of a UUID and answer with this one.
+    On the WebSocket, audio travels in binary frames, never as JSON:
+
+      byte 0       frame type: 0x01 PCM in (client -> server), 0x02 TTS chunk, 0x03 TTS
+                   final, 0x04 TTS error (server -> client); see AudioFrameType
+      bytes 1-16   the voice session id as 16 raw UUID bytes
+      bytes 17-24  seq, u64 little-endian
+      byte 25      format, meaningful for 0x02: 0x00 PCM16LE, 0x01 MP3, 0x02 WAV
+                   (AudioFormat value - 1); ignored on other types, written as 0x00
+      bytes 26-    payload: audio for 0x01 / 0x02, nothing for 0x03, the UTF-8 error
+                   message for 0x04
+
+    A binary frame whose first byte is 0x01-0x1f (other than the JSON whitespace bytes
+    0x09, 0x0a, 0x0d) is such an audio frame; any other binary frame is a JSON-RPC text
+    frame. A malformed audio frame (shorter than 26 bytes, an unknown type, a server ->
+    client type, a PCM payload that is empty or of odd length) is answered with the JSON-RPC
+    error `{"id": null, "error": {"code": -32600, "message": "invalid binary frame: ..."}}`;
+    the connection stays open. On the session stream the same frames are the ClientFrame /
+    ServerFrame member `voice_audio` (a VoiceAudio message).
+
+    # Bounds
+
+    Audio towards an engine waits in a per-session queue (`Config.voice_audio_queue`
+    chunks). When it is full, pushes wait in order; when the engine takes nothing for
+    `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
+    event. Events and speech towards the owner wait in a per-session queue
+    (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
+    error event, and the engine's other sessions go on. An engine that takes no message
+    from its stream for `voice_stall_timeout` seconds is disconnected (RESOURCE_EXHAUSTED).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     PublishVoiceEvent: _aio.UnaryUnaryMultiCallable[_voice_pb2.PublishVoiceEventRequest, _voice_pb2.PublishVoiceEventResponse]  # type: ignore[assignment]
-    """Publishes one event to the owner of a voice session."""
+    """Publishes one event to the owner of a voice session, exactly as the session's engine
+    would on its ServeVoice stream (a final transcript of a meeting's session is also
+    added to the meeting's transcript). gRPC only; any authenticated caller.
+    """
+    ServeVoice: _aio.StreamStreamMultiCallable[_voice_pb2.ServeVoiceRequest, _voice_pb2.ServeVoiceResponse]  # type: ignore[assignment]
+    """The stream of one speech engine. gRPC only. Authenticate with call metadata
+    (`authorization: Bearer <token>`, as for the typed RPCs). The engine's first message
+    must be `register`; the server answers `registered`, or ends the stream with
+    INVALID_ARGUMENT (no providers, register not first) or ALREADY_EXISTS (a provider
+    another live engine serves). Then, per voice session:
+
+      server: open          engine: answer (accept or refuse, within
+                                    Config.voice_ack_timeout)
+      server: audio (PCM, seq 0, 1, 2, ... in the order the client sent it)
+                             engine: event / audio (TTS), any number, any time
+      server: stop           engine: end (after its last event; within voice_ack_timeout)
+      or at any time:
+      server: closed         the session is gone (owner left, stalled, ...): send
+                             nothing more for it
+      engine: end            the engine ends the session itself (error set: it failed)
+
+    When the stream ends, every session of the engine ends with an error event at its
+    owner and the engine's providers are unregistered.
+    The stream's frames are its whole vocabulary in both directions.
+    """
+    StartTranscribeStream: _aio.UnaryUnaryMultiCallable[_voice_pb2.StartTranscribeStreamRequest, _voice_pb2.StartTranscribeStreamResponse]  # type: ignore[assignment]
+    """Opens a voice session. JSON-RPC: `voice.transcribe_stream.start`."""
+    PushTranscribeAudio: _aio.UnaryUnaryMultiCallable[_voice_pb2.PushTranscribeAudioRequest, _voice_pb2.PushTranscribeAudioResponse]  # type: ignore[assignment]
+    """Sends PCM audio to a voice session. JSON-RPC: `voice.transcribe_stream.push`."""
+    StopTranscribeStream: _aio.UnaryUnaryMultiCallable[_voice_pb2.StopTranscribeStreamRequest, _voice_pb2.StopTranscribeStreamResponse]  # type: ignore[assignment]
+    """Ends a voice session. JSON-RPC: `voice.transcribe_stream.stop`."""
+    ListVoiceSessions: _aio.UnaryUnaryMultiCallable[_voice_pb2.ListVoiceSessionsRequest, _voice_pb2.ListVoiceSessionsResponse]  # type: ignore[assignment]
+    """The caller's voice sessions. JSON-RPC: `voice.sessions.list`."""
+    ListVoiceProviders: _aio.UnaryUnaryMultiCallable[_voice_pb2.ListVoiceProvidersRequest, _voice_pb2.ListVoiceProvidersResponse]  # type: ignore[assignment]
+    """The providers the connected engines serve. JSON-RPC: `voice.providers.list`."""
 
 class VoiceServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Voice events (PROTOCOL.md §7). The server does no speech itself: producers (speech
-    engines in any language) publish events for a voice session through this service, and
-    the server delivers each to the one connection that owns that voice session, as the
-    `voice.event` notification (ServerFrame.voice_event).
+    """Voice sessions and meeting transcripts (PROTOCOL.md §7).
+
+    The server does no speech itself: it routes. A speech engine (speech-to-text,
+    text-to-speech, in any language) holds one `ServeVoice` stream and registers the voice
+    providers it serves. A client opens a voice session with `voice.transcribe_stream.start`
+    naming a provider; the server hands the session to that provider's engine, forwards the
+    client's audio to it in order, and delivers the engine's events (`voice.event`) and
+    speech (binary frames) to the one connection that owns the session, and to no other.
+
+    # Voice session ids and the CAR binary frame protocol
+
+    A voice session id is a UUID written as 32 lowercase hex digits
+    (`5f0c...`, no dashes). Requests accept any spelling of a UUID and answer with this one.
+    On the WebSocket, audio travels in binary frames, never as JSON:
+
+      byte 0       frame type: 0x01 PCM in (client -> server), 0x02 TTS chunk, 0x03 TTS
+                   final, 0x04 TTS error (server -> client); see AudioFrameType
+      bytes 1-16   the voice session id as 16 raw UUID bytes
+      bytes 17-24  seq, u64 little-endian
+      byte 25      format, meaningful for 0x02: 0x00 PCM16LE, 0x01 MP3, 0x02 WAV
+                   (AudioFormat value - 1); ignored on other types, written as 0x00
+      bytes 26-    payload: audio for 0x01 / 0x02, nothing for 0x03, the UTF-8 error
+                   message for 0x04
+
+    A binary frame whose first byte is 0x01-0x1f (other than the JSON whitespace bytes
+    0x09, 0x0a, 0x0d) is such an audio frame; any other binary frame is a JSON-RPC text
+    frame. A malformed audio frame (shorter than 26 bytes, an unknown type, a server ->
+    client type, a PCM payload that is empty or of odd length) is answered with the JSON-RPC
+    error `{"id": null, "error": {"code": -32600, "message": "invalid binary frame: ..."}}`;
+    the connection stays open. On the session stream the same frames are the ClientFrame /
+    ServerFrame member `voice_audio` (a VoiceAudio message).
+
+    # Bounds
+
+    Audio towards an engine waits in a per-session queue (`Config.voice_audio_queue`
+    chunks). When it is full, pushes wait in order; when the engine takes nothing for
+    `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
+    event. Events and speech towards the owner wait in a per-session queue
+    (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
+    error event, and the engine's other sessions go on. An engine that takes no message
+    from its stream for `voice_stall_timeout` seconds is disconnected (RESOURCE_EXHAUSTED).
     """
 
     @_abc_1.abstractmethod
@@ -65,6 +244,158 @@ class VoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _voice_pb2.PublishVoiceEventRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_voice_pb2.PublishVoiceEventResponse, _abc.Awaitable[_voice_pb2.PublishVoiceEventResponse]]:
-        """Publishes one event to the owner of a voice session."""
+        """Publishes one event to the owner of a voice session, exactly as the session's engine
+        would on its ServeVoice stream (a final transcript of a meeting's session is also
+        added to the meeting's transcript). gRPC only; any authenticated caller.
+        """
+
+    @_abc_1.abstractmethod
+    def ServeVoice(
+        self,
+        request_iterator: _MaybeAsyncIterator[_voice_pb2.ServeVoiceRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_voice_pb2.ServeVoiceResponse], _abc.AsyncIterator[_voice_pb2.ServeVoiceResponse]]:
+        """The stream of one speech engine. gRPC only. Authenticate with call metadata
+        (`authorization: Bearer <token>`, as for the typed RPCs). The engine's first message
+        must be `register`; the server answers `registered`, or ends the stream with
+        INVALID_ARGUMENT (no providers, register not first) or ALREADY_EXISTS (a provider
+        another live engine serves). Then, per voice session:
+
+          server: open          engine: answer (accept or refuse, within
+                                        Config.voice_ack_timeout)
+          server: audio (PCM, seq 0, 1, 2, ... in the order the client sent it)
+                                 engine: event / audio (TTS), any number, any time
+          server: stop           engine: end (after its last event; within voice_ack_timeout)
+          or at any time:
+          server: closed         the session is gone (owner left, stalled, ...): send
+                                 nothing more for it
+          engine: end            the engine ends the session itself (error set: it failed)
+
+        When the stream ends, every session of the engine ends with an error event at its
+        owner and the engine's providers are unregistered.
+        The stream's frames are its whole vocabulary in both directions.
+        """
+
+    @_abc_1.abstractmethod
+    def StartTranscribeStream(
+        self,
+        request: _voice_pb2.StartTranscribeStreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_voice_pb2.StartTranscribeStreamResponse, _abc.Awaitable[_voice_pb2.StartTranscribeStreamResponse]]:
+        """Opens a voice session. JSON-RPC: `voice.transcribe_stream.start`."""
+
+    @_abc_1.abstractmethod
+    def PushTranscribeAudio(
+        self,
+        request: _voice_pb2.PushTranscribeAudioRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_voice_pb2.PushTranscribeAudioResponse, _abc.Awaitable[_voice_pb2.PushTranscribeAudioResponse]]:
+        """Sends PCM audio to a voice session. JSON-RPC: `voice.transcribe_stream.push`."""
+
+    @_abc_1.abstractmethod
+    def StopTranscribeStream(
+        self,
+        request: _voice_pb2.StopTranscribeStreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_voice_pb2.StopTranscribeStreamResponse, _abc.Awaitable[_voice_pb2.StopTranscribeStreamResponse]]:
+        """Ends a voice session. JSON-RPC: `voice.transcribe_stream.stop`."""
+
+    @_abc_1.abstractmethod
+    def ListVoiceSessions(
+        self,
+        request: _voice_pb2.ListVoiceSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_voice_pb2.ListVoiceSessionsResponse, _abc.Awaitable[_voice_pb2.ListVoiceSessionsResponse]]:
+        """The caller's voice sessions. JSON-RPC: `voice.sessions.list`."""
+
+    @_abc_1.abstractmethod
+    def ListVoiceProviders(
+        self,
+        request: _voice_pb2.ListVoiceProvidersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_voice_pb2.ListVoiceProvidersResponse, _abc.Awaitable[_voice_pb2.ListVoiceProvidersResponse]]:
+        """The providers the connected engines serve. JSON-RPC: `voice.providers.list`."""
 
 def add_VoiceServiceServicer_to_server(servicer: VoiceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class MeetingServiceStub:
+    """Meetings: a voice session whose final transcript segments are kept, durably, as the
+    meeting's transcript. Every final transcript event of the meeting's voice session (see
+    VoiceEventNotice) is first added to the transcript in the store, then forwarded to the
+    owner untouched; `meeting.get` returns the whole transcript to any authenticated
+    session, after the client has gone and after a restart.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> MeetingServiceAsyncStub: ...
+    StartMeeting: _grpc.UnaryUnaryMultiCallable[_voice_pb2.StartMeetingRequest, _voice_pb2.StartMeetingResponse]
+    """Starts (or continues) a meeting. JSON-RPC: `meeting.start`."""
+    StopMeeting: _grpc.UnaryUnaryMultiCallable[_voice_pb2.StopMeetingRequest, _voice_pb2.StopMeetingResponse]
+    """Stops a live meeting. JSON-RPC: `meeting.stop`."""
+    ListMeetings: _grpc.UnaryUnaryMultiCallable[_voice_pb2.ListMeetingsRequest, _voice_pb2.ListMeetingsResponse]
+    """Lists meetings, newest first. JSON-RPC: `meeting.list`."""
+    GetMeeting: _grpc.UnaryUnaryMultiCallable[_voice_pb2.GetMeetingRequest, _voice_pb2.GetMeetingResponse]
+    """One meeting and its whole transcript. JSON-RPC: `meeting.get`."""
+
+@_typing.type_check_only
+class MeetingServiceAsyncStub(MeetingServiceStub):
+    """Meetings: a voice session whose final transcript segments are kept, durably, as the
+    meeting's transcript. Every final transcript event of the meeting's voice session (see
+    VoiceEventNotice) is first added to the transcript in the store, then forwarded to the
+    owner untouched; `meeting.get` returns the whole transcript to any authenticated
+    session, after the client has gone and after a restart.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    StartMeeting: _aio.UnaryUnaryMultiCallable[_voice_pb2.StartMeetingRequest, _voice_pb2.StartMeetingResponse]  # type: ignore[assignment]
+    """Starts (or continues) a meeting. JSON-RPC: `meeting.start`."""
+    StopMeeting: _aio.UnaryUnaryMultiCallable[_voice_pb2.StopMeetingRequest, _voice_pb2.StopMeetingResponse]  # type: ignore[assignment]
+    """Stops a live meeting. JSON-RPC: `meeting.stop`."""
+    ListMeetings: _aio.UnaryUnaryMultiCallable[_voice_pb2.ListMeetingsRequest, _voice_pb2.ListMeetingsResponse]  # type: ignore[assignment]
+    """Lists meetings, newest first. JSON-RPC: `meeting.list`."""
+    GetMeeting: _aio.UnaryUnaryMultiCallable[_voice_pb2.GetMeetingRequest, _voice_pb2.GetMeetingResponse]  # type: ignore[assignment]
+    """One meeting and its whole transcript. JSON-RPC: `meeting.get`."""
+
+class MeetingServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Meetings: a voice session whose final transcript segments are kept, durably, as the
+    meeting's transcript. Every final transcript event of the meeting's voice session (see
+    VoiceEventNotice) is first added to the transcript in the store, then forwarded to the
+    owner untouched; `meeting.get` returns the whole transcript to any authenticated
+    session, after the client has gone and after a restart.
+    """
+
+    @_abc_1.abstractmethod
+    def StartMeeting(
+        self,
+        request: _voice_pb2.StartMeetingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_voice_pb2.StartMeetingResponse, _abc.Awaitable[_voice_pb2.StartMeetingResponse]]:
+        """Starts (or continues) a meeting. JSON-RPC: `meeting.start`."""
+
+    @_abc_1.abstractmethod
+    def StopMeeting(
+        self,
+        request: _voice_pb2.StopMeetingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_voice_pb2.StopMeetingResponse, _abc.Awaitable[_voice_pb2.StopMeetingResponse]]:
+        """Stops a live meeting. JSON-RPC: `meeting.stop`."""
+
+    @_abc_1.abstractmethod
+    def ListMeetings(
+        self,
+        request: _voice_pb2.ListMeetingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_voice_pb2.ListMeetingsResponse, _abc.Awaitable[_voice_pb2.ListMeetingsResponse]]:
+        """Lists meetings, newest first. JSON-RPC: `meeting.list`."""
+
+    @_abc_1.abstractmethod
+    def GetMeeting(
+        self,
+        request: _voice_pb2.GetMeetingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_voice_pb2.GetMeetingResponse, _abc.Awaitable[_voice_pb2.GetMeetingResponse]]:
+        """One meeting and its whole transcript. JSON-RPC: `meeting.get`."""
+
+def add_MeetingServiceServicer_to_server(servicer: MeetingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
