@@ -266,8 +266,21 @@ async def test_node_tool_host_answers_the_callbacks_of_its_proposal(served: Serv
 # ------------------------------------------------------------------ the Node run watcher
 
 
+#: Free-form JSON of every kind, to travel Python -> proto -> Node (lib/car.js fromValue).
+PARAMETERS: dict[str, Any] = {
+    "argv": ["ls", "-l", 2, True, None],
+    "env": {"A": "1", "depth": {"n": 1.5}},
+}
+
+
 def turns(*prompts: str) -> list[runs_pb2.RunTurn]:
-    return [runs_pb2.RunTurn(prompt=p, tool="shell") for p in prompts]
+    result = []
+    for prompt in prompts:
+        turn = runs_pb2.RunTurn(prompt=prompt, tool="shell")
+        turn.parameters.struct_value.update(PARAMETERS)
+        turn.output.string_value = prompt.upper()
+        result.append(turn)
+    return result
 
 
 async def test_node_run_watcher_follows_a_python_agents_run_and_resumes(
@@ -290,6 +303,8 @@ async def test_node_run_watcher_follows_a_python_agents_run_and_resumes(
             ]
             assert seen[0]["agent_id"] == "py-agent" and seen[0]["intent"] == "fix it"
             assert [r["prompt"] for r in seen[1:]] == ["one", "two"]
+            assert [r["output"] for r in seen[1:]] == ["ONE", "TWO"]
+            assert all(r["parameters"] == PARAMETERS for r in seen[1:])
             assert all(r["status"] == "RUN_STATUS_IN_PROGRESS" for r in seen)
             # Then live: a turn recorded now, and the end of the run.
             batch = runs_pb2.RecordTurnsRequest(run_id=run_id, turns=turns("three"))

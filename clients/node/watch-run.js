@@ -22,7 +22,8 @@ function credentials() {
 function describe(record) {
   const detail = record[record.detail];
   if (record.detail === "turn") {
-    return { kind: "turn", index: detail.index, prompt: detail.prompt, tool: detail.tool, output: car.fromValue(detail.output) };
+    const { index, prompt, tool } = detail;
+    return { kind: "turn", index, prompt, tool, parameters: car.fromValue(detail.parameters), output: car.fromValue(detail.output) };
   }
   if (record.detail === "ended") return { kind: "ended", status: detail.status };
   return { kind: "started", agent_id: detail.agent_id, intent: detail.intent };
