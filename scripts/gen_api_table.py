@@ -3,8 +3,8 @@
 Everything in the table is read off the descriptors (the `json_rpc` options of the
 ClientFrame / ServerFrame members, the `json_rpc_method` options of the typed RPCs, the
 `json_rpc_code` / `grpc_status` options of ErrorCode), so the table cannot say anything the
-proto does not. Run `python scripts/gen_api_table.py` after a proto change (`./dev gen` does
-it); `--check` exits 1 when the committed file differs (CI runs it in scripts/check.sh).
+proto does not. scripts/gen_protos.py (`./dev gen`) runs it after every regeneration, and CI
+fails when the committed file differs; `--check` only compares, writing nothing.
 """
 
 from __future__ import annotations
