@@ -1,9 +1,10 @@
 """One WebSocket connection bridged to one SessionService.Connect stream.
 
 Four tasks per connection: client -> core (text frames through the Bridge onto the gRPC
-stream), core -> client (ServerFrames through the Bridge onto a bounded queue), the
-writer (queue -> WebSocket) and the keepalive. Whichever side ends first ends the
-connection once, with one close code and reason:
+stream), core -> client (ServerFrames through the Bridge to the WebSocket: sent at once
+while the client keeps up, else onto a bounded queue), the writer (queue -> WebSocket)
+and the keepalive. Whichever side ends first ends the connection once, with one close
+code and reason:
 
 - the client goes away: the stream to the core is cancelled (the core ends the session);
 - the core ends the stream: open requests get -32603, then the WebSocket closes (1011);

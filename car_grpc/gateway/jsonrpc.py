@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError
 
 from car_grpc import api, codec
 from car_grpc.errors import (
@@ -167,9 +168,10 @@ def _params_error(e: Exception) -> tuple[str, JSON]:
 
 
 def _too_deep(frame: session_pb2.ClientFrame) -> bool:
+    """Whether the core could not parse the frame (upb: Exceeded MaxDepth)."""
     try:
         session_pb2.ClientFrame.FromString(frame.SerializeToString())
-    except Exception:  # upb: "Exceeded upb_DecodeOptions_MaxDepth"
+    except DecodeError:
         return True
     return False
 
@@ -230,7 +232,8 @@ class Bridge:
         try:
             message = parse(text)
         except ValueError as e:
-            inbound.replies.append(error_response(None, error_object(PARSE_ERROR, _parse(e))))
+            error = error_object(PARSE_ERROR, f"parse error: {e}")
+            inbound.replies.append(error_response(None, error))
             return inbound
         if isinstance(message, list):
             self._batch(message, inbound)
@@ -383,7 +386,3 @@ class Bridge:
 
 def _invalid(reason: str) -> str:
     return error_response(None, error_object(INVALID_REQUEST, f"invalid request: {reason}"))
-
-
-def _parse(e: ValueError) -> str:
-    return f"parse error: {e}"
