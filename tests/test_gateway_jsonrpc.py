@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from car_grpc import codec
+from car_grpc import api, codec
 from car_grpc.errors import (
     AUTH_REQUIRED,
     INTERNAL,
@@ -432,3 +432,11 @@ def test_notification_method_called_with_an_id_is_forwarded_and_answered() -> No
     [frame] = inbound.frames
     assert frame.WhichOneof("body") == "agent_chat_event"
     assert [json.loads(t) for t in inbound.replies] == [{"jsonrpc": "2.0", "id": 8, "result": None}]
+
+
+def test_members_that_are_not_json_rpc_are_not_rendered_as_json() -> None:
+    assert api.SERVER_BINARY  # e.g. voice_audio, a CAR binary frame on the WebSocket
+    for member in api.SERVER_BINARY.values():
+        frame = session_pb2.ServerFrame()
+        getattr(frame, member.field).SetInParent()
+        assert Bridge().from_core(frame) is None

@@ -94,6 +94,8 @@ class Connection:
             asyncio.create_task(self._write()),
             asyncio.create_task(self._keepalive()),
         ]
+        for task in tasks:
+            task.add_done_callback(self._task_done)
         try:
             await self._ended.wait()
         finally:
@@ -106,6 +108,12 @@ class Connection:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._close()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        # A bug in one direction must not leave the other half running on its own.
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("gateway: connection task failed", exc_info=error)
+            self.end(CloseCode.INTERNAL_ERROR, "internal error")
 
     async def _close(self) -> None:
         # websockets bounds the closing handshake, but not the wait for room in the write

@@ -81,6 +81,7 @@ def _bindings(members: dict[str, api.Member]) -> dict[str, _Binding]:
 _REQUESTS = _bindings(api.CLIENT_REQUESTS)  # by method
 _NOTIFICATIONS = _bindings(api.CLIENT_NOTIFICATIONS)  # by method
 _ANSWERS = _bindings(api.CLIENT_RESPONSES)  # by method of the server request
+_JSON_KINDS = frozenset({api.REQUEST, api.RESPONSE, api.NOTIFICATION})
 _FROM_CORE = {  # by ServerFrame member
     name: (m.kind, _Binding(m.field, m.method, m.bare_field, False))
     for name, m in api.SERVER_MEMBERS.items()
@@ -343,6 +344,8 @@ class Bridge:
         if member is None:
             return None
         kind, binding = _FROM_CORE[member]
+        if kind not in _JSON_KINDS:
+            return None  # not JSON-RPC (binary members travel as binary frames)
         payload = codec.message_to_result(getattr(frame, member), binding.bare_field)
         if kind == api.RESPONSE:
             return self._settle(frame.id, response, payload)
