@@ -129,6 +129,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = _ws_config(_config(args), args)
     if args.no_unix_socket:
         config.unix_socket = None
+    if args.no_dashboard:
+        config.dashboard = False
+    if args.dashboard_port is not None:
+        config.dashboard_port = args.dashboard_port
     return _run(Server(config))
 
 
@@ -180,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-unix-socket", action="store_true", help="serve no Unix socket, TCP only"
     )
+    serve.add_argument(
+        "--dashboard-port",
+        type=int,
+        metavar="PORT",
+        help="dashboard HTTP port (default: the WebSocket port + 1; 0 picks a free one); "
+        "the log prints a one-time login link",
+    )
+    serve.add_argument("--no-dashboard", action="store_true", help="serve no dashboard")
     _add_core_flags(serve)
     serve.set_defaults(func=_cmd_serve)
 

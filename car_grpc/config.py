@@ -162,6 +162,13 @@ class Config:
     ws_write_limit: int = 64 * 1024
     #: How long closing a WebSocket may take before the TCP connection is dropped.
     ws_close_timeout: float = 10.0
+    #: Serve the dashboard beside the WebSocket listener (off with --no-dashboard).
+    dashboard: bool = True
+    #: Dashboard HTTP listener (loopback by default).
+    dashboard_host: str = "127.0.0.1"
+    #: Its port: None means the WebSocket port + 1 (ephemeral when that one is); 0 picks a
+    #: free one.
+    dashboard_port: int | None = None
 
     @classmethod
     def from_env(cls) -> Config:
@@ -177,3 +184,10 @@ class Config:
     @property
     def store_path(self) -> Path:
         return self.state_root / "car-grpc" / "store.sqlite3"
+
+    @property
+    def dashboard_listen_port(self) -> int:
+        """The dashboard port to bind: dashboard_port, else the WebSocket port + 1."""
+        if self.dashboard_port is not None:
+            return self.dashboard_port
+        return self.ws_port + 1 if 0 < self.ws_port < 65535 else 0

@@ -1,7 +1,7 @@
 """The whole server in one process: the gRPC core and a WebSocket gateway in front of it.
 
     async with Server(Config(grpc_port=0, ws_port=0)) as server:
-        ... server.gateway.url, server.core.grpc_address ...
+        ... server.gateway.url, server.core.grpc_address, server.dashboard.login_url ...
 
 This is what `car-grpc serve` runs. To scale out the WebSocket side, run the core alone
 (`Core`, `car-grpc core`) and any number of `Gateway`s (`car-grpc gateway --core ADDR`).
@@ -13,6 +13,7 @@ from types import TracebackType
 
 from car_grpc.config import Config
 from car_grpc.core.server import Core
+from car_grpc.dashboard import Dashboard
 from car_grpc.gateway import Gateway
 from car_grpc.store.sqlite import SqliteStore
 
@@ -23,9 +24,12 @@ class Server:
         self.core = Core(config, store)
         #: Created by start(), once the core's port is known.
         self.gateway: Gateway | None = None
+        #: Created by start() unless config.dashboard is off: a host client of the core.
+        self.dashboard: Dashboard | None = None
 
     async def start(self) -> None:
-        """Start the core (store, tokens, gRPC port), then the gateway's listeners."""
+        """Start the core (store, tokens, gRPC port), then the gateway's listeners and
+        the dashboard's."""
         await self.core.start()
         gateway = Gateway(self.config, self.core.grpc_address)
         try:
@@ -34,10 +38,25 @@ class Server:
             await self.core.stop()
             raise
         self.gateway = gateway
+        if self.config.dashboard:
+            assert self.core.state is not None
+            tokens = self.core.state.tokens
+            dashboard = Dashboard(
+                self.config, self.core.grpc_address, tokens.host if tokens else None
+            )
+            try:
+                await dashboard.start()
+            except BaseException:
+                await self.stop()
+                raise
+            self.dashboard = dashboard
 
     async def stop(self) -> None:
-        """Close WebSocket connections first, then the core (token files removed, store
-        closed)."""
+        """Close the dashboard and the WebSocket connections first, then the core (token
+        files removed, store closed)."""
+        if self.dashboard is not None:
+            await self.dashboard.stop()
+            self.dashboard = None
         if self.gateway is not None:
             await self.gateway.stop()
             self.gateway = None

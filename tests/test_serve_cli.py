@@ -47,8 +47,9 @@ async def serve_and_stop(server: Process, home: Path) -> None:
     assert not (tokens / "auth-token").exists()
     assert not (tokens / "host-token").exists()
     assert not socket_path.exists()
-    # Exactly one line per listener (websockets' own start-up lines are quiet).
-    assert sum("listening on" in line for line in server.lines) == 3
+    # Exactly one line per listener (websockets' own start-up lines are quiet); the
+    # fourth is the dashboard's.
+    assert sum("listening on" in line for line in server.lines) == 4
 
 
 async def test_serve_flags(tmp_path: Path) -> None:

@@ -82,7 +82,9 @@ def may_write(session: ClientSession, agent_id: str) -> bool:
 
 
 def may_read(session: ClientSession, agent_id: str) -> bool:
-    return session.is_host or may_write(session, agent_id)
+    """The run's agent or a host-role session; anyone when auth is off (no role can be
+    proven then, and the dashboard must still see every run)."""
+    return session.is_host or not session.server.auth_enabled or may_write(session, agent_id)
 
 
 def _not_found(run_id: str) -> CarError:
@@ -127,6 +129,7 @@ class Subscription:
     def offer(self, event: session_pb2.ServerFrame) -> None:
         if len(self.events) == self.events.maxlen:
             self.dropped += 1
+            self.session.server.metrics.queue_drops.inc("run_subscriber")
         self.events.append(event)
         self._ready.set()
 

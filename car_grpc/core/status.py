@@ -11,6 +11,7 @@ import contextlib
 import time
 from pathlib import Path
 
+from car_grpc import codec
 from car_grpc.config import SERVER_VERSION
 from car_grpc.core.dispatch import handles
 from car_grpc.core.metrics import Gauge
@@ -32,8 +33,15 @@ _ROLES = {
 }
 
 
+#: The `role` label of car_sessions (the JSON names of SessionRole).
+_ROLE_LABELS = {
+    role: codec.enum_to_json(status_pb2.SessionRole.DESCRIPTOR, v) for role, v in _ROLES.items()
+}
+
+
 def _require_host(session: ClientSession, method: str) -> ServerState:
-    if not session.is_host:
+    """The server, for a host-role session (any session when auth is off)."""
+    if session.server.auth_enabled and not session.is_host:
         raise CarError(INTERNAL, f"permission denied: {method} needs the host role")
     return session.server
 
@@ -77,9 +85,9 @@ def _now_ms() -> int:
 
 def gauges(state: ServerState) -> list[Gauge]:
     """The values `server.metrics` reads off the state."""
-    by_role: dict[str, int] = {role.value: 0 for role in Role}
+    by_role = dict.fromkeys(_ROLE_LABELS.values(), 0)
     for session in _connections(state):
-        by_role[session.role.value] += 1
+        by_role[_ROLE_LABELS[session.role]] += 1
     return [
         Gauge(
             "car_sessions",

@@ -31,8 +31,8 @@ class RunServiceStub:
     A run is identified by `run_id` and outlives the connection that started it. Its
     records (`started`, then turns, then `ended`) are acknowledged only after the store has
     them. Writes are owner-only (the session attached as the run's agent); reads are for the
-    run's agent or a host-role session, and anyone else gets the same not-found answer as
-    for an unknown run.
+    run's agent or a host-role session (any session when auth is off), and anyone else gets
+    the same not-found answer as for an unknown run.
 
     Unary calls act as the session they are bound to (metadata `car-session-id`), or as a
     one-call session authenticated by the call's own metadata: see SessionService.
@@ -82,8 +82,8 @@ class RunServiceServicer:
     A run is identified by `run_id` and outlives the connection that started it. Its
     records (`started`, then turns, then `ended`) are acknowledged only after the store has
     them. Writes are owner-only (the session attached as the run's agent); reads are for the
-    run's agent or a host-role session, and anyone else gets the same not-found answer as
-    for an unknown run.
+    run's agent or a host-role session (any session when auth is off), and anyone else gets
+    the same not-found answer as for an unknown run.
 
     Unary calls act as the session they are bound to (metadata `car-session-id`), or as a
     one-call session authenticated by the call's own metadata: see SessionService.
@@ -182,8 +182,8 @@ class RunService:
     A run is identified by `run_id` and outlives the connection that started it. Its
     records (`started`, then turns, then `ended`) are acknowledged only after the store has
     them. Writes are owner-only (the session attached as the run's agent); reads are for the
-    run's agent or a host-role session, and anyone else gets the same not-found answer as
-    for an unknown run.
+    run's agent or a host-role session (any session when auth is off), and anyone else gets
+    the same not-found answer as for an unknown run.
 
     Unary calls act as the session they are bound to (metadata `car-session-id`), or as a
     one-call session authenticated by the call's own metadata: see SessionService.

@@ -32,8 +32,8 @@ class RunServiceStub:
     A run is identified by `run_id` and outlives the connection that started it. Its
     records (`started`, then turns, then `ended`) are acknowledged only after the store has
     them. Writes are owner-only (the session attached as the run's agent); reads are for the
-    run's agent or a host-role session, and anyone else gets the same not-found answer as
-    for an unknown run.
+    run's agent or a host-role session (any session when auth is off), and anyone else gets
+    the same not-found answer as for an unknown run.
 
     Unary calls act as the session they are bound to (metadata `car-session-id`), or as a
     one-call session authenticated by the call's own metadata: see SessionService.
@@ -68,8 +68,8 @@ class RunServiceAsyncStub(RunServiceStub):
     A run is identified by `run_id` and outlives the connection that started it. Its
     records (`started`, then turns, then `ended`) are acknowledged only after the store has
     them. Writes are owner-only (the session attached as the run's agent); reads are for the
-    run's agent or a host-role session, and anyone else gets the same not-found answer as
-    for an unknown run.
+    run's agent or a host-role session (any session when auth is off), and anyone else gets
+    the same not-found answer as for an unknown run.
 
     Unary calls act as the session they are bound to (metadata `car-session-id`), or as a
     one-call session authenticated by the call's own metadata: see SessionService.
@@ -100,8 +100,8 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
     A run is identified by `run_id` and outlives the connection that started it. Its
     records (`started`, then turns, then `ended`) are acknowledged only after the store has
     them. Writes are owner-only (the session attached as the run's agent); reads are for the
-    run's agent or a host-role session, and anyone else gets the same not-found answer as
-    for an unknown run.
+    run's agent or a host-role session (any session when auth is off), and anyone else gets
+    the same not-found answer as for an unknown run.
 
     Unary calls act as the session they are bound to (metadata `car-session-id`), or as a
     one-call session authenticated by the call's own metadata: see SessionService.

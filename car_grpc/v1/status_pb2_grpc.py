@@ -29,7 +29,8 @@ class StatusServiceStub:
     """What an operator sees of a running core: who is connected, which chats are in flight,
     which agents have runs, the store's size and the core's metrics. The dashboard reads
     these; so may any host tool. Read-only, and for host-role sessions only: any other
-    session gets -32603 `permission denied: <method> needs the host role`.
+    session gets -32603 `permission denied: <method> needs the host role` (when auth is
+    off, no role can be proven and every session may read them).
     """
 
     def __init__(self, channel):
@@ -54,7 +55,8 @@ class StatusServiceServicer:
     """What an operator sees of a running core: who is connected, which chats are in flight,
     which agents have runs, the store's size and the core's metrics. The dashboard reads
     these; so may any host tool. Read-only, and for host-role sessions only: any other
-    session gets -32603 `permission denied: <method> needs the host role`.
+    session gets -32603 `permission denied: <method> needs the host role` (when auth is
+    off, no role can be proven and every session may read them).
     """
 
     def GetStatus(self, request, context):
@@ -96,7 +98,8 @@ class StatusService:
     """What an operator sees of a running core: who is connected, which chats are in flight,
     which agents have runs, the store's size and the core's metrics. The dashboard reads
     these; so may any host tool. Read-only, and for host-role sessions only: any other
-    session gets -32603 `permission denied: <method> needs the host role`.
+    session gets -32603 `permission denied: <method> needs the host role` (when auth is
+    off, no role can be proven and every session may read them).
     """
 
     @staticmethod

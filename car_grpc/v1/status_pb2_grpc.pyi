@@ -30,7 +30,8 @@ class StatusServiceStub:
     """What an operator sees of a running core: who is connected, which chats are in flight,
     which agents have runs, the store's size and the core's metrics. The dashboard reads
     these; so may any host tool. Read-only, and for host-role sessions only: any other
-    session gets -32603 `permission denied: <method> needs the host role`.
+    session gets -32603 `permission denied: <method> needs the host role` (when auth is
+    off, no role can be proven and every session may read them).
     """
 
     @_typing.overload
@@ -47,7 +48,8 @@ class StatusServiceAsyncStub(StatusServiceStub):
     """What an operator sees of a running core: who is connected, which chats are in flight,
     which agents have runs, the store's size and the core's metrics. The dashboard reads
     these; so may any host tool. Read-only, and for host-role sessions only: any other
-    session gets -32603 `permission denied: <method> needs the host role`.
+    session gets -32603 `permission denied: <method> needs the host role` (when auth is
+    off, no role can be proven and every session may read them).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -60,7 +62,8 @@ class StatusServiceServicer(metaclass=_abc_1.ABCMeta):
     """What an operator sees of a running core: who is connected, which chats are in flight,
     which agents have runs, the store's size and the core's metrics. The dashboard reads
     these; so may any host tool. Read-only, and for host-role sessions only: any other
-    session gets -32603 `permission denied: <method> needs the host role`.
+    session gets -32603 `permission denied: <method> needs the host role` (when auth is
+    off, no role can be proven and every session may read them).
     """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,5 @@
+"""The operator dashboard: a web page over the core's typed API (see server.py)."""
+
+from car_grpc.dashboard.server import Dashboard
+
+__all__ = ["Dashboard"]

@@ -1,0 +1,116 @@
+"""The dashboard's way into the core: the typed gRPC API, as a host-role client.
+
+Every call carries the host token (`authorization: Bearer`), so the dashboard works the
+same beside a core in its own process (`car-grpc serve`) or another one, and sees exactly
+what any host tool would: StatusService for connections, chats and metrics,
+ApprovalService for the ledger, RunService for runs, HostService.WatchHostEvents and
+RunService.WatchRun for what changes. Answers are returned as the JSON shape of the
+wire protocol (car_grpc.codec), which is what the page renders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from car_grpc import codec
+from car_grpc.errors import ERROR_TRAILER, INTERNAL, CarError
+from car_grpc.v1 import (
+    errors_pb2,
+    host_pb2,
+    host_pb2_grpc,
+    runs_pb2,
+    runs_pb2_grpc,
+    status_pb2,
+    status_pb2_grpc,
+)
+
+JSON = Any
+#: Deadline of one unary call to the core.
+CALL_TIMEOUT = 5.0
+#: Largest message the dashboard accepts from the core (a page of run records).
+MAX_MESSAGE_BYTES = 80 * 1024 * 1024
+
+
+def car_error(e: grpc.aio.AioRpcError) -> CarError:
+    """The core's exact error (from the `car-error-bin` trailer), or the bare status."""
+    for key, value in e.trailing_metadata() or ():
+        if key == ERROR_TRAILER and isinstance(value, bytes):
+            return CarError.from_proto(errors_pb2.Error.FromString(value))
+    return CarError(INTERNAL, f"core unavailable: {e.code().name}: {e.details()}")
+
+
+class CoreClient:
+    def __init__(self, address: str, host_token: str | None) -> None:
+        self._channel = grpc.aio.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._metadata = (("authorization", f"Bearer {host_token}"),) if host_token else ()
+        self._status = status_pb2_grpc.StatusServiceStub(self._channel)
+        self._approvals = host_pb2_grpc.ApprovalServiceStub(self._channel)
+        self._host = host_pb2_grpc.HostServiceStub(self._channel)
+        self._runs = runs_pb2_grpc.RunServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)
+
+    async def _call(self, rpc: Any, request: Any) -> Any:
+        try:
+            return await rpc(request, metadata=self._metadata, timeout=CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as e:
+            raise car_error(e) from None
+
+    async def status(self) -> JSON:
+        reply = await self._call(self._status.GetStatus, status_pb2.GetStatusRequest())
+        return codec.message_to_json(reply)
+
+    async def metrics(self) -> str:
+        reply = await self._call(self._status.GetMetrics, status_pb2.GetMetricsRequest())
+        return str(reply.text)
+
+    async def approvals(self) -> JSON:
+        reply = await self._call(self._approvals.ListApprovals, host_pb2.ListApprovalsRequest())
+        return codec.message_to_json(reply)
+
+    async def resolve(self, approval_id: str, approved: bool) -> JSON:
+        request = host_pb2.ResolveApprovalRequest(
+            approval_id=approval_id, approved=approved, notes="from the dashboard"
+        )
+        reply = await self._call(self._approvals.ResolveApproval, request)
+        return codec.message_to_json(reply.approval)
+
+    async def runs(self, agent_id: str) -> JSON:
+        reply = await self._call(self._runs.ListRuns, runs_pb2.ListRunsRequest(agent_id=agent_id))
+        return codec.message_to_json(reply)
+
+    async def watch_run(self, run_id: str, cursor: int) -> AsyncIterator[JSON]:
+        """Records of a run from `cursor` (each with the cursor to resume after it)."""
+        call = self._runs.WatchRun(
+            runs_pb2.WatchRunRequest(run_id=run_id, cursor=cursor), metadata=self._metadata
+        )
+        try:
+            async for item in call:
+                yield codec.message_to_json(item)
+        except grpc.aio.AioRpcError as e:
+            raise car_error(e) from None
+        finally:
+            call.cancel()
+
+    async def watch_host_events(self, after_sequence: int) -> AsyncIterator[JSON]:
+        call = self._host.WatchHostEvents(
+            host_pb2.WatchHostEventsRequest(after_sequence=after_sequence),
+            metadata=self._metadata,
+        )
+        try:
+            async for item in call:
+                yield codec.message_to_json(item.event)
+        except grpc.aio.AioRpcError as e:
+            raise car_error(e) from None
+        finally:
+            call.cancel()

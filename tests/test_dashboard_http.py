@@ -1,0 +1,265 @@
+"""End-to-end over plain HTTP: the dashboard of a real `Server` (core + gateway +
+dashboard on loopback): login, cookie, 401s, origin and Host checks, the JSON API, the
+live event streams and their resumption, /metrics and /healthz."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from car_grpc.config import DEFAULT_GATED_METHODS
+from car_grpc.errors import APPROVAL_DENIED, INVALID_PARAMS, CarError
+from car_grpc.server import Server
+from car_grpc.v1 import host_pb2, state_pb2
+from tests.conftest import make_config
+from tests.dashboard_helpers import event_stream, log_in, printed_login_urls, request
+from tests.runs_helpers import complete, record, start, turns
+from tests.session_client import SessionClient, connect
+
+
+@pytest.fixture
+async def server(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Server]:
+    caplog.set_level(logging.INFO, logger="car_grpc.dashboard")
+    config = make_config(tmp_path, gated_methods=DEFAULT_GATED_METHODS | {"state.set"})
+    async with Server(config) as server:
+        yield server
+
+
+def base(server: Server) -> str:
+    assert server.dashboard is not None
+    return server.dashboard.url
+
+
+def tokens(server: Server) -> tuple[str, str]:
+    state = server.core.state
+    assert state is not None and state.tokens is not None
+    return state.tokens.daemon, state.tokens.host
+
+
+def login_urls(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The login links logged so far (at the server's start-up too)."""
+    return printed_login_urls([*caplog.get_records("setup"), *caplog.records])
+
+
+@pytest.fixture
+async def cookie(server: Server, caplog: pytest.LogCaptureFixture) -> str:
+    return await log_in(login_urls(caplog)[-1])
+
+
+@pytest.fixture
+async def channel(server: Server) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(server.core.grpc_address) as ch:
+        yield ch
+
+
+def same_origin(server: Server, cookie: str) -> dict[str, str]:
+    return {"Cookie": cookie, "Origin": base(server).rstrip("/")}
+
+
+async def test_without_the_cookie_every_endpoint_answers_401(server: Server) -> None:
+    url = base(server)
+    for path in (
+        "",
+        "static/app.js",
+        "static/style.css",
+        "api/status",
+        "api/approvals",
+        "api/runs?agent_id=a",
+        "api/events",
+        "api/runs/r1/events",
+        "metrics",
+        "healthz",
+        "no-such-page",
+    ):
+        for headers in ({}, {"Cookie": "car_dashboard=forged"}):
+            answer = await request("GET", url + path, headers)
+            assert answer.status == 401, (path, headers, answer.status)
+    for path in ("api/approvals/a1", "logout"):
+        answer = await request("POST", url + path, {"Origin": url.rstrip("/")}, b"{}")
+        assert answer.status == 401, path
+    page = await request("GET", url)
+    assert b"Log in with the dashboard link printed in the car-grpc server log" in page.body
+
+
+async def test_the_printed_login_link_works_once_and_sets_a_strict_http_only_cookie(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    [first] = login_urls(caplog)
+    answer = await request("GET", first)
+    assert answer.status == 303 and answer.header("location") == "/"
+    attributes = [a.strip() for a in answer.header("set-cookie").split(";")]
+    assert attributes[0].startswith("car_dashboard=") and len(attributes[0]) > 40
+    assert {"HttpOnly", "SameSite=Strict", "Path=/"} <= set(attributes)
+    cookie = attributes[0]
+
+    status = await request("GET", base(server) + "api/status", {"Cookie": cookie})
+    assert status.status == 200 and status.json()["auth_enabled"] is True
+    page = await request("GET", base(server), {"Cookie": cookie})
+    assert page.status == 200 and b"<title>car-grpc dashboard</title>" in page.body
+    assert "script-src 'self'" in page.header("content-security-policy")
+    assert tokens(server)[0].encode() not in page.body
+    assert tokens(server)[1].encode() not in page.body
+
+    assert (await request("GET", first)).status == 401  # spent
+    fresh = login_urls(caplog)[-1]
+    assert fresh != first
+    assert (await request("GET", fresh)).status == 303
+
+
+async def test_other_origins_and_foreign_hosts_are_refused(server: Server, cookie: str) -> None:
+    url = base(server)
+    body = json.dumps({"approved": True}).encode()
+    json_type = {"Content-Type": "application/json"}
+    evil = {"Cookie": cookie, "Origin": "http://evil.example", **json_type}
+    assert (await request("POST", url + "api/approvals/a1", evil, body)).status == 403
+    no_origin = {"Cookie": cookie, **json_type}
+    assert (await request("POST", url + "api/approvals/a1", no_origin, body)).status == 403
+    cross_site = {**same_origin(server, cookie), "Sec-Fetch-Site": "cross-site", **json_type}
+    assert (await request("POST", url + "api/approvals/a1", cross_site, body)).status == 403
+    async with event_stream(url + "api/events", {"Cookie": cookie, "Origin": "http://x"}) as es:
+        assert es.status == 403
+    rebound = {"Cookie": cookie, "Host": "evil.example:80"}
+    assert (await request("GET", url + "api/status", rebound)).status == 421
+
+
+async def test_metrics_and_healthz_take_the_cookie_or_the_host_token(
+    server: Server, cookie: str
+) -> None:
+    url = base(server)
+    daemon, host = tokens(server)
+    for headers in ({"Cookie": cookie}, {"Authorization": f"Bearer {host}"}):
+        metrics = await request("GET", url + "metrics", headers)
+        assert metrics.status == 200
+        assert metrics.header("content-type").startswith("text/plain; version=0.0.4")
+        assert b"# TYPE car_requests_total counter" in metrics.body
+        assert b"car_sessions_opened_total" in metrics.body
+        health = await request("GET", url + "healthz", headers)
+        assert (health.status, health.body) == (200, b"ok\n")
+    for bad in (f"Bearer {daemon}", "Bearer nope", host):
+        assert (await request("GET", url + "metrics", {"Authorization": bad})).status == 401
+
+
+async def park_gated_call(
+    client: SessionClient, key: str
+) -> asyncio.Task[state_pb2.SetStateResponse]:
+    request_ = state_pb2.SetStateRequest(key=key)
+    request_.value.string_value = "v"
+    return asyncio.create_task(client.request("state_set", request_, timeout=15))
+
+
+async def test_a_gated_call_is_listed_and_resolved_through_the_api(
+    server: Server, cookie: str, channel: grpc.aio.Channel
+) -> None:
+    url = base(server)
+    headers = {**same_origin(server, cookie), "Content-Type": "application/json"}
+    client = await connect(channel, token=tokens(server)[0])
+    async with event_stream(url + "api/events", {"Cookie": cookie}) as events:
+        assert events.status == 200
+        assert events.headers["content-type"] == ["text/event-stream; charset=utf-8"]
+        parked = await park_gated_call(client, "k1")
+        requested = json.loads((await events.next_of("host")).data)
+        assert requested["kind"] == "approval.requested"
+        approval_id = requested["payload"]["id"]
+        listing = (await request("GET", url + "api/approvals", {"Cookie": cookie})).json()
+        [pending] = [a for a in listing["approvals"] if a["status"] == "pending"]
+        assert pending["id"] == approval_id and pending["action"] == "ws.method:state.set"
+
+        answer = await request(
+            "POST", url + f"api/approvals/{approval_id}", headers, b'{"approved": false}'
+        )
+        assert answer.status == 200 and answer.json()["status"] == "denied"
+        with pytest.raises(CarError) as denied:
+            await parked
+        assert denied.value.code == APPROVAL_DENIED
+        resolved = json.loads((await events.next_of("host")).data)
+        assert resolved["kind"] == "approval.resolved"
+
+    again = await request(
+        "POST", url + f"api/approvals/{approval_id}", headers, b'{"approved": true}'
+    )
+    assert again.status == 409 and again.json()["error"]["code"] == INVALID_PARAMS
+    assert "already denied" in again.json()["error"]["message"]
+    bad = await request("POST", url + "api/approvals/x", headers, b'{"approved": "yes"}')
+    assert bad.status == 400
+    wrong_type = {**headers, "Content-Type": "text/plain"}
+    assert (await request("POST", url + "api/approvals/x", wrong_type, b"{}")).status == 415
+    await client.close()
+
+
+async def test_a_run_stream_resumes_after_the_last_event_id(
+    server: Server, cookie: str, channel: grpc.aio.Channel
+) -> None:
+    state = server.core.state
+    assert state is not None
+    agent = await connect(channel, token=state.agent_tokens.add("a1"), agent_id="a1")
+    run_id = await start(agent, "write the report")
+    await record(agent, run_id, turns(3))
+    url = base(server) + f"api/runs/{run_id}/events?cursor=0"
+    async with event_stream(url, {"Cookie": cookie}) as stream:
+        ids = [(await stream.next_of("record")).id for _ in range(4)]
+    assert ids == ["1", "2", "3", "4"]  # started, then three turns
+
+    await record(agent, run_id, turns(2, prompt="late"))
+    async with event_stream(url, {"Cookie": cookie, "Last-Event-ID": "3"}) as resumed:
+        first = json.loads((await resumed.next_of("record")).data)
+        assert first["cursor"] == 4 and first["record"]["prompt"] == "p2"
+        await complete(agent, run_id)
+        rest = [json.loads((await resumed.next_of("record")).data) for _ in range(3)]
+        assert [r["cursor"] for r in rest] == [5, 6, 7]
+        ended = rest[-1]["record"]
+        assert (ended["record"], ended["status"], ended["outcome"]["status"]) == (
+            "ended",
+            "completed",
+            "success",
+        )
+        assert (await resumed.next()).event == "end"
+    runs = await request("GET", base(server) + "api/runs?agent_id=a1", {"Cookie": cookie})
+    [summary] = runs.json()["runs"]
+    assert (summary["run_id"], summary["status"], summary["turn_count"]) == (
+        run_id,
+        "completed",
+        5,
+    )
+    async with event_stream(base(server) + "api/runs/nope/events", {"Cookie": cookie}) as gone:
+        failed = await gone.next_of("failed")
+        assert json.loads(failed.data)["code"] == INVALID_PARAMS
+    await agent.close()
+
+
+async def test_status_lists_sessions_for_the_page(
+    server: Server, cookie: str, channel: grpc.aio.Channel
+) -> None:
+    client = await connect(channel, token=tokens(server)[0])
+    await client.request("host_agents", host_pb2.ListAgentsRequest())
+    status = (await request("GET", base(server) + "api/status", {"Cookie": cookie})).json()
+    assert status["session_count"] == 1
+    assert status["sessions"][0]["role"] == "ordinary"
+    assert status["store_bytes"] > 0 and status["server_version"]
+    await client.close()
+
+
+async def test_with_auth_off_the_page_still_needs_its_login_and_sees_every_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="car_grpc.dashboard")
+    async with Server(make_config(tmp_path, auth=False)) as server:
+        url = base(server)
+        assert (await request("GET", url + "api/status")).status == 401
+        cookie = await log_in(printed_login_urls(caplog.records)[-1])
+        async with grpc.aio.insecure_channel(server.core.grpc_address) as ch:
+            agent = await connect(ch, agent_id="a1")
+            run_id = await start(agent)
+            status = (await request("GET", url + "api/status", {"Cookie": cookie})).json()
+            assert status["auth_enabled"] is False and status["run_agents"][0]["agent_id"] == "a1"
+            runs = (await request("GET", url + "api/runs?agent_id=a1", {"Cookie": cookie})).json()
+            assert [r["run_id"] for r in runs["runs"]] == [run_id]
+            async with event_stream(url + f"api/runs/{run_id}/events", {"Cookie": cookie}) as es:
+                started = json.loads((await es.next_of("record")).data)
+                assert started["record"]["record"] == "started"
+            await agent.close()
