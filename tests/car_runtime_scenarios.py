@@ -145,8 +145,9 @@ def cancel(rt: CarRuntime) -> dict[str, Any]:
 
 @scenario
 def runs(rt: CarRuntime) -> dict[str, Any]:
+    # Attached as an agent (CAR_AGENT_ID + CAR_AGENT_TOKEN): the run is this agent's.
     started = outcome(
-        lambda: json.loads(rt.runs_start(json.dumps({"intent": "do it", "agent_name": "My Agent"})))
+        lambda: json.loads(rt.runs_start(json.dumps({"intent": "do it", "agent_name": "Mine"})))
     )
     run_id = started.get("result", {}).get("run_id", "")
     done = {"run_id": run_id, "outcome": {"status": "success", "summary": "ok"}}
@@ -154,6 +155,7 @@ def runs(rt: CarRuntime) -> dict[str, Any]:
         "start": started,
         "complete": outcome(lambda: json.loads(rt.runs_complete(json.dumps(done)))),
         "complete_again": outcome(lambda: json.loads(rt.runs_complete(json.dumps(done)))),
+        "trace": call(rt, "runs.get_trace", {"run_id": run_id}),
     }
 
 

@@ -24,14 +24,15 @@ from tests.serve_process import serve
 SCENARIOS = Path(__file__).with_name("car_runtime_scenarios.py")
 
 
-async def run_scenario(name: str, url: str, home: Path) -> dict[str, Any]:
+def car_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-    env |= {
-        "CAR_DAEMON_URL": url,
-        "CAR_HOME": str(home),
-        "CAR_NO_VERSION_WARNING": "1",
-        "CAR_DAEMON_TIMEOUT": "20",
-    }
+    return env | {"CAR_HOME": str(home), **extra}
+
+
+async def run_scenario(name: str, url: str, home: Path, **extra: str) -> dict[str, Any]:
+    env = car_env(
+        home, CAR_DAEMON_URL=url, CAR_NO_VERSION_WARNING="1", CAR_DAEMON_TIMEOUT="20", **extra
+    )
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(SCENARIOS),
@@ -138,3 +139,37 @@ async def test_cancel_handler_receives_tools_cancel(tmp_path: Path) -> None:
     [result] = seen["result"]["result"]["results"]
     assert result["status"] == "failed" and "timed out" in result["error"]
     assert seen["after"]["result"]["count"] == 0  # the late answer did no harm
+
+
+async def mint_agent_token(home: Path, agent_id: str) -> str:
+    """`car-grpc agents add` (the operator command) prints the agent's token once."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "car_grpc.cli",
+        "agents",
+        "add",
+        agent_id,
+        env=car_env(home),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    return out.decode().strip()
+
+
+async def test_runs_start_and_complete_as_an_attached_agent(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    token = await mint_agent_token(home, "agent-7")
+    async with serve(home) as url:
+        seen = await run_scenario("runs", url, home, CAR_AGENT_ID="agent-7", CAR_AGENT_TOKEN=token)
+    started = seen["start"]["result"]
+    assert started["agent_id"] == "agent-7" and started["run_id"]
+    assert seen["complete"] == {"result": {"run_id": started["run_id"], "ok": True}}
+    # A terminal run is not completed twice. runs_complete is one of car-runtime's native
+    # calls: it raises RuntimeError("<code> <message>") rather than DaemonRpcError.
+    again = seen["complete_again"]
+    assert again["raised"] == "RuntimeError"
+    assert again["message"].startswith("-32603 ") and "already ended" in again["message"]
+    records = seen["trace"]["result"]["records"]
+    assert [r["record"] for r in (records[0], records[-1])] == ["started", "ended"]
