@@ -66,7 +66,9 @@ class VoiceServiceStub:
     event. Events and speech towards the owner wait in a per-session queue
     (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
     error event, and the engine's other sessions go on. An engine that takes no message
-    from its stream for `voice_stall_timeout` seconds is disconnected (RESOURCE_EXHAUSTED).
+    from its stream for `voice_stall_timeout` seconds is disconnected: the server aborts its
+    call with RESOURCE_EXHAUSTED (an engine whose unread messages still fill the flow-control
+    window may see INTERNAL instead), and its sessions end with an error event.
     """
 
     def __init__(self, channel):
@@ -153,7 +155,9 @@ class VoiceServiceServicer:
     event. Events and speech towards the owner wait in a per-session queue
     (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
     error event, and the engine's other sessions go on. An engine that takes no message
-    from its stream for `voice_stall_timeout` seconds is disconnected (RESOURCE_EXHAUSTED).
+    from its stream for `voice_stall_timeout` seconds is disconnected: the server aborts its
+    call with RESOURCE_EXHAUSTED (an engine whose unread messages still fill the flow-control
+    window may see INTERNAL instead), and its sessions end with an error event.
     """
 
     def PublishVoiceEvent(self, request, context):
@@ -312,7 +316,9 @@ class VoiceService:
     event. Events and speech towards the owner wait in a per-session queue
     (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
     error event, and the engine's other sessions go on. An engine that takes no message
-    from its stream for `voice_stall_timeout` seconds is disconnected (RESOURCE_EXHAUSTED).
+    from its stream for `voice_stall_timeout` seconds is disconnected: the server aborts its
+    call with RESOURCE_EXHAUSTED (an engine whose unread messages still fill the flow-control
+    window may see INTERNAL instead), and its sessions end with an error event.
     """
 
     @staticmethod
