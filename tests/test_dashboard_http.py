@@ -14,6 +14,8 @@ import grpc
 import pytest
 
 from car_grpc.config import DEFAULT_GATED_METHODS
+from car_grpc.core.server import Core
+from car_grpc.dashboard import Dashboard
 from car_grpc.errors import APPROVAL_DENIED, INVALID_PARAMS, CarError
 from car_grpc.server import Server
 from car_grpc.v1 import host_pb2, state_pb2
@@ -263,3 +265,36 @@ async def test_with_auth_off_the_page_still_needs_its_login_and_sees_every_run(
                 started = json.loads((await es.next_of("record")).data)
                 assert started["record"]["record"] == "started"
             await agent.close()
+
+
+async def test_a_dashboard_beside_a_core_in_another_server(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dashboard needs only the core's address and host token (here a `Core` alone,
+    as `car-grpc core` runs it)."""
+    caplog.set_level(logging.INFO, logger="car_grpc.dashboard")
+    config = make_config(tmp_path, dashboard_port=0)
+    core = Core(config)
+    await core.start()
+    assert core.state is not None and core.state.tokens is not None
+    dashboard = Dashboard(config, core.grpc_address, core.state.tokens.host)
+    await dashboard.start()
+    try:
+        cookie = await log_in(printed_login_urls(caplog.records)[-1])
+        status = await request("GET", dashboard.url + "api/status", {"Cookie": cookie})
+        assert status.status == 200 and status.json()["auth_enabled"] is True
+    finally:
+        await dashboard.stop()
+        await core.stop(grace=0)
+    core = Core(config)
+    await core.start()
+    wrong = Dashboard(config, core.grpc_address, "not-the-host-token")
+    await wrong.start()
+    try:
+        cookie = await log_in(printed_login_urls(caplog.records)[-1])
+        health = await request("GET", wrong.url + "healthz", {"Cookie": cookie})
+        assert health.status == 503
+        assert health.body.startswith(b"unhealthy: auth failed: token mismatch"), health.body
+    finally:
+        await wrong.stop()
+        await core.stop(grace=0)

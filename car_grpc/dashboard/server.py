@@ -240,7 +240,7 @@ class Dashboard:
         try:
             text = await self._core.metrics()
         except CarError as e:
-            return Response.text(502, f"core unavailable: {e.message}\n")
+            return Response.text(502, f"no metrics: {e.message}\n")
         return Response(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     async def _healthz(self) -> Response:
@@ -248,7 +248,7 @@ class Dashboard:
         try:
             await self._core.status()
         except CarError as e:
-            return Response.text(503, f"core unavailable: {e.message}\n")
+            return Response.text(503, f"unhealthy: {e.message}\n")
         return Response.text(200, "ok\n")
 
     # ------------------------------------------------------------ live streams
