@@ -421,7 +421,7 @@ function followHostEvents() {
   stream.addEventListener("host", (event) => {
     const kind = JSON.parse(event.data).kind || "";
     if (kind.startsWith("approval.")) refreshApprovals();
-    else if (kind.startsWith("agent.")) refreshStatus();
+    refreshStatus(); // sessions, agents and the health line move with most events
   });
   stream.addEventListener("failed", () => {
     // The resume point is from before a server restart: start over from now.
