@@ -169,3 +169,25 @@ async def stalled_host_scenario(core: Core, channel: grpc.aio.Channel) -> None:
     stalled.cancel()
     await reader.close()
     await a.close()
+
+
+async def test_agent_that_sends_its_last_tokens_and_leaves_loses_none(
+    core: Core, channel: grpc.aio.Channel
+) -> None:
+    h, a = await host(core, channel), await agent(core, channel, "agent-1")
+    pending = asyncio.create_task(
+        h.request("agents_chat", chats_pb2.ChatRequest(agent_id="agent-1", prompt="bye"))
+    )
+    sid = (await accept_chat(a)).session_id
+    await pending
+    n = 500
+    for i in range(n):
+        await emit(a, sid, "token", delta=f"{i},")
+    await emit(a, sid, "done")
+    await a.call.done_writing()  # a clean goodbye: half-close, then wait for the server
+    got = [await next_chat_event(h) for _ in range(n + 1)]
+    assert "".join(e.event.delta for e in got[:-1]) == "".join(f"{i}," for i in range(n))
+    assert got[-1].event.kind == "done"
+    await a.ended.wait()
+    await h.close()
+    await a.close()

@@ -454,3 +454,37 @@ async def test_session_id_of_an_open_chat_is_refused(
     await open_chat(host1, agent1, session_id="busy")
     err = await call_error(start_chat(host1, session_id="busy"))
     assert err.code == INVALID_PARAMS and err.message.endswith(": session_id")
+
+
+async def test_typed_chat_rpcs_cancel_and_goals(
+    core: Core, channel: grpc.aio.Channel, host1: SessionClient, agent1: SessionClient
+) -> None:
+    stub, operator = chat_stub(channel), bearer(tokens(core)[1])
+    goal = chats_pb2.ChatGoal(check="ship it", max_iterations=3)
+    stored = await stub.SetGoal(
+        chats_pb2.SetGoalRequest(session_id="typed", goal=goal), metadata=operator
+    )
+    assert stored.set and stored.goal.status == chats_pb2.GOAL_STATUS_ACTIVE
+    sid, asked = await open_chat(host1, agent1, session_id="typed")
+    assert asked.goal == goal
+    status = await stub.GetGoalStatus(
+        chats_pb2.GetGoalStatusRequest(session_id=sid), metadata=operator
+    )
+    assert status.goal.status == chats_pb2.GOAL_STATUS_RUNNING
+    # A one-call session with the daemon token is neither the host nor host role.
+    ordinary = await stub.CancelChat(
+        chats_pb2.CancelChatRequest(session_id=sid), metadata=bearer(tokens(core)[0])
+    )
+    assert not ordinary.cancelled
+    cancelled = await stub.CancelChat(
+        chats_pb2.CancelChatRequest(session_id=sid), metadata=operator
+    )
+    assert cancelled.cancelled and cancelled.session_id == sid
+    assert (await next_agent_notice(agent1)).agent_chat_cancel.session_id == sid
+    assert (await next_chat_event(host1)).event.message == "chat cancelled"
+    after = await stub.GetGoalStatus(chats_pb2.GetGoalStatusRequest(), metadata=operator)
+    assert [(g.session_id, g.status) for g in after.goals] == [
+        ("typed", chats_pb2.GOAL_STATUS_ACTIVE)
+    ]
+    cleared = await stub.ClearGoal(chats_pb2.ClearGoalRequest(session_id=sid), metadata=operator)
+    assert cleared.cleared.bool_value

@@ -1,0 +1,201 @@
+"""Chat tokens from an agent to a host through the server, against a bare one-way stream.
+
+- bare: a sender process streams token frames over one `websockets` connection straight
+  to a receiver in this process;
+- through car-grpc: the same sender, attached as an agent to `car-grpc serve` (its own
+  process), streams the same frames as `agent.chat.event` for a chat that a WebSocket host
+  in this process opened; the host counts `agents.chat.event` notifications. Each token
+  goes agent -> gateway -> core (per-chat buffer) -> gateway -> host.
+
+Tokens per second are timed at the receiver, from the first token to the last, over
+ROUNDS rounds of TOKENS tokens; the median is reported with the ratio to bare.
+
+    python -m bench bench_chats          (or ./dev bench bench_chats)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+
+from bench.bench_gateway import car_grpc_server
+
+TOKENS = 20_000
+ROUNDS = 3
+AGENT_ID = "bench-agent"
+
+
+def token_frame(session_id: str) -> str:
+    params = {"session_id": session_id, "kind": "token", "delta": "token "}
+    return json.dumps({"jsonrpc": "2.0", "method": "agent.chat.event", "params": params})
+
+
+def done_frame(session_id: str) -> str:
+    params = {"session_id": session_id, "kind": "done", "delta": None}
+    return json.dumps({"jsonrpc": "2.0", "method": "agent.chat.event", "params": params})
+
+
+# ------------------------------------------------------------------ the sender process
+
+
+async def send_bare(url: str, rounds: int, tokens: int) -> None:
+    """Stream `rounds` x (`tokens` token frames + done) straight to a receiver."""
+    async with connect(url, ping_interval=None, compression=None) as ws:
+        for _ in range(rounds):
+            frame = token_frame("bare")
+            for _ in range(tokens):
+                await ws.send(frame)
+            await ws.send(done_frame("bare"))
+            await ws.recv()  # the receiver's go-ahead for the next round
+
+
+async def serve_as_agent(url: str, rounds: int, tokens: int) -> None:
+    """Attach as the agent and answer `rounds` chats with `tokens` tokens each."""
+    async with connect(url, ping_interval=None, compression=None) as ws:
+        auth = {"agent_id": AGENT_ID, "token": "-"}  # the server runs with --no-auth
+        for request in (
+            {"jsonrpc": "2.0", "id": 0, "method": "session.auth", "params": auth},
+            {
+                "jsonrpc": "2.0",
+                "id": 2,
+                "method": "server.handshake",
+                "params": {"protocol_version": 3},
+            },
+        ):
+            await ws.send(json.dumps(request))
+            assert "result" in json.loads(await ws.recv())
+        print("attached", flush=True)
+        for _ in range(rounds):
+            while (chat := json.loads(await ws.recv())).get("method") != "agent.chat":
+                pass
+            session_id = chat["params"]["session_id"]
+            await ws.send(
+                json.dumps({"jsonrpc": "2.0", "id": chat["id"], "result": {"accepted": True}})
+            )
+            frame = token_frame(session_id)
+            for _ in range(tokens):
+                await ws.send(frame)
+            await ws.send(done_frame(session_id))
+        # Stay attached until the host is through (the main process closes our stdin).
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+@contextlib.asynccontextmanager
+async def sender(mode: str, url: str, rounds: int) -> AsyncIterator[asyncio.subprocess.Process]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.bench_chats", mode, url, str(rounds), str(TOKENS),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), 30)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+# ------------------------------------------------------------------ the receivers
+
+
+async def bare(rounds: int) -> list[float]:
+    """Tokens/s of each round over a bare WebSocket from the sender process."""
+    rates: list[float] = []
+    finished = asyncio.Event()
+
+    async def receive(ws: ServerConnection) -> None:
+        for _ in range(rounds):
+            count, start = 0, 0.0
+            while True:
+                message = json.loads(await ws.recv())
+                if message["params"]["kind"] == "done":
+                    break
+                if count == 0:
+                    start = time.perf_counter()
+                count += 1
+            rates.append((count - 1) / (time.perf_counter() - start))
+            await ws.send("next")
+        finished.set()
+
+    async with serve(receive, "127.0.0.1", 0, ping_interval=None, compression=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with sender("bare", f"ws://127.0.0.1:{port}/", rounds):
+            await asyncio.wait_for(finished.wait(), 300)
+    return rates
+
+
+async def through_car_grpc(rounds: int) -> list[float]:
+    """Tokens/s of each round for a WebSocket host chatting with the sender as agent."""
+    rates: list[float] = []
+    async with car_grpc_server() as url, sender("agent", url, rounds) as agent:
+        assert agent.stdout is not None
+        assert (await asyncio.wait_for(agent.stdout.readline(), 20)).strip() == b"attached"
+        async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
+            for i, request in enumerate(
+                [("session.auth", {}), ("server.handshake", {"protocol_version": 3})]
+            ):
+                method, params = request
+                await ws.send(
+                    json.dumps({"jsonrpc": "2.0", "id": i, "method": method, "params": params})
+                )
+                assert "result" in json.loads(await ws.recv())
+            for n in range(rounds):
+                chat = {"agent_id": AGENT_ID, "prompt": "count", "session_id": f"bench-{n}"}
+                await ws.send(
+                    json.dumps(
+                        {"jsonrpc": "2.0", "id": 10 + n, "method": "agents.chat", "params": chat}
+                    )
+                )
+                count, start = 0, 0.0
+                while True:
+                    message = json.loads(await ws.recv())
+                    if message.get("method") != "agents.chat.event":
+                        assert "result" in message, message  # the chat's `accepted`
+                        continue
+                    if message["params"]["kind"] == "done":
+                        break
+                    if count == 0:
+                        start = time.perf_counter()
+                    count += 1
+                assert count == TOKENS, count
+                rates.append((count - 1) / (time.perf_counter() - start))
+    return rates
+
+
+# ------------------------------------------------------------------ report
+
+
+async def run() -> tuple[list[float], list[float]]:
+    return await bare(ROUNDS), await through_car_grpc(ROUNDS)
+
+
+def main() -> None:
+    started = time.perf_counter()
+    bare_rates, bridged_rates = asyncio.run(run())
+    b, g = statistics.median(bare_rates), statistics.median(bridged_rates)
+    print(f"{'':28}{'bare WS':>12}{'car-grpc':>12}{'car-grpc/bare':>15}")
+    print(f"{'tokens/s agent -> host':28}{b:12.0f}{g:12.0f}{g / b:14.2f}x")
+    print(
+        f"median of {ROUNDS} rounds x {TOKENS} tokens; each side its own process; "
+        f"ran in {time.perf_counter() - started:.0f}s"
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "bare":
+        asyncio.run(send_bare(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    elif len(sys.argv) == 5 and sys.argv[1] == "agent":
+        asyncio.run(serve_as_agent(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    else:
+        main()
