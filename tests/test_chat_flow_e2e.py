@@ -137,17 +137,24 @@ async def stalled_host_scenario(core: Core, channel: grpc.aio.Channel) -> None:
     await pending
 
     big = "x" * 16384
+    cancelled = asyncio.Event()
+    sent = 0
 
     async def agent_work() -> None:
-        for i in range(400):  # ~6.5 MB at a host that reads nothing
-            await emit(a, "A", "token", delta=f"{i}:{big}")
+        nonlocal sent
+        # Flood A (16 KiB tokens) until the server gives up on its host, whatever the
+        # transport windows hold; then B's tokens follow on the same stream.
+        while not cancelled.is_set() and sent < 5000:
+            await emit(a, "A", "token", delta=f"{sent}:{big}")
+            sent += 1
         for i in range(20):
             await emit(a, "B", "token", delta=str(i))
         await emit(a, "B", "done")
 
     worker = asyncio.create_task(agent_work())
     # Chat A ends at the agent once the host has read nothing for the stall bound...
-    assert (await next_agent_notice(a)).agent_chat_cancel.session_id == "A"
+    assert (await next_agent_notice(a, timeout=30)).agent_chat_cancel.session_id == "A"
+    cancelled.set()
     assert "A" not in core.state.chats.open
     assert len(chat_a.events) <= BUFFER + 1  # what is held for the stalled host is bounded
     # ...and chat B, queued behind A's flood on the agent's stream, goes through whole.
@@ -164,7 +171,7 @@ async def stalled_host_scenario(core: Core, channel: grpc.aio.Channel) -> None:
         if event.kind != "token":
             break
         seen.append(int(event.delta.split(":")[0]))
-    assert seen == list(range(len(seen))) and 0 < len(seen) < 400
+    assert seen == list(range(len(seen))) and 0 < len(seen) < sent
     assert (event.kind, event.message) == ("error", "chat ended: the host read nothing for 0.3s")
     stalled.cancel()
     await reader.close()
