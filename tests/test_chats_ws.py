@@ -23,7 +23,7 @@ from car_grpc.gateway import Gateway
 from car_grpc.v1 import chats_pb2
 from tests.chat_helpers import accept_chat, agent, bearer, chat_stub, emit, host, tokens
 from tests.conftest import make_config
-from tests.ws_helpers import running
+from tests.ws_helpers import RawWebSocket, running
 
 CAR_RUNTIME_AGENT = Path(__file__).with_name("car_runtime_chat_agent.py")
 
@@ -435,3 +435,33 @@ async def test_car_runtime_agent_serves_ws_and_grpc_hosts(
         assert [i.event.event.kind for i in items[1:]] == ["token"] * 4 + ["done"]
         text = "".join(i.event.event.delta for i in items[1:-1])
         assert json.loads(text)["prompt"] == "from gRPC"
+
+
+async def test_ws_host_that_stops_reading_is_dropped_and_its_chat_cancelled(
+    tmp_path: Path,
+) -> None:
+    config = make_config(
+        tmp_path, ws_outbound_queue=8, ws_write_limit=16 * 1024, ws_close_timeout=0.5
+    )
+    async with running(config) as (core, gateway), ws_peer(gateway, as_agent(core)) as a:
+        raw = await RawWebSocket.open("127.0.0.1", gateway.ws_port, rcvbuf=4096)
+        await raw.send_text(
+            {"jsonrpc": "2.0", "id": 1, "method": "session.auth", "params": daemon(core)}
+        )
+        await raw.read_frame()
+        chat = {"agent_id": "agent-1", "prompt": "flood", "session_id": "deaf"}
+        await raw.send_text({"jsonrpc": "2.0", "id": 2, "method": "agents.chat", "params": chat})
+        await a.answer(await a.next_request("agent.chat"), {"accepted": True})
+        # The host reads nothing more; the agent streams 16 KiB tokens until told to stop.
+        big = "x" * 16384
+        sent = 0
+        while a.notifications.empty() and sent < 5000:
+            await a.notify(
+                "agent.chat.event", {"session_id": "deaf", "kind": "token", "delta": big}
+            )
+            sent += 1
+            await asyncio.sleep(0)
+        # The gateway dropped the host that let frames pile up; the chat was cancelled.
+        assert await a.next_notification("agent.chat.cancel") == {"session_id": "deaf"}
+        assert core.state is not None and "deaf" not in core.state.chats.open
+        raw.close()
