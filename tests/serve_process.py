@@ -34,8 +34,9 @@ class Process:
                     found.append(match["where"])
         return found
 
-    async def terminate(self, timeout: float = 10) -> int:
-        self.proc.send_signal(signal.SIGTERM)
+    async def terminate(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        """Send `sig`, wait for the exit (bounded) and return the exit code."""
+        self.proc.send_signal(sig)
         async with asyncio.timeout(timeout):
             _, rest = await self.proc.communicate()
         self.lines += rest.decode().splitlines()

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import sys
 from pathlib import Path
 
+import pytest
 from websockets.asyncio.client import unix_connect
 
 from car_grpc.core.server import Core
@@ -72,6 +74,25 @@ async def test_serve_flags(tmp_path: Path) -> None:
         assert await server.terminate() == 0
         assert not any("unix:" in line for line in server.lines)
     assert not (tmp_path / "home" / "ai.parslee.car" / "auth-token").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_serve_shuts_down_cleanly_on(sig: int, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    wal = home / "car-grpc" / "store.sqlite3-wal"
+    flags = ("--port", "0", "--grpc-port", "0", "--no-unix-socket")
+    async with launched(home, "serve", *flags) as server:
+        _, ws_address = await server.listeners(2)
+        token = (home / "ai.parslee.car" / "auth-token").read_text()
+        async with rpc(f"ws://{ws_address}/") as client:
+            await client.login(token)
+            assert wal.exists()  # the store is open
+            assert await server.terminate(sig) == 0
+    assert not (home / "ai.parslee.car" / "auth-token").exists()
+    assert not (home / "ai.parslee.car" / "host-token").exists()
+    # The store was closed: SQLite folds and removes its write-ahead log on the last close.
+    assert not wal.exists()
+    assert server.lines[-1].endswith("car_grpc: stopped")
 
 
 async def test_help_documents_every_flag() -> None:
