@@ -137,6 +137,25 @@ class Config:
     #: How long an agent's chat events may wait for a host that stopped reading before
     #: the chat ends with an `error` event (and is cancelled at the agent).
     chat_stall_timeout: float = 30.0
+    #: PCM chunks queued per voice session towards its speech engine; pushes beyond it
+    #: wait, in order.
+    voice_audio_queue: int = 64
+    #: Voice events and speech frames queued per voice session towards its owner; an owner
+    #: that lets more pile up (it stopped reading) loses the session, with an error event.
+    voice_event_queue: int = 256
+    #: How long a speech engine may take nothing (queued audio waits, a write to its stream
+    #: blocks) before it counts as stalled: the waiting push fails, the engine is dropped.
+    voice_stall_timeout: float = 10.0
+    #: How long a speech engine may take to register, to answer a new voice session, and
+    #: to end one after a stop.
+    voice_ack_timeout: float = 5.0
+    #: Largest audio chunk in bytes (PCM from a client, speech from an engine).
+    voice_max_chunk_bytes: int = 1024 * 1024
+    #: Voice sessions one connection may have open at a time.
+    voice_sessions_per_client: int = 16
+    #: Final segments one meeting transcript keeps; later ones are left out and the
+    #: meeting is marked truncated.
+    meeting_max_segments: int = 20_000
     #: gRPC core listener.
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 9102

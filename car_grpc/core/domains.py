@@ -3,7 +3,18 @@
 
 from __future__ import annotations
 
-from car_grpc.core import approvals, chats, host, policies, runs, sessions, status, tools  # noqa: F401  (registers handlers)
+from car_grpc.core import (  # noqa: F401  (registers handlers)
+    approvals,
+    chats,
+    host,
+    meetings,
+    policies,
+    runs,
+    sessions,
+    status,
+    tools,
+    voice,
+)
 from car_grpc.core import state as _state  # noqa: F401  (registers handlers)
 from car_grpc.core.server_state import ServerState
 
@@ -14,4 +25,6 @@ async def install(state: ServerState) -> None:
     await approvals.install(state)
     await runs.install(state)
     await chats.install(state)
+    voice.install(state)
+    await meetings.install(state)
     return None

@@ -9,10 +9,12 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -41,6 +43,27 @@ def streams(rpc_name: str) -> Callable[[StreamHandler], StreamHandler]:
 
     def register(fn: StreamHandler) -> StreamHandler:
         STREAM_HANDLERS[rpc_name] = fn
+        return fn
+
+    return register
+
+
+#: A gRPC-only RPC (one without a JSON-RPC method): called with the call's session
+#: (authenticated from metadata, as for typed RPCs), the request (None for a
+#: client-streaming RPC, which reads the context) and the context. Returns the response
+#: of a unary RPC, None for a streaming one.
+GrpcOnlyHandler = Callable[
+    [ClientSession, Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[Message | None]
+]
+#: gRPC-only RPC handlers by full method name (e.g. "car.v1.VoiceService.ServeVoice").
+GRPC_ONLY_HANDLERS: dict[str, GrpcOnlyHandler] = {}
+
+
+def grpc_only(full_name: str) -> Callable[[GrpcOnlyHandler], GrpcOnlyHandler]:
+    """Register the handler of a unary or bidi-streaming RPC that has no JSON-RPC method."""
+
+    def register(fn: GrpcOnlyHandler) -> GrpcOnlyHandler:
+        GRPC_ONLY_HANDLERS[full_name] = fn
         return fn
 
     return register
@@ -233,7 +256,10 @@ def _unary(state: ServerState, member: str) -> Callable[..., Any]:
         except CarError as e:
             await _abort(context, e)
             raise AssertionError("unreachable") from None
-        return result.message if isinstance(result, Reply) else result
+        if isinstance(result, Reply):
+            result.then()  # the answer travels apart from any session stream: start now
+            return result.message
+        return result
 
     return call
 
@@ -253,6 +279,40 @@ def _server_stream(state: ServerState, rpc: api.TypedRpc) -> Callable[..., Any]:
             await _abort(context, e)
 
     return call
+
+
+def _grpc_only(
+    state: ServerState, method: MethodDescriptor, handler: GrpcOnlyHandler
+) -> grpc.RpcMethodHandler[Any, Any]:
+    req_cls, resp_cls = _message_class(method.input_type), _message_class(method.output_type)
+
+    async def unary(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            async with _Binding(state, context) as session:
+                return await handler(session, request, context)
+        except CarError as e:
+            await _abort(context, e)
+
+    async def bidi(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        try:
+            async with _Binding(state, context) as session:
+                await handler(session, None, context)
+        except CarError as e:
+            await _abort(context, e)
+
+    if not method.client_streaming and not method.server_streaming:
+        return grpc.unary_unary_rpc_method_handler(
+            unary,
+            request_deserializer=req_cls.FromString,
+            response_serializer=resp_cls.SerializeToString,
+        )
+    if method.client_streaming and method.server_streaming:
+        return grpc.stream_stream_rpc_method_handler(
+            bidi,
+            request_deserializer=req_cls.FromString,
+            response_serializer=resp_cls.SerializeToString,
+        )
+    raise RuntimeError(f"{method.full_name}: only unary and bidi gRPC-only RPCs are supported")
 
 
 def _message_class(desc: Any) -> Any:
@@ -294,6 +354,11 @@ def generic_handlers(state: ServerState) -> list[grpc.GenericRpcHandler]:
             request_deserializer=req_cls.FromString,
             response_serializer=resp_cls.SerializeToString,
         )
+    for full_name, handler in GRPC_ONLY_HANDLERS.items():
+        method = descriptor_pool.Default().FindMethodByName(full_name)
+        assert method.containing_service is not None
+        table = by_service.setdefault(method.containing_service.full_name, {})
+        table[method.name] = _grpc_only(state, method, handler)
     return [grpc.method_handlers_generic_handler(name, t) for name, t in by_service.items()]
 
 

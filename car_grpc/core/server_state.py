@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from car_grpc.core.approvals import Approvals
     from car_grpc.core.chats import Chats
     from car_grpc.core.host import Host
+    from car_grpc.core.meetings import Meetings
     from car_grpc.core.runs import Runs
+    from car_grpc.core.voice import Voice
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,10 @@ class ServerState:
     chats: Chats
     #: Agent runs and their live readers (set by domains.install).
     runs: Runs
+    #: Speech engines and the voice sessions they serve (set by domains.install).
+    voice: Voice
+    #: Meetings and their transcripts (set by domains.install).
+    meetings: Meetings
 
     def __init__(self, config: Config, store: SqliteStore, tokens: ServerTokens | None) -> None:
         self.config = config

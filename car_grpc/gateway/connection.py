@@ -27,8 +27,9 @@ from websockets.exceptions import ConcurrencyError, ConnectionClosed
 from websockets.frames import CloseCode
 
 from car_grpc.config import Config
+from car_grpc.gateway import audio_frames
 from car_grpc.gateway.jsonrpc import Bridge
-from car_grpc.v1 import session_pb2
+from car_grpc.v1 import session_pb2, voice_pb2
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class Connection:
         self.config = config
         self.bridge = Bridge()
         self.call = connect()
-        self.outbound: asyncio.Queue[str] = asyncio.Queue(config.ws_outbound_queue)
+        #: Text frames (JSON-RPC) and binary frames (audio) for the client.
+        self.outbound: asyncio.Queue[str | bytes] = asyncio.Queue(config.ws_outbound_queue)
         self._ended = asyncio.Event()
         self.close_code: int = CloseCode.NORMAL_CLOSURE
         self.close_reason = ""
@@ -131,7 +133,7 @@ class Connection:
                 self.close_reason,
             )
 
-    def _queue(self, text: str) -> None:
+    def _queue(self, text: str | bytes) -> None:
         try:
             self.outbound.put_nowait(text)
         except asyncio.QueueFull:
@@ -141,7 +143,10 @@ class Connection:
     async def _client_to_core(self) -> None:
         try:
             async for message in self.ws:
-                inbound = self.bridge.from_client(message)
+                if isinstance(message, bytes) and audio_frames.is_audio_frame(message):
+                    inbound = audio_frames.from_client(message)  # CAR binary audio frame
+                else:
+                    inbound = self.bridge.from_client(message)
                 for text in inbound.replies:
                     self._queue(text)
                 for frame in inbound.frames:
@@ -160,6 +165,9 @@ class Connection:
                     reason = "core ended the session"
                     break
                 assert isinstance(frame, session_pb2.ServerFrame)
+                if frame.HasField("voice_audio"):
+                    await self._send_audio(frame.voice_audio)
+                    continue
                 text = self.bridge.from_core(frame)
                 if text is not None:
                     await self._send(text)
@@ -172,7 +180,16 @@ class Connection:
         self._abandon(reason)
         self.end(CloseCode.INTERNAL_ERROR, reason, flush=True)
 
-    async def _send(self, text: str) -> None:
+    async def _send_audio(self, audio: voice_pb2.VoiceAudio) -> None:
+        """Speech for the client, as a CAR binary frame (never JSON)."""
+        try:
+            data = audio_frames.encode(audio)
+        except audio_frames.BinaryFrameError as e:
+            log.warning("gateway: dropped an audio frame the core sent: %s", e)
+            return
+        await self._send(data)
+
+    async def _send(self, text: str | bytes) -> None:
         """Send at once while the client keeps up (no hop through the writer task); once
         it falls behind, queue behind what is already waiting."""
         # Texts are ASCII (json.dumps escapes the rest): len() is the payload's size, and a

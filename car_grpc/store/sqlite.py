@@ -84,6 +84,24 @@ MIGRATIONS: list[str] = [
         updated_at     INTEGER NOT NULL
     );
     """,
+    # 5: meetings and their transcripts (car_grpc/store/meetings.py). A meeting row is a
+    # serialized car.v1.Meeting, a segment row a serialized car.v1.TranscriptSegment.
+    """
+    CREATE TABLE meetings (
+        meeting_id TEXT PRIMARY KEY,
+        status     TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        meeting    BLOB NOT NULL
+    );
+    CREATE INDEX meetings_by_start ON meetings(started_at);
+    CREATE INDEX meetings_by_status ON meetings(status);
+    CREATE TABLE meeting_segments (
+        meeting_id TEXT NOT NULL REFERENCES meetings(meeting_id),
+        seq        INTEGER NOT NULL,
+        segment    BLOB NOT NULL,
+        PRIMARY KEY (meeting_id, seq)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 

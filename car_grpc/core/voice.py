@@ -1,0 +1,774 @@
+"""Voice sessions bridged to external speech engines (PROTOCOL.md §7, voice.proto).
+
+The server does no speech: it routes. A speech engine holds one ServeVoice stream (an
+`Engine`) and serves named providers. A client opens a voice session for a provider; the
+session belongs to that connection (its `owner`) and to the provider's engine, and lives
+until the client stops it, the engine ends it, or either side goes away or stalls.
+
+Each session has two bounded lanes:
+
+- audio, owner -> engine: an EventBuffer (car_grpc.core.chat_buffer) of PCM chunks that
+  the session's audio pump writes to the engine's stream. While it is full, pushes wait in
+  arrival order; an engine that takes nothing for `voice_stall_timeout` fails the waiting
+  push and the session (and the write that blocks drops the engine).
+- events, engine -> owner: a queue of ServerFrames (`voice.event`, TTS audio) that the
+  session's event pump sends to the owner. Offering never waits, because one engine stream
+  carries all of the engine's sessions: an owner that let `voice_event_queue` frames pile
+  up loses its session, with an error event (one slot is kept for that last event).
+
+A session ends once, in `Voice._end`, which queues the terminal event (when the owner is
+still there to read it), tells the engine (unless the engine ended it) and lets the
+session's sink know. A meeting is such a sink (car_grpc.core.meetings): each event first
+goes through `Sink.ingest`, then to the owner untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import enum
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import grpc
+from google.protobuf import struct_pb2
+
+from car_grpc import codec
+from car_grpc.core.chat_buffer import EventBuffer, PutResult
+from car_grpc.core.dispatch import Reply, field_error, handles, handles_notification, require
+from car_grpc.core.grpc_service import grpc_only
+from car_grpc.core.session import ClientSession, SessionClosed
+from car_grpc.errors import INTERNAL, CarError, invalid_params
+from car_grpc.v1 import session_pb2, voice_pb2
+
+if TYPE_CHECKING:
+    from car_grpc.core.server_state import ServerState
+
+log = logging.getLogger(__name__)
+
+ServeVoiceResponse = voice_pb2.ServeVoiceResponse
+VoiceAudio = voice_pb2.VoiceAudio
+
+PCM = voice_pb2.AUDIO_FRAME_TYPE_PCM
+PCM16LE = voice_pb2.AUDIO_FORMAT_PCM16LE
+TTS_TYPES = frozenset(
+    {
+        voice_pb2.AUDIO_FRAME_TYPE_TTS_CHUNK,
+        voice_pb2.AUDIO_FRAME_TYPE_TTS_FINAL,
+        voice_pb2.AUDIO_FRAME_TYPE_TTS_ERROR,
+    }
+)
+DEFAULT_AUDIO_SOURCE = "client"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+def canonical_session_id(raw: str, name: str = "session_id") -> str:
+    """A voice session id as 32 lowercase hex digits, from any spelling of a UUID."""
+    try:
+        return uuid.UUID(raw.strip()).hex
+    except ValueError:
+        raise field_error(name, "not a UUID") from None
+
+
+def ended_event(reason: str) -> struct_pb2.Value:
+    """The terminal event of a session that ended normally ("stopped" or "engine")."""
+    return codec.to_value({"type": "ended", "reason": reason, "terminal": True})
+
+
+def error_event(message: str, *, terminal: bool = True) -> struct_pb2.Value:
+    """An error event: the session's terminal one, or a refused audio frame's."""
+    event: dict[str, Any] = {"type": "error", "message": message}
+    if terminal:
+        event["terminal"] = True
+    return codec.to_value(event)
+
+
+def decode_pcm(pcm_b64: str, limit: int) -> bytes:
+    """The PCM16LE bytes of a push's `pcm_b64`, or -32602 naming the field."""
+    if not pcm_b64:
+        raise field_error("pcm_b64")
+    try:
+        data = base64.b64decode(pcm_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise field_error("pcm_b64", "not base64") from None
+    check_chunk(data, limit, "pcm_b64")
+    return data
+
+
+def check_chunk(data: bytes, limit: int, name: str) -> None:
+    if not data:
+        raise field_error(name, "empty audio")
+    if len(data) % 2:
+        raise field_error(name, f"PCM16LE needs an even number of bytes, got {len(data)}")
+    if len(data) > limit:
+        raise field_error(name, f"audio chunk of {len(data)} bytes is over {limit}")
+
+
+def _event_frame(session_id: str, event: struct_pb2.Value) -> session_pb2.ServerFrame:
+    return session_pb2.ServerFrame(
+        voice_event=voice_pb2.VoiceEventNotice(session_id=session_id, event=event)
+    )
+
+
+# ------------------------------------------------------------------ sessions and engines
+
+
+class Sink(Protocol):
+    """Something a voice session's events pass through before they reach the owner."""
+
+    async def ingest(self, session: VoiceSession, event: struct_pb2.Value) -> None: ...
+
+    async def finish(self, session: VoiceSession, stopped: bool, reason: str) -> None:
+        """The session ended (once): `stopped` when the client stopped it."""
+
+
+class State(enum.Enum):
+    OPENING = "opening"  # waiting for the engine's answer
+    LIVE = "live"
+    STOPPING = "stopping"  # the client stopped it; waiting for the engine's end
+    ENDED = "ended"
+
+
+@dataclass(eq=False)
+class VoiceSession:
+    id: str
+    provider: str
+    audio_source: str
+    owner: ClientSession
+    engine: Engine
+    audio: EventBuffer[voice_pb2.ServeVoiceResponse]
+    #: (frame, last) towards the owner; sized voice_event_queue + 1 (the terminal event).
+    events: asyncio.Queue[tuple[session_pb2.ServerFrame, bool]]
+    answered: asyncio.Future[str | None]  # the engine's answer: None, or its refusal
+    engine_end: asyncio.Future[str | None]  # the engine's end: None, or its error
+    meeting_id: str | None = None
+    sink: Sink | None = None
+    started_at: int = field(default_factory=now_ms)
+    state: State = State.OPENING
+    end_reason: str = ""
+    chunks_in: int = 0
+    events_out: int = 0
+    terminal_queued: bool = False
+    #: Audio to the engine. Never cancelled (it may be inside a write): once the session
+    #: ends, its buffer is discarded and its writes are skipped, so it returns by itself.
+    audio_pump: asyncio.Task[None] | None = None
+    #: Events to the owner.
+    event_pump: asyncio.Task[None] | None = None
+    finished: asyncio.Task[None] | None = None  # the sink's finish
+
+    def info(self) -> voice_pb2.VoiceSession:
+        out = voice_pb2.VoiceSession(
+            session_id=self.id,
+            provider=self.provider,
+            audio_source=self.audio_source,
+            engine=self.engine.name,
+            started_at=self.started_at,
+            chunks_in=self.chunks_in,
+            events_out=self.events_out,
+        )
+        if self.meeting_id is not None:
+            out.meeting_id = self.meeting_id
+        return out
+
+
+class Engine:
+    """One ServeVoice stream: its providers, its sessions and the one way to write to it."""
+
+    def __init__(
+        self,
+        name: str,
+        providers: list[str],
+        context: grpc.aio.ServicerContext[Any, Any],
+        stall_timeout: float,
+    ) -> None:
+        self.name = name
+        self.providers = providers
+        self.context = context
+        self.stall_timeout = stall_timeout
+        self.sessions: dict[str, VoiceSession] = {}
+        #: grpc.aio allows one write at a time; the lock also keeps writers in order.
+        self._writing = asyncio.Lock()
+        self.gone = False
+        #: Set when the stream must end; `failure` says how, if it is the server's doing.
+        self.done = asyncio.Event()
+        self.failure: tuple[grpc.StatusCode, str] | None = None
+
+    async def send(self, message: ServeVoiceResponse, session: VoiceSession | None = None) -> bool:
+        """Write one message; False when the engine is gone (or stalled now and dropped).
+        A message for `session` is skipped once that session has ended."""
+        async with self._writing:
+            if self.gone:
+                return False
+            if session is not None and session.state is State.ENDED:
+                return True
+            try:
+                async with asyncio.timeout(self.stall_timeout):
+                    await self.context.write(message)
+            except TimeoutError:
+                self.fail(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"voice engine '{self.name}' not reading: a message waited "
+                    f"{self.stall_timeout:g}s",
+                )
+                return False
+            except Exception as e:  # the call ended under us
+                log.debug("voice engine %s: write failed: %r", self.name, e)
+                self.gone = True
+                self.done.set()
+                return False
+        return True
+
+    def fail(self, code: grpc.StatusCode, message: str) -> None:
+        """End the engine's stream with `code` (the first failure wins)."""
+        if self.failure is None and not self.gone:
+            self.failure = (code, message)
+        self.gone = True
+        self.done.set()
+
+
+# ------------------------------------------------------------------ the domain
+
+
+class Voice:
+    """Engines by provider, voice sessions by id and by owner."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.config = state.config
+        self.providers: dict[str, Engine] = {}
+        self.sessions: dict[str, VoiceSession] = {}
+        #: owner session id -> its voice sessions. The key stays while the owner lives: it
+        #: marks the close hook as registered.
+        self._by_owner: dict[str, dict[str, VoiceSession]] = {}
+        self._engine_numbers = itertools.count(1)
+        #: Background work (close notices to engines, sink finishes), awaited at shutdown.
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -------------------------------------------------------------- opening
+
+    def provider_for(self, name: str | None) -> tuple[str, Engine]:
+        """The provider to use and its engine; -32603 when no engine serves it."""
+        if not name:
+            if len(self.providers) == 1:
+                name = next(iter(self.providers))
+            elif not self.providers:
+                raise CarError(INTERNAL, "no voice engine is connected")
+            else:
+                names = ", ".join(sorted(self.providers))
+                raise field_error("provider", f"several providers ({names}): name one")
+        engine = self.providers.get(name)
+        if engine is None:
+            raise CarError(INTERNAL, f"no voice engine serves provider '{name}'")
+        return name, engine
+
+    def new_session_id(self, raw: str | None) -> str:
+        """The id for a new voice session: `raw` (any UUID spelling), or a fresh one."""
+        session_id = uuid.uuid4().hex if raw is None else canonical_session_id(raw)
+        if session_id in self.sessions:
+            raise invalid_params(f"invalid params: voice session '{session_id}' already exists")
+        return session_id
+
+    async def open(
+        self,
+        owner: ClientSession,
+        *,
+        session_id: str,
+        provider: str,
+        audio_source: str,
+        options: struct_pb2.Struct,
+        meeting_id: str | None = None,
+        sink: Sink | None = None,
+    ) -> VoiceSession:
+        """Open a session for `owner` and wait for its engine to accept it. The session's
+        pumps start with `run` (once the client has its answer)."""
+        if not owner.streaming:
+            raise CarError(
+                INTERNAL,
+                "voice sessions need a session stream: call on Connect, or bind the typed "
+                "call to one with car-session-id",
+            )
+        if session_id in self.sessions:
+            raise invalid_params(f"invalid params: voice session '{session_id}' already exists")
+        mine = self._owned_by(owner)
+        limit = self.config.voice_sessions_per_client
+        if len(mine) >= limit:
+            raise CarError(INTERNAL, f"too many voice sessions: at most {limit} per connection")
+        _, engine = self.provider_for(provider)
+        loop = asyncio.get_running_loop()
+        vs = VoiceSession(
+            id=session_id,
+            provider=provider,
+            audio_source=audio_source,
+            owner=owner,
+            engine=engine,
+            audio=EventBuffer(self.config.voice_audio_queue, self.config.voice_stall_timeout),
+            events=asyncio.Queue(self.config.voice_event_queue + 1),
+            answered=loop.create_future(),
+            engine_end=loop.create_future(),
+            meeting_id=meeting_id,
+            sink=sink,
+        )
+        self.sessions[vs.id] = mine[vs.id] = engine.sessions[vs.id] = vs
+        opening = voice_pb2.OpenVoiceSession(
+            session_id=vs.id, provider=provider, audio_source=audio_source, options=options
+        )
+        if meeting_id is not None:
+            opening.meeting_id = meeting_id
+        refusal: str | None = f"voice engine '{engine.name}' is gone"
+        if await engine.send(ServeVoiceResponse(open=opening)):
+            ack = self.config.voice_ack_timeout
+            try:
+                async with asyncio.timeout(ack):
+                    refusal = await asyncio.shield(vs.answered)
+            except TimeoutError:
+                self._end(vs, None, "the engine did not answer")
+                raise CarError(
+                    INTERNAL, f"voice engine '{engine.name}' did not answer within {ack:g}s"
+                ) from None
+        if vs.state is State.ENDED:
+            raise CarError(INTERNAL, f"voice session ended before it started: {vs.end_reason}")
+        if refusal is not None:
+            self._end(vs, None, refusal, tell_engine=False)
+            raise CarError(INTERNAL, f"voice engine '{engine.name}' refused the session: {refusal}")
+        vs.state = State.LIVE
+        return vs
+
+    def run(self, vs: VoiceSession) -> None:
+        """Start the session's pumps (after the client has its start answer)."""
+        if vs.state is not State.ENDED:
+            vs.audio_pump = asyncio.create_task(self._pump_audio(vs))
+        if vs.state is not State.ENDED or vs.terminal_queued:
+            vs.event_pump = asyncio.create_task(self._pump_events(vs))
+
+    def _owned_by(self, owner: ClientSession) -> dict[str, VoiceSession]:
+        mine = self._by_owner.get(owner.id)
+        if mine is None:
+            mine = self._by_owner[owner.id] = {}
+            owner.on_close(self._owner_closed)
+        return mine
+
+    def owned(self, owner: ClientSession, raw_id: str) -> VoiceSession:
+        """The owner's voice session with that id; -32602 for any other id (unknown or
+        another connection's: the same answer, so no existence oracle)."""
+        require(raw_id, "session_id")
+        try:
+            session_id = uuid.UUID(raw_id.strip()).hex
+        except ValueError:
+            session_id = raw_id
+        vs = self._by_owner.get(owner.id, {}).get(session_id)
+        if vs is None:
+            raise invalid_params(f"invalid params: unknown voice session '{raw_id}'")
+        return vs
+
+    # -------------------------------------------------------------- audio in
+
+    async def push(self, owner: ClientSession, raw_id: str, data: bytes) -> int:
+        """Queue one PCM chunk for the engine, after every earlier one; its seq."""
+        vs = self.owned(owner, raw_id)
+        if vs.state is State.STOPPING:
+            raise invalid_params(f"invalid params: voice session '{vs.id}' is stopping")
+        # Nothing awaits before the put: chunks queue in the order the pushes arrived.
+        seq = vs.chunks_in
+        vs.chunks_in += 1
+        chunk = VoiceAudio(session_id=vs.id, seq=seq, type=PCM, format=PCM16LE, data=data)
+        result = await vs.audio.put(ServeVoiceResponse(audio=chunk))
+        if result is PutResult.STALLED:
+            stall = self.config.voice_stall_timeout
+            message = f"voice engine '{vs.engine.name}' took no audio for {stall:g}s"
+            self._end(vs, error_event(message), message)
+        if result is not PutResult.QUEUED:
+            raise CarError(INTERNAL, f"voice session '{vs.id}' ended: {vs.end_reason}")
+        return seq
+
+    async def _pump_audio(self, vs: VoiceSession) -> None:
+        while (message := await vs.audio.get()) is not None:
+            if not await vs.engine.send(message, vs):
+                return  # the engine is gone: its teardown ends the session
+            if message.HasField("stop"):
+                return
+
+    # -------------------------------------------------------------- events out
+
+    async def deliver_event(self, vs: VoiceSession, event: struct_pb2.Value) -> bool:
+        """Ingest the event into the session's sink, then forward it untouched to the owner."""
+        if vs.state is State.ENDED:
+            return False
+        if vs.sink is not None:
+            try:
+                await vs.sink.ingest(vs, event)
+            except Exception:
+                log.exception("voice session %s: the sink failed to ingest an event", vs.id)
+        return self._offer(vs, _event_frame(vs.id, event))
+
+    def deliver_speech(self, vs: VoiceSession, audio: VoiceAudio) -> bool:
+        """Forward the engine's synthesized speech to the owner (a binary frame)."""
+        problem = ""
+        if audio.type not in TTS_TYPES:
+            problem = "audio from an engine must be TTS_CHUNK, TTS_FINAL or TTS_ERROR"
+        elif len(audio.data) > self.config.voice_max_chunk_bytes:
+            limit = self.config.voice_max_chunk_bytes
+            problem = f"a speech chunk of {len(audio.data)} bytes is over {limit}"
+        if problem:
+            message = f"voice engine '{vs.engine.name}' sent invalid audio: {problem}"
+            self._end(vs, error_event(message), message)
+            return False
+        out = VoiceAudio()
+        out.CopyFrom(audio)
+        out.session_id = vs.id
+        if out.type == voice_pb2.AUDIO_FRAME_TYPE_TTS_CHUNK and not out.format:
+            out.format = PCM16LE
+        return self._offer(vs, session_pb2.ServerFrame(voice_audio=out))
+
+    def _offer(self, vs: VoiceSession, frame: session_pb2.ServerFrame) -> bool:
+        if vs.state is State.ENDED:
+            return False
+        limit = self.config.voice_event_queue
+        if vs.events.qsize() >= limit:
+            self.state.metrics.queue_drops.inc("voice_events")
+            message = f"client not reading: {limit} voice events queued"
+            self._end(vs, error_event(message), message)
+            return False
+        vs.events.put_nowait((frame, False))
+        return True
+
+    async def _pump_events(self, vs: VoiceSession) -> None:
+        with contextlib.suppress(SessionClosed):
+            while True:
+                frame, last = await vs.events.get()
+                await vs.owner.send(frame)
+                vs.events_out += 1
+                if last:
+                    return
+
+    # -------------------------------------------------------------- ending
+
+    async def stop(self, vs: VoiceSession) -> bool:
+        """The client's stop: the engine gets the audio so far, then `stop`, and has
+        voice_ack_timeout to send its last events and `end`. Returns once the owner has
+        every event queued (and the sink has finished); True when the engine confirmed."""
+        if vs.state is State.OPENING:
+            raise invalid_params(f"invalid params: voice session '{vs.id}' is not started yet")
+        if vs.state is not State.LIVE:
+            raise invalid_params(f"invalid params: voice session '{vs.id}' is already stopping")
+        vs.state = State.STOPPING
+        vs.audio.close(ServeVoiceResponse(stop=voice_pb2.StopVoiceSession(session_id=vs.id)))
+        ack = self.config.voice_ack_timeout
+        confirmed = False
+        try:
+            # The stop waits behind the queued audio: allow for a slow (not stalled) engine.
+            async with asyncio.timeout(ack + self.config.voice_stall_timeout):
+                error = await asyncio.shield(vs.engine_end)
+            confirmed = vs.state is State.STOPPING
+        except TimeoutError:
+            message = f"voice engine '{vs.engine.name}' did not end the session in time"
+            self._end(vs, error_event(message), message, stopped=True)
+        if confirmed:
+            terminal = ended_event("stopped") if error is None else error_event(error)
+            self._end(vs, terminal, "stopped", stopped=True, tell_engine=False)
+        await self._settled(vs)
+        return confirmed
+
+    async def _settled(self, vs: VoiceSession) -> None:
+        """Wait (bounded) until the owner has the session's events and the sink is done."""
+        waits = [t for t in (vs.event_pump, vs.finished) if t is not None and not t.done()]
+        if waits:
+            await asyncio.wait(waits, timeout=self.config.voice_stall_timeout)
+
+    def _engine_ended(self, vs: VoiceSession, error: str | None) -> None:
+        if vs.state is State.STOPPING:
+            vs.engine.sessions.pop(vs.id, None)  # nothing more from the engine counts
+            if not vs.engine_end.done():
+                vs.engine_end.set_result(error)
+            return
+        terminal = ended_event("engine") if error is None else error_event(error)
+        self._end(vs, terminal, error or "ended by the engine", tell_engine=False)
+
+    def _end(
+        self,
+        vs: VoiceSession,
+        terminal: struct_pb2.Value | None,
+        reason: str,
+        *,
+        stopped: bool = False,
+        tell_engine: bool = True,
+    ) -> None:
+        """End a session once: `terminal` is the owner's last event (None: the owner is
+        gone, or the start fails instead)."""
+        if vs.state is State.ENDED:
+            return
+        started = vs.state is not State.OPENING
+        vs.state, vs.end_reason = State.ENDED, reason
+        self.sessions.pop(vs.id, None)
+        vs.engine.sessions.pop(vs.id, None)
+        self._by_owner.get(vs.owner.id, {}).pop(vs.id, None)
+        for future in (vs.answered, vs.engine_end):
+            if not future.done():
+                future.set_result(reason)
+        vs.audio.discard()
+        if terminal is not None and started:
+            vs.events.put_nowait((_event_frame(vs.id, terminal), True))  # the kept slot
+            vs.terminal_queued = True
+        elif vs.event_pump is not None:
+            vs.event_pump.cancel()
+        if tell_engine and not vs.engine.gone:
+            closed = voice_pb2.CloseVoiceSession(session_id=vs.id, reason=reason)
+            self._spawn(vs.engine.send(ServeVoiceResponse(closed=closed)))
+        if vs.sink is not None and started:
+            vs.finished = self._spawn(vs.sink.finish(vs, stopped, reason))
+        log.debug("voice session %s ended: %s", vs.id, reason)
+
+    def _owner_closed(self, owner: ClientSession) -> None:
+        for vs in list(self._by_owner.pop(owner.id, {}).values()):
+            self._end(vs, None, "client disconnected")
+
+    # -------------------------------------------------------------- the engine stream
+
+    async def serve(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Run one engine's ServeVoice stream until it ends."""
+        engine = await self._register(context)
+        if engine is None:
+            return
+        reader = asyncio.create_task(self._read_engine(engine))
+        try:
+            await engine.done.wait()
+        finally:
+            reader.cancel()
+            engine.gone = True
+            for provider in engine.providers:
+                if self.providers.get(provider) is engine:
+                    del self.providers[provider]
+            reason = (
+                engine.failure[1]
+                if engine.failure
+                else f"voice engine '{engine.name}' disconnected"
+            )
+            for vs in list(engine.sessions.values()):
+                self._end(vs, error_event(reason), reason, tell_engine=False)
+            log.info("voice engine %s gone: %s", engine.name, reason)
+        if engine.failure is not None:
+            await context.abort(*engine.failure)
+
+    async def _register(self, context: grpc.aio.ServicerContext[Any, Any]) -> Engine | None:
+        ack = self.config.voice_ack_timeout
+        try:
+            async with asyncio.timeout(ack):
+                first = await context.read()
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"register within {ack:g}s of connecting"
+            )
+        if first is grpc.aio.EOF:
+            return None
+        assert isinstance(first, voice_pb2.ServeVoiceRequest)
+        if first.WhichOneof("body") != "register":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be `register`"
+            )
+        providers = list(dict.fromkeys(p.strip() for p in first.register.providers))
+        if not providers or not all(providers):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "register needs non-empty provider names"
+            )
+        for provider in providers:
+            if (other := self.providers.get(provider)) is not None:
+                await context.abort(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"provider '{provider}' is served by voice engine '{other.name}'",
+                )
+        name = first.register.engine or f"engine-{next(self._engine_numbers)}"
+        engine = Engine(name, providers, context, self.config.voice_stall_timeout)
+        for provider in providers:
+            self.providers[provider] = engine
+        registered = voice_pb2.VoiceEngineRegistered(engine=name, providers=providers)
+        await engine.send(ServeVoiceResponse(registered=registered))
+        log.info("voice engine %s serves %s", name, ", ".join(providers))
+        return engine
+
+    async def _read_engine(self, engine: Engine) -> None:
+        try:
+            while True:
+                message = await engine.context.read()
+                if message is grpc.aio.EOF:
+                    return
+                assert isinstance(message, voice_pb2.ServeVoiceRequest)
+                await self._from_engine(engine, message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("voice engine %s: reading its stream failed", engine.name)
+        finally:
+            engine.done.set()
+
+    async def _from_engine(self, engine: Engine, message: voice_pb2.ServeVoiceRequest) -> None:
+        body = message.WhichOneof("body")
+        if body == "register":
+            engine.fail(grpc.StatusCode.INVALID_ARGUMENT, "register may be sent only once")
+            return
+        if body is None:
+            return
+        part = getattr(message, body)
+        vs = engine.sessions.get(part.session_id)
+        if vs is None:
+            return  # ended (or never this engine's): later messages for it are dropped
+        if body == "answer":
+            if not vs.answered.done():
+                vs.answered.set_result(part.error if part.HasField("error") else None)
+        elif body == "event":
+            await self.deliver_event(vs, part.event)
+        elif body == "audio":
+            self.deliver_speech(vs, part)
+        elif body == "end":
+            self._engine_ended(vs, part.error if part.HasField("error") else None)
+
+    # -------------------------------------------------------------- listings and life
+
+    def list_sessions(self, session: ClientSession) -> list[voice_pb2.VoiceSession]:
+        """The caller's sessions (every session for the host role), oldest first."""
+        if session.is_host:
+            mine = list(self.sessions.values())
+        else:
+            mine = list(self._by_owner.get(session.id, {}).values())
+        return [vs.info() for vs in sorted(mine, key=lambda vs: vs.started_at)]
+
+    def list_providers(self) -> list[voice_pb2.VoiceProvider]:
+        return [
+            voice_pb2.VoiceProvider(
+                name=name,
+                engine=engine.name,
+                sessions=sum(vs.provider == name for vs in engine.sessions.values()),
+            )
+            for name, engine in sorted(self.providers.items())
+        ]
+
+    async def shutdown(self) -> None:
+        """Let the sinks finish (their store writes) before the store closes."""
+        for vs in list(self.sessions.values()):
+            self._end(vs, None, "server stopped", tell_engine=False)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.config.voice_ack_timeout)
+
+
+def install(state: ServerState) -> None:
+    state.voice = Voice(state)
+    state.shutdown_hooks.append(state.voice.shutdown)
+
+
+def _voice(session: ClientSession) -> Voice:
+    return session.server.voice
+
+
+# ------------------------------------------------------------------ handlers
+
+
+@handles("voice_transcribe_stream_start")
+async def transcribe_stream_start(
+    session: ClientSession, req: voice_pb2.StartTranscribeStreamRequest
+) -> Reply:
+    voice = _voice(session)
+    session_id = voice.new_session_id(req.session_id or None)
+    provider, _ = voice.provider_for(req.provider or None)
+    audio_source = req.audio_source or DEFAULT_AUDIO_SOURCE
+    vs = await voice.open(
+        session,
+        session_id=session_id,
+        provider=provider,
+        audio_source=audio_source,
+        options=req.options,
+    )
+    answer = voice_pb2.StartTranscribeStreamResponse(
+        session_id=vs.id, provider=provider, audio_source=audio_source
+    )
+    return Reply(answer, lambda: voice.run(vs))
+
+
+@handles("voice_transcribe_stream_push")
+async def transcribe_stream_push(
+    session: ClientSession, req: voice_pb2.PushTranscribeAudioRequest
+) -> voice_pb2.PushTranscribeAudioResponse:
+    voice = _voice(session)
+    vs = voice.owned(session, req.session_id)
+    data = decode_pcm(req.pcm_b64, voice.config.voice_max_chunk_bytes)
+    seq = await voice.push(session, vs.id, data)
+    return voice_pb2.PushTranscribeAudioResponse(session_id=vs.id, seq=seq)
+
+
+@handles_notification("voice_audio")
+async def voice_audio(session: ClientSession, audio: VoiceAudio) -> None:
+    """PCM in a binary frame. What cannot be taken is answered with a (not terminal) error
+    event for that session id: a notification has no answer of its own."""
+    voice = _voice(session)
+    try:
+        if audio.type not in (voice_pb2.AUDIO_FRAME_TYPE_UNSPECIFIED, PCM):
+            raise field_error("type", "clients send PCM audio")
+        check_chunk(audio.data, voice.config.voice_max_chunk_bytes, "data")
+        await voice.push(session, audio.session_id, audio.data)
+    except CarError as e:
+        session.try_send(_event_frame(audio.session_id, error_event(e.message, terminal=False)))
+
+
+@handles("voice_transcribe_stream_stop")
+async def transcribe_stream_stop(
+    session: ClientSession, req: voice_pb2.StopTranscribeStreamRequest
+) -> voice_pb2.StopTranscribeStreamResponse:
+    voice = _voice(session)
+    vs = voice.owned(session, req.session_id)
+    stopped = await voice.stop(vs)
+    return voice_pb2.StopTranscribeStreamResponse(session_id=vs.id, stopped=stopped)
+
+
+@handles("voice_sessions_list")
+async def sessions_list(
+    session: ClientSession, req: voice_pb2.ListVoiceSessionsRequest
+) -> voice_pb2.ListVoiceSessionsResponse:
+    return voice_pb2.ListVoiceSessionsResponse(sessions=_voice(session).list_sessions(session))
+
+
+@handles("voice_providers_list")
+async def providers_list(
+    session: ClientSession, req: voice_pb2.ListVoiceProvidersRequest
+) -> voice_pb2.ListVoiceProvidersResponse:
+    return voice_pb2.ListVoiceProvidersResponse(providers=_voice(session).list_providers())
+
+
+@grpc_only("car.v1.VoiceService.ServeVoice")
+async def serve_voice(
+    session: ClientSession, _request: None, context: grpc.aio.ServicerContext[Any, Any]
+) -> None:
+    await _voice(session).serve(context)
+
+
+@grpc_only("car.v1.VoiceService.PublishVoiceEvent")
+async def publish_voice_event(
+    session: ClientSession,
+    req: voice_pb2.PublishVoiceEventRequest,
+    context: grpc.aio.ServicerContext[Any, Any],
+) -> voice_pb2.PublishVoiceEventResponse:
+    voice = _voice(session)
+    raw = require(req.session_id, "session_id")
+    if not req.HasField("event"):
+        raise field_error("event")
+    try:
+        vs = voice.sessions.get(uuid.UUID(raw.strip()).hex)
+    except ValueError:
+        vs = None
+    delivered = vs is not None and await voice.deliver_event(vs, req.event)
+    return voice_pb2.PublishVoiceEventResponse(delivered=delivered)

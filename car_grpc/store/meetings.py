@@ -1,0 +1,115 @@
+"""SQL of meetings and their transcripts (the logic lives in car_grpc.core.meetings).
+
+A meeting row is one car.v1.Meeting, serialized whole in `meeting` (its status and start
+are copied out for queries); a transcript is the meeting's rows in `meeting_segments`,
+one serialized car.v1.TranscriptSegment each, numbered from 0. Every function runs
+inside a transaction of the store thread (`await store.run(fn)`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from car_grpc.v1 import voice_pb2
+
+Meeting = voice_pb2.Meeting
+TranscriptSegment = voice_pb2.TranscriptSegment
+
+
+def _status(meeting: Meeting) -> str:
+    return voice_pb2.MeetingStatus.Name(meeting.status).removeprefix("MEETING_STATUS_").lower()
+
+
+def get(conn: sqlite3.Connection, meeting_id: str) -> Meeting | None:
+    row = conn.execute(
+        "SELECT meeting FROM meetings WHERE meeting_id = ?", (meeting_id,)
+    ).fetchone()
+    return None if row is None else Meeting.FromString(row[0])
+
+
+def put(conn: sqlite3.Connection, meeting: Meeting) -> None:
+    """Insert or replace the meeting's row (its transcript is untouched)."""
+    conn.execute(
+        "INSERT INTO meetings (meeting_id, status, started_at, meeting) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (meeting_id) DO UPDATE SET status = excluded.status,"
+        " meeting = excluded.meeting",
+        (meeting.meeting_id, _status(meeting), meeting.started_at, meeting.SerializeToString()),
+    )
+
+
+def delete(conn: sqlite3.Connection, meeting_id: str) -> None:
+    """Remove a meeting that never got a segment (a start that failed)."""
+    conn.execute("DELETE FROM meeting_segments WHERE meeting_id = ?", (meeting_id,))
+    conn.execute("DELETE FROM meetings WHERE meeting_id = ?", (meeting_id,))
+
+
+def append_segment(
+    conn: sqlite3.Connection, meeting_id: str, segment: TranscriptSegment, limit: int
+) -> int | None:
+    """Add `segment` at the end of the transcript; its index, or None when the meeting is
+    unknown or its transcript is full (the meeting is then marked truncated)."""
+    meeting = get(conn, meeting_id)
+    if meeting is None:
+        return None
+    if meeting.segment_count >= limit:
+        if not meeting.truncated:
+            meeting.truncated = True
+            put(conn, meeting)
+        return None
+    index = meeting.segment_count
+    segment.index = index
+    conn.execute(
+        "INSERT INTO meeting_segments (meeting_id, seq, segment) VALUES (?, ?, ?)",
+        (meeting_id, index, segment.SerializeToString()),
+    )
+    meeting.segment_count = index + 1
+    put(conn, meeting)
+    return index
+
+
+def segments(conn: sqlite3.Connection, meeting_id: str) -> list[TranscriptSegment]:
+    rows = conn.execute(
+        "SELECT segment FROM meeting_segments WHERE meeting_id = ? ORDER BY seq", (meeting_id,)
+    )
+    return [TranscriptSegment.FromString(r[0]) for r in rows]
+
+
+def recent(conn: sqlite3.Connection, limit: int) -> list[Meeting]:
+    """The newest meetings first (by first start)."""
+    rows = conn.execute(
+        "SELECT meeting FROM meetings ORDER BY started_at DESC, rowid DESC LIMIT ?", (limit,)
+    )
+    return [Meeting.FromString(r[0]) for r in rows]
+
+
+def finish(
+    conn: sqlite3.Connection,
+    meeting_id: str,
+    status: voice_pb2.MeetingStatus.ValueType,
+    at: int,
+    reason: str | None,
+) -> Meeting | None:
+    """Mark a meeting no longer live: ended (stopped) or interrupted (with `reason`)."""
+    meeting = get(conn, meeting_id)
+    if meeting is None:
+        return None
+    meeting.status = status
+    meeting.ended_at = at
+    if reason is None:
+        meeting.ClearField("end_reason")
+    else:
+        meeting.end_reason = reason
+    put(conn, meeting)
+    return meeting
+
+
+def interrupt_live(conn: sqlite3.Connection, at: int, reason: str) -> int:
+    """Mark every meeting still live (left so by a previous process) interrupted."""
+    rows = conn.execute("SELECT meeting FROM meetings WHERE status = 'live'").fetchall()
+    for (blob,) in rows:
+        meeting = Meeting.FromString(blob)
+        meeting.status = voice_pb2.MEETING_STATUS_INTERRUPTED
+        meeting.ended_at = at
+        meeting.end_reason = reason
+        put(conn, meeting)
+    return len(rows)
