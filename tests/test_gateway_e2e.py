@@ -7,6 +7,7 @@ going away, the Unix socket and several gateways on one core."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 from websockets.frames import Opcode
 from websockets.protocol import Event
 
@@ -405,6 +406,21 @@ async def test_gateway_stop_closes_connections_with_a_reason(served: tuple[Core,
         stopping = asyncio.create_task(gateway.stop())
         assert await close_of(client.ws) == (1001, "server shutting down")
         await stopping
+
+
+async def test_gateway_stop_while_clients_are_connecting(served: tuple[Core, Gateway]) -> None:
+    _, gateway = served
+
+    async def attempt() -> None:
+        # Refused, rejected in the handshake, or opened and then closed: never left open.
+        with contextlib.suppress(ConnectionClosed, InvalidStatus, InvalidMessage, OSError):
+            async with connect(gateway.url, ping_interval=None, open_timeout=5) as ws:
+                await ws.recv()
+
+    attempts = [asyncio.create_task(attempt()) for _ in range(20)]
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(gateway.stop(), 10)
+    await asyncio.wait_for(asyncio.gather(*attempts), 10)
 
 
 async def test_unix_socket(tmp_path: Path) -> None:

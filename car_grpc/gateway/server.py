@@ -45,6 +45,7 @@ class Gateway:
         self._servers: list[Server] = []
         self._unix_socket: Path | None = None
         self._connections: set[Connection] = set()
+        self._stopping = False
 
     @property
     def url(self) -> str:
@@ -105,6 +106,9 @@ class Gateway:
 
     async def _handle(self, ws: TrackedConnection) -> None:
         assert self._connect is not None
+        if self._stopping:  # opened while stop() was closing the others
+            await ws.close(CloseCode.GOING_AWAY, "server shutting down")
+            return
         connection = Connection(ws, self._connect, self.config)
         self._connections.add(connection)
         try:
@@ -114,6 +118,7 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop accepting, close every connection (1001) and the channel to the core."""
+        self._stopping = True
         for server in self._servers:
             server.close(close_connections=False)
         for connection in list(self._connections):
