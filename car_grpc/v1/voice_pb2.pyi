@@ -621,12 +621,15 @@ class ServeVoiceRequest(_message.Message):
 
     @_builtins.property
     def event(self) -> Global___VoiceEngineEvent:
-        """An event for the owner of a session (delivered as `voice.event`)."""
+        """An event for the owner of a session (delivered as `voice.event`). An event over
+        Config.voice_max_chunk_bytes (serialized) ends the session with an error event.
+        """
 
     @_builtins.property
     def audio(self) -> Global___VoiceAudio:
         """Synthesized speech for the owner of a session: type TTS_CHUNK, TTS_FINAL or
-        TTS_ERROR (delivered as a binary frame), at most Config.voice_max_chunk_bytes.
+        TTS_ERROR (delivered as a binary frame), at most Config.voice_max_chunk_bytes. Any
+        other audio ends the session with an error event.
         """
 
     @_builtins.property
@@ -714,7 +717,9 @@ class RegisterVoiceEngine(_message.Message):
     """A name for logs and listings; defaults to `engine-<n>`."""
     @_builtins.property
     def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The provider names it serves (at least one; each served by one engine at a time)."""
+        """The provider names it serves: 1 to 64 names of 1 to 128 characters, each served by
+        one engine at a time.
+        """
 
     def __init__(
         self,
