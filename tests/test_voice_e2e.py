@@ -150,6 +150,12 @@ async def test_a_provider_has_one_engine_and_register_comes_first(
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert e.value.details() == "the first message must be `register`"
 
+        greedy = EchoEngine(channel, [f"p{n}" for n in range(65)], name="greedy", token=token)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await greedy.start()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details() == "an engine serves at most 64 providers"
+
         anonymous = stub.ServeVoice()
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await anonymous.read()
@@ -356,6 +362,41 @@ async def test_an_engine_that_ends_a_session_itself(
             "event": {"type": "error", "message": "model crashed", "terminal": True},
         }
         assert await c.result("voice.sessions.list") == {"sessions": []}
+
+
+async def test_an_engine_that_sends_what_it_must_not_ends_that_session_only(
+    tmp_path: Any,
+) -> None:
+    config = make_config(tmp_path, voice_max_chunk_bytes=1024)
+    async with running(config) as served:
+        core, _ = served
+        async with echo_engine(core.grpc_address, ["echo"], token=daemon_token(core)) as engine:
+            async for c in client(served):
+                big, wrong, fine = [(await c.start())["session_id"] for _ in range(3)]
+                await engine.event(big, {"type": "transcript", "text": "x" * 2000})
+                pcm_back = voice_pb2.VoiceAudio(
+                    session_id=wrong, type=voice_pb2.AUDIO_FRAME_TYPE_PCM, data=b"ab"
+                )
+                await engine.send(voice_pb2.ServeVoiceRequest(audio=pcm_back))
+                assert await c.next_event() == {
+                    "session_id": big,
+                    "event": {
+                        "type": "error",
+                        "message": "voice event of 2040 bytes is over 1024",
+                        "terminal": True,
+                    },
+                }
+                bad_audio = await c.next_event()
+                assert bad_audio["session_id"] == wrong
+                assert bad_audio["event"]["message"] == (
+                    "voice engine 'echo' sent invalid audio: audio from an engine must be "
+                    "TTS_CHUNK, TTS_FINAL or TTS_ERROR"
+                )
+                # The engine was told, and serves the other session as before.
+                told = {(await engine.closed.get()).session_id for _ in range(2)}
+                assert told == {big, wrong}
+                await push(c, fine, b"\x01\x00")
+                assert await c.next_event() == {"session_id": fine, "event": partial_event(0)}
 
 
 async def test_a_client_that_stops_reading_loses_its_session_and_nobody_else_waits(

@@ -66,6 +66,9 @@ TTS_TYPES = frozenset(
     }
 )
 DEFAULT_AUDIO_SOURCE = "client"
+#: Bounds of an engine's registration.
+MAX_PROVIDERS = 64
+MAX_NAME = 128
 
 
 def now_ms() -> int:
@@ -334,16 +337,19 @@ class Voice:
         if meeting_id is not None:
             opening.meeting_id = meeting_id
         refusal: str | None = f"voice engine '{engine.name}' is gone"
-        if await engine.send(ServeVoiceResponse(open=opening)):
-            ack = self.config.voice_ack_timeout
-            try:
+        ack = self.config.voice_ack_timeout
+        try:
+            if await engine.send(ServeVoiceResponse(open=opening)):
                 async with asyncio.timeout(ack):
                     refusal = await asyncio.shield(vs.answered)
-            except TimeoutError:
-                self._end(vs, None, "the engine did not answer")
-                raise CarError(
-                    INTERNAL, f"voice engine '{engine.name}' did not answer within {ack:g}s"
-                ) from None
+        except TimeoutError:
+            self._end(vs, None, "the engine did not answer")
+            raise CarError(
+                INTERNAL, f"voice engine '{engine.name}' did not answer within {ack:g}s"
+            ) from None
+        except BaseException:  # the start was cancelled: leave nothing half-open
+            self._end(vs, None, "the start was cancelled")
+            raise
         if vs.state is State.ENDED:
             raise CarError(INTERNAL, f"voice session ended before it started: {vs.end_reason}")
         if refusal is not None:
@@ -411,6 +417,11 @@ class Voice:
     async def deliver_event(self, vs: VoiceSession, event: struct_pb2.Value) -> bool:
         """Ingest the event into the session's sink, then forward it untouched to the owner."""
         if vs.state is State.ENDED:
+            return False
+        if (size := event.ByteSize()) > self.config.voice_max_chunk_bytes:
+            limit = self.config.voice_max_chunk_bytes
+            message = f"voice event of {size} bytes is over {limit}"
+            self._end(vs, error_event(message), message)
             return False
         if vs.sink is not None:
             try:
@@ -584,9 +595,15 @@ class Voice:
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message must be `register`"
             )
         providers = list(dict.fromkeys(p.strip() for p in first.register.providers))
-        if not providers or not all(providers):
+        if not providers or not all(0 < len(p) <= MAX_NAME for p in providers):
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "register needs non-empty provider names"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"register needs provider names of 1 to {MAX_NAME} characters",
+            )
+        if len(providers) > MAX_PROVIDERS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"an engine serves at most {MAX_PROVIDERS} providers",
             )
         for provider in providers:
             if (other := self.providers.get(provider)) is not None:
@@ -594,7 +611,7 @@ class Voice:
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"provider '{provider}' is served by voice engine '{other.name}'",
                 )
-        name = first.register.engine or f"engine-{next(self._engine_numbers)}"
+        name = first.register.engine[:MAX_NAME] or f"engine-{next(self._engine_numbers)}"
         engine = Engine(name, providers, context, self.config.voice_stall_timeout)
         for provider in providers:
             self.providers[provider] = engine
