@@ -370,6 +370,7 @@ class PushTranscribeAudioResponse(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    """The voice session (32 lowercase hex digits)."""
     seq: _builtins.int
     """The chunk's seq towards the engine."""
     def __init__(
@@ -421,6 +422,7 @@ class StopTranscribeStreamResponse(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     STOPPED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    """The voice session (32 lowercase hex digits)."""
     stopped: _builtins.bool
     """True when the engine confirmed the end in time (false: the session ended anyway,
     with an error event).
@@ -471,8 +473,11 @@ class VoiceSession(_message.Message):
     EVENTS_OUT_FIELD_NUMBER: _builtins.int
     MEETING_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    """The voice session (32 lowercase hex digits)."""
     provider: _builtins.str
+    """The provider serving it."""
     audio_source: _builtins.str
+    """Its audio source, as given at start."""
     engine: _builtins.str
     """The engine serving it."""
     started_at: _builtins.int
@@ -515,7 +520,9 @@ class ListVoiceSessionsResponse(_message.Message):
 
     SESSIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VoiceSession]: ...
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VoiceSession]:
+        """The sessions."""
+
     def __init__(
         self,
         *,
@@ -556,6 +563,7 @@ class VoiceProvider(_message.Message):
     ENGINE_FIELD_NUMBER: _builtins.int
     SESSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The provider's name, as `provider` in voice.transcribe_stream.start."""
     engine: _builtins.str
     """The engine serving it."""
     sessions: _builtins.int
@@ -583,7 +591,9 @@ class ListVoiceProvidersResponse(_message.Message):
 
     PROVIDERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def providers(self) -> _containers.RepeatedCompositeFieldContainer[Global___VoiceProvider]: ...
+    def providers(self) -> _containers.RepeatedCompositeFieldContainer[Global___VoiceProvider]:
+        """The providers."""
+
     def __init__(
         self,
         *,
@@ -746,8 +756,11 @@ class VoiceEngineRegistered(_message.Message):
     ENGINE_FIELD_NUMBER: _builtins.int
     PROVIDERS_FIELD_NUMBER: _builtins.int
     engine: _builtins.str
+    """The engine's name (as given, or the one the server chose)."""
     @_builtins.property
-    def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The providers it now serves."""
+
     def __init__(
         self,
         *,
@@ -774,8 +787,11 @@ class OpenVoiceSession(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     MEETING_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    """The voice session (32 lowercase hex digits): the id of its audio and events."""
     provider: _builtins.str
+    """Which of the engine's providers."""
     audio_source: _builtins.str
+    """The client's audio source ("client": the client sends PCM)."""
     meeting_id: _builtins.str
     """Set when the session records a meeting."""
     @_builtins.property
@@ -810,6 +826,7 @@ class VoiceSessionAnswer(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    """The session of the `open`."""
     error: _builtins.str
     """Set to refuse the session; the client's start fails with this message."""
     def __init__(
@@ -837,8 +854,11 @@ class VoiceEngineEvent(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    """The session."""
     @_builtins.property
-    def event(self) -> _struct_pb2.Value: ...
+    def event(self) -> _struct_pb2.Value:
+        """Forwarded to the owner untouched (see VoiceEventNotice)."""
+
     def __init__(
         self,
         *,
@@ -861,6 +881,7 @@ class StopVoiceSession(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    """The session."""
     def __init__(
         self,
         *,
@@ -883,6 +904,7 @@ class EndVoiceSession(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    """The session."""
     error: _builtins.str
     """Set when the session failed: the owner gets it as the terminal error event."""
     def __init__(
@@ -910,6 +932,7 @@ class CloseVoiceSession(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    """The session."""
     reason: _builtins.str
     """Why, for logs."""
     def __init__(
@@ -943,8 +966,11 @@ class Meeting(_message.Message):
     TRUNCATED_FIELD_NUMBER: _builtins.int
     END_REASON_FIELD_NUMBER: _builtins.int
     meeting_id: _builtins.str
+    """The meeting's id (given at start, or `meeting-<uuid>`)."""
     title: _builtins.str
+    """As given at start (a later start may change it)."""
     status: Global___MeetingStatus.ValueType
+    """Live, ended or interrupted."""
     started_at: _builtins.int
     """Unix ms of the first start."""
     ended_at: _builtins.int
@@ -952,6 +978,7 @@ class Meeting(_message.Message):
     session_id: _builtins.str
     """The (last) voice session recording it."""
     provider: _builtins.str
+    """The provider of its (last) voice session."""
     segment_count: _builtins.int
     """Segments in the transcript."""
     truncated: _builtins.bool
@@ -1011,8 +1038,9 @@ class TranscriptSegment(_message.Message):
     text: _builtins.str
     """The text (cut at 16 KiB)."""
     speaker: _builtins.str
+    """Who spoke, when the engine says."""
     start_ms: _builtins.int
-    """Offsets the engine gave, in ms."""
+    """Where the segment starts and ends in the audio, in ms, when the engine says."""
     end_ms: _builtins.int
     received_at: _builtins.int
     """Unix ms when the server ingested it."""
@@ -1067,12 +1095,17 @@ class StartMeetingRequest(_message.Message):
     id: _builtins.str
     """The meeting id; `meeting-<uuid>` when absent."""
     title: _builtins.str
+    """A title for listings."""
     session_id: _builtins.str
     """As in StartTranscribeStreamRequest."""
     provider: _builtins.str
+    """The voice provider; may be omitted when exactly one is registered."""
     audio_source: _builtins.str
+    """As in StartTranscribeStreamRequest (default "client")."""
     @_builtins.property
-    def options(self) -> _struct_pb2.Struct: ...
+    def options(self) -> _struct_pb2.Struct:
+        """Engine options, passed verbatim."""
+
     def __init__(
         self,
         *,
@@ -1121,7 +1154,9 @@ class StartMeetingResponse(_message.Message):
     session_id: _builtins.str
     """The voice session to send the meeting's audio to."""
     @_builtins.property
-    def meeting(self) -> Global___Meeting: ...
+    def meeting(self) -> Global___Meeting:
+        """The meeting, live, as stored."""
+
     def __init__(
         self,
         *,
@@ -1172,7 +1207,9 @@ class StopMeetingResponse(_message.Message):
     stopped: _builtins.bool
     """False when the meeting was not live."""
     @_builtins.property
-    def meeting(self) -> Global___Meeting: ...
+    def meeting(self) -> Global___Meeting:
+        """The meeting as it now stands."""
+
     def __init__(
         self,
         *,
@@ -1219,7 +1256,9 @@ class ListMeetingsResponse(_message.Message):
 
     MEETINGS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def meetings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Meeting]: ...
+    def meetings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Meeting]:
+        """The meetings."""
+
     def __init__(
         self,
         *,
@@ -1264,7 +1303,9 @@ class GetMeetingResponse(_message.Message):
     MEETING_FIELD_NUMBER: _builtins.int
     SEGMENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def meeting(self) -> Global___Meeting: ...
+    def meeting(self) -> Global___Meeting:
+        """The meeting."""
+
     @_builtins.property
     def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___TranscriptSegment]:
         """The whole transcript, in order."""
