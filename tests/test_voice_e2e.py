@@ -364,6 +364,26 @@ async def test_an_engine_that_ends_a_session_itself(
         assert await c.result("voice.sessions.list") == {"sessions": []}
 
 
+async def test_a_stop_the_engine_never_confirms_ends_the_session_in_bounded_time(
+    tmp_path: Any,
+) -> None:
+    config = make_config(tmp_path, voice_ack_timeout=0.2, voice_stall_timeout=0.2)
+    async with running(config) as served:
+        core, _ = served
+        async with echo_engine(core.grpc_address, ["echo"], token=daemon_token(core)) as engine:
+            async for c in client(served):
+                session_id = (await c.start(options={"ignore_stop": True}))["session_id"]
+                stop = await c.result("voice.transcribe_stream.stop", {"session_id": session_id})
+                assert stop == {"session_id": session_id, "stopped": False}
+                message = "voice engine 'echo' did not end the session in time"
+                assert await c.next_event() == {
+                    "session_id": session_id,
+                    "event": {"type": "error", "message": message, "terminal": True},
+                }
+                closed = await engine.closed.get()
+                assert (closed.session_id, closed.reason) == (session_id, message)
+
+
 async def test_an_engine_that_sends_what_it_must_not_ends_that_session_only(
     tmp_path: Any,
 ) -> None:

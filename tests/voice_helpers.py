@@ -45,7 +45,7 @@ class EchoEngine:
     partial transcript, then a final one (`partial_event`, `final_event`); with the option
     `{"tts": true}` it also speaks the chunk back as a TTS chunk. On `stop` it ends the
     session (after a last final segment with `{"farewell": true}`, and a TTS final with
-    tts). Everything it receives is recorded.
+    tts), unless told `{"ignore_stop": true}`. Everything it receives is recorded.
     """
 
     def __init__(
@@ -135,6 +135,8 @@ class EchoEngine:
                 await self.send(ServeVoiceRequest(audio=speech))
         elif body == "stop":
             session_id = message.stop.session_id
+            if self.options[session_id].get("ignore_stop"):
+                return
             if self.options[session_id].get("farewell"):
                 await self.event(session_id, FAREWELL)
             if self.options[session_id].get("tts"):

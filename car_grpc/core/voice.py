@@ -309,6 +309,8 @@ class Voice:
                 "voice sessions need a session stream: call on Connect, or bind the typed "
                 "call to one with car-session-id",
             )
+        if owner.closed.is_set():  # its close hooks have run: nothing would end the session
+            raise CarError(INTERNAL, "the session stream has ended")
         if session_id in self.sessions:
             raise invalid_params(f"invalid params: voice session '{session_id}' already exists")
         mine = self._owned_by(owner)
