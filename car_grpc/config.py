@@ -174,9 +174,16 @@ class Config:
     ws_idle_timeout: float = 90.0
     #: Largest WebSocket message accepted; a bigger one closes the connection (1009).
     ws_max_message_bytes: int = 64 * 1024 * 1024
-    #: Text frames queued towards one WebSocket client; a client that lets more pile up
-    #: (it stopped reading) is disconnected instead of holding memory or the core.
+    #: Frames queued towards one WebSocket client. While the queue is full the gateway
+    #: stops reading that client's core stream: the backpressure reaches the core, whose
+    #: fan-out drops (a visible gap) while responses wait.
     ws_outbound_queue: int = 1024
+    #: How long a full queue may wait for the client to take a frame before the gateway
+    #: gives up on the client (1008) instead of holding its core session any longer.
+    ws_stall_timeout: float = 30.0
+    #: When a client leaves, how long the core may take to read what the client sent last
+    #: and end the session (the gateway half-closes the stream) before it is cancelled.
+    ws_half_close_timeout: float = 5.0
     #: High-water mark in bytes of one WebSocket's write buffer (websockets' write_limit).
     ws_write_limit: int = 64 * 1024
     #: How long closing a WebSocket may take before the TCP connection is dropped.

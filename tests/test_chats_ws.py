@@ -289,6 +289,33 @@ async def test_ws_agent_drop_and_host_drop(served: tuple[Core, Gateway]) -> None
         }
 
 
+async def test_ws_agent_that_sends_its_last_tokens_and_leaves_loses_none(
+    tmp_path: Path,
+) -> None:
+    """The gateway half-closes the core stream when a client leaves, so the frames it
+    forwarded last are still read: none of an agent's final tokens is lost, even while
+    tiny buffers keep the core behind the agent."""
+    config = make_config(
+        tmp_path, chat_buffer=4, session_outbound_queue=4, max_inflight_per_session=8
+    )
+    async with running(config) as (core, gateway), ws_peer(gateway, daemon(core)) as h:
+        async with ws_peer(gateway, as_agent(core)) as a:
+            sid, _ = await ws_chat(h, a, prompt="bye")
+            n = 2000
+            for i in range(n):
+                await a.send(
+                    {
+                        "method": "agent.chat.event",
+                        "params": {"session_id": sid, "kind": "token", "delta": f"{i},"},
+                    }
+                )
+            await a.notify("agent.chat.event", {"session_id": sid, "kind": "done"})
+        # The agent's WebSocket closed right after its last frame.
+        got = [await h.next_notification("agents.chat.event") for _ in range(n + 1)]
+        assert "".join(e["delta"] for e in got[:-1]) == "".join(f"{i}," for i in range(n))
+        assert got[-1]["kind"] == "done"
+
+
 async def test_two_ws_hosts_with_one_agent_never_cross(served: tuple[Core, Gateway]) -> None:
     core, gateway = served
     async with (

@@ -3,14 +3,22 @@
 Four tasks per connection: client -> core (text frames through the Bridge onto the gRPC
 stream), core -> client (ServerFrames through the Bridge to the WebSocket: sent at once
 while the client keeps up, else onto a bounded queue), the writer (queue -> WebSocket)
-and the keepalive. Whichever side ends first ends the connection once, with one close
-code and reason:
+and the keepalive.
 
-- the client goes away: the stream to the core is cancelled (the core ends the session);
+A client that reads slowly is met with backpressure, not with a disconnect: while its
+queue is full the gateway stops reading its core stream, so gRPC flow control backs up
+into the core's bounded session queue. There fan-out (run traces, host events) drops
+with a visible gap and responses wait, and the core serves every other session as
+before. Memory stays bounded: the queue, the write buffer and the gRPC stream window.
+
+Whichever side ends first ends the connection once, with one close code and reason:
+
+- the client goes away: what it sent last is forwarded, the stream to the core is
+  half-closed and the core gets `ws_half_close_timeout` to read it all and end the
+  session (an agent's final chat tokens are not lost); then the stream is cancelled;
 - the core ends the stream: open requests get -32603, then the WebSocket closes (1011);
 - the core refuses the session (-32001): the error is sent, then the WebSocket closes (1008);
-- the client stops reading and the queue fills up: the WebSocket closes (1008) at once,
-  so the core never waits on a slow client;
+- the client takes nothing from a full queue for `ws_stall_timeout` seconds: closed (1008);
 - nothing at all arrives for `ws_idle_timeout` seconds (pongs count): closed (1001).
 """
 
@@ -80,6 +88,7 @@ class Connection:
         self.close_code: int = CloseCode.NORMAL_CLOSURE
         self.close_reason = ""
         self._flush = False  # send what is queued before closing
+        self._client_left = False  # the client closed or dropped the WebSocket
         self._writing = False  # the writer task is inside ws.send()
 
     def end(self, code: int, reason: str, *, flush: bool = False) -> None:
@@ -89,10 +98,18 @@ class Connection:
         self.close_code, self.close_reason, self._flush = code, _clip(reason), flush
         self._ended.set()
 
+    def _left(self) -> None:
+        """The client closed the WebSocket or dropped the connection."""
+        if not self._ended.is_set():
+            self._client_left = True
+        self.end(CloseCode.NORMAL_CLOSURE, "")
+
     async def run(self) -> None:
+        upstream = asyncio.create_task(self._client_to_core())
+        downstream = asyncio.create_task(self._core_to_client())
         tasks = [
-            asyncio.create_task(self._client_to_core()),
-            asyncio.create_task(self._core_to_client()),
+            upstream,
+            downstream,
             asyncio.create_task(self._write()),
             asyncio.create_task(self._keepalive()),
         ]
@@ -100,6 +117,8 @@ class Connection:
             task.add_done_callback(self._task_done)
         try:
             await self._ended.wait()
+            if self._client_left:
+                await self._let_core_finish(upstream, downstream)
         finally:
             self.call.cancel()
             if self._flush:
@@ -110,6 +129,19 @@ class Connection:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._close()
+
+    async def _let_core_finish(
+        self, upstream: asyncio.Task[None], downstream: asyncio.Task[None]
+    ) -> None:
+        """Forward what the client sent last, half-close the stream, and give the core a
+        bounded time to read it all and end the session. Cancelling at once would lose
+        the frames still on their way (an agent's last tokens and its `done`)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.ws_half_close_timeout):
+                await asyncio.wait((upstream,))
+                with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                    await self.call.done_writing()
+                await asyncio.wait((downstream,))
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         # A bug in one direction must not leave the other half running on its own.
@@ -155,7 +187,7 @@ class Connection:
             pass
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
             return  # the stream ended: _core_to_client says why
-        self.end(CloseCode.NORMAL_CLOSURE, "")
+        self._left()
 
     async def _core_to_client(self) -> None:
         try:
@@ -199,7 +231,7 @@ class Connection:
             try:
                 await self.ws.send(text)
             except ConnectionClosed:
-                self.end(CloseCode.NORMAL_CLOSURE, "")
+                self._left()
         else:
             self._queue(text)
 
@@ -215,7 +247,7 @@ class Connection:
             try:
                 await ws.send(text)
             except ConnectionClosed:
-                self.end(CloseCode.NORMAL_CLOSURE, "")
+                self._left()
             finally:
                 self._writing = False
                 queue.task_done()
