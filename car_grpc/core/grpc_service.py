@@ -213,6 +213,16 @@ class _Binding:
             return live
         session = self.state.open_session(streaming=False, peer=self.context.peer())
         self.session, self.ephemeral = session, True
+        try:
+            await self._authenticate(session, token, agent_id)
+        except BaseException:
+            # `async with` runs no __aexit__ when __aenter__ raises: end the session here,
+            # or every refused call would leave one behind.
+            await self.__aexit__()
+            raise
+        return session
+
+    async def _authenticate(self, session: ClientSession, token: str, agent_id: str) -> None:
         if self.state.auth_enabled and not token:
             raise AuthRequired()
         tokens = self.state.tokens
@@ -232,7 +242,6 @@ class _Binding:
                 )
         except CarError as e:
             raise CarError(AuthRequired().code, e.message) from None
-        return session
 
     def _same_credential(self, live: ClientSession, token: str, agent_id: str) -> bool:
         if not self.state.auth_enabled:

@@ -1,0 +1,195 @@
+"""The server the fuzz tests attack, and what they check after every example.
+
+A real core and WebSocket gateway on loopback (auth on, every wait configured short so that
+no example can park for long), plus two sessions that must outlive any hostile input:
+
+- the holder, attached as FUZZ_AGENT over gRPC, owns the open run FUZZ_RUN (so that fuzzed
+  runs.* calls reach past "unknown run");
+- the bystander, a host-role WebSocket client subscribed to host events (so every event
+  the fuzzing causes fans out to it), which must answer a round trip after every example.
+
+`Rig.settle()` is the check after each example: the sessions it opened have ended and
+nothing of them is left (the core holds exactly the baseline sessions, no attachment
+points at a closed session), the bystander is served, and nothing was logged at ERROR by
+car_grpc (a handler, hook or connection task that raised).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from car_grpc.config import Config
+from car_grpc.core.server import Core
+from car_grpc.core.server_state import ServerState
+from car_grpc.errors import (
+    APPROVAL_DENIED,
+    AUTH_REQUIRED,
+    CAPABILITY_MISMATCH,
+    DEADLINE_EXCEEDED,
+    HANDSHAKE_REQUIRED,
+    INTERNAL,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    PROTOCOL_VERSION_MISMATCH,
+)
+from car_grpc.gateway import Gateway
+from car_grpc.v1 import runs_pb2
+from tests.conftest import make_config
+from tests.fuzz_strategies import FUZZ_AGENT, FUZZ_RUN
+from tests.session_client import connect
+from tests.ws_helpers import Rpc, rpc, running
+
+#: PROTOCOL.md §8.
+DOCUMENTED = frozenset(
+    {
+        PARSE_ERROR,
+        INVALID_REQUEST,
+        METHOD_NOT_FOUND,
+        INVALID_PARAMS,
+        INTERNAL,
+        AUTH_REQUIRED,
+        APPROVAL_DENIED,
+        DEADLINE_EXCEEDED,
+        HANDSHAKE_REQUIRED,
+        PROTOCOL_VERSION_MISMATCH,
+        CAPABILITY_MISMATCH,
+    }
+)
+#: What a known method may fail with once the session is authenticated.
+HANDLER_ERRORS = DOCUMENTED - {PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, AUTH_REQUIRED}
+#: Longest any one example may take before it counts as a hang.
+EXAMPLE_TIMEOUT = 10.0
+
+
+def fuzz_config(root: Path) -> Config:
+    """Auth on; every wait short (a fuzzed proposal that retries, a chat nobody acks, a
+    gated call nobody approves all end well within EXAMPLE_TIMEOUT)."""
+    return make_config(
+        root,
+        tool_timeout=0.5,
+        callback_grace=0.1,
+        handler_timeout=1.0,
+        approval_timeout=0.05,
+        gated_methods=frozenset({"policy.unregister"}),
+        chat_ack_timeout=0.2,
+        chat_stall_timeout=0.5,
+        voice_ack_timeout=0.2,
+        voice_stall_timeout=0.5,
+        run_complete_grace=0.01,
+    )
+
+
+class ErrorLog(logging.Handler):
+    """Collects ERROR records of the car_grpc loggers: each one is a bug the fuzzer found."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def take(self) -> list[str]:
+        found = [self.format(r) for r in self.records]
+        self.records.clear()
+        return found
+
+
+@dataclass
+class Rig:
+    core: Core
+    gateway: Gateway
+    state: ServerState
+    channel: grpc.aio.Channel
+    bystander: Rpc
+    errors: ErrorLog
+    #: The token of FUZZ_AGENT (the holder's; fuzzing sessions attach with it too).
+    agent_token: str
+    #: Session ids alive before any example: the holder's and the bystander's.
+    baseline: frozenset[str] = frozenset()
+    _round: itertools.count[int] = field(default_factory=itertools.count)
+
+    @property
+    def daemon_token(self) -> str:
+        assert self.state.tokens is not None
+        return self.state.tokens.daemon
+
+    @property
+    def host_token(self) -> str:
+        assert self.state.tokens is not None
+        return self.state.tokens.host
+
+    def credentials(self, role: str) -> dict[str, str]:
+        """session.auth params of a role: "daemon", "host" or "agent" (FUZZ_AGENT)."""
+        if role == "host":
+            return {"host_token": self.host_token}
+        if role == "agent":
+            return {"token": self.agent_token, "agent_id": FUZZ_AGENT}
+        return {"token": self.daemon_token}
+
+    async def settle(self) -> None:
+        """After an example (its connections closed by the client): every session it opened
+        ends without a trace, the bystander is served, and nothing raised in the server."""
+        async with asyncio.timeout(EXAMPLE_TIMEOUT):
+            for session in [s for s in self.state.sessions.values() if s.id not in self.baseline]:
+                await session.closed.wait()
+        assert set(self.state.sessions) == self.baseline
+        for agent_id, session in self.state.attached.items():
+            assert session.id in self.state.sessions, f"{agent_id} attached to a dead session"
+        await self.check_bystander()
+        errors = self.errors.take()
+        assert not errors, "the server logged errors:\n" + "\n".join(errors)
+
+    async def check_bystander(self) -> None:
+        n = next(self._round)
+        async with asyncio.timeout(EXAMPLE_TIMEOUT):
+            await self.bystander.result("state.set", {"key": "round", "value": n})
+            assert await self.bystander.result("state.get", {"key": "round"}) == n
+        self.bystander.other.clear()  # host events the example caused
+
+
+@contextlib.asynccontextmanager
+async def rig(root: Path, config: Config | None = None) -> AsyncIterator[Rig]:
+    errors = ErrorLog()
+    errors.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger = logging.getLogger("car_grpc")
+    logger.addHandler(errors)
+    try:
+        async with (
+            running(config or fuzz_config(root)) as (core, gateway),
+            grpc.aio.insecure_channel(core.grpc_address) as channel,
+            rpc(gateway.url) as bystander,
+        ):
+            state = core.state
+            assert state is not None and state.tokens is not None
+            agent_token = state.agent_tokens.add(FUZZ_AGENT)
+            holder = await connect(channel, token=agent_token, agent_id=FUZZ_AGENT)
+            start = runs_pb2.StartRunRequest(intent="be fuzzed", idempotency_key=FUZZ_RUN)
+            await holder.request("runs_start", start)
+            await bystander.result("session.auth", {"host_token": state.tokens.host})
+            await bystander.result("server.handshake", {"protocol_version": 3})
+            await bystander.result("host.subscribe", {})
+            the_rig = Rig(core, gateway, state, channel, bystander, errors, agent_token)
+            the_rig.baseline = frozenset(state.sessions)
+            try:
+                yield the_rig
+            finally:
+                await holder.close()
+    finally:
+        logger.removeHandler(errors)
+
+
+def bounded(coro: Any) -> Any:
+    """`coro` under EXAMPLE_TIMEOUT: a hang fails the example instead of the whole run."""
+    return asyncio.wait_for(coro, EXAMPLE_TIMEOUT)
