@@ -464,31 +464,82 @@ async def test_car_runtime_agent_serves_ws_and_grpc_hosts(
         assert json.loads(text)["prompt"] == "from gRPC"
 
 
-async def test_ws_host_that_stops_reading_is_dropped_and_its_chat_cancelled(
+def _small_buffers(tmp_path: Path, **overrides: Any) -> Config:
+    return make_config(
+        tmp_path,
+        ws_outbound_queue=8,
+        ws_write_limit=16 * 1024,
+        session_outbound_queue=8,
+        chat_buffer=8,
+        **overrides,
+    )
+
+
+async def _deaf_host_chat(core: Core, gateway: Gateway, a: WsPeer) -> RawWebSocket:
+    """A raw WebSocket host (small receive buffer) whose chat "deaf" agent `a` accepted;
+    from here on the host reads nothing."""
+    raw = await RawWebSocket.open("127.0.0.1", gateway.ws_port, rcvbuf=4096)
+    await raw.send_text(
+        {"jsonrpc": "2.0", "id": 1, "method": "session.auth", "params": daemon(core)}
+    )
+    await raw.read_frame()
+    chat = {"agent_id": "agent-1", "prompt": "flood", "session_id": "deaf"}
+    await raw.send_text({"jsonrpc": "2.0", "id": 2, "method": "agents.chat", "params": chat})
+    await a.answer(await a.next_request("agent.chat"), {"accepted": True})
+    return raw
+
+
+async def _flood_until_cancelled(a: WsPeer) -> int:
+    """Stream numbered 16 KiB tokens until the agent is told to stop; how many were sent."""
+    pad = "x" * 16384
+    sent = 0
+    while a.notifications.empty():
+        assert sent < 5000, "the chat was never cancelled"
+        delta = f"{sent}:{pad}"
+        await a.notify("agent.chat.event", {"session_id": "deaf", "kind": "token", "delta": delta})
+        sent += 1
+        await asyncio.sleep(0)
+    assert await a.next_notification("agent.chat.cancel") == {"session_id": "deaf"}
+    return sent
+
+
+async def test_ws_host_that_stops_reading_loses_its_chat_not_its_connection(
     tmp_path: Path,
 ) -> None:
-    config = make_config(
-        tmp_path, ws_outbound_queue=8, ws_write_limit=16 * 1024, ws_close_timeout=0.5
+    """Backpressure reaches the chat's buffer in the core: after chat_stall_timeout the
+    chat ends (cancelled at the agent), while the connection waits for the host. When it
+    reads again it finds a gap-free prefix of the tokens, then the error."""
+    config = _small_buffers(tmp_path, chat_stall_timeout=0.3, ws_stall_timeout=30)
+    async with running(config) as (core, gateway), ws_peer(gateway, as_agent(core)) as a:
+        raw = await _deaf_host_chat(core, gateway, a)
+        sent = await _flood_until_cancelled(a)
+        assert core.state is not None and "deaf" not in core.state.chats.open
+        # The host reads again: the chat's answer, then tokens in order, then the error.
+        assert json.loads((await raw.read_frame())[1])["result"]["session_id"] == "deaf"
+        seen: list[int] = []
+        while True:
+            event = json.loads((await raw.read_frame())[1])["params"]
+            if event["kind"] != "token":
+                break
+            seen.append(int(event["delta"].split(":")[0]))
+        assert seen == list(range(len(seen))) and 0 < len(seen) < sent
+        assert event["message"] == "chat ended: the host read nothing for 0.3s"
+        # Its connection is still there.
+        await raw.send_text({"jsonrpc": "2.0", "id": 3, "method": "tools.list"})
+        assert json.loads((await raw.read_frame())[1])["id"] == 3
+        raw.close()
+
+
+async def test_ws_host_that_reads_nothing_for_the_stall_bound_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """The gateway gives up on a host that took nothing for ws_stall_timeout: its session
+    ends, and with it the chat, cancelled at the agent."""
+    config = _small_buffers(
+        tmp_path, chat_stall_timeout=30, ws_stall_timeout=0.3, ws_close_timeout=0.5
     )
     async with running(config) as (core, gateway), ws_peer(gateway, as_agent(core)) as a:
-        raw = await RawWebSocket.open("127.0.0.1", gateway.ws_port, rcvbuf=4096)
-        await raw.send_text(
-            {"jsonrpc": "2.0", "id": 1, "method": "session.auth", "params": daemon(core)}
-        )
-        await raw.read_frame()
-        chat = {"agent_id": "agent-1", "prompt": "flood", "session_id": "deaf"}
-        await raw.send_text({"jsonrpc": "2.0", "id": 2, "method": "agents.chat", "params": chat})
-        await a.answer(await a.next_request("agent.chat"), {"accepted": True})
-        # The host reads nothing more; the agent streams 16 KiB tokens until told to stop.
-        big = "x" * 16384
-        sent = 0
-        while a.notifications.empty() and sent < 5000:
-            await a.notify(
-                "agent.chat.event", {"session_id": "deaf", "kind": "token", "delta": big}
-            )
-            sent += 1
-            await asyncio.sleep(0)
-        # The gateway dropped the host that let frames pile up; the chat was cancelled.
-        assert await a.next_notification("agent.chat.cancel") == {"session_id": "deaf"}
+        raw = await _deaf_host_chat(core, gateway, a)
+        await _flood_until_cancelled(a)
         assert core.state is not None and "deaf" not in core.state.chats.open
         raw.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from websockets.protocol import Event
 
 from car_grpc.config import Config
 from car_grpc.core.server import Core
+from car_grpc.core.session import ClientSession
 from car_grpc.errors import (
     AUTH_REQUIRED,
     INTERNAL,
@@ -366,34 +366,80 @@ async def test_oversized_message_closes_cleanly(tmp_path: Path) -> None:
             await other.login(daemon_token(core))
 
 
-async def test_client_that_never_reads_is_disconnected_not_buffered(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    config = make_config(
-        tmp_path, auth=False, ws_outbound_queue=8, ws_write_limit=16 * 1024, ws_close_timeout=0.5
+def _slow_reader_config(tmp_path: Path, **overrides: Any) -> Config:
+    """Small buffers everywhere between the core and a client that stops reading."""
+    return make_config(
+        tmp_path,
+        auth=False,
+        ws_outbound_queue=8,
+        ws_write_limit=16 * 1024,
+        session_outbound_queue=8,
+        max_inflight_per_session=8,
+        **overrides,
     )
-    caplog.set_level(logging.INFO, logger="car_grpc.gateway")
+
+
+async def _open_unread(gateway: Gateway, core: Core) -> tuple[RawWebSocket, ClientSession]:
+    """A raw client (small receive buffer) with an authenticated session."""
+    assert core.state is not None
+    raw = await RawWebSocket.open("127.0.0.1", gateway.ws_port, rcvbuf=4096)
+    await raw.send_text({"id": 0, "method": "session.auth", "params": {}})
+    _, payload = await raw.read_frame()
+    return raw, core.state.sessions[json.loads(payload)["result"]["session_id"]]
+
+
+def _echo_64k(n: int) -> dict[str, Any]:
+    """A request whose answer echoes 64 KiB."""
+    params = {"protocol_version": 3, "client_version": "v" * 65536}
+    return {"id": n, "method": "server.handshake", "params": params}
+
+
+async def test_client_that_reads_late_gets_every_response(tmp_path: Path) -> None:
+    """A client that stops reading is met with backpressure, not a disconnect: the
+    gateway stops reading its core stream, the core stops reading its requests, and
+    once it reads again every answer is there."""
+    config = _slow_reader_config(tmp_path, ws_stall_timeout=10)
     async with running(config) as (core, gateway):
-        assert core.state is not None
-        raw = await RawWebSocket.open("127.0.0.1", gateway.ws_port, rcvbuf=4096)
-        await raw.send_text({"id": 0, "method": "session.auth", "params": {}})
-        _, payload = await raw.read_frame()
-        session_id = json.loads(payload)["result"]["session_id"]
-        session = core.state.sessions[session_id]
-        # Each handshake answer echoes 64 KiB; the client reads none of them.
-        big = "v" * 65536
-        request = {
-            "method": "server.handshake",
-            "params": {"protocol_version": 3, "client_version": big},
-        }
-        with pytest.raises((ConnectionError, TimeoutError)):
-            async with asyncio.timeout(10):
-                for n in range(2000):
-                    await raw.send_text({**request, "id": n})
-        # The gateway gave up on the client and ended its core session.
-        await asyncio.wait_for(session.closed.wait(), 10)
+        raw, session = await _open_unread(gateway, core)
+        n = 200  # 13 MiB of answers: far more than every buffer on the way
+        flood = asyncio.create_task(_send_all(raw, [_echo_64k(i) for i in range(1, n + 1)]))
+        connection = next(iter(gateway.connections))
+        for _ in range(1000):  # the client falls behind: its queue fills (backpressure)
+            if connection.outbound.full():
+                break
+            await asyncio.sleep(0.01)
+        assert connection.outbound.full()
+        ids = set()
+        for _ in range(n):
+            answer = json.loads((await raw.read_frame())[1])
+            assert answer["result"]["protocol_version"] == 3
+            ids.add(answer["id"])
+        assert ids == set(range(1, n + 1))
+        await flood
+        assert not session.closed.is_set()
         raw.close()
-        assert any("client not reading" in r.getMessage() for r in caplog.records)
+
+
+async def _send_all(raw: RawWebSocket, messages: list[dict[str, Any]]) -> None:
+    for message in messages:
+        await raw.send_text(message)
+
+
+async def test_client_that_never_reads_is_held_to_its_bounds_then_disconnected(
+    tmp_path: Path,
+) -> None:
+    config = _slow_reader_config(tmp_path, ws_stall_timeout=0.3, ws_close_timeout=5)
+    async with running(config) as (core, gateway):
+        raw, session = await _open_unread(gateway, core)
+        flood = asyncio.create_task(_send_all(raw, [_echo_64k(i) for i in range(1, 2000)]))
+        # The client took nothing for ws_stall_timeout: the gateway gave up on it and
+        # ended its core session...
+        await asyncio.wait_for(session.closed.wait(), 10)
+        flood.cancel()
+        # ...and closed the WebSocket with a reason, found behind what was already sent.
+        code, reason, _ = await raw.read_until_close()
+        raw.close()
+        assert (code, reason) == (1008, "client not reading: stalled for 0.3s")
         # Other clients are unaffected.
         async with rpc(gateway.url) as other:
             assert (await other.result("session.auth", {}))["ok"] is True

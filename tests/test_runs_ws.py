@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -468,12 +469,16 @@ async def test_car_runtime_records_a_run(peers: Peers) -> None:
 
 
 async def test_a_subscriber_that_stops_reading_slows_no_one(tmp_path: Path) -> None:
-    """Over WebSocket the gateway, not the core, meets the slow reader first: it closes
-    the connection (1008) once its bounded queue is full, so that the core never waits.
-    The writer and the other subscriber go on at full speed; the slow subscriber learns of
-    the loss from the close, comes back, and gets a complete snapshot."""
+    """Over WebSocket a slow reader is met with backpressure: the gateway stops reading
+    its core stream, and the core's per-subscriber queue drops the oldest events. The
+    writer and the other subscriber go on at full speed; when the slow subscriber reads
+    again it sees a cursor gap, and re-subscribing gives it a complete snapshot."""
     config = make_config(
-        tmp_path, ws_outbound_queue=16, ws_write_limit=16 * 1024, ws_close_timeout=0.5
+        tmp_path,
+        ws_outbound_queue=16,
+        ws_write_limit=16 * 1024,
+        session_outbound_queue=16,
+        run_subscriber_queue=32,
     )
     async with running(config) as served:
         peers = Peers(*served)
@@ -489,36 +494,57 @@ async def _slow_ws_subscriber(peers: Peers, gateway: Gateway) -> None:
     fast = await peers.host()
     run_id = await start(bot)
     slow = await RawWebSocket.open("127.0.0.1", gateway.ws_port, rcvbuf=4096)
-    for n, (method, params) in enumerate(
-        [
-            ("session.auth", {"host_token": peers.tokens.host}),
-            ("server.handshake", {"protocol_version": 3}),
-            ("runs.subscribe", {"run_id": run_id}),
-        ]
-    ):
+    requests = [
+        ("session.auth", {"host_token": peers.tokens.host}),
+        ("server.handshake", {"protocol_version": 3}),
+        ("runs.subscribe", {"run_id": run_id}),
+    ]
+    for n, (method, params) in enumerate(requests):
         await slow.send_text({"jsonrpc": "2.0", "id": n, "method": method, "params": params})
         assert "result" in json.loads((await slow.read_frame())[1])
     await fast.result("runs.subscribe", {"run_id": run_id})
     # From here on the slow subscriber reads nothing.
 
-    prompt = "x" * 4096  # 2000 events of 4 KiB: more than every buffer on the way
-    for batch in range(100):
-        answer = await bot.result(
-            "runs.record_turns", {"run_id": run_id, "turns": turns(20, prompt)}
-        )
-        assert (answer["ok"], answer["base_index"]) == (True, batch * 20)
-        cursors = [(await fast.event())["cursor"] for _ in range(20)]
-        assert cursors == list(range(batch * 20 + 1, batch * 20 + 21))
+    drops = peers.state.metrics.queue_drops
+    # 32 KiB events, so that every buffer on the way fills up soon.
+    big = [{"prompt": "p" * 16000, "output": "o" * 16000}]
+    batch = 16  # within the fast subscriber's queue: it never drops
+    total = 0
 
-    code, reason, _ = await slow.read_until_close()
-    slow.close()
-    assert (code, reason) == (1008, "client not reading: 16 frames queued")
+    async def record() -> None:
+        nonlocal total
+        answer = await bot.result("runs.record_turns", {"run_id": run_id, "turns": big * batch})
+        assert (answer["ok"], answer["base_index"]) == (True, total)
+        # The fast subscriber has every event, in order, before the next batch.
+        cursors = [(await fast.event())["cursor"] for _ in range(batch)]
+        assert cursors == list(range(total + 1, total + batch + 1))
+        total += batch
 
-    back = await peers.host()
-    snapshot = await back.result("runs.subscribe", {"run_id": run_id})
-    assert (snapshot["cursor"], snapshot["status"]) == (2000, "in_progress")
-    assert [t["index"] for t in snapshot["turns_so_far"]] == list(range(2000))
+    # Record until the core drops events for the slow subscriber (every buffer on its way
+    # is full), then once more: the writer is not held up.
+    while drops.value("run_subscriber") == 0:
+        assert total < 1900, "the slow subscriber never lost an event"
+        await record()
+    await record()
+
+    # The slow subscriber reads again: a gap-free start, a jump, and the newest event.
+    seen: list[int] = []
+    while not seen or seen[-1] != total:
+        note = json.loads((await slow.read_frame())[1])
+        assert note["method"] == "runs.trace.event"
+        seen.append(note["params"]["cursor"])
+    assert seen == sorted(seen) and len(seen) < total
+    assert seen[0] == 1 and any(b - a > 1 for a, b in itertools.pairwise(seen))
+    # It re-subscribes and gets everything.
+    await slow.send_text(
+        {"jsonrpc": "2.0", "id": 9, "method": "runs.subscribe", "params": {"run_id": run_id}}
+    )
+    snapshot = json.loads((await slow.read_frame())[1])["result"]
+    assert (snapshot["cursor"], snapshot["status"]) == (total, "in_progress")
+    assert [t["index"] for t in snapshot["turns_so_far"]] == list(range(total))
     await bot.result("runs.complete", {"run_id": run_id, "outcome": {"status": "ok"}})
-    for peer in (fast, back):
-        ended = await peer.event()
-        assert (ended["record"]["record"], ended["cursor"]) == ("ended", 2000)
+    ended = await fast.event()
+    assert (ended["record"]["record"], ended["cursor"]) == ("ended", total)
+    ended = json.loads((await slow.read_frame())[1])["params"]
+    assert (ended["record"]["record"], ended["cursor"]) == ("ended", total)
+    slow.close()

@@ -151,12 +151,17 @@ class Connection:
 
     async def _close(self) -> None:
         # websockets bounds the closing handshake, but not the wait for room in the write
-        # buffer of a client that stopped reading: bound the whole close here.
+        # buffer of a client that stopped reading: bound the whole close here. Meanwhile
+        # whatever the client still sends is read and dropped, so that reading (paused
+        # once enough was left unread) goes on and its close frame is seen.
+        discard = asyncio.create_task(self._discard_incoming())
         try:
             async with asyncio.timeout(self.config.ws_close_timeout):
                 await self.ws.close(self.close_code, self.close_reason)
         except TimeoutError:
             self.ws.transport.abort()
+        finally:
+            discard.cancel()
         if self.close_code != CloseCode.NORMAL_CLOSURE:
             log.info(
                 "gateway: closed %s: %d %s",
@@ -165,12 +170,26 @@ class Connection:
                 self.close_reason,
             )
 
-    def _queue(self, text: str | bytes) -> None:
+    async def _discard_incoming(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in self.ws:
+                pass
+
+    async def _queue(self, text: str | bytes) -> None:
+        """Queue behind what waits. While the queue is full the caller waits, and so stops
+        reading its source (the core stream, or the client), for at most ws_stall_timeout
+        without the client taking a frame; past it the client is given up on."""
         try:
             self.outbound.put_nowait(text)
+            return
         except asyncio.QueueFull:
-            limit = self.config.ws_outbound_queue
-            self.end(CloseCode.POLICY_VIOLATION, f"client not reading: {limit} frames queued")
+            pass
+        stall = self.config.ws_stall_timeout
+        try:
+            async with asyncio.timeout(stall):
+                await self.outbound.put(text)
+        except TimeoutError:
+            self.end(CloseCode.POLICY_VIOLATION, f"client not reading: stalled for {stall:g}s")
 
     async def _client_to_core(self) -> None:
         try:
@@ -180,7 +199,7 @@ class Connection:
                 else:
                     inbound = self.bridge.from_client(message)
                 for text in inbound.replies:
-                    self._queue(text)
+                    await self._queue(text)
                 for frame in inbound.frames:
                     await self.call.write(frame)
         except ConnectionClosed:
@@ -233,11 +252,14 @@ class Connection:
             except ConnectionClosed:
                 self._left()
         else:
-            self._queue(text)
+            await self._queue(text)
 
     def _abandon(self, reason: str) -> None:
+        """Fail the client's open requests (the connection is ending: what does not fit
+        in the queue is left out)."""
         for text in self.bridge.abandon(reason):
-            self._queue(text)
+            with contextlib.suppress(asyncio.QueueFull):
+                self.outbound.put_nowait(text)
 
     async def _write(self) -> None:
         queue, ws = self.outbound, self.ws

@@ -52,6 +52,11 @@ class Gateway:
         return f"ws://{self.config.ws_host}:{self.ws_port}/"
 
     @property
+    def connections(self) -> frozenset[Connection]:
+        """The WebSocket connections open right now."""
+        return frozenset(self._connections)
+
+    @property
     def unix_socket(self) -> Path | None:
         """The Unix socket being served, if any."""
         return self._unix_socket
@@ -71,6 +76,9 @@ class Gateway:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # Fixed stream windows: what a stalled client's stream may hold stays
+                # small (BDP probing would grow it to megabytes per connection).
+                ("grpc.http2.bdp_probe", 0),
             ],
         )
         self._connect = self._channel.stream_stream(
