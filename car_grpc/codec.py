@@ -62,6 +62,8 @@ def value_to_json(value: struct_pb2.Value) -> JSON:
         return value.string_value
     if kind == "number_value":
         n = value.number_value
+        if not math.isfinite(n):
+            return None  # JSON has no NaN or Infinity (a gRPC client may send them): null
         # JSON has one number type; give integers back as integers.
         return int(n) if n.is_integer() and abs(n) <= 2**53 else n
     if kind == "bool_value":

@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,7 +158,33 @@ class Rig:
         async with asyncio.timeout(EXAMPLE_TIMEOUT):
             await self.bystander.result("state.set", {"key": "round", "value": n})
             assert await self.bystander.result("state.get", {"key": "round"}) == n
-        self.bystander.other.clear()  # host events the example caused
+        # Host events the example caused: each was strict JSON (no NaN or Infinity, which
+        # JSON cannot carry and strict parsers such as car-runtime's refuse).
+        for frame in self.bystander.other:
+            assert _finite(frame), f"the bystander got a frame that is not JSON: {frame}"
+        self.bystander.other.clear()
+
+
+def strict_json(data: str | bytes) -> Any:
+    """json.loads without NaN/Infinity. Raises ValueError for anything that is not JSON."""
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(data, parse_constant=constant)
+    except RecursionError as e:
+        raise ValueError("too deep") from e
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
 
 
 @contextlib.asynccontextmanager

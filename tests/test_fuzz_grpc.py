@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,8 @@ from hypothesis import strategies as st
 from car_grpc import api
 from car_grpc.core.grpc_service import AGENT_ID_KEY, SESSION_ID_KEY
 from car_grpc.errors import ERROR_TRAILER, INVALID_REQUEST, grpc_status_for
-from car_grpc.v1 import errors_pb2, session_pb2, state_pb2, voice_pb2
-from tests.fuzz_rig import DOCUMENTED, EXAMPLE_TIMEOUT, HANDLER_ERRORS, Rig, rig
+from car_grpc.v1 import errors_pb2, host_pb2, session_pb2, state_pb2, voice_pb2
+from tests.fuzz_rig import DOCUMENTED, EXAMPLE_TIMEOUT, HANDLER_ERRORS, Rig, rig, strict_json
 from tests.fuzz_strategies import (
     FUZZ,
     FUZZ_AGENT,
@@ -199,7 +200,9 @@ def _all_rpcs() -> list[MethodDescriptor]:
 
 
 RPCS = _all_rpcs()
-CREDENTIALS = st.sampled_from(["daemon", "host", "agent", "bound", "wrong", "none"])
+CREDENTIALS = st.sampled_from(
+    ["daemon", "host", "agent", "bound", "daemon", "host", "wrong", "none"]
+)
 
 
 async def metadata(
@@ -321,3 +324,26 @@ async def engine_stream(
                 pass
     finally:
         call.cancel()
+
+
+# ------------------------------------------------------------------ what fuzzing found
+
+
+async def test_numbers_json_cannot_carry_reach_json_clients_as_null(fuzzed: Rig) -> None:
+    """NaN and Infinity, which a gRPC client may put in any free-form value, reach
+    WebSocket clients as null: the agent registers and unregisters cleanly, and the host
+    events about it are strict JSON."""
+    request = host_pb2.RegisterAgentRequest(name="n", kind="k")
+    for key, number in (("nan", math.nan), ("inf", math.inf), ("-inf", -math.inf)):
+        request.metadata.fields[key].number_value = number
+    client = SessionClient(fuzzed.channel)
+    await client.request("session_auth", auth_request(fuzzed, "daemon"))
+    agent = await client.request("host_register_agent", request)
+    await client.close()
+    raw = [await fuzzed.bystander.ws.recv() for _ in range(2)]
+    events = [strict_json(text)["params"] for text in raw]
+    assert [e["kind"] for e in events] == ["agent.registered", "agent.unregistered"]
+    for event in events:
+        assert event["agent_id"] == agent.agent.id
+        assert event["payload"]["metadata"] == {"nan": None, "inf": None, "-inf": None}
+    await fuzzed.settle()

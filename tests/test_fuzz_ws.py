@@ -36,7 +36,7 @@ from car_grpc.errors import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
 )
-from tests.fuzz_rig import DOCUMENTED, EXAMPLE_TIMEOUT, HANDLER_ERRORS, Rig, rig
+from tests.fuzz_rig import DOCUMENTED, EXAMPLE_TIMEOUT, HANDLER_ERRORS, Rig, rig, strict_json
 from tests.fuzz_strategies import FUZZ, MISSING, json_strings, json_values, params_for
 from tests.ws_helpers import OP_CLOSE, OP_PONG, OP_TEXT, RawWebSocket, Rpc, rpc
 
@@ -50,18 +50,6 @@ NULL = "null"  # the key of id null
 async def fuzzed(tmp_path: Path) -> AsyncIterator[Rig]:
     async with rig(tmp_path) as the_rig:
         yield the_rig
-
-
-def strict_json(data: str | bytes) -> JSON:
-    """json.loads without NaN/Infinity. Raises ValueError for anything that is not JSON."""
-
-    def constant(name: str) -> JSON:
-        raise ValueError(f"{name} is not JSON")
-
-    try:
-        return json.loads(data, parse_constant=constant)
-    except RecursionError as e:
-        raise ValueError("too deep") from e
 
 
 def key(id_: JSON) -> str:
