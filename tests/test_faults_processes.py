@@ -1,0 +1,276 @@
+"""Faults with real processes: `car-grpc core` and `car-grpc gateway --core ADDR` run
+apart. The core is SIGKILLed in the middle of traffic and restarted on the same state
+root and port: every turn and approval it acknowledged is there, the open run is marked
+incomplete, the WebSocket clients saw a clean close saying why and get back in through
+the same gateway. A gateway SIGKILLed ends its own sessions at the core and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from car_grpc.config import Config
+from car_grpc.core.auth import AgentTokens
+from car_grpc.core.server import Core
+from car_grpc.gateway import Gateway
+from car_grpc.store.sqlite import SqliteStore
+from tests.serve_process import LISTENING
+from tests.ws_helpers import daemon_token
+from tests.ws_pipelined import Pipelined, RpcError, pipelined
+
+
+@dataclass
+class Child:
+    proc: asyncio.subprocess.Process
+    address: str
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+
+
+@contextlib.asynccontextmanager
+async def child(home: Path, *args: str) -> AsyncIterator[Child]:
+    """`car-grpc ARGS` with CAR_HOME=home, once it logged its (first) listener; its log is
+    drained from then on. Killed on exit if still running."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
+    env["CAR_HOME"] = str(home)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "car_grpc.cli", *args,
+        env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    drain: asyncio.Task[None] | None = None
+    try:
+        lines: list[str] = []
+        async with asyncio.timeout(20):
+            while not (match := LISTENING.search(lines[-1] if lines else "")):
+                line = await proc.stderr.readline()
+                assert line, f"exited early: {lines}"
+                lines.append(line.decode().rstrip())
+        drain = asyncio.create_task(_drain(proc.stderr))
+        yield Child(proc, match["where"])
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        if drain is not None:
+            await drain
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def token_file(home: Path, name: str) -> str:
+    return (home / "ai.parslee.car" / name).read_text().strip()
+
+
+def mint_agent_token(home: Path, agent_id: str) -> str:
+    """`car-grpc agents add` before the core starts: straight into its store."""
+    store = SqliteStore(Config(state_root=home).store_path)
+    try:
+        return AgentTokens(store).add(agent_id)
+    finally:
+        store.close_sync()
+
+
+# ------------------------------------------------------------------ the core killed
+
+TURNS_PER_BATCH = 8
+
+
+async def record_turns(
+    bot: Pipelined, run_id: str, acked: list[str], enough: asyncio.Event
+) -> None:
+    """Batches of turns, four in flight, until the connection fails; the prompts of the
+    acknowledged ones go to `acked`."""
+
+    async def one(batch: int) -> None:
+        prompts = [f"b{batch}-t{i}" for i in range(TURNS_PER_BATCH)]
+        turns = [{"prompt": p} for p in prompts]
+        reply = await bot.call("runs.record_turns", {"run_id": run_id, "turns": turns})
+        assert reply["ok"] and reply["count"] == TURNS_PER_BATCH
+        acked.extend(prompts)
+        if len(acked) >= 200:
+            enough.set()
+
+    for batch in itertools.count(step=4):
+        if batch * TURNS_PER_BATCH >= 1600:  # stay below the 2000 turns of a run
+            await asyncio.Event().wait()
+        await asyncio.gather(*(one(batch + i) for i in range(4)))
+
+
+async def raise_approvals(
+    asker: Pipelined, acked: list[str], approved: list[str], enough: asyncio.Event
+) -> None:
+    """Approvals raised one after another, every other one approved by the session that
+    raised it (only it may); acknowledged ids go to `acked` and `approved`."""
+    for n in itertools.count():
+        if n >= 100:  # well within the ledger history host.approvals lists
+            await asyncio.Event().wait()
+        approval = await asker.call("host.request_approval", {"title": f"a{n}"})
+        acked.append(approval["id"])
+        if n % 2:
+            await asker.call("host.resolve_approval", {"approval_id": acked[-1], "approved": True})
+            approved.append(acked[-1])
+        if len(acked) >= 10:
+            enough.set()
+
+
+async def ended(task: asyncio.Task[None]) -> None:
+    """Wait for a traffic task that the dead core ended: with the error of a request that
+    was in flight (the gateway's -32603) or of one sent after the close."""
+    try:
+        await asyncio.wait_for(task, 10)
+    except RpcError:
+        return
+    raise AssertionError("the traffic outlived the core")
+
+
+@contextlib.asynccontextmanager
+async def back_in(url: str, **credentials: str) -> AsyncIterator[Pipelined]:
+    """A new session through the gateway once the core is back (its channel reconnects
+    in its own time: until then each attempt is refused, 1011)."""
+    async with contextlib.AsyncExitStack() as stack:
+        async with asyncio.timeout(20):
+            while True:
+                client = await stack.enter_async_context(pipelined(url))
+                try:
+                    await client.login(**credentials)
+                    break
+                except RpcError:
+                    await client.closed.wait()
+                    assert client.close_code == 1011, client.close_reason
+                    await asyncio.sleep(0.05)  # polling another process: nothing to wait on
+        yield client
+
+
+async def test_core_killed_mid_traffic_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    bot_token = mint_agent_token(home, "bot")
+    port = free_port()
+    core_args = ("core", "--grpc-port", str(port))
+    gateway_args = ("gateway", "--core", f"127.0.0.1:{port}", "--port", "0")
+    turns: list[str] = []
+    approvals: list[str] = []
+    approved: list[str] = []
+    async with child(home, *core_args) as core, child(home, *gateway_args) as gateway:
+        url = f"ws://{gateway.address}/"
+        async with pipelined(url) as bot, pipelined(url) as asker:
+            await bot.login(token=bot_token, agent_id="bot")
+            await asker.login(token=token_file(home, "auth-token"))
+            run_id = (await bot.call("runs.start", {"intent": "survive a crash"}))["run_id"]
+            enough_turns, enough_approvals = asyncio.Event(), asyncio.Event()
+            traffic = [
+                asyncio.create_task(record_turns(bot, run_id, turns, enough_turns)),
+                asyncio.create_task(raise_approvals(asker, approvals, approved, enough_approvals)),
+            ]
+            async with asyncio.timeout(20):
+                await enough_turns.wait()
+                await enough_approvals.wait()
+            core.kill()  # mid-traffic: batches and approvals are in flight
+            for task in traffic:
+                await ended(task)
+            for client in (bot, asker):  # a clean close that says why
+                await asyncio.wait_for(client.closed.wait(), 10)
+                assert client.close_code == 1011
+                assert client.close_reason.startswith("core unavailable: "), client.close_reason
+
+        async with (
+            child(home, *core_args),
+            back_in(url, host_token=token_file(home, "host-token")) as host,
+        ):
+            trace = await host.call("runs.get_trace", {"run_id": run_id})
+            records = trace["records"]
+            stored = [r["prompt"] for r in records if r["record"] == "turn"]
+            assert set(turns) <= set(stored)
+            assert len(stored) % TURNS_PER_BATCH == 0  # whole batches: none torn
+            assert [r["index"] for r in records[1:-1]] == list(range(len(stored)))
+            assert records[0]["record"] == "started"
+            assert (records[-1]["record"], records[-1]["status"]) == ("ended", "incomplete")
+            [summary] = (await host.call("runs.list", {"agent_id": "bot"}))["runs"]
+            assert (summary["status"], summary["turn_count"]) == ("incomplete", len(stored))
+            ledger = {a["id"]: a for a in (await host.call("host.approvals", {}))["approvals"]}
+            assert set(approvals) <= set(ledger)
+            for approval_id in approvals:
+                status = ledger[approval_id]["status"]
+                assert status == ("approved" if approval_id in approved else "expired"), status
+            # The agent gets back in too, with the token it had.
+            async with back_in(url, token=bot_token, agent_id="bot") as bot:
+                runs = (await bot.call("runs.list", {"agent_id": "bot"}))["runs"]
+                assert [r["run_id"] for r in runs] == [run_id]
+
+
+# ------------------------------------------------------------------ a gateway killed
+
+
+async def test_a_killed_gateway_ends_its_sessions_and_no_others(core: Core, tmp_path: Path) -> None:
+    """Sessions on a gateway that dies with SIGKILL (no goodbye to anyone) end at the core:
+    its agent's chat ends with an error at a host on the other gateway, its registered
+    agent leaves the registry, its run becomes incomplete. The other gateway's sessions
+    carry on."""
+    state = core.state
+    assert state is not None and state.tokens is not None
+    staying = Gateway(core.config, core.grpc_address)
+    await staying.start()
+    try:
+        async with (
+            child(
+                tmp_path / "home", "gateway", "--core", core.grpc_address, "--port", "0"
+            ) as doomed,
+            pipelined(staying.url) as host,
+            pipelined(staying.url) as watcher,
+            pipelined(f"ws://{doomed.address}/") as agent,
+        ):
+            await host.login(token=daemon_token(core))
+            await watcher.login(host_token=state.tokens.host)
+            await watcher.call("host.subscribe", {})
+            agent_auth = await agent.login(token=state.agent_tokens.add("bot"), agent_id="bot")
+            registered = await agent.call("host.register_agent", {"name": "bot", "kind": "agent"})
+            assert (await watcher.next_notification("host.event"))["params"]["kind"] == (
+                "agent.registered"
+            )
+            run_id = (await agent.call("runs.start", {"intent": "doomed"}))["run_id"]
+            await watcher.call("runs.subscribe", {"run_id": run_id})
+            chat = asyncio.create_task(
+                host.call("agents.chat", {"agent_id": "bot", "prompt": "hi", "session_id": "c1"})
+            )
+            await agent.answer(
+                await asyncio.wait_for(agent.server_requests.get(), 5), {"accepted": True}
+            )
+            assert (await asyncio.wait_for(chat, 5))["accepted"] is True
+            staying_ids = set(state.sessions) - {agent_auth["session_id"]}
+
+            doomed.kill()
+
+            event = await host.next_notification("agents.chat.event")
+            assert event["params"]["session_id"] == "c1" and event["params"]["kind"] == "error"
+            gone = await watcher.next_notification("host.event")
+            assert gone["params"]["kind"] == "agent.unregistered"
+            assert gone["params"]["agent_id"] == registered["id"]
+            ended_run = await watcher.next_notification("runs.trace.event")
+            assert ended_run["params"]["status"] == "incomplete"
+            assert set(state.sessions) == staying_ids and "bot" not in state.attached
+            # The staying gateway's sessions carry on.
+            await host.call("state.set", {"key": "k", "value": "still here"})
+            assert await host.call("state.get", {"key": "k"}) == "still here"
+            assert (await watcher.call("host.agents", {}))["agents"] == []
+    finally:
+        await staying.stop()
