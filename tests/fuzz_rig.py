@@ -143,9 +143,14 @@ class Rig:
     async def settle(self) -> None:
         """After an example (its connections closed by the client): every session it opened
         ends without a trace, the bystander is served, and nothing raised in the server."""
-        async with asyncio.timeout(EXAMPLE_TIMEOUT):
-            for session in [s for s in self.state.sessions.values() if s.id not in self.baseline]:
-                await session.closed.wait()
+        left = [s for s in self.state.sessions.values() if s.id not in self.baseline]
+        try:
+            async with asyncio.timeout(EXAMPLE_TIMEOUT):
+                for session in left:
+                    await session.closed.wait()
+        except TimeoutError:
+            still = [s for s in left if not s.closed.is_set()]
+            raise AssertionError(f"sessions that never closed: {still}") from None
         assert set(self.state.sessions) == self.baseline
         for agent_id, session in self.state.attached.items():
             assert session.id in self.state.sessions, f"{agent_id} attached to a dead session"
