@@ -119,7 +119,8 @@ class SqliteStore:
     """The SQLite store. `run(fn)` calls `fn(connection)` inside one transaction."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Runs, approvals and agent token digests: for the owner's eyes only.
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="car-store")
         self._lock = threading.Lock()
