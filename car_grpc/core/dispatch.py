@@ -50,6 +50,9 @@ NotificationHandler = Callable[["ClientSession", Any], Awaitable[None]]
 HANDLERS: dict[str, Handler] = {}
 #: Handlers of client notifications by ClientFrame member name (e.g. "agent_chat_event").
 NOTIFICATION_HANDLERS: dict[str, NotificationHandler] = {}
+#: Request members whose handlers never wait (in-memory work only): a session stream
+#: answers them in its read loop, without a task of their own.
+INLINE: set[str] = set()
 
 #: Members allowed before session.auth.
 _BEFORE_AUTH = frozenset({"session_auth"})
@@ -57,8 +60,13 @@ _BEFORE_AUTH = frozenset({"session_auth"})
 _NEEDS_HANDSHAKE = frozenset({"host_subscribe"})
 
 
-def handles(member: str) -> Callable[[Handler], Handler]:
-    """Register the handler of a ClientFrame request member."""
+def handles(member: str, *, inline: bool = False) -> Callable[[Handler], Handler]:
+    """Register the handler of a ClientFrame request member.
+
+    `inline`: the handler never waits on anything (no store, no client, no other
+    session), so it may run in the session stream's read loop. Such a handler must stay
+    that way: one that waited there would stop the stream from reading anything else.
+    """
     if member not in api.CLIENT_MEMBERS or api.CLIENT_MEMBERS[member].kind != api.REQUEST:
         raise ValueError(f"{member!r} is not a request member of ClientFrame")
 
@@ -66,9 +74,20 @@ def handles(member: str) -> Callable[[Handler], Handler]:
         if member in HANDLERS:
             raise ValueError(f"two handlers for {member!r}")
         HANDLERS[member] = fn
+        if inline:
+            INLINE.add(member)
         return fn
 
     return register
+
+
+def runs_inline(session: ClientSession, member: str) -> bool:
+    """Whether a request of `session` never waits: an inline handler, not parked by the
+    approval gate."""
+    if member not in INLINE:
+        return False
+    config = session.server.config
+    return not (config.approvals and api.CLIENT_MEMBERS[member].method in config.gated_methods)
 
 
 def handles_notification(member: str) -> Callable[[NotificationHandler], NotificationHandler]:

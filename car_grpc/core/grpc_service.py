@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -74,14 +74,21 @@ def _error_frame(frame_id: str, error: CarError) -> session_pb2.ServerFrame:
 
 
 class SessionStream:
-    """One Connect call: reads client frames, runs requests concurrently, writes frames."""
+    """One Connect call: reads client frames, runs requests concurrently, writes frames.
+
+    The hot path is kept short: a request whose handler never waits (`inline`) is
+    answered in the read loop, and an answer is written straight onto the stream when
+    nothing waits before it, so neither takes a hop through another task.
+    """
 
     def __init__(self, state: ServerState, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.state = state
         self.context = context
         self.session = state.open_session(streaming=True, peer=context.peer())
         self.inflight = asyncio.Semaphore(state.config.max_inflight_per_session)
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[object]] = set()
+        #: Held around every write to the stream (the writer task's and the direct ones).
+        self.write_lock = asyncio.Lock()
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._write_loop())
@@ -98,11 +105,14 @@ class SessionStream:
                 await writer
 
     async def _write_loop(self) -> None:
-        queue = self.session.outbound
+        queue, lock = self.session.outbound, self.write_lock
         while True:
             frame = await queue.get()
             try:
-                await self.context.write(frame)
+                # Taken from the queue and the lock acquired in one step (no await in
+                # between when the lock is free): a direct write cannot overtake it.
+                async with lock:
+                    await self.context.write(frame)
             finally:
                 queue.task_done()
 
@@ -120,22 +130,25 @@ class SessionStream:
                 err = CarError(INVALID_REQUEST, "invalid request: frame has no body")
                 await self.session.send(_error_frame(frame.id, err))
             elif binding.kind in (api.NOTIFICATION, api.BINARY):
-                await self._spawn(self._notification(binding.field, frame))
+                await self._spawn(self._notification, binding.field, frame)
             elif not self.session.authenticated:
                 # Until auth succeeds, requests run one at a time, in order.
                 if not await self._request(frame, binding.field):
                     await self._end_unauthenticated()
                     return
+            elif dispatch.runs_inline(self.session, binding.field):
+                # It never waits: answered here, without the cost of a task.
+                await self._request(frame, binding.field)
             else:
-                await self._spawn(self._request(frame, binding.field))
+                await self._spawn(self._request, frame, binding.field)
 
-    async def _spawn(self, work: Any) -> None:
+    async def _spawn(self, work: Callable[..., Coroutine[Any, Any, object]], *args: Any) -> None:
         await self.inflight.acquire()  # backpressure: stop reading while saturated
-        task = asyncio.create_task(work)
+        task = asyncio.create_task(work(*args))
         self.tasks.add(task)
         task.add_done_callback(self._done)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Task[object]) -> None:
         self.tasks.discard(task)
         self.inflight.release()
 
@@ -160,8 +173,18 @@ class SessionStream:
         return True
 
     async def _send(self, frame: session_pb2.ServerFrame) -> None:
+        """Answer a request: straight onto the stream when nothing is queued or being
+        written (no hop through the writer task), else behind what waits. A request task
+        is cancelled only when the stream ends, so no write is abandoned halfway."""
+        session = self.session
+        if session.outbound.empty() and not self.write_lock.locked():
+            if session.closed.is_set():
+                return
+            async with self.write_lock:
+                await self.context.write(frame)
+            return
         with contextlib.suppress(SessionClosed):
-            await self.session.send(frame)
+            await session.send(frame)
 
     async def _notification(self, member: str, frame: session_pb2.ClientFrame) -> None:
         if not self.session.authenticated:

@@ -265,14 +265,14 @@ async def host_subscribe(session: ClientSession, req: host_pb2.SubscribeHostRequ
     return Reply(snapshot, then=lambda: host.start_pump(session, listener))
 
 
-@handles("host_register_agent")
+@handles("host_register_agent", inline=True)
 async def host_register_agent(
     session: ClientSession, req: host_pb2.RegisterAgentRequest
 ) -> host_pb2.RegisterAgentResponse:
     return host_pb2.RegisterAgentResponse(agent=session.server.host.register(session, req))
 
 
-@handles("host_unregister_agent")
+@handles("host_unregister_agent", inline=True)
 async def host_unregister_agent(
     session: ClientSession, req: host_pb2.UnregisterAgentRequest
 ) -> host_pb2.UnregisterAgentResponse:
@@ -281,14 +281,14 @@ async def host_unregister_agent(
     )
 
 
-@handles("host_set_status")
+@handles("host_set_status", inline=True)
 async def host_set_status(
     session: ClientSession, req: host_pb2.SetAgentStatusRequest
 ) -> host_pb2.SetAgentStatusResponse:
     return host_pb2.SetAgentStatusResponse(agent=session.server.host.set_status(session, req))
 
 
-@handles("host_agents")
+@handles("host_agents", inline=True)
 async def host_agents(
     session: ClientSession, req: host_pb2.ListAgentsRequest
 ) -> host_pb2.ListAgentsResponse:

@@ -36,7 +36,7 @@ def checked_policy(
     return out
 
 
-@handles("policy_register")
+@handles("policy_register", inline=True)
 async def policy_register(
     session: ClientSession, req: state_pb2.RegisterPolicyRequest
 ) -> state_pb2.RegisterPolicyResponse:
@@ -45,7 +45,7 @@ async def policy_register(
     return state_pb2.RegisterPolicyResponse(registered=policy.name)
 
 
-@handles("policy_unregister")
+@handles("policy_unregister", inline=True)
 async def policy_unregister(
     session: ClientSession, req: state_pb2.UnregisterPolicyRequest
 ) -> state_pb2.UnregisterPolicyResponse:
@@ -53,7 +53,7 @@ async def policy_unregister(
     return state_pb2.UnregisterPolicyResponse(removed=int(removed))
 
 
-@handles("policy_list")
+@handles("policy_list", inline=True)
 async def policy_list(
     session: ClientSession, req: state_pb2.ListPoliciesRequest
 ) -> state_pb2.ListPoliciesResponse:

@@ -89,7 +89,7 @@ def _versions() -> str:
     return " and ".join(str(v) for v in sorted(PROTOCOL_VERSIONS))
 
 
-@handles("server_handshake")
+@handles("server_handshake", inline=True)
 async def server_handshake(
     session: ClientSession, req: session_pb2.HandshakeRequest
 ) -> session_pb2.HandshakeResponse:

@@ -12,7 +12,7 @@ from car_grpc.core.session import ClientSession
 from car_grpc.v1 import state_pb2
 
 
-@handles("state_get")
+@handles("state_get", inline=True)
 async def state_get(
     session: ClientSession, req: state_pb2.GetStateRequest
 ) -> state_pb2.GetStateResponse:
@@ -20,7 +20,7 @@ async def state_get(
     return state_pb2.GetStateResponse(value=to_value(session.kv.get(key)))
 
 
-@handles("state_set")
+@handles("state_set", inline=True)
 async def state_set(
     session: ClientSession, req: state_pb2.SetStateRequest
 ) -> state_pb2.SetStateResponse:
@@ -31,21 +31,21 @@ async def state_set(
     return state_pb2.SetStateResponse(ok=True)
 
 
-@handles("state_exists")
+@handles("state_exists", inline=True)
 async def state_exists(
     session: ClientSession, req: state_pb2.StateExistsRequest
 ) -> state_pb2.StateExistsResponse:
     return state_pb2.StateExistsResponse(exists=require(req.key, "key") in session.kv)
 
 
-@handles("state_keys")
+@handles("state_keys", inline=True)
 async def state_keys(
     session: ClientSession, req: state_pb2.ListStateKeysRequest
 ) -> state_pb2.ListStateKeysResponse:
     return state_pb2.ListStateKeysResponse(keys=sorted(session.kv))
 
 
-@handles("state_snapshot")
+@handles("state_snapshot", inline=True)
 async def state_snapshot(
     session: ClientSession, req: state_pb2.SnapshotStateRequest
 ) -> state_pb2.SnapshotStateResponse:

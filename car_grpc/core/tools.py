@@ -47,7 +47,7 @@ def _checked_tools(
     return checked
 
 
-@handles("session_init")
+@handles("session_init", inline=True)
 async def session_init(
     session: ClientSession, req: session_pb2.InitSessionRequest
 ) -> session_pb2.InitSessionResponse:
@@ -62,7 +62,7 @@ async def session_init(
     )
 
 
-@handles("session_clear_halt")
+@handles("session_clear_halt", inline=True)
 async def session_clear_halt(
     session: ClientSession, req: session_pb2.ClearHaltRequest
 ) -> session_pb2.ClearHaltResponse:
@@ -70,7 +70,7 @@ async def session_clear_halt(
     return session_pb2.ClearHaltResponse(cleared=was_halted)
 
 
-@handles("tools_register")
+@handles("tools_register", inline=True)
 async def tools_register(
     session: ClientSession, req: tools_pb2.RegisterToolsRequest
 ) -> tools_pb2.RegisterToolsResponse:
@@ -80,7 +80,7 @@ async def tools_register(
     return tools_pb2.RegisterToolsResponse(count=len(tools))
 
 
-@handles("tools_list")
+@handles("tools_list", inline=True)
 async def tools_list(
     session: ClientSession, req: tools_pb2.ListToolsRequest
 ) -> tools_pb2.ListToolsResponse:
@@ -88,7 +88,7 @@ async def tools_list(
     return tools_pb2.ListToolsResponse(tools=tools, count=len(tools))
 
 
-@handles("tools_unregister")
+@handles("tools_unregister", inline=True)
 async def tools_unregister(
     session: ClientSession, req: tools_pb2.UnregisterToolRequest
 ) -> tools_pb2.UnregisterToolResponse:
