@@ -44,6 +44,15 @@ def _add_core_flags(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long a gated call waits for approval (default 60; or CAR_APPROVAL_TIMEOUT)",
     )
+    p.add_argument(
+        "--grpc-tls-cert",
+        type=Path,
+        metavar="PEM",
+        help="serve the gRPC port over TLS with this certificate chain (with --grpc-tls-key)",
+    )
+    p.add_argument(
+        "--grpc-tls-key", type=Path, metavar="PEM", help="the private key of --grpc-tls-cert"
+    )
 
 
 def _seconds(raw: str) -> float:
@@ -69,10 +78,11 @@ def _config(args: argparse.Namespace) -> Config:
     config.gated_methods |= frozenset(args.gate_method)
     if args.approval_timeout is not None:
         config.approval_timeout = args.approval_timeout
+    config.grpc_tls_cert, config.grpc_tls_key = args.grpc_tls_cert, args.grpc_tls_key
     return config
 
 
-def _add_ws_flags(p: argparse.ArgumentParser, unix_default: str) -> None:
+def _add_ws_flags(p: argparse.ArgumentParser, unix_default: str, core_ca_default: str) -> None:
     p.add_argument("--host", help="WebSocket listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="WebSocket port (default 9100; 0 picks a free one)")
     p.add_argument(
@@ -80,6 +90,19 @@ def _add_ws_flags(p: argparse.ArgumentParser, unix_default: str) -> None:
         metavar="PATH",
         type=Path,
         help=f"also serve WebSocket JSON-RPC on this Unix socket (default: {unix_default})",
+    )
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="PEM",
+        help="serve the WebSocket port as wss:// with this certificate chain (with --tls-key)",
+    )
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument(
+        "--core-ca",
+        type=Path,
+        metavar="PEM",
+        help=f"dial the core over TLS, trusting these CA certificates ({core_ca_default})",
     )
 
 
@@ -90,6 +113,8 @@ def _ws_config(config: Config, args: argparse.Namespace) -> Config:
         config.ws_port = args.port
     if args.unix_socket is not None:
         config.unix_socket = args.unix_socket
+    config.ws_tls_cert, config.ws_tls_key = args.tls_cert, args.tls_key
+    config.core_ca = args.core_ca
     return config
 
 
@@ -179,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
         "listener; SIGINT/SIGTERM stop it cleanly (token files removed, store closed).",
     )
     _add_ws_flags(
-        serve, "$CAR_HOME/run/car-server.sock, else $XDG_RUNTIME_DIR/ai.parslee.car/car-server.sock"
+        serve,
+        "$CAR_HOME/run/car-server.sock, else $XDG_RUNTIME_DIR/ai.parslee.car/car-server.sock",
+        "default: the core's own --grpc-tls-cert, right for a self-signed one",
     )
     serve.add_argument(
         "--no-unix-socket", action="store_true", help="serve no Unix socket, TCP only"
@@ -209,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument(
         "--core", required=True, metavar="ADDR", help="the core's gRPC address, e.g. 127.0.0.1:9102"
     )
-    _add_ws_flags(gateway, "none")
+    _add_ws_flags(gateway, "none", "default: plaintext")
     gateway.set_defaults(func=_cmd_gateway)
 
     agents = sub.add_parser("agents", help="manage per-agent tokens")
@@ -228,7 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("websockets").setLevel(logging.WARNING)  # we log our own listeners
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for cert, key in (("tls_cert", "tls_key"), ("grpc_tls_cert", "grpc_tls_key")):
+        if (getattr(args, cert, None) is None) != (getattr(args, key, None) is None):
+            flags = f"--{cert.replace('_', '-')} and --{key.replace('_', '-')}"
+            parser.error(f"{flags} go together")
     result: int = args.func(args)
     return result
 

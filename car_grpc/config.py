@@ -159,9 +159,18 @@ class Config:
     #: gRPC core listener.
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 9102
+    #: TLS of the gRPC port: certificate chain and private key, PEM (both or neither).
+    grpc_tls_cert: Path | None = None
+    grpc_tls_key: Path | None = None
+    #: CA certificates (PEM) a gateway or the dashboard trusts for the core: set, they dial
+    #: it with TLS. Unset in one process with a TLS core: its own certificate is trusted.
+    core_ca: Path | None = None
     #: WebSocket gateway listener.
     ws_host: str = "127.0.0.1"
     ws_port: int = 9100
+    #: TLS of the WebSocket port (wss://): certificate chain and private key, PEM.
+    ws_tls_cert: Path | None = None
+    ws_tls_key: Path | None = None
     #: Unix socket of the gateway (None: none).
     unix_socket: Path | None = field(default_factory=default_unix_socket)
     #: Most requests one session may have in flight; reading pauses beyond it.

@@ -14,6 +14,7 @@ import logging
 
 import grpc
 
+from car_grpc import tls
 from car_grpc.config import Config
 from car_grpc.core import domains
 from car_grpc.core.auth import ServerTokens
@@ -54,12 +55,15 @@ class Core:
         )
         server.add_generic_rpc_handlers(generic_handlers(state))
         add_health_and_reflection(server)
-        self.grpc_port = server.add_insecure_port(
-            f"{self.config.grpc_host}:{self.config.grpc_port}"
-        )
+        address = f"{self.config.grpc_host}:{self.config.grpc_port}"
+        credentials = tls.grpc_server_credentials(self.config)
+        if credentials is None:
+            self.grpc_port = server.add_insecure_port(address)
+        else:
+            self.grpc_port = server.add_secure_port(address, credentials)
         await server.start()
         self._server = server
-        log.info("core: gRPC listening on %s", self.grpc_address)
+        log.info("core: gRPC%s listening on %s", " (TLS)" if credentials else "", self.grpc_address)
 
     async def stop(self, grace: float = 1.0) -> None:
         state, self.state = self.state, None

@@ -15,7 +15,8 @@ from typing import Any
 
 import grpc
 
-from car_grpc import codec
+from car_grpc import codec, tls
+from car_grpc.config import Config
 from car_grpc.errors import ERROR_TRAILER, INTERNAL, CarError
 from car_grpc.v1 import (
     errors_pb2,
@@ -43,9 +44,10 @@ def car_error(e: grpc.aio.AioRpcError) -> CarError:
 
 
 class CoreClient:
-    def __init__(self, address: str, host_token: str | None) -> None:
-        self._channel = grpc.aio.insecure_channel(
+    def __init__(self, address: str, host_token: str | None, config: Config) -> None:
+        self._channel = tls.core_channel(  # TLS when the config says whom to trust
             address,
+            config,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

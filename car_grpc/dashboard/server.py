@@ -108,7 +108,7 @@ class Dashboard:
     async def start(self) -> None:
         pkg = resources.files("car_grpc.dashboard") / "static"
         self._static = {name: (pkg / name).read_bytes() for name in _STATIC}
-        self._core = CoreClient(self.core_address, self._host_token)
+        self._core = CoreClient(self.core_address, self._host_token, self.config)
         http = HttpServer(self._handle, self._common_headers)
         try:
             self.port = await http.start(

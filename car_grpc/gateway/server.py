@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import stat
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import grpc
 from websockets.asyncio.server import Server, serve
 from websockets.frames import CloseCode
 
+from car_grpc import tls
 from car_grpc.config import Config
 from car_grpc.core.server import MAX_MESSAGE_BYTES
 from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection
@@ -46,10 +48,13 @@ class Gateway:
         self._unix_socket: Path | None = None
         self._connections: set[Connection] = set()
         self._stopping = False
+        #: TLS of the TCP listener (None: plaintext); the Unix socket is always plain.
+        self._ssl: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
-        return f"ws://{self.config.ws_host}:{self.ws_port}/"
+        scheme = "wss" if self._ssl is not None else "ws"
+        return f"{scheme}://{self.config.ws_host}:{self.ws_port}/"
 
     @property
     def connections(self) -> frozenset[Connection]:
@@ -71,8 +76,10 @@ class Gateway:
 
     async def _start(self) -> None:
         config = self.config
-        self._channel = grpc.aio.insecure_channel(
+        self._ssl = tls.ws_ssl_context(config)
+        self._channel = tls.core_channel(
             self.core_address,
+            config,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -86,7 +93,7 @@ class Gateway:
             request_serializer=session_pb2.ClientFrame.SerializeToString,
             response_deserializer=session_pb2.ServerFrame.FromString,
         )
-        tcp = await self._serve(host=config.ws_host, port=config.ws_port)
+        tcp = await self._serve(host=config.ws_host, port=config.ws_port, ssl=self._ssl)
         self._servers.append(tcp)
         self.ws_port = tcp.sockets[0].getsockname()[1]
         log.info("gateway: WebSocket listening on %s (core %s)", self.url, self.core_address)
