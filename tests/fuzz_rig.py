@@ -221,8 +221,3 @@ async def rig(root: Path, config: Config | None = None) -> AsyncIterator[Rig]:
                 await holder.close()
     finally:
         logger.removeHandler(errors)
-
-
-def bounded(coro: Any) -> Any:
-    """`coro` under EXAMPLE_TIMEOUT: a hang fails the example instead of the whole run."""
-    return asyncio.wait_for(coro, EXAMPLE_TIMEOUT)
