@@ -183,6 +183,9 @@ class Config:
     ws_idle_timeout: float = 90.0
     #: Largest WebSocket message accepted; a bigger one closes the connection (1009).
     ws_max_message_bytes: int = 64 * 1024 * 1024
+    #: Largest message accepted until the core has answered a request (i.e. the session is
+    #: authenticated): an unauthenticated client cannot make the gateway parse megabytes.
+    ws_max_message_bytes_before_auth: int = 1024 * 1024
     #: Frames queued towards one WebSocket client. While the queue is full the gateway
     #: stops reading that client's core stream: the backpressure reaches the core, whose
     #: fan-out drops (a visible gap) while responses wait.

@@ -366,6 +366,25 @@ async def test_oversized_message_closes_cleanly(tmp_path: Path) -> None:
             await other.login(daemon_token(core))
 
 
+async def test_message_limit_is_small_until_the_session_is_authenticated(
+    tmp_path: Path,
+) -> None:
+    config = make_config(
+        tmp_path, ws_max_message_bytes=64 * 1024, ws_max_message_bytes_before_auth=1024
+    )
+    big = {"key": "k", "value": "x" * 8000}
+    async with running(config) as (core, gateway):
+        async with rpc(gateway.url) as client:  # before auth: closed, nothing parsed
+            await client.send({"id": 1, "method": "state.set", "params": big})
+            code, reason = await close_of(client.ws)
+            assert code == 1009 and "1024" in reason
+        async with rpc(gateway.url) as client:  # after auth: the full limit applies
+            await client.login(daemon_token(core))
+            answer = await client.call("state.set", big)
+            assert "error" not in answer, answer
+            assert await client.result("state.get", {"key": "k"}) == big["value"]
+
+
 def _slow_reader_config(tmp_path: Path, **overrides: Any) -> Config:
     """Small buffers everywhere between the core and a client that stops reading."""
     return make_config(

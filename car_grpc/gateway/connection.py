@@ -90,6 +90,7 @@ class Connection:
         self._flush = False  # send what is queued before closing
         self._client_left = False  # the client closed or dropped the WebSocket
         self._writing = False  # the writer task is inside ws.send()
+        self._full_size = False  # the message size limit was raised after auth
 
     def end(self, code: int, reason: str, *, flush: bool = False) -> None:
         """End the connection (the first call wins)."""
@@ -220,6 +221,9 @@ class Connection:
                     await self._send_audio(frame.voice_audio)
                     continue
                 text = self.bridge.from_core(frame)
+                if self.bridge.authenticated and not self._full_size:
+                    self._full_size = True
+                    self.ws.protocol.max_message_size = self.config.ws_max_message_bytes
                 if text is not None:
                     await self._send(text)
                 if self.bridge.auth_refused:

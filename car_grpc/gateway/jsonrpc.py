@@ -224,6 +224,9 @@ class Bridge:
         self._callbacks: dict[str, _Binding] = {}
         #: Set once the core refused the session (-32001): the connection must close.
         self.auth_refused = False
+        #: Set by the first response from the core: the core answers nothing but an
+        #: error before the session is authenticated.
+        self.authenticated = False
 
     # -------------------------------------------------------------- client -> core
 
@@ -348,6 +351,7 @@ class Bridge:
             return None  # not JSON-RPC (binary members travel as binary frames)
         payload = codec.message_to_result(getattr(frame, member), binding.bare_field)
         if kind == api.RESPONSE:
+            self.authenticated = True
             return self._settle(frame.id, response, payload)
         if kind == api.REQUEST:
             self._remember_callback(frame.id, binding.method)

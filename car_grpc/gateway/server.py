@@ -113,7 +113,8 @@ class Gateway:
             self._handle,  # type: ignore[arg-type]
             create_connection=TrackedConnection,
             ping_interval=None,  # our keepalive counts any traffic, not just pongs
-            max_size=config.ws_max_message_bytes,
+            # Raised to ws_max_message_bytes once the session is authenticated.
+            max_size=min(config.ws_max_message_bytes, config.ws_max_message_bytes_before_auth),
             write_limit=config.ws_write_limit,
             close_timeout=config.ws_close_timeout,
             **where,
