@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 
@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from car_grpc.core.session import ClientSession
 
 log = logging.getLogger(__name__)
-
-M = TypeVar("M", bound=Message)
 
 
 @dataclass
