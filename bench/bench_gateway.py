@@ -23,8 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import re
 import statistics
 import sys
 import tempfile
@@ -37,12 +35,13 @@ import grpc
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
+from bench.processes import car_grpc_serve, stop
+
 REQUEST = '{"jsonrpc":"2.0","id":1,"method":"tools.list"}'
 WARMUP = 300
 ROUND_TRIPS = 3000
 CLIENTS = 16
 THROUGHPUT_SECONDS = 4.0
-LISTENING = re.compile(r"WebSocket listening on ws://(\S+?)/")
 
 
 # ------------------------------------------------------------------ the servers
@@ -116,43 +115,15 @@ async def echo_server(kind: str = "echo") -> AsyncIterator[str]:
         port = int(await asyncio.wait_for(proc.stdout.readline(), 20))
         yield f"ws://127.0.0.1:{port}/"
     finally:
-        await _stop(proc)
+        await stop(proc)
 
 
 @contextlib.asynccontextmanager
 async def car_grpc_server() -> AsyncIterator[str]:
     """`car-grpc serve` with its own CAR_HOME, on ephemeral ports."""
     with tempfile.TemporaryDirectory() as home:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-        env["CAR_HOME"] = home
-        args = ["serve", "--no-auth", "--port", "0", "--grpc-port", "0", "--no-unix-socket"]
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "car_grpc.cli",
-            *args,
-            env=env,
-            stdin=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            assert proc.stderr is not None
-            async with asyncio.timeout(20):
-                while not (match := LISTENING.search((await proc.stderr.readline()).decode())):
-                    pass
-            yield f"ws://{match[1]}/"
-        finally:
-            await _stop(proc)
-
-
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(proc.communicate(), 10)
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
+        async with car_grpc_serve(home, "--no-auth") as (_, listening):
+            yield f"ws://{listening[1]}/"
 
 
 # ------------------------------------------------------------------ the clients

@@ -32,7 +32,6 @@ import itertools
 import json
 import os
 import random
-import re
 import resource
 import statistics
 import sys
@@ -45,6 +44,8 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from bench.processes import car_grpc_serve, stop
+
 SESSIONS = 1000
 WORKERS = 4
 DURATION = 15.0
@@ -55,7 +56,6 @@ CHAT_TOKENS = 8
 OP_TIMEOUT = 30.0
 #: Connections a worker opens at a time.
 OPEN_CONCURRENCY = 25
-LISTENING = re.compile(r"WebSocket listening on ws://(\S+?)/")
 ROLES = ("proposer",) * 4 + ("recorder",) * 3 + ("chat_host", "chat_agent", "idle")
 
 JSON = Any
@@ -327,24 +327,11 @@ async def _line(stream: asyncio.StreamReader, timeout: float) -> str:
 
 
 @contextlib.asynccontextmanager
-async def car_grpc_serve(home: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-    env["CAR_HOME"] = str(home)
-    args = ["serve", "--port", "0", "--grpc-port", "0", "--no-unix-socket", "--no-dashboard"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "car_grpc.cli", *args,
-        env=env, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert proc.stderr is not None
-        async with asyncio.timeout(30):
-            while not (match := LISTENING.search(await _line(proc.stderr, 30))):
-                pass
-        drain = asyncio.create_task(_drain(proc.stderr))
-        yield proc, f"ws://{match[1]}/"
-        drain.cancel()
-    finally:
-        await _stop(proc)
+async def car_grpc_serve_ws(
+    home: Path,
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    async with car_grpc_serve(home, "--no-dashboard") as (proc, listening):
+        yield proc, f"ws://{listening[1]}/"
 
 
 @contextlib.asynccontextmanager
@@ -358,22 +345,7 @@ async def echo_serve() -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
         port = int(await _line(proc.stdout, 30))
         yield proc, f"ws://127.0.0.1:{port}/"
     finally:
-        await _stop(proc)
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
-
-
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), 15)
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
+        await stop(proc)
 
 
 @dataclass
@@ -441,7 +413,7 @@ async def drive(
         phase.rss_closed_kib = rss_kib(server_pid)
     finally:
         for proc in procs:
-            await _stop(proc)
+            await stop(proc)
     return phase
 
 
@@ -478,7 +450,7 @@ async def run() -> tuple[Phase, Phase]:
     raise_fd_limit()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        async with car_grpc_serve(home) as (proc, url):
+        async with car_grpc_serve_ws(home) as (proc, url):
             tokens_file = home / "tokens.json"
             daemon = (home / "ai.parslee.car" / "auth-token").read_text().strip()
             tokens_file.write_text(json.dumps({"daemon": daemon, "agents": mint_agents(home)}))

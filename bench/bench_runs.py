@@ -19,16 +19,12 @@ Two baselines, measured in the same run:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import re
 import sqlite3
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +32,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
+from bench.processes import car_grpc_serve, stop
 from car_grpc.config import Config
 from car_grpc.core.auth import HOST_TOKEN_FILE, AgentTokens
 from car_grpc.store.sqlite import SqliteStore
@@ -44,7 +41,6 @@ BATCH_SIZES = (1, 16, 256)
 #: Turns recorded per batch size (and per baseline).
 TURNS = {1: 2000, 16: 8000, 256: 20480}
 MAX_TURNS_PER_RUN = 2000
-LISTENING = re.compile(r"WebSocket listening on ws://(\S+?)/")
 
 
 def turn(i: int) -> dict[str, Any]:
@@ -76,49 +72,6 @@ def figures(turns: int, elapsed: float, latencies: list[float]) -> Figures:
 
 
 # ------------------------------------------------------------------ car-grpc
-
-
-@contextlib.asynccontextmanager
-async def car_grpc_serve(home: Path) -> AsyncIterator[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-    env["CAR_HOME"] = str(home)
-    args = ["serve", "--port", "0", "--grpc-port", "0", "--no-unix-socket"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "car_grpc.cli",
-        *args,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    drain: asyncio.Task[None] | None = None
-    try:
-        async with asyncio.timeout(20):
-            while not (match := LISTENING.search((await proc.stderr.readline()).decode())):
-                assert proc.returncode is None, "car-grpc serve exited"
-        drain = asyncio.create_task(_drain(proc.stderr))
-        yield f"ws://{match[1]}/"
-    finally:
-        await _stop(proc)
-        if drain is not None:
-            await drain
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
-
-
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), 10)
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
 
 
 class Client:
@@ -286,7 +239,7 @@ async def bench_echo(batch_size: int) -> Figures:
         proc.stdin.close()
         return figures(total, sum(latencies), latencies)
     finally:
-        await _stop(proc)
+        await stop(proc)
 
 
 # ------------------------------------------------------------------ report
@@ -299,7 +252,8 @@ async def run() -> list[tuple[int, Figures, Figures, Figures, Figures, Delivery]
         store = SqliteStore(Config(state_root=home).store_path)
         token = AgentTokens(store).add("bench-agent")
         store.close_sync()
-        async with car_grpc_serve(home) as url:
+        async with car_grpc_serve(home) as (_, listening):
+            url = f"ws://{listening[1]}/"
             host_token = (home / "ai.parslee.car" / HOST_TOKEN_FILE).read_text()
             agent = await open_client(url, {"agent_id": "bench-agent", "token": token})
             watcher = await open_client(url, {"host_token": host_token})

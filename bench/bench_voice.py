@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import struct
 import sys
@@ -32,13 +31,13 @@ import grpc
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
+from bench.processes import car_grpc_serve, stop
 from car_grpc import codec
 from car_grpc.v1 import voice_pb2, voice_pb2_grpc
 
 CHUNK = 3200  # 100 ms of 16 kHz mono PCM16
 ROUND_TRIPS = 500
 CHUNKS = 5000
-LISTENING = re.compile(r"WebSocket listening on ws://(\S+?)/ \(core (\S+)\)")
 ECHO_LISTENING = re.compile(r"echo listening on (\S+)")
 
 
@@ -103,33 +102,16 @@ async def _wait_for(proc: asyncio.subprocess.Process, pattern: re.Pattern[str]) 
     return match
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(proc.communicate(), 10)
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
-
-
 @contextlib.asynccontextmanager
 async def car_grpc_with_engine() -> AsyncIterator[str]:
     """`car-grpc serve` and the bench engine, each in its own process; yields the WS URL."""
     with tempfile.TemporaryDirectory() as home:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-        env["CAR_HOME"] = home
-        args = ["serve", "--no-auth", "--port", "0", "--grpc-port", "0", "--no-unix-socket"]
-        server = await _spawn("-m", "car_grpc.cli", *args, env=env)
-        engine: asyncio.subprocess.Process | None = None
-        try:
-            match = await _wait_for(server, LISTENING)
-            engine = await _spawn("-m", "bench.bench_voice", "engine", match[2])
-            yield f"ws://{match[1]}/"
-        finally:
-            for proc in (engine, server):
-                if proc is not None:
-                    await _stop(proc)
+        async with car_grpc_serve(home, "--no-auth") as (_, listening):
+            engine = await _spawn("-m", "bench.bench_voice", "engine", listening[2])
+            try:
+                yield f"ws://{listening[1]}/"
+            finally:
+                await stop(engine)
 
 
 @contextlib.asynccontextmanager
@@ -138,7 +120,7 @@ async def echo_server() -> AsyncIterator[str]:
     try:
         yield f"ws://{(await _wait_for(proc, ECHO_LISTENING))[1]}/"
     finally:
-        await _stop(proc)
+        await stop(proc)
 
 
 # ------------------------------------------------------------------ the client
