@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from google.protobuf.descriptor import Descriptor, ServiceDescriptor
+from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDescriptor
 
 from car_grpc.v1 import (
     chats_pb2,
@@ -40,6 +40,7 @@ class Member:
     kind: int  # FrameKind
     message: Descriptor  # the member's message type
     bare_field: str  # "" when params/result is a JSON object
+    access: options_pb2.Access  # who may send it (requests only; empty otherwise)
 
 
 def _members(frame: Descriptor) -> dict[str, Member]:
@@ -51,7 +52,12 @@ def _members(frame: Descriptor) -> dict[str, Member]:
         binding = opts.Extensions[options_pb2.json_rpc]
         assert fd.message_type is not None
         members[fd.name] = Member(
-            fd.name, binding.method, binding.kind, fd.message_type, binding.bare_field
+            fd.name,
+            binding.method,
+            binding.kind,
+            fd.message_type,
+            binding.bare_field,
+            binding.access,
         )
     return members
 
@@ -123,6 +129,20 @@ def _typed_rpcs() -> list[TypedRpc]:
 
 
 TYPED_RPCS = _typed_rpcs()
+
+
+def rpc_access(method: MethodDescriptor) -> options_pb2.Access:
+    """Who may call an RPC: the `access` of its JSON-RPC method's request member, or the
+    RPC's own `access` option when it has no JSON-RPC method."""
+    opts = method.GetOptions()
+    if opts.HasExtension(options_pb2.json_rpc_method):
+        return CLIENT_REQUESTS[opts.Extensions[options_pb2.json_rpc_method]].access
+    return opts.Extensions[options_pb2.access]
+
+
+def all_rpcs() -> list[MethodDescriptor]:
+    """Every RPC of every car.v1 service."""
+    return [m for service in _all_services() for m in service.methods]
 
 
 def request_member_for(message: Descriptor) -> Member | None:

@@ -1,8 +1,14 @@
 """The one error model: JSON-RPC codes and their gRPC status twins, read from errors.proto.
 
 Handlers raise `CarError`; the session stream turns it into `ServerFrame.error`, the typed
-RPCs into a gRPC status (with the exact Error in the `car-error-bin` trailer), and the
-gateway into a JSON-RPC error object. The code table itself lives in the proto.
+RPCs into a gRPC status (with the exact Error in the `car-error-bin` trailer and a standard
+`google.rpc.Status` with an `ErrorInfo` in `grpc-status-details-bin`), and the gateway
+into a JSON-RPC error object. The code table itself lives in the proto.
+
+A JSON-RPC code is coarse where car-runtime expects it to be (a refused approval and a
+crashed handler are both -32603), so an error may name a finer gRPC status and a stable
+reason of its own: `permission_denied`, `not_found`, `failed_precondition` below. The
+JSON-RPC code never changes for it.
 """
 
 from __future__ import annotations
@@ -10,7 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import struct_pb2
+from google.protobuf import any_pb2, struct_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from car_grpc.v1 import errors_pb2
 
@@ -18,12 +27,15 @@ ErrorCode = errors_pb2.ErrorCode
 
 # Trailing-metadata key of the serialized car.v1.Error on failed typed RPCs.
 ERROR_TRAILER = "car-error-bin"
+# The `domain` of every ErrorInfo this server attaches.
+ERROR_DOMAIN = "car.v1"
 
 
 @dataclass(frozen=True)
 class _Twin:
     json_rpc_code: int
     grpc_status: grpc.StatusCode
+    reason: str  # the ErrorCode name without its prefix, e.g. "INVALID_PARAMS"
 
 
 def _load_twins() -> dict[int, _Twin]:
@@ -34,12 +46,12 @@ def _load_twins() -> dict[int, _Twin]:
         opts = value.GetOptions()
         code = opts.Extensions[errors_pb2.json_rpc_code]
         status = getattr(grpc.StatusCode, opts.Extensions[errors_pb2.grpc_status])
-        twins[value.number] = _Twin(code, status)
+        twins[value.number] = _Twin(code, status, value.name.removeprefix("ERROR_CODE_"))
     return twins
 
 
 _TWINS = _load_twins()
-_STATUS_BY_JSON_CODE = {t.json_rpc_code: t.grpc_status for t in _TWINS.values()}
+_TWIN_BY_JSON_CODE = {t.json_rpc_code: t for t in _TWINS.values()}
 
 PARSE_ERROR = _TWINS[ErrorCode.ERROR_CODE_PARSE_ERROR].json_rpc_code
 INVALID_REQUEST = _TWINS[ErrorCode.ERROR_CODE_INVALID_REQUEST].json_rpc_code
@@ -56,17 +68,41 @@ CAPABILITY_MISMATCH = _TWINS[ErrorCode.ERROR_CODE_CAPABILITY_MISMATCH].json_rpc_
 
 def grpc_status_for(json_rpc_code: int) -> grpc.StatusCode:
     """The gRPC status twin of a JSON-RPC code (UNKNOWN for codes outside §8)."""
-    return _STATUS_BY_JSON_CODE.get(json_rpc_code, grpc.StatusCode.UNKNOWN)
+    twin = _TWIN_BY_JSON_CODE.get(json_rpc_code)
+    return twin.grpc_status if twin else grpc.StatusCode.UNKNOWN
 
 
 class CarError(Exception):
-    """A failure with a JSON-RPC code, raised by handlers and shown to the client as is."""
+    """A failure with a JSON-RPC code, raised by handlers and shown to the client as is.
 
-    def __init__(self, code: int, message: str, data: struct_pb2.Value | None = None) -> None:
+    `status` and `reason` refine what a typed RPC reports (default: the code's twin and
+    its ErrorCode name). `client_error` is False only for failures of the server itself
+    (worth a traceback in the log); everything a client's request can cause is True.
+    `answer`, when set, is what the session stream (the JSON-RPC wire) answers instead of
+    an error, where the CAR protocol answers a refusal with a result (`runs.get_trace`:
+    `{run_id, not_found: true}`); typed RPCs still fail with the status.
+    """
+
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        data: struct_pb2.Value | None = None,
+        *,
+        status: grpc.StatusCode | None = None,
+        reason: str = "",
+        client_error: bool = True,
+        answer: Message | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.data = data
+        twin = _TWIN_BY_JSON_CODE.get(code)
+        self.status = status or (twin.grpc_status if twin else grpc.StatusCode.UNKNOWN)
+        self.reason = reason or (twin.reason if twin else "CLIENT_ERROR")
+        self.client_error = client_error
+        self.answer = answer
 
     def to_proto(self) -> errors_pb2.Error:
         error = errors_pb2.Error(code=self.code, message=self.message)
@@ -78,6 +114,20 @@ class CarError(Exception):
     def from_proto(cls, error: errors_pb2.Error) -> CarError:
         return cls(error.code, error.message, error.data if error.HasField("data") else None)
 
+    def trailers(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The trailing metadata of a typed RPC failing with this error: the exact Error
+        (`car-error-bin`) and the standard google.rpc.Status (what grpcio-status clients
+        read with `rpc_status.from_call`), whose ErrorInfo carries `reason`, the domain and
+        the JSON-RPC code."""
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=ERROR_DOMAIN, metadata={"json_rpc_code": str(self.code)}
+        )
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        rich = status_pb2.Status(code=self.status.value[0], message=self.message, details=[detail])
+        standard = rpc_status.to_status(rich).trailing_metadata
+        return ((ERROR_TRAILER, self.to_proto().SerializeToString()), *standard)
+
 
 def invalid_params(message: str) -> CarError:
     return CarError(INVALID_PARAMS, message)
@@ -85,3 +135,26 @@ def invalid_params(message: str) -> CarError:
 
 def internal(message: str) -> CarError:
     return CarError(INTERNAL, message)
+
+
+def permission_denied(message: str) -> CarError:
+    """-32603 on the wire (what car-runtime expects), PERMISSION_DENIED on typed RPCs."""
+    return CarError(
+        INTERNAL, message, status=grpc.StatusCode.PERMISSION_DENIED, reason="PERMISSION_DENIED"
+    )
+
+
+def not_found(code: int, message: str, *, answer: Message | None = None) -> CarError:
+    """Something the caller named does not exist (or is not the caller's to see): `code`
+    (or `answer`) on the wire, NOT_FOUND on typed RPCs."""
+    return CarError(
+        code, message, status=grpc.StatusCode.NOT_FOUND, reason="NOT_FOUND", answer=answer
+    )
+
+
+def failed_precondition(code: int, message: str) -> CarError:
+    """The request is well formed but the thing it acts on is in the wrong state (a run
+    that has ended, an approval already resolved): FAILED_PRECONDITION on typed RPCs."""
+    return CarError(
+        code, message, status=grpc.StatusCode.FAILED_PRECONDITION, reason="FAILED_PRECONDITION"
+    )

@@ -13,11 +13,12 @@ import pytest
 from car_grpc import codec
 from car_grpc.config import Config
 from car_grpc.core.server import Core
-from car_grpc.errors import APPROVAL_DENIED, ERROR_TRAILER, INVALID_PARAMS, CarError
+from car_grpc.errors import APPROVAL_DENIED, ERROR_TRAILER, INTERNAL, INVALID_PARAMS, CarError
 from car_grpc.store import approvals as ledger
 from car_grpc.store.sqlite import SqliteStore
-from car_grpc.v1 import errors_pb2, host_pb2, host_pb2_grpc, tools_pb2
+from car_grpc.v1 import errors_pb2, host_pb2, host_pb2_grpc, session_pb2, tools_pb2
 from tests.conftest import make_config
+from tests.error_details import error_info
 from tests.session_client import SessionClient, connect
 
 HostApproval = host_pb2.HostApproval
@@ -108,7 +109,7 @@ async def test_a_session_raised_approval_is_resolved_only_by_its_session(
 
     with pytest.raises(CarError) as err:
         await resolve(other, asked.id, approved=True)
-    assert err.value.message == f"approval '{asked.id}' was raised by another session"
+    assert err.value.message == f"approval '{asked.id}' may not be resolved by this session"
     done = await resolve(raiser, asked.id, approved=False, notes="not today")
     assert (status_of(done), done.notes) == ("denied", "not today")
     resolved = (await other.next_notification()).host_event
@@ -396,3 +397,145 @@ async def test_pending_approvals_of_a_dead_server_expire_at_start(tmp_path: Path
             await reader.close()
     finally:
         await core.stop(grace=0)
+
+
+# ---------------------------------------------------------------- who may resolve and read
+
+
+async def attached(core: Core, channel: grpc.aio.Channel, agent_id: str) -> SessionClient:
+    assert core.state is not None
+    return await connect(channel, token=core.state.agent_tokens.add(agent_id), agent_id=agent_id)
+
+
+def host_token(core: Core) -> str:
+    assert core.state is not None and core.state.tokens is not None
+    return core.state.tokens.host
+
+
+async def refused_resolution(client: SessionClient, approval_id: str) -> None:
+    with pytest.raises(CarError) as err:
+        await resolve(client, approval_id, approved=True)
+    assert err.value.code == INTERNAL
+    assert err.value.message == f"approval '{approval_id}' may not be resolved by this session"
+
+
+async def test_an_agent_cannot_approve_its_own_parked_call(started: Any) -> None:
+    core = await started(gated_methods=frozenset({"tools.register"}))
+    async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+        alice = await attached(core, channel, "alice")
+        bob = await attached(core, channel, "bob")
+        boss = await connect(channel, host_token=host_token(core))
+        await boss.request("host_subscribe", host_pb2.SubscribeHostRequest())
+        register = tools_pb2.RegisterToolsRequest(tools=[tools_pb2.ToolDefinition(name="rm")])
+        parked = asyncio.create_task(alice.request("tools_register", register))
+        approval = await next_requested(boss)
+        assert approval.agent_id == "alice"
+
+        # Neither the parked agent nor another agent may approve it.
+        await refused_resolution(alice, approval.id)
+        await refused_resolution(bob, approval.id)
+        assert not parked.done() and not (await alice.request("tools_list", _list())).tools
+
+        # The agent reads its own parked approval; another agent does not see it.
+        assert [a.id for a in await listing(alice)] == [approval.id]
+        assert await listing(bob) == []
+
+        assert status_of(await resolve(boss, approval.id, approved=True)) == "approved"
+        assert (await parked).count == 1
+        for client in (alice, bob, boss):
+            await client.close()
+
+
+async def test_a_daemon_session_cannot_approve_its_own_parked_call(started: Any) -> None:
+    core = await started(gated_methods=frozenset({"host.register_agent"}))
+    async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+        caller, other = await approver(core, channel), await session(core, channel)
+        parked = asyncio.create_task(caller.request("host_register_agent", agent("a1")))
+        approval = await next_requested(caller)
+        await refused_resolution(caller, approval.id)
+        # Nor through a typed RPC bound to the parked session.
+        stub = host_pb2_grpc.ApprovalServiceStub(channel)
+        bound = (
+            ("authorization", f"Bearer {token(core)}"),
+            ("car-session-id", await session_id_of(caller)),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as typed:
+            await stub.ResolveApproval(
+                host_pb2.ResolveApprovalRequest(approval_id=approval.id, approved=True),
+                metadata=bound,
+            )
+        assert typed.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_info(typed.value).reason == "PERMISSION_DENIED"
+        assert not parked.done()
+        # Another unattached session may.
+        assert status_of(await resolve(other, approval.id, approved=True)) == "approved"
+        assert (await parked).agent.id == "a1"
+        await caller.close()
+        await other.close()
+
+
+async def session_id_of(client: SessionClient) -> str:
+    reply = await client.request("session_init", session_pb2.InitSessionRequest())
+    return str(reply.session_id)
+
+
+def _list() -> tools_pb2.ListToolsRequest:
+    return tools_pb2.ListToolsRequest()
+
+
+async def test_an_agent_hears_only_host_events_and_approvals_about_itself(started: Any) -> None:
+    core = await started()
+    async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+        alice = await attached(core, channel, "alice")
+        bob = await attached(core, channel, "bob")
+        plain = await session(core, channel)
+        # Raised before alice subscribes: her snapshot shows only hers.
+        raised_by_bob = await bob.request(
+            "host_request_approval", host_pb2.RequestApprovalRequest(title="bob's")
+        )
+        about_alice = await plain.request(
+            "host_request_approval",
+            host_pb2.RequestApprovalRequest(title="plain's", agent_id="alice"),
+        )
+        snapshot = await alice.request("host_subscribe", host_pb2.SubscribeHostRequest())
+        assert list(snapshot.approvals) == []  # neither raised by her nor parking her calls
+        assert {e.agent_id for e in snapshot.events} <= {"alice"}
+        assert any(e.agent_id == "alice" for e in snapshot.events)
+
+        await bob.request("host_register_agent", agent("bob-helper"))
+        mine = await alice.request(
+            "host_request_approval", host_pb2.RequestApprovalRequest(title="alice's")
+        )
+        event = (await alice.next_notification()).host_event
+        assert (event.kind, event.agent_id) == ("approval.requested", "alice")
+        assert alice.notifications.empty()  # bob's registration never reached her
+        assert [a.id for a in await listing(alice)] == [mine.approval.id]
+        assert {a.id for a in await listing(plain)} >= {
+            raised_by_bob.approval.id,
+            about_alice.approval.id,
+            mine.approval.id,
+        }
+
+        # An agent raises approvals only as itself.
+        with pytest.raises(CarError) as err:
+            await alice.request(
+                "host_request_approval",
+                host_pb2.RequestApprovalRequest(title="as bob", agent_id="bob"),
+            )
+        assert err.value.code == INVALID_PARAMS
+
+        # WatchHostEvents filters the same way.
+        stub = host_pb2_grpc.HostServiceStub(channel)
+        assert core.state is not None
+        watch: Any = stub.WatchHostEvents(
+            host_pb2.WatchHostEventsRequest(),
+            metadata=(
+                ("authorization", f"Bearer {core.state.agent_tokens.add('alice')}"),
+                ("car-agent-id", "alice"),
+            ),
+        )
+        first = await asyncio.wait_for(watch.read(), 5)
+        assert first.event.agent_id == "alice"
+        watch.cancel()
+        for client in (alice, bob, plain):
+            await client.close()

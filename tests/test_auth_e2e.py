@@ -12,6 +12,7 @@ import pytest
 from car_grpc.config import Config
 from car_grpc.core.auth import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
 from car_grpc.core.server import Core
+from car_grpc.core.session import Role
 from car_grpc.errors import AUTH_REQUIRED, INTERNAL, CarError
 from car_grpc.v1 import session_pb2, state_pb2
 from tests.conftest import make_config
@@ -45,7 +46,7 @@ async def test_daemon_token(core: Core, channel: grpc.aio.Channel) -> None:
     assert reply.ok and reply.auth_enabled
     assert not reply.HasField("role") and not reply.HasField("agent_id")
     assert reply.memory_namespace == "projA"
-    assert core.state is not None and core.state.sessions[reply.session_id].role.value == "ordinary"
+    assert core.state is not None and core.state.sessions[reply.session_id].role is Role.DAEMON
     await assert_usable(client)
     await client.close()
 

@@ -173,3 +173,18 @@ async def test_runs_start_and_complete_as_an_attached_agent(tmp_path: Path) -> N
     assert again["message"].startswith("-32603 ") and "already ended" in again["message"]
     records = seen["trace"]["result"]["records"]
     assert [r["record"] for r in (records[0], records[-1])] == ["started", "ended"]
+
+
+async def test_a_plain_daemon_client_starts_and_completes_its_own_run(tmp_path: Path) -> None:
+    """car-runtime without an agent identity: runs_start + runs_complete of a one-shot
+    script (the session that started a run may complete it)."""
+    home = tmp_path / "home"
+    async with serve(home) as url:
+        seen = await run_scenario("runs", url, home)
+    started = seen["start"]["result"]
+    assert started["agent_id"] == "name:mine" and started["run_id"]
+    assert seen["complete"] == {"result": {"run_id": started["run_id"], "ok": True}}
+    # Ended, the run is written by nobody; its trace is for the agent and hosts only.
+    assert seen["complete_again"]["raised"] == "RuntimeError"
+    trace = seen["trace"]["result"]
+    assert (trace["run_id"], trace["not_found"], trace["records"]) == (started["run_id"], True, [])

@@ -29,8 +29,9 @@ from hypothesis import strategies as st
 
 from car_grpc import api
 from car_grpc.core.grpc_service import AGENT_ID_KEY, SESSION_ID_KEY
-from car_grpc.errors import ERROR_TRAILER, INVALID_REQUEST, grpc_status_for
+from car_grpc.errors import ERROR_TRAILER, INVALID_REQUEST
 from car_grpc.v1 import errors_pb2, host_pb2, session_pb2, state_pb2, voice_pb2
+from tests.error_details import assert_rich_status
 from tests.fuzz_rig import DOCUMENTED, EXAMPLE_TIMEOUT, HANDLER_ERRORS, Rig, rig, strict_json
 from tests.fuzz_strategies import (
     FUZZ,
@@ -235,7 +236,9 @@ async def metadata(
 
 
 def check_failure(e: grpc.aio.AioRpcError, decodable: bool, credentials: str) -> None:
-    """A typed RPC's failure: the status twin of the exact car.v1.Error in the trailer."""
+    """A typed RPC's failure: the exact car.v1.Error in its trailer, and the standard
+    google.rpc.Status whose ErrorInfo names the status (the code's twin, or a finer one
+    that the reason names) and the JSON-RPC code."""
     assert e.code() != grpc.StatusCode.OK
     if not decodable:
         return  # the request is no message of its type: any status will do
@@ -247,8 +250,8 @@ def check_failure(e: grpc.aio.AioRpcError, decodable: bool, credentials: str) ->
     assert isinstance(trailer, bytes)
     error = errors_pb2.Error.FromString(trailer)
     assert error.code in DOCUMENTED or error.code == -32601, error
-    assert grpc_status_for(error.code) == e.code(), (error, e.code())
     assert e.details() == error.message and error.message
+    assert_rich_status(e, error)
     if credentials in ("wrong", "none"):
         assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
 

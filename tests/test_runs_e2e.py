@@ -12,7 +12,8 @@ from car_grpc.core.run_turns import FIELD_CAP, TRUNCATED, TURN_REPLACED
 from car_grpc.core.runs import RECORD_TURNS_USAGE
 from car_grpc.core.server import Core
 from car_grpc.errors import INTERNAL, INVALID_PARAMS, CarError
-from car_grpc.v1 import runs_pb2
+from car_grpc.v1 import runs_pb2, runs_pb2_grpc
+from tests.error_details import error_info
 from tests.runs_helpers import (
     agent,
     complete,
@@ -47,7 +48,7 @@ async def test_agent_id_is_explicit_then_attached_then_named(
     bot = await agent(core, channel, "bot")
     plain = await ordinary(core, channel)
 
-    explicit = await bot.request(
+    explicit = await plain.request(
         "runs_start", runs_pb2.StartRunRequest(intent="i", agent_id="other", agent_name="N")
     )
     attached = await bot.request("runs_start", runs_pb2.StartRunRequest(intent="i", agent_name="N"))
@@ -122,6 +123,50 @@ async def test_concurrent_starts_with_one_key_make_one_run(
     ids = await asyncio.gather(*(start(bot, idempotency_key="k") for _ in range(10)))
     assert set(ids) == {"k"}
     assert [s.run_id for s in await summaries(bot, "bot")] == ["k"]
+
+
+async def test_an_agent_cannot_take_over_another_agents_run(
+    core: Core, channel: grpc.aio.Channel
+) -> None:
+    bob = await agent(core, channel, "bob")
+    alice = await agent(core, channel, "alice")
+    run_id = await start(bob, idempotency_key="bobs-mission")
+
+    with pytest.raises(CarError) as as_bob:
+        await start(alice, agent_id="bob")
+    assert as_bob.value.code == INVALID_PARAMS
+    assert "agent_id does not match the attached agent" in as_bob.value.message
+    with pytest.raises(CarError) as resumed:
+        await start(alice, idempotency_key=run_id)
+    assert resumed.value.code == INVALID_PARAMS
+    assert "idempotency_key names a run this session may not resume" in resumed.value.message
+
+    await alice.close()
+    await asyncio.sleep(state_of(core).config.run_complete_grace * 3)
+    assert (await record(bob, run_id, turns(1))).ok  # still bob's, still open
+    assert (await summaries(bob, "bob"))[0].status == IN_PROGRESS
+
+
+async def test_a_plain_session_completes_the_run_it_started_and_nobody_else_does(
+    core: Core, channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    script = await ordinary(core, channel)
+    other = await ordinary(core, channel)
+    run_id = await start(script, agent_name="demo", idempotency_key="one-shot")
+
+    with pytest.raises(CarError) as foreign:
+        await complete(other, run_id)
+    assert foreign.value.message == f"invalid params: unknown run {run_id!r}: run_id"
+    with pytest.raises(CarError) as resumed:
+        await start(other, agent_name="demo", idempotency_key=run_id)
+    assert "may not resume" in resumed.value.message
+    # A client's mistake is not a server error: nothing at ERROR in the log.
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+    assert await start(script, agent_name="demo", idempotency_key=run_id) == run_id  # its own
+    await complete(script, run_id)
+    boss = await host(core, channel)
+    assert (await summaries(boss, "name:demo"))[0].status == COMPLETED
 
 
 # ---------------------------------------------------------------- runs.complete
@@ -385,6 +430,16 @@ async def test_get_trace_answers_not_found_for_unknown_and_forbidden(
     assert answers[0] == answers[1] == {"run_id": run_id, "records": [], "not_found": True}
     assert answers[2] == {"run_id": "no-such-run", "records": [], "not_found": True}
     assert (await trace(boss, run_id)).agent_id == "bot"
+
+    # The typed RPC answers the same refusal idiomatically: NOT_FOUND.
+    stub = runs_pb2_grpc.RunServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as typed:
+        await stub.GetTrace(
+            runs_pb2.GetTraceRequest(run_id=run_id),
+            metadata=(("authorization", f"Bearer {state_of(core).tokens.daemon}"),),
+        )
+    assert typed.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(typed.value).reason == "NOT_FOUND"
 
 
 async def test_subscribe_snapshot_then_events(core: Core, channel: grpc.aio.Channel) -> None:

@@ -309,10 +309,14 @@ async def test_watch_run_refuses_unknown_forbidden_and_bad_cursors(
     boss = _bearer(state_of(core).tokens.host)
 
     messages = []
-    for meta, target, cursor in ((intruder, run_id, 0), (boss, "nope", 0), (boss, run_id, 5)):
+    for meta, target, cursor, status in (
+        (intruder, run_id, 0, grpc.StatusCode.NOT_FOUND),
+        (boss, "nope", 0, grpc.StatusCode.NOT_FOUND),
+        (boss, run_id, 5, grpc.StatusCode.INVALID_ARGUMENT),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             _ = [i async for i in _watch(stub, meta, target, cursor)]
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.code() == status
         messages.append(_error_of(err.value).message)
     assert messages[0] == f"invalid params: unknown run {run_id!r}: run_id"
     assert messages[1] == "invalid params: unknown run 'nope': run_id"

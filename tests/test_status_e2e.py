@@ -20,6 +20,7 @@ from car_grpc.v1 import (
     tools_pb2,
 )
 from tests.chat_helpers import accept_chat, bearer, tokens
+from tests.error_details import error_info
 from tests.runs_helpers import agent, host, ordinary, record, start, turns
 from tests.tool_host import ToolHost
 
@@ -88,7 +89,8 @@ async def test_status_and_metrics_need_the_host_role(core: Core, channel: grpc.a
         await status_stub(channel).GetMetrics(
             status_pb2.GetMetricsRequest(), metadata=bearer(tokens(core)[0])
         )
-    assert typed.value.code() == grpc.StatusCode.INTERNAL
+    assert typed.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(typed.value).reason == "PERMISSION_DENIED"
     await plain.close()
 
 

@@ -7,8 +7,11 @@ are also held in memory with the future a parked call waits on; approvals that a
 server left pending (one server owns a state root) are marked expired at start-up.
 
 Who may resolve: an approval raised with host.request_approval belongs to the session
-that raised it; a system approval (raised by the gate, no `client_id`) may be resolved
-by any authenticated session.
+that raised it; a system approval (raised by the gate, no `client_id`) is resolved by a
+host-role session or an unattached one, never by a session attached as an agent and never
+by the session whose call it parks: nobody approves what they asked for. Who may read: an
+attached agent sees only the approvals it raised and those parking its own calls; host
+and unattached sessions see all.
 
 The gate parks requests for the methods of Config.gated_methods that this server serves
 (dispatch.execute calls it, after auth and before the handler, on the session stream and
@@ -33,8 +36,17 @@ from google.protobuf.message import Message
 from car_grpc import codec
 from car_grpc.core.dispatch import handles, require
 from car_grpc.core.host import now_ms
-from car_grpc.core.session import ClientSession
-from car_grpc.errors import APPROVAL_DENIED, CarError, internal, invalid_params
+from car_grpc.core.session import ClientSession, Role
+from car_grpc.errors import (
+    APPROVAL_DENIED,
+    INVALID_PARAMS,
+    CarError,
+    failed_precondition,
+    internal,
+    invalid_params,
+    not_found,
+    permission_denied,
+)
 from car_grpc.store import approvals as ledger
 from car_grpc.v1 import host_pb2
 
@@ -83,6 +95,8 @@ class Approvals:
         self._pending: dict[str, HostApproval] = {}
         #: approval id -> the future a parked request waits on (its final row).
         self._waiters: dict[str, asyncio.Future[HostApproval]] = {}
+        #: approval id -> the session whose request it parks (system approvals).
+        self._parked: dict[str, ClientSession] = {}
         #: Sessions whose close hook is installed.
         self._hooked: set[str] = set()
         self._closed = False
@@ -107,15 +121,18 @@ class Approvals:
 
     # ------------------------------------------------------------ the ledger
 
-    def pending(self) -> list[HostApproval]:
-        return list(self._pending.values())
+    def pending(self, session: ClientSession | None = None) -> list[HostApproval]:
+        """Every pending approval, or those `session` may see."""
+        return [a for a in self._pending.values() if session is None or may_read(session, a)]
 
-    async def listing(self) -> list[HostApproval]:
-        """Pending approvals first (oldest first), then the newest resolved ones."""
-        pending = self.pending()
+    async def listing(self, session: ClientSession) -> list[HostApproval]:
+        """What `session` may see: pending approvals first (oldest first), then the newest
+        resolved ones."""
+        pending = self.pending(session)
         history = await self.state.store.run(lambda c: ledger.history(c, HISTORY_LIMIT))
         resolved = {a.id for a in history}  # resolved while the history was read
-        return [*(a for a in pending if a.id not in resolved), *history]
+        mine = (a for a in history if may_read(session, a))
+        return [*(a for a in pending if a.id not in resolved), *mine]
 
     async def request(
         self, session: ClientSession, req: host_pb2.RequestApprovalRequest
@@ -124,6 +141,8 @@ class Approvals:
         mine = sum(1 for a in self._pending.values() if a.client_id == session.id)
         if mine >= MAX_PENDING_PER_SESSION:
             raise internal(f"too many pending approvals: at most {MAX_PENDING_PER_SESSION}")
+        if session.role is Role.AGENT and req.agent_id not in ("", session.agent_id):
+            raise invalid_params("invalid params: agent_id does not match the attached agent")
         approval = _new(title, req.agent_id or session.agent_id)
         approval.client_id = session.id
         if req.HasField("description"):
@@ -143,16 +162,21 @@ class Approvals:
         approval = self._pending.get(approval_id)
         if approval is None:
             row = await self.state.store.run(lambda c: ledger.get(c, approval_id))
-            if row is None:
-                raise invalid_params(f"invalid params: unknown approval: {approval_id}")
+            if row is None or not may_read(session, row):
+                raise not_found(INVALID_PARAMS, f"invalid params: unknown approval: {approval_id}")
             raise _already(row)
-        if approval.HasField("client_id") and approval.client_id != session.id:
-            raise invalid_params(f"approval '{approval_id}' was raised by another session")
+        if not self._may_resolve(session, approval):
+            raise permission_denied(f"approval '{approval_id}' may not be resolved by this session")
         notes = req.notes if req.HasField("notes") else None
         row, won = await self._finish(approval_id, APPROVED if req.approved else DENIED, notes)
         if not won:
             raise _already(row)
         return row
+
+    def _may_resolve(self, session: ClientSession, approval: HostApproval) -> bool:
+        if approval.HasField("client_id"):  # raised by a session: that session's
+            return approval.client_id == session.id
+        return session.role is not Role.AGENT and self._parked.get(approval.id) is not session
 
     async def _open(self, approval: HostApproval) -> None:
         await self.state.store.run(lambda c: ledger.insert(c, approval))
@@ -209,6 +233,7 @@ class Approvals:
         approval.details.fields["params_preview"].string_value = params_preview(request)
         waiter: asyncio.Future[HostApproval] = asyncio.get_running_loop().create_future()
         self._waiters[approval.id] = waiter
+        self._parked[approval.id] = session
         timeout = self.config.approval_timeout
         try:
             await self._open(approval)
@@ -219,6 +244,7 @@ class Approvals:
                 outcome, _ = await self._finish(approval.id, EXPIRED, f"no answer in {timeout:g}s")
         finally:
             self._waiters.pop(approval.id, None)
+            self._parked.pop(approval.id, None)
             if approval.id in self._pending and not self._closed:
                 # The request ended while parked (its session closed, or its deadline).
                 await self._finish(approval.id, EXPIRED, "the request ended while waiting")
@@ -230,6 +256,16 @@ class Approvals:
         raise CarError(
             APPROVAL_DENIED, f"approval timed out: {method} was not approved within {timeout:g}s"
         )
+
+
+def may_read(session: ClientSession, approval: HostApproval) -> bool:
+    """An attached agent reads the approvals it raised and those parking its own calls;
+    every other session reads all."""
+    if session.role is not Role.AGENT:
+        return True
+    if approval.HasField("client_id"):
+        return approval.client_id == session.id
+    return approval.agent_id == session.agent_id
 
 
 def _new(action: str, agent_id: str | None) -> HostApproval:
@@ -257,7 +293,9 @@ def _resolved(approval: HostApproval, status: Status, notes: str | None) -> Host
 
 
 def _already(approval: HostApproval) -> CarError:
-    return invalid_params(f"approval '{approval.id}' is already {status_name(approval.status)}")
+    return failed_precondition(
+        INVALID_PARAMS, f"approval '{approval.id}' is already {status_name(approval.status)}"
+    )
 
 
 # ---------------------------------------------------------------- handlers
@@ -275,7 +313,8 @@ async def host_request_approval(
 async def host_approvals(
     session: ClientSession, req: host_pb2.ListApprovalsRequest
 ) -> host_pb2.ListApprovalsResponse:
-    return host_pb2.ListApprovalsResponse(approvals=await session.server.approvals.listing())
+    approvals = await session.server.approvals.listing(session)
+    return host_pb2.ListApprovalsResponse(approvals=approvals)
 
 
 @handles("host_resolve_approval")

@@ -1,8 +1,11 @@
 """Handlers and the one dispatch path that both the session stream and typed RPCs use.
 
 Domain modules register a handler per ClientFrame request member with `@handles(member)`.
-`execute` runs one request for a session: auth and handshake checks, the approval gate,
-the handler under its deadline, and the mapping of every failure to a CarError.
+`execute` runs one request for a session: the declared access rule (options.proto
+`Access`, read off the request's ClientFrame member: roles and handshake), the approval
+gate, the handler under its deadline, and the mapping of every failure to a CarError.
+`check_access` is the same rule for the RPCs that do not go through `execute` (server
+streams and gRPC-only RPCs).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from car_grpc.errors import (
     METHOD_NOT_FOUND,
     CarError,
     invalid_params,
+    permission_denied,
 )
+from car_grpc.v1 import options_pb2
 
 if TYPE_CHECKING:
     from car_grpc.core.session import ClientSession
@@ -51,11 +56,6 @@ NOTIFICATION_HANDLERS: dict[str, NotificationHandler] = {}
 #: Request members whose handlers never wait (in-memory work only): a session stream
 #: answers them in its read loop, without a task of their own.
 INLINE: set[str] = set()
-
-#: Members allowed before session.auth.
-_BEFORE_AUTH = frozenset({"session_auth"})
-#: Members that need a successful server.handshake first.
-_NEEDS_HANDSHAKE = frozenset({"host_subscribe"})
 
 
 def handles(member: str, *, inline: bool = False) -> Callable[[Handler], Handler]:
@@ -121,12 +121,35 @@ async def execute(session: ClientSession, member: str, request: Message) -> Mess
     return result
 
 
+def admits(access: options_pb2.Access, role: options_pb2.CallerRole.ValueType) -> bool:
+    """Whether a declared rule admits a caller of `role` (auth on)."""
+    return role in access.roles
+
+
+_ROLE_NAMES = {
+    options_pb2.CALLER_ROLE_DAEMON: "the daemon token",
+    options_pb2.CALLER_ROLE_HOST: "the host role",
+    options_pb2.CALLER_ROLE_AGENT: "an attached agent",
+}
+
+
+def check_access(session: ClientSession, access: options_pb2.Access, method: str) -> None:
+    """Raise unless `session`'s role may call `method`: -32001 before auth, a permission
+    error for a role the rule does not list. With auth off every session may call
+    everything (no role can be proven)."""
+    if session.server.auth_enabled and not admits(access, session.role.value):
+        if not session.authenticated:
+            raise AuthRequired()
+        allowed = " or ".join(_ROLE_NAMES[r] for r in access.roles if r in _ROLE_NAMES)
+        raise permission_denied(f"permission denied: {method} needs {allowed}")
+
+
 async def _execute(
     session: ClientSession, member: str, method: str, request: Message
 ) -> Message | Reply:
-    if not session.authenticated and member not in _BEFORE_AUTH:
-        raise AuthRequired()
-    if member in _NEEDS_HANDSHAKE and session.protocol_version is None:
+    access = api.CLIENT_MEMBERS[member].access
+    check_access(session, access, method)
+    if access.needs_handshake and session.protocol_version is None:
         raise CarError(
             HANDSHAKE_REQUIRED,
             f"protocol handshake required: call server.handshake before {method}",

@@ -25,7 +25,7 @@ from car_grpc.core.dispatch import AuthRequired, Reply
 from car_grpc.core.server_state import ServerState
 from car_grpc.core.session import ClientSession, Role, SessionClosed
 from car_grpc.core.sessions import authenticate
-from car_grpc.errors import ERROR_TRAILER, INVALID_REQUEST, CarError, grpc_status_for
+from car_grpc.errors import INVALID_REQUEST, CarError
 from car_grpc.v1 import session_pb2
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,10 @@ class SessionStream:
             await self._send(_error_frame(frame.id, e))
             return False
         except CarError as e:
-            await self._send(_error_frame(frame.id, e))
-            return True
+            if e.answer is None:
+                await self._send(_error_frame(frame.id, e))
+                return True
+            result = e.answer  # the wire's answer to this refusal is a result
         reply = result if isinstance(result, Reply) else None
         message = reply.message if reply else result
         out = session_pb2.ServerFrame(id=frame.id)
@@ -209,8 +211,8 @@ class SessionStream:
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: CarError) -> None:
-    context.set_trailing_metadata(((ERROR_TRAILER, error.to_proto().SerializeToString()),))
-    await context.abort(grpc_status_for(error.code), error.message)
+    context.set_trailing_metadata(error.trailers())
+    await context.abort(error.status, error.message)
 
 
 class _Binding:
@@ -301,10 +303,12 @@ def _server_stream(state: ServerState, rpc: api.TypedRpc) -> Callable[..., Any]:
         request: Message, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Message]:
         handler = STREAM_HANDLERS.get(rpc.name)
+        access = api.CLIENT_REQUESTS[rpc.method].access
         try:
             if handler is None:
                 raise CarError(-32601, f"unknown method: {rpc.service.name}/{rpc.name}")
             async with _Binding(state, context) as session:
+                dispatch.check_access(session, access, rpc.method)
                 async for item in handler(session, request):
                     yield item
         except CarError as e:
@@ -317,10 +321,12 @@ def _grpc_only(
     state: ServerState, method: MethodDescriptor, handler: GrpcOnlyHandler
 ) -> grpc.RpcMethodHandler[Any, Any]:
     req_cls, resp_cls = _message_class(method.input_type), _message_class(method.output_type)
+    access = api.rpc_access(method)
 
     async def unary(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             async with _Binding(state, context) as session:
+                dispatch.check_access(session, access, method.full_name)
                 return await handler(session, request, context)
         except CarError as e:
             await _abort(context, e)
@@ -328,6 +334,7 @@ def _grpc_only(
     async def bidi(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         try:
             async with _Binding(state, context) as session:
+                dispatch.check_access(session, access, method.full_name)
                 await handler(session, None, context)
         except CarError as e:
             await _abort(context, e)

@@ -11,6 +11,9 @@ events after a visible gap in `sequence`.
 
 Agents in the registry belong to the session that registered them: only that session may
 change or remove them, and they leave the registry when it closes.
+
+A session attached as an agent hears only the events about itself (`agent_id` its own):
+its listener filters them, and its snapshots are filtered the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from car_grpc import codec
 from car_grpc.core.dispatch import Reply, handles, require
 from car_grpc.core.grpc_service import streams
 from car_grpc.core.metrics import Metrics
-from car_grpc.core.session import ClientSession, SessionClosed
+from car_grpc.core.session import ClientSession, Role, SessionClosed
 from car_grpc.errors import CarError, invalid_params
 from car_grpc.v1 import host_pb2
 
@@ -46,9 +49,11 @@ def now_ms() -> int:
 
 
 class Listener:
-    """One consumer of host events, with its own bounded queue."""
+    """One consumer of host events, with its own bounded queue; with `agent_id`, only of
+    the events about that agent."""
 
-    def __init__(self, size: int, metrics: Metrics) -> None:
+    def __init__(self, size: int, metrics: Metrics, agent_id: str | None = None) -> None:
+        self.agent_id = agent_id
         self.queue: asyncio.Queue[host_pb2.HostEvent] = asyncio.Queue(size)
         #: Events missed because the queue was full.
         self.dropped = 0
@@ -56,8 +61,13 @@ class Listener:
         #: The task forwarding events to a host.subscribe session, once started.
         self.pump: asyncio.Task[None] | None = None
 
+    def hears(self, event: host_pb2.HostEvent) -> bool:
+        return self.agent_id is None or event.agent_id == self.agent_id
+
     def offer(self, event: host_pb2.HostEvent) -> None:
         """Queue `event` without waiting, dropping the oldest queued one if full."""
+        if not self.hears(event):
+            return
         if self.queue.full():
             self.queue.get_nowait()
             self.dropped += 1
@@ -129,9 +139,11 @@ class Host:
             listener.offer(event)
         return event
 
-    def listen(self) -> Listener:
-        """A new listener: it receives every event published from now on."""
-        listener = Listener(self._queue_size, self._metrics)
+    def listen(self, session: ClientSession | None = None) -> Listener:
+        """A new listener: it receives every event published from now on that `session`
+        may hear (an attached agent: the events about itself)."""
+        agent_id = session.agent_id if session and session.role is Role.AGENT else None
+        listener = Listener(self._queue_size, self._metrics, agent_id)
         self._listeners.add(listener)
         return listener
 
@@ -144,7 +156,7 @@ class Host:
         if old := self._subscriptions.pop(session.id, None):
             self.unlisten(old)
         self._hook(session)
-        listener = self._subscriptions[session.id] = self.listen()
+        listener = self._subscriptions[session.id] = self.listen(session)
         return listener
 
     def start_pump(self, session: ClientSession, listener: Listener) -> None:
@@ -259,8 +271,8 @@ async def host_subscribe(session: ClientSession, req: host_pb2.SubscribeHostRequ
     snapshot = host_pb2.SubscribeHostResponse(
         subscribed=True,
         agents=host.agents(),
-        approvals=server.approvals.pending(),
-        events=list(host.history)[-SNAPSHOT_EVENTS:],
+        approvals=server.approvals.pending(session),
+        events=[e for e in host.history if listener.hears(e)][-SNAPSHOT_EVENTS:],
     )
     return Reply(snapshot, then=lambda: host.start_pump(session, listener))
 
@@ -313,8 +325,8 @@ async def watch_host_events(
             f"invalid params: after_sequence {after} is ahead of the newest host event "
             f"({host.last_sequence}); sequences restart at 1 when the server restarts"
         )
-    listener = host.listen()  # before the replay: the two meet without a gap
-    replay = [e for e in host.history if e.sequence > after]
+    listener = host.listen(session)  # before the replay: the two meet without a gap
+    replay = [e for e in host.history if e.sequence > after and listener.hears(e)]
     try:
         for event in replay:
             yield host_pb2.WatchHostEventsResponse(event=event)

@@ -14,9 +14,13 @@ event, and with it the cursor gap and the final `ended`, always arrives), `Watch
 (reads the store from a cursor and waits for appends: a slow reader simply reads later),
 `runs.get_trace` and `runs.list`.
 
-Authorization: only a session attached as the run's agent may write (the host token
-does not); the run's agent and host-role sessions may read. Everyone else gets the same
-answer as for an unknown run.
+Authorization (declared per method in session.proto, refined here): an attached agent
+opens runs only as itself, an unattached session as any agent. Turns are written only by
+a session attached as the run's agent (the host token does not write); a run is completed
+by that agent or by the session that started it (a one-shot script without an agent
+identity). A run is resumed through its idempotency key only by the same two, and never
+taken from another live session. The run's agent and host-role sessions read. Everyone
+else gets the same answer as for an unknown run.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeAlias, TypeVar
 
+import grpc
+from google.protobuf.message import Message
+
 from car_grpc import api
 from car_grpc.codec import to_value
 from car_grpc.core.dispatch import Reply, field_error, handles, require
@@ -38,7 +45,14 @@ from car_grpc.core.grpc_service import streams
 from car_grpc.core.run_turns import cap_turn
 from car_grpc.core.server_state import ServerState
 from car_grpc.core.session import ClientSession, Role, SessionClosed
-from car_grpc.errors import INTERNAL, INVALID_PARAMS, CarError
+from car_grpc.errors import (
+    INTERNAL,
+    INVALID_PARAMS,
+    CarError,
+    failed_precondition,
+    invalid_params,
+    not_found,
+)
 from car_grpc.store.runs import RunRow, RunStore, SqliteRunStore, status_name
 from car_grpc.v1 import runs_pb2, session_pb2
 
@@ -87,8 +101,14 @@ def may_read(session: ClientSession, agent_id: str) -> bool:
     return session.is_host or not session.server.auth_enabled or may_write(session, agent_id)
 
 
-def _not_found(run_id: str) -> CarError:
-    return field_error("run_id", f"unknown run {run_id!r}")
+def may_complete(session: ClientSession, run: LiveRun) -> bool:
+    """The run's agent, or the session that started it."""
+    return may_write(session, run.agent_id) or run.starter_id == session.id
+
+
+def _not_found(run_id: str, answer: Message | None = None) -> CarError:
+    message = f"invalid params: unknown run {run_id!r}: run_id"
+    return not_found(INVALID_PARAMS, message, answer=answer)
 
 
 def _usage_error(field: str) -> CarError:
@@ -167,6 +187,8 @@ class LiveRun:
         self.record_count = row.record_count
         #: The connection whose close makes the run incomplete (None: a one-call session).
         self.owner = owner
+        #: The session that opened the run (it may complete it).
+        self.starter_id = owner.id if owner is not None else ""
         self.lock = asyncio.Lock()
         self.subscribers: dict[str, Subscription] = {}
         #: Set (and replaced) after every commit: wakes WatchRun readers.
@@ -226,8 +248,12 @@ class Runs:
 
     def _reap(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("runs: background work failed", exc_info=task.exception())
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        if isinstance(error, CarError) and error.client_error:
+            log.debug("runs: refused: %s", error.message)  # the caller hears of it
+        else:
+            log.error("runs: background work failed", exc_info=error)
 
     async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
         """Run `work` to completion even if the caller is cancelled."""
@@ -270,33 +296,44 @@ class Runs:
             return runs_pb2.StartRunResponse(run_id=run_id, agent_id=agent_id)
         run_id = req.idempotency_key
         async with self._resuming:  # one start per key at a time: no duplicate
-            resumed = await self._resume(session, run_id, agent_id)
+            resumed = await self._resume(session, run_id)
             if resumed is not None:
                 return resumed
             await self._create(session, run_id, agent_id, intent, req)
             return runs_pb2.StartRunResponse(run_id=run_id, agent_id=agent_id)
 
     def _resolve_agent(self, session: ClientSession, req: runs_pb2.StartRunRequest) -> str:
+        attached = session.agent_id if session.role is Role.AGENT else None
         if req.agent_id:
+            if attached is not None and req.agent_id != attached:
+                raise invalid_params(
+                    "invalid params: agent_id does not match the attached agent: agent_id"
+                )
             return req.agent_id
-        if session.role is Role.AGENT and session.agent_id:
-            return session.agent_id
+        if attached:
+            return attached
         if name := slug(req.agent_name):
             return f"name:{name}"
         raise field_error("agent_id", "no agent (give agent_id or agent_name, or attach)")
 
     async def _resume(
-        self, session: ClientSession, run_id: str, agent_id: str
+        self, session: ClientSession, run_id: str
     ) -> runs_pb2.StartRunResponse | None:
-        """The existing run `run_id` (which becomes the session's), or None."""
+        """The existing run `run_id` (which becomes the session's if nobody live holds
+        it), or None. Only the run's agent or the session that started it may resume."""
         run = self.live.get(run_id)
         if run is not None:
-            if run.agent_id == agent_id:
+            if not may_complete(session, run):
+                raise _may_not_resume()
+            owner = run.owner
+            if owner is None or owner.closed.is_set() or owner is session:
                 self._own(run, session)  # e.g. the agent reconnected within the grace
             return runs_pb2.StartRunResponse(run_id=run_id, agent_id=run.agent_id)
         row = await self.store.get(run_id)
         if row is None:
             return None
+        if not may_write(session, row.agent_id):
+            raise _may_not_resume()
         return runs_pb2.StartRunResponse(run_id=run_id, agent_id=row.agent_id)
 
     async def _create(
@@ -321,6 +358,7 @@ class Runs:
         )
         await self.store.create(row, started)
         run = LiveRun(row, None)
+        run.starter_id = session.id
         self.live[run_id] = run
         self._own(run, session)
 
@@ -342,7 +380,7 @@ class Runs:
             raise _already_ended(run_id, row.status)
 
         async def end() -> None:
-            if not may_write(session, run.agent_id):
+            if not may_complete(session, run):
                 raise _not_found(run_id)
             if run.status != IN_PROGRESS:
                 raise _already_ended(run_id, run.status)
@@ -515,7 +553,8 @@ class Runs:
         run_id = require(req.run_id, "run_id")
         row = await self.store.get(run_id)
         if row is None or not may_read(session, row.agent_id):
-            return runs_pb2.GetTraceResponse(run_id=run_id, not_found=True)
+            # The wire answers with a result; typed calls fail NOT_FOUND.
+            raise _not_found(run_id, runs_pb2.GetTraceResponse(run_id=run_id, not_found=True))
         cursor = req.cursor
         limit = (
             min(req.limit, MAX_RECORDS_PER_RUN) if req.HasField("limit") else MAX_RECORDS_PER_RUN
@@ -568,7 +607,18 @@ def _dropped(run_id: str, reason: DropReason) -> runs_pb2.RecordTurnsResponse:
 
 
 def _already_ended(run_id: str, status: RunStatus) -> CarError:
-    return CarError(INTERNAL, f"run {run_id!r} has already ended ({status_name(status)})")
+    return failed_precondition(
+        INTERNAL, f"run {run_id!r} has already ended ({status_name(status)})"
+    )
+
+
+def _may_not_resume() -> CarError:
+    return CarError(
+        INVALID_PARAMS,
+        "invalid params: idempotency_key names a run this session may not resume",
+        status=grpc.StatusCode.PERMISSION_DENIED,
+        reason="PERMISSION_DENIED",
+    )
 
 
 # ---------------------------------------------------------------- wiring

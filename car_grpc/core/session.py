@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 
 from car_grpc import api
 from car_grpc.errors import INTERNAL, CarError
-from car_grpc.v1 import session_pb2, state_pb2, tools_pb2
+from car_grpc.v1 import options_pb2, session_pb2, state_pb2, tools_pb2
 
 if TYPE_CHECKING:
     from car_grpc.core.server_state import ServerState
@@ -33,12 +33,12 @@ CloseHook = Callable[["ClientSession"], Awaitable[None] | None]
 
 
 class Role(enum.Enum):
-    """What a session authenticated as."""
+    """What a session authenticated as: the caller roles of options.proto (`Access`)."""
 
-    NONE = "none"  # not authenticated yet
-    ORDINARY = "ordinary"  # daemon token (or auth off)
-    HOST = "host"  # host token
-    AGENT = "agent"  # an agent token: attached as agent_id
+    NONE = options_pb2.CALLER_ROLE_UNAUTHENTICATED  # not authenticated yet
+    DAEMON = options_pb2.CALLER_ROLE_DAEMON  # daemon token (or auth off)
+    HOST = options_pb2.CALLER_ROLE_HOST  # host token
+    AGENT = options_pb2.CALLER_ROLE_AGENT  # an agent token: attached as agent_id
 
 
 class SessionClosed(Exception):
@@ -55,7 +55,7 @@ class ClientSession:
         #: False for the one-call session of an unbound typed RPC: it cannot be called back.
         self.streaming = streaming
         # With auth off there is nothing to prove: a session starts out ordinary.
-        self.role = Role.NONE if server.auth_enabled else Role.ORDINARY
+        self.role = Role.NONE if server.auth_enabled else Role.DAEMON
         self.agent_id: str | None = None
         self.memory_namespace: str | None = None
         #: The credential the session authenticated with (typed RPCs bind only with it).
@@ -84,7 +84,7 @@ class ClientSession:
         return self.role is Role.HOST
 
     def __repr__(self) -> str:
-        return f"<ClientSession {self.id[:8]} {self.role.value} agent={self.agent_id}>"
+        return f"<ClientSession {self.id[:8]} {self.role.name.lower()} agent={self.agent_id}>"
 
     # ------------------------------------------------------------ outbound frames
 

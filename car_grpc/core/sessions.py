@@ -22,7 +22,7 @@ async def authenticate(
     server = session.server
     tokens = server.tokens
     if tokens is None:  # auth off: any params succeed
-        session.role = Role.ORDINARY
+        session.role = Role.DAEMON
         if agent_id:
             await server.attach(session, agent_id)
         return
@@ -39,7 +39,7 @@ async def authenticate(
     elif token:
         if not tokens.is_daemon(token):
             raise CarError(INTERNAL, TOKEN_MISMATCH)
-        session.role = Role.ORDINARY
+        session.role = Role.DAEMON
         session.credential = ("daemon", token)
     else:
         raise CarError(INTERNAL, "auth failed: no token given")

@@ -1,8 +1,8 @@
 """Operator status (status.proto): a read-only snapshot of the core, and its metrics.
 
-`server.status` and `server.metrics` are for host-role sessions only: they show every
-connection, chat and agent of the core. Gauges are read off the state here, at the call;
-counters live in car_grpc.core.metrics.
+`server.status` and `server.metrics` are for host-role sessions only (declared in
+session.proto): they show every connection, chat and agent of the core. Gauges are read
+off the state here, at the call; counters live in car_grpc.core.metrics.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from car_grpc.core.dispatch import handles
 from car_grpc.core.metrics import Gauge
 from car_grpc.core.server_state import ServerState
 from car_grpc.core.session import ClientSession, Role
-from car_grpc.errors import INTERNAL, CarError
 from car_grpc.v1 import status_pb2
 
 #: Sessions a status snapshot lists (the newest); `session_count` counts them all.
@@ -27,7 +26,7 @@ MAX_RUN_AGENTS = 256
 
 _ROLES = {
     Role.NONE: status_pb2.SESSION_ROLE_UNAUTHENTICATED,
-    Role.ORDINARY: status_pb2.SESSION_ROLE_ORDINARY,
+    Role.DAEMON: status_pb2.SESSION_ROLE_ORDINARY,
     Role.HOST: status_pb2.SESSION_ROLE_HOST,
     Role.AGENT: status_pb2.SESSION_ROLE_AGENT,
 }
@@ -37,13 +36,6 @@ _ROLES = {
 _ROLE_LABELS = {
     role: codec.enum_to_json(status_pb2.SessionRole.DESCRIPTOR, v) for role, v in _ROLES.items()
 }
-
-
-def _require_host(session: ClientSession, method: str) -> ServerState:
-    """The server, for a host-role session (any session when auth is off)."""
-    if session.server.auth_enabled and not session.is_host:
-        raise CarError(INTERNAL, f"permission denied: {method} needs the host role")
-    return session.server
 
 
 def store_bytes(database: Path) -> int:
@@ -124,7 +116,7 @@ def gauges(state: ServerState) -> list[Gauge]:
 async def server_status(
     session: ClientSession, req: status_pb2.GetStatusRequest
 ) -> status_pb2.GetStatusResponse:
-    state = _require_host(session, "server.status")
+    state = session.server
     connections = _connections(state)
     run_agents = await state.runs.store.agents(MAX_RUN_AGENTS)
     now = _now_ms()
@@ -163,5 +155,5 @@ async def server_status(
 async def server_metrics(
     session: ClientSession, req: status_pb2.GetMetricsRequest
 ) -> status_pb2.GetMetricsResponse:
-    state = _require_host(session, "server.metrics")
+    state = session.server
     return status_pb2.GetMetricsResponse(text=state.metrics.render(gauges(state)))

@@ -25,15 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63\x61r/v1/options.proto\x12\x06\x63\x61r.v1\x1a google/protobuf/descriptor.proto\"U\n\x0eJsonRpcBinding\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x1f\n\x04kind\x18\x02 \x01(\x0e\x32\x11.car.v1.FrameKind\x12\x12\n\nbare_field\x18\x03 \x01(\t*\x8c\x01\n\tFrameKind\x12\x1a\n\x16\x46RAME_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46RAME_KIND_REQUEST\x10\x01\x12\x17\n\x13\x46RAME_KIND_RESPONSE\x10\x02\x12\x1b\n\x17\x46RAME_KIND_NOTIFICATION\x10\x03\x12\x15\n\x11\x46RAME_KIND_BINARY\x10\x04:I\n\x08json_rpc\x12\x1d.google.protobuf.FieldOptions\x18\xb4\x87\x03 \x01(\x0b\x32\x16.car.v1.JsonRpcBinding:4\n\x0bjson_inline\x12\x1d.google.protobuf.FieldOptions\x18\xb5\x87\x03 \x01(\x08:9\n\x0fjson_rpc_method\x12\x1e.google.protobuf.MethodOptions\x18\xb6\x87\x03 \x01(\t:9\n\x0ejson_rpc_usage\x12\x1f.google.protobuf.MessageOptions\x18\xb7\x87\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63\x61r/v1/options.proto\x12\x06\x63\x61r.v1\x1a google/protobuf/descriptor.proto\"u\n\x0eJsonRpcBinding\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x1f\n\x04kind\x18\x02 \x01(\x0e\x32\x11.car.v1.FrameKind\x12\x12\n\nbare_field\x18\x03 \x01(\t\x12\x1e\n\x06\x61\x63\x63\x65ss\x18\x04 \x01(\x0b\x32\x0e.car.v1.Access\"S\n\x06\x41\x63\x63\x65ss\x12!\n\x05roles\x18\x01 \x03(\x0e\x32\x12.car.v1.CallerRole\x12\r\n\x05scope\x18\x02 \x01(\t\x12\x17\n\x0fneeds_handshake\x18\x03 \x01(\x08*\x8c\x01\n\tFrameKind\x12\x1a\n\x16\x46RAME_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46RAME_KIND_REQUEST\x10\x01\x12\x17\n\x13\x46RAME_KIND_RESPONSE\x10\x02\x12\x1b\n\x17\x46RAME_KIND_NOTIFICATION\x10\x03\x12\x15\n\x11\x46RAME_KIND_BINARY\x10\x04*\x8f\x01\n\nCallerRole\x12\x1b\n\x17\x43\x41LLER_ROLE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43\x41LLER_ROLE_UNAUTHENTICATED\x10\x01\x12\x16\n\x12\x43\x41LLER_ROLE_DAEMON\x10\x02\x12\x14\n\x10\x43\x41LLER_ROLE_HOST\x10\x03\x12\x15\n\x11\x43\x41LLER_ROLE_AGENT\x10\x04:I\n\x08json_rpc\x12\x1d.google.protobuf.FieldOptions\x18\xb4\x87\x03 \x01(\x0b\x32\x16.car.v1.JsonRpcBinding:4\n\x0bjson_inline\x12\x1d.google.protobuf.FieldOptions\x18\xb5\x87\x03 \x01(\x08:9\n\x0fjson_rpc_method\x12\x1e.google.protobuf.MethodOptions\x18\xb6\x87\x03 \x01(\t:@\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\xb8\x87\x03 \x01(\x0b\x32\x0e.car.v1.Access:9\n\x0ejson_rpc_usage\x12\x1f.google.protobuf.MessageOptions\x18\xb7\x87\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'car_grpc.v1.options_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FRAMEKIND']._serialized_start=154
-  _globals['_FRAMEKIND']._serialized_end=294
+  _globals['_FRAMEKIND']._serialized_start=271
+  _globals['_FRAMEKIND']._serialized_end=411
+  _globals['_CALLERROLE']._serialized_start=414
+  _globals['_CALLERROLE']._serialized_end=557
   _globals['_JSONRPCBINDING']._serialized_start=66
-  _globals['_JSONRPCBINDING']._serialized_end=151
+  _globals['_JSONRPCBINDING']._serialized_end=183
+  _globals['_ACCESS']._serialized_start=185
+  _globals['_ACCESS']._serialized_end=268
 # @@protoc_insertion_point(module_scope)

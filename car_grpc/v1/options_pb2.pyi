@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf.internal import extension_dict as _extension_dict
 import builtins as _builtins
@@ -74,6 +76,38 @@ header, then the payload; see voice.proto), with no answer. `method` is empty.
 """
 Global___FrameKind: _TypeAlias = FrameKind  # noqa: Y015
 
+class _CallerRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CallerRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CallerRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CALLER_ROLE_UNSPECIFIED: _CallerRole.ValueType  # 0
+    CALLER_ROLE_UNAUTHENTICATED: _CallerRole.ValueType  # 1
+    """Connected; session.auth not (yet) successful."""
+    CALLER_ROLE_DAEMON: _CallerRole.ValueType  # 2
+    """The daemon token: an unattached session (a supervisor, a one-shot script, a tool host)."""
+    CALLER_ROLE_HOST: _CallerRole.ValueType  # 3
+    """The host token: the host-management role (an operator's app, the dashboard)."""
+    CALLER_ROLE_AGENT: _CallerRole.ValueType  # 4
+    """A per-agent token: a session attached as that agent."""
+
+class CallerRole(_CallerRole, metaclass=_CallerRoleEnumTypeWrapper):
+    """What a caller has proven with its credentials (session.auth, or the metadata of a
+    typed call). When auth is off there is nothing to prove and every rule admits anyone.
+    """
+
+CALLER_ROLE_UNSPECIFIED: CallerRole.ValueType  # 0
+CALLER_ROLE_UNAUTHENTICATED: CallerRole.ValueType  # 1
+"""Connected; session.auth not (yet) successful."""
+CALLER_ROLE_DAEMON: CallerRole.ValueType  # 2
+"""The daemon token: an unattached session (a supervisor, a one-shot script, a tool host)."""
+CALLER_ROLE_HOST: CallerRole.ValueType  # 3
+"""The host token: the host-management role (an operator's app, the dashboard)."""
+CALLER_ROLE_AGENT: CallerRole.ValueType  # 4
+"""A per-agent token: a session attached as that agent."""
+Global___CallerRole: _TypeAlias = CallerRole  # noqa: Y015
+
 @_typing.final
 class JsonRpcBinding(_message.Message):
     """The JSON-RPC binding of one oneof member of ClientFrame or ServerFrame."""
@@ -83,6 +117,7 @@ class JsonRpcBinding(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     BARE_FIELD_FIELD_NUMBER: _builtins.int
+    ACCESS_FIELD_NUMBER: _builtins.int
     method: _builtins.str
     """The JSON-RPC method name, e.g. "runs.start". A request and its response carry the
     same method name (one on ClientFrame, the other on ServerFrame, or the reverse for
@@ -96,24 +131,71 @@ class JsonRpcBinding(_message.Message):
     that carries the whole value. Example: "tools.register" takes a bare array, bound to
     RegisterToolsRequest.tools; its result is a bare number, RegisterToolsResponse.count.
     """
+    @_builtins.property
+    def access(self) -> Global___Access:
+        """Who may send this request (requests only). The one dispatch path of the core checks
+        it, for the session stream and the typed RPCs alike, before the handler runs.
+        """
+
     def __init__(
         self,
         *,
         method: _builtins.str = ...,
         kind: Global___FrameKind.ValueType = ...,
         bare_field: _builtins.str = ...,
+        access: Global___Access | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access", b"access"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bare_field", b"bare_field", "kind", b"kind", "method", b"method"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "bare_field", b"bare_field", "kind", b"kind", "method", b"method"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JsonRpcBinding: _TypeAlias = JsonRpcBinding  # noqa: Y015
 
+@_typing.final
+class Access(_message.Message):
+    """Who may call an operation, declared beside its JSON-RPC binding (or, for a gRPC-only
+    RPC, on the RPC). A caller whose role is not listed is refused before the handler
+    runs: -32603 `permission denied: <method> ...` on the session stream,
+    PERMISSION_DENIED on typed RPCs (a missing login stays -32001 / UNAUTHENTICATED).
+    The handler may narrow the rule further (`scope`), never widen it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLES_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    NEEDS_HANDSHAKE_FIELD_NUMBER: _builtins.int
+    scope: _builtins.str
+    """What the handler checks beyond the role, in words, e.g. "the run's agent or a host";
+    empty when the operation acts only on the caller's own session. Shown in the API table.
+    """
+    needs_handshake: _builtins.bool
+    """The operation needs a successful server.handshake first (-32005 otherwise)."""
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[Global___CallerRole.ValueType]:
+        """The roles admitted."""
+
+    def __init__(
+        self,
+        *,
+        roles: _abc.Iterable[Global___CallerRole.ValueType] | None = ...,
+        scope: _builtins.str = ...,
+        needs_handshake: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["needs_handshake", b"needs_handshake", "roles", b"roles", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Access: _TypeAlias = Access  # noqa: Y015
+
 JSON_RPC_FIELD_NUMBER: _builtins.int
 JSON_INLINE_FIELD_NUMBER: _builtins.int
 JSON_RPC_METHOD_FIELD_NUMBER: _builtins.int
+ACCESS_FIELD_NUMBER: _builtins.int
 JSON_RPC_USAGE_FIELD_NUMBER: _builtins.int
 json_rpc: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, Global___JsonRpcBinding]
 """Set on every member of the `body` oneof of ClientFrame and ServerFrame."""
@@ -128,6 +210,10 @@ json_rpc_method: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.Metho
 """The JSON-RPC method that an RPC of a per-domain service performs (a unary RPC and the
 session-stream member with that method share one handler) or, for a streaming RPC,
 stands in for (WatchRun for `runs.subscribe`, Chat for `agents.chat`).
+"""
+access: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, Global___Access]
+"""Who may call an RPC that has no JSON-RPC method (see Access). An RPC with a
+`json_rpc_method` follows the `access` of that method's ClientFrame member instead.
 """
 json_rpc_usage: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MessageOptions, _builtins.str]
 """On a request message: the fixed message of every -32602 its params can get (bad

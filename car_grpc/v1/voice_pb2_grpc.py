@@ -163,7 +163,8 @@ class VoiceServiceServicer:
     def PublishVoiceEvent(self, request, context):
         """Publishes one event to the owner of a voice session, exactly as the session's engine
         would on its ServeVoice stream (a final transcript of a meeting's session is also
-        added to the meeting's transcript). gRPC only; any authenticated caller.
+        added to the meeting's transcript). gRPC only; a daemon or host caller (what an
+        engine is): an attached agent may not speak into other sessions.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -188,7 +189,8 @@ class VoiceServiceServicer:
 
         When the stream ends, every session of the engine ends with an error event at its
         owner and the engine's providers are unregistered.
-        The stream's frames are its whole vocabulary in both directions.
+        The stream's frames are its whole vocabulary in both directions. A daemon or host
+        caller only: an engine hears every session's audio, which no attached agent may.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

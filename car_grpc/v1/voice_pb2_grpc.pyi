@@ -79,7 +79,8 @@ class VoiceServiceStub:
     PublishVoiceEvent: _grpc.UnaryUnaryMultiCallable[_voice_pb2.PublishVoiceEventRequest, _voice_pb2.PublishVoiceEventResponse]
     """Publishes one event to the owner of a voice session, exactly as the session's engine
     would on its ServeVoice stream (a final transcript of a meeting's session is also
-    added to the meeting's transcript). gRPC only; any authenticated caller.
+    added to the meeting's transcript). gRPC only; a daemon or host caller (what an
+    engine is): an attached agent may not speak into other sessions.
     """
     ServeVoice: _grpc.StreamStreamMultiCallable[_voice_pb2.ServeVoiceRequest, _voice_pb2.ServeVoiceResponse]
     """The stream of one speech engine. gRPC only. Authenticate with call metadata
@@ -100,7 +101,8 @@ class VoiceServiceStub:
 
     When the stream ends, every session of the engine ends with an error event at its
     owner and the engine's providers are unregistered.
-    The stream's frames are its whole vocabulary in both directions.
+    The stream's frames are its whole vocabulary in both directions. A daemon or host
+    caller only: an engine hears every session's audio, which no attached agent may.
     """
     StartTranscribeStream: _grpc.UnaryUnaryMultiCallable[_voice_pb2.StartTranscribeStreamRequest, _voice_pb2.StartTranscribeStreamResponse]
     """Opens a voice session. JSON-RPC: `voice.transcribe_stream.start`."""
@@ -164,7 +166,8 @@ class VoiceServiceAsyncStub(VoiceServiceStub):
     PublishVoiceEvent: _aio.UnaryUnaryMultiCallable[_voice_pb2.PublishVoiceEventRequest, _voice_pb2.PublishVoiceEventResponse]  # type: ignore[assignment]
     """Publishes one event to the owner of a voice session, exactly as the session's engine
     would on its ServeVoice stream (a final transcript of a meeting's session is also
-    added to the meeting's transcript). gRPC only; any authenticated caller.
+    added to the meeting's transcript). gRPC only; a daemon or host caller (what an
+    engine is): an attached agent may not speak into other sessions.
     """
     ServeVoice: _aio.StreamStreamMultiCallable[_voice_pb2.ServeVoiceRequest, _voice_pb2.ServeVoiceResponse]  # type: ignore[assignment]
     """The stream of one speech engine. gRPC only. Authenticate with call metadata
@@ -185,7 +188,8 @@ class VoiceServiceAsyncStub(VoiceServiceStub):
 
     When the stream ends, every session of the engine ends with an error event at its
     owner and the engine's providers are unregistered.
-    The stream's frames are its whole vocabulary in both directions.
+    The stream's frames are its whole vocabulary in both directions. A daemon or host
+    caller only: an engine hears every session's audio, which no attached agent may.
     """
     StartTranscribeStream: _aio.UnaryUnaryMultiCallable[_voice_pb2.StartTranscribeStreamRequest, _voice_pb2.StartTranscribeStreamResponse]  # type: ignore[assignment]
     """Opens a voice session. JSON-RPC: `voice.transcribe_stream.start`."""
@@ -252,7 +256,8 @@ class VoiceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_voice_pb2.PublishVoiceEventResponse, _abc.Awaitable[_voice_pb2.PublishVoiceEventResponse]]:
         """Publishes one event to the owner of a voice session, exactly as the session's engine
         would on its ServeVoice stream (a final transcript of a meeting's session is also
-        added to the meeting's transcript). gRPC only; any authenticated caller.
+        added to the meeting's transcript). gRPC only; a daemon or host caller (what an
+        engine is): an attached agent may not speak into other sessions.
         """
 
     @_abc_1.abstractmethod
@@ -279,7 +284,8 @@ class VoiceServiceServicer(metaclass=_abc_1.ABCMeta):
 
         When the stream ends, every session of the engine ends with an error event at its
         owner and the engine's providers are unregistered.
-        The stream's frames are its whole vocabulary in both directions.
+        The stream's frames are its whole vocabulary in both directions. A daemon or host
+        caller only: an engine hears every session's audio, which no attached agent may.
         """
 
     @_abc_1.abstractmethod

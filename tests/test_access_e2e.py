@@ -1,0 +1,172 @@
+"""Declared access (options.proto `Access`): for every operation and every role, the answer
+of a real core matches the rule declared in the proto, on the session stream and on the
+typed RPCs alike; and no rule refuses what car-runtime 0.58 legitimately sends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from car_runtime import _daemon_wrappers
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor
+
+from car_grpc import api
+from car_grpc.core.server import Core
+from car_grpc.errors import AUTH_REQUIRED, INTERNAL, CarError
+from car_grpc.v1 import options_pb2
+from tests.error_details import error_info
+from tests.runs_helpers import state_of
+from tests.session_client import SessionClient, connect
+
+DAEMON, HOST, AGENT = (
+    options_pb2.CALLER_ROLE_DAEMON,
+    options_pb2.CALLER_ROLE_HOST,
+    options_pb2.CALLER_ROLE_AGENT,
+)
+UNAUTHENTICATED = options_pb2.CALLER_ROLE_UNAUTHENTICATED
+ROLES = (DAEMON, HOST, AGENT)
+REQUESTS = sorted(m for m in api.CLIENT_REQUESTS if m != "session.auth")
+#: Every RPC but the session stream itself (whose requests are the members above).
+RPCS = [m for m in api.all_rpcs() if m.full_name != "car.v1.SessionService.Connect"]
+#: How long an admitted streaming RPC is read before it counts as running.
+STREAM_PROBE = 0.5
+
+
+def test_every_operation_declares_who_may_call_it() -> None:
+    for method, member in api.CLIENT_REQUESTS.items():
+        assert member.access.roles, f"{method} declares no roles"
+        assert UNAUTHENTICATED not in member.access.roles or method == "session.auth", method
+    for rpc in api.all_rpcs():
+        assert api.rpc_access(rpc).roles, f"{rpc.full_name} declares no roles"
+
+
+def test_car_runtime_roles_are_admitted() -> None:
+    """car-runtime's own table says which role calls each daemon method (operator: the
+    daemon token; agent: an attached agent; owner: either, on its own things; host: the
+    host role). Every method we serve admits the role car-runtime calls it with."""
+    car_runtime_roles = {
+        "operator": {DAEMON},
+        "agent": {AGENT},
+        "owner": {DAEMON, AGENT},
+        "host": {HOST},
+    }
+    checked = 0
+    rows: list[dict[str, Any]] = _daemon_wrappers.DAEMON_WRAPPER_ROWS
+    for row in rows:
+        member = api.CLIENT_REQUESTS.get(row["method"])
+        if member is None:
+            continue
+        needed = car_runtime_roles[row["role"]]
+        assert needed <= set(member.access.roles), (row["method"], row["role"])
+        checked += 1
+    assert checked >= 40  # the table covers what we serve
+
+
+@pytest.fixture
+async def sessions(
+    core: Core, channel: grpc.aio.Channel
+) -> AsyncIterator[dict[int, SessionClient]]:
+    state = state_of(core)
+    clients: dict[int, SessionClient] = {
+        DAEMON: await connect(channel, token=state.tokens.daemon),
+        HOST: await connect(channel, host_token=state.tokens.host),
+        AGENT: await connect(channel, token=state.agent_tokens.add("a1"), agent_id="a1"),
+    }
+    yield clients
+    for client in clients.values():
+        await client.close()
+
+
+def _empty(member: api.Member) -> Any:
+    return message_factory.GetMessageClass(member.message)()
+
+
+def _refused_by_role(error: CarError, method: str) -> bool:
+    return error.code == INTERNAL and error.message.startswith(f"permission denied: {method} ")
+
+
+async def test_session_stream_follows_the_declared_roles(
+    channel: grpc.aio.Channel, sessions: dict[int, SessionClient]
+) -> None:
+    for method in REQUESTS:
+        member = api.CLIENT_REQUESTS[method]
+        for role in ROLES:
+            try:
+                await sessions[role].request(member.field, _empty(member), timeout=5)
+                refused = False
+            except CarError as e:
+                refused = _refused_by_role(e, method)
+            assert refused == (role not in member.access.roles), (method, role)
+        # Before session.auth every request but session.auth is -32001 (and the stream ends).
+        stranger = SessionClient(channel)
+        with pytest.raises(CarError) as before_auth:
+            await stranger.request(member.field, _empty(member), timeout=5)
+        assert before_auth.value.code == AUTH_REQUIRED, method
+        await stranger.close()
+
+
+def _metadata(core: Core, role: int) -> tuple[tuple[str, str], ...]:
+    state = state_of(core)
+    if role == DAEMON:
+        return (("authorization", f"Bearer {state.tokens.daemon}"),)
+    if role == HOST:
+        return (("authorization", f"Bearer {state.tokens.host}"),)
+    if role == AGENT:
+        token = state.agent_tokens.add("typed-agent")
+        return (("authorization", f"Bearer {token}"), ("car-agent-id", "typed-agent"))
+    return ()
+
+
+async def _call(
+    channel: grpc.aio.Channel, rpc: MethodDescriptor, metadata: tuple[tuple[str, str], ...]
+) -> grpc.StatusCode:
+    """The status an empty call ends with; OK for one still running after STREAM_PROBE."""
+    path = f"/{rpc.containing_service.full_name}/{rpc.name}"
+    request = message_factory.GetMessageClass(rpc.input_type)()
+    response = message_factory.GetMessageClass(rpc.output_type).FromString
+    serialize = type(request).SerializeToString
+    call: Any
+    if rpc.client_streaming:
+        call = channel.stream_stream(path, serialize, response)(metadata=metadata)
+    elif rpc.server_streaming:
+        call = channel.unary_stream(path, serialize, response)(request, metadata=metadata)
+    else:
+        call = channel.unary_unary(path, serialize, response)(request, metadata=metadata)
+    try:
+        async with asyncio.timeout(STREAM_PROBE if rpc.server_streaming else 10):
+            if rpc.server_streaming:
+                async for _ in call:
+                    pass
+            else:
+                await call
+        return grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+            assert error_info(e).reason == "PERMISSION_DENIED"
+        return e.code()
+    except TimeoutError:
+        return grpc.StatusCode.OK  # admitted: the stream is running
+    finally:
+        with contextlib.suppress(Exception):
+            call.cancel()
+
+
+@pytest.mark.parametrize("role", [UNAUTHENTICATED, *ROLES], ids=options_pb2.CallerRole.Name)
+async def test_typed_rpcs_follow_the_declared_roles(
+    core: Core, channel: grpc.aio.Channel, role: int
+) -> None:
+    metadata = _metadata(core, role)
+    for rpc in RPCS:
+        access = api.rpc_access(rpc)
+        code = await _call(channel, rpc, metadata)
+        if role == UNAUTHENTICATED:
+            assert code == grpc.StatusCode.UNAUTHENTICATED, rpc.full_name
+        elif role in access.roles:
+            assert code != grpc.StatusCode.PERMISSION_DENIED, rpc.full_name
+        else:
+            assert code == grpc.StatusCode.PERMISSION_DENIED, rpc.full_name
