@@ -1,6 +1,6 @@
 """Configuration of a car-grpc server, as one typed object.
 
-`Config.from_env()` reads the environment variables of PROTOCOL.md (CAR_HOME,
+`Config.from_env()` reads the environment variables of docs/protocol.md (CAR_HOME,
 CAR_NO_AUTH, CAR_NO_APPROVALS, CAR_TOOL_TIMEOUT, CAR_HANDLER_TIMEOUT, ...); the CLI
 overrides fields from its flags; embedders build one directly.
 """
@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Methods the approval gate parks by default (PROTOCOL.md §6).
+#: Methods the approval gate parks by default (docs/protocol.md §6).
 DEFAULT_GATED_METHODS = frozenset(
     {
         "automation.run_applescript",
@@ -75,7 +75,7 @@ def default_state_root() -> Path:
 
 
 def default_token_dir() -> Path:
-    """The directory of the auth-token and host-token files (PROTOCOL.md §2).
+    """The directory of the auth-token and host-token files (docs/protocol.md §2).
 
     `$CAR_HOME/ai.parslee.car`, else `$XDG_RUNTIME_DIR/ai.parslee.car`, else
     `~/.config/ai.parslee.car`: the path car-runtime reads.

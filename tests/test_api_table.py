@@ -1,4 +1,5 @@
-"""The JSON-RPC method table built from the descriptors covers PROTOCOL.md §2-§7."""
+"""The JSON-RPC method table built from the descriptors covers the CAR session protocol,
+and docs/protocol.md documents exactly the methods it serves."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import re
 from pathlib import Path
 
 from car_grpc import api
+from car_grpc.config import DEFAULT_GATED_METHODS
 from car_grpc.v1 import session_pb2
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "PROTOCOL.md"
+ROOT = Path(__file__).resolve().parents[1]
+PROTOCOL_DOC = ROOT / "docs" / "protocol.md"
 
-# Every method of PROTOCOL.md §2-§7, by direction. Server-initiated requests and
-# notifications are the ones the server sends.
+# Every method of the protocol (docs/protocol.md §2-§7), by direction. Server-initiated
+# requests and notifications are the ones the server sends.
 CLIENT_REQUESTS = {
     "session.auth", "server.handshake", "session.init", "session.clear_halt",
     "tools.register", "tools.list", "tools.unregister", "proposal.submit",
@@ -76,30 +79,102 @@ def test_every_frame_member_but_error_is_bound() -> None:
         assert names - set(members) == {"error"}
 
 
-def test_protocol_md_methods_are_all_in_the_table() -> None:
-    """Every backticked dotted method name in PROTOCOL.md §2-§7 is in the table."""
-    if not SHARED.exists():  # the spec lives beside the checkout (../shared)
-        raise AssertionError(f"PROTOCOL.md not found at {SHARED}")
-    text = SHARED.read_text()
-    body = text[text.index("## 2.") : text.index("## 8.")]
-    named = set(re.findall(r"`([a-z_]+(?:\.[a-z_]+)+)", body))
-    known = (
+# ------------------------------------------------------------------ docs/protocol.md
+#
+# The doc's convention (also in a comment at its top): outside fenced code blocks, a code
+# span whose first word is a dotted lowercase name (`runs.start`, `runs.start {intent}`)
+# names a method this server serves. Values that merely look like one are written as
+# JSON strings (`"agent.registered"`, `"ws.method:<method>"`), file names as links.
+# The one exception: the approval gate's default list, car-server methods this server
+# does not serve (config.DEFAULT_GATED_METHODS), which the doc names as methods.
+
+_DOTTED = re.compile(r"[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+")
+_FILE_SUFFIXES = (".md", ".proto", ".py", ".js", ".json", ".sock")
+
+
+def _served() -> set[str]:
+    return (
         set(api.CLIENT_REQUESTS) | set(api.SERVER_REQUESTS) | set(api.SERVER_NOTIFICATIONS)
         | set(api.CLIENT_NOTIFICATIONS)
     )  # fmt: skip
-    # Names in backticks that are not methods: gated examples, host event kinds, the
-    # approval action prefix.
-    not_methods = {
-        "automation.run_applescript", "automation.run_powershell", "automation.shortcuts.run",
-        "messages.send", "mail.send", "vision.ocr", "calendar.create_event",
-        "calendar.update_event", "calendar.delete_event", "agent.registered",
-        "agent.unregistered", "agent.status_changed", "approval.requested",
-        "approval.resolved", "host.notification", "ws.method", "data.terminal",
-        "goal.max_iterations",
-    }  # fmt: skip
-    missing = named - known - not_methods
-    assert not missing, f"methods of PROTOCOL.md without a typed binding: {sorted(missing)}"
-    assert known >= CLIENT_REQUESTS | SERVER_REQUESTS | SERVER_NOTIFICATIONS
+
+
+def _prose_blocks(text: str) -> list[str]:
+    """The doc's paragraphs, table rows and list items, without comments or fenced code."""
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.DOTALL)
+    lines: list[str] = []
+    fenced = False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            lines.append("")
+        elif not fenced:
+            lines.append(line)
+    assert not fenced, "docs/protocol.md: a fenced code block is not closed"
+    return [block for block in re.split(r"\n\s*\n", "\n".join(lines)) if block.strip()]
+
+
+def _method_names(text: str) -> set[str]:
+    """Every name the doc writes as a method (see the convention above)."""
+    names: set[str] = set()
+    for block in _prose_blocks(text):
+        # An unpaired backtick would shift every later span: catch it where it is.
+        assert block.count("`") % 2 == 0, f"unpaired backtick in: {block.strip()[:120]!r}"
+        for span in re.findall(r"`([^`]+)`", block):
+            word = re.split(r"[\s{(]", span.strip(), maxsplit=1)[0]
+            if _DOTTED.fullmatch(word) and not word.endswith(_FILE_SUFFIXES):
+                names.add(word)
+    return names
+
+
+def test_method_names_are_read_from_code_spans_only() -> None:
+    text = """Call `runs.start {intent}` or `host.agents`, not runs.list.
+
+```
+{"method": "runs.get_trace"}
+```
+
+Kinds: `"agent.registered"`, `"ws.method:<method>"`, [voice.proto](x); `state.get`,
+`goal.set`."""
+    assert _method_names(text) == {"runs.start", "host.agents", "state.get", "goal.set"}
+
+
+def test_protocol_doc_names_only_methods_the_server_serves() -> None:
+    named = _method_names(PROTOCOL_DOC.read_text())
+    unknown = named - _served() - DEFAULT_GATED_METHODS
+    assert not unknown, (
+        f"docs/protocol.md names methods this server does not serve: {sorted(unknown)} "
+        '(write a value that is not a method as a JSON string: `"agent.registered"`)'
+    )
+    # The gate's default list is spelled out in §6: it must be the one the server uses.
+    assert named >= DEFAULT_GATED_METHODS, sorted(DEFAULT_GATED_METHODS - named)
+
+
+def test_protocol_doc_documents_every_method_the_server_serves() -> None:
+    named = _method_names(PROTOCOL_DOC.read_text())
+    undocumented = _served() - named
+    assert not undocumented, f"methods missing from docs/protocol.md: {sorted(undocumented)}"
+    assert _served() >= CLIENT_REQUESTS | SERVER_REQUESTS | SERVER_NOTIFICATIONS
+
+
+def test_protocol_doc_sections_cited_by_the_code_exist() -> None:
+    """Comments cite `docs/protocol.md §N`: every such section is a heading `## N.`."""
+    headings = set(re.findall(r"^## (\d+[a-z]?)\. ", PROTOCOL_DOC.read_text(), re.MULTILINE))
+    assert {str(n) for n in range(1, 10)} <= headings
+    sources = [ROOT / "README.md", *(ROOT / "car_grpc").rglob("*.py")]
+    cited: dict[str, set[str]] = {}
+    for path in sources:
+        for section in re.findall(r"protocol\.md §(\d+[a-z]?)", path.read_text()):
+            cited.setdefault(section, set()).add(str(path.relative_to(ROOT)))
+    missing = {
+        section: sorted(files) for section, files in cited.items() if section not in headings
+    }
+    assert not missing, f"sections cited but not in docs/protocol.md: {missing}"
+
+
+def test_protocol_doc_links_resolve() -> None:
+    for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", PROTOCOL_DOC.read_text()):
+        assert (PROTOCOL_DOC.parent / target).exists(), f"docs/protocol.md links to {target}"
 
 
 def test_typed_rpcs_map_to_session_members() -> None:

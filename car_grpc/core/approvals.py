@@ -1,4 +1,4 @@
-"""Approvals: the durable ledger, its three methods, and the approval gate (PROTOCOL.md §6).
+"""Approvals: the durable ledger, its three methods, and the approval gate (docs/protocol.md §6).
 
 An approval is pending until someone resolves it, it times out, or whoever waited on it
 is gone. Each change is committed to the store before anyone hears of it, and then

@@ -1,4 +1,4 @@
-"""Tokens: the daemon token, the host token, and per-agent tokens (PROTOCOL.md §2).
+"""Tokens: the daemon token, the host token, and per-agent tokens (docs/protocol.md §2).
 
 The daemon and host tokens are minted at start (32 random bytes, base64url without
 padding: 43 characters) and written 0600 to the token directory, where car-runtime finds

@@ -1,4 +1,4 @@
-"""Chats between hosts and attached agents, and standing goals (PROTOCOL.md §5).
+"""Chats between hosts and attached agents, and standing goals (docs/protocol.md §5).
 
 A host asks for a chat with an attached agent; the chat is routed by its session_id to the
 agent's connection at that moment. The server reverse-calls `agent.chat` there and answers

@@ -1,4 +1,4 @@
-"""Host events and the host's agent registry (PROTOCOL.md §6).
+"""Host events and the host's agent registry (docs/protocol.md §6).
 
 Every change a host cares about becomes a HostEvent with a strictly increasing
 `sequence`; the newest `Config.host_event_history` events are kept for snapshots and for

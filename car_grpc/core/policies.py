@@ -1,4 +1,4 @@
-"""policy.register/unregister/list (PROTOCOL.md §3): the session's policies.
+"""policy.register/unregister/list (docs/protocol.md §3): the session's policies.
 
 A policy is validated and normalised when registered: car-runtime 0.58 sends its kind as
 `rule`, so `rule` is accepted as an alias of `kind` and folded into it. What a policy

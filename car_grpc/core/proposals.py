@@ -1,4 +1,4 @@
-"""The proposal executor (PROTOCOL.md §3): pure logic, no sockets.
+"""The proposal executor (docs/protocol.md §3): pure logic, no sockets.
 
 `plan` validates a proposal and works out its ordering: an action runs after the actions
 that write the state keys in its `state_dependencies`, after every action whose output it

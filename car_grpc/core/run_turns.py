@@ -1,4 +1,4 @@
-"""The size rules of a run turn (PROTOCOL.md §4), pure and without I/O.
+"""The size rules of a run turn (docs/protocol.md §4), pure and without I/O.
 
 `prompt`, a string `output` and every long string inside `parameters` keep their first
 16 KiB (UTF-8) followed by `…[truncated]`. A turn whose JSON still exceeds 256 KiB has

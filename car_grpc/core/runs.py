@@ -1,4 +1,4 @@
-"""Agent runs (PROTOCOL.md §4): a run's lifecycle, its durable trace and its live readers.
+"""Agent runs (docs/protocol.md §4): a run's lifecycle, its durable trace and its live readers.
 
 A run is `in_progress` from runs.start until runs.complete (`completed`) or until the
 connection that owns it has been gone for Config.run_complete_grace (`incomplete`).

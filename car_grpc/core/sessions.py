@@ -1,4 +1,4 @@
-"""session.auth and server.handshake (PROTOCOL.md §2)."""
+"""session.auth and server.handshake (docs/protocol.md §2)."""
 
 from __future__ import annotations
 

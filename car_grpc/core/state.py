@@ -1,4 +1,4 @@
-"""state.get/set/exists/keys/snapshot: the session's key-value state (PROTOCOL.md §3).
+"""state.get/set/exists/keys/snapshot: the session's key-value state (docs/protocol.md §3).
 
 Values are any JSON, held as Python values in `ClientSession.kv`; they vanish with the
 session. Proposals read and write the same dict (see proposals.py).

@@ -1,4 +1,4 @@
-"""Tools and proposals on a session (PROTOCOL.md §3): session.init, session.clear_halt,
+"""Tools and proposals on a session (docs/protocol.md §3): session.init, session.clear_halt,
 tools.register/list/unregister and proposal.submit.
 
 proposal.submit runs the executor (proposals.py) with a tool caller bound to the session:

@@ -1,4 +1,4 @@
-"""Voice sessions bridged to external speech engines (PROTOCOL.md §7, voice.proto).
+"""Voice sessions bridged to external speech engines (docs/protocol.md §7, voice.proto).
 
 The server does no speech: it routes. A speech engine holds one ServeVoice stream (an
 `Engine`) and serves named providers. A client opens a voice session for a provider; the

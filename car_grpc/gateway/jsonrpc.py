@@ -1,4 +1,4 @@
-"""JSON-RPC 2.0 over the session stream, free of I/O (PROTOCOL.md §1).
+"""JSON-RPC 2.0 over the session stream, free of I/O (docs/protocol.md §1).
 
 `Bridge` holds the JSON-RPC state of one WebSocket connection. `from_client` turns a text
 frame into ClientFrames for the core plus the errors the gateway answers itself;

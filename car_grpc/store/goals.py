@@ -1,4 +1,4 @@
-"""Standing goals in the store (PROTOCOL.md §5): the SQL, as functions of a connection.
+"""Standing goals in the store (docs/protocol.md §5): the SQL, as functions of a connection.
 
 Each function runs inside one `SqliteStore.run` transaction. A goal is keyed by its chat
 session_id; its status follows the chats of that session (see car_grpc.core.chats).

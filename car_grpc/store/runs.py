@@ -1,4 +1,4 @@
-"""Runs in the store: one row per run and its ordered records (PROTOCOL.md §4).
+"""Runs in the store: one row per run and its ordered records (docs/protocol.md §4).
 
 A run's records are numbered from 0 (`started`), then its turns, then `ended`; each is a
 serialized car.v1.RunRecord. Every write is one transaction that also moves the run's
