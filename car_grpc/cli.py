@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -168,12 +169,26 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     return _run(Gateway(config, args.core))
 
 
-def _agents_store() -> AgentTokens:
-    return AgentTokens(SqliteStore(Config.from_env().store_path))
+def _store_note(config: Config, new: bool) -> str:
+    """Which store an `agents` command used: a server honours the tokens of its own store
+    only, the one under its CAR_HOME (a token minted elsewhere fails `token mismatch`)."""
+    home = os.environ.get("CAR_HOME")
+    where = f"CAR_HOME={home}" if home else f"CAR_HOME unset, so {config.state_root}"
+    note = f"car-grpc: agent tokens of the store {config.store_path} ({where})"
+    if new:
+        note += (
+            "\ncar-grpc: that store did not exist before: a server honours only the agent tokens "
+            "of the store under its own CAR_HOME"
+        )
+    return note
 
 
 def _cmd_agents(args: argparse.Namespace) -> int:
-    tokens = _agents_store()
+    config = Config.from_env()
+    new = not config.store_path.exists()
+    tokens = AgentTokens(SqliteStore(config.store_path))
+    # On stderr: stdout stays the token alone (add) or the listing (list).
+    print(_store_note(config, new), file=sys.stderr)
     try:
         if args.agents_cmd == "add":
             print(tokens.add(args.agent_id))
@@ -239,9 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ws_flags(gateway, "none", "default: plaintext")
     gateway.set_defaults(func=_cmd_gateway)
 
-    agents = sub.add_parser("agents", help="manage per-agent tokens")
+    agents = sub.add_parser(
+        "agents",
+        help="manage per-agent tokens",
+        description="Manage per-agent tokens in the store under $CAR_HOME (default ~/.car): "
+        "run with the CAR_HOME of the server that is to honour them. Each command names "
+        "the store it used on stderr.",
+    )
     agents_sub = agents.add_subparsers(dest="agents_cmd", required=True)
-    add = agents_sub.add_parser("add", help="mint a token for an agent; prints it once")
+    add = agents_sub.add_parser(
+        "add", help="mint a token for an agent; prints it once, alone on stdout"
+    )
     add.add_argument("agent_id")
     remove = agents_sub.add_parser("remove", help="revoke an agent's token")
     remove.add_argument("agent_id")

@@ -207,6 +207,18 @@ class Config:
     #: Its port: None means the WebSocket port + 1 (ephemeral when that one is); 0 picks a
     #: free one.
     dashboard_port: int | None = None
+    #: Connections the dashboard serves at once. A new one beyond it closes the connection
+    #: that has waited longest for a request; if every one is busy (a request being
+    #: served, a live stream) the new one is answered 503.
+    dashboard_max_connections: int = 64
+    #: Connections one peer (an IPv4 address, an IPv6 /64) may hold at once; beyond it the
+    #: peer's own connection that has waited longest for a request is closed (503 if none
+    #: is waiting). On loopback every client is the same peer.
+    dashboard_max_connections_per_peer: int = 32
+    #: Seconds a dashboard connection has to send a whole request head (from its opening,
+    #: or from the first byte of a later request on a kept-alive connection), and again
+    #: for the body after it; later it is answered 408 and closed.
+    dashboard_header_timeout: float = 5.0
 
     @classmethod
     def from_env(cls) -> Config:

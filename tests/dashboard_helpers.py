@@ -1,6 +1,6 @@
 """Helpers for the dashboard tests: a raw HTTP/1.1 client on asyncio streams (so tests
-choose every header, Host and Origin included), Server-Sent Event reading, and the login
-link the dashboard prints in its log."""
+choose every header, Host and Origin included), Server-Sent Event reading, the login
+link the dashboard prints in its log, and half-open connections (a slowloris client)."""
 
 from __future__ import annotations
 
@@ -146,3 +146,61 @@ async def log_in(login_url: str) -> str:
     cookie = answer.header("set-cookie").split(";", 1)[0]
     assert cookie.startswith("car_dashboard="), cookie
     return cookie
+
+
+#: The start of a request head that never ends (no blank line): what a slowloris sends.
+PARTIAL_HEAD = b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+
+
+class HalfOpen:
+    """A connection that sent `data` and then nothing; `closed` completes with what the
+    server sent (at most 64 KiB) once the server closes it."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.closed: asyncio.Task[bytes] = asyncio.create_task(self._until_closed())
+
+    async def _until_closed(self) -> bytes:
+        received = b""
+        with contextlib.suppress(ConnectionError):
+            while len(received) < 64 * 1024 and (chunk := await self.reader.read(4096)):
+                received += chunk
+        return received
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closed.done()
+
+    def close(self) -> None:
+        self.closed.cancel()
+        self.writer.close()
+
+
+@contextlib.asynccontextmanager
+async def half_open(
+    port: int, count: int, source: str = "127.0.0.1", data: bytes = PARTIAL_HEAD
+) -> AsyncIterator[list[HalfOpen]]:
+    """`count` connections to 127.0.0.1:`port` from the address `source` (any 127.x.y.z
+    is loopback: a peer of its own), each of which sends `data` and then nothing."""
+    connections: list[HalfOpen] = []
+    try:
+        for _ in range(count):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=(source, 0)
+            )
+            writer.write(data)
+            connections.append(HalfOpen(reader, writer))
+        yield connections
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+async def until_closed(connections: list[HalfOpen], count: int, timeout: float = 5) -> None:
+    """Wait until the server has closed at least `count` of `connections`."""
+    async with asyncio.timeout(timeout):
+        while sum(not c.is_open for c in connections) < count:
+            await asyncio.wait(
+                [c.closed for c in connections if c.is_open],
+                return_when=asyncio.FIRST_COMPLETED,
+            )

@@ -1,6 +1,6 @@
 """End-to-end: the `car-grpc` command. `car-grpc core` serves stock gRPC health and
 reflection; `car-grpc agents add|list|remove` manage agent tokens that a running core
-honours at once."""
+honours at once, and name the store they used; `./dev car-grpc` runs it from a checkout."""
 
 from __future__ import annotations
 
@@ -25,26 +25,37 @@ from tests.serve_process import launched
 from tests.session_client import SessionClient
 
 CAR_GRPC = str(Path(sys.executable).with_name("car-grpc"))
+CHECKOUT = Path(__file__).resolve().parents[1]
 TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
+NEW_STORE = "that store did not exist before"
 
 
-def car_env(car_home: Path) -> dict[str, str]:
+def car_env(car_home: Path | None, home: Path | None = None) -> dict[str, str]:
+    """The environment without CAR_* variables, then CAR_HOME (and HOME) as given."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-    env["CAR_HOME"] = str(car_home)
+    if car_home is not None:
+        env["CAR_HOME"] = str(car_home)
+    if home is not None:
+        env["HOME"] = str(home)
     return env
 
 
-async def car_grpc(car_home: Path, *args: str) -> tuple[int, str, str]:
+async def run(argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        CAR_GRPC,
-        *args,
-        env=car_env(car_home),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def car_grpc(car_home: Path, *args: str) -> tuple[int, str, str]:
+    return await run([CAR_GRPC, *args], car_env(car_home))
+
+
+def store_line(car_home: Path) -> str:
+    """What `car-grpc agents ...` prints on stderr about the store it used."""
+    return f"agent tokens of the store {car_home}/car-grpc/store.sqlite3 (CAR_HOME={car_home})"
 
 
 async def test_core_serves_health_and_reflection(tmp_path: Path) -> None:
@@ -112,6 +123,8 @@ async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> Non
         assert code == 0, err
         token = out.removesuffix("\n")
         assert out == token + "\n" and TOKEN.fullmatch(token)  # the token alone, once
+        # The store it used, on stderr: the server's (it exists already: no warning).
+        assert store_line(car_home) in err and NEW_STORE not in err, err
 
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
             first, first_id = await attach(channel, "agent-x", token)
@@ -120,8 +133,9 @@ async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> Non
             assert core.state is not None
             assert core.state.attached["agent-x"].id == second_id != first_id
 
-            code, out, _ = await car_grpc(car_home, "agents", "list")
-            assert code == 0 and out.startswith("agent-x\t")
+            code, out, err = await car_grpc(car_home, "agents", "list")
+            assert code == 0 and out.startswith("agent-x\t") and len(out.splitlines()) == 1
+            assert store_line(car_home) in err
 
             # Minting again replaces the token; removing revokes it.
             code, out, _ = await car_grpc(car_home, "agents", "add", "agent-x")
@@ -134,8 +148,8 @@ async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> Non
                 )
             assert caught.value.code == INTERNAL
             await client.close()
-            code, _, _ = await car_grpc(car_home, "agents", "remove", "agent-x")
-            assert code == 0
+            code, out, err = await car_grpc(car_home, "agents", "remove", "agent-x")
+            assert code == 0 and out == "" and store_line(car_home) in err
             client = SessionClient(channel)
             with pytest.raises(CarError):
                 await client.request(
@@ -148,3 +162,35 @@ async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> Non
                 await c.close()
     finally:
         await core.stop(grace=0)
+
+
+async def test_agents_add_names_a_new_store_and_the_home_it_came_from(tmp_path: Path) -> None:
+    """Without CAR_HOME the token goes to ~/.car: `agents add` says so, and that the store
+    did not exist (no server has used it), while stdout stays the token alone."""
+    home = tmp_path / "user"
+    code, out, err = await run([CAR_GRPC, "agents", "add", "bot"], car_env(None, home=home))
+    assert code == 0, err
+    assert TOKEN.fullmatch(out.removesuffix("\n")) and out.count("\n") == 1
+    store = home / ".car" / "car-grpc" / "store.sqlite3"
+    assert f"agent tokens of the store {store} (CAR_HOME unset, so {home / '.car'})" in err
+    assert NEW_STORE in err and "its own CAR_HOME" in err
+    code, out, err = await run([CAR_GRPC, "agents", "list"], car_env(None, home=home))
+    assert code == 0 and out.startswith("bot\t")
+    assert str(store) in err and NEW_STORE not in err
+
+
+@pytest.mark.skipif(
+    Path(sys.prefix).resolve() != (CHECKOUT / ".venv").resolve(),
+    reason="./dev sets up the checkout's .venv: run under it (./dev test)",
+)
+async def test_dev_runs_any_car_grpc_command_from_the_checkout(tmp_path: Path) -> None:
+    """`./dev car-grpc ARGS` runs the checkout's car-grpc with ARGS: its stdout is the
+    command's alone (here the token), so `$(./dev car-grpc agents add a)` works."""
+    dev = str(CHECKOUT / "dev")
+    car_home = tmp_path / "car-home"
+    code, out, err = await run([dev, "car-grpc", "agents", "add", "a1"], car_env(car_home))
+    assert code == 0, err
+    assert TOKEN.fullmatch(out.removesuffix("\n")) and out.count("\n") == 1
+    assert store_line(car_home) in err
+    code, out, _ = await run([dev, "car-grpc", "agents", "list"], car_env(car_home))
+    assert code == 0 and out.startswith("a1\t")

@@ -1,6 +1,7 @@
 """End-to-end over plain HTTP: the dashboard of a real `Server` (core + gateway +
 dashboard on loopback): login, cookie, 401s, origin and Host checks, the JSON API, the
-live event streams and their resumption, /metrics and /healthz."""
+live event streams and their resumption, /metrics and /healthz, and half-open
+connections (slowloris) against its connection caps and header deadline."""
 
 from __future__ import annotations
 
@@ -20,7 +21,15 @@ from car_grpc.errors import APPROVAL_DENIED, INVALID_PARAMS, CarError
 from car_grpc.server import Server
 from car_grpc.v1 import host_pb2, state_pb2
 from tests.conftest import make_config
-from tests.dashboard_helpers import event_stream, log_in, printed_login_urls, request
+from tests.dashboard_helpers import (
+    PARTIAL_HEAD,
+    event_stream,
+    half_open,
+    log_in,
+    printed_login_urls,
+    request,
+    until_closed,
+)
 from tests.runs_helpers import complete, record, start, turns
 from tests.session_client import SessionClient, connect
 
@@ -298,3 +307,147 @@ async def test_a_dashboard_beside_a_core_in_another_server(
     finally:
         await wrong.stop()
         await core.stop(grace=0)
+
+
+# ------------------------------------------------------------------ half-open connections
+
+
+def port_of(server: Server) -> int:
+    assert server.dashboard is not None
+    return server.dashboard.port
+
+
+async def test_half_open_connections_cannot_lock_out_a_logged_in_operator(
+    server: Server, cookie: str
+) -> None:
+    """200 connections that send part of a request head and then nothing, from the
+    operator's own address (on loopback every client is one peer): the operator's
+    requests are still served at once, and the flood holds no more than the per-peer cap
+    (the connections that waited longest were closed, without an answer)."""
+    async with half_open(port_of(server), 200) as flood:
+        for _ in range(3):
+            async with asyncio.timeout(2):
+                answer = await request("GET", base(server) + "api/status", {"Cookie": cookie})
+            assert answer.status == 200, answer.body
+        cap = server.config.dashboard_max_connections_per_peer
+        assert cap < server.config.dashboard_max_connections < 200
+        await until_closed(flood, 200 - cap)
+        assert sum(c.is_open for c in flood) <= cap
+        assert all(c.closed.result() == b"" for c in flood if not c.is_open)
+
+
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    """One whole answer (head and Content-Length body) off a kept-alive connection."""
+    async with asyncio.timeout(2):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        return head + await reader.readexactly(length)
+
+
+async def test_a_request_head_must_arrive_whole_within_the_header_deadline(
+    tmp_path: Path,
+) -> None:
+    """A connection that sends part of a head, or nothing, is answered 408 and closed
+    after `dashboard_header_timeout`; so is a kept-alive connection that begins a second
+    request and stops. A kept-alive connection that merely idles stays open (the idle
+    timeout is longer) and serves its next request."""
+    async with Server(make_config(tmp_path, dashboard_header_timeout=0.5)) as server:
+        port = port_of(server)
+        loop = asyncio.get_running_loop()
+        complete = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        kept_alive = await asyncio.open_connection("127.0.0.1", port)
+        idle = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            async with half_open(port, 1) as [partial], half_open(port, 1, data=b"") as [silent]:
+                started = loop.time()
+                for reader, writer in (kept_alive, idle):
+                    writer.write(complete)
+                    assert (await read_answer(reader)).startswith(b"HTTP/1.1 401 ")  # no cookie
+                kept_alive[1].write(PARTIAL_HEAD)
+                async with asyncio.timeout(4):
+                    kept_alive_answer = await kept_alive[0].read()  # until the server closes
+                await until_closed([partial, silent], 2, timeout=4)
+                elapsed = loop.time() - started
+                assert 0.45 <= elapsed < 3, elapsed
+                for answer in (partial.closed.result(), silent.closed.result(), kept_alive_answer):
+                    assert answer.startswith(b"HTTP/1.1 408 "), answer
+                    assert b"Connection: close" in answer
+                assert not idle[0].at_eof()
+                idle[1].write(complete)
+                assert (await read_answer(idle[0])).startswith(b"HTTP/1.1 401 ")
+        finally:
+            for _, writer in (kept_alive, idle):
+                writer.close()
+
+
+async def test_the_caps_close_the_longest_waiting_connection_of_the_peer_then_of_anyone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Per-peer cap 4, global cap 8; any 127.x.y.z is a peer of its own. A peer that opens
+    20 half-open connections keeps its 4 newest, while the 3 older half-open connections
+    of another peer survive. At the global cap a new peer's connection closes the one
+    that has waited longest of all, and is served."""
+    caplog.set_level(logging.INFO, logger="car_grpc.dashboard")
+    config = make_config(
+        tmp_path,
+        dashboard_max_connections=8,
+        dashboard_max_connections_per_peer=4,
+        dashboard_header_timeout=30.0,  # no deadline during the test: only the caps act
+    )
+    async with Server(config) as server:
+        port, url = port_of(server), base(server)
+        cookie = await log_in(printed_login_urls(caplog.records)[-1])
+        async with (
+            half_open(port, 3, source="127.0.0.1") as mine,
+            half_open(port, 20, source="127.0.0.2") as theirs,
+        ):
+            await until_closed(theirs, 16)
+            assert [i for i, c in enumerate(theirs) if c.is_open] == [16, 17, 18, 19]
+            assert all(c.is_open for c in mine)
+            async with half_open(port, 1, source="127.0.0.3"):  # 8 connections now
+                async with asyncio.timeout(2):
+                    answer = await request(
+                        "GET", url + "api/status", {"Cookie": cookie, "Host": f"127.0.0.1:{port}"}
+                    )
+                assert answer.status == 200
+                await until_closed(mine, 1)
+                assert [c.is_open for c in mine] == [False, True, True]
+                assert sum(c.is_open for c in theirs) == 4
+
+
+async def test_at_the_cap_busy_connections_stay_and_a_new_one_is_refused_503(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Live event streams are busy connections, never closed for a newcomer: with the
+    per-peer cap (2) taken by two streams, the same peer's next connection is answered
+    503, while another peer is still served."""
+    caplog.set_level(logging.INFO, logger="car_grpc.dashboard")
+    config = make_config(
+        tmp_path, dashboard_max_connections=4, dashboard_max_connections_per_peer=2
+    )
+    async with Server(config) as server:
+        url = base(server)
+        cookie = await log_in(printed_login_urls(caplog.records)[-1])
+        headers = {"Cookie": cookie}
+        async with (
+            event_stream(url + "api/events", headers) as first,
+            event_stream(url + "api/events", headers) as second,
+        ):
+            for stream in (first, second):
+                assert stream.status == 200 and (await stream.next()).event == "hello"
+            refused = await request("GET", url + "api/status", headers)
+            assert (refused.status, refused.body) == (503, b"too many connections")
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port_of(server), local_addr=("127.0.0.2", 0)
+            )
+            try:
+                host = url.removeprefix("http://").rstrip("/")
+                writer.write(
+                    f"GET /api/status HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n"
+                    "Connection: close\r\n\r\n".encode()
+                )
+                async with asyncio.timeout(2):
+                    answer = await reader.read()
+                assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+            finally:
+                writer.close()

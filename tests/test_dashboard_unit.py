@@ -7,7 +7,15 @@ import pytest
 from car_grpc.config import Config
 from car_grpc.dashboard import access as access_module
 from car_grpc.dashboard.access import COOKIE, MAX_SESSIONS, Access
-from car_grpc.dashboard.http import MAX_HEADERS, HttpError, Request, ServerSentEvent, parse_head
+from car_grpc.dashboard.http import (
+    MAX_HEADERS,
+    HttpError,
+    Limits,
+    Request,
+    ServerSentEvent,
+    parse_head,
+    peer_of,
+)
 
 
 def head(*lines: str) -> bytes:
@@ -49,6 +57,27 @@ def test_parse_head_refuses_malformed_requests(lines: tuple[str, ...], status: i
     with pytest.raises(HttpError) as refused:
         parse_head(head(*lines))
     assert refused.value.status == status
+
+
+def test_a_peer_is_an_ipv4_address_or_an_ipv6_slash_64() -> None:
+    assert peer_of(("127.0.0.1", 50000)) == peer_of(("127.0.0.1", 50001)) == "127.0.0.1"
+    assert peer_of(("127.0.0.2", 50000)) == "127.0.0.2"
+    assert peer_of(("::ffff:192.0.2.7", 1, 0, 0)) == "192.0.2.7"
+    one = peer_of(("2001:db8:1:2::1", 1, 0, 0))
+    assert one == peer_of(("2001:db8:1:2:ffff::9", 1, 0, 0)) == "2001:db8:1:2::/64"
+    assert one != peer_of(("2001:db8:1:3::1", 1, 0, 0))
+    assert peer_of(("fe80::1%eth0", 1, 0, 2)) == "fe80::/64"
+    assert peer_of("") == peer_of(None) == ""  # e.g. a Unix socket: one peer
+
+
+def test_limits_refuse_caps_that_cannot_work() -> None:
+    for bad in (
+        {"max_connections_per_peer": 0},
+        {"max_connections": 4, "max_connections_per_peer": 8},
+        {"header_timeout": 0},
+    ):
+        with pytest.raises(ValueError):
+            Limits(**bad)
 
 
 def test_keep_alive_follows_the_version_and_connection_header() -> None:

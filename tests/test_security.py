@@ -17,6 +17,7 @@ import ipaddress
 import os
 import re
 import signal
+import sqlite3
 import stat
 import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -127,20 +128,38 @@ def umask(value: int) -> Iterator[None]:
 
 async def test_secret_files_and_their_directories_are_private(tmp_path: Path) -> None:
     """Even under a umask that lets everyone read: token files 0600 in a 0700 directory (a
-    wider token file left from before is replaced), the store's directory 0700, the Unix
-    socket 0600 in a 0700 directory."""
+    wider token file left from before is replaced), the store's SQLite files (database,
+    -wal, -shm) 0600 in a 0700 directory (wider ones left from before are narrowed), the
+    Unix socket 0600 in a 0700 directory."""
     socket_path = tmp_path / "run" / "car-server.sock"
     config = make_config(tmp_path, unix_socket=socket_path)
     config.token_dir.mkdir(parents=True)
     (config.token_dir / AUTH_TOKEN_FILE).write_text("stale")
     (config.token_dir / AUTH_TOKEN_FILE).chmod(0o644)
+    store = config.store_path
+    store_files = [store, *(store.with_name(store.name + s) for s in ("-wal", "-shm"))]
     with umask(0):
         async with running(config):
             for name in (AUTH_TOKEN_FILE, HOST_TOKEN_FILE):
                 assert mode(config.token_dir / name) == 0o600, name
-            assert mode(config.store_path.parent) == 0o700
+            for path in store_files:
+                assert mode(path) == 0o600, path
+            assert mode(store.parent) == 0o700
             assert mode(socket_path) == 0o600
             assert mode(socket_path.parent) == 0o700
+    # Store files an earlier version left 0644, the -wal and -shm held open by another
+    # process (several may open the store: `agents add` beside a server).
+    other = sqlite3.connect(store)
+    try:
+        other.execute("SELECT count(*) FROM agent_tokens").fetchone()
+        for path in store_files:
+            path.chmod(0o644)
+        with umask(0):
+            async with running(config):
+                for path in store_files:
+                    assert mode(path) == 0o600, path
+    finally:
+        other.close()
     # A token directory the server creates itself is 0700.
     fresh = make_config(tmp_path / "fresh")
     with umask(0):

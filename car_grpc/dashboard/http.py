@@ -1,17 +1,26 @@
 """A small HTTP/1.1 server on asyncio streams, just enough for the dashboard.
 
 Requests are parsed by `parse_head` (pure, tested without sockets); `HttpServer` reads
-them off connections with bounds on everything (head size, body size, connections, idle
-time) and hands each to one async handler, which answers with a `Response` or, for
-Server-Sent Events, an `EventStream`. Keep-alive is supported; chunked request bodies
-and pipelining beyond one request at a time are not needed by a browser page and are
-refused or simply served in order.
+them off connections with bounds on everything (head size, body size, connections in all
+and per peer, the time to send a request, idle time) and hands each to one async handler,
+which answers with a `Response` or, for Server-Sent Events, an `EventStream`. Keep-alive
+is supported; chunked request bodies and pipelining beyond one request at a time are not
+needed by a browser page and are refused or simply served in order.
+
+Against slowloris (connections that send a request head slowly, or never finish it): a
+request head must arrive whole within `Limits.header_timeout` (408 otherwise), and when a
+new connection finds its peer or the server at its connection cap, the connection that has
+waited longest for a request (of that peer, else of anyone) is closed to make room. Only
+when every connection is busy (a request being served, an event stream) is the new one
+refused with 503. So half-open connections, however many, cannot lock out a client that
+sends its request at once, not even from the same address (all of loopback is one peer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,14 +37,53 @@ MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
 #: Most headers in one request.
 MAX_HEADERS = 64
-#: Connections served at once; more are answered 503 and closed.
+#: Connections served at once (defaults of `Limits`; the dashboard's come from Config).
 MAX_CONNECTIONS = 64
-#: How long a keep-alive connection may sit idle, and a request take to arrive whole.
+#: Connections one peer (an IPv4 address, an IPv6 /64) may hold at once.
+MAX_CONNECTIONS_PER_PEER = 32
+#: How long a connection has to send a whole request head (from its opening, or from the
+#: first byte of a later request on a kept-alive connection), and then its body.
+HEADER_TIMEOUT = 5.0
+#: How long a kept-alive connection may sit idle before its next request begins.
 IDLE_TIMEOUT = 30.0
 #: How long one write may wait for a client that does not read.
 WRITE_TIMEOUT = 10.0
 #: Seconds between SSE comments that keep an idle event stream (and its proxies) alive.
 SSE_HEARTBEAT = 15.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds of an `HttpServer` that its owner may choose."""
+
+    max_connections: int = MAX_CONNECTIONS
+    max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER
+    header_timeout: float = HEADER_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_connections_per_peer <= self.max_connections:
+            raise ValueError("need 0 < max_connections_per_peer <= max_connections")
+        if not (self.header_timeout > 0 and self.idle_timeout > 0):
+            raise ValueError("timeouts must be positive")
+
+
+def peer_of(peername: object) -> str:
+    """Whose connection this is, for the per-peer cap: the IPv4 address (an IPv4-mapped
+    IPv6 one counts as IPv4), or the /64 of an IPv6 address (one host usually holds a
+    whole /64). Every loopback client is the same peer, 127.0.0.1."""
+    if not isinstance(peername, tuple) or not peername:
+        return ""
+    host = str(peername[0]).partition("%")[0]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 class HttpError(Exception):
@@ -173,12 +221,31 @@ def _head(status: int, headers: list[tuple[str, str]]) -> bytes:
     return b"".join(lines) + b"\r\n"
 
 
+class _Connection:
+    """One accepted connection, for the caps: whose it is and the task serving it."""
+
+    __slots__ = ("peer", "task")
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.task: asyncio.Task[None] | None = None
+
+
 class HttpServer:
-    def __init__(self, handler: Handler, common_headers: HeaderHook) -> None:
+    def __init__(
+        self, handler: Handler, common_headers: HeaderHook, limits: Limits | None = None
+    ) -> None:
         self._handler = handler
         self._common_headers = common_headers
+        self.limits = limits or Limits()
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        #: Every connection task still running, counted or not (stop() ends them all).
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: The connections the caps count (an evicted one leaves at once).
+        self._counted: set[_Connection] = set()
+        self._per_peer: dict[str, int] = {}
+        #: Counted connections waiting for (the rest of) a request, longest waiting first.
+        self._waiting: dict[_Connection, None] = {}
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the port (useful when `port` is 0)."""
@@ -192,9 +259,9 @@ class HttpServer:
         """Stop listening and end every connection (event streams included)."""
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
+        for task in list(self._tasks):
             task.cancel()
-        for task in list(self._connections):
+        for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._server is not None:
@@ -204,23 +271,66 @@ class HttpServer:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._connections) >= MAX_CONNECTIONS:
+        peer = peer_of(writer.get_extra_info("peername"))
+        if not self._make_room(peer):
             await self._refuse(writer, HttpError(503, "too many connections"))
             return
-        # The connection runs in a task of its own that stop() may cancel: asyncio's
-        # stream server does not expect its callback task to end cancelled.
-        task = asyncio.create_task(self._connection(reader, writer))
-        self._connections.add(task)
+        # The connection runs in a task of its own that stop() (or an eviction) may
+        # cancel: asyncio's stream server does not expect its callback task to end
+        # cancelled.
+        connection = _Connection(peer)
+        task = connection.task = asyncio.create_task(self._connection(connection, reader, writer))
+        self._counted.add(connection)
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+        self._waiting[connection] = None  # for its first request
+        self._tasks.add(task)
         try:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         finally:
-            self._connections.discard(task)
+            self._tasks.discard(task)
+            self._uncount(connection)
+            writer.close()  # in case the task was cancelled (evicted) before it started
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _make_room(self, peer: str) -> bool:
+        """Whether a new connection of `peer` may be served, after closing the connection
+        that has waited longest for a request if the peer's or the global cap is reached
+        (the peer's own first). False if every connection in the way is busy."""
+        if self._per_peer.get(peer, 0) >= self.limits.max_connections_per_peer:
+            victim = next((c for c in self._waiting if c.peer == peer), None)
+            if victim is None:
+                return False
+            self._evict(victim)
+        if len(self._counted) >= self.limits.max_connections:
+            victim = next(iter(self._waiting), None)
+            if victim is None:
+                return False
+            self._evict(victim)
+        return True
+
+    def _evict(self, connection: _Connection) -> None:
+        self._uncount(connection)
+        if connection.task is not None:
+            connection.task.cancel()  # it is reading: no request of it is half-served
+
+    def _uncount(self, connection: _Connection) -> None:
+        if connection not in self._counted:
+            return
+        self._counted.discard(connection)
+        self._waiting.pop(connection, None)
+        left = self._per_peer[connection.peer] - 1
+        if left:
+            self._per_peer[connection.peer] = left
+        else:
+            del self._per_peer[connection.peer]
+
+    async def _connection(
+        self, connection: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
-            while await self._one_request(reader, writer):
-                pass
+            first = True
+            while await self._one_request(connection, reader, writer, first):
+                first = False
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass  # the client went away or stalled
         except Exception:
@@ -237,23 +347,19 @@ class HttpServer:
         writer.close()
 
     async def _one_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        connection: _Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        first: bool,
     ) -> bool:
         """Serve one request; whether the connection may carry another."""
         try:
-            async with asyncio.timeout(IDLE_TIMEOUT):
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError as e:
-                    if e.partial:
-                        raise HttpError(400, "incomplete request head") from None
-                    return False  # closed between requests
-                except asyncio.LimitOverrunError:
-                    raise HttpError(431, "request head too large") from None
-                request = parse_head(head[:-4])
-                request.body = await self._read_body(reader, request)
+            request = await self._read_request(connection, reader, first)
         except HttpError as e:
             await self._write_response(writer, None, Response.text(e.status, e.message))
+            return False
+        if request is None:
             return False
         try:
             answer = await self._handler(request)
@@ -265,6 +371,49 @@ class HttpServer:
             return False
         await self._write_response(writer, request, answer)
         return request.keep_alive
+
+    async def _read_request(
+        self, connection: _Connection, reader: asyncio.StreamReader, first: bool
+    ) -> Request | None:
+        """The next request, whole; None if the connection ended (or idled) between
+        requests. While it waits the connection is evictable (see `_make_room`)."""
+        limits = self.limits
+        if connection in self._counted:
+            self._waiting.pop(connection, None)
+            self._waiting[connection] = None  # the longest waiting are first
+        try:
+            lead = b""
+            if not first:
+                # A kept-alive connection may idle until its next request begins.
+                try:
+                    async with asyncio.timeout(limits.idle_timeout):
+                        lead = await reader.readexactly(1)
+                except (TimeoutError, asyncio.IncompleteReadError):
+                    return None
+            try:
+                async with asyncio.timeout(limits.header_timeout):
+                    head = lead + await reader.readuntil(b"\r\n\r\n")
+            except TimeoutError:
+                raise HttpError(
+                    408, f"no whole request head within {limits.header_timeout:g} s"
+                ) from None
+            except asyncio.IncompleteReadError as e:
+                if e.partial or lead:
+                    raise HttpError(400, "incomplete request head") from None
+                return None  # closed between requests
+            except asyncio.LimitOverrunError:
+                raise HttpError(431, "request head too large") from None
+            request = parse_head(head[:-4])
+            try:
+                async with asyncio.timeout(limits.header_timeout):
+                    request.body = await self._read_body(reader, request)
+            except TimeoutError:
+                raise HttpError(
+                    408, f"no whole request body within {limits.header_timeout:g} s"
+                ) from None
+            return request
+        finally:
+            self._waiting.pop(connection, None)
 
     async def _read_body(self, reader: asyncio.StreamReader, request: Request) -> bytes:
         if request.header("transfer-encoding"):

@@ -38,7 +38,14 @@ from urllib.parse import unquote
 from car_grpc.config import Config
 from car_grpc.dashboard.access import Access
 from car_grpc.dashboard.core_client import CoreClient
-from car_grpc.dashboard.http import EventStream, HttpServer, Request, Response, ServerSentEvent
+from car_grpc.dashboard.http import (
+    EventStream,
+    HttpServer,
+    Limits,
+    Request,
+    Response,
+    ServerSentEvent,
+)
 from car_grpc.errors import INVALID_PARAMS, CarError
 
 log = logging.getLogger(__name__)
@@ -108,8 +115,13 @@ class Dashboard:
     async def start(self) -> None:
         pkg = resources.files("car_grpc.dashboard") / "static"
         self._static = {name: (pkg / name).read_bytes() for name in _STATIC}
+        limits = Limits(
+            max_connections=self.config.dashboard_max_connections,
+            max_connections_per_peer=self.config.dashboard_max_connections_per_peer,
+            header_timeout=self.config.dashboard_header_timeout,
+        )
         self._core = CoreClient(self.core_address, self._host_token, self.config)
-        http = HttpServer(self._handle, self._common_headers)
+        http = HttpServer(self._handle, self._common_headers, limits)
         try:
             self.port = await http.start(
                 self.config.dashboard_host, self.port or self.config.dashboard_listen_port

@@ -13,7 +13,10 @@ Schema changes are migrations: append a new entry to MIGRATIONS, never edit an o
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -121,6 +124,7 @@ class SqliteStore:
     def __init__(self, path: Path) -> None:
         # Runs, approvals and agent token digests: for the owner's eyes only.
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private_files(path)
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="car-store")
         self._lock = threading.Lock()
@@ -163,6 +167,23 @@ class SqliteStore:
     def close_sync(self) -> None:
         self._executor.submit(self._conn.close).result()
         self._executor.shutdown(wait=True)
+
+
+def _private_files(path: Path) -> None:
+    """Make the database file 0600 whatever the umask: created so if missing, narrowed if
+    left wider from before, and its -wal and -shm files too. SQLite creates those two
+    with the database file's mode."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            sibling = path.with_name(path.name + suffix)
+            if stat.S_IMODE(sibling.stat().st_mode) != 0o600:
+                sibling.chmod(0o600)
 
 
 def migrate(conn: sqlite3.Connection) -> None:
