@@ -77,6 +77,22 @@ def _methods() -> list[MethodDescriptor]:
     ]
 
 
+_ROLE_WORDS = {
+    options_pb2.CALLER_ROLE_UNAUTHENTICATED: "before auth",
+    options_pb2.CALLER_ROLE_DAEMON: "daemon",
+    options_pb2.CALLER_ROLE_HOST: "host",
+    options_pb2.CALLER_ROLE_AGENT: "agent",
+}
+
+
+def _who(access: options_pb2.Access) -> str:
+    """The "who may call" cell: the declared roles, then the handler's narrowing."""
+    text = ", ".join(_ROLE_WORDS[r] for r in access.roles)
+    if access.needs_handshake:
+        text += " (after server.handshake)"
+    return f"{text}: {access.scope}" if access.scope else text
+
+
 def _rpc_method(m: MethodDescriptor) -> str:
     opts = m.GetOptions()
     return (
@@ -109,14 +125,30 @@ def render() -> str:
         "A typed RPC marked *server stream* is the gRPC counterpart of the request and the "
         "notifications that follow it. `—`: session stream only (typed RPCs authenticate "
         "with call metadata instead of `session.auth`).\n\n"
+        "*Who may call* is the `access` option declared in the proto: the roles admitted "
+        "(*daemon*: the daemon token; *host*: the host token; *agent*: a session attached "
+        "with an agent token), then what the handler checks beyond the role. A role not "
+        "listed gets -32603 `permission denied: ...` (PERMISSION_DENIED on typed RPCs); "
+        "with auth off everyone may call everything.\n\n"
     )
     rows = []
     for method, member in api.CLIENT_REQUESTS.items():
         response = api.SERVER_RESPONSES[method]
         rpcs = ", ".join(_rpc(m) for m in by_method.get(method, [])) or "—"
-        rows.append([f"`{method}`", _member(member), _member(response), rpcs])
+        rows.append(
+            [f"`{method}`", _member(member), _member(response), rpcs, _who(member.access)]
+        )
     parts.append(
-        _rows(["JSON-RPC method", "ClientFrame request", "ServerFrame response", "typed RPC"], rows)
+        _rows(
+            [
+                "JSON-RPC method",
+                "ClientFrame request",
+                "ServerFrame response",
+                "typed RPC",
+                "who may call",
+            ],
+            rows,
+        )
     )
 
     parts.append(
@@ -160,7 +192,8 @@ def render() -> str:
         "Every RPC of the per-domain services. A unary RPC runs the same handler as the "
         "session-stream request of its JSON-RPC method; a server-streaming RPC is the gRPC "
         "counterpart of the method named (a subscription and its notifications in one "
-        "call). RPCs without a JSON-RPC method exist on gRPC only.\n\n"
+        "call). RPCs without a JSON-RPC method exist on gRPC only and declare who may call "
+        "them on the RPC itself.\n\n"
     )
     rows = [
         [
@@ -168,18 +201,27 @@ def render() -> str:
             _type(m.input_type),
             _type(m.output_type),
             f"`{_rpc_method(m)}`" if _rpc_method(m) else "— (gRPC only)",
+            _who(api.rpc_access(m)),
         ]
         for m in methods
         if m.name != "Connect"
     ]
-    parts.append(_rows(["RPC", "request", "response", "JSON-RPC method"], rows))
+    parts.append(_rows(["RPC", "request", "response", "JSON-RPC method", "who may call"], rows))
 
     parts.append(
         "\n## Errors\n\n"
         "One error model (`errors.proto`). On the session stream a failure is "
         "`ServerFrame.error` (`car.v1.Error{code, message, data}`). On a typed RPC it is "
-        "the gRPC status below, with the status message = `Error.message` and the serialized "
-        "`car.v1.Error` in the binary trailer `car-error-bin`.\n\n"
+        "the gRPC status below, with the status message = `Error.message`, the serialized "
+        "`car.v1.Error` in the binary trailer `car-error-bin`, and the standard "
+        "`google.rpc.Status` in `grpc-status-details-bin` (read it with grpcio-status' "
+        "`rpc_status.from_call` or your language's equivalent) carrying one `ErrorInfo`: "
+        "domain `car.v1`, a stable `reason` (the ErrorCode name without its prefix, or one "
+        "of the finer statuses below) and `metadata.json_rpc_code`. Some failures keep "
+        "their JSON-RPC code but carry a finer gRPC status, named by the reason: "
+        "`PERMISSION_DENIED` (a role or ownership refusal, JSON-RPC -32603), `NOT_FOUND` "
+        "(an unknown or unreadable run or approval), `FAILED_PRECONDITION` (a run that "
+        "has ended, an approval already resolved).\n\n"
     )
     rows = []
     for value in errors_pb2.DESCRIPTOR.enum_types_by_name["ErrorCode"].values:
