@@ -135,9 +135,7 @@ def render() -> str:
     for method, member in api.CLIENT_REQUESTS.items():
         response = api.SERVER_RESPONSES[method]
         rpcs = ", ".join(_rpc(m) for m in by_method.get(method, [])) or "—"
-        rows.append(
-            [f"`{method}`", _member(member), _member(response), rpcs, _who(member.access)]
-        )
+        rows.append([f"`{method}`", _member(member), _member(response), rpcs, _who(member.access)])
     parts.append(
         _rows(
             [
