@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from car_grpc import codec
+from car_grpc.core.background import now_ms
 from car_grpc.core.dispatch import Reply, handles, require
 from car_grpc.core.grpc_service import streams
 from car_grpc.core.metrics import Metrics
@@ -42,10 +42,6 @@ if TYPE_CHECKING:
 SNAPSHOT_EVENTS = 100
 #: Agents one session may have registered at a time.
 MAX_AGENTS_PER_SESSION = 256
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Listener:

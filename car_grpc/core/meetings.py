@@ -12,13 +12,13 @@ continues it with a new voice session.
 from __future__ import annotations
 
 import sqlite3
-import time
 import uuid
 from typing import TYPE_CHECKING
 
 from google.protobuf import struct_pb2
 
 from car_grpc import codec
+from car_grpc.core.background import now_ms
 from car_grpc.core.dispatch import Reply, field_error, handles, require
 from car_grpc.core.session import ClientSession
 from car_grpc.core.voice import DEFAULT_AUDIO_SOURCE, Voice, VoiceSession
@@ -37,10 +37,6 @@ TRUNCATED = "…[truncated]"
 MAX_MEETING_ID = 256
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def transcript_segment(event: struct_pb2.Value) -> voice_pb2.TranscriptSegment | None:

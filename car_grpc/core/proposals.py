@@ -33,6 +33,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from car_grpc.codec import struct_to_json, to_value, value_to_json
+from car_grpc.core.background import now_ms
 from car_grpc.core.dispatch import field_error
 from car_grpc.v1 import state_pb2, tools_pb2
 
@@ -332,10 +333,6 @@ class _Outcome:
     aborts: bool = False
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def _ms_since(start: float) -> int:
     return int((time.monotonic() - start) * 1000)
 
@@ -455,7 +452,7 @@ class _Run:
     def _result(
         self, action_id: str, status: tools_pb2.ActionStatus.ValueType, error: str | None
     ) -> tools_pb2.ActionResult:
-        result = tools_pb2.ActionResult(action_id=action_id, status=status, timestamp=_now_ms())
+        result = tools_pb2.ActionResult(action_id=action_id, status=status, timestamp=now_ms())
         result.output.null_value = struct_pb2.NULL_VALUE
         result.state_changes.SetInParent()
         if error is not None:
@@ -574,7 +571,7 @@ def skipped_result(plan: Plan, reason: str) -> tools_pb2.ProposalResult:
             action_id=action.id,
             status=Status.ACTION_STATUS_SKIPPED,
             error=reason,
-            timestamp=_now_ms(),
+            timestamp=now_ms(),
         )
         item.output.null_value = struct_pb2.NULL_VALUE
         item.state_changes.SetInParent()

@@ -30,16 +30,16 @@ import collections
 import contextlib
 import logging
 import re
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TypeAlias, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from car_grpc import api
 from car_grpc.codec import to_value
+from car_grpc.core.background import Background, now_ms
 from car_grpc.core.dispatch import Reply, field_error, handles, require
 from car_grpc.core.grpc_service import streams
 from car_grpc.core.run_turns import cap_turn
@@ -79,10 +79,6 @@ TURN = runs_pb2.RUN_RECORD_KIND_TURN
 ENDED = runs_pb2.RUN_RECORD_KIND_ENDED
 RunStatus: TypeAlias = runs_pb2.RunStatus.ValueType
 DropReason: TypeAlias = runs_pb2.RunDropReason.ValueType
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def slug(name: str) -> str:
@@ -227,7 +223,7 @@ class Runs:
         self._sessions: dict[str, _SessionRuns] = {}
         self._resuming = asyncio.Lock()
         #: Work that must finish although its request may be cancelled.
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background = Background(log)
         #: Pending `incomplete` timers of runs whose connection closed.
         self._graces: set[asyncio.Task[None]] = set()
 
@@ -240,31 +236,12 @@ class Runs:
             session.on_close(self._session_closed)
         return held
 
-    def _spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-        return task
-
-    def _reap(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled() or (error := task.exception()) is None:
-            return
-        if isinstance(error, CarError) and error.client_error:
-            log.debug("runs: refused: %s", error.message)  # the caller hears of it
-        else:
-            log.error("runs: background work failed", exc_info=error)
-
-    async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
-        """Run `work` to completion even if the caller is cancelled."""
-        return await asyncio.shield(self._spawn(work))
-
     async def _locked(self, run: LiveRun, fn: Callable[[], Awaitable[T]]) -> T:
         async def section() -> T:
             async with run.lock:
                 return await fn()
 
-        return await self._to_the_end(section())
+        return await self._background.to_the_end(section())
 
     def _own(self, run: LiveRun, session: ClientSession) -> None:
         if not session.streaming:
@@ -283,7 +260,7 @@ class Runs:
     ) -> runs_pb2.StartRunResponse:
         intent = require(req.intent, "intent")
         agent_id = self._resolve_agent(session, req)
-        reply = await self._to_the_end(self._open(session, agent_id, intent, req))
+        reply = await self._background.to_the_end(self._open(session, agent_id, intent, req))
         session.current_run = reply.run_id
         return reply
 
@@ -410,7 +387,7 @@ class Runs:
         for run_id in held.owned:
             run = self.live.get(run_id)
             if run is not None:
-                grace = self._spawn(self._expire(run, session))
+                grace = self._background.spawn(self._expire(run, session))
                 self._graces.add(grace)
                 grace.add_done_callback(self._graces.discard)
 

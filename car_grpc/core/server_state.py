@@ -8,7 +8,6 @@ hangs off this one. Nothing about WebSocket or JSON is known here.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -16,6 +15,7 @@ from google.protobuf.message import Message
 
 from car_grpc.config import Config
 from car_grpc.core.auth import AgentTokens, ServerTokens
+from car_grpc.core.background import now_ms
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.session import ClientSession, Role
 from car_grpc.store.sqlite import SqliteStore
@@ -71,7 +71,7 @@ class ServerState:
         self.shutdown_hooks: list[ShutdownHook] = []
         self.metrics = Metrics()
         #: Unix ms when this core started (uptime).
-        self.started_at = time.time_ns() // 1_000_000
+        self.started_at = now_ms()
 
     @property
     def auth_enabled(self) -> bool:

@@ -8,11 +8,11 @@ off the state here, at the call; counters live in car_grpc.core.metrics.
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
 from car_grpc import codec
 from car_grpc.config import SERVER_VERSION
+from car_grpc.core.background import now_ms
 from car_grpc.core.dispatch import handles
 from car_grpc.core.metrics import Gauge
 from car_grpc.core.server_state import ServerState
@@ -71,10 +71,6 @@ def _describe(session: ClientSession) -> status_pb2.ConnectedSession:
     return out
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def gauges(state: ServerState) -> list[Gauge]:
     """The values `server.metrics` reads off the state."""
     by_role = dict.fromkeys(_ROLE_LABELS.values(), 0)
@@ -101,7 +97,7 @@ def gauges(state: ServerState) -> list[Gauge]:
             "car_uptime_seconds",
             "Seconds since the core started.",
             (),
-            [((), (_now_ms() - state.started_at) / 1000)],
+            [((), (now_ms() - state.started_at) / 1000)],
         ),
         Gauge(
             "car_store_bytes",
@@ -119,7 +115,7 @@ async def server_status(
     state = session.server
     connections = _connections(state)
     run_agents = await state.runs.store.agents(MAX_RUN_AGENTS)
-    now = _now_ms()
+    now = now_ms()
     return status_pb2.GetStatusResponse(
         server_version=SERVER_VERSION,
         started_at=state.started_at,

@@ -31,9 +31,7 @@ import contextlib
 import enum
 import itertools
 import logging
-import time
 import uuid
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,6 +39,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from car_grpc import codec
+from car_grpc.core.background import Background, now_ms
 from car_grpc.core.chat_buffer import EventBuffer, PutResult
 from car_grpc.core.dispatch import Reply, field_error, handles, handles_notification, require
 from car_grpc.core.grpc_service import grpc_only
@@ -69,10 +68,6 @@ DEFAULT_AUDIO_SOURCE = "client"
 #: Bounds of an engine's registration.
 MAX_PROVIDERS = 64
 MAX_NAME = 128
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 # ------------------------------------------------------------------ pure helpers
@@ -258,13 +253,7 @@ class Voice:
         self._by_owner: dict[str, dict[str, VoiceSession]] = {}
         self._engine_numbers = itertools.count(1)
         #: Background work (close notices to engines, sink finishes), awaited at shutdown.
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        self._background = Background(log)
 
     # -------------------------------------------------------------- opening
 
@@ -544,9 +533,9 @@ class Voice:
             vs.event_pump.cancel()
         if tell_engine and not vs.engine.gone:
             closed = voice_pb2.CloseVoiceSession(session_id=vs.id, reason=reason)
-            self._spawn(vs.engine.send(ServeVoiceResponse(closed=closed)))
+            self._background.spawn(vs.engine.send(ServeVoiceResponse(closed=closed)))
         if vs.sink is not None and started:
-            vs.finished = self._spawn(vs.sink.finish(vs, stopped, reason))
+            vs.finished = self._background.spawn(vs.sink.finish(vs, stopped, reason))
         log.debug("voice session %s ended: %s", vs.id, reason)
 
     def _owner_closed(self, owner: ClientSession) -> None:
@@ -682,8 +671,7 @@ class Voice:
         """Let the sinks finish (their store writes) before the store closes."""
         for vs in list(self.sessions.values()):
             self._end(vs, None, "server stopped", tell_engine=False)
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.config.voice_ack_timeout)
+        await self._background.drain(self.config.voice_ack_timeout)
 
 
 def install(state: ServerState) -> None:

@@ -1,0 +1,61 @@
+"""Work the core starts and does not wait for, with one error policy, and the one clock.
+
+A domain that must finish something although the request that started it may go away
+(a commit under a run's lock, a notice to a speech engine, a goal's status) hands it to
+its `Background`. Every task is kept until it ends (asyncio holds only weak references to
+tasks) and `drain` waits for what is left at shutdown. A failure is logged once: a
+CarError that a client caused at debug level (the client hears of it in its answer), any
+other exception with its traceback (a fault of the server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from car_grpc.errors import CarError
+
+T = TypeVar("T")
+
+
+def now_ms() -> int:
+    """Unix time in milliseconds: every timestamp of the protocol."""
+    return time.time_ns() // 1_000_000
+
+
+class Background:
+    """The background tasks of one domain; `log` names the domain in failures."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self._log = log
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    async def to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work` to completion even if the caller is cancelled."""
+        return await asyncio.shield(self.spawn(work))
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        if isinstance(error, CarError) and error.client_error:
+            self._log.debug("refused: %s", error.message)
+        else:
+            self._log.error("background work failed", exc_info=error)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (bounded) for the tasks still running, at shutdown."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
