@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Static checks run by CI (through `./dev check`): ruff, mypy --strict, buf lint / format /
-# breaking, and codegen drift (regenerate car_grpc/v1 and docs/api-table.md and fail on any
-# difference).
+# breaking, codegen drift (regenerate car_grpc/v1, docs/api-table.md, clients/go/gen and
+# clients/node/gen, and fail on any difference), and the Go client and the generated
+# TypeScript: gofmt, go vet (with Debian's Go and packages, scripts/setup_go.sh) and tsc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -49,4 +50,19 @@ if ! git diff --exit-code --stat -- docs/api-table.md; then
   echo "docs/api-table.md differs from what proto/ generates: run ./dev gen and commit" >&2
   exit 1
 fi
+for generated in clients/go/gen clients/node/gen; do
+  if ! git diff --exit-code --stat -- "$generated" || [ -n "$(git status --porcelain -- "$generated")" ]; then
+    echo "$generated differs from what proto/ generates (buf.gen.yaml): run ./dev gen and commit" >&2
+    exit 1
+  fi
+done
+echo "== Go (clients/go): gofmt, go vet"
+unformatted=$(cd clients/go && gofmt -l car cmd gen)
+if [ -n "$unformatted" ]; then
+  echo "gofmt would change: $unformatted" >&2
+  exit 1
+fi
+(cd clients/go && GOFLAGS=-mod=vendor GOPROXY=off go vet ./...)
+echo "== TypeScript (clients/node/gen): tsc"
+node_modules/.bin/tsc -p clients/node/tsconfig.json
 echo "all checks passed"
