@@ -1,8 +1,11 @@
 """Regenerate car_grpc/v1 from proto/car/v1: messages, gRPC stubs and mypy-protobuf stubs;
-then docs/api-table.md from the new code (scripts/gen_api_table.py).
+then docs/api-table.md from the new code (scripts/gen_api_table.py); then the Go and
+TypeScript code of buf.gen.yaml (clients/go/gen, clients/node/gen) with `buf generate`.
 
-Run with `python scripts/gen_protos.py` (the dev extra provides grpcio-tools and
-mypy-protobuf). The output is committed; CI regenerates it and fails on any difference.
+Run with `./dev gen`, which sets up what this needs: the dev extra (grpcio-tools and
+mypy-protobuf), the buf CLI and protoc-gen-es (npm, package.json), and Debian's
+protoc-gen-go and protoc-gen-go-grpc (scripts/setup_go.sh). `--python-only` skips
+`buf generate`. The output is committed; CI regenerates it and fails on any difference.
 protoc names modules after the proto package (`car.v1`), so imports are rewritten to the
 Python package that carries them (`car_grpc.v1`).
 """
@@ -30,7 +33,17 @@ _IMPORT_FIXES = [
 ]
 
 
+def generate_other_languages() -> int:
+    """`buf generate`: every plugin of buf.gen.yaml, into its committed output directory."""
+    buf = ROOT / "node_modules" / ".bin" / "buf"
+    if not buf.exists():
+        print(f"{buf} is missing: run ./dev gen (it installs buf with npm ci)", file=sys.stderr)
+        return 1
+    return subprocess.run([str(buf), "generate"], cwd=ROOT).returncode
+
+
 def main() -> int:
+    python_only = "--python-only" in sys.argv[1:]
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
     plugins = Path(sys.executable).parent  # protoc-gen-mypy lives beside the interpreter
@@ -63,7 +76,9 @@ def main() -> int:
     (OUT / "py.typed").write_text("")
     # A fresh interpreter, so that the table is made from the code just written.
     table = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_api_table.py")])
-    return table.returncode
+    if table.returncode != 0 or python_only:
+        return table.returncode
+    return generate_other_languages()
 
 
 if __name__ == "__main__":

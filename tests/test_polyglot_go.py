@@ -1,0 +1,206 @@
+"""The Go client in clients/go, built with Debian's Go toolchain from the code that
+`buf generate` made from proto/ (clients/go/gen), run against a real `car-grpc serve`:
+an agent records a run while a host watches it live, and a host chats with agents in
+Python and Node.js.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from car_grpc.v1 import runs_pb2, runs_pb2_grpc
+from tests.client_programs import Program, ensure_installed, run_node
+from tests.go_programs import build_go_programs, run_go
+from tests.serve_sync import Served, start_serve
+from tests.session_client import connect
+from tests.test_polyglot_node import assert_chat_reply, node_reply, serve_chats_in_python
+
+
+@pytest.fixture(scope="module")
+def go_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """clients/go/cmd/*, compiled once for this module (setting up Debian's Go first)."""
+    return build_go_programs(tmp_path_factory.mktemp("go-bin"))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    server = start_serve(tmp_path_factory.mktemp("serve") / "car-home")
+    try:
+        yield server
+    finally:
+        code = server.stop()
+    assert code == 0, "car-grpc serve did not exit cleanly:\n" + "\n".join(server.log)
+
+
+@pytest.fixture
+async def channel(served: Served) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(served.grpc_address) as ch:
+        yield ch
+
+
+def go(
+    go_bin: Path, served: Served, program: str, *args: str, **env: str
+) -> contextlib.AbstractAsyncContextManager[Program]:
+    return run_go(
+        go_bin, program, *args, address=served.grpc_address, car_home=served.car_home, **env
+    )
+
+
+def parameters(step: int, prompt: str) -> dict[str, Any]:
+    """What clients/go/cmd/record-run records as the parameters of its turn `step`."""
+    return {
+        "argv": ["echo", prompt],
+        "step": step,
+        "env": {"LANG": "C", "dry_run": False, "limit": None},
+    }
+
+
+def step(program: Program) -> None:
+    """Lets `record-run -step` take its next step."""
+    assert program.proc.stdin is not None
+    program.proc.stdin.write(b"\n")
+
+
+# ------------------------------------------------------------------ runs
+
+
+async def test_go_agent_records_a_run_that_a_go_host_watches_live(
+    go_bin: Path, served: Served, channel: grpc.aio.Channel
+) -> None:
+    prompts = ["one", "two", "three"]
+    agent_env = {"CAR_AGENT_ID": "go-agent", "CAR_AGENT_TOKEN": served.add_agent("go-agent")}
+    async with go(go_bin, served, "record-run", "-step", "fix it", *prompts, **agent_env) as agent:
+        started = await agent.expect("started")
+        run_id = started["run_id"]
+        assert started["agent_id"] == "go-agent"
+        # The host role (the host-token file) watches from the start of the run.
+        async with go(go_bin, served, "watch-run", run_id) as watcher:
+            first = await watcher.expect("record")
+            assert first == {
+                "event": "record",
+                "cursor": 1,
+                "kind": "started",
+                "agent_id": "go-agent",
+                "intent": "fix it",
+                "status": "RUN_STATUS_IN_PROGRESS",
+            }
+            # Each turn is recorded only after the watcher has shown everything before it,
+            # so every later record reaches the watcher live.
+            for index, prompt in enumerate(prompts):
+                step(agent)
+                recorded = await agent.expect("recorded")
+                assert recorded == {
+                    "event": "recorded",
+                    "ok": True,
+                    "base_index": index,
+                    "count": 1,
+                }
+                turn = await watcher.expect("record")
+                assert turn == {
+                    "event": "record",
+                    "cursor": index + 2,
+                    "kind": "turn",
+                    "index": index,
+                    "prompt": prompt,
+                    "tool": "shell",
+                    "parameters": parameters(index + 1, prompt),
+                    "output": prompt.upper(),
+                    "status": "RUN_STATUS_IN_PROGRESS",
+                }
+            step(agent)
+            assert (await agent.expect("completed"))["run_id"] == run_id
+            ended = await watcher.expect("record")
+            assert (ended["cursor"], ended["kind"]) == (5, "ended")
+            assert ended["ended_status"] == ended["status"] == "RUN_STATUS_COMPLETED"
+            assert ended["outcome"] == "success"
+            assert (await watcher.finish())[-1] == {"event": "end", "cursor": 5}
+        await agent.finish()
+
+    # What the Go agent recorded is what the store holds, read back from Python.
+    host = (("authorization", f"Bearer {served.token('host-token')}"),)
+    trace = await runs_pb2_grpc.RunServiceStub(channel).GetTrace(
+        runs_pb2.GetTraceRequest(run_id=run_id), metadata=host
+    )
+    assert trace.agent_id == "go-agent"
+    turns = [r.turn for r in trace.records if r.WhichOneof("detail") == "turn"]
+    assert [t.prompt for t in turns] == prompts
+    assert [t.output.string_value for t in turns] == [p.upper() for p in prompts]
+    assert trace.records[-1].ended.outcome.summary == "recorded from Go"
+
+    # A watcher that resumes from cursor 3 gets exactly the records after it.
+    async with go(go_bin, served, "watch-run", run_id, "3") as resumed:
+        events = await resumed.finish()
+    assert [(e["event"], e.get("cursor"), e.get("kind")) for e in events] == [
+        ("record", 4, "turn"),
+        ("record", 5, "ended"),
+        ("end", 5, None),
+    ]
+
+
+async def test_go_watcher_of_another_agents_run_gets_the_servers_error(
+    go_bin: Path, served: Served, channel: grpc.aio.Channel
+) -> None:
+    """The error is the server's answer, decoded from its car-error-bin trailer with the
+    generated carv1.Error, and final: the watcher does not retry it."""
+    owner = await connect(channel, token=served.add_agent("py-agent"), agent_id="py-agent")
+    try:
+        run = await owner.request("runs_start", runs_pb2.StartRunRequest(intent="mine"))
+    finally:
+        await owner.close()
+    other = {"CAR_AGENT_ID": "go-agent", "CAR_AGENT_TOKEN": served.add_agent("go-agent")}
+    async with go(go_bin, served, "watch-run", run.run_id, **other) as watcher:
+        error = await watcher.next_event()
+        assert await watcher.proc.wait() == 1
+    assert error["event"] == "error"
+    assert error["grpc_code"] == "NotFound"
+    assert error["code"] == -32602
+    assert run.run_id in error["message"]
+
+
+# ------------------------------------------------------------------ chats
+
+
+async def test_go_host_chats_with_a_python_grpc_agent(
+    go_bin: Path, served: Served, channel: grpc.aio.Channel
+) -> None:
+    agent = await connect(channel, token=served.add_agent("py-agent"), agent_id="py-agent")
+    serve_chats_in_python(agent, "Python says hi to Go")
+    try:
+        async with go(go_bin, served, "chat", "py-agent", "hello from Go") as host:
+            events = await host.finish()
+    finally:
+        await agent.close()
+    assert_chat_reply(events, "Python says hi to Go")
+
+
+async def test_go_host_chats_with_the_node_agent(go_bin: Path, served: Served) -> None:
+    ensure_installed()
+    token = served.add_agent("node-agent")
+    env = {"CAR_AGENT_ID": "node-agent", "CAR_AGENT_TOKEN": token}
+    node = run_node("agent.js", address=served.grpc_address, car_home=served.car_home, **env)
+    async with node as agent:
+        await agent.expect("ready")
+        async with go(go_bin, served, "chat", "node-agent", "hello from Go") as host:
+            events = await host.finish()
+        chat = await agent.expect("chat")
+    assert chat["prompt"] == "hello from Go"
+    assert events[0]["session_id"] == chat["session_id"]
+    assert_chat_reply(events, node_reply("node-agent", "hello from Go"))
+
+
+async def test_go_host_chat_with_an_agent_that_is_not_attached(
+    go_bin: Path, served: Served
+) -> None:
+    async with go(go_bin, served, "chat", "nobody", "hello?") as host:
+        error = await host.next_event()
+        assert await host.proc.wait() == 1
+    # The server's own answer: its JSON-RPC code and message come from car-error-bin.
+    assert error["event"] == "error"
+    assert error["message"] == "agent 'nobody' is not attached"
+    assert error["code"] < 0 and error["grpc_code"] not in ("OK", "Unknown")
