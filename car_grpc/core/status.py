@@ -7,9 +7,7 @@ off the state here, at the call; counters live in car_grpc.core.metrics.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from pathlib import Path
 
 from car_grpc import codec
 from car_grpc.config import SERVER_VERSION
@@ -36,15 +34,6 @@ _ROLES = {
 _ROLE_LABELS = {
     role: codec.enum_to_json(status_pb2.SessionRole.DESCRIPTOR, v) for role, v in _ROLES.items()
 }
-
-
-def store_bytes(database: Path) -> int:
-    """Bytes of an SQLite database on disk: the file and its write-ahead log."""
-    total = 0
-    for path in (database, database.with_name(database.name + "-wal")):
-        with contextlib.suppress(OSError):  # no write-ahead log right now
-            total += path.stat().st_size
-    return total
 
 
 def _connections(state: ServerState) -> list[ClientSession]:
@@ -75,8 +64,9 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def gauges(state: ServerState) -> list[Gauge]:
-    """The values `server.metrics` reads off the state."""
+def gauges(state: ServerState, store_bytes: int) -> list[Gauge]:
+    """The values `server.metrics` reads off the state; the store's size is asked of the
+    store by the caller (an await)."""
     by_role = dict.fromkeys(_ROLE_LABELS.values(), 0)
     for session in _connections(state):
         by_role[_ROLE_LABELS[session.role]] += 1
@@ -107,7 +97,7 @@ def gauges(state: ServerState) -> list[Gauge]:
             "car_store_bytes",
             "Bytes of the store on disk (database and write-ahead log).",
             (),
-            [((), store_bytes(state.store.path))],
+            [((), store_bytes)],
         ),
     ]
 
@@ -145,7 +135,7 @@ async def server_status(
             for row in run_agents
         ],
         pending_approvals=len(state.approvals.pending()),
-        store_bytes=store_bytes(state.store.path),
+        store_bytes=await state.store.size_bytes(),
         auth_enabled=state.auth_enabled,
         approvals_enabled=state.config.approvals,
     )
@@ -156,4 +146,5 @@ async def server_metrics(
     session: ClientSession, req: status_pb2.GetMetricsRequest
 ) -> status_pb2.GetMetricsResponse:
     state = session.server
-    return status_pb2.GetMetricsResponse(text=state.metrics.render(gauges(state)))
+    store_bytes = await state.store.size_bytes()
+    return status_pb2.GetMetricsResponse(text=state.metrics.render(gauges(state, store_bytes)))
