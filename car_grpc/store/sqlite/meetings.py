@@ -2,8 +2,8 @@
 
 A meeting row is one car.v1.Meeting, serialized whole in `meeting` (its status and start
 are copied out for queries); a transcript is the meeting's rows in `meeting_segments`,
-one serialized car.v1.TranscriptSegment each, numbered from 0. The functions below run
-inside one transaction of the store thread each; SqliteMeetingStore composes them.
+one serialized car.v1.TranscriptSegment each, numbered from 0. The functions below take
+a connection inside a transaction; each method of SqliteMeetingStore is one transaction.
 """
 
 from __future__ import annotations
