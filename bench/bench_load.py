@@ -417,22 +417,21 @@ async def drive(
     return phase
 
 
-def mint_agents(home: Path) -> dict[str, str]:
+async def mint_agents(home: Path) -> dict[str, str]:
     """Tokens for every attached agent, straight into the store (as `car-grpc agents add`)."""
-    from car_grpc.config import Config
     from car_grpc.core.auth import AgentTokens
-    from car_grpc.store.sqlite import SqliteStore
+    from car_grpc.store import open_store
 
-    store = SqliteStore(Config(state_root=home).store_path)
+    store = await open_store(home)
     try:
-        tokens = AgentTokens(store)
+        tokens = AgentTokens(store.agent_tokens)
         return {
-            agent_of(i): tokens.add(agent_of(i))
+            agent_of(i): await tokens.add(agent_of(i))
             for i in range(SESSIONS)
             if role_of(i) in ("recorder", "chat_agent")
         }
     finally:
-        store.close_sync()
+        await store.close()
 
 
 async def sessions_left(home: Path, url: str) -> int:
@@ -453,7 +452,9 @@ async def run() -> tuple[Phase, Phase]:
         async with car_grpc_serve_ws(home) as (proc, url):
             tokens_file = home / "tokens.json"
             daemon = (home / "ai.parslee.car" / "auth-token").read_text().strip()
-            tokens_file.write_text(json.dumps({"daemon": daemon, "agents": mint_agents(home)}))
+            tokens_file.write_text(
+                json.dumps({"daemon": daemon, "agents": await mint_agents(home)})
+            )
             ours = await drive(proc.pid, url, str(tokens_file), lambda: sessions_left(home, url))
 
         async def nothing() -> int:

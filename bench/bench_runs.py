@@ -33,9 +33,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench.processes import car_grpc_serve, stop
-from car_grpc.config import Config
 from car_grpc.core.auth import HOST_TOKEN_FILE, AgentTokens
-from car_grpc.store.sqlite import SqliteStore
+from car_grpc.store import open_store
 
 BATCH_SIZES = (1, 16, 256)
 #: Turns recorded per batch size (and per baseline).
@@ -249,9 +248,9 @@ async def run() -> list[tuple[int, Figures, Figures, Figures, Figures, Delivery]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
-        store = SqliteStore(Config(state_root=home).store_path)
-        token = AgentTokens(store).add("bench-agent")
-        store.close_sync()
+        store = await open_store(home)
+        token = await AgentTokens(store.agent_tokens).add("bench-agent")
+        await store.close()
         async with car_grpc_serve(home) as (_, listening):
             url = f"ws://{listening[1]}/"
             host_token = (home / "ai.parslee.car" / HOST_TOKEN_FILE).read_text()

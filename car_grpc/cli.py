@@ -18,7 +18,7 @@ from car_grpc.core.auth import AgentTokens
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.server import Server
-from car_grpc.store.sqlite import SqliteStore
+from car_grpc.store import database_path, open_store
 
 log = logging.getLogger("car_grpc")
 
@@ -174,7 +174,7 @@ def _store_note(config: Config, new: bool) -> str:
     only, the one under its CAR_HOME (a token minted elsewhere fails `token mismatch`)."""
     home = os.environ.get("CAR_HOME")
     where = f"CAR_HOME={home}" if home else f"CAR_HOME unset, so {config.state_root}"
-    note = f"car-grpc: agent tokens of the store {config.store_path} ({where})"
+    note = f"car-grpc: agent tokens of the store {database_path(config.state_root)} ({where})"
     if new:
         note += (
             "\ncar-grpc: that store did not exist before: a server honours only the agent tokens "
@@ -184,23 +184,30 @@ def _store_note(config: Config, new: bool) -> str:
 
 
 def _cmd_agents(args: argparse.Namespace) -> int:
+    # The repositories are async (as a PostgreSQL driver is); a one-shot command simply
+    # runs them on an event loop of its own rather than keeping a blocking twin of each.
+    return asyncio.run(_agents(args))
+
+
+async def _agents(args: argparse.Namespace) -> int:
     config = Config.from_env()
-    new = not config.store_path.exists()
-    tokens = AgentTokens(SqliteStore(config.store_path))
+    new = not database_path(config.state_root).exists()
+    store = await open_store(config.state_root)
+    tokens = AgentTokens(store.agent_tokens)
     # On stderr: stdout stays the token alone (add) or the listing (list).
     print(_store_note(config, new), file=sys.stderr)
     try:
         if args.agents_cmd == "add":
-            print(tokens.add(args.agent_id))
+            print(await tokens.add(args.agent_id))
         elif args.agents_cmd == "remove":
-            if not tokens.remove(args.agent_id):
+            if not await tokens.remove(args.agent_id):
                 print(f"no agent token for {args.agent_id!r}", file=sys.stderr)
                 return 1
         else:
-            for agent_id, created_at in tokens.list():
-                print(f"{agent_id}\t{created_at}")
+            for row in await tokens.list():
+                print(f"{row.agent_id}\t{row.created_at}")
     finally:
-        tokens.store.close_sync()
+        await store.close()
     return 0
 
 

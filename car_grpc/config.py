@@ -232,10 +232,6 @@ class Config:
         )
 
     @property
-    def store_path(self) -> Path:
-        return self.state_root / "car-grpc" / "store.sqlite3"
-
-    @property
     def dashboard_listen_port(self) -> int:
         """The dashboard port to bind: dashboard_port, else the WebSocket port + 1."""
         if self.dashboard_port is not None:

@@ -15,11 +15,11 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.dashboard import Dashboard
 from car_grpc.gateway import Gateway
-from car_grpc.store.sqlite import SqliteStore
+from car_grpc.store import Store
 
 
 class Server:
-    def __init__(self, config: Config, store: SqliteStore | None = None) -> None:
+    def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
         self.core = Core(config, store)
         #: Created by start(), once the core's port is known.

@@ -29,7 +29,7 @@ async def host_role(core: Core, channel: grpc.aio.Channel) -> SessionClient:
 async def agent(core: Core, channel: grpc.aio.Channel, agent_id: str) -> SessionClient:
     """A session attached as `agent_id` with a freshly minted agent token."""
     assert core.state is not None
-    token = core.state.agent_tokens.add(agent_id)
+    token = await core.state.agent_tokens.add(agent_id)
     return await connect(channel, token=token, agent_id=agent_id)
 
 

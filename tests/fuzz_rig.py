@@ -206,7 +206,7 @@ async def rig(root: Path, config: Config | None = None) -> AsyncIterator[Rig]:
         ):
             state = core.state
             assert state is not None and state.tokens is not None
-            agent_token = state.agent_tokens.add(FUZZ_AGENT)
+            agent_token = await state.agent_tokens.add(FUZZ_AGENT)
             holder = await connect(channel, token=agent_token, agent_id=FUZZ_AGENT)
             start = runs_pb2.StartRunRequest(intent="be fuzzed", idempotency_key=FUZZ_RUN)
             await holder.request("runs_start", start)

@@ -20,7 +20,7 @@ def state_of(core: Core) -> Any:
 
 async def agent(core: Core, channel: grpc.aio.Channel, agent_id: str) -> SessionClient:
     """A session attached as `agent_id` with a freshly minted agent token."""
-    token = state_of(core).agent_tokens.add(agent_id)
+    token = await state_of(core).agent_tokens.add(agent_id)
     return await connect(channel, token=token, agent_id=agent_id)
 
 

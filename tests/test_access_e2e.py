@@ -75,7 +75,7 @@ async def sessions(
     clients: dict[int, SessionClient] = {
         DAEMON: await connect(channel, token=state.tokens.daemon),
         HOST: await connect(channel, host_token=state.tokens.host),
-        AGENT: await connect(channel, token=state.agent_tokens.add("a1"), agent_id="a1"),
+        AGENT: await connect(channel, token=await state.agent_tokens.add("a1"), agent_id="a1"),
     }
     yield clients
     for client in clients.values():
@@ -110,14 +110,14 @@ async def test_session_stream_follows_the_declared_roles(
         await stranger.close()
 
 
-def _metadata(core: Core, role: int) -> tuple[tuple[str, str], ...]:
+async def _metadata(core: Core, role: int) -> tuple[tuple[str, str], ...]:
     state = state_of(core)
     if role == DAEMON:
         return (("authorization", f"Bearer {state.tokens.daemon}"),)
     if role == HOST:
         return (("authorization", f"Bearer {state.tokens.host}"),)
     if role == AGENT:
-        token = state.agent_tokens.add("typed-agent")
+        token = await state.agent_tokens.add("typed-agent")
         return (("authorization", f"Bearer {token}"), ("car-agent-id", "typed-agent"))
     return ()
 
@@ -160,7 +160,7 @@ async def _call(
 async def test_typed_rpcs_follow_the_declared_roles(
     core: Core, channel: grpc.aio.Channel, role: int
 ) -> None:
-    metadata = _metadata(core, role)
+    metadata = await _metadata(core, role)
     for rpc in RPCS:
         access = api.rpc_access(rpc)
         code = await _call(channel, rpc, metadata)

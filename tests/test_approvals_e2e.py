@@ -14,8 +14,7 @@ from car_grpc import codec
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.errors import APPROVAL_DENIED, ERROR_TRAILER, INTERNAL, INVALID_PARAMS, CarError
-from car_grpc.store import approvals as ledger
-from car_grpc.store.sqlite import SqliteStore
+from car_grpc.store import open_store
 from car_grpc.v1 import errors_pb2, host_pb2, host_pb2_grpc, session_pb2, tools_pb2
 from tests.conftest import make_config
 from tests.error_details import error_info
@@ -372,7 +371,7 @@ async def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:
 async def test_pending_approvals_of_a_dead_server_expire_at_start(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     # What a server that died (no graceful stop) leaves behind: a pending row.
-    store = SqliteStore(config.store_path)
+    store = await open_store(config.state_root)
     orphan = HostApproval(
         id="orphan",
         action="ws.method:mail.send",
@@ -380,7 +379,7 @@ async def test_pending_approvals_of_a_dead_server_expire_at_start(tmp_path: Path
         created_at=1,
     )
     orphan.options.extend(["approve", "deny"])
-    await store.run(lambda c: ledger.insert(c, orphan))
+    await store.approvals.insert(orphan)
     await store.close()
 
     core = Core(config)
@@ -404,7 +403,9 @@ async def test_pending_approvals_of_a_dead_server_expire_at_start(tmp_path: Path
 
 async def attached(core: Core, channel: grpc.aio.Channel, agent_id: str) -> SessionClient:
     assert core.state is not None
-    return await connect(channel, token=core.state.agent_tokens.add(agent_id), agent_id=agent_id)
+    return await connect(
+        channel, token=await core.state.agent_tokens.add(agent_id), agent_id=agent_id
+    )
 
 
 def host_token(core: Core) -> str:
@@ -530,7 +531,7 @@ async def test_an_agent_hears_only_host_events_and_approvals_about_itself(starte
         watch: Any = stub.WatchHostEvents(
             host_pb2.WatchHostEventsRequest(),
             metadata=(
-                ("authorization", f"Bearer {core.state.agent_tokens.add('alice')}"),
+                ("authorization", f"Bearer {await core.state.agent_tokens.add('alice')}"),
                 ("car-agent-id", "alice"),
             ),
         )

@@ -62,7 +62,7 @@ async def test_host_token_gives_the_host_role(core: Core, channel: grpc.aio.Chan
 
 async def test_agent_token_attaches_the_agent(core: Core, channel: grpc.aio.Channel) -> None:
     assert core.state is not None
-    token = core.state.agent_tokens.add("agent-7")
+    token = await core.state.agent_tokens.add("agent-7")
     client, reply = await auth(channel, Auth(token=token, agent_id="agent-7"))
     assert reply.ok and reply.agent_id == "agent-7"
     assert not reply.HasField("role")
@@ -80,7 +80,7 @@ async def test_wrong_tokens_leave_the_session_unauthenticated(
 ) -> None:
     assert core.state is not None
     daemon, host = tokens(core)
-    agent = core.state.agent_tokens.add("agent-7")
+    agent = await core.state.agent_tokens.add("agent-7")
     request = {
         "daemon": Auth(token=daemon + "x"),
         "host": Auth(host_token=daemon),
@@ -135,7 +135,7 @@ async def test_reattach_replaces_the_older_attachment(
     core: Core, channel: grpc.aio.Channel
 ) -> None:
     assert core.state is not None
-    token = core.state.agent_tokens.add("agent-7")
+    token = await core.state.agent_tokens.add("agent-7")
     first, one = await auth(channel, Auth(token=token, agent_id="agent-7"))
     second, two = await auth(channel, Auth(token=token, agent_id="agent-7"))
     assert core.state.attached["agent-7"].id == two.session_id

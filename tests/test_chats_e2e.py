@@ -400,7 +400,7 @@ async def test_reattach_ends_chats_of_the_old_connection(
     old = await agent(core, channel, "agent-1")
     sid, _ = await open_chat(host1, old)
     assert core.state is not None
-    token = core.state.agent_tokens.add("agent-1")
+    token = await core.state.agent_tokens.add("agent-1")
     from tests.session_client import connect
 
     new = await connect(channel, token=token, agent_id="agent-1")

@@ -117,9 +117,9 @@ def daemon(core: Core) -> dict[str, str]:
     return {"token": tokens(core)[0]}
 
 
-def as_agent(core: Core, agent_id: str = "agent-1") -> dict[str, str]:
+async def as_agent(core: Core, agent_id: str = "agent-1") -> dict[str, str]:
     assert core.state is not None
-    return {"agent_id": agent_id, "token": core.state.agent_tokens.add(agent_id)}
+    return {"agent_id": agent_id, "token": await core.state.agent_tokens.add(agent_id)}
 
 
 async def ws_chat(h: WsPeer, a: WsPeer, **params: Any) -> tuple[str, dict[str, Any]]:
@@ -138,7 +138,7 @@ async def ws_chat(h: WsPeer, a: WsPeer, **params: Any) -> tuple[str, dict[str, A
 
 async def test_ws_host_and_ws_agent_stream_a_chat(served: tuple[Core, Gateway]) -> None:
     core, gateway = served
-    async with ws_peer(gateway, daemon(core)) as h, ws_peer(gateway, as_agent(core)) as a:
+    async with ws_peer(gateway, daemon(core)) as h, ws_peer(gateway, await as_agent(core)) as a:
         sid, asked = await ws_chat(h, a, prompt="hi", model="m", goal={"check": "c"})
         assert asked["prompt"] == "hi" and asked["model"] == "m" and asked["stream"] is True
         assert asked["goal"] == {"check": "c", "max_iterations": 8}
@@ -193,7 +193,7 @@ async def test_ws_errors_for_unattached_agents_and_bad_params(
 
 async def test_ws_agent_that_never_acks(served: tuple[Core, Gateway]) -> None:
     core, gateway = served
-    async with ws_peer(gateway, daemon(core)) as h, ws_peer(gateway, as_agent(core)) as a:
+    async with ws_peer(gateway, daemon(core)) as h, ws_peer(gateway, await as_agent(core)) as a:
         pending = asyncio.create_task(h.call("agents.chat", {"agent_id": "agent-1", "prompt": "x"}))
         request = await a.next_request("agent.chat")
         answer = await pending
@@ -205,7 +205,7 @@ async def test_ws_agent_that_never_acks(served: tuple[Core, Gateway]) -> None:
 
 async def test_ws_cancel_and_approve(served: tuple[Core, Gateway]) -> None:
     core, gateway = served
-    async with ws_peer(gateway, daemon(core)) as h, ws_peer(gateway, as_agent(core)) as a:
+    async with ws_peer(gateway, daemon(core)) as h, ws_peer(gateway, await as_agent(core)) as a:
         sid, _ = await ws_chat(h, a, prompt="hi")
         await a.notify(
             "agent.chat.event", {"session_id": sid, "kind": "approval_pending", "approval_id": "p"}
@@ -237,7 +237,7 @@ async def test_ws_cancel_and_approve(served: tuple[Core, Gateway]) -> None:
 
 async def test_ws_goal_status_over_a_chat(served: tuple[Core, Gateway]) -> None:
     core, gateway = served
-    async with ws_peer(gateway, daemon(core)) as h, ws_peer(gateway, as_agent(core)) as a:
+    async with ws_peer(gateway, daemon(core)) as h, ws_peer(gateway, await as_agent(core)) as a:
         stored = await h.result("goal.set", {"session_id": "g", "check": "green"})
         assert stored["set"] is True and stored["goal"]["status"] == "active"
         _, asked = await ws_chat(h, a, prompt="go", session_id="g")
@@ -272,13 +272,13 @@ async def test_ws_goal_status_over_a_chat(served: tuple[Core, Gateway]) -> None:
 
 async def test_ws_agent_drop_and_host_drop(served: tuple[Core, Gateway]) -> None:
     core, gateway = served
-    async with ws_peer(gateway, as_agent(core)) as a:
+    async with ws_peer(gateway, await as_agent(core)) as a:
         async with ws_peer(gateway, daemon(core)) as h:
             sid, _ = await ws_chat(h, a, prompt="x", session_id="dropped-host")
         # The host's WebSocket closed: the agent is told to stop.
         assert await a.next_notification("agent.chat.cancel") == {"session_id": sid}
     async with ws_peer(gateway, daemon(core)) as h:
-        async with ws_peer(gateway, as_agent(core)) as a:
+        async with ws_peer(gateway, await as_agent(core)) as a:
             sid, _ = await ws_chat(h, a, prompt="x")
         last = await h.next_notification("agents.chat.event")
         assert last == {
@@ -299,7 +299,7 @@ async def test_ws_agent_that_sends_its_last_tokens_and_leaves_loses_none(
         tmp_path, chat_buffer=4, session_outbound_queue=4, max_inflight_per_session=8
     )
     async with running(config) as (core, gateway), ws_peer(gateway, daemon(core)) as h:
-        async with ws_peer(gateway, as_agent(core)) as a:
+        async with ws_peer(gateway, await as_agent(core)) as a:
             sid, _ = await ws_chat(h, a, prompt="bye")
             n = 2000
             for i in range(n):
@@ -321,7 +321,7 @@ async def test_two_ws_hosts_with_one_agent_never_cross(served: tuple[Core, Gatew
     async with (
         ws_peer(gateway, daemon(core)) as h1,
         ws_peer(gateway, daemon(core)) as h2,
-        ws_peer(gateway, as_agent(core)) as a,
+        ws_peer(gateway, await as_agent(core)) as a,
     ):
         sid1, _ = await ws_chat(h1, a, prompt="one")
         sid2, _ = await ws_chat(h2, a, prompt="two")
@@ -363,7 +363,7 @@ async def test_grpc_hosts_with_a_ws_agent(served: tuple[Core, Gateway]) -> None:
     core, gateway = served
     async with (
         grpc.aio.insecure_channel(core.grpc_address) as channel,
-        ws_peer(gateway, as_agent(core)) as a,
+        ws_peer(gateway, await as_agent(core)) as a,
     ):
         h = await host(core, channel)
         pending = asyncio.create_task(
@@ -404,7 +404,7 @@ async def car_runtime_agent(
         "CAR_DAEMON_URL": gateway.url,
         "CAR_HOME": str(home),
         "CAR_AGENT_ID": agent_id,
-        "CAR_AGENT_TOKEN": core.state.agent_tokens.add(agent_id),
+        "CAR_AGENT_TOKEN": await core.state.agent_tokens.add(agent_id),
         "CAR_NO_VERSION_WARNING": "1",
     }
     proc = await asyncio.create_subprocess_exec(
@@ -510,7 +510,7 @@ async def test_ws_host_that_stops_reading_loses_its_chat_not_its_connection(
     chat ends (cancelled at the agent), while the connection waits for the host. When it
     reads again it finds a gap-free prefix of the tokens, then the error."""
     config = _small_buffers(tmp_path, chat_stall_timeout=0.3, ws_stall_timeout=30)
-    async with running(config) as (core, gateway), ws_peer(gateway, as_agent(core)) as a:
+    async with running(config) as (core, gateway), ws_peer(gateway, await as_agent(core)) as a:
         raw = await _deaf_host_chat(core, gateway, a)
         sent = await _flood_until_cancelled(a)
         assert core.state is not None and "deaf" not in core.state.chats.open
@@ -538,7 +538,7 @@ async def test_ws_host_that_reads_nothing_for_the_stall_bound_is_dropped(
     config = _small_buffers(
         tmp_path, chat_stall_timeout=30, ws_stall_timeout=0.3, ws_close_timeout=0.5
     )
-    async with running(config) as (core, gateway), ws_peer(gateway, as_agent(core)) as a:
+    async with running(config) as (core, gateway), ws_peer(gateway, await as_agent(core)) as a:
         raw = await _deaf_host_chat(core, gateway, a)
         await _flood_until_cancelled(a)
         assert core.state is not None and "deaf" not in core.state.chats.open

@@ -61,9 +61,9 @@ class Site:
         assert state is not None and state.tokens is not None
         return state.tokens.daemon
 
-    def agent_token(self, agent_id: str) -> str:
+    async def agent_token(self, agent_id: str) -> str:
         assert self.server.core.state is not None
-        return self.server.core.state.agent_tokens.add(agent_id)
+        return await self.server.core.state.agent_tokens.add(agent_id)
 
     @property
     def ws_url(self) -> str:
@@ -189,7 +189,8 @@ async def test_turns_appear_live_and_the_trace_resumes_after_a_reconnect(
 ) -> None:
     async with rpc(site.ws_url) as agent:
         await agent.result(
-            "session.auth", {"token": site.agent_token("researcher"), "agent_id": "researcher"}
+            "session.auth",
+            {"token": await site.agent_token("researcher"), "agent_id": "researcher"},
         )
         await agent.result("server.handshake", {"protocol_version": 3})
         started = await agent.result("runs.start", {"intent": "summarise the incident report"})
@@ -245,7 +246,7 @@ async def test_turns_appear_live_and_the_trace_resumes_after_a_reconnect(
 
 async def test_sessions_attached_agents_and_chats_in_flight(site: Site, page: Browser) -> None:
     async with grpc.aio.insecure_channel(site.server.core.grpc_address) as channel:
-        helper = await connect(channel, token=site.agent_token("helper"), agent_id="helper")
+        helper = await connect(channel, token=await site.agent_token("helper"), agent_id="helper")
         host = await connect(channel, token=site.token())
         chat = chats_pb2.ChatRequest(agent_id="helper", prompt="hi", session_id="chat-demo")
         await asyncio.gather(host.request("agents_chat", chat), accept_chat(helper))

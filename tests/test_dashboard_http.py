@@ -208,7 +208,7 @@ async def test_a_run_stream_resumes_after_the_last_event_id(
 ) -> None:
     state = server.core.state
     assert state is not None
-    agent = await connect(channel, token=state.agent_tokens.add("a1"), agent_id="a1")
+    agent = await connect(channel, token=await state.agent_tokens.add("a1"), agent_id="a1")
     run_id = await start(agent, "write the report")
     await record(agent, run_id, turns(3))
     url = base(server) + f"api/runs/{run_id}/events?cursor=0"

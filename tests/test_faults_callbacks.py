@@ -44,7 +44,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Core, Gateway]]:
 async def attached_agent(core: Core, client: Pipelined, agent_id: str) -> str:
     """Log `client` in as `agent_id`; its core session id."""
     assert core.state is not None
-    token = core.state.agent_tokens.add(agent_id)
+    token = await core.state.agent_tokens.add(agent_id)
     return str((await client.login(token=token, agent_id=agent_id))["session_id"])
 
 

@@ -18,11 +18,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from car_grpc.config import Config
 from car_grpc.core.auth import AgentTokens
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
-from car_grpc.store.sqlite import SqliteStore
+from car_grpc.store import open_store
 from tests.serve_process import LISTENING
 from tests.ws_helpers import daemon_token
 from tests.ws_pipelined import Pipelined, RpcError, pipelined
@@ -82,13 +81,13 @@ def token_file(home: Path, name: str) -> str:
     return (home / "ai.parslee.car" / name).read_text().strip()
 
 
-def mint_agent_token(home: Path, agent_id: str) -> str:
+async def mint_agent_token(home: Path, agent_id: str) -> str:
     """`car-grpc agents add` before the core starts: straight into its store."""
-    store = SqliteStore(Config(state_root=home).store_path)
+    store = await open_store(home)
     try:
-        return AgentTokens(store).add(agent_id)
+        return await AgentTokens(store.agent_tokens).add(agent_id)
     finally:
-        store.close_sync()
+        await store.close()
 
 
 # ------------------------------------------------------------------ the core killed
@@ -164,7 +163,7 @@ async def back_in(url: str, **credentials: str) -> AsyncIterator[Pipelined]:
 
 async def test_core_killed_mid_traffic_loses_nothing_acknowledged(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    bot_token = mint_agent_token(home, "bot")
+    bot_token = await mint_agent_token(home, "bot")
     port = free_port()
     core_args = ("core", "--grpc-port", str(port))
     gateway_args = ("gateway", "--core", f"127.0.0.1:{port}", "--port", "0")
@@ -242,7 +241,9 @@ async def test_a_killed_gateway_ends_its_sessions_and_no_others(core: Core, tmp_
             await host.login(token=daemon_token(core))
             await watcher.login(host_token=state.tokens.host)
             await watcher.call("host.subscribe", {})
-            agent_auth = await agent.login(token=state.agent_tokens.add("bot"), agent_id="bot")
+            agent_auth = await agent.login(
+                token=await state.agent_tokens.add("bot"), agent_id="bot"
+            )
             registered = await agent.call("host.register_agent", {"name": "bot", "kind": "agent"})
             assert (await watcher.next_notification("host.event"))["params"]["kind"] == (
                 "agent.registered"

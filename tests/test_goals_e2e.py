@@ -12,7 +12,6 @@ import pytest
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.errors import INVALID_PARAMS, CarError
-from car_grpc.store import goals as goal_store
 from car_grpc.v1 import chats_pb2
 from tests.chat_helpers import accept_chat, agent, emit, host, next_chat_event
 from tests.session_client import SessionClient
@@ -184,9 +183,7 @@ async def test_goals_survive_a_restart_and_running_becomes_active(config: Config
         await set_goal(h, "crashed", "was running at the crash")
         # As if the server had died while a chat ran it: the stored row says running.
         assert core.state is not None
-        await core.state.store.run(
-            lambda c: goal_store.set_status(c, "crashed", S.GOAL_STATUS_RUNNING)
-        )
+        await core.state.store.goals.set_status("crashed", S.GOAL_STATUS_RUNNING)
         before = await status(h, "crashed")
         assert before is not None and before.status == S.GOAL_STATUS_RUNNING
         await h.close()

@@ -11,8 +11,7 @@ from typing import Any
 
 from car_grpc.config import Config
 from car_grpc.errors import INVALID_PARAMS
-from car_grpc.store import meetings as meeting_store
-from car_grpc.store.sqlite import SqliteStore
+from car_grpc.store import open_store
 from car_grpc.v1 import voice_pb2
 from tests.conftest import make_config
 from tests.voice_helpers import FAREWELL, VoiceRpc, echo_engine, final_event, voice_rpc
@@ -116,12 +115,12 @@ async def test_a_meetings_transcript_survives_the_client_leaving_and_a_restart(
 
 async def test_a_meeting_left_live_by_a_crashed_process_is_interrupted(tmp_path: Path) -> None:
     config = config_for(tmp_path)
-    store = SqliteStore(config.store_path)
+    store = await open_store(config.state_root)
     live = voice_pb2.Meeting(
         meeting_id="crashed", status=voice_pb2.MEETING_STATUS_LIVE, started_at=1, session_id="s"
     )
-    store.run_sync(lambda c: meeting_store.put(c, live))
-    store.close_sync()
+    await store.meetings.put(live)
+    await store.close()
     async with running(config) as (core, gateway), voice_rpc(gateway.url) as c:
         await c.login(daemon_token(core))
         got = await c.result("meeting.get", {"meeting_id": "crashed"})

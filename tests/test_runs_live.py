@@ -219,7 +219,7 @@ async def _read(call: grpc.aio.UnaryStreamCall[Any, Any]) -> runs_pb2.WatchRunRe
 
 
 async def test_unary_rpcs_as_the_agent(core: Core, channel: grpc.aio.Channel) -> None:
-    token = state_of(core).agent_tokens.add("bot")
+    token = await state_of(core).agent_tokens.add("bot")
     meta = _bearer(token, "bot")
     stub = runs_pb2_grpc.RunServiceStub(channel)
     started = await stub.StartRun(runs_pb2.StartRunRequest(intent="typed"), metadata=meta)
@@ -305,7 +305,7 @@ async def test_watch_run_refuses_unknown_forbidden_and_bad_cursors(
     bot = await agent(core, channel, "bot")
     run_id = await start(bot)
     stub = runs_pb2_grpc.RunServiceStub(channel)
-    intruder = _bearer(state_of(core).agent_tokens.add("intruder"), "intruder")
+    intruder = _bearer(await state_of(core).agent_tokens.add("intruder"), "intruder")
     boss = _bearer(state_of(core).tokens.host)
 
     messages = []

@@ -18,8 +18,7 @@ import pytest
 from car_grpc.config import Config
 from car_grpc.core.auth import AgentTokens
 from car_grpc.core.runs import ENDED, IN_PROGRESS, INCOMPLETE, STARTED, TURN, ended_record
-from car_grpc.store.runs import RunRow, SqliteRunStore
-from car_grpc.store.sqlite import SqliteStore
+from car_grpc.store import RunRow, open_store
 from car_grpc.v1 import runs_pb2
 from tests.runs_helpers import record, start, summaries, trace
 from tests.session_client import SessionClient, connect
@@ -69,12 +68,12 @@ async def _drain(stream: asyncio.StreamReader) -> None:
         pass
 
 
-def mint_agent_token(home: Path, agent_id: str) -> str:
-    store = SqliteStore(Config(state_root=home).store_path)
+async def mint_agent_token(home: Path, agent_id: str) -> str:
+    store = await open_store(home)
     try:
-        return AgentTokens(store).add(agent_id)
+        return await AgentTokens(store.agent_tokens).add(agent_id)
     finally:
-        store.close_sync()
+        await store.close()
 
 
 async def stream_turns(
@@ -99,7 +98,7 @@ async def stream_turns(
 
 async def test_acknowledged_turns_survive_sigkill(tmp_path: Path) -> None:
     home = tmp_path / "car-home"
-    token = mint_agent_token(home, "bot")
+    token = await mint_agent_token(home, "bot")
     acked: list[str] = []
 
     enough = asyncio.Event()
@@ -137,8 +136,8 @@ async def test_acknowledged_turns_survive_sigkill(tmp_path: Path) -> None:
 async def test_the_store_ends_runs_left_open(tmp_path: Path) -> None:
     """The store ends every run left in_progress, once."""
     config = Config(state_root=tmp_path / "home")
-    store = SqliteStore(config.store_path)
-    runs = SqliteRunStore(store)
+    store = await open_store(config.state_root)
+    runs = store.runs
     row = RunRow("left-open", "bot", "i", None, 1, None, IN_PROGRESS, 0, 1)
     await runs.create(row, runs_pb2.RunRecord(record=STARTED, timestamp=1))
     await runs.append("left-open", 1, [runs_pb2.RunRecord(record=TURN)])

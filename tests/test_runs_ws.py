@@ -121,7 +121,7 @@ class Peers:
 
     async def agent(self, agent_id: str = "bot") -> Peer:
         return await self.open(
-            {"agent_id": agent_id, "token": self.state.agent_tokens.add(agent_id)}
+            {"agent_id": agent_id, "token": await self.state.agent_tokens.add(agent_id)}
         )
 
     async def host(self) -> Peer:
@@ -425,7 +425,7 @@ print(json.dumps({"run": run, "recorded": recorded, "done": done}))
 
 
 async def test_car_runtime_records_a_run(peers: Peers) -> None:
-    token = peers.state.agent_tokens.add("bot")
+    token = await peers.state.agent_tokens.add("bot")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
     env |= {
         "CAR_DAEMON_URL": peers.url,

@@ -33,6 +33,7 @@ from car_grpc.core.grpc_service import AGENT_ID_KEY
 from car_grpc.core.server import MAX_MESSAGE_BYTES, Core
 from car_grpc.errors import AUTH_REQUIRED, INTERNAL
 from car_grpc.gateway import Gateway
+from car_grpc.store import database_path
 from car_grpc.v1 import state_pb2, state_pb2_grpc
 from tests.conftest import make_config
 from tests.ws_helpers import running
@@ -60,7 +61,7 @@ async def test_a_refused_typed_call_leaves_no_session_behind(
     or anyone could fill the core's memory without a token."""
     assert core.state is not None
     daemon, _ = tokens(core)
-    agent = core.state.agent_tokens.add("agent-7")
+    agent = await core.state.agent_tokens.add("agent-7")
     before = set(core.state.sessions)
     state = state_pb2_grpc.StateServiceStub(channel)
     for meta in [
@@ -88,7 +89,7 @@ async def test_wrong_credentials_on_the_websocket(served: tuple[Core, Gateway]) 
     core, gateway = served
     assert core.state is not None
     daemon, host = tokens(core)
-    agent = core.state.agent_tokens.add("agent-7")
+    agent = await core.state.agent_tokens.add("agent-7")
     async with pipelined(gateway.url) as client:
         for wrong in [
             {"token": daemon[:-1]},
@@ -136,7 +137,7 @@ async def test_secret_files_and_their_directories_are_private(tmp_path: Path) ->
     config.token_dir.mkdir(parents=True)
     (config.token_dir / AUTH_TOKEN_FILE).write_text("stale")
     (config.token_dir / AUTH_TOKEN_FILE).chmod(0o644)
-    store = config.store_path
+    store = database_path(config.state_root)
     store_files = [store, *(store.with_name(store.name + s) for s in ("-wal", "-shm"))]
     with umask(0):
         async with running(config):

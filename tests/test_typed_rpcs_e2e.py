@@ -195,7 +195,7 @@ async def test_agent_credentials_bind_to_the_attached_session(
     core: Core, channel: grpc.aio.Channel
 ) -> None:
     assert core.state is not None
-    token = core.state.agent_tokens.add("agent-7")
+    token = await core.state.agent_tokens.add("agent-7")
     client, sid = await open_session(channel, token=token, agent_id="agent-7")
     state = state_pb2_grpc.StateServiceStub(channel)
     await state.SetState(
@@ -205,7 +205,7 @@ async def test_agent_credentials_bind_to_the_attached_session(
     got = await client.request("state_get", state_pb2.GetStateRequest(key="who"))
     assert value_to_json(got.value) == "agent"
     # Another agent's name or token does not bind to this agent's session.
-    other = core.state.agent_tokens.add("agent-8")
+    other = await core.state.agent_tokens.add("agent-8")
     for meta in [bearer(token, sid, agent_id="agent-8"), bearer(other, sid, agent_id="agent-8")]:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await state.ListStateKeys(state_pb2.ListStateKeysRequest(), metadata=meta)

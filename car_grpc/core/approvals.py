@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 import uuid
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -47,7 +46,7 @@ from car_grpc.errors import (
     not_found,
     permission_denied,
 )
-from car_grpc.store import approvals as ledger
+from car_grpc.store.repositories import ApprovalStore
 from car_grpc.v1 import host_pb2
 
 if TYPE_CHECKING:
@@ -87,8 +86,9 @@ def status_name(status: Status) -> str:
 
 
 class Approvals:
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, ledger: ApprovalStore) -> None:
         self.state = state
+        self.ledger = ledger
         self.config = state.config
         if refused := sorted(self.config.gated_methods & UNGATEABLE):
             raise ValueError(f"these methods cannot be gated: {', '.join(refused)}")
@@ -104,13 +104,9 @@ class Approvals:
     async def start(self) -> None:
         """Expire the approvals a previous server left pending."""
 
-        def expire_all(conn: sqlite3.Connection) -> int:
-            stale = ledger.pending(conn)
-            for approval in stale:
-                ledger.finish(conn, _resolved(approval, EXPIRED, "the server stopped"))
-            return len(stale)
-
-        if count := await self.state.store.run(expire_all):
+        stale = await self.ledger.pending()
+        expired = [_resolved(a, EXPIRED, "the server stopped") for a in stale]
+        if count := await self.ledger.finish_all(expired):
             log.info("expired %d approvals left pending by a previous server", count)
 
     async def close(self) -> None:
@@ -129,7 +125,7 @@ class Approvals:
         """What `session` may see: pending approvals first (oldest first), then the newest
         resolved ones."""
         pending = self.pending(session)
-        history = await self.state.store.run(lambda c: ledger.history(c, HISTORY_LIMIT))
+        history = await self.ledger.history(HISTORY_LIMIT)
         resolved = {a.id for a in history}  # resolved while the history was read
         mine = (a for a in history if may_read(session, a))
         return [*(a for a in pending if a.id not in resolved), *mine]
@@ -161,7 +157,7 @@ class Approvals:
         approval_id = require(req.approval_id, "approval_id")
         approval = self._pending.get(approval_id)
         if approval is None:
-            row = await self.state.store.run(lambda c: ledger.get(c, approval_id))
+            row = await self.ledger.get(approval_id)
             if row is None or not may_read(session, row):
                 raise not_found(INVALID_PARAMS, f"invalid params: unknown approval: {approval_id}")
             raise _already(row)
@@ -179,7 +175,7 @@ class Approvals:
         return session.role is not Role.AGENT and self._parked.get(approval.id) is not session
 
     async def _open(self, approval: HostApproval) -> None:
-        await self.state.store.run(lambda c: ledger.insert(c, approval))
+        await self.ledger.insert(approval)
         self._pending[approval.id] = approval
         self._announce("approval.requested", approval)
 
@@ -193,11 +189,11 @@ class Approvals:
         """
         approval = self._pending.get(approval_id)
         if approval is None:
-            row = await self.state.store.run(lambda c: ledger.get(c, approval_id))
+            row = await self.ledger.get(approval_id)
             assert row is not None, approval_id
             return row, False
         resolved = _resolved(approval, status, notes)
-        row, won = await self.state.store.run(lambda c: ledger.finish(c, resolved))
+        row, won = await self.ledger.finish(resolved)
         assert row is not None, approval_id
         if won:
             self._pending.pop(approval_id, None)
@@ -327,7 +323,7 @@ async def host_resolve_approval(
 
 async def install(state: ServerState) -> None:
     """The ledger and the gate (after host.install: approvals announce host events)."""
-    state.approvals = approvals = Approvals(state)
+    state.approvals = approvals = Approvals(state, state.store.approvals)
     await approvals.start()
     state.gate = approvals.gate
     state.shutdown_hooks.append(approvals.close)

@@ -14,12 +14,11 @@ import hashlib
 import hmac
 import os
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from car_grpc.store.sqlite import SqliteStore
+from car_grpc.store.repositories import AgentTokenRow, AgentTokenStore
 
 AUTH_TOKEN_FILE = "auth-token"
 HOST_TOKEN_FILE = "host-token"
@@ -80,54 +79,26 @@ class ServerTokens:
 
 
 class AgentTokens:
-    """Per-agent tokens in the store."""
+    """Per-agent tokens: minted here, kept in the store as digests, compared here."""
 
-    def __init__(self, store: SqliteStore) -> None:
+    def __init__(self, store: AgentTokenStore) -> None:
         self.store = store
 
-    def add(self, agent_id: str) -> str:
+    async def add(self, agent_id: str) -> str:
         """Mint (or replace) the token of `agent_id`; returns it. It is shown only once."""
         token = mint_token()
-        digest = _digest(token)
-
-        def insert(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO agent_tokens(agent_id, token_hash, created_at) VALUES (?, ?, ?)"
-                " ON CONFLICT(agent_id) DO UPDATE SET token_hash = excluded.token_hash,"
-                " created_at = excluded.created_at",
-                (agent_id, digest, int(time.time() * 1000)),
-            )
-
-        self.store.run_sync(insert)
+        await self.store.put(agent_id, _digest(token), int(time.time() * 1000))
         return token
 
-    def remove(self, agent_id: str) -> bool:
-        def delete(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute("DELETE FROM agent_tokens WHERE agent_id = ?", (agent_id,))
-            return cur.rowcount > 0
+    async def remove(self, agent_id: str) -> bool:
+        return await self.store.remove(agent_id)
 
-        return self.store.run_sync(delete)
-
-    def list(self) -> list[tuple[str, int]]:
-        """(agent_id, created_at ms) of every agent with a token, sorted by id."""
-
-        def select(conn: sqlite3.Connection) -> list[tuple[str, int]]:
-            rows = conn.execute(
-                "SELECT agent_id, created_at FROM agent_tokens ORDER BY agent_id"
-            ).fetchall()
-            return [(str(a), int(c)) for a, c in rows]
-
-        return self.store.run_sync(select)
+    async def list(self) -> list[AgentTokenRow]:
+        """Every agent with a token (and when it was minted), sorted by id."""
+        return await self.store.list_all()
 
     async def verify(self, agent_id: str, token: str) -> bool:
         """Whether `token` is the current token of `agent_id` (constant-time)."""
-
-        def select(conn: sqlite3.Connection) -> bytes | None:
-            row = conn.execute(
-                "SELECT token_hash FROM agent_tokens WHERE agent_id = ?", (agent_id,)
-            ).fetchone()
-            return bytes(row[0]) if row else None
-
-        stored = await self.store.run(select)
+        stored = await self.store.digest(agent_id)
         # Compare against a dummy digest when unknown so timing says nothing either way.
         return hmac.compare_digest(_digest(token), stored or b"\0" * 32) and stored is not None

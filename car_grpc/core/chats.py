@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
 from urllib.parse import urlsplit
@@ -36,7 +35,7 @@ from car_grpc.core.grpc_service import streams
 from car_grpc.core.server_state import ServerState
 from car_grpc.core.session import ClientSession, SessionClosed
 from car_grpc.errors import INTERNAL, CarError
-from car_grpc.store import goals as goal_store
+from car_grpc.store.repositories import GoalStore
 from car_grpc.v1 import chats_pb2, session_pb2
 
 log = logging.getLogger(__name__)
@@ -140,9 +139,12 @@ class Chat:
 class Chats:
     """Open chats by session_id, the chats of each host, and the goal book."""
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, goals: GoalStore) -> None:
         self.state = state
         self.config = state.config
+        self.goals = goals
+        #: Goal store calls take it in the order they are made (asyncio.Lock is FIFO).
+        self._goal_order = asyncio.Lock()
         #: Routed chats: session_id -> chat. A chat leaves when it ends.
         self.open: dict[str, Chat] = {}
         #: host session id -> its chats still routed or still being delivered. The key
@@ -151,7 +153,7 @@ class Chats:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        await self._in_order(goal_store.reset_running)
+        await self._in_order(self.goals.reset_running)
         self.state.detach_hooks.append(self._agent_detached)
         self.state.shutdown_hooks.append(self.drain)
 
@@ -162,23 +164,28 @@ class Chats:
 
     # -------------------------------------------------------------- store, in order
 
-    def _in_order(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Task[T]:
-        """Run `fn` in the store after every goal store call made before this one.
+    def _in_order(self, call: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
+        """Make the goal store call `call()` after every one made before it has finished.
 
-        Tasks take their first step in creation order, and that step hands `fn` to the
-        store's single thread, so calls commit in the order they were made, even from
-        synchronous code such as a chat ending.
+        Tasks take their first step in creation order, and that step queues on the FIFO
+        lock, so calls take effect in the order they were made, even from synchronous code
+        such as a chat ending. The store promises no order between concurrent calls.
         """
-        return asyncio.create_task(self.state.store.run(fn))
 
-    def _write_goal(self, fn: Callable[[sqlite3.Connection], object]) -> None:
-        task = asyncio.create_task(self._background(fn))
+        async def ordered() -> T:
+            async with self._goal_order:
+                return await call()
+
+        return asyncio.create_task(ordered())
+
+    def _write_goal(self, call: Callable[[], Awaitable[object]]) -> None:
+        task = asyncio.create_task(self._background(call))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _background(self, fn: Callable[[sqlite3.Connection], object]) -> None:
+    async def _background(self, call: Callable[[], Awaitable[object]]) -> None:
         try:
-            await self._in_order(fn)
+            await self._in_order(call)
         except Exception:
             log.exception("goal status update failed")
 
@@ -197,7 +204,7 @@ class Chats:
         if goal is not None and req.attachments:
             raise field_error("goal", "goal and attachments are mutually exclusive")
         session_id = req.session_id or f"chat-{uuid.uuid4()}"
-        stored = await self._in_order(lambda c: goal_store.get(c, session_id))
+        stored = await self._in_order(lambda: self.goals.get(session_id))
         # From here to the reverse call nothing awaits: routing is set up atomically.
         if session_id in self.open:
             raise field_error("session_id", "a chat with this session_id is already open")
@@ -218,7 +225,7 @@ class Chats:
         self._route(chat)
         if stored is not None:
             self._write_goal(
-                lambda c: goal_store.set_status(c, session_id, chats_pb2.GOAL_STATUS_RUNNING)
+                lambda: self.goals.set_status(session_id, chats_pb2.GOAL_STATUS_RUNNING)
             )
         request = chats_pb2.AgentChatRequest(
             session_id=session_id,
@@ -401,7 +408,7 @@ class Chats:
             status = chats_pb2.GOAL_STATUS_MET if event.met else chats_pb2.GOAL_STATUS_RUNNING
             sid, copy = chat.session_id, chats_pb2.ChatEvent()
             copy.CopyFrom(event)
-            self._write_goal(lambda c: goal_store.record_evaluation(c, sid, copy, status))
+            self._write_goal(lambda: self.goals.record_evaluation(sid, copy, status))
         elif event.kind in TERMINAL_KINDS:
             self._settle_goal(chat, event.kind)
 
@@ -410,43 +417,39 @@ class Chats:
             return
         status = goal_status_after(kind, chat.evaluated, chat.met)
         sid = chat.session_id
-        self._write_goal(lambda c: goal_store.set_status(c, sid, status, kind))
+        self._write_goal(lambda: self.goals.set_status(sid, status, kind))
 
     def _restore_goal(self, chat: Chat) -> None:
         """The chat never started: its goal goes back to the status it had."""
         if chat.goal_before is None:
             return
         before, sid = chat.goal_before, chat.session_id
-        self._write_goal(lambda c: goal_store.set_status(c, sid, before))
+        self._write_goal(lambda: self.goals.set_status(sid, before))
 
     # -------------------------------------------------------------- goal book
 
     async def set_goal(self, session_id: str, goal: chats_pb2.ChatGoal) -> chats_pb2.StoredGoal:
         """Store the goal (acknowledged once committed) and return it as stored."""
 
-        def put(conn: sqlite3.Connection) -> chats_pb2.StoredGoal:
-            goal_store.put(conn, session_id, goal.check, goal.max_iterations)
-            stored = goal_store.get(conn, session_id)
-            assert stored is not None
-            return stored
-
-        return await self._in_order(put)
+        return await self._in_order(
+            lambda: self.goals.put(session_id, goal.check, goal.max_iterations)
+        )
 
     async def goal(self, session_id: str) -> chats_pb2.StoredGoal | None:
-        return await self._in_order(lambda c: goal_store.get(c, session_id))
+        return await self._in_order(lambda: self.goals.get(session_id))
 
     async def all_goals(self) -> list[chats_pb2.StoredGoal]:
-        return await self._in_order(goal_store.list_all)
+        return await self._in_order(self.goals.list_all)
 
     async def clear_goal(self, session_id: str) -> bool:
-        return await self._in_order(lambda c: goal_store.clear(c, session_id))
+        return await self._in_order(lambda: self.goals.clear(session_id))
 
     async def clear_goals(self) -> int:
-        return await self._in_order(goal_store.clear_all)
+        return await self._in_order(self.goals.clear_all)
 
 
 async def install(state: ServerState) -> None:
-    state.chats = Chats(state)
+    state.chats = Chats(state, state.store.goals)
     await state.chats.start()
 
 

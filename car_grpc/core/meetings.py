@@ -11,7 +11,6 @@ continues it with a new voice session.
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from typing import TYPE_CHECKING
 
@@ -23,7 +22,7 @@ from car_grpc.core.dispatch import Reply, field_error, handles, require
 from car_grpc.core.session import ClientSession
 from car_grpc.core.voice import DEFAULT_AUDIO_SOURCE, Voice, VoiceSession
 from car_grpc.errors import invalid_params
-from car_grpc.store import meetings as meeting_store
+from car_grpc.store.repositories import MeetingStore
 from car_grpc.v1 import voice_pb2
 
 if TYPE_CHECKING:
@@ -70,9 +69,9 @@ def transcript_segment(event: struct_pb2.Value) -> voice_pb2.TranscriptSegment |
 class Meetings:
     """Live meetings (meeting id -> its voice session) over the meetings in the store."""
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, store: MeetingStore) -> None:
         self.state = state
-        self.store = state.store
+        self.store = store
         self.config = state.config
         #: meeting id -> its voice session; None while the meeting is starting.
         self.live: dict[str, VoiceSession | None] = {}
@@ -84,9 +83,7 @@ class Meetings:
     async def recover(self) -> int:
         """Meetings a previous process left live are interrupted."""
         at = now_ms()
-        return await self.store.run(
-            lambda c: meeting_store.interrupt_live(c, at, "server restarted")
-        )
+        return await self.store.interrupt_live(at, "server restarted")
 
     async def start(
         self, owner: ClientSession, req: voice_pb2.StartMeetingRequest
@@ -110,7 +107,7 @@ class Meetings:
     ) -> tuple[Meeting, VoiceSession]:
         session_id = self.voice.new_session_id(req.session_id or None)
         provider, _ = self.voice.provider_for(req.provider or None)
-        before = await self.store.run(lambda c: meeting_store.get(c, meeting_id))
+        before = await self.store.get(meeting_id)
         meeting = Meeting(meeting_id=meeting_id, started_at=now_ms())
         if before is not None:
             meeting.CopyFrom(before)
@@ -121,7 +118,7 @@ class Meetings:
         meeting.status = voice_pb2.MEETING_STATUS_LIVE
         meeting.session_id, meeting.provider = session_id, provider
         # The row is live before the engine can send a segment for it.
-        await self.store.run(lambda c: meeting_store.put(c, meeting))
+        await self.store.put(meeting)
         try:
             vs = await self.voice.open(
                 owner,
@@ -134,9 +131,9 @@ class Meetings:
             )
         except BaseException:
             if before is None:
-                await self.store.run(lambda c: meeting_store.delete(c, meeting_id))
+                await self.store.delete(meeting_id)
             else:
-                await self.store.run(lambda c: meeting_store.put(c, before))
+                await self.store.put(before)
             raise
         return meeting, vs
 
@@ -152,26 +149,20 @@ class Meetings:
         return voice_pb2.StopMeetingResponse(meeting=await self.get(meeting_id), stopped=True)
 
     async def get(self, meeting_id: str) -> Meeting:
-        meeting = await self.store.run(lambda c: meeting_store.get(c, meeting_id))
+        meeting = await self.store.get(meeting_id)
         if meeting is None:
             raise invalid_params(f"invalid params: unknown meeting '{meeting_id}'")
         return meeting
 
     async def transcript(self, meeting_id: str) -> voice_pb2.GetMeetingResponse:
-        def read(c: sqlite3.Connection) -> voice_pb2.GetMeetingResponse | None:
-            meeting = meeting_store.get(c, meeting_id)
-            if meeting is None:
-                return None
-            segments = meeting_store.segments(c, meeting_id)
-            return voice_pb2.GetMeetingResponse(meeting=meeting, segments=segments)
-
-        found = await self.store.run(read)
+        found = await self.store.transcript(meeting_id)
         if found is None:
             raise invalid_params(f"invalid params: unknown meeting '{meeting_id}'")
-        return found
+        meeting, segments = found
+        return voice_pb2.GetMeetingResponse(meeting=meeting, segments=segments)
 
     async def recent(self, limit: int) -> list[Meeting]:
-        return await self.store.run(lambda c: meeting_store.recent(c, limit))
+        return await self.store.recent(limit)
 
     # -------------------------------------------------------------- the voice sink
 
@@ -181,7 +172,7 @@ class Meetings:
             return
         segment.session_id, segment.received_at = session.id, now_ms()
         meeting_id, limit = session.meeting_id, self.config.meeting_max_segments
-        await self.store.run(lambda c: meeting_store.append_segment(c, meeting_id, segment, limit))
+        await self.store.append_segment(meeting_id, segment, limit)
 
     async def finish(self, session: VoiceSession, stopped: bool, reason: str) -> None:
         meeting_id = session.meeting_id
@@ -191,11 +182,11 @@ class Meetings:
             del self.live[meeting_id]
         status = voice_pb2.MEETING_STATUS_ENDED if stopped else voice_pb2.MEETING_STATUS_INTERRUPTED
         at, why = now_ms(), None if stopped else reason
-        await self.store.run(lambda c: meeting_store.finish(c, meeting_id, status, at, why))
+        await self.store.finish(meeting_id, status, at, why)
 
 
 async def install(state: ServerState) -> None:
-    state.meetings = Meetings(state)
+    state.meetings = Meetings(state, state.store.meetings)
     await state.meetings.recover()
 
 

@@ -38,7 +38,7 @@ import grpc
 from google.protobuf.message import Message
 
 from car_grpc import api
-from car_grpc.codec import to_value
+from car_grpc.codec import enum_to_json, to_value
 from car_grpc.core.background import Background, now_ms
 from car_grpc.core.dispatch import Reply, field_error, handles, require
 from car_grpc.core.grpc_service import streams
@@ -53,7 +53,7 @@ from car_grpc.errors import (
     invalid_params,
     not_found,
 )
-from car_grpc.store.runs import RunRow, RunStore, SqliteRunStore, status_name
+from car_grpc.store.repositories import RunRow, RunStore
 from car_grpc.v1 import runs_pb2, session_pb2
 
 log = logging.getLogger(__name__)
@@ -584,9 +584,8 @@ def _dropped(run_id: str, reason: DropReason) -> runs_pb2.RecordTurnsResponse:
 
 
 def _already_ended(run_id: str, status: RunStatus) -> CarError:
-    return failed_precondition(
-        INTERNAL, f"run {run_id!r} has already ended ({status_name(status)})"
-    )
+    name = enum_to_json(runs_pb2.RunStatus.DESCRIPTOR, status)
+    return failed_precondition(INTERNAL, f"run {run_id!r} has already ended ({name})")
 
 
 def _may_not_resume() -> CarError:
@@ -603,7 +602,7 @@ def _may_not_resume() -> CarError:
 
 async def install(state: ServerState) -> None:
     """Give `state` its runs domain; end the runs a previous process left open."""
-    store = SqliteRunStore(state.store)
+    store = state.store.runs
     abandoned = await store.abandon_open(ended_record(INCOMPLETE))
     if abandoned:
         log.info(

@@ -20,7 +20,7 @@ from car_grpc.core import domains
 from car_grpc.core.auth import ServerTokens
 from car_grpc.core.grpc_service import add_health_and_reflection, generic_handlers
 from car_grpc.core.server_state import ServerState
-from car_grpc.store.sqlite import SqliteStore
+from car_grpc.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ MAX_MESSAGE_BYTES = 80 * 1024 * 1024
 
 
 class Core:
-    def __init__(self, config: Config, store: SqliteStore | None = None) -> None:
+    def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
         self._store = store
         self._owns_store = store is None
@@ -42,7 +42,7 @@ class Core:
         return f"{self.config.grpc_host}:{self.grpc_port}"
 
     async def start(self) -> None:
-        store = self._store or SqliteStore(self.config.store_path)
+        store = self._store or await open_store(self.config.state_root)
         tokens = ServerTokens.mint(self.config.token_dir) if self.config.auth else None
         self.state = state = ServerState(self.config, store, tokens)
         await domains.install(state)

@@ -18,7 +18,7 @@ from car_grpc.core.auth import AgentTokens, ServerTokens
 from car_grpc.core.background import now_ms
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.session import ClientSession, Role
-from car_grpc.store.sqlite import SqliteStore
+from car_grpc.store.repositories import Store
 
 if TYPE_CHECKING:
     from car_grpc.core.approvals import Approvals
@@ -57,12 +57,12 @@ class ServerState:
     #: Meetings and their transcripts (set by domains.install).
     meetings: Meetings
 
-    def __init__(self, config: Config, store: SqliteStore, tokens: ServerTokens | None) -> None:
+    def __init__(self, config: Config, store: Store, tokens: ServerTokens | None) -> None:
         self.config = config
         self.store = store
         #: None when auth is off.
         self.tokens = tokens
-        self.agent_tokens = AgentTokens(store)
+        self.agent_tokens = AgentTokens(store.agent_tokens)
         self.sessions: dict[str, ClientSession] = {}
         #: agent_id -> the live session attached as that agent.
         self.attached: dict[str, ClientSession] = {}

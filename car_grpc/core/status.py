@@ -7,9 +7,6 @@ off the state here, at the call; counters live in car_grpc.core.metrics.
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
 from car_grpc import codec
 from car_grpc.config import SERVER_VERSION
 from car_grpc.core.background import now_ms
@@ -38,15 +35,6 @@ _ROLE_LABELS = {
 }
 
 
-def store_bytes(database: Path) -> int:
-    """Bytes of an SQLite database on disk: the file and its write-ahead log."""
-    total = 0
-    for path in (database, database.with_name(database.name + "-wal")):
-        with contextlib.suppress(OSError):  # no write-ahead log right now
-            total += path.stat().st_size
-    return total
-
-
 def _connections(state: ServerState) -> list[ClientSession]:
     """Live session streams, newest first (one-call sessions of typed RPCs are not)."""
     live = [s for s in state.sessions.values() if s.streaming and not s.closed.is_set()]
@@ -71,8 +59,9 @@ def _describe(session: ClientSession) -> status_pb2.ConnectedSession:
     return out
 
 
-def gauges(state: ServerState) -> list[Gauge]:
-    """The values `server.metrics` reads off the state."""
+def gauges(state: ServerState, store_bytes: int) -> list[Gauge]:
+    """The values `server.metrics` reads off the state; the store's size is asked of the
+    store by the caller (an await)."""
     by_role = dict.fromkeys(_ROLE_LABELS.values(), 0)
     for session in _connections(state):
         by_role[_ROLE_LABELS[session.role]] += 1
@@ -103,7 +92,7 @@ def gauges(state: ServerState) -> list[Gauge]:
             "car_store_bytes",
             "Bytes of the store on disk (database and write-ahead log).",
             (),
-            [((), store_bytes(state.store.path))],
+            [((), store_bytes)],
         ),
     ]
 
@@ -141,7 +130,7 @@ async def server_status(
             for row in run_agents
         ],
         pending_approvals=len(state.approvals.pending()),
-        store_bytes=store_bytes(state.store.path),
+        store_bytes=await state.store.size_bytes(),
         auth_enabled=state.auth_enabled,
         approvals_enabled=state.config.approvals,
     )
@@ -152,4 +141,5 @@ async def server_metrics(
     session: ClientSession, req: status_pb2.GetMetricsRequest
 ) -> status_pb2.GetMetricsResponse:
     state = session.server
-    return status_pb2.GetMetricsResponse(text=state.metrics.render(gauges(state)))
+    store_bytes = await state.store.size_bytes()
+    return status_pb2.GetMetricsResponse(text=state.metrics.render(gauges(state, store_bytes)))

@@ -1,4 +1,4 @@
-"""The embedded store: one SQLite database under the state root.
+"""The embedded database: one SQLite file under the state root, its thread and its schema.
 
 All SQL runs on one dedicated thread that owns the connection, so the event loop never
 blocks on disk and writes are serialized. The database is in WAL mode with
@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -36,7 +36,7 @@ MIGRATIONS: list[str] = [
         created_at INTEGER NOT NULL
     );
     """,
-    # 2: the approval ledger (car_grpc/store/approvals.py). A row is a serialized
+    # 2: the approval ledger (car_grpc/store/sqlite/approvals.py). A row is a serialized
     # car.v1.HostApproval; status and times are copied out for queries.
     """
     CREATE TABLE approvals (
@@ -49,7 +49,7 @@ MIGRATIONS: list[str] = [
     CREATE INDEX approvals_by_status ON approvals(status, created_at);
     CREATE INDEX approvals_by_resolution ON approvals(resolved_at);
     """,
-    # 3: agent runs and their ordered records (car_grpc/store/runs.py). A record is a
+    # 3: agent runs and their ordered records (car_grpc/store/sqlite/runs.py). A record is a
     # serialized car.v1.RunRecord; seq 0 is `started`.
     """
     CREATE TABLE runs (
@@ -72,7 +72,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, seq)
     ) WITHOUT ROWID;
     """,
-    # 4: standing goals of chat sessions (car_grpc/store/goals.py).
+    # 4: standing goals of chat sessions (car_grpc/store/sqlite/goals.py).
     """
     CREATE TABLE goals (
         session_id     TEXT PRIMARY KEY,
@@ -87,7 +87,7 @@ MIGRATIONS: list[str] = [
         updated_at     INTEGER NOT NULL
     );
     """,
-    # 5: meetings and their transcripts (car_grpc/store/meetings.py). A meeting row is a
+    # 5: meetings and their transcripts (car_grpc/store/sqlite/meetings.py). A meeting row is a
     # serialized car.v1.Meeting, a segment row a serialized car.v1.TranscriptSegment.
     """
     CREATE TABLE meetings (
@@ -108,36 +108,32 @@ MIGRATIONS: list[str] = [
 ]
 
 
-class Store(Protocol):
-    """What the core needs from a store: run a function against the database, in order."""
+class SqliteDatabase:
+    """One open database file. `run(fn)` calls `fn(connection)` inside one transaction.
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+    Only the repositories of this package call `run`: the connection never leaves it.
+    """
 
-    def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+    def __init__(self, path: Path, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self.path = path
+        self._conn = conn
+        self._executor = executor
+        self._lock = threading.Lock()
 
-    async def close(self) -> None: ...
-
-
-class SqliteStore:
-    """The SQLite store. `run(fn)` calls `fn(connection)` inside one transaction."""
-
-    def __init__(self, path: Path) -> None:
+    @classmethod
+    async def open(cls, path: Path) -> SqliteDatabase:
+        """Open (creating it if missing) and migrate the database at `path`."""
         # Runs, approvals and agent token digests: for the owner's eyes only.
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         _private_files(path)
-        self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="car-store")
-        self._lock = threading.Lock()
-        self._conn = self._executor.submit(self._open).result()
-
-    def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=10000")
-        conn.execute("PRAGMA foreign_keys=ON")
-        migrate(conn)
-        return conn
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="car-store")
+        try:
+            loop = asyncio.get_running_loop()
+            conn = await loop.run_in_executor(executor, _connect, path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(path, conn, executor)
 
     def _in_transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
@@ -155,18 +151,32 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._in_transaction, fn)
 
-    def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Blocking variant for start-up, shutdown and the CLI (not for the event loop)."""
-        return self._executor.submit(self._in_transaction, fn).result()
+    def size_bytes(self) -> int:
+        """Bytes of the database on disk: the file and its write-ahead log."""
+        total = 0
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with contextlib.suppress(OSError):  # no write-ahead log right now
+                total += path.stat().st_size
+        return total
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._conn.close)
         self._executor.shutdown(wait=True)
 
-    def close_sync(self) -> None:
-        self._executor.submit(self._conn.close).result()
-        self._executor.shutdown(wait=True)
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA foreign_keys=ON")
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _private_files(path: Path) -> None:

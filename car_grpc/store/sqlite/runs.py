@@ -1,96 +1,30 @@
-"""Runs in the store: one row per run and its ordered records (docs/protocol.md §4).
+"""RunStore on the embedded database (schema: migration 3 of database.py).
 
-A run's records are numbered from 0 (`started`), then its turns, then `ended`; each is a
-serialized car.v1.RunRecord. Every write is one transaction that also moves the run's
-counters, so a crash leaves either the whole batch or none of it, and the row always
-agrees with its records. `RunStore` is what the runs domain needs; `SqliteRunStore` keeps
-it in the embedded database (schema: migration 2 of car_grpc/store/sqlite.py).
+One row per run in `runs` and its ordered records in `run_records`, each a serialized
+car.v1.RunRecord. Every write is one transaction that also moves the run's counters, so a
+crash leaves either the whole batch or none of it, and the row always agrees with its
+records.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
-from car_grpc.store.sqlite import SqliteStore
+from car_grpc.store.repositories import RunAgentRow, RunRow, StoreConflict
+from car_grpc.store.sqlite.database import SqliteDatabase
 from car_grpc.v1 import runs_pb2
 
 RunStatus = runs_pb2.RunStatus
 
 
-def status_name(status: RunStatus.ValueType) -> str:
-    """The stored (and JSON) name of a status: RUN_STATUS_IN_PROGRESS -> "in_progress"."""
+def _status_name(status: RunStatus.ValueType) -> str:
+    """The stored name of a status: RUN_STATUS_IN_PROGRESS -> "in_progress"."""
     return RunStatus.Name(status).removeprefix("RUN_STATUS_").lower()
 
 
 def _status_value(name: str) -> RunStatus.ValueType:
     return RunStatus.Value("RUN_STATUS_" + name.upper())
-
-
-@dataclass(frozen=True)
-class RunRow:
-    """A run without its records."""
-
-    run_id: str
-    agent_id: str
-    intent: str
-    outcome_description: str | None
-    started_at: int
-    ended_at: int | None
-    status: RunStatus.ValueType
-    turn_count: int
-    #: Records stored so far (started + turns + ended): the seq of the next one.
-    record_count: int
-
-    def summary(self) -> runs_pb2.RunSummary:
-        out = runs_pb2.RunSummary(
-            run_id=self.run_id,
-            agent_id=self.agent_id,
-            intent=self.intent,
-            started_at=self.started_at,
-            status=self.status,
-            turn_count=self.turn_count,
-        )
-        if self.ended_at is not None:
-            out.ended_at = self.ended_at
-        return out
-
-
-@dataclass(frozen=True)
-class RunAgentRow:
-    """An agent that has runs, and how many."""
-
-    agent_id: str
-    runs: int
-    in_progress: int
-    #: Unix ms: when its newest run started.
-    last_started_at: int
-
-
-class RunStore(Protocol):
-    """The durable side of runs. Every method returns once its change is committed."""
-
-    async def create(self, row: RunRow, started: runs_pb2.RunRecord) -> None: ...
-
-    async def append(
-        self, run_id: str, first_seq: int, turns: Sequence[runs_pb2.RunRecord]
-    ) -> None: ...
-
-    async def end(
-        self, run_id: str, seq: int, ended: runs_pb2.RunRecord, status: RunStatus.ValueType
-    ) -> None: ...
-
-    async def get(self, run_id: str) -> RunRow | None: ...
-
-    async def list_for_agent(self, agent_id: str) -> list[RunRow]: ...
-
-    async def agents(self, limit: int) -> list[RunAgentRow]: ...
-
-    async def records(self, run_id: str, start: int, limit: int) -> list[runs_pb2.RunRecord]: ...
-
-    async def abandon_open(self, ended: runs_pb2.RunRecord) -> list[str]: ...
 
 
 _COLUMNS = (
@@ -112,10 +46,6 @@ def _row(values: tuple[object, ...]) -> RunRow:
         turn_count=int(turns),  # type: ignore[call-overload]
         record_count=int(records),  # type: ignore[call-overload]
     )
-
-
-class StoreConflict(RuntimeError):
-    """A write did not match the stored run (a bug: the domain serializes writes per run)."""
 
 
 def _insert_records(
@@ -140,27 +70,28 @@ def _advance(
 
 
 class SqliteRunStore:
-    """RunStore on the embedded SQLite store."""
-
-    def __init__(self, store: SqliteStore) -> None:
-        self.store = store
+    def __init__(self, database: SqliteDatabase) -> None:
+        self._db = database
 
     async def create(self, row: RunRow, started: runs_pb2.RunRecord) -> None:
         def insert(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                f"INSERT INTO runs({_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, ?, 0, 1)",
-                (
-                    row.run_id,
-                    row.agent_id,
-                    row.intent,
-                    row.outcome_description,
-                    row.started_at,
-                    status_name(row.status),
-                ),
-            )
+            try:
+                conn.execute(
+                    f"INSERT INTO runs({_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, ?, 0, 1)",
+                    (
+                        row.run_id,
+                        row.agent_id,
+                        row.intent,
+                        row.outcome_description,
+                        row.started_at,
+                        _status_name(row.status),
+                    ),
+                )
+            except sqlite3.IntegrityError as e:
+                raise StoreConflict(f"run {row.run_id!r} exists") from e
             _insert_records(conn, row.run_id, 0, [started])
 
-        await self.store.run(insert)
+        await self._db.run(insert)
 
     async def append(
         self, run_id: str, first_seq: int, turns: Sequence[runs_pb2.RunRecord]
@@ -178,7 +109,7 @@ class SqliteRunStore:
             )
             _insert_records(conn, run_id, first_seq, turns)
 
-        await self.store.run(insert)
+        await self._db.run(insert)
 
     async def end(
         self, run_id: str, seq: int, ended: runs_pb2.RunRecord, status: RunStatus.ValueType
@@ -189,12 +120,12 @@ class SqliteRunStore:
                 run_id,
                 seq,
                 "status = ?, ended_at = ?, record_count = record_count + 1",
-                status_name(status),
+                _status_name(status),
                 ended.timestamp,
             )
             _insert_records(conn, run_id, seq, [ended])
 
-        await self.store.run(insert)
+        await self._db.run(insert)
 
     async def get(self, run_id: str) -> RunRow | None:
         def select(conn: sqlite3.Connection) -> RunRow | None:
@@ -203,11 +134,9 @@ class SqliteRunStore:
             ).fetchone()
             return None if found is None else _row(found)
 
-        return await self.store.run(select)
+        return await self._db.run(select)
 
     async def list_for_agent(self, agent_id: str) -> list[RunRow]:
-        """The agent's runs, newest first (ties: the later-created first)."""
-
         def select(conn: sqlite3.Connection) -> list[RunRow]:
             rows = conn.execute(
                 f"SELECT {_COLUMNS} FROM runs WHERE agent_id = ?"
@@ -216,24 +145,20 @@ class SqliteRunStore:
             ).fetchall()
             return [_row(r) for r in rows]
 
-        return await self.store.run(select)
+        return await self._db.run(select)
 
     async def agents(self, limit: int) -> list[RunAgentRow]:
-        """Agents with runs, the one whose newest run started last first."""
-
         def select(conn: sqlite3.Connection) -> list[RunAgentRow]:
             rows = conn.execute(
                 "SELECT agent_id, COUNT(*), SUM(status = ?), MAX(started_at) FROM runs"
                 " GROUP BY agent_id ORDER BY MAX(started_at) DESC, agent_id LIMIT ?",
-                (status_name(RunStatus.RUN_STATUS_IN_PROGRESS), limit),
+                (_status_name(RunStatus.RUN_STATUS_IN_PROGRESS), limit),
             ).fetchall()
             return [RunAgentRow(str(a), int(n), int(o), int(t)) for a, n, o, t in rows]
 
-        return await self.store.run(select)
+        return await self._db.run(select)
 
     async def records(self, run_id: str, start: int, limit: int) -> list[runs_pb2.RunRecord]:
-        """Up to `limit` records of the run from seq `start`, in order."""
-
         def select(conn: sqlite3.Connection) -> list[runs_pb2.RunRecord]:
             rows = conn.execute(
                 "SELECT record FROM run_records WHERE run_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
@@ -241,18 +166,13 @@ class SqliteRunStore:
             ).fetchall()
             return [runs_pb2.RunRecord.FromString(blob) for (blob,) in rows]
 
-        return await self.store.run(select)
+        return await self._db.run(select)
 
     async def abandon_open(self, ended: runs_pb2.RunRecord) -> list[str]:
-        """End every run still `in_progress` (left by a process that died) with `ended`.
-
-        Called once at start-up, before anything is served.
-        """
-
         def close_all(conn: sqlite3.Connection) -> list[str]:
             open_runs = conn.execute(
                 "SELECT run_id, record_count FROM runs WHERE status = ?",
-                (status_name(RunStatus.RUN_STATUS_IN_PROGRESS),),
+                (_status_name(RunStatus.RUN_STATUS_IN_PROGRESS),),
             ).fetchall()
             for run_id, seq in open_runs:
                 _advance(
@@ -260,10 +180,10 @@ class SqliteRunStore:
                     run_id,
                     seq,
                     "status = ?, ended_at = ?, record_count = record_count + 1",
-                    status_name(ended.ended.status),
+                    _status_name(ended.ended.status),
                     ended.timestamp,
                 )
                 _insert_records(conn, run_id, seq, [ended])
             return [str(run_id) for run_id, _ in open_runs]
 
-        return await self.store.run(close_all)
+        return await self._db.run(close_all)

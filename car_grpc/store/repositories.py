@@ -1,0 +1,296 @@
+"""What the core needs from durable state: one repository Protocol per persistent concept.
+
+The core is typed against these Protocols only; car_grpc.store.sqlite implements them on
+the embedded database, and a PostgreSQL store implements the same contract:
+
+- Every method is a coroutine and one transaction: it takes effect whole or not at all.
+- A write returns only once committed and durable ("acknowledged after commit").
+- A read sees every write that returned before it was called, and one consistent state.
+- No method hands out a connection or takes a callback: values in, values out (protobuf
+  messages as the API defines them, or the frozen rows below).
+- Concurrent calls are not ordered among themselves: a domain that needs an order (the
+  goals of chats) serializes its own calls.
+- A call that contradicts the stored state (a duplicate key, a run not at the record the
+  caller thinks) raises StoreConflict, never a driver's exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, voice_pb2
+
+
+class StoreConflict(RuntimeError):
+    """A write did not match the stored state: a bug of the caller, which serializes its
+    writes and never reuses a key."""
+
+
+# ---------------------------------------------------------------- agent tokens
+
+
+@dataclass(frozen=True)
+class AgentTokenRow:
+    """An agent that has a token (the digest stays in the store)."""
+
+    agent_id: str
+    #: Unix ms: when its current token was minted.
+    created_at: int
+
+
+class AgentTokenStore(Protocol):
+    """Per-agent token digests (car_grpc.core.auth hashes and compares; no token is stored)."""
+
+    async def put(self, agent_id: str, digest: bytes, created_at: int) -> None:
+        """Set the agent's digest, replacing any earlier one."""
+
+    async def digest(self, agent_id: str) -> bytes | None:
+        """The agent's current digest, None when it has no token."""
+
+    async def remove(self, agent_id: str) -> bool:
+        """Forget the agent's token; whether it had one."""
+
+    async def list_all(self) -> list[AgentTokenRow]:
+        """Every agent with a token, sorted by agent_id."""
+
+
+# ---------------------------------------------------------------- approvals
+
+
+class ApprovalStore(Protocol):
+    """The approval ledger: one car.v1.HostApproval per id, pending until resolved once."""
+
+    async def insert(self, approval: host_pb2.HostApproval) -> None:
+        """Add a new (pending) approval; StoreConflict when its id is taken."""
+
+    async def get(self, approval_id: str) -> host_pb2.HostApproval | None: ...
+
+    async def finish(
+        self, resolved: host_pb2.HostApproval
+    ) -> tuple[host_pb2.HostApproval | None, bool]:
+        """Write `resolved` over its row if the row is still pending.
+
+        Returns the row as it now stands (None for an unknown id) and whether this call
+        resolved it: of two racing resolutions exactly one wins, the other sees its row.
+        """
+
+    async def finish_all(self, resolved: Sequence[host_pb2.HostApproval]) -> int:
+        """`finish` each of `resolved`, all in one transaction; how many this call resolved."""
+
+    async def pending(self) -> list[host_pb2.HostApproval]:
+        """Pending approvals, oldest first (by created_at, then by insertion)."""
+
+    async def history(self, limit: int) -> list[host_pb2.HostApproval]:
+        """Up to `limit` resolved approvals, the most recently resolved first (ties: the
+        later inserted first)."""
+
+
+# ---------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """A run without its records."""
+
+    run_id: str
+    agent_id: str
+    intent: str
+    outcome_description: str | None
+    started_at: int
+    ended_at: int | None
+    status: runs_pb2.RunStatus.ValueType
+    turn_count: int
+    #: Records stored so far (started + turns + ended): the seq of the next one.
+    record_count: int
+
+    def summary(self) -> runs_pb2.RunSummary:
+        out = runs_pb2.RunSummary(
+            run_id=self.run_id,
+            agent_id=self.agent_id,
+            intent=self.intent,
+            started_at=self.started_at,
+            status=self.status,
+            turn_count=self.turn_count,
+        )
+        if self.ended_at is not None:
+            out.ended_at = self.ended_at
+        return out
+
+
+@dataclass(frozen=True)
+class RunAgentRow:
+    """An agent that has runs, and how many."""
+
+    agent_id: str
+    runs: int
+    in_progress: int
+    #: Unix ms: when its newest run started.
+    last_started_at: int
+
+
+class RunStore(Protocol):
+    """Runs and their ordered records (docs/protocol.md §4).
+
+    A run's records are numbered from 0 (`started`), then its turns, then `ended`. Every
+    write also moves the run's counters in the same transaction, so the row always agrees
+    with its records; a write that does not start at the run's `record_count` is refused
+    with StoreConflict (the domain serializes the writes of a run).
+    """
+
+    async def create(self, row: RunRow, started: runs_pb2.RunRecord) -> None:
+        """Store a new run (record_count 1) and its record 0; StoreConflict if it exists."""
+
+    async def append(
+        self, run_id: str, first_seq: int, turns: Sequence[runs_pb2.RunRecord]
+    ) -> None:
+        """Add turn records from seq `first_seq` (the run's record_count)."""
+
+    async def end(
+        self,
+        run_id: str,
+        seq: int,
+        ended: runs_pb2.RunRecord,
+        status: runs_pb2.RunStatus.ValueType,
+    ) -> None:
+        """Add the `ended` record at `seq` and give the run its final status and end time."""
+
+    async def get(self, run_id: str) -> RunRow | None: ...
+
+    async def list_for_agent(self, agent_id: str) -> list[RunRow]:
+        """The agent's runs, newest first (ties: the later created first)."""
+
+    async def agents(self, limit: int) -> list[RunAgentRow]:
+        """Up to `limit` agents with runs, the one whose newest run started last first
+        (ties: by agent_id)."""
+
+    async def records(self, run_id: str, start: int, limit: int) -> list[runs_pb2.RunRecord]:
+        """Up to `limit` records of the run from seq `start`, in order."""
+
+    async def abandon_open(self, ended: runs_pb2.RunRecord) -> list[str]:
+        """End every run still in progress (left by a process that died) with `ended`;
+        their ids. Called once at start-up, before anything is served."""
+
+
+# ---------------------------------------------------------------- goals
+
+
+class GoalStore(Protocol):
+    """Standing goals of chat sessions, keyed by session_id (docs/protocol.md §5).
+
+    Writes stamp `updated_at` with the store's clock. Updating an unknown session's goal
+    does nothing: a goal cleared while its chat ran stays cleared.
+    """
+
+    async def put(self, session_id: str, check: str, max_iterations: int) -> chats_pb2.StoredGoal:
+        """Set (or replace) the goal: active, no evaluation yet. Returns it as stored."""
+
+    async def get(self, session_id: str) -> chats_pb2.StoredGoal | None: ...
+
+    async def list_all(self) -> list[chats_pb2.StoredGoal]:
+        """Every goal, sorted by session_id."""
+
+    async def clear(self, session_id: str) -> bool:
+        """Remove the goal; whether there was one."""
+
+    async def clear_all(self) -> int:
+        """Remove every goal; how many there were."""
+
+    async def set_status(
+        self,
+        session_id: str,
+        status: chats_pb2.GoalStatus.ValueType,
+        terminal_kind: str | None = None,
+    ) -> None:
+        """Move the goal to `status`; `terminal_kind` is recorded when given, else kept."""
+
+    async def record_evaluation(
+        self,
+        session_id: str,
+        event: chats_pb2.ChatEvent,
+        status: chats_pb2.GoalStatus.ValueType,
+    ) -> None:
+        """Record a goal_evaluated event's iteration, met, grounded and reason (an absent
+        field clears the stored one) and the status."""
+
+    async def reset_running(self) -> int:
+        """After a restart no chat runs any goal: `running` goals become `active`; how many."""
+
+
+# ---------------------------------------------------------------- meetings
+
+
+class MeetingStore(Protocol):
+    """Meetings (one car.v1.Meeting each) and their transcripts, numbered from 0."""
+
+    async def get(self, meeting_id: str) -> voice_pb2.Meeting | None: ...
+
+    async def put(self, meeting: voice_pb2.Meeting) -> None:
+        """Insert or replace the meeting (its transcript is untouched; a replaced
+        meeting keeps the start it was first stored with for `recent`)."""
+
+    async def delete(self, meeting_id: str) -> None:
+        """Remove the meeting and its transcript (a start that failed)."""
+
+    async def append_segment(
+        self, meeting_id: str, segment: voice_pb2.TranscriptSegment, limit: int
+    ) -> int | None:
+        """Add `segment` at the end of the transcript, stored with `index` set to its
+        number (the meeting's segment_count moves with it); that index. None when the
+        meeting is unknown or already has `limit` segments: the meeting is then marked
+        truncated."""
+
+    async def transcript(
+        self, meeting_id: str
+    ) -> tuple[voice_pb2.Meeting, list[voice_pb2.TranscriptSegment]] | None:
+        """The meeting and its segments in order, read together; None when unknown."""
+
+    async def recent(self, limit: int) -> list[voice_pb2.Meeting]:
+        """Up to `limit` meetings by first start, newest first (ties: the later stored first)."""
+
+    async def finish(
+        self,
+        meeting_id: str,
+        status: voice_pb2.MeetingStatus.ValueType,
+        at: int,
+        reason: str | None,
+    ) -> voice_pb2.Meeting | None:
+        """Mark the meeting no longer live: `status`, ended at `at`, with `reason` (None
+        clears it). The meeting as stored, None when unknown."""
+
+    async def interrupt_live(self, at: int, reason: str) -> int:
+        """Mark every meeting still live (left so by a previous process) interrupted;
+        how many."""
+
+
+# ---------------------------------------------------------------- the store
+
+
+class Store(Protocol):
+    """An open store: its repositories, its size, and closing it.
+
+    Built where the store is chosen (car_grpc.store.open_store); the core holds it only
+    to hand each domain its repository.
+    """
+
+    @property
+    def agent_tokens(self) -> AgentTokenStore: ...
+
+    @property
+    def approvals(self) -> ApprovalStore: ...
+
+    @property
+    def runs(self) -> RunStore: ...
+
+    @property
+    def goals(self) -> GoalStore: ...
+
+    @property
+    def meetings(self) -> MeetingStore: ...
+
+    async def size_bytes(self) -> int:
+        """What the store occupies on disk, in bytes (for status and metrics)."""
+
+    async def close(self) -> None:
+        """Wait for what is under way, then release the store; no call may follow."""

@@ -1,0 +1,146 @@
+"""GoalStore on the embedded database (schema: migration 4 of database.py).
+
+A goal is keyed by its chat session_id; its status follows the chats of that session (see
+car_grpc.core.chats). Statuses are stored by name.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from car_grpc.store.sqlite.database import SqliteDatabase
+from car_grpc.v1 import chats_pb2
+
+GoalStatus = chats_pb2.GoalStatus
+
+_STATUS_NAMES: dict[GoalStatus.ValueType, str] = {
+    chats_pb2.GOAL_STATUS_ACTIVE: "active",
+    chats_pb2.GOAL_STATUS_RUNNING: "running",
+    chats_pb2.GOAL_STATUS_MET: "met",
+    chats_pb2.GOAL_STATUS_UNEVALUATED: "unevaluated",
+    chats_pb2.GOAL_STATUS_ERROR: "error",
+}
+_STATUS_NUMBERS = {name: number for number, name in _STATUS_NAMES.items()}
+
+_COLUMNS = (
+    "session_id, check_text, max_iterations, status, last_iteration, last_met,"
+    " last_grounded, last_reason, terminal_kind, updated_at"
+)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _goal_from_row(row: tuple[object, ...]) -> chats_pb2.StoredGoal:
+    sid, check, max_iter, status, iteration, met, grounded, reason, terminal, updated = row
+    goal = chats_pb2.StoredGoal(
+        session_id=str(sid),
+        check=str(check),
+        max_iterations=int(str(max_iter)),
+        status=_STATUS_NUMBERS.get(str(status), chats_pb2.GOAL_STATUS_UNSPECIFIED),
+        updated_at=int(str(updated)),
+    )
+    if iteration is not None:
+        goal.last_iteration = int(str(iteration))
+    if met is not None:
+        goal.last_met = bool(met)
+    if grounded is not None:
+        goal.last_grounded = bool(grounded)
+    if reason is not None:
+        goal.last_reason = str(reason)
+    if terminal is not None:
+        goal.terminal_kind = str(terminal)
+    return goal
+
+
+def _get(conn: sqlite3.Connection, session_id: str) -> chats_pb2.StoredGoal | None:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM goals WHERE session_id = ?", (session_id,))
+    found = row.fetchone()
+    return _goal_from_row(found) if found else None
+
+
+class SqliteGoalStore:
+    def __init__(self, database: SqliteDatabase) -> None:
+        self._db = database
+
+    async def put(self, session_id: str, check: str, max_iterations: int) -> chats_pb2.StoredGoal:
+        def upsert(conn: sqlite3.Connection) -> chats_pb2.StoredGoal:
+            conn.execute(
+                f"INSERT OR REPLACE INTO goals({_COLUMNS}) VALUES (?, ?, ?, 'active',"
+                " NULL, NULL, NULL, NULL, NULL, ?)",
+                (session_id, check, max_iterations, _now_ms()),
+            )
+            stored = _get(conn, session_id)
+            assert stored is not None
+            return stored
+
+        return await self._db.run(upsert)
+
+    async def get(self, session_id: str) -> chats_pb2.StoredGoal | None:
+        return await self._db.run(lambda conn: _get(conn, session_id))
+
+    async def list_all(self) -> list[chats_pb2.StoredGoal]:
+        def select(conn: sqlite3.Connection) -> list[chats_pb2.StoredGoal]:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM goals ORDER BY session_id").fetchall()
+            return [_goal_from_row(r) for r in rows]
+
+        return await self._db.run(select)
+
+    async def clear(self, session_id: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("DELETE FROM goals WHERE session_id = ?", (session_id,))
+            return cur.rowcount > 0
+
+        return await self._db.run(delete)
+
+    async def clear_all(self) -> int:
+        return await self._db.run(lambda conn: conn.execute("DELETE FROM goals").rowcount)
+
+    async def set_status(
+        self,
+        session_id: str,
+        status: GoalStatus.ValueType,
+        terminal_kind: str | None = None,
+    ) -> None:
+        def update(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE goals SET status = ?, terminal_kind = COALESCE(?, terminal_kind),"
+                " updated_at = ? WHERE session_id = ?",
+                (_STATUS_NAMES[status], terminal_kind, _now_ms(), session_id),
+            )
+
+        await self._db.run(update)
+
+    async def record_evaluation(
+        self,
+        session_id: str,
+        event: chats_pb2.ChatEvent,
+        status: GoalStatus.ValueType,
+    ) -> None:
+        values = (
+            _STATUS_NAMES[status],
+            event.iteration if event.HasField("iteration") else None,
+            event.met if event.HasField("met") else None,
+            event.grounded if event.HasField("grounded") else None,
+            event.reason if event.HasField("reason") else None,
+            _now_ms(),
+            session_id,
+        )
+
+        def update(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE goals SET status = ?, last_iteration = ?, last_met = ?,"
+                " last_grounded = ?, last_reason = ?, updated_at = ? WHERE session_id = ?",
+                values,
+            )
+
+        await self._db.run(update)
+
+    async def reset_running(self) -> int:
+        def update(conn: sqlite3.Connection) -> int:
+            cur = conn.execute("UPDATE goals SET status = 'active' WHERE status = 'running'")
+            return cur.rowcount
+
+        return await self._db.run(update)
