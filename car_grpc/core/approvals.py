@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, TypeAlias
 from google.protobuf.message import Message
 
 from car_grpc import codec
-from car_grpc.core.background import now_ms
+from car_grpc.clock import now_ms
 from car_grpc.core.dispatch import handles, require
 from car_grpc.core.session import ClientSession, Role
 from car_grpc.errors import (

@@ -14,10 +14,10 @@ import hashlib
 import hmac
 import os
 import secrets
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from car_grpc.clock import now_ms
 from car_grpc.store.repositories import AgentTokenRow, AgentTokenStore
 
 AUTH_TOKEN_FILE = "auth-token"
@@ -87,7 +87,7 @@ class AgentTokens:
     async def add(self, agent_id: str) -> str:
         """Mint (or replace) the token of `agent_id`; returns it. It is shown only once."""
         token = mint_token()
-        await self.store.put(agent_id, _digest(token), int(time.time() * 1000))
+        await self.store.put(agent_id, _digest(token), now_ms())
         return token
 
     async def remove(self, agent_id: str) -> bool:

@@ -1,4 +1,4 @@
-"""Work the core starts and does not wait for, with one error policy, and the one clock.
+"""Work the core starts and does not wait for, with one error policy.
 
 A domain that must finish something although the request that started it may go away
 (a commit under a run's lock, a notice to a speech engine, a goal's status) hands it to
@@ -12,18 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from car_grpc.errors import CarError
 
 T = TypeVar("T")
-
-
-def now_ms() -> int:
-    """Unix time in milliseconds: every timestamp of the protocol."""
-    return time.time_ns() // 1_000_000
 
 
 class Background:

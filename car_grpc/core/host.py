@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from car_grpc import codec
-from car_grpc.core.background import now_ms
+from car_grpc.clock import now_ms
 from car_grpc.core.dispatch import Reply, handles, require
 from car_grpc.core.grpc_service import streams
 from car_grpc.core.metrics import Metrics

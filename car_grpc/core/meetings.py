@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from google.protobuf import struct_pb2
 
 from car_grpc import codec
-from car_grpc.core.background import now_ms
+from car_grpc.clock import now_ms
 from car_grpc.core.dispatch import Reply, field_error, handles, require
 from car_grpc.core.session import ClientSession
 from car_grpc.core.voice import DEFAULT_AUDIO_SOURCE, Voice, VoiceSession

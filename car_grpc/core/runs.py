@@ -38,8 +38,9 @@ import grpc
 from google.protobuf.message import Message
 
 from car_grpc import api
+from car_grpc.clock import now_ms
 from car_grpc.codec import enum_to_json, to_value
-from car_grpc.core.background import Background, now_ms
+from car_grpc.core.background import Background
 from car_grpc.core.dispatch import Reply, field_error, handles, require
 from car_grpc.core.grpc_service import streams
 from car_grpc.core.run_turns import cap_turn

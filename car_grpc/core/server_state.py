@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
+from car_grpc.clock import now_ms
 from car_grpc.config import Config
 from car_grpc.core.auth import AgentTokens, ServerTokens
-from car_grpc.core.background import now_ms
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.session import ClientSession, Role
 from car_grpc.store.repositories import Store

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf.message import Message
 
 from car_grpc import api
+from car_grpc.clock import now_ms
 from car_grpc.errors import INTERNAL, CarError
 from car_grpc.v1 import options_pb2, session_pb2, state_pb2, tools_pb2
 
@@ -51,7 +52,7 @@ class ClientSession:
         self.id = uuid.uuid4().hex
         self.peer = peer
         #: Unix ms.
-        self.connected_at = time.time_ns() // 1_000_000
+        self.connected_at = now_ms()
         #: False for the one-call session of an unbound typed RPC: it cannot be called back.
         self.streaming = streaming
         # With auth off there is nothing to prove: a session starts out ordinary.

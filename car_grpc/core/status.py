@@ -8,8 +8,8 @@ off the state here, at the call; counters live in car_grpc.core.metrics.
 from __future__ import annotations
 
 from car_grpc import codec
+from car_grpc.clock import now_ms
 from car_grpc.config import SERVER_VERSION
-from car_grpc.core.background import now_ms
 from car_grpc.core.dispatch import handles
 from car_grpc.core.metrics import Gauge
 from car_grpc.core.server_state import ServerState

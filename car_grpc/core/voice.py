@@ -39,7 +39,8 @@ import grpc
 from google.protobuf import struct_pb2
 
 from car_grpc import codec
-from car_grpc.core.background import Background, now_ms
+from car_grpc.clock import now_ms
+from car_grpc.core.background import Background
 from car_grpc.core.chat_buffer import EventBuffer, PutResult
 from car_grpc.core.dispatch import Reply, field_error, handles, handles_notification, require
 from car_grpc.core.grpc_service import grpc_only

@@ -7,8 +7,8 @@ car_grpc.core.chats). Statuses are stored by name.
 from __future__ import annotations
 
 import sqlite3
-import time
 
+from car_grpc.clock import now_ms
 from car_grpc.store.sqlite.database import SqliteDatabase
 from car_grpc.v1 import chats_pb2
 
@@ -27,10 +27,6 @@ _COLUMNS = (
     "session_id, check_text, max_iterations, status, last_iteration, last_met,"
     " last_grounded, last_reason, terminal_kind, updated_at"
 )
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _goal_from_row(row: tuple[object, ...]) -> chats_pb2.StoredGoal:
@@ -70,7 +66,7 @@ class SqliteGoalStore:
             conn.execute(
                 f"INSERT OR REPLACE INTO goals({_COLUMNS}) VALUES (?, ?, ?, 'active',"
                 " NULL, NULL, NULL, NULL, NULL, ?)",
-                (session_id, check, max_iterations, _now_ms()),
+                (session_id, check, max_iterations, now_ms()),
             )
             stored = _get(conn, session_id)
             assert stored is not None
@@ -108,7 +104,7 @@ class SqliteGoalStore:
             conn.execute(
                 "UPDATE goals SET status = ?, terminal_kind = COALESCE(?, terminal_kind),"
                 " updated_at = ? WHERE session_id = ?",
-                (_STATUS_NAMES[status], terminal_kind, _now_ms(), session_id),
+                (_STATUS_NAMES[status], terminal_kind, now_ms(), session_id),
             )
 
         await self._db.run(update)
@@ -125,7 +121,7 @@ class SqliteGoalStore:
             event.met if event.HasField("met") else None,
             event.grounded if event.HasField("grounded") else None,
             event.reason if event.HasField("reason") else None,
-            _now_ms(),
+            now_ms(),
             session_id,
         )
 
