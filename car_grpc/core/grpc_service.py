@@ -394,13 +394,16 @@ def generic_handlers(state: ServerState) -> list[grpc.GenericRpcHandler]:
     return [grpc.method_handlers_generic_handler(name, t) for name, t in by_service.items()]
 
 
-def add_health_and_reflection(server: grpc.aio.Server) -> health.HealthServicer:
-    """Standard gRPC health (all services SERVING) and server reflection."""
-    health_servicer = health.HealthServicer()
+async def add_health_and_reflection(server: grpc.aio.Server) -> Any:
+    """Standard gRPC health (all services SERVING) and server reflection. Returns the
+    asyncio health servicer (`enter_graceful_shutdown()` on stop): its Watch streams end
+    when the server stops, where the thread of the synchronous one would keep the
+    process from exiting."""
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = ["car.v1.SessionService", *sorted({r.service.full_name for r in api.TYPED_RPCS})]
     for name in [*names, ""]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         [*names, reflection.SERVICE_NAME, health.SERVICE_NAME], server
     )
