@@ -17,11 +17,11 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from car_grpc import api
 from car_grpc.core import dispatch
 from car_grpc.core.dispatch import AuthRequired, Reply
+from car_grpc.core.reflection import add_reflection
 from car_grpc.core.server_state import ServerState
 from car_grpc.core.session import ClientSession, Role, SessionClosed
 from car_grpc.core.sessions import authenticate
@@ -395,16 +395,14 @@ def generic_handlers(state: ServerState) -> list[grpc.GenericRpcHandler]:
 
 
 async def add_health_and_reflection(server: grpc.aio.Server) -> Any:
-    """Standard gRPC health (all services SERVING) and server reflection. Returns the
-    asyncio health servicer (`enter_graceful_shutdown()` on stop): its Watch streams end
-    when the server stops, where the thread of the synchronous one would keep the
-    process from exiting."""
+    """Standard gRPC health (all services SERVING) and server reflection (v1 and
+    v1alpha). Returns the asyncio health servicer (`enter_graceful_shutdown()` on stop):
+    its Watch streams end when the server stops, where the thread of the synchronous
+    one would keep the process from exiting."""
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = ["car.v1.SessionService", *sorted({r.service.full_name for r in api.TYPED_RPCS})]
+    names = sorted({"car.v1.SessionService", *(r.service.full_name for r in api.TYPED_RPCS)})
     for name in [*names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        [*names, reflection.SERVICE_NAME, health.SERVICE_NAME], server
-    )
+    add_reflection(server, [*names, health.SERVICE_NAME])
     return health_servicer
