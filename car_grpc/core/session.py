@@ -1,10 +1,10 @@
 """ClientSession: one client session (one Connect stream, or one unbound typed RPC call).
 
 A session owns its auth state and role, negotiated protocol, tools, policies, key-value
-state, current run and halted flag. Frames towards the client go through one bounded
-queue that the stream's writer drains. Server-initiated requests (`call`) get ids `cb-N`
-and wait, bounded, for the client's answer; when the session closes every pending call
-fails at once and the close hooks registered by the domain modules run.
+state (under its budget, kv.py), current run and halted flag. Frames towards the client
+go through one bounded queue that the stream's writer drains. Server-initiated requests
+(`call`) get ids `cb-N` and wait, bounded, for the client's answer; when the session
+closes every pending call fails at once and the close hooks registered by the domain modules run.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
 from car_grpc import api
+from car_grpc.core.kv import KeyValueState, StateBudget
 from car_grpc.errors import INTERNAL, CarError
 from car_grpc.v1 import session_pb2, state_pb2, tools_pb2
 
@@ -64,12 +65,15 @@ class ClientSession:
         self.capabilities: frozenset[str] = frozenset()
         self.tools: dict[str, tools_pb2.ToolDefinition] = {}
         self.policies: dict[str, state_pb2.PolicyDefinition] = {}
-        self.kv: dict[str, Any] = {}
+        config = server.config
+        self.kv = KeyValueState(
+            StateBudget(config.state_value_max_bytes, config.state_max_bytes, config.state_max_keys)
+        )
         self.current_run: str | None = None
         self.halted = False
         self.closed = asyncio.Event()
         self.outbound: asyncio.Queue[session_pb2.ServerFrame] = asyncio.Queue(
-            server.config.session_outbound_queue
+            config.session_outbound_queue
         )
         self._callback_ids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[session_pb2.ClientFrame]] = {}
