@@ -177,6 +177,11 @@ class Config:
     max_inflight_per_session: int = 256
     #: Frames queued towards one session before senders wait (or fan-out drops).
     session_outbound_queue: int = 1024
+    #: The same in bytes (serialized frames); one larger frame passes when none is queued.
+    session_outbound_queue_bytes: int = 8 * 1024 * 1024
+    #: Server-initiated calls (tools.execute, agent.chat, ...) one session may have
+    #: waiting for the client's answer; one more fails with -32602 naming this limit.
+    max_pending_calls_per_session: int = 1024
     #: Largest state value (state.set, a proposal's state_write), in bytes: the
     #: serialized size of its google.protobuf.Value.
     state_value_max_bytes: int = 1024 * 1024

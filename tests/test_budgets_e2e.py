@@ -1,25 +1,33 @@
 """End-to-end: the per-session budgets of PROTOCOL.md §1 over the real gateway and core,
-with a real WebSocket client.
+with a real WebSocket client (and, for the core's outbound queue, a real gRPC client
+that stops reading).
 
 State: 1 MiB per value, a total in bytes and a number of keys per session; over a
 budget the request fails with -32602 naming the limit and nothing is stored; replacing a
 key counts its new size minus the old; a proposal's state_write obeys the same budget
 (the action fails). A value's size is the serialized size of its google.protobuf.Value;
-an entry counts its key's bytes too.
+an entry counts its key's bytes too. Pending server-initiated calls are bounded per
+session. The core's outbound queue is bounded in bytes as well as in frames.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from car_grpc.codec import to_value
 from car_grpc.config import Config
+from car_grpc.core.metrics import OK
+from car_grpc.core.server import Core
 from car_grpc.errors import INVALID_PARAMS
+from car_grpc.v1 import session_pb2, state_pb2, tools_pb2
 from tests.conftest import make_config
+from tests.session_client import connect
 from tests.ws_helpers import Rpc, daemon_token, rpc, running
 
 MiB = 1024 * 1024
@@ -175,6 +183,99 @@ async def test_a_proposals_state_write_obeys_the_same_budget(
     assert await keys(client) == ["x", "y", "z"]
 
 
+# ------------------------------------------------------------------ pending calls
+
+
+async def test_pending_tool_calls_are_bounded(client_of: Callable[..., Any]) -> None:
+    client = await client_of(max_pending_calls_per_session=2)
+    await client.result("tools.register", [{"name": "slow"}])
+    actions = [
+        {"id": name, "type": "tool_call", "tool": "slow", "failure_behavior": "skip"}
+        for name in ("a", "b", "c")
+    ]
+    await client.send(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "proposal.submit",
+            "params": {"proposal": {"actions": actions}},
+        }
+    )
+    calls = [await client.recv() for _ in range(2)]
+    assert [c["method"] for c in calls] == ["tools.execute"] * 2
+    assert sorted(c["params"]["action_id"] for c in calls) == ["a", "b"]
+    for c in calls:
+        await client.send({"jsonrpc": "2.0", "id": c["id"], "result": "done"})
+    answer = await client.recv()  # the third call was never sent
+    assert answer["id"] == 1, answer
+    results = {r["action_id"]: r for r in answer["result"]["results"]}
+    assert [results[a]["status"] for a in "ab"] == ["succeeded", "succeeded"]
+    assert results["c"]["status"] == "failed"
+    assert "max_pending_calls_per_session (2)" in results["c"]["error"], results["c"]
+
+
+# ------------------------------------------------------------------ outbound queue
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5) -> None:
+    """Wait (bounded) until `predicate()` holds: state inside the core, which has no
+    event to wait on."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if predicate():
+                return
+            await asyncio.sleep(0.005)
+
+
+async def test_the_cores_outbound_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
+    budget = MiB
+    core = Core(make_config(tmp_path, session_outbound_queue_bytes=budget))
+    await core.start()
+    # Fixed stream windows, as the gateway's: a client that stops reading holds little.
+    options = [("grpc.http2.bdp_probe", 0)]
+    try:
+        async with grpc.aio.insecure_channel(core.grpc_address, options=options) as channel:
+            client = await connect(channel, token=daemon_token(core))
+            value = sized(256 * 1024)
+            await client.request(
+                "state_set", state_pb2.SetStateRequest(key="v", value=to_value(value))
+            )
+            assert core.state is not None
+            [session] = [s for s in core.state.sessions.values() if s.streaming]
+            client.pause_reading()
+            # 40 answers of 256 KiB each (10 MiB): proposals that read the value back.
+            read = tools_pb2.ActionProposal()
+            action = read.actions.add(id="r", type=tools_pb2.ACTION_TYPE_STATE_READ)
+            action.parameters.fields["key"].string_value = "v"
+            request = tools_pb2.SubmitProposalRequest(proposal=read)
+            answers = [
+                asyncio.create_task(client.request("proposal_submit", request, timeout=20))
+                for _ in range(40)
+            ]
+            # Every answer is made (an answer goes on towards the queue without a pause)...
+            requests = core.state.metrics.requests
+            await until(lambda: requests.value("proposal.submit", OK) == 40)
+            # ... yet the queue holds at most its budget: most senders wait for room.
+            assert session.outbound.bytes <= budget
+            assert 0 < len(session.outbound) < 4  # 1 MiB holds three of them
+            assert session.outbound.waiting >= 30
+            # Fan-out towards this session is dropped (and counted), not queued.
+            drops = core.state.metrics.queue_drops
+            before = drops.value("session_outbound")
+            notice = session_pb2.ServerFrame(tools_cancel=tools_pb2.CancelToolNotice())
+            assert session.try_send(notice) is False
+            assert drops.value("session_outbound") == before + 1
+            assert session.outbound.bytes <= budget
+
+            client.resume_reading()
+            for answer in await asyncio.gather(*answers):
+                [result] = answer.result.results
+                assert result.output.string_value == value
+            await client.close()
+    finally:
+        await core.stop(grace=0)
+
+
 def test_the_budgets_defaults() -> None:
     config = Config()
     assert (config.state_value_max_bytes, config.state_max_bytes, config.state_max_keys) == (
@@ -182,3 +283,4 @@ def test_the_budgets_defaults() -> None:
         16 * MiB,
         10_000,
     )
+    assert config.session_outbound_queue_bytes == 8 * MiB

@@ -353,6 +353,11 @@ def _message_class(desc: Any) -> Any:
     return message_factory.GetMessageClass(desc)
 
 
+def _serialize_frame(frame: session_pb2.ServerFrame | bytes) -> bytes:
+    """A ServerFrame for the wire: frames from the session's queue are already bytes."""
+    return frame if isinstance(frame, bytes) else frame.SerializeToString()
+
+
 def generic_handlers(state: ServerState) -> list[grpc.GenericRpcHandler]:
     """The handlers of SessionService.Connect and of every typed RPC."""
 
@@ -364,7 +369,7 @@ def generic_handlers(state: ServerState) -> list[grpc.GenericRpcHandler]:
             "Connect": grpc.stream_stream_rpc_method_handler(
                 connect,
                 request_deserializer=session_pb2.ClientFrame.FromString,
-                response_serializer=session_pb2.ServerFrame.SerializeToString,
+                response_serializer=_serialize_frame,
             )
         }
     }
