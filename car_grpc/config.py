@@ -177,6 +177,18 @@ class Config:
     max_inflight_per_session: int = 256
     #: Frames queued towards one session before senders wait (or fan-out drops).
     session_outbound_queue: int = 1024
+    #: The same in bytes (serialized frames); one larger frame passes when none is queued.
+    session_outbound_queue_bytes: int = 8 * 1024 * 1024
+    #: Server-initiated calls (tools.execute, agent.chat, ...) one session may have
+    #: waiting for the client's answer; one more fails with -32602 naming this limit.
+    max_pending_calls_per_session: int = 1024
+    #: Largest state value (state.set, a proposal's state_write), in bytes: the
+    #: serialized size of its google.protobuf.Value.
+    state_value_max_bytes: int = 1024 * 1024
+    #: A session's state in bytes (each key's UTF-8 bytes plus its value's size).
+    state_max_bytes: int = 16 * 1024 * 1024
+    #: Keys in a session's state.
+    state_max_keys: int = 10_000
     #: Seconds between the gateway's WebSocket pings.
     ws_ping_interval: float = 30.0
     #: Close a WebSocket peer that sent nothing (no frame, no pong) for this many seconds.

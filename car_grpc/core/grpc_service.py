@@ -17,11 +17,11 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from car_grpc import api
 from car_grpc.core import dispatch
 from car_grpc.core.dispatch import AuthRequired, Reply
+from car_grpc.core.reflection import add_reflection
 from car_grpc.core.server_state import ServerState
 from car_grpc.core.session import ClientSession, Role, SessionClosed
 from car_grpc.core.sessions import authenticate
@@ -360,6 +360,11 @@ def _message_class(desc: Any) -> Any:
     return message_factory.GetMessageClass(desc)
 
 
+def _serialize_frame(frame: session_pb2.ServerFrame | bytes) -> bytes:
+    """A ServerFrame for the wire: frames from the session's queue are already bytes."""
+    return frame if isinstance(frame, bytes) else frame.SerializeToString()
+
+
 def generic_handlers(state: ServerState) -> list[grpc.GenericRpcHandler]:
     """The handlers of SessionService.Connect and of every typed RPC."""
 
@@ -371,7 +376,7 @@ def generic_handlers(state: ServerState) -> list[grpc.GenericRpcHandler]:
             "Connect": grpc.stream_stream_rpc_method_handler(
                 connect,
                 request_deserializer=session_pb2.ClientFrame.FromString,
-                response_serializer=session_pb2.ServerFrame.SerializeToString,
+                response_serializer=_serialize_frame,
             )
         }
     }
@@ -401,14 +406,15 @@ def generic_handlers(state: ServerState) -> list[grpc.GenericRpcHandler]:
     return [grpc.method_handlers_generic_handler(name, t) for name, t in by_service.items()]
 
 
-def add_health_and_reflection(server: grpc.aio.Server) -> health.HealthServicer:
-    """Standard gRPC health (all services SERVING) and server reflection."""
-    health_servicer = health.HealthServicer()
+async def add_health_and_reflection(server: grpc.aio.Server) -> Any:
+    """Standard gRPC health (all services SERVING) and server reflection (v1 and
+    v1alpha). Returns the asyncio health servicer (`enter_graceful_shutdown()` on stop):
+    its Watch streams end when the server stops, where the thread of the synchronous
+    one would keep the process from exiting."""
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = ["car.v1.SessionService", *sorted({r.service.full_name for r in api.TYPED_RPCS})]
+    names = sorted({"car.v1.SessionService", *(r.service.full_name for r in api.TYPED_RPCS)})
     for name in [*names, ""]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        [*names, reflection.SERVICE_NAME, health.SERVICE_NAME], server
-    )
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    add_reflection(server, [*names, health.SERVICE_NAME])
     return health_servicer

@@ -26,7 +26,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,8 @@ from google.protobuf import struct_pb2
 from car_grpc.clock import now_ms
 from car_grpc.codec import struct_to_json, to_value, value_to_json
 from car_grpc.core.dispatch import field_error
+from car_grpc.core.kv import KeyValueState
+from car_grpc.errors import CarError
 from car_grpc.v1 import state_pb2, tools_pb2
 
 JSON = Any
@@ -340,7 +342,7 @@ def _ms_since(start: float) -> int:
 @dataclass
 class _Run:
     plan: Plan
-    state: dict[str, JSON]
+    state: MutableMapping[str, JSON]
     policies: list[state_pb2.PolicyDefinition]
     call_tool: CallTool
     retry_backoff: float
@@ -440,11 +442,14 @@ class _Run:
         running.clear()
 
     def _roll_back(self) -> None:
+        state = self.state
         for key, (existed, value) in self.originals.items():
-            if existed:
-                self.state[key] = value
+            if isinstance(state, KeyValueState):
+                state.restore(key, existed, value)  # never refused by the budget
+            elif existed:
+                state[key] = value
             else:
-                self.state.pop(key, None)
+                state.pop(key, None)
         for result in self.results.values():
             if result.status == Status.ACTION_STATUS_SUCCEEDED:
                 result.rolled_back = True
@@ -509,8 +514,12 @@ class _Run:
             if not isinstance(key, str) or not key:
                 raise _ActionFailed("state_write needs a non-empty string parameters.key")
             value = parameters.get("value")
-            self.originals.setdefault(key, (key in self.state, self.state.get(key)))
-            self.state[key] = value
+            before = (key in self.state, self.state.get(key))
+            try:
+                self.state[key] = value  # a session's state refuses writes over budget
+            except CarError as e:
+                raise _ActionFailed(e.message) from None
+            self.originals.setdefault(key, before)
             return None, {key: value}
         if kind == ActionType.ACTION_TYPE_STATE_READ:
             key = parameters.get("key")
@@ -553,12 +562,13 @@ class _Run:
 async def execute(
     plan: Plan,
     *,
-    state: dict[str, JSON],
+    state: MutableMapping[str, JSON],
     policies: Iterable[state_pb2.PolicyDefinition] = (),
     call_tool: CallTool,
     retry_backoff: float = 0.1,
 ) -> tools_pb2.ProposalResult:
-    """Run `plan` against `state` (changed in place; rolled back on abort)."""
+    """Run `plan` against `state` (changed in place; rolled back on abort). A write that
+    `state` refuses (a session's KeyValueState over its budget) fails the action."""
     run = _Run(plan, state, list(policies), call_tool, retry_backoff)
     return await run.run()
 

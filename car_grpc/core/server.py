@@ -11,6 +11,7 @@ A `store` may be injected (e.g. a shared test store or another implementation).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 
@@ -36,6 +37,8 @@ class Core:
         self.state: ServerState | None = None
         self.grpc_port = 0
         self._server: grpc.aio.Server | None = None
+        #: The asyncio grpc.health.v1 servicer (untyped: grpc_health has no stubs).
+        self._health: Any = None
 
     @property
     def grpc_address(self) -> str:
@@ -54,7 +57,7 @@ class Core:
             ]
         )
         server.add_generic_rpc_handlers(generic_handlers(state))
-        add_health_and_reflection(server)
+        self._health = await add_health_and_reflection(server)
         address = f"{self.config.grpc_host}:{self.config.grpc_port}"
         credentials = tls.grpc_server_credentials(self.config)
         if credentials is None:
@@ -67,6 +70,10 @@ class Core:
 
     async def stop(self, grace: float = 1.0) -> None:
         state, self.state = self.state, None
+        if self._health is not None:
+            # Health.Watch streams see NOT_SERVING; the stop below ends them.
+            await self._health.enter_graceful_shutdown()
+            self._health = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

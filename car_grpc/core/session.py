@@ -1,10 +1,12 @@
 """ClientSession: one client session (one Connect stream, or one unbound typed RPC call).
 
 A session owns its auth state and role, negotiated protocol, tools, policies, key-value
-state, current run and halted flag. Frames towards the client go through one bounded
-queue that the stream's writer drains. Server-initiated requests (`call`) get ids `cb-N`
-and wait, bounded, for the client's answer; when the session closes every pending call
-fails at once and the close hooks registered by the domain modules run.
+state (under its budget, kv.py), current run and halted flag. Frames towards the client
+go through one queue, bounded in frames and in bytes (outbound.py), that the stream's
+writer drains. Server-initiated requests (`call`) get ids `cb-N` and wait, bounded, for
+the client's answer (at most max_pending_calls_per_session at a time); when the session
+closes every pending call fails at once and the close hooks registered by the domain
+modules run.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
 from car_grpc import api
 from car_grpc.clock import now_ms
-from car_grpc.errors import INTERNAL, CarError
+from car_grpc.core.kv import KeyValueState, StateBudget
+from car_grpc.core.outbound import OutboundQueue
+from car_grpc.errors import INTERNAL, CarError, invalid_params
 from car_grpc.v1 import options_pb2, session_pb2, state_pb2, tools_pb2
 
 if TYPE_CHECKING:
@@ -65,12 +69,16 @@ class ClientSession:
         self.capabilities: frozenset[str] = frozenset()
         self.tools: dict[str, tools_pb2.ToolDefinition] = {}
         self.policies: dict[str, state_pb2.PolicyDefinition] = {}
-        self.kv: dict[str, Any] = {}
+        config = server.config
+        self.kv = KeyValueState(
+            StateBudget(config.state_value_max_bytes, config.state_max_bytes, config.state_max_keys)
+        )
         self.current_run: str | None = None
         self.halted = False
         self.closed = asyncio.Event()
-        self.outbound: asyncio.Queue[session_pb2.ServerFrame] = asyncio.Queue(
-            server.config.session_outbound_queue
+        #: Serialized ServerFrames towards the client, bounded in frames and in bytes.
+        self.outbound = OutboundQueue(
+            config.session_outbound_queue, config.session_outbound_queue_bytes
         )
         self._callback_ids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[session_pb2.ClientFrame]] = {}
@@ -90,22 +98,26 @@ class ClientSession:
     # ------------------------------------------------------------ outbound frames
 
     async def send(self, frame: session_pb2.ServerFrame) -> None:
-        """Queue a frame for the client, waiting while the queue is full (backpressure)."""
+        """Queue a frame for the client, waiting while the queue is full, in frames or in
+        bytes (backpressure); SessionClosed when the session ends first."""
         if self.closed.is_set():
             raise SessionClosed(self.id)
         if not self.streaming:
             return
-        await self.outbound.put(frame)
+        await self.outbound.put(frame.SerializeToString())
 
     def try_send(self, frame: session_pb2.ServerFrame) -> bool:
-        """Queue a frame without waiting; False when the queue is full or the session gone.
+        """Queue a frame without waiting; False when the queue is full (in frames or in
+        bytes) or the session gone.
 
         For fan-out, where a slow client must not stall the sender: callers count the drop.
         """
         if self.closed.is_set() or not self.streaming:
             return False
         try:
-            self.outbound.put_nowait(frame)
+            if self.outbound.full():  # no need to serialize what is dropped anyway
+                raise asyncio.QueueFull
+            self.outbound.put_nowait(frame.SerializeToString())
         except asyncio.QueueFull:
             self.server.metrics.queue_drops.inc("session_outbound")
             return False
@@ -136,6 +148,12 @@ class ClientSession:
         """
         if not self.streaming:
             raise CarError(INTERNAL, "this call has no session stream to call back on")
+        limit = self.server.config.max_pending_calls_per_session
+        if len(self._pending) >= limit:
+            raise invalid_params(
+                f"invalid params: too many calls pending on the client: "
+                f"max_pending_calls_per_session ({limit})"
+            )
         cid = callback_id or self.next_callback_id()
         frame = session_pb2.ServerFrame(id=cid)
         getattr(frame, member).CopyFrom(message)
@@ -173,6 +191,7 @@ class ClientSession:
         if self.closed.is_set():
             return
         self.closed.set()
+        self.outbound.close(lambda: SessionClosed(self.id))
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(SessionClosed(self.id))

@@ -1,7 +1,10 @@
 """state.get/set/exists/keys/snapshot: the session's key-value state (docs/protocol.md §3).
 
 Values are any JSON, held as Python values in `ClientSession.kv`; they vanish with the
-session. Proposals read and write the same dict (see proposals.py).
+session. Proposals read and write the same state (see proposals.py). The state is held
+to its budget (kv.py; Config.state_value_max_bytes, state_max_bytes, state_max_keys): a
+write over it fails with -32602 naming the limit and stores nothing. A value is measured
+by the serialized size of its google.protobuf.Value, before it is converted.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ async def state_set(
     key = require(req.key, "key")
     if not req.HasField("value"):
         raise field_error("value")
-    session.kv[key] = value_to_json(req.value)
+    size = req.value.ByteSize()
+    session.kv.check(key, size)  # before the (costly) conversion of a value refused anyway
+    session.kv.set(key, value_to_json(req.value), size)
     return state_pb2.SetStateResponse(ok=True)
 
 
