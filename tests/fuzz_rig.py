@@ -52,7 +52,7 @@ from tests.fuzz_strategies import FUZZ_AGENT, FUZZ_RUN
 from tests.session_client import connect
 from tests.ws_helpers import Rpc, rpc, running
 
-#: PROTOCOL.md §8.
+#: docs/protocol.md §8.
 DOCUMENTED = frozenset(
     {
         PARSE_ERROR,

@@ -1,4 +1,4 @@
-"""End-to-end: session.auth in every variant (PROTOCOL.md §2) and the token files."""
+"""End-to-end: session.auth in every variant (docs/protocol.md §2) and the token files."""
 
 from __future__ import annotations
 

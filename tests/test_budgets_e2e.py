@@ -1,4 +1,4 @@
-"""End-to-end: the per-session budgets of PROTOCOL.md §1 over the real gateway and core,
+"""End-to-end: the per-session budgets of docs/protocol.md §1 over the real gateway and core,
 with a real WebSocket client (and, for the core's outbound queue, a real gRPC client
 that stops reading).
 

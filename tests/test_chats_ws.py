@@ -1,5 +1,5 @@
 """End-to-end chats through the WebSocket gateway: WebSocket hosts and agents speaking
-JSON-RPC (PROTOCOL.md §5), mixed with gRPC ones, and the official `car-runtime` client as
+JSON-RPC (docs/protocol.md §5), mixed with gRPC ones, and the official `car-runtime` client as
 the agent."""
 
 from __future__ import annotations

@@ -244,7 +244,7 @@ def check_failure(e: grpc.aio.AioRpcError, decodable: bool, credentials: str) ->
         return  # the request is no message of its type: any status will do
     trailer = dict(e.trailing_metadata() or ()).get(ERROR_TRAILER)
     if trailer is None:
-        # The voice engine stream's own refusals (PROTOCOL.md §7): a status and a reason.
+        # The voice engine stream's own refusals (docs/protocol.md §7): a status and a reason.
         assert e.details(), e
         return
     assert isinstance(trailer, bytes)

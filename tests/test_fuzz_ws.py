@@ -2,7 +2,7 @@
 and binary frames, JSON of every shape, every method of the API with mutated params, all
 of it before auth too, and raw bytes on the socket.
 
-The oracle (`Expected`) follows PROTOCOL.md §1 alone: which frames are answered, under
+The oracle (`Expected`) follows docs/protocol.md §1 alone: which frames are answered, under
 which id and with which code (a parse error -32700 and an invalid request -32600 with id
 null, an unknown method -32601, a known one a result or a handler's error), and that
 nothing else is. Everything the server sends must be strict JSON. Each example has its

@@ -1,5 +1,5 @@
 """End-to-end: proposal.submit on a real core, tool calls answered by the test client over
-the Connect stream (tools.execute / tools.cancel), as PROTOCOL.md §3 describes."""
+the Connect stream (tools.execute / tools.cancel), as docs/protocol.md §3 describes."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ async def test_dag_of_tool_calls(client: SessionClient) -> None:
     assert result.cost.tool_calls == 5
     assert result.cost.actions_executed == 6
 
-    # The exact tools.execute fields of PROTOCOL.md §3.
+    # The exact tools.execute fields of docs/protocol.md §3.
     frame_id, first = host.requests[order.index("a")]
     assert first.request_id == frame_id and frame_id.startswith("cb-")
     assert (first.action_id, first.tool, first.attempt, first.timeout_ms) == ("a", "add", 1, 5000)

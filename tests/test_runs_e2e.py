@@ -1,4 +1,4 @@
-"""Runs end to end (PROTOCOL.md §4): a real core on loopback, sessions over Connect."""
+"""Runs end to end (docs/protocol.md §4): a real core on loopback, sessions over Connect."""
 
 from __future__ import annotations
 

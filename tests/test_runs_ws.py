@@ -1,4 +1,4 @@
-"""Runs over the WebSocket gateway (PROTOCOL.md §4 on the JSON-RPC wire): exact JSON
+"""Runs over the WebSocket gateway (docs/protocol.md §4 on the JSON-RPC wire): exact JSON
 shapes, validation messages, drops, the 2000-turn ceiling under pipelining, live traces,
 disconnects, and the official `car-runtime` client recording a run."""
 
