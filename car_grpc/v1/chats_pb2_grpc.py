@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class ChatServiceStub:
-    """Chats between hosts and attached agents, and standing goals (PROTOCOL.md §5).
+    """Chats between hosts and attached agents, and standing goals (docs/protocol.md §5).
 
     A host asks for a chat with an agent by agent_id. The server sends the agent (the
     session attached as that agent, on its Connect stream) the request `agent.chat`
@@ -79,7 +79,7 @@ class ChatServiceStub:
 
 
 class ChatServiceServicer:
-    """Chats between hosts and attached agents, and standing goals (PROTOCOL.md §5).
+    """Chats between hosts and attached agents, and standing goals (docs/protocol.md §5).
 
     A host asks for a chat with an agent by agent_id. The server sends the agent (the
     session attached as that agent, on its Connect stream) the request `agent.chat`
@@ -179,7 +179,7 @@ def add_ChatServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ChatService:
-    """Chats between hosts and attached agents, and standing goals (PROTOCOL.md §5).
+    """Chats between hosts and attached agents, and standing goals (docs/protocol.md §5).
 
     A host asks for a chat with an agent by agent_id. The server sends the agent (the
     session attached as that agent, on its Connect stream) the request `agent.chat`

@@ -27,7 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ChatServiceStub:
-    """Chats between hosts and attached agents, and standing goals (PROTOCOL.md §5).
+    """Chats between hosts and attached agents, and standing goals (docs/protocol.md §5).
 
     A host asks for a chat with an agent by agent_id. The server sends the agent (the
     session attached as that agent, on its Connect stream) the request `agent.chat`
@@ -63,7 +63,7 @@ class ChatServiceStub:
 
 @_typing.type_check_only
 class ChatServiceAsyncStub(ChatServiceStub):
-    """Chats between hosts and attached agents, and standing goals (PROTOCOL.md §5).
+    """Chats between hosts and attached agents, and standing goals (docs/protocol.md §5).
 
     A host asks for a chat with an agent by agent_id. The server sends the agent (the
     session attached as that agent, on its Connect stream) the request `agent.chat`
@@ -95,7 +95,7 @@ class ChatServiceAsyncStub(ChatServiceStub):
     """Clears one standing goal or all. JSON-RPC: `goal.clear`."""
 
 class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Chats between hosts and attached agents, and standing goals (PROTOCOL.md §5).
+    """Chats between hosts and attached agents, and standing goals (docs/protocol.md §5).
 
     A host asks for a chat with an agent by agent_id. The server sends the agent (the
     session attached as that agent, on its Connect stream) the request `agent.chat`

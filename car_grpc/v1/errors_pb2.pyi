@@ -51,7 +51,7 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """server.handshake required a capability the server lacks."""
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
-    """The one error model of car.v1 (PROTOCOL.md §8).
+    """The one error model of car.v1 (docs/protocol.md §8).
 
     Every failure is an Error carrying a JSON-RPC code. On the session stream it travels as
     ServerFrame.error (or ClientFrame.error for a client's failed answer to a server

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class HostServiceStub:
-    """Host events, the host's agent registry, and approvals (PROTOCOL.md §6).
+    """Host events, the host's agent registry, and approvals (docs/protocol.md §6).
 
     A host subscribes to a stream of host events (ServerFrame.host_event), each with a
     strictly increasing `sequence`. Approvals are kept durably as a ledger. The approval
@@ -68,7 +68,7 @@ class HostServiceStub:
 
 
 class HostServiceServicer:
-    """Host events, the host's agent registry, and approvals (PROTOCOL.md §6).
+    """Host events, the host's agent registry, and approvals (docs/protocol.md §6).
 
     A host subscribes to a stream of host events (ServerFrame.host_event), each with a
     strictly increasing `sequence`. Approvals are kept durably as a ledger. The approval
@@ -149,7 +149,7 @@ def add_HostServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class HostService:
-    """Host events, the host's agent registry, and approvals (PROTOCOL.md §6).
+    """Host events, the host's agent registry, and approvals (docs/protocol.md §6).
 
     A host subscribes to a stream of host events (ServerFrame.host_event), each with a
     strictly increasing `sequence`. Approvals are kept durably as a ledger. The approval

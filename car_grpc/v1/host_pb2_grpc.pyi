@@ -27,7 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class HostServiceStub:
-    """Host events, the host's agent registry, and approvals (PROTOCOL.md §6).
+    """Host events, the host's agent registry, and approvals (docs/protocol.md §6).
 
     A host subscribes to a stream of host events (ServerFrame.host_event), each with a
     strictly increasing `sequence`. Approvals are kept durably as a ledger. The approval
@@ -54,7 +54,7 @@ class HostServiceStub:
 
 @_typing.type_check_only
 class HostServiceAsyncStub(HostServiceStub):
-    """Host events, the host's agent registry, and approvals (PROTOCOL.md §6).
+    """Host events, the host's agent registry, and approvals (docs/protocol.md §6).
 
     A host subscribes to a stream of host events (ServerFrame.host_event), each with a
     strictly increasing `sequence`. Approvals are kept durably as a ledger. The approval
@@ -77,7 +77,7 @@ class HostServiceAsyncStub(HostServiceStub):
     """
 
 class HostServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Host events, the host's agent registry, and approvals (PROTOCOL.md §6).
+    """Host events, the host's agent registry, and approvals (docs/protocol.md §6).
 
     A host subscribes to a stream of host events (ServerFrame.host_event), each with a
     strictly increasing `sequence`. Approvals are kept durably as a ledger. The approval

@@ -42,7 +42,7 @@ class _FrameKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FrameKind.V
     """
 
 class FrameKind(_FrameKind, metaclass=_FrameKindEnumTypeWrapper):
-    """Options that bind the typed API to the CAR JSON-RPC wire (PROTOCOL.md).
+    """Options that bind the typed API to the CAR JSON-RPC wire (docs/protocol.md).
 
     The WebSocket gateway builds its whole method table and its JSON<->proto mapping from
     these options, read off the descriptors at start-up: adding an operation is a proto
@@ -203,7 +203,7 @@ json_inline: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOpti
 """On a message-typed or google.protobuf.Struct field: its fields are written at the
 level of the enclosing JSON object instead of under the field's own key, and on input
 they are read from there. A Struct field marked so collects every JSON key that no
-other field of the message names (the open "...rest" of PROTOCOL.md shapes such as
+other field of the message names (the open "...rest" of docs/protocol.md shapes such as
 `{session_id, kind, ...}`).
 """
 json_rpc_method: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, _builtins.str]

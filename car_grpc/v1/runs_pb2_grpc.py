@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class RunServiceStub:
-    """Agent runs: durable, ordered traces of one agent mission (PROTOCOL.md §4).
+    """Agent runs: durable, ordered traces of one agent mission (docs/protocol.md §4).
 
     A run is identified by `run_id` and outlives the connection that started it. Its
     records (`started`, then turns, then `ended`) are acknowledged only after the store has
@@ -77,7 +77,7 @@ class RunServiceStub:
 
 
 class RunServiceServicer:
-    """Agent runs: durable, ordered traces of one agent mission (PROTOCOL.md §4).
+    """Agent runs: durable, ordered traces of one agent mission (docs/protocol.md §4).
 
     A run is identified by `run_id` and outlives the connection that started it. Its
     records (`started`, then turns, then `ended`) are acknowledged only after the store has
@@ -177,7 +177,7 @@ def add_RunServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RunService:
-    """Agent runs: durable, ordered traces of one agent mission (PROTOCOL.md §4).
+    """Agent runs: durable, ordered traces of one agent mission (docs/protocol.md §4).
 
     A run is identified by `run_id` and outlives the connection that started it. Its
     records (`started`, then turns, then `ended`) are acknowledged only after the store has

@@ -27,7 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class RunServiceStub:
-    """Agent runs: durable, ordered traces of one agent mission (PROTOCOL.md §4).
+    """Agent runs: durable, ordered traces of one agent mission (docs/protocol.md §4).
 
     A run is identified by `run_id` and outlives the connection that started it. Its
     records (`started`, then turns, then `ended`) are acknowledged only after the store has
@@ -63,7 +63,7 @@ class RunServiceStub:
 
 @_typing.type_check_only
 class RunServiceAsyncStub(RunServiceStub):
-    """Agent runs: durable, ordered traces of one agent mission (PROTOCOL.md §4).
+    """Agent runs: durable, ordered traces of one agent mission (docs/protocol.md §4).
 
     A run is identified by `run_id` and outlives the connection that started it. Its
     records (`started`, then turns, then `ended`) are acknowledged only after the store has
@@ -95,7 +95,7 @@ class RunServiceAsyncStub(RunServiceStub):
     """
 
 class RunServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Agent runs: durable, ordered traces of one agent mission (PROTOCOL.md §4).
+    """Agent runs: durable, ordered traces of one agent mission (docs/protocol.md §4).
 
     A run is identified by `run_id` and outlives the connection that started it. Its
     records (`started`, then turns, then `ended`) are acknowledged only after the store has

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class SessionServiceStub:
-    """Client sessions (PROTOCOL.md §1-§2).
+    """Client sessions (docs/protocol.md §1-§2).
 
     # The session stream
 
@@ -86,7 +86,7 @@ class SessionServiceStub:
 
 
 class SessionServiceServicer:
-    """Client sessions (PROTOCOL.md §1-§2).
+    """Client sessions (docs/protocol.md §1-§2).
 
     # The session stream
 
@@ -176,7 +176,7 @@ def add_SessionServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class SessionService:
-    """Client sessions (PROTOCOL.md §1-§2).
+    """Client sessions (docs/protocol.md §1-§2).
 
     # The session stream
 

@@ -27,7 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class SessionServiceStub:
-    """Client sessions (PROTOCOL.md §1-§2).
+    """Client sessions (docs/protocol.md §1-§2).
 
     # The session stream
 
@@ -83,7 +83,7 @@ class SessionServiceStub:
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
-    """Client sessions (PROTOCOL.md §1-§2).
+    """Client sessions (docs/protocol.md §1-§2).
 
     # The session stream
 
@@ -135,7 +135,7 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Lifts the halt that a terminal tool error set. JSON-RPC: `session.clear_halt`."""
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Client sessions (PROTOCOL.md §1-§2).
+    """Client sessions (docs/protocol.md §1-§2).
 
     # The session stream
 

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class StateServiceStub:
-    """Session key-value state and policies (PROTOCOL.md §3).
+    """Session key-value state and policies (docs/protocol.md §3).
 
     State is per session: values are any JSON and vanish with the session. Policies are
     checked against every action of a proposal before it runs.
@@ -69,7 +69,7 @@ class StateServiceStub:
 
 
 class StateServiceServicer:
-    """Session key-value state and policies (PROTOCOL.md §3).
+    """Session key-value state and policies (docs/protocol.md §3).
 
     State is per session: values are any JSON and vanish with the session. Policies are
     checked against every action of a proposal before it runs.
@@ -150,7 +150,7 @@ def add_StateServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class StateService:
-    """Session key-value state and policies (PROTOCOL.md §3).
+    """Session key-value state and policies (docs/protocol.md §3).
 
     State is per session: values are any JSON and vanish with the session. Policies are
     checked against every action of a proposal before it runs.

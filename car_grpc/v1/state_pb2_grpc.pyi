@@ -27,7 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class StateServiceStub:
-    """Session key-value state and policies (PROTOCOL.md §3).
+    """Session key-value state and policies (docs/protocol.md §3).
 
     State is per session: values are any JSON and vanish with the session. Policies are
     checked against every action of a proposal before it runs.
@@ -53,7 +53,7 @@ class StateServiceStub:
 
 @_typing.type_check_only
 class StateServiceAsyncStub(StateServiceStub):
-    """Session key-value state and policies (PROTOCOL.md §3).
+    """Session key-value state and policies (docs/protocol.md §3).
 
     State is per session: values are any JSON and vanish with the session. Policies are
     checked against every action of a proposal before it runs.
@@ -75,7 +75,7 @@ class StateServiceAsyncStub(StateServiceStub):
     """The whole state as one object. JSON-RPC: `state.snapshot`, bare object result."""
 
 class StateServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Session key-value state and policies (PROTOCOL.md §3).
+    """Session key-value state and policies (docs/protocol.md §3).
 
     State is per session: values are any JSON and vanish with the session. Policies are
     checked against every action of a proposal before it runs.

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class ToolServiceStub:
-    """Tools and proposals (PROTOCOL.md §3).
+    """Tools and proposals (docs/protocol.md §3).
 
     A client registers the tools it implements; a proposal is a set of actions that the
     server orders and runs, sending every tool call back to the client that owns the tool as
@@ -67,7 +67,7 @@ class ToolServiceStub:
 
 
 class ToolServiceServicer:
-    """Tools and proposals (PROTOCOL.md §3).
+    """Tools and proposals (docs/protocol.md §3).
 
     A client registers the tools it implements; a proposal is a set of actions that the
     server orders and runs, sending every tool call back to the client that owns the tool as
@@ -140,7 +140,7 @@ def add_ToolServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ToolService:
-    """Tools and proposals (PROTOCOL.md §3).
+    """Tools and proposals (docs/protocol.md §3).
 
     A client registers the tools it implements; a proposal is a set of actions that the
     server orders and runs, sending every tool call back to the client that owns the tool as

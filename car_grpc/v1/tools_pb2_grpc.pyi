@@ -27,7 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ToolServiceStub:
-    """Tools and proposals (PROTOCOL.md §3).
+    """Tools and proposals (docs/protocol.md §3).
 
     A client registers the tools it implements; a proposal is a set of actions that the
     server orders and runs, sending every tool call back to the client that owns the tool as
@@ -56,7 +56,7 @@ class ToolServiceStub:
 
 @_typing.type_check_only
 class ToolServiceAsyncStub(ToolServiceStub):
-    """Tools and proposals (PROTOCOL.md §3).
+    """Tools and proposals (docs/protocol.md §3).
 
     A client registers the tools it implements; a proposal is a set of actions that the
     server orders and runs, sending every tool call back to the client that owns the tool as
@@ -81,7 +81,7 @@ class ToolServiceAsyncStub(ToolServiceStub):
     """Runs a proposal to completion and returns its result. JSON-RPC: `proposal.submit`."""
 
 class ToolServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Tools and proposals (PROTOCOL.md §3).
+    """Tools and proposals (docs/protocol.md §3).
 
     A client registers the tools it implements; a proposal is a set of actions that the
     server orders and runs, sending every tool call back to the client that owns the tool as

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class VoiceServiceStub:
-    """Voice sessions and meeting transcripts (PROTOCOL.md §7).
+    """Voice sessions and meeting transcripts (docs/protocol.md §7).
 
     The server does no speech itself: it routes. A speech engine (speech-to-text,
     text-to-speech, in any language) holds one `ServeVoice` stream and registers the voice
@@ -115,7 +115,7 @@ class VoiceServiceStub:
 
 
 class VoiceServiceServicer:
-    """Voice sessions and meeting transcripts (PROTOCOL.md §7).
+    """Voice sessions and meeting transcripts (docs/protocol.md §7).
 
     The server does no speech itself: it routes. A speech engine (speech-to-text,
     text-to-speech, in any language) holds one `ServeVoice` stream and registers the voice
@@ -278,7 +278,7 @@ def add_VoiceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class VoiceService:
-    """Voice sessions and meeting transcripts (PROTOCOL.md §7).
+    """Voice sessions and meeting transcripts (docs/protocol.md §7).
 
     The server does no speech itself: it routes. A speech engine (speech-to-text,
     text-to-speech, in any language) holds one `ServeVoice` stream and registers the voice

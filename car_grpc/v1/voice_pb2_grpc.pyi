@@ -27,7 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class VoiceServiceStub:
-    """Voice sessions and meeting transcripts (PROTOCOL.md §7).
+    """Voice sessions and meeting transcripts (docs/protocol.md §7).
 
     The server does no speech itself: it routes. A speech engine (speech-to-text,
     text-to-speech, in any language) holds one `ServeVoice` stream and registers the voice
@@ -117,7 +117,7 @@ class VoiceServiceStub:
 
 @_typing.type_check_only
 class VoiceServiceAsyncStub(VoiceServiceStub):
-    """Voice sessions and meeting transcripts (PROTOCOL.md §7).
+    """Voice sessions and meeting transcripts (docs/protocol.md §7).
 
     The server does no speech itself: it routes. A speech engine (speech-to-text,
     text-to-speech, in any language) holds one `ServeVoice` stream and registers the voice
@@ -203,7 +203,7 @@ class VoiceServiceAsyncStub(VoiceServiceStub):
     """The providers the connected engines serve. JSON-RPC: `voice.providers.list`."""
 
 class VoiceServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Voice sessions and meeting transcripts (PROTOCOL.md §7).
+    """Voice sessions and meeting transcripts (docs/protocol.md §7).
 
     The server does no speech itself: it routes. A speech engine (speech-to-text,
     text-to-speech, in any language) holds one `ServeVoice` stream and registers the voice

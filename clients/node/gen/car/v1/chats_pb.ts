@@ -898,7 +898,7 @@ export const GoalStatusSchema: GenEnum<GoalStatus> = /*@__PURE__*/
   enumDesc(file_car_v1_chats, 1);
 
 /**
- * Chats between hosts and attached agents, and standing goals (PROTOCOL.md §5).
+ * Chats between hosts and attached agents, and standing goals (docs/protocol.md §5).
  *
  * A host asks for a chat with an agent by agent_id. The server sends the agent (the
  * session attached as that agent, on its Connect stream) the request `agent.chat`

@@ -680,7 +680,7 @@ export const ApprovalStatusSchema: GenEnum<ApprovalStatus> = /*@__PURE__*/
   enumDesc(file_car_v1_host, 0);
 
 /**
- * Host events, the host's agent registry, and approvals (PROTOCOL.md §6).
+ * Host events, the host's agent registry, and approvals (docs/protocol.md §6).
  *
  * A host subscribes to a stream of host events (ServerFrame.host_event), each with a
  * strictly increasing `sequence`. Approvals are kept durably as a ledger. The approval

@@ -209,7 +209,7 @@ export const json_rpc: GenExtension<FieldOptions, JsonRpcBinding> = /*@__PURE__*
  * On a message-typed or google.protobuf.Struct field: its fields are written at the
  * level of the enclosing JSON object instead of under the field's own key, and on input
  * they are read from there. A Struct field marked so collects every JSON key that no
- * other field of the message names (the open "...rest" of PROTOCOL.md shapes such as
+ * other field of the message names (the open "...rest" of docs/protocol.md shapes such as
  * `{session_id, kind, ...}`).
  *
  * @generated from extension: bool json_inline = 50101;

@@ -940,7 +940,7 @@ export const RunRecordKindSchema: GenEnum<RunRecordKind> = /*@__PURE__*/
   enumDesc(file_car_v1_runs, 2);
 
 /**
- * Agent runs: durable, ordered traces of one agent mission (PROTOCOL.md §4).
+ * Agent runs: durable, ordered traces of one agent mission (docs/protocol.md §4).
  *
  * A run is identified by `run_id` and outlives the connection that started it. Its
  * records (`started`, then turns, then `ended`) are acknowledged only after the store has

@@ -1088,7 +1088,7 @@ export const ServerFrameSchema: GenMessage<ServerFrame> = /*@__PURE__*/
   messageDesc(file_car_v1_session, 9);
 
 /**
- * Client sessions (PROTOCOL.md §1-§2).
+ * Client sessions (docs/protocol.md §1-§2).
  *
  * # The session stream
  *

@@ -424,7 +424,7 @@ export const PolicyKindSchema: GenEnum<PolicyKind> = /*@__PURE__*/
   enumDesc(file_car_v1_state, 0);
 
 /**
- * Session key-value state and policies (PROTOCOL.md §3).
+ * Session key-value state and policies (docs/protocol.md §3).
  *
  * State is per session: values are any JSON and vanish with the session. Policies are
  * checked against every action of a proposal before it runs.

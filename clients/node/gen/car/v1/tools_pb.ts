@@ -894,7 +894,7 @@ export const ActionStatusSchema: GenEnum<ActionStatus> = /*@__PURE__*/
   enumDesc(file_car_v1_tools, 3);
 
 /**
- * Tools and proposals (PROTOCOL.md §3).
+ * Tools and proposals (docs/protocol.md §3).
  *
  * A client registers the tools it implements; a proposal is a set of actions that the
  * server orders and runs, sending every tool call back to the client that owns the tool as

@@ -1392,7 +1392,7 @@ export const MeetingStatusSchema: GenEnum<MeetingStatus> = /*@__PURE__*/
   enumDesc(file_car_v1_voice, 2);
 
 /**
- * Voice sessions and meeting transcripts (PROTOCOL.md §7).
+ * Voice sessions and meeting transcripts (docs/protocol.md §7).
  *
  * The server does no speech itself: it routes. A speech engine (speech-to-text,
  * text-to-speech, in any language) holds one `ServeVoice` stream and registers the voice
