@@ -49,8 +49,8 @@ def _config(root: Path, **overrides: Any) -> Config:
 
 
 async def _session(core: Core, channel: grpc.aio.Channel) -> SessionClient:
-    assert core.state is not None and core.state.tokens is not None
-    return await connect(channel, token=core.state.tokens.daemon)
+    assert core.parts is not None and core.parts.tokens is not None
+    return await connect(channel, token=core.parts.tokens.daemon)
 
 
 async def _stalled(channel: grpc.aio.Channel, token: str) -> Any:
@@ -76,9 +76,9 @@ async def fan_out(stalled: bool) -> float:
         )
         try:
             async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-                assert core.state is not None and core.state.tokens is not None
+                assert core.parts is not None and core.parts.tokens is not None
                 if stalled:
-                    await _stalled(slow_channel, core.state.tokens.daemon)
+                    await _stalled(slow_channel, core.parts.tokens.daemon)
                 readers = [await _session(core, channel) for _ in range(SUBSCRIBERS)]
                 for reader in readers:
                     await reader.request("host_subscribe", host_pb2.SubscribeHostRequest())

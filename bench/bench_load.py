@@ -419,7 +419,7 @@ async def drive(
 
 async def mint_agents(home: Path) -> dict[str, str]:
     """Tokens for every attached agent, straight into the store (as `car-grpc agents add`)."""
-    from car_grpc.core.auth import AgentTokens
+    from car_grpc.core.tokens import AgentTokens
     from car_grpc.store import open_store
 
     store = await open_store(home)

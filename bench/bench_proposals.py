@@ -70,8 +70,8 @@ async def _run() -> None:
         await core.start()
         try:
             async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-                assert core.state is not None and core.state.tokens is not None
-                client = await connect(channel, token=core.state.tokens.daemon)
+                assert core.parts is not None and core.parts.tokens is not None
+                client = await connect(channel, token=core.parts.tokens.daemon)
                 host = ToolHost(client, lambda req: asyncio.sleep(0, 1))
 
                 base = await _p(client, "state_get", state_pb2.GetStateRequest(key="k"))

@@ -33,7 +33,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench.processes import car_grpc_serve, stop
-from car_grpc.core.auth import HOST_TOKEN_FILE, AgentTokens
+from car_grpc.core.tokens import HOST_TOKEN_FILE, AgentTokens
 from car_grpc.store import open_store
 
 BATCH_SIZES = (1, 16, 256)

@@ -158,3 +158,15 @@ def failed_precondition(code: int, message: str) -> CarError:
     return CarError(
         code, message, status=grpc.StatusCode.FAILED_PRECONDITION, reason="FAILED_PRECONDITION"
     )
+
+
+def field_error(name: str, reason: str = "missing field") -> CarError:
+    """-32602 naming the field, e.g. `invalid params: missing field: name`."""
+    return invalid_params(f"invalid params: {reason}: {name}")
+
+
+def require(value: str, name: str) -> str:
+    """The value of a required string field, or -32602 naming it."""
+    if not value:
+        raise field_error(name)
+    return value

@@ -39,8 +39,8 @@ class Server:
             raise
         self.gateway = gateway
         if self.config.dashboard:
-            assert self.core.state is not None
-            tokens = self.core.state.tokens
+            assert self.core.parts is not None
+            tokens = self.core.parts.tokens
             dashboard = Dashboard(
                 self.config, self.core.grpc_address, tokens.host if tokens else None
             )

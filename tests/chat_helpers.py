@@ -13,8 +13,8 @@ from tests.session_client import SessionClient, connect
 
 def tokens(core: Core) -> tuple[str, str]:
     """(daemon token, host token) of a running core."""
-    assert core.state is not None and core.state.tokens is not None
-    return core.state.tokens.daemon, core.state.tokens.host
+    assert core.parts is not None and core.parts.tokens is not None
+    return core.parts.tokens.daemon, core.parts.tokens.host
 
 
 async def host(core: Core, channel: grpc.aio.Channel) -> SessionClient:
@@ -28,8 +28,8 @@ async def host_role(core: Core, channel: grpc.aio.Channel) -> SessionClient:
 
 async def agent(core: Core, channel: grpc.aio.Channel, agent_id: str) -> SessionClient:
     """A session attached as `agent_id` with a freshly minted agent token."""
-    assert core.state is not None
-    token = await core.state.agent_tokens.add(agent_id)
+    assert core.parts is not None
+    token = await core.parts.agent_tokens.add(agent_id)
     return await connect(channel, token=token, agent_id=agent_id)
 
 

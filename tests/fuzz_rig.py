@@ -31,7 +31,7 @@ import grpc
 
 from car_grpc.config import Config
 from car_grpc.core.server import Core
-from car_grpc.core.server_state import ServerState
+from car_grpc.core.wiring import CoreParts
 from car_grpc.errors import (
     APPROVAL_DENIED,
     AUTH_REQUIRED,
@@ -112,7 +112,7 @@ class ErrorLog(logging.Handler):
 class Rig:
     core: Core
     gateway: Gateway
-    state: ServerState
+    state: CoreParts
     channel: grpc.aio.Channel
     bystander: Rpc
     errors: ErrorLog
@@ -143,7 +143,7 @@ class Rig:
     async def settle(self) -> None:
         """After an example (its connections closed by the client): every session it opened
         ends without a trace, the bystander is served, and nothing raised in the server."""
-        left = [s for s in self.state.sessions.values() if s.id not in self.baseline]
+        left = [s for s in self.state.registry.sessions.values() if s.id not in self.baseline]
         try:
             async with asyncio.timeout(EXAMPLE_TIMEOUT):
                 for session in left:
@@ -151,9 +151,11 @@ class Rig:
         except TimeoutError:
             still = [s for s in left if not s.closed.is_set()]
             raise AssertionError(f"sessions that never closed: {still}") from None
-        assert set(self.state.sessions) == self.baseline
-        for agent_id, session in self.state.attached.items():
-            assert session.id in self.state.sessions, f"{agent_id} attached to a dead session"
+        assert set(self.state.registry.sessions) == self.baseline
+        for agent_id, session in self.state.registry.attached.items():
+            assert session.id in self.state.registry.sessions, (
+                f"{agent_id} attached to a dead session"
+            )
         await self.check_bystander()
         errors = self.errors.take()
         assert not errors, "the server logged errors:\n" + "\n".join(errors)
@@ -204,7 +206,7 @@ async def rig(root: Path, config: Config | None = None) -> AsyncIterator[Rig]:
             grpc.aio.insecure_channel(core.grpc_address) as channel,
             rpc(gateway.url) as bystander,
         ):
-            state = core.state
+            state = core.parts
             assert state is not None and state.tokens is not None
             agent_token = await state.agent_tokens.add(FUZZ_AGENT)
             holder = await connect(channel, token=agent_token, agent_id=FUZZ_AGENT)
@@ -214,7 +216,7 @@ async def rig(root: Path, config: Config | None = None) -> AsyncIterator[Rig]:
             await bystander.result("server.handshake", {"protocol_version": 3})
             await bystander.result("host.subscribe", {})
             the_rig = Rig(core, gateway, state, channel, bystander, errors, agent_token)
-            the_rig.baseline = frozenset(state.sessions)
+            the_rig.baseline = frozenset(state.registry.sessions)
             try:
                 yield the_rig
             finally:

@@ -14,8 +14,8 @@ from tests.session_client import SessionClient, connect
 
 
 def state_of(core: Core) -> Any:
-    assert core.state is not None
-    return core.state
+    assert core.parts is not None
+    return core.parts
 
 
 async def agent(core: Core, channel: grpc.aio.Channel, agent_id: str) -> SessionClient:

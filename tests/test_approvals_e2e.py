@@ -40,8 +40,8 @@ async def started(tmp_path: Path) -> AsyncIterator[Any]:
 
 
 def token(core: Core) -> str:
-    assert core.state is not None and core.state.tokens is not None
-    return core.state.tokens.daemon
+    assert core.parts is not None and core.parts.tokens is not None
+    return core.parts.tokens.daemon
 
 
 async def session(core: Core, channel: grpc.aio.Channel) -> SessionClient:
@@ -402,15 +402,15 @@ async def test_pending_approvals_of_a_dead_server_expire_at_start(tmp_path: Path
 
 
 async def attached(core: Core, channel: grpc.aio.Channel, agent_id: str) -> SessionClient:
-    assert core.state is not None
+    assert core.parts is not None
     return await connect(
-        channel, token=await core.state.agent_tokens.add(agent_id), agent_id=agent_id
+        channel, token=await core.parts.agent_tokens.add(agent_id), agent_id=agent_id
     )
 
 
 def host_token(core: Core) -> str:
-    assert core.state is not None and core.state.tokens is not None
-    return core.state.tokens.host
+    assert core.parts is not None and core.parts.tokens is not None
+    return core.parts.tokens.host
 
 
 async def refused_resolution(client: SessionClient, approval_id: str) -> None:
@@ -527,11 +527,11 @@ async def test_an_agent_hears_only_host_events_and_approvals_about_itself(starte
 
         # WatchHostEvents filters the same way.
         stub = host_pb2_grpc.HostServiceStub(channel)
-        assert core.state is not None
+        assert core.parts is not None
         watch: Any = stub.WatchHostEvents(
             host_pb2.WatchHostEventsRequest(),
             metadata=(
-                ("authorization", f"Bearer {await core.state.agent_tokens.add('alice')}"),
+                ("authorization", f"Bearer {await core.parts.agent_tokens.add('alice')}"),
                 ("car-agent-id", "alice"),
             ),
         )

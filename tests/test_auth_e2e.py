@@ -10,9 +10,9 @@ import grpc
 import pytest
 
 from car_grpc.config import Config
-from car_grpc.core.auth import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
 from car_grpc.core.server import Core
 from car_grpc.core.session import Role
+from car_grpc.core.tokens import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
 from car_grpc.errors import AUTH_REQUIRED, INTERNAL, CarError
 from car_grpc.v1 import session_pb2, state_pb2
 from tests.conftest import make_config
@@ -23,8 +23,8 @@ TOKEN_MISMATCH = "auth failed: token mismatch"
 
 
 def tokens(core: Core) -> tuple[str, str]:
-    assert core.state is not None and core.state.tokens is not None
-    return core.state.tokens.daemon, core.state.tokens.host
+    assert core.parts is not None and core.parts.tokens is not None
+    return core.parts.tokens.daemon, core.parts.tokens.host
 
 
 async def auth(
@@ -46,7 +46,10 @@ async def test_daemon_token(core: Core, channel: grpc.aio.Channel) -> None:
     assert reply.ok and reply.auth_enabled
     assert not reply.HasField("role") and not reply.HasField("agent_id")
     assert reply.memory_namespace == "projA"
-    assert core.state is not None and core.state.sessions[reply.session_id].role is Role.DAEMON
+    assert (
+        core.parts is not None
+        and core.parts.registry.sessions[reply.session_id].role is Role.DAEMON
+    )
     await assert_usable(client)
     await client.close()
 
@@ -61,12 +64,12 @@ async def test_host_token_gives_the_host_role(core: Core, channel: grpc.aio.Chan
 
 
 async def test_agent_token_attaches_the_agent(core: Core, channel: grpc.aio.Channel) -> None:
-    assert core.state is not None
-    token = await core.state.agent_tokens.add("agent-7")
+    assert core.parts is not None
+    token = await core.parts.agent_tokens.add("agent-7")
     client, reply = await auth(channel, Auth(token=token, agent_id="agent-7"))
     assert reply.ok and reply.agent_id == "agent-7"
     assert not reply.HasField("role")
-    assert core.state.attached["agent-7"].id == reply.session_id
+    assert core.parts.registry.attached["agent-7"].id == reply.session_id
     await assert_usable(client)
     await client.close()
 
@@ -78,9 +81,9 @@ async def test_agent_token_attaches_the_agent(core: Core, channel: grpc.aio.Chan
 async def test_wrong_tokens_leave_the_session_unauthenticated(
     core: Core, channel: grpc.aio.Channel, variant: str
 ) -> None:
-    assert core.state is not None
+    assert core.parts is not None
     daemon, host = tokens(core)
-    agent = await core.state.agent_tokens.add("agent-7")
+    agent = await core.parts.agent_tokens.add("agent-7")
     request = {
         "daemon": Auth(token=daemon + "x"),
         "host": Auth(host_token=daemon),
@@ -93,7 +96,7 @@ async def test_wrong_tokens_leave_the_session_unauthenticated(
     with pytest.raises(CarError) as err:
         await client.request("session_auth", request)
     assert (err.value.code, err.value.message) == (INTERNAL, TOKEN_MISMATCH)
-    assert "agent-7" not in core.state.attached
+    assert "agent-7" not in core.parts.registry.attached
     # Still open, still unauthenticated: a right token now works on the same stream...
     reply = await client.request("session_auth", Auth(token=daemon))
     assert reply.ok
@@ -134,16 +137,16 @@ async def test_auth_with_no_credential_fails(core: Core, channel: grpc.aio.Chann
 async def test_reattach_replaces_the_older_attachment(
     core: Core, channel: grpc.aio.Channel
 ) -> None:
-    assert core.state is not None
-    token = await core.state.agent_tokens.add("agent-7")
+    assert core.parts is not None
+    token = await core.parts.agent_tokens.add("agent-7")
     first, one = await auth(channel, Auth(token=token, agent_id="agent-7"))
     second, two = await auth(channel, Auth(token=token, agent_id="agent-7"))
-    assert core.state.attached["agent-7"].id == two.session_id
+    assert core.parts.registry.attached["agent-7"].id == two.session_id
     # The older connection ending does not detach the newer one.
-    older = core.state.sessions[one.session_id]
+    older = core.parts.registry.sessions[one.session_id]
     await first.close()
     await asyncio.wait_for(older.closed.wait(), 5)
-    assert core.state.attached["agent-7"].id == two.session_id
+    assert core.parts.registry.attached["agent-7"].id == two.session_id
     await second.close()
 
 

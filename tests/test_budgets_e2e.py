@@ -240,8 +240,8 @@ async def test_the_cores_outbound_queue_is_bounded_in_bytes(tmp_path: Path) -> N
             await client.request(
                 "state_set", state_pb2.SetStateRequest(key="v", value=to_value(value))
             )
-            assert core.state is not None
-            [session] = [s for s in core.state.sessions.values() if s.streaming]
+            assert core.parts is not None
+            [session] = [s for s in core.parts.registry.sessions.values() if s.streaming]
             client.pause_reading()
             # 40 answers of 256 KiB each (10 MiB): proposals that read the value back.
             read = tools_pb2.ActionProposal()
@@ -253,14 +253,14 @@ async def test_the_cores_outbound_queue_is_bounded_in_bytes(tmp_path: Path) -> N
                 for _ in range(40)
             ]
             # Every answer is made (an answer goes on towards the queue without a pause)...
-            requests = core.state.metrics.requests
+            requests = core.parts.metrics.requests
             await until(lambda: requests.value("proposal.submit", OK) == 40)
             # ... yet the queue holds at most its budget: most senders wait for room.
             assert session.outbound.bytes <= budget
             assert 0 < len(session.outbound) < 4  # 1 MiB holds three of them
             assert session.outbound.waiting >= 30
             # Fan-out towards this session is dropped (and counted), not queued.
-            drops = core.state.metrics.queue_drops
+            drops = core.parts.metrics.queue_drops
             before = drops.value("session_outbound")
             notice = session_pb2.ServerFrame(tools_cancel=tools_pb2.CancelToolNotice())
             assert session.try_send(notice) is False

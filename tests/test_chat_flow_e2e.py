@@ -113,7 +113,7 @@ async def test_stalled_host_ends_its_chat_and_frees_the_agent_for_other_chats(
 
 
 async def stalled_host_scenario(core: Core, channel: grpc.aio.Channel) -> None:
-    assert core.state is not None
+    assert core.parts is not None
     a = await agent(core, channel, "agent-1")
     # The stalled host: a raw session stream that stops reading after the chat's ack.
     stalled = session_pb2_grpc.SessionServiceStub(channel).Connect()
@@ -125,7 +125,7 @@ async def stalled_host_scenario(core: Core, channel: grpc.aio.Channel) -> None:
     await accept_chat(a)
     accepted = await stalled.read()
     assert isinstance(accepted, session_pb2.ServerFrame) and accepted.agents_chat.accepted
-    chat_a = core.state.chats.open["A"]
+    chat_a = core.parts.chats.open["A"]
     # A reading host with a chat of its own on the same agent.
     reader = await host(core, channel)
     pending = asyncio.create_task(
@@ -155,7 +155,7 @@ async def stalled_host_scenario(core: Core, channel: grpc.aio.Channel) -> None:
     # Chat A ends at the agent once the host has read nothing for the stall bound...
     assert (await next_agent_notice(a, timeout=30)).agent_chat_cancel.session_id == "A"
     cancelled.set()
-    assert "A" not in core.state.chats.open
+    assert "A" not in core.parts.chats.open
     assert len(chat_a.events) <= BUFFER + 1  # what is held for the stalled host is bounded
     # ...and chat B, queued behind A's flood on the agent's stream, goes through whole.
     got = [await next_chat_event(reader) for _ in range(21)]

@@ -87,12 +87,12 @@ async def host1(core: Core, channel: grpc.aio.Channel) -> AsyncIterator[SessionC
 async def test_streamed_chat_reaches_the_host_in_order(
     core: Core, host1: SessionClient, agent1: SessionClient
 ) -> None:
-    assert core.state is not None
+    assert core.parts is not None
     pending = start_chat(host1, prompt="hello", model="m1")
     asked = await accept_chat(agent1)
     assert asked.prompt == "hello" and asked.model == "m1" and asked.stream
     assert asked.session_id.startswith("chat-")
-    host_session = next(s for s in core.state.sessions.values() if s.agent_id is None)
+    host_session = next(s for s in core.parts.registry.sessions.values() if s.agent_id is None)
     assert asked.context.host_client_id == host_session.id
     assert not asked.HasField("goal")
     accepted = await pending
@@ -399,8 +399,8 @@ async def test_reattach_ends_chats_of_the_old_connection(
 ) -> None:
     old = await agent(core, channel, "agent-1")
     sid, _ = await open_chat(host1, old)
-    assert core.state is not None
-    token = await core.state.agent_tokens.add("agent-1")
+    assert core.parts is not None
+    token = await core.parts.agent_tokens.add("agent-1")
     from tests.session_client import connect
 
     new = await connect(channel, token=token, agent_id="agent-1")

@@ -118,8 +118,8 @@ def daemon(core: Core) -> dict[str, str]:
 
 
 async def as_agent(core: Core, agent_id: str = "agent-1") -> dict[str, str]:
-    assert core.state is not None
-    return {"agent_id": agent_id, "token": await core.state.agent_tokens.add(agent_id)}
+    assert core.parts is not None
+    return {"agent_id": agent_id, "token": await core.parts.agent_tokens.add(agent_id)}
 
 
 async def ws_chat(h: WsPeer, a: WsPeer, **params: Any) -> tuple[str, dict[str, Any]]:
@@ -398,13 +398,13 @@ async def car_runtime_agent(
     core: Core, gateway: Gateway, home: Path, agent_id: str
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """tests/car_runtime_chat_agent.py attached as `agent_id`; yields once it is attached."""
-    assert core.state is not None
+    assert core.parts is not None
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
     env |= {
         "CAR_DAEMON_URL": gateway.url,
         "CAR_HOME": str(home),
         "CAR_AGENT_ID": agent_id,
-        "CAR_AGENT_TOKEN": await core.state.agent_tokens.add(agent_id),
+        "CAR_AGENT_TOKEN": await core.parts.agent_tokens.add(agent_id),
         "CAR_NO_VERSION_WARNING": "1",
     }
     proc = await asyncio.create_subprocess_exec(
@@ -513,7 +513,7 @@ async def test_ws_host_that_stops_reading_loses_its_chat_not_its_connection(
     async with running(config) as (core, gateway), ws_peer(gateway, await as_agent(core)) as a:
         raw = await _deaf_host_chat(core, gateway, a)
         sent = await _flood_until_cancelled(a)
-        assert core.state is not None and "deaf" not in core.state.chats.open
+        assert core.parts is not None and "deaf" not in core.parts.chats.open
         # The host reads again: the chat's answer, then tokens in order, then the error.
         assert json.loads((await raw.read_frame())[1])["result"]["session_id"] == "deaf"
         seen: list[int] = []
@@ -541,5 +541,5 @@ async def test_ws_host_that_reads_nothing_for_the_stall_bound_is_dropped(
     async with running(config) as (core, gateway), ws_peer(gateway, await as_agent(core)) as a:
         raw = await _deaf_host_chat(core, gateway, a)
         await _flood_until_cancelled(a)
-        assert core.state is not None and "deaf" not in core.state.chats.open
+        assert core.parts is not None and "deaf" not in core.parts.chats.open
         raw.close()

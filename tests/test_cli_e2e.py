@@ -16,8 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from car_grpc.core.auth import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
 from car_grpc.core.server import Core
+from car_grpc.core.tokens import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
 from car_grpc.errors import INTERNAL, CarError
 from car_grpc.v1 import session_pb2
 from tests.conftest import make_config
@@ -130,8 +130,8 @@ async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> Non
             first, first_id = await attach(channel, "agent-x", token)
             # Re-attach of the same agent replaces the older attachment.
             second, second_id = await attach(channel, "agent-x", token)
-            assert core.state is not None
-            assert core.state.attached["agent-x"].id == second_id != first_id
+            assert core.parts is not None
+            assert core.parts.registry.attached["agent-x"].id == second_id != first_id
 
             code, out, err = await car_grpc(car_home, "agents", "list")
             assert code == 0 and out.startswith("agent-x\t") and len(out.splitlines()) == 1

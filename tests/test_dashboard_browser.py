@@ -57,13 +57,13 @@ class Site:
         return printed_login_urls(self.log.records)
 
     def token(self) -> str:
-        state = self.server.core.state
+        state = self.server.core.parts
         assert state is not None and state.tokens is not None
         return state.tokens.daemon
 
     async def agent_token(self, agent_id: str) -> str:
-        assert self.server.core.state is not None
-        return await self.server.core.state.agent_tokens.add(agent_id)
+        assert self.server.core.parts is not None
+        return await self.server.core.parts.agent_tokens.add(agent_id)
 
     @property
     def ws_url(self) -> str:

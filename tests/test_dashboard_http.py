@@ -48,7 +48,7 @@ def base(server: Server) -> str:
 
 
 def tokens(server: Server) -> tuple[str, str]:
-    state = server.core.state
+    state = server.core.parts
     assert state is not None and state.tokens is not None
     return state.tokens.daemon, state.tokens.host
 
@@ -206,7 +206,7 @@ async def test_a_gated_call_is_listed_and_resolved_through_the_api(
 async def test_a_run_stream_resumes_after_the_last_event_id(
     server: Server, cookie: str, channel: grpc.aio.Channel
 ) -> None:
-    state = server.core.state
+    state = server.core.parts
     assert state is not None
     agent = await connect(channel, token=await state.agent_tokens.add("a1"), agent_id="a1")
     run_id = await start(agent, "write the report")
@@ -285,8 +285,8 @@ async def test_a_dashboard_beside_a_core_in_another_server(
     config = make_config(tmp_path, dashboard_port=0)
     core = Core(config)
     await core.start()
-    assert core.state is not None and core.state.tokens is not None
-    dashboard = Dashboard(config, core.grpc_address, core.state.tokens.host)
+    assert core.parts is not None and core.parts.tokens is not None
+    dashboard = Dashboard(config, core.grpc_address, core.parts.tokens.host)
     await dashboard.start()
     try:
         cookie = await log_in(printed_login_urls(caplog.records)[-1])

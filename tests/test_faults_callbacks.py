@@ -43,14 +43,14 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Core, Gateway]]:
 
 async def attached_agent(core: Core, client: Pipelined, agent_id: str) -> str:
     """Log `client` in as `agent_id`; its core session id."""
-    assert core.state is not None
-    token = await core.state.agent_tokens.add(agent_id)
+    assert core.parts is not None
+    token = await core.parts.agent_tokens.add(agent_id)
     return str((await client.login(token=token, agent_id=agent_id))["session_id"])
 
 
 async def session_closed(core: Core, session_id: str) -> None:
-    assert core.state is not None
-    if session := core.state.sessions.get(session_id):
+    assert core.parts is not None
+    if session := core.parts.registry.sessions.get(session_id):
         await asyncio.wait_for(session.closed.wait(), 10)
 
 
@@ -76,7 +76,7 @@ async def test_agent_gone_before_acking_a_chat_fails_it_at_once(
         error = await failure(chat)
         assert (error.code, error.message) == (INTERNAL, "agent 'bot' disconnected")
         await session_closed(core, agent_session)
-        assert core.state is not None and not core.state.chats.open
+        assert core.parts is not None and not core.parts.chats.open
         # The host goes on: the chat id is free again, the agent gone.
         error = await failure(
             asyncio.create_task(
@@ -128,9 +128,9 @@ async def test_client_gone_while_parked_at_the_gate_expires_its_approval(
     """Its approval expires at once (not after the approval timeout), and approving it
     later is refused."""
     core, gateway = served
-    assert core.state is not None and core.state.tokens is not None
+    assert core.parts is not None and core.parts.tokens is not None
     async with pipelined(gateway.url) as approver, pipelined(gateway.url) as caller:
-        await approver.login(host_token=core.state.tokens.host)
+        await approver.login(host_token=core.parts.tokens.host)
         await approver.call("host.subscribe", {})
         caller_session = (await caller.login(token=daemon_token(core)))["session_id"]
         parked = asyncio.create_task(caller.call("state.set", {"key": "k", "value": 1}))

@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from car_grpc.core.auth import AgentTokens
 from car_grpc.core.server import Core
+from car_grpc.core.tokens import AgentTokens
 from car_grpc.gateway import Gateway
 from car_grpc.store import open_store
 from tests.serve_process import LISTENING
@@ -225,7 +225,7 @@ async def test_a_killed_gateway_ends_its_sessions_and_no_others(core: Core, tmp_
     its agent's chat ends with an error at a host on the other gateway, its registered
     agent leaves the registry, its run becomes incomplete. The other gateway's sessions
     carry on."""
-    state = core.state
+    state = core.parts
     assert state is not None and state.tokens is not None
     staying = Gateway(core.config, core.grpc_address)
     await staying.start()
@@ -257,7 +257,7 @@ async def test_a_killed_gateway_ends_its_sessions_and_no_others(core: Core, tmp_
                 await asyncio.wait_for(agent.server_requests.get(), 5), {"accepted": True}
             )
             assert (await asyncio.wait_for(chat, 5))["accepted"] is True
-            staying_ids = set(state.sessions) - {agent_auth["session_id"]}
+            staying_ids = set(state.registry.sessions) - {agent_auth["session_id"]}
 
             doomed.kill()
 
@@ -268,7 +268,9 @@ async def test_a_killed_gateway_ends_its_sessions_and_no_others(core: Core, tmp_
             assert gone["params"]["agent_id"] == registered["id"]
             ended_run = await watcher.next_notification("runs.trace.event")
             assert ended_run["params"]["status"] == "incomplete"
-            assert set(state.sessions) == staying_ids and "bot" not in state.attached
+            assert (
+                set(state.registry.sessions) == staying_ids and "bot" not in state.registry.attached
+            )
             # The staying gateway's sessions carry on.
             await host.call("state.set", {"key": "k", "value": "still here"})
             assert await host.call("state.get", {"key": "k"}) == "still here"

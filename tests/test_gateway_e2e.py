@@ -42,8 +42,8 @@ async def served(config: Config) -> Any:
 
 async def session_closed(core: Core, session_id: str, timeout: float = 5) -> None:
     """Wait until the core has ended the session with that id."""
-    assert core.state is not None
-    session = core.state.sessions.get(session_id)
+    assert core.parts is not None
+    session = core.parts.registry.sessions.get(session_id)
     if session is not None:
         await asyncio.wait_for(session.closed.wait(), timeout)
 
@@ -297,14 +297,14 @@ async def test_client_going_away_ends_the_core_session(served: tuple[Core, Gatew
     async with rpc(gateway.url) as client:
         auth = await client.login(daemon_token(core))
     await session_closed(core, auth["session_id"])
-    assert core.state is not None and auth["session_id"] not in core.state.sessions
+    assert core.parts is not None and auth["session_id"] not in core.parts.registry.sessions
 
 
 async def test_client_dropping_tcp_fails_its_pending_tool_calls(
     served: tuple[Core, Gateway],
 ) -> None:
     core, gateway = served
-    assert core.state is not None
+    assert core.parts is not None
     async with rpc(gateway.url) as client:
         auth = await client.login(daemon_token(core))
         await client.result("tools.register", [{"name": "t"}])
@@ -312,7 +312,7 @@ async def test_client_dropping_tcp_fails_its_pending_tool_calls(
             {"jsonrpc": "2.0", "id": 1, "method": "proposal.submit", "params": proposal("t")}
         )
         assert (await client.recv())["method"] == "tools.execute"
-        session = core.state.sessions[auth["session_id"]]
+        session = core.parts.registry.sessions[auth["session_id"]]
         client.ws.transport.abort()  # like car-runtime: no close frame
     await asyncio.wait_for(session.closed.wait(), 5)
 
@@ -400,11 +400,11 @@ def _slow_reader_config(tmp_path: Path, **overrides: Any) -> Config:
 
 async def _open_unread(gateway: Gateway, core: Core) -> tuple[RawWebSocket, ClientSession]:
     """A raw client (small receive buffer) with an authenticated session."""
-    assert core.state is not None
+    assert core.parts is not None
     raw = await RawWebSocket.open("127.0.0.1", gateway.ws_port, rcvbuf=4096)
     await raw.send_text({"id": 0, "method": "session.auth", "params": {}})
     _, payload = await raw.read_frame()
-    return raw, core.state.sessions[json.loads(payload)["result"]["session_id"]]
+    return raw, core.parts.registry.sessions[json.loads(payload)["result"]["session_id"]]
 
 
 def _echo_64k(n: int) -> dict[str, Any]:
@@ -527,8 +527,8 @@ async def test_two_gateways_serve_one_core(served: tuple[Core, Gateway]) -> None
         async with rpc(first.url) as a, rpc(second.url) as b:
             auth_a = await a.login(daemon_token(core))
             auth_b = await b.login(daemon_token(core))
-            assert core.state is not None
-            assert {auth_a["session_id"], auth_b["session_id"]} <= set(core.state.sessions)
+            assert core.parts is not None
+            assert {auth_a["session_id"], auth_b["session_id"]} <= set(core.parts.registry.sessions)
             # Events cross gateways: a host on one sees an agent registered on the other.
             await a.result("host.subscribe", {})
             agent = await b.result("host.register_agent", {"name": "worker", "kind": "bot"})

@@ -182,8 +182,8 @@ async def test_goals_survive_a_restart_and_running_becomes_active(config: Config
         await set_goal(h, "kept", "stays", max_iterations=5)
         await set_goal(h, "crashed", "was running at the crash")
         # As if the server had died while a chat ran it: the stored row says running.
-        assert core.state is not None
-        await core.state.store.goals.set_status("crashed", S.GOAL_STATUS_RUNNING)
+        assert core.parts is not None
+        await core.parts.store.goals.set_status("crashed", S.GOAL_STATUS_RUNNING)
         before = await status(h, "crashed")
         assert before is not None and before.status == S.GOAL_STATUS_RUNNING
         await h.close()

@@ -20,8 +20,8 @@ from tests.session_client import SessionClient, connect
 
 
 def token(core: Core) -> str:
-    assert core.state is not None and core.state.tokens is not None
-    return core.state.tokens.daemon
+    assert core.parts is not None and core.parts.tokens is not None
+    return core.parts.tokens.daemon
 
 
 def bearer(core: Core) -> tuple[tuple[str, str]]:

@@ -7,12 +7,12 @@ import pytest
 from car_grpc.cli import _config, build_parser
 from car_grpc.config import DEFAULT_GATED_METHODS, Config
 from car_grpc.core.approvals import PREVIEW_CHARS, params_preview
-from car_grpc.core.host import Host
+from car_grpc.core.host import HostEvents
 from car_grpc.v1 import host_pb2
 
 
 def test_sequences_increase_and_history_is_bounded() -> None:
-    host = Host(history=3, queue_size=8)
+    host = HostEvents(history=3, queue_size=8)
     events = [host.publish("host.notification", message=str(i)) for i in range(5)]
     assert [e.sequence for e in events] == [1, 2, 3, 4, 5]
     assert host.last_sequence == 5
@@ -20,7 +20,7 @@ def test_sequences_increase_and_history_is_bounded() -> None:
 
 
 def test_a_full_listener_drops_its_oldest_events_and_never_blocks_the_publisher() -> None:
-    host = Host(history=16, queue_size=2)
+    host = HostEvents(history=16, queue_size=2)
     slow, other = host.listen(), host.listen()
     for i in range(5):
         host.publish("agent.registered", agent_id=f"a{i}", payload={"i": i})
@@ -35,7 +35,7 @@ def test_a_full_listener_drops_its_oldest_events_and_never_blocks_the_publisher(
 
 
 def test_an_event_carries_what_was_published() -> None:
-    host = Host(history=4, queue_size=4)
+    host = HostEvents(history=4, queue_size=4)
     event = host.publish("agent.status_changed", agent_id="a1", message="busy", payload=[1])
     assert (event.kind, event.agent_id, event.message) == ("agent.status_changed", "a1", "busy")
     assert event.payload.list_value.values[0].number_value == 1
@@ -46,9 +46,9 @@ def test_an_event_carries_what_was_published() -> None:
 
 def test_host_bounds_must_be_positive() -> None:
     with pytest.raises(ValueError):
-        Host(history=0, queue_size=1)
+        HostEvents(history=0, queue_size=1)
     with pytest.raises(ValueError):
-        Host(history=1, queue_size=0)
+        HostEvents(history=1, queue_size=0)
 
 
 def test_params_preview_is_compact_json_cut_to_its_limit() -> None:

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from car_grpc import api, codec
-from car_grpc.core import dispatch
 from car_grpc.core.server import Core
 from car_grpc.core.session import Role
 from car_grpc.v1 import session_pb2
@@ -39,25 +38,31 @@ def _request(member: str) -> Any:
     return body
 
 
-def test_the_common_requests_are_inline() -> None:
-    assert {"tools_list", "state_get", "state_set", "server_handshake"} <= dispatch.INLINE
-    # ...and the ones that wait on a client, the store or a person are not.
-    assert not {"proposal_submit", "runs_record_turns", "agents_chat"} & dispatch.INLINE
+async def test_the_common_requests_are_inline(tmp_path: Any) -> None:
+    core = Core(make_config(tmp_path, auth=False))
+    await core.start()
+    try:
+        assert core.parts is not None
+        inline = core.parts.router.inline
+        assert {"tools_list", "state_get", "state_set", "server_handshake"} <= inline
+        # ...and the ones that wait on a client, the store or a person are not.
+        assert not {"proposal_submit", "runs_record_turns", "agents_chat"} & inline
+    finally:
+        await core.stop(grace=0)
 
 
 async def test_every_inline_handler_completes_without_waiting(tmp_path: Any) -> None:
     core = Core(make_config(tmp_path, auth=False))
     await core.start()
     try:
-        assert core.state is not None
-        session = core.state.open_session(streaming=True)
+        assert core.parts is not None
+        router = core.parts.router
+        session = core.parts.registry.open(streaming=True)
         session.role = Role.HOST
         # The host agent is registered before its status is set, and unregistered last.
         last = ("host_set_status", "host_unregister_agent")
-        for member in sorted(
-            dispatch.INLINE, key=lambda m: (last.index(m) if m in last else -1, m)
-        ):
-            coro = dispatch.HANDLERS[member](session, _request(member))
+        for member in sorted(router.inline, key=lambda m: (last.index(m) if m in last else -1, m)):
+            coro = router.requests[member](session, _request(member))
             assert isinstance(coro, Coroutine)
             try:
                 coro.send(None)
@@ -65,22 +70,21 @@ async def test_every_inline_handler_completes_without_waiting(tmp_path: Any) -> 
                 continue
             coro.close()
             pytest.fail(f"inline handler {member} waited")
-        await core.state.close_session(session)
+        await core.parts.registry.close(session)
     finally:
         await core.stop(grace=0)
 
 
-async def test_a_gated_method_is_never_inline(tmp_path: Any) -> None:
-    config = make_config(tmp_path, auth=False, gated_methods=frozenset({"tools.list"}))
-    core = Core(config)
+@pytest.mark.parametrize("approvals", [True, False])
+async def test_a_gated_method_is_never_inline(tmp_path: Any, approvals: bool) -> None:
+    gated = frozenset({"tools.list"})
+    core = Core(make_config(tmp_path, auth=False, gated_methods=gated, approvals=approvals))
     await core.start()
     try:
-        assert core.state is not None
-        session = core.state.open_session(streaming=True)
-        assert not dispatch.runs_inline(session, "tools_list")
-        assert dispatch.runs_inline(session, "state_get")
-        config.approvals = False
-        assert dispatch.runs_inline(session, "tools_list")
-        await core.state.close_session(session)
+        assert core.parts is not None
+        dispatcher = core.parts.grpc.dispatcher
+        # Gated (only while the gate is on) means parked: never in the read loop.
+        assert dispatcher.runs_inline("tools_list") is not approvals
+        assert dispatcher.runs_inline("state_get")
     finally:
         await core.stop(grace=0)

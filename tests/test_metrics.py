@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from car_grpc.core.host import Host
+from car_grpc.core.host import HostEvents
 from car_grpc.core.metrics import Counter, Gauge, Histogram, Metrics
 from car_grpc.v1 import runs_pb2
 
@@ -62,7 +62,7 @@ def test_gauges_render_first_and_record_turns_count_only_when_appended() -> None
 
 def test_a_full_host_event_listener_counts_its_drops() -> None:
     metrics = Metrics()
-    host = Host(history=8, queue_size=2, metrics=metrics)
+    host = HostEvents(history=8, queue_size=2, metrics=metrics)
     host.listen()
     for i in range(5):
         host.publish("host.notification", message=str(i))

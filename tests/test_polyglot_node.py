@@ -338,8 +338,8 @@ async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) 
     core = Core(config)
     await core.start()
     try:
-        assert core.state is not None
-        token = await core.state.agent_tokens.add("py-agent")
+        assert core.parts is not None
+        token = await core.parts.agent_tokens.add("py-agent")
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
             agent = await connect(channel, token=token, agent_id="py-agent")
             run = await agent.request("runs_start", runs_pb2.StartRunRequest(intent="survive"))

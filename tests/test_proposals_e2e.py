@@ -25,8 +25,8 @@ JSON = Any
 
 
 def daemon_token(core: Core) -> str:
-    assert core.state is not None and core.state.tokens is not None
-    return core.state.tokens.daemon
+    assert core.parts is not None and core.parts.tokens is not None
+    return core.parts.tokens.daemon
 
 
 @pytest.fixture

@@ -79,7 +79,7 @@ async def test_start_makes_the_run_current_and_appends_started(
 ) -> None:
     bot = await agent(core, channel, "bot")
     run_id = await start(bot, "fix the bug", outcome_description="tests pass")
-    assert state_of(core).attached["bot"].current_run == run_id
+    assert state_of(core).registry.attached["bot"].current_run == run_id
 
     got = await trace(bot, run_id)
     assert got.agent_id == "bot" and got.cursor == 1
@@ -101,7 +101,7 @@ async def test_idempotency_key_returns_the_live_or_stored_run(
     again = await start(bot, idempotency_key="mission-7")
     assert first == again == "mission-7"
     other = await start(bot)
-    assert state_of(core).attached["bot"].current_run == other
+    assert state_of(core).registry.attached["bot"].current_run == other
 
     await complete(bot, "mission-7")  # now stored only
     bot2 = await agent(core, channel, "bot")
@@ -109,7 +109,7 @@ async def test_idempotency_key_returns_the_live_or_stored_run(
         "runs_start", runs_pb2.StartRunRequest(intent="again", idempotency_key="mission-7")
     )
     assert (stored.run_id, stored.agent_id) == ("mission-7", "bot")
-    assert state_of(core).attached["bot"].current_run == "mission-7"
+    assert state_of(core).registry.attached["bot"].current_run == "mission-7"
 
     records = (await trace(bot2, "mission-7")).records
     assert [r.record for r in records] == [STARTED, ENDED]  # no second `started`

@@ -16,8 +16,8 @@ import grpc
 import pytest
 
 from car_grpc.config import Config
-from car_grpc.core.auth import AgentTokens
 from car_grpc.core.runs import ENDED, IN_PROGRESS, INCOMPLETE, STARTED, TURN, ended_record
+from car_grpc.core.tokens import AgentTokens
 from car_grpc.store import RunRow, open_store
 from car_grpc.v1 import runs_pb2
 from tests.runs_helpers import record, start, summaries, trace

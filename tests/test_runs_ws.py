@@ -105,9 +105,9 @@ class Peers:
     """Opens authenticated WebSocket sessions: agents, the host, an ordinary client."""
 
     def __init__(self, core: Core, gateway: Gateway) -> None:
-        assert core.state is not None and core.state.tokens is not None
-        self.state = core.state
-        self.tokens = core.state.tokens
+        assert core.parts is not None and core.parts.tokens is not None
+        self.state = core.parts
+        self.tokens = core.parts.tokens
         self.url = gateway.url
         self.opened: list[Peer] = []
 
@@ -227,8 +227,8 @@ async def test_start_rules_on_the_json_wire(peers: Peers, served: tuple[Core, Ga
     bot = await peers.agent()
     first = await start(bot, idempotency_key="job-1")
     assert await start(bot, idempotency_key="job-1") == first == "job-1"
-    assert served[0].state is not None
-    assert served[0].state.attached["bot"].current_run == "job-1"
+    assert served[0].parts is not None
+    assert served[0].parts.registry.attached["bot"].current_run == "job-1"
     listed = await bot.result("runs.list", {"agent_id": "bot"})
     assert [r["run_id"] for r in listed["runs"]] == ["job-1"]
 

@@ -28,9 +28,9 @@ from typing import Any
 import grpc
 import pytest
 
-from car_grpc.core.auth import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
 from car_grpc.core.grpc_service import AGENT_ID_KEY
 from car_grpc.core.server import MAX_MESSAGE_BYTES, Core
+from car_grpc.core.tokens import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
 from car_grpc.errors import AUTH_REQUIRED, INTERNAL
 from car_grpc.gateway import Gateway
 from car_grpc.store import database_path
@@ -43,8 +43,8 @@ TOKEN_MISMATCH = "auth failed: token mismatch"
 
 
 def tokens(core: Core) -> tuple[str, str]:
-    assert core.state is not None and core.state.tokens is not None
-    return core.state.tokens.daemon, core.state.tokens.host
+    assert core.parts is not None and core.parts.tokens is not None
+    return core.parts.tokens.daemon, core.parts.tokens.host
 
 
 def mode(path: Path) -> int:
@@ -59,10 +59,10 @@ async def test_a_refused_typed_call_leaves_no_session_behind(
 ) -> None:
     """Every unauthenticated call opens a one-call session; refusing it must end it too,
     or anyone could fill the core's memory without a token."""
-    assert core.state is not None
+    assert core.parts is not None
     daemon, _ = tokens(core)
-    agent = await core.state.agent_tokens.add("agent-7")
-    before = set(core.state.sessions)
+    agent = await core.parts.agent_tokens.add("agent-7")
+    before = set(core.parts.registry.sessions)
     state = state_pb2_grpc.StateServiceStub(channel)
     for meta in [
         (),
@@ -74,7 +74,7 @@ async def test_a_refused_typed_call_leaves_no_session_behind(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await state.ListStateKeys(state_pb2.ListStateKeysRequest(), metadata=meta)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, meta
-        assert set(core.state.sessions) == before, meta
+        assert set(core.parts.registry.sessions) == before, meta
 
 
 @pytest.fixture
@@ -87,9 +87,9 @@ async def test_wrong_credentials_on_the_websocket(served: tuple[Core, Gateway]) 
     """Each wrong credential gets the same answer (no oracle of which part was wrong) and
     leaves the connection open but unauthenticated; the right one then works on it."""
     core, gateway = served
-    assert core.state is not None
+    assert core.parts is not None
     daemon, host = tokens(core)
-    agent = await core.state.agent_tokens.add("agent-7")
+    agent = await core.parts.agent_tokens.add("agent-7")
     async with pipelined(gateway.url) as client:
         for wrong in [
             {"token": daemon[:-1]},
@@ -102,9 +102,9 @@ async def test_wrong_credentials_on_the_websocket(served: tuple[Core, Gateway]) 
             with pytest.raises(RpcError) as err:
                 await client.call("session.auth", wrong)
             assert (err.value.code, err.value.message) == (INTERNAL, TOKEN_MISMATCH), wrong
-        assert "agent-7" not in core.state.attached
+        assert "agent-7" not in core.parts.registry.attached
         assert (await client.call("session.auth", {"token": agent, "agent_id": "agent-7"}))["ok"]
-        assert core.state.attached["agent-7"] is not None
+        assert core.parts.registry.attached["agent-7"] is not None
     async with pipelined(gateway.url) as client:
         with pytest.raises(RpcError):
             await client.call("session.auth", {"token": "guess"})
@@ -316,7 +316,7 @@ async def test_a_grpc_message_over_the_limit_is_refused_and_harms_no_one(
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     keys = await state.ListStateKeys(state_pb2.ListStateKeysRequest(), metadata=meta)
     assert list(keys.keys) == []
-    assert core.state is not None and not core.state.sessions
+    assert core.parts is not None and not core.parts.registry.sessions
 
 
 def listening_on(pid: int) -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:

@@ -120,7 +120,7 @@ async def two_gateways(core: Core, gateways: list[Process]) -> None:
     async with rpc(f"ws://{addresses[0]}/") as a, rpc(f"ws://{addresses[1]}/") as b:
         await a.login(daemon_token(core))
         await b.login(daemon_token(core))
-        assert core.state is not None and len(core.state.sessions) == 2
+        assert core.parts is not None and len(core.parts.registry.sessions) == 2
     for g in gateways:
         assert await g.terminate() == 0
         assert not any("unix:" in line for line in g.lines)

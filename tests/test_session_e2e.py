@@ -12,8 +12,8 @@ from tests.session_client import SessionClient, connect
 
 
 def daemon_token(core: Core) -> str:
-    assert core.state is not None and core.state.tokens is not None
-    return core.state.tokens.daemon
+    assert core.parts is not None and core.parts.tokens is not None
+    return core.parts.tokens.daemon
 
 
 async def test_handshake_over_connect(core: Core, channel: grpc.aio.Channel) -> None:

@@ -124,8 +124,8 @@ async def test_tls_grpc_client_and_the_dashboard(served: Server, certificate: Ce
     async with grpc.aio.secure_channel(served.core.grpc_address, credentials) as channel:
         assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
     # The dashboard's own client of the core speaks TLS too: its health check passes.
-    assert served.dashboard is not None and served.core.state is not None
-    tokens = served.core.state.tokens
+    assert served.dashboard is not None and served.core.parts is not None
+    tokens = served.core.parts.tokens
     assert tokens is not None
     answer = await request(
         "GET", served.dashboard.url + "healthz", {"Authorization": f"Bearer {tokens.host}"}

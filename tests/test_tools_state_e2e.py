@@ -16,8 +16,8 @@ from tests.session_client import SessionClient, connect
 
 
 def daemon_token(core: Core) -> str:
-    assert core.state is not None and core.state.tokens is not None
-    return core.state.tokens.daemon
+    assert core.parts is not None and core.parts.tokens is not None
+    return core.parts.tokens.daemon
 
 
 @pytest.fixture
@@ -198,10 +198,10 @@ async def test_session_state_is_released_on_close(core: Core, channel: grpc.aio.
     client = await connect(channel, token=daemon_token(core))
     init = msg(session_pb2.InitSessionRequest, {"tools": [{"name": "a"}]})
     session_id = (await client.request("session_init", init)).session_id
-    assert core.state is not None and session_id in core.state.sessions
-    session = core.state.sessions[session_id]
+    assert core.parts is not None and session_id in core.parts.registry.sessions
+    session = core.parts.registry.sessions[session_id]
     await client.request("state_set", msg(state_pb2.SetStateRequest, {"key": "k", "value": 1}))
     await client.close()
     await session.closed.wait()
-    assert session_id not in core.state.sessions
+    assert session_id not in core.parts.registry.sessions
     assert not session.tools and not session.kv

@@ -28,8 +28,8 @@ Metadata = tuple[tuple[str, str], ...]
 
 
 def tokens(core: Core) -> tuple[str, str]:
-    assert core.state is not None and core.state.tokens is not None
-    return core.state.tokens.daemon, core.state.tokens.host
+    assert core.parts is not None and core.parts.tokens is not None
+    return core.parts.tokens.daemon, core.parts.tokens.host
 
 
 async def open_session(channel: grpc.aio.Channel, **auth: str) -> tuple[SessionClient, str]:
@@ -85,7 +85,7 @@ async def test_unbound_calls_run_in_a_fresh_session(core: Core, channel: grpc.ai
     )
     exists = await state.StateExists(state_pb2.StateExistsRequest(key="k"), metadata=bearer(daemon))
     assert not exists.exists
-    assert core.state is not None and core.state.sessions == {}  # nothing left behind
+    assert core.parts is not None and core.parts.registry.sessions == {}  # nothing left behind
 
 
 async def test_tool_and_policy_rpcs_and_session_rpcs(core: Core, channel: grpc.aio.Channel) -> None:
@@ -194,8 +194,8 @@ async def test_mismatched_credentials_are_unauthenticated(
 async def test_agent_credentials_bind_to_the_attached_session(
     core: Core, channel: grpc.aio.Channel
 ) -> None:
-    assert core.state is not None
-    token = await core.state.agent_tokens.add("agent-7")
+    assert core.parts is not None
+    token = await core.parts.agent_tokens.add("agent-7")
     client, sid = await open_session(channel, token=token, agent_id="agent-7")
     state = state_pb2_grpc.StateServiceStub(channel)
     await state.SetState(
@@ -205,7 +205,7 @@ async def test_agent_credentials_bind_to_the_attached_session(
     got = await client.request("state_get", state_pb2.GetStateRequest(key="who"))
     assert value_to_json(got.value) == "agent"
     # Another agent's name or token does not bind to this agent's session.
-    other = await core.state.agent_tokens.add("agent-8")
+    other = await core.parts.agent_tokens.add("agent-8")
     for meta in [bearer(token, sid, agent_id="agent-8"), bearer(other, sid, agent_id="agent-8")]:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await state.ListStateKeys(state_pb2.ListStateKeysRequest(), metadata=meta)

@@ -35,8 +35,8 @@ async def running(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
 
 
 def daemon_token(core: Core) -> str:
-    assert core.state is not None and core.state.tokens is not None
-    return core.state.tokens.daemon
+    assert core.parts is not None and core.parts.tokens is not None
+    return core.parts.tokens.daemon
 
 
 class Rpc:

@@ -28,13 +28,15 @@ import asyncio
 import json
 import logging
 import uuid
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TypeAlias
 
 from google.protobuf.message import Message
 
 from car_grpc import codec
 from car_grpc.clock import now_ms
-from car_grpc.core.dispatch import handles, require
+from car_grpc.core.host import HostEvents
+from car_grpc.core.metrics import Metrics
+from car_grpc.core.router import handles
 from car_grpc.core.session import ClientSession, Role
 from car_grpc.errors import (
     APPROVAL_DENIED,
@@ -45,12 +47,10 @@ from car_grpc.errors import (
     invalid_params,
     not_found,
     permission_denied,
+    require,
 )
 from car_grpc.store.repositories import ApprovalStore
 from car_grpc.v1 import host_pb2
-
-if TYPE_CHECKING:
-    from car_grpc.core.server_state import ServerState
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,26 @@ def status_name(status: Status) -> str:
 
 
 class Approvals:
-    def __init__(self, state: ServerState, ledger: ApprovalStore) -> None:
-        self.state = state
-        self.ledger = ledger
-        self.config = state.config
-        if refused := sorted(self.config.gated_methods & UNGATEABLE):
+    """The ledger (`ledger`), host.request_approval / approvals / resolve_approval, and the
+    gate over `gated_methods` (empty: the gate is off). Changes are announced as host
+    events through `events`."""
+
+    def __init__(
+        self,
+        ledger: ApprovalStore,
+        events: HostEvents,
+        metrics: Metrics,
+        *,
+        gated_methods: frozenset[str],
+        timeout: float,
+    ) -> None:
+        if refused := sorted(gated_methods & UNGATEABLE):
             raise ValueError(f"these methods cannot be gated: {', '.join(refused)}")
+        self.ledger = ledger
+        self._events = events
+        self._metrics = metrics
+        self._gated = gated_methods
+        self._timeout = timeout
         self._pending: dict[str, HostApproval] = {}
         #: approval id -> the future a parked request waits on (its final row).
         self._waiters: dict[str, asyncio.Future[HostApproval]] = {}
@@ -200,12 +214,12 @@ class Approvals:
             waiter = self._waiters.get(approval_id)
             if waiter is not None and not waiter.done():
                 waiter.set_result(row)
-            self.state.metrics.approvals.inc(status_name(row.status))
+            self._metrics.approvals.inc(status_name(row.status))
             self._announce("approval.resolved", row)
         return row, won
 
     def _announce(self, kind: str, approval: HostApproval) -> None:
-        self.state.host.publish(
+        self._events.publish(
             kind,
             agent_id=approval.agent_id,
             message=approval.action,
@@ -222,7 +236,7 @@ class Approvals:
 
     async def gate(self, session: ClientSession, method: str, request: Message) -> None:
         """Return when `method` may run; raise -32003 when it may not."""
-        if not self.config.approvals or method not in self.config.gated_methods:
+        if method not in self._gated:
             return
         approval = _new(f"ws.method:{method}", session.agent_id)
         approval.details.fields["method"].string_value = method
@@ -230,7 +244,7 @@ class Approvals:
         waiter: asyncio.Future[HostApproval] = asyncio.get_running_loop().create_future()
         self._waiters[approval.id] = waiter
         self._parked[approval.id] = session
-        timeout = self.config.approval_timeout
+        timeout = self._timeout
         try:
             await self._open(approval)
             try:
@@ -252,6 +266,29 @@ class Approvals:
         raise CarError(
             APPROVAL_DENIED, f"approval timed out: {method} was not approved within {timeout:g}s"
         )
+
+    # ------------------------------------------------------------ handlers
+
+    @handles("host_request_approval")
+    async def host_request_approval(
+        self, session: ClientSession, req: host_pb2.RequestApprovalRequest
+    ) -> host_pb2.RequestApprovalResponse:
+        approval = await self.request(session, req)
+        return host_pb2.RequestApprovalResponse(approval=approval)
+
+    @handles("host_approvals")
+    async def host_approvals(
+        self, session: ClientSession, req: host_pb2.ListApprovalsRequest
+    ) -> host_pb2.ListApprovalsResponse:
+        approvals = await self.listing(session)
+        return host_pb2.ListApprovalsResponse(approvals=approvals)
+
+    @handles("host_resolve_approval")
+    async def host_resolve_approval(
+        self, session: ClientSession, req: host_pb2.ResolveApprovalRequest
+    ) -> host_pb2.ResolveApprovalResponse:
+        approval = await self.resolve(session, req)
+        return host_pb2.ResolveApprovalResponse(approval=approval)
 
 
 def may_read(session: ClientSession, approval: HostApproval) -> bool:
@@ -292,38 +329,3 @@ def _already(approval: HostApproval) -> CarError:
     return failed_precondition(
         INVALID_PARAMS, f"approval '{approval.id}' is already {status_name(approval.status)}"
     )
-
-
-# ---------------------------------------------------------------- handlers
-
-
-@handles("host_request_approval")
-async def host_request_approval(
-    session: ClientSession, req: host_pb2.RequestApprovalRequest
-) -> host_pb2.RequestApprovalResponse:
-    approval = await session.server.approvals.request(session, req)
-    return host_pb2.RequestApprovalResponse(approval=approval)
-
-
-@handles("host_approvals")
-async def host_approvals(
-    session: ClientSession, req: host_pb2.ListApprovalsRequest
-) -> host_pb2.ListApprovalsResponse:
-    approvals = await session.server.approvals.listing(session)
-    return host_pb2.ListApprovalsResponse(approvals=approvals)
-
-
-@handles("host_resolve_approval")
-async def host_resolve_approval(
-    session: ClientSession, req: host_pb2.ResolveApprovalRequest
-) -> host_pb2.ResolveApprovalResponse:
-    approval = await session.server.approvals.resolve(session, req)
-    return host_pb2.ResolveApprovalResponse(approval=approval)
-
-
-async def install(state: ServerState) -> None:
-    """The ledger and the gate (after host.install: approvals announce host events)."""
-    state.approvals = approvals = Approvals(state, state.store.approvals)
-    await approvals.start()
-    state.gate = approvals.gate
-    state.shutdown_hooks.append(approvals.close)

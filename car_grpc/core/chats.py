@@ -30,11 +30,10 @@ from urllib.parse import urlsplit
 from google.protobuf import struct_pb2
 
 from car_grpc.core.chat_buffer import EventBuffer, PutResult
-from car_grpc.core.dispatch import Reply, field_error, handles, handles_notification, require
-from car_grpc.core.grpc_service import streams
-from car_grpc.core.server_state import ServerState
+from car_grpc.core.registry import SessionRegistry
+from car_grpc.core.router import Reply, handles, handles_notification, streams
 from car_grpc.core.session import ClientSession, SessionClosed
-from car_grpc.errors import INTERNAL, CarError
+from car_grpc.errors import INTERNAL, CarError, field_error, require
 from car_grpc.store.repositories import GoalStore
 from car_grpc.v1 import chats_pb2, session_pb2
 
@@ -136,12 +135,23 @@ class Chat:
     pump: asyncio.Task[None] | None = None
 
 
-class Chats:
-    """Open chats by session_id, the chats of each host, and the goal book."""
+@dataclass(frozen=True)
+class ChatLimits:
+    """Config's chat fields: how long an agent has to ack, a chat's event buffer, and how
+    long a host that stops reading keeps its chat."""
 
-    def __init__(self, state: ServerState, goals: GoalStore) -> None:
-        self.state = state
-        self.config = state.config
+    ack_timeout: float
+    buffer: int
+    stall_timeout: float
+
+
+class Chats:
+    """Open chats by session_id, the chats of each host, and the goal book. Agents are
+    found in `registry` (where they are attached)."""
+
+    def __init__(self, registry: SessionRegistry, goals: GoalStore, limits: ChatLimits) -> None:
+        self._registry = registry
+        self.limits = limits
         self.goals = goals
         #: Goal store calls take it in the order they are made (asyncio.Lock is FIFO).
         self._goal_order = asyncio.Lock()
@@ -154,8 +164,7 @@ class Chats:
 
     async def start(self) -> None:
         await self._in_order(self.goals.reset_running)
-        self.state.detach_hooks.append(self._agent_detached)
-        self.state.shutdown_hooks.append(self.drain)
+        self._registry.on_detach(self._agent_detached)
 
     async def drain(self) -> None:
         """Wait for background goal writes (at shutdown, before the store closes)."""
@@ -208,12 +217,12 @@ class Chats:
         # From here to the reverse call nothing awaits: routing is set up atomically.
         if session_id in self.open:
             raise field_error("session_id", "a chat with this session_id is already open")
-        agent = self.state.attached.get(agent_id)
+        agent = self._registry.attached.get(agent_id)
         if agent is None:
             raise CarError(INTERNAL, f"agent '{agent_id}' is not attached")
         if goal is None and stored is not None:
             goal = chats_pb2.ChatGoal(check=stored.check, max_iterations=stored.max_iterations)
-        limit, stall = self.config.chat_buffer, self.config.chat_stall_timeout
+        limit, stall = self.limits.buffer, self.limits.stall_timeout
         chat = Chat(
             session_id=session_id,
             agent_id=agent_id,
@@ -242,7 +251,7 @@ class Chats:
         return chat
 
     async def _await_ack(self, chat: Chat, request: chats_pb2.AgentChatRequest) -> None:
-        timeout = self.config.chat_ack_timeout
+        timeout = self.limits.ack_timeout
         who = f"agent '{chat.agent_id}'"
         try:
             answer = await chat.agent.call("agent_chat", request, timeout=timeout)
@@ -342,7 +351,7 @@ class Chats:
             chat.events.close()
 
     def _stalled(self, chat: Chat) -> None:
-        stall = self.config.chat_stall_timeout
+        stall = self.limits.stall_timeout
         reason = f"chat ended: the host read nothing for {stall:g}s"
         if self._unroute(chat):
             self._cancel_at_agent(chat)
@@ -381,7 +390,7 @@ class Chats:
         return True
 
     async def _agent_detached(self, agent_id: str, session: ClientSession) -> None:
-        replaced = agent_id in self.state.attached
+        replaced = agent_id in self._registry.attached
         how = "re-attached on another connection" if replaced else "disconnected"
         for chat in [c for c in self.open.values() if c.agent is session]:
             self.end(
@@ -447,139 +456,114 @@ class Chats:
     async def clear_goals(self) -> int:
         return await self._in_order(self.goals.clear_all)
 
+    # ------------------------------------------------------------ handlers
 
-async def install(state: ServerState) -> None:
-    state.chats = Chats(state, state.store.goals)
-    await state.chats.start()
-
-
-def _chats(session: ClientSession) -> Chats:
-    return session.server.chats
-
-
-# ------------------------------------------------------------------ host side
-
-
-@handles("agents_chat")
-async def agents_chat(session: ClientSession, req: chats_pb2.ChatRequest) -> Reply:
-    chats = _chats(session)
-    chat = await chats.open_chat(session, req)
-    # Events wait in the chat's buffer until the host has its `accepted` answer.
-    accepted = chats_pb2.ChatAccepted(accepted=True, session_id=chat.session_id)
-    return Reply(accepted, lambda: chats.start_pump(chat))
-
-
-@streams("Chat")
-async def chat_stream(
-    session: ClientSession, req: chats_pb2.ChatRequest
-) -> AsyncIterator[chats_pb2.ChatResponse]:
-    """ChatService.Chat: `accepted`, then the chat's events up to its terminal one."""
-    chats = _chats(session)
-    chat = await chats.open_chat(session, req)
-    try:
+    @handles("agents_chat")
+    async def agents_chat(self, session: ClientSession, req: chats_pb2.ChatRequest) -> Reply:
+        chat = await self.open_chat(session, req)
+        # Events wait in the chat's buffer until the host has its `accepted` answer.
         accepted = chats_pb2.ChatAccepted(accepted=True, session_id=chat.session_id)
-        yield chats_pb2.ChatResponse(accepted=accepted)
-        while (notice := await chat.events.get()) is not None:
-            yield chats_pb2.ChatResponse(event=notice)
-    finally:
-        # The caller stopped listening (or the chat is over, and this does nothing).
-        chats.end(
-            chat, "the host cancelled the call", cancel_agent=True, tell_host=False, kind=None
+        return Reply(accepted, lambda: self.start_pump(chat))
+
+    @streams("Chat")
+    async def chat_stream(
+        self, session: ClientSession, req: chats_pb2.ChatRequest
+    ) -> AsyncIterator[chats_pb2.ChatResponse]:
+        """ChatService.Chat: `accepted`, then the chat's events up to its terminal one."""
+        chat = await self.open_chat(session, req)
+        try:
+            accepted = chats_pb2.ChatAccepted(accepted=True, session_id=chat.session_id)
+            yield chats_pb2.ChatResponse(accepted=accepted)
+            while (notice := await chat.events.get()) is not None:
+                yield chats_pb2.ChatResponse(event=notice)
+        finally:
+            # The caller stopped listening (or the chat is over, and this does nothing).
+            self.end(
+                chat, "the host cancelled the call", cancel_agent=True, tell_host=False, kind=None
+            )
+
+    @handles("agents_chat_cancel")
+    async def agents_chat_cancel(
+        self, session: ClientSession, req: chats_pb2.CancelChatRequest
+    ) -> chats_pb2.CancelChatResponse:
+        session_id = require(req.session_id, "session_id")
+        chat = self.authorized(session, session_id)
+        cancelled = chat is not None and self.end(
+            chat, "chat cancelled", cancel_agent=True, tell_host=True, kind=None
         )
+        return chats_pb2.CancelChatResponse(cancelled=cancelled, session_id=session_id)
 
+    @handles("agents_chat_approve")
+    async def agents_chat_approve(
+        self, session: ClientSession, req: chats_pb2.ApproveChatRequest
+    ) -> chats_pb2.ApproveChatResponse:
+        session_id = require(req.session_id, "session_id")
+        approval_id = require(req.approval_id, "approval_id")
+        chat = self.authorized(session, session_id)
+        if chat is None:
+            raise CarError(INTERNAL, f"no open chat '{session_id}' that this session may steer")
+        request = chats_pb2.AgentChatApproveRequest(
+            session_id=session_id,
+            approval_id=approval_id,
+            approved=decision_approves(req.decision),
+            decision=req.decision,
+        )
+        timeout = self.limits.ack_timeout
+        who = f"agent '{chat.agent_id}'"
+        try:
+            answer = await chat.agent.call("agent_chat_approve", request, timeout=timeout)
+        except TimeoutError:
+            raise CarError(
+                INTERNAL, f"{who} did not answer the approval within {timeout:g}s"
+            ) from None
+        except SessionClosed:
+            raise CarError(INTERNAL, f"{who} disconnected") from None
+        except CarError as e:
+            raise CarError(INTERNAL, f"{who} could not resolve the approval: {e.message}") from None
+        resolved = (
+            answer.WhichOneof("body") == "agent_chat_approve" and answer.agent_chat_approve.resolved
+        )
+        return chats_pb2.ApproveChatResponse(resolved=resolved, session_id=session_id)
 
-@handles("agents_chat_cancel")
-async def agents_chat_cancel(
-    session: ClientSession, req: chats_pb2.CancelChatRequest
-) -> chats_pb2.CancelChatResponse:
-    session_id = require(req.session_id, "session_id")
-    chats = _chats(session)
-    chat = chats.authorized(session, session_id)
-    cancelled = chat is not None and chats.end(
-        chat, "chat cancelled", cancel_agent=True, tell_host=True, kind=None
-    )
-    return chats_pb2.CancelChatResponse(cancelled=cancelled, session_id=session_id)
+    @handles_notification("agent_chat_event")
+    async def agent_chat_event(
+        self, session: ClientSession, notice: chats_pb2.AgentChatEventNotice
+    ) -> None:
+        await self.relay(session, notice)
 
+    @handles("goal_set")
+    async def goal_set(
+        self, session: ClientSession, req: chats_pb2.SetGoalRequest
+    ) -> chats_pb2.SetGoalResponse:
+        session_id = require(req.session_id, "session_id")
+        if req.HasField("goal"):
+            goal = _inline_goal(req.goal, "goal")
+        else:
+            max_iterations = req.max_iterations if req.HasField("max_iterations") else None
+            goal = valid_goal(req.check, max_iterations, "")
+        stored = await self.set_goal(session_id, goal)
+        return chats_pb2.SetGoalResponse(set=True, goal=stored)
 
-@handles("agents_chat_approve")
-async def agents_chat_approve(
-    session: ClientSession, req: chats_pb2.ApproveChatRequest
-) -> chats_pb2.ApproveChatResponse:
-    session_id = require(req.session_id, "session_id")
-    approval_id = require(req.approval_id, "approval_id")
-    chat = _chats(session).authorized(session, session_id)
-    if chat is None:
-        raise CarError(INTERNAL, f"no open chat '{session_id}' that this session may steer")
-    request = chats_pb2.AgentChatApproveRequest(
-        session_id=session_id,
-        approval_id=approval_id,
-        approved=decision_approves(req.decision),
-        decision=req.decision,
-    )
-    timeout = session.server.config.chat_ack_timeout
-    who = f"agent '{chat.agent_id}'"
-    try:
-        answer = await chat.agent.call("agent_chat_approve", request, timeout=timeout)
-    except TimeoutError:
-        raise CarError(INTERNAL, f"{who} did not answer the approval within {timeout:g}s") from None
-    except SessionClosed:
-        raise CarError(INTERNAL, f"{who} disconnected") from None
-    except CarError as e:
-        raise CarError(INTERNAL, f"{who} could not resolve the approval: {e.message}") from None
-    resolved = (
-        answer.WhichOneof("body") == "agent_chat_approve" and answer.agent_chat_approve.resolved
-    )
-    return chats_pb2.ApproveChatResponse(resolved=resolved, session_id=session_id)
-
-
-# ------------------------------------------------------------------ agent side
-
-
-@handles_notification("agent_chat_event")
-async def agent_chat_event(session: ClientSession, notice: chats_pb2.AgentChatEventNotice) -> None:
-    await _chats(session).relay(session, notice)
-
-
-# ------------------------------------------------------------------ standing goals
-
-
-@handles("goal_set")
-async def goal_set(
-    session: ClientSession, req: chats_pb2.SetGoalRequest
-) -> chats_pb2.SetGoalResponse:
-    session_id = require(req.session_id, "session_id")
-    if req.HasField("goal"):
-        goal = _inline_goal(req.goal, "goal")
-    else:
-        max_iterations = req.max_iterations if req.HasField("max_iterations") else None
-        goal = valid_goal(req.check, max_iterations, "")
-    stored = await _chats(session).set_goal(session_id, goal)
-    return chats_pb2.SetGoalResponse(set=True, goal=stored)
-
-
-@handles("goal_status")
-async def goal_status(
-    session: ClientSession, req: chats_pb2.GetGoalStatusRequest
-) -> chats_pb2.GetGoalStatusResponse:
-    chats = _chats(session)
-    if not req.HasField("session_id"):
-        return chats_pb2.GetGoalStatusResponse(goals=await chats.all_goals())
-    session_id = require(req.session_id, "session_id")
-    reply = chats_pb2.GetGoalStatusResponse(session_id=session_id)
-    if (stored := await chats.goal(session_id)) is not None:
-        reply.goal.CopyFrom(stored)
-    return reply
-
-
-@handles("goal_clear")
-async def goal_clear(
-    session: ClientSession, req: chats_pb2.ClearGoalRequest
-) -> chats_pb2.ClearGoalResponse:
-    chats = _chats(session)
-    reply = chats_pb2.ClearGoalResponse()
-    if not req.HasField("session_id"):
-        reply.cleared.number_value = await chats.clear_goals()
+    @handles("goal_status")
+    async def goal_status(
+        self, session: ClientSession, req: chats_pb2.GetGoalStatusRequest
+    ) -> chats_pb2.GetGoalStatusResponse:
+        if not req.HasField("session_id"):
+            return chats_pb2.GetGoalStatusResponse(goals=await self.all_goals())
+        session_id = require(req.session_id, "session_id")
+        reply = chats_pb2.GetGoalStatusResponse(session_id=session_id)
+        if (stored := await self.goal(session_id)) is not None:
+            reply.goal.CopyFrom(stored)
         return reply
-    reply.session_id = require(req.session_id, "session_id")
-    reply.cleared.bool_value = await chats.clear_goal(reply.session_id)
-    return reply
+
+    @handles("goal_clear")
+    async def goal_clear(
+        self, session: ClientSession, req: chats_pb2.ClearGoalRequest
+    ) -> chats_pb2.ClearGoalResponse:
+        reply = chats_pb2.ClearGoalResponse()
+        if not req.HasField("session_id"):
+            reply.cleared.number_value = await self.clear_goals()
+            return reply
+        reply.session_id = require(req.session_id, "session_id")
+        reply.cleared.bool_value = await self.clear_goal(reply.session_id)
+        return reply

@@ -1,6 +1,7 @@
 """The gRPC face of the core: SessionService.Connect, the typed per-domain RPCs, health
-and reflection. Every path ends in `dispatch.execute`, so the session stream and the typed
-RPCs share their handlers.
+and reflection. Every request ends in `Dispatcher.execute`, so the session stream and the
+typed RPCs share their handlers; server streams and gRPC-only RPCs take theirs from the
+router, behind the same access rule.
 """
 
 from __future__ import annotations
@@ -9,22 +10,22 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from car_grpc import api
-from car_grpc.core import dispatch
-from car_grpc.core.dispatch import AuthRequired, Reply
+from car_grpc.core.authentication import Authentication
+from car_grpc.core.dispatch import AuthRequired, Dispatcher
 from car_grpc.core.reflection import add_reflection
-from car_grpc.core.server_state import ServerState
+from car_grpc.core.registry import SessionRegistry
+from car_grpc.core.router import GrpcOnlyHandler, Reply
 from car_grpc.core.session import ClientSession, Role, SessionClosed
-from car_grpc.core.sessions import authenticate
 from car_grpc.errors import INVALID_REQUEST, CarError
 from car_grpc.v1 import session_pb2
 
@@ -32,41 +33,6 @@ log = logging.getLogger(__name__)
 
 SESSION_ID_KEY = "car-session-id"
 AGENT_ID_KEY = "car-agent-id"
-
-StreamHandler = Callable[[ClientSession, Any], AsyncIterator[Message]]
-#: Server-streaming RPC handlers by RPC name (e.g. "WatchRun"), registered by domains.
-STREAM_HANDLERS: dict[str, StreamHandler] = {}
-
-
-def streams(rpc_name: str) -> Callable[[StreamHandler], StreamHandler]:
-    """Register the handler of a server-streaming typed RPC."""
-
-    def register(fn: StreamHandler) -> StreamHandler:
-        STREAM_HANDLERS[rpc_name] = fn
-        return fn
-
-    return register
-
-
-#: A gRPC-only RPC (one without a JSON-RPC method): called with the call's session
-#: (authenticated from metadata, as for typed RPCs), the request (None for a
-#: client-streaming RPC, which reads the context) and the context. Returns the response
-#: of a unary RPC, None for a streaming one.
-GrpcOnlyHandler = Callable[
-    [ClientSession, Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[Message | None]
-]
-#: gRPC-only RPC handlers by full method name (e.g. "car.v1.VoiceService.ServeVoice").
-GRPC_ONLY_HANDLERS: dict[str, GrpcOnlyHandler] = {}
-
-
-def grpc_only(full_name: str) -> Callable[[GrpcOnlyHandler], GrpcOnlyHandler]:
-    """Register the handler of a unary or bidi-streaming RPC that has no JSON-RPC method."""
-
-    def register(fn: GrpcOnlyHandler) -> GrpcOnlyHandler:
-        GRPC_ONLY_HANDLERS[full_name] = fn
-        return fn
-
-    return register
 
 
 def _error_frame(frame_id: str, error: CarError) -> session_pb2.ServerFrame:
@@ -81,11 +47,12 @@ class SessionStream:
     nothing waits before it, so neither takes a hop through another task.
     """
 
-    def __init__(self, state: ServerState, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        self.state = state
+    def __init__(self, service: GrpcService, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.registry = service.registry
+        self.dispatcher = service.dispatcher
         self.context = context
-        self.session = state.open_session(streaming=True, peer=context.peer())
-        self.inflight = asyncio.Semaphore(state.config.max_inflight_per_session)
+        self.session = service.registry.open(streaming=True, peer=context.peer())
+        self.inflight = asyncio.Semaphore(service.max_inflight)
         self.tasks: set[asyncio.Task[object]] = set()
         #: Held around every write to the stream (the writer task's and the direct ones).
         self.write_lock = asyncio.Lock()
@@ -100,7 +67,7 @@ class SessionStream:
             writer.cancel()
             # Shielded: the RPC may be cancelled again while the session closes, and the
             # close hooks (some write to the store) must still run to the end.
-            await asyncio.shield(self.state.close_session(self.session))
+            await asyncio.shield(self.registry.close(self.session))
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
 
@@ -136,7 +103,7 @@ class SessionStream:
                 if not await self._request(frame, binding.field):
                     await self._end_unauthenticated()
                     return
-            elif dispatch.runs_inline(self.session, binding.field):
+            elif self.dispatcher.runs_inline(binding.field):
                 # It never waits: answered here, without the cost of a task.
                 await self._request(frame, binding.field)
             else:
@@ -156,7 +123,7 @@ class SessionStream:
         """Run one request and answer it. False when it failed for lack of auth."""
         request = getattr(frame, member)
         try:
-            result = await dispatch.execute(self.session, member, request)
+            result = await self.dispatcher.execute(self.session, member, request)
         except AuthRequired as e:
             await self._send(_error_frame(frame.id, e))
             return False
@@ -191,7 +158,7 @@ class SessionStream:
     async def _notification(self, member: str, frame: session_pb2.ClientFrame) -> None:
         if not self.session.authenticated:
             return
-        handler = dispatch.NOTIFICATION_HANDLERS.get(member)
+        handler = self.dispatcher.router.notifications.get(member)
         if handler is None:
             return
         try:
@@ -218,8 +185,9 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: CarError) -
 class _Binding:
     """The session a typed RPC runs as: a live one (car-session-id) or a one-call session."""
 
-    def __init__(self, state: ServerState, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        self.state = state
+    def __init__(self, service: GrpcService, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.registry = service.registry
+        self.authentication = service.authentication
         self.context = context
         self.session: ClientSession | None = None
         self.ephemeral = False
@@ -229,14 +197,14 @@ class _Binding:
         token = meta.get("authorization", "").removeprefix("Bearer ").strip()
         agent_id = meta.get(AGENT_ID_KEY, "")
         if session_id := meta.get(SESSION_ID_KEY):
-            live = self.state.sessions.get(session_id)
+            live = self.registry.sessions.get(session_id)
             if live is None or not self._same_credential(live, token, agent_id):
                 raise CarError(
                     AuthRequired().code, "auth required: unknown session or wrong credentials"
                 )
             self.session = live
             return live
-        session = self.state.open_session(streaming=False, peer=self.context.peer())
+        session = self.registry.open(streaming=False, peer=self.context.peer())
         self.session, self.ephemeral = session, True
         try:
             await self._authenticate(session, token, agent_id)
@@ -248,28 +216,29 @@ class _Binding:
         return session
 
     async def _authenticate(self, session: ClientSession, token: str, agent_id: str) -> None:
-        if self.state.auth_enabled and not token:
+        authentication = self.authentication
+        if authentication.enabled and not token:
             raise AuthRequired()
-        tokens = self.state.tokens
+        tokens = authentication.tokens
         is_host = tokens is not None and bool(token) and tokens.is_host(token)
         try:
             if agent_id and not is_host:
                 # Agent credentials on a one-call session: the identity, not an attachment
                 # (the agent's live session keeps its chats).
-                if self.state.auth_enabled and not await self.state.agent_tokens.verify(
+                if authentication.enabled and not await authentication.agent_tokens.verify(
                     agent_id, token
                 ):
                     raise CarError(AuthRequired().code, "auth failed: token mismatch")
                 session.role, session.agent_id = Role.AGENT, agent_id
             else:
-                await authenticate(
+                await authentication.authenticate(
                     session, host_token=token if is_host else "", token="" if is_host else token
                 )
         except CarError as e:
             raise CarError(AuthRequired().code, e.message) from None
 
     def _same_credential(self, live: ClientSession, token: str, agent_id: str) -> bool:
-        if not self.state.auth_enabled:
+        if not self.authentication.enabled:
             return True
         kind, secret = live.credential
         expected = f"agent:{agent_id}" if agent_id else kind
@@ -279,131 +248,146 @@ class _Binding:
 
     async def __aexit__(self, *exc: object) -> None:
         if self.ephemeral and self.session is not None:
-            await asyncio.shield(self.state.close_session(self.session))
+            await asyncio.shield(self.registry.close(self.session))
 
 
-def _unary(state: ServerState, member: str) -> Callable[..., Any]:
-    async def call(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
-        try:
-            async with _Binding(state, context) as session:
-                result = await dispatch.execute(session, member, request)
-        except CarError as e:
-            await _abort(context, e)
-            raise AssertionError("unreachable") from None
-        if isinstance(result, Reply):
-            result.then()  # the answer travels apart from any session stream: start now
-            return result.message
-        return result
+class GrpcService:
+    """The gRPC handlers of a wired core: the session registry they open sessions in, the
+    authentication of typed calls, the dispatcher (and its router) they run requests
+    through, and the in-flight bound of one session stream."""
 
-    return call
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        authentication: Authentication,
+        dispatcher: Dispatcher,
+        *,
+        max_inflight: int,
+    ) -> None:
+        self.registry = registry
+        self.authentication = authentication
+        self.dispatcher = dispatcher
+        self.max_inflight = max_inflight
 
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        """The handlers of SessionService.Connect, of every typed RPC and of the gRPC-only
+        RPCs."""
 
-def _server_stream(state: ServerState, rpc: api.TypedRpc) -> Callable[..., Any]:
-    async def call(
-        request: Message, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Message]:
-        handler = STREAM_HANDLERS.get(rpc.name)
+        async def connect(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await SessionStream(self, context).run()
+
+        by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {
+            "car.v1.SessionService": {
+                "Connect": grpc.stream_stream_rpc_method_handler(
+                    connect,
+                    request_deserializer=session_pb2.ClientFrame.FromString,
+                    response_serializer=_serialize_frame,
+                )
+            }
+        }
+        for rpc in api.TYPED_RPCS:
+            req_cls, resp_cls = _message_class(rpc.request), _message_class(rpc.response)
+            table = by_service.setdefault(rpc.service.full_name, {})
+            if rpc.server_streaming:
+                table[rpc.name] = grpc.unary_stream_rpc_method_handler(
+                    self._server_stream(rpc),
+                    request_deserializer=req_cls.FromString,
+                    response_serializer=resp_cls.SerializeToString,
+                )
+                continue
+            member = api.request_member_for(rpc.request)
+            if member is None:
+                raise RuntimeError(f"{rpc.service.name}/{rpc.name}: no ClientFrame member")
+            table[rpc.name] = grpc.unary_unary_rpc_method_handler(
+                self._unary(member.field),
+                request_deserializer=req_cls.FromString,
+                response_serializer=resp_cls.SerializeToString,
+            )
+        for full_name, handler in self.dispatcher.router.grpc_only.items():
+            method = descriptor_pool.Default().FindMethodByName(full_name)
+            assert method.containing_service is not None
+            table = by_service.setdefault(method.containing_service.full_name, {})
+            table[method.name] = self._grpc_only(method, handler)
+        return [grpc.method_handlers_generic_handler(name, t) for name, t in by_service.items()]
+
+    def _unary(self, member: str) -> Callable[..., Any]:
+        async def call(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+            try:
+                async with _Binding(self, context) as session:
+                    result = await self.dispatcher.execute(session, member, request)
+            except CarError as e:
+                await _abort(context, e)
+                raise AssertionError("unreachable") from None
+            if isinstance(result, Reply):
+                result.then()  # the answer travels apart from any session stream: start now
+                return result.message
+            return result
+
+        return call
+
+    def _server_stream(self, rpc: api.TypedRpc) -> Callable[..., Any]:
+        handler = self.dispatcher.router.streams.get(rpc.name)
         access = api.CLIENT_REQUESTS[rpc.method].access
-        try:
-            if handler is None:
-                raise CarError(-32601, f"unknown method: {rpc.service.name}/{rpc.name}")
-            async with _Binding(state, context) as session:
-                dispatch.check_access(session, access, rpc.method)
-                async for item in handler(session, request):
-                    yield item
-        except CarError as e:
-            await _abort(context, e)
 
-    return call
+        async def call(
+            request: Message, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Message]:
+            try:
+                if handler is None:
+                    raise CarError(-32601, f"unknown method: {rpc.service.name}/{rpc.name}")
+                async with _Binding(self, context) as session:
+                    self.dispatcher.check_access(session, access, rpc.method)
+                    async for item in handler(session, request):
+                        yield item
+            except CarError as e:
+                await _abort(context, e)
 
+        return call
 
-def _grpc_only(
-    state: ServerState, method: MethodDescriptor, handler: GrpcOnlyHandler
-) -> grpc.RpcMethodHandler[Any, Any]:
-    req_cls, resp_cls = _message_class(method.input_type), _message_class(method.output_type)
-    access = api.rpc_access(method)
+    def _grpc_only(
+        self, method: MethodDescriptor, handler: GrpcOnlyHandler
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        req_cls, resp_cls = _message_class(method.input_type), _message_class(method.output_type)
+        access = api.rpc_access(method)
 
-    async def unary(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        try:
-            async with _Binding(state, context) as session:
-                dispatch.check_access(session, access, method.full_name)
-                return await handler(session, request, context)
-        except CarError as e:
-            await _abort(context, e)
+        async def unary(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                async with _Binding(self, context) as session:
+                    self.dispatcher.check_access(session, access, method.full_name)
+                    return await handler(session, request, context)
+            except CarError as e:
+                await _abort(context, e)
 
-    async def bidi(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        try:
-            async with _Binding(state, context) as session:
-                dispatch.check_access(session, access, method.full_name)
-                await handler(session, None, context)
-        except CarError as e:
-            await _abort(context, e)
+        async def bidi(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            try:
+                async with _Binding(self, context) as session:
+                    self.dispatcher.check_access(session, access, method.full_name)
+                    await handler(session, None, context)
+            except CarError as e:
+                await _abort(context, e)
 
-    if not method.client_streaming and not method.server_streaming:
-        return grpc.unary_unary_rpc_method_handler(
-            unary,
-            request_deserializer=req_cls.FromString,
-            response_serializer=resp_cls.SerializeToString,
-        )
-    if method.client_streaming and method.server_streaming:
-        return grpc.stream_stream_rpc_method_handler(
-            bidi,
-            request_deserializer=req_cls.FromString,
-            response_serializer=resp_cls.SerializeToString,
-        )
-    raise RuntimeError(f"{method.full_name}: only unary and bidi gRPC-only RPCs are supported")
+        if not method.client_streaming and not method.server_streaming:
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=req_cls.FromString,
+                response_serializer=resp_cls.SerializeToString,
+            )
+        if method.client_streaming and method.server_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                bidi,
+                request_deserializer=req_cls.FromString,
+                response_serializer=resp_cls.SerializeToString,
+            )
+        raise RuntimeError(f"{method.full_name}: only unary and bidi gRPC-only RPCs are supported")
 
 
 def _message_class(desc: Any) -> Any:
-    from google.protobuf import message_factory
-
     return message_factory.GetMessageClass(desc)
 
 
 def _serialize_frame(frame: session_pb2.ServerFrame | bytes) -> bytes:
     """A ServerFrame for the wire: frames from the session's queue are already bytes."""
     return frame if isinstance(frame, bytes) else frame.SerializeToString()
-
-
-def generic_handlers(state: ServerState) -> list[grpc.GenericRpcHandler]:
-    """The handlers of SessionService.Connect and of every typed RPC."""
-
-    async def connect(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await SessionStream(state, context).run()
-
-    by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {
-        "car.v1.SessionService": {
-            "Connect": grpc.stream_stream_rpc_method_handler(
-                connect,
-                request_deserializer=session_pb2.ClientFrame.FromString,
-                response_serializer=_serialize_frame,
-            )
-        }
-    }
-    for rpc in api.TYPED_RPCS:
-        req_cls, resp_cls = _message_class(rpc.request), _message_class(rpc.response)
-        table = by_service.setdefault(rpc.service.full_name, {})
-        if rpc.server_streaming:
-            table[rpc.name] = grpc.unary_stream_rpc_method_handler(
-                _server_stream(state, rpc),
-                request_deserializer=req_cls.FromString,
-                response_serializer=resp_cls.SerializeToString,
-            )
-            continue
-        member = api.request_member_for(rpc.request)
-        if member is None:
-            raise RuntimeError(f"{rpc.service.name}/{rpc.name}: no ClientFrame member")
-        table[rpc.name] = grpc.unary_unary_rpc_method_handler(
-            _unary(state, member.field),
-            request_deserializer=req_cls.FromString,
-            response_serializer=resp_cls.SerializeToString,
-        )
-    for full_name, handler in GRPC_ONLY_HANDLERS.items():
-        method = descriptor_pool.Default().FindMethodByName(full_name)
-        assert method.containing_service is not None
-        table = by_service.setdefault(method.containing_service.full_name, {})
-        table[method.name] = _grpc_only(state, method, handler)
-    return [grpc.method_handlers_generic_handler(name, t) for name, t in by_service.items()]
 
 
 async def add_health_and_reflection(server: grpc.aio.Server) -> Any:

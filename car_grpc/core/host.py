@@ -22,21 +22,16 @@ import asyncio
 import contextlib
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from car_grpc import codec
 from car_grpc.clock import now_ms
-from car_grpc.core.dispatch import Reply, handles, require
-from car_grpc.core.grpc_service import streams
 from car_grpc.core.metrics import Metrics
+from car_grpc.core.router import Reply, handles, streams
 from car_grpc.core.session import ClientSession, Role, SessionClosed
-from car_grpc.errors import CarError, invalid_params
+from car_grpc.errors import CarError, invalid_params, require
 from car_grpc.v1 import host_pb2
-
-if TYPE_CHECKING:
-    from car_grpc.core.server_state import ServerState
 
 #: Events a host.subscribe snapshot carries (the newest ones).
 SNAPSHOT_EVENTS = 100
@@ -88,7 +83,10 @@ def ownership_error(agent_id: str) -> CarError:
     return invalid_params(f"agent '{agent_id}' is owned by another session")
 
 
-class Host:
+class HostEvents:
+    """The host event log: strictly increasing sequences, the newest `history` events
+    kept, and listeners that each get every later event through a bounded queue."""
+
     def __init__(self, history: int, queue_size: int, metrics: Metrics | None = None) -> None:
         if history < 1 or queue_size < 1:
             raise ValueError("host_event_history and host_event_queue must be at least 1")
@@ -98,13 +96,6 @@ class Host:
         #: Counts the events listeners drop (the core's; a private one when standalone).
         self._metrics = metrics or Metrics()
         self._listeners: set[Listener] = set()
-        #: session id -> the listener of its host.subscribe.
-        self._subscriptions: dict[str, Listener] = {}
-        self._agents: dict[str, _Registered] = {}
-        #: Sessions whose close hook is installed.
-        self._hooked: set[str] = set()
-
-    # ------------------------------------------------------------ events
 
     @property
     def last_sequence(self) -> int:
@@ -147,12 +138,31 @@ class Host:
         self._listeners.discard(listener)
         listener.end()
 
+
+class Host:
+    """host.subscribe (a snapshot, then `host.event` notifications), WatchHostEvents, and
+    the host's agent registry. `pending_approvals` gives the approvals a session may see,
+    for the snapshot."""
+
+    def __init__(
+        self,
+        events: HostEvents,
+        pending_approvals: Callable[[ClientSession], list[host_pb2.HostApproval]],
+    ) -> None:
+        self.events = events
+        self._pending_approvals = pending_approvals
+        #: session id -> the listener of its host.subscribe.
+        self._subscriptions: dict[str, Listener] = {}
+        self._agents: dict[str, _Registered] = {}
+        #: Sessions whose close hook is installed.
+        self._hooked: set[str] = set()
+
     def subscribe(self, session: ClientSession) -> Listener:
         """The host.subscribe listener of `session`, replacing an earlier one."""
         if old := self._subscriptions.pop(session.id, None):
-            self.unlisten(old)
+            self.events.unlisten(old)
         self._hook(session)
-        listener = self._subscriptions[session.id] = self.listen(session)
+        listener = self._subscriptions[session.id] = self.events.listen(session)
         return listener
 
     def start_pump(self, session: ClientSession, listener: Listener) -> None:
@@ -231,7 +241,9 @@ class Host:
         self._announce("agent.unregistered", registered.agent)
 
     def _announce(self, kind: str, agent: host_pb2.HostAgent, message: str | None = None) -> None:
-        self.publish(kind, agent_id=agent.id, message=message, payload=codec.message_to_json(agent))
+        self.events.publish(
+            kind, agent_id=agent.id, message=message, payload=codec.message_to_json(agent)
+        )
 
     # ------------------------------------------------------------ session lifecycle
 
@@ -243,95 +255,81 @@ class Host:
     def _session_closed(self, session: ClientSession) -> None:
         self._hooked.discard(session.id)
         if listener := self._subscriptions.pop(session.id, None):
-            self.unlisten(listener)
+            self.events.unlisten(listener)
         for agent_id in [i for i, r in self._agents.items() if r.owner == session.id]:
             self._remove(agent_id)
+
+    # ------------------------------------------------------------ handlers
+
+    @handles("host_subscribe")
+    async def host_subscribe(
+        self, session: ClientSession, req: host_pb2.SubscribeHostRequest
+    ) -> Reply:
+        # Listener and snapshot are taken at one instant (no await in between), and events
+        # flow only once the snapshot is queued: nothing is missed, nothing overtakes it.
+        listener = self.subscribe(session)
+        snapshot = host_pb2.SubscribeHostResponse(
+            subscribed=True,
+            agents=self.agents(),
+            approvals=self._pending_approvals(session),
+            events=[e for e in self.events.history if listener.hears(e)][-SNAPSHOT_EVENTS:],
+        )
+        return Reply(snapshot, then=lambda: self.start_pump(session, listener))
+
+    @handles("host_register_agent", inline=True)
+    async def host_register_agent(
+        self, session: ClientSession, req: host_pb2.RegisterAgentRequest
+    ) -> host_pb2.RegisterAgentResponse:
+        return host_pb2.RegisterAgentResponse(agent=self.register(session, req))
+
+    @handles("host_unregister_agent", inline=True)
+    async def host_unregister_agent(
+        self, session: ClientSession, req: host_pb2.UnregisterAgentRequest
+    ) -> host_pb2.UnregisterAgentResponse:
+        return host_pb2.UnregisterAgentResponse(ok=self.unregister(session, req.agent_id))
+
+    @handles("host_set_status", inline=True)
+    async def host_set_status(
+        self, session: ClientSession, req: host_pb2.SetAgentStatusRequest
+    ) -> host_pb2.SetAgentStatusResponse:
+        return host_pb2.SetAgentStatusResponse(agent=self.set_status(session, req))
+
+    @handles("host_agents", inline=True)
+    async def host_agents(
+        self, session: ClientSession, req: host_pb2.ListAgentsRequest
+    ) -> host_pb2.ListAgentsResponse:
+        return host_pb2.ListAgentsResponse(agents=self.agents())
+
+    @streams("WatchHostEvents")
+    async def watch_host_events(
+        self, session: ClientSession, req: host_pb2.WatchHostEventsRequest
+    ) -> AsyncIterator[host_pb2.WatchHostEventsResponse]:
+        """Retained events after `after_sequence`, then live ones.
+
+        When the resume point is older than the retained history, the stream starts at the
+        oldest retained event: the client sees the gap in `sequence` (and can re-read the
+        registry and the approvals). A resume point beyond the newest event belongs to an
+        earlier server life (sequences restart at 1) and is refused.
+        """
+        events = self.events
+        after = req.after_sequence
+        if after > events.last_sequence:
+            raise invalid_params(
+                f"invalid params: after_sequence {after} is ahead of the newest host event "
+                f"({events.last_sequence}); sequences restart at 1 when the server restarts"
+            )
+        listener = events.listen(session)  # before the replay: the two meet without a gap
+        replay = [e for e in events.history if e.sequence > after and listener.hears(e)]
+        try:
+            for event in replay:
+                yield host_pb2.WatchHostEventsResponse(event=event)
+            while True:
+                yield host_pb2.WatchHostEventsResponse(event=await listener.next())
+        finally:
+            events.unlisten(listener)
 
 
 async def _pump(session: ClientSession, listener: Listener) -> None:
     with contextlib.suppress(SessionClosed):
         while True:
             await session.notify("host_event", await listener.next())
-
-
-# ---------------------------------------------------------------- handlers
-
-
-@handles("host_subscribe")
-async def host_subscribe(session: ClientSession, req: host_pb2.SubscribeHostRequest) -> Reply:
-    server = session.server
-    host = server.host
-    # Listener and snapshot are taken at one instant (no await in between), and events
-    # flow only once the snapshot is queued: nothing is missed, nothing overtakes it.
-    listener = host.subscribe(session)
-    snapshot = host_pb2.SubscribeHostResponse(
-        subscribed=True,
-        agents=host.agents(),
-        approvals=server.approvals.pending(session),
-        events=[e for e in host.history if listener.hears(e)][-SNAPSHOT_EVENTS:],
-    )
-    return Reply(snapshot, then=lambda: host.start_pump(session, listener))
-
-
-@handles("host_register_agent", inline=True)
-async def host_register_agent(
-    session: ClientSession, req: host_pb2.RegisterAgentRequest
-) -> host_pb2.RegisterAgentResponse:
-    return host_pb2.RegisterAgentResponse(agent=session.server.host.register(session, req))
-
-
-@handles("host_unregister_agent", inline=True)
-async def host_unregister_agent(
-    session: ClientSession, req: host_pb2.UnregisterAgentRequest
-) -> host_pb2.UnregisterAgentResponse:
-    return host_pb2.UnregisterAgentResponse(
-        ok=session.server.host.unregister(session, req.agent_id)
-    )
-
-
-@handles("host_set_status", inline=True)
-async def host_set_status(
-    session: ClientSession, req: host_pb2.SetAgentStatusRequest
-) -> host_pb2.SetAgentStatusResponse:
-    return host_pb2.SetAgentStatusResponse(agent=session.server.host.set_status(session, req))
-
-
-@handles("host_agents", inline=True)
-async def host_agents(
-    session: ClientSession, req: host_pb2.ListAgentsRequest
-) -> host_pb2.ListAgentsResponse:
-    return host_pb2.ListAgentsResponse(agents=session.server.host.agents())
-
-
-@streams("WatchHostEvents")
-async def watch_host_events(
-    session: ClientSession, req: host_pb2.WatchHostEventsRequest
-) -> AsyncIterator[host_pb2.WatchHostEventsResponse]:
-    """Retained events after `after_sequence`, then live ones.
-
-    When the resume point is older than the retained history, the stream starts at the
-    oldest retained event: the client sees the gap in `sequence` (and can re-read the
-    registry and the approvals). A resume point beyond the newest event belongs to an
-    earlier server life (sequences restart at 1) and is refused.
-    """
-    host = session.server.host
-    after = req.after_sequence
-    if after > host.last_sequence:
-        raise invalid_params(
-            f"invalid params: after_sequence {after} is ahead of the newest host event "
-            f"({host.last_sequence}); sequences restart at 1 when the server restarts"
-        )
-    listener = host.listen(session)  # before the replay: the two meet without a gap
-    replay = [e for e in host.history if e.sequence > after and listener.hears(e)]
-    try:
-        for event in replay:
-            yield host_pb2.WatchHostEventsResponse(event=event)
-        while True:
-            yield host_pb2.WatchHostEventsResponse(event=await listener.next())
-    finally:
-        host.unlisten(listener)
-
-
-def install(state: ServerState) -> None:
-    config = state.config
-    state.host = Host(config.host_event_history, config.host_event_queue, state.metrics)

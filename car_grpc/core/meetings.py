@@ -12,21 +12,17 @@ continues it with a new voice session.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING
 
 from google.protobuf import struct_pb2
 
 from car_grpc import codec
 from car_grpc.clock import now_ms
-from car_grpc.core.dispatch import Reply, field_error, handles, require
+from car_grpc.core.router import Reply, handles
 from car_grpc.core.session import ClientSession
 from car_grpc.core.voice import DEFAULT_AUDIO_SOURCE, Voice, VoiceSession
-from car_grpc.errors import invalid_params
+from car_grpc.errors import field_error, invalid_params, require
 from car_grpc.store.repositories import MeetingStore
 from car_grpc.v1 import voice_pb2
-
-if TYPE_CHECKING:
-    from car_grpc.core.server_state import ServerState
 
 Meeting = voice_pb2.Meeting
 
@@ -69,16 +65,12 @@ def transcript_segment(event: struct_pb2.Value) -> voice_pb2.TranscriptSegment |
 class Meetings:
     """Live meetings (meeting id -> its voice session) over the meetings in the store."""
 
-    def __init__(self, state: ServerState, store: MeetingStore) -> None:
-        self.state = state
+    def __init__(self, store: MeetingStore, voice: Voice, *, max_segments: int) -> None:
         self.store = store
-        self.config = state.config
+        self.voice = voice
+        self._max_segments = max_segments
         #: meeting id -> its voice session; None while the meeting is starting.
         self.live: dict[str, VoiceSession | None] = {}
-
-    @property
-    def voice(self) -> Voice:
-        return self.state.voice
 
     async def recover(self) -> int:
         """Meetings a previous process left live are interrupted."""
@@ -171,7 +163,7 @@ class Meetings:
         if segment is None or session.meeting_id is None:
             return
         segment.session_id, segment.received_at = session.id, now_ms()
-        meeting_id, limit = session.meeting_id, self.config.meeting_max_segments
+        meeting_id, limit = session.meeting_id, self._max_segments
         await self.store.append_segment(meeting_id, segment, limit)
 
     async def finish(self, session: VoiceSession, stopped: bool, reason: str) -> None:
@@ -184,46 +176,33 @@ class Meetings:
         at, why = now_ms(), None if stopped else reason
         await self.store.finish(meeting_id, status, at, why)
 
+    # ------------------------------------------------------------ handlers
 
-async def install(state: ServerState) -> None:
-    state.meetings = Meetings(state, state.store.meetings)
-    await state.meetings.recover()
+    @handles("meeting_start")
+    async def meeting_start(
+        self, session: ClientSession, req: voice_pb2.StartMeetingRequest
+    ) -> Reply:
+        meeting, vs = await self.start(session, req)
+        answer = voice_pb2.StartMeetingResponse(meeting=meeting, session_id=vs.id)
+        return Reply(answer, lambda: self.voice.run(vs))
 
+    @handles("meeting_stop")
+    async def meeting_stop(
+        self, session: ClientSession, req: voice_pb2.StopMeetingRequest
+    ) -> voice_pb2.StopMeetingResponse:
+        return await self.stop(session, require(req.meeting_id, "meeting_id"))
 
-def _meetings(session: ClientSession) -> Meetings:
-    return session.server.meetings
+    @handles("meeting_list")
+    async def meeting_list(
+        self, session: ClientSession, req: voice_pb2.ListMeetingsRequest
+    ) -> voice_pb2.ListMeetingsResponse:
+        limit = req.limit if req.HasField("limit") else DEFAULT_LIST_LIMIT
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise field_error("limit", f"must be 1..{MAX_LIST_LIMIT}")
+        return voice_pb2.ListMeetingsResponse(meetings=await self.recent(limit))
 
-
-# ------------------------------------------------------------------ handlers
-
-
-@handles("meeting_start")
-async def meeting_start(session: ClientSession, req: voice_pb2.StartMeetingRequest) -> Reply:
-    meetings = _meetings(session)
-    meeting, vs = await meetings.start(session, req)
-    answer = voice_pb2.StartMeetingResponse(meeting=meeting, session_id=vs.id)
-    return Reply(answer, lambda: meetings.voice.run(vs))
-
-
-@handles("meeting_stop")
-async def meeting_stop(
-    session: ClientSession, req: voice_pb2.StopMeetingRequest
-) -> voice_pb2.StopMeetingResponse:
-    return await _meetings(session).stop(session, require(req.meeting_id, "meeting_id"))
-
-
-@handles("meeting_list")
-async def meeting_list(
-    session: ClientSession, req: voice_pb2.ListMeetingsRequest
-) -> voice_pb2.ListMeetingsResponse:
-    limit = req.limit if req.HasField("limit") else DEFAULT_LIST_LIMIT
-    if not 1 <= limit <= MAX_LIST_LIMIT:
-        raise field_error("limit", f"must be 1..{MAX_LIST_LIMIT}")
-    return voice_pb2.ListMeetingsResponse(meetings=await _meetings(session).recent(limit))
-
-
-@handles("meeting_get")
-async def meeting_get(
-    session: ClientSession, req: voice_pb2.GetMeetingRequest
-) -> voice_pb2.GetMeetingResponse:
-    return await _meetings(session).transcript(require(req.meeting_id, "meeting_id"))
+    @handles("meeting_get")
+    async def meeting_get(
+        self, session: ClientSession, req: voice_pb2.GetMeetingRequest
+    ) -> voice_pb2.GetMeetingResponse:
+        return await self.transcript(require(req.meeting_id, "meeting_id"))

@@ -7,8 +7,9 @@ rejects is decided by the executor (proposals.policy_denial).
 
 from __future__ import annotations
 
-from car_grpc.core.dispatch import field_error, handles, require
+from car_grpc.core.router import handles
 from car_grpc.core.session import ClientSession
+from car_grpc.errors import field_error, require
 from car_grpc.v1 import state_pb2
 
 Kind = state_pb2.PolicyKind
@@ -36,27 +37,28 @@ def checked_policy(
     return out
 
 
-@handles("policy_register", inline=True)
-async def policy_register(
-    session: ClientSession, req: state_pb2.RegisterPolicyRequest
-) -> state_pb2.RegisterPolicyResponse:
-    policy = checked_policy(req.policy)
-    session.policies[policy.name] = policy
-    return state_pb2.RegisterPolicyResponse(registered=policy.name)
+class Policies:
+    """policy.register/unregister/list: each acts on the caller's session only."""
 
+    @handles("policy_register", inline=True)
+    async def policy_register(
+        self, session: ClientSession, req: state_pb2.RegisterPolicyRequest
+    ) -> state_pb2.RegisterPolicyResponse:
+        policy = checked_policy(req.policy)
+        session.policies[policy.name] = policy
+        return state_pb2.RegisterPolicyResponse(registered=policy.name)
 
-@handles("policy_unregister", inline=True)
-async def policy_unregister(
-    session: ClientSession, req: state_pb2.UnregisterPolicyRequest
-) -> state_pb2.UnregisterPolicyResponse:
-    removed = session.policies.pop(require(req.name, "name"), None) is not None
-    return state_pb2.UnregisterPolicyResponse(removed=int(removed))
+    @handles("policy_unregister", inline=True)
+    async def policy_unregister(
+        self, session: ClientSession, req: state_pb2.UnregisterPolicyRequest
+    ) -> state_pb2.UnregisterPolicyResponse:
+        removed = session.policies.pop(require(req.name, "name"), None) is not None
+        return state_pb2.UnregisterPolicyResponse(removed=int(removed))
 
-
-@handles("policy_list", inline=True)
-async def policy_list(
-    session: ClientSession, req: state_pb2.ListPoliciesRequest
-) -> state_pb2.ListPoliciesResponse:
-    return state_pb2.ListPoliciesResponse(
-        policies=[session.policies[name] for name in sorted(session.policies)]
-    )
+    @handles("policy_list", inline=True)
+    async def policy_list(
+        self, session: ClientSession, req: state_pb2.ListPoliciesRequest
+    ) -> state_pb2.ListPoliciesResponse:
+        return state_pb2.ListPoliciesResponse(
+            policies=[session.policies[name] for name in sorted(session.policies)]
+        )

@@ -34,9 +34,8 @@ from google.protobuf import struct_pb2
 
 from car_grpc.clock import now_ms
 from car_grpc.codec import struct_to_json, to_value, value_to_json
-from car_grpc.core.dispatch import field_error
 from car_grpc.core.kv import KeyValueState
-from car_grpc.errors import CarError
+from car_grpc.errors import CarError, field_error
 from car_grpc.v1 import state_pb2, tools_pb2
 
 JSON = Any

@@ -41,18 +41,19 @@ from car_grpc import api
 from car_grpc.clock import now_ms
 from car_grpc.codec import enum_to_json, to_value
 from car_grpc.core.background import Background
-from car_grpc.core.dispatch import Reply, field_error, handles, require
-from car_grpc.core.grpc_service import streams
+from car_grpc.core.metrics import Metrics
+from car_grpc.core.router import Reply, handles, streams
 from car_grpc.core.run_turns import cap_turn
-from car_grpc.core.server_state import ServerState
 from car_grpc.core.session import ClientSession, Role, SessionClosed
 from car_grpc.errors import (
     INTERNAL,
     INVALID_PARAMS,
     CarError,
     failed_precondition,
+    field_error,
     invalid_params,
     not_found,
+    require,
 )
 from car_grpc.store.repositories import RunRow, RunStore
 from car_grpc.v1 import runs_pb2, session_pb2
@@ -90,12 +91,6 @@ def slug(name: str) -> str:
 def may_write(session: ClientSession, agent_id: str) -> bool:
     """Writes are owner-only: the session must be attached as the run's agent."""
     return session.role is Role.AGENT and session.agent_id == agent_id
-
-
-def may_read(session: ClientSession, agent_id: str) -> bool:
-    """The run's agent or a host-role session; anyone when auth is off (no role can be
-    proven then, and the dashboard must still see every run)."""
-    return session.is_host or not session.server.auth_enabled or may_write(session, agent_id)
 
 
 def may_complete(session: ClientSession, run: LiveRun) -> bool:
@@ -136,7 +131,7 @@ class Subscription:
         self.run_id = run_id
         #: `runs.trace.event` frames, shared by every subscriber of the run.
         self.events: collections.deque[session_pb2.ServerFrame] = collections.deque(
-            maxlen=session.server.config.run_subscriber_queue
+            maxlen=runs.subscriber_queue
         )
         self.dropped = 0
         self._ready = asyncio.Event()
@@ -146,7 +141,7 @@ class Subscription:
     def offer(self, event: session_pb2.ServerFrame) -> None:
         if len(self.events) == self.events.maxlen:
             self.dropped += 1
-            self.session.server.metrics.queue_drops.inc("run_subscriber")
+            self.runs.metrics.queue_drops.inc("run_subscriber")
         self.events.append(event)
         self._ready.set()
 
@@ -215,11 +210,24 @@ class _SessionRuns:
 
 
 class Runs:
-    """The runs domain of one ServerState."""
+    """The runs domain: live runs, their writes and their readers. `subscriber_queue`
+    bounds each runs.subscribe queue; a run whose connection closed ends `incomplete`
+    after `complete_grace` seconds."""
 
-    def __init__(self, state: ServerState, store: RunStore) -> None:
-        self.state = state
+    def __init__(
+        self,
+        store: RunStore,
+        metrics: Metrics,
+        *,
+        subscriber_queue: int,
+        complete_grace: float,
+        auth_enabled: bool,
+    ) -> None:
         self.store = store
+        self.metrics = metrics
+        self.subscriber_queue = subscriber_queue
+        self._complete_grace = complete_grace
+        self._auth_enabled = auth_enabled
         self.live: dict[str, LiveRun] = {}
         self._sessions: dict[str, _SessionRuns] = {}
         self._resuming = asyncio.Lock()
@@ -229,6 +237,20 @@ class Runs:
         self._graces: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ plumbing
+
+    def may_read(self, session: ClientSession, agent_id: str) -> bool:
+        """The run's agent or a host-role session; anyone when auth is off (no role can be
+        proven then, and the dashboard must still see every run)."""
+        return session.is_host or not self._auth_enabled or may_write(session, agent_id)
+
+    async def recover(self) -> None:
+        """End the runs a previous process left open (at start-up)."""
+        abandoned = await self.store.abandon_open(ended_record(INCOMPLETE))
+        if abandoned:
+            log.info(
+                "runs: %d run(s) left open by a previous process marked incomplete",
+                len(abandoned),
+            )
 
     def _of(self, session: ClientSession) -> _SessionRuns:
         held = self._sessions.get(session.id)
@@ -256,6 +278,7 @@ class Runs:
 
     # ------------------------------------------------------------ lifecycle
 
+    @handles("runs_start")
     async def start(
         self, session: ClientSession, req: runs_pb2.StartRunRequest
     ) -> runs_pb2.StartRunResponse:
@@ -340,6 +363,7 @@ class Runs:
         self.live[run_id] = run
         self._own(run, session)
 
+    @handles("runs_complete")
     async def complete(
         self, session: ClientSession, req: runs_pb2.CompleteRunRequest
     ) -> runs_pb2.CompleteRunResponse:
@@ -394,7 +418,7 @@ class Runs:
 
     async def _expire(self, run: LiveRun, owner: ClientSession) -> None:
         """After the grace, end the run as incomplete unless it was completed or resumed."""
-        await asyncio.sleep(self.state.config.run_complete_grace)
+        await asyncio.sleep(self._complete_grace)
 
         async def end() -> None:
             if run.status == IN_PROGRESS and run.owner is owner:
@@ -413,6 +437,7 @@ class Runs:
 
     # ------------------------------------------------------------ turns
 
+    @handles("runs_record_turns")
     async def record_turns(
         self, session: ClientSession, req: runs_pb2.RecordTurnsRequest
     ) -> runs_pb2.RecordTurnsResponse:
@@ -457,6 +482,7 @@ class Runs:
 
     # ------------------------------------------------------------ readers
 
+    @handles("runs_subscribe")
     async def subscribe(
         self, session: ClientSession, req: runs_pb2.SubscribeRunRequest
     ) -> runs_pb2.SubscribeRunResponse | Reply:
@@ -464,10 +490,10 @@ class Runs:
         run = self.live.get(run_id)
         if run is None:
             row = await self.store.get(run_id)
-            if row is None or not may_read(session, row.agent_id):
+            if row is None or not self.may_read(session, row.agent_id):
                 raise _not_found(run_id)
             return await self._snapshot(row.run_id, row.agent_id, row.turn_count, row.status)
-        if not may_read(session, run.agent_id):
+        if not self.may_read(session, run.agent_id):
             raise _not_found(run_id)
         async with run.lock:  # no append between the snapshot and the registration
             snapshot = await self._snapshot(run_id, run.agent_id, run.turn_count, run.status)
@@ -506,6 +532,7 @@ class Runs:
         if held is not None and held.subscriptions.get(sub.run_id) is sub:
             del held.subscriptions[sub.run_id]
 
+    @handles("runs_unsubscribe")
     async def unsubscribe(
         self, session: ClientSession, req: runs_pb2.UnsubscribeRunRequest
     ) -> runs_pb2.UnsubscribeRunResponse:
@@ -516,21 +543,23 @@ class Runs:
             self._unregister(sub)
         return runs_pb2.UnsubscribeRunResponse(run_id=run_id, removed=sub is not None)
 
+    @handles("runs_list")
     async def list_runs(
         self, session: ClientSession, req: runs_pb2.ListRunsRequest
     ) -> runs_pb2.ListRunsResponse:
         agent_id = require(req.agent_id, "agent_id")
         reply = runs_pb2.ListRunsResponse(agent_id=agent_id)
-        if may_read(session, agent_id):
+        if self.may_read(session, agent_id):
             reply.runs.extend(row.summary() for row in await self.store.list_for_agent(agent_id))
         return reply
 
+    @handles("runs_get_trace")
     async def get_trace(
         self, session: ClientSession, req: runs_pb2.GetTraceRequest
     ) -> runs_pb2.GetTraceResponse:
         run_id = require(req.run_id, "run_id")
         row = await self.store.get(run_id)
-        if row is None or not may_read(session, row.agent_id):
+        if row is None or not self.may_read(session, row.agent_id):
             # The wire answers with a result; typed calls fail NOT_FOUND.
             raise _not_found(run_id, runs_pb2.GetTraceResponse(run_id=run_id, not_found=True))
         cursor = req.cursor
@@ -542,13 +571,14 @@ class Runs:
             run_id=run_id, agent_id=row.agent_id, records=records, cursor=cursor + len(records)
         )
 
+    @streams("WatchRun")
     async def watch(
         self, session: ClientSession, req: runs_pb2.WatchRunRequest
     ) -> AsyncIterator[runs_pb2.WatchRunResponse]:
         """Every record from `req.cursor` on, then each new one, ending after `ended`."""
         run_id = require(req.run_id, "run_id")
         row = await self.store.get(run_id)
-        if row is None or not may_read(session, row.agent_id):
+        if row is None or not self.may_read(session, row.agent_id):
             raise _not_found(run_id)
         if req.cursor > row.record_count:
             raise field_error("cursor", f"past the end of the run ({row.record_count} records)")
@@ -596,79 +626,3 @@ def _may_not_resume() -> CarError:
         status=grpc.StatusCode.PERMISSION_DENIED,
         reason="PERMISSION_DENIED",
     )
-
-
-# ---------------------------------------------------------------- wiring
-
-
-async def install(state: ServerState) -> None:
-    """Give `state` its runs domain; end the runs a previous process left open."""
-    store = state.store.runs
-    abandoned = await store.abandon_open(ended_record(INCOMPLETE))
-    if abandoned:
-        log.info(
-            "runs: %d run(s) left open by a previous process marked incomplete", len(abandoned)
-        )
-    state.runs = Runs(state, store)
-    state.shutdown_hooks.append(state.runs.shutdown)
-
-
-def _runs(session: ClientSession) -> Runs:
-    return session.server.runs
-
-
-@handles("runs_start")
-async def runs_start(
-    session: ClientSession, req: runs_pb2.StartRunRequest
-) -> runs_pb2.StartRunResponse:
-    return await _runs(session).start(session, req)
-
-
-@handles("runs_complete")
-async def runs_complete(
-    session: ClientSession, req: runs_pb2.CompleteRunRequest
-) -> runs_pb2.CompleteRunResponse:
-    return await _runs(session).complete(session, req)
-
-
-@handles("runs_record_turns")
-async def runs_record_turns(
-    session: ClientSession, req: runs_pb2.RecordTurnsRequest
-) -> runs_pb2.RecordTurnsResponse:
-    return await _runs(session).record_turns(session, req)
-
-
-@handles("runs_subscribe")
-async def runs_subscribe(
-    session: ClientSession, req: runs_pb2.SubscribeRunRequest
-) -> runs_pb2.SubscribeRunResponse | Reply:
-    return await _runs(session).subscribe(session, req)
-
-
-@handles("runs_unsubscribe")
-async def runs_unsubscribe(
-    session: ClientSession, req: runs_pb2.UnsubscribeRunRequest
-) -> runs_pb2.UnsubscribeRunResponse:
-    return await _runs(session).unsubscribe(session, req)
-
-
-@handles("runs_list")
-async def runs_list(
-    session: ClientSession, req: runs_pb2.ListRunsRequest
-) -> runs_pb2.ListRunsResponse:
-    return await _runs(session).list_runs(session, req)
-
-
-@handles("runs_get_trace")
-async def runs_get_trace(
-    session: ClientSession, req: runs_pb2.GetTraceRequest
-) -> runs_pb2.GetTraceResponse:
-    return await _runs(session).get_trace(session, req)
-
-
-@streams("WatchRun")
-async def watch_run(
-    session: ClientSession, req: runs_pb2.WatchRunRequest
-) -> AsyncIterator[runs_pb2.WatchRunResponse]:
-    async for item in _runs(session).watch(session, req):
-        yield item

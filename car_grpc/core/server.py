@@ -17,10 +17,9 @@ import grpc
 
 from car_grpc import tls
 from car_grpc.config import Config
-from car_grpc.core import domains
-from car_grpc.core.auth import ServerTokens
-from car_grpc.core.grpc_service import add_health_and_reflection, generic_handlers
-from car_grpc.core.server_state import ServerState
+from car_grpc.core.grpc_service import add_health_and_reflection
+from car_grpc.core.tokens import ServerTokens
+from car_grpc.core.wiring import CoreParts, wire
 from car_grpc.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,8 @@ class Core:
         self.config = config
         self._store = store
         self._owns_store = store is None
-        self.state: ServerState | None = None
+        #: The wired domains while the core runs.
+        self.parts: CoreParts | None = None
         self.grpc_port = 0
         self._server: grpc.aio.Server | None = None
         #: The asyncio grpc.health.v1 servicer (untyped: grpc_health has no stubs).
@@ -47,8 +47,7 @@ class Core:
     async def start(self) -> None:
         store = self._store or await open_store(self.config.state_root)
         tokens = ServerTokens.mint(self.config.token_dir) if self.config.auth else None
-        self.state = state = ServerState(self.config, store, tokens)
-        await domains.install(state)
+        self.parts = parts = await wire(self.config, store, tokens)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -56,7 +55,7 @@ class Core:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        server.add_generic_rpc_handlers(generic_handlers(state))
+        server.add_generic_rpc_handlers(parts.grpc.handlers())
         self._health = await add_health_and_reflection(server)
         address = f"{self.config.grpc_host}:{self.config.grpc_port}"
         credentials = tls.grpc_server_credentials(self.config)
@@ -69,7 +68,7 @@ class Core:
         log.info("core: gRPC%s listening on %s", " (TLS)" if credentials else "", self.grpc_address)
 
     async def stop(self, grace: float = 1.0) -> None:
-        state, self.state = self.state, None
+        parts, self.parts = self.parts, None
         if self._health is not None:
             # Health.Watch streams see NOT_SERVING; the stop below ends them.
             await self._health.enter_graceful_shutdown()
@@ -77,9 +76,9 @@ class Core:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
-        if state is not None:
-            await state.shutdown()
-            if state.tokens is not None:
-                state.tokens.remove_files()
+        if parts is not None:
+            await parts.shutdown()
+            if parts.tokens is not None:
+                parts.tokens.remove_files()
             if self._owns_store:
-                await state.store.close()
+                await parts.store.close()

@@ -18,19 +18,17 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
 from car_grpc import api
 from car_grpc.clock import now_ms
 from car_grpc.core.kv import KeyValueState, StateBudget
+from car_grpc.core.metrics import Metrics
 from car_grpc.core.outbound import OutboundQueue
 from car_grpc.errors import INTERNAL, CarError, invalid_params
 from car_grpc.v1 import options_pb2, session_pb2, state_pb2, tools_pb2
-
-if TYPE_CHECKING:
-    from car_grpc.core.server_state import ServerState
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +48,32 @@ class SessionClosed(Exception):
     """The session ended while something waited on it."""
 
 
+@dataclass(frozen=True)
+class SessionLimits:
+    """What every session of a core is bounded by (Config's per-session budgets)."""
+
+    outbound_frames: int
+    outbound_bytes: int
+    state: StateBudget
+    max_pending_calls: int
+
+
 class ClientSession:
-    def __init__(self, server: ServerState, *, streaming: bool, peer: str = "") -> None:
-        self.server = server
+    """What a session is: its identity and role, its outbound channel, its own state and
+    budgets. It knows nothing of the domains; they keep what they hold for it and clean
+    up through `on_close`."""
+
+    def __init__(
+        self,
+        limits: SessionLimits,
+        metrics: Metrics,
+        *,
+        auth_enabled: bool,
+        streaming: bool,
+        peer: str = "",
+    ) -> None:
+        self._limits = limits
+        self._metrics = metrics
         self.id = uuid.uuid4().hex
         self.peer = peer
         #: Unix ms.
@@ -60,7 +81,7 @@ class ClientSession:
         #: False for the one-call session of an unbound typed RPC: it cannot be called back.
         self.streaming = streaming
         # With auth off there is nothing to prove: a session starts out ordinary.
-        self.role = Role.NONE if server.auth_enabled else Role.DAEMON
+        self.role = Role.NONE if auth_enabled else Role.DAEMON
         self.agent_id: str | None = None
         self.memory_namespace: str | None = None
         #: The credential the session authenticated with (typed RPCs bind only with it).
@@ -69,17 +90,12 @@ class ClientSession:
         self.capabilities: frozenset[str] = frozenset()
         self.tools: dict[str, tools_pb2.ToolDefinition] = {}
         self.policies: dict[str, state_pb2.PolicyDefinition] = {}
-        config = server.config
-        self.kv = KeyValueState(
-            StateBudget(config.state_value_max_bytes, config.state_max_bytes, config.state_max_keys)
-        )
+        self.kv = KeyValueState(limits.state)
         self.current_run: str | None = None
         self.halted = False
         self.closed = asyncio.Event()
         #: Serialized ServerFrames towards the client, bounded in frames and in bytes.
-        self.outbound = OutboundQueue(
-            config.session_outbound_queue, config.session_outbound_queue_bytes
-        )
+        self.outbound = OutboundQueue(limits.outbound_frames, limits.outbound_bytes)
         self._callback_ids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[session_pb2.ClientFrame]] = {}
         self._close_hooks: list[CloseHook] = []
@@ -119,7 +135,7 @@ class ClientSession:
                 raise asyncio.QueueFull
             self.outbound.put_nowait(frame.SerializeToString())
         except asyncio.QueueFull:
-            self.server.metrics.queue_drops.inc("session_outbound")
+            self._metrics.queue_drops.inc("session_outbound")
             return False
         return True
 
@@ -148,7 +164,7 @@ class ClientSession:
         """
         if not self.streaming:
             raise CarError(INTERNAL, "this call has no session stream to call back on")
-        limit = self.server.config.max_pending_calls_per_session
+        limit = self._limits.max_pending_calls
         if len(self._pending) >= limit:
             raise invalid_params(
                 f"invalid params: too many calls pending on the client: "
@@ -167,7 +183,7 @@ class ClientSession:
         finally:
             self._pending.pop(cid, None)
         method = api.SERVER_MEMBERS[member].method
-        self.server.metrics.callback_seconds.observe(time.perf_counter() - sent, method)
+        self._metrics.callback_seconds.observe(time.perf_counter() - sent, method)
         if answer.WhichOneof("body") == "error":
             raise CarError.from_proto(answer.error)
         return answer

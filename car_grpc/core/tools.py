@@ -21,11 +21,11 @@ import logging
 
 from car_grpc.codec import JSON, to_struct, value_to_json
 from car_grpc.core import proposals
-from car_grpc.core.dispatch import field_error, handles, require
 from car_grpc.core.policies import checked_policy
 from car_grpc.core.proposals import ToolFailed, ToolInvocation
+from car_grpc.core.router import handles
 from car_grpc.core.session import ClientSession, SessionClosed
-from car_grpc.errors import INTERNAL, CarError
+from car_grpc.errors import INTERNAL, CarError, field_error, require
 from car_grpc.v1 import session_pb2, tools_pb2
 
 log = logging.getLogger(__name__)
@@ -47,97 +47,102 @@ def _checked_tools(
     return checked
 
 
-@handles("session_init", inline=True)
-async def session_init(
-    session: ClientSession, req: session_pb2.InitSessionRequest
-) -> session_pb2.InitSessionResponse:
-    tools = _checked_tools(list(req.tools))
-    policies = [checked_policy(p, f"policies[{i}].") for i, p in enumerate(req.policies)]
-    for tool in tools:
-        session.tools[tool.name] = tool
-    for policy in policies:
-        session.policies[policy.name] = policy
-    return session_pb2.InitSessionResponse(
-        session_id=session.id, tools_registered=len(tools), policies_registered=len(policies)
-    )
+class Tools:
+    """The session-local operations of §3 but policies and state. `tool_timeout` bounds a
+    callback without its own timeout_ms; `callback_grace` is added to one that has it."""
 
+    def __init__(self, tool_timeout: float, callback_grace: float) -> None:
+        self._tool_timeout = tool_timeout
+        self._callback_grace = callback_grace
 
-@handles("session_clear_halt", inline=True)
-async def session_clear_halt(
-    session: ClientSession, req: session_pb2.ClearHaltRequest
-) -> session_pb2.ClearHaltResponse:
-    was_halted, session.halted = session.halted, False
-    return session_pb2.ClearHaltResponse(cleared=was_halted)
+    # ------------------------------------------------------------ handlers
 
-
-@handles("tools_register", inline=True)
-async def tools_register(
-    session: ClientSession, req: tools_pb2.RegisterToolsRequest
-) -> tools_pb2.RegisterToolsResponse:
-    tools = _checked_tools(list(req.tools))
-    for tool in tools:
-        session.tools[tool.name] = tool
-    return tools_pb2.RegisterToolsResponse(count=len(tools))
-
-
-@handles("tools_list", inline=True)
-async def tools_list(
-    session: ClientSession, req: tools_pb2.ListToolsRequest
-) -> tools_pb2.ListToolsResponse:
-    tools = [session.tools[name] for name in sorted(session.tools)]
-    return tools_pb2.ListToolsResponse(tools=tools, count=len(tools))
-
-
-@handles("tools_unregister", inline=True)
-async def tools_unregister(
-    session: ClientSession, req: tools_pb2.UnregisterToolRequest
-) -> tools_pb2.UnregisterToolResponse:
-    name = require(req.name, "name")
-    removed = session.tools.pop(name, None) is not None
-    return tools_pb2.UnregisterToolResponse(unregistered=name, removed=int(removed))
-
-
-@handles("proposal_submit")
-async def proposal_submit(
-    session: ClientSession, req: tools_pb2.SubmitProposalRequest
-) -> tools_pb2.SubmitProposalResponse:
-    if not req.HasField("proposal"):
-        raise field_error("proposal")
-    plan = proposals.plan(req.proposal)
-    if session.halted:
-        return tools_pb2.SubmitProposalResponse(result=proposals.skipped_result(plan, HALTED))
-    calls_tools = any(a.type == tools_pb2.ACTION_TYPE_TOOL_CALL for a in plan.actions)
-    if calls_tools and not session.streaming:
-        raise CarError(
-            INTERNAL,
-            "proposal.submit calls tools back on a session stream: "
-            "bind the call to a Connect session with car-session-id",
+    @handles("session_init", inline=True)
+    async def session_init(
+        self, session: ClientSession, req: session_pb2.InitSessionRequest
+    ) -> session_pb2.InitSessionResponse:
+        tools = _checked_tools(list(req.tools))
+        policies = [checked_policy(p, f"policies[{i}].") for i, p in enumerate(req.policies)]
+        for tool in tools:
+            session.tools[tool.name] = tool
+        for policy in policies:
+            session.policies[policy.name] = policy
+        return session_pb2.InitSessionResponse(
+            session_id=session.id, tools_registered=len(tools), policies_registered=len(policies)
         )
-    label = req.session_id if req.HasField("session_id") else None
-    result = await proposals.execute(
-        plan,
-        state=session.kv,
-        policies=list(session.policies.values()),
-        call_tool=SessionTools(session, label),
-    )
-    if any(r.terminal for r in result.results):
-        session.halted = True
-    return tools_pb2.SubmitProposalResponse(result=result)
+
+    @handles("session_clear_halt", inline=True)
+    async def session_clear_halt(
+        self, session: ClientSession, req: session_pb2.ClearHaltRequest
+    ) -> session_pb2.ClearHaltResponse:
+        was_halted, session.halted = session.halted, False
+        return session_pb2.ClearHaltResponse(cleared=was_halted)
+
+    @handles("tools_register", inline=True)
+    async def tools_register(
+        self, session: ClientSession, req: tools_pb2.RegisterToolsRequest
+    ) -> tools_pb2.RegisterToolsResponse:
+        tools = _checked_tools(list(req.tools))
+        for tool in tools:
+            session.tools[tool.name] = tool
+        return tools_pb2.RegisterToolsResponse(count=len(tools))
+
+    @handles("tools_list", inline=True)
+    async def tools_list(
+        self, session: ClientSession, req: tools_pb2.ListToolsRequest
+    ) -> tools_pb2.ListToolsResponse:
+        tools = [session.tools[name] for name in sorted(session.tools)]
+        return tools_pb2.ListToolsResponse(tools=tools, count=len(tools))
+
+    @handles("tools_unregister", inline=True)
+    async def tools_unregister(
+        self, session: ClientSession, req: tools_pb2.UnregisterToolRequest
+    ) -> tools_pb2.UnregisterToolResponse:
+        name = require(req.name, "name")
+        removed = session.tools.pop(name, None) is not None
+        return tools_pb2.UnregisterToolResponse(unregistered=name, removed=int(removed))
+
+    @handles("proposal_submit")
+    async def proposal_submit(
+        self, session: ClientSession, req: tools_pb2.SubmitProposalRequest
+    ) -> tools_pb2.SubmitProposalResponse:
+        if not req.HasField("proposal"):
+            raise field_error("proposal")
+        plan = proposals.plan(req.proposal)
+        if session.halted:
+            return tools_pb2.SubmitProposalResponse(result=proposals.skipped_result(plan, HALTED))
+        calls_tools = any(a.type == tools_pb2.ACTION_TYPE_TOOL_CALL for a in plan.actions)
+        if calls_tools and not session.streaming:
+            raise CarError(
+                INTERNAL,
+                "proposal.submit calls tools back on a session stream: "
+                "bind the call to a Connect session with car-session-id",
+            )
+        label = req.session_id if req.HasField("session_id") else None
+        result = await proposals.execute(
+            plan,
+            state=session.kv,
+            policies=list(session.policies.values()),
+            call_tool=SessionTools(session, label, self._tool_timeout, self._callback_grace),
+        )
+        if any(r.terminal for r in result.results):
+            session.halted = True
+        return tools_pb2.SubmitProposalResponse(result=result)
 
 
 class SessionTools:
     """The executor's CallTool for one session: tools.execute on the session's stream."""
 
-    def __init__(self, session: ClientSession, label: str | None) -> None:
+    def __init__(
+        self, session: ClientSession, label: str | None, tool_timeout: float, grace: float
+    ) -> None:
         self.session = session
         self.label = label
+        self._tool_timeout = tool_timeout
+        self._grace = grace
 
     async def __call__(self, inv: ToolInvocation) -> JSON:
-        config = self.session.server.config
-        if inv.timeout_ms is None:
-            wait = config.tool_timeout
-        else:
-            wait = inv.timeout_ms / 1000 + config.callback_grace
+        wait = self._tool_timeout if inv.timeout_ms is None else inv.timeout_ms / 1000 + self._grace
         request_id = self.session.next_callback_id()
         request = tools_pb2.ExecuteToolRequest(
             action_id=inv.action_id,

@@ -33,7 +33,7 @@ import itertools
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import struct_pb2
@@ -42,14 +42,11 @@ from car_grpc import codec
 from car_grpc.clock import now_ms
 from car_grpc.core.background import Background
 from car_grpc.core.chat_buffer import EventBuffer, PutResult
-from car_grpc.core.dispatch import Reply, field_error, handles, handles_notification, require
-from car_grpc.core.grpc_service import grpc_only
+from car_grpc.core.metrics import Metrics
+from car_grpc.core.router import Reply, grpc_only, handles, handles_notification
 from car_grpc.core.session import ClientSession, SessionClosed
-from car_grpc.errors import INTERNAL, CarError, invalid_params
+from car_grpc.errors import INTERNAL, CarError, field_error, invalid_params, require
 from car_grpc.v1 import session_pb2, voice_pb2
-
-if TYPE_CHECKING:
-    from car_grpc.core.server_state import ServerState
 
 log = logging.getLogger(__name__)
 
@@ -241,12 +238,25 @@ class Engine:
 # ------------------------------------------------------------------ the domain
 
 
+@dataclass(frozen=True)
+class VoiceLimits:
+    """Config's voice fields (README: voice sessions): queues per session, how long an
+    engine or an owner may stall, ack waits, chunk size and sessions per client."""
+
+    audio_queue: int
+    event_queue: int
+    stall_timeout: float
+    ack_timeout: float
+    max_chunk_bytes: int
+    sessions_per_client: int
+
+
 class Voice:
     """Engines by provider, voice sessions by id and by owner."""
 
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
-        self.config = state.config
+    def __init__(self, limits: VoiceLimits, metrics: Metrics) -> None:
+        self.limits = limits
+        self._metrics = metrics
         self.providers: dict[str, Engine] = {}
         self.sessions: dict[str, VoiceSession] = {}
         #: owner session id -> its voice sessions. The key stays while the owner lives: it
@@ -304,7 +314,7 @@ class Voice:
         if session_id in self.sessions:
             raise invalid_params(f"invalid params: voice session '{session_id}' already exists")
         mine = self._owned_by(owner)
-        limit = self.config.voice_sessions_per_client
+        limit = self.limits.sessions_per_client
         if len(mine) >= limit:
             raise CarError(INTERNAL, f"too many voice sessions: at most {limit} per connection")
         _, engine = self.provider_for(provider)
@@ -315,8 +325,8 @@ class Voice:
             audio_source=audio_source,
             owner=owner,
             engine=engine,
-            audio=EventBuffer(self.config.voice_audio_queue, self.config.voice_stall_timeout),
-            events=asyncio.Queue(self.config.voice_event_queue + 1),
+            audio=EventBuffer(self.limits.audio_queue, self.limits.stall_timeout),
+            events=asyncio.Queue(self.limits.event_queue + 1),
             answered=loop.create_future(),
             engine_end=loop.create_future(),
             meeting_id=meeting_id,
@@ -329,7 +339,7 @@ class Voice:
         if meeting_id is not None:
             opening.meeting_id = meeting_id
         refusal: str | None = f"voice engine '{engine.name}' is gone"
-        ack = self.config.voice_ack_timeout
+        ack = self.limits.ack_timeout
         try:
             if await engine.send(ServeVoiceResponse(open=opening)):
                 async with asyncio.timeout(ack):
@@ -390,7 +400,7 @@ class Voice:
         chunk = VoiceAudio(session_id=vs.id, seq=seq, type=PCM, format=PCM16LE, data=data)
         result = await vs.audio.put(ServeVoiceResponse(audio=chunk))
         if result is PutResult.STALLED:
-            stall = self.config.voice_stall_timeout
+            stall = self.limits.stall_timeout
             message = f"voice engine '{vs.engine.name}' took no audio for {stall:g}s"
             self._end(vs, error_event(message), message)
         if result is not PutResult.QUEUED:
@@ -410,8 +420,8 @@ class Voice:
         """Ingest the event into the session's sink, then forward it untouched to the owner."""
         if vs.state is State.ENDED:
             return False
-        if (size := event.ByteSize()) > self.config.voice_max_chunk_bytes:
-            limit = self.config.voice_max_chunk_bytes
+        if (size := event.ByteSize()) > self.limits.max_chunk_bytes:
+            limit = self.limits.max_chunk_bytes
             message = f"voice event of {size} bytes is over {limit}"
             self._end(vs, error_event(message), message)
             return False
@@ -427,8 +437,8 @@ class Voice:
         problem = ""
         if audio.type not in TTS_TYPES:
             problem = "audio from an engine must be TTS_CHUNK, TTS_FINAL or TTS_ERROR"
-        elif len(audio.data) > self.config.voice_max_chunk_bytes:
-            limit = self.config.voice_max_chunk_bytes
+        elif len(audio.data) > self.limits.max_chunk_bytes:
+            limit = self.limits.max_chunk_bytes
             problem = f"a speech chunk of {len(audio.data)} bytes is over {limit}"
         if problem:
             message = f"voice engine '{vs.engine.name}' sent invalid audio: {problem}"
@@ -444,9 +454,9 @@ class Voice:
     def _offer(self, vs: VoiceSession, frame: session_pb2.ServerFrame) -> bool:
         if vs.state is State.ENDED:
             return False
-        limit = self.config.voice_event_queue
+        limit = self.limits.event_queue
         if vs.events.qsize() >= limit:
-            self.state.metrics.queue_drops.inc("voice_events")
+            self._metrics.queue_drops.inc("voice_events")
             message = f"client not reading: {limit} voice events queued"
             self._end(vs, error_event(message), message)
             return False
@@ -474,11 +484,11 @@ class Voice:
             raise invalid_params(f"invalid params: voice session '{vs.id}' is already stopping")
         vs.state = State.STOPPING
         vs.audio.close(ServeVoiceResponse(stop=voice_pb2.StopVoiceSession(session_id=vs.id)))
-        ack = self.config.voice_ack_timeout
+        ack = self.limits.ack_timeout
         confirmed = False
         try:
             # The stop waits behind the queued audio: allow for a slow (not stalled) engine.
-            async with asyncio.timeout(ack + self.config.voice_stall_timeout):
+            async with asyncio.timeout(ack + self.limits.stall_timeout):
                 error = await asyncio.shield(vs.engine_end)
             confirmed = vs.state is State.STOPPING
         except TimeoutError:
@@ -494,7 +504,7 @@ class Voice:
         """Wait (bounded) until the owner has the session's events and the sink is done."""
         waits = [t for t in (vs.event_pump, vs.finished) if t is not None and not t.done()]
         if waits:
-            await asyncio.wait(waits, timeout=self.config.voice_stall_timeout)
+            await asyncio.wait(waits, timeout=self.limits.stall_timeout)
 
     def _engine_ended(self, vs: VoiceSession, error: str | None) -> None:
         if vs.state is State.STOPPING:
@@ -571,7 +581,7 @@ class Voice:
             await context.abort(*engine.failure)
 
     async def _register(self, context: grpc.aio.ServicerContext[Any, Any]) -> Engine | None:
-        ack = self.config.voice_ack_timeout
+        ack = self.limits.ack_timeout
         try:
             async with asyncio.timeout(ack):
                 first = await context.read()
@@ -604,7 +614,7 @@ class Voice:
                     f"provider '{provider}' is served by voice engine '{other.name}'",
                 )
         name = first.register.engine[:MAX_NAME] or f"engine-{next(self._engine_numbers)}"
-        engine = Engine(name, providers, context, self.config.voice_stall_timeout)
+        engine = Engine(name, providers, context, self.limits.stall_timeout)
         for provider in providers:
             self.providers[provider] = engine
         registered = voice_pb2.VoiceEngineRegistered(engine=name, providers=providers)
@@ -672,111 +682,89 @@ class Voice:
         """Let the sinks finish (their store writes) before the store closes."""
         for vs in list(self.sessions.values()):
             self._end(vs, None, "server stopped", tell_engine=False)
-        await self._background.drain(self.config.voice_ack_timeout)
+        await self._background.drain(self.limits.ack_timeout)
 
+    # ------------------------------------------------------------ handlers
 
-def install(state: ServerState) -> None:
-    state.voice = Voice(state)
-    state.shutdown_hooks.append(state.voice.shutdown)
+    @handles("voice_transcribe_stream_start")
+    async def transcribe_stream_start(
+        self, session: ClientSession, req: voice_pb2.StartTranscribeStreamRequest
+    ) -> Reply:
+        session_id = self.new_session_id(req.session_id or None)
+        provider, _ = self.provider_for(req.provider or None)
+        audio_source = req.audio_source or DEFAULT_AUDIO_SOURCE
+        vs = await self.open(
+            session,
+            session_id=session_id,
+            provider=provider,
+            audio_source=audio_source,
+            options=req.options,
+        )
+        answer = voice_pb2.StartTranscribeStreamResponse(
+            session_id=vs.id, provider=provider, audio_source=audio_source
+        )
+        return Reply(answer, lambda: self.run(vs))
 
+    @handles("voice_transcribe_stream_push")
+    async def transcribe_stream_push(
+        self, session: ClientSession, req: voice_pb2.PushTranscribeAudioRequest
+    ) -> voice_pb2.PushTranscribeAudioResponse:
+        vs = self.owned(session, req.session_id)
+        data = decode_pcm(req.pcm_b64, self.limits.max_chunk_bytes)
+        seq = await self.push(session, vs.id, data)
+        return voice_pb2.PushTranscribeAudioResponse(session_id=vs.id, seq=seq)
 
-def _voice(session: ClientSession) -> Voice:
-    return session.server.voice
+    @handles_notification("voice_audio")
+    async def voice_audio(self, session: ClientSession, audio: VoiceAudio) -> None:
+        """PCM in a binary frame. What cannot be taken is answered with a (not terminal) error
+        event for that session id: a notification has no answer of its own."""
+        try:
+            if audio.type not in (voice_pb2.AUDIO_FRAME_TYPE_UNSPECIFIED, PCM):
+                raise field_error("type", "clients send PCM audio")
+            check_chunk(audio.data, self.limits.max_chunk_bytes, "data")
+            await self.push(session, audio.session_id, audio.data)
+        except CarError as e:
+            session.try_send(_event_frame(audio.session_id, error_event(e.message, terminal=False)))
 
+    @handles("voice_transcribe_stream_stop")
+    async def transcribe_stream_stop(
+        self, session: ClientSession, req: voice_pb2.StopTranscribeStreamRequest
+    ) -> voice_pb2.StopTranscribeStreamResponse:
+        vs = self.owned(session, req.session_id)
+        stopped = await self.stop(vs)
+        return voice_pb2.StopTranscribeStreamResponse(session_id=vs.id, stopped=stopped)
 
-# ------------------------------------------------------------------ handlers
+    @handles("voice_sessions_list")
+    async def sessions_list(
+        self, session: ClientSession, req: voice_pb2.ListVoiceSessionsRequest
+    ) -> voice_pb2.ListVoiceSessionsResponse:
+        return voice_pb2.ListVoiceSessionsResponse(sessions=self.list_sessions(session))
 
+    @handles("voice_providers_list")
+    async def providers_list(
+        self, session: ClientSession, req: voice_pb2.ListVoiceProvidersRequest
+    ) -> voice_pb2.ListVoiceProvidersResponse:
+        return voice_pb2.ListVoiceProvidersResponse(providers=self.list_providers())
 
-@handles("voice_transcribe_stream_start")
-async def transcribe_stream_start(
-    session: ClientSession, req: voice_pb2.StartTranscribeStreamRequest
-) -> Reply:
-    voice = _voice(session)
-    session_id = voice.new_session_id(req.session_id or None)
-    provider, _ = voice.provider_for(req.provider or None)
-    audio_source = req.audio_source or DEFAULT_AUDIO_SOURCE
-    vs = await voice.open(
-        session,
-        session_id=session_id,
-        provider=provider,
-        audio_source=audio_source,
-        options=req.options,
-    )
-    answer = voice_pb2.StartTranscribeStreamResponse(
-        session_id=vs.id, provider=provider, audio_source=audio_source
-    )
-    return Reply(answer, lambda: voice.run(vs))
+    @grpc_only("car.v1.VoiceService.ServeVoice")
+    async def serve_voice(
+        self, session: ClientSession, _request: None, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        await self.serve(context)
 
-
-@handles("voice_transcribe_stream_push")
-async def transcribe_stream_push(
-    session: ClientSession, req: voice_pb2.PushTranscribeAudioRequest
-) -> voice_pb2.PushTranscribeAudioResponse:
-    voice = _voice(session)
-    vs = voice.owned(session, req.session_id)
-    data = decode_pcm(req.pcm_b64, voice.config.voice_max_chunk_bytes)
-    seq = await voice.push(session, vs.id, data)
-    return voice_pb2.PushTranscribeAudioResponse(session_id=vs.id, seq=seq)
-
-
-@handles_notification("voice_audio")
-async def voice_audio(session: ClientSession, audio: VoiceAudio) -> None:
-    """PCM in a binary frame. What cannot be taken is answered with a (not terminal) error
-    event for that session id: a notification has no answer of its own."""
-    voice = _voice(session)
-    try:
-        if audio.type not in (voice_pb2.AUDIO_FRAME_TYPE_UNSPECIFIED, PCM):
-            raise field_error("type", "clients send PCM audio")
-        check_chunk(audio.data, voice.config.voice_max_chunk_bytes, "data")
-        await voice.push(session, audio.session_id, audio.data)
-    except CarError as e:
-        session.try_send(_event_frame(audio.session_id, error_event(e.message, terminal=False)))
-
-
-@handles("voice_transcribe_stream_stop")
-async def transcribe_stream_stop(
-    session: ClientSession, req: voice_pb2.StopTranscribeStreamRequest
-) -> voice_pb2.StopTranscribeStreamResponse:
-    voice = _voice(session)
-    vs = voice.owned(session, req.session_id)
-    stopped = await voice.stop(vs)
-    return voice_pb2.StopTranscribeStreamResponse(session_id=vs.id, stopped=stopped)
-
-
-@handles("voice_sessions_list")
-async def sessions_list(
-    session: ClientSession, req: voice_pb2.ListVoiceSessionsRequest
-) -> voice_pb2.ListVoiceSessionsResponse:
-    return voice_pb2.ListVoiceSessionsResponse(sessions=_voice(session).list_sessions(session))
-
-
-@handles("voice_providers_list")
-async def providers_list(
-    session: ClientSession, req: voice_pb2.ListVoiceProvidersRequest
-) -> voice_pb2.ListVoiceProvidersResponse:
-    return voice_pb2.ListVoiceProvidersResponse(providers=_voice(session).list_providers())
-
-
-@grpc_only("car.v1.VoiceService.ServeVoice")
-async def serve_voice(
-    session: ClientSession, _request: None, context: grpc.aio.ServicerContext[Any, Any]
-) -> None:
-    await _voice(session).serve(context)
-
-
-@grpc_only("car.v1.VoiceService.PublishVoiceEvent")
-async def publish_voice_event(
-    session: ClientSession,
-    req: voice_pb2.PublishVoiceEventRequest,
-    context: grpc.aio.ServicerContext[Any, Any],
-) -> voice_pb2.PublishVoiceEventResponse:
-    voice = _voice(session)
-    raw = require(req.session_id, "session_id")
-    if not req.HasField("event"):
-        raise field_error("event")
-    try:
-        vs = voice.sessions.get(uuid.UUID(raw.strip()).hex)
-    except ValueError:
-        vs = None
-    delivered = vs is not None and await voice.deliver_event(vs, req.event)
-    return voice_pb2.PublishVoiceEventResponse(delivered=delivered)
+    @grpc_only("car.v1.VoiceService.PublishVoiceEvent")
+    async def publish_voice_event(
+        self,
+        session: ClientSession,
+        req: voice_pb2.PublishVoiceEventRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> voice_pb2.PublishVoiceEventResponse:
+        raw = require(req.session_id, "session_id")
+        if not req.HasField("event"):
+            raise field_error("event")
+        try:
+            vs = self.sessions.get(uuid.UUID(raw.strip()).hex)
+        except ValueError:
+            vs = None
+        delivered = vs is not None and await self.deliver_event(vs, req.event)
+        return voice_pb2.PublishVoiceEventResponse(delivered=delivered)

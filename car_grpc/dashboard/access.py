@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-from car_grpc.core.auth import mint_token
+from car_grpc.core.tokens import mint_token
 from car_grpc.dashboard.http import Request
 
 COOKIE = "car_dashboard"

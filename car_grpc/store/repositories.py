@@ -41,7 +41,7 @@ class AgentTokenRow:
 
 
 class AgentTokenStore(Protocol):
-    """Per-agent token digests (car_grpc.core.auth hashes and compares; no token is stored)."""
+    """Per-agent token digests (car_grpc.core.tokens hashes and compares; no token is stored)."""
 
     async def put(self, agent_id: str, digest: bytes, created_at: int) -> None:
         """Set the agent's digest, replacing any earlier one."""

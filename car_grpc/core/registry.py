@@ -1,0 +1,75 @@
+"""The live sessions of a core and which session each agent is attached as.
+
+A session is opened by the gRPC layer (a Connect stream, or one typed call) and closed
+when it ends; an agent is attached by session.auth with an agent token. A newer attachment
+of the same agent replaces the older one (docs/protocol.md §2): the domains that route to
+agents (chats) hear of it through their detach hooks, as they do when the session closes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from car_grpc.core.metrics import Metrics
+from car_grpc.core.session import ClientSession, Role, SessionLimits
+
+log = logging.getLogger(__name__)
+
+#: Called with (agent_id, old session) when an attachment is replaced or ends.
+DetachHook = Callable[[str, ClientSession], Awaitable[None]]
+
+
+class SessionRegistry:
+    def __init__(self, limits: SessionLimits, metrics: Metrics, *, auth_enabled: bool) -> None:
+        self._limits = limits
+        self._metrics = metrics
+        self.auth_enabled = auth_enabled
+        self.sessions: dict[str, ClientSession] = {}
+        #: agent_id -> the live session attached as that agent.
+        self.attached: dict[str, ClientSession] = {}
+        self._detach_hooks: list[DetachHook] = []
+
+    def on_detach(self, hook: DetachHook) -> None:
+        self._detach_hooks.append(hook)
+
+    def open(self, *, streaming: bool, peer: str = "") -> ClientSession:
+        session = ClientSession(
+            self._limits,
+            self._metrics,
+            auth_enabled=self.auth_enabled,
+            streaming=streaming,
+            peer=peer,
+        )
+        self.sessions[session.id] = session
+        if streaming:
+            self._metrics.sessions_opened.inc()
+        return session
+
+    async def close(self, session: ClientSession) -> None:
+        self.sessions.pop(session.id, None)
+        if session.agent_id and self.attached.get(session.agent_id) is session:
+            del self.attached[session.agent_id]
+            await self._detached(session.agent_id, session)
+        await session.close()
+
+    async def attach(self, session: ClientSession, agent_id: str) -> None:
+        """Bind `session` to `agent_id`; a previous live attachment is replaced."""
+        old = self.attached.get(agent_id)
+        session.role = Role.AGENT
+        session.agent_id = agent_id
+        self.attached[agent_id] = session
+        if old is not None and old is not session:
+            log.info("agent %s re-attached; replacing session %s", agent_id, old.id[:8])
+            await self._detached(agent_id, old)
+
+    async def _detached(self, agent_id: str, session: ClientSession) -> None:
+        for hook in self._detach_hooks:
+            try:
+                await hook(agent_id, session)
+            except Exception:
+                log.exception("detach hook failed for agent %s", agent_id)
+
+    async def close_all(self) -> None:
+        for session in list(self.sessions.values()):
+            await self.close(session)

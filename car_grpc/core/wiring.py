@@ -1,0 +1,173 @@
+"""The one place where the core is put together.
+
+`wire` builds every domain from exactly what it needs (its repository, the host-event
+log, the session registry, metrics, its own limits), in dependency order, then one router
+from the domains' declared handlers and one dispatcher over it. Nothing registers itself
+by being imported and no domain reaches another through a shared state object: to see
+what a domain depends on, read its constructor call here.
+
+Where a new operation goes: its proto (a ClientFrame member with `json_rpc` and
+`access`, and a typed RPC if it has one), then a method marked `@handles(member)` on the
+domain that owns it. Nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from car_grpc.config import Config
+from car_grpc.core.approvals import Approvals
+from car_grpc.core.authentication import Authentication
+from car_grpc.core.chats import ChatLimits, Chats
+from car_grpc.core.dispatch import Dispatcher
+from car_grpc.core.grpc_service import GrpcService
+from car_grpc.core.host import Host, HostEvents
+from car_grpc.core.key_value import KeyValue
+from car_grpc.core.kv import StateBudget
+from car_grpc.core.meetings import Meetings
+from car_grpc.core.metrics import Metrics
+from car_grpc.core.policies import Policies
+from car_grpc.core.registry import SessionRegistry
+from car_grpc.core.router import Router
+from car_grpc.core.runs import Runs
+from car_grpc.core.session import SessionLimits
+from car_grpc.core.status import Status
+from car_grpc.core.tokens import AgentTokens, ServerTokens
+from car_grpc.core.tools import Tools
+from car_grpc.core.voice import Voice, VoiceLimits
+from car_grpc.store.repositories import Store
+
+
+@dataclass
+class CoreParts:
+    """A wired core: what the gRPC server serves, and the parts an embedder (or a test)
+    may look at. The domains hold no reference to this object."""
+
+    config: Config
+    store: Store
+    metrics: Metrics
+    #: None when auth is off.
+    tokens: ServerTokens | None
+    agent_tokens: AgentTokens
+    registry: SessionRegistry
+    events: HostEvents
+    approvals: Approvals
+    host: Host
+    runs: Runs
+    chats: Chats
+    voice: Voice
+    meetings: Meetings
+    status: Status
+    router: Router
+    grpc: GrpcService
+
+    async def shutdown(self) -> None:
+        """Close every session, then let the domains finish what they write (pending
+        approvals expire, open runs end incomplete, goal and meeting writes land)
+        before the store closes."""
+        await self.registry.close_all()
+        await self.approvals.close()
+        await self.runs.shutdown()
+        await self.chats.drain()
+        await self.voice.shutdown()
+
+
+async def wire(config: Config, store: Store, tokens: ServerTokens | None) -> CoreParts:
+    """Build and start the domains of one core over `store`."""
+    auth_enabled = tokens is not None
+    metrics = Metrics()
+    registry = SessionRegistry(
+        SessionLimits(
+            outbound_frames=config.session_outbound_queue,
+            outbound_bytes=config.session_outbound_queue_bytes,
+            state=StateBudget(
+                config.state_value_max_bytes, config.state_max_bytes, config.state_max_keys
+            ),
+            max_pending_calls=config.max_pending_calls_per_session,
+        ),
+        metrics,
+        auth_enabled=auth_enabled,
+    )
+    agent_tokens = AgentTokens(store.agent_tokens)
+    authentication = Authentication(tokens, agent_tokens, registry)
+    events = HostEvents(config.host_event_history, config.host_event_queue, metrics)
+    gated = config.gated_methods if config.approvals else frozenset()
+    approvals = Approvals(
+        store.approvals, events, metrics, gated_methods=gated, timeout=config.approval_timeout
+    )
+    await approvals.start()
+    host = Host(events, approvals.pending)
+    runs = Runs(
+        store.runs,
+        metrics,
+        subscriber_queue=config.run_subscriber_queue,
+        complete_grace=config.run_complete_grace,
+        auth_enabled=auth_enabled,
+    )
+    await runs.recover()
+    chats = Chats(
+        registry,
+        store.goals,
+        ChatLimits(config.chat_ack_timeout, config.chat_buffer, config.chat_stall_timeout),
+    )
+    await chats.start()
+    voice = Voice(
+        VoiceLimits(
+            audio_queue=config.voice_audio_queue,
+            event_queue=config.voice_event_queue,
+            stall_timeout=config.voice_stall_timeout,
+            ack_timeout=config.voice_ack_timeout,
+            max_chunk_bytes=config.voice_max_chunk_bytes,
+            sessions_per_client=config.voice_sessions_per_client,
+        ),
+        metrics,
+    )
+    meetings = Meetings(store.meetings, voice, max_segments=config.meeting_max_segments)
+    await meetings.recover()
+    status = Status(
+        registry, chats, store.runs, approvals, store, metrics, approvals_enabled=config.approvals
+    )
+    router = Router(
+        [
+            authentication,
+            Tools(config.tool_timeout, config.callback_grace),
+            Policies(),
+            KeyValue(),
+            runs,
+            chats,
+            host,
+            approvals,
+            voice,
+            meetings,
+            status,
+        ]
+    )
+    dispatcher = Dispatcher(
+        router,
+        gate=approvals.gate,
+        gated_methods=gated,
+        handler_timeout=config.handler_timeout,
+        auth_enabled=auth_enabled,
+        metrics=metrics,
+    )
+    grpc = GrpcService(
+        registry, authentication, dispatcher, max_inflight=config.max_inflight_per_session
+    )
+    return CoreParts(
+        config=config,
+        store=store,
+        metrics=metrics,
+        tokens=tokens,
+        agent_tokens=agent_tokens,
+        registry=registry,
+        events=events,
+        approvals=approvals,
+        host=host,
+        runs=runs,
+        chats=chats,
+        voice=voice,
+        meetings=meetings,
+        status=status,
+        router=router,
+        grpc=grpc,
+    )
