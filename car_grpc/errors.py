@@ -152,6 +152,22 @@ def not_found(code: int, message: str, *, answer: Message | None = None) -> CarE
     )
 
 
+def already_exists(message: str) -> CarError:
+    """-32602, ALREADY_EXISTS on typed RPCs: the thing to create is taken (a provider
+    another voice engine serves)."""
+    return CarError(
+        INVALID_PARAMS, message, status=grpc.StatusCode.ALREADY_EXISTS, reason="ALREADY_EXISTS"
+    )
+
+
+def resource_exhausted(message: str) -> CarError:
+    """-32603, RESOURCE_EXHAUSTED on typed RPCs: a peer fell too far behind (a voice
+    engine that stopped reading)."""
+    return CarError(
+        INTERNAL, message, status=grpc.StatusCode.RESOURCE_EXHAUSTED, reason="RESOURCE_EXHAUSTED"
+    )
+
+
 def failed_precondition(code: int, message: str) -> CarError:
     """The request is well formed but the thing it acts on is in the wrong state (a run
     that has ended, an approval already resolved): FAILED_PRECONDITION on typed RPCs."""

@@ -219,7 +219,9 @@ def render() -> str:
         "their JSON-RPC code but carry a finer gRPC status, named by the reason: "
         "`PERMISSION_DENIED` (a role or ownership refusal, JSON-RPC -32603), `NOT_FOUND` "
         "(an unknown or unreadable run or approval), `FAILED_PRECONDITION` (a run that "
-        "has ended, an approval already resolved).\n\n"
+        "has ended, an approval already resolved), `ALREADY_EXISTS` (a voice provider "
+        "another engine serves), `RESOURCE_EXHAUSTED` (a voice engine that stopped "
+        "reading).\n\n"
     )
     rows = []
     for value in errors_pb2.DESCRIPTOR.enum_types_by_name["ErrorCode"].values:

@@ -354,7 +354,7 @@ class GrpcService:
             try:
                 async with _Binding(self, context) as session:
                     self.dispatcher.check_access(session, access, method.full_name)
-                    return await handler(session, request, context)
+                    return await handler(session, request)
             except CarError as e:
                 await _abort(context, e)
 
@@ -362,7 +362,7 @@ class GrpcService:
             try:
                 async with _Binding(self, context) as session:
                     self.dispatcher.check_access(session, access, method.full_name)
-                    await handler(session, None, context)
+                    await handler(session, _ContextStream(context))
             except CarError as e:
                 await _abort(context, e)
 
@@ -379,6 +379,20 @@ class GrpcService:
                 response_serializer=resp_cls.SerializeToString,
             )
         raise RuntimeError(f"{method.full_name}: only unary and bidi gRPC-only RPCs are supported")
+
+
+class _ContextStream:
+    """The MessageStream of a bidi call, for a domain that must not see gRPC."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+
+    async def read(self) -> Message | None:
+        message = await self._context.read()
+        return None if message is grpc.aio.EOF else message
+
+    async def write(self, message: Message) -> None:
+        await self._context.write(message)
 
 
 def _message_class(desc: Any) -> Any:

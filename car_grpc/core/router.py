@@ -21,9 +21,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.message import Message
 
@@ -45,12 +44,21 @@ class Reply:
 Handler = Callable[["ClientSession", Any], Awaitable[Message | Reply]]
 NotificationHandler = Callable[["ClientSession", Any], Awaitable[None]]
 StreamHandler = Callable[["ClientSession", Any], AsyncIterator[Message]]
-#: A gRPC-only RPC (one without a JSON-RPC method): called with the call's session, the
-#: request (None for a client-streaming RPC, which reads the context) and the context.
-#: Returns the response of a unary RPC, None for a streaming one.
-GrpcOnlyHandler = Callable[
-    ["ClientSession", Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[Message | None]
-]
+
+
+class MessageStream(Protocol):
+    """A bidirectional stream as a domain sees it (no transport): `read` returns None
+    once the peer has finished sending."""
+
+    async def read(self) -> Message | None: ...
+
+    async def write(self, message: Message) -> None: ...
+
+
+#: A gRPC-only RPC (one without a JSON-RPC method): called with the call's session and
+#: the request of a unary RPC (answering its response), or the MessageStream of a bidi
+#: one (answering None). Failures are raised as CarError, as everywhere.
+GrpcOnlyHandler = Callable[["ClientSession", Any], Awaitable[Message | None]]
 
 F = TypeVar("F", bound=Callable[..., Any])
 

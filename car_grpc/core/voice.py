@@ -35,7 +35,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import grpc
 from google.protobuf import struct_pb2
 
 from car_grpc import codec
@@ -43,9 +42,17 @@ from car_grpc.clock import now_ms
 from car_grpc.core.background import Background
 from car_grpc.core.chat_buffer import EventBuffer, PutResult
 from car_grpc.core.metrics import Metrics
-from car_grpc.core.router import Reply, grpc_only, handles, handles_notification
+from car_grpc.core.router import MessageStream, Reply, grpc_only, handles, handles_notification
 from car_grpc.core.session import ClientSession, SessionClosed
-from car_grpc.errors import INTERNAL, CarError, field_error, invalid_params, require
+from car_grpc.errors import (
+    INTERNAL,
+    CarError,
+    already_exists,
+    field_error,
+    invalid_params,
+    require,
+    resource_exhausted,
+)
 from car_grpc.v1 import session_pb2, voice_pb2
 
 log = logging.getLogger(__name__)
@@ -187,20 +194,20 @@ class Engine:
         self,
         name: str,
         providers: list[str],
-        context: grpc.aio.ServicerContext[Any, Any],
+        stream: MessageStream,
         stall_timeout: float,
     ) -> None:
         self.name = name
         self.providers = providers
-        self.context = context
+        self.stream = stream
         self.stall_timeout = stall_timeout
         self.sessions: dict[str, VoiceSession] = {}
-        #: grpc.aio allows one write at a time; the lock also keeps writers in order.
+        #: One write at a time (what a gRPC stream allows); the lock also keeps order.
         self._writing = asyncio.Lock()
         self.gone = False
         #: Set when the stream must end; `failure` says how, if it is the server's doing.
         self.done = asyncio.Event()
-        self.failure: tuple[grpc.StatusCode, str] | None = None
+        self.failure: CarError | None = None
 
     async def send(self, message: ServeVoiceResponse, session: VoiceSession | None = None) -> bool:
         """Write one message; False when the engine is gone (or stalled now and dropped).
@@ -212,12 +219,13 @@ class Engine:
                 return True
             try:
                 async with asyncio.timeout(self.stall_timeout):
-                    await self.context.write(message)
+                    await self.stream.write(message)
             except TimeoutError:
                 self.fail(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"voice engine '{self.name}' not reading: a message waited "
-                    f"{self.stall_timeout:g}s",
+                    resource_exhausted(
+                        f"voice engine '{self.name}' not reading: a message waited "
+                        f"{self.stall_timeout:g}s"
+                    )
                 )
                 return False
             except Exception as e:  # the call ended under us
@@ -227,10 +235,10 @@ class Engine:
                 return False
         return True
 
-    def fail(self, code: grpc.StatusCode, message: str) -> None:
-        """End the engine's stream with `code` (the first failure wins)."""
+    def fail(self, error: CarError) -> None:
+        """End the engine's stream with `error` (the first failure wins)."""
         if self.failure is None and not self.gone:
-            self.failure = (code, message)
+            self.failure = error
         self.gone = True
         self.done.set()
 
@@ -555,9 +563,10 @@ class Voice:
 
     # -------------------------------------------------------------- the engine stream
 
-    async def serve(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Run one engine's ServeVoice stream until it ends."""
-        engine = await self._register(context)
+    async def serve(self, stream: MessageStream) -> None:
+        """Run one engine's ServeVoice stream until it ends; raises CarError when the
+        server ends it (a bad message, a stalled engine)."""
+        engine = await self._register(stream)
         if engine is None:
             return
         reader = asyncio.create_task(self._read_engine(engine))
@@ -570,7 +579,7 @@ class Voice:
                 if self.providers.get(provider) is engine:
                     del self.providers[provider]
             reason = (
-                engine.failure[1]
+                engine.failure.message
                 if engine.failure
                 else f"voice engine '{engine.name}' disconnected"
             )
@@ -578,43 +587,32 @@ class Voice:
                 self._end(vs, error_event(reason), reason, tell_engine=False)
             log.info("voice engine %s gone: %s", engine.name, reason)
         if engine.failure is not None:
-            await context.abort(*engine.failure)
+            raise engine.failure
 
-    async def _register(self, context: grpc.aio.ServicerContext[Any, Any]) -> Engine | None:
+    async def _register(self, stream: MessageStream) -> Engine | None:
         ack = self.limits.ack_timeout
         try:
             async with asyncio.timeout(ack):
-                first = await context.read()
+                first = await stream.read()
         except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"register within {ack:g}s of connecting"
-            )
-        if first is grpc.aio.EOF:
+            raise invalid_params(f"register within {ack:g}s of connecting") from None
+        if first is None:
             return None
         assert isinstance(first, voice_pb2.ServeVoiceRequest)
         if first.WhichOneof("body") != "register":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be `register`"
-            )
+            raise invalid_params("the first message must be `register`")
         providers = list(dict.fromkeys(p.strip() for p in first.register.providers))
         if not providers or not all(0 < len(p) <= MAX_NAME for p in providers):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"register needs provider names of 1 to {MAX_NAME} characters",
-            )
+            raise invalid_params(f"register needs provider names of 1 to {MAX_NAME} characters")
         if len(providers) > MAX_PROVIDERS:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"an engine serves at most {MAX_PROVIDERS} providers",
-            )
+            raise invalid_params(f"an engine serves at most {MAX_PROVIDERS} providers")
         for provider in providers:
             if (other := self.providers.get(provider)) is not None:
-                await context.abort(
-                    grpc.StatusCode.ALREADY_EXISTS,
-                    f"provider '{provider}' is served by voice engine '{other.name}'",
+                raise already_exists(
+                    f"provider '{provider}' is served by voice engine '{other.name}'"
                 )
         name = first.register.engine[:MAX_NAME] or f"engine-{next(self._engine_numbers)}"
-        engine = Engine(name, providers, context, self.limits.stall_timeout)
+        engine = Engine(name, providers, stream, self.limits.stall_timeout)
         for provider in providers:
             self.providers[provider] = engine
         registered = voice_pb2.VoiceEngineRegistered(engine=name, providers=providers)
@@ -625,8 +623,8 @@ class Voice:
     async def _read_engine(self, engine: Engine) -> None:
         try:
             while True:
-                message = await engine.context.read()
-                if message is grpc.aio.EOF:
+                message = await engine.stream.read()
+                if message is None:
                     return
                 assert isinstance(message, voice_pb2.ServeVoiceRequest)
                 await self._from_engine(engine, message)
@@ -640,7 +638,7 @@ class Voice:
     async def _from_engine(self, engine: Engine, message: voice_pb2.ServeVoiceRequest) -> None:
         body = message.WhichOneof("body")
         if body == "register":
-            engine.fail(grpc.StatusCode.INVALID_ARGUMENT, "register may be sent only once")
+            engine.fail(invalid_params("register may be sent only once"))
             return
         if body is None:
             return
@@ -747,17 +745,14 @@ class Voice:
         return voice_pb2.ListVoiceProvidersResponse(providers=self.list_providers())
 
     @grpc_only("car.v1.VoiceService.ServeVoice")
-    async def serve_voice(
-        self, session: ClientSession, _request: None, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
-        await self.serve(context)
+    async def serve_voice(self, session: ClientSession, stream: MessageStream) -> None:
+        await self.serve(stream)
 
     @grpc_only("car.v1.VoiceService.PublishVoiceEvent")
     async def publish_voice_event(
         self,
         session: ClientSession,
         req: voice_pb2.PublishVoiceEventRequest,
-        context: grpc.aio.ServicerContext[Any, Any],
     ) -> voice_pb2.PublishVoiceEventResponse:
         raw = require(req.session_id, "session_id")
         if not req.HasField("event"):
