@@ -8,6 +8,6 @@ core and a gateway together, as `car-grpc serve` runs them).
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
-from car_grpc.server import Server
+from car_grpc.serve import Server
 
 __all__ = ["Config", "Core", "Gateway", "Server"]

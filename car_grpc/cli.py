@@ -17,7 +17,7 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.gateway import Gateway
-from car_grpc.server import Server
+from car_grpc.serve import Server
 from car_grpc.store import database_path, open_store
 
 log = logging.getLogger("car_grpc")

@@ -27,7 +27,7 @@ from car_grpc import cli
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
-from car_grpc.server import Server
+from car_grpc.serve import Server
 from tests.conftest import make_config
 from tests.dashboard_helpers import request
 from tests.serve_process import launched

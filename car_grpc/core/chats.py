@@ -9,7 +9,7 @@ Every accepted chat a host still listens to ends with exactly one terminal event
 agent's own, or one the server makes up when the agent goes away, is replaced, the chat is
 cancelled, or the host stopped reading for too long.
 
-Each chat's events flow through one bounded EventBuffer (car_grpc.core.chat_buffer) to the
+Each chat's events flow through one bounded EventBuffer (car_grpc.core.event_buffer) to the
 host: a pump task for hosts on the session stream, the Chat RPC itself for gRPC hosts. A
 full buffer slows the agent down instead of dropping tokens, within `chat_stall_timeout`.
 
@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from google.protobuf import struct_pb2
 
-from car_grpc.core.chat_buffer import EventBuffer, PutResult
+from car_grpc.core.event_buffer import EventBuffer, PutResult
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.router import Reply, handles, handles_notification, streams
 from car_grpc.core.session import ClientSession, SessionClosed

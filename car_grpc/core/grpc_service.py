@@ -182,7 +182,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: CarError) -
     await context.abort(error.status, error.message)
 
 
-class _Binding:
+class _CallSession:
     """The session a typed RPC runs as: a live one (car-session-id) or a one-call session."""
 
     def __init__(self, service: GrpcService, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -313,7 +313,7 @@ class GrpcService:
     def _unary(self, member: str) -> Callable[..., Any]:
         async def call(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
             try:
-                async with _Binding(self, context) as session:
+                async with _CallSession(self, context) as session:
                     result = await self.dispatcher.execute(session, member, request)
             except CarError as e:
                 await _abort(context, e)
@@ -335,7 +335,7 @@ class GrpcService:
             try:
                 if handler is None:
                     raise CarError(-32601, f"unknown method: {rpc.service.name}/{rpc.name}")
-                async with _Binding(self, context) as session:
+                async with _CallSession(self, context) as session:
                     self.dispatcher.check_access(session, access, rpc.method)
                     async for item in handler(session, request):
                         yield item
@@ -352,7 +352,7 @@ class GrpcService:
 
         async def unary(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
-                async with _Binding(self, context) as session:
+                async with _CallSession(self, context) as session:
                     self.dispatcher.check_access(session, access, method.full_name)
                     return await handler(session, request)
             except CarError as e:
@@ -360,7 +360,7 @@ class GrpcService:
 
         async def bidi(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             try:
-                async with _Binding(self, context) as session:
+                async with _CallSession(self, context) as session:
                     self.dispatcher.check_access(session, access, method.full_name)
                     await handler(session, _ContextStream(context))
             except CarError as e:

@@ -7,7 +7,7 @@ until the client stops it, the engine ends it, or either side goes away or stall
 
 Each session has two bounded lanes:
 
-- audio, owner -> engine: an EventBuffer (car_grpc.core.chat_buffer) of PCM chunks that
+- audio, owner -> engine: an EventBuffer (car_grpc.core.event_buffer) of PCM chunks that
   the session's audio pump writes to the engine's stream. While it is full, pushes wait in
   arrival order; an engine that takes nothing for `voice_stall_timeout` fails the waiting
   push and the session (and the write that blocks drops the engine).
@@ -40,7 +40,7 @@ from google.protobuf import struct_pb2
 from car_grpc import codec
 from car_grpc.clock import now_ms
 from car_grpc.core.background import Background
-from car_grpc.core.chat_buffer import EventBuffer, PutResult
+from car_grpc.core.event_buffer import EventBuffer, PutResult
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.router import MessageStream, Reply, grpc_only, handles, handles_notification
 from car_grpc.core.session import ClientSession, SessionClosed

@@ -1,5 +1,5 @@
 """The operator dashboard: a web page over the core's typed API (see server.py)."""
 
-from car_grpc.dashboard.server import Dashboard
+from car_grpc.dashboard.app import Dashboard
 
 __all__ = ["Dashboard"]

@@ -7,13 +7,13 @@ import asyncio
 import pytest
 from google.protobuf import struct_pb2
 
-from car_grpc.core.chat_buffer import EventBuffer, PutResult
 from car_grpc.core.chats import (
     check_attachments,
     decision_approves,
     goal_status_after,
     valid_goal,
 )
+from car_grpc.core.event_buffer import EventBuffer, PutResult
 from car_grpc.errors import INVALID_PARAMS, CarError
 from car_grpc.v1 import chats_pb2
 

@@ -1,4 +1,6 @@
-"""The bounded, ordered buffer between an agent's chat events and the host reading them.
+"""A bounded, ordered buffer between one producer and one reader: an agent's chat events
+on their way to the host (chats.py), a client's audio on its way to a speech engine
+(voice.py).
 
 Chat tokens must neither be lost nor reordered, so a full buffer does not drop: the
 producer (the agent's notification handler) waits, and waiting producers are admitted
