@@ -22,10 +22,10 @@ from typing import Any
 
 import grpc
 
-from car_grpc import codec
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.v1 import host_pb2, session_pb2, session_pb2_grpc
+from car_grpc.wire import codec
 from tests.session_client import SessionClient, connect
 
 SUBSCRIBERS = 8

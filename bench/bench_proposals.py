@@ -20,10 +20,10 @@ from typing import Any
 
 import grpc
 
-from car_grpc import codec
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.v1 import state_pb2, tools_pb2
+from car_grpc.wire import codec
 from tests.session_client import SessionClient, connect
 from tests.tool_host import ToolHost
 

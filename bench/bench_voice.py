@@ -32,8 +32,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench.processes import car_grpc_serve, stop
-from car_grpc import codec
 from car_grpc.v1 import voice_pb2, voice_pb2_grpc
+from car_grpc.wire import codec
 
 CHUNK = 3200  # 100 ms of 16 kHz mono PCM16
 ROUND_TRIPS = 500

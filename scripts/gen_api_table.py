@@ -16,8 +16,8 @@ from pathlib import Path
 
 from google.protobuf.descriptor import Descriptor, FileDescriptor, MethodDescriptor
 
-from car_grpc import api
 from car_grpc.v1 import errors_pb2, options_pb2, session_pb2
+from car_grpc.wire import api
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = ROOT / "docs" / "api-table.md"

@@ -6,8 +6,8 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from car_grpc.errors import ERROR_DOMAIN, grpc_status_for
 from car_grpc.v1 import errors_pb2
+from car_grpc.wire.errors import ERROR_DOMAIN, grpc_status_for
 
 #: Statuses finer than a JSON-RPC code's twin, each named by its ErrorInfo reason.
 REFINED = {

@@ -32,7 +32,9 @@ import grpc
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.core.wiring import CoreParts
-from car_grpc.errors import (
+from car_grpc.gateway import Gateway
+from car_grpc.v1 import runs_pb2
+from car_grpc.wire.errors import (
     APPROVAL_DENIED,
     AUTH_REQUIRED,
     CAPABILITY_MISMATCH,
@@ -45,8 +47,6 @@ from car_grpc.errors import (
     PARSE_ERROR,
     PROTOCOL_VERSION_MISMATCH,
 )
-from car_grpc.gateway import Gateway
-from car_grpc.v1 import runs_pb2
 from tests.conftest import make_config
 from tests.fuzz_strategies import FUZZ_AGENT, FUZZ_RUN
 from tests.session_client import connect

@@ -1,7 +1,7 @@
 """Hypothesis strategies for hostile input, derived from the car.v1 descriptors alone.
 
 Nothing here names a method or a field: the JSON-RPC methods, their params and the
-ClientFrame members come from car_grpc.api, so a new operation is fuzzed the day its
+ClientFrame members come from car_grpc.wire.api, so a new operation is fuzzed the day its
 proto lands. Three families:
 
 - free-form JSON of every shape (`json_values`), and text/bytes that may or may not be
@@ -27,8 +27,8 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
-from car_grpc import api, codec
 from car_grpc.v1 import errors_pb2, options_pb2, session_pb2
+from car_grpc.wire import api, codec
 
 JSON = Any
 

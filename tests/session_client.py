@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from car_grpc.errors import CarError
 from car_grpc.v1 import session_pb2, session_pb2_grpc
+from car_grpc.wire.errors import CarError
 
 ServerRequestHandler = Callable[[session_pb2.ServerFrame], Coroutine[Any, Any, None]]
 

@@ -15,10 +15,10 @@ from car_runtime import _daemon_wrappers
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 
-from car_grpc import api
 from car_grpc.core.server import Core
-from car_grpc.errors import AUTH_REQUIRED, INTERNAL, CarError
 from car_grpc.v1 import options_pb2
+from car_grpc.wire import api
+from car_grpc.wire.errors import AUTH_REQUIRED, INTERNAL, CarError
 from tests.error_details import error_info
 from tests.runs_helpers import state_of
 from tests.session_client import SessionClient, connect

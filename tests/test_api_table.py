@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from car_grpc import api
 from car_grpc.config import DEFAULT_GATED_METHODS
 from car_grpc.v1 import session_pb2
+from car_grpc.wire import api
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL_DOC = ROOT / "docs" / "protocol.md"

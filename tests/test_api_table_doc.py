@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from car_grpc import api
+from car_grpc.wire import api
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gen_api_table.py"
 

@@ -10,12 +10,12 @@ from typing import Any
 import grpc
 import pytest
 
-from car_grpc import codec
 from car_grpc.config import Config
 from car_grpc.core.server import Core
-from car_grpc.errors import APPROVAL_DENIED, ERROR_TRAILER, INTERNAL, INVALID_PARAMS, CarError
 from car_grpc.store import open_store
 from car_grpc.v1 import errors_pb2, host_pb2, host_pb2_grpc, session_pb2, tools_pb2
+from car_grpc.wire import codec
+from car_grpc.wire.errors import APPROVAL_DENIED, ERROR_TRAILER, INTERNAL, INVALID_PARAMS, CarError
 from tests.conftest import make_config
 from tests.error_details import error_info
 from tests.session_client import SessionClient, connect

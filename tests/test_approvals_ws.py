@@ -18,8 +18,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from car_grpc.core.server import Core
-from car_grpc.errors import APPROVAL_DENIED, HANDSHAKE_REQUIRED, INVALID_PARAMS
 from car_grpc.gateway import Gateway
+from car_grpc.wire.errors import APPROVAL_DENIED, HANDSHAKE_REQUIRED, INVALID_PARAMS
 from tests.conftest import make_config
 from tests.ws_helpers import daemon_token, running
 

@@ -8,11 +8,11 @@ import uuid
 
 import pytest
 
-from car_grpc.errors import INVALID_REQUEST
 from car_grpc.gateway import audio_frames
 from car_grpc.gateway.audio_frames import BinaryFrameError, decode, encode, is_audio_frame
 from car_grpc.gateway.jsonrpc import Inbound
 from car_grpc.v1 import voice_pb2
+from car_grpc.wire.errors import INVALID_REQUEST
 
 SESSION = uuid.UUID("0123456789abcdef0123456789abcdef")
 

@@ -13,8 +13,8 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.core.session import Role
 from car_grpc.core.tokens import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
-from car_grpc.errors import AUTH_REQUIRED, INTERNAL, CarError
 from car_grpc.v1 import session_pb2, state_pb2
+from car_grpc.wire.errors import AUTH_REQUIRED, INTERNAL, CarError
 from tests.conftest import make_config
 from tests.session_client import SessionClient
 

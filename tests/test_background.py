@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from car_grpc.core.background import Background
-from car_grpc.errors import INVALID_PARAMS, CarError
+from car_grpc.wire.errors import INVALID_PARAMS, CarError
 
 log = logging.getLogger("test.background")
 

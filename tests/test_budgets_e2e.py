@@ -20,12 +20,12 @@ from typing import Any
 import grpc
 import pytest
 
-from car_grpc.codec import to_value
 from car_grpc.config import Config
 from car_grpc.core.metrics import OK
 from car_grpc.core.server import Core
-from car_grpc.errors import INVALID_PARAMS
 from car_grpc.v1 import session_pb2, state_pb2, tools_pb2
+from car_grpc.wire.codec import to_value
+from car_grpc.wire.errors import INVALID_PARAMS
 from tests.conftest import make_config
 from tests.session_client import connect
 from tests.ws_helpers import Rpc, daemon_token, rpc, running

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from car_grpc.errors import (
+from car_grpc.wire.errors import (
     AUTH_REQUIRED,
     INVALID_PARAMS,
     METHOD_NOT_FOUND,

@@ -18,8 +18,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from car_grpc.core.server import Core
 from car_grpc.core.tokens import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
-from car_grpc.errors import INTERNAL, CarError
 from car_grpc.v1 import session_pb2
+from car_grpc.wire.errors import INTERNAL, CarError
 from tests.conftest import make_config
 from tests.serve_process import launched
 from tests.session_client import SessionClient

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from car_grpc import codec
-from car_grpc.codec import CodecError
 from car_grpc.v1 import chats_pb2, runs_pb2, state_pb2, tools_pb2
+from car_grpc.wire import codec
+from car_grpc.wire.codec import CodecError
 
 JSON_VALUES = st.recursive(
     st.none()

@@ -19,9 +19,9 @@ import pytest
 import pytest_asyncio
 
 from car_grpc.config import DEFAULT_GATED_METHODS
-from car_grpc.errors import APPROVAL_DENIED
 from car_grpc.serve import Server
 from car_grpc.v1 import chats_pb2
+from car_grpc.wire.errors import APPROVAL_DENIED
 from tests.browser_driver import Browser, ensure_installed
 from tests.chat_helpers import accept_chat
 from tests.conftest import make_config

@@ -17,9 +17,9 @@ import pytest
 from car_grpc.config import DEFAULT_GATED_METHODS
 from car_grpc.core.server import Core
 from car_grpc.dashboard import Dashboard
-from car_grpc.errors import APPROVAL_DENIED, INVALID_PARAMS, CarError
 from car_grpc.serve import Server
 from car_grpc.v1 import host_pb2, state_pb2
+from car_grpc.wire.errors import APPROVAL_DENIED, INVALID_PARAMS, CarError
 from tests.conftest import make_config
 from tests.dashboard_helpers import (
     PARTIAL_HEAD,

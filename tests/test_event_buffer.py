@@ -14,8 +14,8 @@ from car_grpc.core.chats import (
     valid_goal,
 )
 from car_grpc.core.event_buffer import EventBuffer, PutResult
-from car_grpc.errors import INVALID_PARAMS, CarError
 from car_grpc.v1 import chats_pb2
+from car_grpc.wire.errors import INVALID_PARAMS, CarError
 
 # ------------------------------------------------------------------ EventBuffer
 

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from car_grpc.core.server import Core
-from car_grpc.errors import INTERNAL, INVALID_PARAMS
 from car_grpc.gateway import Gateway
+from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS
 from tests.conftest import make_config
 from tests.ws_helpers import daemon_token, running
 from tests.ws_pipelined import Pipelined, RpcError, pipelined

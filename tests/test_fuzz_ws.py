@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from car_grpc import api
-from car_grpc.errors import (
+from car_grpc.wire import api
+from car_grpc.wire.errors import (
     AUTH_REQUIRED,
     INTERNAL,
     INVALID_PARAMS,

@@ -21,7 +21,8 @@ from websockets.protocol import Event
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.core.session import ClientSession
-from car_grpc.errors import (
+from car_grpc.gateway import Gateway
+from car_grpc.wire.errors import (
     AUTH_REQUIRED,
     INTERNAL,
     INVALID_PARAMS,
@@ -29,7 +30,6 @@ from car_grpc.errors import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
 )
-from car_grpc.gateway import Gateway
 from tests.conftest import make_config
 from tests.ws_helpers import RawWebSocket, Rpc, daemon_token, rpc, running
 

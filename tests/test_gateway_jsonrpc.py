@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from car_grpc import api, codec
-from car_grpc.errors import (
+from car_grpc.gateway.jsonrpc import MAX_OPEN_CALLBACKS, Bridge, Inbound
+from car_grpc.v1 import errors_pb2, session_pb2, tools_pb2
+from car_grpc.wire import api, codec
+from car_grpc.wire.errors import (
     AUTH_REQUIRED,
     INTERNAL,
     INVALID_PARAMS,
@@ -17,8 +19,6 @@ from car_grpc.errors import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
 )
-from car_grpc.gateway.jsonrpc import MAX_OPEN_CALLBACKS, Bridge, Inbound
-from car_grpc.v1 import errors_pb2, session_pb2, tools_pb2
 
 
 def send(bridge: Bridge, message: Any) -> Inbound:

@@ -11,8 +11,8 @@ import pytest
 
 from car_grpc.config import Config
 from car_grpc.core.server import Core
-from car_grpc.errors import INVALID_PARAMS, CarError
 from car_grpc.v1 import chats_pb2
+from car_grpc.wire.errors import INVALID_PARAMS, CarError
 from tests.chat_helpers import accept_chat, agent, emit, host, next_chat_event
 from tests.session_client import SessionClient
 

@@ -16,7 +16,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from car_grpc import api
+from car_grpc.wire import api
 from tests.serve_process import launched
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -10,11 +10,11 @@ from typing import Any
 import grpc
 import pytest
 
-from car_grpc import codec
 from car_grpc.config import Config
 from car_grpc.core.server import Core
-from car_grpc.errors import HANDSHAKE_REQUIRED, INVALID_PARAMS, CarError
 from car_grpc.v1 import host_pb2, host_pb2_grpc, session_pb2, session_pb2_grpc
+from car_grpc.wire import codec
+from car_grpc.wire.errors import HANDSHAKE_REQUIRED, INVALID_PARAMS, CarError
 from tests.conftest import make_config
 from tests.session_client import SessionClient, connect
 

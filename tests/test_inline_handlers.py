@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from car_grpc import api, codec
 from car_grpc.core.server import Core
 from car_grpc.core.session import Role
 from car_grpc.v1 import session_pb2
+from car_grpc.wire import api, codec
 from tests.conftest import make_config
 
 #: A valid request (JSON-RPC params) for every inline member that needs one.

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from car_grpc.config import Config
-from car_grpc.errors import INVALID_PARAMS
 from car_grpc.store import open_store
 from car_grpc.v1 import voice_pb2
+from car_grpc.wire.errors import INVALID_PARAMS
 from tests.conftest import make_config
 from tests.voice_helpers import FAREWELL, VoiceRpc, echo_engine, final_event, voice_rpc
 from tests.ws_helpers import daemon_token, running

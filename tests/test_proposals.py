@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from car_grpc.codec import json_to_message
 from car_grpc.core import proposals
 from car_grpc.core.proposals import ToolFailed, ToolInvocation
-from car_grpc.errors import INVALID_PARAMS, CarError
 from car_grpc.v1 import state_pb2, tools_pb2
+from car_grpc.wire.codec import json_to_message
+from car_grpc.wire.errors import INVALID_PARAMS, CarError
 
 Status = tools_pb2.ActionStatus
 JSON = Any

@@ -11,11 +11,11 @@ from typing import Any
 import grpc
 import pytest
 
-from car_grpc.codec import json_to_message, struct_to_json, to_value, value_to_json
 from car_grpc.core.server import Core
 from car_grpc.core.tools import HALTED
-from car_grpc.errors import DEADLINE_EXCEEDED, INVALID_PARAMS, CarError
 from car_grpc.v1 import session_pb2, state_pb2, tools_pb2
+from car_grpc.wire.codec import json_to_message, struct_to_json, to_value, value_to_json
+from car_grpc.wire.errors import DEADLINE_EXCEEDED, INVALID_PARAMS, CarError
 from tests.conftest import make_config
 from tests.session_client import SessionClient, connect
 from tests.tool_host import ToolHost, terminal_error

@@ -5,7 +5,6 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from car_grpc.codec import to_value, value_to_json
 from car_grpc.core.run_turns import (
     DEFAULT_VERDICT,
     FIELD_CAP,
@@ -17,6 +16,7 @@ from car_grpc.core.run_turns import (
     json_size,
 )
 from car_grpc.v1 import runs_pb2
+from car_grpc.wire.codec import to_value, value_to_json
 
 
 def test_short_text_is_kept_as_is() -> None:

@@ -7,12 +7,12 @@ import asyncio
 import grpc
 import pytest
 
-from car_grpc.codec import message_to_json, to_value, value_to_json
 from car_grpc.core.run_turns import FIELD_CAP, TRUNCATED, TURN_REPLACED
 from car_grpc.core.runs import RECORD_TURNS_USAGE
 from car_grpc.core.server import Core
-from car_grpc.errors import INTERNAL, INVALID_PARAMS, CarError
 from car_grpc.v1 import runs_pb2, runs_pb2_grpc
+from car_grpc.wire.codec import message_to_json, to_value, value_to_json
+from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS, CarError
 from tests.error_details import error_info
 from tests.runs_helpers import (
     agent,

@@ -11,8 +11,8 @@ import pytest
 
 from car_grpc.config import Config
 from car_grpc.core.server import Core
-from car_grpc.errors import ERROR_TRAILER, INVALID_PARAMS
 from car_grpc.v1 import errors_pb2, runs_pb2, runs_pb2_grpc, session_pb2
+from car_grpc.wire.errors import ERROR_TRAILER, INVALID_PARAMS
 from tests.conftest import make_config
 from tests.runs_helpers import (
     agent,

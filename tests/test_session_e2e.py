@@ -6,8 +6,8 @@ import grpc
 import pytest
 
 from car_grpc.core.server import Core
-from car_grpc.errors import AUTH_REQUIRED, PROTOCOL_VERSION_MISMATCH, CarError
 from car_grpc.v1 import session_pb2
+from car_grpc.wire.errors import AUTH_REQUIRED, PROTOCOL_VERSION_MISMATCH, CarError
 from tests.session_client import SessionClient, connect
 
 

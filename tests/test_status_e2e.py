@@ -8,9 +8,7 @@ import re
 import grpc
 import pytest
 
-from car_grpc.codec import json_to_message
 from car_grpc.core.server import Core
-from car_grpc.errors import INTERNAL, INVALID_PARAMS, CarError
 from car_grpc.v1 import (
     chats_pb2,
     host_pb2,
@@ -19,6 +17,8 @@ from car_grpc.v1 import (
     status_pb2_grpc,
     tools_pb2,
 )
+from car_grpc.wire.codec import json_to_message
+from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS, CarError
 from tests.chat_helpers import accept_chat, bearer, tokens
 from tests.error_details import error_info
 from tests.runs_helpers import agent, host, ordinary, record, start, turns

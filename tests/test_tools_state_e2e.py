@@ -8,10 +8,10 @@ from typing import Any
 import grpc
 import pytest
 
-from car_grpc.codec import json_to_message, message_to_json, struct_to_json, value_to_json
 from car_grpc.core.server import Core
-from car_grpc.errors import INVALID_PARAMS, CarError
 from car_grpc.v1 import session_pb2, state_pb2, tools_pb2
+from car_grpc.wire.codec import json_to_message, message_to_json, struct_to_json, value_to_json
+from car_grpc.wire.errors import INVALID_PARAMS, CarError
 from tests.session_client import SessionClient, connect
 
 

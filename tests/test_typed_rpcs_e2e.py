@@ -9,9 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
-from car_grpc.codec import json_to_message, to_value, value_to_json
 from car_grpc.core.server import Core
-from car_grpc.errors import ERROR_TRAILER, INTERNAL, INVALID_PARAMS
 from car_grpc.v1 import (
     errors_pb2,
     session_pb2,
@@ -21,6 +19,8 @@ from car_grpc.v1 import (
     tools_pb2,
     tools_pb2_grpc,
 )
+from car_grpc.wire.codec import json_to_message, to_value, value_to_json
+from car_grpc.wire.errors import ERROR_TRAILER, INTERNAL, INVALID_PARAMS
 from tests.session_client import SessionClient
 from tests.tool_host import ToolHost
 

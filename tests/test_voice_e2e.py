@@ -17,13 +17,13 @@ from typing import Any
 import grpc
 import pytest
 
-from car_grpc import codec
 from car_grpc.config import Config
 from car_grpc.core.server import Core
-from car_grpc.errors import INTERNAL, INVALID_PARAMS, INVALID_REQUEST
 from car_grpc.gateway import Gateway
 from car_grpc.gateway.audio_frames import decode
 from car_grpc.v1 import session_pb2, voice_pb2, voice_pb2_grpc
+from car_grpc.wire import codec
+from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS, INVALID_REQUEST
 from tests.conftest import make_config
 from tests.session_client import SessionClient, connect
 from tests.voice_helpers import (

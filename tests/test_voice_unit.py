@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from car_grpc import codec
 from car_grpc.core.meetings import MAX_SEGMENT_TEXT, TRUNCATED, transcript_segment
 from car_grpc.core.voice import canonical_session_id, decode_pcm, ended_event, error_event
-from car_grpc.errors import INVALID_PARAMS, CarError
+from car_grpc.wire import codec
+from car_grpc.wire.errors import INVALID_PARAMS, CarError
 
 
 def test_any_uuid_spelling_becomes_32_lowercase_hex_digits() -> None:

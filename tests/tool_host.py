@@ -14,9 +14,9 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-from car_grpc.codec import json_to_value, to_value
-from car_grpc.errors import CarError
 from car_grpc.v1 import tools_pb2
+from car_grpc.wire.codec import json_to_value, to_value
+from car_grpc.wire.errors import CarError
 from tests.session_client import SessionClient
 
 Tool = Callable[[tools_pb2.ExecuteToolRequest], Awaitable[Any]]

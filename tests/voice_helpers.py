@@ -12,8 +12,8 @@ from typing import Any
 import grpc
 from websockets.asyncio.client import connect
 
-from car_grpc import codec
 from car_grpc.v1 import voice_pb2, voice_pb2_grpc
+from car_grpc.wire import codec
 from tests.ws_helpers import Rpc
 
 ServeVoiceRequest = voice_pb2.ServeVoiceRequest

@@ -32,13 +32,15 @@ from typing import TypeAlias
 
 from google.protobuf.message import Message
 
-from car_grpc import codec
 from car_grpc.clock import now_ms
 from car_grpc.core.host import HostEvents
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.router import handles
 from car_grpc.core.session import ClientSession, Role
-from car_grpc.errors import (
+from car_grpc.store.repositories import ApprovalStore
+from car_grpc.v1 import host_pb2
+from car_grpc.wire import codec
+from car_grpc.wire.errors import (
     APPROVAL_DENIED,
     INVALID_PARAMS,
     CarError,
@@ -49,8 +51,6 @@ from car_grpc.errors import (
     permission_denied,
     require,
 )
-from car_grpc.store.repositories import ApprovalStore
-from car_grpc.v1 import host_pb2
 
 log = logging.getLogger(__name__)
 

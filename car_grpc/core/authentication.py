@@ -7,8 +7,8 @@ from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.router import handles
 from car_grpc.core.session import ClientSession, Role
 from car_grpc.core.tokens import AgentTokens, ServerTokens
-from car_grpc.errors import CAPABILITY_MISMATCH, INTERNAL, PROTOCOL_VERSION_MISMATCH, CarError
 from car_grpc.v1 import session_pb2
+from car_grpc.wire.errors import CAPABILITY_MISMATCH, INTERNAL, PROTOCOL_VERSION_MISMATCH, CarError
 
 TOKEN_MISMATCH = "auth failed: token mismatch"
 

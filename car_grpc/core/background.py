@@ -15,7 +15,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from car_grpc.errors import CarError
+from car_grpc.wire.errors import CarError
 
 T = TypeVar("T")
 

@@ -33,9 +33,9 @@ from car_grpc.core.event_buffer import EventBuffer, PutResult
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.router import Reply, handles, handles_notification, streams
 from car_grpc.core.session import ClientSession, SessionClosed
-from car_grpc.errors import INTERNAL, CarError, field_error, require
 from car_grpc.store.repositories import GoalStore
 from car_grpc.v1 import chats_pb2, session_pb2
+from car_grpc.wire.errors import INTERNAL, CarError, field_error, require
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
-from car_grpc import api
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.router import Reply, Router
-from car_grpc.errors import (
+from car_grpc.v1 import options_pb2
+from car_grpc.wire import api
+from car_grpc.wire.errors import (
     AUTH_REQUIRED,
     DEADLINE_EXCEEDED,
     HANDSHAKE_REQUIRED,
@@ -28,7 +29,6 @@ from car_grpc.errors import (
     CarError,
     permission_denied,
 )
-from car_grpc.v1 import options_pb2
 
 if TYPE_CHECKING:
     from car_grpc.core.session import ClientSession

@@ -19,15 +19,15 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from car_grpc import api
 from car_grpc.core.authentication import Authentication
 from car_grpc.core.dispatch import AuthRequired, Dispatcher
 from car_grpc.core.reflection import add_reflection
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.router import GrpcOnlyHandler, Reply
 from car_grpc.core.session import ClientSession, Role, SessionClosed
-from car_grpc.errors import INVALID_REQUEST, CarError
 from car_grpc.v1 import session_pb2
+from car_grpc.wire import api
+from car_grpc.wire.errors import INVALID_REQUEST, CarError
 
 log = logging.getLogger(__name__)
 

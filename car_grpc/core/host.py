@@ -25,13 +25,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from car_grpc import codec
 from car_grpc.clock import now_ms
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.router import Reply, handles, streams
 from car_grpc.core.session import ClientSession, Role, SessionClosed
-from car_grpc.errors import CarError, invalid_params, require
 from car_grpc.v1 import host_pb2
+from car_grpc.wire import codec
+from car_grpc.wire.errors import CarError, invalid_params, require
 
 #: Events a host.subscribe snapshot carries (the newest ones).
 SNAPSHOT_EVENTS = 100

@@ -9,11 +9,11 @@ by the serialized size of its google.protobuf.Value, before it is converted.
 
 from __future__ import annotations
 
-from car_grpc.codec import to_struct, to_value, value_to_json
 from car_grpc.core.router import handles
 from car_grpc.core.session import ClientSession
-from car_grpc.errors import field_error, require
 from car_grpc.v1 import state_pb2
+from car_grpc.wire.codec import to_struct, to_value, value_to_json
+from car_grpc.wire.errors import field_error, require
 
 
 class KeyValue:

@@ -13,8 +13,8 @@ from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from car_grpc.codec import to_value
-from car_grpc.errors import invalid_params
+from car_grpc.wire.codec import to_value
+from car_grpc.wire.errors import invalid_params
 
 JSON = Any
 

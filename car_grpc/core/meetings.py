@@ -15,14 +15,14 @@ import uuid
 
 from google.protobuf import struct_pb2
 
-from car_grpc import codec
 from car_grpc.clock import now_ms
 from car_grpc.core.router import Reply, handles
 from car_grpc.core.session import ClientSession
 from car_grpc.core.voice import DEFAULT_AUDIO_SOURCE, Voice, VoiceSession
-from car_grpc.errors import field_error, invalid_params, require
 from car_grpc.store.repositories import MeetingStore
 from car_grpc.v1 import voice_pb2
+from car_grpc.wire import codec
+from car_grpc.wire.errors import field_error, invalid_params, require
 
 Meeting = voice_pb2.Meeting
 

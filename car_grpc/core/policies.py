@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from car_grpc.core.router import handles
 from car_grpc.core.session import ClientSession
-from car_grpc.errors import field_error, require
 from car_grpc.v1 import state_pb2
+from car_grpc.wire.errors import field_error, require
 
 Kind = state_pb2.PolicyKind
 

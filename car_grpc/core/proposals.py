@@ -33,10 +33,10 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from car_grpc.clock import now_ms
-from car_grpc.codec import struct_to_json, to_value, value_to_json
 from car_grpc.core.kv import KeyValueState
-from car_grpc.errors import CarError, field_error
 from car_grpc.v1 import state_pb2, tools_pb2
+from car_grpc.wire.codec import struct_to_json, to_value, value_to_json
+from car_grpc.wire.errors import CarError, field_error
 
 JSON = Any
 

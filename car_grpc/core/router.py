@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from google.protobuf import descriptor_pool
 from google.protobuf.message import Message
 
-from car_grpc import api
+from car_grpc.wire import api
 
 if TYPE_CHECKING:
     from car_grpc.core.session import ClientSession

@@ -12,8 +12,8 @@ import json
 
 from google.protobuf import struct_pb2
 
-from car_grpc import codec
 from car_grpc.v1 import runs_pb2
+from car_grpc.wire import codec
 
 FIELD_CAP = 16 * 1024
 TURN_CAP = 256 * 1024

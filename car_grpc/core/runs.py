@@ -37,15 +37,17 @@ from typing import TypeAlias, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from car_grpc import api
 from car_grpc.clock import now_ms
-from car_grpc.codec import enum_to_json, to_value
 from car_grpc.core.background import Background
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.router import Reply, handles, streams
 from car_grpc.core.run_turns import cap_turn
 from car_grpc.core.session import ClientSession, Role, SessionClosed
-from car_grpc.errors import (
+from car_grpc.store.repositories import RunRow, RunStore
+from car_grpc.v1 import runs_pb2, session_pb2
+from car_grpc.wire import api
+from car_grpc.wire.codec import enum_to_json, to_value
+from car_grpc.wire.errors import (
     INTERNAL,
     INVALID_PARAMS,
     CarError,
@@ -55,8 +57,6 @@ from car_grpc.errors import (
     not_found,
     require,
 )
-from car_grpc.store.repositories import RunRow, RunStore
-from car_grpc.v1 import runs_pb2, session_pb2
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,9 @@ from car_grpc.core.grpc_service import add_health_and_reflection
 from car_grpc.core.tokens import ServerTokens
 from car_grpc.core.wiring import CoreParts, wire
 from car_grpc.store import Store, open_store
+from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger(__name__)
-
-#: Largest gRPC message accepted or sent (a 256-turn batch of 256 KiB turns fits).
-MAX_MESSAGE_BYTES = 80 * 1024 * 1024
 
 
 class Core:
@@ -50,8 +48,7 @@ class Core:
         self.parts = parts = await wire(self.config, store, tokens)
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                *MESSAGE_SIZE_OPTIONS,
                 ("grpc.so_reuseport", 0),
             ]
         )

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from car_grpc import api
 from car_grpc.clock import now_ms
 from car_grpc.core.kv import KeyValueState, StateBudget
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.outbound import OutboundQueue
-from car_grpc.errors import INTERNAL, CarError, invalid_params
 from car_grpc.v1 import options_pb2, session_pb2, state_pb2, tools_pb2
+from car_grpc.wire import api
+from car_grpc.wire.errors import INTERNAL, CarError, invalid_params
 
 log = logging.getLogger(__name__)
 

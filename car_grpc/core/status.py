@@ -7,7 +7,6 @@ off the state here, at the call; counters live in car_grpc.core.metrics.
 
 from __future__ import annotations
 
-from car_grpc import codec
 from car_grpc.clock import now_ms
 from car_grpc.config import SERVER_VERSION
 from car_grpc.core.approvals import Approvals
@@ -18,6 +17,7 @@ from car_grpc.core.router import handles
 from car_grpc.core.session import ClientSession, Role
 from car_grpc.store.repositories import RunStore, Store
 from car_grpc.v1 import status_pb2
+from car_grpc.wire import codec
 
 #: Sessions a status snapshot lists (the newest); `session_count` counts them all.
 MAX_LISTED_SESSIONS = 256

@@ -19,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from car_grpc.codec import JSON, to_struct, value_to_json
 from car_grpc.core import proposals
 from car_grpc.core.policies import checked_policy
 from car_grpc.core.proposals import ToolFailed, ToolInvocation
 from car_grpc.core.router import handles
 from car_grpc.core.session import ClientSession, SessionClosed
-from car_grpc.errors import INTERNAL, CarError, field_error, require
 from car_grpc.v1 import session_pb2, tools_pb2
+from car_grpc.wire.codec import JSON, to_struct, value_to_json
+from car_grpc.wire.errors import INTERNAL, CarError, field_error, require
 
 log = logging.getLogger(__name__)
 

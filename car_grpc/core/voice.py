@@ -37,14 +37,15 @@ from typing import Any, Protocol
 
 from google.protobuf import struct_pb2
 
-from car_grpc import codec
 from car_grpc.clock import now_ms
 from car_grpc.core.background import Background
 from car_grpc.core.event_buffer import EventBuffer, PutResult
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.router import MessageStream, Reply, grpc_only, handles, handles_notification
 from car_grpc.core.session import ClientSession, SessionClosed
-from car_grpc.errors import (
+from car_grpc.v1 import session_pb2, voice_pb2
+from car_grpc.wire import codec
+from car_grpc.wire.errors import (
     INTERNAL,
     CarError,
     already_exists,
@@ -53,7 +54,6 @@ from car_grpc.errors import (
     require,
     resource_exhausted,
 )
-from car_grpc.v1 import session_pb2, voice_pb2
 
 log = logging.getLogger(__name__)
 

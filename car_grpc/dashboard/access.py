@@ -20,7 +20,6 @@ import secrets
 import time
 from collections.abc import Callable
 
-from car_grpc.core.tokens import mint_token
 from car_grpc.dashboard.http import Request
 
 COOKIE = "car_dashboard"
@@ -40,7 +39,7 @@ class Access:
     def __init__(self, host_token: str | None, clock: Callable[[], float] = time.monotonic) -> None:
         self._host_token = host_token
         self._clock = clock
-        self.login_token = mint_token()
+        self.login_token = secrets.token_urlsafe(32)
         #: session id -> expiry (on `clock`).
         self._sessions: dict[str, float] = {}
         self._hosts: frozenset[str] | None = frozenset()
@@ -59,7 +58,7 @@ class Access:
         """Trade the current login token for a new session id (None if it is not it)."""
         if not token or not _equal(token, self.login_token):
             return None
-        self.login_token = mint_token()  # spent: the log shows the next one
+        self.login_token = secrets.token_urlsafe(32)  # spent: the log shows the next one
         now = self._clock()
         self._sessions = {sid: t for sid, t in self._sessions.items() if t > now}
         while len(self._sessions) >= MAX_SESSIONS:

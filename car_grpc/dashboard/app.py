@@ -46,7 +46,7 @@ from car_grpc.dashboard.http import (
     Response,
     ServerSentEvent,
 )
-from car_grpc.errors import INVALID_PARAMS, CarError
+from car_grpc.wire.errors import INVALID_PARAMS, CarError
 
 log = logging.getLogger(__name__)
 

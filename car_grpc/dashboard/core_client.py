@@ -5,7 +5,7 @@ same beside a core in its own process (`car-grpc serve`) or another one, and see
 what any host tool would: StatusService for connections, chats and metrics,
 ApprovalService for the ledger, RunService for runs, HostService.WatchHostEvents and
 RunService.WatchRun for what changes. Answers are returned as the JSON shape of the
-wire protocol (car_grpc.codec), which is what the page renders.
+wire protocol (car_grpc.wire.codec), which is what the page renders.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from typing import Any
 
 import grpc
 
-from car_grpc import codec, tls
+from car_grpc import tls
 from car_grpc.config import Config
-from car_grpc.errors import ERROR_TRAILER, INTERNAL, CarError
 from car_grpc.v1 import (
     errors_pb2,
     host_pb2,
@@ -27,12 +26,14 @@ from car_grpc.v1 import (
     status_pb2,
     status_pb2_grpc,
 )
+from car_grpc.wire import codec
+from car_grpc.wire.errors import ERROR_TRAILER, INTERNAL, CarError
+from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
 
 JSON = Any
 #: Deadline of one unary call to the core.
 CALL_TIMEOUT = 5.0
 #: Largest message the dashboard accepts from the core (a page of run records).
-MAX_MESSAGE_BYTES = 80 * 1024 * 1024
 
 
 def car_error(e: grpc.aio.AioRpcError) -> CarError:
@@ -49,8 +50,7 @@ class CoreClient:
             address,
             config,
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                *MESSAGE_SIZE_OPTIONS,
             ],
         )
         self._metadata = (("authorization", f"Bearer {host_token}"),) if host_token else ()

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import struct
 
-from car_grpc.errors import INVALID_REQUEST
 from car_grpc.gateway.jsonrpc import Inbound, error_object, error_response
 from car_grpc.v1 import session_pb2, voice_pb2
+from car_grpc.wire.errors import INVALID_REQUEST
 
 VoiceAudio = voice_pb2.VoiceAudio
 

@@ -3,7 +3,7 @@
 `Bridge` holds the JSON-RPC state of one WebSocket connection. `from_client` turns a text
 frame into ClientFrames for the core plus the errors the gateway answers itself;
 `from_core` turns a ServerFrame into the text frame for the client. The method table and
-the JSON<->proto mapping come from the descriptors (car_grpc.api, car_grpc.codec): nothing
+the JSON<->proto mapping come from the descriptors (car_grpc.wire.api, car_grpc.wire.codec): nothing
 here names a method.
 
 Correlation: every request the client sends goes to the core under a gateway-side id, so
@@ -23,8 +23,9 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
-from car_grpc import api, codec
-from car_grpc.errors import (
+from car_grpc.v1 import errors_pb2, session_pb2
+from car_grpc.wire import api, codec
+from car_grpc.wire.errors import (
     AUTH_REQUIRED,
     INTERNAL,
     INVALID_PARAMS,
@@ -32,7 +33,6 @@ from car_grpc.errors import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
 )
-from car_grpc.v1 import errors_pb2, session_pb2
 
 JSON = Any
 

@@ -27,9 +27,9 @@ from websockets.frames import CloseCode
 
 from car_grpc import tls
 from car_grpc.config import Config
-from car_grpc.core.server import MAX_MESSAGE_BYTES
 from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection
 from car_grpc.v1 import session_pb2
+from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,7 @@ class Gateway:
             self.core_address,
             config,
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                *MESSAGE_SIZE_OPTIONS,
                 # Fixed stream windows: what a stalled client's stream may hold stays
                 # small (BDP probing would grow it to megabytes per connection).
                 ("grpc.http2.bdp_probe", 0),
