@@ -133,7 +133,7 @@ class Config:
     chat_ack_timeout: float = 5.0
     #: Chat events buffered between an agent and its host; beyond it the agent is slowed
     #: down (its events wait in order) rather than any being dropped.
-    event_buffer: int = 256
+    chat_buffer: int = 256
     #: How long an agent's chat events may wait for a host that stopped reading before
     #: the chat ends with an `error` event (and is cancelled at the agent).
     chat_stall_timeout: float = 30.0

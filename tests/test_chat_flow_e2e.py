@@ -33,7 +33,7 @@ BUFFER = 4
 def tiny_buffers(tmp_path: Path, **overrides: object) -> Config:
     return make_config(
         tmp_path,
-        event_buffer=BUFFER,
+        chat_buffer=BUFFER,
         session_outbound_queue=4,
         max_inflight_per_session=8,
         **overrides,

@@ -296,7 +296,7 @@ async def test_ws_agent_that_sends_its_last_tokens_and_leaves_loses_none(
     forwarded last are still read: none of an agent's final tokens is lost, even while
     tiny buffers keep the core behind the agent."""
     config = make_config(
-        tmp_path, event_buffer=4, session_outbound_queue=4, max_inflight_per_session=8
+        tmp_path, chat_buffer=4, session_outbound_queue=4, max_inflight_per_session=8
     )
     async with running(config) as (core, gateway), ws_peer(gateway, daemon(core)) as h:
         async with ws_peer(gateway, await as_agent(core)) as a:
@@ -470,7 +470,7 @@ def _small_buffers(tmp_path: Path, **overrides: Any) -> Config:
         ws_outbound_queue=8,
         ws_write_limit=16 * 1024,
         session_outbound_queue=8,
-        event_buffer=8,
+        chat_buffer=8,
         **overrides,
     )
 

@@ -108,7 +108,7 @@ async def wire(config: Config, store: Store, tokens: ServerTokens | None) -> Cor
     chats = Chats(
         registry,
         store.goals,
-        ChatLimits(config.chat_ack_timeout, config.event_buffer, config.chat_stall_timeout),
+        ChatLimits(config.chat_ack_timeout, config.chat_buffer, config.chat_stall_timeout),
     )
     await chats.start()
     voice = Voice(
