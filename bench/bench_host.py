@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from car_grpc.config import Config
+from car_grpc.config import CoreConfig
 from car_grpc.core.server import Core
 from car_grpc.v1 import host_pb2, session_pb2, session_pb2_grpc
 from car_grpc.wire import codec
@@ -34,18 +34,15 @@ PARKED = 64
 ROUND_TRIPS = 300
 
 
-def _config(root: Path, **overrides: Any) -> Config:
-    config = Config(
+def _config(root: Path, **overrides: Any) -> CoreConfig:
+    return CoreConfig(
         state_root=root / "home",
         token_dir=root / "home" / "tokens",
         grpc_port=0,
-        unix_socket=None,
         session_outbound_queue=64,
         host_event_queue=64,
+        **overrides,
     )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
 
 
 async def _session(core: Core, channel: grpc.aio.Channel) -> SessionClient:

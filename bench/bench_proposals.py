@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from car_grpc.config import Config
+from car_grpc.config import CoreConfig
 from car_grpc.core.server import Core
 from car_grpc.v1 import state_pb2, tools_pb2
 from car_grpc.wire import codec
@@ -64,9 +64,7 @@ def _quantiles(times: list[float]) -> tuple[float, float]:
 async def _run() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        core = Core(
-            Config(state_root=root, token_dir=root / "tokens", grpc_port=0, unix_socket=None)
-        )
+        core = Core(CoreConfig(state_root=root, token_dir=root / "tokens", grpc_port=0))
         await core.start()
         try:
             async with grpc.aio.insecure_channel(core.grpc_address) as channel:

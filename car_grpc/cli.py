@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from car_grpc.config import Config
+from car_grpc.config import Config, CoreConfig
 from car_grpc.core.server import Core
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.gateway import Gateway
@@ -66,20 +66,38 @@ def _seconds(raw: str) -> float:
     return value
 
 
-def _config(args: argparse.Namespace) -> Config:
+def _given(**flags: object) -> dict[str, object]:
+    """The flags the command line set (None: not given, the config's value stands)."""
+    return {name: value for name, value in flags.items() if value is not None}
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    """The one config of a command: the environment's, then the flags it was given (a
+    command has only its own flags; the others read as not given)."""
+    flag = vars(args).get
     config = Config.from_env()
-    if args.grpc_host:
-        config.grpc_host = args.grpc_host
-    if args.grpc_port is not None:
-        config.grpc_port = args.grpc_port
-    if args.no_auth:
-        config.auth = False
-    if args.no_approvals:
-        config.approvals = False
-    config.gated_methods |= frozenset(args.gate_method)
-    if args.approval_timeout is not None:
-        config.approval_timeout = args.approval_timeout
-    config.grpc_tls_cert, config.grpc_tls_key = args.grpc_tls_cert, args.grpc_tls_key
+    config = config.with_overrides(
+        **_given(
+            grpc_host=flag("grpc_host") or None,
+            grpc_port=flag("grpc_port"),
+            auth=False if flag("no_auth") else None,
+            approvals=False if flag("no_approvals") else None,
+            approval_timeout=flag("approval_timeout"),
+            grpc_tls_cert=flag("grpc_tls_cert"),
+            grpc_tls_key=flag("grpc_tls_key"),
+            ws_host=flag("host") or None,
+            ws_port=flag("port"),
+            unix_socket=flag("unix_socket"),
+            ws_tls_cert=flag("tls_cert"),
+            ws_tls_key=flag("tls_key"),
+            core_ca=flag("core_ca"),
+            dashboard=False if flag("no_dashboard") else None,
+            dashboard_port=flag("dashboard_port"),
+        ),
+        gated_methods=config.core.gated_methods | frozenset(flag("gate_method") or ()),
+    )
+    if flag("no_unix_socket"):
+        config = config.with_overrides(unix_socket=None)
     return config
 
 
@@ -105,18 +123,6 @@ def _add_ws_flags(p: argparse.ArgumentParser, unix_default: str, core_ca_default
         metavar="PEM",
         help=f"dial the core over TLS, trusting these CA certificates ({core_ca_default})",
     )
-
-
-def _ws_config(config: Config, args: argparse.Namespace) -> Config:
-    if args.host:
-        config.ws_host = args.host
-    if args.port is not None:
-        config.ws_port = args.port
-    if args.unix_socket is not None:
-        config.unix_socket = args.unix_socket
-    config.ws_tls_cert, config.ws_tls_key = args.tls_cert, args.tls_key
-    config.core_ca = args.core_ca
-    return config
 
 
 class _Service(Protocol):
@@ -148,28 +154,21 @@ def _run(service: _Service) -> int:
 
 
 def _cmd_core(args: argparse.Namespace) -> int:
-    return _run(Core(_config(args)))
+    return _run(Core(config_from(args).core))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    config = _ws_config(_config(args), args)
-    if args.no_unix_socket:
-        config.unix_socket = None
-    if args.no_dashboard:
-        config.dashboard = False
-    if args.dashboard_port is not None:
-        config.dashboard_port = args.dashboard_port
-    return _run(Server(config))
+    return _run(Server(config_from(args)))
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
-    config = _ws_config(Config.from_env(), args)
-    if args.unix_socket is None:
-        config.unix_socket = None  # several gateways may run side by side: none by default
-    return _run(Gateway(config, args.core))
+    config = config_from(args)
+    if args.unix_socket is None:  # several gateways may run side by side: none by default
+        config = config.with_overrides(unix_socket=None)
+    return _run(Gateway(config.gateway, args.core))
 
 
-def _store_note(config: Config, new: bool) -> str:
+def _store_note(config: CoreConfig, new: bool) -> str:
     """Which store an `agents` command used: a server honours the tokens of its own store
     only, the one under its CAR_HOME (a token minted elsewhere fails `token mismatch`)."""
     home = os.environ.get("CAR_HOME")
@@ -190,7 +189,7 @@ def _cmd_agents(args: argparse.Namespace) -> int:
 
 
 async def _agents(args: argparse.Namespace) -> int:
-    config = Config.from_env()
+    config = Config.from_env().core
     new = not database_path(config.state_root).exists()
     store = await open_store(config.state_root)
     tokens = AgentTokens(store.agent_tokens)

@@ -1,14 +1,17 @@
-"""Configuration of a car-grpc server, as one typed object.
+"""Configuration of car-grpc: one frozen dataclass per component, built once.
 
-`Config.from_env()` reads the environment variables of docs/protocol.md (CAR_HOME,
-CAR_NO_AUTH, CAR_NO_APPROVALS, CAR_TOOL_TIMEOUT, CAR_HANDLER_TIMEOUT, ...); the CLI
-overrides fields from its flags; embedders build one directly.
+`CoreConfig`, `GatewayConfig` and `DashboardConfig` hold what each component needs and
+nothing else; `Config` groups them for `car-grpc serve`. Each field is declared once, with
+its default; `Config.from_env()` reads the environment variables of docs/protocol.md
+(CAR_HOME, CAR_NO_AUTH, CAR_NO_APPROVALS, CAR_TOOL_TIMEOUT, ...) and the CLI applies its
+flags with `with_overrides`, which refuses a name no section has. Nothing mutates a
+config once built: a component keeps the one it was given.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 #: Methods the approval gate parks by default (docs/protocol.md §6).
@@ -50,10 +53,11 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _env_seconds(name: str, default: float) -> float:
+def _env_seconds(name: str) -> float | None:
+    """A positive number of seconds from the environment; None when unset."""
     raw = os.environ.get(name)
     if not raw:
-        return default
+        return None
     try:
         value = float(raw)
     except ValueError as e:
@@ -96,9 +100,10 @@ def default_unix_socket() -> Path | None:
     return None
 
 
-@dataclass
-class Config:
-    """Everything a server needs to start. Defaults are the embedded, loopback-only ones."""
+@dataclass(frozen=True)
+class CoreConfig:
+    """What the core needs (`car-grpc core`, `Core`). Defaults are the embedded,
+    loopback-only ones."""
 
     #: Where the embedded store lives (`$CAR_HOME`, default `~/.car`).
     state_root: Path = field(default_factory=default_state_root)
@@ -162,17 +167,6 @@ class Config:
     #: TLS of the gRPC port: certificate chain and private key, PEM (both or neither).
     grpc_tls_cert: Path | None = None
     grpc_tls_key: Path | None = None
-    #: CA certificates (PEM) a gateway or the dashboard trusts for the core: set, they dial
-    #: it with TLS. Unset in one process with a TLS core: its own certificate is trusted.
-    core_ca: Path | None = None
-    #: WebSocket gateway listener.
-    ws_host: str = "127.0.0.1"
-    ws_port: int = 9100
-    #: TLS of the WebSocket port (wss://): certificate chain and private key, PEM.
-    ws_tls_cert: Path | None = None
-    ws_tls_key: Path | None = None
-    #: Unix socket of the gateway (None: none).
-    unix_socket: Path | None = field(default_factory=default_unix_socket)
     #: Most requests one session may have in flight; reading pauses beyond it.
     max_inflight_per_session: int = 256
     #: Frames queued towards one session before senders wait (or fan-out drops).
@@ -189,6 +183,23 @@ class Config:
     state_max_bytes: int = 16 * 1024 * 1024
     #: Keys in a session's state.
     state_max_keys: int = 10_000
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """What a WebSocket gateway needs (`car-grpc gateway`, `Gateway`)."""
+
+    #: WebSocket gateway listener.
+    ws_host: str = "127.0.0.1"
+    ws_port: int = 9100
+    #: TLS of the WebSocket port (wss://): certificate chain and private key, PEM.
+    ws_tls_cert: Path | None = None
+    ws_tls_key: Path | None = None
+    #: Unix socket of the gateway (None: none).
+    unix_socket: Path | None = field(default_factory=default_unix_socket)
+    #: CA certificates (PEM) a gateway or the dashboard trusts for the core: set, they dial
+    #: it with TLS. Unset in one process with a TLS core: its own certificate is trusted.
+    core_ca: Path | None = None
     #: Seconds between the gateway's WebSocket pings.
     ws_ping_interval: float = 30.0
     #: Close a WebSocket peer that sent nothing (no frame, no pong) for this many seconds.
@@ -212,6 +223,12 @@ class Config:
     ws_write_limit: int = 64 * 1024
     #: How long closing a WebSocket may take before the TCP connection is dropped.
     ws_close_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    """What the dashboard needs (`Dashboard`, served by `car-grpc serve`)."""
+
     #: Serve the dashboard beside the WebSocket listener (off with --no-dashboard).
     dashboard: bool = True
     #: Dashboard HTTP listener (loopback by default).
@@ -231,21 +248,76 @@ class Config:
     #: or from the first byte of a later request on a kept-alive connection), and again
     #: for the body after it; later it is answered 408 and closed.
     dashboard_header_timeout: float = 5.0
+    #: CA certificates (PEM) the dashboard trusts for the core: set, it dials it with TLS.
+    core_ca: Path | None = None
+
+
+_SECTIONS = ("core", "gateway", "dashboard")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `car-grpc serve` starts, one frozen section per component. Build it once
+    (`from_env`, then `with_overrides` for flags) and hand each component its section."""
+
+    core: CoreConfig = field(default_factory=CoreConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
     @classmethod
     def from_env(cls) -> Config:
-        return cls(
-            auth=not _env_flag("CAR_NO_AUTH"),
-            approvals=not _env_flag("CAR_NO_APPROVALS"),
-            tool_timeout=_env_seconds("CAR_TOOL_TIMEOUT", 300.0),
-            handler_timeout=_env_seconds("CAR_HANDLER_TIMEOUT", 1800.0),
-            approval_timeout=_env_seconds("CAR_APPROVAL_TIMEOUT", 60.0),
-            gated_methods=DEFAULT_GATED_METHODS | _env_methods("CAR_GATED_METHODS"),
+        """The defaults, with what the environment sets (docs/protocol.md: CAR_NO_AUTH,
+        CAR_NO_APPROVALS, CAR_TOOL_TIMEOUT, CAR_HANDLER_TIMEOUT, CAR_APPROVAL_TIMEOUT,
+        CAR_GATED_METHODS; CAR_HOME through the path defaults)."""
+        defaults = CoreConfig()
+        overrides: dict[str, object] = {
+            "gated_methods": defaults.gated_methods | _env_methods("CAR_GATED_METHODS")
+        }
+        if _env_flag("CAR_NO_AUTH"):
+            overrides["auth"] = False
+        if _env_flag("CAR_NO_APPROVALS"):
+            overrides["approvals"] = False
+        for name, variable in (
+            ("tool_timeout", "CAR_TOOL_TIMEOUT"),
+            ("handler_timeout", "CAR_HANDLER_TIMEOUT"),
+            ("approval_timeout", "CAR_APPROVAL_TIMEOUT"),
+        ):
+            if (seconds := _env_seconds(variable)) is not None:
+                overrides[name] = seconds
+        return cls().with_overrides(**overrides)
+
+    def with_overrides(self, **fields: object) -> Config:
+        """A copy with these fields changed, each in the section that has it (`core_ca`
+        in both the gateway's and the dashboard's). An unknown name is a TypeError: a
+        typo never passes silently."""
+        changes: dict[str, dict[str, object]] = {name: {} for name in _SECTIONS}
+        for key, value in fields.items():
+            homes = [n for n in _SECTIONS if key in _field_names(getattr(self, n))]
+            if not homes:
+                raise TypeError(f"Config has no field {key!r}")
+            for home in homes:
+                changes[home][key] = value
+        return replace(
+            self, **{n: replace(getattr(self, n), **changes[n]) for n in _SECTIONS if changes[n]}
         )
 
-    @property
-    def dashboard_listen_port(self) -> int:
-        """The dashboard port to bind: dashboard_port, else the WebSocket port + 1."""
-        if self.dashboard_port is not None:
-            return self.dashboard_port
-        return self.ws_port + 1 if 0 < self.ws_port < 65535 else 0
+    def for_serve(self) -> Config:
+        """The sections as `car-grpc serve` runs them side by side: the gateway and the
+        dashboard trust the core's own certificate unless a CA is named, and the
+        dashboard's port is resolved (the WebSocket port + 1 unless given)."""
+        trust = self.gateway.core_ca or self.core.grpc_tls_cert
+        port = self.dashboard.dashboard_port
+        if port is None:
+            ws_port = self.gateway.ws_port
+            port = ws_port + 1 if 0 < ws_port < 65535 else 0
+        return replace(
+            self,
+            gateway=replace(self.gateway, core_ca=trust),
+            dashboard=replace(
+                self.dashboard, core_ca=self.dashboard.core_ca or trust, dashboard_port=port
+            ),
+        )
+
+
+def _field_names(section: object) -> frozenset[str]:
+    return frozenset(f.name for f in fields(section))  # type: ignore[arg-type]

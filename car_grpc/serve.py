@@ -1,6 +1,6 @@
 """The whole server in one process: the gRPC core and a WebSocket gateway in front of it.
 
-    async with Server(Config(grpc_port=0, ws_port=0)) as server:
+    async with Server(Config().with_overrides(grpc_port=0, ws_port=0)) as server:
         ... server.gateway.url, server.core.grpc_address, server.dashboard.login_url ...
 
 This is what `car-grpc serve` runs. To scale out the WebSocket side, run the core alone
@@ -20,29 +20,29 @@ from car_grpc.store import Store
 
 class Server:
     def __init__(self, config: Config, store: Store | None = None) -> None:
-        self.config = config
-        self.core = Core(config, store)
+        self.config = config = config.for_serve()
+        self.core = Core(config.core, store)
         #: Created by start(), once the core's port is known.
         self.gateway: Gateway | None = None
-        #: Created by start() unless config.dashboard is off: a host client of the core.
+        #: Created by start() unless the dashboard is off: a host client of the core.
         self.dashboard: Dashboard | None = None
 
     async def start(self) -> None:
         """Start the core (store, tokens, gRPC port), then the gateway's listeners and
         the dashboard's."""
         await self.core.start()
-        gateway = Gateway(self.config, self.core.grpc_address)
+        gateway = Gateway(self.config.gateway, self.core.grpc_address)
         try:
             await gateway.start()
         except BaseException:
             await self.core.stop()
             raise
         self.gateway = gateway
-        if self.config.dashboard:
+        if self.config.dashboard.dashboard:
             assert self.core.parts is not None
             tokens = self.core.parts.tokens
             dashboard = Dashboard(
-                self.config, self.core.grpc_address, tokens.host if tokens else None
+                self.config.dashboard, self.core.grpc_address, tokens.host if tokens else None
             )
             try:
                 await dashboard.start()

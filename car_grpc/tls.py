@@ -1,12 +1,12 @@
-"""Optional TLS, from certificate files named in the Config (and so on the command line).
+"""Optional TLS, from certificate files named in the configs (and so on the command line).
 
 - The core's gRPC port: `grpc_tls_cert` + `grpc_tls_key` (PEM chain and key).
 - The gateway's WebSocket port (wss://): `ws_tls_cert` + `ws_tls_key`. Its Unix socket
   stays plain: it is local, and only its owner may open it (0600).
 - The core's own clients (a gateway, the dashboard) dial it with TLS when they know whom
-  to trust: `core_ca` (PEM), else, when the core runs in the same process
-  (`car-grpc serve`), the core's own certificate (right for a self-signed one; a
-  certificate issued by a CA needs `core_ca`).
+  to trust: their `core_ca` (PEM). `car-grpc serve` sets it to the core's own
+  certificate unless a CA is named (`Config.for_serve`: right for a self-signed one; a
+  certificate issued by a CA needs `--core-ca`).
 
 A certificate must name the address its clients dial (e.g. IP 127.0.0.1 or localhost).
 """
@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
-from car_grpc.config import Config
 
 
 def _server_context(cert: Path | None, key: Path | None, what: str) -> ssl.SSLContext | None:
@@ -37,28 +35,24 @@ def _server_context(cert: Path | None, key: Path | None, what: str) -> ssl.SSLCo
     return context
 
 
-def grpc_server_credentials(config: Config) -> grpc.ServerCredentials | None:
+def grpc_server_credentials(cert: Path | None, key: Path | None) -> grpc.ServerCredentials | None:
     """Credentials of the core's gRPC port; None: plaintext."""
-    cert, key = config.grpc_tls_cert, config.grpc_tls_key
     if _server_context(cert, key, "the gRPC port") is None:
         return None
     assert cert is not None and key is not None
     return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
 
 
-def ws_ssl_context(config: Config) -> ssl.SSLContext | None:
+def ws_ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
     """The server context of the WebSocket TCP listener; None: plaintext."""
-    return _server_context(config.ws_tls_cert, config.ws_tls_key, "the WebSocket port")
+    return _server_context(cert, key, "the WebSocket port")
 
 
-def core_trust(config: Config) -> Path | None:
-    """The CA certificates to trust for the core (None: dial it in plaintext)."""
-    return config.core_ca or config.grpc_tls_cert
-
-
-def core_channel(address: str, config: Config, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
-    """A channel to the core at `address`: TLS when there is a CA to trust."""
-    trust = core_trust(config)
+def core_channel(
+    address: str, trust: Path | None, options: list[tuple[str, Any]]
+) -> grpc.aio.Channel:
+    """A channel to the core at `address`: TLS trusting `trust` (CA certificates, PEM),
+    plaintext when None."""
     if trust is None:
         return grpc.aio.insecure_channel(address, options=options)
     try:

@@ -13,16 +13,16 @@ from car_grpc.core.server import Core
 
 
 def make_config(root: Path, **overrides: object) -> Config:
-    config = Config(
-        state_root=root / "car-home",
-        token_dir=root / "car-home" / "ai.parslee.car",
-        grpc_port=0,
-        ws_port=0,
-        unix_socket=None,
-    )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+    """A config with its state under `root`, every port ephemeral, no Unix socket, and
+    `overrides` (a field no section has is a TypeError: a typo fails the test)."""
+    defaults: dict[str, object] = {
+        "state_root": root / "car-home",
+        "token_dir": root / "car-home" / "ai.parslee.car",
+        "grpc_port": 0,
+        "ws_port": 0,
+        "unix_socket": None,
+    }
+    return Config().with_overrides(**(defaults | overrides))
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def config(tmp_path: Path) -> Config:
 
 @pytest.fixture
 async def core(config: Config) -> AsyncIterator[Core]:
-    core = Core(config)
+    core = Core(config.core)
     await core.start()
     try:
         yield core

@@ -29,7 +29,7 @@ async def started(tmp_path: Path) -> AsyncIterator[Any]:
     cores: list[Core] = []
 
     async def start(**overrides: Any) -> Core:
-        core = Core(make_config(tmp_path, **overrides))
+        core = Core(make_config(tmp_path, **overrides).core)
         await core.start()
         cores.append(core)
         return core
@@ -270,7 +270,7 @@ async def test_no_approvals_turns_the_gate_off(started: Any) -> None:
 
 
 async def test_methods_that_cannot_be_gated_are_refused_at_start(tmp_path: Path) -> None:
-    core = Core(make_config(tmp_path, gated_methods=frozenset({"host.resolve_approval"})))
+    core = Core(make_config(tmp_path, gated_methods=frozenset({"host.resolve_approval"})).core)
     with pytest.raises(ValueError, match=r"cannot be gated: host\.resolve_approval"):
         await core.start()
     await core.stop()
@@ -326,7 +326,7 @@ async def test_a_gated_proposal_calls_its_tools_only_after_approval(started: Any
 
 async def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:
     config: Config = make_config(tmp_path, gated_methods=frozenset({"host.register_agent"}))
-    first = Core(config)
+    first = Core(config.core)
     await first.start()
     async with grpc.aio.insecure_channel(first.grpc_address) as channel:
         raiser, person = await session(first, channel), await approver(first, channel)
@@ -351,7 +351,7 @@ async def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:
         await raiser.close()
         await person.close()
 
-    second = Core(config)
+    second = Core(config.core)
     await second.start()
     try:
         async with grpc.aio.insecure_channel(second.grpc_address) as channel:
@@ -371,7 +371,7 @@ async def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:
 async def test_pending_approvals_of_a_dead_server_expire_at_start(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     # What a server that died (no graceful stop) leaves behind: a pending row.
-    store = await open_store(config.state_root)
+    store = await open_store(config.core.state_root)
     orphan = HostApproval(
         id="orphan",
         action="ws.method:mail.send",
@@ -382,7 +382,7 @@ async def test_pending_approvals_of_a_dead_server_expire_at_start(tmp_path: Path
     await store.approvals.insert(orphan)
     await store.close()
 
-    core = Core(config)
+    core = Core(config.core)
     await core.start()
     try:
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:

@@ -152,10 +152,10 @@ async def test_reattach_replaces_the_older_attachment(
 
 async def test_no_auth(tmp_path: Path) -> None:
     config = make_config(tmp_path, auth=False)
-    core = Core(config)
+    core = Core(config.core)
     await core.start()
     try:
-        assert not (config.token_dir / AUTH_TOKEN_FILE).exists()
+        assert not (config.core.token_dir / AUTH_TOKEN_FILE).exists()
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
             client, reply = await auth(channel, Auth(token="anything", memory_namespace="n"))
             assert reply.ok and not reply.auth_enabled
@@ -178,12 +178,12 @@ def _mode(path: Path) -> int:
 
 async def test_token_files_are_private_and_removed_on_stop(tmp_path: Path) -> None:
     config = make_config(tmp_path)
-    core = Core(config)
+    core = Core(config.core)
     await core.start()
     try:
         daemon, host = tokens(core)
-        auth_file = config.token_dir / AUTH_TOKEN_FILE
-        host_file = config.token_dir / HOST_TOKEN_FILE
+        auth_file = config.core.token_dir / AUTH_TOKEN_FILE
+        host_file = config.core.token_dir / HOST_TOKEN_FILE
         assert auth_file.read_text() == daemon and host_file.read_text() == host
         assert len(daemon) == len(host) == 43 and daemon != host
         assert _mode(auth_file) == _mode(host_file) == 0o600
@@ -194,10 +194,10 @@ async def test_token_files_are_private_and_removed_on_stop(tmp_path: Path) -> No
 
 def test_token_dir_follows_car_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAR_HOME", str(tmp_path))
-    assert Config().token_dir == tmp_path / "ai.parslee.car"
+    assert Config().core.token_dir == tmp_path / "ai.parslee.car"
     monkeypatch.delenv("CAR_HOME")
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
-    assert Config().token_dir == tmp_path / "run" / "ai.parslee.car"
+    assert Config().core.token_dir == tmp_path / "run" / "ai.parslee.car"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert Config().token_dir == tmp_path / "home" / ".config" / "ai.parslee.car"
+    assert Config().core.token_dir == tmp_path / "home" / ".config" / "ai.parslee.car"

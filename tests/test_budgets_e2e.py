@@ -83,7 +83,7 @@ async def test_a_value_over_1_mib_is_refused_and_not_stored(
     client_of: Callable[..., Any],
 ) -> None:
     client = await client_of()  # the defaults
-    assert Config().state_value_max_bytes == MiB
+    assert Config().core.state_value_max_bytes == MiB
     await client.result("state.set", {"key": "k", "value": sized(MiB)})
     message = await refused(client, "state.set", {"key": "big", "value": sized(MiB + 1)})
     assert "state_value_max_bytes (1048576)" in message and f"{MiB + 1} bytes" in message
@@ -229,7 +229,7 @@ async def until(predicate: Callable[[], bool], timeout: float = 5) -> None:
 
 async def test_the_cores_outbound_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
     budget = MiB
-    core = Core(make_config(tmp_path, session_outbound_queue_bytes=budget))
+    core = Core(make_config(tmp_path, session_outbound_queue_bytes=budget).core)
     await core.start()
     # Fixed stream windows, as the gateway's: a client that stops reading holds little.
     options = [("grpc.http2.bdp_probe", 0)]
@@ -278,9 +278,13 @@ async def test_the_cores_outbound_queue_is_bounded_in_bytes(tmp_path: Path) -> N
 
 def test_the_budgets_defaults() -> None:
     config = Config()
-    assert (config.state_value_max_bytes, config.state_max_bytes, config.state_max_keys) == (
+    assert (
+        config.core.state_value_max_bytes,
+        config.core.state_max_bytes,
+        config.core.state_max_keys,
+    ) == (
         MiB,
         16 * MiB,
         10_000,
     )
-    assert config.session_outbound_queue_bytes == 8 * MiB
+    assert config.core.session_outbound_queue_bytes == 8 * MiB

@@ -47,7 +47,7 @@ def config(tmp_path: Path) -> Config:
 
 @pytest.fixture
 async def stall_core(tmp_path: Path) -> AsyncIterator[Core]:
-    core = Core(tiny_buffers(tmp_path / "stall", chat_stall_timeout=0.3))
+    core = Core(tiny_buffers(tmp_path / "stall", chat_stall_timeout=0.3).core)
     await core.start()
     try:
         yield core

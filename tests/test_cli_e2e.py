@@ -115,8 +115,8 @@ async def attach(channel: grpc.aio.Channel, agent_id: str, token: str) -> tuple[
 
 async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> None:
     config = make_config(tmp_path)  # CAR_HOME is tmp_path/car-home
-    car_home = config.state_root
-    core = Core(config)
+    car_home = config.core.state_root
+    core = Core(config.core)
     await core.start()
     try:
         code, out, err = await car_grpc(car_home, "agents", "add", "agent-x")

@@ -283,10 +283,10 @@ async def test_a_dashboard_beside_a_core_in_another_server(
     as `car-grpc core` runs it)."""
     caplog.set_level(logging.INFO, logger="car_grpc.dashboard")
     config = make_config(tmp_path, dashboard_port=0)
-    core = Core(config)
+    core = Core(config.core)
     await core.start()
     assert core.parts is not None and core.parts.tokens is not None
-    dashboard = Dashboard(config, core.grpc_address, core.parts.tokens.host)
+    dashboard = Dashboard(config.dashboard, core.grpc_address, core.parts.tokens.host)
     await dashboard.start()
     try:
         cookie = await log_in(printed_login_urls(caplog.records)[-1])
@@ -295,9 +295,9 @@ async def test_a_dashboard_beside_a_core_in_another_server(
     finally:
         await dashboard.stop()
         await core.stop(grace=0)
-    core = Core(config)
+    core = Core(config.core)
     await core.start()
-    wrong = Dashboard(config, core.grpc_address, "not-the-host-token")
+    wrong = Dashboard(config.dashboard, core.grpc_address, "not-the-host-token")
     await wrong.start()
     try:
         cookie = await log_in(printed_login_urls(caplog.records)[-1])
@@ -329,8 +329,9 @@ async def test_half_open_connections_cannot_lock_out_a_logged_in_operator(
             async with asyncio.timeout(2):
                 answer = await request("GET", base(server) + "api/status", {"Cookie": cookie})
             assert answer.status == 200, answer.body
-        cap = server.config.dashboard_max_connections_per_peer
-        assert cap < server.config.dashboard_max_connections < 200
+        limits = server.config.dashboard
+        cap = limits.dashboard_max_connections_per_peer
+        assert cap < limits.dashboard_max_connections < 200
         await until_closed(flood, 200 - cap)
         assert sum(c.is_open for c in flood) <= cap
         assert all(c.closed.result() == b"" for c in flood if not c.is_open)

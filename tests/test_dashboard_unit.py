@@ -158,7 +158,10 @@ def test_host_and_origin_checks() -> None:
 
 
 def test_the_dashboard_port_defaults_to_the_websocket_port_plus_one() -> None:
-    assert Config(ws_port=9100).dashboard_listen_port == 9101
-    assert Config(ws_port=0).dashboard_listen_port == 0
-    assert Config(ws_port=9100, dashboard_port=0).dashboard_listen_port == 0
-    assert Config(ws_port=9100, dashboard_port=8000).dashboard_listen_port == 8000
+    def port(**fields: object) -> int | None:
+        return Config().with_overrides(**fields).for_serve().dashboard.dashboard_port
+
+    assert port(ws_port=9100) == 9101
+    assert port(ws_port=0) == 0
+    assert port(ws_port=9100, dashboard_port=0) == 0
+    assert port(ws_port=9100, dashboard_port=8000) == 8000

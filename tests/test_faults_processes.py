@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from car_grpc.config import GatewayConfig
 from car_grpc.core.server import Core
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.gateway import Gateway
@@ -227,7 +228,7 @@ async def test_a_killed_gateway_ends_its_sessions_and_no_others(core: Core, tmp_
     carry on."""
     state = core.parts
     assert state is not None and state.tokens is not None
-    staying = Gateway(core.config, core.grpc_address)
+    staying = Gateway(GatewayConfig(ws_port=0, unix_socket=None), core.grpc_address)
     await staying.start()
     try:
         async with (

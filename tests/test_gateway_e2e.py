@@ -250,9 +250,9 @@ async def test_core_stopping_mid_call_fails_the_call_and_closes_with_a_reason(
     tmp_path: Path,
 ) -> None:
     config = make_config(tmp_path)
-    core = Core(config)
+    core = Core(config.core)
     await core.start()
-    gateway = Gateway(config, core.grpc_address)
+    gateway = Gateway(config.gateway, core.grpc_address)
     await gateway.start()
     try:
         async with rpc(gateway.url) as client:
@@ -281,7 +281,7 @@ async def test_core_stopping_mid_call_fails_the_call_and_closes_with_a_reason(
 
 async def test_core_unreachable_closes_with_a_reason(tmp_path: Path) -> None:
     config = make_config(tmp_path)
-    gateway = Gateway(config, "127.0.0.1:1")  # nothing listens there
+    gateway = Gateway(config.gateway, "127.0.0.1:1")  # nothing listens there
     await gateway.start()
     try:
         async with rpc(gateway.url) as client:
@@ -510,7 +510,7 @@ async def test_stale_unix_socket_is_replaced(tmp_path: Path) -> None:
     stale.close()  # the file stays, nobody listens
     async with running(make_config(tmp_path, unix_socket=path)) as (_, gateway):
         assert gateway.unix_socket == path
-        second = Gateway(make_config(tmp_path, unix_socket=path), "127.0.0.1:1")
+        second = Gateway(make_config(tmp_path, unix_socket=path).gateway, "127.0.0.1:1")
         with pytest.raises(OSError, match="already listening"):
             await second.start()
         assert second.ws_port != 0
@@ -520,7 +520,7 @@ async def test_stale_unix_socket_is_replaced(tmp_path: Path) -> None:
 
 async def test_two_gateways_serve_one_core(served: tuple[Core, Gateway]) -> None:
     core, first = served
-    second = Gateway(core.config, core.grpc_address)
+    second = Gateway(first.config, core.grpc_address)
     await second.start()
     try:
         assert second.ws_port != first.ws_port

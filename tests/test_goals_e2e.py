@@ -175,7 +175,7 @@ async def test_agent_dropping_puts_the_goal_in_error(
 
 
 async def test_goals_survive_a_restart_and_running_becomes_active(config: Config) -> None:
-    core = Core(config)
+    core = Core(config.core)
     await core.start()
     async with grpc.aio.insecure_channel(core.grpc_address) as channel:
         h = await host(core, channel)
@@ -188,7 +188,7 @@ async def test_goals_survive_a_restart_and_running_becomes_active(config: Config
         assert before is not None and before.status == S.GOAL_STATUS_RUNNING
         await h.close()
     await core.stop(grace=0)
-    again = Core(config)
+    again = Core(config.core)
     await again.start()
     try:
         async with grpc.aio.insecure_channel(again.grpc_address) as channel:

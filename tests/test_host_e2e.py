@@ -239,7 +239,7 @@ async def test_watch_host_events_replays_then_follows(
 
 
 async def test_watch_resume_point_out_of_history_shows_a_gap(tmp_path: Any) -> None:
-    core = Core(make_config(tmp_path, host_event_history=2))
+    core = Core(make_config(tmp_path, host_event_history=2).core)
     await core.start()
     try:
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
@@ -275,7 +275,7 @@ async def test_a_stalled_subscriber_slows_neither_the_gate_nor_other_subscribers
         host_event_queue=4,
         host_event_history=8,
     )
-    core = Core(config)
+    core = Core(config.core)
     await core.start()
     # The stalled subscriber's channel does not grow its flow-control window by itself.
     stalled_channel = grpc.aio.insecure_channel(

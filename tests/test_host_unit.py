@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from car_grpc.cli import _config, build_parser
+from car_grpc.cli import build_parser, config_from
 from car_grpc.config import DEFAULT_GATED_METHODS, Config
 from car_grpc.core.approvals import PREVIEW_CHARS, params_preview
 from car_grpc.core.host import HostEvents
@@ -64,7 +64,7 @@ def test_params_preview_is_compact_json_cut_to_its_limit() -> None:
 def test_gated_methods_and_timeout_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAR_GATED_METHODS", " proposal.submit, state.set ,,")
     monkeypatch.setenv("CAR_APPROVAL_TIMEOUT", "2.5")
-    config = Config.from_env()
+    config = Config.from_env().core
     assert config.gated_methods == DEFAULT_GATED_METHODS | {"proposal.submit", "state.set"}
     assert config.approval_timeout == 2.5
 
@@ -74,7 +74,7 @@ def test_gate_flags_add_to_the_configured_methods(monkeypatch: pytest.MonkeyPatc
     args = build_parser().parse_args(
         ["core", "--gate-method", "proposal.submit", "--approval-timeout", "0.5"]
     )
-    config = _config(args)
+    config = config_from(args).core
     assert {"proposal.submit", "state.set", "mail.send"} <= config.gated_methods
     assert config.approval_timeout == 0.5
     for bad in ("0", "-1", "soon", "nan"):

@@ -39,7 +39,7 @@ def _request(member: str) -> Any:
 
 
 async def test_the_common_requests_are_inline(tmp_path: Any) -> None:
-    core = Core(make_config(tmp_path, auth=False))
+    core = Core(make_config(tmp_path, auth=False).core)
     await core.start()
     try:
         assert core.parts is not None
@@ -52,7 +52,7 @@ async def test_the_common_requests_are_inline(tmp_path: Any) -> None:
 
 
 async def test_every_inline_handler_completes_without_waiting(tmp_path: Any) -> None:
-    core = Core(make_config(tmp_path, auth=False))
+    core = Core(make_config(tmp_path, auth=False).core)
     await core.start()
     try:
         assert core.parts is not None
@@ -78,7 +78,7 @@ async def test_every_inline_handler_completes_without_waiting(tmp_path: Any) -> 
 @pytest.mark.parametrize("approvals", [True, False])
 async def test_a_gated_method_is_never_inline(tmp_path: Any, approvals: bool) -> None:
     gated = frozenset({"tools.list"})
-    core = Core(make_config(tmp_path, auth=False, gated_methods=gated, approvals=approvals))
+    core = Core(make_config(tmp_path, auth=False, gated_methods=gated, approvals=approvals).core)
     await core.start()
     try:
         assert core.parts is not None

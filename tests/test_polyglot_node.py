@@ -335,7 +335,7 @@ async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) 
     """The watcher reconnects with its last cursor (and the new host token) and sees the
     run that the restart left incomplete end, with nothing missed or repeated."""
     config = make_config(tmp_path)
-    core = Core(config)
+    core = Core(config.core)
     await core.start()
     try:
         assert core.parts is not None
@@ -349,13 +349,14 @@ async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) 
                 "watch-run.js",
                 run.run_id,
                 address=core.grpc_address,
-                car_home=config.token_dir.parent,
+                car_home=config.core.token_dir.parent,
             ) as watcher:
                 assert [(await watcher.expect("record"))["cursor"] for _ in range(2)] == [1, 2]
                 await core.stop(grace=0)  # the agent is still connected: its run stays open
                 assert (await watcher.next_event())["event"] == "reconnecting"
-                config.grpc_port = core.grpc_port  # the same address, a new process state
-                core = Core(config)
+                # The same address, a new process state.
+                config = config.with_overrides(grpc_port=core.grpc_port)
+                core = Core(config.core)
                 await core.start()
                 seen = len(watcher.events)
                 events = (await watcher.finish(timeout=20))[seen:]

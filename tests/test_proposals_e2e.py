@@ -154,7 +154,7 @@ async def test_timeout_sends_cancel_and_fails(client: SessionClient) -> None:
 
 
 async def test_server_backstop_without_timeout_ms(tmp_path: Path) -> None:
-    core = Core(make_config(tmp_path, tool_timeout=0.2))
+    core = Core(make_config(tmp_path, tool_timeout=0.2).core)
     await core.start()
     try:
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
@@ -374,7 +374,7 @@ async def test_concurrent_proposals_on_several_sessions(
 
 
 async def test_handler_deadline_cancels_tool_calls(tmp_path: Path) -> None:
-    core = Core(make_config(tmp_path, handler_timeout=0.3))
+    core = Core(make_config(tmp_path, handler_timeout=0.3).core)
     await core.start()
     try:
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:

@@ -54,7 +54,7 @@ def test_marking_an_unknown_member_fails_at_once() -> None:
 
 
 async def test_the_wired_core_serves_every_request(tmp_path: Path) -> None:
-    core = Core(make_config(tmp_path))
+    core = Core(make_config(tmp_path).core)
     await core.start()
     try:
         assert core.parts is not None

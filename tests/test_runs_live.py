@@ -83,7 +83,7 @@ async def test_resuming_within_the_grace_keeps_the_run(
     tmp_path: Path,
 ) -> None:
     # A grace long enough to reconnect in, on any machine.
-    core = Core(make_config(tmp_path, run_complete_grace=0.5))
+    core = Core(make_config(tmp_path, run_complete_grace=0.5).core)
     await core.start()
     try:
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
@@ -105,7 +105,7 @@ async def test_resuming_within_the_grace_keeps_the_run(
 
 async def test_stop_ends_open_runs(tmp_path: Path) -> None:
     config = make_config(tmp_path)
-    core = Core(config)
+    core = Core(config.core)
     await core.start()
     async with grpc.aio.insecure_channel(core.grpc_address) as channel:
         bot = await agent(core, channel, "bot")
@@ -113,7 +113,7 @@ async def test_stop_ends_open_runs(tmp_path: Path) -> None:
         await record(bot, run_id, turns(2))
     await core.stop(grace=0)
 
-    core = Core(config)
+    core = Core(config.core)
     await core.start()
     try:
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
@@ -129,7 +129,7 @@ async def test_stop_ends_open_runs(tmp_path: Path) -> None:
 
 
 async def test_a_subscriber_that_stops_reading_slows_no_one(tmp_path: Path) -> None:
-    core = Core(make_config(tmp_path, session_outbound_queue=32, run_subscriber_queue=32))
+    core = Core(make_config(tmp_path, session_outbound_queue=32, run_subscriber_queue=32).core)
     await core.start()
     try:
         async with (

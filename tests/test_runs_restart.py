@@ -15,7 +15,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from car_grpc.config import Config
 from car_grpc.core.runs import ENDED, IN_PROGRESS, INCOMPLETE, STARTED, TURN, ended_record
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.store import RunRow, open_store
@@ -135,8 +134,7 @@ async def test_acknowledged_turns_survive_sigkill(tmp_path: Path) -> None:
 
 async def test_the_store_ends_runs_left_open(tmp_path: Path) -> None:
     """The store ends every run left in_progress, once."""
-    config = Config(state_root=tmp_path / "home")
-    store = await open_store(config.state_root)
+    store = await open_store(tmp_path / "home")
     runs = store.runs
     row = RunRow("left-open", "bot", "i", None, 1, None, IN_PROGRESS, 0, 1)
     await runs.create(row, runs_pb2.RunRecord(record=STARTED, timestamp=1))

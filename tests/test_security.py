@@ -135,15 +135,15 @@ async def test_secret_files_and_their_directories_are_private(tmp_path: Path) ->
     Unix socket 0600 in a 0700 directory."""
     socket_path = tmp_path / "run" / "car-server.sock"
     config = make_config(tmp_path, unix_socket=socket_path)
-    config.token_dir.mkdir(parents=True)
-    (config.token_dir / AUTH_TOKEN_FILE).write_text("stale")
-    (config.token_dir / AUTH_TOKEN_FILE).chmod(0o644)
-    store = database_path(config.state_root)
+    config.core.token_dir.mkdir(parents=True)
+    (config.core.token_dir / AUTH_TOKEN_FILE).write_text("stale")
+    (config.core.token_dir / AUTH_TOKEN_FILE).chmod(0o644)
+    store = database_path(config.core.state_root)
     store_files = [store, *(store.with_name(store.name + s) for s in ("-wal", "-shm"))]
     with umask(0):
         async with running(config):
             for name in (AUTH_TOKEN_FILE, HOST_TOKEN_FILE):
-                assert mode(config.token_dir / name) == 0o600, name
+                assert mode(config.core.token_dir / name) == 0o600, name
             for path in store_files:
                 assert mode(path) == 0o600, path
             assert mode(store.parent) == 0o700
@@ -166,7 +166,7 @@ async def test_secret_files_and_their_directories_are_private(tmp_path: Path) ->
     fresh = make_config(tmp_path / "fresh")
     with umask(0):
         async with running(fresh):
-            assert mode(fresh.token_dir) == 0o700
+            assert mode(fresh.core.token_dir) == 0o700
 
 
 # ------------------------------------------------------------------ a real process

@@ -163,11 +163,11 @@ async def test_a_separate_gateway_needs_core_ca_for_a_tls_core(
     core_config = make_config(
         tmp_path, grpc_tls_cert=certificate.cert, grpc_tls_key=certificate.key
     )
-    core = Core(core_config)
+    core = Core(core_config.core)
     await core.start()
     try:
         for core_ca, works in ((certificate.cert, True), (None, False)):
-            gateway = Gateway(make_config(tmp_path, core_ca=core_ca), core.grpc_address)
+            gateway = Gateway(make_config(tmp_path, core_ca=core_ca).gateway, core.grpc_address)
             await gateway.start()
             try:
                 async with connect(gateway.url, ping_interval=None) as ws:
@@ -193,10 +193,11 @@ def test_tls_flags_fill_the_config(tmp_path: Path) -> None:
             *("--grpc-tls-cert", "g.pem", "--grpc-tls-key", "g.key", "--core-ca", "ca.pem"),
         ]
     )
-    config = cli._ws_config(cli._config(args), args)
-    assert (config.ws_tls_cert, config.ws_tls_key) == (Path("ws.pem"), Path("ws.key"))
-    assert (config.grpc_tls_cert, config.grpc_tls_key) == (Path("g.pem"), Path("g.key"))
-    assert config.core_ca == Path("ca.pem")
+    config = cli.config_from(args)
+    gateway, core = config.gateway, config.core
+    assert (gateway.ws_tls_cert, gateway.ws_tls_key) == (Path("ws.pem"), Path("ws.key"))
+    assert (core.grpc_tls_cert, core.grpc_tls_key) == (Path("g.pem"), Path("g.key"))
+    assert gateway.core_ca == config.dashboard.core_ca == Path("ca.pem")
 
 
 @pytest.mark.parametrize("flag", ["--tls-cert", "--grpc-tls-key"])

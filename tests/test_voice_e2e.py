@@ -423,7 +423,7 @@ async def test_a_client_that_stops_reading_loses_its_session_and_nobody_else_wai
     tmp_path: Any,
 ) -> None:
     config = make_config(tmp_path, voice_event_queue=4, session_outbound_queue=8)
-    core = Core(config)
+    core = Core(config.core)
     await core.start()
     try:
         token = daemon_token(core)

@@ -23,9 +23,9 @@ from car_grpc.gateway import Gateway
 @contextlib.asynccontextmanager
 async def running(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
     """A core and a gateway in front of it, both on ephemeral loopback ports."""
-    core = Core(config)
+    core = Core(config.core)
     await core.start()
-    gateway = Gateway(config, core.grpc_address)
+    gateway = Gateway(config.gateway, core.grpc_address)
     try:
         await gateway.start()
         yield core, gateway

@@ -1,6 +1,6 @@
 """Run the core (the grpc.aio server) inside any asyncio application.
 
-    core = Core(Config(state_root=..., grpc_port=0))
+    core = Core(CoreConfig(state_root=..., grpc_port=0))
     await core.start()          # store opened, tokens minted, port bound
     ... core.grpc_address ...
     await core.stop()           # sessions closed, token files removed, store closed
@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from car_grpc import tls
-from car_grpc.config import Config
+from car_grpc.config import CoreConfig
 from car_grpc.core.grpc_service import add_health_and_reflection
 from car_grpc.core.tokens import ServerTokens
 from car_grpc.core.wiring import CoreParts, wire
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class Core:
-    def __init__(self, config: Config, store: Store | None = None) -> None:
+    def __init__(self, config: CoreConfig, store: Store | None = None) -> None:
         self.config = config
         self._store = store
         self._owns_store = store is None
@@ -55,7 +55,9 @@ class Core:
         server.add_generic_rpc_handlers(parts.grpc.handlers())
         self._health = await add_health_and_reflection(server)
         address = f"{self.config.grpc_host}:{self.config.grpc_port}"
-        credentials = tls.grpc_server_credentials(self.config)
+        credentials = tls.grpc_server_credentials(
+            self.config.grpc_tls_cert, self.config.grpc_tls_key
+        )
         if credentials is None:
             self.grpc_port = server.add_insecure_port(address)
         else:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from car_grpc.config import Config
+from car_grpc.config import CoreConfig
 from car_grpc.core.approvals import Approvals
 from car_grpc.core.authentication import Authentication
 from car_grpc.core.chats import ChatLimits, Chats
@@ -43,7 +43,7 @@ class CoreParts:
     """A wired core: what the gRPC server serves, and the parts an embedder (or a test)
     may look at. The domains hold no reference to this object."""
 
-    config: Config
+    config: CoreConfig
     store: Store
     metrics: Metrics
     #: None when auth is off.
@@ -72,7 +72,7 @@ class CoreParts:
         await self.voice.shutdown()
 
 
-async def wire(config: Config, store: Store, tokens: ServerTokens | None) -> CoreParts:
+async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) -> CoreParts:
     """Build and start the domains of one core over `store`."""
     auth_enabled = tokens is not None
     metrics = Metrics()

@@ -35,7 +35,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import unquote
 
-from car_grpc.config import Config
+from car_grpc.config import DashboardConfig
 from car_grpc.dashboard.access import Access
 from car_grpc.dashboard.core_client import CoreClient
 from car_grpc.dashboard.http import (
@@ -89,7 +89,7 @@ def _resume_point(request: Request, query_key: str) -> int:
 
 
 class Dashboard:
-    def __init__(self, config: Config, core_address: str, host_token: str | None) -> None:
+    def __init__(self, config: DashboardConfig, core_address: str, host_token: str | None) -> None:
         self.config = config
         self.core_address = core_address
         self.access = Access(host_token)
@@ -120,11 +120,11 @@ class Dashboard:
             max_connections_per_peer=self.config.dashboard_max_connections_per_peer,
             header_timeout=self.config.dashboard_header_timeout,
         )
-        self._core = CoreClient(self.core_address, self._host_token, self.config)
+        self._core = CoreClient(self.core_address, self._host_token, self.config.core_ca)
         http = HttpServer(self._handle, self._common_headers, limits)
         try:
             self.port = await http.start(
-                self.config.dashboard_host, self.port or self.config.dashboard_listen_port
+                self.config.dashboard_host, self.port or self.config.dashboard_port or 0
             )
         except BaseException:
             await self._core.close()

@@ -11,12 +11,12 @@ wire protocol (car_grpc.wire.codec), which is what the page renders.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from car_grpc import tls
-from car_grpc.config import Config
 from car_grpc.v1 import (
     errors_pb2,
     host_pb2,
@@ -45,10 +45,10 @@ def car_error(e: grpc.aio.AioRpcError) -> CarError:
 
 
 class CoreClient:
-    def __init__(self, address: str, host_token: str | None, config: Config) -> None:
-        self._channel = tls.core_channel(  # TLS when the config says whom to trust
+    def __init__(self, address: str, host_token: str | None, core_ca: Path | None) -> None:
+        self._channel = tls.core_channel(  # TLS when there is a CA to trust
             address,
-            config,
+            core_ca,
             options=[
                 *MESSAGE_SIZE_OPTIONS,
             ],

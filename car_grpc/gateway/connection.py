@@ -34,7 +34,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConcurrencyError, ConnectionClosed
 from websockets.frames import CloseCode
 
-from car_grpc.config import Config
+from car_grpc.config import GatewayConfig
 from car_grpc.gateway import audio_frames
 from car_grpc.gateway.jsonrpc import Bridge
 from car_grpc.v1 import session_pb2, voice_pb2
@@ -76,7 +76,7 @@ class Connection:
         self,
         ws: TrackedConnection,
         connect: ConnectCallable,
-        config: Config,
+        config: GatewayConfig,
     ) -> None:
         self.ws = ws
         self.config = config

@@ -1,6 +1,6 @@
 """The WebSocket JSON-RPC front end of a core, embeddable in any asyncio application.
 
-    gateway = Gateway(Config(ws_port=0), core_address="127.0.0.1:9102")
+    gateway = Gateway(GatewayConfig(ws_port=0), core_address="127.0.0.1:9102")
     await gateway.start()       # TCP (and Unix socket) listeners bound
     ... gateway.url ...
     await gateway.stop()        # connections closed (1001), channel closed, socket removed
@@ -26,7 +26,7 @@ from websockets.asyncio.server import Server, serve
 from websockets.frames import CloseCode
 
 from car_grpc import tls
-from car_grpc.config import Config
+from car_grpc.config import GatewayConfig
 from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection
 from car_grpc.v1 import session_pb2
 from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
@@ -37,7 +37,7 @@ _CONNECT = f"/{session_pb2.DESCRIPTOR.services_by_name['SessionService'].full_na
 
 
 class Gateway:
-    def __init__(self, config: Config, core_address: str) -> None:
+    def __init__(self, config: GatewayConfig, core_address: str) -> None:
         self.config = config
         self.core_address = core_address
         #: The bound TCP port (useful with ws_port=0), known after start().
@@ -76,10 +76,10 @@ class Gateway:
 
     async def _start(self) -> None:
         config = self.config
-        self._ssl = tls.ws_ssl_context(config)
+        self._ssl = tls.ws_ssl_context(config.ws_tls_cert, config.ws_tls_key)
         self._channel = tls.core_channel(
             self.core_address,
-            config,
+            config.core_ca,
             options=[
                 *MESSAGE_SIZE_OPTIONS,
                 # Fixed stream windows: what a stalled client's stream may hold stays
