@@ -137,6 +137,46 @@ async def test_batch_over_the_wire(served: tuple[Core, Gateway]) -> None:
         assert empty["id"] is None and empty["error"]["code"] == INVALID_REQUEST
 
 
+def strict(text: str | bytes) -> Any:
+    """Parse as a strict peer would: NaN and Infinity are not JSON."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+async def test_long_batches_and_ids_that_are_not_ids_are_refused_over_the_wire(
+    served: tuple[Core, Gateway],
+) -> None:
+    core, gateway = served
+    async with rpc(gateway.url) as client:
+        await client.login(daemon_token(core))
+        entries = [
+            f'{{"id":{n},"method":"state.set","params":{{"key":"k{n}","value":1}}}}'
+            for n in range(1001)
+        ]
+        await client.send("[" + ",".join(entries) + "]")
+        refused = strict(await client.ws.recv())
+        assert refused == {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {
+                "code": INVALID_REQUEST,
+                "message": "invalid request: batch of more than 1000 entries",
+            },
+        }
+        assert await client.result("state.keys") == []  # no entry of it ran
+        for id_text in ("1e400", "-1e999", '{"a":1}', "[1]", "true"):
+            await client.send('{"jsonrpc":"2.0","id":' + id_text + ',"method":"tools.list"}')
+            answer = strict(await client.ws.recv())
+            assert answer["id"] is None and answer["error"]["code"] == INVALID_REQUEST
+        await client.send("[" + ",".join(entries[:1000]) + "]")
+        served_batch = strict(await client.ws.recv())
+        assert sorted(e["id"] for e in served_batch) == list(range(1000))
+        assert len(await client.result("state.keys")) == 1000
+
+
 async def test_request_before_auth_gets_32001_and_the_connection_closes(
     served: tuple[Core, Gateway],
 ) -> None:
