@@ -379,6 +379,54 @@ async def test_server_pings_and_pongs_keep_a_quiet_client_alive(tmp_path: Path) 
         assert await client.result("tools.list") == {"tools": [], "count": 0}
 
 
+async def test_unauthenticated_connections_are_closed_at_the_auth_deadline(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path, ws_auth_timeout=0.3)
+    reason = "auth timeout: not authenticated within 0.3s"
+    async with (
+        running(config) as (core, gateway),
+        rpc(gateway.url) as silent,
+        rpc(gateway.url) as wrong,
+        rpc(gateway.url) as ok,
+    ):
+        await ok.login(daemon_token(core))
+        # A wrong token leaves the session unauthenticated (and the connection open)...
+        refused = await wrong.call("session.auth", {"token": "not-the-token"})
+        assert refused["error"]["code"] == INTERNAL
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        # ...until the deadline, like a client that never says anything.
+        assert await close_of(silent.ws) == (1008, reason)
+        assert await close_of(wrong.ws) == (1008, reason)
+        assert loop.time() - start < 2
+        # An authenticated session is not affected.
+        await asyncio.sleep(0.3)
+        assert await ok.result("tools.list") == {"tools": [], "count": 0}
+
+
+async def test_without_auth_there_is_no_auth_deadline(tmp_path: Path) -> None:
+    config = make_config(tmp_path, auth=False, ws_auth_timeout=0.2)
+    async with running(config) as (_, gateway), rpc(gateway.url) as client:
+        await asyncio.sleep(0.6)
+        assert await client.result("tools.list") == {"tools": [], "count": 0}
+
+
+async def test_a_separate_gateway_learns_from_the_core_that_auth_is_off(tmp_path: Path) -> None:
+    """The deadline follows the core's auth, not the gateway's own Config."""
+    core = Core(make_config(tmp_path, auth=False))
+    await core.start()
+    gateway = Gateway(make_config(tmp_path, auth=True, ws_auth_timeout=0.2), core.grpc_address)
+    await gateway.start()
+    try:
+        async with rpc(gateway.url) as client:
+            await asyncio.sleep(0.6)
+            assert await client.result("tools.list") == {"tools": [], "count": 0}
+    finally:
+        await gateway.stop()
+        await core.stop(grace=0)
+
+
 async def test_silent_client_is_closed_after_the_idle_timeout(tmp_path: Path) -> None:
     config = make_config(tmp_path, ws_ping_interval=0.05, ws_idle_timeout=0.3, ws_close_timeout=0.5)
     async with running(config) as (_, gateway):

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 SESSION_ID_KEY = "car-session-id"
 AGENT_ID_KEY = "car-agent-id"
+#: Initial metadata of a Connect stream, sent as soon as the core has taken the stream in:
+#: "required" when the session must authenticate, "off" when auth is off. The gateway
+#: paces the streams it opens by it, and starts its authentication deadline there.
+AUTH_KEY = "car-auth"
 
 StreamHandler = Callable[[ClientSession, Any], AsyncIterator[Message]]
 #: Server-streaming RPC handlers by RPC name (e.g. "WatchRun"), registered by domains.
@@ -357,6 +361,9 @@ def generic_handlers(state: ServerState) -> list[grpc.GenericRpcHandler]:
     """The handlers of SessionService.Connect and of every typed RPC."""
 
     async def connect(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.send_initial_metadata(
+            ((AUTH_KEY, "required" if state.auth_enabled else "off"),)
+        )
         await SessionStream(state, context).run()
 
     by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {

@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 
 #: Largest gRPC message accepted or sent (a 256-turn batch of 256 KiB turns fits).
 MAX_MESSAGE_BYTES = 80 * 1024 * 1024
+#: Calls (Connect streams included) gRPC holds before the server has picked them up. gRPC's
+#: default is 1,000, and beyond it it refuses new calls at random (CANCELLED): under a
+#: burst of WebSocket connections the event loop picks streams up more slowly than they
+#: come, so one in ten sessions of a 2,000-connection burst ended at once. Each held call
+#: is small (its first frames wait in its flow-control window); the gateway also paces
+#: the streams it opens (Config.ws_pending_streams).
+MAX_PENDING_CALLS = 16384
 
 
 class Core:
@@ -51,6 +58,8 @@ class Core:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
+                ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
             ]
         )
         server.add_generic_rpc_handlers(generic_handlers(state))

@@ -12,6 +12,7 @@ one core.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -33,6 +34,11 @@ from car_grpc.v1 import session_pb2
 
 log = logging.getLogger(__name__)
 
+#: Connections the kernel queues for the listener before the gateway accepts them (it caps
+#: this at net.core.somaxconn). asyncio's default, 100, overflows under a burst: the
+#: connections past it are half-open and retried with backoff, and some time out unserved.
+LISTEN_BACKLOG = 4096
+
 _CONNECT = f"/{session_pb2.DESCRIPTOR.services_by_name['SessionService'].full_name}/Connect"
 
 
@@ -47,6 +53,8 @@ class Gateway:
         self._servers: list[Server] = []
         self._unix_socket: Path | None = None
         self._connections: set[Connection] = set()
+        #: A slot per Connect stream the core has not taken in yet (see Connection._open).
+        self._opening = asyncio.Semaphore(config.ws_pending_streams)
         self._stopping = False
         #: TLS of the TCP listener (None: plaintext); the Unix socket is always plain.
         self._ssl: ssl.SSLContext | None = None
@@ -117,6 +125,7 @@ class Gateway:
             max_size=min(config.ws_max_message_bytes, config.ws_max_message_bytes_before_auth),
             write_limit=config.ws_write_limit,
             close_timeout=config.ws_close_timeout,
+            backlog=LISTEN_BACKLOG,
             **where,
         )
 
@@ -125,7 +134,7 @@ class Gateway:
         if self._stopping:  # opened while stop() was closing the others
             await ws.close(CloseCode.GOING_AWAY, "server shutting down")
             return
-        connection = Connection(ws, self._connect, self.config)
+        connection = Connection(ws, self._connect, self.config, self._opening)
         self._connections.add(connection)
         try:
             await connection.run()
