@@ -190,6 +190,8 @@ class Config:
     #: stops reading that client's core stream: the backpressure reaches the core, whose
     #: fan-out drops (a visible gap) while responses wait.
     ws_outbound_queue: int = 1024
+    #: The same queue's bound in bytes (a frame larger than it still goes, alone).
+    ws_outbound_queue_bytes: int = 8 * 1024 * 1024
     #: How long a full queue may wait for the client to take a frame before the gateway
     #: gives up on the client (1008) instead of holding its core session any longer.
     ws_stall_timeout: float = 30.0

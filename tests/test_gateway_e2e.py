@@ -552,6 +552,46 @@ async def test_client_that_never_reads_is_held_to_its_bounds_then_disconnected(
             assert (await other.result("session.auth", {}))["ok"] is True
 
 
+async def test_queue_towards_a_client_that_never_reads_is_bounded_in_bytes(
+    tmp_path: Path,
+) -> None:
+    """The core answers 300 reads of a 64 KiB state value (19 MiB) to a client that reads
+    nothing: the gateway holds at most its byte budget, 256 KiB, though its frame bound
+    (1024 frames, 64 MiB of these) is far off; then it gives the client up (1008)."""
+    budget = 256 * 1024
+    config = make_config(
+        tmp_path,
+        auth=False,
+        ws_outbound_queue=1024,
+        ws_outbound_queue_bytes=budget,
+        ws_write_limit=16 * 1024,
+        ws_stall_timeout=0.5,
+        ws_close_timeout=5,
+    )
+    async with running(config) as (core, gateway):
+        raw, session = await _open_unread(gateway, core)
+        value = "v" * 65536
+        await raw.send_text(
+            {"id": 1, "method": "state.set", "params": {"key": "k", "value": value}}
+        )
+        reads = [{"id": n, "method": "state.get", "params": {"key": "k"}} for n in range(2, 302)]
+        flood = asyncio.create_task(_send_all(raw, reads))
+        connection = next(iter(gateway.connections))
+        peak = 0
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 10
+        while not session.closed.is_set():  # sampled while the gateway holds it
+            peak = max(peak, connection.outbound.nbytes)
+            await asyncio.sleep(0.005)
+            assert loop.time() < give_up, "the client was never given up on"
+        flood.cancel()
+        assert budget - 65600 < connection.outbound.peak_bytes <= budget
+        assert peak <= budget
+        code, reason, _ = await raw.read_until_close()
+        raw.close()
+        assert (code, reason) == (1008, "client not reading: stalled for 0.5s")
+
+
 async def test_gateway_stop_closes_connections_with_a_reason(served: tuple[Core, Gateway]) -> None:
     core, gateway = served
     async with rpc(gateway.url) as client:

@@ -14,7 +14,8 @@ A client that reads slowly is met with backpressure, not with a disconnect: whil
 queue is full the gateway stops reading its core stream, so gRPC flow control backs up
 into the core's bounded session queue. There fan-out (run traces, host events) drops
 with a visible gap and responses wait, and the core serves every other session as
-before. Memory stays bounded: the queue, the write buffer and the gRPC stream window.
+before. Memory stays bounded: the queue (in frames and in bytes), the write buffer and
+the gRPC stream window.
 
 Whichever side ends first ends the connection once, with one close code and reason:
 
@@ -45,6 +46,7 @@ from car_grpc.config import Config
 from car_grpc.core.grpc_service import AUTH_KEY
 from car_grpc.gateway import audio_frames
 from car_grpc.gateway.jsonrpc import Bridge
+from car_grpc.gateway.outbound import OutboundQueue
 from car_grpc.v1 import session_pb2, voice_pb2
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,7 @@ class Connection:
         #: Whether the core requires session.auth (its initial metadata says).
         self._auth_required = config.auth
         #: Text frames (JSON-RPC) and binary frames (audio) for the client.
-        self.outbound: asyncio.Queue[str | bytes] = asyncio.Queue(config.ws_outbound_queue)
+        self.outbound = OutboundQueue(config.ws_outbound_queue, config.ws_outbound_queue_bytes)
         self._ended = asyncio.Event()
         self.close_code: int = CloseCode.NORMAL_CLOSURE
         self.close_reason = ""
@@ -202,19 +204,11 @@ class Connection:
                 pass
 
     async def _queue(self, text: str | bytes) -> None:
-        """Queue behind what waits. While the queue is full the caller waits, and so stops
-        reading its source (the core stream, or the client), for at most ws_stall_timeout
-        without the client taking a frame; past it the client is given up on."""
-        try:
-            self.outbound.put_nowait(text)
-            return
-        except asyncio.QueueFull:
-            pass
+        """Queue behind what waits. While the queue is full (in frames or in bytes) the
+        caller waits, and so stops reading its source (the core stream, or the client);
+        when the client has taken no frame for ws_stall_timeout it is given up on."""
         stall = self.config.ws_stall_timeout
-        try:
-            async with asyncio.timeout(stall):
-                await self.outbound.put(text)
-        except TimeoutError:
+        if not await self.outbound.put(text, stall):
             self.end(CloseCode.POLICY_VIOLATION, f"client not reading: stalled for {stall:g}s")
 
     async def _client_to_core(self) -> None:
