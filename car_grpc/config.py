@@ -205,6 +205,9 @@ class Config:
     #: When a client leaves, how long the core may take to read what the client sent last
     #: and end the session (the gateway half-closes the stream) before it is cancelled.
     ws_half_close_timeout: float = 5.0
+    #: Worker processes of a gateway that decode large frames off its event loop (JSON
+    #: parsing and conversion to protobuf hold the GIL); started when first needed.
+    ws_decode_workers: int = 2
     #: High-water mark in bytes of one WebSocket's write buffer (websockets' write_limit).
     ws_write_limit: int = 64 * 1024
     #: How long closing a WebSocket may take before the TCP connection is dropped.

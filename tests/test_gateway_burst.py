@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 
 from car_grpc.core.server import Core
-from car_grpc.gateway.connection import ConnectCallable
+from car_grpc.gateway.connection import ConnectCallable, OutFrame, serialize
 from car_grpc.v1 import session_pb2
 from tests.conftest import make_config
 from tests.ws_helpers import daemon_token, rpc, running
@@ -35,12 +35,12 @@ async def test_a_burst_of_connect_streams_is_served_whole(core: Core) -> None:
     async with grpc.aio.insecure_channel(core.grpc_address) as channel:
         connect: ConnectCallable = channel.stream_stream(
             _CONNECT,
-            request_serializer=session_pb2.ClientFrame.SerializeToString,
+            request_serializer=serialize,
             response_deserializer=session_pb2.ServerFrame.FromString,
         )
         calls = [connect() for _ in range(2000)]
 
-        Call = grpc.aio.StreamStreamCall[session_pb2.ClientFrame, session_pb2.ServerFrame]
+        Call = grpc.aio.StreamStreamCall[OutFrame, session_pb2.ServerFrame]
 
         async def session(call: Call) -> None:
             auth = session_pb2.ClientFrame(id="1")

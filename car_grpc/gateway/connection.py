@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -44,19 +45,29 @@ from websockets.frames import CloseCode
 
 from car_grpc.config import Config
 from car_grpc.core.grpc_service import AUTH_KEY
-from car_grpc.gateway import audio_frames
-from car_grpc.gateway.jsonrpc import Bridge
+from car_grpc.gateway import audio_frames, decoder
+from car_grpc.gateway.decoder import DecoderPool
+from car_grpc.gateway.jsonrpc import MAX_BATCH, Bridge
 from car_grpc.gateway.outbound import OutboundQueue
 from car_grpc.v1 import session_pb2, voice_pb2
 
 log = logging.getLogger(__name__)
 
-ConnectCallable = grpc.aio.StreamStreamMultiCallable[
-    session_pb2.ClientFrame, session_pb2.ServerFrame
-]
+#: A ClientFrame, or one already serialized (decoded off the loop).
+OutFrame = session_pb2.ClientFrame | bytes
+ConnectCallable = grpc.aio.StreamStreamMultiCallable[OutFrame, session_pb2.ServerFrame]
+
+
+def serialize(frame: OutFrame) -> bytes:
+    """The request serializer of Connect calls."""
+    return frame if isinstance(frame, bytes) else frame.SerializeToString()
+
 
 #: RFC 6455 caps a close reason at 123 bytes of UTF-8.
 _MAX_REASON_BYTES = 123
+#: Longest the gateway works through one client frame (its batch's writes) before it lets
+#: other tasks run.
+SLICE = 0.002
 #: Longest a connection waits for its turn to open a stream, and then for the core to take
 #: it in, before going on without (the pacing is a courtesy, not a condition).
 OPEN_TIMEOUT = 30.0
@@ -91,13 +102,16 @@ class Connection:
         connect: ConnectCallable,
         config: Config,
         opening: asyncio.Semaphore | None = None,
+        decoder: DecoderPool | None = None,
     ) -> None:
         self.ws = ws
         self.config = config
         self.bridge = Bridge()
         self._connect = connect
+        #: Where large frames are decoded (None: inline, whatever their size).
+        self._decoder = decoder
         #: The Connect stream, once opened (see _open).
-        self.call: grpc.aio.StreamStreamCall[session_pb2.ClientFrame, session_pb2.ServerFrame]
+        self.call: grpc.aio.StreamStreamCall[OutFrame, session_pb2.ServerFrame]
         #: Shared by the gateway's connections: a slot per stream not yet taken in.
         self._opening = opening or asyncio.Semaphore(config.ws_pending_streams)
         self._opened = asyncio.Event()  # self.call exists
@@ -216,19 +230,38 @@ class Connection:
             async for message in self.ws:
                 if isinstance(message, bytes) and audio_frames.is_audio_frame(message):
                     inbound = audio_frames.from_client(message)  # CAR binary audio frame
-                else:
+                elif self._decoder is None or decoder.inline(message):
                     inbound = self.bridge.from_client(message)
+                else:  # off the event loop: see decoder.py
+                    try:
+                        first_id = self.bridge.reserve_ids(MAX_BATCH)
+                        callbacks = self.bridge.callbacks
+                        decoded = await self._decoder.decode(message, callbacks, first_id)
+                    except decoder.DecodeFailed as e:
+                        decoded = decoder.failed(str(e))
+                    inbound = self.bridge.admit(decoded)
                 for text in inbound.replies:
                     await self._queue(text)
-                if inbound.frames and not self._opened.is_set():
+                if (inbound.frames or inbound.wire) and not self._opened.is_set():
                     await self._opened.wait()  # bounded: see _open
-                for frame in inbound.frames:
-                    await self.call.write(frame)
+                await self._write_to_core(inbound.frames or inbound.wire)
         except ConnectionClosed:
             pass
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
             return  # the stream ended: _core_to_client says why
         self._left()
+
+    async def _write_to_core(self, frames: Sequence[OutFrame]) -> None:
+        """Write the frames of one client frame (a batch: up to 1,000) onto the stream,
+        letting other tasks run every SLICE seconds: a write that need not wait returns
+        without giving the event loop back."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SLICE
+        for frame in frames:
+            await self.call.write(frame)
+            if loop.time() >= deadline:
+                await asyncio.sleep(0)
+                deadline = loop.time() + SLICE
 
     async def _open(self) -> None:
         """Open the Connect stream once a slot is free, and hold the slot until the core

@@ -275,6 +275,8 @@ class Message:
     notice: bool = False
     #: The cb-N of the server request this frame answers.
     answer_to: str = ""
+    #: The gateway id of a request, when decode was given ids to use (else admit picks).
+    gid: str = ""
 
 
 @dataclass
@@ -288,10 +290,12 @@ class Decoded:
     error: str | None = None
 
 
-def decode(text: str | bytes, callbacks: Mapping[str, str]) -> Decoded:
+def decode(text: str | bytes, callbacks: Mapping[str, str], first_id: int | None = None) -> Decoded:
     """Parse one text frame and translate every message in it. `callbacks` maps the ids of
-    the server's open requests to their methods (to read the client's answers). Pure: it
-    reads and changes nothing else, so it can run off the event loop."""
+    the server's open requests to their methods (to read the client's answers). With
+    `first_id`, requests get their gateway ids here, from it upwards (Bridge.reserve_ids),
+    so that a frame decoded elsewhere comes back complete. Pure: it reads and changes
+    nothing else, so it can run off the event loop."""
     try:
         message = parse(text)
     except BatchTooLarge:
@@ -299,10 +303,17 @@ def decode(text: str | bytes, callbacks: Mapping[str, str]) -> Decoded:
     except ValueError as e:
         return Decoded(error=error_response(None, error_object(PARSE_ERROR, f"parse error: {e}")))
     if not isinstance(message, list):
-        return Decoded([_message(message, callbacks)])
-    if not message:
+        decoded = Decoded([_message(message, callbacks)])
+    elif not message:
         return Decoded(error=_invalid("empty batch"))
-    return Decoded([_message(m, callbacks) for m in message], batch=True)
+    else:
+        decoded = Decoded([_message(m, callbacks) for m in message], batch=True)
+    if first_id is not None:
+        gids = (str(n) for n in itertools.count(first_id))
+        for m in decoded.messages:
+            if isinstance(m.frame, session_pb2.ClientFrame) and not (m.notice or m.answer_to):
+                m.gid = m.frame.id = next(gids)
+    return decoded
 
 
 def _message(message: JSON, callbacks: Mapping[str, str]) -> Message:
@@ -446,6 +457,12 @@ class Bridge:
 
     # -------------------------------------------------------------- client -> core
 
+    def reserve_ids(self, n: int) -> int:
+        """Set `n` gateway ids aside for `decode`; returns the first."""
+        first = next(self._ids)
+        self._ids = itertools.count(first + n)
+        return first
+
     @property
     def callbacks(self) -> Mapping[str, str]:
         """The server's open requests (cb-N -> method), as `decode` needs them."""
@@ -488,8 +505,12 @@ class Bridge:
             inbound.add(frame)
             # A notification method called with an id still gets its (empty) answer.
             return response(message.client_id, None) if message.answered else None
-        gid = str(next(self._ids))
-        inbound.add(_with_id(frame, gid))
+        if message.gid:
+            gid = message.gid
+        else:
+            gid = str(next(self._ids))
+            frame = _with_id(frame, gid)
+        inbound.add(frame)
         if message.answered:
             self._pending[gid] = _Pending(message.client_id, batch)
             if batch is not None:

@@ -29,7 +29,8 @@ from websockets.frames import CloseCode
 from car_grpc import tls
 from car_grpc.config import Config
 from car_grpc.core.server import MAX_MESSAGE_BYTES
-from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection
+from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection, serialize
+from car_grpc.gateway.decoder import DecoderPool
 from car_grpc.v1 import session_pb2
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class Gateway:
         self._connections: set[Connection] = set()
         #: A slot per Connect stream the core has not taken in yet (see Connection._open).
         self._opening = asyncio.Semaphore(config.ws_pending_streams)
+        #: Worker processes for large frames, started when first needed.
+        self.decoder = DecoderPool(config.ws_decode_workers)
         self._stopping = False
         #: TLS of the TCP listener (None: plaintext); the Unix socket is always plain.
         self._ssl: ssl.SSLContext | None = None
@@ -98,7 +101,7 @@ class Gateway:
         )
         self._connect = self._channel.stream_stream(
             _CONNECT,
-            request_serializer=session_pb2.ClientFrame.SerializeToString,
+            request_serializer=serialize,
             response_deserializer=session_pb2.ServerFrame.FromString,
         )
         tcp = await self._serve(host=config.ws_host, port=config.ws_port, ssl=self._ssl)
@@ -134,7 +137,7 @@ class Gateway:
         if self._stopping:  # opened while stop() was closing the others
             await ws.close(CloseCode.GOING_AWAY, "server shutting down")
             return
-        connection = Connection(ws, self._connect, self.config, self._opening)
+        connection = Connection(ws, self._connect, self.config, self._opening, self.decoder)
         self._connections.add(connection)
         try:
             await connection.run()
@@ -154,6 +157,7 @@ class Gateway:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+        await self.decoder.stop()
         if self._unix_socket is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._unix_socket.unlink()
