@@ -213,12 +213,24 @@ class GatewayConfig:
     #: stops reading that client's core stream: the backpressure reaches the core, whose
     #: fan-out drops (a visible gap) while responses wait.
     ws_outbound_queue: int = 1024
+    #: The same queue's bound in bytes (a frame larger than it still goes, alone).
+    ws_outbound_queue_bytes: int = 8 * 1024 * 1024
     #: How long a full queue may wait for the client to take a frame before the gateway
     #: gives up on the client (1008) instead of holding its core session any longer.
     ws_stall_timeout: float = 30.0
+    #: How long a connection may take to complete session.auth once the core has taken its
+    #: stream in; then it is closed (1008). No deadline when the core runs with auth off.
+    ws_auth_timeout: float = 10.0
+    #: Connect streams one gateway may have opened that the core has not taken in yet;
+    #: further connections wait their turn (a burst queues here, not in gRPC's queue of
+    #: calls the core has not picked up, which refuses calls past its limit).
+    ws_pending_streams: int = 256
     #: When a client leaves, how long the core may take to read what the client sent last
     #: and end the session (the gateway half-closes the stream) before it is cancelled.
     ws_half_close_timeout: float = 5.0
+    #: Worker processes of a gateway that decode large frames off its event loop (JSON
+    #: parsing and conversion to protobuf hold the GIL); started when first needed.
+    ws_decode_workers: int = 2
     #: High-water mark in bytes of one WebSocket's write buffer (websockets' write_limit).
     ws_write_limit: int = 64 * 1024
     #: How long closing a WebSocket may take before the TCP connection is dropped.

@@ -27,10 +27,10 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from car_grpc.core.grpc_service import AGENT_ID_KEY, SESSION_ID_KEY
 from car_grpc.v1 import errors_pb2, host_pb2, session_pb2, state_pb2, voice_pb2
 from car_grpc.wire import api
 from car_grpc.wire.errors import ERROR_TRAILER, INVALID_REQUEST
+from car_grpc.wire.metadata import AGENT_ID_KEY, SESSION_ID_KEY
 from tests.error_details import assert_rich_status
 from tests.fuzz_rig import DOCUMENTED, EXAMPLE_TIMEOUT, HANDLER_ERRORS, Rig, rig, strict_json
 from tests.fuzz_strategies import (

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -77,6 +78,15 @@ def accepts(kind: str, answer: dict[str, JSON]) -> bool:
         return code in (INVALID_PARAMS, INTERNAL)
     assert kind == "refused"  # a request before auth: -32001 (or the gateway's own errors)
     return code in (INVALID_PARAMS, INTERNAL, AUTH_REQUIRED)
+
+
+def valid_id(id_: JSON) -> bool:
+    """A request id is a string, a finite number or null; any other is refused."""
+    if isinstance(id_, bool):
+        return False
+    if isinstance(id_, float):
+        return math.isfinite(id_)
+    return id_ is None or isinstance(id_, str | int)
 
 
 def check_shape(answer: JSON) -> None:
@@ -142,6 +152,8 @@ class Expected:
             return [(NULL, "invalid")]
         if "id" not in m:
             return []  # a notification: never answered, not even with an error
+        if not valid_id(m["id"]):
+            return [(NULL, "invalid")]
         return [(key(m["id"]), self._kind(method))]
 
     def _kind(self, method: str) -> str:
@@ -204,11 +216,12 @@ server_answers = st.one_of(
 )
 
 _serial = itertools.count()
-ID_TYPES = st.sampled_from(["int", "str", "float", "list", "object", "null"])
+ID_TYPES = st.sampled_from(["int", "str", "float", "list", "object", "bool", "null"])
 
 
 def unique_id(kind: str) -> JSON:
-    """A request id of the JSON type `kind` that no other request of the run uses."""
+    """A request id of the JSON type `kind` that no other request of the run uses (lists,
+    objects and booleans are not ids: each of those requests is refused under id null)."""
     n = next(_serial)
     ids: dict[str, JSON] = {
         "int": n,
@@ -216,6 +229,7 @@ def unique_id(kind: str) -> JSON:
         "float": n + 0.5,
         "list": [n],
         "object": {"n": n},
+        "bool": n % 2 == 0,
         "null": None,
     }
     return ids[kind]

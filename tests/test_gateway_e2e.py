@@ -137,6 +137,46 @@ async def test_batch_over_the_wire(served: tuple[Core, Gateway]) -> None:
         assert empty["id"] is None and empty["error"]["code"] == INVALID_REQUEST
 
 
+def strict(text: str | bytes) -> Any:
+    """Parse as a strict peer would: NaN and Infinity are not JSON."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+async def test_long_batches_and_ids_that_are_not_ids_are_refused_over_the_wire(
+    served: tuple[Core, Gateway],
+) -> None:
+    core, gateway = served
+    async with rpc(gateway.url) as client:
+        await client.login(daemon_token(core))
+        entries = [
+            f'{{"id":{n},"method":"state.set","params":{{"key":"k{n}","value":1}}}}'
+            for n in range(1001)
+        ]
+        await client.send("[" + ",".join(entries) + "]")
+        refused = strict(await client.ws.recv())
+        assert refused == {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {
+                "code": INVALID_REQUEST,
+                "message": "invalid request: batch of more than 1000 entries",
+            },
+        }
+        assert await client.result("state.keys") == []  # no entry of it ran
+        for id_text in ("1e400", "-1e999", '{"a":1}', "[1]", "true"):
+            await client.send('{"jsonrpc":"2.0","id":' + id_text + ',"method":"tools.list"}')
+            answer = strict(await client.ws.recv())
+            assert answer["id"] is None and answer["error"]["code"] == INVALID_REQUEST
+        await client.send("[" + ",".join(entries[:1000]) + "]")
+        served_batch = strict(await client.ws.recv())
+        assert sorted(e["id"] for e in served_batch) == list(range(1000))
+        assert len(await client.result("state.keys")) == 1000
+
+
 async def test_request_before_auth_gets_32001_and_the_connection_closes(
     served: tuple[Core, Gateway],
 ) -> None:
@@ -339,6 +379,54 @@ async def test_server_pings_and_pongs_keep_a_quiet_client_alive(tmp_path: Path) 
         assert await client.result("tools.list") == {"tools": [], "count": 0}
 
 
+async def test_unauthenticated_connections_are_closed_at_the_auth_deadline(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path, ws_auth_timeout=0.3)
+    reason = "auth timeout: not authenticated within 0.3s"
+    async with (
+        running(config) as (core, gateway),
+        rpc(gateway.url) as silent,
+        rpc(gateway.url) as wrong,
+        rpc(gateway.url) as ok,
+    ):
+        await ok.login(daemon_token(core))
+        # A wrong token leaves the session unauthenticated (and the connection open)...
+        refused = await wrong.call("session.auth", {"token": "not-the-token"})
+        assert refused["error"]["code"] == INTERNAL
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        # ...until the deadline, like a client that never says anything.
+        assert await close_of(silent.ws) == (1008, reason)
+        assert await close_of(wrong.ws) == (1008, reason)
+        assert loop.time() - start < 2
+        # An authenticated session is not affected.
+        await asyncio.sleep(0.3)
+        assert await ok.result("tools.list") == {"tools": [], "count": 0}
+
+
+async def test_without_auth_there_is_no_auth_deadline(tmp_path: Path) -> None:
+    config = make_config(tmp_path, auth=False, ws_auth_timeout=0.2)
+    async with running(config) as (_, gateway), rpc(gateway.url) as client:
+        await asyncio.sleep(0.6)
+        assert await client.result("tools.list") == {"tools": [], "count": 0}
+
+
+async def test_a_separate_gateway_learns_from_the_core_that_auth_is_off(tmp_path: Path) -> None:
+    """The deadline follows the core's auth, not the gateway's own Config."""
+    core = Core(make_config(tmp_path, auth=False).core)
+    await core.start()
+    gateway = Gateway(make_config(tmp_path, ws_auth_timeout=0.2).gateway, core.grpc_address)
+    await gateway.start()
+    try:
+        async with rpc(gateway.url) as client:
+            await asyncio.sleep(0.6)
+            assert await client.result("tools.list") == {"tools": [], "count": 0}
+    finally:
+        await gateway.stop()
+        await core.stop(grace=0)
+
+
 async def test_silent_client_is_closed_after_the_idle_timeout(tmp_path: Path) -> None:
     config = make_config(tmp_path, ws_ping_interval=0.05, ws_idle_timeout=0.3, ws_close_timeout=0.5)
     async with running(config) as (_, gateway):
@@ -462,6 +550,46 @@ async def test_client_that_never_reads_is_held_to_its_bounds_then_disconnected(
         # Other clients are unaffected.
         async with rpc(gateway.url) as other:
             assert (await other.result("session.auth", {}))["ok"] is True
+
+
+async def test_queue_towards_a_client_that_never_reads_is_bounded_in_bytes(
+    tmp_path: Path,
+) -> None:
+    """The core answers 300 reads of a 64 KiB state value (19 MiB) to a client that reads
+    nothing: the gateway holds at most its byte budget, 256 KiB, though its frame bound
+    (1024 frames, 64 MiB of these) is far off; then it gives the client up (1008)."""
+    budget = 256 * 1024
+    config = make_config(
+        tmp_path,
+        auth=False,
+        ws_outbound_queue=1024,
+        ws_outbound_queue_bytes=budget,
+        ws_write_limit=16 * 1024,
+        ws_stall_timeout=0.5,
+        ws_close_timeout=5,
+    )
+    async with running(config) as (core, gateway):
+        raw, session = await _open_unread(gateway, core)
+        value = "v" * 65536
+        await raw.send_text(
+            {"id": 1, "method": "state.set", "params": {"key": "k", "value": value}}
+        )
+        reads = [{"id": n, "method": "state.get", "params": {"key": "k"}} for n in range(2, 302)]
+        flood = asyncio.create_task(_send_all(raw, reads))
+        connection = next(iter(gateway.connections))
+        peak = 0
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 10
+        while not session.closed.is_set():  # sampled while the gateway holds it
+            peak = max(peak, connection.outbound.nbytes)
+            await asyncio.sleep(0.005)
+            assert loop.time() < give_up, "the client was never given up on"
+        flood.cancel()
+        assert budget - 65600 < connection.outbound.peak_bytes <= budget
+        assert peak <= budget
+        code, reason, _ = await raw.read_until_close()
+        raw.close()
+        assert (code, reason) == (1008, "client not reading: stalled for 0.5s")
 
 
 async def test_gateway_stop_closes_connections_with_a_reason(served: tuple[Core, Gateway]) -> None:

@@ -4,11 +4,12 @@ the translation of every frame kind in both directions."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
 
-from car_grpc.gateway.jsonrpc import MAX_OPEN_CALLBACKS, Bridge, Inbound
+from car_grpc.gateway.jsonrpc import MAX_BATCH, MAX_OPEN_CALLBACKS, Bridge, Inbound, dumps
 from car_grpc.v1 import errors_pb2, session_pb2, tools_pb2
 from car_grpc.wire import api, codec
 from car_grpc.wire.errors import (
@@ -23,6 +24,15 @@ from car_grpc.wire.errors import (
 
 def send(bridge: Bridge, message: Any) -> Inbound:
     return bridge.from_client(message if isinstance(message, str) else json.dumps(message))
+
+
+def strict_json(text: str) -> Any:
+    """Parse as a strict peer would: NaN and Infinity are not JSON."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def only_reply(inbound: Inbound) -> Any:
@@ -127,6 +137,46 @@ def test_params_nested_deeper_than_the_core_reads_are_refused() -> None:
     assert "nested" in reply["error"]["message"]
 
 
+def nested(depth: int) -> Any:
+    """Objects `depth` levels deep: JSON reads 480 of them, the conversion to protobuf
+    (two Python calls a level) cannot, and upb reads no more than 33 (3 levels each)."""
+    deep: Any = 1
+    for _ in range(depth):
+        deep = {"a": deep}
+    return deep
+
+
+DEEP_PARAMS = {
+    "code": INVALID_PARAMS,
+    "message": "invalid params: nested more than 100 levels deep",
+}
+
+
+def test_params_nested_deeper_than_python_recurses_get_the_precise_error() -> None:
+    params = {"key": "k", "value": nested(480)}
+    reply = only_reply(send(Bridge(), {"id": 1, "method": "state.set", "params": params}))
+    assert reply == {"jsonrpc": "2.0", "id": 1, "error": DEEP_PARAMS}
+
+
+def test_deeply_nested_answers_to_server_requests_fail_precisely_not_the_connection() -> None:
+    bridge = Bridge()
+    for n in range(1, 4):
+        bridge.from_core(tools_execute(f"cb-{n}"))
+    [result] = send(bridge, {"id": "cb-1", "result": nested(480)}).frames
+    assert result.id == "cb-1" and result.error.code == INVALID_PARAMS
+    assert result.error.message == (
+        "invalid answer to tools.execute: nested more than 100 levels deep"
+    )
+    # An error answer keeps its code and message; data the core could not read is left
+    # out (deeper than upb reads, or than Python converts).
+    for cb, depth in (("cb-2", 60), ("cb-3", 480)):
+        error = {"code": -32000, "message": "disk gone", "data": nested(depth)}
+        [failed] = send(bridge, {"id": cb, "error": error}).frames
+        assert failed.id == cb and failed.error.code == -32000
+        assert failed.error.message == "disk gone" and not failed.error.HasField("data")
+        session_pb2.ClientFrame.FromString(failed.SerializeToString())  # upb reads it
+
+
 def test_bad_params_of_a_notification_are_dropped_silently() -> None:
     inbound = send(Bridge(), {"method": "tools.unregister", "params": {"name": 5}})
     assert inbound.frames == [] and inbound.replies == []
@@ -135,11 +185,8 @@ def test_bad_params_of_a_notification_are_dropped_silently() -> None:
 # ------------------------------------------------------------------ requests and ids
 
 
-@pytest.mark.parametrize(
-    "client_id",
-    [0, 7, -3, 2**70, 1.5, "abc", "", None, {"nested": [1, "x"]}, [1, 2]],
-)
-def test_ids_of_any_json_type_are_echoed_exactly(client_id: Any) -> None:
+@pytest.mark.parametrize("client_id", [0, 7, -3, 2**70, 1.5, -2.5e300, "abc", "", None])
+def test_string_number_and_null_ids_are_echoed_exactly(client_id: Any) -> None:
     bridge = Bridge()
     inbound = send(bridge, {"jsonrpc": "2.0", "id": client_id, "method": "tools.list"})
     assert inbound.replies == []
@@ -149,6 +196,58 @@ def test_ids_of_any_json_type_are_echoed_exactly(client_id: Any) -> None:
     reply = json.loads(text)
     assert reply == {"jsonrpc": "2.0", "id": client_id, "result": {"tools": [], "count": 0}}
     assert type(reply["id"]) is type(client_id)
+
+
+INVALID_ID = {
+    "code": INVALID_REQUEST,
+    "message": "invalid request: id must be a string, a finite number or null",
+}
+
+
+@pytest.mark.parametrize(
+    "id_text", ['{"nested":[1,"x"]}', "{}", "[1,2]", "[]", "1e400", "-1e400", "true", "false"]
+)
+def test_object_array_boolean_and_non_finite_ids_are_invalid_with_null_id(id_text: str) -> None:
+    bridge = Bridge()
+    text = '{"jsonrpc":"2.0","id":' + id_text + ',"method":"tools.list"}'
+    inbound = bridge.from_client(text)
+    assert inbound.frames == [] and bridge.open_requests == 0  # nothing reached the core
+    [reply] = inbound.replies
+    assert strict_json(reply) == {"jsonrpc": "2.0", "id": None, "error": INVALID_ID}
+
+
+def test_an_invalid_id_in_a_batch_spoils_only_its_entry() -> None:
+    bridge = Bridge()
+    inbound = bridge.from_client(
+        '[{"id":1e999,"method":"tools.list"},{"id":{"a":1},"method":"no.such"},'
+        '{"id":2,"method":"tools.list"}]'
+    )
+    [frame] = inbound.frames
+    text = answer_tools_list(bridge, frame)
+    assert text is not None
+    entries = strict_json(text)
+    assert [e["id"] for e in entries] == [None, None, 2]
+    assert [e["error"] for e in entries[:2]] == [INVALID_ID, INVALID_ID]
+
+
+def test_non_finite_numbers_from_the_core_are_sent_as_null() -> None:
+    """The choice for a NaN or Infinity inside a Value from the core: JSON null (codec),
+    so the frame stays strict JSON; nothing else changes."""
+    bridge = Bridge()
+    [frame] = send(bridge, {"id": 5, "method": "state.get", "params": {"key": "k"}}).frames
+    reply = session_pb2.ServerFrame(id=frame.id)
+    values = reply.state_get.value.list_value.values
+    for number in (math.nan, math.inf, -math.inf, 1.5):
+        values.add().number_value = number
+    text = bridge.from_core(reply)
+    assert text is not None
+    assert strict_json(text) == {"jsonrpc": "2.0", "id": 5, "result": [None, None, None, 1.5]}
+
+
+def test_the_encoder_refuses_nan_and_infinity() -> None:
+    for number in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError):
+            dumps({"x": [number]})
 
 
 def test_integer_ids_stay_integers_on_the_wire() -> None:
@@ -254,6 +353,38 @@ def test_empty_batch_is_one_invalid_request_error() -> None:
     reply = only_reply(Bridge().from_client("[]"))
     assert isinstance(reply, dict)
     assert reply["id"] is None and reply["error"]["code"] == INVALID_REQUEST
+
+
+def tools_lists(n: int) -> str:
+    return "[" + ",".join(f'{{"id":{i},"method":"tools.list"}}' for i in range(n)) + "]"
+
+
+def test_batch_of_1000_entries_is_served() -> None:
+    bridge = Bridge()
+    inbound = bridge.from_client(tools_lists(MAX_BATCH))
+    assert MAX_BATCH == 1000
+    assert len(inbound.frames) == 1000 and inbound.replies == []
+    texts = [answer_tools_list(bridge, frame) for frame in inbound.frames]
+    assert texts[:-1] == [None] * 999 and texts[-1] is not None
+    assert sorted(e["id"] for e in json.loads(texts[-1])) == list(range(1000))
+
+
+TOO_LONG = {"code": INVALID_REQUEST, "message": "invalid request: batch of more than 1000 entries"}
+
+
+def test_batch_of_more_than_1000_entries_is_refused_whole() -> None:
+    bridge = Bridge()
+    inbound = bridge.from_client(tools_lists(1001))
+    assert inbound.frames == [] and bridge.open_requests == 0
+    assert only_reply(inbound) == {"jsonrpc": "2.0", "id": None, "error": TOO_LONG}
+
+
+def test_a_long_batch_is_not_read_past_its_1001st_entry() -> None:
+    """800,000 entries (37 MB) cost no more than 1,001: what follows is never parsed
+    (here it is not even JSON, yet the answer is the batch's refusal)."""
+    entry = '{"jsonrpc":"2.0","id":1,"method":"tools.list"}'
+    for text in ("[" + ",".join([entry] * 800_000) + "]", tools_lists(1000)[:-1] + ",{{{"):
+        assert only_reply(Bridge().from_client(text))["error"] == TOO_LONG
 
 
 def test_batch_is_answered_as_one_array_when_complete() -> None:

@@ -28,7 +28,6 @@ from typing import Any
 import grpc
 import pytest
 
-from car_grpc.core.grpc_service import AGENT_ID_KEY
 from car_grpc.core.server import Core
 from car_grpc.core.tokens import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
 from car_grpc.gateway import Gateway
@@ -36,6 +35,7 @@ from car_grpc.store import database_path
 from car_grpc.v1 import state_pb2, state_pb2_grpc
 from car_grpc.wire.errors import AUTH_REQUIRED, INTERNAL
 from car_grpc.wire.limits import MAX_MESSAGE_BYTES
+from car_grpc.wire.metadata import AGENT_ID_KEY
 from tests.conftest import make_config
 from tests.ws_helpers import running
 from tests.ws_pipelined import RpcError, pipelined

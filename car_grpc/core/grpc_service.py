@@ -28,11 +28,9 @@ from car_grpc.core.session import ClientSession, Role, SessionClosed
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import api
 from car_grpc.wire.errors import INVALID_REQUEST, CarError
+from car_grpc.wire.metadata import AGENT_ID_KEY, AUTH_KEY, SESSION_ID_KEY
 
 log = logging.getLogger(__name__)
-
-SESSION_ID_KEY = "car-session-id"
-AGENT_ID_KEY = "car-agent-id"
 
 
 def _error_frame(frame_id: str, error: CarError) -> session_pb2.ServerFrame:
@@ -273,7 +271,10 @@ class GrpcService:
         """The handlers of SessionService.Connect, of every typed RPC and of the gRPC-only
         RPCs."""
 
+        auth = "required" if self.authentication.enabled else "off"
+
         async def connect(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await context.send_initial_metadata(((AUTH_KEY, auth),))
             await SessionStream(self, context).run()
 
         by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {

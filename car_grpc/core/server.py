@@ -25,6 +25,14 @@ from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger(__name__)
 
+#: Calls (Connect streams included) gRPC holds before the server has picked them up. gRPC's
+#: default is 1,000, and beyond it it refuses new calls at random (CANCELLED): under a
+#: burst of WebSocket connections the event loop picks streams up more slowly than they
+#: come, so one in ten sessions of a 2,000-connection burst ended at once. Each held call
+#: is small (its first frames wait in its flow-control window); the gateway also paces
+#: the streams it opens (GatewayConfig.ws_pending_streams).
+MAX_PENDING_CALLS = 16384
+
 
 class Core:
     def __init__(self, config: CoreConfig, store: Store | None = None) -> None:
@@ -50,6 +58,8 @@ class Core:
             options=[
                 *MESSAGE_SIZE_OPTIONS,
                 ("grpc.so_reuseport", 0),
+                ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
             ]
         )
         server.add_generic_rpc_handlers(parts.grpc.handlers())

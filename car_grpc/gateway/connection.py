@@ -1,15 +1,21 @@
 """One WebSocket connection bridged to one SessionService.Connect stream.
 
-Four tasks per connection: client -> core (text frames through the Bridge onto the gRPC
-stream), core -> client (ServerFrames through the Bridge to the WebSocket: sent at once
-while the client keeps up, else onto a bounded queue), the writer (queue -> WebSocket)
-and the keepalive.
+Five tasks per connection: client -> core (text frames through the Bridge onto the gRPC
+stream), core -> client (opens the stream, then ServerFrames through the Bridge to the
+WebSocket: sent at once while the client keeps up, else onto a bounded queue), the writer
+(queue -> WebSocket), the keepalive and the authentication deadline.
+
+Opening is paced: a gateway has at most `ws_pending_streams` Connect streams that the core
+has not taken in yet (the core says so with its initial metadata), so a burst of
+connections waits here rather than overflowing gRPC's queue of calls the core has not
+picked up, where calls past the limit are refused (and their sessions would end at once).
 
 A client that reads slowly is met with backpressure, not with a disconnect: while its
 queue is full the gateway stops reading its core stream, so gRPC flow control backs up
 into the core's bounded session queue. There fan-out (run traces, host events) drops
 with a visible gap and responses wait, and the core serves every other session as
-before. Memory stays bounded: the queue, the write buffer and the gRPC stream window.
+before. Memory stays bounded: the queue (in frames and in bytes), the write buffer and
+the gRPC stream window.
 
 Whichever side ends first ends the connection once, with one close code and reason:
 
@@ -19,6 +25,8 @@ Whichever side ends first ends the connection once, with one close code and reas
 - the core ends the stream: open requests get -32603, then the WebSocket closes (1011);
 - the core refuses the session (-32001): the error is sent, then the WebSocket closes (1008);
 - the client takes nothing from a full queue for `ws_stall_timeout` seconds: closed (1008);
+- the session is not authenticated `ws_auth_timeout` seconds after the core took the
+  stream in (and no request is on its way): closed (1008); not when auth is off;
 - nothing at all arrives for `ws_idle_timeout` seconds (pongs count): closed (1001).
 """
 
@@ -27,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -35,18 +44,33 @@ from websockets.exceptions import ConcurrencyError, ConnectionClosed
 from websockets.frames import CloseCode
 
 from car_grpc.config import GatewayConfig
-from car_grpc.gateway import audio_frames
-from car_grpc.gateway.jsonrpc import Bridge
+from car_grpc.gateway import audio_frames, decoder
+from car_grpc.gateway.decoder import DecoderPool
+from car_grpc.gateway.jsonrpc import MAX_BATCH, Bridge
+from car_grpc.gateway.outbound import OutboundQueue
 from car_grpc.v1 import session_pb2, voice_pb2
+from car_grpc.wire.metadata import AUTH_KEY
 
 log = logging.getLogger(__name__)
 
-ConnectCallable = grpc.aio.StreamStreamMultiCallable[
-    session_pb2.ClientFrame, session_pb2.ServerFrame
-]
+#: A ClientFrame, or one already serialized (decoded off the loop).
+OutFrame = session_pb2.ClientFrame | bytes
+ConnectCallable = grpc.aio.StreamStreamMultiCallable[OutFrame, session_pb2.ServerFrame]
+
+
+def serialize(frame: OutFrame) -> bytes:
+    """The request serializer of Connect calls."""
+    return frame if isinstance(frame, bytes) else frame.SerializeToString()
+
 
 #: RFC 6455 caps a close reason at 123 bytes of UTF-8.
 _MAX_REASON_BYTES = 123
+#: Longest the gateway works through one client frame (its batch's writes) before it lets
+#: other tasks run.
+SLICE = 0.002
+#: Longest a connection waits for its turn to open a stream, and then for the core to take
+#: it in, before going on without (the pacing is a courtesy, not a condition).
+OPEN_TIMEOUT = 30.0
 
 
 class TrackedConnection(ServerConnection):
@@ -77,13 +101,27 @@ class Connection:
         ws: TrackedConnection,
         connect: ConnectCallable,
         config: GatewayConfig,
+        opening: asyncio.Semaphore | None = None,
+        decoder: DecoderPool | None = None,
     ) -> None:
         self.ws = ws
         self.config = config
         self.bridge = Bridge()
-        self.call = connect()
+        self._connect = connect
+        #: Where large frames are decoded (None: inline, whatever their size).
+        self._decoder = decoder
+        #: The Connect stream, once opened (see _open).
+        self.call: grpc.aio.StreamStreamCall[OutFrame, session_pb2.ServerFrame]
+        #: Shared by the gateway's connections: a slot per stream not yet taken in.
+        self._opening = opening or asyncio.Semaphore(config.ws_pending_streams)
+        self._opened = asyncio.Event()  # self.call exists
+        self._accepted = asyncio.Event()  # the core took the stream in (or failed it)
+        self._authenticated = asyncio.Event()
+        #: Whether the core requires session.auth: its initial metadata says (until then,
+        #: assume it does).
+        self._auth_required = True
         #: Text frames (JSON-RPC) and binary frames (audio) for the client.
-        self.outbound: asyncio.Queue[str | bytes] = asyncio.Queue(config.ws_outbound_queue)
+        self.outbound = OutboundQueue(config.ws_outbound_queue, config.ws_outbound_queue_bytes)
         self._ended = asyncio.Event()
         self.close_code: int = CloseCode.NORMAL_CLOSURE
         self.close_reason = ""
@@ -113,6 +151,7 @@ class Connection:
             downstream,
             asyncio.create_task(self._write()),
             asyncio.create_task(self._keepalive()),
+            asyncio.create_task(self._auth_deadline()),
         ]
         for task in tasks:
             task.add_done_callback(self._task_done)
@@ -121,7 +160,8 @@ class Connection:
             if self._client_left:
                 await self._let_core_finish(upstream, downstream)
         finally:
-            self.call.cancel()
+            if self._opened.is_set():
+                self.call.cancel()
             if self._flush:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.config.ws_close_timeout):
@@ -140,6 +180,8 @@ class Connection:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.ws_half_close_timeout):
                 await asyncio.wait((upstream,))
+                if not self._opened.is_set():
+                    return  # nothing reached the core
                 with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
                     await self.call.done_writing()
                 await asyncio.wait((downstream,))
@@ -177,19 +219,11 @@ class Connection:
                 pass
 
     async def _queue(self, text: str | bytes) -> None:
-        """Queue behind what waits. While the queue is full the caller waits, and so stops
-        reading its source (the core stream, or the client), for at most ws_stall_timeout
-        without the client taking a frame; past it the client is given up on."""
-        try:
-            self.outbound.put_nowait(text)
-            return
-        except asyncio.QueueFull:
-            pass
+        """Queue behind what waits. While the queue is full (in frames or in bytes) the
+        caller waits, and so stops reading its source (the core stream, or the client);
+        when the client has taken no frame for ws_stall_timeout it is given up on."""
         stall = self.config.ws_stall_timeout
-        try:
-            async with asyncio.timeout(stall):
-                await self.outbound.put(text)
-        except TimeoutError:
+        if not await self.outbound.put(text, stall):
             self.end(CloseCode.POLICY_VIOLATION, f"client not reading: stalled for {stall:g}s")
 
     async def _client_to_core(self) -> None:
@@ -197,19 +231,82 @@ class Connection:
             async for message in self.ws:
                 if isinstance(message, bytes) and audio_frames.is_audio_frame(message):
                     inbound = audio_frames.from_client(message)  # CAR binary audio frame
-                else:
+                elif self._decoder is None or decoder.inline(message):
                     inbound = self.bridge.from_client(message)
+                else:  # off the event loop: see decoder.py
+                    try:
+                        first_id = self.bridge.reserve_ids(MAX_BATCH)
+                        callbacks = self.bridge.callbacks
+                        decoded = await self._decoder.decode(message, callbacks, first_id)
+                    except decoder.DecodeFailed as e:
+                        decoded = decoder.failed(str(e))
+                    inbound = self.bridge.admit(decoded)
                 for text in inbound.replies:
                     await self._queue(text)
-                for frame in inbound.frames:
-                    await self.call.write(frame)
+                if (inbound.frames or inbound.wire) and not self._opened.is_set():
+                    await self._opened.wait()  # bounded: see _open
+                await self._write_to_core(inbound.frames or inbound.wire)
         except ConnectionClosed:
             pass
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
             return  # the stream ended: _core_to_client says why
         self._left()
 
+    async def _write_to_core(self, frames: Sequence[OutFrame]) -> None:
+        """Write the frames of one client frame (a batch: up to 1,000) onto the stream,
+        letting other tasks run every SLICE seconds: a write that need not wait returns
+        without giving the event loop back."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SLICE
+        for frame in frames:
+            await self.call.write(frame)
+            if loop.time() >= deadline:
+                await asyncio.sleep(0)
+                deadline = loop.time() + SLICE
+
+    async def _open(self) -> None:
+        """Open the Connect stream once a slot is free, and hold the slot until the core
+        has taken the stream in (its initial metadata) or the call failed: each wait at
+        most OPEN_TIMEOUT, after which the connection goes on regardless."""
+        acquired = False
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(OPEN_TIMEOUT):
+                    await self._opening.acquire()
+                    acquired = True
+            self.call = self._connect()
+            self._opened.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(OPEN_TIMEOUT):
+                    # Empty when the call failed first (the read that follows says why).
+                    metadata = await self.call.initial_metadata()
+                    auth = dict(metadata or ()).get(AUTH_KEY)
+                    if auth is not None:
+                        self._auth_required = auth != "off"
+        finally:
+            if acquired:
+                self._opening.release()
+            self._accepted.set()
+
+    async def _auth_deadline(self) -> None:
+        """Close a connection that has not authenticated ws_auth_timeout seconds after the
+        core took its stream in. A request still on its way at the deadline (the core
+        may be slow under load) gets one more ws_auth_timeout to be answered."""
+        await self._accepted.wait()  # bounded: see _open
+        if not self._auth_required:
+            return
+        timeout = self.config.ws_auth_timeout
+        for grace in (False, True):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._authenticated.wait()
+                    return
+            if grace or not self.bridge.open_requests:
+                break
+        self.end(CloseCode.POLICY_VIOLATION, f"auth timeout: not authenticated within {timeout:g}s")
+
     async def _core_to_client(self) -> None:
+        await self._open()
         try:
             while True:
                 frame = await self.call.read()
@@ -224,6 +321,7 @@ class Connection:
                 if self.bridge.authenticated and not self._full_size:
                     self._full_size = True
                     self.ws.protocol.max_message_size = self.config.ws_max_message_bytes
+                    self._authenticated.set()
                 if text is not None:
                     await self._send(text)
                 if self.bridge.auth_refused:

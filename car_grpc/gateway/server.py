@@ -12,6 +12,7 @@ one core.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -27,11 +28,17 @@ from websockets.frames import CloseCode
 
 from car_grpc import tls
 from car_grpc.config import GatewayConfig
-from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection
+from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection, serialize
+from car_grpc.gateway.decoder import DecoderPool
 from car_grpc.v1 import session_pb2
 from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger(__name__)
+
+#: Connections the kernel queues for the listener before the gateway accepts them (it caps
+#: this at net.core.somaxconn). asyncio's default, 100, overflows under a burst: the
+#: connections past it are half-open and retried with backoff, and some time out unserved.
+LISTEN_BACKLOG = 4096
 
 _CONNECT = f"/{session_pb2.DESCRIPTOR.services_by_name['SessionService'].full_name}/Connect"
 
@@ -47,6 +54,10 @@ class Gateway:
         self._servers: list[Server] = []
         self._unix_socket: Path | None = None
         self._connections: set[Connection] = set()
+        #: A slot per Connect stream the core has not taken in yet (see Connection._open).
+        self._opening = asyncio.Semaphore(config.ws_pending_streams)
+        #: Worker processes for large frames, started when first needed.
+        self.decoder = DecoderPool(config.ws_decode_workers)
         self._stopping = False
         #: TLS of the TCP listener (None: plaintext); the Unix socket is always plain.
         self._ssl: ssl.SSLContext | None = None
@@ -89,7 +100,7 @@ class Gateway:
         )
         self._connect = self._channel.stream_stream(
             _CONNECT,
-            request_serializer=session_pb2.ClientFrame.SerializeToString,
+            request_serializer=serialize,
             response_deserializer=session_pb2.ServerFrame.FromString,
         )
         tcp = await self._serve(host=config.ws_host, port=config.ws_port, ssl=self._ssl)
@@ -116,6 +127,7 @@ class Gateway:
             max_size=min(config.ws_max_message_bytes, config.ws_max_message_bytes_before_auth),
             write_limit=config.ws_write_limit,
             close_timeout=config.ws_close_timeout,
+            backlog=LISTEN_BACKLOG,
             **where,
         )
 
@@ -124,7 +136,7 @@ class Gateway:
         if self._stopping:  # opened while stop() was closing the others
             await ws.close(CloseCode.GOING_AWAY, "server shutting down")
             return
-        connection = Connection(ws, self._connect, self.config)
+        connection = Connection(ws, self._connect, self.config, self._opening, self.decoder)
         self._connections.add(connection)
         try:
             await connection.run()
@@ -144,6 +156,7 @@ class Gateway:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+        await self.decoder.stop()
         if self._unix_socket is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._unix_socket.unlink()
