@@ -133,6 +133,9 @@ class CoreConfig:
     #: Trace events queued per (session, run) subscription; beyond it the oldest are
     #: dropped and the subscriber sees a cursor gap.
     run_subscriber_queue: int = 256
+    #: Live runs.subscribe subscriptions one session may hold at a time; one more fails
+    #: with -32602 naming this limit (re-subscribing to the same run replaces its own).
+    run_subscriptions_per_session: int = 256
     #: How long agents.chat waits for the agent's ack (and agents.chat.approve for the
     #: agent's answer).
     chat_ack_timeout: float = 5.0

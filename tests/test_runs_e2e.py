@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,6 +14,7 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import runs_pb2, runs_pb2_grpc
 from car_grpc.wire.codec import message_to_json, to_value, value_to_json
 from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS, CarError
+from tests.conftest import make_config
 from tests.error_details import error_info
 from tests.runs_helpers import (
     agent,
@@ -524,3 +526,26 @@ async def test_subscribe_while_appending_has_no_gap_and_no_duplicate(
         seen.append(event.cursor)
         assert event.record.turn.index == event.cursor - 1
     assert seen == list(range(1, 401))
+
+
+async def test_a_session_holds_a_bounded_number_of_run_subscriptions(tmp_path: Path) -> None:
+    core = Core(make_config(tmp_path, run_subscriptions_per_session=2).core)
+    await core.start()
+    try:
+        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+            bot, boss = await agent(core, channel, "bot"), await host(core, channel)
+            runs = [await start(bot) for _ in range(3)]
+            for run_id in runs[:2]:
+                await boss.request("runs_subscribe", runs_pb2.SubscribeRunRequest(run_id=run_id))
+            with pytest.raises(CarError) as refused:
+                await boss.request("runs_subscribe", runs_pb2.SubscribeRunRequest(run_id=runs[2]))
+            assert refused.value.code == INVALID_PARAMS
+            assert "run_subscriptions_per_session (2)" in refused.value.message
+            # Subscribing again to a run replaces its own subscription; ending one frees it.
+            await boss.request("runs_subscribe", runs_pb2.SubscribeRunRequest(run_id=runs[0]))
+            await boss.request("runs_unsubscribe", runs_pb2.UnsubscribeRunRequest(run_id=runs[1]))
+            await boss.request("runs_subscribe", runs_pb2.SubscribeRunRequest(run_id=runs[2]))
+            await bot.close()
+            await boss.close()
+    finally:
+        await core.stop(grace=0)

@@ -220,12 +220,14 @@ class Runs:
         metrics: Metrics,
         *,
         subscriber_queue: int,
+        subscriptions_per_session: int,
         complete_grace: float,
         auth_enabled: bool,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.subscriber_queue = subscriber_queue
+        self._subscriptions_per_session = subscriptions_per_session
         self._complete_grace = complete_grace
         self._auth_enabled = auth_enabled
         self.live: dict[str, LiveRun] = {}
@@ -503,6 +505,11 @@ class Runs:
             old = held.subscriptions.get(run_id)
             if old is not None:
                 self._unregister(old)
+            elif len(held.subscriptions) >= (limit := self._subscriptions_per_session):
+                raise invalid_params(
+                    f"invalid params: too many run subscriptions: "
+                    f"run_subscriptions_per_session ({limit})"
+                )
             sub = Subscription(self, session, run_id)
             held.subscriptions[run_id] = sub
             run.subscribers[session.id] = sub

@@ -101,6 +101,7 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
         store.runs,
         metrics,
         subscriber_queue=config.run_subscriber_queue,
+        subscriptions_per_session=config.run_subscriptions_per_session,
         complete_grace=config.run_complete_grace,
         auth_enabled=auth_enabled,
     )
