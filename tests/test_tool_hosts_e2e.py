@@ -322,6 +322,25 @@ async def test_a_bound_hosts_tool_wins_over_a_shared_one(
         await owner.close()
 
 
+async def test_a_host_bound_to_a_websocket_session_serves_its_proposals(
+    served: tuple[Core, Gateway],
+) -> None:
+    """The session a host binds to may be a WebSocket client's: the same session id and
+    token that session.auth answered it with."""
+    core, gateway = served
+    token = daemon_token(core)
+    async with rpc(gateway.url) as client, grpc.aio.insecure_channel(core.grpc_address) as ch:
+        sid = (await client.login(token))["session_id"]
+        bound = bearer(token, session_id=sid)
+        async with serving(ch, {"add": add}, metadata=bound, name="ws-own") as host:
+            listed = await client.result("tools.list")
+            assert [t["name"] for t in listed["tools"]] == ["add"]
+            result = await ws_submit(client, [call("s", "add", parameters={"a": 20, "b": 22})])
+            assert result["results"][0]["output"] == 42
+            assert client.other == []
+            assert host.calls[0].caller.role == options_pb2.CALLER_ROLE_DAEMON
+
+
 # ------------------------------------------------------------------ names and registration
 
 
@@ -466,6 +485,33 @@ async def test_an_aborted_proposal_cancels_its_other_calls(
         assert statuses["h"][0] == tools_pb2.ACTION_STATUS_SKIPPED
         (cancel,) = await host.wait_for_cancels(1)
         assert (cancel.action_id, cancel.reason) == ("h", "proposal aborted")
+
+
+async def test_a_client_that_leaves_mid_proposal_cancels_the_hosts_call(
+    served: tuple[Core, Gateway],
+) -> None:
+    core, gateway = served
+    token = daemon_token(core)
+    async with grpc.aio.insecure_channel(core.grpc_address) as channel:  # noqa: SIM117
+        async with serving(channel, {"stuck": forever}, metadata=bearer(token)) as host:
+            async with rpc(gateway.url) as client:
+                await client.login(token)
+                await client.send(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": 1,
+                        "method": "proposal.submit",
+                        "params": {"proposal": {"actions": [call("s", "stuck")]}},
+                    }
+                )
+                await host.wait_for_calls(1)
+            # The WebSocket closed: its session ended and the proposal with it.
+            (cancel,) = await host.wait_for_cancels(1)
+            assert (cancel.request_id, cancel.action_id, cancel.reason) == (
+                host.calls[0].request_id,
+                "s",
+                "proposal cancelled",
+            )
 
 
 async def test_a_failed_call_is_retried_as_a_new_call(
