@@ -161,6 +161,21 @@ class CoreConfig:
     voice_max_chunk_bytes: int = 1024 * 1024
     #: Voice sessions one connection may have open at a time.
     voice_sessions_per_client: int = 16
+    #: Tool hosts (ToolService.ServeTools streams) on the core at a time; one more is
+    #: refused with RESOURCE_EXHAUSTED.
+    tool_hosts_max: int = 256
+    #: Tools one tool host may register.
+    tool_host_max_tools: int = 256
+    #: Calls sent to one tool host and not answered yet; one more fails at once (its
+    #: action fails).
+    tool_host_max_pending: int = 1024
+    #: The same in bytes (serialized ToolCall); one larger call passes when none is pending.
+    tool_host_max_pending_bytes: int = 16 * 1024 * 1024
+    #: How long a tool host may take no message from its stream while one waits before it
+    #: counts as stalled and is disconnected (its calls fail at once).
+    tool_host_stall_timeout: float = 10.0
+    #: How long a tool host may take to send its registration after opening the stream.
+    tool_host_register_timeout: float = 5.0
     #: Final segments one meeting transcript keeps; later ones are left out and the
     #: meeting is marked truncated.
     meeting_max_segments: int = 20_000

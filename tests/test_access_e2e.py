@@ -16,7 +16,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 
 from car_grpc.core.server import Core
-from car_grpc.v1 import options_pb2
+from car_grpc.v1 import options_pb2, session_pb2, tools_pb2, tools_pb2_grpc
 from car_grpc.wire import api
 from car_grpc.wire.errors import AUTH_REQUIRED, INTERNAL, CarError
 from tests.error_details import error_info
@@ -35,6 +35,10 @@ REQUESTS = sorted(m for m in api.CLIENT_REQUESTS if m != "session.auth")
 RPCS = [m for m in api.all_rpcs() if m.full_name != "car.v1.SessionService.Connect"]
 #: How long an admitted streaming RPC is read before it counts as running.
 STREAM_PROBE = 0.5
+#: RPCs whose handler narrows the declared rule (its `scope`) for a call not bound to a
+#: session (as every call of the matrix below is): the roles it then refuses. Each is
+#: also tested bound, where the declared roles hold.
+NARROWED_UNBOUND = {"car.v1.ToolService.ServeTools": {AGENT}}
 
 
 def test_every_operation_declares_who_may_call_it() -> None:
@@ -166,7 +170,73 @@ async def test_typed_rpcs_follow_the_declared_roles(
         code = await _call(channel, rpc, metadata)
         if role == UNAUTHENTICATED:
             assert code == grpc.StatusCode.UNAUTHENTICATED, rpc.full_name
-        elif role in access.roles:
+        elif role in access.roles and role not in NARROWED_UNBOUND.get(rpc.full_name, ()):
             assert code != grpc.StatusCode.PERMISSION_DENIED, rpc.full_name
         else:
             assert code == grpc.StatusCode.PERMISSION_DENIED, rpc.full_name
+
+
+def test_a_narrowed_rule_says_so_in_its_scope() -> None:
+    by_name = {rpc.full_name: rpc for rpc in RPCS}
+    for name, refused in NARROWED_UNBOUND.items():
+        access = api.rpc_access(by_name[name])
+        assert access.scope, name
+        assert refused <= set(access.roles), name
+
+
+async def _serve_tools(
+    channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...], tool: str = "t"
+) -> tools_pb2.ServeToolsResponse:
+    """Register `tool` on ServeTools; the server's first answer (or its AioRpcError).
+    The stream is dropped afterwards (its tool goes soon after, not at once)."""
+    call: Any = tools_pb2_grpc.ToolServiceStub(channel).ServeTools(metadata=metadata)
+    try:
+        register = tools_pb2.RegisterToolHost(tools=[tools_pb2.ToolDefinition(name=tool)])
+        await call.write(tools_pb2.ServeToolsRequest(register=register))
+        answer: tools_pb2.ServeToolsResponse = await asyncio.wait_for(call.read(), 5)
+        return answer
+    finally:
+        call.cancel()
+
+
+async def test_serve_tools_shared_needs_daemon_or_host_and_bound_needs_the_sessions_own_credentials(
+    core: Core, channel: grpc.aio.Channel, sessions: dict[int, SessionClient]
+) -> None:
+    """An attached agent may not serve tools to every session (it would read every
+    session's parameters and feed their state); it may serve its own session's tools,
+    bound with car-session-id and its own credentials, like any role."""
+    state = state_of(core)
+    agent_token = await state.agent_tokens.add("tool-agent")
+    unbound = {
+        DAEMON: (("authorization", f"Bearer {state.tokens.daemon}"),),
+        HOST: (("authorization", f"Bearer {state.tokens.host}"),),
+        AGENT: (("authorization", f"Bearer {agent_token}"), ("car-agent-id", "tool-agent")),
+    }
+    for role in (DAEMON, HOST):
+        answer = await _serve_tools(channel, unbound[role], tool=f"shared-{role}")
+        assert answer.registered.scope == tools_pb2.TOOL_SCOPE_SHARED, role
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _serve_tools(channel, unbound[AGENT])
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(refused.value).reason == "PERMISSION_DENIED"
+    assert "an attached agent serves only its own session's tools" in (
+        refused.value.details() or ""
+    )
+
+    # Bound: each role's own session, with its own credentials.
+    agent = await connect(channel, token=agent_token, agent_id="tool-agent")
+    clients = {DAEMON: sessions[DAEMON], HOST: sessions[HOST], AGENT: agent}
+    for role, client in clients.items():
+        reply = await client.request("session_init", session_pb2.InitSessionRequest())
+        bound = (*unbound[role], ("car-session-id", reply.session_id))
+        answer = await _serve_tools(channel, bound)
+        assert answer.registered.scope == tools_pb2.TOOL_SCOPE_SESSION, role
+    # Nobody binds to a session with credentials other than the session's own: the agent
+    # cannot serve the daemon session's tools.
+    daemon_sid = (
+        await sessions[DAEMON].request("session_init", session_pb2.InitSessionRequest())
+    ).session_id
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _serve_tools(channel, (*unbound[AGENT], ("car-session-id", daemon_sid)))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await agent.close()

@@ -1,7 +1,8 @@
 """The Go client in clients/go, built with Debian's Go toolchain from the code that
 `buf generate` made from proto/ (clients/go/gen), run against a real `car-grpc serve`:
-an agent records a run while a host watches it live, and a host chats with agents in
-Python and Node.js.
+an agent records a run while a host watches it live, a host chats with agents in
+Python and Node.js, and a tool host on the typed ServeTools stream serves proposals
+submitted over the WebSocket and over typed gRPC from Python.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from typing import Any
 import grpc
 import pytest
 
-from car_grpc.v1 import runs_pb2, runs_pb2_grpc
+from car_grpc.v1 import runs_pb2, runs_pb2_grpc, session_pb2, tools_pb2, tools_pb2_grpc
+from car_grpc.wire.codec import json_to_message, value_to_json
 from tests.client_programs import Program, ensure_installed, run_node
 from tests.go_programs import build_go_programs, run_go
 from tests.serve_sync import Served, start_serve
 from tests.session_client import connect
 from tests.test_polyglot_node import assert_chat_reply, node_reply, serve_chats_in_python
+from tests.ws_helpers import rpc
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +207,127 @@ async def test_go_host_chat_with_an_agent_that_is_not_attached(
     assert error["event"] == "error"
     assert error["message"] == "agent 'nobody' is not attached"
     assert error["code"] < 0 and error["grpc_code"] not in ("OK", "Unknown")
+
+
+# ------------------------------------------------------------------ tool hosting
+
+
+def proposal(proposal_id: str, *actions: dict[str, Any]) -> tools_pb2.SubmitProposalRequest:
+    req = tools_pb2.SubmitProposalRequest()
+    json_to_message({"proposal": {"id": proposal_id, "actions": list(actions)}}, req)
+    return req
+
+
+def tool_call(id: str, tool: str, **extra: Any) -> dict[str, Any]:
+    return {"id": id, "type": "tool_call", "tool": tool, **extra}
+
+
+async def test_a_go_tool_host_serves_a_websocket_and_a_python_grpc_proposal(
+    go_bin: Path, served: Served, channel: grpc.aio.Channel
+) -> None:
+    async with go(go_bin, served, "tool-host", "-name", "go-tools") as host:
+        assert await host.expect("registered") == {
+            "event": "registered",
+            "host": "go-tools",
+            "scope": "TOOL_SCOPE_SHARED",
+            "tools": ["add", "divide", "wait"],
+        }
+        # A WebSocket JSON-RPC client, attached as an agent, calls the Go host's tools.
+        token = served.add_agent("ws-agent")
+        async with rpc(served.ws_url) as ws:
+            await ws.result("session.auth", {"token": token, "agent_id": "ws-agent"})
+            await ws.result("server.handshake", {"protocol_version": 3, "client_version": "t"})
+            result = await ws.result(
+                "proposal.submit",
+                {
+                    "proposal": {
+                        "id": "from-ws",
+                        "actions": [
+                            tool_call("sum", "add", parameters={"a": 2, "b": 3}),
+                            tool_call("half", "divide", parameters={"a": "$sum.output", "b": 2}),
+                            tool_call(
+                                "oops",
+                                "divide",
+                                parameters={"a": 1, "b": 0},
+                                failure_behavior="skip",
+                            ),
+                        ],
+                    }
+                },
+            )
+            assert ws.other == []  # no tools.execute reached the WebSocket client
+        assert [(r["action_id"], r["status"]) for r in result["results"]] == [
+            ("sum", "succeeded"),
+            ("half", "succeeded"),
+            ("oops", "failed"),
+        ]
+        assert [r["output"] for r in result["results"][:2]] == [5, 2.5]
+        assert result["results"][2]["error"] == "division by zero"
+        calls = [await host.expect("call") for _ in range(3)]
+        assert {c["action_id"] for c in calls} == {"sum", "half", "oops"}
+        half = next(c for c in calls if c["action_id"] == "half")
+        assert half["parameters"] == {"a": 5, "b": 2}
+        assert {(c["caller_role"], c["agent_id"]) for c in calls} == {
+            ("CALLER_ROLE_AGENT", "ws-agent")
+        }
+
+        # A typed gRPC proposal from Python, bound to no session: an action timeout
+        # cancels the Go host's call.
+        daemon = (("authorization", f"Bearer {served.token('auth-token')}"),)
+        stub = tools_pb2_grpc.ToolServiceStub(channel)
+        reply = await stub.SubmitProposal(
+            proposal(
+                "from-python",
+                tool_call("n", "add", parameters={"a": 40, "b": 2}),
+                tool_call("w", "wait", timeout_ms=300, failure_behavior="skip"),
+            ),
+            metadata=daemon,
+            timeout=10,
+        )
+        by_action = {r.action_id: r for r in reply.result.results}
+        assert value_to_json(by_action["n"].output) == 42
+        assert by_action["w"].error == "tool 'wait' callback timed out (0.3s)"
+        cancel = await host.expect("cancel")
+        waited = next(c for c in host.events if c.get("action_id") == "w" and c["event"] == "call")
+        assert cancel == {
+            "event": "cancel",
+            "request_id": waited["request_id"],
+            "action_id": "w",
+            "reason": "timeout",
+        }
+        assert waited["caller_role"] == "CALLER_ROLE_DAEMON"
+
+        # Closing its stdin ends its stream cleanly; its tools go with it.
+        assert host.proc.stdin is not None
+        host.proc.stdin.close()
+        assert (await host.finish())[-1] == {"event": "end"}
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.SubmitProposal(
+            proposal("after", tool_call("n", "add")), metadata=daemon, timeout=10
+        )
+    assert "no tool host serves 'add'" in (refused.value.details() or "")
+
+
+async def test_a_go_tool_host_serves_one_python_sessions_own_tools(
+    go_bin: Path, served: Served, channel: grpc.aio.Channel
+) -> None:
+    session = await connect(channel, token=served.token("auth-token"))
+    reply = await session.request("session_init", session_pb2.InitSessionRequest())
+    async with go(go_bin, served, "tool-host", "-session", reply.session_id) as host:
+        registered = await host.expect("registered")
+        assert registered["scope"] == "TOOL_SCOPE_SESSION"
+        listed = await session.request("tools_list", tools_pb2.ListToolsRequest())
+        assert [t.name for t in listed.tools] == ["add", "divide", "wait"]
+        answer = await session.request(
+            "proposal_submit", proposal("own", tool_call("sum", "add", parameters={"a": 3, "b": 4}))
+        )
+        assert value_to_json(answer.result.results[0].output) == 7
+        assert session.server_requests.empty()  # served by the Go host, not the session
+        # When the session ends, so does the host's stream (FAILED_PRECONDITION).
+        await session.close()
+        error = await host.next_event()
+        while error["event"] != "error":
+            error = await host.next_event()
+        assert await host.proc.wait() == 1
+    assert error["grpc_code"] == "FailedPrecondition"
+    assert "has ended" in error["message"]

@@ -21,6 +21,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2, runs_pb2, session_pb2, tools_pb2, tools_pb2_grpc
+from car_grpc.wire.codec import json_to_message
 from tests.client_programs import Program, ensure_installed, run_car_runtime_agent, run_node
 from tests.conftest import make_config
 from tests.serve_sync import Served, start_serve
@@ -368,3 +369,57 @@ async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) 
         ("end", 3, None),
     ]
     assert events[0]["status"] == "RUN_STATUS_INCOMPLETE"
+
+
+async def test_node_typed_tool_host_serves_a_websocket_and_a_python_grpc_proposal(
+    served: Served, channel: grpc.aio.Channel
+) -> None:
+    """clients/node/serve-tools.js on ToolService.ServeTools (proto-loader, shared tools):
+    a WebSocket client's proposal and an unbound typed one from Python call its tools."""
+    async with node(served, "serve-tools.js") as host:
+        registered = await host.expect("registered")
+        assert registered["scope"] == "TOOL_SCOPE_SHARED"
+        assert registered["tools"] == ["add", "divide", "wait"]
+        async with ws_connect(served.ws_url, ping_interval=None) as ws:
+            client = JsonRpc(ws)
+            await client.call("session.auth", {"token": served.token("auth-token")})
+            await client.call("server.handshake", {"protocol_version": 3, "client_version": "t"})
+            result = await client.call(
+                "proposal.submit",
+                {
+                    "proposal": {
+                        "actions": [
+                            {
+                                "id": "s",
+                                "type": "tool_call",
+                                "tool": "add",
+                                "parameters": {"a": 1, "b": 2},
+                            },
+                            {
+                                "id": "d",
+                                "type": "tool_call",
+                                "tool": "divide",
+                                "parameters": {"a": 1, "b": 0},
+                                "failure_behavior": "skip",
+                            },
+                        ]
+                    }
+                },
+            )
+        assert [(r["status"], r.get("output"), r.get("error")) for r in result["results"]] == [
+            ("succeeded", 3, None),
+            ("failed", None, "division by zero"),
+        ]
+        daemon = (("authorization", f"Bearer {served.token('auth-token')}"),)
+        request = tools_pb2.SubmitProposalRequest()
+        wait = {"id": "w", "type": "tool_call", "tool": "wait", "timeout_ms": 300}
+        json_to_message({"proposal": {"actions": [wait]}}, request)
+        reply = await tools_pb2_grpc.ToolServiceStub(channel).SubmitProposal(
+            request, metadata=daemon, timeout=10
+        )
+        assert reply.result.results[0].error == "tool 'wait' callback timed out (0.3s)"
+        cancel = await host.expect("cancel")
+        assert (cancel["action_id"], cancel["reason"]) == ("w", "timeout")
+        assert host.proc.stdin is not None
+        host.proc.stdin.close()
+        assert (await host.finish())[-1] == {"event": "end"}

@@ -9,6 +9,12 @@ handler deadline, cancelled RPC — sends the notification `tools.cancel`; a lat
 ignored by the session. A client error answer fails the action with its message; one with
 `data.terminal: true` aborts the proposal and halts the session.
 
+A tool that a tool host serves (ToolService.ServeTools, tool_hosts.py) is called on that
+host instead: a host bound to the session serves the session's own tools (listed by
+tools.list; the client cannot register or remove those names), a shared host serves
+every session the names it has not registered itself. A call without a session stream
+(an unbound typed SubmitProposal) may call hosted tools only.
+
 A halted session runs no proposal: every action of a later proposal comes back
 `skipped` with the error HALTED, and no tool is called, until `session.clear_halt` (or a
 new session).
@@ -24,6 +30,7 @@ from car_grpc.core.policies import checked_policy
 from car_grpc.core.proposals import ToolFailed, ToolInvocation
 from car_grpc.core.router import handles
 from car_grpc.core.session import ClientSession, SessionClosed
+from car_grpc.core.tool_hosts import ToolHosts
 from car_grpc.v1 import session_pb2, tools_pb2
 from car_grpc.wire.codec import JSON, to_struct, value_to_json
 from car_grpc.wire.errors import INTERNAL, CarError, field_error, require
@@ -48,10 +55,12 @@ def _checked_tools(
 
 
 class Tools:
-    """The session-local operations of §3 but policies and state. `tool_timeout` bounds a
-    callback without its own timeout_ms; `callback_grace` is added to one that has it."""
+    """The session-local operations of §3 but policies and state. `hosts` serve the tools
+    of tool hosts; `tool_timeout` bounds a callback without its own timeout_ms;
+    `callback_grace` is added to one that has it."""
 
-    def __init__(self, tool_timeout: float, callback_grace: float) -> None:
+    def __init__(self, hosts: ToolHosts, tool_timeout: float, callback_grace: float) -> None:
+        self._hosts = hosts
         self._tool_timeout = tool_timeout
         self._callback_grace = callback_grace
 
@@ -62,6 +71,7 @@ class Tools:
         self, session: ClientSession, req: session_pb2.InitSessionRequest
     ) -> session_pb2.InitSessionResponse:
         tools = _checked_tools(list(req.tools))
+        self._hosts.refuse_hosted(session, [t.name for t in tools], "tools[{i}].name")
         policies = [checked_policy(p, f"policies[{i}].") for i, p in enumerate(req.policies)]
         for tool in tools:
             session.tools[tool.name] = tool
@@ -83,6 +93,7 @@ class Tools:
         self, session: ClientSession, req: tools_pb2.RegisterToolsRequest
     ) -> tools_pb2.RegisterToolsResponse:
         tools = _checked_tools(list(req.tools))
+        self._hosts.refuse_hosted(session, [t.name for t in tools], "tools[{i}].name")
         for tool in tools:
             session.tools[tool.name] = tool
         return tools_pb2.RegisterToolsResponse(count=len(tools))
@@ -91,7 +102,9 @@ class Tools:
     async def tools_list(
         self, session: ClientSession, req: tools_pb2.ListToolsRequest
     ) -> tools_pb2.ListToolsResponse:
-        tools = [session.tools[name] for name in sorted(session.tools)]
+        tools = sorted(
+            [*session.tools.values(), *self._hosts.session_tools(session)], key=lambda t: t.name
+        )
         return tools_pb2.ListToolsResponse(tools=tools, count=len(tools))
 
     @handles("tools_unregister", inline=True)
@@ -99,6 +112,7 @@ class Tools:
         self, session: ClientSession, req: tools_pb2.UnregisterToolRequest
     ) -> tools_pb2.UnregisterToolResponse:
         name = require(req.name, "name")
+        self._hosts.refuse_hosted(session, [name], "name")
         removed = session.tools.pop(name, None) is not None
         return tools_pb2.UnregisterToolResponse(unregistered=name, removed=int(removed))
 
@@ -111,19 +125,35 @@ class Tools:
         plan = proposals.plan(req.proposal)
         if session.halted:
             return tools_pb2.SubmitProposalResponse(result=proposals.skipped_result(plan, HALTED))
-        calls_tools = any(a.type == tools_pb2.ACTION_TYPE_TOOL_CALL for a in plan.actions)
-        if calls_tools and not session.streaming:
-            raise CarError(
-                INTERNAL,
-                "proposal.submit calls tools back on a session stream: "
-                "bind the call to a Connect session with car-session-id",
-            )
         label = req.session_id if req.HasField("session_id") else None
+        fallback = None
+        if session.streaming:
+            fallback = SessionTools(session, label, self._tool_timeout, self._callback_grace)
+        else:
+            unserved = sorted(
+                {
+                    a.tool
+                    for a in plan.actions
+                    if a.type == tools_pb2.ACTION_TYPE_TOOL_CALL
+                    and self._hosts.resolve(session, a.tool) is None
+                }
+            )
+            if unserved:
+                names = ", ".join(f"'{name}'" for name in unserved)
+                raise CarError(
+                    INTERNAL,
+                    "proposal.submit calls tools back on a session stream: "
+                    "bind the call to a Connect session with car-session-id "
+                    f"(no tool host serves {names})",
+                )
+        call_tool = self._hosts.call_tool(
+            session, proposal_id=plan.proposal_id, label=label, fallback=fallback
+        )
         result = await proposals.execute(
             plan,
             state=session.kv,
             policies=list(session.policies.values()),
-            call_tool=SessionTools(session, label, self._tool_timeout, self._callback_grace),
+            call_tool=call_tool,
         )
         if any(r.terminal for r in result.results):
             session.halted = True

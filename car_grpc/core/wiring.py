@@ -33,6 +33,7 @@ from car_grpc.core.runs import Runs
 from car_grpc.core.session import SessionLimits
 from car_grpc.core.status import Status
 from car_grpc.core.tokens import AgentTokens, ServerTokens
+from car_grpc.core.tool_hosts import ToolHostLimits, ToolHosts
 from car_grpc.core.tools import Tools
 from car_grpc.core.voice import Voice, VoiceLimits
 from car_grpc.store.repositories import Store
@@ -55,6 +56,7 @@ class CoreParts:
     host: Host
     runs: Runs
     chats: Chats
+    tool_hosts: ToolHosts
     voice: Voice
     meetings: Meetings
     status: Status
@@ -112,6 +114,20 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
         ChatLimits(config.chat_ack_timeout, config.chat_buffer, config.chat_stall_timeout),
     )
     await chats.start()
+    tool_hosts = ToolHosts(
+        ToolHostLimits(
+            max_hosts=config.tool_hosts_max,
+            max_tools=config.tool_host_max_tools,
+            max_pending=config.tool_host_max_pending,
+            max_pending_bytes=config.tool_host_max_pending_bytes,
+            stall_timeout=config.tool_host_stall_timeout,
+            register_timeout=config.tool_host_register_timeout,
+        ),
+        metrics,
+        tool_timeout=config.tool_timeout,
+        callback_grace=config.callback_grace,
+        auth_enabled=auth_enabled,
+    )
     voice = Voice(
         VoiceLimits(
             audio_queue=config.voice_audio_queue,
@@ -131,7 +147,8 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
     router = Router(
         [
             authentication,
-            Tools(config.tool_timeout, config.callback_grace),
+            Tools(tool_hosts, config.tool_timeout, config.callback_grace),
+            tool_hosts,
             Policies(),
             KeyValue(),
             runs,
@@ -166,6 +183,7 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
         host=host,
         runs=runs,
         chats=chats,
+        tool_hosts=tool_hosts,
         voice=voice,
         meetings=meetings,
         status=status,

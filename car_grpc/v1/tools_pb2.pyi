@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from car_grpc.v1 import options_pb2 as _options_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -143,6 +144,39 @@ ACTION_STATUS_REJECTED: ActionStatus.ValueType  # 3
 ACTION_STATUS_SKIPPED: ActionStatus.ValueType  # 4
 """Not run because the proposal aborted first (or the session is halted)."""
 Global___ActionStatus: _TypeAlias = ActionStatus  # noqa: Y015
+
+class _ToolScope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ToolScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolScope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOOL_SCOPE_UNSPECIFIED: _ToolScope.ValueType  # 0
+    TOOL_SCOPE_SESSION: _ToolScope.ValueType  # 1
+    """The tools of the session the stream is bound to (`car-session-id`): only that
+    session's proposals call them, and its `tools.list` lists them.
+    """
+    TOOL_SCOPE_SHARED: _ToolScope.ValueType  # 2
+    """Shared by name: the proposals of every authenticated session call them (for names
+    the session has not registered itself). The stream must not be bound to a session.
+    """
+
+class ToolScope(_ToolScope, metaclass=_ToolScopeEnumTypeWrapper):
+    """---------------------------------------------------------------- the tool host stream
+
+    How far the tools of a tool host reach.
+    """
+
+TOOL_SCOPE_UNSPECIFIED: ToolScope.ValueType  # 0
+TOOL_SCOPE_SESSION: ToolScope.ValueType  # 1
+"""The tools of the session the stream is bound to (`car-session-id`): only that
+session's proposals call them, and its `tools.list` lists them.
+"""
+TOOL_SCOPE_SHARED: ToolScope.ValueType  # 2
+"""Shared by name: the proposals of every authenticated session call them (for names
+the session has not registered itself). The stream must not be bound to a session.
+"""
+Global___ToolScope: _TypeAlias = ToolScope  # noqa: Y015
 
 @_typing.final
 class ToolDefinition(_message.Message):
@@ -800,3 +834,345 @@ class CancelToolNotice(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelToolNotice: _TypeAlias = CancelToolNotice  # noqa: Y015
+
+@_typing.final
+class ServeToolsRequest(_message.Message):
+    """Host -> server on ServeTools."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGISTER_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def register(self) -> Global___RegisterToolHost:
+        """First, and only once: the host's tools."""
+
+    @_builtins.property
+    def result(self) -> Global___ToolResult:
+        """The answer to one `call`."""
+
+    def __init__(
+        self,
+        *,
+        register: Global___RegisterToolHost | None = ...,
+        result: Global___ToolResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "register", b"register", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "register", b"register", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "result"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___ServeToolsRequest: _TypeAlias = ServeToolsRequest  # noqa: Y015
+
+@_typing.final
+class ServeToolsResponse(_message.Message):
+    """Server -> host on ServeTools."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGISTERED_FIELD_NUMBER: _builtins.int
+    CALL_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def registered(self) -> Global___ToolHostRegistered:
+        """The registration took effect: calls may follow."""
+
+    @_builtins.property
+    def call(self) -> Global___ToolCall:
+        """Run one tool call and answer it with a `result` of the same request_id."""
+
+    @_builtins.property
+    def cancel(self) -> Global___ToolCancel:
+        """Stop working on a call: the server no longer waits for it."""
+
+    def __init__(
+        self,
+        *,
+        registered: Global___ToolHostRegistered | None = ...,
+        call: Global___ToolCall | None = ...,
+        cancel: Global___ToolCancel | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "call", b"call", "cancel", b"cancel", "registered", b"registered"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "call", b"call", "cancel", b"cancel", "registered", b"registered"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["registered", "call", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___ServeToolsResponse: _TypeAlias = ServeToolsResponse  # noqa: Y015
+
+@_typing.final
+class RegisterToolHost(_message.Message):
+    """A tool host's registration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    """A name for logs and errors (`tool host '<host>' ...`); defaults to `tool-host-<n>`.
+    At most 128 characters.
+    """
+    scope: Global___ToolScope.ValueType
+    """The scope the host means to serve (a check): SESSION needs a stream bound with
+    `car-session-id`, SHARED one that is not; a mismatch fails with INVALID_ARGUMENT.
+    Unspecified: the scope follows the binding.
+    """
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolDefinition]:
+        """The tools it serves: 1 to Config.tool_host_max_tools (256), names of 1 to 128
+        characters, unique. As in `tools.register` (`parameters` is `{}` when not given).
+        """
+
+    def __init__(
+        self,
+        *,
+        host: _builtins.str | None = ...,
+        tools: _abc.Iterable[Global___ToolDefinition] | None = ...,
+        scope: Global___ToolScope.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_host", b"_host", "host", b"host"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_host", b"_host", "host", b"host", "scope", b"scope", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__host: _TypeAlias = _typing.Literal["host"]  # noqa: Y015
+    _WhichOneofArgType__host: _TypeAlias = _typing.Literal["_host", b"_host"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__host) -> _WhichOneofReturnType__host | None: ...
+
+Global___RegisterToolHost: _TypeAlias = RegisterToolHost  # noqa: Y015
+
+@_typing.final
+class ToolHostRegistered(_message.Message):
+    """The answer to RegisterToolHost."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    """The host's name (as given, or the one the server chose)."""
+    scope: Global___ToolScope.ValueType
+    """Where its tools are served."""
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The names of the tools it now serves, in the order registered."""
+
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        scope: Global___ToolScope.ValueType = ...,
+        tools: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "scope", b"scope", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolHostRegistered: _TypeAlias = ToolHostRegistered  # noqa: Y015
+
+@_typing.final
+class ToolCaller(_message.Message):
+    """Who submitted the proposal a call comes from, as the server authenticated it (not a
+    claim of the caller), so that a shared host can decide what it lets each caller do.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    role: _options_pb2.CallerRole.ValueType
+    """The caller's role (CALLER_ROLE_DAEMON when the server runs without auth)."""
+    agent_id: _builtins.str
+    """The agent of an attached-agent caller."""
+    def __init__(
+        self,
+        *,
+        role: _options_pb2.CallerRole.ValueType = ...,
+        agent_id: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_agent_id", b"_agent_id", "agent_id", b"agent_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_agent_id", b"_agent_id", "agent_id", b"agent_id", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__agent_id: _TypeAlias = _typing.Literal["agent_id"]  # noqa: Y015
+    _WhichOneofArgType__agent_id: _TypeAlias = _typing.Literal["_agent_id", b"_agent_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__agent_id) -> _WhichOneofReturnType__agent_id | None: ...
+
+Global___ToolCaller: _TypeAlias = ToolCaller  # noqa: Y015
+
+@_typing.final
+class ToolCall(_message.Message):
+    """Server -> host: run one tool call. The fields of ExecuteToolRequest (`tools.execute`),
+    and the caller.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACTION_ID_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    PROPOSAL_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Unique on the host's stream; the `result` and any `cancel` name it."""
+    action_id: _builtins.str
+    """The proposal's action."""
+    tool: _builtins.str
+    """One of the host's tools."""
+    attempt: _builtins.int
+    """1-based attempt number (retries of failure_behavior retry count up; each attempt is
+    a new call with a new request_id).
+    """
+    timeout_ms: _builtins.int
+    """The action's own deadline, when it declares one: a call unanswered by then is
+    cancelled (reason "timeout") and its action fails.
+    """
+    session_id: _builtins.str
+    """The proposal's `session_id` label, verbatim, when the submitter gave one (a free
+    label, not authenticated: as in ExecuteToolRequest).
+    """
+    proposal_id: _builtins.str
+    """The proposal's id (ProposalResult.proposal_id)."""
+    @_builtins.property
+    def parameters(self) -> _struct_pb2.Struct:
+        """The action's parameters, with `$<id>.output` references already replaced."""
+
+    @_builtins.property
+    def caller(self) -> Global___ToolCaller:
+        """Who submitted the proposal."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        action_id: _builtins.str = ...,
+        tool: _builtins.str = ...,
+        parameters: _struct_pb2.Struct | None = ...,
+        attempt: _builtins.int = ...,
+        timeout_ms: _builtins.int | None = ...,
+        session_id: _builtins.str | None = ...,
+        caller: Global___ToolCaller | None = ...,
+        proposal_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "_timeout_ms", b"_timeout_ms", "caller", b"caller", "parameters", b"parameters", "session_id", b"session_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "_timeout_ms", b"_timeout_ms", "action_id", b"action_id", "attempt", b"attempt", "caller", b"caller", "parameters", b"parameters", "proposal_id", b"proposal_id", "request_id", b"request_id", "session_id", b"session_id", "timeout_ms", b"timeout_ms", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
+    _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015
+    _WhichOneofReturnType__timeout_ms: _TypeAlias = _typing.Literal["timeout_ms"]  # noqa: Y015
+    _WhichOneofArgType__timeout_ms: _TypeAlias = _typing.Literal["_timeout_ms", b"_timeout_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__session_id) -> _WhichOneofReturnType__session_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout_ms) -> _WhichOneofReturnType__timeout_ms | None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
+
+@_typing.final
+class ToolCancel(_message.Message):
+    """Server -> host: the call `request_id` was given up; any later result for it is ignored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACTION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The call."""
+    action_id: _builtins.str
+    """Its action."""
+    reason: _builtins.str
+    """"timeout", "proposal aborted" or "proposal cancelled" (as in CancelToolNotice)."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        action_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCancel: _TypeAlias = ToolCancel  # noqa: Y015
+
+@_typing.final
+class ToolResult(_message.Message):
+    """Host -> server: the answer to one call. Exactly one per call; a result for a call that
+    was cancelled, answered already or never sent is ignored.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The call's request_id."""
+    @_builtins.property
+    def output(self) -> _struct_pb2.Value:
+        """The tool's output (any JSON): the action's output."""
+
+    @_builtins.property
+    def error(self) -> Global___ToolError:
+        """The tool failed."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        output: _struct_pb2.Value | None = ...,
+        error: Global___ToolError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "output", b"output"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "output", b"output", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["output", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___ToolResult: _TypeAlias = ToolResult  # noqa: Y015
+
+@_typing.final
+class ToolError(_message.Message):
+    """A failed tool call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    TERMINAL_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    """The action's error, verbatim (`tool '<tool>' failed` when empty)."""
+    terminal: _builtins.bool
+    """Do not retry: the proposal aborts and the submitting session is halted until
+    `session.clear_halt` (as `data: {"terminal": true}` on a tools.execute error).
+    """
+    def __init__(
+        self,
+        *,
+        message: _builtins.str = ...,
+        terminal: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "terminal", b"terminal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolError: _TypeAlias = ToolError  # noqa: Y015

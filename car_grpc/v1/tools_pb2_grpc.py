@@ -35,7 +35,59 @@ class ToolServiceStub:
 
     Unary calls of this service act on a live session: see SessionService for how a call is
     bound to a session with the `car-session-id` metadata key. Tool callbacks of a
-    SubmitProposal call always travel on that session's Connect stream.
+    SubmitProposal call travel on that session's Connect stream, unless a tool host serves
+    the tool (ServeTools below).
+
+    # Tool hosts (ServeTools)
+
+    A tool host is a program in any language that serves tools over one typed bidi stream,
+    `ServeTools`, instead of answering `tools.execute` on a Connect stream: it registers its
+    tools in its first message, then receives ToolCall and ToolCancel messages and answers
+    every call with one ToolResult. How far its tools reach is decided by how the stream is
+    opened:
+
+    - Session tools: a stream bound to a live session (`car-session-id`, with that
+    session's credentials) serves tools of that session only. They are listed by the
+    session's `tools.list`, and only the session's own proposals call them. Any role
+    that holds the session may serve them (an attached agent too): nothing the session
+    could not do itself on its Connect stream.
+    - Shared tools: a stream not bound to a session serves its tools by name to every
+    authenticated session (WebSocket or gRPC, any role), for the tools that session has
+    not registered itself. Only the daemon token or the host role may serve them: a
+    shared tool sees the parameters of every session's proposals and its outputs flow
+    into every session's state, which no attached agent may be trusted with.
+
+    Which tool a proposal's `tool_call` calls, in order: a tool of a host bound to the
+    submitting session; a tool the session registered itself (`tools.register`,
+    `session.init`: a `tools.execute` on its stream); a shared tool of that name; else a
+    `tools.execute` on the session's stream as before (a one-call session, which has no
+    stream, fails the action instead). The choice is made for every attempt, so a retry
+    reaches whatever serves the name by then.
+
+    A name is served by one host at a time: a shared name another live host serves, or a
+    session tool name the session already has (registered by its client or by another host
+    bound to it), fails the registration with ALREADY_EXISTS naming who holds it; the
+    session's client cannot `tools.register` or `tools.unregister` a name a host bound to
+    it serves (-32602). When a host's stream ends, for whatever reason, its calls that wait
+    fail at once (the actions fail with `tool host '<host>' disconnected`) and its tools are
+    gone; when the session a host is bound to ends, the host's stream ends
+    (FAILED_PRECONDITION).
+
+    Calls behave as `tools.execute` does: the same deadlines (an action's timeout_ms plus
+    Config.callback_grace, or Config.tool_timeout), a ToolCancel whenever a call is given up
+    (timeout, proposal aborted or cancelled; reasons as in CancelToolNotice), retries as new
+    calls with the next `attempt`, and an error with `terminal` set aborts the proposal and
+    halts the submitting session.
+
+    Bounds, per host (CoreConfig): at most `tool_host_max_tools` tools (256); at most
+    `tool_host_max_pending` calls (1,024) and `tool_host_max_pending_bytes` (16 MiB of
+    serialized ToolCall) sent and not yet answered, beyond which a call fails at once (its
+    action fails; a single larger call passes when none is pending); at most
+    `tool_hosts_max` hosts (256) on the core at a time (RESOURCE_EXHAUSTED). A host must
+    register within `tool_host_register_timeout` (5 s) of opening the stream. A host that
+    takes no message from its stream for `tool_host_stall_timeout` (10 s) while one waits
+    is disconnected: its call ends with RESOURCE_EXHAUSTED (a host whose unread messages
+    still fill the flow-control window may see INTERNAL or CANCELLED instead).
     """
 
     def __init__(self, channel):
@@ -64,6 +116,11 @@ class ToolServiceStub:
                 request_serializer=car_dot_v1_dot_tools__pb2.SubmitProposalRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_tools__pb2.SubmitProposalResponse.FromString,
                 _registered_method=True)
+        self.ServeTools = channel.stream_stream(
+                '/car.v1.ToolService/ServeTools',
+                request_serializer=car_dot_v1_dot_tools__pb2.ServeToolsRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_tools__pb2.ServeToolsResponse.FromString,
+                _registered_method=True)
 
 
 class ToolServiceServicer:
@@ -76,7 +133,59 @@ class ToolServiceServicer:
 
     Unary calls of this service act on a live session: see SessionService for how a call is
     bound to a session with the `car-session-id` metadata key. Tool callbacks of a
-    SubmitProposal call always travel on that session's Connect stream.
+    SubmitProposal call travel on that session's Connect stream, unless a tool host serves
+    the tool (ServeTools below).
+
+    # Tool hosts (ServeTools)
+
+    A tool host is a program in any language that serves tools over one typed bidi stream,
+    `ServeTools`, instead of answering `tools.execute` on a Connect stream: it registers its
+    tools in its first message, then receives ToolCall and ToolCancel messages and answers
+    every call with one ToolResult. How far its tools reach is decided by how the stream is
+    opened:
+
+    - Session tools: a stream bound to a live session (`car-session-id`, with that
+    session's credentials) serves tools of that session only. They are listed by the
+    session's `tools.list`, and only the session's own proposals call them. Any role
+    that holds the session may serve them (an attached agent too): nothing the session
+    could not do itself on its Connect stream.
+    - Shared tools: a stream not bound to a session serves its tools by name to every
+    authenticated session (WebSocket or gRPC, any role), for the tools that session has
+    not registered itself. Only the daemon token or the host role may serve them: a
+    shared tool sees the parameters of every session's proposals and its outputs flow
+    into every session's state, which no attached agent may be trusted with.
+
+    Which tool a proposal's `tool_call` calls, in order: a tool of a host bound to the
+    submitting session; a tool the session registered itself (`tools.register`,
+    `session.init`: a `tools.execute` on its stream); a shared tool of that name; else a
+    `tools.execute` on the session's stream as before (a one-call session, which has no
+    stream, fails the action instead). The choice is made for every attempt, so a retry
+    reaches whatever serves the name by then.
+
+    A name is served by one host at a time: a shared name another live host serves, or a
+    session tool name the session already has (registered by its client or by another host
+    bound to it), fails the registration with ALREADY_EXISTS naming who holds it; the
+    session's client cannot `tools.register` or `tools.unregister` a name a host bound to
+    it serves (-32602). When a host's stream ends, for whatever reason, its calls that wait
+    fail at once (the actions fail with `tool host '<host>' disconnected`) and its tools are
+    gone; when the session a host is bound to ends, the host's stream ends
+    (FAILED_PRECONDITION).
+
+    Calls behave as `tools.execute` does: the same deadlines (an action's timeout_ms plus
+    Config.callback_grace, or Config.tool_timeout), a ToolCancel whenever a call is given up
+    (timeout, proposal aborted or cancelled; reasons as in CancelToolNotice), retries as new
+    calls with the next `attempt`, and an error with `terminal` set aborts the proposal and
+    halts the submitting session.
+
+    Bounds, per host (CoreConfig): at most `tool_host_max_tools` tools (256); at most
+    `tool_host_max_pending` calls (1,024) and `tool_host_max_pending_bytes` (16 MiB of
+    serialized ToolCall) sent and not yet answered, beyond which a call fails at once (its
+    action fails; a single larger call passes when none is pending); at most
+    `tool_hosts_max` hosts (256) on the core at a time (RESOURCE_EXHAUSTED). A host must
+    register within `tool_host_register_timeout` (5 s) of opening the stream. A host that
+    takes no message from its stream for `tool_host_stall_timeout` (10 s) while one waits
+    is disconnected: its call ends with RESOURCE_EXHAUSTED (a host whose unread messages
+    still fill the flow-control window may see INTERNAL or CANCELLED instead).
     """
 
     def RegisterTools(self, request, context):
@@ -103,6 +212,29 @@ class ToolServiceServicer:
 
     def SubmitProposal(self, request, context):
         """Runs a proposal to completion and returns its result. JSON-RPC: `proposal.submit`.
+        Unbound (no `car-session-id`), the call has no stream to call tools back on: every
+        tool it calls must be served by a tool host then (the call fails with -32603 before
+        anything runs otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ServeTools(self, request_iterator, context):
+        """The stream of one tool host (see "Tool hosts" above). gRPC only. Authenticate with
+        call metadata (`authorization: Bearer <token>`, `car-agent-id` with an agent token,
+        `car-session-id` to serve a session's tools). The host's first message must be
+        `register`; the server answers `registered`, or ends the stream with INVALID_ARGUMENT
+        (no tools, a bad or duplicate name, register not first or sent twice, a scope that
+        does not match the binding), ALREADY_EXISTS (a name taken), PERMISSION_DENIED (an
+        attached agent asking for shared tools) or RESOURCE_EXHAUSTED (too many hosts).
+        Then, per call:
+
+        server: call {request_id, ...}     host: result {request_id, output | error}
+        server: cancel {request_id, ...}   the call was given up: a later result is ignored
+
+        Calls arrive concurrently and may be answered in any order. The host ends by closing
+        its side of the stream (or cancelling the call).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,6 +263,11 @@ def add_ToolServiceServicer_to_server(servicer, server):
                     request_deserializer=car_dot_v1_dot_tools__pb2.SubmitProposalRequest.FromString,
                     response_serializer=car_dot_v1_dot_tools__pb2.SubmitProposalResponse.SerializeToString,
             ),
+            'ServeTools': grpc.stream_stream_rpc_method_handler(
+                    servicer.ServeTools,
+                    request_deserializer=car_dot_v1_dot_tools__pb2.ServeToolsRequest.FromString,
+                    response_serializer=car_dot_v1_dot_tools__pb2.ServeToolsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'car.v1.ToolService', rpc_method_handlers)
@@ -149,7 +286,59 @@ class ToolService:
 
     Unary calls of this service act on a live session: see SessionService for how a call is
     bound to a session with the `car-session-id` metadata key. Tool callbacks of a
-    SubmitProposal call always travel on that session's Connect stream.
+    SubmitProposal call travel on that session's Connect stream, unless a tool host serves
+    the tool (ServeTools below).
+
+    # Tool hosts (ServeTools)
+
+    A tool host is a program in any language that serves tools over one typed bidi stream,
+    `ServeTools`, instead of answering `tools.execute` on a Connect stream: it registers its
+    tools in its first message, then receives ToolCall and ToolCancel messages and answers
+    every call with one ToolResult. How far its tools reach is decided by how the stream is
+    opened:
+
+    - Session tools: a stream bound to a live session (`car-session-id`, with that
+    session's credentials) serves tools of that session only. They are listed by the
+    session's `tools.list`, and only the session's own proposals call them. Any role
+    that holds the session may serve them (an attached agent too): nothing the session
+    could not do itself on its Connect stream.
+    - Shared tools: a stream not bound to a session serves its tools by name to every
+    authenticated session (WebSocket or gRPC, any role), for the tools that session has
+    not registered itself. Only the daemon token or the host role may serve them: a
+    shared tool sees the parameters of every session's proposals and its outputs flow
+    into every session's state, which no attached agent may be trusted with.
+
+    Which tool a proposal's `tool_call` calls, in order: a tool of a host bound to the
+    submitting session; a tool the session registered itself (`tools.register`,
+    `session.init`: a `tools.execute` on its stream); a shared tool of that name; else a
+    `tools.execute` on the session's stream as before (a one-call session, which has no
+    stream, fails the action instead). The choice is made for every attempt, so a retry
+    reaches whatever serves the name by then.
+
+    A name is served by one host at a time: a shared name another live host serves, or a
+    session tool name the session already has (registered by its client or by another host
+    bound to it), fails the registration with ALREADY_EXISTS naming who holds it; the
+    session's client cannot `tools.register` or `tools.unregister` a name a host bound to
+    it serves (-32602). When a host's stream ends, for whatever reason, its calls that wait
+    fail at once (the actions fail with `tool host '<host>' disconnected`) and its tools are
+    gone; when the session a host is bound to ends, the host's stream ends
+    (FAILED_PRECONDITION).
+
+    Calls behave as `tools.execute` does: the same deadlines (an action's timeout_ms plus
+    Config.callback_grace, or Config.tool_timeout), a ToolCancel whenever a call is given up
+    (timeout, proposal aborted or cancelled; reasons as in CancelToolNotice), retries as new
+    calls with the next `attempt`, and an error with `terminal` set aborts the proposal and
+    halts the submitting session.
+
+    Bounds, per host (CoreConfig): at most `tool_host_max_tools` tools (256); at most
+    `tool_host_max_pending` calls (1,024) and `tool_host_max_pending_bytes` (16 MiB of
+    serialized ToolCall) sent and not yet answered, beyond which a call fails at once (its
+    action fails; a single larger call passes when none is pending); at most
+    `tool_hosts_max` hosts (256) on the core at a time (RESOURCE_EXHAUSTED). A host must
+    register within `tool_host_register_timeout` (5 s) of opening the stream. A host that
+    takes no message from its stream for `tool_host_stall_timeout` (10 s) while one waits
+    is disconnected: its call ends with RESOURCE_EXHAUSTED (a host whose unread messages
+    still fill the flow-control window may see INTERNAL or CANCELLED instead).
     """
 
     @staticmethod
@@ -250,6 +439,33 @@ class ToolService:
             '/car.v1.ToolService/SubmitProposal',
             car_dot_v1_dot_tools__pb2.SubmitProposalRequest.SerializeToString,
             car_dot_v1_dot_tools__pb2.SubmitProposalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ServeTools(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/car.v1.ToolService/ServeTools',
+            car_dot_v1_dot_tools__pb2.ServeToolsRequest.SerializeToString,
+            car_dot_v1_dot_tools__pb2.ServeToolsResponse.FromString,
             options,
             channel_credentials,
             insecure,

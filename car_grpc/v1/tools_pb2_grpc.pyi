@@ -36,7 +36,59 @@ class ToolServiceStub:
 
     Unary calls of this service act on a live session: see SessionService for how a call is
     bound to a session with the `car-session-id` metadata key. Tool callbacks of a
-    SubmitProposal call always travel on that session's Connect stream.
+    SubmitProposal call travel on that session's Connect stream, unless a tool host serves
+    the tool (ServeTools below).
+
+    # Tool hosts (ServeTools)
+
+    A tool host is a program in any language that serves tools over one typed bidi stream,
+    `ServeTools`, instead of answering `tools.execute` on a Connect stream: it registers its
+    tools in its first message, then receives ToolCall and ToolCancel messages and answers
+    every call with one ToolResult. How far its tools reach is decided by how the stream is
+    opened:
+
+      - Session tools: a stream bound to a live session (`car-session-id`, with that
+        session's credentials) serves tools of that session only. They are listed by the
+        session's `tools.list`, and only the session's own proposals call them. Any role
+        that holds the session may serve them (an attached agent too): nothing the session
+        could not do itself on its Connect stream.
+      - Shared tools: a stream not bound to a session serves its tools by name to every
+        authenticated session (WebSocket or gRPC, any role), for the tools that session has
+        not registered itself. Only the daemon token or the host role may serve them: a
+        shared tool sees the parameters of every session's proposals and its outputs flow
+        into every session's state, which no attached agent may be trusted with.
+
+    Which tool a proposal's `tool_call` calls, in order: a tool of a host bound to the
+    submitting session; a tool the session registered itself (`tools.register`,
+    `session.init`: a `tools.execute` on its stream); a shared tool of that name; else a
+    `tools.execute` on the session's stream as before (a one-call session, which has no
+    stream, fails the action instead). The choice is made for every attempt, so a retry
+    reaches whatever serves the name by then.
+
+    A name is served by one host at a time: a shared name another live host serves, or a
+    session tool name the session already has (registered by its client or by another host
+    bound to it), fails the registration with ALREADY_EXISTS naming who holds it; the
+    session's client cannot `tools.register` or `tools.unregister` a name a host bound to
+    it serves (-32602). When a host's stream ends, for whatever reason, its calls that wait
+    fail at once (the actions fail with `tool host '<host>' disconnected`) and its tools are
+    gone; when the session a host is bound to ends, the host's stream ends
+    (FAILED_PRECONDITION).
+
+    Calls behave as `tools.execute` does: the same deadlines (an action's timeout_ms plus
+    Config.callback_grace, or Config.tool_timeout), a ToolCancel whenever a call is given up
+    (timeout, proposal aborted or cancelled; reasons as in CancelToolNotice), retries as new
+    calls with the next `attempt`, and an error with `terminal` set aborts the proposal and
+    halts the submitting session.
+
+    Bounds, per host (CoreConfig): at most `tool_host_max_tools` tools (256); at most
+    `tool_host_max_pending` calls (1,024) and `tool_host_max_pending_bytes` (16 MiB of
+    serialized ToolCall) sent and not yet answered, beyond which a call fails at once (its
+    action fails; a single larger call passes when none is pending); at most
+    `tool_hosts_max` hosts (256) on the core at a time (RESOURCE_EXHAUSTED). A host must
+    register within `tool_host_register_timeout` (5 s) of opening the stream. A host that
+    takes no message from its stream for `tool_host_stall_timeout` (10 s) while one waits
+    is disconnected: its call ends with RESOURCE_EXHAUSTED (a host whose unread messages
+    still fill the flow-control window may see INTERNAL or CANCELLED instead).
     """
 
     @_typing.overload
@@ -52,7 +104,27 @@ class ToolServiceStub:
     UnregisterTool: _grpc.UnaryUnaryMultiCallable[_tools_pb2.UnregisterToolRequest, _tools_pb2.UnregisterToolResponse]
     """Removes one tool; an unknown name is not an error. JSON-RPC: `tools.unregister`."""
     SubmitProposal: _grpc.UnaryUnaryMultiCallable[_tools_pb2.SubmitProposalRequest, _tools_pb2.SubmitProposalResponse]
-    """Runs a proposal to completion and returns its result. JSON-RPC: `proposal.submit`."""
+    """Runs a proposal to completion and returns its result. JSON-RPC: `proposal.submit`.
+    Unbound (no `car-session-id`), the call has no stream to call tools back on: every
+    tool it calls must be served by a tool host then (the call fails with -32603 before
+    anything runs otherwise).
+    """
+    ServeTools: _grpc.StreamStreamMultiCallable[_tools_pb2.ServeToolsRequest, _tools_pb2.ServeToolsResponse]
+    """The stream of one tool host (see "Tool hosts" above). gRPC only. Authenticate with
+    call metadata (`authorization: Bearer <token>`, `car-agent-id` with an agent token,
+    `car-session-id` to serve a session's tools). The host's first message must be
+    `register`; the server answers `registered`, or ends the stream with INVALID_ARGUMENT
+    (no tools, a bad or duplicate name, register not first or sent twice, a scope that
+    does not match the binding), ALREADY_EXISTS (a name taken), PERMISSION_DENIED (an
+    attached agent asking for shared tools) or RESOURCE_EXHAUSTED (too many hosts).
+    Then, per call:
+
+      server: call {request_id, ...}     host: result {request_id, output | error}
+      server: cancel {request_id, ...}   the call was given up: a later result is ignored
+
+    Calls arrive concurrently and may be answered in any order. The host ends by closing
+    its side of the stream (or cancelling the call).
+    """
 
 @_typing.type_check_only
 class ToolServiceAsyncStub(ToolServiceStub):
@@ -65,7 +137,59 @@ class ToolServiceAsyncStub(ToolServiceStub):
 
     Unary calls of this service act on a live session: see SessionService for how a call is
     bound to a session with the `car-session-id` metadata key. Tool callbacks of a
-    SubmitProposal call always travel on that session's Connect stream.
+    SubmitProposal call travel on that session's Connect stream, unless a tool host serves
+    the tool (ServeTools below).
+
+    # Tool hosts (ServeTools)
+
+    A tool host is a program in any language that serves tools over one typed bidi stream,
+    `ServeTools`, instead of answering `tools.execute` on a Connect stream: it registers its
+    tools in its first message, then receives ToolCall and ToolCancel messages and answers
+    every call with one ToolResult. How far its tools reach is decided by how the stream is
+    opened:
+
+      - Session tools: a stream bound to a live session (`car-session-id`, with that
+        session's credentials) serves tools of that session only. They are listed by the
+        session's `tools.list`, and only the session's own proposals call them. Any role
+        that holds the session may serve them (an attached agent too): nothing the session
+        could not do itself on its Connect stream.
+      - Shared tools: a stream not bound to a session serves its tools by name to every
+        authenticated session (WebSocket or gRPC, any role), for the tools that session has
+        not registered itself. Only the daemon token or the host role may serve them: a
+        shared tool sees the parameters of every session's proposals and its outputs flow
+        into every session's state, which no attached agent may be trusted with.
+
+    Which tool a proposal's `tool_call` calls, in order: a tool of a host bound to the
+    submitting session; a tool the session registered itself (`tools.register`,
+    `session.init`: a `tools.execute` on its stream); a shared tool of that name; else a
+    `tools.execute` on the session's stream as before (a one-call session, which has no
+    stream, fails the action instead). The choice is made for every attempt, so a retry
+    reaches whatever serves the name by then.
+
+    A name is served by one host at a time: a shared name another live host serves, or a
+    session tool name the session already has (registered by its client or by another host
+    bound to it), fails the registration with ALREADY_EXISTS naming who holds it; the
+    session's client cannot `tools.register` or `tools.unregister` a name a host bound to
+    it serves (-32602). When a host's stream ends, for whatever reason, its calls that wait
+    fail at once (the actions fail with `tool host '<host>' disconnected`) and its tools are
+    gone; when the session a host is bound to ends, the host's stream ends
+    (FAILED_PRECONDITION).
+
+    Calls behave as `tools.execute` does: the same deadlines (an action's timeout_ms plus
+    Config.callback_grace, or Config.tool_timeout), a ToolCancel whenever a call is given up
+    (timeout, proposal aborted or cancelled; reasons as in CancelToolNotice), retries as new
+    calls with the next `attempt`, and an error with `terminal` set aborts the proposal and
+    halts the submitting session.
+
+    Bounds, per host (CoreConfig): at most `tool_host_max_tools` tools (256); at most
+    `tool_host_max_pending` calls (1,024) and `tool_host_max_pending_bytes` (16 MiB of
+    serialized ToolCall) sent and not yet answered, beyond which a call fails at once (its
+    action fails; a single larger call passes when none is pending); at most
+    `tool_hosts_max` hosts (256) on the core at a time (RESOURCE_EXHAUSTED). A host must
+    register within `tool_host_register_timeout` (5 s) of opening the stream. A host that
+    takes no message from its stream for `tool_host_stall_timeout` (10 s) while one waits
+    is disconnected: its call ends with RESOURCE_EXHAUSTED (a host whose unread messages
+    still fill the flow-control window may see INTERNAL or CANCELLED instead).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -78,7 +202,27 @@ class ToolServiceAsyncStub(ToolServiceStub):
     UnregisterTool: _aio.UnaryUnaryMultiCallable[_tools_pb2.UnregisterToolRequest, _tools_pb2.UnregisterToolResponse]  # type: ignore[assignment]
     """Removes one tool; an unknown name is not an error. JSON-RPC: `tools.unregister`."""
     SubmitProposal: _aio.UnaryUnaryMultiCallable[_tools_pb2.SubmitProposalRequest, _tools_pb2.SubmitProposalResponse]  # type: ignore[assignment]
-    """Runs a proposal to completion and returns its result. JSON-RPC: `proposal.submit`."""
+    """Runs a proposal to completion and returns its result. JSON-RPC: `proposal.submit`.
+    Unbound (no `car-session-id`), the call has no stream to call tools back on: every
+    tool it calls must be served by a tool host then (the call fails with -32603 before
+    anything runs otherwise).
+    """
+    ServeTools: _aio.StreamStreamMultiCallable[_tools_pb2.ServeToolsRequest, _tools_pb2.ServeToolsResponse]  # type: ignore[assignment]
+    """The stream of one tool host (see "Tool hosts" above). gRPC only. Authenticate with
+    call metadata (`authorization: Bearer <token>`, `car-agent-id` with an agent token,
+    `car-session-id` to serve a session's tools). The host's first message must be
+    `register`; the server answers `registered`, or ends the stream with INVALID_ARGUMENT
+    (no tools, a bad or duplicate name, register not first or sent twice, a scope that
+    does not match the binding), ALREADY_EXISTS (a name taken), PERMISSION_DENIED (an
+    attached agent asking for shared tools) or RESOURCE_EXHAUSTED (too many hosts).
+    Then, per call:
+
+      server: call {request_id, ...}     host: result {request_id, output | error}
+      server: cancel {request_id, ...}   the call was given up: a later result is ignored
+
+    Calls arrive concurrently and may be answered in any order. The host ends by closing
+    its side of the stream (or cancelling the call).
+    """
 
 class ToolServiceServicer(metaclass=_abc_1.ABCMeta):
     """Tools and proposals (docs/protocol.md §3).
@@ -90,7 +234,59 @@ class ToolServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Unary calls of this service act on a live session: see SessionService for how a call is
     bound to a session with the `car-session-id` metadata key. Tool callbacks of a
-    SubmitProposal call always travel on that session's Connect stream.
+    SubmitProposal call travel on that session's Connect stream, unless a tool host serves
+    the tool (ServeTools below).
+
+    # Tool hosts (ServeTools)
+
+    A tool host is a program in any language that serves tools over one typed bidi stream,
+    `ServeTools`, instead of answering `tools.execute` on a Connect stream: it registers its
+    tools in its first message, then receives ToolCall and ToolCancel messages and answers
+    every call with one ToolResult. How far its tools reach is decided by how the stream is
+    opened:
+
+      - Session tools: a stream bound to a live session (`car-session-id`, with that
+        session's credentials) serves tools of that session only. They are listed by the
+        session's `tools.list`, and only the session's own proposals call them. Any role
+        that holds the session may serve them (an attached agent too): nothing the session
+        could not do itself on its Connect stream.
+      - Shared tools: a stream not bound to a session serves its tools by name to every
+        authenticated session (WebSocket or gRPC, any role), for the tools that session has
+        not registered itself. Only the daemon token or the host role may serve them: a
+        shared tool sees the parameters of every session's proposals and its outputs flow
+        into every session's state, which no attached agent may be trusted with.
+
+    Which tool a proposal's `tool_call` calls, in order: a tool of a host bound to the
+    submitting session; a tool the session registered itself (`tools.register`,
+    `session.init`: a `tools.execute` on its stream); a shared tool of that name; else a
+    `tools.execute` on the session's stream as before (a one-call session, which has no
+    stream, fails the action instead). The choice is made for every attempt, so a retry
+    reaches whatever serves the name by then.
+
+    A name is served by one host at a time: a shared name another live host serves, or a
+    session tool name the session already has (registered by its client or by another host
+    bound to it), fails the registration with ALREADY_EXISTS naming who holds it; the
+    session's client cannot `tools.register` or `tools.unregister` a name a host bound to
+    it serves (-32602). When a host's stream ends, for whatever reason, its calls that wait
+    fail at once (the actions fail with `tool host '<host>' disconnected`) and its tools are
+    gone; when the session a host is bound to ends, the host's stream ends
+    (FAILED_PRECONDITION).
+
+    Calls behave as `tools.execute` does: the same deadlines (an action's timeout_ms plus
+    Config.callback_grace, or Config.tool_timeout), a ToolCancel whenever a call is given up
+    (timeout, proposal aborted or cancelled; reasons as in CancelToolNotice), retries as new
+    calls with the next `attempt`, and an error with `terminal` set aborts the proposal and
+    halts the submitting session.
+
+    Bounds, per host (CoreConfig): at most `tool_host_max_tools` tools (256); at most
+    `tool_host_max_pending` calls (1,024) and `tool_host_max_pending_bytes` (16 MiB of
+    serialized ToolCall) sent and not yet answered, beyond which a call fails at once (its
+    action fails; a single larger call passes when none is pending); at most
+    `tool_hosts_max` hosts (256) on the core at a time (RESOURCE_EXHAUSTED). A host must
+    register within `tool_host_register_timeout` (5 s) of opening the stream. A host that
+    takes no message from its stream for `tool_host_stall_timeout` (10 s) while one waits
+    is disconnected: its call ends with RESOURCE_EXHAUSTED (a host whose unread messages
+    still fill the flow-control window may see INTERNAL or CANCELLED instead).
     """
 
     @_abc_1.abstractmethod
@@ -125,6 +321,32 @@ class ToolServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tools_pb2.SubmitProposalRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tools_pb2.SubmitProposalResponse, _abc.Awaitable[_tools_pb2.SubmitProposalResponse]]:
-        """Runs a proposal to completion and returns its result. JSON-RPC: `proposal.submit`."""
+        """Runs a proposal to completion and returns its result. JSON-RPC: `proposal.submit`.
+        Unbound (no `car-session-id`), the call has no stream to call tools back on: every
+        tool it calls must be served by a tool host then (the call fails with -32603 before
+        anything runs otherwise).
+        """
+
+    @_abc_1.abstractmethod
+    def ServeTools(
+        self,
+        request_iterator: _MaybeAsyncIterator[_tools_pb2.ServeToolsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tools_pb2.ServeToolsResponse], _abc.AsyncIterator[_tools_pb2.ServeToolsResponse]]:
+        """The stream of one tool host (see "Tool hosts" above). gRPC only. Authenticate with
+        call metadata (`authorization: Bearer <token>`, `car-agent-id` with an agent token,
+        `car-session-id` to serve a session's tools). The host's first message must be
+        `register`; the server answers `registered`, or ends the stream with INVALID_ARGUMENT
+        (no tools, a bad or duplicate name, register not first or sent twice, a scope that
+        does not match the binding), ALREADY_EXISTS (a name taken), PERMISSION_DENIED (an
+        attached agent asking for shared tools) or RESOURCE_EXHAUSTED (too many hosts).
+        Then, per call:
+
+          server: call {request_id, ...}     host: result {request_id, output | error}
+          server: cancel {request_id, ...}   the call was given up: a later result is ignored
+
+        Calls arrive concurrently and may be answered in any order. The host ends by closing
+        its side of the stream (or cancelling the call).
+        """
 
 def add_ToolServiceServicer_to_server(servicer: ToolServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,25 @@ type ToolServiceClient interface {
 	// Removes one tool; an unknown name is not an error. JSON-RPC: `tools.unregister`.
 	UnregisterTool(ctx context.Context, in *UnregisterToolRequest, opts ...grpc.CallOption) (*UnregisterToolResponse, error)
 	// Runs a proposal to completion and returns its result. JSON-RPC: `proposal.submit`.
+	// Unbound (no `car-session-id`), the call has no stream to call tools back on: every
+	// tool it calls must be served by a tool host then (the call fails with -32603 before
+	// anything runs otherwise).
 	SubmitProposal(ctx context.Context, in *SubmitProposalRequest, opts ...grpc.CallOption) (*SubmitProposalResponse, error)
+	// The stream of one tool host (see "Tool hosts" above). gRPC only. Authenticate with
+	// call metadata (`authorization: Bearer <token>`, `car-agent-id` with an agent token,
+	// `car-session-id` to serve a session's tools). The host's first message must be
+	// `register`; the server answers `registered`, or ends the stream with INVALID_ARGUMENT
+	// (no tools, a bad or duplicate name, register not first or sent twice, a scope that
+	// does not match the binding), ALREADY_EXISTS (a name taken), PERMISSION_DENIED (an
+	// attached agent asking for shared tools) or RESOURCE_EXHAUSTED (too many hosts).
+	// Then, per call:
+	//
+	//	server: call {request_id, ...}     host: result {request_id, output | error}
+	//	server: cancel {request_id, ...}   the call was given up: a later result is ignored
+	//
+	// Calls arrive concurrently and may be answered in any order. The host ends by closing
+	// its side of the stream (or cancelling the call).
+	ServeTools(ctx context.Context, opts ...grpc.CallOption) (ToolService_ServeToolsClient, error)
 }
 
 type toolServiceClient struct {
@@ -72,6 +90,37 @@ func (c *toolServiceClient) SubmitProposal(ctx context.Context, in *SubmitPropos
 	return out, nil
 }
 
+func (c *toolServiceClient) ServeTools(ctx context.Context, opts ...grpc.CallOption) (ToolService_ServeToolsClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_ToolService_serviceDesc.Streams[0], "/car.v1.ToolService/ServeTools", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &toolServiceServeToolsClient{stream}
+	return x, nil
+}
+
+type ToolService_ServeToolsClient interface {
+	Send(*ServeToolsRequest) error
+	Recv() (*ServeToolsResponse, error)
+	grpc.ClientStream
+}
+
+type toolServiceServeToolsClient struct {
+	grpc.ClientStream
+}
+
+func (x *toolServiceServeToolsClient) Send(m *ServeToolsRequest) error {
+	return x.ClientStream.SendMsg(m)
+}
+
+func (x *toolServiceServeToolsClient) Recv() (*ServeToolsResponse, error) {
+	m := new(ServeToolsResponse)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 // ToolServiceServer is the server API for ToolService service.
 // All implementations must embed UnimplementedToolServiceServer
 // for forward compatibility
@@ -84,7 +133,25 @@ type ToolServiceServer interface {
 	// Removes one tool; an unknown name is not an error. JSON-RPC: `tools.unregister`.
 	UnregisterTool(context.Context, *UnregisterToolRequest) (*UnregisterToolResponse, error)
 	// Runs a proposal to completion and returns its result. JSON-RPC: `proposal.submit`.
+	// Unbound (no `car-session-id`), the call has no stream to call tools back on: every
+	// tool it calls must be served by a tool host then (the call fails with -32603 before
+	// anything runs otherwise).
 	SubmitProposal(context.Context, *SubmitProposalRequest) (*SubmitProposalResponse, error)
+	// The stream of one tool host (see "Tool hosts" above). gRPC only. Authenticate with
+	// call metadata (`authorization: Bearer <token>`, `car-agent-id` with an agent token,
+	// `car-session-id` to serve a session's tools). The host's first message must be
+	// `register`; the server answers `registered`, or ends the stream with INVALID_ARGUMENT
+	// (no tools, a bad or duplicate name, register not first or sent twice, a scope that
+	// does not match the binding), ALREADY_EXISTS (a name taken), PERMISSION_DENIED (an
+	// attached agent asking for shared tools) or RESOURCE_EXHAUSTED (too many hosts).
+	// Then, per call:
+	//
+	//	server: call {request_id, ...}     host: result {request_id, output | error}
+	//	server: cancel {request_id, ...}   the call was given up: a later result is ignored
+	//
+	// Calls arrive concurrently and may be answered in any order. The host ends by closing
+	// its side of the stream (or cancelling the call).
+	ServeTools(ToolService_ServeToolsServer) error
 	mustEmbedUnimplementedToolServiceServer()
 }
 
@@ -103,6 +170,9 @@ func (UnimplementedToolServiceServer) UnregisterTool(context.Context, *Unregiste
 }
 func (UnimplementedToolServiceServer) SubmitProposal(context.Context, *SubmitProposalRequest) (*SubmitProposalResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method SubmitProposal not implemented")
+}
+func (UnimplementedToolServiceServer) ServeTools(ToolService_ServeToolsServer) error {
+	return status.Errorf(codes.Unimplemented, "method ServeTools not implemented")
 }
 func (UnimplementedToolServiceServer) mustEmbedUnimplementedToolServiceServer() {}
 
@@ -189,6 +259,32 @@ func _ToolService_SubmitProposal_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ToolService_ServeTools_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(ToolServiceServer).ServeTools(&toolServiceServeToolsServer{stream})
+}
+
+type ToolService_ServeToolsServer interface {
+	Send(*ServeToolsResponse) error
+	Recv() (*ServeToolsRequest, error)
+	grpc.ServerStream
+}
+
+type toolServiceServeToolsServer struct {
+	grpc.ServerStream
+}
+
+func (x *toolServiceServeToolsServer) Send(m *ServeToolsResponse) error {
+	return x.ServerStream.SendMsg(m)
+}
+
+func (x *toolServiceServeToolsServer) Recv() (*ServeToolsRequest, error) {
+	m := new(ServeToolsRequest)
+	if err := x.ServerStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 var _ToolService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "car.v1.ToolService",
 	HandlerType: (*ToolServiceServer)(nil),
@@ -210,6 +306,13 @@ var _ToolService_serviceDesc = grpc.ServiceDesc{
 			Handler:    _ToolService_SubmitProposal_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "ServeTools",
+			Handler:       _ToolService_ServeTools_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "car/v1/tools.proto",
 }

@@ -4,6 +4,7 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { CallerRole } from "./options_pb.js";
 import { file_car_v1_options } from "./options_pb.js";
 import type { Value } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_struct } from "@bufbuild/protobuf/wkt";
@@ -13,7 +14,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file car/v1/tools.proto.
  */
 export const file_car_v1_tools: GenFile = /*@__PURE__*/
-  fileDesc("ChJjYXIvdjEvdG9vbHMucHJvdG8SBmNhci52MSL5AQoOVG9vbERlZmluaXRpb24SDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRIrCgpwYXJhbWV0ZXJzGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBInCgdyZXR1cm5zGAQgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlEhIKCmlkZW1wb3RlbnQYBSABKAgSGwoOY2FjaGVfdHRsX3NlY3MYBiABKARIAIgBARIqCgpyYXRlX2xpbWl0GAcgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlQhEKD19jYWNoZV90dGxfc2VjcyI9ChRSZWdpc3RlclRvb2xzUmVxdWVzdBIlCgV0b29scxgBIAMoCzIWLmNhci52MS5Ub29sRGVmaW5pdGlvbiImChVSZWdpc3RlclRvb2xzUmVzcG9uc2USDQoFY291bnQYASABKA0iEgoQTGlzdFRvb2xzUmVxdWVzdCJJChFMaXN0VG9vbHNSZXNwb25zZRIlCgV0b29scxgBIAMoCzIWLmNhci52MS5Ub29sRGVmaW5pdGlvbhINCgVjb3VudBgCIAEoDSIlChVVbnJlZ2lzdGVyVG9vbFJlcXVlc3QSDAoEbmFtZRgBIAEoCSI/ChZVbnJlZ2lzdGVyVG9vbFJlc3BvbnNlEhQKDHVucmVnaXN0ZXJlZBgBIAEoCRIPCgdyZW1vdmVkGAIgASgNInIKDFByZWNvbmRpdGlvbhILCgNrZXkYASABKAkSLgoIb3BlcmF0b3IYAiABKA4yHC5jYXIudjEuUHJlY29uZGl0aW9uT3BlcmF0b3ISJQoFdmFsdWUYAyABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUitgMKBkFjdGlvbhIKCgJpZBgBIAEoCRIgCgR0eXBlGAIgASgOMhIuY2FyLnYxLkFjdGlvblR5cGUSEQoEdG9vbBgDIAEoCUgAiAEBEisKCnBhcmFtZXRlcnMYBCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EisKDXByZWNvbmRpdGlvbnMYBSADKAsyFC5jYXIudjEuUHJlY29uZGl0aW9uEhoKEnN0YXRlX2RlcGVuZGVuY2llcxgGIAMoCRIxChBmYWlsdXJlX2JlaGF2aW9yGAcgASgOMhcuY2FyLnYxLkZhaWx1cmVCZWhhdmlvchIYCgttYXhfcmV0cmllcxgIIAEoDUgBiAEBEhcKCnRpbWVvdXRfbXMYCSABKARIAogBARIXCgppZGVtcG90ZW50GAogASgISAOIAQESKQoIbWV0YWRhdGEYCyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhQKDGRlcGVuZGVuY2llcxgMIAMoCUIHCgVfdG9vbEIOCgxfbWF4X3JldHJpZXNCDQoLX3RpbWVvdXRfbXNCDQoLX2lkZW1wb3RlbnQikwEKDkFjdGlvblByb3Bvc2FsEg8KAmlkGAEgASgJSACIAQESEwoGc291cmNlGAIgASgJSAGIAQESHwoHYWN0aW9ucxgDIAMoCzIOLmNhci52MS5BY3Rpb24SKAoHY29udGV4dBgEIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3RCBQoDX2lkQgkKB19zb3VyY2UiswIKDEFjdGlvblJlc3VsdBIRCglhY3Rpb25faWQYASABKAkSJAoGc3RhdHVzGAIgASgOMhQuY2FyLnYxLkFjdGlvblN0YXR1cxImCgZvdXRwdXQYAyABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSEgoFZXJyb3IYBCABKAlIAIgBARIuCg1zdGF0ZV9jaGFuZ2VzGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBITCgtkdXJhdGlvbl9tcxgGIAEoBBIRCgl0aW1lc3RhbXAYByABKAMSGAoLcm9sbGVkX2JhY2sYCCABKAhIAYgBARIVCgh0ZXJtaW5hbBgJIAEoCEgCiAEBQggKBl9lcnJvckIOCgxfcm9sbGVkX2JhY2tCCwoJX3Rlcm1pbmFsIpsBCgxQcm9wb3NhbENvc3QSEgoKdG9vbF9jYWxscxgBIAEoDRIYChBhY3Rpb25zX2V4ZWN1dGVkGAIgASgNEhgKEGFjdGlvbnNfcmVqZWN0ZWQYAyABKA0SFwoPYWN0aW9uc19za2lwcGVkGAQgASgNEhkKEXRvdGFsX2R1cmF0aW9uX21zGAUgASgEEg8KB3JldHJpZXMYBiABKA0icAoOUHJvcG9zYWxSZXN1bHQSEwoLcHJvcG9zYWxfaWQYASABKAkSJQoHcmVzdWx0cxgCIAMoCzIULmNhci52MS5BY3Rpb25SZXN1bHQSIgoEY29zdBgDIAEoCzIULmNhci52MS5Qcm9wb3NhbENvc3QiaQoVU3VibWl0UHJvcG9zYWxSZXF1ZXN0EigKCHByb3Bvc2FsGAEgASgLMhYuY2FyLnYxLkFjdGlvblByb3Bvc2FsEhcKCnNlc3Npb25faWQYAiABKAlIAIgBAUINCgtfc2Vzc2lvbl9pZCJGChZTdWJtaXRQcm9wb3NhbFJlc3BvbnNlEiwKBnJlc3VsdBgBIAEoCzIWLmNhci52MS5Qcm9wb3NhbFJlc3VsdEIEqLsYASLXAQoSRXhlY3V0ZVRvb2xSZXF1ZXN0EhEKCWFjdGlvbl9pZBgBIAEoCRIMCgR0b29sGAIgASgJEisKCnBhcmFtZXRlcnMYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhcKCnRpbWVvdXRfbXMYBCABKARIAIgBARIPCgdhdHRlbXB0GAUgASgNEhIKCnJlcXVlc3RfaWQYBiABKAkSFwoKc2Vzc2lvbl9pZBgHIAEoCUgBiAEBQg0KC190aW1lb3V0X21zQg0KC19zZXNzaW9uX2lkIj0KE0V4ZWN1dGVUb29sUmVzcG9uc2USJgoGb3V0cHV0GAEgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlIkkKEENhbmNlbFRvb2xOb3RpY2USEgoKcmVxdWVzdF9pZBgBIAEoCRIRCglhY3Rpb25faWQYAiABKAkSDgoGcmVhc29uGAMgASgJKpgBCgpBY3Rpb25UeXBlEhsKF0FDVElPTl9UWVBFX1VOU1BFQ0lGSUVEEAASGQoVQUNUSU9OX1RZUEVfVE9PTF9DQUxMEAESGwoXQUNUSU9OX1RZUEVfU1RBVEVfV1JJVEUQAhIaChZBQ1RJT05fVFlQRV9TVEFURV9SRUFEEAMSGQoVQUNUSU9OX1RZUEVfQVNTRVJUSU9OEAQqhgEKD0ZhaWx1cmVCZWhhdmlvchIgChxGQUlMVVJFX0JFSEFWSU9SX1VOU1BFQ0lGSUVEEAASGgoWRkFJTFVSRV9CRUhBVklPUl9BQk9SVBABEhoKFkZBSUxVUkVfQkVIQVZJT1JfUkVUUlkQAhIZChVGQUlMVVJFX0JFSEFWSU9SX1NLSVAQAyrgAgoUUHJlY29uZGl0aW9uT3BlcmF0b3ISJQohUFJFQ09ORElUSU9OX09QRVJBVE9SX1VOU1BFQ0lGSUVEEAASHAoYUFJFQ09ORElUSU9OX09QRVJBVE9SX0VREAESHQoZUFJFQ09ORElUSU9OX09QRVJBVE9SX05FURACEhwKGFBSRUNPTkRJVElPTl9PUEVSQVRPUl9HVBADEhwKGFBSRUNPTkRJVElPTl9PUEVSQVRPUl9MVBAEEh0KGVBSRUNPTkRJVElPTl9PUEVSQVRPUl9HVEUQBRIdChlQUkVDT05ESVRJT05fT1BFUkFUT1JfTFRFEAYSIAocUFJFQ09ORElUSU9OX09QRVJBVE9SX0VYSVNUUxAHEiQKIFBSRUNPTkRJVElPTl9PUEVSQVRPUl9OT1RfRVhJU1RTEAgSIgoeUFJFQ09ORElUSU9OX09QRVJBVE9SX0NPTlRBSU5TEAkqmwEKDEFjdGlvblN0YXR1cxIdChlBQ1RJT05fU1RBVFVTX1VOU1BFQ0lGSUVEEAASGwoXQUNUSU9OX1NUQVRVU19TVUNDRUVERUQQARIYChRBQ1RJT05fU1RBVFVTX0ZBSUxFRBACEhoKFkFDVElPTl9TVEFUVVNfUkVKRUNURUQQAxIZChVBQ1RJT05fU1RBVFVTX1NLSVBQRUQQBDKOAwoLVG9vbFNlcnZpY2USYAoNUmVnaXN0ZXJUb29scxIcLmNhci52MS5SZWdpc3RlclRvb2xzUmVxdWVzdBodLmNhci52MS5SZWdpc3RlclRvb2xzUmVzcG9uc2UiErK7GA50b29scy5yZWdpc3RlchJQCglMaXN0VG9vbHMSGC5jYXIudjEuTGlzdFRvb2xzUmVxdWVzdBoZLmNhci52MS5MaXN0VG9vbHNSZXNwb25zZSIOsrsYCnRvb2xzLmxpc3QSZQoOVW5yZWdpc3RlclRvb2wSHS5jYXIudjEuVW5yZWdpc3RlclRvb2xSZXF1ZXN0Gh4uY2FyLnYxLlVucmVnaXN0ZXJUb29sUmVzcG9uc2UiFLK7GBB0b29scy51bnJlZ2lzdGVyEmQKDlN1Ym1pdFByb3Bvc2FsEh0uY2FyLnYxLlN1Ym1pdFByb3Bvc2FsUmVxdWVzdBoeLmNhci52MS5TdWJtaXRQcm9wb3NhbFJlc3BvbnNlIhOyuxgPcHJvcG9zYWwuc3VibWl0QmYKEWFpLnBhcnNsZWUuY2FyLnYxQgpUb29sc1Byb3RvUAFaOmdpdGh1Yi5jb20vcGFyc2xlZS1haS9jYXItZ3JwYy9jbGllbnRzL2dvL2dlbi9jYXIvdjE7Y2FydjGqAgZDYXIuVjFiBnByb3RvMw", [file_car_v1_options, file_google_protobuf_struct]);
+  fileDesc("ChJjYXIvdjEvdG9vbHMucHJvdG8SBmNhci52MSL5AQoOVG9vbERlZmluaXRpb24SDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRIrCgpwYXJhbWV0ZXJzGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBInCgdyZXR1cm5zGAQgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlEhIKCmlkZW1wb3RlbnQYBSABKAgSGwoOY2FjaGVfdHRsX3NlY3MYBiABKARIAIgBARIqCgpyYXRlX2xpbWl0GAcgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlQhEKD19jYWNoZV90dGxfc2VjcyI9ChRSZWdpc3RlclRvb2xzUmVxdWVzdBIlCgV0b29scxgBIAMoCzIWLmNhci52MS5Ub29sRGVmaW5pdGlvbiImChVSZWdpc3RlclRvb2xzUmVzcG9uc2USDQoFY291bnQYASABKA0iEgoQTGlzdFRvb2xzUmVxdWVzdCJJChFMaXN0VG9vbHNSZXNwb25zZRIlCgV0b29scxgBIAMoCzIWLmNhci52MS5Ub29sRGVmaW5pdGlvbhINCgVjb3VudBgCIAEoDSIlChVVbnJlZ2lzdGVyVG9vbFJlcXVlc3QSDAoEbmFtZRgBIAEoCSI/ChZVbnJlZ2lzdGVyVG9vbFJlc3BvbnNlEhQKDHVucmVnaXN0ZXJlZBgBIAEoCRIPCgdyZW1vdmVkGAIgASgNInIKDFByZWNvbmRpdGlvbhILCgNrZXkYASABKAkSLgoIb3BlcmF0b3IYAiABKA4yHC5jYXIudjEuUHJlY29uZGl0aW9uT3BlcmF0b3ISJQoFdmFsdWUYAyABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUitgMKBkFjdGlvbhIKCgJpZBgBIAEoCRIgCgR0eXBlGAIgASgOMhIuY2FyLnYxLkFjdGlvblR5cGUSEQoEdG9vbBgDIAEoCUgAiAEBEisKCnBhcmFtZXRlcnMYBCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EisKDXByZWNvbmRpdGlvbnMYBSADKAsyFC5jYXIudjEuUHJlY29uZGl0aW9uEhoKEnN0YXRlX2RlcGVuZGVuY2llcxgGIAMoCRIxChBmYWlsdXJlX2JlaGF2aW9yGAcgASgOMhcuY2FyLnYxLkZhaWx1cmVCZWhhdmlvchIYCgttYXhfcmV0cmllcxgIIAEoDUgBiAEBEhcKCnRpbWVvdXRfbXMYCSABKARIAogBARIXCgppZGVtcG90ZW50GAogASgISAOIAQESKQoIbWV0YWRhdGEYCyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhQKDGRlcGVuZGVuY2llcxgMIAMoCUIHCgVfdG9vbEIOCgxfbWF4X3JldHJpZXNCDQoLX3RpbWVvdXRfbXNCDQoLX2lkZW1wb3RlbnQikwEKDkFjdGlvblByb3Bvc2FsEg8KAmlkGAEgASgJSACIAQESEwoGc291cmNlGAIgASgJSAGIAQESHwoHYWN0aW9ucxgDIAMoCzIOLmNhci52MS5BY3Rpb24SKAoHY29udGV4dBgEIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3RCBQoDX2lkQgkKB19zb3VyY2UiswIKDEFjdGlvblJlc3VsdBIRCglhY3Rpb25faWQYASABKAkSJAoGc3RhdHVzGAIgASgOMhQuY2FyLnYxLkFjdGlvblN0YXR1cxImCgZvdXRwdXQYAyABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSEgoFZXJyb3IYBCABKAlIAIgBARIuCg1zdGF0ZV9jaGFuZ2VzGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBITCgtkdXJhdGlvbl9tcxgGIAEoBBIRCgl0aW1lc3RhbXAYByABKAMSGAoLcm9sbGVkX2JhY2sYCCABKAhIAYgBARIVCgh0ZXJtaW5hbBgJIAEoCEgCiAEBQggKBl9lcnJvckIOCgxfcm9sbGVkX2JhY2tCCwoJX3Rlcm1pbmFsIpsBCgxQcm9wb3NhbENvc3QSEgoKdG9vbF9jYWxscxgBIAEoDRIYChBhY3Rpb25zX2V4ZWN1dGVkGAIgASgNEhgKEGFjdGlvbnNfcmVqZWN0ZWQYAyABKA0SFwoPYWN0aW9uc19za2lwcGVkGAQgASgNEhkKEXRvdGFsX2R1cmF0aW9uX21zGAUgASgEEg8KB3JldHJpZXMYBiABKA0icAoOUHJvcG9zYWxSZXN1bHQSEwoLcHJvcG9zYWxfaWQYASABKAkSJQoHcmVzdWx0cxgCIAMoCzIULmNhci52MS5BY3Rpb25SZXN1bHQSIgoEY29zdBgDIAEoCzIULmNhci52MS5Qcm9wb3NhbENvc3QiaQoVU3VibWl0UHJvcG9zYWxSZXF1ZXN0EigKCHByb3Bvc2FsGAEgASgLMhYuY2FyLnYxLkFjdGlvblByb3Bvc2FsEhcKCnNlc3Npb25faWQYAiABKAlIAIgBAUINCgtfc2Vzc2lvbl9pZCJGChZTdWJtaXRQcm9wb3NhbFJlc3BvbnNlEiwKBnJlc3VsdBgBIAEoCzIWLmNhci52MS5Qcm9wb3NhbFJlc3VsdEIEqLsYASLXAQoSRXhlY3V0ZVRvb2xSZXF1ZXN0EhEKCWFjdGlvbl9pZBgBIAEoCRIMCgR0b29sGAIgASgJEisKCnBhcmFtZXRlcnMYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhcKCnRpbWVvdXRfbXMYBCABKARIAIgBARIPCgdhdHRlbXB0GAUgASgNEhIKCnJlcXVlc3RfaWQYBiABKAkSFwoKc2Vzc2lvbl9pZBgHIAEoCUgBiAEBQg0KC190aW1lb3V0X21zQg0KC19zZXNzaW9uX2lkIj0KE0V4ZWN1dGVUb29sUmVzcG9uc2USJgoGb3V0cHV0GAEgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlIkkKEENhbmNlbFRvb2xOb3RpY2USEgoKcmVxdWVzdF9pZBgBIAEoCRIRCglhY3Rpb25faWQYAiABKAkSDgoGcmVhc29uGAMgASgJIm8KEVNlcnZlVG9vbHNSZXF1ZXN0EiwKCHJlZ2lzdGVyGAEgASgLMhguY2FyLnYxLlJlZ2lzdGVyVG9vbEhvc3RIABIkCgZyZXN1bHQYAiABKAsyEi5jYXIudjEuVG9vbFJlc3VsdEgAQgYKBGJvZHkilgEKElNlcnZlVG9vbHNSZXNwb25zZRIwCgpyZWdpc3RlcmVkGAEgASgLMhouY2FyLnYxLlRvb2xIb3N0UmVnaXN0ZXJlZEgAEiAKBGNhbGwYAiABKAsyEC5jYXIudjEuVG9vbENhbGxIABIkCgZjYW5jZWwYAyABKAsyEi5jYXIudjEuVG9vbENhbmNlbEgAQgYKBGJvZHkidwoQUmVnaXN0ZXJUb29sSG9zdBIRCgRob3N0GAEgASgJSACIAQESJQoFdG9vbHMYAiADKAsyFi5jYXIudjEuVG9vbERlZmluaXRpb24SIAoFc2NvcGUYAyABKA4yES5jYXIudjEuVG9vbFNjb3BlQgcKBV9ob3N0IlMKElRvb2xIb3N0UmVnaXN0ZXJlZBIMCgRob3N0GAEgASgJEiAKBXNjb3BlGAIgASgOMhEuY2FyLnYxLlRvb2xTY29wZRINCgV0b29scxgDIAMoCSJSCgpUb29sQ2FsbGVyEiAKBHJvbGUYASABKA4yEi5jYXIudjEuQ2FsbGVyUm9sZRIVCghhZ2VudF9pZBgCIAEoCUgAiAEBQgsKCV9hZ2VudF9pZCKGAgoIVG9vbENhbGwSEgoKcmVxdWVzdF9pZBgBIAEoCRIRCglhY3Rpb25faWQYAiABKAkSDAoEdG9vbBgDIAEoCRIrCgpwYXJhbWV0ZXJzGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIPCgdhdHRlbXB0GAUgASgNEhcKCnRpbWVvdXRfbXMYBiABKARIAIgBARIXCgpzZXNzaW9uX2lkGAcgASgJSAGIAQESIgoGY2FsbGVyGAggASgLMhIuY2FyLnYxLlRvb2xDYWxsZXISEwoLcHJvcG9zYWxfaWQYCSABKAlCDQoLX3RpbWVvdXRfbXNCDQoLX3Nlc3Npb25faWQiQwoKVG9vbENhbmNlbBISCgpyZXF1ZXN0X2lkGAEgASgJEhEKCWFjdGlvbl9pZBgCIAEoCRIOCgZyZWFzb24YAyABKAkieQoKVG9vbFJlc3VsdBISCgpyZXF1ZXN0X2lkGAEgASgJEigKBm91dHB1dBgCIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZUgAEiIKBWVycm9yGAMgASgLMhEuY2FyLnYxLlRvb2xFcnJvckgAQgkKB291dGNvbWUiLgoJVG9vbEVycm9yEg8KB21lc3NhZ2UYASABKAkSEAoIdGVybWluYWwYAiABKAgqmAEKCkFjdGlvblR5cGUSGwoXQUNUSU9OX1RZUEVfVU5TUEVDSUZJRUQQABIZChVBQ1RJT05fVFlQRV9UT09MX0NBTEwQARIbChdBQ1RJT05fVFlQRV9TVEFURV9XUklURRACEhoKFkFDVElPTl9UWVBFX1NUQVRFX1JFQUQQAxIZChVBQ1RJT05fVFlQRV9BU1NFUlRJT04QBCqGAQoPRmFpbHVyZUJlaGF2aW9yEiAKHEZBSUxVUkVfQkVIQVZJT1JfVU5TUEVDSUZJRUQQABIaChZGQUlMVVJFX0JFSEFWSU9SX0FCT1JUEAESGgoWRkFJTFVSRV9CRUhBVklPUl9SRVRSWRACEhkKFUZBSUxVUkVfQkVIQVZJT1JfU0tJUBADKuACChRQcmVjb25kaXRpb25PcGVyYXRvchIlCiFQUkVDT05ESVRJT05fT1BFUkFUT1JfVU5TUEVDSUZJRUQQABIcChhQUkVDT05ESVRJT05fT1BFUkFUT1JfRVEQARIdChlQUkVDT05ESVRJT05fT1BFUkFUT1JfTkVREAISHAoYUFJFQ09ORElUSU9OX09QRVJBVE9SX0dUEAMSHAoYUFJFQ09ORElUSU9OX09QRVJBVE9SX0xUEAQSHQoZUFJFQ09ORElUSU9OX09QRVJBVE9SX0dURRAFEh0KGVBSRUNPTkRJVElPTl9PUEVSQVRPUl9MVEUQBhIgChxQUkVDT05ESVRJT05fT1BFUkFUT1JfRVhJU1RTEAcSJAogUFJFQ09ORElUSU9OX09QRVJBVE9SX05PVF9FWElTVFMQCBIiCh5QUkVDT05ESVRJT05fT1BFUkFUT1JfQ09OVEFJTlMQCSqbAQoMQWN0aW9uU3RhdHVzEh0KGUFDVElPTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIbChdBQ1RJT05fU1RBVFVTX1NVQ0NFRURFRBABEhgKFEFDVElPTl9TVEFUVVNfRkFJTEVEEAISGgoWQUNUSU9OX1NUQVRVU19SRUpFQ1RFRBADEhkKFUFDVElPTl9TVEFUVVNfU0tJUFBFRBAEKlYKCVRvb2xTY29wZRIaChZUT09MX1NDT1BFX1VOU1BFQ0lGSUVEEAASFgoSVE9PTF9TQ09QRV9TRVNTSU9OEAESFQoRVE9PTF9TQ09QRV9TSEFSRUQQAjLIBAoLVG9vbFNlcnZpY2USYAoNUmVnaXN0ZXJUb29scxIcLmNhci52MS5SZWdpc3RlclRvb2xzUmVxdWVzdBodLmNhci52MS5SZWdpc3RlclRvb2xzUmVzcG9uc2UiErK7GA50b29scy5yZWdpc3RlchJQCglMaXN0VG9vbHMSGC5jYXIudjEuTGlzdFRvb2xzUmVxdWVzdBoZLmNhci52MS5MaXN0VG9vbHNSZXNwb25zZSIOsrsYCnRvb2xzLmxpc3QSZQoOVW5yZWdpc3RlclRvb2wSHS5jYXIudjEuVW5yZWdpc3RlclRvb2xSZXF1ZXN0Gh4uY2FyLnYxLlVucmVnaXN0ZXJUb29sUmVzcG9uc2UiFLK7GBB0b29scy51bnJlZ2lzdGVyEmQKDlN1Ym1pdFByb3Bvc2FsEh0uY2FyLnYxLlN1Ym1pdFByb3Bvc2FsUmVxdWVzdBoeLmNhci52MS5TdWJtaXRQcm9wb3NhbFJlc3BvbnNlIhOyuxgPcHJvcG9zYWwuc3VibWl0ErcBCgpTZXJ2ZVRvb2xzEhkuY2FyLnYxLlNlcnZlVG9vbHNSZXF1ZXN0GhouY2FyLnYxLlNlcnZlVG9vbHNSZXNwb25zZSJuwrsYagoDAgMEEmNzaGFyZWQgdG9vbHMgKG5vIGNhci1zZXNzaW9uLWlkKTogZGFlbW9uIG9yIGhvc3Qgb25seTsgc2Vzc2lvbiB0b29sczogdGhlIHNlc3Npb24ncyBvd24gY3JlZGVudGlhbHMoATABQmYKEWFpLnBhcnNsZWUuY2FyLnYxQgpUb29sc1Byb3RvUAFaOmdpdGh1Yi5jb20vcGFyc2xlZS1haS9jYXItZ3JwYy9jbGllbnRzL2dvL2dlbi9jYXIvdjE7Y2FydjGqAgZDYXIuVjFiBnByb3RvMw", [file_car_v1_options, file_google_protobuf_struct]);
 
 /**
  * A tool that the session's client implements.
@@ -697,6 +698,377 @@ export const CancelToolNoticeSchema: GenMessage<CancelToolNotice> = /*@__PURE__*
   messageDesc(file_car_v1_tools, 17);
 
 /**
+ * Host -> server on ServeTools.
+ *
+ * @generated from message car.v1.ServeToolsRequest
+ */
+export type ServeToolsRequest = Message<"car.v1.ServeToolsRequest"> & {
+  /**
+   * @generated from oneof car.v1.ServeToolsRequest.body
+   */
+  body: {
+    /**
+     * First, and only once: the host's tools.
+     *
+     * @generated from field: car.v1.RegisterToolHost register = 1;
+     */
+    value: RegisterToolHost;
+    case: "register";
+  } | {
+    /**
+     * The answer to one `call`.
+     *
+     * @generated from field: car.v1.ToolResult result = 2;
+     */
+    value: ToolResult;
+    case: "result";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message car.v1.ServeToolsRequest.
+ * Use `create(ServeToolsRequestSchema)` to create a new message.
+ */
+export const ServeToolsRequestSchema: GenMessage<ServeToolsRequest> = /*@__PURE__*/
+  messageDesc(file_car_v1_tools, 18);
+
+/**
+ * Server -> host on ServeTools.
+ *
+ * @generated from message car.v1.ServeToolsResponse
+ */
+export type ServeToolsResponse = Message<"car.v1.ServeToolsResponse"> & {
+  /**
+   * @generated from oneof car.v1.ServeToolsResponse.body
+   */
+  body: {
+    /**
+     * The registration took effect: calls may follow.
+     *
+     * @generated from field: car.v1.ToolHostRegistered registered = 1;
+     */
+    value: ToolHostRegistered;
+    case: "registered";
+  } | {
+    /**
+     * Run one tool call and answer it with a `result` of the same request_id.
+     *
+     * @generated from field: car.v1.ToolCall call = 2;
+     */
+    value: ToolCall;
+    case: "call";
+  } | {
+    /**
+     * Stop working on a call: the server no longer waits for it.
+     *
+     * @generated from field: car.v1.ToolCancel cancel = 3;
+     */
+    value: ToolCancel;
+    case: "cancel";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message car.v1.ServeToolsResponse.
+ * Use `create(ServeToolsResponseSchema)` to create a new message.
+ */
+export const ServeToolsResponseSchema: GenMessage<ServeToolsResponse> = /*@__PURE__*/
+  messageDesc(file_car_v1_tools, 19);
+
+/**
+ * A tool host's registration.
+ *
+ * @generated from message car.v1.RegisterToolHost
+ */
+export type RegisterToolHost = Message<"car.v1.RegisterToolHost"> & {
+  /**
+   * A name for logs and errors (`tool host '<host>' ...`); defaults to `tool-host-<n>`.
+   * At most 128 characters.
+   *
+   * @generated from field: optional string host = 1;
+   */
+  host?: string | undefined;
+
+  /**
+   * The tools it serves: 1 to Config.tool_host_max_tools (256), names of 1 to 128
+   * characters, unique. As in `tools.register` (`parameters` is `{}` when not given).
+   *
+   * @generated from field: repeated car.v1.ToolDefinition tools = 2;
+   */
+  tools: ToolDefinition[];
+
+  /**
+   * The scope the host means to serve (a check): SESSION needs a stream bound with
+   * `car-session-id`, SHARED one that is not; a mismatch fails with INVALID_ARGUMENT.
+   * Unspecified: the scope follows the binding.
+   *
+   * @generated from field: car.v1.ToolScope scope = 3;
+   */
+  scope: ToolScope;
+};
+
+/**
+ * Describes the message car.v1.RegisterToolHost.
+ * Use `create(RegisterToolHostSchema)` to create a new message.
+ */
+export const RegisterToolHostSchema: GenMessage<RegisterToolHost> = /*@__PURE__*/
+  messageDesc(file_car_v1_tools, 20);
+
+/**
+ * The answer to RegisterToolHost.
+ *
+ * @generated from message car.v1.ToolHostRegistered
+ */
+export type ToolHostRegistered = Message<"car.v1.ToolHostRegistered"> & {
+  /**
+   * The host's name (as given, or the one the server chose).
+   *
+   * @generated from field: string host = 1;
+   */
+  host: string;
+
+  /**
+   * Where its tools are served.
+   *
+   * @generated from field: car.v1.ToolScope scope = 2;
+   */
+  scope: ToolScope;
+
+  /**
+   * The names of the tools it now serves, in the order registered.
+   *
+   * @generated from field: repeated string tools = 3;
+   */
+  tools: string[];
+};
+
+/**
+ * Describes the message car.v1.ToolHostRegistered.
+ * Use `create(ToolHostRegisteredSchema)` to create a new message.
+ */
+export const ToolHostRegisteredSchema: GenMessage<ToolHostRegistered> = /*@__PURE__*/
+  messageDesc(file_car_v1_tools, 21);
+
+/**
+ * Who submitted the proposal a call comes from, as the server authenticated it (not a
+ * claim of the caller), so that a shared host can decide what it lets each caller do.
+ *
+ * @generated from message car.v1.ToolCaller
+ */
+export type ToolCaller = Message<"car.v1.ToolCaller"> & {
+  /**
+   * The caller's role (CALLER_ROLE_DAEMON when the server runs without auth).
+   *
+   * @generated from field: car.v1.CallerRole role = 1;
+   */
+  role: CallerRole;
+
+  /**
+   * The agent of an attached-agent caller.
+   *
+   * @generated from field: optional string agent_id = 2;
+   */
+  agentId?: string | undefined;
+};
+
+/**
+ * Describes the message car.v1.ToolCaller.
+ * Use `create(ToolCallerSchema)` to create a new message.
+ */
+export const ToolCallerSchema: GenMessage<ToolCaller> = /*@__PURE__*/
+  messageDesc(file_car_v1_tools, 22);
+
+/**
+ * Server -> host: run one tool call. The fields of ExecuteToolRequest (`tools.execute`),
+ * and the caller.
+ *
+ * @generated from message car.v1.ToolCall
+ */
+export type ToolCall = Message<"car.v1.ToolCall"> & {
+  /**
+   * Unique on the host's stream; the `result` and any `cancel` name it.
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * The proposal's action.
+   *
+   * @generated from field: string action_id = 2;
+   */
+  actionId: string;
+
+  /**
+   * One of the host's tools.
+   *
+   * @generated from field: string tool = 3;
+   */
+  tool: string;
+
+  /**
+   * The action's parameters, with `$<id>.output` references already replaced.
+   *
+   * @generated from field: google.protobuf.Struct parameters = 4;
+   */
+  parameters?: JsonObject | undefined;
+
+  /**
+   * 1-based attempt number (retries of failure_behavior retry count up; each attempt is
+   * a new call with a new request_id).
+   *
+   * @generated from field: uint32 attempt = 5;
+   */
+  attempt: number;
+
+  /**
+   * The action's own deadline, when it declares one: a call unanswered by then is
+   * cancelled (reason "timeout") and its action fails.
+   *
+   * @generated from field: optional uint64 timeout_ms = 6;
+   */
+  timeoutMs?: bigint | undefined;
+
+  /**
+   * The proposal's `session_id` label, verbatim, when the submitter gave one (a free
+   * label, not authenticated: as in ExecuteToolRequest).
+   *
+   * @generated from field: optional string session_id = 7;
+   */
+  sessionId?: string | undefined;
+
+  /**
+   * Who submitted the proposal.
+   *
+   * @generated from field: car.v1.ToolCaller caller = 8;
+   */
+  caller?: ToolCaller | undefined;
+
+  /**
+   * The proposal's id (ProposalResult.proposal_id).
+   *
+   * @generated from field: string proposal_id = 9;
+   */
+  proposalId: string;
+};
+
+/**
+ * Describes the message car.v1.ToolCall.
+ * Use `create(ToolCallSchema)` to create a new message.
+ */
+export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
+  messageDesc(file_car_v1_tools, 23);
+
+/**
+ * Server -> host: the call `request_id` was given up; any later result for it is ignored.
+ *
+ * @generated from message car.v1.ToolCancel
+ */
+export type ToolCancel = Message<"car.v1.ToolCancel"> & {
+  /**
+   * The call.
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * Its action.
+   *
+   * @generated from field: string action_id = 2;
+   */
+  actionId: string;
+
+  /**
+   * "timeout", "proposal aborted" or "proposal cancelled" (as in CancelToolNotice).
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message car.v1.ToolCancel.
+ * Use `create(ToolCancelSchema)` to create a new message.
+ */
+export const ToolCancelSchema: GenMessage<ToolCancel> = /*@__PURE__*/
+  messageDesc(file_car_v1_tools, 24);
+
+/**
+ * Host -> server: the answer to one call. Exactly one per call; a result for a call that
+ * was cancelled, answered already or never sent is ignored.
+ *
+ * @generated from message car.v1.ToolResult
+ */
+export type ToolResult = Message<"car.v1.ToolResult"> & {
+  /**
+   * The call's request_id.
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * What the tool did; when neither is set the output is null.
+   *
+   * @generated from oneof car.v1.ToolResult.outcome
+   */
+  outcome: {
+    /**
+     * The tool's output (any JSON): the action's output.
+     *
+     * @generated from field: google.protobuf.Value output = 2;
+     */
+    value: Value;
+    case: "output";
+  } | {
+    /**
+     * The tool failed.
+     *
+     * @generated from field: car.v1.ToolError error = 3;
+     */
+    value: ToolError;
+    case: "error";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message car.v1.ToolResult.
+ * Use `create(ToolResultSchema)` to create a new message.
+ */
+export const ToolResultSchema: GenMessage<ToolResult> = /*@__PURE__*/
+  messageDesc(file_car_v1_tools, 25);
+
+/**
+ * A failed tool call.
+ *
+ * @generated from message car.v1.ToolError
+ */
+export type ToolError = Message<"car.v1.ToolError"> & {
+  /**
+   * The action's error, verbatim (`tool '<tool>' failed` when empty).
+   *
+   * @generated from field: string message = 1;
+   */
+  message: string;
+
+  /**
+   * Do not retry: the proposal aborts and the submitting session is halted until
+   * `session.clear_halt` (as `data: {"terminal": true}` on a tools.execute error).
+   *
+   * @generated from field: bool terminal = 2;
+   */
+  terminal: boolean;
+};
+
+/**
+ * Describes the message car.v1.ToolError.
+ * Use `create(ToolErrorSchema)` to create a new message.
+ */
+export const ToolErrorSchema: GenMessage<ToolError> = /*@__PURE__*/
+  messageDesc(file_car_v1_tools, 26);
+
+/**
  * What an action does.
  *
  * @generated from enum car.v1.ActionType
@@ -894,6 +1266,40 @@ export const ActionStatusSchema: GenEnum<ActionStatus> = /*@__PURE__*/
   enumDesc(file_car_v1_tools, 3);
 
 /**
+ * How far the tools of a tool host reach.
+ *
+ * @generated from enum car.v1.ToolScope
+ */
+export enum ToolScope {
+  /**
+   * @generated from enum value: TOOL_SCOPE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The tools of the session the stream is bound to (`car-session-id`): only that
+   * session's proposals call them, and its `tools.list` lists them.
+   *
+   * @generated from enum value: TOOL_SCOPE_SESSION = 1;
+   */
+  SESSION = 1,
+
+  /**
+   * Shared by name: the proposals of every authenticated session call them (for names
+   * the session has not registered itself). The stream must not be bound to a session.
+   *
+   * @generated from enum value: TOOL_SCOPE_SHARED = 2;
+   */
+  SHARED = 2,
+}
+
+/**
+ * Describes the enum car.v1.ToolScope.
+ */
+export const ToolScopeSchema: GenEnum<ToolScope> = /*@__PURE__*/
+  enumDesc(file_car_v1_tools, 4);
+
+/**
  * Tools and proposals (docs/protocol.md §3).
  *
  * A client registers the tools it implements; a proposal is a set of actions that the
@@ -903,7 +1309,59 @@ export const ActionStatusSchema: GenEnum<ActionStatus> = /*@__PURE__*/
  *
  * Unary calls of this service act on a live session: see SessionService for how a call is
  * bound to a session with the `car-session-id` metadata key. Tool callbacks of a
- * SubmitProposal call always travel on that session's Connect stream.
+ * SubmitProposal call travel on that session's Connect stream, unless a tool host serves
+ * the tool (ServeTools below).
+ *
+ * # Tool hosts (ServeTools)
+ *
+ * A tool host is a program in any language that serves tools over one typed bidi stream,
+ * `ServeTools`, instead of answering `tools.execute` on a Connect stream: it registers its
+ * tools in its first message, then receives ToolCall and ToolCancel messages and answers
+ * every call with one ToolResult. How far its tools reach is decided by how the stream is
+ * opened:
+ *
+ *   - Session tools: a stream bound to a live session (`car-session-id`, with that
+ *     session's credentials) serves tools of that session only. They are listed by the
+ *     session's `tools.list`, and only the session's own proposals call them. Any role
+ *     that holds the session may serve them (an attached agent too): nothing the session
+ *     could not do itself on its Connect stream.
+ *   - Shared tools: a stream not bound to a session serves its tools by name to every
+ *     authenticated session (WebSocket or gRPC, any role), for the tools that session has
+ *     not registered itself. Only the daemon token or the host role may serve them: a
+ *     shared tool sees the parameters of every session's proposals and its outputs flow
+ *     into every session's state, which no attached agent may be trusted with.
+ *
+ * Which tool a proposal's `tool_call` calls, in order: a tool of a host bound to the
+ * submitting session; a tool the session registered itself (`tools.register`,
+ * `session.init`: a `tools.execute` on its stream); a shared tool of that name; else a
+ * `tools.execute` on the session's stream as before (a one-call session, which has no
+ * stream, fails the action instead). The choice is made for every attempt, so a retry
+ * reaches whatever serves the name by then.
+ *
+ * A name is served by one host at a time: a shared name another live host serves, or a
+ * session tool name the session already has (registered by its client or by another host
+ * bound to it), fails the registration with ALREADY_EXISTS naming who holds it; the
+ * session's client cannot `tools.register` or `tools.unregister` a name a host bound to
+ * it serves (-32602). When a host's stream ends, for whatever reason, its calls that wait
+ * fail at once (the actions fail with `tool host '<host>' disconnected`) and its tools are
+ * gone; when the session a host is bound to ends, the host's stream ends
+ * (FAILED_PRECONDITION).
+ *
+ * Calls behave as `tools.execute` does: the same deadlines (an action's timeout_ms plus
+ * Config.callback_grace, or Config.tool_timeout), a ToolCancel whenever a call is given up
+ * (timeout, proposal aborted or cancelled; reasons as in CancelToolNotice), retries as new
+ * calls with the next `attempt`, and an error with `terminal` set aborts the proposal and
+ * halts the submitting session.
+ *
+ * Bounds, per host (CoreConfig): at most `tool_host_max_tools` tools (256); at most
+ * `tool_host_max_pending` calls (1,024) and `tool_host_max_pending_bytes` (16 MiB of
+ * serialized ToolCall) sent and not yet answered, beyond which a call fails at once (its
+ * action fails; a single larger call passes when none is pending); at most
+ * `tool_hosts_max` hosts (256) on the core at a time (RESOURCE_EXHAUSTED). A host must
+ * register within `tool_host_register_timeout` (5 s) of opening the stream. A host that
+ * takes no message from its stream for `tool_host_stall_timeout` (10 s) while one waits
+ * is disconnected: its call ends with RESOURCE_EXHAUSTED (a host whose unread messages
+ * still fill the flow-control window may see INTERNAL or CANCELLED instead).
  *
  * @generated from service car.v1.ToolService
  */
@@ -941,6 +1399,9 @@ export const ToolService: GenService<{
   },
   /**
    * Runs a proposal to completion and returns its result. JSON-RPC: `proposal.submit`.
+   * Unbound (no `car-session-id`), the call has no stream to call tools back on: every
+   * tool it calls must be served by a tool host then (the call fails with -32603 before
+   * anything runs otherwise).
    *
    * @generated from rpc car.v1.ToolService.SubmitProposal
    */
@@ -948,6 +1409,29 @@ export const ToolService: GenService<{
     methodKind: "unary";
     input: typeof SubmitProposalRequestSchema;
     output: typeof SubmitProposalResponseSchema;
+  },
+  /**
+   * The stream of one tool host (see "Tool hosts" above). gRPC only. Authenticate with
+   * call metadata (`authorization: Bearer <token>`, `car-agent-id` with an agent token,
+   * `car-session-id` to serve a session's tools). The host's first message must be
+   * `register`; the server answers `registered`, or ends the stream with INVALID_ARGUMENT
+   * (no tools, a bad or duplicate name, register not first or sent twice, a scope that
+   * does not match the binding), ALREADY_EXISTS (a name taken), PERMISSION_DENIED (an
+   * attached agent asking for shared tools) or RESOURCE_EXHAUSTED (too many hosts).
+   * Then, per call:
+   *
+   *   server: call {request_id, ...}     host: result {request_id, output | error}
+   *   server: cancel {request_id, ...}   the call was given up: a later result is ignored
+   *
+   * Calls arrive concurrently and may be answered in any order. The host ends by closing
+   * its side of the stream (or cancelling the call).
+   *
+   * @generated from rpc car.v1.ToolService.ServeTools
+   */
+  serveTools: {
+    methodKind: "bidi_streaming";
+    input: typeof ServeToolsRequestSchema;
+    output: typeof ServeToolsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_car_v1_tools, 0);
