@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from car_grpc.core.grpc_service import AGENT_ID_KEY
 from car_grpc.core.server import MAX_MESSAGE_BYTES, Core
@@ -36,8 +37,7 @@ from car_grpc.gateway import Gateway
 from car_grpc.store import database_path
 from car_grpc.v1 import state_pb2, state_pb2_grpc
 from tests.conftest import make_config
-from tests.ws_helpers import running
-from tests.ws_pipelined import RpcError, pipelined
+from tests.ws_helpers import RpcError, rpc, running
 
 TOKEN_MISMATCH = "auth failed: token mismatch"
 
@@ -90,7 +90,7 @@ async def test_wrong_credentials_on_the_websocket(served: tuple[Core, Gateway]) 
     assert core.parts is not None
     daemon, host = tokens(core)
     agent = await core.parts.agent_tokens.add("agent-7")
-    async with pipelined(gateway.url) as client:
+    async with rpc(gateway.url) as client:
         for wrong in [
             {"token": daemon[:-1]},
             {"token": host},
@@ -100,19 +100,18 @@ async def test_wrong_credentials_on_the_websocket(served: tuple[Core, Gateway]) 
             {"agent_id": "agent-7", "token": agent + "x"},
         ]:
             with pytest.raises(RpcError) as err:
-                await client.call("session.auth", wrong)
+                await client.result("session.auth", wrong)
             assert (err.value.code, err.value.message) == (INTERNAL, TOKEN_MISMATCH), wrong
         assert "agent-7" not in core.parts.registry.attached
-        assert (await client.call("session.auth", {"token": agent, "agent_id": "agent-7"}))["ok"]
+        assert (await client.result("session.auth", {"token": agent, "agent_id": "agent-7"}))["ok"]
         assert core.parts.registry.attached["agent-7"] is not None
-    async with pipelined(gateway.url) as client:
+    async with rpc(gateway.url) as client:
         with pytest.raises(RpcError):
-            await client.call("session.auth", {"token": "guess"})
+            await client.result("session.auth", {"token": "guess"})
         with pytest.raises(RpcError) as err:
-            await client.call("state.keys", {})
+            await client.result("state.keys", {})
         assert err.value.code == AUTH_REQUIRED
-        await asyncio.wait_for(client.closed.wait(), 5)
-        assert (client.close_code, client.close_reason) == (1008, "auth required")
+        assert await client.wait_closed(5) == (1008, "auth required")
 
 
 # ------------------------------------------------------------------ files on disk
@@ -255,26 +254,28 @@ async def test_secrets_stay_out_of_logs_and_error_messages(tmp_path: Path) -> No
                 answers.append(repr(await call))
             except RpcError as e:
                 answers.append(e.message)
+            except ConnectionClosed:
+                answers.append("connection closed")
 
-        async with pipelined(url) as client:
+        async with rpc(url) as client:
             for credential in (
                 {"token": wrong[0]},
                 {"host_token": wrong[1]},
                 {"token": wrong[2], "agent_id": "bot"},
                 {"token": agent, "agent_id": "not-bot"},
             ):
-                await attempt(client.call("session.auth", credential))
-            await attempt(client.call("state.keys", {}))  # -32001, then the close
+                await attempt(client.result("session.auth", credential))
+            await attempt(client.result("state.keys", {}))  # -32001, then the close
         for credential in (
             {"token": daemon},
             {"host_token": host},
             {"token": agent, "agent_id": "bot"},
         ):
-            async with pipelined(url) as client:
-                await attempt(client.call("session.auth", credential))
-                await attempt(client.call("server.handshake", {"protocol_version": 3}))
-                await attempt(client.call("runs.record_turns", {"run_id": "x", "turns": [{}]}))
-                await attempt(client.call("session.auth", {"token": wrong[0]}))
+            async with rpc(url) as client:
+                await attempt(client.result("session.auth", credential))
+                await attempt(client.result("server.handshake", {"protocol_version": 3}))
+                await attempt(client.result("runs.record_turns", {"run_id": "x", "turns": [{}]}))
+                await attempt(client.result("session.auth", {"token": wrong[0]}))
         async with grpc.aio.insecure_channel(grpc_address) as channel:
             state = state_pb2_grpc.StateServiceStub(channel)
             for bearer in (*wrong, daemon, host):
