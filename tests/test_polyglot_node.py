@@ -5,10 +5,7 @@ gRPC, on raw WebSocket JSON-RPC, and on the official `car-runtime` client.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import itertools
-import json
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,8 +13,6 @@ from typing import Any
 
 import grpc
 import pytest
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
 
 from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2, runs_pb2, session_pb2, tools_pb2, tools_pb2_grpc
@@ -25,6 +20,7 @@ from tests.client_programs import Program, ensure_installed, run_car_runtime_age
 from tests.conftest import make_config
 from tests.serve_sync import Served, start_serve
 from tests.session_client import SessionClient, connect
+from tests.ws_helpers import rpc
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -137,47 +133,17 @@ async def test_python_grpc_host_chats_with_the_node_agent(
     assert "".join(e.delta for e in events[:-1]) == node_reply("node-agent", "hello from Python")
 
 
-class JsonRpc:
-    """A raw JSON-RPC client on one WebSocket, as any WebSocket host would be."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self._ids = itertools.count(1)
-        #: Frames that arrived while a call waited for its answer.
-        self._inbox: list[dict[str, Any]] = []
-
-    async def _recv(self, timeout: float) -> dict[str, Any]:
-        message: dict[str, Any] = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
-        return message
-
-    async def call(self, method: str, params: Any, timeout: float = 5) -> Any:
-        frame_id = next(self._ids)
-        frame = {"jsonrpc": "2.0", "id": frame_id, "method": method, "params": params}
-        await self.ws.send(json.dumps(frame))
-        while True:
-            message = await self._recv(timeout)
-            if message.get("id") == frame_id and "method" not in message:
-                assert "result" in message, f"{method}: {message}"
-                return message["result"]
-            self._inbox.append(message)
-
-    async def next_message(self, timeout: float = 5) -> dict[str, Any]:
-        return self._inbox.pop(0) if self._inbox else await self._recv(timeout)
-
-
 async def test_python_websocket_host_chats_with_the_node_agent(served: Served) -> None:
     async with node_agent(served, "node-agent") as agent:
         await agent.expect("ready")
-        async with ws_connect(served.ws_url, ping_interval=None) as ws:
-            host = JsonRpc(ws)
-            await host.call("session.auth", {"token": served.token("auth-token")})
-            await host.call("server.handshake", {"protocol_version": 3})
+        async with rpc(served.ws_url) as host:
+            await host.login(served.token("auth-token"))
             ask = {"agent_id": "node-agent", "prompt": "hello over WebSocket"}
-            accepted = await host.call("agents.chat", ask)
+            accepted = await host.result("agents.chat", ask)
             assert accepted["accepted"] is True
             events: list[dict[str, Any]] = []
             while not events or events[-1]["kind"] not in ("done", "error"):
-                message = await host.next_message()
+                message = await host.next_frame()
                 assert message["method"] == "agents.chat.event", message
                 events.append(message["params"])
         chat = await agent.expect("chat")
