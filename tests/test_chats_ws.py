@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from car_grpc.gateway import Gateway
 from car_grpc.v1 import chats_pb2
 from tests.chat_helpers import accept_chat, agent, bearer, chat_stub, emit, host, tokens
 from tests.conftest import make_config
+from tests.processes import Process, cli_env, launch
 from tests.ws_helpers import RawWebSocket, Rpc, rpc, running
 
 CAR_RUNTIME_AGENT = Path(__file__).with_name("car_runtime_chat_agent.py")
@@ -325,37 +325,22 @@ async def test_grpc_hosts_with_a_ws_agent(served: tuple[Core, Gateway]) -> None:
 @contextlib.asynccontextmanager
 async def car_runtime_agent(
     core: Core, gateway: Gateway, home: Path, agent_id: str
-) -> AsyncIterator[asyncio.subprocess.Process]:
+) -> AsyncIterator[Process]:
     """tests/car_runtime_chat_agent.py attached as `agent_id`; yields once it is attached."""
     assert core.parts is not None
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-    env |= {
-        "CAR_DAEMON_URL": gateway.url,
-        "CAR_HOME": str(home),
-        "CAR_AGENT_ID": agent_id,
-        "CAR_AGENT_TOKEN": await core.parts.agent_tokens.add(agent_id),
-        "CAR_NO_VERSION_WARNING": "1",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(CAR_RUNTIME_AGENT),
-        env=env,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
+    env = cli_env(
+        home,
+        CAR_DAEMON_URL=gateway.url,
+        CAR_AGENT_ID=agent_id,
+        CAR_AGENT_TOKEN=await core.parts.agent_tokens.add(agent_id),
+        CAR_NO_VERSION_WARNING="1",
     )
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 20)
-        assert json.loads(line) == {"event": "ready"}
-        yield proc
-    finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 5)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+    argv = [sys.executable, str(CAR_RUNTIME_AGENT)]
+    async with launch(argv, env=env, stdin=True, stdout=True, grace=5) as agent:
+        assert agent.proc.stdout is not None
+        line = await asyncio.wait_for(agent.proc.stdout.readline(), 20)
+        assert json.loads(line) == {"event": "ready"}, agent.log
+        yield agent
 
 
 async def test_car_runtime_agent_serves_ws_and_grpc_hosts(

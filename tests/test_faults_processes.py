@@ -10,12 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
-import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from websockets.exceptions import ConnectionClosed
@@ -24,52 +20,17 @@ from car_grpc.core.server import Core
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.gateway import Gateway
 from car_grpc.store import open_store
-from tests.serve_process import LISTENING
+from tests.processes import Process, car_grpc
 from tests.ws_helpers import Rpc, RpcError, daemon_token, rpc
 
 
-@dataclass
-class Child:
-    proc: asyncio.subprocess.Process
-    address: str
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-
-
 @contextlib.asynccontextmanager
-async def child(home: Path, *args: str) -> AsyncIterator[Child]:
-    """`car-grpc ARGS` with CAR_HOME=home, once it logged its (first) listener; its log is
-    drained from then on. Killed on exit if still running."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-    env["CAR_HOME"] = str(home)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "car_grpc.cli", *args,
-        env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    drain: asyncio.Task[None] | None = None
-    try:
-        lines: list[str] = []
-        async with asyncio.timeout(20):
-            while not (match := LISTENING.search(lines[-1] if lines else "")):
-                line = await proc.stderr.readline()
-                assert line, f"exited early: {lines}"
-                lines.append(line.decode().rstrip())
-        drain = asyncio.create_task(_drain(proc.stderr))
-        yield Child(proc, match["where"])
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        if drain is not None:
-            await drain
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
+async def child(home: Path, *args: str) -> AsyncIterator[tuple[Process, str]]:
+    """`car-grpc ARGS` with CAR_HOME=home, once it logged its (first) listener: the process
+    and that listener's address."""
+    async with car_grpc(home, *args) as process:
+        [address] = await process.listeners(1)
+        yield process, address
 
 
 def free_port() -> int:
@@ -171,8 +132,7 @@ async def test_core_killed_mid_traffic_loses_nothing_acknowledged(tmp_path: Path
     turns: list[str] = []
     approvals: list[str] = []
     approved: list[str] = []
-    async with child(home, *core_args) as core, child(home, *gateway_args) as gateway:
-        url = f"ws://{gateway.address}/"
+    async with child(home, *core_args) as (core, _), child(home, *gateway_args) as (_, url):
         async with rpc(url) as bot, rpc(url) as asker:
             await bot.login(token=bot_token, agent_id="bot")
             await asker.login(token=token_file(home, "auth-token"))
@@ -232,12 +192,13 @@ async def test_a_killed_gateway_ends_its_sessions_and_no_others(core: Core, tmp_
     await staying.start()
     try:
         async with (
-            child(
-                tmp_path / "home", "gateway", "--core", core.grpc_address, "--port", "0"
-            ) as doomed,
+            child(tmp_path / "home", "gateway", "--core", core.grpc_address, "--port", "0") as (
+                doomed,
+                doomed_url,
+            ),
             rpc(staying.url) as host,
             rpc(staying.url) as watcher,
-            rpc(f"ws://{doomed.address}/") as agent,
+            rpc(doomed_url) as agent,
         ):
             await host.login(token=daemon_token(core))
             await watcher.login(host_token=state.tokens.host)

@@ -17,7 +17,7 @@ import pytest
 from car_grpc.v1 import runs_pb2, runs_pb2_grpc
 from tests.client_programs import Program, ensure_installed, run_node
 from tests.go_programs import build_go_programs, run_go
-from tests.serve_sync import Served, start_serve
+from tests.processes import Served, start_serve
 from tests.session_client import connect
 from tests.test_polyglot_node import assert_chat_reply, node_reply, serve_chats_in_python
 
@@ -35,7 +35,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield server
     finally:
         code = server.stop()
-    assert code == 0, "car-grpc serve did not exit cleanly:\n" + "\n".join(server.log)
+    assert code == 0, "car-grpc serve did not exit cleanly:\n" + server.log
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2, runs_pb2, session_pb2, tools_pb2, tools_pb2_grpc
 from tests.client_programs import Program, ensure_installed, run_car_runtime_agent, run_node
 from tests.conftest import make_config
-from tests.serve_sync import Served, start_serve
+from tests.processes import Served, start_serve
 from tests.session_client import SessionClient, connect
 from tests.ws_helpers import rpc
 
@@ -36,7 +36,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield server
     finally:
         code = server.stop()
-    assert code == 0, "car-grpc serve did not exit cleanly:\n" + "\n".join(server.log)
+    assert code == 0, "car-grpc serve did not exit cleanly:\n" + server.log
 
 
 @pytest.fixture
