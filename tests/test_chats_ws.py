@@ -19,9 +19,10 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.v1 import chats_pb2
-from tests.chat_helpers import accept_chat, agent, bearer, chat_stub, emit, host, tokens
+from tests.chat_helpers import accept_chat, bearer, chat_stub, emit, tokens
 from tests.conftest import make_config
 from tests.processes import Process, cli_env, launch
+from tests.roles import agent, chat_host
 from tests.ws_helpers import RawWebSocket, Rpc, rpc, running
 
 CAR_RUNTIME_AGENT = Path(__file__).with_name("car_runtime_chat_agent.py")
@@ -294,7 +295,7 @@ async def test_grpc_hosts_with_a_ws_agent(served: tuple[Core, Gateway]) -> None:
         grpc.aio.insecure_channel(core.grpc_address) as channel,
         ws_peer(gateway, await as_agent(core)) as a,
     ):
-        h = await host(core, channel)
+        h = await chat_host(core, channel)
         pending = asyncio.create_task(
             h.request("agents_chat", chats_pb2.ChatRequest(agent_id="agent-1", prompt="hi"))
         )
