@@ -15,10 +15,10 @@ notifications, the server's requests, answers to frames sent with `send`. `next_
 while it holds nothing that fits) and leave the rest in order. `recv` is the one exception:
 it reads the next frame off the connection, `other` aside.
 
-Every wait has a timeout (TimeoutError). Nothing is swallowed: a frame that is not JSON
-fails the wait that read it and every wait after it (what the client missed is unknown),
-and once the connection has ended every wait that needs a new frame raises websockets'
-ConnectionClosed; `close_code`/`close_reason` say how the server closed it.
+Every wait has a timeout (TimeoutError), sending too. Nothing is swallowed: a frame that
+is not JSON fails the wait that read it and every wait after it (what the client missed
+is unknown), and once the connection has ended every wait that needs a new frame raises
+websockets' ConnectionClosed; `close_code`/`close_reason` say how the server closed it.
 """
 
 from __future__ import annotations
@@ -96,9 +96,11 @@ class Rpc:
 
     # ------------------------------------------------------------------ sending
 
-    async def send(self, message: JSON) -> None:
-        """Send a frame: a str as it is, anything else as JSON."""
-        await self.ws.send(message if isinstance(message, str) else json.dumps(message))
+    async def send(self, message: JSON, timeout: float = 10) -> None:
+        """Send a frame: a str as it is, anything else as JSON (a server that reads nothing
+        holds it up to `timeout`)."""
+        async with asyncio.timeout(timeout):
+            await self.ws.send(message if isinstance(message, str) else json.dumps(message))
 
     async def notify(self, method: str, params: JSON = None) -> None:
         message: dict[str, JSON] = {"jsonrpc": "2.0", "method": method}
@@ -221,7 +223,8 @@ class Rpc:
 
     async def queued(self) -> list[JSON]:
         """`other`, after filing every frame the connection already holds, without waiting
-        for more (a frame on its way may still be missing)."""
+        for more (a frame on its way may still be missing; a connection that ended is left
+        to the next wait to raise)."""
         if not self._reading.locked():  # else a waiter is reading: it files what comes
             async with self._reading:
                 while True:
