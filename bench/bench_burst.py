@@ -38,7 +38,7 @@ from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
 
-from bench.processes import car_grpc_serve, stop
+from tests.processes import car_grpc_serve, launch
 
 CONNECTIONS = 2000
 #: Seconds every connection stays open after its first round trip (the closes of the
@@ -71,15 +71,10 @@ async def run_echo_server() -> None:
 
 @contextlib.asynccontextmanager
 async def echo_server() -> AsyncIterator[int]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.bench_burst", "echo",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        yield int(await asyncio.wait_for(proc.stdout.readline(), 20))
-    finally:
-        await stop(proc)
+    argv = (sys.executable, "-m", "bench.bench_burst", "echo")
+    async with launch(argv, name="echo", stdin=True, stdout=True) as echo:
+        assert echo.proc.stdout is not None
+        yield int(await asyncio.wait_for(echo.proc.stdout.readline(), 20))
 
 
 # ------------------------------------------------------------------ one raw client
@@ -221,9 +216,10 @@ async def run() -> tuple[Burst, Burst]:
     async with echo_server() as port:
         bare = await burst(port, None)
     with tempfile.TemporaryDirectory() as home:
-        async with car_grpc_serve(home, "--no-dashboard") as (_, listening):
+        async with car_grpc_serve(home, "--no-dashboard") as server:
+            _, url = await server.listeners(2, timeout=30)
             token = (Path(home) / "ai.parslee.car" / "auth-token").read_text().strip()
-            port = int(listening[1].rsplit(":", 1)[1])
+            port = int(url.rstrip("/").rsplit(":", 1)[1])
             bridged = await burst(port, token)
     return bare, bridged
 

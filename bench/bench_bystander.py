@@ -34,7 +34,7 @@ from typing import Any
 
 from websockets.asyncio.client import connect
 
-from bench.processes import car_grpc_serve
+from tests.processes import car_grpc_serve
 
 ROUNDS = 3
 PAUSE = 0.002
@@ -168,8 +168,8 @@ def report(name: str, rtts: list[float], frames: list[float]) -> None:
 
 async def run(attacks: tuple[str, ...]) -> None:
     with tempfile.TemporaryDirectory() as home:
-        async with car_grpc_serve(home, "--no-auth", "--no-dashboard") as (_, listening):
-            url = f"ws://{listening[1]}/"
+        async with car_grpc_serve(home, "--no-auth", "--no-dashboard") as server:
+            _, url = await server.listeners(2, timeout=30)
             print("  attack           round trips   p50 ms   p99 ms   max ms   attack frames (s)")
             report("none (baseline)", *await measure(url, None))
             for attack in attacks:

@@ -27,6 +27,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench.bench_gateway import car_grpc_server
+from tests.processes import Process, launch
 
 TOKENS = 20_000
 ROUNDS = 3
@@ -89,21 +90,17 @@ async def serve_as_agent(url: str, rounds: int, tokens: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def sender(mode: str, url: str, rounds: int) -> AsyncIterator[asyncio.subprocess.Process]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.bench_chats", mode, url, str(rounds), str(TOKENS),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        yield proc
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), 30)
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+async def sender(mode: str, url: str, rounds: int) -> AsyncIterator[Process]:
+    """The sender in its own process; at the end its stdin closes and it has 30 s to leave."""
+    argv = [sys.executable, "-m", "bench.bench_chats", mode, url, str(rounds), str(TOKENS)]
+    async with launch(argv, name=f"sender ({mode})", stdin=True, stdout=True) as process:
+        try:
+            yield process
+        finally:
+            assert process.proc.stdin is not None
+            process.proc.stdin.close()
+            with contextlib.suppress(TimeoutError):
+                await process.wait(30)
 
 
 # ------------------------------------------------------------------ the receivers
@@ -139,8 +136,8 @@ async def through_car_grpc(rounds: int) -> list[float]:
     """Tokens/s of each round for a WebSocket host chatting with the sender as agent."""
     rates: list[float] = []
     async with car_grpc_server() as url, sender("agent", url, rounds) as agent:
-        assert agent.stdout is not None
-        assert (await asyncio.wait_for(agent.stdout.readline(), 20)).strip() == b"attached"
+        assert agent.proc.stdout is not None
+        assert (await asyncio.wait_for(agent.proc.stdout.readline(), 20)).strip() == b"attached"
         async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
             for i, request in enumerate(
                 [("session.auth", {}), ("server.handshake", {"protocol_version": 3})]

@@ -35,7 +35,7 @@ import grpc
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from bench.processes import car_grpc_serve, stop
+from tests.processes import car_grpc_serve, launch, log_listening
 
 REQUEST = '{"jsonrpc":"2.0","id":1,"method":"tools.list"}'
 WARMUP = 300
@@ -53,9 +53,9 @@ async def _echo(ws: ServerConnection) -> None:
 
 
 async def run_echo_server() -> None:
-    """`python -m bench.bench_gateway echo`: print the port, echo until stdin closes."""
+    """`python -m bench.bench_gateway echo`: log the URL, echo until stdin closes."""
     async with serve(_echo, "127.0.0.1", 0, ping_interval=None, compression=None) as server:
-        print(server.sockets[0].getsockname()[1], flush=True)
+        log_listening("echo", f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
@@ -94,7 +94,8 @@ async def run_relay_server() -> None:
             call.cancel()
 
         async with serve(relay, "127.0.0.1", 0, ping_interval=None, compression=None) as ws_server:
-            print(ws_server.sockets[0].getsockname()[1], flush=True)
+            port = ws_server.sockets[0].getsockname()[1]
+            log_listening("relay", f"ws://127.0.0.1:{port}/")
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await server.stop(0)
 
@@ -102,28 +103,18 @@ async def run_relay_server() -> None:
 @contextlib.asynccontextmanager
 async def echo_server(kind: str = "echo") -> AsyncIterator[str]:
     """A bench server of this module in its own process (`echo` or `relay`)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.bench_gateway",
-        kind,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        port = int(await asyncio.wait_for(proc.stdout.readline(), 20))
-        yield f"ws://127.0.0.1:{port}/"
-    finally:
-        await stop(proc)
+    async with launch([sys.executable, "-m", "bench.bench_gateway", kind], stdin=True) as server:
+        [url] = await server.listeners(1)
+        yield url
 
 
 @contextlib.asynccontextmanager
 async def car_grpc_server() -> AsyncIterator[str]:
     """`car-grpc serve` with its own CAR_HOME, on ephemeral ports."""
     with tempfile.TemporaryDirectory() as home:
-        async with car_grpc_serve(home, "--no-auth") as (_, listening):
-            yield f"ws://{listening[1]}/"
+        async with car_grpc_serve(home, "--no-auth") as server:
+            _, url = await server.listeners(2, timeout=30)
+            yield url
 
 
 # ------------------------------------------------------------------ the clients

@@ -44,7 +44,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from bench.processes import car_grpc_serve, stop
+from tests.processes import Process, car_grpc_serve, launch
 
 SESSIONS = 1000
 WORKERS = 4
@@ -59,7 +59,6 @@ OPEN_CONCURRENCY = 25
 ROLES = ("proposer",) * 4 + ("recorder",) * 3 + ("chat_host", "chat_agent", "idle")
 
 JSON = Any
-Proc = asyncio.subprocess.Process
 
 
 def role_of(i: int) -> str:
@@ -319,33 +318,27 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
 
 
-async def _line(stream: asyncio.StreamReader, timeout: float) -> str:
-    raw = await asyncio.wait_for(stream.readline(), timeout)
+async def _line(worker: Process, timeout: float) -> str:
+    """The next line a worker printed on stdout."""
+    assert worker.proc.stdout is not None
+    raw = await asyncio.wait_for(worker.proc.stdout.readline(), timeout)
     if not raw:
-        raise RuntimeError("a process exited early")
+        raise RuntimeError(f"{worker.name} exited early:\n{worker.log}")
     return raw.decode()
 
 
 @contextlib.asynccontextmanager
-async def car_grpc_serve_ws(
-    home: Path,
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    async with car_grpc_serve(home, "--no-dashboard") as (proc, listening):
-        yield proc, f"ws://{listening[1]}/"
+async def car_grpc_serve_ws(home: Path) -> AsyncIterator[tuple[Process, str]]:
+    async with car_grpc_serve(home, "--no-dashboard") as server:
+        _, url = await server.listeners(2, timeout=30)
+        yield server, url
 
 
 @contextlib.asynccontextmanager
-async def echo_serve() -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.bench_gateway", "echo",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        port = int(await _line(proc.stdout, 30))
-        yield proc, f"ws://127.0.0.1:{port}/"
-    finally:
-        await stop(proc)
+async def echo_serve() -> AsyncIterator[tuple[Process, str]]:
+    async with launch([sys.executable, "-m", "bench.bench_gateway", "echo"], stdin=True) as echo:
+        [url] = await echo.listeners(1, timeout=30)
+        yield echo, url
 
 
 @dataclass
@@ -363,11 +356,12 @@ class Phase:
     left_open: int = -1
 
 
-async def _spawn_worker(url: str, first: int, count: int, tokens_file: str) -> Proc:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.bench_load", "worker", url, str(first), str(count),
-        tokens_file, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+def _worker(
+    url: str, first: int, count: int, tokens_file: str
+) -> contextlib.AbstractAsyncContextManager[Process]:
+    """A load generator process: its sessions first..first+count-1, driven over stdio."""
+    argv = [sys.executable, "-m", "bench.bench_load", "worker", url, str(first), str(count)]
+    return launch([*argv, tokens_file], name=f"worker {first}", stdin=True, stdout=True)
 
 
 async def drive(
@@ -377,22 +371,22 @@ async def drive(
     phase = Phase(rss_start_kib=rss_kib(server_pid))
     per_worker = SESSIONS // WORKERS
     started = time.perf_counter()
-    procs = [
-        await _spawn_worker(url, w * per_worker, per_worker, tokens_file) for w in range(WORKERS)
-    ]
-    try:
-        for proc in procs:
-            assert proc.stdout is not None
-            assert json.loads(await _line(proc.stdout, 120))["ready"] == per_worker
+    async with contextlib.AsyncExitStack() as stack:
+        workers = [
+            await stack.enter_async_context(_worker(url, w * per_worker, per_worker, tokens_file))
+            for w in range(WORKERS)
+        ]
+        for worker in workers:
+            assert json.loads(await _line(worker, 120))["ready"] == per_worker
         phase.open_s = time.perf_counter() - started
         await asyncio.sleep(1)  # let the allocator settle
         phase.rss_idle_kib = rss_kib(server_pid)
         cpu = cpu_seconds(server_pid)
-        for proc in procs:
-            assert proc.stdin is not None
-            proc.stdin.write(f"go {DURATION}\n".encode())
+        for worker in workers:
+            assert worker.proc.stdin is not None
+            worker.proc.stdin.write(f"go {DURATION}\n".encode())
         samples: list[int] = []
-        reports = [asyncio.create_task(_line(p.stdout, DURATION + 2 * OP_TIMEOUT)) for p in procs]  # type: ignore[arg-type]
+        reports = [asyncio.create_task(_line(w, DURATION + 2 * OP_TIMEOUT)) for w in workers]
         while not all(r.done() for r in reports):
             samples.append(rss_kib(server_pid))
             await asyncio.wait(reports, timeout=0.5)
@@ -403,17 +397,13 @@ async def drive(
             for kind, values in result["latencies"].items():
                 phase.latencies.setdefault(kind, []).extend(values)
             phase.errors += result["errors"]
-        for proc in procs:
-            assert proc.stdin is not None
-            proc.stdin.write(b"close\n")
-        for proc in procs:
-            assert proc.stdout is not None
-            assert json.loads(await _line(proc.stdout, 60))["closed"]
+        for worker in workers:
+            assert worker.proc.stdin is not None
+            worker.proc.stdin.write(b"close\n")
+        for worker in workers:
+            assert json.loads(await _line(worker, 60))["closed"]
         phase.left_open = await check()
         phase.rss_closed_kib = rss_kib(server_pid)
-    finally:
-        for proc in procs:
-            await stop(proc)
     return phase
 
 
@@ -449,19 +439,21 @@ async def run() -> tuple[Phase, Phase]:
     raise_fd_limit()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        async with car_grpc_serve_ws(home) as (proc, url):
+        async with car_grpc_serve_ws(home) as (server, url):
             tokens_file = home / "tokens.json"
             daemon = (home / "ai.parslee.car" / "auth-token").read_text().strip()
             tokens_file.write_text(
                 json.dumps({"daemon": daemon, "agents": await mint_agents(home)})
             )
-            ours = await drive(proc.pid, url, str(tokens_file), lambda: sessions_left(home, url))
+            ours = await drive(
+                server.proc.pid, url, str(tokens_file), lambda: sessions_left(home, url)
+            )
 
         async def nothing() -> int:
             return 0
 
-        async with echo_serve() as (proc, url):
-            bare = await drive(proc.pid, url, "-", nothing)
+        async with echo_serve() as (echo, url):
+            bare = await drive(echo.proc.pid, url, "-", nothing)
     return ours, bare
 
 

@@ -32,9 +32,9 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from bench.processes import car_grpc_serve, stop
 from car_grpc.core.tokens import HOST_TOKEN_FILE, AgentTokens
 from car_grpc.store import open_store
+from tests.processes import car_grpc_serve, launch, log_listening
 
 BATCH_SIZES = (1, 16, 256)
 #: Turns recorded per batch size (and per baseline).
@@ -203,29 +203,18 @@ async def _echo(ws: ServerConnection) -> None:
 
 
 async def run_echo_server() -> None:
-    """`python -m bench.bench_runs echo`: print the port, echo until stdin closes."""
+    """`python -m bench.bench_runs echo`: log the URL, echo until stdin closes."""
     async with serve(
         _echo, "127.0.0.1", 0, ping_interval=None, compression=None, max_size=None
     ) as server:
-        print(server.sockets[0].getsockname()[1], flush=True)
+        log_listening("echo", f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
 async def bench_echo(batch_size: int) -> Figures:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.bench_runs",
-        "echo",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        port = int(await asyncio.wait_for(proc.stdout.readline(), 20))
-        async with connect(
-            f"ws://127.0.0.1:{port}/", ping_interval=None, compression=None, max_size=None
-        ) as ws:
+    async with launch([sys.executable, "-m", "bench.bench_runs", "echo"], stdin=True) as echo:
+        [url] = await echo.listeners(1)
+        async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
             total = TURNS[batch_size]
             latencies: list[float] = []
             clock = time.perf_counter
@@ -235,10 +224,7 @@ async def bench_echo(batch_size: int) -> Figures:
                 await ws.send(text)
                 await ws.recv()
                 latencies.append(clock() - start)
-        proc.stdin.close()
-        return figures(total, sum(latencies), latencies)
-    finally:
-        await stop(proc)
+    return figures(total, sum(latencies), latencies)
 
 
 # ------------------------------------------------------------------ report
@@ -251,8 +237,8 @@ async def run() -> list[tuple[int, Figures, Figures, Figures, Figures, Delivery]
         store = await open_store(home)
         token = await AgentTokens(store.agent_tokens).add("bench-agent")
         await store.close()
-        async with car_grpc_serve(home) as (_, listening):
-            url = f"ws://{listening[1]}/"
+        async with car_grpc_serve(home) as server:
+            _, url = await server.listeners(2, timeout=30)
             host_token = (home / "ai.parslee.car" / HOST_TOKEN_FILE).read_text()
             agent = await open_client(url, {"agent_id": "bench-agent", "token": token})
             watcher = await open_client(url, {"host_token": host_token})

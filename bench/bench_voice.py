@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import struct
 import sys
 import tempfile
@@ -31,14 +30,13 @@ import grpc
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from bench.processes import car_grpc_serve, stop
 from car_grpc.v1 import voice_pb2, voice_pb2_grpc
 from car_grpc.wire import codec
+from tests.processes import car_grpc_serve, launch, log_listening
 
 CHUNK = 3200  # 100 ms of 16 kHz mono PCM16
 ROUND_TRIPS = 500
 CHUNKS = 5000
-ECHO_LISTENING = re.compile(r"echo listening on (\S+)")
 
 
 def pcm_frame(session: uuid.UUID, seq: int) -> bytes:
@@ -83,44 +81,26 @@ async def run_echo() -> None:
 
     async with serve(echo, "127.0.0.1", 0, compression=None, max_size=None) as server:
         host, port = server.sockets[0].getsockname()[:2]
-        print(f"echo listening on {host}:{port}", file=sys.stderr, flush=True)
+        log_listening("echo", f"ws://{host}:{port}/")
         await asyncio.Future()
-
-
-async def _spawn(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, *args, env=env, stdin=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-
-
-async def _wait_for(proc: asyncio.subprocess.Process, pattern: re.Pattern[str]) -> re.Match[str]:
-    assert proc.stderr is not None
-    async with asyncio.timeout(20):
-        while not (match := pattern.search((await proc.stderr.readline()).decode())):
-            pass
-    return match
 
 
 @contextlib.asynccontextmanager
 async def car_grpc_with_engine() -> AsyncIterator[str]:
     """`car-grpc serve` and the bench engine, each in its own process; yields the WS URL."""
     with tempfile.TemporaryDirectory() as home:
-        async with car_grpc_serve(home, "--no-auth") as (_, listening):
-            engine = await _spawn("-m", "bench.bench_voice", "engine", listening[2])
-            try:
-                yield f"ws://{listening[1]}/"
-            finally:
-                await stop(engine)
+        async with car_grpc_serve(home, "--no-auth") as server:
+            grpc_address, url = await server.listeners(2, timeout=30)
+            engine = [sys.executable, "-m", "bench.bench_voice", "engine", grpc_address]
+            async with launch(engine, stdin=True):
+                yield url
 
 
 @contextlib.asynccontextmanager
 async def echo_server() -> AsyncIterator[str]:
-    proc = await _spawn("-m", "bench.bench_voice", "echo")
-    try:
-        yield f"ws://{(await _wait_for(proc, ECHO_LISTENING))[1]}/"
-    finally:
-        await stop(proc)
+    async with launch([sys.executable, "-m", "bench.bench_voice", "echo"], stdin=True) as echo:
+        [url] = await echo.listeners(1)
+        yield url
 
 
 # ------------------------------------------------------------------ the client

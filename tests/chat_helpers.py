@@ -1,4 +1,5 @@
-"""Helpers for chat tests: agents and hosts on real Connect streams and ChatService stubs."""
+"""Helpers for chat tests: chat frames on real Connect streams and ChatService stubs (the
+sessions themselves: tests/roles.py)."""
 
 from __future__ import annotations
 
@@ -8,29 +9,13 @@ import grpc
 
 from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2, chats_pb2_grpc, session_pb2
-from tests.session_client import SessionClient, connect
+from tests.session_client import SessionClient
 
 
 def tokens(core: Core) -> tuple[str, str]:
     """(daemon token, host token) of a running core."""
     assert core.parts is not None and core.parts.tokens is not None
     return core.parts.tokens.daemon, core.parts.tokens.host
-
-
-async def host(core: Core, channel: grpc.aio.Channel) -> SessionClient:
-    """An ordinary session (daemon token), as a host."""
-    return await connect(channel, token=tokens(core)[0])
-
-
-async def host_role(core: Core, channel: grpc.aio.Channel) -> SessionClient:
-    return await connect(channel, host_token=tokens(core)[1])
-
-
-async def agent(core: Core, channel: grpc.aio.Channel, agent_id: str) -> SessionClient:
-    """A session attached as `agent_id` with a freshly minted agent token."""
-    assert core.parts is not None
-    token = await core.parts.agent_tokens.add(agent_id)
-    return await connect(channel, token=token, agent_id=agent_id)
 
 
 def chat_stub(channel: grpc.aio.Channel) -> chats_pb2_grpc.ChatServiceAsyncStub:

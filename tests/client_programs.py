@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,12 +18,12 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.processes import Process, cli_env, launch
+
 TESTS = Path(__file__).resolve().parent
 NODE_DIR = TESTS.parent / "clients" / "node"
 _LOCK = NODE_DIR / "package-lock.json"
 _STAMP = NODE_DIR / "node_modules" / ".car-grpc-installed-lock"
-#: Most stderr kept per program (shown when a test fails).
-_STDERR_LIMIT = 64 * 1024
 
 
 def ensure_installed() -> None:
@@ -45,23 +44,18 @@ def ensure_installed() -> None:
 
 
 class Program:
-    """One running client program and the events it printed."""
+    """One running client program and the events it printed on stdout; its stderr is its
+    log (`stderr`, shown when a test fails)."""
 
-    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
-        self.name = name
-        self.proc = proc
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.name = process.name
+        self.proc = process.proc
         self.events: list[dict[str, Any]] = []
-        self._stderr = bytearray()
-        assert proc.stderr is not None
-        self._stderr_task = asyncio.create_task(self._drain(proc.stderr))
-
-    async def _drain(self, stream: asyncio.StreamReader) -> None:
-        while chunk := await stream.read(4096):
-            self._stderr += chunk[: max(0, _STDERR_LIMIT - len(self._stderr))]
 
     @property
     def stderr(self) -> str:
-        return self._stderr.decode(errors="replace")
+        return self.process.log
 
     async def next_event(self, timeout: float = 10) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -73,7 +67,7 @@ class Program:
                 f"stderr:\n{self.stderr}"
             ) from None
         if not line:
-            await self._exited()
+            await self.process.wait()
             raise AssertionError(
                 f"{self.name} exited ({self.proc.returncode}) after {self.events}; "
                 f"stderr:\n{self.stderr}"
@@ -91,12 +85,6 @@ class Program:
             if event["event"] == "error":
                 raise AssertionError(f"{self.name} failed: {event}; stderr:\n{self.stderr}")
 
-    async def _exited(self, timeout: float = 10) -> int:
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stderr_task, 1)
-        return code
-
     async def finish(self, timeout: float = 10) -> list[dict[str, Any]]:
         """Wait for the program to exit with status 0; return every event it printed."""
         while True:
@@ -105,47 +93,18 @@ class Program:
             if not line:
                 break
             self.events.append(json.loads(line))
-        code = await self._exited(timeout)
+        code = await self.process.wait(timeout)
         assert code == 0, f"{self.name} exited {code}: {self.events}; stderr:\n{self.stderr}"
         return self.events
 
-    async def stop(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        if self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        self._stderr_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._stderr_task
-
-
-def _env(**env: str) -> dict[str, str]:
-    """The test run's environment without any CAR_* variable, plus `env`."""
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("CAR_")}, **env}
-
 
 @contextlib.asynccontextmanager
-async def _run(
+async def run_program(
     name: str, argv: Sequence[str], env: dict[str, str], cwd: Path
 ) -> AsyncIterator[Program]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        cwd=cwd,
-        env=env,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    program = Program(name, proc)
-    try:
-        yield program
-    finally:
-        await program.stop()
+    """`argv` as a Program (stdin a pipe, closed when it is stopped at the end)."""
+    async with launch(argv, name=name, env=env, cwd=cwd, stdin=True, stdout=True, grace=5) as p:
+        yield Program(p)
 
 
 def run_node(
@@ -159,8 +118,8 @@ def run_node(
     node = shutil.which("node")
     if node is None:
         raise RuntimeError("node is not on PATH: the polyglot tests need Node.js")
-    full_env = _env(CAR_GRPC_ADDRESS=address, CAR_HOME=str(car_home), **env)
-    return _run(script, [node, str(NODE_DIR / script), *args], full_env, NODE_DIR)
+    full_env = cli_env(car_home, CAR_GRPC_ADDRESS=address, **env)
+    return run_program(script, [node, str(NODE_DIR / script), *args], full_env, NODE_DIR)
 
 
 def run_car_runtime_agent(
@@ -168,10 +127,10 @@ def run_car_runtime_agent(
 ) -> contextlib.AbstractAsyncContextManager[Program]:
     """Start tests/car_runtime_agent.py: `agent_id` attached through the gateway at `url`."""
     script = str(TESTS / "car_runtime_agent.py")
-    env = _env(
+    env = cli_env(
         CAR_DAEMON_URL=url,
         CAR_AGENT_ID=agent_id,
         CAR_AGENT_TOKEN=token,
         CAR_NO_VERSION_WARNING="1",
     )
-    return _run("car_runtime_agent.py", [sys.executable, script, reply], env, TESTS)
+    return run_program("car_runtime_agent.py", [sys.executable, script, reply], env, TESTS)

@@ -14,7 +14,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.client_programs import Program, _env, _run
+from tests.client_programs import Program, run_program
+from tests.processes import cli_env
 
 ROOT = Path(__file__).resolve().parent.parent
 GO_DIR = ROOT / "clients" / "go"
@@ -43,5 +44,5 @@ def run_go(
 ) -> contextlib.AbstractAsyncContextManager[Program]:
     """Start the Go `program` (built into `bin_dir`) against the server's gRPC `address`;
     it finds the token files under `car_home`, and `env` is added."""
-    full_env = _env(CAR_GRPC_ADDRESS=address, CAR_HOME=str(car_home), **env)
-    return _run(program, [str(bin_dir / program), *args], full_env, GO_DIR)
+    full_env = cli_env(car_home, CAR_GRPC_ADDRESS=address, **env)
+    return run_program(program, [str(bin_dir / program), *args], full_env, GO_DIR)

@@ -1,4 +1,5 @@
-"""Helpers for the runs tests: agents, hosts and runs on a real core over gRPC."""
+"""Helpers for the runs tests: runs on a real core over gRPC (the sessions that record and
+read them: tests/roles.py)."""
 
 from __future__ import annotations
 
@@ -6,30 +7,14 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-import grpc
-
 from car_grpc.core.server import Core
 from car_grpc.v1 import runs_pb2, session_pb2
-from tests.session_client import SessionClient, connect
+from tests.session_client import SessionClient
 
 
 def state_of(core: Core) -> Any:
     assert core.parts is not None
     return core.parts
-
-
-async def agent(core: Core, channel: grpc.aio.Channel, agent_id: str) -> SessionClient:
-    """A session attached as `agent_id` with a freshly minted agent token."""
-    token = await state_of(core).agent_tokens.add(agent_id)
-    return await connect(channel, token=token, agent_id=agent_id)
-
-
-async def host(core: Core, channel: grpc.aio.Channel) -> SessionClient:
-    return await connect(channel, host_token=state_of(core).tokens.host)
-
-
-async def ordinary(core: Core, channel: grpc.aio.Channel) -> SessionClient:
-    return await connect(channel, token=state_of(core).tokens.daemon)
 
 
 async def start(client: SessionClient, intent: str = "do the thing", **fields: Any) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import os
 import sys
@@ -14,72 +13,30 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
-
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.wire.errors import APPROVAL_DENIED, HANDSHAKE_REQUIRED, INVALID_PARAMS
 from tests.conftest import make_config
-from tests.ws_helpers import daemon_token, running
+from tests.ws_helpers import Rpc, daemon_token, rpc, running
 
 JSON = Any
 GATED_SCRIPT = Path(__file__).with_name("car_runtime_gated.py")
 
 
-class Peer:
-    """A JSON-RPC client on one WebSocket that matches answers by id and queues the
-    notifications, so that host events may arrive between a request and its answer."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[JSON]] = {}
-        self.notifications: asyncio.Queue[JSON] = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            async for raw in self.ws:
-                message = json.loads(raw)
-                waiter = None if "method" in message else self._waiting.pop(message["id"], None)
-                if waiter is not None:
-                    waiter.set_result(message)
-                else:
-                    await self.notifications.put(message)
-
-    async def call(self, method: str, params: JSON = None) -> JSON:
-        """The whole answer object (result or error)."""
-        request_id = next(self._ids)
-        waiter: asyncio.Future[JSON] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = waiter
-        request = {"jsonrpc": "2.0", "id": request_id, "method": method}
-        if params is not None:
-            request["params"] = params
-        await self.ws.send(json.dumps(request))
-        return await asyncio.wait_for(waiter, 10)
-
-    async def result(self, method: str, params: JSON = None) -> JSON:
-        answer = await self.call(method, params)
-        assert "result" in answer, answer
-        return answer["result"]
-
-    async def event(self, kind: str) -> JSON:
-        """The params of the next host.event of that kind."""
-        while True:
-            message = await asyncio.wait_for(self.notifications.get(), 5)
-            if message["method"] == "host.event" and message["params"]["kind"] == kind:
-                return message["params"]
-
-
 @contextlib.asynccontextmanager
-async def peer(core: Core, gateway: Gateway, handshake: bool = True) -> AsyncIterator[Peer]:
-    async with connect(gateway.url, ping_interval=None) as ws:
-        client = Peer(ws)
-        await client.result("session.auth", {"token": daemon_token(core)})
+async def peer(core: Core, gateway: Gateway, handshake: bool = True) -> AsyncIterator[Rpc]:
+    """A session with the daemon token (after the handshake, unless not `handshake`)."""
+    async with rpc(gateway.url) as client:
         if handshake:
-            await client.result("server.handshake", {"protocol_version": 3})
+            await client.login(daemon_token(core))
+        else:
+            await client.result("session.auth", {"token": daemon_token(core)})
         yield client
+
+
+async def host_event(client: Rpc, kind: str) -> JSON:
+    """The params of the first host.event of that kind (the others stay queued)."""
+    return await client.next_notification("host.event", where={"kind": kind})
 
 
 async def test_host_events_and_ownership_over_websocket(tmp_path: Path) -> None:
@@ -95,7 +52,7 @@ async def test_host_events_and_ownership_over_websocket(tmp_path: Path) -> None:
                 {"id": "a1", "name": "Writer", "kind": "assistant", "capabilities": ["write"]},
             )
             assert agent["id"] == "a1" and agent["status"] == "registered"
-            event = await host.event("agent.registered")
+            event = await host_event(host, "agent.registered")
             assert event["sequence"] == 1 and event["agent_id"] == "a1"
             assert event["payload"]["capabilities"] == ["write"]
             assert set(event) == {"id", "sequence", "timestamp", "kind", "agent_id", "payload"}
@@ -107,10 +64,10 @@ async def test_host_events_and_ownership_over_websocket(tmp_path: Path) -> None:
                 "host.set_status", {"agent_id": "a1", "status": "busy", "message": "m", "eta": 3}
             )
             assert updated["status"] == "busy" and updated["metadata"] == {"eta": 3}
-            changed = await host.event("agent.status_changed")
+            changed = await host_event(host, "agent.status_changed")
             assert (changed["sequence"], changed["message"]) == (2, "m")
             assert await owner.result("host.unregister_agent", {"agent_id": "a1"}) == {"ok": True}
-            assert (await host.event("agent.unregistered"))["sequence"] == 3
+            assert (await host_event(host, "agent.unregistered"))["sequence"] == 3
             assert await host.result("host.agents", {}) == {"agents": []}
 
 
@@ -124,7 +81,7 @@ async def test_a_gated_call_over_websocket_is_approved_or_denied(tmp_path: Path)
         await person.result("host.subscribe", {})
         params = {"id": "a1", "name": "Writer", "kind": "assistant"}
         parked = asyncio.create_task(caller.call("host.register_agent", params))
-        requested = await person.event("approval.requested")
+        requested = await host_event(person, "approval.requested")
         approval = requested["payload"]
         assert requested["message"] == approval["action"] == "ws.method:host.register_agent"
         assert approval["status"] == "pending" and "client_id" not in approval
@@ -141,7 +98,7 @@ async def test_a_gated_call_over_websocket_is_approved_or_denied(tmp_path: Path)
         assert (await parked)["result"]["id"] == "a1"
 
         parked = asyncio.create_task(caller.call("host.register_agent", params | {"id": "a2"}))
-        approval = (await person.event("approval.requested"))["payload"]
+        approval = (await host_event(person, "approval.requested"))["payload"]
         await person.result(
             "host.resolve_approval",
             {"approval_id": approval["id"], "approved": False, "notes": "not now"},
@@ -176,7 +133,7 @@ async def test_car_runtime_tools_run_only_after_the_gate_approves(tmp_path: Path
                 stderr=asyncio.subprocess.PIPE,
             )
             try:
-                approval = (await person.event("approval.requested"))["payload"]
+                approval = (await host_event(person, "approval.requested"))["payload"]
                 assert approval["action"] == "ws.method:proposal.submit"
                 await person.result(
                     "host.resolve_approval", {"approval_id": approval["id"], "approved": approved}

@@ -19,7 +19,7 @@ from car_grpc.wire.errors import (
     METHOD_NOT_FOUND,
     PROTOCOL_VERSION_MISMATCH,
 )
-from tests.serve_process import serve
+from tests.processes import serve
 
 SCENARIOS = Path(__file__).with_name("car_runtime_scenarios.py")
 

@@ -16,16 +16,15 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2, session_pb2, session_pb2_grpc
 from tests.chat_helpers import (
     accept_chat,
-    agent,
     bearer,
     chat_stub,
     emit,
-    host,
     next_agent_notice,
     next_chat_event,
     tokens,
 )
 from tests.conftest import make_config
+from tests.roles import agent, chat_host
 
 BUFFER = 4
 
@@ -58,7 +57,7 @@ async def stall_core(tmp_path: Path) -> AsyncIterator[Core]:
 async def test_fast_agent_reading_host_gets_every_token_in_order(
     core: Core, channel: grpc.aio.Channel
 ) -> None:
-    h, a = await host(core, channel), await agent(core, channel, "agent-1")
+    h, a = await chat_host(core, channel), await agent(core, channel, "agent-1")
     pending = asyncio.create_task(
         h.request("agents_chat", chats_pb2.ChatRequest(agent_id="agent-1", prompt="count"))
     )
@@ -127,7 +126,7 @@ async def stalled_host_scenario(core: Core, channel: grpc.aio.Channel) -> None:
     assert isinstance(accepted, session_pb2.ServerFrame) and accepted.agents_chat.accepted
     chat_a = core.parts.chats.open["A"]
     # A reading host with a chat of its own on the same agent.
-    reader = await host(core, channel)
+    reader = await chat_host(core, channel)
     pending = asyncio.create_task(
         reader.request(
             "agents_chat", chats_pb2.ChatRequest(agent_id="agent-1", prompt="hi", session_id="B")
@@ -181,7 +180,7 @@ async def stalled_host_scenario(core: Core, channel: grpc.aio.Channel) -> None:
 async def test_agent_that_sends_its_last_tokens_and_leaves_loses_none(
     core: Core, channel: grpc.aio.Channel
 ) -> None:
-    h, a = await host(core, channel), await agent(core, channel, "agent-1")
+    h, a = await chat_host(core, channel), await agent(core, channel, "agent-1")
     pending = asyncio.create_task(
         h.request("agents_chat", chats_pb2.ChatRequest(agent_id="agent-1", prompt="bye"))
     )

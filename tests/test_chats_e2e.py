@@ -16,17 +16,15 @@ from car_grpc.v1 import chats_pb2
 from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS, CarError
 from tests.chat_helpers import (
     accept_chat,
-    agent,
     bearer,
     chat_stub,
     emit,
-    host,
-    host_role,
     next_agent_notice,
     next_chat_event,
     tokens,
 )
 from tests.conftest import make_config
+from tests.roles import agent, chat_host, host_role, ordinary
 from tests.session_client import SessionClient
 
 
@@ -76,7 +74,7 @@ async def agent1(core: Core, channel: grpc.aio.Channel) -> AsyncIterator[Session
 
 @pytest.fixture
 async def host1(core: Core, channel: grpc.aio.Channel) -> AsyncIterator[SessionClient]:
-    h = await host(core, channel)
+    h = await chat_host(core, channel)
     yield h
     await h.close()
 
@@ -249,7 +247,7 @@ async def test_cancel_by_the_originating_host(
     await emit(agent1, sid, "token", delta="x")
     assert (await next_chat_event(host1)).event.delta == "x"
     # Neither another ordinary session nor the agent itself may cancel it.
-    other = await host(core, channel)
+    other = await ordinary(core, channel)
     refused = await other.request("agents_chat_cancel", chats_pb2.CancelChatRequest(session_id=sid))
     assert not refused.cancelled
     by_agent = await agent1.request(
@@ -339,7 +337,7 @@ async def test_only_the_host_or_host_role_may_approve_never_the_agent(
     core: Core, channel: grpc.aio.Channel, host1: SessionClient, agent1: SessionClient
 ) -> None:
     sid, _ = await open_chat(host1, agent1)
-    other = await host(core, channel)
+    other = await ordinary(core, channel)
     for session in (agent1, other):
         with pytest.raises(CarError) as err:
             await approve(session, sid, True)
@@ -363,7 +361,7 @@ async def test_agent_dropping_mid_chat_ends_each_chat_with_an_error(
     core: Core, channel: grpc.aio.Channel, host1: SessionClient
 ) -> None:
     a = await agent(core, channel, "agent-1")
-    h2 = await host(core, channel)
+    h2 = await chat_host(core, channel)
     sid1, _ = await open_chat(host1, a)
     sid2, _ = await open_chat(h2, a)
     await emit(a, sid1, "token", delta="partial")
@@ -381,13 +379,13 @@ async def test_agent_dropping_mid_chat_ends_each_chat_with_an_error(
 async def test_host_dropping_mid_chat_cancels_it_at_the_agent(
     core: Core, channel: grpc.aio.Channel, agent1: SessionClient
 ) -> None:
-    h = await host(core, channel)
+    h = await chat_host(core, channel)
     sid, _ = await open_chat(h, agent1, session_id="orphan")
     await emit(agent1, sid, "token", delta="x")
     await h.close()
     assert (await next_agent_notice(agent1)).agent_chat_cancel.session_id == "orphan"
     # Routing is gone: the same session_id opens again for a new host.
-    h2 = await host(core, channel)
+    h2 = await chat_host(core, channel)
     again, _ = await open_chat(h2, agent1, session_id="orphan")
     await emit(agent1, again, "done")
     assert (await next_chat_event(h2)).event.kind == "done"
@@ -431,7 +429,7 @@ async def test_only_the_routed_agent_may_emit_events(
 async def test_two_hosts_chatting_with_one_agent_never_cross(
     core: Core, channel: grpc.aio.Channel, host1: SessionClient, agent1: SessionClient
 ) -> None:
-    h2 = await host(core, channel)
+    h2 = await chat_host(core, channel)
     sid1, _ = await open_chat(host1, agent1, session_id="one")
     sid2, _ = await open_chat(h2, agent1, session_id="two")
     for i in range(50):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,91 +14,25 @@ from typing import Any
 
 import grpc
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
 
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.v1 import chats_pb2
-from tests.chat_helpers import accept_chat, agent, bearer, chat_stub, emit, host, tokens
+from tests.chat_helpers import accept_chat, bearer, chat_stub, emit, tokens
 from tests.conftest import make_config
-from tests.ws_helpers import RawWebSocket, running
+from tests.processes import Process, cli_env, launch
+from tests.roles import agent, chat_host
+from tests.ws_helpers import RawWebSocket, Rpc, rpc, running
 
 CAR_RUNTIME_AGENT = Path(__file__).with_name("car_runtime_chat_agent.py")
 
 
-class WsPeer:
-    """A JSON-RPC peer on one WebSocket: requests matched by id; server requests and
-    notifications queued for the test."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self._ids = 0
-        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.server_requests: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.notifications: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        with contextlib.suppress(Exception):
-            async for raw in self.ws:
-                message = json.loads(raw)
-                if "method" not in message:
-                    self._waiting.pop(message["id"]).set_result(message)
-                elif "id" in message:
-                    await self.server_requests.put(message)
-                else:
-                    await self.notifications.put(message)
-
-    async def send(self, message: dict[str, Any]) -> None:
-        await self.ws.send(json.dumps({"jsonrpc": "2.0", **message}))
-
-    async def call(self, method: str, params: Any) -> dict[str, Any]:
-        """The whole answer: {result} or {error}."""
-        self._ids += 1
-        answer = self._waiting[self._ids] = asyncio.get_running_loop().create_future()
-        await self.send({"id": self._ids, "method": method, "params": params})
-        return await asyncio.wait_for(answer, 5)
-
-    async def result(self, method: str, params: Any) -> Any:
-        answer = await self.call(method, params)
-        assert "result" in answer, answer
-        return answer["result"]
-
-    async def notify(self, method: str, params: Any) -> None:
-        await self.send({"method": method, "params": params})
-
-    async def next_request(self, method: str) -> dict[str, Any]:
-        request = await asyncio.wait_for(self.server_requests.get(), 5)
-        assert request["method"] == method, request
-        return request
-
-    async def next_notification(self, method: str) -> dict[str, Any]:
-        note = await asyncio.wait_for(self.notifications.get(), 5)
-        assert note["method"] == method, note
-        params: dict[str, Any] = note["params"]
-        return params
-
-    async def answer(self, request: dict[str, Any], result: Any) -> None:
-        await self.send({"id": request["id"], "result": result})
-
-    async def close(self) -> None:
-        await self.ws.close()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
-
-
 @contextlib.asynccontextmanager
-async def ws_peer(gateway: Gateway, auth: dict[str, str]) -> AsyncIterator[WsPeer]:
-    async with connect(gateway.url, ping_interval=None) as ws:
-        peer = WsPeer(ws)
-        await peer.result("session.auth", auth)
-        await peer.result("server.handshake", {"protocol_version": 3})
-        try:
-            yield peer
-        finally:
-            await peer.close()
+async def ws_peer(gateway: Gateway, auth: dict[str, str]) -> AsyncIterator[Rpc]:
+    async with rpc(gateway.url) as peer:
+        await peer.login(**auth)
+        yield peer
 
 
 @pytest.fixture
@@ -122,10 +55,10 @@ async def as_agent(core: Core, agent_id: str = "agent-1") -> dict[str, str]:
     return {"agent_id": agent_id, "token": await core.parts.agent_tokens.add(agent_id)}
 
 
-async def ws_chat(h: WsPeer, a: WsPeer, **params: Any) -> tuple[str, dict[str, Any]]:
+async def ws_chat(h: Rpc, a: Rpc, **params: Any) -> tuple[str, dict[str, Any]]:
     """agents.chat from WebSocket host `h`, acked by WebSocket agent `a`."""
     pending = asyncio.create_task(h.call("agents.chat", {"agent_id": "agent-1", **params}))
-    request = await a.next_request("agent.chat")
+    request = await a.expect_request("agent.chat")
     assert request["id"].startswith("cb-")
     await a.answer(request, {"accepted": True})
     answer = await pending
@@ -151,7 +84,7 @@ async def test_ws_host_and_ws_agent_stream_a_chat(served: tuple[Core, Gateway]) 
             {"session_id": sid, "kind": "tool_result", "tool": "grep", "output": {"hits": 2}},
         )
         await a.notify("agent.chat.event", {"session_id": sid, "kind": "done"})
-        events = [await h.next_notification("agents.chat.event") for _ in range(5)]
+        events = [await h.expect_notification("agents.chat.event") for _ in range(5)]
         assert events[:2] == [
             {"session_id": sid, "agent_id": "agent-1", "kind": "token", "delta": "Hel"},
             {"session_id": sid, "agent_id": "agent-1", "kind": "token", "delta": "lo"},
@@ -195,11 +128,11 @@ async def test_ws_agent_that_never_acks(served: tuple[Core, Gateway]) -> None:
     core, gateway = served
     async with ws_peer(gateway, daemon(core)) as h, ws_peer(gateway, await as_agent(core)) as a:
         pending = asyncio.create_task(h.call("agents.chat", {"agent_id": "agent-1", "prompt": "x"}))
-        request = await a.next_request("agent.chat")
+        request = await a.expect_request("agent.chat")
         answer = await pending
         assert answer["error"]["code"] == -32603
         assert "did not acknowledge" in answer["error"]["message"]
-        cancel = await a.next_notification("agent.chat.cancel")
+        cancel = await a.expect_notification("agent.chat.cancel")
         assert cancel == {"session_id": request["params"]["session_id"]}
 
 
@@ -210,7 +143,7 @@ async def test_ws_cancel_and_approve(served: tuple[Core, Gateway]) -> None:
         await a.notify(
             "agent.chat.event", {"session_id": sid, "kind": "approval_pending", "approval_id": "p"}
         )
-        assert (await h.next_notification("agents.chat.event"))["approval_id"] == "p"
+        assert (await h.expect_notification("agents.chat.event"))["approval_id"] == "p"
         for decision, approved in (("approve", True), ("no", False), (True, True)):
             pending = asyncio.create_task(
                 h.call(
@@ -218,7 +151,7 @@ async def test_ws_cancel_and_approve(served: tuple[Core, Gateway]) -> None:
                     {"session_id": sid, "approval_id": "p", "decision": decision},
                 )
             )
-            request = await a.next_request("agent.chat.approve")
+            request = await a.expect_request("agent.chat.approve")
             assert request["params"]["approved"] is approved
             assert request["params"]["decision"] == decision
             await a.answer(request, {"resolved": True})
@@ -230,8 +163,8 @@ async def test_ws_cancel_and_approve(served: tuple[Core, Gateway]) -> None:
         assert refused["error"]["code"] == -32603
         cancelled = await h.result("agents.chat.cancel", {"session_id": sid})
         assert cancelled == {"cancelled": True, "session_id": sid}
-        assert await a.next_notification("agent.chat.cancel") == {"session_id": sid}
-        last = await h.next_notification("agents.chat.event")
+        assert await a.expect_notification("agent.chat.cancel") == {"session_id": sid}
+        last = await h.expect_notification("agents.chat.event")
         assert (last["kind"], last["message"]) == ("error", "chat cancelled")
 
 
@@ -256,8 +189,8 @@ async def test_ws_goal_status_over_a_chat(served: tuple[Core, Gateway]) -> None:
             },
         )
         await a.notify("agent.chat.event", {"session_id": "g", "kind": "done", "delta": None})
-        await h.next_notification("agents.chat.event")
-        await h.next_notification("agents.chat.event")
+        await h.expect_notification("agents.chat.event")
+        await h.expect_notification("agents.chat.event")
         goal = (await h.result("goal.status", {"session_id": "g"}))["goal"]
         assert {k: goal[k] for k in ("status", "last_iteration", "last_met", "terminal_kind")} == {
             "status": "met",
@@ -276,11 +209,11 @@ async def test_ws_agent_drop_and_host_drop(served: tuple[Core, Gateway]) -> None
         async with ws_peer(gateway, daemon(core)) as h:
             sid, _ = await ws_chat(h, a, prompt="x", session_id="dropped-host")
         # The host's WebSocket closed: the agent is told to stop.
-        assert await a.next_notification("agent.chat.cancel") == {"session_id": sid}
+        assert await a.expect_notification("agent.chat.cancel") == {"session_id": sid}
     async with ws_peer(gateway, daemon(core)) as h:
         async with ws_peer(gateway, await as_agent(core)) as a:
             sid, _ = await ws_chat(h, a, prompt="x")
-        last = await h.next_notification("agents.chat.event")
+        last = await h.expect_notification("agents.chat.event")
         assert last == {
             "session_id": sid,
             "agent_id": "agent-1",
@@ -303,15 +236,12 @@ async def test_ws_agent_that_sends_its_last_tokens_and_leaves_loses_none(
             sid, _ = await ws_chat(h, a, prompt="bye")
             n = 2000
             for i in range(n):
-                await a.send(
-                    {
-                        "method": "agent.chat.event",
-                        "params": {"session_id": sid, "kind": "token", "delta": f"{i},"},
-                    }
+                await a.notify(
+                    "agent.chat.event", {"session_id": sid, "kind": "token", "delta": f"{i},"}
                 )
             await a.notify("agent.chat.event", {"session_id": sid, "kind": "done"})
         # The agent's WebSocket closed right after its last frame.
-        got = [await h.next_notification("agents.chat.event") for _ in range(n + 1)]
+        got = [await h.expect_notification("agents.chat.event") for _ in range(n + 1)]
         assert "".join(e["delta"] for e in got[:-1]) == "".join(f"{i}," for i in range(n))
         assert got[-1]["kind"] == "done"
 
@@ -333,10 +263,10 @@ async def test_two_ws_hosts_with_one_agent_never_cross(served: tuple[Core, Gatew
         for sid in (sid1, sid2):
             await a.notify("agent.chat.event", {"session_id": sid, "kind": "done"})
         for h, sid in ((h1, sid1), (h2, sid2)):
-            got = [await h.next_notification("agents.chat.event") for _ in range(31)]
+            got = [await h.expect_notification("agents.chat.event") for _ in range(31)]
             assert {e["session_id"] for e in got} == {sid}
             assert [e.get("delta") for e in got[:-1]] == [f"{sid}:{i}" for i in range(30)]
-            assert h.notifications.empty()
+            assert await h.queued() == []
 
 
 # ------------------------------------------------------------------ mixed transports
@@ -354,8 +284,8 @@ async def test_ws_host_with_a_grpc_agent(served: tuple[Core, Gateway], tmp_path:
             assert (await pending)["result"]["session_id"] == sid
             await emit(a, sid, "token", delta="from gRPC")
             await emit(a, sid, "done")
-            assert (await h.next_notification("agents.chat.event"))["delta"] == "from gRPC"
-            assert (await h.next_notification("agents.chat.event"))["kind"] == "done"
+            assert (await h.expect_notification("agents.chat.event"))["delta"] == "from gRPC"
+            assert (await h.expect_notification("agents.chat.event"))["kind"] == "done"
         await a.close()
 
 
@@ -365,11 +295,11 @@ async def test_grpc_hosts_with_a_ws_agent(served: tuple[Core, Gateway]) -> None:
         grpc.aio.insecure_channel(core.grpc_address) as channel,
         ws_peer(gateway, await as_agent(core)) as a,
     ):
-        h = await host(core, channel)
+        h = await chat_host(core, channel)
         pending = asyncio.create_task(
             h.request("agents_chat", chats_pb2.ChatRequest(agent_id="agent-1", prompt="hi"))
         )
-        request = await a.next_request("agent.chat")
+        request = await a.expect_request("agent.chat")
         await a.answer(request, {"accepted": True})
         sid = (await pending).session_id
         await a.notify("agent.chat.event", {"session_id": sid, "kind": "token", "delta": "ws"})
@@ -383,7 +313,7 @@ async def test_grpc_hosts_with_a_ws_agent(served: tuple[Core, Gateway]) -> None:
             chats_pb2.ChatRequest(agent_id="agent-1", prompt="hi", session_id="rpc"),
             metadata=bearer(tokens(core)[0]),
         )
-        request = await a.next_request("agent.chat")
+        request = await a.expect_request("agent.chat")
         await a.answer(request, {"accepted": True})
         await a.notify("agent.chat.event", {"session_id": "rpc", "kind": "done"})
         kinds = [i.WhichOneof("item") async for i in call]
@@ -396,37 +326,22 @@ async def test_grpc_hosts_with_a_ws_agent(served: tuple[Core, Gateway]) -> None:
 @contextlib.asynccontextmanager
 async def car_runtime_agent(
     core: Core, gateway: Gateway, home: Path, agent_id: str
-) -> AsyncIterator[asyncio.subprocess.Process]:
+) -> AsyncIterator[Process]:
     """tests/car_runtime_chat_agent.py attached as `agent_id`; yields once it is attached."""
     assert core.parts is not None
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-    env |= {
-        "CAR_DAEMON_URL": gateway.url,
-        "CAR_HOME": str(home),
-        "CAR_AGENT_ID": agent_id,
-        "CAR_AGENT_TOKEN": await core.parts.agent_tokens.add(agent_id),
-        "CAR_NO_VERSION_WARNING": "1",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(CAR_RUNTIME_AGENT),
-        env=env,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
+    env = cli_env(
+        home,
+        CAR_DAEMON_URL=gateway.url,
+        CAR_AGENT_ID=agent_id,
+        CAR_AGENT_TOKEN=await core.parts.agent_tokens.add(agent_id),
+        CAR_NO_VERSION_WARNING="1",
     )
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 20)
-        assert json.loads(line) == {"event": "ready"}
-        yield proc
-    finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 5)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+    argv = [sys.executable, str(CAR_RUNTIME_AGENT)]
+    async with launch(argv, env=env, stdin=True, stdout=True, grace=5) as agent:
+        assert agent.proc.stdout is not None
+        line = await asyncio.wait_for(agent.proc.stdout.readline(), 20)
+        assert json.loads(line) == {"event": "ready"}, agent.log
+        yield agent
 
 
 async def test_car_runtime_agent_serves_ws_and_grpc_hosts(
@@ -442,7 +357,7 @@ async def test_car_runtime_agent_serves_ws_and_grpc_hosts(
             sid = answer["session_id"]
             events: list[dict[str, Any]] = []
             while not events or events[-1]["kind"] not in ("done", "error"):
-                events.append(await h.next_notification("agents.chat.event"))
+                events.append(await h.expect_notification("agents.chat.event"))
         # The handler echoes what it was asked, word by word, then reports done.
         assert {e["session_id"] for e in events} == {sid}
         assert {e["agent_id"] for e in events} == {"rt-agent"}
@@ -475,7 +390,7 @@ def _small_buffers(tmp_path: Path, **overrides: Any) -> Config:
     )
 
 
-async def _deaf_host_chat(core: Core, gateway: Gateway, a: WsPeer) -> RawWebSocket:
+async def _deaf_host_chat(core: Core, gateway: Gateway, a: Rpc) -> RawWebSocket:
     """A raw WebSocket host (small receive buffer) whose chat "deaf" agent `a` accepted;
     from here on the host reads nothing."""
     raw = await RawWebSocket.open("127.0.0.1", gateway.ws_port, rcvbuf=4096)
@@ -485,21 +400,21 @@ async def _deaf_host_chat(core: Core, gateway: Gateway, a: WsPeer) -> RawWebSock
     await raw.read_frame()
     chat = {"agent_id": "agent-1", "prompt": "flood", "session_id": "deaf"}
     await raw.send_text({"jsonrpc": "2.0", "id": 2, "method": "agents.chat", "params": chat})
-    await a.answer(await a.next_request("agent.chat"), {"accepted": True})
+    await a.answer(await a.expect_request("agent.chat"), {"accepted": True})
     return raw
 
 
-async def _flood_until_cancelled(a: WsPeer) -> int:
+async def _flood_until_cancelled(a: Rpc) -> int:
     """Stream numbered 16 KiB tokens until the agent is told to stop; how many were sent."""
     pad = "x" * 16384
     sent = 0
-    while a.notifications.empty():
+    while not await a.queued():
         assert sent < 5000, "the chat was never cancelled"
         delta = f"{sent}:{pad}"
         await a.notify("agent.chat.event", {"session_id": "deaf", "kind": "token", "delta": delta})
         sent += 1
         await asyncio.sleep(0)
-    assert await a.next_notification("agent.chat.cancel") == {"session_id": "deaf"}
+    assert await a.expect_notification("agent.chat.cancel") == {"session_id": "deaf"}
     return sent
 
 

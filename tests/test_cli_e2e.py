@@ -21,7 +21,7 @@ from car_grpc.core.tokens import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
 from car_grpc.v1 import session_pb2
 from car_grpc.wire.errors import INTERNAL, CarError
 from tests.conftest import make_config
-from tests.serve_process import launched
+from tests.processes import car_grpc
 from tests.session_client import SessionClient
 
 CAR_GRPC = str(Path(sys.executable).with_name("car-grpc"))
@@ -49,7 +49,7 @@ async def run(argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def car_grpc(car_home: Path, *args: str) -> tuple[int, str, str]:
+async def run_car_grpc(car_home: Path, *args: str) -> tuple[int, str, str]:
     return await run([CAR_GRPC, *args], car_env(car_home))
 
 
@@ -59,7 +59,7 @@ def store_line(car_home: Path) -> str:
 
 
 async def test_core_serves_health_and_reflection(tmp_path: Path) -> None:
-    async with launched(tmp_path / "car-home", "core", "--grpc-port", "0") as core:
+    async with car_grpc(tmp_path / "car-home", "core", "--grpc-port", "0") as core:
         [address] = await core.listeners(1)
         async with grpc.aio.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -93,7 +93,7 @@ async def test_core_serves_health_and_reflection(tmp_path: Path) -> None:
 async def test_core_writes_private_token_files_and_removes_them(tmp_path: Path) -> None:
     car_home = tmp_path / "car-home"
     token_dir = car_home / "ai.parslee.car"  # what car-runtime reads under CAR_HOME
-    async with launched(car_home, "core", "--grpc-port", "0") as core:
+    async with car_grpc(car_home, "core", "--grpc-port", "0") as core:
         await core.listeners(1)
         for name in (AUTH_TOKEN_FILE, HOST_TOKEN_FILE):
             path = token_dir / name
@@ -119,7 +119,7 @@ async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> Non
     core = Core(config.core)
     await core.start()
     try:
-        code, out, err = await car_grpc(car_home, "agents", "add", "agent-x")
+        code, out, err = await run_car_grpc(car_home, "agents", "add", "agent-x")
         assert code == 0, err
         token = out.removesuffix("\n")
         assert out == token + "\n" and TOKEN.fullmatch(token)  # the token alone, once
@@ -133,12 +133,12 @@ async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> Non
             assert core.parts is not None
             assert core.parts.registry.attached["agent-x"].id == second_id != first_id
 
-            code, out, err = await car_grpc(car_home, "agents", "list")
+            code, out, err = await run_car_grpc(car_home, "agents", "list")
             assert code == 0 and out.startswith("agent-x\t") and len(out.splitlines()) == 1
             assert store_line(car_home) in err
 
             # Minting again replaces the token; removing revokes it.
-            code, out, _ = await car_grpc(car_home, "agents", "add", "agent-x")
+            code, out, _ = await run_car_grpc(car_home, "agents", "add", "agent-x")
             newer = out.strip()
             assert newer != token
             client = SessionClient(channel)
@@ -148,7 +148,7 @@ async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> Non
                 )
             assert caught.value.code == INTERNAL
             await client.close()
-            code, out, err = await car_grpc(car_home, "agents", "remove", "agent-x")
+            code, out, err = await run_car_grpc(car_home, "agents", "remove", "agent-x")
             assert code == 0 and out == "" and store_line(car_home) in err
             client = SessionClient(channel)
             with pytest.raises(CarError):
@@ -156,7 +156,7 @@ async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> Non
                     "session_auth", session_pb2.AuthenticateRequest(token=newer, agent_id="agent-x")
                 )
             await client.close()
-            code, _, err = await car_grpc(car_home, "agents", "remove", "agent-x")
+            code, _, err = await run_car_grpc(car_home, "agents", "remove", "agent-x")
             assert code == 1 and "agent-x" in err
             for c in (first, second):
                 await c.close()

@@ -3,29 +3,16 @@ link logs a client in, and --no-dashboard serves none."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from tests.dashboard_helpers import LOGIN_LINE, log_in, request
-from tests.serve_process import Process, launched
-
-
-async def line_matching(server: Process, needle: str, timeout: float = 20) -> str:
-    assert server.proc.stderr is not None
-    async with asyncio.timeout(timeout):
-        while True:
-            raw = await server.proc.stderr.readline()
-            assert raw, f"exited early: {server.lines}"
-            line = raw.decode().rstrip()
-            server.lines.append(line)
-            if needle in line:
-                return line
+from tests.processes import car_grpc
 
 
 async def test_serve_prints_a_login_link_that_logs_in_once(tmp_path: Path) -> None:
     flags = ("--port", "0", "--grpc-port", "0", "--no-unix-socket", "--dashboard-port", "0")
-    async with launched(tmp_path / "home", "serve", *flags) as server:
-        match = LOGIN_LINE.search(await line_matching(server, "dashboard: log in at"))
+    async with car_grpc(tmp_path / "home", "serve", *flags) as server:
+        match = LOGIN_LINE.search(await server.next_line("dashboard: log in at"))
         assert match is not None
         link = match["url"]
         assert link.startswith("http://127.0.0.1:") and "/login?token=" in link
@@ -33,14 +20,14 @@ async def test_serve_prints_a_login_link_that_logs_in_once(tmp_path: Path) -> No
         status = await request("GET", link.split("login?")[0] + "api/status", {"Cookie": cookie})
         assert status.status == 200 and status.json()["session_count"] == 0
         assert (await request("GET", link)).status == 401  # used up
-        fresh = LOGIN_LINE.search(await line_matching(server, "dashboard: log in at"))
+        fresh = LOGIN_LINE.search(await server.next_line("dashboard: log in at"))
         assert fresh is not None and fresh["url"] != link
         assert await server.terminate() == 0
 
 
 async def test_no_dashboard(tmp_path: Path) -> None:
     flags = ("--port", "0", "--grpc-port", "0", "--no-unix-socket", "--no-dashboard")
-    async with launched(tmp_path / "home", "serve", *flags) as server:
+    async with car_grpc(tmp_path / "home", "serve", *flags) as server:
         await server.listeners(2)
         assert await server.terminate() == 0
     assert not any("dashboard" in line for line in server.lines)

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS
 from tests.conftest import make_config
-from tests.ws_helpers import daemon_token, running
-from tests.ws_pipelined import Pipelined, RpcError, pipelined
+from tests.ws_helpers import Rpc, RpcError, daemon_token, rpc, running
 
 LONG = 300.0
 
@@ -41,7 +41,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Core, Gateway]]:
         yield pair
 
 
-async def attached_agent(core: Core, client: Pipelined, agent_id: str) -> str:
+async def attached_agent(core: Core, client: Rpc, agent_id: str) -> str:
     """Log `client` in as `agent_id`; its core session id."""
     assert core.parts is not None
     token = await core.parts.agent_tokens.add(agent_id)
@@ -64,14 +64,13 @@ async def test_agent_gone_before_acking_a_chat_fails_it_at_once(
     served: tuple[Core, Gateway],
 ) -> None:
     core, gateway = served
-    async with pipelined(gateway.url) as host, pipelined(gateway.url) as agent:
+    async with rpc(gateway.url) as host, rpc(gateway.url) as agent:
         await host.login(token=daemon_token(core))
         agent_session = await attached_agent(core, agent, "bot")
         chat = asyncio.create_task(
-            host.call("agents.chat", {"agent_id": "bot", "prompt": "hi", "session_id": "c1"})
+            host.result("agents.chat", {"agent_id": "bot", "prompt": "hi", "session_id": "c1"})
         )
-        request = await asyncio.wait_for(agent.server_requests.get(), 5)
-        assert request["method"] == "agent.chat"
+        await agent.expect_request("agent.chat")
         agent.drop()  # the ack never comes
         error = await failure(chat)
         assert (error.code, error.message) == (INTERNAL, "agent 'bot' disconnected")
@@ -80,7 +79,7 @@ async def test_agent_gone_before_acking_a_chat_fails_it_at_once(
         # The host goes on: the chat id is free again, the agent gone.
         error = await failure(
             asyncio.create_task(
-                host.call("agents.chat", {"agent_id": "bot", "prompt": "hi", "session_id": "c1"})
+                host.result("agents.chat", {"agent_id": "bot", "prompt": "hi", "session_id": "c1"})
             )
         )
         assert error.message == "agent 'bot' is not attached"
@@ -90,36 +89,31 @@ async def test_agent_gone_before_answering_an_approval_fails_it_at_once(
     served: tuple[Core, Gateway],
 ) -> None:
     core, gateway = served
-    async with pipelined(gateway.url) as host, pipelined(gateway.url) as agent:
+    async with rpc(gateway.url) as host, rpc(gateway.url) as agent:
         await host.login(token=daemon_token(core))
         await attached_agent(core, agent, "bot")
         chat = asyncio.create_task(
-            host.call("agents.chat", {"agent_id": "bot", "prompt": "hi", "session_id": "c1"})
+            host.result("agents.chat", {"agent_id": "bot", "prompt": "hi", "session_id": "c1"})
         )
-        await agent.answer(
-            await asyncio.wait_for(agent.server_requests.get(), 5), {"accepted": True}
-        )
+        await agent.answer(await agent.expect_request(), {"accepted": True})
         assert (await asyncio.wait_for(chat, 5))["accepted"] is True
         await agent.notify(
             "agent.chat.event",
             {"session_id": "c1", "kind": "approval_pending", "approval_id": "a1"},
         )
-        assert (await host.next_notification("agents.chat.event"))["params"]["kind"] == (
-            "approval_pending"
-        )
+        assert (await host.next_notification("agents.chat.event"))["kind"] == "approval_pending"
         approve = asyncio.create_task(
-            host.call(
+            host.result(
                 "agents.chat.approve", {"session_id": "c1", "approval_id": "a1", "decision": True}
             )
         )
-        request = await asyncio.wait_for(agent.server_requests.get(), 5)
-        assert request["method"] == "agent.chat.approve"
+        await agent.expect_request("agent.chat.approve")
         agent.drop()
         error = await failure(approve)
         assert (error.code, error.message) == (INTERNAL, "agent 'bot' disconnected")
         # ...and the chat itself ends with an error event at the host.
         event = await host.next_notification("agents.chat.event")
-        assert event["params"]["session_id"] == "c1" and event["params"]["kind"] == "error"
+        assert event["session_id"] == "c1" and event["kind"] == "error"
 
 
 async def test_client_gone_while_parked_at_the_gate_expires_its_approval(
@@ -129,28 +123,31 @@ async def test_client_gone_while_parked_at_the_gate_expires_its_approval(
     later is refused."""
     core, gateway = served
     assert core.parts is not None and core.parts.tokens is not None
-    async with pipelined(gateway.url) as approver, pipelined(gateway.url) as caller:
+    async with (
+        rpc(gateway.url) as approver,
+        rpc(gateway.url) as caller,
+    ):
         await approver.login(host_token=core.parts.tokens.host)
-        await approver.call("host.subscribe", {})
+        await approver.result("host.subscribe", {})
         caller_session = (await caller.login(token=daemon_token(core)))["session_id"]
-        parked = asyncio.create_task(caller.call("state.set", {"key": "k", "value": 1}))
+        parked = asyncio.create_task(caller.result("state.set", {"key": "k", "value": 1}))
         requested = await approver.next_notification("host.event")
-        assert requested["params"]["kind"] == "approval.requested"
-        approval_id = requested["params"]["payload"]["id"]
+        assert requested["kind"] == "approval.requested"
+        approval_id = requested["payload"]["id"]
         caller.drop()
         resolved = await approver.next_notification("host.event")
-        assert resolved["params"]["kind"] == "approval.resolved"
-        assert resolved["params"]["payload"]["id"] == approval_id
-        assert resolved["params"]["payload"]["status"] == "expired"
-        assert resolved["params"]["payload"]["notes"] == "the request ended while waiting"
+        assert resolved["kind"] == "approval.resolved"
+        assert resolved["payload"]["id"] == approval_id
+        assert resolved["payload"]["status"] == "expired"
+        assert resolved["payload"]["notes"] == "the request ended while waiting"
         error = await failure(
             asyncio.create_task(
-                approver.call(
+                approver.result(
                     "host.resolve_approval", {"approval_id": approval_id, "approved": True}
                 )
             )
         )
         assert error.code == INVALID_PARAMS and "already expired" in error.message
-        with contextlib.suppress(RpcError):  # the connection it was sent on is gone
+        with contextlib.suppress(RpcError, ConnectionClosed):  # its connection is gone
             await parked
         await session_closed(core, caller_session)

@@ -10,66 +10,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
-import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
+
+from websockets.exceptions import ConnectionClosed
 
 from car_grpc.config import GatewayConfig
 from car_grpc.core.server import Core
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.gateway import Gateway
 from car_grpc.store import open_store
-from tests.serve_process import LISTENING
-from tests.ws_helpers import daemon_token
-from tests.ws_pipelined import Pipelined, RpcError, pipelined
-
-
-@dataclass
-class Child:
-    proc: asyncio.subprocess.Process
-    address: str
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
+from tests.processes import Process, car_grpc
+from tests.ws_helpers import Rpc, RpcError, daemon_token, rpc
 
 
 @contextlib.asynccontextmanager
-async def child(home: Path, *args: str) -> AsyncIterator[Child]:
-    """`car-grpc ARGS` with CAR_HOME=home, once it logged its (first) listener; its log is
-    drained from then on. Killed on exit if still running."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-    env["CAR_HOME"] = str(home)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "car_grpc.cli", *args,
-        env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    drain: asyncio.Task[None] | None = None
-    try:
-        lines: list[str] = []
-        async with asyncio.timeout(20):
-            while not (match := LISTENING.search(lines[-1] if lines else "")):
-                line = await proc.stderr.readline()
-                assert line, f"exited early: {lines}"
-                lines.append(line.decode().rstrip())
-        drain = asyncio.create_task(_drain(proc.stderr))
-        yield Child(proc, match["where"])
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        if drain is not None:
-            await drain
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
+async def child(home: Path, *args: str) -> AsyncIterator[tuple[Process, str]]:
+    """`car-grpc ARGS` with CAR_HOME=home, once it logged its (first) listener: the process
+    and that listener's address."""
+    async with car_grpc(home, *args) as process:
+        [address] = await process.listeners(1)
+        yield process, address
 
 
 def free_port() -> int:
@@ -96,16 +58,14 @@ async def mint_agent_token(home: Path, agent_id: str) -> str:
 TURNS_PER_BATCH = 8
 
 
-async def record_turns(
-    bot: Pipelined, run_id: str, acked: list[str], enough: asyncio.Event
-) -> None:
+async def record_turns(bot: Rpc, run_id: str, acked: list[str], enough: asyncio.Event) -> None:
     """Batches of turns, four in flight, until the connection fails; the prompts of the
     acknowledged ones go to `acked`."""
 
     async def one(batch: int) -> None:
         prompts = [f"b{batch}-t{i}" for i in range(TURNS_PER_BATCH)]
         turns = [{"prompt": p} for p in prompts]
-        reply = await bot.call("runs.record_turns", {"run_id": run_id, "turns": turns})
+        reply = await bot.result("runs.record_turns", {"run_id": run_id, "turns": turns})
         assert reply["ok"] and reply["count"] == TURNS_PER_BATCH
         acked.extend(prompts)
         if len(acked) >= 200:
@@ -118,17 +78,19 @@ async def record_turns(
 
 
 async def raise_approvals(
-    asker: Pipelined, acked: list[str], approved: list[str], enough: asyncio.Event
+    asker: Rpc, acked: list[str], approved: list[str], enough: asyncio.Event
 ) -> None:
     """Approvals raised one after another, every other one approved by the session that
     raised it (only it may); acknowledged ids go to `acked` and `approved`."""
     for n in itertools.count():
         if n >= 100:  # well within the ledger history host.approvals lists
             await asyncio.Event().wait()
-        approval = await asker.call("host.request_approval", {"title": f"a{n}"})
+        approval = await asker.result("host.request_approval", {"title": f"a{n}"})
         acked.append(approval["id"])
         if n % 2:
-            await asker.call("host.resolve_approval", {"approval_id": acked[-1], "approved": True})
+            await asker.result(
+                "host.resolve_approval", {"approval_id": acked[-1], "approved": True}
+            )
             approved.append(acked[-1])
         if len(acked) >= 10:
             enough.set()
@@ -139,25 +101,25 @@ async def ended(task: asyncio.Task[None]) -> None:
     was in flight (the gateway's -32603) or of one sent after the close."""
     try:
         await asyncio.wait_for(task, 10)
-    except RpcError:
+    except (RpcError, ConnectionClosed):
         return
     raise AssertionError("the traffic outlived the core")
 
 
 @contextlib.asynccontextmanager
-async def back_in(url: str, **credentials: str) -> AsyncIterator[Pipelined]:
+async def back_in(url: str, **credentials: str) -> AsyncIterator[Rpc]:
     """A new session through the gateway once the core is back (its channel reconnects
     in its own time: until then each attempt is refused, 1011)."""
     async with contextlib.AsyncExitStack() as stack:
         async with asyncio.timeout(20):
             while True:
-                client = await stack.enter_async_context(pipelined(url))
+                client = await stack.enter_async_context(rpc(url))
                 try:
                     await client.login(**credentials)
                     break
-                except RpcError:
-                    await client.closed.wait()
-                    assert client.close_code == 1011, client.close_reason
+                except (RpcError, ConnectionClosed):
+                    code, reason = await client.wait_closed()
+                    assert code == 1011, reason
                     await asyncio.sleep(0.05)  # polling another process: nothing to wait on
         yield client
 
@@ -171,12 +133,11 @@ async def test_core_killed_mid_traffic_loses_nothing_acknowledged(tmp_path: Path
     turns: list[str] = []
     approvals: list[str] = []
     approved: list[str] = []
-    async with child(home, *core_args) as core, child(home, *gateway_args) as gateway:
-        url = f"ws://{gateway.address}/"
-        async with pipelined(url) as bot, pipelined(url) as asker:
+    async with child(home, *core_args) as (core, _), child(home, *gateway_args) as (_, url):
+        async with rpc(url) as bot, rpc(url) as asker:
             await bot.login(token=bot_token, agent_id="bot")
             await asker.login(token=token_file(home, "auth-token"))
-            run_id = (await bot.call("runs.start", {"intent": "survive a crash"}))["run_id"]
+            run_id = (await bot.result("runs.start", {"intent": "survive a crash"}))["run_id"]
             enough_turns, enough_approvals = asyncio.Event(), asyncio.Event()
             traffic = [
                 asyncio.create_task(record_turns(bot, run_id, turns, enough_turns)),
@@ -189,15 +150,15 @@ async def test_core_killed_mid_traffic_loses_nothing_acknowledged(tmp_path: Path
             for task in traffic:
                 await ended(task)
             for client in (bot, asker):  # a clean close that says why
-                await asyncio.wait_for(client.closed.wait(), 10)
-                assert client.close_code == 1011
-                assert client.close_reason.startswith("core unavailable: "), client.close_reason
+                code, reason = await client.wait_closed(10)
+                assert code == 1011
+                assert reason.startswith("core unavailable: "), reason
 
         async with (
             child(home, *core_args),
             back_in(url, host_token=token_file(home, "host-token")) as host,
         ):
-            trace = await host.call("runs.get_trace", {"run_id": run_id})
+            trace = await host.result("runs.get_trace", {"run_id": run_id})
             records = trace["records"]
             stored = [r["prompt"] for r in records if r["record"] == "turn"]
             assert set(turns) <= set(stored)
@@ -205,16 +166,16 @@ async def test_core_killed_mid_traffic_loses_nothing_acknowledged(tmp_path: Path
             assert [r["index"] for r in records[1:-1]] == list(range(len(stored)))
             assert records[0]["record"] == "started"
             assert (records[-1]["record"], records[-1]["status"]) == ("ended", "incomplete")
-            [summary] = (await host.call("runs.list", {"agent_id": "bot"}))["runs"]
+            [summary] = (await host.result("runs.list", {"agent_id": "bot"}))["runs"]
             assert (summary["status"], summary["turn_count"]) == ("incomplete", len(stored))
-            ledger = {a["id"]: a for a in (await host.call("host.approvals", {}))["approvals"]}
+            ledger = {a["id"]: a for a in (await host.result("host.approvals", {}))["approvals"]}
             assert set(approvals) <= set(ledger)
             for approval_id in approvals:
                 status = ledger[approval_id]["status"]
                 assert status == ("approved" if approval_id in approved else "expired"), status
             # The agent gets back in too, with the token it had.
             async with back_in(url, token=bot_token, agent_id="bot") as bot:
-                runs = (await bot.call("runs.list", {"agent_id": "bot"}))["runs"]
+                runs = (await bot.result("runs.list", {"agent_id": "bot"}))["runs"]
                 assert [r["run_id"] for r in runs] == [run_id]
 
 
@@ -232,49 +193,46 @@ async def test_a_killed_gateway_ends_its_sessions_and_no_others(core: Core, tmp_
     await staying.start()
     try:
         async with (
-            child(
-                tmp_path / "home", "gateway", "--core", core.grpc_address, "--port", "0"
-            ) as doomed,
-            pipelined(staying.url) as host,
-            pipelined(staying.url) as watcher,
-            pipelined(f"ws://{doomed.address}/") as agent,
+            child(tmp_path / "home", "gateway", "--core", core.grpc_address, "--port", "0") as (
+                doomed,
+                doomed_url,
+            ),
+            rpc(staying.url) as host,
+            rpc(staying.url) as watcher,
+            rpc(doomed_url) as agent,
         ):
             await host.login(token=daemon_token(core))
             await watcher.login(host_token=state.tokens.host)
-            await watcher.call("host.subscribe", {})
+            await watcher.result("host.subscribe", {})
             agent_auth = await agent.login(
                 token=await state.agent_tokens.add("bot"), agent_id="bot"
             )
-            registered = await agent.call("host.register_agent", {"name": "bot", "kind": "agent"})
-            assert (await watcher.next_notification("host.event"))["params"]["kind"] == (
-                "agent.registered"
-            )
-            run_id = (await agent.call("runs.start", {"intent": "doomed"}))["run_id"]
-            await watcher.call("runs.subscribe", {"run_id": run_id})
+            registered = await agent.result("host.register_agent", {"name": "bot", "kind": "agent"})
+            assert (await watcher.next_notification("host.event"))["kind"] == "agent.registered"
+            run_id = (await agent.result("runs.start", {"intent": "doomed"}))["run_id"]
+            await watcher.result("runs.subscribe", {"run_id": run_id})
             chat = asyncio.create_task(
-                host.call("agents.chat", {"agent_id": "bot", "prompt": "hi", "session_id": "c1"})
+                host.result("agents.chat", {"agent_id": "bot", "prompt": "hi", "session_id": "c1"})
             )
-            await agent.answer(
-                await asyncio.wait_for(agent.server_requests.get(), 5), {"accepted": True}
-            )
+            await agent.answer(await agent.expect_request(), {"accepted": True})
             assert (await asyncio.wait_for(chat, 5))["accepted"] is True
             staying_ids = set(state.registry.sessions) - {agent_auth["session_id"]}
 
             doomed.kill()
 
             event = await host.next_notification("agents.chat.event")
-            assert event["params"]["session_id"] == "c1" and event["params"]["kind"] == "error"
+            assert event["session_id"] == "c1" and event["kind"] == "error"
             gone = await watcher.next_notification("host.event")
-            assert gone["params"]["kind"] == "agent.unregistered"
-            assert gone["params"]["agent_id"] == registered["id"]
+            assert gone["kind"] == "agent.unregistered"
+            assert gone["agent_id"] == registered["id"]
             ended_run = await watcher.next_notification("runs.trace.event")
-            assert ended_run["params"]["status"] == "incomplete"
+            assert ended_run["status"] == "incomplete"
             assert (
                 set(state.registry.sessions) == staying_ids and "bot" not in state.registry.attached
             )
             # The staying gateway's sessions carry on.
-            await host.call("state.set", {"key": "k", "value": "still here"})
-            assert await host.call("state.get", {"key": "k"}) == "still here"
-            assert (await watcher.call("host.agents", {}))["agents"] == []
+            await host.result("state.set", {"key": "k", "value": "still here"})
+            assert await host.result("state.get", {"key": "k"}) == "still here"
+            assert (await watcher.result("host.agents", {}))["agents"] == []
     finally:
         await staying.stop()

@@ -13,7 +13,8 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2
 from car_grpc.wire.errors import INVALID_PARAMS, CarError
-from tests.chat_helpers import accept_chat, agent, emit, host, next_chat_event
+from tests.chat_helpers import accept_chat, emit, next_chat_event
+from tests.roles import agent, chat_host
 from tests.session_client import SessionClient
 
 S = chats_pb2
@@ -21,7 +22,7 @@ S = chats_pb2
 
 @pytest.fixture
 async def host1(core: Core, channel: grpc.aio.Channel) -> AsyncIterator[SessionClient]:
-    h = await host(core, channel)
+    h = await chat_host(core, channel)
     yield h
     await h.close()
 
@@ -178,7 +179,7 @@ async def test_goals_survive_a_restart_and_running_becomes_active(config: Config
     core = Core(config.core)
     await core.start()
     async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-        h = await host(core, channel)
+        h = await chat_host(core, channel)
         await set_goal(h, "kept", "stays", max_iterations=5)
         await set_goal(h, "crashed", "was running at the crash")
         # As if the server had died while a chat ran it: the stored row says running.
@@ -192,7 +193,7 @@ async def test_goals_survive_a_restart_and_running_becomes_active(config: Config
     await again.start()
     try:
         async with grpc.aio.insecure_channel(again.grpc_address) as channel:
-            h = await host(again, channel)
+            h = await chat_host(again, channel)
             kept, crashed = await status(h, "kept"), await status(h, "crashed")
             assert kept is not None and crashed is not None
             assert (kept.check, kept.max_iterations, kept.status) == (

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from car_grpc.wire import api
-from tests.serve_process import launched
+from tests.processes import car_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -34,7 +34,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 async def test_sigterm_ends_the_process_with_a_health_watch_open(
     command: tuple[str, ...], tmp_path: Path
 ) -> None:
-    async with launched(tmp_path / "home", *command) as server:
+    async with car_grpc(tmp_path / "home", *command) as server:
         grpc_address = (await server.listeners(1))[0]
         async with grpc.aio.insecure_channel(grpc_address) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(
@@ -84,7 +84,7 @@ async def _ask(call: Any, **request: Any) -> Any:
 
 @pytest.mark.parametrize("version", ["v1", "v1alpha"])
 async def test_reflection_lists_every_service_once(version: str, tmp_path: Path) -> None:
-    async with launched(tmp_path / "home", "core", "--grpc-port", "0") as core:
+    async with car_grpc(tmp_path / "home", "core", "--grpc-port", "0") as core:
         [address] = await core.listeners(1)
         async with grpc.aio.insecure_channel(address) as channel:
             call = _reflection_call(channel, version)
@@ -121,7 +121,7 @@ async def test_reflection_lists_every_service_once(version: str, tmp_path: Path)
 async def test_reflection_v1_as_a_dynamic_client_uses_it(tmp_path: Path) -> None:
     """What grpcurl does: fetch the v1 reflection service's own descriptor by reflection,
     then speak v1 with messages built from that descriptor alone."""
-    async with launched(tmp_path / "home", "core", "--grpc-port", "0") as core:
+    async with car_grpc(tmp_path / "home", "core", "--grpc-port", "0") as core:
         [address] = await core.listeners(1)
         async with grpc.aio.insecure_channel(address) as channel:
             call = _reflection_call(channel, "v1")

@@ -19,7 +19,7 @@ from car_grpc.v1 import runs_pb2, runs_pb2_grpc, session_pb2, tools_pb2, tools_p
 from car_grpc.wire.codec import json_to_message, value_to_json
 from tests.client_programs import Program, ensure_installed, run_node
 from tests.go_programs import build_go_programs, run_go
-from tests.serve_sync import Served, start_serve
+from tests.processes import Served, start_serve
 from tests.session_client import connect
 from tests.test_polyglot_node import assert_chat_reply, node_reply, serve_chats_in_python
 from tests.ws_helpers import rpc
@@ -38,7 +38,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield server
     finally:
         code = server.stop()
-    assert code == 0, "car-grpc serve did not exit cleanly:\n" + "\n".join(server.log)
+    assert code == 0, "car-grpc serve did not exit cleanly:\n" + server.log
 
 
 @pytest.fixture

@@ -5,10 +5,7 @@ gRPC, on raw WebSocket JSON-RPC, and on the official `car-runtime` client.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import itertools
-import json
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,16 +13,15 @@ from typing import Any
 
 import grpc
 import pytest
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
 
 from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2, runs_pb2, session_pb2, tools_pb2, tools_pb2_grpc
 from car_grpc.wire.codec import json_to_message
 from tests.client_programs import Program, ensure_installed, run_car_runtime_agent, run_node
 from tests.conftest import make_config
-from tests.serve_sync import Served, start_serve
+from tests.processes import Served, start_serve
 from tests.session_client import SessionClient, connect
+from tests.ws_helpers import rpc
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,7 +37,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield server
     finally:
         code = server.stop()
-    assert code == 0, "car-grpc serve did not exit cleanly:\n" + "\n".join(server.log)
+    assert code == 0, "car-grpc serve did not exit cleanly:\n" + server.log
 
 
 @pytest.fixture
@@ -138,47 +134,17 @@ async def test_python_grpc_host_chats_with_the_node_agent(
     assert "".join(e.delta for e in events[:-1]) == node_reply("node-agent", "hello from Python")
 
 
-class JsonRpc:
-    """A raw JSON-RPC client on one WebSocket, as any WebSocket host would be."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self._ids = itertools.count(1)
-        #: Frames that arrived while a call waited for its answer.
-        self._inbox: list[dict[str, Any]] = []
-
-    async def _recv(self, timeout: float) -> dict[str, Any]:
-        message: dict[str, Any] = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
-        return message
-
-    async def call(self, method: str, params: Any, timeout: float = 5) -> Any:
-        frame_id = next(self._ids)
-        frame = {"jsonrpc": "2.0", "id": frame_id, "method": method, "params": params}
-        await self.ws.send(json.dumps(frame))
-        while True:
-            message = await self._recv(timeout)
-            if message.get("id") == frame_id and "method" not in message:
-                assert "result" in message, f"{method}: {message}"
-                return message["result"]
-            self._inbox.append(message)
-
-    async def next_message(self, timeout: float = 5) -> dict[str, Any]:
-        return self._inbox.pop(0) if self._inbox else await self._recv(timeout)
-
-
 async def test_python_websocket_host_chats_with_the_node_agent(served: Served) -> None:
     async with node_agent(served, "node-agent") as agent:
         await agent.expect("ready")
-        async with ws_connect(served.ws_url, ping_interval=None) as ws:
-            host = JsonRpc(ws)
-            await host.call("session.auth", {"token": served.token("auth-token")})
-            await host.call("server.handshake", {"protocol_version": 3})
+        async with rpc(served.ws_url) as host:
+            await host.login(served.token("auth-token"))
             ask = {"agent_id": "node-agent", "prompt": "hello over WebSocket"}
-            accepted = await host.call("agents.chat", ask)
+            accepted = await host.result("agents.chat", ask)
             assert accepted["accepted"] is True
             events: list[dict[str, Any]] = []
             while not events or events[-1]["kind"] not in ("done", "error"):
-                message = await host.next_message()
+                message = await host.next_frame()
                 assert message["method"] == "agents.chat.event", message
                 events.append(message["params"])
         chat = await agent.expect("chat")
@@ -380,11 +346,9 @@ async def test_node_typed_tool_host_serves_a_websocket_and_a_python_grpc_proposa
         registered = await host.expect("registered")
         assert registered["scope"] == "TOOL_SCOPE_SHARED"
         assert registered["tools"] == ["add", "divide", "wait"]
-        async with ws_connect(served.ws_url, ping_interval=None) as ws:
-            client = JsonRpc(ws)
-            await client.call("session.auth", {"token": served.token("auth-token")})
-            await client.call("server.handshake", {"protocol_version": 3, "client_version": "t"})
-            result = await client.call(
+        async with rpc(served.ws_url) as client:
+            await client.login(served.token("auth-token"))
+            result = await client.result(
                 "proposal.submit",
                 {
                     "proposal": {

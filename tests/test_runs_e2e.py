@@ -16,12 +16,10 @@ from car_grpc.wire.codec import message_to_json, to_value, value_to_json
 from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS, CarError
 from tests.conftest import make_config
 from tests.error_details import error_info
+from tests.roles import agent, host_role, ordinary
 from tests.runs_helpers import (
-    agent,
     complete,
-    host,
     next_event,
-    ordinary,
     record,
     start,
     state_of,
@@ -167,7 +165,7 @@ async def test_a_plain_session_completes_the_run_it_started_and_nobody_else_does
 
     assert await start(script, agent_name="demo", idempotency_key=run_id) == run_id  # its own
     await complete(script, run_id)
-    boss = await host(core, channel)
+    boss = await host_role(core, channel)
     assert (await summaries(boss, "name:demo"))[0].status == COMPLETED
 
 
@@ -207,7 +205,7 @@ async def test_complete_of_unknown_or_foreign_run_is_the_same_error(
 ) -> None:
     bot = await agent(core, channel, "bot")
     intruder = await agent(core, channel, "intruder")
-    boss = await host(core, channel)
+    boss = await host_role(core, channel)
     run_id = await start(bot)
 
     errors = []
@@ -312,7 +310,7 @@ async def test_turn_over_256_kib(core: Core, channel: grpc.aio.Channel) -> None:
 async def test_writes_are_for_the_owning_agent_only(core: Core, channel: grpc.aio.Channel) -> None:
     bot = await agent(core, channel, "bot")
     intruder = await agent(core, channel, "intruder")
-    boss = await host(core, channel)
+    boss = await host_role(core, channel)
     plain = await ordinary(core, channel)
     run_id = await start(bot)
 
@@ -373,7 +371,7 @@ async def test_list_is_newest_first_and_for_readers_only(
 ) -> None:
     bot = await agent(core, channel, "bot")
     intruder = await agent(core, channel, "intruder")
-    boss = await host(core, channel)
+    boss = await host_role(core, channel)
     plain = await ordinary(core, channel)
     ids = [await start(bot, f"intent {i}") for i in range(3)]
     await record(bot, ids[1], turns(2))
@@ -421,7 +419,7 @@ async def test_get_trace_answers_not_found_for_unknown_and_forbidden(
     bot = await agent(core, channel, "bot")
     intruder = await agent(core, channel, "intruder")
     plain = await ordinary(core, channel)
-    boss = await host(core, channel)
+    boss = await host_role(core, channel)
     run_id = await start(bot)
 
     answers = [
@@ -446,7 +444,7 @@ async def test_get_trace_answers_not_found_for_unknown_and_forbidden(
 
 async def test_subscribe_snapshot_then_events(core: Core, channel: grpc.aio.Channel) -> None:
     bot = await agent(core, channel, "bot")
-    watcher = await host(core, channel)
+    watcher = await host_role(core, channel)
     run_id = await start(bot)
     await record(bot, run_id, turns(2))
 
@@ -507,7 +505,7 @@ async def test_subscribe_while_appending_has_no_gap_and_no_duplicate(
     core: Core, channel: grpc.aio.Channel
 ) -> None:
     bot = await agent(core, channel, "bot")
-    watcher = await host(core, channel)
+    watcher = await host_role(core, channel)
     run_id = await start(bot)
 
     # 40 batches in flight; the subscribe lands once the first is in, among the others.
@@ -533,7 +531,7 @@ async def test_a_session_holds_a_bounded_number_of_run_subscriptions(tmp_path: P
     await core.start()
     try:
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-            bot, boss = await agent(core, channel, "bot"), await host(core, channel)
+            bot, boss = await agent(core, channel, "bot"), await host_role(core, channel)
             runs = [await start(bot) for _ in range(3)]
             for run_id in runs[:2]:
                 await boss.request("runs_subscribe", runs_pb2.SubscribeRunRequest(run_id=run_id))

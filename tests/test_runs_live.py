@@ -14,10 +14,9 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import errors_pb2, runs_pb2, runs_pb2_grpc, session_pb2
 from car_grpc.wire.errors import ERROR_TRAILER, INVALID_PARAMS
 from tests.conftest import make_config
+from tests.roles import agent, host_role
 from tests.runs_helpers import (
-    agent,
     complete,
-    host,
     next_event,
     record,
     start,
@@ -46,7 +45,7 @@ def config(tmp_path: Path) -> Config:
 
 async def test_disconnect_makes_the_run_incomplete(core: Core, channel: grpc.aio.Channel) -> None:
     bot = await agent(core, channel, "bot")
-    boss = await host(core, channel)
+    boss = await host_role(core, channel)
     run_id = await start(bot)
     assert (await record(bot, run_id, turns(3))).ok
     await bot.close()
@@ -65,7 +64,7 @@ async def test_a_complete_in_flight_wins_over_the_disconnect(
     core: Core, channel: grpc.aio.Channel
 ) -> None:
     bot = await agent(core, channel, "bot")
-    boss = await host(core, channel)
+    boss = await host_role(core, channel)
     run_id = await start(bot)
     frame = session_pb2.ClientFrame(id="last-words")
     frame.runs_complete.run_id = run_id
@@ -117,7 +116,7 @@ async def test_stop_ends_open_runs(tmp_path: Path) -> None:
     await core.start()
     try:
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-            boss = await host(core, channel)
+            boss = await host_role(core, channel)
             got = await trace(boss, run_id)
             assert [r.record for r in got.records] == [STARTED, TURN, TURN, ENDED]
             assert got.records[-1].ended.status == INCOMPLETE
@@ -149,8 +148,8 @@ async def _slow_subscriber_scenario(
     core: Core, channel: grpc.aio.Channel, slow_channel: grpc.aio.Channel
 ) -> None:
     bot = await agent(core, channel, "bot")
-    fast = await host(core, channel)
-    slow = await host(core, slow_channel)
+    fast = await host_role(core, channel)
+    slow = await host_role(core, slow_channel)
     run_id = await start(bot)
     subscribe = runs_pb2.SubscribeRunRequest(run_id=run_id)
     await fast.request("runs_subscribe", subscribe)

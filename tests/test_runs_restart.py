@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
-import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,52 +15,17 @@ from car_grpc.core.runs import ENDED, IN_PROGRESS, INCOMPLETE, STARTED, TURN, en
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.store import RunRow, open_store
 from car_grpc.v1 import runs_pb2
+from tests.processes import Process, car_grpc
 from tests.runs_helpers import record, start, summaries, trace
 from tests.session_client import SessionClient, connect
 
-LISTENING = re.compile(r"gRPC listening on (\S+)")
-
 
 @contextlib.asynccontextmanager
-async def core_process(home: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """`car-grpc core --grpc-port 0` with CAR_HOME=home; yields it and its gRPC address
-    (from its "gRPC listening on" log line)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-    env["CAR_HOME"] = str(home)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "car_grpc.cli",
-        "core",
-        "--grpc-port",
-        "0",
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    lines: list[str] = []
-    drain: asyncio.Task[None] | None = None
-    try:
-        async with asyncio.timeout(20):
-            while not (found := LISTENING.search(lines[-1] if lines else "")):
-                line = await proc.stderr.readline()
-                assert line, f"core exited early: {lines}"
-                lines.append(line.decode())
-        drain = asyncio.create_task(_drain(proc.stderr))  # a full pipe would stall the core
-        yield proc, found[1]
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        if drain is not None:
-            await drain
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
+async def core_process(home: Path) -> AsyncIterator[tuple[Process, str]]:
+    """`car-grpc core --grpc-port 0` with CAR_HOME=home; yields it and its gRPC address."""
+    async with car_grpc(home, "core", "--grpc-port", "0") as core:
+        [address] = await core.listeners(1)
+        yield core, address
 
 
 async def mint_agent_token(home: Path, agent_id: str) -> str:
@@ -101,14 +62,14 @@ async def test_acknowledged_turns_survive_sigkill(tmp_path: Path) -> None:
     acked: list[str] = []
 
     enough = asyncio.Event()
-    async with core_process(home) as (proc, address), grpc.aio.insecure_channel(address) as channel:
+    async with core_process(home) as (core, address), grpc.aio.insecure_channel(address) as channel:
         bot = await connect(channel, token=token, agent_id="bot")
         run_id = await start(bot, "survive a crash")
         writer = asyncio.create_task(stream_turns(bot, run_id, acked, enough))
         async with asyncio.timeout(20):
             await enough.wait()
-        proc.send_signal(signal.SIGKILL)  # mid-stream: batches are in flight
-        await proc.wait()
+        core.kill()  # mid-stream: batches are in flight
+        await core.wait()
         with pytest.raises(ConnectionError):
             await writer  # batches were in flight when the server died
         await bot.close()

@@ -5,7 +5,6 @@ disconnects, and the official `car-runtime` client recording a run."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 from car_grpc.config import Config
 from car_grpc.core.run_turns import FIELD_CAP, TRUNCATED, TURN_REPLACED
@@ -23,61 +22,10 @@ from car_grpc.core.runs import RECORD_TURNS_USAGE
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from tests.conftest import make_config
-from tests.ws_helpers import RawWebSocket, running
+from tests.ws_helpers import RawWebSocket, Rpc, running
 
 JSON = Any
-
-
-class Peer:
-    """A JSON-RPC client on one WebSocket: pipelined requests matched by (integer) id,
-    notifications queued."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self._ids = 0
-        self._waiting: dict[int, asyncio.Future[dict[str, JSON]]] = {}
-        self.notifications: asyncio.Queue[dict[str, JSON]] = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        with contextlib.suppress(Exception):
-            async for raw in self.ws:
-                message = json.loads(raw)
-                if "method" in message:
-                    await self.notifications.put(message)
-                else:
-                    self._waiting.pop(message["id"]).set_result(message)
-
-    async def call(self, method: str, params: JSON) -> dict[str, JSON]:
-        """The whole answer: {result} or {error}."""
-        self._ids += 1
-        answer = self._waiting[self._ids] = asyncio.get_running_loop().create_future()
-        request = {"jsonrpc": "2.0", "id": self._ids, "method": method, "params": params}
-        await self.ws.send(json.dumps(request))
-        return await asyncio.wait_for(answer, 10)
-
-    async def result(self, method: str, params: JSON) -> JSON:
-        answer = await self.call(method, params)
-        assert "result" in answer, answer
-        return answer["result"]
-
-    async def error(self, method: str, params: JSON) -> dict[str, JSON]:
-        answer = await self.call(method, params)
-        assert "error" in answer, answer
-        error: dict[str, JSON] = answer["error"]
-        return error
-
-    async def event(self) -> dict[str, JSON]:
-        note = await asyncio.wait_for(self.notifications.get(), 5)
-        assert note["method"] == "runs.trace.event", note
-        params: dict[str, JSON] = note["params"]
-        return params
-
-    async def close(self) -> None:
-        await self.ws.close()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+TRACE_EVENT = "runs.trace.event"
 
 
 @pytest.fixture
@@ -102,33 +50,31 @@ async def peers(served: tuple[Core, Gateway]) -> AsyncIterator[Peers]:
 
 
 class Peers:
-    """Opens authenticated WebSocket sessions: agents, the host, an ordinary client."""
+    """Opens authenticated WebSocket sessions: agents, the host role, an ordinary client."""
 
     def __init__(self, core: Core, gateway: Gateway) -> None:
         assert core.parts is not None and core.parts.tokens is not None
         self.state = core.parts
         self.tokens = core.parts.tokens
         self.url = gateway.url
-        self.opened: list[Peer] = []
+        self.opened: list[Rpc] = []
 
-    async def open(self, auth: dict[str, str]) -> Peer:
-        ws = await connect(self.url, ping_interval=None, max_size=None)
-        peer = Peer(ws)
+    async def open(self, **credentials: str) -> Rpc:
+        peer = Rpc(await connect(self.url, ping_interval=None, max_size=None))
         self.opened.append(peer)
-        await peer.result("session.auth", auth)
-        await peer.result("server.handshake", {"protocol_version": 3})
+        await peer.login(**credentials)
         return peer
 
-    async def agent(self, agent_id: str = "bot") -> Peer:
-        return await self.open(
-            {"agent_id": agent_id, "token": await self.state.agent_tokens.add(agent_id)}
-        )
+    async def agent(self, agent_id: str = "bot") -> Rpc:
+        return await self.open(agent_id=agent_id, token=await self.state.agent_tokens.add(agent_id))
 
-    async def host(self) -> Peer:
-        return await self.open({"host_token": self.tokens.host})
+    async def host_role(self) -> Rpc:
+        """A session with the host token."""
+        return await self.open(host_token=self.tokens.host)
 
-    async def ordinary(self) -> Peer:
-        return await self.open({"token": self.tokens.daemon})
+    async def ordinary(self) -> Rpc:
+        """A session with the daemon token."""
+        return await self.open(token=self.tokens.daemon)
 
 
 def turns(n: int, prompt: str = "p") -> list[dict[str, JSON]]:
@@ -139,7 +85,7 @@ def dropped(run_id: str, reason: str) -> dict[str, JSON]:
     return {"run_id": run_id, "base_index": 0, "count": 0, "ok": False, "dropped": reason}
 
 
-async def start(peer: Peer, **params: JSON) -> str:
+async def start(peer: Rpc, **params: JSON) -> str:
     result = await peer.result("runs.start", {"intent": "ship it", **params})
     return str(result["run_id"])
 
@@ -295,7 +241,7 @@ async def test_caps_on_the_json_wire(peers: Peers) -> None:
 async def test_writers_and_drops_on_the_json_wire(peers: Peers) -> None:
     bot = await peers.agent()
     run_id = await start(bot)
-    for peer in (await peers.agent("intruder"), await peers.host(), await peers.ordinary()):
+    for peer in (await peers.agent("intruder"), await peers.host_role(), await peers.ordinary()):
         answer = await peer.result("runs.record_turns", {"run_id": run_id, "turns": [{}]})
         assert answer == dropped(run_id, "run_not_found")
     unknown = await bot.result("runs.record_turns", {"run_id": "nope", "turns": [{}]})
@@ -327,7 +273,7 @@ async def test_pipelined_batches_stop_at_exactly_2000(peers: Peers) -> None:
 
 async def test_subscribe_and_trace_events_on_the_json_wire(peers: Peers) -> None:
     bot = await peers.agent()
-    watcher = await peers.host()
+    watcher = await peers.host_role()
     intruder = await peers.agent("intruder")
     run_id = await start(bot)
     await bot.result("runs.record_turns", {"run_id": run_id, "turns": turns(2)})
@@ -347,7 +293,7 @@ async def test_subscribe_and_trace_events_on_the_json_wire(peers: Peers) -> None
     assert refused["code"] == -32602 and "unknown run" in refused["message"]
 
     await bot.result("runs.record_turns", {"run_id": run_id, "turns": [{"tool": "t"}]})
-    event = await watcher.event()
+    event = await watcher.expect_notification(TRACE_EVENT)
     assert event["record"].pop("timestamp") > 0
     assert event == {
         "run_id": run_id,
@@ -357,7 +303,7 @@ async def test_subscribe_and_trace_events_on_the_json_wire(peers: Peers) -> None
         "status": "in_progress",
     }
     await bot.result("runs.complete", {"run_id": run_id, "outcome": {"status": "ok"}})
-    ended = await watcher.event()
+    ended = await watcher.expect_notification(TRACE_EVENT)
     assert ended["record"].pop("timestamp") > 0
     assert ended == {
         "run_id": run_id,
@@ -385,10 +331,10 @@ async def test_get_trace_not_found_on_the_json_wire(peers: Peers) -> None:
 
 async def test_disconnect_on_the_json_wire(peers: Peers) -> None:
     bot = await peers.agent()
-    boss = await peers.host()
+    boss = await peers.host_role()
     run_id = await start(bot)
     await bot.result("runs.record_turns", {"run_id": run_id, "turns": turns(1)})
-    bot.ws.transport.abort()  # as car-runtime does: TCP dropped, no close frame
+    bot.drop()  # as car-runtime does: TCP dropped, no close frame
 
     async with asyncio.timeout(5):
         while True:
@@ -458,7 +404,7 @@ async def test_car_runtime_records_a_run(peers: Peers) -> None:
         "done": {"run_id": run_id, "ok": True},
     }
 
-    boss = await peers.host()
+    boss = await peers.host_role()
     records = (await boss.result("runs.get_trace", {"run_id": run_id}))["records"]
     assert [r["record"] for r in records] == ["started", "turn", "turn", "ended"]
     assert records[1]["parameters"] == {"path": "a.py"}
@@ -491,7 +437,7 @@ async def test_a_subscriber_that_stops_reading_slows_no_one(tmp_path: Path) -> N
 
 async def _slow_ws_subscriber(peers: Peers, gateway: Gateway) -> None:
     bot = await peers.agent()
-    fast = await peers.host()
+    fast = await peers.host_role()
     run_id = await start(bot)
     slow = await RawWebSocket.open("127.0.0.1", gateway.ws_port, rcvbuf=4096)
     requests = [
@@ -516,7 +462,7 @@ async def _slow_ws_subscriber(peers: Peers, gateway: Gateway) -> None:
         answer = await bot.result("runs.record_turns", {"run_id": run_id, "turns": big * batch})
         assert (answer["ok"], answer["base_index"]) == (True, total)
         # The fast subscriber has every event, in order, before the next batch.
-        cursors = [(await fast.event())["cursor"] for _ in range(batch)]
+        cursors = [(await fast.expect_notification(TRACE_EVENT))["cursor"] for _ in range(batch)]
         assert cursors == list(range(total + 1, total + batch + 1))
         total += batch
 
@@ -543,7 +489,7 @@ async def _slow_ws_subscriber(peers: Peers, gateway: Gateway) -> None:
     assert (snapshot["cursor"], snapshot["status"]) == (total, "in_progress")
     assert [t["index"] for t in snapshot["turns_so_far"]] == list(range(total))
     await bot.result("runs.complete", {"run_id": run_id, "outcome": {"status": "ok"}})
-    ended = await fast.event()
+    ended = await fast.expect_notification(TRACE_EVENT)
     assert (ended["record"]["record"], ended["cursor"]) == ("ended", total)
     ended = json.loads((await slow.read_frame())[1])["params"]
     assert (ended["record"]["record"], ended["cursor"]) == ("ended", total)

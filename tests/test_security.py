@@ -16,17 +16,16 @@ import contextlib
 import ipaddress
 import os
 import re
-import signal
 import sqlite3
 import stat
 import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from car_grpc.core.server import Core
 from car_grpc.core.tokens import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
@@ -37,8 +36,8 @@ from car_grpc.wire.errors import AUTH_REQUIRED, INTERNAL
 from car_grpc.wire.limits import MAX_MESSAGE_BYTES
 from car_grpc.wire.metadata import AGENT_ID_KEY
 from tests.conftest import make_config
-from tests.ws_helpers import running
-from tests.ws_pipelined import RpcError, pipelined
+from tests.processes import Process, car_grpc, port
+from tests.ws_helpers import RpcError, rpc, running
 
 TOKEN_MISMATCH = "auth failed: token mismatch"
 
@@ -91,7 +90,7 @@ async def test_wrong_credentials_on_the_websocket(served: tuple[Core, Gateway]) 
     assert core.parts is not None
     daemon, host = tokens(core)
     agent = await core.parts.agent_tokens.add("agent-7")
-    async with pipelined(gateway.url) as client:
+    async with rpc(gateway.url) as client:
         for wrong in [
             {"token": daemon[:-1]},
             {"token": host},
@@ -101,19 +100,18 @@ async def test_wrong_credentials_on_the_websocket(served: tuple[Core, Gateway]) 
             {"agent_id": "agent-7", "token": agent + "x"},
         ]:
             with pytest.raises(RpcError) as err:
-                await client.call("session.auth", wrong)
+                await client.result("session.auth", wrong)
             assert (err.value.code, err.value.message) == (INTERNAL, TOKEN_MISMATCH), wrong
         assert "agent-7" not in core.parts.registry.attached
-        assert (await client.call("session.auth", {"token": agent, "agent_id": "agent-7"}))["ok"]
+        assert (await client.result("session.auth", {"token": agent, "agent_id": "agent-7"}))["ok"]
         assert core.parts.registry.attached["agent-7"] is not None
-    async with pipelined(gateway.url) as client:
+    async with rpc(gateway.url) as client:
         with pytest.raises(RpcError):
-            await client.call("session.auth", {"token": "guess"})
+            await client.result("session.auth", {"token": "guess"})
         with pytest.raises(RpcError) as err:
-            await client.call("state.keys", {})
+            await client.result("state.keys", {})
         assert err.value.code == AUTH_REQUIRED
-        await asyncio.wait_for(client.closed.wait(), 5)
-        assert (client.close_code, client.close_reason) == (1008, "auth required")
+        assert await client.wait_closed(5) == (1008, "auth required")
 
 
 # ------------------------------------------------------------------ files on disk
@@ -172,55 +170,15 @@ async def test_secret_files_and_their_directories_are_private(tmp_path: Path) ->
 # ------------------------------------------------------------------ a real process
 
 
-@dataclass
-class Logged:
-    """`car-grpc serve` with everything it writes (stdout and stderr) kept."""
-
-    proc: asyncio.subprocess.Process
-    lines: list[str] = field(default_factory=list)
-    listeners: list[str] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
-LISTENING = re.compile(r"listening on (?:ws://|http://)?(\S+?)/?(?: \(core .*\))?$")
-
-
 @contextlib.asynccontextmanager
-async def serve_logged(home: Path) -> AsyncIterator[Logged]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-    env["CAR_HOME"] = str(home)
+async def serve_logged(home: Path) -> AsyncIterator[tuple[Process, list[str]]]:
+    """`car-grpc serve` with its defaults on ephemeral ports, everything it writes (stdout
+    and stderr) kept in its `lines`; yields it and its four listeners (gRPC, WebSocket,
+    Unix socket, dashboard), then stops it with SIGTERM, which it must exit 0 from."""
     args = ["serve", "--port", "0", "--grpc-port", "0", "--dashboard-port", "0"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "car_grpc.cli", *args,
-        env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    served = Logged(proc)
-    ready = asyncio.Event()
-
-    async def read() -> None:
-        assert proc.stdout is not None
-        while line := await proc.stdout.readline():
-            served.lines.append(line.decode().rstrip())
-            if match := LISTENING.search(served.lines[-1]):
-                served.listeners.append(match[1])
-            if len(served.listeners) == 4:  # gRPC, WebSocket, Unix socket, dashboard
-                ready.set()
-
-    reader = asyncio.create_task(read())
-    try:
-        await asyncio.wait_for(ready.wait(), 20)
-        yield served
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 15) == 0, served.text
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await reader
+    async with car_grpc(home, *args) as served:
+        yield served, await served.listeners(4)
+        assert await served.terminate(timeout=15) == 0, served.log
 
 
 async def agents_add(home: Path, agent_id: str) -> str:
@@ -240,9 +198,8 @@ async def test_secrets_stay_out_of_logs_and_error_messages(tmp_path: Path) -> No
     typed RPCs: no token, right or wrong, appears in anything the server writes or answers.
     The dashboard's one-time login token appears in its login line only."""
     home = tmp_path / "home"
-    async with serve_logged(home) as server:
-        grpc_address, ws_address, _, _ = server.listeners
-        url = f"ws://{ws_address}/"
+    async with serve_logged(home) as (server, listeners):
+        grpc_address, url, _, _ = listeners
         secret_dir = home / "ai.parslee.car"
         daemon = (secret_dir / AUTH_TOKEN_FILE).read_text()
         host = (secret_dir / HOST_TOKEN_FILE).read_text()
@@ -256,26 +213,28 @@ async def test_secrets_stay_out_of_logs_and_error_messages(tmp_path: Path) -> No
                 answers.append(repr(await call))
             except RpcError as e:
                 answers.append(e.message)
+            except ConnectionClosed:
+                answers.append("connection closed")
 
-        async with pipelined(url) as client:
+        async with rpc(url) as client:
             for credential in (
                 {"token": wrong[0]},
                 {"host_token": wrong[1]},
                 {"token": wrong[2], "agent_id": "bot"},
                 {"token": agent, "agent_id": "not-bot"},
             ):
-                await attempt(client.call("session.auth", credential))
-            await attempt(client.call("state.keys", {}))  # -32001, then the close
+                await attempt(client.result("session.auth", credential))
+            await attempt(client.result("state.keys", {}))  # -32001, then the close
         for credential in (
             {"token": daemon},
             {"host_token": host},
             {"token": agent, "agent_id": "bot"},
         ):
-            async with pipelined(url) as client:
-                await attempt(client.call("session.auth", credential))
-                await attempt(client.call("server.handshake", {"protocol_version": 3}))
-                await attempt(client.call("runs.record_turns", {"run_id": "x", "turns": [{}]}))
-                await attempt(client.call("session.auth", {"token": wrong[0]}))
+            async with rpc(url) as client:
+                await attempt(client.result("session.auth", credential))
+                await attempt(client.result("server.handshake", {"protocol_version": 3}))
+                await attempt(client.result("runs.record_turns", {"run_id": "x", "turns": [{}]}))
+                await attempt(client.result("session.auth", {"token": wrong[0]}))
         async with grpc.aio.insecure_channel(grpc_address) as channel:
             state = state_pb2_grpc.StateServiceStub(channel)
             for bearer in (*wrong, daemon, host):
@@ -292,7 +251,7 @@ async def test_secrets_stay_out_of_logs_and_error_messages(tmp_path: Path) -> No
             answers.append(f"{err.value.details()} {err.value.trailing_metadata()}")
     assert any(TOKEN_MISMATCH in a for a in answers)  # the failures did happen
     for secret in (daemon, host, agent, *wrong):
-        assert secret not in server.text, f"a token in the server's output:\n{server.text}"
+        assert secret not in server.log, f"a token in the server's output:\n{server.log}"
         assert not any(secret in a for a in answers), answers
     login = re.compile(r"dashboard: log in at http://\S+/login\?token=(\S+)$")
     login_tokens = {m[1] for line in server.lines if (m := login.search(line))}
@@ -349,10 +308,10 @@ def listening_on(pid: int) -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6A
 async def test_every_listener_is_on_loopback(tmp_path: Path) -> None:
     """`car-grpc serve` with its defaults: gRPC, WebSocket and dashboard listen on
     127.0.0.1 and nowhere else; the fourth listener is the Unix socket under CAR_HOME."""
-    async with serve_logged(tmp_path / "home") as server:
+    async with serve_logged(tmp_path / "home") as (server, listeners):
         sockets = listening_on(server.proc.pid)
-        ports = {int(address.rsplit(":", 1)[1]) for address in server.listeners[:2]}
-        ports.add(int(server.listeners[3].rsplit(":", 1)[1]))
+        ports = {port(address) for address in listeners[:2]}
+        ports.add(port(listeners[3]))
         assert sorted(port for _, port in sockets) == sorted(ports), sockets
         assert all(str(ip) == "127.0.0.1" for ip, _ in sockets), sockets
-        assert server.listeners[2] == f"unix:{tmp_path / 'home' / 'run' / 'car-server.sock'}"
+        assert listeners[2] == f"unix:{tmp_path / 'home' / 'run' / 'car-server.sock'}"

@@ -14,31 +14,27 @@ import pytest
 from websockets.asyncio.client import unix_connect
 
 from car_grpc.core.server import Core
-from tests.serve_process import Process, launched
+from tests.processes import Process, car_grpc, port
 from tests.ws_helpers import Rpc, daemon_token, rpc
-
-
-def port_of(address: str) -> str:
-    return address.rsplit(":", 1)[1]
 
 
 async def test_serve_starts_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    async with launched(home, "serve", "--port", "0", "--grpc-port", "0") as server:
+    async with car_grpc(home, "serve", "--port", "0", "--grpc-port", "0") as server:
         await serve_and_stop(server, home)
 
 
 async def serve_and_stop(server: Process, home: Path) -> None:
-    grpc_address, ws_address, unix = await server.listeners(3)
-    assert grpc_address.startswith("127.0.0.1:") and port_of(grpc_address) != "0"
-    assert ws_address.startswith("127.0.0.1:") and port_of(ws_address) != "0"
+    grpc_address, ws_url, unix = await server.listeners(3)
+    assert grpc_address.startswith("127.0.0.1:") and port(grpc_address) != 0
+    assert ws_url.startswith("ws://127.0.0.1:") and port(ws_url) != 0
     socket_path = home / "run" / "car-server.sock"
     assert unix == f"unix:{socket_path}"
     tokens = home / "ai.parslee.car"
     token = (tokens / "auth-token").read_text()
     assert len(token) == 43 and (tokens / "host-token").exists()
 
-    async with rpc(f"ws://{ws_address}/") as client:
+    async with rpc(ws_url) as client:
         await client.login(token)
         assert await client.result("tools.list") == {"tools": [], "count": 0}
         async with unix_connect(str(socket_path), ping_interval=None) as ws:
@@ -55,7 +51,7 @@ async def serve_and_stop(server: Process, home: Path) -> None:
 
 
 async def test_serve_flags(tmp_path: Path) -> None:
-    async with launched(
+    async with car_grpc(
         tmp_path / "home",
         "serve",
         "--host",
@@ -68,8 +64,8 @@ async def test_serve_flags(tmp_path: Path) -> None:
         "--no-approvals",
         "--no-unix-socket",
     ) as server:
-        _, ws_address = await server.listeners(2)
-        async with rpc(f"ws://{ws_address}/") as client:
+        _, ws_url = await server.listeners(2)
+        async with rpc(ws_url) as client:
             assert (await client.result("session.auth", {}))["auth_enabled"] is False
         assert await server.terminate() == 0
         assert not any("unix:" in line for line in server.lines)
@@ -81,10 +77,10 @@ async def test_serve_shuts_down_cleanly_on(sig: int, tmp_path: Path) -> None:
     home = tmp_path / "home"
     wal = home / "car-grpc" / "store.sqlite3-wal"
     flags = ("--port", "0", "--grpc-port", "0", "--no-unix-socket")
-    async with launched(home, "serve", *flags) as server:
-        _, ws_address = await server.listeners(2)
+    async with car_grpc(home, "serve", *flags) as server:
+        _, ws_url = await server.listeners(2)
         token = (home / "ai.parslee.car" / "auth-token").read_text()
-        async with rpc(f"ws://{ws_address}/") as client:
+        async with rpc(ws_url) as client:
             await client.login(token)
             assert wal.exists()  # the store is open
             assert await server.terminate(sig) == 0
@@ -108,8 +104,8 @@ async def test_help_documents_every_flag() -> None:
 async def test_gateway_process_in_front_of_a_core(tmp_path: Path, core: Core) -> None:
     args = ("gateway", "--core", core.grpc_address, "--port", "0")
     async with (
-        launched(tmp_path / "gw", *args) as first,
-        launched(tmp_path / "gw", *args) as second,
+        car_grpc(tmp_path / "gw", *args) as first,
+        car_grpc(tmp_path / "gw", *args) as second,
     ):
         await two_gateways(core, [first, second])
 
@@ -117,7 +113,7 @@ async def test_gateway_process_in_front_of_a_core(tmp_path: Path, core: Core) ->
 async def two_gateways(core: Core, gateways: list[Process]) -> None:
     addresses = [(await g.listeners(1))[0] for g in gateways]
     assert len(set(addresses)) == 2
-    async with rpc(f"ws://{addresses[0]}/") as a, rpc(f"ws://{addresses[1]}/") as b:
+    async with rpc(addresses[0]) as a, rpc(addresses[1]) as b:
         await a.login(daemon_token(core))
         await b.login(daemon_token(core))
         assert core.parts is not None and len(core.parts.registry.sessions) == 2

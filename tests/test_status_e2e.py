@@ -21,7 +21,8 @@ from car_grpc.wire.codec import json_to_message
 from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS, CarError
 from tests.chat_helpers import accept_chat, bearer, tokens
 from tests.error_details import error_info
-from tests.runs_helpers import agent, host, ordinary, record, start, turns
+from tests.roles import agent, host_role, ordinary
+from tests.runs_helpers import record, start, turns
 from tests.tool_host import ToolHost
 
 
@@ -44,7 +45,7 @@ async def test_status_shows_connections_chats_run_agents_and_the_store(
 ) -> None:
     worker = await agent(core, channel, "worker-1")
     plain = await ordinary(core, channel)
-    boss = await host(core, channel)
+    boss = await host_role(core, channel)
     run_id = await start(worker)
     chat = chats_pb2.ChatRequest(agent_id="worker-1", prompt="hello", session_id="chat-1")
     await asyncio.gather(boss.request("agents_chat", chat), accept_chat(worker))
@@ -98,7 +99,7 @@ async def test_metrics_count_requests_turns_approvals_and_callbacks(
     core: Core, channel: grpc.aio.Channel
 ) -> None:
     worker = await agent(core, channel, "worker-1")
-    boss = await host(core, channel)
+    boss = await host_role(core, channel)
     run_id = await start(worker)
     assert (await record(worker, run_id, turns(3))).ok
     assert (await record(worker, run_id, turns(2))).ok

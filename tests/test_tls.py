@@ -30,7 +30,7 @@ from car_grpc.gateway import Gateway
 from car_grpc.serve import Server
 from tests.conftest import make_config
 from tests.dashboard_helpers import request
-from tests.serve_process import launched
+from tests.processes import car_grpc
 from tests.ws_helpers import Rpc, daemon_token
 
 
@@ -213,7 +213,7 @@ def test_a_certificate_without_its_key_is_refused(
 async def test_car_grpc_serve_with_tls_flags(tmp_path: Path, certificate: Certificate) -> None:
     flags = ("--tls-cert", str(certificate.cert), "--tls-key", str(certificate.key))
     grpc_flags = ("--grpc-tls-cert", str(certificate.cert), "--grpc-tls-key", str(certificate.key))
-    async with launched(
+    async with car_grpc(
         tmp_path / "home",
         "serve",
         *("--port", "0", "--grpc-port", "0", "--no-unix-socket", "--no-dashboard"),
@@ -223,9 +223,9 @@ async def test_car_grpc_serve_with_tls_flags(tmp_path: Path, certificate: Certif
         core_address, ws_address = await server.listeners(2)
         assert any("gRPC (TLS) listening" in line for line in server.lines)
         assert ws_address.startswith("wss://")
-        async with connect(ws_address + "/", ssl=_trusting(certificate), ping_interval=None) as ws:
+        async with connect(ws_address, ssl=_trusting(certificate), ping_interval=None) as ws:
             token = (tmp_path / "home" / "ai.parslee.car" / "auth-token").read_text().strip()
             auth = await Rpc(ws).result("session.auth", {"token": token})
             assert auth["ok"] is True
         assert core_address.startswith("127.0.0.1:")
-        assert await server.terminate() == 0, server.lines
+        assert await server.terminate() == 0, server.log

@@ -1,16 +1,15 @@
 """Helpers for the voice tests: a small speech engine on the generated VoiceService stub,
-and a JSON-RPC WebSocket client that keeps binary (audio) frames apart."""
+and the JSON-RPC test client keeping binary (audio) frames apart."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from car_grpc.v1 import voice_pb2, voice_pb2_grpc
 from car_grpc.wire import codec
@@ -176,30 +175,11 @@ async def echo_engine(
 
 
 class VoiceRpc(Rpc):
-    """The JSON-RPC test client, keeping binary frames (audio) in their own queue."""
+    """The JSON-RPC test client keeping binary (audio) frames in `binary`
+    (`next_binary`), with the voice calls the tests make."""
 
-    def __init__(self, ws: Any) -> None:
-        super().__init__(ws)
-        self.binary: list[bytes] = []
-
-    async def recv(self, timeout: float = 5) -> Any:
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await self.ws.recv()
-                if isinstance(message, str):
-                    return json.loads(message)
-                self.binary.append(message)
-
-    async def next_binary(self, timeout: float = 5) -> bytes:
-        """The next binary frame (text frames read meanwhile are kept in `other`)."""
-        async with asyncio.timeout(timeout):
-            while not self.binary:
-                message = await self.ws.recv()
-                if isinstance(message, str):
-                    self.other.append(json.loads(message))
-                else:
-                    self.binary.append(message)
-        return self.binary.pop(0)
+    def __init__(self, ws: ClientConnection) -> None:
+        super().__init__(ws, keep_binary=True)
 
     async def next_event(self, timeout: float = 5) -> dict[str, Any]:
         """The params of the next frame not answering `call`, which must be voice.event."""

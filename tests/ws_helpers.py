@@ -1,6 +1,7 @@
-"""Helpers for end-to-end tests over the WebSocket gateway: a running core + gateway, a
-small JSON-RPC client on `websockets`, and a raw WebSocket client on a plain socket for
-the cases a well-behaved library will not produce (no pongs, no reading)."""
+"""Helpers for end-to-end tests over the WebSocket gateway: a running core + gateway, the
+JSON-RPC test client (`Rpc`, `rpc`: tests/ws_client.py), and a raw WebSocket client on a
+plain socket for the cases a well-behaved library will not produce (no pongs, no
+reading)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,23 @@ import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
-
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
+from tests.ws_client import Rpc, RpcError, rpc
+
+__all__ = [
+    "OP_CLOSE",
+    "OP_PING",
+    "OP_PONG",
+    "OP_TEXT",
+    "RawWebSocket",
+    "Rpc",
+    "RpcError",
+    "daemon_token",
+    "rpc",
+    "running",
+]
 
 
 @contextlib.asynccontextmanager
@@ -37,60 +50,6 @@ async def running(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
 def daemon_token(core: Core) -> str:
     assert core.parts is not None and core.parts.tokens is not None
     return core.parts.tokens.daemon
-
-
-class Rpc:
-    """A JSON-RPC client on one WebSocket: integer ids like car-runtime's."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self._next = 10
-        #: Frames that arrived while `call` waited for its answer (notifications, server
-        #: requests), in order; `next_frame` returns them first.
-        self.other: list[Any] = []
-
-    async def send(self, message: Any) -> None:
-        await self.ws.send(message if isinstance(message, str) else json.dumps(message))
-
-    async def recv(self, timeout: float = 5) -> Any:
-        return json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
-
-    async def call(self, method: str, params: Any = None) -> Any:
-        """Send a request and return the whole answer object (result or error)."""
-        self._next += 1
-        request: dict[str, Any] = {"jsonrpc": "2.0", "id": self._next, "method": method}
-        if params is not None:
-            request["params"] = params
-        await self.send(request)
-        while True:
-            answer = await self.recv()
-            if (
-                isinstance(answer, dict)
-                and answer.get("id") == self._next
-                and ("result" in answer or "error" in answer)
-            ):
-                return answer
-            self.other.append(answer)
-
-    async def next_frame(self, timeout: float = 5) -> Any:
-        """The next frame that was not an answer to `call`."""
-        return self.other.pop(0) if self.other else await self.recv(timeout)
-
-    async def result(self, method: str, params: Any = None) -> Any:
-        answer = await self.call(method, params)
-        assert "result" in answer, answer
-        return answer["result"]
-
-    async def login(self, token: str) -> dict[str, Any]:
-        auth: dict[str, Any] = await self.result("session.auth", {"token": token})
-        await self.result("server.handshake", {"protocol_version": 3, "client_version": "t"})
-        return auth
-
-
-@contextlib.asynccontextmanager
-async def rpc(url: str, **kwargs: Any) -> AsyncIterator[Rpc]:
-    async with connect(url, ping_interval=None, **kwargs) as ws:
-        yield Rpc(ws)
 
 
 # ------------------------------------------------------------------ a raw client
