@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from car_grpc.store import RunRow, Store, StoreConflict
+from car_grpc.store.postgres import PostgresStore
 from car_grpc.store.sqlite import SqliteStore
 from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, voice_pb2
+from tests.postgres_server import PostgresServer
 
 PENDING = host_pb2.APPROVAL_STATUS_PENDING
 APPROVED = host_pb2.APPROVAL_STATUS_APPROVED
@@ -41,10 +43,15 @@ class Backend:
     open: Callable[[], Awaitable[Store]]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    assert request.param == "sqlite"
-    return Backend(lambda: SqliteStore.open(tmp_path / "store.sqlite3"))
+    """The embedded SQLite file, or a new database of the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return Backend(lambda: SqliteStore.open(tmp_path / "store.sqlite3"))
+    assert request.param == "postgres"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    url = server.create_database()
+    return Backend(lambda: PostgresStore.open(url, pool_size=4, timeout=10))
 
 
 @pytest.fixture
