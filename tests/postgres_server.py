@@ -181,16 +181,22 @@ class PostgresServer:
     def _run(
         self, program: str, *args: str, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
+        argv = [str(self.bindir / program), *args]
+        if self.user is not None:
+            # Not subprocess's user=: that forks the whole process, and a fork of a process
+            # with gRPC's threads running crashes (in the child, and it upsets the parent).
+            runuser = shutil.which("runuser") or "/usr/sbin/runuser"  # util-linux
+            argv = [runuser, "-u", self.user, "--", *argv]
         done = subprocess.run(
-            [str(self.bindir / program), *args],
+            argv,
             capture_output=True,
             text=True,
             timeout=120,
             cwd=self.root,  # the server's user may not enter the caller's directory
-            user=self.user,
-            group=self.user,
-            extra_groups=[] if self.user else None,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"},
+            env={
+                "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+                "LC_ALL": "C.UTF-8",
+            },
         )
         if check and done.returncode != 0:
             raise RuntimeError(

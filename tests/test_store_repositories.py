@@ -116,6 +116,20 @@ async def test_agent_tokens_list_by_id_with_mint_time(store: Store) -> None:
     assert [(r.agent_id, r.created_at) for r in rows] == [("amy", 4), ("kim", 2), ("zed", 3)]
 
 
+async def test_listings_sort_ids_by_their_bytes(store: Store) -> None:
+    """Ids sort as their UTF-8 bytes (code points), whatever the database's collation
+    would say (a natural-language one puts "a" before "B")."""
+    ids = ["b", "B", "a", "_x", "A1", "é", "z"]
+    for i, name in enumerate(ids):
+        await store.agent_tokens.put(name, b"d" * 32, i)
+        await store.goals.put(name, "check", 1)
+        await store.runs.create(run_row(f"r-{name}", name, 5), record(STARTED, 5))
+    assert [r.agent_id for r in await store.agent_tokens.list_all()] == sorted(ids)
+    assert [g.session_id for g in await store.goals.list_all()] == sorted(ids)
+    # Agents whose newest runs started at the same time: by agent_id.
+    assert [a.agent_id for a in await store.runs.agents(10)] == sorted(ids)
+
+
 # ---------------------------------------------------------------- approvals
 
 

@@ -199,9 +199,10 @@ class PostgresDatabase:
             raise StoreUnavailable(f"store {where}: {_first_line(e)}") from None
 
         async def configure(conn: Connection) -> None:
-            # The server gives up on a statement (or a transaction left idle) as the
-            # client does, so nothing goes on holding locks after its caller has failed.
-            ms = str(round(timeout * 1000))
+            # The server gives up on a statement (or a transaction left idle) soon after
+            # the client does (the client's deadline comes first and names the timeout),
+            # so nothing goes on holding locks after its caller has failed.
+            ms = str(round(timeout * 1000) + 1000)
             await conn.execute(
                 "SELECT set_config('statement_timeout', %s, false),"
                 " set_config('idle_in_transaction_session_timeout', %s, false)",
