@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -251,8 +252,12 @@ async def traffic(
 
 
 async def test_a_postgresql_restart_fails_requests_clearly_then_they_work_again(
-    tmp_path: Path, postgres_server: PostgresServer, store_url: str
+    tmp_path: Path,
+    postgres_server: PostgresServer,
+    store_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO)
     timeout = 1.0
     config = make_config(tmp_path, store=store_url, store_timeout=timeout)
     async with running(config) as (core, channel):
@@ -300,3 +305,7 @@ async def test_a_postgresql_restart_fails_requests_clearly_then_they_work_again(
         assert before in {s.run_id for s in await summaries(reader, "bot")}
         await bot.close()
         await reader.close()
+    # The log says which store failed and why, never with its password.
+    assert "core: store postgresql://car:***@127.0.0.1:" in caplog.text
+    assert "failed: store postgresql://car:***@" in caplog.text
+    assert postgres_server.password not in caplog.text

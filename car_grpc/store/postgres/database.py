@@ -232,16 +232,18 @@ class PostgresDatabase:
         """Run `fn` in a transaction; returns once committed. StoreUnavailable when the
         server cannot be reached or the whole call takes longer than the store's timeout."""
         deadline = asyncio.timeout(self._timeout)
+        lost: list[str] = []  # why a first attempt failed, when it is retried
         self._busy += 1
         self._idle.clear()
         try:
             async with deadline:
-                return await self._run(fn)
+                return await self._run(fn, lost)
         except TimeoutError:
             if not deadline.expired():
                 raise
+            after = f" (connection lost: {lost[0]})" if lost else ""
             raise StoreUnavailable(
-                f"store {self.where}: no answer within {self._timeout:g}s"
+                f"store {self.where}: no answer within {self._timeout:g}s{after}"
             ) from None
         except psycopg.OperationalError as e:  # PoolTimeout and the server's going away too
             raise StoreUnavailable(f"store {self.where}: {_first_line(e)}") from None
@@ -254,7 +256,7 @@ class PostgresDatabase:
             if not self._busy:
                 self._idle.set()
 
-    async def _run(self, fn: Callable[[Cursor], Awaitable[T]]) -> T:
+    async def _run(self, fn: Callable[[Cursor], Awaitable[T]], lost: list[str]) -> T:
         for attempt in (1, 2):
             committing = broken = False
             try:
@@ -266,9 +268,10 @@ class PostgresDatabase:
                     finally:
                         broken = conn.broken
                 return result
-            except psycopg.OperationalError:
+            except psycopg.OperationalError as e:
                 if attempt == 2 or committing or not broken:
                     raise
+                lost.append(_first_line(e))
             # The server closed the connection (it restarted, or an administrator ended
             # the session) before this transaction committed: nothing of it took effect.
             # The pool's other idle connections likely went the same way: drop those that
