@@ -18,7 +18,13 @@ from car_grpc.core.server import Core
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.gateway import Gateway
 from car_grpc.serve import Server
-from car_grpc.store import StoreLocation, StoreUnavailable, open_store, store_location
+from car_grpc.store import (
+    StoreLocation,
+    StoreUnavailable,
+    StoreUrlError,
+    open_store,
+    store_location,
+)
 
 log = logging.getLogger("car_grpc")
 
@@ -160,7 +166,7 @@ async def _run_until_signalled(service: _Service) -> None:
 def _run(service: _Service) -> int:
     try:
         asyncio.run(_run_until_signalled(service))
-    except (OSError, StoreUnavailable) as e:  # e.g. a port already in use, a store down
+    except (OSError, StoreUnavailable, StoreUrlError) as e:  # a port in use, a store down
         print(f"car-grpc: {e}", file=sys.stderr)
         return 1
     return 0
@@ -213,7 +219,7 @@ async def _agents(args: argparse.Namespace) -> int:
         store = await open_store(
             config.state_root, config.store, pool_size=1, timeout=config.store_timeout
         )
-    except StoreUnavailable as e:
+    except (StoreUnavailable, StoreUrlError) as e:
         print(f"car-grpc: {e}", file=sys.stderr)
         return 1
     tokens = AgentTokens(store.agent_tokens)
@@ -324,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         url = args.store or os.environ.get("CAR_STORE", "").strip() or None
         try:
             store_location(url, Path())
-        except ValueError as e:
+        except StoreUrlError as e:
             parser.error(f"--store / CAR_STORE: {e}")
     result: int = args.func(args)
     return result

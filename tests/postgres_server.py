@@ -80,7 +80,9 @@ class PostgresServer:
         """initdb a new cluster in a temporary directory (not started)."""
         bindir = ensure_installed()
         user = "postgres" if os.geteuid() == 0 else None
-        root = Path(tempfile.mkdtemp(prefix="car-grpc-pg-"))
+        # Under /tmp when the server runs as another user: it must reach its directory
+        # (a TMPDIR under root's home would not let it).
+        root = Path(tempfile.mkdtemp(prefix="car-grpc-pg-", dir="/tmp" if user else None))
         server = cls(bindir=bindir, root=root, user=user)
         if user is not None:
             entry = pwd.getpwnam(user)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
 
-from car_grpc.store import StoreUnavailable, open_store
+from car_grpc.store import StoreUnavailable, StoreUrlError, open_store
 from car_grpc.store.postgres import PostgresStore
 from car_grpc.store.postgres.database import MIGRATIONS, Cursor
 from car_grpc.v1 import host_pb2
@@ -62,7 +63,8 @@ async def test_the_pool_is_bounded(postgres_server: PostgresServer, url: str) ->
         while True:
             rows = postgres_server.execute(
                 postgres_server.url(),
-                f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'",
+                "SELECT count(*) FROM pg_stat_activity"
+                f" WHERE datname = '{database}' AND application_name = 'car-grpc'",
             )
             seen.append(int(rows[0][0]))
             await asyncio.sleep(0.02)
@@ -76,7 +78,7 @@ async def test_the_pool_is_bounded(postgres_server: PostgresServer, url: str) ->
         sampler.cancel()
         await store.close()
     assert took >= 5 * 0.05  # ten sleeps, two at a time
-    assert seen and max(seen) <= 2
+    assert max(seen) == 2  # the store's connections, named in pg_stat_activity
 
 
 async def test_a_call_that_waits_too_long_fails_in_time(url: str) -> None:
@@ -114,3 +116,9 @@ async def test_an_unreachable_store_fails_to_open_naming_it_without_its_password
         await PostgresStore.open(wrong, timeout=2)
     for error in (refused.value, denied.value):
         assert secret not in str(error) and "not-the-password" not in str(error)
+
+
+async def test_a_url_libpq_cannot_parse_is_refused_before_connecting(tmp_path: Path) -> None:
+    with pytest.raises(StoreUrlError, match="nosuchoption") as refused:
+        await open_store(tmp_path, "postgresql://car:pw@127.0.0.1/x?nosuchoption=1")
+    assert "pw" not in str(refused.value)

@@ -86,8 +86,8 @@ class Core:
 
     async def _open_store(self) -> Store:
         """The store the config names (`store`, default the embedded file under
-        `state_root`); StoreUnavailable when it cannot be reached, ValueError for a URL
-        that names no store."""
+        `state_root`); StoreUnavailable when it cannot be reached, StoreUrlError for a
+        URL that names no store."""
         config = self.config
         where = store_location(config.store, config.state_root)
         store = await open_store(

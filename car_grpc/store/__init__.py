@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from car_grpc.store.location import StoreLocation, embedded_path, redact, store_location
+from car_grpc.store.location import (
+    StoreLocation,
+    StoreUrlError,
+    embedded_path,
+    redact,
+    store_location,
+)
 from car_grpc.store.repositories import (
     AgentTokenRow,
     AgentTokenStore,
@@ -40,7 +46,7 @@ async def open_store(
     """Open the store that `url` names (store_location: None is the embedded SQLite file
     under `state_root`). A PostgreSQL store keeps at most `pool_size` connections and
     bounds each call by `timeout` seconds; StoreUnavailable when it cannot be reached,
-    ValueError for a URL that names no store."""
+    StoreUrlError for a URL that names no store."""
     location = store_location(url, state_root)
     # Only the store that is opened loads (and with it its driver).
     if location.path is not None:
@@ -65,6 +71,7 @@ __all__ = [
     "StoreConflict",
     "StoreLocation",
     "StoreUnavailable",
+    "StoreUrlError",
     "database_path",
     "open_store",
     "redact",

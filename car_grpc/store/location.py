@@ -21,6 +21,10 @@ _SECRET_PARAMS = re.compile(r"(?i)(^|&)(password|sslpassword)=[^&]*")
 _MASK = "***"
 
 
+class StoreUrlError(ValueError):
+    """A store URL that names no store, or that the driver cannot parse (shown redacted)."""
+
+
 def embedded_path(state_root: Path) -> Path:
     """The embedded store's database file under a state root (`$CAR_HOME`)."""
     return state_root / "car-grpc" / "store.sqlite3"
@@ -43,8 +47,8 @@ class StoreLocation:
 
 
 def store_location(url: str | None, state_root: Path) -> StoreLocation:
-    """Parse a store URL (None or "": the embedded file under `state_root`); ValueError
-    for anything else than the forms in this module's docstring."""
+    """Parse a store URL (None or "": the embedded file under `state_root`);
+    StoreUrlError for anything else than the forms in this module's docstring."""
     if not url:
         return StoreLocation("sqlite", path=embedded_path(state_root))
     if url.startswith("sqlite:"):
@@ -52,14 +56,14 @@ def store_location(url: str | None, state_root: Path) -> StoreLocation:
         if raw.startswith("//"):  # sqlite:///abs/path, URL style
             raw = raw[2:]
         if not raw:
-            raise ValueError("store URL sqlite:PATH needs a PATH")
+            raise StoreUrlError("store URL sqlite:PATH needs a PATH")
         return StoreLocation("sqlite", path=Path(raw).expanduser())
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme in ("postgresql", "postgres"):
         return StoreLocation("postgresql", url=url)
     # Not echoed: what is not a URL may still hold a secret (`host=... password=...`).
     named = f"a {scheme}:// URL" if scheme.isalnum() else "not a store URL"
-    raise ValueError(
+    raise StoreUrlError(
         f"unknown store ({named}): give sqlite:PATH or "
         "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
     )

@@ -39,11 +39,12 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from car_grpc.clock import now_ms
-from car_grpc.store.location import redact
+from car_grpc.store.location import StoreUrlError, redact
 from car_grpc.store.repositories import StoreConflict, StoreUnavailable
 
 T = TypeVar("T")
@@ -185,10 +186,13 @@ class PostgresDatabase:
         """Connect to the database at `url`, migrate it, and open a pool of at most
         `pool_size` connections; StoreUnavailable when it cannot be reached in `timeout`."""
         where = redact(url)
-        connect_timeout = max(2, round(timeout))  # libpq's, in whole seconds
+        try:
+            conninfo = make_conninfo(url, **_connect_defaults(url, timeout))
+        except psycopg.ProgrammingError as e:  # a URL libpq cannot parse
+            raise StoreUrlError(f"store {where}: {_first_line(e)}") from None
         try:
             async with asyncio.timeout(max(timeout, 60.0)):  # a long migration may run
-                conn = await psycopg.AsyncConnection.connect(url, connect_timeout=connect_timeout)
+                conn = await psycopg.AsyncConnection.connect(conninfo)
                 try:
                     await migrate(conn)
                 finally:
@@ -211,12 +215,11 @@ class PostgresDatabase:
             await conn.commit()
 
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
-            url,
+            conninfo,
             min_size=min(2, pool_size),
             max_size=pool_size,
             timeout=timeout,
             reconnect_timeout=RECONNECT_WINDOW,
-            kwargs={"connect_timeout": connect_timeout},
             configure=configure,
             name="car-grpc-store",
             open=False,
@@ -327,6 +330,17 @@ async def migrate(conn: Connection) -> None:
                 (number + 1, now_ms()),
             )
             log.info("store: applied migration %d", number + 1)
+
+
+def _connect_defaults(url: str, timeout: float) -> dict[str, str | int]:
+    """Connection parameters the URL may set and otherwise get ours: libpq's connect
+    timeout (whole seconds) within the store's, and a name in pg_stat_activity."""
+    given = conninfo_to_dict(url)
+    defaults: dict[str, str | int] = {
+        "connect_timeout": max(2, round(timeout)),
+        "application_name": "car-grpc",
+    }
+    return {k: v for k, v in defaults.items() if k not in given}
 
 
 def _statements(script: str) -> list[str]:
