@@ -283,13 +283,26 @@ async def test_a_postgresql_restart_fails_requests_clearly_then_they_work_again(
         finally:
             await asyncio.to_thread(postgres_server.start)
         up_at = time.monotonic()
-        async with asyncio.timeout(15):  # the pool finds the server again
-            await until(lambda: outcomes[-1].began > up_at and outcomes[-1].error is None)
-            recovered = len(outcomes)
-            await until(lambda: len(outcomes) >= recovered + 20)
-        stop.set()
-        await load
 
+        def seen() -> str:
+            return f"down for {up_at - down_at:.2f}s; requests (began, took, error): " + str(
+                [
+                    (round(o.began - down_at, 2), round(o.took, 2), o.error and o.error.message)
+                    for o in outcomes
+                ]
+            )
+
+        try:
+            async with asyncio.timeout(15):  # the pool finds the server again
+                await until(lambda: outcomes[-1].began > up_at and outcomes[-1].error is None)
+                recovered = len(outcomes)
+                await until(lambda: len(outcomes) >= recovered + 20)
+        except TimeoutError:
+            raise AssertionError(f"no recovery: {seen()}") from None
+        finally:
+            stop.set()
+            await load
+        print(seen())  # shown when an assertion below fails
         failed = [o for o in outcomes if o.error is not None]
         assert failed, "no request met the outage"
         for o in failed:

@@ -278,8 +278,9 @@ class PostgresDatabase:
             # The server closed the connection (it restarted, or an administrator ended
             # the session) before this transaction committed: nothing of it took effect.
             # The pool's other idle connections likely went the same way: drop those that
-            # did, and try once more on a fresh one.
-            await self._pool.check()
+            # did, and try once more on a fresh one. Shielded: a check cut short by our
+            # deadline would leave the connections it took out neither back nor closed.
+            await asyncio.shield(self._pool.check())
         raise AssertionError("unreachable")
 
     async def size_bytes(self) -> int:
