@@ -1,8 +1,9 @@
 """The repository contract (car_grpc/store/repositories.py), against a real store.
 
-Every test takes its stores from the `backend` fixture, so a PostgreSQL implementation
-joins by adding a parameter there; nothing here knows SQL. `other` is a second,
-independent connection to the same store: what a write shows there has been committed.
+Every test takes its stores from the `backend` fixture and runs against each store: the
+embedded SQLite file and a new database of the test session's real PostgreSQL server
+(tests/postgres_server.py); nothing here knows SQL. `other` is a second, independent
+connection to the same store: what a write shows there has been committed.
 """
 
 from __future__ import annotations

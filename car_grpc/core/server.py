@@ -96,7 +96,8 @@ class Core:
             pool_size=config.store_pool_size,
             timeout=config.store_timeout,
         )
-        log.info("core: store %s", where)  # str() of a location has no password
+        if config.store:  # one named by --store / CAR_STORE (str() shows no password)
+            log.info("core: store %s", where)
         return store
 
     async def stop(self, grace: float = 1.0) -> None:
