@@ -1,4 +1,5 @@
-"""Shared fixtures: a real core on an ephemeral loopback port, with its state in tmp_path."""
+"""Shared fixtures: a real core on an ephemeral loopback port, with its state in tmp_path;
+and one real PostgreSQL server for the session, for the tests that ask for it."""
 
 from __future__ import annotations
 
