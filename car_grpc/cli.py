@@ -18,12 +18,30 @@ from car_grpc.core.server import Core
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.gateway import Gateway
 from car_grpc.serve import Server
-from car_grpc.store import database_path, open_store
+from car_grpc.store import (
+    StoreLocation,
+    StoreUnavailable,
+    StoreUrlError,
+    open_store,
+    store_location,
+)
 
 log = logging.getLogger("car_grpc")
 
 
+STORE_HELP = (
+    "the store: sqlite:PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE (default: the "
+    "SQLite file under $CAR_HOME; or CAR_STORE). A password may also come from libpq's "
+    "PGPASSWORD or ~/.pgpass instead of the URL"
+)
+
+
+def _add_store_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", metavar="URL", help=STORE_HELP)
+
+
 def _add_core_flags(p: argparse.ArgumentParser) -> None:
+    _add_store_flag(p)
     p.add_argument("--grpc-host", help="gRPC listen address (default 127.0.0.1)")
     p.add_argument("--grpc-port", type=int, help="gRPC port (default 9102; 0 picks a free one)")
     p.add_argument("--no-auth", action="store_true", help="disable auth (or CAR_NO_AUTH=1)")
@@ -78,6 +96,7 @@ def config_from(args: argparse.Namespace) -> Config:
     config = Config.from_env()
     config = config.with_overrides(
         **_given(
+            store=flag("store") or None,
             grpc_host=flag("grpc_host") or None,
             grpc_port=flag("grpc_port"),
             auth=False if flag("no_auth") else None,
@@ -147,7 +166,7 @@ async def _run_until_signalled(service: _Service) -> None:
 def _run(service: _Service) -> int:
     try:
         asyncio.run(_run_until_signalled(service))
-    except OSError as e:  # e.g. a port already in use
+    except (OSError, StoreUnavailable, StoreUrlError) as e:  # a port in use, a store down
         print(f"car-grpc: {e}", file=sys.stderr)
         return 1
     return 0
@@ -168,16 +187,20 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     return _run(Gateway(config.gateway, args.core))
 
 
-def _store_note(config: CoreConfig, new: bool) -> str:
+def _store_note(config: CoreConfig, location: StoreLocation, new: bool) -> str:
     """Which store an `agents` command used: a server honours the tokens of its own store
-    only, the one under its CAR_HOME (a token minted elsewhere fails `token mismatch`)."""
-    home = os.environ.get("CAR_HOME")
-    where = f"CAR_HOME={home}" if home else f"CAR_HOME unset, so {config.state_root}"
-    note = f"car-grpc: agent tokens of the store {database_path(config.state_root)} ({where})"
+    only (a token minted elsewhere fails `token mismatch`). Never the store's password."""
+    if config.store:
+        note = f"car-grpc: agent tokens of the store {location} (--store or CAR_STORE)"
+    else:
+        home = os.environ.get("CAR_HOME")
+        where = f"CAR_HOME={home}" if home else f"CAR_HOME unset, so {config.state_root}"
+        note = f"car-grpc: agent tokens of the store {location.path} ({where})"
     if new:
+        own = "its own store (its --store)" if config.store else "the store under its own CAR_HOME"
         note += (
-            "\ncar-grpc: that store did not exist before: a server honours only the agent tokens "
-            "of the store under its own CAR_HOME"
+            "\ncar-grpc: that store did not exist before: a server honours only the agent "
+            f"tokens of {own}"
         )
     return note
 
@@ -189,12 +212,19 @@ def _cmd_agents(args: argparse.Namespace) -> int:
 
 
 async def _agents(args: argparse.Namespace) -> int:
-    config = Config.from_env().core
-    new = not database_path(config.state_root).exists()
-    store = await open_store(config.state_root)
+    config = config_from(args).core
+    location = store_location(config.store, config.state_root)
+    new = location.path is not None and not location.path.exists()
+    try:
+        store = await open_store(
+            config.state_root, config.store, pool_size=1, timeout=config.store_timeout
+        )
+    except (StoreUnavailable, StoreUrlError) as e:
+        print(f"car-grpc: {e}", file=sys.stderr)
+        return 1
     tokens = AgentTokens(store.agent_tokens)
     # On stderr: stdout stays the token alone (add) or the listing (list).
-    print(_store_note(config, new), file=sys.stderr)
+    print(_store_note(config, location, new), file=sys.stderr)
     try:
         if args.agents_cmd == "add":
             print(await tokens.add(args.agent_id))
@@ -205,6 +235,9 @@ async def _agents(args: argparse.Namespace) -> int:
         else:
             for row in await tokens.list():
                 print(f"{row.agent_id}\t{row.created_at}")
+    except StoreUnavailable as e:
+        print(f"car-grpc: {e}", file=sys.stderr)
+        return 1
     finally:
         await store.close()
     return 0
@@ -221,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the server: the gRPC core and the WebSocket gateway in one process",
         description="Run the gRPC core and the WebSocket JSON-RPC gateway in one process, "
-        "with the embedded store and the token files under $CAR_HOME. Logs one line per "
+        "with its store (the SQLite file under $CAR_HOME unless --store names another) and "
+        "the token files under $CAR_HOME. Logs one line per "
         "listener; SIGINT/SIGTERM stop it cleanly (token files removed, store closed).",
     )
     _add_ws_flags(
@@ -263,9 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     agents = sub.add_parser(
         "agents",
         help="manage per-agent tokens",
-        description="Manage per-agent tokens in the store under $CAR_HOME (default ~/.car): "
-        "run with the CAR_HOME of the server that is to honour them. Each command names "
-        "the store it used on stderr.",
+        description="Manage per-agent tokens in the store under $CAR_HOME (default ~/.car), "
+        "or the one --store / CAR_STORE names: run with the store of the server that is to "
+        "honour them. Each command names the store it used on stderr (never its password).",
     )
     agents_sub = agents.add_subparsers(dest="agents_cmd", required=True)
     add = agents_sub.add_parser(
@@ -274,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("agent_id")
     remove = agents_sub.add_parser("remove", help="revoke an agent's token")
     remove.add_argument("agent_id")
-    agents_sub.add_parser("list", help="list agents that have a token")
+    listing = agents_sub.add_parser("list", help="list agents that have a token")
+    for command in (add, remove, listing):
+        _add_store_flag(command)
     agents.set_defaults(func=_cmd_agents)
     return parser
 
@@ -290,6 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (getattr(args, cert, None) is None) != (getattr(args, key, None) is None):
             flags = f"--{cert.replace('_', '-')} and --{key.replace('_', '-')}"
             parser.error(f"{flags} go together")
+    if hasattr(args, "store"):  # a command that opens the store: check its URL first
+        url = args.store or os.environ.get("CAR_STORE", "").strip() or None
+        try:
+            store_location(url, Path())
+        except StoreUrlError as e:
+            parser.error(f"--store / CAR_STORE: {e}")
     result: int = args.func(args)
     return result
 

@@ -3,9 +3,9 @@
 `CoreConfig`, `GatewayConfig` and `DashboardConfig` hold what each component needs and
 nothing else; `Config` groups them for `car-grpc serve`. Each field is declared once, with
 its default; `Config.from_env()` reads the environment variables of docs/protocol.md
-(CAR_HOME, CAR_NO_AUTH, CAR_NO_APPROVALS, CAR_TOOL_TIMEOUT, ...) and the CLI applies its
-flags with `with_overrides`, which refuses a name no section has. Nothing mutates a
-config once built: a component keeps the one it was given.
+(CAR_HOME, CAR_STORE, CAR_NO_AUTH, CAR_NO_APPROVALS, CAR_TOOL_TIMEOUT, ...) and the CLI
+applies its flags with `with_overrides`, which refuses a name no section has. Nothing
+mutates a config once built: a component keeps the one it was given.
 """
 
 from __future__ import annotations
@@ -107,6 +107,16 @@ class CoreConfig:
 
     #: Where the embedded store lives (`$CAR_HOME`, default `~/.car`).
     state_root: Path = field(default_factory=default_state_root)
+    #: The store (--store, CAR_STORE): None for the embedded SQLite file under state_root,
+    #: `sqlite:PATH` for another SQLite file, or a PostgreSQL connection URL,
+    #: `postgresql://USER:PASSWORD@HOST:PORT/DATABASE`. It may hold a password: left out of
+    #: the config's repr, and shown everywhere else through car_grpc.store.redact.
+    store: str | None = field(default=None, repr=False)
+    #: Connections the PostgreSQL store holds at most (its pool's bound).
+    store_pool_size: int = 10
+    #: Seconds one call to the PostgreSQL store may take, waiting for a connection
+    #: included; then it fails and the request is answered -32603 (UNAVAILABLE).
+    store_timeout: float = 10.0
     #: Where the daemon and host token files are written.
     token_dir: Path = field(default_factory=default_token_dir)
     #: Require session.auth (off with --no-auth / CAR_NO_AUTH=1).
@@ -298,7 +308,7 @@ class Config:
     def from_env(cls) -> Config:
         """The defaults, with what the environment sets (docs/protocol.md: CAR_NO_AUTH,
         CAR_NO_APPROVALS, CAR_TOOL_TIMEOUT, CAR_HANDLER_TIMEOUT, CAR_APPROVAL_TIMEOUT,
-        CAR_GATED_METHODS; CAR_HOME through the path defaults)."""
+        CAR_GATED_METHODS, CAR_STORE; CAR_HOME through the path defaults)."""
         defaults = CoreConfig()
         overrides: dict[str, object] = {
             "gated_methods": defaults.gated_methods | _env_methods("CAR_GATED_METHODS")
@@ -307,6 +317,8 @@ class Config:
             overrides["auth"] = False
         if _env_flag("CAR_NO_APPROVALS"):
             overrides["approvals"] = False
+        if store := os.environ.get("CAR_STORE", "").strip():
+            overrides["store"] = store
         for name, variable in (
             ("tool_timeout", "CAR_TOOL_TIMEOUT"),
             ("handler_timeout", "CAR_HANDLER_TIMEOUT"),

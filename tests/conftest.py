@@ -1,8 +1,9 @@
-"""Shared fixtures: a real core on an ephemeral loopback port, with its state in tmp_path."""
+"""Shared fixtures: a real core on an ephemeral loopback port, with its state in tmp_path;
+and one real PostgreSQL server for the session, for the tests that ask for it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -10,6 +11,7 @@ import pytest
 
 from car_grpc.config import Config
 from car_grpc.core.server import Core
+from tests.postgres_server import PostgresServer
 
 
 def make_config(root: Path, **overrides: object) -> Config:
@@ -44,3 +46,15 @@ async def core(config: Config) -> AsyncIterator[Core]:
 async def channel(core: Core) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(core.grpc_address) as ch:
         yield ch
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the whole test session (tests/postgres_server.py),
+    installed when missing and started the first time a test asks for it."""
+    server = PostgresServer.create()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()

@@ -1,8 +1,9 @@
 """The repository contract (car_grpc/store/repositories.py), against a real store.
 
-Every test takes its stores from the `backend` fixture, so a PostgreSQL implementation
-joins by adding a parameter there; nothing here knows SQL. `other` is a second,
-independent connection to the same store: what a write shows there has been committed.
+Every test takes its stores from the `backend` fixture and runs against each store: the
+embedded SQLite file and a new database of the test session's real PostgreSQL server
+(tests/postgres_server.py); nothing here knows SQL. `other` is a second, independent
+connection to the same store: what a write shows there has been committed.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from car_grpc.store import RunRow, Store, StoreConflict
+from car_grpc.store.postgres import PostgresStore
 from car_grpc.store.sqlite import SqliteStore
 from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, voice_pb2
+from tests.postgres_server import PostgresServer
 
 PENDING = host_pb2.APPROVAL_STATUS_PENDING
 APPROVED = host_pb2.APPROVAL_STATUS_APPROVED
@@ -41,10 +44,15 @@ class Backend:
     open: Callable[[], Awaitable[Store]]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    assert request.param == "sqlite"
-    return Backend(lambda: SqliteStore.open(tmp_path / "store.sqlite3"))
+    """The embedded SQLite file, or a new database of the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return Backend(lambda: SqliteStore.open(tmp_path / "store.sqlite3"))
+    assert request.param == "postgres"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    url = server.create_database()
+    return Backend(lambda: PostgresStore.open(url, pool_size=4, timeout=10))
 
 
 @pytest.fixture
@@ -107,6 +115,20 @@ async def test_agent_tokens_list_by_id_with_mint_time(store: Store) -> None:
     await tokens.put("amy", b"n" * 32, 4)
     rows = await tokens.list_all()
     assert [(r.agent_id, r.created_at) for r in rows] == [("amy", 4), ("kim", 2), ("zed", 3)]
+
+
+async def test_listings_sort_ids_by_their_bytes(store: Store) -> None:
+    """Ids sort as their UTF-8 bytes (code points), whatever the database's collation
+    would say (a natural-language one puts "a" before "B")."""
+    ids = ["b", "B", "a", "_x", "A1", "é", "z"]
+    for i, name in enumerate(ids):
+        await store.agent_tokens.put(name, b"d" * 32, i)
+        await store.goals.put(name, "check", 1)
+        await store.runs.create(run_row(f"r-{name}", name, 5), record(STARTED, 5))
+    assert [r.agent_id for r in await store.agent_tokens.list_all()] == sorted(ids)
+    assert [g.session_id for g in await store.goals.list_all()] == sorted(ids)
+    # Agents whose newest runs started at the same time: by agent_id.
+    assert [a.agent_id for a in await store.runs.agents(10)] == sorted(ids)
 
 
 # ---------------------------------------------------------------- approvals

@@ -4,8 +4,9 @@ A domain that must finish something although the request that started it may go 
 (a commit under a run's lock, a notice to a speech engine, a goal's status) hands it to
 its `Background`. Every task is kept until it ends (asyncio holds only weak references to
 tasks) and `drain` waits for what is left at shutdown. A failure is logged once: a
-CarError that a client caused at debug level (the client hears of it in its answer), any
-other exception with its traceback (a fault of the server).
+CarError that a client caused at debug level (the client hears of it in its answer), a
+store that could not be reached as one warning line (no fault of this code), any other
+exception with its traceback (a fault of the server).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from car_grpc.store import StoreUnavailable
 from car_grpc.wire.errors import CarError
 
 T = TypeVar("T")
@@ -46,6 +48,8 @@ class Background:
             return
         if isinstance(error, CarError) and error.client_error:
             self._log.debug("refused: %s", error.message)
+        elif isinstance(error, StoreUnavailable):
+            self._log.warning("background work failed: %s", error)
         else:
             self._log.error("background work failed", exc_info=error)
 

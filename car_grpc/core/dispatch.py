@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.router import Reply, Router
+from car_grpc.store import StoreUnavailable
 from car_grpc.v1 import options_pb2
 from car_grpc.wire import api
 from car_grpc.wire.errors import (
@@ -28,6 +29,7 @@ from car_grpc.wire.errors import (
     METHOD_NOT_FOUND,
     CarError,
     permission_denied,
+    unavailable,
 )
 
 if TYPE_CHECKING:
@@ -38,6 +40,13 @@ log = logging.getLogger(__name__)
 #: `gate(session, method, request)`: returns when the request may run, raises CarError
 #: when it may not (the approval gate).
 Gate = Callable[["ClientSession", str, Message], Awaitable[None]]
+
+
+def store_unavailable(method: str, error: StoreUnavailable) -> CarError:
+    """What a request that met an unreachable store answers: -32603 (UNAVAILABLE on typed
+    RPCs), naming no part of the store's address; the log has the store's own message."""
+    log.warning("%s failed: %s", method, error)
+    return unavailable(f"{method} failed: the store is unavailable, try again later")
 
 
 class AuthRequired(CarError):
@@ -131,6 +140,8 @@ class Dispatcher:
                 return await handler(session, request)
         except CarError:
             raise
+        except StoreUnavailable as e:
+            raise store_unavailable(method, e) from None
         except TimeoutError as e:
             if deadline.expired():
                 limit = self._handler_timeout

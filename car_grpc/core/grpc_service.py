@@ -20,11 +20,12 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from car_grpc.core.authentication import Authentication
-from car_grpc.core.dispatch import AuthRequired, Dispatcher
+from car_grpc.core.dispatch import AuthRequired, Dispatcher, store_unavailable
 from car_grpc.core.reflection import add_reflection
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.router import GrpcOnlyHandler, Reply
 from car_grpc.core.session import ClientSession, Role, SessionClosed
+from car_grpc.store import StoreUnavailable
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import api
 from car_grpc.wire.errors import INVALID_REQUEST, CarError
@@ -319,6 +320,9 @@ class GrpcService:
             except CarError as e:
                 await _abort(context, e)
                 raise AssertionError("unreachable") from None
+            except StoreUnavailable as e:  # authenticating the call (an agent's token)
+                await _abort(context, store_unavailable(api.CLIENT_MEMBERS[member].method, e))
+                raise AssertionError("unreachable") from None
             if isinstance(result, Reply):
                 result.then()  # the answer travels apart from any session stream: start now
                 return result.message
@@ -342,6 +346,8 @@ class GrpcService:
                         yield item
             except CarError as e:
                 await _abort(context, e)
+            except StoreUnavailable as e:
+                await _abort(context, store_unavailable(rpc.method, e))
 
         return call
 
@@ -358,6 +364,8 @@ class GrpcService:
                     return await handler(session, request)
             except CarError as e:
                 await _abort(context, e)
+            except StoreUnavailable as e:
+                await _abort(context, store_unavailable(method.full_name, e))
 
         async def bidi(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             try:
@@ -366,6 +374,8 @@ class GrpcService:
                     await handler(session, _ContextStream(context))
             except CarError as e:
                 await _abort(context, e)
+            except StoreUnavailable as e:
+                await _abort(context, store_unavailable(method.full_name, e))
 
         if not method.client_streaming and not method.server_streaming:
             return grpc.unary_unary_rpc_method_handler(

@@ -20,7 +20,7 @@ from car_grpc.config import CoreConfig
 from car_grpc.core.grpc_service import add_health_and_reflection
 from car_grpc.core.tokens import ServerTokens
 from car_grpc.core.wiring import CoreParts, wire
-from car_grpc.store import Store, open_store
+from car_grpc.store import Store, open_store, store_location
 from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,17 @@ class Core:
         return f"{self.config.grpc_host}:{self.grpc_port}"
 
     async def start(self) -> None:
-        store = self._store or await open_store(self.config.state_root)
+        store = self._store or await self._open_store()
         tokens = ServerTokens.mint(self.config.token_dir) if self.config.auth else None
-        self.parts = parts = await wire(self.config, store, tokens)
+        try:
+            # Wiring reads and repairs the store (runs left open end `incomplete`).
+            self.parts = parts = await wire(self.config, store, tokens)
+        except BaseException:
+            if tokens is not None:
+                tokens.remove_files()
+            if self._owns_store:
+                await store.close()
+            raise
         server = grpc.aio.server(
             options=[
                 *MESSAGE_SIZE_OPTIONS,
@@ -75,6 +83,22 @@ class Core:
         await server.start()
         self._server = server
         log.info("core: gRPC%s listening on %s", " (TLS)" if credentials else "", self.grpc_address)
+
+    async def _open_store(self) -> Store:
+        """The store the config names (`store`, default the embedded file under
+        `state_root`); StoreUnavailable when it cannot be reached, StoreUrlError for a
+        URL that names no store."""
+        config = self.config
+        where = store_location(config.store, config.state_root)
+        store = await open_store(
+            config.state_root,
+            config.store,
+            pool_size=config.store_pool_size,
+            timeout=config.store_timeout,
+        )
+        if config.store:  # one named by --store / CAR_STORE (str() shows no password)
+            log.info("core: store %s", where)
+        return store
 
     async def stop(self, grace: float = 1.0) -> None:
         parts, self.parts = self.parts, None

@@ -1,13 +1,21 @@
 """Durable state: the repository Protocols (repositories.py) and where a store is opened.
 
 The core imports the Protocols; only `open_store` (called where the core starts, and by
-the CLI) chooses an implementation.
+the CLI) chooses an implementation, from the store URL (location.py): the embedded SQLite
+database (sqlite/) or PostgreSQL (postgres/).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from car_grpc.store.location import (
+    StoreLocation,
+    StoreUrlError,
+    embedded_path,
+    redact,
+    store_location,
+)
 from car_grpc.store.repositories import (
     AgentTokenRow,
     AgentTokenStore,
@@ -19,19 +27,35 @@ from car_grpc.store.repositories import (
     RunStore,
     Store,
     StoreConflict,
+    StoreUnavailable,
 )
 
 
 def database_path(state_root: Path) -> Path:
     """The embedded store's database file under a state root (`$CAR_HOME`)."""
-    return state_root / "car-grpc" / "store.sqlite3"
+    return embedded_path(state_root)
 
 
-async def open_store(state_root: Path) -> Store:
-    """Open the store of a state root: today the embedded SQLite database in it."""
-    from car_grpc.store.sqlite import SqliteStore  # only the store that is opened loads
+async def open_store(
+    state_root: Path,
+    url: str | None = None,
+    *,
+    pool_size: int = 10,
+    timeout: float = 10.0,
+) -> Store:
+    """Open the store that `url` names (store_location: None is the embedded SQLite file
+    under `state_root`). A PostgreSQL store keeps at most `pool_size` connections and
+    bounds each call by `timeout` seconds; StoreUnavailable when it cannot be reached,
+    StoreUrlError for a URL that names no store."""
+    location = store_location(url, state_root)
+    # Only the store that is opened loads (and with it its driver).
+    if location.path is not None:
+        from car_grpc.store.sqlite import SqliteStore
 
-    return await SqliteStore.open(database_path(state_root))
+        return await SqliteStore.open(location.path)
+    from car_grpc.store.postgres import PostgresStore
+
+    return await PostgresStore.open(location.url, pool_size=pool_size, timeout=timeout)
 
 
 __all__ = [
@@ -45,6 +69,11 @@ __all__ = [
     "RunStore",
     "Store",
     "StoreConflict",
+    "StoreLocation",
+    "StoreUnavailable",
+    "StoreUrlError",
     "database_path",
     "open_store",
+    "redact",
+    "store_location",
 ]

@@ -12,6 +12,11 @@ the embedded database, and a PostgreSQL store implements the same contract:
   goals of chats) serializes its own calls.
 - A call that contradicts the stored state (a duplicate key, a run not at the record the
   caller thinks) raises StoreConflict, never a driver's exception.
+- A call the store could not carry out in time (a database server that went away, is
+  restarting or does not answer) raises StoreUnavailable, within the store's timeout:
+  none waits forever. A read or a write that failed before its commit left nothing; one
+  that failed at its commit may or may not have taken effect. Later calls work again
+  once the store is back.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, voice_pb2
 class StoreConflict(RuntimeError):
     """A write did not match the stored state: a bug of the caller, which serializes its
     writes and never reuses a key."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The store could not be reached, or did not answer within its timeout. The core
+    answers the request with -32603 (UNAVAILABLE on typed RPCs); retrying later may work."""
 
 
 # ---------------------------------------------------------------- agent tokens

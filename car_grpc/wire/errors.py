@@ -168,6 +168,18 @@ def resource_exhausted(message: str) -> CarError:
     )
 
 
+def unavailable(message: str) -> CarError:
+    """-32603, UNAVAILABLE on typed RPCs: something the server depends on (its store) cannot
+    be reached right now; the same request may succeed later."""
+    return CarError(
+        INTERNAL,
+        message,
+        status=grpc.StatusCode.UNAVAILABLE,
+        reason="UNAVAILABLE",
+        client_error=False,
+    )
+
+
 def failed_precondition(code: int, message: str) -> CarError:
     """The request is well formed but the thing it acts on is in the wrong state (a run
     that has ended, an approval already resolved): FAILED_PRECONDITION on typed RPCs."""

@@ -1,0 +1,208 @@
+"""A real PostgreSQL server for the tests: Debian's postgresql package, a throwaway cluster.
+
+`scripts/setup_postgres.sh` installs the package when missing (as `./dev test` does) and
+prints where its programs are. `PostgresServer.start()` runs initdb into a temporary
+directory and starts the server on a free loopback port (TCP only, password auth); `stop`
+removes it all. PostgreSQL refuses to run as root: as root (CI), the cluster belongs to
+the `postgres` system user (created by the package) and every server program runs as it;
+otherwise as the current user.
+
+The cluster sorts text with an ICU collation (not byte order), so that a store that forgot
+its own collation is caught by the ordering tests. fsync is off: a crash of the machine
+during the tests is not what they test, and commits still wait for the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+SETUP = ROOT / "scripts" / "setup_postgres.sh"
+#: The superuser role of the test cluster (its password is random per cluster).
+ROLE = "car"
+
+
+def ensure_installed() -> Path:
+    """Install PostgreSQL when missing (idempotent, quick when present); its bin directory."""
+    done = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"{SETUP.name} failed:\n{done.stdout}\n{done.stderr}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class PostgresServer:
+    """One throwaway cluster: its programs, its directory and its port."""
+
+    bindir: Path
+    root: Path
+    port: int = 0
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    #: The OS user the server runs as (None: the current one).
+    user: str | None = None
+    _names: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "server.log"
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{ROLE}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def create(cls) -> PostgresServer:
+        """initdb a new cluster in a temporary directory (not started)."""
+        bindir = ensure_installed()
+        user = "postgres" if os.geteuid() == 0 else None
+        # Under /tmp when the server runs as another user: it must reach its directory
+        # (a TMPDIR under root's home would not let it).
+        root = Path(tempfile.mkdtemp(prefix="car-grpc-pg-", dir="/tmp" if user else None))
+        server = cls(bindir=bindir, root=root, user=user)
+        if user is not None:
+            entry = pwd.getpwnam(user)
+            os.chown(root, entry.pw_uid, entry.pw_gid)
+        pwfile = root / "pwfile"
+        pwfile.write_text(server.password + "\n")
+        if user is not None:
+            os.chown(pwfile, pwd.getpwnam(user).pw_uid, -1)
+        pwfile.chmod(0o600)
+        server._run(
+            "initdb",
+            "--pgdata",
+            str(server.data),
+            "--username",
+            ROLE,
+            "--pwfile",
+            str(pwfile),
+            "--auth",
+            "scram-sha-256",
+            "--encoding",
+            "UTF8",
+            "--locale",
+            "C.UTF-8",
+            "--locale-provider",
+            "icu",
+            "--icu-locale",
+            "en",
+            "--no-sync",
+        )
+        pwfile.unlink()
+        return server
+
+    def start(self) -> None:
+        """Start the server on a free loopback port (the same port again after a stop)."""
+        for attempt in range(3):
+            if not self.port or attempt:
+                self.port = _free_port()
+            options = " ".join(
+                (
+                    f"-p {self.port}",
+                    "-c listen_addresses=127.0.0.1",
+                    "-c unix_socket_directories=''",
+                    "-c fsync=off",
+                    "-c full_page_writes=off",
+                    "-c max_connections=200",
+                    "-c shared_buffers=32MB",
+                )
+            )
+            done = self._run(
+                "pg_ctl",
+                "start",
+                "--wait",
+                "--timeout=30",
+                "--pgdata",
+                str(self.data),
+                "--log",
+                str(self.log),
+                "-o",
+                options,
+                check=False,
+            )
+            if done.returncode == 0:
+                return
+        raise RuntimeError(f"PostgreSQL did not start:\n{self.log_tail()}")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (`fast`: sessions are ended, as a restart by an administrator
+        would; `immediate`: as a crash)."""
+        self._run("pg_ctl", "stop", "--wait", "--pgdata", str(self.data), "--mode", mode)
+
+    def destroy(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def log_tail(self, lines: int = 40) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    # ------------------------------------------------------------ databases
+
+    def create_database(self, prefix: str = "t") -> str:
+        """A new empty database; its URL."""
+        name = f"{prefix}_{os.getpid()}_{next(self._names)}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"'.encode())
+        return self.url(name)
+
+    def execute(self, database_url: str, query: str) -> list[tuple[Any, ...]]:
+        """Run one statement on a database; its rows (none for a statement without)."""
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            cur = conn.execute(query.encode())
+            return cur.fetchall() if cur.description else []
+
+    # ------------------------------------------------------------ helpers
+
+    def _run(
+        self, program: str, *args: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [str(self.bindir / program), *args]
+        if self.user is not None:
+            # Not subprocess's user=: that forks the whole process, and a fork of a process
+            # with gRPC's threads running crashes (in the child, and it upsets the parent).
+            runuser = shutil.which("runuser") or "/usr/sbin/runuser"  # util-linux
+            argv = [runuser, "-u", self.user, "--", *argv]
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=self.root,  # the server's user may not enter the caller's directory
+            env={
+                "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+                "LC_ALL": "C.UTF-8",
+            },
+        )
+        if check and done.returncode != 0:
+            raise RuntimeError(
+                f"{program} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}\n"
+                f"{self.log_tail()}"
+            )
+        return done
