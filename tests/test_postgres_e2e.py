@@ -29,7 +29,8 @@ from car_grpc.wire.errors import INTERNAL, CarError
 from tests.conftest import make_config
 from tests.error_details import error_info
 from tests.postgres_server import PostgresServer
-from tests.runs_helpers import agent, complete, host, record, start, summaries, trace, turns
+from tests.roles import agent, host_role
+from tests.runs_helpers import complete, record, start, summaries, trace, turns
 from tests.session_client import SessionClient, connect
 
 CAR_GRPC = str(Path(sys.executable).with_name("car-grpc"))
@@ -83,7 +84,7 @@ async def test_runs_are_recorded_and_read_back_after_a_core_restart(
     assert not embedded_file(config).exists()
 
     async with running(config) as (core, channel):
-        reader = await host(core, channel)
+        reader = await host_role(core, channel)
         listed = {s.run_id: s for s in await summaries(reader, "bot")}
         assert (listed[done].status, listed[done].turn_count) == (runs_pb2.RUN_STATUS_COMPLETED, 3)
         # Left open when the first core went away: ended `incomplete`, its turns kept.
@@ -262,7 +263,7 @@ async def test_a_postgresql_restart_fails_requests_clearly_then_they_work_again(
     config = make_config(tmp_path, store=store_url, store_timeout=timeout)
     async with running(config) as (core, channel):
         bot = await agent(core, channel, "bot")
-        reader = await host(core, channel)
+        reader = await host_role(core, channel)
         before = await start(bot, "acknowledged before the restart")
         outcomes: list[Outcome] = []
         stop = asyncio.Event()
