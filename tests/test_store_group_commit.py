@@ -90,8 +90,11 @@ class Gate:
         """Wait until the store thread is inside the gate."""
         assert await asyncio.to_thread(self._entered.wait, 10)
 
-    async def open(self) -> None:
+    def release(self) -> None:
         self._released.set()
+
+    async def open(self) -> None:
+        self.release()
         await self.task
 
 
@@ -315,6 +318,29 @@ async def test_a_call_that_finds_no_room_in_time_fails(path: Path) -> None:
             with pytest.raises(TimeoutError):
                 await db.write(lambda _: None)
         await db.write(lambda _: None)  # room again
+    finally:
+        await db.close()
+
+
+async def test_a_call_that_waits_too_long_fails_and_may_still_be_done(path: Path) -> None:
+    db = await SqliteDatabase.open(path, GroupLimits(call_timeout=0.3))
+    try:
+        gate = Gate(db)
+        await gate.closed()
+        with pytest.raises(TimeoutError):
+            await db.write(
+                lambda conn: conn.execute("INSERT INTO agent_tokens VALUES ('late', x'00', 1)")
+            )
+        gate.release()
+        with pytest.raises(TimeoutError):
+            await gate.task  # it waited too long as well
+        await db.write(lambda _: None)  # committed with the late one or after it
+        # Done after all, and committed: unacknowledged, which the contract allows (an
+        # acknowledged write that is not committed it does not).
+        rows = await db.read(
+            lambda conn: conn.execute("SELECT agent_id FROM agent_tokens").fetchall()
+        )
+        assert rows == [("late",)]
     finally:
         await db.close()
 

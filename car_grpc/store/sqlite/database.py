@@ -141,6 +141,10 @@ class GroupLimits:
     #: Seconds the store thread waits for more writes after the first of a group (0: no
     #: timer, a group is whatever was queued when the thread became free).
     window: float = 0.0
+    #: How long a caller waits for its call before it gives up with TimeoutError (well
+    #: past SQLite's busy_timeout). The call may still be done later: a write is then
+    #: committed without having been acknowledged, never the other way round.
+    call_timeout: float = 120.0
 
 
 #: What a write is counted as when its caller gives no size.
@@ -242,13 +246,16 @@ class SqliteDatabase:
             await self._wait_for_room(size)
         future = self._loop.create_future()
         call = _Call(fn, write, size, future)
-        self._pending += 1
-        self._pending_bytes += size
         queue = self._queue
         with queue.wake:
+            if queue.closing:  # closing, or the store thread is gone
+                raise RuntimeError("the store is closed")
             queue.calls.append(call)
             queue.wake.notify()
-        return await future
+        self._pending += 1
+        self._pending_bytes += size
+        async with asyncio.timeout(self.limits.call_timeout):
+            return await future
 
     def _fits(self, size: int) -> bool:
         limits = self.limits
