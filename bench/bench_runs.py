@@ -3,8 +3,10 @@
 `car-grpc serve` (gateway + core, auth on, its own CAR_HOME) runs in its own process. An
 agent records batches of 1, 16 and 256 turns, one batch at a time (each acknowledged
 only once committed with synchronous=FULL), on runs of up to 2000 turns; a host session
-subscribes to every run and must see every turn. Reported: turns per second and the p50
-latency of one batch.
+subscribes to every run and must see every turn. Then 16 agents, each on its own
+connection and its own run, record batches of 1 at once (one in flight each): what
+concurrent durable writes make of the store (group commit). Reported: turns per second
+and the p50 latency of one batch.
 
 Two baselines, measured in the same run:
 
@@ -12,6 +14,9 @@ Two baselines, measured in the same run:
   synchronous=FULL, one transaction per batch), in this process: the cost of the disk;
 - `echo`: the same record_turns frames sent to a bare `websockets` echo server in its own
   process: the cost of the WebSocket round trip.
+
+The 16 concurrent recorders are compared with one recorder of batch 1 (target: at least
+5x its turns/s) and with raw SQLite committing one turn per transaction, from the same run.
 
     python -m bench bench_runs          (or ./dev bench bench_runs)
 """
@@ -40,6 +45,9 @@ BATCH_SIZES = (1, 16, 256)
 #: Turns recorded per batch size (and per baseline).
 TURNS = {1: 2000, 16: 8000, 256: 20480}
 MAX_TURNS_PER_RUN = 2000
+#: Concurrent recorders of batch 1, and the turns each records (one run each).
+RECORDERS = 16
+TURNS_PER_RECORDER = 400
 
 
 def turn(i: int) -> dict[str, Any]:
@@ -171,6 +179,39 @@ async def bench_car_grpc(
     return figures(total, sum(latencies), latencies), delivery
 
 
+async def bench_concurrent(agents: list[Client], watcher: Client) -> tuple[Figures, Delivery]:
+    """Every agent records TURNS_PER_RECORDER turns in batches of 1 on its own run, all at
+    once, one batch in flight each; the watcher is subscribed to every run."""
+    events, gaps = watcher.events, watcher.gaps
+    run_ids = []
+    for agent in agents:
+        run_id = (await agent.call("runs.start", {"intent": "bench concurrent"}))["run_id"]
+        await watcher.call("runs.subscribe", {"run_id": run_id})
+        run_ids.append(run_id)
+    latencies: list[float] = []
+    clock = time.perf_counter
+
+    async def record(agent: Client, run_id: str) -> None:
+        for n in range(TURNS_PER_RECORDER):
+            request_id = agent.next_id()
+            text = frame(run_id, [turn(n)], request_id)
+            start = clock()
+            answer = await agent.send_frame(text, request_id)
+            latencies.append(clock() - start)
+            assert answer["result"]["ok"], answer
+
+    started = clock()
+    await asyncio.gather(*(record(a, r) for a, r in zip(agents, run_ids, strict=True)))
+    elapsed = clock() - started
+    for agent, run_id in zip(agents, run_ids, strict=True):
+        await agent.call("runs.complete", {"run_id": run_id, "outcome": {"status": "ok"}})
+    async with asyncio.timeout(30):
+        for run_id in run_ids:
+            await watcher.ended_event(run_id).wait()
+    delivery = Delivery(watcher.events - events, watcher.gaps - gaps)
+    return figures(len(agents) * TURNS_PER_RECORDER, elapsed, latencies), delivery
+
+
 # ------------------------------------------------------------------ baselines
 
 
@@ -230,12 +271,18 @@ async def bench_echo(batch_size: int) -> Figures:
 # ------------------------------------------------------------------ report
 
 
-async def run() -> list[tuple[int, Figures, Figures, Figures, Figures, Delivery]]:
+Row = tuple[int, Figures, Figures, Figures, Figures, Delivery]
+
+
+async def run() -> tuple[list[Row], Figures, Delivery]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         store = await open_store(home)
-        token = await AgentTokens(store.agent_tokens).add("bench-agent")
+        tokens = AgentTokens(store.agent_tokens)
+        token = await tokens.add("bench-agent")
+        recorder_ids = [f"bench-recorder-{i}" for i in range(RECORDERS)]
+        recorder_tokens = [await tokens.add(agent_id) for agent_id in recorder_ids]
         await store.close()
         async with car_grpc_serve(home) as server:
             _, url = await server.listeners(2, timeout=30)
@@ -249,15 +296,21 @@ async def run() -> list[tuple[int, Figures, Figures, Figures, Figures, Delivery]
                 raw = bench_sqlite(size, Path(tmp) / f"raw-{size}.sqlite3")
                 echo = await bench_echo(size)
                 rows.append((size, ours, alone, raw, echo, delivery))
-            for client in (agent, watcher):
+            recorders = [
+                await open_client(url, {"agent_id": agent_id, "token": token})
+                for agent_id, token in zip(recorder_ids, recorder_tokens, strict=True)
+            ]
+            await bench_concurrent(recorders, watcher)  # warm up
+            concurrent, concurrent_delivery = await bench_concurrent(recorders, watcher)
+            for client in (agent, watcher, *recorders):
                 await client.ws.close()
                 client.reader.cancel()
-    return rows
+    return rows, concurrent, concurrent_delivery
 
 
 def main() -> None:
     started = time.perf_counter()
-    rows = asyncio.run(run())
+    rows, concurrent, concurrent_delivery = asyncio.run(run())
     print(
         f"{'':6}{'car-grpc, subscribed':>21}{'no subscriber':>16}{'sqlite':>16}{'ws echo':>16}"
         f"{'subscribed / baseline':>30}{'subscriber':>17}"
@@ -277,6 +330,17 @@ def main() -> None:
             + f"   {vs_raw:8.2f}x{vs_echo:7.2f}x{ours.p50_ms / floor:11.1f}x"
             f"   {seen.events / TURNS[size]:7.0%}{seen.gaps:5d}"
         )
+    _, one, _, raw_one, _, _ = rows[0]
+    total = RECORDERS * TURNS_PER_RECORDER
+    rate = concurrent.turns_per_s
+    print(
+        f"{RECORDERS} concurrent recorders, batch 1, subscribed: {rate:.0f} turns/s,"
+        f" p50 {concurrent.p50_ms:.2f} ms = {rate / one.turns_per_s:.2f}x"
+        f" one recorder ({one.turns_per_s:.0f} turns/s; target >= 5x),"
+        f" {rate / raw_one.turns_per_s:.2f}x sqlite batch 1"
+        f" ({raw_one.turns_per_s:.0f} turns/s); events {concurrent_delivery.events / total:.0%},"
+        f" gaps {concurrent_delivery.gaps}"
+    )
     print(
         "car-grpc: `car-grpc serve` (gateway + core in one process), one writer, one batch in"
         " flight; `subscribed`: a host subscribed to every run (events: turn events it got;"

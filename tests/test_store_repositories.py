@@ -273,6 +273,18 @@ async def test_run_writes_that_contradict_the_store_conflict(store: Store) -> No
     assert [r.record for r in await runs.records("r", 0, 10)] == [STARTED]
 
 
+async def test_batches_of_every_size_are_stored_in_order(store: Store, other: Store) -> None:
+    runs = store.runs
+    await runs.create(run_row("r"), record(STARTED, 0))
+    seq = 1
+    for size in (1, 3, 255, 256, 600, 2):
+        await runs.append("r", seq, [record(TURN, seq + i) for i in range(size)])
+        seq += size
+    got = await other.runs.get("r")
+    assert got is not None and (got.turn_count, got.record_count) == (seq - 1, seq)
+    assert [r.timestamp for r in await other.runs.records("r", 0, 2000)] == list(range(seq))
+
+
 async def test_runs_listed_newest_first_and_agents_by_latest_run(store: Store) -> None:
     runs = store.runs
     for run_id, agent_id, started_at in (

@@ -3,8 +3,10 @@
 The core is typed against these Protocols only; car_grpc.store.sqlite implements them on
 the embedded database, and a PostgreSQL store implements the same contract:
 
-- Every method is a coroutine and one transaction: it takes effect whole or not at all.
-- A write returns only once committed and durable ("acknowledged after commit").
+- Every method is a coroutine and atomic: it takes effect whole or not at all.
+- A write returns only once committed and durable ("acknowledged after commit"). Concurrent
+  writes may share one transaction (group commit, as the SQLite store does), but each
+  still fails alone: a write that raises leaves nothing, and fails none of the others.
 - A read sees every write that returned before it was called, and one consistent state.
 - No method hands out a connection or takes a callback: values in, values out (protobuf
   messages as the API defines them, or the frozen rows below).

@@ -27,20 +27,34 @@ def _get(conn: sqlite3.Connection, approval_id: str) -> HostApproval | None:
     return None if row is None else HostApproval.FromString(row[0])
 
 
-def _finish(conn: sqlite3.Connection, resolved: HostApproval) -> bool:
-    """Write `resolved` over its row if that is still pending; whether it was."""
+def _row(resolved: HostApproval) -> tuple[str, int, bytes, str, str]:
+    """The values `_finish` writes (built by the caller, before the write is queued)."""
+    return (
+        _status(resolved),
+        resolved.resolved_at,
+        resolved.SerializeToString(),
+        resolved.id,
+        PENDING,
+    )
+
+
+def _finish(conn: sqlite3.Connection, row: tuple[str, int, bytes, str, str]) -> bool:
+    """Write a resolved approval (`_row`) over its row if that is still pending; whether
+    it was."""
     changed = conn.execute(
         "UPDATE approvals SET status = ?, resolved_at = ?, approval = ?"
         " WHERE id = ? AND status = ?",
-        (
-            _status(resolved),
-            resolved.resolved_at,
-            resolved.SerializeToString(),
-            resolved.id,
-            PENDING,
-        ),
+        row,
     ).rowcount
     return changed == 1
+
+
+def _size(row: tuple[str, int, bytes, str, str]) -> int:
+    return len(row[2]) + _ROW_OVERHEAD
+
+
+#: What a row costs beside its serialized approval, in bytes (for the store's queue bound).
+_ROW_OVERHEAD = 64
 
 
 class SqliteApprovalStore:
@@ -48,35 +62,37 @@ class SqliteApprovalStore:
         self._db = database
 
     async def insert(self, approval: HostApproval) -> None:
+        values = (approval.id, _status(approval), approval.created_at, approval.SerializeToString())
+
         def insert(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute(
                     "INSERT INTO approvals (id, status, created_at, resolved_at, approval)"
                     " VALUES (?, ?, ?, NULL, ?)",
-                    (
-                        approval.id,
-                        _status(approval),
-                        approval.created_at,
-                        approval.SerializeToString(),
-                    ),
+                    values,
                 )
             except sqlite3.IntegrityError as e:
                 raise StoreConflict(f"approval {approval.id!r} exists") from e
 
-        await self._db.run(insert)
+        await self._db.write(insert, len(values[3]) + _ROW_OVERHEAD)
 
     async def get(self, approval_id: str) -> HostApproval | None:
-        return await self._db.run(lambda conn: _get(conn, approval_id))
+        return await self._db.read(lambda conn: _get(conn, approval_id))
 
     async def finish(self, resolved: HostApproval) -> tuple[HostApproval | None, bool]:
-        def update(conn: sqlite3.Connection) -> tuple[HostApproval | None, bool]:
-            won = _finish(conn, resolved)
-            return _get(conn, resolved.id), won
+        row, approval_id = _row(resolved), resolved.id
 
-        return await self._db.run(update)
+        def update(conn: sqlite3.Connection) -> tuple[HostApproval | None, bool]:
+            won = _finish(conn, row)
+            return _get(conn, approval_id), won
+
+        return await self._db.write(update, _size(row))
 
     async def finish_all(self, resolved: Sequence[HostApproval]) -> int:
-        return await self._db.run(lambda conn: sum(_finish(conn, r) for r in resolved))
+        rows = [_row(r) for r in resolved]
+        return await self._db.write(
+            lambda conn: sum(_finish(conn, row) for row in rows), sum(map(_size, rows))
+        )
 
     async def pending(self) -> list[HostApproval]:
         def select(conn: sqlite3.Connection) -> list[HostApproval]:
@@ -86,7 +102,7 @@ class SqliteApprovalStore:
             )
             return [HostApproval.FromString(r[0]) for r in rows]
 
-        return await self._db.run(select)
+        return await self._db.read(select)
 
     async def history(self, limit: int) -> list[HostApproval]:
         def select(conn: sqlite3.Connection) -> list[HostApproval]:
@@ -97,4 +113,4 @@ class SqliteApprovalStore:
             )
             return [HostApproval.FromString(r[0]) for r in rows]
 
-        return await self._db.run(select)
+        return await self._db.read(select)

@@ -23,6 +23,9 @@ _STATUS_NAMES: dict[GoalStatus.ValueType, str] = {
 }
 _STATUS_NUMBERS = {name: number for number, name in _STATUS_NAMES.items()}
 
+#: What a row costs beside its text, in bytes (for the store's queue bound).
+_ROW_OVERHEAD = 256
+
 _COLUMNS = (
     "session_id, check_text, max_iterations, status, last_iteration, last_met,"
     " last_grounded, last_reason, terminal_kind, updated_at"
@@ -72,27 +75,27 @@ class SqliteGoalStore:
             assert stored is not None
             return stored
 
-        return await self._db.run(upsert)
+        return await self._db.write(upsert, len(check) + len(session_id) + _ROW_OVERHEAD)
 
     async def get(self, session_id: str) -> chats_pb2.StoredGoal | None:
-        return await self._db.run(lambda conn: _get(conn, session_id))
+        return await self._db.read(lambda conn: _get(conn, session_id))
 
     async def list_all(self) -> list[chats_pb2.StoredGoal]:
         def select(conn: sqlite3.Connection) -> list[chats_pb2.StoredGoal]:
             rows = conn.execute(f"SELECT {_COLUMNS} FROM goals ORDER BY session_id").fetchall()
             return [_goal_from_row(r) for r in rows]
 
-        return await self._db.run(select)
+        return await self._db.read(select)
 
     async def clear(self, session_id: str) -> bool:
         def delete(conn: sqlite3.Connection) -> bool:
             cur = conn.execute("DELETE FROM goals WHERE session_id = ?", (session_id,))
             return cur.rowcount > 0
 
-        return await self._db.run(delete)
+        return await self._db.write(delete)
 
     async def clear_all(self) -> int:
-        return await self._db.run(lambda conn: conn.execute("DELETE FROM goals").rowcount)
+        return await self._db.write(lambda conn: conn.execute("DELETE FROM goals").rowcount)
 
     async def set_status(
         self,
@@ -107,7 +110,7 @@ class SqliteGoalStore:
                 (_STATUS_NAMES[status], terminal_kind, now_ms(), session_id),
             )
 
-        await self._db.run(update)
+        await self._db.write(update)
 
     async def record_evaluation(
         self,
@@ -115,12 +118,13 @@ class SqliteGoalStore:
         event: chats_pb2.ChatEvent,
         status: GoalStatus.ValueType,
     ) -> None:
+        reason = event.reason if event.HasField("reason") else None
         values = (
             _STATUS_NAMES[status],
             event.iteration if event.HasField("iteration") else None,
             event.met if event.HasField("met") else None,
             event.grounded if event.HasField("grounded") else None,
-            event.reason if event.HasField("reason") else None,
+            reason,
             now_ms(),
             session_id,
         )
@@ -132,11 +136,11 @@ class SqliteGoalStore:
                 values,
             )
 
-        await self._db.run(update)
+        await self._db.write(update, len(reason or "") + _ROW_OVERHEAD)
 
     async def reset_running(self) -> int:
         def update(conn: sqlite3.Connection) -> int:
             cur = conn.execute("UPDATE goals SET status = 'active' WHERE status = 'running'")
             return cur.rowcount
 
-        return await self._db.run(update)
+        return await self._db.write(update)

@@ -3,7 +3,8 @@
 A meeting row is one car.v1.Meeting, serialized whole in `meeting` (its status and start
 are copied out for queries); a transcript is the meeting's rows in `meeting_segments`,
 one serialized car.v1.TranscriptSegment each, numbered from 0. The functions below take
-a connection inside a transaction; each method of SqliteMeetingStore is one transaction.
+a connection inside a transaction; each method of SqliteMeetingStore is atomic (a
+transaction, or a savepoint in a group commit).
 """
 
 from __future__ import annotations
@@ -28,14 +29,26 @@ def _get(conn: sqlite3.Connection, meeting_id: str) -> Meeting | None:
     return None if row is None else Meeting.FromString(row[0])
 
 
+def _values(meeting: Meeting) -> tuple[str, str, int, bytes]:
+    return meeting.meeting_id, _status(meeting), meeting.started_at, meeting.SerializeToString()
+
+
 def _put(conn: sqlite3.Connection, meeting: Meeting) -> None:
+    _put_values(conn, _values(meeting))
+
+
+def _put_values(conn: sqlite3.Connection, values: tuple[str, str, int, bytes]) -> None:
     """Insert or replace the meeting's row (its transcript is untouched)."""
     conn.execute(
         "INSERT INTO meetings (meeting_id, status, started_at, meeting) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (meeting_id) DO UPDATE SET status = excluded.status,"
         " meeting = excluded.meeting",
-        (meeting.meeting_id, _status(meeting), meeting.started_at, meeting.SerializeToString()),
+        values,
     )
+
+
+#: What a row costs beside its serialized message, in bytes (for the store's queue bound).
+_ROW_OVERHEAD = 64
 
 
 def _delete(conn: sqlite3.Connection, meeting_id: str) -> None:
@@ -123,28 +136,32 @@ class SqliteMeetingStore:
         self._db = database
 
     async def get(self, meeting_id: str) -> Meeting | None:
-        return await self._db.run(lambda conn: _get(conn, meeting_id))
+        return await self._db.read(lambda conn: _get(conn, meeting_id))
 
     async def put(self, meeting: Meeting) -> None:
-        await self._db.run(lambda conn: _put(conn, meeting))
+        values = _values(meeting)
+        await self._db.write(lambda conn: _put_values(conn, values), len(values[3]) + _ROW_OVERHEAD)
 
     async def delete(self, meeting_id: str) -> None:
-        await self._db.run(lambda conn: _delete(conn, meeting_id))
+        await self._db.write(lambda conn: _delete(conn, meeting_id))
 
     async def append_segment(
         self, meeting_id: str, segment: TranscriptSegment, limit: int
     ) -> int | None:
-        return await self._db.run(lambda conn: _append_segment(conn, meeting_id, segment, limit))
+        size = segment.ByteSize() + _ROW_OVERHEAD
+        return await self._db.write(
+            lambda conn: _append_segment(conn, meeting_id, segment, limit), size
+        )
 
     async def transcript(self, meeting_id: str) -> tuple[Meeting, list[TranscriptSegment]] | None:
         def read(conn: sqlite3.Connection) -> tuple[Meeting, list[TranscriptSegment]] | None:
             meeting = _get(conn, meeting_id)
             return None if meeting is None else (meeting, _segments(conn, meeting_id))
 
-        return await self._db.run(read)
+        return await self._db.read(read)
 
     async def recent(self, limit: int) -> list[Meeting]:
-        return await self._db.run(lambda conn: _recent(conn, limit))
+        return await self._db.read(lambda conn: _recent(conn, limit))
 
     async def finish(
         self,
@@ -153,7 +170,7 @@ class SqliteMeetingStore:
         at: int,
         reason: str | None,
     ) -> Meeting | None:
-        return await self._db.run(lambda conn: _finish(conn, meeting_id, status, at, reason))
+        return await self._db.write(lambda conn: _finish(conn, meeting_id, status, at, reason))
 
     async def interrupt_live(self, at: int, reason: str) -> int:
-        return await self._db.run(lambda conn: _interrupt_live(conn, at, reason))
+        return await self._db.write(lambda conn: _interrupt_live(conn, at, reason))

@@ -1,0 +1,358 @@
+"""Group commit in the embedded store (car_grpc/store/sqlite/database.py), on a real file.
+
+Concurrent writes share a transaction and its fsync, yet each returns only once its
+transaction is committed, fails alone, and keeps the order in which it was queued. An
+independent sqlite3 connection (as another process would have) reads what each write left
+the moment it returns. To hold a group together, a "gate" write occupies the store thread
+until the test has queued what it wants in the next group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from car_grpc.store import RunRow, StoreConflict
+from car_grpc.store.sqlite import SqliteStore
+from car_grpc.store.sqlite.database import GroupLimits, SqliteDatabase
+from car_grpc.v1 import host_pb2, runs_pb2
+
+IN_PROGRESS = runs_pb2.RUN_STATUS_IN_PROGRESS
+STARTED = runs_pb2.RUN_RECORD_KIND_STARTED
+TURN = runs_pb2.RUN_RECORD_KIND_TURN
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "store.sqlite3"
+
+
+@pytest.fixture
+async def store(path: Path) -> AsyncIterator[SqliteStore]:
+    opened = await SqliteStore.open(path)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+def reader(path: Path, store: SqliteStore) -> Iterator[sqlite3.Connection]:
+    """An independent connection to the store's file: it sees only what is committed."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def turn(at: int) -> runs_pb2.RunRecord:
+    return runs_pb2.RunRecord(record=TURN, timestamp=at)
+
+
+async def create_runs(store: SqliteStore, count: int) -> list[str]:
+    run_ids = [f"run-{i}" for i in range(count)]
+    for run_id in run_ids:
+        row = RunRow(run_id, "bot", "intent", None, 1, None, IN_PROGRESS, 0, 1)
+        await store.runs.create(row, runs_pb2.RunRecord(record=STARTED, timestamp=1))
+    return run_ids
+
+
+def stored(reader: sqlite3.Connection, run_id: str) -> list[tuple[int, int]]:
+    """(seq, timestamp) of the run's records, as committed."""
+    rows = reader.execute(
+        "SELECT seq, record FROM run_records WHERE run_id = ? ORDER BY seq", (run_id,)
+    ).fetchall()
+    return [(seq, runs_pb2.RunRecord.FromString(blob).timestamp) for seq, blob in rows]
+
+
+class Gate:
+    """A write that holds the store thread until `open`: what is queued meanwhile is
+    taken as one group when it returns."""
+
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._entered = threading.Event()
+        self._released = threading.Event()
+        self.task = asyncio.create_task(db.write(self._hold))
+
+    def _hold(self, conn: sqlite3.Connection) -> None:
+        self._entered.set()
+        assert self._released.wait(10), "the test never opened the gate"
+
+    async def closed(self) -> None:
+        """Wait until the store thread is inside the gate."""
+        assert await asyncio.to_thread(self._entered.wait, 10)
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def open(self) -> None:
+        self.release()
+        await self.task
+
+
+@contextlib.asynccontextmanager
+async def gated(db: SqliteDatabase) -> AsyncIterator[Gate]:
+    gate = Gate(db)
+    await gate.closed()
+    try:
+        yield gate
+    finally:
+        await gate.open()
+
+
+async def settle(tasks: Sequence[asyncio.Task[Any]]) -> list[object]:
+    return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+
+async def queued() -> None:
+    """Let the tasks just created queue their calls (each does on its first step)."""
+    await asyncio.sleep(0)
+
+
+async def test_concurrent_writes_share_transactions(
+    store: SqliteStore, reader: sqlite3.Connection
+) -> None:
+    db = store.database
+    run_ids = await create_runs(store, 16)
+    commits, writes = db.commits, db.committed_writes
+    # No gate: the writes come as they come, and those queued while a group commits
+    # join the next one.
+    await asyncio.gather(*(store.runs.append(r, 1, [turn(2)]) for r in run_ids))
+    assert db.committed_writes - writes == 16
+    assert db.commits - commits < 16
+    # Held together: one transaction for all of them.
+    commits = db.commits
+    async with gated(db):
+        tasks = [asyncio.create_task(store.runs.append(r, 2, [turn(3)])) for r in run_ids]
+        await queued()
+    assert await settle(tasks) == [None] * 16
+    assert db.commits - commits == 2  # the gate, then the 16
+    for run_id in run_ids:
+        assert stored(reader, run_id) == [(0, 1), (1, 2), (2, 3)]
+
+
+async def test_each_write_is_committed_when_it_returns(
+    store: SqliteStore, reader: sqlite3.Connection
+) -> None:
+    run_ids = await create_runs(store, 16)
+    seen: list[str] = []
+
+    async def record(run_id: str) -> None:
+        for seq in range(1, 6):
+            await store.runs.append(run_id, seq, [turn(seq)])
+            # At once, and through another connection: committed before it returned.
+            assert stored(reader, run_id)[-1] == (seq, seq)
+        seen.append(run_id)
+
+    await asyncio.gather(*(record(r) for r in run_ids))
+    assert sorted(seen) == sorted(run_ids)
+    assert store.database.commits < store.database.committed_writes  # and grouped
+    assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+async def test_a_failing_write_fails_alone(store: SqliteStore, reader: sqlite3.Connection) -> None:
+    db = store.database
+    run_ids = await create_runs(store, 2)
+    approval = host_pb2.HostApproval(id="a", action="x", status=host_pb2.APPROVAL_STATUS_PENDING)
+    await store.approvals.insert(approval)
+
+    def half_done(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO agent_tokens VALUES ('half', x'00', 1)")
+        raise ValueError("changed its mind")
+
+    commits = db.commits
+    async with gated(db):
+        tasks: list[asyncio.Task[object]] = [
+            asyncio.create_task(store.runs.append(run_ids[0], 1, [turn(2)])),
+            asyncio.create_task(store.runs.append(run_ids[1], 7, [turn(2)])),  # not at 7
+            asyncio.create_task(store.approvals.insert(approval)),  # taken
+            asyncio.create_task(db.write(half_done)),
+            asyncio.create_task(store.runs.append(run_ids[1], 1, [turn(3)])),
+            asyncio.create_task(store.agent_tokens.put("bot", b"d" * 32, 5)),
+        ]
+        await queued()
+    results = await settle(tasks)
+    assert db.commits - commits == 2  # the gate, then one group
+    assert results[0] is None and results[4] is None and results[5] is None
+    assert isinstance(results[1], StoreConflict) and isinstance(results[2], StoreConflict)
+    assert isinstance(results[3], ValueError)
+    assert stored(reader, run_ids[0]) == [(0, 1), (1, 2)]
+    assert stored(reader, run_ids[1]) == [(0, 1), (1, 3)]
+    tokens = reader.execute("SELECT agent_id FROM agent_tokens ORDER BY agent_id").fetchall()
+    assert tokens == [("bot",)]  # nothing of the failed write's insert is kept
+    assert reader.execute("SELECT COUNT(*) FROM approvals").fetchone() == (1,)
+
+
+async def test_a_write_that_loses_the_transaction_fails_alone(
+    store: SqliteStore, reader: sqlite3.Connection
+) -> None:
+    """A failure that ends the whole transaction (as SQLite does on some I/O errors):
+    the rest of the group is written again, each on its own."""
+    db = store.database
+    run_ids = await create_runs(store, 2)
+
+    def ruinous(conn: sqlite3.Connection) -> None:
+        conn.execute("ROLLBACK")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async with gated(db):
+        tasks: list[asyncio.Task[object]] = [
+            asyncio.create_task(store.runs.append(run_ids[0], 1, [turn(2)])),
+            asyncio.create_task(db.write(ruinous)),
+            asyncio.create_task(store.runs.append(run_ids[1], 1, [turn(2)])),
+        ]
+        await queued()
+    results = await settle(tasks)
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], sqlite3.OperationalError)
+    for run_id in run_ids:
+        assert stored(reader, run_id) == [(0, 1), (1, 2)]
+    assert (await store.runs.get(run_ids[0])) is not None  # the store goes on
+
+
+async def test_the_writes_of_a_run_keep_their_order(
+    store: SqliteStore, reader: sqlite3.Connection
+) -> None:
+    db = store.database
+    run_ids = await create_runs(store, 4)
+    # Queued back to back into one group: each expects the one before it.
+    async with gated(db):
+        tasks = [
+            asyncio.create_task(store.runs.append(run_ids[0], seq, [turn(seq)]))
+            for seq in range(1, 11)
+        ]
+        await queued()
+    assert await settle(tasks) == [None] * 10
+    assert stored(reader, run_ids[0]) == [(0, 1)] + [(seq, seq) for seq in range(1, 11)]
+
+    # One writer per run, each awaiting its own writes (as runs.py's per-run lock does),
+    # all at once: every run's records come in its order.
+    async def record_run(run_id: str) -> None:
+        seq = 1
+        for n in range(20):
+            batch = [turn(1000 + seq + i) for i in range(n % 3 + 1)]
+            await store.runs.append(run_id, seq, batch)
+            seq += len(batch)
+
+    await asyncio.gather(*(record_run(r) for r in run_ids[1:]))
+    for run_id in run_ids[1:]:
+        records = stored(reader, run_id)
+        assert [seq for seq, _ in records] == list(range(len(records)))
+        assert [at for _, at in records[1:]] == [1000 + seq for seq in range(1, len(records))]
+
+
+async def test_close_drains_what_is_queued(path: Path) -> None:
+    store = await SqliteStore.open(path)
+    db = store.database
+    run_ids = await create_runs(store, 8)
+    gate = Gate(db)
+    await gate.closed()
+    tasks = [
+        asyncio.create_task(store.runs.append(run_id, seq, [turn(seq)]))
+        for seq in range(1, 4)
+        for run_id in run_ids
+    ]
+    await queued()
+    closing = asyncio.create_task(store.close())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="closed"):
+        await store.runs.append(run_ids[0], 4, [turn(4)])  # refused once closing
+    await gate.open()
+    await closing
+    assert await settle(tasks) == [None] * len(tasks)  # every queued write went in
+    again = await SqliteStore.open(path)
+    try:
+        for run_id in run_ids:
+            got = await again.runs.get(run_id)
+            assert got is not None and got.record_count == 4
+    finally:
+        await again.close()
+
+
+async def test_the_queue_is_bounded_in_calls_and_bytes(path: Path) -> None:
+    limits = GroupLimits(max_pending=4, max_pending_bytes=10_000, room_timeout=5.0)
+    db = await SqliteDatabase.open(path, limits)
+    ran: list[int] = []
+
+    def note(n: int) -> Callable[[sqlite3.Connection], None]:
+        return lambda _: ran.append(n)
+
+    try:
+        commits = db.commits
+        async with gated(db):  # the gate is the first of 4 calls pending
+            first = [asyncio.create_task(db.write(note(n), 10)) for n in range(3)]
+            fifth = asyncio.create_task(db.write(note(3), 10))
+            await queued()
+        await asyncio.gather(*first, fifth)
+        assert ran == [0, 1, 2, 3]
+        # The fifth was let in only once the three before it were answered.
+        assert db.commits - commits == 3  # the gate, the three, the fifth
+
+        commits = db.commits
+        async with gated(db):
+            big = asyncio.create_task(db.write(note(4), 9_000))
+            over = asyncio.create_task(db.write(note(5), 2_000))  # over 10,000 bytes
+            await queued()
+        await asyncio.gather(big, over)
+        assert ran[4:] == [4, 5] and db.commits - commits == 3
+
+        # Alone, a write larger than the byte bound still goes in.
+        await db.write(note(6), 50_000)
+        assert ran[-1] == 6
+    finally:
+        await db.close()
+
+
+async def test_a_call_that_finds_no_room_in_time_fails(path: Path) -> None:
+    db = await SqliteDatabase.open(path, GroupLimits(max_pending=1, room_timeout=0.2))
+    try:
+        async with gated(db):
+            with pytest.raises(TimeoutError):
+                await db.write(lambda _: None)
+        await db.write(lambda _: None)  # room again
+    finally:
+        await db.close()
+
+
+async def test_a_call_that_waits_too_long_fails_and_may_still_be_done(path: Path) -> None:
+    db = await SqliteDatabase.open(path, GroupLimits(call_timeout=0.3))
+    try:
+        gate = Gate(db)
+        await gate.closed()
+        with pytest.raises(TimeoutError):
+            await db.write(
+                lambda conn: conn.execute("INSERT INTO agent_tokens VALUES ('late', x'00', 1)")
+            )
+        gate.release()
+        with pytest.raises(TimeoutError):
+            await gate.task  # it waited too long as well
+        await db.write(lambda _: None)  # committed with the late one or after it
+        # Done after all, and committed: unacknowledged, which the contract allows (an
+        # acknowledged write that is not committed it does not).
+        rows = await db.read(
+            lambda conn: conn.execute("SELECT agent_id FROM agent_tokens").fetchall()
+        )
+        assert rows == [("late",)]
+    finally:
+        await db.close()
+
+
+async def test_a_read_taken_with_a_group_sees_none_of_its_writes(store: SqliteStore) -> None:
+    db = store.database
+    run_ids = await create_runs(store, 1)
+    async with gated(db):
+        write = asyncio.create_task(store.runs.append(run_ids[0], 1, [turn(2)]))
+        read = asyncio.create_task(store.runs.records(run_ids[0], 0, 10))
+        await queued()
+    await write
+    # Read in a transaction of its own, never inside the group's.
+    assert [r.record for r in await read] == [STARTED]
+    assert [r.timestamp for r in await store.runs.records(run_ids[0], 0, 10)] == [1, 2]
