@@ -12,15 +12,12 @@ from collections.abc import Sequence
 
 from car_grpc.store.postgres.database import Cursor, PostgresDatabase, rows_affected
 from car_grpc.store.repositories import StoreConflict
+from car_grpc.store.rows import approval_status_name
 from car_grpc.v1 import host_pb2
 
 HostApproval = host_pb2.HostApproval
 
 PENDING = "pending"
-
-
-def _status(approval: HostApproval) -> str:
-    return host_pb2.ApprovalStatus.Name(approval.status).removeprefix("APPROVAL_STATUS_").lower()
 
 
 async def _get(cur: Cursor, approval_id: str) -> HostApproval | None:
@@ -35,7 +32,7 @@ async def _finish(cur: Cursor, resolved: HostApproval) -> bool:
         "UPDATE approvals SET status = %s, resolved_at = %s, approval = %s"
         " WHERE id = %s AND status = %s",
         (
-            _status(resolved),
+            approval_status_name(resolved.status),
             resolved.resolved_at,
             resolved.SerializeToString(),
             resolved.id,
@@ -56,7 +53,7 @@ class PostgresApprovalStore:
                 " VALUES (%s, %s, %s, NULL, %s) ON CONFLICT (id) DO NOTHING",
                 (
                     approval.id,
-                    _status(approval),
+                    approval_status_name(approval.status),
                     approval.created_at,
                     approval.SerializeToString(),
                 ),

@@ -6,56 +6,18 @@ car_grpc.core.chats). Statuses are stored by name.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 from car_grpc.clock import now_ms
 from car_grpc.store.postgres.database import Cursor, PostgresDatabase, rows_affected
+from car_grpc.store.rows import GOAL_COLUMNS, goal_from_row, goal_status_name
 from car_grpc.v1 import chats_pb2
 
 GoalStatus = chats_pb2.GoalStatus
 
-_STATUS_NAMES: dict[GoalStatus.ValueType, str] = {
-    chats_pb2.GOAL_STATUS_ACTIVE: "active",
-    chats_pb2.GOAL_STATUS_RUNNING: "running",
-    chats_pb2.GOAL_STATUS_MET: "met",
-    chats_pb2.GOAL_STATUS_UNEVALUATED: "unevaluated",
-    chats_pb2.GOAL_STATUS_ERROR: "error",
-}
-_STATUS_NUMBERS = {name: number for number, name in _STATUS_NAMES.items()}
-
-_COLUMNS = (
-    "session_id, check_text, max_iterations, status, last_iteration, last_met,"
-    " last_grounded, last_reason, terminal_kind, updated_at"
-)
-
-
-def _goal_from_row(row: Sequence[Any]) -> chats_pb2.StoredGoal:
-    sid, check, max_iter, status, iteration, met, grounded, reason, terminal, updated = row
-    goal = chats_pb2.StoredGoal(
-        session_id=str(sid),
-        check=str(check),
-        max_iterations=int(max_iter),
-        status=_STATUS_NUMBERS.get(str(status), chats_pb2.GOAL_STATUS_UNSPECIFIED),
-        updated_at=int(updated),
-    )
-    if iteration is not None:
-        goal.last_iteration = int(iteration)
-    if met is not None:
-        goal.last_met = bool(met)
-    if grounded is not None:
-        goal.last_grounded = bool(grounded)
-    if reason is not None:
-        goal.last_reason = str(reason)
-    if terminal is not None:
-        goal.terminal_kind = str(terminal)
-    return goal
-
 
 async def _get(cur: Cursor, session_id: str) -> chats_pb2.StoredGoal | None:
-    await cur.execute(f"SELECT {_COLUMNS} FROM goals WHERE session_id = %s", (session_id,))
+    await cur.execute(f"SELECT {GOAL_COLUMNS} FROM goals WHERE session_id = %s", (session_id,))
     found = await cur.fetchone()
-    return _goal_from_row(found) if found else None
+    return goal_from_row(found) if found else None
 
 
 class PostgresGoalStore:
@@ -66,18 +28,18 @@ class PostgresGoalStore:
         async def upsert(cur: Cursor) -> chats_pb2.StoredGoal:
             # The whole row is replaced: no evaluation of an earlier goal is carried over.
             await cur.execute(
-                f"INSERT INTO goals({_COLUMNS}) VALUES (%s, %s, %s, 'active',"
+                f"INSERT INTO goals({GOAL_COLUMNS}) VALUES (%s, %s, %s, 'active',"
                 " NULL, NULL, NULL, NULL, NULL, %s)"
                 " ON CONFLICT (session_id) DO UPDATE SET check_text = excluded.check_text,"
                 " max_iterations = excluded.max_iterations, status = excluded.status,"
                 " last_iteration = NULL, last_met = NULL, last_grounded = NULL,"
                 " last_reason = NULL, terminal_kind = NULL, updated_at = excluded.updated_at"
-                f" RETURNING {_COLUMNS}",
+                f" RETURNING {GOAL_COLUMNS}",
                 (session_id, check, max_iterations, now_ms()),
             )
             stored = await cur.fetchone()
             assert stored is not None
-            return _goal_from_row(stored)
+            return goal_from_row(stored)
 
         return await self._db.run(upsert)
 
@@ -86,8 +48,8 @@ class PostgresGoalStore:
 
     async def list_all(self) -> list[chats_pb2.StoredGoal]:
         async def select(cur: Cursor) -> list[chats_pb2.StoredGoal]:
-            await cur.execute(f"SELECT {_COLUMNS} FROM goals ORDER BY session_id")
-            return [_goal_from_row(r) for r in await cur.fetchall()]
+            await cur.execute(f"SELECT {GOAL_COLUMNS} FROM goals ORDER BY session_id")
+            return [goal_from_row(r) for r in await cur.fetchall()]
 
         return await self._db.run(select)
 
@@ -116,7 +78,7 @@ class PostgresGoalStore:
                 "UPDATE goals SET status = %s,"
                 " terminal_kind = COALESCE(%s::text, terminal_kind),"
                 " updated_at = %s WHERE session_id = %s",
-                (_STATUS_NAMES[status], terminal_kind, now_ms(), session_id),
+                (goal_status_name(status), terminal_kind, now_ms(), session_id),
             )
 
         await self._db.run(update)
@@ -128,7 +90,7 @@ class PostgresGoalStore:
         status: GoalStatus.ValueType,
     ) -> None:
         values = (
-            _STATUS_NAMES[status],
+            goal_status_name(status),
             event.iteration if event.HasField("iteration") else None,
             event.met if event.HasField("met") else None,
             event.grounded if event.HasField("grounded") else None,

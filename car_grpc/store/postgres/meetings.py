@@ -12,14 +12,11 @@ transcript `FOR SHARE`, so that the meeting and its segments agree.
 from __future__ import annotations
 
 from car_grpc.store.postgres.database import Cursor, PostgresDatabase
+from car_grpc.store.rows import meeting_status_name
 from car_grpc.v1 import voice_pb2
 
 Meeting = voice_pb2.Meeting
 TranscriptSegment = voice_pb2.TranscriptSegment
-
-
-def _status(meeting: Meeting) -> str:
-    return voice_pb2.MeetingStatus.Name(meeting.status).removeprefix("MEETING_STATUS_").lower()
 
 
 async def _get(cur: Cursor, meeting_id: str, lock: str = "") -> Meeting | None:
@@ -40,7 +37,12 @@ async def _put(cur: Cursor, meeting: Meeting) -> None:
         "INSERT INTO meetings (meeting_id, status, started_at, meeting) VALUES (%s, %s, %s, %s)"
         " ON CONFLICT (meeting_id) DO UPDATE SET status = excluded.status,"
         " meeting = excluded.meeting",
-        (meeting.meeting_id, _status(meeting), meeting.started_at, meeting.SerializeToString()),
+        (
+            meeting.meeting_id,
+            meeting_status_name(meeting.status),
+            meeting.started_at,
+            meeting.SerializeToString(),
+        ),
     )
 
 

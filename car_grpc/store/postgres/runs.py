@@ -10,45 +10,13 @@ that record (a concurrent write of the same run waits for the row, then finds it
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from car_grpc.store.postgres.database import Cursor, PostgresDatabase, rows_affected
 from car_grpc.store.repositories import RunAgentRow, RunRow, StoreConflict
+from car_grpc.store.rows import IN_PROGRESS, RUN_COLUMNS, run_from_row, run_status_name
 from car_grpc.v1 import runs_pb2
 
 RunStatus = runs_pb2.RunStatus
-
-
-def _status_name(status: RunStatus.ValueType) -> str:
-    """The stored name of a status: RUN_STATUS_IN_PROGRESS -> "in_progress"."""
-    return RunStatus.Name(status).removeprefix("RUN_STATUS_").lower()
-
-
-def _status_value(name: str) -> RunStatus.ValueType:
-    return RunStatus.Value("RUN_STATUS_" + name.upper())
-
-
-IN_PROGRESS = _status_name(RunStatus.RUN_STATUS_IN_PROGRESS)
-
-_COLUMNS = (
-    "run_id, agent_id, intent, outcome_description, started_at, ended_at, status,"
-    " turn_count, record_count"
-)
-
-
-def _row(values: Sequence[Any]) -> RunRow:
-    run_id, agent_id, intent, description, started_at, ended_at, status, turns, records = values
-    return RunRow(
-        run_id=str(run_id),
-        agent_id=str(agent_id),
-        intent=str(intent),
-        outcome_description=None if description is None else str(description),
-        started_at=int(started_at),
-        ended_at=None if ended_at is None else int(ended_at),
-        status=_status_value(str(status)),
-        turn_count=int(turns),
-        record_count=int(records),
-    )
 
 
 async def _insert_records(
@@ -82,7 +50,7 @@ class PostgresRunStore:
     async def create(self, row: RunRow, started: runs_pb2.RunRecord) -> None:
         async def insert(cur: Cursor) -> None:
             await cur.execute(
-                f"INSERT INTO runs({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, NULL, %s, 0, 1)"
+                f"INSERT INTO runs({RUN_COLUMNS}) VALUES (%s, %s, %s, %s, %s, NULL, %s, 0, 1)"
                 " ON CONFLICT (run_id) DO NOTHING",
                 (
                     row.run_id,
@@ -90,7 +58,7 @@ class PostgresRunStore:
                     row.intent,
                     row.outcome_description,
                     row.started_at,
-                    _status_name(row.status),
+                    run_status_name(row.status),
                 ),
             )
             if rows_affected(cur) != 1:
@@ -121,27 +89,27 @@ class PostgresRunStore:
         self, run_id: str, seq: int, ended: runs_pb2.RunRecord, status: RunStatus.ValueType
     ) -> None:
         async def insert(cur: Cursor) -> None:
-            await _advance(cur, run_id, seq, _END, _status_name(status), ended.timestamp)
+            await _advance(cur, run_id, seq, _END, run_status_name(status), ended.timestamp)
             await _insert_records(cur, run_id, seq, [ended])
 
         await self._db.run(insert)
 
     async def get(self, run_id: str) -> RunRow | None:
         async def select(cur: Cursor) -> RunRow | None:
-            await cur.execute(f"SELECT {_COLUMNS} FROM runs WHERE run_id = %s", (run_id,))
+            await cur.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = %s", (run_id,))
             found = await cur.fetchone()
-            return None if found is None else _row(found)
+            return None if found is None else run_from_row(found)
 
         return await self._db.run(select)
 
     async def list_for_agent(self, agent_id: str) -> list[RunRow]:
         async def select(cur: Cursor) -> list[RunRow]:
             await cur.execute(
-                f"SELECT {_COLUMNS} FROM runs WHERE agent_id = %s"
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE agent_id = %s"
                 " ORDER BY started_at DESC, ord DESC",
                 (agent_id,),
             )
-            return [_row(r) for r in await cur.fetchall()]
+            return [run_from_row(r) for r in await cur.fetchall()]
 
         return await self._db.run(select)
 
@@ -170,7 +138,7 @@ class PostgresRunStore:
         return await self._db.run(select)
 
     async def abandon_open(self, ended: runs_pb2.RunRecord) -> list[str]:
-        status = _status_name(ended.ended.status)
+        status = run_status_name(ended.ended.status)
 
         async def close_all(cur: Cursor) -> list[str]:
             await cur.execute(

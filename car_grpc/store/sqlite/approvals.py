@@ -10,16 +10,13 @@ import sqlite3
 from collections.abc import Sequence
 
 from car_grpc.store.repositories import StoreConflict
+from car_grpc.store.rows import approval_status_name
 from car_grpc.store.sqlite.database import SqliteDatabase
 from car_grpc.v1 import host_pb2
 
 HostApproval = host_pb2.HostApproval
 
 PENDING = "pending"
-
-
-def _status(approval: HostApproval) -> str:
-    return host_pb2.ApprovalStatus.Name(approval.status).removeprefix("APPROVAL_STATUS_").lower()
 
 
 def _get(conn: sqlite3.Connection, approval_id: str) -> HostApproval | None:
@@ -30,7 +27,7 @@ def _get(conn: sqlite3.Connection, approval_id: str) -> HostApproval | None:
 def _row(resolved: HostApproval) -> tuple[str, int, bytes, str, str]:
     """The values `_finish` writes (built by the caller, before the write is queued)."""
     return (
-        _status(resolved),
+        approval_status_name(resolved.status),
         resolved.resolved_at,
         resolved.SerializeToString(),
         resolved.id,
@@ -62,7 +59,12 @@ class SqliteApprovalStore:
         self._db = database
 
     async def insert(self, approval: HostApproval) -> None:
-        values = (approval.id, _status(approval), approval.created_at, approval.SerializeToString())
+        values = (
+            approval.id,
+            approval_status_name(approval.status),
+            approval.created_at,
+            approval.SerializeToString(),
+        )
 
         def insert(conn: sqlite3.Connection) -> None:
             try:

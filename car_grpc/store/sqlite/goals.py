@@ -9,55 +9,21 @@ from __future__ import annotations
 import sqlite3
 
 from car_grpc.clock import now_ms
+from car_grpc.store.rows import GOAL_COLUMNS, goal_from_row, goal_status_name
 from car_grpc.store.sqlite.database import SqliteDatabase
 from car_grpc.v1 import chats_pb2
 
 GoalStatus = chats_pb2.GoalStatus
 
-_STATUS_NAMES: dict[GoalStatus.ValueType, str] = {
-    chats_pb2.GOAL_STATUS_ACTIVE: "active",
-    chats_pb2.GOAL_STATUS_RUNNING: "running",
-    chats_pb2.GOAL_STATUS_MET: "met",
-    chats_pb2.GOAL_STATUS_UNEVALUATED: "unevaluated",
-    chats_pb2.GOAL_STATUS_ERROR: "error",
-}
-_STATUS_NUMBERS = {name: number for number, name in _STATUS_NAMES.items()}
 
 #: What a row costs beside its text, in bytes (for the store's queue bound).
 _ROW_OVERHEAD = 256
 
-_COLUMNS = (
-    "session_id, check_text, max_iterations, status, last_iteration, last_met,"
-    " last_grounded, last_reason, terminal_kind, updated_at"
-)
-
-
-def _goal_from_row(row: tuple[object, ...]) -> chats_pb2.StoredGoal:
-    sid, check, max_iter, status, iteration, met, grounded, reason, terminal, updated = row
-    goal = chats_pb2.StoredGoal(
-        session_id=str(sid),
-        check=str(check),
-        max_iterations=int(str(max_iter)),
-        status=_STATUS_NUMBERS.get(str(status), chats_pb2.GOAL_STATUS_UNSPECIFIED),
-        updated_at=int(str(updated)),
-    )
-    if iteration is not None:
-        goal.last_iteration = int(str(iteration))
-    if met is not None:
-        goal.last_met = bool(met)
-    if grounded is not None:
-        goal.last_grounded = bool(grounded)
-    if reason is not None:
-        goal.last_reason = str(reason)
-    if terminal is not None:
-        goal.terminal_kind = str(terminal)
-    return goal
-
 
 def _get(conn: sqlite3.Connection, session_id: str) -> chats_pb2.StoredGoal | None:
-    row = conn.execute(f"SELECT {_COLUMNS} FROM goals WHERE session_id = ?", (session_id,))
+    row = conn.execute(f"SELECT {GOAL_COLUMNS} FROM goals WHERE session_id = ?", (session_id,))
     found = row.fetchone()
-    return _goal_from_row(found) if found else None
+    return goal_from_row(found) if found else None
 
 
 class SqliteGoalStore:
@@ -67,7 +33,7 @@ class SqliteGoalStore:
     async def put(self, session_id: str, check: str, max_iterations: int) -> chats_pb2.StoredGoal:
         def upsert(conn: sqlite3.Connection) -> chats_pb2.StoredGoal:
             conn.execute(
-                f"INSERT OR REPLACE INTO goals({_COLUMNS}) VALUES (?, ?, ?, 'active',"
+                f"INSERT OR REPLACE INTO goals({GOAL_COLUMNS}) VALUES (?, ?, ?, 'active',"
                 " NULL, NULL, NULL, NULL, NULL, ?)",
                 (session_id, check, max_iterations, now_ms()),
             )
@@ -82,8 +48,8 @@ class SqliteGoalStore:
 
     async def list_all(self) -> list[chats_pb2.StoredGoal]:
         def select(conn: sqlite3.Connection) -> list[chats_pb2.StoredGoal]:
-            rows = conn.execute(f"SELECT {_COLUMNS} FROM goals ORDER BY session_id").fetchall()
-            return [_goal_from_row(r) for r in rows]
+            rows = conn.execute(f"SELECT {GOAL_COLUMNS} FROM goals ORDER BY session_id").fetchall()
+            return [goal_from_row(r) for r in rows]
 
         return await self._db.read(select)
 
@@ -107,7 +73,7 @@ class SqliteGoalStore:
             conn.execute(
                 "UPDATE goals SET status = ?, terminal_kind = COALESCE(?, terminal_kind),"
                 " updated_at = ? WHERE session_id = ?",
-                (_STATUS_NAMES[status], terminal_kind, now_ms(), session_id),
+                (goal_status_name(status), terminal_kind, now_ms(), session_id),
             )
 
         await self._db.write(update)
@@ -120,7 +86,7 @@ class SqliteGoalStore:
     ) -> None:
         reason = event.reason if event.HasField("reason") else None
         values = (
-            _STATUS_NAMES[status],
+            goal_status_name(status),
             event.iteration if event.HasField("iteration") else None,
             event.met if event.HasField("met") else None,
             event.grounded if event.HasField("grounded") else None,

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import sqlite3
 
+from car_grpc.store.rows import meeting_status_name
 from car_grpc.store.sqlite.database import SqliteDatabase
 from car_grpc.v1 import voice_pb2
 
 Meeting = voice_pb2.Meeting
 TranscriptSegment = voice_pb2.TranscriptSegment
-
-
-def _status(meeting: Meeting) -> str:
-    return voice_pb2.MeetingStatus.Name(meeting.status).removeprefix("MEETING_STATUS_").lower()
 
 
 def _get(conn: sqlite3.Connection, meeting_id: str) -> Meeting | None:
@@ -30,7 +27,12 @@ def _get(conn: sqlite3.Connection, meeting_id: str) -> Meeting | None:
 
 
 def _values(meeting: Meeting) -> tuple[str, str, int, bytes]:
-    return meeting.meeting_id, _status(meeting), meeting.started_at, meeting.SerializeToString()
+    return (
+        meeting.meeting_id,
+        meeting_status_name(meeting.status),
+        meeting.started_at,
+        meeting.SerializeToString(),
+    )
 
 
 def _put(conn: sqlite3.Connection, meeting: Meeting) -> None:

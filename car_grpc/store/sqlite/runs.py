@@ -12,40 +12,11 @@ import sqlite3
 from collections.abc import Sequence
 
 from car_grpc.store.repositories import RunAgentRow, RunRow, StoreConflict
+from car_grpc.store.rows import IN_PROGRESS, RUN_COLUMNS, run_from_row, run_status_name
 from car_grpc.store.sqlite.database import SqliteDatabase
 from car_grpc.v1 import runs_pb2
 
 RunStatus = runs_pb2.RunStatus
-
-
-def _status_name(status: RunStatus.ValueType) -> str:
-    """The stored name of a status: RUN_STATUS_IN_PROGRESS -> "in_progress"."""
-    return RunStatus.Name(status).removeprefix("RUN_STATUS_").lower()
-
-
-def _status_value(name: str) -> RunStatus.ValueType:
-    return RunStatus.Value("RUN_STATUS_" + name.upper())
-
-
-_COLUMNS = (
-    "run_id, agent_id, intent, outcome_description, started_at, ended_at, status,"
-    " turn_count, record_count"
-)
-
-
-def _row(values: tuple[object, ...]) -> RunRow:
-    run_id, agent_id, intent, description, started_at, ended_at, status, turns, records = values
-    return RunRow(
-        run_id=str(run_id),
-        agent_id=str(agent_id),
-        intent=str(intent),
-        outcome_description=None if description is None else str(description),
-        started_at=int(started_at),  # type: ignore[call-overload]
-        ended_at=None if ended_at is None else int(ended_at),  # type: ignore[call-overload]
-        status=_status_value(str(status)),
-        turn_count=int(turns),  # type: ignore[call-overload]
-        record_count=int(records),  # type: ignore[call-overload]
-    )
 
 
 def _serialized(records: Sequence[runs_pb2.RunRecord]) -> tuple[list[bytes], int]:
@@ -107,14 +78,14 @@ class SqliteRunStore:
         def insert(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute(
-                    f"INSERT INTO runs({_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, ?, 0, 1)",
+                    f"INSERT INTO runs({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, ?, 0, 1)",
                     (
                         row.run_id,
                         row.agent_id,
                         row.intent,
                         row.outcome_description,
                         row.started_at,
-                        _status_name(row.status),
+                        run_status_name(row.status),
                     ),
                 )
             except sqlite3.IntegrityError as e:
@@ -153,7 +124,7 @@ class SqliteRunStore:
                 run_id,
                 seq,
                 "status = ?, ended_at = ?, record_count = record_count + 1",
-                _status_name(status),
+                run_status_name(status),
                 ended.timestamp,
             )
             _insert_records(conn, run_id, seq, blobs)
@@ -163,20 +134,20 @@ class SqliteRunStore:
     async def get(self, run_id: str) -> RunRow | None:
         def select(conn: sqlite3.Connection) -> RunRow | None:
             found = conn.execute(
-                f"SELECT {_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
             ).fetchone()
-            return None if found is None else _row(found)
+            return None if found is None else run_from_row(found)
 
         return await self._db.read(select)
 
     async def list_for_agent(self, agent_id: str) -> list[RunRow]:
         def select(conn: sqlite3.Connection) -> list[RunRow]:
             rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM runs WHERE agent_id = ?"
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE agent_id = ?"
                 " ORDER BY started_at DESC, rowid DESC",
                 (agent_id,),
             ).fetchall()
-            return [_row(r) for r in rows]
+            return [run_from_row(r) for r in rows]
 
         return await self._db.read(select)
 
@@ -185,7 +156,7 @@ class SqliteRunStore:
             rows = conn.execute(
                 "SELECT agent_id, COUNT(*), SUM(status = ?), MAX(started_at) FROM runs"
                 " GROUP BY agent_id ORDER BY MAX(started_at) DESC, agent_id LIMIT ?",
-                (_status_name(RunStatus.RUN_STATUS_IN_PROGRESS), limit),
+                (IN_PROGRESS, limit),
             ).fetchall()
             return [RunAgentRow(str(a), int(n), int(o), int(t)) for a, n, o, t in rows]
 
@@ -207,7 +178,7 @@ class SqliteRunStore:
         def close_all(conn: sqlite3.Connection) -> list[str]:
             open_runs = conn.execute(
                 "SELECT run_id, record_count FROM runs WHERE status = ?",
-                (_status_name(RunStatus.RUN_STATUS_IN_PROGRESS),),
+                (IN_PROGRESS,),
             ).fetchall()
             for run_id, seq in open_runs:
                 _advance(
@@ -215,7 +186,7 @@ class SqliteRunStore:
                     run_id,
                     seq,
                     "status = ?, ended_at = ?, record_count = record_count + 1",
-                    _status_name(ended.ended.status),
+                    run_status_name(ended.ended.status),
                     ended.timestamp,
                 )
                 _insert_records(conn, run_id, seq, blobs)
