@@ -3,8 +3,8 @@
 `Dispatcher.execute` runs one request of a session: the declared access rule
 (options.proto `Access`, read off the request's ClientFrame member: roles and handshake),
 the approval gate, the handler (from the router) under its deadline, and the mapping of
-every failure to a CarError. `check_access` is the same role rule for the RPCs that do not
-go through `execute` (server streams and gRPC-only RPCs).
+every failure to a CarError. `Dispatcher.check_access` is the same role rule for the RPCs
+that do not go through `execute` (server streams and gRPC-only RPCs).
 """
 
 from __future__ import annotations
@@ -68,19 +68,6 @@ def admits(access: options_pb2.Access, role: options_pb2.CallerRole.ValueType) -
     return role in access.roles
 
 
-def check_access(
-    session: ClientSession, access: options_pb2.Access, method: str, *, auth_enabled: bool
-) -> None:
-    """Raise unless `session`'s role may call `method`: -32001 before auth, a permission
-    error for a role the rule does not list. With auth off every session may call
-    everything (no role can be proven)."""
-    if auth_enabled and not admits(access, session.role.value):
-        if not session.authenticated:
-            raise AuthRequired()
-        allowed = " or ".join(_ROLE_NAMES[r] for r in access.roles if r in _ROLE_NAMES)
-        raise permission_denied(f"permission denied: {method} needs {allowed}")
-
-
 class Dispatcher:
     def __init__(
         self,
@@ -100,7 +87,14 @@ class Dispatcher:
         self._metrics = metrics
 
     def check_access(self, session: ClientSession, access: options_pb2.Access, method: str) -> None:
-        check_access(session, access, method, auth_enabled=self.auth_enabled)
+        """Raise unless `session`'s role may call `method`: -32001 before auth, a permission
+        error for a role the rule does not list. With auth off every session may call
+        everything (no role can be proven)."""
+        if self.auth_enabled and not admits(access, session.role.value):
+            if not session.authenticated:
+                raise AuthRequired()
+            allowed = " or ".join(_ROLE_NAMES[r] for r in access.roles if r in _ROLE_NAMES)
+            raise permission_denied(f"permission denied: {method} needs {allowed}")
 
     def runs_inline(self, member: str) -> bool:
         """Whether a request never waits: an inline handler, not parked by the gate."""

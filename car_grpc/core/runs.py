@@ -34,7 +34,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeAlias, TypeVar
 
-import grpc
 from google.protobuf.message import Message
 
 from car_grpc.clock import now_ms
@@ -55,6 +54,7 @@ from car_grpc.wire.errors import (
     field_error,
     invalid_params,
     not_found,
+    permission_denied,
     require,
 )
 
@@ -627,9 +627,6 @@ def _already_ended(run_id: str, status: RunStatus) -> CarError:
 
 
 def _may_not_resume() -> CarError:
-    return CarError(
-        INVALID_PARAMS,
-        "invalid params: idempotency_key names a run this session may not resume",
-        status=grpc.StatusCode.PERMISSION_DENIED,
-        reason="PERMISSION_DENIED",
+    return permission_denied(
+        "invalid params: idempotency_key names a run this session may not resume", INVALID_PARAMS
     )

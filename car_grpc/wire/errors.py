@@ -137,10 +137,11 @@ def internal(message: str) -> CarError:
     return CarError(INTERNAL, message)
 
 
-def permission_denied(message: str) -> CarError:
-    """-32603 on the wire (what car-runtime expects), PERMISSION_DENIED on typed RPCs."""
+def permission_denied(message: str, code: int = INTERNAL) -> CarError:
+    """`code` on the wire (-32603 unless the protocol fixes another: what car-runtime
+    expects), PERMISSION_DENIED on typed RPCs."""
     return CarError(
-        INTERNAL, message, status=grpc.StatusCode.PERMISSION_DENIED, reason="PERMISSION_DENIED"
+        code, message, status=grpc.StatusCode.PERMISSION_DENIED, reason="PERMISSION_DENIED"
     )
 
 
