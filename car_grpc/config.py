@@ -189,6 +189,21 @@ class CoreConfig:
     #: Final segments one meeting transcript keeps; later ones are left out and the
     #: meeting is marked truncated.
     meeting_max_segments: int = 20_000
+    #: A2UI surfaces (docs/protocol.md §7a): components one surface may have, bytes its
+    #: JSON may take, surfaces one owner (an A2A endpoint, an agent, the local sessions)
+    #: and the core may keep, seconds a surface lives after its last change, seconds
+    #: between two automatic reaps of the expired ones.
+    a2ui_max_components: int = 1000
+    a2ui_max_surface_bytes: int = 512 * 1024
+    a2ui_max_surfaces_per_owner: int = 64
+    a2ui_max_surfaces: int = 1024
+    a2ui_surface_ttl: float = 24 * 3600.0
+    a2ui_reap_interval: float = 60.0
+    #: Outbound A2A calls (a2a.send, actions on surfaces an A2A task owns): seconds one may
+    #: take, bytes its answer may have; remote peers the registry keeps.
+    a2a_timeout: float = 10.0
+    a2a_max_response_bytes: int = 1024 * 1024
+    a2a_max_peers: int = 256
     #: gRPC core listener.
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 9102

@@ -29,11 +29,14 @@ CLIENT_REQUESTS = {
     "voice.transcribe_stream.start", "voice.transcribe_stream.push",
     "voice.transcribe_stream.stop", "voice.sessions.list", "voice.providers.list",
     "meeting.start", "meeting.stop", "meeting.list", "meeting.get",
+    "a2ui.capabilities", "a2ui.apply", "a2ui.ingest", "a2ui.surfaces", "a2ui.get", "a2ui.reap",
+    "a2ui.action", "a2ui/subscribe", "a2ui/unsubscribe", "a2ui/replay",
+    "a2a.send", "a2a.peers.add", "a2a.peers.list", "a2a.peers.remove",
 }  # fmt: skip
 SERVER_REQUESTS = {"tools.execute", "agent.chat", "agent.chat.approve"}
 SERVER_NOTIFICATIONS = {
     "tools.cancel", "agents.chat.event", "agent.chat.cancel", "runs.trace.event",
-    "host.event", "voice.event",
+    "host.event", "voice.event", "a2ui.event",
 }  # fmt: skip
 CLIENT_NOTIFICATIONS = {"agent.chat.event"}
 
@@ -88,7 +91,8 @@ def test_every_frame_member_but_error_is_bound() -> None:
 # The one exception: the approval gate's default list, car-server methods this server
 # does not serve (config.DEFAULT_GATED_METHODS), which the doc names as methods.
 
-_DOTTED = re.compile(r"[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+")
+#: `a2ui/subscribe`: A2UI's own method names use "/".
+_DOTTED = re.compile(r"[a-z_][a-z0-9_]*(?:[./][a-z_][a-z0-9_]*)+")
 _FILE_SUFFIXES = (".md", ".proto", ".py", ".js", ".json", ".sock")
 
 

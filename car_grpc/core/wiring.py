@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from car_grpc.config import CoreConfig
+from car_grpc.core.a2a_client import A2aClient
+from car_grpc.core.a2ui import A2ui, A2uiLimits
 from car_grpc.core.approvals import Approvals
 from car_grpc.core.authentication import Authentication
 from car_grpc.core.chats import ChatLimits, Chats
@@ -28,6 +30,7 @@ from car_grpc.core.meetings import Meetings
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.policies import Policies
 from car_grpc.core.registry import SessionRegistry
+from car_grpc.core.route_auth import RouteSealer
 from car_grpc.core.router import Router
 from car_grpc.core.runs import Runs
 from car_grpc.core.session import SessionLimits
@@ -59,6 +62,7 @@ class CoreParts:
     tool_hosts: ToolHosts
     voice: Voice
     meetings: Meetings
+    a2ui: A2ui
     status: Status
     router: Router
     grpc: GrpcService
@@ -72,6 +76,7 @@ class CoreParts:
         await self.runs.shutdown()
         await self.chats.drain()
         await self.voice.shutdown()
+        await self.a2ui.shutdown()
 
 
 async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) -> CoreParts:
@@ -141,6 +146,23 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
     )
     meetings = Meetings(store.meetings, voice, max_segments=config.meeting_max_segments)
     await meetings.recover()
+    a2ui = A2ui(
+        store.a2ui,
+        events,
+        metrics,
+        RouteSealer.beside_tokens(config.token_dir),
+        A2aClient(timeout=config.a2a_timeout, max_response_bytes=config.a2a_max_response_bytes),
+        A2uiLimits(
+            max_components=config.a2ui_max_components,
+            max_surface_bytes=config.a2ui_max_surface_bytes,
+            max_surfaces_per_owner=config.a2ui_max_surfaces_per_owner,
+            max_surfaces=config.a2ui_max_surfaces,
+            surface_ttl=config.a2ui_surface_ttl,
+            max_peers=config.a2a_max_peers,
+        ),
+        reap_interval=config.a2ui_reap_interval,
+    )
+    await a2ui.start()
     status = Status(
         registry, chats, store.runs, approvals, store, metrics, approvals_enabled=config.approvals
     )
@@ -157,6 +179,7 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
             approvals,
             voice,
             meetings,
+            a2ui,
             status,
         ]
     )
@@ -186,6 +209,7 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
         tool_hosts=tool_hosts,
         voice=voice,
         meetings=meetings,
+        a2ui=a2ui,
         status=status,
         router=router,
         grpc=grpc,

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, voice_pb2
+from car_grpc.v1 import a2ui_pb2, chats_pb2, host_pb2, runs_pb2, voice_pb2
 
 
 class StoreConflict(RuntimeError):
@@ -276,6 +276,51 @@ class MeetingStore(Protocol):
         how many."""
 
 
+# ---------------------------------------------------------------- A2UI surfaces and A2A peers
+
+
+@dataclass(frozen=True)
+class SurfaceRow:
+    """A stored A2UI surface: the surface, whose limit it counts against (`owner_key`) and
+    its route credential, sealed (car_grpc.core.route_auth), or None."""
+
+    surface: a2ui_pb2.A2uiSurface
+    owner_key: str
+    route: bytes | None
+
+
+class A2uiStore(Protocol):
+    """A2UI surfaces (alive while `expires_at` is in the future) and the registry of
+    remote A2A peers."""
+
+    async def put_surface(self, row: SurfaceRow) -> None:
+        """Insert or replace the surface with its id (its route credential with it)."""
+
+    async def get_surface(self, surface_id: str, now: int) -> SurfaceRow | None:
+        """The surface, None when unknown or expired at `now`."""
+
+    async def live_surfaces(self, now: int) -> list[SurfaceRow]:
+        """Every surface not expired at `now`, oldest first."""
+
+    async def count_surfaces(self, now: int, owner_key: str) -> tuple[int, int]:
+        """(surfaces of `owner_key`, surfaces in all), of those not expired at `now`."""
+
+    async def delete_surface(self, surface_id: str) -> bool:
+        """Remove the surface and its credential; whether there was one."""
+
+    async def reap(self, now: int) -> list[str]:
+        """Remove every surface expired at `now` (credentials with them); their ids."""
+
+    async def add_peer(self, peer: a2ui_pb2.A2aPeer) -> bool:
+        """Add a peer; False when its slug or its url is already there."""
+
+    async def peers(self) -> list[a2ui_pb2.A2aPeer]:
+        """Every peer, in the order they were added."""
+
+    async def remove_peer(self, slug: str) -> bool:
+        """Remove the peer; whether there was one."""
+
+
 # ---------------------------------------------------------------- the store
 
 
@@ -300,6 +345,9 @@ class Store(Protocol):
 
     @property
     def meetings(self) -> MeetingStore: ...
+
+    @property
+    def a2ui(self) -> A2uiStore: ...
 
     async def size_bytes(self) -> int:
         """What the store occupies on disk, in bytes (for status and metrics)."""

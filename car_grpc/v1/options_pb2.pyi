@@ -194,6 +194,7 @@ Global___Access: _TypeAlias = Access  # noqa: Y015
 
 JSON_RPC_FIELD_NUMBER: _builtins.int
 JSON_INLINE_FIELD_NUMBER: _builtins.int
+JSON_KEY_FIELD_NUMBER: _builtins.int
 JSON_RPC_METHOD_FIELD_NUMBER: _builtins.int
 ACCESS_FIELD_NUMBER: _builtins.int
 JSON_RPC_USAGE_FIELD_NUMBER: _builtins.int
@@ -205,6 +206,10 @@ level of the enclosing JSON object instead of under the field's own key, and on 
 they are read from there. A Struct field marked so collects every JSON key that no
 other field of the message names (the open "...rest" of docs/protocol.md shapes such as
 `{session_id, kind, ...}`).
+"""
+json_key: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.str]
+"""The field's JSON key when the protocol spells it otherwise than the proto field name
+(the A2UI and A2A shapes of a2ui.proto are camelCase: `surfaceId`). Empty: the name.
 """
 json_rpc_method: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, _builtins.str]
 """The JSON-RPC method that an RPC of a per-domain service performs (a unary RPC and the

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from car_grpc.v1 import a2ui_pb2 as _a2ui_pb2
 from car_grpc.v1 import chats_pb2 as _chats_pb2
 from car_grpc.v1 import errors_pb2 as _errors_pb2
 from car_grpc.v1 import host_pb2 as _host_pb2
@@ -368,6 +369,20 @@ class ClientFrame(_message.Message):
     MEETING_STOP_FIELD_NUMBER: _builtins.int
     MEETING_LIST_FIELD_NUMBER: _builtins.int
     MEETING_GET_FIELD_NUMBER: _builtins.int
+    A2UI_CAPABILITIES_FIELD_NUMBER: _builtins.int
+    A2UI_APPLY_FIELD_NUMBER: _builtins.int
+    A2UI_INGEST_FIELD_NUMBER: _builtins.int
+    A2UI_SURFACES_FIELD_NUMBER: _builtins.int
+    A2UI_GET_FIELD_NUMBER: _builtins.int
+    A2UI_REAP_FIELD_NUMBER: _builtins.int
+    A2UI_ACTION_FIELD_NUMBER: _builtins.int
+    A2UI_SUBSCRIBE_FIELD_NUMBER: _builtins.int
+    A2UI_UNSUBSCRIBE_FIELD_NUMBER: _builtins.int
+    A2UI_REPLAY_FIELD_NUMBER: _builtins.int
+    A2A_SEND_FIELD_NUMBER: _builtins.int
+    A2A_PEERS_ADD_FIELD_NUMBER: _builtins.int
+    A2A_PEERS_LIST_FIELD_NUMBER: _builtins.int
+    A2A_PEERS_REMOVE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Correlation id: a fresh id per request (any string, unique among the client's open
     requests); for an answer, the id of the server request it answers; empty for a
@@ -511,6 +526,36 @@ class ClientFrame(_message.Message):
     def meeting_list(self) -> _voice_pb2.ListMeetingsRequest: ...
     @_builtins.property
     def meeting_get(self) -> _voice_pb2.GetMeetingRequest: ...
+    @_builtins.property
+    def a2ui_capabilities(self) -> _a2ui_pb2.A2uiCapabilitiesRequest:
+        """§7a A2UI surfaces and outbound A2A (a2ui.proto)."""
+
+    @_builtins.property
+    def a2ui_apply(self) -> _a2ui_pb2.A2uiApplyRequest: ...
+    @_builtins.property
+    def a2ui_ingest(self) -> _a2ui_pb2.A2uiIngestRequest: ...
+    @_builtins.property
+    def a2ui_surfaces(self) -> _a2ui_pb2.A2uiSurfacesRequest: ...
+    @_builtins.property
+    def a2ui_get(self) -> _a2ui_pb2.A2uiGetRequest: ...
+    @_builtins.property
+    def a2ui_reap(self) -> _a2ui_pb2.A2uiReapRequest: ...
+    @_builtins.property
+    def a2ui_action(self) -> _a2ui_pb2.A2uiActionRequest: ...
+    @_builtins.property
+    def a2ui_subscribe(self) -> _a2ui_pb2.A2uiSubscribeRequest: ...
+    @_builtins.property
+    def a2ui_unsubscribe(self) -> _a2ui_pb2.A2uiUnsubscribeRequest: ...
+    @_builtins.property
+    def a2ui_replay(self) -> _a2ui_pb2.A2uiGetRequest: ...
+    @_builtins.property
+    def a2a_send(self) -> _a2ui_pb2.A2aSendRequest: ...
+    @_builtins.property
+    def a2a_peers_add(self) -> _a2ui_pb2.A2aPeersAddRequest: ...
+    @_builtins.property
+    def a2a_peers_list(self) -> _a2ui_pb2.A2aPeersListRequest: ...
+    @_builtins.property
+    def a2a_peers_remove(self) -> _a2ui_pb2.A2aPeersRemoveRequest: ...
     def __init__(
         self,
         *,
@@ -569,12 +614,26 @@ class ClientFrame(_message.Message):
         meeting_stop: _voice_pb2.StopMeetingRequest | None = ...,
         meeting_list: _voice_pb2.ListMeetingsRequest | None = ...,
         meeting_get: _voice_pb2.GetMeetingRequest | None = ...,
+        a2ui_capabilities: _a2ui_pb2.A2uiCapabilitiesRequest | None = ...,
+        a2ui_apply: _a2ui_pb2.A2uiApplyRequest | None = ...,
+        a2ui_ingest: _a2ui_pb2.A2uiIngestRequest | None = ...,
+        a2ui_surfaces: _a2ui_pb2.A2uiSurfacesRequest | None = ...,
+        a2ui_get: _a2ui_pb2.A2uiGetRequest | None = ...,
+        a2ui_reap: _a2ui_pb2.A2uiReapRequest | None = ...,
+        a2ui_action: _a2ui_pb2.A2uiActionRequest | None = ...,
+        a2ui_subscribe: _a2ui_pb2.A2uiSubscribeRequest | None = ...,
+        a2ui_unsubscribe: _a2ui_pb2.A2uiUnsubscribeRequest | None = ...,
+        a2ui_replay: _a2ui_pb2.A2uiGetRequest | None = ...,
+        a2a_send: _a2ui_pb2.A2aSendRequest | None = ...,
+        a2a_peers_add: _a2ui_pb2.A2aPeersAddRequest | None = ...,
+        a2a_peers_list: _a2ui_pb2.A2aPeersListRequest | None = ...,
+        a2a_peers_remove: _a2ui_pb2.A2aPeersRemoveRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_event", b"agent_chat_event", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "meeting_get", b"meeting_get", "meeting_list", b"meeting_list", "meeting_start", b"meeting_start", "meeting_stop", b"meeting_stop", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister", "voice_audio", b"voice_audio", "voice_providers_list", b"voice_providers_list", "voice_sessions_list", b"voice_sessions_list", "voice_transcribe_stream_push", b"voice_transcribe_stream_push", "voice_transcribe_stream_start", b"voice_transcribe_stream_start", "voice_transcribe_stream_stop", b"voice_transcribe_stream_stop"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["a2a_peers_add", b"a2a_peers_add", "a2a_peers_list", b"a2a_peers_list", "a2a_peers_remove", b"a2a_peers_remove", "a2a_send", b"a2a_send", "a2ui_action", b"a2ui_action", "a2ui_apply", b"a2ui_apply", "a2ui_capabilities", b"a2ui_capabilities", "a2ui_get", b"a2ui_get", "a2ui_ingest", b"a2ui_ingest", "a2ui_reap", b"a2ui_reap", "a2ui_replay", b"a2ui_replay", "a2ui_subscribe", b"a2ui_subscribe", "a2ui_surfaces", b"a2ui_surfaces", "a2ui_unsubscribe", b"a2ui_unsubscribe", "agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_event", b"agent_chat_event", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "meeting_get", b"meeting_get", "meeting_list", b"meeting_list", "meeting_start", b"meeting_start", "meeting_stop", b"meeting_stop", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister", "voice_audio", b"voice_audio", "voice_providers_list", b"voice_providers_list", "voice_sessions_list", b"voice_sessions_list", "voice_transcribe_stream_push", b"voice_transcribe_stream_push", "voice_transcribe_stream_start", b"voice_transcribe_stream_start", "voice_transcribe_stream_stop", b"voice_transcribe_stream_stop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_event", b"agent_chat_event", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "id", b"id", "meeting_get", b"meeting_get", "meeting_list", b"meeting_list", "meeting_start", b"meeting_start", "meeting_stop", b"meeting_stop", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister", "voice_audio", b"voice_audio", "voice_providers_list", b"voice_providers_list", "voice_sessions_list", b"voice_sessions_list", "voice_transcribe_stream_push", b"voice_transcribe_stream_push", "voice_transcribe_stream_start", b"voice_transcribe_stream_start", "voice_transcribe_stream_stop", b"voice_transcribe_stream_stop"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a2a_peers_add", b"a2a_peers_add", "a2a_peers_list", b"a2a_peers_list", "a2a_peers_remove", b"a2a_peers_remove", "a2a_send", b"a2a_send", "a2ui_action", b"a2ui_action", "a2ui_apply", b"a2ui_apply", "a2ui_capabilities", b"a2ui_capabilities", "a2ui_get", b"a2ui_get", "a2ui_ingest", b"a2ui_ingest", "a2ui_reap", b"a2ui_reap", "a2ui_replay", b"a2ui_replay", "a2ui_subscribe", b"a2ui_subscribe", "a2ui_surfaces", b"a2ui_surfaces", "a2ui_unsubscribe", b"a2ui_unsubscribe", "agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_event", b"agent_chat_event", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "id", b"id", "meeting_get", b"meeting_get", "meeting_list", b"meeting_list", "meeting_start", b"meeting_start", "meeting_stop", b"meeting_stop", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister", "voice_audio", b"voice_audio", "voice_providers_list", b"voice_providers_list", "voice_sessions_list", b"voice_sessions_list", "voice_transcribe_stream_push", b"voice_transcribe_stream_push", "voice_transcribe_stream_start", b"voice_transcribe_stream_start", "voice_transcribe_stream_stop", b"voice_transcribe_stream_stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["error", "session_auth", "server_handshake", "session_init", "session_clear_halt", "tools_register", "tools_list", "tools_unregister", "proposal_submit", "tools_execute", "policy_register", "policy_unregister", "policy_list", "state_get", "state_set", "state_exists", "state_keys", "state_snapshot", "runs_start", "runs_complete", "runs_record_turns", "runs_subscribe", "runs_unsubscribe", "runs_list", "runs_get_trace", "agents_chat", "agents_chat_cancel", "agents_chat_approve", "goal_set", "goal_status", "goal_clear", "agent_chat", "agent_chat_approve", "agent_chat_event", "host_subscribe", "host_register_agent", "host_unregister_agent", "host_set_status", "host_agents", "host_request_approval", "host_approvals", "host_resolve_approval", "server_status", "server_metrics", "voice_transcribe_stream_start", "voice_transcribe_stream_push", "voice_transcribe_stream_stop", "voice_sessions_list", "voice_providers_list", "voice_audio", "meeting_start", "meeting_stop", "meeting_list", "meeting_get"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["error", "session_auth", "server_handshake", "session_init", "session_clear_halt", "tools_register", "tools_list", "tools_unregister", "proposal_submit", "tools_execute", "policy_register", "policy_unregister", "policy_list", "state_get", "state_set", "state_exists", "state_keys", "state_snapshot", "runs_start", "runs_complete", "runs_record_turns", "runs_subscribe", "runs_unsubscribe", "runs_list", "runs_get_trace", "agents_chat", "agents_chat_cancel", "agents_chat_approve", "goal_set", "goal_status", "goal_clear", "agent_chat", "agent_chat_approve", "agent_chat_event", "host_subscribe", "host_register_agent", "host_unregister_agent", "host_set_status", "host_agents", "host_request_approval", "host_approvals", "host_resolve_approval", "server_status", "server_metrics", "voice_transcribe_stream_start", "voice_transcribe_stream_push", "voice_transcribe_stream_stop", "voice_sessions_list", "voice_providers_list", "voice_audio", "meeting_start", "meeting_stop", "meeting_list", "meeting_get", "a2ui_capabilities", "a2ui_apply", "a2ui_ingest", "a2ui_surfaces", "a2ui_get", "a2ui_reap", "a2ui_action", "a2ui_subscribe", "a2ui_unsubscribe", "a2ui_replay", "a2a_send", "a2a_peers_add", "a2a_peers_list", "a2a_peers_remove"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -649,6 +708,21 @@ class ServerFrame(_message.Message):
     MEETING_STOP_FIELD_NUMBER: _builtins.int
     MEETING_LIST_FIELD_NUMBER: _builtins.int
     MEETING_GET_FIELD_NUMBER: _builtins.int
+    A2UI_CAPABILITIES_FIELD_NUMBER: _builtins.int
+    A2UI_APPLY_FIELD_NUMBER: _builtins.int
+    A2UI_INGEST_FIELD_NUMBER: _builtins.int
+    A2UI_SURFACES_FIELD_NUMBER: _builtins.int
+    A2UI_GET_FIELD_NUMBER: _builtins.int
+    A2UI_REAP_FIELD_NUMBER: _builtins.int
+    A2UI_ACTION_FIELD_NUMBER: _builtins.int
+    A2UI_SUBSCRIBE_FIELD_NUMBER: _builtins.int
+    A2UI_UNSUBSCRIBE_FIELD_NUMBER: _builtins.int
+    A2UI_REPLAY_FIELD_NUMBER: _builtins.int
+    A2UI_EVENT_FIELD_NUMBER: _builtins.int
+    A2A_SEND_FIELD_NUMBER: _builtins.int
+    A2A_PEERS_ADD_FIELD_NUMBER: _builtins.int
+    A2A_PEERS_LIST_FIELD_NUMBER: _builtins.int
+    A2A_PEERS_REMOVE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The id of the request this answers; `cb-N` for a server-initiated request; empty for
     a notification.
@@ -799,6 +873,40 @@ class ServerFrame(_message.Message):
     def meeting_list(self) -> _voice_pb2.ListMeetingsResponse: ...
     @_builtins.property
     def meeting_get(self) -> _voice_pb2.GetMeetingResponse: ...
+    @_builtins.property
+    def a2ui_capabilities(self) -> _a2ui_pb2.A2uiCapabilitiesResponse:
+        """§7a A2UI surfaces and outbound A2A (a2ui.proto)."""
+
+    @_builtins.property
+    def a2ui_apply(self) -> _a2ui_pb2.A2uiApplyResponse: ...
+    @_builtins.property
+    def a2ui_ingest(self) -> _a2ui_pb2.A2uiIngestResponse: ...
+    @_builtins.property
+    def a2ui_surfaces(self) -> _a2ui_pb2.A2uiSurfacesResponse: ...
+    @_builtins.property
+    def a2ui_get(self) -> _a2ui_pb2.A2uiGetResponse: ...
+    @_builtins.property
+    def a2ui_reap(self) -> _a2ui_pb2.A2uiReapResponse: ...
+    @_builtins.property
+    def a2ui_action(self) -> _a2ui_pb2.A2uiActionResponse: ...
+    @_builtins.property
+    def a2ui_subscribe(self) -> _a2ui_pb2.A2uiSubscribeResponse: ...
+    @_builtins.property
+    def a2ui_unsubscribe(self) -> _a2ui_pb2.A2uiSubscribeResponse: ...
+    @_builtins.property
+    def a2ui_replay(self) -> _a2ui_pb2.A2uiGetResponse: ...
+    @_builtins.property
+    def a2ui_event(self) -> _a2ui_pb2.A2uiEventNotice:
+        """Every applied A2UI message and user action, to a2ui/subscribe sessions."""
+
+    @_builtins.property
+    def a2a_send(self) -> _a2ui_pb2.A2aSendResponse: ...
+    @_builtins.property
+    def a2a_peers_add(self) -> _a2ui_pb2.A2aPeersAddResponse: ...
+    @_builtins.property
+    def a2a_peers_list(self) -> _a2ui_pb2.A2aPeersListResponse: ...
+    @_builtins.property
+    def a2a_peers_remove(self) -> _a2ui_pb2.A2aPeersRemoveResponse: ...
     def __init__(
         self,
         *,
@@ -862,12 +970,27 @@ class ServerFrame(_message.Message):
         meeting_stop: _voice_pb2.StopMeetingResponse | None = ...,
         meeting_list: _voice_pb2.ListMeetingsResponse | None = ...,
         meeting_get: _voice_pb2.GetMeetingResponse | None = ...,
+        a2ui_capabilities: _a2ui_pb2.A2uiCapabilitiesResponse | None = ...,
+        a2ui_apply: _a2ui_pb2.A2uiApplyResponse | None = ...,
+        a2ui_ingest: _a2ui_pb2.A2uiIngestResponse | None = ...,
+        a2ui_surfaces: _a2ui_pb2.A2uiSurfacesResponse | None = ...,
+        a2ui_get: _a2ui_pb2.A2uiGetResponse | None = ...,
+        a2ui_reap: _a2ui_pb2.A2uiReapResponse | None = ...,
+        a2ui_action: _a2ui_pb2.A2uiActionResponse | None = ...,
+        a2ui_subscribe: _a2ui_pb2.A2uiSubscribeResponse | None = ...,
+        a2ui_unsubscribe: _a2ui_pb2.A2uiSubscribeResponse | None = ...,
+        a2ui_replay: _a2ui_pb2.A2uiGetResponse | None = ...,
+        a2ui_event: _a2ui_pb2.A2uiEventNotice | None = ...,
+        a2a_send: _a2ui_pb2.A2aSendResponse | None = ...,
+        a2a_peers_add: _a2ui_pb2.A2aPeersAddResponse | None = ...,
+        a2a_peers_list: _a2ui_pb2.A2aPeersListResponse | None = ...,
+        a2a_peers_remove: _a2ui_pb2.A2aPeersRemoveResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_cancel", b"agent_chat_cancel", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "agents_chat_event", b"agents_chat_event", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_event", b"host_event", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "meeting_get", b"meeting_get", "meeting_list", b"meeting_list", "meeting_start", b"meeting_start", "meeting_stop", b"meeting_stop", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_trace_event", b"runs_trace_event", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_cancel", b"tools_cancel", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister", "voice_audio", b"voice_audio", "voice_event", b"voice_event", "voice_providers_list", b"voice_providers_list", "voice_sessions_list", b"voice_sessions_list", "voice_transcribe_stream_push", b"voice_transcribe_stream_push", "voice_transcribe_stream_start", b"voice_transcribe_stream_start", "voice_transcribe_stream_stop", b"voice_transcribe_stream_stop"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["a2a_peers_add", b"a2a_peers_add", "a2a_peers_list", b"a2a_peers_list", "a2a_peers_remove", b"a2a_peers_remove", "a2a_send", b"a2a_send", "a2ui_action", b"a2ui_action", "a2ui_apply", b"a2ui_apply", "a2ui_capabilities", b"a2ui_capabilities", "a2ui_event", b"a2ui_event", "a2ui_get", b"a2ui_get", "a2ui_ingest", b"a2ui_ingest", "a2ui_reap", b"a2ui_reap", "a2ui_replay", b"a2ui_replay", "a2ui_subscribe", b"a2ui_subscribe", "a2ui_surfaces", b"a2ui_surfaces", "a2ui_unsubscribe", b"a2ui_unsubscribe", "agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_cancel", b"agent_chat_cancel", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "agents_chat_event", b"agents_chat_event", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_event", b"host_event", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "meeting_get", b"meeting_get", "meeting_list", b"meeting_list", "meeting_start", b"meeting_start", "meeting_stop", b"meeting_stop", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_trace_event", b"runs_trace_event", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_cancel", b"tools_cancel", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister", "voice_audio", b"voice_audio", "voice_event", b"voice_event", "voice_providers_list", b"voice_providers_list", "voice_sessions_list", b"voice_sessions_list", "voice_transcribe_stream_push", b"voice_transcribe_stream_push", "voice_transcribe_stream_start", b"voice_transcribe_stream_start", "voice_transcribe_stream_stop", b"voice_transcribe_stream_stop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_cancel", b"agent_chat_cancel", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "agents_chat_event", b"agents_chat_event", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_event", b"host_event", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "id", b"id", "meeting_get", b"meeting_get", "meeting_list", b"meeting_list", "meeting_start", b"meeting_start", "meeting_stop", b"meeting_stop", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_trace_event", b"runs_trace_event", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_cancel", b"tools_cancel", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister", "voice_audio", b"voice_audio", "voice_event", b"voice_event", "voice_providers_list", b"voice_providers_list", "voice_sessions_list", b"voice_sessions_list", "voice_transcribe_stream_push", b"voice_transcribe_stream_push", "voice_transcribe_stream_start", b"voice_transcribe_stream_start", "voice_transcribe_stream_stop", b"voice_transcribe_stream_stop"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a2a_peers_add", b"a2a_peers_add", "a2a_peers_list", b"a2a_peers_list", "a2a_peers_remove", b"a2a_peers_remove", "a2a_send", b"a2a_send", "a2ui_action", b"a2ui_action", "a2ui_apply", b"a2ui_apply", "a2ui_capabilities", b"a2ui_capabilities", "a2ui_event", b"a2ui_event", "a2ui_get", b"a2ui_get", "a2ui_ingest", b"a2ui_ingest", "a2ui_reap", b"a2ui_reap", "a2ui_replay", b"a2ui_replay", "a2ui_subscribe", b"a2ui_subscribe", "a2ui_surfaces", b"a2ui_surfaces", "a2ui_unsubscribe", b"a2ui_unsubscribe", "agent_chat", b"agent_chat", "agent_chat_approve", b"agent_chat_approve", "agent_chat_cancel", b"agent_chat_cancel", "agents_chat", b"agents_chat", "agents_chat_approve", b"agents_chat_approve", "agents_chat_cancel", b"agents_chat_cancel", "agents_chat_event", b"agents_chat_event", "body", b"body", "error", b"error", "goal_clear", b"goal_clear", "goal_set", b"goal_set", "goal_status", b"goal_status", "host_agents", b"host_agents", "host_approvals", b"host_approvals", "host_event", b"host_event", "host_register_agent", b"host_register_agent", "host_request_approval", b"host_request_approval", "host_resolve_approval", b"host_resolve_approval", "host_set_status", b"host_set_status", "host_subscribe", b"host_subscribe", "host_unregister_agent", b"host_unregister_agent", "id", b"id", "meeting_get", b"meeting_get", "meeting_list", b"meeting_list", "meeting_start", b"meeting_start", "meeting_stop", b"meeting_stop", "policy_list", b"policy_list", "policy_register", b"policy_register", "policy_unregister", b"policy_unregister", "proposal_submit", b"proposal_submit", "runs_complete", b"runs_complete", "runs_get_trace", b"runs_get_trace", "runs_list", b"runs_list", "runs_record_turns", b"runs_record_turns", "runs_start", b"runs_start", "runs_subscribe", b"runs_subscribe", "runs_trace_event", b"runs_trace_event", "runs_unsubscribe", b"runs_unsubscribe", "server_handshake", b"server_handshake", "server_metrics", b"server_metrics", "server_status", b"server_status", "session_auth", b"session_auth", "session_clear_halt", b"session_clear_halt", "session_init", b"session_init", "state_exists", b"state_exists", "state_get", b"state_get", "state_keys", b"state_keys", "state_set", b"state_set", "state_snapshot", b"state_snapshot", "tools_cancel", b"tools_cancel", "tools_execute", b"tools_execute", "tools_list", b"tools_list", "tools_register", b"tools_register", "tools_unregister", b"tools_unregister", "voice_audio", b"voice_audio", "voice_event", b"voice_event", "voice_providers_list", b"voice_providers_list", "voice_sessions_list", b"voice_sessions_list", "voice_transcribe_stream_push", b"voice_transcribe_stream_push", "voice_transcribe_stream_start", b"voice_transcribe_stream_start", "voice_transcribe_stream_stop", b"voice_transcribe_stream_stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["error", "session_auth", "server_handshake", "session_init", "session_clear_halt", "tools_register", "tools_list", "tools_unregister", "proposal_submit", "tools_execute", "tools_cancel", "policy_register", "policy_unregister", "policy_list", "state_get", "state_set", "state_exists", "state_keys", "state_snapshot", "runs_start", "runs_complete", "runs_record_turns", "runs_subscribe", "runs_unsubscribe", "runs_list", "runs_get_trace", "runs_trace_event", "agents_chat", "agents_chat_cancel", "agents_chat_approve", "goal_set", "goal_status", "goal_clear", "agent_chat", "agent_chat_approve", "agents_chat_event", "agent_chat_cancel", "host_subscribe", "host_register_agent", "host_unregister_agent", "host_set_status", "host_agents", "host_request_approval", "host_approvals", "host_resolve_approval", "host_event", "server_status", "server_metrics", "voice_event", "voice_transcribe_stream_start", "voice_transcribe_stream_push", "voice_transcribe_stream_stop", "voice_sessions_list", "voice_providers_list", "voice_audio", "meeting_start", "meeting_stop", "meeting_list", "meeting_get"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["error", "session_auth", "server_handshake", "session_init", "session_clear_halt", "tools_register", "tools_list", "tools_unregister", "proposal_submit", "tools_execute", "tools_cancel", "policy_register", "policy_unregister", "policy_list", "state_get", "state_set", "state_exists", "state_keys", "state_snapshot", "runs_start", "runs_complete", "runs_record_turns", "runs_subscribe", "runs_unsubscribe", "runs_list", "runs_get_trace", "runs_trace_event", "agents_chat", "agents_chat_cancel", "agents_chat_approve", "goal_set", "goal_status", "goal_clear", "agent_chat", "agent_chat_approve", "agents_chat_event", "agent_chat_cancel", "host_subscribe", "host_register_agent", "host_unregister_agent", "host_set_status", "host_agents", "host_request_approval", "host_approvals", "host_resolve_approval", "host_event", "server_status", "server_metrics", "voice_event", "voice_transcribe_stream_start", "voice_transcribe_stream_push", "voice_transcribe_stream_stop", "voice_sessions_list", "voice_providers_list", "voice_audio", "meeting_start", "meeting_stop", "meeting_list", "meeting_get", "a2ui_capabilities", "a2ui_apply", "a2ui_ingest", "a2ui_surfaces", "a2ui_get", "a2ui_reap", "a2ui_action", "a2ui_subscribe", "a2ui_unsubscribe", "a2ui_replay", "a2ui_event", "a2a_send", "a2a_peers_add", "a2a_peers_list", "a2a_peers_remove"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDescriptor
 
 from car_grpc.v1 import (
+    a2ui_pb2,
     chats_pb2,
     host_pb2,
     options_pb2,
@@ -104,6 +105,7 @@ def _all_services() -> list[ServiceDescriptor]:
         host_pb2,
         voice_pb2,
         status_pb2,
+        a2ui_pb2,
     ]
     return [svc for f in files for svc in f.DESCRIPTOR.services_by_name.values()]
 

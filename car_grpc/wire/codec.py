@@ -1,10 +1,11 @@
 """JSON <-> protobuf for the car.v1 messages, driven by the descriptors.
 
 The mapping rules are documented in proto/car/v1/options.proto: snake_case proto names as
-keys, presence-aware omission, int64 as JSON numbers, enum values as their lowercased name
-without the enum prefix, Struct/Value as free-form JSON, and `json_inline` fields merged
-into their parent object. google.protobuf.json_format does not follow these rules (it
-writes int64 as strings and enums by full name), hence this module.
+keys (or a field's declared `json_key`), presence-aware omission, int64 as JSON numbers,
+enum values as their lowercased name without the enum prefix, Struct/Value as free-form
+JSON, and `json_inline` fields merged into their parent object. google.protobuf.json_format
+does not follow these rules (it writes int64 as strings and enums by full name), hence
+this module.
 
 Conversion plans are computed once per message type and cached.
 """
@@ -163,6 +164,7 @@ def _enum_type(fd: FieldDescriptor) -> EnumDescriptor:
 class _Field:
     fd: FieldDescriptor
     name: str
+    key: str  # the JSON key: the field name, or its `json_key`
     repeated: bool
     presence: bool
     inline: bool
@@ -195,7 +197,8 @@ def _plan(desc: Descriptor) -> _Plan:
                 wkt = message_type.full_name
         inline = fd.GetOptions().Extensions[options_pb2.json_inline]
         is_enum = fd.type == FieldDescriptor.TYPE_ENUM
-        f = _Field(fd, fd.name, repeated, fd.has_presence, inline, wkt, is_enum)
+        key = fd.GetOptions().Extensions[options_pb2.json_key] or fd.name
+        f = _Field(fd, fd.name, key, repeated, fd.has_presence, inline, wkt, is_enum)
         fields.append(f)
         if inline and wkt == _STRUCT:
             rest = f
@@ -203,7 +206,7 @@ def _plan(desc: Descriptor) -> _Plan:
             inline_messages.append(f)
             known |= _plan(_message_type(fd)).known_keys
         else:
-            known.add(fd.name)
+            known.add(key)
     return _Plan(fields, frozenset(known), rest, inline_messages)
 
 
@@ -231,7 +234,7 @@ def _write(msg: Message, out: dict[str, JSON]) -> None:
             else:
                 _write(value, out)
             continue
-        out[f.name] = field_to_json(f.fd, value, f.repeated)
+        out[f.key] = field_to_json(f.fd, value, f.repeated)
 
 
 def field_to_json(fd: FieldDescriptor, value: Any, repeated: bool = False) -> JSON:
@@ -274,10 +277,10 @@ def _read(data: dict[str, JSON], msg: Message, path: str, outer: frozenset[str])
     for f in plan.fields:
         if f.inline:
             continue
-        if f.name not in data:
+        if f.key not in data:
             continue
-        item = data[f.name]
-        fpath = _join(path, f.name)
+        item = data[f.key]
+        fpath = _join(path, f.key)
         if item is None and f.wkt != _VALUE:
             continue  # null reads as absent
         if f.repeated:

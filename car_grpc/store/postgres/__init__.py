@@ -7,6 +7,7 @@ database.py.
 
 from __future__ import annotations
 
+from car_grpc.store.postgres.a2ui import PostgresA2uiStore
 from car_grpc.store.postgres.agent_tokens import PostgresAgentTokenStore
 from car_grpc.store.postgres.approvals import PostgresApprovalStore
 from car_grpc.store.postgres.database import PostgresDatabase
@@ -29,6 +30,7 @@ class PostgresStore:
         self.runs = PostgresRunStore(database)
         self.goals = PostgresGoalStore(database)
         self.meetings = PostgresMeetingStore(database)
+        self.a2ui = PostgresA2uiStore(database)
 
     @classmethod
     async def open(
@@ -50,6 +52,7 @@ class PostgresStore:
 
 
 __all__ = [
+    "PostgresA2uiStore",
     "PostgresAgentTokenStore",
     "PostgresApprovalStore",
     "PostgresDatabase",

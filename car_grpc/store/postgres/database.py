@@ -142,6 +142,27 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (meeting_id, seq)
     );
     """,
+    # 6: A2UI surfaces and the remote A2A peers (a2ui.py). A surface row is a serialized
+    # car.v1.A2uiSurface with its sealed route credential; a peer row a serialized
+    # car.v1.A2aPeer.
+    """
+    CREATE TABLE a2ui_surfaces (
+        surface_id TEXT COLLATE "C" PRIMARY KEY,
+        owner_key  TEXT COLLATE "C" NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        surface    BYTEA NOT NULL,
+        route      BYTEA
+    );
+    CREATE INDEX a2ui_surfaces_by_expiry ON a2ui_surfaces(expires_at);
+    CREATE INDEX a2ui_surfaces_by_owner ON a2ui_surfaces(owner_key, expires_at);
+    CREATE TABLE a2a_peers (
+        slug TEXT COLLATE "C" PRIMARY KEY,
+        ord  BIGINT GENERATED ALWAYS AS IDENTITY,
+        url  TEXT NOT NULL UNIQUE,
+        peer BYTEA NOT NULL
+    );
+    """,
 ]
 
 #: The tables of the store (for its size).
@@ -153,6 +174,8 @@ TABLES = (
     "goals",
     "meetings",
     "meeting_segments",
+    "a2ui_surfaces",
+    "a2a_peers",
     "car_grpc_migrations",
 )
 

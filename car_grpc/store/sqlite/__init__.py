@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from car_grpc.store.sqlite.a2ui import SqliteA2uiStore
 from car_grpc.store.sqlite.agent_tokens import SqliteAgentTokenStore
 from car_grpc.store.sqlite.approvals import SqliteApprovalStore
 from car_grpc.store.sqlite.database import SqliteDatabase
@@ -22,6 +23,7 @@ class SqliteStore:
         self.runs = SqliteRunStore(database)
         self.goals = SqliteGoalStore(database)
         self.meetings = SqliteMeetingStore(database)
+        self.a2ui = SqliteA2uiStore(database)
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -38,6 +40,7 @@ class SqliteStore:
 
 
 __all__ = [
+    "SqliteA2uiStore",
     "SqliteAgentTokenStore",
     "SqliteApprovalStore",
     "SqliteDatabase",

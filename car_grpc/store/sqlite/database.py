@@ -121,6 +121,26 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (meeting_id, seq)
     ) WITHOUT ROWID;
     """,
+    # 6: A2UI surfaces and the remote A2A peers (car_grpc/store/sqlite/a2ui.py). A surface row
+    # is a serialized car.v1.A2uiSurface with its sealed route credential; a peer row a
+    # serialized car.v1.A2aPeer.
+    """
+    CREATE TABLE a2ui_surfaces (
+        surface_id TEXT PRIMARY KEY,
+        owner_key  TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        surface    BLOB NOT NULL,
+        route      BLOB
+    );
+    CREATE INDEX a2ui_surfaces_by_expiry ON a2ui_surfaces(expires_at);
+    CREATE INDEX a2ui_surfaces_by_owner ON a2ui_surfaces(owner_key, expires_at);
+    CREATE TABLE a2a_peers (
+        slug TEXT PRIMARY KEY,
+        url  TEXT NOT NULL UNIQUE,
+        peer BLOB NOT NULL
+    );
+    """,
 ]
 
 

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file car/v1/options.proto.
  */
 export const file_car_v1_options: GenFile = /*@__PURE__*/
-  fileDesc("ChRjYXIvdjEvb3B0aW9ucy5wcm90bxIGY2FyLnYxInUKDkpzb25ScGNCaW5kaW5nEg4KBm1ldGhvZBgBIAEoCRIfCgRraW5kGAIgASgOMhEuY2FyLnYxLkZyYW1lS2luZBISCgpiYXJlX2ZpZWxkGAMgASgJEh4KBmFjY2VzcxgEIAEoCzIOLmNhci52MS5BY2Nlc3MiUwoGQWNjZXNzEiEKBXJvbGVzGAEgAygOMhIuY2FyLnYxLkNhbGxlclJvbGUSDQoFc2NvcGUYAiABKAkSFwoPbmVlZHNfaGFuZHNoYWtlGAMgASgIKowBCglGcmFtZUtpbmQSGgoWRlJBTUVfS0lORF9VTlNQRUNJRklFRBAAEhYKEkZSQU1FX0tJTkRfUkVRVUVTVBABEhcKE0ZSQU1FX0tJTkRfUkVTUE9OU0UQAhIbChdGUkFNRV9LSU5EX05PVElGSUNBVElPThADEhUKEUZSQU1FX0tJTkRfQklOQVJZEAQqjwEKCkNhbGxlclJvbGUSGwoXQ0FMTEVSX1JPTEVfVU5TUEVDSUZJRUQQABIfChtDQUxMRVJfUk9MRV9VTkFVVEhFTlRJQ0FURUQQARIWChJDQUxMRVJfUk9MRV9EQUVNT04QAhIUChBDQUxMRVJfUk9MRV9IT1NUEAMSFQoRQ0FMTEVSX1JPTEVfQUdFTlQQBDpSCghqc29uX3JwYxIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtIcDIAEoCzIWLmNhci52MS5Kc29uUnBjQmluZGluZ1IHanNvblJwYzpACgtqc29uX2lubGluZRIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtYcDIAEoCFIKanNvbklubGluZTpICg9qc29uX3JwY19tZXRob2QSHi5nb29nbGUucHJvdG9idWYuTWV0aG9kT3B0aW9ucxi2hwMgASgJUg1qc29uUnBjTWV0aG9kOkgKBmFjY2VzcxIeLmdvb2dsZS5wcm90b2J1Zi5NZXRob2RPcHRpb25zGLiHAyABKAsyDi5jYXIudjEuQWNjZXNzUgZhY2Nlc3M6RwoOanNvbl9ycGNfdXNhZ2USHy5nb29nbGUucHJvdG9idWYuTWVzc2FnZU9wdGlvbnMYt4cDIAEoCVIManNvblJwY1VzYWdlQmgKEWFpLnBhcnNsZWUuY2FyLnYxQgxPcHRpb25zUHJvdG9QAVo6Z2l0aHViLmNvbS9wYXJzbGVlLWFpL2Nhci1ncnBjL2NsaWVudHMvZ28vZ2VuL2Nhci92MTtjYXJ2MaoCBkNhci5WMWIGcHJvdG8z", [file_google_protobuf_descriptor]);
+  fileDesc("ChRjYXIvdjEvb3B0aW9ucy5wcm90bxIGY2FyLnYxInUKDkpzb25ScGNCaW5kaW5nEg4KBm1ldGhvZBgBIAEoCRIfCgRraW5kGAIgASgOMhEuY2FyLnYxLkZyYW1lS2luZBISCgpiYXJlX2ZpZWxkGAMgASgJEh4KBmFjY2VzcxgEIAEoCzIOLmNhci52MS5BY2Nlc3MiUwoGQWNjZXNzEiEKBXJvbGVzGAEgAygOMhIuY2FyLnYxLkNhbGxlclJvbGUSDQoFc2NvcGUYAiABKAkSFwoPbmVlZHNfaGFuZHNoYWtlGAMgASgIKowBCglGcmFtZUtpbmQSGgoWRlJBTUVfS0lORF9VTlNQRUNJRklFRBAAEhYKEkZSQU1FX0tJTkRfUkVRVUVTVBABEhcKE0ZSQU1FX0tJTkRfUkVTUE9OU0UQAhIbChdGUkFNRV9LSU5EX05PVElGSUNBVElPThADEhUKEUZSQU1FX0tJTkRfQklOQVJZEAQqjwEKCkNhbGxlclJvbGUSGwoXQ0FMTEVSX1JPTEVfVU5TUEVDSUZJRUQQABIfChtDQUxMRVJfUk9MRV9VTkFVVEhFTlRJQ0FURUQQARIWChJDQUxMRVJfUk9MRV9EQUVNT04QAhIUChBDQUxMRVJfUk9MRV9IT1NUEAMSFQoRQ0FMTEVSX1JPTEVfQUdFTlQQBDpSCghqc29uX3JwYxIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtIcDIAEoCzIWLmNhci52MS5Kc29uUnBjQmluZGluZ1IHanNvblJwYzpACgtqc29uX2lubGluZRIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtYcDIAEoCFIKanNvbklubGluZTo6Cghqc29uX2tleRIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYx4cDIAEoCVIHanNvbktleTpICg9qc29uX3JwY19tZXRob2QSHi5nb29nbGUucHJvdG9idWYuTWV0aG9kT3B0aW9ucxi2hwMgASgJUg1qc29uUnBjTWV0aG9kOkgKBmFjY2VzcxIeLmdvb2dsZS5wcm90b2J1Zi5NZXRob2RPcHRpb25zGLiHAyABKAsyDi5jYXIudjEuQWNjZXNzUgZhY2Nlc3M6RwoOanNvbl9ycGNfdXNhZ2USHy5nb29nbGUucHJvdG9idWYuTWVzc2FnZU9wdGlvbnMYt4cDIAEoCVIManNvblJwY1VzYWdlQmgKEWFpLnBhcnNsZWUuY2FyLnYxQgxPcHRpb25zUHJvdG9QAVo6Z2l0aHViLmNvbS9wYXJzbGVlLWFpL2Nhci1ncnBjL2NsaWVudHMvZ28vZ2VuL2Nhci92MTtjYXJ2MaoCBkNhci5WMWIGcHJvdG8z", [file_google_protobuf_descriptor]);
 
 /**
  * The JSON-RPC binding of one oneof member of ClientFrame or ServerFrame.
@@ -218,6 +218,15 @@ export const json_inline: GenExtension<FieldOptions, boolean> = /*@__PURE__*/
   extDesc(file_car_v1_options, 1);
 
 /**
+ * The field's JSON key when the protocol spells it otherwise than the proto field name
+ * (the A2UI and A2A shapes of a2ui.proto are camelCase: `surfaceId`). Empty: the name.
+ *
+ * @generated from extension: string json_key = 50119;
+ */
+export const json_key: GenExtension<FieldOptions, string> = /*@__PURE__*/
+  extDesc(file_car_v1_options, 2);
+
+/**
  * The JSON-RPC method that an RPC of a per-domain service performs (a unary RPC and the
  * session-stream member with that method share one handler) or, for a streaming RPC,
  * stands in for (WatchRun for `runs.subscribe`, Chat for `agents.chat`).
@@ -225,7 +234,7 @@ export const json_inline: GenExtension<FieldOptions, boolean> = /*@__PURE__*/
  * @generated from extension: string json_rpc_method = 50102;
  */
 export const json_rpc_method: GenExtension<MethodOptions, string> = /*@__PURE__*/
-  extDesc(file_car_v1_options, 2);
+  extDesc(file_car_v1_options, 3);
 
 /**
  * Who may call an RPC that has no JSON-RPC method (see Access). An RPC with a
@@ -234,7 +243,7 @@ export const json_rpc_method: GenExtension<MethodOptions, string> = /*@__PURE__*
  * @generated from extension: car.v1.Access access = 50104;
  */
 export const access: GenExtension<MethodOptions, Access> = /*@__PURE__*/
-  extDesc(file_car_v1_options, 3);
+  extDesc(file_car_v1_options, 4);
 
 /**
  * On a request message: the fixed message of every -32602 its params can get (bad
@@ -245,5 +254,5 @@ export const access: GenExtension<MethodOptions, Access> = /*@__PURE__*/
  * @generated from extension: string json_rpc_usage = 50103;
  */
 export const json_rpc_usage: GenExtension<MessageOptions, string> = /*@__PURE__*/
-  extDesc(file_car_v1_options, 4);
+  extDesc(file_car_v1_options, 5);
 
