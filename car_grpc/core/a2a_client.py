@@ -17,6 +17,7 @@ import httpx
 from a2a.client import A2AClientError, minimal_agent_card
 from a2a.client.transports.jsonrpc import JsonRpcTransport
 from a2a.types import a2a_pb2
+from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, VERSION_HEADER
 from google.protobuf import json_format
 
 from car_grpc.core.route_auth import RouteAuth
@@ -111,10 +112,13 @@ class A2aClient:
             message=message,
             configuration=a2a_pb2.SendMessageConfiguration(return_immediately=not blocking),
         )
+        headers = {VERSION_HEADER: PROTOCOL_VERSION_CURRENT}
+        if auth is not None:
+            headers |= auth.headers()
         http = httpx.AsyncClient(
             transport=_BoundedTransport(self.max_response_bytes),
             timeout=self.timeout,
-            headers=auth.headers() if auth is not None else None,
+            headers=headers,
             follow_redirects=False,
         )
         transport = JsonRpcTransport(http, minimal_agent_card(endpoint), endpoint)
