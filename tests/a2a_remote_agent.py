@@ -32,6 +32,9 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 SURFACE = "booking"
+#: The ids the builder gives the form's question and its button (prefixed by the root's).
+QUESTION = "root__question"
+BUTTON = "root__book"
 
 
 def booking_form() -> list[dict[str, Any]]:
@@ -60,7 +63,7 @@ def booking_form() -> list[dict[str, Any]]:
 
 
 def booked(seats: Any) -> list[dict[str, Any]]:
-    text = {"id": "question", "component": "Text", "text": f"Booked for {seats}."}
+    text = {"id": QUESTION, "component": "Text", "text": f"Booked for {seats}."}
     return [{"version": "v0.9", "updateComponents": {"surfaceId": SURFACE, "components": [text]}}]
 
 

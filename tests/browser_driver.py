@@ -97,6 +97,10 @@ class Browser:
     async def click(self, selector: str) -> None:
         await self.call("click", selector=selector)
 
+    async def fill(self, selector: str, value: str) -> None:
+        """Type `value` into the input `selector` (replacing it), then leave it (change)."""
+        await self.call("fill", selector=selector, value=value)
+
     async def press(self, selector: str, key: str) -> None:
         """Focus `selector` and press `key` on the keyboard."""
         await self.call("press", selector=selector, key=key)

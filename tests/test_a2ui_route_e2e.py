@@ -29,7 +29,7 @@ from google.protobuf import json_format
 from car_grpc.config import Config
 from car_grpc.core.route_auth import ROUTE_KEY_FILE
 from car_grpc.wire.errors import INVALID_PARAMS
-from tests.a2a_remote_agent import SURFACE, RemoteAgent, remote_agent
+from tests.a2a_remote_agent import QUESTION, SURFACE, RemoteAgent, remote_agent
 from tests.conftest import make_config
 from tests.test_car_runtime import car_env
 from tests.ws_helpers import Rpc, daemon_token, rpc, running
@@ -107,9 +107,11 @@ async def test_a2a_send_then_a_click_continues_the_remote_task_with_the_credenti
         assert route["taskState"] == "TASK_STATE_COMPLETED"
         # The remote answered the action with an update of the form.
         question = next(
-            x for x in route["applied"][0]["surface"]["components"] if x["id"] == "question"
+            x for x in route["applied"][0]["surface"]["components"] if x["id"] == QUESTION
         )
         assert question["text"] == "Booked for 2."
+        stored = await c.result("a2ui.get", {"surfaceId": SURFACE})
+        assert next(x for x in stored["components"] if x["id"] == QUESTION) == question
         # The remote got one SendMessage in the same task and context, with the a2uiAction
         # part, and the bearer credential on every request.
         [(task_id, context_id, action)] = agent.seen.actions

@@ -167,7 +167,8 @@ def _set_pointer(model: Any, path: str, value: Any, remove: bool) -> Any:
 
 def find_envelopes(payload: Any) -> list[dict[str, Any]]:
     """Every A2UI message in an A2A-shaped payload, in order: a direct envelope, one under
-    `"a2ui"`, or one anywhere inside a message, task, artifact or data part."""
+    `"a2ui"`, or one anywhere inside a message, task (its status message and artifacts,
+    not its history), artifact or data part."""
     found: list[dict[str, Any]] = []
 
     def walk(node: Any, depth: int) -> None:
@@ -182,8 +183,9 @@ def find_envelopes(payload: Any) -> list[dict[str, Any]]:
                     limit="messages",
                 )
         elif isinstance(node, dict):
-            for value in node.values():
-                walk(value, depth + 1)
+            for key, value in node.items():
+                if key != "history":  # a task's past messages: applied when they were said
+                    walk(value, depth + 1)
         elif isinstance(node, list):
             for value in node:
                 walk(value, depth + 1)

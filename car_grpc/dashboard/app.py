@@ -22,6 +22,9 @@ Routes:
     GET  /api/runs?agent_id=A     RunService.ListRuns
     GET  /api/runs/<id>/events    SSE of RunService.WatchRun (?cursor=N)
     GET  /api/events              SSE of HostService.WatchHostEvents
+    GET  /api/surfaces            A2uiService.ListA2uiSurfaces (the Surfaces view)
+    POST /api/surfaces/action     {surfaceId, name, sourceComponentId?, context?} ->
+                                  A2uiService.A2uiAction (a click or an input on a surface)
     POST /logout                  end the browser session
     GET  /metrics, /healthz
 """
@@ -58,6 +61,7 @@ _STATIC = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
+    "surfaces.js": "text/javascript; charset=utf-8",
 }
 _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -206,6 +210,8 @@ class Dashboard:
                 return _json(200, await core.status())
             if path == "/api/approvals":
                 return _json(200, await core.approvals())
+            if path == "/api/surfaces":
+                return _json(200, await core.surfaces())
             if path == "/api/runs":
                 agent_id = request.query.get("agent_id", "")
                 if not agent_id:
@@ -227,7 +233,10 @@ class Dashboard:
             self.access.logout(request)
             return Response(204, headers=[("Set-Cookie", self.access.clear_cookie())])
         parts = path.split("/")
-        if len(parts) != 4 or parts[1:3] != ["api", "approvals"] or not parts[3]:
+        surface_action = path == "/api/surfaces/action"
+        if not surface_action and (
+            len(parts) != 4 or parts[1:3] != ["api", "approvals"] or not parts[3]
+        ):
             return _error(404, 404, f"not found: {path}")
         if request.header("content-type").split(";")[0].strip() != "application/json":
             return _error(415, 415, "the body must be application/json")
@@ -235,6 +244,8 @@ class Dashboard:
             body = json.loads(request.body)
         except ValueError:
             return _error(400, INVALID_PARAMS, "the body is not JSON")
+        if surface_action:
+            return await self._surface_action(body)
         approved = body.get("approved") if isinstance(body, dict) else None
         if not isinstance(approved, bool):
             return _error(400, INVALID_PARAMS, 'the body must be {"approved": true|false}')
@@ -243,6 +254,18 @@ class Dashboard:
             return _json(200, await self._core.resolve(unquote(parts[3]), approved))
         except CarError as e:
             return _core_failure(e)
+
+    async def _surface_action(self, body: Any) -> Response:
+        allowed = {"surfaceId", "name", "sourceComponentId", "context"}
+        if not isinstance(body, dict) or not set(body) <= allowed:
+            return _error(400, INVALID_PARAMS, f"the body must be an object of {sorted(allowed)}")
+        assert self._core is not None
+        try:
+            return _json(200, await self._core.action(body))
+        except CarError as e:
+            return _core_failure(e)
+        except ValueError as e:  # the JSON does not fit a2ui.action's params
+            return _error(400, INVALID_PARAMS, f"invalid params: {e}")
 
     def _file(self, name: str) -> Response:
         return Response(200, self._static[name], _STATIC[name])

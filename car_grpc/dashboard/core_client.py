@@ -18,6 +18,8 @@ import grpc
 
 from car_grpc import tls
 from car_grpc.v1 import (
+    a2ui_pb2,
+    a2ui_pb2_grpc,
     errors_pb2,
     host_pb2,
     host_pb2_grpc,
@@ -33,6 +35,9 @@ from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
 JSON = Any
 #: Deadline of one unary call to the core.
 CALL_TIMEOUT = 5.0
+#: Deadline of an A2UI action: it may wait for the A2A task it continues (the core bounds
+#: that wait by its own a2a_timeout; this is the backstop).
+ACTION_TIMEOUT = 30.0
 #: Largest message the dashboard accepts from the core (a page of run records).
 
 
@@ -58,13 +63,14 @@ class CoreClient:
         self._approvals = host_pb2_grpc.ApprovalServiceStub(self._channel)
         self._host = host_pb2_grpc.HostServiceStub(self._channel)
         self._runs = runs_pb2_grpc.RunServiceStub(self._channel)
+        self._a2ui = a2ui_pb2_grpc.A2uiServiceStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close(grace=None)
 
-    async def _call(self, rpc: Any, request: Any) -> Any:
+    async def _call(self, rpc: Any, request: Any, timeout: float = CALL_TIMEOUT) -> Any:
         try:
-            return await rpc(request, metadata=self._metadata, timeout=CALL_TIMEOUT)
+            return await rpc(request, metadata=self._metadata, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             raise car_error(e) from None
 
@@ -89,6 +95,17 @@ class CoreClient:
 
     async def runs(self, agent_id: str) -> JSON:
         reply = await self._call(self._runs.ListRuns, runs_pb2.ListRunsRequest(agent_id=agent_id))
+        return codec.message_to_json(reply)
+
+    async def surfaces(self) -> JSON:
+        reply = await self._call(self._a2ui.A2uiSurfaces, a2ui_pb2.A2uiSurfacesRequest())
+        return codec.message_to_json(reply)
+
+    async def action(self, params: JSON) -> JSON:
+        """A user action on a surface (`a2ui.action` params as JSON): `{event, route}`."""
+        request = a2ui_pb2.A2uiActionRequest()
+        codec.json_to_message(params, request)
+        reply = await self._call(self._a2ui.A2uiAction, request, ACTION_TIMEOUT)
         return codec.message_to_json(reply)
 
     async def watch_run(self, run_id: str, cursor: int) -> AsyncIterator[JSON]:

@@ -58,6 +58,12 @@ const ops = {
     await page.locator(selector).click();
     return true;
   },
+  async fill({ selector, value }) {
+    await page.locator(selector).fill(value);
+    await page.locator(selector).blur(); // leaving the field: its change event
+
+    return true;
+  },
   async press({ selector, key }) {
     const target = page.locator(selector);
     await target.focus();

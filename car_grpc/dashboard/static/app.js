@@ -104,18 +104,19 @@ async function api(path, options = {}) {
 
 function showView() {
   const [view, agent, run] = location.hash.slice(1).split("/").map(decodeURIComponent);
-  page.view = ["approvals", "runs", "sessions"].includes(view) ? view : "approvals";
+  page.view = ["approvals", "runs", "sessions", "surfaces"].includes(view) ? view : "approvals";
   for (const link of document.querySelectorAll(".tabs a")) {
     if (link.dataset.view === page.view) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
-  for (const name of ["approvals", "runs", "sessions"]) {
+  for (const name of ["approvals", "runs", "sessions", "surfaces"]) {
     $(`view-${name}`).hidden = name !== page.view;
   }
   if (page.view === "runs") {
     selectAgent(agent || null);
     openRun(agent && run ? run : null);
   }
+  if (page.view === "surfaces") refreshSurfaces(); // surfaces.js
 }
 
 // ------------------------------------------------------------------ status line, sessions
@@ -413,6 +414,7 @@ function followHostEvents() {
     live.textContent = "Live updates: connected";
     refreshApprovals(); // catch up on whatever happened while disconnected
     refreshStatus();
+    if (page.view === "surfaces") refreshSurfaces();
   });
   stream.addEventListener("error", () => {
     live.dataset.state = "reconnecting";
@@ -421,6 +423,7 @@ function followHostEvents() {
   stream.addEventListener("host", (event) => {
     const kind = JSON.parse(event.data).kind || "";
     if (kind.startsWith("approval.")) refreshApprovals();
+    if (kind.startsWith("a2ui.") && page.view === "surfaces") refreshSurfaces();
     refreshStatus(); // sessions, agents and the health line move with most events
   });
   stream.addEventListener("failed", () => {
