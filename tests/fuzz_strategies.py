@@ -149,7 +149,9 @@ def json_object(desc: Descriptor, depth: int = 0) -> st.SearchStrategy[dict[str,
                 else:
                     out.update(draw(json_object(fd.message_type, depth)))
                 continue
-            out[fd.name] = draw(_json_field(fd, depth))
+            # The field's JSON key (its `json_key`, e.g. A2UI's camelCase `surfaceId`).
+            key = fd.GetOptions().Extensions[options_pb2.json_key] or fd.name
+            out[key] = draw(_json_field(fd, depth))
         return out
 
     return build()

@@ -192,6 +192,21 @@ async def test_untrusted_endpoints_are_refused_unless_allowed(tmp_path: Path) ->
             error = await c.error(method, params)
             assert error["code"] == INVALID_PARAMS
             assert "is not a loopback endpoint" in error["message"], error
+        # A credential needs the A2A task it is for, and a well-formed shape.
+        near = "http://127.0.0.1:9/a2a"
+        for route_auth in (
+            {"type": "bearer", "token": SECRET},
+            {"type": "bearer"},
+            {"type": "header", "name": "Host", "value": SECRET},
+            {"type": "header", "name": "Bad Name", "value": SECRET},
+            {"type": "basic", "token": SECRET},
+        ):
+            payload = {} if route_auth == {"type": "bearer", "token": SECRET} else {"taskId": "t"}
+            error = await c.error(
+                "a2ui.ingest", {"payload": payload, "endpoint": near, "routeAuth": route_auth}
+            )
+            assert error["code"] == INVALID_PARAMS and "routeAuth" in error["message"], error
+            assert_no_secret(error)
         for bad in ("ftp://127.0.0.1/x", "http://user:pw@127.0.0.1/x", "not a url"):
             error = await c.error("a2a.send", {"endpoint": bad, "message": "hi"})
             assert error["code"] == INVALID_PARAMS

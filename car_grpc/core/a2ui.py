@@ -38,7 +38,6 @@ from google.protobuf import struct_pb2
 from car_grpc.clock import now_ms
 from car_grpc.core import a2ui_catalog as catalog
 from car_grpc.core.a2a_client import A2aCallFailed, A2aClient, message_from_json, task_state
-from car_grpc.core.background import Background
 from car_grpc.core.host import HostEvents
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.route_auth import (
@@ -248,7 +247,6 @@ class A2ui:
         #: Sessions that called a2ui/subscribe, by session id.
         self._subscribers: dict[str, ClientSession] = {}
         self._lock = asyncio.Lock()
-        self._background = Background(log)
         self._reaper: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -271,7 +269,6 @@ class A2ui:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        await self._background.drain(5.0)
 
     async def reap(self) -> list[str]:
         async with self._lock:
@@ -414,6 +411,10 @@ class A2ui:
         elif auth is not None:
             raise field_error("endpoint", "routeAuth needs the endpoint it is for")
         route = _Route(_caller_owner(session))
+        if auth is not None and not req.HasField("owner") and task_id is None:
+            raise field_error(
+                "routeAuth", "needs the A2A task it is for (a taskId in the payload, or owner)"
+            )
         if req.HasField("owner") or task_id is not None:
             owner = Owner(kind="a2a")
             if req.HasField("owner"):
