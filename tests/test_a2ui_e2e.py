@@ -6,6 +6,7 @@ surfaces survive a restart until they expire; subscribers hear every change and 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +206,7 @@ async def test_surfaces_per_owner_and_in_all_are_bounded(tmp_path: Path) -> None
 
 
 async def test_surfaces_survive_a_restart_until_they_expire(tmp_path: Path) -> None:
-    config = make_config(tmp_path, a2ui_surface_ttl=2.0, a2ui_reap_interval=3600.0)
+    config = make_config(tmp_path, a2ui_surface_ttl=3.0, a2ui_reap_interval=3600.0)
     async with running(config) as (core, gateway), rpc(gateway.url) as c:
         await c.login(daemon_token(core))
         await c.result("a2ui.apply", create("keep"))
@@ -214,7 +215,8 @@ async def test_surfaces_survive_a_restart_until_they_expire(tmp_path: Path) -> N
         await c.login(daemon_token(core))
         got = await c.result("a2ui.get", {"surfaceId": "keep"})
         assert got["components"] == [text("t", "still here")]
-        await asyncio.sleep(2.1)
+        # Wait for its expiry (the deadline it carries), then a little.
+        await asyncio.sleep(max(0.0, got["expiresAt"] / 1000 - time.time()) + 0.05)
         # Expired: no longer served, and reaped (with nothing left to reap afterwards).
         assert await c.result("a2ui.get", {"surfaceId": "keep"}) is None
         assert await c.result("a2ui.reap", {}) == {"removed": ["keep"]}

@@ -247,7 +247,7 @@ async def test_a_failed_delivery_is_reported_in_route_and_never_hangs(tmp_path: 
         assert route["status"] == "failed" and route["error"], route
         assert_no_secret(answer)
         # A remote slower than the bound: the same, within the bound.
-        async with remote_agent(delay=2.0) as slow:
+        async with remote_agent(delay=1.0) as slow:
             error = await c.error("a2a.send", send_params(slow))
             assert "no answer within 0.5 s" in error["message"]
 
