@@ -79,6 +79,8 @@ class Seen:
     tasks: list[str] = field(default_factory=list)
     #: Set when an action arrives.
     action_arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set at shutdown: a slow agent stops waiting, so no task of it outlives the server.
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class SurfaceAgent(AgentExecutor):
@@ -90,7 +92,8 @@ class SurfaceAgent(AgentExecutor):
         message = context.message
         assert message is not None
         if self.delay:
-            await asyncio.sleep(self.delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.seen.release.wait(), self.delay)
         task = context.current_task
         if task is None:
             task = new_task_from_user_message(message)
@@ -155,7 +158,9 @@ async def remote_agent(*, delay: float = 0.0) -> AsyncIterator[RemoteAgent]:
         port = sock.getsockname()[1]
         yield RemoteAgent(f"http://127.0.0.1:{port}/a2a", seen)
     finally:
+        seen.release.set()
         server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(serving, 5)
         sock.close()
+        await handler.aclose()  # the SDK's own shutdown: no task of it outlives the server
