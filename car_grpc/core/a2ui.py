@@ -28,12 +28,12 @@ import copy
 import json
 import logging
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from a2a.types import a2a_pb2
-from google.protobuf import struct_pb2
 
 from car_grpc.clock import now_ms
 from car_grpc.core import a2ui_catalog as catalog
@@ -246,6 +246,8 @@ class A2ui:
         self.reap_interval = reap_interval
         #: Sessions that called a2ui/subscribe, by session id.
         self._subscribers: dict[str, ClientSession] = {}
+        #: Sessions whose close hook is registered (it outlives an a2ui/unsubscribe).
+        self._hooked: set[str] = set()
         self._lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
 
@@ -340,11 +342,14 @@ class A2ui:
     ) -> a2ui_pb2.A2uiSubscribeResponse:
         if session.streaming and session.id not in self._subscribers:
             self._subscribers[session.id] = session
-            session.on_close(self._forget)
+            if session.id not in self._hooked:  # one close hook per session, however often
+                self._hooked.add(session.id)  # it subscribes again
+                session.on_close(self._forget)
         return a2ui_pb2.A2uiSubscribeResponse(subscribed=session.streaming)
 
     def _forget(self, session: ClientSession) -> None:
         self._subscribers.pop(session.id, None)
+        self._hooked.discard(session.id)
 
     @handles("a2ui_unsubscribe", inline=True)
     async def unsubscribe(
@@ -643,12 +648,10 @@ class A2ui:
             if auth is None:
                 route.error = "the route credential cannot be read (the route key changed)"
                 return route
-        data = struct_pb2.Value()
-        data.CopyFrom(codec.to_value({"a2uiAction": action}))
         message = a2a_pb2.Message(
-            message_id=f"a2ui-action-{now_ms()}-{id(action):x}",
+            message_id=uuid.uuid4().hex,
             role=a2a_pb2.ROLE_USER,
-            parts=[a2a_pb2.Part(data=data)],
+            parts=[a2a_pb2.Part(data=codec.to_value({"a2uiAction": action}))],
         )
         if owner.task_id:
             message.task_id = owner.task_id
