@@ -186,7 +186,7 @@ async def test_go_host_chats_with_the_node_agent(go_bin: Path, served: Served) -
     ensure_installed()
     token = served.add_agent("node-agent")
     env = {"CAR_AGENT_ID": "node-agent", "CAR_AGENT_TOKEN": token}
-    node = run_node("agent.js", address=served.grpc_address, car_home=served.car_home, **env)
+    node = run_node("agent.ts", address=served.grpc_address, car_home=served.car_home, **env)
     async with node as agent:
         await agent.expect("ready")
         async with go(go_bin, served, "chat", "node-agent", "hello from Go") as host:

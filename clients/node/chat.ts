@@ -1,0 +1,27 @@
+// A host in TypeScript: opens a chat with an attached agent through ChatService.Chat and
+// prints the reply as it streams, until the chat's terminal event.
+//
+//   npx tsx chat.ts <agent_id> <prompt>      # authenticates with the daemon token
+import { client, daemonToken, fail, headers, log } from "./lib/car.js";
+import { ChatService } from "./gen/car/v1/chats_pb.js";
+
+const [agentId = "", prompt = ""] = process.argv.slice(2);
+const TERMINAL = new Set(["done", "error", "auth_required"]);
+
+let text = "";
+try {
+  const items = client(ChatService).chat({ agentId, prompt }, { headers: headers({ token: daemonToken() }) });
+  for await (const { item } of items) {
+    if (item.case === "accepted") {
+      log("accepted", { session_id: item.value.sessionId });
+    } else if (item.case === "event") {
+      const { kind, delta } = item.value.event ?? { kind: "" }; // ChatEventNotice{sessionId, agentId, event}
+      if (kind === "token") text += delta ?? "";
+      log("event", { kind, delta: delta ?? null });
+      if (TERMINAL.has(kind)) log("reply", { text });
+    }
+  }
+  log("end"); // the stream ended with OK after the terminal event
+} catch (err) {
+  fail(err);
+}
