@@ -117,10 +117,13 @@ async def test_python_grpc_host_chats_with_the_node_agent(
             ask = chats_pb2.ChatRequest(agent_id="node-agent", prompt="hello from Python")
             accepted = await host.request("agents_chat", ask)
             assert accepted.accepted
+            assert accepted.chat_id == accepted.session_id  # the chat's id, by its name
             events: list[chats_pb2.ChatEvent] = []
             while not events or events[-1].kind not in ("done", "error"):
                 frame = await host.next_notification()
+                # The agent set only chat_id; the server filled session_id from it.
                 assert frame.agents_chat_event.session_id == accepted.session_id
+                assert frame.agents_chat_event.chat_id == accepted.session_id
                 assert frame.agents_chat_event.agent_id == "node-agent"
                 events.append(frame.agents_chat_event.event)
         finally:
@@ -132,6 +135,10 @@ async def test_python_grpc_host_chats_with_the_node_agent(
         "prompt": "hello from Python",
     }
     assert [e.kind for e in events] == ["token"] * (len(events) - 1) + ["done"]
+    # The agent set only kind_enum; the server filled kind from it, and typed clients
+    # see both.
+    token, done = chats_pb2.CHAT_EVENT_KIND_TOKEN, chats_pb2.CHAT_EVENT_KIND_DONE
+    assert [e.kind_enum for e in events] == [token] * (len(events) - 1) + [done]
     assert "".join(e.delta for e in events[:-1]) == node_reply("node-agent", "hello from Python")
 
 
@@ -153,7 +160,9 @@ async def test_python_websocket_host_chats_with_the_node_agent(served: Served) -
     assert chat["prompt"] == "hello over WebSocket"
     assert all(e["session_id"] == accepted["session_id"] for e in events)
     assert all(e["agent_id"] == "node-agent" for e in events)
+    # The JSON wire has the kind strings the agent's kind_enum stands for, and no twin.
     assert [e["kind"] for e in events] == ["token"] * (len(events) - 1) + ["done"]
+    assert all("kind_enum" not in e for e in events)
     text = "".join(e["delta"] for e in events[:-1])
     assert text == node_reply("node-agent", "hello over WebSocket")
 
@@ -285,7 +294,9 @@ async def test_node_run_watcher_follows_a_python_agents_run_and_resumes(
             ended = await watcher.expect("record")
             assert (ended["cursor"], ended["kind"]) == (5, "ended")
             assert ended["ended_status"] == ended["status"] == "RUN_STATUS_COMPLETED"
+            # The Python agent sent the string; the TypeScript watcher also sees the enum.
             assert ended["outcome"] == "success"
+            assert ended["outcome_enum"] == "RUN_OUTCOME_STATUS_SUCCESS"
             assert (await watcher.finish())[-1] == {"event": "end", "cursor": 5}
     finally:
         await agent.close()
@@ -353,7 +364,10 @@ async def test_a_typescript_agent_records_a_run_that_a_typescript_host_watches_l
         runs_pb2.GetTraceRequest(run_id=run_id), metadata=host
     )
     assert trace.agent_id == "ts-agent"
-    assert trace.records[-1].ended.outcome.summary == "recorded from TypeScript"
+    outcome = trace.records[-1].ended.outcome
+    assert outcome.summary == "recorded from TypeScript"
+    # The agent set only status_enum; the server filled the wire's string from it.
+    assert (outcome.status, outcome.status_enum) == ("success", runs_pb2.RUN_OUTCOME_STATUS_SUCCESS)
 
 
 async def test_a_typescript_watcher_of_another_agents_run_gets_the_servers_error(
@@ -371,6 +385,7 @@ async def test_a_typescript_watcher_of_another_agents_run_gets_the_servers_error
         error = await watcher.next_event()
         assert await watcher.proc.wait() == 1
     assert (error["event"], error["grpc_code"], error["code"]) == ("error", "NotFound", -32602)
+    assert error["error_code"] == "ERROR_CODE_INVALID_PARAMS"  # from the google.rpc.Status
     assert run.run_id in error["message"]
 
 

@@ -4,8 +4,8 @@
 //
 //   car-grpc agents add my-agent                      # prints the agent token, once
 //   CAR_AGENT_ID=my-agent CAR_AGENT_TOKEN=<token> npx tsx agent.ts
-import { fail, log, Session, toValue } from "./lib/car.js";
-import type { AgentChatRequest } from "./gen/car/v1/chats_pb.js";
+import { fail, log, Session } from "./lib/car.js";
+import { ChatEventKind, type AgentChatRequest } from "./gen/car/v1/chats_pb.js";
 
 const agentId = process.env.CAR_AGENT_ID ?? "";
 const token = process.env.CAR_AGENT_TOKEN ?? "";
@@ -21,14 +21,16 @@ const cancelled = new Set<string>();
 function serveChat(id: string, chat: AgentChatRequest): void {
   // Ack first: the host's agents.chat returns only once the agent accepted (within 5 s).
   session.answer(id, "agentChat", { accepted: true });
-  log("chat", { session_id: chat.sessionId, prompt: chat.prompt });
-  const event = (kind: string, delta?: string) =>
-    session.notify("agentChatEvent", { sessionId: chat.sessionId, event: { kind, delta } });
+  // chatId is the chat's id (`session_id` on the JSON wire).
+  log("chat", { session_id: chat.chatId, prompt: chat.prompt });
+  // chatId and kindEnum alone: the server fills `session_id` and `kind` from them.
+  const event = (kindEnum: ChatEventKind, delta?: string) =>
+    session.notify("agentChatEvent", { chatId: chat.chatId, event: { kindEnum, delta } });
   for (const word of reply(chat.prompt).split(/(?<= )/)) {
-    if (cancelled.has(chat.sessionId)) return;
-    event("token", word);
+    if (cancelled.has(chat.chatId)) return;
+    event(ChatEventKind.TOKEN, word);
   }
-  event("done"); // terminal: the chat is over
+  event(ChatEventKind.DONE); // terminal: the chat is over
 }
 
 // Requests from the server (ids `cb-N`): answer each exactly once.
@@ -40,7 +42,7 @@ session.onRequest = (frame) => {
 };
 // Notifications: the host cancelled a chat.
 session.onNotification = (frame) => {
-  if (frame.body.case === "agentChatCancel") cancelled.add(frame.body.value.sessionId);
+  if (frame.body.case === "agentChatCancel") cancelled.add(frame.body.value.chatId);
 };
 process.on("SIGTERM", () => session.close());
 
@@ -48,7 +50,7 @@ try {
   // session.auth with {token, agent_id} first: this session is now the agent (a newer
   // attach of the same agent replaces it); then server.handshake.
   const authed = await session.request("sessionAuth", { token, agentId });
-  await session.request("serverHandshake", { protocolVersion: toValue(3), clientVersion: "car-grpc-node-examples" });
+  await session.request("serverHandshake", { protocolVersionNumber: 3, clientVersion: "car-grpc-node-examples" });
   log("ready", { agent_id: agentId, session_id: authed.sessionId });
 } catch (err) {
   fail(err);

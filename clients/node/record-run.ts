@@ -9,7 +9,7 @@
 // completing, so that a watcher can be seen to receive every record live.
 import * as readline from "node:readline";
 import { client, fail, headers, log, toValue } from "./lib/car.js";
-import { RunService } from "./gen/car/v1/runs_pb.js";
+import { RunOutcomeStatus, RunService } from "./gen/car/v1/runs_pb.js";
 
 const args = process.argv.slice(2);
 const step = args[0] === "--step";
@@ -34,7 +34,8 @@ try {
     log("recorded", { ok: recorded.ok, base_index: recorded.baseIndex, count: recorded.count });
   }
   await wait();
-  const outcome = { status: "success", summary: "recorded from TypeScript" };
+  // statusEnum alone: the server fills `status` ("success") from it.
+  const outcome = { statusEnum: RunOutcomeStatus.SUCCESS, summary: "recorded from TypeScript" };
   await runs.completeRun({ runId: started.runId, outcome }, call);
   log("completed", { run_id: started.runId });
   process.exit(0);

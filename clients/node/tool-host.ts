@@ -39,7 +39,7 @@ session.onRequest = (frame) => {
 
 try {
   const authed = await session.request("sessionAuth", { token });
-  await session.request("serverHandshake", { protocolVersion: toValue(3), clientVersion: "car-grpc-node-examples" });
+  await session.request("serverHandshake", { protocolVersionNumber: 3, clientVersion: "car-grpc-node-examples" });
   const count = await session.request("toolsRegister", {
     tools: [
       { name: "add", description: "a + b", parameters: numbers },

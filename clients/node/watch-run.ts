@@ -8,7 +8,7 @@
 // CAR_AGENT_TOKEN to watch as the run's agent instead.
 import { setTimeout as sleep } from "node:timers/promises";
 import { client, enumName, fail, fromError, fromValue, headers, hostToken, log } from "./lib/car.js";
-import { RunService, RunStatusSchema, type WatchRunResponse } from "./gen/car/v1/runs_pb.js";
+import { RunOutcomeStatusSchema, RunService, RunStatusSchema, type WatchRunResponse } from "./gen/car/v1/runs_pb.js";
 
 const [runId = "", from = "0"] = process.argv.slice(2);
 
@@ -44,6 +44,7 @@ function describe(item: WatchRunResponse): Record<string, unknown> {
         kind: "ended",
         ended_status: enumName(RunStatusSchema, detail.value.status),
         outcome: detail.value.outcome?.status ?? null,
+        outcome_enum: enumName(RunOutcomeStatusSchema, detail.value.outcome?.statusEnum ?? 0),
       };
   }
   return fields;

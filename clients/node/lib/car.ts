@@ -24,7 +24,7 @@ import { ValueSchema, type Value } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, decodeBinaryHeader, type Client } from "@connectrpc/connect";
 import { createWritableIterable } from "@connectrpc/connect/protocol";
 import { createGrpcTransport } from "@connectrpc/connect-node";
-import { ErrorSchema } from "../gen/car/v1/errors_pb.js";
+import { ErrorCode, ErrorCodeSchema, ErrorSchema } from "../gen/car/v1/errors_pb.js";
 import {
   ClientFrameSchema,
   ServerFrameSchema,
@@ -110,24 +110,25 @@ export class CarError extends Error {
     readonly grpcCode = "",
     // True when the server answered (car-error-bin was there): such an answer is final.
     readonly answered = false,
+    // The server's code as an enum to switch on (ErrorCode.UNSPECIFIED when there is none).
+    readonly errorCode = ErrorCode.UNSPECIFIED,
   ) {
     super(message);
     this.name = "CarError";
   }
 }
 
-// The CarError of a failed call: the server's car.v1.Error from the `car-error-bin` trailer
-// (Connect puts the trailers of a failed call in ConnectError.metadata), else the gRPC
+// The CarError of a failed call: the server's car.v1.Error, one of the details of the
+// call's google.rpc.Status (ConnectError.findDetails), or from the `car-error-bin` trailer
+// (Connect puts the trailers of a failed call in ConnectError.metadata); else the gRPC
 // status alone (the connection broke, a deadline passed, ...).
 export function fromError(err: unknown): CarError {
   if (err instanceof CarError) return err;
   const e = ConnectError.from(err);
   const grpcCode = Code[e.code];
   const bin = e.metadata.get("car-error-bin");
-  if (bin) {
-    const car = decodeBinaryHeader(bin, ErrorSchema);
-    return new CarError(car.code, car.message, fromValue(car.data), grpcCode, true);
-  }
+  const car = e.findDetails(ErrorSchema)[0] ?? (bin ? decodeBinaryHeader(bin, ErrorSchema) : undefined);
+  if (car) return new CarError(car.code, car.message, fromValue(car.data), grpcCode, true, car.errorCode);
   return new CarError(0, e.rawMessage, null, grpcCode);
 }
 
@@ -157,7 +158,8 @@ export function log(event: string, fields: Record<string, unknown> = {}): void {
 // Reports a failure as an `error` event and exits with status 1.
 export function fail(err: unknown): never {
   const e = fromError(err);
-  log("error", { ...(e.grpcCode ? { grpc_code: e.grpcCode } : {}), code: e.code, message: e.message });
+  const grpc = e.grpcCode ? { grpc_code: e.grpcCode, error_code: enumName(ErrorCodeSchema, e.errorCode) } : {};
+  log("error", { ...grpc, code: e.code, message: e.message });
   process.exit(1);
 }
 
@@ -242,7 +244,7 @@ export class Session {
         if (frame.body.case === method) answered(frame.body.value);
         else if (frame.body.case === "error") {
           const e = frame.body.value;
-          reject(new CarError(e.code, e.message, fromValue(e.data)));
+          reject(new CarError(e.code, e.message, fromValue(e.data), "", false, e.errorCode));
         } else reject(new CarError(0, `${method}: answered with ${frame.body.case}`));
       });
       this.send({ id, body: { case: method, value: message } as ClientBody });

@@ -40,19 +40,23 @@ func main() {
 		}
 		switch it := item.Item.(type) {
 		case *carv1.ChatResponse_Accepted: // first: the agent took the chat
-			car.Emit("accepted", map[string]interface{}{"session_id": it.Accepted.SessionId})
+			// ChatId is the chat's id (`session_id` on the JSON wire).
+			car.Emit("accepted", map[string]interface{}{"session_id": it.Accepted.ChatId})
 		case *carv1.ChatResponse_Event: // then every event, up to a terminal one
 			event := it.Event.Event
 			var delta interface{}
 			if event.Delta != nil {
 				delta = event.GetDelta()
 			}
-			if event.Kind == "token" {
+			// KindEnum is Kind as an enum (UNSPECIFIED for a kind outside it).
+			if event.KindEnum == carv1.ChatEventKind_CHAT_EVENT_KIND_TOKEN {
 				text += event.GetDelta()
 			}
 			car.Emit("event", map[string]interface{}{"kind": event.Kind, "delta": delta})
-			switch event.Kind {
-			case "done", "error", "auth_required":
+			switch event.KindEnum {
+			case carv1.ChatEventKind_CHAT_EVENT_KIND_DONE,
+				carv1.ChatEventKind_CHAT_EVENT_KIND_ERROR,
+				carv1.ChatEventKind_CHAT_EVENT_KIND_AUTH_REQUIRED:
 				car.Emit("reply", map[string]interface{}{"text": text})
 			}
 		}

@@ -53,6 +53,7 @@ func describe(item *carv1.WatchRunResponse) map[string]interface{} {
 		fields["kind"] = "ended"
 		fields["ended_status"] = detail.Ended.Status.String()
 		fields["outcome"] = detail.Ended.GetOutcome().GetStatus()
+		fields["outcome_enum"] = detail.Ended.GetOutcome().GetStatusEnum().String()
 	}
 	return fields
 }
