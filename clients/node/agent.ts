@@ -15,6 +15,7 @@ function reply(prompt: string): string {
   return `Node agent ${agentId} heard: ${prompt}`;
 }
 
+// guide:agent
 const session = new Session();
 const cancelled = new Set<string>();
 
@@ -55,6 +56,7 @@ try {
 } catch (err) {
   fail(err);
 }
+// guide:end
 const ended = await session.ended;
 log("ended", { error: ended ? ended.message : null });
 process.exit(ended ? 1 : 0);

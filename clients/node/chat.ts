@@ -9,6 +9,7 @@ const [agentId = "", prompt = ""] = process.argv.slice(2);
 const TERMINAL = new Set([ChatEventKind.DONE, ChatEventKind.ERROR, ChatEventKind.AUTH_REQUIRED]);
 
 let text = "";
+// guide:chat
 try {
   const items = client(ChatService).chat({ agentId, prompt }, { headers: headers({ token: daemonToken() }) });
   for await (const { item } of items) {
@@ -27,3 +28,4 @@ try {
 } catch (err) {
   fail(err);
 }
+// guide:end

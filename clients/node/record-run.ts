@@ -21,6 +21,7 @@ async function wait(): Promise<void> {
   if (step && (await lines.next()).done) process.exit(0); // the driver went away
 }
 
+// guide:record-run
 try {
   const runs = client(RunService);
   const call = { ...agent, timeoutMs: 10000 };
@@ -42,3 +43,4 @@ try {
 } catch (err) {
   fail(err);
 }
+// guide:end

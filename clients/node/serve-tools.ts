@@ -34,6 +34,7 @@ const agentId = process.env.CAR_AGENT_ID;
 const token = agentId ? process.env.CAR_AGENT_TOKEN : daemonToken();
 
 // What the host sends: the registration first, then one result per call.
+// guide:serve-tools
 const outgoing = createWritableIterable<MessageInitShape<typeof ServeToolsRequestSchema>>();
 const running = new Map<string, AbortController>(); // request_id -> its abort
 
@@ -60,6 +61,8 @@ outgoing.write({ body: { case: "register", value: register } }).catch(() => {});
 // Closing stdin ends the stream cleanly: the server then drops the tools.
 process.stdin.on("end", () => outgoing.close()).resume();
 
+// guide:end
+// guide:serve-tools-loop
 try {
   for await (const { body } of stream) {
     switch (body.case) {
@@ -95,3 +98,4 @@ try {
   // A refused registration (PERMISSION_DENIED, INVALID_ARGUMENT, ...) ends here too.
   fail(err);
 }
+// guide:end

@@ -54,6 +54,7 @@ function describe(item: WatchRunResponse): Record<string, unknown> {
 const RETRY_MS = 200;
 const RETRIES = 50;
 
+// guide:watch-run
 let cursor = BigInt(from);
 let left = RETRIES;
 const runs = client(RunService);
@@ -76,3 +77,4 @@ for (;;) {
     await sleep(RETRY_MS);
   }
 }
+// guide:end

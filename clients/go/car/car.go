@@ -90,6 +90,8 @@ type Credentials struct {
 	SessionID string
 }
 
+// guide:authorize
+
 // Authorize returns ctx with the call metadata for c: `authorization: Bearer <token>`,
 // `car-agent-id` and `car-session-id`.
 func Authorize(ctx context.Context, c Credentials) context.Context {
@@ -105,6 +107,8 @@ func Authorize(ctx context.Context, c Credentials) context.Context {
 	}
 	return metadata.AppendToOutgoingContext(ctx, kv...)
 }
+
+// guide:end
 
 // Error is a failed call: the gRPC status code and the server's car.v1.Error (its
 // JSON-RPC code, message and data), when the server answered with one.
@@ -140,6 +144,8 @@ func (e *Error) Message() string {
 	return status.Convert(e.err).Message()
 }
 
+// guide:errors
+
 // FromStatus turns the error of a call into an *Error. The server's car.v1.Error is among
 // the details of the call's google.rpc.Status (status.Convert(err).Details()); the same
 // Error is in the `car-error-bin` trailer, read from `trailer` when given (unary calls
@@ -164,6 +170,8 @@ func FromStatus(err error, trailer metadata.MD) *Error {
 	}
 	return e
 }
+
+// guide:end
 
 // Emit prints one JSON object on stdout: {"event": event, ...fields}. The example
 // programs report what they do this way (the tests read these lines).

@@ -68,6 +68,7 @@ export function hostToken(): string {
 
 // ------------------------------------------------------------------ typed services
 
+// guide:typed-clients
 // One HTTP/2 connection for every service, speaking the gRPC protocol (plaintext: the
 // server listens on loopback unless it was given --grpc-tls-cert).
 const transport = createGrpcTransport({ baseUrl: `http://${address()}` });
@@ -96,6 +97,7 @@ export function headers({ token, agentId, sessionId }: Credentials): Record<stri
   if (sessionId) h["car-session-id"] = sessionId;
   return h;
 }
+// guide:end
 
 // ------------------------------------------------------------------ errors
 
@@ -118,6 +120,7 @@ export class CarError extends Error {
   }
 }
 
+// guide:errors
 // The CarError of a failed call: the server's car.v1.Error, one of the details of the
 // call's google.rpc.Status (ConnectError.findDetails), or from the `car-error-bin` trailer
 // (Connect puts the trailers of a failed call in ConnectError.metadata); else the gRPC
@@ -131,6 +134,7 @@ export function fromError(err: unknown): CarError {
   if (car) return new CarError(car.code, car.message, fromValue(car.data), grpcCode, true, car.errorCode);
   return new CarError(0, e.rawMessage, null, grpcCode);
 }
+// guide:end
 
 // ------------------------------------------------------------------ JSON helpers
 

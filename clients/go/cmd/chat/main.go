@@ -31,6 +31,7 @@ func main() {
 	// Cancelling the call (the deadline, or cancel()) cancels the chat at the agent.
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
+	// guide:chat
 	stream, err := chats.Chat(ctx, &carv1.ChatRequest{AgentId: agentID, Prompt: prompt})
 	text := ""
 	for err == nil {
@@ -68,4 +69,5 @@ func main() {
 		car.Fail(err)
 	}
 	car.Emit("end", nil)
+	// guide:end
 }

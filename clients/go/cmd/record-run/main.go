@@ -58,6 +58,7 @@ func main() {
 		}
 	}
 
+	// guide:record-run
 	var started *carv1.StartRunResponse
 	call(func(ctx context.Context, opts ...grpc.CallOption) (err error) {
 		started, err = runs.StartRun(ctx, &carv1.StartRunRequest{Intent: intent}, opts...)
@@ -104,4 +105,5 @@ func main() {
 		return err
 	})
 	car.Emit("completed", map[string]interface{}{"run_id": started.RunId})
+	// guide:end
 }

@@ -79,6 +79,7 @@ func main() {
 	defer conn.Close()
 	runs := carv1.NewRunServiceClient(conn)
 
+	// guide:watch-run
 	left := retries
 	for {
 		ctx, cancel := context.WithCancel(car.Authorize(context.Background(), credentials()))
@@ -110,4 +111,5 @@ func main() {
 		left--
 		time.Sleep(retryEvery)
 	}
+	// guide:end
 }
