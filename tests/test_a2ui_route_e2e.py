@@ -31,6 +31,7 @@ from car_grpc.core.route_auth import ROUTE_KEY_FILE
 from car_grpc.wire.errors import INVALID_PARAMS
 from tests.a2a_remote_agent import QUESTION, SURFACE, RemoteAgent, remote_agent
 from tests.conftest import make_config
+from tests.postgres_server import PostgresServer
 from tests.test_car_runtime import car_env
 from tests.ws_helpers import Rpc, daemon_token, rpc, running
 
@@ -261,15 +262,33 @@ async def test_an_answer_over_the_size_bound_is_refused(tmp_path: Path) -> None:
         assert await c.result("a2ui.surfaces", {}) == []
 
 
-async def test_the_route_survives_a_restart_sealed_with_a_key_kept_0600(tmp_path: Path) -> None:
-    config = make_config(tmp_path)
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_the_route_survives_a_restart_sealed_with_a_key_kept_0600(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """On either store: the credential is stored sealed only, survives a restart (the
+    key beside the token files), and is gone with its surface."""
+    if backend == "postgres":
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        url = server.create_database("a2ui")
+        config = make_config(tmp_path, store=url)
+
+        def stored() -> bytes:
+            rows = server.execute(url, "SELECT surface, route FROM a2ui_surfaces")
+            return b"".join(bytes(v) for row in rows for v in row if v is not None)
+    else:
+        config = make_config(tmp_path)
+
+        def stored() -> bytes:
+            return store_bytes(config)
+
     async with remote_agent() as agent:
         async with running(config) as (core, gateway), rpc(gateway.url) as c:
             await c.login(daemon_token(core))
             await c.result("a2a.send", send_params(agent))
         key = config.core.token_dir / ROUTE_KEY_FILE
         assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
-        assert_no_secret(store_bytes(config))
+        assert stored() and SECRET.encode() not in stored()
         async with running(config) as (core, gateway), rpc(gateway.url) as c:
             await c.login(daemon_token(core))
             route = (await c.result("a2ui.action", BOOK))["route"]
@@ -279,7 +298,9 @@ async def test_the_route_survives_a_restart_sealed_with_a_key_kept_0600(tmp_path
             await c.result(
                 "a2ui.apply", {"version": "v0.9", "deleteSurface": {"surfaceId": SURFACE}}
             )
-    assert_no_secret(store_bytes(config))
+    assert SECRET.encode() not in stored()
+    if backend == "postgres":
+        assert stored() == b""
 
 
 async def test_the_peer_registry(tmp_path: Path) -> None:
