@@ -4,6 +4,8 @@ embedded SQLite file and a database of the session's PostgreSQL server (the `bac
 
 from __future__ import annotations
 
+import pytest
+
 from car_grpc.store import Store
 from car_grpc.store.repositories import SurfaceRow
 from car_grpc.v1 import a2ui_pb2
@@ -78,3 +80,18 @@ async def test_peers_are_added_once_listed_in_order_and_removed(store: Store, ot
     assert await store.a2ui.remove_peer("one") is True
     assert await store.a2ui.remove_peer("one") is False
     assert await other.a2ui.peers() == [two]
+
+
+async def test_a_batch_of_surfaces_is_written_whole(store: Store, other: Store) -> None:
+    now = now_ms()
+    await store.a2ui.put_surface(surface("gone", now, now + 60_000))
+    await store.a2ui.write_surfaces(
+        [surface("one", now, now + 60_000), surface("two", now + 1, now + 60_000)], ["gone"]
+    )
+    assert [r.surface.surface_id for r in await other.a2ui.live_surfaces(now)] == ["one", "two"]
+    # A batch that fails (here: a row the store cannot take) leaves nothing of itself.
+    bad = SurfaceRow(surface("three", now, now + 60_000).surface, "x" * 10, None)
+    broken = SurfaceRow(bad.surface, None, None)  # type: ignore[arg-type]
+    with pytest.raises(Exception):  # noqa: B017 - the driver's own error
+        await store.a2ui.write_surfaces([bad, broken], ["one"])
+    assert [r.surface.surface_id for r in await other.a2ui.live_surfaces(now)] == ["one", "two"]

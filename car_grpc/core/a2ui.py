@@ -10,9 +10,9 @@ refuses the batch: nothing is stored, nothing broadcast. Then the surfaces are w
 (`a2ui.event`) and to the host event log.
 
 Applies are serialized in this core (one lock: each is a read-modify-write of its
-surfaces). Surfaces live in the store until `expires_at` (`a2ui_surface_ttl` after their
-last change); `a2ui.reap` and a reaper every `a2ui_reap_interval` seconds remove the
-expired ones with their credentials.
+surfaces), and a batch is written in one transaction. Surfaces live in the store until
+`expires_at` (`a2ui_surface_ttl` after their last change); `a2ui.reap` and a reaper every
+`a2ui_reap_interval` seconds remove the expired ones with their credentials.
 
 A surface owned by an A2A task (`owner.kind` "a2a") carries its endpoint and, sealed, the
 route credential given with it (route_auth.py). A user action on it is delivered to that
@@ -441,11 +441,10 @@ class A2ui:
     ) -> list[a2ui_pb2.A2uiApplyResponse]:
         async with self._lock:
             plan = await self._plan(session, messages, route)
-            for surface_id, row in plan.after.items():
-                if row is None:
-                    await self.store.delete_surface(surface_id)
-                else:
-                    await self.store.put_surface(row)
+            await self.store.write_surfaces(
+                [row for row in plan.after.values() if row is not None],
+                [sid for sid, row in plan.after.items() if row is None],
+            )
         for result in plan.results:
             row = plan.after.get(result.surface_id)
             kind = "a2ui.surface_deleted" if result.deleted else "a2ui.surface_updated"

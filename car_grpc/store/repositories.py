@@ -308,6 +308,10 @@ class A2uiStore(Protocol):
     async def delete_surface(self, surface_id: str) -> bool:
         """Remove the surface and its credential; whether there was one."""
 
+    async def write_surfaces(self, put: Sequence[SurfaceRow], delete: Sequence[str]) -> None:
+        """Insert or replace the surfaces of `put` and remove those of `delete`, all in one
+        transaction (a batch of A2UI messages lands whole or not at all)."""
+
     async def reap(self, now: int) -> list[str]:
         """Remove every surface expired at `now` (credentials with them); their ids."""
 

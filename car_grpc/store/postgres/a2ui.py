@@ -7,6 +7,8 @@ a peer row is one serialized car.v1.A2aPeer. Each method is one transaction.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from car_grpc.store.postgres.database import Cursor, PostgresDatabase
 from car_grpc.store.repositories import SurfaceRow
 from car_grpc.v1 import a2ui_pb2
@@ -19,31 +21,30 @@ def _row(values: tuple[bytes, str, bytes | None]) -> SurfaceRow:
     return SurfaceRow(a2ui_pb2.A2uiSurface.FromString(bytes(values[0])), values[1], route)
 
 
+async def _put(cur: Cursor, row: SurfaceRow) -> None:
+    s = row.surface
+    await cur.execute(
+        "INSERT INTO a2ui_surfaces (surface_id, owner_key, created_at, expires_at, surface, route)"
+        " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (surface_id) DO UPDATE SET"
+        " owner_key = excluded.owner_key, created_at = excluded.created_at,"
+        " expires_at = excluded.expires_at, surface = excluded.surface, route = excluded.route",
+        (s.surface_id, row.owner_key, s.created_at, s.expires_at, s.SerializeToString(), row.route),
+    )
+
+
 class PostgresA2uiStore:
     def __init__(self, database: PostgresDatabase) -> None:
         self._db = database
 
     async def put_surface(self, row: SurfaceRow) -> None:
-        s = row.surface
-        values = (
-            s.surface_id,
-            row.owner_key,
-            s.created_at,
-            s.expires_at,
-            s.SerializeToString(),
-            row.route,
-        )
+        await self._db.run(lambda cur: _put(cur, row))
 
+    async def write_surfaces(self, put: Sequence[SurfaceRow], delete: Sequence[str]) -> None:
         async def write(cur: Cursor) -> None:
-            await cur.execute(
-                "INSERT INTO a2ui_surfaces"
-                " (surface_id, owner_key, created_at, expires_at, surface, route)"
-                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (surface_id) DO UPDATE SET"
-                " owner_key = excluded.owner_key, created_at = excluded.created_at,"
-                " expires_at = excluded.expires_at, surface = excluded.surface,"
-                " route = excluded.route",
-                values,
-            )
+            for row in put:
+                await _put(cur, row)
+            for surface_id in delete:
+                await cur.execute("DELETE FROM a2ui_surfaces WHERE surface_id = %s", (surface_id,))
 
         await self._db.run(write)
 

@@ -9,6 +9,7 @@ savepoint in a group commit).
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 
 from car_grpc.store.repositories import SurfaceRow
 from car_grpc.store.sqlite.database import SqliteDatabase
@@ -24,7 +25,22 @@ def _row(values: tuple[bytes, str, bytes | None]) -> SurfaceRow:
     return SurfaceRow(a2ui_pb2.A2uiSurface.FromString(values[0]), values[1], values[2])
 
 
-def _put(conn: sqlite3.Connection, values: tuple[str, str, int, int, bytes, bytes | None]) -> None:
+_Values = tuple[str, str, int, int, bytes, bytes | None]
+
+
+def _values(row: SurfaceRow) -> _Values:
+    s = row.surface
+    return (
+        s.surface_id,
+        row.owner_key,
+        s.created_at,
+        s.expires_at,
+        s.SerializeToString(),
+        row.route,
+    )
+
+
+def _put(conn: sqlite3.Connection, values: _Values) -> None:
     conn.execute(
         "INSERT INTO a2ui_surfaces (surface_id, owner_key, created_at, expires_at, surface, route)"
         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (surface_id) DO UPDATE SET"
@@ -58,10 +74,8 @@ class SqliteA2uiStore:
         self._db = database
 
     async def put_surface(self, row: SurfaceRow) -> None:
-        s = row.surface
-        blob = s.SerializeToString()
-        values = (s.surface_id, row.owner_key, s.created_at, s.expires_at, blob, row.route)
-        size = len(blob) + len(row.route or b"") + _ROW_OVERHEAD
+        values = _values(row)
+        size = len(values[4]) + len(row.route or b"") + _ROW_OVERHEAD
         await self._db.write(lambda conn: _put(conn, values), size)
 
     async def get_surface(self, surface_id: str, now: int) -> SurfaceRow | None:
@@ -104,6 +118,19 @@ class SqliteA2uiStore:
             return cur.rowcount == 1
 
         return await self._db.write(write)
+
+    async def write_surfaces(self, put: Sequence[SurfaceRow], delete: Sequence[str]) -> None:
+        rows = [_values(row) for row in put]
+        gone = list(delete)
+
+        def write(conn: sqlite3.Connection) -> None:
+            for values in rows:
+                _put(conn, values)
+            for surface_id in gone:
+                conn.execute("DELETE FROM a2ui_surfaces WHERE surface_id = ?", (surface_id,))
+
+        size = sum(len(v[4]) + len(v[5] or b"") for v in rows) + _ROW_OVERHEAD * (len(rows) + 1)
+        await self._db.write(write, size)
 
     async def reap(self, now: int) -> list[str]:
         return await self._db.write(lambda conn: _reap(conn, now))
