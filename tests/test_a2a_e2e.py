@@ -1,0 +1,330 @@
+"""Attached agents reached over A2A by the official a2a-sdk client (JSON-RPC + SSE and
+gRPC): the agent is a real session attached over the WebSocket gateway (JSON-RPC, as
+car-runtime speaks it), the caller a real A2A client with a token from a2a-clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import httpx
+import pytest
+from a2a.client import (
+    A2AClientError,
+    AuthInterceptor,
+    ClientConfig,
+    CredentialService,
+    create_client,
+)
+from a2a.client.client import Client, ClientCallContext
+from a2a.types import a2a_pb2_grpc
+from a2a.types.a2a_pb2 import (
+    CancelTaskRequest,
+    GetExtendedAgentCardRequest,
+    GetTaskRequest,
+    ListTasksRequest,
+    Message,
+    Part,
+    Role,
+    SendMessageConfiguration,
+    SendMessageRequest,
+    StreamResponse,
+    SubscribeToTaskRequest,
+    Task,
+    TaskState,
+)
+
+from car_grpc.config import Config
+from car_grpc.core.server import Core
+from car_grpc.gateway import Gateway
+from tests.conftest import make_config
+from tests.ws_helpers import Rpc, rpc, running
+
+AGENT = "agent-1"
+COMPLETED = TaskState.TASK_STATE_COMPLETED
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return make_config(tmp_path, chat_ack_timeout=2.0)
+
+
+@pytest.fixture
+async def served(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
+    async with running(config) as both:
+        yield both
+
+
+class Token(CredentialService):
+    """The caller's bearer token, for the card's `bearer` scheme."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def get_credentials(
+        self, security_scheme_name: str, context: ClientCallContext | None
+    ) -> str | None:
+        return self.token
+
+
+async def caller_token(core: Core, name: str = "peer") -> str:
+    assert core.parts is not None and core.parts.a2a is not None
+    return await core.parts.a2a.callers.add(name)
+
+
+@contextlib.asynccontextmanager
+async def attached(gateway: Gateway, core: Core, agent_id: str = AGENT) -> AsyncIterator[Rpc]:
+    """A session attached as `agent_id` over the WebSocket gateway."""
+    assert core.parts is not None
+    token = await core.parts.agent_tokens.add(agent_id)
+    async with rpc(gateway.url) as agent:
+        await agent.login(token, agent_id=agent_id)
+        yield agent
+
+
+@contextlib.asynccontextmanager
+async def a2a_client(
+    core: Core, token: str, *, transport: str = "JSONRPC", agent_id: str = AGENT
+) -> AsyncIterator[Client]:
+    """An a2a-sdk client that resolved the agent's card and speaks `transport`."""
+    config = ClientConfig(
+        supported_protocol_bindings=[transport],
+        grpc_channel_factory=grpc.aio.insecure_channel,
+    )
+    client = await create_client(
+        f"{core.a2a_url}/a2a/{agent_id}", config, interceptors=[AuthInterceptor(Token(token))]
+    )
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def user_message(text: str, **fields: Any) -> Message:
+    return Message(
+        role=Role.ROLE_USER, message_id=f"m-{text[:8]}", parts=[Part(text=text)], **fields
+    )
+
+
+async def take_chat(agent: Rpc) -> dict[str, Any]:
+    """Accept the next agent.chat; its params."""
+    request = await agent.expect_request("agent.chat")
+    await agent.answer(request, {"accepted": True})
+    params: dict[str, Any] = request["params"]
+    return params
+
+
+async def say(agent: Rpc, session_id: str, kind: str, **fields: Any) -> None:
+    await agent.notify("agent.chat.event", {"session_id": session_id, "kind": kind, **fields})
+
+
+def reply_text(task: Task) -> str:
+    return "".join(p.text for a in task.artifacts for p in a.parts)
+
+
+@pytest.mark.parametrize("transport", ["JSONRPC", "GRPC"])
+async def test_a_message_streams_the_reply_token_by_token_and_the_task_is_kept(
+    served: tuple[Core, Gateway], transport: str
+) -> None:
+    core, gateway = served
+    token = await caller_token(core)
+    async with contextlib.AsyncExitStack() as stack:
+        agent = await stack.enter_async_context(attached(gateway, core))
+        client = await stack.enter_async_context(a2a_client(core, token, transport=transport))
+        card = await client.get_extended_agent_card(GetExtendedAgentCardRequest())
+        assert card.name == AGENT and "bearer" in card.security_schemes
+        updates: list[StreamResponse] = []
+
+        async def read() -> None:
+            async for item in client.send_message(SendMessageRequest(message=user_message("hi"))):
+                updates.append(item)
+
+        reader = asyncio.create_task(read())
+        chat = await take_chat(agent)
+        assert chat["prompt"] == "hi" and chat["session_id"].startswith("a2a-")
+        for delta in ("Hel", "lo", "!"):
+            await say(agent, chat["session_id"], "token", delta=delta)
+        await say(agent, chat["session_id"], "done")
+        await asyncio.wait_for(reader, 10)
+        chunks = [
+            u.artifact_update.artifact.parts[0].text
+            for u in updates
+            if u.HasField("artifact_update")
+        ]
+        assert chunks == ["Hel", "lo", "!"]
+        assert updates[-1].status_update.status.state == COMPLETED
+        task_id = updates[-1].status_update.task_id
+        await agent.close()  # the task outlives the agent's session
+        task = await client.get_task(GetTaskRequest(id=task_id))
+    assert task.status.state == COMPLETED and reply_text(task) == "Hello!"
+    assert task.history[0].parts[0].text == "hi"
+
+
+async def task_id_of(agent: Rpc, chat: dict[str, Any]) -> str:
+    session_id: str = chat["session_id"]
+    return session_id.removeprefix("a2a-")
+
+
+@pytest.mark.parametrize("transport", ["JSONRPC", "GRPC"])
+async def test_cancel_task_cancels_the_chat_at_the_agent(
+    served: tuple[Core, Gateway], transport: str
+) -> None:
+    core, gateway = served
+    token = await caller_token(core)
+    async with (
+        attached(gateway, core) as agent,
+        a2a_client(core, token, transport=transport) as client,
+    ):
+        stream = client.send_message(SendMessageRequest(message=user_message("work long")))
+        first = asyncio.create_task(next_of(stream))
+        chat = await take_chat(agent)
+        await say(agent, chat["session_id"], "token", delta="partial")
+        await asyncio.wait_for(first, 10)
+        task_id = await task_id_of(agent, chat)
+        cancelled = await client.cancel_task(CancelTaskRequest(id=task_id))
+        assert cancelled.status.state == TaskState.TASK_STATE_CANCELED
+        notice = await agent.expect_notification("agent.chat.cancel")
+        assert notice == {"session_id": chat["session_id"]}
+        await cast(AsyncGenerator[StreamResponse, None], stream).aclose()
+        stored = await client.get_task(GetTaskRequest(id=task_id))
+        assert stored.status.state == TaskState.TASK_STATE_CANCELED
+        assert core.parts is not None and chat["session_id"] not in core.parts.chats.open
+
+
+@pytest.mark.parametrize("transport", ["JSONRPC", "GRPC"])
+async def test_a_wrong_or_missing_peer_token_is_refused(
+    served: tuple[Core, Gateway], transport: str
+) -> None:
+    core, gateway = served
+    await caller_token(core)
+    async with attached(gateway, core) as agent:
+        for token in ("not-a-token", ""):
+            async with a2a_client(core, token, transport=transport) as client:
+                with pytest.raises(A2AClientError) as refused:
+                    await anext(client.send_message(SendMessageRequest(message=user_message("x"))))
+                assert (
+                    "401" in str(refused.value) or "unauthenticated" in str(refused.value).lower()
+                )
+        assert await agent.queued() == []  # nothing reached the agent
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(f"{core.a2a_url}/a2a/{AGENT}", json={"jsonrpc": "2.0"})
+    assert answer.status_code == 401 and answer.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_a_removed_caller_is_refused_at_once(served: tuple[Core, Gateway]) -> None:
+    core, gateway = served
+    token = await caller_token(core, "leaving")
+    assert core.parts is not None and core.parts.a2a is not None
+    async with attached(gateway, core), a2a_client(core, token) as client:
+        assert await core.parts.a2a.callers.remove("leaving")
+        with pytest.raises(A2AClientError, match="401"):
+            await client.get_task(GetTaskRequest(id="any"))
+
+
+async def jsonrpc(core: Core, agent_id: str, token: str, method: str, params: Any) -> Any:
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(
+            f"{core.a2a_url}/a2a/{agent_id}",
+            json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params},
+            headers={"Authorization": f"Bearer {token}", "A2A-Version": "1.0"},
+        )
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+async def test_an_agent_that_is_not_attached_gets_a_precise_a2a_error(
+    served: tuple[Core, Gateway],
+) -> None:
+    core, _ = served
+    token = await caller_token(core)
+    async with httpx.AsyncClient() as http:
+        card = await http.get(f"{core.a2a_url}/a2a/ghost/.well-known/agent-card.json")
+    assert card.status_code == 404 and card.json() == {"error": "agent 'ghost' is not attached"}
+    message = {"messageId": "m1", "role": "ROLE_USER", "parts": [{"text": "hello?"}]}
+    answer = await jsonrpc(core, "ghost", token, "SendMessage", {"message": message})
+    assert "agent 'ghost' is not attached" in answer["error"]["message"], answer
+    answer = await jsonrpc(core, "ghost", token, "GetTask", {"id": "nope"})
+    assert answer["error"]["code"] == -32001, answer  # TaskNotFound
+    async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+        stub = a2a_pb2_grpc.A2AServiceStub(channel)  # type: ignore[no-untyped-call]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.SendMessage(
+                SendMessageRequest(tenant="ghost", message=user_message("hello?")),
+                metadata=(("authorization", f"Bearer {token}"),),
+            )
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "agent 'ghost' is not attached" in (refused.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.GetTask(GetTaskRequest(tenant="ghost", id="x"))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_tasks_belong_to_their_caller_and_agent(served: tuple[Core, Gateway]) -> None:
+    core, gateway = served
+    mine, theirs = await caller_token(core, "me"), await caller_token(core, "them")
+    async with attached(gateway, core) as agent, a2a_client(core, mine) as client:
+        reader = asyncio.create_task(
+            drain(client.send_message(SendMessageRequest(message=user_message("q"))))
+        )
+        chat = await take_chat(agent)
+        await say(agent, chat["session_id"], "done")
+        await asyncio.wait_for(reader, 10)
+        task_id = await task_id_of(agent, chat)
+        listed = await client.list_tasks(ListTasksRequest())
+        assert [t.id for t in listed.tasks] == [task_id]
+    answer = await jsonrpc(core, AGENT, theirs, "GetTask", {"id": task_id})
+    assert answer["error"]["code"] == -32001
+    answer = await jsonrpc(core, "other-agent", mine, "GetTask", {"id": task_id})
+    assert answer["error"]["code"] == -32001
+    answer = await jsonrpc(core, AGENT, mine, "GetTask", {"id": task_id})
+    assert answer["result"]["status"]["state"] == "TASK_STATE_COMPLETED"
+
+
+async def next_of(stream: AsyncIterator[StreamResponse]) -> StreamResponse:
+    return await anext(stream)
+
+
+async def drain(stream: AsyncIterator[StreamResponse]) -> list[StreamResponse]:
+    return [item async for item in stream]
+
+
+@pytest.mark.parametrize("transport", ["JSONRPC", "GRPC"])
+async def test_subscribe_to_task_resumes_a_running_task(
+    served: tuple[Core, Gateway], transport: str
+) -> None:
+    core, gateway = served
+    token = await caller_token(core)
+    async with (
+        attached(gateway, core) as agent,
+        a2a_client(core, token, transport=transport) as client,
+    ):
+        request = SendMessageRequest(
+            message=user_message("go"),
+            configuration=SendMessageConfiguration(return_immediately=True),
+        )
+        sending = asyncio.create_task(next_of(client.send_message(request)))
+        chat = await take_chat(agent)
+        first = await asyncio.wait_for(sending, 10)
+        task_id = first.task.id or first.status_update.task_id
+        assert task_id == await task_id_of(agent, chat)
+        await say(agent, chat["session_id"], "token", delta="one ")
+        resumed = client.subscribe(SubscribeToTaskRequest(id=task_id))
+        snapshot = await asyncio.wait_for(anext(resumed), 10)
+        assert snapshot.task.id == task_id
+        rest = asyncio.create_task(drain(resumed))
+        await say(agent, chat["session_id"], "token", delta="two")
+        await say(agent, chat["session_id"], "done")
+        updates = await asyncio.wait_for(rest, 10)
+        seen = reply_text(snapshot.task) + "".join(
+            u.artifact_update.artifact.parts[0].text
+            for u in updates
+            if u.HasField("artifact_update")
+        )
+        assert seen.endswith("two") and "one " in seen
+        assert updates[-1].status_update.status.state == COMPLETED
+        task = await client.get_task(GetTaskRequest(id=task_id))
+        assert reply_text(task) == "one two"
