@@ -36,16 +36,20 @@ from a2a.types.a2a_pb2 import (
     SubscribeToTaskRequest,
     Task,
     TaskState,
+    TaskStatus,
 )
+from a2a.utils.errors import UnsupportedOperationError
 
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
+from car_grpc.store import A2aTaskRow
 from tests.conftest import make_config
 from tests.ws_helpers import Rpc, rpc, running
 
 AGENT = "agent-1"
 COMPLETED = TaskState.TASK_STATE_COMPLETED
+WORKING = TaskState.TASK_STATE_WORKING
 
 
 @pytest.fixture
@@ -328,3 +332,131 @@ async def test_subscribe_to_task_resumes_a_running_task(
         assert updates[-1].status_update.status.state == COMPLETED
         task = await client.get_task(GetTaskRequest(id=task_id))
         assert reply_text(task) == "one two"
+
+
+async def test_tasks_survive_a_restart_and_one_left_running_ends_failed(config: Config) -> None:
+    async with running(config) as (core, gateway):
+        token = await caller_token(core)
+        async with attached(gateway, core) as agent, a2a_client(core, token) as client:
+            reader = asyncio.create_task(
+                drain(client.send_message(SendMessageRequest(message=user_message("one"))))
+            )
+            chat = await take_chat(agent)
+            await say(agent, chat["session_id"], "token", delta="kept")
+            await say(agent, chat["session_id"], "done")
+            await asyncio.wait_for(reader, 10)
+            done_id = await task_id_of(agent, chat)
+            stream = client.send_message(SendMessageRequest(message=user_message("two")))
+            started = asyncio.create_task(next_of(stream))
+            chat = await take_chat(agent)
+            await asyncio.wait_for(started, 10)
+            left_id = await task_id_of(agent, chat)
+            # The server stops while the second task runs.
+            await core.stop(grace=0)
+    async with running(config) as (core, _):
+        answer = await jsonrpc(core, AGENT, token, "GetTask", {"id": done_id})
+        assert answer["result"]["status"]["state"] == "TASK_STATE_COMPLETED"
+        assert answer["result"]["artifacts"][0]["parts"] == [{"text": "kept"}]
+        answer = await jsonrpc(core, AGENT, token, "GetTask", {"id": left_id})
+        status = answer["result"]["status"]
+        # Its chat ended with the stop (the agent's connection went, or the task was
+        # cancelled): either way it failed, and says why.
+        assert status["state"] == "TASK_STATE_FAILED" and status["message"]["parts"][0]["text"]
+
+
+async def test_a_task_a_crash_left_running_ends_failed_at_start(config: Config) -> None:
+    running_task = Task(id="t-crash", context_id="c", status=TaskStatus(state=WORKING))
+    async with running(config) as (core, _):
+        token = await caller_token(core)
+        assert core.parts is not None
+        # As a crash leaves it: stored as working, with no chat behind it.
+        await core.parts.store.a2a_tasks.put(
+            A2aTaskRow("t-crash", AGENT, "peer", "c", WORKING, 1, running_task.SerializeToString())
+        )
+    async with running(config) as (core, _):
+        answer = await jsonrpc(core, AGENT, token, "GetTask", {"id": "t-crash"})
+    status = answer["result"]["status"]
+    assert status["state"] == "TASK_STATE_FAILED"
+    assert status["message"]["parts"][0]["text"] == "the server stopped while the task ran"
+
+
+async def test_agent_going_away_fails_the_task_and_approvals_ask_for_input(
+    served: tuple[Core, Gateway],
+) -> None:
+    core, gateway = served
+    token = await caller_token(core)
+    async with a2a_client_when_attached(gateway, core, token) as (agent, client):
+        reader = asyncio.create_task(
+            drain(client.send_message(SendMessageRequest(message=user_message("risky"))))
+        )
+        chat = await take_chat(agent)
+        await say(agent, chat["session_id"], "approval_pending", approval_id="ap-1")
+        await say(agent, chat["session_id"], "approval_resolved", approval_id="ap-1")
+        await agent.close()
+        updates = await asyncio.wait_for(reader, 10)
+    states = [u.status_update.status.state for u in updates if u.HasField("status_update")]
+    assert states == [
+        TaskState.TASK_STATE_WORKING,
+        TaskState.TASK_STATE_INPUT_REQUIRED,
+        TaskState.TASK_STATE_WORKING,
+        TaskState.TASK_STATE_FAILED,
+    ]
+    assert "disconnected" in updates[-1].status_update.status.message.parts[0].text
+
+
+@contextlib.asynccontextmanager
+async def a2a_client_when_attached(
+    gateway: Gateway, core: Core, token: str
+) -> AsyncIterator[tuple[Rpc, Client]]:
+    async with attached(gateway, core) as agent, a2a_client(core, token) as client:
+        yield agent, client
+
+
+async def test_bounds_body_size_running_tasks_per_caller_reply_size_and_time(
+    tmp_path: Path,
+) -> None:
+    config = make_config(
+        tmp_path,
+        a2a_max_body_bytes=2048,
+        a2a_tasks_per_caller=1,
+        a2a_reply_max_bytes=8,
+        a2a_task_timeout=1.0,
+    )
+    async with running(config) as (core, gateway):
+        token = await caller_token(core)
+        async with httpx.AsyncClient() as http:
+            url = f"{core.a2a_url}/a2a/{AGENT}"
+            big = await http.post(
+                url, content=b"x" * 4096, headers={"Authorization": f"Bearer {token}"}
+            )
+            assert big.status_code == 413 and "over 2048 bytes" in big.text
+
+            async def chunked() -> AsyncIterator[bytes]:
+                for _ in range(4):
+                    yield b" " * 1024
+
+            streamed = await http.post(
+                url, content=chunked(), headers={"Authorization": f"Bearer {token}"}
+            )
+            assert "Payload too large" in streamed.text, streamed.text
+        async with a2a_client_when_attached(gateway, core, token) as (agent, client):
+            first = asyncio.create_task(
+                drain(client.send_message(SendMessageRequest(message=user_message("a"))))
+            )
+            chat = await take_chat(agent)
+            with pytest.raises(UnsupportedOperationError, match="too many tasks: 1 run at once"):
+                await drain(client.send_message(SendMessageRequest(message=user_message("b"))))
+            await say(agent, chat["session_id"], "token", delta="0123456789")
+            updates = await asyncio.wait_for(first, 10)
+            failed = updates[-1].status_update.status
+            assert failed.state == TaskState.TASK_STATE_FAILED
+            assert failed.message.parts[0].text == "the reply exceeded 8 bytes"
+            assert await agent.expect_notification("agent.chat.cancel")
+            # The agent never answers this one: the task fails when its time is up.
+            slow = asyncio.create_task(
+                drain(client.send_message(SendMessageRequest(message=user_message("c"))))
+            )
+            await take_chat(agent)
+            updates = await asyncio.wait_for(slow, 10)
+            failed = updates[-1].status_update.status
+            assert failed.message.parts[0].text == "the task ran past 1s"

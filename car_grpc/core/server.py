@@ -128,6 +128,8 @@ class Core:
     async def stop(self, grace: float = 1.0) -> None:
         parts, self.parts = self.parts, None
         if self.a2a is not None:
+            if parts is not None and parts.a2a is not None:
+                await parts.a2a.close()  # its tasks end, so its streams end
             await self.a2a.stop()
             self.a2a = None
         if self._health is not None:
