@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -460,3 +462,35 @@ async def test_bounds_body_size_running_tasks_per_caller_reply_size_and_time(
             updates = await asyncio.wait_for(slow, 10)
             failed = updates[-1].status_update.status
             assert failed.message.parts[0].text == "the task ran past 1s"
+
+
+def readme_example() -> str:
+    """The Python block under `<!-- a2a-example -->` in README.md."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    after = readme.split("<!-- a2a-example -->", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_readme_example_talks_to_an_attached_agent(
+    served: tuple[Core, Gateway], tmp_path: Path
+) -> None:
+    core, gateway = served
+    script = tmp_path / "example.py"
+    script.write_text(readme_example())
+    env = {
+        **os.environ,
+        "A2A_AGENT_URL": f"{core.a2a_url}/a2a/my-agent",
+        "A2A_TOKEN": await caller_token(core, "my-peer"),
+    }
+    async with attached(gateway, core, "my-agent") as agent:
+        example = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), env=env, stdout=asyncio.subprocess.PIPE
+        )
+        chat = await take_chat(agent)
+        assert chat["prompt"] == "Hello!"
+        for delta in ("Hi ", "there"):
+            await say(agent, chat["session_id"], "token", delta=delta)
+        await say(agent, chat["session_id"], "done")
+        out, _ = await asyncio.wait_for(example.communicate(), 30)
+    assert example.returncode == 0
+    assert out.decode().splitlines()[-2:] == ["Hi there", "[TASK_STATE_COMPLETED]"]
