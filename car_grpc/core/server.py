@@ -107,7 +107,10 @@ class Core:
         listener = A2aListener(app, config.a2a_host, config.a2a_listen_port, context)
         await listener.start()
         self.a2a = listener
-        log.info("core: A2A%s listening on %s", " (TLS)" if context else "", listener.url)
+        # Not "listening on": tests/processes.py reads the listeners of `serve` by position.
+        log.info(
+            "core: A2A%s agents at %s/a2a/<agent_id>", " (TLS)" if context else "", listener.url
+        )
 
     async def _open_store(self) -> Store:
         """The store the config names (`store`, default the embedded file under

@@ -1,0 +1,82 @@
+"""End-to-end: `car-grpc a2a-clients add|list|remove` mint and revoke the tokens of A2A
+callers, which a running core honours (and stops honouring) at once; `car-grpc serve`
+serves A2A on the WebSocket port + 3 unless told otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from a2a.types import a2a_pb2_grpc
+from a2a.types.a2a_pb2 import GetTaskRequest
+
+from car_grpc.cli import build_parser, config_from
+from car_grpc.config import Config
+from car_grpc.core.server import Core
+from tests.conftest import make_config
+from tests.test_cli_e2e import TOKEN, run_car_grpc
+
+
+async def get_task(core: Core, token: str) -> httpx.Response:
+    async with httpx.AsyncClient() as http:
+        return await http.post(
+            f"{core.a2a_url}/a2a/agent-1",
+            json={"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": "t"}},
+            headers={"Authorization": f"Bearer {token}", "A2A-Version": "1.0"},
+        )
+
+
+async def test_a2a_clients_add_list_remove_on_a_running_core(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    car_home = config.core.state_root
+    core = Core(config.core)
+    await core.start()
+    try:
+        code, out, err = await run_car_grpc(car_home, "a2a-clients", "add", "peer")
+        assert code == 0, err
+        token = out.strip()
+        assert out == token + "\n" and TOKEN.fullmatch(token)
+        assert f"A2A caller tokens of the store {car_home}" in err
+        known = await get_task(core, token)
+        assert known.status_code == 200 and known.json()["error"]["code"] == -32001  # TaskNotFound
+        code, out, _ = await run_car_grpc(car_home, "a2a-clients", "list")
+        assert code == 0 and out.startswith("peer\t") and len(out.splitlines()) == 1
+        code, out, _ = await run_car_grpc(car_home, "a2a-clients", "remove", "peer")
+        assert code == 0 and out == ""
+        assert (await get_task(core, token)).status_code == 401
+        code, _, err = await run_car_grpc(car_home, "a2a-clients", "remove", "peer")
+        assert code == 1 and "peer" in err
+    finally:
+        await core.stop(grace=0)
+
+
+def test_a2a_flags_and_default_ports() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--a2a-port", "7000", "--a2a-host", "::1", "--a2a-tls-cert", "c.pem",
+         "--a2a-tls-key", "k.pem"]
+    )  # fmt: skip
+    core = config_from(args).for_serve().core
+    assert (core.a2a, core.a2a_port, core.a2a_host) == (True, 7000, "::1")
+    assert (core.a2a_tls_cert, core.a2a_tls_key) == (Path("c.pem"), Path("k.pem"))
+    assert config_from(build_parser().parse_args(["core", "--no-a2a"])).core.a2a is False
+    # Defaults: the WebSocket port + 3 under serve, the gRPC port + 1 for core (9103 both).
+    assert Config().for_serve().core.a2a_port == 9103
+    assert Config().core.a2a_listen_port == 9103
+    assert Config().with_overrides(ws_port=0).for_serve().core.a2a_port == 0
+    assert Config().with_overrides(grpc_port=0).core.a2a_listen_port == 0
+
+
+async def test_no_a2a_serves_no_listener_and_no_service(tmp_path: Path) -> None:
+    core = Core(make_config(tmp_path, a2a=False).core)
+    await core.start()
+    try:
+        assert core.a2a is None and core.a2a_url == ""
+        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+            stub = a2a_pb2_grpc.A2AServiceStub(channel)  # type: ignore[no-untyped-call]
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.GetTask(GetTaskRequest(tenant="a", id="t"))
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await core.stop(grace=0)
