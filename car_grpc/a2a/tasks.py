@@ -70,6 +70,19 @@ class Owner:
         return cls(str(context.state.get(AGENT_KEY, "")), str(context.state.get(CALLER_KEY, "")))
 
 
+@dataclass(frozen=True)
+class _Held:
+    task: Task
+    owner: Owner
+
+
+def _row(task: Task, owner: Owner) -> A2aTaskRow:
+    return A2aTaskRow(
+        task.id, owner.agent_id, owner.caller, task.context_id, task.status.state, now_ms(),
+        compacted(task).SerializeToString(),
+    )  # fmt: skip
+
+
 def compacted(task: Task) -> Task:
     """A copy of `task` whose artifacts' adjacent plain text parts are joined."""
     out = Task()
@@ -104,7 +117,7 @@ class A2aTasks(TaskStore):
         self._flush_interval = flush_interval
         self._keep = keep_per_caller
         #: Saves held back, by task id (at most one per running task: the latest).
-        self._held: dict[str, A2aTaskRow] = {}
+        self._held: dict[str, _Held] = {}
         #: The state last written of each task being written to.
         self._written_state: dict[str, int] = {}
         #: Writes of one task take turns (FIFO), so an older save never lands last.
@@ -113,31 +126,30 @@ class A2aTasks(TaskStore):
 
     async def save(self, task: Task, context: ServerCallContext) -> None:
         owner = Owner.of(context)
-        row = A2aTaskRow(
-            task.id, owner.agent_id, owner.caller, task.context_id, task.status.state,
-            now_ms(), compacted(task).SerializeToString(),
-        )  # fmt: skip
-        if self._written_state.get(task.id) == row.state and row.state not in TERMINAL:
-            self._held[task.id] = row
+        state = task.status.state
+        if self._written_state.get(task.id) == state and state not in TERMINAL:
+            # Held as is: serialized only when written (the SDK keeps updating this very
+            # object, so what is written then is the latest).
+            self._held[task.id] = _Held(task, owner)
             if task.id not in self._flushers:
                 self._flushers[task.id] = asyncio.create_task(self._flush_later(task.id))
             return
         async with self._lock(task.id):
             self._held.pop(task.id, None)  # this save is newer
-            await self._store.put(row)
-        if row.state in TERMINAL:
+            await self._store.put(_row(task, owner))
+        if state in TERMINAL:
             self._forget(task.id)
             await self._store.prune(owner.caller, self._keep, sorted(TERMINAL))
         else:
-            self._written_state[task.id] = row.state
+            self._written_state[task.id] = state
 
     async def _flush_later(self, task_id: str) -> None:
         try:
             await asyncio.sleep(self._flush_interval)
             async with self._lock(task_id):
-                row = self._held.pop(task_id, None)
-                if row is not None:
-                    await self._store.put(row)
+                held = self._held.pop(task_id, None)
+                if held is not None:
+                    await self._store.put(_row(held.task, held.owner))
         except Exception:
             log.exception("writing A2A task %s failed", task_id)
         finally:
@@ -156,8 +168,12 @@ class A2aTasks(TaskStore):
             flusher.cancel()
 
     async def get(self, task_id: str, context: ServerCallContext) -> Task | None:
-        row = self._held.get(task_id) or await self._store.get(task_id)
-        if row is None or not self._owned(row, Owner.of(context)):
+        owner = Owner.of(context)
+        held = self._held.get(task_id)
+        if held is not None:
+            return compacted(held.task) if held.owner == owner else None
+        row = await self._store.get(task_id)
+        if row is None or not self._owned(row, owner):
             return None
         return Task.FromString(row.task)
 
@@ -174,7 +190,7 @@ class A2aTasks(TaskStore):
             limit=size,
             offset=offset,
         )
-        tasks = [Task.FromString((self._held.get(r.task_id) or r).task) for r in rows]
+        tasks = [self._latest(r) for r in rows]
         after = offset + len(rows)
         return ListTasksResponse(
             tasks=tasks,
@@ -190,6 +206,10 @@ class A2aTasks(TaskStore):
             self._forget(task_id)
             await self._store.delete(task_id)
 
+    def _latest(self, row: A2aTaskRow) -> Task:
+        held = self._held.get(row.task_id)
+        return compacted(held.task) if held is not None else Task.FromString(row.task)
+
     @staticmethod
     def _owned(row: A2aTaskRow, owner: Owner) -> bool:
         return (row.agent_id, row.caller) == (owner.agent_id, owner.caller)
@@ -200,10 +220,10 @@ class A2aTasks(TaskStore):
             flusher.cancel()
         for task_id in list(self._held):
             async with self._lock(task_id):
-                row = self._held.pop(task_id, None)
-                if row is not None:
+                held = self._held.pop(task_id, None)
+                if held is not None:
                     with contextlib.suppress(Exception):
-                        await self._store.put(row)
+                        await self._store.put(_row(held.task, held.owner))
 
     async def fail_unfinished(self, reason: str) -> int:
         """At start: the tasks a stop left running lost their chats; they end failed."""
