@@ -4,6 +4,7 @@ serves A2A on the WebSocket port + 3 unless told otherwise."""
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,10 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from tests.conftest import make_config
 from tests.test_cli_e2e import TOKEN, run_car_grpc
+from tests.test_tls import Certificate, certificate
+from tests.ws_helpers import rpc, running
+
+__all__ = ["certificate"]
 
 
 async def get_task(core: Core, token: str) -> httpx.Response:
@@ -80,3 +85,33 @@ async def test_no_a2a_serves_no_listener_and_no_service(tmp_path: Path) -> None:
             assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await core.stop(grace=0)
+
+
+async def test_the_a2a_listener_speaks_tls_with_its_certificate(
+    tmp_path: Path, certificate: Certificate
+) -> None:
+    config = make_config(tmp_path, a2a_tls_cert=certificate.cert, a2a_tls_key=certificate.key)
+    async with running(config) as (core, gateway):
+        assert core.a2a_url.startswith("https://127.0.0.1:")
+        token = await core.parts.a2a.callers.add("peer") if core.parts and core.parts.a2a else ""
+        agent_token = await core.parts.agent_tokens.add("agent-1") if core.parts else ""
+        async with rpc(gateway.url) as agent:
+            await agent.login(agent_token, agent_id="agent-1")
+            card_url = f"{core.a2a_url}/a2a/agent-1/.well-known/agent-card.json"
+            trust = ssl.create_default_context(cafile=certificate.cert)
+            async with httpx.AsyncClient(verify=trust) as http:
+                card = (await http.get(card_url)).json()
+                assert card["supportedInterfaces"][0]["url"] == f"{core.a2a_url}/a2a/agent-1"
+                answer = await http.post(
+                    f"{core.a2a_url}/a2a/agent-1",
+                    json={"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": "t"}},
+                    headers={"Authorization": f"Bearer {token}", "A2A-Version": "1.0"},
+                )
+                assert answer.json()["error"]["code"] == -32001
+            async with httpx.AsyncClient() as untrusting:
+                with pytest.raises(httpx.ConnectError):
+                    await untrusting.get(card_url)
+            plain = card_url.replace("https://", "http://")
+            async with httpx.AsyncClient() as http:
+                with pytest.raises(httpx.HTTPError):
+                    await http.get(plain)
