@@ -231,12 +231,19 @@ async def test_a_removed_caller_is_refused_at_once(served: tuple[Core, Gateway])
             await client.get_task(GetTaskRequest(id="any"))
 
 
-async def jsonrpc(core: Core, agent_id: str, token: str, method: str, params: Any) -> Any:
+async def jsonrpc(
+    core: Core, agent_id: str, token: str, method: str, params: Any, version: str | None = "1.0"
+) -> Any:
+    """One A2A JSON-RPC request, as a peer without the SDK sends it (`version`: its
+    A2A-Version header; None sends none, as a v0.3 client does)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    if version is not None:
+        headers["A2A-Version"] = version
     async with httpx.AsyncClient() as http:
         answer = await http.post(
             f"{core.a2a_url}/a2a/{agent_id}",
             json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params},
-            headers={"Authorization": f"Bearer {token}", "A2A-Version": "1.0"},
+            headers=headers,
         )
     assert answer.status_code == 200, answer.text
     return answer.json()
@@ -494,3 +501,22 @@ async def test_the_readme_example_talks_to_an_attached_agent(
         out, _ = await asyncio.wait_for(example.communicate(), 30)
     assert example.returncode == 0
     assert out.decode().splitlines()[-2:] == ["Hi there", "[TASK_STATE_COMPLETED]"]
+
+
+async def test_v0_3_method_names_are_served_as_aliases(served: tuple[Core, Gateway]) -> None:
+    core, gateway = served
+    token = await caller_token(core)
+    message = {"role": "user", "messageId": "m-03", "parts": [{"kind": "text", "text": "old"}]}
+    async with attached(gateway, core) as agent:
+        sending = asyncio.create_task(
+            jsonrpc(core, AGENT, token, "message/send", {"message": message}, version=None)
+        )
+        chat = await take_chat(agent)
+        assert chat["prompt"] == "old"
+        await say(agent, chat["session_id"], "token", delta="still works")
+        await say(agent, chat["session_id"], "done")
+        answer = await asyncio.wait_for(sending, 10)
+    task = answer["result"]
+    assert task["kind"] == "task" and task["status"]["state"] == "completed", answer
+    got = await jsonrpc(core, AGENT, token, "tasks/get", {"id": task["id"]}, version=None)
+    assert got["result"]["artifacts"][0]["parts"] == [{"kind": "text", "text": "still works"}]

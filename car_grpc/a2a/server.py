@@ -260,7 +260,10 @@ class A2aServer:
     # ------------------------------------------------------------ HTTP
 
     def http_app(self) -> Starlette:
-        dispatcher = JsonRpcDispatcher(self.handler, context_builder=_HttpContext())
+        # v0.3 method names (message/send, tasks/get, ...) are served too, as aliases.
+        dispatcher = JsonRpcDispatcher(
+            self.handler, context_builder=_HttpContext(), enable_v0_3_compat=True
+        )
         max_body = self.limits.max_body_bytes
 
         async def card(request: Request) -> Response:

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from car_grpc import tls
+from car_grpc.a2a.server import SERVICE as A2A_SERVICE
 from car_grpc.a2a.server import A2aListener, Endpoints
 from car_grpc.config import CoreConfig
 from car_grpc.core.grpc_service import add_health_and_reflection
@@ -74,9 +75,11 @@ class Core:
             ]
         )
         server.add_generic_rpc_handlers(parts.grpc.handlers())
+        extra = []
         if parts.a2a is not None:
             server.add_generic_rpc_handlers([parts.a2a.grpc_handler()])
-        self._health = await add_health_and_reflection(server)
+            extra.append(A2A_SERVICE)
+        self._health = await add_health_and_reflection(server, extra)
         address = f"{self.config.grpc_host}:{self.config.grpc_port}"
         credentials = tls.grpc_server_credentials(
             self.config.grpc_tls_cert, self.config.grpc_tls_key
