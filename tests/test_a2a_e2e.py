@@ -448,6 +448,15 @@ async def test_bounds_body_size_running_tasks_per_caller_reply_size_and_time(
                 url, content=chunked(), headers={"Authorization": f"Bearer {token}"}
             )
             assert "Payload too large" in streamed.text, streamed.text
+        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+            stub = a2a_pb2_grpc.A2AServiceStub(channel)  # type: ignore[no-untyped-call]
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.SendMessage(
+                    SendMessageRequest(tenant=AGENT, message=user_message("x" * 4096)),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                )
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.details() == "request over 2048 bytes (a2a_max_body_bytes)"
         async with a2a_client_when_attached(gateway, core, token) as (agent, client):
             first = asyncio.create_task(
                 drain(client.send_message(SendMessageRequest(message=user_message("a"))))
@@ -520,3 +529,34 @@ async def test_v0_3_method_names_are_served_as_aliases(served: tuple[Core, Gatew
     assert task["kind"] == "task" and task["status"]["state"] == "completed", answer
     got = await jsonrpc(core, AGENT, token, "tasks/get", {"id": task["id"]}, version=None)
     assert got["result"]["artifacts"][0]["parts"] == [{"kind": "text", "text": "still works"}]
+
+
+async def test_a_follow_up_message_continues_an_auth_required_task_in_the_same_chat_session(
+    served: tuple[Core, Gateway],
+) -> None:
+    core, gateway = served
+    token = await caller_token(core)
+    async with a2a_client_when_attached(gateway, core, token) as (agent, client):
+        first = asyncio.create_task(
+            drain(client.send_message(SendMessageRequest(message=user_message("first"))))
+        )
+        chat = await take_chat(agent)
+        await say(agent, chat["session_id"], "auth_required")
+        updates = await asyncio.wait_for(first, 10)
+        paused = updates[-1].status_update
+        assert paused.status.state == TaskState.TASK_STATE_AUTH_REQUIRED
+        follow_up = user_message("signed in", task_id=paused.task_id, context_id=paused.context_id)
+        second = asyncio.create_task(
+            drain(client.send_message(SendMessageRequest(message=follow_up)))
+        )
+        again = await take_chat(agent)
+        assert again["session_id"] == chat["session_id"] and again["prompt"] == "signed in"
+        await say(agent, again["session_id"], "token", delta="ok")
+        await say(agent, again["session_id"], "done")
+        await asyncio.wait_for(second, 10)
+        task = await client.get_task(GetTaskRequest(id=paused.task_id))
+    assert task.status.state == COMPLETED and reply_text(task) == "ok"
+    assert [m.parts[0].text for m in task.history if m.role == Role.ROLE_USER] == [
+        "first",
+        "signed in",
+    ]

@@ -329,6 +329,12 @@ class A2aServer:
                 "unauthenticated: send 'authorization: Bearer <token>' with a token from "
                 "car-grpc a2a-clients add",
             )
+        limit = self.limits.max_body_bytes
+        if request.ByteSize() > limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request over {limit} bytes (a2a_max_body_bytes)",
+            )
         agent_id = str(getattr(request, "tenant", ""))
         if not agent_id:
             await context.abort(
