@@ -59,6 +59,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message as AsgiMessage
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from car_grpc.a2a.bridge import BridgeLimits, ChatExecutor, chat_request
 from car_grpc.a2a.callers import A2aCallers
@@ -438,13 +439,42 @@ def _bounded(
     return bounded
 
 
+def _http_protocol(head_timeout: float) -> type[H11Protocol]:
+    """uvicorn's HTTP/1.1 with a deadline on a connection's first request: one that has not
+    sent a whole request head within `head_timeout` seconds is closed. (uvicorn times out
+    only kept-alive connections idle after a response: a connection that never sends a
+    request would be held for good.)"""
+
+    class Http(H11Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)  # type: ignore[arg-type]
+            self._head_deadline = self.loop.call_later(head_timeout, self._head_overdue)
+
+        def _head_overdue(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_deadline.cancel()
+            super().connection_lost(exc)
+
+    return Http
+
+
 class A2aListener:
     """The A2A HTTP listener: the app on uvicorn, on a socket bound here (so a port in use
     is an OSError at start, and port 0 works)."""
 
     def __init__(
-        self, app: Starlette, host: str, port: int, ssl_context: ssl.SSLContext | None
+        self,
+        app: Starlette,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        head_timeout: float = 5.0,
     ) -> None:
+        self._head_timeout = head_timeout
         self._app = app
         self._host = host
         self._port = port
@@ -465,10 +495,12 @@ class A2aListener:
         sock = socket.create_server((self._host, self._port), family=family)
         config = uvicorn.Config(
             self._app,
+            http=_http_protocol(self._head_timeout),
             lifespan="off",
             log_config=None,
             access_log=False,
-            # Bounds: a request head, idle keep-alive connections, connections at once.
+            # Bounds: a request head's size (and its time, above), idle keep-alive
+            # connections, requests at once (503 beyond).
             h11_max_incomplete_event_size=16 * 1024,
             timeout_keep_alive=5,
             limit_concurrency=256,
