@@ -560,3 +560,35 @@ async def test_a_follow_up_message_continues_an_auth_required_task_in_the_same_c
         "first",
         "signed in",
     ]
+
+
+async def test_the_card_says_what_the_agent_registered_and_how_to_reach_it(
+    served: tuple[Core, Gateway],
+) -> None:
+    core, gateway = served
+    async with attached(gateway, core) as agent:
+        await agent.result(
+            "host.register_agent",
+            {"id": AGENT, "name": "Helper", "kind": "assistant", "capabilities": ["search"]},
+        )
+        async with httpx.AsyncClient() as http:
+            answer = await http.get(f"{core.a2a_url}/a2a/{AGENT}/.well-known/agent-card.json")
+    card = answer.json()
+    assert card["name"] == "Helper" and "(assistant)" in card["description"]
+    assert [s["id"] for s in card["skills"]] == ["chat", "search"]
+    assert card["supportedInterfaces"] == [
+        {
+            "url": f"{core.a2a_url}/a2a/{AGENT}",
+            "protocolBinding": "JSONRPC",
+            "protocolVersion": "1.0",
+        },
+        {
+            "url": core.grpc_address,
+            "protocolBinding": "GRPC",
+            "protocolVersion": "1.0",
+            "tenant": AGENT,
+        },
+    ]
+    assert card["securitySchemes"]["bearer"]["httpAuthSecurityScheme"]["scheme"] == "Bearer"
+    assert card["securityRequirements"] == [{"schemes": {"bearer": {}}}]
+    assert card["capabilities"]["streaming"] is True

@@ -94,7 +94,6 @@ def chat_request(agent_id: str, task_id: str, message: Message) -> chats_pb2.Cha
 class _Running:
     """A task whose chat runs."""
 
-    caller: str
     updater: TaskUpdater
     cancelled: bool = False
     reply_bytes: int = 0
@@ -132,7 +131,7 @@ class ChatExecutor(AgentExecutor):
             await updater.reject(_agent_text(updater, f"too many tasks: {limit} run at once"))
             return
         request = chat_request(owner.agent_id, task_id, context.message)
-        running = _Running(owner.caller, updater)
+        running = _Running(updater)
         self._running[task_id] = running
         self._per_caller[owner.caller] += 1
         try:
