@@ -47,6 +47,7 @@ from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.store import A2aTaskRow
 from tests.conftest import make_config
+from tests.postgres_server import PostgresServer
 from tests.ws_helpers import Rpc, rpc, running
 
 AGENT = "agent-1"
@@ -592,3 +593,36 @@ async def test_the_card_says_what_the_agent_registered_and_how_to_reach_it(
     assert card["securitySchemes"]["bearer"]["httpAuthSecurityScheme"]["scheme"] == "Bearer"
     assert card["securityRequirements"] == [{"schemes": {"bearer": {}}}]
     assert card["capabilities"]["streaming"] is True
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+async def test_a_long_reply_is_written_in_few_commits_on_either_store(
+    tmp_path: Path, request: pytest.FixtureRequest, store: str
+) -> None:
+    """200 tokens: each reaches the caller, the store takes far fewer writes (a streamed
+    reply is held back between changes of state), and the stored reply is whole."""
+    overrides: dict[str, object] = {}
+    if store == "postgres":
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        overrides["store"] = server.create_database("a2a")
+    async with running(make_config(tmp_path, **overrides)) as (core, gateway):
+        token = await caller_token(core)
+        assert core.parts is not None
+        database = getattr(core.parts.store, "database", None)
+        async with a2a_client_when_attached(gateway, core, token) as (agent, client):
+            reader = asyncio.create_task(
+                drain(client.send_message(SendMessageRequest(message=user_message("long"))))
+            )
+            chat = await take_chat(agent)
+            before = getattr(database, "committed_writes", 0)
+            for n in range(200):
+                await say(agent, chat["session_id"], "token", delta=f"{n} ")
+            await say(agent, chat["session_id"], "done")
+            updates = await asyncio.wait_for(reader, 30)
+            writes = getattr(database, "committed_writes", 0) - before
+            task = await client.get_task(GetTaskRequest(id=updates[-1].status_update.task_id))
+    assert sum(u.HasField("artifact_update") for u in updates) == 200
+    assert reply_text(task) == "".join(f"{n} " for n in range(200))
+    assert len(task.artifacts[0].parts) == 1  # stored joined
+    if store == "sqlite":
+        assert writes < 40, writes
