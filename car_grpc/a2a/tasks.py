@@ -6,12 +6,13 @@ TaskNotFound). Who is asking is in the call context (`state`, set where the requ
 in: car_grpc.a2a.server).
 
 The SDK saves the whole task after every event, so a streamed reply would be one write per
-token, each rewriting a task that keeps growing. A save that leaves the task's state as it
-was (a token appended) is therefore held back and written at most every
-`flush_interval` seconds; a save that changes the state (working, input-required,
-completed, ...) is written at once, with what was held back, before the caller hears of
-it. Reads see held-back saves. Stored copies carry each artifact's adjacent text chunks
-joined into one part (what a client streaming the chunks puts together itself).
+token, each rewriting a task that keeps growing. A save of a task that was already written
+as working and still is (a token appended) is therefore held back and written at most
+every `flush_interval` seconds; any other save (a change of state: working,
+input-required, completed, ...) is written at once, superseding what was held back,
+before the caller hears of it. Reads see held-back saves. Stored copies carry each
+artifact's adjacent text chunks joined into one part (what a client streaming the chunks
+puts together itself).
 """
 
 from __future__ import annotations
@@ -118,16 +119,17 @@ class A2aTasks(TaskStore):
         self._keep = keep_per_caller
         #: Saves held back, by task id (at most one per running task: the latest).
         self._held: dict[str, _Held] = {}
-        #: The state last written of each task being written to.
-        self._written_state: dict[str, int] = {}
+        #: Tasks last written as working: their next saves while still working (a token
+        #: appended) are held back. Only a running task is in here.
+        self._working: set[str] = set()
         #: Writes of one task take turns (FIFO), so an older save never lands last.
         self._locks: dict[str, asyncio.Lock] = {}
         self._flushers: dict[str, asyncio.Task[None]] = {}
 
     async def save(self, task: Task, context: ServerCallContext) -> None:
         owner = Owner.of(context)
-        state = task.status.state
-        if self._written_state.get(task.id) == state and state not in TERMINAL:
+        working = task.status.state == TaskState.TASK_STATE_WORKING
+        if working and task.id in self._working:
             # Held as is: serialized only when written (the SDK keeps updating this very
             # object, so what is written then is the latest).
             self._held[task.id] = _Held(task, owner)
@@ -137,11 +139,12 @@ class A2aTasks(TaskStore):
         async with self._lock(task.id):
             self._held.pop(task.id, None)  # this save is newer
             await self._store.put(_row(task, owner))
-        if state in TERMINAL:
-            self._forget(task.id)
+        if working:
+            self._working.add(task.id)
+            return
+        self._forget(task.id)
+        if task.status.state in TERMINAL:
             await self._store.prune(owner.caller, self._keep, sorted(TERMINAL))
-        else:
-            self._written_state[task.id] = state
 
     async def _flush_later(self, task_id: str) -> None:
         try:
@@ -159,7 +162,7 @@ class A2aTasks(TaskStore):
         return self._locks.setdefault(task_id, asyncio.Lock())
 
     def _forget(self, task_id: str) -> None:
-        self._written_state.pop(task_id, None)
+        self._working.discard(task_id)
         lock = self._locks.get(task_id)
         if lock is not None and not lock.locked():
             del self._locks[task_id]
