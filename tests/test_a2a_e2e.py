@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -48,6 +49,7 @@ from car_grpc.gateway import Gateway
 from car_grpc.store import A2aTaskRow
 from tests.conftest import make_config
 from tests.postgres_server import PostgresServer
+from tests.test_chats_ws import car_runtime_agent
 from tests.ws_helpers import Rpc, rpc, running
 
 AGENT = "agent-1"
@@ -626,3 +628,30 @@ async def test_a_long_reply_is_written_in_few_commits_on_either_store(
     assert len(task.artifacts[0].parts) == 1  # stored joined
     if store == "sqlite":
         assert writes < 40, writes
+
+
+@pytest.mark.parametrize("transport", ["JSONRPC", "GRPC"])
+async def test_a_car_runtime_agent_answers_an_a2a_client(
+    served: tuple[Core, Gateway], tmp_path: Path, transport: str
+) -> None:
+    """Neither end is ours: the official car-runtime client is the agent (it streams back
+    the agent.chat params it got, in four tokens), the a2a-sdk client the caller."""
+    core, gateway = served
+    token = await caller_token(core)
+    async with (
+        car_runtime_agent(core, gateway, tmp_path / "agent-home", "rt-agent"),
+        a2a_client(core, token, transport=transport, agent_id="rt-agent") as client,
+    ):
+        request = SendMessageRequest(message=user_message("hello from A2A"))
+        updates = await asyncio.wait_for(drain(client.send_message(request)), 20)
+        chunks = [
+            u.artifact_update.artifact.parts[0].text
+            for u in updates
+            if u.HasField("artifact_update")
+        ]
+        assert len(chunks) == 4
+        asked = json.loads("".join(chunks))
+        assert asked["prompt"] == "hello from A2A" and asked["session_id"].startswith("a2a-")
+        assert updates[-1].status_update.status.state == COMPLETED
+        task = await client.get_task(GetTaskRequest(id=updates[-1].status_update.task_id))
+        assert json.loads(reply_text(task)) == asked
