@@ -11,6 +11,7 @@ own speech (the `espeak` provider) transcribed back to its text."""
 from __future__ import annotations
 
 import base64
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from tests.conftest import make_config
 from tests.voice_helpers import (
     VoiceRpc,
     chunks,
+    registration,
     say,
     silence,
     voice_engine_process,
@@ -199,38 +201,56 @@ async def test_sessions_the_engine_cannot_serve_are_refused_naming_the_option(
     assert await client.result("voice.sessions.list") == {"sessions": []}
 
 
-async def test_a_meetings_spoken_transcript_is_stored_and_survives_a_restart(
-    config: Config,
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_meetings_spoken_transcript_survives_a_restart_and_so_does_the_engine(
+    tmp_path: Path,
 ) -> None:
+    # The core on a fixed port, so that the engine finds it again after the restart.
+    config = make_config(tmp_path, grpc_port=free_port())
+    address, home = f"127.0.0.1:{config.core.grpc_port}", config.core.state_root
+    meeting_options = {"sample_rate": 22050, "phrases": PHRASES}
     first, rate = say("close the pod bay doors")
     second, _ = say("play some music")
-    audio = first + silence(1, rate) + second
-    async with (
-        running(config) as (core, gateway),
-        voice_engine_process(core.grpc_address, config.core.state_root),
-        voice_rpc(gateway.url) as c,
-    ):
-        await c.login(daemon_token(core))
-        started = await c.result(
-            "meeting.start",
-            {
-                "id": "standup",
-                "provider": "sphinx",
-                "options": {"sample_rate": rate, "phrases": PHRASES},
-            },
-        )
-        await stream(c, started["session_id"], audio, rate)
-        stopped = await c.result("meeting.stop", {"meeting_id": "standup"})
-        assert stopped["stopped"] is True
-        meeting = await c.result("meeting.get", {"meeting_id": "standup"})
-    assert [s["text"] for s in meeting["segments"]] == [
+    third, _ = say("turn on the lights")
+    async with voice_engine_process(address, home, registered=False) as engine:
+        async with running(config) as (core, gateway), voice_rpc(gateway.url) as c:
+            await registration(engine)
+            await c.login(daemon_token(core))
+            started = await c.result(
+                "meeting.start", {"id": "standup", "provider": "sphinx", "options": meeting_options}
+            )
+            await stream(c, started["session_id"], first + silence(1, rate) + second, rate)
+            stopped = await c.result("meeting.stop", {"meeting_id": "standup"})
+            assert stopped["stopped"] is True
+            meeting = await c.result("meeting.get", {"meeting_id": "standup"})
+        assert [s["text"] for s in meeting["segments"]] == [
+            "close the pod bay doors",
+            "play some music",
+        ]
+        assert meeting["meeting"]["status"] == "ended"
+        assert meeting["meeting"]["provider"] == "sphinx"
+        assert all(s["session_id"] == started["session_id"] for s in meeting["segments"])
+        assert meeting["segments"][0]["end_ms"] < meeting["segments"][1]["start_ms"]
+
+        # A new core on the same state root has the transcript. The engine connects
+        # again by itself (with the new core's daemon token), and the meeting goes on.
+        async with running(config) as (core, gateway), voice_rpc(gateway.url) as c:
+            await c.login(daemon_token(core))
+            assert await c.result("meeting.get", {"meeting_id": "standup"}) == meeting
+            await registration(engine)
+            again = await c.result(
+                "meeting.start", {"id": "standup", "provider": "sphinx", "options": meeting_options}
+            )
+            await stream(c, again["session_id"], third, rate)
+            await c.result("meeting.stop", {"meeting_id": "standup"})
+            continued = await c.result("meeting.get", {"meeting_id": "standup"})
+    assert [s["text"] for s in continued["segments"]] == [
         "close the pod bay doors",
         "play some music",
+        "turn on the lights",
     ]
-    assert meeting["meeting"]["status"] == "ended"
-    assert meeting["meeting"]["provider"] == "sphinx"
-    assert all(s["session_id"] == started["session_id"] for s in meeting["segments"])
-    assert meeting["segments"][0]["end_ms"] < meeting["segments"][1]["start_ms"]
-    async with running(config) as (core, gateway), voice_rpc(gateway.url) as c:
-        await c.login(daemon_token(core))
-        assert await c.result("meeting.get", {"meeting_id": "standup"}) == meeting

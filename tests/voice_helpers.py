@@ -234,10 +234,19 @@ def chunks(pcm: bytes, rate: int, seconds: float = 0.1) -> list[bytes]:
 
 
 @contextlib.asynccontextmanager
-async def voice_engine_process(grpc_address: str, car_home: str | Path) -> AsyncIterator[Process]:
+async def voice_engine_process(
+    grpc_address: str, car_home: str | Path, *, registered: bool = True
+) -> AsyncIterator[Process]:
     """`car-grpc voice-engine --core ADDRESS` in its own process, with the daemon token
-    of the core whose CAR_HOME is `car_home`; yields once its providers are registered."""
+    of the core whose CAR_HOME is `car_home`; yields once its providers are registered
+    (`registered`; else at once: `await registration(engine)` when it matters)."""
     argv = car_grpc_argv("voice-engine", "--core", grpc_address)
     async with launch(argv, name="car-grpc voice-engine", env=cli_env(car_home)) as engine:
-        await engine.next_line("serving providers", timeout=30)
+        if registered:
+            await registration(engine)
         yield engine
+
+
+async def registration(engine: Process) -> str:
+    """The engine's next log line saying that a core took its providers."""
+    return await engine.next_line("serving providers", timeout=30)
