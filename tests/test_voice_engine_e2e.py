@@ -148,8 +148,10 @@ async def test_the_engines_own_speech_transcribes_back_to_its_text(client: Voice
             break
         assert audio.type == voice_pb2.AUDIO_FRAME_TYPE_TTS_CHUNK
         assert audio.format == voice_pb2.AUDIO_FORMAT_PCM16LE
-        assert len(audio.data) <= 3200  # 100 ms at 16 kHz
+        assert audio.seq == len(speech) // 16000  # 500 ms at 16 kHz each, the last less
+        assert 0 < len(audio.data) <= 16000
         speech += audio.data
+    assert audio.seq == -(-len(speech) // 16000) > 1  # the final counts the chunks
     assert (await client.next_event())["event"] == {
         "type": "ended",
         "reason": "engine",

@@ -84,7 +84,7 @@ def test_speaker_options_are_checked() -> None:
     for options, message in (
         ({"text": "hi", "voice": "-x"}, "option voice: not an eSpeak NG voice name: '-x'"),
         ({"text": "hi", "words_per_minute": 9}, "option words_per_minute must be 80..450"),
-        ({"text": "x" * 4001}, "option text is over 4000 characters"),
+        ({"text": "x" * 1001}, "option text is over 1000 characters"),
     ):
         with pytest.raises(Refusal) as refused:
             Utterance.from_options(options)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,8 +51,10 @@ PIECE_BYTES = 32 * 1024
 #: Sessions served at once (`--max-sessions`): each speech-to-text session holds its own
 #: decoder, about 100 MB with the general language model.
 MAX_SESSIONS = 8
-#: Seconds of speech per TTS chunk.
-TTS_CHUNK_SECONDS = 0.1
+#: Seconds of speech per TTS chunk, at least; longer speech comes in at most TTS_CHUNKS
+#: chunks (and so never fills the owner's event queue, 256 frames by default).
+TTS_CHUNK_SECONDS = 0.5
+TTS_CHUNKS = 128
 #: Seconds between attempts to reach the core: from the first, doubling up to the last.
 RECONNECT_DELAYS = (0.2, 5.0)
 #: What the core writes the daemon token to (docs/protocol.md §2), when CAR_AUTH_TOKEN is unset.
@@ -153,15 +156,18 @@ def speak_with(program: str) -> Provider:
             await _tts(stream, session.id, voice_pb2.AUDIO_FRAME_TYPE_TTS_ERROR, 0, str(e).encode())
             await stream.end(session.id, str(e))
             return
-        step = 2 * round(utterance.sample_rate * TTS_CHUNK_SECONDS)
-        seq = 0
-        for seq, at in enumerate(range(0, len(pcm), step)):
+        samples = len(pcm) // 2
+        step = 2 * max(
+            round(utterance.sample_rate * TTS_CHUNK_SECONDS), math.ceil(samples / TTS_CHUNKS)
+        )
+        sent = 0
+        for at in range(0, len(pcm), step):
             if session.stopped.is_set():  # the client has heard enough
                 break
-            await _tts(
-                stream, session.id, voice_pb2.AUDIO_FRAME_TYPE_TTS_CHUNK, seq, pcm[at : at + step]
-            )
-        await _tts(stream, session.id, voice_pb2.AUDIO_FRAME_TYPE_TTS_FINAL, seq + 1, b"")
+            chunk = pcm[at : at + step]
+            await _tts(stream, session.id, voice_pb2.AUDIO_FRAME_TYPE_TTS_CHUNK, sent, chunk)
+            sent += 1
+        await _tts(stream, session.id, voice_pb2.AUDIO_FRAME_TYPE_TTS_FINAL, sent, b"")
         await stream.end(session.id)
 
     return speak

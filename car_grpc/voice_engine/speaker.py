@@ -20,7 +20,9 @@ from car_grpc.voice_engine import options as opt
 from car_grpc.voice_engine.audio import resample
 
 OPTIONS = ("text", "voice", "words_per_minute", "sample_rate")
-MAX_TEXT = 4000
+#: Characters of text a session may ask for (a minute of speech or so: speak more in
+#: several sessions).
+MAX_TEXT = 1000
 #: How long one synthesis may take (a few seconds of text takes tens of ms).
 TIMEOUT = 30.0
 _VOICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]{0,39}")
