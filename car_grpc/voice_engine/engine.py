@@ -9,10 +9,12 @@ It is an ordinary client of the public gRPC API (voice.proto documents the strea
 the daemon token like any other engine; the core does not know it exists. When the stream
 fails or the core restarts it connects again, reading the token afresh.
 
-Each voice session is one task. The stream's reader hands a session its audio through a
-bounded queue (SESSION_QUEUE chunks): while it is full the reader waits, and so the core's
-audio waits in the core's own bounded queue. Decoding runs in a worker thread, so the
-stream is always read.
+Each voice session is one task, a provider's coroutine (`Provider`). The stream's reader
+hands a session its audio through a bounded queue (SESSION_QUEUE pieces of at most
+PIECE_BYTES): while it is full the reader waits, and the core's audio waits in the core's
+own bounded queue. Decoding runs in worker threads, so the event loop stays free, and the
+reader waits at most as long as one piece takes to decode (the core drops an engine that
+reads nothing for 10 s). At most MAX_SESSIONS sessions at once; more are refused.
 """
 
 from __future__ import annotations
