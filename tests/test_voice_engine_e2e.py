@@ -10,6 +10,7 @@ own speech (the `espeak` provider) transcribed back to its text."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import socket
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.gateway.audio_frames import decode, encode
 from car_grpc.v1 import voice_pb2
+from car_grpc.voice_engine.engine import SpeechEngine, transcribe
 from car_grpc.wire.errors import INTERNAL
 from tests.conftest import make_config
 from tests.voice_helpers import (
@@ -201,6 +203,33 @@ async def test_sessions_the_engine_cannot_serve_are_refused_naming_the_option(
             "message": f"voice engine '{ENGINE}' refused the session: {message}",
         }, options
     assert await client.result("voice.sessions.list") == {"sessions": []}
+
+
+async def test_an_engine_at_its_session_limit_refuses_more(config: Config) -> None:
+    # The engine in this process this time, as a Python program of one's own runs it.
+    async with running(config) as (core, gateway), voice_rpc(gateway.url) as c:
+        engine = SpeechEngine(
+            core.grpc_address,
+            {"sphinx": transcribe},
+            name="small",
+            token=lambda: daemon_token(core),
+            max_sessions=1,
+        )
+        await engine.start()
+        try:
+            await c.login(daemon_token(core))
+            await asyncio.wait_for(engine.registered.wait(), 10)
+            first = await c.start(options={"phrases": PHRASES})
+            answer = await c.call("voice.transcribe_stream.start", {"options": {}})
+            assert answer["error"]["message"] == (
+                "voice engine 'small' refused the session: the engine is busy: it serves at "
+                "most 1 sessions at once"
+            )
+            await c.result("voice.transcribe_stream.stop", first)
+            assert (await c.next_event())["event"]["type"] == "ended"
+            await c.start(options={"phrases": PHRASES})  # a place again
+        finally:
+            await engine.stop()
 
 
 def free_port() -> int:

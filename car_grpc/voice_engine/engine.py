@@ -214,6 +214,8 @@ class SpeechEngine:
         self.name = name
         self.core_ca = core_ca
         self.token = token
+        #: Set while a core has the engine's providers.
+        self.registered = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -256,6 +258,7 @@ class SpeechEngine:
                 body = message.WhichOneof("body")
                 if body == "registered":
                     registered = True
+                    self.registered.set()
                     log.info(
                         "voice engine %r: serving providers %s for the core at %s",
                         message.registered.engine,
@@ -286,6 +289,7 @@ class SpeechEngine:
         except (grpc.aio.UsageError, asyncio.InvalidStateError) as e:  # a write after the end
             return registered, f"the stream failed: {e}"
         finally:
+            self.registered.clear()
             for session in list(sessions.values()):
                 if session.task is not None:
                     session.task.cancel()
@@ -295,7 +299,7 @@ class SpeechEngine:
         self, stream: Stream, sessions: dict[str, Session], opening: voice_pb2.OpenVoiceSession
     ) -> None:
         if len(sessions) >= self.max_sessions:
-            busy = f"the engine serves {self.max_sessions} sessions at most; all are taken"
+            busy = f"the engine is busy: it serves at most {self.max_sessions} sessions at once"
             await stream.answer(opening.session_id, busy)
             return
         session = Session(opening.session_id, opening)
