@@ -13,7 +13,8 @@ segment follows, with where it lies in the audio:
 
 Without `phrases` the decoder uses the model's general English language model: real, but
 fuzzy on a small model. With `phrases` (say, the commands an app understands) it uses a
-grammar of exactly those phrases, and the text is always one of them.
+grammar of exactly those phrases: the text is one of them, or, when the speech reaches the
+end of none, the start of the nearest ("turn off the").
 """
 
 from __future__ import annotations
