@@ -30,6 +30,7 @@ from car_grpc.v1 import session_pb2
 from car_grpc.wire import api
 from car_grpc.wire.errors import INVALID_REQUEST, CarError
 from car_grpc.wire.metadata import AGENT_ID_KEY, AUTH_KEY, SESSION_ID_KEY
+from car_grpc.wire.twins import fill_in, fill_out
 
 log = logging.getLogger(__name__)
 
@@ -282,19 +283,19 @@ class GrpcService:
             "car.v1.SessionService": {
                 "Connect": grpc.stream_stream_rpc_method_handler(
                     connect,
-                    request_deserializer=session_pb2.ClientFrame.FromString,
+                    request_deserializer=_reader(session_pb2.ClientFrame),
                     response_serializer=_serialize_frame,
                 )
             }
         }
         for rpc in api.TYPED_RPCS:
-            req_cls, resp_cls = _message_class(rpc.request), _message_class(rpc.response)
+            req_cls = _message_class(rpc.request)
             table = by_service.setdefault(rpc.service.full_name, {})
             if rpc.server_streaming:
                 table[rpc.name] = grpc.unary_stream_rpc_method_handler(
                     self._server_stream(rpc),
-                    request_deserializer=req_cls.FromString,
-                    response_serializer=resp_cls.SerializeToString,
+                    request_deserializer=_reader(req_cls),
+                    response_serializer=_write,
                 )
                 continue
             member = api.request_member_for(rpc.request)
@@ -302,8 +303,8 @@ class GrpcService:
                 raise RuntimeError(f"{rpc.service.name}/{rpc.name}: no ClientFrame member")
             table[rpc.name] = grpc.unary_unary_rpc_method_handler(
                 self._unary(member.field),
-                request_deserializer=req_cls.FromString,
-                response_serializer=resp_cls.SerializeToString,
+                request_deserializer=_reader(req_cls),
+                response_serializer=_write,
             )
         for full_name, handler in self.dispatcher.router.grpc_only.items():
             method = descriptor_pool.Default().FindMethodByName(full_name)
@@ -354,7 +355,7 @@ class GrpcService:
     def _grpc_only(
         self, method: MethodDescriptor, handler: GrpcOnlyHandler
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        req_cls, resp_cls = _message_class(method.input_type), _message_class(method.output_type)
+        req_cls = _message_class(method.input_type)
         access = api.rpc_access(method)
 
         async def unary(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -379,15 +380,11 @@ class GrpcService:
 
         if not method.client_streaming and not method.server_streaming:
             return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=req_cls.FromString,
-                response_serializer=resp_cls.SerializeToString,
+                unary, request_deserializer=_reader(req_cls), response_serializer=_write
             )
         if method.client_streaming and method.server_streaming:
             return grpc.stream_stream_rpc_method_handler(
-                bidi,
-                request_deserializer=req_cls.FromString,
-                response_serializer=resp_cls.SerializeToString,
+                bidi, request_deserializer=_reader(req_cls), response_serializer=_write
             )
         raise RuntimeError(f"{method.full_name}: only unary and bidi gRPC-only RPCs are supported")
 
@@ -410,9 +407,24 @@ def _message_class(desc: Any) -> Any:
     return message_factory.GetMessageClass(desc)
 
 
+def _reader(cls: Any) -> Callable[[bytes], Message]:
+    """The request deserializer of `cls`: typed twins filled in (wire/twins.py)."""
+
+    def read(data: bytes) -> Message:
+        message: Message = cls.FromString(data)
+        return fill_in(message)
+
+    return read
+
+
+def _write(message: Message) -> bytes:
+    """The response serializer: typed twins derived (wire/twins.py)."""
+    return fill_out(message).SerializeToString()
+
+
 def _serialize_frame(frame: session_pb2.ServerFrame | bytes) -> bytes:
     """A ServerFrame for the wire: frames from the session's queue are already bytes."""
-    return frame if isinstance(frame, bytes) else frame.SerializeToString()
+    return frame if isinstance(frame, bytes) else _write(frame)
 
 
 async def add_health_and_reflection(server: grpc.aio.Server) -> Any:
