@@ -46,10 +46,11 @@ ServeVoiceRequest = voice_pb2.ServeVoiceRequest
 STT_PROVIDER = "sphinx"
 TTS_PROVIDER = "espeak"
 #: Pieces of audio one session may have waiting for its decoder; a chunk is cut into
-#: pieces of at most PIECE_BYTES (1 s at 16 kHz), so that the reader never waits longer
-#: than one piece takes to decode. Together: at most 1 MiB per session.
-SESSION_QUEUE = 32
-PIECE_BYTES = 32 * 1024
+#: pieces of at most PIECE_BYTES (0.5 s at 16 kHz), so that the reader never waits longer
+#: than one piece takes to decode. Together at most 128 KiB per session: a backlog waits
+#: in the core's own queue, where the core sees it.
+SESSION_QUEUE = 8
+PIECE_BYTES = 16 * 1024
 #: Sessions served at once (`--max-sessions`): each speech-to-text session holds its own
 #: decoder, about 100 MB with the general language model.
 MAX_SESSIONS = 8
