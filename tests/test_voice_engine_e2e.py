@@ -24,7 +24,7 @@ from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.gateway.audio_frames import decode, encode
 from car_grpc.v1 import voice_pb2
-from car_grpc.voice_engine.engine import SpeechEngine, transcribe
+from car_grpc.voice_engine.engine import Session, SpeechEngine, Stream, transcribe
 from car_grpc.wire.errors import INTERNAL
 from tests.conftest import make_config
 from tests.voice_helpers import (
@@ -205,12 +205,25 @@ async def test_sessions_the_engine_cannot_serve_are_refused_naming_the_option(
     assert await client.result("voice.sessions.list") == {"sessions": []}
 
 
-async def test_an_engine_at_its_session_limit_refuses_more(config: Config) -> None:
+async def fails_at_once(stream: Stream, session: Session) -> None:
+    raise RuntimeError("no model")
+
+
+async def fails_on_audio(stream: Stream, session: Session) -> None:
+    await stream.answer(session.id)
+    await session.inbox.get()
+    raise RuntimeError("lost the model")
+
+
+async def test_an_embedded_engine_keeps_its_session_limit_and_survives_its_providers(
+    config: Config,
+) -> None:
     # The engine in this process this time, as a Python program of one's own runs it.
+    providers = {"sphinx": transcribe, "at-once": fails_at_once, "on-audio": fails_on_audio}
     async with running(config) as (core, gateway), voice_rpc(gateway.url) as c:
         engine = SpeechEngine(
             core.grpc_address,
-            {"sphinx": transcribe},
+            providers,
             name="small",
             token=lambda: daemon_token(core),
             max_sessions=1,
@@ -219,15 +232,30 @@ async def test_an_engine_at_its_session_limit_refuses_more(config: Config) -> No
         try:
             await c.login(daemon_token(core))
             await asyncio.wait_for(engine.registered.wait(), 10)
-            first = await c.start(options={"phrases": PHRASES})
-            answer = await c.call("voice.transcribe_stream.start", {"options": {}})
+            first = await c.start(provider="sphinx", options={"phrases": PHRASES})
+            answer = await c.call("voice.transcribe_stream.start", {"provider": "sphinx"})
             assert answer["error"]["message"] == (
                 "voice engine 'small' refused the session: the engine is busy: it serves at "
                 "most 1 sessions at once"
             )
             await c.result("voice.transcribe_stream.stop", first)
             assert (await c.next_event())["event"]["type"] == "ended"
-            await c.start(options={"phrases": PHRASES})  # a place again
+            # A place again. A provider that fails refuses its session, or ends it.
+            answer = await c.call("voice.transcribe_stream.start", {"provider": "at-once"})
+            assert answer["error"]["message"] == (
+                "voice engine 'small' refused the session: engine error: no model"
+            )
+            failing = (await c.start(provider="on-audio"))["session_id"]
+            await c.ws.send(frame(failing, 0, b"\x00\x00"))
+            assert await c.next_event() == {
+                "session_id": failing,
+                "event": {
+                    "type": "error",
+                    "message": "engine error: lost the model",
+                    "terminal": True,
+                },
+            }
+            await c.start(provider="sphinx", options={"phrases": PHRASES})  # the engine goes on
         finally:
             await engine.stop()
 

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,8 @@ class Stream:
     def __init__(self, call: Any) -> None:
         self.call = call
         self._writing = asyncio.Lock()
+        #: Sessions answered and not ended yet.
+        self.answered: set[str] = set()
 
     async def send(self, request: ServeVoiceRequest) -> None:
         async with self._writing:
@@ -92,6 +94,9 @@ class Stream:
         await self.send(ServeVoiceRequest(event=message))
 
     async def answer(self, session_id: str, error: str | None = None) -> None:
+        """Accepts the session, or refuses it with `error`."""
+        if error is None:
+            self.answered.add(session_id)
         await self.send(
             ServeVoiceRequest(
                 answer=voice_pb2.VoiceSessionAnswer(session_id=session_id, error=error)
@@ -202,7 +207,7 @@ class SpeechEngine:
     def __init__(
         self,
         address: str,
-        providers: dict[str, Provider],
+        providers: Mapping[str, Provider],
         *,
         name: str = "car-grpc-voice",
         core_ca: Path | None = None,
@@ -211,7 +216,7 @@ class SpeechEngine:
     ) -> None:
         self.address = address
         self.max_sessions = max_sessions
-        self.providers = providers
+        self.providers = dict(providers)
         self.name = name
         self.core_ca = core_ca
         self.token = token
@@ -220,6 +225,8 @@ class SpeechEngine:
         self._runner: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        # A CA file that cannot be read fails here, at once, rather than in every attempt.
+        await tls.core_channel(self.address, self.core_ca, options=[]).close()
         self._runner = asyncio.create_task(self.run())
 
     async def stop(self) -> None:
@@ -232,10 +239,14 @@ class SpeechEngine:
         first, longest = RECONNECT_DELAYS
         delay = first
         while True:
-            async with tls.core_channel(
-                self.address, self.core_ca, options=list(MESSAGE_SIZE_OPTIONS)
-            ) as channel:
-                registered, reason = await self.serve(channel)
+            try:
+                async with tls.core_channel(
+                    self.address, self.core_ca, options=list(MESSAGE_SIZE_OPTIONS)
+                ) as channel:
+                    registered, reason = await self.serve(channel)
+            except Exception as e:  # whatever it is, the engine goes on trying
+                log.exception("voice engine %r: the stream failed", self.name)
+                registered, reason = False, repr(e)
             if registered:
                 delay = first
             log.warning("voice engine %r: %s; connecting again in %.1f s", self.name, reason, delay)
@@ -315,8 +326,12 @@ class SpeechEngine:
             except Exception as e:  # a provider's bug fails its session, not the engine
                 log.exception("voice session %s failed", session.id)
                 with contextlib.suppress(Exception):
-                    await stream.end(session.id, f"engine error: {e}")
+                    if session.id in stream.answered:
+                        await stream.end(session.id, f"engine error: {e}")
+                    else:
+                        await stream.answer(session.id, f"engine error: {e}")
             finally:
+                stream.answered.discard(session.id)
                 sessions.pop(session.id, None)
                 while not session.inbox.empty():  # a reader waiting to put gets through
                     session.inbox.get_nowait()
