@@ -5,8 +5,10 @@ espeak-ng speaks known phrases; the client streams them in real-time-sized chunk
 of audio each, sent as fast as flow control lets them through, not in real time) and gets
 exactly those phrases back. Exactly, because the session names the phrases it may hear (a
 grammar, `options.phrases`): the small model's open vocabulary is fuzzy on synthetic
-speech. The same through a meeting, whose transcript survives a restart; and the engine's
-own speech (the `espeak` provider) transcribed back to its text."""
+speech. The same through a meeting, whose transcript survives a restart (the engine
+reconnecting by itself); the engine's own speech (the `espeak` provider) transcribed back
+to its text; refusals naming the option; and, with `SpeechEngine` embedded in the test's
+process as a program of one's own would run it, the session limit and failing providers."""
 
 from __future__ import annotations
 
