@@ -107,6 +107,16 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _count(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {raw}")
+    return value
+
+
 def _given(**flags: object) -> dict[str, object]:
     """The flags the command line set (None: not given, the config's value stands)."""
     return {name: value for name, value in flags.items() if value is not None}
@@ -213,6 +223,26 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     if args.unix_socket is None:  # several gateways may run side by side: none by default
         config = config.with_overrides(unix_socket=None)
     return _run(Gateway(config.gateway, args.core))
+
+
+def _cmd_voice_engine(args: argparse.Namespace) -> int:
+    try:  # the voice extra's packages: loaded only by this command
+        from car_grpc.voice_engine.engine import SpeechEngine, default_providers
+    except ImportError as e:
+        print(
+            "car-grpc: the voice engine needs the voice extra "
+            f"(pip install 'car-grpc[voice]'): {e}",
+            file=sys.stderr,
+        )
+        return 1
+    engine = SpeechEngine(
+        args.core,
+        default_providers(),
+        name=args.name,
+        core_ca=args.core_ca,
+        max_sessions=args.max_sessions,
+    )
+    return _run(engine)
 
 
 def _store_note(config: CoreConfig, location: StoreLocation, new: bool) -> str:
@@ -358,6 +388,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_ws_flags(gateway, "none", "default: plaintext")
     gateway.set_defaults(func=_cmd_gateway)
+
+    voice = sub.add_parser(
+        "voice-engine",
+        help="run the reference speech engine (PocketSphinx, eSpeak NG) for a running core",
+        description="Serve voice providers to the core at --core over VoiceService.ServeVoice, "
+        "as any speech engine would: 'sphinx' (speech to text; options sample_rate, phrases) "
+        "and, when espeak-ng is installed, 'espeak' (text to speech; options text, voice, "
+        "words_per_minute, sample_rate). Authenticates with CAR_AUTH_TOKEN or the daemon "
+        "token file under $CAR_HOME; connects again whenever the core goes away. Needs the "
+        "voice extra: pip install 'car-grpc[voice]'.",
+    )
+    voice.add_argument(
+        "--core",
+        default="127.0.0.1:9102",
+        metavar="ADDR",
+        help="the core's gRPC address (default 127.0.0.1:9102)",
+    )
+    voice.add_argument(
+        "--core-ca",
+        type=Path,
+        metavar="PEM",
+        help="dial the core over TLS, trusting these CA certificates (default: plaintext)",
+    )
+    voice.add_argument(
+        "--name", default="car-grpc-voice", help="the engine's name in listings and logs"
+    )
+    voice.add_argument(
+        "--max-sessions",
+        type=_count,
+        default=8,
+        metavar="N",
+        help="voice sessions served at once, more are refused (default 8; a speech-to-text "
+        "session with the general language model holds about 100 MB)",
+    )
+    voice.set_defaults(func=_cmd_voice_engine)
 
     agents = sub.add_parser(
         "agents",
