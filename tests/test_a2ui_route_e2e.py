@@ -182,7 +182,7 @@ async def test_ingest_with_a_header_credential_routes_the_click_back(tmp_path: P
 
 async def test_untrusted_endpoints_are_refused_unless_allowed(tmp_path: Path) -> None:
     far = "http://192.0.2.10:9/a2a"  # TEST-NET-1: never loopback
-    config = make_config(tmp_path, a2a_timeout=0.5)
+    config = make_config(tmp_path, a2a_send_timeout=0.5)
     async with running(config) as (core, gateway), rpc(gateway.url) as c:
         await c.login(daemon_token(core))
         for method, params in (
@@ -234,7 +234,7 @@ async def test_untrusted_endpoints_are_refused_unless_allowed(tmp_path: Path) ->
 
 
 async def test_a_failed_delivery_is_reported_in_route_and_never_hangs(tmp_path: Path) -> None:
-    config = make_config(tmp_path, a2a_timeout=0.5)
+    config = make_config(tmp_path, a2a_send_timeout=0.5)
     async with running(config) as (core, gateway), rpc(gateway.url) as c:
         await c.login(daemon_token(core))
         async with remote_agent() as agent:
@@ -254,7 +254,7 @@ async def test_a_failed_delivery_is_reported_in_route_and_never_hangs(tmp_path: 
 
 
 async def test_an_answer_over_the_size_bound_is_refused(tmp_path: Path) -> None:
-    config = make_config(tmp_path, a2a_max_response_bytes=300)
+    config = make_config(tmp_path, a2a_send_max_bytes=300)
     async with remote_agent() as agent, running(config) as (core, gateway), rpc(gateway.url) as c:
         await c.login(daemon_token(core))
         error = await c.error("a2a.send", send_params(agent))

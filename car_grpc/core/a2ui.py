@@ -17,7 +17,7 @@ surfaces), and a batch is written in one transaction. Surfaces live in the store
 A surface owned by an A2A task (`owner.kind` "a2a") carries its endpoint and, sealed, the
 route credential given with it (route_auth.py). A user action on it is delivered to that
 endpoint as a SendMessage in the task and context with the data part
-`{"a2uiAction": action}`, within `a2a_timeout`; how that went is the action's `route`.
+`{"a2uiAction": action}`, within `a2a_send_timeout`; how that went is the action's `route`.
 """
 
 from __future__ import annotations

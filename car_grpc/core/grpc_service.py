@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any
 
 import grpc
@@ -427,14 +427,17 @@ def _serialize_frame(frame: session_pb2.ServerFrame | bytes) -> bytes:
     return frame if isinstance(frame, bytes) else _write(frame)
 
 
-async def add_health_and_reflection(server: grpc.aio.Server) -> Any:
+async def add_health_and_reflection(server: grpc.aio.Server, extra: Iterable[str] = ()) -> Any:
     """Standard gRPC health (all services SERVING) and server reflection (v1 and
     v1alpha). Returns the asyncio health servicer (`enter_graceful_shutdown()` on stop):
     its Watch streams end when the server stops, where the thread of the synchronous
-    one would keep the process from exiting."""
+    one would keep the process from exiting. `extra`: other services the server has (the
+    A2A service)."""
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = sorted({"car.v1.SessionService", *(r.service.full_name for r in api.TYPED_RPCS)})
+    names = sorted(
+        {"car.v1.SessionService", *(r.service.full_name for r in api.TYPED_RPCS), *extra}
+    )
     for name in [*names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     add_reflection(server, [*names, health.SERVICE_NAME])

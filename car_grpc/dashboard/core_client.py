@@ -36,7 +36,7 @@ JSON = Any
 #: Deadline of one unary call to the core.
 CALL_TIMEOUT = 5.0
 #: Deadline of an A2UI action: it may wait for the A2A task it continues (the core bounds
-#: that wait by its own a2a_timeout; this is the backstop).
+#: that wait by its own a2a_send_timeout; this is the backstop).
 ACTION_TIMEOUT = 30.0
 #: Largest message the dashboard accepts from the core (a page of run records).
 

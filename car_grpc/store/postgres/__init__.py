@@ -7,6 +7,7 @@ database.py.
 
 from __future__ import annotations
 
+from car_grpc.store.postgres.a2a import PostgresA2aClientStore, PostgresA2aTaskStore
 from car_grpc.store.postgres.a2ui import PostgresA2uiStore
 from car_grpc.store.postgres.agent_tokens import PostgresAgentTokenStore
 from car_grpc.store.postgres.approvals import PostgresApprovalStore
@@ -30,6 +31,8 @@ class PostgresStore:
         self.runs = PostgresRunStore(database)
         self.goals = PostgresGoalStore(database)
         self.meetings = PostgresMeetingStore(database)
+        self.a2a_clients = PostgresA2aClientStore(database)
+        self.a2a_tasks = PostgresA2aTaskStore(database)
         self.a2ui = PostgresA2uiStore(database)
 
     @classmethod
@@ -52,6 +55,8 @@ class PostgresStore:
 
 
 __all__ = [
+    "PostgresA2aClientStore",
+    "PostgresA2aTaskStore",
     "PostgresA2uiStore",
     "PostgresAgentTokenStore",
     "PostgresApprovalStore",

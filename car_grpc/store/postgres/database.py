@@ -142,7 +142,27 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (meeting_id, seq)
     );
     """,
-    # 6: A2UI surfaces and the remote A2A peers (a2ui.py). A surface row is a serialized
+    # 6: A2A callers' token digests and A2A tasks (a2a.py). A task row is a serialized
+    # lf.a2a.v1.Task; its owner, state and time are copied out.
+    """
+    CREATE TABLE a2a_clients (
+        name       TEXT COLLATE "C" PRIMARY KEY,
+        token_hash BYTEA NOT NULL UNIQUE,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE a2a_tasks (
+        task_id    TEXT COLLATE "C" PRIMARY KEY,
+        agent_id   TEXT COLLATE "C" NOT NULL,
+        caller     TEXT COLLATE "C" NOT NULL,
+        context_id TEXT COLLATE "C" NOT NULL,
+        state      INTEGER NOT NULL,
+        updated_at BIGINT NOT NULL,
+        task       BYTEA NOT NULL
+    );
+    CREATE INDEX a2a_tasks_by_owner ON a2a_tasks(caller, agent_id, updated_at);
+    CREATE INDEX a2a_tasks_by_state ON a2a_tasks(state);
+    """,
+    # 7: A2UI surfaces and the remote A2A peers (a2ui.py). A surface row is a serialized
     # car.v1.A2uiSurface with its sealed route credential; a peer row a serialized
     # car.v1.A2aPeer.
     """
@@ -174,6 +194,8 @@ TABLES = (
     "goals",
     "meetings",
     "meeting_segments",
+    "a2a_clients",
+    "a2a_tasks",
     "a2ui_surfaces",
     "a2a_peers",
     "car_grpc_migrations",

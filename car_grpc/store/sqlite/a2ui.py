@@ -1,4 +1,4 @@
-"""A2uiStore on the embedded database (schema: migration 6 of database.py).
+"""A2uiStore on the embedded database (schema: migration 7 of database.py).
 
 A surface row is one car.v1.A2uiSurface, serialized whole in `surface` (owner key,
 creation and expiry copied out for queries), with its sealed route credential in `route`;
