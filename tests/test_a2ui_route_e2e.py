@@ -359,3 +359,42 @@ async def test_car_runtime_a2a_send_reaches_the_remote_agent(tmp_path: Path) -> 
         assert seen["a2a_peers_remove"]["result"] == {"removed": True}
         assert agent.seen.headers[0]["authorization"] == f"Bearer {SECRET}"
         assert_no_secret(seen)
+
+
+async def test_a2a_send_reaches_an_agent_attached_to_this_server_over_its_a2a_listener(
+    tmp_path: Path,
+) -> None:
+    """Both halves of A2A meet: `a2a.send` (outbound, a2a-sdk's client) to the A2A
+    listener of this very server (inbound), authenticated by a caller token minted with
+    the operator command's code, reaches the attached agent as a chat."""
+    config = make_config(tmp_path, chat_ack_timeout=2.0)
+    async with running(config) as (core, gateway), rpc(gateway.url) as c, rpc(gateway.url) as agent:
+        assert core.parts is not None and core.parts.a2a is not None
+        caller = await core.parts.a2a.callers.add("outbound")
+        await agent.login(await core.parts.agent_tokens.add("helper"), agent_id="helper")
+        await c.login(daemon_token(core))
+        params = {
+            "endpoint": f"{core.a2a_url}/a2a/helper",
+            "message": "what is two and two?",
+            "blocking": True,
+            "routeAuth": {"type": "bearer", "token": caller},
+        }
+        sending = asyncio.create_task(c.result("a2a.send", params))
+        chat = await agent.expect_request("agent.chat")
+        assert chat["params"]["prompt"] == "what is two and two?"
+        await agent.answer(chat, {"accepted": True})
+        session_id = chat["params"]["session_id"]
+        for kind, extra in (("token", {"delta": "four"}), ("done", {})):
+            await agent.notify(
+                "agent.chat.event", {"session_id": session_id, "kind": kind, **extra}
+            )
+        sent = await sending
+        task = sent["result"]["task"]
+        assert task["status"]["state"] == "TASK_STATE_COMPLETED"
+        assert "".join(p["text"] for a in task["artifacts"] for p in a["parts"]) == "four"
+        assert sent["a2ui"] == {"applied": []}
+        # A wrong caller token is refused by the listener, and said so without the token.
+        error = await c.error(
+            "a2a.send", params | {"routeAuth": {"type": "bearer", "token": "nope"}}
+        )
+        assert "failed" in error["message"] and "nope" not in error["message"]
