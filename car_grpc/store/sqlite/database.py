@@ -297,6 +297,11 @@ class SqliteDatabase:
         async with asyncio.timeout(self.limits.call_timeout):
             return await future
 
+    @property
+    def pending(self) -> tuple[int, int]:
+        """Calls, and bytes of writes, queued or under way (those waiting for room aside)."""
+        return self._pending, self._pending_bytes
+
     def _fits(self, size: int) -> bool:
         limits = self.limits
         if self._pending >= limits.max_pending:
