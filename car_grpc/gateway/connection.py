@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from websockets.asyncio.server import ServerConnection
@@ -49,18 +49,15 @@ from car_grpc.gateway.decoder import DecoderPool
 from car_grpc.gateway.jsonrpc import MAX_BATCH, Bridge
 from car_grpc.gateway.outbound import OutboundQueue
 from car_grpc.v1 import session_pb2, voice_pb2
+from car_grpc.wire import batch
 from car_grpc.wire.metadata import AUTH_KEY
 
 log = logging.getLogger(__name__)
 
 #: A ClientFrame, or one already serialized (decoded off the loop).
 OutFrame = session_pb2.ClientFrame | bytes
-ConnectCallable = grpc.aio.StreamStreamMultiCallable[OutFrame, session_pb2.ServerFrame]
-
-
-def serialize(frame: OutFrame) -> bytes:
-    """The request serializer of Connect calls."""
-    return frame if isinstance(frame, bytes) else frame.SerializeToString()
+#: SessionService.ConnectBatched: encoded batches of ClientFrames up (wire/batch.py).
+ConnectCallable = grpc.aio.StreamStreamMultiCallable[bytes, session_pb2.ConnectBatchedResponse]
 
 
 #: RFC 6455 caps a close reason at 123 bytes of UTF-8.
@@ -111,7 +108,7 @@ class Connection:
         #: Where large frames are decoded (None: inline, whatever their size).
         self._decoder = decoder
         #: The Connect stream, once opened (see _open).
-        self.call: grpc.aio.StreamStreamCall[OutFrame, session_pb2.ServerFrame]
+        self.call: grpc.aio.StreamStreamCall[bytes, session_pb2.ConnectBatchedResponse]
         #: Shared by the gateway's connections: a slot per stream not yet taken in.
         self._opening = opening or asyncio.Semaphore(config.ws_pending_streams)
         self._opened = asyncio.Event()  # self.call exists
@@ -122,6 +119,9 @@ class Connection:
         self._auth_required = True
         #: Text frames (JSON-RPC) and binary frames (audio) for the client.
         self.outbound = OutboundQueue(config.ws_outbound_queue, config.ws_outbound_queue_bytes)
+        #: Serialized ClientFrames on their way to the core: one batch being written, the
+        #: next one filling meanwhile (while it is full, the client is not read).
+        self.upstream = OutboundQueue(batch.MAX_FRAMES, batch.MAX_BYTES)
         self._ended = asyncio.Event()
         self.close_code: int = CloseCode.NORMAL_CLOSURE
         self.close_reason = ""
@@ -150,6 +150,7 @@ class Connection:
             upstream,
             downstream,
             asyncio.create_task(self._write()),
+            asyncio.create_task(self._write_upstream()),
             asyncio.create_task(self._keepalive()),
             asyncio.create_task(self._auth_deadline()),
         ]
@@ -182,6 +183,7 @@ class Connection:
                 await asyncio.wait((upstream,))
                 if not self._opened.is_set():
                     return  # nothing reached the core
+                await self.upstream.join()
                 with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
                     await self.call.done_writing()
                 await asyncio.wait((downstream,))
@@ -243,26 +245,44 @@ class Connection:
                     inbound = self.bridge.admit(decoded)
                 for text in inbound.replies:
                     await self._queue(text)
-                if (inbound.frames or inbound.wire) and not self._opened.is_set():
-                    await self._opened.wait()  # bounded: see _open
                 await self._write_to_core(inbound.frames or inbound.wire)
         except ConnectionClosed:
             pass
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
-            return  # the stream ended: _core_to_client says why
         self._left()
 
     async def _write_to_core(self, frames: Sequence[OutFrame]) -> None:
-        """Write the frames of one client frame (a batch: up to 1,000) onto the stream,
-        letting other tasks run every SLICE seconds: a write that need not wait returns
-        without giving the event loop back."""
+        """Queue the frames of one client frame (a batch: up to 1,000) for the core,
+        waiting while the upstream queue is full and letting other tasks run every SLICE
+        seconds (a put that need not wait does not give the event loop back)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SLICE
+        upstream = self.upstream
         for frame in frames:
-            await self.call.write(frame)
+            data = frame if isinstance(frame, bytes) else frame.SerializeToString()
+            await upstream.put(data, None)  # waits as long as the core does not read
             if loop.time() >= deadline:
                 await asyncio.sleep(0)
                 deadline = loop.time() + SLICE
+
+    async def _write_upstream(self) -> None:
+        """Write what the client sent onto the stream: every frame queued when a write
+        can start goes in that one message."""
+        queue = self.upstream
+        first = await queue.get()
+        await self._opened.wait()  # bounded: see _open
+        try:
+            while True:
+                room = batch.MAX_BYTES - len(first)
+                # Only bytes are put on this queue (see _write_to_core).
+                frames = cast(list[bytes], [first, *queue.take_ready(batch.MAX_FRAMES - 1, room)])
+                try:
+                    await self.call.write(batch.encode(frames))
+                finally:
+                    for _ in frames:
+                        queue.task_done()
+                first = await queue.get()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            return  # the stream ended: _core_to_client says why
 
     async def _open(self) -> None:
         """Open the Connect stream once a slot is free, and hold the slot until the core
@@ -309,29 +329,37 @@ class Connection:
         await self._open()
         try:
             while True:
-                frame = await self.call.read()
-                if frame is grpc.aio.EOF:
+                message = await self.call.read()
+                if message is grpc.aio.EOF:
                     reason = "core ended the session"
                     break
-                assert isinstance(frame, session_pb2.ServerFrame)
-                if frame.HasField("voice_audio"):
-                    await self._send_audio(frame.voice_audio)
-                    continue
-                text = self.bridge.from_core(frame)
-                if self.bridge.authenticated and not self._full_size:
-                    self._full_size = True
-                    self.ws.protocol.max_message_size = self.config.ws_max_message_bytes
-                    self._authenticated.set()
-                if text is not None:
-                    await self._send(text)
-                if self.bridge.auth_refused:
-                    self._abandon("auth required")
-                    self.end(CloseCode.POLICY_VIOLATION, "auth required", flush=True)
-                    return
+                assert isinstance(message, session_pb2.ConnectBatchedResponse)
+                for frame in message.frames:
+                    if not await self._from_core(frame):
+                        return
         except grpc.aio.AioRpcError as e:
             reason = f"core unavailable: {e.code().name}: {e.details()}"
         self._abandon(reason)
         self.end(CloseCode.INTERNAL_ERROR, reason, flush=True)
+
+    async def _from_core(self, frame: session_pb2.ServerFrame) -> bool:
+        """Pass one frame of the core's on to the client; False when that ends the
+        connection (the core refused the session)."""
+        if frame.HasField("voice_audio"):
+            await self._send_audio(frame.voice_audio)
+            return True
+        text = self.bridge.from_core(frame)
+        if self.bridge.authenticated and not self._full_size:
+            self._full_size = True
+            self.ws.protocol.max_message_size = self.config.ws_max_message_bytes
+            self._authenticated.set()
+        if text is not None:
+            await self._send(text)
+        if self.bridge.auth_refused:
+            self._abandon("auth required")
+            self.end(CloseCode.POLICY_VIOLATION, "auth required", flush=True)
+            return False
+        return True
 
     async def _send_audio(self, audio: voice_pb2.VoiceAudio) -> None:
         """Speech for the client, as a CAR binary frame (never JSON)."""

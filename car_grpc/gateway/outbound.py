@@ -55,9 +55,10 @@ class OutboundQueue:
         self._finished.clear()
         _wake(self._getters)
 
-    async def put(self, frame: Frame, stall: float) -> bool:
+    async def put(self, frame: Frame, stall: float | None) -> bool:
         """Queue `frame`, waiting for room while the client takes frames. False when it
-        took none for `stall` seconds (nothing was queued then)."""
+        took none for `stall` seconds (nothing was queued then); None: wait as long as it
+        takes (the reader's own progress bounds the wait)."""
         loop = asyncio.get_running_loop()
         while not self._fits(frame):
             taken = loop.create_future()
@@ -87,6 +88,22 @@ class OutboundQueue:
         self.nbytes -= len(frame)
         _wake(self._putters)
         return frame
+
+    def take_ready(self, max_frames: int, max_bytes: int) -> list[Frame]:
+        """The frames queued now, oldest first, without waiting: at most `max_frames`, and
+        within `max_bytes` unless the first alone is larger (for a batched write)."""
+        frames, size = self._frames, 0
+        taken: list[Frame] = []
+        while frames and len(taken) < max_frames:
+            if taken and size + len(frames[0]) > max_bytes:
+                break
+            frame = frames.popleft()
+            size += len(frame)
+            taken.append(frame)
+        if taken:
+            self.nbytes -= size
+            _wake(self._putters)
+        return taken
 
     def task_done(self) -> None:
         """The frame last taken is sent (or will never be)."""

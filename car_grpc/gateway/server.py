@@ -28,9 +28,10 @@ from websockets.frames import CloseCode
 
 from car_grpc import tls
 from car_grpc.config import GatewayConfig
-from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection, serialize
+from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection
 from car_grpc.gateway.decoder import DecoderPool
 from car_grpc.v1 import session_pb2
+from car_grpc.wire import batch
 from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 #: connections past it are half-open and retried with backoff, and some time out unserved.
 LISTEN_BACKLOG = 4096
 
-_CONNECT = f"/{session_pb2.DESCRIPTOR.services_by_name['SessionService'].full_name}/Connect"
+_CONNECT = f"/{session_pb2.DESCRIPTOR.services_by_name['SessionService'].full_name}/ConnectBatched"
 
 
 class Gateway:
@@ -100,8 +101,8 @@ class Gateway:
         )
         self._connect = self._channel.stream_stream(
             _CONNECT,
-            request_serializer=serialize,
-            response_deserializer=session_pb2.ServerFrame.FromString,
+            request_serializer=batch.serialize,
+            response_deserializer=session_pb2.ConnectBatchedResponse.FromString,
         )
         tcp = await self._serve(host=config.ws_host, port=config.ws_port, ssl=self._ssl)
         self._servers.append(tcp)
