@@ -1,0 +1,24 @@
+"""Fan-out serializes each event once, whatever the number of subscribers."""
+
+from __future__ import annotations
+
+from car_grpc.core.host import HostEvents
+from car_grpc.v1 import session_pb2
+
+
+def test_a_host_event_is_serialized_once_for_every_listener() -> None:
+    host = HostEvents(history=16, queue_size=4)
+    event = host.publish("agent.registered", agent_id="a1", payload={"i": 1})
+    first = host.notification(event)
+    assert host.notification(event) is first  # the same bytes, not made again
+    assert session_pb2.ServerFrame.FromString(first) == session_pb2.ServerFrame(host_event=event)
+
+
+def test_the_serialized_events_kept_are_bounded_by_the_listener_queue() -> None:
+    host = HostEvents(history=16, queue_size=4)
+    events = [host.publish("host.notification", message=str(i)) for i in range(10)]
+    made = [host.notification(e) for e in events]
+    assert len(host._notifications) == 4
+    # One no longer kept is made again, and still right.
+    again = host.notification(events[0])
+    assert again == made[0] and again is not made[0]
