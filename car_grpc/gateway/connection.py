@@ -82,6 +82,37 @@ class TrackedConnection(ServerConnection):
         self.last_activity = self.loop.time()
         super().data_received(data)
 
+    async def send_all(self, messages: Sequence[str | bytes]) -> None:
+        """Send several messages (text: str, binary: bytes) in one write to the socket,
+        rather than one system call each; ConnectionClosed as send() raises it."""
+        async with self.send_context():
+            protocol = self.protocol
+            for message in messages:
+                if isinstance(message, str):
+                    protocol.send_text(message.encode())
+                else:
+                    protocol.send_binary(message)
+
+    def send_data(self) -> None:
+        """As websockets writes outgoing data, but the frames ready at once in one write
+        (send_all's messages leave together)."""
+        ready: list[bytes] = []
+        for data in self.protocol.data_to_send():
+            if data:
+                ready.append(data)
+                continue
+            if ready:
+                self.transport.write(b"".join(ready))
+                ready = []
+            # The end of the stream: half-close the TCP connection when possible.
+            if self.transport.can_write_eof():
+                with contextlib.suppress(Exception):  # as websockets: OSError, uvloop's
+                    self.transport.write_eof()
+            else:
+                self.transport.close()
+        if ready:
+            self.transport.write(b"".join(ready))
+
 
 def _clip(reason: str) -> str:
     raw = reason.encode()
@@ -334,55 +365,60 @@ class Connection:
                     reason = "core ended the session"
                     break
                 assert isinstance(message, session_pb2.ConnectBatchedResponse)
+                out: list[str | bytes] = []
+                refused = False
                 for frame in message.frames:
-                    if not await self._from_core(frame):
-                        return
+                    if (sent := self._from_core(frame)) is not None:
+                        out.append(sent)
+                    if refused := self.bridge.auth_refused:
+                        break
+                if out:
+                    await self._send(out)
+                if refused:
+                    self._abandon("auth required")
+                    self.end(CloseCode.POLICY_VIOLATION, "auth required", flush=True)
+                    return
         except grpc.aio.AioRpcError as e:
             reason = f"core unavailable: {e.code().name}: {e.details()}"
         self._abandon(reason)
         self.end(CloseCode.INTERNAL_ERROR, reason, flush=True)
 
-    async def _from_core(self, frame: session_pb2.ServerFrame) -> bool:
-        """Pass one frame of the core's on to the client; False when that ends the
-        connection (the core refused the session)."""
+    def _from_core(self, frame: session_pb2.ServerFrame) -> str | bytes | None:
+        """What one frame of the core's becomes for the client (None: nothing)."""
         if frame.HasField("voice_audio"):
-            await self._send_audio(frame.voice_audio)
-            return True
+            return self._audio(frame.voice_audio)
         text = self.bridge.from_core(frame)
         if self.bridge.authenticated and not self._full_size:
             self._full_size = True
             self.ws.protocol.max_message_size = self.config.ws_max_message_bytes
             self._authenticated.set()
-        if text is not None:
-            await self._send(text)
-        if self.bridge.auth_refused:
-            self._abandon("auth required")
-            self.end(CloseCode.POLICY_VIOLATION, "auth required", flush=True)
-            return False
-        return True
+        return text
 
-    async def _send_audio(self, audio: voice_pb2.VoiceAudio) -> None:
+    def _audio(self, audio: voice_pb2.VoiceAudio) -> bytes | None:
         """Speech for the client, as a CAR binary frame (never JSON)."""
         try:
-            data = audio_frames.encode(audio)
+            return audio_frames.encode(audio)
         except audio_frames.BinaryFrameError as e:
             log.warning("gateway: dropped an audio frame the core sent: %s", e)
-            return
-        await self._send(data)
+            return None
 
-    async def _send(self, text: str | bytes) -> None:
-        """Send at once while the client keeps up (no hop through the writer task); once
-        it falls behind, queue behind what is already waiting."""
+    async def _send(self, messages: list[str | bytes]) -> None:
+        """Send at once, in one write, while the client keeps up (no hop through the
+        writer task); once it falls behind, queue behind what is already waiting."""
         # Texts are ASCII (json.dumps escapes the rest): len() is the payload's size, and a
-        # frame header is at most 14 bytes. Below the write limit, ws.send() never waits.
+        # frame header is at most 14 bytes. Below the write limit, sending never waits.
         room = self.config.ws_write_limit - self.ws.transport.get_write_buffer_size()
-        if self.outbound.empty() and not self._writing and len(text) + 14 < room:
+        size = sum(len(m) + 14 for m in messages)
+        if self.outbound.empty() and not self._writing and size < room:
             try:
-                await self.ws.send(text)
+                await self.ws.send_all(messages)
             except ConnectionClosed:
                 self._left()
         else:
-            await self._queue(text)
+            for message in messages:
+                await self._queue(message)
+                if self._ended.is_set():
+                    return
 
     def _abandon(self, reason: str) -> None:
         """Fail the client's open requests (the connection is ending: what does not fit
@@ -392,17 +428,21 @@ class Connection:
                 self.outbound.put_nowait(text)
 
     async def _write(self) -> None:
+        """Send what waits in the queue: every message queued by then in one write (at
+        most a write limit's worth, so that a write never waits long for room)."""
         queue, ws = self.outbound, self.ws
         while True:
-            text = await queue.get()
+            first = await queue.get()
+            messages = [first, *queue.take_ready(batch.MAX_FRAMES - 1, self.config.ws_write_limit)]
             self._writing = True
             try:
-                await ws.send(text)
+                await ws.send_all(messages)
             except ConnectionClosed:
                 self._left()
             finally:
                 self._writing = False
-                queue.task_done()
+                for _ in messages:
+                    queue.task_done()
 
     async def _keepalive(self) -> None:
         interval, idle = self.config.ws_ping_interval, self.config.ws_idle_timeout
