@@ -45,9 +45,21 @@ _CONNECT = f"/{session_pb2.DESCRIPTOR.services_by_name['SessionService'].full_na
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, core_address: str) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        core_address: str,
+        *,
+        listener: socket.socket | None = None,
+        announce: bool = True,
+    ) -> None:
         self.config = config
         self.core_address = core_address
+        #: A listening TCP socket to serve instead of binding ws_host:ws_port (one that
+        #: several gateway processes share).
+        self._listener = listener
+        #: Log the listening lines (one of several gateways on a port does).
+        self._announce = announce
         #: The bound TCP port (useful with ws_port=0), known after start().
         self.ws_port = 0
         self._channel: grpc.aio.Channel | None = None
@@ -104,10 +116,14 @@ class Gateway:
             request_serializer=batch.serialize,
             response_deserializer=session_pb2.ConnectBatchedResponse.FromString,
         )
-        tcp = await self._serve(host=config.ws_host, port=config.ws_port, ssl=self._ssl)
+        if self._listener is not None:
+            tcp = await self._serve(sock=self._listener, ssl=self._ssl)
+        else:
+            tcp = await self._serve(host=config.ws_host, port=config.ws_port, ssl=self._ssl)
         self._servers.append(tcp)
         self.ws_port = tcp.sockets[0].getsockname()[1]
-        log.info("gateway: WebSocket listening on %s (core %s)", self.url, self.core_address)
+        if self._announce:
+            log.info("gateway: WebSocket listening on %s (core %s)", self.url, self.core_address)
         if config.unix_socket is not None:
             path = config.unix_socket
             _prepare_unix_socket(path)
@@ -115,7 +131,8 @@ class Gateway:
             os.chmod(path, 0o600)
             self._servers.append(unix)
             self._unix_socket = path
-            log.info("gateway: WebSocket listening on unix:%s", path)
+            if self._announce:
+                log.info("gateway: WebSocket listening on unix:%s", path)
 
     async def _serve(self, **where: Any) -> Server:
         config = self.config
