@@ -7,6 +7,8 @@ import pkgutil
 import sys
 from pathlib import Path
 
+from bench import summary
+
 
 def main() -> int:
     names = sorted(
@@ -20,6 +22,7 @@ def main() -> int:
             continue
         print(f"== {name}", flush=True)
         importlib.import_module(f"bench.{name}").main()
+    summary.print_summary(summary.FIGURES)
     return 0
 
 

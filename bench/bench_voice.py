@@ -30,6 +30,7 @@ import grpc
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
+from bench import summary
 from car_grpc.v1 import voice_pb2, voice_pb2_grpc
 from car_grpc.wire import codec
 from tests.processes import car_grpc_serve, launch, log_listening
@@ -160,6 +161,9 @@ async def bench() -> None:
     print(
         f"{'ratio':24}{voice[0] / bare[0]:10.2f}{voice[1] / bare[1]:10.2f}"
         f"{voice[2] / bare[2]:12.2f}"
+    )
+    summary.report(
+        summary.at_least("voice chunks/s", f"{voice[2]:,.0f}/s", voice[2] / bare[2], 0.3, "echo")
     )
 
 
