@@ -135,6 +135,10 @@ def cancel(rt: CarRuntime) -> dict[str, Any]:
     car_runtime.register_tool_handler(slow_tool)
     slow = {"id": "s1", "type": "tool_call", "tool": "slow", "parameters": {}, "timeout_ms": 300}
     result = outcome(lambda: json.loads(rt.submit_proposal(json.dumps({"actions": [slow]}))))
+    # tools.cancel precedes the answer on the wire, often in the same read now that the
+    # gateway writes what is ready together; car-runtime runs the handler on a thread of
+    # its own, which may not have run yet when submit_proposal returns.
+    arrived.wait(5)
     return {
         "result": result,
         "cancelled": cancelled,
