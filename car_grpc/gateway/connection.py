@@ -62,8 +62,8 @@ ConnectCallable = grpc.aio.StreamStreamMultiCallable[bytes, session_pb2.ConnectB
 
 #: RFC 6455 caps a close reason at 123 bytes of UTF-8.
 _MAX_REASON_BYTES = 123
-#: Longest the gateway works through one client frame (its batch's writes) before it lets
-#: other tasks run.
+#: Longest the gateway works through one client frame (its batch's writes), or through
+#: one batch of frames from the core, before it lets other tasks run.
 SLICE = 0.002
 #: Longest a connection waits for its turn to open a stream, and then for the core to take
 #: it in, before going on without (the pacing is a courtesy, not a condition).
@@ -358,6 +358,7 @@ class Connection:
 
     async def _core_to_client(self) -> None:
         await self._open()
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 message = await self.call.read()
@@ -367,11 +368,18 @@ class Connection:
                 assert isinstance(message, session_pb2.ConnectBatchedResponse)
                 out: list[str | bytes] = []
                 refused = False
+                deadline = loop.time() + SLICE
                 for frame in message.frames:
                     if (sent := self._from_core(frame)) is not None:
                         out.append(sent)
                     if refused := self.bridge.auth_refused:
                         break
+                    if loop.time() >= deadline:  # a long batch: let other tasks run
+                        if out:
+                            await self._send(out)
+                        out = []
+                        await asyncio.sleep(0)
+                        deadline = loop.time() + SLICE
                 if out:
                     await self._send(out)
                 if refused:
