@@ -321,13 +321,25 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
 
 
+#: What was read of a worker's stdout past the line asked for.
+_unread: dict[int, bytes] = {}
+
+
 async def _line(worker: Process, timeout: float) -> str:
     """The next line a worker printed on stdout."""
     assert worker.proc.stdout is not None
-    raw = await asyncio.wait_for(worker.proc.stdout.readline(), timeout)
+    stdout = worker.proc.stdout
+    raw = _unread.pop(id(worker), b"")
+    async with asyncio.timeout(timeout):
+        # Not readline(): a report of every latency can be past its 64 KiB limit.
+        while b"\n" not in raw and (chunk := await stdout.read(1 << 20)):
+            raw += chunk
     if not raw:
         raise RuntimeError(f"{worker.name} exited early:\n{worker.log}")
-    return raw.decode()
+    line, _, rest = raw.partition(b"\n")
+    if rest:
+        _unread[id(worker)] = rest
+    return line.decode()
 
 
 @contextlib.asynccontextmanager
