@@ -1,9 +1,12 @@
-"""One WebSocket connection bridged to one SessionService.Connect stream.
+"""One WebSocket connection bridged to one SessionService.ConnectBatched stream (the
+session stream with many frames per gRPC message: wire/batch.py).
 
-Five tasks per connection: client -> core (text frames through the Bridge onto the gRPC
-stream), core -> client (opens the stream, then ServerFrames through the Bridge to the
-WebSocket: sent at once while the client keeps up, else onto a bounded queue), the writer
-(queue -> WebSocket), the keepalive and the authentication deadline.
+Six tasks per connection: client -> core (text frames through the Bridge onto a bounded
+upstream queue), the upstream writer (every frame queued when a write can start, in one
+gRPC message), core -> client (opens the stream, then the ServerFrames of each message
+through the Bridge to the WebSocket: sent at once, in one socket write, while the client
+keeps up, else onto a bounded queue), the writer (queue -> WebSocket, what waits in one
+write), the keepalive and the authentication deadline.
 
 Opening is paced: a gateway has at most `ws_pending_streams` Connect streams that the core
 has not taken in yet (the core says so with its initial metadata), so a burst of
