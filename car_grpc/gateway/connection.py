@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from websockets.asyncio.server import ServerConnection
@@ -153,9 +153,14 @@ class Connection:
         self._auth_required = True
         #: Text frames (JSON-RPC) and binary frames (audio) for the client.
         self.outbound = OutboundQueue(config.ws_outbound_queue, config.ws_outbound_queue_bytes)
-        #: Serialized ClientFrames on their way to the core: one batch being written, the
-        #: next one filling meanwhile (while it is full, the client is not read).
-        self.upstream = OutboundQueue(batch.MAX_FRAMES, batch.MAX_BYTES)
+        #: Serialized ClientFrames on their way to the core: the next batch, filling while
+        #: the writer (a task that exists only while there is something to write, so an
+        #: idle connection holds neither) writes the one before; at most a batch's frames
+        #: and bytes, past which the client is not read until the writer takes them.
+        self._upstream: list[bytes] = []
+        self._upstream_bytes = 0
+        self._upstream_room: asyncio.Future[None] | None = None
+        self._upstream_writer: asyncio.Task[None] | None = None
         self._ended = asyncio.Event()
         self.close_code: int = CloseCode.NORMAL_CLOSURE
         self.close_reason = ""
@@ -184,7 +189,6 @@ class Connection:
             upstream,
             downstream,
             asyncio.create_task(self._write()),
-            asyncio.create_task(self._write_upstream()),
             asyncio.create_task(self._keepalive()),
             asyncio.create_task(self._auth_deadline()),
         ]
@@ -201,6 +205,8 @@ class Connection:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.config.ws_close_timeout):
                         await self.outbound.join()
+            if self._upstream_writer is not None:
+                tasks.append(self._upstream_writer)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -217,7 +223,8 @@ class Connection:
                 await asyncio.wait((upstream,))
                 if not self._opened.is_set():
                     return  # nothing reached the core
-                await self.upstream.join()
+                if (writer := self._upstream_writer) is not None:
+                    await asyncio.wait((writer,))  # it ends once all is written
                 with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
                     await self.call.done_writing()
                 await asyncio.wait((downstream,))
@@ -290,33 +297,38 @@ class Connection:
         seconds (a put that need not wait does not give the event loop back)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SLICE
-        upstream = self.upstream
         for frame in frames:
             data = frame if isinstance(frame, bytes) else frame.SerializeToString()
-            await upstream.put(data, None)  # waits as long as the core does not read
+            while self._upstream and (
+                len(self._upstream) >= batch.MAX_FRAMES
+                or self._upstream_bytes + len(data) > batch.MAX_BYTES
+            ):
+                # Full: wait (as long as the core does not read) for the writer to take it.
+                self._upstream_room = room = loop.create_future()
+                await room
+            self._upstream.append(data)
+            self._upstream_bytes += len(data)
+            if self._upstream_writer is None:
+                self._upstream_writer = asyncio.create_task(self._write_upstream())
+                self._upstream_writer.add_done_callback(self._task_done)
             if loop.time() >= deadline:
                 await asyncio.sleep(0)
                 deadline = loop.time() + SLICE
 
     async def _write_upstream(self) -> None:
-        """Write what the client sent onto the stream: every frame queued when a write
-        can start goes in that one message."""
-        queue = self.upstream
-        first = await queue.get()
-        await self._opened.wait()  # bounded: see _open
+        """Write what the client sent onto the stream, every frame queued when a write
+        can start in that one message, until nothing is left."""
         try:
-            while True:
-                room = batch.MAX_BYTES - len(first)
-                # Only bytes are put on this queue (see _write_to_core).
-                frames = cast(list[bytes], [first, *queue.take_ready(batch.MAX_FRAMES - 1, room)])
-                try:
-                    await self.call.write(batch.encode(frames))
-                finally:
-                    for _ in frames:
-                        queue.task_done()
-                first = await queue.get()
+            await self._opened.wait()  # bounded: see _open
+            while frames := self._upstream:
+                self._upstream, self._upstream_bytes = [], 0
+                if (room := self._upstream_room) is not None and not room.done():
+                    room.set_result(None)
+                await self.call.write(batch.encode(frames))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
             return  # the stream ended: _core_to_client says why
+        finally:
+            self._upstream_writer = None
 
     async def _open(self) -> None:
         """Open the Connect stream once a slot is free, and hold the slot until the core

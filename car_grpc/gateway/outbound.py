@@ -55,10 +55,9 @@ class OutboundQueue:
         self._finished.clear()
         _wake(self._getters)
 
-    async def put(self, frame: Frame, stall: float | None) -> bool:
+    async def put(self, frame: Frame, stall: float) -> bool:
         """Queue `frame`, waiting for room while the client takes frames. False when it
-        took none for `stall` seconds (nothing was queued then); None: wait as long as it
-        takes (the reader's own progress bounds the wait)."""
+        took none for `stall` seconds (nothing was queued then)."""
         loop = asyncio.get_running_loop()
         while not self._fits(frame):
             taken = loop.create_future()
