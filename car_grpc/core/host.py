@@ -32,6 +32,7 @@ from car_grpc.core.session import ClientSession, Role, SessionClosed
 from car_grpc.v1 import host_pb2, session_pb2
 from car_grpc.wire import codec
 from car_grpc.wire.errors import CarError, invalid_params, require
+from car_grpc.wire.twins import fill_out
 
 #: Events a host.subscribe snapshot carries (the newest ones).
 SNAPSHOT_EVENTS = 100
@@ -133,7 +134,7 @@ class HostEvents:
         """`event` as a serialized `host_event` ServerFrame, made once for all listeners."""
         cached = self._notifications.get(event.sequence)
         if cached is None:
-            cached = session_pb2.ServerFrame(host_event=event).SerializeToString()
+            cached = fill_out(session_pb2.ServerFrame(host_event=event)).SerializeToString()
             self._notifications[event.sequence] = cached
             if len(self._notifications) > self._queue_size:
                 del self._notifications[next(iter(self._notifications))]  # the oldest made

@@ -57,6 +57,7 @@ from car_grpc.wire.errors import (
     permission_denied,
     require,
 )
+from car_grpc.wire.twins import fill_out
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class LiveRun:
                 event.run_id, event.agent_id = self.run_id, self.agent_id
                 event.record.CopyFrom(record)
                 event.cursor, event.status = first_cursor + i, self.status
-                encoded = (frame.SerializeToString(), record.record == ENDED)
+                encoded = (fill_out(frame).SerializeToString(), record.record == ENDED)
                 for sub in self.subscribers.values():
                     sub.offer(encoded)
         woken, self.appended = self.appended, asyncio.Event()

@@ -29,6 +29,7 @@ from car_grpc.core.outbound import OutboundQueue
 from car_grpc.v1 import options_pb2, session_pb2, state_pb2, tools_pb2
 from car_grpc.wire import api
 from car_grpc.wire.errors import INTERNAL, CarError, invalid_params
+from car_grpc.wire.twins import fill_out
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +117,14 @@ class ClientSession:
     async def send(self, frame: session_pb2.ServerFrame | bytes) -> None:
         """Queue a frame for the client, waiting while the queue is full, in frames or in
         bytes (backpressure); SessionClosed when the session ends first. A frame fanned
-        out to many sessions comes serialized once (bytes)."""
+        out to many sessions comes serialized once (bytes, its twins derived with
+        wire/twins.fill_out as for any frame)."""
         if self.closed.is_set():
             raise SessionClosed(self.id)
         if not self.streaming:
             return
-        await self.outbound.put(frame if isinstance(frame, bytes) else frame.SerializeToString())
+        data = frame if isinstance(frame, bytes) else fill_out(frame).SerializeToString()
+        await self.outbound.put(data)
 
     def try_send(self, frame: session_pb2.ServerFrame) -> bool:
         """Queue a frame without waiting; False when the queue is full (in frames or in
@@ -134,7 +137,7 @@ class ClientSession:
         try:
             if self.outbound.full():  # no need to serialize what is dropped anyway
                 raise asyncio.QueueFull
-            self.outbound.put_nowait(frame.SerializeToString())
+            self.outbound.put_nowait(fill_out(frame).SerializeToString())
         except asyncio.QueueFull:
             self._metrics.queue_drops.inc("session_outbound")
             return False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from car_grpc.a2a.server import A2aLimits, A2aServer
 from car_grpc.config import CoreConfig
 from car_grpc.core.approvals import Approvals
 from car_grpc.core.authentication import Authentication
@@ -62,11 +63,15 @@ class CoreParts:
     status: Status
     router: Router
     grpc: GrpcService
+    #: None when A2A is off (--no-a2a).
+    a2a: A2aServer | None
 
     async def shutdown(self) -> None:
         """Close every session, then let the domains finish what they write (pending
         approvals expire, open runs end incomplete, goal and meeting writes land)
         before the store closes."""
+        if self.a2a is not None:
+            await self.a2a.close()
         await self.registry.close_all()
         await self.approvals.close()
         await self.runs.shutdown()
@@ -171,6 +176,23 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
     grpc = GrpcService(
         registry, authentication, dispatcher, max_inflight=config.max_inflight_per_session
     )
+    a2a = None
+    if config.a2a:
+        a2a = A2aServer(
+            chats=chats,
+            registry=registry,
+            host=host,
+            clients=store.a2a_clients,
+            tasks=store.a2a_tasks,
+            limits=A2aLimits(
+                max_body_bytes=config.a2a_max_body_bytes,
+                task_timeout=config.a2a_task_timeout,
+                reply_max_bytes=config.a2a_reply_max_bytes,
+                tasks_per_caller=config.a2a_tasks_per_caller,
+                stored_tasks_per_caller=config.a2a_stored_tasks_per_caller,
+            ),
+        )
+        await a2a.start()
     return CoreParts(
         config=config,
         store=store,
@@ -189,4 +211,5 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
         status=status,
         router=router,
         grpc=grpc,
+        a2a=a2a,
     )

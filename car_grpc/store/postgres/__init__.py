@@ -7,6 +7,7 @@ database.py.
 
 from __future__ import annotations
 
+from car_grpc.store.postgres.a2a import PostgresA2aClientStore, PostgresA2aTaskStore
 from car_grpc.store.postgres.agent_tokens import PostgresAgentTokenStore
 from car_grpc.store.postgres.approvals import PostgresApprovalStore
 from car_grpc.store.postgres.database import PostgresDatabase
@@ -29,6 +30,8 @@ class PostgresStore:
         self.runs = PostgresRunStore(database)
         self.goals = PostgresGoalStore(database)
         self.meetings = PostgresMeetingStore(database)
+        self.a2a_clients = PostgresA2aClientStore(database)
+        self.a2a_tasks = PostgresA2aTaskStore(database)
 
     @classmethod
     async def open(
@@ -50,6 +53,8 @@ class PostgresStore:
 
 
 __all__ = [
+    "PostgresA2aClientStore",
+    "PostgresA2aTaskStore",
     "PostgresAgentTokenStore",
     "PostgresApprovalStore",
     "PostgresDatabase",

@@ -142,6 +142,26 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (meeting_id, seq)
     );
     """,
+    # 6: A2A callers' token digests and A2A tasks (a2a.py). A task row is a serialized
+    # lf.a2a.v1.Task; its owner, state and time are copied out.
+    """
+    CREATE TABLE a2a_clients (
+        name       TEXT COLLATE "C" PRIMARY KEY,
+        token_hash BYTEA NOT NULL UNIQUE,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE a2a_tasks (
+        task_id    TEXT COLLATE "C" PRIMARY KEY,
+        agent_id   TEXT COLLATE "C" NOT NULL,
+        caller     TEXT COLLATE "C" NOT NULL,
+        context_id TEXT COLLATE "C" NOT NULL,
+        state      INTEGER NOT NULL,
+        updated_at BIGINT NOT NULL,
+        task       BYTEA NOT NULL
+    );
+    CREATE INDEX a2a_tasks_by_owner ON a2a_tasks(caller, agent_id, updated_at);
+    CREATE INDEX a2a_tasks_by_state ON a2a_tasks(state);
+    """,
 ]
 
 #: The tables of the store (for its size).
@@ -153,6 +173,8 @@ TABLES = (
     "goals",
     "meetings",
     "meeting_segments",
+    "a2a_clients",
+    "a2a_tasks",
     "car_grpc_migrations",
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from car_grpc.store.sqlite.a2a import SqliteA2aClientStore, SqliteA2aTaskStore
 from car_grpc.store.sqlite.agent_tokens import SqliteAgentTokenStore
 from car_grpc.store.sqlite.approvals import SqliteApprovalStore
 from car_grpc.store.sqlite.database import SqliteDatabase
@@ -22,6 +23,8 @@ class SqliteStore:
         self.runs = SqliteRunStore(database)
         self.goals = SqliteGoalStore(database)
         self.meetings = SqliteMeetingStore(database)
+        self.a2a_clients = SqliteA2aClientStore(database)
+        self.a2a_tasks = SqliteA2aTaskStore(database)
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -38,6 +41,8 @@ class SqliteStore:
 
 
 __all__ = [
+    "SqliteA2aClientStore",
+    "SqliteA2aTaskStore",
     "SqliteAgentTokenStore",
     "SqliteApprovalStore",
     "SqliteDatabase",
