@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from car_grpc.core.host import HostEvents
-from car_grpc.v1 import session_pb2
+from car_grpc.v1 import host_pb2, session_pb2
+from car_grpc.wire.twins import fill_out
 
 
 def test_a_host_event_is_serialized_once_for_every_listener() -> None:
@@ -11,7 +12,10 @@ def test_a_host_event_is_serialized_once_for_every_listener() -> None:
     event = host.publish("agent.registered", agent_id="a1", payload={"i": 1})
     first = host.notification(event)
     assert host.notification(event) is first  # the same bytes, not made again
-    assert session_pb2.ServerFrame.FromString(first) == session_pb2.ServerFrame(host_event=event)
+    # As any frame the core sends: its typed twins derived (kind_enum here).
+    expected = fill_out(session_pb2.ServerFrame(host_event=event))
+    assert session_pb2.ServerFrame.FromString(first) == expected
+    assert expected.host_event.kind_enum == host_pb2.HOST_EVENT_KIND_AGENT_REGISTERED
 
 
 def test_the_serialized_events_kept_are_bounded_by_the_listener_queue() -> None:
