@@ -7,6 +7,8 @@ import pkgutil
 import sys
 from pathlib import Path
 
+from bench import summary
+
 
 def main() -> int:
     names = sorted(
@@ -15,12 +17,20 @@ def main() -> int:
         if m.name.startswith("bench_")
     )
     wanted = set(sys.argv[1:])
+    failed: list[str] = []
     for name in names:
         if wanted and name not in wanted:
             continue
         print(f"== {name}", flush=True)
-        importlib.import_module(f"bench.{name}").main()
-    return 0
+        try:
+            importlib.import_module(f"bench.{name}").main()
+        except SystemExit as e:  # bench_load's verdict: the others still run
+            print(f"{name}: {e}", flush=True)
+            failed.append(name)
+    summary.print_summary(summary.FIGURES)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

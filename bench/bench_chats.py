@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
+from bench import summary
 from bench.bench_gateway import car_grpc_server
 from tests.processes import Process, launch
 
@@ -186,6 +187,9 @@ def main() -> None:
     print(
         f"median of {ROUNDS} rounds x {TOKENS} tokens; each side its own process; "
         f"ran in {time.perf_counter() - started:.0f}s"
+    )
+    summary.report(
+        summary.at_least("chat tokens/s agent -> host", f"{g:,.0f}/s", g / b, 0.5, "bare WS")
     )
 
 

@@ -5,10 +5,14 @@ one. The request is the same small JSON-RPC frame, `tools.list`: the echo server
 straight back; `car-grpc serve` (gateway -> gRPC Connect stream -> core -> back) answers it.
 
 - latency: one client, sequential round trips: p50 and p99;
-- throughput: 16 clients at once, each sequential, for a fixed time: round trips/s.
+- throughput: 16 clients at once, each sequential, for a fixed time: round trips/s;
+- scaling: the same with 1, 16, 64 and 256 clients: round trips/s and p99.
 
-Figures are printed as ratios to the bare echo. Target: bridged p50 at most 2x the echo,
-throughput at least half of it.
+Figures are printed as ratios to the bare echo. Targets (the throughput issue): bridged
+p50 at most 3x the echo, 16 clients' throughput at least 0.6x of it.
+
+`car-grpc serve` runs twice: as it starts by default (the gateway in the core's process)
+and with `--gateway-processes 1` (the gateway in a process of its own: two cores).
 
 A third server shows what the architecture itself costs: a relay that forwards each
 WebSocket message, as opaque bytes, over a grpc.aio bidi stream to an echo servicer in the
@@ -35,13 +39,15 @@ import grpc
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
+from bench import summary
 from tests.processes import car_grpc_serve, launch, log_listening
 
 REQUEST = '{"jsonrpc":"2.0","id":1,"method":"tools.list"}'
 WARMUP = 300
 ROUND_TRIPS = 3000
 CLIENTS = 16
-THROUGHPUT_SECONDS = 4.0
+THROUGHPUT_SECONDS = 3.0
+SCALING = (1, 16, 64, 256)
 
 
 # ------------------------------------------------------------------ the servers
@@ -109,10 +115,10 @@ async def echo_server(kind: str = "echo") -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def car_grpc_server() -> AsyncIterator[str]:
+async def car_grpc_server(*flags: str) -> AsyncIterator[str]:
     """`car-grpc serve` with its own CAR_HOME, on ephemeral ports."""
     with tempfile.TemporaryDirectory() as home:
-        async with car_grpc_serve(home, "--no-auth") as server:
+        async with car_grpc_serve(home, "--no-auth", *flags) as server:
             _, url = await server.listeners(2, timeout=30)
             yield url
 
@@ -158,29 +164,32 @@ async def latency(url: str, bridged: bool) -> list[float]:
         await ws.close()
 
 
-async def throughput(url: str, bridged: bool) -> float:
-    clients = [await _open(url, bridged) for _ in range(CLIENTS)]
-    counts = [0] * CLIENTS
+async def throughput(url: str, bridged: bool, count: int = CLIENTS) -> tuple[float, float]:
+    """`count` clients, each one round trip after another: round trips/s, p99 in us."""
+    clients = [await _open(url, bridged) for _ in range(count)]
+    samples: list[float] = []
     go = asyncio.Event()
 
-    async def loop(i: int, ws: ClientConnection, until: float) -> None:
+    async def loop(ws: ClientConnection, until: float) -> None:
         await go.wait()
-        while time.perf_counter() < until:
+        clock = time.perf_counter
+        while (start := clock()) < until:
             await _round_trip(ws)
-            counts[i] += 1
+            samples.append(clock() - start)
 
     try:
         for ws in clients:  # warm up every connection
             await _round_trip(ws)
         start = time.perf_counter()
         until = start + THROUGHPUT_SECONDS
-        tasks = [asyncio.create_task(loop(i, ws, until)) for i, ws in enumerate(clients)]
+        tasks = [asyncio.create_task(loop(ws, until)) for ws in clients]
         go.set()
         await asyncio.gather(*tasks)
-        return sum(counts) / (time.perf_counter() - start)
+        rate = len(samples) / (time.perf_counter() - start)
+        samples.sort()
+        return rate, samples[int(len(samples) * 0.99) - 1] * 1e6
     finally:
-        for ws in clients:
-            await ws.close()
+        await asyncio.gather(*(ws.close() for ws in clients))
 
 
 # ------------------------------------------------------------------ report
@@ -190,48 +199,103 @@ async def throughput(url: str, bridged: bool) -> float:
 class Figures:
     p50_us: float
     p99_us: float
-    rps: float
+    #: By number of clients: round trips/s and p99 (us).
+    scaling: dict[int, tuple[float, float]]
+
+    @property
+    def rps(self) -> float:
+        return self.scaling[CLIENTS][0]
 
 
 async def measure(url: str, bridged: bool) -> Figures:
     samples = sorted(await latency(url, bridged))
     p99 = samples[int(len(samples) * 0.99) - 1]
-    return Figures(statistics.median(samples) * 1e6, p99 * 1e6, await throughput(url, bridged))
+    scaling = {n: await throughput(url, bridged, n) for n in SCALING}
+    return Figures(statistics.median(samples) * 1e6, p99 * 1e6, scaling)
 
 
-async def run() -> tuple[Figures, Figures, Figures]:
+async def run() -> tuple[Figures, Figures, Figures, Figures]:
     async with echo_server() as url:
         echo = await measure(url, bridged=False)
     async with echo_server("relay") as url:
         relay = await measure(url, bridged=False)
     async with car_grpc_server() as url:
         bridged = await measure(url, bridged=True)
-    return echo, relay, bridged
+    async with car_grpc_server("--gateway-processes", "1") as url:
+        split = await measure(url, bridged=True)
+    return echo, relay, bridged, split
 
 
 def main() -> None:
     started = time.perf_counter()
-    echo, relay, bridged = asyncio.run(run())
+    echo, relay, bridged, split = asyncio.run(run())
     print(
         f"{'':26}{'bare echo':>10}{'WS+gRPC relay':>15}{'gateway->core':>15}"
-        f"{'gateway/echo':>14}{'gateway/relay':>15}"
+        f"{'gateway/echo':>14}{'gateway/relay':>15}{'2 processes':>13}{'/echo':>7}"
     )
     rows = [
-        ("p50 round trip (us)", echo.p50_us, relay.p50_us, bridged.p50_us, "(target <= 2x)"),
-        ("p99 round trip (us)", echo.p99_us, relay.p99_us, bridged.p99_us, ""),
-        (
-            f"throughput, {CLIENTS} clients (/s)",
-            echo.rps,
-            relay.rps,
-            bridged.rps,
-            "(target >= 0.5x)",
-        ),
+        ("p50 round trip (us)", echo.p50_us, relay.p50_us, bridged.p50_us, split.p50_us),
+        ("p99 round trip (us)", echo.p99_us, relay.p99_us, bridged.p99_us, split.p99_us),
+        (f"throughput, {CLIENTS} clients (/s)", echo.rps, relay.rps, bridged.rps, split.rps),
     ]
-    for name, e, r, b, target in rows:
-        print(f"{name:26}{e:10.0f}{r:15.0f}{b:15.0f}{b / e:13.2f}x{b / r:14.2f}x  {target}")
+    for name, e, r, b, s in rows:
+        print(
+            f"{name:26}{e:10.0f}{r:15.0f}{b:15.0f}{b / e:13.2f}x{b / r:14.2f}x{s:13.0f}"
+            f"{s / e:6.2f}x"
+        )
+    print("\nscaling: round trips/s (p99 us) by number of clients, each one request in flight")
+    print(f"{'clients':>8}" + "".join(f"{n:>22}" for n in ("bare echo", "WS+gRPC relay",
+          "car-grpc serve", "2 processes", "car-grpc/echo")))  # fmt: skip
+    for n in SCALING:
+        cells = [
+            f"{f.scaling[n][0]:11.0f} ({f.scaling[n][1]:6.0f})"
+            for f in (echo, relay, bridged, split)
+        ]
+        ratio = bridged.scaling[n][0] / echo.scaling[n][0]
+        print(f"{n:8d}" + "".join(f"{c:>22}" for c in cells) + f"{ratio:21.2f}x")
     print(
-        f"one client x {ROUND_TRIPS} round trips; {CLIENTS} clients x {THROUGHPUT_SECONDS:g}s; "
+        f"one client x {ROUND_TRIPS} round trips; clients x {THROUGHPUT_SECONDS:g}s each; "
+        f"`2 processes`: car-grpc serve --gateway-processes 1; "
         f"ran in {time.perf_counter() - started:.0f}s"
+    )
+    summary.report(
+        summary.at_least(
+            f"{CLIENTS} clients, tools.list round trips/s",
+            f"{bridged.rps:,.0f}/s",
+            bridged.rps / echo.rps,
+            0.6,
+            "echo",
+        ),
+        summary.at_least(
+            "  the same, --gateway-processes 1",
+            f"{split.rps:,.0f}/s",
+            split.rps / echo.rps,
+            0.6,
+            "echo",
+        ),
+        summary.at_most(
+            "one client, tools.list p50",
+            f"{bridged.p50_us:,.0f} us",
+            bridged.p50_us / echo.p50_us,
+            3.0,
+            "echo",
+        ),
+        summary.at_most(
+            "  the same, --gateway-processes 1",
+            f"{split.p50_us:,.0f} us",
+            split.p50_us / echo.p50_us,
+            3.0,
+            "echo",
+        ),
+        *(
+            summary.Figure(
+                f"scaling, {n} clients: round trips/s (p99)",
+                f"{bridged.scaling[n][0]:,.0f}/s ({bridged.scaling[n][1] / 1000:.1f} ms)",
+                bridged.scaling[n][0] / echo.scaling[n][0],
+                "(x echo)",
+            )
+            for n in SCALING
+        ),
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from bench import summary
 from car_grpc.config import CoreConfig
 from car_grpc.core.server import Core
 from car_grpc.v1 import state_pb2, tools_pb2
@@ -79,6 +80,15 @@ async def _run() -> None:
                 print(
                     f"round trip: p50 {c50:.3f} ms, p99 {c99:.3f} ms "
                     f"({c50 / b50:.2f}x a state.get at p50 {b50:.3f} ms)"
+                )
+                summary.report(
+                    summary.at_most(
+                        "proposal with one tool callback, p50",
+                        f"{c50:.3f} ms",
+                        c50 / b50,
+                        2,
+                        "a state.get",
+                    )
                 )
 
                 wide = _submit(

@@ -37,6 +37,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
+from bench import summary
 from car_grpc.core.tokens import HOST_TOKEN_FILE, AgentTokens
 from car_grpc.store import open_store
 from tests.processes import car_grpc_serve, launch, log_listening
@@ -333,6 +334,23 @@ def main() -> None:
     _, one, _, raw_one, _, _ = rows[0]
     total = RECORDERS * TURNS_PER_RECORDER
     rate = concurrent.turns_per_s
+    _, big, _, raw_big, _, _ = rows[-1]
+    summary.report(
+        summary.at_least(
+            f"runs.record_turns, batch {rows[-1][0]}, subscribed",
+            f"{big.turns_per_s:,.0f} turns/s",
+            big.turns_per_s / raw_big.turns_per_s,
+            0.3,
+            "raw SQLite",
+        ),
+        summary.at_least(
+            f"{RECORDERS} concurrent recorders of batch 1",
+            f"{rate:,.0f} turns/s",
+            rate / one.turns_per_s,
+            5,
+            "one recorder",
+        ),
+    )
     print(
         f"{RECORDERS} concurrent recorders, batch 1, subscribed: {rate:.0f} turns/s,"
         f" p50 {concurrent.p50_ms:.2f} ms = {rate / one.turns_per_s:.2f}x"

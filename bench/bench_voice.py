@@ -49,6 +49,7 @@ import grpc
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
+from bench import summary
 from car_grpc.v1 import voice_pb2, voice_pb2_grpc
 from car_grpc.wire import codec
 from tests.processes import car_grpc_argv, car_grpc_serve, cli_env, launch, log_listening
@@ -57,6 +58,8 @@ from tests.voice_helpers import VoiceRpc, chunks, say, silence, voice_rpc
 CHUNK = 3200  # 100 ms of 16 kHz mono PCM16
 ROUND_TRIPS = 500
 CHUNKS = 5000
+#: Longest the throughput phase waits for the last TTS chunk once every chunk is sent.
+RECEIVE_TIMEOUT = 30.0
 
 
 def pcm_frame(session: uuid.UUID, seq: int) -> bytes:
@@ -157,16 +160,28 @@ async def measure(url: str, bridged: bool) -> tuple[float, float, float]:
         times.sort()
         p50, p99 = times[len(times) // 2] * 1e3, times[int(len(times) * 0.99)] * 1e3
 
+        received = 0
+
         async def receive() -> None:
+            nonlocal received
             for _ in range(CHUNKS):
                 await _binary(ws)
+                received += 1
 
         receiver = asyncio.create_task(receive())
         t = time.perf_counter()
         for seq in range(CHUNKS):
             await ws.send(pcm_frame(session, seq))
-        await receiver
-        return p50, p99, CHUNKS / (time.perf_counter() - t)
+        # The flood is far beyond real time: when the core's events for this client pile
+        # up past voice_event_queue, it ends the session and the rest never comes back.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RECEIVE_TIMEOUT):
+                await asyncio.shield(receiver)
+        receiver.cancel()
+        if received < CHUNKS:
+            print(f"({'car-grpc' if bridged else 'echo'}: {received} of {CHUNKS} TTS chunks back;"
+                  f" the session ended: its events piled up past voice_event_queue)")  # fmt: skip
+        return p50, p99, received / (time.perf_counter() - t)
 
 
 async def bench() -> None:
@@ -180,6 +195,9 @@ async def bench() -> None:
     print(
         f"{'ratio':24}{voice[0] / bare[0]:10.2f}{voice[1] / bare[1]:10.2f}"
         f"{voice[2] / bare[2]:12.2f}"
+    )
+    summary.report(
+        summary.at_least("voice chunks/s", f"{voice[2]:,.0f}/s", voice[2] / bare[2], 0.3, "echo")
     )
 
 

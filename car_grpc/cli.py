@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from car_grpc.a2a.callers import A2aCallers
-from car_grpc.config import Config, CoreConfig
+from car_grpc.config import Config, CoreConfig, gateway_processes
 from car_grpc.core.server import Core
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.gateway import Gateway
@@ -28,6 +28,14 @@ from car_grpc.store import (
 )
 
 log = logging.getLogger("car_grpc")
+
+
+def configure_logging() -> None:
+    """The log, the same in every process of the server (gateway processes too)."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # we log our own listeners
 
 
 STORE_HELP = (
@@ -107,6 +115,13 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _processes(raw: str) -> int:
+    try:
+        return gateway_processes(raw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _count(raw: str) -> int:
     try:
         value = int(raw)
@@ -150,6 +165,7 @@ def config_from(args: argparse.Namespace) -> Config:
             core_ca=flag("core_ca"),
             dashboard=False if flag("no_dashboard") else None,
             dashboard_port=flag("dashboard_port"),
+            gateway_processes=flag("gateway_processes"),
         ),
         gated_methods=config.core.gated_methods | frozenset(flag("gate_method") or ()),
     )
@@ -369,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the log prints a one-time login link",
     )
     serve.add_argument("--no-dashboard", action="store_true", help="serve no dashboard")
+    serve.add_argument(
+        "--gateway-processes",
+        type=_processes,
+        metavar="N",
+        help="run the WebSocket gateway in N processes of its own beside the core's, sharing "
+        "the port (or CAR_GATEWAY_PROCESSES; default 0: in the core's process)",
+    )
     _add_core_flags(serve)
     serve.set_defaults(func=_cmd_serve)
 
@@ -465,10 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("websockets").setLevel(logging.WARNING)  # we log our own listeners
+    configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     for cert, key in (

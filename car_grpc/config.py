@@ -49,6 +49,21 @@ CAPABILITIES = frozenset(
 )
 
 
+#: Most gateway processes `car-grpc serve` starts.
+MAX_GATEWAY_PROCESSES = 64
+
+
+def gateway_processes(raw: str) -> int:
+    """A number of gateway processes, 0 to MAX_GATEWAY_PROCESSES (ValueError else)."""
+    try:
+        count = int(raw)
+    except ValueError:
+        count = -1
+    if not 0 <= count <= MAX_GATEWAY_PROCESSES:
+        raise ValueError(f"must be a number from 0 to {MAX_GATEWAY_PROCESSES}, got {raw!r}")
+    return count
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -306,6 +321,10 @@ class GatewayConfig:
     ws_write_limit: int = 64 * 1024
     #: How long closing a WebSocket may take before the TCP connection is dropped.
     ws_close_timeout: float = 10.0
+    #: Gateway processes `car-grpc serve` runs beside the core's (--gateway-processes,
+    #: CAR_GATEWAY_PROCESSES), sharing the WebSocket port (SO_REUSEPORT); 0: the gateway
+    #: runs in the core's process. See README (Throughput).
+    gateway_processes: int = 0
 
 
 @dataclass(frozen=True)
@@ -362,6 +381,11 @@ class Config:
             overrides["approvals"] = False
         if store := os.environ.get("CAR_STORE", "").strip():
             overrides["store"] = store
+        if processes := os.environ.get("CAR_GATEWAY_PROCESSES", "").strip():
+            try:
+                overrides["gateway_processes"] = gateway_processes(processes)
+            except ValueError as e:
+                raise ValueError(f"CAR_GATEWAY_PROCESSES {e}") from None
         for name, variable in (
             ("tool_timeout", "CAR_TOOL_TIMEOUT"),
             ("handler_timeout", "CAR_HANDLER_TIMEOUT"),

@@ -1,20 +1,27 @@
-"""The whole server in one process: the gRPC core and a WebSocket gateway in front of it.
+"""The whole server: the gRPC core and a WebSocket gateway in front of it.
 
     async with Server(Config().with_overrides(grpc_port=0, ws_port=0)) as server:
         ... server.gateway.url, server.core.grpc_address, server.dashboard.login_url ...
 
-This is what `car-grpc serve` runs. To scale out the WebSocket side, run the core alone
-(`Core`, `car-grpc core`) and any number of `Gateway`s (`car-grpc gateway --core ADDR`).
+This is what `car-grpc serve` runs. The gateway runs in the core's process, or with
+`gateway_processes` N > 0 in N processes of its own that share the WebSocket port
+(gateway/process.py): each still reaches the core over gRPC, as any gateway does. To
+scale out further, run the core alone (`Core`, `car-grpc core`) and any number of
+`Gateway`s (`car-grpc gateway --core ADDR`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from dataclasses import replace
 from types import TracebackType
 
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.dashboard import Dashboard
 from car_grpc.gateway import Gateway
+from car_grpc.gateway.process import GatewayProcess, listen
 from car_grpc.store import Store
 
 
@@ -22,8 +29,12 @@ class Server:
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config = config.for_serve()
         self.core = Core(config.core, store)
-        #: Created by start(), once the core's port is known.
+        #: Created by start(), once the core's port is known (in this process).
         self.gateway: Gateway | None = None
+        #: Or, with gateway_processes > 0, the gateway processes (the first announces)
+        #: and the listening socket they share.
+        self.gateway_processes: list[GatewayProcess] = []
+        self._listener: socket.socket | None = None
         #: Created by start() unless the dashboard is off: a host client of the core.
         self.dashboard: Dashboard | None = None
 
@@ -31,13 +42,20 @@ class Server:
         """Start the core (store, tokens, gRPC port), then the gateway's listeners and
         the dashboard's."""
         await self.core.start()
-        gateway = Gateway(self.config.gateway, self.core.grpc_address)
-        try:
-            await gateway.start()
-        except BaseException:
-            await self.core.stop()
-            raise
-        self.gateway = gateway
+        if self.config.gateway.gateway_processes > 0:
+            try:
+                await self._start_gateway_processes()
+            except BaseException:
+                await self.stop()
+                raise
+        else:
+            gateway = Gateway(self.config.gateway, self.core.grpc_address)
+            try:
+                await gateway.start()
+            except BaseException:
+                await self.core.stop()
+                raise
+            self.gateway = gateway
         if self.config.dashboard.dashboard:
             assert self.core.parts is not None
             tokens = self.core.parts.tokens
@@ -51,6 +69,18 @@ class Server:
                 raise
             self.dashboard = dashboard
 
+    async def _start_gateway_processes(self) -> None:
+        """Bind the WebSocket port here, then start the gateway processes on it one after
+        another (the first also serves the Unix socket)."""
+        config = self.config.gateway
+        listener = self._listener = listen(config)
+        for i in range(config.gateway_processes):
+            if i > 0:
+                config = replace(config, unix_socket=None)
+            process = GatewayProcess(config, self.core.grpc_address, listener, announce=i == 0)
+            self.gateway_processes.append(process)
+            await process.start()
+
     async def stop(self) -> None:
         """Close the dashboard and the WebSocket connections first, then the core (token
         files removed, store closed)."""
@@ -60,6 +90,11 @@ class Server:
         if self.gateway is not None:
             await self.gateway.stop()
             self.gateway = None
+        processes, self.gateway_processes = self.gateway_processes, []
+        await asyncio.gather(*(p.stop() for p in processes))
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         await self.core.stop()
 
     async def __aenter__(self) -> Server:

@@ -126,15 +126,27 @@ def cancel(rt: CarRuntime) -> dict[str, Any]:
         cancelled.append(request_id)
         arrived.set()
 
+    finished = threading.Event()
+
     def slow_tool(call_json: str) -> str:
-        seen.append(json.loads(call_json)["request_id"])
-        arrived.wait(10)  # busy until the server gives up on it and says so
-        return json.dumps({"late": True})
+        try:
+            seen.append(json.loads(call_json)["request_id"])
+            arrived.wait(10)  # busy until the server gives up on it and says so
+            return json.dumps({"late": True})
+        finally:
+            finished.set()
 
     car_runtime.register_tool_cancel_handler(on_cancel)
     car_runtime.register_tool_handler(slow_tool)
     slow = {"id": "s1", "type": "tool_call", "tool": "slow", "parameters": {}, "timeout_ms": 300}
     result = outcome(lambda: json.loads(rt.submit_proposal(json.dumps({"actions": [slow]}))))
+    # tools.cancel precedes the answer on the wire, often in the same read now that the
+    # gateway writes what is ready together; car-runtime runs the handler on a thread of
+    # its own, which may not have run yet when submit_proposal returns. The tool's thread
+    # is let finish too: a car-runtime thread still in Python when the process exits
+    # aborts it.
+    arrived.wait(5)
+    finished.wait(5)
     return {
         "result": result,
         "cancelled": cancelled,

@@ -31,8 +31,9 @@ DAEMON, HOST, AGENT = (
 UNAUTHENTICATED = options_pb2.CALLER_ROLE_UNAUTHENTICATED
 ROLES = (DAEMON, HOST, AGENT)
 REQUESTS = sorted(m for m in api.CLIENT_REQUESTS if m != "session.auth")
-#: Every RPC but the session stream itself (whose requests are the members above).
-RPCS = [m for m in api.all_rpcs() if m.full_name != "car.v1.SessionService.Connect"]
+#: Every RPC but the session streams themselves (whose requests are the members above).
+SESSION_STREAMS = {"car.v1.SessionService.Connect", "car.v1.SessionService.ConnectBatched"}
+RPCS = [m for m in api.all_rpcs() if m.full_name not in SESSION_STREAMS]
 #: How long an admitted streaming RPC is read before it counts as running.
 STREAM_PROBE = 0.5
 #: RPCs whose handler narrows the declared rule (its `scope`) for a call not bound to a

@@ -200,7 +200,8 @@ def _all_rpcs() -> list[MethodDescriptor]:
     methods = [m for name in sorted(services) for m in pool.FindServiceByName(name).methods]
     voice = pool.FindServiceByName("car.v1.VoiceService")
     methods += [m for m in voice.methods if m not in methods]
-    return [m for m in methods if m.full_name != "car.v1.SessionService.Connect"]
+    streams = {"car.v1.SessionService.Connect", "car.v1.SessionService.ConnectBatched"}
+    return [m for m in methods if m.full_name not in streams]
 
 
 RPCS = _all_rpcs()

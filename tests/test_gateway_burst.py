@@ -15,16 +15,18 @@ import collections
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from car_grpc.core.server import Core
-from car_grpc.gateway.connection import ConnectCallable, OutFrame, serialize
+from car_grpc.gateway.connection import ConnectCallable
 from car_grpc.v1 import session_pb2
+from car_grpc.wire import batch
 from tests.conftest import make_config
 from tests.ws_helpers import daemon_token, rpc, running
 
-_CONNECT = "/car.v1.SessionService/Connect"
+_CONNECT = "/car.v1.SessionService/ConnectBatched"
 
 
 async def test_a_burst_of_connect_streams_is_served_whole(core: Core) -> None:
@@ -35,12 +37,12 @@ async def test_a_burst_of_connect_streams_is_served_whole(core: Core) -> None:
     async with grpc.aio.insecure_channel(core.grpc_address) as channel:
         connect: ConnectCallable = channel.stream_stream(
             _CONNECT,
-            request_serializer=serialize,
-            response_deserializer=session_pb2.ServerFrame.FromString,
+            request_serializer=batch.serialize,
+            response_deserializer=session_pb2.ConnectBatchedResponse.FromString,
         )
         calls = [connect() for _ in range(2000)]
 
-        Call = grpc.aio.StreamStreamCall[OutFrame, session_pb2.ServerFrame]
+        Call = grpc.aio.StreamStreamCall[bytes, session_pb2.ConnectBatchedResponse]
 
         async def session(call: Call) -> None:
             auth = session_pb2.ClientFrame(id="1")
@@ -50,8 +52,9 @@ async def test_a_burst_of_connect_streams_is_served_whole(core: Core) -> None:
             try:
                 answers: list[object] = []
                 for frame in (auth, listing):
-                    await call.write(frame)
-                    answers.append(await call.read())
+                    await call.write(batch.encode([frame.SerializeToString()]))
+                    answer: Any = await call.read()
+                    answers += answer.frames if answer is not grpc.aio.EOF else [answer]
             except grpc.aio.AioRpcError as e:
                 outcomes[f"{e.code().name}: {e.details()}"] += 1
                 return

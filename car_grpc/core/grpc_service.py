@@ -27,7 +27,7 @@ from car_grpc.core.router import GrpcOnlyHandler, Reply
 from car_grpc.core.session import ClientSession, Role, SessionClosed
 from car_grpc.store import StoreUnavailable
 from car_grpc.v1 import session_pb2
-from car_grpc.wire import api
+from car_grpc.wire import api, batch
 from car_grpc.wire.errors import INVALID_REQUEST, CarError
 from car_grpc.wire.metadata import AGENT_ID_KEY, AUTH_KEY, SESSION_ID_KEY
 from car_grpc.wire.twins import fill_in, fill_out
@@ -45,9 +45,22 @@ class SessionStream:
     The hot path is kept short: a request whose handler never waits (`inline`) is
     answered in the read loop, and an answer is written straight onto the stream when
     nothing waits before it, so neither takes a hop through another task.
+
+    On a batched stream (ConnectBatched) each message carries many frames both ways: the
+    frames read are handled one by one as on Connect, and the writer sends every frame
+    queued when it gets to write in one message (wire/batch.py). An answer to a frame
+    that is not the last of its message is queued rather than written at once, so the
+    answers to a burst leave together.
     """
 
-    def __init__(self, service: GrpcService, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def __init__(
+        self,
+        service: GrpcService,
+        context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        batched: bool = False,
+    ) -> None:
+        self.batched = batched
         self.registry = service.registry
         self.dispatcher = service.dispatcher
         self.context = context
@@ -56,6 +69,8 @@ class SessionStream:
         self.tasks: set[asyncio.Task[object]] = set()
         #: Held around every write to the stream (the writer task's and the direct ones).
         self.write_lock = asyncio.Lock()
+        #: More frames of the message being read follow: answers queue up for one write.
+        self._more = False
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._write_loop())
@@ -74,40 +89,65 @@ class SessionStream:
     async def _write_loop(self) -> None:
         queue, lock = self.session.outbound, self.write_lock
         while True:
-            frame = await queue.get()
+            frames = [await queue.get()]
             try:
                 # Taken from the queue and the lock acquired in one step (no await in
                 # between when the lock is free): a direct write cannot overtake it.
                 async with lock:
-                    await self.context.write(frame)
+                    if not self.batched:
+                        await self.context.write(frames[0])
+                        continue
+                    # What else is queued by now goes along (a direct write may have
+                    # held the lock meanwhile).
+                    more = queue.take_ready(batch.MAX_FRAMES - 1, batch.MAX_BYTES - len(frames[0]))
+                    frames += more
+                    await self.context.write(batch.encode(frames))
             finally:
-                queue.task_done()
+                for _ in frames:
+                    queue.task_done()
 
     async def _read_loop(self) -> None:
+        read = self.context.read
         while True:
-            frame = await self.context.read()
-            if frame is grpc.aio.EOF:
+            message = await read()
+            if message is grpc.aio.EOF:
                 return
-            assert isinstance(frame, session_pb2.ClientFrame)
-            member = frame.WhichOneof("body")
-            binding = api.CLIENT_MEMBERS.get(member or "")
-            if member == "error" or (binding and binding.kind == api.RESPONSE):
-                self.session.resolve(frame)  # late or unknown answers are ignored
-            elif binding is None:
-                err = CarError(INVALID_REQUEST, "invalid request: frame has no body")
-                await self.session.send(_error_frame(frame.id, err))
-            elif binding.kind in (api.NOTIFICATION, api.BINARY):
-                await self._spawn(self._notification, binding.field, frame)
-            elif not self.session.authenticated:
-                # Until auth succeeds, requests run one at a time, in order.
-                if not await self._request(frame, binding.field):
-                    await self._end_unauthenticated()
+            if not self.batched:
+                assert isinstance(message, session_pb2.ClientFrame)
+                if not await self._handle(message, last=True):
                     return
-            elif self.dispatcher.runs_inline(binding.field):
-                # It never waits: answered here, without the cost of a task.
-                await self._request(frame, binding.field)
-            else:
-                await self._spawn(self._request, frame, binding.field)
+                continue
+            assert isinstance(message, session_pb2.ConnectBatchedRequest)
+            frames = message.frames
+            last = len(frames) - 1
+            for i, frame in enumerate(frames):
+                if not await self._handle(frame, last=i == last):
+                    return
+
+    async def _handle(self, frame: session_pb2.ClientFrame, *, last: bool) -> bool:
+        """Handle one client frame; False when the stream is to end. `last`: no frame
+        follows in the same message (so an answer may be written at once)."""
+        self._more = not last
+        member = frame.WhichOneof("body")
+        binding = api.CLIENT_MEMBERS.get(member or "")
+        if member == "error" or (binding and binding.kind == api.RESPONSE):
+            self.session.resolve(frame)  # late or unknown answers are ignored
+        elif binding is None:
+            err = CarError(INVALID_REQUEST, "invalid request: frame has no body")
+            await self.session.send(_error_frame(frame.id, err))
+        elif binding.kind in (api.NOTIFICATION, api.BINARY):
+            await self._spawn(self._notification, binding.field, frame)
+        elif not self.session.authenticated:
+            # Until auth succeeds, requests run one at a time, in order.
+            if not await self._request(frame, binding.field):
+                await self._end_unauthenticated()
+                return False
+        elif self.dispatcher.runs_inline(binding.field):
+            # It never waits: answered here, without the cost of a task.
+            await self._request(frame, binding.field)
+        else:
+            await self._spawn(self._request, frame, binding.field)
+        return True
 
     async def _spawn(self, work: Callable[..., Coroutine[Any, Any, object]], *args: Any) -> None:
         await self.inflight.acquire()  # backpressure: stop reading while saturated
@@ -146,11 +186,12 @@ class SessionStream:
         written (no hop through the writer task), else behind what waits. A request task
         is cancelled only when the stream ends, so no write is abandoned halfway."""
         session = self.session
-        if session.outbound.empty() and not self.write_lock.locked():
+        if session.outbound.empty() and not self.write_lock.locked() and not self._more:
             if session.closed.is_set():
                 return
             async with self.write_lock:
-                await self.context.write(frame)
+                data = _write(frame)
+                await self.context.write(batch.encode((data,)) if self.batched else data)
             return
         with contextlib.suppress(SessionClosed):
             await session.send(frame)
@@ -279,13 +320,24 @@ class GrpcService:
             await context.send_initial_metadata(((AUTH_KEY, auth),))
             await SessionStream(self, context).run()
 
+        async def connect_batched(
+            _requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> None:
+            await context.send_initial_metadata(((AUTH_KEY, auth),))
+            await SessionStream(self, context, batched=True).run()
+
         by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {
             "car.v1.SessionService": {
                 "Connect": grpc.stream_stream_rpc_method_handler(
                     connect,
                     request_deserializer=_reader(session_pb2.ClientFrame),
                     response_serializer=_serialize_frame,
-                )
+                ),
+                "ConnectBatched": grpc.stream_stream_rpc_method_handler(
+                    connect_batched,
+                    request_deserializer=_reader(session_pb2.ConnectBatchedRequest),
+                    response_serializer=batch.serialize,
+                ),
             }
         }
         for rpc in api.TYPED_RPCS:

@@ -29,9 +29,10 @@ from car_grpc.clock import now_ms
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.router import Reply, handles, streams
 from car_grpc.core.session import ClientSession, Role, SessionClosed
-from car_grpc.v1 import host_pb2
+from car_grpc.v1 import host_pb2, session_pb2
 from car_grpc.wire import codec
 from car_grpc.wire.errors import CarError, invalid_params, require
+from car_grpc.wire.twins import fill_out
 
 #: Events a host.subscribe snapshot carries (the newest ones).
 SNAPSHOT_EVENTS = 100
@@ -96,6 +97,9 @@ class HostEvents:
         #: Counts the events listeners drop (the core's; a private one when standalone).
         self._metrics = metrics or Metrics()
         self._listeners: set[Listener] = set()
+        #: `host_event` notifications by sequence, serialized once for every subscriber
+        #: (the newest `queue_size`: what a listener's queue can hold).
+        self._notifications: dict[int, bytes] = {}
 
     @property
     def last_sequence(self) -> int:
@@ -125,6 +129,16 @@ class HostEvents:
         for listener in self._listeners:
             listener.offer(event)
         return event
+
+    def notification(self, event: host_pb2.HostEvent) -> bytes:
+        """`event` as a serialized `host_event` ServerFrame, made once for all listeners."""
+        cached = self._notifications.get(event.sequence)
+        if cached is None:
+            cached = fill_out(session_pb2.ServerFrame(host_event=event)).SerializeToString()
+            self._notifications[event.sequence] = cached
+            if len(self._notifications) > self._queue_size:
+                del self._notifications[next(iter(self._notifications))]  # the oldest made
+        return cached
 
     def listen(self, session: ClientSession | None = None) -> Listener:
         """A new listener: it receives every event published from now on that `session`
@@ -168,7 +182,7 @@ class Host:
     def start_pump(self, session: ClientSession, listener: Listener) -> None:
         """Forward the listener's events to the session (after its snapshot is queued)."""
         if self._subscriptions.get(session.id) is listener and listener.pump is None:
-            listener.pump = asyncio.create_task(_pump(session, listener))
+            listener.pump = asyncio.create_task(_pump(session, listener, self.events))
 
     # ------------------------------------------------------------ agent registry
 
@@ -329,7 +343,7 @@ class Host:
             events.unlisten(listener)
 
 
-async def _pump(session: ClientSession, listener: Listener) -> None:
+async def _pump(session: ClientSession, listener: Listener, events: HostEvents) -> None:
     with contextlib.suppress(SessionClosed):
         while True:
-            await session.notify("host_event", await listener.next())
+            await session.send(events.notification(await listener.next()))

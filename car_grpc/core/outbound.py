@@ -100,6 +100,22 @@ class OutboundQueue:
         self._admit()
         return data
 
+    def take_ready(self, max_frames: int, max_bytes: int) -> list[bytes]:
+        """The frames queued now, oldest first, without waiting: at most `max_frames`, and
+        within `max_bytes` unless the first alone is larger (for a batched write)."""
+        items, size = self._items, 0
+        taken: list[bytes] = []
+        while items and len(taken) < max_frames:
+            if taken and size + len(items[0]) > max_bytes:
+                break
+            data = items.popleft()
+            size += len(data)
+            taken.append(data)
+        if taken:
+            self.bytes -= size
+            self._admit()
+        return taken
+
     def task_done(self) -> None:
         self._unfinished -= 1
         if self._unfinished <= 0:

@@ -57,6 +57,7 @@ from car_grpc.wire.errors import (
     permission_denied,
     require,
 )
+from car_grpc.wire.twins import fill_out
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,9 @@ class Subscription:
         self.runs = runs
         self.session = session
         self.run_id = run_id
-        #: `runs.trace.event` frames, shared by every subscriber of the run.
-        self.events: collections.deque[session_pb2.ServerFrame] = collections.deque(
+        #: `runs.trace.event` frames serialized once for every subscriber of the run, and
+        #: whether each is the run's end.
+        self.events: collections.deque[tuple[bytes, bool]] = collections.deque(
             maxlen=runs.subscriber_queue
         )
         self.dropped = 0
@@ -138,7 +140,7 @@ class Subscription:
         self._pump: asyncio.Task[None] | None = None
         self._stopped = False
 
-    def offer(self, event: session_pb2.ServerFrame) -> None:
+    def offer(self, event: tuple[bytes, bool]) -> None:
         if len(self.events) == self.events.maxlen:
             self.dropped += 1
             self.runs.metrics.queue_drops.inc("run_subscriber")
@@ -161,9 +163,9 @@ class Subscription:
                 await self._ready.wait()  # ends with the session or the subscription
                 self._ready.clear()
                 while self.events:
-                    event = self.events.popleft()
-                    await self.session.send(event)
-                    if event.runs_trace_event.record.record == ENDED:
+                    frame, ended = self.events.popleft()
+                    await self.session.send(frame)
+                    if ended:
                         self.runs.forget(self)
                         return
 
@@ -195,8 +197,9 @@ class LiveRun:
                 event.run_id, event.agent_id = self.run_id, self.agent_id
                 event.record.CopyFrom(record)
                 event.cursor, event.status = first_cursor + i, self.status
+                encoded = (fill_out(frame).SerializeToString(), record.record == ENDED)
                 for sub in self.subscribers.values():
-                    sub.offer(frame)
+                    sub.offer(encoded)
         woken, self.appended = self.appended, asyncio.Event()
         woken.set()
 

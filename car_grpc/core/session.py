@@ -114,14 +114,17 @@ class ClientSession:
 
     # ------------------------------------------------------------ outbound frames
 
-    async def send(self, frame: session_pb2.ServerFrame) -> None:
+    async def send(self, frame: session_pb2.ServerFrame | bytes) -> None:
         """Queue a frame for the client, waiting while the queue is full, in frames or in
-        bytes (backpressure); SessionClosed when the session ends first."""
+        bytes (backpressure); SessionClosed when the session ends first. A frame fanned
+        out to many sessions comes serialized once (bytes, its twins derived with
+        wire/twins.fill_out as for any frame)."""
         if self.closed.is_set():
             raise SessionClosed(self.id)
         if not self.streaming:
             return
-        await self.outbound.put(fill_out(frame).SerializeToString())
+        data = frame if isinstance(frame, bytes) else fill_out(frame).SerializeToString()
+        await self.outbound.put(data)
 
     def try_send(self, frame: session_pb2.ServerFrame) -> bool:
         """Queue a frame without waiting; False when the queue is full (in frames or in

@@ -1,9 +1,12 @@
-"""One WebSocket connection bridged to one SessionService.Connect stream.
+"""One WebSocket connection bridged to one SessionService.ConnectBatched stream (the
+session stream with many frames per gRPC message: wire/batch.py).
 
-Five tasks per connection: client -> core (text frames through the Bridge onto the gRPC
-stream), core -> client (opens the stream, then ServerFrames through the Bridge to the
-WebSocket: sent at once while the client keeps up, else onto a bounded queue), the writer
-(queue -> WebSocket), the keepalive and the authentication deadline.
+Six tasks per connection: client -> core (text frames through the Bridge onto a bounded
+upstream queue), the upstream writer (every frame queued when a write can start, in one
+gRPC message), core -> client (opens the stream, then the ServerFrames of each message
+through the Bridge to the WebSocket: sent at once, in one socket write, while the client
+keeps up, else onto a bounded queue), the writer (queue -> WebSocket, what waits in one
+write), the keepalive and the authentication deadline.
 
 Opening is paced: a gateway has at most `ws_pending_streams` Connect streams that the core
 has not taken in yet (the core says so with its initial metadata), so a burst of
@@ -49,24 +52,21 @@ from car_grpc.gateway.decoder import DecoderPool
 from car_grpc.gateway.jsonrpc import MAX_BATCH, Bridge
 from car_grpc.gateway.outbound import OutboundQueue
 from car_grpc.v1 import session_pb2, voice_pb2
+from car_grpc.wire import batch
 from car_grpc.wire.metadata import AUTH_KEY
 
 log = logging.getLogger(__name__)
 
 #: A ClientFrame, or one already serialized (decoded off the loop).
 OutFrame = session_pb2.ClientFrame | bytes
-ConnectCallable = grpc.aio.StreamStreamMultiCallable[OutFrame, session_pb2.ServerFrame]
-
-
-def serialize(frame: OutFrame) -> bytes:
-    """The request serializer of Connect calls."""
-    return frame if isinstance(frame, bytes) else frame.SerializeToString()
+#: SessionService.ConnectBatched: encoded batches of ClientFrames up (wire/batch.py).
+ConnectCallable = grpc.aio.StreamStreamMultiCallable[bytes, session_pb2.ConnectBatchedResponse]
 
 
 #: RFC 6455 caps a close reason at 123 bytes of UTF-8.
 _MAX_REASON_BYTES = 123
-#: Longest the gateway works through one client frame (its batch's writes) before it lets
-#: other tasks run.
+#: Longest the gateway works through one client frame (its batch's writes), or through
+#: one batch of frames from the core, before it lets other tasks run.
 SLICE = 0.002
 #: Longest a connection waits for its turn to open a stream, and then for the core to take
 #: it in, before going on without (the pacing is a courtesy, not a condition).
@@ -84,6 +84,37 @@ class TrackedConnection(ServerConnection):
         # Any bytes count: messages, pongs, pings, close frames.
         self.last_activity = self.loop.time()
         super().data_received(data)
+
+    async def send_all(self, messages: Sequence[str | bytes]) -> None:
+        """Send several messages (text: str, binary: bytes) in one write to the socket,
+        rather than one system call each; ConnectionClosed as send() raises it."""
+        async with self.send_context():
+            protocol = self.protocol
+            for message in messages:
+                if isinstance(message, str):
+                    protocol.send_text(message.encode())
+                else:
+                    protocol.send_binary(message)
+
+    def send_data(self) -> None:
+        """As websockets writes outgoing data, but the frames ready at once in one write
+        (send_all's messages leave together)."""
+        ready: list[bytes] = []
+        for data in self.protocol.data_to_send():
+            if data:
+                ready.append(data)
+                continue
+            if ready:
+                self.transport.write(b"".join(ready))
+                ready = []
+            # The end of the stream: half-close the TCP connection when possible.
+            if self.transport.can_write_eof():
+                with contextlib.suppress(Exception):  # as websockets: OSError, uvloop's
+                    self.transport.write_eof()
+            else:
+                self.transport.close()
+        if ready:
+            self.transport.write(b"".join(ready))
 
 
 def _clip(reason: str) -> str:
@@ -111,7 +142,7 @@ class Connection:
         #: Where large frames are decoded (None: inline, whatever their size).
         self._decoder = decoder
         #: The Connect stream, once opened (see _open).
-        self.call: grpc.aio.StreamStreamCall[OutFrame, session_pb2.ServerFrame]
+        self.call: grpc.aio.StreamStreamCall[bytes, session_pb2.ConnectBatchedResponse]
         #: Shared by the gateway's connections: a slot per stream not yet taken in.
         self._opening = opening or asyncio.Semaphore(config.ws_pending_streams)
         self._opened = asyncio.Event()  # self.call exists
@@ -122,6 +153,14 @@ class Connection:
         self._auth_required = True
         #: Text frames (JSON-RPC) and binary frames (audio) for the client.
         self.outbound = OutboundQueue(config.ws_outbound_queue, config.ws_outbound_queue_bytes)
+        #: Serialized ClientFrames on their way to the core: the next batch, filling while
+        #: the writer (a task that exists only while there is something to write, so an
+        #: idle connection holds neither) writes the one before; at most a batch's frames
+        #: and bytes, past which the client is not read until the writer takes them.
+        self._upstream: list[bytes] = []
+        self._upstream_bytes = 0
+        self._upstream_room: asyncio.Future[None] | None = None
+        self._upstream_writer: asyncio.Task[None] | None = None
         self._ended = asyncio.Event()
         self.close_code: int = CloseCode.NORMAL_CLOSURE
         self.close_reason = ""
@@ -166,6 +205,8 @@ class Connection:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.config.ws_close_timeout):
                         await self.outbound.join()
+            if self._upstream_writer is not None:
+                tasks.append(self._upstream_writer)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -182,6 +223,8 @@ class Connection:
                 await asyncio.wait((upstream,))
                 if not self._opened.is_set():
                     return  # nothing reached the core
+                if (writer := self._upstream_writer) is not None:
+                    await asyncio.wait((writer,))  # it ends once all is written
                 with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
                     await self.call.done_writing()
                 await asyncio.wait((downstream,))
@@ -243,26 +286,49 @@ class Connection:
                     inbound = self.bridge.admit(decoded)
                 for text in inbound.replies:
                     await self._queue(text)
-                if (inbound.frames or inbound.wire) and not self._opened.is_set():
-                    await self._opened.wait()  # bounded: see _open
                 await self._write_to_core(inbound.frames or inbound.wire)
         except ConnectionClosed:
             pass
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
-            return  # the stream ended: _core_to_client says why
         self._left()
 
     async def _write_to_core(self, frames: Sequence[OutFrame]) -> None:
-        """Write the frames of one client frame (a batch: up to 1,000) onto the stream,
-        letting other tasks run every SLICE seconds: a write that need not wait returns
-        without giving the event loop back."""
+        """Queue the frames of one client frame (a batch: up to 1,000) for the core,
+        waiting while the upstream queue is full and letting other tasks run every SLICE
+        seconds (a put that need not wait does not give the event loop back)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SLICE
         for frame in frames:
-            await self.call.write(frame)
+            data = frame if isinstance(frame, bytes) else frame.SerializeToString()
+            while self._upstream and (
+                len(self._upstream) >= batch.MAX_FRAMES
+                or self._upstream_bytes + len(data) > batch.MAX_BYTES
+            ):
+                # Full: wait (as long as the core does not read) for the writer to take it.
+                self._upstream_room = room = loop.create_future()
+                await room
+            self._upstream.append(data)
+            self._upstream_bytes += len(data)
+            if self._upstream_writer is None:
+                self._upstream_writer = asyncio.create_task(self._write_upstream())
+                self._upstream_writer.add_done_callback(self._task_done)
             if loop.time() >= deadline:
                 await asyncio.sleep(0)
                 deadline = loop.time() + SLICE
+
+    async def _write_upstream(self) -> None:
+        """Write what the client sent onto the stream, every frame queued when a write
+        can start in that one message, until nothing is left."""
+        try:
+            await self._opened.wait()  # bounded: see _open
+            while frames := self._upstream:
+                self._upstream, self._upstream_bytes = [], 0
+                if (room := self._upstream_room) is not None and not room.done():
+                    room.set_result(None)
+                await self.call.write(batch.encode(frames))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            return  # the stream ended: _core_to_client says why
+        finally:
+            self._upstream_writer = None
 
     async def _open(self) -> None:
         """Open the Connect stream once a slot is free, and hold the slot until the core
@@ -307,24 +373,31 @@ class Connection:
 
     async def _core_to_client(self) -> None:
         await self._open()
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                frame = await self.call.read()
-                if frame is grpc.aio.EOF:
+                message = await self.call.read()
+                if message is grpc.aio.EOF:
                     reason = "core ended the session"
                     break
-                assert isinstance(frame, session_pb2.ServerFrame)
-                if frame.HasField("voice_audio"):
-                    await self._send_audio(frame.voice_audio)
-                    continue
-                text = self.bridge.from_core(frame)
-                if self.bridge.authenticated and not self._full_size:
-                    self._full_size = True
-                    self.ws.protocol.max_message_size = self.config.ws_max_message_bytes
-                    self._authenticated.set()
-                if text is not None:
-                    await self._send(text)
-                if self.bridge.auth_refused:
+                assert isinstance(message, session_pb2.ConnectBatchedResponse)
+                out: list[str | bytes] = []
+                refused = False
+                deadline = loop.time() + SLICE
+                for frame in message.frames:
+                    if (sent := self._from_core(frame)) is not None:
+                        out.append(sent)
+                    if refused := self.bridge.auth_refused:
+                        break
+                    if loop.time() >= deadline:  # a long batch: let other tasks run
+                        if out:
+                            await self._send(out)
+                        out = []
+                        await asyncio.sleep(0)
+                        deadline = loop.time() + SLICE
+                if out:
+                    await self._send(out)
+                if refused:
                     self._abandon("auth required")
                     self.end(CloseCode.POLICY_VIOLATION, "auth required", flush=True)
                     return
@@ -333,28 +406,42 @@ class Connection:
         self._abandon(reason)
         self.end(CloseCode.INTERNAL_ERROR, reason, flush=True)
 
-    async def _send_audio(self, audio: voice_pb2.VoiceAudio) -> None:
+    def _from_core(self, frame: session_pb2.ServerFrame) -> str | bytes | None:
+        """What one frame of the core's becomes for the client (None: nothing)."""
+        if frame.HasField("voice_audio"):
+            return self._audio(frame.voice_audio)
+        text = self.bridge.from_core(frame)
+        if self.bridge.authenticated and not self._full_size:
+            self._full_size = True
+            self.ws.protocol.max_message_size = self.config.ws_max_message_bytes
+            self._authenticated.set()
+        return text
+
+    def _audio(self, audio: voice_pb2.VoiceAudio) -> bytes | None:
         """Speech for the client, as a CAR binary frame (never JSON)."""
         try:
-            data = audio_frames.encode(audio)
+            return audio_frames.encode(audio)
         except audio_frames.BinaryFrameError as e:
             log.warning("gateway: dropped an audio frame the core sent: %s", e)
-            return
-        await self._send(data)
+            return None
 
-    async def _send(self, text: str | bytes) -> None:
-        """Send at once while the client keeps up (no hop through the writer task); once
-        it falls behind, queue behind what is already waiting."""
+    async def _send(self, messages: list[str | bytes]) -> None:
+        """Send at once, in one write, while the client keeps up (no hop through the
+        writer task); once it falls behind, queue behind what is already waiting."""
         # Texts are ASCII (json.dumps escapes the rest): len() is the payload's size, and a
-        # frame header is at most 14 bytes. Below the write limit, ws.send() never waits.
+        # frame header is at most 14 bytes. Below the write limit, sending never waits.
         room = self.config.ws_write_limit - self.ws.transport.get_write_buffer_size()
-        if self.outbound.empty() and not self._writing and len(text) + 14 < room:
+        size = sum(len(m) + 14 for m in messages)
+        if self.outbound.empty() and not self._writing and size < room:
             try:
-                await self.ws.send(text)
+                await self.ws.send_all(messages)
             except ConnectionClosed:
                 self._left()
         else:
-            await self._queue(text)
+            for message in messages:
+                await self._queue(message)
+                if self._ended.is_set():
+                    return
 
     def _abandon(self, reason: str) -> None:
         """Fail the client's open requests (the connection is ending: what does not fit
@@ -364,17 +451,21 @@ class Connection:
                 self.outbound.put_nowait(text)
 
     async def _write(self) -> None:
+        """Send what waits in the queue: every message queued by then in one write (at
+        most a write limit's worth, so that a write never waits long for room)."""
         queue, ws = self.outbound, self.ws
         while True:
-            text = await queue.get()
+            first = await queue.get()
+            messages = [first, *queue.take_ready(batch.MAX_FRAMES - 1, self.config.ws_write_limit)]
             self._writing = True
             try:
-                await ws.send(text)
+                await ws.send_all(messages)
             except ConnectionClosed:
                 self._left()
             finally:
                 self._writing = False
-                queue.task_done()
+                for _ in messages:
+                    queue.task_done()
 
     async def _keepalive(self) -> None:
         interval, idle = self.config.ws_ping_interval, self.config.ws_idle_timeout

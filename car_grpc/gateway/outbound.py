@@ -88,6 +88,22 @@ class OutboundQueue:
         _wake(self._putters)
         return frame
 
+    def take_ready(self, max_frames: int, max_bytes: int) -> list[Frame]:
+        """The frames queued now, oldest first, without waiting: at most `max_frames`, and
+        within `max_bytes` unless the first alone is larger (for a batched write)."""
+        frames, size = self._frames, 0
+        taken: list[Frame] = []
+        while frames and len(taken) < max_frames:
+            if taken and size + len(frames[0]) > max_bytes:
+                break
+            frame = frames.popleft()
+            size += len(frame)
+            taken.append(frame)
+        if taken:
+            self.nbytes -= size
+            _wake(self._putters)
+        return taken
+
     def task_done(self) -> None:
         """The frame last taken is sent (or will never be)."""
         self._unfinished -= 1

@@ -28,9 +28,10 @@ from websockets.frames import CloseCode
 
 from car_grpc import tls
 from car_grpc.config import GatewayConfig
-from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection, serialize
+from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection
 from car_grpc.gateway.decoder import DecoderPool
 from car_grpc.v1 import session_pb2
+from car_grpc.wire import batch
 from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,25 @@ log = logging.getLogger(__name__)
 #: connections past it are half-open and retried with backoff, and some time out unserved.
 LISTEN_BACKLOG = 4096
 
-_CONNECT = f"/{session_pb2.DESCRIPTOR.services_by_name['SessionService'].full_name}/Connect"
+_CONNECT = f"/{session_pb2.DESCRIPTOR.services_by_name['SessionService'].full_name}/ConnectBatched"
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, core_address: str) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        core_address: str,
+        *,
+        listener: socket.socket | None = None,
+        announce: bool = True,
+    ) -> None:
         self.config = config
         self.core_address = core_address
+        #: A listening TCP socket to serve instead of binding ws_host:ws_port (one that
+        #: several gateway processes share).
+        self._listener = listener
+        #: Log the listening lines (one of several gateways on a port does).
+        self._announce = announce
         #: The bound TCP port (useful with ws_port=0), known after start().
         self.ws_port = 0
         self._channel: grpc.aio.Channel | None = None
@@ -100,13 +113,17 @@ class Gateway:
         )
         self._connect = self._channel.stream_stream(
             _CONNECT,
-            request_serializer=serialize,
-            response_deserializer=session_pb2.ServerFrame.FromString,
+            request_serializer=batch.serialize,
+            response_deserializer=session_pb2.ConnectBatchedResponse.FromString,
         )
-        tcp = await self._serve(host=config.ws_host, port=config.ws_port, ssl=self._ssl)
+        if self._listener is not None:
+            tcp = await self._serve(sock=self._listener, ssl=self._ssl)
+        else:
+            tcp = await self._serve(host=config.ws_host, port=config.ws_port, ssl=self._ssl)
         self._servers.append(tcp)
         self.ws_port = tcp.sockets[0].getsockname()[1]
-        log.info("gateway: WebSocket listening on %s (core %s)", self.url, self.core_address)
+        if self._announce:
+            log.info("gateway: WebSocket listening on %s (core %s)", self.url, self.core_address)
         if config.unix_socket is not None:
             path = config.unix_socket
             _prepare_unix_socket(path)
@@ -114,7 +131,8 @@ class Gateway:
             os.chmod(path, 0o600)
             self._servers.append(unix)
             self._unix_socket = path
-            log.info("gateway: WebSocket listening on unix:%s", path)
+            if self._announce:
+                log.info("gateway: WebSocket listening on unix:%s", path)
 
     async def _serve(self, **where: Any) -> Server:
         config = self.config

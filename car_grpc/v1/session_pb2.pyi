@@ -30,6 +30,50 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ConnectBatchedRequest(_message.Message):
+    """ConnectBatched: client frames, handled in order as if sent one by one on Connect."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientFrame]: ...
+    def __init__(
+        self,
+        *,
+        frames: _abc.Iterable[Global___ClientFrame] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frames", b"frames"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectBatchedRequest: _TypeAlias = ConnectBatchedRequest  # noqa: Y015
+
+@_typing.final
+class ConnectBatchedResponse(_message.Message):
+    """ConnectBatched: server frames, in the order Connect would have sent them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServerFrame]: ...
+    def __init__(
+        self,
+        *,
+        frames: _abc.Iterable[Global___ServerFrame] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frames", b"frames"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectBatchedResponse: _TypeAlias = ConnectBatchedResponse  # noqa: Y015
+
+@_typing.final
 class AuthenticateRequest(_message.Message):
     """`session.auth`: must be the session's first request. One of: `{token}` (daemon token,
     ordinary session), `{host_token}` (host role), `{token, agent_id}` (an agent token minted

@@ -73,6 +73,11 @@ class SessionServiceStub:
                 request_serializer=car_dot_v1_dot_session__pb2.ClientFrame.SerializeToString,
                 response_deserializer=car_dot_v1_dot_session__pb2.ServerFrame.FromString,
                 _registered_method=True)
+        self.ConnectBatched = channel.stream_stream(
+                '/car.v1.SessionService/ConnectBatched',
+                request_serializer=car_dot_v1_dot_session__pb2.ConnectBatchedRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_session__pb2.ConnectBatchedResponse.FromString,
+                _registered_method=True)
         self.InitSession = channel.unary_unary(
                 '/car.v1.SessionService/InitSession',
                 request_serializer=car_dot_v1_dot_session__pb2.InitSessionRequest.SerializeToString,
@@ -135,6 +140,16 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConnectBatched(self, request_iterator, context):
+        """The session stream with many frames per message, both ways: the same session, frames
+        and order as Connect, for a client (such as the gateway) that has several frames ready
+        at once (tokens streamed, a burst of requests, fan-out). A client that sends one frame
+        at a time uses Connect.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def InitSession(self, request, context):
         """Registers tools and policies in one call. JSON-RPC: `session.init`.
         """
@@ -156,6 +171,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=car_dot_v1_dot_session__pb2.ClientFrame.FromString,
                     response_serializer=car_dot_v1_dot_session__pb2.ServerFrame.SerializeToString,
+            ),
+            'ConnectBatched': grpc.stream_stream_rpc_method_handler(
+                    servicer.ConnectBatched,
+                    request_deserializer=car_dot_v1_dot_session__pb2.ConnectBatchedRequest.FromString,
+                    response_serializer=car_dot_v1_dot_session__pb2.ConnectBatchedResponse.SerializeToString,
             ),
             'InitSession': grpc.unary_unary_rpc_method_handler(
                     servicer.InitSession,
@@ -229,6 +249,33 @@ class SessionService:
             '/car.v1.SessionService/Connect',
             car_dot_v1_dot_session__pb2.ClientFrame.SerializeToString,
             car_dot_v1_dot_session__pb2.ServerFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConnectBatched(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/car.v1.SessionService/ConnectBatched',
+            car_dot_v1_dot_session__pb2.ConnectBatchedRequest.SerializeToString,
+            car_dot_v1_dot_session__pb2.ConnectBatchedResponse.FromString,
             options,
             channel_credentials,
             insecure,

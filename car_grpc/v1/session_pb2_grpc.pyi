@@ -76,6 +76,12 @@ class SessionServiceStub:
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
+    ConnectBatched: _grpc.StreamStreamMultiCallable[_session_pb2.ConnectBatchedRequest, _session_pb2.ConnectBatchedResponse]
+    """The session stream with many frames per message, both ways: the same session, frames
+    and order as Connect, for a client (such as the gateway) that has several frames ready
+    at once (tokens streamed, a burst of requests, fan-out). A client that sends one frame
+    at a time uses Connect.
+    """
     InitSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.InitSessionRequest, _session_pb2.InitSessionResponse]
     """Registers tools and policies in one call. JSON-RPC: `session.init`."""
     ClearHalt: _grpc.UnaryUnaryMultiCallable[_session_pb2.ClearHaltRequest, _session_pb2.ClearHaltResponse]
@@ -128,6 +134,12 @@ class SessionServiceAsyncStub(SessionServiceStub):
     answers and notifications both ways), not one request and its response.
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    ConnectBatched: _aio.StreamStreamMultiCallable[_session_pb2.ConnectBatchedRequest, _session_pb2.ConnectBatchedResponse]  # type: ignore[assignment]
+    """The session stream with many frames per message, both ways: the same session, frames
+    and order as Connect, for a client (such as the gateway) that has several frames ready
+    at once (tokens streamed, a burst of requests, fan-out). A client that sends one frame
+    at a time uses Connect.
     """
     InitSession: _aio.UnaryUnaryMultiCallable[_session_pb2.InitSessionRequest, _session_pb2.InitSessionResponse]  # type: ignore[assignment]
     """Registers tools and policies in one call. JSON-RPC: `session.init`."""
@@ -184,6 +196,18 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         answers and notifications both ways), not one request and its response.
         buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def ConnectBatched(
+        self,
+        request_iterator: _MaybeAsyncIterator[_session_pb2.ConnectBatchedRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_session_pb2.ConnectBatchedResponse], _abc.AsyncIterator[_session_pb2.ConnectBatchedResponse]]:
+        """The session stream with many frames per message, both ways: the same session, frames
+        and order as Connect, for a client (such as the gateway) that has several frames ready
+        at once (tokens streamed, a burst of requests, fan-out). A client that sends one frame
+        at a time uses Connect.
         """
 
     @_abc_1.abstractmethod

@@ -25,6 +25,11 @@ type SessionServiceClient interface {
 	// buf:lint:ignore RPC_REQUEST_STANDARD_NAME
 	// buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
 	Connect(ctx context.Context, opts ...grpc.CallOption) (SessionService_ConnectClient, error)
+	// The session stream with many frames per message, both ways: the same session, frames
+	// and order as Connect, for a client (such as the gateway) that has several frames ready
+	// at once (tokens streamed, a burst of requests, fan-out). A client that sends one frame
+	// at a time uses Connect.
+	ConnectBatched(ctx context.Context, opts ...grpc.CallOption) (SessionService_ConnectBatchedClient, error)
 	// Registers tools and policies in one call. JSON-RPC: `session.init`.
 	InitSession(ctx context.Context, in *InitSessionRequest, opts ...grpc.CallOption) (*InitSessionResponse, error)
 	// Lifts the halt that a terminal tool error set. JSON-RPC: `session.clear_halt`.
@@ -70,6 +75,37 @@ func (x *sessionServiceConnectClient) Recv() (*ServerFrame, error) {
 	return m, nil
 }
 
+func (c *sessionServiceClient) ConnectBatched(ctx context.Context, opts ...grpc.CallOption) (SessionService_ConnectBatchedClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_SessionService_serviceDesc.Streams[1], "/car.v1.SessionService/ConnectBatched", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &sessionServiceConnectBatchedClient{stream}
+	return x, nil
+}
+
+type SessionService_ConnectBatchedClient interface {
+	Send(*ConnectBatchedRequest) error
+	Recv() (*ConnectBatchedResponse, error)
+	grpc.ClientStream
+}
+
+type sessionServiceConnectBatchedClient struct {
+	grpc.ClientStream
+}
+
+func (x *sessionServiceConnectBatchedClient) Send(m *ConnectBatchedRequest) error {
+	return x.ClientStream.SendMsg(m)
+}
+
+func (x *sessionServiceConnectBatchedClient) Recv() (*ConnectBatchedResponse, error) {
+	m := new(ConnectBatchedResponse)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 func (c *sessionServiceClient) InitSession(ctx context.Context, in *InitSessionRequest, opts ...grpc.CallOption) (*InitSessionResponse, error) {
 	out := new(InitSessionResponse)
 	err := c.cc.Invoke(ctx, "/car.v1.SessionService/InitSession", in, out, opts...)
@@ -100,6 +136,11 @@ type SessionServiceServer interface {
 	// buf:lint:ignore RPC_REQUEST_STANDARD_NAME
 	// buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
 	Connect(SessionService_ConnectServer) error
+	// The session stream with many frames per message, both ways: the same session, frames
+	// and order as Connect, for a client (such as the gateway) that has several frames ready
+	// at once (tokens streamed, a burst of requests, fan-out). A client that sends one frame
+	// at a time uses Connect.
+	ConnectBatched(SessionService_ConnectBatchedServer) error
 	// Registers tools and policies in one call. JSON-RPC: `session.init`.
 	InitSession(context.Context, *InitSessionRequest) (*InitSessionResponse, error)
 	// Lifts the halt that a terminal tool error set. JSON-RPC: `session.clear_halt`.
@@ -113,6 +154,9 @@ type UnimplementedSessionServiceServer struct {
 
 func (UnimplementedSessionServiceServer) Connect(SessionService_ConnectServer) error {
 	return status.Errorf(codes.Unimplemented, "method Connect not implemented")
+}
+func (UnimplementedSessionServiceServer) ConnectBatched(SessionService_ConnectBatchedServer) error {
+	return status.Errorf(codes.Unimplemented, "method ConnectBatched not implemented")
 }
 func (UnimplementedSessionServiceServer) InitSession(context.Context, *InitSessionRequest) (*InitSessionResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method InitSession not implemented")
@@ -153,6 +197,32 @@ func (x *sessionServiceConnectServer) Send(m *ServerFrame) error {
 
 func (x *sessionServiceConnectServer) Recv() (*ClientFrame, error) {
 	m := new(ClientFrame)
+	if err := x.ServerStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+func _SessionService_ConnectBatched_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(SessionServiceServer).ConnectBatched(&sessionServiceConnectBatchedServer{stream})
+}
+
+type SessionService_ConnectBatchedServer interface {
+	Send(*ConnectBatchedResponse) error
+	Recv() (*ConnectBatchedRequest, error)
+	grpc.ServerStream
+}
+
+type sessionServiceConnectBatchedServer struct {
+	grpc.ServerStream
+}
+
+func (x *sessionServiceConnectBatchedServer) Send(m *ConnectBatchedResponse) error {
+	return x.ServerStream.SendMsg(m)
+}
+
+func (x *sessionServiceConnectBatchedServer) Recv() (*ConnectBatchedRequest, error) {
+	m := new(ConnectBatchedRequest)
 	if err := x.ServerStream.RecvMsg(m); err != nil {
 		return nil, err
 	}
@@ -212,6 +282,12 @@ var _SessionService_serviceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "Connect",
 			Handler:       _SessionService_Connect_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "ConnectBatched",
+			Handler:       _SessionService_ConnectBatched_Handler,
 			ServerStreams: true,
 			ClientStreams: true,
 		},

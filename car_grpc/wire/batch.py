@@ -1,0 +1,45 @@
+"""Many frames per gRPC message: the wire of SessionService.ConnectBatched.
+
+Each side of the bridge keeps its frames serialized (ClientFrame or ServerFrame bytes)
+while they wait, so a batch is built without touching them again: a ConnectBatchedRequest
+or ConnectBatchedResponse is nothing but its frames, each as field 1 (a length-delimited
+member), one after another. A batch is bounded in frames and in bytes; a frame larger
+than the byte bound travels alone.
+
+Batches form by themselves, with no timer: a sender writes what is ready when it gets
+to write, and what becomes ready while that write is under way goes in the next one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: Most frames in one message.
+MAX_FRAMES = 256
+#: Most bytes of frames in one message (a single larger frame goes alone).
+MAX_BYTES = 1024 * 1024
+
+#: Field 1, wire type 2 (length-delimited): the tag of each frame in a batch.
+_FRAME_TAG = b"\x0a"
+_SMALL = [bytes((n,)) for n in range(0x80)]
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL[value]
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode(frames: Sequence[bytes]) -> bytes:
+    """The ConnectBatchedRequest / ConnectBatchedResponse of serialized frames."""
+    return b"".join([part for frame in frames for part in (_FRAME_TAG, _varint(len(frame)), frame)])
+
+
+def serialize(batch: bytes) -> bytes:
+    """The serializer of a batched stream: messages are encoded before they are written."""
+    return batch

@@ -1,0 +1,74 @@
+"""SessionService.ConnectBatched: the session stream with many frames per message, on a
+real core over gRPC (the gateway's way in; Connect stays one frame per message)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+
+from car_grpc.core.server import Core
+from car_grpc.v1 import session_pb2, session_pb2_grpc
+from car_grpc.wire import batch
+from tests.ws_helpers import daemon_token
+
+
+def _frame(frame_id: str, member: str, **fields: Any) -> session_pb2.ClientFrame:
+    frame = session_pb2.ClientFrame(id=frame_id)
+    getattr(frame, member).SetInParent()
+    for name, value in fields.items():
+        setattr(getattr(frame, member), name, value)
+    return frame
+
+
+def test_a_batch_is_its_frames_as_field_one() -> None:
+    frames = [session_pb2.ServerFrame(id=str(i)).SerializeToString() for i in range(3)] + [
+        session_pb2.ServerFrame(id="x" * 300).SerializeToString(),
+        b"",
+    ]  # a 2-byte length
+    decoded = session_pb2.ConnectBatchedResponse.FromString(batch.encode(frames))
+    assert [f.SerializeToString() for f in decoded.frames] == frames
+    assert batch.encode([]) == b""
+
+
+async def test_a_burst_in_one_message_is_answered_in_order_and_in_few(
+    core: Core, channel: grpc.aio.Channel
+) -> None:
+    call: Any = session_pb2_grpc.SessionServiceStub(channel).ConnectBatched()
+    try:
+        auth = _frame("auth", "session_auth", token=daemon_token(core))
+        listings = [_frame(str(i), "tools_list") for i in range(100)]
+        await call.write(session_pb2.ConnectBatchedRequest(frames=[auth, *listings]))
+        answers: list[session_pb2.ServerFrame] = []
+        messages = 0
+        while len(answers) < 101:
+            message = await call.read()
+            assert message is not grpc.aio.EOF
+            messages += 1
+            answers += message.frames
+        assert [a.id for a in answers] == ["auth", *(str(i) for i in range(100))]
+        assert [a.WhichOneof("body") for a in answers[1:]] == ["tools_list"] * 100
+        # Answered as they were handled, inline: queued behind the first, sent together.
+        assert messages <= 3, messages
+    finally:
+        call.cancel()
+
+
+async def test_requests_before_auth_are_refused_as_on_connect(
+    core: Core, channel: grpc.aio.Channel
+) -> None:
+    """The access rule of each request holds inside a batch: a request before auth gets
+    -32001 and the stream ends, and the frames after it are not run."""
+    call: Any = session_pb2_grpc.SessionServiceStub(channel).ConnectBatched()
+    try:
+        put = _frame("1", "state_set", key="k")
+        put.state_set.value.string_value = "v"
+        await call.write(session_pb2.ConnectBatchedRequest(frames=[_frame("0", "tools_list"), put]))
+        message = await call.read()
+        assert [(f.id, f.error.code) for f in message.frames] == [("0", -32001)]
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call.read()
+        assert ended.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        call.cancel()
