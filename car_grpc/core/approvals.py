@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from typing import TypeAlias
 
 from google.protobuf.message import Message
@@ -98,6 +99,7 @@ class Approvals:
         *,
         gated_methods: frozenset[str],
         timeout: float,
+        clustered: bool = False,
     ) -> None:
         if refused := sorted(gated_methods & UNGATEABLE):
             raise ValueError(f"these methods cannot be gated: {', '.join(refused)}")
@@ -114,9 +116,17 @@ class Approvals:
         #: Sessions whose close hook is installed.
         self._hooked: set[str] = set()
         self._closed = False
+        #: Several cores share the ledger: pending approvals of other cores are listed and
+        #: may be resolved here (the core parking the call hears of it through
+        #: `resolved_elsewhere`, told by `tell_resolved`).
+        self._clustered = clustered
+        self.tell_resolved: Callable[[str], None] | None = None
 
     async def start(self) -> None:
-        """Expire the approvals a previous server left pending."""
+        """Expire the approvals a previous server left pending (in a cluster, joining
+        released this core's own: the others' are theirs)."""
+        if self._clustered:
+            return
 
         stale = await self.ledger.pending()
         expired = [_resolved(a, EXPIRED, "the server stopped") for a in stale]
@@ -138,7 +148,10 @@ class Approvals:
     async def listing(self, session: ClientSession) -> list[HostApproval]:
         """What `session` may see: pending approvals first (oldest first), then the newest
         resolved ones."""
-        pending = self.pending(session)
+        if self._clustered:  # every core's
+            pending = [a for a in await self.ledger.pending() if may_read(session, a)]
+        else:
+            pending = self.pending(session)
         history = await self.ledger.history(HISTORY_LIMIT)
         resolved = {a.id for a in history}  # resolved while the history was read
         mine = (a for a in history if may_read(session, a))
@@ -174,7 +187,9 @@ class Approvals:
             row = await self.ledger.get(approval_id)
             if row is None or not may_read(session, row):
                 raise not_found(INVALID_PARAMS, f"invalid params: unknown approval: {approval_id}")
-            raise _already(row)
+            if row.status != PENDING or not self._clustered:
+                raise _already(row)
+            return await self._resolve_elsewhere_pending(session, row, req)
         if not self._may_resolve(session, approval):
             raise permission_denied(f"approval '{approval_id}' may not be resolved by this session")
         notes = req.notes if req.HasField("notes") else None
@@ -182,6 +197,45 @@ class Approvals:
         if not won:
             raise _already(row)
         return row
+
+    async def _resolve_elsewhere_pending(
+        self, session: ClientSession, approval: HostApproval, req: host_pb2.ResolveApprovalRequest
+    ) -> HostApproval:
+        """Resolve an approval pending on another core of the cluster: in the ledger (the
+        first resolution wins there), then that core is told and wakes its parked call.
+        Raised by a session: only that session may, and it lives on the other core. A
+        system approval: the same rule as here (its parked session is not this one)."""
+        if approval.HasField("client_id") or session.role is Role.AGENT:
+            raise permission_denied(f"approval '{approval.id}' may not be resolved by this session")
+        notes = req.notes if req.HasField("notes") else None
+        resolved = _resolved(approval, APPROVED if req.approved else DENIED, notes)
+        row, won = await self.ledger.finish(resolved)
+        assert row is not None, approval.id
+        if not won:
+            raise _already(row)
+        self._metrics.approvals.inc(status_name(row.status))
+        if self.tell_resolved is not None:
+            self.tell_resolved(row.id)
+        self._announce("approval.resolved", row)
+        return row
+
+    async def resolved_elsewhere(self, approval_id: str) -> None:
+        """Another core resolved `approval_id`: if it parks a call here, wake it with the
+        outcome the ledger has."""
+        if approval_id not in self._pending:
+            return
+        row = await self.ledger.get(approval_id)
+        if row is None or row.status == PENDING or approval_id not in self._pending:
+            return
+        del self._pending[approval_id]
+        waiter = self._waiters.get(approval_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(row)
+
+    def announce_released(self, approvals: list[HostApproval]) -> None:
+        """Approvals a dead core left pending, expired by this core: announced here."""
+        for approval in approvals:
+            self._announce("approval.resolved", approval)
 
     def _may_resolve(self, session: ClientSession, approval: HostApproval) -> bool:
         if approval.HasField("client_id"):  # raised by a session: that session's
@@ -209,11 +263,12 @@ class Approvals:
         resolved = _resolved(approval, status, notes)
         row, won = await self.ledger.finish(resolved)
         assert row is not None, approval_id
+        # Not won: another core of the cluster resolved it first, and its outcome stands.
+        self._pending.pop(approval_id, None)
+        waiter = self._waiters.get(approval_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(row)
         if won:
-            self._pending.pop(approval_id, None)
-            waiter = self._waiters.get(approval_id)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(row)
             self._metrics.approvals.inc(status_name(row.status))
             self._announce("approval.resolved", row)
         return row, won
@@ -323,6 +378,11 @@ def _resolved(approval: HostApproval, status: Status, notes: str | None) -> Host
     if notes is not None:
         resolved.notes = notes
     return resolved
+
+
+def expired(approval: HostApproval, notes: str) -> HostApproval:
+    """`approval` as it is once it expired with `notes` (as it would on its own core)."""
+    return _resolved(approval, EXPIRED, notes)
 
 
 def _already(approval: HostApproval) -> CarError:

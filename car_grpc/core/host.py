@@ -96,6 +96,8 @@ class HostEvents:
         #: Counts the events listeners drop (the core's; a private one when standalone).
         self._metrics = metrics or Metrics()
         self._listeners: set[Listener] = set()
+        #: Gets every event published here (the cluster sends them to the other cores).
+        self.forward: Callable[[host_pb2.HostEvent], None] | None = None
 
     @property
     def last_sequence(self) -> int:
@@ -121,10 +123,23 @@ class HostEvents:
             event.message = message
         if payload is not None:
             event.payload.CopyFrom(codec.to_value(payload))
+        self._record(event)
+        if self.forward is not None:
+            self.forward(event)
+        return event
+
+    def publish_from_elsewhere(self, event: host_pb2.HostEvent) -> None:
+        """An event another core of the cluster published: recorded here under this log's
+        next sequence (its id, time and content kept), so every core's events come in one
+        order per origin and resume works as for this core's own."""
+        self._last_sequence += 1
+        event.sequence = self._last_sequence
+        self._record(event)
+
+    def _record(self, event: host_pb2.HostEvent) -> None:
         self.history.append(event)
         for listener in self._listeners:
             listener.offer(event)
-        return event
 
     def listen(self, session: ClientSession | None = None) -> Listener:
         """A new listener: it receives every event published from now on that `session`

@@ -13,12 +13,20 @@ domain that owns it. Nothing else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from car_grpc.config import CoreConfig
-from car_grpc.core.approvals import Approvals
+from car_grpc.core.approvals import Approvals, expired
 from car_grpc.core.authentication import Authentication
 from car_grpc.core.chats import ChatLimits, Chats
+from car_grpc.core.cluster import (
+    Cluster,
+    ClusterAttachments,
+    Message,
+    event_of,
+    from_elsewhere,
+)
 from car_grpc.core.dispatch import Dispatcher
 from car_grpc.core.grpc_service import GrpcService
 from car_grpc.core.host import Host, HostEvents
@@ -26,10 +34,11 @@ from car_grpc.core.key_value import KeyValue
 from car_grpc.core.kv import StateBudget
 from car_grpc.core.meetings import Meetings
 from car_grpc.core.metrics import Metrics
+from car_grpc.core.peers import Peers, PeerService
 from car_grpc.core.policies import Policies
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.router import Router
-from car_grpc.core.runs import Runs
+from car_grpc.core.runs import INCOMPLETE, Runs, ended_record
 from car_grpc.core.session import SessionLimits
 from car_grpc.core.status import Status
 from car_grpc.core.tokens import AgentTokens, ServerTokens
@@ -62,6 +71,12 @@ class CoreParts:
     status: Status
     router: Router
     grpc: GrpcService
+    #: In a cluster (a PostgreSQL store): membership and messages, the core-to-core
+    #: service other cores call, and the client side of it. None for a core of its own.
+    cluster: Cluster | None = None
+    peer_service: PeerService | None = None
+    peers: Peers | None = None
+    _keep: list[object] = field(default_factory=list)
 
     async def shutdown(self) -> None:
         """Close every session, then let the domains finish what they write (pending
@@ -72,11 +87,33 @@ class CoreParts:
         await self.runs.shutdown()
         await self.chats.drain()
         await self.voice.shutdown()
+        if self.peers is not None:
+            await self.peers.close()
+        if self.cluster is not None:
+            await self.cluster.leave()
 
 
-async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) -> CoreParts:
-    """Build and start the domains of one core over `store`."""
+async def wire(
+    config: CoreConfig,
+    store: Store,
+    tokens: ServerTokens | None,
+    *,
+    advertise: str = "",
+    cluster_secret: str = "",
+) -> CoreParts:
+    """Build and start the domains of one core over `store`. On a store shared by several
+    cores (PostgreSQL), the core first joins the cluster, advertising `advertise` to its
+    peers, which prove `cluster_secret`."""
     auth_enabled = tokens is not None
+    cluster: Cluster | None = None
+    if store.cluster is not None:
+        cluster = Cluster(
+            store.cluster,
+            lease=config.cluster_lease,
+            ended=lambda: ended_record(INCOMPLETE),
+            expire=lambda a: expired(a, "its core is gone"),
+        )
+        await cluster.join(advertise)  # before anything below reads or repairs the store
     metrics = Metrics()
     registry = SessionRegistry(
         SessionLimits(
@@ -95,7 +132,12 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
     events = HostEvents(config.host_event_history, config.host_event_queue, metrics)
     gated = config.gated_methods if config.approvals else frozenset()
     approvals = Approvals(
-        store.approvals, events, metrics, gated_methods=gated, timeout=config.approval_timeout
+        store.approvals,
+        events,
+        metrics,
+        gated_methods=gated,
+        timeout=config.approval_timeout,
+        clustered=cluster is not None,
     )
     await approvals.start()
     host = Host(events, approvals.pending)
@@ -171,6 +213,15 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
     grpc = GrpcService(
         registry, authentication, dispatcher, max_inflight=config.max_inflight_per_session
     )
+    peer_service = peers = None
+    keep: list[object] = []
+    if cluster is not None:
+        assert store.cluster is not None
+        peers = Peers(store.cluster, cluster_secret, ack_timeout=config.chat_ack_timeout)
+        chats.peers = peers
+        peer_service = PeerService(cluster_secret, registry, chats)
+        keep.append(ClusterAttachments(cluster, registry))
+        _connect(cluster, events, runs, approvals, registry, chats, keep)
     return CoreParts(
         config=config,
         store=store,
@@ -189,4 +240,48 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
         status=status,
         router=router,
         grpc=grpc,
+        cluster=cluster,
+        peer_service=peer_service,
+        peers=peers,
+        _keep=keep,
     )
+
+
+def _connect(
+    cluster: Cluster,
+    events: HostEvents,
+    runs: Runs,
+    approvals: Approvals,
+    registry: SessionRegistry,
+    chats: Chats,
+    keep: list[object],
+) -> None:
+    """What crosses cores through the cluster's messages (core/cluster.py), both ways."""
+    tasks: set[asyncio.Task[None]] = set()
+    keep.append(tasks)
+
+    def event_from_elsewhere(message: Message) -> None:
+        if from_elsewhere(cluster, message):
+            events.publish_from_elsewhere(event_of(message))
+
+    def approval_from_elsewhere(message: Message) -> None:
+        if from_elsewhere(cluster, message):
+            task = asyncio.create_task(approvals.resolved_elsewhere(str(message["id"])))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    events.forward = cluster.publish_event
+    cluster.on("event", event_from_elsewhere)
+    runs.committed = lambda run_id: cluster.publish("run", run=run_id)
+    cluster.on("run", lambda message: runs.appended_elsewhere(str(message["run"])))
+    cluster.on_connected(runs.catch_up_all)
+    approvals.tell_resolved = lambda approval_id: cluster.publish("approval", id=approval_id)
+    cluster.on("approval", approval_from_elsewhere)
+    cluster.on_released(lambda released: approvals.announce_released(released.approvals))
+    cluster.stats = lambda: {
+        "sessions": sum(1 for s in registry.sessions.values() if s.streaming),
+        "agents": len(registry.attached),
+        "chats": len(chats.open),
+        "runs": len(runs.live),
+        "approvals": len(approvals.pending()),
+    }

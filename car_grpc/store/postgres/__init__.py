@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from car_grpc.store.postgres.agent_tokens import PostgresAgentTokenStore
 from car_grpc.store.postgres.approvals import PostgresApprovalStore
+from car_grpc.store.postgres.cluster import PostgresCluster
 from car_grpc.store.postgres.database import PostgresDatabase
 from car_grpc.store.postgres.goals import PostgresGoalStore
 from car_grpc.store.postgres.meetings import PostgresMeetingStore
@@ -29,15 +30,24 @@ class PostgresStore:
         self.runs = PostgresRunStore(database)
         self.goals = PostgresGoalStore(database)
         self.meetings = PostgresMeetingStore(database)
+        self.cluster = PostgresCluster(database)
 
     @classmethod
     async def open(
-        cls, url: str, *, pool_size: int = DEFAULT_POOL_SIZE, timeout: float = DEFAULT_TIMEOUT
+        cls,
+        url: str,
+        *,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        timeout: float = DEFAULT_TIMEOUT,
+        core_id: str = "",
     ) -> PostgresStore:
         """Connect to the database at `url` (migrating it as needed) with a pool of at most
         `pool_size` connections, each call bounded by `timeout` seconds; StoreUnavailable
         when it cannot be reached."""
-        return cls(await PostgresDatabase.open(url, pool_size=pool_size, timeout=timeout))
+        database = await PostgresDatabase.open(
+            url, pool_size=pool_size, timeout=timeout, core_id=core_id
+        )
+        return cls(database)
 
     async def size_bytes(self) -> int:
         return await self.database.size_bytes()
@@ -52,6 +62,7 @@ class PostgresStore:
 __all__ = [
     "PostgresAgentTokenStore",
     "PostgresApprovalStore",
+    "PostgresCluster",
     "PostgresDatabase",
     "PostgresGoalStore",
     "PostgresMeetingStore",

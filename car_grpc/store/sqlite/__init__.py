@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from car_grpc.store.repositories import ClusterStore
 from car_grpc.store.sqlite.agent_tokens import SqliteAgentTokenStore
 from car_grpc.store.sqlite.approvals import SqliteApprovalStore
 from car_grpc.store.sqlite.database import SqliteDatabase
@@ -22,6 +23,8 @@ class SqliteStore:
         self.runs = SqliteRunStore(database)
         self.goals = SqliteGoalStore(database)
         self.meetings = SqliteMeetingStore(database)
+        #: One core per SQLite file: no cluster.
+        self.cluster: ClusterStore | None = None
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
