@@ -82,6 +82,7 @@ class Cluster:
         self._handlers: dict[str, list[Handler]] = collections.defaultdict(list)
         self._on_connected: list[Callable[[], None]] = []
         self._on_released: list[Callable[[Released], None]] = []
+        self._on_lost: list[Callable[[], None]] = []
         #: What this core says of itself with each renewal (status counts).
         self.stats: Callable[[], dict[str, int]] = dict
         self._outbox: collections.deque[str] = collections.deque()
@@ -99,6 +100,10 @@ class Cluster:
     def on_connected(self, hook: Callable[[], None]) -> None:
         """Call `hook` whenever the listening connection is (re)established."""
         self._on_connected.append(hook)
+
+    def on_lost(self, hook: Callable[[], None]) -> None:
+        """Call `hook` when this core finds its lease lost (a peer released what it held)."""
+        self._on_lost.append(hook)
 
     def on_released(self, hook: Callable[[Released], None]) -> None:
         """Call `hook` with what a dead core held, once this core has released it."""
@@ -171,6 +176,8 @@ class Cluster:
                     # Our lease ran out (the store was away longer than a lease) and a
                     # peer released what we held: join again as a new incarnation.
                     log.error("cluster: core %s lost its lease; rejoining", self.core_id)
+                    for hook in self._on_lost:
+                        hook()
                     self.incarnation = uuid.uuid4().hex
                     await self.store.join(
                         self.advertise, self.incarnation, self.lease, self._ended(), self._expire

@@ -42,7 +42,7 @@ from car_grpc.core.metrics import Metrics
 from car_grpc.core.router import Reply, handles, streams
 from car_grpc.core.run_turns import cap_turn
 from car_grpc.core.session import ClientSession, Role, SessionClosed
-from car_grpc.store.repositories import RunRow, RunStore
+from car_grpc.store.repositories import RunRow, RunStore, StoreConflict, StoreUnavailable
 from car_grpc.v1 import runs_pb2, session_pb2
 from car_grpc.wire import api
 from car_grpc.wire.codec import enum_to_json, to_value
@@ -286,6 +286,16 @@ class Runs:
         if run is not None:
             self._background.spawn(self._catch_up(run))
 
+    def lost_hold(self) -> None:
+        """This core lost its lease and a peer released its runs (ended them in the store):
+        they are followed from the store from now on, so their readers here get the
+        `ended` the peer wrote, and writes to them are refused as to any ended run."""
+        for run_id, run in list(self.live.items()):
+            del self.live[run_id]
+            self.remote[run_id] = run
+            run.owner = None
+            self._background.spawn(self._catch_up(run))
+
     def catch_up_all(self) -> None:
         """After messages may have been lost: catch up every followed run."""
         for run in list(self.remote.values()):
@@ -494,7 +504,12 @@ class Runs:
         for run in list(self.live.values()):
             async with run.lock:
                 if run.status == IN_PROGRESS:
-                    await self._end(run, ended_record(INCOMPLETE))
+                    try:
+                        await self._end(run, ended_record(INCOMPLETE))
+                    except (StoreConflict, StoreUnavailable) as e:
+                        # Ended already (a cluster peer released it), or the store is
+                        # away (the next core to start, or a peer, ends it).
+                        log.warning("runs: run %s not ended at shutdown: %s", run.run_id, e)
 
     # ------------------------------------------------------------ turns
 

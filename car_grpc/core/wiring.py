@@ -275,6 +275,7 @@ def _connect(
     runs.committed = lambda run_id: cluster.publish("run", run=run_id)
     cluster.on("run", lambda message: runs.appended_elsewhere(str(message["run"])))
     cluster.on_connected(runs.catch_up_all)
+    cluster.on_lost(runs.lost_hold)
     approvals.tell_resolved = lambda approval_id: cluster.publish("approval", id=approval_id)
     cluster.on("approval", approval_from_elsewhere)
     cluster.on_released(lambda released: approvals.announce_released(released.approvals))
