@@ -32,7 +32,7 @@ from tests.runs_helpers import complete, record, start, turns
 from tests.session_client import SessionClient
 
 #: A short lease keeps the release of a dead core quick.
-LEASE = 1.0
+LEASE = 1.5
 SECRET = "cluster-test-secret"
 
 Node = tuple[Core, grpc.aio.Channel]

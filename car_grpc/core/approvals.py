@@ -232,6 +232,12 @@ class Approvals:
         if waiter is not None and not waiter.done():
             waiter.set_result(row)
 
+    async def lost_hold(self) -> None:
+        """This core lost its lease and a peer expired its pending approvals: their parked
+        calls get that outcome now instead of at their timeout."""
+        for approval_id in list(self._pending):
+            await self.resolved_elsewhere(approval_id)
+
     def announce_released(self, approvals: list[HostApproval]) -> None:
         """Approvals a dead core left pending, expired by this core: announced here."""
         for approval in approvals:

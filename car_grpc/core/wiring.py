@@ -14,7 +14,9 @@ domain that owns it. Nothing else.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from car_grpc.config import CoreConfig
 from car_grpc.core.approvals import Approvals, expired
@@ -264,11 +266,14 @@ def _connect(
         if from_elsewhere(cluster, message):
             events.publish_from_elsewhere(event_of(message))
 
+    def spawn(work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
     def approval_from_elsewhere(message: Message) -> None:
         if from_elsewhere(cluster, message):
-            task = asyncio.create_task(approvals.resolved_elsewhere(str(message["id"])))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            spawn(approvals.resolved_elsewhere(str(message["id"])))
 
     events.forward = cluster.publish_event
     cluster.on("event", event_from_elsewhere)
@@ -276,6 +281,7 @@ def _connect(
     cluster.on("run", lambda message: runs.appended_elsewhere(str(message["run"])))
     cluster.on_connected(runs.catch_up_all)
     cluster.on_lost(runs.lost_hold)
+    cluster.on_lost(lambda: spawn(approvals.lost_hold()))
     approvals.tell_resolved = lambda approval_id: cluster.publish("approval", id=approval_id)
     cluster.on("approval", approval_from_elsewhere)
     cluster.on_released(lambda released: approvals.announce_released(released.approvals))
