@@ -324,3 +324,32 @@ async def test_a_core_that_stops_renewing_its_lease_is_released_by_the_other(
         await bot.close()
     await watcher.close()
     await h.close()
+
+
+async def test_a_core_restarted_on_the_same_id_rejoins(
+    nodes: Callable[..., Awaitable[Node]],
+) -> None:
+    first = await nodes("a")
+    bot = await agent(*first, "bot")
+    run_id = await start(bot, "left open")
+    await record(bot, run_id, turns(2))
+    assert first[0].parts is not None and first[0].parts.cluster is not None
+    for task in first[0].parts.cluster._tasks:  # it hangs: its lease runs out
+        task.cancel()
+
+    # The same id again (another process in life): it waits for the old lease, releases
+    # what the earlier life held, and serves.
+    again = await nodes("a")
+    assert again[0].parts is not None and again[0].parts.cluster is not None
+    members = await again[0].parts.cluster.members()
+    assert [(m.core_id, m.alive) for m in members] == [("a", True)]
+    watcher = await host_of(again)
+    snapshot = await watcher.request("runs_subscribe", runs_pb2.SubscribeRunRequest(run_id=run_id))
+    assert (snapshot.cursor, snapshot.status) == (2, runs_pb2.RUN_STATUS_INCOMPLETE)
+    newbot = await agent(*again, "bot")
+    h = await chat_host(*again)
+    await open_chat(h, newbot)
+    for client in (watcher, newbot, h):
+        await client.close()
+    with contextlib.suppress(Exception):
+        await bot.close()

@@ -129,7 +129,10 @@ class PostgresCluster:
                 "DELETE FROM cluster_cores WHERE core_id = %s AND incarnation = %s",
                 (self.core_id, incarnation),
             )
-            await cur.execute("DELETE FROM cluster_agents WHERE core_id = %s", (self.core_id,))
+            if cur.rowcount == 1:  # still ours (a later life under this id keeps its own)
+                await cur.execute(
+                    "DELETE FROM cluster_agents WHERE core_id = %s", (self.core_id,)
+                )
 
         await self._db.run(leave)
 
