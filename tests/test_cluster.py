@@ -21,7 +21,7 @@ import pytest
 
 from car_grpc.core.peers import CHAT, SECRET_KEY
 from car_grpc.core.server import Core
-from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, runs_pb2_grpc
+from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, runs_pb2_grpc, status_pb2
 from car_grpc.wire import codec
 from car_grpc.wire.errors import INTERNAL, CarError
 from tests.chat_helpers import accept_chat, emit, next_agent_notice, next_chat_event
@@ -353,3 +353,43 @@ async def test_a_core_restarted_on_the_same_id_rejoins(
         await client.close()
     with contextlib.suppress(Exception):
         await bot.close()
+
+
+async def test_the_status_of_either_core_shows_the_whole_cluster(
+    nodes: Callable[..., Awaitable[Node]],
+) -> None:
+    gated = frozenset({"host.register_agent"})
+    a, b = await nodes("a", gated_methods=gated), await nodes("b")
+    bot = await agent(*a, "bot")
+    caller = await chat_host(*a)
+    parked = asyncio.create_task(
+        caller.request("host_register_agent", host_pb2.RegisterAgentRequest(name="x", kind="t"))
+    )
+    run_id = await start(bot, "open")
+    await record(bot, run_id, turns(1))
+    watcher = await host_of(b)
+    for _ in range(100):  # the approval is parked once the ledger has it
+        status = await watcher.request("server_status", status_pb2.GetStatusRequest())
+        if status.pending_approvals:
+            break
+        await asyncio.sleep(0.02)
+    assert status.core_id == "b"
+    assert status.pending_approvals == 1  # parked on core a
+    assert [r.in_progress for r in status.run_agents if r.agent_id == "bot"] == [1]
+    cores = {c.core_id: c for c in status.cluster}
+    assert sorted(cores) == ["a", "b"]
+    assert cores["b"].this_core and not cores["a"].this_core
+    assert all(c.alive for c in cores.values())
+    assert cores["b"].sessions == 1  # the watcher, counted now
+    # core a's figures are those of its last renewal (every third of the lease)
+    for _ in range(200):
+        status = await watcher.request("server_status", status_pb2.GetStatusRequest())
+        cores = {c.core_id: c for c in status.cluster}
+        if cores["a"].runs:
+            break
+        await asyncio.sleep(0.02)
+    assert (cores["a"].sessions, cores["a"].agents, cores["a"].runs) == (2, 1, 1)
+    assert cores["a"].approvals == 1
+    parked.cancel()
+    for client in (bot, caller, watcher):
+        await client.close()

@@ -145,6 +145,10 @@ class Approvals:
         """Every pending approval, or those `session` may see."""
         return [a for a in self._pending.values() if session is None or may_read(session, a)]
 
+    async def pending_count(self) -> int:
+        """Approvals pending now: every core's in a cluster, else this core's."""
+        return len(await self.ledger.pending()) if self._clustered else len(self._pending)
+
     async def listing(self, session: ClientSession) -> list[HostApproval]:
         """What `session` may see: pending approvals first (oldest first), then the newest
         resolved ones."""

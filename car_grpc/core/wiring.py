@@ -186,7 +186,14 @@ async def wire(
     meetings = Meetings(store.meetings, voice, max_segments=config.meeting_max_segments)
     await meetings.recover()
     status = Status(
-        registry, chats, store.runs, approvals, store, metrics, approvals_enabled=config.approvals
+        registry,
+        chats,
+        store.runs,
+        approvals,
+        store,
+        metrics,
+        approvals_enabled=config.approvals,
+        cluster=cluster,
     )
     router = Router(
         [
