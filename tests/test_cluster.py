@@ -21,9 +21,10 @@ import pytest
 
 from car_grpc.core.peers import CHAT, SECRET_KEY
 from car_grpc.core.server import Core
-from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, runs_pb2_grpc, status_pb2
+from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, runs_pb2_grpc, session_pb2, status_pb2
 from car_grpc.wire import codec
 from car_grpc.wire.errors import INTERNAL, CarError
+from car_grpc.wire.metadata import SESSION_ID_KEY
 from tests.chat_helpers import accept_chat, emit, next_agent_notice, next_chat_event
 from tests.conftest import make_config
 from tests.postgres_server import PostgresServer
@@ -393,3 +394,32 @@ async def test_the_status_of_either_core_shows_the_whole_cluster(
     parked.cancel()
     for client in (bot, caller, watcher):
         await client.close()
+
+
+async def test_a_typed_call_bound_to_a_session_on_another_core_names_that_core(
+    nodes: Callable[..., Awaitable[Node]],
+) -> None:
+    a, b = await nodes("a"), await nodes("b")
+    assert b[0].parts is not None and b[0].parts.tokens is not None
+    daemon = b[0].parts.tokens.daemon
+    client = SessionClient(b[1])
+    reply = await client.request("session_auth", session_pb2.AuthenticateRequest(token=daemon))
+    metadata = (("authorization", f"Bearer {daemon}"), (SESSION_ID_KEY, reply.session_id))
+    stub = runs_pb2_grpc.RunServiceStub(a[1])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ListRuns(runs_pb2.ListRunsRequest(agent_id="bot"), metadata=metadata)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.details() == (
+        f"session {reply.session_id} lives on core b ({b[0].grpc_address}):"
+        " send the calls bound to it there"
+    )
+    # on its own core it works; a session id no core has is refused as before
+    listed = await runs_pb2_grpc.RunServiceStub(b[1]).ListRuns(
+        runs_pb2.ListRunsRequest(agent_id="bot"), metadata=metadata
+    )
+    assert not listed.runs
+    unknown = (metadata[0], (SESSION_ID_KEY, "0" * 32))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ListRuns(runs_pb2.ListRunsRequest(agent_id="bot"), metadata=unknown)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await client.close()

@@ -1,4 +1,5 @@
-"""Chats from a host on this core to an agent attached on another one, over gRPC.
+"""Core to core over gRPC: chats from a host on this core to an agent attached on another
+one, and where a session lives.
 
 The core the agent is on serves `car.cluster.v1.ClusterService` (never to clients: every
 call must carry the cluster secret, compared in constant time, and the service is not in
@@ -14,6 +15,11 @@ messages unchanged:
   core that dies breaks it, and the host's core makes up the terminal `error` event.
 - `ApproveChat(car.v1.ApproveChatRequest) returns (car.v1.ApproveChatResponse)`:
   agents.chat.approve on a chat routed there.
+- `HasSession(google.protobuf.StringValue) returns (google.protobuf.BoolValue)`: whether
+  a live session stream of that id is there. A typed call bound (car-session-id) to a
+  session of another core is answered FAILED_PRECONDITION naming that core, not forwarded:
+  the session's stream, its tools and its callbacks live there, and a call forwarded
+  would cost two hops for what the client can send to the right address in one.
 
 The host's core checks who may steer the chat (its own host session, or a host-role
 session of its own); the agent's core trusts the calling core, which proved the secret.
@@ -28,13 +34,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf import wrappers_pb2
 
 from car_grpc.core.chats import Chats
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.session import Role
 from car_grpc.store.repositories import ClusterStore, StoreUnavailable
 from car_grpc.v1 import chats_pb2
-from car_grpc.wire.errors import INTERNAL, CarError
+from car_grpc.wire.errors import INTERNAL, INVALID_REQUEST, CarError, failed_precondition
 from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,10 @@ log = logging.getLogger(__name__)
 SERVICE = "car.cluster.v1.ClusterService"
 CHAT = f"/{SERVICE}/Chat"
 APPROVE_CHAT = f"/{SERVICE}/ApproveChat"
+HAS_SESSION = f"/{SERVICE}/HasSession"
+#: Seconds a core waits for each peer's answer to HasSession, and lookups at a time.
+_LOCATE_TIMEOUT = 1.0
+_LOCATES = 8
 #: Metadata key of the cluster secret.
 SECRET_KEY = "car-cluster-secret"
 #: Seconds beyond the agent's ack timeout the calling core waits for `accepted`.
@@ -69,6 +80,11 @@ class PeerService:
                     self._approve,
                     request_deserializer=chats_pb2.ApproveChatRequest.FromString,
                     response_serializer=chats_pb2.ApproveChatResponse.SerializeToString,
+                ),
+                "HasSession": grpc.unary_unary_rpc_method_handler(
+                    self._has_session,
+                    request_deserializer=wrappers_pb2.StringValue.FromString,
+                    response_serializer=wrappers_pb2.BoolValue.SerializeToString,
                 ),
             },
         )
@@ -109,6 +125,13 @@ class PeerService:
                 )
         finally:
             await asyncio.shield(self._registry.close(stand_in))
+
+    async def _has_session(
+        self, req: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> wrappers_pb2.BoolValue:
+        await self._check(context)
+        live = self._registry.sessions.get(req.value)
+        return wrappers_pb2.BoolValue(value=live is not None and live.streaming)
 
     async def _approve(
         self, req: chats_pb2.ApproveChatRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -178,6 +201,7 @@ class Peers:
         self.metadata = ((SECRET_KEY, secret),)
         self.ack_timeout = ack_timeout
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._locating = asyncio.Semaphore(_LOCATES)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
@@ -222,6 +246,41 @@ class Peers:
         if first is grpc.aio.EOF:
             raise CarError(INTERNAL, f"core {core_id} ended the chat before accepting it")
         return RemoteChat(call, self, channel, core_id)
+
+    async def locate_session(self, session_id: str) -> None:
+        """Raise FAILED_PRECONDITION naming the core (and its address) where the live session
+        `session_id` is, when that is another core of the cluster; return otherwise (it is
+        nowhere). A typed call bound to a session is not forwarded: its stream lives on that
+        core, and so should the calls bound to it (dial the address, or let the load
+        balancer keep the client on one core)."""
+        async with self._locating:  # bounded: an unknown id costs a call to every peer
+            members = await self._store.members()
+            others = [m for m in members if m.alive and m.core_id != self._store.core_id]
+
+            async def has(address: str) -> bool:
+                call = self._channel(address).unary_unary(
+                    HAS_SESSION,
+                    request_serializer=wrappers_pb2.StringValue.SerializeToString,
+                    response_deserializer=wrappers_pb2.BoolValue.FromString,
+                )
+                try:
+                    answer = await call(
+                        wrappers_pb2.StringValue(value=session_id),
+                        metadata=self.metadata,
+                        timeout=_LOCATE_TIMEOUT,
+                    )
+                except grpc.aio.AioRpcError:
+                    return False
+                return isinstance(answer, wrappers_pb2.BoolValue) and answer.value
+
+            found = await asyncio.gather(*(has(m.advertise) for m in others))
+        for member, here in zip(others, found, strict=True):
+            if here:
+                raise failed_precondition(
+                    INVALID_REQUEST,
+                    f"session {session_id} lives on core {member.core_id} ({member.advertise}):"
+                    " send the calls bound to it there",
+                )
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -229,6 +229,7 @@ async def wire(
         peers = Peers(store.cluster, cluster_secret, ack_timeout=config.chat_ack_timeout)
         chats.peers = peers
         peer_service = PeerService(cluster_secret, registry, chats)
+        grpc.locate_session = peers.locate_session
         keep.append(ClusterAttachments(cluster, registry))
         _connect(cluster, events, runs, approvals, registry, chats, keep)
     return CoreParts(

@@ -130,9 +130,7 @@ class PostgresCluster:
                 (self.core_id, incarnation),
             )
             if cur.rowcount == 1:  # still ours (a later life under this id keeps its own)
-                await cur.execute(
-                    "DELETE FROM cluster_agents WHERE core_id = %s", (self.core_id,)
-                )
+                await cur.execute("DELETE FROM cluster_agents WHERE core_id = %s", (self.core_id,))
 
         await self._db.run(leave)
 
