@@ -48,15 +48,14 @@ async def nodes(
     started: list[Node] = []
 
     async def node(name: str, **overrides: Any) -> Node:
-        config = make_config(
-            tmp_path / name,
-            store=url,
-            core_id=name,
-            cluster_secret=SECRET,
-            cluster_lease=LEASE,
-            chat_ack_timeout=2.0,
-            **overrides,
-        )
+        given: dict[str, Any] = {
+            "store": url,
+            "core_id": name,
+            "cluster_secret": SECRET,
+            "cluster_lease": LEASE,
+            "chat_ack_timeout": 2.0,
+        }
+        config = make_config(tmp_path / name, **(given | overrides))
         core = Core(config.core)
         await core.start()
         channel = grpc.aio.insecure_channel(core.grpc_address)
@@ -423,3 +422,41 @@ async def test_a_typed_call_bound_to_a_session_on_another_core_names_that_core(
         await stub.ListRuns(runs_pb2.ListRunsRequest(agent_id="bot"), metadata=unknown)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     await client.close()
+
+
+async def test_after_a_postgresql_restart_the_cores_reconnect_and_cross_again(
+    nodes: Callable[..., Awaitable[Node]], postgres_server: PostgresServer
+) -> None:
+    # A lease longer than the outage: nobody is released for a restart.
+    a = await nodes("a", store_timeout=1.0, cluster_lease=6.0)
+    b = await nodes("b", store_timeout=1.0, cluster_lease=6.0)
+    bot = await agent(*a, "bot")
+    run_id = await start(bot, "through the restart")
+    watcher = await host_of(b)
+    await watcher.request("runs_subscribe", runs_pb2.SubscribeRunRequest(run_id=run_id))
+
+    await asyncio.to_thread(postgres_server.stop, "fast")
+    try:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(CarError) as err:  # fails clearly, and soon
+            await record(bot, run_id, turns(1))
+        assert err.value.code == INTERNAL
+        assert err.value.message.endswith("the store is unavailable, try again later")
+        assert loop.time() - began < 1.0 + 2.0
+    finally:
+        await asyncio.to_thread(postgres_server.start)
+
+    async with asyncio.timeout(15):  # the pools and the listening connections come back
+        while True:
+            try:
+                await record(bot, run_id, turns(1, prompt="after"))
+                break
+            except CarError:
+                await asyncio.sleep(0.1)
+    event = (await watcher.next_notification(timeout=10)).runs_trace_event
+    assert (event.cursor, event.record.turn.prompt) == (1, "after0")
+    h = await chat_host(*b)
+    await open_chat(h, bot)  # core b to the agent on core a
+    for client in (bot, watcher, h):
+        await client.close()
