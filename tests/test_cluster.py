@@ -239,6 +239,9 @@ async def test_a_call_parked_on_one_core_is_approved_from_the_other(
     codec.json_to_message(codec.value_to_json(requested.payload), approval)
     listed = await person.request("host_approvals", host_pb2.ListApprovalsRequest())
     assert approval.id in [x.id for x in listed.approvals]
+    late = await host_of(b)  # a host subscribing now finds it in its snapshot
+    snapshot = await late.request("host_subscribe", host_pb2.SubscribeHostRequest())
+    assert [x.id for x in snapshot.approvals] == [approval.id]
 
     resolve = host_pb2.ResolveApprovalRequest(approval_id=approval.id, approved=True)
     done = await person.request("host_resolve_approval", resolve)
@@ -250,8 +253,11 @@ async def test_a_call_parked_on_one_core_is_approved_from_the_other(
         with pytest.raises(CarError) as err:
             await client.request("host_resolve_approval", resolve)
         assert err.value.message == f"approval '{approval.id}' is already approved"
+    snapshot = await late.request("host_subscribe", host_pb2.SubscribeHostRequest())
+    assert not snapshot.approvals  # resolved: heard of on core b too
     await caller.close()
     await person.close()
+    await late.close()
 
 
 # ---------------------------------------------------------------- runs

@@ -69,6 +69,8 @@ PREVIEW_CHARS = 256
 HISTORY_LIMIT = 200
 #: Approvals one session may have pending at a time (host.request_approval).
 MAX_PENDING_PER_SESSION = 256
+#: Approvals pending on other cores of a cluster this core keeps for snapshots at most.
+MAX_HEARD = 4096
 #: Methods the gate refuses to wrap: session.auth runs before the session is anyone, and
 #: a parked host.resolve_approval would leave nothing able to resolve it.
 UNGATEABLE = frozenset({"session.auth", "host.resolve_approval"})
@@ -121,6 +123,8 @@ class Approvals:
         #: `resolved_elsewhere`, told by `tell_resolved`).
         self._clustered = clustered
         self.tell_resolved: Callable[[str], None] | None = None
+        #: Approvals pending on other cores, as heard from their host events (bounded).
+        self._elsewhere: dict[str, HostApproval] = {}
 
     async def start(self) -> None:
         """Expire the approvals a previous server left pending (in a cluster, joining
@@ -142,8 +146,22 @@ class Approvals:
     # ------------------------------------------------------------ the ledger
 
     def pending(self, session: ClientSession | None = None) -> list[HostApproval]:
-        """Every pending approval, or those `session` may see."""
-        return [a for a in self._pending.values() if session is None or may_read(session, a)]
+        """Every pending approval, or those `session` may see (with `session`, in a
+        cluster, also those pending on other cores that this core has heard of)."""
+        held = self._pending.values()
+        if session is None:
+            return list(held)
+        mine = [a for a in held if may_read(session, a)]
+        return mine + [a for a in self._elsewhere.values() if may_read(session, a)]
+
+    def heard_elsewhere(self, kind: str, approval: HostApproval) -> None:
+        """A host event of another core about an approval: pending ones are kept for
+        host.subscribe's snapshot until their `approval.resolved` is heard."""
+        if kind == "approval.requested" and approval.status == PENDING:
+            if len(self._elsewhere) < MAX_HEARD:
+                self._elsewhere[approval.id] = approval
+        elif kind == "approval.resolved":
+            self._elsewhere.pop(approval.id, None)
 
     async def pending_count(self) -> int:
         """Approvals pending now: every core's in a cluster, else this core's."""
@@ -220,6 +238,7 @@ class Approvals:
         self._metrics.approvals.inc(status_name(row.status))
         if self.tell_resolved is not None:
             self.tell_resolved(row.id)
+        self._elsewhere.pop(row.id, None)
         self._announce("approval.resolved", row)
         return row
 
@@ -245,6 +264,7 @@ class Approvals:
     def announce_released(self, approvals: list[HostApproval]) -> None:
         """Approvals a dead core left pending, expired by this core: announced here."""
         for approval in approvals:
+            self._elsewhere.pop(approval.id, None)
             self._announce("approval.resolved", approval)
 
     def _may_resolve(self, session: ClientSession, approval: HostApproval) -> bool:

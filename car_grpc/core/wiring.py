@@ -14,6 +14,7 @@ domain that owns it. Nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,8 @@ from car_grpc.core.tool_hosts import ToolHostLimits, ToolHosts
 from car_grpc.core.tools import Tools
 from car_grpc.core.voice import Voice, VoiceLimits
 from car_grpc.store.repositories import Store
+from car_grpc.v1 import host_pb2
+from car_grpc.wire import codec
 
 
 @dataclass
@@ -157,7 +160,7 @@ async def wire(
         store.goals,
         ChatLimits(config.chat_ack_timeout, config.chat_buffer, config.chat_stall_timeout),
     )
-    await chats.start()
+    await chats.start(clustered=cluster is not None)
     tool_hosts = ToolHosts(
         ToolHostLimits(
             max_hosts=config.tool_hosts_max,
@@ -271,8 +274,15 @@ def _connect(
     keep.append(tasks)
 
     def event_from_elsewhere(message: Message) -> None:
-        if from_elsewhere(cluster, message):
-            events.publish_from_elsewhere(event_of(message))
+        if not from_elsewhere(cluster, message):
+            return
+        event = event_of(message)
+        if event.kind.startswith("approval.") and event.HasField("payload"):
+            approval = host_pb2.HostApproval()
+            with contextlib.suppress(codec.CodecError):
+                codec.json_to_message(codec.value_to_json(event.payload), approval)
+                approvals.heard_elsewhere(event.kind, approval)
+        events.publish_from_elsewhere(event)
 
     def spawn(work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

@@ -4,7 +4,8 @@
 so the cores' clocks need not agree). Runs and approvals carry the `core_id` of the
 connection that created them (the `car.core_id` setting every pooled connection gets).
 Releasing a core is one transaction: its row goes, its open runs get their `ended`
-record, its pending approvals expire and its attachments are dropped; a second core
+record, its pending approvals expire, its live meetings are interrupted and its
+attachments are dropped; a second core
 trying the same finds the row gone (the DELETE waits for the first's row lock) and does
 nothing, so exactly one core takes over from a dead one.
 
@@ -26,6 +27,7 @@ from car_grpc.clock import now_ms
 from car_grpc.store.postgres.approvals import PENDING
 from car_grpc.store.postgres.approvals import _finish as finish_approval
 from car_grpc.store.postgres.database import Cursor, PostgresDatabase
+from car_grpc.store.postgres.meetings import _interrupt_live as interrupt_meetings
 from car_grpc.store.postgres.runs import _END, _advance, _insert_records
 from car_grpc.store.repositories import CoreRow, Released
 from car_grpc.store.rows import IN_PROGRESS, run_status_name
@@ -69,6 +71,7 @@ async def _release(
         "DELETE FROM cluster_agents WHERE core_id = %s RETURNING agent_id", (core_id,)
     )
     agents = [str(a) for (a,) in await cur.fetchall()]
+    await interrupt_meetings(cur, now_ms(), "its core is gone", core_id)
     return Released(core_id, [r for r, _ in runs], approvals, agents)
 
 

@@ -143,7 +143,7 @@ MIGRATIONS: list[str] = [
     );
     """,
     # 6: a cluster of cores on this database (cluster.py). Each core holds a lease it
-    # renews; runs and approvals name the core that holds them (the connection's
+    # renews; runs, approvals and meetings name the core that holds them (the connection's
     # `car.core_id` setting, '' for none), so a surviving core can release a dead one's;
     # an attached agent is found through `cluster_agents`.
     """
@@ -169,6 +169,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE approvals ADD COLUMN core_id TEXT COLLATE "C" NOT NULL
         DEFAULT COALESCE(current_setting('car.core_id', true), '');
     CREATE INDEX approvals_pending_by_core ON approvals(core_id) WHERE status = 'pending';
+    ALTER TABLE meetings ADD COLUMN core_id TEXT COLLATE "C" NOT NULL
+        DEFAULT COALESCE(current_setting('car.core_id', true), '');
     """,
 ]
 
