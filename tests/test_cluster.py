@@ -30,7 +30,7 @@ from tests.conftest import make_config
 from tests.postgres_server import PostgresServer
 from tests.roles import agent, chat_host, host_role
 from tests.runs_helpers import complete, record, start, turns
-from tests.session_client import SessionClient
+from tests.session_client import SessionClient, connect
 
 #: A short lease keeps the release of a dead core quick.
 LEASE = 1.5
@@ -466,3 +466,29 @@ async def test_after_a_postgresql_restart_the_cores_reconnect_and_cross_again(
     await open_chat(h, bot)  # core b to the agent on core a
     for client in (bot, watcher, h):
         await client.close()
+
+
+async def test_every_core_accepts_the_daemon_and_host_tokens_of_the_others(
+    nodes: Callable[..., Awaitable[Node]],
+) -> None:
+    a, b = await nodes("a"), await nodes("b")
+    assert b[0].parts is not None and b[0].parts.tokens is not None
+    daemon_b, host_b = b[0].parts.tokens.daemon, b[0].parts.tokens.host
+    # core b joined after core a: a refused token makes core a read the members again
+    host = await connect(a[1], host_token=host_b)
+    status = await host.request("server_status", status_pb2.GetStatusRequest())
+    assert status.core_id == "a"
+    daemon = await connect(a[1], token=daemon_b)
+    with pytest.raises(CarError) as err:  # a daemon session is no host
+        await daemon.request("server_status", status_pb2.GetStatusRequest())
+    assert "needs the host role" in err.value.message
+    listed = await runs_pb2_grpc.RunServiceStub(a[1]).ListRuns(
+        runs_pb2.ListRunsRequest(agent_id="bot"),
+        metadata=(("authorization", f"Bearer {host_b}"),),
+    )
+    assert not listed.runs
+    with pytest.raises(CarError) as err:
+        await connect(a[1], host_token=daemon_b)  # each token keeps its role
+    assert err.value.message == "auth failed: token mismatch"
+    await host.close()
+    await daemon.close()

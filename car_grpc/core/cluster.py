@@ -85,6 +85,9 @@ class Cluster:
         self._on_lost: list[Callable[[], None]] = []
         #: What this core says of itself with each renewal (status counts).
         self.stats: Callable[[], dict[str, int]] = dict
+        #: Digests of this core's daemon and host tokens, registered with it.
+        self.tokens: tuple[bytes, ...] = ()
+        self._on_members: list[Callable[[list[CoreRow]], None]] = []
         self._outbox: collections.deque[str] = collections.deque()
         self._queued_runs: set[str] = set()
         self._wake = asyncio.Event()
@@ -100,6 +103,16 @@ class Cluster:
     def on_connected(self, hook: Callable[[], None]) -> None:
         """Call `hook` whenever the listening connection is (re)established."""
         self._on_connected.append(hook)
+
+    def on_members(self, hook: Callable[[list[CoreRow]], None]) -> None:
+        """Call `hook` with the members, as read at join and after each renewal."""
+        self._on_members.append(hook)
+
+    async def refresh_members(self) -> list[CoreRow]:
+        members = await self.store.members()
+        for hook in self._on_members:
+            hook(members)
+        return members
 
     def on_lost(self, hook: Callable[[], None]) -> None:
         """Call `hook` when this core finds its lease lost (a peer released what it held)."""
@@ -117,7 +130,7 @@ class Cluster:
         self.advertise = advertise
         while True:
             wait, released = await self.store.join(
-                advertise, self.incarnation, self.lease, self._ended(), self._expire
+                advertise, self.incarnation, self.lease, self._ended(), self._expire, self.tokens
             )
             if released is not None:
                 break
@@ -128,6 +141,7 @@ class Cluster:
             )
             await asyncio.sleep(min(wait + 0.05, self.lease))
         log.info("cluster: core %s joined, advertising %s", self.core_id, advertise)
+        await self.refresh_members()
         listening = asyncio.Event()
 
         def connected() -> None:
@@ -180,10 +194,16 @@ class Cluster:
                         hook()
                     self.incarnation = uuid.uuid4().hex
                     await self.store.join(
-                        self.advertise, self.incarnation, self.lease, self._ended(), self._expire
+                        self.advertise,
+                        self.incarnation,
+                        self.lease,
+                        self._ended(),
+                        self._expire,
+                        self.tokens,
                     )
                 for released in await self.store.release_expired(self._ended(), self._expire):
                     self._released(released)
+                await self.refresh_members()
             except StoreUnavailable as e:
                 log.warning("cluster: lease not renewed: %s", e)
             except Exception:

@@ -71,11 +71,32 @@ class ServerTokens:
             except OSError:
                 pass
 
+    #: In a cluster: digests of the other live cores' daemon and host tokens, accepted
+    #: here as theirs are there (a client behind a load balancer may reach any core).
+    peer_daemons: tuple[bytes, ...] = ()
+    peer_hosts: tuple[bytes, ...] = ()
+
+    @property
+    def digests(self) -> tuple[bytes, bytes]:
+        """(daemon, host) token digests, for the other cores of a cluster."""
+        return _digest(self.daemon), _digest(self.host)
+
     def is_daemon(self, token: str) -> bool:
-        return hmac.compare_digest(token.encode(), self.daemon.encode())
+        return hmac.compare_digest(token.encode(), self.daemon.encode()) or _any_digest(
+            token, self.peer_daemons
+        )
 
     def is_host(self, token: str) -> bool:
-        return hmac.compare_digest(token.encode(), self.host.encode())
+        return hmac.compare_digest(token.encode(), self.host.encode()) or _any_digest(
+            token, self.peer_hosts
+        )
+
+
+def _any_digest(token: str, digests: tuple[bytes, ...]) -> bool:
+    if not digests:
+        return False
+    mine = _digest(token)
+    return any([hmac.compare_digest(mine, d) for d in digests])  # every one compared
 
 
 class AgentTokens:

@@ -48,7 +48,7 @@ from car_grpc.core.tokens import AgentTokens, ServerTokens
 from car_grpc.core.tool_hosts import ToolHostLimits, ToolHosts
 from car_grpc.core.tools import Tools
 from car_grpc.core.voice import Voice, VoiceLimits
-from car_grpc.store.repositories import Store
+from car_grpc.store.repositories import CoreRow, Store
 from car_grpc.v1 import host_pb2
 from car_grpc.wire import codec
 
@@ -118,6 +118,17 @@ async def wire(
             ended=lambda: ended_record(INCOMPLETE),
             expire=lambda a: expired(a, "its core is gone"),
         )
+        if tokens is not None:
+            cluster.tokens = tokens.digests
+            server_tokens = tokens
+
+            def accept_peers(members: list[CoreRow]) -> None:
+                others = [m for m in members if m.alive and m.core_id != cluster_id]
+                server_tokens.peer_daemons = tuple(m.tokens[0] for m in others if m.tokens)
+                server_tokens.peer_hosts = tuple(m.tokens[1] for m in others if m.tokens)
+
+            cluster_id = cluster.core_id
+            cluster.on_members(accept_peers)
         await cluster.join(advertise)  # before anything below reads or repairs the store
     metrics = Metrics()
     registry = SessionRegistry(
@@ -234,6 +245,8 @@ async def wire(
         peer_service = PeerService(cluster_secret, registry, chats)
         grpc.locate_session = peers.locate_session
         keep.append(ClusterAttachments(cluster, registry))
+        if tokens is not None:
+            authentication.refresh_peers = cluster.refresh_members
         _connect(cluster, events, runs, approvals, registry, chats, keep)
     return CoreParts(
         config=config,

@@ -292,6 +292,8 @@ class CoreRow:
     alive: bool
     #: What it last said of itself with its lease (JSON: sessions, agents, ...).
     stats: str
+    #: SHA-256 digests of its daemon and host tokens (empty with auth off).
+    tokens: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -325,8 +327,10 @@ class ClusterStore(Protocol):
         lease: float,
         ended: runs_pb2.RunRecord,
         expire: Callable[[host_pb2.HostApproval], host_pb2.HostApproval],
+        tokens: Sequence[bytes] = (),
     ) -> tuple[float, Released | None]:
-        """Register (or re-register) this core with a lease of `lease` seconds, releasing
+        """Register (or re-register) this core with a lease of `lease` seconds (and the
+        digests of its daemon and host tokens, which the other cores accept), releasing
         what an earlier life of the same id left. When another incarnation still holds an
         unexpired lease under this id: (seconds until it expires, None), nothing done."""
 

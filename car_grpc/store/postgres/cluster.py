@@ -90,6 +90,7 @@ class PostgresCluster:
         lease: float,
         ended: runs_pb2.RunRecord,
         expire: Expire,
+        tokens: Sequence[bytes] = (),
     ) -> tuple[float, Released | None]:
         core_id = self.core_id
 
@@ -105,11 +106,12 @@ class PostgresCluster:
             released = await _release(cur, core_id, ended, expire)
             await cur.execute(
                 "INSERT INTO cluster_cores (core_id, advertise, incarnation, joined_at,"
-                " lease_until) VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s))"
+                " lease_until, tokens)"
+                " VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s), %s)"
                 " ON CONFLICT (core_id) DO UPDATE SET advertise = EXCLUDED.advertise,"
                 " incarnation = EXCLUDED.incarnation, joined_at = EXCLUDED.joined_at,"
-                " lease_until = EXCLUDED.lease_until, stats = '{}'",
-                (core_id, advertise, incarnation, now_ms(), lease),
+                " lease_until = EXCLUDED.lease_until, stats = '{}', tokens = EXCLUDED.tokens",
+                (core_id, advertise, incarnation, now_ms(), lease, list(tokens)),
             )
             return 0.0, released
 
@@ -150,12 +152,12 @@ class PostgresCluster:
     async def members(self) -> list[CoreRow]:
         async def select(cur: Cursor) -> list[CoreRow]:
             await cur.execute(
-                "SELECT core_id, advertise, joined_at, lease_until > now(), stats"
+                "SELECT core_id, advertise, joined_at, lease_until > now(), stats, tokens"
                 " FROM cluster_cores ORDER BY core_id"
             )
             return [
-                CoreRow(str(c), str(a), int(j), bool(alive), str(s))
-                for c, a, j, alive, s in await cur.fetchall()
+                CoreRow(str(c), str(a), int(j), bool(alive), str(s), tuple(bytes(d) for d in t))
+                for c, a, j, alive, s, t in await cur.fetchall()
             ]
 
         return await self._db.run(select)

@@ -153,7 +153,8 @@ MIGRATIONS: list[str] = [
         incarnation TEXT NOT NULL,
         joined_at   BIGINT NOT NULL,
         lease_until TIMESTAMPTZ NOT NULL,
-        stats       TEXT NOT NULL DEFAULT '{}'
+        stats       TEXT NOT NULL DEFAULT '{}',
+        tokens      BYTEA[] NOT NULL DEFAULT '{}'
     );
     CREATE TABLE cluster_agents (
         agent_id    TEXT COLLATE "C" PRIMARY KEY,
