@@ -172,12 +172,10 @@ class Chats:
         #: Agents attached on other cores of the cluster (None: a core of its own).
         self.peers: Peers | None = None
 
-    async def start(self, *, clustered: bool = False) -> None:
-        """After a restart no chat runs any goal: `running` goals become `active`. Not in a
-        cluster, where the other cores' chats run theirs (a goal a dead core left
-        `running` stays so until its next chat)."""
-        if not clustered:
-            await self._in_order(self.goals.reset_running)
+    async def start(self) -> None:
+        """After a restart no chat of this core runs any goal: its `running` goals become
+        `active` (in a cluster the store resets only this core's)."""
+        await self._in_order(self.goals.reset_running)
         self._registry.on_detach(self._agent_detached)
 
     async def drain(self) -> None:

@@ -68,7 +68,7 @@ class Cluster:
         *,
         lease: float,
         ended: Callable[[], runs_pb2.RunRecord],
-        expire: Callable[[host_pb2.HostApproval], host_pb2.HostApproval],
+        expire: Callable[[host_pb2.HostApproval, str], host_pb2.HostApproval],
     ) -> None:
         if lease <= 0:
             raise ValueError("cluster_lease must be positive")
@@ -78,7 +78,14 @@ class Cluster:
         self.advertise = ""
         self.incarnation = uuid.uuid4().hex
         self._ended = ended
-        self._expire = expire
+        #: How approvals expire: those of this core's earlier life or of its own clean
+        #: stop as on one core, a dead peer's saying why.
+        self._expire_own: Callable[[host_pb2.HostApproval], host_pb2.HostApproval] = lambda a: (
+            expire(a, "the server stopped")
+        )
+        self._expire_gone: Callable[[host_pb2.HostApproval], host_pb2.HostApproval] = lambda a: (
+            expire(a, "its core is gone")
+        )
         self._handlers: dict[str, list[Handler]] = collections.defaultdict(list)
         self._on_connected: list[Callable[[], None]] = []
         self._on_released: list[Callable[[Released], None]] = []
@@ -130,7 +137,12 @@ class Cluster:
         self.advertise = advertise
         while True:
             wait, released = await self.store.join(
-                advertise, self.incarnation, self.lease, self._ended(), self._expire, self.tokens
+                advertise,
+                self.incarnation,
+                self.lease,
+                self._ended(),
+                self._expire_own,
+                self.tokens,
             )
             if released is not None:
                 break
@@ -173,7 +185,7 @@ class Cluster:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         try:
-            await self.store.leave(self.incarnation)
+            await self.store.leave(self.incarnation, self._ended(), self._expire_own)
         except StoreUnavailable as e:
             log.warning("cluster: could not leave cleanly: %s", e)
 
@@ -198,10 +210,11 @@ class Cluster:
                         self.incarnation,
                         self.lease,
                         self._ended(),
-                        self._expire,
+                        self._expire_own,
                         self.tokens,
                     )
-                for released in await self.store.release_expired(self._ended(), self._expire):
+                gone = await self.store.release_expired(self._ended(), self._expire_gone)
+                for released in gone:
                     self._released(released)
                 await self.refresh_members()
             except StoreUnavailable as e:

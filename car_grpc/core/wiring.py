@@ -116,7 +116,7 @@ async def wire(
             store.cluster,
             lease=config.cluster_lease,
             ended=lambda: ended_record(INCOMPLETE),
-            expire=lambda a: expired(a, "its core is gone"),
+            expire=expired,
         )
         if tokens is not None:
             cluster.tokens = tokens.digests
@@ -171,7 +171,7 @@ async def wire(
         store.goals,
         ChatLimits(config.chat_ack_timeout, config.chat_buffer, config.chat_stall_timeout),
     )
-    await chats.start(clustered=cluster is not None)
+    await chats.start()
     tool_hosts = ToolHosts(
         ToolHostLimits(
             max_hosts=config.tool_hosts_max,

@@ -337,8 +337,14 @@ class ClusterStore(Protocol):
     async def renew(self, incarnation: str, lease: float, stats: str) -> bool:
         """Extend the lease; False when this incarnation no longer holds it."""
 
-    async def leave(self, incarnation: str) -> None:
-        """Give up the lease (a clean stop, after the core released what it holds)."""
+    async def leave(
+        self,
+        incarnation: str,
+        ended: runs_pb2.RunRecord,
+        expire: Callable[[host_pb2.HostApproval], host_pb2.HostApproval],
+    ) -> None:
+        """Give up the lease (a clean stop), releasing what this core still holds (its
+        domains ended what they could; `running` goals, say, go back to `active`)."""
 
     async def release_expired(
         self,

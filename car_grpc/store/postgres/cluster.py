@@ -4,8 +4,8 @@
 so the cores' clocks need not agree). Runs and approvals carry the `core_id` of the
 connection that created them (the `car.core_id` setting every pooled connection gets).
 Releasing a core is one transaction: its row goes, its open runs get their `ended`
-record, its pending approvals expire, its live meetings are interrupted and its
-attachments are dropped; a second core
+record, its pending approvals expire, its live meetings are interrupted, the goals its
+chats were running go back to `active` and its attachments are dropped; a second core
 trying the same finds the row gone (the DELETE waits for the first's row lock) and does
 nothing, so exactly one core takes over from a dead one.
 
@@ -44,13 +44,15 @@ Expire = Callable[[host_pb2.HostApproval], host_pb2.HostApproval]
 
 
 async def _release(
-    cur: Cursor, core_id: str, ended: runs_pb2.RunRecord, expire: Expire
+    cur: Cursor, core_id: str, ended: runs_pb2.RunRecord, expire: Expire, *, unowned: bool = False
 ) -> Released:
-    """End what `core_id` held, in the caller's transaction."""
+    """End what `core_id` held, in the caller's transaction (`unowned`: and what no core
+    holds, written before the cluster's migration or by a command such as `agents`)."""
+    owners = [core_id, ""] if unowned else [core_id]
     await cur.execute(
-        "SELECT run_id, record_count FROM runs WHERE status = %s AND core_id = %s"
+        "SELECT run_id, record_count FROM runs WHERE status = %s AND core_id = ANY(%s)"
         " ORDER BY ord FOR UPDATE",
-        (IN_PROGRESS, core_id),
+        (IN_PROGRESS, owners),
     )
     runs = [(str(run_id), int(seq)) for run_id, seq in await cur.fetchall()]
     status = run_status_name(ended.ended.status)
@@ -58,9 +60,9 @@ async def _release(
         await _advance(cur, run_id, seq, _END, status, ended.timestamp)
         await _insert_records(cur, run_id, seq, [ended])
     await cur.execute(
-        "SELECT approval FROM approvals WHERE status = %s AND core_id = %s"
+        "SELECT approval FROM approvals WHERE status = %s AND core_id = ANY(%s)"
         " ORDER BY created_at, ord FOR UPDATE",
-        (PENDING, core_id),
+        (PENDING, owners),
     )
     approvals = []
     for (blob,) in await cur.fetchall():
@@ -72,6 +74,10 @@ async def _release(
     )
     agents = [str(a) for (a,) in await cur.fetchall()]
     await interrupt_meetings(cur, now_ms(), "its core is gone", core_id)
+    await cur.execute(
+        "UPDATE goals SET status = 'active' WHERE status = 'running' AND core_id = %s",
+        (core_id,),
+    )
     return Released(core_id, [r for r, _ in runs], approvals, agents)
 
 
@@ -103,7 +109,7 @@ class PostgresCluster:
             found = await cur.fetchone()
             if found is not None and found[0] != incarnation and float(found[1]) > 0:
                 return float(found[1]), None
-            released = await _release(cur, core_id, ended, expire)
+            released = await _release(cur, core_id, ended, expire, unowned=True)
             await cur.execute(
                 "INSERT INTO cluster_cores (core_id, advertise, incarnation, joined_at,"
                 " lease_until, tokens)"
@@ -128,14 +134,14 @@ class PostgresCluster:
 
         return await self._db.run(renew)
 
-    async def leave(self, incarnation: str) -> None:
+    async def leave(self, incarnation: str, ended: runs_pb2.RunRecord, expire: Expire) -> None:
         async def leave(cur: Cursor) -> None:
             await cur.execute(
                 "DELETE FROM cluster_cores WHERE core_id = %s AND incarnation = %s",
                 (self.core_id, incarnation),
             )
             if cur.rowcount == 1:  # still ours (a later life under this id keeps its own)
-                await cur.execute("DELETE FROM cluster_agents WHERE core_id = %s", (self.core_id,))
+                await _release(cur, self.core_id, ended, expire)
 
         await self._db.run(leave)
 

@@ -143,9 +143,9 @@ MIGRATIONS: list[str] = [
     );
     """,
     # 6: a cluster of cores on this database (cluster.py). Each core holds a lease it
-    # renews; runs, approvals and meetings name the core that holds them (the connection's
-    # `car.core_id` setting, '' for none), so a surviving core can release a dead one's;
-    # an attached agent is found through `cluster_agents`.
+    # renews; runs, approvals, meetings and running goals name the core that holds them
+    # (the connection's `car.core_id` setting, '' for none), so a surviving core can
+    # release a dead one's; an attached agent is found through `cluster_agents`.
     """
     CREATE TABLE cluster_cores (
         core_id     TEXT COLLATE "C" PRIMARY KEY,
@@ -172,6 +172,7 @@ MIGRATIONS: list[str] = [
     CREATE INDEX approvals_pending_by_core ON approvals(core_id) WHERE status = 'pending';
     ALTER TABLE meetings ADD COLUMN core_id TEXT COLLATE "C" NOT NULL
         DEFAULT COALESCE(current_setting('car.core_id', true), '');
+    ALTER TABLE goals ADD COLUMN core_id TEXT COLLATE "C" NOT NULL DEFAULT '';
     """,
 ]
 
