@@ -11,6 +11,20 @@ server runs in its own process too. Frames are 100 ms of 16 kHz PCM16 (3200 byte
 - throughput: CHUNKS chunks sent as fast as the socket takes them, timed until the last
   TTS frame is back: chunks/s (and how many seconds of audio that is per second).
 
+Then speech to text with the reference engine (`car-grpc voice-engine`, PocketSphinx) beside
+the same echo engine, on espeak-ng's speech of SPOKEN (six phrases, a second apart, 22,050
+Hz: resampled by the engine):
+
+- real-time factor: the audio sent in 100 ms chunks as fast as flow control lets them
+  through, then stop; seconds of audio per CPU second of the engine's process (from
+  /proc/PID/stat), and the wall-clock rate;
+- latency: each phrase alone, its chunks paced in real time, then stop at once, as a
+  push-to-talk client does: the time from the last chunk to the final transcript (for the
+  echo engine, to the event answering the last chunk); p50 and max of the six.
+
+The engine serves `sphinx` with the phrases as a grammar (`options.phrases`) and with its
+general English language model; the phrases it got exactly right are counted.
+
     python -m bench bench_voice          (or ./dev bench bench_voice)
 """
 
@@ -19,12 +33,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import os
 import struct
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import grpc
 from websockets.asyncio.client import ClientConnection, connect
@@ -32,7 +51,8 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from car_grpc.v1 import voice_pb2, voice_pb2_grpc
 from car_grpc.wire import codec
-from tests.processes import car_grpc_serve, launch, log_listening
+from tests.processes import car_grpc_argv, car_grpc_serve, cli_env, launch, log_listening
+from tests.voice_helpers import VoiceRpc, chunks, say, silence, voice_rpc
 
 CHUNK = 3200  # 100 ms of 16 kHz mono PCM16
 ROUND_TRIPS = 500
@@ -163,6 +183,150 @@ async def bench() -> None:
     )
 
 
+# ------------------------------------------------------------------ the reference engine
+
+SPOKEN = [
+    "open the pod bay doors please",
+    "close the pod bay doors",
+    "turn on the lights",
+    "stop the music",
+    "play some music",
+    "turn off the lights",
+]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class EngineRun:
+    audio_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    exact: int = 0
+
+
+async def _next_event(c: VoiceRpc) -> dict[str, Any]:
+    """The next voice event; the answers to stop (not awaited) are read aside."""
+    while True:
+        frame = await c.next_frame(timeout=120)
+        if frame.get("method") == "voice.event":
+            return dict(frame["params"]["event"])
+
+
+async def _send(c: VoiceRpc, session: str, parts: list[bytes], pace: float = 0.0) -> None:
+    for seq, part in enumerate(parts):
+        await c.ws.send(
+            b"\x01" + uuid.UUID(session).bytes + struct.pack("<Q", seq) + b"\x00" + part
+        )
+        if pace:
+            await asyncio.sleep(pace)
+
+
+async def _stop(c: VoiceRpc, session: str) -> None:
+    """Stop without waiting for the answer (read later, aside)."""
+    stop = {"session_id": session}
+    await c.send(
+        {"jsonrpc": "2.0", "id": "stop", "method": "voice.transcribe_stream.stop", "params": stop}
+    )
+
+
+async def measure_engine(
+    url: str, pid: int, provider: str, options: dict[str, Any], finals: bool
+) -> EngineRun:
+    """The run of one provider (module docstring). `finals`: it sends final transcripts
+    (else, like the echo engine, one event per chunk)."""
+    phrases = [say(text) for text in SPOKEN]
+    rate = phrases[0][1]
+    run = EngineRun()
+    async with voice_rpc(url) as c:
+        # Real-time factor: everything at once, timed until the engine has caught up (the
+        # last phrase's final segment, or the echo of the last chunk). Only then stop: the
+        # core gives a stopped session 5 s to end, and a backlog may take longer.
+        audio = b"".join(pcm + silence(1, rate) for pcm, _ in phrases)
+        last_phrase_ms = (len(audio) - len(phrases[-1][0])) / 2 / rate * 1000 - 1000
+        parts = chunks(audio, rate)
+        session = (await c.start(provider=provider, options=options))["session_id"]
+        before, t = cpu_seconds(pid), time.perf_counter()
+        await _send(c, session, parts)
+        texts, count = [], 0
+        while True:
+            event = await _next_event(c)
+            count += 1
+            if event.get("final"):
+                texts.append(event["text"])
+            if event.get("end_ms", 0) >= last_phrase_ms if finals else count == len(parts):
+                break
+        run.wall_seconds = time.perf_counter() - t
+        run.cpu_seconds = cpu_seconds(pid) - before
+        run.audio_seconds = len(audio) / 2 / rate
+        run.exact = sum(1 for said, heard in zip(SPOKEN, texts, strict=False) if said == heard)
+        await _stop(c, session)
+        while not (await _next_event(c)).get("terminal"):
+            pass
+        # Latency: one phrase at a time, in real time.
+        for pcm, _ in phrases:
+            session = (await c.start(provider=provider, options=options))["session_id"]
+            parts = chunks(pcm, rate)
+            await _send(c, session, parts[:-1], pace=0.1)
+            t = time.perf_counter()
+            await _send(c, session, parts[-1:])
+            await _stop(c, session)
+            count, heard = 0, False
+            while True:
+                event = await _next_event(c)
+                count += 1
+                if not heard and (event.get("final") if finals else count == len(parts)):
+                    run.latencies.append(time.perf_counter() - t)
+                    heard = True
+                if event.get("terminal"):  # (a phrase heard as nothing has no latency)
+                    break
+    return run
+
+
+async def bench_engines() -> None:
+    grammar = {"sample_rate": 22050, "phrases": SPOKEN}
+    with tempfile.TemporaryDirectory() as home:
+        async with car_grpc_serve(home, "--no-auth") as server:
+            grpc_address, url = await server.listeners(2, timeout=30)
+            echo = [sys.executable, "-m", "bench.bench_voice", "engine", grpc_address]
+            real = car_grpc_argv("voice-engine", "--core", grpc_address)
+            async with (
+                launch(echo, stdin=True) as echo_engine,
+                launch(real, name="voice-engine", env=cli_env(home)) as real_engine,
+            ):
+                await real_engine.next_line("serving providers", timeout=30)
+                await asyncio.sleep(0.5)  # the echo engine registers too
+                runs = {
+                    "echo engine": await measure_engine(
+                        url, echo_engine.proc.pid, "bench", {}, finals=False
+                    ),
+                    "sphinx, phrases (grammar)": await measure_engine(
+                        url, real_engine.proc.pid, "sphinx", grammar, finals=True
+                    ),
+                    "sphinx, general English": await measure_engine(
+                        url, real_engine.proc.pid, "sphinx", {"sample_rate": 22050}, finals=True
+                    ),
+                }
+    print(
+        f"{'':28}{'audio s':>9}{'CPU s':>8}{'RTF':>9}{'x realtime':>12}"
+        f"{'p50 ms':>9}{'max ms':>9}{'exact':>7}"
+    )
+    for name, run in runs.items():
+        latencies = sorted(run.latencies) or [math.nan]
+        exact = f"{run.exact}/{len(SPOKEN)}" if name.startswith("sphinx") else ""
+        print(
+            f"{name:28}{run.audio_seconds:9.1f}{run.cpu_seconds:8.2f}"
+            f"{run.audio_seconds / max(run.cpu_seconds, 0.01):9.1f}"
+            f"{run.audio_seconds / run.wall_seconds:12.1f}"
+            f"{latencies[len(latencies) // 2] * 1e3:9.1f}{latencies[-1] * 1e3:9.1f}{exact:>7}"
+        )
+
+
 def main() -> None:
     if sys.argv[1:2] == ["engine"]:
         asyncio.run(run_engine(sys.argv[2]))
@@ -170,6 +334,7 @@ def main() -> None:
         asyncio.run(run_echo())
     else:
         asyncio.run(bench())
+        asyncio.run(bench_engines())
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from car_grpc.a2a.callers import A2aCallers
 from car_grpc.config import Config, CoreConfig
 from car_grpc.core.server import Core
 from car_grpc.core.tokens import AgentTokens
@@ -73,6 +74,28 @@ def _add_core_flags(p: argparse.ArgumentParser) -> None:
         "--grpc-tls-key", type=Path, metavar="PEM", help="the private key of --grpc-tls-cert"
     )
     p.add_argument(
+        "--a2a-port",
+        type=int,
+        metavar="PORT",
+        help="A2A HTTP port: agent cards and JSON-RPC + SSE at /a2a/<agent_id> (default: the "
+        "WebSocket port + 3 under serve, the gRPC port + 1 for core; 0 picks a free one)",
+    )
+    p.add_argument("--a2a-host", help="A2A HTTP listen address (default 127.0.0.1)")
+    p.add_argument(
+        "--no-a2a",
+        action="store_true",
+        help="do not serve the attached agents over A2A (no A2A port, no lf.a2a.v1.A2AService)",
+    )
+    p.add_argument(
+        "--a2a-tls-cert",
+        type=Path,
+        metavar="PEM",
+        help="serve the A2A port over https with this certificate chain (with --a2a-tls-key)",
+    )
+    p.add_argument(
+        "--a2a-tls-key", type=Path, metavar="PEM", help="the private key of --a2a-tls-cert"
+    )
+    p.add_argument(
         "--core-id",
         help="this core's id in a cluster (a PostgreSQL --store; or CAR_CORE_ID; "
         "default HOST:GRPC_PORT)",
@@ -105,6 +128,16 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _count(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {raw}")
+    return value
+
+
 def _given(**flags: object) -> dict[str, object]:
     """The flags the command line set (None: not given, the config's value stands)."""
     return {name: value for name, value in flags.items() if value is not None}
@@ -125,6 +158,11 @@ def config_from(args: argparse.Namespace) -> Config:
             approval_timeout=flag("approval_timeout"),
             grpc_tls_cert=flag("grpc_tls_cert"),
             grpc_tls_key=flag("grpc_tls_key"),
+            a2a=False if flag("no_a2a") else None,
+            a2a_host=flag("a2a_host") or None,
+            a2a_port=flag("a2a_port"),
+            a2a_tls_cert=flag("a2a_tls_cert"),
+            a2a_tls_key=flag("a2a_tls_key"),
             core_id=flag("core_id") or None,
             advertise=flag("advertise") or None,
             cluster_secret=flag("cluster_secret") or None,
@@ -212,6 +250,26 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     return _run(Gateway(config.gateway, args.core))
 
 
+def _cmd_voice_engine(args: argparse.Namespace) -> int:
+    try:  # the voice extra's packages: loaded only by this command
+        from car_grpc.voice_engine.engine import SpeechEngine, default_providers
+    except ImportError as e:
+        print(
+            "car-grpc: the voice engine needs the voice extra "
+            f"(pip install 'car-grpc[voice]'): {e}",
+            file=sys.stderr,
+        )
+        return 1
+    engine = SpeechEngine(
+        args.core,
+        default_providers(),
+        name=args.name,
+        core_ca=args.core_ca,
+        max_sessions=args.max_sessions,
+    )
+    return _run(engine)
+
+
 def _store_note(config: CoreConfig, location: StoreLocation, new: bool) -> str:
     """Which store an `agents` command used: a server honours the tokens of its own store
     only (a token minted elsewhere fails `token mismatch`). Never the store's password."""
@@ -260,6 +318,43 @@ async def _agents(args: argparse.Namespace) -> int:
         else:
             for row in await tokens.list():
                 print(f"{row.agent_id}\t{row.created_at}")
+    except StoreUnavailable as e:
+        print(f"car-grpc: {e}", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+    return 0
+
+
+def _cmd_a2a_clients(args: argparse.Namespace) -> int:
+    return asyncio.run(_a2a_clients(args))
+
+
+async def _a2a_clients(args: argparse.Namespace) -> int:
+    """Like `agents`: the tokens of A2A callers, in the store the server uses."""
+    config = config_from(args).core
+    location = store_location(config.store, config.state_root)
+    new = location.path is not None and not location.path.exists()
+    try:
+        store = await open_store(
+            config.state_root, config.store, pool_size=1, timeout=config.store_timeout
+        )
+    except (StoreUnavailable, StoreUrlError) as e:
+        print(f"car-grpc: {e}", file=sys.stderr)
+        return 1
+    callers = A2aCallers(store.a2a_clients)
+    print(_store_note(config, location, new).replace("agent tokens", "A2A caller tokens"),
+          file=sys.stderr)  # fmt: skip
+    try:
+        if args.a2a_cmd == "add":
+            print(await callers.add(args.name))
+        elif args.a2a_cmd == "remove":
+            if not await callers.remove(args.name):
+                print(f"no A2A caller {args.name!r}", file=sys.stderr)
+                return 1
+        else:
+            for row in await callers.list():
+                print(f"{row.name}\t{row.created_at}")
     except StoreUnavailable as e:
         print(f"car-grpc: {e}", file=sys.stderr)
         return 1
@@ -319,6 +414,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ws_flags(gateway, "none", "default: plaintext")
     gateway.set_defaults(func=_cmd_gateway)
 
+    voice = sub.add_parser(
+        "voice-engine",
+        help="run the reference speech engine (PocketSphinx, eSpeak NG) for a running core",
+        description="Serve voice providers to the core at --core over VoiceService.ServeVoice, "
+        "as any speech engine would: 'sphinx' (speech to text; options sample_rate, phrases) "
+        "and, when espeak-ng is installed, 'espeak' (text to speech; options text, voice, "
+        "words_per_minute, sample_rate). Authenticates with CAR_AUTH_TOKEN or the daemon "
+        "token file under $CAR_HOME; connects again whenever the core goes away. Needs the "
+        "voice extra: pip install 'car-grpc[voice]'.",
+    )
+    voice.add_argument(
+        "--core",
+        default="127.0.0.1:9102",
+        metavar="ADDR",
+        help="the core's gRPC address (default 127.0.0.1:9102)",
+    )
+    voice.add_argument(
+        "--core-ca",
+        type=Path,
+        metavar="PEM",
+        help="dial the core over TLS, trusting these CA certificates (default: plaintext)",
+    )
+    voice.add_argument(
+        "--name", default="car-grpc-voice", help="the engine's name in listings and logs"
+    )
+    voice.add_argument(
+        "--max-sessions",
+        type=_count,
+        default=8,
+        metavar="N",
+        help="voice sessions served at once, more are refused (default 8; a speech-to-text "
+        "session with the general language model holds about 100 MB)",
+    )
+    voice.set_defaults(func=_cmd_voice_engine)
+
     agents = sub.add_parser(
         "agents",
         help="manage per-agent tokens",
@@ -337,6 +467,25 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (add, remove, listing):
         _add_store_flag(command)
     agents.set_defaults(func=_cmd_agents)
+
+    a2a_clients = sub.add_parser(
+        "a2a-clients",
+        help="manage the bearer tokens of A2A callers",
+        description="Manage the tokens A2A peers authenticate with (Authorization: Bearer) "
+        "when they reach attached agents over A2A, in the store under $CAR_HOME or the one "
+        "--store / CAR_STORE names: run with the store of the server that is to honour them.",
+    )
+    a2a_sub = a2a_clients.add_subparsers(dest="a2a_cmd", required=True)
+    a2a_add = a2a_sub.add_parser(
+        "add", help="mint a token for a caller; prints it once, alone on stdout"
+    )
+    a2a_add.add_argument("name")
+    a2a_remove = a2a_sub.add_parser("remove", help="revoke a caller's token")
+    a2a_remove.add_argument("name")
+    a2a_list = a2a_sub.add_parser("list", help="list the callers that have a token")
+    for command in (a2a_add, a2a_remove, a2a_list):
+        _add_store_flag(command)
+    a2a_clients.set_defaults(func=_cmd_a2a_clients)
     return parser
 
 
@@ -347,7 +496,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("websockets").setLevel(logging.WARNING)  # we log our own listeners
     parser = build_parser()
     args = parser.parse_args(argv)
-    for cert, key in (("tls_cert", "tls_key"), ("grpc_tls_cert", "grpc_tls_key")):
+    for cert, key in (
+        ("tls_cert", "tls_key"),
+        ("grpc_tls_cert", "grpc_tls_key"),
+        ("a2a_tls_cert", "a2a_tls_key"),
+    ):
         if (getattr(args, cert, None) is None) != (getattr(args, key, None) is None):
             flags = f"--{cert.replace('_', '-')} and --{key.replace('_', '-')}"
             parser.error(f"{flags} go together")

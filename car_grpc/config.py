@@ -224,6 +224,34 @@ class CoreConfig:
     state_max_bytes: int = 16 * 1024 * 1024
     #: Keys in a session's state.
     state_max_keys: int = 10_000
+    #: Serve the attached agents to A2A peers: the A2A HTTP listener and
+    #: lf.a2a.v1.A2AService on the gRPC port (off with --no-a2a).
+    a2a: bool = True
+    #: The A2A HTTP listener (agent cards, JSON-RPC + SSE).
+    a2a_host: str = "127.0.0.1"
+    #: Its port: None means the WebSocket port + 3 under `serve`, the gRPC port + 1 for
+    #: `core` (both 9103 by default; ephemeral when that port is); 0 picks a free one.
+    a2a_port: int | None = None
+    #: TLS of the A2A HTTP listener: certificate chain and private key, PEM (both or neither).
+    a2a_tls_cert: Path | None = None
+    a2a_tls_key: Path | None = None
+    #: Largest A2A request body, in bytes; a larger one is refused (413).
+    a2a_max_body_bytes: int = 4 * 1024 * 1024
+    #: How long one A2A task (its chat) may run before it fails.
+    a2a_task_timeout: float = 1800.0
+    #: Largest reply one A2A task streams, in bytes (its tokens); past it the task fails.
+    a2a_reply_max_bytes: int = 4 * 1024 * 1024
+    #: A2A tasks one caller may have running at once; one more is refused.
+    a2a_tasks_per_caller: int = 16
+    #: Finished A2A tasks kept per caller (the oldest beyond it are deleted).
+    a2a_stored_tasks_per_caller: int = 1000
+
+    @property
+    def a2a_listen_port(self) -> int:
+        """The A2A port to bind: `a2a_port`, else the gRPC port + 1 (0: ephemeral)."""
+        if self.a2a_port is not None:
+            return self.a2a_port
+        return self.grpc_port + 1 if 0 < self.grpc_port < 65535 else 0
 
 
 @dataclass(frozen=True)
@@ -364,14 +392,19 @@ class Config:
     def for_serve(self) -> Config:
         """The sections as `car-grpc serve` runs them side by side: the gateway and the
         dashboard trust the core's own certificate unless a CA is named, and the
-        dashboard's port is resolved (the WebSocket port + 1 unless given)."""
+        dashboard's port and the A2A port are resolved (the WebSocket port + 1 and + 3
+        unless given)."""
         trust = self.gateway.core_ca or self.core.grpc_tls_cert
         port = self.dashboard.dashboard_port
+        ws_port = self.gateway.ws_port
         if port is None:
-            ws_port = self.gateway.ws_port
             port = ws_port + 1 if 0 < ws_port < 65535 else 0
+        a2a_port = self.core.a2a_port
+        if a2a_port is None:
+            a2a_port = ws_port + 3 if 0 < ws_port < 65533 else 0
         return replace(
             self,
+            core=replace(self.core, a2a_port=a2a_port),
             gateway=replace(self.gateway, core_ca=trust),
             dashboard=replace(
                 self.dashboard, core_ca=self.dashboard.core_ca or trust, dashboard_port=port

@@ -1,6 +1,7 @@
 """Optional TLS, from certificate files named in the configs (and so on the command line).
 
 - The core's gRPC port: `grpc_tls_cert` + `grpc_tls_key` (PEM chain and key).
+- The core's A2A HTTP listener (https://): `a2a_tls_cert` + `a2a_tls_key`.
 - The gateway's WebSocket port (wss://): `ws_tls_cert` + `ws_tls_key`. Its Unix socket
   stays plain: it is local, and only its owner may open it (0600).
 - The core's own clients (a gateway, the dashboard) dial it with TLS when they know whom
@@ -46,6 +47,11 @@ def grpc_server_credentials(cert: Path | None, key: Path | None) -> grpc.ServerC
 def ws_ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
     """The server context of the WebSocket TCP listener; None: plaintext."""
     return _server_context(cert, key, "the WebSocket port")
+
+
+def a2a_ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The server context of the A2A HTTP listener; None: plaintext."""
+    return _server_context(cert, key, "the A2A port")
 
 
 def core_channel(

@@ -2,7 +2,8 @@
 # Static checks run by CI (through `./dev check`): ruff, mypy --strict, buf lint / format /
 # breaking, codegen drift (regenerate car_grpc/v1, docs/api-table.md, clients/go/gen and
 # clients/node/gen, and fail on any difference), and the Go client and the generated
-# TypeScript: gofmt, go vet (with Debian's Go and packages, scripts/setup_go.sh) and tsc.
+# TypeScript client (clients/node with its generated code): gofmt, go vet (with Debian's Go
+# and packages, scripts/setup_go.sh) and tsc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -63,6 +64,6 @@ if [ -n "$unformatted" ]; then
   exit 1
 fi
 (cd clients/go && GOFLAGS=-mod=vendor GOPROXY=off go vet ./...)
-echo "== TypeScript (clients/node/gen): tsc"
+echo "== TypeScript (clients/node and its gen/): tsc"
 node_modules/.bin/tsc -p clients/node/tsconfig.json
 echo "all checks passed"

@@ -1,5 +1,6 @@
 """Regenerate car_grpc/v1 from proto/car/v1: messages, gRPC stubs and mypy-protobuf stubs;
-then docs/api-table.md from the new code (scripts/gen_api_table.py); then the Go and
+then docs/api-table.md from the new code (scripts/gen_api_table.py) and the snippets and
+permissions table of docs/grpc-guide.md (scripts/gen_guide.py); then the Go and
 TypeScript code of buf.gen.yaml (clients/go/gen, clients/node/gen) with `buf generate`.
 
 Run with `./dev gen`, which sets up what this needs: the dev extra (grpcio-tools and
@@ -76,8 +77,12 @@ def main() -> int:
     (OUT / "py.typed").write_text("")
     # A fresh interpreter, so that the table is made from the code just written.
     table = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_api_table.py")])
-    if table.returncode != 0 or python_only:
+    if table.returncode != 0:
         return table.returncode
+    # The guide's code snippets and permissions table (scripts/gen_guide.py).
+    guide = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_guide.py")])
+    if guide.returncode != 0 or python_only:
+        return guide.returncode
     return generate_other_languages()
 
 

@@ -1,5 +1,5 @@
-"""Client programs in other processes: the Node.js client (clients/node) and an agent on
-the official `car-runtime` client (tests/car_runtime_agent.py).
+"""Client programs in other processes: the TypeScript client (clients/node, run by Node.js
+with tsx) and an agent on the official `car-runtime` client (tests/car_runtime_agent.py).
 
 The programs report what they do as JSON lines on stdout (`{"event": "ready", ...}`); a
 test waits for the events it expects. `npm ci` runs once, when node_modules does not match
@@ -110,7 +110,8 @@ async def run_program(
 def run_node(
     script: str, *args: str, address: str, car_home: Path, **env: str
 ) -> contextlib.AbstractAsyncContextManager[Program]:
-    """Start `node clients/node/<script> <args>` against the server's gRPC `address`.
+    """Start `node --import tsx clients/node/<script> <args>` against the server's gRPC
+    `address` (tsx, from clients/node's dependencies, runs the TypeScript as it is).
 
     The program finds the token files under `car_home`, as a local client would; `env`
     (e.g. CAR_AGENT_ID, CAR_AGENT_TOKEN) is added.
@@ -119,7 +120,8 @@ def run_node(
     if node is None:
         raise RuntimeError("node is not on PATH: the polyglot tests need Node.js")
     full_env = cli_env(car_home, CAR_GRPC_ADDRESS=address, **env)
-    return run_program(script, [node, str(NODE_DIR / script), *args], full_env, NODE_DIR)
+    argv = [node, "--import", "tsx", str(NODE_DIR / script), *args]
+    return run_program(script, argv, full_env, NODE_DIR)
 
 
 def run_car_runtime_agent(

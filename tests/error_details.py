@@ -9,6 +9,13 @@ from grpc_status import rpc_status
 from car_grpc.v1 import errors_pb2
 from car_grpc.wire.errors import ERROR_DOMAIN, grpc_status_for
 
+
+def error_code_for(value: int) -> int:
+    """The JSON-RPC code of an ErrorCode value (its json_rpc_code option)."""
+    enum = errors_pb2.DESCRIPTOR.enum_types_by_name["ErrorCode"]
+    return int(enum.values_by_number[value].GetOptions().Extensions[errors_pb2.json_rpc_code])
+
+
 #: Statuses finer than a JSON-RPC code's twin, each named by its ErrorInfo reason.
 REFINED = {
     grpc.StatusCode.PERMISSION_DENIED,
@@ -33,9 +40,29 @@ def error_info(e: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     return infos[0]
 
 
+# guide:errors
+def car_error(e: grpc.aio.AioRpcError) -> errors_pb2.Error:
+    """The car.v1.Error among the details of the google.rpc.Status of a failed call."""
+    status = rpc_status.from_call(e)
+    assert status is not None, f"no google.rpc.Status on {e}"
+    errors = []
+    for detail in status.details:
+        error = errors_pb2.Error()
+        if detail.Unpack(error):
+            errors.append(error)
+    assert len(errors) == 1, status
+    return errors[0]
+
+
+# guide:end
+
+
 def assert_rich_status(e: grpc.aio.AioRpcError, error: errors_pb2.Error) -> None:
-    """The status is the code's twin or a refinement its reason names, and the ErrorInfo
-    carries the JSON-RPC code of the exact Error."""
+    """The status is the code's twin or a refinement its reason names, the ErrorInfo
+    carries the JSON-RPC code of the exact Error, and the details carry that Error too,
+    with the ErrorCode whose JSON-RPC code it is."""
+    assert car_error(e) == error
+    assert error.error_code != 0 and error_code_for(error.error_code) == error.code
     info = error_info(e)
     assert info.domain == ERROR_DOMAIN and info.reason
     assert info.metadata["json_rpc_code"] == str(error.code)

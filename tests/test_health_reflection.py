@@ -109,6 +109,7 @@ async def test_reflection_lists_every_service_once(version: str, tmp_path: Path)
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
+        "lf.a2a.v1.A2AService",  # A2A, on unless --no-a2a
     }
     assert set(names) == expected
     # Each service's file (the first of the reply) declares it.

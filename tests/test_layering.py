@@ -35,6 +35,11 @@ def _loaded_by(module: str) -> list[str]:
         ("car_grpc.dashboard", (*CORE_AND_STORE, "car_grpc.gateway")),
         ("car_grpc.wire.codec", (*CORE_AND_STORE, "car_grpc.gateway", "car_grpc.dashboard")),
         ("car_grpc", ("car_grpc.core", "car_grpc.store", "car_grpc.gateway")),
+        # The reference speech engine is a client of the public API, like any other.
+        (
+            "car_grpc.voice_engine.engine",
+            (*CORE_AND_STORE, "car_grpc.gateway", "car_grpc.dashboard"),
+        ),
     ],
 )
 def test_importing_a_part_loads_only_what_it_needs(

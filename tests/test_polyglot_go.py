@@ -121,7 +121,9 @@ async def test_go_agent_records_a_run_that_a_go_host_watches_live(
             ended = await watcher.expect("record")
             assert (ended["cursor"], ended["kind"]) == (5, "ended")
             assert ended["ended_status"] == ended["status"] == "RUN_STATUS_COMPLETED"
+            # record-run set only StatusEnum; the server filled the string from it.
             assert ended["outcome"] == "success"
+            assert ended["outcome_enum"] == "RUN_OUTCOME_STATUS_SUCCESS"
             assert (await watcher.finish())[-1] == {"event": "end", "cursor": 5}
         await agent.finish()
 
@@ -163,6 +165,7 @@ async def test_go_watcher_of_another_agents_run_gets_the_servers_error(
     assert error["event"] == "error"
     assert error["grpc_code"] == "NotFound"
     assert error["code"] == -32602
+    assert error["error_code"] == "ERROR_CODE_INVALID_PARAMS"  # from the google.rpc.Status
     assert run.run_id in error["message"]
 
 
@@ -186,7 +189,7 @@ async def test_go_host_chats_with_the_node_agent(go_bin: Path, served: Served) -
     ensure_installed()
     token = served.add_agent("node-agent")
     env = {"CAR_AGENT_ID": "node-agent", "CAR_AGENT_TOKEN": token}
-    node = run_node("agent.js", address=served.grpc_address, car_home=served.car_home, **env)
+    node = run_node("agent.ts", address=served.grpc_address, car_home=served.car_home, **env)
     async with node as agent:
         await agent.expect("ready")
         async with go(go_bin, served, "chat", "node-agent", "hello from Go") as host:

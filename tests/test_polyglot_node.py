@@ -1,6 +1,7 @@
-"""The polyglot proof: the Node.js client in clients/node, built on nothing but proto/, run
-against a real `car-grpc serve` process, and crossing languages with Python clients on
-gRPC, on raw WebSocket JSON-RPC, and on the official `car-runtime` client.
+"""The polyglot proof: the TypeScript client in clients/node, on the code protoc-gen-es
+generated from proto/ (clients/node/gen) and Connect over the gRPC protocol, run by Node.js
+(with tsx) against a real `car-grpc serve` process, and crossing languages with Python
+clients on gRPC, on raw WebSocket JSON-RPC, and on the official `car-runtime` client.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import grpc
 import pytest
 
 from car_grpc.core.server import Core
-from car_grpc.v1 import chats_pb2, runs_pb2, session_pb2, tools_pb2, tools_pb2_grpc
+from car_grpc.v1 import chats_pb2, runs_pb2, runs_pb2_grpc, session_pb2, tools_pb2, tools_pb2_grpc
 from car_grpc.wire.codec import json_to_message
 from tests.client_programs import Program, ensure_installed, run_car_runtime_agent, run_node
 from tests.conftest import make_config
@@ -54,13 +55,13 @@ def node(
 
 
 def node_agent(served: Served, agent_id: str) -> contextlib.AbstractAsyncContextManager[Program]:
-    """clients/node/agent.js attached as `agent_id` with a token from `car-grpc agents add`."""
+    """clients/node/agent.ts attached as `agent_id` with a token from `car-grpc agents add`."""
     token = served.add_agent(agent_id)
-    return node(served, "agent.js", CAR_AGENT_ID=agent_id, CAR_AGENT_TOKEN=token)
+    return node(served, "agent.ts", CAR_AGENT_ID=agent_id, CAR_AGENT_TOKEN=token)
 
 
 def node_reply(agent_id: str, prompt: str) -> str:
-    """What clients/node/agent.js answers to a prompt."""
+    """What clients/node/agent.ts answers to a prompt."""
     return f"Node agent {agent_id} heard: {prompt}"
 
 
@@ -95,7 +96,7 @@ async def test_node_agent_attaches_and_owns_its_session(
 async def test_node_agent_with_a_wrong_token_is_refused(served: Served) -> None:
     served.add_agent("node-agent")
     async with node(
-        served, "agent.js", CAR_AGENT_ID="node-agent", CAR_AGENT_TOKEN="not-the-token"
+        served, "agent.ts", CAR_AGENT_ID="node-agent", CAR_AGENT_TOKEN="not-the-token"
     ) as agent:
         error = await agent.next_event()
         assert error == {
@@ -116,10 +117,13 @@ async def test_python_grpc_host_chats_with_the_node_agent(
             ask = chats_pb2.ChatRequest(agent_id="node-agent", prompt="hello from Python")
             accepted = await host.request("agents_chat", ask)
             assert accepted.accepted
+            assert accepted.chat_id == accepted.session_id  # the chat's id, by its name
             events: list[chats_pb2.ChatEvent] = []
             while not events or events[-1].kind not in ("done", "error"):
                 frame = await host.next_notification()
+                # The agent set only chat_id; the server filled session_id from it.
                 assert frame.agents_chat_event.session_id == accepted.session_id
+                assert frame.agents_chat_event.chat_id == accepted.session_id
                 assert frame.agents_chat_event.agent_id == "node-agent"
                 events.append(frame.agents_chat_event.event)
         finally:
@@ -131,6 +135,10 @@ async def test_python_grpc_host_chats_with_the_node_agent(
         "prompt": "hello from Python",
     }
     assert [e.kind for e in events] == ["token"] * (len(events) - 1) + ["done"]
+    # The agent set only kind_enum; the server filled kind from it, and typed clients
+    # see both.
+    token, done = chats_pb2.CHAT_EVENT_KIND_TOKEN, chats_pb2.CHAT_EVENT_KIND_DONE
+    assert [e.kind_enum for e in events] == [token] * (len(events) - 1) + [done]
     assert "".join(e.delta for e in events[:-1]) == node_reply("node-agent", "hello from Python")
 
 
@@ -152,7 +160,9 @@ async def test_python_websocket_host_chats_with_the_node_agent(served: Served) -
     assert chat["prompt"] == "hello over WebSocket"
     assert all(e["session_id"] == accepted["session_id"] for e in events)
     assert all(e["agent_id"] == "node-agent" for e in events)
+    # The JSON wire has the kind strings the agent's kind_enum stands for, and no twin.
     assert [e["kind"] for e in events] == ["token"] * (len(events) - 1) + ["done"]
+    assert all("kind_enum" not in e for e in events)
     text = "".join(e["delta"] for e in events[:-1])
     assert text == node_reply("node-agent", "hello over WebSocket")
 
@@ -177,7 +187,7 @@ def serve_chats_in_python(agent: SessionClient, reply: str) -> None:
 
 
 def assert_chat_reply(events: list[dict[str, Any]], reply: str) -> None:
-    """The events of clients/node/chat.js for a chat answered with `reply`."""
+    """The events of clients/node/chat.ts for a chat answered with `reply`."""
     assert events[0]["event"] == "accepted" and events[0]["session_id"], events
     assert [e["delta"] for e in events[1:-3]] == words(reply)
     assert [e["kind"] for e in events[1:-2]] == ["token"] * len(words(reply)) + ["done"]
@@ -190,7 +200,7 @@ async def test_node_host_chats_with_a_python_grpc_agent(
     agent = await connect(channel, token=served.add_agent("py-agent"), agent_id="py-agent")
     serve_chats_in_python(agent, "Python says hi")
     try:
-        async with node(served, "chat.js", "py-agent", "hello from Node") as host:
+        async with node(served, "chat.ts", "py-agent", "hello from Node") as host:
             events = await host.finish()
     finally:
         await agent.close()
@@ -204,13 +214,13 @@ async def test_node_host_chats_with_a_car_runtime_agent(served: Served) -> None:
         "car-runtime says hi", url=served.ws_url, agent_id="runtime-agent", token=token
     ) as agent:
         await agent.expect("ready")
-        async with node(served, "chat.js", "runtime-agent", "hello from Node") as host:
+        async with node(served, "chat.ts", "runtime-agent", "hello from Node") as host:
             events = await host.finish()
     assert_chat_reply(events, "car-runtime says hi")
 
 
 async def test_node_tool_host_answers_the_callbacks_of_its_proposal(served: Served) -> None:
-    async with node(served, "tool-host.js") as host:
+    async with node(served, "tool-host.ts") as host:
         registered, result = await host.finish(timeout=30)
     # The typed ListTools call, bound to the live session by car-session-id, saw the tools.
     assert registered == {"event": "registered", "count": 2, "tools": ["add", "divide"]}
@@ -233,7 +243,7 @@ async def test_node_tool_host_answers_the_callbacks_of_its_proposal(served: Serv
 # ------------------------------------------------------------------ the Node run watcher
 
 
-#: Free-form JSON of every kind, to travel Python -> proto -> Node (lib/car.js fromValue).
+#: Free-form JSON of every kind, to travel Python -> proto -> TypeScript (lib/car.ts fromValue).
 PARAMETERS: dict[str, Any] = {
     "argv": ["ls", "-l", 2, True, None],
     "env": {"A": "1", "depth": {"n": 1.5}},
@@ -260,7 +270,7 @@ async def test_node_run_watcher_follows_a_python_agents_run_and_resumes(
         batch = runs_pb2.RecordTurnsRequest(run_id=run_id, turns=turns("one", "two"))
         await agent.request("runs_record_turns", batch)
 
-        async with node(served, "watch-run.js", run_id) as watcher:
+        async with node(served, "watch-run.ts", run_id) as watcher:
             # The records already stored, from cursor 0 (the host token reads any run).
             seen = [await watcher.expect("record") for _ in range(3)]
             assert [(r["cursor"], r["kind"]) for r in seen] == [
@@ -283,19 +293,106 @@ async def test_node_run_watcher_follows_a_python_agents_run_and_resumes(
             await agent.request("runs_complete", complete)
             ended = await watcher.expect("record")
             assert (ended["cursor"], ended["kind"]) == (5, "ended")
-            assert ended["status"] == "RUN_STATUS_COMPLETED"
+            assert ended["ended_status"] == ended["status"] == "RUN_STATUS_COMPLETED"
+            # The Python agent sent the string; the TypeScript watcher also sees the enum.
+            assert ended["outcome"] == "success"
+            assert ended["outcome_enum"] == "RUN_OUTCOME_STATUS_SUCCESS"
             assert (await watcher.finish())[-1] == {"event": "end", "cursor": 5}
     finally:
         await agent.close()
 
     # A watcher that resumes from cursor 3 gets exactly the records after it.
-    async with node(served, "watch-run.js", run_id, "3") as resumed:
+    async with node(served, "watch-run.ts", run_id, "3") as resumed:
         events = await resumed.finish()
     assert [(e["event"], e.get("cursor"), e.get("kind")) for e in events] == [
         ("record", 4, "turn"),
         ("record", 5, "ended"),
         ("end", 5, None),
     ]
+
+
+async def test_a_typescript_agent_records_a_run_that_a_typescript_host_watches_live(
+    served: Served, channel: grpc.aio.Channel
+) -> None:
+    """clients/node/record-run.ts (StartRun, RecordTurns, CompleteRun as the agent) steps
+    one record at a time while clients/node/watch-run.ts (the host token) shows each live."""
+    token = served.add_agent("ts-agent")
+    prompts = ["one", "two"]
+    async with node(
+        served, "record-run.ts", "--step", "fix it", *prompts,
+        CAR_AGENT_ID="ts-agent", CAR_AGENT_TOKEN=token,
+    ) as agent:  # fmt: skip
+        started = await agent.expect("started")
+        assert started["agent_id"] == "ts-agent"
+        run_id = started["run_id"]
+        async with node(served, "watch-run.ts", run_id) as watcher:
+            first = await watcher.expect("record")
+            assert (first["cursor"], first["kind"], first["intent"]) == (1, "started", "fix it")
+            for index, prompt in enumerate(prompts):
+                step(agent)
+                recorded = await agent.expect("recorded")
+                assert (recorded["ok"], recorded["base_index"], recorded["count"]) == (
+                    True,
+                    index,
+                    1,
+                )
+                turn = await watcher.expect("record")
+                assert turn == {
+                    "event": "record",
+                    "cursor": index + 2,
+                    "status": "RUN_STATUS_IN_PROGRESS",
+                    "kind": "turn",
+                    "index": index,
+                    "prompt": prompt,
+                    "tool": "shell",
+                    "parameters": {
+                        "argv": ["echo", prompt],
+                        "step": index + 1,
+                        "env": {"LANG": "C", "dry_run": False, "limit": None},
+                    },
+                    "output": prompt.upper(),
+                }
+            step(agent)
+            assert (await agent.expect("completed"))["run_id"] == run_id
+            ended = await watcher.expect("record")
+            assert (ended["cursor"], ended["ended_status"]) == (4, "RUN_STATUS_COMPLETED")
+            assert (await watcher.finish())[-1] == {"event": "end", "cursor": 4}
+        await agent.finish()
+    # What the TypeScript agent recorded is what the store holds, read back from Python.
+    host = (("authorization", f"Bearer {served.token('host-token')}"),)
+    trace = await runs_pb2_grpc.RunServiceStub(channel).GetTrace(
+        runs_pb2.GetTraceRequest(run_id=run_id), metadata=host
+    )
+    assert trace.agent_id == "ts-agent"
+    outcome = trace.records[-1].ended.outcome
+    assert outcome.summary == "recorded from TypeScript"
+    # The agent set only status_enum; the server filled the wire's string from it.
+    assert (outcome.status, outcome.status_enum) == ("success", runs_pb2.RUN_OUTCOME_STATUS_SUCCESS)
+
+
+async def test_a_typescript_watcher_of_another_agents_run_gets_the_servers_error(
+    served: Served, channel: grpc.aio.Channel
+) -> None:
+    """The error is the server's answer, decoded from its car-error-bin trailer with the
+    generated ErrorSchema, and final: the watcher does not retry it."""
+    owner = await connect(channel, token=served.add_agent("py-agent"), agent_id="py-agent")
+    try:
+        run = await owner.request("runs_start", runs_pb2.StartRunRequest(intent="mine"))
+    finally:
+        await owner.close()
+    other = {"CAR_AGENT_ID": "ts-agent", "CAR_AGENT_TOKEN": served.add_agent("ts-agent")}
+    async with node(served, "watch-run.ts", run.run_id, **other) as watcher:
+        error = await watcher.next_event()
+        assert await watcher.proc.wait() == 1
+    assert (error["event"], error["grpc_code"], error["code"]) == ("error", "NotFound", -32602)
+    assert error["error_code"] == "ERROR_CODE_INVALID_PARAMS"  # from the google.rpc.Status
+    assert run.run_id in error["message"]
+
+
+def step(program: Program) -> None:
+    """Lets `record-run.ts --step` take its next step."""
+    assert program.proc.stdin is not None
+    program.proc.stdin.write(b"\n")
 
 
 async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) -> None:
@@ -313,7 +410,7 @@ async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) 
             batch = runs_pb2.RecordTurnsRequest(run_id=run.run_id, turns=turns("one"))
             await agent.request("runs_record_turns", batch)
             async with run_node(
-                "watch-run.js",
+                "watch-run.ts",
                 run.run_id,
                 address=core.grpc_address,
                 car_home=config.core.token_dir.parent,
@@ -334,18 +431,21 @@ async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) 
         ("record", 3, "ended"),
         ("end", 3, None),
     ]
-    assert events[0]["status"] == "RUN_STATUS_INCOMPLETE"
+    assert events[0]["ended_status"] == "RUN_STATUS_INCOMPLETE"
 
 
 async def test_node_typed_tool_host_serves_a_websocket_and_a_python_grpc_proposal(
     served: Served, channel: grpc.aio.Channel
 ) -> None:
-    """clients/node/serve-tools.js on ToolService.ServeTools (proto-loader, shared tools):
+    """clients/node/serve-tools.ts on ToolService.ServeTools (generated types, shared tools):
     a WebSocket client's proposal and an unbound typed one from Python call its tools."""
-    async with node(served, "serve-tools.js") as host:
-        registered = await host.expect("registered")
-        assert registered["scope"] == "TOOL_SCOPE_SHARED"
-        assert registered["tools"] == ["add", "divide", "wait"]
+    async with node(served, "serve-tools.ts") as host:
+        assert await host.expect("registered") == {
+            "event": "registered",
+            "host": "node-tools",
+            "scope": "TOOL_SCOPE_SHARED",
+            "tools": ["add", "divide", "wait"],
+        }
         async with rpc(served.ws_url) as client:
             await client.login(served.token("auth-token"))
             result = await client.result(

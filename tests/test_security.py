@@ -307,12 +307,14 @@ def listening_on(pid: int) -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6A
 
 
 async def test_every_listener_is_on_loopback(tmp_path: Path) -> None:
-    """`car-grpc serve` with its defaults: gRPC, WebSocket and dashboard listen on
+    """`car-grpc serve` with its defaults: gRPC, WebSocket, dashboard and A2A listen on
     127.0.0.1 and nowhere else; the fourth listener is the Unix socket under CAR_HOME."""
     async with serve_logged(tmp_path / "home") as (server, listeners):
         sockets = listening_on(server.proc.pid)
         ports = {port(address) for address in listeners[:2]}
         ports.add(port(listeners[3]))
+        a2a = await server.next_line("A2A agents at ")  # "... at http://HOST:PORT/a2a/<agent_id>"
+        ports.add(port(a2a.split(" at ", 1)[1].removesuffix("/a2a/<agent_id>")))
         assert sorted(port for _, port in sockets) == sorted(ports), sockets
         assert all(str(ip) == "127.0.0.1" for ip, _ in sockets), sockets
         assert listeners[2] == f"unix:{tmp_path / 'home' / 'run' / 'car-server.sock'}"

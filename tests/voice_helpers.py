@@ -1,11 +1,16 @@
 """Helpers for the voice tests: a small speech engine on the generated VoiceService stub,
-and the JSON-RPC test client keeping binary (audio) frames apart."""
+the JSON-RPC test client keeping binary (audio) frames apart, and for the reference
+engine (`car-grpc voice-engine`) its process and speech from espeak-ng."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import subprocess
+import wave
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,6 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from car_grpc.v1 import voice_pb2, voice_pb2_grpc
 from car_grpc.wire import codec
+from tests.processes import Process, car_grpc_argv, cli_env, launch
 from tests.ws_helpers import Rpc
 
 ServeVoiceRequest = voice_pb2.ServeVoiceRequest
@@ -197,3 +203,50 @@ class VoiceRpc(Rpc):
 async def voice_rpc(url: str) -> AsyncIterator[VoiceRpc]:
     async with connect(url, ping_interval=None) as ws:
         yield VoiceRpc(ws)
+
+
+# ------------------------------------------------------------------ the reference engine
+
+
+def say(text: str) -> tuple[bytes, int]:
+    """`text` spoken by Debian's espeak-ng, straight from the program: (PCM16LE mono, its
+    sample rate, 22050 Hz)."""
+    wav = subprocess.run(
+        ["espeak-ng", "--stdin", "--stdout"],
+        input=text.encode(),
+        capture_output=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    with wave.open(io.BytesIO(wav)) as audio:
+        # Written to a pipe, the header's length is a placeholder: read to the end.
+        return audio.readframes(audio.getnframes()), audio.getframerate()
+
+
+def silence(seconds: float, rate: int) -> bytes:
+    return b"\x00\x00" * round(seconds * rate)
+
+
+def chunks(pcm: bytes, rate: int, seconds: float = 0.1) -> list[bytes]:
+    """`pcm` cut in real-time-sized chunks (100 ms of audio each)."""
+    size = 2 * round(rate * seconds)
+    return [pcm[at : at + size] for at in range(0, len(pcm), size)]
+
+
+@contextlib.asynccontextmanager
+async def voice_engine_process(
+    grpc_address: str, car_home: str | Path, *, registered: bool = True
+) -> AsyncIterator[Process]:
+    """`car-grpc voice-engine --core ADDRESS` in its own process, with the daemon token
+    of the core whose CAR_HOME is `car_home`; yields once its providers are registered
+    (`registered`; else at once: `await registration(engine)` when it matters)."""
+    argv = car_grpc_argv("voice-engine", "--core", grpc_address)
+    async with launch(argv, name="car-grpc voice-engine", env=cli_env(car_home)) as engine:
+        if registered:
+            await registration(engine)
+        yield engine
+
+
+async def registration(engine: Process) -> str:
+    """The engine's next log line saying that a core took its providers."""
+    return await engine.next_line("serving providers", timeout=30)

@@ -85,7 +85,7 @@ class Authentication:
         if req.HasField("memory_namespace"):
             session.memory_namespace = req.memory_namespace
         reply = session_pb2.AuthenticateResponse(
-            ok=True, auth_enabled=self.enabled, session_id=session.id
+            ok=True, auth_enabled=self.enabled, session_id=session.id, role_enum=session.role.value
         )
         if not self.enabled:
             return reply

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 import grpc
@@ -30,6 +30,7 @@ from car_grpc.v1 import session_pb2
 from car_grpc.wire import api
 from car_grpc.wire.errors import INVALID_REQUEST, CarError
 from car_grpc.wire.metadata import AGENT_ID_KEY, AUTH_KEY, SESSION_ID_KEY
+from car_grpc.wire.twins import fill_in, fill_out
 
 log = logging.getLogger(__name__)
 
@@ -288,19 +289,19 @@ class GrpcService:
             "car.v1.SessionService": {
                 "Connect": grpc.stream_stream_rpc_method_handler(
                     connect,
-                    request_deserializer=session_pb2.ClientFrame.FromString,
+                    request_deserializer=_reader(session_pb2.ClientFrame),
                     response_serializer=_serialize_frame,
                 )
             }
         }
         for rpc in api.TYPED_RPCS:
-            req_cls, resp_cls = _message_class(rpc.request), _message_class(rpc.response)
+            req_cls = _message_class(rpc.request)
             table = by_service.setdefault(rpc.service.full_name, {})
             if rpc.server_streaming:
                 table[rpc.name] = grpc.unary_stream_rpc_method_handler(
                     self._server_stream(rpc),
-                    request_deserializer=req_cls.FromString,
-                    response_serializer=resp_cls.SerializeToString,
+                    request_deserializer=_reader(req_cls),
+                    response_serializer=_write,
                 )
                 continue
             member = api.request_member_for(rpc.request)
@@ -308,8 +309,8 @@ class GrpcService:
                 raise RuntimeError(f"{rpc.service.name}/{rpc.name}: no ClientFrame member")
             table[rpc.name] = grpc.unary_unary_rpc_method_handler(
                 self._unary(member.field),
-                request_deserializer=req_cls.FromString,
-                response_serializer=resp_cls.SerializeToString,
+                request_deserializer=_reader(req_cls),
+                response_serializer=_write,
             )
         for full_name, handler in self.dispatcher.router.grpc_only.items():
             method = descriptor_pool.Default().FindMethodByName(full_name)
@@ -360,7 +361,7 @@ class GrpcService:
     def _grpc_only(
         self, method: MethodDescriptor, handler: GrpcOnlyHandler
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        req_cls, resp_cls = _message_class(method.input_type), _message_class(method.output_type)
+        req_cls = _message_class(method.input_type)
         access = api.rpc_access(method)
 
         async def unary(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -385,15 +386,11 @@ class GrpcService:
 
         if not method.client_streaming and not method.server_streaming:
             return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=req_cls.FromString,
-                response_serializer=resp_cls.SerializeToString,
+                unary, request_deserializer=_reader(req_cls), response_serializer=_write
             )
         if method.client_streaming and method.server_streaming:
             return grpc.stream_stream_rpc_method_handler(
-                bidi,
-                request_deserializer=req_cls.FromString,
-                response_serializer=resp_cls.SerializeToString,
+                bidi, request_deserializer=_reader(req_cls), response_serializer=_write
             )
         raise RuntimeError(f"{method.full_name}: only unary and bidi gRPC-only RPCs are supported")
 
@@ -416,19 +413,37 @@ def _message_class(desc: Any) -> Any:
     return message_factory.GetMessageClass(desc)
 
 
+def _reader(cls: Any) -> Callable[[bytes], Message]:
+    """The request deserializer of `cls`: typed twins filled in (wire/twins.py)."""
+
+    def read(data: bytes) -> Message:
+        message: Message = cls.FromString(data)
+        return fill_in(message)
+
+    return read
+
+
+def _write(message: Message) -> bytes:
+    """The response serializer: typed twins derived (wire/twins.py)."""
+    return fill_out(message).SerializeToString()
+
+
 def _serialize_frame(frame: session_pb2.ServerFrame | bytes) -> bytes:
     """A ServerFrame for the wire: frames from the session's queue are already bytes."""
-    return frame if isinstance(frame, bytes) else frame.SerializeToString()
+    return frame if isinstance(frame, bytes) else _write(frame)
 
 
-async def add_health_and_reflection(server: grpc.aio.Server) -> Any:
+async def add_health_and_reflection(server: grpc.aio.Server, extra: Iterable[str] = ()) -> Any:
     """Standard gRPC health (all services SERVING) and server reflection (v1 and
     v1alpha). Returns the asyncio health servicer (`enter_graceful_shutdown()` on stop):
     its Watch streams end when the server stops, where the thread of the synchronous
-    one would keep the process from exiting."""
+    one would keep the process from exiting. `extra`: other services the server has (the
+    A2A service)."""
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = sorted({"car.v1.SessionService", *(r.service.full_name for r in api.TYPED_RPCS)})
+    names = sorted(
+        {"car.v1.SessionService", *(r.service.full_name for r in api.TYPED_RPCS), *extra}
+    )
     for name in [*names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     add_reflection(server, [*names, health.SERVICE_NAME])

@@ -16,6 +16,8 @@ from typing import Any
 import grpc
 
 from car_grpc import tls
+from car_grpc.a2a.server import SERVICE as A2A_SERVICE
+from car_grpc.a2a.server import A2aListener, Endpoints
 from car_grpc.config import CoreConfig
 from car_grpc.core.cluster import default_core_id
 from car_grpc.core.grpc_service import add_health_and_reflection
@@ -46,6 +48,8 @@ class Core:
         #: Its id in a cluster (known once the port is bound).
         self.core_id = ""
         self._server: grpc.aio.Server | None = None
+        #: The A2A HTTP listener while the core runs (None when A2A is off).
+        self.a2a: A2aListener | None = None
         #: The asyncio grpc.health.v1 servicer (untyped: grpc_health has no stubs).
         self._health: Any = None
 
@@ -93,12 +97,39 @@ class Core:
             await server.stop(0)
             raise
         server.add_generic_rpc_handlers(parts.grpc.handlers())
+        extra = []
+        if parts.a2a is not None:
+            server.add_generic_rpc_handlers([parts.a2a.grpc_handler()])
+            extra.append(A2A_SERVICE)
         if parts.peer_service is not None:  # core to core, secret-checked, not in reflection
             server.add_generic_rpc_handlers((parts.peer_service.handler(),))
-        self._health = await add_health_and_reflection(server)
+        self._health = await add_health_and_reflection(server, extra)
         await server.start()
         self._server = server
         log.info("core: gRPC%s listening on %s", " (TLS)" if credentials else "", self.grpc_address)
+        if parts.a2a is not None:
+            try:
+                await self._start_a2a(parts.a2a.http_app())
+            except BaseException:
+                await self.stop(grace=0)
+                raise
+            parts.a2a.endpoints = Endpoints(self.a2a_url, self.grpc_address)
+
+    @property
+    def a2a_url(self) -> str:
+        """The A2A HTTP listener's base URL (an agent's endpoint is `<url>/a2a/<agent_id>`)."""
+        return self.a2a.url if self.a2a is not None else ""
+
+    async def _start_a2a(self, app: Any) -> None:
+        config = self.config
+        context = tls.a2a_ssl_context(config.a2a_tls_cert, config.a2a_tls_key)
+        listener = A2aListener(app, config.a2a_host, config.a2a_listen_port, context)
+        await listener.start()
+        self.a2a = listener
+        # Not "listening on": tests/processes.py reads the listeners of `serve` by position.
+        log.info(
+            "core: A2A%s agents at %s/a2a/<agent_id>", " (TLS)" if context else "", listener.url
+        )
 
     async def _open_store(self) -> Store:
         """The store the config names (`store`, default the embedded file under
@@ -119,6 +150,11 @@ class Core:
 
     async def stop(self, grace: float = 1.0) -> None:
         parts, self.parts = self.parts, None
+        if self.a2a is not None:
+            if parts is not None and parts.a2a is not None:
+                await parts.a2a.close()  # its tasks end, so its streams end
+            await self.a2a.stop()
+            self.a2a = None
         if self._health is not None:
             # Health.Watch streams see NOT_SERVING; the stop below ends them.
             await self._health.enter_graceful_shutdown()

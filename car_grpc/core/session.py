@@ -29,6 +29,7 @@ from car_grpc.core.outbound import OutboundQueue
 from car_grpc.v1 import options_pb2, session_pb2, state_pb2, tools_pb2
 from car_grpc.wire import api
 from car_grpc.wire.errors import INTERNAL, CarError, invalid_params
+from car_grpc.wire.twins import fill_out
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class ClientSession:
             raise SessionClosed(self.id)
         if not self.streaming:
             return
-        await self.outbound.put(frame.SerializeToString())
+        await self.outbound.put(fill_out(frame).SerializeToString())
 
     def try_send(self, frame: session_pb2.ServerFrame) -> bool:
         """Queue a frame without waiting; False when the queue is full (in frames or in
@@ -133,7 +134,7 @@ class ClientSession:
         try:
             if self.outbound.full():  # no need to serialize what is dropped anyway
                 raise asyncio.QueueFull
-            self.outbound.put_nowait(frame.SerializeToString())
+            self.outbound.put_nowait(fill_out(frame).SerializeToString())
         except asyncio.QueueFull:
             self._metrics.queue_drops.inc("session_outbound")
             return False

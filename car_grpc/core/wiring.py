@@ -19,6 +19,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from car_grpc.a2a.server import A2aLimits, A2aServer
 from car_grpc.config import CoreConfig
 from car_grpc.core.approvals import Approvals, expired
 from car_grpc.core.authentication import Authentication
@@ -76,6 +77,8 @@ class CoreParts:
     status: Status
     router: Router
     grpc: GrpcService
+    #: None when A2A is off (--no-a2a).
+    a2a: A2aServer | None
     #: In a cluster (a PostgreSQL store): membership and messages, the core-to-core
     #: service other cores call, and the client side of it. None for a core of its own.
     cluster: Cluster | None = None
@@ -87,6 +90,8 @@ class CoreParts:
         """Close every session, then let the domains finish what they write (pending
         approvals expire, open runs end incomplete, goal and meeting writes land)
         before the store closes."""
+        if self.a2a is not None:
+            await self.a2a.close()
         await self.registry.close_all()
         await self.approvals.close()
         await self.runs.shutdown()
@@ -236,6 +241,23 @@ async def wire(
     grpc = GrpcService(
         registry, authentication, dispatcher, max_inflight=config.max_inflight_per_session
     )
+    a2a = None
+    if config.a2a:
+        a2a = A2aServer(
+            chats=chats,
+            registry=registry,
+            host=host,
+            clients=store.a2a_clients,
+            tasks=store.a2a_tasks,
+            limits=A2aLimits(
+                max_body_bytes=config.a2a_max_body_bytes,
+                task_timeout=config.a2a_task_timeout,
+                reply_max_bytes=config.a2a_reply_max_bytes,
+                tasks_per_caller=config.a2a_tasks_per_caller,
+                stored_tasks_per_caller=config.a2a_stored_tasks_per_caller,
+            ),
+        )
+        await a2a.start()
     peer_service = peers = None
     keep: list[object] = []
     if cluster is not None:
@@ -266,6 +288,7 @@ async def wire(
         status=status,
         router=router,
         grpc=grpc,
+        a2a=a2a,
         cluster=cluster,
         peer_service=peer_service,
         peers=peers,

@@ -17,6 +17,10 @@ from car_grpc.store.location import (
     store_location,
 )
 from car_grpc.store.repositories import (
+    A2aClientRow,
+    A2aClientStore,
+    A2aTaskRow,
+    A2aTaskStore,
     AgentTokenRow,
     AgentTokenStore,
     ApprovalStore,
@@ -64,6 +68,10 @@ async def open_store(
 
 
 __all__ = [
+    "A2aClientRow",
+    "A2aClientStore",
+    "A2aTaskRow",
+    "A2aTaskStore",
     "AgentTokenRow",
     "AgentTokenStore",
     "ApprovalStore",

@@ -385,6 +385,87 @@ NOTIFY_MAX = 7900
 # ---------------------------------------------------------------- the store
 
 
+# ---------------------------------------------------------------- A2A
+
+
+@dataclass(frozen=True)
+class A2aClientRow:
+    """An A2A caller that has a token (the digest stays in the store)."""
+
+    name: str
+    #: Unix ms: when its current token was minted.
+    created_at: int
+
+
+class A2aClientStore(Protocol):
+    """Bearer token digests of the A2A callers (car_grpc.a2a.callers hashes; no token is
+    stored). A token is found by its digest: tokens are 256-bit random, so a lookup by
+    SHA-256 digest tells an attacker nothing a guess would not."""
+
+    async def put(self, name: str, digest: bytes, created_at: int) -> None:
+        """Set the caller's digest, replacing any earlier one."""
+
+    async def find(self, digest: bytes) -> str | None:
+        """The name of the caller whose current token has this digest, None if none."""
+
+    async def remove(self, name: str) -> bool:
+        """Forget the caller's token; whether it had one."""
+
+    async def list_all(self) -> list[A2aClientRow]:
+        """Every caller with a token, sorted by name."""
+
+
+@dataclass(frozen=True)
+class A2aTaskRow:
+    """One A2A task (lf.a2a.v1.Task, serialized: the store knows nothing of A2A) with what
+    is looked up and listed by copied out."""
+
+    task_id: str
+    #: The attached agent the task is a chat with.
+    agent_id: str
+    #: The A2A caller (a2a-clients name) the task belongs to.
+    caller: str
+    context_id: str
+    #: lf.a2a.v1.TaskState value.
+    state: int
+    #: Unix ms of the last write.
+    updated_at: int
+    task: bytes
+
+
+class A2aTaskStore(Protocol):
+    """A2A tasks, each the record of a chat with an attached agent."""
+
+    async def put(self, row: A2aTaskRow) -> None:
+        """Insert or replace the task `row.task_id`. StoreConflict when a task of that id
+        belongs to another agent or caller."""
+
+    async def get(self, task_id: str) -> A2aTaskRow | None: ...
+
+    async def page(
+        self,
+        agent_id: str,
+        caller: str,
+        *,
+        context_id: str | None,
+        state: int | None,
+        limit: int,
+        offset: int,
+    ) -> tuple[list[A2aTaskRow], int]:
+        """A page of the caller's tasks with the agent (newest first: updated_at, then
+        task_id, descending), and how many match in all."""
+
+    async def delete(self, task_id: str) -> bool: ...
+
+    async def prune(self, caller: str, keep: int, terminal: Sequence[int]) -> int:
+        """Delete the caller's oldest tasks in a `terminal` state beyond its newest `keep`
+        tasks; how many were deleted."""
+
+    async def in_states(self, states: Sequence[int]) -> list[A2aTaskRow]:
+        """Every task in one of `states` (at start: the tasks a stop left unfinished); on a
+        store shared by a cluster, only this core's and those of no core."""
+
+
 class Store(Protocol):
     """An open store: its repositories, its size, and closing it.
 
@@ -406,6 +487,12 @@ class Store(Protocol):
 
     @property
     def meetings(self) -> MeetingStore: ...
+
+    @property
+    def a2a_clients(self) -> A2aClientStore: ...
+
+    @property
+    def a2a_tasks(self) -> A2aTaskStore: ...
 
     @property
     def cluster(self) -> ClusterStore | None:

@@ -42,6 +42,56 @@ ATTACHMENT_TYPE_IMAGE_URL: AttachmentType.ValueType  # 2
 """Image by http(s) `url`."""
 Global___AttachmentType: _TypeAlias = AttachmentType  # noqa: Y015
 
+class _ChatEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChatEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChatEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHAT_EVENT_KIND_UNSPECIFIED: _ChatEventKind.ValueType  # 0
+    CHAT_EVENT_KIND_TOKEN: _ChatEventKind.ValueType  # 1
+    CHAT_EVENT_KIND_TOOL_CALL: _ChatEventKind.ValueType  # 2
+    CHAT_EVENT_KIND_TOOL_RESULT: _ChatEventKind.ValueType  # 3
+    CHAT_EVENT_KIND_APPROVAL_PENDING: _ChatEventKind.ValueType  # 4
+    CHAT_EVENT_KIND_APPROVAL_RESOLVED: _ChatEventKind.ValueType  # 5
+    CHAT_EVENT_KIND_GOAL_EVALUATED: _ChatEventKind.ValueType  # 6
+    CHAT_EVENT_KIND_DONE: _ChatEventKind.ValueType  # 7
+    CHAT_EVENT_KIND_ERROR: _ChatEventKind.ValueType  # 8
+    CHAT_EVENT_KIND_AUTH_REQUIRED: _ChatEventKind.ValueType  # 9
+
+class ChatEventKind(_ChatEventKind, metaclass=_ChatEventKindEnumTypeWrapper):
+    """The kinds of ChatEvent. done, error and auth_required are terminal."""
+
+CHAT_EVENT_KIND_UNSPECIFIED: ChatEventKind.ValueType  # 0
+CHAT_EVENT_KIND_TOKEN: ChatEventKind.ValueType  # 1
+CHAT_EVENT_KIND_TOOL_CALL: ChatEventKind.ValueType  # 2
+CHAT_EVENT_KIND_TOOL_RESULT: ChatEventKind.ValueType  # 3
+CHAT_EVENT_KIND_APPROVAL_PENDING: ChatEventKind.ValueType  # 4
+CHAT_EVENT_KIND_APPROVAL_RESOLVED: ChatEventKind.ValueType  # 5
+CHAT_EVENT_KIND_GOAL_EVALUATED: ChatEventKind.ValueType  # 6
+CHAT_EVENT_KIND_DONE: ChatEventKind.ValueType  # 7
+CHAT_EVENT_KIND_ERROR: ChatEventKind.ValueType  # 8
+CHAT_EVENT_KIND_AUTH_REQUIRED: ChatEventKind.ValueType  # 9
+Global___ChatEventKind: _TypeAlias = ChatEventKind  # noqa: Y015
+
+class _ApprovalDecision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ApprovalDecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ApprovalDecision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    APPROVAL_DECISION_UNSPECIFIED: _ApprovalDecision.ValueType  # 0
+    APPROVAL_DECISION_APPROVE: _ApprovalDecision.ValueType  # 1
+    APPROVAL_DECISION_DENY: _ApprovalDecision.ValueType  # 2
+
+class ApprovalDecision(_ApprovalDecision, metaclass=_ApprovalDecisionEnumTypeWrapper):
+    """A host's answer to an approval."""
+
+APPROVAL_DECISION_UNSPECIFIED: ApprovalDecision.ValueType  # 0
+APPROVAL_DECISION_APPROVE: ApprovalDecision.ValueType  # 1
+APPROVAL_DECISION_DENY: ApprovalDecision.ValueType  # 2
+Global___ApprovalDecision: _TypeAlias = ApprovalDecision  # noqa: Y015
+
 class _GoalStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -154,6 +204,7 @@ class ChatRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
     GOAL_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The attached agent to talk to. Required."""
     prompt: _builtins.str
@@ -163,6 +214,8 @@ class ChatRequest(_message.Message):
     stream: _builtins.bool
     """Stream tokens (default true)."""
     model: _builtins.str
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     @_builtins.property
     def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatAttachment]:
         """Mutually exclusive with goal."""
@@ -181,10 +234,11 @@ class ChatRequest(_message.Message):
         model: _builtins.str | None = ...,
         attachments: _abc.Iterable[Global___ChatAttachment] | None = ...,
         goal: Global___ChatGoal | None = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "_session_id", b"_session_id", "_stream", b"_stream", "goal", b"goal", "model", b"model", "session_id", b"session_id", "stream", b"stream"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "_session_id", b"_session_id", "_stream", b"_stream", "agent_id", b"agent_id", "attachments", b"attachments", "goal", b"goal", "model", b"model", "prompt", b"prompt", "session_id", b"session_id", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "_session_id", b"_session_id", "_stream", b"_stream", "agent_id", b"agent_id", "attachments", b"attachments", "chat_id", b"chat_id", "goal", b"goal", "model", b"model", "prompt", b"prompt", "session_id", b"session_id", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__model: _TypeAlias = _typing.Literal["model"]  # noqa: Y015
     _WhichOneofArgType__model: _TypeAlias = _typing.Literal["_model", b"_model"]  # noqa: Y015
@@ -209,17 +263,21 @@ class ChatAccepted(_message.Message):
 
     ACCEPTED_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     accepted: _builtins.bool
     session_id: _builtins.str
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     def __init__(
         self,
         *,
         accepted: _builtins.bool = ...,
         session_id: _builtins.str = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "chat_id", b"chat_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -288,10 +346,13 @@ class AgentChatRequest(_message.Message):
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
     GOAL_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     prompt: _builtins.str
     stream: _builtins.bool
     model: _builtins.str
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     @_builtins.property
     def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatAttachment]: ...
     @_builtins.property
@@ -308,10 +369,11 @@ class AgentChatRequest(_message.Message):
         attachments: _abc.Iterable[Global___ChatAttachment] | None = ...,
         goal: Global___ChatGoal | None = ...,
         context: Global___AgentChatContext | None = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "context", b"context", "goal", b"goal", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "attachments", b"attachments", "context", b"context", "goal", b"goal", "model", b"model", "prompt", b"prompt", "session_id", b"session_id", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "attachments", b"attachments", "chat_id", b"chat_id", "context", b"context", "goal", b"goal", "model", b"model", "prompt", b"prompt", "session_id", b"session_id", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__model: _TypeAlias = _typing.Literal["model"]  # noqa: Y015
     _WhichOneofArgType__model: _TypeAlias = _typing.Literal["_model", b"_model"]  # noqa: Y015
@@ -358,6 +420,7 @@ class ChatEvent(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     EXTRA_FIELD_NUMBER: _builtins.int
+    KIND_ENUM_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """token, tool_call, tool_result, approval_pending, approval_resolved, goal_evaluated,
     done, error, auth_required. done, error and auth_required are terminal.
@@ -373,6 +436,8 @@ class ChatEvent(_message.Message):
     reason: _builtins.str
     message: _builtins.str
     """error."""
+    kind_enum: Global___ChatEventKind.ValueType
+    """`kind` on the typed API (UNSPECIFIED for a kind outside the enum)."""
     @_builtins.property
     def extra(self) -> _struct_pb2.Struct:
         """Every other key of the event."""
@@ -389,10 +454,11 @@ class ChatEvent(_message.Message):
         reason: _builtins.str | None = ...,
         message: _builtins.str | None = ...,
         extra: _struct_pb2.Struct | None = ...,
+        kind_enum: Global___ChatEventKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_approval_id", b"_approval_id", "_delta", b"_delta", "_grounded", b"_grounded", "_iteration", b"_iteration", "_message", b"_message", "_met", b"_met", "_reason", b"_reason", "approval_id", b"approval_id", "delta", b"delta", "extra", b"extra", "grounded", b"grounded", "iteration", b"iteration", "message", b"message", "met", b"met", "reason", b"reason"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_approval_id", b"_approval_id", "_delta", b"_delta", "_grounded", b"_grounded", "_iteration", b"_iteration", "_message", b"_message", "_met", b"_met", "_reason", b"_reason", "approval_id", b"approval_id", "delta", b"delta", "extra", b"extra", "grounded", b"grounded", "iteration", b"iteration", "kind", b"kind", "message", b"message", "met", b"met", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_approval_id", b"_approval_id", "_delta", b"_delta", "_grounded", b"_grounded", "_iteration", b"_iteration", "_message", b"_message", "_met", b"_met", "_reason", b"_reason", "approval_id", b"approval_id", "delta", b"delta", "extra", b"extra", "grounded", b"grounded", "iteration", b"iteration", "kind", b"kind", "kind_enum", b"kind_enum", "message", b"message", "met", b"met", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__approval_id: _TypeAlias = _typing.Literal["approval_id"]  # noqa: Y015
     _WhichOneofArgType__approval_id: _TypeAlias = _typing.Literal["_approval_id", b"_approval_id"]  # noqa: Y015
@@ -433,7 +499,10 @@ class AgentChatEventNotice(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     @_builtins.property
     def event(self) -> Global___ChatEvent: ...
     def __init__(
@@ -441,10 +510,11 @@ class AgentChatEventNotice(_message.Message):
         *,
         session_id: _builtins.str = ...,
         event: Global___ChatEvent | None = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_id", b"chat_id", "event", b"event", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -459,8 +529,11 @@ class ChatEventNotice(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     agent_id: _builtins.str
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     @_builtins.property
     def event(self) -> Global___ChatEvent: ...
     def __init__(
@@ -469,10 +542,11 @@ class ChatEventNotice(_message.Message):
         session_id: _builtins.str = ...,
         agent_id: _builtins.str = ...,
         event: Global___ChatEvent | None = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "event", b"event", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "chat_id", b"chat_id", "event", b"event", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -485,16 +559,20 @@ class CancelChatRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Required."""
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_id", b"chat_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -508,18 +586,22 @@ class CancelChatResponse(_message.Message):
 
     CANCELLED_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     cancelled: _builtins.bool
     """False when the chat was unknown or already over."""
     session_id: _builtins.str
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     def __init__(
         self,
         *,
         cancelled: _builtins.bool = ...,
         session_id: _builtins.str = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "chat_id", b"chat_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -532,15 +614,19 @@ class AgentChatCancelNotice(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_id", b"chat_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -555,10 +641,16 @@ class ApproveChatRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     APPROVAL_ID_FIELD_NUMBER: _builtins.int
     DECISION_FIELD_NUMBER: _builtins.int
+    DECISION_ENUM_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Required."""
     approval_id: _builtins.str
     """Required."""
+    decision_enum: Global___ApprovalDecision.ValueType
+    """`decision` on the typed API: APPROVE sends "approve", DENY "deny"."""
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     @_builtins.property
     def decision(self) -> _struct_pb2.Value:
         """true or "approve" / "approved" / "yes" approves; anything else denies."""
@@ -569,10 +661,12 @@ class ApproveChatRequest(_message.Message):
         session_id: _builtins.str = ...,
         approval_id: _builtins.str = ...,
         decision: _struct_pb2.Value | None = ...,
+        decision_enum: Global___ApprovalDecision.ValueType = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "decision", b"decision", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "chat_id", b"chat_id", "decision", b"decision", "decision_enum", b"decision_enum", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -586,18 +680,22 @@ class ApproveChatResponse(_message.Message):
 
     RESOLVED_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     resolved: _builtins.bool
     """What the agent answered."""
     session_id: _builtins.str
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     def __init__(
         self,
         *,
         resolved: _builtins.bool = ...,
         session_id: _builtins.str = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["resolved", b"resolved", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_id", b"chat_id", "resolved", b"resolved", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -613,10 +711,13 @@ class AgentChatApproveRequest(_message.Message):
     APPROVAL_ID_FIELD_NUMBER: _builtins.int
     APPROVED_FIELD_NUMBER: _builtins.int
     DECISION_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     approval_id: _builtins.str
     approved: _builtins.bool
     """The decision, normalised."""
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     @_builtins.property
     def decision(self) -> _struct_pb2.Value:
         """The host's decision as sent."""
@@ -628,10 +729,11 @@ class AgentChatApproveRequest(_message.Message):
         approval_id: _builtins.str = ...,
         approved: _builtins.bool = ...,
         decision: _struct_pb2.Value | None = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "approved", b"approved", "decision", b"decision", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "approved", b"approved", "chat_id", b"chat_id", "decision", b"decision", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -674,6 +776,7 @@ class StoredGoal(_message.Message):
     LAST_REASON_FIELD_NUMBER: _builtins.int
     TERMINAL_KIND_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     check: _builtins.str
     max_iterations: _builtins.int
@@ -686,6 +789,8 @@ class StoredGoal(_message.Message):
     """The kind of the terminal event of the last chat (done, error, auth_required)."""
     updated_at: _builtins.int
     """Unix ms."""
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     def __init__(
         self,
         *,
@@ -699,10 +804,11 @@ class StoredGoal(_message.Message):
         last_reason: _builtins.str | None = ...,
         terminal_kind: _builtins.str | None = ...,
         updated_at: _builtins.int = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_last_grounded", b"_last_grounded", "_last_iteration", b"_last_iteration", "_last_met", b"_last_met", "_last_reason", b"_last_reason", "_terminal_kind", b"_terminal_kind", "last_grounded", b"last_grounded", "last_iteration", b"last_iteration", "last_met", b"last_met", "last_reason", b"last_reason", "terminal_kind", b"terminal_kind"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_last_grounded", b"_last_grounded", "_last_iteration", b"_last_iteration", "_last_met", b"_last_met", "_last_reason", b"_last_reason", "_terminal_kind", b"_terminal_kind", "check", b"check", "last_grounded", b"last_grounded", "last_iteration", b"last_iteration", "last_met", b"last_met", "last_reason", b"last_reason", "max_iterations", b"max_iterations", "session_id", b"session_id", "status", b"status", "terminal_kind", b"terminal_kind", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_last_grounded", b"_last_grounded", "_last_iteration", b"_last_iteration", "_last_met", b"_last_met", "_last_reason", b"_last_reason", "_terminal_kind", b"_terminal_kind", "chat_id", b"chat_id", "check", b"check", "last_grounded", b"last_grounded", "last_iteration", b"last_iteration", "last_met", b"last_met", "last_reason", b"last_reason", "max_iterations", b"max_iterations", "session_id", b"session_id", "status", b"status", "terminal_kind", b"terminal_kind", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__last_grounded: _TypeAlias = _typing.Literal["last_grounded"]  # noqa: Y015
     _WhichOneofArgType__last_grounded: _TypeAlias = _typing.Literal["_last_grounded", b"_last_grounded"]  # noqa: Y015
@@ -739,10 +845,13 @@ class SetGoalRequest(_message.Message):
     GOAL_FIELD_NUMBER: _builtins.int
     CHECK_FIELD_NUMBER: _builtins.int
     MAX_ITERATIONS_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Required."""
     check: _builtins.str
     max_iterations: _builtins.int
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     @_builtins.property
     def goal(self) -> Global___ChatGoal: ...
     def __init__(
@@ -752,10 +861,11 @@ class SetGoalRequest(_message.Message):
         goal: Global___ChatGoal | None = ...,
         check: _builtins.str | None = ...,
         max_iterations: _builtins.int | None = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_check", b"_check", "_max_iterations", b"_max_iterations", "check", b"check", "goal", b"goal", "max_iterations", b"max_iterations"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_check", b"_check", "_max_iterations", b"_max_iterations", "check", b"check", "goal", b"goal", "max_iterations", b"max_iterations", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_check", b"_check", "_max_iterations", b"_max_iterations", "chat_id", b"chat_id", "check", b"check", "goal", b"goal", "max_iterations", b"max_iterations", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__check: _TypeAlias = _typing.Literal["check"]  # noqa: Y015
     _WhichOneofArgType__check: _TypeAlias = _typing.Literal["_check", b"_check"]  # noqa: Y015
@@ -800,15 +910,19 @@ class GetGoalStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     def __init__(
         self,
         *,
         session_id: _builtins.str | None = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "session_id", b"session_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "chat_id", b"chat_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
     _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015
@@ -825,7 +939,10 @@ class GetGoalStatusResponse(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     GOAL_FIELD_NUMBER: _builtins.int
     GOALS_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     @_builtins.property
     def goal(self) -> Global___StoredGoal: ...
     @_builtins.property
@@ -836,10 +953,11 @@ class GetGoalStatusResponse(_message.Message):
         session_id: _builtins.str | None = ...,
         goal: Global___StoredGoal | None = ...,
         goals: _abc.Iterable[Global___StoredGoal] | None = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "goal", b"goal", "session_id", b"session_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "goal", b"goal", "goals", b"goals", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "chat_id", b"chat_id", "goal", b"goal", "goals", b"goals", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
     _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015
@@ -854,15 +972,19 @@ class ClearGoalRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     def __init__(
         self,
         *,
         session_id: _builtins.str | None = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "session_id", b"session_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "chat_id", b"chat_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
     _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015
@@ -878,7 +1000,10 @@ class ClearGoalResponse(_message.Message):
 
     CLEARED_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     @_builtins.property
     def cleared(self) -> _struct_pb2.Value:
         """A boolean (one session) or a number (all)."""
@@ -888,10 +1013,11 @@ class ClearGoalResponse(_message.Message):
         *,
         cleared: _struct_pb2.Value | None = ...,
         session_id: _builtins.str | None = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "cleared", b"cleared", "session_id", b"session_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "cleared", b"cleared", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "chat_id", b"chat_id", "cleared", b"cleared", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
     _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015

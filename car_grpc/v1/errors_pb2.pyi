@@ -98,12 +98,18 @@ class Error(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """The JSON-RPC code (one of the json_rpc_code values of ErrorCode). A client answering
     a server-initiated request (e.g. a failed tool) may use any code.
     """
     message: _builtins.str
     """Human-readable message, e.g. "auth required: call session.auth first"."""
+    error_code: Global___ErrorCode.ValueType
+    """The ErrorCode whose json_rpc_code is `code` (UNSPECIFIED for a code outside the table,
+    e.g. a client's own failure), so that typed clients can switch on it. Not on the JSON
+    wire, which has `code` only.
+    """
     @_builtins.property
     def data(self) -> _struct_pb2.Value:
         """Optional structured detail. For a failed tools.execute answer, `{"terminal": true}`
@@ -116,10 +122,11 @@ class Error(_message.Message):
         code: _builtins.int = ...,
         message: _builtins.str = ...,
         data: _struct_pb2.Value | None = ...,
+        error_code: Global___ErrorCode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "data", b"data", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "data", b"data", "error_code", b"error_code", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

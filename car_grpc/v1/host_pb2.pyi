@@ -20,6 +20,32 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _HostEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HostEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HostEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HOST_EVENT_KIND_UNSPECIFIED: _HostEventKind.ValueType  # 0
+    HOST_EVENT_KIND_AGENT_REGISTERED: _HostEventKind.ValueType  # 1
+    HOST_EVENT_KIND_AGENT_UNREGISTERED: _HostEventKind.ValueType  # 2
+    HOST_EVENT_KIND_AGENT_STATUS_CHANGED: _HostEventKind.ValueType  # 3
+    HOST_EVENT_KIND_APPROVAL_REQUESTED: _HostEventKind.ValueType  # 4
+    HOST_EVENT_KIND_APPROVAL_RESOLVED: _HostEventKind.ValueType  # 5
+    HOST_EVENT_KIND_HOST_NOTIFICATION: _HostEventKind.ValueType  # 6
+
+class HostEventKind(_HostEventKind, metaclass=_HostEventKindEnumTypeWrapper):
+    """The kinds of HostEvent."""
+
+HOST_EVENT_KIND_UNSPECIFIED: HostEventKind.ValueType  # 0
+HOST_EVENT_KIND_AGENT_REGISTERED: HostEventKind.ValueType  # 1
+HOST_EVENT_KIND_AGENT_UNREGISTERED: HostEventKind.ValueType  # 2
+HOST_EVENT_KIND_AGENT_STATUS_CHANGED: HostEventKind.ValueType  # 3
+HOST_EVENT_KIND_APPROVAL_REQUESTED: HostEventKind.ValueType  # 4
+HOST_EVENT_KIND_APPROVAL_RESOLVED: HostEventKind.ValueType  # 5
+HOST_EVENT_KIND_HOST_NOTIFICATION: HostEventKind.ValueType  # 6
+Global___HostEventKind: _TypeAlias = HostEventKind  # noqa: Y015
+
 class _ApprovalStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -103,6 +129,7 @@ class HostEvent(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
+    KIND_ENUM_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     sequence: _builtins.int
     """Strictly increasing over the server's life."""
@@ -114,6 +141,8 @@ class HostEvent(_message.Message):
     """
     agent_id: _builtins.str
     message: _builtins.str
+    kind_enum: Global___HostEventKind.ValueType
+    """`kind` on the typed API (UNSPECIFIED for a kind outside the enum)."""
     @_builtins.property
     def payload(self) -> _struct_pb2.Value: ...
     def __init__(
@@ -126,10 +155,11 @@ class HostEvent(_message.Message):
         agent_id: _builtins.str | None = ...,
         message: _builtins.str | None = ...,
         payload: _struct_pb2.Value | None = ...,
+        kind_enum: Global___HostEventKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_agent_id", b"_agent_id", "_message", b"_message", "agent_id", b"agent_id", "message", b"message", "payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_agent_id", b"_agent_id", "_message", b"_message", "agent_id", b"agent_id", "id", b"id", "kind", b"kind", "message", b"message", "payload", b"payload", "sequence", b"sequence", "timestamp", b"timestamp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_agent_id", b"_agent_id", "_message", b"_message", "agent_id", b"agent_id", "id", b"id", "kind", b"kind", "kind_enum", b"kind_enum", "message", b"message", "payload", b"payload", "sequence", b"sequence", "timestamp", b"timestamp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__agent_id: _TypeAlias = _typing.Literal["agent_id"]  # noqa: Y015
     _WhichOneofArgType__agent_id: _TypeAlias = _typing.Literal["_agent_id", b"_agent_id"]  # noqa: Y015

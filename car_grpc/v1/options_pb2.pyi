@@ -194,6 +194,8 @@ Global___Access: _TypeAlias = Access  # noqa: Y015
 
 JSON_RPC_FIELD_NUMBER: _builtins.int
 JSON_INLINE_FIELD_NUMBER: _builtins.int
+JSON_TWIN_FIELD_NUMBER: _builtins.int
+JSON_VALUE_FIELD_NUMBER: _builtins.int
 JSON_RPC_METHOD_FIELD_NUMBER: _builtins.int
 ACCESS_FIELD_NUMBER: _builtins.int
 JSON_RPC_USAGE_FIELD_NUMBER: _builtins.int
@@ -205,6 +207,20 @@ level of the enclosing JSON object instead of under the field's own key, and on 
 they are read from there. A Struct field marked so collects every JSON key that no
 other field of the message names (the open "...rest" of docs/protocol.md shapes such as
 `{session_id, kind, ...}`).
+"""
+json_twin: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.str]
+"""On a field of the typed API that mirrors another field of its message, named here:
+an enum beside a string (or google.protobuf.Value) field whose values form a closed
+set, or a number beside a Value. The JSON wire has only the named field, unchanged:
+the twin is never a JSON key. The codec and the core keep the two in step
+(docs/grpc-guide.md, "Enums on the typed API"): the twin is derived from the named
+field wherever the server reads or sends a message (UNSPECIFIED when the string is
+not one of the enum's values: the set stays open on the wire), and a typed client may
+set only the twin: the server then fills the named field from it.
+"""
+json_value: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, _builtins.str]
+"""The string of an enum value on the JSON wire when it is not the default one (the
+value's name without the enum's prefix, in lower case), e.g. "agent.registered".
 """
 json_rpc_method: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, _builtins.str]
 """The JSON-RPC method that an RPC of a per-domain service performs (a unary RPC and the

@@ -72,6 +72,32 @@ RUN_DROP_REASON_RUN_TURN_LIMIT: RunDropReason.ValueType  # 4
 """The batch would take the run past 2000 turns."""
 Global___RunDropReason: _TypeAlias = RunDropReason  # noqa: Y015
 
+class _RunOutcomeStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RunOutcomeStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunOutcomeStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RUN_OUTCOME_STATUS_UNSPECIFIED: _RunOutcomeStatus.ValueType  # 0
+    RUN_OUTCOME_STATUS_SUCCESS: _RunOutcomeStatus.ValueType  # 1
+    RUN_OUTCOME_STATUS_PARTIAL_SUCCESS: _RunOutcomeStatus.ValueType  # 2
+    RUN_OUTCOME_STATUS_DONE: _RunOutcomeStatus.ValueType  # 3
+    RUN_OUTCOME_STATUS_GIVE_UP: _RunOutcomeStatus.ValueType  # 4
+    RUN_OUTCOME_STATUS_TIMEOUT: _RunOutcomeStatus.ValueType  # 5
+    RUN_OUTCOME_STATUS_FAILURE: _RunOutcomeStatus.ValueType  # 6
+
+class RunOutcomeStatus(_RunOutcomeStatus, metaclass=_RunOutcomeStatusEnumTypeWrapper):
+    """The status words of car-runtime's agent loop for RunOutcome.status."""
+
+RUN_OUTCOME_STATUS_UNSPECIFIED: RunOutcomeStatus.ValueType  # 0
+RUN_OUTCOME_STATUS_SUCCESS: RunOutcomeStatus.ValueType  # 1
+RUN_OUTCOME_STATUS_PARTIAL_SUCCESS: RunOutcomeStatus.ValueType  # 2
+RUN_OUTCOME_STATUS_DONE: RunOutcomeStatus.ValueType  # 3
+RUN_OUTCOME_STATUS_GIVE_UP: RunOutcomeStatus.ValueType  # 4
+RUN_OUTCOME_STATUS_TIMEOUT: RunOutcomeStatus.ValueType  # 5
+RUN_OUTCOME_STATUS_FAILURE: RunOutcomeStatus.ValueType  # 6
+Global___RunOutcomeStatus: _TypeAlias = RunOutcomeStatus  # noqa: Y015
+
 class _RunRecordKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -180,11 +206,14 @@ class RunOutcome(_message.Message):
     EVIDENCE_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     TIMESTAMP_FIELD_NUMBER: _builtins.int
+    STATUS_ENUM_FIELD_NUMBER: _builtins.int
     status: _builtins.str
     """Free-form status word reported by the agent (e.g. "success", "failure")."""
     summary: _builtins.str
     timestamp: _builtins.int
     """Unix ms; the server's clock when absent."""
+    status_enum: Global___RunOutcomeStatus.ValueType
+    """`status` on the typed API (UNSPECIFIED for a word outside the enum)."""
     @_builtins.property
     def evidence(self) -> _struct_pb2.Value: ...
     @_builtins.property
@@ -197,10 +226,11 @@ class RunOutcome(_message.Message):
         evidence: _struct_pb2.Value | None = ...,
         metrics: _struct_pb2.Struct | None = ...,
         timestamp: _builtins.int | None = ...,
+        status_enum: Global___RunOutcomeStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_summary", b"_summary", "_timestamp", b"_timestamp", "evidence", b"evidence", "metrics", b"metrics", "summary", b"summary", "timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_summary", b"_summary", "_timestamp", b"_timestamp", "evidence", b"evidence", "metrics", b"metrics", "status", b"status", "summary", b"summary", "timestamp", b"timestamp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_summary", b"_summary", "_timestamp", b"_timestamp", "evidence", b"evidence", "metrics", b"metrics", "status", b"status", "status_enum", b"status_enum", "summary", b"summary", "timestamp", b"timestamp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__summary: _TypeAlias = _typing.Literal["summary"]  # noqa: Y015
     _WhichOneofArgType__summary: _TypeAlias = _typing.Literal["_summary", b"_summary"]  # noqa: Y015

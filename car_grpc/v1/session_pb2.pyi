@@ -6,6 +6,7 @@ isort:skip_file
 from car_grpc.v1 import chats_pb2 as _chats_pb2
 from car_grpc.v1 import errors_pb2 as _errors_pb2
 from car_grpc.v1 import host_pb2 as _host_pb2
+from car_grpc.v1 import options_pb2 as _options_pb2
 from car_grpc.v1 import runs_pb2 as _runs_pb2
 from car_grpc.v1 import state_pb2 as _state_pb2
 from car_grpc.v1 import status_pb2 as _status_pb2
@@ -91,6 +92,7 @@ class AuthenticateResponse(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     MEMORY_NAMESPACE_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    ROLE_ENUM_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     auth_enabled: _builtins.bool
     agent_id: _builtins.str
@@ -100,6 +102,8 @@ class AuthenticateResponse(_message.Message):
     memory_namespace: _builtins.str
     session_id: _builtins.str
     """This session's id: the value of `car-session-id` that binds typed RPCs to it."""
+    role_enum: _options_pb2.CallerRole.ValueType
+    """The session's role on the typed API, always set (`role` is only "host" on the wire)."""
     def __init__(
         self,
         *,
@@ -109,10 +113,11 @@ class AuthenticateResponse(_message.Message):
         role: _builtins.str | None = ...,
         memory_namespace: _builtins.str | None = ...,
         session_id: _builtins.str | None = ...,
+        role_enum: _options_pb2.CallerRole.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_agent_id", b"_agent_id", "_memory_namespace", b"_memory_namespace", "_role", b"_role", "_session_id", b"_session_id", "agent_id", b"agent_id", "memory_namespace", b"memory_namespace", "role", b"role", "session_id", b"session_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_agent_id", b"_agent_id", "_memory_namespace", b"_memory_namespace", "_role", b"_role", "_session_id", b"_session_id", "agent_id", b"agent_id", "auth_enabled", b"auth_enabled", "memory_namespace", b"memory_namespace", "ok", b"ok", "role", b"role", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_agent_id", b"_agent_id", "_memory_namespace", b"_memory_namespace", "_role", b"_role", "_session_id", b"_session_id", "agent_id", b"agent_id", "auth_enabled", b"auth_enabled", "memory_namespace", b"memory_namespace", "ok", b"ok", "role", b"role", "role_enum", b"role_enum", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__agent_id: _TypeAlias = _typing.Literal["agent_id"]  # noqa: Y015
     _WhichOneofArgType__agent_id: _TypeAlias = _typing.Literal["_agent_id", b"_agent_id"]  # noqa: Y015
@@ -143,7 +148,12 @@ class HandshakeRequest(_message.Message):
     CLIENT_VERSION_FIELD_NUMBER: _builtins.int
     REQUIRED_CAPABILITIES_FIELD_NUMBER: _builtins.int
     OPTIONAL_CAPABILITIES_FIELD_NUMBER: _builtins.int
+    PROTOCOL_VERSION_NUMBER_FIELD_NUMBER: _builtins.int
     client_version: _builtins.str
+    protocol_version_number: _builtins.int
+    """`protocol_version` on the typed API: set this instead (the server fills
+    protocol_version from it).
+    """
     @_builtins.property
     def protocol_version(self) -> _struct_pb2.Value:
         """2 or 3 (-32006 `protocol version mismatch` otherwise, including when missing or not a
@@ -165,14 +175,20 @@ class HandshakeRequest(_message.Message):
         client_version: _builtins.str | None = ...,
         required_capabilities: _abc.Iterable[_builtins.str] | None = ...,
         optional_capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        protocol_version_number: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_client_version", b"_client_version", "client_version", b"client_version", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_client_version", b"_client_version", "_protocol_version_number", b"_protocol_version_number", "client_version", b"client_version", "protocol_version", b"protocol_version", "protocol_version_number", b"protocol_version_number"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_client_version", b"_client_version", "client_version", b"client_version", "optional_capabilities", b"optional_capabilities", "protocol_version", b"protocol_version", "required_capabilities", b"required_capabilities"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_client_version", b"_client_version", "_protocol_version_number", b"_protocol_version_number", "client_version", b"client_version", "optional_capabilities", b"optional_capabilities", "protocol_version", b"protocol_version", "protocol_version_number", b"protocol_version_number", "required_capabilities", b"required_capabilities"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__client_version: _TypeAlias = _typing.Literal["client_version"]  # noqa: Y015
     _WhichOneofArgType__client_version: _TypeAlias = _typing.Literal["_client_version", b"_client_version"]  # noqa: Y015
+    _WhichOneofReturnType__protocol_version_number: _TypeAlias = _typing.Literal["protocol_version_number"]  # noqa: Y015
+    _WhichOneofArgType__protocol_version_number: _TypeAlias = _typing.Literal["_protocol_version_number", b"_protocol_version_number"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__client_version) -> _WhichOneofReturnType__client_version | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__protocol_version_number) -> _WhichOneofReturnType__protocol_version_number | None: ...
 
 Global___HandshakeRequest: _TypeAlias = HandshakeRequest  # noqa: Y015
 

@@ -124,12 +124,15 @@ class ChatInFlight(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     HOST_SESSION_ID_FIELD_NUMBER: _builtins.int
     ACCEPTED_FIELD_NUMBER: _builtins.int
+    CHAT_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     agent_id: _builtins.str
     host_session_id: _builtins.str
     """The originating host's session."""
     accepted: _builtins.bool
     """Whether the agent has acknowledged it (false while agents.chat waits for the ack)."""
+    chat_id: _builtins.str
+    """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
     def __init__(
         self,
         *,
@@ -137,10 +140,11 @@ class ChatInFlight(_message.Message):
         agent_id: _builtins.str = ...,
         host_session_id: _builtins.str = ...,
         accepted: _builtins.bool = ...,
+        chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "agent_id", b"agent_id", "host_session_id", b"host_session_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "agent_id", b"agent_id", "chat_id", b"chat_id", "host_session_id", b"host_session_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

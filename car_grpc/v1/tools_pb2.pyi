@@ -683,8 +683,11 @@ class SubmitProposalRequest(_message.Message):
 
     PROPOSAL_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    SESSION_LABEL_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Informational session label, echoed in each tools.execute."""
+    session_label: _builtins.str
+    """The proposal's free label: `session_id` on the JSON wire (no session's id)."""
     @_builtins.property
     def proposal(self) -> Global___ActionProposal:
         """Required."""
@@ -694,10 +697,11 @@ class SubmitProposalRequest(_message.Message):
         *,
         proposal: Global___ActionProposal | None = ...,
         session_id: _builtins.str | None = ...,
+        session_label: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "proposal", b"proposal", "session_id", b"session_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "proposal", b"proposal", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "proposal", b"proposal", "session_id", b"session_id", "session_label", b"session_label"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
     _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015
@@ -742,6 +746,7 @@ class ExecuteToolRequest(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    SESSION_LABEL_FIELD_NUMBER: _builtins.int
     action_id: _builtins.str
     tool: _builtins.str
     timeout_ms: _builtins.int
@@ -752,6 +757,8 @@ class ExecuteToolRequest(_message.Message):
     """Equals the frame id; tools.cancel names it."""
     session_id: _builtins.str
     """The proposal's session_id label, when given."""
+    session_label: _builtins.str
+    """The proposal's free label: `session_id` on the JSON wire (no session's id)."""
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct: ...
     def __init__(
@@ -764,10 +771,11 @@ class ExecuteToolRequest(_message.Message):
         attempt: _builtins.int = ...,
         request_id: _builtins.str = ...,
         session_id: _builtins.str | None = ...,
+        session_label: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "_timeout_ms", b"_timeout_ms", "parameters", b"parameters", "session_id", b"session_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "_timeout_ms", b"_timeout_ms", "action_id", b"action_id", "attempt", b"attempt", "parameters", b"parameters", "request_id", b"request_id", "session_id", b"session_id", "timeout_ms", b"timeout_ms", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "_timeout_ms", b"_timeout_ms", "action_id", b"action_id", "attempt", b"attempt", "parameters", b"parameters", "request_id", b"request_id", "session_id", b"session_id", "session_label", b"session_label", "timeout_ms", b"timeout_ms", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
     _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015
@@ -1025,6 +1033,7 @@ class ToolCall(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     CALLER_FIELD_NUMBER: _builtins.int
     PROPOSAL_ID_FIELD_NUMBER: _builtins.int
+    SESSION_LABEL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Unique on the host's stream; the `result` and any `cancel` name it."""
     action_id: _builtins.str
@@ -1045,6 +1054,8 @@ class ToolCall(_message.Message):
     """
     proposal_id: _builtins.str
     """The proposal's id (ProposalResult.proposal_id)."""
+    session_label: _builtins.str
+    """The proposal's free label: `session_id` on the JSON wire (no session's id)."""
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
         """The action's parameters, with `$<id>.output` references already replaced."""
@@ -1065,10 +1076,11 @@ class ToolCall(_message.Message):
         session_id: _builtins.str | None = ...,
         caller: Global___ToolCaller | None = ...,
         proposal_id: _builtins.str = ...,
+        session_label: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "_timeout_ms", b"_timeout_ms", "caller", b"caller", "parameters", b"parameters", "session_id", b"session_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "_timeout_ms", b"_timeout_ms", "action_id", b"action_id", "attempt", b"attempt", "caller", b"caller", "parameters", b"parameters", "proposal_id", b"proposal_id", "request_id", b"request_id", "session_id", b"session_id", "timeout_ms", b"timeout_ms", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_session_id", b"_session_id", "_timeout_ms", b"_timeout_ms", "action_id", b"action_id", "attempt", b"attempt", "caller", b"caller", "parameters", b"parameters", "proposal_id", b"proposal_id", "request_id", b"request_id", "session_id", b"session_id", "session_label", b"session_label", "timeout_ms", b"timeout_ms", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
     _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015

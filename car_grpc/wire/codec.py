@@ -2,9 +2,11 @@
 
 The mapping rules are documented in proto/car/v1/options.proto: snake_case proto names as
 keys, presence-aware omission, int64 as JSON numbers, enum values as their lowercased name
-without the enum prefix, Struct/Value as free-form JSON, and `json_inline` fields merged
-into their parent object. google.protobuf.json_format does not follow these rules (it
-writes int64 as strings and enums by full name), hence this module.
+without the enum prefix (or its `json_value`), Struct/Value as free-form JSON, `json_inline`
+fields merged into their parent object, and `json_twin` fields (the typed API's enums
+beside a wire string, wire/twins.py) neither written nor read. google.protobuf.json_format
+does not follow these rules (it writes int64 as strings and enums by full name), hence
+this module.
 
 Conversion plans are computed once per message type and cached.
 """
@@ -138,7 +140,8 @@ def enum_names(enum: EnumDescriptor) -> tuple[dict[int, str], dict[str, int]]:
     for v in enum.values:
         if v.number == 0:
             continue
-        to_name[v.number] = v.name.removeprefix(prefix).lower()
+        custom = v.GetOptions().Extensions[options_pb2.json_value]
+        to_name[v.number] = custom or v.name.removeprefix(prefix).lower()
     return to_name, {n: num for num, n in to_name.items()}
 
 
@@ -185,6 +188,8 @@ def _plan(desc: Descriptor) -> _Plan:
     rest: _Field | None = None
     inline_messages: list[_Field] = []
     for fd in desc.fields:
+        if fd.GetOptions().Extensions[options_pb2.json_twin]:
+            continue  # the typed API's mirror of another field: not on the JSON wire
         repeated = fd.is_repeated
         wkt = ""
         if fd.type == FieldDescriptor.TYPE_MESSAGE:

@@ -33,6 +33,7 @@ ERROR_DOMAIN = "car.v1"
 
 @dataclass(frozen=True)
 class _Twin:
+    error_code: errors_pb2.ErrorCode.ValueType
     json_rpc_code: int
     grpc_status: grpc.StatusCode
     reason: str  # the ErrorCode name without its prefix, e.g. "INVALID_PARAMS"
@@ -46,7 +47,8 @@ def _load_twins() -> dict[int, _Twin]:
         opts = value.GetOptions()
         code = opts.Extensions[errors_pb2.json_rpc_code]
         status = getattr(grpc.StatusCode, opts.Extensions[errors_pb2.grpc_status])
-        twins[value.number] = _Twin(code, status, value.name.removeprefix("ERROR_CODE_"))
+        reason = value.name.removeprefix("ERROR_CODE_")
+        twins[value.number] = _Twin(ErrorCode.Value(value.name), code, status, reason)
     return twins
 
 
@@ -106,6 +108,9 @@ class CarError(Exception):
 
     def to_proto(self) -> errors_pb2.Error:
         error = errors_pb2.Error(code=self.code, message=self.message)
+        twin = _TWIN_BY_JSON_CODE.get(self.code)
+        if twin is not None:
+            error.error_code = twin.error_code
         if self.data is not None:
             error.data.CopyFrom(self.data)
         return error
@@ -117,16 +122,19 @@ class CarError(Exception):
     def trailers(self) -> tuple[tuple[str, str | bytes], ...]:
         """The trailing metadata of a typed RPC failing with this error: the exact Error
         (`car-error-bin`) and the standard google.rpc.Status (what grpcio-status clients
-        read with `rpc_status.from_call`), whose ErrorInfo carries `reason`, the domain and
-        the JSON-RPC code."""
+        read with `rpc_status.from_call`, Go with `status.Convert(err).Details()`), whose
+        details are an ErrorInfo (`reason`, the domain and the JSON-RPC code) and the same
+        car.v1.Error (with its ErrorCode)."""
         info = error_details_pb2.ErrorInfo(
             reason=self.reason, domain=ERROR_DOMAIN, metadata={"json_rpc_code": str(self.code)}
         )
-        detail = any_pb2.Any()
-        detail.Pack(info)
-        rich = status_pb2.Status(code=self.status.value[0], message=self.message, details=[detail])
+        error = self.to_proto()
+        details = [any_pb2.Any(), any_pb2.Any()]
+        details[0].Pack(info)
+        details[1].Pack(error)
+        rich = status_pb2.Status(code=self.status.value[0], message=self.message, details=details)
         standard = rpc_status.to_status(rich).trailing_metadata
-        return ((ERROR_TRAILER, self.to_proto().SerializeToString()), *standard)
+        return ((ERROR_TRAILER, error.SerializeToString()), *standard)
 
 
 def invalid_params(message: str) -> CarError:

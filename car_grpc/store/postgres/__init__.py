@@ -7,6 +7,7 @@ database.py.
 
 from __future__ import annotations
 
+from car_grpc.store.postgres.a2a import PostgresA2aClientStore, PostgresA2aTaskStore
 from car_grpc.store.postgres.agent_tokens import PostgresAgentTokenStore
 from car_grpc.store.postgres.approvals import PostgresApprovalStore
 from car_grpc.store.postgres.cluster import PostgresCluster
@@ -30,6 +31,8 @@ class PostgresStore:
         self.runs = PostgresRunStore(database)
         self.goals = PostgresGoalStore(database)
         self.meetings = PostgresMeetingStore(database)
+        self.a2a_clients = PostgresA2aClientStore(database)
+        self.a2a_tasks = PostgresA2aTaskStore(database)
         self.cluster = PostgresCluster(database)
 
     @classmethod
@@ -60,6 +63,8 @@ class PostgresStore:
 
 
 __all__ = [
+    "PostgresA2aClientStore",
+    "PostgresA2aTaskStore",
     "PostgresAgentTokenStore",
     "PostgresApprovalStore",
     "PostgresCluster",

@@ -1,4 +1,4 @@
-"""ClusterStore on PostgreSQL (schema: migration 6 of database.py).
+"""ClusterStore on PostgreSQL (schema: migration 7 of database.py).
 
 `cluster_cores` has one row per core with its lease (`lease_until`, in the server's clock,
 so the cores' clocks need not agree). Runs and approvals carry the `core_id` of the

@@ -142,7 +142,27 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (meeting_id, seq)
     );
     """,
-    # 6: a cluster of cores on this database (cluster.py). Each core holds a lease it
+    # 6: A2A callers' token digests and A2A tasks (a2a.py). A task row is a serialized
+    # lf.a2a.v1.Task; its owner, state and time are copied out.
+    """
+    CREATE TABLE a2a_clients (
+        name       TEXT COLLATE "C" PRIMARY KEY,
+        token_hash BYTEA NOT NULL UNIQUE,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE a2a_tasks (
+        task_id    TEXT COLLATE "C" PRIMARY KEY,
+        agent_id   TEXT COLLATE "C" NOT NULL,
+        caller     TEXT COLLATE "C" NOT NULL,
+        context_id TEXT COLLATE "C" NOT NULL,
+        state      INTEGER NOT NULL,
+        updated_at BIGINT NOT NULL,
+        task       BYTEA NOT NULL
+    );
+    CREATE INDEX a2a_tasks_by_owner ON a2a_tasks(caller, agent_id, updated_at);
+    CREATE INDEX a2a_tasks_by_state ON a2a_tasks(state);
+    """,
+    # 7: a cluster of cores on this database (cluster.py). Each core holds a lease it
     # renews; runs, approvals, meetings and running goals name the core that holds them
     # (the connection's `car.core_id` setting, '' for none), so a surviving core can
     # release a dead one's; an attached agent is found through `cluster_agents`.
@@ -173,6 +193,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE meetings ADD COLUMN core_id TEXT COLLATE "C" NOT NULL
         DEFAULT COALESCE(current_setting('car.core_id', true), '');
     ALTER TABLE goals ADD COLUMN core_id TEXT COLLATE "C" NOT NULL DEFAULT '';
+    ALTER TABLE a2a_tasks ADD COLUMN core_id TEXT COLLATE "C" NOT NULL
+        DEFAULT COALESCE(current_setting('car.core_id', true), '');
     """,
 ]
 
@@ -185,6 +207,8 @@ TABLES = (
     "goals",
     "meetings",
     "meeting_segments",
+    "a2a_clients",
+    "a2a_tasks",
     "cluster_cores",
     "cluster_agents",
     "car_grpc_migrations",

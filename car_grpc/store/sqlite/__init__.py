@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from car_grpc.store.repositories import ClusterStore
+from car_grpc.store.sqlite.a2a import SqliteA2aClientStore, SqliteA2aTaskStore
 from car_grpc.store.sqlite.agent_tokens import SqliteAgentTokenStore
 from car_grpc.store.sqlite.approvals import SqliteApprovalStore
 from car_grpc.store.sqlite.database import SqliteDatabase
@@ -23,6 +24,8 @@ class SqliteStore:
         self.runs = SqliteRunStore(database)
         self.goals = SqliteGoalStore(database)
         self.meetings = SqliteMeetingStore(database)
+        self.a2a_clients = SqliteA2aClientStore(database)
+        self.a2a_tasks = SqliteA2aTaskStore(database)
         #: One core per SQLite file: no cluster.
         self.cluster: ClusterStore | None = None
 
@@ -41,6 +44,8 @@ class SqliteStore:
 
 
 __all__ = [
+    "SqliteA2aClientStore",
+    "SqliteA2aTaskStore",
     "SqliteAgentTokenStore",
     "SqliteApprovalStore",
     "SqliteDatabase",

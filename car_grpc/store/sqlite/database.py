@@ -121,6 +121,26 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (meeting_id, seq)
     ) WITHOUT ROWID;
     """,
+    # 6: A2A callers' token digests and A2A tasks (car_grpc/store/sqlite/a2a.py). A task
+    # row is a serialized lf.a2a.v1.Task; its owner, state and time are copied out.
+    """
+    CREATE TABLE a2a_clients (
+        name       TEXT PRIMARY KEY,
+        token_hash BLOB NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE a2a_tasks (
+        task_id    TEXT PRIMARY KEY,
+        agent_id   TEXT NOT NULL,
+        caller     TEXT NOT NULL,
+        context_id TEXT NOT NULL,
+        state      INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        task       BLOB NOT NULL
+    );
+    CREATE INDEX a2a_tasks_by_owner ON a2a_tasks(caller, agent_id, updated_at);
+    CREATE INDEX a2a_tasks_by_state ON a2a_tasks(state);
+    """,
 ]
 
 

@@ -90,6 +90,8 @@ type Credentials struct {
 	SessionID string
 }
 
+// guide:authorize
+
 // Authorize returns ctx with the call metadata for c: `authorization: Bearer <token>`,
 // `car-agent-id` and `car-session-id`.
 func Authorize(ctx context.Context, c Credentials) context.Context {
@@ -105,6 +107,8 @@ func Authorize(ctx context.Context, c Credentials) context.Context {
 	}
 	return metadata.AppendToOutgoingContext(ctx, kv...)
 }
+
+// guide:end
 
 // Error is a failed call: the gRPC status code and the server's car.v1.Error (its
 // JSON-RPC code, message and data), when the server answered with one.
@@ -128,6 +132,10 @@ func (e *Error) Unwrap() error { return e.err }
 // Code is the JSON-RPC code of the server's answer (errors.proto), 0 when there is none.
 func (e *Error) Code() int32 { return e.Car.GetCode() }
 
+// ErrorCode is the server's answer as an enum to switch on (ERROR_CODE_UNSPECIFIED when
+// there is none).
+func (e *Error) ErrorCode() carv1.ErrorCode { return e.Car.GetErrorCode() }
+
 // Message is the server's message, else the gRPC status message.
 func (e *Error) Message() string {
 	if e.Car != nil {
@@ -136,14 +144,24 @@ func (e *Error) Message() string {
 	return status.Convert(e.err).Message()
 }
 
-// FromStatus turns the error of a call, with the trailer metadata it ended with, into an
-// *Error. Unary calls collect the trailer with grpc.Trailer(&md); a stream has Trailer().
+// guide:errors
+
+// FromStatus turns the error of a call into an *Error. The server's car.v1.Error is among
+// the details of the call's google.rpc.Status (status.Convert(err).Details()); the same
+// Error is in the `car-error-bin` trailer, read from `trailer` when given (unary calls
+// collect it with grpc.Trailer(&md); a stream has Trailer()).
 func FromStatus(err error, trailer metadata.MD) *Error {
 	var already *Error
 	if errors.As(err, &already) {
 		return already
 	}
 	e := &Error{GRPCCode: status.Code(err), err: err}
+	for _, detail := range status.Convert(err).Details() {
+		if car, ok := detail.(*carv1.Error); ok {
+			e.Car = car
+			return e
+		}
+	}
 	if bins := trailer.Get("car-error-bin"); len(bins) > 0 {
 		var decoded carv1.Error
 		if proto.Unmarshal([]byte(bins[0]), &decoded) == nil {
@@ -152,6 +170,8 @@ func FromStatus(err error, trailer metadata.MD) *Error {
 	}
 	return e
 }
+
+// guide:end
 
 // Emit prints one JSON object on stdout: {"event": event, ...fields}. The example
 // programs report what they do this way (the tests read these lines).
@@ -171,9 +191,10 @@ func Emit(event string, fields map[string]interface{}) {
 func Fail(err error) {
 	e := FromStatus(err, nil)
 	Emit("error", map[string]interface{}{
-		"grpc_code": e.GRPCCode.String(),
-		"code":      e.Code(),
-		"message":   e.Message(),
+		"grpc_code":  e.GRPCCode.String(),
+		"code":       e.Code(),
+		"error_code": e.ErrorCode().String(),
+		"message":    e.Message(),
 	})
 	os.Exit(1)
 }

@@ -31,6 +31,7 @@ func main() {
 	// Cancelling the call (the deadline, or cancel()) cancels the chat at the agent.
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
+	// guide:chat
 	stream, err := chats.Chat(ctx, &carv1.ChatRequest{AgentId: agentID, Prompt: prompt})
 	text := ""
 	for err == nil {
@@ -40,19 +41,23 @@ func main() {
 		}
 		switch it := item.Item.(type) {
 		case *carv1.ChatResponse_Accepted: // first: the agent took the chat
-			car.Emit("accepted", map[string]interface{}{"session_id": it.Accepted.SessionId})
+			// ChatId is the chat's id (`session_id` on the JSON wire).
+			car.Emit("accepted", map[string]interface{}{"session_id": it.Accepted.ChatId})
 		case *carv1.ChatResponse_Event: // then every event, up to a terminal one
 			event := it.Event.Event
 			var delta interface{}
 			if event.Delta != nil {
 				delta = event.GetDelta()
 			}
-			if event.Kind == "token" {
+			// KindEnum is Kind as an enum (UNSPECIFIED for a kind outside it).
+			if event.KindEnum == carv1.ChatEventKind_CHAT_EVENT_KIND_TOKEN {
 				text += event.GetDelta()
 			}
 			car.Emit("event", map[string]interface{}{"kind": event.Kind, "delta": delta})
-			switch event.Kind {
-			case "done", "error", "auth_required":
+			switch event.KindEnum {
+			case carv1.ChatEventKind_CHAT_EVENT_KIND_DONE,
+				carv1.ChatEventKind_CHAT_EVENT_KIND_ERROR,
+				carv1.ChatEventKind_CHAT_EVENT_KIND_AUTH_REQUIRED:
 				car.Emit("reply", map[string]interface{}{"text": text})
 			}
 		}
@@ -64,4 +69,5 @@ func main() {
 		car.Fail(err)
 	}
 	car.Emit("end", nil)
+	// guide:end
 }

@@ -58,6 +58,7 @@ func main() {
 		}
 	}
 
+	// guide:record-run
 	var started *carv1.StartRunResponse
 	call(func(ctx context.Context, opts ...grpc.CallOption) (err error) {
 		started, err = runs.StartRun(ctx, &carv1.StartRunRequest{Intent: intent}, opts...)
@@ -98,9 +99,11 @@ func main() {
 	wait()
 	summary := "recorded from Go"
 	call(func(ctx context.Context, opts ...grpc.CallOption) error {
-		outcome := &carv1.RunOutcome{Status: "success", Summary: &summary}
+		// StatusEnum alone: the server fills Status ("success") from it.
+		outcome := &carv1.RunOutcome{StatusEnum: carv1.RunOutcomeStatus_RUN_OUTCOME_STATUS_SUCCESS, Summary: &summary}
 		_, err := runs.CompleteRun(ctx, &carv1.CompleteRunRequest{RunId: started.RunId, Outcome: outcome}, opts...)
 		return err
 	})
 	car.Emit("completed", map[string]interface{}{"run_id": started.RunId})
+	// guide:end
 }

@@ -43,6 +43,8 @@ func (h *host) send(m *carv1.ServeToolsRequest) error {
 	return h.stream.Send(m)
 }
 
+// guide:serve-tools-start
+
 // start runs one call on its own goroutine and answers it, unless it is cancelled first.
 func (h *host) start(parent context.Context, call *carv1.ToolCall) {
 	ctx, cancel := context.WithCancel(parent)
@@ -65,6 +67,8 @@ func (h *host) start(parent context.Context, call *carv1.ToolCall) {
 		h.send(&carv1.ServeToolsRequest{Body: &carv1.ServeToolsRequest_Result{Result: result}})
 	}()
 }
+
+// guide:end
 
 func (h *host) cancel(requestID string) {
 	h.mu.Lock()
@@ -111,6 +115,7 @@ func main() {
 	defer conn.Close()
 	ctx, cancel := context.WithCancel(car.Authorize(context.Background(), creds))
 	defer cancel()
+	// guide:serve-tools
 	stream, err := carv1.NewToolServiceClient(conn).ServeTools(ctx)
 	if err != nil {
 		car.Fail(err)
@@ -175,4 +180,5 @@ func main() {
 			h.cancel(body.Cancel.RequestId)
 		}
 	}
+	// guide:end
 }

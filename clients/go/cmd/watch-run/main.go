@@ -53,6 +53,7 @@ func describe(item *carv1.WatchRunResponse) map[string]interface{} {
 		fields["kind"] = "ended"
 		fields["ended_status"] = detail.Ended.Status.String()
 		fields["outcome"] = detail.Ended.GetOutcome().GetStatus()
+		fields["outcome_enum"] = detail.Ended.GetOutcome().GetStatusEnum().String()
 	}
 	return fields
 }
@@ -78,6 +79,7 @@ func main() {
 	defer conn.Close()
 	runs := carv1.NewRunServiceClient(conn)
 
+	// guide:watch-run
 	left := retries
 	for {
 		ctx, cancel := context.WithCancel(car.Authorize(context.Background(), credentials()))
@@ -109,4 +111,5 @@ func main() {
 		left--
 		time.Sleep(retryEvery)
 	}
+	// guide:end
 }

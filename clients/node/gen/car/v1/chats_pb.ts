@@ -13,7 +13,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file car/v1/chats.proto.
  */
 export const file_car_v1_chats: GenFile = /*@__PURE__*/
-  fileDesc("ChJjYXIvdjEvY2hhdHMucHJvdG8SBmNhci52MSKUAQoOQ2hhdEF0dGFjaG1lbnQSJAoEdHlwZRgBIAEoDjIWLmNhci52MS5BdHRhY2htZW50VHlwZRIRCgRkYXRhGAIgASgJSACIAQESFwoKbWVkaWFfdHlwZRgDIAEoCUgBiAEBEhAKA3VybBgEIAEoCUgCiAEBQgcKBV9kYXRhQg0KC19tZWRpYV90eXBlQgYKBF91cmwiSQoIQ2hhdEdvYWwSDQoFY2hlY2sYASABKAkSGwoObWF4X2l0ZXJhdGlvbnMYAiABKA1IAIgBAUIRCg9fbWF4X2l0ZXJhdGlvbnMi4gEKC0NoYXRSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEg4KBnByb21wdBgCIAEoCRIXCgpzZXNzaW9uX2lkGAMgASgJSACIAQESEwoGc3RyZWFtGAQgASgISAGIAQESEgoFbW9kZWwYBSABKAlIAogBARIrCgthdHRhY2htZW50cxgGIAMoCzIWLmNhci52MS5DaGF0QXR0YWNobWVudBIeCgRnb2FsGAcgASgLMhAuY2FyLnYxLkNoYXRHb2FsQg0KC19zZXNzaW9uX2lkQgkKB19zdHJlYW1CCAoGX21vZGVsIjQKDENoYXRBY2NlcHRlZBIQCghhY2NlcHRlZBgBIAEoCBISCgpzZXNzaW9uX2lkGAIgASgJImoKDENoYXRSZXNwb25zZRIoCghhY2NlcHRlZBgBIAEoCzIULmNhci52MS5DaGF0QWNjZXB0ZWRIABIoCgVldmVudBgCIAEoCzIXLmNhci52MS5DaGF0RXZlbnROb3RpY2VIAEIGCgRpdGVtIioKEEFnZW50Q2hhdENvbnRleHQSFgoOaG9zdF9jbGllbnRfaWQYASABKAki3AEKEEFnZW50Q2hhdFJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIOCgZwcm9tcHQYAiABKAkSDgoGc3RyZWFtGAMgASgIEhIKBW1vZGVsGAQgASgJSACIAQESKwoLYXR0YWNobWVudHMYBSADKAsyFi5jYXIudjEuQ2hhdEF0dGFjaG1lbnQSHgoEZ29hbBgGIAEoCzIQLmNhci52MS5DaGF0R29hbBIpCgdjb250ZXh0GAcgASgLMhguY2FyLnYxLkFnZW50Q2hhdENvbnRleHRCCAoGX21vZGVsIiUKEUFnZW50Q2hhdFJlc3BvbnNlEhAKCGFjY2VwdGVkGAEgASgIIrUCCglDaGF0RXZlbnQSDAoEa2luZBgBIAEoCRISCgVkZWx0YRgCIAEoCUgAiAEBEhgKC2FwcHJvdmFsX2lkGAMgASgJSAGIAQESFgoJaXRlcmF0aW9uGAQgASgNSAKIAQESEAoDbWV0GAUgASgISAOIAQESFQoIZ3JvdW5kZWQYBiABKAhIBIgBARITCgZyZWFzb24YByABKAlIBYgBARIUCgdtZXNzYWdlGAggASgJSAaIAQESLAoFZXh0cmEYDyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0QgSouxgBQggKBl9kZWx0YUIOCgxfYXBwcm92YWxfaWRCDAoKX2l0ZXJhdGlvbkIGCgRfbWV0QgsKCV9ncm91bmRlZEIJCgdfcmVhc29uQgoKCF9tZXNzYWdlIlIKFEFnZW50Q2hhdEV2ZW50Tm90aWNlEhIKCnNlc3Npb25faWQYASABKAkSJgoFZXZlbnQYAiABKAsyES5jYXIudjEuQ2hhdEV2ZW50QgSouxgBIl8KD0NoYXRFdmVudE5vdGljZRISCgpzZXNzaW9uX2lkGAEgASgJEhAKCGFnZW50X2lkGAIgASgJEiYKBWV2ZW50GAMgASgLMhEuY2FyLnYxLkNoYXRFdmVudEIEqLsYASInChFDYW5jZWxDaGF0UmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJIjsKEkNhbmNlbENoYXRSZXNwb25zZRIRCgljYW5jZWxsZWQYASABKAgSEgoKc2Vzc2lvbl9pZBgCIAEoCSIrChVBZ2VudENoYXRDYW5jZWxOb3RpY2USEgoKc2Vzc2lvbl9pZBgBIAEoCSJnChJBcHByb3ZlQ2hhdFJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRITCgthcHByb3ZhbF9pZBgCIAEoCRIoCghkZWNpc2lvbhgDIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZSI7ChNBcHByb3ZlQ2hhdFJlc3BvbnNlEhAKCHJlc29sdmVkGAEgASgIEhIKCnNlc3Npb25faWQYAiABKAkifgoXQWdlbnRDaGF0QXBwcm92ZVJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRITCgthcHByb3ZhbF9pZBgCIAEoCRIQCghhcHByb3ZlZBgDIAEoCBIoCghkZWNpc2lvbhgEIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZSIsChhBZ2VudENoYXRBcHByb3ZlUmVzcG9uc2USEAoIcmVzb2x2ZWQYASABKAgi2QIKClN0b3JlZEdvYWwSEgoKc2Vzc2lvbl9pZBgBIAEoCRINCgVjaGVjaxgCIAEoCRIWCg5tYXhfaXRlcmF0aW9ucxgDIAEoDRIiCgZzdGF0dXMYBCABKA4yEi5jYXIudjEuR29hbFN0YXR1cxIbCg5sYXN0X2l0ZXJhdGlvbhgFIAEoDUgAiAEBEhUKCGxhc3RfbWV0GAYgASgISAGIAQESGgoNbGFzdF9ncm91bmRlZBgHIAEoCEgCiAEBEhgKC2xhc3RfcmVhc29uGAggASgJSAOIAQESGgoNdGVybWluYWxfa2luZBgJIAEoCUgEiAEBEhIKCnVwZGF0ZWRfYXQYCiABKANCEQoPX2xhc3RfaXRlcmF0aW9uQgsKCV9sYXN0X21ldEIQCg5fbGFzdF9ncm91bmRlZEIOCgxfbGFzdF9yZWFzb25CEAoOX3Rlcm1pbmFsX2tpbmQikgEKDlNldEdvYWxSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSHgoEZ29hbBgCIAEoCzIQLmNhci52MS5DaGF0R29hbBISCgVjaGVjaxgDIAEoCUgAiAEBEhsKDm1heF9pdGVyYXRpb25zGAQgASgNSAGIAQFCCAoGX2NoZWNrQhEKD19tYXhfaXRlcmF0aW9ucyJACg9TZXRHb2FsUmVzcG9uc2USCwoDc2V0GAEgASgIEiAKBGdvYWwYAiABKAsyEi5jYXIudjEuU3RvcmVkR29hbCI+ChRHZXRHb2FsU3RhdHVzUmVxdWVzdBIXCgpzZXNzaW9uX2lkGAEgASgJSACIAQFCDQoLX3Nlc3Npb25faWQihAEKFUdldEdvYWxTdGF0dXNSZXNwb25zZRIXCgpzZXNzaW9uX2lkGAEgASgJSACIAQESIAoEZ29hbBgCIAEoCzISLmNhci52MS5TdG9yZWRHb2FsEiEKBWdvYWxzGAMgAygLMhIuY2FyLnYxLlN0b3JlZEdvYWxCDQoLX3Nlc3Npb25faWQiOgoQQ2xlYXJHb2FsUmVxdWVzdBIXCgpzZXNzaW9uX2lkGAEgASgJSACIAQFCDQoLX3Nlc3Npb25faWQiZAoRQ2xlYXJHb2FsUmVzcG9uc2USJwoHY2xlYXJlZBgBIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIXCgpzZXNzaW9uX2lkGAIgASgJSACIAQFCDQoLX3Nlc3Npb25faWQqcgoOQXR0YWNobWVudFR5cGUSHwobQVRUQUNITUVOVF9UWVBFX1VOU1BFQ0lGSUVEEAASIAocQVRUQUNITUVOVF9UWVBFX0lNQUdFX0JBU0U2NBABEh0KGUFUVEFDSE1FTlRfVFlQRV9JTUFHRV9VUkwQAiqjAQoKR29hbFN0YXR1cxIbChdHT0FMX1NUQVRVU19VTlNQRUNJRklFRBAAEhYKEkdPQUxfU1RBVFVTX0FDVElWRRABEhcKE0dPQUxfU1RBVFVTX1JVTk5JTkcQAhITCg9HT0FMX1NUQVRVU19NRVQQAxIbChdHT0FMX1NUQVRVU19VTkVWQUxVQVRFRBAEEhUKEUdPQUxfU1RBVFVTX0VSUk9SEAUyjAQKC0NoYXRTZXJ2aWNlEkQKBENoYXQSEy5jYXIudjEuQ2hhdFJlcXVlc3QaFC5jYXIudjEuQ2hhdFJlc3BvbnNlIg+yuxgLYWdlbnRzLmNoYXQwARJbCgpDYW5jZWxDaGF0EhkuY2FyLnYxLkNhbmNlbENoYXRSZXF1ZXN0GhouY2FyLnYxLkNhbmNlbENoYXRSZXNwb25zZSIWsrsYEmFnZW50cy5jaGF0LmNhbmNlbBJfCgtBcHByb3ZlQ2hhdBIaLmNhci52MS5BcHByb3ZlQ2hhdFJlcXVlc3QaGy5jYXIudjEuQXBwcm92ZUNoYXRSZXNwb25zZSIXsrsYE2FnZW50cy5jaGF0LmFwcHJvdmUSSAoHU2V0R29hbBIWLmNhci52MS5TZXRHb2FsUmVxdWVzdBoXLmNhci52MS5TZXRHb2FsUmVzcG9uc2UiDLK7GAhnb2FsLnNldBJdCg1HZXRHb2FsU3RhdHVzEhwuY2FyLnYxLkdldEdvYWxTdGF0dXNSZXF1ZXN0Gh0uY2FyLnYxLkdldEdvYWxTdGF0dXNSZXNwb25zZSIPsrsYC2dvYWwuc3RhdHVzElAKCUNsZWFyR29hbBIYLmNhci52MS5DbGVhckdvYWxSZXF1ZXN0GhkuY2FyLnYxLkNsZWFyR29hbFJlc3BvbnNlIg6yuxgKZ29hbC5jbGVhckJmChFhaS5wYXJzbGVlLmNhci52MUIKQ2hhdHNQcm90b1ABWjpnaXRodWIuY29tL3BhcnNsZWUtYWkvY2FyLWdycGMvY2xpZW50cy9nby9nZW4vY2FyL3YxO2NhcnYxqgIGQ2FyLlYxYgZwcm90bzM", [file_car_v1_options, file_google_protobuf_struct]);
+  fileDesc("ChJjYXIvdjEvY2hhdHMucHJvdG8SBmNhci52MSKUAQoOQ2hhdEF0dGFjaG1lbnQSJAoEdHlwZRgBIAEoDjIWLmNhci52MS5BdHRhY2htZW50VHlwZRIRCgRkYXRhGAIgASgJSACIAQESFwoKbWVkaWFfdHlwZRgDIAEoCUgBiAEBEhAKA3VybBgEIAEoCUgCiAEBQgcKBV9kYXRhQg0KC19tZWRpYV90eXBlQgYKBF91cmwiSQoIQ2hhdEdvYWwSDQoFY2hlY2sYASABKAkSGwoObWF4X2l0ZXJhdGlvbnMYAiABKA1IAIgBAUIRCg9fbWF4X2l0ZXJhdGlvbnMigwIKC0NoYXRSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEg4KBnByb21wdBgCIAEoCRIXCgpzZXNzaW9uX2lkGAMgASgJSACIAQESEwoGc3RyZWFtGAQgASgISAGIAQESEgoFbW9kZWwYBSABKAlIAogBARIrCgthdHRhY2htZW50cxgGIAMoCzIWLmNhci52MS5DaGF0QXR0YWNobWVudBIeCgRnb2FsGAcgASgLMhAuY2FyLnYxLkNoYXRHb2FsEh8KB2NoYXRfaWQYCCABKAlCDvK7GApzZXNzaW9uX2lkQg0KC19zZXNzaW9uX2lkQgkKB19zdHJlYW1CCAoGX21vZGVsIlUKDENoYXRBY2NlcHRlZBIQCghhY2NlcHRlZBgBIAEoCBISCgpzZXNzaW9uX2lkGAIgASgJEh8KB2NoYXRfaWQYAyABKAlCDvK7GApzZXNzaW9uX2lkImoKDENoYXRSZXNwb25zZRIoCghhY2NlcHRlZBgBIAEoCzIULmNhci52MS5DaGF0QWNjZXB0ZWRIABIoCgVldmVudBgCIAEoCzIXLmNhci52MS5DaGF0RXZlbnROb3RpY2VIAEIGCgRpdGVtIioKEEFnZW50Q2hhdENvbnRleHQSFgoOaG9zdF9jbGllbnRfaWQYASABKAki/QEKEEFnZW50Q2hhdFJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIOCgZwcm9tcHQYAiABKAkSDgoGc3RyZWFtGAMgASgIEhIKBW1vZGVsGAQgASgJSACIAQESKwoLYXR0YWNobWVudHMYBSADKAsyFi5jYXIudjEuQ2hhdEF0dGFjaG1lbnQSHgoEZ29hbBgGIAEoCzIQLmNhci52MS5DaGF0R29hbBIpCgdjb250ZXh0GAcgASgLMhguY2FyLnYxLkFnZW50Q2hhdENvbnRleHQSHwoHY2hhdF9pZBgIIAEoCUIO8rsYCnNlc3Npb25faWRCCAoGX21vZGVsIiUKEUFnZW50Q2hhdFJlc3BvbnNlEhAKCGFjY2VwdGVkGAEgASgIIukCCglDaGF0RXZlbnQSDAoEa2luZBgBIAEoCRISCgVkZWx0YRgCIAEoCUgAiAEBEhgKC2FwcHJvdmFsX2lkGAMgASgJSAGIAQESFgoJaXRlcmF0aW9uGAQgASgNSAKIAQESEAoDbWV0GAUgASgISAOIAQESFQoIZ3JvdW5kZWQYBiABKAhIBIgBARITCgZyZWFzb24YByABKAlIBYgBARIUCgdtZXNzYWdlGAggASgJSAaIAQESLAoFZXh0cmEYDyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0QgSouxgBEjIKCWtpbmRfZW51bRgQIAEoDjIVLmNhci52MS5DaGF0RXZlbnRLaW5kQgjyuxgEa2luZEIICgZfZGVsdGFCDgoMX2FwcHJvdmFsX2lkQgwKCl9pdGVyYXRpb25CBgoEX21ldEILCglfZ3JvdW5kZWRCCQoHX3JlYXNvbkIKCghfbWVzc2FnZSJzChRBZ2VudENoYXRFdmVudE5vdGljZRISCgpzZXNzaW9uX2lkGAEgASgJEiYKBWV2ZW50GAIgASgLMhEuY2FyLnYxLkNoYXRFdmVudEIEqLsYARIfCgdjaGF0X2lkGAMgASgJQg7yuxgKc2Vzc2lvbl9pZCKAAQoPQ2hhdEV2ZW50Tm90aWNlEhIKCnNlc3Npb25faWQYASABKAkSEAoIYWdlbnRfaWQYAiABKAkSJgoFZXZlbnQYAyABKAsyES5jYXIudjEuQ2hhdEV2ZW50QgSouxgBEh8KB2NoYXRfaWQYBCABKAlCDvK7GApzZXNzaW9uX2lkIkgKEUNhbmNlbENoYXRSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSHwoHY2hhdF9pZBgCIAEoCUIO8rsYCnNlc3Npb25faWQiXAoSQ2FuY2VsQ2hhdFJlc3BvbnNlEhEKCWNhbmNlbGxlZBgBIAEoCBISCgpzZXNzaW9uX2lkGAIgASgJEh8KB2NoYXRfaWQYAyABKAlCDvK7GApzZXNzaW9uX2lkIkwKFUFnZW50Q2hhdENhbmNlbE5vdGljZRISCgpzZXNzaW9uX2lkGAEgASgJEh8KB2NoYXRfaWQYAiABKAlCDvK7GApzZXNzaW9uX2lkIscBChJBcHByb3ZlQ2hhdFJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRITCgthcHByb3ZhbF9pZBgCIAEoCRIoCghkZWNpc2lvbhgDIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRI9Cg1kZWNpc2lvbl9lbnVtGAQgASgOMhguY2FyLnYxLkFwcHJvdmFsRGVjaXNpb25CDPK7GAhkZWNpc2lvbhIfCgdjaGF0X2lkGAUgASgJQg7yuxgKc2Vzc2lvbl9pZCJcChNBcHByb3ZlQ2hhdFJlc3BvbnNlEhAKCHJlc29sdmVkGAEgASgIEhIKCnNlc3Npb25faWQYAiABKAkSHwoHY2hhdF9pZBgDIAEoCUIO8rsYCnNlc3Npb25faWQinwEKF0FnZW50Q2hhdEFwcHJvdmVSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSEwoLYXBwcm92YWxfaWQYAiABKAkSEAoIYXBwcm92ZWQYAyABKAgSKAoIZGVjaXNpb24YBCABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSHwoHY2hhdF9pZBgFIAEoCUIO8rsYCnNlc3Npb25faWQiLAoYQWdlbnRDaGF0QXBwcm92ZVJlc3BvbnNlEhAKCHJlc29sdmVkGAEgASgIIvoCCgpTdG9yZWRHb2FsEhIKCnNlc3Npb25faWQYASABKAkSDQoFY2hlY2sYAiABKAkSFgoObWF4X2l0ZXJhdGlvbnMYAyABKA0SIgoGc3RhdHVzGAQgASgOMhIuY2FyLnYxLkdvYWxTdGF0dXMSGwoObGFzdF9pdGVyYXRpb24YBSABKA1IAIgBARIVCghsYXN0X21ldBgGIAEoCEgBiAEBEhoKDWxhc3RfZ3JvdW5kZWQYByABKAhIAogBARIYCgtsYXN0X3JlYXNvbhgIIAEoCUgDiAEBEhoKDXRlcm1pbmFsX2tpbmQYCSABKAlIBIgBARISCgp1cGRhdGVkX2F0GAogASgDEh8KB2NoYXRfaWQYCyABKAlCDvK7GApzZXNzaW9uX2lkQhEKD19sYXN0X2l0ZXJhdGlvbkILCglfbGFzdF9tZXRCEAoOX2xhc3RfZ3JvdW5kZWRCDgoMX2xhc3RfcmVhc29uQhAKDl90ZXJtaW5hbF9raW5kIrMBCg5TZXRHb2FsUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEh4KBGdvYWwYAiABKAsyEC5jYXIudjEuQ2hhdEdvYWwSEgoFY2hlY2sYAyABKAlIAIgBARIbCg5tYXhfaXRlcmF0aW9ucxgEIAEoDUgBiAEBEh8KB2NoYXRfaWQYBSABKAlCDvK7GApzZXNzaW9uX2lkQggKBl9jaGVja0IRCg9fbWF4X2l0ZXJhdGlvbnMiQAoPU2V0R29hbFJlc3BvbnNlEgsKA3NldBgBIAEoCBIgCgRnb2FsGAIgASgLMhIuY2FyLnYxLlN0b3JlZEdvYWwiXwoUR2V0R29hbFN0YXR1c1JlcXVlc3QSFwoKc2Vzc2lvbl9pZBgBIAEoCUgAiAEBEh8KB2NoYXRfaWQYAiABKAlCDvK7GApzZXNzaW9uX2lkQg0KC19zZXNzaW9uX2lkIqUBChVHZXRHb2FsU3RhdHVzUmVzcG9uc2USFwoKc2Vzc2lvbl9pZBgBIAEoCUgAiAEBEiAKBGdvYWwYAiABKAsyEi5jYXIudjEuU3RvcmVkR29hbBIhCgVnb2FscxgDIAMoCzISLmNhci52MS5TdG9yZWRHb2FsEh8KB2NoYXRfaWQYBCABKAlCDvK7GApzZXNzaW9uX2lkQg0KC19zZXNzaW9uX2lkIlsKEENsZWFyR29hbFJlcXVlc3QSFwoKc2Vzc2lvbl9pZBgBIAEoCUgAiAEBEh8KB2NoYXRfaWQYAiABKAlCDvK7GApzZXNzaW9uX2lkQg0KC19zZXNzaW9uX2lkIoUBChFDbGVhckdvYWxSZXNwb25zZRInCgdjbGVhcmVkGAEgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlEhcKCnNlc3Npb25faWQYAiABKAlIAIgBARIfCgdjaGF0X2lkGAMgASgJQg7yuxgKc2Vzc2lvbl9pZEINCgtfc2Vzc2lvbl9pZCpyCg5BdHRhY2htZW50VHlwZRIfChtBVFRBQ0hNRU5UX1RZUEVfVU5TUEVDSUZJRUQQABIgChxBVFRBQ0hNRU5UX1RZUEVfSU1BR0VfQkFTRTY0EAESHQoZQVRUQUNITUVOVF9UWVBFX0lNQUdFX1VSTBACKtQCCg1DaGF0RXZlbnRLaW5kEh8KG0NIQVRfRVZFTlRfS0lORF9VTlNQRUNJRklFRBAAEhkKFUNIQVRfRVZFTlRfS0lORF9UT0tFThABEh0KGUNIQVRfRVZFTlRfS0lORF9UT09MX0NBTEwQAhIfChtDSEFUX0VWRU5UX0tJTkRfVE9PTF9SRVNVTFQQAxIkCiBDSEFUX0VWRU5UX0tJTkRfQVBQUk9WQUxfUEVORElORxAEEiUKIUNIQVRfRVZFTlRfS0lORF9BUFBST1ZBTF9SRVNPTFZFRBAFEiIKHkNIQVRfRVZFTlRfS0lORF9HT0FMX0VWQUxVQVRFRBAGEhgKFENIQVRfRVZFTlRfS0lORF9ET05FEAcSGQoVQ0hBVF9FVkVOVF9LSU5EX0VSUk9SEAgSIQodQ0hBVF9FVkVOVF9LSU5EX0FVVEhfUkVRVUlSRUQQCSpwChBBcHByb3ZhbERlY2lzaW9uEiEKHUFQUFJPVkFMX0RFQ0lTSU9OX1VOU1BFQ0lGSUVEEAASHQoZQVBQUk9WQUxfREVDSVNJT05fQVBQUk9WRRABEhoKFkFQUFJPVkFMX0RFQ0lTSU9OX0RFTlkQAiqjAQoKR29hbFN0YXR1cxIbChdHT0FMX1NUQVRVU19VTlNQRUNJRklFRBAAEhYKEkdPQUxfU1RBVFVTX0FDVElWRRABEhcKE0dPQUxfU1RBVFVTX1JVTk5JTkcQAhITCg9HT0FMX1NUQVRVU19NRVQQAxIbChdHT0FMX1NUQVRVU19VTkVWQUxVQVRFRBAEEhUKEUdPQUxfU1RBVFVTX0VSUk9SEAUyjAQKC0NoYXRTZXJ2aWNlEkQKBENoYXQSEy5jYXIudjEuQ2hhdFJlcXVlc3QaFC5jYXIudjEuQ2hhdFJlc3BvbnNlIg+yuxgLYWdlbnRzLmNoYXQwARJbCgpDYW5jZWxDaGF0EhkuY2FyLnYxLkNhbmNlbENoYXRSZXF1ZXN0GhouY2FyLnYxLkNhbmNlbENoYXRSZXNwb25zZSIWsrsYEmFnZW50cy5jaGF0LmNhbmNlbBJfCgtBcHByb3ZlQ2hhdBIaLmNhci52MS5BcHByb3ZlQ2hhdFJlcXVlc3QaGy5jYXIudjEuQXBwcm92ZUNoYXRSZXNwb25zZSIXsrsYE2FnZW50cy5jaGF0LmFwcHJvdmUSSAoHU2V0R29hbBIWLmNhci52MS5TZXRHb2FsUmVxdWVzdBoXLmNhci52MS5TZXRHb2FsUmVzcG9uc2UiDLK7GAhnb2FsLnNldBJdCg1HZXRHb2FsU3RhdHVzEhwuY2FyLnYxLkdldEdvYWxTdGF0dXNSZXF1ZXN0Gh0uY2FyLnYxLkdldEdvYWxTdGF0dXNSZXNwb25zZSIPsrsYC2dvYWwuc3RhdHVzElAKCUNsZWFyR29hbBIYLmNhci52MS5DbGVhckdvYWxSZXF1ZXN0GhkuY2FyLnYxLkNsZWFyR29hbFJlc3BvbnNlIg6yuxgKZ29hbC5jbGVhckJmChFhaS5wYXJzbGVlLmNhci52MUIKQ2hhdHNQcm90b1ABWjpnaXRodWIuY29tL3BhcnNsZWUtYWkvY2FyLWdycGMvY2xpZW50cy9nby9nZW4vY2FyL3YxO2NhcnYxqgIGQ2FyLlYxYgZwcm90bzM", [file_car_v1_options, file_google_protobuf_struct]);
 
 /**
  * An attachment to a chat prompt.
@@ -129,6 +129,13 @@ export type ChatRequest = Message<"car.v1.ChatRequest"> & {
    * @generated from field: car.v1.ChatGoal goal = 7;
    */
   goal?: ChatGoal | undefined;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 8;
+   */
+  chatId: string;
 };
 
 /**
@@ -153,6 +160,13 @@ export type ChatAccepted = Message<"car.v1.ChatAccepted"> & {
    * @generated from field: string session_id = 2;
    */
   sessionId: string;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 3;
+   */
+  chatId: string;
 };
 
 /**
@@ -254,6 +268,13 @@ export type AgentChatRequest = Message<"car.v1.AgentChatRequest"> & {
    * @generated from field: car.v1.AgentChatContext context = 7;
    */
   context?: AgentChatContext | undefined;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 8;
+   */
+  chatId: string;
 };
 
 /**
@@ -348,6 +369,13 @@ export type ChatEvent = Message<"car.v1.ChatEvent"> & {
    * @generated from field: google.protobuf.Struct extra = 15;
    */
   extra?: JsonObject | undefined;
+
+  /**
+   * `kind` on the typed API (UNSPECIFIED for a kind outside the enum).
+   *
+   * @generated from field: car.v1.ChatEventKind kind_enum = 16;
+   */
+  kindEnum: ChatEventKind;
 };
 
 /**
@@ -372,6 +400,13 @@ export type AgentChatEventNotice = Message<"car.v1.AgentChatEventNotice"> & {
    * @generated from field: car.v1.ChatEvent event = 2;
    */
   event?: ChatEvent | undefined;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 3;
+   */
+  chatId: string;
 };
 
 /**
@@ -401,6 +436,13 @@ export type ChatEventNotice = Message<"car.v1.ChatEventNotice"> & {
    * @generated from field: car.v1.ChatEvent event = 3;
    */
   event?: ChatEvent | undefined;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 4;
+   */
+  chatId: string;
 };
 
 /**
@@ -422,6 +464,13 @@ export type CancelChatRequest = Message<"car.v1.CancelChatRequest"> & {
    * @generated from field: string session_id = 1;
    */
   sessionId: string;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 2;
+   */
+  chatId: string;
 };
 
 /**
@@ -448,6 +497,13 @@ export type CancelChatResponse = Message<"car.v1.CancelChatResponse"> & {
    * @generated from field: string session_id = 2;
    */
   sessionId: string;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 3;
+   */
+  chatId: string;
 };
 
 /**
@@ -467,6 +523,13 @@ export type AgentChatCancelNotice = Message<"car.v1.AgentChatCancelNotice"> & {
    * @generated from field: string session_id = 1;
    */
   sessionId: string;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 2;
+   */
+  chatId: string;
 };
 
 /**
@@ -502,6 +565,20 @@ export type ApproveChatRequest = Message<"car.v1.ApproveChatRequest"> & {
    * @generated from field: google.protobuf.Value decision = 3;
    */
   decision?: Value | undefined;
+
+  /**
+   * `decision` on the typed API: APPROVE sends "approve", DENY "deny".
+   *
+   * @generated from field: car.v1.ApprovalDecision decision_enum = 4;
+   */
+  decisionEnum: ApprovalDecision;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 5;
+   */
+  chatId: string;
 };
 
 /**
@@ -528,6 +605,13 @@ export type ApproveChatResponse = Message<"car.v1.ApproveChatResponse"> & {
    * @generated from field: string session_id = 2;
    */
   sessionId: string;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 3;
+   */
+  chatId: string;
 };
 
 /**
@@ -566,6 +650,13 @@ export type AgentChatApproveRequest = Message<"car.v1.AgentChatApproveRequest"> 
    * @generated from field: google.protobuf.Value decision = 4;
    */
   decision?: Value | undefined;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 5;
+   */
+  chatId: string;
 };
 
 /**
@@ -653,6 +744,13 @@ export type StoredGoal = Message<"car.v1.StoredGoal"> & {
    * @generated from field: int64 updated_at = 10;
    */
   updatedAt: bigint;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 11;
+   */
+  chatId: string;
 };
 
 /**
@@ -690,6 +788,13 @@ export type SetGoalRequest = Message<"car.v1.SetGoalRequest"> & {
    * @generated from field: optional uint32 max_iterations = 4;
    */
   maxIterations?: number | undefined;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 5;
+   */
+  chatId: string;
 };
 
 /**
@@ -733,6 +838,13 @@ export type GetGoalStatusRequest = Message<"car.v1.GetGoalStatusRequest"> & {
    * @generated from field: optional string session_id = 1;
    */
   sessionId?: string | undefined;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 2;
+   */
+  chatId: string;
 };
 
 /**
@@ -762,6 +874,13 @@ export type GetGoalStatusResponse = Message<"car.v1.GetGoalStatusResponse"> & {
    * @generated from field: repeated car.v1.StoredGoal goals = 3;
    */
   goals: StoredGoal[];
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 4;
+   */
+  chatId: string;
 };
 
 /**
@@ -781,6 +900,13 @@ export type ClearGoalRequest = Message<"car.v1.ClearGoalRequest"> & {
    * @generated from field: optional string session_id = 1;
    */
   sessionId?: string | undefined;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 2;
+   */
+  chatId: string;
 };
 
 /**
@@ -807,6 +933,13 @@ export type ClearGoalResponse = Message<"car.v1.ClearGoalResponse"> & {
    * @generated from field: optional string session_id = 2;
    */
   sessionId?: string | undefined;
+
+  /**
+   * The chat this is about: `session_id` on the JSON wire (a chat id, not a session).
+   *
+   * @generated from field: string chat_id = 3;
+   */
+  chatId: string;
 };
 
 /**
@@ -847,6 +980,97 @@ export enum AttachmentType {
  */
 export const AttachmentTypeSchema: GenEnum<AttachmentType> = /*@__PURE__*/
   enumDesc(file_car_v1_chats, 0);
+
+/**
+ * The kinds of ChatEvent. done, error and auth_required are terminal.
+ *
+ * @generated from enum car.v1.ChatEventKind
+ */
+export enum ChatEventKind {
+  /**
+   * @generated from enum value: CHAT_EVENT_KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * @generated from enum value: CHAT_EVENT_KIND_TOKEN = 1;
+   */
+  TOKEN = 1,
+
+  /**
+   * @generated from enum value: CHAT_EVENT_KIND_TOOL_CALL = 2;
+   */
+  TOOL_CALL = 2,
+
+  /**
+   * @generated from enum value: CHAT_EVENT_KIND_TOOL_RESULT = 3;
+   */
+  TOOL_RESULT = 3,
+
+  /**
+   * @generated from enum value: CHAT_EVENT_KIND_APPROVAL_PENDING = 4;
+   */
+  APPROVAL_PENDING = 4,
+
+  /**
+   * @generated from enum value: CHAT_EVENT_KIND_APPROVAL_RESOLVED = 5;
+   */
+  APPROVAL_RESOLVED = 5,
+
+  /**
+   * @generated from enum value: CHAT_EVENT_KIND_GOAL_EVALUATED = 6;
+   */
+  GOAL_EVALUATED = 6,
+
+  /**
+   * @generated from enum value: CHAT_EVENT_KIND_DONE = 7;
+   */
+  DONE = 7,
+
+  /**
+   * @generated from enum value: CHAT_EVENT_KIND_ERROR = 8;
+   */
+  ERROR = 8,
+
+  /**
+   * @generated from enum value: CHAT_EVENT_KIND_AUTH_REQUIRED = 9;
+   */
+  AUTH_REQUIRED = 9,
+}
+
+/**
+ * Describes the enum car.v1.ChatEventKind.
+ */
+export const ChatEventKindSchema: GenEnum<ChatEventKind> = /*@__PURE__*/
+  enumDesc(file_car_v1_chats, 1);
+
+/**
+ * A host's answer to an approval.
+ *
+ * @generated from enum car.v1.ApprovalDecision
+ */
+export enum ApprovalDecision {
+  /**
+   * @generated from enum value: APPROVAL_DECISION_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * @generated from enum value: APPROVAL_DECISION_APPROVE = 1;
+   */
+  APPROVE = 1,
+
+  /**
+   * @generated from enum value: APPROVAL_DECISION_DENY = 2;
+   */
+  DENY = 2,
+}
+
+/**
+ * Describes the enum car.v1.ApprovalDecision.
+ */
+export const ApprovalDecisionSchema: GenEnum<ApprovalDecision> = /*@__PURE__*/
+  enumDesc(file_car_v1_chats, 2);
 
 /**
  * Where a standing goal is.
@@ -895,7 +1119,7 @@ export enum GoalStatus {
  * Describes the enum car.v1.GoalStatus.
  */
 export const GoalStatusSchema: GenEnum<GoalStatus> = /*@__PURE__*/
-  enumDesc(file_car_v1_chats, 1);
+  enumDesc(file_car_v1_chats, 3);
 
 /**
  * Chats between hosts and attached agents, and standing goals (docs/protocol.md §5).

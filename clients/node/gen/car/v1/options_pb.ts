@@ -4,7 +4,7 @@
 
 import type { GenEnum, GenExtension, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, extDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
-import type { FieldOptions, MessageOptions, MethodOptions } from "@bufbuild/protobuf/wkt";
+import type { EnumValueOptions, FieldOptions, MessageOptions, MethodOptions } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_descriptor } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file car/v1/options.proto.
  */
 export const file_car_v1_options: GenFile = /*@__PURE__*/
-  fileDesc("ChRjYXIvdjEvb3B0aW9ucy5wcm90bxIGY2FyLnYxInUKDkpzb25ScGNCaW5kaW5nEg4KBm1ldGhvZBgBIAEoCRIfCgRraW5kGAIgASgOMhEuY2FyLnYxLkZyYW1lS2luZBISCgpiYXJlX2ZpZWxkGAMgASgJEh4KBmFjY2VzcxgEIAEoCzIOLmNhci52MS5BY2Nlc3MiUwoGQWNjZXNzEiEKBXJvbGVzGAEgAygOMhIuY2FyLnYxLkNhbGxlclJvbGUSDQoFc2NvcGUYAiABKAkSFwoPbmVlZHNfaGFuZHNoYWtlGAMgASgIKowBCglGcmFtZUtpbmQSGgoWRlJBTUVfS0lORF9VTlNQRUNJRklFRBAAEhYKEkZSQU1FX0tJTkRfUkVRVUVTVBABEhcKE0ZSQU1FX0tJTkRfUkVTUE9OU0UQAhIbChdGUkFNRV9LSU5EX05PVElGSUNBVElPThADEhUKEUZSQU1FX0tJTkRfQklOQVJZEAQqjwEKCkNhbGxlclJvbGUSGwoXQ0FMTEVSX1JPTEVfVU5TUEVDSUZJRUQQABIfChtDQUxMRVJfUk9MRV9VTkFVVEhFTlRJQ0FURUQQARIWChJDQUxMRVJfUk9MRV9EQUVNT04QAhIUChBDQUxMRVJfUk9MRV9IT1NUEAMSFQoRQ0FMTEVSX1JPTEVfQUdFTlQQBDpSCghqc29uX3JwYxIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtIcDIAEoCzIWLmNhci52MS5Kc29uUnBjQmluZGluZ1IHanNvblJwYzpACgtqc29uX2lubGluZRIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtYcDIAEoCFIKanNvbklubGluZTpICg9qc29uX3JwY19tZXRob2QSHi5nb29nbGUucHJvdG9idWYuTWV0aG9kT3B0aW9ucxi2hwMgASgJUg1qc29uUnBjTWV0aG9kOkgKBmFjY2VzcxIeLmdvb2dsZS5wcm90b2J1Zi5NZXRob2RPcHRpb25zGLiHAyABKAsyDi5jYXIudjEuQWNjZXNzUgZhY2Nlc3M6RwoOanNvbl9ycGNfdXNhZ2USHy5nb29nbGUucHJvdG9idWYuTWVzc2FnZU9wdGlvbnMYt4cDIAEoCVIManNvblJwY1VzYWdlQmgKEWFpLnBhcnNsZWUuY2FyLnYxQgxPcHRpb25zUHJvdG9QAVo6Z2l0aHViLmNvbS9wYXJzbGVlLWFpL2Nhci1ncnBjL2NsaWVudHMvZ28vZ2VuL2Nhci92MTtjYXJ2MaoCBkNhci5WMWIGcHJvdG8z", [file_google_protobuf_descriptor]);
+  fileDesc("ChRjYXIvdjEvb3B0aW9ucy5wcm90bxIGY2FyLnYxInUKDkpzb25ScGNCaW5kaW5nEg4KBm1ldGhvZBgBIAEoCRIfCgRraW5kGAIgASgOMhEuY2FyLnYxLkZyYW1lS2luZBISCgpiYXJlX2ZpZWxkGAMgASgJEh4KBmFjY2VzcxgEIAEoCzIOLmNhci52MS5BY2Nlc3MiUwoGQWNjZXNzEiEKBXJvbGVzGAEgAygOMhIuY2FyLnYxLkNhbGxlclJvbGUSDQoFc2NvcGUYAiABKAkSFwoPbmVlZHNfaGFuZHNoYWtlGAMgASgIKowBCglGcmFtZUtpbmQSGgoWRlJBTUVfS0lORF9VTlNQRUNJRklFRBAAEhYKEkZSQU1FX0tJTkRfUkVRVUVTVBABEhcKE0ZSQU1FX0tJTkRfUkVTUE9OU0UQAhIbChdGUkFNRV9LSU5EX05PVElGSUNBVElPThADEhUKEUZSQU1FX0tJTkRfQklOQVJZEAQqjwEKCkNhbGxlclJvbGUSGwoXQ0FMTEVSX1JPTEVfVU5TUEVDSUZJRUQQABIfChtDQUxMRVJfUk9MRV9VTkFVVEhFTlRJQ0FURUQQARIWChJDQUxMRVJfUk9MRV9EQUVNT04QAhIUChBDQUxMRVJfUk9MRV9IT1NUEAMSFQoRQ0FMTEVSX1JPTEVfQUdFTlQQBDpSCghqc29uX3JwYxIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtIcDIAEoCzIWLmNhci52MS5Kc29uUnBjQmluZGluZ1IHanNvblJwYzpACgtqc29uX2lubGluZRIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtYcDIAEoCFIKanNvbklubGluZTo8Cglqc29uX3R3aW4SHS5nb29nbGUucHJvdG9idWYuRmllbGRPcHRpb25zGL6HAyABKAlSCGpzb25Ud2luOkIKCmpzb25fdmFsdWUSIS5nb29nbGUucHJvdG9idWYuRW51bVZhbHVlT3B0aW9ucxi/hwMgASgJUglqc29uVmFsdWU6SAoPanNvbl9ycGNfbWV0aG9kEh4uZ29vZ2xlLnByb3RvYnVmLk1ldGhvZE9wdGlvbnMYtocDIAEoCVINanNvblJwY01ldGhvZDpICgZhY2Nlc3MSHi5nb29nbGUucHJvdG9idWYuTWV0aG9kT3B0aW9ucxi4hwMgASgLMg4uY2FyLnYxLkFjY2Vzc1IGYWNjZXNzOkcKDmpzb25fcnBjX3VzYWdlEh8uZ29vZ2xlLnByb3RvYnVmLk1lc3NhZ2VPcHRpb25zGLeHAyABKAlSDGpzb25ScGNVc2FnZUJoChFhaS5wYXJzbGVlLmNhci52MUIMT3B0aW9uc1Byb3RvUAFaOmdpdGh1Yi5jb20vcGFyc2xlZS1haS9jYXItZ3JwYy9jbGllbnRzL2dvL2dlbi9jYXIvdjE7Y2FydjGqAgZDYXIuVjFiBnByb3RvMw", [file_google_protobuf_descriptor]);
 
 /**
  * The JSON-RPC binding of one oneof member of ClientFrame or ServerFrame.
@@ -218,6 +218,30 @@ export const json_inline: GenExtension<FieldOptions, boolean> = /*@__PURE__*/
   extDesc(file_car_v1_options, 1);
 
 /**
+ * On a field of the typed API that mirrors another field of its message, named here:
+ * an enum beside a string (or google.protobuf.Value) field whose values form a closed
+ * set, or a number beside a Value. The JSON wire has only the named field, unchanged:
+ * the twin is never a JSON key. The codec and the core keep the two in step
+ * (docs/grpc-guide.md, "Enums on the typed API"): the twin is derived from the named
+ * field wherever the server reads or sends a message (UNSPECIFIED when the string is
+ * not one of the enum's values: the set stays open on the wire), and a typed client may
+ * set only the twin: the server then fills the named field from it.
+ *
+ * @generated from extension: string json_twin = 50110;
+ */
+export const json_twin: GenExtension<FieldOptions, string> = /*@__PURE__*/
+  extDesc(file_car_v1_options, 2);
+
+/**
+ * The string of an enum value on the JSON wire when it is not the default one (the
+ * value's name without the enum's prefix, in lower case), e.g. "agent.registered".
+ *
+ * @generated from extension: string json_value = 50111;
+ */
+export const json_value: GenExtension<EnumValueOptions, string> = /*@__PURE__*/
+  extDesc(file_car_v1_options, 3);
+
+/**
  * The JSON-RPC method that an RPC of a per-domain service performs (a unary RPC and the
  * session-stream member with that method share one handler) or, for a streaming RPC,
  * stands in for (WatchRun for `runs.subscribe`, Chat for `agents.chat`).
@@ -225,7 +249,7 @@ export const json_inline: GenExtension<FieldOptions, boolean> = /*@__PURE__*/
  * @generated from extension: string json_rpc_method = 50102;
  */
 export const json_rpc_method: GenExtension<MethodOptions, string> = /*@__PURE__*/
-  extDesc(file_car_v1_options, 2);
+  extDesc(file_car_v1_options, 4);
 
 /**
  * Who may call an RPC that has no JSON-RPC method (see Access). An RPC with a
@@ -234,7 +258,7 @@ export const json_rpc_method: GenExtension<MethodOptions, string> = /*@__PURE__*
  * @generated from extension: car.v1.Access access = 50104;
  */
 export const access: GenExtension<MethodOptions, Access> = /*@__PURE__*/
-  extDesc(file_car_v1_options, 3);
+  extDesc(file_car_v1_options, 5);
 
 /**
  * On a request message: the fixed message of every -32602 its params can get (bad
@@ -245,5 +269,5 @@ export const access: GenExtension<MethodOptions, Access> = /*@__PURE__*/
  * @generated from extension: string json_rpc_usage = 50103;
  */
 export const json_rpc_usage: GenExtension<MessageOptions, string> = /*@__PURE__*/
-  extDesc(file_car_v1_options, 4);
+  extDesc(file_car_v1_options, 6);
 
