@@ -98,7 +98,7 @@ def _add_core_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--core-id",
         help="this core's id in a cluster (a PostgreSQL --store; or CAR_CORE_ID; "
-        "default HOST:GRPC_PORT)",
+        "default: the machine's name and a digest of CAR_HOME)",
     )
     p.add_argument(
         "--advertise",

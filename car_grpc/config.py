@@ -120,7 +120,7 @@ class CoreConfig:
     #: Where the daemon and host token files are written.
     token_dir: Path = field(default_factory=default_token_dir)
     #: In a cluster (a PostgreSQL store shared by several cores): this core's id
-    #: (--core-id, CAR_CORE_ID); None: HOST:PORT of its gRPC listener.
+    #: (--core-id, CAR_CORE_ID); None: the machine's name and a digest of state_root.
     core_id: str | None = None
     #: host:port the other cores dial for this one (--advertise); None: its gRPC listener.
     advertise: str | None = None

@@ -29,13 +29,15 @@ import asyncio
 import base64
 import collections
 import contextlib
+import hashlib
 import json
 import logging
+import socket
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from car_grpc.clock import now_ms
 from car_grpc.core.background import Background
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.session import ClientSession
@@ -135,6 +137,9 @@ class Cluster:
         """Register with a lease (waiting for an earlier life's lease to run out), then
         listen, renew and watch the others. What an earlier life left is released."""
         self.advertise = advertise
+        # An earlier life that died holds the id for at most a lease; a live process that
+        # holds it renews it: refuse to start rather than wait for ever.
+        give_up = asyncio.get_running_loop().time() + 2 * self.lease + 1
         while True:
             wait, released = await self.store.join(
                 advertise,
@@ -146,6 +151,11 @@ class Cluster:
             )
             if released is not None:
                 break
+            if asyncio.get_running_loop().time() > give_up:
+                raise RuntimeError(
+                    f"cluster: core id {self.core_id} is held by another live core "
+                    "(give each core its own --core-id or CAR_HOME)"
+                )
             log.warning(
                 "cluster: core id %s is held by another process for %.1fs more; waiting",
                 self.core_id,
@@ -309,13 +319,12 @@ def from_elsewhere(cluster: Cluster, message: Message) -> bool:
     return bool(message.get("c") != cluster.core_id)
 
 
-def default_core_id(host: str, port: int) -> str:
-    """A stable id when the port is fixed: host:port (else the process id stands in)."""
-    import os
-    import socket
-
-    name = socket.gethostname() or host
-    return f"{name}:{port}" if port else f"{name}:pid{os.getpid()}-{now_ms()}"
+def default_core_id(state_root: Path) -> str:
+    """A stable id: the machine's name and a digest of the core's state root (CAR_HOME),
+    the same across restarts; two cores on one machine have their own state roots (their
+    token files and sockets are there)."""
+    digest = hashlib.sha256(str(state_root.resolve()).encode()).hexdigest()[:10]
+    return f"{socket.gethostname() or 'core'}-{digest}"
 
 
 class ClusterAttachments:

@@ -76,9 +76,9 @@ class Core:
             self.grpc_port = server.add_insecure_port(address)
         else:
             self.grpc_port = server.add_secure_port(address, credentials)
-        self.core_id = self.config.core_id or default_core_id(self.config.grpc_host, self.grpc_port)
+        self.core_id = self.config.core_id or default_core_id(self.config.state_root)
         store = self._store or await self._open_store()
-        tokens = ServerTokens.mint(self.config.token_dir) if self.config.auth else None
+        tokens = ServerTokens.mint(self.config.token_dir, write=False) if self.config.auth else None
         try:
             # Wiring reads and repairs the store (runs left open end `incomplete`) and,
             # on a shared store, joins the cluster.
@@ -104,6 +104,8 @@ class Core:
         if parts.peer_service is not None:  # core to core, secret-checked, not in reflection
             server.add_generic_rpc_handlers((parts.peer_service.handler(),))
         self._health = await add_health_and_reflection(server, extra)
+        if tokens is not None:
+            tokens.write_files()
         await server.start()
         self._server = server
         log.info("core: gRPC%s listening on %s", " (TLS)" if credentials else "", self.grpc_address)

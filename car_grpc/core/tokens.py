@@ -55,11 +55,18 @@ class ServerTokens:
     token_dir: Path
 
     @classmethod
-    def mint(cls, token_dir: Path) -> ServerTokens:
+    def mint(cls, token_dir: Path, *, write: bool = True) -> ServerTokens:
+        """New tokens, written to their files unless `write` is False (then `write_files`
+        writes them: the core does once it serves, so a client that reads a file finds
+        the token of a core that answers)."""
         tokens = cls(mint_token(), mint_token(), token_dir)
-        write_secret(token_dir / AUTH_TOKEN_FILE, tokens.daemon)
-        write_secret(token_dir / HOST_TOKEN_FILE, tokens.host)
+        if write:
+            tokens.write_files()
         return tokens
+
+    def write_files(self) -> None:
+        write_secret(self.token_dir / AUTH_TOKEN_FILE, self.daemon)
+        write_secret(self.token_dir / HOST_TOKEN_FILE, self.host)
 
     def remove_files(self) -> None:
         """Remove the token files, if they are still ours."""
