@@ -103,6 +103,27 @@ def _add_core_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--a2a-tls-key", type=Path, metavar="PEM", help="the private key of --a2a-tls-cert"
     )
+    p.add_argument(
+        "--core-id",
+        help="this core's id in a cluster (a PostgreSQL --store; or CAR_CORE_ID; "
+        "default: the machine's name and a digest of CAR_HOME)",
+    )
+    p.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="the gRPC address the other cores of a cluster dial (default: the gRPC listener)",
+    )
+    p.add_argument(
+        "--cluster-secret",
+        help="the secret the cores of a cluster share (or CAR_CLUSTER_SECRET; default: the "
+        "file cluster-secret beside the token files, created when missing)",
+    )
+    p.add_argument(
+        "--cluster-lease",
+        type=_seconds,
+        metavar="SECONDS",
+        help="a core's lease in a cluster (default 10; or CAR_CLUSTER_LEASE)",
+    )
 
 
 def _seconds(raw: str) -> float:
@@ -157,6 +178,10 @@ def config_from(args: argparse.Namespace) -> Config:
             a2a_port=flag("a2a_port"),
             a2a_tls_cert=flag("a2a_tls_cert"),
             a2a_tls_key=flag("a2a_tls_key"),
+            core_id=flag("core_id") or None,
+            advertise=flag("advertise") or None,
+            cluster_secret=flag("cluster_secret") or None,
+            cluster_lease=flag("cluster_lease"),
             ws_host=flag("host") or None,
             ws_port=flag("port"),
             unix_socket=flag("unix_socket"),

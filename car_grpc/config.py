@@ -134,6 +134,19 @@ class CoreConfig:
     store_timeout: float = 10.0
     #: Where the daemon and host token files are written.
     token_dir: Path = field(default_factory=default_token_dir)
+    #: In a cluster (a PostgreSQL store shared by several cores): this core's id
+    #: (--core-id, CAR_CORE_ID); None: the machine's name and a digest of state_root.
+    core_id: str | None = None
+    #: host:port the other cores dial for this one (--advertise); None: its gRPC listener.
+    advertise: str | None = None
+    #: The secret the cores of a cluster prove to each other (--cluster-secret,
+    #: CAR_CLUSTER_SECRET); None: the file `cluster-secret` in token_dir, created when
+    #: missing (cores sharing a token directory share it; copy it to other machines).
+    cluster_secret: str | None = field(default=None, repr=False)
+    #: Seconds a core's lease lasts; it renews it every third of that. A core that stops
+    #: renewing is released by a surviving core (its runs end `incomplete`) within about
+    #: lease + lease / 3.
+    cluster_lease: float = 10.0
     #: Require session.auth (off with --no-auth / CAR_NO_AUTH=1).
     auth: bool = True
     #: Park gated methods for a person's approval (off with --no-approvals / CAR_NO_APPROVALS=1).
@@ -386,10 +399,15 @@ class Config:
                 overrides["gateway_processes"] = gateway_processes(processes)
             except ValueError as e:
                 raise ValueError(f"CAR_GATEWAY_PROCESSES {e}") from None
+        if core_id := os.environ.get("CAR_CORE_ID", "").strip():
+            overrides["core_id"] = core_id
+        if secret := os.environ.get("CAR_CLUSTER_SECRET", "").strip():
+            overrides["cluster_secret"] = secret
         for name, variable in (
             ("tool_timeout", "CAR_TOOL_TIMEOUT"),
             ("handler_timeout", "CAR_HANDLER_TIMEOUT"),
             ("approval_timeout", "CAR_APPROVAL_TIMEOUT"),
+            ("cluster_lease", "CAR_CLUSTER_LEASE"),
         ):
             if (seconds := _env_seconds(variable)) is not None:
                 overrides[name] = seconds

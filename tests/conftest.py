@@ -3,6 +3,8 @@ and one real PostgreSQL server for the session, for the tests that ask for it.""
 
 from __future__ import annotations
 
+import atexit
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -12,6 +14,24 @@ import pytest
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from tests.postgres_server import PostgresServer
+
+#: `CAR_TEST_STORE=postgresql ./dev test` runs every core that make_config configures (the
+#: in-process ones) on a database of its own on the session's PostgreSQL server instead of
+#: the embedded SQLite file. Processes started with their own CAR_HOME keep theirs.
+TEST_STORE = os.environ.get("CAR_TEST_STORE", "")
+_server: list[PostgresServer] = []
+_databases: dict[Path, str] = {}
+
+
+def shared_postgres() -> PostgresServer:
+    """The session's PostgreSQL server, started the first time it is asked for and removed
+    when the test process exits."""
+    if not _server:
+        server = PostgresServer.create()
+        atexit.register(server.destroy)
+        server.start()
+        _server.append(server)
+    return _server[0]
 
 
 def make_config(root: Path, **overrides: object) -> Config:
@@ -24,6 +44,11 @@ def make_config(root: Path, **overrides: object) -> Config:
         "ws_port": 0,
         "unix_socket": None,
     }
+    if TEST_STORE == "postgresql" and "store" not in overrides:
+        # One database per state root: a core restarted on the same root finds its state.
+        if root not in _databases:
+            _databases[root] = shared_postgres().create_database("suite")
+        defaults["store"] = _databases[root]
     return Config().with_overrides(**(defaults | overrides))
 
 
@@ -52,9 +77,4 @@ async def channel(core: Core) -> AsyncIterator[grpc.aio.Channel]:
 def postgres_server() -> Iterator[PostgresServer]:
     """A real PostgreSQL server for the whole test session (tests/postgres_server.py),
     installed when missing and started the first time a test asks for it."""
-    server = PostgresServer.create()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
+    yield shared_postgres()

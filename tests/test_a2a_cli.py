@@ -40,7 +40,7 @@ async def get_task(core: Core, token: str) -> httpx.Response:
 
 
 async def test_a2a_clients_add_list_remove_on_a_running_core(tmp_path: Path) -> None:
-    config = make_config(tmp_path)
+    config = make_config(tmp_path, store=None)  # the store `a2a-clients` uses by default
     car_home = config.core.state_root
     core = Core(config.core)
     await core.start()

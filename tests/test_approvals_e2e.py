@@ -371,7 +371,7 @@ async def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:
 async def test_pending_approvals_of_a_dead_server_expire_at_start(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     # What a server that died (no graceful stop) leaves behind: a pending row.
-    store = await open_store(config.core.state_root)
+    store = await open_store(config.core.state_root, config.core.store)
     orphan = HostApproval(
         id="orphan",
         action="ws.method:mail.send",

@@ -114,7 +114,8 @@ async def attach(channel: grpc.aio.Channel, agent_id: str, token: str) -> tuple[
 
 
 async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> None:
-    config = make_config(tmp_path)  # CAR_HOME is tmp_path/car-home
+    # CAR_HOME is tmp_path/car-home, and its store is the one `agents` uses by default
+    config = make_config(tmp_path, store=None)
     car_home = config.core.state_root
     core = Core(config.core)
     await core.start()

@@ -115,7 +115,7 @@ async def test_a_meetings_transcript_survives_the_client_leaving_and_a_restart(
 
 async def test_a_meeting_left_live_by_a_crashed_process_is_interrupted(tmp_path: Path) -> None:
     config = config_for(tmp_path)
-    store = await open_store(config.core.state_root)
+    store = await open_store(config.core.state_root, config.core.store)
     live = voice_pb2.Meeting(
         meeting_id="crashed", status=voice_pb2.MEETING_STATUS_LIVE, started_at=1, session_id="s"
     )

@@ -132,7 +132,8 @@ async def test_secret_files_and_their_directories_are_private(tmp_path: Path) ->
     -wal, -shm) 0600 in a 0700 directory (wider ones left from before are narrowed), the
     Unix socket 0600 in a 0700 directory."""
     socket_path = tmp_path / "run" / "car-server.sock"
-    config = make_config(tmp_path, unix_socket=socket_path)
+    # The embedded store's files are the subject, whatever store the suite runs on.
+    config = make_config(tmp_path, unix_socket=socket_path, store=None)
     config.core.token_dir.mkdir(parents=True)
     (config.core.token_dir / AUTH_TOKEN_FILE).write_text("stale")
     (config.core.token_dir / AUTH_TOKEN_FILE).chmod(0o644)
@@ -161,7 +162,7 @@ async def test_secret_files_and_their_directories_are_private(tmp_path: Path) ->
     finally:
         other.close()
     # A token directory the server creates itself is 0700.
-    fresh = make_config(tmp_path / "fresh")
+    fresh = make_config(tmp_path / "fresh", store=None)
     with umask(0):
         async with running(fresh):
             assert mode(fresh.core.token_dir) == 0o700

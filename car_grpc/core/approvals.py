@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from typing import TypeAlias
 
 from google.protobuf.message import Message
@@ -68,6 +69,8 @@ PREVIEW_CHARS = 256
 HISTORY_LIMIT = 200
 #: Approvals one session may have pending at a time (host.request_approval).
 MAX_PENDING_PER_SESSION = 256
+#: Approvals pending on other cores of a cluster this core keeps for snapshots at most.
+MAX_HEARD = 4096
 #: Methods the gate refuses to wrap: session.auth runs before the session is anyone, and
 #: a parked host.resolve_approval would leave nothing able to resolve it.
 UNGATEABLE = frozenset({"session.auth", "host.resolve_approval"})
@@ -98,6 +101,7 @@ class Approvals:
         *,
         gated_methods: frozenset[str],
         timeout: float,
+        clustered: bool = False,
     ) -> None:
         if refused := sorted(gated_methods & UNGATEABLE):
             raise ValueError(f"these methods cannot be gated: {', '.join(refused)}")
@@ -114,9 +118,19 @@ class Approvals:
         #: Sessions whose close hook is installed.
         self._hooked: set[str] = set()
         self._closed = False
+        #: Several cores share the ledger: pending approvals of other cores are listed and
+        #: may be resolved here (the core parking the call hears of it through
+        #: `resolved_elsewhere`, told by `tell_resolved`).
+        self._clustered = clustered
+        self.tell_resolved: Callable[[str], None] | None = None
+        #: Approvals pending on other cores, as heard from their host events (bounded).
+        self._elsewhere: dict[str, HostApproval] = {}
 
     async def start(self) -> None:
-        """Expire the approvals a previous server left pending."""
+        """Expire the approvals a previous server left pending (in a cluster, joining
+        released this core's own: the others' are theirs)."""
+        if self._clustered:
+            return
 
         stale = await self.ledger.pending()
         expired = [_resolved(a, EXPIRED, "the server stopped") for a in stale]
@@ -132,13 +146,34 @@ class Approvals:
     # ------------------------------------------------------------ the ledger
 
     def pending(self, session: ClientSession | None = None) -> list[HostApproval]:
-        """Every pending approval, or those `session` may see."""
-        return [a for a in self._pending.values() if session is None or may_read(session, a)]
+        """Every pending approval, or those `session` may see (with `session`, in a
+        cluster, also those pending on other cores that this core has heard of)."""
+        held = self._pending.values()
+        if session is None:
+            return list(held)
+        mine = [a for a in held if may_read(session, a)]
+        return mine + [a for a in self._elsewhere.values() if may_read(session, a)]
+
+    def heard_elsewhere(self, kind: str, approval: HostApproval) -> None:
+        """A host event of another core about an approval: pending ones are kept for
+        host.subscribe's snapshot until their `approval.resolved` is heard."""
+        if kind == "approval.requested" and approval.status == PENDING:
+            if len(self._elsewhere) < MAX_HEARD:
+                self._elsewhere[approval.id] = approval
+        elif kind == "approval.resolved":
+            self._elsewhere.pop(approval.id, None)
+
+    async def pending_count(self) -> int:
+        """Approvals pending now: every core's in a cluster, else this core's."""
+        return len(await self.ledger.pending()) if self._clustered else len(self._pending)
 
     async def listing(self, session: ClientSession) -> list[HostApproval]:
         """What `session` may see: pending approvals first (oldest first), then the newest
         resolved ones."""
-        pending = self.pending(session)
+        if self._clustered:  # every core's
+            pending = [a for a in await self.ledger.pending() if may_read(session, a)]
+        else:
+            pending = self.pending(session)
         history = await self.ledger.history(HISTORY_LIMIT)
         resolved = {a.id for a in history}  # resolved while the history was read
         mine = (a for a in history if may_read(session, a))
@@ -174,7 +209,9 @@ class Approvals:
             row = await self.ledger.get(approval_id)
             if row is None or not may_read(session, row):
                 raise not_found(INVALID_PARAMS, f"invalid params: unknown approval: {approval_id}")
-            raise _already(row)
+            if row.status != PENDING or not self._clustered:
+                raise _already(row)
+            return await self._resolve_elsewhere_pending(session, row, req)
         if not self._may_resolve(session, approval):
             raise permission_denied(f"approval '{approval_id}' may not be resolved by this session")
         notes = req.notes if req.HasField("notes") else None
@@ -182,6 +219,53 @@ class Approvals:
         if not won:
             raise _already(row)
         return row
+
+    async def _resolve_elsewhere_pending(
+        self, session: ClientSession, approval: HostApproval, req: host_pb2.ResolveApprovalRequest
+    ) -> HostApproval:
+        """Resolve an approval pending on another core of the cluster: in the ledger (the
+        first resolution wins there), then that core is told and wakes its parked call.
+        Raised by a session: only that session may, and it lives on the other core. A
+        system approval: the same rule as here (its parked session is not this one)."""
+        if approval.HasField("client_id") or session.role is Role.AGENT:
+            raise permission_denied(f"approval '{approval.id}' may not be resolved by this session")
+        notes = req.notes if req.HasField("notes") else None
+        resolved = _resolved(approval, APPROVED if req.approved else DENIED, notes)
+        row, won = await self.ledger.finish(resolved)
+        assert row is not None, approval.id
+        if not won:
+            raise _already(row)
+        self._metrics.approvals.inc(status_name(row.status))
+        if self.tell_resolved is not None:
+            self.tell_resolved(row.id)
+        self._elsewhere.pop(row.id, None)
+        self._announce("approval.resolved", row)
+        return row
+
+    async def resolved_elsewhere(self, approval_id: str) -> None:
+        """Another core resolved `approval_id`: if it parks a call here, wake it with the
+        outcome the ledger has."""
+        if approval_id not in self._pending:
+            return
+        row = await self.ledger.get(approval_id)
+        if row is None or row.status == PENDING or approval_id not in self._pending:
+            return
+        del self._pending[approval_id]
+        waiter = self._waiters.get(approval_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(row)
+
+    async def lost_hold(self) -> None:
+        """This core lost its lease and a peer expired its pending approvals: their parked
+        calls get that outcome now instead of at their timeout."""
+        for approval_id in list(self._pending):
+            await self.resolved_elsewhere(approval_id)
+
+    def announce_released(self, approvals: list[HostApproval]) -> None:
+        """Approvals a dead core left pending, expired by this core: announced here."""
+        for approval in approvals:
+            self._elsewhere.pop(approval.id, None)
+            self._announce("approval.resolved", approval)
 
     def _may_resolve(self, session: ClientSession, approval: HostApproval) -> bool:
         if approval.HasField("client_id"):  # raised by a session: that session's
@@ -209,11 +293,12 @@ class Approvals:
         resolved = _resolved(approval, status, notes)
         row, won = await self.ledger.finish(resolved)
         assert row is not None, approval_id
+        # Not won: another core of the cluster resolved it first, and its outcome stands.
+        self._pending.pop(approval_id, None)
+        waiter = self._waiters.get(approval_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(row)
         if won:
-            self._pending.pop(approval_id, None)
-            waiter = self._waiters.get(approval_id)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(row)
             self._metrics.approvals.inc(status_name(row.status))
             self._announce("approval.resolved", row)
         return row, won
@@ -323,6 +408,11 @@ def _resolved(approval: HostApproval, status: Status, notes: str | None) -> Host
     if notes is not None:
         resolved.notes = notes
     return resolved
+
+
+def expired(approval: HostApproval, notes: str) -> HostApproval:
+    """`approval` as it is once it expired with `notes` (as it would on its own core)."""
+    return _resolved(approval, EXPIRED, notes)
 
 
 def _already(approval: HostApproval) -> CarError:

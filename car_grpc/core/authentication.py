@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from car_grpc.config import CAPABILITIES, PROTOCOL_VERSIONS, SERVER_VERSION
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.router import handles
@@ -24,6 +26,17 @@ class Authentication:
         self.tokens = tokens
         self.agent_tokens = agent_tokens
         self._registry = registry
+        #: In a cluster: re-reads the other cores' token digests (a core that joined
+        #: since the last renewal), before a daemon or host token is refused.
+        self.refresh_peers: Callable[[], Awaitable[object]] | None = None
+
+    async def _accepted(self, check: Callable[[str], bool], token: str) -> bool:
+        if check(token):
+            return True
+        if self.refresh_peers is None:
+            return False
+        await self.refresh_peers()
+        return check(token)
 
     @property
     def enabled(self) -> bool:
@@ -45,7 +58,7 @@ class Authentication:
                 await self._registry.attach(session, agent_id)
             return
         if host_token:
-            if not tokens.is_host(host_token):
+            if not await self._accepted(tokens.is_host, host_token):
                 raise CarError(INTERNAL, TOKEN_MISMATCH)
             session.role = Role.HOST
             session.credential = ("host", host_token)
@@ -55,7 +68,7 @@ class Authentication:
             session.credential = ("agent:" + agent_id, token)
             await self._registry.attach(session, agent_id)
         elif token:
-            if not tokens.is_daemon(token):
+            if not await self._accepted(tokens.is_daemon, token):
                 raise CarError(INTERNAL, TOKEN_MISMATCH)
             session.role = Role.DAEMON
             session.credential = ("daemon", token)

@@ -24,7 +24,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeAlias, TypeVar
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
 from google.protobuf import struct_pb2
@@ -36,6 +36,9 @@ from car_grpc.core.session import ClientSession, SessionClosed
 from car_grpc.store.repositories import GoalStore
 from car_grpc.v1 import chats_pb2, session_pb2
 from car_grpc.wire.errors import INTERNAL, CarError, field_error, require
+
+if TYPE_CHECKING:
+    from car_grpc.core.peers import Peers, RemoteChat
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +122,9 @@ def _error_event(message: str) -> chats_pb2.ChatEvent:
 class Chat:
     session_id: str
     agent_id: str
-    #: The agent's connection the chat was routed to (only it may emit events).
-    agent: ClientSession
+    #: The agent's connection the chat was routed to (only it may emit events); None
+    #: for a chat with an agent on another core of the cluster (`remote`).
+    agent: ClientSession | None
     #: The originating host's session.
     host: ClientSession
     events: EventBuffer[chats_pb2.ChatEventNotice]
@@ -133,6 +137,10 @@ class Chat:
     met: bool = False
     #: Delivers events to a session-stream host.
     pump: asyncio.Task[None] | None = None
+    #: The chat on the agent's core, when that is another core.
+    remote: RemoteChat | None = None
+    #: Brings a remote chat's events into `events`.
+    relay: asyncio.Task[None] | None = None
 
 
 @dataclass(frozen=True)
@@ -161,8 +169,12 @@ class Chats:
         #: stays while the host lives: it marks the close hook as registered.
         self._by_host: dict[str, set[Chat]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Agents attached on other cores of the cluster (None: a core of its own).
+        self.peers: Peers | None = None
 
     async def start(self) -> None:
+        """After a restart no chat of this core runs any goal: its `running` goals become
+        `active` (in a cluster the store resets only this core's)."""
         await self._in_order(self.goals.reset_running)
         self._registry.on_detach(self._agent_detached)
 
@@ -200,11 +212,15 @@ class Chats:
 
     # -------------------------------------------------------------- opening a chat
 
-    async def open_chat(self, host: ClientSession, req: chats_pb2.ChatRequest) -> Chat:
+    async def open_chat(
+        self, host: ClientSession, req: chats_pb2.ChatRequest, *, local_only: bool = False
+    ) -> Chat:
         """Validate, route to the attached agent and wait for its ack.
 
         Returns the accepted chat; raises CarError (-32602 for bad params, -32603 when the
-        agent is not attached, refuses, disconnects or does not ack in time).
+        agent is not attached, refuses, disconnects or does not ack in time). An agent
+        attached on another core of the cluster is chatted with there (`local_only`: the
+        request came from another core, which looked already).
         """
         agent_id = require(req.agent_id, "agent_id")
         require(req.prompt, "prompt")
@@ -219,7 +235,9 @@ class Chats:
             raise field_error("session_id", "a chat with this session_id is already open")
         agent = self._registry.attached.get(agent_id)
         if agent is None:
-            raise CarError(INTERNAL, f"agent '{agent_id}' is not attached")
+            if self.peers is None or local_only:
+                raise CarError(INTERNAL, f"agent '{agent_id}' is not attached")
+            return await self._open_remote(host, req, session_id)
         if goal is None and stored is not None:
             goal = chats_pb2.ChatGoal(check=stored.check, max_iterations=stored.max_iterations)
         limit, stall = self.limits.buffer, self.limits.stall_timeout
@@ -250,9 +268,60 @@ class Chats:
         await self._await_ack(chat, request)
         return chat
 
+    async def _open_remote(
+        self, host: ClientSession, req: chats_pb2.ChatRequest, session_id: str
+    ) -> Chat:
+        """The chat with an agent attached on another core: routed here (session_id, the
+        host's close), carried there (its goal follows it there). The events come back
+        through a relay task into the chat's buffer, as a local agent's would."""
+        assert self.peers is not None
+        limit, stall = self.limits.buffer, self.limits.stall_timeout
+        chat = Chat(session_id, req.agent_id, None, host, EventBuffer(limit, stall), None)
+        self._route(chat)
+        forwarded = chats_pb2.ChatRequest()
+        forwarded.CopyFrom(req)
+        forwarded.session_id = session_id
+        try:
+            remote = await self.peers.open_chat(forwarded)
+        except CarError as e:
+            raise self._lost(chat, e.message, cancel_agent=False) from None
+        except BaseException:
+            self._lost(chat, "the host went away", cancel_agent=False)
+            raise
+        if remote is None:
+            raise self._lost(chat, f"agent '{req.agent_id}' is not attached", cancel_agent=False)
+        chat.remote = remote
+        if chat.lost is not None:  # the host went away meanwhile
+            remote.cancel()
+            raise CarError(INTERNAL, chat.lost)
+        chat.accepted = True
+        chat.relay = asyncio.create_task(self._relay_remote(chat, remote))
+        return chat
+
+    async def _relay_remote(self, chat: Chat, remote: RemoteChat) -> None:
+        reason = f"agent '{chat.agent_id}' on core {remote.core_id} ended the chat"
+        try:
+            async for notice in remote.events():
+                if self.open.get(chat.session_id) is not chat:
+                    return  # ended here (cancelled, the host gone)
+                terminal = notice.event.kind in TERMINAL_KINDS
+                if terminal:
+                    self._unroute(chat)
+                outcome = await chat.events.put(notice)
+                if outcome is PutResult.STALLED:
+                    self._stalled(chat)
+                    return
+                if terminal:
+                    chat.events.close()
+                    return
+        except CarError as e:
+            reason = f"agent '{chat.agent_id}' is gone: {e.message}"
+        self.end(chat, reason, cancel_agent=False, tell_host=True, kind="error")
+
     async def _await_ack(self, chat: Chat, request: chats_pb2.AgentChatRequest) -> None:
         timeout = self.limits.ack_timeout
         who = f"agent '{chat.agent_id}'"
+        assert chat.agent is not None
         try:
             answer = await chat.agent.call("agent_chat", request, timeout=timeout)
         except TimeoutError:
@@ -302,6 +371,11 @@ class Chats:
             chats.discard(chat)
 
     def _cancel_at_agent(self, chat: Chat) -> None:
+        if chat.remote is not None:  # ending the call cancels the chat at the agent's core
+            chat.remote.cancel()
+            return
+        if chat.agent is None:
+            return
         notice = session_pb2.ServerFrame()
         notice.agent_chat_cancel.session_id = chat.session_id
         if not chat.agent.try_send(notice):
@@ -502,6 +576,9 @@ class Chats:
         chat = self.authorized(session, session_id)
         if chat is None:
             raise CarError(INTERNAL, f"no open chat '{session_id}' that this session may steer")
+        if chat.remote is not None:
+            return await chat.remote.approve(req)
+        assert chat.agent is not None
         request = chats_pb2.AgentChatApproveRequest(
             session_id=session_id,
             approval_id=approval_id,

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 import grpc
@@ -229,6 +229,7 @@ class _CallSession:
     def __init__(self, service: GrpcService, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.registry = service.registry
         self.authentication = service.authentication
+        self.locate_session = service.locate_session
         self.context = context
         self.session: ClientSession | None = None
         self.ephemeral = False
@@ -239,6 +240,8 @@ class _CallSession:
         agent_id = meta.get(AGENT_ID_KEY, "")
         if session_id := meta.get(SESSION_ID_KEY):
             live = self.registry.sessions.get(session_id)
+            if live is None and self.locate_session is not None:
+                await self.locate_session(session_id)  # raises when another core has it
             if live is None or not self._same_credential(live, token, agent_id):
                 raise CarError(
                     AuthRequired().code, "auth required: unknown session or wrong credentials"
@@ -309,6 +312,9 @@ class GrpcService:
         self.authentication = authentication
         self.dispatcher = dispatcher
         self.max_inflight = max_inflight
+        #: In a cluster: raises FAILED_PRECONDITION naming the core a session id lives on,
+        #: when another core has it (a typed call bound to it must go there).
+        self.locate_session: Callable[[str], Awaitable[None]] | None = None
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         """The handlers of SessionService.Connect, of every typed RPC and of the gRPC-only

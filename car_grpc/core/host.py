@@ -100,6 +100,8 @@ class HostEvents:
         #: `host_event` notifications by sequence, serialized once for every subscriber
         #: (the newest `queue_size`: what a listener's queue can hold).
         self._notifications: dict[int, bytes] = {}
+        #: Gets every event published here (the cluster sends them to the other cores).
+        self.forward: Callable[[host_pb2.HostEvent], None] | None = None
 
     @property
     def last_sequence(self) -> int:
@@ -125,10 +127,23 @@ class HostEvents:
             event.message = message
         if payload is not None:
             event.payload.CopyFrom(codec.to_value(payload))
+        self._record(event)
+        if self.forward is not None:
+            self.forward(event)
+        return event
+
+    def publish_from_elsewhere(self, event: host_pb2.HostEvent) -> None:
+        """An event another core of the cluster published: recorded here under this log's
+        next sequence (its id, time and content kept), so every core's events come in one
+        order per origin and resume works as for this core's own."""
+        self._last_sequence += 1
+        event.sequence = self._last_sequence
+        self._record(event)
+
+    def _record(self, event: host_pb2.HostEvent) -> None:
         self.history.append(event)
         for listener in self._listeners:
             listener.offer(event)
-        return event
 
     def notification(self, event: host_pb2.HostEvent) -> bytes:
         """`event` as a serialized `host_event` ServerFrame, made once for all listeners."""

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 #: Called with (agent_id, old session) when an attachment is replaced or ends.
 DetachHook = Callable[[str, ClientSession], Awaitable[None]]
+#: Called with (agent_id, session) before an attachment takes effect; raising refuses it.
+AttachHook = Callable[[str, ClientSession], Awaitable[None]]
 
 
 class SessionRegistry:
@@ -29,6 +31,10 @@ class SessionRegistry:
         #: agent_id -> the live session attached as that agent.
         self.attached: dict[str, ClientSession] = {}
         self._detach_hooks: list[DetachHook] = []
+        self._attach_hooks: list[AttachHook] = []
+
+    def on_attach(self, hook: AttachHook) -> None:
+        self._attach_hooks.append(hook)
 
     def on_detach(self, hook: DetachHook) -> None:
         self._detach_hooks.append(hook)
@@ -55,12 +61,22 @@ class SessionRegistry:
 
     async def attach(self, session: ClientSession, agent_id: str) -> None:
         """Bind `session` to `agent_id`; a previous live attachment is replaced."""
+        for hook in self._attach_hooks:
+            await hook(agent_id, session)
         old = self.attached.get(agent_id)
         session.role = Role.AGENT
         session.agent_id = agent_id
         self.attached[agent_id] = session
         if old is not None and old is not session:
             log.info("agent %s re-attached; replacing session %s", agent_id, old.id[:8])
+            await self._detached(agent_id, old)
+
+    async def release(self, agent_id: str) -> None:
+        """The agent attached on another core: this core's attachment of it ends (its
+        session stays open, as when it is replaced here)."""
+        old = self.attached.pop(agent_id, None)
+        if old is not None:
+            log.info("agent %s attached on another core; releasing %s", agent_id, old.id[:8])
             await self._detached(agent_id, old)
 
     async def _detached(self, agent_id: str, session: ClientSession) -> None:

@@ -42,7 +42,7 @@ from car_grpc.core.metrics import Metrics
 from car_grpc.core.router import Reply, handles, streams
 from car_grpc.core.run_turns import cap_turn
 from car_grpc.core.session import ClientSession, Role, SessionClosed
-from car_grpc.store.repositories import RunRow, RunStore
+from car_grpc.store.repositories import RunRow, RunStore, StoreConflict, StoreUnavailable
 from car_grpc.v1 import runs_pb2, session_pb2
 from car_grpc.wire import api
 from car_grpc.wire.codec import enum_to_json, to_value
@@ -187,6 +187,8 @@ class LiveRun:
         self.subscribers: dict[str, Subscription] = {}
         #: Set (and replaced) after every commit: wakes WatchRun readers.
         self.appended = asyncio.Event()
+        #: WatchRun readers of a run held by another core (see Runs.remote).
+        self.watchers = 0
 
     def publish(self, records: Sequence[runs_pb2.RunRecord], first_cursor: int) -> None:
         """Fan committed records out to subscribers and watchers (never waits)."""
@@ -240,6 +242,13 @@ class Runs:
         self._background = Background(log)
         #: Pending `incomplete` timers of runs whose connection closed.
         self._graces: set[asyncio.Task[None]] = set()
+        #: In a cluster: told the id of each run with new committed records (the other
+        #: cores' readers then read them from the store). None for a core of its own.
+        self.committed: Callable[[str], None] | None = None
+        #: Runs in progress on another core of the cluster that readers here follow: their
+        #: records are read from the store as that core says it has committed more
+        #: (`appended_elsewhere`), under the run's lock, in order, and fanned out here.
+        self.remote: dict[str, LiveRun] = {}
 
     # ------------------------------------------------------------ plumbing
 
@@ -256,6 +265,64 @@ class Runs:
                 "runs: %d run(s) left open by a previous process marked incomplete",
                 len(abandoned),
             )
+
+    def _told(self, run_id: str) -> None:
+        if self.committed is not None:
+            self.committed(run_id)
+
+    # ------------------------------------------------------------ runs of other cores
+
+    def _remote_run(self, row: RunRow) -> LiveRun:
+        run = self.remote.get(row.run_id)
+        if run is None:
+            run = self.remote[row.run_id] = LiveRun(row, None)
+        return run
+
+    def _drop_if_idle(self, run: LiveRun) -> None:
+        idle = not run.subscribers and not run.watchers
+        if (idle or run.status != IN_PROGRESS) and self.remote.get(run.run_id) is run:
+            del self.remote[run.run_id]
+
+    def appended_elsewhere(self, run_id: str) -> None:
+        """Another core committed records of `run_id` (or ended it): catch up here."""
+        run = self.remote.get(run_id)
+        if run is not None:
+            self._background.spawn(self._catch_up(run))
+
+    def lost_hold(self) -> None:
+        """This core lost its lease and a peer released its runs (ended them in the store):
+        they are followed from the store from now on, so their readers here get the
+        `ended` the peer wrote, and writes to them are refused as to any ended run."""
+        for run_id, run in list(self.live.items()):
+            del self.live[run_id]
+            self.remote[run_id] = run
+            run.owner = None
+            self._background.spawn(self._catch_up(run))
+
+    def catch_up_all(self) -> None:
+        """After messages may have been lost: catch up every followed run."""
+        for run in list(self.remote.values()):
+            self._background.spawn(self._catch_up(run))
+
+    async def _catch_up(self, run: LiveRun) -> None:
+        async with run.lock:
+            await self._catch_up_locked(run)
+
+    async def _catch_up_locked(self, run: LiveRun) -> None:
+        """Read the records of a run held elsewhere past those seen, and fan them out."""
+        while run.status == IN_PROGRESS:
+            records = await self.store.records(run.run_id, run.record_count, _WATCH_PAGE)
+            if not records:
+                break
+            for record in records:
+                run.record_count += 1
+                if record.record == TURN:
+                    run.turn_count += 1
+                elif record.record == ENDED:
+                    run.status = record.ended.status
+                run.publish([record], run.turn_count)
+        if run.status != IN_PROGRESS:
+            self._drop_if_idle(run)
 
     def _of(self, session: ClientSession) -> _SessionRuns:
         held = self._sessions.get(session.id)
@@ -363,6 +430,7 @@ class Runs:
             ),
         )
         await self.store.create(row, started)
+        self._told(run_id)
         run = LiveRun(row, None)
         run.starter_id = session.id
         self.live[run_id] = run
@@ -399,6 +467,7 @@ class Runs:
     async def _end(self, run: LiveRun, ended: runs_pb2.RunRecord) -> None:
         """Append `ended` (under the run's lock) and retire the run."""
         await self.store.end(run.run_id, run.record_count, ended, ended.ended.status)
+        self._told(run.run_id)
         run.record_count += 1
         run.status = ended.ended.status
         run.publish([ended], run.turn_count)
@@ -438,7 +507,12 @@ class Runs:
         for run in list(self.live.values()):
             async with run.lock:
                 if run.status == IN_PROGRESS:
-                    await self._end(run, ended_record(INCOMPLETE))
+                    try:
+                        await self._end(run, ended_record(INCOMPLETE))
+                    except (StoreConflict, StoreUnavailable) as e:
+                        # Ended already (a cluster peer released it), or the store is
+                        # away (the next core to start, or a peer, ends it).
+                        log.warning("runs: run %s not ended at shutdown: %s", run.run_id, e)
 
     # ------------------------------------------------------------ turns
 
@@ -476,6 +550,7 @@ class Runs:
                 turn.index = base + i
                 records.append(runs_pb2.RunRecord(record=TURN, timestamp=timestamp, turn=turn))
             await self.store.append(run_id, run.record_count, records)
+            self._told(run_id)
             run.turn_count += len(records)
             run.record_count += len(records)
             run.publish(records, base + 1)
@@ -497,10 +572,14 @@ class Runs:
             row = await self.store.get(run_id)
             if row is None or not self.may_read(session, row.agent_id):
                 raise _not_found(run_id)
-            return await self._snapshot(row.run_id, row.agent_id, row.turn_count, row.status)
+            if row.status != IN_PROGRESS or self.committed is None:
+                return await self._snapshot(row.run_id, row.agent_id, row.turn_count, row.status)
+            run = self._remote_run(row)  # in progress on another core of the cluster
         if not self.may_read(session, run.agent_id):
             raise _not_found(run_id)
         async with run.lock:  # no append between the snapshot and the registration
+            if self.remote.get(run_id) is run:
+                await self._catch_up_locked(run)
             snapshot = await self._snapshot(run_id, run.agent_id, run.turn_count, run.status)
             if run.status != IN_PROGRESS:
                 return snapshot
@@ -532,9 +611,11 @@ class Runs:
 
     def _unregister(self, sub: Subscription) -> None:
         sub.stop()
-        run = self.live.get(sub.run_id)
+        run = self.live.get(sub.run_id) or self.remote.get(sub.run_id)
         if run is not None and run.subscribers.get(sub.session.id) is sub:
             del run.subscribers[sub.session.id]
+        if run is not None and sub.run_id in self.remote:
+            self._drop_if_idle(run)
 
     def forget(self, sub: Subscription) -> None:
         """A subscription delivered its run's `ended`: nothing more will come."""
@@ -593,8 +674,23 @@ class Runs:
         if req.cursor > row.record_count:
             raise field_error("cursor", f"past the end of the run ({row.record_count} records)")
         cursor = req.cursor
+        followed: LiveRun | None = None
+        if run_id not in self.live and row.status == IN_PROGRESS and self.committed is not None:
+            followed = self._remote_run(row)  # in progress on another core
+            followed.watchers += 1
+        try:
+            async for response in self._watch_from(run_id, row.agent_id, cursor):
+                yield response
+        finally:
+            if followed is not None:
+                followed.watchers -= 1
+                self._drop_if_idle(followed)
+
+    async def _watch_from(
+        self, run_id: str, agent_id: str, cursor: int
+    ) -> AsyncIterator[runs_pb2.WatchRunResponse]:
         while True:
-            run = self.live.get(run_id)
+            run = self.live.get(run_id) or self.remote.get(run_id)
             appended = run.appended if run is not None else None  # taken before the read
             records = await self.store.records(run_id, cursor, _WATCH_PAGE)
             for record in records:
@@ -602,7 +698,7 @@ class Runs:
                 ended = record.record == ENDED
                 yield runs_pb2.WatchRunResponse(
                     run_id=run_id,
-                    agent_id=row.agent_id,
+                    agent_id=agent_id,
                     record=record,
                     cursor=cursor,
                     status=record.ended.status if ended else IN_PROGRESS,

@@ -19,8 +19,9 @@ from car_grpc import tls
 from car_grpc.a2a.server import SERVICE as A2A_SERVICE
 from car_grpc.a2a.server import A2aListener, Endpoints
 from car_grpc.config import CoreConfig
+from car_grpc.core.cluster import default_core_id
 from car_grpc.core.grpc_service import add_health_and_reflection
-from car_grpc.core.tokens import ServerTokens
+from car_grpc.core.tokens import ServerTokens, mint_token, write_secret
 from car_grpc.core.wiring import CoreParts, wire
 from car_grpc.store import Store, open_store, store_location
 from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
@@ -44,6 +45,8 @@ class Core:
         #: The wired domains while the core runs.
         self.parts: CoreParts | None = None
         self.grpc_port = 0
+        #: Its id in a cluster (known once the port is bound).
+        self.core_id = ""
         self._server: grpc.aio.Server | None = None
         #: The A2A HTTP listener while the core runs (None when A2A is off).
         self.a2a: A2aListener | None = None
@@ -55,17 +58,8 @@ class Core:
         return f"{self.config.grpc_host}:{self.grpc_port}"
 
     async def start(self) -> None:
-        store = self._store or await self._open_store()
-        tokens = ServerTokens.mint(self.config.token_dir) if self.config.auth else None
-        try:
-            # Wiring reads and repairs the store (runs left open end `incomplete`).
-            self.parts = parts = await wire(self.config, store, tokens)
-        except BaseException:
-            if tokens is not None:
-                tokens.remove_files()
-            if self._owns_store:
-                await store.close()
-            raise
+        # The port is bound first: a core's default id and the address its cluster peers
+        # dial are its listener's.
         server = grpc.aio.server(
             options=[
                 *MESSAGE_SIZE_OPTIONS,
@@ -74,12 +68,6 @@ class Core:
                 ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
             ]
         )
-        server.add_generic_rpc_handlers(parts.grpc.handlers())
-        extra = []
-        if parts.a2a is not None:
-            server.add_generic_rpc_handlers([parts.a2a.grpc_handler()])
-            extra.append(A2A_SERVICE)
-        self._health = await add_health_and_reflection(server, extra)
         address = f"{self.config.grpc_host}:{self.config.grpc_port}"
         credentials = tls.grpc_server_credentials(
             self.config.grpc_tls_cert, self.config.grpc_tls_key
@@ -88,6 +76,36 @@ class Core:
             self.grpc_port = server.add_insecure_port(address)
         else:
             self.grpc_port = server.add_secure_port(address, credentials)
+        self.core_id = self.config.core_id or default_core_id(self.config.state_root)
+        store = self._store or await self._open_store()
+        tokens = ServerTokens.mint(self.config.token_dir, write=False) if self.config.auth else None
+        try:
+            # Wiring reads and repairs the store (runs left open end `incomplete`) and,
+            # on a shared store, joins the cluster.
+            self.parts = parts = await wire(
+                self.config,
+                store,
+                tokens,
+                advertise=self.config.advertise or self.grpc_address,
+                cluster_secret=cluster_secret(self.config) if store.cluster else "",
+            )
+        except BaseException:
+            if tokens is not None:
+                tokens.remove_files()
+            if self._owns_store:
+                await store.close()
+            await server.stop(0)
+            raise
+        server.add_generic_rpc_handlers(parts.grpc.handlers())
+        extra = []
+        if parts.a2a is not None:
+            server.add_generic_rpc_handlers([parts.a2a.grpc_handler()])
+            extra.append(A2A_SERVICE)
+        if parts.peer_service is not None:  # core to core, secret-checked, not in reflection
+            server.add_generic_rpc_handlers((parts.peer_service.handler(),))
+        self._health = await add_health_and_reflection(server, extra)
+        if tokens is not None:
+            tokens.write_files()
         await server.start()
         self._server = server
         log.info("core: gRPC%s listening on %s", " (TLS)" if credentials else "", self.grpc_address)
@@ -126,6 +144,7 @@ class Core:
             config.store,
             pool_size=config.store_pool_size,
             timeout=config.store_timeout,
+            core_id=self.core_id,
         )
         if config.store:  # one named by --store / CAR_STORE (str() shows no password)
             log.info("core: store %s", where)
@@ -151,3 +170,21 @@ class Core:
                 parts.tokens.remove_files()
             if self._owns_store:
                 await parts.store.close()
+
+
+#: The cluster secret's file beside the token files (when no secret is configured).
+CLUSTER_SECRET_FILE = "cluster-secret"
+
+
+def cluster_secret(config: CoreConfig) -> str:
+    """The configured secret, else the one in the token directory (created if missing)."""
+    if config.cluster_secret:
+        return config.cluster_secret
+    path = config.token_dir / CLUSTER_SECRET_FILE
+    try:
+        if secret := path.read_text().strip():
+            return secret
+    except FileNotFoundError:
+        pass
+    write_secret(path, mint_token())
+    return path.read_text().strip()

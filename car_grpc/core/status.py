@@ -7,10 +7,13 @@ off the state here, at the call; counters live in car_grpc.core.metrics.
 
 from __future__ import annotations
 
+import json
+
 from car_grpc.clock import now_ms
 from car_grpc.config import SERVER_VERSION
 from car_grpc.core.approvals import Approvals
 from car_grpc.core.chats import Chats
+from car_grpc.core.cluster import Cluster
 from car_grpc.core.metrics import Gauge, Metrics
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.router import handles
@@ -69,6 +72,7 @@ class Status:
         metrics: Metrics,
         *,
         approvals_enabled: bool,
+        cluster: Cluster | None = None,
     ) -> None:
         self._registry = registry
         self._chats = chats
@@ -77,6 +81,7 @@ class Status:
         self._store = store
         self._metrics = metrics
         self._approvals_enabled = approvals_enabled
+        self._cluster = cluster
         #: Unix ms when this core started (uptime).
         self.started_at = now_ms()
 
@@ -164,11 +169,36 @@ class Status:
                 )
                 for row in run_agents
             ],
-            pending_approvals=len(self._approvals.pending()),
+            pending_approvals=await self._approvals.pending_count(),
             store_bytes=await self._store.size_bytes(),
             auth_enabled=self._registry.auth_enabled,
             approvals_enabled=self._approvals_enabled,
+            core_id=self._cluster.core_id if self._cluster else "",
+            cluster=await self._cluster_cores(),
         )
+
+    async def _cluster_cores(self) -> list[status_pb2.ClusterCore]:
+        if self._cluster is None:
+            return []
+        cores = []
+        for row in await self._cluster.members():
+            core = status_pb2.ClusterCore(
+                core_id=row.core_id,
+                advertise=row.advertise,
+                joined_at=row.joined_at,
+                alive=row.alive,
+                this_core=row.core_id == self._cluster.core_id,
+            )
+            try:  # this core's now, the others' as of their last renewal
+                said = self._cluster.stats() if core.this_core else json.loads(row.stats)
+            except ValueError:
+                said = {}
+            for name in ("sessions", "agents", "chats", "runs", "approvals"):
+                value = said.get(name) if isinstance(said, dict) else None
+                if isinstance(value, int) and value >= 0:
+                    setattr(core, name, value)
+            cores.append(core)
+        return cores
 
     @handles("server_metrics")
     async def server_metrics(

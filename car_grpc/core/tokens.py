@@ -55,11 +55,18 @@ class ServerTokens:
     token_dir: Path
 
     @classmethod
-    def mint(cls, token_dir: Path) -> ServerTokens:
+    def mint(cls, token_dir: Path, *, write: bool = True) -> ServerTokens:
+        """New tokens, written to their files unless `write` is False (then `write_files`
+        writes them: the core does once it serves, so a client that reads a file finds
+        the token of a core that answers)."""
         tokens = cls(mint_token(), mint_token(), token_dir)
-        write_secret(token_dir / AUTH_TOKEN_FILE, tokens.daemon)
-        write_secret(token_dir / HOST_TOKEN_FILE, tokens.host)
+        if write:
+            tokens.write_files()
         return tokens
+
+    def write_files(self) -> None:
+        write_secret(self.token_dir / AUTH_TOKEN_FILE, self.daemon)
+        write_secret(self.token_dir / HOST_TOKEN_FILE, self.host)
 
     def remove_files(self) -> None:
         """Remove the token files, if they are still ours."""
@@ -71,11 +78,32 @@ class ServerTokens:
             except OSError:
                 pass
 
+    #: In a cluster: digests of the other live cores' daemon and host tokens, accepted
+    #: here as theirs are there (a client behind a load balancer may reach any core).
+    peer_daemons: tuple[bytes, ...] = ()
+    peer_hosts: tuple[bytes, ...] = ()
+
+    @property
+    def digests(self) -> tuple[bytes, bytes]:
+        """(daemon, host) token digests, for the other cores of a cluster."""
+        return _digest(self.daemon), _digest(self.host)
+
     def is_daemon(self, token: str) -> bool:
-        return hmac.compare_digest(token.encode(), self.daemon.encode())
+        return hmac.compare_digest(token.encode(), self.daemon.encode()) or _any_digest(
+            token, self.peer_daemons
+        )
 
     def is_host(self, token: str) -> bool:
-        return hmac.compare_digest(token.encode(), self.host.encode())
+        return hmac.compare_digest(token.encode(), self.host.encode()) or _any_digest(
+            token, self.peer_hosts
+        )
+
+
+def _any_digest(token: str, digests: tuple[bytes, ...]) -> bool:
+    if not digests:
+        return False
+    mine = _digest(token)
+    return any([hmac.compare_digest(mine, d) for d in digests])  # every one compared
 
 
 class AgentTokens:

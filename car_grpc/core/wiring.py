@@ -13,15 +13,26 @@ domain that owns it. Nothing else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 from car_grpc.a2a.server import A2aLimits, A2aServer
 from car_grpc.config import CoreConfig
 from car_grpc.core.a2a_client import A2aClient
 from car_grpc.core.a2ui import A2ui, A2uiLimits
-from car_grpc.core.approvals import Approvals
+from car_grpc.core.approvals import Approvals, expired
 from car_grpc.core.authentication import Authentication
 from car_grpc.core.chats import ChatLimits, Chats
+from car_grpc.core.cluster import (
+    Cluster,
+    ClusterAttachments,
+    Message,
+    event_of,
+    from_elsewhere,
+)
 from car_grpc.core.dispatch import Dispatcher
 from car_grpc.core.grpc_service import GrpcService
 from car_grpc.core.host import Host, HostEvents
@@ -29,18 +40,21 @@ from car_grpc.core.key_value import KeyValue
 from car_grpc.core.kv import StateBudget
 from car_grpc.core.meetings import Meetings
 from car_grpc.core.metrics import Metrics
+from car_grpc.core.peers import Peers, PeerService
 from car_grpc.core.policies import Policies
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.route_auth import RouteSealer
 from car_grpc.core.router import Router
-from car_grpc.core.runs import Runs
+from car_grpc.core.runs import INCOMPLETE, Runs, ended_record
 from car_grpc.core.session import SessionLimits
 from car_grpc.core.status import Status
 from car_grpc.core.tokens import AgentTokens, ServerTokens
 from car_grpc.core.tool_hosts import ToolHostLimits, ToolHosts
 from car_grpc.core.tools import Tools
 from car_grpc.core.voice import Voice, VoiceLimits
-from car_grpc.store.repositories import Store
+from car_grpc.store.repositories import CoreRow, Store
+from car_grpc.v1 import host_pb2
+from car_grpc.wire import codec
 
 
 @dataclass
@@ -69,6 +83,12 @@ class CoreParts:
     grpc: GrpcService
     #: None when A2A is off (--no-a2a).
     a2a: A2aServer | None
+    #: In a cluster (a PostgreSQL store): membership and messages, the core-to-core
+    #: service other cores call, and the client side of it. None for a core of its own.
+    cluster: Cluster | None = None
+    peer_service: PeerService | None = None
+    peers: Peers | None = None
+    _keep: list[object] = field(default_factory=list)
 
     async def shutdown(self) -> None:
         """Close every session, then let the domains finish what they write (pending
@@ -82,11 +102,44 @@ class CoreParts:
         await self.chats.drain()
         await self.voice.shutdown()
         await self.a2ui.shutdown()
+        if self.peers is not None:
+            await self.peers.close()
+        if self.cluster is not None:
+            await self.cluster.leave()
 
 
-async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) -> CoreParts:
-    """Build and start the domains of one core over `store`."""
+async def wire(
+    config: CoreConfig,
+    store: Store,
+    tokens: ServerTokens | None,
+    *,
+    advertise: str = "",
+    cluster_secret: str = "",
+) -> CoreParts:
+    """Build and start the domains of one core over `store`. On a store shared by several
+    cores (PostgreSQL), the core first joins the cluster, advertising `advertise` to its
+    peers, which prove `cluster_secret`."""
     auth_enabled = tokens is not None
+    cluster: Cluster | None = None
+    if store.cluster is not None:
+        cluster = Cluster(
+            store.cluster,
+            lease=config.cluster_lease,
+            ended=lambda: ended_record(INCOMPLETE),
+            expire=expired,
+        )
+        if tokens is not None:
+            cluster.tokens = tokens.digests
+            server_tokens = tokens
+
+            def accept_peers(members: list[CoreRow]) -> None:
+                others = [m for m in members if m.alive and m.core_id != cluster_id]
+                server_tokens.peer_daemons = tuple(m.tokens[0] for m in others if m.tokens)
+                server_tokens.peer_hosts = tuple(m.tokens[1] for m in others if m.tokens)
+
+            cluster_id = cluster.core_id
+            cluster.on_members(accept_peers)
+        await cluster.join(advertise)  # before anything below reads or repairs the store
     metrics = Metrics()
     registry = SessionRegistry(
         SessionLimits(
@@ -105,7 +158,12 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
     events = HostEvents(config.host_event_history, config.host_event_queue, metrics)
     gated = config.gated_methods if config.approvals else frozenset()
     approvals = Approvals(
-        store.approvals, events, metrics, gated_methods=gated, timeout=config.approval_timeout
+        store.approvals,
+        events,
+        metrics,
+        gated_methods=gated,
+        timeout=config.approval_timeout,
+        clustered=cluster is not None,
     )
     await approvals.start()
     host = Host(events, approvals.pending)
@@ -169,7 +227,14 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
     )
     await a2ui.start()
     status = Status(
-        registry, chats, store.runs, approvals, store, metrics, approvals_enabled=config.approvals
+        registry,
+        chats,
+        store.runs,
+        approvals,
+        store,
+        metrics,
+        approvals_enabled=config.approvals,
+        cluster=cluster,
     )
     router = Router(
         [
@@ -216,6 +281,18 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
             ),
         )
         await a2a.start()
+    peer_service = peers = None
+    keep: list[object] = []
+    if cluster is not None:
+        assert store.cluster is not None
+        peers = Peers(store.cluster, cluster_secret, ack_timeout=config.chat_ack_timeout)
+        chats.peers = peers
+        peer_service = PeerService(cluster_secret, registry, chats)
+        grpc.locate_session = peers.locate_session
+        keep.append(ClusterAttachments(cluster, registry))
+        if tokens is not None:
+            authentication.refresh_peers = cluster.refresh_members
+        _connect(cluster, events, runs, approvals, registry, chats, keep)
     return CoreParts(
         config=config,
         store=store,
@@ -236,4 +313,60 @@ async def wire(config: CoreConfig, store: Store, tokens: ServerTokens | None) ->
         router=router,
         grpc=grpc,
         a2a=a2a,
+        cluster=cluster,
+        peer_service=peer_service,
+        peers=peers,
+        _keep=keep,
     )
+
+
+def _connect(
+    cluster: Cluster,
+    events: HostEvents,
+    runs: Runs,
+    approvals: Approvals,
+    registry: SessionRegistry,
+    chats: Chats,
+    keep: list[object],
+) -> None:
+    """What crosses cores through the cluster's messages (core/cluster.py), both ways."""
+    tasks: set[asyncio.Task[None]] = set()
+    keep.append(tasks)
+
+    def event_from_elsewhere(message: Message) -> None:
+        if not from_elsewhere(cluster, message):
+            return
+        event = event_of(message)
+        if event.kind.startswith("approval.") and event.HasField("payload"):
+            approval = host_pb2.HostApproval()
+            with contextlib.suppress(codec.CodecError):
+                codec.json_to_message(codec.value_to_json(event.payload), approval)
+                approvals.heard_elsewhere(event.kind, approval)
+        events.publish_from_elsewhere(event)
+
+    def spawn(work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def approval_from_elsewhere(message: Message) -> None:
+        if from_elsewhere(cluster, message):
+            spawn(approvals.resolved_elsewhere(str(message["id"])))
+
+    events.forward = cluster.publish_event
+    cluster.on("event", event_from_elsewhere)
+    runs.committed = lambda run_id: cluster.publish("run", run=run_id)
+    cluster.on("run", lambda message: runs.appended_elsewhere(str(message["run"])))
+    cluster.on_connected(runs.catch_up_all)
+    cluster.on_lost(runs.lost_hold)
+    cluster.on_lost(lambda: spawn(approvals.lost_hold()))
+    approvals.tell_resolved = lambda approval_id: cluster.publish("approval", id=approval_id)
+    cluster.on("approval", approval_from_elsewhere)
+    cluster.on_released(lambda released: approvals.announce_released(released.approvals))
+    cluster.stats = lambda: {
+        "sessions": sum(1 for s in registry.sessions.values() if s.streaming),
+        "agents": len(registry.attached),
+        "chats": len(chats.open),
+        "runs": len(runs.live),
+        "approvals": len(approvals.pending()),
+    }

@@ -24,6 +24,7 @@ from car_grpc.store.repositories import (
     AgentTokenRow,
     AgentTokenStore,
     ApprovalStore,
+    ClusterStore,
     GoalStore,
     MeetingStore,
     RunAgentRow,
@@ -46,11 +47,13 @@ async def open_store(
     *,
     pool_size: int = 10,
     timeout: float = 10.0,
+    core_id: str = "",
 ) -> Store:
     """Open the store that `url` names (store_location: None is the embedded SQLite file
     under `state_root`). A PostgreSQL store keeps at most `pool_size` connections and
     bounds each call by `timeout` seconds; StoreUnavailable when it cannot be reached,
-    StoreUrlError for a URL that names no store."""
+    StoreUrlError for a URL that names no store. `core_id` names the core in a cluster
+    (PostgreSQL only)."""
     location = store_location(url, state_root)
     # Only the store that is opened loads (and with it its driver).
     if location.path is not None:
@@ -59,7 +62,9 @@ async def open_store(
         return await SqliteStore.open(location.path)
     from car_grpc.store.postgres import PostgresStore
 
-    return await PostgresStore.open(location.url, pool_size=pool_size, timeout=timeout)
+    return await PostgresStore.open(
+        location.url, pool_size=pool_size, timeout=timeout, core_id=core_id
+    )
 
 
 __all__ = [
@@ -70,6 +75,7 @@ __all__ = [
     "AgentTokenRow",
     "AgentTokenStore",
     "ApprovalStore",
+    "ClusterStore",
     "GoalStore",
     "MeetingStore",
     "RunAgentRow",

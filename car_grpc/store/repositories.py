@@ -23,7 +23,7 @@ the embedded database, and a PostgreSQL store implements the same contract:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -325,6 +325,112 @@ class A2uiStore(Protocol):
         """Remove the peer; whether there was one."""
 
 
+# ---------------------------------------------------------------- a cluster of cores
+
+
+@dataclass(frozen=True)
+class CoreRow:
+    """A member of the cluster as the store has it."""
+
+    core_id: str
+    #: host:port its peers dial (its gRPC listener unless told otherwise).
+    advertise: str
+    #: Unix ms.
+    joined_at: int
+    #: Its lease has not expired.
+    alive: bool
+    #: What it last said of itself with its lease (JSON: sessions, agents, ...).
+    stats: str
+    #: SHA-256 digests of its daemon and host tokens (empty with auth off).
+    tokens: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class Released:
+    """What a core held when it was released (its lease expired, or it rejoined)."""
+
+    core_id: str
+    #: Runs it left open, now ended with the given record.
+    runs: list[str]
+    #: Approvals it left pending, now expired.
+    approvals: list[host_pb2.HostApproval]
+    #: Agents that were attached on it.
+    agents: list[str]
+
+
+class ClusterStore(Protocol):
+    """Membership of several cores sharing one database (PostgreSQL only), where each
+    agent is attached, and a notification channel between the cores.
+
+    A core joins under `core_id` (the store's own) with an expiring lease; its runs and
+    approvals are stamped with that id when created. `release_expired` is how a
+    surviving core takes over from a dead one: atomically, so exactly one core does it."""
+
+    @property
+    def core_id(self) -> str: ...
+
+    async def join(
+        self,
+        advertise: str,
+        incarnation: str,
+        lease: float,
+        ended: runs_pb2.RunRecord,
+        expire: Callable[[host_pb2.HostApproval], host_pb2.HostApproval],
+        tokens: Sequence[bytes] = (),
+    ) -> tuple[float, Released | None]:
+        """Register (or re-register) this core with a lease of `lease` seconds (and the
+        digests of its daemon and host tokens, which the other cores accept), releasing
+        what an earlier life of the same id left. When another incarnation still holds an
+        unexpired lease under this id: (seconds until it expires, None), nothing done."""
+
+    async def renew(self, incarnation: str, lease: float, stats: str) -> bool:
+        """Extend the lease; False when this incarnation no longer holds it."""
+
+    async def leave(
+        self,
+        incarnation: str,
+        ended: runs_pb2.RunRecord,
+        expire: Callable[[host_pb2.HostApproval], host_pb2.HostApproval],
+    ) -> None:
+        """Give up the lease (a clean stop), releasing what this core still holds (its
+        domains ended what they could; `running` goals, say, go back to `active`)."""
+
+    async def release_expired(
+        self,
+        ended: runs_pb2.RunRecord,
+        expire: Callable[[host_pb2.HostApproval], host_pb2.HostApproval],
+    ) -> list[Released]:
+        """Remove every core whose lease expired and release what it held: open runs end
+        with `ended`, pending approvals become `expire(approval)`, attachments go."""
+
+    async def members(self) -> list[CoreRow]:
+        """Every registered core, by id."""
+
+    async def attach(self, agent_id: str, session_id: str) -> int:
+        """Record that `agent_id` is attached here as `session_id`; a number that orders
+        attachments of the same agent across cores (the newer wins)."""
+
+    async def detach(self, agent_id: str, session_id: str) -> None:
+        """Forget the attachment if it is still this core's `session_id`."""
+
+    async def locate_agent(self, agent_id: str) -> tuple[str, str] | None:
+        """(core_id, advertise) of the live core `agent_id` is attached on, or None."""
+
+    async def notify(self, messages: Sequence[str]) -> None:
+        """Send `messages` (each at most NOTIFY_MAX bytes) to every core, in order."""
+
+    async def listen(
+        self, on_message: Callable[[str], None], on_connected: Callable[[], None]
+    ) -> None:
+        """Receive every core's messages until cancelled, reconnecting when the connection
+        is lost; `on_connected` runs after each (re)connection (messages sent while it was
+        down are lost: the caller catches up from the store)."""
+
+
+#: Longest message `ClusterStore.notify` carries (PostgreSQL's NOTIFY payload < 8000 bytes).
+NOTIFY_MAX = 7900
+
+
 # ---------------------------------------------------------------- the store
 
 
@@ -405,7 +511,8 @@ class A2aTaskStore(Protocol):
         tasks; how many were deleted."""
 
     async def in_states(self, states: Sequence[int]) -> list[A2aTaskRow]:
-        """Every task in one of `states` (at start: the tasks a stop left unfinished)."""
+        """Every task in one of `states` (at start: the tasks a stop left unfinished); on a
+        store shared by a cluster, only this core's and those of no core."""
 
 
 class Store(Protocol):
@@ -438,6 +545,10 @@ class Store(Protocol):
 
     @property
     def a2ui(self) -> A2uiStore: ...
+
+    @property
+    def cluster(self) -> ClusterStore | None:
+        """Membership of several cores on this store; None for a store of one core."""
 
     async def size_bytes(self) -> int:
         """What the store occupies on disk, in bytes (for status and metrics)."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from car_grpc.v1 import options_pb2 as car_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x61r/v1/status.proto\x12\x06\x63\x61r.v1\x1a\x14\x63\x61r/v1/options.proto\"\x8e\x02\n\x10\x43onnectedSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x04role\x18\x02 \x01(\x0e\x32\x13.car.v1.SessionRole\x12\x15\n\x08\x61gent_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04peer\x18\x04 \x01(\t\x12\x14\n\x0c\x63onnected_at\x18\x05 \x01(\x03\x12\x1d\n\x10protocol_version\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\r\n\x05tools\x18\x07 \x01(\r\x12\x18\n\x0b\x63urrent_run\x18\x08 \x01(\tH\x02\x88\x01\x01\x12\x0e\n\x06halted\x18\t \x01(\x08\x42\x0b\n\t_agent_idB\x13\n\x11_protocol_versionB\x0e\n\x0c_current_run\"\x80\x01\n\x0c\x43hatInFlight\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x17\n\x0fhost_session_id\x18\x03 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x08\x12\x1f\n\x07\x63hat_id\x18\x05 \x01(\tB\x0e\xf2\xbb\x18\nsession_id\"X\n\x08RunAgent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04runs\x18\x02 \x01(\r\x12\x13\n\x0bin_progress\x18\x03 \x01(\r\x12\x17\n\x0flast_started_at\x18\x04 \x01(\x03\"\x12\n\x10GetStatusRequest\"\xc1\x02\n\x11GetStatusResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x12\n\nstarted_at\x18\x02 \x01(\x03\x12\x11\n\tuptime_ms\x18\x03 \x01(\x04\x12\x15\n\rsession_count\x18\x04 \x01(\r\x12*\n\x08sessions\x18\x05 \x03(\x0b\x32\x18.car.v1.ConnectedSession\x12#\n\x05\x63hats\x18\x06 \x03(\x0b\x32\x14.car.v1.ChatInFlight\x12$\n\nrun_agents\x18\x07 \x03(\x0b\x32\x10.car.v1.RunAgent\x12\x19\n\x11pending_approvals\x18\x08 \x01(\r\x12\x13\n\x0bstore_bytes\x18\t \x01(\x04\x12\x14\n\x0c\x61uth_enabled\x18\n \x01(\x08\x12\x19\n\x11\x61pprovals_enabled\x18\x0b \x01(\x08\"\x13\n\x11GetMetricsRequest\"\"\n\x12GetMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*\x97\x01\n\x0bSessionRole\x12\x1c\n\x18SESSION_ROLE_UNSPECIFIED\x10\x00\x12 \n\x1cSESSION_ROLE_UNAUTHENTICATED\x10\x01\x12\x19\n\x15SESSION_ROLE_ORDINARY\x10\x02\x12\x15\n\x11SESSION_ROLE_HOST\x10\x03\x12\x16\n\x12SESSION_ROLE_AGENT\x10\x04\x32\xbd\x01\n\rStatusService\x12S\n\tGetStatus\x12\x18.car.v1.GetStatusRequest\x1a\x19.car.v1.GetStatusResponse\"\x11\xb2\xbb\x18\rserver.status\x12W\n\nGetMetrics\x12\x19.car.v1.GetMetricsRequest\x1a\x1a.car.v1.GetMetricsResponse\"\x12\xb2\xbb\x18\x0eserver.metricsBg\n\x11\x61i.parslee.car.v1B\x0bStatusProtoP\x01Z:github.com/parslee-ai/car-grpc/clients/go/gen/car/v1;carv1\xaa\x02\x06\x43\x61r.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x61r/v1/status.proto\x12\x06\x63\x61r.v1\x1a\x14\x63\x61r/v1/options.proto\"\x8e\x02\n\x10\x43onnectedSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x04role\x18\x02 \x01(\x0e\x32\x13.car.v1.SessionRole\x12\x15\n\x08\x61gent_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04peer\x18\x04 \x01(\t\x12\x14\n\x0c\x63onnected_at\x18\x05 \x01(\x03\x12\x1d\n\x10protocol_version\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\r\n\x05tools\x18\x07 \x01(\r\x12\x18\n\x0b\x63urrent_run\x18\x08 \x01(\tH\x02\x88\x01\x01\x12\x0e\n\x06halted\x18\t \x01(\x08\x42\x0b\n\t_agent_idB\x13\n\x11_protocol_versionB\x0e\n\x0c_current_run\"\x80\x01\n\x0c\x43hatInFlight\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x17\n\x0fhost_session_id\x18\x03 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x08\x12\x1f\n\x07\x63hat_id\x18\x05 \x01(\tB\x0e\xf2\xbb\x18\nsession_id\"X\n\x08RunAgent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04runs\x18\x02 \x01(\r\x12\x13\n\x0bin_progress\x18\x03 \x01(\r\x12\x17\n\x0flast_started_at\x18\x04 \x01(\x03\"\xb8\x01\n\x0b\x43lusterCore\x12\x0f\n\x07\x63ore_id\x18\x01 \x01(\t\x12\x11\n\tadvertise\x18\x02 \x01(\t\x12\x11\n\tjoined_at\x18\x03 \x01(\x03\x12\r\n\x05\x61live\x18\x04 \x01(\x08\x12\x11\n\tthis_core\x18\x05 \x01(\x08\x12\x10\n\x08sessions\x18\x06 \x01(\r\x12\x0e\n\x06\x61gents\x18\x07 \x01(\r\x12\r\n\x05\x63hats\x18\x08 \x01(\r\x12\x0c\n\x04runs\x18\t \x01(\r\x12\x11\n\tapprovals\x18\n \x01(\r\"\x12\n\x10GetStatusRequest\"\xf8\x02\n\x11GetStatusResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x12\n\nstarted_at\x18\x02 \x01(\x03\x12\x11\n\tuptime_ms\x18\x03 \x01(\x04\x12\x15\n\rsession_count\x18\x04 \x01(\r\x12*\n\x08sessions\x18\x05 \x03(\x0b\x32\x18.car.v1.ConnectedSession\x12#\n\x05\x63hats\x18\x06 \x03(\x0b\x32\x14.car.v1.ChatInFlight\x12$\n\nrun_agents\x18\x07 \x03(\x0b\x32\x10.car.v1.RunAgent\x12\x19\n\x11pending_approvals\x18\x08 \x01(\r\x12\x13\n\x0bstore_bytes\x18\t \x01(\x04\x12\x14\n\x0c\x61uth_enabled\x18\n \x01(\x08\x12\x19\n\x11\x61pprovals_enabled\x18\x0b \x01(\x08\x12\x0f\n\x07\x63ore_id\x18( \x01(\t\x12$\n\x07\x63luster\x18) \x03(\x0b\x32\x13.car.v1.ClusterCore\"\x13\n\x11GetMetricsRequest\"\"\n\x12GetMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*\x97\x01\n\x0bSessionRole\x12\x1c\n\x18SESSION_ROLE_UNSPECIFIED\x10\x00\x12 \n\x1cSESSION_ROLE_UNAUTHENTICATED\x10\x01\x12\x19\n\x15SESSION_ROLE_ORDINARY\x10\x02\x12\x15\n\x11SESSION_ROLE_HOST\x10\x03\x12\x16\n\x12SESSION_ROLE_AGENT\x10\x04\x32\xbd\x01\n\rStatusService\x12S\n\tGetStatus\x12\x18.car.v1.GetStatusRequest\x1a\x19.car.v1.GetStatusResponse\"\x11\xb2\xbb\x18\rserver.status\x12W\n\nGetMetrics\x12\x19.car.v1.GetMetricsRequest\x1a\x1a.car.v1.GetMetricsResponse\"\x12\xb2\xbb\x18\x0eserver.metricsBg\n\x11\x61i.parslee.car.v1B\x0bStatusProtoP\x01Z:github.com/parslee-ai/car-grpc/clients/go/gen/car/v1;carv1\xaa\x02\x06\x43\x61r.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,22 +39,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSSERVICE'].methods_by_name['GetStatus']._serialized_options = b'\262\273\030\rserver.status'
   _globals['_STATUSSERVICE'].methods_by_name['GetMetrics']._loaded_options = None
   _globals['_STATUSSERVICE'].methods_by_name['GetMetrics']._serialized_options = b'\262\273\030\016server.metrics'
-  _globals['_SESSIONROLE']._serialized_start=949
-  _globals['_SESSIONROLE']._serialized_end=1100
+  _globals['_SESSIONROLE']._serialized_start=1191
+  _globals['_SESSIONROLE']._serialized_end=1342
   _globals['_CONNECTEDSESSION']._serialized_start=54
   _globals['_CONNECTEDSESSION']._serialized_end=324
   _globals['_CHATINFLIGHT']._serialized_start=327
   _globals['_CHATINFLIGHT']._serialized_end=455
   _globals['_RUNAGENT']._serialized_start=457
   _globals['_RUNAGENT']._serialized_end=545
-  _globals['_GETSTATUSREQUEST']._serialized_start=547
-  _globals['_GETSTATUSREQUEST']._serialized_end=565
-  _globals['_GETSTATUSRESPONSE']._serialized_start=568
-  _globals['_GETSTATUSRESPONSE']._serialized_end=889
-  _globals['_GETMETRICSREQUEST']._serialized_start=891
-  _globals['_GETMETRICSREQUEST']._serialized_end=910
-  _globals['_GETMETRICSRESPONSE']._serialized_start=912
-  _globals['_GETMETRICSRESPONSE']._serialized_end=946
-  _globals['_STATUSSERVICE']._serialized_start=1103
-  _globals['_STATUSSERVICE']._serialized_end=1292
+  _globals['_CLUSTERCORE']._serialized_start=548
+  _globals['_CLUSTERCORE']._serialized_end=732
+  _globals['_GETSTATUSREQUEST']._serialized_start=734
+  _globals['_GETSTATUSREQUEST']._serialized_end=752
+  _globals['_GETSTATUSRESPONSE']._serialized_start=755
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1131
+  _globals['_GETMETRICSREQUEST']._serialized_start=1133
+  _globals['_GETMETRICSREQUEST']._serialized_end=1152
+  _globals['_GETMETRICSRESPONSE']._serialized_start=1154
+  _globals['_GETMETRICSRESPONSE']._serialized_end=1188
+  _globals['_STATUSSERVICE']._serialized_start=1345
+  _globals['_STATUSSERVICE']._serialized_end=1534
 # @@protoc_insertion_point(module_scope)

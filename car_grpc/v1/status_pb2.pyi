@@ -183,6 +183,63 @@ class RunAgent(_message.Message):
 Global___RunAgent: _TypeAlias = RunAgent  # noqa: Y015
 
 @_typing.final
+class ClusterCore(_message.Message):
+    """A core of the cluster this core is part of (cores sharing a PostgreSQL store), as the
+    store has it: what it said of itself with its last lease renewal.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORE_ID_FIELD_NUMBER: _builtins.int
+    ADVERTISE_FIELD_NUMBER: _builtins.int
+    JOINED_AT_FIELD_NUMBER: _builtins.int
+    ALIVE_FIELD_NUMBER: _builtins.int
+    THIS_CORE_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    AGENTS_FIELD_NUMBER: _builtins.int
+    CHATS_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    core_id: _builtins.str
+    advertise: _builtins.str
+    """host:port the other cores dial for it."""
+    joined_at: _builtins.int
+    """Unix ms when it joined."""
+    alive: _builtins.bool
+    """Its lease has not expired (an expired core is released by a surviving one)."""
+    this_core: _builtins.bool
+    """It is the core that answered."""
+    sessions: _builtins.int
+    """Live session streams, attached agents, chats in flight, open runs and pending
+    approvals it held at its last renewal.
+    """
+    agents: _builtins.int
+    chats: _builtins.int
+    runs: _builtins.int
+    approvals: _builtins.int
+    def __init__(
+        self,
+        *,
+        core_id: _builtins.str = ...,
+        advertise: _builtins.str = ...,
+        joined_at: _builtins.int = ...,
+        alive: _builtins.bool = ...,
+        this_core: _builtins.bool = ...,
+        sessions: _builtins.int = ...,
+        agents: _builtins.int = ...,
+        chats: _builtins.int = ...,
+        runs: _builtins.int = ...,
+        approvals: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise", b"advertise", "agents", b"agents", "alive", b"alive", "approvals", b"approvals", "chats", b"chats", "core_id", b"core_id", "joined_at", b"joined_at", "runs", b"runs", "sessions", b"sessions", "this_core", b"this_core"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterCore: _TypeAlias = ClusterCore  # noqa: Y015
+
+@_typing.final
 class GetStatusRequest(_message.Message):
     """`server.status` takes no params."""
 
@@ -216,6 +273,8 @@ class GetStatusResponse(_message.Message):
     STORE_BYTES_FIELD_NUMBER: _builtins.int
     AUTH_ENABLED_FIELD_NUMBER: _builtins.int
     APPROVALS_ENABLED_FIELD_NUMBER: _builtins.int
+    CORE_ID_FIELD_NUMBER: _builtins.int
+    CLUSTER_FIELD_NUMBER: _builtins.int
     server_version: _builtins.str
     """The protocol release this server speaks (server.handshake's server_version)."""
     started_at: _builtins.int
@@ -229,6 +288,11 @@ class GetStatusResponse(_message.Message):
     auth_enabled: _builtins.bool
     approvals_enabled: _builtins.bool
     """Whether the approval gate parks the gated methods."""
+    core_id: _builtins.str
+    """In a cluster: this core's id, and every core of the cluster by id (the others'
+    sessions, agents and chats are counted there; runs and pending approvals above are
+    the whole cluster's). Empty for a core of its own.
+    """
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectedSession]: ...
     @_builtins.property
@@ -239,6 +303,8 @@ class GetStatusResponse(_message.Message):
     def run_agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunAgent]:
         """Agents with runs, the one whose newest run started last first (at most 256)."""
 
+    @_builtins.property
+    def cluster(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClusterCore]: ...
     def __init__(
         self,
         *,
@@ -253,10 +319,12 @@ class GetStatusResponse(_message.Message):
         store_bytes: _builtins.int = ...,
         auth_enabled: _builtins.bool = ...,
         approvals_enabled: _builtins.bool = ...,
+        core_id: _builtins.str = ...,
+        cluster: _abc.Iterable[Global___ClusterCore] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals_enabled", b"approvals_enabled", "auth_enabled", b"auth_enabled", "chats", b"chats", "pending_approvals", b"pending_approvals", "run_agents", b"run_agents", "server_version", b"server_version", "session_count", b"session_count", "sessions", b"sessions", "started_at", b"started_at", "store_bytes", b"store_bytes", "uptime_ms", b"uptime_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals_enabled", b"approvals_enabled", "auth_enabled", b"auth_enabled", "chats", b"chats", "cluster", b"cluster", "core_id", b"core_id", "pending_approvals", b"pending_approvals", "run_agents", b"run_agents", "server_version", b"server_version", "session_count", b"session_count", "sessions", b"sessions", "started_at", b"started_at", "store_bytes", b"store_bytes", "uptime_ms", b"uptime_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

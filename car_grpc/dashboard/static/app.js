@@ -142,8 +142,36 @@ async function refreshStatus() {
     `protocol ${status.server_version}`,
   ].join(" · ");
   renderSessions(status);
+  renderCluster(status);
   renderRunAgents(status.run_agents);
   if (page.view === "runs" && page.agent) refreshRuns();
+}
+
+// Every core of the cluster (a PostgreSQL store shared by several cores); hidden for a
+// core of its own. Sessions, agents and chats are each core's; this page lists this
+// core's own below.
+function renderCluster(status) {
+  const cores = status.cluster || [];
+  $("cluster-section").hidden = cores.length === 0;
+  fill(
+    $("cluster").tBodies[0],
+    cores.map((c) =>
+      el(
+        "tr",
+        {},
+        el("td", {}, el("code", { text: c.core_id }), c.this_core ? " (this core)" : ""),
+        el("td", {}, el("code", { text: c.advertise })),
+        el("td", {}, badge(c.alive ? "alive" : "expired")),
+        el("td", { text: c.sessions || 0 }),
+        el("td", { text: c.agents || 0 }),
+        el("td", { text: c.chats || 0 }),
+        el("td", { text: c.runs || 0 }),
+        el("td", { text: c.approvals || 0 }),
+        el("td", { text: time(c.joined_at) }),
+      ),
+    ),
+    null,
+  );
 }
 
 function renderSessions(status) {

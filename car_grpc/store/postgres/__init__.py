@@ -11,6 +11,7 @@ from car_grpc.store.postgres.a2a import PostgresA2aClientStore, PostgresA2aTaskS
 from car_grpc.store.postgres.a2ui import PostgresA2uiStore
 from car_grpc.store.postgres.agent_tokens import PostgresAgentTokenStore
 from car_grpc.store.postgres.approvals import PostgresApprovalStore
+from car_grpc.store.postgres.cluster import PostgresCluster
 from car_grpc.store.postgres.database import PostgresDatabase
 from car_grpc.store.postgres.goals import PostgresGoalStore
 from car_grpc.store.postgres.meetings import PostgresMeetingStore
@@ -34,15 +35,24 @@ class PostgresStore:
         self.a2a_clients = PostgresA2aClientStore(database)
         self.a2a_tasks = PostgresA2aTaskStore(database)
         self.a2ui = PostgresA2uiStore(database)
+        self.cluster = PostgresCluster(database)
 
     @classmethod
     async def open(
-        cls, url: str, *, pool_size: int = DEFAULT_POOL_SIZE, timeout: float = DEFAULT_TIMEOUT
+        cls,
+        url: str,
+        *,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        timeout: float = DEFAULT_TIMEOUT,
+        core_id: str = "",
     ) -> PostgresStore:
         """Connect to the database at `url` (migrating it as needed) with a pool of at most
         `pool_size` connections, each call bounded by `timeout` seconds; StoreUnavailable
         when it cannot be reached."""
-        return cls(await PostgresDatabase.open(url, pool_size=pool_size, timeout=timeout))
+        database = await PostgresDatabase.open(
+            url, pool_size=pool_size, timeout=timeout, core_id=core_id
+        )
+        return cls(database)
 
     async def size_bytes(self) -> int:
         return await self.database.size_bytes()
@@ -60,6 +70,7 @@ __all__ = [
     "PostgresA2uiStore",
     "PostgresAgentTokenStore",
     "PostgresApprovalStore",
+    "PostgresCluster",
     "PostgresDatabase",
     "PostgresGoalStore",
     "PostgresMeetingStore",

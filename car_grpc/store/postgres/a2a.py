@@ -143,8 +143,11 @@ class PostgresA2aTaskStore:
 
     async def in_states(self, states: Sequence[int]) -> list[A2aTaskRow]:
         async def select(cur: Cursor) -> list[A2aTaskRow]:
+            # This core's tasks and those of no core: in a cluster the other cores'
+            # tasks are theirs (migration 8 stamps each task with the core that made it).
             await cur.execute(
                 f"SELECT {_TASK_COLUMNS} FROM a2a_tasks WHERE state = ANY(%s)"
+                " AND core_id IN ('', COALESCE(current_setting('car.core_id', true), ''))"
                 " ORDER BY updated_at, task_id",
                 (list(states),),
             )

@@ -183,6 +183,40 @@ MIGRATIONS: list[str] = [
         peer BYTEA NOT NULL
     );
     """,
+    # 8: a cluster of cores on this database (cluster.py). Each core holds a lease it
+    # renews; runs, approvals, meetings and running goals name the core that holds them
+    # (the connection's `car.core_id` setting, '' for none), so a surviving core can
+    # release a dead one's; an attached agent is found through `cluster_agents`.
+    """
+    CREATE TABLE cluster_cores (
+        core_id     TEXT COLLATE "C" PRIMARY KEY,
+        advertise   TEXT NOT NULL,
+        incarnation TEXT NOT NULL,
+        joined_at   BIGINT NOT NULL,
+        lease_until TIMESTAMPTZ NOT NULL,
+        stats       TEXT NOT NULL DEFAULT '{}',
+        tokens      BYTEA[] NOT NULL DEFAULT '{}'
+    );
+    CREATE TABLE cluster_agents (
+        agent_id    TEXT COLLATE "C" PRIMARY KEY,
+        core_id     TEXT COLLATE "C" NOT NULL,
+        session_id  TEXT NOT NULL,
+        seq         BIGINT NOT NULL
+    );
+    CREATE INDEX cluster_agents_by_core ON cluster_agents(core_id);
+    CREATE SEQUENCE cluster_attach_seq;
+    ALTER TABLE runs ADD COLUMN core_id TEXT COLLATE "C" NOT NULL
+        DEFAULT COALESCE(current_setting('car.core_id', true), '');
+    CREATE INDEX runs_open_by_core ON runs(core_id) WHERE status = 'in_progress';
+    ALTER TABLE approvals ADD COLUMN core_id TEXT COLLATE "C" NOT NULL
+        DEFAULT COALESCE(current_setting('car.core_id', true), '');
+    CREATE INDEX approvals_pending_by_core ON approvals(core_id) WHERE status = 'pending';
+    ALTER TABLE meetings ADD COLUMN core_id TEXT COLLATE "C" NOT NULL
+        DEFAULT COALESCE(current_setting('car.core_id', true), '');
+    ALTER TABLE goals ADD COLUMN core_id TEXT COLLATE "C" NOT NULL DEFAULT '';
+    ALTER TABLE a2a_tasks ADD COLUMN core_id TEXT COLLATE "C" NOT NULL
+        DEFAULT COALESCE(current_setting('car.core_id', true), '');
+    """,
 ]
 
 #: The tables of the store (for its size).
@@ -198,6 +232,8 @@ TABLES = (
     "a2a_tasks",
     "a2ui_surfaces",
     "a2a_peers",
+    "cluster_cores",
+    "cluster_agents",
     "car_grpc_migrations",
 )
 
@@ -216,9 +252,19 @@ class PostgresDatabase:
     Only the repositories of this package call `run`: no connection leaves it.
     """
 
-    def __init__(self, pool: AsyncConnectionPool[Connection], where: str, timeout: float) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Connection],
+        where: str,
+        timeout: float,
+        conninfo: str = "",
+        core_id: str = "",
+    ) -> None:
         self._pool = pool
         self._timeout = timeout
+        #: For a connection of its own (the cluster's LISTEN connection).
+        self.conninfo = conninfo
+        self.core_id = core_id
         #: Calls under way, and set whenever there are none (for close).
         self._busy = 0
         self._idle = asyncio.Event()
@@ -227,9 +273,13 @@ class PostgresDatabase:
         self.where = where
 
     @classmethod
-    async def open(cls, url: str, *, pool_size: int, timeout: float) -> PostgresDatabase:
+    async def open(
+        cls, url: str, *, pool_size: int, timeout: float, core_id: str = ""
+    ) -> PostgresDatabase:
         """Connect to the database at `url`, migrate it, and open a pool of at most
-        `pool_size` connections; StoreUnavailable when it cannot be reached in `timeout`."""
+        `pool_size` connections; StoreUnavailable when it cannot be reached in `timeout`.
+        `core_id` names the core in a cluster: every connection carries it (setting
+        `car.core_id`), and the runs and approvals it creates are stamped with it."""
         where = redact(url)
         try:
             conninfo = make_conninfo(url, **_connect_defaults(url, timeout))
@@ -254,8 +304,9 @@ class PostgresDatabase:
             ms = str(round(timeout * 1000) + 1000)
             await conn.execute(
                 "SELECT set_config('statement_timeout', %s, false),"
-                " set_config('idle_in_transaction_session_timeout', %s, false)",
-                (ms, ms),
+                " set_config('idle_in_transaction_session_timeout', %s, false),"
+                " set_config('car.core_id', %s, false)",
+                (ms, ms, core_id),
             )
             await conn.commit()
 
@@ -274,7 +325,7 @@ class PostgresDatabase:
         except psycopg.OperationalError as e:
             await pool.close()
             raise StoreUnavailable(f"store {where}: {_first_line(e)}") from None
-        return cls(pool, where, timeout)
+        return cls(pool, where, timeout, conninfo, core_id)
 
     async def run(self, fn: Callable[[Cursor], Awaitable[T]]) -> T:
         """Run `fn` in a transaction; returns once committed. StoreUnavailable when the

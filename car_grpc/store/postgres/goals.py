@@ -20,6 +20,11 @@ async def _get(cur: Cursor, session_id: str) -> chats_pb2.StoredGoal | None:
     return goal_from_row(found) if found else None
 
 
+#: A goal's status is moved by the core whose chat runs it: that core is recorded, so
+#: that a restart (or the release of a dead core) resets only its own `running` goals.
+_THIS_CORE = "core_id = COALESCE(current_setting('car.core_id', true), '')"
+
+
 class PostgresGoalStore:
     def __init__(self, database: PostgresDatabase) -> None:
         self._db = database
@@ -77,7 +82,7 @@ class PostgresGoalStore:
             await cur.execute(
                 "UPDATE goals SET status = %s,"
                 " terminal_kind = COALESCE(%s::text, terminal_kind),"
-                " updated_at = %s WHERE session_id = %s",
+                f" updated_at = %s, {_THIS_CORE} WHERE session_id = %s",
                 (goal_status_name(status), terminal_kind, now_ms(), session_id),
             )
 
@@ -102,7 +107,8 @@ class PostgresGoalStore:
         async def update(cur: Cursor) -> None:
             await cur.execute(
                 "UPDATE goals SET status = %s, last_iteration = %s, last_met = %s,"
-                " last_grounded = %s, last_reason = %s, updated_at = %s WHERE session_id = %s",
+                " last_grounded = %s, last_reason = %s, updated_at = %s,"
+                f" {_THIS_CORE} WHERE session_id = %s",
                 values,
             )
 
@@ -110,7 +116,11 @@ class PostgresGoalStore:
 
     async def reset_running(self) -> int:
         async def update(cur: Cursor) -> int:
-            await cur.execute("UPDATE goals SET status = 'active' WHERE status = 'running'")
+            # This core's (a cluster's other cores run theirs), and those of no core.
+            await cur.execute(
+                "UPDATE goals SET status = 'active' WHERE status = 'running'"
+                " AND core_id IN ('', COALESCE(current_setting('car.core_id', true), ''))"
+            )
             return rows_affected(cur)
 
         return await self._db.run(update)

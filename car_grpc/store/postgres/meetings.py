@@ -114,9 +114,22 @@ async def _finish(
     return meeting
 
 
-async def _interrupt_live(cur: Cursor, at: int, reason: str) -> int:
-    """Mark every meeting still live (left so by a previous process) interrupted."""
-    await cur.execute("SELECT meeting FROM meetings WHERE status = 'live' ORDER BY ord FOR UPDATE")
+async def _interrupt_live(cur: Cursor, at: int, reason: str, core_id: str | None = None) -> int:
+    """Mark every meeting still live (left so by a previous process) interrupted: those of
+    `core_id`, or (None) this core's own and those of no core (a cluster's other cores
+    hold theirs)."""
+    if core_id is None:
+        await cur.execute(
+            "SELECT meeting FROM meetings WHERE status = 'live'"
+            " AND core_id IN ('', COALESCE(current_setting('car.core_id', true), ''))"
+            " ORDER BY ord FOR UPDATE"
+        )
+    else:
+        await cur.execute(
+            "SELECT meeting FROM meetings WHERE status = 'live' AND core_id = %s"
+            " ORDER BY ord FOR UPDATE",
+            (core_id,),
+        )
     rows = await cur.fetchall()
     for (blob,) in rows:
         meeting = Meeting.FromString(blob)

@@ -142,7 +142,11 @@ class PostgresRunStore:
 
         async def close_all(cur: Cursor) -> list[str]:
             await cur.execute(
-                "SELECT run_id, record_count FROM runs WHERE status = %s ORDER BY ord FOR UPDATE",
+                # This core's own (a cluster's other cores hold theirs), and those of no
+                # core (stored before the cluster's migration).
+                "SELECT run_id, record_count FROM runs WHERE status = %s"
+                " AND core_id IN ('', COALESCE(current_setting('car.core_id', true), ''))"
+                " ORDER BY ord FOR UPDATE",
                 (IN_PROGRESS,),
             )
             open_runs = [(str(run_id), int(seq)) for run_id, seq in await cur.fetchall()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from car_grpc.store.repositories import ClusterStore
 from car_grpc.store.sqlite.a2a import SqliteA2aClientStore, SqliteA2aTaskStore
 from car_grpc.store.sqlite.a2ui import SqliteA2uiStore
 from car_grpc.store.sqlite.agent_tokens import SqliteAgentTokenStore
@@ -27,6 +28,8 @@ class SqliteStore:
         self.a2a_clients = SqliteA2aClientStore(database)
         self.a2a_tasks = SqliteA2aTaskStore(database)
         self.a2ui = SqliteA2uiStore(database)
+        #: One core per SQLite file: no cluster.
+        self.cluster: ClusterStore | None = None
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:

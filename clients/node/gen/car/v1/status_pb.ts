@@ -11,7 +11,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file car/v1/status.proto.
  */
 export const file_car_v1_status: GenFile = /*@__PURE__*/
-  fileDesc("ChNjYXIvdjEvc3RhdHVzLnByb3RvEgZjYXIudjEijgIKEENvbm5lY3RlZFNlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCRIhCgRyb2xlGAIgASgOMhMuY2FyLnYxLlNlc3Npb25Sb2xlEhUKCGFnZW50X2lkGAMgASgJSACIAQESDAoEcGVlchgEIAEoCRIUCgxjb25uZWN0ZWRfYXQYBSABKAMSHQoQcHJvdG9jb2xfdmVyc2lvbhgGIAEoDUgBiAEBEg0KBXRvb2xzGAcgASgNEhgKC2N1cnJlbnRfcnVuGAggASgJSAKIAQESDgoGaGFsdGVkGAkgASgIQgsKCV9hZ2VudF9pZEITChFfcHJvdG9jb2xfdmVyc2lvbkIOCgxfY3VycmVudF9ydW4igAEKDENoYXRJbkZsaWdodBISCgpzZXNzaW9uX2lkGAEgASgJEhAKCGFnZW50X2lkGAIgASgJEhcKD2hvc3Rfc2Vzc2lvbl9pZBgDIAEoCRIQCghhY2NlcHRlZBgEIAEoCBIfCgdjaGF0X2lkGAUgASgJQg7yuxgKc2Vzc2lvbl9pZCJYCghSdW5BZ2VudBIQCghhZ2VudF9pZBgBIAEoCRIMCgRydW5zGAIgASgNEhMKC2luX3Byb2dyZXNzGAMgASgNEhcKD2xhc3Rfc3RhcnRlZF9hdBgEIAEoAyISChBHZXRTdGF0dXNSZXF1ZXN0IsECChFHZXRTdGF0dXNSZXNwb25zZRIWCg5zZXJ2ZXJfdmVyc2lvbhgBIAEoCRISCgpzdGFydGVkX2F0GAIgASgDEhEKCXVwdGltZV9tcxgDIAEoBBIVCg1zZXNzaW9uX2NvdW50GAQgASgNEioKCHNlc3Npb25zGAUgAygLMhguY2FyLnYxLkNvbm5lY3RlZFNlc3Npb24SIwoFY2hhdHMYBiADKAsyFC5jYXIudjEuQ2hhdEluRmxpZ2h0EiQKCnJ1bl9hZ2VudHMYByADKAsyEC5jYXIudjEuUnVuQWdlbnQSGQoRcGVuZGluZ19hcHByb3ZhbHMYCCABKA0SEwoLc3RvcmVfYnl0ZXMYCSABKAQSFAoMYXV0aF9lbmFibGVkGAogASgIEhkKEWFwcHJvdmFsc19lbmFibGVkGAsgASgIIhMKEUdldE1ldHJpY3NSZXF1ZXN0IiIKEkdldE1ldHJpY3NSZXNwb25zZRIMCgR0ZXh0GAEgASgJKpcBCgtTZXNzaW9uUm9sZRIcChhTRVNTSU9OX1JPTEVfVU5TUEVDSUZJRUQQABIgChxTRVNTSU9OX1JPTEVfVU5BVVRIRU5USUNBVEVEEAESGQoVU0VTU0lPTl9ST0xFX09SRElOQVJZEAISFQoRU0VTU0lPTl9ST0xFX0hPU1QQAxIWChJTRVNTSU9OX1JPTEVfQUdFTlQQBDK9AQoNU3RhdHVzU2VydmljZRJTCglHZXRTdGF0dXMSGC5jYXIudjEuR2V0U3RhdHVzUmVxdWVzdBoZLmNhci52MS5HZXRTdGF0dXNSZXNwb25zZSIRsrsYDXNlcnZlci5zdGF0dXMSVwoKR2V0TWV0cmljcxIZLmNhci52MS5HZXRNZXRyaWNzUmVxdWVzdBoaLmNhci52MS5HZXRNZXRyaWNzUmVzcG9uc2UiErK7GA5zZXJ2ZXIubWV0cmljc0JnChFhaS5wYXJzbGVlLmNhci52MUILU3RhdHVzUHJvdG9QAVo6Z2l0aHViLmNvbS9wYXJzbGVlLWFpL2Nhci1ncnBjL2NsaWVudHMvZ28vZ2VuL2Nhci92MTtjYXJ2MaoCBkNhci5WMWIGcHJvdG8z", [file_car_v1_options]);
+  fileDesc("ChNjYXIvdjEvc3RhdHVzLnByb3RvEgZjYXIudjEijgIKEENvbm5lY3RlZFNlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCRIhCgRyb2xlGAIgASgOMhMuY2FyLnYxLlNlc3Npb25Sb2xlEhUKCGFnZW50X2lkGAMgASgJSACIAQESDAoEcGVlchgEIAEoCRIUCgxjb25uZWN0ZWRfYXQYBSABKAMSHQoQcHJvdG9jb2xfdmVyc2lvbhgGIAEoDUgBiAEBEg0KBXRvb2xzGAcgASgNEhgKC2N1cnJlbnRfcnVuGAggASgJSAKIAQESDgoGaGFsdGVkGAkgASgIQgsKCV9hZ2VudF9pZEITChFfcHJvdG9jb2xfdmVyc2lvbkIOCgxfY3VycmVudF9ydW4igAEKDENoYXRJbkZsaWdodBISCgpzZXNzaW9uX2lkGAEgASgJEhAKCGFnZW50X2lkGAIgASgJEhcKD2hvc3Rfc2Vzc2lvbl9pZBgDIAEoCRIQCghhY2NlcHRlZBgEIAEoCBIfCgdjaGF0X2lkGAUgASgJQg7yuxgKc2Vzc2lvbl9pZCJYCghSdW5BZ2VudBIQCghhZ2VudF9pZBgBIAEoCRIMCgRydW5zGAIgASgNEhMKC2luX3Byb2dyZXNzGAMgASgNEhcKD2xhc3Rfc3RhcnRlZF9hdBgEIAEoAyK4AQoLQ2x1c3RlckNvcmUSDwoHY29yZV9pZBgBIAEoCRIRCglhZHZlcnRpc2UYAiABKAkSEQoJam9pbmVkX2F0GAMgASgDEg0KBWFsaXZlGAQgASgIEhEKCXRoaXNfY29yZRgFIAEoCBIQCghzZXNzaW9ucxgGIAEoDRIOCgZhZ2VudHMYByABKA0SDQoFY2hhdHMYCCABKA0SDAoEcnVucxgJIAEoDRIRCglhcHByb3ZhbHMYCiABKA0iEgoQR2V0U3RhdHVzUmVxdWVzdCL4AgoRR2V0U3RhdHVzUmVzcG9uc2USFgoOc2VydmVyX3ZlcnNpb24YASABKAkSEgoKc3RhcnRlZF9hdBgCIAEoAxIRCgl1cHRpbWVfbXMYAyABKAQSFQoNc2Vzc2lvbl9jb3VudBgEIAEoDRIqCghzZXNzaW9ucxgFIAMoCzIYLmNhci52MS5Db25uZWN0ZWRTZXNzaW9uEiMKBWNoYXRzGAYgAygLMhQuY2FyLnYxLkNoYXRJbkZsaWdodBIkCgpydW5fYWdlbnRzGAcgAygLMhAuY2FyLnYxLlJ1bkFnZW50EhkKEXBlbmRpbmdfYXBwcm92YWxzGAggASgNEhMKC3N0b3JlX2J5dGVzGAkgASgEEhQKDGF1dGhfZW5hYmxlZBgKIAEoCBIZChFhcHByb3ZhbHNfZW5hYmxlZBgLIAEoCBIPCgdjb3JlX2lkGCggASgJEiQKB2NsdXN0ZXIYKSADKAsyEy5jYXIudjEuQ2x1c3RlckNvcmUiEwoRR2V0TWV0cmljc1JlcXVlc3QiIgoSR2V0TWV0cmljc1Jlc3BvbnNlEgwKBHRleHQYASABKAkqlwEKC1Nlc3Npb25Sb2xlEhwKGFNFU1NJT05fUk9MRV9VTlNQRUNJRklFRBAAEiAKHFNFU1NJT05fUk9MRV9VTkFVVEhFTlRJQ0FURUQQARIZChVTRVNTSU9OX1JPTEVfT1JESU5BUlkQAhIVChFTRVNTSU9OX1JPTEVfSE9TVBADEhYKElNFU1NJT05fUk9MRV9BR0VOVBAEMr0BCg1TdGF0dXNTZXJ2aWNlElMKCUdldFN0YXR1cxIYLmNhci52MS5HZXRTdGF0dXNSZXF1ZXN0GhkuY2FyLnYxLkdldFN0YXR1c1Jlc3BvbnNlIhGyuxgNc2VydmVyLnN0YXR1cxJXCgpHZXRNZXRyaWNzEhkuY2FyLnYxLkdldE1ldHJpY3NSZXF1ZXN0GhouY2FyLnYxLkdldE1ldHJpY3NSZXNwb25zZSISsrsYDnNlcnZlci5tZXRyaWNzQmcKEWFpLnBhcnNsZWUuY2FyLnYxQgtTdGF0dXNQcm90b1ABWjpnaXRodWIuY29tL3BhcnNsZWUtYWkvY2FyLWdycGMvY2xpZW50cy9nby9nZW4vY2FyL3YxO2NhcnYxqgIGQ2FyLlYxYgZwcm90bzM", [file_car_v1_options]);
 
 /**
  * One live session stream: a client connection (directly over gRPC, or through a
@@ -171,6 +171,82 @@ export const RunAgentSchema: GenMessage<RunAgent> = /*@__PURE__*/
   messageDesc(file_car_v1_status, 2);
 
 /**
+ * A core of the cluster this core is part of (cores sharing a PostgreSQL store), as the
+ * store has it: what it said of itself with its last lease renewal.
+ *
+ * @generated from message car.v1.ClusterCore
+ */
+export type ClusterCore = Message<"car.v1.ClusterCore"> & {
+  /**
+   * @generated from field: string core_id = 1;
+   */
+  coreId: string;
+
+  /**
+   * host:port the other cores dial for it.
+   *
+   * @generated from field: string advertise = 2;
+   */
+  advertise: string;
+
+  /**
+   * Unix ms when it joined.
+   *
+   * @generated from field: int64 joined_at = 3;
+   */
+  joinedAt: bigint;
+
+  /**
+   * Its lease has not expired (an expired core is released by a surviving one).
+   *
+   * @generated from field: bool alive = 4;
+   */
+  alive: boolean;
+
+  /**
+   * It is the core that answered.
+   *
+   * @generated from field: bool this_core = 5;
+   */
+  thisCore: boolean;
+
+  /**
+   * Live session streams, attached agents, chats in flight, open runs and pending
+   * approvals it held at its last renewal.
+   *
+   * @generated from field: uint32 sessions = 6;
+   */
+  sessions: number;
+
+  /**
+   * @generated from field: uint32 agents = 7;
+   */
+  agents: number;
+
+  /**
+   * @generated from field: uint32 chats = 8;
+   */
+  chats: number;
+
+  /**
+   * @generated from field: uint32 runs = 9;
+   */
+  runs: number;
+
+  /**
+   * @generated from field: uint32 approvals = 10;
+   */
+  approvals: number;
+};
+
+/**
+ * Describes the message car.v1.ClusterCore.
+ * Use `create(ClusterCoreSchema)` to create a new message.
+ */
+export const ClusterCoreSchema: GenMessage<ClusterCore> = /*@__PURE__*/
+  messageDesc(file_car_v1_status, 3);
+
+/**
  * `server.status` takes no params.
  *
  * @generated from message car.v1.GetStatusRequest
@@ -183,7 +259,7 @@ export type GetStatusRequest = Message<"car.v1.GetStatusRequest"> & {
  * Use `create(GetStatusRequestSchema)` to create a new message.
  */
 export const GetStatusRequestSchema: GenMessage<GetStatusRequest> = /*@__PURE__*/
-  messageDesc(file_car_v1_status, 3);
+  messageDesc(file_car_v1_status, 4);
 
 /**
  * `server.status` result.
@@ -259,6 +335,20 @@ export type GetStatusResponse = Message<"car.v1.GetStatusResponse"> & {
    * @generated from field: bool approvals_enabled = 11;
    */
   approvalsEnabled: boolean;
+
+  /**
+   * In a cluster: this core's id, and every core of the cluster by id (the others'
+   * sessions, agents and chats are counted there; runs and pending approvals above are
+   * the whole cluster's). Empty for a core of its own.
+   *
+   * @generated from field: string core_id = 40;
+   */
+  coreId: string;
+
+  /**
+   * @generated from field: repeated car.v1.ClusterCore cluster = 41;
+   */
+  cluster: ClusterCore[];
 };
 
 /**
@@ -266,7 +356,7 @@ export type GetStatusResponse = Message<"car.v1.GetStatusResponse"> & {
  * Use `create(GetStatusResponseSchema)` to create a new message.
  */
 export const GetStatusResponseSchema: GenMessage<GetStatusResponse> = /*@__PURE__*/
-  messageDesc(file_car_v1_status, 4);
+  messageDesc(file_car_v1_status, 5);
 
 /**
  * `server.metrics` takes no params.
@@ -281,7 +371,7 @@ export type GetMetricsRequest = Message<"car.v1.GetMetricsRequest"> & {
  * Use `create(GetMetricsRequestSchema)` to create a new message.
  */
 export const GetMetricsRequestSchema: GenMessage<GetMetricsRequest> = /*@__PURE__*/
-  messageDesc(file_car_v1_status, 5);
+  messageDesc(file_car_v1_status, 6);
 
 /**
  * `server.metrics` result.
@@ -305,7 +395,7 @@ export type GetMetricsResponse = Message<"car.v1.GetMetricsResponse"> & {
  * Use `create(GetMetricsResponseSchema)` to create a new message.
  */
 export const GetMetricsResponseSchema: GenMessage<GetMetricsResponse> = /*@__PURE__*/
-  messageDesc(file_car_v1_status, 6);
+  messageDesc(file_car_v1_status, 7);
 
 /**
  * What a session authenticated as.
