@@ -23,6 +23,7 @@ from car_grpc.v1 import (
     runs_pb2_grpc,
     session_pb2,
     tools_pb2,
+    voice_pb2,
 )
 from car_grpc.wire import codec
 from car_grpc.wire.errors import ERROR_TRAILER
@@ -128,6 +129,10 @@ def test_ids_with_a_name_of_their_own() -> None:
     assert codec.message_to_json(cancel) == {"session_id": "chat-1"}
     label = fill_out(tools_pb2.ToolCall(session_id="nightly"))
     assert label.session_label == "nightly"
+    stop = fill_in(voice_pb2.StopTranscribeStreamRequest(voice_session_id="voice-1"))
+    assert codec.message_to_json(stop) == {"session_id": "voice-1"}
+    meeting = fill_out(voice_pb2.Meeting(session_id="voice-2"))
+    assert meeting.voice_session_id == "voice-2"
 
 
 def test_twins_are_derived_deep_in_a_frame() -> None:

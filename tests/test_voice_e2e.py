@@ -243,6 +243,7 @@ async def test_binary_frames_in_and_speech_out_round_trip(
         session_id = (await c.start(options={"tts": True}))["session_id"]
         opened = await engine.opened.get()
         assert opened.session_id == session_id and opened.audio_source == "client"
+        assert opened.voice_session_id == session_id  # its typed name
         payloads = [b"\x01\x00\x02\x00", b"\x03\x00", b"\x04\x00\x05\x00\x06\x00"]
         # A binary frame, a JSON push and a binary frame again, sent back to back: they
         # reach the engine in the order sent, numbered 0, 1, 2.

@@ -132,8 +132,11 @@ class VoiceEventNotice(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The voice session."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     @_builtins.property
     def event(self) -> _struct_pb2.Value:
         """The event."""
@@ -143,10 +146,11 @@ class VoiceEventNotice(_message.Message):
         *,
         session_id: _builtins.str = ...,
         event: _struct_pb2.Value | None = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "session_id", b"session_id", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -160,8 +164,11 @@ class PublishVoiceEventRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The voice session. Required."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     @_builtins.property
     def event(self) -> _struct_pb2.Value:
         """Required."""
@@ -171,10 +178,11 @@ class PublishVoiceEventRequest(_message.Message):
         *,
         session_id: _builtins.str = ...,
         event: _struct_pb2.Value | None = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "session_id", b"session_id", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -215,6 +223,7 @@ class VoiceAudio(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The voice session (32 lowercase hex digits)."""
     seq: _builtins.int
@@ -228,6 +237,8 @@ class VoiceAudio(_message.Message):
     """The payload's encoding (TTS chunks; PCM is always PCM16LE)."""
     data: _builtins.bytes
     """The audio (PCM, TTS chunk), the UTF-8 message (TTS error), or nothing (TTS final)."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     def __init__(
         self,
         *,
@@ -236,10 +247,11 @@ class VoiceAudio(_message.Message):
         type: Global___AudioFrameType.ValueType = ...,
         format: Global___AudioFormat.ValueType = ...,
         data: _builtins.bytes = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "format", b"format", "seq", b"seq", "session_id", b"session_id", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "format", b"format", "seq", b"seq", "session_id", b"session_id", "type", b"type", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -261,6 +273,7 @@ class StartTranscribeStreamRequest(_message.Message):
     AUDIO_SOURCE_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The voice session id, a UUID in any spelling; minted when absent."""
     audio_source: _builtins.str
@@ -269,6 +282,8 @@ class StartTranscribeStreamRequest(_message.Message):
     """
     provider: _builtins.str
     """The voice provider. May be omitted when exactly one provider is registered."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     @_builtins.property
     def options(self) -> _struct_pb2.Struct:
         """Engine options, passed to the engine verbatim."""
@@ -280,10 +295,11 @@ class StartTranscribeStreamRequest(_message.Message):
         audio_source: _builtins.str | None = ...,
         options: _struct_pb2.Struct | None = ...,
         provider: _builtins.str | None = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_audio_source", b"_audio_source", "_provider", b"_provider", "_session_id", b"_session_id", "audio_source", b"audio_source", "options", b"options", "provider", b"provider", "session_id", b"session_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_audio_source", b"_audio_source", "_provider", b"_provider", "_session_id", b"_session_id", "audio_source", b"audio_source", "options", b"options", "provider", b"provider", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_audio_source", b"_audio_source", "_provider", b"_provider", "_session_id", b"_session_id", "audio_source", b"audio_source", "options", b"options", "provider", b"provider", "session_id", b"session_id", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__audio_source: _TypeAlias = _typing.Literal["audio_source"]  # noqa: Y015
     _WhichOneofArgType__audio_source: _TypeAlias = _typing.Literal["_audio_source", b"_audio_source"]  # noqa: Y015
@@ -309,22 +325,26 @@ class StartTranscribeStreamResponse(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
     AUDIO_SOURCE_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The voice session id (32 lowercase hex digits): the id of its events and binary frames."""
     provider: _builtins.str
     """The provider serving it."""
     audio_source: _builtins.str
     """The audio source, as sent to the engine."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         provider: _builtins.str = ...,
         audio_source: _builtins.str = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_source", b"audio_source", "provider", b"provider", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_source", b"audio_source", "provider", b"provider", "session_id", b"session_id", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -341,21 +361,25 @@ class PushTranscribeAudioRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     PCM_B64_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Required."""
     pcm_b64: _builtins.str
     """The audio, base64 (standard alphabet, padded). Required; an even number of bytes, at
     most Config.voice_max_chunk_bytes.
     """
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         pcm_b64: _builtins.str = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pcm_b64", b"pcm_b64", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pcm_b64", b"pcm_b64", "session_id", b"session_id", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -369,19 +393,23 @@ class PushTranscribeAudioResponse(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The voice session (32 lowercase hex digits)."""
     seq: _builtins.int
     """The chunk's seq towards the engine."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         seq: _builtins.int = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq", "session_id", b"session_id", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -398,16 +426,20 @@ class StopTranscribeStreamRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Required."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,21 +453,25 @@ class StopTranscribeStreamResponse(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     STOPPED_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The voice session (32 lowercase hex digits)."""
     stopped: _builtins.bool
     """True when the engine confirmed the end in time (false: the session ended anyway,
     with an error event).
     """
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         stopped: _builtins.bool = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "stopped", b"stopped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "stopped", b"stopped", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -472,6 +508,7 @@ class VoiceSession(_message.Message):
     CHUNKS_IN_FIELD_NUMBER: _builtins.int
     EVENTS_OUT_FIELD_NUMBER: _builtins.int
     MEETING_ID_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The voice session (32 lowercase hex digits)."""
     provider: _builtins.str
@@ -488,6 +525,8 @@ class VoiceSession(_message.Message):
     """Events and audio frames delivered to the owner so far."""
     meeting_id: _builtins.str
     """The meeting the session records, if any."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     def __init__(
         self,
         *,
@@ -499,10 +538,11 @@ class VoiceSession(_message.Message):
         chunks_in: _builtins.int = ...,
         events_out: _builtins.int = ...,
         meeting_id: _builtins.str | None = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_meeting_id", b"_meeting_id", "meeting_id", b"meeting_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_meeting_id", b"_meeting_id", "audio_source", b"audio_source", "chunks_in", b"chunks_in", "engine", b"engine", "events_out", b"events_out", "meeting_id", b"meeting_id", "provider", b"provider", "session_id", b"session_id", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_meeting_id", b"_meeting_id", "audio_source", b"audio_source", "chunks_in", b"chunks_in", "engine", b"engine", "events_out", b"events_out", "meeting_id", b"meeting_id", "provider", b"provider", "session_id", b"session_id", "started_at", b"started_at", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__meeting_id: _TypeAlias = _typing.Literal["meeting_id"]  # noqa: Y015
     _WhichOneofArgType__meeting_id: _TypeAlias = _typing.Literal["_meeting_id", b"_meeting_id"]  # noqa: Y015
@@ -786,6 +826,7 @@ class OpenVoiceSession(_message.Message):
     AUDIO_SOURCE_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     MEETING_ID_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The voice session (32 lowercase hex digits): the id of its audio and events."""
     provider: _builtins.str
@@ -794,6 +835,8 @@ class OpenVoiceSession(_message.Message):
     """The client's audio source ("client": the client sends PCM)."""
     meeting_id: _builtins.str
     """Set when the session records a meeting."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     @_builtins.property
     def options(self) -> _struct_pb2.Struct:
         """The client's options, verbatim."""
@@ -806,10 +849,11 @@ class OpenVoiceSession(_message.Message):
         audio_source: _builtins.str = ...,
         options: _struct_pb2.Struct | None = ...,
         meeting_id: _builtins.str | None = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_meeting_id", b"_meeting_id", "meeting_id", b"meeting_id", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_meeting_id", b"_meeting_id", "audio_source", b"audio_source", "meeting_id", b"meeting_id", "options", b"options", "provider", b"provider", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_meeting_id", b"_meeting_id", "audio_source", b"audio_source", "meeting_id", b"meeting_id", "options", b"options", "provider", b"provider", "session_id", b"session_id", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__meeting_id: _TypeAlias = _typing.Literal["meeting_id"]  # noqa: Y015
     _WhichOneofArgType__meeting_id: _TypeAlias = _typing.Literal["_meeting_id", b"_meeting_id"]  # noqa: Y015
@@ -825,19 +869,23 @@ class VoiceSessionAnswer(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session of the `open`."""
     error: _builtins.str
     """Set to refuse the session; the client's start fails with this message."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         error: _builtins.str | None = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "error", b"error", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "error", b"error", "session_id", b"session_id", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__error: _TypeAlias = _typing.Literal["error"]  # noqa: Y015
     _WhichOneofArgType__error: _TypeAlias = _typing.Literal["_error", b"_error"]  # noqa: Y015
@@ -853,8 +901,11 @@ class VoiceEngineEvent(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     @_builtins.property
     def event(self) -> _struct_pb2.Value:
         """Forwarded to the owner untouched (see VoiceEventNotice)."""
@@ -864,10 +915,11 @@ class VoiceEngineEvent(_message.Message):
         *,
         session_id: _builtins.str = ...,
         event: _struct_pb2.Value | None = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "session_id", b"session_id", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -880,16 +932,20 @@ class StopVoiceSession(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -903,19 +959,23 @@ class EndVoiceSession(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session."""
     error: _builtins.str
     """Set when the session failed: the owner gets it as the terminal error event."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         error: _builtins.str | None = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "error", b"error", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "error", b"error", "session_id", b"session_id", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__error: _TypeAlias = _typing.Literal["error"]  # noqa: Y015
     _WhichOneofArgType__error: _TypeAlias = _typing.Literal["_error", b"_error"]  # noqa: Y015
@@ -931,19 +991,23 @@ class CloseVoiceSession(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session."""
     reason: _builtins.str
     """Why, for logs."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "session_id", b"session_id", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -965,6 +1029,7 @@ class Meeting(_message.Message):
     SEGMENT_COUNT_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
     END_REASON_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     meeting_id: _builtins.str
     """The meeting's id (given at start, or `meeting-<uuid>`)."""
     title: _builtins.str
@@ -987,6 +1052,8 @@ class Meeting(_message.Message):
     """
     end_reason: _builtins.str
     """Why an interrupted meeting ended."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     def __init__(
         self,
         *,
@@ -1000,10 +1067,11 @@ class Meeting(_message.Message):
         segment_count: _builtins.int = ...,
         truncated: _builtins.bool = ...,
         end_reason: _builtins.str | None = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_end_reason", b"_end_reason", "_ended_at", b"_ended_at", "_title", b"_title", "end_reason", b"end_reason", "ended_at", b"ended_at", "title", b"title"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_reason", b"_end_reason", "_ended_at", b"_ended_at", "_title", b"_title", "end_reason", b"end_reason", "ended_at", b"ended_at", "meeting_id", b"meeting_id", "provider", b"provider", "segment_count", b"segment_count", "session_id", b"session_id", "started_at", b"started_at", "status", b"status", "title", b"title", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_reason", b"_end_reason", "_ended_at", b"_ended_at", "_title", b"_title", "end_reason", b"end_reason", "ended_at", b"ended_at", "meeting_id", b"meeting_id", "provider", b"provider", "segment_count", b"segment_count", "session_id", b"session_id", "started_at", b"started_at", "status", b"status", "title", b"title", "truncated", b"truncated", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__end_reason: _TypeAlias = _typing.Literal["end_reason"]  # noqa: Y015
     _WhichOneofArgType__end_reason: _TypeAlias = _typing.Literal["_end_reason", b"_end_reason"]  # noqa: Y015
@@ -1033,6 +1101,7 @@ class TranscriptSegment(_message.Message):
     END_MS_FIELD_NUMBER: _builtins.int
     RECEIVED_AT_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position in the transcript, from 0."""
     text: _builtins.str
@@ -1046,6 +1115,8 @@ class TranscriptSegment(_message.Message):
     """Unix ms when the server ingested it."""
     session_id: _builtins.str
     """The voice session it came from."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     def __init__(
         self,
         *,
@@ -1056,10 +1127,11 @@ class TranscriptSegment(_message.Message):
         end_ms: _builtins.int | None = ...,
         received_at: _builtins.int = ...,
         session_id: _builtins.str = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_speaker", b"_speaker", "_start_ms", b"_start_ms", "end_ms", b"end_ms", "speaker", b"speaker", "start_ms", b"start_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_speaker", b"_speaker", "_start_ms", b"_start_ms", "end_ms", b"end_ms", "index", b"index", "received_at", b"received_at", "session_id", b"session_id", "speaker", b"speaker", "start_ms", b"start_ms", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_speaker", b"_speaker", "_start_ms", b"_start_ms", "end_ms", b"end_ms", "index", b"index", "received_at", b"received_at", "session_id", b"session_id", "speaker", b"speaker", "start_ms", b"start_ms", "text", b"text", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__end_ms: _TypeAlias = _typing.Literal["end_ms"]  # noqa: Y015
     _WhichOneofArgType__end_ms: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms"]  # noqa: Y015
@@ -1092,6 +1164,7 @@ class StartMeetingRequest(_message.Message):
     PROVIDER_FIELD_NUMBER: _builtins.int
     AUDIO_SOURCE_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The meeting id; `meeting-<uuid>` when absent."""
     title: _builtins.str
@@ -1102,6 +1175,8 @@ class StartMeetingRequest(_message.Message):
     """The voice provider; may be omitted when exactly one is registered."""
     audio_source: _builtins.str
     """As in StartTranscribeStreamRequest (default "client")."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     @_builtins.property
     def options(self) -> _struct_pb2.Struct:
         """Engine options, passed verbatim."""
@@ -1115,10 +1190,11 @@ class StartMeetingRequest(_message.Message):
         provider: _builtins.str | None = ...,
         audio_source: _builtins.str | None = ...,
         options: _struct_pb2.Struct | None = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_audio_source", b"_audio_source", "_id", b"_id", "_provider", b"_provider", "_session_id", b"_session_id", "_title", b"_title", "audio_source", b"audio_source", "id", b"id", "options", b"options", "provider", b"provider", "session_id", b"session_id", "title", b"title"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_audio_source", b"_audio_source", "_id", b"_id", "_provider", b"_provider", "_session_id", b"_session_id", "_title", b"_title", "audio_source", b"audio_source", "id", b"id", "options", b"options", "provider", b"provider", "session_id", b"session_id", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_audio_source", b"_audio_source", "_id", b"_id", "_provider", b"_provider", "_session_id", b"_session_id", "_title", b"_title", "audio_source", b"audio_source", "id", b"id", "options", b"options", "provider", b"provider", "session_id", b"session_id", "title", b"title", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__audio_source: _TypeAlias = _typing.Literal["audio_source"]  # noqa: Y015
     _WhichOneofArgType__audio_source: _TypeAlias = _typing.Literal["_audio_source", b"_audio_source"]  # noqa: Y015
@@ -1151,8 +1227,11 @@ class StartMeetingResponse(_message.Message):
 
     MEETING_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The voice session to send the meeting's audio to."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
     @_builtins.property
     def meeting(self) -> Global___Meeting:
         """The meeting, live, as stored."""
@@ -1162,10 +1241,11 @@ class StartMeetingResponse(_message.Message):
         *,
         meeting: Global___Meeting | None = ...,
         session_id: _builtins.str = ...,
+        voice_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["meeting", b"meeting"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["meeting", b"meeting", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["meeting", b"meeting", "session_id", b"session_id", "voice_session_id", b"voice_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,7 +13,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file car/v1/voice.proto.
  */
 export const file_car_v1_voice: GenFile = /*@__PURE__*/
-  fileDesc("ChJjYXIvdjEvdm9pY2UucHJvdG8SBmNhci52MSJNChBWb2ljZUV2ZW50Tm90aWNlEhIKCnNlc3Npb25faWQYASABKAkSJQoFZXZlbnQYAiABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUiVQoYUHVibGlzaFZvaWNlRXZlbnRSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSJQoFZXZlbnQYAiABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUiLgoZUHVibGlzaFZvaWNlRXZlbnRSZXNwb25zZRIRCglkZWxpdmVyZWQYASABKAgihgEKClZvaWNlQXVkaW8SEgoKc2Vzc2lvbl9pZBgBIAEoCRILCgNzZXEYAiABKAQSJAoEdHlwZRgDIAEoDjIWLmNhci52MS5BdWRpb0ZyYW1lVHlwZRIjCgZmb3JtYXQYBCABKA4yEy5jYXIudjEuQXVkaW9Gb3JtYXQSDAoEZGF0YRgFIAEoDCLAAQocU3RhcnRUcmFuc2NyaWJlU3RyZWFtUmVxdWVzdBIXCgpzZXNzaW9uX2lkGAEgASgJSACIAQESGQoMYXVkaW9fc291cmNlGAIgASgJSAGIAQESKAoHb3B0aW9ucxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFQoIcHJvdmlkZXIYBCABKAlIAogBAUINCgtfc2Vzc2lvbl9pZEIPCg1fYXVkaW9fc291cmNlQgsKCV9wcm92aWRlciJbCh1TdGFydFRyYW5zY3JpYmVTdHJlYW1SZXNwb25zZRISCgpzZXNzaW9uX2lkGAEgASgJEhAKCHByb3ZpZGVyGAIgASgJEhQKDGF1ZGlvX3NvdXJjZRgDIAEoCSJBChpQdXNoVHJhbnNjcmliZUF1ZGlvUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEg8KB3BjbV9iNjQYAiABKAkiPgobUHVzaFRyYW5zY3JpYmVBdWRpb1Jlc3BvbnNlEhIKCnNlc3Npb25faWQYASABKAkSCwoDc2VxGAIgASgEIjEKG1N0b3BUcmFuc2NyaWJlU3RyZWFtUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJIkMKHFN0b3BUcmFuc2NyaWJlU3RyZWFtUmVzcG9uc2USEgoKc2Vzc2lvbl9pZBgBIAEoCRIPCgdzdG9wcGVkGAIgASgIIhoKGExpc3RWb2ljZVNlc3Npb25zUmVxdWVzdCK9AQoMVm9pY2VTZXNzaW9uEhIKCnNlc3Npb25faWQYASABKAkSEAoIcHJvdmlkZXIYAiABKAkSFAoMYXVkaW9fc291cmNlGAMgASgJEg4KBmVuZ2luZRgEIAEoCRISCgpzdGFydGVkX2F0GAUgASgDEhEKCWNodW5rc19pbhgGIAEoBBISCgpldmVudHNfb3V0GAcgASgEEhcKCm1lZXRpbmdfaWQYCCABKAlIAIgBAUINCgtfbWVldGluZ19pZCJDChlMaXN0Vm9pY2VTZXNzaW9uc1Jlc3BvbnNlEiYKCHNlc3Npb25zGAEgAygLMhQuY2FyLnYxLlZvaWNlU2Vzc2lvbiIbChlMaXN0Vm9pY2VQcm92aWRlcnNSZXF1ZXN0Ij8KDVZvaWNlUHJvdmlkZXISDAoEbmFtZRgBIAEoCRIOCgZlbmdpbmUYAiABKAkSEAoIc2Vzc2lvbnMYAyABKA0iRgoaTGlzdFZvaWNlUHJvdmlkZXJzUmVzcG9uc2USKAoJcHJvdmlkZXJzGAEgAygLMhUuY2FyLnYxLlZvaWNlUHJvdmlkZXIi8gEKEVNlcnZlVm9pY2VSZXF1ZXN0Ei8KCHJlZ2lzdGVyGAEgASgLMhsuY2FyLnYxLlJlZ2lzdGVyVm9pY2VFbmdpbmVIABIsCgZhbnN3ZXIYAiABKAsyGi5jYXIudjEuVm9pY2VTZXNzaW9uQW5zd2VySAASKQoFZXZlbnQYAyABKAsyGC5jYXIudjEuVm9pY2VFbmdpbmVFdmVudEgAEiMKBWF1ZGlvGAQgASgLMhIuY2FyLnYxLlZvaWNlQXVkaW9IABImCgNlbmQYBSABKAsyFy5jYXIudjEuRW5kVm9pY2VTZXNzaW9uSABCBgoEYm9keSL3AQoSU2VydmVWb2ljZVJlc3BvbnNlEjMKCnJlZ2lzdGVyZWQYASABKAsyHS5jYXIudjEuVm9pY2VFbmdpbmVSZWdpc3RlcmVkSAASKAoEb3BlbhgCIAEoCzIYLmNhci52MS5PcGVuVm9pY2VTZXNzaW9uSAASIwoFYXVkaW8YAyABKAsyEi5jYXIudjEuVm9pY2VBdWRpb0gAEigKBHN0b3AYBCABKAsyGC5jYXIudjEuU3RvcFZvaWNlU2Vzc2lvbkgAEisKBmNsb3NlZBgFIAEoCzIZLmNhci52MS5DbG9zZVZvaWNlU2Vzc2lvbkgAQgYKBGJvZHkiSAoTUmVnaXN0ZXJWb2ljZUVuZ2luZRITCgZlbmdpbmUYASABKAlIAIgBARIRCglwcm92aWRlcnMYAiADKAlCCQoHX2VuZ2luZSI6ChVWb2ljZUVuZ2luZVJlZ2lzdGVyZWQSDgoGZW5naW5lGAEgASgJEhEKCXByb3ZpZGVycxgCIAMoCSKgAQoQT3BlblZvaWNlU2Vzc2lvbhISCgpzZXNzaW9uX2lkGAEgASgJEhAKCHByb3ZpZGVyGAIgASgJEhQKDGF1ZGlvX3NvdXJjZRgDIAEoCRIoCgdvcHRpb25zGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIXCgptZWV0aW5nX2lkGAUgASgJSACIAQFCDQoLX21lZXRpbmdfaWQiRgoSVm9pY2VTZXNzaW9uQW5zd2VyEhIKCnNlc3Npb25faWQYASABKAkSEgoFZXJyb3IYAiABKAlIAIgBAUIICgZfZXJyb3IiTQoQVm9pY2VFbmdpbmVFdmVudBISCgpzZXNzaW9uX2lkGAEgASgJEiUKBWV2ZW50GAIgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlIiYKEFN0b3BWb2ljZVNlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCSJDCg9FbmRWb2ljZVNlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCRISCgVlcnJvchgCIAEoCUgAiAEBQggKBl9lcnJvciI3ChFDbG9zZVZvaWNlU2Vzc2lvbhISCgpzZXNzaW9uX2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSKSAgoHTWVldGluZxISCgptZWV0aW5nX2lkGAEgASgJEhIKBXRpdGxlGAIgASgJSACIAQESJQoGc3RhdHVzGAMgASgOMhUuY2FyLnYxLk1lZXRpbmdTdGF0dXMSEgoKc3RhcnRlZF9hdBgEIAEoAxIVCghlbmRlZF9hdBgFIAEoA0gBiAEBEhIKCnNlc3Npb25faWQYBiABKAkSEAoIcHJvdmlkZXIYByABKAkSFQoNc2VnbWVudF9jb3VudBgIIAEoDRIRCgl0cnVuY2F0ZWQYCSABKAgSFwoKZW5kX3JlYXNvbhgKIAEoCUgCiAEBQggKBl90aXRsZUILCglfZW5kZWRfYXRCDQoLX2VuZF9yZWFzb24ivwEKEVRyYW5zY3JpcHRTZWdtZW50Eg0KBWluZGV4GAEgASgNEgwKBHRleHQYAiABKAkSFAoHc3BlYWtlchgDIAEoCUgAiAEBEhUKCHN0YXJ0X21zGAQgASgDSAGIAQESEwoGZW5kX21zGAUgASgDSAKIAQESEwoLcmVjZWl2ZWRfYXQYBiABKAMSEgoKc2Vzc2lvbl9pZBgHIAEoCUIKCghfc3BlYWtlckILCglfc3RhcnRfbXNCCQoHX2VuZF9tcyLtAQoTU3RhcnRNZWV0aW5nUmVxdWVzdBIPCgJpZBgBIAEoCUgAiAEBEhIKBXRpdGxlGAIgASgJSAGIAQESFwoKc2Vzc2lvbl9pZBgDIAEoCUgCiAEBEhUKCHByb3ZpZGVyGAQgASgJSAOIAQESGQoMYXVkaW9fc291cmNlGAUgASgJSASIAQESKAoHb3B0aW9ucxgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3RCBQoDX2lkQggKBl90aXRsZUINCgtfc2Vzc2lvbl9pZEILCglfcHJvdmlkZXJCDwoNX2F1ZGlvX3NvdXJjZSJMChRTdGFydE1lZXRpbmdSZXNwb25zZRIgCgdtZWV0aW5nGAEgASgLMg8uY2FyLnYxLk1lZXRpbmcSEgoKc2Vzc2lvbl9pZBgCIAEoCSIoChJTdG9wTWVldGluZ1JlcXVlc3QSEgoKbWVldGluZ19pZBgBIAEoCSJIChNTdG9wTWVldGluZ1Jlc3BvbnNlEiAKB21lZXRpbmcYASABKAsyDy5jYXIudjEuTWVldGluZxIPCgdzdG9wcGVkGAIgASgIIjMKE0xpc3RNZWV0aW5nc1JlcXVlc3QSEgoFbGltaXQYASABKA1IAIgBAUIICgZfbGltaXQiOQoUTGlzdE1lZXRpbmdzUmVzcG9uc2USIQoIbWVldGluZ3MYASADKAsyDy5jYXIudjEuTWVldGluZyInChFHZXRNZWV0aW5nUmVxdWVzdBISCgptZWV0aW5nX2lkGAEgASgJImMKEkdldE1lZXRpbmdSZXNwb25zZRIgCgdtZWV0aW5nGAEgASgLMg8uY2FyLnYxLk1lZXRpbmcSKwoIc2VnbWVudHMYAiADKAsyGS5jYXIudjEuVHJhbnNjcmlwdFNlZ21lbnQqrAEKDkF1ZGlvRnJhbWVUeXBlEiAKHEFVRElPX0ZSQU1FX1RZUEVfVU5TUEVDSUZJRUQQABIYChRBVURJT19GUkFNRV9UWVBFX1BDTRABEh4KGkFVRElPX0ZSQU1FX1RZUEVfVFRTX0NIVU5LEAISHgoaQVVESU9fRlJBTUVfVFlQRV9UVFNfRklOQUwQAxIeChpBVURJT19GUkFNRV9UWVBFX1RUU19FUlJPUhAEKnEKC0F1ZGlvRm9ybWF0EhwKGEFVRElPX0ZPUk1BVF9VTlNQRUNJRklFRBAAEhgKFEFVRElPX0ZPUk1BVF9QQ00xNkxFEAESFAoQQVVESU9fRk9STUFUX01QMxACEhQKEEFVRElPX0ZPUk1BVF9XQVYQAyqCAQoNTWVldGluZ1N0YXR1cxIeChpNRUVUSU5HX1NUQVRVU19VTlNQRUNJRklFRBAAEhcKE01FRVRJTkdfU1RBVFVTX0xJVkUQARIYChRNRUVUSU5HX1NUQVRVU19FTkRFRBACEh4KGk1FRVRJTkdfU1RBVFVTX0lOVEVSUlVQVEVEEAMywgYKDFZvaWNlU2VydmljZRJiChFQdWJsaXNoVm9pY2VFdmVudBIgLmNhci52MS5QdWJsaXNoVm9pY2VFdmVudFJlcXVlc3QaIS5jYXIudjEuUHVibGlzaFZvaWNlRXZlbnRSZXNwb25zZSIIwrsYBAoCAgMSUQoKU2VydmVWb2ljZRIZLmNhci52MS5TZXJ2ZVZvaWNlUmVxdWVzdBoaLmNhci52MS5TZXJ2ZVZvaWNlUmVzcG9uc2UiCMK7GAQKAgIDKAEwARKHAQoVU3RhcnRUcmFuc2NyaWJlU3RyZWFtEiQuY2FyLnYxLlN0YXJ0VHJhbnNjcmliZVN0cmVhbVJlcXVlc3QaJS5jYXIudjEuU3RhcnRUcmFuc2NyaWJlU3RyZWFtUmVzcG9uc2UiIbK7GB12b2ljZS50cmFuc2NyaWJlX3N0cmVhbS5zdGFydBKAAQoTUHVzaFRyYW5zY3JpYmVBdWRpbxIiLmNhci52MS5QdXNoVHJhbnNjcmliZUF1ZGlvUmVxdWVzdBojLmNhci52MS5QdXNoVHJhbnNjcmliZUF1ZGlvUmVzcG9uc2UiILK7GBx2b2ljZS50cmFuc2NyaWJlX3N0cmVhbS5wdXNoEoMBChRTdG9wVHJhbnNjcmliZVN0cmVhbRIjLmNhci52MS5TdG9wVHJhbnNjcmliZVN0cmVhbVJlcXVlc3QaJC5jYXIudjEuU3RvcFRyYW5zY3JpYmVTdHJlYW1SZXNwb25zZSIgsrsYHHZvaWNlLnRyYW5zY3JpYmVfc3RyZWFtLnN0b3AScQoRTGlzdFZvaWNlU2Vzc2lvbnMSIC5jYXIudjEuTGlzdFZvaWNlU2Vzc2lvbnNSZXF1ZXN0GiEuY2FyLnYxLkxpc3RWb2ljZVNlc3Npb25zUmVzcG9uc2UiF7K7GBN2b2ljZS5zZXNzaW9ucy5saXN0EnUKEkxpc3RWb2ljZVByb3ZpZGVycxIhLmNhci52MS5MaXN0Vm9pY2VQcm92aWRlcnNSZXF1ZXN0GiIuY2FyLnYxLkxpc3RWb2ljZVByb3ZpZGVyc1Jlc3BvbnNlIhiyuxgUdm9pY2UucHJvdmlkZXJzLmxpc3Qy+wIKDk1lZXRpbmdTZXJ2aWNlElwKDFN0YXJ0TWVldGluZxIbLmNhci52MS5TdGFydE1lZXRpbmdSZXF1ZXN0GhwuY2FyLnYxLlN0YXJ0TWVldGluZ1Jlc3BvbnNlIhGyuxgNbWVldGluZy5zdGFydBJYCgtTdG9wTWVldGluZxIaLmNhci52MS5TdG9wTWVldGluZ1JlcXVlc3QaGy5jYXIudjEuU3RvcE1lZXRpbmdSZXNwb25zZSIQsrsYDG1lZXRpbmcuc3RvcBJbCgxMaXN0TWVldGluZ3MSGy5jYXIudjEuTGlzdE1lZXRpbmdzUmVxdWVzdBocLmNhci52MS5MaXN0TWVldGluZ3NSZXNwb25zZSIQsrsYDG1lZXRpbmcubGlzdBJUCgpHZXRNZWV0aW5nEhkuY2FyLnYxLkdldE1lZXRpbmdSZXF1ZXN0GhouY2FyLnYxLkdldE1lZXRpbmdSZXNwb25zZSIPsrsYC21lZXRpbmcuZ2V0QmYKEWFpLnBhcnNsZWUuY2FyLnYxQgpWb2ljZVByb3RvUAFaOmdpdGh1Yi5jb20vcGFyc2xlZS1haS9jYXItZ3JwYy9jbGllbnRzL2dvL2dlbi9jYXIvdjE7Y2FydjGqAgZDYXIuVjFiBnByb3RvMw", [file_car_v1_options, file_google_protobuf_struct]);
+  fileDesc("ChJjYXIvdjEvdm9pY2UucHJvdG8SBmNhci52MSJ3ChBWb2ljZUV2ZW50Tm90aWNlEhIKCnNlc3Npb25faWQYASABKAkSJQoFZXZlbnQYAiABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgDIAEoCUIO8rsYCnNlc3Npb25faWQifwoYUHVibGlzaFZvaWNlRXZlbnRSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSJQoFZXZlbnQYAiABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgDIAEoCUIO8rsYCnNlc3Npb25faWQiLgoZUHVibGlzaFZvaWNlRXZlbnRSZXNwb25zZRIRCglkZWxpdmVyZWQYASABKAgisAEKClZvaWNlQXVkaW8SEgoKc2Vzc2lvbl9pZBgBIAEoCRILCgNzZXEYAiABKAQSJAoEdHlwZRgDIAEoDjIWLmNhci52MS5BdWRpb0ZyYW1lVHlwZRIjCgZmb3JtYXQYBCABKA4yEy5jYXIudjEuQXVkaW9Gb3JtYXQSDAoEZGF0YRgFIAEoDBIoChB2b2ljZV9zZXNzaW9uX2lkGAYgASgJQg7yuxgKc2Vzc2lvbl9pZCLqAQocU3RhcnRUcmFuc2NyaWJlU3RyZWFtUmVxdWVzdBIXCgpzZXNzaW9uX2lkGAEgASgJSACIAQESGQoMYXVkaW9fc291cmNlGAIgASgJSAGIAQESKAoHb3B0aW9ucxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFQoIcHJvdmlkZXIYBCABKAlIAogBARIoChB2b2ljZV9zZXNzaW9uX2lkGAUgASgJQg7yuxgKc2Vzc2lvbl9pZEINCgtfc2Vzc2lvbl9pZEIPCg1fYXVkaW9fc291cmNlQgsKCV9wcm92aWRlciKFAQodU3RhcnRUcmFuc2NyaWJlU3RyZWFtUmVzcG9uc2USEgoKc2Vzc2lvbl9pZBgBIAEoCRIQCghwcm92aWRlchgCIAEoCRIUCgxhdWRpb19zb3VyY2UYAyABKAkSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgEIAEoCUIO8rsYCnNlc3Npb25faWQiawoaUHVzaFRyYW5zY3JpYmVBdWRpb1JlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIPCgdwY21fYjY0GAIgASgJEigKEHZvaWNlX3Nlc3Npb25faWQYAyABKAlCDvK7GApzZXNzaW9uX2lkImgKG1B1c2hUcmFuc2NyaWJlQXVkaW9SZXNwb25zZRISCgpzZXNzaW9uX2lkGAEgASgJEgsKA3NlcRgCIAEoBBIoChB2b2ljZV9zZXNzaW9uX2lkGAMgASgJQg7yuxgKc2Vzc2lvbl9pZCJbChtTdG9wVHJhbnNjcmliZVN0cmVhbVJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIoChB2b2ljZV9zZXNzaW9uX2lkGAIgASgJQg7yuxgKc2Vzc2lvbl9pZCJtChxTdG9wVHJhbnNjcmliZVN0cmVhbVJlc3BvbnNlEhIKCnNlc3Npb25faWQYASABKAkSDwoHc3RvcHBlZBgCIAEoCBIoChB2b2ljZV9zZXNzaW9uX2lkGAMgASgJQg7yuxgKc2Vzc2lvbl9pZCIaChhMaXN0Vm9pY2VTZXNzaW9uc1JlcXVlc3Qi5wEKDFZvaWNlU2Vzc2lvbhISCgpzZXNzaW9uX2lkGAEgASgJEhAKCHByb3ZpZGVyGAIgASgJEhQKDGF1ZGlvX3NvdXJjZRgDIAEoCRIOCgZlbmdpbmUYBCABKAkSEgoKc3RhcnRlZF9hdBgFIAEoAxIRCgljaHVua3NfaW4YBiABKAQSEgoKZXZlbnRzX291dBgHIAEoBBIXCgptZWV0aW5nX2lkGAggASgJSACIAQESKAoQdm9pY2Vfc2Vzc2lvbl9pZBgJIAEoCUIO8rsYCnNlc3Npb25faWRCDQoLX21lZXRpbmdfaWQiQwoZTGlzdFZvaWNlU2Vzc2lvbnNSZXNwb25zZRImCghzZXNzaW9ucxgBIAMoCzIULmNhci52MS5Wb2ljZVNlc3Npb24iGwoZTGlzdFZvaWNlUHJvdmlkZXJzUmVxdWVzdCI/Cg1Wb2ljZVByb3ZpZGVyEgwKBG5hbWUYASABKAkSDgoGZW5naW5lGAIgASgJEhAKCHNlc3Npb25zGAMgASgNIkYKGkxpc3RWb2ljZVByb3ZpZGVyc1Jlc3BvbnNlEigKCXByb3ZpZGVycxgBIAMoCzIVLmNhci52MS5Wb2ljZVByb3ZpZGVyIvIBChFTZXJ2ZVZvaWNlUmVxdWVzdBIvCghyZWdpc3RlchgBIAEoCzIbLmNhci52MS5SZWdpc3RlclZvaWNlRW5naW5lSAASLAoGYW5zd2VyGAIgASgLMhouY2FyLnYxLlZvaWNlU2Vzc2lvbkFuc3dlckgAEikKBWV2ZW50GAMgASgLMhguY2FyLnYxLlZvaWNlRW5naW5lRXZlbnRIABIjCgVhdWRpbxgEIAEoCzISLmNhci52MS5Wb2ljZUF1ZGlvSAASJgoDZW5kGAUgASgLMhcuY2FyLnYxLkVuZFZvaWNlU2Vzc2lvbkgAQgYKBGJvZHki9wEKElNlcnZlVm9pY2VSZXNwb25zZRIzCgpyZWdpc3RlcmVkGAEgASgLMh0uY2FyLnYxLlZvaWNlRW5naW5lUmVnaXN0ZXJlZEgAEigKBG9wZW4YAiABKAsyGC5jYXIudjEuT3BlblZvaWNlU2Vzc2lvbkgAEiMKBWF1ZGlvGAMgASgLMhIuY2FyLnYxLlZvaWNlQXVkaW9IABIoCgRzdG9wGAQgASgLMhguY2FyLnYxLlN0b3BWb2ljZVNlc3Npb25IABIrCgZjbG9zZWQYBSABKAsyGS5jYXIudjEuQ2xvc2VWb2ljZVNlc3Npb25IAEIGCgRib2R5IkgKE1JlZ2lzdGVyVm9pY2VFbmdpbmUSEwoGZW5naW5lGAEgASgJSACIAQESEQoJcHJvdmlkZXJzGAIgAygJQgkKB19lbmdpbmUiOgoVVm9pY2VFbmdpbmVSZWdpc3RlcmVkEg4KBmVuZ2luZRgBIAEoCRIRCglwcm92aWRlcnMYAiADKAkiygEKEE9wZW5Wb2ljZVNlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCRIQCghwcm92aWRlchgCIAEoCRIUCgxhdWRpb19zb3VyY2UYAyABKAkSKAoHb3B0aW9ucxgEIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFwoKbWVldGluZ19pZBgFIAEoCUgAiAEBEigKEHZvaWNlX3Nlc3Npb25faWQYBiABKAlCDvK7GApzZXNzaW9uX2lkQg0KC19tZWV0aW5nX2lkInAKElZvaWNlU2Vzc2lvbkFuc3dlchISCgpzZXNzaW9uX2lkGAEgASgJEhIKBWVycm9yGAIgASgJSACIAQESKAoQdm9pY2Vfc2Vzc2lvbl9pZBgDIAEoCUIO8rsYCnNlc3Npb25faWRCCAoGX2Vycm9yIncKEFZvaWNlRW5naW5lRXZlbnQSEgoKc2Vzc2lvbl9pZBgBIAEoCRIlCgVldmVudBgCIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIoChB2b2ljZV9zZXNzaW9uX2lkGAMgASgJQg7yuxgKc2Vzc2lvbl9pZCJQChBTdG9wVm9pY2VTZXNzaW9uEhIKCnNlc3Npb25faWQYASABKAkSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgCIAEoCUIO8rsYCnNlc3Npb25faWQibQoPRW5kVm9pY2VTZXNzaW9uEhIKCnNlc3Npb25faWQYASABKAkSEgoFZXJyb3IYAiABKAlIAIgBARIoChB2b2ljZV9zZXNzaW9uX2lkGAMgASgJQg7yuxgKc2Vzc2lvbl9pZEIICgZfZXJyb3IiYQoRQ2xvc2VWb2ljZVNlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgDIAEoCUIO8rsYCnNlc3Npb25faWQivAIKB01lZXRpbmcSEgoKbWVldGluZ19pZBgBIAEoCRISCgV0aXRsZRgCIAEoCUgAiAEBEiUKBnN0YXR1cxgDIAEoDjIVLmNhci52MS5NZWV0aW5nU3RhdHVzEhIKCnN0YXJ0ZWRfYXQYBCABKAMSFQoIZW5kZWRfYXQYBSABKANIAYgBARISCgpzZXNzaW9uX2lkGAYgASgJEhAKCHByb3ZpZGVyGAcgASgJEhUKDXNlZ21lbnRfY291bnQYCCABKA0SEQoJdHJ1bmNhdGVkGAkgASgIEhcKCmVuZF9yZWFzb24YCiABKAlIAogBARIoChB2b2ljZV9zZXNzaW9uX2lkGAsgASgJQg7yuxgKc2Vzc2lvbl9pZEIICgZfdGl0bGVCCwoJX2VuZGVkX2F0Qg0KC19lbmRfcmVhc29uIukBChFUcmFuc2NyaXB0U2VnbWVudBINCgVpbmRleBgBIAEoDRIMCgR0ZXh0GAIgASgJEhQKB3NwZWFrZXIYAyABKAlIAIgBARIVCghzdGFydF9tcxgEIAEoA0gBiAEBEhMKBmVuZF9tcxgFIAEoA0gCiAEBEhMKC3JlY2VpdmVkX2F0GAYgASgDEhIKCnNlc3Npb25faWQYByABKAkSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgIIAEoCUIO8rsYCnNlc3Npb25faWRCCgoIX3NwZWFrZXJCCwoJX3N0YXJ0X21zQgkKB19lbmRfbXMilwIKE1N0YXJ0TWVldGluZ1JlcXVlc3QSDwoCaWQYASABKAlIAIgBARISCgV0aXRsZRgCIAEoCUgBiAEBEhcKCnNlc3Npb25faWQYAyABKAlIAogBARIVCghwcm92aWRlchgEIAEoCUgDiAEBEhkKDGF1ZGlvX3NvdXJjZRgFIAEoCUgEiAEBEigKB29wdGlvbnMYBiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EigKEHZvaWNlX3Nlc3Npb25faWQYByABKAlCDvK7GApzZXNzaW9uX2lkQgUKA19pZEIICgZfdGl0bGVCDQoLX3Nlc3Npb25faWRCCwoJX3Byb3ZpZGVyQg8KDV9hdWRpb19zb3VyY2UidgoUU3RhcnRNZWV0aW5nUmVzcG9uc2USIAoHbWVldGluZxgBIAEoCzIPLmNhci52MS5NZWV0aW5nEhIKCnNlc3Npb25faWQYAiABKAkSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgDIAEoCUIO8rsYCnNlc3Npb25faWQiKAoSU3RvcE1lZXRpbmdSZXF1ZXN0EhIKCm1lZXRpbmdfaWQYASABKAkiSAoTU3RvcE1lZXRpbmdSZXNwb25zZRIgCgdtZWV0aW5nGAEgASgLMg8uY2FyLnYxLk1lZXRpbmcSDwoHc3RvcHBlZBgCIAEoCCIzChNMaXN0TWVldGluZ3NSZXF1ZXN0EhIKBWxpbWl0GAEgASgNSACIAQFCCAoGX2xpbWl0IjkKFExpc3RNZWV0aW5nc1Jlc3BvbnNlEiEKCG1lZXRpbmdzGAEgAygLMg8uY2FyLnYxLk1lZXRpbmciJwoRR2V0TWVldGluZ1JlcXVlc3QSEgoKbWVldGluZ19pZBgBIAEoCSJjChJHZXRNZWV0aW5nUmVzcG9uc2USIAoHbWVldGluZxgBIAEoCzIPLmNhci52MS5NZWV0aW5nEisKCHNlZ21lbnRzGAIgAygLMhkuY2FyLnYxLlRyYW5zY3JpcHRTZWdtZW50KqwBCg5BdWRpb0ZyYW1lVHlwZRIgChxBVURJT19GUkFNRV9UWVBFX1VOU1BFQ0lGSUVEEAASGAoUQVVESU9fRlJBTUVfVFlQRV9QQ00QARIeChpBVURJT19GUkFNRV9UWVBFX1RUU19DSFVOSxACEh4KGkFVRElPX0ZSQU1FX1RZUEVfVFRTX0ZJTkFMEAMSHgoaQVVESU9fRlJBTUVfVFlQRV9UVFNfRVJST1IQBCpxCgtBdWRpb0Zvcm1hdBIcChhBVURJT19GT1JNQVRfVU5TUEVDSUZJRUQQABIYChRBVURJT19GT1JNQVRfUENNMTZMRRABEhQKEEFVRElPX0ZPUk1BVF9NUDMQAhIUChBBVURJT19GT1JNQVRfV0FWEAMqggEKDU1lZXRpbmdTdGF0dXMSHgoaTUVFVElOR19TVEFUVVNfVU5TUEVDSUZJRUQQABIXChNNRUVUSU5HX1NUQVRVU19MSVZFEAESGAoUTUVFVElOR19TVEFUVVNfRU5ERUQQAhIeChpNRUVUSU5HX1NUQVRVU19JTlRFUlJVUFRFRBADMsIGCgxWb2ljZVNlcnZpY2USYgoRUHVibGlzaFZvaWNlRXZlbnQSIC5jYXIudjEuUHVibGlzaFZvaWNlRXZlbnRSZXF1ZXN0GiEuY2FyLnYxLlB1Ymxpc2hWb2ljZUV2ZW50UmVzcG9uc2UiCMK7GAQKAgIDElEKClNlcnZlVm9pY2USGS5jYXIudjEuU2VydmVWb2ljZVJlcXVlc3QaGi5jYXIudjEuU2VydmVWb2ljZVJlc3BvbnNlIgjCuxgECgICAygBMAEShwEKFVN0YXJ0VHJhbnNjcmliZVN0cmVhbRIkLmNhci52MS5TdGFydFRyYW5zY3JpYmVTdHJlYW1SZXF1ZXN0GiUuY2FyLnYxLlN0YXJ0VHJhbnNjcmliZVN0cmVhbVJlc3BvbnNlIiGyuxgddm9pY2UudHJhbnNjcmliZV9zdHJlYW0uc3RhcnQSgAEKE1B1c2hUcmFuc2NyaWJlQXVkaW8SIi5jYXIudjEuUHVzaFRyYW5zY3JpYmVBdWRpb1JlcXVlc3QaIy5jYXIudjEuUHVzaFRyYW5zY3JpYmVBdWRpb1Jlc3BvbnNlIiCyuxgcdm9pY2UudHJhbnNjcmliZV9zdHJlYW0ucHVzaBKDAQoUU3RvcFRyYW5zY3JpYmVTdHJlYW0SIy5jYXIudjEuU3RvcFRyYW5zY3JpYmVTdHJlYW1SZXF1ZXN0GiQuY2FyLnYxLlN0b3BUcmFuc2NyaWJlU3RyZWFtUmVzcG9uc2UiILK7GBx2b2ljZS50cmFuc2NyaWJlX3N0cmVhbS5zdG9wEnEKEUxpc3RWb2ljZVNlc3Npb25zEiAuY2FyLnYxLkxpc3RWb2ljZVNlc3Npb25zUmVxdWVzdBohLmNhci52MS5MaXN0Vm9pY2VTZXNzaW9uc1Jlc3BvbnNlIheyuxgTdm9pY2Uuc2Vzc2lvbnMubGlzdBJ1ChJMaXN0Vm9pY2VQcm92aWRlcnMSIS5jYXIudjEuTGlzdFZvaWNlUHJvdmlkZXJzUmVxdWVzdBoiLmNhci52MS5MaXN0Vm9pY2VQcm92aWRlcnNSZXNwb25zZSIYsrsYFHZvaWNlLnByb3ZpZGVycy5saXN0MvsCCg5NZWV0aW5nU2VydmljZRJcCgxTdGFydE1lZXRpbmcSGy5jYXIudjEuU3RhcnRNZWV0aW5nUmVxdWVzdBocLmNhci52MS5TdGFydE1lZXRpbmdSZXNwb25zZSIRsrsYDW1lZXRpbmcuc3RhcnQSWAoLU3RvcE1lZXRpbmcSGi5jYXIudjEuU3RvcE1lZXRpbmdSZXF1ZXN0GhsuY2FyLnYxLlN0b3BNZWV0aW5nUmVzcG9uc2UiELK7GAxtZWV0aW5nLnN0b3ASWwoMTGlzdE1lZXRpbmdzEhsuY2FyLnYxLkxpc3RNZWV0aW5nc1JlcXVlc3QaHC5jYXIudjEuTGlzdE1lZXRpbmdzUmVzcG9uc2UiELK7GAxtZWV0aW5nLmxpc3QSVAoKR2V0TWVldGluZxIZLmNhci52MS5HZXRNZWV0aW5nUmVxdWVzdBoaLmNhci52MS5HZXRNZWV0aW5nUmVzcG9uc2UiD7K7GAttZWV0aW5nLmdldEJmChFhaS5wYXJzbGVlLmNhci52MUIKVm9pY2VQcm90b1ABWjpnaXRodWIuY29tL3BhcnNsZWUtYWkvY2FyLWdycGMvY2xpZW50cy9nby9nZW4vY2FyL3YxO2NhcnYxqgIGQ2FyLlYxYgZwcm90bzM", [file_car_v1_options, file_google_protobuf_struct]);
 
 /**
  * Server -> client notification `voice.event`: one event of a voice session the
@@ -48,6 +48,13 @@ export type VoiceEventNotice = Message<"car.v1.VoiceEventNotice"> & {
    * @generated from field: google.protobuf.Value event = 2;
    */
   event?: Value | undefined;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 3;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -76,6 +83,13 @@ export type PublishVoiceEventRequest = Message<"car.v1.PublishVoiceEventRequest"
    * @generated from field: google.protobuf.Value event = 2;
    */
   event?: Value | undefined;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 3;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -149,6 +163,13 @@ export type VoiceAudio = Message<"car.v1.VoiceAudio"> & {
    * @generated from field: bytes data = 5;
    */
   data: Uint8Array;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 6;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -197,6 +218,13 @@ export type StartTranscribeStreamRequest = Message<"car.v1.StartTranscribeStream
    * @generated from field: optional string provider = 4;
    */
   provider?: string | undefined;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 5;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -232,6 +260,13 @@ export type StartTranscribeStreamResponse = Message<"car.v1.StartTranscribeStrea
    * @generated from field: string audio_source = 3;
    */
   audioSource: string;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 4;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -263,6 +298,13 @@ export type PushTranscribeAudioRequest = Message<"car.v1.PushTranscribeAudioRequ
    * @generated from field: string pcm_b64 = 2;
    */
   pcmB64: string;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 3;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -291,6 +333,13 @@ export type PushTranscribeAudioResponse = Message<"car.v1.PushTranscribeAudioRes
    * @generated from field: uint64 seq = 2;
    */
   seq: bigint;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 3;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -315,6 +364,13 @@ export type StopTranscribeStreamRequest = Message<"car.v1.StopTranscribeStreamRe
    * @generated from field: string session_id = 1;
    */
   sessionId: string;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 2;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -344,6 +400,13 @@ export type StopTranscribeStreamResponse = Message<"car.v1.StopTranscribeStreamR
    * @generated from field: bool stopped = 2;
    */
   stopped: boolean;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 3;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -429,6 +492,13 @@ export type VoiceSession = Message<"car.v1.VoiceSession"> & {
    * @generated from field: optional string meeting_id = 8;
    */
   meetingId?: string | undefined;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 9;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -749,6 +819,13 @@ export type OpenVoiceSession = Message<"car.v1.OpenVoiceSession"> & {
    * @generated from field: optional string meeting_id = 5;
    */
   meetingId?: string | undefined;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 6;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -777,6 +854,13 @@ export type VoiceSessionAnswer = Message<"car.v1.VoiceSessionAnswer"> & {
    * @generated from field: optional string error = 2;
    */
   error?: string | undefined;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 3;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -805,6 +889,13 @@ export type VoiceEngineEvent = Message<"car.v1.VoiceEngineEvent"> & {
    * @generated from field: google.protobuf.Value event = 2;
    */
   event?: Value | undefined;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 3;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -826,6 +917,13 @@ export type StopVoiceSession = Message<"car.v1.StopVoiceSession"> & {
    * @generated from field: string session_id = 1;
    */
   sessionId: string;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 2;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -854,6 +952,13 @@ export type EndVoiceSession = Message<"car.v1.EndVoiceSession"> & {
    * @generated from field: optional string error = 2;
    */
   error?: string | undefined;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 3;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -882,6 +987,13 @@ export type CloseVoiceSession = Message<"car.v1.CloseVoiceSession"> & {
    * @generated from field: string reason = 2;
    */
   reason: string;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 3;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -967,6 +1079,13 @@ export type Meeting = Message<"car.v1.Meeting"> & {
    * @generated from field: optional string end_reason = 10;
    */
   endReason?: string | undefined;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 11;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -1028,6 +1147,13 @@ export type TranscriptSegment = Message<"car.v1.TranscriptSegment"> & {
    * @generated from field: string session_id = 7;
    */
   sessionId: string;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 8;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -1087,6 +1213,13 @@ export type StartMeetingRequest = Message<"car.v1.StartMeetingRequest"> & {
    * @generated from field: google.protobuf.Struct options = 6;
    */
   options?: JsonObject | undefined;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 7;
+   */
+  voiceSessionId: string;
 };
 
 /**
@@ -1115,6 +1248,13 @@ export type StartMeetingResponse = Message<"car.v1.StartMeetingResponse"> & {
    * @generated from field: string session_id = 2;
    */
   sessionId: string;
+
+  /**
+   * The voice session: `session_id` on the JSON wire.
+   *
+   * @generated from field: string voice_session_id = 3;
+   */
+  voiceSessionId: string;
 };
 
 /**
