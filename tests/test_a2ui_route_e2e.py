@@ -74,7 +74,7 @@ async def test_a2a_send_then_a_click_continues_the_remote_task_with_the_credenti
     # not ours: they show whatever a client sends, secrets included, and are off unless
     # an operator turns DEBUG on for that library).
     caplog.set_level(logging.DEBUG, logger="car_grpc")
-    config = make_config(tmp_path)
+    config = make_config(tmp_path, store=None)  # the embedded file, read below
     async with (
         remote_agent() as agent,
         running(config) as (core, gateway),
@@ -277,7 +277,7 @@ async def test_the_route_survives_a_restart_sealed_with_a_key_kept_0600(
             rows = server.execute(url, "SELECT surface, route FROM a2ui_surfaces")
             return b"".join(bytes(v) for row in rows for v in row if v is not None)
     else:
-        config = make_config(tmp_path)
+        config = make_config(tmp_path, store=None)  # the embedded file, read below
 
         def stored() -> bytes:
             return store_bytes(config)

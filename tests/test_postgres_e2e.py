@@ -23,9 +23,9 @@ import pytest
 
 from car_grpc.config import Config
 from car_grpc.core.server import Core
-from car_grpc.v1 import host_pb2, runs_pb2, runs_pb2_grpc, session_pb2
+from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, runs_pb2_grpc, session_pb2
 from car_grpc.wire import codec
-from car_grpc.wire.errors import INTERNAL, CarError
+from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS, CarError
 from tests.conftest import make_config
 from tests.error_details import error_info
 from tests.postgres_server import PostgresServer
@@ -148,6 +148,25 @@ async def test_the_approval_ledger_lives_in_postgresql(
         assert rows_after[gated.id].notes == "ok"
         assert rows_after[open_one.id].status == host_pb2.APPROVAL_STATUS_EXPIRED
         await reader.close()
+
+
+async def test_a_value_postgresql_cannot_keep_is_a_precise_invalid_params(
+    tmp_path: Path, store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL text holds no NUL character: a goal keyed by one is refused -32602, with
+    no handler failure logged, and the session goes on."""
+    config = make_config(tmp_path, store=store_url)
+    goal = chats_pb2.SetGoalRequest(session_id="chat\x00one", check="tests pass")
+    async with running(config) as (core, channel):
+        client = await connect(channel, token=tokens(core).daemon)
+        with pytest.raises(CarError) as refused:
+            await client.request("goal_set", goal)
+        assert refused.value.code == INVALID_PARAMS
+        assert "NUL" in refused.value.message
+        goal.session_id = "chat-one"
+        assert (await client.request("goal_set", goal)).set
+        await client.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # ---------------------------------------------------------------- agent tokens, the CLI

@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.router import Reply, Router
-from car_grpc.store import StoreUnavailable
+from car_grpc.store import StoreRefused, StoreUnavailable
 from car_grpc.v1 import options_pb2
 from car_grpc.wire import api
 from car_grpc.wire.errors import (
@@ -28,6 +28,7 @@ from car_grpc.wire.errors import (
     INTERNAL,
     METHOD_NOT_FOUND,
     CarError,
+    invalid_params,
     permission_denied,
     unavailable,
 )
@@ -136,6 +137,8 @@ class Dispatcher:
             raise
         except StoreUnavailable as e:
             raise store_unavailable(method, e) from None
+        except StoreRefused as e:
+            raise invalid_params(f"invalid params: {e}") from None
         except TimeoutError as e:
             if deadline.expired():
                 limit = self._handler_timeout

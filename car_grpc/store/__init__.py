@@ -32,6 +32,7 @@ from car_grpc.store.repositories import (
     RunStore,
     Store,
     StoreConflict,
+    StoreRefused,
     StoreUnavailable,
 )
 
@@ -84,6 +85,7 @@ __all__ = [
     "Store",
     "StoreConflict",
     "StoreLocation",
+    "StoreRefused",
     "StoreUnavailable",
     "StoreUrlError",
     "database_path",

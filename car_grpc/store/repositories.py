@@ -35,6 +35,11 @@ class StoreConflict(RuntimeError):
     writes and never reuses a key."""
 
 
+class StoreRefused(ValueError):
+    """A value the store cannot keep (PostgreSQL's text holds no NUL character): the
+    request's fault, answered with -32602 (INVALID_ARGUMENT on typed RPCs)."""
+
+
 class StoreUnavailable(RuntimeError):
     """The store could not be reached, or did not answer within its timeout. The core
     answers the request with -32603 (UNAVAILABLE on typed RPCs); retrying later may work."""

@@ -45,7 +45,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from car_grpc.clock import now_ms
 from car_grpc.store.location import StoreUrlError, redact
-from car_grpc.store.repositories import StoreConflict, StoreUnavailable
+from car_grpc.store.repositories import StoreConflict, StoreRefused, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -348,6 +348,8 @@ class PostgresDatabase:
             raise StoreUnavailable(f"store {self.where}: {_first_line(e)}") from None
         except psycopg.InterfaceError as e:  # e.g. the pool is closed
             raise StoreUnavailable(f"store {self.where}: {_first_line(e)}") from None
+        except psycopg.DataError as e:  # e.g. a NUL character in a text column
+            raise StoreRefused(f"the store cannot keep a value: {_first_line(e)}") from None
         except psycopg.IntegrityError as e:  # the repositories check first; a backstop
             raise StoreConflict(f"store {self.where}: {_first_line(e)}") from None
         finally:
