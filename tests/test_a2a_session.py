@@ -81,6 +81,13 @@ async def test_a_session_sends_a_message_gets_the_reply_and_alone_sees_its_task(
         # The agent is named: without `tenant` the params are wrong, saying so.
         missing = await caller.error("GetTask", {"id": task["id"]})
         assert missing["code"] == -32602 and "tenant" in missing["message"]
+    # Nobody can read a closed session's tasks: its finished ones are deleted.
+    assert core.parts is not None
+    async with asyncio.timeout(5):  # the core closes the session after the socket
+        while True:
+            if await core.parts.store.a2a_tasks.get(task["id"]) is None:
+                break
+            await asyncio.sleep(0.02)
 
 
 async def test_cancel_task_cancels_a_running_task_and_v0_3_names_work(

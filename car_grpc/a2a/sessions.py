@@ -42,7 +42,7 @@ from car_grpc.wire.errors import (
 #: A2A's TaskNotFound code; the other A2A-specific codes are -32002 ... -32099.
 A2A_TASK_NOT_FOUND = -32001
 #: JSON-RPC's own codes, which mean the same on the session.
-_JSON_RPC_CODES = frozenset({INVALID_REQUEST, INVALID_PARAMS, INTERNAL})
+_JSON_RPC_CODES = frozenset({INVALID_PARAMS, INTERNAL})
 
 
 def session_caller(session: ClientSession) -> str:
@@ -160,6 +160,8 @@ def _body(body: bytes) -> Any:
 
 def _session_error(method: str, error: dict[str, Any]) -> CarError:
     code, message = int(error.get("code", INTERNAL)), str(error.get("message", ""))
+    if code == INVALID_REQUEST:  # the session's frame was valid: the params were not
+        return CarError(INVALID_PARAMS, f"invalid params: {method}: {message}")
     if code in _JSON_RPC_CODES:
         return CarError(code, message)
     data = codec.to_value({"a2a": error})
