@@ -155,8 +155,11 @@ def test_protocol_doc_names_only_methods_the_server_serves() -> None:
 
 
 def test_protocol_doc_documents_every_method_the_server_serves() -> None:
-    named = _method_names(PROTOCOL_DOC.read_text())
-    undocumented = _served() - named
+    text = PROTOCOL_DOC.read_text()
+    named = _method_names(text)
+    # A2A's method names (`SendMessage`, `agent/getAuthenticatedExtendedCard`) are not
+    # lower-case dotted: such a name counts as documented in a code span of its own.
+    undocumented = {m for m in _served() - named if f"`{m}`" not in text}
     assert not undocumented, f"methods missing from docs/protocol.md: {sorted(undocumented)}"
     assert _served() >= CLIENT_REQUESTS | SERVER_REQUESTS | SERVER_NOTIFICATIONS
 

@@ -217,6 +217,10 @@ class A2aTasks(TaskStore):
     def _owned(row: A2aTaskRow, owner: Owner) -> bool:
         return (row.agent_id, row.caller) == (owner.agent_id, owner.caller)
 
+    async def forget_finished(self, caller: str) -> None:
+        """Delete the finished tasks of `caller` (a session that closed: nobody reads them)."""
+        await self._store.prune(caller, 0, sorted(TERMINAL))
+
     async def flush(self) -> None:
         """Write every held-back save now (at shutdown)."""
         for flusher in list(self._flushers.values()):

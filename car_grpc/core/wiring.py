@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from car_grpc.a2a.server import A2aLimits, A2aServer
+from car_grpc.a2a.sessions import A2aSessions
 from car_grpc.config import CoreConfig
 from car_grpc.core.a2a_client import A2aClient
 from car_grpc.core.a2ui import A2ui, A2uiLimits
@@ -236,6 +237,7 @@ async def wire(
         approvals_enabled=config.approvals,
         cluster=cluster,
     )
+    a2a_sessions = A2aSessions()
     router = Router(
         [
             authentication,
@@ -251,6 +253,7 @@ async def wire(
             meetings,
             a2ui,
             status,
+            a2a_sessions,
         ]
     )
     dispatcher = Dispatcher(
@@ -281,6 +284,7 @@ async def wire(
             ),
         )
         await a2a.start()
+        a2a_sessions.server = a2a
     peer_service = peers = None
     keep: list[object] = []
     if cluster is not None:

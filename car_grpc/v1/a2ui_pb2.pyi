@@ -1019,3 +1019,56 @@ class A2aPeersRemoveResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___A2aPeersRemoveResponse: _TypeAlias = A2aPeersRemoveResponse  # noqa: Y015
+
+@_typing.final
+class A2aSessionRequest(_message.Message):
+    """An A2A method called inside a session (docs/protocol.md §7b): `SendMessage`, `GetTask`,
+    ... or a v0.3 alias (`message/send`, `tasks/get`, ...), its params the A2A params as
+    they are, plus `tenant`: the attached agent the call is for (its agent_id, as `tenant`
+    names it on gRPC).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    @_builtins.property
+    def params(self) -> _struct_pb2.Struct:
+        """Every other key: the A2A params (camelCase, as the A2A JSON-RPC binding has them)."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        params: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___A2aSessionRequest: _TypeAlias = A2aSessionRequest  # noqa: Y015
+
+@_typing.final
+class A2aSessionResponse(_message.Message):
+    """The A2A result as the A2A JSON-RPC binding has it (null for a delete)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def result(self) -> _struct_pb2.Value: ...
+    def __init__(
+        self,
+        *,
+        result: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___A2aSessionResponse: _TypeAlias = A2aSessionResponse  # noqa: Y015
