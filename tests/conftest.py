@@ -42,6 +42,9 @@ def make_config(root: Path, **overrides: object) -> Config:
         "token_dir": root / "car-home" / "ai.parslee.car",
         "grpc_port": 0,
         "ws_port": 0,
+        # Ephemeral too (not the gRPC port + 1): a core restarted on its gRPC port must not
+        # need a neighbouring port that another test may hold meanwhile.
+        "a2a_port": 0,
         "unix_socket": None,
     }
     if TEST_STORE == "postgresql" and "store" not in overrides:
