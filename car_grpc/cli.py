@@ -9,7 +9,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +20,7 @@ from car_grpc.core.tokens import AgentTokens
 from car_grpc.gateway import Gateway
 from car_grpc.serve import Server
 from car_grpc.store import (
+    Store,
     StoreLocation,
     StoreUnavailable,
     StoreUrlError,
@@ -307,47 +308,20 @@ def _store_note(config: CoreConfig, location: StoreLocation, new: bool) -> str:
 def _cmd_agents(args: argparse.Namespace) -> int:
     # The repositories are async (as a PostgreSQL driver is); a one-shot command simply
     # runs them on an event loop of its own rather than keeping a blocking twin of each.
-    return asyncio.run(_agents(args))
-
-
-async def _agents(args: argparse.Namespace) -> int:
-    config = config_from(args).core
-    location = store_location(config.store, config.state_root)
-    new = location.path is not None and not location.path.exists()
-    try:
-        store = await open_store(
-            config.state_root, config.store, pool_size=1, timeout=config.store_timeout
-        )
-    except (StoreUnavailable, StoreUrlError) as e:
-        print(f"car-grpc: {e}", file=sys.stderr)
-        return 1
-    tokens = AgentTokens(store.agent_tokens)
-    # On stderr: stdout stays the token alone (add) or the listing (list).
-    print(_store_note(config, location, new), file=sys.stderr)
-    try:
-        if args.agents_cmd == "add":
-            print(await tokens.add(args.agent_id))
-        elif args.agents_cmd == "remove":
-            if not await tokens.remove(args.agent_id):
-                print(f"no agent token for {args.agent_id!r}", file=sys.stderr)
-                return 1
-        else:
-            for row in await tokens.list():
-                print(f"{row.agent_id}\t{row.created_at}")
-    except StoreUnavailable as e:
-        print(f"car-grpc: {e}", file=sys.stderr)
-        return 1
-    finally:
-        await store.close()
-    return 0
+    return asyncio.run(_with_store(args, "agent tokens", _agents))
 
 
 def _cmd_a2a_clients(args: argparse.Namespace) -> int:
-    return asyncio.run(_a2a_clients(args))
+    return asyncio.run(_with_store(args, "A2A caller tokens", _a2a_clients))
 
 
-async def _a2a_clients(args: argparse.Namespace) -> int:
-    """Like `agents`: the tokens of A2A callers, in the store the server uses."""
+async def _with_store(
+    args: argparse.Namespace,
+    what: str,
+    command: Callable[[argparse.Namespace, Store], Awaitable[int]],
+) -> int:
+    """Run a token command on the store the server uses, saying on stderr which store that
+    is (stdout stays the token alone, or the listing); 1 when the store fails."""
     config = config_from(args).core
     location = store_location(config.store, config.state_root)
     new = location.path is not None and not location.path.exists()
@@ -358,24 +332,42 @@ async def _a2a_clients(args: argparse.Namespace) -> int:
     except (StoreUnavailable, StoreUrlError) as e:
         print(f"car-grpc: {e}", file=sys.stderr)
         return 1
-    callers = A2aCallers(store.a2a_clients)
-    print(_store_note(config, location, new).replace("agent tokens", "A2A caller tokens"),
-          file=sys.stderr)  # fmt: skip
+    print(_store_note(config, location, new).replace("agent tokens", what), file=sys.stderr)
     try:
-        if args.a2a_cmd == "add":
-            print(await callers.add(args.name))
-        elif args.a2a_cmd == "remove":
-            if not await callers.remove(args.name):
-                print(f"no A2A caller {args.name!r}", file=sys.stderr)
-                return 1
-        else:
-            for row in await callers.list():
-                print(f"{row.name}\t{row.created_at}")
+        return await command(args, store)
     except StoreUnavailable as e:
         print(f"car-grpc: {e}", file=sys.stderr)
         return 1
     finally:
         await store.close()
+
+
+async def _agents(args: argparse.Namespace, store: Store) -> int:
+    tokens = AgentTokens(store.agent_tokens)
+    if args.agents_cmd == "add":
+        print(await tokens.add(args.agent_id))
+    elif args.agents_cmd == "remove":
+        if not await tokens.remove(args.agent_id):
+            print(f"no agent token for {args.agent_id!r}", file=sys.stderr)
+            return 1
+    else:
+        for row in await tokens.list():
+            print(f"{row.agent_id}\t{row.created_at}")
+    return 0
+
+
+async def _a2a_clients(args: argparse.Namespace, store: Store) -> int:
+    """Like `agents`: the tokens of A2A callers, in the store the server uses."""
+    callers = A2aCallers(store.a2a_clients)
+    if args.a2a_cmd == "add":
+        print(await callers.add(args.name))
+    elif args.a2a_cmd == "remove":
+        if not await callers.remove(args.name):
+            print(f"no A2A caller {args.name!r}", file=sys.stderr)
+            return 1
+    else:
+        for row in await callers.list():
+            print(f"{row.name}\t{row.created_at}")
     return 0
 
 
