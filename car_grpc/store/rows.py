@@ -1,5 +1,5 @@
 """What both stores (SQLite, PostgreSQL) write and read the same way: statuses stored by
-name, and the columns of runs and goals decoded into the repositories' types. Only the
+name, and the columns of runs, goals and A2A tasks decoded into the repositories' types. Only the
 SQL around them differs."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 from google.protobuf.descriptor import EnumDescriptor
 
-from car_grpc.store.repositories import RunRow
+from car_grpc.store.repositories import A2aTaskRow, RunRow
 from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, voice_pb2
 
 
@@ -87,3 +87,15 @@ def goal_from_row(values: Sequence[Any]) -> chats_pb2.StoredGoal:
     if terminal is not None:
         goal.terminal_kind = str(terminal)
     return goal
+
+
+A2A_TASK_COLUMNS = "task_id, agent_id, caller, context_id, state, updated_at, task"
+
+
+def a2a_task_from_row(row: Sequence[object]) -> A2aTaskRow:
+    task_id, agent_id, caller, context_id, state, updated_at, task = row
+    assert isinstance(task, bytes | memoryview)
+    return A2aTaskRow(
+        str(task_id), str(agent_id), str(caller), str(context_id), int(str(state)),
+        int(str(updated_at)), bytes(task),
+    )  # fmt: skip

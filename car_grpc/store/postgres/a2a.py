@@ -6,17 +6,7 @@ from collections.abc import Sequence
 
 from car_grpc.store.postgres.database import Cursor, PostgresDatabase, rows_affected
 from car_grpc.store.repositories import A2aClientRow, A2aTaskRow, StoreConflict
-
-_TASK_COLUMNS = "task_id, agent_id, caller, context_id, state, updated_at, task"
-
-
-def _task(row: Sequence[object]) -> A2aTaskRow:
-    task_id, agent_id, caller, context_id, state, updated_at, task = row
-    assert isinstance(task, bytes | memoryview)
-    return A2aTaskRow(
-        str(task_id), str(agent_id), str(caller), str(context_id), int(str(state)),
-        int(str(updated_at)), bytes(task),
-    )  # fmt: skip
+from car_grpc.store.rows import A2A_TASK_COLUMNS, a2a_task_from_row
 
 
 class PostgresA2aClientStore:
@@ -64,7 +54,7 @@ class PostgresA2aTaskStore:
     async def put(self, row: A2aTaskRow) -> None:
         async def upsert(cur: Cursor) -> None:
             await cur.execute(
-                f"INSERT INTO a2a_tasks({_TASK_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                f"INSERT INTO a2a_tasks({A2A_TASK_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (task_id) DO UPDATE SET context_id = excluded.context_id,"
                 " state = excluded.state, updated_at = excluded.updated_at,"
                 " task = excluded.task"
@@ -83,10 +73,10 @@ class PostgresA2aTaskStore:
     async def get(self, task_id: str) -> A2aTaskRow | None:
         async def select(cur: Cursor) -> A2aTaskRow | None:
             await cur.execute(
-                f"SELECT {_TASK_COLUMNS} FROM a2a_tasks WHERE task_id = %s", (task_id,)
+                f"SELECT {A2A_TASK_COLUMNS} FROM a2a_tasks WHERE task_id = %s", (task_id,)
             )
             row = await cur.fetchone()
-            return _task(row) if row else None
+            return a2a_task_from_row(row) if row else None
 
         return await self._db.run(select)
 
@@ -114,11 +104,11 @@ class PostgresA2aTaskStore:
             counted = await cur.fetchone()
             assert counted is not None
             await cur.execute(
-                f"SELECT {_TASK_COLUMNS} FROM a2a_tasks WHERE {where}"
+                f"SELECT {A2A_TASK_COLUMNS} FROM a2a_tasks WHERE {where}"
                 " ORDER BY updated_at DESC, task_id DESC LIMIT %s OFFSET %s",
                 [*args, limit, offset],
             )
-            return [_task(r) for r in await cur.fetchall()], int(counted[0])
+            return [a2a_task_from_row(r) for r in await cur.fetchall()], int(counted[0])
 
         return await self._db.run(select)
 
@@ -146,11 +136,11 @@ class PostgresA2aTaskStore:
             # This core's tasks and those of no core: in a cluster the other cores'
             # tasks are theirs (migration 8 stamps each task with the core that made it).
             await cur.execute(
-                f"SELECT {_TASK_COLUMNS} FROM a2a_tasks WHERE state = ANY(%s)"
+                f"SELECT {A2A_TASK_COLUMNS} FROM a2a_tasks WHERE state = ANY(%s)"
                 " AND core_id IN ('', COALESCE(current_setting('car.core_id', true), ''))"
                 " ORDER BY updated_at, task_id",
                 (list(states),),
             )
-            return [_task(r) for r in await cur.fetchall()]
+            return [a2a_task_from_row(r) for r in await cur.fetchall()]
 
         return await self._db.run(select)

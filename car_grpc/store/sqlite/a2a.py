@@ -7,20 +7,11 @@ import sqlite3
 from collections.abc import Sequence
 
 from car_grpc.store.repositories import A2aClientRow, A2aTaskRow, StoreConflict
+from car_grpc.store.rows import A2A_TASK_COLUMNS, a2a_task_from_row
 from car_grpc.store.sqlite.database import SqliteDatabase
 
-_TASK_COLUMNS = "task_id, agent_id, caller, context_id, state, updated_at, task"
 #: What a task row costs beside its task, in bytes (for the store's queue bound).
 _ROW_OVERHEAD = 256
-
-
-def _task(row: Sequence[object]) -> A2aTaskRow:
-    task_id, agent_id, caller, context_id, state, updated_at, task = row
-    assert isinstance(task, bytes)
-    return A2aTaskRow(
-        str(task_id), str(agent_id), str(caller), str(context_id), int(str(state)),
-        int(str(updated_at)), task,
-    )  # fmt: skip
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -77,7 +68,8 @@ class SqliteA2aTaskStore:
             if owner is not None and tuple(owner) != (row.agent_id, row.caller):
                 raise StoreConflict(f"task {row.task_id!r} belongs to another agent or caller")
             conn.execute(
-                f"INSERT OR REPLACE INTO a2a_tasks({_TASK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO a2a_tasks({A2A_TASK_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     row.task_id, row.agent_id, row.caller, row.context_id, row.state,
                     row.updated_at, row.task,
@@ -89,9 +81,9 @@ class SqliteA2aTaskStore:
     async def get(self, task_id: str) -> A2aTaskRow | None:
         def select(conn: sqlite3.Connection) -> A2aTaskRow | None:
             found = conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM a2a_tasks WHERE task_id = ?", (task_id,)
+                f"SELECT {A2A_TASK_COLUMNS} FROM a2a_tasks WHERE task_id = ?", (task_id,)
             ).fetchone()
-            return _task(found) if found else None
+            return a2a_task_from_row(found) if found else None
 
         return await self._db.read(select)
 
@@ -119,11 +111,11 @@ class SqliteA2aTaskStore:
                 f"SELECT count(*) FROM a2a_tasks WHERE {where}", args
             ).fetchone()
             rows = conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM a2a_tasks WHERE {where}"
+                f"SELECT {A2A_TASK_COLUMNS} FROM a2a_tasks WHERE {where}"
                 " ORDER BY updated_at DESC, task_id DESC LIMIT ? OFFSET ?",
                 [*args, limit, offset],
             ).fetchall()
-            return [_task(r) for r in rows], int(total)
+            return [a2a_task_from_row(r) for r in rows], int(total)
 
         return await self._db.read(select)
 
@@ -152,10 +144,10 @@ class SqliteA2aTaskStore:
 
         def select(conn: sqlite3.Connection) -> list[A2aTaskRow]:
             rows = conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM a2a_tasks WHERE state IN ({_marks(wanted)})"
+                f"SELECT {A2A_TASK_COLUMNS} FROM a2a_tasks WHERE state IN ({_marks(wanted)})"
                 " ORDER BY updated_at, task_id",
                 wanted,
             ).fetchall()
-            return [_task(r) for r in rows]
+            return [a2a_task_from_row(r) for r in rows]
 
         return await self._db.read(select)
