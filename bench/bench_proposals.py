@@ -108,6 +108,7 @@ async def _run() -> None:
                         c50 / b50,
                         2,
                         "a state.get",
+                        floor=f50 / b50,
                     )
                 )
 
