@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from car_grpc.config import GatewayConfig
 from car_grpc.gateway.server import LISTEN_BACKLOG, Gateway
+from car_grpc.heap import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ async def _serve(orders: _Orders) -> None:
         orders.config, orders.core_address, listener=listener, announce=orders.announce
     )
     await gateway.start()
+    freeze_startup_heap()
     try:
         sys.stdout.write("serving\n")
         sys.stdout.flush()
