@@ -216,9 +216,9 @@ def _trace_event(head: bytes, record: runs_pb2.RunRecord, cursor: int) -> bytes:
     serialized RunTraceEvent of the run's id, agent and status.
 
     A turn is the hot path (a batch of 256 makes 256 events): its frame is put together
-    from serialized parts, without copying the turn into a new message (half the
-    cost of publishing it, bench/README.md). A turn has no typed twins (test_runs_fanout checks), so
-    fill_out would change nothing. Any other record takes the ordinary way.
+    from serialized parts rather than copied into a new message and walked by fill_out
+    (half the cost, bench/README.md). A turn has no typed twins, so fill_out would change
+    nothing (test_runs_fanout checks). Any other record takes the ordinary way.
     """
     if record.record != TURN:
         message = runs_pb2.RunTraceEvent.FromString(head)
