@@ -217,7 +217,7 @@ def _trace_event(head: bytes, record: runs_pb2.RunRecord, cursor: int) -> bytes:
 
     A turn is the hot path (a batch of 256 makes 256 events): its frame is put together
     from serialized parts rather than copied into a new message and walked by fill_out
-    (half the cost, bench/README.md). A turn has no typed twins, so fill_out would change
+    (a third less, bench/README.md). A turn has no typed twins, so fill_out would change
     nothing (test_runs_fanout checks). Any other record takes the ordinary way.
     """
     if record.record != TURN:
