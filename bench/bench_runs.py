@@ -5,8 +5,9 @@ agent records batches of 1, 16 and 256 turns, one batch at a time (each acknowle
 only once committed with synchronous=FULL), on runs of up to 2000 turns; a host session
 subscribes to every run and must see every turn. Then 16 agents, each on its own
 connection and its own run, record batches of 1 at once (one in flight each): what
-concurrent durable writes make of the store (group commit). Reported: turns per second
-and the p50 latency of one batch.
+concurrent durable writes make of the store (group commit). Reported: turns per second,
+the p50 latency of one batch, and the server's CPU time per turn (all its threads, from
+/proc: on a busy machine it moves far less than the rates do).
 
 Two baselines, measured in the same run:
 
@@ -38,6 +39,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench import summary
+from bench.bench_load import cpu_seconds
 from car_grpc.core.tokens import HOST_TOKEN_FILE, AgentTokens
 from car_grpc.store import open_store
 from tests.processes import car_grpc_serve, launch, log_listening
@@ -73,10 +75,12 @@ def frame(run_id: str, batch: list[dict[str, Any]], request_id: int) -> str:
 class Figures:
     turns_per_s: float
     p50_ms: float
+    #: The server's CPU time per turn, in microseconds (0: not measured).
+    cpu_us: float = 0.0
 
 
-def figures(turns: int, elapsed: float, latencies: list[float]) -> Figures:
-    return Figures(turns / elapsed, statistics.median(latencies) * 1000)
+def figures(turns: int, elapsed: float, latencies: list[float], cpu_s: float = 0.0) -> Figures:
+    return Figures(turns / elapsed, statistics.median(latencies) * 1000, cpu_s / turns * 1e6)
 
 
 # ------------------------------------------------------------------ car-grpc
@@ -147,7 +151,7 @@ class Delivery:
 
 
 async def bench_car_grpc(
-    batch_size: int, agent: Client, watcher: Client | None
+    batch_size: int, agent: Client, watcher: Client | None, server_pid: int
 ) -> tuple[Figures, Delivery]:
     total = TURNS[batch_size]
     per_run = MAX_TURNS_PER_RUN // batch_size * batch_size
@@ -156,6 +160,7 @@ async def bench_car_grpc(
     clock = time.perf_counter
     done = 0
     runs = []
+    cpu = cpu_seconds(server_pid)
     while done < total:
         run_id = (await agent.call("runs.start", {"intent": f"bench {batch_size}"}))["run_id"]
         runs.append(run_id)
@@ -171,16 +176,18 @@ async def bench_car_grpc(
             assert answer["result"]["ok"], answer
             done += batch_size
         await agent.call("runs.complete", {"run_id": run_id, "outcome": {"status": "ok"}})
-    if watcher is None:
-        return figures(total, sum(latencies), latencies), Delivery(0, 0)
-    async with asyncio.timeout(30):  # every run's `ended` reaches the subscriber
-        for run_id in runs:
-            await watcher.ended_event(run_id).wait()
-    delivery = Delivery(watcher.events - events, watcher.gaps - gaps)
-    return figures(total, sum(latencies), latencies), delivery
+    if watcher is not None:
+        async with asyncio.timeout(30):  # every run's `ended` reaches the subscriber
+            for run_id in runs:
+                await watcher.ended_event(run_id).wait()
+    cpu = cpu_seconds(server_pid) - cpu
+    delivery = Delivery(watcher.events - events, watcher.gaps - gaps) if watcher else Delivery(0, 0)
+    return figures(total, sum(latencies), latencies, cpu), delivery
 
 
-async def bench_concurrent(agents: list[Client], watcher: Client) -> tuple[Figures, Delivery]:
+async def bench_concurrent(
+    agents: list[Client], watcher: Client, server_pid: int
+) -> tuple[Figures, Delivery]:
     """Every agent records TURNS_PER_RECORDER turns in batches of 1 on its own run, all at
     once, one batch in flight each; the watcher is subscribed to every run."""
     events, gaps = watcher.events, watcher.gaps
@@ -201,16 +208,16 @@ async def bench_concurrent(agents: list[Client], watcher: Client) -> tuple[Figur
             latencies.append(clock() - start)
             assert answer["result"]["ok"], answer
 
-    started = clock()
+    started, cpu = clock(), cpu_seconds(server_pid)
     await asyncio.gather(*(record(a, r) for a, r in zip(agents, run_ids, strict=True)))
-    elapsed = clock() - started
+    elapsed, cpu = clock() - started, cpu_seconds(server_pid) - cpu
     for agent, run_id in zip(agents, run_ids, strict=True):
         await agent.call("runs.complete", {"run_id": run_id, "outcome": {"status": "ok"}})
     async with asyncio.timeout(30):
         for run_id in run_ids:
             await watcher.ended_event(run_id).wait()
     delivery = Delivery(watcher.events - events, watcher.gaps - gaps)
-    return figures(len(agents) * TURNS_PER_RECORDER, elapsed, latencies), delivery
+    return figures(len(agents) * TURNS_PER_RECORDER, elapsed, latencies, cpu), delivery
 
 
 # ------------------------------------------------------------------ baselines
@@ -287,13 +294,14 @@ async def run() -> tuple[list[Row], Figures, Delivery]:
         await store.close()
         async with car_grpc_serve(home) as server:
             _, url = await server.listeners(2, timeout=30)
+            pid = server.proc.pid
             host_token = (home / "ai.parslee.car" / HOST_TOKEN_FILE).read_text()
             agent = await open_client(url, {"agent_id": "bench-agent", "token": token})
             watcher = await open_client(url, {"host_token": host_token})
             for size in BATCH_SIZES:
-                await bench_car_grpc(size, agent, watcher)  # warm up
-                ours, delivery = await bench_car_grpc(size, agent, watcher)
-                alone, _ = await bench_car_grpc(size, agent, None)
+                await bench_car_grpc(size, agent, watcher, pid)  # warm up
+                ours, delivery = await bench_car_grpc(size, agent, watcher, pid)
+                alone, _ = await bench_car_grpc(size, agent, None, pid)
                 raw = bench_sqlite(size, Path(tmp) / f"raw-{size}.sqlite3")
                 echo = await bench_echo(size)
                 rows.append((size, ours, alone, raw, echo, delivery))
@@ -301,8 +309,8 @@ async def run() -> tuple[list[Row], Figures, Delivery]:
                 await open_client(url, {"agent_id": agent_id, "token": token})
                 for agent_id, token in zip(recorder_ids, recorder_tokens, strict=True)
             ]
-            await bench_concurrent(recorders, watcher)  # warm up
-            concurrent, concurrent_delivery = await bench_concurrent(recorders, watcher)
+            await bench_concurrent(recorders, watcher, pid)  # warm up
+            concurrent, concurrent_delivery = await bench_concurrent(recorders, watcher, pid)
             for client in (agent, watcher, *recorders):
                 await client.ws.close()
                 client.reader.cancel()
@@ -320,6 +328,7 @@ def main() -> None:
         f"{'batch':>5} {'turns/s':>11}{'p50 ms':>9}"
         + f"{'turns/s':>9}{'p50 ms':>7}" * 3
         + f"   {'vs sqlite':>9}{'vs echo':>8}{'p50 vs both':>12}   {'events':>7}{'gaps':>5}"
+        + f"   {'server CPU us/turn':>19}"
     )
     for size, ours, alone, raw, echo, seen in rows:
         vs_raw = ours.turns_per_s / raw.turns_per_s
@@ -330,6 +339,7 @@ def main() -> None:
             + "".join(f"{f.turns_per_s:9.0f}{f.p50_ms:7.2f}" for f in (alone, raw, echo))
             + f"   {vs_raw:8.2f}x{vs_echo:7.2f}x{ours.p50_ms / floor:11.1f}x"
             f"   {seen.events / TURNS[size]:7.0%}{seen.gaps:5d}"
+            f"   {ours.cpu_us:9.0f}{alone.cpu_us:10.0f}"
         )
     _, one, _, raw_one, _, _ = rows[0]
     total = RECORDERS * TURNS_PER_RECORDER
@@ -357,13 +367,15 @@ def main() -> None:
         f" one recorder ({one.turns_per_s:.0f} turns/s; target >= 5x),"
         f" {rate / raw_one.turns_per_s:.2f}x sqlite batch 1"
         f" ({raw_one.turns_per_s:.0f} turns/s); events {concurrent_delivery.events / total:.0%},"
-        f" gaps {concurrent_delivery.gaps}"
+        f" gaps {concurrent_delivery.gaps}; server CPU {concurrent.cpu_us:.0f} us/turn (one"
+        f" recorder {one.cpu_us:.0f})"
     )
     print(
         "car-grpc: `car-grpc serve` (gateway + core in one process), one writer, one batch in"
         " flight; `subscribed`: a host subscribed to every run (events: turn events it got;"
-        " gaps: where fan-out fell behind the recorder and dropped). turns/s ratios: higher"
-        f" is better. Ran in {time.perf_counter() - started:.0f}s."
+        " gaps: where fan-out fell behind the recorder and dropped; server CPU: subscribed, then"
+        " no subscriber). turns/s ratios: higher is better."
+        f" Ran in {time.perf_counter() - started:.0f}s."
     )
 
 

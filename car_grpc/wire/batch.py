@@ -35,6 +35,13 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+def length_delimited(field_number: int, data: bytes) -> bytes:
+    """Field `field_number` of a message holding `data` (a serialized message, string or
+    bytes), as it appears in the serialized outer message: appended to other fields of
+    that message, it reads as set (field order is free in the protobuf encoding)."""
+    return _varint(field_number << 3 | 2) + _varint(len(data)) + data
+
+
 def encode(frames: Sequence[bytes]) -> bytes:
     """The ConnectBatchedRequest / ConnectBatchedResponse of serialized frames."""
     return b"".join([part for frame in frames for part in (_FRAME_TAG, _varint(len(frame)), frame)])
