@@ -87,6 +87,11 @@ class VoiceServiceStub:
                 request_serializer=car_dot_v1_dot_voice__pb2.ServeVoiceRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_voice__pb2.ServeVoiceResponse.FromString,
                 _registered_method=True)
+        self.ServeVoiceBatched = channel.stream_stream(
+                '/car.v1.VoiceService/ServeVoiceBatched',
+                request_serializer=car_dot_v1_dot_voice__pb2.ServeVoiceBatchedRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_voice__pb2.ServeVoiceBatchedResponse.FromString,
+                _registered_method=True)
         self.StartTranscribeStream = channel.unary_unary(
                 '/car.v1.VoiceService/StartTranscribeStream',
                 request_serializer=car_dot_v1_dot_voice__pb2.StartTranscribeStreamRequest.SerializeToString,
@@ -196,6 +201,19 @@ class VoiceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ServeVoiceBatched(self, request_iterator, context):
+        """ServeVoice with many messages per gRPC message, both ways: the same engine stream,
+        messages, order and rules as ServeVoice, for an engine that has several messages ready
+        at once (a burst of audio to take, an answer to each chunk): as SessionService's
+        ConnectBatched is to Connect. A batch from the engine holds at most 256 messages (more
+        ends the stream with INVALID_ARGUMENT); the server's hold at most 256 messages and
+        1 MiB (a larger message travels alone). An engine that sends one message at a time
+        uses ServeVoice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StartTranscribeStream(self, request, context):
         """Opens a voice session. JSON-RPC: `voice.transcribe_stream.start`.
         """
@@ -243,6 +261,11 @@ def add_VoiceServiceServicer_to_server(servicer, server):
                     servicer.ServeVoice,
                     request_deserializer=car_dot_v1_dot_voice__pb2.ServeVoiceRequest.FromString,
                     response_serializer=car_dot_v1_dot_voice__pb2.ServeVoiceResponse.SerializeToString,
+            ),
+            'ServeVoiceBatched': grpc.stream_stream_rpc_method_handler(
+                    servicer.ServeVoiceBatched,
+                    request_deserializer=car_dot_v1_dot_voice__pb2.ServeVoiceBatchedRequest.FromString,
+                    response_serializer=car_dot_v1_dot_voice__pb2.ServeVoiceBatchedResponse.SerializeToString,
             ),
             'StartTranscribeStream': grpc.unary_unary_rpc_method_handler(
                     servicer.StartTranscribeStream,
@@ -367,6 +390,33 @@ class VoiceService:
             '/car.v1.VoiceService/ServeVoice',
             car_dot_v1_dot_voice__pb2.ServeVoiceRequest.SerializeToString,
             car_dot_v1_dot_voice__pb2.ServeVoiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ServeVoiceBatched(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/car.v1.VoiceService/ServeVoiceBatched',
+            car_dot_v1_dot_voice__pb2.ServeVoiceBatchedRequest.SerializeToString,
+            car_dot_v1_dot_voice__pb2.ServeVoiceBatchedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -104,6 +104,15 @@ class VoiceServiceStub:
     The stream's frames are its whole vocabulary in both directions. A daemon or host
     caller only: an engine hears every session's audio, which no attached agent may.
     """
+    ServeVoiceBatched: _grpc.StreamStreamMultiCallable[_voice_pb2.ServeVoiceBatchedRequest, _voice_pb2.ServeVoiceBatchedResponse]
+    """ServeVoice with many messages per gRPC message, both ways: the same engine stream,
+    messages, order and rules as ServeVoice, for an engine that has several messages ready
+    at once (a burst of audio to take, an answer to each chunk): as SessionService's
+    ConnectBatched is to Connect. A batch from the engine holds at most 256 messages (more
+    ends the stream with INVALID_ARGUMENT); the server's hold at most 256 messages and
+    1 MiB (a larger message travels alone). An engine that sends one message at a time
+    uses ServeVoice.
+    """
     StartTranscribeStream: _grpc.UnaryUnaryMultiCallable[_voice_pb2.StartTranscribeStreamRequest, _voice_pb2.StartTranscribeStreamResponse]
     """Opens a voice session. JSON-RPC: `voice.transcribe_stream.start`."""
     PushTranscribeAudio: _grpc.UnaryUnaryMultiCallable[_voice_pb2.PushTranscribeAudioRequest, _voice_pb2.PushTranscribeAudioResponse]
@@ -190,6 +199,15 @@ class VoiceServiceAsyncStub(VoiceServiceStub):
     owner and the engine's providers are unregistered.
     The stream's frames are its whole vocabulary in both directions. A daemon or host
     caller only: an engine hears every session's audio, which no attached agent may.
+    """
+    ServeVoiceBatched: _aio.StreamStreamMultiCallable[_voice_pb2.ServeVoiceBatchedRequest, _voice_pb2.ServeVoiceBatchedResponse]  # type: ignore[assignment]
+    """ServeVoice with many messages per gRPC message, both ways: the same engine stream,
+    messages, order and rules as ServeVoice, for an engine that has several messages ready
+    at once (a burst of audio to take, an answer to each chunk): as SessionService's
+    ConnectBatched is to Connect. A batch from the engine holds at most 256 messages (more
+    ends the stream with INVALID_ARGUMENT); the server's hold at most 256 messages and
+    1 MiB (a larger message travels alone). An engine that sends one message at a time
+    uses ServeVoice.
     """
     StartTranscribeStream: _aio.UnaryUnaryMultiCallable[_voice_pb2.StartTranscribeStreamRequest, _voice_pb2.StartTranscribeStreamResponse]  # type: ignore[assignment]
     """Opens a voice session. JSON-RPC: `voice.transcribe_stream.start`."""
@@ -286,6 +304,21 @@ class VoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         owner and the engine's providers are unregistered.
         The stream's frames are its whole vocabulary in both directions. A daemon or host
         caller only: an engine hears every session's audio, which no attached agent may.
+        """
+
+    @_abc_1.abstractmethod
+    def ServeVoiceBatched(
+        self,
+        request_iterator: _MaybeAsyncIterator[_voice_pb2.ServeVoiceBatchedRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_voice_pb2.ServeVoiceBatchedResponse], _abc.AsyncIterator[_voice_pb2.ServeVoiceBatchedResponse]]:
+        """ServeVoice with many messages per gRPC message, both ways: the same engine stream,
+        messages, order and rules as ServeVoice, for an engine that has several messages ready
+        at once (a burst of audio to take, an answer to each chunk): as SessionService's
+        ConnectBatched is to Connect. A batch from the engine holds at most 256 messages (more
+        ends the stream with INVALID_ARGUMENT); the server's hold at most 256 messages and
+        1 MiB (a larger message travels alone). An engine that sends one message at a time
+        uses ServeVoice.
         """
 
     @_abc_1.abstractmethod
