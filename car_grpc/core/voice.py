@@ -122,6 +122,11 @@ def check_chunk(data: bytes, limit: int, name: str) -> None:
         raise field_error(name, f"audio chunk of {len(data)} bytes is over {limit}")
 
 
+def _set(event: asyncio.Event) -> asyncio.Event:
+    event.set()
+    return event
+
+
 def _event_frame(session_id: str, event: struct_pb2.Value) -> session_pb2.ServerFrame:
     return session_pb2.ServerFrame(
         voice_event=voice_pb2.VoiceEventNotice(session_id=session_id, event=event)
@@ -167,6 +172,9 @@ class VoiceSession:
     chunks_in: int = 0
     events_out: int = 0
     terminal_queued: bool = False
+    #: Set while the owner's queue of events holds at most half of voice_event_queue:
+    #: only then does the audio pump hand the engine more audio (_pump_audio).
+    owner_keeps_up: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))
     #: Audio to the engine. Never cancelled (it may be inside a write): once the session
     #: ends, its buffer is discarded and its writes are skipped, so it returns by itself.
     audio_pump: asyncio.Task[None] | None = None
@@ -526,6 +534,8 @@ class Voice:
         if result is PutResult.STALLED:
             stall = self.limits.stall_timeout
             message = f"voice engine '{vs.engine.name}' took no audio for {stall:g}s"
+            if not vs.owner_keeps_up.is_set():  # the audio waited for the owner
+                message = f"client not reading: its voice events stalled the audio for {stall:g}s"
             self._end(vs, error_event(message), message)
         if result is not PutResult.QUEUED:
             raise CarError(INTERNAL, f"voice session '{vs.id}' ended: {vs.end_reason}")
@@ -533,8 +543,20 @@ class Voice:
 
     async def _pump_audio(self, vs: VoiceSession) -> None:
         """The session's audio to its engine: what is queued when the engine takes the
-        last batch goes in one send (one gRPC message, on a batched stream)."""
-        while messages := await vs.audio.get_many(batch.MAX_FRAMES):
+        last batch goes in one send (one gRPC message, on a batched stream).
+
+        Audio makes events, so none goes to the engine while the owner has more than half
+        of voice_event_queue still to take: a client that pushes audio faster than it
+        reads what comes back is slowed down (its pushes wait in the audio queue) rather
+        than losing its session when the events pile up."""
+        half = self.limits.event_queue // 2
+        while True:
+            if vs.events.qsize() > half:
+                vs.owner_keeps_up.clear()
+                await vs.owner_keeps_up.wait()  # set again by the event pump, or _end
+            messages = await vs.audio.get_many(batch.MAX_FRAMES)
+            if not messages:
+                return
             if not await vs.engine.send_all(messages, vs):
                 return  # the engine is gone: its teardown ends the session
             if messages[-1].HasField("stop"):
@@ -590,6 +612,7 @@ class Voice:
         return True
 
     async def _pump_events(self, vs: VoiceSession) -> None:
+        half = self.limits.event_queue // 2
         with contextlib.suppress(SessionClosed):
             while True:
                 frame, last = await vs.events.get()
@@ -597,6 +620,8 @@ class Voice:
                 vs.events_out += 1
                 if last:
                     return
+                if vs.events.qsize() <= half:
+                    vs.owner_keeps_up.set()
 
     # -------------------------------------------------------------- ending
 
@@ -663,6 +688,7 @@ class Voice:
             if not future.done():
                 future.set_result(reason)
         vs.audio.discard()
+        vs.owner_keeps_up.set()  # the audio pump sees the end
         if terminal is not None and started:
             vs.events.put_nowait((_event_frame(vs.id, terminal), True))  # the kept slot
             vs.terminal_queued = True
