@@ -122,6 +122,11 @@ def check_chunk(data: bytes, limit: int, name: str) -> None:
         raise field_error(name, f"audio chunk of {len(data)} bytes is over {limit}")
 
 
+def _keeps_up(event_queue: int) -> int:
+    """The most events an owner may have queued for its session's audio to go on."""
+    return event_queue // 4
+
+
 def _set(event: asyncio.Event) -> asyncio.Event:
     event.set()
     return event
@@ -172,7 +177,7 @@ class VoiceSession:
     chunks_in: int = 0
     events_out: int = 0
     terminal_queued: bool = False
-    #: Set while the owner's queue of events holds at most half of voice_event_queue:
+    #: Set while the owner's queue of events holds at most a quarter of voice_event_queue:
     #: only then does the audio pump hand the engine more audio (_pump_audio).
     owner_keeps_up: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))
     #: Audio to the engine. Never cancelled (it may be inside a write): once the session
@@ -545,16 +550,20 @@ class Voice:
         """The session's audio to its engine: what is queued when the engine takes the
         last batch goes in one send (one gRPC message, on a batched stream).
 
-        Audio makes events, so none goes to the engine while the owner has more than half
-        of voice_event_queue still to take: a client that pushes audio faster than it
-        reads what comes back is slowed down (its pushes wait in the audio queue) rather
-        than losing its session when the events pile up."""
-        half = self.limits.event_queue // 2
+        Audio makes events, so none goes to the engine while the owner has more than a
+        quarter of voice_event_queue still to take, and at most a sixteenth of it at a
+        time: a client that pushes audio faster than it reads what comes back is slowed
+        down (its pushes wait in the audio queue) rather than losing its session when
+        the engine's answers pile up. (The engine's answers to audio it already has
+        still count: an engine that answers each chunk with several events, several
+        sends behind, can still fill the queue.)"""
+        keeps_up = _keeps_up(self.limits.event_queue)
+        most = max(1, min(batch.MAX_FRAMES, self.limits.event_queue // 16))
         while True:
-            if vs.events.qsize() > half:
+            if vs.events.qsize() > keeps_up:
                 vs.owner_keeps_up.clear()
                 await vs.owner_keeps_up.wait()  # set again by the event pump, or _end
-            messages = await vs.audio.get_many(batch.MAX_FRAMES)
+            messages = await vs.audio.get_many(most)
             if not messages:
                 return
             if not await vs.engine.send_all(messages, vs):
@@ -612,7 +621,7 @@ class Voice:
         return True
 
     async def _pump_events(self, vs: VoiceSession) -> None:
-        half = self.limits.event_queue // 2
+        keeps_up = _keeps_up(self.limits.event_queue)
         with contextlib.suppress(SessionClosed):
             while True:
                 frame, last = await vs.events.get()
@@ -620,7 +629,7 @@ class Voice:
                 vs.events_out += 1
                 if last:
                     return
-                if vs.events.qsize() <= half:
+                if vs.events.qsize() <= keeps_up:
                     vs.owner_keeps_up.set()
 
     # -------------------------------------------------------------- ending
