@@ -65,7 +65,12 @@ class VoiceServiceStub:
     `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
     event. Events and speech towards the owner wait in a per-session queue
     (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
-    error event, and the engine's other sessions go on. An engine that takes no message
+    error event, and the engine's other sessions go on. Audio makes events: while the
+    owner has more than a quarter of that queue to take, no more of its audio goes to the
+    engine (at most a sixteenth of the queue at a time), so a client that pushes audio far
+    faster than it reads is slowed down (its pushes wait) rather than losing its session;
+    when that wait lasts `voice_stall_timeout`, the push fails and the session ends with
+    "client not reading". An engine that takes no message
     from its stream for `voice_stall_timeout` seconds is disconnected: the server aborts its
     call with RESOURCE_EXHAUSTED (an engine whose unread messages still fill the flow-control
     window may see INTERNAL instead), and its sessions end with an error event.
@@ -159,7 +164,12 @@ class VoiceServiceServicer:
     `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
     event. Events and speech towards the owner wait in a per-session queue
     (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
-    error event, and the engine's other sessions go on. An engine that takes no message
+    error event, and the engine's other sessions go on. Audio makes events: while the
+    owner has more than a quarter of that queue to take, no more of its audio goes to the
+    engine (at most a sixteenth of the queue at a time), so a client that pushes audio far
+    faster than it reads is slowed down (its pushes wait) rather than losing its session;
+    when that wait lasts `voice_stall_timeout`, the push fails and the session ends with
+    "client not reading". An engine that takes no message
     from its stream for `voice_stall_timeout` seconds is disconnected: the server aborts its
     call with RESOURCE_EXHAUSTED (an engine whose unread messages still fill the flow-control
     window may see INTERNAL instead), and its sessions end with an error event.
@@ -340,7 +350,12 @@ class VoiceService:
     `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
     event. Events and speech towards the owner wait in a per-session queue
     (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
-    error event, and the engine's other sessions go on. An engine that takes no message
+    error event, and the engine's other sessions go on. Audio makes events: while the
+    owner has more than a quarter of that queue to take, no more of its audio goes to the
+    engine (at most a sixteenth of the queue at a time), so a client that pushes audio far
+    faster than it reads is slowed down (its pushes wait) rather than losing its session;
+    when that wait lasts `voice_stall_timeout`, the push fails and the session ends with
+    "client not reading". An engine that takes no message
     from its stream for `voice_stall_timeout` seconds is disconnected: the server aborts its
     call with RESOURCE_EXHAUSTED (an engine whose unread messages still fill the flow-control
     window may see INTERNAL instead), and its sessions end with an error event.
