@@ -2,14 +2,15 @@
 bare `websockets` echo of the same binary frames.
 
 Three processes for car-grpc: `car-grpc serve`, an engine (this module's `engine` mode:
-a ServeVoice client that answers every PCM chunk with a small partial-transcript event and
+a ServeVoiceBatched client that answers every PCM chunk with a small partial-transcript event and
 speaks the chunk back as a TTS chunk) and the client in this process. The baseline echo
 server runs in its own process too. Frames are 100 ms of 16 kHz PCM16 (3200 bytes) in the
 26-byte CAR binary frame.
 
 - latency: one chunk at a time, PCM frame out -> TTS frame back: p50 and p99;
 - throughput: CHUNKS chunks sent as fast as the socket takes them, timed until the last
-  TTS frame is back: chunks/s (and how many seconds of audio that is per second).
+  TTS frame is back: chunks/s (and how many seconds of audio that is per second), and the
+  CPU time of the server processes per chunk.
 
 Then speech to text with the reference engine (`car-grpc voice-engine`, PocketSphinx) beside
 the same echo engine, on espeak-ng's speech of SPOKEN (six phrases, a second apart, 22,050
