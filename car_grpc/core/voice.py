@@ -558,7 +558,11 @@ class Voice:
         still count: an engine that answers each chunk with several events, several
         sends behind, can still fill the queue.)"""
         keeps_up = _keeps_up(self.limits.event_queue)
+        # One at a time on ServeVoice: each write starts as the chunk leaves the queue,
+        # so the queue's stall clock and the write's run together.
         most = max(1, min(batch.MAX_FRAMES, self.limits.event_queue // 16))
+        if not vs.engine.batched:
+            most = 1
         while True:
             if vs.events.qsize() > keeps_up:
                 vs.owner_keeps_up.clear()
