@@ -2,14 +2,15 @@
 bare `websockets` echo of the same binary frames.
 
 Three processes for car-grpc: `car-grpc serve`, an engine (this module's `engine` mode:
-a ServeVoice client that answers every PCM chunk with a small partial-transcript event and
+a ServeVoiceBatched client that answers every PCM chunk with a small partial-transcript event and
 speaks the chunk back as a TTS chunk) and the client in this process. The baseline echo
 server runs in its own process too. Frames are 100 ms of 16 kHz PCM16 (3200 bytes) in the
 26-byte CAR binary frame.
 
 - latency: one chunk at a time, PCM frame out -> TTS frame back: p50 and p99;
 - throughput: CHUNKS chunks sent as fast as the socket takes them, timed until the last
-  TTS frame is back: chunks/s (and how many seconds of audio that is per second).
+  TTS frame is back: chunks/s (and how many seconds of audio that is per second), and the
+  CPU time of the server processes per chunk.
 
 Then speech to text with the reference engine (`car-grpc voice-engine`, PocketSphinx) beside
 the same echo engine, on espeak-ng's speech of SPOKEN (six phrases, a second apart, 22,050
@@ -26,6 +27,7 @@ The engine serves `sphinx` with the phrases as a grammar (`options.phrases`) and
 general English language model; the phrases it got exactly right are counted.
 
     python -m bench bench_voice          (or ./dev bench bench_voice)
+    python -m bench.bench_voice flood    (the first part only: latency and chunks/s)
 """
 
 from __future__ import annotations
@@ -70,31 +72,63 @@ def pcm_frame(session: uuid.UUID, seq: int) -> bytes:
 
 
 async def run_engine(address: str) -> None:
-    """A speech engine: every PCM chunk gets a partial event and its audio spoken back."""
+    """A speech engine: every PCM chunk gets a partial event and its audio spoken back.
+
+    It holds ServeVoiceBatched, as an engine written against voice.proto would: the
+    answers to every message of a batch leave together, at most BATCH_MESSAGES and about
+    BATCH_BYTES a gRPC message (the bounds the proto states)."""
     async with grpc.aio.insecure_channel(address) as channel:
-        call = voice_pb2_grpc.VoiceServiceStub(channel).ServeVoice()
+        call = voice_pb2_grpc.VoiceServiceStub(channel).ServeVoiceBatched()
         register = voice_pb2.RegisterVoiceEngine(engine="bench", providers=["bench"])
-        await call.write(voice_pb2.ServeVoiceRequest(register=register))
+        await call.write(batch_of([voice_pb2.ServeVoiceRequest(register=register)]))
         partial = codec.to_value({"type": "transcript", "final": False, "text": "..."})
-        async for message in call:
-            body = message.WhichOneof("body")
-            if body == "open":
-                answer = voice_pb2.VoiceSessionAnswer(session_id=message.open.session_id)
-                await call.write(voice_pb2.ServeVoiceRequest(answer=answer))
-            elif body == "audio":
-                chunk = message.audio
-                event = voice_pb2.VoiceEngineEvent(session_id=chunk.session_id, event=partial)
-                await call.write(voice_pb2.ServeVoiceRequest(event=event))
-                speech = voice_pb2.VoiceAudio(
-                    session_id=chunk.session_id,
-                    seq=chunk.seq,
-                    type=voice_pb2.AUDIO_FRAME_TYPE_TTS_CHUNK,
-                    data=chunk.data,
-                )
-                await call.write(voice_pb2.ServeVoiceRequest(audio=speech))
-            elif body == "stop":
-                end = voice_pb2.EndVoiceSession(session_id=message.stop.session_id)
-                await call.write(voice_pb2.ServeVoiceRequest(end=end))
+        async for received in call:
+            out: list[voice_pb2.ServeVoiceRequest] = []
+            for message in received.messages:
+                body = message.WhichOneof("body")
+                if body == "open":
+                    answer = voice_pb2.VoiceSessionAnswer(session_id=message.open.session_id)
+                    out.append(voice_pb2.ServeVoiceRequest(answer=answer))
+                elif body == "audio":
+                    chunk = message.audio
+                    event = voice_pb2.VoiceEngineEvent(session_id=chunk.session_id, event=partial)
+                    speech = voice_pb2.VoiceAudio(
+                        session_id=chunk.session_id,
+                        seq=chunk.seq,
+                        type=voice_pb2.AUDIO_FRAME_TYPE_TTS_CHUNK,
+                        data=chunk.data,
+                    )
+                    out.append(voice_pb2.ServeVoiceRequest(event=event))
+                    out.append(voice_pb2.ServeVoiceRequest(audio=speech))
+                elif body == "stop":
+                    end = voice_pb2.EndVoiceSession(session_id=message.stop.session_id)
+                    out.append(voice_pb2.ServeVoiceRequest(end=end))
+            for part in batches(out):
+                await call.write(batch_of(part))
+
+
+#: What one ServeVoiceBatched message may hold (voice.proto).
+BATCH_MESSAGES = 256
+BATCH_BYTES = 1024 * 1024
+
+
+def batch_of(messages: list[voice_pb2.ServeVoiceRequest]) -> voice_pb2.ServeVoiceBatchedRequest:
+    return voice_pb2.ServeVoiceBatchedRequest(messages=messages)
+
+
+def batches(
+    messages: list[voice_pb2.ServeVoiceRequest],
+) -> list[list[voice_pb2.ServeVoiceRequest]]:
+    """`messages` cut into batches within the bounds."""
+    out: list[list[voice_pb2.ServeVoiceRequest]] = []
+    size = 0
+    for message in messages:
+        if not out or len(out[-1]) == BATCH_MESSAGES or size + message.ByteSize() > BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(message)
+        size += message.ByteSize()
+    return out
 
 
 async def run_echo() -> None:
@@ -109,21 +143,22 @@ async def run_echo() -> None:
 
 
 @contextlib.asynccontextmanager
-async def car_grpc_with_engine() -> AsyncIterator[str]:
-    """`car-grpc serve` and the bench engine, each in its own process; yields the WS URL."""
+async def car_grpc_with_engine() -> AsyncIterator[tuple[str, list[int]]]:
+    """`car-grpc serve` and the bench engine, each in its own process; yields the WS URL
+    and the two process ids."""
     with tempfile.TemporaryDirectory() as home:
         async with car_grpc_serve(home, "--no-auth") as server:
             grpc_address, url = await server.listeners(2, timeout=30)
             engine = [sys.executable, "-m", "bench.bench_voice", "engine", grpc_address]
-            async with launch(engine, stdin=True):
-                yield url
+            async with launch(engine, stdin=True) as engine_process:
+                yield url, [server.proc.pid, engine_process.proc.pid]
 
 
 @contextlib.asynccontextmanager
-async def echo_server() -> AsyncIterator[str]:
+async def echo_server() -> AsyncIterator[tuple[str, list[int]]]:
     async with launch([sys.executable, "-m", "bench.bench_voice", "echo"], stdin=True) as echo:
         [url] = await echo.listeners(1)
-        yield url
+        yield url, [echo.proc.pid]
 
 
 # ------------------------------------------------------------------ the client
@@ -147,8 +182,19 @@ async def _open_session(ws: ClientConnection) -> uuid.UUID:
             await asyncio.sleep(0.05)
 
 
-async def measure(url: str, bridged: bool) -> tuple[float, float, float]:
-    """(p50 ms, p99 ms, chunks/s)."""
+@dataclass
+class Flood:
+    p50_ms: float
+    p99_ms: float
+    chunks_per_s: float
+    #: CPU time of the server processes (car-grpc serve and the engine, or the echo
+    #: server) per chunk of the throughput phase, in us: less disturbed than the rate on
+    #: a busy machine.
+    cpu_us: float
+
+
+async def measure(url: str, bridged: bool, pids: list[int]) -> Flood:
+    """One client: the latency, then the throughput phase (module docstring)."""
     async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
         session = await _open_session(ws) if bridged else uuid.uuid4()
         times = []
@@ -169,7 +215,7 @@ async def measure(url: str, bridged: bool) -> tuple[float, float, float]:
                 received += 1
 
         receiver = asyncio.create_task(receive())
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), sum(map(cpu_seconds, pids))
         for seq in range(CHUNKS):
             await ws.send(pcm_frame(session, seq))
         # The flood is far beyond real time: when the core's events for this client pile
@@ -181,23 +227,32 @@ async def measure(url: str, bridged: bool) -> tuple[float, float, float]:
         if received < CHUNKS:
             print(f"({'car-grpc' if bridged else 'echo'}: {received} of {CHUNKS} TTS chunks back;"
                   f" the session ended: its events piled up past voice_event_queue)")  # fmt: skip
-        return p50, p99, received / (time.perf_counter() - t)
+        rate = received / (time.perf_counter() - t)
+        cpu_us = (sum(map(cpu_seconds, pids)) - cpu) / max(received, 1) * 1e6
+        return Flood(p50, p99, rate, cpu_us)
 
 
 async def bench() -> None:
-    async with echo_server() as url:
-        bare = await measure(url, bridged=False)
-    async with car_grpc_with_engine() as url:
-        voice = await measure(url, bridged=True)
-    print(f"{'':24}{'p50 ms':>10}{'p99 ms':>10}{'chunks/s':>12}{'audio x realtime':>18}")
-    for name, (p50, p99, rate) in (("bare echo", bare), ("car-grpc + engine", voice)):
-        print(f"{name:24}{p50:10.3f}{p99:10.3f}{rate:12.0f}{rate / 10:18.0f}")
+    async with echo_server() as (url, pids):
+        bare = await measure(url, False, pids)
+    async with car_grpc_with_engine() as (url, pids):
+        voice = await measure(url, True, pids)
     print(
-        f"{'ratio':24}{voice[0] / bare[0]:10.2f}{voice[1] / bare[1]:10.2f}"
-        f"{voice[2] / bare[2]:12.2f}"
+        f"{'':24}{'p50 ms':>10}{'p99 ms':>10}{'chunks/s':>12}{'audio x realtime':>18}"
+        f"{'CPU us/chunk':>14}"
+    )
+    for name, run in (("bare echo", bare), ("car-grpc + engine", voice)):
+        print(
+            f"{name:24}{run.p50_ms:10.3f}{run.p99_ms:10.3f}{run.chunks_per_s:12.0f}"
+            f"{run.chunks_per_s / 10:18.0f}{run.cpu_us:14.1f}"
+        )
+    ratio = voice.chunks_per_s / bare.chunks_per_s
+    print(
+        f"{'ratio':24}{voice.p50_ms / bare.p50_ms:10.2f}{voice.p99_ms / bare.p99_ms:10.2f}"
+        f"{ratio:12.2f}{'':18}{voice.cpu_us / bare.cpu_us:14.2f}"
     )
     summary.report(
-        summary.at_least("voice chunks/s", f"{voice[2]:,.0f}/s", voice[2] / bare[2], 0.3, "echo")
+        summary.at_least("voice chunks/s", f"{voice.chunks_per_s:,.0f}/s", ratio, 0.3, "echo")
     )
 
 
@@ -350,6 +405,8 @@ def main() -> None:
         asyncio.run(run_engine(sys.argv[2]))
     elif sys.argv[1:2] == ["echo"]:
         asyncio.run(run_echo())
+    elif sys.argv[1:2] == ["flood"]:  # the first part only (the reference engine is slow)
+        asyncio.run(bench())
     else:
         asyncio.run(bench())
         asyncio.run(bench_engines())

@@ -62,6 +62,7 @@ async def test_the_wired_core_serves_every_request(tmp_path: Path) -> None:
         assert set(core.parts.router.streams) == {"WatchRun", "WatchHostEvents", "Chat"}
         assert set(core.parts.router.grpc_only) == {
             "car.v1.VoiceService.ServeVoice",
+            "car.v1.VoiceService.ServeVoiceBatched",
             "car.v1.VoiceService.PublishVoiceEvent",
             "car.v1.ToolService.ServeTools",
         }

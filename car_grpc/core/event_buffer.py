@@ -79,6 +79,20 @@ class EventBuffer(Generic[T]):
                 return None
             self._readable.clear()
             await self._readable.wait()
+        return self._take()
+
+    async def get_many(self, limit: int) -> list[T]:
+        """The next items: at least one (waiting for it), at most `limit`, all that the
+        buffer holds (not the producers it admits meanwhile); [] once the buffer is
+        closed and drained."""
+        while not self._items:
+            if self._closed:
+                return []
+            self._readable.clear()
+            await self._readable.wait()
+        return [self._take() for _ in range(min(limit, len(self._items)))]
+
+    def _take(self) -> T:
         item = self._items.popleft()
         self._progress_at = asyncio.get_running_loop().time()
         if self._waiting:

@@ -32,6 +32,8 @@ import enum
 import itertools
 import logging
 import uuid
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,7 +46,7 @@ from car_grpc.core.metrics import Metrics
 from car_grpc.core.router import MessageStream, Reply, grpc_only, handles, handles_notification
 from car_grpc.core.session import ClientSession, SessionClosed
 from car_grpc.v1 import session_pb2, voice_pb2
-from car_grpc.wire import codec
+from car_grpc.wire import batch, codec
 from car_grpc.wire.errors import (
     INTERNAL,
     CarError,
@@ -120,6 +122,16 @@ def check_chunk(data: bytes, limit: int, name: str) -> None:
         raise field_error(name, f"audio chunk of {len(data)} bytes is over {limit}")
 
 
+def _keeps_up(event_queue: int) -> int:
+    """The most events an owner may have queued for its session's audio to go on."""
+    return event_queue // 4
+
+
+def _set(event: asyncio.Event) -> asyncio.Event:
+    event.set()
+    return event
+
+
 def _event_frame(session_id: str, event: struct_pb2.Value) -> session_pb2.ServerFrame:
     return session_pb2.ServerFrame(
         voice_event=voice_pb2.VoiceEventNotice(session_id=session_id, event=event)
@@ -165,6 +177,9 @@ class VoiceSession:
     chunks_in: int = 0
     events_out: int = 0
     terminal_queued: bool = False
+    #: Set while the owner's queue of events holds at most a quarter of voice_event_queue:
+    #: only then does the audio pump hand the engine more audio (_pump_audio).
+    owner_keeps_up: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))
     #: Audio to the engine. Never cancelled (it may be inside a write): once the session
     #: ends, its buffer is discarded and its writes are skipped, so it returns by itself.
     audio_pump: asyncio.Task[None] | None = None
@@ -187,8 +202,22 @@ class VoiceSession:
         return out
 
 
+#: A message on its way to an engine: its session, and the future of the send it ends.
+_Queued = tuple[ServeVoiceResponse, VoiceSession | None, asyncio.Future[bool] | None]
+
+
 class Engine:
-    """One ServeVoice stream: its providers, its sessions and the one way to write to it."""
+    """One ServeVoice (or ServeVoiceBatched) stream: its providers, its sessions and the
+    one way to write to it.
+
+    Every message goes through one writer task, in the order sent. On a batched stream the
+    writer sends everything queued when it gets to write in one gRPC message (at most
+    batch.MAX_FRAMES messages and batch.MAX_BYTES, a larger message alone): what is sent
+    while a write is under way goes in the next one, with no timer. A sender waits until
+    its messages are written, so the queue holds at most what its senders hand in: a
+    session's audio pump (one batch of its audio buffer at a time), an open or a close
+    notice per session.
+    """
 
     def __init__(
         self,
@@ -196,51 +225,151 @@ class Engine:
         providers: list[str],
         stream: MessageStream,
         stall_timeout: float,
+        *,
+        batched: bool = False,
     ) -> None:
         self.name = name
         self.providers = providers
         self.stream = stream
         self.stall_timeout = stall_timeout
+        self.batched = batched
         self.sessions: dict[str, VoiceSession] = {}
-        #: One write at a time (what a gRPC stream allows); the lock also keeps order.
-        self._writing = asyncio.Lock()
+        #: Messages waiting for the writer: (message, its session, the future of the
+        #: send it ends, if it is the last of one).
+        self._queued: deque[_Queued] = deque()
+        self._ready = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
         self.gone = False
         #: Set when the stream must end; `failure` says how, if it is the server's doing.
         self.done = asyncio.Event()
         self.failure: CarError | None = None
 
     async def send(self, message: ServeVoiceResponse, session: VoiceSession | None = None) -> bool:
-        """Write one message; False when the engine is gone (or stalled now and dropped).
-        A message for `session` is skipped once that session has ended."""
-        async with self._writing:
-            if self.gone:
-                return False
-            if session is not None and session.state is State.ENDED:
-                return True
-            try:
-                async with asyncio.timeout(self.stall_timeout):
-                    await self.stream.write(message)
-            except TimeoutError:
-                self.fail(
-                    resource_exhausted(
-                        f"voice engine '{self.name}' not reading: a message waited "
-                        f"{self.stall_timeout:g}s"
-                    )
+        """Write one message; see send_all."""
+        return await self.send_all((message,), session)
+
+    async def send_all(
+        self, messages: Sequence[ServeVoiceResponse], session: VoiceSession | None = None
+    ) -> bool:
+        """Write messages after everything sent before, and wait until they are written;
+        False when the engine is gone (or stalled now and dropped). Messages for
+        `session` are skipped once that session has ended."""
+        if self.gone or not messages:
+            return not self.gone
+        written: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        last = len(messages) - 1
+        self._queued.extend(
+            (message, session, written if i == last else None) for i, message in enumerate(messages)
+        )
+        self._ready.set()
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_loop())
+        return await written
+
+    async def _write_loop(self) -> None:
+        queued = self._queued
+        written: list[asyncio.Future[bool]] = []
+        try:
+            while not self.gone:
+                if not queued:
+                    self._ready.clear()
+                    await self._ready.wait()
+                    continue
+                messages, written = self._take()
+                if messages and not await self._write(messages):
+                    return
+                for future in written:
+                    if not future.done():
+                        future.set_result(True)
+                written = []
+        finally:
+            # Gone (or cancelled with the stream): every sender still waiting gets False.
+            written += [future for _, _, future in queued if future is not None]
+            queued.clear()
+            for future in written:
+                if not future.done():
+                    future.set_result(False)
+
+    def _take(self) -> tuple[list[ServeVoiceResponse], list[asyncio.Future[bool]]]:
+        """The next write's messages (one, on a ServeVoice stream) and the futures of the
+        sends they end; messages of ended sessions are left out."""
+        queued = self._queued
+        messages: list[ServeVoiceResponse] = []
+        written: list[asyncio.Future[bool]] = []
+        size = 0
+        limit = batch.MAX_FRAMES if self.batched else 1
+        while queued and len(messages) < limit:
+            message, session, future = queued[0]
+            if session is None or session.state is not State.ENDED:
+                size += message.ByteSize() if self.batched else 0
+                if messages and size > batch.MAX_BYTES:
+                    break
+                messages.append(message)
+            queued.popleft()
+            if future is not None:
+                written.append(future)
+        return messages, written
+
+    async def _write(self, messages: list[ServeVoiceResponse]) -> bool:
+        out = (
+            voice_pb2.ServeVoiceBatchedResponse(messages=messages) if self.batched else messages[0]
+        )
+        try:
+            async with asyncio.timeout(self.stall_timeout):
+                await self.stream.write(out)
+        except TimeoutError:
+            self.fail(
+                resource_exhausted(
+                    f"voice engine '{self.name}' not reading: a message waited "
+                    f"{self.stall_timeout:g}s"
                 )
-                return False
-            except Exception as e:  # the call ended under us
-                log.debug("voice engine %s: write failed: %r", self.name, e)
-                self.gone = True
-                self.done.set()
-                return False
+            )
+            return False
+        except Exception as e:  # the call ended under us
+            log.debug("voice engine %s: write failed: %r", self.name, e)
+            self.close()
+            return False
         return True
 
     def fail(self, error: CarError) -> None:
         """End the engine's stream with `error` (the first failure wins)."""
         if self.failure is None and not self.gone:
             self.failure = error
+        self.close()
+
+    def close(self) -> None:
+        """The stream ends: nothing more is written, waiting senders get False."""
         self.gone = True
         self.done.set()
+        self._ready.set()  # a waiting writer sees it and lets its senders go
+        if self._writer is not None and self._writer is not asyncio.current_task():
+            self._writer.cancel()  # it may be inside a write that never ends
+
+
+class EngineMessages:
+    """An engine's messages one at a time, from a ServeVoice stream or a batched one."""
+
+    def __init__(self, stream: MessageStream, batched: bool) -> None:
+        self._stream = stream
+        self._batched = batched
+        self._pending: deque[voice_pb2.ServeVoiceRequest] = deque()
+
+    async def next(self) -> voice_pb2.ServeVoiceRequest | None:
+        """The next message; None once the engine has finished sending. A batch of more
+        than batch.MAX_FRAMES messages: -32602 (INVALID_ARGUMENT)."""
+        while not self._pending:
+            message = await self._stream.read()
+            if message is None or not self._batched:
+                assert message is None or isinstance(message, voice_pb2.ServeVoiceRequest)
+                return message
+            assert isinstance(message, voice_pb2.ServeVoiceBatchedRequest)
+            if len(message.messages) > batch.MAX_FRAMES:
+                raise invalid_params(
+                    f"a batch holds at most {batch.MAX_FRAMES} messages, "
+                    f"got {len(message.messages)}"
+                )
+            self._pending.extend(message.messages)
+        return self._pending.popleft()
 
 
 # ------------------------------------------------------------------ the domain
@@ -410,16 +539,40 @@ class Voice:
         if result is PutResult.STALLED:
             stall = self.limits.stall_timeout
             message = f"voice engine '{vs.engine.name}' took no audio for {stall:g}s"
+            if not vs.owner_keeps_up.is_set():  # the audio waited for the owner
+                message = f"client not reading: its voice events stalled the audio for {stall:g}s"
             self._end(vs, error_event(message), message)
         if result is not PutResult.QUEUED:
             raise CarError(INTERNAL, f"voice session '{vs.id}' ended: {vs.end_reason}")
         return seq
 
     async def _pump_audio(self, vs: VoiceSession) -> None:
-        while (message := await vs.audio.get()) is not None:
-            if not await vs.engine.send(message, vs):
+        """The session's audio to its engine: what is queued when the engine takes the
+        last batch goes in one send (one gRPC message, on a batched stream).
+
+        Audio makes events, so none goes to the engine while the owner has more than a
+        quarter of voice_event_queue still to take, and at most a sixteenth of it at a
+        time: a client that pushes audio faster than it reads what comes back is slowed
+        down (its pushes wait in the audio queue) rather than losing its session when
+        the engine's answers pile up. (The engine's answers to audio it already has
+        still count: an engine that answers each chunk with several events, several
+        sends behind, can still fill the queue.)"""
+        keeps_up = _keeps_up(self.limits.event_queue)
+        # One at a time on ServeVoice: each write starts as the chunk leaves the queue,
+        # so the queue's stall clock and the write's run together.
+        most = max(1, min(batch.MAX_FRAMES, self.limits.event_queue // 16))
+        if not vs.engine.batched:
+            most = 1
+        while True:
+            if vs.events.qsize() > keeps_up:
+                vs.owner_keeps_up.clear()
+                await vs.owner_keeps_up.wait()  # set again by the event pump, or _end
+            messages = await vs.audio.get_many(most)
+            if not messages:
+                return
+            if not await vs.engine.send_all(messages, vs):
                 return  # the engine is gone: its teardown ends the session
-            if message.HasField("stop"):
+            if messages[-1].HasField("stop"):
                 return
 
     # -------------------------------------------------------------- events out
@@ -472,6 +625,7 @@ class Voice:
         return True
 
     async def _pump_events(self, vs: VoiceSession) -> None:
+        keeps_up = _keeps_up(self.limits.event_queue)
         with contextlib.suppress(SessionClosed):
             while True:
                 frame, last = await vs.events.get()
@@ -479,6 +633,8 @@ class Voice:
                 vs.events_out += 1
                 if last:
                     return
+                if vs.events.qsize() <= keeps_up:
+                    vs.owner_keeps_up.set()
 
     # -------------------------------------------------------------- ending
 
@@ -545,6 +701,7 @@ class Voice:
             if not future.done():
                 future.set_result(reason)
         vs.audio.discard()
+        vs.owner_keeps_up.set()  # the audio pump sees the end
         if terminal is not None and started:
             vs.events.put_nowait((_event_frame(vs.id, terminal), True))  # the kept slot
             vs.terminal_queued = True
@@ -563,18 +720,19 @@ class Voice:
 
     # -------------------------------------------------------------- the engine stream
 
-    async def serve(self, stream: MessageStream) -> None:
-        """Run one engine's ServeVoice stream until it ends; raises CarError when the
-        server ends it (a bad message, a stalled engine)."""
-        engine = await self._register(stream)
+    async def serve(self, stream: MessageStream, *, batched: bool = False) -> None:
+        """Run one engine's ServeVoice (or ServeVoiceBatched) stream until it ends; raises
+        CarError when the server ends it (a bad message, a stalled engine)."""
+        messages = EngineMessages(stream, batched)
+        engine = await self._register(stream, messages, batched)
         if engine is None:
             return
-        reader = asyncio.create_task(self._read_engine(engine))
+        reader = asyncio.create_task(self._read_engine(engine, messages))
         try:
             await engine.done.wait()
         finally:
             reader.cancel()
-            engine.gone = True
+            engine.close()
             for provider in engine.providers:
                 if self.providers.get(provider) is engine:
                     del self.providers[provider]
@@ -589,16 +747,17 @@ class Voice:
         if engine.failure is not None:
             raise engine.failure
 
-    async def _register(self, stream: MessageStream) -> Engine | None:
+    async def _register(
+        self, stream: MessageStream, messages: EngineMessages, batched: bool
+    ) -> Engine | None:
         ack = self.limits.ack_timeout
         try:
             async with asyncio.timeout(ack):
-                first = await stream.read()
+                first = await messages.next()
         except TimeoutError:
             raise invalid_params(f"register within {ack:g}s of connecting") from None
         if first is None:
             return None
-        assert isinstance(first, voice_pb2.ServeVoiceRequest)
         if first.WhichOneof("body") != "register":
             raise invalid_params("the first message must be `register`")
         providers = list(dict.fromkeys(p.strip() for p in first.register.providers))
@@ -612,7 +771,7 @@ class Voice:
                     f"provider '{provider}' is served by voice engine '{other.name}'"
                 )
         name = first.register.engine[:MAX_NAME] or f"engine-{next(self._engine_numbers)}"
-        engine = Engine(name, providers, stream, self.limits.stall_timeout)
+        engine = Engine(name, providers, stream, self.limits.stall_timeout, batched=batched)
         for provider in providers:
             self.providers[provider] = engine
         registered = voice_pb2.VoiceEngineRegistered(engine=name, providers=providers)
@@ -620,16 +779,14 @@ class Voice:
         log.info("voice engine %s serves %s", name, ", ".join(providers))
         return engine
 
-    async def _read_engine(self, engine: Engine) -> None:
+    async def _read_engine(self, engine: Engine, messages: EngineMessages) -> None:
         try:
-            while True:
-                message = await engine.stream.read()
-                if message is None:
-                    return
-                assert isinstance(message, voice_pb2.ServeVoiceRequest)
+            while (message := await messages.next()) is not None:
                 await self._from_engine(engine, message)
         except asyncio.CancelledError:
             raise
+        except CarError as e:
+            engine.fail(e)
         except Exception:
             log.exception("voice engine %s: reading its stream failed", engine.name)
         finally:
@@ -747,6 +904,10 @@ class Voice:
     @grpc_only("car.v1.VoiceService.ServeVoice")
     async def serve_voice(self, session: ClientSession, stream: MessageStream) -> None:
         await self.serve(stream)
+
+    @grpc_only("car.v1.VoiceService.ServeVoiceBatched")
+    async def serve_voice_batched(self, session: ClientSession, stream: MessageStream) -> None:
+        await self.serve(stream, batched=True)
 
     @grpc_only("car.v1.VoiceService.PublishVoiceEvent")
     async def publish_voice_event(

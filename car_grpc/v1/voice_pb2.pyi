@@ -756,6 +756,50 @@ class ServeVoiceResponse(_message.Message):
 Global___ServeVoiceResponse: _TypeAlias = ServeVoiceResponse  # noqa: Y015
 
 @_typing.final
+class ServeVoiceBatchedRequest(_message.Message):
+    """ServeVoiceBatched: engine messages, handled in order as if sent one by one on ServeVoice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServeVoiceRequest]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ServeVoiceRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServeVoiceBatchedRequest: _TypeAlias = ServeVoiceBatchedRequest  # noqa: Y015
+
+@_typing.final
+class ServeVoiceBatchedResponse(_message.Message):
+    """ServeVoiceBatched: server messages, in the order ServeVoice would have sent them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServeVoiceResponse]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ServeVoiceResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServeVoiceBatchedResponse: _TypeAlias = ServeVoiceBatchedResponse  # noqa: Y015
+
+@_typing.final
 class RegisterVoiceEngine(_message.Message):
     """An engine's registration."""
 

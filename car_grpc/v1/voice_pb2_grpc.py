@@ -65,7 +65,12 @@ class VoiceServiceStub:
     `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
     event. Events and speech towards the owner wait in a per-session queue
     (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
-    error event, and the engine's other sessions go on. An engine that takes no message
+    error event, and the engine's other sessions go on. Audio makes events: while the
+    owner has more than a quarter of that queue to take, no more of its audio goes to the
+    engine (at most a sixteenth of the queue at a time), so a client that pushes audio far
+    faster than it reads is slowed down (its pushes wait) rather than losing its session;
+    when that wait lasts `voice_stall_timeout`, the push fails and the session ends with
+    "client not reading". An engine that takes no message
     from its stream for `voice_stall_timeout` seconds is disconnected: the server aborts its
     call with RESOURCE_EXHAUSTED (an engine whose unread messages still fill the flow-control
     window may see INTERNAL instead), and its sessions end with an error event.
@@ -86,6 +91,11 @@ class VoiceServiceStub:
                 '/car.v1.VoiceService/ServeVoice',
                 request_serializer=car_dot_v1_dot_voice__pb2.ServeVoiceRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_voice__pb2.ServeVoiceResponse.FromString,
+                _registered_method=True)
+        self.ServeVoiceBatched = channel.stream_stream(
+                '/car.v1.VoiceService/ServeVoiceBatched',
+                request_serializer=car_dot_v1_dot_voice__pb2.ServeVoiceBatchedRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_voice__pb2.ServeVoiceBatchedResponse.FromString,
                 _registered_method=True)
         self.StartTranscribeStream = channel.unary_unary(
                 '/car.v1.VoiceService/StartTranscribeStream',
@@ -154,7 +164,12 @@ class VoiceServiceServicer:
     `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
     event. Events and speech towards the owner wait in a per-session queue
     (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
-    error event, and the engine's other sessions go on. An engine that takes no message
+    error event, and the engine's other sessions go on. Audio makes events: while the
+    owner has more than a quarter of that queue to take, no more of its audio goes to the
+    engine (at most a sixteenth of the queue at a time), so a client that pushes audio far
+    faster than it reads is slowed down (its pushes wait) rather than losing its session;
+    when that wait lasts `voice_stall_timeout`, the push fails and the session ends with
+    "client not reading". An engine that takes no message
     from its stream for `voice_stall_timeout` seconds is disconnected: the server aborts its
     call with RESOURCE_EXHAUSTED (an engine whose unread messages still fill the flow-control
     window may see INTERNAL instead), and its sessions end with an error event.
@@ -191,6 +206,19 @@ class VoiceServiceServicer:
         owner and the engine's providers are unregistered.
         The stream's frames are its whole vocabulary in both directions. A daemon or host
         caller only: an engine hears every session's audio, which no attached agent may.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ServeVoiceBatched(self, request_iterator, context):
+        """ServeVoice with many messages per gRPC message, both ways: the same engine stream,
+        messages, order and rules as ServeVoice, for an engine that has several messages ready
+        at once (a burst of audio to take, an answer to each chunk): as SessionService's
+        ConnectBatched is to Connect. A batch from the engine holds at most 256 messages (more
+        ends the stream with INVALID_ARGUMENT); the server's hold at most 256 messages and
+        1 MiB (a larger message travels alone). An engine that sends one message at a time
+        uses ServeVoice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -243,6 +271,11 @@ def add_VoiceServiceServicer_to_server(servicer, server):
                     servicer.ServeVoice,
                     request_deserializer=car_dot_v1_dot_voice__pb2.ServeVoiceRequest.FromString,
                     response_serializer=car_dot_v1_dot_voice__pb2.ServeVoiceResponse.SerializeToString,
+            ),
+            'ServeVoiceBatched': grpc.stream_stream_rpc_method_handler(
+                    servicer.ServeVoiceBatched,
+                    request_deserializer=car_dot_v1_dot_voice__pb2.ServeVoiceBatchedRequest.FromString,
+                    response_serializer=car_dot_v1_dot_voice__pb2.ServeVoiceBatchedResponse.SerializeToString,
             ),
             'StartTranscribeStream': grpc.unary_unary_rpc_method_handler(
                     servicer.StartTranscribeStream,
@@ -317,7 +350,12 @@ class VoiceService:
     `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
     event. Events and speech towards the owner wait in a per-session queue
     (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
-    error event, and the engine's other sessions go on. An engine that takes no message
+    error event, and the engine's other sessions go on. Audio makes events: while the
+    owner has more than a quarter of that queue to take, no more of its audio goes to the
+    engine (at most a sixteenth of the queue at a time), so a client that pushes audio far
+    faster than it reads is slowed down (its pushes wait) rather than losing its session;
+    when that wait lasts `voice_stall_timeout`, the push fails and the session ends with
+    "client not reading". An engine that takes no message
     from its stream for `voice_stall_timeout` seconds is disconnected: the server aborts its
     call with RESOURCE_EXHAUSTED (an engine whose unread messages still fill the flow-control
     window may see INTERNAL instead), and its sessions end with an error event.
@@ -367,6 +405,33 @@ class VoiceService:
             '/car.v1.VoiceService/ServeVoice',
             car_dot_v1_dot_voice__pb2.ServeVoiceRequest.SerializeToString,
             car_dot_v1_dot_voice__pb2.ServeVoiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ServeVoiceBatched(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/car.v1.VoiceService/ServeVoiceBatched',
+            car_dot_v1_dot_voice__pb2.ServeVoiceBatchedRequest.SerializeToString,
+            car_dot_v1_dot_voice__pb2.ServeVoiceBatchedResponse.FromString,
             options,
             channel_credentials,
             insecure,

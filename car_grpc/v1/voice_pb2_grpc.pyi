@@ -66,7 +66,12 @@ class VoiceServiceStub:
     `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
     event. Events and speech towards the owner wait in a per-session queue
     (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
-    error event, and the engine's other sessions go on. An engine that takes no message
+    error event, and the engine's other sessions go on. Audio makes events: while the
+    owner has more than a quarter of that queue to take, no more of its audio goes to the
+    engine (at most a sixteenth of the queue at a time), so a client that pushes audio far
+    faster than it reads is slowed down (its pushes wait) rather than losing its session;
+    when that wait lasts `voice_stall_timeout`, the push fails and the session ends with
+    "client not reading". An engine that takes no message
     from its stream for `voice_stall_timeout` seconds is disconnected: the server aborts its
     call with RESOURCE_EXHAUSTED (an engine whose unread messages still fill the flow-control
     window may see INTERNAL instead), and its sessions end with an error event.
@@ -103,6 +108,15 @@ class VoiceServiceStub:
     owner and the engine's providers are unregistered.
     The stream's frames are its whole vocabulary in both directions. A daemon or host
     caller only: an engine hears every session's audio, which no attached agent may.
+    """
+    ServeVoiceBatched: _grpc.StreamStreamMultiCallable[_voice_pb2.ServeVoiceBatchedRequest, _voice_pb2.ServeVoiceBatchedResponse]
+    """ServeVoice with many messages per gRPC message, both ways: the same engine stream,
+    messages, order and rules as ServeVoice, for an engine that has several messages ready
+    at once (a burst of audio to take, an answer to each chunk): as SessionService's
+    ConnectBatched is to Connect. A batch from the engine holds at most 256 messages (more
+    ends the stream with INVALID_ARGUMENT); the server's hold at most 256 messages and
+    1 MiB (a larger message travels alone). An engine that sends one message at a time
+    uses ServeVoice.
     """
     StartTranscribeStream: _grpc.UnaryUnaryMultiCallable[_voice_pb2.StartTranscribeStreamRequest, _voice_pb2.StartTranscribeStreamResponse]
     """Opens a voice session. JSON-RPC: `voice.transcribe_stream.start`."""
@@ -156,7 +170,12 @@ class VoiceServiceAsyncStub(VoiceServiceStub):
     `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
     event. Events and speech towards the owner wait in a per-session queue
     (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
-    error event, and the engine's other sessions go on. An engine that takes no message
+    error event, and the engine's other sessions go on. Audio makes events: while the
+    owner has more than a quarter of that queue to take, no more of its audio goes to the
+    engine (at most a sixteenth of the queue at a time), so a client that pushes audio far
+    faster than it reads is slowed down (its pushes wait) rather than losing its session;
+    when that wait lasts `voice_stall_timeout`, the push fails and the session ends with
+    "client not reading". An engine that takes no message
     from its stream for `voice_stall_timeout` seconds is disconnected: the server aborts its
     call with RESOURCE_EXHAUSTED (an engine whose unread messages still fill the flow-control
     window may see INTERNAL instead), and its sessions end with an error event.
@@ -190,6 +209,15 @@ class VoiceServiceAsyncStub(VoiceServiceStub):
     owner and the engine's providers are unregistered.
     The stream's frames are its whole vocabulary in both directions. A daemon or host
     caller only: an engine hears every session's audio, which no attached agent may.
+    """
+    ServeVoiceBatched: _aio.StreamStreamMultiCallable[_voice_pb2.ServeVoiceBatchedRequest, _voice_pb2.ServeVoiceBatchedResponse]  # type: ignore[assignment]
+    """ServeVoice with many messages per gRPC message, both ways: the same engine stream,
+    messages, order and rules as ServeVoice, for an engine that has several messages ready
+    at once (a burst of audio to take, an answer to each chunk): as SessionService's
+    ConnectBatched is to Connect. A batch from the engine holds at most 256 messages (more
+    ends the stream with INVALID_ARGUMENT); the server's hold at most 256 messages and
+    1 MiB (a larger message travels alone). An engine that sends one message at a time
+    uses ServeVoice.
     """
     StartTranscribeStream: _aio.UnaryUnaryMultiCallable[_voice_pb2.StartTranscribeStreamRequest, _voice_pb2.StartTranscribeStreamResponse]  # type: ignore[assignment]
     """Opens a voice session. JSON-RPC: `voice.transcribe_stream.start`."""
@@ -242,7 +270,12 @@ class VoiceServiceServicer(metaclass=_abc_1.ABCMeta):
     `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
     event. Events and speech towards the owner wait in a per-session queue
     (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
-    error event, and the engine's other sessions go on. An engine that takes no message
+    error event, and the engine's other sessions go on. Audio makes events: while the
+    owner has more than a quarter of that queue to take, no more of its audio goes to the
+    engine (at most a sixteenth of the queue at a time), so a client that pushes audio far
+    faster than it reads is slowed down (its pushes wait) rather than losing its session;
+    when that wait lasts `voice_stall_timeout`, the push fails and the session ends with
+    "client not reading". An engine that takes no message
     from its stream for `voice_stall_timeout` seconds is disconnected: the server aborts its
     call with RESOURCE_EXHAUSTED (an engine whose unread messages still fill the flow-control
     window may see INTERNAL instead), and its sessions end with an error event.
@@ -286,6 +319,21 @@ class VoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         owner and the engine's providers are unregistered.
         The stream's frames are its whole vocabulary in both directions. A daemon or host
         caller only: an engine hears every session's audio, which no attached agent may.
+        """
+
+    @_abc_1.abstractmethod
+    def ServeVoiceBatched(
+        self,
+        request_iterator: _MaybeAsyncIterator[_voice_pb2.ServeVoiceBatchedRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_voice_pb2.ServeVoiceBatchedResponse], _abc.AsyncIterator[_voice_pb2.ServeVoiceBatchedResponse]]:
+        """ServeVoice with many messages per gRPC message, both ways: the same engine stream,
+        messages, order and rules as ServeVoice, for an engine that has several messages ready
+        at once (a burst of audio to take, an answer to each chunk): as SessionService's
+        ConnectBatched is to Connect. A batch from the engine holds at most 256 messages (more
+        ends the stream with INVALID_ARGUMENT); the server's hold at most 256 messages and
+        1 MiB (a larger message travels alone). An engine that sends one message at a time
+        uses ServeVoice.
         """
 
     @_abc_1.abstractmethod

@@ -1,4 +1,5 @@
-"""The reference speech engine: one `VoiceService.ServeVoice` stream to a core, serving
+"""The reference speech engine: one `VoiceService.ServeVoiceBatched` stream to a core
+(ServeVoice with many messages per gRPC message), serving
 
 - `sphinx`: speech to text (car_grpc.voice_engine.recognizer), partial and final
   transcript events as the audio arrives;
@@ -24,6 +25,7 @@ import contextlib
 import logging
 import math
 import os
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ from car_grpc.v1 import voice_pb2, voice_pb2_grpc
 from car_grpc.voice_engine import speaker
 from car_grpc.voice_engine.options import Refusal
 from car_grpc.voice_engine.recognizer import Recognizer
-from car_grpc.wire import codec
+from car_grpc.wire import batch, codec
 from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger("car_grpc.voice_engine")
@@ -77,17 +79,57 @@ def daemon_token() -> str | None:
 
 
 class Stream:
-    """One ServeVoice call and the one way to write to it."""
+    """One ServeVoiceBatched call and the one way to write to it: a writer task sends
+    every message queued when it gets to write in one gRPC message (at most
+    batch.MAX_FRAMES messages and batch.MAX_BYTES, a larger one alone), so what the
+    sessions send while a write is under way goes in the next one. A sender waits until
+    its message is written (or the write fails, with that error): the queue holds at
+    most one message per session task and the reader."""
 
     def __init__(self, call: Any) -> None:
         self.call = call
-        self._writing = asyncio.Lock()
+        self._queued: deque[tuple[ServeVoiceRequest, asyncio.Future[None]]] = deque()
+        self._writer: asyncio.Task[None] | None = None
         #: Sessions answered and not ended yet.
         self.answered: set[str] = set()
 
     async def send(self, request: ServeVoiceRequest) -> None:
-        async with self._writing:
-            await self.call.write(request)
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queued.append((request, written))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_loop())
+        await written
+
+    async def _write_loop(self) -> None:
+        queued = self._queued
+        taken: list[tuple[ServeVoiceRequest, asyncio.Future[None]]] = []
+        try:
+            while queued:
+                taken = [queued.popleft()]
+                size = taken[0][0].ByteSize()
+                while queued and len(taken) < batch.MAX_FRAMES:
+                    size += queued[0][0].ByteSize()
+                    if size > batch.MAX_BYTES:
+                        break
+                    taken.append(queued.popleft())
+                messages = [request for request, _ in taken]
+                await self.call.write(voice_pb2.ServeVoiceBatchedRequest(messages=messages))
+                for _, written in taken:
+                    if not written.done():
+                        written.set_result(None)
+                taken = []
+        except Exception as e:  # the stream failed: so does every send waiting
+            for _, written in [*taken, *queued]:
+                if not written.done():
+                    written.set_exception(e)
+            queued.clear()
+        finally:
+            self._writer = None
+
+    def close(self) -> None:
+        """The call is over: stop writing (senders still waiting are being cancelled)."""
+        if self._writer is not None:
+            self._writer.cancel()
 
     async def event(self, session_id: str, event: dict[str, Any]) -> None:
         message = voice_pb2.VoiceEngineEvent(session_id=session_id, event=codec.to_value(event))
@@ -254,11 +296,12 @@ class SpeechEngine:
             delay = min(delay * 2, longest)
 
     async def serve(self, channel: grpc.aio.Channel) -> tuple[bool, str]:
-        """One ServeVoice stream, until it ends: whether it got as far as registering, and
-        how it ended."""
+        """One ServeVoiceBatched stream, until it ends: whether it got as far as
+        registering, and how it ended."""
         token = self.token()
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        stream = Stream(voice_pb2_grpc.VoiceServiceStub(channel).ServeVoice(metadata=metadata))
+        call = voice_pb2_grpc.VoiceServiceStub(channel).ServeVoiceBatched(metadata=metadata)
+        stream = Stream(call)
         sessions: dict[str, Session] = {}
         registered = False
         try:
@@ -266,35 +309,11 @@ class SpeechEngine:
                 engine=self.name, providers=list(self.providers)
             )
             await stream.send(ServeVoiceRequest(register=register))
-            async for message in stream.call:
-                body = message.WhichOneof("body")
-                if body == "registered":
-                    registered = True
-                    self.registered.set()
-                    log.info(
-                        "voice engine %r: serving providers %s for the core at %s",
-                        message.registered.engine,
-                        ", ".join(message.registered.providers),
-                        self.address,
-                    )
-                elif body == "open":
-                    await self._open(stream, sessions, message.open)
-                elif body == "audio":
-                    session = sessions.get(message.audio.session_id)
-                    if session is not None and session.listens:
-                        data = message.audio.data
-                        for at in range(0, len(data), PIECE_BYTES):
-                            if sessions.get(session.id) is not session:
-                                break  # it ended meanwhile
-                            await session.inbox.put(data[at : at + PIECE_BYTES])  # waits while full
-                elif body == "stop":
-                    if (session := sessions.get(message.stop.session_id)) is not None:
-                        session.stopped.set()
-                        await session.inbox.put(None)
-                elif body == "closed":
-                    session = sessions.pop(message.closed.session_id, None)
-                    if session is not None and session.task is not None:
-                        session.task.cancel()
+            async for received in stream.call:
+                for message in received.messages:
+                    await self._handle(stream, sessions, message)
+                    if message.HasField("registered"):
+                        registered = True
             return registered, "the core ended the stream"
         except grpc.aio.AioRpcError as e:
             return registered, f"{e.code().name}: {e.details()}"
@@ -305,7 +324,40 @@ class SpeechEngine:
             for session in list(sessions.values()):
                 if session.task is not None:
                     session.task.cancel()
+            stream.close()
             stream.call.cancel()
+
+    async def _handle(
+        self, stream: Stream, sessions: dict[str, Session], message: voice_pb2.ServeVoiceResponse
+    ) -> None:
+        """One message of the core's, in order."""
+        body = message.WhichOneof("body")
+        if body == "registered":
+            self.registered.set()
+            log.info(
+                "voice engine %r: serving providers %s for the core at %s",
+                message.registered.engine,
+                ", ".join(message.registered.providers),
+                self.address,
+            )
+        elif body == "open":
+            await self._open(stream, sessions, message.open)
+        elif body == "audio":
+            session = sessions.get(message.audio.session_id)
+            if session is not None and session.listens:
+                data = message.audio.data
+                for at in range(0, len(data), PIECE_BYTES):
+                    if sessions.get(session.id) is not session:
+                        break  # it ended meanwhile
+                    await session.inbox.put(data[at : at + PIECE_BYTES])  # waits while full
+        elif body == "stop":
+            if (session := sessions.get(message.stop.session_id)) is not None:
+                session.stopped.set()
+                await session.inbox.put(None)
+        elif body == "closed":
+            session = sessions.pop(message.closed.session_id, None)
+            if session is not None and session.task is not None:
+                session.task.cancel()
 
     async def _open(
         self, stream: Stream, sessions: dict[str, Session], opening: voice_pb2.OpenVoiceSession

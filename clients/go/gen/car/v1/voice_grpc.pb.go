@@ -43,6 +43,14 @@ type VoiceServiceClient interface {
 	// The stream's frames are its whole vocabulary in both directions. A daemon or host
 	// caller only: an engine hears every session's audio, which no attached agent may.
 	ServeVoice(ctx context.Context, opts ...grpc.CallOption) (VoiceService_ServeVoiceClient, error)
+	// ServeVoice with many messages per gRPC message, both ways: the same engine stream,
+	// messages, order and rules as ServeVoice, for an engine that has several messages ready
+	// at once (a burst of audio to take, an answer to each chunk): as SessionService's
+	// ConnectBatched is to Connect. A batch from the engine holds at most 256 messages (more
+	// ends the stream with INVALID_ARGUMENT); the server's hold at most 256 messages and
+	// 1 MiB (a larger message travels alone). An engine that sends one message at a time
+	// uses ServeVoice.
+	ServeVoiceBatched(ctx context.Context, opts ...grpc.CallOption) (VoiceService_ServeVoiceBatchedClient, error)
 	// Opens a voice session. JSON-RPC: `voice.transcribe_stream.start`.
 	StartTranscribeStream(ctx context.Context, in *StartTranscribeStreamRequest, opts ...grpc.CallOption) (*StartTranscribeStreamResponse, error)
 	// Sends PCM audio to a voice session. JSON-RPC: `voice.transcribe_stream.push`.
@@ -97,6 +105,37 @@ func (x *voiceServiceServeVoiceClient) Send(m *ServeVoiceRequest) error {
 
 func (x *voiceServiceServeVoiceClient) Recv() (*ServeVoiceResponse, error) {
 	m := new(ServeVoiceResponse)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+func (c *voiceServiceClient) ServeVoiceBatched(ctx context.Context, opts ...grpc.CallOption) (VoiceService_ServeVoiceBatchedClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_VoiceService_serviceDesc.Streams[1], "/car.v1.VoiceService/ServeVoiceBatched", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &voiceServiceServeVoiceBatchedClient{stream}
+	return x, nil
+}
+
+type VoiceService_ServeVoiceBatchedClient interface {
+	Send(*ServeVoiceBatchedRequest) error
+	Recv() (*ServeVoiceBatchedResponse, error)
+	grpc.ClientStream
+}
+
+type voiceServiceServeVoiceBatchedClient struct {
+	grpc.ClientStream
+}
+
+func (x *voiceServiceServeVoiceBatchedClient) Send(m *ServeVoiceBatchedRequest) error {
+	return x.ClientStream.SendMsg(m)
+}
+
+func (x *voiceServiceServeVoiceBatchedClient) Recv() (*ServeVoiceBatchedResponse, error) {
+	m := new(ServeVoiceBatchedResponse)
 	if err := x.ClientStream.RecvMsg(m); err != nil {
 		return nil, err
 	}
@@ -178,6 +217,14 @@ type VoiceServiceServer interface {
 	// The stream's frames are its whole vocabulary in both directions. A daemon or host
 	// caller only: an engine hears every session's audio, which no attached agent may.
 	ServeVoice(VoiceService_ServeVoiceServer) error
+	// ServeVoice with many messages per gRPC message, both ways: the same engine stream,
+	// messages, order and rules as ServeVoice, for an engine that has several messages ready
+	// at once (a burst of audio to take, an answer to each chunk): as SessionService's
+	// ConnectBatched is to Connect. A batch from the engine holds at most 256 messages (more
+	// ends the stream with INVALID_ARGUMENT); the server's hold at most 256 messages and
+	// 1 MiB (a larger message travels alone). An engine that sends one message at a time
+	// uses ServeVoice.
+	ServeVoiceBatched(VoiceService_ServeVoiceBatchedServer) error
 	// Opens a voice session. JSON-RPC: `voice.transcribe_stream.start`.
 	StartTranscribeStream(context.Context, *StartTranscribeStreamRequest) (*StartTranscribeStreamResponse, error)
 	// Sends PCM audio to a voice session. JSON-RPC: `voice.transcribe_stream.push`.
@@ -200,6 +247,9 @@ func (UnimplementedVoiceServiceServer) PublishVoiceEvent(context.Context, *Publi
 }
 func (UnimplementedVoiceServiceServer) ServeVoice(VoiceService_ServeVoiceServer) error {
 	return status.Errorf(codes.Unimplemented, "method ServeVoice not implemented")
+}
+func (UnimplementedVoiceServiceServer) ServeVoiceBatched(VoiceService_ServeVoiceBatchedServer) error {
+	return status.Errorf(codes.Unimplemented, "method ServeVoiceBatched not implemented")
 }
 func (UnimplementedVoiceServiceServer) StartTranscribeStream(context.Context, *StartTranscribeStreamRequest) (*StartTranscribeStreamResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method StartTranscribeStream not implemented")
@@ -267,6 +317,32 @@ func (x *voiceServiceServeVoiceServer) Send(m *ServeVoiceResponse) error {
 
 func (x *voiceServiceServeVoiceServer) Recv() (*ServeVoiceRequest, error) {
 	m := new(ServeVoiceRequest)
+	if err := x.ServerStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+func _VoiceService_ServeVoiceBatched_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(VoiceServiceServer).ServeVoiceBatched(&voiceServiceServeVoiceBatchedServer{stream})
+}
+
+type VoiceService_ServeVoiceBatchedServer interface {
+	Send(*ServeVoiceBatchedResponse) error
+	Recv() (*ServeVoiceBatchedRequest, error)
+	grpc.ServerStream
+}
+
+type voiceServiceServeVoiceBatchedServer struct {
+	grpc.ServerStream
+}
+
+func (x *voiceServiceServeVoiceBatchedServer) Send(m *ServeVoiceBatchedResponse) error {
+	return x.ServerStream.SendMsg(m)
+}
+
+func (x *voiceServiceServeVoiceBatchedServer) Recv() (*ServeVoiceBatchedRequest, error) {
+	m := new(ServeVoiceBatchedRequest)
 	if err := x.ServerStream.RecvMsg(m); err != nil {
 		return nil, err
 	}
@@ -396,6 +472,12 @@ var _VoiceService_serviceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "ServeVoice",
 			Handler:       _VoiceService_ServeVoice_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "ServeVoiceBatched",
+			Handler:       _VoiceService_ServeVoiceBatched_Handler,
 			ServerStreams: true,
 			ClientStreams: true,
 		},

@@ -13,7 +13,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file car/v1/voice.proto.
  */
 export const file_car_v1_voice: GenFile = /*@__PURE__*/
-  fileDesc("ChJjYXIvdjEvdm9pY2UucHJvdG8SBmNhci52MSJ3ChBWb2ljZUV2ZW50Tm90aWNlEhIKCnNlc3Npb25faWQYASABKAkSJQoFZXZlbnQYAiABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgDIAEoCUIO8rsYCnNlc3Npb25faWQifwoYUHVibGlzaFZvaWNlRXZlbnRSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSJQoFZXZlbnQYAiABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgDIAEoCUIO8rsYCnNlc3Npb25faWQiLgoZUHVibGlzaFZvaWNlRXZlbnRSZXNwb25zZRIRCglkZWxpdmVyZWQYASABKAgisAEKClZvaWNlQXVkaW8SEgoKc2Vzc2lvbl9pZBgBIAEoCRILCgNzZXEYAiABKAQSJAoEdHlwZRgDIAEoDjIWLmNhci52MS5BdWRpb0ZyYW1lVHlwZRIjCgZmb3JtYXQYBCABKA4yEy5jYXIudjEuQXVkaW9Gb3JtYXQSDAoEZGF0YRgFIAEoDBIoChB2b2ljZV9zZXNzaW9uX2lkGAYgASgJQg7yuxgKc2Vzc2lvbl9pZCLqAQocU3RhcnRUcmFuc2NyaWJlU3RyZWFtUmVxdWVzdBIXCgpzZXNzaW9uX2lkGAEgASgJSACIAQESGQoMYXVkaW9fc291cmNlGAIgASgJSAGIAQESKAoHb3B0aW9ucxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFQoIcHJvdmlkZXIYBCABKAlIAogBARIoChB2b2ljZV9zZXNzaW9uX2lkGAUgASgJQg7yuxgKc2Vzc2lvbl9pZEINCgtfc2Vzc2lvbl9pZEIPCg1fYXVkaW9fc291cmNlQgsKCV9wcm92aWRlciKFAQodU3RhcnRUcmFuc2NyaWJlU3RyZWFtUmVzcG9uc2USEgoKc2Vzc2lvbl9pZBgBIAEoCRIQCghwcm92aWRlchgCIAEoCRIUCgxhdWRpb19zb3VyY2UYAyABKAkSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgEIAEoCUIO8rsYCnNlc3Npb25faWQiawoaUHVzaFRyYW5zY3JpYmVBdWRpb1JlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIPCgdwY21fYjY0GAIgASgJEigKEHZvaWNlX3Nlc3Npb25faWQYAyABKAlCDvK7GApzZXNzaW9uX2lkImgKG1B1c2hUcmFuc2NyaWJlQXVkaW9SZXNwb25zZRISCgpzZXNzaW9uX2lkGAEgASgJEgsKA3NlcRgCIAEoBBIoChB2b2ljZV9zZXNzaW9uX2lkGAMgASgJQg7yuxgKc2Vzc2lvbl9pZCJbChtTdG9wVHJhbnNjcmliZVN0cmVhbVJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIoChB2b2ljZV9zZXNzaW9uX2lkGAIgASgJQg7yuxgKc2Vzc2lvbl9pZCJtChxTdG9wVHJhbnNjcmliZVN0cmVhbVJlc3BvbnNlEhIKCnNlc3Npb25faWQYASABKAkSDwoHc3RvcHBlZBgCIAEoCBIoChB2b2ljZV9zZXNzaW9uX2lkGAMgASgJQg7yuxgKc2Vzc2lvbl9pZCIaChhMaXN0Vm9pY2VTZXNzaW9uc1JlcXVlc3Qi5wEKDFZvaWNlU2Vzc2lvbhISCgpzZXNzaW9uX2lkGAEgASgJEhAKCHByb3ZpZGVyGAIgASgJEhQKDGF1ZGlvX3NvdXJjZRgDIAEoCRIOCgZlbmdpbmUYBCABKAkSEgoKc3RhcnRlZF9hdBgFIAEoAxIRCgljaHVua3NfaW4YBiABKAQSEgoKZXZlbnRzX291dBgHIAEoBBIXCgptZWV0aW5nX2lkGAggASgJSACIAQESKAoQdm9pY2Vfc2Vzc2lvbl9pZBgJIAEoCUIO8rsYCnNlc3Npb25faWRCDQoLX21lZXRpbmdfaWQiQwoZTGlzdFZvaWNlU2Vzc2lvbnNSZXNwb25zZRImCghzZXNzaW9ucxgBIAMoCzIULmNhci52MS5Wb2ljZVNlc3Npb24iGwoZTGlzdFZvaWNlUHJvdmlkZXJzUmVxdWVzdCI/Cg1Wb2ljZVByb3ZpZGVyEgwKBG5hbWUYASABKAkSDgoGZW5naW5lGAIgASgJEhAKCHNlc3Npb25zGAMgASgNIkYKGkxpc3RWb2ljZVByb3ZpZGVyc1Jlc3BvbnNlEigKCXByb3ZpZGVycxgBIAMoCzIVLmNhci52MS5Wb2ljZVByb3ZpZGVyIvIBChFTZXJ2ZVZvaWNlUmVxdWVzdBIvCghyZWdpc3RlchgBIAEoCzIbLmNhci52MS5SZWdpc3RlclZvaWNlRW5naW5lSAASLAoGYW5zd2VyGAIgASgLMhouY2FyLnYxLlZvaWNlU2Vzc2lvbkFuc3dlckgAEikKBWV2ZW50GAMgASgLMhguY2FyLnYxLlZvaWNlRW5naW5lRXZlbnRIABIjCgVhdWRpbxgEIAEoCzISLmNhci52MS5Wb2ljZUF1ZGlvSAASJgoDZW5kGAUgASgLMhcuY2FyLnYxLkVuZFZvaWNlU2Vzc2lvbkgAQgYKBGJvZHki9wEKElNlcnZlVm9pY2VSZXNwb25zZRIzCgpyZWdpc3RlcmVkGAEgASgLMh0uY2FyLnYxLlZvaWNlRW5naW5lUmVnaXN0ZXJlZEgAEigKBG9wZW4YAiABKAsyGC5jYXIudjEuT3BlblZvaWNlU2Vzc2lvbkgAEiMKBWF1ZGlvGAMgASgLMhIuY2FyLnYxLlZvaWNlQXVkaW9IABIoCgRzdG9wGAQgASgLMhguY2FyLnYxLlN0b3BWb2ljZVNlc3Npb25IABIrCgZjbG9zZWQYBSABKAsyGS5jYXIudjEuQ2xvc2VWb2ljZVNlc3Npb25IAEIGCgRib2R5IkgKE1JlZ2lzdGVyVm9pY2VFbmdpbmUSEwoGZW5naW5lGAEgASgJSACIAQESEQoJcHJvdmlkZXJzGAIgAygJQgkKB19lbmdpbmUiOgoVVm9pY2VFbmdpbmVSZWdpc3RlcmVkEg4KBmVuZ2luZRgBIAEoCRIRCglwcm92aWRlcnMYAiADKAkiygEKEE9wZW5Wb2ljZVNlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCRIQCghwcm92aWRlchgCIAEoCRIUCgxhdWRpb19zb3VyY2UYAyABKAkSKAoHb3B0aW9ucxgEIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFwoKbWVldGluZ19pZBgFIAEoCUgAiAEBEigKEHZvaWNlX3Nlc3Npb25faWQYBiABKAlCDvK7GApzZXNzaW9uX2lkQg0KC19tZWV0aW5nX2lkInAKElZvaWNlU2Vzc2lvbkFuc3dlchISCgpzZXNzaW9uX2lkGAEgASgJEhIKBWVycm9yGAIgASgJSACIAQESKAoQdm9pY2Vfc2Vzc2lvbl9pZBgDIAEoCUIO8rsYCnNlc3Npb25faWRCCAoGX2Vycm9yIncKEFZvaWNlRW5naW5lRXZlbnQSEgoKc2Vzc2lvbl9pZBgBIAEoCRIlCgVldmVudBgCIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIoChB2b2ljZV9zZXNzaW9uX2lkGAMgASgJQg7yuxgKc2Vzc2lvbl9pZCJQChBTdG9wVm9pY2VTZXNzaW9uEhIKCnNlc3Npb25faWQYASABKAkSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgCIAEoCUIO8rsYCnNlc3Npb25faWQibQoPRW5kVm9pY2VTZXNzaW9uEhIKCnNlc3Npb25faWQYASABKAkSEgoFZXJyb3IYAiABKAlIAIgBARIoChB2b2ljZV9zZXNzaW9uX2lkGAMgASgJQg7yuxgKc2Vzc2lvbl9pZEIICgZfZXJyb3IiYQoRQ2xvc2VWb2ljZVNlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgDIAEoCUIO8rsYCnNlc3Npb25faWQivAIKB01lZXRpbmcSEgoKbWVldGluZ19pZBgBIAEoCRISCgV0aXRsZRgCIAEoCUgAiAEBEiUKBnN0YXR1cxgDIAEoDjIVLmNhci52MS5NZWV0aW5nU3RhdHVzEhIKCnN0YXJ0ZWRfYXQYBCABKAMSFQoIZW5kZWRfYXQYBSABKANIAYgBARISCgpzZXNzaW9uX2lkGAYgASgJEhAKCHByb3ZpZGVyGAcgASgJEhUKDXNlZ21lbnRfY291bnQYCCABKA0SEQoJdHJ1bmNhdGVkGAkgASgIEhcKCmVuZF9yZWFzb24YCiABKAlIAogBARIoChB2b2ljZV9zZXNzaW9uX2lkGAsgASgJQg7yuxgKc2Vzc2lvbl9pZEIICgZfdGl0bGVCCwoJX2VuZGVkX2F0Qg0KC19lbmRfcmVhc29uIukBChFUcmFuc2NyaXB0U2VnbWVudBINCgVpbmRleBgBIAEoDRIMCgR0ZXh0GAIgASgJEhQKB3NwZWFrZXIYAyABKAlIAIgBARIVCghzdGFydF9tcxgEIAEoA0gBiAEBEhMKBmVuZF9tcxgFIAEoA0gCiAEBEhMKC3JlY2VpdmVkX2F0GAYgASgDEhIKCnNlc3Npb25faWQYByABKAkSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgIIAEoCUIO8rsYCnNlc3Npb25faWRCCgoIX3NwZWFrZXJCCwoJX3N0YXJ0X21zQgkKB19lbmRfbXMilwIKE1N0YXJ0TWVldGluZ1JlcXVlc3QSDwoCaWQYASABKAlIAIgBARISCgV0aXRsZRgCIAEoCUgBiAEBEhcKCnNlc3Npb25faWQYAyABKAlIAogBARIVCghwcm92aWRlchgEIAEoCUgDiAEBEhkKDGF1ZGlvX3NvdXJjZRgFIAEoCUgEiAEBEigKB29wdGlvbnMYBiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EigKEHZvaWNlX3Nlc3Npb25faWQYByABKAlCDvK7GApzZXNzaW9uX2lkQgUKA19pZEIICgZfdGl0bGVCDQoLX3Nlc3Npb25faWRCCwoJX3Byb3ZpZGVyQg8KDV9hdWRpb19zb3VyY2UidgoUU3RhcnRNZWV0aW5nUmVzcG9uc2USIAoHbWVldGluZxgBIAEoCzIPLmNhci52MS5NZWV0aW5nEhIKCnNlc3Npb25faWQYAiABKAkSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgDIAEoCUIO8rsYCnNlc3Npb25faWQiKAoSU3RvcE1lZXRpbmdSZXF1ZXN0EhIKCm1lZXRpbmdfaWQYASABKAkiSAoTU3RvcE1lZXRpbmdSZXNwb25zZRIgCgdtZWV0aW5nGAEgASgLMg8uY2FyLnYxLk1lZXRpbmcSDwoHc3RvcHBlZBgCIAEoCCIzChNMaXN0TWVldGluZ3NSZXF1ZXN0EhIKBWxpbWl0GAEgASgNSACIAQFCCAoGX2xpbWl0IjkKFExpc3RNZWV0aW5nc1Jlc3BvbnNlEiEKCG1lZXRpbmdzGAEgAygLMg8uY2FyLnYxLk1lZXRpbmciJwoRR2V0TWVldGluZ1JlcXVlc3QSEgoKbWVldGluZ19pZBgBIAEoCSJjChJHZXRNZWV0aW5nUmVzcG9uc2USIAoHbWVldGluZxgBIAEoCzIPLmNhci52MS5NZWV0aW5nEisKCHNlZ21lbnRzGAIgAygLMhkuY2FyLnYxLlRyYW5zY3JpcHRTZWdtZW50KqwBCg5BdWRpb0ZyYW1lVHlwZRIgChxBVURJT19GUkFNRV9UWVBFX1VOU1BFQ0lGSUVEEAASGAoUQVVESU9fRlJBTUVfVFlQRV9QQ00QARIeChpBVURJT19GUkFNRV9UWVBFX1RUU19DSFVOSxACEh4KGkFVRElPX0ZSQU1FX1RZUEVfVFRTX0ZJTkFMEAMSHgoaQVVESU9fRlJBTUVfVFlQRV9UVFNfRVJST1IQBCpxCgtBdWRpb0Zvcm1hdBIcChhBVURJT19GT1JNQVRfVU5TUEVDSUZJRUQQABIYChRBVURJT19GT1JNQVRfUENNMTZMRRABEhQKEEFVRElPX0ZPUk1BVF9NUDMQAhIUChBBVURJT19GT1JNQVRfV0FWEAMqggEKDU1lZXRpbmdTdGF0dXMSHgoaTUVFVElOR19TVEFUVVNfVU5TUEVDSUZJRUQQABIXChNNRUVUSU5HX1NUQVRVU19MSVZFEAESGAoUTUVFVElOR19TVEFUVVNfRU5ERUQQAhIeChpNRUVUSU5HX1NUQVRVU19JTlRFUlJVUFRFRBADMsIGCgxWb2ljZVNlcnZpY2USYgoRUHVibGlzaFZvaWNlRXZlbnQSIC5jYXIudjEuUHVibGlzaFZvaWNlRXZlbnRSZXF1ZXN0GiEuY2FyLnYxLlB1Ymxpc2hWb2ljZUV2ZW50UmVzcG9uc2UiCMK7GAQKAgIDElEKClNlcnZlVm9pY2USGS5jYXIudjEuU2VydmVWb2ljZVJlcXVlc3QaGi5jYXIudjEuU2VydmVWb2ljZVJlc3BvbnNlIgjCuxgECgICAygBMAEShwEKFVN0YXJ0VHJhbnNjcmliZVN0cmVhbRIkLmNhci52MS5TdGFydFRyYW5zY3JpYmVTdHJlYW1SZXF1ZXN0GiUuY2FyLnYxLlN0YXJ0VHJhbnNjcmliZVN0cmVhbVJlc3BvbnNlIiGyuxgddm9pY2UudHJhbnNjcmliZV9zdHJlYW0uc3RhcnQSgAEKE1B1c2hUcmFuc2NyaWJlQXVkaW8SIi5jYXIudjEuUHVzaFRyYW5zY3JpYmVBdWRpb1JlcXVlc3QaIy5jYXIudjEuUHVzaFRyYW5zY3JpYmVBdWRpb1Jlc3BvbnNlIiCyuxgcdm9pY2UudHJhbnNjcmliZV9zdHJlYW0ucHVzaBKDAQoUU3RvcFRyYW5zY3JpYmVTdHJlYW0SIy5jYXIudjEuU3RvcFRyYW5zY3JpYmVTdHJlYW1SZXF1ZXN0GiQuY2FyLnYxLlN0b3BUcmFuc2NyaWJlU3RyZWFtUmVzcG9uc2UiILK7GBx2b2ljZS50cmFuc2NyaWJlX3N0cmVhbS5zdG9wEnEKEUxpc3RWb2ljZVNlc3Npb25zEiAuY2FyLnYxLkxpc3RWb2ljZVNlc3Npb25zUmVxdWVzdBohLmNhci52MS5MaXN0Vm9pY2VTZXNzaW9uc1Jlc3BvbnNlIheyuxgTdm9pY2Uuc2Vzc2lvbnMubGlzdBJ1ChJMaXN0Vm9pY2VQcm92aWRlcnMSIS5jYXIudjEuTGlzdFZvaWNlUHJvdmlkZXJzUmVxdWVzdBoiLmNhci52MS5MaXN0Vm9pY2VQcm92aWRlcnNSZXNwb25zZSIYsrsYFHZvaWNlLnByb3ZpZGVycy5saXN0MvsCCg5NZWV0aW5nU2VydmljZRJcCgxTdGFydE1lZXRpbmcSGy5jYXIudjEuU3RhcnRNZWV0aW5nUmVxdWVzdBocLmNhci52MS5TdGFydE1lZXRpbmdSZXNwb25zZSIRsrsYDW1lZXRpbmcuc3RhcnQSWAoLU3RvcE1lZXRpbmcSGi5jYXIudjEuU3RvcE1lZXRpbmdSZXF1ZXN0GhsuY2FyLnYxLlN0b3BNZWV0aW5nUmVzcG9uc2UiELK7GAxtZWV0aW5nLnN0b3ASWwoMTGlzdE1lZXRpbmdzEhsuY2FyLnYxLkxpc3RNZWV0aW5nc1JlcXVlc3QaHC5jYXIudjEuTGlzdE1lZXRpbmdzUmVzcG9uc2UiELK7GAxtZWV0aW5nLmxpc3QSVAoKR2V0TWVldGluZxIZLmNhci52MS5HZXRNZWV0aW5nUmVxdWVzdBoaLmNhci52MS5HZXRNZWV0aW5nUmVzcG9uc2UiD7K7GAttZWV0aW5nLmdldEJmChFhaS5wYXJzbGVlLmNhci52MUIKVm9pY2VQcm90b1ABWjpnaXRodWIuY29tL3BhcnNsZWUtYWkvY2FyLWdycGMvY2xpZW50cy9nby9nZW4vY2FyL3YxO2NhcnYxqgIGQ2FyLlYxYgZwcm90bzM", [file_car_v1_options, file_google_protobuf_struct]);
+  fileDesc("ChJjYXIvdjEvdm9pY2UucHJvdG8SBmNhci52MSJ3ChBWb2ljZUV2ZW50Tm90aWNlEhIKCnNlc3Npb25faWQYASABKAkSJQoFZXZlbnQYAiABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgDIAEoCUIO8rsYCnNlc3Npb25faWQifwoYUHVibGlzaFZvaWNlRXZlbnRSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSJQoFZXZlbnQYAiABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgDIAEoCUIO8rsYCnNlc3Npb25faWQiLgoZUHVibGlzaFZvaWNlRXZlbnRSZXNwb25zZRIRCglkZWxpdmVyZWQYASABKAgisAEKClZvaWNlQXVkaW8SEgoKc2Vzc2lvbl9pZBgBIAEoCRILCgNzZXEYAiABKAQSJAoEdHlwZRgDIAEoDjIWLmNhci52MS5BdWRpb0ZyYW1lVHlwZRIjCgZmb3JtYXQYBCABKA4yEy5jYXIudjEuQXVkaW9Gb3JtYXQSDAoEZGF0YRgFIAEoDBIoChB2b2ljZV9zZXNzaW9uX2lkGAYgASgJQg7yuxgKc2Vzc2lvbl9pZCLqAQocU3RhcnRUcmFuc2NyaWJlU3RyZWFtUmVxdWVzdBIXCgpzZXNzaW9uX2lkGAEgASgJSACIAQESGQoMYXVkaW9fc291cmNlGAIgASgJSAGIAQESKAoHb3B0aW9ucxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFQoIcHJvdmlkZXIYBCABKAlIAogBARIoChB2b2ljZV9zZXNzaW9uX2lkGAUgASgJQg7yuxgKc2Vzc2lvbl9pZEINCgtfc2Vzc2lvbl9pZEIPCg1fYXVkaW9fc291cmNlQgsKCV9wcm92aWRlciKFAQodU3RhcnRUcmFuc2NyaWJlU3RyZWFtUmVzcG9uc2USEgoKc2Vzc2lvbl9pZBgBIAEoCRIQCghwcm92aWRlchgCIAEoCRIUCgxhdWRpb19zb3VyY2UYAyABKAkSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgEIAEoCUIO8rsYCnNlc3Npb25faWQiawoaUHVzaFRyYW5zY3JpYmVBdWRpb1JlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIPCgdwY21fYjY0GAIgASgJEigKEHZvaWNlX3Nlc3Npb25faWQYAyABKAlCDvK7GApzZXNzaW9uX2lkImgKG1B1c2hUcmFuc2NyaWJlQXVkaW9SZXNwb25zZRISCgpzZXNzaW9uX2lkGAEgASgJEgsKA3NlcRgCIAEoBBIoChB2b2ljZV9zZXNzaW9uX2lkGAMgASgJQg7yuxgKc2Vzc2lvbl9pZCJbChtTdG9wVHJhbnNjcmliZVN0cmVhbVJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIoChB2b2ljZV9zZXNzaW9uX2lkGAIgASgJQg7yuxgKc2Vzc2lvbl9pZCJtChxTdG9wVHJhbnNjcmliZVN0cmVhbVJlc3BvbnNlEhIKCnNlc3Npb25faWQYASABKAkSDwoHc3RvcHBlZBgCIAEoCBIoChB2b2ljZV9zZXNzaW9uX2lkGAMgASgJQg7yuxgKc2Vzc2lvbl9pZCIaChhMaXN0Vm9pY2VTZXNzaW9uc1JlcXVlc3Qi5wEKDFZvaWNlU2Vzc2lvbhISCgpzZXNzaW9uX2lkGAEgASgJEhAKCHByb3ZpZGVyGAIgASgJEhQKDGF1ZGlvX3NvdXJjZRgDIAEoCRIOCgZlbmdpbmUYBCABKAkSEgoKc3RhcnRlZF9hdBgFIAEoAxIRCgljaHVua3NfaW4YBiABKAQSEgoKZXZlbnRzX291dBgHIAEoBBIXCgptZWV0aW5nX2lkGAggASgJSACIAQESKAoQdm9pY2Vfc2Vzc2lvbl9pZBgJIAEoCUIO8rsYCnNlc3Npb25faWRCDQoLX21lZXRpbmdfaWQiQwoZTGlzdFZvaWNlU2Vzc2lvbnNSZXNwb25zZRImCghzZXNzaW9ucxgBIAMoCzIULmNhci52MS5Wb2ljZVNlc3Npb24iGwoZTGlzdFZvaWNlUHJvdmlkZXJzUmVxdWVzdCI/Cg1Wb2ljZVByb3ZpZGVyEgwKBG5hbWUYASABKAkSDgoGZW5naW5lGAIgASgJEhAKCHNlc3Npb25zGAMgASgNIkYKGkxpc3RWb2ljZVByb3ZpZGVyc1Jlc3BvbnNlEigKCXByb3ZpZGVycxgBIAMoCzIVLmNhci52MS5Wb2ljZVByb3ZpZGVyIvIBChFTZXJ2ZVZvaWNlUmVxdWVzdBIvCghyZWdpc3RlchgBIAEoCzIbLmNhci52MS5SZWdpc3RlclZvaWNlRW5naW5lSAASLAoGYW5zd2VyGAIgASgLMhouY2FyLnYxLlZvaWNlU2Vzc2lvbkFuc3dlckgAEikKBWV2ZW50GAMgASgLMhguY2FyLnYxLlZvaWNlRW5naW5lRXZlbnRIABIjCgVhdWRpbxgEIAEoCzISLmNhci52MS5Wb2ljZUF1ZGlvSAASJgoDZW5kGAUgASgLMhcuY2FyLnYxLkVuZFZvaWNlU2Vzc2lvbkgAQgYKBGJvZHki9wEKElNlcnZlVm9pY2VSZXNwb25zZRIzCgpyZWdpc3RlcmVkGAEgASgLMh0uY2FyLnYxLlZvaWNlRW5naW5lUmVnaXN0ZXJlZEgAEigKBG9wZW4YAiABKAsyGC5jYXIudjEuT3BlblZvaWNlU2Vzc2lvbkgAEiMKBWF1ZGlvGAMgASgLMhIuY2FyLnYxLlZvaWNlQXVkaW9IABIoCgRzdG9wGAQgASgLMhguY2FyLnYxLlN0b3BWb2ljZVNlc3Npb25IABIrCgZjbG9zZWQYBSABKAsyGS5jYXIudjEuQ2xvc2VWb2ljZVNlc3Npb25IAEIGCgRib2R5IkcKGFNlcnZlVm9pY2VCYXRjaGVkUmVxdWVzdBIrCghtZXNzYWdlcxgBIAMoCzIZLmNhci52MS5TZXJ2ZVZvaWNlUmVxdWVzdCJJChlTZXJ2ZVZvaWNlQmF0Y2hlZFJlc3BvbnNlEiwKCG1lc3NhZ2VzGAEgAygLMhouY2FyLnYxLlNlcnZlVm9pY2VSZXNwb25zZSJIChNSZWdpc3RlclZvaWNlRW5naW5lEhMKBmVuZ2luZRgBIAEoCUgAiAEBEhEKCXByb3ZpZGVycxgCIAMoCUIJCgdfZW5naW5lIjoKFVZvaWNlRW5naW5lUmVnaXN0ZXJlZBIOCgZlbmdpbmUYASABKAkSEQoJcHJvdmlkZXJzGAIgAygJIsoBChBPcGVuVm9pY2VTZXNzaW9uEhIKCnNlc3Npb25faWQYASABKAkSEAoIcHJvdmlkZXIYAiABKAkSFAoMYXVkaW9fc291cmNlGAMgASgJEigKB29wdGlvbnMYBCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhcKCm1lZXRpbmdfaWQYBSABKAlIAIgBARIoChB2b2ljZV9zZXNzaW9uX2lkGAYgASgJQg7yuxgKc2Vzc2lvbl9pZEINCgtfbWVldGluZ19pZCJwChJWb2ljZVNlc3Npb25BbnN3ZXISEgoKc2Vzc2lvbl9pZBgBIAEoCRISCgVlcnJvchgCIAEoCUgAiAEBEigKEHZvaWNlX3Nlc3Npb25faWQYAyABKAlCDvK7GApzZXNzaW9uX2lkQggKBl9lcnJvciJ3ChBWb2ljZUVuZ2luZUV2ZW50EhIKCnNlc3Npb25faWQYASABKAkSJQoFZXZlbnQYAiABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSKAoQdm9pY2Vfc2Vzc2lvbl9pZBgDIAEoCUIO8rsYCnNlc3Npb25faWQiUAoQU3RvcFZvaWNlU2Vzc2lvbhISCgpzZXNzaW9uX2lkGAEgASgJEigKEHZvaWNlX3Nlc3Npb25faWQYAiABKAlCDvK7GApzZXNzaW9uX2lkIm0KD0VuZFZvaWNlU2Vzc2lvbhISCgpzZXNzaW9uX2lkGAEgASgJEhIKBWVycm9yGAIgASgJSACIAQESKAoQdm9pY2Vfc2Vzc2lvbl9pZBgDIAEoCUIO8rsYCnNlc3Npb25faWRCCAoGX2Vycm9yImEKEUNsb3NlVm9pY2VTZXNzaW9uEhIKCnNlc3Npb25faWQYASABKAkSDgoGcmVhc29uGAIgASgJEigKEHZvaWNlX3Nlc3Npb25faWQYAyABKAlCDvK7GApzZXNzaW9uX2lkIrwCCgdNZWV0aW5nEhIKCm1lZXRpbmdfaWQYASABKAkSEgoFdGl0bGUYAiABKAlIAIgBARIlCgZzdGF0dXMYAyABKA4yFS5jYXIudjEuTWVldGluZ1N0YXR1cxISCgpzdGFydGVkX2F0GAQgASgDEhUKCGVuZGVkX2F0GAUgASgDSAGIAQESEgoKc2Vzc2lvbl9pZBgGIAEoCRIQCghwcm92aWRlchgHIAEoCRIVCg1zZWdtZW50X2NvdW50GAggASgNEhEKCXRydW5jYXRlZBgJIAEoCBIXCgplbmRfcmVhc29uGAogASgJSAKIAQESKAoQdm9pY2Vfc2Vzc2lvbl9pZBgLIAEoCUIO8rsYCnNlc3Npb25faWRCCAoGX3RpdGxlQgsKCV9lbmRlZF9hdEINCgtfZW5kX3JlYXNvbiLpAQoRVHJhbnNjcmlwdFNlZ21lbnQSDQoFaW5kZXgYASABKA0SDAoEdGV4dBgCIAEoCRIUCgdzcGVha2VyGAMgASgJSACIAQESFQoIc3RhcnRfbXMYBCABKANIAYgBARITCgZlbmRfbXMYBSABKANIAogBARITCgtyZWNlaXZlZF9hdBgGIAEoAxISCgpzZXNzaW9uX2lkGAcgASgJEigKEHZvaWNlX3Nlc3Npb25faWQYCCABKAlCDvK7GApzZXNzaW9uX2lkQgoKCF9zcGVha2VyQgsKCV9zdGFydF9tc0IJCgdfZW5kX21zIpcCChNTdGFydE1lZXRpbmdSZXF1ZXN0Eg8KAmlkGAEgASgJSACIAQESEgoFdGl0bGUYAiABKAlIAYgBARIXCgpzZXNzaW9uX2lkGAMgASgJSAKIAQESFQoIcHJvdmlkZXIYBCABKAlIA4gBARIZCgxhdWRpb19zb3VyY2UYBSABKAlIBIgBARIoCgdvcHRpb25zGAYgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIoChB2b2ljZV9zZXNzaW9uX2lkGAcgASgJQg7yuxgKc2Vzc2lvbl9pZEIFCgNfaWRCCAoGX3RpdGxlQg0KC19zZXNzaW9uX2lkQgsKCV9wcm92aWRlckIPCg1fYXVkaW9fc291cmNlInYKFFN0YXJ0TWVldGluZ1Jlc3BvbnNlEiAKB21lZXRpbmcYASABKAsyDy5jYXIudjEuTWVldGluZxISCgpzZXNzaW9uX2lkGAIgASgJEigKEHZvaWNlX3Nlc3Npb25faWQYAyABKAlCDvK7GApzZXNzaW9uX2lkIigKElN0b3BNZWV0aW5nUmVxdWVzdBISCgptZWV0aW5nX2lkGAEgASgJIkgKE1N0b3BNZWV0aW5nUmVzcG9uc2USIAoHbWVldGluZxgBIAEoCzIPLmNhci52MS5NZWV0aW5nEg8KB3N0b3BwZWQYAiABKAgiMwoTTGlzdE1lZXRpbmdzUmVxdWVzdBISCgVsaW1pdBgBIAEoDUgAiAEBQggKBl9saW1pdCI5ChRMaXN0TWVldGluZ3NSZXNwb25zZRIhCghtZWV0aW5ncxgBIAMoCzIPLmNhci52MS5NZWV0aW5nIicKEUdldE1lZXRpbmdSZXF1ZXN0EhIKCm1lZXRpbmdfaWQYASABKAkiYwoSR2V0TWVldGluZ1Jlc3BvbnNlEiAKB21lZXRpbmcYASABKAsyDy5jYXIudjEuTWVldGluZxIrCghzZWdtZW50cxgCIAMoCzIZLmNhci52MS5UcmFuc2NyaXB0U2VnbWVudCqsAQoOQXVkaW9GcmFtZVR5cGUSIAocQVVESU9fRlJBTUVfVFlQRV9VTlNQRUNJRklFRBAAEhgKFEFVRElPX0ZSQU1FX1RZUEVfUENNEAESHgoaQVVESU9fRlJBTUVfVFlQRV9UVFNfQ0hVTksQAhIeChpBVURJT19GUkFNRV9UWVBFX1RUU19GSU5BTBADEh4KGkFVRElPX0ZSQU1FX1RZUEVfVFRTX0VSUk9SEAQqcQoLQXVkaW9Gb3JtYXQSHAoYQVVESU9fRk9STUFUX1VOU1BFQ0lGSUVEEAASGAoUQVVESU9fRk9STUFUX1BDTTE2TEUQARIUChBBVURJT19GT1JNQVRfTVAzEAISFAoQQVVESU9fRk9STUFUX1dBVhADKoIBCg1NZWV0aW5nU3RhdHVzEh4KGk1FRVRJTkdfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTTUVFVElOR19TVEFUVVNfTElWRRABEhgKFE1FRVRJTkdfU1RBVFVTX0VOREVEEAISHgoaTUVFVElOR19TVEFUVVNfSU5URVJSVVBURUQQAzKqBwoMVm9pY2VTZXJ2aWNlEmIKEVB1Ymxpc2hWb2ljZUV2ZW50EiAuY2FyLnYxLlB1Ymxpc2hWb2ljZUV2ZW50UmVxdWVzdBohLmNhci52MS5QdWJsaXNoVm9pY2VFdmVudFJlc3BvbnNlIgjCuxgECgICAxJRCgpTZXJ2ZVZvaWNlEhkuY2FyLnYxLlNlcnZlVm9pY2VSZXF1ZXN0GhouY2FyLnYxLlNlcnZlVm9pY2VSZXNwb25zZSIIwrsYBAoCAgMoATABEmYKEVNlcnZlVm9pY2VCYXRjaGVkEiAuY2FyLnYxLlNlcnZlVm9pY2VCYXRjaGVkUmVxdWVzdBohLmNhci52MS5TZXJ2ZVZvaWNlQmF0Y2hlZFJlc3BvbnNlIgjCuxgECgICAygBMAEShwEKFVN0YXJ0VHJhbnNjcmliZVN0cmVhbRIkLmNhci52MS5TdGFydFRyYW5zY3JpYmVTdHJlYW1SZXF1ZXN0GiUuY2FyLnYxLlN0YXJ0VHJhbnNjcmliZVN0cmVhbVJlc3BvbnNlIiGyuxgddm9pY2UudHJhbnNjcmliZV9zdHJlYW0uc3RhcnQSgAEKE1B1c2hUcmFuc2NyaWJlQXVkaW8SIi5jYXIudjEuUHVzaFRyYW5zY3JpYmVBdWRpb1JlcXVlc3QaIy5jYXIudjEuUHVzaFRyYW5zY3JpYmVBdWRpb1Jlc3BvbnNlIiCyuxgcdm9pY2UudHJhbnNjcmliZV9zdHJlYW0ucHVzaBKDAQoUU3RvcFRyYW5zY3JpYmVTdHJlYW0SIy5jYXIudjEuU3RvcFRyYW5zY3JpYmVTdHJlYW1SZXF1ZXN0GiQuY2FyLnYxLlN0b3BUcmFuc2NyaWJlU3RyZWFtUmVzcG9uc2UiILK7GBx2b2ljZS50cmFuc2NyaWJlX3N0cmVhbS5zdG9wEnEKEUxpc3RWb2ljZVNlc3Npb25zEiAuY2FyLnYxLkxpc3RWb2ljZVNlc3Npb25zUmVxdWVzdBohLmNhci52MS5MaXN0Vm9pY2VTZXNzaW9uc1Jlc3BvbnNlIheyuxgTdm9pY2Uuc2Vzc2lvbnMubGlzdBJ1ChJMaXN0Vm9pY2VQcm92aWRlcnMSIS5jYXIudjEuTGlzdFZvaWNlUHJvdmlkZXJzUmVxdWVzdBoiLmNhci52MS5MaXN0Vm9pY2VQcm92aWRlcnNSZXNwb25zZSIYsrsYFHZvaWNlLnByb3ZpZGVycy5saXN0MvsCCg5NZWV0aW5nU2VydmljZRJcCgxTdGFydE1lZXRpbmcSGy5jYXIudjEuU3RhcnRNZWV0aW5nUmVxdWVzdBocLmNhci52MS5TdGFydE1lZXRpbmdSZXNwb25zZSIRsrsYDW1lZXRpbmcuc3RhcnQSWAoLU3RvcE1lZXRpbmcSGi5jYXIudjEuU3RvcE1lZXRpbmdSZXF1ZXN0GhsuY2FyLnYxLlN0b3BNZWV0aW5nUmVzcG9uc2UiELK7GAxtZWV0aW5nLnN0b3ASWwoMTGlzdE1lZXRpbmdzEhsuY2FyLnYxLkxpc3RNZWV0aW5nc1JlcXVlc3QaHC5jYXIudjEuTGlzdE1lZXRpbmdzUmVzcG9uc2UiELK7GAxtZWV0aW5nLmxpc3QSVAoKR2V0TWVldGluZxIZLmNhci52MS5HZXRNZWV0aW5nUmVxdWVzdBoaLmNhci52MS5HZXRNZWV0aW5nUmVzcG9uc2UiD7K7GAttZWV0aW5nLmdldEJmChFhaS5wYXJzbGVlLmNhci52MUIKVm9pY2VQcm90b1ABWjpnaXRodWIuY29tL3BhcnNsZWUtYWkvY2FyLWdycGMvY2xpZW50cy9nby9nZW4vY2FyL3YxO2NhcnYxqgIGQ2FyLlYxYgZwcm90bzM", [file_car_v1_options, file_google_protobuf_struct]);
 
 /**
  * Server -> client notification `voice.event`: one event of a voice session the
@@ -723,6 +723,44 @@ export const ServeVoiceResponseSchema: GenMessage<ServeVoiceResponse> = /*@__PUR
   messageDesc(file_car_v1_voice, 17);
 
 /**
+ * ServeVoiceBatched: engine messages, handled in order as if sent one by one on ServeVoice.
+ *
+ * @generated from message car.v1.ServeVoiceBatchedRequest
+ */
+export type ServeVoiceBatchedRequest = Message<"car.v1.ServeVoiceBatchedRequest"> & {
+  /**
+   * @generated from field: repeated car.v1.ServeVoiceRequest messages = 1;
+   */
+  messages: ServeVoiceRequest[];
+};
+
+/**
+ * Describes the message car.v1.ServeVoiceBatchedRequest.
+ * Use `create(ServeVoiceBatchedRequestSchema)` to create a new message.
+ */
+export const ServeVoiceBatchedRequestSchema: GenMessage<ServeVoiceBatchedRequest> = /*@__PURE__*/
+  messageDesc(file_car_v1_voice, 18);
+
+/**
+ * ServeVoiceBatched: server messages, in the order ServeVoice would have sent them.
+ *
+ * @generated from message car.v1.ServeVoiceBatchedResponse
+ */
+export type ServeVoiceBatchedResponse = Message<"car.v1.ServeVoiceBatchedResponse"> & {
+  /**
+   * @generated from field: repeated car.v1.ServeVoiceResponse messages = 1;
+   */
+  messages: ServeVoiceResponse[];
+};
+
+/**
+ * Describes the message car.v1.ServeVoiceBatchedResponse.
+ * Use `create(ServeVoiceBatchedResponseSchema)` to create a new message.
+ */
+export const ServeVoiceBatchedResponseSchema: GenMessage<ServeVoiceBatchedResponse> = /*@__PURE__*/
+  messageDesc(file_car_v1_voice, 19);
+
+/**
  * An engine's registration.
  *
  * @generated from message car.v1.RegisterVoiceEngine
@@ -749,7 +787,7 @@ export type RegisterVoiceEngine = Message<"car.v1.RegisterVoiceEngine"> & {
  * Use `create(RegisterVoiceEngineSchema)` to create a new message.
  */
 export const RegisterVoiceEngineSchema: GenMessage<RegisterVoiceEngine> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 18);
+  messageDesc(file_car_v1_voice, 20);
 
 /**
  * The answer to RegisterVoiceEngine.
@@ -777,7 +815,7 @@ export type VoiceEngineRegistered = Message<"car.v1.VoiceEngineRegistered"> & {
  * Use `create(VoiceEngineRegisteredSchema)` to create a new message.
  */
 export const VoiceEngineRegisteredSchema: GenMessage<VoiceEngineRegistered> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 19);
+  messageDesc(file_car_v1_voice, 21);
 
 /**
  * A new voice session for the engine.
@@ -833,7 +871,7 @@ export type OpenVoiceSession = Message<"car.v1.OpenVoiceSession"> & {
  * Use `create(OpenVoiceSessionSchema)` to create a new message.
  */
 export const OpenVoiceSessionSchema: GenMessage<OpenVoiceSession> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 20);
+  messageDesc(file_car_v1_voice, 22);
 
 /**
  * The engine's answer to OpenVoiceSession.
@@ -868,7 +906,7 @@ export type VoiceSessionAnswer = Message<"car.v1.VoiceSessionAnswer"> & {
  * Use `create(VoiceSessionAnswerSchema)` to create a new message.
  */
 export const VoiceSessionAnswerSchema: GenMessage<VoiceSessionAnswer> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 21);
+  messageDesc(file_car_v1_voice, 23);
 
 /**
  * An event of a session.
@@ -903,7 +941,7 @@ export type VoiceEngineEvent = Message<"car.v1.VoiceEngineEvent"> & {
  * Use `create(VoiceEngineEventSchema)` to create a new message.
  */
 export const VoiceEngineEventSchema: GenMessage<VoiceEngineEvent> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 22);
+  messageDesc(file_car_v1_voice, 24);
 
 /**
  * The audio of a session is over.
@@ -931,7 +969,7 @@ export type StopVoiceSession = Message<"car.v1.StopVoiceSession"> & {
  * Use `create(StopVoiceSessionSchema)` to create a new message.
  */
 export const StopVoiceSessionSchema: GenMessage<StopVoiceSession> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 23);
+  messageDesc(file_car_v1_voice, 25);
 
 /**
  * The engine ends a session.
@@ -966,7 +1004,7 @@ export type EndVoiceSession = Message<"car.v1.EndVoiceSession"> & {
  * Use `create(EndVoiceSessionSchema)` to create a new message.
  */
 export const EndVoiceSessionSchema: GenMessage<EndVoiceSession> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 24);
+  messageDesc(file_car_v1_voice, 26);
 
 /**
  * The server dropped a session.
@@ -1001,7 +1039,7 @@ export type CloseVoiceSession = Message<"car.v1.CloseVoiceSession"> & {
  * Use `create(CloseVoiceSessionSchema)` to create a new message.
  */
 export const CloseVoiceSessionSchema: GenMessage<CloseVoiceSession> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 25);
+  messageDesc(file_car_v1_voice, 27);
 
 /**
  * A meeting, without its transcript.
@@ -1093,7 +1131,7 @@ export type Meeting = Message<"car.v1.Meeting"> & {
  * Use `create(MeetingSchema)` to create a new message.
  */
 export const MeetingSchema: GenMessage<Meeting> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 26);
+  messageDesc(file_car_v1_voice, 28);
 
 /**
  * One final transcript segment.
@@ -1161,7 +1199,7 @@ export type TranscriptSegment = Message<"car.v1.TranscriptSegment"> & {
  * Use `create(TranscriptSegmentSchema)` to create a new message.
  */
 export const TranscriptSegmentSchema: GenMessage<TranscriptSegment> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 27);
+  messageDesc(file_car_v1_voice, 29);
 
 /**
  * `meeting.start`: starts a meeting and its voice session (as
@@ -1227,7 +1265,7 @@ export type StartMeetingRequest = Message<"car.v1.StartMeetingRequest"> & {
  * Use `create(StartMeetingRequestSchema)` to create a new message.
  */
 export const StartMeetingRequestSchema: GenMessage<StartMeetingRequest> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 28);
+  messageDesc(file_car_v1_voice, 30);
 
 /**
  * `meeting.start` result.
@@ -1262,7 +1300,7 @@ export type StartMeetingResponse = Message<"car.v1.StartMeetingResponse"> & {
  * Use `create(StartMeetingResponseSchema)` to create a new message.
  */
 export const StartMeetingResponseSchema: GenMessage<StartMeetingResponse> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 29);
+  messageDesc(file_car_v1_voice, 31);
 
 /**
  * `meeting.stop`: stops a live meeting's voice session (as voice.transcribe_stream.stop,
@@ -1285,7 +1323,7 @@ export type StopMeetingRequest = Message<"car.v1.StopMeetingRequest"> & {
  * Use `create(StopMeetingRequestSchema)` to create a new message.
  */
 export const StopMeetingRequestSchema: GenMessage<StopMeetingRequest> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 30);
+  messageDesc(file_car_v1_voice, 32);
 
 /**
  * `meeting.stop` result.
@@ -1313,7 +1351,7 @@ export type StopMeetingResponse = Message<"car.v1.StopMeetingResponse"> & {
  * Use `create(StopMeetingResponseSchema)` to create a new message.
  */
 export const StopMeetingResponseSchema: GenMessage<StopMeetingResponse> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 31);
+  messageDesc(file_car_v1_voice, 33);
 
 /**
  * `meeting.list`.
@@ -1334,7 +1372,7 @@ export type ListMeetingsRequest = Message<"car.v1.ListMeetingsRequest"> & {
  * Use `create(ListMeetingsRequestSchema)` to create a new message.
  */
 export const ListMeetingsRequestSchema: GenMessage<ListMeetingsRequest> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 32);
+  messageDesc(file_car_v1_voice, 34);
 
 /**
  * `meeting.list` result, newest first.
@@ -1355,7 +1393,7 @@ export type ListMeetingsResponse = Message<"car.v1.ListMeetingsResponse"> & {
  * Use `create(ListMeetingsResponseSchema)` to create a new message.
  */
 export const ListMeetingsResponseSchema: GenMessage<ListMeetingsResponse> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 33);
+  messageDesc(file_car_v1_voice, 35);
 
 /**
  * `meeting.get`. An unknown id: -32602 `unknown meeting '<id>'`.
@@ -1376,7 +1414,7 @@ export type GetMeetingRequest = Message<"car.v1.GetMeetingRequest"> & {
  * Use `create(GetMeetingRequestSchema)` to create a new message.
  */
 export const GetMeetingRequestSchema: GenMessage<GetMeetingRequest> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 34);
+  messageDesc(file_car_v1_voice, 36);
 
 /**
  * `meeting.get` result.
@@ -1404,7 +1442,7 @@ export type GetMeetingResponse = Message<"car.v1.GetMeetingResponse"> & {
  * Use `create(GetMeetingResponseSchema)` to create a new message.
  */
 export const GetMeetingResponseSchema: GenMessage<GetMeetingResponse> = /*@__PURE__*/
-  messageDesc(file_car_v1_voice, 35);
+  messageDesc(file_car_v1_voice, 37);
 
 /**
  * The type of a CAR binary audio frame; the value is the frame's first byte.
@@ -1571,7 +1609,12 @@ export const MeetingStatusSchema: GenEnum<MeetingStatus> = /*@__PURE__*/
  * `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
  * event. Events and speech towards the owner wait in a per-session queue
  * (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
- * error event, and the engine's other sessions go on. An engine that takes no message
+ * error event, and the engine's other sessions go on. Audio makes events: while the
+ * owner has more than a quarter of that queue to take, no more of its audio goes to the
+ * engine (at most a sixteenth of the queue at a time), so a client that pushes audio far
+ * faster than it reads is slowed down (its pushes wait) rather than losing its session;
+ * when that wait lasts `voice_stall_timeout`, the push fails and the session ends with
+ * "client not reading". An engine that takes no message
  * from its stream for `voice_stall_timeout` seconds is disconnected: the server aborts its
  * call with RESOURCE_EXHAUSTED (an engine whose unread messages still fill the flow-control
  * window may see INTERNAL instead), and its sessions end with an error event.
@@ -1620,6 +1663,22 @@ export const VoiceService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof ServeVoiceRequestSchema;
     output: typeof ServeVoiceResponseSchema;
+  },
+  /**
+   * ServeVoice with many messages per gRPC message, both ways: the same engine stream,
+   * messages, order and rules as ServeVoice, for an engine that has several messages ready
+   * at once (a burst of audio to take, an answer to each chunk): as SessionService's
+   * ConnectBatched is to Connect. A batch from the engine holds at most 256 messages (more
+   * ends the stream with INVALID_ARGUMENT); the server's hold at most 256 messages and
+   * 1 MiB (a larger message travels alone). An engine that sends one message at a time
+   * uses ServeVoice.
+   *
+   * @generated from rpc car.v1.VoiceService.ServeVoiceBatched
+   */
+  serveVoiceBatched: {
+    methodKind: "bidi_streaming";
+    input: typeof ServeVoiceBatchedRequestSchema;
+    output: typeof ServeVoiceBatchedResponseSchema;
   },
   /**
    * Opens a voice session. JSON-RPC: `voice.transcribe_stream.start`.
