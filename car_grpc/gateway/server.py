@@ -6,8 +6,10 @@
     await gateway.stop()        # connections closed (1001), channel closed, socket removed
 
 The gateway keeps nothing but its connections: each WebSocket connection gets its own
-SessionService.Connect stream on one shared channel, so any number of gateways can serve
-one core.
+SessionService.ConnectBatched stream on one shared channel, or, when the gateway holds the
+core's daemon token (`core_token`: `car-grpc serve` passes it), is one session of a few
+shared ConnectMultiplexed streams (multiplex.py); so any number of gateways can serve one
+core.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Gateway:
         #: ConnectBatched stream per connection).
         self._core_token = core_token
         self._multiplexer: Multiplexer | None = None
+        self._mux_channel: grpc.aio.Channel | None = None
         #: A listening TCP socket to serve instead of binding ws_host:ws_port (one that
         #: several gateway processes share).
         self._listener = listener
@@ -126,8 +129,13 @@ class Gateway:
         if self._core_token is not None and config.ws_multiplex_streams > 0:
             token = self._core_token
             metadata = (("authorization", f"Bearer {token}"),) if token else ()
+            # A channel of their own: the shared streams keep gRPC's window probing (their
+            # sessions' credits, not the stream window, bound what a slow client holds).
+            self._mux_channel = tls.core_channel(
+                self.core_address, config.core_ca, options=[*MESSAGE_SIZE_OPTIONS]
+            )
             self._connect = self._multiplexer = Multiplexer(
-                self._channel, config.ws_multiplex_streams, metadata
+                self._mux_channel, config.ws_multiplex_streams, metadata
             )
         if self._listener is not None:
             tcp = await self._serve(sock=self._listener, ssl=self._ssl)
@@ -187,6 +195,9 @@ class Gateway:
         if self._multiplexer is not None:
             await self._multiplexer.close()
             self._multiplexer = None
+        if self._mux_channel is not None:
+            await self._mux_channel.close()
+            self._mux_channel = None
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
