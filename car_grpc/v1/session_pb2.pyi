@@ -99,10 +99,9 @@ Global___ConnectMultiplexedRequest: _TypeAlias = ConnectMultiplexedRequest  # no
 class MultiplexedClientSession(_message.Message):
     """ConnectMultiplexed: one session's part of a message up. A session opens with the first
     record of an id greater than any the stream has used; records of an id that has ended
-    are ignored. Credits: per session, at most MULTIPLEX_WINDOW_MESSAGES batches and
-    MULTIPLEX_WINDOW_BYTES of them (a larger batch alone) may be unacknowledged each way;
-    a side acknowledges a batch once its session has taken it. More is a protocol error
-    that ends the stream (INVALID_ARGUMENT).
+    are ignored. Credits: per session, at most 16 batches and 256 KiB of them (a larger
+    batch alone) may be unacknowledged each way; a side acknowledges a batch once its
+    session has taken it. More is a protocol error that ends the stream (INVALID_ARGUMENT).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
