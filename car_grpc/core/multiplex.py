@@ -56,8 +56,10 @@ class SessionChannel:
         return self._stream.peer
 
     def push(self, batch: bytes) -> bool:
-        """A batch from the gateway; False when it exceeds the session's credits."""
-        if not multiplex.fits(len(self.inbound), self.inbound_bytes, len(batch)):
+        """A batch from the gateway; False when it exceeds the session's credits (what is
+        unread and what was read but not yet acknowledged)."""
+        owed, owed_bytes = self._stream.owed(self.key)
+        if not multiplex.fits(len(self.inbound) + owed, self.inbound_bytes + owed_bytes):
             return False
         self.inbound.append(batch)
         self.inbound_bytes += len(batch)
@@ -87,7 +89,7 @@ class SessionChannel:
     async def write(self, data: bytes) -> None:
         # As a write on a stream of its own waits for the HTTP/2 window: until the gateway
         # has taken enough of what was sent before.
-        while not multiplex.fits(self._unacked, self._unacked_bytes, len(data)):
+        while not multiplex.fits(self._unacked, self._unacked_bytes):
             self._credit.clear()
             await self._credit.wait()
         self._unacked += 1
@@ -118,10 +120,18 @@ class MultiplexedStream:
         self._ready.set()
 
     def acknowledge(self, key: int, size: int) -> None:
+        """Session `key` took a batch of `size` bytes: owed to the sender, sent with the
+        next message, or now once half a window is owed."""
         ack = self._acks.setdefault(key, [0, 0])
         ack[0] += 1
         ack[1] += size
-        self._ready.set()
+        if multiplex.ack_due(*ack):
+            self._ready.set()
+
+    def owed(self, key: int) -> tuple[int, int]:
+        """What session `key` has taken and not yet acknowledged (batches, bytes)."""
+        ack = self._acks.get(key)
+        return (ack[0], ack[1]) if ack else (0, 0)
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._write_loop())
@@ -213,8 +223,9 @@ class MultiplexedStream:
         while True:
             await self._ready.wait()
             # One turn of the event loop first: what other sessions have ready by then
-            # goes in the same message (no timer).
-            await asyncio.sleep(0)
+            # goes in the same message (no timer; and no turn when no other session could).
+            if len(self.sessions) > 1:
+                await asyncio.sleep(0)
             self._ready.clear()
             records = self._take()
             if records:

@@ -62,7 +62,7 @@ class MultiplexedCall:
         return await self._stream.initial_metadata()
 
     async def write(self, data: bytes) -> None:
-        while not multiplex.fits(self._unacked, self._unacked_bytes, len(data)):
+        while not multiplex.fits(self._unacked, self._unacked_bytes):
             self._check_writable()
             self._changed.clear()
             await self._changed.wait()
@@ -106,8 +106,10 @@ class MultiplexedCall:
     # -------------------------------------------------------------- as the stream feeds it
 
     def deliver(self, data: bytes) -> bool:
-        """A batch from the core; False when it exceeds the session's credits."""
-        if not multiplex.fits(len(self._inbound), self._inbound_bytes, len(data)):
+        """A batch from the core; False when it exceeds the session's credits (what is
+        unread and what was read but not yet acknowledged)."""
+        owed, owed_bytes = self._stream.owed(self.key)
+        if not multiplex.fits(len(self._inbound) + owed, self._inbound_bytes + owed_bytes):
             return False
         self._inbound.append(data)
         self._inbound_bytes += len(data)
@@ -152,10 +154,18 @@ class _Stream:
         self._ready.set()
 
     def acknowledge(self, key: int, size: int) -> None:
+        """Session `key` took a batch of `size` bytes: owed to the sender, sent with the
+        next message, or now once half a window is owed."""
         ack = self._acks.setdefault(key, [0, 0])
         ack[0] += 1
         ack[1] += size
-        self._ready.set()
+        if multiplex.ack_due(*ack):
+            self._ready.set()
+
+    def owed(self, key: int) -> tuple[int, int]:
+        """What session `key` has taken and not yet acknowledged (batches, bytes)."""
+        ack = self._acks.get(key)
+        return (ack[0], ack[1]) if ack else (0, 0)
 
     def forget(self, key: int) -> None:
         self.calls.pop(key, None)
@@ -197,8 +207,9 @@ class _Stream:
             while True:
                 await self._ready.wait()
                 # One turn of the event loop first: what other sessions have ready by then
-                # goes in the same message (no timer).
-                await asyncio.sleep(0)
+                # goes in the same message (no timer; and no turn when no other session could).
+                if len(self.calls) > 1:
+                    await asyncio.sleep(0)
                 self._ready.clear()
                 if records := self._take_records():
                     await self.call.write(b"".join(records))

@@ -7,20 +7,24 @@ hand, as batch.py encodes batches, so a batch is never parsed or copied on its w
 the multiplexer; they are decoded with protobuf.
 
 Credits stand in for the HTTP/2 flow control each session had on a stream of its own: per
-session and direction at most WINDOW_BATCHES batches and WINDOW_BYTES of them (a larger
-batch alone) are unacknowledged; the receiver acknowledges a batch when the session has
-taken it (the core's session read it; the gateway's connection took it to its client).
-So the receiver's buffer per session is bounded, and a session whose client is slow
-stops only its own sender.
+session and direction a batch may be sent while fewer than WINDOW_BATCHES batches and
+less than WINDOW_BYTES of them are unacknowledged; the receiver acknowledges batches once
+the session has taken them (the core's session read them; the gateway's connection took
+them for its client). So the receiver holds per session at most WINDOW_BATCHES batches
+and WINDOW_BYTES plus one batch, and a session whose client is slow stops only its own
+sender. Acknowledgements ride along with the next message the receiver sends anyway; one
+goes on its own only once half a window is owed (`ack_due`): a round trip then costs two
+gRPC messages, not three, and a blocked sender (a full window, all of it taken) is always
+acknowledged.
 """
 
 from __future__ import annotations
 
 from car_grpc.wire.batch import _varint
 
-#: Batches of one session that may be unacknowledged, each way.
+#: A session's batch may be sent while fewer than this many are unacknowledged, each way,
 WINDOW_BATCHES = 16
-#: Their bytes (a larger batch goes alone, when nothing else is unacknowledged).
+#: and less than this many bytes of them.
 WINDOW_BYTES = 256 * 1024
 #: Most bytes of records in one gRPC message (a larger record goes alone).
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -28,11 +32,15 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_SESSIONS = 65536
 
 
-def fits(unacked_batches: int, unacked_bytes: int, size: int) -> bool:
-    """Whether a batch of `size` bytes may be sent with so much unacknowledged."""
-    if unacked_batches == 0:
-        return True
-    return unacked_batches < WINDOW_BATCHES and unacked_bytes + size <= WINDOW_BYTES
+def fits(unacked_batches: int, unacked_bytes: int) -> bool:
+    """Whether one more batch may be sent with so much unacknowledged."""
+    return unacked_batches < WINDOW_BATCHES and unacked_bytes < WINDOW_BYTES
+
+
+def ack_due(owed_batches: int, owed_bytes: int) -> bool:
+    """Whether acknowledgements owed must go now, on their own, rather than with the next
+    message: half a window (so a sender whose window is full is never left waiting)."""
+    return owed_batches >= WINDOW_BATCHES // 2 or owed_bytes >= WINDOW_BYTES // 2
 
 
 def record(

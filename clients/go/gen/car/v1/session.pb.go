@@ -167,9 +167,11 @@ func (x *ConnectMultiplexedRequest) GetSessions() []*MultiplexedClientSession {
 
 // ConnectMultiplexed: one session's part of a message up. A session opens with the first
 // record of an id greater than any the stream has used; records of an id that has ended
-// are ignored. Credits: per session, at most 16 batches and 256 KiB of them (a larger
-// batch alone) may be unacknowledged each way; a side acknowledges a batch once its
-// session has taken it. More is a protocol error that ends the stream (INVALID_ARGUMENT).
+// are ignored. Credits: per session and direction, a batch may be sent while fewer than
+// 16 batches and less than 256 KiB of them are unacknowledged; a side acknowledges
+// batches once its session has taken them (with its next message, or on their own once
+// 8 batches or 128 KiB are owed). More is a protocol error that ends the stream
+// (INVALID_ARGUMENT).
 type MultiplexedClientSession struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
