@@ -59,6 +59,9 @@ CHAT_TOKENS = 8
 OP_TIMEOUT = 30.0
 #: Connections a worker opens at a time.
 OPEN_CONCURRENCY = 25
+#: Gateway processes beside the core (`car-grpc serve --gateway-processes`), from this
+#: benchmark's own CAR_GATEWAY_PROCESSES (the server is started without CAR_* variables).
+GATEWAY_PROCESSES = os.environ.get("CAR_GATEWAY_PROCESSES", "0")
 ROLES = ("proposer",) * 4 + ("recorder",) * 3 + ("chat_host", "chat_agent", "idle")
 
 JSON = Any
@@ -301,16 +304,31 @@ async def worker(url: str, first: int, count: int, tokens: dict[str, JSON] | Non
 # ------------------------------------------------------------------ the coordinator
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants: `car-grpc serve --gateway-processes N` (or
+    CAR_GATEWAY_PROCESSES=N) serves from N + 1 processes, and the server is all of them."""
+    tree = [pid]
+    for parent in tree:
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            tree += (int(child) for child in (task / "children").read_text().split())
+    return tree
+
+
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    total = 0
+    for process in process_tree(pid):
+        for line in Path(f"/proc/{process}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = 0
+    for process in process_tree(pid):
+        fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def raise_fd_limit() -> None:
@@ -344,7 +362,8 @@ async def _line(worker: Process, timeout: float) -> str:
 
 @contextlib.asynccontextmanager
 async def car_grpc_serve_ws(home: Path) -> AsyncIterator[tuple[Process, str]]:
-    async with car_grpc_serve(home, "--no-dashboard") as server:
+    flags = ("--no-dashboard", "--gateway-processes", GATEWAY_PROCESSES)
+    async with car_grpc_serve(home, *flags) as server:
         _, url = await server.listeners(2, timeout=30)
         yield server, url
 
@@ -488,7 +507,8 @@ def main() -> None:
         f"{SESSIONS} WebSocket sessions ({active} active) over {WORKERS} worker processes, "
         f"{DURATION:g}s of traffic, mean pause {THINK:g}s: {ops} operations "
         f"({ops / DURATION:.0f}/s), protocol errors: {len(ours.errors)}, "
-        f"sessions left after close: {ours.left_open}"
+        f"sessions left after close: {ours.left_open}; gateway processes beside the core: "
+        f"{GATEWAY_PROCESSES} (CAR_GATEWAY_PROCESSES)"
     )
     print(f"{'operation':12}{'count':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
           f"{'p50 / echo':>12}{'p99 / echo':>12}")  # fmt: skip

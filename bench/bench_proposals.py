@@ -1,7 +1,9 @@
 """Proposals whose tool calls go back to the client, on an in-process core over real gRPC.
 
 - round trip: p50/p99 of proposal.submit with one tool_call answered at once (request,
-  tools.execute, answer, response), as a ratio to a plain state.get on the same stream.
+  tools.execute, answer, response), as a ratio to a plain state.get on the same stream;
+  and beside it the floor: two state.gets one after the other, the same two round trips
+  on the stream with no proposal work at all.
 - wide: one proposal of 200 independent tool calls (all in flight together): callbacks/s.
 - chain: one proposal of 200 tool calls, each taking the previous output ($<id>.output):
   callbacks/s, i.e. the cost of one dependent step.
@@ -47,6 +49,18 @@ async def _p(client: SessionClient, member: str, message: Any) -> list[float]:
     return times
 
 
+async def _two(client: SessionClient, request: state_pb2.GetStateRequest) -> list[float]:
+    """Two round trips one after the other: what a proposal with one callback costs on
+    the stream before any proposal work (its submit and answer, the callback and its)."""
+    times = []
+    for _ in range(ROUND_TRIPS):
+        start = time.perf_counter()
+        await client.request("state_get", request)
+        await client.request("state_get", request)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 async def _callbacks_per_second(
     client: SessionClient, proposal: tools_pb2.SubmitProposalRequest
 ) -> float:
@@ -73,13 +87,19 @@ async def _run() -> None:
                 client = await connect(channel, token=core.parts.tokens.daemon)
                 host = ToolHost(client, lambda req: asyncio.sleep(0, 1))
 
-                base = await _p(client, "state_get", state_pb2.GetStateRequest(key="k"))
+                get = state_pb2.GetStateRequest(key="k")
+                base = await _p(client, "state_get", get)
                 one = _submit([{"id": "a", "type": "tool_call", "tool": "t"}])
                 calls = await _p(client, "proposal_submit", one)
-                (b50, _), (c50, c99) = _quantiles(base), _quantiles(calls)
+                floor = await _two(client, get)
+                (b50, _), (c50, c99), (f50, _) = map(_quantiles, (base, calls, floor))
                 print(
                     f"round trip: p50 {c50:.3f} ms, p99 {c99:.3f} ms "
                     f"({c50 / b50:.2f}x a state.get at p50 {b50:.3f} ms)"
+                )
+                print(
+                    f"floor, two state.gets in a row: p50 {f50:.3f} ms ({f50 / b50:.2f}x one); "
+                    f"the proposal is {c50 / f50:.2f}x its floor"
                 )
                 summary.report(
                     summary.at_most(
@@ -88,6 +108,7 @@ async def _run() -> None:
                         c50 / b50,
                         2,
                         "a state.get",
+                        floor=f50 / b50,
                     )
                 )
 

@@ -24,12 +24,13 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, TypeAlias
 from urllib.parse import urlsplit
 
 from google.protobuf import struct_pb2
 
 from car_grpc.core.event_buffer import EventBuffer, PutResult
+from car_grpc.core.keyed_order import KeyedOrder
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.router import Reply, handles, handles_notification, streams
 from car_grpc.core.session import ClientSession, SessionClosed
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 #: Event kinds that end a chat.
 TERMINAL_KINDS = frozenset({"done", "error", "auth_required"})
@@ -161,8 +161,8 @@ class Chats:
         self._registry = registry
         self.limits = limits
         self.goals = goals
-        #: Goal store calls take it in the order they are made (asyncio.Lock is FIFO).
-        self._goal_order = asyncio.Lock()
+        #: Goal store calls take effect in the order they are made, per chat session.
+        self._goal_order = KeyedOrder()
         #: Routed chats: session_id -> chat. A chat leaves when it ends.
         self.open: dict[str, Chat] = {}
         #: host session id -> its chats still routed or still being delivered. The key
@@ -175,7 +175,7 @@ class Chats:
     async def start(self) -> None:
         """After a restart no chat of this core runs any goal: its `running` goals become
         `active` (in a cluster the store resets only this core's)."""
-        await self._in_order(self.goals.reset_running)
+        await self._goal_order.run(None, self.goals.reset_running)
         self._registry.on_detach(self._agent_detached)
 
     async def drain(self) -> None:
@@ -185,28 +185,14 @@ class Chats:
 
     # -------------------------------------------------------------- store, in order
 
-    def _in_order(self, call: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
-        """Make the goal store call `call()` after every one made before it has finished.
-
-        Tasks take their first step in creation order, and that step queues on the FIFO
-        lock, so calls take effect in the order they were made, even from synchronous code
-        such as a chat ending. The store promises no order between concurrent calls.
-        """
-
-        async def ordered() -> T:
-            async with self._goal_order:
-                return await call()
-
-        return asyncio.create_task(ordered())
-
-    def _write_goal(self, call: Callable[[], Awaitable[object]]) -> None:
-        task = asyncio.create_task(self._background(call))
+    def _write_goal(self, session_id: str, call: Callable[[], Awaitable[object]]) -> None:
+        task = asyncio.create_task(self._background(session_id, call))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _background(self, call: Callable[[], Awaitable[object]]) -> None:
+    async def _background(self, session_id: str, call: Callable[[], Awaitable[object]]) -> None:
         try:
-            await self._in_order(call)
+            await self._goal_order.run(session_id, call)
         except Exception:
             log.exception("goal status update failed")
 
@@ -229,7 +215,7 @@ class Chats:
         if goal is not None and req.attachments:
             raise field_error("goal", "goal and attachments are mutually exclusive")
         session_id = req.session_id or f"chat-{uuid.uuid4()}"
-        stored = await self._in_order(lambda: self.goals.get(session_id))
+        stored = await self._goal_order.run(session_id, lambda: self.goals.get(session_id))
         # From here to the reverse call nothing awaits: routing is set up atomically.
         if session_id in self.open:
             raise field_error("session_id", "a chat with this session_id is already open")
@@ -252,7 +238,8 @@ class Chats:
         self._route(chat)
         if stored is not None:
             self._write_goal(
-                lambda: self.goals.set_status(session_id, chats_pb2.GOAL_STATUS_RUNNING)
+                session_id,
+                lambda: self.goals.set_status(session_id, chats_pb2.GOAL_STATUS_RUNNING),
             )
         request = chats_pb2.AgentChatRequest(
             session_id=session_id,
@@ -491,7 +478,7 @@ class Chats:
             status = chats_pb2.GOAL_STATUS_MET if event.met else chats_pb2.GOAL_STATUS_RUNNING
             sid, copy = chat.session_id, chats_pb2.ChatEvent()
             copy.CopyFrom(event)
-            self._write_goal(lambda: self.goals.record_evaluation(sid, copy, status))
+            self._write_goal(sid, lambda: self.goals.record_evaluation(sid, copy, status))
         elif event.kind in TERMINAL_KINDS:
             self._settle_goal(chat, event.kind)
 
@@ -500,35 +487,35 @@ class Chats:
             return
         status = goal_status_after(kind, chat.evaluated, chat.met)
         sid = chat.session_id
-        self._write_goal(lambda: self.goals.set_status(sid, status, kind))
+        self._write_goal(sid, lambda: self.goals.set_status(sid, status, kind))
 
     def _restore_goal(self, chat: Chat) -> None:
         """The chat never started: its goal goes back to the status it had."""
         if chat.goal_before is None:
             return
         before, sid = chat.goal_before, chat.session_id
-        self._write_goal(lambda: self.goals.set_status(sid, before))
+        self._write_goal(sid, lambda: self.goals.set_status(sid, before))
 
     # -------------------------------------------------------------- goal book
 
     async def set_goal(self, session_id: str, goal: chats_pb2.ChatGoal) -> chats_pb2.StoredGoal:
         """Store the goal (acknowledged once committed) and return it as stored."""
 
-        return await self._in_order(
-            lambda: self.goals.put(session_id, goal.check, goal.max_iterations)
+        return await self._goal_order.run(
+            session_id, lambda: self.goals.put(session_id, goal.check, goal.max_iterations)
         )
 
     async def goal(self, session_id: str) -> chats_pb2.StoredGoal | None:
-        return await self._in_order(lambda: self.goals.get(session_id))
+        return await self._goal_order.run(session_id, lambda: self.goals.get(session_id))
 
     async def all_goals(self) -> list[chats_pb2.StoredGoal]:
-        return await self._in_order(self.goals.list_all)
+        return await self._goal_order.run(None, self.goals.list_all)
 
     async def clear_goal(self, session_id: str) -> bool:
-        return await self._in_order(lambda: self.goals.clear(session_id))
+        return await self._goal_order.run(session_id, lambda: self.goals.clear(session_id))
 
     async def clear_goals(self) -> int:
-        return await self._in_order(self.goals.clear_all)
+        return await self._goal_order.run(None, self.goals.clear_all)
 
     # ------------------------------------------------------------ handlers
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from car_grpc.config import GatewayConfig
 from car_grpc.gateway.server import LISTEN_BACKLOG, Gateway
+from car_grpc.heap import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ async def _serve(orders: _Orders) -> None:
         core_token=orders.core_token,
     )
     await gateway.start()
+    freeze_startup_heap()
     try:
         sys.stdout.write("serving\n")
         sys.stdout.flush()
