@@ -136,7 +136,8 @@ async def bare(rounds: int) -> list[float]:
 async def through_car_grpc(rounds: int) -> list[float]:
     """Tokens/s of each round for a WebSocket host chatting with the sender as agent."""
     rates: list[float] = []
-    async with car_grpc_server() as url, sender("agent", url, rounds) as agent:
+    async with car_grpc_server() as server, sender("agent", server.url, rounds) as agent:
+        url = server.url
         assert agent.proc.stdout is not None
         assert (await asyncio.wait_for(agent.proc.stdout.readline(), 20)).strip() == b"attached"
         async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:

@@ -19,6 +19,16 @@ WebSocket message, as opaque bytes, over a grpc.aio bidi stream to an echo servi
 same process and back (no JSON, no protobuf, no session logic). The gateway cannot beat
 it; `gateway / relay` is what our own code adds on top of the two hops.
 
+A fourth, the multiplexed relay, shows what carrying many connections over few streams
+could reach at best: every WebSocket connection of the process shares ONE grpc.aio bidi
+stream (`BENCH_MUX_STREAMS` streams, default 1) to the same echo servicer; each gRPC
+message carries every frame ready from any connection at that moment, each tagged with its
+connection id (raw bytes: no JSON, no protobuf, no credits). Its writer lets the event
+loop turn once before taking what is ready (no timer).
+
+For every server the table also gives its CPU per round trip (the server's process and its
+children, /proc/PID/stat), which a shared machine disturbs less than wall time.
+
     python -m bench bench_gateway          (or ./dev bench bench_gateway)
 """
 
@@ -27,12 +37,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import statistics
+import struct
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -106,21 +119,126 @@ async def run_relay_server() -> None:
     await server.stop(0)
 
 
+#: A frame on the multiplexed stream: connection id, payload length, then the payload.
+_MUX_HEADER = struct.Struct("<II")
+MUX_STREAMS = int(os.environ.get("BENCH_MUX_STREAMS", "1"))
+
+
+async def run_mux_relay_server(streams: int = MUX_STREAMS) -> None:
+    """`python -m bench.bench_gateway mux`: every WebSocket connection over `streams` shared
+    grpc.aio streams to the echo servicer; a message carries every frame ready at once."""
+    server = grpc.aio.server()
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.stream_stream_rpc_method_handler(_grpc_echo)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("bench.Relay", {"Echo": handler})]
+    )
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    connections: dict[int, ServerConnection] = {}
+
+    class Stream:
+        def __init__(self, call: grpc.aio.StreamStreamCall[bytes, bytes]) -> None:
+            self.call = call
+            self.pending: list[bytes] = []
+            self.ready = asyncio.Event()
+
+        async def write(self) -> None:
+            while True:  # one write in flight; what arrives meanwhile goes in the next
+                await self.ready.wait()
+                # One turn of the event loop lets every connection already readable add
+                # its frame: 2-4x the frames per message at 16-64 clients, no timer.
+                await asyncio.sleep(0)
+                self.ready.clear()
+                batch, self.pending = b"".join(self.pending), []
+                await self.call.write(batch)
+
+        async def read(self) -> None:
+            while (message := await self.call.read()) is not grpc.aio.EOF:
+                assert isinstance(message, bytes)
+                offset = 0
+                while offset < len(message):
+                    conn_id, length = _MUX_HEADER.unpack_from(message, offset)
+                    offset += _MUX_HEADER.size
+                    payload = message[offset : offset + length]
+                    offset += length
+                    if (ws := connections.get(conn_id)) is not None:
+                        with contextlib.suppress(Exception):
+                            await ws.send(payload.decode())
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        echo: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+            _RELAY_METHOD
+        )
+        shared = [Stream(echo()) for _ in range(streams)]
+        tasks = [asyncio.create_task(f()) for s in shared for f in (s.write, s.read)]
+        ids = iter(range(1 << 32))
+
+        async def relay(ws: ServerConnection) -> None:
+            conn_id = next(ids)
+            stream = shared[conn_id % streams]
+            connections[conn_id] = ws
+            try:
+                async for message in ws:
+                    data = message.encode() if isinstance(message, str) else message
+                    stream.pending.append(_MUX_HEADER.pack(conn_id, len(data)) + data)
+                    stream.ready.set()
+            finally:
+                del connections[conn_id]
+
+        async with serve(relay, "127.0.0.1", 0, ping_interval=None, compression=None) as ws_server:
+            port = ws_server.sockets[0].getsockname()[1]
+            log_listening("mux relay", f"ws://127.0.0.1:{port}/")
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        for task in tasks:
+            task.cancel()
+        for s in shared:
+            s.call.cancel()
+    await server.stop(0)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process and every descendant still running."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, grew = {pid}, True
+    while grew:
+        more = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return sum(cpu.get(p, 0.0) for p in tree)
+
+
+@dataclass
+class Server:
+    url: str
+    pid: int
+
+
 @contextlib.asynccontextmanager
-async def echo_server(kind: str = "echo") -> AsyncIterator[str]:
-    """A bench server of this module in its own process (`echo` or `relay`)."""
+async def echo_server(kind: str = "echo") -> AsyncIterator[Server]:
+    """A bench server of this module in its own process (`echo`, `relay` or `mux`)."""
     async with launch([sys.executable, "-m", "bench.bench_gateway", kind], stdin=True) as server:
         [url] = await server.listeners(1)
-        yield url
+        yield Server(url, server.proc.pid)
 
 
 @contextlib.asynccontextmanager
-async def car_grpc_server(*flags: str) -> AsyncIterator[str]:
+async def car_grpc_server(*flags: str) -> AsyncIterator[Server]:
     """`car-grpc serve` with its own CAR_HOME, on ephemeral ports."""
     with tempfile.TemporaryDirectory() as home:
         async with car_grpc_serve(home, "--no-auth", *flags) as server:
             _, url = await server.listeners(2, timeout=30)
-            yield url
+            yield Server(url, server.proc.pid)
 
 
 # ------------------------------------------------------------------ the clients
@@ -164,9 +282,12 @@ async def latency(url: str, bridged: bool) -> list[float]:
         await ws.close()
 
 
-async def throughput(url: str, bridged: bool, count: int = CLIENTS) -> tuple[float, float]:
-    """`count` clients, each one round trip after another: round trips/s, p99 in us."""
-    clients = [await _open(url, bridged) for _ in range(count)]
+async def throughput(
+    server: Server, bridged: bool, count: int = CLIENTS
+) -> tuple[float, float, float]:
+    """`count` clients, each one round trip after another: round trips/s, p99 in us, and
+    the server's CPU per round trip in us."""
+    clients = [await _open(server.url, bridged) for _ in range(count)]
     samples: list[float] = []
     go = asyncio.Event()
 
@@ -180,14 +301,16 @@ async def throughput(url: str, bridged: bool, count: int = CLIENTS) -> tuple[flo
     try:
         for ws in clients:  # warm up every connection
             await _round_trip(ws)
+        cpu = tree_cpu_seconds(server.pid)
         start = time.perf_counter()
         until = start + THROUGHPUT_SECONDS
         tasks = [asyncio.create_task(loop(ws, until)) for ws in clients]
         go.set()
         await asyncio.gather(*tasks)
         rate = len(samples) / (time.perf_counter() - start)
+        cpu_us = (tree_cpu_seconds(server.pid) - cpu) / len(samples) * 1e6
         samples.sort()
-        return rate, samples[int(len(samples) * 0.99) - 1] * 1e6
+        return rate, samples[int(len(samples) * 0.99) - 1] * 1e6, cpu_us
     finally:
         await asyncio.gather(*(ws.close() for ws in clients))
 
@@ -199,36 +322,38 @@ async def throughput(url: str, bridged: bool, count: int = CLIENTS) -> tuple[flo
 class Figures:
     p50_us: float
     p99_us: float
-    #: By number of clients: round trips/s and p99 (us).
-    scaling: dict[int, tuple[float, float]]
+    #: By number of clients: round trips/s, p99 (us), server CPU per round trip (us).
+    scaling: dict[int, tuple[float, float, float]]
 
     @property
     def rps(self) -> float:
         return self.scaling[CLIENTS][0]
 
 
-async def measure(url: str, bridged: bool) -> Figures:
-    samples = sorted(await latency(url, bridged))
+async def measure(server: Server, bridged: bool) -> Figures:
+    samples = sorted(await latency(server.url, bridged))
     p99 = samples[int(len(samples) * 0.99) - 1]
-    scaling = {n: await throughput(url, bridged, n) for n in SCALING}
+    scaling = {n: await throughput(server, bridged, n) for n in SCALING}
     return Figures(statistics.median(samples) * 1e6, p99 * 1e6, scaling)
 
 
-async def run() -> tuple[Figures, Figures, Figures, Figures]:
-    async with echo_server() as url:
-        echo = await measure(url, bridged=False)
-    async with echo_server("relay") as url:
-        relay = await measure(url, bridged=False)
-    async with car_grpc_server() as url:
-        bridged = await measure(url, bridged=True)
-    async with car_grpc_server("--gateway-processes", "1") as url:
-        split = await measure(url, bridged=True)
-    return echo, relay, bridged, split
+async def run() -> tuple[Figures, Figures, Figures, Figures, Figures]:
+    async with echo_server() as server:
+        echo = await measure(server, bridged=False)
+    async with echo_server("relay") as server:
+        relay = await measure(server, bridged=False)
+    async with echo_server("mux") as server:
+        mux = await measure(server, bridged=False)
+    async with car_grpc_server() as server:
+        bridged = await measure(server, bridged=True)
+    async with car_grpc_server("--gateway-processes", "1") as server:
+        split = await measure(server, bridged=True)
+    return echo, relay, mux, bridged, split
 
 
 def main() -> None:
     started = time.perf_counter()
-    echo, relay, bridged, split = asyncio.run(run())
+    echo, relay, mux, bridged, split = asyncio.run(run())
     print(
         f"{'':26}{'bare echo':>10}{'WS+gRPC relay':>15}{'gateway->core':>15}"
         f"{'gateway/echo':>14}{'gateway/relay':>15}{'2 processes':>13}{'/echo':>7}"
@@ -243,19 +368,29 @@ def main() -> None:
             f"{name:26}{e:10.0f}{r:15.0f}{b:15.0f}{b / e:13.2f}x{b / r:14.2f}x{s:13.0f}"
             f"{s / e:6.2f}x"
         )
-    print("\nscaling: round trips/s (p99 us) by number of clients, each one request in flight")
-    print(f"{'clients':>8}" + "".join(f"{n:>22}" for n in ("bare echo", "WS+gRPC relay",
-          "car-grpc serve", "2 processes", "car-grpc/echo")))  # fmt: skip
+    print(
+        "\nscaling: round trips/s (p99 us) [server CPU us per round trip] by number of "
+        "clients, each one request in flight"
+    )
+    columns = ("bare echo", "WS+gRPC relay", f"mux relay ({MUX_STREAMS})", "car-grpc serve",
+               "2 processes")  # fmt: skip
+    print(f"{'clients':>8}" + "".join(f"{n:>28}" for n in columns)
+          + f"{'mux/echo':>10}{'mux/car':>9}{'car/echo':>10}")  # fmt: skip
     for n in SCALING:
         cells = [
-            f"{f.scaling[n][0]:11.0f} ({f.scaling[n][1]:6.0f})"
-            for f in (echo, relay, bridged, split)
+            f"{f.scaling[n][0]:7.0f} ({f.scaling[n][1]:6.0f}) [{f.scaling[n][2]:4.0f}]"
+            for f in (echo, relay, mux, bridged, split)
         ]
-        ratio = bridged.scaling[n][0] / echo.scaling[n][0]
-        print(f"{n:8d}" + "".join(f"{c:>22}" for c in cells) + f"{ratio:21.2f}x")
+        print(
+            f"{n:8d}" + "".join(f"{c:>28}" for c in cells)
+            + f"{mux.scaling[n][0] / echo.scaling[n][0]:9.2f}x"
+            + f"{mux.scaling[n][0] / bridged.scaling[n][0]:8.2f}x"
+            + f"{bridged.scaling[n][0] / echo.scaling[n][0]:9.2f}x"
+        )  # fmt: skip
     print(
         f"one client x {ROUND_TRIPS} round trips; clients x {THROUGHPUT_SECONDS:g}s each; "
-        f"`2 processes`: car-grpc serve --gateway-processes 1; "
+        f"mux relay: every connection over {MUX_STREAMS} grpc.aio stream(s) "
+        f"(BENCH_MUX_STREAMS); `2 processes`: car-grpc serve --gateway-processes 1; "
         f"ran in {time.perf_counter() - started:.0f}s"
     )
     summary.report(
@@ -287,6 +422,12 @@ def main() -> None:
             3.0,
             "echo",
         ),
+        summary.Figure(
+            f"  bare multiplexed relay ({MUX_STREAMS} stream), {CLIENTS} clients",
+            f"{mux.rps:,.0f}/s ({mux.rps / bridged.rps:.1f}x car-grpc)",
+            mux.rps / echo.rps,
+            "(x echo)",
+        ),
         *(
             summary.Figure(
                 f"scaling, {n} clients: round trips/s (p99)",
@@ -304,5 +445,7 @@ if __name__ == "__main__":
         asyncio.run(run_echo_server())
     elif sys.argv[1:] == ["relay"]:
         asyncio.run(run_relay_server())
+    elif sys.argv[1:] == ["mux"]:
+        asyncio.run(run_mux_relay_server())
     else:
         main()

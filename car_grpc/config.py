@@ -338,6 +338,10 @@ class GatewayConfig:
     #: CAR_GATEWAY_PROCESSES), sharing the WebSocket port (SO_REUSEPORT); 0: the gateway
     #: runs in the core's process. See README (Throughput).
     gateway_processes: int = 0
+    #: ConnectMultiplexed streams a gateway that holds the daemon token (the one `car-grpc
+    #: serve` runs) carries all its connections over, instead of a ConnectBatched stream
+    #: each; 0: a stream each (as a gateway without the token always does).
+    ws_multiplex_streams: int = 1
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,9 @@ class Server:
                 await self.stop()
                 raise
         else:
-            gateway = Gateway(self.config.gateway, self.core.grpc_address)
+            gateway = Gateway(
+                self.config.gateway, self.core.grpc_address, core_token=self._core_token()
+            )
             try:
                 await gateway.start()
             except BaseException:
@@ -69,6 +71,13 @@ class Server:
                 raise
             self.dashboard = dashboard
 
+    def _core_token(self) -> str:
+        """What the gateway shows the core to multiplex its sessions (ConnectMultiplexed
+        admits the daemon token; "" when the core runs with auth off)."""
+        assert self.core.parts is not None
+        tokens = self.core.parts.tokens
+        return tokens.daemon if tokens is not None else ""
+
     async def _start_gateway_processes(self) -> None:
         """Bind the WebSocket port here, then start the gateway processes on it one after
         another (the first also serves the Unix socket)."""
@@ -77,7 +86,13 @@ class Server:
         for i in range(config.gateway_processes):
             if i > 0:
                 config = replace(config, unix_socket=None)
-            process = GatewayProcess(config, self.core.grpc_address, listener, announce=i == 0)
+            process = GatewayProcess(
+                config,
+                self.core.grpc_address,
+                listener,
+                announce=i == 0,
+                core_token=self._core_token(),
+            )
             self.gateway_processes.append(process)
             await process.start()
 

@@ -20,7 +20,6 @@ from typing import Any
 import grpc
 
 from car_grpc.core.server import Core
-from car_grpc.gateway.connection import ConnectCallable
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import batch
 from tests.conftest import make_config
@@ -35,10 +34,12 @@ async def test_a_burst_of_connect_streams_is_served_whole(core: Core) -> None:
     token = daemon_token(core)
     outcomes: collections.Counter[str] = collections.Counter()
     async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-        connect: ConnectCallable = channel.stream_stream(
-            _CONNECT,
-            request_serializer=batch.serialize,
-            response_deserializer=session_pb2.ConnectBatchedResponse.FromString,
+        connect: grpc.aio.StreamStreamMultiCallable[bytes, session_pb2.ConnectBatchedResponse] = (
+            channel.stream_stream(
+                _CONNECT,
+                request_serializer=batch.serialize,
+                response_deserializer=session_pb2.ConnectBatchedResponse.FromString,
+            )
         )
         calls = [connect() for _ in range(2000)]
 
@@ -96,8 +97,9 @@ async def test_a_burst_of_websocket_connections_ends_no_session(tmp_path: Path) 
 
 async def test_paced_opening_serves_every_connection(tmp_path: Path) -> None:
     """With room for 2 streams not yet taken in, 60 connections opened at once all get
-    their session: each waits its turn, none waits forever."""
-    config = make_config(tmp_path, ws_pending_streams=2)
+    their session: each waits its turn, none waits forever. (A stream per connection:
+    multiplexed sessions share streams the core has long taken in.)"""
+    config = make_config(tmp_path, ws_pending_streams=2, ws_multiplex_streams=0)
     async with running(config) as (core, gateway):
 
         async def session() -> object:

@@ -35,10 +35,15 @@ __all__ = [
 
 @contextlib.asynccontextmanager
 async def running(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
-    """A core and a gateway in front of it, both on ephemeral loopback ports."""
+    """A core and a gateway in front of it, both on ephemeral loopback ports; the gateway
+    holds the core's daemon token, as in `car-grpc serve` (so it multiplexes its
+    connections unless config.gateway.ws_multiplex_streams is 0)."""
     core = Core(config.core)
     await core.start()
-    gateway = Gateway(config.gateway, core.grpc_address)
+    assert core.parts is not None
+    tokens = core.parts.tokens
+    core_token = tokens.daemon if tokens is not None else ""
+    gateway = Gateway(config.gateway, core.grpc_address, core_token=core_token)
     try:
         await gateway.start()
         yield core, gateway

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from car_grpc.core.authentication import Authentication
 from car_grpc.core.dispatch import AuthRequired, Dispatcher, store_unavailable
+from car_grpc.core.multiplex import MultiplexedStream
 from car_grpc.core.reflection import add_reflection
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.router import GrpcOnlyHandler, Reply
@@ -67,6 +68,9 @@ class SessionStream:
         self.session = service.registry.open(streaming=True, peer=context.peer())
         self.inflight = asyncio.Semaphore(service.max_inflight)
         self.tasks: set[asyncio.Task[object]] = set()
+        #: The notifications among them: what the client sent before it half-closed is
+        #: still handled (an agent's last chat tokens), not cancelled with the requests.
+        self.notifying: set[asyncio.Task[object]] = set()
         #: Held around every write to the stream (the writer task's and the direct ones).
         self.write_lock = asyncio.Lock()
         #: More frames of the message being read follow: answers queue up for one write.
@@ -76,6 +80,8 @@ class SessionStream:
         writer = asyncio.create_task(self._write_loop())
         try:
             await self._read_loop()
+            if self.notifying:  # each bounded by its handler; the client may cancel
+                await asyncio.wait(set(self.notifying))
         finally:
             for task in self.tasks:
                 task.cancel()
@@ -136,7 +142,7 @@ class SessionStream:
             err = CarError(INVALID_REQUEST, "invalid request: frame has no body")
             await self.session.send(_error_frame(frame.id, err))
         elif binding.kind in (api.NOTIFICATION, api.BINARY):
-            await self._spawn(self._notification, binding.field, frame)
+            self.notifying.add(await self._spawn(self._notification, binding.field, frame))
         elif not self.session.authenticated:
             # Until auth succeeds, requests run one at a time, in order.
             if not await self._request(frame, binding.field):
@@ -149,14 +155,18 @@ class SessionStream:
             await self._spawn(self._request, frame, binding.field)
         return True
 
-    async def _spawn(self, work: Callable[..., Coroutine[Any, Any, object]], *args: Any) -> None:
+    async def _spawn(
+        self, work: Callable[..., Coroutine[Any, Any, object]], *args: Any
+    ) -> asyncio.Task[object]:
         await self.inflight.acquire()  # backpressure: stop reading while saturated
         task = asyncio.create_task(work(*args))
         self.tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[object]) -> None:
         self.tasks.discard(task)
+        self.notifying.discard(task)
         self.inflight.release()
 
     async def _request(self, frame: session_pb2.ClientFrame, member: str) -> bool:
@@ -332,6 +342,31 @@ class GrpcService:
             await context.send_initial_metadata(((AUTH_KEY, auth),))
             await SessionStream(self, context, batched=True).run()
 
+        multiplexed_access = api.rpc_access(
+            session_pb2.DESCRIPTOR.services_by_name["SessionService"].methods_by_name[
+                "ConnectMultiplexed"
+            ]
+        )
+
+        async def connect_multiplexed(
+            _requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> None:
+            # The caller (a gateway) proves its own role first; its sessions then
+            # authenticate themselves, each as on Connect.
+            try:
+                async with _CallSession(self, context) as caller:
+                    self.dispatcher.check_access(
+                        caller, multiplexed_access, "car.v1.SessionService.ConnectMultiplexed"
+                    )
+            except CarError as e:
+                await _abort(context, e)
+                return
+            except StoreUnavailable as e:
+                await _abort(context, store_unavailable("ConnectMultiplexed", e))
+                return
+            await context.send_initial_metadata(((AUTH_KEY, auth),))
+            await MultiplexedStream(self, context).run()
+
         by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {
             "car.v1.SessionService": {
                 "Connect": grpc.stream_stream_rpc_method_handler(
@@ -342,6 +377,12 @@ class GrpcService:
                 "ConnectBatched": grpc.stream_stream_rpc_method_handler(
                     connect_batched,
                     request_deserializer=_reader(session_pb2.ConnectBatchedRequest),
+                    response_serializer=batch.serialize,
+                ),
+                # Each session's batches are parsed (and twins filled in) when it reads them.
+                "ConnectMultiplexed": grpc.stream_stream_rpc_method_handler(
+                    connect_multiplexed,
+                    request_deserializer=session_pb2.ConnectMultiplexedRequest.FromString,
                     response_serializer=batch.serialize,
                 ),
             }

@@ -38,8 +38,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import grpc
 from websockets.asyncio.server import ServerConnection
@@ -59,8 +59,22 @@ log = logging.getLogger(__name__)
 
 #: A ClientFrame, or one already serialized (decoded off the loop).
 OutFrame = session_pb2.ClientFrame | bytes
-#: SessionService.ConnectBatched: encoded batches of ClientFrames up (wire/batch.py).
-ConnectCallable = grpc.aio.StreamStreamMultiCallable[bytes, session_pb2.ConnectBatchedResponse]
+
+
+class SessionCall(Protocol):
+    """A session's stream to the core: a SessionService.ConnectBatched call of its own, or
+    one session on a shared ConnectMultiplexed stream (gateway/multiplex.py). Encoded
+    batches of ClientFrames up (wire/batch.py), ConnectBatchedResponses down."""
+
+    async def write(self, request: bytes) -> None: ...
+    async def read(self) -> Any: ...
+    async def done_writing(self) -> None: ...
+    def cancel(self) -> bool: ...
+    async def initial_metadata(self) -> Any: ...
+
+
+#: Opens a session's stream (ConnectBatched, or a Multiplexer).
+ConnectCallable = Callable[[], SessionCall]
 
 
 #: RFC 6455 caps a close reason at 123 bytes of UTF-8.
@@ -142,7 +156,7 @@ class Connection:
         #: Where large frames are decoded (None: inline, whatever their size).
         self._decoder = decoder
         #: The Connect stream, once opened (see _open).
-        self.call: grpc.aio.StreamStreamCall[bytes, session_pb2.ConnectBatchedResponse]
+        self.call: SessionCall
         #: Shared by the gateway's connections: a slot per stream not yet taken in.
         self._opening = opening or asyncio.Semaphore(config.ws_pending_streams)
         self._opened = asyncio.Event()  # self.call exists

@@ -49,6 +49,9 @@ class _Orders:
     listener_fd: int
     #: Log its listening lines (the first process does; the others share its port).
     announce: bool
+    #: The core's daemon token, for ConnectMultiplexed (Gateway's core_token; it travels
+    #: in the pipe, never on a command line).
+    core_token: str | None = None
 
 
 def listen(config: GatewayConfig) -> socket.socket:
@@ -72,9 +75,15 @@ class GatewayProcess:
     """One gateway process on a shared listener, started and stopped by its parent."""
 
     def __init__(
-        self, config: GatewayConfig, core_address: str, listener: socket.socket, *, announce: bool
+        self,
+        config: GatewayConfig,
+        core_address: str,
+        listener: socket.socket,
+        *,
+        announce: bool,
+        core_token: str | None = None,
     ) -> None:
-        self._orders = _Orders(config, core_address, listener.fileno(), announce)
+        self._orders = _Orders(config, core_address, listener.fileno(), announce, core_token)
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -92,7 +101,13 @@ class GatewayProcess:
         assert proc.stdin is not None and proc.stdout is not None
         orders = self._orders  # as a tuple: the child runs this module as __main__
         blob = pickle.dumps(
-            (orders.config, orders.core_address, orders.listener_fd, orders.announce)
+            (
+                orders.config,
+                orders.core_address,
+                orders.listener_fd,
+                orders.announce,
+                orders.core_token,
+            )
         )
         proc.stdin.write(_LENGTH.pack(len(blob)) + blob)
         try:
@@ -132,7 +147,11 @@ async def _serve(orders: _Orders) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     listener = socket.socket(fileno=orders.listener_fd)
     gateway = Gateway(
-        orders.config, orders.core_address, listener=listener, announce=orders.announce
+        orders.config,
+        orders.core_address,
+        listener=listener,
+        announce=orders.announce,
+        core_token=orders.core_token,
     )
     await gateway.start()
     freeze_startup_heap()

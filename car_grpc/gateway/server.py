@@ -6,8 +6,10 @@
     await gateway.stop()        # connections closed (1001), channel closed, socket removed
 
 The gateway keeps nothing but its connections: each WebSocket connection gets its own
-SessionService.Connect stream on one shared channel, so any number of gateways can serve
-one core.
+SessionService.ConnectBatched stream on one shared channel, or, when the gateway holds the
+core's daemon token (`core_token`: `car-grpc serve` passes it), is one session of a few
+shared ConnectMultiplexed streams (multiplex.py); so any number of gateways can serve one
+core.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from car_grpc import tls
 from car_grpc.config import GatewayConfig
 from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection
 from car_grpc.gateway.decoder import DecoderPool
+from car_grpc.gateway.multiplex import Multiplexer
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import batch
 from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
@@ -52,9 +55,16 @@ class Gateway:
         *,
         listener: socket.socket | None = None,
         announce: bool = True,
+        core_token: str | None = None,
     ) -> None:
         self.config = config
         self.core_address = core_address
+        #: The core's daemon token ("" when the core runs with auth off): with it the
+        #: gateway may carry its connections over ConnectMultiplexed streams (None: a
+        #: ConnectBatched stream per connection).
+        self._core_token = core_token
+        self._multiplexer: Multiplexer | None = None
+        self._mux_channel: grpc.aio.Channel | None = None
         #: A listening TCP socket to serve instead of binding ws_host:ws_port (one that
         #: several gateway processes share).
         self._listener = listener
@@ -116,6 +126,17 @@ class Gateway:
             request_serializer=batch.serialize,
             response_deserializer=session_pb2.ConnectBatchedResponse.FromString,
         )
+        if self._core_token is not None and config.ws_multiplex_streams > 0:
+            token = self._core_token
+            metadata = (("authorization", f"Bearer {token}"),) if token else ()
+            # A channel of their own: the shared streams keep gRPC's window probing (their
+            # sessions' credits, not the stream window, bound what a slow client holds).
+            self._mux_channel = tls.core_channel(
+                self.core_address, config.core_ca, options=[*MESSAGE_SIZE_OPTIONS]
+            )
+            self._connect = self._multiplexer = Multiplexer(
+                self._mux_channel, config.ws_multiplex_streams, metadata
+            )
         if self._listener is not None:
             tcp = await self._serve(sock=self._listener, ssl=self._ssl)
         else:
@@ -171,6 +192,12 @@ class Gateway:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        if self._multiplexer is not None:
+            await self._multiplexer.close()
+            self._multiplexer = None
+        if self._mux_channel is not None:
+            await self._mux_channel.close()
+            self._mux_channel = None
         if self._channel is not None:
             await self._channel.close()
             self._channel = None

@@ -74,6 +74,142 @@ class ConnectBatchedResponse(_message.Message):
 Global___ConnectBatchedResponse: _TypeAlias = ConnectBatchedResponse  # noqa: Y015
 
 @_typing.final
+class ConnectMultiplexedRequest(_message.Message):
+    """ConnectMultiplexed: what the gateway has for some of its sessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___MultiplexedClientSession]: ...
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___MultiplexedClientSession] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectMultiplexedRequest: _TypeAlias = ConnectMultiplexedRequest  # noqa: Y015
+
+@_typing.final
+class MultiplexedClientSession(_message.Message):
+    """ConnectMultiplexed: one session's part of a message up. A session opens with the first
+    record of an id greater than any the stream has used; records of an id that has ended
+    are ignored. Credits: per session and direction, a batch may be sent while fewer than
+    16 batches and less than 256 KiB of them are unacknowledged; a side acknowledges
+    batches once its session has taken them (with its next message, or on their own once
+    8 batches or 128 KiB are owed). More is a protocol error that ends the stream
+    (INVALID_ARGUMENT).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    ACK_BATCHES_FIELD_NUMBER: _builtins.int
+    ACK_BYTES_FIELD_NUMBER: _builtins.int
+    session: _builtins.int
+    """The gateway's id of the session, unique on the stream."""
+    batch: _builtins.bytes
+    """A serialized ConnectBatchedRequest: the client's frames, in order."""
+    end: _builtins.bool
+    """The client is gone: nothing more comes up (Connect's half-close)."""
+    cancel: _builtins.bool
+    """Drop the session now (Connect's cancel)."""
+    ack_batches: _builtins.int
+    """Batches of the session's `ConnectMultiplexedResponse` taken, and their bytes."""
+    ack_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        session: _builtins.int = ...,
+        batch: _builtins.bytes = ...,
+        end: _builtins.bool = ...,
+        cancel: _builtins.bool = ...,
+        ack_batches: _builtins.int = ...,
+        ack_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_batches", b"ack_batches", "ack_bytes", b"ack_bytes", "batch", b"batch", "cancel", b"cancel", "end", b"end", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultiplexedClientSession: _TypeAlias = MultiplexedClientSession  # noqa: Y015
+
+@_typing.final
+class ConnectMultiplexedResponse(_message.Message):
+    """ConnectMultiplexed: what the core has for some of the gateway's sessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___MultiplexedServerSession]: ...
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___MultiplexedServerSession] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectMultiplexedResponse: _TypeAlias = ConnectMultiplexedResponse  # noqa: Y015
+
+@_typing.final
+class MultiplexedServerSession(_message.Message):
+    """ConnectMultiplexed: one session's part of a message down."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ACK_BATCHES_FIELD_NUMBER: _builtins.int
+    ACK_BYTES_FIELD_NUMBER: _builtins.int
+    session: _builtins.int
+    batch: _builtins.bytes
+    """A serialized ConnectBatchedResponse: the session's frames, in order."""
+    end: _builtins.bool
+    """The session ended: nothing follows for it; `code` and `message` are the gRPC status
+    its Connect stream would have ended with (0: OK).
+    """
+    code: _builtins.int
+    message: _builtins.str
+    ack_batches: _builtins.int
+    """Batches of the session's MultiplexedClientSession taken, and their bytes."""
+    ack_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        session: _builtins.int = ...,
+        batch: _builtins.bytes = ...,
+        end: _builtins.bool = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        ack_batches: _builtins.int = ...,
+        ack_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_batches", b"ack_batches", "ack_bytes", b"ack_bytes", "batch", b"batch", "code", b"code", "end", b"end", "message", b"message", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultiplexedServerSession: _TypeAlias = MultiplexedServerSession  # noqa: Y015
+
+@_typing.final
 class AuthenticateRequest(_message.Message):
     """`session.auth`: must be the session's first request. One of: `{token}` (daemon token,
     ordinary session), `{host_token}` (host role), `{token, agent_id}` (an agent token minted

@@ -78,6 +78,11 @@ class SessionServiceStub:
                 request_serializer=car_dot_v1_dot_session__pb2.ConnectBatchedRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_session__pb2.ConnectBatchedResponse.FromString,
                 _registered_method=True)
+        self.ConnectMultiplexed = channel.stream_stream(
+                '/car.v1.SessionService/ConnectMultiplexed',
+                request_serializer=car_dot_v1_dot_session__pb2.ConnectMultiplexedRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_session__pb2.ConnectMultiplexedResponse.FromString,
+                _registered_method=True)
         self.InitSession = channel.unary_unary(
                 '/car.v1.SessionService/InitSession',
                 request_serializer=car_dot_v1_dot_session__pb2.InitSessionRequest.SerializeToString,
@@ -150,6 +155,18 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConnectMultiplexed(self, request_iterator, context):
+        """Many sessions over one stream, for a gateway: each WebSocket connection it serves is
+        one session here, its frames tagged with the gateway's id for it, the frames ready
+        from any session at once in one message. Each session behaves exactly as a
+        ConnectBatched stream of its own (session.auth first, the same answers and errors);
+        per-session credits (MultiplexedClientSession) stand in for each stream's HTTP/2 flow
+        control, so one slow client backs up only its own session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def InitSession(self, request, context):
         """Registers tools and policies in one call. JSON-RPC: `session.init`.
         """
@@ -176,6 +193,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.ConnectBatched,
                     request_deserializer=car_dot_v1_dot_session__pb2.ConnectBatchedRequest.FromString,
                     response_serializer=car_dot_v1_dot_session__pb2.ConnectBatchedResponse.SerializeToString,
+            ),
+            'ConnectMultiplexed': grpc.stream_stream_rpc_method_handler(
+                    servicer.ConnectMultiplexed,
+                    request_deserializer=car_dot_v1_dot_session__pb2.ConnectMultiplexedRequest.FromString,
+                    response_serializer=car_dot_v1_dot_session__pb2.ConnectMultiplexedResponse.SerializeToString,
             ),
             'InitSession': grpc.unary_unary_rpc_method_handler(
                     servicer.InitSession,
@@ -276,6 +298,33 @@ class SessionService:
             '/car.v1.SessionService/ConnectBatched',
             car_dot_v1_dot_session__pb2.ConnectBatchedRequest.SerializeToString,
             car_dot_v1_dot_session__pb2.ConnectBatchedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConnectMultiplexed(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/car.v1.SessionService/ConnectMultiplexed',
+            car_dot_v1_dot_session__pb2.ConnectMultiplexedRequest.SerializeToString,
+            car_dot_v1_dot_session__pb2.ConnectMultiplexedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,14 @@ class SessionServiceStub:
     at once (tokens streamed, a burst of requests, fan-out). A client that sends one frame
     at a time uses Connect.
     """
+    ConnectMultiplexed: _grpc.StreamStreamMultiCallable[_session_pb2.ConnectMultiplexedRequest, _session_pb2.ConnectMultiplexedResponse]
+    """Many sessions over one stream, for a gateway: each WebSocket connection it serves is
+    one session here, its frames tagged with the gateway's id for it, the frames ready
+    from any session at once in one message. Each session behaves exactly as a
+    ConnectBatched stream of its own (session.auth first, the same answers and errors);
+    per-session credits (MultiplexedClientSession) stand in for each stream's HTTP/2 flow
+    control, so one slow client backs up only its own session.
+    """
     InitSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.InitSessionRequest, _session_pb2.InitSessionResponse]
     """Registers tools and policies in one call. JSON-RPC: `session.init`."""
     ClearHalt: _grpc.UnaryUnaryMultiCallable[_session_pb2.ClearHaltRequest, _session_pb2.ClearHaltResponse]
@@ -140,6 +148,14 @@ class SessionServiceAsyncStub(SessionServiceStub):
     and order as Connect, for a client (such as the gateway) that has several frames ready
     at once (tokens streamed, a burst of requests, fan-out). A client that sends one frame
     at a time uses Connect.
+    """
+    ConnectMultiplexed: _aio.StreamStreamMultiCallable[_session_pb2.ConnectMultiplexedRequest, _session_pb2.ConnectMultiplexedResponse]  # type: ignore[assignment]
+    """Many sessions over one stream, for a gateway: each WebSocket connection it serves is
+    one session here, its frames tagged with the gateway's id for it, the frames ready
+    from any session at once in one message. Each session behaves exactly as a
+    ConnectBatched stream of its own (session.auth first, the same answers and errors);
+    per-session credits (MultiplexedClientSession) stand in for each stream's HTTP/2 flow
+    control, so one slow client backs up only its own session.
     """
     InitSession: _aio.UnaryUnaryMultiCallable[_session_pb2.InitSessionRequest, _session_pb2.InitSessionResponse]  # type: ignore[assignment]
     """Registers tools and policies in one call. JSON-RPC: `session.init`."""
@@ -208,6 +224,20 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         and order as Connect, for a client (such as the gateway) that has several frames ready
         at once (tokens streamed, a burst of requests, fan-out). A client that sends one frame
         at a time uses Connect.
+        """
+
+    @_abc_1.abstractmethod
+    def ConnectMultiplexed(
+        self,
+        request_iterator: _MaybeAsyncIterator[_session_pb2.ConnectMultiplexedRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_session_pb2.ConnectMultiplexedResponse], _abc.AsyncIterator[_session_pb2.ConnectMultiplexedResponse]]:
+        """Many sessions over one stream, for a gateway: each WebSocket connection it serves is
+        one session here, its frames tagged with the gateway's id for it, the frames ready
+        from any session at once in one message. Each session behaves exactly as a
+        ConnectBatched stream of its own (session.auth first, the same answers and errors);
+        per-session credits (MultiplexedClientSession) stand in for each stream's HTTP/2 flow
+        control, so one slow client backs up only its own session.
         """
 
     @_abc_1.abstractmethod

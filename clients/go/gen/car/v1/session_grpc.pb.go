@@ -30,6 +30,13 @@ type SessionServiceClient interface {
 	// at once (tokens streamed, a burst of requests, fan-out). A client that sends one frame
 	// at a time uses Connect.
 	ConnectBatched(ctx context.Context, opts ...grpc.CallOption) (SessionService_ConnectBatchedClient, error)
+	// Many sessions over one stream, for a gateway: each WebSocket connection it serves is
+	// one session here, its frames tagged with the gateway's id for it, the frames ready
+	// from any session at once in one message. Each session behaves exactly as a
+	// ConnectBatched stream of its own (session.auth first, the same answers and errors);
+	// per-session credits (MultiplexedClientSession) stand in for each stream's HTTP/2 flow
+	// control, so one slow client backs up only its own session.
+	ConnectMultiplexed(ctx context.Context, opts ...grpc.CallOption) (SessionService_ConnectMultiplexedClient, error)
 	// Registers tools and policies in one call. JSON-RPC: `session.init`.
 	InitSession(ctx context.Context, in *InitSessionRequest, opts ...grpc.CallOption) (*InitSessionResponse, error)
 	// Lifts the halt that a terminal tool error set. JSON-RPC: `session.clear_halt`.
@@ -106,6 +113,37 @@ func (x *sessionServiceConnectBatchedClient) Recv() (*ConnectBatchedResponse, er
 	return m, nil
 }
 
+func (c *sessionServiceClient) ConnectMultiplexed(ctx context.Context, opts ...grpc.CallOption) (SessionService_ConnectMultiplexedClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_SessionService_serviceDesc.Streams[2], "/car.v1.SessionService/ConnectMultiplexed", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &sessionServiceConnectMultiplexedClient{stream}
+	return x, nil
+}
+
+type SessionService_ConnectMultiplexedClient interface {
+	Send(*ConnectMultiplexedRequest) error
+	Recv() (*ConnectMultiplexedResponse, error)
+	grpc.ClientStream
+}
+
+type sessionServiceConnectMultiplexedClient struct {
+	grpc.ClientStream
+}
+
+func (x *sessionServiceConnectMultiplexedClient) Send(m *ConnectMultiplexedRequest) error {
+	return x.ClientStream.SendMsg(m)
+}
+
+func (x *sessionServiceConnectMultiplexedClient) Recv() (*ConnectMultiplexedResponse, error) {
+	m := new(ConnectMultiplexedResponse)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 func (c *sessionServiceClient) InitSession(ctx context.Context, in *InitSessionRequest, opts ...grpc.CallOption) (*InitSessionResponse, error) {
 	out := new(InitSessionResponse)
 	err := c.cc.Invoke(ctx, "/car.v1.SessionService/InitSession", in, out, opts...)
@@ -141,6 +179,13 @@ type SessionServiceServer interface {
 	// at once (tokens streamed, a burst of requests, fan-out). A client that sends one frame
 	// at a time uses Connect.
 	ConnectBatched(SessionService_ConnectBatchedServer) error
+	// Many sessions over one stream, for a gateway: each WebSocket connection it serves is
+	// one session here, its frames tagged with the gateway's id for it, the frames ready
+	// from any session at once in one message. Each session behaves exactly as a
+	// ConnectBatched stream of its own (session.auth first, the same answers and errors);
+	// per-session credits (MultiplexedClientSession) stand in for each stream's HTTP/2 flow
+	// control, so one slow client backs up only its own session.
+	ConnectMultiplexed(SessionService_ConnectMultiplexedServer) error
 	// Registers tools and policies in one call. JSON-RPC: `session.init`.
 	InitSession(context.Context, *InitSessionRequest) (*InitSessionResponse, error)
 	// Lifts the halt that a terminal tool error set. JSON-RPC: `session.clear_halt`.
@@ -157,6 +202,9 @@ func (UnimplementedSessionServiceServer) Connect(SessionService_ConnectServer) e
 }
 func (UnimplementedSessionServiceServer) ConnectBatched(SessionService_ConnectBatchedServer) error {
 	return status.Errorf(codes.Unimplemented, "method ConnectBatched not implemented")
+}
+func (UnimplementedSessionServiceServer) ConnectMultiplexed(SessionService_ConnectMultiplexedServer) error {
+	return status.Errorf(codes.Unimplemented, "method ConnectMultiplexed not implemented")
 }
 func (UnimplementedSessionServiceServer) InitSession(context.Context, *InitSessionRequest) (*InitSessionResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method InitSession not implemented")
@@ -229,6 +277,32 @@ func (x *sessionServiceConnectBatchedServer) Recv() (*ConnectBatchedRequest, err
 	return m, nil
 }
 
+func _SessionService_ConnectMultiplexed_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(SessionServiceServer).ConnectMultiplexed(&sessionServiceConnectMultiplexedServer{stream})
+}
+
+type SessionService_ConnectMultiplexedServer interface {
+	Send(*ConnectMultiplexedResponse) error
+	Recv() (*ConnectMultiplexedRequest, error)
+	grpc.ServerStream
+}
+
+type sessionServiceConnectMultiplexedServer struct {
+	grpc.ServerStream
+}
+
+func (x *sessionServiceConnectMultiplexedServer) Send(m *ConnectMultiplexedResponse) error {
+	return x.ServerStream.SendMsg(m)
+}
+
+func (x *sessionServiceConnectMultiplexedServer) Recv() (*ConnectMultiplexedRequest, error) {
+	m := new(ConnectMultiplexedRequest)
+	if err := x.ServerStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 func _SessionService_InitSession_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(InitSessionRequest)
 	if err := dec(in); err != nil {
@@ -288,6 +362,12 @@ var _SessionService_serviceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "ConnectBatched",
 			Handler:       _SessionService_ConnectBatched_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "ConnectMultiplexed",
+			Handler:       _SessionService_ConnectMultiplexed_Handler,
 			ServerStreams: true,
 			ClientStreams: true,
 		},

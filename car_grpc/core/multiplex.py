@@ -1,0 +1,255 @@
+"""SessionService.ConnectMultiplexed: a gateway's sessions over one stream (wire/multiplex.py).
+
+Each session on the stream is run by the same SessionStream as a ConnectBatched stream of
+its own: it is given a `SessionChannel` instead of a gRPC context, which reads the
+session's batches from its own queue and writes its batches into the stream's next
+message, within the session's credits. The stream's reader never waits for a session
+(credits bound what each may have queued); its writer sends every record ready at once
+in one message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from car_grpc.v1 import session_pb2
+from car_grpc.wire import multiplex
+from car_grpc.wire.twins import fill_in
+
+if TYPE_CHECKING:
+    from car_grpc.core.grpc_service import GrpcService
+
+log = logging.getLogger(__name__)
+
+
+class _Ended(Exception):
+    """The session's stream was aborted (SessionStream calls context.abort)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class SessionChannel:
+    """What SessionStream uses of a gRPC context, for one session of a multiplexed stream."""
+
+    def __init__(self, stream: MultiplexedStream, key: int) -> None:
+        self._stream = stream
+        self.key = key
+        #: Batches from the gateway not yet read by the session (bounded by its credits).
+        self.inbound: deque[bytes] = deque()
+        self.inbound_bytes = 0
+        self._readable = asyncio.Event()
+        self.client_done = False  # the gateway said `end`
+        #: Batches written to the gateway and not yet acknowledged, and their bytes.
+        self._unacked = 0
+        self._unacked_bytes = 0
+        self._credit = asyncio.Event()
+
+    def peer(self) -> str:
+        return self._stream.peer
+
+    def push(self, batch: bytes) -> bool:
+        """A batch from the gateway; False when it exceeds the session's credits (what is
+        unread and what was read but not yet acknowledged)."""
+        owed, owed_bytes = self._stream.owed(self.key)
+        if not multiplex.fits(len(self.inbound) + owed, self.inbound_bytes + owed_bytes):
+            return False
+        self.inbound.append(batch)
+        self.inbound_bytes += len(batch)
+        self._readable.set()
+        return True
+
+    def finish_input(self) -> None:
+        self.client_done = True
+        self._readable.set()
+
+    def acknowledged(self, batches: int, size: int) -> None:
+        self._unacked = max(0, self._unacked - batches)
+        self._unacked_bytes = max(0, self._unacked_bytes - size)
+        self._credit.set()
+
+    async def read(self) -> Any:
+        while not self.inbound:
+            if self.client_done:
+                return grpc.aio.EOF
+            self._readable.clear()
+            await self._readable.wait()
+        data = self.inbound.popleft()
+        self.inbound_bytes -= len(data)
+        self._stream.acknowledge(self.key, len(data))
+        return fill_in(session_pb2.ConnectBatchedRequest.FromString(data))
+
+    async def write(self, data: bytes) -> None:
+        # As a write on a stream of its own waits for the HTTP/2 window: until the gateway
+        # has taken enough of what was sent before.
+        while not multiplex.fits(self._unacked, self._unacked_bytes):
+            self._credit.clear()
+            await self._credit.wait()
+        self._unacked += 1
+        self._unacked_bytes += len(data)
+        self._stream.send(multiplex.record(self.key, data))
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Ended(code, details)
+
+
+class MultiplexedStream:
+    """One ConnectMultiplexed call: its sessions, their records both ways."""
+
+    def __init__(self, service: GrpcService, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.service = service
+        self.context = context
+        self.peer = context.peer()
+        self.sessions: dict[int, tuple[SessionChannel, asyncio.Task[None]]] = {}
+        self._last_key = -1  # ids only grow: a smaller one is a session that ended
+        #: Records for the next message, and acknowledgements (batches, bytes) by session.
+        self._records: list[bytes] = []
+        self._acks: dict[int, list[int]] = {}
+        self._ready = asyncio.Event()
+        self._closing = False  # no session is left: the writer ends once all is written
+
+    def send(self, record: bytes) -> None:
+        self._records.append(record)
+        self._ready.set()
+
+    def acknowledge(self, key: int, size: int) -> None:
+        """Session `key` took a batch of `size` bytes: owed to the sender, sent with the
+        next message, or now once half a window is owed."""
+        ack = self._acks.setdefault(key, [0, 0])
+        ack[0] += 1
+        ack[1] += size
+        if multiplex.ack_due(*ack):
+            self._ready.set()
+
+    def owed(self, key: int) -> tuple[int, int]:
+        """What session `key` has taken and not yet acknowledged (batches, bytes)."""
+        ack = self._acks.get(key)
+        return (ack[0], ack[1]) if ack else (0, 0)
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._write_loop())
+        try:
+            await self._read_loop()
+            # The gateway half-closed: its sessions end as their clients did, and what they
+            # said last is written before the stream ends.
+            for channel, _ in list(self.sessions.values()):
+                channel.finish_input()
+            while self.sessions:
+                await asyncio.wait([task for _, task in self.sessions.values()])
+            self._closing = True
+            self._ready.set()
+            await writer
+        finally:
+            tasks = [task for _, task in self.sessions.values()]
+            for task in tasks:
+                task.cancel()
+            # Shielded: the sessions' close hooks must run to the end (SessionStream.run).
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    async def _read_loop(self) -> None:
+        while (message := await self.context.read()) is not grpc.aio.EOF:
+            assert isinstance(message, session_pb2.ConnectMultiplexedRequest)
+            for part in message.sessions:
+                if (entry := self._session_for(part)) is None:
+                    continue
+                channel, task = entry
+                if part.ack_batches:
+                    channel.acknowledged(part.ack_batches, part.ack_bytes)
+                if part.batch and not channel.push(part.batch):
+                    await self.context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"session {part.session}: a batch past its credits",
+                    )
+                if part.end:
+                    channel.finish_input()
+                if part.cancel:
+                    task.cancel()
+
+    def _session_for(
+        self, part: session_pb2.MultiplexedClientSession
+    ) -> tuple[SessionChannel, asyncio.Task[None]] | None:
+        """The live session a record is for, opened by its first record (None: ignored)."""
+        key = part.session
+        if (entry := self.sessions.get(key)) is not None:
+            return entry
+        if key <= self._last_key:
+            return None  # a session that ended: what was on its way is moot
+        self._last_key = key
+        if part.cancel or (part.end and not part.batch):
+            return None
+        if len(self.sessions) >= multiplex.MAX_SESSIONS:
+            refused = "too many sessions on one stream"
+            self.send(multiplex.record(key, end=True, flag4=_RESOURCE_EXHAUSTED, message=refused))
+            return None
+        return self._open(key)
+
+    def _open(self, key: int) -> tuple[SessionChannel, asyncio.Task[None]]:
+        from car_grpc.core.grpc_service import SessionStream  # which imports this module
+
+        channel = SessionChannel(self, key)
+        stream = SessionStream(self.service, channel, batched=True)  # type: ignore[arg-type]
+        task = asyncio.create_task(self._run_session(channel, stream))
+        entry = self.sessions[key] = (channel, task)
+        return entry
+
+    async def _run_session(self, channel: SessionChannel, stream: Any) -> None:
+        code, details = grpc.StatusCode.OK, ""
+        try:
+            await stream.run()
+        except _Ended as e:
+            code, details = e.code, e.details
+        except asyncio.CancelledError:
+            code, details = grpc.StatusCode.CANCELLED, "cancelled"
+        except Exception:
+            log.exception("multiplexed session %d failed", channel.key)
+            code, details = grpc.StatusCode.UNKNOWN, "internal error"
+        finally:
+            del self.sessions[channel.key]
+            self._acks.pop(channel.key, None)
+            self.send(multiplex.record(channel.key, end=True, flag4=code.value[0], message=details))
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._ready.wait()
+            # One turn of the event loop first: what other sessions have ready by then
+            # goes in the same message (no timer; and no turn when no other session could).
+            if len(self.sessions) > 1:
+                await asyncio.sleep(0)
+            self._ready.clear()
+            records = self._take()
+            if records:
+                await self.context.write(b"".join(records))
+            if self._closing and not self._records and not self._acks:
+                return
+
+    def _take(self) -> list[bytes]:
+        """The records of the next message: acknowledgements, then what the sessions
+        wrote, up to MAX_MESSAGE_BYTES (the rest waits for the next)."""
+        out = [multiplex.record(key, ack=(n, size)) for key, (n, size) in self._acks.items()]
+        self._acks.clear()
+        size = sum(map(len, out))
+        records, taken = self._records, 0
+        for record in records:
+            if taken and size + len(record) > multiplex.MAX_MESSAGE_BYTES:
+                break
+            out.append(record)
+            size += len(record)
+            taken += 1
+        del records[:taken]
+        if records:
+            self._ready.set()
+        return out
+
+
+_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]

@@ -1,0 +1,267 @@
+"""A gateway's connections over a few SessionService.ConnectMultiplexed streams
+(wire/multiplex.py), instead of a ConnectBatched stream each.
+
+`Multiplexer()` opens a session the way `channel.stream_stream(ConnectBatched)()` opens a
+stream: it returns a `MultiplexedCall` with the same methods (write, read, done_writing,
+cancel, initial_metadata), so a Connection does not know which it has. Connections are
+spread over the streams round-robin; a stream that fails fails every session on it as
+each call would have failed (the connections end: "core unavailable"), and the next
+connection opens a new one.
+
+Flow control per session, as each stream's HTTP/2 window gave it: a session writes a
+batch only within its credits, and acknowledges a batch from the core when its
+connection reads it (which it stops doing while its client's queue is full), so a slow
+client holds back only its own session. What a session holds here: its unread batches,
+at most the credits' worth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from car_grpc.v1 import session_pb2
+from car_grpc.wire import batch, multiplex
+
+_CONNECT_MULTIPLEXED = (
+    f"/{session_pb2.DESCRIPTOR.services_by_name['SessionService'].full_name}/ConnectMultiplexed"
+)
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+_NO_METADATA = grpc.aio.Metadata()
+
+
+def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, _NO_METADATA, _NO_METADATA, details)
+
+
+class MultiplexedCall:
+    """One session on a shared stream, used as its own ConnectBatched call."""
+
+    def __init__(self, stream: _Stream, key: int) -> None:
+        self._stream = stream
+        self.key = key
+        #: Batches from the core not yet read (at most the session's credits).
+        self._inbound: deque[bytes] = deque()
+        self._inbound_bytes = 0
+        #: Batches sent up and not yet acknowledged by the core, and their bytes.
+        self._unacked = 0
+        self._unacked_bytes = 0
+        self._changed = asyncio.Event()  # something arrived: batches, credits, the end
+        self._end: grpc.aio.AioRpcError | None = None  # how the session ended (OK: EOF)
+        self._ended = False
+        self._half_closed = False
+
+    # -------------------------------------------------------------- as Connection uses it
+
+    async def initial_metadata(self) -> grpc.aio.Metadata:
+        return await self._stream.initial_metadata()
+
+    async def write(self, data: bytes) -> None:
+        while not multiplex.fits(self._unacked, self._unacked_bytes):
+            self._check_writable()
+            self._changed.clear()
+            await self._changed.wait()
+        self._check_writable()
+        self._unacked += 1
+        self._unacked_bytes += len(data)
+        self._stream.send(multiplex.record(self.key, data))
+
+    async def read(self) -> Any:
+        while not self._inbound:
+            if self._ended:
+                if self._end is not None:
+                    raise self._end
+                return grpc.aio.EOF
+            self._changed.clear()
+            await self._changed.wait()
+        data = self._inbound.popleft()
+        self._inbound_bytes -= len(data)
+        self._stream.acknowledge(self.key, len(data))
+        return session_pb2.ConnectBatchedResponse.FromString(data)
+
+    async def done_writing(self) -> None:
+        if not self._ended and not self._half_closed:
+            self._half_closed = True
+            self._stream.send(multiplex.record(self.key, end=True))
+
+    def cancel(self) -> bool:
+        if self._ended:
+            return False
+        self._stream.forget(self.key)
+        self._stream.send(multiplex.record(self.key, flag4=1))
+        self.finish(_error(grpc.StatusCode.CANCELLED, "cancelled"))
+        return True
+
+    def _check_writable(self) -> None:
+        if self._ended:
+            raise self._end or grpc.aio.UsageError("the session has ended")
+        if self._half_closed:
+            raise grpc.aio.UsageError("done_writing was called")
+
+    # -------------------------------------------------------------- as the stream feeds it
+
+    def deliver(self, data: bytes) -> bool:
+        """A batch from the core; False when it exceeds the session's credits (what is
+        unread and what was read but not yet acknowledged)."""
+        owed, owed_bytes = self._stream.owed(self.key)
+        if not multiplex.fits(len(self._inbound) + owed, self._inbound_bytes + owed_bytes):
+            return False
+        self._inbound.append(data)
+        self._inbound_bytes += len(data)
+        self._changed.set()
+        return True
+
+    def acknowledged(self, batches: int, size: int) -> None:
+        self._unacked = max(0, self._unacked - batches)
+        self._unacked_bytes = max(0, self._unacked_bytes - size)
+        self._changed.set()
+
+    def finish(self, error: grpc.aio.AioRpcError | None) -> None:
+        """The session ended (None: OK); what was delivered is still read first."""
+        if not self._ended:
+            self._ended, self._end = True, error
+            self._changed.set()
+
+
+class _Stream:
+    """One ConnectMultiplexed call and the sessions on it."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall[bytes, Any]) -> None:
+        self.call = call
+        self.calls: dict[int, MultiplexedCall] = {}
+        self.failed = False
+        self._records: list[bytes] = []
+        self._acks: dict[int, list[int]] = {}
+        self._ready = asyncio.Event()
+        self._writer = asyncio.create_task(self._write_loop())
+        self._reader = asyncio.create_task(self._read_loop())
+
+    def open(self, key: int) -> MultiplexedCall:
+        call = self.calls[key] = MultiplexedCall(self, key)
+        self.send(multiplex.record(key))  # the core opens the session now, as on Connect
+        return call
+
+    async def initial_metadata(self) -> grpc.aio.Metadata:
+        return await self.call.initial_metadata()
+
+    def send(self, record: bytes) -> None:
+        self._records.append(record)
+        self._ready.set()
+
+    def acknowledge(self, key: int, size: int) -> None:
+        """Session `key` took a batch of `size` bytes: owed to the sender, sent with the
+        next message, or now once half a window is owed."""
+        ack = self._acks.setdefault(key, [0, 0])
+        ack[0] += 1
+        ack[1] += size
+        if multiplex.ack_due(*ack):
+            self._ready.set()
+
+    def owed(self, key: int) -> tuple[int, int]:
+        """What session `key` has taken and not yet acknowledged (batches, bytes)."""
+        ack = self._acks.get(key)
+        return (ack[0], ack[1]) if ack else (0, 0)
+
+    def forget(self, key: int) -> None:
+        self.calls.pop(key, None)
+        self._acks.pop(key, None)
+
+    async def _read_loop(self) -> None:
+        error = _error(grpc.StatusCode.UNAVAILABLE, "the multiplexed stream ended")
+        try:
+            while (message := await self.call.read()) is not grpc.aio.EOF:
+                assert isinstance(message, session_pb2.ConnectMultiplexedResponse)
+                for part in message.sessions:
+                    self._take(part)
+        except grpc.aio.AioRpcError as e:
+            error = e
+        finally:
+            self.failed = True
+            for call in self.calls.values():
+                call.finish(error)
+            self.calls.clear()
+            self._writer.cancel()
+
+    def _take(self, part: session_pb2.MultiplexedServerSession) -> None:
+        call = self.calls.get(part.session)
+        if call is None:
+            return  # cancelled here: what was on its way is moot
+        if part.ack_batches:
+            call.acknowledged(part.ack_batches, part.ack_bytes)
+        if part.batch and not call.deliver(part.batch):
+            call.cancel()
+            call.finish(_error(grpc.StatusCode.INTERNAL, "the core sent past the credits"))
+            return
+        if part.end:
+            self.forget(part.session)
+            code = _STATUS.get(part.code, grpc.StatusCode.UNKNOWN)
+            call.finish(None if code == grpc.StatusCode.OK else _error(code, part.message))
+
+    async def _write_loop(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+            while True:
+                await self._ready.wait()
+                # One turn of the event loop first: what other sessions have ready by then
+                # goes in the same message (no timer; and no turn when no other session could).
+                if len(self.calls) > 1:
+                    await asyncio.sleep(0)
+                self._ready.clear()
+                if records := self._take_records():
+                    await self.call.write(b"".join(records))
+
+    def _take_records(self) -> Sequence[bytes]:
+        out = [multiplex.record(key, ack=(n, size)) for key, (n, size) in self._acks.items()]
+        self._acks.clear()
+        size = sum(map(len, out))
+        records, taken = self._records, 0
+        for record in records:
+            if taken and size + len(record) > multiplex.MAX_MESSAGE_BYTES:
+                break
+            out.append(record)
+            size += len(record)
+            taken += 1
+        del records[:taken]
+        if records:
+            self._ready.set()
+        return out
+
+    async def close(self) -> None:
+        self.call.cancel()
+        for task in (self._reader, self._writer):
+            task.cancel()
+        await asyncio.gather(self._reader, self._writer, return_exceptions=True)
+
+
+class Multiplexer:
+    """Opens sessions over `streams` ConnectMultiplexed streams of one channel."""
+
+    def __init__(
+        self, channel: grpc.aio.Channel, streams: int, metadata: tuple[tuple[str, str], ...]
+    ) -> None:
+        self._open_stream = channel.stream_stream(
+            _CONNECT_MULTIPLEXED,
+            request_serializer=batch.serialize,
+            response_deserializer=session_pb2.ConnectMultiplexedResponse.FromString,
+        )
+        self._metadata = metadata
+        self._streams: list[_Stream | None] = [None] * streams
+        self._next_key = 0
+
+    def __call__(self) -> MultiplexedCall:
+        key = self._next_key
+        self._next_key += 1
+        slot = key % len(self._streams)
+        stream = self._streams[slot]
+        if stream is None or stream.failed:
+            stream = self._streams[slot] = _Stream(self._open_stream(metadata=self._metadata))
+        return stream.open(key)
+
+    async def close(self) -> None:
+        streams = [s for s in self._streams if s is not None]
+        self._streams = [None] * len(self._streams)
+        await asyncio.gather(*(s.close() for s in streams))

@@ -1,0 +1,70 @@
+"""Many sessions over one stream: the wire of SessionService.ConnectMultiplexed.
+
+A message is a list of per-session records (MultiplexedClientSession up,
+MultiplexedServerSession down), each carrying one ConnectBatched batch of that session,
+already serialized, and/or the session's end and its credits. Records are encoded here by
+hand, as batch.py encodes batches, so a batch is never parsed or copied on its way through
+the multiplexer; they are decoded with protobuf.
+
+Credits stand in for the HTTP/2 flow control each session had on a stream of its own: per
+session and direction a batch may be sent while fewer than WINDOW_BATCHES batches and
+less than WINDOW_BYTES of them are unacknowledged; the receiver acknowledges batches once
+the session has taken them (the core's session read them; the gateway's connection took
+them for its client). So the receiver holds per session at most WINDOW_BATCHES batches
+and WINDOW_BYTES plus one batch, and a session whose client is slow stops only its own
+sender. Acknowledgements ride along with the next message the receiver sends anyway; one
+goes on its own only once half a window is owed (`ack_due`): a round trip then costs two
+gRPC messages, not three, and a blocked sender (a full window, all of it taken) is always
+acknowledged.
+"""
+
+from __future__ import annotations
+
+from car_grpc.wire.batch import _varint
+
+#: A session's batch may be sent while fewer than this many are unacknowledged, each way,
+WINDOW_BATCHES = 16
+#: and less than this many bytes of them.
+WINDOW_BYTES = 256 * 1024
+#: Most bytes of records in one gRPC message (a larger record goes alone).
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: Sessions one stream may carry at once; a session past it ends at once (RESOURCE_EXHAUSTED).
+MAX_SESSIONS = 65536
+
+
+def fits(unacked_batches: int, unacked_bytes: int) -> bool:
+    """Whether one more batch may be sent with so much unacknowledged."""
+    return unacked_batches < WINDOW_BATCHES and unacked_bytes < WINDOW_BYTES
+
+
+def ack_due(owed_batches: int, owed_bytes: int) -> bool:
+    """Whether acknowledgements owed must go now, on their own, rather than with the next
+    message: half a window (so a sender whose window is full is never left waiting)."""
+    return owed_batches >= WINDOW_BATCHES // 2 or owed_bytes >= WINDOW_BYTES // 2
+
+
+def record(
+    session: int,
+    batch: bytes = b"",
+    *,
+    end: bool = False,
+    flag4: int = 0,
+    ack: tuple[int, int] = (0, 0),
+    message: str = "",
+) -> bytes:
+    """One session's record, as field 1 of its ConnectMultiplexedRequest/Response.
+    `flag4`: `cancel` up (1), the status `code` down."""
+    parts = [b"\x08", _varint(session)]
+    if batch:
+        parts += (b"\x12", _varint(len(batch)), batch)
+    if end:
+        parts.append(b"\x18\x01")
+    if flag4:
+        parts += (b"\x20", _varint(flag4))
+    if ack[0]:
+        parts += (b"\x28", _varint(ack[0]), b"\x30", _varint(ack[1]))
+    if message:
+        raw = message.encode()
+        parts += (b"\x3a", _varint(len(raw)), raw)
+    body = b"".join(parts)
+    return b"\x0a" + _varint(len(body)) + body

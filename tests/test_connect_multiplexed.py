@@ -1,0 +1,165 @@
+"""SessionService.ConnectMultiplexed: many sessions over one stream, on a real core over
+gRPC, spoken as a gateway speaks it (wire/multiplex.py). Each session behaves as a
+ConnectBatched stream of its own; credits keep a session that is not read from holding
+up the others. (Every WebSocket test runs through it too: tests/ws_helpers.running.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+import grpc
+import pytest
+
+from car_grpc.core.server import Core
+from car_grpc.v1 import session_pb2
+from car_grpc.wire import batch, multiplex
+from tests.ws_helpers import daemon_token
+
+PATH = "/car.v1.SessionService/ConnectMultiplexed"
+
+
+def _frame(frame_id: str, member: str, **fields: Any) -> bytes:
+    frame = session_pb2.ClientFrame(id=frame_id)
+    getattr(frame, member).SetInParent()
+    for name, value in fields.items():
+        setattr(getattr(frame, member), name, value)
+    return frame.SerializeToString()
+
+
+class Gateway:
+    """The gateway's side of one ConnectMultiplexed stream, by hand."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+        open_stream = channel.stream_stream(
+            PATH,
+            request_serializer=batch.serialize,
+            response_deserializer=session_pb2.ConnectMultiplexedResponse.FromString,
+        )
+        self.call: Any = open_stream(metadata=(("authorization", f"Bearer {token}"),))
+        #: By session: the frames received, the batches not yet acknowledged, the end.
+        self.frames: dict[int, list[session_pb2.ServerFrame]] = defaultdict(list)
+        self.unacked: dict[int, list[int]] = defaultdict(list)
+        self.ends: dict[int, session_pb2.MultiplexedServerSession] = {}
+        self.acks: dict[int, int] = defaultdict(int)
+        self.arrived = asyncio.Condition()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while (message := await self.call.read()) is not grpc.aio.EOF:
+            async with self.arrived:
+                for part in message.sessions:
+                    if part.batch:
+                        decoded = session_pb2.ConnectBatchedResponse.FromString(part.batch)
+                        self.frames[part.session] += decoded.frames
+                        self.unacked[part.session].append(len(part.batch))
+                    self.acks[part.session] += part.ack_batches
+                    if part.end:
+                        self.ends[part.session] = part
+                self.arrived.notify_all()
+
+    async def send(self, *records: bytes) -> None:
+        await self.call.write(b"".join(records))
+
+    async def request(self, key: int, *frames: bytes) -> None:
+        await self.send(multiplex.record(key, batch.encode(frames)))
+
+    async def ack(self, key: int) -> None:
+        sizes, self.unacked[key] = self.unacked[key], []
+        await self.send(multiplex.record(key, ack=(len(sizes), sum(sizes))))
+
+    async def until(self, done: Any, timeout: float = 10) -> None:
+        async with asyncio.timeout(timeout), self.arrived:
+            await self.arrived.wait_for(done)
+
+    def ids(self, key: int) -> list[str]:
+        return [f.id for f in self.frames[key]]
+
+    async def close(self) -> None:
+        self.call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+@pytest.fixture
+async def gateway(core: Core, channel: grpc.aio.Channel) -> Any:
+    gw = Gateway(channel, daemon_token(core))
+    yield gw
+    await gw.close()
+
+
+async def test_each_session_authenticates_and_ends_on_its_own(core: Core, gateway: Gateway) -> None:
+    """Three sessions on one stream: one authenticates, one sends a request before auth
+    (-32001, then it ends UNAUTHENTICATED as its Connect stream would), one a wrong token
+    (-32603, and it stays open, unauthenticated). The first is unaffected."""
+    token = daemon_token(core)
+    await gateway.request(1, _frame("a", "session_auth", token=token), _frame("b", "tools_list"))
+    await gateway.request(2, _frame("c", "tools_list"))
+    await gateway.request(3, _frame("d", "session_auth", token="wrong"))
+    await gateway.until(lambda: len(gateway.ids(1)) == 2 and 2 in gateway.ends and gateway.ids(3))
+    assert [f.WhichOneof("body") for f in gateway.frames[1]] == ["session_auth", "tools_list"]
+    assert [(f.id, f.error.code) for f in gateway.frames[2]] == [("c", -32001)]
+    assert gateway.ends[2].code == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert gateway.ends[2].message == "auth required"
+    assert [(f.id, f.error.code) for f in gateway.frames[3]] == [("d", -32603)]
+    assert "token mismatch" in gateway.frames[3][0].error.message
+    assert 1 not in gateway.ends and 3 not in gateway.ends
+    await gateway.request(1, _frame("e", "tools_list"))
+    await gateway.until(lambda: "e" in gateway.ids(1))
+    # Records of a session that ended are ignored; a new id opens a new session.
+    await gateway.request(2, _frame("f", "session_auth", token=token))
+    await gateway.request(4, _frame("g", "session_auth", token=token))
+    await gateway.until(lambda: gateway.ids(4) == ["g"])
+    assert gateway.ids(2) == ["c"]
+
+
+async def test_a_session_not_read_holds_back_only_itself(core: Core, gateway: Gateway) -> None:
+    """The core sends a session at most its credits (16 batches) until the gateway
+    acknowledges them; meanwhile every other session is served; acknowledged, the rest
+    follows."""
+    token = daemon_token(core)
+    await gateway.request(1, _frame("auth", "session_auth", token=token))
+    await gateway.request(2, _frame("auth", "session_auth", token=token))
+    await gateway.until(lambda: gateway.ids(1) and gateway.ids(2))
+    await gateway.ack(1)
+    n = multiplex.WINDOW_BATCHES + 4
+    for i in range(n):  # one message each: the core answers each in a batch of its own
+        # The core acknowledges what session 1 has read: send within those credits too
+        # (the auth and i requests sent so far).
+        await gateway.until(lambda i=i: 1 + i - gateway.acks[1] < multiplex.WINDOW_BATCHES)
+        await gateway.request(1, _frame(str(i), "tools_list"))
+    await gateway.request(2, _frame("x", "tools_list"))
+    await gateway.until(lambda: "x" in gateway.ids(2))
+    assert len(gateway.unacked[1]) <= multiplex.WINDOW_BATCHES
+    assert len(gateway.ids(1)) < 1 + n
+    while len(gateway.ids(1)) < 1 + n:
+        await gateway.ack(1)
+        await gateway.until(lambda: bool(gateway.unacked[1]) or len(gateway.ids(1)) == 1 + n)
+    assert gateway.ids(1) == ["auth", *(str(i) for i in range(n))]
+
+
+async def test_a_batch_past_the_credits_ends_the_stream(core: Core, gateway: Gateway) -> None:
+    """A gateway that sends a session more than its credits breaks the protocol: the
+    stream ends INVALID_ARGUMENT (the core holds no more than the credits per session)."""
+    one = batch.encode([_frame("1", "tools_list")])
+    await gateway.send(*(multiplex.record(7, one) for _ in range(multiplex.WINDOW_BATCHES + 1)))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await asyncio.wait_for(asyncio.shield(gateway._reader), 10)
+    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "past its credits" in (ended.value.details() or "")
+
+
+async def test_only_the_daemon_token_opens_it(core: Core, channel: grpc.aio.Channel) -> None:
+    """A host token is refused (PERMISSION_DENIED), no token too (UNAUTHENTICATED): the
+    caller carries other clients' sessions. (The role matrix: tests/test_access_e2e.py.)"""
+    assert core.parts is not None and core.parts.tokens is not None
+    for token, code in (
+        (core.parts.tokens.host, grpc.StatusCode.PERMISSION_DENIED),
+        ("", grpc.StatusCode.UNAUTHENTICATED),
+    ):
+        gw = Gateway(channel, token)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await asyncio.wait_for(asyncio.shield(gw._reader), 10)
+        assert refused.value.code() == code
+        await gw.close()
