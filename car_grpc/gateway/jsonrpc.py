@@ -173,6 +173,10 @@ def dumps(obj: JSON) -> str:
     return _encoder.encode(obj)
 
 
+#: Each method name of the core's frames as JSON text.
+_METHOD_TEXT = {binding.method: dumps(binding.method) for _, binding in _FROM_CORE.values()}
+
+
 def _describe(value: JSON) -> str:
     """Any parsed JSON as text for a message field (lenient: this never fails)."""
     try:
@@ -202,6 +206,11 @@ def error_object(code: int, message: str, data: JSON = None, *, has_data: bool =
 
 def response(id_: JSON, result: JSON) -> str:
     return dumps({"jsonrpc": "2.0", "id": id_, "result": result})
+
+
+def _response_text(id_: JSON, result: str) -> str:
+    """response(id_, result) for a result already written as JSON text."""
+    return f'{{"jsonrpc":"2.0","id":{dumps(id_)},"result":{result}}}'
 
 
 def error_response(id_: JSON, error: JSON) -> str:
@@ -522,39 +531,48 @@ class Bridge:
     # -------------------------------------------------------------- core -> client
 
     def from_core(self, frame: session_pb2.ServerFrame) -> str | None:
-        """Translate one frame from the core; None when nothing goes to the client."""
+        """Translate one frame from the core; None when nothing goes to the client. The
+        text is written straight from the message (codec.result_to_text): the same text
+        as dumps() of the JSON-RPC object with codec.message_to_result's payload."""
         member = frame.WhichOneof("body")
         if member == "error":
             if frame.error.code == AUTH_REQUIRED:
                 self.auth_refused = True
-            return self._settle(frame.id, error_response, _proto_error_to_json(frame.error))
+            error = _proto_error_to_json(frame.error)
+            return self._settle(frame.id, lambda client_id: error_response(client_id, error))
         if member is None:
             return None
         kind, binding = _FROM_CORE[member]
         if kind not in _JSON_KINDS:
             return None  # not JSON-RPC (binary members travel as binary frames)
-        payload = codec.message_to_result(getattr(frame, member), binding.bare_field)
+        body = getattr(frame, member)
         if kind == api.RESPONSE:
             self.authenticated = True
-            return self._settle(frame.id, response, payload)
-        message: dict[str, JSON] = {"jsonrpc": "2.0", "method": binding.method, "params": payload}
-        if kind == api.REQUEST:
-            message = {"jsonrpc": "2.0", "id": frame.id, **message}
+            return self._settle(
+                frame.id,
+                lambda client_id: _response_text(
+                    client_id, codec.result_to_text(body, binding.bare_field)
+                ),
+            )
         try:
-            text = dumps(message)
+            params = codec.result_to_text(body, binding.bare_field)
         except ValueError as e:
             log.error("gateway: dropped %s from the core: not strict JSON: %s", binding.method, e)
             return None
+        method = _METHOD_TEXT[binding.method]
         if kind == api.REQUEST:
             self._remember_callback(frame.id, binding.method)
-        return text
+            return f'{{"jsonrpc":"2.0","id":{dumps(frame.id)},"method":{method},"params":{params}}}'
+        return f'{{"jsonrpc":"2.0","method":{method},"params":{params}}}'
 
-    def _settle(self, gid: str, render: Callable[[JSON, JSON], str], payload: JSON) -> str | None:
+    def _settle(self, gid: str, render: Callable[[JSON], str]) -> str | None:
+        """The answer to request `gid` (`render` writes it for the client's id), in its
+        batch when it was part of one."""
         pending = self._pending.pop(gid, None)
         if pending is None or pending.client_id is _NO_REPLY:
             return None
         try:
-            text = render(pending.client_id, payload)
+            text = render(pending.client_id)
         except ValueError as e:
             # Not strict JSON (NaN, Infinity): never sent. codec renders the core's
             # non-finite numbers as null, so this is a bug, but the client still gets its
@@ -578,7 +596,7 @@ class Bridge:
         """Answer every request still open with -32603 `message` (the core went away)."""
         error = error_object(INTERNAL, message)
         for gid in list(self._pending):
-            text = self._settle(gid, error_response, error)
+            text = self._settle(gid, lambda client_id: error_response(client_id, error))
             if text is not None:
                 yield text
         self._callbacks.clear()
