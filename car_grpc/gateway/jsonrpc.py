@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
@@ -117,6 +118,7 @@ _decoder = json.JSONDecoder(parse_constant=_reject_constant)
 # allow_nan=False: what the gateway sends is strict JSON, or nothing (ValueError).
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+_LONG_DIGITS = re.compile(r"[0-9]{19}")
 
 
 class BatchTooLarge(ValueError):
@@ -133,9 +135,23 @@ def parse(text: str | bytes) -> JSON:
         start = _skip(text, 0)
         if text.startswith("[", start):
             return _parse_array(text, start + 1)
-        return _decoder.decode(text)
+        return _loads(text)
     except RecursionError as e:
         raise ValueError("nested too deeply") from e
+
+
+def _loads(text: str) -> JSON:
+    """One JSON text, exactly as _decoder reads it, with orjson (about 6x faster) wherever it
+    reads the same. It refuses what json reads differently or with its own error (lone
+    surrogates, NaN/Infinity, numbers past the float range, nesting past 1,024 levels):
+    json then decides, and says why. Integers past 64 bits orjson would read as floats:
+    a text with 19 digits in a row (any such integer) goes to json from the start."""
+    if _LONG_DIGITS.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return _decoder.decode(text)
 
 
 def _skip(text: str, at: int) -> int:
