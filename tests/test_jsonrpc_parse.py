@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from car_grpc.gateway import jsonrpc
+from car_grpc.v1 import session_pb2
 
 
 def _outcome(parse: Any, text: str) -> str:
@@ -90,3 +91,31 @@ def test_random_texts_read_or_fail_as_json(text: str) -> None:
     if text.lstrip(" \t\n\r").startswith("["):
         return  # a batch: read entry by entry by json itself
     assert _outcome(jsonrpc.parse, text) == _outcome(_reference, text)
+
+
+def _nest(shape: str, levels: int) -> Any:
+    deep: Any = 1
+    for _ in range(levels):
+        deep = {"a": deep} if shape == "object" else [deep]
+    return deep
+
+
+@pytest.mark.parametrize(
+    ("method", "shape"),
+    [("state.set", "object"), ("state.set", "array"), ("agent.chat.event", "object")],
+)
+def test_frames_too_flat_to_nest_past_the_core_are_not_checked_and_need_not_be(
+    method: str, shape: str
+) -> None:
+    """decode skips the depth check (a re-parse) for frames of at most SHALLOW_BRACKETS
+    `{` and `[`: the deepest such frames of the deepest shapes (free-form objects, three
+    protobuf levels each; a chat event's inline members and Struct) still parse in upb."""
+    levels = jsonrpc.SHALLOW_BRACKETS - 2  # the envelope and params take two
+    params: dict[str, Any] = {"key": "k", "value": _nest(shape, levels)}
+    if method == "agent.chat.event":
+        params = {"session_id": "c", "kind": "token", "x": _nest(shape, levels)}
+    text = json.dumps({"jsonrpc": "2.0", "method": method, "params": params})
+    assert text.count("{") + text.count("[") == jsonrpc.SHALLOW_BRACKETS
+    [message] = jsonrpc.decode(text, {}).messages
+    assert isinstance(message.frame, session_pb2.ClientFrame), message.reply
+    assert not jsonrpc._too_deep(message.frame)

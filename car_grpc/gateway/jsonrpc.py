@@ -36,7 +36,7 @@ import orjson
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
-from car_grpc.v1 import errors_pb2, session_pb2
+from car_grpc.v1 import errors_pb2, options_pb2, session_pb2
 from car_grpc.wire import api, codec
 from car_grpc.wire.errors import (
     AUTH_REQUIRED,
@@ -76,6 +76,42 @@ def _has_free_form(desc: Descriptor, seen: frozenset[str] = frozenset()) -> bool
         and _has_free_form(fd.message_type, inner)
         for fd in desc.fields
     )
+
+
+def _inline_chain(desc: Descriptor, seen: frozenset[str] = frozenset()) -> int:
+    """The longest chain of inline message members inside `desc` (inline Structs aside):
+    protobuf levels that add no JSON level. A cycle counts as MAX_PROTO_DEPTH (no bound)."""
+    longest, inner = 0, seen | {desc.full_name}
+    for fd in desc.fields:
+        child = fd.message_type
+        if child is None or child.full_name in _FREE_FORM:
+            continue
+        if child.full_name in inner:
+            if fd.GetOptions().Extensions[options_pb2.json_inline]:
+                return MAX_PROTO_DEPTH
+            continue
+        below = _inline_chain(child, inner)
+        if fd.GetOptions().Extensions[options_pb2.json_inline]:
+            below += 1
+        longest = max(longest, below)
+    return longest
+
+
+#: The most protobuf levels that one JSON object or array of a client frame opens: a typed
+#: object, its chain of inline members, then an inline Struct with a map entry and a Value
+#: (a free-form object opens three: Struct, entry, Value; an array two: ListValue, Value).
+_LEVELS_PER_BRACKET = 4 + _inline_chain(session_pb2.ClientFrame.DESCRIPTOR)
+#: A frame with no more `{` and `[` than this (counted in its strings too) cannot nest
+#: deeper than the core reads (ClientFrame and the body add two levels): no need to check.
+SHALLOW_BRACKETS = (MAX_PROTO_DEPTH - 3) // _LEVELS_PER_BRACKET
+
+
+def _shallow(text: str | bytes) -> bool:
+    """Whether a frame's text is too flat to nest past MAX_PROTO_DEPTH (a `{` or `[` in
+    any encoding json reads holds its byte, so bytes count too)."""
+    if isinstance(text, str):
+        return text.count("{") + text.count("[") <= SHALLOW_BRACKETS
+    return text.count(b"{") + text.count(b"[") <= SHALLOW_BRACKETS
 
 
 @dataclass(frozen=True)
@@ -132,7 +168,7 @@ def parse(text: str | bytes) -> JSON:
     try:
         if not isinstance(text, str):
             text = text.decode(json.detect_encoding(text))  # as json.loads does
-        start = _skip(text, 0)
+        start = 0 if text.startswith("{") else _skip(text, 0)
         if text.startswith("[", start):
             return _parse_array(text, start + 1)
         return _loads(text)
@@ -327,12 +363,13 @@ def decode(text: str | bytes, callbacks: Mapping[str, str], first_id: int | None
         return Decoded(error=_invalid(f"batch of more than {MAX_BATCH} entries"))
     except ValueError as e:
         return Decoded(error=error_response(None, error_object(PARSE_ERROR, f"parse error: {e}")))
+    shallow = _shallow(text)
     if not isinstance(message, list):
-        decoded = Decoded([_message(message, callbacks)])
+        decoded = Decoded([_message(message, callbacks, shallow)])
     elif not message:
         return Decoded(error=_invalid("empty batch"))
     else:
-        decoded = Decoded([_message(m, callbacks) for m in message], batch=True)
+        decoded = Decoded([_message(m, callbacks, shallow) for m in message], batch=True)
     if first_id is not None:
         gids = (str(n) for n in itertools.count(first_id))
         for m in decoded.messages:
@@ -341,14 +378,14 @@ def decode(text: str | bytes, callbacks: Mapping[str, str], first_id: int | None
     return decoded
 
 
-def _message(message: JSON, callbacks: Mapping[str, str]) -> Message:
-    """Translate one request, notification or answer."""
+def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Message:
+    """Translate one request, notification or answer (`shallow`: see _shallow)."""
     if not isinstance(message, dict):
         return Message(reply=_invalid("expected a JSON-RPC object"))
     method = message.get("method")
     if method is None:
         if "id" in message and ("result" in message or "error" in message):
-            return _answer(message, callbacks)
+            return _answer(message, callbacks, shallow)
         return Message(reply=_invalid("expected a method, or an answer with result or error"))
     if not isinstance(method, str):
         return Message(reply=_invalid("method must be a string"))
@@ -374,7 +411,7 @@ def _message(message: JSON, callbacks: Mapping[str, str]) -> Message:
         msg, data = _params_error(e)
         msg = api.params_usage(body.DESCRIPTOR) or msg  # e.g. runs.record_turns
         return _refuse(is_request, client_id, error_object(INVALID_PARAMS, msg, data))
-    if binding.deep and _too_deep(frame):
+    if binding.deep and not shallow and _too_deep(frame):
         msg = f"invalid params: nested more than {MAX_PROTO_DEPTH} levels deep"
         return _refuse(is_request, client_id, error_object(INVALID_PARAMS, msg))
     return Message(frame=frame, client_id=client_id, answered=is_request, notice=notice)
@@ -384,7 +421,7 @@ def _refuse(is_request: bool, client_id: JSON, error: JSON) -> Message:
     return Message(reply=error_response(client_id, error) if is_request else None)
 
 
-def _answer(message: dict[str, JSON], callbacks: Mapping[str, str]) -> Message:
+def _answer(message: dict[str, JSON], callbacks: Mapping[str, str], shallow: bool) -> Message:
     """The client's answer to a server-initiated request."""
     cb = message["id"]
     method = callbacks.get(cb) if isinstance(cb, str) else None
@@ -394,14 +431,14 @@ def _answer(message: dict[str, JSON], callbacks: Mapping[str, str]) -> Message:
     frame = session_pb2.ClientFrame(id=cb)
     if "error" in message:
         frame.error.CopyFrom(_json_error_to_proto(message["error"]))
-        if frame.error.HasField("data") and _too_deep(frame):
+        if frame.error.HasField("data") and not shallow and _too_deep(frame):
             frame.error.ClearField("data")  # the core could not read the frame at all
     else:
         body = getattr(frame, binding.field)
         body.SetInParent()
         try:
             codec.params_to_message(message["result"], body, binding.bare_field)
-            if binding.deep and _too_deep(frame):
+            if binding.deep and not shallow and _too_deep(frame):
                 raise ValueError(f"nested more than {MAX_PROTO_DEPTH} levels deep")
         except (ValueError, TypeError, RecursionError) as e:
             # Fail the core's call at once rather than let it wait for its timeout.
