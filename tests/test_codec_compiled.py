@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from car_grpc.gateway import jsonrpc
 from car_grpc.v1 import chats_pb2, runs_pb2, session_pb2
-from car_grpc.wire import api, codec
+from car_grpc.wire import api, codec, twins
 from tests import codec_reference as reference
 
 MEMBERS = [*api.CLIENT_MEMBERS.values(), *api.SERVER_MEMBERS.values()]
@@ -301,4 +301,53 @@ def test_inline_oneof_members_take_keys_in_field_order_as_the_reference() -> Non
     ):
         assert _read(codec, runs_pb2.RunRecord.DESCRIPTOR, obj) == _read(
             reference, runs_pb2.RunRecord.DESCRIPTOR, obj
+        )
+
+
+# ------------------------------------------------------------------ typed twins
+
+
+def _reference_walk(msg: Message, incoming: bool) -> None:
+    """wire/twins.py's walk before it was compiled: the plan walked for every message."""
+    plan = twins._plan(msg.DESCRIPTOR)
+    for pair in plan.pairs:
+        if incoming:
+            pair.fill(msg)
+        pair.derive(msg)
+    for name, repeated in plan.children:
+        if repeated:
+            for child in getattr(msg, name):
+                _reference_walk(child, incoming)
+        elif msg.HasField(name):
+            _reference_walk(getattr(msg, name), incoming)
+    for oneof, members in plan.oneofs:
+        member = msg.WhichOneof(oneof)
+        if member in members:
+            _reference_walk(getattr(msg, member), incoming)
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages(), st.booleans())
+def test_twins_are_filled_and_derived_as_the_reference_walk(msg: Message, incoming: bool) -> None:
+    """Random messages of every member type, alone and in their frame (twins set at
+    random too: the typed API may set either side)."""
+    frames: list[Message] = [msg]
+    for frame_type, members in (
+        (session_pb2.ClientFrame, api.CLIENT_MEMBERS),
+        (session_pb2.ServerFrame, api.SERVER_MEMBERS),
+    ):
+        for name, m in members.items():
+            if m.message.full_name == msg.DESCRIPTOR.full_name:
+                frame = frame_type()
+                getattr(frame, name).CopyFrom(msg)
+                frames.append(frame)
+                break
+    for original in frames:
+        expected, compiled = type(original)(), type(original)()
+        expected.CopyFrom(original)
+        compiled.CopyFrom(original)
+        _reference_walk(expected, incoming)
+        (twins.fill_in if incoming else twins.fill_out)(compiled)
+        assert compiled.SerializeToString(deterministic=True) == expected.SerializeToString(
+            deterministic=True
         )
