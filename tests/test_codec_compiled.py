@@ -17,6 +17,7 @@ from google.protobuf.message_factory import GetMessageClass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from car_grpc.core.session import notification_bytes
 from car_grpc.gateway import jsonrpc
 from car_grpc.v1 import chats_pb2, runs_pb2, session_pb2
 from car_grpc.wire import api, codec, twins
@@ -351,3 +352,18 @@ def test_twins_are_filled_and_derived_as_the_reference_walk(msg: Message, incomi
         assert compiled.SerializeToString(deterministic=True) == expected.SerializeToString(
             deterministic=True
         )
+
+
+@settings(max_examples=100, deadline=None)
+@given(messages())
+def test_notification_bytes_are_the_frame_built_and_filled_out(msg: Message) -> None:
+    """ClientSession.notify writes a notification from its member alone: the same frame
+    as one built around a copy of it, twins derived (field order and map order aside)."""
+    for name, m in api.SERVER_MEMBERS.items():
+        if m.message.full_name != msg.DESCRIPTOR.full_name or m.kind != api.NOTIFICATION:
+            continue
+        frame = session_pb2.ServerFrame()
+        getattr(frame, name).CopyFrom(msg)
+        expected = twins.fill_out(frame)
+        written = notification_bytes(name, type(msg).FromString(msg.SerializeToString()))
+        assert session_pb2.ServerFrame.FromString(written) == expected
