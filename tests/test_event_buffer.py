@@ -75,6 +75,21 @@ async def test_a_slow_reader_that_keeps_reading_is_not_a_stall() -> None:
     assert got == list(range(6))
 
 
+async def test_an_offer_takes_its_place_in_line_when_made_not_when_awaited() -> None:
+    """offer (put's first step, which never waits) fixes the order: an item offered to a
+    full buffer stays ahead of one offered after room was made, though nobody awaited it
+    yet (the chat relay offers in the stream's read loop, and waits in a task)."""
+    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=5)
+    assert buffer.offer(0) is PutResult.QUEUED
+    waiting = buffer.offer(1)
+    assert isinstance(waiting, asyncio.Future)
+    assert await buffer.get() == 0  # room: 1 is let in, ahead of anything offered now
+    assert isinstance(buffer.offer(2), asyncio.Future)
+    assert await buffer.admitted(waiting) is PutResult.QUEUED
+    buffer.close()
+    assert await drain(buffer) == [1, 2]
+
+
 async def test_close_admits_waiting_items_before_the_final_one() -> None:
     buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=5)
     producers = [asyncio.create_task(buffer.put(i)) for i in range(3)]

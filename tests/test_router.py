@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from car_grpc.core.router import Router, handles, streams
+from car_grpc.core.router import Router, handles, handles_notification, streams
 from car_grpc.core.server import Core
 from car_grpc.core.session import ClientSession
-from car_grpc.v1 import runs_pb2, tools_pb2
+from car_grpc.v1 import chats_pb2, runs_pb2, tools_pb2, voice_pb2
 from tests.conftest import make_config
 
 
@@ -68,3 +68,21 @@ async def test_the_wired_core_serves_every_request(tmp_path: Path) -> None:
         }
     finally:
         await core.stop(grace=0)
+
+
+class _Notices:
+    @handles_notification("agent_chat_event")
+    def at_once(self, session: ClientSession, notice: chats_pb2.AgentChatEventNotice) -> None:
+        return None
+
+    @handles_notification("voice_audio")
+    async def in_a_task(self, session: ClientSession, audio: voice_pb2.VoiceAudio) -> None:
+        return None
+
+
+def test_plain_function_notification_handlers_run_at_once_coroutines_in_tasks() -> None:
+    notices = _Notices()
+    router = Router([notices])
+    assert list(router.at_once) == ["agent_chat_event"]
+    assert router.at_once["agent_chat_event"] == notices.at_once
+    assert list(router.notifications) == ["voice_audio"]

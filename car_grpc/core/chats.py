@@ -392,11 +392,15 @@ class Chats:
             if self.open.get(chat.session_id) is not chat:
                 self._release(chat)
 
-    async def relay(self, agent: ClientSession, notice: chats_pb2.AgentChatEventNotice) -> None:
-        """An `agent.chat.event` from `agent`: on to the chat's host, in order."""
+    def relay(
+        self, agent: ClientSession, notice: chats_pb2.AgentChatEventNotice
+    ) -> Awaitable[None] | None:
+        """An `agent.chat.event` from `agent`: on to the chat's host, in order. Taken at
+        once; when the chat's buffer is full, the event takes its place in line and the
+        wait for room is returned (None when there is nothing to wait for)."""
         chat = self.open.get(notice.session_id)
         if chat is None or chat.agent is not agent:
-            return  # unknown or over, or not this connection's chat: dropped
+            return None  # unknown or over, or not this connection's chat: dropped
         event = notice.event
         out = chats_pb2.ChatEventNotice(session_id=chat.session_id, agent_id=chat.agent_id)
         out.event.CopyFrom(event)
@@ -405,7 +409,18 @@ class Chats:
         self._follow_goal(chat, event)
         if terminal:
             self._unroute(chat)
-        outcome = await chat.events.put(out)
+        offered = chat.events.offer(out)
+        if isinstance(offered, PutResult):
+            self._relayed(chat, offered, terminal)
+            return None
+        return self._relay_when_admitted(chat, offered, terminal)
+
+    async def _relay_when_admitted(
+        self, chat: Chat, admitted: asyncio.Future[bool], terminal: bool
+    ) -> None:
+        self._relayed(chat, await chat.events.admitted(admitted), terminal)
+
+    def _relayed(self, chat: Chat, outcome: PutResult, terminal: bool) -> None:
         if outcome is PutResult.STALLED:
             self._stalled(chat)
         elif terminal:
@@ -590,10 +605,10 @@ class Chats:
         return chats_pb2.ApproveChatResponse(resolved=resolved, session_id=session_id)
 
     @handles_notification("agent_chat_event")
-    async def agent_chat_event(
+    def agent_chat_event(
         self, session: ClientSession, notice: chats_pb2.AgentChatEventNotice
-    ) -> None:
-        await self.relay(session, notice)
+    ) -> Awaitable[None] | None:
+        return self.relay(session, notice)
 
     @handles("goal_set")
     async def goal_set(

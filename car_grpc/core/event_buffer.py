@@ -54,6 +54,15 @@ class EventBuffer(Generic[T]):
 
     async def put(self, item: T) -> PutResult:
         """Append `item` after everything put before it, waiting while the buffer is full."""
+        offered = self.offer(item)
+        if isinstance(offered, PutResult):
+            return offered
+        return await self.admitted(offered)
+
+    def offer(self, item: T) -> PutResult | asyncio.Future[bool]:
+        """put's first step, which never waits: the item is appended (QUEUED), refused
+        (CLOSED), or takes its place in line, and then the future to pass to `admitted`
+        is returned. Either way its order among the items is set here."""
         if self._closed:
             return PutResult.CLOSED
         if not self._waiting and len(self._items) < self._limit:
@@ -65,6 +74,12 @@ class EventBuffer(Generic[T]):
             self._progress_at = loop.time()  # the stall clock starts now
         admitted: asyncio.Future[bool] = loop.create_future()
         self._waiting.append((admitted, item))
+        return admitted
+
+    async def admitted(self, admitted: asyncio.Future[bool]) -> PutResult:
+        """put's second step: wait until the item offered is let in (QUEUED), dropped by
+        close (CLOSED), or the reader stalls (STALLED)."""
+        loop = asyncio.get_running_loop()
         while not admitted.done():
             remaining = self._progress_at + self._stall_timeout - loop.time()
             if remaining <= 0:

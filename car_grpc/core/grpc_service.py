@@ -64,6 +64,7 @@ class SessionStream:
         self.batched = batched
         self.registry = service.registry
         self.dispatcher = service.dispatcher
+        self.at_once = service.dispatcher.router.at_once
         self.context = context
         self.session = service.registry.open(streaming=True, peer=context.peer())
         self.inflight = asyncio.Semaphore(service.max_inflight)
@@ -142,7 +143,13 @@ class SessionStream:
             err = CarError(INVALID_REQUEST, "invalid request: frame has no body")
             await self.session.send(_error_frame(frame.id, err))
         elif binding.kind in (api.NOTIFICATION, api.BINARY):
-            self.notifying.add(await self._spawn(self._notification, binding.field, frame))
+            if binding.field in self.at_once:
+                if (rest := self._notify_at_once(binding.field, frame)) is not None:
+                    self.notifying.add(
+                        await self._spawn(self._finish_notification, binding.field, rest)
+                    )
+            else:
+                self.notifying.add(await self._spawn(self._notification, binding.field, frame))
         elif not self.session.authenticated:
             # Until auth succeeds, requests run one at a time, in order.
             if not await self._request(frame, binding.field):
@@ -214,6 +221,24 @@ class SessionStream:
             return
         try:
             await handler(self.session, getattr(frame, member))
+        except Exception:
+            log.exception("notification handler %s failed", member)
+
+    def _notify_at_once(
+        self, member: str, frame: session_pb2.ClientFrame
+    ) -> Awaitable[None] | None:
+        """Run a plain-function notification handler now; what it returns to wait for."""
+        if not self.session.authenticated:
+            return None
+        try:
+            return self.at_once[member](self.session, getattr(frame, member))
+        except Exception:
+            log.exception("notification handler %s failed", member)
+            return None
+
+    async def _finish_notification(self, member: str, rest: Awaitable[None]) -> None:
+        try:
+            await rest
         except Exception:
             log.exception("notification handler %s failed", member)
 

@@ -43,6 +43,9 @@ class Reply:
 
 Handler = Callable[["ClientSession", Any], Awaitable[Message | Reply]]
 NotificationHandler = Callable[["ClientSession", Any], Awaitable[None]]
+#: A notification handler that is a plain function: it takes the notification at once and
+#: returns None, or returns what is left to wait for (see `handles_notification`).
+AtOnceHandler = Callable[["ClientSession", Any], Awaitable[None] | None]
 StreamHandler = Callable[["ClientSession", Any], AsyncIterator[Message]]
 
 
@@ -94,7 +97,12 @@ def handles(member: str, *, inline: bool = False) -> Callable[[F], F]:
 
 
 def handles_notification(member: str) -> Callable[[F], F]:
-    """Mark the method that takes a ClientFrame notification (or binary frame) member."""
+    """Mark the method that takes a ClientFrame notification (or binary frame) member.
+
+    A coroutine function runs in a task of its own. A plain function runs at once, in the
+    session stream's read loop (no task: the hottest notifications, e.g. chat tokens), and
+    must not block: it returns None when done, or an awaitable for what it has to wait for
+    (e.g. room in a full buffer), which the stream then awaits in a task."""
     kind = api.CLIENT_MEMBERS[member].kind if member in api.CLIENT_MEMBERS else None
     if kind not in (api.NOTIFICATION, api.BINARY):
         raise ValueError(f"{member!r} is not a notification member of ClientFrame")
@@ -123,6 +131,8 @@ class Router:
         #: Request members whose handlers never wait (see `handles`).
         self.inline: set[str] = set()
         self.notifications: dict[str, NotificationHandler] = {}
+        #: Notification members whose handlers are plain functions (see handles_notification).
+        self.at_once: dict[str, AtOnceHandler] = {}
         self.streams: dict[str, StreamHandler] = {}
         self.grpc_only: dict[str, GrpcOnlyHandler] = {}
         tables: dict[str, dict[str, Any]] = {
@@ -142,6 +152,8 @@ class Router:
                 table[route.key] = getattr(domain, name)
                 if route.inline:
                     self.inline.add(route.key)
+                if route.kind == _NOTIFICATION and not inspect.iscoroutinefunction(fn):
+                    self.at_once[route.key] = table.pop(route.key)
 
     def unserved(self) -> list[str]:
         """Request members no domain serves (a wiring mistake; the tests check none)."""

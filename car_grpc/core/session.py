@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cache
 
 from google.protobuf.message import Message
 
@@ -27,7 +28,7 @@ from car_grpc.core.kv import KeyValueState, StateBudget
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.outbound import OutboundQueue
 from car_grpc.v1 import options_pb2, session_pb2, state_pb2, tools_pb2
-from car_grpc.wire import api
+from car_grpc.wire import api, batch
 from car_grpc.wire.errors import INTERNAL, CarError, invalid_params
 from car_grpc.wire.twins import fill_out
 
@@ -57,6 +58,18 @@ class SessionLimits:
     outbound_bytes: int
     state: StateBudget
     max_pending_calls: int
+
+
+@cache
+def _member_tag(member: str) -> bytes:
+    number = session_pb2.ServerFrame.DESCRIPTOR.fields_by_name[member].number
+    return batch.varint(number << 3 | 2)
+
+
+def notification_bytes(member: str, message: Message) -> bytes:
+    """The serialized ServerFrame of a notification (member `member`, no id), its twins
+    derived: written from the member alone, without building (and copying into) a frame."""
+    return batch.member_frame(_member_tag(member), fill_out(message).SerializeToString())
 
 
 class ClientSession:
@@ -145,9 +158,7 @@ class ClientSession:
 
     async def notify(self, member: str, message: Message) -> None:
         """Send a notification (ServerFrame member `member`, no id)."""
-        frame = session_pb2.ServerFrame()
-        getattr(frame, member).CopyFrom(message)
-        await self.send(frame)
+        await self.send(notification_bytes(member, message))
 
     # ------------------------------------------------------------ server -> client calls
 

@@ -24,7 +24,8 @@ _FRAME_TAG = b"\x0a"
 _SMALL = [bytes((n,)) for n in range(0x80)]
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """A protobuf varint."""
     if value < 0x80:
         return _SMALL[value]
     out = bytearray()
@@ -39,12 +40,18 @@ def length_delimited(field_number: int, data: bytes) -> bytes:
     """Field `field_number` of a message holding `data` (a serialized message, string or
     bytes), as it appears in the serialized outer message: appended to other fields of
     that message, it reads as set (field order is free in the protobuf encoding)."""
-    return _varint(field_number << 3 | 2) + _varint(len(data)) + data
+    return member_frame(varint(field_number << 3 | 2), data)
 
 
 def encode(frames: Sequence[bytes]) -> bytes:
     """The ConnectBatchedRequest / ConnectBatchedResponse of serialized frames."""
-    return b"".join([part for frame in frames for part in (_FRAME_TAG, _varint(len(frame)), frame)])
+    return b"".join([part for frame in frames for part in (_FRAME_TAG, varint(len(frame)), frame)])
+
+
+def member_frame(tag: bytes, message: bytes) -> bytes:
+    """A frame with one member set, serialized: the member's tag (field number, wire type
+    2), then the serialized member, length-delimited: what serializing the frame gives."""
+    return tag + varint(len(message)) + message
 
 
 def serialize(batch: bytes) -> bytes:

@@ -8,7 +8,8 @@ Struct/Value as free-form JSON, `json_inline` fields merged into their parent ob
 written nor read. google.protobuf.json_format does not follow these rules (it writes
 int64 as strings and enums by full name), hence this module.
 
-Conversion plans are computed once per message type and cached.
+Conversion plans are computed once per message type and compiled into converters (one
+loop of steps specialized per field) on first use.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from json.encoder import encode_basestring_ascii
 from typing import Any, cast
 
 from google.protobuf import struct_pb2
@@ -214,55 +216,243 @@ def _plan(desc: Descriptor) -> _Plan:
     return _Plan(fields, frozenset(known), rest, inline_messages)
 
 
+# ---------------------------------------------------------------- compiled converters
+#
+# Each message type's conversion is compiled once, from its plan, into a loop over
+# precomputed steps, one per field and specialized to the field's type: converting a
+# frame then costs a dict lookup and an attribute access or two per field, and never
+# consults the descriptors again. Converters compile lazily, on first use, through a
+# _Slot, so that recursive message types compile and a type is compiled only when met.
+
+Reader = Callable[[dict[str, JSON], Message, str], None]
+Writer = Callable[[Message, dict[str, Any]], None]
+
+
+class _Slot:
+    """A converter compiled on first use. Callers keep the slot and call `run` each time
+    (never `run` itself kept aside: before the first call it is the builder)."""
+
+    __slots__ = ("_build", "run")
+
+    def __init__(self, build: Callable[[], Callable[..., None]]) -> None:
+        self._build = build
+        self.run: Callable[..., None] = self._first
+
+    def _first(self, *args: Any) -> None:
+        if self.run == self._first:
+            self.run = self._build()
+        self.run(*args)
+
+
+_READERS: dict[tuple[Any, frozenset[str]], _Slot] = {}
+_WRITERS: dict[tuple[Any, bool], _Slot] = {}
+
+# Descriptors are typed Any here: a message's DESCRIPTOR is typed as upb's or as the
+# pure Python one, the same object at run time.
+
+
+def _reader(desc: Any, outer: frozenset[str]) -> _Slot:
+    """The compiled reader of `desc`, inlined where `outer` keys are already taken."""
+    slot = _READERS.get((desc, outer))
+    if slot is None:
+        slot = _READERS[desc, outer] = _Slot(lambda: _compile_reader(desc, outer))
+    return slot
+
+
+def _writer(desc: Any, text: bool) -> _Slot:
+    """The compiled writer of `desc`: into a dict of JSON values, or (text) of JSON texts
+    of `"key":value` members."""
+    slot = _WRITERS.get((desc, text))
+    if slot is None:
+        slot = _WRITERS[desc, text] = _Slot(lambda: _compile_writer(desc, text))
+    return slot
+
+
 # ---------------------------------------------------------------- message -> JSON
 
 
 def message_to_json(msg: Message) -> dict[str, JSON]:
     """The JSON object of a message, following the rules of options.proto."""
     out: dict[str, JSON] = {}
-    _write(msg, out)
+    _writer(msg.DESCRIPTOR, False).run(msg, out)
     return out
 
 
-def _write(msg: Message, out: dict[str, JSON]) -> None:
-    for f in _plan(msg.DESCRIPTOR).fields:
-        if f.presence and not msg.HasField(f.name):
-            continue
-        value = getattr(msg, f.name)
-        if f.is_enum and not f.repeated and value == 0:
-            continue  # _UNSPECIFIED is never written
-        if f.inline:
-            if f.wkt == _STRUCT:
-                for k, v in value.fields.items():
-                    out.setdefault(k, value_to_json(v))
-            else:
-                _write(value, out)
-            continue
-        out[f.key] = field_to_json(f.fd, value, f.repeated)
+def message_to_text(msg: Message) -> str:
+    """The JSON text of message_to_json(msg), written straight from the message: compact,
+    ASCII only, strict (exactly what json.dumps(..., separators=(",", ":"),
+    ensure_ascii=True, allow_nan=False) writes of it; ValueError for NaN or Infinity)."""
+    out: dict[str, str] = {}
+    _writer(msg.DESCRIPTOR, True).run(msg, out)
+    return "{" + ",".join(out.values()) + "}"
 
 
 def field_to_json(fd: FieldDescriptor, value: Any, repeated: bool = False) -> JSON:
     """The JSON of one field's value (the whole list for a repeated field)."""
-    if repeated:
-        return [_single_to_json(fd, v) for v in value]
-    return _single_to_json(fd, value)
+    return _converter(fd, repeated, False)(value)
 
 
-def _single_to_json(fd: FieldDescriptor, value: Any) -> JSON:
-    if fd.type == FieldDescriptor.TYPE_MESSAGE:
+def field_to_text(fd: FieldDescriptor, value: Any, repeated: bool = False) -> str:
+    """The JSON text of field_to_json(fd, value, repeated), as message_to_text writes."""
+    text: str = _converter(fd, repeated, True)(value)
+    return text
+
+
+# Strings as the gateway's encoder writes them (ensure_ascii): json's own C function.
+_string_text: Callable[[str], str] = encode_basestring_ascii
+
+
+def _float_text(n: float) -> str:
+    if not math.isfinite(n):  # allow_nan=False
+        raise ValueError("Out of range float values are not JSON compliant")
+    return float.__repr__(n)
+
+
+def _bool_text(b: bool) -> str:
+    return "true" if b else "false"
+
+
+def value_to_text(value: struct_pb2.Value) -> str:
+    """The JSON text of value_to_json(value)."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return _string_text(value.string_value)
+    if kind == "number_value":
+        n = value.number_value
+        if not math.isfinite(n):
+            return "null"
+        return int.__repr__(int(n)) if n.is_integer() and abs(n) <= 2**53 else float.__repr__(n)
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    if kind == "struct_value":
+        return struct_to_text(value.struct_value)
+    if kind == "list_value":
+        return list_to_text(value.list_value)
+    return "null"
+
+
+def struct_to_text(struct: struct_pb2.Struct) -> str:
+    """The JSON text of struct_to_json(struct)."""
+    members = [_string_text(k) + ":" + value_to_text(v) for k, v in struct.fields.items()]
+    return "{" + ",".join(members) + "}"
+
+
+def list_to_json(values: struct_pb2.ListValue) -> list[JSON]:
+    return [value_to_json(v) for v in values.values]
+
+
+def list_to_text(values: struct_pb2.ListValue) -> str:
+    return "[" + ",".join([value_to_text(v) for v in values.values]) + "]"
+
+
+@cache
+def _converter(fd: FieldDescriptor, repeated: bool, text: bool) -> Callable[[Any], Any]:
+    """What one field's value becomes: its JSON value, or (text) its JSON text."""
+    single = _single_converter(fd, text)
+    if not repeated:
+        return single
+    if text:
+        return lambda values: "[" + ",".join([single(v) for v in values]) + "]"
+    return lambda values: [single(v) for v in values]
+
+
+def _single_converter(fd: FieldDescriptor, text: bool) -> Callable[[Any], Any]:
+    t = fd.type
+    if t == FieldDescriptor.TYPE_MESSAGE:
         name = _message_type(fd).full_name
         if name == _VALUE:
-            return value_to_json(value)
+            return value_to_text if text else value_to_json
         if name == _STRUCT:
-            return struct_to_json(value)
+            return struct_to_text if text else struct_to_json
         if name == _LIST:
-            return [value_to_json(v) for v in value.values]
-        return message_to_json(value)
-    if fd.type == FieldDescriptor.TYPE_ENUM:
-        return enum_to_json(_enum_type(fd), value)
-    if fd.type == FieldDescriptor.TYPE_BYTES:
-        raise TypeError(f"{fd.full_name}: bytes fields have no JSON mapping here")
+            return list_to_text if text else list_to_json
+        slot = _writer(_message_type(fd), text)
+
+        def message(value: Message) -> Any:
+            out: dict[str, Any] = {}
+            slot.run(value, out)
+            return "{" + ",".join(out.values()) + "}" if text else out
+
+        return message
+    if t == FieldDescriptor.TYPE_ENUM:
+        names = enum_names(_enum_type(fd))[0]
+        if text:
+            texts = {number: _string_text(name) for number, name in names.items()}
+            return lambda number: texts.get(number, '""')
+        return lambda number: names.get(number, "")
+    if t == FieldDescriptor.TYPE_BYTES:
+
+        def refuse(value: Any) -> Any:
+            raise TypeError(f"{fd.full_name}: bytes fields have no JSON mapping here")
+
+        return refuse
+    if not text:
+        return _same
+    if t == FieldDescriptor.TYPE_STRING:
+        return _string_text
+    if t == FieldDescriptor.TYPE_BOOL:
+        return _bool_text
+    if t in _FLOATS:
+        return _float_text
+    return int.__repr__
+
+
+def _same(value: Any) -> Any:
     return value
+
+
+# The kinds of a writer's step: a member, an enum member (not when 0), an inline message,
+# an inline Struct.
+_WRITE, _ENUM, _INLINE, _MERGE = 0, 1, 2, 3
+
+
+def _compile_writer(desc: Descriptor, text: bool) -> Writer:
+    # One step per field, in field order: (name, key, presence, kind, convert).
+    steps: list[tuple[str, str, bool, int, Any]] = []
+    for f in _plan(desc).fields:
+        if f.inline and f.wkt == _STRUCT:
+            steps.append((f.name, f.key, f.presence, _MERGE, _merge_struct(text)))
+            continue
+        if f.inline:
+            steps.append((f.name, f.key, f.presence, _INLINE, _writer(_message_type(f.fd), text)))
+            continue
+        convert = _converter(f.fd, f.repeated, text)
+        if text:
+            convert = _keyed(_string_text(f.key) + ":", convert)
+        kind = _ENUM if f.is_enum and not f.repeated else _WRITE
+        steps.append((f.name, f.key, f.presence, kind, convert))
+
+    def write(msg: Message, out: dict[str, Any]) -> None:
+        for name, key, presence, kind, convert in steps:
+            if presence and not msg.HasField(name):
+                continue
+            value = getattr(msg, name)
+            if kind == _WRITE:
+                out[key] = convert(value)
+            elif kind == _ENUM:
+                if value != 0:  # _UNSPECIFIED is never written
+                    out[key] = convert(value)
+            elif kind == _INLINE:
+                convert.run(value, out)  # merged into the parent: its keys are out's
+            else:
+                convert(value, out)  # an inline Struct: the keys not taken yet
+
+    return write
+
+
+def _keyed(prefix: str, convert: Callable[[Any], str]) -> Callable[[Any], str]:
+    return lambda value: prefix + convert(value)
+
+
+def _merge_struct(text: bool) -> Callable[[struct_pb2.Struct, dict[str, Any]], None]:
+    """An inline Struct's keys merged into the parent's, never replacing one of its own."""
+
+    def merge(struct: struct_pb2.Struct, out: dict[str, Any]) -> None:
+        for k, v in struct.fields.items():
+            if k not in out:
+                out[k] = _string_text(k) + ":" + value_to_text(v) if text else value_to_json(v)
+
+    return merge
 
 
 # ---------------------------------------------------------------- JSON -> message
@@ -272,111 +462,204 @@ def json_to_message(data: JSON, msg: Message, path: str = "") -> None:
     """Fill `msg` from a JSON object. Raises CodecError naming the offending field."""
     if not isinstance(data, dict):
         raise CodecError(path, "expected an object")
-    _read(data, msg, path, frozenset())
+    _reader(msg.DESCRIPTOR, _NONE).run(data, msg, path)
 
 
-def _read(data: dict[str, JSON], msg: Message, path: str, outer: frozenset[str]) -> None:
-    """Read `msg` from `data`; `outer` holds keys taken by enclosing (inlining) messages."""
-    plan = _plan(msg.DESCRIPTOR)
-    for f in plan.fields:
-        if f.inline:
-            continue
-        if f.key not in data:
-            continue
-        item = data[f.key]
-        fpath = _join(path, f.key)
-        if item is None and f.wkt != _VALUE:
-            continue  # null reads as absent
-        if f.repeated:
+_NONE: frozenset[str] = frozenset()
+
+
+def _compile_reader(desc: Descriptor, outer: frozenset[str]) -> Reader:
+    """Read `desc` from a JSON object; `outer` holds keys taken by enclosing (inlining)
+    messages."""
+    plan = _plan(desc)
+    fields = [(f.key, _field_reader(f)) for f in plan.fields if not f.inline]
+    taken = outer | plan.known_keys
+    # Per inline message: (field, its keys, every key it cannot take when it collects the
+    # rest (else None), its oneof, its reader).
+    inlines: list[tuple[str, frozenset[str], frozenset[str] | None, str, _Slot]] = []
+    for f in plan.inline_messages:
+        sub_desc = _message_type(f.fd)
+        sub = _plan(sub_desc)
+        beyond = sub.known_keys | taken if sub.rest is not None else None
+        oneof = f.fd.containing_oneof.name if f.fd.containing_oneof is not None else ""
+        inlines.append((f.name, sub.known_keys, beyond, oneof, _reader(sub_desc, taken)))
+    rest = plan.rest.name if plan.rest is not None else ""
+    skip = plan.known_keys | outer
+
+    def read(data: dict[str, JSON], msg: Message, path: str) -> None:
+        for key, read_field in fields:
+            if key in data:
+                read_field(data[key], msg, path)
+        for name, keys, beyond, oneof, child in inlines:
+            if not keys.isdisjoint(data) or (beyond is not None and not beyond.issuperset(data)):
+                if oneof and msg.WhichOneof(oneof):
+                    continue  # an earlier member of the same oneof took the keys
+                sub = getattr(msg, name)
+                sub.SetInParent()
+                child.run(data, sub, path)
+        if rest:
+            extra = getattr(msg, rest)
+            for key, item in data.items():
+                if key not in skip:
+                    json_to_value(item, extra.fields[key], _join(path, key))
+
+    return read
+
+
+class _Reject(Exception):
+    """A scalar that does not fit its field (the caller adds the path)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _field_reader(f: _Field) -> Callable[[JSON, Message, str], None]:
+    """Read one (not inline) field's JSON value into the message."""
+    name, key, fd = f.name, f.key, f.fd
+    if f.repeated:
+        add = _element_reader(fd)
+        nullable = f.wkt != _VALUE
+
+        def read_repeated(item: JSON, msg: Message, path: str) -> None:
+            if item is None and nullable:
+                return  # null reads as absent
+            fpath = _join(path, key)
             if not isinstance(item, list):
                 raise CodecError(fpath, "expected an array")
-            target = getattr(msg, f.name)
+            target = getattr(msg, name)
             for i, element in enumerate(item):
-                _read_repeated_element(f.fd, target, element, f"{fpath}[{i}]")
-        else:
-            _read_single(f.fd, msg, item, fpath)
-    for f in plan.inline_messages:
-        sub = _plan(_message_type(f.fd))
-        taken = outer | plan.known_keys
-        if any(k in data for k in sub.known_keys) or (
-            sub.rest is not None and any(k not in sub.known_keys | taken for k in data)
-        ):
-            if f.fd.containing_oneof is not None and msg.WhichOneof(f.fd.containing_oneof.name):
-                continue  # an earlier member of the same oneof took the keys
-            child = getattr(msg, f.name)
-            child.SetInParent()
-            _read(data, child, path, taken)
-    if plan.rest is not None:
-        rest = getattr(msg, plan.rest.name)
-        for key, item in data.items():
-            if key not in plan.known_keys and key not in outer:
-                json_to_value(item, rest.fields[key], _join(path, key))
+                add(target, element, fpath, i)
 
-
-def _read_single(fd: FieldDescriptor, msg: Message, item: JSON, path: str) -> None:
+        return read_repeated
     if fd.type == FieldDescriptor.TYPE_MESSAGE:
-        child = getattr(msg, fd.name)
-        _read_message_value(fd, child, item, path)
-        return
-    setattr(msg, fd.name, _scalar(fd, item, path))
+        read_value = _message_value_reader(fd)
+        nullable = f.wkt != _VALUE
+
+        def read_message(item: JSON, msg: Message, path: str) -> None:
+            if item is None and nullable:
+                return
+            read_value(item, getattr(msg, name), _join(path, key))
+
+        return read_message
+    convert = _scalar_converter(fd)
+
+    def read_scalar(item: JSON, msg: Message, path: str) -> None:
+        if item is None:
+            return
+        try:
+            value = convert(item)
+        except _Reject as e:
+            raise CodecError(_join(path, key), e.reason) from None
+        setattr(msg, name, value)
+
+    return read_scalar
 
 
-def _read_repeated_element(fd: FieldDescriptor, target: Any, item: JSON, path: str) -> None:
+def _element_reader(fd: FieldDescriptor) -> Callable[[Any, JSON, str, int], None]:
+    """Append one JSON element to a repeated field (`path`, `i`: the element's place)."""
     if fd.type == FieldDescriptor.TYPE_MESSAGE:
-        _read_message_value(fd, target.add(), item, path)
-    else:
-        target.append(_scalar(fd, item, path))
+        read_value = _message_value_reader(fd)
+
+        def add_message(target: Any, item: JSON, path: str, i: int) -> None:
+            read_value(item, target.add(), f"{path}[{i}]")
+
+        return add_message
+    convert = _scalar_converter(fd)
+
+    def add_scalar(target: Any, item: JSON, path: str, i: int) -> None:
+        try:
+            value = convert(item)
+        except _Reject as e:
+            raise CodecError(f"{path}[{i}]", e.reason) from None
+        target.append(value)
+
+    return add_scalar
 
 
-def _read_message_value(fd: FieldDescriptor, child: Any, item: JSON, path: str) -> None:
+def _message_value_reader(fd: FieldDescriptor) -> Callable[[JSON, Any, str], None]:
+    """Fill a message-typed field's message (`child`) from its JSON value (`item`)."""
     name = _message_type(fd).full_name
     if name == _VALUE:
-        json_to_value(item, child, path)
-    elif name == _STRUCT:
-        json_to_struct(item, child, path)
-    elif name == _LIST:
-        if not isinstance(item, list):
-            raise CodecError(path, "expected an array")
-        child.SetInParent()
-        for i, element in enumerate(item):
-            json_to_value(element, child.values.add(), f"{path}[{i}]")
-    else:
+        return json_to_value
+    if name == _STRUCT:
+        return json_to_struct
+    if name == _LIST:
+        return _read_list
+    slot = _reader(_message_type(fd), _NONE)
+
+    def read_message(item: JSON, child: Any, path: str) -> None:
         if not isinstance(item, dict):
             raise CodecError(path, "expected an object")
         child.SetInParent()
-        _read(item, child, path, frozenset())
+        slot.run(item, child, path)
+
+    return read_message
 
 
-def _scalar(fd: FieldDescriptor, item: JSON, path: str) -> Any:
+def _read_list(item: JSON, child: struct_pb2.ListValue, path: str) -> None:
+    if not isinstance(item, list):
+        raise CodecError(path, "expected an array")
+    child.SetInParent()
+    for i, element in enumerate(item):
+        json_to_value(element, child.values.add(), f"{path}[{i}]")
+
+
+def _scalar_converter(fd: FieldDescriptor) -> Callable[[JSON], Any]:
+    """A JSON scalar as the field's value; _Reject when it does not fit."""
     t = fd.type
     if t == FieldDescriptor.TYPE_STRING:
-        if not isinstance(item, str):
-            raise CodecError(path, "expected a string")
-        return item
+        return _string
     if t == FieldDescriptor.TYPE_BOOL:
-        if not isinstance(item, bool):
-            raise CodecError(path, "expected a boolean")
-        return item
+        return _bool
     if t == FieldDescriptor.TYPE_ENUM:
         names = enum_names(_enum_type(fd))[1]
-        if not isinstance(item, str) or item not in names:
-            allowed = ", ".join(sorted(names))
-            raise CodecError(path, f"expected one of: {allowed}")
-        return names[item]
+        allowed = "expected one of: " + ", ".join(sorted(names))
+
+        def enum(item: JSON) -> int:
+            if not isinstance(item, str) or item not in names:
+                raise _Reject(allowed)
+            return names[item]
+
+        return enum
     if t in _FLOATS:
-        if isinstance(item, bool) or not isinstance(item, int | float):
-            raise CodecError(path, "expected a number")
-        return float(item)
+        return _float
     if t in _INT_RANGES:
-        if isinstance(item, float) and item.is_integer():
-            item = int(item)
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise CodecError(path, "expected an integer")
         low, high = _INT_RANGES[t]
-        if not low <= item <= high:
-            raise CodecError(path, f"out of range ({low}..{high})")
-        return item
-    raise CodecError(path, f"unsupported field type {t}")
+        out_of_range = f"out of range ({low}..{high})"
+
+        def integer(item: JSON) -> int:
+            if isinstance(item, float) and item.is_integer():
+                item = int(item)
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise _Reject("expected an integer")
+            if not low <= item <= high:
+                raise _Reject(out_of_range)
+            return item
+
+        return integer
+
+    def unsupported(item: JSON) -> Any:
+        raise _Reject(f"unsupported field type {t}")
+
+    return unsupported
+
+
+def _string(item: JSON) -> str:
+    if not isinstance(item, str):
+        raise _Reject("expected a string")
+    return item
+
+
+def _bool(item: JSON) -> bool:
+    if not isinstance(item, bool):
+        raise _Reject("expected a boolean")
+    return item
+
+
+def _float(item: JSON) -> float:
+    if isinstance(item, bool) or not isinstance(item, int | float):
+        raise _Reject("expected a number")
+    return float(item)
 
 
 def _join(path: str, key: str) -> str:
@@ -411,3 +694,13 @@ def message_to_result(msg: Message, bare_field: str) -> JSON:
             return None
         return field_to_json(fd, getattr(msg, bare_field), fd.is_repeated)
     return message_to_json(msg)
+
+
+def result_to_text(msg: Message, bare_field: str) -> str:
+    """The JSON text of message_to_result(msg, bare_field), as message_to_text writes."""
+    if bare_field:
+        fd = cast(FieldDescriptor, msg.DESCRIPTOR.fields_by_name[bare_field])
+        if fd.has_presence and not msg.HasField(bare_field):
+            return "null"
+        return field_to_text(fd, getattr(msg, bare_field), fd.is_repeated)
+    return message_to_text(msg)

@@ -20,7 +20,7 @@ acknowledged.
 
 from __future__ import annotations
 
-from car_grpc.wire.batch import _varint
+from car_grpc.wire.batch import varint
 
 #: A session's batch may be sent while fewer than this many are unacknowledged, each way,
 WINDOW_BATCHES = 16
@@ -54,17 +54,17 @@ def record(
 ) -> bytes:
     """One session's record, as field 1 of its ConnectMultiplexedRequest/Response.
     `flag4`: `cancel` up (1), the status `code` down."""
-    parts = [b"\x08", _varint(session)]
+    parts = [b"\x08", varint(session)]
     if batch:
-        parts += (b"\x12", _varint(len(batch)), batch)
+        parts += (b"\x12", varint(len(batch)), batch)
     if end:
         parts.append(b"\x18\x01")
     if flag4:
-        parts += (b"\x20", _varint(flag4))
+        parts += (b"\x20", varint(flag4))
     if ack[0]:
-        parts += (b"\x28", _varint(ack[0]), b"\x30", _varint(ack[1]))
+        parts += (b"\x28", varint(ack[0]), b"\x30", varint(ack[1]))
     if message:
         raw = message.encode()
-        parts += (b"\x3a", _varint(len(raw)), raw)
+        parts += (b"\x3a", varint(len(raw)), raw)
     body = b"".join(parts)
-    return b"\x0a" + _varint(len(body)) + body
+    return b"\x0a" + varint(len(body)) + body

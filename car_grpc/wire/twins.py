@@ -22,9 +22,10 @@ takes the named string.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf import struct_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -148,31 +149,125 @@ def _plan(desc: Descriptor) -> _Plan:
     return _Plan(_pairs(desc), tuple(children), tuple((k, frozenset(v)) for k, v in oneofs.items()))
 
 
-def _walk(msg: Message, incoming: bool) -> None:
-    plan = _plan(msg.DESCRIPTOR)
+# Each message type's walk is compiled once, per direction, into a list of steps: its
+# pairs (the common kinds specialized, no descriptor looked at per message), then the
+# children and oneof members that can hold twins, each with the walk of its own type.
+# Walks compile on first use, through a _Walk, so that recursive types compile.
+
+Step = Callable[[Message], None]
+
+
+class _Walk:
+    """A message type's compiled walk, built on first use; callers keep the _Walk."""
+
+    __slots__ = ("_build", "run")
+
+    def __init__(self, build: Callable[[], Step]) -> None:
+        self._build = build
+        self.run: Step = self._first
+
+    def _first(self, msg: Message) -> None:
+        if self.run == self._first:
+            self.run = self._build()
+        self.run(msg)
+
+
+_WALKS: dict[tuple[Any, bool], _Walk] = {}
+
+
+def _walker(desc: Any, incoming: bool) -> _Walk:
+    walk = _WALKS.get((desc, incoming))
+    if walk is None:
+        walk = _WALKS[desc, incoming] = _Walk(lambda: _compile(desc, incoming))
+    return walk
+
+
+def _compile(desc: Any, incoming: bool) -> Step:
+    plan = _plan(desc)
+    steps: list[Step] = []
     for pair in plan.pairs:
-        if incoming:
-            pair.fill(msg)
-        pair.derive(msg)
+        steps += _pair_steps(pair, incoming)
     for name, repeated in plan.children:
-        if repeated:
-            for child in getattr(msg, name):
-                _walk(child, incoming)
-        elif msg.HasField(name):
-            _walk(getattr(msg, name), incoming)
+        steps.append(
+            _child_step(name, repeated, _walker(desc.fields_by_name[name].message_type, incoming))
+        )
     for oneof, members in plan.oneofs:
-        member = msg.WhichOneof(oneof)
-        if member in members:
-            _walk(getattr(msg, member), incoming)
+        walks = {m: _walker(desc.fields_by_name[m].message_type, incoming) for m in members}
+        steps.append(_oneof_step(oneof, walks))
+
+    def walk(msg: Message) -> None:
+        for step in steps:
+            step(msg)
+
+    return walk
+
+
+def _child_step(name: str, repeated: bool, walk: _Walk) -> Step:
+    if repeated:
+
+        def each(msg: Message) -> None:
+            for child in getattr(msg, name):
+                walk.run(child)
+
+        return each
+
+    def one(msg: Message) -> None:
+        if msg.HasField(name):
+            walk.run(getattr(msg, name))
+
+    return one
+
+
+def _oneof_step(oneof: str, walks: dict[str, _Walk]) -> Step:
+    def member(msg: Message) -> None:
+        name = msg.WhichOneof(oneof)
+        if name in walks:
+            walks[name].run(getattr(msg, name))
+
+    return member
+
+
+def _pair_steps(pair: _Pair, incoming: bool) -> list[Step]:
+    """fill (incoming only), then derive: as _Pair's, the two common kinds specialized."""
+    named, twin = pair.named.name, pair.twin.name
+    both_strings = pair.named.type == pair.twin.type == FieldDescriptor.TYPE_STRING
+    if both_strings:
+
+        def fill_string(msg: Message) -> None:
+            if getattr(msg, twin) and not getattr(msg, named):
+                setattr(msg, named, getattr(msg, twin))
+
+        def derive_string(msg: Message) -> None:
+            if text := getattr(msg, named):
+                setattr(msg, twin, text)
+
+        return [fill_string, derive_string] if incoming else [derive_string]
+    if (
+        pair.twin.type == FieldDescriptor.TYPE_ENUM
+        and pair.named.type == FieldDescriptor.TYPE_STRING
+    ):
+        to_name, to_number = enum_names(pair.twin.enum_type)
+
+        def fill_enum(msg: Message) -> None:
+            number = getattr(msg, twin)
+            if number and (text := to_name.get(number)) is not None and not getattr(msg, named):
+                setattr(msg, named, text)
+
+        def derive_enum(msg: Message) -> None:
+            if text := getattr(msg, named):
+                setattr(msg, twin, to_number.get(text, 0))
+
+        return [fill_enum, derive_enum] if incoming else [derive_enum]
+    return [pair.fill, pair.derive] if incoming else [pair.derive]
 
 
 def fill_in(msg: M) -> M:
     """A message the core received, its named fields filled from twins, twins derived."""
-    _walk(msg, incoming=True)
+    _walker(msg.DESCRIPTOR, True).run(msg)
     return msg
 
 
 def fill_out(msg: M) -> M:
     """A message the core sends, its twins derived from their named fields."""
-    _walk(msg, incoming=False)
+    _walker(msg.DESCRIPTOR, False).run(msg)
     return msg
