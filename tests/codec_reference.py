@@ -1,22 +1,37 @@
 """The codec as it was before compilation (car_grpc/wire/codec.py at f91b770): the plan of each
 message type walked for every message. Kept, unchanged, as the reference that the compiled
 converters of car_grpc.wire.codec are checked against (tests/test_codec_compiled.py): the
-same messages, errors, dicts and bytes on every input. Never imported by car_grpc.
+same messages, errors, dicts and bytes on every input. Never imported by car_grpc. What
+compilation left unchanged (Struct values, enums, the plan of a message type, the error)
+is imported from the codec rather than copied.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cache
 from typing import Any, cast
 
 from google.protobuf import struct_pb2
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from car_grpc.v1 import options_pb2
+from car_grpc.wire.codec import (
+    CodecError,
+    _enum_type,
+    _join,
+    _message_type,
+    _plan,
+    enum_names,
+    enum_to_json,
+    json_to_struct,
+    json_to_value,
+    struct_to_json,
+    to_value,
+    value_to_json,
+)
+
+#: The unchanged parts, taken from the codec, that the tests use from here as well.
+__all__ = ["CodecError", "_plan", "json_to_struct", "json_to_value", "to_value", "value_to_json"]
 
 JSON = Any  # any value json.loads can produce
 
@@ -39,172 +54,13 @@ _INT_RANGES = {
 _FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
 
 
-class CodecError(ValueError):
-    """The JSON does not fit the message. `path` names the offending field."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}" if path else reason)
-        self.path = path
-        self.reason = reason
-
-
 # ---------------------------------------------------------------- free-form JSON
-
-
-def value_to_json(value: struct_pb2.Value) -> JSON:
-    kind = value.WhichOneof("kind")
-    if kind == "string_value":
-        return value.string_value
-    if kind == "number_value":
-        n = value.number_value
-        if not math.isfinite(n):
-            return None  # JSON has no NaN or Infinity (a gRPC client may send them): null
-        # JSON has one number type; give integers back as integers.
-        return int(n) if n.is_integer() and abs(n) <= 2**53 else n
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return struct_to_json(value.struct_value)
-    if kind == "list_value":
-        return [value_to_json(v) for v in value.list_value.values]
-    return None  # null_value, or unset
-
-
-def struct_to_json(struct: struct_pb2.Struct) -> dict[str, JSON]:
-    return {k: value_to_json(v) for k, v in struct.fields.items()}
-
-
-def json_to_value(data: JSON, out: struct_pb2.Value, path: str = "") -> None:
-    if data is None:
-        out.null_value = struct_pb2.NULL_VALUE
-    elif isinstance(data, bool):
-        out.bool_value = data
-    elif isinstance(data, str):
-        out.string_value = data
-    elif isinstance(data, int | float):
-        if isinstance(data, float) and not math.isfinite(data):
-            raise CodecError(path, "number must be finite")
-        out.number_value = data
-    elif isinstance(data, dict):
-        json_to_struct(data, out.struct_value, path)
-    elif isinstance(data, list):
-        lst = out.list_value
-        lst.SetInParent()
-        for i, item in enumerate(data):
-            json_to_value(item, lst.values.add(), f"{path}[{i}]")
-    else:
-        raise CodecError(path, f"not JSON: {type(data).__name__}")
-
-
-def json_to_struct(data: JSON, out: struct_pb2.Struct, path: str = "") -> None:
-    if not isinstance(data, dict):
-        raise CodecError(path, "expected an object")
-    out.SetInParent()
-    for key, item in data.items():
-        json_to_value(item, out.fields[key], _join(path, key))
-
-
-def to_value(data: JSON) -> struct_pb2.Value:
-    out = struct_pb2.Value()
-    json_to_value(data, out)
-    return out
-
-
-def to_struct(data: dict[str, JSON]) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    json_to_struct(data, out)
-    return out
 
 
 # ---------------------------------------------------------------- enums
 
 
-def _enum_prefix(enum: EnumDescriptor) -> str:
-    name = enum.name
-    snake = "".join(("_" + c if c.isupper() and i else c) for i, c in enumerate(name))
-    return snake.upper() + "_"
-
-
-@cache
-def enum_names(enum: EnumDescriptor) -> tuple[dict[int, str], dict[str, int]]:
-    """(number -> JSON name, JSON name -> number) for an enum, e.g. 1 <-> "tool_call"."""
-    prefix = _enum_prefix(enum)
-    to_name: dict[int, str] = {}
-    for v in enum.values:
-        if v.number == 0:
-            continue
-        custom = v.GetOptions().Extensions[options_pb2.json_value]
-        to_name[v.number] = custom or v.name.removeprefix(prefix).lower()
-    return to_name, {n: num for num, n in to_name.items()}
-
-
-def enum_to_json(enum: EnumDescriptor, number: int) -> str:
-    return enum_names(enum)[0].get(number, "")
-
-
 # ---------------------------------------------------------------- message plans
-
-
-def _message_type(fd: FieldDescriptor) -> Descriptor:
-    assert fd.message_type is not None, fd.full_name
-    return fd.message_type
-
-
-def _enum_type(fd: FieldDescriptor) -> EnumDescriptor:
-    assert fd.enum_type is not None, fd.full_name
-    return fd.enum_type
-
-
-@dataclass
-class _Field:
-    fd: FieldDescriptor
-    name: str
-    key: str  # the JSON key: the field name, or its `json_key`
-    repeated: bool
-    presence: bool
-    inline: bool
-    wkt: str  # full name of Struct/Value/ListValue, or ""
-    is_enum: bool
-
-
-@dataclass
-class _Plan:
-    fields: list[_Field]
-    known_keys: frozenset[str]  # keys consumed by this message, inline members included
-    rest: _Field | None  # the inline Struct that collects every other key
-    inline_messages: list[_Field] = field(default_factory=list)
-
-
-@cache
-def _plan(desc: Descriptor) -> _Plan:
-    fields: list[_Field] = []
-    known: set[str] = set()
-    rest: _Field | None = None
-    inline_messages: list[_Field] = []
-    for fd in desc.fields:
-        if fd.GetOptions().Extensions[options_pb2.json_twin]:
-            continue  # the typed API's mirror of another field: not on the JSON wire
-        repeated = fd.is_repeated
-        wkt = ""
-        if fd.type == FieldDescriptor.TYPE_MESSAGE:
-            message_type = _message_type(fd)
-            if message_type.GetOptions().map_entry:
-                raise TypeError(f"{fd.full_name}: map fields are not supported")
-            if message_type.full_name in (_STRUCT, _VALUE, _LIST):
-                wkt = message_type.full_name
-        inline = fd.GetOptions().Extensions[options_pb2.json_inline]
-        is_enum = fd.type == FieldDescriptor.TYPE_ENUM
-        key = fd.GetOptions().Extensions[options_pb2.json_key] or fd.name
-        f = _Field(fd, fd.name, key, repeated, fd.has_presence, inline, wkt, is_enum)
-        fields.append(f)
-        if inline and wkt == _STRUCT:
-            rest = f
-        elif inline:
-            inline_messages.append(f)
-            known |= _plan(_message_type(fd)).known_keys
-        else:
-            known.add(key)
-    return _Plan(fields, frozenset(known), rest, inline_messages)
 
 
 # ---------------------------------------------------------------- message -> JSON
@@ -370,10 +226,6 @@ def _scalar(fd: FieldDescriptor, item: JSON, path: str) -> Any:
             raise CodecError(path, f"out of range ({low}..{high})")
         return item
     raise CodecError(path, f"unsupported field type {t}")
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
 
 
 # ---------------------------------------------------------------- bare params / results
