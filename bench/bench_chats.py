@@ -23,18 +23,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench import summary
+from bench.proc import cpu_seconds
 from tests.processes import Process, car_grpc_serve, launch
 
 TOKENS = 20_000
@@ -140,26 +139,6 @@ async def bare(rounds: int) -> list[float]:
     return rates
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _tree(pid: int) -> list[int]:
-    """A process and all its descendants (the gateway processes of `car-grpc serve`)."""
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            pids += _tree(int(child))
-    return pids
-
-
-def server_cpu(pid: int) -> float:
-    """CPU seconds of a server and its child processes so far."""
-    return sum(_cpu_seconds(p) for p in _tree(pid))
-
-
 async def through_car_grpc(rounds: int, *flags: str) -> tuple[list[float], float]:
     """Tokens/s of each round for a WebSocket host chatting with the sender as agent, and
     the server's CPU seconds per token over all rounds."""
@@ -171,9 +150,9 @@ async def through_car_grpc(rounds: int, *flags: str) -> tuple[list[float], float
                 assert agent.proc.stdout is not None
                 line = await asyncio.wait_for(agent.proc.stdout.readline(), 20)
                 assert line.strip() == b"attached"
-                cpu_before = server_cpu(server.proc.pid)
+                cpu_before = cpu_seconds(server.proc.pid)
                 await _host(url, rounds, rates)
-                cpu = server_cpu(server.proc.pid) - cpu_before
+                cpu = cpu_seconds(server.proc.pid) - cpu_before
     return rates, cpu / (rounds * TOKENS)
 
 

@@ -45,7 +45,6 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -53,6 +52,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench import summary
+from bench.proc import cpu_seconds
 from tests.processes import car_grpc_serve, launch, log_listening
 
 REQUEST = '{"jsonrpc":"2.0","id":1,"method":"tools.list"}'
@@ -196,28 +196,6 @@ async def run_mux_relay_server(streams: int = MUX_STREAMS) -> None:
     await server.stop(0)
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system) of a process and every descendant still running."""
-    parents: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(fields[1])
-        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, grew = {pid}, True
-    while grew:
-        more = {child for child, parent in parents.items() if parent in tree} - tree
-        tree |= more
-        grew = bool(more)
-    return sum(cpu.get(p, 0.0) for p in tree)
-
-
 @dataclass
 class Server:
     url: str
@@ -301,14 +279,14 @@ async def throughput(
     try:
         for ws in clients:  # warm up every connection
             await _round_trip(ws)
-        cpu = tree_cpu_seconds(server.pid)
+        cpu = cpu_seconds(server.pid)
         start = time.perf_counter()
         until = start + THROUGHPUT_SECONDS
         tasks = [asyncio.create_task(loop(ws, until)) for ws in clients]
         go.set()
         await asyncio.gather(*tasks)
         rate = len(samples) / (time.perf_counter() - start)
-        cpu_us = (tree_cpu_seconds(server.pid) - cpu) / len(samples) * 1e6
+        cpu_us = (cpu_seconds(server.pid) - cpu) / len(samples) * 1e6
         samples.sort()
         return rate, samples[int(len(samples) * 0.99) - 1] * 1e6, cpu_us
     finally:

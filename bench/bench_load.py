@@ -45,6 +45,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 
 from bench import summary
+from bench.proc import cpu_seconds, rss_kib
 from tests.processes import Process, car_grpc_serve, launch
 
 SESSIONS = 1000
@@ -302,33 +303,6 @@ async def worker(url: str, first: int, count: int, tokens: dict[str, JSON] | Non
 
 
 # ------------------------------------------------------------------ the coordinator
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants: `car-grpc serve --gateway-processes N` (or
-    CAR_GATEWAY_PROCESSES=N) serves from N + 1 processes, and the server is all of them."""
-    tree = [pid]
-    for parent in tree:
-        for task in Path(f"/proc/{parent}/task").iterdir():
-            tree += (int(child) for child in (task / "children").read_text().split())
-    return tree
-
-
-def rss_kib(pid: int) -> int:
-    total = 0
-    for process in process_tree(pid):
-        for line in Path(f"/proc/{process}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total
-
-
-def cpu_seconds(pid: int) -> float:
-    ticks = 0
-    for process in process_tree(pid):
-        fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def raise_fd_limit() -> None:

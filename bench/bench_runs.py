@@ -39,7 +39,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench import summary
-from bench.bench_load import cpu_seconds
+from bench.proc import cpu_seconds
 from car_grpc.core.tokens import HOST_TOKEN_FILE, AgentTokens
 from car_grpc.store import open_store
 from tests.processes import car_grpc_serve, launch, log_listening

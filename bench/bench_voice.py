@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import struct
 import sys
 import tempfile
@@ -44,7 +43,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -52,6 +50,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench import summary
+from bench.proc import cpu_seconds
 from car_grpc.v1 import voice_pb2, voice_pb2_grpc
 from car_grpc.wire import codec
 from tests.processes import car_grpc_argv, car_grpc_serve, cli_env, launch, log_listening
@@ -266,12 +265,6 @@ SPOKEN = [
     "play some music",
     "turn off the lights",
 ]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

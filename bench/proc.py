@@ -1,0 +1,36 @@
+"""What a server process costs, read from /proc: its CPU time and resident memory, summed
+over the process and its descendants (`car-grpc serve --gateway-processes N` serves from
+N + 1 processes, and the server is all of them)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants."""
+    tree = [pid]
+    for parent in tree:
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            tree += (int(child) for child in (task / "children").read_text().split())
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its descendants so far."""
+    ticks = 0
+    for process in process_tree(pid):
+        fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory (VmRSS) of `pid` and its descendants, in KiB."""
+    total = 0
+    for process in process_tree(pid):
+        for line in Path(f"/proc/{process}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
