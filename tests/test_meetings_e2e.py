@@ -5,12 +5,16 @@ server restarts."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import sqlite3
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 from car_grpc.config import Config
 from car_grpc.store import open_store
+from car_grpc.store.location import store_location
 from car_grpc.v1 import voice_pb2
 from car_grpc.wire.errors import INVALID_PARAMS
 from tests.conftest import make_config
@@ -181,3 +185,50 @@ async def test_a_full_transcript_keeps_its_first_segments_and_says_so(tmp_path: 
     assert texts(got) == ["chunk 0: 2 bytes", "chunk 1: 4 bytes"]
     assert got["meeting"]["truncated"] is True
     assert got["meeting"]["segment_count"] == 2
+
+
+async def test_a_meetings_end_is_stored_before_the_engine_or_the_owner_hears_of_it(
+    tmp_path: Path,
+) -> None:
+    """The engine's close notice and the owner's terminal event go only once the store has
+    the meeting's end: whoever learns of it from them and reads the meeting finds it ended.
+    Another connection holds the database's write lock while the meetings end, so the
+    store's writes wait; each notice, the moment it arrives, reads the meeting from the
+    file beside the server."""
+    config = config_for(tmp_path)
+    path = store_location(None, config.core.state_root).path
+    assert path is not None
+    async with running(config) as (core, gateway):
+        reader = await open_store(config.core.state_root)
+        lock = sqlite3.connect(path, isolation_level=None)
+        try:
+            async with (
+                echo_engine(core.grpc_address, ["echo"], token=daemon_token(core)) as engine,
+                voice_rpc(gateway.url) as stays,
+            ):
+
+                async def status_once(notice: Awaitable[object], meeting_id: str) -> str:
+                    await notice
+                    meeting = await reader.meetings.get(meeting_id)
+                    assert meeting is not None
+                    return voice_pb2.MeetingStatus.Name(meeting.status)
+
+                await stays.login(daemon_token(core))
+                ended_by_engine = await stays.result("meeting.start", {"id": "engine-ends"})
+                async with voice_rpc(gateway.url) as leaves:
+                    await leaves.login(daemon_token(core))
+                    await leaves.result("meeting.start", {"id": "owner-leaves"})
+                    lock.execute("BEGIN IMMEDIATE")
+                closed = asyncio.create_task(status_once(engine.closed.get(), "owner-leaves"))
+                end = voice_pb2.EndVoiceSession(session_id=ended_by_engine["session_id"])
+                await engine.send(voice_pb2.ServeVoiceRequest(end=end))
+                terminal = asyncio.create_task(status_once(stays.next_event(10), "engine-ends"))
+                # Neither notice may come while the end cannot be stored: give them the time
+                # they would need (bounded) before the lock goes.
+                await asyncio.wait((closed, terminal), timeout=0.5)
+                lock.execute("ROLLBACK")
+                assert await closed == "MEETING_STATUS_INTERRUPTED"
+                assert await terminal == "MEETING_STATUS_INTERRUPTED"
+        finally:
+            lock.close()
+            await reader.close()

@@ -18,8 +18,10 @@ Each session has two bounded lanes:
 
 A session ends once, in `Voice._end`, which queues the terminal event (when the owner is
 still there to read it), tells the engine (unless the engine ended it) and lets the
-session's sink know. A meeting is such a sink (car_grpc.core.meetings): each event first
-goes through `Sink.ingest`, then to the owner untouched.
+session's sink know; the terminal event and the engine's notice go once the sink has
+finished, so whoever learns of the end from them finds it stored. A meeting is such a
+sink (car_grpc.core.meetings): each event first goes through `Sink.ingest`, then to the
+owner untouched.
 """
 
 from __future__ import annotations
@@ -629,6 +631,8 @@ class Voice:
         with contextlib.suppress(SessionClosed):
             while True:
                 frame, last = await vs.events.get()
+                if last:
+                    await self._sink_finished(vs)
                 await vs.owner.send(frame)
                 vs.events_out += 1
                 if last:
@@ -707,12 +711,23 @@ class Voice:
             vs.terminal_queued = True
         elif vs.event_pump is not None:
             vs.event_pump.cancel()
-        if tell_engine and not vs.engine.gone:
-            closed = voice_pb2.CloseVoiceSession(session_id=vs.id, reason=reason)
-            self._background.spawn(vs.engine.send(ServeVoiceResponse(closed=closed)))
         if vs.sink is not None and started:
             vs.finished = self._background.spawn(vs.sink.finish(vs, stopped, reason))
+        if tell_engine and not vs.engine.gone:
+            self._background.spawn(self._tell_engine_closed(vs, reason))
         log.debug("voice session %s ended: %s", vs.id, reason)
+
+    async def _sink_finished(self, vs: VoiceSession) -> None:
+        """Wait (bounded) for the sink to have the end. Whatever reveals the end (the
+        engine's close notice, the owner's terminal event) waits for it, so a reader who
+        learns of the end from them finds it stored (a meeting not still `live`)."""
+        if vs.finished is not None and not vs.finished.done():
+            await asyncio.wait((vs.finished,), timeout=self.limits.stall_timeout)
+
+    async def _tell_engine_closed(self, vs: VoiceSession, reason: str) -> None:
+        await self._sink_finished(vs)
+        closed = voice_pb2.CloseVoiceSession(session_id=vs.id, reason=reason)
+        await vs.engine.send(ServeVoiceResponse(closed=closed))
 
     def _owner_closed(self, owner: ClientSession) -> None:
         for vs in list(self._by_owner.pop(owner.id, {}).values()):
