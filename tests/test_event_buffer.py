@@ -62,6 +62,23 @@ async def test_a_reader_that_stops_reading_stalls_waiting_producers() -> None:
     assert await drain(buffer) == [0, -1]
 
 
+async def test_after_a_stall_new_producers_hear_at_once_until_the_reader_is_back() -> None:
+    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=0.05)
+    assert buffer.offer(0) is PutResult.QUEUED
+    first = buffer.offer(1)
+    assert not isinstance(first, PutResult)
+    assert await buffer.admitted(first) is PutResult.STALLED
+    late = buffer.offer(2)  # the reader is still stalled: no new wait of its own
+    assert not isinstance(late, PutResult) and late.done()
+    assert late.result() is PutResult.STALLED
+    assert await buffer.get() == 0  # the reader is back: the clock starts again
+    again = buffer.offer(3)
+    assert not isinstance(again, PutResult) and not again.done()
+    assert await buffer.get() == 1
+    assert await buffer.get() == 2
+    assert await buffer.admitted(again) is PutResult.QUEUED
+
+
 async def test_a_slow_reader_that_keeps_reading_is_not_a_stall() -> None:
     buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=0.2)
     producer = asyncio.gather(*(buffer.put(i) for i in range(6)))

@@ -416,7 +416,7 @@ class Chats:
         return self._relay_when_admitted(chat, offered, terminal)
 
     async def _relay_when_admitted(
-        self, chat: Chat, admitted: asyncio.Future[bool], terminal: bool
+        self, chat: Chat, admitted: asyncio.Future[PutResult], terminal: bool
     ) -> None:
         self._relayed(chat, await chat.events.admitted(admitted), terminal)
 

@@ -10,7 +10,8 @@ reading that agent's stream and gRPC flow control pushes back on the agent itsel
 
 Waiting is bounded: when the host takes nothing for `stall_timeout` seconds while
 producers wait, `put` answers STALLED and the owner ends the chat. That bound is also the
-longest one stalled host can hold up the other chats of the same agent.
+longest one stalled host can hold up the other chats of the same agent. One timer per
+buffer keeps that clock (not one per waiting producer: a flood keeps many waiting).
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ class EventBuffer(Generic[T]):
         self._limit = max(1, limit)
         self._stall_timeout = stall_timeout
         self._items: deque[T] = deque()
-        self._waiting: deque[tuple[asyncio.Future[bool], T]] = deque()
+        self._waiting: deque[tuple[asyncio.Future[PutResult], T]] = deque()
         self._readable = asyncio.Event()
         self._closed = False
         #: Loop time of the reader's last take, or of the moment producers began to wait.
         self._progress_at = 0.0
+        #: Armed while producers wait, for the moment they would have waited too long.
+        self._stall_timer: asyncio.TimerHandle | None = None
 
     @property
     def closed(self) -> bool:
@@ -59,7 +62,7 @@ class EventBuffer(Generic[T]):
             return offered
         return await self.admitted(offered)
 
-    def offer(self, item: T) -> PutResult | asyncio.Future[bool]:
+    def offer(self, item: T) -> PutResult | asyncio.Future[PutResult]:
         """put's first step, which never waits: the item is appended (QUEUED), refused
         (CLOSED), or takes its place in line, and then the future to pass to `admitted`
         is returned. Either way its order among the items is set here."""
@@ -72,20 +75,32 @@ class EventBuffer(Generic[T]):
         loop = asyncio.get_running_loop()
         if not self._waiting:
             self._progress_at = loop.time()  # the stall clock starts now
-        admitted: asyncio.Future[bool] = loop.create_future()
+        admitted: asyncio.Future[PutResult] = loop.create_future()
         self._waiting.append((admitted, item))
+        if self._stall_timer is None:
+            self._check_stall()
         return admitted
 
-    async def admitted(self, admitted: asyncio.Future[bool]) -> PutResult:
+    async def admitted(self, admitted: asyncio.Future[PutResult]) -> PutResult:
         """put's second step: wait until the item offered is let in (QUEUED), dropped by
         close (CLOSED), or the reader stalls (STALLED)."""
+        return await admitted
+
+    def _check_stall(self) -> None:
+        """The stall clock: while producers wait, answer them all STALLED once the reader
+        has taken nothing for stall_timeout (they stay in line: the caller closes the
+        buffer); until then, look again when that time would be up."""
+        self._stall_timer = None
+        if not self._waiting or self._closed:
+            return
         loop = asyncio.get_running_loop()
-        while not admitted.done():
-            remaining = self._progress_at + self._stall_timeout - loop.time()
-            if remaining <= 0:
-                return PutResult.STALLED
-            await asyncio.wait((admitted,), timeout=remaining)
-        return PutResult.QUEUED if admitted.result() else PutResult.CLOSED
+        deadline = self._progress_at + self._stall_timeout
+        if loop.time() < deadline:
+            self._stall_timer = loop.call_at(deadline, self._check_stall)
+            return
+        for admitted, _ in self._waiting:
+            if not admitted.done():
+                admitted.set_result(PutResult.STALLED)
 
     async def get(self) -> T | None:
         """The next item, waiting for one; None once the buffer is closed and drained."""
@@ -113,7 +128,8 @@ class EventBuffer(Generic[T]):
         if self._waiting:
             admitted, waiting = self._waiting.popleft()
             self._items.append(waiting)
-            admitted.set_result(True)
+            if not admitted.done():  # (stalled, or its producer went away)
+                admitted.set_result(PutResult.QUEUED)
         return item
 
     def close(self, final: T | None = None, *, drop_waiting: bool = False) -> None:
@@ -122,11 +138,15 @@ class EventBuffer(Generic[T]):
         if self._closed:
             return
         self._closed = True
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         while self._waiting:
             admitted, waiting = self._waiting.popleft()
             if not drop_waiting:
                 self._items.append(waiting)
-            admitted.set_result(not drop_waiting)
+            if not admitted.done():
+                admitted.set_result(PutResult.CLOSED if drop_waiting else PutResult.QUEUED)
         if final is not None:
             self._items.append(final)
         self._readable.set()
