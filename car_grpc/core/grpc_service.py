@@ -76,6 +76,10 @@ class SessionStream:
         self.write_lock = asyncio.Lock()
         #: More frames of the message being read follow: answers queue up for one write.
         self._more = False
+        #: Requests and notifications read and handed to a task that has not started yet:
+        #: while there are any, a notification handled at once goes in a task behind them
+        #: (so it does not overtake them: e.g. a JSON audio push before a binary frame).
+        self._unstarted = 0
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._write_loop())
@@ -143,12 +147,13 @@ class SessionStream:
             err = CarError(INVALID_REQUEST, "invalid request: frame has no body")
             await self.session.send(_error_frame(frame.id, err))
         elif binding.kind in (api.NOTIFICATION, api.BINARY):
-            if binding.field in self.at_once:
+            if binding.field in self.at_once and not self._unstarted:
                 if (rest := self._notify_at_once(binding.field, frame)) is not None:
                     self.notifying.add(
                         await self._spawn(self._finish_notification, binding.field, rest)
                     )
             else:
+                self._unstarted += 1
                 self.notifying.add(await self._spawn(self._notification, binding.field, frame))
         elif not self.session.authenticated:
             # Until auth succeeds, requests run one at a time, in order.
@@ -159,7 +164,8 @@ class SessionStream:
             # It never waits: answered here, without the cost of a task.
             await self._request(frame, binding.field)
         else:
-            await self._spawn(self._request, frame, binding.field)
+            self._unstarted += 1
+            await self._spawn(self._request_task, frame, binding.field)
         return True
 
     async def _spawn(
@@ -175,6 +181,10 @@ class SessionStream:
         self.tasks.discard(task)
         self.notifying.discard(task)
         self.inflight.release()
+
+    async def _request_task(self, frame: session_pb2.ClientFrame, member: str) -> None:
+        self._unstarted -= 1
+        await self._request(frame, member)
 
     async def _request(self, frame: session_pb2.ClientFrame, member: str) -> bool:
         """Run one request and answer it. False when it failed for lack of auth."""
@@ -214,7 +224,12 @@ class SessionStream:
             await session.send(frame)
 
     async def _notification(self, member: str, frame: session_pb2.ClientFrame) -> None:
+        self._unstarted -= 1
         if not self.session.authenticated:
+            return
+        if member in self.at_once:  # handled at once, in its turn
+            if (rest := self._notify_at_once(member, frame)) is not None:
+                await self._finish_notification(member, rest)
             return
         handler = self.dispatcher.router.notifications.get(member)
         if handler is None:

@@ -102,7 +102,9 @@ def handles_notification(member: str) -> Callable[[F], F]:
     A coroutine function runs in a task of its own. A plain function runs at once, in the
     session stream's read loop (no task: the hottest notifications, e.g. chat tokens), and
     must not block: it returns None when done, or an awaitable for what it has to wait for
-    (e.g. room in a full buffer), which the stream then awaits in a task."""
+    (e.g. room in a full buffer), which the stream then awaits in a task. While work read
+    before it still waits to start (a request's task), it runs in a task behind that work
+    instead, so it does not overtake it."""
     kind = api.CLIENT_MEMBERS[member].kind if member in api.CLIENT_MEMBERS else None
     if kind not in (api.NOTIFICATION, api.BINARY):
         raise ValueError(f"{member!r} is not a notification member of ClientFrame")

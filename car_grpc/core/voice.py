@@ -35,7 +35,7 @@ import itertools
 import logging
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -132,6 +132,11 @@ def _keeps_up(event_queue: int) -> int:
 def _set(event: asyncio.Event) -> asyncio.Event:
     event.set()
     return event
+
+
+def _refuse_audio(owner: ClientSession, raw_id: str, error: CarError) -> None:
+    """A binary audio frame's refusal: an error event (not terminal) for its session id."""
+    owner.try_send(_event_frame(raw_id, error_event(error.message, terminal=False)))
 
 
 def _event_frame(session_id: str, event: struct_pb2.Value) -> session_pb2.ServerFrame:
@@ -530,14 +535,27 @@ class Voice:
 
     async def push(self, owner: ClientSession, raw_id: str, data: bytes) -> int:
         """Queue one PCM chunk for the engine, after every earlier one; its seq."""
+        vs, seq, offered = self._offer_audio(owner, raw_id, data)
+        if not isinstance(offered, PutResult):
+            offered = await vs.audio.admitted(offered)
+        self._pushed(vs, offered)
+        return seq
+
+    def _offer_audio(
+        self, owner: ClientSession, raw_id: str, data: bytes
+    ) -> tuple[VoiceSession, int, PutResult | asyncio.Future[PutResult]]:
+        """A push's first step, which never waits: the chunk gets its seq and its place
+        in the session's audio (queued, or in line: then the future to wait on)."""
         vs = self.owned(owner, raw_id)
         if vs.state is State.STOPPING:
             raise invalid_params(f"invalid params: voice session '{vs.id}' is stopping")
-        # Nothing awaits before the put: chunks queue in the order the pushes arrived.
         seq = vs.chunks_in
         vs.chunks_in += 1
         chunk = VoiceAudio(session_id=vs.id, seq=seq, type=PCM, format=PCM16LE, data=data)
-        result = await vs.audio.put(ServeVoiceResponse(audio=chunk))
+        return vs, seq, vs.audio.offer(ServeVoiceResponse(audio=chunk))
+
+    def _pushed(self, vs: VoiceSession, result: PutResult) -> None:
+        """A push's outcome: a stalled wait ends the session; -32603 unless queued."""
         if result is PutResult.STALLED:
             stall = self.limits.stall_timeout
             message = f"voice engine '{vs.engine.name}' took no audio for {stall:g}s"
@@ -546,7 +564,6 @@ class Voice:
             self._end(vs, error_event(message), message)
         if result is not PutResult.QUEUED:
             raise CarError(INTERNAL, f"voice session '{vs.id}' ended: {vs.end_reason}")
-        return seq
 
     async def _pump_audio(self, vs: VoiceSession) -> None:
         """The session's audio to its engine: what is queued when the engine takes the
@@ -885,16 +902,35 @@ class Voice:
         return voice_pb2.PushTranscribeAudioResponse(session_id=vs.id, seq=seq)
 
     @handles_notification("voice_audio")
-    async def voice_audio(self, session: ClientSession, audio: VoiceAudio) -> None:
-        """PCM in a binary frame. What cannot be taken is answered with a (not terminal) error
-        event for that session id: a notification has no answer of its own."""
+    def voice_audio(self, session: ClientSession, audio: VoiceAudio) -> Awaitable[None] | None:
+        """PCM in a binary frame, taken at once (no task): it is queued for the engine, or
+        takes its place in line and the wait for room is returned. What cannot be taken
+        is answered with a (not terminal) error event for that session id: a notification
+        has no answer of its own."""
         try:
             if audio.type not in (voice_pb2.AUDIO_FRAME_TYPE_UNSPECIFIED, PCM):
                 raise field_error("type", "clients send PCM audio")
             check_chunk(audio.data, self.limits.max_chunk_bytes, "data")
-            await self.push(session, audio.session_id, audio.data)
+            vs, _, offered = self._offer_audio(session, audio.session_id, audio.data)
+            if isinstance(offered, PutResult):
+                self._pushed(vs, offered)
+                return None
         except CarError as e:
-            session.try_send(_event_frame(audio.session_id, error_event(e.message, terminal=False)))
+            _refuse_audio(session, audio.session_id, e)
+            return None
+        return self._audio_admitted(session, vs, offered, audio.session_id)
+
+    async def _audio_admitted(
+        self,
+        session: ClientSession,
+        vs: VoiceSession,
+        offered: asyncio.Future[PutResult],
+        raw_id: str,
+    ) -> None:
+        try:
+            self._pushed(vs, await vs.audio.admitted(offered))
+        except CarError as e:
+            _refuse_audio(session, raw_id, e)
 
     @handles("voice_transcribe_stream_stop")
     async def transcribe_stream_stop(
