@@ -11,7 +11,7 @@ import pytest
 from car_grpc.gateway import audio_frames
 from car_grpc.gateway.audio_frames import BinaryFrameError, decode, encode, is_audio_frame
 from car_grpc.gateway.jsonrpc import Inbound
-from car_grpc.v1 import voice_pb2
+from car_grpc.v1 import session_pb2, voice_pb2
 from car_grpc.wire.errors import INVALID_REQUEST
 
 SESSION = uuid.UUID("0123456789abcdef0123456789abcdef")
@@ -115,13 +115,19 @@ def error_of(inbound: Inbound) -> dict[str, object]:
     return error
 
 
-def test_a_client_pcm_frame_becomes_clientframe_voice_audio() -> None:
-    inbound = audio_frames.from_client(frame_bytes(0x01, seq=3, payload=b"\x01\x00\x02\x00"))
-    assert not inbound.replies
-    (frame,) = inbound.frames
+@pytest.mark.parametrize("seq", [0, 3, 2**64 - 1])
+def test_a_client_pcm_frame_becomes_clientframe_voice_audio(seq: int) -> None:
+    data = frame_bytes(0x01, seq=seq, payload=b"\x01\x00\x02\x00")
+    inbound = audio_frames.from_client(data)
+    assert not inbound.replies and not inbound.frames
+    (raw,) = inbound.wire  # written directly: the bytes serializing the message gives
+    assert raw == session_pb2.ClientFrame(voice_audio=decode(data)).SerializeToString()
+    frame = session_pb2.ClientFrame.FromString(raw)
     assert frame.id == "" and frame.WhichOneof("body") == "voice_audio"
     assert frame.voice_audio.session_id == SESSION.hex
-    assert frame.voice_audio.seq == 3
+    assert frame.voice_audio.seq == seq
+    assert frame.voice_audio.type == voice_pb2.AUDIO_FRAME_TYPE_PCM
+    assert frame.voice_audio.format == voice_pb2.AUDIO_FORMAT_PCM16LE
     assert frame.voice_audio.data == b"\x01\x00\x02\x00"
 
 

@@ -58,6 +58,7 @@ from car_grpc.wire.errors import (
     require,
     resource_exhausted,
 )
+from car_grpc.wire.twins import fill_out
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,25 @@ def _event_frame(session_id: str, event: struct_pb2.Value) -> session_pb2.Server
     )
 
 
+_EVENT_FIELD = voice_pb2.VoiceEventNotice.EVENT_FIELD_NUMBER
+_VOICE_EVENT_TAG = batch.varint(session_pb2.ServerFrame.VOICE_EVENT_FIELD_NUMBER << 3 | 2)
+_VOICE_AUDIO_TAG = batch.varint(session_pb2.ServerFrame.VOICE_AUDIO_FIELD_NUMBER << 3 | 2)
+#: VoiceAudio.format = PCM16LE, serialized (a varint field: wire type 0).
+_FORMAT_PCM16LE = batch.varint(VoiceAudio.FORMAT_FIELD_NUMBER << 3) + batch.varint(PCM16LE)
+
+
+def _notice_head(session_id: str) -> bytes:
+    """A session's VoiceEventNotice without its event, serialized (twins derived)."""
+    return fill_out(voice_pb2.VoiceEventNotice(session_id=session_id)).SerializeToString()
+
+
+def _event_bytes(head: bytes, event: struct_pb2.Value) -> bytes:
+    """The serialized ServerFrame of a voice.event: the session's notice (`head`, from
+    _notice_head) with the event appended, so that only the event is serialized."""
+    notice = head + batch.length_delimited(_EVENT_FIELD, event.SerializeToString())
+    return batch.member_frame(_VOICE_EVENT_TAG, notice)
+
+
 # ------------------------------------------------------------------ sessions and engines
 
 
@@ -172,8 +192,9 @@ class VoiceSession:
     owner: ClientSession
     engine: Engine
     audio: EventBuffer[voice_pb2.ServeVoiceResponse]
-    #: (frame, last) towards the owner; sized voice_event_queue + 1 (the terminal event).
-    events: asyncio.Queue[tuple[session_pb2.ServerFrame, bool]]
+    #: (serialized frame, last) towards the owner; sized voice_event_queue + 1 (the
+    #: terminal event).
+    events: asyncio.Queue[tuple[bytes, bool]]
     answered: asyncio.Future[str | None]  # the engine's answer: None, or its refusal
     engine_end: asyncio.Future[str | None]  # the engine's end: None, or its error
     meeting_id: str | None = None
@@ -193,6 +214,8 @@ class VoiceSession:
     #: Events to the owner.
     event_pump: asyncio.Task[None] | None = None
     finished: asyncio.Task[None] | None = None  # the sink's finish
+    #: The session's VoiceEventNotice without the event (_event_bytes).
+    notice_head: bytes = b""
 
     def info(self) -> voice_pb2.VoiceSession:
         out = voice_pb2.VoiceSession(
@@ -475,6 +498,7 @@ class Voice:
             engine_end=loop.create_future(),
             meeting_id=meeting_id,
             sink=sink,
+            notice_head=_notice_head(session_id),
         )
         self.sessions[vs.id] = mine[vs.id] = engine.sessions[vs.id] = vs
         opening = voice_pb2.OpenVoiceSession(
@@ -522,11 +546,14 @@ class Voice:
         """The owner's voice session with that id; -32602 for any other id (unknown or
         another connection's: the same answer, so no existence oracle)."""
         require(raw_id, "session_id")
-        try:
-            session_id = uuid.UUID(raw_id.strip()).hex
-        except ValueError:
-            session_id = raw_id
-        vs = self._by_owner.get(owner.id, {}).get(session_id)
+        mine = self._by_owner.get(owner.id, {})
+        vs = mine.get(raw_id)  # the canonical spelling (a binary frame's): nothing to parse
+        if vs is None:
+            try:
+                session_id = uuid.UUID(raw_id.strip()).hex
+            except ValueError:
+                session_id = raw_id
+            vs = mine.get(session_id)
         if vs is None:
             raise invalid_params(f"invalid params: unknown voice session '{raw_id}'")
         return vs
@@ -610,7 +637,7 @@ class Voice:
                 await vs.sink.ingest(vs, event)
             except Exception:
                 log.exception("voice session %s: the sink failed to ingest an event", vs.id)
-        return self._offer(vs, _event_frame(vs.id, event))
+        return self._offer(vs, _event_bytes(vs.notice_head, event))
 
     def deliver_speech(self, vs: VoiceSession, audio: VoiceAudio) -> bool:
         """Forward the engine's synthesized speech to the owner (a binary frame)."""
@@ -624,14 +651,14 @@ class Voice:
             message = f"voice engine '{vs.engine.name}' sent invalid audio: {problem}"
             self._end(vs, error_event(message), message)
             return False
-        out = VoiceAudio()
-        out.CopyFrom(audio)
-        out.session_id = vs.id
-        if out.type == voice_pb2.AUDIO_FRAME_TYPE_TTS_CHUNK and not out.format:
-            out.format = PCM16LE
-        return self._offer(vs, session_pb2.ServerFrame(voice_audio=out))
+        # As the engine sent it: its session id is the session's (it was found by it), and
+        # its twin was derived when it was read; a TTS chunk without a format is PCM16LE.
+        out = audio.SerializeToString()
+        if audio.type == voice_pb2.AUDIO_FRAME_TYPE_TTS_CHUNK and not audio.format:
+            out += _FORMAT_PCM16LE
+        return self._offer(vs, batch.member_frame(_VOICE_AUDIO_TAG, out))
 
-    def _offer(self, vs: VoiceSession, frame: session_pb2.ServerFrame) -> bool:
+    def _offer(self, vs: VoiceSession, frame: bytes) -> bool:
         if vs.state is State.ENDED:
             return False
         limit = self.limits.event_queue
@@ -724,7 +751,7 @@ class Voice:
         vs.audio.discard()
         vs.owner_keeps_up.set()  # the audio pump sees the end
         if terminal is not None and started:
-            vs.events.put_nowait((_event_frame(vs.id, terminal), True))  # the kept slot
+            vs.events.put_nowait((_event_bytes(vs.notice_head, terminal), True))  # kept slot
             vs.terminal_queued = True
         elif vs.event_pump is not None:
             vs.event_pump.cancel()

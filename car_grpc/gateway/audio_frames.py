@@ -18,6 +18,7 @@ import struct
 
 from car_grpc.gateway.jsonrpc import Inbound, error_object, error_response
 from car_grpc.v1 import session_pb2, voice_pb2
+from car_grpc.wire import batch
 from car_grpc.wire.errors import INVALID_REQUEST
 
 VoiceAudio = voice_pb2.VoiceAudio
@@ -97,7 +98,7 @@ def encode(frame: VoiceAudio) -> bytes:
     return HEADER.pack(frame.type, raw_id, frame.seq, fmt) + frame.data
 
 
-def check_pcm(data: bytes) -> None:
+def check_pcm(data: bytes | memoryview) -> None:
     """PCM16LE audio is whole 16-bit samples, and at least one. Raises BinaryFrameError."""
     if not data:
         raise BinaryFrameError("empty PCM payload")
@@ -109,20 +110,51 @@ def check_pcm(data: bytes) -> None:
 
 
 def from_client(data: bytes) -> Inbound:
-    """A client's audio frame as `ClientFrame.voice_audio` for the core, or the JSON-RPC
-    error (-32600, id null) that answers a malformed one."""
+    """A client's audio frame as `ClientFrame.voice_audio` for the core (serialized), or
+    the JSON-RPC error (-32600, id null) that answers a malformed one."""
     inbound = Inbound()
     try:
-        frame = decode(data)
-        if frame.type != PCM:
+        if len(data) < HEADER_SIZE:
+            decode(data)  # raises, saying why
+        kind, raw_id, seq, _ = HEADER.unpack_from(data)
+        if kind != PCM:
+            if kind not in _TYPE_NAMES:
+                raise BinaryFrameError(f"unknown frame type 0x{kind:02x}")
             raise BinaryFrameError(
-                f"type 0x{frame.type:02x} ({_TYPE_NAMES[frame.type]}) goes from the server "
+                f"type 0x{kind:02x} ({_TYPE_NAMES[kind]}) goes from the server "
                 "to the client; clients send 0x01 (PCM in)"
             )
-        check_pcm(frame.data)
+        pcm = memoryview(data)[HEADER_SIZE:]
+        check_pcm(pcm)
     except BinaryFrameError as e:
         error = error_object(INVALID_REQUEST, f"invalid binary frame: {e}")
         inbound.replies.append(error_response(None, error))
         return inbound
-    inbound.frames.append(session_pb2.ClientFrame(voice_audio=frame))
+    inbound.add(_client_pcm(raw_id, seq, pcm))
     return inbound
+
+
+_CLIENT_VOICE_AUDIO = batch.varint(session_pb2.ClientFrame.VOICE_AUDIO_FIELD_NUMBER << 3 | 2)
+#: VoiceAudio.session_id's tag and length (32 hex digits), .seq's and .data's tags.
+_SESSION_ID = batch.varint(VoiceAudio.SESSION_ID_FIELD_NUMBER << 3 | 2) + batch.varint(32)
+_SEQ = batch.varint(VoiceAudio.SEQ_FIELD_NUMBER << 3)
+_DATA = batch.varint(VoiceAudio.DATA_FIELD_NUMBER << 3 | 2)
+#: VoiceAudio.type = PCM and .format = PCM16LE, serialized (varint fields).
+_PCM16LE = (
+    batch.varint(VoiceAudio.TYPE_FIELD_NUMBER << 3)
+    + batch.varint(PCM)
+    + batch.varint(VoiceAudio.FORMAT_FIELD_NUMBER << 3)
+    + batch.varint(voice_pb2.AUDIO_FORMAT_PCM16LE)
+)
+
+
+def _client_pcm(raw_id: bytes, seq: int, pcm: memoryview) -> bytes:
+    """The serialized ClientFrame of a PCM frame: the bytes that serializing
+    ClientFrame(voice_audio=decode(frame)) gives, written directly (the audio is copied
+    once, and no message is built)."""
+    head = _SESSION_ID + raw_id.hex().encode()
+    if seq:
+        head += _SEQ + batch.varint(seq)
+    head += _PCM16LE + _DATA + batch.varint(len(pcm))
+    size = batch.varint(len(head) + len(pcm))
+    return b"".join((_CLIENT_VOICE_AUDIO, size, head, pcm))
