@@ -10,9 +10,20 @@ from typing import Any
 import pytest
 
 from car_grpc.core.meetings import MAX_SEGMENT_TEXT, TRUNCATED, transcript_segment
-from car_grpc.core.voice import canonical_session_id, decode_pcm, ended_event, error_event
+from car_grpc.core.voice import (
+    _audio_head,
+    _audio_message,
+    _event_bytes,
+    _notice_head,
+    canonical_session_id,
+    decode_pcm,
+    ended_event,
+    error_event,
+)
+from car_grpc.v1 import session_pb2, voice_pb2
 from car_grpc.wire import codec
 from car_grpc.wire.errors import INVALID_PARAMS, CarError
+from car_grpc.wire.twins import fill_out
 
 
 def test_any_uuid_spelling_becomes_32_lowercase_hex_digits() -> None:
@@ -130,3 +141,31 @@ def test_a_long_segment_is_cut_at_16_kib_with_a_marker() -> None:
     assert segment is not None
     assert segment.text.endswith(TRUNCATED)
     assert len(segment.text.encode()) <= MAX_SEGMENT_TEXT
+
+
+@pytest.mark.parametrize("seq", [0, 1, 300, 2**63])
+def test_a_chunk_for_the_engine_is_the_message_it_stands_for(seq: int) -> None:
+    """The core writes a session's audio as bytes (a cached head, seq and data appended):
+    they read as the message built and serialized the usual way, twins derived."""
+    session_id, data = uuid.uuid4().hex, b"\x01\x00" * 1600
+    raw = _audio_message(_audio_head(session_id), seq, data)
+    audio = voice_pb2.VoiceAudio(
+        session_id=session_id,
+        seq=seq,
+        type=voice_pb2.AUDIO_FRAME_TYPE_PCM,
+        format=voice_pb2.AUDIO_FORMAT_PCM16LE,
+        data=data,
+    )
+    expected = fill_out(voice_pb2.ServeVoiceResponse(audio=audio))
+    assert voice_pb2.ServeVoiceResponse.FromString(raw) == expected
+    assert expected.audio.voice_session_id == session_id
+
+
+def test_an_event_frame_for_the_owner_is_the_frame_it_stands_for() -> None:
+    session_id = uuid.uuid4().hex
+    event = codec.to_value({"type": "transcript", "final": False, "text": "...", "n": [1, 2]})
+    raw = _event_bytes(_notice_head(session_id), event)
+    notice = voice_pb2.VoiceEventNotice(session_id=session_id, event=event)
+    expected = fill_out(session_pb2.ServerFrame(voice_event=notice))
+    assert session_pb2.ServerFrame.FromString(raw) == expected
+    assert expected.voice_event.voice_session_id == session_id

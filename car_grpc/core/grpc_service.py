@@ -523,7 +523,7 @@ class GrpcService:
             )
         if method.client_streaming and method.server_streaming:
             return grpc.stream_stream_rpc_method_handler(
-                bidi, request_deserializer=_reader(req_cls), response_serializer=_write
+                bidi, request_deserializer=_reader(req_cls), response_serializer=_serialize_frame
             )
         raise RuntimeError(f"{method.full_name}: only unary and bidi gRPC-only RPCs are supported")
 
@@ -538,7 +538,7 @@ class _ContextStream:
         message = await self._context.read()
         return None if message is grpc.aio.EOF else message
 
-    async def write(self, message: Message) -> None:
+    async def write(self, message: Message | bytes) -> None:
         await self._context.write(message)
 
 
@@ -561,8 +561,9 @@ def _write(message: Message) -> bytes:
     return fill_out(message).SerializeToString()
 
 
-def _serialize_frame(frame: session_pb2.ServerFrame | bytes) -> bytes:
-    """A ServerFrame for the wire: frames from the session's queue are already bytes."""
+def _serialize_frame(frame: Message | bytes) -> bytes:
+    """A message for the wire, unless it is bytes already: frames from a session's queue,
+    a voice engine's batch of audio (serialized by the domain, its twins derived)."""
     return frame if isinstance(frame, bytes) else _write(frame)
 
 

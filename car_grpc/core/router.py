@@ -51,11 +51,12 @@ StreamHandler = Callable[["ClientSession", Any], AsyncIterator[Message]]
 
 class MessageStream(Protocol):
     """A bidirectional stream as a domain sees it (no transport): `read` returns None
-    once the peer has finished sending."""
+    once the peer has finished sending. `write` takes a message, or one already
+    serialized (its twins derived: wire/twins.fill_out)."""
 
     async def read(self) -> Message | None: ...
 
-    async def write(self, message: Message) -> None: ...
+    async def write(self, message: Message | bytes) -> None: ...
 
 
 #: A gRPC-only RPC (one without a JSON-RPC method): called with the call's session and

@@ -158,6 +158,26 @@ def _notice_head(session_id: str) -> bytes:
     return fill_out(voice_pb2.VoiceEventNotice(session_id=session_id)).SerializeToString()
 
 
+def _audio_head(session_id: str) -> bytes:
+    """A session's PCM VoiceAudio for its engine without seq and data, serialized (twins
+    derived)."""
+    head = VoiceAudio(session_id=session_id, type=PCM, format=PCM16LE)
+    return fill_out(head).SerializeToString()
+
+
+_AUDIO_FIELD = batch.varint(ServeVoiceResponse.AUDIO_FIELD_NUMBER << 3 | 2)
+_SEQ_FIELD = batch.varint(VoiceAudio.SEQ_FIELD_NUMBER << 3)
+_DATA_FIELD = batch.varint(VoiceAudio.DATA_FIELD_NUMBER << 3 | 2)
+
+
+def _audio_message(head: bytes, seq: int, data: bytes) -> bytes:
+    """The serialized ServeVoiceResponse carrying chunk `seq` of a session's audio: the
+    session's `head` (from _audio_head) with seq and data appended, so that neither a
+    message is built nor the audio copied more than once."""
+    fields = head + _SEQ_FIELD + batch.varint(seq) + _DATA_FIELD + batch.varint(len(data))
+    return b"".join((_AUDIO_FIELD, batch.varint(len(fields) + len(data)), fields, data))
+
+
 def _event_bytes(head: bytes, event: struct_pb2.Value) -> bytes:
     """The serialized ServerFrame of a voice.event: the session's notice (`head`, from
     _notice_head) with the event appended, so that only the event is serialized."""
@@ -191,7 +211,8 @@ class VoiceSession:
     audio_source: str
     owner: ClientSession
     engine: Engine
-    audio: EventBuffer[voice_pb2.ServeVoiceResponse]
+    #: Serialized ServeVoiceResponses (the audio, then `stop`) for the engine.
+    audio: EventBuffer[bytes]
     #: (serialized frame, last) towards the owner; sized voice_event_queue + 1 (the
     #: terminal event).
     events: asyncio.Queue[tuple[bytes, bool]]
@@ -214,8 +235,10 @@ class VoiceSession:
     #: Events to the owner.
     event_pump: asyncio.Task[None] | None = None
     finished: asyncio.Task[None] | None = None  # the sink's finish
-    #: The session's VoiceEventNotice without the event (_event_bytes).
+    #: The session's VoiceEventNotice without the event (_event_bytes), and VoiceAudio
+    #: without its audio (_audio_message), serialized.
     notice_head: bytes = b""
+    audio_head: bytes = b""
 
     def info(self) -> voice_pb2.VoiceSession:
         out = voice_pb2.VoiceSession(
@@ -232,8 +255,9 @@ class VoiceSession:
         return out
 
 
-#: A message on its way to an engine: its session, and the future of the send it ends.
-_Queued = tuple[ServeVoiceResponse, VoiceSession | None, asyncio.Future[bool] | None]
+#: A message on its way to an engine (a serialized ServeVoiceResponse): its session, and
+#: the future of the send it ends.
+_Queued = tuple[bytes, VoiceSession | None, asyncio.Future[bool] | None]
 
 
 class Engine:
@@ -274,12 +298,12 @@ class Engine:
         self.done = asyncio.Event()
         self.failure: CarError | None = None
 
-    async def send(self, message: ServeVoiceResponse, session: VoiceSession | None = None) -> bool:
+    async def send(self, message: ServeVoiceResponse) -> bool:
         """Write one message; see send_all."""
-        return await self.send_all((message,), session)
+        return await self.send_all((fill_out(message).SerializeToString(),))
 
     async def send_all(
-        self, messages: Sequence[ServeVoiceResponse], session: VoiceSession | None = None
+        self, messages: Sequence[bytes], session: VoiceSession | None = None
     ) -> bool:
         """Write messages after everything sent before, and wait until they are written;
         False when the engine is gone (or stalled now and dropped). Messages for
@@ -320,18 +344,18 @@ class Engine:
                 if not future.done():
                     future.set_result(False)
 
-    def _take(self) -> tuple[list[ServeVoiceResponse], list[asyncio.Future[bool]]]:
+    def _take(self) -> tuple[list[bytes], list[asyncio.Future[bool]]]:
         """The next write's messages (one, on a ServeVoice stream) and the futures of the
         sends they end; messages of ended sessions are left out."""
         queued = self._queued
-        messages: list[ServeVoiceResponse] = []
+        messages: list[bytes] = []
         written: list[asyncio.Future[bool]] = []
         size = 0
         limit = batch.MAX_FRAMES if self.batched else 1
         while queued and len(messages) < limit:
             message, session, future = queued[0]
             if session is None or session.state is not State.ENDED:
-                size += message.ByteSize() if self.batched else 0
+                size += len(message)
                 if messages and size > batch.MAX_BYTES:
                     break
                 messages.append(message)
@@ -340,10 +364,9 @@ class Engine:
                 written.append(future)
         return messages, written
 
-    async def _write(self, messages: list[ServeVoiceResponse]) -> bool:
-        out = (
-            voice_pb2.ServeVoiceBatchedResponse(messages=messages) if self.batched else messages[0]
-        )
+    async def _write(self, messages: list[bytes]) -> bool:
+        # A ServeVoiceBatchedResponse is its messages as field 1, as a session batch is.
+        out = batch.encode(messages) if self.batched else messages[0]
         try:
             async with asyncio.timeout(self.stall_timeout):
                 await self.stream.write(out)
@@ -499,6 +522,7 @@ class Voice:
             meeting_id=meeting_id,
             sink=sink,
             notice_head=_notice_head(session_id),
+            audio_head=_audio_head(session_id),
         )
         self.sessions[vs.id] = mine[vs.id] = engine.sessions[vs.id] = vs
         opening = voice_pb2.OpenVoiceSession(
@@ -578,8 +602,7 @@ class Voice:
             raise invalid_params(f"invalid params: voice session '{vs.id}' is stopping")
         seq = vs.chunks_in
         vs.chunks_in += 1
-        chunk = VoiceAudio(session_id=vs.id, seq=seq, type=PCM, format=PCM16LE, data=data)
-        return vs, seq, vs.audio.offer(ServeVoiceResponse(audio=chunk))
+        return vs, seq, vs.audio.offer(_audio_message(vs.audio_head, seq, data))
 
     def _pushed(self, vs: VoiceSession, result: PutResult) -> None:
         """A push's outcome: a stalled wait ends the session; -32603 unless queued."""
@@ -618,8 +641,6 @@ class Voice:
                 return
             if not await vs.engine.send_all(messages, vs):
                 return  # the engine is gone: its teardown ends the session
-            if messages[-1].HasField("stop"):
-                return
 
     # -------------------------------------------------------------- events out
 
@@ -695,7 +716,8 @@ class Voice:
         if vs.state is not State.LIVE:
             raise invalid_params(f"invalid params: voice session '{vs.id}' is already stopping")
         vs.state = State.STOPPING
-        vs.audio.close(ServeVoiceResponse(stop=voice_pb2.StopVoiceSession(session_id=vs.id)))
+        stop = ServeVoiceResponse(stop=voice_pb2.StopVoiceSession(session_id=vs.id))
+        vs.audio.close(fill_out(stop).SerializeToString())
         ack = self.limits.ack_timeout
         confirmed = False
         try:
