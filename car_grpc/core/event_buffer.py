@@ -109,7 +109,7 @@ class EventBuffer(Generic[T]):
                 return None
             self._readable.clear()
             await self._readable.wait()
-        return self._take()
+        return self._take(asyncio.get_running_loop().time())
 
     async def get_many(self, limit: int) -> list[T]:
         """The next items: at least one (waiting for it), at most `limit`, all that the
@@ -120,11 +120,12 @@ class EventBuffer(Generic[T]):
                 return []
             self._readable.clear()
             await self._readable.wait()
-        return [self._take() for _ in range(min(limit, len(self._items)))]
+        now = asyncio.get_running_loop().time()
+        return [self._take(now) for _ in range(min(limit, len(self._items)))]
 
-    def _take(self) -> T:
+    def _take(self, now: float) -> T:
         item = self._items.popleft()
-        self._progress_at = asyncio.get_running_loop().time()
+        self._progress_at = now
         if self._waiting:
             admitted, waiting = self._waiting.popleft()
             self._items.append(waiting)

@@ -234,6 +234,8 @@ class VoiceSession:
     audio_pump: asyncio.Task[None] | None = None
     #: Events to the owner.
     event_pump: asyncio.Task[None] | None = None
+    #: The event pump holds a frame it has not yet handed to the owner's queue.
+    pumping: bool = False
     finished: asyncio.Task[None] | None = None  # the sink's finish
     #: The session's VoiceEventNotice without the event (_event_bytes), and VoiceAudio
     #: without its audio (_audio_message), serialized.
@@ -688,6 +690,13 @@ class Voice:
             message = f"client not reading: {limit} voice events queued"
             self._end(vs, error_event(message), message)
             return False
+        if vs.event_pump is not None and not vs.pumping and vs.events.empty():
+            # Nothing of the session's is on its way to the owner: straight into the owner's
+            # queue while it has room (no hop through the pump).
+            with contextlib.suppress(asyncio.QueueFull):
+                vs.owner.outbound.put_nowait(frame)
+                vs.events_out += 1
+                return True
         vs.events.put_nowait((frame, False))
         return True
 
@@ -696,9 +705,11 @@ class Voice:
         with contextlib.suppress(SessionClosed):
             while True:
                 frame, last = await vs.events.get()
+                vs.pumping = True
                 if last:
                     await self._sink_finished(vs)
                 await vs.owner.send(frame)
+                vs.pumping = False
                 vs.events_out += 1
                 if last:
                     return
