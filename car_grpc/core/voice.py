@@ -413,18 +413,35 @@ class EngineMessages:
         """The next message; None once the engine has finished sending. A batch of more
         than batch.MAX_FRAMES messages: -32602 (INVALID_ARGUMENT)."""
         while not self._pending:
-            message = await self._stream.read()
-            if message is None or not self._batched:
-                assert message is None or isinstance(message, voice_pb2.ServeVoiceRequest)
-                return message
-            assert isinstance(message, voice_pb2.ServeVoiceBatchedRequest)
-            if len(message.messages) > batch.MAX_FRAMES:
-                raise invalid_params(
-                    f"a batch holds at most {batch.MAX_FRAMES} messages, "
-                    f"got {len(message.messages)}"
-                )
-            self._pending.extend(message.messages)
+            if not await self._read():
+                return None
         return self._pending.popleft()
+
+    async def next_many(self) -> list[voice_pb2.ServeVoiceRequest]:
+        """Every message read and not taken yet, reading if there is none (the rest of a
+        batch, or the next one); [] once the engine has finished sending."""
+        while not self._pending:
+            if not await self._read():
+                return []
+        messages = list(self._pending)
+        self._pending.clear()
+        return messages
+
+    async def _read(self) -> bool:
+        message = await self._stream.read()
+        if message is None:
+            return False
+        if not self._batched:
+            assert isinstance(message, voice_pb2.ServeVoiceRequest)
+            self._pending.append(message)
+            return True
+        assert isinstance(message, voice_pb2.ServeVoiceBatchedRequest)
+        if len(message.messages) > batch.MAX_FRAMES:
+            raise invalid_params(
+                f"a batch holds at most {batch.MAX_FRAMES} messages, got {len(message.messages)}"
+            )
+        self._pending.extend(message.messages)
+        return True
 
 
 # ------------------------------------------------------------------ the domain
@@ -648,12 +665,7 @@ class Voice:
 
     async def deliver_event(self, vs: VoiceSession, event: struct_pb2.Value) -> bool:
         """Ingest the event into the session's sink, then forward it untouched to the owner."""
-        if vs.state is State.ENDED:
-            return False
-        if (size := event.ByteSize()) > self.limits.max_chunk_bytes:
-            limit = self.limits.max_chunk_bytes
-            message = f"voice event of {size} bytes is over {limit}"
-            self._end(vs, error_event(message), message)
+        if not self._event_fits(vs, event):
             return False
         if vs.sink is not None:
             try:
@@ -661,6 +673,18 @@ class Voice:
             except Exception:
                 log.exception("voice session %s: the sink failed to ingest an event", vs.id)
         return self._offer(vs, _event_bytes(vs.notice_head, event))
+
+    def _event_fits(self, vs: VoiceSession, event: struct_pb2.Value) -> bool:
+        """Whether an event may go on: its session is not over, and it is within the size
+        bound (else the session ends)."""
+        if vs.state is State.ENDED:
+            return False
+        if (size := event.ByteSize()) > self.limits.max_chunk_bytes:
+            limit = self.limits.max_chunk_bytes
+            message = f"voice event of {size} bytes is over {limit}"
+            self._end(vs, error_event(message), message)
+            return False
+        return True
 
     def deliver_speech(self, vs: VoiceSession, audio: VoiceAudio) -> bool:
         """Forward the engine's synthesized speech to the owner (a binary frame)."""
@@ -873,8 +897,12 @@ class Voice:
 
     async def _read_engine(self, engine: Engine, messages: EngineMessages) -> None:
         try:
-            while (message := await messages.next()) is not None:
-                await self._from_engine(engine, message)
+            while read := await messages.next_many():
+                for message in read:
+                    if engine.gone:
+                        return
+                    if (rest := self._from_engine(engine, message)) is not None:
+                        await rest
         except asyncio.CancelledError:
             raise
         except CarError as e:
@@ -884,26 +912,34 @@ class Voice:
         finally:
             engine.done.set()
 
-    async def _from_engine(self, engine: Engine, message: voice_pb2.ServeVoiceRequest) -> None:
+    def _from_engine(
+        self, engine: Engine, message: voice_pb2.ServeVoiceRequest
+    ) -> Awaitable[bool] | None:
+        """Take one message of the engine's at once; what is left to wait for (an event
+        going through its session's sink first), or None."""
         body = message.WhichOneof("body")
         if body == "register":
             engine.fail(invalid_params("register may be sent only once"))
-            return
+            return None
         if body is None:
-            return
+            return None
         part = getattr(message, body)
         vs = engine.sessions.get(part.session_id)
         if vs is None:
-            return  # ended (or never this engine's): later messages for it are dropped
+            return None  # ended (or never this engine's): later messages for it are dropped
         if body == "answer":
             if not vs.answered.done():
                 vs.answered.set_result(part.error if part.HasField("error") else None)
         elif body == "event":
-            await self.deliver_event(vs, part.event)
+            if vs.sink is not None:
+                return self.deliver_event(vs, part.event)
+            if self._event_fits(vs, part.event):
+                self._offer(vs, _event_bytes(vs.notice_head, part.event))
         elif body == "audio":
             self.deliver_speech(vs, part)
         elif body == "end":
             self._engine_ended(vs, part.error if part.HasField("error") else None)
+        return None
 
     # -------------------------------------------------------------- listings and life
 
