@@ -407,6 +407,7 @@ def main() -> None:
             bridged.rps / echo.rps,
             0.6,
             "echo",
+            mux.rps / echo.rps,
         ),
         summary.at_least(
             "  the same, --gateway-processes 1",
@@ -414,6 +415,7 @@ def main() -> None:
             split.rps / echo.rps,
             0.6,
             "echo",
+            mux.rps / echo.rps,
         ),
         summary.at_most(
             "one client, tools.list p50",
@@ -421,6 +423,7 @@ def main() -> None:
             bridged.p50_us / echo.p50_us,
             3.0,
             "echo",
+            relay.p50_us / echo.p50_us,
         ),
         summary.at_most(
             "  the same, --gateway-processes 1",
@@ -428,6 +431,7 @@ def main() -> None:
             split.p50_us / echo.p50_us,
             3.0,
             "echo",
+            relay.p50_us / echo.p50_us,
         ),
         summary.Figure(
             f"  bare multiplexed relay ({MUX_STREAMS} stream), {CLIENTS} clients",
