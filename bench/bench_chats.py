@@ -6,6 +6,11 @@
   process), streams the same frames as `agent.chat.event` for a chat that a WebSocket host
   in this process opened; the host counts `agents.chat.event` notifications. Each token
   goes agent -> gateway -> core (per-chat buffer) -> gateway -> host.
+- the floor of that path: the same sender and receiver through a bare relay process (this
+  module's `relay` mode) that carries each frame, as opaque bytes, over one shared grpc.aio
+  stream to an echo servicer in its own process and on to the receiver's WebSocket, every
+  frame ready at once in one message (bench_gateway's multiplexed relay): the two
+  WebSocket hops and the gRPC hop, with no JSON, no protobuf and no session.
 
 Tokens per second are timed at the receiver, from the first token to the last, over
 ROUNDS rounds of TOKENS tokens; the median is reported with the ratio to bare. The server's
@@ -29,12 +34,13 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench import summary
+from bench.bench_gateway import mux_echo
 from bench.proc import cpu_seconds
-from tests.processes import Process, car_grpc_serve, launch
+from tests.processes import Process, car_grpc_serve, launch, log_listening
 
 TOKENS = 20_000
 ROUNDS = 3
@@ -113,23 +119,30 @@ async def sender(mode: str, url: str, rounds: int) -> AsyncIterator[Process]:
 # ------------------------------------------------------------------ the receivers
 
 
+async def _receive(ws: ServerConnection | ClientConnection, rounds: int) -> list[float]:
+    """Tokens/s of each of `rounds` rounds from the sender, saying "next" after each."""
+    rates: list[float] = []
+    for _ in range(rounds):
+        count, start = 0, 0.0
+        while True:
+            message = json.loads(await ws.recv())
+            if message["params"]["kind"] == "done":
+                break
+            if count == 0:
+                start = time.perf_counter()
+            count += 1
+        rates.append((count - 1) / (time.perf_counter() - start))
+        await ws.send("next")
+    return rates
+
+
 async def bare(rounds: int) -> list[float]:
     """Tokens/s of each round over a bare WebSocket from the sender process."""
     rates: list[float] = []
     finished = asyncio.Event()
 
     async def receive(ws: ServerConnection) -> None:
-        for _ in range(rounds):
-            count, start = 0, 0.0
-            while True:
-                message = json.loads(await ws.recv())
-                if message["params"]["kind"] == "done":
-                    break
-                if count == 0:
-                    start = time.perf_counter()
-                count += 1
-            rates.append((count - 1) / (time.perf_counter() - start))
-            await ws.send("next")
+        rates.extend(await _receive(ws, rounds))
         finished.set()
 
     async with serve(receive, "127.0.0.1", 0, ping_interval=None, compression=None) as server:
@@ -137,6 +150,45 @@ async def bare(rounds: int) -> list[float]:
         async with sender("bare", f"ws://127.0.0.1:{port}/", rounds):
             await asyncio.wait_for(finished.wait(), 300)
     return rates
+
+
+_SENDER, _RECEIVER = 0, 1
+
+
+async def run_relay_server() -> None:
+    """`python -m bench.bench_chats relay`: what the sender sends on `/send` reaches the
+    receiver on `/recv` over one shared grpc.aio stream, and the receiver's answers go back
+    the same way."""
+    connections: dict[int, ServerConnection] = {}
+
+    async def deliver(conn_id: int, payload: bytes) -> None:
+        await connections[1 - conn_id].send(payload.decode())
+
+    async with mux_echo(1, deliver) as [stream]:
+
+        async def relay(ws: ServerConnection) -> None:
+            assert ws.request is not None
+            conn_id = _SENDER if ws.request.path == "/send" else _RECEIVER
+            connections[conn_id] = ws
+            async for message in ws:
+                stream.send(conn_id, message.encode() if isinstance(message, str) else message)
+
+        async with serve(relay, "127.0.0.1", 0, ping_interval=None, compression=None) as server:
+            log_listening("chat relay", f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+async def relayed(rounds: int) -> Measured:
+    """Tokens/s of each round through the bare relay, and its CPU seconds per token."""
+    argv = [sys.executable, "-m", "bench.bench_chats", "relay"]
+    async with launch(argv, name="chat relay", stdin=True) as relay:
+        [url] = await relay.listeners(1)
+        async with connect(f"{url}/recv", ping_interval=None, compression=None) as ws:
+            cpu_before = cpu_seconds(relay.proc.pid)
+            async with sender("bare", f"{url}/send", rounds):
+                rates = await _receive(ws, rounds)
+            cpu = cpu_seconds(relay.proc.pid) - cpu_before
+    return rates, cpu / (rounds * TOKENS)
 
 
 async def through_car_grpc(rounds: int, *flags: str) -> tuple[list[float], float]:
@@ -194,20 +246,24 @@ async def _host(url: str, rounds: int, rates: list[float]) -> None:
 Measured = tuple[list[float], float]  # tokens/s of each round, CPU seconds per token
 
 
-async def run() -> tuple[list[float], Measured, Measured]:
+async def run() -> tuple[list[float], Measured, Measured, Measured]:
     bare_rates = await bare(ROUNDS)
+    floor = await relayed(ROUNDS)
     one = await through_car_grpc(ROUNDS)
     split = await through_car_grpc(ROUNDS, "--gateway-processes", "1")
-    return bare_rates, one, split
+    return bare_rates, floor, one, split
 
 
 def main() -> None:
     started = time.perf_counter()
-    bare_rates, (one_rates, one_cpu), (split_rates, split_cpu) = asyncio.run(run())
-    b = statistics.median(bare_rates)
+    bare_rates, (floor_rates, floor_cpu), (one_rates, one_cpu), (split_rates, split_cpu) = (
+        asyncio.run(run())
+    )
+    b, f = statistics.median(bare_rates), statistics.median(floor_rates)
     g, s = statistics.median(one_rates), statistics.median(split_rates)
     print(f"{'':28}{'tokens/s':>12}{'x bare':>9}{'server CPU us/token':>21}")
     print(f"{'bare WS':28}{b:12.0f}")
+    print(f"{'bare WS+gRPC relay (floor)':28}{f:12.0f}{f / b:8.2f}x{floor_cpu * 1e6:21.1f}")
     print(f"{'car-grpc serve':28}{g:12.0f}{g / b:8.2f}x{one_cpu * 1e6:21.1f}")
     print(f"{'  --gateway-processes 1':28}{s:12.0f}{s / b:8.2f}x{split_cpu * 1e6:21.1f}")
     print(
@@ -215,8 +271,12 @@ def main() -> None:
         f"process; CPU: all the server's processes; ran in {time.perf_counter() - started:.0f}s"
     )
     summary.report(
-        summary.at_least("chat tokens/s agent -> host", f"{g:,.0f}/s", g / b, 0.5, "bare WS"),
-        summary.at_least("  the same, --gateway-processes 1", f"{s:,.0f}/s", s / b, 0.5, "bare WS"),
+        summary.at_least(
+            "chat tokens/s agent -> host", f"{g:,.0f}/s", g / b, 0.5, "bare WS", f / b
+        ),
+        summary.at_least(
+            "  the same, --gateway-processes 1", f"{s:,.0f}/s", s / b, 0.5, "bare WS", f / b
+        ),
     )
 
 
@@ -225,5 +285,7 @@ if __name__ == "__main__":
         asyncio.run(send_bare(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
     elif len(sys.argv) == 5 and sys.argv[1] == "agent":
         asyncio.run(serve_as_agent(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    elif sys.argv[1:] == ["relay"]:
+        asyncio.run(run_relay_server())
     else:
         main()

@@ -43,7 +43,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,9 +124,59 @@ _MUX_HEADER = struct.Struct("<II")
 MUX_STREAMS = int(os.environ.get("BENCH_MUX_STREAMS", "1"))
 
 
-async def run_mux_relay_server(streams: int = MUX_STREAMS) -> None:
-    """`python -m bench.bench_gateway mux`: every WebSocket connection over `streams` shared
-    grpc.aio streams to the echo servicer; a message carries every frame ready at once."""
+class MuxStream:
+    """One shared grpc.aio stream to the echo servicer: `send` queues a tagged frame, every
+    frame ready at once goes in one message, and each frame echoed back is handed to
+    `deliver(conn_id, payload)`."""
+
+    def __init__(
+        self,
+        call: grpc.aio.StreamStreamCall[bytes, bytes],
+        deliver: Callable[[int, bytes], Awaitable[None]],
+    ) -> None:
+        self.call = call
+        self.deliver = deliver
+        self.pending: list[bytes] = []
+        self.ready = asyncio.Event()
+        self.tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read())]
+
+    def send(self, conn_id: int, data: bytes) -> None:
+        self.pending.append(_MUX_HEADER.pack(conn_id, len(data)) + data)
+        self.ready.set()
+
+    async def _write(self) -> None:
+        while True:  # one write in flight; what arrives meanwhile goes in the next
+            await self.ready.wait()
+            # One turn of the event loop lets every connection already readable add
+            # its frame: 2-4x the frames per message at 16-64 clients, no timer.
+            await asyncio.sleep(0)
+            self.ready.clear()
+            batch, self.pending = b"".join(self.pending), []
+            await self.call.write(batch)
+
+    async def _read(self) -> None:
+        while (message := await self.call.read()) is not grpc.aio.EOF:
+            assert isinstance(message, bytes)
+            offset = 0
+            while offset < len(message):
+                conn_id, length = _MUX_HEADER.unpack_from(message, offset)
+                offset += _MUX_HEADER.size
+                payload = message[offset : offset + length]
+                offset += length
+                with contextlib.suppress(Exception):
+                    await self.deliver(conn_id, payload)
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.call.cancel()
+
+
+@contextlib.asynccontextmanager
+async def mux_echo(
+    streams: int, deliver: Callable[[int, bytes], Awaitable[None]]
+) -> AsyncIterator[list[MuxStream]]:
+    """A grpc.aio echo servicer in this process and `streams` shared streams to it."""
     server = grpc.aio.server()
     handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.stream_stream_rpc_method_handler(_grpc_echo)
     server.add_generic_rpc_handlers(
@@ -134,43 +184,29 @@ async def run_mux_relay_server(streams: int = MUX_STREAMS) -> None:
     )
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    connections: dict[int, ServerConnection] = {}
-
-    class Stream:
-        def __init__(self, call: grpc.aio.StreamStreamCall[bytes, bytes]) -> None:
-            self.call = call
-            self.pending: list[bytes] = []
-            self.ready = asyncio.Event()
-
-        async def write(self) -> None:
-            while True:  # one write in flight; what arrives meanwhile goes in the next
-                await self.ready.wait()
-                # One turn of the event loop lets every connection already readable add
-                # its frame: 2-4x the frames per message at 16-64 clients, no timer.
-                await asyncio.sleep(0)
-                self.ready.clear()
-                batch, self.pending = b"".join(self.pending), []
-                await self.call.write(batch)
-
-        async def read(self) -> None:
-            while (message := await self.call.read()) is not grpc.aio.EOF:
-                assert isinstance(message, bytes)
-                offset = 0
-                while offset < len(message):
-                    conn_id, length = _MUX_HEADER.unpack_from(message, offset)
-                    offset += _MUX_HEADER.size
-                    payload = message[offset : offset + length]
-                    offset += length
-                    if (ws := connections.get(conn_id)) is not None:
-                        with contextlib.suppress(Exception):
-                            await ws.send(payload.decode())
-
     async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         echo: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
             _RELAY_METHOD
         )
-        shared = [Stream(echo()) for _ in range(streams)]
-        tasks = [asyncio.create_task(f()) for s in shared for f in (s.write, s.read)]
+        shared = [MuxStream(echo(), deliver) for _ in range(streams)]
+        try:
+            yield shared
+        finally:
+            for stream in shared:
+                stream.close()
+    await server.stop(0)
+
+
+async def run_mux_relay_server(streams: int = MUX_STREAMS) -> None:
+    """`python -m bench.bench_gateway mux`: every WebSocket connection over `streams` shared
+    grpc.aio streams to the echo servicer; a message carries every frame ready at once."""
+    connections: dict[int, ServerConnection] = {}
+
+    async def deliver(conn_id: int, payload: bytes) -> None:
+        if (ws := connections.get(conn_id)) is not None:
+            await ws.send(payload.decode())
+
+    async with mux_echo(streams, deliver) as shared:
         ids = iter(range(1 << 32))
 
         async def relay(ws: ServerConnection) -> None:
@@ -179,9 +215,7 @@ async def run_mux_relay_server(streams: int = MUX_STREAMS) -> None:
             connections[conn_id] = ws
             try:
                 async for message in ws:
-                    data = message.encode() if isinstance(message, str) else message
-                    stream.pending.append(_MUX_HEADER.pack(conn_id, len(data)) + data)
-                    stream.ready.set()
+                    stream.send(conn_id, message.encode() if isinstance(message, str) else message)
             finally:
                 del connections[conn_id]
 
@@ -189,11 +223,6 @@ async def run_mux_relay_server(streams: int = MUX_STREAMS) -> None:
             port = ws_server.sockets[0].getsockname()[1]
             log_listening("mux relay", f"ws://127.0.0.1:{port}/")
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-        for task in tasks:
-            task.cancel()
-        for s in shared:
-            s.call.cancel()
-    await server.stop(0)
 
 
 @dataclass
@@ -378,6 +407,7 @@ def main() -> None:
             bridged.rps / echo.rps,
             0.6,
             "echo",
+            mux.rps / echo.rps,
         ),
         summary.at_least(
             "  the same, --gateway-processes 1",
@@ -385,6 +415,7 @@ def main() -> None:
             split.rps / echo.rps,
             0.6,
             "echo",
+            mux.rps / echo.rps,
         ),
         summary.at_most(
             "one client, tools.list p50",
@@ -392,6 +423,7 @@ def main() -> None:
             bridged.p50_us / echo.p50_us,
             3.0,
             "echo",
+            relay.p50_us / echo.p50_us,
         ),
         summary.at_most(
             "  the same, --gateway-processes 1",
@@ -399,6 +431,7 @@ def main() -> None:
             split.p50_us / echo.p50_us,
             3.0,
             "echo",
+            relay.p50_us / echo.p50_us,
         ),
         summary.Figure(
             f"  bare multiplexed relay ({MUX_STREAMS} stream), {CLIENTS} clients",

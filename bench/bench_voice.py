@@ -11,6 +11,8 @@ server runs in its own process too. Frames are 100 ms of 16 kHz PCM16 (3200 byte
 - throughput: CHUNKS chunks sent as fast as the socket takes them, timed until the last
   TTS frame is back: chunks/s (and how many seconds of audio that is per second), and the
   CPU time of the server processes per chunk.
+- the floor beside them: the same client through a bare relay (`run_relay`), each frame
+  over one shared grpc.aio stream to an echo and back.
 
 Then speech to text with the reference engine (`car-grpc voice-engine`, PocketSphinx) beside
 the same echo engine, on espeak-ng's speech of SPOKEN (six phrases, a second apart, 22,050
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import struct
@@ -50,6 +53,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench import summary
+from bench.bench_gateway import mux_echo
 from bench.proc import cpu_seconds
 from car_grpc.v1 import voice_pb2, voice_pb2_grpc
 from car_grpc.wire import codec
@@ -141,6 +145,33 @@ async def run_echo() -> None:
         await asyncio.Future()
 
 
+async def run_relay() -> None:
+    """The floor of the path: each binary frame, as opaque bytes, over one shared grpc.aio
+    stream to an echo servicer and back (bench_gateway's multiplexed relay): one gRPC hop
+    where car-grpc has two (gateway -> core -> engine), no protobuf, no session."""
+    connections: dict[int, ServerConnection] = {}
+
+    async def deliver(conn_id: int, payload: bytes) -> None:
+        await connections[conn_id].send(payload)
+
+    async with mux_echo(1, deliver) as [stream]:
+        ids = itertools.count()
+
+        async def relay(ws: ServerConnection) -> None:
+            conn_id = next(ids)
+            connections[conn_id] = ws
+            try:
+                async for message in ws:
+                    stream.send(conn_id, message.encode() if isinstance(message, str) else message)
+            finally:
+                del connections[conn_id]
+
+        async with serve(relay, "127.0.0.1", 0, compression=None, max_size=None) as server:
+            host, port = server.sockets[0].getsockname()[:2]
+            log_listening("relay", f"ws://{host}:{port}/")
+            await asyncio.Future()
+
+
 @contextlib.asynccontextmanager
 async def car_grpc_with_engine() -> AsyncIterator[tuple[str, list[int]]]:
     """`car-grpc serve` and the bench engine, each in its own process; yields the WS URL
@@ -154,8 +185,9 @@ async def car_grpc_with_engine() -> AsyncIterator[tuple[str, list[int]]]:
 
 
 @contextlib.asynccontextmanager
-async def echo_server() -> AsyncIterator[tuple[str, list[int]]]:
-    async with launch([sys.executable, "-m", "bench.bench_voice", "echo"], stdin=True) as echo:
+async def echo_server(kind: str = "echo") -> AsyncIterator[tuple[str, list[int]]]:
+    """The bare echo (`echo`) or the floor's relay (`relay`) in its own process."""
+    async with launch([sys.executable, "-m", "bench.bench_voice", kind], stdin=True) as echo:
         [url] = await echo.listeners(1)
         yield url, [echo.proc.pid]
 
@@ -234,13 +266,16 @@ async def measure(url: str, bridged: bool, pids: list[int]) -> Flood:
 async def bench() -> None:
     async with echo_server() as (url, pids):
         bare = await measure(url, False, pids)
+    async with echo_server("relay") as (url, pids):
+        floor = await measure(url, False, pids)
     async with car_grpc_with_engine() as (url, pids):
         voice = await measure(url, True, pids)
     print(
         f"{'':24}{'p50 ms':>10}{'p99 ms':>10}{'chunks/s':>12}{'audio x realtime':>18}"
         f"{'CPU us/chunk':>14}"
     )
-    for name, run in (("bare echo", bare), ("car-grpc + engine", voice)):
+    runs = (("bare echo", bare), ("WS+gRPC relay (floor)", floor), ("car-grpc + engine", voice))
+    for name, run in runs:
         print(
             f"{name:24}{run.p50_ms:10.3f}{run.p99_ms:10.3f}{run.chunks_per_s:12.0f}"
             f"{run.chunks_per_s / 10:18.0f}{run.cpu_us:14.1f}"
@@ -251,7 +286,14 @@ async def bench() -> None:
         f"{ratio:12.2f}{'':18}{voice.cpu_us / bare.cpu_us:14.2f}"
     )
     summary.report(
-        summary.at_least("voice chunks/s", f"{voice.chunks_per_s:,.0f}/s", ratio, 0.3, "echo")
+        summary.at_least(
+            "voice chunks/s",
+            f"{voice.chunks_per_s:,.0f}/s",
+            ratio,
+            0.3,
+            "echo",
+            floor.chunks_per_s / bare.chunks_per_s,
+        )
     )
 
 
@@ -398,6 +440,8 @@ def main() -> None:
         asyncio.run(run_engine(sys.argv[2]))
     elif sys.argv[1:2] == ["echo"]:
         asyncio.run(run_echo())
+    elif sys.argv[1:2] == ["relay"]:
+        asyncio.run(run_relay())
     elif sys.argv[1:2] == ["flood"]:  # the first part only (the reference engine is slow)
         asyncio.run(bench())
     else:
