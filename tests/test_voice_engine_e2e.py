@@ -280,8 +280,9 @@ async def test_a_meetings_spoken_transcript_survives_a_restart_and_so_does_the_e
     third, _ = say("turn on the lights")
     async with voice_engine_process(address, home, registered=False) as engine:
         async with running(config) as (core, gateway), voice_rpc(gateway.url) as c:
-            await registration(engine)
+            # Logged in first: the engine may take longer than ws_auth_timeout to start.
             await c.login(daemon_token(core))
+            await registration(engine)
             started = await c.result(
                 "meeting.start", {"id": "standup", "provider": "sphinx", "options": meeting_options}
             )
