@@ -61,61 +61,85 @@ def _string(rng: random.Random) -> str:
     return "".join(rng.choice(_CHARS) for _ in range(rng.randint(0, 6)))
 
 
-def _free(rng: random.Random, depth: int = 0) -> JSON:
-    """Free-form JSON of what the text is written for: strings, booleans, null, integers
-    of at most 53 bits, objects and arrays of them."""
+def _free(rng: random.Random, depth: int = 0, *, plain: bool = True) -> JSON:
+    """Free-form JSON; `plain`: only what the text is written for (strings, booleans,
+    null, integers of at most 53 bits, objects and arrays of them)."""
     kind = rng.randint(0, 6 if depth < 3 else 3)
     if kind == 0:
         return _string(rng)
     if kind == 1:
         return rng.choice([True, False, None])
     if kind == 2:
-        return rng.choice([0, -1, 7, 2**53, -(2**53), 123456789])
+        numbers = [0, -1, 7, 2**53, -(2**53), 123456789]
+        return rng.choice(numbers if plain else [*numbers, 1.5, 60.0, -0.0, 2**53 + 1, 1e300])
     if kind == 3:
         return rng.choice(["", "x"])
     if kind in (4, 5):
-        return {_string(rng) + str(i): _free(rng, depth + 1) for i in range(rng.randint(0, 3))}
-    return [_free(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+        return {
+            _string(rng) + str(i): _free(rng, depth + 1, plain=plain)
+            for i in range(rng.randint(0, 3))
+        }
+    return [_free(rng, depth + 1, plain=plain) for _ in range(rng.randint(0, 3))]
 
 
-def _turn(rng: random.Random) -> dict[str, JSON]:
+def _turn(rng: random.Random, *, plain: bool = True) -> dict[str, JSON]:
     turn: dict[str, JSON] = {}
     for key in ("prompt", "tool", "verifier_verdict"):
         if rng.random() < 0.6:
             turn[key] = _string(rng) if rng.random() < 0.9 else None
     for key in ("parameters", "output", "cli_outcome"):
         if rng.random() < 0.6:
-            turn[key] = _free(rng)
+            turn[key] = _free(rng, plain=plain)
     if rng.random() < 0.3:
         turn["policy_rejected"] = rng.choice([True, False, None])
     if rng.random() < 0.2:
-        turn["index"] = rng.randint(0, 9)
+        turn["index"] = rng.choice([0, 9, 2**32 - 1, None])
+    if rng.random() < 0.1:
+        turn["unknown"] = 1  # ignored, as the codec ignores it
     keys = list(turn)
     rng.shuffle(keys)  # the client's member order is its own
     return {k: turn[k] for k in keys}
 
 
-def test_the_gateway_writes_each_turn_as_the_codec_writes_the_stored_turn() -> None:
+def _decoded(turns: list[JSON]) -> runs_pb2.RecordTurnsRequest:
+    """The request the gateway sends the core for a runs.record_turns of `turns`."""
+    request = {"jsonrpc": "2.0", "id": 1, "method": "runs.record_turns"}
+    text = json.dumps(request | {"params": {"run_id": "r", "turns": turns}})
+    [message] = decode(text, {}).messages
+    assert isinstance(message.frame, session_pb2.ClientFrame), message.reply
+    return message.frame.runs_record_turns
+
+
+def _codec_read(turns: list[JSON]) -> runs_pb2.RecordTurnsRequest:
+    read = runs_pb2.RecordTurnsRequest()
+    codec.params_to_message({"run_id": "r", "turns": turns}, read, "")
+    return read
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_the_gateway_reads_turns_as_the_codec_and_writes_their_text(plain: bool) -> None:
     rng = random.Random(16)
-    turns = [_turn(rng) for _ in range(600)]
-    exact = 0
+    turns = [_turn(rng, plain=plain) for _ in range(600)]
+    exact = written = 0
     for start in range(0, len(turns), 200):
         batch = turns[start : start + 200]
-        request = {"jsonrpc": "2.0", "id": 1, "method": "runs.record_turns"}
-        text = json.dumps(request | {"params": {"run_id": "r", "turns": batch}})
-        [message] = decode(text, {}).messages
-        assert isinstance(message.frame, session_pb2.ClientFrame), message.reply
-        texts = message.frame.runs_record_turns.turn_texts
-        assert len(texts) == len(batch)
-        for turn, written in zip(batch, texts, strict=True):
+        request = _decoded(batch)
+        assert list(request.turns) == list(_codec_read(batch).turns)
+        assert len(request.turn_texts) == len(batch)
+        for turn, text in zip(batch, request.turn_texts, strict=True):
+            if not text:
+                continue
+            written += 1
             expected = _codec_text(turn)
-            assert written, turn  # every turn here is one the text is written for
-            assert written.isascii()
-            assert json.loads(written) == json.loads(expected)
+            assert text.isascii()
+            assert json.loads(text) == json.loads(expected)
             if all(_one_key_objects(v) for v in turn.values()):
-                assert written == expected, turn
+                assert text == expected, turn
                 exact += 1
-    assert exact > 100
+    if plain:
+        assert written == len(turns) and exact > 100
+    else:
+        assert 100 < written < len(turns)  # none for a turn holding a float or a large int
 
 
 @pytest.mark.parametrize(
@@ -129,22 +153,38 @@ def test_the_gateway_writes_each_turn_as_the_codec_writes_the_stored_turn() -> N
     ],
 )
 def test_no_text_where_it_could_differ(turn: JSON) -> None:
-    assert turn_text.turn_text(turn) == ""
+    request = _decoded([turn])
+    assert list(request.turn_texts) == [""]
+    assert list(request.turns) == list(_codec_read([turn]).turns)
+
+
+@pytest.mark.parametrize(
+    ("turn", "field"),
+    [({"prompt": 5}, "turns[0].prompt"), ({"index": -1}, "turns[0].index"), (7, "turns[0]")],
+)
+def test_a_malformed_turn_gets_the_codecs_error(turn: JSON, field: str) -> None:
+    request = {"jsonrpc": "2.0", "id": 1, "method": "runs.record_turns"}
+    text = json.dumps(request | {"params": {"run_id": "r", "turns": [turn]}})
+    [message] = decode(text, {}).messages
+    assert message.frame is None and message.reply is not None
+    error = json.loads(message.reply)["error"]
+    assert error["code"] == -32602 and error["data"] == {"field": field}
 
 
 def test_keys_keep_the_clients_order() -> None:
     turn = {"parameters": {"b": 1, "a": 2, "c": 3}}
-    assert turn_text.turn_text(turn) == '{"parameters":{"b":1,"a":2,"c":3}}'
+    assert list(_decoded([turn]).turn_texts) == ['{"parameters":{"b":1,"a":2,"c":3}}']
     assert json.loads(_codec_text(turn)) == turn
 
 
 def test_a_client_cannot_send_the_text_itself() -> None:
     """turn_texts is the bridge's own (json_internal): never read from the client's JSON."""
-    params = {"run_id": "r", "turns": [{"prompt": "p"}], "turn_texts": ['{"prompt":"forged"}']}
-    text = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "runs.record_turns", "params": params})
-    [message] = decode(text, {}).messages
-    assert isinstance(message.frame, session_pb2.ClientFrame)
-    assert list(message.frame.runs_record_turns.turn_texts) == ['{"prompt":"p"}']
+    for turns in ([{"prompt": "p"}], [{"prompt": "p", "output": 1.5}]):  # text, none
+        params = {"run_id": "r", "turns": turns, "turn_texts": ['{"prompt":"forged"}']}
+        request = {"jsonrpc": "2.0", "id": 1, "method": "runs.record_turns", "params": params}
+        [message] = decode(json.dumps(request), {}).messages
+        assert isinstance(message.frame, session_pb2.ClientFrame)
+        assert "forged" not in str(message.frame.runs_record_turns.turn_texts)
     event = runs_pb2.RunTraceEvent(params_text="x", run_id="r")
     assert "params_text" not in codec.message_to_json(event)
 
