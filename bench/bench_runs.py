@@ -20,12 +20,17 @@ The 16 concurrent recorders are compared with one recorder of batch 1 (target: a
 5x its turns/s) and with raw SQLite committing one turn per transaction, from the same run.
 
     python -m bench bench_runs          (or ./dev bench bench_runs)
+
+For an A/B of the batch of 256 alone: `python -m bench.bench_runs batch256 [ROUNDS]` runs it
+ROUNDS times (3) after a warm-up, subscribed then not, and prints each round's turns/s and
+the server's CPU per turn, with its main thread's (where the event loop runs) beside.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import statistics
 import sys
@@ -379,8 +384,47 @@ def main() -> None:
     )
 
 
+def main_thread_seconds(pid: int) -> float:
+    """User + system CPU seconds of the main thread of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def batch256(rounds: int) -> None:
+    """The batch of 256 alone, `rounds` times each subscribed and not (see the docstring)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        store = await open_store(home)
+        token = await AgentTokens(store.agent_tokens).add("bench-agent")
+        await store.close()
+        async with car_grpc_serve(home) as server:
+            _, url = await server.listeners(2, timeout=30)
+            pid = server.proc.pid
+            host_token = (home / "ai.parslee.car" / HOST_TOKEN_FILE).read_text()
+            agent = await open_client(url, {"agent_id": "bench-agent", "token": token})
+            watcher = await open_client(url, {"host_token": host_token})
+            await bench_car_grpc(256, agent, watcher, pid)  # warm up
+            for subscriber in (watcher, None):
+                for _ in range(rounds):
+                    main_thread = main_thread_seconds(pid)
+                    ours, seen = await bench_car_grpc(256, agent, subscriber, pid)
+                    main_thread = main_thread_seconds(pid) - main_thread
+                    print(
+                        f"{'subscribed' if subscriber else 'no subscriber':>13}:"
+                        f" {ours.turns_per_s:8,.0f} turns/s, server CPU {ours.cpu_us:5.1f} us/turn"
+                        f" (main thread {main_thread / TURNS[256] * 1e6:5.1f}),"
+                        f" events {seen.events}, gaps {seen.gaps}",
+                        flush=True,
+                    )
+            for client in (agent, watcher):
+                await client.ws.close()
+                client.reader.cancel()
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["echo"]:
         asyncio.run(run_echo_server())
+    elif sys.argv[1:2] == ["batch256"]:
+        asyncio.run(batch256(int(sys.argv[2]) if len(sys.argv) > 2 else 3))
     else:
         main()

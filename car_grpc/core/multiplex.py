@@ -199,6 +199,7 @@ class MultiplexedStream:
 
         channel = SessionChannel(self, key)
         stream = SessionStream(self.service, channel, batched=True)  # type: ignore[arg-type]
+        stream.session.bridged = True  # only the daemon token opens this stream
         task = asyncio.create_task(self._run_session(channel, stream))
         entry = self.sessions[key] = (channel, task)
         return entry

@@ -72,11 +72,21 @@ def cap_turn(turn: runs_pb2.RunTurn) -> bool:
     The client's `index` is dropped (the server stamps it) and a missing verifier_verdict
     becomes "not_run".
     """
+    return capped(turn) != TOO_LARGE
+
+
+#: What capped() did to a turn: kept it as the client sent it (but for `index` and the
+#: default verdict), cut it to fit, or found it too large to store.
+KEPT, CUT, TOO_LARGE = 0, 1, 2
+
+
+def capped(turn: runs_pb2.RunTurn) -> int:
+    """cap_turn, saying what it did (KEPT, CUT or TOO_LARGE)."""
     turn.ClearField("index")
     if not turn.HasField("verifier_verdict"):
         turn.verifier_verdict = DEFAULT_VERDICT
     if turn.ByteSize() <= FIELD_CAP:
-        return True  # the usual turn: no string in it can be over a cap, nor the whole
+        return KEPT  # the usual turn: no string in it can be over a cap, nor the whole
     if turn.HasField("prompt"):
         turn.prompt = cap_text(turn.prompt)
     if turn.HasField("parameters"):
@@ -84,8 +94,8 @@ def cap_turn(turn: runs_pb2.RunTurn) -> bool:
     if turn.output.WhichOneof("kind") == "string_value":
         turn.output.string_value = cap_text(turn.output.string_value)
     if _fits(turn):
-        return True
+        return CUT
     turn.prompt = TURN_REPLACED
     turn.parameters.string_value = TURN_REPLACED
     turn.output.string_value = TURN_REPLACED
-    return _fits(turn)
+    return CUT if _fits(turn) else TOO_LARGE

@@ -32,6 +32,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from json.encoder import encode_basestring_ascii
 from typing import TypeAlias, TypeVar
 
 from google.protobuf.message import Message
@@ -40,11 +41,11 @@ from car_grpc.clock import now_ms
 from car_grpc.core.background import Background
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.router import Reply, handles, streams
-from car_grpc.core.run_turns import cap_turn
+from car_grpc.core.run_turns import DEFAULT_VERDICT, KEPT, TOO_LARGE, capped
 from car_grpc.core.session import ClientSession, Role, SessionClosed
 from car_grpc.store.repositories import RunRow, RunStore, StoreConflict, StoreUnavailable
 from car_grpc.v1 import runs_pb2, session_pb2
-from car_grpc.wire import api, batch
+from car_grpc.wire import api, batch, turn_text
 from car_grpc.wire.codec import enum_to_json, to_value
 from car_grpc.wire.errors import (
     INTERNAL,
@@ -190,18 +191,44 @@ class LiveRun:
         #: WatchRun readers of a run held by another core (see Runs.remote).
         self.watchers = 0
 
-    def publish(self, records: Sequence[runs_pb2.RunRecord], first_cursor: int) -> None:
-        """Fan committed records out to subscribers and watchers (never waits)."""
-        if self.subscribers:
+    def publish(
+        self,
+        records: Sequence[runs_pb2.RunRecord],
+        first_cursor: int,
+        texts: Sequence[str | None] = (),
+    ) -> None:
+        """Fan committed records out to subscribers and watchers (never waits). `texts`:
+        for each record, the JSON members of its turn after `index` (turn_text.py) when
+        known, for the subscribers behind car-grpc's gateway."""
+        if subs := list(self.subscribers.values()):
             # What every event of this call shares, serialized once.
             head = runs_pb2.RunTraceEvent(
                 run_id=self.run_id, agent_id=self.agent_id, status=self.status
             ).SerializeToString()
+            bridged = [sub.session.bridged for sub in subs]
+            typed = not all(bridged)  # some subscriber takes the event as protobuf
+            text_head = text_tail = ""
+            if len(texts) == len(records) and any(bridged):
+                text_head = turn_text.event_head(self.run_id, self.agent_id)
+                text_tail = turn_text.event_tail(enum_to_json(_STATUS_ENUM, self.status))
             for i, record in enumerate(records):
-                # Built once for every subscriber.
-                encoded = (_trace_event(head, record, first_cursor + i), record.record == ENDED)
-                for sub in self.subscribers.values():
-                    sub.offer(encoded)
+                cursor = first_cursor + i
+                ended = record.record == ENDED
+                members = texts[i] if text_head else None
+                # Each encoding built once, for every subscriber that takes it.
+                as_text = None
+                if members is not None:
+                    text = turn_text.event_text(
+                        text_head, record.timestamp, record.turn.index, members, cursor, text_tail
+                    )
+                    as_text = (_text_event(text), ended)
+                full = (
+                    (_trace_event(head, record, cursor), ended)
+                    if as_text is None or typed
+                    else as_text
+                )
+                for sub, text_ok in zip(subs, bridged, strict=True):
+                    sub.offer(as_text if text_ok and as_text is not None else full)
         woken, self.appended = self.appended, asyncio.Event()
         woken.set()
 
@@ -209,6 +236,15 @@ class LiveRun:
 #: ServerFrame's `runs_trace_event` and RunTraceEvent's `record`: their field numbers.
 _TRACE_EVENT_FIELD = session_pb2.ServerFrame.DESCRIPTOR.fields_by_name["runs_trace_event"].number
 _RECORD_FIELD = runs_pb2.RunTraceEvent.DESCRIPTOR.fields_by_name["record"].number
+_PARAMS_TEXT_FIELD = runs_pb2.RunTraceEvent.DESCRIPTOR.fields_by_name["params_text"].number
+_STATUS_ENUM = runs_pb2.RunStatus.DESCRIPTOR
+
+
+def _text_event(params: str) -> bytes:
+    """The serialized ServerFrame `runs_trace_event` of the event whose JSON params are
+    `params`, for car-grpc's gateway (RunTraceEvent.params_text alone)."""
+    event = batch.length_delimited(_PARAMS_TEXT_FIELD, params.encode())
+    return batch.length_delimited(_TRACE_EVENT_FIELD, event)
 
 
 def _trace_event(head: bytes, record: runs_pb2.RunRecord, cursor: int) -> bytes:
@@ -552,9 +588,16 @@ class Runs:
         if not 1 <= len(req.turns) <= MAX_TURNS_PER_BATCH:
             raise _usage_error("turns")
         run_id = req.run_id
-        for turn in req.turns:
-            if not cap_turn(turn):
+        # Each turn's JSON as the gateway wrote it: trusted from car-grpc's gateway only.
+        given = req.turn_texts if session.bridged and len(req.turn_texts) == len(req.turns) else ()
+        texts: list[str | None] = []
+        for i, turn in enumerate(req.turns):
+            defaulted = bool(given) and not turn.HasField("verifier_verdict")
+            outcome = capped(turn)
+            if outcome == TOO_LARGE:
                 return _dropped(run_id, runs_pb2.RUN_DROP_REASON_TURN_TOO_LARGE)
+            if given:
+                texts.append(_turn_members(given[i], defaulted, turn) if outcome == KEPT else None)
         run = self.live.get(run_id)
         if run is None:
             row = await self.store.get(run_id)
@@ -580,7 +623,7 @@ class Runs:
             self._told(run_id)
             run.turn_count += len(records)
             run.record_count += len(records)
-            run.publish(records, base + 1)
+            run.publish(records, base + 1, texts)
             return runs_pb2.RecordTurnsResponse(
                 run_id=run_id, base_index=base, count=len(records), ok=True
             )
@@ -739,6 +782,23 @@ class Runs:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_WATCH_RECHECK):
                     await appended.wait()
+
+
+_VERDICT_MEMBER = '"verifier_verdict":' + encode_basestring_ascii(DEFAULT_VERDICT)
+
+
+def _turn_members(text: str, defaulted: bool, turn: runs_pb2.RunTurn) -> str | None:
+    """The JSON members of a stored turn after its `index`, from the gateway's JSON object
+    of the client's turn (`text`; "" when it wrote none) and the verdict the core added
+    when the client gave none (`defaulted`); None when they cannot be had so."""
+    if not text:
+        return None
+    members = text[1:-1]
+    if not defaulted:
+        return members
+    if turn.HasField("policy_rejected"):
+        return None  # the verdict's place is before it
+    return f"{members},{_VERDICT_MEMBER}" if members else _VERDICT_MEMBER
 
 
 def _dropped(run_id: str, reason: DropReason) -> runs_pb2.RecordTurnsResponse:

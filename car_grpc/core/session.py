@@ -94,6 +94,9 @@ class ClientSession:
         self.connected_at = now_ms()
         #: False for the one-call session of an unbound typed RPC: it cannot be called back.
         self.streaming = streaming
+        #: A session of car-grpc's own gateway (on a ConnectMultiplexed stream): the JSON
+        #: text its frames carry is trusted, and it is sent JSON text (`json_internal`).
+        self.bridged = False
         # With auth off there is nothing to prove: a session starts out ordinary.
         self.role = Role.NONE if auth_enabled else Role.DAEMON
         self.agent_id: str | None = None

@@ -37,7 +37,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from car_grpc.v1 import errors_pb2, options_pb2, session_pb2
-from car_grpc.wire import api, codec
+from car_grpc.wire import api, codec, turn_text
 from car_grpc.wire.errors import (
     AUTH_REQUIRED,
     INTERNAL,
@@ -154,7 +154,11 @@ _decoder = json.JSONDecoder(parse_constant=_reject_constant)
 # allow_nan=False: what the gateway sends is strict JSON, or nothing (ValueError).
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
-_LONG_DIGITS = re.compile(r"[0-9]{19}")
+#: Every digit as "0", every other byte as itself: a run of 19 digits becomes _LONG_DIGITS
+#: (bytes.translate and `in` run at memory speed; a regex search took 5 us per turn of a
+#: runs.record_turns frame).
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGITS = b"0" * 19
 
 
 class BatchTooLarge(ValueError):
@@ -182,9 +186,13 @@ def _loads(text: str) -> JSON:
     surrogates, NaN/Infinity, numbers past the float range, nesting past 1,024 levels):
     json then decides, and says why. Integers past 64 bits orjson would read as floats:
     a text with 19 digits in a row (any such integer) goes to json from the start."""
-    if _LONG_DIGITS.search(text) is None:
+    try:
+        data = text.encode()
+    except UnicodeEncodeError:
+        return _decoder.decode(text)  # a lone surrogate, which orjson refuses anyway
+    if _LONG_DIGITS not in data.translate(_DIGITS_AS_ZERO):
         try:
-            return orjson.loads(text)
+            return orjson.loads(data)
         except orjson.JSONDecodeError:
             pass
     return _decoder.decode(text)
@@ -224,6 +232,14 @@ def dumps(obj: JSON) -> str:
     """Strict JSON text, ASCII only; ValueError for NaN or Infinity."""
     return _encoder.encode(obj)
 
+
+#: The core's notifications that may come as their params' JSON text already
+#: (`params_text`, a json_internal field: runs.proto).
+_PARAMS_TEXT = frozenset(
+    name
+    for name, m in api.SERVER_MEMBERS.items()
+    if m.kind == api.NOTIFICATION and "params_text" in m.message.fields_by_name
+)
 
 #: Each method name of the core's frames as JSON text.
 _METHOD_TEXT = {binding.method: dumps(binding.method) for _, binding in _FROM_CORE.values()}
@@ -414,7 +430,19 @@ def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Mess
     if binding.deep and not shallow and _too_deep(frame):
         msg = f"invalid params: nested more than {MAX_PROTO_DEPTH} levels deep"
         return _refuse(is_request, client_id, error_object(INVALID_PARAMS, msg))
+    if binding.field == _RECORD_TURNS:
+        _add_turn_texts(message.get("params"), body)
     return Message(frame=frame, client_id=client_id, answered=is_request, notice=notice)
+
+
+_RECORD_TURNS = "runs_record_turns"
+
+
+def _add_turn_texts(params: JSON, request: Any) -> None:
+    """Each turn's JSON as the wire writes it, for its runs.trace.event (turn_text.py)."""
+    turns = params.get("turns") if isinstance(params, dict) else None
+    if isinstance(turns, list) and len(turns) == len(request.turns):
+        request.turn_texts.extend(turn_text.turn_texts(turns))
 
 
 def _refuse(is_request: bool, client_id: JSON, error: JSON) -> Message:
@@ -608,7 +636,11 @@ class Bridge:
                 ),
             )
         try:
-            params = codec.result_to_text(body, binding.bare_field)
+            params = (
+                body.params_text
+                if member in _PARAMS_TEXT and body.HasField("params_text")
+                else codec.result_to_text(body, binding.bare_field)
+            )
         except ValueError as e:
             log.error("gateway: dropped %s from the core: not strict JSON: %s", binding.method, e)
             return None

@@ -196,6 +196,7 @@ JSON_RPC_FIELD_NUMBER: _builtins.int
 JSON_INLINE_FIELD_NUMBER: _builtins.int
 JSON_TWIN_FIELD_NUMBER: _builtins.int
 JSON_KEY_FIELD_NUMBER: _builtins.int
+JSON_INTERNAL_FIELD_NUMBER: _builtins.int
 JSON_VALUE_FIELD_NUMBER: _builtins.int
 JSON_RPC_METHOD_FIELD_NUMBER: _builtins.int
 ACCESS_FIELD_NUMBER: _builtins.int
@@ -222,6 +223,15 @@ set only the twin: the server then fills the named field from it.
 json_key: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.str]
 """The field's JSON key when the protocol spells it otherwise than the proto field name
 (the A2UI and A2A shapes of a2ui.proto are camelCase: `surfaceId`). Empty: the name.
+"""
+json_internal: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.bool]
+"""A field of the bridge itself, not of the protocol: never a JSON key (the codec neither
+reads nor writes it). It carries JSON text that car-grpc's own gateway or core wrote
+for the wire, so that a message is not converted again on its way (runs.proto:
+RecordTurnsRequest.turn_texts, RunTraceEvent.params_text). The core takes such text
+only from, and sends it only to, sessions of car-grpc's own gateway (a
+ConnectMultiplexed stream, which only the daemon token opens); everyone else gets
+and may send the message without it.
 """
 json_value: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, _builtins.str]
 """The string of an enum value on the JSON wire when it is not the default one (the

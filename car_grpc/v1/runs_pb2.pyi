@@ -374,21 +374,31 @@ class RecordTurnsRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     TURNS_FIELD_NUMBER: _builtins.int
+    TURN_TEXTS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Required."""
     @_builtins.property
     def turns(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunTurn]:
         """1 to 256 turns. Required."""
 
+    @_builtins.property
+    def turn_texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """From car-grpc's own gateway only (ignored from anyone else): for each turn, the JSON
+        object of its members as the wire writes them, without `index` (turn_text.py), or ""
+        for a turn it did not write; the turn's runs.trace.event is then put together from
+        it instead of converting the turn back to JSON.
+        """
+
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         turns: _abc.Iterable[Global___RunTurn] | None = ...,
+        turn_texts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "turns", b"turns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "turn_texts", b"turn_texts", "turns", b"turns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -653,10 +663,15 @@ class RunTraceEvent(_message.Message):
     RECORD_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    PARAMS_TEXT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     agent_id: _builtins.str
     cursor: _builtins.int
     status: Global___RunStatus.ValueType
+    params_text: _builtins.str
+    """To car-grpc's own gateway only, in place of every other field: the notification's
+    params as the JSON wire writes them.
+    """
     @_builtins.property
     def record(self) -> Global___RunRecord: ...
     def __init__(
@@ -667,12 +682,15 @@ class RunTraceEvent(_message.Message):
         record: Global___RunRecord | None = ...,
         cursor: _builtins.int = ...,
         status: Global___RunStatus.ValueType = ...,
+        params_text: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_params_text", b"_params_text", "params_text", b"params_text", "record", b"record"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "cursor", b"cursor", "record", b"record", "run_id", b"run_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_params_text", b"_params_text", "agent_id", b"agent_id", "cursor", b"cursor", "params_text", b"params_text", "record", b"record", "run_id", b"run_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__params_text: _TypeAlias = _typing.Literal["params_text"]  # noqa: Y015
+    _WhichOneofArgType__params_text: _TypeAlias = _typing.Literal["_params_text", b"_params_text"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__params_text) -> _WhichOneofReturnType__params_text | None: ...
 
 Global___RunTraceEvent: _TypeAlias = RunTraceEvent  # noqa: Y015
 

@@ -4,9 +4,10 @@ The mapping rules are documented in proto/car/v1/options.proto: snake_case proto
 keys (or a field's declared `json_key`), presence-aware omission, int64 as JSON numbers,
 enum values as their lowercased name without the enum prefix (or its `json_value`),
 Struct/Value as free-form JSON, `json_inline` fields merged into their parent object, and
-`json_twin` fields (the typed API's enums beside a wire string, wire/twins.py) neither
-written nor read. google.protobuf.json_format does not follow these rules (it writes
-int64 as strings and enums by full name), hence this module.
+`json_twin` fields (the typed API's enums beside a wire string, wire/twins.py) and
+`json_internal` ones (the bridge's own) neither written nor read.
+google.protobuf.json_format does not follow these rules (it writes int64 as strings and
+enums by full name), hence this module.
 
 Conversion plans are computed once per message type and compiled into converters (one
 loop of steps specialized per field) on first use.
@@ -191,8 +192,12 @@ def _plan(desc: Descriptor) -> _Plan:
     rest: _Field | None = None
     inline_messages: list[_Field] = []
     for fd in desc.fields:
-        if fd.GetOptions().Extensions[options_pb2.json_twin]:
-            continue  # the typed API's mirror of another field: not on the JSON wire
+        options = fd.GetOptions()
+        if (
+            options.Extensions[options_pb2.json_twin]
+            or options.Extensions[options_pb2.json_internal]
+        ):
+            continue  # the typed API's mirror of another field, or the bridge's: not on the wire
         repeated = fd.is_repeated
         wkt = ""
         if fd.type == FieldDescriptor.TYPE_MESSAGE:

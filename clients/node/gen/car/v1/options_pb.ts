@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file car/v1/options.proto.
  */
 export const file_car_v1_options: GenFile = /*@__PURE__*/
-  fileDesc("ChRjYXIvdjEvb3B0aW9ucy5wcm90bxIGY2FyLnYxInUKDkpzb25ScGNCaW5kaW5nEg4KBm1ldGhvZBgBIAEoCRIfCgRraW5kGAIgASgOMhEuY2FyLnYxLkZyYW1lS2luZBISCgpiYXJlX2ZpZWxkGAMgASgJEh4KBmFjY2VzcxgEIAEoCzIOLmNhci52MS5BY2Nlc3MiUwoGQWNjZXNzEiEKBXJvbGVzGAEgAygOMhIuY2FyLnYxLkNhbGxlclJvbGUSDQoFc2NvcGUYAiABKAkSFwoPbmVlZHNfaGFuZHNoYWtlGAMgASgIKowBCglGcmFtZUtpbmQSGgoWRlJBTUVfS0lORF9VTlNQRUNJRklFRBAAEhYKEkZSQU1FX0tJTkRfUkVRVUVTVBABEhcKE0ZSQU1FX0tJTkRfUkVTUE9OU0UQAhIbChdGUkFNRV9LSU5EX05PVElGSUNBVElPThADEhUKEUZSQU1FX0tJTkRfQklOQVJZEAQqjwEKCkNhbGxlclJvbGUSGwoXQ0FMTEVSX1JPTEVfVU5TUEVDSUZJRUQQABIfChtDQUxMRVJfUk9MRV9VTkFVVEhFTlRJQ0FURUQQARIWChJDQUxMRVJfUk9MRV9EQUVNT04QAhIUChBDQUxMRVJfUk9MRV9IT1NUEAMSFQoRQ0FMTEVSX1JPTEVfQUdFTlQQBDpSCghqc29uX3JwYxIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtIcDIAEoCzIWLmNhci52MS5Kc29uUnBjQmluZGluZ1IHanNvblJwYzpACgtqc29uX2lubGluZRIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtYcDIAEoCFIKanNvbklubGluZTo8Cglqc29uX3R3aW4SHS5nb29nbGUucHJvdG9idWYuRmllbGRPcHRpb25zGL6HAyABKAlSCGpzb25Ud2luOjoKCGpzb25fa2V5Eh0uZ29vZ2xlLnByb3RvYnVmLkZpZWxkT3B0aW9ucxjHhwMgASgJUgdqc29uS2V5OkIKCmpzb25fdmFsdWUSIS5nb29nbGUucHJvdG9idWYuRW51bVZhbHVlT3B0aW9ucxi/hwMgASgJUglqc29uVmFsdWU6SAoPanNvbl9ycGNfbWV0aG9kEh4uZ29vZ2xlLnByb3RvYnVmLk1ldGhvZE9wdGlvbnMYtocDIAEoCVINanNvblJwY01ldGhvZDpICgZhY2Nlc3MSHi5nb29nbGUucHJvdG9idWYuTWV0aG9kT3B0aW9ucxi4hwMgASgLMg4uY2FyLnYxLkFjY2Vzc1IGYWNjZXNzOkcKDmpzb25fcnBjX3VzYWdlEh8uZ29vZ2xlLnByb3RvYnVmLk1lc3NhZ2VPcHRpb25zGLeHAyABKAlSDGpzb25ScGNVc2FnZUJoChFhaS5wYXJzbGVlLmNhci52MUIMT3B0aW9uc1Byb3RvUAFaOmdpdGh1Yi5jb20vcGFyc2xlZS1haS9jYXItZ3JwYy9jbGllbnRzL2dvL2dlbi9jYXIvdjE7Y2FydjGqAgZDYXIuVjFiBnByb3RvMw", [file_google_protobuf_descriptor]);
+  fileDesc("ChRjYXIvdjEvb3B0aW9ucy5wcm90bxIGY2FyLnYxInUKDkpzb25ScGNCaW5kaW5nEg4KBm1ldGhvZBgBIAEoCRIfCgRraW5kGAIgASgOMhEuY2FyLnYxLkZyYW1lS2luZBISCgpiYXJlX2ZpZWxkGAMgASgJEh4KBmFjY2VzcxgEIAEoCzIOLmNhci52MS5BY2Nlc3MiUwoGQWNjZXNzEiEKBXJvbGVzGAEgAygOMhIuY2FyLnYxLkNhbGxlclJvbGUSDQoFc2NvcGUYAiABKAkSFwoPbmVlZHNfaGFuZHNoYWtlGAMgASgIKowBCglGcmFtZUtpbmQSGgoWRlJBTUVfS0lORF9VTlNQRUNJRklFRBAAEhYKEkZSQU1FX0tJTkRfUkVRVUVTVBABEhcKE0ZSQU1FX0tJTkRfUkVTUE9OU0UQAhIbChdGUkFNRV9LSU5EX05PVElGSUNBVElPThADEhUKEUZSQU1FX0tJTkRfQklOQVJZEAQqjwEKCkNhbGxlclJvbGUSGwoXQ0FMTEVSX1JPTEVfVU5TUEVDSUZJRUQQABIfChtDQUxMRVJfUk9MRV9VTkFVVEhFTlRJQ0FURUQQARIWChJDQUxMRVJfUk9MRV9EQUVNT04QAhIUChBDQUxMRVJfUk9MRV9IT1NUEAMSFQoRQ0FMTEVSX1JPTEVfQUdFTlQQBDpSCghqc29uX3JwYxIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtIcDIAEoCzIWLmNhci52MS5Kc29uUnBjQmluZGluZ1IHanNvblJwYzpACgtqc29uX2lubGluZRIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtYcDIAEoCFIKanNvbklubGluZTo8Cglqc29uX3R3aW4SHS5nb29nbGUucHJvdG9idWYuRmllbGRPcHRpb25zGL6HAyABKAlSCGpzb25Ud2luOjoKCGpzb25fa2V5Eh0uZ29vZ2xlLnByb3RvYnVmLkZpZWxkT3B0aW9ucxjHhwMgASgJUgdqc29uS2V5OkQKDWpzb25faW50ZXJuYWwSHS5nb29nbGUucHJvdG9idWYuRmllbGRPcHRpb25zGNKHAyABKAhSDGpzb25JbnRlcm5hbDpCCgpqc29uX3ZhbHVlEiEuZ29vZ2xlLnByb3RvYnVmLkVudW1WYWx1ZU9wdGlvbnMYv4cDIAEoCVIJanNvblZhbHVlOkgKD2pzb25fcnBjX21ldGhvZBIeLmdvb2dsZS5wcm90b2J1Zi5NZXRob2RPcHRpb25zGLaHAyABKAlSDWpzb25ScGNNZXRob2Q6SAoGYWNjZXNzEh4uZ29vZ2xlLnByb3RvYnVmLk1ldGhvZE9wdGlvbnMYuIcDIAEoCzIOLmNhci52MS5BY2Nlc3NSBmFjY2VzczpHCg5qc29uX3JwY191c2FnZRIfLmdvb2dsZS5wcm90b2J1Zi5NZXNzYWdlT3B0aW9ucxi3hwMgASgJUgxqc29uUnBjVXNhZ2VCaAoRYWkucGFyc2xlZS5jYXIudjFCDE9wdGlvbnNQcm90b1ABWjpnaXRodWIuY29tL3BhcnNsZWUtYWkvY2FyLWdycGMvY2xpZW50cy9nby9nZW4vY2FyL3YxO2NhcnYxqgIGQ2FyLlYxYgZwcm90bzM", [file_google_protobuf_descriptor]);
 
 /**
  * The JSON-RPC binding of one oneof member of ClientFrame or ServerFrame.
@@ -242,13 +242,27 @@ export const json_key: GenExtension<FieldOptions, string> = /*@__PURE__*/
   extDesc(file_car_v1_options, 3);
 
 /**
+ * A field of the bridge itself, not of the protocol: never a JSON key (the codec neither
+ * reads nor writes it). It carries JSON text that car-grpc's own gateway or core wrote
+ * for the wire, so that a message is not converted again on its way (runs.proto:
+ * RecordTurnsRequest.turn_texts, RunTraceEvent.params_text). The core takes such text
+ * only from, and sends it only to, sessions of car-grpc's own gateway (a
+ * ConnectMultiplexed stream, which only the daemon token opens); everyone else gets
+ * and may send the message without it.
+ *
+ * @generated from extension: bool json_internal = 50130;
+ */
+export const json_internal: GenExtension<FieldOptions, boolean> = /*@__PURE__*/
+  extDesc(file_car_v1_options, 4);
+
+/**
  * The string of an enum value on the JSON wire when it is not the default one (the
  * value's name without the enum's prefix, in lower case), e.g. "agent.registered".
  *
  * @generated from extension: string json_value = 50111;
  */
 export const json_value: GenExtension<EnumValueOptions, string> = /*@__PURE__*/
-  extDesc(file_car_v1_options, 4);
+  extDesc(file_car_v1_options, 5);
 
 /**
  * The JSON-RPC method that an RPC of a per-domain service performs (a unary RPC and the
@@ -258,7 +272,7 @@ export const json_value: GenExtension<EnumValueOptions, string> = /*@__PURE__*/
  * @generated from extension: string json_rpc_method = 50102;
  */
 export const json_rpc_method: GenExtension<MethodOptions, string> = /*@__PURE__*/
-  extDesc(file_car_v1_options, 5);
+  extDesc(file_car_v1_options, 6);
 
 /**
  * Who may call an RPC that has no JSON-RPC method (see Access). An RPC with a
@@ -267,7 +281,7 @@ export const json_rpc_method: GenExtension<MethodOptions, string> = /*@__PURE__*
  * @generated from extension: car.v1.Access access = 50104;
  */
 export const access: GenExtension<MethodOptions, Access> = /*@__PURE__*/
-  extDesc(file_car_v1_options, 6);
+  extDesc(file_car_v1_options, 7);
 
 /**
  * On a request message: the fixed message of every -32602 its params can get (bad
@@ -278,5 +292,5 @@ export const access: GenExtension<MethodOptions, Access> = /*@__PURE__*/
  * @generated from extension: string json_rpc_usage = 50103;
  */
 export const json_rpc_usage: GenExtension<MessageOptions, string> = /*@__PURE__*/
-  extDesc(file_car_v1_options, 7);
+  extDesc(file_car_v1_options, 8);
 

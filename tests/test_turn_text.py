@@ -1,0 +1,306 @@
+"""A turn's JSON written once (wire/turn_text.py): the gateway writes each turn of a
+runs.record_turns as the codec would write the stored turn, and the core puts the turn's
+runs.trace.event together from it for the subscribers behind car-grpc's gateway.
+
+The text is the codec's, member for member, except that a free-form object keeps the
+client's key order (the codec writes protobuf's map order); where the two could differ
+otherwise no text is written and the event is converted as before. Only car-grpc's own
+gateway (a ConnectMultiplexed session) is trusted with such text, both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from car_grpc.config import Config
+from car_grpc.core.run_turns import FIELD_CAP
+from car_grpc.core.server import Core
+from car_grpc.gateway import Gateway
+from car_grpc.gateway.jsonrpc import Bridge, decode
+from car_grpc.v1 import runs_pb2, session_pb2
+from car_grpc.wire import codec, turn_text
+from tests import roles
+from tests.conftest import make_config
+from tests.runs_helpers import state_of
+from tests.ws_client import HANDSHAKE
+from tests.ws_helpers import running
+
+JSON = Any
+TRACE_EVENT = "runs.trace.event"
+
+
+def _codec_text(turn: JSON) -> str:
+    """What the codec writes of the RunTurn read from `turn` (its index left out)."""
+    message = runs_pb2.RunTurn()
+    codec.json_to_message(turn, message)
+    message.ClearField("index")
+    return codec.message_to_text(message)
+
+
+def _one_key_objects(value: JSON) -> bool:
+    """Whether every object in `value` has at most one key (so key order cannot differ)."""
+    if isinstance(value, dict):
+        return len(value) <= 1 and all(_one_key_objects(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_one_key_objects(v) for v in value)
+    return True
+
+
+_CHARS = ["a", "Z", " ", '"', "\\", "/", "\n", "\t", "\x00", "\x1f", "\x7f", "é", "€", "😀"]
+
+
+def _string(rng: random.Random) -> str:
+    return "".join(rng.choice(_CHARS) for _ in range(rng.randint(0, 6)))
+
+
+def _free(rng: random.Random, depth: int = 0, *, plain: bool = True) -> JSON:
+    """Free-form JSON; `plain`: only what the text is written for (strings, booleans,
+    null, integers of at most 53 bits, objects and arrays of them)."""
+    kind = rng.randint(0, 6 if depth < 3 else 3)
+    if kind == 0:
+        return _string(rng)
+    if kind == 1:
+        return rng.choice([True, False, None])
+    if kind == 2:
+        numbers = [0, -1, 7, 2**53, -(2**53), 123456789]
+        return rng.choice(numbers if plain else [*numbers, 1.5, 60.0, -0.0, 2**53 + 1, 1e300])
+    if kind == 3:
+        return rng.choice(["", "x"])
+    if kind in (4, 5):
+        return {
+            _string(rng) + str(i): _free(rng, depth + 1, plain=plain)
+            for i in range(rng.randint(0, 3))
+        }
+    return [_free(rng, depth + 1, plain=plain) for _ in range(rng.randint(0, 3))]
+
+
+def _turn(rng: random.Random, *, plain: bool = True) -> dict[str, JSON]:
+    turn: dict[str, JSON] = {}
+    for key in ("prompt", "tool", "verifier_verdict"):
+        if rng.random() < 0.6:
+            turn[key] = _string(rng) if rng.random() < 0.9 else None
+    for key in ("parameters", "output", "cli_outcome"):
+        if rng.random() < 0.6:
+            turn[key] = _free(rng, plain=plain)
+    if rng.random() < 0.3:
+        turn["policy_rejected"] = rng.choice([True, False, None])
+    if rng.random() < 0.2:
+        turn["index"] = rng.choice([0, 9, 2**32 - 1, None])
+    if rng.random() < 0.1:
+        turn["unknown"] = 1  # ignored, as the codec ignores it
+    keys = list(turn)
+    rng.shuffle(keys)  # the client's member order is its own
+    return {k: turn[k] for k in keys}
+
+
+def _decoded(turns: list[JSON]) -> runs_pb2.RecordTurnsRequest:
+    """The request the gateway sends the core for a runs.record_turns of `turns`."""
+    request = {"jsonrpc": "2.0", "id": 1, "method": "runs.record_turns"}
+    text = json.dumps(request | {"params": {"run_id": "r", "turns": turns}})
+    [message] = decode(text, {}).messages
+    assert isinstance(message.frame, session_pb2.ClientFrame), message.reply
+    return message.frame.runs_record_turns
+
+
+def _codec_read(turns: list[JSON]) -> runs_pb2.RecordTurnsRequest:
+    read = runs_pb2.RecordTurnsRequest()
+    codec.params_to_message({"run_id": "r", "turns": turns}, read, "")
+    return read
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_the_gateway_reads_turns_as_the_codec_and_writes_their_text(plain: bool) -> None:
+    rng = random.Random(16)
+    turns = [_turn(rng, plain=plain) for _ in range(600)]
+    exact = written = 0
+    for start in range(0, len(turns), 200):
+        batch = turns[start : start + 200]
+        request = _decoded(batch)
+        assert list(request.turns) == list(_codec_read(batch).turns)
+        assert len(request.turn_texts) == len(batch)
+        for turn, text in zip(batch, request.turn_texts, strict=True):
+            if not text:
+                continue
+            written += 1
+            expected = _codec_text(turn)
+            assert text.isascii()
+            assert json.loads(text) == json.loads(expected)
+            if all(_one_key_objects(v) for v in turn.values()):
+                assert text == expected, turn
+                exact += 1
+    if plain:
+        assert written == len(turns) and exact > 100
+    else:
+        assert 100 < written < len(turns)  # none for a turn holding a float or a large int
+
+
+@pytest.mark.parametrize(
+    "turn",
+    [
+        {"output": 1.5},  # a float: the codec writes its own digits
+        {"output": 60.0},  # the codec writes 60
+        {"parameters": {"n": 2**53 + 1}},  # rounded to a double by the codec
+        {"cli_outcome": [-(2**60)]},
+        {"prompt": "x" * (turn_text.TEXT_LIMIT + 1)},  # too long to carry twice
+    ],
+)
+def test_no_text_where_it_could_differ(turn: JSON) -> None:
+    request = _decoded([turn])
+    assert list(request.turn_texts) == [""]
+    assert list(request.turns) == list(_codec_read([turn]).turns)
+
+
+@pytest.mark.parametrize(
+    ("turn", "field"),
+    [({"prompt": 5}, "turns[0].prompt"), ({"index": -1}, "turns[0].index"), (7, "turns[0]")],
+)
+def test_a_malformed_turn_gets_the_codecs_error(turn: JSON, field: str) -> None:
+    request = {"jsonrpc": "2.0", "id": 1, "method": "runs.record_turns"}
+    text = json.dumps(request | {"params": {"run_id": "r", "turns": [turn]}})
+    [message] = decode(text, {}).messages
+    assert message.frame is None and message.reply is not None
+    error = json.loads(message.reply)["error"]
+    assert error["code"] == -32602 and error["data"] == {"field": field}
+
+
+def test_keys_keep_the_clients_order() -> None:
+    turn = {"parameters": {"b": 1, "a": 2, "c": 3}}
+    assert list(_decoded([turn]).turn_texts) == ['{"parameters":{"b":1,"a":2,"c":3}}']
+    assert json.loads(_codec_text(turn)) == turn
+
+
+def test_a_client_cannot_send_the_text_itself() -> None:
+    """turn_texts is the bridge's own (json_internal): never read from the client's JSON."""
+    for turns in ([{"prompt": "p"}], [{"prompt": "p", "output": 1.5}]):  # text, none
+        params = {"run_id": "r", "turns": turns, "turn_texts": ['{"prompt":"forged"}']}
+        request = {"jsonrpc": "2.0", "id": 1, "method": "runs.record_turns", "params": params}
+        [message] = decode(json.dumps(request), {}).messages
+        assert isinstance(message.frame, session_pb2.ClientFrame)
+        assert "forged" not in str(message.frame.runs_record_turns.turn_texts)
+    event = runs_pb2.RunTraceEvent(params_text="x", run_id="r")
+    assert "params_text" not in codec.message_to_json(event)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return make_config(tmp_path)
+
+
+@pytest.fixture
+async def served(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
+    async with running(config) as both:
+        yield both
+
+
+async def _ws(url: str, auth: dict[str, str]) -> ClientConnection:
+    """A WebSocket session, authenticated and past the handshake, read frame by frame."""
+    ws = await connect(url, ping_interval=None, max_size=None)
+    for n, (method, params) in enumerate((("session.auth", auth), ("server.handshake", HANDSHAKE))):
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": n, "method": method, "params": params}))
+        assert "result" in json.loads(await _recv(ws))
+    return ws
+
+
+async def _recv(ws: ClientConnection) -> str:
+    async with asyncio.timeout(10):
+        text = await ws.recv()
+    assert isinstance(text, str)
+    return text
+
+
+async def _call(ws: ClientConnection, method: str, params: JSON) -> JSON:
+    await ws.send(json.dumps({"jsonrpc": "2.0", "id": 99, "method": method, "params": params}))
+    answer = json.loads(await _recv(ws))
+    assert answer["id"] == 99 and "result" in answer, answer
+    return answer["result"]
+
+
+def _expected_event(run_id: str, record: runs_pb2.RunRecord, cursor: int) -> str:
+    """The event's text as the gateway writes it from the event's protobuf."""
+    frame = session_pb2.ServerFrame()
+    event = frame.runs_trace_event
+    event.run_id, event.agent_id, event.cursor = run_id, "bot", cursor
+    event.status = runs_pb2.RUN_STATUS_IN_PROGRESS
+    event.record.CopyFrom(record)
+    text = Bridge().from_core(frame)
+    assert text is not None
+    return text
+
+
+async def test_events_behind_the_gateway_are_put_together_from_the_turns_text(
+    served: tuple[Core, Gateway],
+) -> None:
+    core, gateway = served
+    state = state_of(core)
+    token = await state.agent_tokens.add("bot")
+    agent = await _ws(gateway.url, {"agent_id": "bot", "token": token})
+    host = await _ws(gateway.url, {"host_token": state.tokens.host})
+    async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+        typed = await roles.host_role(core, channel)  # takes the events as protobuf
+        run_id = (await _call(agent, "runs.start", {"intent": "i"}))["run_id"]
+        await _call(host, "runs.subscribe", {"run_id": run_id})
+        await typed.request("runs_subscribe", runs_pb2.SubscribeRunRequest(run_id=run_id))
+        turns: list[JSON] = [
+            {"prompt": "p", "parameters": {"b": 1, "a": [2, {"c": None}]}},  # keys as sent
+            {"tool": "t"},  # the core adds the verdict
+            {"policy_rejected": True},  # ... before policy_rejected: converted
+            {"verifier_verdict": "passed", "policy_rejected": False, "index": 40},
+            {},
+            {"output": 2.5},  # no text: converted
+            {"prompt": "é" * FIELD_CAP},  # capped by the core: converted
+            {"cli_outcome": "\x7f\x00😀"},
+        ]
+        answer = await _call(agent, "runs.record_turns", {"run_id": run_id, "turns": turns})
+        assert answer["ok"] and answer["count"] == len(turns)
+        received = [await _recv(host) for _ in turns]
+        protos = [await typed.next_notification() for _ in turns]
+        await typed.close()
+    stored = await state.runs.store.records(run_id, 1, len(turns))
+    for cursor, (text, record, proto) in enumerate(zip(received, stored, protos, strict=True), 1):
+        expected = _expected_event(run_id, record, cursor)
+        if cursor == 1:  # keys in the client's order (protobuf's map has its own)
+            assert '"parameters":{"b":1,"a":[2,{"c":null}]}' in text
+            assert json.loads(text) == json.loads(expected)
+        else:
+            assert text == expected
+        event = proto.runs_trace_event
+        assert event.record == record and event.cursor == cursor
+        assert not event.HasField("params_text")  # protobuf, not text, for a typed session
+    for ws in (agent, host):
+        await ws.close()
+
+
+async def test_text_from_a_session_not_of_the_gateway_is_ignored(
+    served: tuple[Core, Gateway],
+) -> None:
+    """A typed client's RecordTurnsRequest.turn_texts never reaches a subscriber."""
+    core, gateway = served
+    state = state_of(core)
+    host = await _ws(gateway.url, {"host_token": state.tokens.host})
+    async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+        agent = await roles.agent(core, channel, "bot")
+        start = runs_pb2.StartRunRequest(intent="i")
+        run_id = (await agent.request("runs_start", start)).run_id
+        await _call(host, "runs.subscribe", {"run_id": run_id})
+        forged = runs_pb2.RecordTurnsRequest(
+            run_id=run_id,
+            turns=[runs_pb2.RunTurn(prompt="real")],
+            turn_texts=['{"prompt":"forged"}'],
+        )
+        assert (await agent.request("runs_record_turns", forged)).ok
+        await agent.close()
+    event = json.loads(await _recv(host))
+    assert event["method"] == TRACE_EVENT
+    assert event["params"]["record"]["prompt"] == "real"
+    await host.close()
