@@ -195,8 +195,7 @@ class SessionTools:
         except CarError as e:
             raise ToolFailed(e.message, terminal=_is_terminal(e)) from None
         except asyncio.CancelledError as e:
-            reason = e.args[0] if e.args and isinstance(e.args[0], str) else "cancelled"
-            self._cancel(request_id, inv, reason)
+            self._cancel(request_id, inv, proposals.cancel_reason(e))
             raise
         member = answer.WhichOneof("body")
         if member != "tools_execute":
