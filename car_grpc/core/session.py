@@ -177,6 +177,15 @@ class ClientSession:
         Raises CarError when the client answers with an error, TimeoutError after
         `timeout` seconds, SessionClosed when the session ends first.
         """
+        frame = session_pb2.ServerFrame(id=callback_id or self.next_callback_id())
+        getattr(frame, member).CopyFrom(message)
+        return await self.call_frame(frame, member, timeout)
+
+    async def call_frame(
+        self, frame: session_pb2.ServerFrame, member: str, timeout: float
+    ) -> session_pb2.ClientFrame:
+        """`call` with the request frame already built (its id a fresh callback id, its
+        member `member` filled in place: nothing copied)."""
         if not self.streaming:
             raise CarError(INTERNAL, "this call has no session stream to call back on")
         limit = self._limits.max_pending_calls
@@ -185,9 +194,7 @@ class ClientSession:
                 f"invalid params: too many calls pending on the client: "
                 f"max_pending_calls_per_session ({limit})"
             )
-        cid = callback_id or self.next_callback_id()
-        frame = session_pb2.ServerFrame(id=cid)
-        getattr(frame, member).CopyFrom(message)
+        cid = frame.id
         future: asyncio.Future[session_pb2.ClientFrame] = asyncio.get_running_loop().create_future()
         self._pending[cid] = future
         sent = time.perf_counter()
