@@ -7,6 +7,11 @@
 - wide: one proposal of 200 independent tool calls (all in flight together): callbacks/s.
 - chain: one proposal of 200 tool calls, each taking the previous output ($<id>.output):
   callbacks/s, i.e. the cost of one dependent step.
+- interleaved: a state.get, a proposal and two state.gets one after the other, round after
+  round (the order rotating), so that all three see the same load on a shared machine:
+  their p50s and ratios, and the CPU time of the process (core and client: the core is
+  in-process) per operation. Run it against another tree with
+  `PYTHONPATH=TREE python bench/bench_proposals.py` (by path: TREE's car_grpc and tests).
 
     python -m bench bench_proposals          (or ./dev bench bench_proposals)
 """
@@ -32,6 +37,8 @@ from tests.tool_host import ToolHost
 
 ROUND_TRIPS = 500
 WIDTH = 200
+#: Rounds of the interleaved part (each: a state.get, a proposal, two state.gets).
+ROUNDS = 800
 
 
 def _submit(actions: list[dict[str, Any]]) -> tools_pb2.SubmitProposalRequest:
@@ -69,6 +76,45 @@ async def _callbacks_per_second(
     elapsed = time.perf_counter() - start
     assert reply.result.cost.tool_calls == len(proposal.proposal.actions)
     return len(proposal.proposal.actions) / elapsed
+
+
+async def _interleaved(
+    client: SessionClient, get: state_pb2.GetStateRequest, one: tools_pb2.SubmitProposalRequest
+) -> None:
+    """p50 and CPU per operation of the three, interleaved (see the module's docstring)."""
+
+    async def state_get() -> None:
+        await client.request("state_get", get)
+
+    async def two() -> None:
+        await state_get()
+        await state_get()
+
+    async def proposal() -> None:
+        await client.request("proposal_submit", one)
+
+    kinds = {"get": state_get, "proposal": proposal, "two": two}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu = dict.fromkeys(kinds, 0.0)
+    order = list(kinds)
+    for i in range(ROUNDS):
+        for kind in order[i % 3 :] + order[: i % 3]:
+            cpu_start, start = time.process_time(), time.perf_counter()
+            await kinds[kind]()
+            times[kind].append(time.perf_counter() - start)
+            cpu[kind] += time.process_time() - cpu_start
+    p50 = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+    per = {k: v / ROUNDS * 1e6 for k, v in cpu.items()}
+    print(
+        f"interleaved ({ROUNDS} rounds): p50 state.get {p50['get']:.0f} us, proposal "
+        f"{p50['proposal']:.0f} us ({p50['proposal'] / p50['get']:.2f}x), two state.gets "
+        f"{p50['two']:.0f} us ({p50['two'] / p50['get']:.2f}x)"
+    )
+    print(
+        f"CPU per operation (process): state.get {per['get']:.0f} us, proposal "
+        f"{per['proposal']:.0f} us, two state.gets {per['two']:.0f} us; the proposal's "
+        f"above its floor: {per['proposal'] - per['two']:.0f} us"
+    )
 
 
 def _quantiles(times: list[float]) -> tuple[float, float]:
@@ -131,6 +177,7 @@ async def _run() -> None:
                 )
                 rate = await _callbacks_per_second(client, chain)
                 print(f"chain ({WIDTH} dependent): {rate:.0f} callbacks/s")
+                await _interleaved(client, get, one)
                 await host.close()
                 await client.close()
         finally:
@@ -139,3 +186,7 @@ async def _run() -> None:
 
 def main() -> None:
     asyncio.run(_run())
+
+
+if __name__ == "__main__":
+    main()

@@ -422,6 +422,33 @@ async def test_outer_cancellation_cancels_tool_calls() -> None:
     assert tools.cancelled == {"a": "proposal cancelled", "b": "proposal cancelled"}
 
 
+async def test_a_lone_action_sees_the_requests_own_cancellation() -> None:
+    """An action that runs alone runs in the executor's task: a cancellation of that task
+    (a handler deadline: no message) reaches the call as it is, and cancel_reason names
+    it `proposal cancelled`; the executor's own reasons pass through."""
+    seen: list[str] = []
+    started = asyncio.Event()
+
+    async def hang_here(inv: ToolInvocation) -> JSON:
+        started.set()
+        try:
+            return await hang(inv)
+        except asyncio.CancelledError as e:
+            seen.append(proposals.cancel_reason(e))
+            raise
+
+    plan = proposals.plan(proposal(call("a", "hang")))
+    task = asyncio.create_task(proposals.execute(plan, state={}, call_tool=hang_here))
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == ["proposal cancelled"]
+    reasons = [proposals.CANCEL_TIMEOUT, proposals.CANCEL_ABORTED, "something else"]
+    named = [proposals.cancel_reason(asyncio.CancelledError(r)) for r in reasons]
+    assert named == ["timeout", "proposal aborted", "proposal cancelled"]
+
+
 async def test_broken_tool_function_fails_only_its_action() -> None:
     async def broken(inv: ToolInvocation) -> JSON:
         raise RuntimeError("bug")

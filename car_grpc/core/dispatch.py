@@ -131,7 +131,8 @@ class Dispatcher:
         deadline = asyncio.timeout(self._handler_timeout)
         try:
             async with deadline:
-                await self._gate(session, method, request)
+                if method in self._gated:  # the rest would pass the gate at once: no call
+                    await self._gate(session, method, request)
                 return await handler(session, request)
         except CarError:
             raise

@@ -15,16 +15,18 @@ failure: it does not abort the proposal.
 
 Tool calls go through an injected `CallTool`, so the executor is tested without a client.
 A tool call being given up is signalled by cancelling its task with a reason (`timeout`,
-`proposal aborted`, `proposal cancelled`) that the binding forwards as `tools.cancel`.
+`proposal aborted`, `proposal cancelled`) that the binding forwards as `tools.cancel`
+(`cancel_reason`: a cancellation without one of them is `proposal cancelled`: an action
+that runs alone runs in the request's own task, which its deadline cancels as it is).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -35,15 +37,11 @@ from google.protobuf import struct_pb2
 from car_grpc.clock import now_ms
 from car_grpc.core.kv import KeyValueState
 from car_grpc.v1 import state_pb2, tools_pb2
-from car_grpc.wire.codec import struct_to_json, to_value, value_to_json
+from car_grpc.wire.codec import json_to_value, struct_to_json, value_to_json
 from car_grpc.wire.errors import CarError, field_error
 
 JSON = Any
 
-ActionType = tools_pb2.ActionType
-Status = tools_pb2.ActionStatus
-Op = tools_pb2.PreconditionOperator
-Kind = state_pb2.PolicyKind
 
 #: Retries of failure_behavior retry when the action does not say.
 DEFAULT_MAX_RETRIES = 3
@@ -56,6 +54,16 @@ CANCEL_ABORTED = "proposal aborted"
 CANCEL_CANCELLED = "proposal cancelled"
 
 _REFERENCE = re.compile(r"\$(.+)\.output")
+
+
+def cancel_reason(error: asyncio.CancelledError) -> str:
+    """Why a tool call was given up, from the cancellation its binding sees: one of the
+    reasons above, else CANCEL_CANCELLED (the request itself was cancelled: its handler
+    deadline, its RPC, its stream)."""
+    reason = error.args[0] if error.args else None
+    if reason in (CANCEL_TIMEOUT, CANCEL_ABORTED):
+        return str(reason)
+    return CANCEL_CANCELLED
 
 
 def timed_out(tool: str, seconds: float) -> str:
@@ -115,7 +123,7 @@ def plan(proposal: tools_pb2.ActionProposal) -> Plan:
 
     writers: dict[str, set[str]] = {}
     for action in actions:
-        if action.type == ActionType.ACTION_TYPE_STATE_WRITE:
+        if action.type == tools_pb2.ACTION_TYPE_STATE_WRITE:
             writers.setdefault(action.parameters.fields["key"].string_value, set()).add(action.id)
 
     deps: dict[str, frozenset[str]] = {}
@@ -141,16 +149,16 @@ def plan(proposal: tools_pb2.ActionProposal) -> Plan:
 
 
 def _fresh_id() -> str:
-    return f"proposal-{uuid.uuid4().hex}"
+    return "proposal-" + os.urandom(16).hex()  # as random as a uuid4, without building one
 
 
 def _validate_action(action: tools_pb2.Action, path: str) -> None:
     kind = action.type
-    if kind == ActionType.ACTION_TYPE_UNSPECIFIED:
+    if kind == tools_pb2.ACTION_TYPE_UNSPECIFIED:
         raise field_error(f"{path}.type")
-    if kind == ActionType.ACTION_TYPE_TOOL_CALL and not action.tool:
+    if kind == tools_pb2.ACTION_TYPE_TOOL_CALL and not action.tool:
         raise field_error(f"{path}.tool")
-    if kind in (ActionType.ACTION_TYPE_STATE_WRITE, ActionType.ACTION_TYPE_STATE_READ):
+    if kind in (tools_pb2.ACTION_TYPE_STATE_WRITE, tools_pb2.ACTION_TYPE_STATE_READ):
         key = action.parameters.fields.get("key")
         if key is None:
             raise field_error(f"{path}.parameters.key")
@@ -159,7 +167,7 @@ def _validate_action(action: tools_pb2.Action, path: str) -> None:
     for j, pre in enumerate(action.preconditions):
         if not pre.key:
             raise field_error(f"{path}.preconditions[{j}].key")
-        if pre.operator == Op.PRECONDITION_OPERATOR_UNSPECIFIED:
+        if pre.operator == tools_pb2.PRECONDITION_OPERATOR_UNSPECIFIED:
             raise field_error(f"{path}.preconditions[{j}].operator")
 
 
@@ -183,6 +191,8 @@ def _value_references(value: struct_pb2.Value, path: str) -> Iterable[tuple[str,
 
 def _find_cycle(order: list[str], deps: Mapping[str, frozenset[str]]) -> list[str] | None:
     """A dependency cycle as a path `a, b, ..., a`, or None (iterative DFS)."""
+    if not any(deps.values()):
+        return None  # no edge at all (most proposals)
     done: set[str] = set()
     for root in order:
         if root in done:
@@ -235,11 +245,11 @@ def policy_denial(
 ) -> str | None:
     """Why `policy` rejects `action` (with its final parameters), or None."""
     kind = policy.kind or policy.rule
-    targeted = action.type == ActionType.ACTION_TYPE_TOOL_CALL and action.tool == policy.target
-    if kind == Kind.POLICY_KIND_DENY_TOOL and targeted:
+    targeted = action.type == tools_pb2.ACTION_TYPE_TOOL_CALL and action.tool == policy.target
+    if kind == state_pb2.POLICY_KIND_DENY_TOOL and targeted:
         return f"denied by policy '{policy.name}': tool '{action.tool}' is not allowed"
     if (
-        kind == Kind.POLICY_KIND_DENY_TOOL_PARAM
+        kind == state_pb2.POLICY_KIND_DENY_TOOL_PARAM
         and targeted
         and policy.key in parameters
         and policy.pattern in _as_text(parameters[policy.key])
@@ -248,7 +258,7 @@ def policy_denial(
             f"denied by policy '{policy.name}': parameter '{policy.key}' "
             f"of tool '{action.tool}' contains '{policy.pattern}'"
         )
-    if kind == Kind.POLICY_KIND_REQUIRE_STATE and policy.target not in state:
+    if kind == state_pb2.POLICY_KIND_REQUIRE_STATE and policy.target not in state:
         return f"denied by policy '{policy.name}': state key '{policy.target}' is required"
     return None
 
@@ -281,19 +291,19 @@ def precondition_holds(pre: tools_pb2.Precondition, state: Mapping[str, JSON]) -
     except `neq` and `not_exists`; gt/lt/gte/lte need two numbers or two strings."""
     op = pre.operator
     present = pre.key in state
-    if op == Op.PRECONDITION_OPERATOR_EXISTS:
+    if op == tools_pb2.PRECONDITION_OPERATOR_EXISTS:
         return present
-    if op == Op.PRECONDITION_OPERATOR_NOT_EXISTS:
+    if op == tools_pb2.PRECONDITION_OPERATOR_NOT_EXISTS:
         return not present
     expected = value_to_json(pre.value)
-    if op == Op.PRECONDITION_OPERATOR_NEQ:
+    if op == tools_pb2.PRECONDITION_OPERATOR_NEQ:
         return not present or not json_equal(state[pre.key], expected)
     if not present:
         return False
     actual = state[pre.key]
-    if op == Op.PRECONDITION_OPERATOR_EQ:
+    if op == tools_pb2.PRECONDITION_OPERATOR_EQ:
         return json_equal(actual, expected)
-    if op == Op.PRECONDITION_OPERATOR_CONTAINS:
+    if op == tools_pb2.PRECONDITION_OPERATOR_CONTAINS:
         if isinstance(actual, str) and isinstance(expected, str):
             return expected in actual
         if isinstance(actual, list):
@@ -301,13 +311,13 @@ def precondition_holds(pre: tools_pb2.Precondition, state: Mapping[str, JSON]) -
         return False
     if not _ordered(actual, expected):
         return False
-    if op == Op.PRECONDITION_OPERATOR_GT:
+    if op == tools_pb2.PRECONDITION_OPERATOR_GT:
         return bool(actual > expected)
-    if op == Op.PRECONDITION_OPERATOR_LT:
+    if op == tools_pb2.PRECONDITION_OPERATOR_LT:
         return bool(actual < expected)
-    if op == Op.PRECONDITION_OPERATOR_GTE:
+    if op == tools_pb2.PRECONDITION_OPERATOR_GTE:
         return bool(actual >= expected)
-    if op == Op.PRECONDITION_OPERATOR_LTE:
+    if op == tools_pb2.PRECONDITION_OPERATOR_LTE:
         return bool(actual <= expected)
     return False
 
@@ -363,26 +373,32 @@ class _Run:
         self.blocked = {action_id: len(deps) for action_id, deps in self.plan.deps.items()}
         #: Actions whose dependencies have all finished, in submission order at first.
         self.ready = deque(a.id for a in self.plan.actions if not self.blocked[a.id])
+        #: Action tasks that have finished and not been taken by `run` yet.
+        self._done: list[asyncio.Task[_Outcome]] = []
+        self._wakeup: asyncio.Future[None] | None = None
 
     async def run(self) -> tools_pb2.ProposalResult:
         begin = time.monotonic()
         running: dict[asyncio.Task[_Outcome], str] = {}
         abort_reason: str | None = None
         try:
-            while True:
+            while abort_reason is None:
+                if len(self.ready) == 1 and not running:
+                    # Nothing else could run beside it: it runs in this task (no task of
+                    # its own to start and wait for: the common one-call proposal, a chain).
+                    action_id = self.ready.popleft()
+                    if self._may_start(action_id):
+                        outcome = await self._run_action(self.by_id[action_id])
+                        abort_reason = self._land(action_id, outcome)
+                    continue
                 self._start_ready(running)
                 if not running:
                     break
-                done, _ = await asyncio.wait(set(running), return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    action_id = running.pop(task)
-                    outcome = task.result()
-                    self._finish(action_id, outcome.result)
-                    if outcome.aborts and abort_reason is None:
-                        abort_reason = f"action '{action_id}' failed"
-                if abort_reason is not None:
-                    await self._cancel(running, CANCEL_ABORTED)
-                    break
+                for task in await self._landed():
+                    aborts = self._land(running.pop(task), task.result())
+                    abort_reason = abort_reason or aborts
+            if abort_reason is not None:
+                await self._cancel(running, CANCEL_ABORTED)
         except asyncio.CancelledError:
             await self._cancel(running, CANCEL_CANCELLED)
             raise
@@ -398,29 +414,57 @@ class _Run:
         result.cost.CopyFrom(self.cost)
         return result
 
+    def _land(self, action_id: str, outcome: _Outcome) -> str | None:
+        """Record a finished action; the abort reason when it aborts the proposal."""
+        self._finish(action_id, outcome.result)
+        return f"action '{action_id}' failed" if outcome.aborts else None
+
+    async def _landed(self) -> list[asyncio.Task[_Outcome]]:
+        """The running actions that have finished, waiting for one when none has (one
+        wakeup for any of them: no asyncio.wait over every running task each time)."""
+        if not self._done:
+            self._wakeup = asyncio.get_running_loop().create_future()
+            try:
+                await self._wakeup
+            finally:
+                self._wakeup = None
+        done, self._done = self._done, []
+        return done
+
+    def _task_done(self, task: asyncio.Task[_Outcome]) -> None:
+        self._done.append(task)
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _may_start(self, action_id: str) -> bool:
+        """Whether a ready action may start: skipped when a dependency did not succeed."""
+        failed = sorted(
+            d
+            for d in self.plan.deps[action_id]
+            if self.results[d].status != tools_pb2.ACTION_STATUS_SUCCEEDED
+        )
+        if failed:
+            reason = f"dependency '{failed[0]}' did not succeed"
+            self._finish(action_id, self._skipped(action_id, reason))
+            return False
+        self.started[action_id] = time.monotonic()
+        return True
+
     def _start_ready(self, running: dict[asyncio.Task[_Outcome], str]) -> None:
-        """Start every ready action; skip those with a dependency that did not succeed."""
+        """Start every ready action in a task of its own."""
         while self.ready:
             action_id = self.ready.popleft()
-            failed = sorted(
-                d
-                for d in self.plan.deps[action_id]
-                if self.results[d].status != Status.ACTION_STATUS_SUCCEEDED
-            )
-            if failed:
-                reason = f"dependency '{failed[0]}' did not succeed"
-                self._finish(action_id, self._skipped(action_id, reason))
-                continue
-            self.started[action_id] = time.monotonic()
-            task = asyncio.create_task(self._run_action(self.by_id[action_id]))
-            running[task] = action_id
+            if self._may_start(action_id):
+                task = asyncio.create_task(self._run_action(self.by_id[action_id]))
+                task.add_done_callback(self._task_done)
+                running[task] = action_id
 
     def _finish(self, action_id: str, result: tools_pb2.ActionResult) -> None:
         self.results[action_id] = result
         status = result.status
-        if status in (Status.ACTION_STATUS_SUCCEEDED, Status.ACTION_STATUS_FAILED):
+        if status in (tools_pb2.ACTION_STATUS_SUCCEEDED, tools_pb2.ACTION_STATUS_FAILED):
             self.cost.actions_executed += 1
-        elif status == Status.ACTION_STATUS_REJECTED:
+        elif status == tools_pb2.ACTION_STATUS_REJECTED:
             self.cost.actions_rejected += 1
         else:
             self.cost.actions_skipped += 1
@@ -450,14 +494,18 @@ class _Run:
             else:
                 state.pop(key, None)
         for result in self.results.values():
-            if result.status == Status.ACTION_STATUS_SUCCEEDED:
+            if result.status == tools_pb2.ACTION_STATUS_SUCCEEDED:
                 result.rolled_back = True
 
     def _result(
-        self, action_id: str, status: tools_pb2.ActionStatus.ValueType, error: str | None
+        self,
+        action_id: str,
+        status: tools_pb2.ActionStatus.ValueType,
+        error: str | None,
+        output: JSON = None,
     ) -> tools_pb2.ActionResult:
         result = tools_pb2.ActionResult(action_id=action_id, status=status, timestamp=now_ms())
-        result.output.null_value = struct_pb2.NULL_VALUE
+        json_to_value(output, result.output)  # written in place: no Value to copy in
         result.state_changes.SetInParent()
         if error is not None:
             result.error = error
@@ -466,13 +514,15 @@ class _Run:
         return result
 
     def _skipped(self, action_id: str, reason: str) -> tools_pb2.ActionResult:
-        return self._result(action_id, Status.ACTION_STATUS_SKIPPED, reason)
+        return self._result(action_id, tools_pb2.ACTION_STATUS_SKIPPED, reason)
 
     async def _run_action(self, action: tools_pb2.Action) -> _Outcome:
-        parameters = substitute(struct_to_json(action.parameters), self.outputs)
+        parameters = struct_to_json(action.parameters)
+        if self.outputs:  # else there is no output to refer to
+            parameters = substitute(parameters, self.outputs)
         for policy in self.policies:
             if denial := policy_denial(policy, action, parameters, self.state):
-                return _Outcome(self._result(action.id, Status.ACTION_STATUS_REJECTED, denial))
+                return _Outcome(self._result(action.id, tools_pb2.ACTION_STATUS_REJECTED, denial))
         behavior = action.failure_behavior
         retries = action.max_retries if action.HasField("max_retries") else DEFAULT_MAX_RETRIES
         attempts = 1 + retries if behavior == tools_pb2.FAILURE_BEHAVIOR_RETRY else 1
@@ -483,7 +533,7 @@ class _Run:
                 output, changes = await self._attempt(action, parameters, attempt)
             except _ActionFailed as e:
                 if e.terminal or attempt >= attempts:
-                    result = self._result(action.id, Status.ACTION_STATUS_FAILED, e.message)
+                    result = self._result(action.id, tools_pb2.ACTION_STATUS_FAILED, e.message)
                     if e.terminal:
                         result.terminal = True
                     aborts = e.terminal or behavior != tools_pb2.FAILURE_BEHAVIOR_SKIP
@@ -492,10 +542,9 @@ class _Run:
                 await asyncio.sleep(self.retry_backoff * 2 ** (attempt - 1))
                 continue
             self.outputs[action.id] = output
-            result = self._result(action.id, Status.ACTION_STATUS_SUCCEEDED, None)
-            result.output.CopyFrom(to_value(output))
+            result = self._result(action.id, tools_pb2.ACTION_STATUS_SUCCEEDED, None, output)
             for key, value in changes.items():
-                result.state_changes.fields[key].CopyFrom(to_value(value))
+                json_to_value(value, result.state_changes.fields[key])
             return _Outcome(result)
 
     async def _attempt(
@@ -506,9 +555,9 @@ class _Run:
             if not precondition_holds(pre, self.state):
                 raise _ActionFailed(f"precondition failed: {_describe(pre)}")
         kind = action.type
-        if kind == ActionType.ACTION_TYPE_TOOL_CALL:
+        if kind == tools_pb2.ACTION_TYPE_TOOL_CALL:
             return await self._call(action, parameters, attempt), {}
-        if kind == ActionType.ACTION_TYPE_STATE_WRITE:
+        if kind == tools_pb2.ACTION_TYPE_STATE_WRITE:
             key = parameters.get("key")
             if not isinstance(key, str) or not key:
                 raise _ActionFailed("state_write needs a non-empty string parameters.key")
@@ -520,7 +569,7 @@ class _Run:
                 raise _ActionFailed(e.message) from None
             self.originals.setdefault(key, before)
             return None, {key: value}
-        if kind == ActionType.ACTION_TYPE_STATE_READ:
+        if kind == tools_pb2.ACTION_TYPE_STATE_READ:
             key = parameters.get("key")
             if not isinstance(key, str) or not key:
                 raise _ActionFailed("state_read needs a non-empty string parameters.key")
@@ -534,11 +583,29 @@ class _Run:
         timeout_ms = action.timeout_ms if action.HasField("timeout_ms") else None
         invocation = ToolInvocation(action.id, action.tool, parameters, timeout_ms, attempt)
         self.cost.tool_calls += 1
+        try:
+            if timeout_ms is None:
+                # Awaited in place: a cancellation of this task reaches the call with its
+                # reason as it is.
+                return await self.call_tool(invocation)
+            return await self._call_within(invocation, timeout_ms)
+        except _ActionFailed:
+            raise
+        except ToolFailed as e:
+            raise _ActionFailed(e.message, terminal=e.terminal) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task is being cancelled, not just the call
+            raise _ActionFailed(f"tool '{action.tool}' call was cancelled") from None
+        except Exception as e:  # a broken binding fails the action, not the proposal
+            raise _ActionFailed(f"tool '{action.tool}' call failed: {e}") from None
+
+    async def _call_within(self, invocation: ToolInvocation, timeout_ms: int) -> JSON:
+        """The call in a task of its own, cancelled with CANCEL_TIMEOUT at `timeout_ms`."""
         call = asyncio.ensure_future(self.call_tool(invocation))
         try:
-            done, _ = await asyncio.wait(
-                {call}, timeout=None if timeout_ms is None else timeout_ms / 1000
-            )
+            done, _ = await asyncio.wait({call}, timeout=timeout_ms / 1000)
         except asyncio.CancelledError as e:
             call.cancel(e.args[0] if e.args else CANCEL_CANCELLED)
             await asyncio.wait({call}, timeout=CANCEL_WAIT)
@@ -546,16 +613,8 @@ class _Run:
         if not done:
             call.cancel(CANCEL_TIMEOUT)
             await asyncio.wait({call}, timeout=CANCEL_WAIT)
-            assert timeout_ms is not None
-            raise _ActionFailed(timed_out(action.tool, timeout_ms / 1000))
-        try:
-            return call.result()
-        except ToolFailed as e:
-            raise _ActionFailed(e.message, terminal=e.terminal) from None
-        except asyncio.CancelledError:
-            raise _ActionFailed(f"tool '{action.tool}' call was cancelled") from None
-        except Exception as e:  # a broken binding fails the action, not the proposal
-            raise _ActionFailed(f"tool '{action.tool}' call failed: {e}") from None
+            raise _ActionFailed(timed_out(invocation.tool, timeout_ms / 1000))
+        return call.result()
 
 
 async def execute(
@@ -578,7 +637,7 @@ def skipped_result(plan: Plan, reason: str) -> tools_pb2.ProposalResult:
     for action in plan.actions:
         item = result.results.add(
             action_id=action.id,
-            status=Status.ACTION_STATUS_SKIPPED,
+            status=tools_pb2.ACTION_STATUS_SKIPPED,
             error=reason,
             timestamp=now_ms(),
         )

@@ -180,17 +180,18 @@ class ClientSession:
         Raises CarError when the client answers with an error, TimeoutError after
         `timeout` seconds, SessionClosed when the session ends first.
         """
-        if not self.streaming:
-            raise CarError(INTERNAL, "this call has no session stream to call back on")
-        limit = self._limits.max_pending_calls
-        if len(self._pending) >= limit:
-            raise invalid_params(
-                f"invalid params: too many calls pending on the client: "
-                f"max_pending_calls_per_session ({limit})"
-            )
-        cid = callback_id or self.next_callback_id()
-        frame = session_pb2.ServerFrame(id=cid)
+        self._check_callable()  # before an id is taken: a refused call takes none
+        frame = session_pb2.ServerFrame(id=callback_id or self.next_callback_id())
         getattr(frame, member).CopyFrom(message)
+        return await self.call_frame(frame, member, timeout)
+
+    async def call_frame(
+        self, frame: session_pb2.ServerFrame, member: str, timeout: float
+    ) -> session_pb2.ClientFrame:
+        """`call` with the request frame already built (its id a fresh callback id, its
+        member `member` filled in place: nothing copied)."""
+        self._check_callable()
+        cid = frame.id
         future: asyncio.Future[session_pb2.ClientFrame] = asyncio.get_running_loop().create_future()
         self._pending[cid] = future
         sent = time.perf_counter()
@@ -205,6 +206,18 @@ class ClientSession:
         if answer.WhichOneof("body") == "error":
             raise CarError.from_proto(answer.error)
         return answer
+
+    def _check_callable(self) -> None:
+        """Raise unless the client can be called now (a stream, room among its pending
+        calls)."""
+        if not self.streaming:
+            raise CarError(INTERNAL, "this call has no session stream to call back on")
+        limit = self._limits.max_pending_calls
+        if len(self._pending) >= limit:
+            raise invalid_params(
+                f"invalid params: too many calls pending on the client: "
+                f"max_pending_calls_per_session ({limit})"
+            )
 
     def resolve(self, frame: session_pb2.ClientFrame) -> bool:
         """Deliver the client's answer to a pending call; False for unknown/late ids."""

@@ -159,8 +159,7 @@ class ToolHost:
         except HostGone:
             raise ToolFailed(self.gone_reason()) from None
         except asyncio.CancelledError as e:
-            reason = e.args[0] if e.args and isinstance(e.args[0], str) else "cancelled"
-            self._give_up(call, reason)
+            self._give_up(call, proposals.cancel_reason(e))
             raise
         finally:
             self._forget(call)

@@ -32,7 +32,7 @@ from car_grpc.core.router import handles
 from car_grpc.core.session import ClientSession, SessionClosed
 from car_grpc.core.tool_hosts import ToolHosts
 from car_grpc.v1 import session_pb2, tools_pb2
-from car_grpc.wire.codec import JSON, to_struct, value_to_json
+from car_grpc.wire.codec import JSON, json_to_struct, value_to_json
 from car_grpc.wire.errors import INTERNAL, CarError, field_error, require
 
 log = logging.getLogger(__name__)
@@ -174,19 +174,20 @@ class SessionTools:
     async def __call__(self, inv: ToolInvocation) -> JSON:
         wait = self._tool_timeout if inv.timeout_ms is None else inv.timeout_ms / 1000 + self._grace
         request_id = self.session.next_callback_id()
-        request = tools_pb2.ExecuteToolRequest(
-            action_id=inv.action_id,
-            tool=inv.tool,
-            parameters=to_struct(inv.parameters),
-            attempt=inv.attempt,
-            request_id=request_id,
-        )
+        # Written straight into the frame that goes out (no request message to copy in).
+        frame = session_pb2.ServerFrame(id=request_id)
+        request = frame.tools_execute
+        request.action_id = inv.action_id
+        request.tool = inv.tool
+        json_to_struct(inv.parameters, request.parameters)
+        request.attempt = inv.attempt
+        request.request_id = request_id
         if inv.timeout_ms is not None:
             request.timeout_ms = inv.timeout_ms
         if self.label is not None:
             request.session_id = self.label
         try:
-            answer = await self.session.call("tools_execute", request, wait, request_id)
+            answer = await self.session.call_frame(frame, "tools_execute", wait)
         except TimeoutError:
             self._cancel(request_id, inv, proposals.CANCEL_TIMEOUT)
             raise ToolFailed(proposals.timed_out(inv.tool, wait)) from None
@@ -195,8 +196,7 @@ class SessionTools:
         except CarError as e:
             raise ToolFailed(e.message, terminal=_is_terminal(e)) from None
         except asyncio.CancelledError as e:
-            reason = e.args[0] if e.args and isinstance(e.args[0], str) else "cancelled"
-            self._cancel(request_id, inv, reason)
+            self._cancel(request_id, inv, proposals.cancel_reason(e))
             raise
         member = answer.WhichOneof("body")
         if member != "tools_execute":
