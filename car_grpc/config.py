@@ -180,15 +180,21 @@ class CoreConfig:
     #: Chat events buffered between an agent and its host; beyond it the agent is slowed
     #: down (its events wait in order) rather than any being dropped.
     chat_buffer: int = 256
+    #: The same in bytes (serialized ChatEventNotice); one larger event passes alone.
+    chat_buffer_bytes: int = 8 * 1024 * 1024
     #: How long an agent's chat events may wait for a host that stopped reading before
     #: the chat ends with an `error` event (and is cancelled at the agent).
     chat_stall_timeout: float = 30.0
     #: PCM chunks queued per voice session towards its speech engine; pushes beyond it
     #: wait, in order.
     voice_audio_queue: int = 64
+    #: The same in bytes (serialized message to the engine).
+    voice_audio_queue_bytes: int = 4 * 1024 * 1024
     #: Voice events and speech frames queued per voice session towards its owner; an owner
     #: that lets more pile up (it stopped reading) loses the session, with an error event.
     voice_event_queue: int = 256
+    #: The same in bytes (serialized frames); past it the owner loses the session too.
+    voice_event_queue_bytes: int = 8 * 1024 * 1024
     #: How long a speech engine may take nothing (queued audio waits, a write to its stream
     #: blocks) before it counts as stalled: the waiting push fails, the engine is dropped.
     voice_stall_timeout: float = 10.0

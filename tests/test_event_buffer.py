@@ -28,23 +28,23 @@ async def drain(buffer: EventBuffer[int]) -> list[int]:
 
 
 async def test_items_come_out_in_order_and_none_after_close() -> None:
-    buffer: EventBuffer[int] = EventBuffer(limit=4, stall_timeout=5)
+    buffer: EventBuffer[int] = EventBuffer(limit=4, stall_timeout=5, limit_bytes=1 << 20)
     for i in range(3):
-        assert await buffer.put(i) is PutResult.QUEUED
+        assert await buffer.put(i, 1) is PutResult.QUEUED
     buffer.close(final=99)
-    assert await buffer.put(100) is PutResult.CLOSED
+    assert await buffer.put(100, 1) is PutResult.CLOSED
     assert await drain(buffer) == [0, 1, 2, 99]
 
 
 async def test_full_buffer_makes_producers_wait_in_arrival_order() -> None:
-    buffer: EventBuffer[int] = EventBuffer(limit=2, stall_timeout=5)
-    producers = [asyncio.create_task(buffer.put(i)) for i in range(10)]
+    buffer: EventBuffer[int] = EventBuffer(limit=2, stall_timeout=5, limit_bytes=1 << 20)
+    producers = [asyncio.create_task(buffer.put(i, 1)) for i in range(10)]
     await asyncio.sleep(0)
     assert len(buffer) == 10
     assert sum(p.done() for p in producers) == 2  # only the first two got in
     # A newcomer must not overtake the waiting producers even once space frees up.
     first = await buffer.get()
-    late = asyncio.create_task(buffer.put(10))
+    late = asyncio.create_task(buffer.put(10, 1))
     await asyncio.sleep(0)
     assert not late.done() and len(buffer) == 10
     rest = [await buffer.get() for _ in range(10)]
@@ -53,9 +53,9 @@ async def test_full_buffer_makes_producers_wait_in_arrival_order() -> None:
 
 
 async def test_a_reader_that_stops_reading_stalls_waiting_producers() -> None:
-    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=0.05)
-    assert await buffer.put(0) is PutResult.QUEUED
-    waiting = [asyncio.create_task(buffer.put(i)) for i in (1, 2)]
+    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=0.05, limit_bytes=1 << 20)
+    assert await buffer.put(0, 1) is PutResult.QUEUED
+    waiting = [asyncio.create_task(buffer.put(i, 1)) for i in (1, 2)]
     results = await asyncio.gather(*waiting)
     assert PutResult.STALLED in results
     buffer.close(final=-1, drop_waiting=True)
@@ -63,16 +63,16 @@ async def test_a_reader_that_stops_reading_stalls_waiting_producers() -> None:
 
 
 async def test_after_a_stall_new_producers_hear_at_once_until_the_reader_is_back() -> None:
-    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=0.05)
-    assert buffer.offer(0) is PutResult.QUEUED
-    first = buffer.offer(1)
+    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=0.05, limit_bytes=1 << 20)
+    assert buffer.offer(0, 1) is PutResult.QUEUED
+    first = buffer.offer(1, 1)
     assert not isinstance(first, PutResult)
     assert await buffer.admitted(first) is PutResult.STALLED
-    late = buffer.offer(2)  # the reader is still stalled: no new wait of its own
+    late = buffer.offer(2, 1)  # the reader is still stalled: no new wait of its own
     assert not isinstance(late, PutResult) and late.done()
     assert late.result() is PutResult.STALLED
     assert await buffer.get() == 0  # the reader is back: the clock starts again
-    again = buffer.offer(3)
+    again = buffer.offer(3, 1)
     assert not isinstance(again, PutResult) and not again.done()
     assert await buffer.get() == 1
     assert await buffer.get() == 2
@@ -80,8 +80,8 @@ async def test_after_a_stall_new_producers_hear_at_once_until_the_reader_is_back
 
 
 async def test_a_slow_reader_that_keeps_reading_is_not_a_stall() -> None:
-    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=0.2)
-    producer = asyncio.gather(*(buffer.put(i) for i in range(6)))
+    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=0.2, limit_bytes=1 << 20)
+    producer = asyncio.gather(*(buffer.put(i, 1) for i in range(6)))
     got = []
     for _ in range(6):  # each take is well within the bound, all of them together are not
         await asyncio.sleep(0.05)
@@ -96,20 +96,20 @@ async def test_an_offer_takes_its_place_in_line_when_made_not_when_awaited() -> 
     """offer (put's first step, which never waits) fixes the order: an item offered to a
     full buffer stays ahead of one offered after room was made, though nobody awaited it
     yet (the chat relay offers in the stream's read loop, and waits in a task)."""
-    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=5)
-    assert buffer.offer(0) is PutResult.QUEUED
-    waiting = buffer.offer(1)
+    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=5, limit_bytes=1 << 20)
+    assert buffer.offer(0, 1) is PutResult.QUEUED
+    waiting = buffer.offer(1, 1)
     assert isinstance(waiting, asyncio.Future)
     assert await buffer.get() == 0  # room: 1 is let in, ahead of anything offered now
-    assert isinstance(buffer.offer(2), asyncio.Future)
+    assert isinstance(buffer.offer(2, 1), asyncio.Future)
     assert await buffer.admitted(waiting) is PutResult.QUEUED
     buffer.close()
     assert await drain(buffer) == [1, 2]
 
 
 async def test_close_admits_waiting_items_before_the_final_one() -> None:
-    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=5)
-    producers = [asyncio.create_task(buffer.put(i)) for i in range(3)]
+    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=5, limit_bytes=1 << 20)
+    producers = [asyncio.create_task(buffer.put(i, 1)) for i in range(3)]
     await asyncio.sleep(0)
     buffer.close(final=-1)
     assert [await p for p in producers] == [PutResult.QUEUED] * 3
@@ -117,12 +117,60 @@ async def test_close_admits_waiting_items_before_the_final_one() -> None:
 
 
 async def test_discard_drops_everything() -> None:
-    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=5)
-    producers = [asyncio.create_task(buffer.put(i)) for i in range(3)]
+    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=5, limit_bytes=1 << 20)
+    producers = [asyncio.create_task(buffer.put(i, 1)) for i in range(3)]
     await asyncio.sleep(0)
     buffer.discard()
     assert [await p for p in producers] == [PutResult.QUEUED, PutResult.CLOSED, PutResult.CLOSED]
     assert await buffer.get() is None and len(buffer) == 0
+
+
+async def test_the_byte_bound_makes_producers_wait_in_order_though_items_are_few() -> None:
+    buffer: EventBuffer[int] = EventBuffer(limit=100, stall_timeout=5, limit_bytes=10)
+    assert buffer.offer(0, 4) is PutResult.QUEUED
+    assert buffer.offer(1, 6) is PutResult.QUEUED  # exactly at the bound
+    big = buffer.offer(2, 8)
+    small = buffer.offer(3, 1)  # it would fit, but must not overtake the big one
+    assert isinstance(big, asyncio.Future) and isinstance(small, asyncio.Future)
+    assert len(buffer) == 4 and buffer.nbytes == 10
+    assert await buffer.get() == 0  # 6 bytes queued: the 8-byte item still waits
+    assert not big.done() and not small.done()
+    assert await buffer.get() == 1  # room for both now: both go in, in order
+    assert big.result() is PutResult.QUEUED and small.result() is PutResult.QUEUED
+    assert buffer.nbytes == 9
+    buffer.close()
+    assert await drain(buffer) == [2, 3] and buffer.nbytes == 0
+
+
+async def test_one_item_over_the_byte_bound_passes_alone() -> None:
+    buffer: EventBuffer[int] = EventBuffer(limit=100, stall_timeout=5, limit_bytes=10)
+    assert buffer.offer(0, 50) is PutResult.QUEUED  # an empty buffer takes any one item
+    later = buffer.offer(1, 1)
+    assert isinstance(later, asyncio.Future)
+    assert await buffer.get() == 0
+    assert await buffer.admitted(later) is PutResult.QUEUED
+    huge = buffer.offer(2, 50)  # not while anything else is queued
+    assert isinstance(huge, asyncio.Future) and not huge.done()
+    assert await buffer.get() == 1
+    assert await buffer.admitted(huge) is PutResult.QUEUED
+    assert buffer.nbytes == 50
+
+
+async def test_the_item_bound_still_holds_for_tiny_items() -> None:
+    buffer: EventBuffer[int] = EventBuffer(limit=2, stall_timeout=5, limit_bytes=1 << 20)
+    assert buffer.offer(0, 1) is PutResult.QUEUED
+    assert buffer.offer(1, 1) is PutResult.QUEUED
+    assert isinstance(buffer.offer(2, 1), asyncio.Future)
+    assert await buffer.get_many(10) == [0, 1]  # only what it held; 2 got in meanwhile
+    assert await buffer.get_many(10) == [2]
+
+
+async def test_a_reader_stalled_by_the_byte_bound_is_a_stall() -> None:
+    buffer: EventBuffer[int] = EventBuffer(limit=100, stall_timeout=0.05, limit_bytes=10)
+    assert await buffer.put(0, 10) is PutResult.QUEUED
+    assert await buffer.put(1, 1) is PutResult.STALLED
+    buffer.discard()
+    assert buffer.nbytes == 0 and await buffer.get() is None
 
 
 # ------------------------------------------------------------------ pure rules

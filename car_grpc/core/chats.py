@@ -151,6 +151,7 @@ class ChatLimits:
     ack_timeout: float
     buffer: int
     stall_timeout: float
+    buffer_bytes: int
 
 
 class Chats:
@@ -232,7 +233,7 @@ class Chats:
             agent_id=agent_id,
             agent=agent,
             host=host,
-            events=EventBuffer(limit, stall),
+            events=EventBuffer(limit, stall, limit_bytes=self.limits.buffer_bytes),
             goal_before=stored.status if stored is not None else None,
         )
         self._route(chat)
@@ -263,7 +264,10 @@ class Chats:
         through a relay task into the chat's buffer, as a local agent's would."""
         assert self.peers is not None
         limit, stall = self.limits.buffer, self.limits.stall_timeout
-        chat = Chat(session_id, req.agent_id, None, host, EventBuffer(limit, stall), None)
+        events: EventBuffer[chats_pb2.ChatEventNotice] = EventBuffer(
+            limit, stall, limit_bytes=self.limits.buffer_bytes
+        )
+        chat = Chat(session_id, req.agent_id, None, host, events, None)
         self._route(chat)
         forwarded = chats_pb2.ChatRequest()
         forwarded.CopyFrom(req)
@@ -294,7 +298,7 @@ class Chats:
                 terminal = notice.event.kind in TERMINAL_KINDS
                 if terminal:
                     self._unroute(chat)
-                outcome = await chat.events.put(notice)
+                outcome = await chat.events.put(notice, notice.ByteSize())
                 if outcome is PutResult.STALLED:
                     self._stalled(chat)
                     return
@@ -409,7 +413,7 @@ class Chats:
         self._follow_goal(chat, event)
         if terminal:
             self._unroute(chat)
-        offered = chat.events.offer(out)
+        offered = chat.events.offer(out, out.ByteSize())
         if isinstance(offered, PutResult):
             self._relayed(chat, offered, terminal)
             return None

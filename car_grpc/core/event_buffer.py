@@ -2,6 +2,10 @@
 on their way to the host (chats.py), a client's audio on its way to a speech engine
 (voice.py).
 
+The buffer is bounded in items and in bytes (each item's size is given by its producer,
+e.g. the length of its serialized frame); it is full when either bound would be passed,
+except that an empty buffer always takes one item, so a large one is never stuck.
+
 Chat tokens must neither be lost nor reordered, so a full buffer does not drop: the
 producer (the agent's notification handler) waits, and waiting producers are admitted
 strictly in arrival order. Waiting is what slows a fast agent down: each waiting handler
@@ -34,13 +38,17 @@ class PutResult(enum.Enum):
 
 
 class EventBuffer(Generic[T]):
-    """A FIFO of at most `limit` items with one reader; producers beyond it wait in order."""
+    """A FIFO of at most `limit` items and `limit_bytes` bytes (but always one item) with
+    one reader; producers beyond it wait in order."""
 
-    def __init__(self, limit: int, stall_timeout: float) -> None:
+    def __init__(self, limit: int, stall_timeout: float, *, limit_bytes: int) -> None:
         self._limit = max(1, limit)
+        self._limit_bytes = limit_bytes
         self._stall_timeout = stall_timeout
-        self._items: deque[T] = deque()
-        self._waiting: deque[tuple[asyncio.Future[PutResult], T]] = deque()
+        #: (item, its size) in order, and the sum of their sizes.
+        self._items: deque[tuple[T, int]] = deque()
+        self._bytes = 0
+        self._waiting: deque[tuple[asyncio.Future[PutResult], T, int]] = deque()
         self._readable = asyncio.Event()
         self._closed = False
         #: Loop time of the reader's last take, or of the moment producers began to wait.
@@ -55,28 +63,41 @@ class EventBuffer(Generic[T]):
     def __len__(self) -> int:
         return len(self._items) + len(self._waiting)
 
-    async def put(self, item: T) -> PutResult:
-        """Append `item` after everything put before it, waiting while the buffer is full."""
-        offered = self.offer(item)
+    @property
+    def nbytes(self) -> int:
+        """The size of the items in the buffer (not of those waiting)."""
+        return self._bytes
+
+    def _fits(self, size: int) -> bool:
+        items = self._items
+        if not items:
+            return True
+        return len(items) < self._limit and self._bytes + size <= self._limit_bytes
+
+    async def put(self, item: T, size: int) -> PutResult:
+        """Append `item` (of `size` bytes) after everything put before it, waiting while
+        the buffer is full."""
+        offered = self.offer(item, size)
         if isinstance(offered, PutResult):
             return offered
         return await self.admitted(offered)
 
-    def offer(self, item: T) -> PutResult | asyncio.Future[PutResult]:
+    def offer(self, item: T, size: int) -> PutResult | asyncio.Future[PutResult]:
         """put's first step, which never waits: the item is appended (QUEUED), refused
         (CLOSED), or takes its place in line, and then the future to pass to `admitted`
         is returned. Either way its order among the items is set here."""
         if self._closed:
             return PutResult.CLOSED
-        if not self._waiting and len(self._items) < self._limit:
-            self._items.append(item)
+        if not self._waiting and self._fits(size):
+            self._items.append((item, size))
+            self._bytes += size
             self._readable.set()
             return PutResult.QUEUED
         loop = asyncio.get_running_loop()
         if not self._waiting:
             self._progress_at = loop.time()  # the stall clock starts now
         admitted: asyncio.Future[PutResult] = loop.create_future()
-        self._waiting.append((admitted, item))
+        self._waiting.append((admitted, item, size))
         if self._stall_timer is None:
             self._check_stall()
         return admitted
@@ -98,7 +119,7 @@ class EventBuffer(Generic[T]):
         if loop.time() < deadline:
             self._stall_timer = loop.call_at(deadline, self._check_stall)
             return
-        for admitted, _ in self._waiting:
+        for admitted, _, _ in self._waiting:
             if not admitted.done():
                 admitted.set_result(PutResult.STALLED)
 
@@ -124,18 +145,22 @@ class EventBuffer(Generic[T]):
         return [self._take(now) for _ in range(min(limit, len(self._items)))]
 
     def _take(self, now: float) -> T:
-        item = self._items.popleft()
+        item, size = self._items.popleft()
+        self._bytes -= size
         self._progress_at = now
-        if self._waiting:
-            admitted, waiting = self._waiting.popleft()
-            self._items.append(waiting)
+        # The room made may let in several small waiting items, or not yet a large one.
+        waiting = self._waiting
+        while waiting and self._fits(waiting[0][2]):
+            admitted, next_item, next_size = waiting.popleft()
+            self._items.append((next_item, next_size))
+            self._bytes += next_size
             if not admitted.done():  # (stalled, or its producer went away)
                 admitted.set_result(PutResult.QUEUED)
         return item
 
     def close(self, final: T | None = None, *, drop_waiting: bool = False) -> None:
         """Accept nothing more. Waiting items are admitted (or dropped, with `drop_waiting`),
-        then `final` is appended past the limit; the reader drains what is left."""
+        then `final` is appended past the limits; the reader drains what is left."""
         if self._closed:
             return
         self._closed = True
@@ -143,16 +168,18 @@ class EventBuffer(Generic[T]):
             self._stall_timer.cancel()
             self._stall_timer = None
         while self._waiting:
-            admitted, waiting = self._waiting.popleft()
+            admitted, waiting, size = self._waiting.popleft()
             if not drop_waiting:
-                self._items.append(waiting)
+                self._items.append((waiting, size))
+                self._bytes += size
             if not admitted.done():
                 admitted.set_result(PutResult.CLOSED if drop_waiting else PutResult.QUEUED)
         if final is not None:
-            self._items.append(final)
+            self._items.append((final, 0))
         self._readable.set()
 
     def discard(self) -> None:
         """Close and forget everything (nobody will read)."""
         self.close(drop_waiting=True)
         self._items.clear()
+        self._bytes = 0

@@ -13,8 +13,9 @@ Each session has two bounded lanes:
   push and the session (and the write that blocks drops the engine).
 - events, engine -> owner: a queue of ServerFrames (`voice.event`, TTS audio) that the
   session's event pump sends to the owner. Offering never waits, because one engine stream
-  carries all of the engine's sessions: an owner that let `voice_event_queue` frames pile
-  up loses its session, with an error event (one slot is kept for that last event).
+  carries all of the engine's sessions: an owner that let `voice_event_queue` frames (or
+  `voice_event_queue_bytes` of them) pile up loses its session, with an error event (one
+  slot is kept for that last event).
 
 A session ends once, in `Voice._end`, which queues the terminal event (when the owner is
 still there to read it), tells the engine (unless the engine ended it) and lets the
@@ -126,7 +127,8 @@ def check_chunk(data: bytes, limit: int, name: str) -> None:
 
 
 def _keeps_up(event_queue: int) -> int:
-    """The most events an owner may have queued for its session's audio to go on."""
+    """The most events (or bytes of them) an owner may have queued for its session's
+    audio to go on."""
     return event_queue // 4
 
 
@@ -225,8 +227,11 @@ class VoiceSession:
     end_reason: str = ""
     chunks_in: int = 0
     events_out: int = 0
+    #: The size of the frames in `events` (bounded by voice_event_queue_bytes).
+    events_bytes: int = 0
     terminal_queued: bool = False
-    #: Set while the owner's queue of events holds at most a quarter of voice_event_queue:
+    #: Set while the owner's queue of events holds at most a quarter of voice_event_queue
+    #: (and of voice_event_queue_bytes):
     #: only then does the audio pump hand the engine more audio (_pump_audio).
     owner_keeps_up: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))
     #: Audio to the engine. Never cancelled (it may be inside a write): once the session
@@ -454,6 +459,8 @@ class VoiceLimits:
 
     audio_queue: int
     event_queue: int
+    audio_queue_bytes: int
+    event_queue_bytes: int
     stall_timeout: float
     ack_timeout: float
     max_chunk_bytes: int
@@ -534,7 +541,11 @@ class Voice:
             audio_source=audio_source,
             owner=owner,
             engine=engine,
-            audio=EventBuffer(self.limits.audio_queue, self.limits.stall_timeout),
+            audio=EventBuffer(
+                self.limits.audio_queue,
+                self.limits.stall_timeout,
+                limit_bytes=self.limits.audio_queue_bytes,
+            ),
             events=asyncio.Queue(self.limits.event_queue + 1),
             answered=loop.create_future(),
             engine_end=loop.create_future(),
@@ -621,7 +632,8 @@ class Voice:
             raise invalid_params(f"invalid params: voice session '{vs.id}' is stopping")
         seq = vs.chunks_in
         vs.chunks_in += 1
-        return vs, seq, vs.audio.offer(_audio_message(vs.audio_head, seq, data))
+        message = _audio_message(vs.audio_head, seq, data)
+        return vs, seq, vs.audio.offer(message, len(message))
 
     def _pushed(self, vs: VoiceSession, result: PutResult) -> None:
         """A push's outcome: a stalled wait ends the session; -32603 unless queued."""
@@ -639,20 +651,21 @@ class Voice:
         last batch goes in one send (one gRPC message, on a batched stream).
 
         Audio makes events, so none goes to the engine while the owner has more than a
-        quarter of voice_event_queue still to take, and at most a sixteenth of it at a
+        quarter of voice_event_queue (or of voice_event_queue_bytes) still to take, and at most a sixteenth of it at a
         time: a client that pushes audio faster than it reads what comes back is slowed
         down (its pushes wait in the audio queue) rather than losing its session when
         the engine's answers pile up. (The engine's answers to audio it already has
         still count: an engine that answers each chunk with several events, several
         sends behind, can still fill the queue.)"""
         keeps_up = _keeps_up(self.limits.event_queue)
+        keeps_up_bytes = _keeps_up(self.limits.event_queue_bytes)
         # One at a time on ServeVoice: each write starts as the chunk leaves the queue,
         # so the queue's stall clock and the write's run together.
         most = max(1, min(batch.MAX_FRAMES, self.limits.event_queue // 16))
         if not vs.engine.batched:
             most = 1
         while True:
-            if vs.events.qsize() > keeps_up:
+            if vs.events.qsize() > keeps_up or vs.events_bytes > keeps_up_bytes:
                 vs.owner_keeps_up.clear()
                 await vs.owner_keeps_up.wait()  # set again by the event pump, or _end
             messages = await vs.audio.get_many(most)
@@ -708,11 +721,11 @@ class Voice:
     def _offer(self, vs: VoiceSession, frame: bytes) -> bool:
         if vs.state is State.ENDED:
             return False
-        limit = self.limits.event_queue
-        if vs.events.qsize() >= limit:
-            self._metrics.queue_drops.inc("voice_events")
-            message = f"client not reading: {limit} voice events queued"
-            self._end(vs, error_event(message), message)
+        queued = vs.events_bytes
+        if vs.events.qsize() >= self.limits.event_queue or (
+            queued and queued + len(frame) > self.limits.event_queue_bytes
+        ):
+            self._owner_not_reading(vs)
             return False
         if vs.event_pump is not None and not vs.pumping and vs.events.empty():
             # Nothing of the session's is on its way to the owner: straight into the owner's
@@ -722,13 +735,29 @@ class Voice:
                 vs.events_out += 1
                 return True
         vs.events.put_nowait((frame, False))
+        vs.events_bytes += len(frame)
         return True
+
+    def _owner_not_reading(self, vs: VoiceSession) -> None:
+        """One more event would pass the owner's bound in events or bytes (one larger
+        event passes alone): the session ends."""
+        self._metrics.queue_drops.inc("voice_events")
+        limit = self.limits.event_queue
+        if vs.events.qsize() >= limit:
+            message = f"client not reading: {limit} voice events queued"
+        else:
+            queued, limit_bytes = vs.events_bytes, self.limits.event_queue_bytes
+            message = f"client not reading: {queued} bytes of voice events queued"
+            message += f" (at most {limit_bytes})"
+        self._end(vs, error_event(message), message)
 
     async def _pump_events(self, vs: VoiceSession) -> None:
         keeps_up = _keeps_up(self.limits.event_queue)
+        keeps_up_bytes = _keeps_up(self.limits.event_queue_bytes)
         with contextlib.suppress(SessionClosed):
             while True:
                 frame, last = await vs.events.get()
+                vs.events_bytes -= len(frame)
                 vs.pumping = True
                 if last:
                     await self._sink_finished(vs)
@@ -737,7 +766,7 @@ class Voice:
                 vs.events_out += 1
                 if last:
                     return
-                if vs.events.qsize() <= keeps_up:
+                if vs.events.qsize() <= keeps_up and vs.events_bytes <= keeps_up_bytes:
                     vs.owner_keeps_up.set()
 
     # -------------------------------------------------------------- ending
@@ -808,7 +837,9 @@ class Voice:
         vs.audio.discard()
         vs.owner_keeps_up.set()  # the audio pump sees the end
         if terminal is not None and started:
-            vs.events.put_nowait((_event_bytes(vs.notice_head, terminal), True))  # kept slot
+            last = _event_bytes(vs.notice_head, terminal)
+            vs.events.put_nowait((last, True))  # kept slot
+            vs.events_bytes += len(last)
             vs.terminal_queued = True
         elif vs.event_pump is not None:
             vs.event_pump.cancel()

@@ -180,7 +180,12 @@ async def wire(
     chats = Chats(
         registry,
         store.goals,
-        ChatLimits(config.chat_ack_timeout, config.chat_buffer, config.chat_stall_timeout),
+        ChatLimits(
+            config.chat_ack_timeout,
+            config.chat_buffer,
+            config.chat_stall_timeout,
+            buffer_bytes=config.chat_buffer_bytes,
+        ),
     )
     await chats.start()
     tool_hosts = ToolHosts(
@@ -201,6 +206,8 @@ async def wire(
         VoiceLimits(
             audio_queue=config.voice_audio_queue,
             event_queue=config.voice_event_queue,
+            audio_queue_bytes=config.voice_audio_queue_bytes,
+            event_queue_bytes=config.voice_event_queue_bytes,
             stall_timeout=config.voice_stall_timeout,
             ack_timeout=config.voice_ack_timeout,
             max_chunk_bytes=config.voice_max_chunk_bytes,
