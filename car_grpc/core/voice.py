@@ -651,12 +651,12 @@ class Voice:
         last batch goes in one send (one gRPC message, on a batched stream).
 
         Audio makes events, so none goes to the engine while the owner has more than a
-        quarter of voice_event_queue (or of voice_event_queue_bytes) still to take, and at most a sixteenth of it at a
-        time: a client that pushes audio faster than it reads what comes back is slowed
-        down (its pushes wait in the audio queue) rather than losing its session when
-        the engine's answers pile up. (The engine's answers to audio it already has
-        still count: an engine that answers each chunk with several events, several
-        sends behind, can still fill the queue.)"""
+        quarter of voice_event_queue (or of voice_event_queue_bytes) still to take, and at
+        most a sixteenth of voice_event_queue at a time: a client that pushes audio
+        faster than it reads what comes back is slowed down (its pushes wait in the audio
+        queue) rather than losing its session when the engine's answers pile up. (The
+        engine's answers to audio it already has still count: an engine that answers each
+        chunk with several events, several sends behind, can still fill the queue.)"""
         keeps_up = _keeps_up(self.limits.event_queue)
         keeps_up_bytes = _keeps_up(self.limits.event_queue_bytes)
         # One at a time on ServeVoice: each write starts as the chunk leaves the queue,
