@@ -359,3 +359,70 @@ async def test_a_read_taken_with_a_group_sees_none_of_its_writes(store: SqliteSt
     # Read in a transaction of its own, never inside the group's.
     assert [r.record for r in await read] == [STARTED]
     assert [r.timestamp for r in await store.runs.records(run_ids[0], 0, 10)] == [1, 2]
+
+
+async def test_a_group_of_appends_is_merged_and_a_bad_one_fails_alone(
+    store: SqliteStore, reader: sqlite3.Connection
+) -> None:
+    """Appends queued together run as one statement set (database.py, merged writes); one
+    that is not where it thinks fails alone, and the rest commit in the same group."""
+    db = store.database
+    run_ids = await create_runs(store, 8)
+    commits = db.commits
+    async with gated(db):
+        tasks = [asyncio.create_task(store.runs.append(r, 1, [turn(2), turn(3)])) for r in run_ids]
+        tasks.insert(4, asyncio.create_task(store.runs.append(run_ids[0], 9, [turn(9)])))
+        tasks.append(asyncio.create_task(store.runs.append(run_ids[0], 3, [turn(4)])))
+        await queued()
+    results = await settle(tasks)
+    assert isinstance(results.pop(4), StoreConflict)
+    assert results == [None] * 9
+    assert db.commits - commits == 2  # the gate, then one group
+    assert stored(reader, run_ids[0]) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    for run_id in run_ids[1:]:
+        assert stored(reader, run_id) == [(0, 1), (1, 2), (2, 3)]
+        got = await store.runs.get(run_id)
+        assert got is not None and (got.turn_count, got.record_count) == (2, 3)
+
+
+async def test_a_read_does_not_wait_for_the_writes(
+    store: SqliteStore, reader: sqlite3.Connection
+) -> None:
+    """Reads have a thread and a connection of their own: one returns while the store
+    thread is inside a write transaction, and sees what was committed before it only."""
+    db = store.database
+    run_ids = await create_runs(store, 1)
+    await store.runs.append(run_ids[0], 1, [turn(2)])
+    async with gated(db) as gate:
+        write = asyncio.create_task(store.runs.append(run_ids[0], 2, [turn(3)]))
+        records = await store.runs.records(run_ids[0], 0, 10)
+        assert not gate.task.done() and not write.done()
+        assert [r.timestamp for r in records] == [1, 2]
+    await write
+    assert [r.timestamp for r in await store.runs.records(run_ids[0], 0, 10)] == [1, 2, 3]
+
+
+async def test_every_read_sees_the_writes_acknowledged_before_it(store: SqliteStore) -> None:
+    """Read-your-writes across the two connections: each writer reads its run right after
+    each acknowledged append (16 at once, so reads and group commits overlap)."""
+    run_ids = await create_runs(store, 16)
+
+    async def write_then_read(run_id: str) -> None:
+        for seq in range(1, 21):
+            await store.runs.append(run_id, seq, [turn(seq)])
+            got = await store.runs.get(run_id)
+            assert got is not None and got.record_count == seq + 1
+            last = await store.runs.records(run_id, seq, 10)
+            assert [r.timestamp for r in last] == [seq]
+
+    await asyncio.gather(*(write_then_read(r) for r in run_ids))
+
+
+async def test_a_read_may_not_write(store: SqliteStore, reader: sqlite3.Connection) -> None:
+    def sneaky(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO agent_tokens VALUES ('sneaky', x'00', 1)")
+
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        await store.database.read(sneaky)
+    assert reader.execute("SELECT COUNT(*) FROM agent_tokens").fetchone() == (0,)
+    assert await store.agent_tokens.digest("sneaky") is None  # the reads go on
