@@ -2,9 +2,10 @@
 SQLite file, with the event loop idle or kept busy, and what they cost on each thread.
 
 W writers (tasks on one event loop) each append batches of 4 turns to a run of their own,
-one batch in flight each, for a few seconds; meanwhile a `runs.get` starts every 5 ms. "Busy" adds a task that keeps the event loop running Python in 0.5 ms slices
-(yielding between them), as a saturated server does: each statement the store thread runs
-gives the GIL up and must take it back from that loop. Reported per case: writes/s, write
+one batch in flight each, for a few seconds; meanwhile a `runs.get` starts every 5 ms.
+"Busy" adds a task that keeps the event loop running Python in 0.5 ms slices (yielding
+between them), as a saturated server does: each statement the store thread runs gives
+the GIL up and must take it back from that loop. Reported per case: writes/s, write
 p50/p99, read p50/p99, writes per commit, the CPU per write of the store's threads, the
 event loop and the whole process (`/proc/self/task/*/stat`), and how often per write the
 store thread went to sleep (waiting for the GIL, mostly: the hand-offs).

@@ -21,7 +21,7 @@ import pytest
 
 from car_grpc.store import RunRow, StoreConflict
 from car_grpc.store.sqlite import SqliteStore
-from car_grpc.store.sqlite.database import DEFAULT_WRITE_SIZE, GroupLimits, SqliteDatabase
+from car_grpc.store.sqlite.database import DEFAULT_WRITE_SIZE, GroupLimits, Key, SqliteDatabase
 from car_grpc.v1 import host_pb2, runs_pb2
 
 IN_PROGRESS = runs_pb2.RUN_STATUS_IN_PROGRESS
@@ -77,10 +77,10 @@ class Gate:
     """A write that holds the store thread until `open`: what is queued meanwhile is
     taken as one group when it returns."""
 
-    def __init__(self, db: SqliteDatabase) -> None:
+    def __init__(self, db: SqliteDatabase, key: Key | None = None) -> None:
         self._entered = threading.Event()
         self._released = threading.Event()
-        self.task = asyncio.create_task(db.write(self._hold))
+        self.task = asyncio.create_task(db.write(self._hold, key=key))
 
     def _hold(self, conn: sqlite3.Connection) -> None:
         self._entered.set()
@@ -99,8 +99,8 @@ class Gate:
 
 
 @contextlib.asynccontextmanager
-async def gated(db: SqliteDatabase) -> AsyncIterator[Gate]:
-    gate = Gate(db)
+async def gated(db: SqliteDatabase, key: Key | None = None) -> AsyncIterator[Gate]:
+    gate = Gate(db, key)
     await gate.closed()
     try:
         yield gate
@@ -348,17 +348,31 @@ async def test_a_call_that_waits_too_long_fails_and_may_still_be_done(path: Path
         await db.close()
 
 
-async def test_a_read_taken_with_a_group_sees_none_of_its_writes(store: SqliteStore) -> None:
+async def test_a_read_sees_the_writes_queued_before_it(store: SqliteStore) -> None:
+    """As on one thread: a read waits for the writes of its key (and those without a key)
+    queued before it, so it sees them. Reads have a thread and a connection of their own,
+    and do not wait for the writes of other keys: one returns while the store thread is
+    inside a write transaction."""
     db = store.database
-    run_ids = await create_runs(store, 1)
-    async with gated(db):
+    run_ids = await create_runs(store, 2)
+    async with gated(db, ("gate", "g")) as gate:
         write = asyncio.create_task(store.runs.append(run_ids[0], 1, [turn(2)]))
-        read = asyncio.create_task(store.runs.records(run_ids[0], 0, 10))
         await queued()
+        same_run = asyncio.create_task(store.runs.records(run_ids[0], 0, 10))
+        everything = asyncio.create_task(store.runs.list_for_agent("bot"))
+        other_run = await store.runs.records(run_ids[1], 0, 10)  # at once
+        assert [r.record for r in other_run] == [STARTED]
+        await asyncio.sleep(0.05)
+        assert not (gate.task.done() or write.done() or same_run.done() or everything.done())
     await write
-    # Read in a transaction of its own, never inside the group's.
-    assert [r.record for r in await read] == [STARTED]
-    assert [r.timestamp for r in await store.runs.records(run_ids[0], 0, 10)] == [1, 2]
+    assert [r.timestamp for r in await same_run] == [1, 2]
+    assert {r.run_id: r.record_count for r in await everything} == {run_ids[0]: 2, run_ids[1]: 1}
+    # A write without a key may touch anything: every read queued after it waits.
+    async with gated(db) as gate:
+        read = asyncio.create_task(store.runs.get(run_ids[1]))
+        await asyncio.sleep(0.05)
+        assert not (gate.task.done() or read.done())
+    assert await read is not None
 
 
 async def test_a_group_of_appends_is_merged_and_a_bad_one_fails_alone(
@@ -383,23 +397,6 @@ async def test_a_group_of_appends_is_merged_and_a_bad_one_fails_alone(
         assert stored(reader, run_id) == [(0, 1), (1, 2), (2, 3)]
         got = await store.runs.get(run_id)
         assert got is not None and (got.turn_count, got.record_count) == (2, 3)
-
-
-async def test_a_read_does_not_wait_for_the_writes(
-    store: SqliteStore, reader: sqlite3.Connection
-) -> None:
-    """Reads have a thread and a connection of their own: one returns while the store
-    thread is inside a write transaction, and sees what was committed before it only."""
-    db = store.database
-    run_ids = await create_runs(store, 1)
-    await store.runs.append(run_ids[0], 1, [turn(2)])
-    async with gated(db) as gate:
-        write = asyncio.create_task(store.runs.append(run_ids[0], 2, [turn(3)]))
-        records = await store.runs.records(run_ids[0], 0, 10)
-        assert not gate.task.done() and not write.done()
-        assert [r.timestamp for r in records] == [1, 2]
-    await write
-    assert [r.timestamp for r in await store.runs.records(run_ids[0], 0, 10)] == [1, 2, 3]
 
 
 async def test_every_read_sees_the_writes_acknowledged_before_it(store: SqliteStore) -> None:

@@ -25,9 +25,15 @@ waits to get it back, so statements per group, not per write, is what keeps a gr
 short (bench/README.md).
 
 `read(fn)` runs `fn` on the read thread's connection (`query_only`), in a read
-transaction that it may share with the other reads taken with it: every read sees every
-write acknowledged before the read was called (its transaction starts later), and none
-half-done.
+transaction that it may share with the other reads taken with it (one snapshot, taken
+after each was called): a read sees every write acknowledged before it was called, and
+none half-done. It also sees every write merely queued before it (as on one thread,
+where the core relies on it: a background write, then a read by another client), by
+waiting for those to commit first; a `key` narrows that to what the read reads: a read
+of key K waits only for the writes of key K and those without a key queued before it, so
+a read of one run, goal or token does not wait for the fsync of other sessions' writes.
+A write of key K may change only the data of K; a write or read without a key may touch
+anything.
 
 Schema changes are migrations: append a new entry to MIGRATIONS, never edit an old one.
 `PRAGMA user_version` records how many have been applied.
@@ -53,6 +59,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Item = TypeVar("Item")
+#: What a call touches, e.g. ("run", run_id): a write of one key and a read of another do
+#: not wait for each other.
+Key = tuple[str, str]
 
 #: Ordered schema migrations. Entry i brings the schema from version i to i + 1. Each is
 #: plain SQL statements separated by ";" (no triggers or literals containing ";").
@@ -227,6 +236,8 @@ class _Call:
     error: BaseException | None = None
     #: Whether the store thread has handed its answer to the event loop.
     answered: bool = False
+    #: What the call touches (None: anything); see the module's docstring.
+    key: Key | None = None
 
 
 @dataclass
@@ -273,6 +284,11 @@ class SqliteDatabase:
         self._pending = 0
         self._pending_bytes = 0
         self._room = asyncio.Event()
+        #: The last write queued (writes are answered in the order queued), the last
+        #: without a key, and the last of each key still unanswered.
+        self._last_write: _Call | None = None
+        self._last_unkeyed: _Call | None = None
+        self._last_by_key: dict[Key, _Call] = {}
         self._closed = False
         self._ready: asyncio.Future[None] = loop.create_future()
         self._stopped: asyncio.Future[None] = loop.create_future()
@@ -317,36 +333,63 @@ class SqliteDatabase:
     # ------------------------------------------------------------ the event loop's side
 
     async def write(
-        self, fn: Callable[[sqlite3.Connection], T], size: int = DEFAULT_WRITE_SIZE
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        size: int = DEFAULT_WRITE_SIZE,
+        key: Key | None = None,
     ) -> T:
         """Run `fn` in a write transaction; returns once that transaction is committed.
-        `size` is what the write holds in bytes (its share of the queue's byte bound)."""
-        return cast(T, await self._submit(_Call(fn, True, size, self._loop.create_future())))
+        `size` is what the write holds in bytes (its share of the queue's byte bound);
+        `key` what it changes (None: anything)."""
+        call = _Call(fn, True, size, self._loop.create_future(), key=key)
+        return cast(T, await self._submit(call))
 
     async def write_merged(
         self,
         merge: Callable[[sqlite3.Connection, list[Item]], None],
         item: Item,
         size: int = DEFAULT_WRITE_SIZE,
+        key: Key | None = None,
     ) -> None:
         """Write `item` with `merge(connection, items)`, which the store thread calls once
         for the items of every write of the same `merge` queued one after another in a
         group (in the order they were queued), and for `[item]` alone should that call
         fail. `merge` applies all of its items or raises. Returns once committed."""
         call = _Call(lambda conn: merge(conn, [item]), True, size, self._loop.create_future())
-        call.merge, call.item = merge, item
+        call.merge, call.item, call.key = merge, item, key
         await self._submit(call)
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in a read transaction (one consistent state, no write)."""
-        return cast(T, await self._submit(_Call(fn, False, 0, self._loop.create_future())))
+    async def read(self, fn: Callable[[sqlite3.Connection], T], key: Key | None = None) -> T:
+        """Run `fn` in a read transaction (one consistent state, no write) that sees every
+        write queued before it (of `key` and without a key, if `key` is given)."""
+        call = _Call(fn, False, 0, self._loop.create_future(), key=key)
+        return cast(T, await self._submit(call))
 
     async def _submit(self, call: _Call) -> Any:
         if self._closed:
             raise RuntimeError("the store is closed")
+        before = None if call.write else self._writes_before(call.key)
         size = call.size
         if not self._fits(size):
             await self._wait_for_room(size)
+        async with asyncio.timeout(self.limits.call_timeout):
+            if before:
+                await asyncio.wait(before)  # their outcome is their callers' business
+            self._enqueue(call)
+            # A write's own future is answered only by the store thread, even when its
+            # caller gives up: the reads queued after it wait for that answer.
+            return await (asyncio.shield(call.future) if call.write else call.future)
+
+    def _writes_before(self, key: Key | None) -> list[asyncio.Future[Any]]:
+        """The answers a read of `key` waits for: the writes queued so far that it must see
+        (writes are answered in order, so the last of each kind stands for all)."""
+        if key is None:
+            lasts = [self._last_write]
+        else:
+            lasts = [self._last_unkeyed, self._last_by_key.get(key)]
+        return [c.future for c in lasts if c is not None and not c.future.done()]
+
+    def _enqueue(self, call: _Call) -> None:
         queue = self._writes if call.write else self._reads
         with queue.wake:
             if queue.closing:  # closing, or its store thread is gone
@@ -354,9 +397,13 @@ class SqliteDatabase:
             queue.calls.append(call)
             queue.wake.notify()
         self._pending += 1
-        self._pending_bytes += size
-        async with asyncio.timeout(self.limits.call_timeout):
-            return await call.future
+        self._pending_bytes += call.size
+        if call.write:
+            self._last_write = call
+            if call.key is None:
+                self._last_unkeyed = call
+            else:
+                self._last_by_key[call.key] = call
 
     @property
     def pending(self) -> tuple[int, int]:
@@ -382,7 +429,9 @@ class SqliteDatabase:
         for call in calls:
             self._pending -= 1
             self._pending_bytes -= call.size
-            if call.future.done():  # its caller went away
+            if call.key is not None and self._last_by_key.get(call.key) is call:
+                del self._last_by_key[call.key]
+            if call.future.done():  # a read whose caller went away
                 continue
             if call.error is not None:
                 call.future.set_exception(call.error)

@@ -154,13 +154,14 @@ class SqliteRunStore:
                 raise StoreConflict(f"run {row.run_id!r} exists") from e
             _insert_records(conn, row.run_id, 0, blobs)
 
-        await self._db.write(insert, size)
+        await self._db.write(insert, size, ("run", row.run_id))
 
     async def append(
         self, run_id: str, first_seq: int, turns: Sequence[runs_pb2.RunRecord]
     ) -> None:
         blobs, size = _serialized(turns)
-        await self._db.write_merged(_append_all, _Append(run_id, first_seq, blobs), size)
+        append = _Append(run_id, first_seq, blobs)
+        await self._db.write_merged(_append_all, append, size, ("run", run_id))
 
     async def end(
         self, run_id: str, seq: int, ended: runs_pb2.RunRecord, status: RunStatus.ValueType
@@ -178,7 +179,7 @@ class SqliteRunStore:
             )
             _insert_records(conn, run_id, seq, blobs)
 
-        await self._db.write(insert, size)
+        await self._db.write(insert, size, ("run", run_id))
 
     async def get(self, run_id: str) -> RunRow | None:
         def select(conn: sqlite3.Connection) -> RunRow | None:
@@ -187,7 +188,7 @@ class SqliteRunStore:
             ).fetchone()
             return None if found is None else run_from_row(found)
 
-        return await self._db.read(select)
+        return await self._db.read(select, ("run", run_id))
 
     async def list_for_agent(self, agent_id: str) -> list[RunRow]:
         def select(conn: sqlite3.Connection) -> list[RunRow]:
@@ -219,7 +220,7 @@ class SqliteRunStore:
             ).fetchall()
             return [runs_pb2.RunRecord.FromString(blob) for (blob,) in rows]
 
-        return await self._db.read(select)
+        return await self._db.read(select, ("run", run_id))
 
     async def abandon_open(self, ended: runs_pb2.RunRecord) -> list[str]:
         blobs, _ = _serialized([ended])
