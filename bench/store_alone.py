@@ -2,7 +2,8 @@
 SQLite file, with the event loop idle or kept busy, and what they cost on each thread.
 
 W writers (tasks on one event loop) each append batches of 4 turns to a run of their own,
-one batch in flight each, for a few seconds; meanwhile a `runs.get` starts every 5 ms.
+one batch in flight each, for a few seconds; meanwhile a `runs.get` of a run nobody writes
+to (another session's) starts every 5 ms.
 "Busy" adds a task that keeps the event loop running Python in 0.5 ms slices (yielding
 between them), as a saturated server does: each statement the store thread runs gives
 the GIL up and must take it back from that loop. Reported per case: writes/s, write
@@ -75,7 +76,8 @@ async def spin(stop: asyncio.Event) -> None:
 
 async def case(store: SqliteStore, writers: int, busy: bool, seconds: float, tag: str) -> str:
     run_ids = [f"{tag}-{writers}-{busy}-{i}" for i in range(writers)]
-    for run_id in run_ids:
+    quiet = f"{tag}-{writers}-{busy}-quiet"
+    for run_id in [*run_ids, quiet]:
         row = RunRow(run_id, "bot", "intent", None, 1, None, runs_pb2.RUN_STATUS_IN_PROGRESS, 0, 1)
         await store.runs.create(row, runs_pb2.RunRecord(record=runs_pb2.RUN_RECORD_KIND_STARTED))
     stop = asyncio.Event()
@@ -93,7 +95,7 @@ async def case(store: SqliteStore, writers: int, busy: bool, seconds: float, tag
 
     async def read_one() -> None:
         t = time.perf_counter()
-        await store.runs.get(run_ids[0])
+        await store.runs.get(quiet)
         read_lat.append(time.perf_counter() - t)
 
     async def read() -> None:
