@@ -21,7 +21,7 @@ import pytest
 
 from car_grpc.store import RunRow, StoreConflict
 from car_grpc.store.sqlite import SqliteStore
-from car_grpc.store.sqlite.database import DEFAULT_WRITE_SIZE, GroupLimits, SqliteDatabase
+from car_grpc.store.sqlite.database import DEFAULT_WRITE_SIZE, GroupLimits, Key, SqliteDatabase
 from car_grpc.v1 import host_pb2, runs_pb2
 
 IN_PROGRESS = runs_pb2.RUN_STATUS_IN_PROGRESS
@@ -77,10 +77,10 @@ class Gate:
     """A write that holds the store thread until `open`: what is queued meanwhile is
     taken as one group when it returns."""
 
-    def __init__(self, db: SqliteDatabase) -> None:
+    def __init__(self, db: SqliteDatabase, key: Key | None = None) -> None:
         self._entered = threading.Event()
         self._released = threading.Event()
-        self.task = asyncio.create_task(db.write(self._hold))
+        self.task = asyncio.create_task(db.write(self._hold, key=key))
 
     def _hold(self, conn: sqlite3.Connection) -> None:
         self._entered.set()
@@ -99,8 +99,8 @@ class Gate:
 
 
 @contextlib.asynccontextmanager
-async def gated(db: SqliteDatabase) -> AsyncIterator[Gate]:
-    gate = Gate(db)
+async def gated(db: SqliteDatabase, key: Key | None = None) -> AsyncIterator[Gate]:
+    gate = Gate(db, key)
     await gate.closed()
     try:
         yield gate
@@ -348,14 +348,78 @@ async def test_a_call_that_waits_too_long_fails_and_may_still_be_done(path: Path
         await db.close()
 
 
-async def test_a_read_taken_with_a_group_sees_none_of_its_writes(store: SqliteStore) -> None:
+async def test_a_read_sees_the_writes_queued_before_it(store: SqliteStore) -> None:
+    """As on one thread: a read waits for the writes of its key (and those without a key)
+    queued before it, so it sees them. Reads have a thread and a connection of their own,
+    and do not wait for the writes of other keys: one returns while the store thread is
+    inside a write transaction."""
     db = store.database
-    run_ids = await create_runs(store, 1)
-    async with gated(db):
+    run_ids = await create_runs(store, 2)
+    async with gated(db, ("gate", "g")) as gate:
         write = asyncio.create_task(store.runs.append(run_ids[0], 1, [turn(2)]))
-        read = asyncio.create_task(store.runs.records(run_ids[0], 0, 10))
         await queued()
+        same_run = asyncio.create_task(store.runs.records(run_ids[0], 0, 10))
+        everything = asyncio.create_task(store.runs.list_for_agent("bot"))
+        other_run = await store.runs.records(run_ids[1], 0, 10)  # at once
+        assert [r.record for r in other_run] == [STARTED]
+        await asyncio.sleep(0.05)
+        assert not (gate.task.done() or write.done() or same_run.done() or everything.done())
     await write
-    # Read in a transaction of its own, never inside the group's.
-    assert [r.record for r in await read] == [STARTED]
-    assert [r.timestamp for r in await store.runs.records(run_ids[0], 0, 10)] == [1, 2]
+    assert [r.timestamp for r in await same_run] == [1, 2]
+    assert {r.run_id: r.record_count for r in await everything} == {run_ids[0]: 2, run_ids[1]: 1}
+    # A write without a key may touch anything: every read queued after it waits.
+    async with gated(db) as gate:
+        read = asyncio.create_task(store.runs.get(run_ids[1]))
+        await asyncio.sleep(0.05)
+        assert not (gate.task.done() or read.done())
+    assert await read is not None
+
+
+async def test_a_group_of_appends_is_merged_and_a_bad_one_fails_alone(
+    store: SqliteStore, reader: sqlite3.Connection
+) -> None:
+    """Appends queued together run as one statement set (database.py, merged writes); one
+    that is not where it thinks fails alone, and the rest commit in the same group."""
+    db = store.database
+    run_ids = await create_runs(store, 8)
+    commits = db.commits
+    async with gated(db):
+        tasks = [asyncio.create_task(store.runs.append(r, 1, [turn(2), turn(3)])) for r in run_ids]
+        tasks.insert(4, asyncio.create_task(store.runs.append(run_ids[0], 9, [turn(9)])))
+        tasks.append(asyncio.create_task(store.runs.append(run_ids[0], 3, [turn(4)])))
+        await queued()
+    results = await settle(tasks)
+    assert isinstance(results.pop(4), StoreConflict)
+    assert results == [None] * 9
+    assert db.commits - commits == 2  # the gate, then one group
+    assert stored(reader, run_ids[0]) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    for run_id in run_ids[1:]:
+        assert stored(reader, run_id) == [(0, 1), (1, 2), (2, 3)]
+        got = await store.runs.get(run_id)
+        assert got is not None and (got.turn_count, got.record_count) == (2, 3)
+
+
+async def test_every_read_sees_the_writes_acknowledged_before_it(store: SqliteStore) -> None:
+    """Read-your-writes across the two connections: each writer reads its run right after
+    each acknowledged append (16 at once, so reads and group commits overlap)."""
+    run_ids = await create_runs(store, 16)
+
+    async def write_then_read(run_id: str) -> None:
+        for seq in range(1, 21):
+            await store.runs.append(run_id, seq, [turn(seq)])
+            got = await store.runs.get(run_id)
+            assert got is not None and got.record_count == seq + 1
+            last = await store.runs.records(run_id, seq, 10)
+            assert [r.timestamp for r in last] == [seq]
+
+    await asyncio.gather(*(write_then_read(r) for r in run_ids))
+
+
+async def test_a_read_may_not_write(store: SqliteStore, reader: sqlite3.Connection) -> None:
+    def sneaky(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO agent_tokens VALUES ('sneaky', x'00', 1)")
+
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        await store.database.read(sneaky)
+    assert reader.execute("SELECT COUNT(*) FROM agent_tokens").fetchone() == (0,)
+    assert await store.agent_tokens.digest("sneaky") is None  # the reads go on

@@ -16,7 +16,8 @@ from car_grpc.store.sqlite.runs import SqliteRunStore
 
 
 class SqliteStore:
-    """The repositories of one database; they share its single store thread."""
+    """The repositories of one database; they share its store threads (one writes, one
+    reads)."""
 
     def __init__(self, database: SqliteDatabase) -> None:
         self.database = database

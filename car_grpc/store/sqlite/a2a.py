@@ -76,7 +76,7 @@ class SqliteA2aTaskStore:
                 ),
             )  # fmt: skip
 
-        await self._db.write(upsert, _ROW_OVERHEAD + len(row.task))
+        await self._db.write(upsert, _ROW_OVERHEAD + len(row.task), ("a2a_task", row.task_id))
 
     async def get(self, task_id: str) -> A2aTaskRow | None:
         def select(conn: sqlite3.Connection) -> A2aTaskRow | None:
@@ -85,7 +85,7 @@ class SqliteA2aTaskStore:
             ).fetchone()
             return a2a_task_from_row(found) if found else None
 
-        return await self._db.read(select)
+        return await self._db.read(select, ("a2a_task", task_id))
 
     async def page(
         self,
@@ -123,7 +123,7 @@ class SqliteA2aTaskStore:
         def delete(conn: sqlite3.Connection) -> bool:
             return conn.execute("DELETE FROM a2a_tasks WHERE task_id = ?", (task_id,)).rowcount > 0
 
-        return await self._db.write(delete)
+        return await self._db.write(delete, key=("a2a_task", task_id))
 
     async def prune(self, caller: str, keep: int, terminal: Sequence[int]) -> int:
         states = list(terminal)

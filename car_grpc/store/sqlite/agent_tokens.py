@@ -21,7 +21,7 @@ class SqliteAgentTokenStore:
                 (agent_id, digest, created_at),
             )
 
-        await self._db.write(upsert)
+        await self._db.write(upsert, key=("agent", agent_id))
 
     async def digest(self, agent_id: str) -> bytes | None:
         def select(conn: sqlite3.Connection) -> bytes | None:
@@ -30,14 +30,14 @@ class SqliteAgentTokenStore:
             ).fetchone()
             return bytes(row[0]) if row else None
 
-        return await self._db.read(select)
+        return await self._db.read(select, ("agent", agent_id))
 
     async def remove(self, agent_id: str) -> bool:
         def delete(conn: sqlite3.Connection) -> bool:
             cur = conn.execute("DELETE FROM agent_tokens WHERE agent_id = ?", (agent_id,))
             return cur.rowcount > 0
 
-        return await self._db.write(delete)
+        return await self._db.write(delete, key=("agent", agent_id))
 
     async def list_all(self) -> list[AgentTokenRow]:
         def select(conn: sqlite3.Connection) -> list[AgentTokenRow]:

@@ -76,10 +76,10 @@ class SqliteApprovalStore:
             except sqlite3.IntegrityError as e:
                 raise StoreConflict(f"approval {approval.id!r} exists") from e
 
-        await self._db.write(insert, len(values[3]) + _ROW_OVERHEAD)
+        await self._db.write(insert, len(values[3]) + _ROW_OVERHEAD, ("approval", approval.id))
 
     async def get(self, approval_id: str) -> HostApproval | None:
-        return await self._db.read(lambda conn: _get(conn, approval_id))
+        return await self._db.read(lambda conn: _get(conn, approval_id), ("approval", approval_id))
 
     async def finish(self, resolved: HostApproval) -> tuple[HostApproval | None, bool]:
         row, approval_id = _row(resolved), resolved.id
@@ -88,7 +88,7 @@ class SqliteApprovalStore:
             won = _finish(conn, row)
             return _get(conn, approval_id), won
 
-        return await self._db.write(update, _size(row))
+        return await self._db.write(update, _size(row), ("approval", approval_id))
 
     async def finish_all(self, resolved: Sequence[HostApproval]) -> int:
         rows = [_row(r) for r in resolved]

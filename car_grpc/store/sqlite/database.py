@@ -1,10 +1,11 @@
-"""The embedded database: one SQLite file under the state root, its thread and its schema.
+"""The embedded database: one SQLite file under the state root, its threads and its schema.
 
-All SQL runs on one dedicated thread that owns the connection, so the event loop never
-blocks on disk and writes are serialized. The database is in WAL mode with
-`synchronous=FULL`: a transaction is on disk once its COMMIT returns, which is what
-"acknowledged after commit" needs. Several processes may open the same file (the CLI's
-`agents add` writes while a server runs).
+SQL runs on two dedicated threads, each owning a connection, so the event loop never
+blocks on disk: the store thread writes (serialized), the read thread reads. The database
+is in WAL mode with `synchronous=FULL`: a transaction is on disk once its COMMIT returns,
+which is what "acknowledged after commit" needs, and a reader never waits for a writer
+(nor its fsync). Several processes may open the same file (the CLI's `agents add` writes
+while a server runs).
 
 Group commit: `write(fn)` queues `fn`, and the store thread, whenever it is free, takes
 every write queued by then (up to GroupLimits.max_group writes and max_group_bytes) and
@@ -13,9 +14,26 @@ fsync, for all of them. A write that raises is rolled back to its savepoint and 
 alone; the others commit. Every caller is answered only after that COMMIT returned (and
 the group's answers reach the event loop in one hand-off). There is no timer: a write
 that arrives while a group commits joins the next one ("natural" group commit; a window
-that waited for more writes did not pay, bench/README.md). `read(fn)` runs `fn` in a
-read transaction of its own (no fsync), on the same thread, before the writes taken with
-it.
+that waited for more writes did not pay, bench/README.md).
+
+Merged writes: `write_merged(apply, item)` is a write given as data, and writes of the
+same `apply` queued one after another in a group run as ONE call `apply(conn, items)`
+(one statement for all their rows, rather than several per write), under one savepoint.
+If that call raises, it is rolled back and each item runs again alone, so a bad item
+fails alone as any write does. Each statement hands the GIL to a busy event loop and
+waits to get it back, so statements per group, not per write, is what keeps a group
+short (bench/README.md).
+
+`read(fn)` runs `fn` on the read thread's connection (`query_only`), in a read
+transaction that it may share with the other reads taken with it (one snapshot, taken
+after each was called): a read sees every write acknowledged before it was called, and
+none half-done. It also sees every write merely queued before it (as on one thread,
+where the core relies on it: a background write, then a read by another client), by
+waiting for those to commit first; a `key` narrows that to what the read reads: a read
+of key K waits only for the writes of key K and those without a key queued before it, so
+a read of one run, goal or token does not wait for the fsync of other sessions' writes.
+A write of key K may change only the data of K; a write or read without a key may touch
+anything.
 
 Schema changes are migrations: append a new entry to MIGRATIONS, never edit an old one.
 `PRAGMA user_version` records how many have been applied.
@@ -40,6 +58,10 @@ from typing import Any, TypeVar, cast
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Item = TypeVar("Item")
+#: What a call touches, e.g. ("run", run_id): a write of one key and a read of another do
+#: not wait for each other.
+Key = tuple[str, str]
 
 #: Ordered schema migrations. Entry i brings the schema from version i to i + 1. Each is
 #: plain SQL statements separated by ";" (no triggers or literals containing ";").
@@ -199,35 +221,50 @@ _CLOSE_TIMEOUT = 60.0
 
 @dataclass(eq=False)
 class _Call:
-    """One read or write on its way through the store thread."""
+    """One read or write on its way through a store thread."""
 
     fn: Callable[[sqlite3.Connection], Any]
     write: bool
     size: int
     future: asyncio.Future[Any]
+    #: For a merged write: what runs the items of several such writes at once, and this
+    #: write's item (`fn` runs it alone).
+    merge: Callable[[sqlite3.Connection, list[Any]], None] | None = None
+    item: Any = None
     #: Set on the store thread.
     outcome: Any = None
     error: BaseException | None = None
     #: Whether the store thread has handed its answer to the event loop.
     answered: bool = False
+    #: What the call touches (None: anything); see the module's docstring.
+    key: Key | None = None
 
 
 @dataclass
 class _Queue:
-    """Calls waiting for the store thread (guarded by `wake`)."""
+    """Calls waiting for one store thread (guarded by `wake`)."""
 
     wake: threading.Condition = field(default_factory=threading.Condition)
     calls: collections.deque[_Call] = field(default_factory=collections.deque)
     closing: bool = False
 
 
+class _InDoubt(Exception):
+    """A savepoint statement failed: the group's transaction may be gone (SQLite ends it
+    on some I/O errors). `culprit` is the write whose failure it followed, if any."""
+
+    def __init__(self, culprit: _Call | None) -> None:
+        self.culprit = culprit
+
+
 class SqliteDatabase:
-    """One open database file, its connection owned by one store thread.
+    """One open database file: its writes on the store thread, its reads on the read
+    thread, each thread owning its connection.
 
     `write(fn)` calls `fn(connection)` inside a transaction that it may share with other
     writes (group commit, above); `read(fn)` inside a read transaction. Either returns
     `fn`'s value, or raises what it raised, once done. Only the repositories of this
-    package call them: the connection never leaves it. The database is used from the
+    package call them: the connections never leave it. The database is used from the
     event loop that opened it.
 
     `commits` and `committed_writes` count the write transactions committed and the
@@ -240,16 +277,41 @@ class SqliteDatabase:
         self.commits = 0
         self.committed_writes = 0
         self._loop = loop
-        self._queue = _Queue()
+        self._writes = _Queue()
+        self._reads = _Queue()
         self._conn: sqlite3.Connection | None = None
         #: Calls and write bytes queued or under way (counted on the event loop).
         self._pending = 0
         self._pending_bytes = 0
         self._room = asyncio.Event()
+        #: The last write queued (writes are answered in the order queued), the last
+        #: without a key, and the last of each key still unanswered.
+        self._last_write: _Call | None = None
+        self._last_unkeyed: _Call | None = None
+        self._last_by_key: dict[Key, _Call] = {}
         self._closed = False
         self._ready: asyncio.Future[None] = loop.create_future()
         self._stopped: asyncio.Future[None] = loop.create_future()
-        self._thread = threading.Thread(target=self._serve, name="car-store", daemon=False)
+        self._read_ready: asyncio.Future[None] = loop.create_future()
+        self._read_stopped: asyncio.Future[None] = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._serve,
+            args=(self._writes, _connect, self._execute, self._ready, self._stopped),
+            name="car-store",
+            daemon=False,
+        )
+        self._read_thread = threading.Thread(
+            target=self._serve,
+            args=(
+                self._reads,
+                _connect_reader,
+                self._read_all,
+                self._read_ready,
+                self._read_stopped,
+            ),
+            name="car-store-read",
+            daemon=False,
+        )
 
     @classmethod
     async def open(cls, path: Path, limits: GroupLimits | None = None) -> SqliteDatabase:
@@ -258,44 +320,90 @@ class SqliteDatabase:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         _private_files(path)
         db = cls(path, asyncio.get_running_loop(), limits or GroupLimits())
-        db._thread.start()
+        # The reader connects once the store thread has migrated the file.
         try:
-            await asyncio.wait_for(asyncio.shield(db._ready), _OPEN_TIMEOUT)
+            for thread, ready in ((db._thread, db._ready), (db._read_thread, db._read_ready)):
+                thread.start()
+                await asyncio.wait_for(asyncio.shield(ready), _OPEN_TIMEOUT)
         except BaseException:
-            db._stop_thread()
+            db._stop_threads()
             raise
         return db
 
     # ------------------------------------------------------------ the event loop's side
 
     async def write(
-        self, fn: Callable[[sqlite3.Connection], T], size: int = DEFAULT_WRITE_SIZE
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        size: int = DEFAULT_WRITE_SIZE,
+        key: Key | None = None,
     ) -> T:
         """Run `fn` in a write transaction; returns once that transaction is committed.
-        `size` is what the write holds in bytes (its share of the queue's byte bound)."""
-        return cast(T, await self._submit(fn, True, size))
+        `size` is what the write holds in bytes (its share of the queue's byte bound);
+        `key` what it changes (None: anything)."""
+        call = _Call(fn, True, size, self._loop.create_future(), key=key)
+        return cast(T, await self._submit(call))
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in a read transaction (one consistent state, no write)."""
-        return cast(T, await self._submit(fn, False, 0))
+    async def write_merged(
+        self,
+        merge: Callable[[sqlite3.Connection, list[Item]], None],
+        item: Item,
+        size: int = DEFAULT_WRITE_SIZE,
+        key: Key | None = None,
+    ) -> None:
+        """Write `item` with `merge(connection, items)`, which the store thread calls once
+        for the items of every write of the same `merge` queued one after another in a
+        group (in the order they were queued), and for `[item]` alone should that call
+        fail. `merge` applies all of its items or raises. Returns once committed."""
+        call = _Call(lambda conn: merge(conn, [item]), True, size, self._loop.create_future())
+        call.merge, call.item, call.key = merge, item, key
+        await self._submit(call)
 
-    async def _submit(self, fn: Callable[[sqlite3.Connection], Any], write: bool, size: int) -> Any:
+    async def read(self, fn: Callable[[sqlite3.Connection], T], key: Key | None = None) -> T:
+        """Run `fn` in a read transaction (one consistent state, no write) that sees every
+        write queued before it (of `key` and without a key, if `key` is given)."""
+        call = _Call(fn, False, 0, self._loop.create_future(), key=key)
+        return cast(T, await self._submit(call))
+
+    async def _submit(self, call: _Call) -> Any:
         if self._closed:
             raise RuntimeError("the store is closed")
+        before = None if call.write else self._writes_before(call.key)
+        size = call.size
         if not self._fits(size):
             await self._wait_for_room(size)
-        future = self._loop.create_future()
-        call = _Call(fn, write, size, future)
-        queue = self._queue
+        async with asyncio.timeout(self.limits.call_timeout):
+            if before:
+                await asyncio.wait(before)  # their outcome is their callers' business
+            self._enqueue(call)
+            # A write's own future is answered only by the store thread, even when its
+            # caller gives up: the reads queued after it wait for that answer.
+            return await (asyncio.shield(call.future) if call.write else call.future)
+
+    def _writes_before(self, key: Key | None) -> list[asyncio.Future[Any]]:
+        """The answers a read of `key` waits for: the writes queued so far that it must see
+        (writes are answered in order, so the last of each kind stands for all)."""
+        if key is None:
+            lasts = [self._last_write]
+        else:
+            lasts = [self._last_unkeyed, self._last_by_key.get(key)]
+        return [c.future for c in lasts if c is not None and not c.future.done()]
+
+    def _enqueue(self, call: _Call) -> None:
+        queue = self._writes if call.write else self._reads
         with queue.wake:
-            if queue.closing:  # closing, or the store thread is gone
+            if queue.closing:  # closing, or its store thread is gone
                 raise RuntimeError("the store is closed")
             queue.calls.append(call)
             queue.wake.notify()
         self._pending += 1
-        self._pending_bytes += size
-        async with asyncio.timeout(self.limits.call_timeout):
-            return await future
+        self._pending_bytes += call.size
+        if call.write:
+            self._last_write = call
+            if call.key is None:
+                self._last_unkeyed = call
+            else:
+                self._last_by_key[call.key] = call
 
     @property
     def pending(self) -> tuple[int, int]:
@@ -321,7 +429,9 @@ class SqliteDatabase:
         for call in calls:
             self._pending -= 1
             self._pending_bytes -= call.size
-            if call.future.done():  # its caller went away
+            if call.key is not None and self._last_by_key.get(call.key) is call:
+                del self._last_by_key[call.key]
+            if call.future.done():  # a read whose caller went away
                 continue
             if call.error is not None:
                 call.future.set_exception(call.error)
@@ -344,45 +454,60 @@ class SqliteDatabase:
         return total
 
     async def close(self) -> None:
-        """Refuse new calls, let the store thread finish every call queued, and close."""
+        """Refuse new calls, let the store threads finish every call queued, and close."""
         self._closed = True
         self._room.set()  # callers waiting for room give up
-        self._stop_thread()
-        await asyncio.wait_for(asyncio.shield(self._stopped), _CLOSE_TIMEOUT)
-        self._thread.join(_IDLE_TICK)  # it has nothing left to do but return
+        self._stop_threads()
+        for stopped, thread in (
+            (self._stopped, self._thread),
+            (self._read_stopped, self._read_thread),
+        ):
+            await asyncio.wait_for(asyncio.shield(stopped), _CLOSE_TIMEOUT)
+            thread.join(_IDLE_TICK)  # it has nothing left to do but return
 
-    def _stop_thread(self) -> None:
-        queue = self._queue
-        with queue.wake:
-            queue.closing = True
-            queue.wake.notify()
+    def _stop_threads(self) -> None:
+        for queue in (self._writes, self._reads):
+            with queue.wake:
+                queue.closing = True
+                queue.wake.notify()
 
-    # ------------------------------------------------------------ the store thread
+    # ------------------------------------------------------------ the store threads
 
-    def _serve(self) -> None:
+    def _serve(
+        self,
+        queue: _Queue,
+        connect: Callable[[Path], sqlite3.Connection],
+        execute: Callable[[sqlite3.Connection, list[_Call]], None],
+        ready: asyncio.Future[None],
+        stopped: asyncio.Future[None],
+    ) -> None:
         try:
-            self._conn = _connect(self.path)
+            conn = connect(self.path)
         except BaseException as e:
-            self._signal(self._ready, e)
-            self._signal(self._stopped, None)
+            with queue.wake:
+                queue.closing = True
+            self._signal(ready, e)
+            self._signal(stopped, None)
             return
-        self._signal(self._ready, None)
+        if queue is self._writes:
+            self._conn = conn
+        self._signal(ready, None)
         calls: list[_Call] = []
         try:
-            while calls := self._take():
-                self._execute(calls)
+            while calls := self._take(queue):
+                execute(conn, calls)
         finally:  # left early only through a fault of this thread: fail what is left
-            self._conn.close()
-            with self._queue.wake:
-                self._queue.closing = True
-                dropped = [c for c in calls if not c.answered] + list(self._queue.calls)
-                self._queue.calls.clear()
+            conn.close()
+            with queue.wake:
+                queue.closing = True
+                dropped = [c for c in calls if not c.answered] + list(queue.calls)
+                queue.calls.clear()
             if dropped:
                 error = RuntimeError("the store thread stopped")
                 for call in dropped:
                     call.outcome, call.error = None, error
                 self._hand_back(dropped)
-            self._signal(self._stopped, None)
+            self._signal(stopped, None)
 
     def _signal(self, future: asyncio.Future[None], error: BaseException | None) -> None:
         def settle() -> None:
@@ -396,10 +521,10 @@ class SqliteDatabase:
         with contextlib.suppress(RuntimeError):  # the event loop is gone
             self._loop.call_soon_threadsafe(settle)
 
-    def _take(self) -> list[_Call]:
+    def _take(self, queue: _Queue) -> list[_Call]:
         """The next calls in order: every one queued, up to a group's bounds; [] once
         closing and drained (or the event loop is gone)."""
-        queue, limits = self._queue, self.limits
+        limits = self.limits
         with queue.wake:
             while not queue.calls:
                 if queue.closing or self._loop.is_closed():
@@ -422,37 +547,68 @@ class SqliteDatabase:
                 size += call.size
             return taken
 
-    def _execute(self, calls: list[_Call]) -> None:
-        reads = [c for c in calls if not c.write]
-        writes = [c for c in calls if c.write]
-        if reads:
-            for call in reads:
-                self._alone(call, "BEGIN")
-            self._hand_back(reads)
-        if writes:
-            if len(writes) == 1:
-                self._alone(writes[0], "BEGIN IMMEDIATE")
-            else:
-                self._group(writes)
-            self._hand_back(writes)
+    def _read_all(self, conn: sqlite3.Connection, reads: list[_Call]) -> None:
+        """On the read thread: `reads` in one read transaction (one snapshot, taken after
+        each of them was queued)."""
+        for call in reads:
+            try:
+                if not conn.in_transaction:
+                    conn.execute("BEGIN")
+                call.outcome = call.fn(conn)
+            except Exception as e:
+                call.outcome, call.error = None, e
+        if conn.in_transaction:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                _roll_back(conn)
+        self._hand_back(reads)
 
-    def _alone(self, call: _Call, begin: str) -> None:
+    def _execute(self, conn: sqlite3.Connection, writes: list[_Call]) -> None:
+        if len(writes) == 1:
+            self._alone(writes[0])
+        elif writes[0].merge is not None and all(c.merge is writes[0].merge for c in writes):
+            self._merged_group(writes)
+        else:
+            self._group(writes)
+        self._hand_back(writes)
+
+    def _alone(self, call: _Call) -> None:
         """`call` in a transaction of its own."""
         conn = self._connection
         try:
-            conn.execute(begin)
+            conn.execute("BEGIN IMMEDIATE")
             call.outcome = call.fn(conn)
             conn.execute("COMMIT")
         except Exception as e:
             call.outcome, call.error = None, e
-            self._roll_back()
+            _roll_back(conn)
             return
-        if call.write:
-            self.commits += 1
-            self.committed_writes += 1
+        self.commits += 1
+        self.committed_writes += 1
 
-    def _group(self, writes: list[_Call]) -> None:
-        """`writes` in one transaction, each under a savepoint, one COMMIT for all."""
+    def _merged_group(self, writes: list[_Call]) -> None:
+        """A group of merged writes of one kind: one call for all, no savepoint; should
+        it fail, the group again with a savepoint each."""
+        conn = self._connection
+        merge = writes[0].merge
+        assert merge is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            merge(conn, [c.item for c in writes])
+            conn.execute("COMMIT")
+        except Exception:
+            _roll_back(conn)
+            self._group(writes, merging=False)
+            return
+        for call in writes:
+            call.outcome = None
+        self.commits += 1
+        self.committed_writes += len(writes)
+
+    def _group(self, writes: list[_Call], merging: bool = True) -> None:
+        """`writes` in one transaction, each under a savepoint (the merged writes queued
+        one after another under one), one COMMIT for all."""
         conn = self._connection
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -460,52 +616,96 @@ class SqliteDatabase:
             for call in writes:
                 call.error = e
             return
-        failed = 0
-        for call in writes:
-            culprit: _Call | None = None
-            try:
-                conn.execute("SAVEPOINT write")
-                try:
-                    call.outcome = call.fn(conn)
-                except Exception as e:
-                    call.outcome, call.error = None, e
-                    failed += 1
-                    culprit = call
-                    conn.execute("ROLLBACK TO write")
-                conn.execute("RELEASE write")
-            except Exception:
-                # A savepoint statement failed: the transaction is in doubt (SQLite ends
-                # it on some I/O errors). The writes start again, each on its own, but
-                # for the one whose failure this was.
-                self._roll_back()
-                self._one_by_one([c for c in writes if c is not culprit])
-                return
+        try:
+            for segment in _segments(writes) if merging else ([c] for c in writes):
+                if len(segment) == 1 or not self._merged(segment):
+                    for call in segment:
+                        self._savepointed(call)
+        except _InDoubt as doubt:
+            # The writes start again, each on its own, but for the one whose failure
+            # this was.
+            _roll_back(conn)
+            self._one_by_one([c for c in writes if c is not doubt.culprit])
+            return
         try:
             conn.execute("COMMIT")
         except Exception as e:  # nothing of the group is on disk
-            self._roll_back()
+            _roll_back(conn)
             for call in writes:
                 if call.error is None:
                     call.outcome, call.error = None, e
             return
         self.commits += 1
-        self.committed_writes += len(writes) - failed
+        self.committed_writes += sum(1 for c in writes if c.error is None)
+
+    def _savepointed(self, call: _Call) -> None:
+        """`call` under a savepoint of its own, rolled back should it raise."""
+        conn = self._connection
+        try:
+            conn.execute("SAVEPOINT write")
+        except Exception as e:
+            raise _InDoubt(None) from e
+        try:
+            call.outcome = call.fn(conn)
+        except Exception as e:
+            call.outcome, call.error = None, e
+            try:
+                conn.execute("ROLLBACK TO write")
+            except Exception as doubt:
+                raise _InDoubt(call) from doubt
+        try:
+            conn.execute("RELEASE write")
+        except Exception as e:
+            raise _InDoubt(call if call.error is not None else None) from e
+
+    def _merged(self, segment: list[_Call]) -> bool:
+        """The merged writes `segment` in one call under one savepoint; False (and nothing
+        of them left) if that call raised."""
+        conn = self._connection
+        merge = segment[0].merge
+        assert merge is not None
+        try:
+            conn.execute("SAVEPOINT merged")
+            try:
+                merge(conn, [c.item for c in segment])
+            except Exception:
+                conn.execute("ROLLBACK TO merged")
+                conn.execute("RELEASE merged")
+                return False
+            conn.execute("RELEASE merged")
+        except Exception as e:
+            raise _InDoubt(None) from e
+        for call in segment:
+            call.outcome = None
+        return True
 
     def _one_by_one(self, writes: list[_Call]) -> None:
         for call in writes:
             call.outcome, call.error = None, None
-            self._alone(call, "BEGIN IMMEDIATE")
-
-    def _roll_back(self) -> None:
-        conn = self._connection
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+            self._alone(call)
 
     @property
     def _connection(self) -> sqlite3.Connection:
         assert self._conn is not None
         return self._conn
+
+
+def _segments(writes: list[_Call]) -> list[list[_Call]]:
+    """`writes` cut where the kind of write changes: the merged writes of one `merge`
+    queued one after another share a segment; every other write is one of its own."""
+    segments: list[list[_Call]] = []
+    for call in writes:
+        if segments and call.merge is not None and segments[-1][-1].merge is call.merge:
+            segments[-1].append(call)
+        else:
+            segments.append([call])
+    return segments
+
+
+def _roll_back(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -516,6 +716,21 @@ def _connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout=10000")
         conn.execute("PRAGMA foreign_keys=ON")
         migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _connect_reader(path: Path) -> sqlite3.Connection:
+    """The read thread's connection: it may not write (a read that tried would fail)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA query_only=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        if mode != "wal":  # reads beside writes need it (the store thread set it)
+            raise RuntimeError(f"store journal mode is {mode!r}, not WAL")
     except BaseException:
         conn.close()
         raise

@@ -41,10 +41,11 @@ class SqliteGoalStore:
             assert stored is not None
             return stored
 
-        return await self._db.write(upsert, len(check) + len(session_id) + _ROW_OVERHEAD)
+        size = len(check) + len(session_id) + _ROW_OVERHEAD
+        return await self._db.write(upsert, size, ("goal", session_id))
 
     async def get(self, session_id: str) -> chats_pb2.StoredGoal | None:
-        return await self._db.read(lambda conn: _get(conn, session_id))
+        return await self._db.read(lambda conn: _get(conn, session_id), ("goal", session_id))
 
     async def list_all(self) -> list[chats_pb2.StoredGoal]:
         def select(conn: sqlite3.Connection) -> list[chats_pb2.StoredGoal]:
@@ -58,7 +59,7 @@ class SqliteGoalStore:
             cur = conn.execute("DELETE FROM goals WHERE session_id = ?", (session_id,))
             return cur.rowcount > 0
 
-        return await self._db.write(delete)
+        return await self._db.write(delete, key=("goal", session_id))
 
     async def clear_all(self) -> int:
         return await self._db.write(lambda conn: conn.execute("DELETE FROM goals").rowcount)
@@ -76,7 +77,7 @@ class SqliteGoalStore:
                 (goal_status_name(status), terminal_kind, now_ms(), session_id),
             )
 
-        await self._db.write(update)
+        await self._db.write(update, key=("goal", session_id))
 
     async def record_evaluation(
         self,
@@ -102,7 +103,7 @@ class SqliteGoalStore:
                 values,
             )
 
-        await self._db.write(update, len(reason or "") + _ROW_OVERHEAD)
+        await self._db.write(update, len(reason or "") + _ROW_OVERHEAD, ("goal", session_id))
 
     async def reset_running(self) -> int:
         def update(conn: sqlite3.Connection) -> int:

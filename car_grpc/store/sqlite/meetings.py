@@ -138,21 +138,25 @@ class SqliteMeetingStore:
         self._db = database
 
     async def get(self, meeting_id: str) -> Meeting | None:
-        return await self._db.read(lambda conn: _get(conn, meeting_id))
+        return await self._db.read(lambda conn: _get(conn, meeting_id), ("meeting", meeting_id))
 
     async def put(self, meeting: Meeting) -> None:
         values = _values(meeting)
-        await self._db.write(lambda conn: _put_values(conn, values), len(values[3]) + _ROW_OVERHEAD)
+        size = len(values[3]) + _ROW_OVERHEAD
+        key = ("meeting", meeting.meeting_id)
+        await self._db.write(lambda conn: _put_values(conn, values), size, key)
 
     async def delete(self, meeting_id: str) -> None:
-        await self._db.write(lambda conn: _delete(conn, meeting_id))
+        await self._db.write(lambda conn: _delete(conn, meeting_id), key=("meeting", meeting_id))
 
     async def append_segment(
         self, meeting_id: str, segment: TranscriptSegment, limit: int
     ) -> int | None:
         size = segment.ByteSize() + _ROW_OVERHEAD
         return await self._db.write(
-            lambda conn: _append_segment(conn, meeting_id, segment, limit), size
+            lambda conn: _append_segment(conn, meeting_id, segment, limit),
+            size,
+            ("meeting", meeting_id),
         )
 
     async def transcript(self, meeting_id: str) -> tuple[Meeting, list[TranscriptSegment]] | None:
@@ -160,7 +164,7 @@ class SqliteMeetingStore:
             meeting = _get(conn, meeting_id)
             return None if meeting is None else (meeting, _segments(conn, meeting_id))
 
-        return await self._db.read(read)
+        return await self._db.read(read, ("meeting", meeting_id))
 
     async def recent(self, limit: int) -> list[Meeting]:
         return await self._db.read(lambda conn: _recent(conn, limit))
@@ -172,7 +176,9 @@ class SqliteMeetingStore:
         at: int,
         reason: str | None,
     ) -> Meeting | None:
-        return await self._db.write(lambda conn: _finish(conn, meeting_id, status, at, reason))
+        return await self._db.write(
+            lambda conn: _finish(conn, meeting_id, status, at, reason), key=("meeting", meeting_id)
+        )
 
     async def interrupt_live(self, at: int, reason: str) -> int:
         return await self._db.write(lambda conn: _interrupt_live(conn, at, reason))

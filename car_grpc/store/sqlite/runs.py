@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from car_grpc.store.repositories import RunAgentRow, RunRow, StoreConflict
 from car_grpc.store.rows import IN_PROGRESS, RUN_COLUMNS, run_from_row, run_status_name
@@ -33,25 +34,86 @@ _ROW_OVERHEAD = 64
 def _insert_records(
     conn: sqlite3.Connection, run_id: str, first_seq: int, blobs: Sequence[bytes]
 ) -> None:
-    """Insert the records from `first_seq` with few statements: one per power of two in
-    their count (a batch of 256: one). Not executemany, which steps once per row, and
+    """Insert the run's records from `first_seq`."""
+    rows: list[object] = []
+    for i, blob in enumerate(blobs):
+        rows += (run_id, first_seq + i, blob)
+    _insert_rows(conn, rows)
+
+
+def _insert_rows(conn: sqlite3.Connection, rows: list[object]) -> None:
+    """Insert `rows` (run_id, seq, record, flattened) with few statements: one per power
+    of two in their count (256 rows: one). Not executemany, which steps once per row, and
     the sqlite3 module lets go of the GIL around every step: on a busy server each step
     then waits for the event loop to hand the GIL back (a batch of 256 took 4-8 ms on
     the store thread so, against 2 ms like this; bench/README.md)."""
+    count = len(rows) // 3
     done = 0
-    while done < len(blobs):
-        power = min((len(blobs) - done).bit_length() - 1, len(_INSERTS) - 1)
-        rows = 1 << power
-        values: list[object] = []
-        for i in range(done, done + rows):
-            values += (run_id, first_seq + i, blobs[i])
-        conn.execute(_INSERTS[power], values)
-        done += rows
+    while done < count:
+        power = min((count - done).bit_length() - 1, len(_INSERTS) - 1)
+        end = done + (1 << power)
+        conn.execute(_INSERTS[power], rows[done * 3 : end * 3])
+        done = end
 
 
-#: INSERT statements of 1, 2, 4, ... 256 rows (3 parameters each).
+#: INSERT statements of 1, 2, 4, ... 1024 rows (3 parameters each).
 _INSERTS = [
     "INSERT INTO run_records(run_id, seq, record) VALUES " + ", ".join(["(?, ?, ?)"] * (1 << k))
+    for k in range(11)
+]
+
+
+@dataclass(frozen=True)
+class _Append:
+    """One `append`, as the store thread merges it with others (`_append_all`)."""
+
+    run_id: str
+    first_seq: int
+    blobs: list[bytes]
+
+
+def _append_all(conn: sqlite3.Connection, appends: list[_Append]) -> None:
+    """Append the turns of every item, in order, or raise StoreConflict: one UPDATE of the
+    runs' counters and a few INSERTs of the records for many appends (a group of them
+    costs a handful of statements, not four per append). Appends to the same run go in
+    successive waves, each run at most once a wave."""
+    wave: dict[str, _Append] = {}
+    for append in appends:
+        if append.run_id in wave:
+            _append_wave(conn, list(wave.values()))
+            wave = {}
+        wave[append.run_id] = append
+    _append_wave(conn, list(wave.values()))
+
+
+def _append_wave(conn: sqlite3.Connection, appends: list[_Append]) -> None:
+    counters: list[object] = []
+    records: list[object] = []
+    for append in appends:
+        counters += (append.run_id, append.first_seq, len(append.blobs))
+        for i, blob in enumerate(append.blobs):
+            records += (append.run_id, append.first_seq + i, blob)
+    moved = 0
+    done = 0
+    while done < len(appends):
+        power = min((len(appends) - done).bit_length() - 1, len(_ADVANCES) - 1)
+        end = done + (1 << power)
+        moved += conn.execute(_ADVANCES[power], counters[done * 3 : end * 3]).rowcount
+        done = end
+    if moved != len(appends):
+        # Which one is not where we think is found when each runs alone (the database
+        # runs them so once this raised).
+        first = appends[0]
+        raise StoreConflict(f"run {first.run_id!r} is not at record {first.first_seq}")
+    _insert_rows(conn, records)
+
+
+#: UPDATEs moving the counters of 1, 2, 4, ... 256 runs, each only if it is at the
+#: record given (run_id, first_seq, count): what does not match is not updated.
+_ADVANCES = [
+    "UPDATE runs SET turn_count = turn_count + v.column3, record_count = record_count + v.column3"
+    " FROM (VALUES " + ", ".join(["(?, ?, ?)"] * (1 << k)) + ") AS v"
+    " WHERE runs.run_id = v.column1 AND runs.record_count = v.column2"
     for k in range(9)
 ]
 
@@ -92,26 +154,14 @@ class SqliteRunStore:
                 raise StoreConflict(f"run {row.run_id!r} exists") from e
             _insert_records(conn, row.run_id, 0, blobs)
 
-        await self._db.write(insert, size)
+        await self._db.write(insert, size, ("run", row.run_id))
 
     async def append(
         self, run_id: str, first_seq: int, turns: Sequence[runs_pb2.RunRecord]
     ) -> None:
-        count = len(turns)
         blobs, size = _serialized(turns)
-
-        def insert(conn: sqlite3.Connection) -> None:
-            _advance(
-                conn,
-                run_id,
-                first_seq,
-                "turn_count = turn_count + ?, record_count = record_count + ?",
-                count,
-                count,
-            )
-            _insert_records(conn, run_id, first_seq, blobs)
-
-        await self._db.write(insert, size)
+        append = _Append(run_id, first_seq, blobs)
+        await self._db.write_merged(_append_all, append, size, ("run", run_id))
 
     async def end(
         self, run_id: str, seq: int, ended: runs_pb2.RunRecord, status: RunStatus.ValueType
@@ -129,7 +179,7 @@ class SqliteRunStore:
             )
             _insert_records(conn, run_id, seq, blobs)
 
-        await self._db.write(insert, size)
+        await self._db.write(insert, size, ("run", run_id))
 
     async def get(self, run_id: str) -> RunRow | None:
         def select(conn: sqlite3.Connection) -> RunRow | None:
@@ -138,7 +188,7 @@ class SqliteRunStore:
             ).fetchone()
             return None if found is None else run_from_row(found)
 
-        return await self._db.read(select)
+        return await self._db.read(select, ("run", run_id))
 
     async def list_for_agent(self, agent_id: str) -> list[RunRow]:
         def select(conn: sqlite3.Connection) -> list[RunRow]:
@@ -170,7 +220,7 @@ class SqliteRunStore:
             ).fetchall()
             return [runs_pb2.RunRecord.FromString(blob) for (blob,) in rows]
 
-        return await self._db.read(select)
+        return await self._db.read(select, ("run", run_id))
 
     async def abandon_open(self, ended: runs_pb2.RunRecord) -> list[str]:
         blobs, _ = _serialized([ended])
