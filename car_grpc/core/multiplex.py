@@ -94,7 +94,8 @@ class SessionChannel:
             await self._credit.wait()
         self._unacked += 1
         self._unacked_bytes += len(data)
-        self._stream.send(multiplex.record(self.key, data))
+        # What is owed to the gateway goes along (no record of its own).
+        self._stream.send(multiplex.record(self.key, data, ack=self._stream.take_owed(self.key)))
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise _Ended(code, details)
@@ -131,6 +132,11 @@ class MultiplexedStream:
     def owed(self, key: int) -> tuple[int, int]:
         """What session `key` has taken and not yet acknowledged (batches, bytes)."""
         ack = self._acks.get(key)
+        return (ack[0], ack[1]) if ack else (0, 0)
+
+    def take_owed(self, key: int) -> tuple[int, int]:
+        """What is owed to session `key`, to go with its next record (no longer owed)."""
+        ack = self._acks.pop(key, None)
         return (ack[0], ack[1]) if ack else (0, 0)
 
     async def run(self) -> None:
@@ -234,11 +240,10 @@ class MultiplexedStream:
                 return
 
     def _take(self) -> list[bytes]:
-        """The records of the next message: acknowledgements, then what the sessions
-        wrote, up to MAX_MESSAGE_BYTES (the rest waits for the next)."""
-        out = [multiplex.record(key, ack=(n, size)) for key, (n, size) in self._acks.items()]
-        self._acks.clear()
-        size = sum(map(len, out))
+        """The records of the next message: what the sessions wrote, up to
+        MAX_MESSAGE_BYTES (the rest waits for the next), then acknowledgements."""
+        out: list[bytes] = []
+        size = 0
         records, taken = self._records, 0
         for record in records:
             if taken and size + len(record) > multiplex.MAX_MESSAGE_BYTES:
@@ -249,6 +254,9 @@ class MultiplexedStream:
         del records[:taken]
         if records:
             self._ready.set()
+        # What went with none of the records (they took their sessions' along).
+        out += [multiplex.record(key, ack=(n, size)) for key, (n, size) in self._acks.items()]
+        self._acks.clear()
         return out
 
 
