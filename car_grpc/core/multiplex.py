@@ -113,6 +113,7 @@ class MultiplexedStream:
         #: Records for the next message, and acknowledgements (batches, bytes) by session.
         self._records: list[bytes] = []
         self._acks: dict[int, list[int]] = {}
+        self._acks_due = False  # some session is owed half a window: send them all now
         self._ready = asyncio.Event()
         self._closing = False  # no session is left: the writer ends once all is written
 
@@ -127,6 +128,7 @@ class MultiplexedStream:
         ack[0] += 1
         ack[1] += size
         if multiplex.ack_due(*ack):
+            self._acks_due = True
             self._ready.set()
 
     def owed(self, key: int) -> tuple[int, int]:
@@ -254,9 +256,12 @@ class MultiplexedStream:
         del records[:taken]
         if records:
             self._ready.set()
-        # What went with none of the records (they took their sessions' along).
-        out += [multiplex.record(key, ack=(n, size)) for key, (n, size) in self._acks.items()]
-        self._acks.clear()
+        # Acknowledgements left (the records took their sessions' along) wait for their
+        # sessions' next records, until one is due (wire/multiplex.py).
+        if self._acks_due or self._closing:
+            out += [multiplex.record(key, ack=(n, size)) for key, (n, size) in self._acks.items()]
+            self._acks.clear()
+            self._acks_due = False
         return out
 
 

@@ -182,6 +182,7 @@ class _Stream:
         #: waits (their record is made when the message is).
         self._records: deque[bytes | MultiplexedCall] = deque()
         self._acks: dict[int, list[int]] = {}
+        self._acks_due = False  # some session is owed half a window: send them all now
         self._ready = asyncio.Event()
         self._writer = asyncio.create_task(self._write_loop())
         self._reader = asyncio.create_task(self._read_loop())
@@ -208,6 +209,7 @@ class _Stream:
         ack[0] += 1
         ack[1] += size
         if multiplex.ack_due(*ack):
+            self._acks_due = True
             self._ready.set()
 
     def owed(self, key: int) -> tuple[int, int]:
@@ -273,8 +275,10 @@ class _Stream:
         out, more = _next_records(self._records)
         if more:
             self._ready.set()
-        out += [multiplex.record(key, ack=(n, size)) for key, (n, size) in self._acks.items()]
-        self._acks.clear()
+        if self._acks_due:
+            out += [multiplex.record(key, ack=(n, size)) for key, (n, size) in self._acks.items()]
+            self._acks.clear()
+            self._acks_due = False
         return out
 
     async def close(self) -> None:
