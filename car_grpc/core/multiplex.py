@@ -122,8 +122,8 @@ class MultiplexedStream:
         self._ready.set()
 
     def acknowledge(self, key: int, size: int) -> None:
-        """Session `key` took a batch of `size` bytes: owed to the sender, sent with the
-        next message, or now once half a window is owed."""
+        """Session `key` took a batch of `size` bytes: owed to the gateway, sent with the
+        session's next record, or with the next message once half a window is owed."""
         ack = self._acks.setdefault(key, [0, 0])
         ack[0] += 1
         ack[1] += size
@@ -243,7 +243,8 @@ class MultiplexedStream:
 
     def _take(self) -> list[bytes]:
         """The records of the next message: what the sessions wrote, up to
-        MAX_MESSAGE_BYTES (the rest waits for the next), then acknowledgements."""
+        MAX_MESSAGE_BYTES (the rest waits for the next), then, once some session is owed
+        half a window (or the stream is closing), every acknowledgement owed."""
         out: list[bytes] = []
         size = 0
         records, taken = self._records, 0
@@ -256,8 +257,7 @@ class MultiplexedStream:
         del records[:taken]
         if records:
             self._ready.set()
-        # Acknowledgements left (the records took their sessions' along) wait for their
-        # sessions' next records, until one is due (wire/multiplex.py).
+        # Otherwise they wait for their sessions' next records (wire/multiplex.py).
         if self._acks_due or self._closing:
             out += [multiplex.record(key, ack=(n, size)) for key, (n, size) in self._acks.items()]
             self._acks.clear()

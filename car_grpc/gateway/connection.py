@@ -4,10 +4,10 @@ session stream with many frames per gRPC message: wire/batch.py).
 Six tasks per connection: client -> core (text frames through the Bridge onto a bounded
 upstream queue), the upstream writer (every frame queued when a write can start, in one
 gRPC message; on a multiplexed stream no task: the stream pulls the queue's frames
-itself when it writes next), core -> client (opens the stream, then the ServerFrames of each message
-through the Bridge to the WebSocket: sent at once, in one socket write, while the client
-keeps up, else onto a bounded queue), the writer (queue -> WebSocket, what waits in one
-write), the keepalive and the authentication deadline.
+itself when it writes next), core -> client (opens the stream, then the ServerFrames of
+each message through the Bridge to the WebSocket: sent at once, in one socket write,
+while the client keeps up, else onto a bounded queue), the writer (queue -> WebSocket,
+what waits in one write), the keepalive and the authentication deadline.
 
 Opening is paced: a gateway has at most `ws_pending_streams` Connect streams that the core
 has not taken in yet (the core says so with its initial metadata), so a burst of

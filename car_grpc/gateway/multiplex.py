@@ -18,8 +18,8 @@ Per frame the path is kept short: a connection need not write (a task of its own
 time it has something to send); it may `pull` instead, and the stream takes the
 connection's next batch itself when it writes its next message, within the credits: all
 the frames that came meanwhile in one batch, and no task. An acknowledgement owed to a
-session goes in the same record as the session's next batch (one record per round trip
-each way, not two).
+session goes in the record of the session's next batch (one record per round trip each
+way, not two); on its own only once half a window is owed (wire/multiplex.py).
 """
 
 from __future__ import annotations
@@ -203,8 +203,8 @@ class _Stream:
         self._ready.set()
 
     def acknowledge(self, key: int, size: int) -> None:
-        """Session `key` took a batch of `size` bytes: owed to the sender, sent with the
-        next message, or now once half a window is owed."""
+        """Session `key` took a batch of `size` bytes: owed to the core, sent with the
+        session's next record, or with the next message once half a window is owed."""
         ack = self._acks.setdefault(key, [0, 0])
         ack[0] += 1
         ack[1] += size
@@ -271,7 +271,8 @@ class _Stream:
 
     def _take_records(self) -> list[bytes]:
         """The records of the next message: what is queued (and what the pulls take), up
-        to MAX_MESSAGE_BYTES, then the acknowledgements that went with none of them."""
+        to MAX_MESSAGE_BYTES, then, once some session is owed half a window, every
+        acknowledgement owed (the others wait for their sessions' next records)."""
         out, more = _next_records(self._records)
         if more:
             self._ready.set()
@@ -300,7 +301,8 @@ def _next_records(queue: deque[bytes | MultiplexedCall]) -> tuple[list[bytes], b
         if isinstance(item, MultiplexedCall):
             record = item.pulled()
             if record is None:
-                held.append(queue.popleft())
+                queue.popleft()
+                held.append(item)
                 continue
             if not record:
                 queue.popleft()
