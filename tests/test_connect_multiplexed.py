@@ -43,6 +43,8 @@ class Gateway:
         self.unacked: dict[int, list[int]] = defaultdict(list)
         self.ends: dict[int, session_pb2.MultiplexedServerSession] = {}
         self.acks: dict[int, int] = defaultdict(int)
+        #: By session: each record received, as (carries a batch, batches acknowledged).
+        self.records: dict[int, list[tuple[bool, int]]] = defaultdict(list)
         self.arrived = asyncio.Condition()
         self._reader = asyncio.create_task(self._read())
 
@@ -55,6 +57,7 @@ class Gateway:
                         self.frames[part.session] += decoded.frames
                         self.unacked[part.session].append(len(part.batch))
                     self.acks[part.session] += part.ack_batches
+                    self.records[part.session].append((bool(part.batch), part.ack_batches))
                     if part.end:
                         self.ends[part.session] = part
                 self.arrived.notify_all()
@@ -137,6 +140,34 @@ async def test_a_session_not_read_holds_back_only_itself(core: Core, gateway: Ga
         await gateway.ack(1)
         await gateway.until(lambda: bool(gateway.unacked[1]) or len(gateway.ids(1)) == 1 + n)
     assert gateway.ids(1) == ["auth", *(str(i) for i in range(n))]
+
+
+async def test_an_answer_carries_the_acknowledgement_of_its_request(
+    core: Core, gateway: Gateway
+) -> None:
+    """A request and its answer are one record each way: the record of the answer
+    acknowledges the batch it answers, with no record of its own for it."""
+    token = daemon_token(core)
+    await gateway.request(1, _frame("auth", "session_auth", token=token))
+    await gateway.until(lambda: gateway.ids(1) == ["auth"])
+    await gateway.request(1, _frame("a", "tools_list"), _frame("b", "tools_list"))
+    await gateway.until(lambda: gateway.ids(1) == ["auth", "a", "b"])
+    assert gateway.records[1] == [(True, 1), (True, 1)]
+
+
+async def test_batches_without_answers_are_acknowledged_once_half_a_window_is_owed(
+    core: Core, gateway: Gateway
+) -> None:
+    """What a session reads and does not answer (notifications) is acknowledged on its own
+    once half a window is owed (not batch by batch): a gateway that filled the window is
+    never left waiting."""
+    notice = batch.encode([_frame("", "agent_chat_event")])
+    for _ in range(multiplex.WINDOW_BATCHES):
+        await gateway.send(multiplex.record(5, notice))
+    await gateway.until(lambda: gateway.acks[5] >= multiplex.WINDOW_BATCHES // 2)
+    assert gateway.records[5]
+    assert not any(carries_batch for carries_batch, _ in gateway.records[5])
+    assert all(n >= multiplex.WINDOW_BATCHES // 2 for _, n in gateway.records[5])
 
 
 async def test_a_batch_past_the_credits_ends_the_stream(core: Core, gateway: Gateway) -> None:

@@ -94,7 +94,8 @@ class SessionChannel:
             await self._credit.wait()
         self._unacked += 1
         self._unacked_bytes += len(data)
-        self._stream.send(multiplex.record(self.key, data))
+        # What is owed to the gateway goes along (no record of its own).
+        self._stream.send(multiplex.record(self.key, data, ack=self._stream.take_owed(self.key)))
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise _Ended(code, details)
@@ -112,6 +113,7 @@ class MultiplexedStream:
         #: Records for the next message, and acknowledgements (batches, bytes) by session.
         self._records: list[bytes] = []
         self._acks: dict[int, list[int]] = {}
+        self._acks_due = False  # some session is owed half a window: send them all now
         self._ready = asyncio.Event()
         self._closing = False  # no session is left: the writer ends once all is written
 
@@ -120,17 +122,23 @@ class MultiplexedStream:
         self._ready.set()
 
     def acknowledge(self, key: int, size: int) -> None:
-        """Session `key` took a batch of `size` bytes: owed to the sender, sent with the
-        next message, or now once half a window is owed."""
+        """Session `key` took a batch of `size` bytes: owed to the gateway, sent with the
+        session's next record, or with the next message once half a window is owed."""
         ack = self._acks.setdefault(key, [0, 0])
         ack[0] += 1
         ack[1] += size
         if multiplex.ack_due(*ack):
+            self._acks_due = True
             self._ready.set()
 
     def owed(self, key: int) -> tuple[int, int]:
         """What session `key` has taken and not yet acknowledged (batches, bytes)."""
         ack = self._acks.get(key)
+        return (ack[0], ack[1]) if ack else (0, 0)
+
+    def take_owed(self, key: int) -> tuple[int, int]:
+        """What is owed to session `key`, to go with its next record (no longer owed)."""
+        ack = self._acks.pop(key, None)
         return (ack[0], ack[1]) if ack else (0, 0)
 
     async def run(self) -> None:
@@ -235,11 +243,11 @@ class MultiplexedStream:
                 return
 
     def _take(self) -> list[bytes]:
-        """The records of the next message: acknowledgements, then what the sessions
-        wrote, up to MAX_MESSAGE_BYTES (the rest waits for the next)."""
-        out = [multiplex.record(key, ack=(n, size)) for key, (n, size) in self._acks.items()]
-        self._acks.clear()
-        size = sum(map(len, out))
+        """The records of the next message: what the sessions wrote, up to
+        MAX_MESSAGE_BYTES (the rest waits for the next), then, once some session is owed
+        half a window (or the stream is closing), every acknowledgement owed."""
+        out: list[bytes] = []
+        size = 0
         records, taken = self._records, 0
         for record in records:
             if taken and size + len(record) > multiplex.MAX_MESSAGE_BYTES:
@@ -250,6 +258,11 @@ class MultiplexedStream:
         del records[:taken]
         if records:
             self._ready.set()
+        # Otherwise they wait for their sessions' next records (wire/multiplex.py).
+        if self._acks_due or self._closing:
+            out += [multiplex.record(key, ack=(n, size)) for key, (n, size) in self._acks.items()]
+            self._acks.clear()
+            self._acks_due = False
         return out
 
 

@@ -3,10 +3,11 @@ session stream with many frames per gRPC message: wire/batch.py).
 
 Six tasks per connection: client -> core (text frames through the Bridge onto a bounded
 upstream queue), the upstream writer (every frame queued when a write can start, in one
-gRPC message), core -> client (opens the stream, then the ServerFrames of each message
-through the Bridge to the WebSocket: sent at once, in one socket write, while the client
-keeps up, else onto a bounded queue), the writer (queue -> WebSocket, what waits in one
-write), the keepalive and the authentication deadline.
+gRPC message; on a multiplexed stream no task: the stream pulls the queue's frames
+itself when it writes next), core -> client (opens the stream, then the ServerFrames of
+each message through the Bridge to the WebSocket: sent at once, in one socket write,
+while the client keeps up, else onto a bounded queue), the writer (queue -> WebSocket,
+what waits in one write), the keepalive and the authentication deadline.
 
 Opening is paced: a gateway has at most `ws_pending_streams` Connect streams that the core
 has not taken in yet (the core says so with its initial metadata), so a burst of
@@ -50,6 +51,7 @@ from car_grpc.config import GatewayConfig
 from car_grpc.gateway import audio_frames, decoder
 from car_grpc.gateway.decoder import DecoderPool
 from car_grpc.gateway.jsonrpc import MAX_BATCH, Bridge
+from car_grpc.gateway.multiplex import MultiplexedCall
 from car_grpc.gateway.outbound import OutboundQueue
 from car_grpc.v1 import session_pb2, voice_pb2
 from car_grpc.wire import batch
@@ -175,6 +177,8 @@ class Connection:
         self._upstream_bytes = 0
         self._upstream_room: asyncio.Future[None] | None = None
         self._upstream_writer: asyncio.Task[None] | None = None
+        #: The session on a multiplexed stream, once opened: it pulls what is queued.
+        self._pulled_by: MultiplexedCall | None = None
         self._ended = asyncio.Event()
         self.close_code: int = CloseCode.NORMAL_CLOSURE
         self.close_reason = ""
@@ -322,7 +326,9 @@ class Connection:
                 await room
             self._upstream.append(data)
             self._upstream_bytes += len(data)
-            if self._upstream_writer is None:
+            if (pulled_by := self._pulled_by) is not None:
+                pulled_by.pull(self._take_upstream)  # no task: see multiplex.py
+            elif self._upstream_writer is None:
                 self._upstream_writer = asyncio.create_task(self._write_upstream())
                 self._upstream_writer.add_done_callback(self._task_done)
             if loop.time() >= deadline:
@@ -331,18 +337,26 @@ class Connection:
 
     async def _write_upstream(self) -> None:
         """Write what the client sent onto the stream, every frame queued when a write
-        can start in that one message, until nothing is left."""
+        can start in that one message, until nothing is left; then, on a multiplexed
+        stream, leave the next ones to its pulls."""
         try:
             await self._opened.wait()  # bounded: see _open
-            while frames := self._upstream:
-                self._upstream, self._upstream_bytes = [], 0
-                if (room := self._upstream_room) is not None and not room.done():
-                    room.set_result(None)
-                await self.call.write(batch.encode(frames))
+            while self._upstream:
+                await self.call.write(self._take_upstream())
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
             return  # the stream ended: _core_to_client says why
         finally:
             self._upstream_writer = None
+            if self._opened.is_set() and isinstance(self.call, MultiplexedCall):
+                self._pulled_by = self.call
+
+    def _take_upstream(self) -> bytes:
+        """The batch of every frame queued (b"": none), which makes room for more."""
+        frames = self._upstream
+        self._upstream, self._upstream_bytes = [], 0
+        if (room := self._upstream_room) is not None and not room.done():
+            room.set_result(None)
+        return batch.encode(frames) if frames else b""
 
     async def _open(self) -> None:
         """Open the Connect stream once a slot is free, and hold the slot until the core
@@ -355,6 +369,8 @@ class Connection:
                     await self._opening.acquire()
                     acquired = True
             self.call = self._connect()
+            if isinstance(self.call, MultiplexedCall) and self._upstream_writer is None:
+                self._pulled_by = self.call
             self._opened.set()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(OPEN_TIMEOUT):

@@ -278,7 +278,9 @@ def response(id_: JSON, result: JSON) -> str:
 
 def _response_text(id_: JSON, result: str) -> str:
     """response(id_, result) for a result already written as JSON text."""
-    return f'{{"jsonrpc":"2.0","id":{dumps(id_)},"result":{result}}}'
+    # An integer id (car-runtime's) is its own JSON text: no trip through the encoder.
+    id_text = str(id_) if type(id_) is int else dumps(id_)
+    return f'{{"jsonrpc":"2.0","id":{id_text},"result":{result}}}'
 
 
 def error_response(id_: JSON, error: JSON) -> str:

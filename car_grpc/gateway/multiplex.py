@@ -13,6 +13,13 @@ batch only within its credits, and acknowledges a batch from the core when its
 connection reads it (which it stops doing while its client's queue is full), so a slow
 client holds back only its own session. What a session holds here: its unread batches,
 at most the credits' worth.
+
+Per frame the path is kept short: a connection need not write (a task of its own each
+time it has something to send); it may `pull` instead, and the stream takes the
+connection's next batch itself when it writes its next message, within the credits: all
+the frames that came meanwhile in one batch, and no task. An acknowledgement owed to a
+session goes in the record of the session's next batch (one record per round trip each
+way, not two); on its own only once half a window is owed (wire/multiplex.py).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -55,6 +62,9 @@ class MultiplexedCall:
         self._end: grpc.aio.AioRpcError | None = None  # how the session ended (OK: EOF)
         self._ended = False
         self._half_closed = False
+        #: Gives the connection's next batch (b"": none), while a pull waits in the stream.
+        self._take: Callable[[], bytes] | None = None
+        self._end_after_take = False  # done_writing came while a pull waited
 
     # -------------------------------------------------------------- as Connection uses it
 
@@ -67,9 +77,37 @@ class MultiplexedCall:
             self._changed.clear()
             await self._changed.wait()
         self._check_writable()
+        self._stream.send(self._record(data))
+
+    def pull(self, take: Callable[[], bytes]) -> None:
+        """Have the stream take the next batch with `take()` when it writes next (and the
+        credits allow), rather than write() it: what the connection gets meanwhile goes
+        along. Instead of write(), never beside a write() under way."""
+        if self._take is None and not self._ended and not self._half_closed:
+            self._take = take
+            self._stream.send(self)
+
+    def pulled(self) -> bytes | None:
+        """The record of the batch a pull waits for (b"": none after all), or None while
+        the credits do not allow it."""
+        take = self._take
+        if take is None or self._ended:
+            self._take = None
+            return b""
+        if not multiplex.fits(self._unacked, self._unacked_bytes):
+            return None
+        self._take = None
+        data = take()
+        end, self._end_after_take = self._end_after_take, False
+        if not data:
+            return multiplex.record(self.key, end=True) if end else b""
+        return self._record(data, end=end)
+
+    def _record(self, data: bytes, *, end: bool = False) -> bytes:
+        """Session record of batch `data`, sent within the credits, with what is owed."""
         self._unacked += 1
         self._unacked_bytes += len(data)
-        self._stream.send(multiplex.record(self.key, data))
+        return multiplex.record(self.key, data, end=end, ack=self._stream.take_owed(self.key))
 
     async def read(self) -> Any:
         while not self._inbound:
@@ -87,7 +125,10 @@ class MultiplexedCall:
     async def done_writing(self) -> None:
         if not self._ended and not self._half_closed:
             self._half_closed = True
-            self._stream.send(multiplex.record(self.key, end=True))
+            if self._take is not None:
+                self._end_after_take = True  # the end goes after what the pull takes
+            else:
+                self._stream.send(multiplex.record(self.key, end=True))
 
     def cancel(self) -> bool:
         if self._ended:
@@ -120,6 +161,8 @@ class MultiplexedCall:
         self._unacked = max(0, self._unacked - batches)
         self._unacked_bytes = max(0, self._unacked_bytes - size)
         self._changed.set()
+        if self._take is not None:
+            self._stream.wake()  # a pull may wait for these credits
 
     def finish(self, error: grpc.aio.AioRpcError | None) -> None:
         """The session ended (None: OK); what was delivered is still read first."""
@@ -135,8 +178,11 @@ class _Stream:
         self.call = call
         self.calls: dict[int, MultiplexedCall] = {}
         self.failed = False
-        self._records: list[bytes] = []
+        #: What goes in the next messages, in order: records, and sessions whose pull
+        #: waits (their record is made when the message is).
+        self._records: deque[bytes | MultiplexedCall] = deque()
         self._acks: dict[int, list[int]] = {}
+        self._acks_due = False  # some session is owed half a window: send them all now
         self._ready = asyncio.Event()
         self._writer = asyncio.create_task(self._write_loop())
         self._reader = asyncio.create_task(self._read_loop())
@@ -149,22 +195,31 @@ class _Stream:
     async def initial_metadata(self) -> grpc.aio.Metadata:
         return await self.call.initial_metadata()
 
-    def send(self, record: bytes) -> None:
+    def send(self, record: bytes | MultiplexedCall) -> None:
         self._records.append(record)
         self._ready.set()
 
+    def wake(self) -> None:
+        self._ready.set()
+
     def acknowledge(self, key: int, size: int) -> None:
-        """Session `key` took a batch of `size` bytes: owed to the sender, sent with the
-        next message, or now once half a window is owed."""
+        """Session `key` took a batch of `size` bytes: owed to the core, sent with the
+        session's next record, or with the next message once half a window is owed."""
         ack = self._acks.setdefault(key, [0, 0])
         ack[0] += 1
         ack[1] += size
         if multiplex.ack_due(*ack):
+            self._acks_due = True
             self._ready.set()
 
     def owed(self, key: int) -> tuple[int, int]:
         """What session `key` has taken and not yet acknowledged (batches, bytes)."""
         ack = self._acks.get(key)
+        return (ack[0], ack[1]) if ack else (0, 0)
+
+    def take_owed(self, key: int) -> tuple[int, int]:
+        """What is owed to session `key`, to go with its next record (no longer owed)."""
+        ack = self._acks.pop(key, None)
         return (ack[0], ack[1]) if ack else (0, 0)
 
     def forget(self, key: int) -> None:
@@ -214,20 +269,17 @@ class _Stream:
                 if records := self._take_records():
                     await self.call.write(b"".join(records))
 
-    def _take_records(self) -> Sequence[bytes]:
-        out = [multiplex.record(key, ack=(n, size)) for key, (n, size) in self._acks.items()]
-        self._acks.clear()
-        size = sum(map(len, out))
-        records, taken = self._records, 0
-        for record in records:
-            if taken and size + len(record) > multiplex.MAX_MESSAGE_BYTES:
-                break
-            out.append(record)
-            size += len(record)
-            taken += 1
-        del records[:taken]
-        if records:
+    def _take_records(self) -> list[bytes]:
+        """The records of the next message: what is queued (and what the pulls take), up
+        to MAX_MESSAGE_BYTES, then, once some session is owed half a window, every
+        acknowledgement owed (the others wait for their sessions' next records)."""
+        out, more = _next_records(self._records)
+        if more:
             self._ready.set()
+        if self._acks_due:
+            out += [multiplex.record(key, ack=(n, size)) for key, (n, size) in self._acks.items()]
+            self._acks.clear()
+            self._acks_due = False
         return out
 
     async def close(self) -> None:
@@ -235,6 +287,35 @@ class _Stream:
         for task in (self._reader, self._writer):
             task.cancel()
         await asyncio.gather(self._reader, self._writer, return_exceptions=True)
+
+
+def _next_records(queue: deque[bytes | MultiplexedCall]) -> tuple[list[bytes], bool]:
+    """Records from the front of `queue` for one message, up to MAX_MESSAGE_BYTES (a larger
+    record goes alone), and whether more are ready. A pull the credits hold back keeps its
+    place (its session's acknowledgement wakes the writer)."""
+    out: list[bytes] = []
+    size = 0
+    held: list[MultiplexedCall] = []
+    while queue:
+        item = queue[0]
+        if isinstance(item, MultiplexedCall):
+            record = item.pulled()
+            if record is None:
+                queue.popleft()
+                held.append(item)
+                continue
+            if not record:
+                queue.popleft()
+                continue
+            queue[0] = item = record  # taken: from here on an ordinary record
+        if out and size + len(item) > multiplex.MAX_MESSAGE_BYTES:
+            break
+        queue.popleft()
+        out.append(item)
+        size += len(item)
+    more = bool(queue)
+    queue.extendleft(reversed(held))
+    return out, more
 
 
 class Multiplexer:

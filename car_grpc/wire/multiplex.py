@@ -12,9 +12,11 @@ less than WINDOW_BYTES of them are unacknowledged; the receiver acknowledges bat
 the session has taken them (the core's session read them; the gateway's connection took
 them for its client). So the receiver holds per session at most WINDOW_BATCHES batches
 and WINDOW_BYTES plus one batch, and a session whose client is slow stops only its own
-sender. Acknowledgements ride along with the next message the receiver sends anyway; one
-goes on its own only once half a window is owed (`ack_due`): a round trip then costs two
-gRPC messages, not three, and a blocked sender (a full window, all of it taken) is always
+sender. An acknowledgement rides in the record of the session's next batch (a request
+and its answer are one record each way, and a round trip two gRPC messages, not three);
+only once some session is owed half a window (`ack_due`) do all that are owed go at
+once, on their own if need be. A sender stops only with a full window, and once the
+receiver has taken all of it, half a window is owed: a blocked sender is always
 acknowledged.
 """
 

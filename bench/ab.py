@@ -1,0 +1,139 @@
+"""A/B of `car-grpc serve` from several source trees at once, in alternated windows.
+
+On a shared machine the load changes from minute to minute, so two benchmark runs one
+after the other compare the machine more than the code. Here every tree's server runs at
+the same time (each its own `car-grpc serve`, importing its tree first: PYTHONPATH), and
+the same load is given to each in turn, window after window (the order reversed every
+other window); each window gives the server's CPU per operation (its process tree,
+/proc/PID/stat) and its rate. A tree is a directory holding `car_grpc`, e.g. an export of
+main (`git archive main | tar -x -C DIR`); `echo` and `mux` stand for bench_gateway's bare
+echo and bare multiplexed relay.
+
+    python -m bench.ab MODE WINDOWS TREE... [-- SERVE_FLAGS]
+
+MODE: `rt1`, `rt16`, `rt64`, ... (that many clients, each one `tools.list` after another,
+for AB_SECONDS, default 2) or `chat` (one chat of AB_TOKENS tokens, default 20,000, agent
+-> host as bench_chats, per window). Not part of `python -m bench`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from websockets.asyncio.client import connect
+
+from bench import bench_chats, bench_gateway
+from bench.proc import cpu_seconds
+from tests.processes import EPHEMERAL, car_grpc_argv, cli_env, launch
+
+BARE = ("echo", "mux")
+
+
+@dataclass
+class Arm:
+    tree: str
+    server: bench_gateway.Server
+    bridged: bool
+    cpu_us: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+
+
+async def _start(stack: contextlib.AsyncExitStack, tree: str, flags: Sequence[str]) -> Arm:
+    if tree in BARE:
+        server = await stack.enter_async_context(bench_gateway.echo_server(tree))
+        return Arm(tree, server, bridged=False)
+    home = stack.enter_context(tempfile.TemporaryDirectory())
+    argv = car_grpc_argv("serve", *EPHEMERAL, "--no-auth", *flags)
+    env = cli_env(home, PYTHONPATH=tree)
+    process = await stack.enter_async_context(launch(argv, env=env, cwd=tree))
+    _, url = await process.listeners(2, timeout=60)
+    return Arm(tree, bench_gateway.Server(url, process.proc.pid), bridged=True)
+
+
+async def _chat(url: str, n: int, tokens: int) -> float:
+    """One chat of `tokens` tokens from the attached agent to a host: tokens/s."""
+    async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
+        for i, (method, params) in enumerate(
+            [("session.auth", {}), ("server.handshake", {"protocol_version": 3})]
+        ):
+            await ws.send(
+                json.dumps({"jsonrpc": "2.0", "id": i, "method": method, "params": params})
+            )
+            assert "result" in json.loads(await ws.recv())
+        chat = {"agent_id": bench_chats.AGENT_ID, "prompt": "count", "session_id": f"ab-{n}"}
+        await ws.send(
+            json.dumps({"jsonrpc": "2.0", "id": 9, "method": "agents.chat", "params": chat})
+        )
+        count, start = 0, 0.0
+        while True:
+            message = json.loads(await ws.recv())
+            if message.get("method") != "agents.chat.event":
+                continue
+            if message["params"]["kind"] == "done":
+                break
+            if count == 0:
+                start = time.perf_counter()
+            count += 1
+        assert count == tokens, count
+        return (count - 1) / (time.perf_counter() - start)
+
+
+async def run(mode: str, windows: int, trees: Sequence[str], flags: Sequence[str]) -> list[Arm]:
+    async with contextlib.AsyncExitStack() as stack:
+        arms = [await _start(stack, tree, flags) for tree in trees]
+        tokens = int(os.environ.get("AB_TOKENS", "20000"))
+        if mode == "chat":
+            for arm in arms:  # each server its agent, attached for every window (+1 warm-up)
+                argv = [sys.executable, "-m", "bench.bench_chats", "agent", arm.server.url]
+                agent = await stack.enter_async_context(
+                    launch([*argv, str(windows + 1), str(tokens)], stdin=True, stdout=True)
+                )
+                assert agent.proc.stdout is not None
+                line = await asyncio.wait_for(agent.proc.stdout.readline(), 20)
+                assert line.strip() == b"attached", line
+        else:
+            bench_gateway.THROUGHPUT_SECONDS = float(os.environ.get("AB_SECONDS", "2"))
+            clients = int(mode.removeprefix("rt"))
+        for window in range(windows + 1):  # the first: warm-up, not counted
+            for arm in arms if window % 2 else arms[::-1]:
+                if mode == "chat":
+                    before = cpu_seconds(arm.server.pid)
+                    rate = await _chat(arm.server.url, window, tokens)
+                    cpu_us = (cpu_seconds(arm.server.pid) - before) / tokens * 1e6
+                else:
+                    rate, _, cpu_us = await bench_gateway.throughput(
+                        arm.server, arm.bridged, clients
+                    )
+                if window:
+                    arm.cpu_us.append(cpu_us)
+                    arm.rates.append(rate)
+        return arms
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    flags: list[str] = []
+    if "--" in args:
+        args, flags = args[: args.index("--")], args[args.index("--") + 1 :]
+    mode, windows, trees = args[0], int(args[1]), args[2:]
+    arms = asyncio.run(run(mode, windows, trees, flags))
+    print(f"{mode} {' '.join(flags)}: server CPU us per operation (median, range) and rate/s")
+    for arm in arms:
+        cpu, rate = arm.cpu_us, arm.rates
+        print(
+            f"  {arm.tree:32} {statistics.median(cpu):7.1f} ({min(cpu):.0f}-{max(cpu):.0f})"
+            f"  {statistics.median(rate):9,.0f}/s   windows: {' '.join(f'{c:.0f}' for c in cpu)}"
+        )
+
+
+if __name__ == "__main__":
+    main()
