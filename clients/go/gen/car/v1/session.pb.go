@@ -169,9 +169,9 @@ func (x *ConnectMultiplexedRequest) GetSessions() []*MultiplexedClientSession {
 // record of an id greater than any the stream has used; records of an id that has ended
 // are ignored. Credits: per session and direction, a batch may be sent while fewer than
 // 16 batches and less than 256 KiB of them are unacknowledged; a side acknowledges
-// batches once its session has taken them (with its next message, or on their own once
-// 8 batches or 128 KiB are owed). More is a protocol error that ends the stream
-// (INVALID_ARGUMENT).
+// batches once its session has taken them (in that session's next record, or on their own
+// once some session is owed 8 batches or 128 KiB). More is a protocol error that ends the
+// stream (INVALID_ARGUMENT).
 type MultiplexedClientSession struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
