@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -62,29 +60,8 @@ async def _start(stack: contextlib.AsyncExitStack, tree: str, flags: Sequence[st
 async def _chat(url: str, n: int, tokens: int) -> float:
     """One chat of `tokens` tokens from the attached agent to a host: tokens/s."""
     async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
-        for i, (method, params) in enumerate(
-            [("session.auth", {}), ("server.handshake", {"protocol_version": 3})]
-        ):
-            await ws.send(
-                json.dumps({"jsonrpc": "2.0", "id": i, "method": method, "params": params})
-            )
-            assert "result" in json.loads(await ws.recv())
-        chat = {"agent_id": bench_chats.AGENT_ID, "prompt": "count", "session_id": f"ab-{n}"}
-        await ws.send(
-            json.dumps({"jsonrpc": "2.0", "id": 9, "method": "agents.chat", "params": chat})
-        )
-        count, start = 0, 0.0
-        while True:
-            message = json.loads(await ws.recv())
-            if message.get("method") != "agents.chat.event":
-                continue
-            if message["params"]["kind"] == "done":
-                break
-            if count == 0:
-                start = time.perf_counter()
-            count += 1
-        assert count == tokens, count
-        return (count - 1) / (time.perf_counter() - start)
+        await bench_chats.host_session(ws)
+        return await bench_chats.chat_rate(ws, 9, f"ab-{n}", tokens)
 
 
 async def run(mode: str, windows: int, trees: Sequence[str], flags: Sequence[str]) -> list[Arm]:

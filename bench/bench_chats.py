@@ -208,36 +208,42 @@ async def through_car_grpc(rounds: int, *flags: str) -> tuple[list[float], float
     return rates, cpu / (rounds * TOKENS)
 
 
+async def host_session(ws: ClientConnection) -> None:
+    """Open a host session on `ws` (the server runs with --no-auth)."""
+    for i, (method, params) in enumerate(
+        [("session.auth", {}), ("server.handshake", {"protocol_version": 3})]
+    ):
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": i, "method": method, "params": params}))
+        assert "result" in json.loads(await ws.recv())
+
+
+async def chat_rate(ws: ClientConnection, request_id: int, session_id: str, tokens: int) -> float:
+    """Open a chat with the agent on the host session `ws` and read its `tokens` tokens
+    up to `done`: tokens/s, from the first token to the last."""
+    chat = {"agent_id": AGENT_ID, "prompt": "count", "session_id": session_id}
+    await ws.send(
+        json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "agents.chat", "params": chat})
+    )
+    count, start = 0, 0.0
+    while True:
+        message = json.loads(await ws.recv())
+        if message.get("method") != "agents.chat.event":
+            assert "result" in message, message  # the chat's `accepted`
+            continue
+        if message["params"]["kind"] == "done":
+            break
+        if count == 0:
+            start = time.perf_counter()
+        count += 1
+    assert count == tokens, count
+    return (count - 1) / (time.perf_counter() - start)
+
+
 async def _host(url: str, rounds: int, rates: list[float]) -> None:
     async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
-        for i, request in enumerate(
-            [("session.auth", {}), ("server.handshake", {"protocol_version": 3})]
-        ):
-            method, params = request
-            await ws.send(
-                json.dumps({"jsonrpc": "2.0", "id": i, "method": method, "params": params})
-            )
-            assert "result" in json.loads(await ws.recv())
+        await host_session(ws)
         for n in range(rounds):
-            chat = {"agent_id": AGENT_ID, "prompt": "count", "session_id": f"bench-{n}"}
-            await ws.send(
-                json.dumps(
-                    {"jsonrpc": "2.0", "id": 10 + n, "method": "agents.chat", "params": chat}
-                )
-            )
-            count, start = 0, 0.0
-            while True:
-                message = json.loads(await ws.recv())
-                if message.get("method") != "agents.chat.event":
-                    assert "result" in message, message  # the chat's `accepted`
-                    continue
-                if message["params"]["kind"] == "done":
-                    break
-                if count == 0:
-                    start = time.perf_counter()
-                count += 1
-            assert count == TOKENS, count
-            rates.append((count - 1) / (time.perf_counter() - start))
+            rates.append(await chat_rate(ws, 10 + n, f"bench-{n}", TOKENS))
 
 
 # ------------------------------------------------------------------ report

@@ -197,14 +197,15 @@ async def mux_echo(
     await server.stop(0)
 
 
-async def run_mux_relay_server(streams: int = MUX_STREAMS) -> None:
+async def run_mux_relay_server(streams: int = MUX_STREAMS, *, text: bool = True) -> None:
     """`python -m bench.bench_gateway mux`: every WebSocket connection over `streams` shared
-    grpc.aio streams to the echo servicer; a message carries every frame ready at once."""
+    grpc.aio streams to the echo servicer; a message carries every frame ready at once.
+    Frames go back as text messages, or (`text=False`) as binary ones."""
     connections: dict[int, ServerConnection] = {}
 
     async def deliver(conn_id: int, payload: bytes) -> None:
         if (ws := connections.get(conn_id)) is not None:
-            await ws.send(payload.decode())
+            await ws.send(payload.decode() if text else payload)
 
     async with mux_echo(streams, deliver) as shared:
         ids = iter(range(1 << 32))
@@ -219,7 +220,9 @@ async def run_mux_relay_server(streams: int = MUX_STREAMS) -> None:
             finally:
                 del connections[conn_id]
 
-        async with serve(relay, "127.0.0.1", 0, ping_interval=None, compression=None) as ws_server:
+        async with serve(
+            relay, "127.0.0.1", 0, ping_interval=None, compression=None, max_size=None
+        ) as ws_server:
             port = ws_server.sockets[0].getsockname()[1]
             log_listening("mux relay", f"ws://127.0.0.1:{port}/")
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)

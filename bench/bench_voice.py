@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import math
 import struct
@@ -53,7 +52,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench import summary
-from bench.bench_gateway import mux_echo
+from bench.bench_gateway import run_mux_relay_server
 from bench.proc import cpu_seconds
 from car_grpc.v1 import voice_pb2, voice_pb2_grpc
 from car_grpc.wire import codec
@@ -149,27 +148,7 @@ async def run_relay() -> None:
     """The floor of the path: each binary frame, as opaque bytes, over one shared grpc.aio
     stream to an echo servicer and back (bench_gateway's multiplexed relay): one gRPC hop
     where car-grpc has two (gateway -> core -> engine), no protobuf, no session."""
-    connections: dict[int, ServerConnection] = {}
-
-    async def deliver(conn_id: int, payload: bytes) -> None:
-        await connections[conn_id].send(payload)
-
-    async with mux_echo(1, deliver) as [stream]:
-        ids = itertools.count()
-
-        async def relay(ws: ServerConnection) -> None:
-            conn_id = next(ids)
-            connections[conn_id] = ws
-            try:
-                async for message in ws:
-                    stream.send(conn_id, message.encode() if isinstance(message, str) else message)
-            finally:
-                del connections[conn_id]
-
-        async with serve(relay, "127.0.0.1", 0, compression=None, max_size=None) as server:
-            host, port = server.sockets[0].getsockname()[:2]
-            log_listening("relay", f"ws://{host}:{port}/")
-            await asyncio.Future()
+    await run_mux_relay_server(1, text=False)
 
 
 @contextlib.asynccontextmanager
