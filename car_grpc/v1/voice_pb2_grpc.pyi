@@ -62,11 +62,12 @@ class VoiceServiceStub:
     # Bounds
 
     Audio towards an engine waits in a per-session queue (`Config.voice_audio_queue`
-    chunks). When it is full, pushes wait in order; when the engine takes nothing for
-    `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
-    event. Events and speech towards the owner wait in a per-session queue
-    (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
-    error event, and the engine's other sessions go on. Audio makes events: while the
+    chunks and `Config.voice_audio_queue_bytes`). When it is full, pushes wait in order;
+    when the engine takes nothing for `Config.voice_stall_timeout` seconds the push fails
+    and the session ends with an error event. Events and speech towards the owner wait in
+    a per-session queue (`Config.voice_event_queue` frames and
+    `Config.voice_event_queue_bytes`); when the owner lets it fill up, the session ends with
+    an error event, and the engine's other sessions go on. Audio makes events: while the
     owner has more than a quarter of that queue to take, no more of its audio goes to the
     engine (at most a sixteenth of the queue at a time), so a client that pushes audio far
     faster than it reads is slowed down (its pushes wait) rather than losing its session;
@@ -166,11 +167,12 @@ class VoiceServiceAsyncStub(VoiceServiceStub):
     # Bounds
 
     Audio towards an engine waits in a per-session queue (`Config.voice_audio_queue`
-    chunks). When it is full, pushes wait in order; when the engine takes nothing for
-    `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
-    event. Events and speech towards the owner wait in a per-session queue
-    (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
-    error event, and the engine's other sessions go on. Audio makes events: while the
+    chunks and `Config.voice_audio_queue_bytes`). When it is full, pushes wait in order;
+    when the engine takes nothing for `Config.voice_stall_timeout` seconds the push fails
+    and the session ends with an error event. Events and speech towards the owner wait in
+    a per-session queue (`Config.voice_event_queue` frames and
+    `Config.voice_event_queue_bytes`); when the owner lets it fill up, the session ends with
+    an error event, and the engine's other sessions go on. Audio makes events: while the
     owner has more than a quarter of that queue to take, no more of its audio goes to the
     engine (at most a sixteenth of the queue at a time), so a client that pushes audio far
     faster than it reads is slowed down (its pushes wait) rather than losing its session;
@@ -266,11 +268,12 @@ class VoiceServiceServicer(metaclass=_abc_1.ABCMeta):
     # Bounds
 
     Audio towards an engine waits in a per-session queue (`Config.voice_audio_queue`
-    chunks). When it is full, pushes wait in order; when the engine takes nothing for
-    `Config.voice_stall_timeout` seconds the push fails and the session ends with an error
-    event. Events and speech towards the owner wait in a per-session queue
-    (`Config.voice_event_queue`); when the owner lets it fill up, the session ends with an
-    error event, and the engine's other sessions go on. Audio makes events: while the
+    chunks and `Config.voice_audio_queue_bytes`). When it is full, pushes wait in order;
+    when the engine takes nothing for `Config.voice_stall_timeout` seconds the push fails
+    and the session ends with an error event. Events and speech towards the owner wait in
+    a per-session queue (`Config.voice_event_queue` frames and
+    `Config.voice_event_queue_bytes`); when the owner lets it fill up, the session ends with
+    an error event, and the engine's other sessions go on. Audio makes events: while the
     owner has more than a quarter of that queue to take, no more of its audio goes to the
     engine (at most a sixteenth of the queue at a time), so a client that pushes audio far
     faster than it reads is slowed down (its pushes wait) rather than losing its session;
