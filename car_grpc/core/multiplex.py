@@ -58,7 +58,7 @@ class SessionChannel:
     def push(self, batch: bytes) -> bool:
         """A batch from the gateway; False when it exceeds the session's credits (what is
         unread and what was read but not yet acknowledged)."""
-        owed, owed_bytes = self._stream.owed(self.key)
+        owed, owed_bytes = self._stream.owed.of(self.key)
         if not multiplex.fits(len(self.inbound) + owed, self.inbound_bytes + owed_bytes):
             return False
         self.inbound.append(batch)
@@ -95,7 +95,7 @@ class SessionChannel:
         self._unacked += 1
         self._unacked_bytes += len(data)
         # What is owed to the gateway goes along (no record of its own).
-        self._stream.send(multiplex.record(self.key, data, ack=self._stream.take_owed(self.key)))
+        self._stream.send(multiplex.record(self.key, data, ack=self._stream.owed.take(self.key)))
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise _Ended(code, details)
@@ -110,10 +110,9 @@ class MultiplexedStream:
         self.peer = context.peer()
         self.sessions: dict[int, tuple[SessionChannel, asyncio.Task[None]]] = {}
         self._last_key = -1  # ids only grow: a smaller one is a session that ended
-        #: Records for the next message, and acknowledgements (batches, bytes) by session.
+        #: Records for the next message, and the acknowledgements owed to the gateway.
         self._records: list[bytes] = []
-        self._acks: dict[int, list[int]] = {}
-        self._acks_due = False  # some session is owed half a window: send them all now
+        self.owed = multiplex.Owed()
         self._ready = asyncio.Event()
         self._closing = False  # no session is left: the writer ends once all is written
 
@@ -122,24 +121,9 @@ class MultiplexedStream:
         self._ready.set()
 
     def acknowledge(self, key: int, size: int) -> None:
-        """Session `key` took a batch of `size` bytes: owed to the gateway, sent with the
-        session's next record, or with the next message once half a window is owed."""
-        ack = self._acks.setdefault(key, [0, 0])
-        ack[0] += 1
-        ack[1] += size
-        if multiplex.ack_due(*ack):
-            self._acks_due = True
+        """Session `key` took a batch of `size` bytes: owed to the gateway (Owed)."""
+        if self.owed.add(key, size):
             self._ready.set()
-
-    def owed(self, key: int) -> tuple[int, int]:
-        """What session `key` has taken and not yet acknowledged (batches, bytes)."""
-        ack = self._acks.get(key)
-        return (ack[0], ack[1]) if ack else (0, 0)
-
-    def take_owed(self, key: int) -> tuple[int, int]:
-        """What is owed to session `key`, to go with its next record (no longer owed)."""
-        ack = self._acks.pop(key, None)
-        return (ack[0], ack[1]) if ack else (0, 0)
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._write_loop())
@@ -225,7 +209,7 @@ class MultiplexedStream:
             code, details = grpc.StatusCode.UNKNOWN, "internal error"
         finally:
             del self.sessions[channel.key]
-            self._acks.pop(channel.key, None)
+            self.owed.take(channel.key)
             self.send(multiplex.record(channel.key, end=True, flag4=code.value[0], message=details))
 
     async def _write_loop(self) -> None:
@@ -239,7 +223,7 @@ class MultiplexedStream:
             records = self._take()
             if records:
                 await self.context.write(b"".join(records))
-            if self._closing and not self._records and not self._acks:
+            if self._closing and not self._records and not self.owed:
                 return
 
     def _take(self) -> list[bytes]:
@@ -259,10 +243,8 @@ class MultiplexedStream:
         if records:
             self._ready.set()
         # Otherwise they wait for their sessions' next records (wire/multiplex.py).
-        if self._acks_due or self._closing:
-            out += [multiplex.record(key, ack=(n, size)) for key, (n, size) in self._acks.items()]
-            self._acks.clear()
-            self._acks_due = False
+        if self.owed.due or self._closing:
+            out += self.owed.records()
         return out
 
 

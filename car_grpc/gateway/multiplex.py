@@ -107,7 +107,7 @@ class MultiplexedCall:
         """Session record of batch `data`, sent within the credits, with what is owed."""
         self._unacked += 1
         self._unacked_bytes += len(data)
-        return multiplex.record(self.key, data, end=end, ack=self._stream.take_owed(self.key))
+        return multiplex.record(self.key, data, end=end, ack=self._stream.owed.take(self.key))
 
     async def read(self) -> Any:
         while not self._inbound:
@@ -149,7 +149,7 @@ class MultiplexedCall:
     def deliver(self, data: bytes) -> bool:
         """A batch from the core; False when it exceeds the session's credits (what is
         unread and what was read but not yet acknowledged)."""
-        owed, owed_bytes = self._stream.owed(self.key)
+        owed, owed_bytes = self._stream.owed.of(self.key)
         if not multiplex.fits(len(self._inbound) + owed, self._inbound_bytes + owed_bytes):
             return False
         self._inbound.append(data)
@@ -181,8 +181,7 @@ class _Stream:
         #: What goes in the next messages, in order: records, and sessions whose pull
         #: waits (their record is made when the message is).
         self._records: deque[bytes | MultiplexedCall] = deque()
-        self._acks: dict[int, list[int]] = {}
-        self._acks_due = False  # some session is owed half a window: send them all now
+        self.owed = multiplex.Owed()  # the acknowledgements owed to the core
         self._ready = asyncio.Event()
         self._writer = asyncio.create_task(self._write_loop())
         self._reader = asyncio.create_task(self._read_loop())
@@ -203,28 +202,13 @@ class _Stream:
         self._ready.set()
 
     def acknowledge(self, key: int, size: int) -> None:
-        """Session `key` took a batch of `size` bytes: owed to the core, sent with the
-        session's next record, or with the next message once half a window is owed."""
-        ack = self._acks.setdefault(key, [0, 0])
-        ack[0] += 1
-        ack[1] += size
-        if multiplex.ack_due(*ack):
-            self._acks_due = True
+        """Session `key` took a batch of `size` bytes: owed to the core (Owed)."""
+        if self.owed.add(key, size):
             self._ready.set()
-
-    def owed(self, key: int) -> tuple[int, int]:
-        """What session `key` has taken and not yet acknowledged (batches, bytes)."""
-        ack = self._acks.get(key)
-        return (ack[0], ack[1]) if ack else (0, 0)
-
-    def take_owed(self, key: int) -> tuple[int, int]:
-        """What is owed to session `key`, to go with its next record (no longer owed)."""
-        ack = self._acks.pop(key, None)
-        return (ack[0], ack[1]) if ack else (0, 0)
 
     def forget(self, key: int) -> None:
         self.calls.pop(key, None)
-        self._acks.pop(key, None)
+        self.owed.take(key)
 
     async def _read_loop(self) -> None:
         error = _error(grpc.StatusCode.UNAVAILABLE, "the multiplexed stream ended")
@@ -276,10 +260,8 @@ class _Stream:
         out, more = _next_records(self._records)
         if more:
             self._ready.set()
-        if self._acks_due:
-            out += [multiplex.record(key, ack=(n, size)) for key, (n, size) in self._acks.items()]
-            self._acks.clear()
-            self._acks_due = False
+        if self.owed.due:
+            out += self.owed.records()
         return out
 
     async def close(self) -> None:

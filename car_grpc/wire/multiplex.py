@@ -45,6 +45,46 @@ def ack_due(owed_batches: int, owed_bytes: int) -> bool:
     return owed_batches >= WINDOW_BATCHES // 2 or owed_bytes >= WINDOW_BYTES // 2
 
 
+class Owed:
+    """The acknowledgements one side owes the other, by session (batches, bytes): each
+    rides in its session's next record, and all go on their own once some session is
+    owed half a window (`due`)."""
+
+    def __init__(self) -> None:
+        self._by_session: dict[int, list[int]] = {}
+        self.due = False
+
+    def __bool__(self) -> bool:
+        return bool(self._by_session)
+
+    def add(self, session: int, size: int) -> bool:
+        """Session `session` took a batch of `size` bytes; True when that makes them due."""
+        ack = self._by_session.setdefault(session, [0, 0])
+        ack[0] += 1
+        ack[1] += size
+        if ack_due(*ack):
+            self.due = True
+            return True
+        return False
+
+    def of(self, session: int) -> tuple[int, int]:
+        """What `session` has taken and not yet acknowledged."""
+        ack = self._by_session.get(session)
+        return (ack[0], ack[1]) if ack else (0, 0)
+
+    def take(self, session: int) -> tuple[int, int]:
+        """What is owed to `session`, for its next record (or dropped: it ended)."""
+        ack = self._by_session.pop(session, None)
+        return (ack[0], ack[1]) if ack else (0, 0)
+
+    def records(self) -> list[bytes]:
+        """Every acknowledgement owed, each as a record of its own; none is owed after."""
+        out = [record(key, ack=(n, size)) for key, (n, size) in self._by_session.items()]
+        self._by_session.clear()
+        self.due = False
+        return out
+
+
 def record(
     session: int,
     batch: bytes = b"",
