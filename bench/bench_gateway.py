@@ -89,8 +89,9 @@ async def _grpc_echo(requests: object, context: grpc.aio.ServicerContext[Any, An
         await context.write(message)
 
 
-async def run_relay_server() -> None:
-    """`python -m bench.bench_gateway relay`: WebSocket -> grpc.aio stream -> echo -> back."""
+@contextlib.asynccontextmanager
+async def grpc_echo() -> AsyncIterator[grpc.aio.StreamStreamMultiCallable[bytes, bytes]]:
+    """A grpc.aio echo servicer in this process, and the method that opens a stream to it."""
     server = grpc.aio.server()
     handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.stream_stream_rpc_method_handler(_grpc_echo)
     server.add_generic_rpc_handlers(
@@ -99,9 +100,13 @@ async def run_relay_server() -> None:
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-        echo: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
-            _RELAY_METHOD
-        )
+        yield channel.stream_stream(_RELAY_METHOD)
+    await server.stop(0)
+
+
+async def run_relay_server() -> None:
+    """`python -m bench.bench_gateway relay`: WebSocket -> grpc.aio stream -> echo -> back."""
+    async with grpc_echo() as echo:
 
         async def relay(ws: ServerConnection) -> None:
             call = echo()
@@ -116,7 +121,6 @@ async def run_relay_server() -> None:
             port = ws_server.sockets[0].getsockname()[1]
             log_listening("relay", f"ws://127.0.0.1:{port}/")
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await server.stop(0)
 
 
 #: A frame on the multiplexed stream: connection id, payload length, then the payload.
@@ -177,24 +181,13 @@ async def mux_echo(
     streams: int, deliver: Callable[[int, bytes], Awaitable[None]]
 ) -> AsyncIterator[list[MuxStream]]:
     """A grpc.aio echo servicer in this process and `streams` shared streams to it."""
-    server = grpc.aio.server()
-    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.stream_stream_rpc_method_handler(_grpc_echo)
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("bench.Relay", {"Echo": handler})]
-    )
-    grpc_port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-        echo: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
-            _RELAY_METHOD
-        )
+    async with grpc_echo() as echo:
         shared = [MuxStream(echo(), deliver) for _ in range(streams)]
         try:
             yield shared
         finally:
             for stream in shared:
                 stream.close()
-    await server.stop(0)
 
 
 async def run_mux_relay_server(streams: int = MUX_STREAMS, *, text: bool = True) -> None:
