@@ -640,7 +640,8 @@ class Bridge:
         try:
             params = (
                 body.params_text
-                if member in _PARAMS_TEXT and body.HasField("params_text")
+                # An empty text is no params at all: the event is written from its fields.
+                if member in _PARAMS_TEXT and body.params_text
                 else codec.result_to_text(body, binding.bare_field)
             )
         except ValueError as e:
