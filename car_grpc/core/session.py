@@ -125,6 +125,14 @@ class ClientSession:
     def is_host(self) -> bool:
         return self.role is Role.HOST
 
+    @property
+    def principal(self) -> str:
+        """Who the session is beyond this connection, stable across restarts: "daemon",
+        "host" or "agent:<id>" ("" before auth). What owns the goals it sets."""
+        if self.role is Role.AGENT:
+            return f"agent:{self.agent_id}"
+        return "" if self.role is Role.NONE else self.role.name.lower()
+
     def __repr__(self) -> str:
         return f"<ClientSession {self.id[:8]} {self.role.name.lower()} agent={self.agent_id}>"
 
