@@ -126,6 +126,13 @@ def _add_core_flags(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="a core's lease in a cluster (default 10; or CAR_CLUSTER_LEASE)",
     )
+    p.add_argument(
+        "--multiplex-stream-bytes",
+        type=_count,
+        metavar="BYTES",
+        help="bytes a gateway's multiplexed stream may leave unacknowledged across its "
+        "sessions (default 67108864, 64 MiB; or CAR_MULTIPLEX_STREAM_BYTES)",
+    )
 
 
 def _seconds(raw: str) -> float:
@@ -184,6 +191,7 @@ def config_from(args: argparse.Namespace) -> Config:
             advertise=flag("advertise") or None,
             cluster_secret=flag("cluster_secret") or None,
             cluster_lease=flag("cluster_lease"),
+            multiplex_stream_bytes=flag("multiplex_stream_bytes"),
             ws_host=flag("host") or None,
             ws_port=flag("port"),
             unix_socket=flag("unix_socket"),

@@ -28,7 +28,7 @@ from car_grpc.core.router import GrpcOnlyHandler, Reply
 from car_grpc.core.session import ClientSession, Role, SessionClosed
 from car_grpc.store import StoreUnavailable
 from car_grpc.v1 import session_pb2
-from car_grpc.wire import api, batch
+from car_grpc.wire import api, batch, multiplex
 from car_grpc.wire.errors import INVALID_REQUEST, CarError
 from car_grpc.wire.metadata import AGENT_ID_KEY, AUTH_KEY, SESSION_ID_KEY
 from car_grpc.wire.twins import fill_in, fill_out
@@ -357,11 +357,14 @@ class GrpcService:
         dispatcher: Dispatcher,
         *,
         max_inflight: int,
+        multiplex_stream_bytes: int,
     ) -> None:
         self.registry = registry
         self.authentication = authentication
         self.dispatcher = dispatcher
         self.max_inflight = max_inflight
+        #: Bytes a ConnectMultiplexed stream may leave unacknowledged across its sessions.
+        self.multiplex_stream_bytes = multiplex_stream_bytes
         #: In a cluster: raises FAILED_PRECONDITION naming the core a session id lives on,
         #: when another core has it (a typed call bound to it must go there).
         self.locate_session: Callable[[str], Awaitable[None]] | None = None
@@ -404,7 +407,8 @@ class GrpcService:
             except StoreUnavailable as e:
                 await _abort(context, store_unavailable("ConnectMultiplexed", e))
                 return
-            await context.send_initial_metadata(((AUTH_KEY, auth),))
+            stream_bytes = (multiplex.STREAM_BYTES_KEY, str(self.multiplex_stream_bytes))
+            await context.send_initial_metadata(((AUTH_KEY, auth), stream_bytes))
             await MultiplexedStream(self, context).run()
 
         by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {

@@ -4,8 +4,8 @@ Each session on the stream is run by the same SessionStream as a ConnectBatched 
 its own: it is given a `SessionChannel` instead of a gRPC context, which reads the
 session's batches from its own queue and writes its batches into the stream's next
 message, within the session's credits. The stream's reader never waits for a session
-(credits bound what each may have queued); its writer sends every record ready at once
-in one message.
+(credits bound what each may have queued, and the stream's credits what all have); its
+writer sends every record ready at once in one message.
 """
 
 from __future__ import annotations
@@ -55,16 +55,32 @@ class SessionChannel:
     def peer(self) -> str:
         return self._stream.peer
 
-    def push(self, batch: bytes) -> bool:
-        """A batch from the gateway; False when it exceeds the session's credits (what is
-        unread and what was read but not yet acknowledged)."""
-        owed, owed_bytes = self._stream.owed.of(self.key)
+    def push(self, batch: bytes) -> str | None:
+        """A batch from the gateway; what it exceeds (None: nothing): the session's
+        credits (what is unread and what was read but not yet acknowledged) or the
+        stream's (the same across its sessions)."""
+        stream = self._stream
+        owed, owed_bytes = stream.owed.of(self.key)
         if not multiplex.fits(len(self.inbound) + owed, self.inbound_bytes + owed_bytes):
-            return False
+            return "a batch past its credits"
+        if stream.unacked_bytes >= stream.limit_bytes:
+            return (
+                f"a batch past the stream's credits ({stream.unacked_bytes} bytes"
+                f" unacknowledged across its sessions, at most {stream.limit_bytes})"
+            )
         self.inbound.append(batch)
         self.inbound_bytes += len(batch)
+        stream.inbound_bytes += len(batch)
         self._readable.set()
-        return True
+        return None
+
+    def release(self) -> None:
+        """The session is over (ended, or cancelled by the gateway): what it was sent no
+        longer counts, unread or owed (the gateway stops counting it too)."""
+        self._stream.inbound_bytes -= self.inbound_bytes
+        self.inbound.clear()
+        self.inbound_bytes = 0
+        self._stream.owed.take(self.key)
 
     def finish_input(self) -> None:
         self.client_done = True
@@ -83,6 +99,7 @@ class SessionChannel:
             await self._readable.wait()
         data = self.inbound.popleft()
         self.inbound_bytes -= len(data)
+        self._stream.inbound_bytes -= len(data)
         self._stream.acknowledge(self.key, len(data))
         return fill_in(session_pb2.ConnectBatchedRequest.FromString(data))
 
@@ -113,8 +130,17 @@ class MultiplexedStream:
         #: Records for the next message, and the acknowledgements owed to the gateway.
         self._records: list[bytes] = []
         self.owed = multiplex.Owed()
+        #: Bytes from the gateway unread by their sessions; with `owed`, what the stream's
+        #: credits bound (at most limit_bytes, plus one batch).
+        self.inbound_bytes = 0
+        self.limit_bytes = service.multiplex_stream_bytes
         self._ready = asyncio.Event()
         self._closing = False  # no session is left: the writer ends once all is written
+
+    @property
+    def unacked_bytes(self) -> int:
+        """Bytes the gateway sent that the core has not acknowledged, over every session."""
+        return self.inbound_bytes + self.owed.bytes
 
     def send(self, record: bytes) -> None:
         self._records.append(record)
@@ -158,14 +184,14 @@ class MultiplexedStream:
                 channel, task = entry
                 if part.ack_batches:
                     channel.acknowledged(part.ack_batches, part.ack_bytes)
-                if part.batch and not channel.push(part.batch):
+                if part.batch and (past := channel.push(part.batch)) is not None:
                     await self.context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"session {part.session}: a batch past its credits",
+                        grpc.StatusCode.INVALID_ARGUMENT, f"session {part.session}: {past}"
                     )
                 if part.end:
                     channel.finish_input()
                 if part.cancel:
+                    channel.release()  # the gateway no longer counts them
                     task.cancel()
 
     def _session_for(
@@ -209,7 +235,7 @@ class MultiplexedStream:
             code, details = grpc.StatusCode.UNKNOWN, "internal error"
         finally:
             del self.sessions[channel.key]
-            self.owed.take(channel.key)
+            channel.release()
             self.send(multiplex.record(channel.key, end=True, flag4=code.value[0], message=details))
 
     async def _write_loop(self) -> None:

@@ -88,7 +88,11 @@ class SessionServiceStub:
     from any session at once in one message. Each session behaves exactly as a
     ConnectBatched stream of its own (session.auth first, the same answers and errors);
     per-session credits (MultiplexedClientSession) stand in for each stream's HTTP/2 flow
-    control, so one slow client backs up only its own session.
+    control, so one slow client backs up only its own session. Bounds: per session and
+    direction 16 batches and 256 KiB unacknowledged; across the stream's sessions the
+    bytes the core announces in the initial metadata `car-multiplex-stream-bytes`
+    (CoreConfig.multiplex_stream_bytes, 64 MiB by default); a batch past either ends the
+    stream INVALID_ARGUMENT. At most 65,536 sessions at once (RESOURCE_EXHAUSTED past it).
     """
     InitSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.InitSessionRequest, _session_pb2.InitSessionResponse]
     """Registers tools and policies in one call. JSON-RPC: `session.init`."""
@@ -155,7 +159,11 @@ class SessionServiceAsyncStub(SessionServiceStub):
     from any session at once in one message. Each session behaves exactly as a
     ConnectBatched stream of its own (session.auth first, the same answers and errors);
     per-session credits (MultiplexedClientSession) stand in for each stream's HTTP/2 flow
-    control, so one slow client backs up only its own session.
+    control, so one slow client backs up only its own session. Bounds: per session and
+    direction 16 batches and 256 KiB unacknowledged; across the stream's sessions the
+    bytes the core announces in the initial metadata `car-multiplex-stream-bytes`
+    (CoreConfig.multiplex_stream_bytes, 64 MiB by default); a batch past either ends the
+    stream INVALID_ARGUMENT. At most 65,536 sessions at once (RESOURCE_EXHAUSTED past it).
     """
     InitSession: _aio.UnaryUnaryMultiCallable[_session_pb2.InitSessionRequest, _session_pb2.InitSessionResponse]  # type: ignore[assignment]
     """Registers tools and policies in one call. JSON-RPC: `session.init`."""
@@ -237,7 +245,11 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         from any session at once in one message. Each session behaves exactly as a
         ConnectBatched stream of its own (session.auth first, the same answers and errors);
         per-session credits (MultiplexedClientSession) stand in for each stream's HTTP/2 flow
-        control, so one slow client backs up only its own session.
+        control, so one slow client backs up only its own session. Bounds: per session and
+        direction 16 batches and 256 KiB unacknowledged; across the stream's sessions the
+        bytes the core announces in the initial metadata `car-multiplex-stream-bytes`
+        (CoreConfig.multiplex_stream_bytes, 64 MiB by default); a batch past either ends the
+        stream INVALID_ARGUMENT. At most 65,536 sessions at once (RESOURCE_EXHAUSTED past it).
         """
 
     @_abc_1.abstractmethod

@@ -1760,7 +1760,11 @@ export const SessionService: GenService<{
    * from any session at once in one message. Each session behaves exactly as a
    * ConnectBatched stream of its own (session.auth first, the same answers and errors);
    * per-session credits (MultiplexedClientSession) stand in for each stream's HTTP/2 flow
-   * control, so one slow client backs up only its own session.
+   * control, so one slow client backs up only its own session. Bounds: per session and
+   * direction 16 batches and 256 KiB unacknowledged; across the stream's sessions the
+   * bytes the core announces in the initial metadata `car-multiplex-stream-bytes`
+   * (CoreConfig.multiplex_stream_bytes, 64 MiB by default); a batch past either ends the
+   * stream INVALID_ARGUMENT. At most 65,536 sessions at once (RESOURCE_EXHAUSTED past it).
    *
    * @generated from rpc car.v1.SessionService.ConnectMultiplexed
    */
