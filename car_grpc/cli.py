@@ -274,7 +274,17 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     config = config_from(args)
     if args.unix_socket is None:  # several gateways may run side by side: none by default
         config = config.with_overrides(unix_socket=None)
-    return _run(Gateway(config.gateway, args.core))
+    token: str | None = None
+    if args.core_token_file is not None:
+        try:
+            token = args.core_token_file.read_text().strip()
+        except OSError as e:
+            print(f"car-grpc: gateway: cannot read --core-token-file: {e}", file=sys.stderr)
+            return 1
+        if not token:
+            print(f"car-grpc: gateway: {args.core_token_file} holds no token", file=sys.stderr)
+            return 1
+    return _run(Gateway(config.gateway, args.core, core_token=token))
 
 
 def _cmd_voice_engine(args: argparse.Namespace) -> int:
@@ -435,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gateway.add_argument(
         "--core", required=True, metavar="ADDR", help="the core's gRPC address, e.g. 127.0.0.1:9102"
+    )
+    gateway.add_argument(
+        "--core-token-file",
+        type=Path,
+        metavar="PATH",
+        help="the core's daemon token, read from PATH (its auth-token file): the gateway then "
+        "carries its connections over shared multiplexed streams, and does not start if the "
+        "core refuses the token",
     )
     _add_ws_flags(gateway, "none", "default: plaintext")
     gateway.set_defaults(func=_cmd_gateway)

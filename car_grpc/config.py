@@ -364,6 +364,9 @@ class GatewayConfig:
     #: serve` runs) carries all its connections over, instead of a ConnectBatched stream
     #: each; 0: a stream each (as a gateway without the token always does).
     ws_multiplex_streams: int = 1
+    #: How long a gateway that multiplexes waits at start for the core to take its first
+    #: stream in (which checks the gateway's token) before it gives up (and does not start).
+    core_check_timeout: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import grpc
 
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import batch, multiplex
+from car_grpc.wire.metadata import AUTH_KEY
 
 _CONNECT_MULTIPLEXED = (
     f"/{session_pb2.DESCRIPTOR.services_by_name['SessionService'].full_name}/ConnectMultiplexed"
@@ -47,6 +48,14 @@ _NO_METADATA = grpc.aio.Metadata()
 
 def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, _NO_METADATA, _NO_METADATA, details)
+
+
+def _as_sessions_see_it(error: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """The error of a stream, for its sessions: a refused stream is the gateway's own
+    token refused (a session's own credentials never fail the stream), said so."""
+    if error.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return error
+    return _error(error.code(), f"the core refused the gateway's own token ({error.details()})")
 
 
 class MultiplexedCall:
@@ -220,6 +229,15 @@ class _Stream:
     async def initial_metadata(self) -> grpc.aio.Metadata:
         return await self.call.initial_metadata()
 
+    async def accepted(self) -> None:
+        """Once the core has taken the stream in; its error when the core refused it."""
+        metadata = await self.call.initial_metadata()
+        if AUTH_KEY in dict(metadata or ()):
+            return  # the core's own initial metadata
+        # A refusal: a status with no initial metadata of its own.
+        code, details = await self.call.code(), await self.call.details()
+        raise _as_sessions_see_it(_error(code, details or ""))
+
     def send(self, record: bytes | MultiplexedCall) -> None:
         self._records.append(record)
         self._ready.set()
@@ -278,7 +296,7 @@ class _Stream:
                 for part in message.sessions:
                     self._take(part)
         except grpc.aio.AioRpcError as e:
-            error = e
+            error = _as_sessions_see_it(e)
         finally:
             self.failed = True
             for call in self.calls.values():
@@ -382,11 +400,18 @@ class Multiplexer:
     def __call__(self) -> MultiplexedCall:
         key = self._next_key
         self._next_key += 1
-        slot = key % len(self._streams)
+        return self._stream(key % len(self._streams)).open(key)
+
+    def _stream(self, slot: int) -> _Stream:
         stream = self._streams[slot]
         if stream is None or stream.failed:
             stream = self._streams[slot] = _Stream(self._open_stream(metadata=self._metadata))
-        return stream.open(key)
+        return stream
+
+    async def check(self) -> None:
+        """Open the first stream now and return once the core has taken it in: the
+        stream's error (AioRpcError) when the core refuses it, e.g. the gateway's token."""
+        await self._stream(0).accepted()
 
     async def close(self) -> None:
         streams = [s for s in self._streams if s is not None]
