@@ -3,14 +3,20 @@ its connections over multiplexed streams; real `car-grpc core` and `car-grpc gat
 processes. With a token the core refuses (a wrong one, the host token) or no core to ask,
 the gateway does not start: it exits 1 saying why. When the core refuses the token later
 (it restarted and minted new tokens), each client is told that the gateway's own token
-was refused, not that its own was."""
+was refused, not that its own was. (And in process: a core that never answers fails the
+start within core_check_timeout.)"""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from car_grpc.core.tokens import mint_token
+from car_grpc.gateway import Gateway
+from car_grpc.gateway.server import CoreCheckFailed
+from tests.conftest import make_config
 from tests.processes import LISTENING, car_grpc
 from tests.test_faults_processes import child, free_port, token_file
 from tests.ws_helpers import RpcError, rpc
@@ -88,3 +94,25 @@ async def refused_login(url: str, token: str) -> str:
                 else:
                     raise AssertionError("a session authenticated through a refused stream")
             await asyncio.sleep(0.05)  # polling another process: nothing to wait on
+
+
+async def test_a_core_that_never_answers_fails_the_start_within_the_check_timeout(
+    tmp_path: Path,
+) -> None:
+    held: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda _, writer: held.append(writer), "127.0.0.1", 0)
+    address = f"127.0.0.1:{silent.sockets[0].getsockname()[1]}"
+    config = make_config(tmp_path, core_check_timeout=0.5)
+    gateway = Gateway(config.gateway, address, core_token=mint_token())
+    try:
+        with pytest.raises(CoreCheckFailed) as failed:
+            await gateway.start()
+        assert str(failed.value) == (
+            f"the core at {address} did not take the gateway's multiplexed stream in within 0.5 s"
+        )
+        assert gateway.ws_port == 0  # never listened
+    finally:
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
