@@ -589,10 +589,11 @@ class Chats:
 
     @streams("Chat")
     async def chat_stream(
-        self, session: ClientSession, req: chats_pb2.ChatRequest
+        self, session: ClientSession, req: chats_pb2.ChatRequest, goals: GoalScope | None = None
     ) -> AsyncIterator[chats_pb2.ChatResponse]:
-        """ChatService.Chat: `accepted`, then the chat's events up to its terminal one."""
-        chat = await self.open_chat(session, req)
+        """ChatService.Chat: `accepted`, then the chat's events up to its terminal one
+        (`goals`: as open_chat's)."""
+        chat = await self.open_chat(session, req, goals=goals)
         try:
             accepted = chats_pb2.ChatAccepted(accepted=True, session_id=chat.session_id)
             yield chats_pb2.ChatResponse(accepted=accepted)
