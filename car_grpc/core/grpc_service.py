@@ -25,7 +25,7 @@ from car_grpc.core.multiplex import MultiplexedStream
 from car_grpc.core.reflection import add_reflection
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.router import GrpcOnlyHandler, Reply
-from car_grpc.core.session import ClientSession, Role, SessionClosed
+from car_grpc.core.session import ClientSession, Role, SessionClosed, answer_bytes
 from car_grpc.store import StoreUnavailable
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import api, batch
@@ -200,15 +200,13 @@ class SessionStream:
                 return True
             result = e.answer  # the wire's answer to this refusal is a result
         reply = result if isinstance(result, Reply) else None
-        message = reply.message if reply else result
-        out = session_pb2.ServerFrame(id=frame.id)
-        getattr(out, member).CopyFrom(message)
-        await self._send(out)
+        message = result.message if isinstance(result, Reply) else result
+        await self._send(answer_bytes(frame.id, member, message, twins=not self.session.bridged))
         if reply is not None:
             reply.then()
         return True
 
-    async def _send(self, frame: session_pb2.ServerFrame) -> None:
+    async def _send(self, frame: session_pb2.ServerFrame | bytes) -> None:
         """Answer a request: straight onto the stream when nothing is queued or being
         written (no hop through the writer task), else behind what waits. A request task
         is cancelled only when the stream ends, so no write is abandoned halfway."""
@@ -217,7 +215,7 @@ class SessionStream:
             if session.closed.is_set():
                 return
             async with self.write_lock:
-                data = _write(frame)
+                data = frame if isinstance(frame, bytes) else _write(frame)
                 await self.context.write(batch.encode((data,)) if self.batched else data)
             return
         with contextlib.suppress(SessionClosed):

@@ -20,7 +20,6 @@ import grpc
 
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import multiplex
-from car_grpc.wire.twins import fill_in
 
 if TYPE_CHECKING:
     from car_grpc.core.grpc_service import GrpcService
@@ -84,7 +83,9 @@ class SessionChannel:
         data = self.inbound.popleft()
         self.inbound_bytes -= len(data)
         self._stream.acknowledge(self.key, len(data))
-        return fill_in(session_pb2.ConnectBatchedRequest.FromString(data))
+        # No typed twins to fill in (wire/twins.py): the gateway writes its frames from
+        # JSON, which has none, and whatever the core sends on derives its own.
+        return session_pb2.ConnectBatchedRequest.FromString(data)
 
     async def write(self, data: bytes) -> None:
         # As a write on a stream of its own waits for the HTTP/2 window: until the gateway
