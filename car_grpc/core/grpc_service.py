@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from car_grpc.core.authentication import Authentication
 from car_grpc.core.dispatch import AuthRequired, Dispatcher, store_unavailable
-from car_grpc.core.multiplex import MultiplexedStream
+from car_grpc.core.multiplex import MultiplexedStream, SessionChannel
 from car_grpc.core.reflection import add_reflection
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.router import GrpcOnlyHandler, Reply
@@ -67,6 +67,9 @@ class SessionStream:
         self.at_once = service.dispatcher.router.at_once
         self.context = context
         self.session = service.registry.open(streaming=True, peer=context.peer())
+        if isinstance(context, SessionChannel):
+            self._channel = context
+            self.session.write_now = self._write_now
         self.inflight = asyncio.Semaphore(service.max_inflight)
         self.tasks: set[asyncio.Task[object]] = set()
         #: The notifications among them: what the client sent before it half-closed is
@@ -116,6 +119,14 @@ class SessionStream:
             finally:
                 for _ in frames:
                     queue.task_done()
+
+    def _write_now(self, data: bytes) -> bool:
+        """A frame onto a multiplexed session's channel at once, as the writer would write
+        it, when nothing is queued or being written before it and the credits take it:
+        no await, so nothing a cancellation could leave halfway. False: not written."""
+        if not self.session.outbound.empty() or self.write_lock.locked():
+            return False
+        return self._channel.try_write(batch.encode((data,)))
 
     async def _read_loop(self) -> None:
         read = self.context.read

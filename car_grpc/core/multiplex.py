@@ -90,13 +90,19 @@ class SessionChannel:
     async def write(self, data: bytes) -> None:
         # As a write on a stream of its own waits for the HTTP/2 window: until the gateway
         # has taken enough of what was sent before.
-        while not multiplex.fits(self._unacked, self._unacked_bytes):
+        while not self.try_write(data):
             self._credit.clear()
             await self._credit.wait()
+
+    def try_write(self, data: bytes) -> bool:
+        """`write` without waiting: False (nothing written) when the credits hold it back."""
+        if not multiplex.fits(self._unacked, self._unacked_bytes):
+            return False
         self._unacked += 1
         self._unacked_bytes += len(data)
         # What is owed to the gateway goes along (no record of its own).
         self._stream.send(multiplex.record(self.key, data, ack=self._stream.owed.take(self.key)))
+        return True
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise _Ended(code, details)

@@ -132,6 +132,10 @@ class ClientSession:
         self.outbound = OutboundQueue(limits.outbound_frames, limits.outbound_bytes)
         self._callback_ids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[session_pb2.ClientFrame]] = {}
+        #: Set by a stream that can take a serialized frame at once, without waiting (a
+        #: multiplexed session's): writes it when nothing is queued before it; False when
+        #: it did not (the frame then goes through the queue).
+        self.write_now: Callable[[bytes], bool] | None = None
         self._close_hooks: list[CloseHook] = []
 
     @property
@@ -219,7 +223,7 @@ class ClientSession:
         sent = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
-                await self.send(frame)
+                await self._send_call(frame)
                 answer = await future
         finally:
             self._pending.pop(cid, None)
@@ -228,6 +232,16 @@ class ClientSession:
         if answer.WhichOneof("body") == "error":
             raise CarError.from_proto(answer.error)
         return answer
+
+    async def _send_call(self, frame: session_pb2.ServerFrame) -> None:
+        """A call's request: written at once when the stream can take it (no hop through
+        its writer task; the caller waits for the answer anyway), else queued."""
+        if self.write_now is None or self.closed.is_set():
+            await self.send(frame)
+            return
+        data = (frame if self.bridged else fill_out(frame)).SerializeToString()
+        if not self.write_now(data):
+            await self.send(data)
 
     def _check_callable(self) -> None:
         """Raise unless the client can be called now (a stream, room among its pending
