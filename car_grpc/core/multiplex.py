@@ -20,7 +20,6 @@ import grpc
 
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import multiplex
-from car_grpc.wire.twins import fill_in
 
 if TYPE_CHECKING:
     from car_grpc.core.grpc_service import GrpcService
@@ -101,18 +100,26 @@ class SessionChannel:
         self.inbound_bytes -= len(data)
         self._stream.inbound_bytes -= len(data)
         self._stream.acknowledge(self.key, len(data))
-        return fill_in(session_pb2.ConnectBatchedRequest.FromString(data))
+        # No typed twins to fill in (wire/twins.py): the gateway writes its frames from
+        # JSON, which has none, and whatever the core sends on derives its own.
+        return session_pb2.ConnectBatchedRequest.FromString(data)
 
     async def write(self, data: bytes) -> None:
         # As a write on a stream of its own waits for the HTTP/2 window: until the gateway
         # has taken enough of what was sent before.
-        while not multiplex.fits(self._unacked, self._unacked_bytes):
+        while not self.try_write(data):
             self._credit.clear()
             await self._credit.wait()
+
+    def try_write(self, data: bytes) -> bool:
+        """`write` without waiting: False (nothing written) when the credits hold it back."""
+        if not multiplex.fits(self._unacked, self._unacked_bytes):
+            return False
         self._unacked += 1
         self._unacked_bytes += len(data)
         # What is owed to the gateway goes along (no record of its own).
         self._stream.send(multiplex.record(self.key, data, ack=self._stream.owed.take(self.key)))
+        return True
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise _Ended(code, details)
