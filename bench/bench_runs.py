@@ -29,6 +29,7 @@ the server's CPU per turn, with its main thread's (where the event loop runs) be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -421,10 +422,78 @@ async def batch256(rounds: int) -> None:
                 client.reader.cancel()
 
 
+def thread_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU seconds so far of each thread of process `pid`, by thread name
+    (threads of one name added up)."""
+    seconds: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            name, rest = (task / "stat").read_text().split("(", 1)[1].rsplit(")", 1)
+            fields = rest.split()
+            ticks = int(fields[11]) + int(fields[12])
+            key = "main" if task.name == str(pid) else name
+            seconds[key] = seconds.get(key, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
+def _per_turn(before: dict[str, float], after: dict[str, float], turns: int) -> str:
+    """Each thread's CPU per turn between two `thread_seconds`, largest first."""
+    spent = {name: after[name] - before.get(name, 0.0) for name in after}
+    ranked = sorted(spent.items(), key=lambda item: -item[1])
+    return ", ".join(f"{name} {s / turns * 1e6:.0f}" for name, s in ranked if s > 0)
+
+
+async def concurrent(rounds: int) -> None:
+    """One recorder of batch 1, then RECORDERS at once, `rounds` times (see the docstring):
+    each round's turns/s and the server's CPU per turn, by thread."""
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        store = await open_store(home)
+        tokens = AgentTokens(store.agent_tokens)
+        token = await tokens.add("bench-agent")
+        recorder_ids = [f"bench-recorder-{i}" for i in range(RECORDERS)]
+        recorder_tokens = [await tokens.add(agent_id) for agent_id in recorder_ids]
+        await store.close()
+        async with car_grpc_serve(home) as server:
+            _, url = await server.listeners(2, timeout=30)
+            pid = server.proc.pid
+            print(f"server pid {pid}", flush=True)
+            host_token = (home / "ai.parslee.car" / HOST_TOKEN_FILE).read_text()
+            agent = await open_client(url, {"agent_id": "bench-agent", "token": token})
+            watcher = await open_client(url, {"host_token": host_token})
+            recorders = [
+                await open_client(url, {"agent_id": agent_id, "token": token})
+                for agent_id, token in zip(recorder_ids, recorder_tokens, strict=True)
+            ]
+            await bench_car_grpc(1, agent, watcher, pid)  # warm up
+            await bench_concurrent(recorders, watcher, pid)
+            for _ in range(rounds):
+                threads = thread_seconds(pid)
+                one, _ = await bench_car_grpc(1, agent, watcher, pid)
+                by_thread = _per_turn(threads, thread_seconds(pid), TURNS[1])
+                threads = thread_seconds(pid)
+                many, _ = await bench_concurrent(recorders, watcher, pid)
+                many_by_thread = _per_turn(
+                    threads, thread_seconds(pid), RECORDERS * TURNS_PER_RECORDER
+                )
+                print(
+                    f"one recorder {one.turns_per_s:6,.0f} turns/s, CPU {one.cpu_us:5.0f} us/turn"
+                    f" ({by_thread}); {RECORDERS} recorders {many.turns_per_s:6,.0f} turns/s"
+                    f" = {many.turns_per_s / one.turns_per_s:.2f}x, CPU {many.cpu_us:5.0f} us/turn"
+                    f" ({many_by_thread})",
+                    flush=True,
+                )
+            for client in (agent, watcher, *recorders):
+                await client.ws.close()
+                client.reader.cancel()
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["echo"]:
         asyncio.run(run_echo_server())
     elif sys.argv[1:2] == ["batch256"]:
         asyncio.run(batch256(int(sys.argv[2]) if len(sys.argv) > 2 else 3))
+    elif sys.argv[1:2] == ["concurrent"]:
+        asyncio.run(concurrent(int(sys.argv[2]) if len(sys.argv) > 2 else 3))
     else:
         main()
