@@ -24,11 +24,18 @@ The 16 concurrent recorders are compared with one recorder of batch 1 (target: a
 For an A/B of the batch of 256 alone: `python -m bench.bench_runs batch256 [ROUNDS]` runs it
 ROUNDS times (3) after a warm-up, subscribed then not, and prints each round's turns/s and
 the server's CPU per turn, with its main thread's (where the event loop runs) beside.
+`python -m bench.bench_runs concurrent [ROUNDS]` runs one recorder of batch 1, then the 16
+at once, ROUNDS times (3), with the server's CPU per turn by thread. `python -m
+bench.bench_runs paired WINDOWS TREE...` starts a server from each source tree at once
+(e.g. an export of main beside this checkout) and gives them the same two loads in
+alternated windows: on a shared machine the paired figures say more than runs one after
+the other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -47,7 +54,7 @@ from bench import summary
 from bench.proc import cpu_seconds
 from car_grpc.core.tokens import HOST_TOKEN_FILE, AgentTokens
 from car_grpc.store import open_store
-from tests.processes import car_grpc_serve, launch, log_listening
+from tests.processes import EPHEMERAL, car_grpc_argv, car_grpc_serve, cli_env, launch, log_listening
 
 BATCH_SIZES = (1, 16, 256)
 #: Turns recorded per batch size (and per baseline).
@@ -421,10 +428,143 @@ async def batch256(rounds: int) -> None:
                 client.reader.cancel()
 
 
+def thread_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU seconds so far of each thread of process `pid`, by thread name
+    (threads of one name added up)."""
+    seconds: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            name, rest = (task / "stat").read_text().split("(", 1)[1].rsplit(")", 1)
+            fields = rest.split()
+            ticks = int(fields[11]) + int(fields[12])
+            key = "main" if task.name == str(pid) else name
+            seconds[key] = seconds.get(key, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
+def _per_turn(before: dict[str, float], after: dict[str, float], turns: int) -> str:
+    """Each thread's CPU per turn between two `thread_seconds`, largest first."""
+    spent = {name: after[name] - before.get(name, 0.0) for name in after}
+    ranked = sorted(spent.items(), key=lambda item: -item[1])
+    return ", ".join(f"{name} {s / turns * 1e6:.0f}" for name, s in ranked if s > 0)
+
+
+async def concurrent(rounds: int) -> None:
+    """One recorder of batch 1, then RECORDERS at once, `rounds` times (see the docstring):
+    each round's turns/s and the server's CPU per turn, by thread."""
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        store = await open_store(home)
+        tokens = AgentTokens(store.agent_tokens)
+        token = await tokens.add("bench-agent")
+        recorder_ids = [f"bench-recorder-{i}" for i in range(RECORDERS)]
+        recorder_tokens = [await tokens.add(agent_id) for agent_id in recorder_ids]
+        await store.close()
+        async with car_grpc_serve(home) as server:
+            _, url = await server.listeners(2, timeout=30)
+            pid = server.proc.pid
+            print(f"server pid {pid}", flush=True)
+            host_token = (home / "ai.parslee.car" / HOST_TOKEN_FILE).read_text()
+            agent = await open_client(url, {"agent_id": "bench-agent", "token": token})
+            watcher = await open_client(url, {"host_token": host_token})
+            recorders = [
+                await open_client(url, {"agent_id": agent_id, "token": token})
+                for agent_id, token in zip(recorder_ids, recorder_tokens, strict=True)
+            ]
+            await bench_car_grpc(1, agent, watcher, pid)  # warm up
+            await bench_concurrent(recorders, watcher, pid)
+            for _ in range(rounds):
+                threads = thread_seconds(pid)
+                one, _ = await bench_car_grpc(1, agent, watcher, pid)
+                by_thread = _per_turn(threads, thread_seconds(pid), TURNS[1])
+                threads = thread_seconds(pid)
+                many, _ = await bench_concurrent(recorders, watcher, pid)
+                many_by_thread = _per_turn(
+                    threads, thread_seconds(pid), RECORDERS * TURNS_PER_RECORDER
+                )
+                print(
+                    f"one recorder {one.turns_per_s:6,.0f} turns/s, CPU {one.cpu_us:5.0f} us/turn"
+                    f" ({by_thread}); {RECORDERS} recorders {many.turns_per_s:6,.0f} turns/s"
+                    f" = {many.turns_per_s / one.turns_per_s:.2f}x, CPU {many.cpu_us:5.0f} us/turn"
+                    f" ({many_by_thread})",
+                    flush=True,
+                )
+            for client in (agent, watcher, *recorders):
+                await client.ws.close()
+                client.reader.cancel()
+
+
+async def _recorders_of(
+    stack: contextlib.AsyncExitStack, tree: str
+) -> tuple[int, Client, Client, list[Client]]:
+    """A `car-grpc serve` importing `tree` first, with an agent, a subscribed host and
+    RECORDERS recorders connected: (its pid, the agent, the host, the recorders)."""
+    home = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "home"
+    store = await open_store(home)
+    tokens = AgentTokens(store.agent_tokens)
+    ids = ["bench-agent", *(f"bench-recorder-{i}" for i in range(RECORDERS))]
+    secrets = [await tokens.add(agent_id) for agent_id in ids]
+    await store.close()
+    argv = car_grpc_argv("serve", *EPHEMERAL)
+    server = await stack.enter_async_context(
+        launch(argv, env=cli_env(home, PYTHONPATH=tree), cwd=tree)
+    )
+    _, url = await server.listeners(2, timeout=60)
+    host_token = (home / "ai.parslee.car" / HOST_TOKEN_FILE).read_text()
+    watcher = await open_client(url, {"host_token": host_token})
+    clients = [
+        await open_client(url, {"agent_id": agent_id, "token": secret})
+        for agent_id, secret in zip(ids, secrets, strict=True)
+    ]
+    return server.proc.pid, clients[0], watcher, clients[1:]
+
+
+async def paired(windows: int, trees: list[str]) -> None:
+    """`car-grpc serve` of every tree at once, the same load given to each in turn, window
+    after window (the order reversed every other one; the first a warm-up): one recorder
+    of batch 1, then RECORDERS at once. Prints each tree's server CPU per turn (median and
+    range) for both, and the 16 recorders' rate."""
+    async with contextlib.AsyncExitStack() as stack:
+        arms = [await _recorders_of(stack, tree) for tree in trees]
+        one: list[list[float]] = [[] for _ in arms]
+        many: list[list[float]] = [[] for _ in arms]
+        rates: list[list[float]] = [[] for _ in arms]
+        for window in range(windows + 1):
+            order = list(range(len(arms))) if window % 2 else list(range(len(arms)))[::-1]
+            for i in order:
+                pid, agent, watcher, recorders = arms[i]
+                single, _ = await bench_car_grpc(1, agent, watcher, pid)
+                concurrent, _ = await bench_concurrent(recorders, watcher, pid)
+                if window:
+                    one[i].append(single.cpu_us)
+                    many[i].append(concurrent.cpu_us)
+                    rates[i].append(concurrent.turns_per_s)
+        for client in (c for _, agent, watcher, recs in arms for c in (agent, watcher, *recs)):
+            await client.ws.close()
+            client.reader.cancel()
+    print("server CPU us per turn, median (range): one recorder | 16 recorders | 16 turns/s")
+    for tree, a, b, r in zip(trees, one, many, rates, strict=True):
+        print(
+            f"  {tree:32} {statistics.median(a):6.0f} ({min(a):.0f}-{max(a):.0f})"
+            f" | {statistics.median(b):5.0f} ({min(b):.0f}-{max(b):.0f})"
+            f" | {statistics.median(r):6,.0f}   windows: {' '.join(f'{c:.0f}' for c in b)}"
+        )
+    if len(trees) == 2:
+        ratios = [y / x for x, y in zip(many[0], many[1], strict=True)]
+        print(
+            f"  16 recorders, paired ratio {trees[1]} / {trees[0]}: median"
+            f" {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        )
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["echo"]:
         asyncio.run(run_echo_server())
     elif sys.argv[1:2] == ["batch256"]:
         asyncio.run(batch256(int(sys.argv[2]) if len(sys.argv) > 2 else 3))
+    elif sys.argv[1:2] == ["paired"]:
+        asyncio.run(paired(int(sys.argv[2]), sys.argv[3:]))
+    elif sys.argv[1:2] == ["concurrent"]:
+        asyncio.run(concurrent(int(sys.argv[2]) if len(sys.argv) > 2 else 3))
     else:
         main()

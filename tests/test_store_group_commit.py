@@ -375,6 +375,26 @@ async def test_a_read_sees_the_writes_queued_before_it(store: SqliteStore) -> No
     assert await read is not None
 
 
+async def test_a_read_waits_for_a_write_queued_before_it_whose_caller_gave_up(
+    store: SqliteStore,
+) -> None:
+    """A write's caller may go away (cancelled) while the write is queued; the write is
+    still committed, and a read of its key queued after it still waits for it and sees
+    it."""
+    db = store.database
+    [run_id] = await create_runs(store, 1)
+    async with gated(db, ("gate", "g")) as gate:
+        write = asyncio.create_task(store.runs.append(run_id, 1, [turn(2)]))
+        await queued()
+        write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        read = asyncio.create_task(store.runs.records(run_id, 0, 10))
+        await asyncio.sleep(0.05)
+        assert not (gate.task.done() or read.done())
+    assert [r.timestamp for r in await read] == [1, 2]
+
+
 async def test_a_group_of_appends_is_merged_and_a_bad_one_fails_alone(
     store: SqliteStore, reader: sqlite3.Connection
 ) -> None:

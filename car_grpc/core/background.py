@@ -39,8 +39,12 @@ class Background:
         return task
 
     async def to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
-        """Run `work` to completion even if the caller is cancelled."""
-        return await asyncio.shield(self.spawn(work))
+        """Run `work` to completion even if the caller is cancelled. The caller is
+        answered by the work's last step (one wakeup, where asyncio.shield of the task
+        takes two: a write's answer waits on this)."""
+        answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.spawn(_answering(work, answer))
+        return await answer
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -57,3 +61,19 @@ class Background:
         """Wait (bounded) for the tasks still running, at shutdown."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+
+
+async def _answering(work: Coroutine[Any, Any, T], answer: asyncio.Future[T]) -> T:
+    """`work`, its outcome also given to `answer` (unless its caller gave up on it)."""
+    try:
+        result = await work
+    except asyncio.CancelledError:
+        answer.cancel()
+        raise
+    except BaseException as e:
+        if not answer.done():
+            answer.set_exception(e)
+        raise
+    if not answer.done():
+        answer.set_result(result)
+    return result

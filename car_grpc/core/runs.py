@@ -122,9 +122,11 @@ def ended_record(
 class Subscription:
     """One session's `runs.subscribe` to one run.
 
-    Events wait in a bounded queue that a pump drains into the session (waiting on the
-    session's own backpressure). When the queue is full the oldest event is dropped: the
-    recorder never waits, and the subscriber sees the jump in cursors.
+    An event goes straight into the session's queue when it fits there without waiting
+    and nothing of the subscription waits before it; otherwise it waits in a bounded
+    queue that a pump drains into the session (waiting on the session's own
+    backpressure). When that queue is full the oldest event is dropped: the recorder
+    never waits, and the subscriber sees the jump in cursors.
     """
 
     def __init__(self, runs: Runs, session: ClientSession, run_id: str) -> None:
@@ -142,11 +144,30 @@ class Subscription:
         self._stopped = False
 
     def offer(self, event: tuple[bytes, bool]) -> None:
+        if not self.events and self._pump is not None and not self._stopped and self._put(event):
+            return
         if len(self.events) == self.events.maxlen:
             self.dropped += 1
             self.runs.metrics.queue_drops.inc("run_subscriber")
         self.events.append(event)
         self._ready.set()
+
+    def _put(self, event: tuple[bytes, bool]) -> bool:
+        """Queue `event` for the session at once when it fits without waiting (and nothing
+        of this subscription waits before it): no hop through the pump. False: it did
+        not fit, the pump takes it in its turn."""
+        session = self.session
+        if session.closed.is_set() or not session.streaming:
+            return False
+        frame, ended = event
+        try:
+            session.outbound.put_nowait(frame)
+        except asyncio.QueueFull:
+            return False
+        if ended:
+            self.stop()
+            self.runs.forget(self)
+        return True
 
     def start(self) -> None:
         """Start delivering (called once the snapshot response is queued)."""

@@ -232,6 +232,7 @@ class _Call:
     fn: Callable[[sqlite3.Connection], Any]
     write: bool
     size: int
+    #: The caller's answer (cancelled should the caller give up).
     future: asyncio.Future[Any]
     #: For a merged write: what runs the items of several such writes at once, and this
     #: write's item (`fn` runs it alone).
@@ -244,6 +245,9 @@ class _Call:
     answered: bool = False
     #: What the call touches (None: anything); see the module's docstring.
     key: Key | None = None
+    #: For a write: done once the store thread answered it, whatever its caller did
+    #: meanwhile (the reads queued after it wait for this, not for `future`).
+    settled: asyncio.Future[None] | None = None
 
 
 @dataclass
@@ -347,7 +351,8 @@ class SqliteDatabase:
         """Run `fn` in a write transaction; returns once that transaction is committed.
         `size` is what the write holds in bytes (its share of the queue's byte bound);
         `key` what it changes (None: anything)."""
-        call = _Call(fn, True, size, self._loop.create_future(), key=key)
+        loop = self._loop
+        call = _Call(fn, True, size, loop.create_future(), key=key, settled=loop.create_future())
         return cast(T, await self._submit(call))
 
     async def write_merged(
@@ -361,8 +366,9 @@ class SqliteDatabase:
         for the items of every write of the same `merge` queued one after another in a
         group (in the order they were queued), and for `[item]` alone should that call
         fail. `merge` applies all of its items or raises. Returns once committed."""
-        call = _Call(lambda conn: merge(conn, [item]), True, size, self._loop.create_future())
-        call.merge, call.item, call.key = merge, item, key
+        loop = self._loop
+        call = _Call(lambda conn: merge(conn, [item]), True, size, loop.create_future())
+        call.merge, call.item, call.key, call.settled = merge, item, key, loop.create_future()
         await self._submit(call)
 
     async def read(self, fn: Callable[[sqlite3.Connection], T], key: Key | None = None) -> T:
@@ -382,9 +388,9 @@ class SqliteDatabase:
             if before:
                 await asyncio.wait(before)  # their outcome is their callers' business
             self._enqueue(call)
-            # A write's own future is answered only by the store thread, even when its
-            # caller gives up: the reads queued after it wait for that answer.
-            return await (asyncio.shield(call.future) if call.write else call.future)
+            # Should the caller give up, only its own future is cancelled: the reads
+            # queued after a write wait for `settled`, which only the store thread sets.
+            return await call.future
 
     def _writes_before(self, key: Key | None) -> list[asyncio.Future[Any]]:
         """The answers a read of `key` waits for: the writes queued so far that it must see
@@ -393,7 +399,11 @@ class SqliteDatabase:
             lasts = [self._last_write]
         else:
             lasts = [self._last_unkeyed, self._last_by_key.get(key)]
-        return [c.future for c in lasts if c is not None and not c.future.done()]
+        return [
+            c.settled
+            for c in lasts
+            if c is not None and c.settled is not None and not c.settled.done()
+        ]
 
     def _enqueue(self, call: _Call) -> None:
         queue = self._writes if call.write else self._reads
@@ -437,7 +447,9 @@ class SqliteDatabase:
             self._pending_bytes -= call.size
             if call.key is not None and self._last_by_key.get(call.key) is call:
                 del self._last_by_key[call.key]
-            if call.future.done():  # a read whose caller went away
+            if call.settled is not None:
+                call.settled.set_result(None)
+            if call.future.done():  # a caller that went away
                 continue
             if call.error is not None:
                 call.future.set_exception(call.error)
