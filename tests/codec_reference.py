@@ -1,7 +1,9 @@
 """The codec as it was before compilation (car_grpc/wire/codec.py at f91b770): the plan of each
-message type walked for every message. Kept, unchanged, as the reference that the compiled
-converters of car_grpc.wire.codec are checked against (tests/test_codec_compiled.py): the
-same messages, errors, dicts and bytes on every input. Never imported by car_grpc. What
+message type walked for every message. Kept as the reference that the compiled converters
+of car_grpc.wire.codec are checked against (tests/test_codec_compiled.py): the same
+messages, errors, dicts and bytes on every input. Unchanged but for what the codec learnt
+since, beside it (the two JSON forms of `json_with` / `json_without`, options.proto).
+Never imported by car_grpc. What
 compilation left unchanged (Struct values, enums, the plan of a message type, the error)
 is imported from the codec rather than copied.
 """
@@ -75,7 +77,11 @@ def message_to_json(msg: Message) -> dict[str, JSON]:
 
 def _write(msg: Message, out: dict[str, JSON]) -> None:
     for f in _plan(msg.DESCRIPTOR).fields:
+        if f.form_of and msg.HasField(f.form_of) != f.form_when_set:
+            continue  # a field of the message's other JSON form (json_with / json_without)
         if f.presence and not msg.HasField(f.name):
+            if f.form_of and f.form_when_set:
+                out[f.key] = None  # json_with: always in its form, null when unset
             continue
         value = getattr(msg, f.name)
         if f.is_enum and not f.repeated and value == 0:

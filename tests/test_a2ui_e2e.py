@@ -116,6 +116,7 @@ async def test_apply_builds_a_surface_and_subscribers_hear_it(tmp_path: Path) ->
             "result": {"surfaceId": "s1", "deleted": True},
         }
         assert await c.result("a2ui.get", {"surfaceId": "s1"}) is None
+        assert await c.result("a2ui/replay", {"surfaceId": "s1"}) is None
         assert await watcher.result("a2ui/unsubscribe", {}) == {"subscribed": False}
         assert await watcher.result("a2ui/unsubscribe", {}) == {"subscribed": False}
         await c.result("a2ui.apply", create("s2"))

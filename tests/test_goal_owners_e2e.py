@@ -102,7 +102,7 @@ async def test_over_the_websocket_another_tokens_goal_is_absent(config: Config) 
             absent = await host.result("goal.status", {"session_id": "none"})
             absent["session_id"] = "d"
             assert await host.result("goal.status", {"session_id": "d"}) == absent
-            assert "goal" not in absent
+            assert absent == {"session_id": "d", "goal": None}  # `{session_id, goal|null}`
             refused = await host.error("goal.set", {"session_id": "d", "check": "mine now"})
             assert refused["code"] == -32602 and refused["message"].endswith(": session_id")
             assert await host.result("goal.clear", {}) == {"cleared": 0}

@@ -936,7 +936,7 @@ Global___GetGoalStatusRequest: _TypeAlias = GetGoalStatusRequest  # noqa: Y015
 
 @_typing.final
 class GetGoalStatusResponse(_message.Message):
-    """`goal.status` result: `{session_id, goal}` (goal absent when none) or `{goals}`."""
+    """`goal.status` result: `{session_id, goal}` (goal null when none) or `{goals}`."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -51,7 +51,8 @@ class FrameKind(_FrameKind, metaclass=_FrameKindEnumTypeWrapper):
     JSON mapping rules (the gateway's codec, for every message of this package):
       - JSON keys are the proto field names (snake_case), never camelCase.
       - Fields declared `optional`, and message fields, are omitted from JSON when unset;
-        other scalars and repeated fields are always present.
+        other scalars and repeated fields are always present (`json_with` / `json_without`
+        below: fields of one of a message's two forms).
       - int64/uint64 are JSON numbers (not strings).
       - Enum values are written as their name lowercased with the enum's prefix removed:
         ACTION_TYPE_TOOL_CALL <-> "tool_call". The `_UNSPECIFIED` value is never written.
@@ -197,6 +198,8 @@ JSON_INLINE_FIELD_NUMBER: _builtins.int
 JSON_TWIN_FIELD_NUMBER: _builtins.int
 JSON_KEY_FIELD_NUMBER: _builtins.int
 JSON_INTERNAL_FIELD_NUMBER: _builtins.int
+JSON_WITH_FIELD_NUMBER: _builtins.int
+JSON_WITHOUT_FIELD_NUMBER: _builtins.int
 JSON_VALUE_FIELD_NUMBER: _builtins.int
 JSON_RPC_METHOD_FIELD_NUMBER: _builtins.int
 ACCESS_FIELD_NUMBER: _builtins.int
@@ -233,6 +236,16 @@ only from, and sends it only to, sessions of car-grpc's own gateway (a
 ConnectMultiplexed stream, which only the daemon token opens); everyone else gets
 and may send the message without it.
 """
+json_with: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.str]
+"""A message with two JSON forms, one about a single thing and one about all of them,
+told apart by whether one of its fields (with presence) is set: `goal.status` answers
+`{session_id, goal|null}` or `{goals: [...]}` (GetGoalStatusResponse). On a field of
+the single form, `json_with` names that field: the field is written only when it is
+set, and then always, as `null` when the field itself is unset. On a field of the
+other form, `json_without` names it: the field is written only when it is not set.
+Writing only: on input every field reads as usual (`null` as unset).
+"""
+json_without: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.str]
 json_value: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, _builtins.str]
 """The string of an enum value on the JSON wire when it is not the default one (the
 value's name without the enum's prefix, in lower case), e.g. "agent.registered".

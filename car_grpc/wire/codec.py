@@ -175,6 +175,10 @@ class _Field:
     inline: bool
     wkt: str  # full name of Struct/Value/ListValue, or ""
     is_enum: bool
+    # `json_with` / `json_without`: the field (with presence) whose being set (True) or
+    # not (False) the field's writing needs, or "" (options.proto).
+    form_of: str = ""
+    form_when_set: bool = True
 
 
 @dataclass
@@ -210,6 +214,7 @@ def _plan(desc: Descriptor) -> _Plan:
         is_enum = fd.type == FieldDescriptor.TYPE_ENUM
         key = fd.GetOptions().Extensions[options_pb2.json_key] or fd.name
         f = _Field(fd, fd.name, key, repeated, fd.has_presence, inline, wkt, is_enum)
+        f.form_of, f.form_when_set = _form(desc, fd)
         fields.append(f)
         if inline and wkt == _STRUCT:
             rest = f
@@ -219,6 +224,25 @@ def _plan(desc: Descriptor) -> _Plan:
         else:
             known.add(key)
     return _Plan(fields, frozenset(known), rest, inline_messages)
+
+
+def _form(desc: Descriptor, fd: FieldDescriptor) -> tuple[str, bool]:
+    """A field's `json_with` / `json_without` (options.proto): (the field named, whether it
+    must be set), or ("", True)."""
+    options = fd.GetOptions()
+    with_, without = (
+        options.Extensions[options_pb2.json_with],
+        options.Extensions[options_pb2.json_without],
+    )
+    named = with_ or without
+    if not named:
+        return "", True
+    other = desc.fields_by_name.get(named)
+    if (with_ and without) or other is None or not other.has_presence or other.is_repeated:
+        raise TypeError(f"{fd.full_name}: json_with/json_without name one field with presence")
+    if options.Extensions[options_pb2.json_inline]:
+        raise TypeError(f"{fd.full_name}: json_with/json_without on an inline field")
+    return named, bool(with_)
 
 
 # ---------------------------------------------------------------- compiled converters
@@ -407,8 +431,8 @@ def _same(value: Any) -> Any:
 
 
 # The kinds of a writer's step: a member, an enum member (not when 0), an inline message,
-# an inline Struct.
-_WRITE, _ENUM, _INLINE, _MERGE = 0, 1, 2, 3
+# an inline Struct, a member of one of two forms (json_with / json_without).
+_WRITE, _ENUM, _INLINE, _MERGE, _FORM = 0, 1, 2, 3, 4
 
 
 def _compile_writer(desc: Descriptor, text: bool) -> Writer:
@@ -425,6 +449,9 @@ def _compile_writer(desc: Descriptor, text: bool) -> Writer:
         if text:
             convert = _keyed(_string_text(f.key) + ":", convert)
         kind = _ENUM if f.is_enum and not f.repeated else _WRITE
+        if f.form_of:  # its own presence is the form step's to check
+            steps.append((f.name, f.key, False, _FORM, _form_step(f, kind, convert, text)))
+            continue
         steps.append((f.name, f.key, f.presence, kind, convert))
 
     def write(msg: Message, out: dict[str, Any]) -> None:
@@ -439,8 +466,30 @@ def _compile_writer(desc: Descriptor, text: bool) -> Writer:
                     out[key] = convert(value)
             elif kind == _INLINE:
                 convert.run(value, out)  # merged into the parent: its keys are out's
+            elif kind == _FORM:
+                convert(msg, value, out)
             else:
                 convert(value, out)  # an inline Struct: the keys not taken yet
+
+    return write
+
+
+def _form_step(
+    f: _Field, kind: int, convert: Callable[[Any], Any], text: bool
+) -> Callable[[Message, Any, dict[str, Any]], None]:
+    """Write a field of one form: only in its form, and in the `json_with` one always
+    (`null` when unset)."""
+    name, key, presence, form_of, when_set = f.name, f.key, f.presence, f.form_of, f.form_when_set
+    null = _string_text(key) + ":null" if text else None
+
+    def write(msg: Message, value: Any, out: dict[str, Any]) -> None:
+        if msg.HasField(form_of) != when_set:
+            return
+        if presence and not msg.HasField(name):
+            if when_set:
+                out[key] = null
+        elif kind != _ENUM or value != 0:
+            out[key] = convert(value)
 
     return write
 

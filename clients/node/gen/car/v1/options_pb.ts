@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file car/v1/options.proto.
  */
 export const file_car_v1_options: GenFile = /*@__PURE__*/
-  fileDesc("ChRjYXIvdjEvb3B0aW9ucy5wcm90bxIGY2FyLnYxInUKDkpzb25ScGNCaW5kaW5nEg4KBm1ldGhvZBgBIAEoCRIfCgRraW5kGAIgASgOMhEuY2FyLnYxLkZyYW1lS2luZBISCgpiYXJlX2ZpZWxkGAMgASgJEh4KBmFjY2VzcxgEIAEoCzIOLmNhci52MS5BY2Nlc3MiUwoGQWNjZXNzEiEKBXJvbGVzGAEgAygOMhIuY2FyLnYxLkNhbGxlclJvbGUSDQoFc2NvcGUYAiABKAkSFwoPbmVlZHNfaGFuZHNoYWtlGAMgASgIKowBCglGcmFtZUtpbmQSGgoWRlJBTUVfS0lORF9VTlNQRUNJRklFRBAAEhYKEkZSQU1FX0tJTkRfUkVRVUVTVBABEhcKE0ZSQU1FX0tJTkRfUkVTUE9OU0UQAhIbChdGUkFNRV9LSU5EX05PVElGSUNBVElPThADEhUKEUZSQU1FX0tJTkRfQklOQVJZEAQqjwEKCkNhbGxlclJvbGUSGwoXQ0FMTEVSX1JPTEVfVU5TUEVDSUZJRUQQABIfChtDQUxMRVJfUk9MRV9VTkFVVEhFTlRJQ0FURUQQARIWChJDQUxMRVJfUk9MRV9EQUVNT04QAhIUChBDQUxMRVJfUk9MRV9IT1NUEAMSFQoRQ0FMTEVSX1JPTEVfQUdFTlQQBDpSCghqc29uX3JwYxIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtIcDIAEoCzIWLmNhci52MS5Kc29uUnBjQmluZGluZ1IHanNvblJwYzpACgtqc29uX2lubGluZRIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtYcDIAEoCFIKanNvbklubGluZTo8Cglqc29uX3R3aW4SHS5nb29nbGUucHJvdG9idWYuRmllbGRPcHRpb25zGL6HAyABKAlSCGpzb25Ud2luOjoKCGpzb25fa2V5Eh0uZ29vZ2xlLnByb3RvYnVmLkZpZWxkT3B0aW9ucxjHhwMgASgJUgdqc29uS2V5OkQKDWpzb25faW50ZXJuYWwSHS5nb29nbGUucHJvdG9idWYuRmllbGRPcHRpb25zGNKHAyABKAhSDGpzb25JbnRlcm5hbDpCCgpqc29uX3ZhbHVlEiEuZ29vZ2xlLnByb3RvYnVmLkVudW1WYWx1ZU9wdGlvbnMYv4cDIAEoCVIJanNvblZhbHVlOkgKD2pzb25fcnBjX21ldGhvZBIeLmdvb2dsZS5wcm90b2J1Zi5NZXRob2RPcHRpb25zGLaHAyABKAlSDWpzb25ScGNNZXRob2Q6SAoGYWNjZXNzEh4uZ29vZ2xlLnByb3RvYnVmLk1ldGhvZE9wdGlvbnMYuIcDIAEoCzIOLmNhci52MS5BY2Nlc3NSBmFjY2VzczpHCg5qc29uX3JwY191c2FnZRIfLmdvb2dsZS5wcm90b2J1Zi5NZXNzYWdlT3B0aW9ucxi3hwMgASgJUgxqc29uUnBjVXNhZ2VCaAoRYWkucGFyc2xlZS5jYXIudjFCDE9wdGlvbnNQcm90b1ABWjpnaXRodWIuY29tL3BhcnNsZWUtYWkvY2FyLWdycGMvY2xpZW50cy9nby9nZW4vY2FyL3YxO2NhcnYxqgIGQ2FyLlYxYgZwcm90bzM", [file_google_protobuf_descriptor]);
+  fileDesc("ChRjYXIvdjEvb3B0aW9ucy5wcm90bxIGY2FyLnYxInUKDkpzb25ScGNCaW5kaW5nEg4KBm1ldGhvZBgBIAEoCRIfCgRraW5kGAIgASgOMhEuY2FyLnYxLkZyYW1lS2luZBISCgpiYXJlX2ZpZWxkGAMgASgJEh4KBmFjY2VzcxgEIAEoCzIOLmNhci52MS5BY2Nlc3MiUwoGQWNjZXNzEiEKBXJvbGVzGAEgAygOMhIuY2FyLnYxLkNhbGxlclJvbGUSDQoFc2NvcGUYAiABKAkSFwoPbmVlZHNfaGFuZHNoYWtlGAMgASgIKowBCglGcmFtZUtpbmQSGgoWRlJBTUVfS0lORF9VTlNQRUNJRklFRBAAEhYKEkZSQU1FX0tJTkRfUkVRVUVTVBABEhcKE0ZSQU1FX0tJTkRfUkVTUE9OU0UQAhIbChdGUkFNRV9LSU5EX05PVElGSUNBVElPThADEhUKEUZSQU1FX0tJTkRfQklOQVJZEAQqjwEKCkNhbGxlclJvbGUSGwoXQ0FMTEVSX1JPTEVfVU5TUEVDSUZJRUQQABIfChtDQUxMRVJfUk9MRV9VTkFVVEhFTlRJQ0FURUQQARIWChJDQUxMRVJfUk9MRV9EQUVNT04QAhIUChBDQUxMRVJfUk9MRV9IT1NUEAMSFQoRQ0FMTEVSX1JPTEVfQUdFTlQQBDpSCghqc29uX3JwYxIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtIcDIAEoCzIWLmNhci52MS5Kc29uUnBjQmluZGluZ1IHanNvblJwYzpACgtqc29uX2lubGluZRIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMYtYcDIAEoCFIKanNvbklubGluZTo8Cglqc29uX3R3aW4SHS5nb29nbGUucHJvdG9idWYuRmllbGRPcHRpb25zGL6HAyABKAlSCGpzb25Ud2luOjoKCGpzb25fa2V5Eh0uZ29vZ2xlLnByb3RvYnVmLkZpZWxkT3B0aW9ucxjHhwMgASgJUgdqc29uS2V5OkQKDWpzb25faW50ZXJuYWwSHS5nb29nbGUucHJvdG9idWYuRmllbGRPcHRpb25zGNKHAyABKAhSDGpzb25JbnRlcm5hbDo8Cglqc29uX3dpdGgSHS5nb29nbGUucHJvdG9idWYuRmllbGRPcHRpb25zGNOHAyABKAlSCGpzb25XaXRoOkIKDGpzb25fd2l0aG91dBIdLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE9wdGlvbnMY1IcDIAEoCVILanNvbldpdGhvdXQ6QgoKanNvbl92YWx1ZRIhLmdvb2dsZS5wcm90b2J1Zi5FbnVtVmFsdWVPcHRpb25zGL+HAyABKAlSCWpzb25WYWx1ZTpICg9qc29uX3JwY19tZXRob2QSHi5nb29nbGUucHJvdG9idWYuTWV0aG9kT3B0aW9ucxi2hwMgASgJUg1qc29uUnBjTWV0aG9kOkgKBmFjY2VzcxIeLmdvb2dsZS5wcm90b2J1Zi5NZXRob2RPcHRpb25zGLiHAyABKAsyDi5jYXIudjEuQWNjZXNzUgZhY2Nlc3M6RwoOanNvbl9ycGNfdXNhZ2USHy5nb29nbGUucHJvdG9idWYuTWVzc2FnZU9wdGlvbnMYt4cDIAEoCVIManNvblJwY1VzYWdlQmgKEWFpLnBhcnNsZWUuY2FyLnYxQgxPcHRpb25zUHJvdG9QAVo6Z2l0aHViLmNvbS9wYXJzbGVlLWFpL2Nhci1ncnBjL2NsaWVudHMvZ28vZ2VuL2Nhci92MTtjYXJ2MaoCBkNhci5WMWIGcHJvdG8z", [file_google_protobuf_descriptor]);
 
 /**
  * The JSON-RPC binding of one oneof member of ClientFrame or ServerFrame.
@@ -256,13 +256,33 @@ export const json_internal: GenExtension<FieldOptions, boolean> = /*@__PURE__*/
   extDesc(file_car_v1_options, 4);
 
 /**
+ * A message with two JSON forms, one about a single thing and one about all of them,
+ * told apart by whether one of its fields (with presence) is set: `goal.status` answers
+ * `{session_id, goal|null}` or `{goals: [...]}` (GetGoalStatusResponse). On a field of
+ * the single form, `json_with` names that field: the field is written only when it is
+ * set, and then always, as `null` when the field itself is unset. On a field of the
+ * other form, `json_without` names it: the field is written only when it is not set.
+ * Writing only: on input every field reads as usual (`null` as unset).
+ *
+ * @generated from extension: string json_with = 50131;
+ */
+export const json_with: GenExtension<FieldOptions, string> = /*@__PURE__*/
+  extDesc(file_car_v1_options, 5);
+
+/**
+ * @generated from extension: string json_without = 50132;
+ */
+export const json_without: GenExtension<FieldOptions, string> = /*@__PURE__*/
+  extDesc(file_car_v1_options, 6);
+
+/**
  * The string of an enum value on the JSON wire when it is not the default one (the
  * value's name without the enum's prefix, in lower case), e.g. "agent.registered".
  *
  * @generated from extension: string json_value = 50111;
  */
 export const json_value: GenExtension<EnumValueOptions, string> = /*@__PURE__*/
-  extDesc(file_car_v1_options, 5);
+  extDesc(file_car_v1_options, 7);
 
 /**
  * The JSON-RPC method that an RPC of a per-domain service performs (a unary RPC and the
@@ -272,7 +292,7 @@ export const json_value: GenExtension<EnumValueOptions, string> = /*@__PURE__*/
  * @generated from extension: string json_rpc_method = 50102;
  */
 export const json_rpc_method: GenExtension<MethodOptions, string> = /*@__PURE__*/
-  extDesc(file_car_v1_options, 6);
+  extDesc(file_car_v1_options, 8);
 
 /**
  * Who may call an RPC that has no JSON-RPC method (see Access). An RPC with a
@@ -281,7 +301,7 @@ export const json_rpc_method: GenExtension<MethodOptions, string> = /*@__PURE__*
  * @generated from extension: car.v1.Access access = 50104;
  */
 export const access: GenExtension<MethodOptions, Access> = /*@__PURE__*/
-  extDesc(file_car_v1_options, 7);
+  extDesc(file_car_v1_options, 9);
 
 /**
  * On a request message: the fixed message of every -32602 its params can get (bad
@@ -292,5 +312,5 @@ export const access: GenExtension<MethodOptions, Access> = /*@__PURE__*/
  * @generated from extension: string json_rpc_usage = 50103;
  */
 export const json_rpc_usage: GenExtension<MessageOptions, string> = /*@__PURE__*/
-  extDesc(file_car_v1_options, 8);
+  extDesc(file_car_v1_options, 10);
 
