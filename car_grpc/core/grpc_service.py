@@ -68,10 +68,12 @@ class SessionStream:
         self.context = context
         self.session = service.registry.open(streaming=True, peer=context.peer())
         self.inflight = asyncio.Semaphore(service.max_inflight)
-        self.tasks: set[asyncio.Task[object]] = set()
+        #: Each holds an in-flight slot: tasks, and the futures of notifications that wait
+        #: without a task (_park).
+        self.tasks: set[asyncio.Future[Any]] = set()
         #: The notifications among them: what the client sent before it half-closed is
         #: still handled (an agent's last chat tokens), not cancelled with the requests.
-        self.notifying: set[asyncio.Task[object]] = set()
+        self.notifying: set[asyncio.Future[Any]] = set()
         #: Held around every write to the stream (the writer task's and the direct ones).
         self.write_lock = asyncio.Lock()
         #: More frames of the message being read follow: answers queue up for one write.
@@ -148,7 +150,10 @@ class SessionStream:
             await self.session.send(_error_frame(frame.id, err))
         elif binding.kind in (api.NOTIFICATION, api.BINARY):
             if binding.field in self.at_once and not self._unstarted:
-                if (rest := self._notify_at_once(binding.field, frame)) is not None:
+                rest = self._notify_at_once(binding.field, frame)
+                if isinstance(rest, asyncio.Future):
+                    await self._park(rest)
+                elif rest is not None:
                     self.notifying.add(
                         await self._spawn(self._finish_notification, binding.field, rest)
                     )
@@ -177,7 +182,15 @@ class SessionStream:
         task.add_done_callback(self._done)
         return task
 
-    def _done(self, task: asyncio.Task[object]) -> None:
+    async def _park(self, waiting: asyncio.Future[Any]) -> None:
+        """A notification left waiting on a future (its handler acts on the outcome): it
+        holds an in-flight slot until done, as a task would, without the cost of one."""
+        await self.inflight.acquire()  # backpressure: stop reading while saturated
+        self.tasks.add(waiting)
+        self.notifying.add(waiting)
+        waiting.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[Any]) -> None:
         self.tasks.discard(task)
         self.notifying.discard(task)
         self.inflight.release()

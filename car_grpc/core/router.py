@@ -45,7 +45,7 @@ Handler = Callable[["ClientSession", Any], Awaitable[Message | Reply]]
 NotificationHandler = Callable[["ClientSession", Any], Awaitable[None]]
 #: A notification handler that is a plain function: it takes the notification at once and
 #: returns None, or returns what is left to wait for (see `handles_notification`).
-AtOnceHandler = Callable[["ClientSession", Any], Awaitable[None] | None]
+AtOnceHandler = Callable[["ClientSession", Any], Awaitable[Any] | None]
 StreamHandler = Callable[["ClientSession", Any], AsyncIterator[Message]]
 
 
@@ -103,7 +103,9 @@ def handles_notification(member: str) -> Callable[[F], F]:
     A coroutine function runs in a task of its own. A plain function runs at once, in the
     session stream's read loop (no task: the hottest notifications, e.g. chat tokens), and
     must not block: it returns None when done, or an awaitable for what it has to wait for
-    (e.g. room in a full buffer), which the stream then awaits in a task. While work read
+    (e.g. room in a full buffer), which the stream then awaits in a task; an asyncio.Future
+    needs no task: the stream holds an in-flight slot until it is done (a flood of audio
+    waits that way, a future per chunk rather than a task). While work read
     before it still waits to start (a request's task), it runs in a task behind that work
     instead, so it does not overtake it."""
     kind = api.CLIENT_MEMBERS[member].kind if member in api.CLIENT_MEMBERS else None

@@ -32,6 +32,7 @@ import base64
 import binascii
 import contextlib
 import enum
+import functools
 import itertools
 import logging
 import uuid
@@ -1029,9 +1030,12 @@ class Voice:
         return voice_pb2.PushTranscribeAudioResponse(session_id=vs.id, seq=seq)
 
     @handles_notification("voice_audio")
-    def voice_audio(self, session: ClientSession, audio: VoiceAudio) -> Awaitable[None] | None:
+    def voice_audio(
+        self, session: ClientSession, audio: VoiceAudio
+    ) -> asyncio.Future[PutResult] | None:
         """PCM in a binary frame, taken at once (no task): it is queued for the engine, or
-        takes its place in line and the wait for room is returned. What cannot be taken
+        takes its place in line and the future of its wait for room is returned (its
+        outcome handled by a callback: no task per waiting chunk). What cannot be taken
         is answered with a (not terminal) error event for that session id: a notification
         has no answer of its own."""
         try:
@@ -1045,17 +1049,23 @@ class Voice:
         except CarError as e:
             _refuse_audio(session, audio.session_id, e)
             return None
-        return self._audio_admitted(session, vs, offered, audio.session_id)
+        offered.add_done_callback(
+            functools.partial(self._audio_admitted, session, vs, audio.session_id)
+        )
+        return offered
 
-    async def _audio_admitted(
+    def _audio_admitted(
         self,
         session: ClientSession,
         vs: VoiceSession,
-        offered: asyncio.Future[PutResult],
         raw_id: str,
+        admitted: asyncio.Future[PutResult],
     ) -> None:
+        """A waiting binary frame's outcome (cancelled: its stream ended)."""
+        if admitted.cancelled():
+            return
         try:
-            self._pushed(vs, await vs.audio.admitted(offered))
+            self._pushed(vs, admitted.result())
         except CarError as e:
             _refuse_audio(session, raw_id, e)
 
