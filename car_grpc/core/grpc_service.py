@@ -462,7 +462,8 @@ class GrpcService:
             method = descriptor_pool.Default().FindMethodByName(full_name)
             assert method.containing_service is not None
             table = by_service.setdefault(method.containing_service.full_name, {})
-            table[method.name] = self._grpc_only(method, handler)
+            fills_in = full_name in self.dispatcher.router.fills_in
+            table[method.name] = self._grpc_only(method, handler, fills_in=fills_in)
         return [grpc.method_handlers_generic_handler(name, t) for name, t in by_service.items()]
 
     def _unary(self, member: str) -> Callable[..., Any]:
@@ -505,8 +506,9 @@ class GrpcService:
         return call
 
     def _grpc_only(
-        self, method: MethodDescriptor, handler: GrpcOnlyHandler
+        self, method: MethodDescriptor, handler: GrpcOnlyHandler, *, fills_in: bool = False
     ) -> grpc.RpcMethodHandler[Any, Any]:
+        """`fills_in`: the handler fills in its requests' twins (router.grpc_only)."""
         req_cls = _message_class(method.input_type)
         access = api.rpc_access(method)
 
@@ -536,7 +538,9 @@ class GrpcService:
             )
         if method.client_streaming and method.server_streaming:
             return grpc.stream_stream_rpc_method_handler(
-                bidi, request_deserializer=_reader(req_cls), response_serializer=_serialize_frame
+                bidi,
+                request_deserializer=req_cls.FromString if fills_in else _reader(req_cls),
+                response_serializer=_serialize_frame,
             )
         raise RuntimeError(f"{method.full_name}: only unary and bidi gRPC-only RPCs are supported")
 

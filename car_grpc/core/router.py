@@ -75,6 +75,7 @@ class _Route:
     kind: str
     key: str
     inline: bool = False
+    fills_in: bool = False
 
 
 def _mark(route: _Route) -> Callable[[F], F]:
@@ -121,11 +122,15 @@ def streams(rpc_name: str) -> Callable[[F], F]:
     return _mark(_Route(_STREAM, rpc_name))
 
 
-def grpc_only(full_name: str) -> Callable[[F], F]:
+def grpc_only(full_name: str, *, fills_in: bool = False) -> Callable[[F], F]:
     """Mark the method that serves an RPC without a JSON-RPC method
-    (e.g. "car.v1.VoiceService.ServeVoice")."""
+    (e.g. "car.v1.VoiceService.ServeVoice").
+
+    `fills_in`: the handler fills in the typed twins (wire/twins.py) of what it reads
+    itself, so its requests come as parsed: for a hot stream whose messages it takes
+    apart anyway (a voice engine's), where the walk of every message costs."""
     descriptor_pool.Default().FindMethodByName(full_name)  # KeyError when unknown
-    return _mark(_Route(_GRPC_ONLY, full_name))
+    return _mark(_Route(_GRPC_ONLY, full_name, fills_in=fills_in))
 
 
 class Router:
@@ -140,6 +145,8 @@ class Router:
         self.at_once: dict[str, AtOnceHandler] = {}
         self.streams: dict[str, StreamHandler] = {}
         self.grpc_only: dict[str, GrpcOnlyHandler] = {}
+        #: gRPC-only RPCs whose handlers fill in their requests' twins (see `grpc_only`).
+        self.fills_in: set[str] = set()
         tables: dict[str, dict[str, Any]] = {
             _REQUEST: self.requests,
             _NOTIFICATION: self.notifications,
@@ -157,6 +164,8 @@ class Router:
                 table[route.key] = getattr(domain, name)
                 if route.inline:
                     self.inline.add(route.key)
+                if route.fills_in:
+                    self.fills_in.add(route.key)
                 if route.kind == _NOTIFICATION and not inspect.iscoroutinefunction(fn):
                     self.at_once[route.key] = table.pop(route.key)
 

@@ -60,7 +60,7 @@ from car_grpc.wire.errors import (
     require,
     resource_exhausted,
 )
-from car_grpc.wire.twins import fill_out
+from car_grpc.wire.twins import fill_in, fill_out
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,6 @@ def _event_frame(session_id: str, event: struct_pb2.Value) -> session_pb2.Server
 _EVENT_FIELD = voice_pb2.VoiceEventNotice.EVENT_FIELD_NUMBER
 _VOICE_EVENT_TAG = batch.varint(session_pb2.ServerFrame.VOICE_EVENT_FIELD_NUMBER << 3 | 2)
 _VOICE_AUDIO_TAG = batch.varint(session_pb2.ServerFrame.VOICE_AUDIO_FIELD_NUMBER << 3 | 2)
-#: VoiceAudio.format = PCM16LE, serialized (a varint field: wire type 0).
-_FORMAT_PCM16LE = batch.varint(VoiceAudio.FORMAT_FIELD_NUMBER << 3) + batch.varint(PCM16LE)
 
 
 def _notice_head(session_id: str) -> bytes:
@@ -408,7 +406,10 @@ class Engine:
 
 
 class EngineMessages:
-    """An engine's messages one at a time, from a ServeVoice stream or a batched one."""
+    """An engine's messages one at a time, from a ServeVoice stream or a batched one, as
+    parsed: the stream's handler fills in their twins (router.grpc_only `fills_in`),
+    `next` every message's, `Voice._from_engine` the rest (its hot messages, audio and
+    events, without the walk of each)."""
 
     def __init__(self, stream: MessageStream, batched: bool) -> None:
         self._stream = stream
@@ -421,7 +422,7 @@ class EngineMessages:
         while not self._pending:
             if not await self._read():
                 return None
-        return self._pending.popleft()
+        return fill_in(self._pending.popleft())
 
     async def next_many(self) -> list[voice_pb2.ServeVoiceRequest]:
         """Every message read and not taken yet, reading if there is none (the rest of a
@@ -703,21 +704,25 @@ class Voice:
     def deliver_speech(self, vs: VoiceSession, audio: VoiceAudio) -> bool:
         """Forward the engine's synthesized speech to the owner (a binary frame)."""
         problem = ""
+        limit = self.limits.max_chunk_bytes
         if audio.type not in TTS_TYPES:
             problem = "audio from an engine must be TTS_CHUNK, TTS_FINAL or TTS_ERROR"
-        elif len(audio.data) > self.limits.max_chunk_bytes:
-            limit = self.limits.max_chunk_bytes
+        # ByteSize (the audio's size and a few bytes) first: it does not copy the audio.
+        elif audio.ByteSize() > limit and len(audio.data) > limit:
             problem = f"a speech chunk of {len(audio.data)} bytes is over {limit}"
         if problem:
             message = f"voice engine '{vs.engine.name}' sent invalid audio: {problem}"
             self._end(vs, error_event(message), message)
             return False
-        # As the engine sent it: its session id is the session's (it was found by it), and
-        # its twin was derived when it was read; a TTS chunk without a format is PCM16LE.
-        out = audio.SerializeToString()
+        # As the engine sent it, with the session's id and its twin (the engine may have
+        # set either: it was found by one); a TTS chunk without a format is PCM16LE.
+        if audio.session_id != vs.id:
+            audio.session_id = vs.id
+        if audio.voice_session_id != vs.id:
+            audio.voice_session_id = vs.id
         if audio.type == voice_pb2.AUDIO_FRAME_TYPE_TTS_CHUNK and not audio.format:
-            out += _FORMAT_PCM16LE
-        return self._offer(vs, batch.member_frame(_VOICE_AUDIO_TAG, out))
+            audio.format = PCM16LE
+        return self._offer(vs, batch.member_frame(_VOICE_AUDIO_TAG, audio.SerializeToString()))
 
     def _offer(self, vs: VoiceSession, frame: bytes) -> bool:
         if vs.state is State.ENDED:
@@ -947,8 +952,8 @@ class Voice:
     def _from_engine(
         self, engine: Engine, message: voice_pb2.ServeVoiceRequest
     ) -> Awaitable[bool] | None:
-        """Take one message of the engine's at once; what is left to wait for (an event
-        going through its session's sink first), or None."""
+        """Take one message of the engine's (as parsed: EngineMessages) at once; what is
+        left to wait for (an event going through its session's sink first), or None."""
         body = message.WhichOneof("body")
         if body == "register":
             engine.fail(invalid_params("register may be sent only once"))
@@ -956,7 +961,13 @@ class Voice:
         if body is None:
             return None
         part = getattr(message, body)
-        vs = engine.sessions.get(part.session_id)
+        if body == "audio" or body == "event":
+            # Their twin is the session id alone, which fill_in would put in place of an
+            # empty one (deliver_speech sets both on the speech it passes on).
+            session_id = part.session_id or part.voice_session_id
+        else:
+            session_id = fill_in(part).session_id
+        vs = engine.sessions.get(session_id)
         if vs is None:
             return None  # ended (or never this engine's): later messages for it are dropped
         if body == "answer":
@@ -1089,11 +1100,11 @@ class Voice:
     ) -> voice_pb2.ListVoiceProvidersResponse:
         return voice_pb2.ListVoiceProvidersResponse(providers=self.list_providers())
 
-    @grpc_only("car.v1.VoiceService.ServeVoice")
+    @grpc_only("car.v1.VoiceService.ServeVoice", fills_in=True)
     async def serve_voice(self, session: ClientSession, stream: MessageStream) -> None:
         await self.serve(stream)
 
-    @grpc_only("car.v1.VoiceService.ServeVoiceBatched")
+    @grpc_only("car.v1.VoiceService.ServeVoiceBatched", fills_in=True)
     async def serve_voice_batched(self, session: ClientSession, stream: MessageStream) -> None:
         await self.serve(stream, batched=True)
 
