@@ -149,7 +149,7 @@ def _event_frame(session_id: str, event: struct_pb2.Value) -> session_pb2.Server
     )
 
 
-_EVENT_FIELD = voice_pb2.VoiceEventNotice.EVENT_FIELD_NUMBER
+_EVENT_TAG = batch.varint(voice_pb2.VoiceEventNotice.EVENT_FIELD_NUMBER << 3 | 2)
 _VOICE_EVENT_TAG = batch.varint(session_pb2.ServerFrame.VOICE_EVENT_FIELD_NUMBER << 3 | 2)
 _VOICE_AUDIO_TAG = batch.varint(session_pb2.ServerFrame.VOICE_AUDIO_FIELD_NUMBER << 3 | 2)
 
@@ -175,15 +175,21 @@ def _audio_message(head: bytes, seq: int, data: bytes) -> bytes:
     """The serialized ServeVoiceResponse carrying chunk `seq` of a session's audio: the
     session's `head` (from _audio_head) with seq and data appended, so that neither a
     message is built nor the audio copied more than once."""
-    fields = head + _SEQ_FIELD + batch.varint(seq) + _DATA_FIELD + batch.varint(len(data))
-    return b"".join((_AUDIO_FIELD, batch.varint(len(fields) + len(data)), fields, data))
+    fields = (head, _SEQ_FIELD, batch.varint(seq), _DATA_FIELD, batch.varint(len(data)), data)
+    size = sum(map(len, fields))
+    return b"".join((_AUDIO_FIELD, batch.varint(size), *fields))
 
 
-def _event_bytes(head: bytes, event: struct_pb2.Value) -> bytes:
+def _event_bytes(head: bytes, event: struct_pb2.Value | bytes) -> bytes:
     """The serialized ServerFrame of a voice.event: the session's notice (`head`, from
-    _notice_head) with the event appended, so that only the event is serialized."""
-    notice = head + batch.length_delimited(_EVENT_FIELD, event.SerializeToString())
-    return batch.member_frame(_VOICE_EVENT_TAG, notice)
+    _notice_head) with the event (or the event serialized) appended, so that only the
+    event is serialized, in one join."""
+    raw = event if isinstance(event, bytes) else event.SerializeToString()
+    event_size = batch.varint(len(raw))
+    notice_size = len(head) + len(_EVENT_TAG) + len(event_size) + len(raw)
+    return b"".join(
+        (_VOICE_EVENT_TAG, batch.varint(notice_size), head, _EVENT_TAG, event_size, raw)
+    )
 
 
 # ------------------------------------------------------------------ sessions and engines
@@ -601,15 +607,15 @@ class Voice:
     def owned(self, owner: ClientSession, raw_id: str) -> VoiceSession:
         """The owner's voice session with that id; -32602 for any other id (unknown or
         another connection's: the same answer, so no existence oracle)."""
+        mine = self._by_owner.get(owner.id)
+        if mine is not None and (vs := mine.get(raw_id)) is not None:
+            return vs  # the canonical spelling (a binary frame's): nothing to parse
         require(raw_id, "session_id")
-        mine = self._by_owner.get(owner.id, {})
-        vs = mine.get(raw_id)  # the canonical spelling (a binary frame's): nothing to parse
-        if vs is None:
-            try:
-                session_id = uuid.UUID(raw_id.strip()).hex
-            except ValueError:
-                session_id = raw_id
-            vs = mine.get(session_id)
+        try:
+            session_id = uuid.UUID(raw_id.strip()).hex
+        except ValueError:
+            session_id = raw_id
+        vs = (mine or {}).get(session_id)
         if vs is None:
             raise invalid_params(f"invalid params: unknown voice session '{raw_id}'")
         return vs
@@ -680,7 +686,7 @@ class Voice:
 
     async def deliver_event(self, vs: VoiceSession, event: struct_pb2.Value) -> bool:
         """Ingest the event into the session's sink, then forward it untouched to the owner."""
-        if not self._event_fits(vs, event):
+        if not self._event_fits(vs, event.ByteSize()):
             return False
         if vs.sink is not None:
             try:
@@ -689,12 +695,12 @@ class Voice:
                 log.exception("voice session %s: the sink failed to ingest an event", vs.id)
         return self._offer(vs, _event_bytes(vs.notice_head, event))
 
-    def _event_fits(self, vs: VoiceSession, event: struct_pb2.Value) -> bool:
-        """Whether an event may go on: its session is not over, and it is within the size
-        bound (else the session ends)."""
+    def _event_fits(self, vs: VoiceSession, size: int) -> bool:
+        """Whether an event of `size` bytes (serialized) may go on: its session is not
+        over, and it is within the size bound (else the session ends)."""
         if vs.state is State.ENDED:
             return False
-        if (size := event.ByteSize()) > self.limits.max_chunk_bytes:
+        if size > self.limits.max_chunk_bytes:
             limit = self.limits.max_chunk_bytes
             message = f"voice event of {size} bytes is over {limit}"
             self._end(vs, error_event(message), message)
@@ -976,8 +982,9 @@ class Voice:
         elif body == "event":
             if vs.sink is not None:
                 return self.deliver_event(vs, part.event)
-            if self._event_fits(vs, part.event):
-                self._offer(vs, _event_bytes(vs.notice_head, part.event))
+            event = part.event.SerializeToString()
+            if self._event_fits(vs, len(event)):
+                self._offer(vs, _event_bytes(vs.notice_head, event))
         elif body == "audio":
             self.deliver_speech(vs, part)
         elif body == "end":
@@ -1052,8 +1059,9 @@ class Voice:
         try:
             if audio.type not in (voice_pb2.AUDIO_FRAME_TYPE_UNSPECIFIED, PCM):
                 raise field_error("type", "clients send PCM audio")
-            check_chunk(audio.data, self.limits.max_chunk_bytes, "data")
-            vs, _, offered = self._offer_audio(session, audio.session_id, audio.data)
+            data = audio.data  # (a copy of the audio each time it is read)
+            check_chunk(data, self.limits.max_chunk_bytes, "data")
+            vs, _, offered = self._offer_audio(session, audio.session_id, data)
             if isinstance(offered, PutResult):
                 self._pushed(vs, offered)
                 return None
