@@ -12,8 +12,12 @@ echo and bare multiplexed relay.
     python -m bench.ab MODE WINDOWS TREE... [-- SERVE_FLAGS]
 
 MODE: `rt1`, `rt16`, `rt64`, ... (that many clients, each one `tools.list` after another,
-for AB_SECONDS, default 2) or `chat` (one chat of AB_TOKENS tokens, default 20,000, agent
--> host as bench_chats, per window). Not part of `python -m bench`.
+for AB_SECONDS, default 2), `chat` (one chat of AB_TOKENS tokens, default 20,000, agent
+-> host as bench_chats, per window) or `voice` (AB_CHUNKS PCM chunks, default 5,000,
+flooded through one voice session to bench_voice's engine and spoken back, per window:
+the CPU of `car-grpc serve` alone per chunk; the engine's is printed beside it; for
+`echo` and `mux`, bench_voice's echo and relay of the binary frames). Not part of
+`python -m bench`.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ import os
 import statistics
 import sys
 import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from websockets.asyncio.client import connect
 
-from bench import bench_chats, bench_gateway
+from bench import bench_chats, bench_gateway, bench_voice
 from bench.proc import cpu_seconds
 from tests.processes import EPHEMERAL, car_grpc_argv, cli_env, launch
 
@@ -43,9 +48,18 @@ class Arm:
     bridged: bool
     cpu_us: list[float] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
+    #: `voice`: the engine process and its CPU per chunk.
+    engine_pid: int = 0
+    engine_us: list[float] = field(default_factory=list)
 
 
-async def _start(stack: contextlib.AsyncExitStack, tree: str, flags: Sequence[str]) -> Arm:
+async def _start(
+    stack: contextlib.AsyncExitStack, tree: str, flags: Sequence[str], mode: str
+) -> Arm:
+    if tree in BARE and mode == "voice":
+        kind = "relay" if tree == "mux" else tree
+        url, [pid] = await stack.enter_async_context(bench_voice.echo_server(kind))
+        return Arm(tree, bench_gateway.Server(url, pid), bridged=False)
     if tree in BARE:
         server = await stack.enter_async_context(bench_gateway.echo_server(tree))
         return Arm(tree, server, bridged=False)
@@ -53,8 +67,25 @@ async def _start(stack: contextlib.AsyncExitStack, tree: str, flags: Sequence[st
     argv = car_grpc_argv("serve", *EPHEMERAL, "--no-auth", *flags)
     env = cli_env(home, PYTHONPATH=tree)
     process = await stack.enter_async_context(launch(argv, env=env, cwd=tree))
-    _, url = await process.listeners(2, timeout=60)
-    return Arm(tree, bench_gateway.Server(url, process.proc.pid), bridged=True)
+    grpc_address, url = await process.listeners(2, timeout=60)
+    arm = Arm(tree, bench_gateway.Server(url, process.proc.pid), bridged=True)
+    if mode == "voice":  # the same bench engine (this tree's) for every server
+        engine = [sys.executable, "-m", "bench.bench_voice", "engine", grpc_address]
+        arm.engine_pid = (await stack.enter_async_context(launch(engine, stdin=True))).proc.pid
+    return arm
+
+
+async def _voice(arm: Arm, chunks: int) -> tuple[float, float]:
+    """One voice flood of `chunks` chunks (bench_voice.flood): chunks/s and the server's
+    CPU per chunk; the engine's goes into `arm.engine_us`."""
+    url = arm.server.url
+    async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
+        session = await bench_voice.open_session(ws) if arm.bridged else uuid.uuid4()
+        engine = cpu_seconds(arm.engine_pid) if arm.engine_pid else 0.0
+        rate, cpu_us = await bench_voice.flood(ws, session, [arm.server.pid], chunks, arm.tree)
+        if arm.engine_pid:
+            arm.engine_us.append((cpu_seconds(arm.engine_pid) - engine) / chunks * 1e6)
+        return rate, cpu_us
 
 
 async def _chat(url: str, n: int, tokens: int) -> float:
@@ -66,7 +97,7 @@ async def _chat(url: str, n: int, tokens: int) -> float:
 
 async def run(mode: str, windows: int, trees: Sequence[str], flags: Sequence[str]) -> list[Arm]:
     async with contextlib.AsyncExitStack() as stack:
-        arms = [await _start(stack, tree, flags) for tree in trees]
+        arms = [await _start(stack, tree, flags, mode) for tree in trees]
         tokens = int(os.environ.get("AB_TOKENS", "20000"))
         if mode == "chat":
             for arm in arms:  # each server its agent, attached for every window (+1 warm-up)
@@ -77,7 +108,7 @@ async def run(mode: str, windows: int, trees: Sequence[str], flags: Sequence[str
                 assert agent.proc.stdout is not None
                 line = await asyncio.wait_for(agent.proc.stdout.readline(), 20)
                 assert line.strip() == b"attached", line
-        else:
+        elif mode != "voice":
             bench_gateway.THROUGHPUT_SECONDS = float(os.environ.get("AB_SECONDS", "2"))
             clients = int(mode.removeprefix("rt"))
         for window in range(windows + 1):  # the first: warm-up, not counted
@@ -86,6 +117,8 @@ async def run(mode: str, windows: int, trees: Sequence[str], flags: Sequence[str
                     before = cpu_seconds(arm.server.pid)
                     rate = await _chat(arm.server.url, window, tokens)
                     cpu_us = (cpu_seconds(arm.server.pid) - before) / tokens * 1e6
+                elif mode == "voice":
+                    rate, cpu_us = await _voice(arm, int(os.environ.get("AB_CHUNKS", "5000")))
                 else:
                     rate, _, cpu_us = await bench_gateway.throughput(
                         arm.server, arm.bridged, clients
@@ -93,6 +126,8 @@ async def run(mode: str, windows: int, trees: Sequence[str], flags: Sequence[str
                 if window:
                     arm.cpu_us.append(cpu_us)
                     arm.rates.append(rate)
+                elif arm.engine_us:
+                    arm.engine_us.pop()  # the warm-up's
         return arms
 
 
@@ -110,6 +145,8 @@ def main() -> None:
             f"  {arm.tree:32} {statistics.median(cpu):7.1f} ({min(cpu):.0f}-{max(cpu):.0f})"
             f"  {statistics.median(rate):9,.0f}/s   windows: {' '.join(f'{c:.0f}' for c in cpu)}"
         )
+        if arm.engine_us:
+            print(f"  {'  its engine':32} {statistics.median(arm.engine_us):7.1f}")
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ async def _binary(ws: ClientConnection) -> bytes:
             return message
 
 
-async def _open_session(ws: ClientConnection) -> uuid.UUID:
+async def open_session(ws: ClientConnection) -> uuid.UUID:
     start = {"jsonrpc": "2.0", "id": 1, "method": "voice.transcribe_stream.start"}
     async with asyncio.timeout(10):
         while True:  # the engine process may still be registering
@@ -206,7 +206,7 @@ class Flood:
 async def measure(url: str, bridged: bool, pids: list[int]) -> Flood:
     """One client: the latency, then the throughput phase (module docstring)."""
     async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
-        session = await _open_session(ws) if bridged else uuid.uuid4()
+        session = await open_session(ws) if bridged else uuid.uuid4()
         times = []
         for seq in range(ROUND_TRIPS):
             t = time.perf_counter()
@@ -216,30 +216,39 @@ async def measure(url: str, bridged: bool, pids: list[int]) -> Flood:
         times.sort()
         p50, p99 = times[len(times) // 2] * 1e3, times[int(len(times) * 0.99)] * 1e3
 
-        received = 0
-
-        async def receive() -> None:
-            nonlocal received
-            for _ in range(CHUNKS):
-                await _binary(ws)
-                received += 1
-
-        receiver = asyncio.create_task(receive())
-        t, cpu = time.perf_counter(), sum(map(cpu_seconds, pids))
-        for seq in range(CHUNKS):
-            await ws.send(pcm_frame(session, seq))
-        # The flood is far beyond real time: when the core's events for this client pile
-        # up past voice_event_queue, it ends the session and the rest never comes back.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(RECEIVE_TIMEOUT):
-                await asyncio.shield(receiver)
-        receiver.cancel()
-        if received < CHUNKS:
-            print(f"({'car-grpc' if bridged else 'echo'}: {received} of {CHUNKS} TTS chunks back;"
-                  f" the session ended: its events piled up past voice_event_queue)")  # fmt: skip
-        rate = received / (time.perf_counter() - t)
-        cpu_us = (sum(map(cpu_seconds, pids)) - cpu) / max(received, 1) * 1e6
+        rate, cpu_us = await flood(ws, session, pids, CHUNKS, "car-grpc" if bridged else "echo")
         return Flood(p50, p99, rate, cpu_us)
+
+
+async def flood(
+    ws: ClientConnection, session: uuid.UUID, pids: list[int], count: int, name: str
+) -> tuple[float, float]:
+    """The throughput phase: `count` chunks sent as fast as the socket takes them, timed
+    until the last TTS chunk is back: chunks/s and the CPU time of `pids` per chunk (us)."""
+    received = 0
+
+    async def receive() -> None:
+        nonlocal received
+        for _ in range(count):
+            await _binary(ws)
+            received += 1
+
+    receiver = asyncio.create_task(receive())
+    t, cpu = time.perf_counter(), sum(map(cpu_seconds, pids))
+    for seq in range(count):
+        await ws.send(pcm_frame(session, seq))
+    # The flood is far beyond real time: when the core's events for this client pile up
+    # past voice_event_queue, it ends the session and the rest never comes back.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(RECEIVE_TIMEOUT):
+            await asyncio.shield(receiver)
+    receiver.cancel()
+    if received < count:
+        print(f"({name}: {received} of {count} TTS chunks back;"
+              f" the session ended: its events piled up past voice_event_queue)")  # fmt: skip
+    rate = received / (time.perf_counter() - t)
+    cpu_us = (sum(map(cpu_seconds, pids)) - cpu) / max(received, 1) * 1e6
+    return rate, cpu_us
 
 
 async def bench() -> None:

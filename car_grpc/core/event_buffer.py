@@ -55,6 +55,9 @@ class EventBuffer(Generic[T]):
         self._progress_at = 0.0
         #: Armed while producers wait, for the moment they would have waited too long.
         self._stall_timer: asyncio.TimerHandle | None = None
+        #: The event loop, once known: asyncio.get_running_loop() is a system call
+        #: (getpid) in CPython 3.11, too dear for every item.
+        self._event_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def closed(self) -> bool:
@@ -67,6 +70,12 @@ class EventBuffer(Generic[T]):
     def nbytes(self) -> int:
         """The size of the items in the buffer (not of those waiting)."""
         return self._bytes
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._event_loop
+        if loop is None:
+            loop = self._event_loop = asyncio.get_running_loop()
+        return loop
 
     def _fits(self, size: int) -> bool:
         items = self._items
@@ -93,7 +102,7 @@ class EventBuffer(Generic[T]):
             self._bytes += size
             self._readable.set()
             return PutResult.QUEUED
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         if not self._waiting:
             self._progress_at = loop.time()  # the stall clock starts now
         admitted: asyncio.Future[PutResult] = loop.create_future()
@@ -114,7 +123,7 @@ class EventBuffer(Generic[T]):
         self._stall_timer = None
         if not self._waiting or self._closed:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         deadline = self._progress_at + self._stall_timeout
         if loop.time() < deadline:
             self._stall_timer = loop.call_at(deadline, self._check_stall)
@@ -130,7 +139,7 @@ class EventBuffer(Generic[T]):
                 return None
             self._readable.clear()
             await self._readable.wait()
-        return self._take(asyncio.get_running_loop().time())
+        return self._take(self._loop().time())
 
     async def get_many(self, limit: int) -> list[T]:
         """The next items: at least one (waiting for it), at most `limit`, all that the
@@ -141,7 +150,7 @@ class EventBuffer(Generic[T]):
                 return []
             self._readable.clear()
             await self._readable.wait()
-        now = asyncio.get_running_loop().time()
+        now = self._loop().time()
         return [self._take(now) for _ in range(min(limit, len(self._items)))]
 
     def _take(self, now: float) -> T:

@@ -71,10 +71,12 @@ class SessionStream:
             self._channel = context
             self.session.write_now = self._write_now
         self.inflight = asyncio.Semaphore(service.max_inflight)
-        self.tasks: set[asyncio.Task[object]] = set()
+        #: Each holds an in-flight slot: tasks, and the futures of notifications that wait
+        #: without a task (_park).
+        self.tasks: set[asyncio.Future[Any]] = set()
         #: The notifications among them: what the client sent before it half-closed is
         #: still handled (an agent's last chat tokens), not cancelled with the requests.
-        self.notifying: set[asyncio.Task[object]] = set()
+        self.notifying: set[asyncio.Future[Any]] = set()
         #: Held around every write to the stream (the writer task's and the direct ones).
         self.write_lock = asyncio.Lock()
         #: More frames of the message being read follow: answers queue up for one write.
@@ -159,7 +161,10 @@ class SessionStream:
             await self.session.send(_error_frame(frame.id, err))
         elif binding.kind in (api.NOTIFICATION, api.BINARY):
             if binding.field in self.at_once and not self._unstarted:
-                if (rest := self._notify_at_once(binding.field, frame)) is not None:
+                rest = self._notify_at_once(binding.field, frame)
+                if isinstance(rest, asyncio.Future):
+                    await self._park(rest)
+                elif rest is not None:
                     self.notifying.add(
                         await self._spawn(self._finish_notification, binding.field, rest)
                     )
@@ -188,7 +193,15 @@ class SessionStream:
         task.add_done_callback(self._done)
         return task
 
-    def _done(self, task: asyncio.Task[object]) -> None:
+    async def _park(self, waiting: asyncio.Future[Any]) -> None:
+        """A notification left waiting on a future (its handler acts on the outcome): it
+        holds an in-flight slot until done, as a task would, without the cost of one."""
+        await self.inflight.acquire()  # backpressure: stop reading while saturated
+        self.tasks.add(waiting)
+        self.notifying.add(waiting)
+        waiting.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[Any]) -> None:
         self.tasks.discard(task)
         self.notifying.discard(task)
         self.inflight.release()
@@ -462,7 +475,8 @@ class GrpcService:
             method = descriptor_pool.Default().FindMethodByName(full_name)
             assert method.containing_service is not None
             table = by_service.setdefault(method.containing_service.full_name, {})
-            table[method.name] = self._grpc_only(method, handler)
+            fills_in = full_name in self.dispatcher.router.fills_in
+            table[method.name] = self._grpc_only(method, handler, fills_in=fills_in)
         return [grpc.method_handlers_generic_handler(name, t) for name, t in by_service.items()]
 
     def _unary(self, member: str) -> Callable[..., Any]:
@@ -505,8 +519,9 @@ class GrpcService:
         return call
 
     def _grpc_only(
-        self, method: MethodDescriptor, handler: GrpcOnlyHandler
+        self, method: MethodDescriptor, handler: GrpcOnlyHandler, *, fills_in: bool = False
     ) -> grpc.RpcMethodHandler[Any, Any]:
+        """`fills_in`: the handler fills in its requests' twins (router.grpc_only)."""
         req_cls = _message_class(method.input_type)
         access = api.rpc_access(method)
 
@@ -536,7 +551,9 @@ class GrpcService:
             )
         if method.client_streaming and method.server_streaming:
             return grpc.stream_stream_rpc_method_handler(
-                bidi, request_deserializer=_reader(req_cls), response_serializer=_serialize_frame
+                bidi,
+                request_deserializer=req_cls.FromString if fills_in else _reader(req_cls),
+                response_serializer=_serialize_frame,
             )
         raise RuntimeError(f"{method.full_name}: only unary and bidi gRPC-only RPCs are supported")
 

@@ -45,7 +45,7 @@ Handler = Callable[["ClientSession", Any], Awaitable[Message | Reply]]
 NotificationHandler = Callable[["ClientSession", Any], Awaitable[None]]
 #: A notification handler that is a plain function: it takes the notification at once and
 #: returns None, or returns what is left to wait for (see `handles_notification`).
-AtOnceHandler = Callable[["ClientSession", Any], Awaitable[None] | None]
+AtOnceHandler = Callable[["ClientSession", Any], Awaitable[Any] | None]
 StreamHandler = Callable[["ClientSession", Any], AsyncIterator[Message]]
 
 
@@ -75,6 +75,7 @@ class _Route:
     kind: str
     key: str
     inline: bool = False
+    fills_in: bool = False
 
 
 def _mark(route: _Route) -> Callable[[F], F]:
@@ -103,7 +104,9 @@ def handles_notification(member: str) -> Callable[[F], F]:
     A coroutine function runs in a task of its own. A plain function runs at once, in the
     session stream's read loop (no task: the hottest notifications, e.g. chat tokens), and
     must not block: it returns None when done, or an awaitable for what it has to wait for
-    (e.g. room in a full buffer), which the stream then awaits in a task. While work read
+    (e.g. room in a full buffer), which the stream then awaits in a task; an asyncio.Future
+    needs no task: the stream holds an in-flight slot until it is done (a flood of audio
+    waits that way, a future per chunk rather than a task). While work read
     before it still waits to start (a request's task), it runs in a task behind that work
     instead, so it does not overtake it."""
     kind = api.CLIENT_MEMBERS[member].kind if member in api.CLIENT_MEMBERS else None
@@ -119,11 +122,15 @@ def streams(rpc_name: str) -> Callable[[F], F]:
     return _mark(_Route(_STREAM, rpc_name))
 
 
-def grpc_only(full_name: str) -> Callable[[F], F]:
+def grpc_only(full_name: str, *, fills_in: bool = False) -> Callable[[F], F]:
     """Mark the method that serves an RPC without a JSON-RPC method
-    (e.g. "car.v1.VoiceService.ServeVoice")."""
+    (e.g. "car.v1.VoiceService.ServeVoice").
+
+    `fills_in`: the handler fills in the typed twins (wire/twins.py) of what it reads
+    itself, so its requests come as parsed: for a hot stream whose messages it takes
+    apart anyway (a voice engine's), where the walk of every message costs."""
     descriptor_pool.Default().FindMethodByName(full_name)  # KeyError when unknown
-    return _mark(_Route(_GRPC_ONLY, full_name))
+    return _mark(_Route(_GRPC_ONLY, full_name, fills_in=fills_in))
 
 
 class Router:
@@ -138,6 +145,8 @@ class Router:
         self.at_once: dict[str, AtOnceHandler] = {}
         self.streams: dict[str, StreamHandler] = {}
         self.grpc_only: dict[str, GrpcOnlyHandler] = {}
+        #: gRPC-only RPCs whose handlers fill in their requests' twins (see `grpc_only`).
+        self.fills_in: set[str] = set()
         tables: dict[str, dict[str, Any]] = {
             _REQUEST: self.requests,
             _NOTIFICATION: self.notifications,
@@ -155,6 +164,8 @@ class Router:
                 table[route.key] = getattr(domain, name)
                 if route.inline:
                     self.inline.add(route.key)
+                if route.fills_in:
+                    self.fills_in.add(route.key)
                 if route.kind == _NOTIFICATION and not inspect.iscoroutinefunction(fn):
                     self.at_once[route.key] = table.pop(route.key)
 

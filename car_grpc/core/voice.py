@@ -32,6 +32,7 @@ import base64
 import binascii
 import contextlib
 import enum
+import functools
 import itertools
 import logging
 import uuid
@@ -59,7 +60,7 @@ from car_grpc.wire.errors import (
     require,
     resource_exhausted,
 )
-from car_grpc.wire.twins import fill_out
+from car_grpc.wire.twins import fill_in, fill_out
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +149,9 @@ def _event_frame(session_id: str, event: struct_pb2.Value) -> session_pb2.Server
     )
 
 
-_EVENT_FIELD = voice_pb2.VoiceEventNotice.EVENT_FIELD_NUMBER
+_EVENT_TAG = batch.varint(voice_pb2.VoiceEventNotice.EVENT_FIELD_NUMBER << 3 | 2)
 _VOICE_EVENT_TAG = batch.varint(session_pb2.ServerFrame.VOICE_EVENT_FIELD_NUMBER << 3 | 2)
 _VOICE_AUDIO_TAG = batch.varint(session_pb2.ServerFrame.VOICE_AUDIO_FIELD_NUMBER << 3 | 2)
-#: VoiceAudio.format = PCM16LE, serialized (a varint field: wire type 0).
-_FORMAT_PCM16LE = batch.varint(VoiceAudio.FORMAT_FIELD_NUMBER << 3) + batch.varint(PCM16LE)
 
 
 def _notice_head(session_id: str) -> bytes:
@@ -176,15 +175,21 @@ def _audio_message(head: bytes, seq: int, data: bytes) -> bytes:
     """The serialized ServeVoiceResponse carrying chunk `seq` of a session's audio: the
     session's `head` (from _audio_head) with seq and data appended, so that neither a
     message is built nor the audio copied more than once."""
-    fields = head + _SEQ_FIELD + batch.varint(seq) + _DATA_FIELD + batch.varint(len(data))
-    return b"".join((_AUDIO_FIELD, batch.varint(len(fields) + len(data)), fields, data))
+    fields = (head, _SEQ_FIELD, batch.varint(seq), _DATA_FIELD, batch.varint(len(data)), data)
+    size = sum(map(len, fields))
+    return b"".join((_AUDIO_FIELD, batch.varint(size), *fields))
 
 
-def _event_bytes(head: bytes, event: struct_pb2.Value) -> bytes:
+def _event_bytes(head: bytes, event: struct_pb2.Value | bytes) -> bytes:
     """The serialized ServerFrame of a voice.event: the session's notice (`head`, from
-    _notice_head) with the event appended, so that only the event is serialized."""
-    notice = head + batch.length_delimited(_EVENT_FIELD, event.SerializeToString())
-    return batch.member_frame(_VOICE_EVENT_TAG, notice)
+    _notice_head) with the event (or the event serialized) appended, so that only the
+    event is serialized, in one join."""
+    raw = event if isinstance(event, bytes) else event.SerializeToString()
+    event_size = batch.varint(len(raw))
+    notice_size = len(head) + len(_EVENT_TAG) + len(event_size) + len(raw)
+    return b"".join(
+        (_VOICE_EVENT_TAG, batch.varint(notice_size), head, _EVENT_TAG, event_size, raw)
+    )
 
 
 # ------------------------------------------------------------------ sessions and engines
@@ -407,7 +412,10 @@ class Engine:
 
 
 class EngineMessages:
-    """An engine's messages one at a time, from a ServeVoice stream or a batched one."""
+    """An engine's messages one at a time, from a ServeVoice stream or a batched one, as
+    parsed: the stream's handler fills in their twins (router.grpc_only `fills_in`),
+    `next` every message's, `Voice._from_engine` the rest (its hot messages, audio and
+    events, without the walk of each)."""
 
     def __init__(self, stream: MessageStream, batched: bool) -> None:
         self._stream = stream
@@ -420,7 +428,7 @@ class EngineMessages:
         while not self._pending:
             if not await self._read():
                 return None
-        return self._pending.popleft()
+        return fill_in(self._pending.popleft())
 
     async def next_many(self) -> list[voice_pb2.ServeVoiceRequest]:
         """Every message read and not taken yet, reading if there is none (the rest of a
@@ -599,15 +607,15 @@ class Voice:
     def owned(self, owner: ClientSession, raw_id: str) -> VoiceSession:
         """The owner's voice session with that id; -32602 for any other id (unknown or
         another connection's: the same answer, so no existence oracle)."""
+        mine = self._by_owner.get(owner.id)
+        if mine is not None and (vs := mine.get(raw_id)) is not None:
+            return vs  # the canonical spelling (a binary frame's): nothing to parse
         require(raw_id, "session_id")
-        mine = self._by_owner.get(owner.id, {})
-        vs = mine.get(raw_id)  # the canonical spelling (a binary frame's): nothing to parse
-        if vs is None:
-            try:
-                session_id = uuid.UUID(raw_id.strip()).hex
-            except ValueError:
-                session_id = raw_id
-            vs = mine.get(session_id)
+        try:
+            session_id = uuid.UUID(raw_id.strip()).hex
+        except ValueError:
+            session_id = raw_id
+        vs = (mine or {}).get(session_id)
         if vs is None:
             raise invalid_params(f"invalid params: unknown voice session '{raw_id}'")
         return vs
@@ -678,7 +686,7 @@ class Voice:
 
     async def deliver_event(self, vs: VoiceSession, event: struct_pb2.Value) -> bool:
         """Ingest the event into the session's sink, then forward it untouched to the owner."""
-        if not self._event_fits(vs, event):
+        if not self._event_fits(vs, event.ByteSize()):
             return False
         if vs.sink is not None:
             try:
@@ -687,12 +695,12 @@ class Voice:
                 log.exception("voice session %s: the sink failed to ingest an event", vs.id)
         return self._offer(vs, _event_bytes(vs.notice_head, event))
 
-    def _event_fits(self, vs: VoiceSession, event: struct_pb2.Value) -> bool:
-        """Whether an event may go on: its session is not over, and it is within the size
-        bound (else the session ends)."""
+    def _event_fits(self, vs: VoiceSession, size: int) -> bool:
+        """Whether an event of `size` bytes (serialized) may go on: its session is not
+        over, and it is within the size bound (else the session ends)."""
         if vs.state is State.ENDED:
             return False
-        if (size := event.ByteSize()) > self.limits.max_chunk_bytes:
+        if size > self.limits.max_chunk_bytes:
             limit = self.limits.max_chunk_bytes
             message = f"voice event of {size} bytes is over {limit}"
             self._end(vs, error_event(message), message)
@@ -702,21 +710,25 @@ class Voice:
     def deliver_speech(self, vs: VoiceSession, audio: VoiceAudio) -> bool:
         """Forward the engine's synthesized speech to the owner (a binary frame)."""
         problem = ""
+        limit = self.limits.max_chunk_bytes
         if audio.type not in TTS_TYPES:
             problem = "audio from an engine must be TTS_CHUNK, TTS_FINAL or TTS_ERROR"
-        elif len(audio.data) > self.limits.max_chunk_bytes:
-            limit = self.limits.max_chunk_bytes
+        # ByteSize (the audio's size and a few bytes) first: it does not copy the audio.
+        elif audio.ByteSize() > limit and len(audio.data) > limit:
             problem = f"a speech chunk of {len(audio.data)} bytes is over {limit}"
         if problem:
             message = f"voice engine '{vs.engine.name}' sent invalid audio: {problem}"
             self._end(vs, error_event(message), message)
             return False
-        # As the engine sent it: its session id is the session's (it was found by it), and
-        # its twin was derived when it was read; a TTS chunk without a format is PCM16LE.
-        out = audio.SerializeToString()
+        # As the engine sent it, with the session's id and its twin (the engine may have
+        # set either: it was found by one); a TTS chunk without a format is PCM16LE.
+        if audio.session_id != vs.id:
+            audio.session_id = vs.id
+        if audio.voice_session_id != vs.id:
+            audio.voice_session_id = vs.id
         if audio.type == voice_pb2.AUDIO_FRAME_TYPE_TTS_CHUNK and not audio.format:
-            out += _FORMAT_PCM16LE
-        return self._offer(vs, batch.member_frame(_VOICE_AUDIO_TAG, out))
+            audio.format = PCM16LE
+        return self._offer(vs, batch.member_frame(_VOICE_AUDIO_TAG, audio.SerializeToString()))
 
     def _offer(self, vs: VoiceSession, frame: bytes) -> bool:
         if vs.state is State.ENDED:
@@ -946,8 +958,8 @@ class Voice:
     def _from_engine(
         self, engine: Engine, message: voice_pb2.ServeVoiceRequest
     ) -> Awaitable[bool] | None:
-        """Take one message of the engine's at once; what is left to wait for (an event
-        going through its session's sink first), or None."""
+        """Take one message of the engine's (as parsed: EngineMessages) at once; what is
+        left to wait for (an event going through its session's sink first), or None."""
         body = message.WhichOneof("body")
         if body == "register":
             engine.fail(invalid_params("register may be sent only once"))
@@ -955,7 +967,13 @@ class Voice:
         if body is None:
             return None
         part = getattr(message, body)
-        vs = engine.sessions.get(part.session_id)
+        if body == "audio" or body == "event":
+            # Their twin is the session id alone, which fill_in would put in place of an
+            # empty one (deliver_speech sets both on the speech it passes on).
+            session_id = part.session_id or part.voice_session_id
+        else:
+            session_id = fill_in(part).session_id
+        vs = engine.sessions.get(session_id)
         if vs is None:
             return None  # ended (or never this engine's): later messages for it are dropped
         if body == "answer":
@@ -964,8 +982,9 @@ class Voice:
         elif body == "event":
             if vs.sink is not None:
                 return self.deliver_event(vs, part.event)
-            if self._event_fits(vs, part.event):
-                self._offer(vs, _event_bytes(vs.notice_head, part.event))
+            event = part.event.SerializeToString()
+            if self._event_fits(vs, len(event)):
+                self._offer(vs, _event_bytes(vs.notice_head, event))
         elif body == "audio":
             self.deliver_speech(vs, part)
         elif body == "end":
@@ -1029,33 +1048,43 @@ class Voice:
         return voice_pb2.PushTranscribeAudioResponse(session_id=vs.id, seq=seq)
 
     @handles_notification("voice_audio")
-    def voice_audio(self, session: ClientSession, audio: VoiceAudio) -> Awaitable[None] | None:
+    def voice_audio(
+        self, session: ClientSession, audio: VoiceAudio
+    ) -> asyncio.Future[PutResult] | None:
         """PCM in a binary frame, taken at once (no task): it is queued for the engine, or
-        takes its place in line and the wait for room is returned. What cannot be taken
+        takes its place in line and the future of its wait for room is returned (its
+        outcome handled by a callback: no task per waiting chunk). What cannot be taken
         is answered with a (not terminal) error event for that session id: a notification
         has no answer of its own."""
         try:
             if audio.type not in (voice_pb2.AUDIO_FRAME_TYPE_UNSPECIFIED, PCM):
                 raise field_error("type", "clients send PCM audio")
-            check_chunk(audio.data, self.limits.max_chunk_bytes, "data")
-            vs, _, offered = self._offer_audio(session, audio.session_id, audio.data)
+            data = audio.data  # (a copy of the audio each time it is read)
+            check_chunk(data, self.limits.max_chunk_bytes, "data")
+            vs, _, offered = self._offer_audio(session, audio.session_id, data)
             if isinstance(offered, PutResult):
                 self._pushed(vs, offered)
                 return None
         except CarError as e:
             _refuse_audio(session, audio.session_id, e)
             return None
-        return self._audio_admitted(session, vs, offered, audio.session_id)
+        offered.add_done_callback(
+            functools.partial(self._audio_admitted, session, vs, audio.session_id)
+        )
+        return offered
 
-    async def _audio_admitted(
+    def _audio_admitted(
         self,
         session: ClientSession,
         vs: VoiceSession,
-        offered: asyncio.Future[PutResult],
         raw_id: str,
+        admitted: asyncio.Future[PutResult],
     ) -> None:
+        """A waiting binary frame's outcome (cancelled: its stream ended)."""
+        if admitted.cancelled():
+            return
         try:
-            self._pushed(vs, await vs.audio.admitted(offered))
+            self._pushed(vs, admitted.result())
         except CarError as e:
             _refuse_audio(session, raw_id, e)
 
@@ -1079,11 +1108,11 @@ class Voice:
     ) -> voice_pb2.ListVoiceProvidersResponse:
         return voice_pb2.ListVoiceProvidersResponse(providers=self.list_providers())
 
-    @grpc_only("car.v1.VoiceService.ServeVoice")
+    @grpc_only("car.v1.VoiceService.ServeVoice", fills_in=True)
     async def serve_voice(self, session: ClientSession, stream: MessageStream) -> None:
         await self.serve(stream)
 
-    @grpc_only("car.v1.VoiceService.ServeVoiceBatched")
+    @grpc_only("car.v1.VoiceService.ServeVoiceBatched", fills_in=True)
     async def serve_voice_batched(self, session: ClientSession, stream: MessageStream) -> None:
         await self.serve(stream, batched=True)
 

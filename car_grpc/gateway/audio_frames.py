@@ -152,9 +152,7 @@ def _client_pcm(raw_id: bytes, seq: int, pcm: memoryview) -> bytes:
     """The serialized ClientFrame of a PCM frame: the bytes that serializing
     ClientFrame(voice_audio=decode(frame)) gives, written directly (the audio is copied
     once, and no message is built)."""
-    head = _SESSION_ID + raw_id.hex().encode()
-    if seq:
-        head += _SEQ + batch.varint(seq)
-    head += _PCM16LE + _DATA + batch.varint(len(pcm))
-    size = batch.varint(len(head) + len(pcm))
-    return b"".join((_CLIENT_VOICE_AUDIO, size, head, pcm))
+    seq_field = _SEQ + batch.varint(seq) if seq else b""
+    size = batch.varint(len(pcm))
+    fields = (_SESSION_ID, raw_id.hex().encode(), seq_field, _PCM16LE, _DATA, size, pcm)
+    return b"".join((_CLIENT_VOICE_AUDIO, batch.varint(sum(map(len, fields))), *fields))

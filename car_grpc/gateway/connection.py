@@ -313,7 +313,7 @@ class Connection:
         """Queue the frames of one client frame (a batch: up to 1,000) for the core,
         waiting while the upstream queue is full and letting other tasks run every SLICE
         seconds (a put that need not wait does not give the event loop back)."""
-        loop = asyncio.get_running_loop()
+        loop = self.ws.loop  # (asyncio.get_running_loop() is a system call: getpid)
         deadline = loop.time() + SLICE
         for frame in frames:
             data = frame if isinstance(frame, bytes) else frame.SerializeToString()

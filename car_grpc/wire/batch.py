@@ -28,6 +28,8 @@ def varint(value: int) -> bytes:
     """A protobuf varint."""
     if value < 0x80:
         return _SMALL[value]
+    if value < 0x4000:  # two bytes: most lengths of frames and audio chunks
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
