@@ -37,7 +37,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from car_grpc.v1 import errors_pb2, options_pb2, session_pb2
-from car_grpc.wire import api, codec, turn_text
+from car_grpc.wire import api, chat_text, codec, turn_text
 from car_grpc.wire.errors import (
     AUTH_REQUIRED,
     INTERNAL,
@@ -234,7 +234,7 @@ def dumps(obj: JSON) -> str:
 
 
 #: The core's notifications that may come as their params' JSON text already
-#: (`params_text`, a json_internal field: runs.proto).
+#: (`params_text`, a json_internal field: runs.proto, chats.proto).
 _PARAMS_TEXT = frozenset(
     name
     for name, m in api.SERVER_MEMBERS.items()
@@ -432,12 +432,16 @@ def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Mess
     if binding.deep and not shallow and _too_deep(frame):
         msg = f"invalid params: nested more than {MAX_PROTO_DEPTH} levels deep"
         return _refuse(is_request, client_id, error_object(INVALID_PARAMS, msg))
-    if binding.field == _RECORD_TURNS:
+    if binding.field == _CHAT_EVENT:
+        # The event's JSON as the host's notification writes it (chat_text.py).
+        body.event_text = chat_text.event_text(message.get("params"))
+    elif binding.field == _RECORD_TURNS:
         _add_turn_texts(message.get("params"), body)
     return Message(frame=frame, client_id=client_id, answered=is_request, notice=notice)
 
 
 _RECORD_TURNS = "runs_record_turns"
+_CHAT_EVENT = "agent_chat_event"
 
 
 def _add_turn_texts(params: JSON, request: Any) -> None:
