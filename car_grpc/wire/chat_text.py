@@ -34,7 +34,7 @@ from car_grpc.wire.turn_text import plain
 TEXT_LIMIT = 16 * 1024
 
 # What a member of ChatEvent is, for writing it.
-_ALWAYS, _OPTIONAL, _INTEGER = 0, 1, 2
+_STRING, _BOOL, _INTEGER = 0, 1, 2
 
 
 def _wire_fields(desc: Any) -> list[FieldDescriptor]:
@@ -47,31 +47,27 @@ def _wire_fields(desc: Any) -> list[FieldDescriptor]:
     return out
 
 
-def _members() -> list[tuple[str, int]]:
-    """ChatEvent's typed members in field order as (key, kind); its inline `extra` (the
-    other keys) is written after them."""
+def _members() -> list[tuple[str, str, int, bool]]:
+    """ChatEvent's typed members in field order as (key, its text with the colon, kind,
+    written when absent); its inline `extra` (the other keys) is written after them."""
+    kinds = {FieldDescriptor.TYPE_STRING: _STRING, FieldDescriptor.TYPE_BOOL: _BOOL}
+    kinds[FieldDescriptor.TYPE_UINT32] = _INTEGER
     out = []
     for fd in _wire_fields(chats_pb2.ChatEvent.DESCRIPTOR):
         if fd.type == FieldDescriptor.TYPE_MESSAGE:
             continue  # `extra`
         key = fd.GetOptions().Extensions[options_pb2.json_key] or fd.name
-        if not fd.has_presence:
-            kind = _ALWAYS
-        elif fd.type == FieldDescriptor.TYPE_UINT32:
-            kind = _INTEGER
-        else:
-            kind = _OPTIONAL
-        out.append((key, kind))
+        out.append((key, encode_basestring_ascii(key) + ":", kinds[fd.type], not fd.has_presence))
     return out
 
 
 _MEMBERS = _members()
+_NOTICES = (chats_pb2.AgentChatEventNotice.DESCRIPTOR, chats_pb2.ChatEventNotice.DESCRIPTOR)
 #: Keys that are not the event's other keys: its members, and the notices' own members
 #: (the agent's session_id; the host's session_id and agent_id, which an event key of the
 #: same name never replaces).
-_NOTICES = (chats_pb2.AgentChatEventNotice.DESCRIPTOR, chats_pb2.ChatEventNotice.DESCRIPTOR)
 _TAKEN = frozenset(
-    [key for key, _ in _MEMBERS]
+    [key for key, *_ in _MEMBERS]
     + [
         fd.name
         for desc in _NOTICES
@@ -89,26 +85,41 @@ def event_text(params: Any) -> str:
     by the codec: its members have their types); "" when not written here."""
     if type(params) is not dict:
         return ""
-    out: dict[str, Any] = {}
-    for key, kind in _MEMBERS:
+    parts = []
+    taken = 0  # keys of `params` that are members (or session_id)
+    for key, prefix, kind, always in _MEMBERS:
         value = params.get(key)
         if value is None:
-            if kind == _ALWAYS:
-                out[key] = ""  # a member without presence is written, empty
+            if always:
+                parts.append(prefix + '""')  # a member without presence is written, empty
+            taken += key in params
             continue
-        out[key] = int(value) if kind == _INTEGER else value  # 3.0 reads as 3
-    for key, value in params.items():
-        if key not in _TAKEN:
-            if not plain(value):
-                return ""
-            out[key] = value
+        taken += 1
+        if kind == _STRING:
+            parts.append(prefix + encode_basestring_ascii(value))
+        elif kind == _BOOL:
+            parts.append(prefix + ("true" if value else "false"))
+        else:
+            parts.append(prefix + int.__repr__(int(value)))  # 3.0 reads as 3
+    if len(params) > taken + ("session_id" in params):
+        for key, value in params.items():
+            if key not in _TAKEN:
+                if not plain(value) or (value_text := _free_text(value)) is None:
+                    return ""
+                parts.append(encode_basestring_ascii(key) + ":" + value_text)
+    text = ",".join(parts)
+    return text if len(text) <= TEXT_LIMIT else ""
+
+
+def _free_text(value: Any) -> str | None:
+    """A free-form value (plain: turn_text.plain) as the codec writes it, its objects' keys
+    in the client's order; None when nested past orjson's limit."""
     try:
-        data = orjson.dumps(out)
-    except orjson.JSONEncodeError:  # nested past orjson's limit
-        return ""
+        data = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return None
     # orjson writes other than ASCII as UTF-8, and DEL as itself: json escapes both.
-    text = data.decode() if data.isascii() and b"\x7f" not in data else _ascii.encode(out)
-    return text[1:-1] if len(text) <= TEXT_LIMIT else ""
+    return data.decode() if data.isascii() and b"\x7f" not in data else _ascii.encode(value)
 
 
 # ---------------------------------------------------------------- the core's side
