@@ -61,8 +61,12 @@ def _free(rng: random.Random, depth: int = 0, *, plain: bool = True) -> JSON:
     return [_free(rng, depth + 1, plain=plain) for _ in range(rng.randint(0, 2))]
 
 
+_WRONG: list[JSON] = [5, "x", True, -1, 2**32, 1.5, [], {}]
+
+
 def _params(rng: random.Random, *, plain: bool = True) -> dict[str, JSON]:
-    """The params of a random agent.chat.event (every member the codec reads)."""
+    """The params of a random agent.chat.event (every member the codec reads); unless
+    `plain`, now and then a member of a type the codec refuses."""
     params: dict[str, JSON] = {"session_id": _string(rng)}
     kinds = ["token", "done", "goal_evaluated", "tool_call", "", "é"]
     for key, make in (
@@ -77,6 +81,8 @@ def _params(rng: random.Random, *, plain: bool = True) -> dict[str, JSON]:
     ):
         if rng.random() < 0.4:
             params[key] = make() if rng.random() < 0.9 else None
+            if not plain and rng.random() < 0.03:
+                params[key] = rng.choice(_WRONG)
     for key in ("tool", "agent_id", "args", "event_text"):  # the event's other keys
         if rng.random() < 0.2:
             params[key] = _free(rng, plain=plain)
@@ -125,15 +131,27 @@ def _one_key_objects(value: JSON) -> bool:
     return True
 
 
+def _refused(params: JSON) -> bool:
+    """Whether the gateway drops this agent.chat.event (nothing for the core)."""
+    text = json.dumps({"jsonrpc": "2.0", "method": "agent.chat.event", "params": params})
+    [message] = decode(text, {}).messages
+    return message.frame is None
+
+
 @pytest.mark.parametrize("plain", [True, False])
 def test_the_gateway_reads_events_as_the_codec_and_writes_their_text(plain: bool) -> None:
     rng = random.Random(16)
-    written = exact = 0
+    written = exact = refused = 0
     for _ in range(1500):
         params = _params(rng, plain=plain)
-        notice = _decoded(params)
         read = chats_pb2.AgentChatEventNotice()
-        codec.params_to_message(params, read, "")
+        try:
+            codec.params_to_message(params, read, "")
+        except codec.CodecError:
+            assert _refused(params), params  # refused as the codec refuses it
+            refused += 1
+            continue
+        notice = _decoded(params)
         without = chats_pb2.AgentChatEventNotice()
         without.CopyFrom(notice)
         without.ClearField("event_text")
@@ -150,8 +168,8 @@ def test_the_gateway_reads_events_as_the_codec_and_writes_their_text(plain: bool
             exact += 1
     if plain:
         assert written == 1500 and exact > 500
-    else:
-        assert 500 < written < 1500  # none for an event holding a float or a large int
+    else:  # none for an event holding a float or a large int
+        assert 500 < written < 1500 - refused and refused > 20
 
 
 @pytest.mark.parametrize(
@@ -177,6 +195,30 @@ def test_a_token_text_and_keys_in_the_agents_order() -> None:
     other = {"session_id": "c", "kind": "tool_call", "tool": {"b": 1, "a": 2}, "agent_id": "x"}
     assert _decoded(other).event_text == '"kind":"tool_call","tool":{"b":1,"a":2}'
     assert _decoded({"session_id": "c"}).event_text == '"kind":""'
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"session_id": 7}, "session_id"),
+        ({"session_id": "s", "delta": 5}, "delta"),
+        ({"session_id": "s", "kind": "token", "met": "yes"}, "met"),
+        ({"session_id": "s", "iteration": True}, "iteration"),
+        ({"session_id": "s", "iteration": 2**32}, "iteration"),
+        ({"session_id": "s", "iteration": 1.5}, "iteration"),
+    ],
+)
+def test_an_event_sent_as_a_request_gets_the_codecs_error(params: JSON, field: str) -> None:
+    """A member not of its type is left to the codec, whose precise error the client gets
+    (a notification method called with an id is answered)."""
+    text = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "agent.chat.event", "params": params})
+    [message] = decode(text, {}).messages
+    assert message.frame is None and message.reply is not None
+    error = json.loads(message.reply)["error"]
+    assert error["code"] == -32602 and error["data"] == {"field": field}
+    with pytest.raises(codec.CodecError) as refused:
+        codec.params_to_message(params, chats_pb2.AgentChatEventNotice(), "")
+    assert refused.value.path == field
 
 
 def test_a_malformed_event_is_dropped_as_before() -> None:

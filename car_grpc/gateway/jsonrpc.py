@@ -423,8 +423,12 @@ def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Mess
     frame = session_pb2.ClientFrame()
     body = getattr(frame, binding.field)
     body.SetInParent()
+    params = message.get("params")
     try:
-        codec.params_to_message(message.get("params"), body, binding.bare_field)
+        # A chat event (a token: the hot path) is read with its JSON text for the host's
+        # notification in one pass where it can be (chat_text.py), else by the codec.
+        if not (binding.field == _CHAT_EVENT and shallow and chat_text.read_event(params, body)):
+            codec.params_to_message(params, body, binding.bare_field)
     except (ValueError, TypeError, RecursionError) as e:
         msg, data = _params_error(e)
         msg = api.params_usage(body.DESCRIPTOR) or msg  # e.g. runs.record_turns
@@ -432,10 +436,7 @@ def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Mess
     if binding.deep and not shallow and _too_deep(frame):
         msg = f"invalid params: nested more than {MAX_PROTO_DEPTH} levels deep"
         return _refuse(is_request, client_id, error_object(INVALID_PARAMS, msg))
-    if binding.field == _CHAT_EVENT:
-        # The event's JSON as the host's notification writes it (chat_text.py).
-        body.event_text = chat_text.event_text(message.get("params"))
-    elif binding.field == _RECORD_TURNS:
+    if binding.field == _RECORD_TURNS:
         _add_turn_texts(message.get("params"), body)
     return Message(frame=frame, client_id=client_id, answered=is_request, notice=notice)
 
