@@ -21,6 +21,21 @@ The bare baseline, in the same run: the same sessions against a bare `websockets
 server in its own process, each operation one round trip of a frame of the same size, at
 the same pace. Figures are printed as ratios to it.
 
+The floor, in the same run: the same sessions at the same pace, each operation the same
+frames in each direction as through car-grpc (a proposal: the request, the server's
+`tools.execute`, its answer and the response; a record: the request and its answer; a
+chat: the request to the agent, the agent's ack and its CHAT_TOKENS tokens and `done` to
+the host), carried by a bare relay process (`relay` mode) over one shared grpc.aio stream
+to an echo servicer and back (bench_gateway's multiplexed relay): the WebSocket and gRPC
+hops with no JSON, no protobuf and no session. A frame the relay gets back goes to its
+sender, or, prefixed `@N `, to session N's connection (the chat's hops between sessions);
+the sessions write and read the same JSON frames as against car-grpc. If the floor misses
+the target, the target is out of reach on this path on this machine.
+
+For each run the coordinator also reads the CPU time of the load generator's processes
+and of the whole machine (/proc/stat) during the traffic: the load generator shares the
+machine with the server, and a figure the server reaches only with cores to spare says so.
+
     python -m bench bench_load          (or ./dev bench bench_load)
 """
 
@@ -43,10 +58,12 @@ from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
 
 from bench import summary
-from bench.proc import cpu_seconds, rss_kib
-from tests.processes import Process, car_grpc_serve, launch
+from bench.bench_gateway import mux_echo
+from bench.proc import cpu_seconds, machine_busy_seconds, rss_kib
+from tests.processes import Process, car_grpc_serve, launch, log_listening
 
 SESSIONS = 1000
 WORKERS = 4
@@ -102,16 +119,19 @@ class Stats:
         self.latencies.setdefault(kind, []).append(seconds)
 
 
+#: What the sessions of a run talk to: car-grpc, the bare echo server, or the floor's relay.
+CAR, ECHO, FLOOR = "car-grpc", "echo", "floor"
+
+
 class Session:
     """One WebSocket session of a worker: requests by id, the server's requests and chat
     events dispatched by a reader task."""
 
-    def __init__(self, ws: ClientConnection, index: int, stats: Stats, *, bare: bool) -> None:
+    def __init__(self, ws: ClientConnection, index: int, stats: Stats, *, mode: str) -> None:
         self.ws = ws
         self.index = index
         self.stats = stats
-        #: Talking to the echo server: every frame that comes back answers a request.
-        self.bare = bare
+        self.mode = mode
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[JSON]] = {}
         self._chats: dict[str, asyncio.Future[None]] = {}
@@ -122,14 +142,20 @@ class Session:
     async def _read(self) -> None:
         try:
             async for raw in self.ws:
+                routed = False
+                if self.mode == FLOOR and isinstance(raw, str) and raw[:1] == "@":
+                    routed, raw = True, raw.partition(" ")[2]  # from another session
                 message = json.loads(raw)
-                if self.bare or "method" not in message:
+                # An answer: at the echo server any frame, at the floor any frame not routed
+                # from another session (its own frames come back).
+                echoed = self.mode == ECHO or (self.mode == FLOOR and not routed)
+                if echoed or "method" not in message:
                     future = self._waiting.pop(message.get("id"), None)
                     if future is not None and not future.done():
                         future.set_result(message)
                 elif "id" in message:
                     await self._answer(message)
-                elif message["method"] == "agents.chat.event":
+                elif message["method"] in ("agents.chat.event", "agent.chat.event"):
                     params = message["params"]
                     waiter = self._chats.get(params["session_id"])
                     if params["kind"] == "done" and waiter is not None and not waiter.done():
@@ -148,27 +174,32 @@ class Session:
             await self.ws.send(
                 json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": result})
             )
-        elif method == "agent.chat":
+        elif method in ("agent.chat", "agents.chat"):  # the latter: the floor's host
+            # The floor routes the agent's frames to its host (session index - 1).
+            to = f"@{self.index - 1} " if self.mode == FLOOR else ""
             session_id = request["params"]["session_id"]
             accepted = {"jsonrpc": "2.0", "id": request["id"], "result": {"accepted": True}}
-            await self.ws.send(json.dumps(accepted))
+            await self.ws.send(to + json.dumps(accepted))
             for n in range(CHAT_TOKENS):
-                await self.ws.send(_chat_event(session_id, "token", f"t{n} "))
-            await self.ws.send(_chat_event(session_id, "done", None))
+                await self.ws.send(to + _chat_event(session_id, "token", f"t{n} "))
+            await self.ws.send(to + _chat_event(session_id, "done", None))
         else:
             self.stats.errors.append(f"unexpected server request {method}")
 
-    async def call(self, method: str, params: JSON) -> JSON:
-        """A request; its result, or ProtocolError for an error answer."""
+    async def request(self, frame: dict[str, JSON], to: str = "") -> JSON:
+        """Send `frame` with the next id (prefixed `to`); the frame that answers it."""
         request_id = next(self._ids)
         future: asyncio.Future[JSON] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
-        request = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
-        await self.ws.send(json.dumps(request))
-        answer = await future
+        await self.ws.send(to + json.dumps({"jsonrpc": "2.0", "id": request_id, **frame}))
+        return await future
+
+    async def call(self, method: str, params: JSON, to: str = "") -> JSON:
+        """A request; its result, or ProtocolError for an error answer."""
+        answer = await self.request({"method": method, "params": params}, to)
         if "error" in answer:
             raise ProtocolError(f"{method}: {answer['error']}")
-        return answer["result"]
+        return answer["result"] if self.mode == CAR else answer
 
     async def login(self, credentials: dict[str, str]) -> None:
         await self.call("session.auth", credentials)
@@ -176,13 +207,25 @@ class Session:
 
     # -------------------------------------------------------------- the operations
 
-    async def propose(self) -> None:
+    def _proposal(self) -> JSON:
         action = {"id": "a", "type": "tool_call", "tool": "echo", "parameters": {"n": self.index}}
-        result = await self.call("proposal.submit", {"proposal": {"actions": [action]}})
+        return {"proposal": {"actions": [action]}}
+
+    async def propose(self) -> None:
+        if self.mode == FLOOR:  # the request comes back as the tools.execute, its answer
+            await self.call("proposal.submit", self._proposal())  # as the response
+            await self.request({"result": {"ok": True, "echo": {"n": self.index}}})
+            return
+        result = await self.call("proposal.submit", self._proposal())
         if result["results"][0]["status"] != "succeeded":
             raise ProtocolError(f"proposal: {result}")
 
     async def record(self) -> None:
+        if self.mode == FLOOR:
+            turns = [turn(self.turns + n) for n in range(TURNS_PER_BATCH)]
+            await self.call("runs.record_turns", {"run_id": "floor", "turns": turns})
+            self.turns += TURNS_PER_BATCH
+            return
         if not self.run_id or self.turns + TURNS_PER_BATCH > 2000:
             started = await self.call("runs.start", {"intent": f"load {self.index}"})
             self.run_id, self.turns = started["run_id"], 0
@@ -202,7 +245,11 @@ class Session:
                 "prompt": "go",
                 "session_id": session_id,
             }
-            accepted = await self.call("agents.chat", params)
+            # At the floor the request goes to the agent's connection, whose ack answers it.
+            to = f"@{self.index + 1} " if self.mode == FLOOR else ""
+            accepted = await self.call("agents.chat", params, to)
+            if self.mode == FLOOR:
+                accepted = accepted["result"]
             if accepted.get("accepted") is not True:
                 raise ProtocolError(f"agents.chat: {accepted}")
             await done
@@ -214,10 +261,8 @@ class Session:
         request_id = next(self._ids)
         future: asyncio.Future[JSON] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
-        action = {"id": "a", "type": "tool_call", "tool": "echo", "parameters": {"n": self.index}}
-        params = {"proposal": {"actions": [action]}}
         await self.ws.send(
-            json.dumps({"id": request_id, "method": "proposal.submit", "params": params})
+            json.dumps({"id": request_id, "method": "proposal.submit", "params": self._proposal()})
         )
         await future
 
@@ -235,10 +280,15 @@ def _chat_event(session_id: str, kind: str, delta: str | None) -> str:
 # ------------------------------------------------------------------ a worker process
 
 
-async def _open(url: str, index: int, stats: Stats, credentials: dict[str, str] | None) -> Session:
-    """A session, logged in with `credentials` (None: the bare echo server)."""
+async def _open(
+    url: str, index: int, stats: Stats, credentials: dict[str, str] | None, mode: str = CAR
+) -> Session:
+    """A session, logged in with `credentials` (at the echo server: not logged in; at the
+    floor's relay: on the path `/index`, which the relay routes by)."""
+    if mode == FLOOR:
+        url = f"{url}/{index}"
     ws = await connect(url, ping_interval=None, compression=None, max_size=None, open_timeout=60)
-    session = Session(ws, index, stats, bare=credentials is None)
+    session = Session(ws, index, stats, mode=mode)
     if credentials is not None:
         await session.login(credentials)
     return session
@@ -252,7 +302,7 @@ def _credentials(tokens: dict[str, JSON], index: int) -> dict[str, str]:
     return {"token": tokens["daemon"]}
 
 
-async def _traffic(session: Session, bare: bool, until: float) -> None:
+async def _traffic(session: Session, until: float) -> None:
     role = role_of(session.index)
     if role in ("idle", "chat_agent"):
         return  # chat agents answer from their reader task
@@ -261,9 +311,9 @@ async def _traffic(session: Session, bare: bool, until: float) -> None:
         "recorder": session.record,
         "chat_host": session.chat,
     }[role]
-    kind = "echo" if bare else role
-    if bare:
-        operation = session.echo
+    kind = role
+    if session.mode == ECHO:
+        kind, operation = "echo", session.echo
     await asyncio.sleep(random.uniform(0, THINK))  # spread the starts
     while time.monotonic() < until:
         start = time.perf_counter()
@@ -276,18 +326,24 @@ async def _traffic(session: Session, bare: bool, until: float) -> None:
         await asyncio.sleep(random.expovariate(1 / THINK))
 
 
-async def worker(url: str, first: int, count: int, tokens: dict[str, JSON] | None) -> None:
+async def worker(url: str, first: int, count: int, tokens: dict[str, JSON] | str) -> None:
     """`python -m bench.bench_load worker URL FIRST COUNT TOKENS`: open sessions FIRST ..
-    FIRST+COUNT-1 (TOKENS: a JSON file of the daemon and agent tokens, or - for the bare
-    echo server), then follow the lines of stdin: `go SECONDS`, then `close`."""
+    FIRST+COUNT-1 (TOKENS: a JSON file of the daemon and agent tokens, `echo` for the bare
+    echo server, `floor` for the floor's relay), then follow the lines of stdin: `go
+    SECONDS`, then `close`."""
     random.seed(first)
     stats = Stats()
-    bare = tokens is None
+    mode = tokens if isinstance(tokens, str) else CAR
     gate = asyncio.Semaphore(OPEN_CONCURRENCY)
+
+    def credentials(i: int) -> dict[str, str] | None:
+        if isinstance(tokens, str):  # the floor logs in with frames of the same shape
+            return {"token": "floor"} if tokens == FLOOR else None
+        return _credentials(tokens, i)
 
     async def one(i: int) -> Session:
         async with gate:
-            return await _open(url, i, stats, None if tokens is None else _credentials(tokens, i))
+            return await _open(url, i, stats, credentials(i), mode)
 
     sessions = await asyncio.gather(*(one(i) for i in range(first, first + count)))
     loop = asyncio.get_running_loop()
@@ -295,7 +351,7 @@ async def worker(url: str, first: int, count: int, tokens: dict[str, JSON] | Non
     command = (await loop.run_in_executor(None, sys.stdin.readline)).split()
     assert command[0] == "go", command
     until = time.monotonic() + float(command[1])
-    await asyncio.gather(*(_traffic(s, bare, until) for s in sessions))
+    await asyncio.gather(*(_traffic(s, until) for s in sessions))
     print(json.dumps({"latencies": stats.latencies, "errors": stats.errors}), flush=True)
     assert (await loop.run_in_executor(None, sys.stdin.readline)).strip() == "close"
     await asyncio.gather(*(s.close() for s in sessions))
@@ -349,15 +405,60 @@ async def echo_serve() -> AsyncIterator[tuple[Process, str]]:
         yield echo, url
 
 
+async def run_relay_server() -> None:
+    """`python -m bench.bench_load relay`: the floor. Session N connects on `/N`; each of its
+    frames goes as opaque bytes over one shared grpc.aio stream to the echo servicer
+    (bench_gateway's multiplexed relay) and, when it comes back, to session N, or to
+    session M if it starts with `@M ` (the relay reads nothing else of it)."""
+    connections: dict[int, ServerConnection] = {}
+
+    async def deliver(conn_id: int, payload: bytes) -> None:
+        if payload[:1] == b"@":
+            conn_id = int(payload[1 : payload.index(b" ")])
+        if (ws := connections.get(conn_id)) is not None:
+            await ws.send(payload.decode())
+
+    async with mux_echo(1, deliver) as [stream]:
+
+        async def relay(ws: ServerConnection) -> None:
+            assert ws.request is not None
+            conn_id = int(ws.request.path.strip("/"))
+            connections[conn_id] = ws
+            try:
+                async for message in ws:
+                    stream.send(conn_id, message.encode() if isinstance(message, str) else message)
+            finally:
+                del connections[conn_id]
+
+        async with serve(
+            relay, "127.0.0.1", 0, ping_interval=None, compression=None, max_size=None
+        ) as server:
+            log_listening("load relay", f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+@contextlib.asynccontextmanager
+async def relay_serve() -> AsyncIterator[tuple[Process, str]]:
+    async with launch([sys.executable, "-m", "bench.bench_load", "relay"], stdin=True) as relay:
+        [url] = await relay.listeners(1, timeout=30)
+        yield relay, url
+
+
 @dataclass
 class Phase:
-    """What one run (car-grpc or bare) measured."""
+    """What one run (car-grpc, the floor or the bare echo) measured."""
 
     rss_start_kib: int = 0
     rss_idle_kib: int = 0
     rss_active_kib: int = 0
     rss_closed_kib: int = 0
     cpu_traffic_s: float = 0.0
+    #: Wall time from `go` to the last worker's report (DURATION and the last operations).
+    traffic_s: float = 0.0
+    #: CPU seconds of the load generator's processes, and of the whole machine (every
+    #: process, /proc/stat), during the traffic.
+    cpu_workers_s: float = 0.0
+    cpu_machine_s: float = 0.0
     open_s: float = 0.0
     latencies: dict[str, list[float]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
@@ -390,6 +491,9 @@ async def drive(
         await asyncio.sleep(1)  # let the allocator settle
         phase.rss_idle_kib = rss_kib(server_pid)
         cpu = cpu_seconds(server_pid)
+        cpu_workers = sum(cpu_seconds(w.proc.pid) for w in workers)
+        cpu_machine = machine_busy_seconds()
+        go = time.perf_counter()
         for worker in workers:
             assert worker.proc.stdin is not None
             worker.proc.stdin.write(f"go {DURATION}\n".encode())
@@ -399,6 +503,9 @@ async def drive(
             samples.append(rss_kib(server_pid))
             await asyncio.wait(reports, timeout=0.5)
         phase.cpu_traffic_s = cpu_seconds(server_pid) - cpu
+        phase.traffic_s = time.perf_counter() - go
+        phase.cpu_workers_s = sum(cpu_seconds(w.proc.pid) for w in workers) - cpu_workers
+        phase.cpu_machine_s = machine_busy_seconds() - cpu_machine
         phase.rss_active_kib = max(samples)
         for report in reports:
             result = json.loads(report.result())
@@ -443,7 +550,7 @@ async def sessions_left(home: Path, url: str) -> int:
         await session.close()
 
 
-async def run() -> tuple[Phase, Phase]:
+async def run() -> tuple[Phase, Phase, Phase]:
     raise_fd_limit()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
@@ -460,9 +567,11 @@ async def run() -> tuple[Phase, Phase]:
         async def nothing() -> int:
             return 0
 
+        async with relay_serve() as (relay, url):
+            floor = await drive(relay.proc.pid, url, FLOOR, nothing)
         async with echo_serve() as (echo, url):
-            bare = await drive(echo.proc.pid, url, "-", nothing)
-    return ours, bare
+            bare = await drive(echo.proc.pid, url, ECHO, nothing)
+    return ours, floor, bare
 
 
 def _ms(values: list[float], q: int) -> float:
@@ -470,13 +579,21 @@ def _ms(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000
 
 
+def _ops(phase: Phase) -> int:
+    return sum(len(v) for v in phase.latencies.values())
+
+
+def _worst_p99(phase: Phase) -> float:
+    return max(_ms(v, 99) for v in phase.latencies.values() if v)
+
+
 def main() -> None:
     started = time.perf_counter()
-    ours, bare = asyncio.run(run())
+    ours, floor, bare = asyncio.run(run())
     active = sum(role_of(i) != "idle" for i in range(SESSIONS))
     echo = bare.latencies.get("echo", [])
     e50, e99 = _ms(echo, 50), _ms(echo, 99)
-    ops = sum(len(v) for v in ours.latencies.values())
+    ops = _ops(ours)
     print(
         f"{SESSIONS} WebSocket sessions ({active} active) over {WORKERS} worker processes, "
         f"{DURATION:g}s of traffic, mean pause {THINK:g}s: {ops} operations "
@@ -484,17 +601,19 @@ def main() -> None:
         f"sessions left after close: {ours.left_open}; gateway processes beside the core: "
         f"{GATEWAY_PROCESSES} (CAR_GATEWAY_PROCESSES)"
     )
-    print(f"{'operation':12}{'count':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+    print(f"{'operation':18}{'count':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
           f"{'p50 / echo':>12}{'p99 / echo':>12}")  # fmt: skip
-    for kind in ("proposer", "recorder", "chat_host", "echo"):
-        values = (bare if kind == "echo" else ours).latencies.get(kind, [])
+    rows = [(kind, ours, "") for kind in ("proposer", "recorder", "chat_host")]
+    rows += [(kind, floor, " (floor)") for kind in ("proposer", "recorder", "chat_host")]
+    for kind, phase, suffix in [*rows, ("echo", bare, "")]:
+        values = phase.latencies.get(kind, [])
         if not values:
             continue
         p50, p90, p99 = _ms(values, 50), _ms(values, 90), _ms(values, 99)
         name = {"proposer": "proposal", "recorder": "record", "chat_host": "chat"}.get(kind, kind)
         print(
-            f"{name:12}{len(values):8d}{p50:9.2f}{p90:9.2f}{p99:9.2f}{max(values) * 1000:9.2f}"
-            f"{p50 / e50:11.1f}x{p99 / e99:11.1f}x"
+            f"{name + suffix:18}{len(values):8d}{p50:9.2f}{p90:9.2f}{p99:9.2f}"
+            f"{max(values) * 1000:9.2f}{p50 / e50:11.1f}x{p99 / e99:11.1f}x"
         )
     idle = (ours.rss_idle_kib - ours.rss_start_kib) / SESSIONS
     busy = (ours.rss_active_kib - ours.rss_start_kib) / SESSIONS
@@ -510,12 +629,25 @@ def main() -> None:
     ):
         print(f"{name:28}{a:10.1f}{b:11.1f}{a / b:7.1f}x")
     print(f"{'  after close, MiB':28}{ours.rss_closed_kib / 1024:10.1f}")
+    cores = os.cpu_count() or 1
     print(
-        f"server CPU during traffic: {ours.cpu_traffic_s / DURATION:.0%} of a core "
-        f"(bare echo {bare.cpu_traffic_s / DURATION:.0%}); opening {SESSIONS} sessions took "
-        f"{ours.open_s:.1f}s (bare {bare.open_s:.1f}s); ran in {time.perf_counter() - started:.0f}s"
+        "during the traffic (CPU in cores: CPU seconds per second of traffic):\n"
+        f"{'':22}{'ops/s':>8}{'errors':>8}{'p99 ms':>9}{'server':>8}{'us/op':>8}"
+        f"{'load gen':>10}{'machine':>9}  (of {cores} cores)"
+    )  # fmt: skip
+    for name, phase in (("car-grpc", ours), ("floor (bare relay)", floor), ("bare echo", bare)):
+        n = _ops(phase)
+        print(
+            f"{name:22}{n / DURATION:8.0f}{len(phase.errors):8d}{_worst_p99(phase):9.1f}"
+            f"{phase.cpu_traffic_s / phase.traffic_s:8.2f}{phase.cpu_traffic_s / n * 1e6:8.0f}"
+            f"{phase.cpu_workers_s / phase.traffic_s:10.2f}"
+            f"{phase.cpu_machine_s / phase.traffic_s:9.2f}"
+        )
+    print(
+        f"opening {SESSIONS} sessions took {ours.open_s:.1f}s (floor {floor.open_s:.1f}s, "
+        f"bare {bare.open_s:.1f}s); ran in {time.perf_counter() - started:.0f}s"
     )
-    worst_p99 = max(_ms(v, 99) for k, v in ours.latencies.items() if v)
+    worst_p99, floor_p99 = _worst_p99(ours), _worst_p99(floor)
     summary.report(
         summary.Figure(
             f"bench_load, {SESSIONS} sessions, mean pause {THINK:g}s",
@@ -523,6 +655,13 @@ def main() -> None:
             worst_p99 / e99,
             "0 errors, p99 <= 50 ms",
             not ours.errors and worst_p99 <= 50,
+            floor_p99 / e99,
+            not floor.errors and floor_p99 <= 50,
+        ),
+        summary.Figure(
+            f"  its floor (bare relay): {_ops(floor) / DURATION:.0f} ops/s, p99",
+            f"{floor_p99:.1f} ms",
+            floor_p99 / e99,
         ),
         summary.Figure(
             "memory per idle session",
@@ -532,16 +671,20 @@ def main() -> None:
             idle <= 64,
         ),
     )
-    for error in ours.errors[:5]:
+    for error in [*ours.errors[:5], *floor.errors[:5]]:
         print(f"  error: {error}")
-    if ours.errors or ours.left_open != 0:
+    if ours.errors or floor.errors or ours.left_open != 0:
         raise SystemExit("bench_load: protocol errors or sessions left open")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "worker":
+    if sys.argv[1:] == ["relay"]:
+        asyncio.run(run_relay_server())
+    elif len(sys.argv) == 6 and sys.argv[1] == "worker":
         url, first, count, tokens_file = sys.argv[2:]
-        tokens = None if tokens_file == "-" else json.loads(Path(tokens_file).read_text())
+        tokens: dict[str, JSON] | str = tokens_file
+        if tokens_file not in (ECHO, FLOOR):
+            tokens = json.loads(Path(tokens_file).read_text())
         asyncio.run(worker(url, int(first), int(count), tokens))
     else:
         main()

@@ -34,3 +34,11 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
     return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (every core, every process: /proc/stat's
+    user, nice, system, irq, softirq and steal time; idle and iowait not counted)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")

@@ -126,6 +126,13 @@ def _add_core_flags(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="a core's lease in a cluster (default 10; or CAR_CLUSTER_LEASE)",
     )
+    p.add_argument(
+        "--multiplex-stream-bytes",
+        type=_count,
+        metavar="BYTES",
+        help="bytes a gateway's multiplexed stream may leave unacknowledged across its "
+        "sessions (default 67108864, 64 MiB; or CAR_MULTIPLEX_STREAM_BYTES)",
+    )
 
 
 def _seconds(raw: str) -> float:
@@ -184,6 +191,7 @@ def config_from(args: argparse.Namespace) -> Config:
             advertise=flag("advertise") or None,
             cluster_secret=flag("cluster_secret") or None,
             cluster_lease=flag("cluster_lease"),
+            multiplex_stream_bytes=flag("multiplex_stream_bytes"),
             ws_host=flag("host") or None,
             ws_port=flag("port"),
             unix_socket=flag("unix_socket"),
@@ -266,7 +274,17 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     config = config_from(args)
     if args.unix_socket is None:  # several gateways may run side by side: none by default
         config = config.with_overrides(unix_socket=None)
-    return _run(Gateway(config.gateway, args.core))
+    token: str | None = None
+    if args.core_token_file is not None:
+        try:
+            token = args.core_token_file.read_text().strip()
+        except OSError as e:
+            print(f"car-grpc: gateway: cannot read --core-token-file: {e}", file=sys.stderr)
+            return 1
+        if not token:
+            print(f"car-grpc: gateway: {args.core_token_file} holds no token", file=sys.stderr)
+            return 1
+    return _run(Gateway(config.gateway, args.core, core_token=token))
 
 
 def _cmd_voice_engine(args: argparse.Namespace) -> int:
@@ -427,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gateway.add_argument(
         "--core", required=True, metavar="ADDR", help="the core's gRPC address, e.g. 127.0.0.1:9102"
+    )
+    gateway.add_argument(
+        "--core-token-file",
+        type=Path,
+        metavar="PATH",
+        help="the core's daemon token, read from PATH (its auth-token file): the gateway then "
+        "carries its connections over shared multiplexed streams, and does not start if the "
+        "core refuses the token",
     )
     _add_ws_flags(gateway, "none", "default: plaintext")
     gateway.set_defaults(func=_cmd_gateway)

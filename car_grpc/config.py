@@ -82,6 +82,17 @@ def _env_seconds(name: str) -> float | None:
     return value
 
 
+def _positive_int(name: str, raw: str) -> int:
+    """A whole number of at least 1, or ValueError naming `name`."""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1: {raw}")
+    return value
+
+
 def _env_methods(name: str) -> frozenset[str]:
     """A comma-separated list of JSON-RPC method names."""
     return frozenset(m.strip() for m in os.environ.get(name, "").split(",") if m.strip())
@@ -246,6 +257,11 @@ class CoreConfig:
     grpc_tls_key: Path | None = None
     #: Most requests one session may have in flight; reading pauses beyond it.
     max_inflight_per_session: int = 256
+    #: Bytes one ConnectMultiplexed stream (a gateway's) may leave unacknowledged across
+    #: all its sessions, beside each session's own credits (wire/multiplex.py); a batch
+    #: past it ends the stream (INVALID_ARGUMENT). --multiplex-stream-bytes,
+    #: CAR_MULTIPLEX_STREAM_BYTES.
+    multiplex_stream_bytes: int = 64 * 1024 * 1024
     #: Frames queued towards one session before senders wait (or fan-out drops).
     session_outbound_queue: int = 1024
     #: The same in bytes (serialized frames); one larger frame passes when none is queued.
@@ -348,6 +364,9 @@ class GatewayConfig:
     #: serve` runs) carries all its connections over, instead of a ConnectBatched stream
     #: each; 0: a stream each (as a gateway without the token always does).
     ws_multiplex_streams: int = 1
+    #: How long a gateway that multiplexes waits at start for the core to take its first
+    #: stream in (which checks the gateway's token) before it gives up (and does not start).
+    core_check_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -393,7 +412,8 @@ class Config:
     def from_env(cls) -> Config:
         """The defaults, with what the environment sets (docs/protocol.md: CAR_NO_AUTH,
         CAR_NO_APPROVALS, CAR_TOOL_TIMEOUT, CAR_HANDLER_TIMEOUT, CAR_APPROVAL_TIMEOUT,
-        CAR_GATED_METHODS, CAR_STORE; CAR_HOME through the path defaults)."""
+        CAR_GATED_METHODS, CAR_STORE, CAR_MULTIPLEX_STREAM_BYTES; CAR_HOME through the path
+        defaults)."""
         defaults = CoreConfig()
         overrides: dict[str, object] = {
             "gated_methods": defaults.gated_methods | _env_methods("CAR_GATED_METHODS")
@@ -413,6 +433,10 @@ class Config:
             overrides["core_id"] = core_id
         if secret := os.environ.get("CAR_CLUSTER_SECRET", "").strip():
             overrides["cluster_secret"] = secret
+        if stream_bytes := os.environ.get("CAR_MULTIPLEX_STREAM_BYTES", "").strip():
+            overrides["multiplex_stream_bytes"] = _positive_int(
+                "CAR_MULTIPLEX_STREAM_BYTES", stream_bytes
+            )
         for name, variable in (
             ("tool_timeout", "CAR_TOOL_TIMEOUT"),
             ("handler_timeout", "CAR_HANDLER_TIMEOUT"),

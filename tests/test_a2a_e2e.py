@@ -655,3 +655,36 @@ async def test_a_car_runtime_agent_answers_an_a2a_client(
         assert updates[-1].status_update.status.state == COMPLETED
         task = await client.get_task(GetTaskRequest(id=updates[-1].status_update.task_id))
         assert json.loads(reply_text(task)) == asked
+
+
+async def test_an_a2a_chat_carries_no_goal_another_token_stored_for_its_session(
+    served: tuple[Core, Gateway],
+) -> None:
+    """The A2A caller is no daemon: a standing goal someone else set (here with the
+    daemon token) for its task's chat session is not forwarded into its chat."""
+    core, gateway = served
+    token = await caller_token(core)
+    assert core.parts is not None and core.parts.tokens is not None
+    async with (
+        a2a_client_when_attached(gateway, core, token) as (agent, client),
+        rpc(gateway.url) as daemon,
+    ):
+        await daemon.login(core.parts.tokens.daemon)
+        first = asyncio.create_task(
+            drain(client.send_message(SendMessageRequest(message=user_message("first"))))
+        )
+        chat = await take_chat(agent)
+        session_id = chat["session_id"]
+        await say(agent, session_id, "auth_required")
+        paused = (await asyncio.wait_for(first, 10))[-1].status_update
+        await daemon.result("goal.set", {"session_id": session_id, "check": "not yours"})
+        follow_up = user_message("again", task_id=paused.task_id, context_id=paused.context_id)
+        second = asyncio.create_task(
+            drain(client.send_message(SendMessageRequest(message=follow_up)))
+        )
+        again = await take_chat(agent)
+        assert again["session_id"] == session_id and "goal" not in again
+        await say(agent, session_id, "done")
+        await asyncio.wait_for(second, 10)
+        stored = await daemon.result("goal.status", {"session_id": session_id})
+        assert stored["goal"]["status"] == "active"  # no chat of the caller's ran it

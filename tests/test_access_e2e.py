@@ -16,9 +16,16 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 
 from car_grpc.core.server import Core
-from car_grpc.v1 import options_pb2, session_pb2, tools_pb2, tools_pb2_grpc
+from car_grpc.v1 import (
+    chats_pb2,
+    chats_pb2_grpc,
+    options_pb2,
+    session_pb2,
+    tools_pb2,
+    tools_pb2_grpc,
+)
 from car_grpc.wire import api
-from car_grpc.wire.errors import AUTH_REQUIRED, INTERNAL, CarError
+from car_grpc.wire.errors import AUTH_REQUIRED, INTERNAL, INVALID_PARAMS, CarError
 from tests.error_details import error_info
 from tests.runs_helpers import state_of
 from tests.session_client import SessionClient, connect
@@ -241,3 +248,65 @@ async def test_serve_tools_shared_needs_daemon_or_host_and_bound_needs_the_sessi
         await _serve_tools(channel, (*unbound[AGENT], ("car-session-id", daemon_sid)))
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     await agent.close()
+
+
+async def _goal_ids(client: SessionClient) -> list[str]:
+    listed = await client.request("goal_status", chats_pb2.GetGoalStatusRequest())
+    return [g.session_id for g in listed.goals]
+
+
+async def test_goals_are_their_owners_for_every_role(
+    core: Core, channel: grpc.aio.Channel, sessions: dict[int, SessionClient]
+) -> None:
+    """goal.set/status/clear (scope): the host token and each agent token see and change
+    only the goals they set, another's reading as absent; the daemon token every goal."""
+    names: dict[int, str] = {DAEMON: "daemon", HOST: "host", AGENT: "agent"}
+    for role, client in sessions.items():
+        goal = chats_pb2.SetGoalRequest(session_id=f"g-{names[role]}", check=names[role])
+        assert (await client.request("goal_set", goal)).set
+    for role in (HOST, AGENT):
+        mine, client = f"g-{names[role]}", sessions[role]
+        assert await _goal_ids(client) == [mine], role
+        for other in ROLES:
+            sid = f"g-{names[other]}"
+            seen = await client.request(
+                "goal_status", chats_pb2.GetGoalStatusRequest(session_id=sid)
+            )
+            assert seen.HasField("goal") == (sid == mine), (role, other)
+            if sid == mine:
+                continue
+            cleared = await client.request("goal_clear", chats_pb2.ClearGoalRequest(session_id=sid))
+            assert not cleared.cleared.bool_value, (role, other)
+            # Nor is another's goal overwritten: its session_id is refused.
+            with pytest.raises(CarError) as taken:
+                await client.request(
+                    "goal_set", chats_pb2.SetGoalRequest(session_id=sid, check="x")
+                )
+            assert taken.value.code == INVALID_PARAMS and taken.value.message.endswith(
+                ": session_id"
+            ), (role, other)
+    daemon = sessions[DAEMON]
+    assert await _goal_ids(daemon) == ["g-agent", "g-daemon", "g-host"]
+    # Typed calls follow the same scope: the host token reads the agent's goal as absent.
+    host_md = (("authorization", f"Bearer {state_of(core).tokens.host}"),)
+    stub = chats_pb2_grpc.ChatServiceStub(channel)
+    typed = await stub.GetGoalStatus(
+        chats_pb2.GetGoalStatusRequest(session_id="g-agent"), metadata=host_md
+    )
+    assert not typed.HasField("goal")
+    # The daemon token changes any goal; the goal stays its owner's.
+    changed = await daemon.request(
+        "goal_set", chats_pb2.SetGoalRequest(session_id="g-host", check="by the daemon")
+    )
+    assert changed.goal.check == "by the daemon"
+    assert await _goal_ids(sessions[HOST]) == ["g-host"]
+    # Clearing them all clears only the caller's own, except for the daemon token.
+    for role in (AGENT, HOST):
+        everything = await sessions[role].request("goal_clear", chats_pb2.ClearGoalRequest())
+        assert everything.cleared.number_value == 1, role
+    assert await _goal_ids(daemon) == ["g-daemon"]
+    sessions_goal = chats_pb2.SetGoalRequest(session_id="g-agent", check="again")
+    assert (await sessions[AGENT].request("goal_set", sessions_goal)).set
+    everything = await daemon.request("goal_clear", chats_pb2.ClearGoalRequest())
+    assert everything.cleared.number_value == 2
+    assert await _goal_ids(sessions[AGENT]) == []

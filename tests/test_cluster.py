@@ -492,3 +492,30 @@ async def test_every_core_accepts_the_daemon_and_host_tokens_of_the_others(
     assert err.value.message == "auth failed: token mismatch"
     await host.close()
     await daemon.close()
+
+
+async def test_a_chat_to_another_core_carries_only_a_goal_its_host_may_see(
+    nodes: Callable[..., Awaitable[Node]],
+) -> None:
+    """The stored goal of a chat's session_id is looked up on the agent's core, within the
+    scope of the host on the calling core (GoalScope, sent with the core-to-core call)."""
+    a, b = await nodes("a"), await nodes("b")
+    bot = await agent(*b, "bot")
+    h = await host_of(a)
+    planner = await agent(*a, "planner")  # an agent token hosting its own chats
+    for sid in ("g1", "g2"):
+        await h.request("goal_set", chats_pb2.SetGoalRequest(session_id=sid, check=f"{sid} ok"))
+    for client, sid, carried in ((h, "g1", True), (planner, "g2", False)):
+        pending = asyncio.create_task(client.request("agents_chat", chat_request(session_id=sid)))
+        asked = await accept_chat(bot)
+        await pending
+        assert asked.HasField("goal") == carried, sid
+        if carried:
+            assert asked.goal.check == "g1 ok"
+    status = await h.request("goal_status", chats_pb2.GetGoalStatusRequest())
+    assert [(g.session_id, g.status) for g in status.goals] == [
+        ("g1", chats_pb2.GOAL_STATUS_RUNNING),
+        ("g2", chats_pb2.GOAL_STATUS_ACTIVE),
+    ]
+    for client in (h, planner, bot):
+        await client.close()

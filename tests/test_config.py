@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from car_grpc.cli import build_parser, config_from
 from car_grpc.config import DEFAULT_GATED_METHODS, Config, CoreConfig
 
 
@@ -44,3 +45,18 @@ def test_serve_trusts_the_cores_own_certificate_unless_a_ca_is_named() -> None:
     named = Config().with_overrides(grpc_tls_cert=Path("c.pem"), core_ca=Path("ca.pem"))
     assert named.for_serve().gateway.core_ca == Path("ca.pem")
     assert Config().for_serve().gateway.core_ca is None  # plaintext core: plaintext dial
+
+
+def test_the_multiplexed_streams_bound_comes_from_the_environment_or_the_flag(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert CoreConfig().multiplex_stream_bytes == 64 * 1024 * 1024
+    monkeypatch.setenv("CAR_MULTIPLEX_STREAM_BYTES", "1048576")
+    assert Config.from_env().core.multiplex_stream_bytes == 1048576
+    flagged = build_parser().parse_args(["serve", "--multiplex-stream-bytes", "4096"])
+    assert config_from(flagged).core.multiplex_stream_bytes == 4096
+    monkeypatch.setenv("CAR_MULTIPLEX_STREAM_BYTES", "0")
+    with pytest.raises(ValueError, match="CAR_MULTIPLEX_STREAM_BYTES must be a whole number"):
+        Config.from_env()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["core", "--multiplex-stream-bytes", "lots"])

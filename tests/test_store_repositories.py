@@ -18,6 +18,7 @@ import pytest
 
 from car_grpc.store import RunRow, Store, StoreConflict
 from car_grpc.store.postgres import PostgresStore
+from car_grpc.store.repositories import GoalStore
 from car_grpc.store.sqlite import SqliteStore
 from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, voice_pb2
 from tests.postgres_server import PostgresServer
@@ -123,7 +124,7 @@ async def test_listings_sort_ids_by_their_bytes(store: Store) -> None:
     ids = ["b", "B", "a", "_x", "A1", "é", "z"]
     for i, name in enumerate(ids):
         await store.agent_tokens.put(name, b"d" * 32, i)
-        await store.goals.put(name, "check", 1)
+        await put_goal(store.goals, name, "check", 1)
         await store.runs.create(run_row(f"r-{name}", name, 5), record(STARTED, 5))
     assert [r.agent_id for r in await store.agent_tokens.list_all()] == sorted(ids)
     assert [g.session_id for g in await store.goals.list_all()] == sorted(ids)
@@ -321,17 +322,25 @@ async def test_runs_left_open_are_ended_once(store: Store, other: Store) -> None
 # ---------------------------------------------------------------- goals
 
 
+async def put_goal(
+    goals: GoalStore, session_id: str, check: str, max_iterations: int, owner: str = "host"
+) -> chats_pb2.StoredGoal:
+    stored = await goals.put(session_id, check, max_iterations, owner, any_owner=False)
+    assert stored is not None
+    return stored
+
+
 async def test_a_goal_is_put_as_active_and_replaced_whole(store: Store, other: Store) -> None:
     goals = store.goals
     before = now_ms()
-    stored = await goals.put("s", "tests pass", 5)
+    stored = await put_goal(goals, "s", "tests pass", 5)
     assert (stored.session_id, stored.check, stored.max_iterations) == ("s", "tests pass", 5)
     assert stored.status == ACTIVE and before <= stored.updated_at <= now_ms()
     assert not stored.HasField("last_iteration") and not stored.HasField("terminal_kind")
     assert await other.goals.get("s") == stored
     event = chats_pb2.ChatEvent(kind="goal_evaluated", iteration=2, met=False, reason="no")
     await goals.record_evaluation("s", event, RUNNING)
-    again = await goals.put("s", "lint clean", 3)  # no evaluation carried over
+    again = await put_goal(goals, "s", "lint clean", 3)  # no evaluation carried over
     assert (again.check, again.max_iterations, again.status) == ("lint clean", 3, ACTIVE)
     assert not again.HasField("last_iteration") and not again.HasField("last_reason")
     assert await goals.get("nope") is None
@@ -339,7 +348,7 @@ async def test_a_goal_is_put_as_active_and_replaced_whole(store: Store, other: S
 
 async def test_goal_status_and_evaluations(store: Store, other: Store) -> None:
     goals = store.goals
-    await goals.put("s", "check", 8)
+    await put_goal(goals, "s", "check", 8)
     await goals.set_status("s", RUNNING)
     full = chats_pb2.ChatEvent(
         kind="goal_evaluated", iteration=1, met=False, grounded=True, reason="not yet"
@@ -371,7 +380,7 @@ async def test_goal_status_and_evaluations(store: Store, other: Store) -> None:
 async def test_goals_listed_cleared_and_reset_after_restart(store: Store, other: Store) -> None:
     goals = store.goals
     for session_id in ("c", "a", "b"):
-        await goals.put(session_id, f"check {session_id}", 1)
+        await put_goal(goals, session_id, f"check {session_id}", 1)
     await goals.set_status("a", RUNNING)
     await goals.set_status("c", RUNNING)
     assert [g.session_id for g in await goals.list_all()] == ["a", "b", "c"]
@@ -382,6 +391,28 @@ async def test_goals_listed_cleared_and_reset_after_restart(store: Store, other:
     assert await goals.clear("b") is False
     assert await goals.clear_all() == 2
     assert await other.goals.list_all() == []
+
+
+async def test_a_goal_belongs_to_its_owner(store: Store, other: Store) -> None:
+    """Calls with an owner see and change only that owner's goals; without one, all."""
+    goals = store.goals
+    mine = await put_goal(goals, "a", "mine", 1, owner="agent:a")
+    theirs = await put_goal(goals, "b", "theirs", 1, owner="host")
+    assert await goals.put("b", "taken", 2, "agent:a", any_owner=False) is None
+    assert await other.goals.get("b", "agent:a") is None
+    assert await other.goals.get("b", "host") == theirs  # untouched by the refused put
+    assert await other.goals.get("b") == theirs
+    assert await other.goals.list_all("agent:a") == [mine]
+    assert [g.session_id for g in await other.goals.list_all()] == ["a", "b"]
+    assert await goals.clear("b", "agent:a") is False
+    assert await goals.clear_all("agent:a") == 1
+    assert await other.goals.list_all() == [theirs]
+    # Any owner's goal is replaced by a caller that sees all; its owner stays.
+    replaced = await goals.put("b", "by the daemon", 3, "daemon", any_owner=True)
+    assert replaced is not None and replaced.check == "by the daemon"
+    assert await other.goals.get("b", "host") == replaced
+    assert await goals.get("b", "daemon") is None
+    assert await goals.clear("b") is True
 
 
 # ---------------------------------------------------------------- meetings

@@ -31,7 +31,7 @@ from a2a.utils.errors import InvalidParamsError
 from google.protobuf.json_format import MessageToDict
 
 from car_grpc.a2a.tasks import Owner
-from car_grpc.core.chats import Chats, check_attachments
+from car_grpc.core.chats import Chats, GoalScope, check_attachments
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.session import Role as SessionRole
 from car_grpc.v1 import chats_pb2
@@ -149,7 +149,9 @@ class ChatExecutor(AgentExecutor):
         timeout = self.limits.task_timeout
         try:
             async with asyncio.timeout(timeout):
-                async for item in self._chats.chat_stream(host, request):
+                # A daemon-role stand-in, but the A2A caller's own goals only: it sets none.
+                goals = GoalScope(f"a2a:{owner.caller}", sees_all=False)
+                async for item in self._chats.chat_stream(host, request, goals):
                     if item.HasField("accepted"):
                         await updater.start_work()
                     elif run.cancelled or await self._on_event(item.event.event, run):

@@ -13,8 +13,10 @@ Each chat's events flow through one bounded EventBuffer (car_grpc.core.event_buf
 host: a pump task for hosts on the session stream, the Chat RPC itself for gRPC hosts. A
 full buffer slows the agent down instead of dropping tokens, within `chat_stall_timeout`.
 
-A standing goal (goal.set) belongs to a chat session_id. Chats of that session carry it
-when the host gives none, and its status follows their goal_evaluated and terminal events.
+A standing goal (goal.set) belongs to a chat session_id, and to the principal that set it
+(GoalScope): a host or agent token sees and changes only its own goals, the daemon token
+every goal. Chats of that session whose host may see the goal carry it when the host gives
+none, and its status follows their goal_evaluated and terminal events.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from car_grpc.core.event_buffer import EventBuffer, PutResult
 from car_grpc.core.keyed_order import KeyedOrder
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.router import Reply, handles, handles_notification, streams
-from car_grpc.core.session import ClientSession, SessionClosed
+from car_grpc.core.session import ClientSession, Role, SessionClosed
 from car_grpc.store.repositories import GoalStore
 from car_grpc.v1 import chats_pb2, session_pb2
 from car_grpc.wire import chat_text
@@ -54,6 +56,25 @@ DEFAULT_MAX_ITERATIONS = 8
 MAX_ITERATIONS = 50
 
 GoalStatus: TypeAlias = chats_pb2.GoalStatus.ValueType
+
+
+@dataclass(frozen=True)
+class GoalScope:
+    """Whose goals a caller sees and changes: those of `owner` (the principal that sets
+    them), or every goal (`sees_all`: the daemon token). Another owner's goal is answered
+    as absent, so a caller never learns what it may not see."""
+
+    owner: str
+    sees_all: bool
+
+    @classmethod
+    def of(cls, session: ClientSession) -> GoalScope:
+        return cls(session.principal, session.role is Role.DAEMON)
+
+    @property
+    def filter(self) -> str | None:
+        """The owner the store is asked about (None: every owner)."""
+        return None if self.sees_all else self.owner
 
 
 # ------------------------------------------------------------------ validation (pure)
@@ -206,15 +227,22 @@ class Chats:
     # -------------------------------------------------------------- opening a chat
 
     async def open_chat(
-        self, host: ClientSession, req: chats_pb2.ChatRequest, *, local_only: bool = False
+        self,
+        host: ClientSession,
+        req: chats_pb2.ChatRequest,
+        *,
+        local_only: bool = False,
+        goals: GoalScope | None = None,
     ) -> Chat:
         """Validate, route to the attached agent and wait for its ack.
 
         Returns the accepted chat; raises CarError (-32602 for bad params, -32603 when the
         agent is not attached, refuses, disconnects or does not ack in time). An agent
         attached on another core of the cluster is chatted with there (`local_only`: the
-        request came from another core, which looked already).
+        request came from another core, which looked already). The stored goal of the
+        session_id is used only when it is within `goals` (default: the host's scope).
         """
+        goals = goals or GoalScope.of(host)
         agent_id = require(req.agent_id, "agent_id")
         require(req.prompt, "prompt")
         check_attachments(req.attachments)
@@ -222,7 +250,8 @@ class Chats:
         if goal is not None and req.attachments:
             raise field_error("goal", "goal and attachments are mutually exclusive")
         session_id = req.session_id or f"chat-{uuid.uuid4()}"
-        stored = await self._goal_order.run(session_id, lambda: self.goals.get(session_id))
+        owner = goals.filter
+        stored = await self._goal_order.run(session_id, lambda: self.goals.get(session_id, owner))
         # From here to the reverse call nothing awaits: routing is set up atomically.
         if session_id in self.open:
             raise field_error("session_id", "a chat with this session_id is already open")
@@ -230,7 +259,7 @@ class Chats:
         if agent is None:
             if self.peers is None or local_only:
                 raise CarError(INTERNAL, f"agent '{agent_id}' is not attached")
-            return await self._open_remote(host, req, session_id)
+            return await self._open_remote(host, req, session_id, goals)
         if goal is None and stored is not None:
             goal = chats_pb2.ChatGoal(check=stored.check, max_iterations=stored.max_iterations)
         limit, stall = self.limits.buffer, self.limits.stall_timeout
@@ -263,7 +292,7 @@ class Chats:
         return chat
 
     async def _open_remote(
-        self, host: ClientSession, req: chats_pb2.ChatRequest, session_id: str
+        self, host: ClientSession, req: chats_pb2.ChatRequest, session_id: str, goals: GoalScope
     ) -> Chat:
         """The chat with an agent attached on another core: routed here (session_id, the
         host's close), carried there (its goal follows it there). The events come back
@@ -279,7 +308,7 @@ class Chats:
         forwarded.CopyFrom(req)
         forwarded.session_id = session_id
         try:
-            remote = await self.peers.open_chat(forwarded)
+            remote = await self.peers.open_chat(forwarded, goals)
         except CarError as e:
             raise self._lost(chat, e.message, cancel_agent=False) from None
         except BaseException:
@@ -543,24 +572,37 @@ class Chats:
 
     # -------------------------------------------------------------- goal book
 
-    async def set_goal(self, session_id: str, goal: chats_pb2.ChatGoal) -> chats_pb2.StoredGoal:
-        """Store the goal (acknowledged once committed) and return it as stored."""
+    async def set_goal(
+        self, session_id: str, goal: chats_pb2.ChatGoal, scope: GoalScope
+    ) -> chats_pb2.StoredGoal:
+        """Store the goal (acknowledged once committed) and return it as stored. The
+        session_id of another owner's goal is refused (-32602), unless `scope` sees all."""
 
+        def put() -> Awaitable[chats_pb2.StoredGoal | None]:
+            return self.goals.put(
+                session_id, goal.check, goal.max_iterations, scope.owner, any_owner=scope.sees_all
+            )
+
+        stored = await self._goal_order.run(session_id, put)
+        if stored is None:
+            raise field_error("session_id", "the session_id is taken by a goal of another caller")
+        return stored
+
+    async def goal(self, session_id: str, scope: GoalScope) -> chats_pb2.StoredGoal | None:
         return await self._goal_order.run(
-            session_id, lambda: self.goals.put(session_id, goal.check, goal.max_iterations)
+            session_id, lambda: self.goals.get(session_id, scope.filter)
         )
 
-    async def goal(self, session_id: str) -> chats_pb2.StoredGoal | None:
-        return await self._goal_order.run(session_id, lambda: self.goals.get(session_id))
+    async def all_goals(self, scope: GoalScope) -> list[chats_pb2.StoredGoal]:
+        return await self._goal_order.run(None, lambda: self.goals.list_all(scope.filter))
 
-    async def all_goals(self) -> list[chats_pb2.StoredGoal]:
-        return await self._goal_order.run(None, self.goals.list_all)
+    async def clear_goal(self, session_id: str, scope: GoalScope) -> bool:
+        return await self._goal_order.run(
+            session_id, lambda: self.goals.clear(session_id, scope.filter)
+        )
 
-    async def clear_goal(self, session_id: str) -> bool:
-        return await self._goal_order.run(session_id, lambda: self.goals.clear(session_id))
-
-    async def clear_goals(self) -> int:
-        return await self._goal_order.run(None, self.goals.clear_all)
+    async def clear_goals(self, scope: GoalScope) -> int:
+        return await self._goal_order.run(None, lambda: self.goals.clear_all(scope.filter))
 
     # ------------------------------------------------------------ handlers
 
@@ -573,10 +615,11 @@ class Chats:
 
     @streams("Chat")
     async def chat_stream(
-        self, session: ClientSession, req: chats_pb2.ChatRequest
+        self, session: ClientSession, req: chats_pb2.ChatRequest, goals: GoalScope | None = None
     ) -> AsyncIterator[chats_pb2.ChatResponse]:
-        """ChatService.Chat: `accepted`, then the chat's events up to its terminal one."""
-        chat = await self.open_chat(session, req)
+        """ChatService.Chat: `accepted`, then the chat's events up to its terminal one
+        (`goals`: as open_chat's)."""
+        chat = await self.open_chat(session, req, goals=goals)
         try:
             accepted = chats_pb2.ChatAccepted(accepted=True, session_id=chat.session_id)
             yield chats_pb2.ChatResponse(accepted=accepted)
@@ -650,7 +693,7 @@ class Chats:
         else:
             max_iterations = req.max_iterations if req.HasField("max_iterations") else None
             goal = valid_goal(req.check, max_iterations, "")
-        stored = await self.set_goal(session_id, goal)
+        stored = await self.set_goal(session_id, goal, GoalScope.of(session))
         return chats_pb2.SetGoalResponse(set=True, goal=stored)
 
     @handles("goal_status")
@@ -658,10 +701,12 @@ class Chats:
         self, session: ClientSession, req: chats_pb2.GetGoalStatusRequest
     ) -> chats_pb2.GetGoalStatusResponse:
         if not req.HasField("session_id"):
-            return chats_pb2.GetGoalStatusResponse(goals=await self.all_goals())
+            return chats_pb2.GetGoalStatusResponse(
+                goals=await self.all_goals(GoalScope.of(session))
+            )
         session_id = require(req.session_id, "session_id")
         reply = chats_pb2.GetGoalStatusResponse(session_id=session_id)
-        if (stored := await self.goal(session_id)) is not None:
+        if (stored := await self.goal(session_id, GoalScope.of(session))) is not None:
             reply.goal.CopyFrom(stored)
         return reply
 
@@ -671,8 +716,8 @@ class Chats:
     ) -> chats_pb2.ClearGoalResponse:
         reply = chats_pb2.ClearGoalResponse()
         if not req.HasField("session_id"):
-            reply.cleared.number_value = await self.clear_goals()
+            reply.cleared.number_value = await self.clear_goals(GoalScope.of(session))
             return reply
         reply.session_id = require(req.session_id, "session_id")
-        reply.cleared.bool_value = await self.clear_goal(reply.session_id)
+        reply.cleared.bool_value = await self.clear_goal(reply.session_id, GoalScope.of(session))
         return reply

@@ -21,14 +21,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from car_grpc.core.authentication import Authentication
 from car_grpc.core.dispatch import AuthRequired, Dispatcher, store_unavailable
-from car_grpc.core.multiplex import MultiplexedStream
+from car_grpc.core.multiplex import MultiplexedStream, SessionChannel
 from car_grpc.core.reflection import add_reflection
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.router import GrpcOnlyHandler, Reply
-from car_grpc.core.session import ClientSession, Role, SessionClosed
+from car_grpc.core.session import ClientSession, Role, SessionClosed, answer_bytes
 from car_grpc.store import StoreUnavailable
 from car_grpc.v1 import session_pb2
-from car_grpc.wire import api, batch
+from car_grpc.wire import api, batch, multiplex
 from car_grpc.wire.errors import INVALID_REQUEST, CarError
 from car_grpc.wire.metadata import AGENT_ID_KEY, AUTH_KEY, SESSION_ID_KEY
 from car_grpc.wire.twins import fill_in, fill_out
@@ -67,6 +67,9 @@ class SessionStream:
         self.at_once = service.dispatcher.router.at_once
         self.context = context
         self.session = service.registry.open(streaming=True, peer=context.peer())
+        if isinstance(context, SessionChannel):
+            self._channel = context
+            self.session.write_now = self._write_now
         self.inflight = asyncio.Semaphore(service.max_inflight)
         self.tasks: set[asyncio.Task[object]] = set()
         #: The notifications among them: what the client sent before it half-closed is
@@ -116,6 +119,14 @@ class SessionStream:
             finally:
                 for _ in frames:
                     queue.task_done()
+
+    def _write_now(self, data: bytes) -> bool:
+        """A frame onto a multiplexed session's channel at once, as the writer would write
+        it, when nothing is queued or being written before it and the credits take it:
+        no await, so nothing a cancellation could leave halfway. False: not written."""
+        if not self.session.outbound.empty() or self.write_lock.locked():
+            return False
+        return self._channel.try_write(batch.encode((data,)))
 
     async def _read_loop(self) -> None:
         read = self.context.read
@@ -200,15 +211,13 @@ class SessionStream:
                 return True
             result = e.answer  # the wire's answer to this refusal is a result
         reply = result if isinstance(result, Reply) else None
-        message = reply.message if reply else result
-        out = session_pb2.ServerFrame(id=frame.id)
-        getattr(out, member).CopyFrom(message)
-        await self._send(out)
+        message = result.message if isinstance(result, Reply) else result
+        await self._send(answer_bytes(frame.id, member, message, twins=not self.session.bridged))
         if reply is not None:
             reply.then()
         return True
 
-    async def _send(self, frame: session_pb2.ServerFrame) -> None:
+    async def _send(self, frame: session_pb2.ServerFrame | bytes) -> None:
         """Answer a request: straight onto the stream when nothing is queued or being
         written (no hop through the writer task), else behind what waits. A request task
         is cancelled only when the stream ends, so no write is abandoned halfway."""
@@ -217,7 +226,7 @@ class SessionStream:
             if session.closed.is_set():
                 return
             async with self.write_lock:
-                data = _write(frame)
+                data = frame if isinstance(frame, bytes) else _write(frame)
                 await self.context.write(batch.encode((data,)) if self.batched else data)
             return
         with contextlib.suppress(SessionClosed):
@@ -357,11 +366,14 @@ class GrpcService:
         dispatcher: Dispatcher,
         *,
         max_inflight: int,
+        multiplex_stream_bytes: int,
     ) -> None:
         self.registry = registry
         self.authentication = authentication
         self.dispatcher = dispatcher
         self.max_inflight = max_inflight
+        #: Bytes a ConnectMultiplexed stream may leave unacknowledged across its sessions.
+        self.multiplex_stream_bytes = multiplex_stream_bytes
         #: In a cluster: raises FAILED_PRECONDITION naming the core a session id lives on,
         #: when another core has it (a typed call bound to it must go there).
         self.locate_session: Callable[[str], Awaitable[None]] | None = None
@@ -404,7 +416,8 @@ class GrpcService:
             except StoreUnavailable as e:
                 await _abort(context, store_unavailable("ConnectMultiplexed", e))
                 return
-            await context.send_initial_metadata(((AUTH_KEY, auth),))
+            stream_bytes = (multiplex.STREAM_BYTES_KEY, str(self.multiplex_stream_bytes))
+            await context.send_initial_metadata(((AUTH_KEY, auth), stream_bytes))
             await MultiplexedStream(self, context).run()
 
         by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {

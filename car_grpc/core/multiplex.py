@@ -4,8 +4,8 @@ Each session on the stream is run by the same SessionStream as a ConnectBatched 
 its own: it is given a `SessionChannel` instead of a gRPC context, which reads the
 session's batches from its own queue and writes its batches into the stream's next
 message, within the session's credits. The stream's reader never waits for a session
-(credits bound what each may have queued); its writer sends every record ready at once
-in one message.
+(credits bound what each may have queued, and the stream's credits what all have); its
+writer sends every record ready at once in one message.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import grpc
 
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import multiplex
-from car_grpc.wire.twins import fill_in
 
 if TYPE_CHECKING:
     from car_grpc.core.grpc_service import GrpcService
@@ -55,16 +54,32 @@ class SessionChannel:
     def peer(self) -> str:
         return self._stream.peer
 
-    def push(self, batch: bytes) -> bool:
-        """A batch from the gateway; False when it exceeds the session's credits (what is
-        unread and what was read but not yet acknowledged)."""
-        owed, owed_bytes = self._stream.owed.of(self.key)
+    def push(self, batch: bytes) -> str | None:
+        """A batch from the gateway; what it exceeds (None: nothing): the session's
+        credits (what is unread and what was read but not yet acknowledged) or the
+        stream's (the same across its sessions)."""
+        stream = self._stream
+        owed, owed_bytes = stream.owed.of(self.key)
         if not multiplex.fits(len(self.inbound) + owed, self.inbound_bytes + owed_bytes):
-            return False
+            return "a batch past its credits"
+        if stream.unacked_bytes >= stream.limit_bytes:
+            return (
+                f"a batch past the stream's credits ({stream.unacked_bytes} bytes"
+                f" unacknowledged across its sessions, at most {stream.limit_bytes})"
+            )
         self.inbound.append(batch)
         self.inbound_bytes += len(batch)
+        stream.inbound_bytes += len(batch)
         self._readable.set()
-        return True
+        return None
+
+    def release(self) -> None:
+        """The session is over (ended, or cancelled by the gateway): what it was sent no
+        longer counts, unread or owed (the gateway stops counting it too)."""
+        self._stream.inbound_bytes -= self.inbound_bytes
+        self.inbound.clear()
+        self.inbound_bytes = 0
+        self._stream.owed.take(self.key)
 
     def finish_input(self) -> None:
         self.client_done = True
@@ -83,26 +98,28 @@ class SessionChannel:
             await self._readable.wait()
         data = self.inbound.popleft()
         self.inbound_bytes -= len(data)
+        self._stream.inbound_bytes -= len(data)
         self._stream.acknowledge(self.key, len(data))
-        message = session_pb2.ConnectBatchedRequest.FromString(data)
-        for frame in message.frames:
-            # A chat token needs no twins walked (a quarter of its cost in the core): the
-            # gateway's codec writes none to fill, and the relay reads `kind` alone, while
-            # every way on to a typed client derives them (fill_out).
-            if frame.WhichOneof("body") != _CHAT_EVENT:
-                fill_in(frame)
-        return message
+        # No typed twins to fill in (wire/twins.py): the gateway writes its frames from
+        # JSON, which has none, and whatever the core sends on derives its own.
+        return session_pb2.ConnectBatchedRequest.FromString(data)
 
     async def write(self, data: bytes) -> None:
         # As a write on a stream of its own waits for the HTTP/2 window: until the gateway
         # has taken enough of what was sent before.
-        while not multiplex.fits(self._unacked, self._unacked_bytes):
+        while not self.try_write(data):
             self._credit.clear()
             await self._credit.wait()
+
+    def try_write(self, data: bytes) -> bool:
+        """`write` without waiting: False (nothing written) when the credits hold it back."""
+        if not multiplex.fits(self._unacked, self._unacked_bytes):
+            return False
         self._unacked += 1
         self._unacked_bytes += len(data)
         # What is owed to the gateway goes along (no record of its own).
         self._stream.send(multiplex.record(self.key, data, ack=self._stream.owed.take(self.key)))
+        return True
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise _Ended(code, details)
@@ -120,8 +137,17 @@ class MultiplexedStream:
         #: Records for the next message, and the acknowledgements owed to the gateway.
         self._records: list[bytes] = []
         self.owed = multiplex.Owed()
+        #: Bytes from the gateway unread by their sessions; with `owed`, what the stream's
+        #: credits bound (at most limit_bytes, plus one batch).
+        self.inbound_bytes = 0
+        self.limit_bytes = service.multiplex_stream_bytes
         self._ready = asyncio.Event()
         self._closing = False  # no session is left: the writer ends once all is written
+
+    @property
+    def unacked_bytes(self) -> int:
+        """Bytes the gateway sent that the core has not acknowledged, over every session."""
+        return self.inbound_bytes + self.owed.bytes
 
     def send(self, record: bytes) -> None:
         self._records.append(record)
@@ -165,14 +191,14 @@ class MultiplexedStream:
                 channel, task = entry
                 if part.ack_batches:
                     channel.acknowledged(part.ack_batches, part.ack_bytes)
-                if part.batch and not channel.push(part.batch):
+                if part.batch and (past := channel.push(part.batch)) is not None:
                     await self.context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"session {part.session}: a batch past its credits",
+                        grpc.StatusCode.INVALID_ARGUMENT, f"session {part.session}: {past}"
                     )
                 if part.end:
                     channel.finish_input()
                 if part.cancel:
+                    channel.release()  # the gateway no longer counts them
                     task.cancel()
 
     def _session_for(
@@ -216,7 +242,7 @@ class MultiplexedStream:
             code, details = grpc.StatusCode.UNKNOWN, "internal error"
         finally:
             del self.sessions[channel.key]
-            self.owed.take(channel.key)
+            channel.release()
             self.send(multiplex.record(channel.key, end=True, flag4=code.value[0], message=details))
 
     async def _write_loop(self) -> None:
@@ -256,4 +282,3 @@ class MultiplexedStream:
 
 
 _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-_CHAT_EVENT = "agent_chat_event"

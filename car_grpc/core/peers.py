@@ -36,7 +36,7 @@ from typing import Any
 import grpc
 from google.protobuf import wrappers_pb2
 
-from car_grpc.core.chats import Chats
+from car_grpc.core.chats import Chats, GoalScope
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.session import Role
 from car_grpc.store.repositories import ClusterStore, StoreUnavailable
@@ -55,6 +55,9 @@ _LOCATE_TIMEOUT = 1.0
 _LOCATES = 8
 #: Metadata key of the cluster secret.
 SECRET_KEY = "car-cluster-secret"
+#: Whose stored goals the calling core's host may see: "<owner>" or "*<owner>" (every
+#: goal), as GoalScope (the host's identity stays on its own core).
+GOAL_SCOPE_KEY = "car-goal-scope"
 #: Seconds beyond the agent's ack timeout the calling core waits for `accepted`.
 _ACK_MARGIN = 2.0
 
@@ -89,6 +92,14 @@ class PeerService:
             },
         )
 
+    @staticmethod
+    def _goal_scope(context: grpc.aio.ServicerContext[Any, Any]) -> GoalScope:
+        """The calling host's GoalScope (no goal of anyone's when the caller sent none)."""
+        for key, value in context.invocation_metadata() or ():
+            if key == GOAL_SCOPE_KEY and isinstance(value, str):
+                return GoalScope(value.removeprefix("*"), value.startswith("*"))
+        return GoalScope("", sees_all=False)
+
     async def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         given = ""
         for key, value in context.invocation_metadata() or ():
@@ -106,7 +117,8 @@ class PeerService:
         stand_in.role = Role.HOST
         try:
             try:
-                chat = await self._chats.open_chat(stand_in, req, local_only=True)
+                goals = self._goal_scope(context)
+                chat = await self._chats.open_chat(stand_in, req, local_only=True, goals=goals)
             except CarError as e:
                 context.set_trailing_metadata(e.trailers())
                 await context.abort(e.status, e.message)
@@ -210,9 +222,10 @@ class Peers:
             self._channels[address] = channel
         return channel
 
-    async def open_chat(self, req: chats_pb2.ChatRequest) -> RemoteChat | None:
+    async def open_chat(self, req: chats_pb2.ChatRequest, goals: GoalScope) -> RemoteChat | None:
         """The chat, accepted by the agent on the core it is attached on; None when it is
-        attached on no other live core. CarError as agents.chat answers it there."""
+        attached on no other live core. CarError as agents.chat answers it there. The
+        stored goal of its session_id is used there when it is within `goals`."""
         try:
             where = await self._store.locate_agent(req.agent_id)
         except StoreUnavailable:
@@ -221,11 +234,12 @@ class Peers:
             return None
         core_id, address = where
         channel = self._channel(address)
+        scope = ("*" if goals.sees_all else "") + goals.owner
         call = channel.unary_stream(
             CHAT,
             request_serializer=chats_pb2.ChatRequest.SerializeToString,
             response_deserializer=chats_pb2.ChatResponse.FromString,
-        )(req, metadata=self.metadata)
+        )(req, metadata=(*self.metadata, (GOAL_SCOPE_KEY, scope)))
         try:
             async with asyncio.timeout(self.ack_timeout + _ACK_MARGIN):
                 first = await call.read()

@@ -72,6 +72,21 @@ def notification_bytes(member: str, message: Message) -> bytes:
     return batch.member_frame(_member_tag(member), fill_out(message).SerializeToString())
 
 
+def answer_bytes(request_id: str, member: str, message: Message, *, twins: bool) -> bytes:
+    """The serialized ServerFrame answering `request_id` with `message` as member `member`
+    (the bytes `ServerFrame(id=..., member=message)` serializes to: the id, field 1, then
+    the member), written from its parts: the message is not copied into a frame. `twins`:
+    derive its typed twins (not for a bridged session: its gateway reads none)."""
+    if twins:
+        fill_out(message)
+    head = _id_field(request_id) if request_id else b""
+    return head + batch.member_frame(_member_tag(member), message.SerializeToString())
+
+
+def _id_field(request_id: str) -> bytes:
+    return batch.length_delimited(1, request_id.encode())
+
+
 class ClientSession:
     """What a session is: its identity and role, its outbound channel, its own state and
     budgets. It knows nothing of the domains; they keep what they hold for it and clean
@@ -96,6 +111,8 @@ class ClientSession:
         self.streaming = streaming
         #: A session of car-grpc's own gateway (on a ConnectMultiplexed stream): the JSON
         #: text its frames carry is trusted, and it is sent JSON text (`json_internal`).
+        #: Its frames carry no typed twins either way (wire/twins.py): the gateway
+        #: translates JSON, which has none, and reads none.
         self.bridged = False
         # With auth off there is nothing to prove: a session starts out ordinary.
         self.role = Role.NONE if auth_enabled else Role.DAEMON
@@ -115,6 +132,10 @@ class ClientSession:
         self.outbound = OutboundQueue(limits.outbound_frames, limits.outbound_bytes)
         self._callback_ids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[session_pb2.ClientFrame]] = {}
+        #: Set by a stream that can take a serialized frame at once, without waiting (a
+        #: multiplexed session's): writes it when nothing is queued before it; False when
+        #: it did not (the frame then goes through the queue).
+        self.write_now: Callable[[bytes], bool] | None = None
         self._close_hooks: list[CloseHook] = []
 
     @property
@@ -124,6 +145,14 @@ class ClientSession:
     @property
     def is_host(self) -> bool:
         return self.role is Role.HOST
+
+    @property
+    def principal(self) -> str:
+        """Who the session is beyond this connection, stable across restarts: "daemon",
+        "host" or "agent:<id>" ("" before auth). What owns the goals it sets."""
+        if self.role is Role.AGENT:
+            return f"agent:{self.agent_id}"
+        return "" if self.role is Role.NONE else self.role.name.lower()
 
     def __repr__(self) -> str:
         return f"<ClientSession {self.id[:8]} {self.role.name.lower()} agent={self.agent_id}>"
@@ -139,7 +168,10 @@ class ClientSession:
             raise SessionClosed(self.id)
         if not self.streaming:
             return
-        data = frame if isinstance(frame, bytes) else fill_out(frame).SerializeToString()
+        if isinstance(frame, bytes):
+            data = frame
+        else:
+            data = (frame if self.bridged else fill_out(frame)).SerializeToString()
         await self.outbound.put(data)
 
     def try_send(self, frame: session_pb2.ServerFrame) -> bool:
@@ -153,7 +185,9 @@ class ClientSession:
         try:
             if self.outbound.full():  # no need to serialize what is dropped anyway
                 raise asyncio.QueueFull
-            self.outbound.put_nowait(fill_out(frame).SerializeToString())
+            self.outbound.put_nowait(
+                (frame if self.bridged else fill_out(frame)).SerializeToString()
+            )
         except asyncio.QueueFull:
             self._metrics.queue_drops.inc("session_outbound")
             return False
@@ -197,7 +231,7 @@ class ClientSession:
         sent = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
-                await self.send(frame)
+                await self._send_call(frame)
                 answer = await future
         finally:
             self._pending.pop(cid, None)
@@ -206,6 +240,16 @@ class ClientSession:
         if answer.WhichOneof("body") == "error":
             raise CarError.from_proto(answer.error)
         return answer
+
+    async def _send_call(self, frame: session_pb2.ServerFrame) -> None:
+        """A call's request: written at once when the stream can take it (no hop through
+        its writer task; the caller waits for the answer anyway), else queued."""
+        if self.write_now is None or self.closed.is_set():
+            await self.send(frame)
+            return
+        data = (frame if self.bridged else fill_out(frame)).SerializeToString()
+        if not self.write_now(data):
+            await self.send(data)
 
     def _check_callable(self) -> None:
         """Raise unless the client can be called now (a stream, room among its pending

@@ -272,7 +272,11 @@ async def wire(
         metrics=metrics,
     )
     grpc = GrpcService(
-        registry, authentication, dispatcher, max_inflight=config.max_inflight_per_session
+        registry,
+        authentication,
+        dispatcher,
+        max_inflight=config.max_inflight_per_session,
+        multiplex_stream_bytes=config.multiplex_stream_bytes,
     )
     a2a = None
     if config.a2a:

@@ -12,7 +12,9 @@ Flow control per session, as each stream's HTTP/2 window gave it: a session writ
 batch only within its credits, and acknowledges a batch from the core when its
 connection reads it (which it stops doing while its client's queue is full), so a slow
 client holds back only its own session. What a session holds here: its unread batches,
-at most the credits' worth.
+at most the credits' worth. Besides, no batch goes up while the stream has as many bytes
+unacknowledged across its sessions as the core allows (its initial metadata says how
+many; until it has, nothing goes up).
 
 Per frame the path is kept short: a connection need not write (a task of its own each
 time it has something to send); it may `pull` instead, and the stream takes the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +37,7 @@ import grpc
 
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import batch, multiplex
+from car_grpc.wire.metadata import AUTH_KEY
 
 _CONNECT_MULTIPLEXED = (
     f"/{session_pb2.DESCRIPTOR.services_by_name['SessionService'].full_name}/ConnectMultiplexed"
@@ -44,6 +48,14 @@ _NO_METADATA = grpc.aio.Metadata()
 
 def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, _NO_METADATA, _NO_METADATA, details)
+
+
+def _as_sessions_see_it(error: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """The error of a stream, for its sessions: a refused stream is the gateway's own
+    token refused (a session's own credentials never fail the stream), said so."""
+    if error.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return error
+    return _error(error.code(), f"the core refused the gateway's own token ({error.details()})")
 
 
 class MultiplexedCall:
@@ -71,8 +83,12 @@ class MultiplexedCall:
     async def initial_metadata(self) -> grpc.aio.Metadata:
         return await self._stream.initial_metadata()
 
+    def _may_send(self) -> bool:
+        """Within the session's credits and the stream's."""
+        return multiplex.fits(self._unacked, self._unacked_bytes) and self._stream.has_room()
+
     async def write(self, data: bytes) -> None:
-        while not multiplex.fits(self._unacked, self._unacked_bytes):
+        while not self._may_send():
             self._check_writable()
             self._changed.clear()
             await self._changed.wait()
@@ -94,7 +110,7 @@ class MultiplexedCall:
         if take is None or self._ended:
             self._take = None
             return b""
-        if not multiplex.fits(self._unacked, self._unacked_bytes):
+        if not self._may_send():
             return None
         self._take = None
         data = take()
@@ -107,6 +123,7 @@ class MultiplexedCall:
         """Session record of batch `data`, sent within the credits, with what is owed."""
         self._unacked += 1
         self._unacked_bytes += len(data)
+        self._stream.unacked_bytes += len(data)
         return multiplex.record(self.key, data, end=end, ack=self._stream.owed.take(self.key))
 
     async def read(self) -> Any:
@@ -133,7 +150,7 @@ class MultiplexedCall:
     def cancel(self) -> bool:
         if self._ended:
             return False
-        self._stream.forget(self.key)
+        self._stream.forget(self.key, cancelled=True)
         self._stream.send(multiplex.record(self.key, flag4=1))
         self.finish(_error(grpc.StatusCode.CANCELLED, "cancelled"))
         return True
@@ -159,10 +176,21 @@ class MultiplexedCall:
 
     def acknowledged(self, batches: int, size: int) -> None:
         self._unacked = max(0, self._unacked - batches)
-        self._unacked_bytes = max(0, self._unacked_bytes - size)
+        freed = min(size, self._unacked_bytes)
+        self._unacked_bytes -= freed
         self._changed.set()
+        self._stream.release(freed)
         if self._take is not None:
             self._stream.wake()  # a pull may wait for these credits
+
+    def forgotten(self) -> int:
+        """The bytes the session had unacknowledged, which no longer count for it."""
+        freed, self._unacked_bytes = self._unacked_bytes, 0
+        return freed
+
+    def room(self) -> None:
+        """The stream has room again: a write waiting for it goes on."""
+        self._changed.set()
 
     def finish(self, error: grpc.aio.AioRpcError | None) -> None:
         """The session ended (None: OK); what was delivered is still read first."""
@@ -182,6 +210,13 @@ class _Stream:
         #: waits (their record is made when the message is).
         self._records: deque[bytes | MultiplexedCall] = deque()
         self.owed = multiplex.Owed()  # the acknowledgements owed to the core
+        #: Bytes sent up and not yet acknowledged, over every session, and what the core
+        #: allows (None until its initial metadata has said).
+        self.unacked_bytes = 0
+        self.limit_bytes: int | None = None
+        #: Sessions cancelled here whose end record has not come: their unacknowledged
+        #: bytes, released when it does.
+        self._cancelled: dict[int, int] = {}
         self._ready = asyncio.Event()
         self._writer = asyncio.create_task(self._write_loop())
         self._reader = asyncio.create_task(self._read_loop())
@@ -193,6 +228,15 @@ class _Stream:
 
     async def initial_metadata(self) -> grpc.aio.Metadata:
         return await self.call.initial_metadata()
+
+    async def accepted(self) -> None:
+        """Once the core has taken the stream in; its error when the core refused it."""
+        metadata = await self.call.initial_metadata()
+        if AUTH_KEY in dict(metadata or ()):
+            return  # the core's own initial metadata
+        # A refusal: a status with no initial metadata of its own.
+        code, details = await self.call.code(), await self.call.details()
+        raise _as_sessions_see_it(_error(code, details or ""))
 
     def send(self, record: bytes | MultiplexedCall) -> None:
         self._records.append(record)
@@ -206,9 +250,43 @@ class _Stream:
         if self.owed.add(key, size):
             self._ready.set()
 
-    def forget(self, key: int) -> None:
-        self.calls.pop(key, None)
+    def has_room(self) -> bool:
+        """Whether a batch may go up as far as the stream's credits go."""
+        return self.limit_bytes is not None and self.unacked_bytes < self.limit_bytes
+
+    def release(self, size: int) -> None:
+        """`size` bytes were acknowledged (or released): wake what waited for room."""
+        full = not self.has_room()
+        self.unacked_bytes -= size
+        if full and self.has_room():
+            self._room()
+
+    def _room(self) -> None:
+        for call in self.calls.values():
+            call.room()
+        self._ready.set()  # pulls held back go too
+
+    def forget(self, key: int, *, cancelled: bool = False) -> None:
+        """The session is over here. What it had unacknowledged stops counting towards
+        the stream's credits once the core has ended it too: now when it did (its end
+        record), else at its end record to come (the core ends a cancelled session with
+        one), since records sent meanwhile may reach the core before the cancel."""
+        call = self.calls.pop(key, None)
         self.owed.take(key)
+        if call is None:
+            return
+        if cancelled:
+            self._cancelled[key] = call.forgotten()
+        else:
+            self.release(call.forgotten())
+
+    async def _learn_limit(self) -> None:
+        """The stream's credits, from the core's initial metadata (none from a core that
+        announces none)."""
+        metadata = await self.call.initial_metadata()
+        announced = dict(metadata or ()).get(multiplex.STREAM_BYTES_KEY)
+        self.limit_bytes = int(announced) if isinstance(announced, str) else sys.maxsize
+        self._room()
 
     async def _read_loop(self) -> None:
         error = _error(grpc.StatusCode.UNAVAILABLE, "the multiplexed stream ended")
@@ -218,7 +296,7 @@ class _Stream:
                 for part in message.sessions:
                     self._take(part)
         except grpc.aio.AioRpcError as e:
-            error = e
+            error = _as_sessions_see_it(e)
         finally:
             self.failed = True
             for call in self.calls.values():
@@ -229,7 +307,10 @@ class _Stream:
     def _take(self, part: session_pb2.MultiplexedServerSession) -> None:
         call = self.calls.get(part.session)
         if call is None:
-            return  # cancelled here: what was on its way is moot
+            # Cancelled here: what was on its way is moot, but for its end.
+            if part.end and (freed := self._cancelled.pop(part.session, None)) is not None:
+                self.release(freed)
+            return
         if part.ack_batches:
             call.acknowledged(part.ack_batches, part.ack_bytes)
         if part.batch and not call.deliver(part.batch):
@@ -243,6 +324,7 @@ class _Stream:
 
     async def _write_loop(self) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+            await self._learn_limit()
             while True:
                 await self._ready.wait()
                 # One turn of the event loop first: what other sessions have ready by then
@@ -318,11 +400,18 @@ class Multiplexer:
     def __call__(self) -> MultiplexedCall:
         key = self._next_key
         self._next_key += 1
-        slot = key % len(self._streams)
+        return self._stream(key % len(self._streams)).open(key)
+
+    def _stream(self, slot: int) -> _Stream:
         stream = self._streams[slot]
         if stream is None or stream.failed:
             stream = self._streams[slot] = _Stream(self._open_stream(metadata=self._metadata))
-        return stream.open(key)
+        return stream
+
+    async def check(self) -> None:
+        """Open the first stream now and return once the core has taken it in: the
+        stream's error (AioRpcError) when the core refuses it, e.g. the gateway's token."""
+        await self._stream(0).accepted()
 
     async def close(self) -> None:
         streams = [s for s in self._streams if s is not None]

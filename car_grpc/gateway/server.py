@@ -44,6 +44,12 @@ log = logging.getLogger(__name__)
 #: connections past it are half-open and retried with backoff, and some time out unserved.
 LISTEN_BACKLOG = 4096
 
+
+class CoreCheckFailed(OSError):
+    """The gateway cannot serve through the core: it refuses the gateway's token, or is
+    unavailable (the message says which)."""
+
+
 _CONNECT = f"/{session_pb2.DESCRIPTOR.services_by_name['SessionService'].full_name}/ConnectBatched"
 
 
@@ -137,6 +143,7 @@ class Gateway:
             self._connect = self._multiplexer = Multiplexer(
                 self._mux_channel, config.ws_multiplex_streams, metadata
             )
+            await self._check_core_token()
         if self._listener is not None:
             tcp = await self._serve(sock=self._listener, ssl=self._ssl)
         else:
@@ -154,6 +161,25 @@ class Gateway:
             self._unix_socket = path
             if self._announce:
                 log.info("gateway: WebSocket listening on unix:%s", path)
+
+    async def _check_core_token(self) -> None:
+        """Fail the start, saying why, unless the core takes in a multiplexed stream with
+        the gateway's token: a wrong token would fail every connection instead."""
+        assert self._multiplexer is not None
+        timeout = self.config.core_check_timeout
+        where = f"the core at {self.core_address}"
+        try:
+            async with asyncio.timeout(timeout):
+                await self._multiplexer.check()
+        except TimeoutError:
+            raise CoreCheckFailed(
+                f"{where} did not take the gateway's multiplexed stream in within {timeout:g} s"
+            ) from None
+        except grpc.aio.AioRpcError as e:
+            raise CoreCheckFailed(
+                f"cannot serve through {where}: {e.code().name}: {e.details()}; a gateway"
+                " multiplexes with the core's daemon token"
+            ) from None
 
     async def _serve(self, **where: Any) -> Server:
         config = self.config

@@ -196,23 +196,31 @@ class RunStore(Protocol):
 class GoalStore(Protocol):
     """Standing goals of chat sessions, keyed by session_id (docs/protocol.md §5).
 
-    Writes stamp `updated_at` with the store's clock. Updating an unknown session's goal
-    does nothing: a goal cleared while its chat ran stays cleared.
+    Each goal has an owner: the principal that set it (`ClientSession.principal`). Calls
+    with an `owner` see and change only that owner's goals (another's is as absent); with
+    None, every goal. Writes stamp `updated_at` with the store's clock. Updating an unknown
+    session's goal does nothing: a goal cleared while its chat ran stays cleared.
     """
 
-    async def put(self, session_id: str, check: str, max_iterations: int) -> chats_pb2.StoredGoal:
-        """Set (or replace) the goal: active, no evaluation yet. Returns it as stored."""
+    async def put(
+        self, session_id: str, check: str, max_iterations: int, owner: str, *, any_owner: bool
+    ) -> chats_pb2.StoredGoal | None:
+        """Set (or replace) the goal: active, no evaluation yet, owned by `owner`. Returns it
+        as stored, or None when another owner's goal holds the session_id (which
+        `any_owner` replaces, its owner kept)."""
 
-    async def get(self, session_id: str) -> chats_pb2.StoredGoal | None: ...
+    async def get(
+        self, session_id: str, owner: str | None = None
+    ) -> chats_pb2.StoredGoal | None: ...
 
-    async def list_all(self) -> list[chats_pb2.StoredGoal]:
-        """Every goal, sorted by session_id."""
+    async def list_all(self, owner: str | None = None) -> list[chats_pb2.StoredGoal]:
+        """Every goal (of `owner`), sorted by session_id."""
 
-    async def clear(self, session_id: str) -> bool:
+    async def clear(self, session_id: str, owner: str | None = None) -> bool:
         """Remove the goal; whether there was one."""
 
-    async def clear_all(self) -> int:
-        """Remove every goal; how many there were."""
+    async def clear_all(self, owner: str | None = None) -> int:
+        """Remove every goal (of `owner`); how many there were."""
 
     async def set_status(
         self,

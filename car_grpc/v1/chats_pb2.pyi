@@ -779,7 +779,11 @@ Global___AgentChatApproveResponse: _TypeAlias = AgentChatApproveResponse  # noqa
 
 @_typing.final
 class StoredGoal(_message.Message):
-    """A standing goal, persisted across restarts."""
+    """A standing goal, persisted across restarts. It belongs to the token that set it (the
+    daemon token, the host token, or one agent's): a host or agent token sees and changes
+    only its own goals, the daemon token every goal; a chat forwards the stored goal of its
+    session_id only when its host may see it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -158,10 +158,16 @@ class SessionServiceServicer:
     def ConnectMultiplexed(self, request_iterator, context):
         """Many sessions over one stream, for a gateway: each WebSocket connection it serves is
         one session here, its frames tagged with the gateway's id for it, the frames ready
-        from any session at once in one message. Each session behaves exactly as a
-        ConnectBatched stream of its own (session.auth first, the same answers and errors);
+        from any session at once in one message. Each session behaves as a ConnectBatched
+        stream of its own (session.auth first, the same answers and errors), with the frames
+        of the JSON wire that the gateway translates: their typed twins are neither read nor
+        filled in, and `json_internal` texts are honoured (the caller is car-grpc's gateway);
         per-session credits (MultiplexedClientSession) stand in for each stream's HTTP/2 flow
-        control, so one slow client backs up only its own session.
+        control, so one slow client backs up only its own session. Bounds: per session and
+        direction 16 batches and 256 KiB unacknowledged; across the stream's sessions the
+        bytes the core announces in the initial metadata `car-multiplex-stream-bytes`
+        (CoreConfig.multiplex_stream_bytes, 64 MiB by default); a batch past either ends the
+        stream INVALID_ARGUMENT. At most 65,536 sessions at once (RESOURCE_EXHAUSTED past it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -18,6 +18,15 @@ only once some session is owed half a window (`ack_due`) do all that are owed go
 once, on their own if need be. A sender stops only with a full window, and once the
 receiver has taken all of it, half a window is owed: a blocked sender is always
 acknowledged.
+
+Credits of the whole stream bound what the gateway may make the core hold across all its
+sessions (a session's credits times MAX_SESSIONS would be 16 GiB): a batch goes up only
+while less than the core's stream bound (CoreConfig.multiplex_stream_bytes, announced in
+the stream's initial metadata under STREAM_BYTES_KEY) is unacknowledged across the
+stream's sessions; the core ends a stream past it with INVALID_ARGUMENT. What a session
+had unacknowledged stops counting at the core when the session ends or its cancel record
+comes, and at the gateway only when the session's end record comes back: the gateway
+never counts less than the core.
 """
 
 from __future__ import annotations
@@ -31,7 +40,12 @@ WINDOW_BYTES = 256 * 1024
 #: Most bytes of records in one gRPC message (a larger record goes alone).
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: Sessions one stream may carry at once; a session past it ends at once (RESOURCE_EXHAUSTED).
+#: Not a memory bound (the stream's bytes bound is, and the daemon token may open more
+#: streams): a sanity bound on one stream's session table.
 MAX_SESSIONS = 65536
+#: Initial metadata of a ConnectMultiplexed stream: the bytes the core lets be
+#: unacknowledged across the stream's sessions (decimal).
+STREAM_BYTES_KEY = "car-multiplex-stream-bytes"
 
 
 def fits(unacked_batches: int, unacked_bytes: int) -> bool:
@@ -53,6 +67,8 @@ class Owed:
     def __init__(self) -> None:
         self._by_session: dict[int, list[int]] = {}
         self.due = False
+        #: The bytes owed, over every session.
+        self.bytes = 0
 
     def __bool__(self) -> bool:
         return bool(self._by_session)
@@ -62,6 +78,7 @@ class Owed:
         ack = self._by_session.setdefault(session, [0, 0])
         ack[0] += 1
         ack[1] += size
+        self.bytes += size
         if ack_due(*ack):
             self.due = True
             return True
@@ -75,13 +92,17 @@ class Owed:
     def take(self, session: int) -> tuple[int, int]:
         """What is owed to `session`, for its next record (or dropped: it ended)."""
         ack = self._by_session.pop(session, None)
-        return (ack[0], ack[1]) if ack else (0, 0)
+        if ack is None:
+            return (0, 0)
+        self.bytes -= ack[1]
+        return (ack[0], ack[1])
 
     def records(self) -> list[bytes]:
         """Every acknowledgement owed, each as a record of its own; none is owed after."""
         out = [record(key, ack=(n, size)) for key, (n, size) in self._by_session.items()]
         self._by_session.clear()
         self.due = False
+        self.bytes = 0
         return out
 
 

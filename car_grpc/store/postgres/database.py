@@ -216,6 +216,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE goals ADD COLUMN core_id TEXT COLLATE "C" NOT NULL DEFAULT '';
     ALTER TABLE a2a_tasks ADD COLUMN core_id TEXT COLLATE "C" NOT NULL
         DEFAULT COALESCE(current_setting('car.core_id', true), '');
+    """,  # 9: a goal's owner, the principal that set it ("daemon", "host", "agent:<id>"); goals
+    # set before owners were kept are the daemon token's.
+    """
+    ALTER TABLE goals ADD COLUMN owner TEXT COLLATE "C" NOT NULL DEFAULT 'daemon';
+    CREATE INDEX goals_by_owner ON goals(owner, session_id);
     """,
 ]
 

@@ -1,7 +1,8 @@
-"""GoalStore on PostgreSQL (schema: migration 4 of database.py).
+"""GoalStore on PostgreSQL (schema: migrations 4 and 9 of database.py).
 
-A goal is keyed by its chat session_id; its status follows the chats of that session (see
-car_grpc.core.chats). Statuses are stored by name.
+A goal is keyed by its chat session_id and belongs to the principal that set it; its
+status follows the chats of that session (see car_grpc.core.chats). Statuses are stored
+by name.
 """
 
 from __future__ import annotations
@@ -14,8 +15,16 @@ from car_grpc.v1 import chats_pb2
 GoalStatus = chats_pb2.GoalStatus
 
 
-async def _get(cur: Cursor, session_id: str) -> chats_pb2.StoredGoal | None:
-    await cur.execute(f"SELECT {GOAL_COLUMNS} FROM goals WHERE session_id = %s", (session_id,))
+def _mine(owner: str | None) -> tuple[str, tuple[str, ...]]:
+    """The SQL condition (and its parameter) for `owner`'s goals; every goal for None."""
+    return ("", ()) if owner is None else (" AND owner = %s", (owner,))
+
+
+async def _get(cur: Cursor, session_id: str, owner: str | None) -> chats_pb2.StoredGoal | None:
+    mine, param = _mine(owner)
+    await cur.execute(
+        f"SELECT {GOAL_COLUMNS} FROM goals WHERE session_id = %s{mine}", (session_id, *param)
+    )
     found = await cur.fetchone()
     return goal_from_row(found) if found else None
 
@@ -29,45 +38,59 @@ class PostgresGoalStore:
     def __init__(self, database: PostgresDatabase) -> None:
         self._db = database
 
-    async def put(self, session_id: str, check: str, max_iterations: int) -> chats_pb2.StoredGoal:
-        async def upsert(cur: Cursor) -> chats_pb2.StoredGoal:
-            # The whole row is replaced: no evaluation of an earlier goal is carried over.
+    async def put(
+        self, session_id: str, check: str, max_iterations: int, owner: str, *, any_owner: bool
+    ) -> chats_pb2.StoredGoal | None:
+        async def upsert(cur: Cursor) -> chats_pb2.StoredGoal | None:
+            # The whole row but its owner is replaced: no evaluation of an earlier goal is
+            # carried over. Another owner's goal is left alone unless `any_owner`.
             await cur.execute(
-                f"INSERT INTO goals({GOAL_COLUMNS}) VALUES (%s, %s, %s, 'active',"
-                " NULL, NULL, NULL, NULL, NULL, %s)"
+                f"INSERT INTO goals({GOAL_COLUMNS}, owner) VALUES (%s, %s, %s, 'active',"
+                " NULL, NULL, NULL, NULL, NULL, %s, %s)"
                 " ON CONFLICT (session_id) DO UPDATE SET check_text = excluded.check_text,"
                 " max_iterations = excluded.max_iterations, status = excluded.status,"
                 " last_iteration = NULL, last_met = NULL, last_grounded = NULL,"
                 " last_reason = NULL, terminal_kind = NULL, updated_at = excluded.updated_at"
+                " WHERE goals.owner = excluded.owner OR %s"
                 f" RETURNING {GOAL_COLUMNS}",
-                (session_id, check, max_iterations, now_ms()),
+                (session_id, check, max_iterations, now_ms(), owner, any_owner),
             )
             stored = await cur.fetchone()
-            assert stored is not None
-            return goal_from_row(stored)
+            return None if stored is None else goal_from_row(stored)
 
         return await self._db.run(upsert)
 
-    async def get(self, session_id: str) -> chats_pb2.StoredGoal | None:
-        return await self._db.run(lambda cur: _get(cur, session_id))
+    async def get(self, session_id: str, owner: str | None = None) -> chats_pb2.StoredGoal | None:
+        return await self._db.run(lambda cur: _get(cur, session_id, owner))
 
-    async def list_all(self) -> list[chats_pb2.StoredGoal]:
+    async def list_all(self, owner: str | None = None) -> list[chats_pb2.StoredGoal]:
+        where = "" if owner is None else " WHERE owner = %s"
+
         async def select(cur: Cursor) -> list[chats_pb2.StoredGoal]:
-            await cur.execute(f"SELECT {GOAL_COLUMNS} FROM goals ORDER BY session_id")
+            await cur.execute(
+                f"SELECT {GOAL_COLUMNS} FROM goals{where} ORDER BY session_id",
+                () if owner is None else (owner,),
+            )
             return [goal_from_row(r) for r in await cur.fetchall()]
 
         return await self._db.run(select)
 
-    async def clear(self, session_id: str) -> bool:
+    async def clear(self, session_id: str, owner: str | None = None) -> bool:
+        mine, param = _mine(owner)
+
         async def delete(cur: Cursor) -> bool:
-            await cur.execute("DELETE FROM goals WHERE session_id = %s", (session_id,))
+            await cur.execute(
+                f"DELETE FROM goals WHERE session_id = %s{mine}", (session_id, *param)
+            )
             return rows_affected(cur) > 0
 
         return await self._db.run(delete)
 
-    async def clear_all(self) -> int:
+    async def clear_all(self, owner: str | None = None) -> int:
+        where = "" if owner is None else " WHERE owner = %s"
+
         async def delete(cur: Cursor) -> int:
-            await cur.execute("DELETE FROM goals")
+            await cur.execute(f"DELETE FROM goals{where}", () if owner is None else (owner,))
             return rows_affected(cur)
 
         return await self._db.run(delete)

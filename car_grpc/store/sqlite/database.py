@@ -183,6 +183,12 @@ MIGRATIONS: list[str] = [
         peer BLOB NOT NULL
     );
     """,
+    # 8: a goal's owner, the principal that set it ("daemon", "host", "agent:<id>"); goals
+    # set before owners were kept are the daemon token's.
+    """
+    ALTER TABLE goals ADD COLUMN owner TEXT NOT NULL DEFAULT 'daemon';
+    CREATE INDEX goals_by_owner ON goals(owner, session_id);
+    """,
 ]
 
 

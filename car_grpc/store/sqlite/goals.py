@@ -1,7 +1,8 @@
-"""GoalStore on the embedded database (schema: migration 4 of database.py).
+"""GoalStore on the embedded database (schema: migrations 4 and 8 of database.py).
 
-A goal is keyed by its chat session_id; its status follows the chats of that session (see
-car_grpc.core.chats). Statuses are stored by name.
+A goal is keyed by its chat session_id and belongs to the principal that set it; its
+status follows the chats of that session (see car_grpc.core.chats). Statuses are stored
+by name.
 """
 
 from __future__ import annotations
@@ -20,8 +21,18 @@ GoalStatus = chats_pb2.GoalStatus
 _ROW_OVERHEAD = 256
 
 
-def _get(conn: sqlite3.Connection, session_id: str) -> chats_pb2.StoredGoal | None:
-    row = conn.execute(f"SELECT {GOAL_COLUMNS} FROM goals WHERE session_id = ?", (session_id,))
+def _mine(owner: str | None) -> tuple[str, tuple[str, ...]]:
+    """The SQL condition (and its parameter) for `owner`'s goals; every goal for None."""
+    return ("", ()) if owner is None else (" AND owner = ?", (owner,))
+
+
+def _get(
+    conn: sqlite3.Connection, session_id: str, owner: str | None
+) -> chats_pb2.StoredGoal | None:
+    mine, param = _mine(owner)
+    row = conn.execute(
+        f"SELECT {GOAL_COLUMNS} FROM goals WHERE session_id = ?{mine}", (session_id, *param)
+    )
     found = row.fetchone()
     return goal_from_row(found) if found else None
 
@@ -30,39 +41,62 @@ class SqliteGoalStore:
     def __init__(self, database: SqliteDatabase) -> None:
         self._db = database
 
-    async def put(self, session_id: str, check: str, max_iterations: int) -> chats_pb2.StoredGoal:
-        def upsert(conn: sqlite3.Connection) -> chats_pb2.StoredGoal:
+    async def put(
+        self, session_id: str, check: str, max_iterations: int, owner: str, *, any_owner: bool
+    ) -> chats_pb2.StoredGoal | None:
+        def upsert(conn: sqlite3.Connection) -> chats_pb2.StoredGoal | None:
+            # The whole row but its owner is replaced: no evaluation of an earlier goal is
+            # carried over. Another owner's goal is left alone unless `any_owner`.
             conn.execute(
-                f"INSERT OR REPLACE INTO goals({GOAL_COLUMNS}) VALUES (?, ?, ?, 'active',"
-                " NULL, NULL, NULL, NULL, NULL, ?)",
-                (session_id, check, max_iterations, now_ms()),
+                f"INSERT INTO goals({GOAL_COLUMNS}, owner) VALUES (?, ?, ?, 'active',"
+                " NULL, NULL, NULL, NULL, NULL, ?, ?)"
+                " ON CONFLICT (session_id) DO UPDATE SET check_text = excluded.check_text,"
+                " max_iterations = excluded.max_iterations, status = excluded.status,"
+                " last_iteration = NULL, last_met = NULL, last_grounded = NULL,"
+                " last_reason = NULL, terminal_kind = NULL, updated_at = excluded.updated_at"
+                " WHERE goals.owner = excluded.owner OR ?",
+                (session_id, check, max_iterations, now_ms(), owner, any_owner),
             )
-            stored = _get(conn, session_id)
-            assert stored is not None
-            return stored
+            return _get(conn, session_id, None if any_owner else owner)
 
-        size = len(check) + len(session_id) + _ROW_OVERHEAD
+        size = len(check) + len(session_id) + len(owner) + _ROW_OVERHEAD
         return await self._db.write(upsert, size, ("goal", session_id))
 
-    async def get(self, session_id: str) -> chats_pb2.StoredGoal | None:
-        return await self._db.read(lambda conn: _get(conn, session_id), ("goal", session_id))
+    async def get(self, session_id: str, owner: str | None = None) -> chats_pb2.StoredGoal | None:
+        return await self._db.read(lambda conn: _get(conn, session_id, owner), ("goal", session_id))
 
-    async def list_all(self) -> list[chats_pb2.StoredGoal]:
+    async def list_all(self, owner: str | None = None) -> list[chats_pb2.StoredGoal]:
+        where = "" if owner is None else " WHERE owner = ?"
+
         def select(conn: sqlite3.Connection) -> list[chats_pb2.StoredGoal]:
-            rows = conn.execute(f"SELECT {GOAL_COLUMNS} FROM goals ORDER BY session_id").fetchall()
+            rows = conn.execute(
+                f"SELECT {GOAL_COLUMNS} FROM goals{where} ORDER BY session_id",
+                () if owner is None else (owner,),
+            ).fetchall()
             return [goal_from_row(r) for r in rows]
 
         return await self._db.read(select)
 
-    async def clear(self, session_id: str) -> bool:
+    async def clear(self, session_id: str, owner: str | None = None) -> bool:
+        mine, param = _mine(owner)
+
         def delete(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute("DELETE FROM goals WHERE session_id = ?", (session_id,))
+            cur = conn.execute(
+                f"DELETE FROM goals WHERE session_id = ?{mine}", (session_id, *param)
+            )
             return cur.rowcount > 0
 
         return await self._db.write(delete, key=("goal", session_id))
 
-    async def clear_all(self) -> int:
-        return await self._db.write(lambda conn: conn.execute("DELETE FROM goals").rowcount)
+    async def clear_all(self, owner: str | None = None) -> int:
+        where = "" if owner is None else " WHERE owner = ?"
+
+        def delete(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                f"DELETE FROM goals{where}", () if owner is None else (owner,)
+            ).rowcount
+
+        return await self._db.write(delete)
 
     async def set_status(
         self,

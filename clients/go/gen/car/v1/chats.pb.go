@@ -1600,7 +1600,10 @@ func (x *AgentChatApproveResponse) GetResolved() bool {
 	return false
 }
 
-// A standing goal, persisted across restarts.
+// A standing goal, persisted across restarts. It belongs to the token that set it (the
+// daemon token, the host token, or one agent's): a host or agent token sees and changes
+// only its own goals, the daemon token every goal; a chat forwards the stored goal of its
+// session_id only when its host may see it.
 type StoredGoal struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache

@@ -705,7 +705,10 @@ export const AgentChatApproveResponseSchema: GenMessage<AgentChatApproveResponse
   messageDesc(file_car_v1_chats, 17);
 
 /**
- * A standing goal, persisted across restarts.
+ * A standing goal, persisted across restarts. It belongs to the token that set it (the
+ * daemon token, the host token, or one agent's): a host or agent token sees and changes
+ * only its own goals, the daemon token every goal; a chat forwards the stored goal of its
+ * session_id only when its host may see it.
  *
  * @generated from message car.v1.StoredGoal
  */
