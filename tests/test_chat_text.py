@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
 from car_grpc.config import Config
 from car_grpc.core.server import Core
@@ -32,33 +32,18 @@ from car_grpc.wire import chat_text, codec
 from tests import roles
 from tests.chat_helpers import accept_chat, chat_stub
 from tests.conftest import make_config
+from tests.json_text_helpers import (
+    one_key_objects,
+    random_json,
+    random_string,
+    recv_text,
+    ws_session,
+)
 from tests.runs_helpers import state_of
-from tests.ws_client import HANDSHAKE
 from tests.ws_helpers import running
 
 JSON = Any
 AGENT = "bot"
-
-_CHARS = ["a", "Z", " ", '"', "\\", "/", "\n", "\x00", "\x1f", "\x7f", "é", "€", "😀"]
-
-
-def _string(rng: random.Random) -> str:
-    return "".join(rng.choice(_CHARS) for _ in range(rng.randint(0, 6)))
-
-
-def _free(rng: random.Random, depth: int = 0, *, plain: bool = True) -> JSON:
-    """Free-form JSON; `plain`: only what the text is written for."""
-    kind = rng.randint(0, 5 if depth < 2 else 2)
-    if kind == 0:
-        return _string(rng)
-    if kind == 1:
-        return rng.choice([True, False, None])
-    if kind == 2:
-        numbers = [0, -1, 7, 2**53, -(2**53)]
-        return rng.choice(numbers if plain else [*numbers, 1.5, 60.0, 2**53 + 1])
-    if kind in (3, 4):
-        return {_string(rng) + str(i): _free(rng, depth + 1, plain=plain) for i in range(2)}
-    return [_free(rng, depth + 1, plain=plain) for _ in range(rng.randint(0, 2))]
 
 
 _WRONG: list[JSON] = [5, "x", True, -1, 2**32, 1.5, [], {}]
@@ -67,17 +52,17 @@ _WRONG: list[JSON] = [5, "x", True, -1, 2**32, 1.5, [], {}]
 def _params(rng: random.Random, *, plain: bool = True) -> dict[str, JSON]:
     """The params of a random agent.chat.event (every member the codec reads); unless
     `plain`, now and then a member of a type the codec refuses."""
-    params: dict[str, JSON] = {"session_id": _string(rng) if rng.random() < 0.95 else None}
+    params: dict[str, JSON] = {"session_id": random_string(rng) if rng.random() < 0.95 else None}
     kinds = ["token", "done", "goal_evaluated", "tool_call", "", "é"]
     for key, make in (
         ("kind", lambda: rng.choice(kinds)),
-        ("delta", lambda: _string(rng)),
-        ("approval_id", lambda: _string(rng)),
+        ("delta", lambda: random_string(rng)),
+        ("approval_id", lambda: random_string(rng)),
         ("iteration", lambda: rng.choice([0, 3, 3.0, 2**32 - 1])),
         ("met", lambda: rng.choice([True, False])),
         ("grounded", lambda: rng.choice([True, False])),
-        ("reason", lambda: _string(rng)),
-        ("message", lambda: _string(rng)),
+        ("reason", lambda: random_string(rng)),
+        ("message", lambda: random_string(rng)),
     ):
         if rng.random() < 0.4:
             params[key] = make() if rng.random() < 0.9 else None
@@ -85,7 +70,7 @@ def _params(rng: random.Random, *, plain: bool = True) -> dict[str, JSON]:
                 params[key] = rng.choice(_WRONG)
     for key in ("tool", "agent_id", "args", "event_text"):  # the event's other keys
         if rng.random() < 0.2:
-            params[key] = _free(rng, plain=plain)
+            params[key] = random_json(rng, plain=plain)
     keys = list(params)
     rng.shuffle(keys)  # the agent's member order is its own
     return {k: params[k] for k in keys}
@@ -123,14 +108,6 @@ def _spliced(notice: chats_pb2.AgentChatEventNotice) -> str:
     return text
 
 
-def _one_key_objects(value: JSON) -> bool:
-    if isinstance(value, dict):
-        return len(value) <= 1 and all(_one_key_objects(v) for v in value.values())
-    if isinstance(value, list):
-        return all(_one_key_objects(v) for v in value)
-    return True
-
-
 def _refused(params: JSON) -> bool:
     """Whether the gateway drops this agent.chat.event (nothing for the core)."""
     text = json.dumps({"jsonrpc": "2.0", "method": "agent.chat.event", "params": params})
@@ -163,7 +140,7 @@ def test_the_gateway_reads_events_as_the_codec_and_writes_their_text(plain: bool
         spliced, expected = _spliced(notice), _host_text(notice)
         assert json.loads(spliced) == json.loads(expected)
         others = [k for k in params if k in ("tool", "args", "event_text")]
-        if len(others) <= 1 and all(_one_key_objects(params[k]) for k in others):
+        if len(others) <= 1 and all(one_key_objects(params[k]) for k in others):
             assert spliced == expected, params
             exact += 1
     if plain:
@@ -256,32 +233,17 @@ async def served(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
         yield both
 
 
-async def _recv(ws: ClientConnection) -> JSON:
-    async with asyncio.timeout(10):
-        text = await ws.recv()
-    assert isinstance(text, str)
-    return text
-
-
-async def _ws(url: str, auth: dict[str, str]) -> ClientConnection:
-    ws = await connect(url, ping_interval=None, max_size=None)
-    for n, (method, params) in enumerate((("session.auth", auth), ("server.handshake", HANDSHAKE))):
-        await ws.send(json.dumps({"jsonrpc": "2.0", "id": n, "method": method, "params": params}))
-        assert "result" in json.loads(await _recv(ws))
-    return ws
-
-
 async def _open_ws_chat(host: ClientConnection, agent: ClientConnection, chat_id: str) -> None:
     """The WebSocket host opens chat `chat_id` with the WebSocket agent, which accepts it."""
     params = {"agent_id": AGENT, "prompt": "p", "session_id": chat_id}
     await host.send(
         json.dumps({"jsonrpc": "2.0", "id": 7, "method": "agents.chat", "params": params})
     )
-    request = json.loads(await _recv(agent))
+    request = json.loads(await recv_text(agent))
     assert request["method"] == "agent.chat", request
     answer = {"jsonrpc": "2.0", "id": request["id"], "result": {"accepted": True}}
     await agent.send(json.dumps(answer))
-    assert json.loads(await _recv(host))["result"]["accepted"]
+    assert json.loads(await recv_text(host))["result"]["accepted"]
 
 
 EVENTS: list[JSON] = [
@@ -304,13 +266,13 @@ async def test_a_host_behind_the_gateway_gets_the_agents_text_and_a_typed_host_p
     core, gateway = served
     state = state_of(core)
     token = await state.agent_tokens.add(AGENT)
-    agent = await _ws(gateway.url, {"agent_id": AGENT, "token": token})
-    host = await _ws(gateway.url, {"host_token": state.tokens.host})
+    agent = await ws_session(gateway.url, {"agent_id": AGENT, "token": token})
+    host = await ws_session(gateway.url, {"host_token": state.tokens.host})
     # Through the gateway, both ways: spliced from the agent's text where it wrote one.
     await _open_ws_chat(host, agent, "c1")
     for event in EVENTS:
         await agent.send(_event_frame("c1", event))
-    received = [await _recv(host) for _ in EVENTS]
+    received = [await recv_text(host) for _ in EVENTS]
     for event, text in zip(EVENTS, received, strict=True):
         expected = _host_text(_decoded({"session_id": "c1", **event}))
         if "args" in event:
@@ -324,7 +286,7 @@ async def test_a_host_behind_the_gateway_gets_the_agents_text_and_a_typed_host_p
         call = chat_stub(channel).Chat(
             chats_pb2.ChatRequest(agent_id=AGENT, prompt="p", session_id="c2"), metadata=metadata
         )
-        request = json.loads(await _recv(agent))
+        request = json.loads(await recv_text(agent))
         answer = {"jsonrpc": "2.0", "id": request["id"], "result": {"accepted": True}}
         await agent.send(json.dumps(answer))
         first = await call.read()
@@ -351,7 +313,7 @@ async def test_text_from_an_agent_not_of_the_gateway_is_ignored(
     """A typed agent's AgentChatEventNotice.event_text never reaches a host."""
     core, gateway = served
     state = state_of(core)
-    host = await _ws(gateway.url, {"host_token": state.tokens.host})
+    host = await ws_session(gateway.url, {"host_token": state.tokens.host})
     async with grpc.aio.insecure_channel(core.grpc_address) as channel:
         agent = await roles.agent(core, channel, AGENT)
         params = {"agent_id": AGENT, "prompt": "p", "session_id": "c"}
@@ -359,14 +321,14 @@ async def test_text_from_an_agent_not_of_the_gateway_is_ignored(
             json.dumps({"jsonrpc": "2.0", "id": 7, "method": "agents.chat", "params": params})
         )
         await accept_chat(agent)
-        assert json.loads(await _recv(host))["result"]["accepted"]
+        assert json.loads(await recv_text(host))["result"]["accepted"]
         frame = session_pb2.ClientFrame()
         frame.agent_chat_event.session_id = "c"
         frame.agent_chat_event.event.kind = "token"
         frame.agent_chat_event.event.delta = "real"
         frame.agent_chat_event.event_text = '"kind":"token","delta":"forged"'
         await agent.send(frame)
-        event = json.loads(await _recv(host))
+        event = json.loads(await recv_text(host))
         assert event["method"] == "agents.chat.event"
         assert event["params"] == {
             "session_id": "c",
