@@ -428,7 +428,8 @@ class Chats:
         try:
             while (notice := await chat.events.get()) is not None:
                 if isinstance(notice, bytes):
-                    await host.send(notice)
+                    if not host.send_now(notice):
+                        await host.send(notice)
                 else:
                     await host.notify("agents_chat_event", notice)
         except SessionClosed:
