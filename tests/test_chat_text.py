@@ -80,11 +80,8 @@ def _decoded(params: JSON) -> chats_pb2.AgentChatEventNotice:
     """The notice the gateway sends the core for an agent.chat.event of `params`."""
     text = json.dumps({"jsonrpc": "2.0", "method": "agent.chat.event", "params": params})
     [message] = decode(text, {}).messages
-    assert message.frame is not None, message.reply
-    frame = message.frame
-    if isinstance(frame, bytes):  # read by chat_text, serialized at once
-        frame = session_pb2.ClientFrame.FromString(frame)
-    return frame.agent_chat_event
+    assert isinstance(message.frame, session_pb2.ClientFrame), message.reply
+    return message.frame.agent_chat_event
 
 
 def _host_text(notice: chats_pb2.AgentChatEventNotice) -> str:

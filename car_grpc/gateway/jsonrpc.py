@@ -420,17 +420,15 @@ def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Mess
             return Message()  # notifications are never answered, not even with an error
         error = error_object(METHOD_NOT_FOUND, f"unknown method: {method}")
         return Message(reply=error_response(client_id, error))
-    params = message.get("params")
-    # A chat event (a token: the hot path) is read with its JSON text for the host's
-    # notification in one pass, and serialized at once, where it can be (chat_text.py),
-    # else by the codec.
-    if binding.field == _CHAT_EVENT and shallow and (wire := _chat_event(params)) is not None:
-        return Message(frame=wire, client_id=client_id, answered=is_request, notice=notice)
     frame = session_pb2.ClientFrame()
     body = getattr(frame, binding.field)
     body.SetInParent()
+    params = message.get("params")
     try:
-        codec.params_to_message(params, body, binding.bare_field)
+        # A chat event (a token: the hot path) is read with its JSON text for the host's
+        # notification in one pass where it can be (chat_text.py), else by the codec.
+        if not (binding.field == _CHAT_EVENT and shallow and chat_text.read_event(params, body)):
+            codec.params_to_message(params, body, binding.bare_field)
     except (ValueError, TypeError, RecursionError) as e:
         msg, data = _params_error(e)
         msg = api.params_usage(body.DESCRIPTOR) or msg  # e.g. runs.record_turns
@@ -445,15 +443,6 @@ def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Mess
 
 _RECORD_TURNS = "runs_record_turns"
 _CHAT_EVENT = "agent_chat_event"
-
-
-def _chat_event(params: JSON) -> bytes | None:
-    """chat_text.agent_frame; None (the codec reads it, and says why it refuses) when the
-    params are not read there."""
-    try:
-        return chat_text.agent_frame(params)
-    except (ValueError, TypeError, RecursionError):
-        return None
 
 
 def _add_turn_texts(params: JSON, request: Any) -> None:

@@ -160,21 +160,6 @@ def _free_text(value: Any) -> str | None:
     return data.decode() if data.isascii() and b"\x7f" not in data else _ascii.encode(value)
 
 
-_AGENT_EVENT_TAG = varint(
-    session_pb2.ClientFrame.DESCRIPTOR.fields_by_name["agent_chat_event"].number << 3 | 2
-)
-
-
-def agent_frame(params: Any) -> bytes | None:
-    """The serialized ClientFrame `agent_chat_event` of an agent.chat.event's params, read
-    by read_event (None: not read here, left to the codec). Serialized from the notice
-    alone: no ClientFrame to build, fill and serialize around it, per token."""
-    notice = chats_pb2.AgentChatEventNotice()
-    if not read_event(params, notice):
-        return None
-    return member_frame(_AGENT_EVENT_TAG, notice.SerializeToString())
-
-
 # ---------------------------------------------------------------- the core's side
 
 
