@@ -30,7 +30,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from car_grpc.v1 import chats_pb2, options_pb2, session_pb2
 from car_grpc.wire import codec
-from car_grpc.wire.batch import member_frame, varint
+from car_grpc.wire.batch import varint
 from car_grpc.wire.turn_text import plain
 
 #: An event whose text is longer goes without (it would double a large frame on its way
