@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from car_grpc.config import Config
 from car_grpc.core.run_turns import FIELD_CAP
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
@@ -27,7 +24,6 @@ from car_grpc.gateway.jsonrpc import Bridge, decode
 from car_grpc.v1 import runs_pb2, session_pb2
 from car_grpc.wire import codec, turn_text
 from tests import roles
-from tests.conftest import make_config
 from tests.json_text_helpers import (
     one_key_objects,
     random_json,
@@ -36,7 +32,6 @@ from tests.json_text_helpers import (
     ws_session,
 )
 from tests.runs_helpers import state_of
-from tests.ws_helpers import running
 
 JSON = Any
 TRACE_EVENT = "runs.trace.event"
@@ -158,17 +153,6 @@ def test_a_client_cannot_send_the_text_itself() -> None:
 
 
 # ---------------------------------------------------------------- end to end
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Config:
-    return make_config(tmp_path)
-
-
-@pytest.fixture
-async def served(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
-    async with running(config) as both:
-        yield both
 
 
 async def _call(ws: ClientConnection, method: str, params: JSON) -> JSON:
