@@ -62,7 +62,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from bench import summary
 from bench.bench_gateway import mux_echo
-from bench.proc import cpu_seconds, machine_busy_seconds, rss_kib
+from bench.proc import cpu_seconds, machine_busy_seconds, own_cpu_seconds, rss_kib
 from tests.processes import Process, car_grpc_serve, launch, log_listening
 
 SESSIONS = 1000
@@ -459,6 +459,9 @@ class Phase:
     #: process, /proc/stat), during the traffic.
     cpu_workers_s: float = 0.0
     cpu_machine_s: float = 0.0
+    #: CPU seconds of the server's first process alone during the traffic (the core, when
+    #: gateway processes run beside it).
+    cpu_first_s: float = 0.0
     open_s: float = 0.0
     latencies: dict[str, list[float]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
@@ -474,9 +477,14 @@ def _worker(
 
 
 async def drive(
-    server_pid: int, url: str, tokens_file: str, check: Callable[[], Awaitable[int]]
+    server_pid: int,
+    url: str,
+    tokens_file: str,
+    check: Callable[[], Awaitable[int]],
+    at_go: Callable[[], object] | None = None,
 ) -> Phase:
-    """Open the sessions over the workers, run the traffic, close, measuring the server."""
+    """Open the sessions over the workers, run the traffic, close, measuring the server.
+    `at_go()` is called as the traffic starts (bench/load_ab.py: a profiler)."""
     phase = Phase(rss_start_kib=rss_kib(server_pid))
     per_worker = SESSIONS // WORKERS
     started = time.perf_counter()
@@ -491,9 +499,12 @@ async def drive(
         await asyncio.sleep(1)  # let the allocator settle
         phase.rss_idle_kib = rss_kib(server_pid)
         cpu = cpu_seconds(server_pid)
+        cpu_first = own_cpu_seconds(server_pid)
         cpu_workers = sum(cpu_seconds(w.proc.pid) for w in workers)
         cpu_machine = machine_busy_seconds()
         go = time.perf_counter()
+        if at_go is not None:
+            at_go()
         for worker in workers:
             assert worker.proc.stdin is not None
             worker.proc.stdin.write(f"go {DURATION}\n".encode())
@@ -503,6 +514,7 @@ async def drive(
             samples.append(rss_kib(server_pid))
             await asyncio.wait(reports, timeout=0.5)
         phase.cpu_traffic_s = cpu_seconds(server_pid) - cpu
+        phase.cpu_first_s = own_cpu_seconds(server_pid) - cpu_first
         phase.traffic_s = time.perf_counter() - go
         phase.cpu_workers_s = sum(cpu_seconds(w.proc.pid) for w in workers) - cpu_workers
         phase.cpu_machine_s = machine_busy_seconds() - cpu_machine

@@ -19,11 +19,13 @@ def process_tree(pid: int) -> list[int]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of `pid` and its descendants so far."""
-    ticks = 0
-    for process in process_tree(pid):
-        fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return sum(own_cpu_seconds(process) for process in process_tree(pid))
+
+
+def own_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` alone so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:

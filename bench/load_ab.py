@@ -1,0 +1,133 @@
+"""A/B of bench_load's car-grpc phase for several source trees, alternated round by round.
+
+    python -m bench.load_ab ROUNDS TREE... [-- SERVE_FLAGS]
+
+Each round runs bench_load's car-grpc phase (1,000 sessions, 15 s of traffic, auth on)
+against a fresh `car-grpc serve --no-dashboard SERVE_FLAGS` of each TREE in turn (the order
+reversed every other round; a TREE is a directory holding `car_grpc`, imported first:
+PYTHONPATH, and the server's working directory), and prints, per round and tree: ops/s,
+protocol errors, the worst p99, the server's CPU in cores and per operation, split into
+its first process (the core) and the rest (gateway processes, with
+`--gateway-processes N`), and the load generator's and the machine's CPU in cores. Run it
+from outside any checkout (the current directory comes first on sys.path).
+LOAD_AB_SPY=DIR: a py-spy profile (`--gil`, raw) of each core during its traffic, into
+DIR (LOAD_AB_SPY_BIN: py-spy's path, default /tmp/spy/bin/py-spy). Not part of
+`python -m bench`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench import bench_load
+from tests.processes import EPHEMERAL, car_grpc_argv, cli_env, launch
+
+
+def _spy(pid: int, name: str) -> subprocess.Popen[bytes] | None:
+    folder = os.environ.get("LOAD_AB_SPY")
+    if not folder:
+        return None
+    spy = os.environ.get("LOAD_AB_SPY_BIN", "/tmp/spy/bin/py-spy")
+    argv = [spy, "record", "--gil", "-p", str(pid), "-d", "12", "-r", "200", "-f", "raw"]
+    return subprocess.Popen(
+        [*argv, "-o", str(Path(folder) / f"{name}.txt")], stdout=subprocess.DEVNULL
+    )
+
+
+async def one(tree: str, flags: Sequence[str], name: str) -> bench_load.Phase:
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        argv = car_grpc_argv("serve", *EPHEMERAL, "--no-dashboard", *flags)
+        env = cli_env(home, PYTHONPATH=tree)
+        async with launch(argv, env=env, cwd=tree) as server:
+            _, url = await server.listeners(2, timeout=60)
+            tokens_file = home / "tokens.json"
+            daemon = (home / "ai.parslee.car" / "auth-token").read_text().strip()
+            agents = await bench_load.mint_agents(home)
+            tokens_file.write_text(json.dumps({"daemon": daemon, "agents": agents}))
+            spies: list[subprocess.Popen[bytes]] = []
+
+            def at_go() -> None:
+                if (spy := _spy(server.proc.pid, name)) is not None:
+                    spies.append(spy)
+
+            phase = await bench_load.drive(
+                server.proc.pid,
+                url,
+                str(tokens_file),
+                lambda: bench_load.sessions_left(home, url),
+                at_go,
+            )
+            for spy in spies:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    spy.wait(30)
+            return phase
+
+
+def _row(phase: bench_load.Phase) -> dict[str, float]:
+    n = bench_load._ops(phase)
+    t = phase.traffic_s
+    return {
+        "ops/s": n / bench_load.DURATION,
+        "errors": len(phase.errors) + abs(phase.left_open),
+        "p99 ms": bench_load._worst_p99(phase),
+        "server cores": phase.cpu_traffic_s / t,
+        "us/op": phase.cpu_traffic_s / n * 1e6,
+        "core us/op": phase.cpu_first_s / n * 1e6,
+        "rest us/op": (phase.cpu_traffic_s - phase.cpu_first_s) / n * 1e6,
+        "core cores": phase.cpu_first_s / t,
+        "load gen": phase.cpu_workers_s / t,
+        "machine": phase.cpu_machine_s / t,
+    }
+
+
+_FORMAT = {"ops/s": "{:.0f}", "errors": "{:.0f}", "p99 ms": "{:.0f}", "us/op": "{:.0f}",
+           "core us/op": "{:.0f}", "rest us/op": "{:.0f}"}  # fmt: skip
+
+
+def _cell(key: str, value: float) -> str:
+    return _FORMAT.get(key, "{:.2f}").format(value)
+
+
+async def run(rounds: int, trees: Sequence[str], flags: Sequence[str]) -> None:
+    bench_load.raise_fd_limit()
+    rows: dict[str, list[dict[str, float]]] = {tree: [] for tree in trees}
+    keys: list[str] | None = None
+    for r in range(rounds):
+        for i, tree in enumerate(trees if r % 2 == 0 else trees[::-1]):
+            row = _row(await one(tree, flags, f"r{r}-{Path(tree).name}-{i}"))
+            rows[tree].append(row)
+            keys = list(row)
+            cells = " ".join(f"{k} {_cell(k, v)}" for k, v in row.items())
+            print(f"round {r} {tree}: {cells}", flush=True)
+    assert keys is not None
+    print(f"\nbench_load car-grpc phase, flags {' '.join(flags) or '(none)'}: median (range)")
+    for tree, tree_rows in rows.items():
+        print(f"  {tree}")
+        for k in keys:
+            values = [row[k] for row in tree_rows]
+            print(
+                f"    {k:14} {_cell(k, statistics.median(values)):>8}"
+                f"  ({_cell(k, min(values))}-{_cell(k, max(values))})"
+            )
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    flags: list[str] = []
+    if "--" in args:
+        args, flags = args[: args.index("--")], args[args.index("--") + 1 :]
+    asyncio.run(run(int(args[0]), args[1:], flags))
+
+
+if __name__ == "__main__":
+    main()
