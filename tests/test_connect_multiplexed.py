@@ -142,6 +142,34 @@ async def test_a_session_not_read_holds_back_only_itself(core: Core, gateway: Ga
     assert gateway.ids(1) == ["auth", *(str(i) for i in range(n))]
 
 
+async def test_answers_the_credits_hold_back_go_as_one_batch_in_order(
+    core: Core, gateway: Gateway
+) -> None:
+    """A session's answers past its credits wait in its queue (the stream takes them: no
+    writer task); once acknowledged, the stream takes every one queued, in order, as one
+    batch."""
+    token = daemon_token(core)
+    await gateway.request(1, _frame("auth", "session_auth", token=token))
+    await gateway.until(lambda: gateway.ids(1) == ["auth"])
+    await gateway.ack(1)
+    n = multiplex.WINDOW_BATCHES + 4
+    for i in range(n):  # one message each, within the credits the core acknowledges
+        await gateway.until(lambda i=i: 1 + i - gateway.acks[1] < multiplex.WINDOW_BATCHES)
+        await gateway.request(1, _frame(str(i), "tools_list"))
+    assert core.parts is not None
+    [session] = core.parts.registry.sessions.values()
+    await gateway.until(lambda: len(gateway.unacked[1]) == multiplex.WINDOW_BATCHES)
+    async with asyncio.timeout(10):  # the core reads the last requests on its own time
+        while len(session.outbound) < 4:
+            await asyncio.sleep(0.005)
+    assert len(gateway.unacked[1]) == multiplex.WINDOW_BATCHES
+    await gateway.ack(1)
+    await gateway.until(lambda: len(gateway.ids(1)) == 1 + n)
+    assert gateway.ids(1) == ["auth", *(str(i) for i in range(n))]
+    assert len(gateway.unacked[1]) == 1  # the four held back: one batch
+    assert session.outbound.empty()
+
+
 async def test_an_answer_carries_the_acknowledgement_of_its_request(
     core: Core, gateway: Gateway
 ) -> None:

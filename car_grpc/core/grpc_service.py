@@ -67,8 +67,11 @@ class SessionStream:
         self.at_once = service.dispatcher.router.at_once
         self.context = context
         self.session = service.registry.open(streaming=True, peer=context.peer())
-        if isinstance(context, SessionChannel):
-            self._channel = context
+        #: A multiplexed session's channel: the stream takes its frames (no writer task).
+        self._channel = context if isinstance(context, SessionChannel) else None
+        if self._channel is not None:
+            self._channel.attach(self.session.outbound)
+            self._channel.answers = self._resolve_answers
             self.session.write_now = self._write_now
         self.inflight = asyncio.Semaphore(service.max_inflight)
         #: Each holds an in-flight slot: tasks, and the futures of notifications that wait
@@ -87,7 +90,8 @@ class SessionStream:
         self._unstarted = 0
 
     async def run(self) -> None:
-        writer = asyncio.create_task(self._write_loop())
+        # A multiplexed session has no writer: its stream takes its frames.
+        writer = asyncio.create_task(self._write_loop()) if self._channel is None else None
         try:
             await self._read_loop()
             if self.notifying:  # each bounded by its handler; the client may cancel
@@ -95,12 +99,14 @@ class SessionStream:
         finally:
             for task in self.tasks:
                 task.cancel()
-            writer.cancel()
+            if writer is not None:
+                writer.cancel()
             # Shielded: the RPC may be cancelled again while the session closes, and the
             # close hooks (some write to the store) must still run to the end.
             await asyncio.shield(self.registry.close(self.session))
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            if writer is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
 
     async def _write_loop(self) -> None:
         queue, lock = self.session.outbound, self.write_lock
@@ -123,12 +129,25 @@ class SessionStream:
                     queue.task_done()
 
     def _write_now(self, data: bytes) -> bool:
-        """A frame onto a multiplexed session's channel at once, as the writer would write
-        it, when nothing is queued or being written before it and the credits take it:
-        no await, so nothing a cancellation could leave halfway. False: not written."""
-        if not self.session.outbound.empty() or self.write_lock.locked():
-            return False
+        """A frame onto a multiplexed session's channel at once, when nothing is queued
+        before it and the credits take it: no await, so nothing a cancellation could
+        leave halfway. False: not written."""
+        assert self._channel is not None
         return self._channel.try_write(batch.encode((data,)))
+
+    def _resolve_answers(self, message: session_pb2.ConnectBatchedRequest) -> bool:
+        """A batch of nothing but answers to the session's calls (tools.execute results),
+        resolved at once, as `_handle` would; False (nothing done) for any other batch."""
+        frames = message.frames
+        for frame in frames:
+            member = frame.WhichOneof("body")
+            if member != "error":
+                binding = api.CLIENT_MEMBERS.get(member or "")
+                if binding is None or binding.kind != api.RESPONSE:
+                    return False
+        for frame in frames:
+            self.session.resolve(frame)  # late or unknown answers are ignored
+        return True
 
     async def _read_loop(self) -> None:
         read = self.context.read
@@ -235,7 +254,13 @@ class SessionStream:
         written (no hop through the writer task), else behind what waits. A request task
         is cancelled only when the stream ends, so no write is abandoned halfway."""
         session = self.session
-        if session.outbound.empty() and not self.write_lock.locked() and not self._more:
+        if self._channel is not None:
+            # Never waits but for room in the session's queue (the stream takes it).
+            if not self._more and not session.closed.is_set():
+                data = frame if isinstance(frame, bytes) else _write(frame)
+                if self._channel.try_write(batch.encode((data,))):
+                    return
+        elif session.outbound.empty() and not self.write_lock.locked() and not self._more:
             if session.closed.is_set():
                 return
             async with self.write_lock:

@@ -2,10 +2,17 @@
 
 Each session on the stream is run by the same SessionStream as a ConnectBatched stream of
 its own: it is given a `SessionChannel` instead of a gRPC context, which reads the
-session's batches from its own queue and writes its batches into the stream's next
+session's batches from its own queue and puts its batches into the stream's next
 message, within the session's credits. The stream's reader never waits for a session
 (credits bound what each may have queued, and the stream's credits what all have); its
 writer sends every record ready at once in one message.
+
+Per frame the path is kept short: a session has no writer task. When a frame enters its
+outbound queue, the session asks the stream to `pull` (once, until taken): the stream
+takes every frame queued by then itself when it builds its next message, as one batch,
+within the session's credits (a pull the credits hold keeps its place until the
+gateway's acknowledgement wakes the writer). A frame with nothing queued before it is
+written at once (`try_write`). Neither awaits: no cancellation can leave a write halfway.
 """
 
 from __future__ import annotations
@@ -14,15 +21,18 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from car_grpc.v1 import session_pb2
-from car_grpc.wire import multiplex
+from car_grpc.wire import batch, multiplex
 
 if TYPE_CHECKING:
     from car_grpc.core.grpc_service import GrpcService
+    from car_grpc.core.outbound import OutboundQueue
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +51,24 @@ class SessionChannel:
     def __init__(self, stream: MultiplexedStream, key: int) -> None:
         self._stream = stream
         self.key = key
-        #: Batches from the gateway not yet read by the session (bounded by its credits).
-        self.inbound: deque[bytes] = deque()
+        #: Batches from the gateway not yet read by the session (bounded by its credits):
+        #: each its size and its bytes, or the message parsed already.
+        self.inbound: deque[tuple[int, bytes | session_pb2.ConnectBatchedRequest]] = deque()
         self.inbound_bytes = 0
         self._readable = asyncio.Event()
+        self._idle = False  # the session waits for its next batch, all before it handled
+        #: Set by the session: handles a batch of nothing but answers to its calls at
+        #: once (True), with no hop through its reader; False: nothing done.
+        self.answers: Callable[[session_pb2.ConnectBatchedRequest], bool] | None = None
         self.client_done = False  # the gateway said `end`
         #: Batches written to the gateway and not yet acknowledged, and their bytes.
         self._unacked = 0
         self._unacked_bytes = 0
-        self._credit = asyncio.Event()
+        #: The session's frames towards the gateway (`attach`), taken by the stream.
+        self._outbound: OutboundQueue | None = None
+        self._pulling = False  # the stream holds a pull of this session, not yet taken
+        self._dropped = False  # cancelled by the gateway: what is queued goes nowhere
+        self.ended = False  # the session is over: its end record is on its way
 
     def peer(self) -> str:
         return self._stream.peer
@@ -67,15 +86,27 @@ class SessionChannel:
                 f"a batch past the stream's credits ({stream.unacked_bytes} bytes"
                 f" unacknowledged across its sessions, at most {stream.limit_bytes})"
             )
-        self.inbound.append(batch)
+        item: bytes | session_pb2.ConnectBatchedRequest = batch
+        if self._idle and not self.inbound and self.answers is not None:
+            # Parsed here rather than in the session's reader: the same work, and a batch
+            # of answers needs no reader at all. (Bytes that do not parse go to the
+            # reader, which fails the session alone, as before.)
+            with contextlib.suppress(DecodeError):
+                message = session_pb2.ConnectBatchedRequest.FromString(batch)
+                if self.answers(message):
+                    stream.acknowledge(self.key, len(batch))
+                    return None
+                item = message
+        self.inbound.append((len(batch), item))
         self.inbound_bytes += len(batch)
         stream.inbound_bytes += len(batch)
         self._readable.set()
         return None
 
-    def release(self) -> None:
+    def release(self, *, cancelled: bool = False) -> None:
         """The session is over (ended, or cancelled by the gateway): what it was sent no
         longer counts, unread or owed (the gateway stops counting it too)."""
+        self._dropped = self._dropped or cancelled
         self._stream.inbound_bytes -= self.inbound_bytes
         self.inbound.clear()
         self.inbound_bytes = 0
@@ -88,38 +119,75 @@ class SessionChannel:
     def acknowledged(self, batches: int, size: int) -> None:
         self._unacked = max(0, self._unacked - batches)
         self._unacked_bytes = max(0, self._unacked_bytes - size)
-        self._credit.set()
+        if self._pulling:
+            self._stream.wake()  # the pull may wait for these credits
 
     async def read(self) -> Any:
         while not self.inbound:
             if self.client_done:
                 return grpc.aio.EOF
             self._readable.clear()
-            await self._readable.wait()
-        data = self.inbound.popleft()
-        self.inbound_bytes -= len(data)
-        self._stream.inbound_bytes -= len(data)
-        self._stream.acknowledge(self.key, len(data))
+            self._idle = True
+            try:
+                await self._readable.wait()
+            finally:
+                self._idle = False
+        size, data = self.inbound.popleft()
+        self.inbound_bytes -= size
+        self._stream.inbound_bytes -= size
+        self._stream.acknowledge(self.key, size)
         # No typed twins to fill in (wire/twins.py): the gateway writes its frames from
         # JSON, which has none, and whatever the core sends on derives its own.
-        return session_pb2.ConnectBatchedRequest.FromString(data)
+        if isinstance(data, bytes):
+            return session_pb2.ConnectBatchedRequest.FromString(data)
+        return data
 
-    async def write(self, data: bytes) -> None:
-        # As a write on a stream of its own waits for the HTTP/2 window: until the gateway
-        # has taken enough of what was sent before.
-        while not self.try_write(data):
-            self._credit.clear()
-            await self._credit.wait()
+    def attach(self, outbound: OutboundQueue) -> None:
+        """The session's outbound queue: the stream takes its frames (no writer task)."""
+        self._outbound = outbound
+        outbound.on_put = self._pull
+
+    def _pull(self) -> None:
+        """A frame was queued: the stream takes what is queued when it writes next."""
+        if not self._pulling and not self._dropped:
+            self._pulling = True
+            self._stream.send(self)
+
+    def pulled(self) -> bytes | None:
+        """The record of every frame queued now, as one batch (b"": none), or None while
+        the credits hold them back (multiplex.Pull)."""
+        queue = self._outbound
+        if queue is None or self._dropped:
+            self._pulling = False
+            return b""
+        if not multiplex.fits(self._unacked, self._unacked_bytes):
+            if self.ended:  # its end record goes first: the gateway would ignore them
+                self._pulling = False
+                return b""
+            return None
+        self._pulling = False  # before the take: frames let in by it pull again, after
+        frames = queue.take_ready(batch.MAX_FRAMES, batch.MAX_BYTES)
+        for _ in frames:
+            queue.task_done()
+        return self._record(batch.encode(frames)) if frames else b""
 
     def try_write(self, data: bytes) -> bool:
-        """`write` without waiting: False (nothing written) when the credits hold it back."""
-        if not multiplex.fits(self._unacked, self._unacked_bytes):
+        """A batch into the stream's next message at once: False (nothing written) when
+        the credits hold it back or frames queued before it are not taken yet. Never
+        awaits, so no cancellation can leave it halfway."""
+        if self._pulling or not multiplex.fits(self._unacked, self._unacked_bytes):
             return False
+        if self._outbound is not None and not self._outbound.empty():
+            return False
+        self._stream.send(self._record(data))
+        return True
+
+    def _record(self, data: bytes) -> bytes:
+        """The record of batch `data`, sent within the credits; what is owed to the
+        gateway goes along (no record of its own)."""
         self._unacked += 1
         self._unacked_bytes += len(data)
-        # What is owed to the gateway goes along (no record of its own).
-        self._stream.send(multiplex.record(self.key, data, ack=self._stream.owed.take(self.key)))
-        return True
+        return multiplex.record(self.key, data, ack=self._stream.owed.take(self.key))
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise _Ended(code, details)
@@ -134,8 +202,9 @@ class MultiplexedStream:
         self.peer = context.peer()
         self.sessions: dict[int, tuple[SessionChannel, asyncio.Task[None]]] = {}
         self._last_key = -1  # ids only grow: a smaller one is a session that ended
-        #: Records for the next message, and the acknowledgements owed to the gateway.
-        self._records: list[bytes] = []
+        #: What goes in the next messages, in order: records, and sessions whose pull waits
+        #: (their record is made when the message is); the acknowledgements owed.
+        self._records: deque[bytes | multiplex.Pull] = deque()
         self.owed = multiplex.Owed()
         #: Bytes from the gateway unread by their sessions; with `owed`, what the stream's
         #: credits bound (at most limit_bytes, plus one batch).
@@ -149,8 +218,11 @@ class MultiplexedStream:
         """Bytes the gateway sent that the core has not acknowledged, over every session."""
         return self.inbound_bytes + self.owed.bytes
 
-    def send(self, record: bytes) -> None:
+    def send(self, record: bytes | multiplex.Pull) -> None:
         self._records.append(record)
+        self._ready.set()
+
+    def wake(self) -> None:
         self._ready.set()
 
     def acknowledge(self, key: int, size: int) -> None:
@@ -198,7 +270,7 @@ class MultiplexedStream:
                 if part.end:
                     channel.finish_input()
                 if part.cancel:
-                    channel.release()  # the gateway no longer counts them
+                    channel.release(cancelled=True)  # the gateway no longer counts them
                     task.cancel()
 
     def _session_for(
@@ -242,6 +314,7 @@ class MultiplexedStream:
             code, details = grpc.StatusCode.UNKNOWN, "internal error"
         finally:
             del self.sessions[channel.key]
+            channel.ended = True
             channel.release()
             self.send(multiplex.record(channel.key, end=True, flag4=code.value[0], message=details))
 
@@ -260,20 +333,12 @@ class MultiplexedStream:
                 return
 
     def _take(self) -> list[bytes]:
-        """The records of the next message: what the sessions wrote, up to
-        MAX_MESSAGE_BYTES (the rest waits for the next), then, once some session is owed
-        half a window (or the stream is closing), every acknowledgement owed."""
-        out: list[bytes] = []
-        size = 0
-        records, taken = self._records, 0
-        for record in records:
-            if taken and size + len(record) > multiplex.MAX_MESSAGE_BYTES:
-                break
-            out.append(record)
-            size += len(record)
-            taken += 1
-        del records[:taken]
-        if records:
+        """The records of the next message: what the sessions wrote (and what their pulls
+        take), up to MAX_MESSAGE_BYTES (the rest waits for the next), then, once some
+        session is owed half a window (or the stream is closing), every acknowledgement
+        owed."""
+        out, more = multiplex.next_records(self._records)
+        if more:
             self._ready.set()
         # Otherwise they wait for their sessions' next records (wire/multiplex.py).
         if self.owed.due or self._closing:

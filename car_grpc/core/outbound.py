@@ -32,6 +32,9 @@ class OutboundQueue:
         self._finished.set()
         #: Set by close(): makes the error a sender gets from then on.
         self._closed: Callable[[], BaseException] | None = None
+        #: Called as each frame is queued, when the stream takes the frames itself rather
+        #: than a writer task `get`ting them (a multiplexed session: core/multiplex.py).
+        self.on_put: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -139,7 +142,10 @@ class OutboundQueue:
         self.bytes += len(data)
         self._unfinished += 1
         self._finished.clear()
-        self._wake_getter()
+        if self.on_put is not None:
+            self.on_put()
+        else:
+            self._wake_getter()
 
     def _wake_getter(self) -> None:
         while self._getters:

@@ -83,6 +83,12 @@ def answer_bytes(request_id: str, member: str, message: Message, *, twins: bool)
     return head + batch.member_frame(_member_tag(member), message.SerializeToString())
 
 
+def _expire(future: asyncio.Future[session_pb2.ClientFrame]) -> None:
+    """A call's answer did not come in time."""
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
 def _id_field(request_id: str) -> bytes:
     return batch.length_delimited(1, request_id.encode())
 
@@ -237,13 +243,23 @@ class ClientSession:
         member `member` filled in place: nothing copied)."""
         self._check_callable()
         cid = frame.id
-        future: asyncio.Future[session_pb2.ClientFrame] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[session_pb2.ClientFrame] = loop.create_future()
         self._pending[cid] = future
         sent = time.perf_counter()
         try:
-            async with asyncio.timeout(timeout):
-                await self._send_call(frame)
-                answer = await future
+            if self._write_call_now(frame):
+                # Only the answer is waited for: a timer on its future is enough (cheaper
+                # than a Timeout around the task), and it raises the same TimeoutError.
+                expiry = loop.call_later(timeout, _expire, future)
+                try:
+                    answer = await future
+                finally:
+                    expiry.cancel()
+            else:
+                async with asyncio.timeout(timeout):
+                    await self.send(frame)
+                    answer = await future
         finally:
             self._pending.pop(cid, None)
         method = api.SERVER_MEMBERS[member].method
@@ -252,15 +268,12 @@ class ClientSession:
             raise CarError.from_proto(answer.error)
         return answer
 
-    async def _send_call(self, frame: session_pb2.ServerFrame) -> None:
-        """A call's request: written at once when the stream can take it (no hop through
-        its writer task; the caller waits for the answer anyway), else queued."""
+    def _write_call_now(self, frame: session_pb2.ServerFrame) -> bool:
+        """A call's request written at once when the stream can take it (no hop through
+        its writer task; the caller waits for the answer anyway); False: not written."""
         if self.write_now is None or self.closed.is_set():
-            await self.send(frame)
-            return
-        data = (frame if self.bridged else fill_out(frame)).SerializeToString()
-        if not self.write_now(data):
-            await self.send(data)
+            return False
+        return self.write_now((frame if self.bridged else fill_out(frame)).SerializeToString())
 
     def _check_callable(self) -> None:
         """Raise unless the client can be called now (a stream, room among its pending

@@ -31,6 +31,9 @@ never counts less than the core.
 
 from __future__ import annotations
 
+from collections import deque
+from typing import Protocol
+
 from car_grpc.wire.batch import varint
 
 #: A session's batch may be sent while fewer than this many are unacknowledged, each way,
@@ -131,3 +134,40 @@ def record(
         parts += (b"\x3a", varint(len(raw)), raw)
     body = b"".join(parts)
     return b"\x0a" + varint(len(body)) + body
+
+
+class Pull(Protocol):
+    """A session whose next record is made when the message is (its frames taken then)."""
+
+    def pulled(self) -> bytes | None:
+        """The record (b"": none after all), or None while the session's credits hold it."""
+        ...
+
+
+def next_records(queue: deque[bytes | Pull]) -> tuple[list[bytes], bool]:
+    """Records from the front of `queue` for one message, up to MAX_MESSAGE_BYTES (a larger
+    record goes alone), and whether more are ready. A pull the credits hold back keeps its
+    place (its session's acknowledgement wakes the writer)."""
+    out: list[bytes] = []
+    size = 0
+    held: list[Pull] = []
+    while queue:
+        item = queue[0]
+        if not isinstance(item, bytes):
+            record = item.pulled()
+            if record is None:
+                queue.popleft()
+                held.append(item)
+                continue
+            if not record:
+                queue.popleft()
+                continue
+            queue[0] = item = record  # taken: from here on an ordinary record
+        if out and size + len(item) > MAX_MESSAGE_BYTES:
+            break
+        queue.popleft()
+        out.append(item)
+        size += len(item)
+    more = bool(queue)
+    queue.extendleft(reversed(held))
+    return out, more
