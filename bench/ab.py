@@ -11,6 +11,8 @@ echo and bare multiplexed relay.
 
     python -m bench.ab MODE WINDOWS TREE... [-- SERVE_FLAGS]
 
+A TREE may carry serve flags of its own after commas (`DIR,--gateway-processes,1` beside
+`DIR`: one tree in two set-ups).
 MODE: `rt1`, `rt16`, `rt64`, ... (that many clients, each one `tools.list` after another,
 for AB_SECONDS, default 2), `chat` (one chat of AB_TOKENS tokens, default 20,000, agent
 -> host as bench_chats, per window) or `voice` (AB_CHUNKS PCM chunks, default 5,000,
@@ -64,9 +66,10 @@ async def _start(
         server = await stack.enter_async_context(bench_gateway.echo_server(tree))
         return Arm(tree, server, bridged=False)
     home = stack.enter_context(tempfile.TemporaryDirectory())
-    argv = car_grpc_argv("serve", *EPHEMERAL, "--no-auth", *flags)
-    env = cli_env(home, PYTHONPATH=tree)
-    process = await stack.enter_async_context(launch(argv, env=env, cwd=tree))
+    directory, *own = tree.split(",")  # the arm's own flags after commas
+    argv = car_grpc_argv("serve", *EPHEMERAL, "--no-auth", *own, *flags)
+    env = cli_env(home, PYTHONPATH=directory)
+    process = await stack.enter_async_context(launch(argv, env=env, cwd=directory))
     grpc_address, url = await process.listeners(2, timeout=60)
     arm = Arm(tree, bench_gateway.Server(url, process.proc.pid), bridged=True)
     if mode == "voice":  # the same bench engine (this tree's) for every server

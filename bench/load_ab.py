@@ -1,11 +1,12 @@
 """A/B of bench_load's car-grpc phase for several source trees, alternated round by round.
 
-    python -m bench.load_ab ROUNDS TREE... [-- SERVE_FLAGS]
+    python -m bench.load_ab ROUNDS TREE[,FLAG...]... [-- SERVE_FLAGS]
 
 Each round runs bench_load's car-grpc phase (1,000 sessions, 15 s of traffic, auth on)
 against a fresh `car-grpc serve --no-dashboard SERVE_FLAGS` of each TREE in turn (the order
 reversed every other round; a TREE is a directory holding `car_grpc`, imported first:
-PYTHONPATH, and the server's working directory), and prints, per round and tree: ops/s,
+PYTHONPATH, and the server's working directory; flags after commas are that arm's own,
+e.g. `DIR,--gateway-processes,1` beside `DIR`), and prints, per round and tree: ops/s,
 protocol errors, the worst p99, the server's CPU in cores and per operation, split into
 its first process (the core) and the rest (gateway processes, with
 `--gateway-processes N`), and the load generator's and the machine's CPU in cores. Run it
@@ -43,10 +44,11 @@ def _spy(pid: int, name: str) -> subprocess.Popen[bytes] | None:
     )
 
 
-async def one(tree: str, flags: Sequence[str], name: str) -> bench_load.Phase:
+async def one(arm: str, flags: Sequence[str], name: str) -> bench_load.Phase:
+    tree, *own = arm.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        argv = car_grpc_argv("serve", *EPHEMERAL, "--no-dashboard", *flags)
+        argv = car_grpc_argv("serve", *EPHEMERAL, "--no-dashboard", *own, *flags)
         env = cli_env(home, PYTHONPATH=tree)
         async with launch(argv, env=env, cwd=tree) as server:
             _, url = await server.listeners(2, timeout=60)
@@ -104,7 +106,7 @@ async def run(rounds: int, trees: Sequence[str], flags: Sequence[str]) -> None:
     keys: list[str] | None = None
     for r in range(rounds):
         for i, tree in enumerate(trees if r % 2 == 0 else trees[::-1]):
-            row = _row(await one(tree, flags, f"r{r}-{Path(tree).name}-{i}"))
+            row = _row(await one(tree, flags, f"r{r}-{i}"))
             rows[tree].append(row)
             keys = list(row)
             cells = " ".join(f"{k} {_cell(k, v)}" for k, v in row.items())
