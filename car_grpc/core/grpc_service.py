@@ -71,9 +71,11 @@ class SessionStream:
         self._channel = context if isinstance(context, SessionChannel) else None
         if self._channel is not None:
             self._channel.attach(self.session.outbound)
-            self._channel.answers = self._resolve_answers
+            self._channel.take_batch = self._take_batch
             self.session.write_now = self._write_now
-        self.inflight = asyncio.Semaphore(service.max_inflight)
+        #: In-flight slots free (max_inflight at most), and set when one is freed.
+        self._slots = service.max_inflight
+        self._slot_freed = asyncio.Event()
         #: Each holds an in-flight slot: tasks, and the futures of notifications that wait
         #: without a task (_park).
         self.tasks: set[asyncio.Future[Any]] = set()
@@ -135,18 +137,38 @@ class SessionStream:
         assert self._channel is not None
         return self._channel.try_write(batch.encode((data,)))
 
-    def _resolve_answers(self, message: session_pb2.ConnectBatchedRequest) -> bool:
-        """A batch of nothing but answers to the session's calls (tools.execute results),
-        resolved at once, as `_handle` would; False (nothing done) for any other batch."""
+    def _take_batch(self, message: session_pb2.ConnectBatchedRequest) -> bool:
+        """A batch of a multiplexed session handled as it arrives, from the stream's read
+        loop, with no hop through this session's reader, when nothing in it need wait:
+        answers to the session's calls (resolved) and, once authenticated, requests that
+        run in a task (each started, an in-flight slot free for it). False (nothing
+        done) for any other batch: the reader handles it, in order."""
         frames = message.frames
+        requests = 0
         for frame in frames:
             member = frame.WhichOneof("body")
-            if member != "error":
-                binding = api.CLIENT_MEMBERS.get(member or "")
-                if binding is None or binding.kind != api.RESPONSE:
+            if member == "error":
+                continue
+            binding = api.CLIENT_MEMBERS.get(member or "")
+            if binding is None:
+                return False
+            if binding.kind == api.REQUEST:
+                if not self.session.authenticated or self.dispatcher.runs_inline(binding.field):
                     return False
+                requests += 1
+            elif binding.kind != api.RESPONSE:
+                return False
+        if requests > self._slots:
+            return False
+        self._more = False
         for frame in frames:
-            self.session.resolve(frame)  # late or unknown answers are ignored
+            member = frame.WhichOneof("body")
+            binding = api.CLIENT_MEMBERS.get(member or "")
+            if binding is not None and binding.kind == api.REQUEST:
+                self._unstarted += 1
+                self._start(self._request_task(frame, binding.field))
+            else:
+                self.session.resolve(frame)  # late or unknown answers are ignored
         return True
 
     async def _read_loop(self) -> None:
@@ -206,8 +228,13 @@ class SessionStream:
     async def _spawn(
         self, work: Callable[..., Coroutine[Any, Any, object]], *args: Any
     ) -> asyncio.Task[object]:
-        await self.inflight.acquire()  # backpressure: stop reading while saturated
-        task = asyncio.create_task(work(*args))
+        await self._slot()  # backpressure: stop reading while saturated
+        return self._start(work(*args))
+
+    def _start(self, work: Coroutine[Any, Any, object]) -> asyncio.Task[object]:
+        """`work` in a task of its own, in the in-flight slot taken for it."""
+        self._slots -= 1
+        task = asyncio.create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self._done)
         return task
@@ -215,15 +242,23 @@ class SessionStream:
     async def _park(self, waiting: asyncio.Future[Any]) -> None:
         """A notification left waiting on a future (its handler acts on the outcome): it
         holds an in-flight slot until done, as a task would, without the cost of one."""
-        await self.inflight.acquire()  # backpressure: stop reading while saturated
+        await self._slot()  # backpressure: stop reading while saturated
+        self._slots -= 1
         self.tasks.add(waiting)
         self.notifying.add(waiting)
         waiting.add_done_callback(self._done)
 
+    async def _slot(self) -> None:
+        """Until an in-flight slot is free (the caller takes it)."""
+        while self._slots <= 0:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+
     def _done(self, task: asyncio.Future[Any]) -> None:
         self.tasks.discard(task)
         self.notifying.discard(task)
-        self.inflight.release()
+        self._slots += 1
+        self._slot_freed.set()
 
     async def _request_task(self, frame: session_pb2.ClientFrame, member: str) -> None:
         self._unstarted -= 1

@@ -57,9 +57,9 @@ class SessionChannel:
         self.inbound_bytes = 0
         self._readable = asyncio.Event()
         self._idle = False  # the session waits for its next batch, all before it handled
-        #: Set by the session: handles a batch of nothing but answers to its calls at
-        #: once (True), with no hop through its reader; False: nothing done.
-        self.answers: Callable[[session_pb2.ConnectBatchedRequest], bool] | None = None
+        #: Set by the session: handles a batch as it arrives when nothing in it need wait
+        #: (True), with no hop through its reader; False: nothing done.
+        self.take_batch: Callable[[session_pb2.ConnectBatchedRequest], bool] | None = None
         self.client_done = False  # the gateway said `end`
         #: Batches written to the gateway and not yet acknowledged, and their bytes.
         self._unacked = 0
@@ -87,13 +87,13 @@ class SessionChannel:
                 f" unacknowledged across its sessions, at most {stream.limit_bytes})"
             )
         item: bytes | session_pb2.ConnectBatchedRequest = batch
-        if self._idle and not self.inbound and self.answers is not None:
+        if self._idle and not self.inbound and self.take_batch is not None:
             # Parsed here rather than in the session's reader: the same work, and a batch
-            # of answers needs no reader at all. (Bytes that do not parse go to the
-            # reader, which fails the session alone, as before.)
+            # that need not wait needs no reader at all. (Bytes that do not parse go to
+            # the reader, which fails the session alone, as before.)
             with contextlib.suppress(DecodeError):
                 message = session_pb2.ConnectBatchedRequest.FromString(batch)
-                if self.answers(message):
+                if self.take_batch(message):
                     stream.acknowledge(self.key, len(batch))
                     return None
                 item = message
