@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import batch, multiplex
+from car_grpc.wire.codec import json_to_message
+from tests.conftest import make_config
 from tests.ws_helpers import daemon_token
 
 PATH = "/car.v1.SessionService/ConnectMultiplexed"
@@ -222,3 +226,58 @@ async def test_only_the_daemon_token_opens_it(core: Core, channel: grpc.aio.Chan
             await asyncio.wait_for(asyncio.shield(gw._reader), 10)
         assert refused.value.code() == code
         await gw.close()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    """Two in-flight requests per session."""
+    return make_config(tmp_path, max_inflight_per_session=2)
+
+
+def _proposal(frame_id: str) -> bytes:
+    frame = session_pb2.ClientFrame(id=frame_id)
+    proposal = {"id": frame_id, "actions": [{"id": "a", "type": "tool_call", "tool": "t"}]}
+    json_to_message({"proposal": proposal}, frame.proposal_submit)
+    return frame.SerializeToString()
+
+
+def _tool_answer(frame_id: str) -> bytes:
+    frame = session_pb2.ClientFrame(id=frame_id)
+    frame.tools_execute.output.string_value = "done"
+    return frame.SerializeToString()
+
+
+async def test_requests_and_call_answers_run_as_their_batch_arrives(
+    core: Core, gateway: Gateway
+) -> None:
+    """A batch that need not wait (requests that run in tasks, as many as there are free
+    in-flight slots, and answers to the core's calls) is taken as it arrives: two
+    proposals in one batch both run and call their tool; the answers, one batch,
+    resolve both; a third proposal then runs in a slot they freed."""
+    handshake = session_pb2.HandshakeRequest(client_version="test")
+    handshake.protocol_version.number_value = 3
+    hello = session_pb2.ClientFrame(id="hs", server_handshake=handshake).SerializeToString()
+    await gateway.request(1, _frame("auth", "session_auth", token=daemon_token(core)), hello)
+    await gateway.until(lambda: gateway.ids(1) == ["auth", "hs"])
+
+    def calls() -> list[str]:
+        return [f.id for f in gateway.frames[1] if f.WhichOneof("body") == "tools_execute"]
+
+    def results() -> dict[str, str]:
+        return {
+            f.id: f.proposal_submit.result.results[0].output.string_value
+            for f in gateway.frames[1]
+            if f.WhichOneof("body") == "proposal_submit"
+        }
+
+    await gateway.request(1, _proposal("p1"), _proposal("p2"))
+    await gateway.until(lambda: len(calls()) == 2)
+    assert not results()
+    await gateway.request(1, *(_tool_answer(i) for i in calls()))
+    await gateway.until(lambda: len(results()) == 2)
+    await gateway.ack(1)
+    await gateway.request(1, _proposal("p3"))
+    await gateway.until(lambda: len(calls()) == 3)
+    await gateway.request(1, _tool_answer(calls()[2]))
+    await gateway.until(lambda: len(results()) == 3)
+    assert results() == {"p1": "done", "p2": "done", "p3": "done"}
