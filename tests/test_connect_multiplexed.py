@@ -156,16 +156,25 @@ async def test_answers_the_credits_hold_back_go_as_one_batch_in_order(
     await gateway.request(1, _frame("auth", "session_auth", token=token))
     await gateway.until(lambda: gateway.ids(1) == ["auth"])
     await gateway.ack(1)
+    assert core.parts is not None
+    [session] = core.parts.registry.sessions.values()
+    queued, pull = asyncio.Event(), session.outbound.on_put
+    assert pull is not None
+
+    def on_put() -> None:  # the core queues a frame for the session: seen here too
+        pull()
+        queued.set()
+
+    session.outbound.on_put = on_put
     n = multiplex.WINDOW_BATCHES + 4
     for i in range(n):  # one message each, within the credits the core acknowledges
         await gateway.until(lambda i=i: 1 + i - gateway.acks[1] < multiplex.WINDOW_BATCHES)
         await gateway.request(1, _frame(str(i), "tools_list"))
-    assert core.parts is not None
-    [session] = core.parts.registry.sessions.values()
     await gateway.until(lambda: len(gateway.unacked[1]) == multiplex.WINDOW_BATCHES)
     async with asyncio.timeout(10):  # the core reads the last requests on its own time
         while len(session.outbound) < 4:
-            await asyncio.sleep(0.005)
+            queued.clear()
+            await queued.wait()
     assert len(gateway.unacked[1]) == multiplex.WINDOW_BATCHES
     await gateway.ack(1)
     await gateway.until(lambda: len(gateway.ids(1)) == 1 + n)
