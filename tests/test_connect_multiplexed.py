@@ -183,6 +183,33 @@ async def test_answers_the_credits_hold_back_go_as_one_batch_in_order(
     assert session.outbound.empty()
 
 
+async def test_answers_held_back_past_one_batch_follow_in_the_next(
+    core: Core, gateway: Gateway
+) -> None:
+    """Held-back answers larger together than one batch may be (batch.MAX_BYTES) go in
+    as many batches as they need, in order, none left behind."""
+    await gateway.request(1, _frame("auth", "session_auth", token=daemon_token(core)))
+    await gateway.until(lambda: gateway.ids(1) == ["auth"])
+    value = session_pb2.ClientFrame(id="set")
+    value.state_set.key = "k"
+    value.state_set.value.string_value = "x" * 100_000
+    await gateway.request(1, value.SerializeToString())
+    await gateway.until(lambda: gateway.ids(1) == ["auth", "set"])
+    await gateway.ack(1)
+    small = multiplex.WINDOW_BATCHES  # answers that take every credit
+    big = batch.MAX_BYTES // 100_000 + 2  # answers of 100 KB held back: past one batch
+    for i in range(small + big):  # one message each, within the credits the core acknowledges
+        await gateway.until(lambda i=i: 2 + i - gateway.acks[1] < multiplex.WINDOW_BATCHES)
+        member = "tools_list" if i < small else "state_get"
+        await gateway.request(1, _frame(str(i), member, **({} if i < small else {"key": "k"})))
+    await gateway.until(lambda: len(gateway.ids(1)) == 2 + small)
+    while len(gateway.ids(1)) < 2 + small + big:
+        await gateway.ack(1)
+        await gateway.until(lambda: bool(gateway.unacked[1]))
+    assert gateway.ids(1) == ["auth", "set", *(str(i) for i in range(small + big))]
+    assert all(f.state_get.value.string_value == "x" * 100_000 for f in gateway.frames[1][-big:])
+
+
 async def test_an_answer_carries_the_acknowledgement_of_its_request(
     core: Core, gateway: Gateway
 ) -> None:

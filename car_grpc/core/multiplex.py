@@ -169,6 +169,8 @@ class SessionChannel:
         frames = queue.take_ready(batch.MAX_FRAMES, batch.MAX_BYTES)
         for _ in frames:
             queue.task_done()
+        if not queue.empty():
+            self._pull()  # past one batch's bounds: the rest in the next batch
         return self._record(batch.encode(frames)) if frames else b""
 
     def try_write(self, data: bytes) -> bool:
