@@ -13,7 +13,7 @@ import base64
 import contextlib
 import struct
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -36,8 +36,8 @@ Batch = voice_pb2.ServeVoiceBatchedRequest
 class BatchedEngine:
     """A speech engine on ServeVoiceBatched: it accepts every session, answers each PCM
     chunk `seq` with `partial_event(seq)` and the chunk spoken back (every answer to one
-    gRPC message in one), and ends a session on stop. It records the PCM chunks and how
-    many of them each gRPC message from the server held."""
+    gRPC message in one, with `taken` for the last chunk), and ends a session on stop. It
+    records the PCM chunks and how many of them each gRPC message from the server held."""
 
     def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
         metadata = (("authorization", f"Bearer {token}"),)
@@ -49,7 +49,9 @@ class BatchedEngine:
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> voice_pb2.VoiceEngineRegistered:
-        register = voice_pb2.RegisterVoiceEngine(engine="batched", providers=["echo"])
+        register = voice_pb2.RegisterVoiceEngine(
+            engine="batched", providers=["echo"], acknowledges_audio=True
+        )
         await self.call.write(Batch(messages=[Request(register=register)]))
         first = await asyncio.wait_for(self.call.read(), 5)
         assert [m.WhichOneof("body") for m in first.messages] == ["registered"]
@@ -59,12 +61,19 @@ class BatchedEngine:
     async def _read(self) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
             while (received := await self.call.read()) is not grpc.aio.EOF:
-                out = [answer for message in received.messages for answer in self._answer(message)]
-                chunks = sum(message.HasField("audio") for message in received.messages)
-                if chunks:
-                    self.chunks_per_message.append(chunks)
+                out = self._answer_all(received.messages)
                 if out:
                     await self.call.write(Batch(messages=out))
+
+    def _answer_all(self, messages: Sequence[voice_pb2.ServeVoiceResponse]) -> list[Request]:
+        """The answers to one gRPC message's messages, then `taken` for its audio."""
+        out = [answer for message in messages for answer in self._answer(message)]
+        last = {m.audio.session_id: m.audio.seq for m in messages if m.HasField("audio")}
+        if last:
+            self.chunks_per_message.append(sum(m.HasField("audio") for m in messages))
+        for session_id, seq in last.items():
+            out.append(Request(taken=voice_pb2.VoiceAudioTaken(session_id=session_id, seq=seq)))
+        return out
 
     def _answer(self, message: voice_pb2.ServeVoiceResponse) -> list[Request]:
         body = message.WhichOneof("body")
@@ -97,10 +106,63 @@ class BatchedEngine:
             await asyncio.gather(self._reader, return_exceptions=True)
 
 
+class BurstEngine(BatchedEngine):
+    """A BatchedEngine that answers in bursts: it holds its answers (and `taken`) while
+    audio keeps coming, and sends them all at once when none has come for QUIET seconds,
+    as an engine that answers an utterance at its pause would. `starved` is set when it
+    has been quiet with nothing held: the server sends it nothing more."""
+
+    QUIET = 0.2
+
+    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+        super().__init__(channel, token)
+        self.starved = asyncio.Event()
+        self.bursts: list[int] = []  # answers per burst
+
+    async def _read(self) -> None:
+        received: asyncio.Queue[voice_pb2.ServeVoiceBatchedResponse | None] = asyncio.Queue()
+
+        async def read_all() -> None:
+            try:
+                while (message := await self.call.read()) is not grpc.aio.EOF:
+                    received.put_nowait(message)
+            finally:  # ended, failed or cancelled (close)
+                received.put_nowait(None)
+
+        reader = asyncio.create_task(read_all())
+        held: list[voice_pb2.ServeVoiceResponse] = []
+        try:
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                while True:
+                    try:
+                        message = await asyncio.wait_for(received.get(), self.QUIET)
+                    except TimeoutError:
+                        if not held:
+                            self.starved.set()
+                            message = await received.get()
+                        else:
+                            out = self._answer_all(held)
+                            held = []
+                            self.bursts.append(len(out))
+                            await self.call.write(Batch(messages=out))
+                            continue
+                    if message is None:
+                        return
+                    self.starved.clear()
+                    if any(m.HasField("audio") for m in message.messages):
+                        held.extend(message.messages)
+                    elif out := self._answer_all(message.messages):
+                        await self.call.write(Batch(messages=out))
+        finally:
+            reader.cancel()
+
+
 @contextlib.asynccontextmanager
-async def batched_engine(core: Core) -> AsyncIterator[BatchedEngine]:
+async def batched_engine(
+    core: Core, kind: type[BatchedEngine] = BatchedEngine
+) -> AsyncIterator[BatchedEngine]:
     async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-        engine = BatchedEngine(channel, daemon_token(core))
+        engine = kind(channel, daemon_token(core))
         await engine.start()
         try:
             yield engine
@@ -242,3 +304,71 @@ async def test_a_batch_out_of_bounds_ends_the_stream_with_a_precise_error(
                         pass
             assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert details in (ended.value.details() or "")
+
+
+async def test_an_engine_answering_in_bursts_cannot_overflow_a_client_that_does_not_read(
+    tmp_path: Any,
+) -> None:
+    """The engine holds its answers (two per chunk) until the audio pauses. Without a bound
+    on the audio in flight at the engine, every chunk the client sent would reach it while
+    nothing is queued for the client, and the 256 answers would come at once, past
+    voice_event_queue (64): the session would end. With the engine's `taken`, the server
+    sends only the audio whose answers fit the client's room; the client is slowed down
+    and gets every answer once it reads again."""
+    config = make_config(
+        tmp_path, voice_event_queue=64, session_outbound_queue=8, voice_stall_timeout=30.0
+    )
+    core = Core(config.core)
+    await core.start()
+    try:
+        async with (
+            batched_engine(core, BurstEngine) as engine,
+            grpc.aio.insecure_channel(core.grpc_address) as channel,
+        ):
+            assert isinstance(engine, BurstEngine)
+            c = await connect(channel, token=daemon_token(core))
+            start = voice_pb2.StartTranscribeStreamRequest()
+            session_id = (await c.request("voice_transcribe_stream_start", start)).session_id
+            c.pause_reading()
+            count = 128
+            payload = b"\x01\x00" * (16 * 1024)  # large enough to fill the connection's window
+            audio = [
+                voice_pb2.VoiceAudio(session_id=session_id, seq=seq, data=payload)
+                for seq in range(count)
+            ]
+
+            async def send_all() -> None:
+                for chunk in audio:
+                    await c.send(session_pb2.ClientFrame(voice_audio=chunk))
+
+            sending = asyncio.create_task(send_all())
+            # The engine has answered all it got and gets nothing more: the server holds
+            # the rest of the audio until the client reads.
+            # (Without the bound, all the audio reaches it and its answers end the session.)
+            try:
+                await asyncio.wait_for(engine.starved.wait(), 20)
+            except TimeoutError:
+                raise AssertionError(f"the engine never ran dry: bursts {engine.bursts}") from None
+            assert engine.bursts, "the engine got no audio"
+            c.resume_reading()
+            frames: list[session_pb2.ServerFrame] = []
+            with contextlib.suppress(TimeoutError):
+                while len(frames) < 2 * count:
+                    frames.append(await c.next_notification(timeout=30))
+            assert len(frames) == 2 * count, (len(frames), frames[-1:], engine.bursts)
+            await sending
+            speech = [f.voice_audio.seq for f in frames if f.HasField("voice_audio")]
+            events = [
+                codec.value_to_json(f.voice_event.event)
+                for f in frames
+                if f.HasField("voice_event")
+            ]
+            assert speech == list(range(count))
+            assert events == [partial_event(n) for n in range(count)]
+            # Each burst fitted the client's room (its queue and its connection's).
+            assert max(engine.bursts) <= 64 + 8, engine.bursts
+            stop = voice_pb2.StopTranscribeStreamRequest(session_id=session_id)
+            assert (await c.request("voice_transcribe_stream_stop", stop)).stopped
+            await c.close()
+    finally:
+        await core.stop(grace=0)
