@@ -296,36 +296,19 @@ Row = tuple[int, Figures, Figures, Figures, Figures, Delivery]
 
 async def run() -> tuple[list[Row], Figures, Delivery]:
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp) / "home"
-        store = await open_store(home)
-        tokens = AgentTokens(store.agent_tokens)
-        token = await tokens.add("bench-agent")
-        recorder_ids = [f"bench-recorder-{i}" for i in range(RECORDERS)]
-        recorder_tokens = [await tokens.add(agent_id) for agent_id in recorder_ids]
-        await store.close()
-        async with car_grpc_serve(home) as server:
-            _, url = await server.listeners(2, timeout=30)
-            pid = server.proc.pid
-            host_token = (home / "ai.parslee.car" / HOST_TOKEN_FILE).read_text()
-            agent = await open_client(url, {"agent_id": "bench-agent", "token": token})
-            watcher = await open_client(url, {"host_token": host_token})
-            for size in BATCH_SIZES:
-                await bench_car_grpc(size, agent, watcher, pid)  # warm up
-                ours, delivery = await bench_car_grpc(size, agent, watcher, pid)
-                alone, _ = await bench_car_grpc(size, agent, None, pid)
-                raw = bench_sqlite(size, Path(tmp) / f"raw-{size}.sqlite3")
-                echo = await bench_echo(size)
-                rows.append((size, ours, alone, raw, echo, delivery))
-            recorders = [
-                await open_client(url, {"agent_id": agent_id, "token": token})
-                for agent_id, token in zip(recorder_ids, recorder_tokens, strict=True)
-            ]
-            await bench_concurrent(recorders, watcher, pid)  # warm up
-            concurrent, concurrent_delivery = await bench_concurrent(recorders, watcher, pid)
-            for client in (agent, watcher, *recorders):
-                await client.ws.close()
-                client.reader.cancel()
+    async with contextlib.AsyncExitStack() as stack:
+        pid, agent, watcher, recorders = await _recorders_of(stack)
+        raw_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        for size in BATCH_SIZES:
+            await bench_car_grpc(size, agent, watcher, pid)  # warm up
+            ours, delivery = await bench_car_grpc(size, agent, watcher, pid)
+            alone, _ = await bench_car_grpc(size, agent, None, pid)
+            raw = bench_sqlite(size, raw_dir / f"raw-{size}.sqlite3")
+            echo = await bench_echo(size)
+            rows.append((size, ours, alone, raw, echo, delivery))
+        await bench_concurrent(recorders, watcher, pid)  # warm up
+        concurrent, concurrent_delivery = await bench_concurrent(recorders, watcher, pid)
+        await _close(agent, watcher, *recorders)
     return rows, concurrent, concurrent_delivery
 
 
@@ -452,52 +435,32 @@ def _per_turn(before: dict[str, float], after: dict[str, float], turns: int) -> 
 async def concurrent(rounds: int) -> None:
     """One recorder of batch 1, then RECORDERS at once, `rounds` times (see the docstring):
     each round's turns/s and the server's CPU per turn, by thread."""
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp) / "home"
-        store = await open_store(home)
-        tokens = AgentTokens(store.agent_tokens)
-        token = await tokens.add("bench-agent")
-        recorder_ids = [f"bench-recorder-{i}" for i in range(RECORDERS)]
-        recorder_tokens = [await tokens.add(agent_id) for agent_id in recorder_ids]
-        await store.close()
-        async with car_grpc_serve(home) as server:
-            _, url = await server.listeners(2, timeout=30)
-            pid = server.proc.pid
-            print(f"server pid {pid}", flush=True)
-            host_token = (home / "ai.parslee.car" / HOST_TOKEN_FILE).read_text()
-            agent = await open_client(url, {"agent_id": "bench-agent", "token": token})
-            watcher = await open_client(url, {"host_token": host_token})
-            recorders = [
-                await open_client(url, {"agent_id": agent_id, "token": token})
-                for agent_id, token in zip(recorder_ids, recorder_tokens, strict=True)
-            ]
-            await bench_car_grpc(1, agent, watcher, pid)  # warm up
-            await bench_concurrent(recorders, watcher, pid)
-            for _ in range(rounds):
-                threads = thread_seconds(pid)
-                one, _ = await bench_car_grpc(1, agent, watcher, pid)
-                by_thread = _per_turn(threads, thread_seconds(pid), TURNS[1])
-                threads = thread_seconds(pid)
-                many, _ = await bench_concurrent(recorders, watcher, pid)
-                many_by_thread = _per_turn(
-                    threads, thread_seconds(pid), RECORDERS * TURNS_PER_RECORDER
-                )
-                print(
-                    f"one recorder {one.turns_per_s:6,.0f} turns/s, CPU {one.cpu_us:5.0f} us/turn"
-                    f" ({by_thread}); {RECORDERS} recorders {many.turns_per_s:6,.0f} turns/s"
-                    f" = {many.turns_per_s / one.turns_per_s:.2f}x, CPU {many.cpu_us:5.0f} us/turn"
-                    f" ({many_by_thread})",
-                    flush=True,
-                )
-            for client in (agent, watcher, *recorders):
-                await client.ws.close()
-                client.reader.cancel()
+    async with contextlib.AsyncExitStack() as stack:
+        pid, agent, watcher, recorders = await _recorders_of(stack)
+        print(f"server pid {pid}", flush=True)
+        await bench_car_grpc(1, agent, watcher, pid)  # warm up
+        await bench_concurrent(recorders, watcher, pid)
+        for _ in range(rounds):
+            threads = thread_seconds(pid)
+            one, _ = await bench_car_grpc(1, agent, watcher, pid)
+            by_thread = _per_turn(threads, thread_seconds(pid), TURNS[1])
+            threads = thread_seconds(pid)
+            many, _ = await bench_concurrent(recorders, watcher, pid)
+            many_by_thread = _per_turn(threads, thread_seconds(pid), RECORDERS * TURNS_PER_RECORDER)
+            print(
+                f"one recorder {one.turns_per_s:6,.0f} turns/s, CPU {one.cpu_us:5.0f} us/turn"
+                f" ({by_thread}); {RECORDERS} recorders {many.turns_per_s:6,.0f} turns/s"
+                f" = {many.turns_per_s / one.turns_per_s:.2f}x, CPU {many.cpu_us:5.0f} us/turn"
+                f" ({many_by_thread})",
+                flush=True,
+            )
+        await _close(agent, watcher, *recorders)
 
 
 async def _recorders_of(
-    stack: contextlib.AsyncExitStack, tree: str
+    stack: contextlib.AsyncExitStack, tree: str | None = None
 ) -> tuple[int, Client, Client, list[Client]]:
-    """A `car-grpc serve` importing `tree` first, with an agent, a subscribed host and
+    """A `car-grpc serve` (importing `tree` first, if given), with an agent, a host and
     RECORDERS recorders connected: (its pid, the agent, the host, the recorders)."""
     home = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "home"
     store = await open_store(home)
@@ -505,10 +468,13 @@ async def _recorders_of(
     ids = ["bench-agent", *(f"bench-recorder-{i}" for i in range(RECORDERS))]
     secrets = [await tokens.add(agent_id) for agent_id in ids]
     await store.close()
-    argv = car_grpc_argv("serve", *EPHEMERAL)
-    server = await stack.enter_async_context(
-        launch(argv, env=cli_env(home, PYTHONPATH=tree), cwd=tree)
-    )
+    if tree is None:
+        server = await stack.enter_async_context(car_grpc_serve(home))
+    else:
+        argv = car_grpc_argv("serve", *EPHEMERAL)
+        server = await stack.enter_async_context(
+            launch(argv, env=cli_env(home, PYTHONPATH=tree), cwd=tree)
+        )
     _, url = await server.listeners(2, timeout=60)
     host_token = (home / "ai.parslee.car" / HOST_TOKEN_FILE).read_text()
     watcher = await open_client(url, {"host_token": host_token})
@@ -517,6 +483,12 @@ async def _recorders_of(
         for agent_id, secret in zip(ids, secrets, strict=True)
     ]
     return server.proc.pid, clients[0], watcher, clients[1:]
+
+
+async def _close(*clients: Client) -> None:
+    for client in clients:
+        await client.ws.close()
+        client.reader.cancel()
 
 
 async def paired(windows: int, trees: list[str]) -> None:
@@ -539,9 +511,8 @@ async def paired(windows: int, trees: list[str]) -> None:
                     one[i].append(single.cpu_us)
                     many[i].append(concurrent.cpu_us)
                     rates[i].append(concurrent.turns_per_s)
-        for client in (c for _, agent, watcher, recs in arms for c in (agent, watcher, *recs)):
-            await client.ws.close()
-            client.reader.cancel()
+        for _, agent, watcher, recorders in arms:
+            await _close(agent, watcher, *recorders)
     print("server CPU us per turn, median (range): one recorder | 16 recorders | 16 turns/s")
     for tree, a, b, r in zip(trees, one, many, rates, strict=True):
         print(

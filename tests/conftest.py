@@ -13,7 +13,9 @@ import pytest
 
 from car_grpc.config import Config
 from car_grpc.core.server import Core
+from car_grpc.gateway import Gateway
 from tests.postgres_server import PostgresServer
+from tests.ws_helpers import running
 
 #: `CAR_TEST_STORE=postgresql ./dev test` runs every core that make_config configures (the
 #: in-process ones) on a database of its own on the session's PostgreSQL server instead of
@@ -58,6 +60,13 @@ def make_config(root: Path, **overrides: object) -> Config:
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     return make_config(tmp_path)
+
+
+@pytest.fixture
+async def served(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
+    """A running core and a gateway in front of it, with `config`."""
+    async with running(config) as both:
+        yield both
 
 
 @pytest.fixture

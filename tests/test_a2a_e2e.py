@@ -62,12 +62,6 @@ def config(tmp_path: Path) -> Config:
     return make_config(tmp_path, chat_ack_timeout=2.0)
 
 
-@pytest.fixture
-async def served(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
-    async with running(config) as both:
-        yield both
-
-
 class Token(CredentialService):
     """The caller's bearer token, for the card's `bearer` scheme."""
 

@@ -14,11 +14,11 @@ from car_grpc.gateway import Gateway
 from car_grpc.v1 import a2ui_pb2
 from car_grpc.wire import codec
 from tests.session_client import connect
-from tests.test_a2a_e2e import AGENT, attached, config, say, served, take_chat
+from tests.test_a2a_e2e import AGENT, attached, config, say, take_chat
 from tests.ws_client import Rpc, rpc
 from tests.ws_helpers import daemon_token
 
-__all__ = ["config", "served"]  # the fixtures of test_a2a_e2e, used here
+__all__ = ["config"]  # the fixture of test_a2a_e2e, used here (and by conftest's served)
 
 
 def message(text: str, **fields: Any) -> dict[str, Any]:

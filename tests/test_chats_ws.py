@@ -40,12 +40,6 @@ def config(tmp_path: Path) -> Config:
     return make_config(tmp_path, chat_ack_timeout=0.5)
 
 
-@pytest.fixture
-async def served(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
-    async with running(config) as both:
-        yield both
-
-
 def daemon(core: Core) -> dict[str, str]:
     return {"token": tokens(core)[0]}
 

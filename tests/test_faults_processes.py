@@ -136,7 +136,8 @@ async def test_core_killed_mid_traffic_loses_nothing_acknowledged(tmp_path: Path
     home = tmp_path / "home"
     bot_token = await mint_agent_token(home, "bot")
     port = free_port()
-    core_args = ("core", "--grpc-port", str(port))
+    # The A2A port too: by default the gRPC port + 1, which free_port does not keep free.
+    core_args = ("core", "--grpc-port", str(port), "--a2a-port", "0")
     gateway_args = ("gateway", "--core", f"127.0.0.1:{port}", "--port", "0")
     turns: list[str] = []
     approvals: list[str] = []

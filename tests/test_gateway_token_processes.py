@@ -57,7 +57,8 @@ async def test_a_gateway_whose_token_the_core_refuses_exits_saying_so(tmp_path: 
 async def test_a_token_refused_later_is_named_to_every_client(tmp_path: Path) -> None:
     home = tmp_path / "home"
     port = free_port()
-    core_args = ("core", "--grpc-port", str(port))
+    # The A2A port too: by default the gRPC port + 1, which free_port does not keep free.
+    core_args = ("core", "--grpc-port", str(port), "--a2a-port", "0")
     async with child(home, *core_args) as (core, address):
         token = tmp_path / "daemon"
         token.write_text(token_file(home, "auth-token"))

@@ -9,18 +9,14 @@ gateway (a ConnectMultiplexed session) is trusted with such text, both ways."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
-from car_grpc.config import Config
 from car_grpc.core.run_turns import FIELD_CAP
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
@@ -28,10 +24,14 @@ from car_grpc.gateway.jsonrpc import Bridge, decode
 from car_grpc.v1 import runs_pb2, session_pb2
 from car_grpc.wire import codec, turn_text
 from tests import roles
-from tests.conftest import make_config
+from tests.json_text_helpers import (
+    one_key_objects,
+    random_json,
+    random_string,
+    recv_text,
+    ws_session,
+)
 from tests.runs_helpers import state_of
-from tests.ws_client import HANDSHAKE
-from tests.ws_helpers import running
 
 JSON = Any
 TRACE_EVENT = "runs.trace.event"
@@ -45,51 +45,14 @@ def _codec_text(turn: JSON) -> str:
     return codec.message_to_text(message)
 
 
-def _one_key_objects(value: JSON) -> bool:
-    """Whether every object in `value` has at most one key (so key order cannot differ)."""
-    if isinstance(value, dict):
-        return len(value) <= 1 and all(_one_key_objects(v) for v in value.values())
-    if isinstance(value, list):
-        return all(_one_key_objects(v) for v in value)
-    return True
-
-
-_CHARS = ["a", "Z", " ", '"', "\\", "/", "\n", "\t", "\x00", "\x1f", "\x7f", "é", "€", "😀"]
-
-
-def _string(rng: random.Random) -> str:
-    return "".join(rng.choice(_CHARS) for _ in range(rng.randint(0, 6)))
-
-
-def _free(rng: random.Random, depth: int = 0, *, plain: bool = True) -> JSON:
-    """Free-form JSON; `plain`: only what the text is written for (strings, booleans,
-    null, integers of at most 53 bits, objects and arrays of them)."""
-    kind = rng.randint(0, 6 if depth < 3 else 3)
-    if kind == 0:
-        return _string(rng)
-    if kind == 1:
-        return rng.choice([True, False, None])
-    if kind == 2:
-        numbers = [0, -1, 7, 2**53, -(2**53), 123456789]
-        return rng.choice(numbers if plain else [*numbers, 1.5, 60.0, -0.0, 2**53 + 1, 1e300])
-    if kind == 3:
-        return rng.choice(["", "x"])
-    if kind in (4, 5):
-        return {
-            _string(rng) + str(i): _free(rng, depth + 1, plain=plain)
-            for i in range(rng.randint(0, 3))
-        }
-    return [_free(rng, depth + 1, plain=plain) for _ in range(rng.randint(0, 3))]
-
-
 def _turn(rng: random.Random, *, plain: bool = True) -> dict[str, JSON]:
     turn: dict[str, JSON] = {}
     for key in ("prompt", "tool", "verifier_verdict"):
         if rng.random() < 0.6:
-            turn[key] = _string(rng) if rng.random() < 0.9 else None
+            turn[key] = random_string(rng) if rng.random() < 0.9 else None
     for key in ("parameters", "output", "cli_outcome"):
         if rng.random() < 0.6:
-            turn[key] = _free(rng, plain=plain)
+            turn[key] = random_json(rng, plain=plain)
     if rng.random() < 0.3:
         turn["policy_rejected"] = rng.choice([True, False, None])
     if rng.random() < 0.2:
@@ -133,7 +96,7 @@ def test_the_gateway_reads_turns_as_the_codec_and_writes_their_text(plain: bool)
             expected = _codec_text(turn)
             assert text.isascii()
             assert json.loads(text) == json.loads(expected)
-            if all(_one_key_objects(v) for v in turn.values()):
+            if all(one_key_objects(v) for v in turn.values()):
                 assert text == expected, turn
                 exact += 1
     if plain:
@@ -192,36 +155,9 @@ def test_a_client_cannot_send_the_text_itself() -> None:
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> Config:
-    return make_config(tmp_path)
-
-
-@pytest.fixture
-async def served(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
-    async with running(config) as both:
-        yield both
-
-
-async def _ws(url: str, auth: dict[str, str]) -> ClientConnection:
-    """A WebSocket session, authenticated and past the handshake, read frame by frame."""
-    ws = await connect(url, ping_interval=None, max_size=None)
-    for n, (method, params) in enumerate((("session.auth", auth), ("server.handshake", HANDSHAKE))):
-        await ws.send(json.dumps({"jsonrpc": "2.0", "id": n, "method": method, "params": params}))
-        assert "result" in json.loads(await _recv(ws))
-    return ws
-
-
-async def _recv(ws: ClientConnection) -> str:
-    async with asyncio.timeout(10):
-        text = await ws.recv()
-    assert isinstance(text, str)
-    return text
-
-
 async def _call(ws: ClientConnection, method: str, params: JSON) -> JSON:
     await ws.send(json.dumps({"jsonrpc": "2.0", "id": 99, "method": method, "params": params}))
-    answer = json.loads(await _recv(ws))
+    answer = json.loads(await recv_text(ws))
     assert answer["id"] == 99 and "result" in answer, answer
     return answer["result"]
 
@@ -244,8 +180,8 @@ async def test_events_behind_the_gateway_are_put_together_from_the_turns_text(
     core, gateway = served
     state = state_of(core)
     token = await state.agent_tokens.add("bot")
-    agent = await _ws(gateway.url, {"agent_id": "bot", "token": token})
-    host = await _ws(gateway.url, {"host_token": state.tokens.host})
+    agent = await ws_session(gateway.url, {"agent_id": "bot", "token": token})
+    host = await ws_session(gateway.url, {"host_token": state.tokens.host})
     async with grpc.aio.insecure_channel(core.grpc_address) as channel:
         typed = await roles.host_role(core, channel)  # takes the events as protobuf
         run_id = (await _call(agent, "runs.start", {"intent": "i"}))["run_id"]
@@ -263,7 +199,7 @@ async def test_events_behind_the_gateway_are_put_together_from_the_turns_text(
         ]
         answer = await _call(agent, "runs.record_turns", {"run_id": run_id, "turns": turns})
         assert answer["ok"] and answer["count"] == len(turns)
-        received = [await _recv(host) for _ in turns]
+        received = [await recv_text(host) for _ in turns]
         protos = [await typed.next_notification() for _ in turns]
         await typed.close()
     stored = await state.runs.store.records(run_id, 1, len(turns))
@@ -287,7 +223,7 @@ async def test_text_from_a_session_not_of_the_gateway_is_ignored(
     """A typed client's RecordTurnsRequest.turn_texts never reaches a subscriber."""
     core, gateway = served
     state = state_of(core)
-    host = await _ws(gateway.url, {"host_token": state.tokens.host})
+    host = await ws_session(gateway.url, {"host_token": state.tokens.host})
     async with grpc.aio.insecure_channel(core.grpc_address) as channel:
         agent = await roles.agent(core, channel, "bot")
         start = runs_pb2.StartRunRequest(intent="i")
@@ -300,7 +236,7 @@ async def test_text_from_a_session_not_of_the_gateway_is_ignored(
         )
         assert (await agent.request("runs_record_turns", forged)).ok
         await agent.close()
-    event = json.loads(await _recv(host))
+    event = json.loads(await recv_text(host))
     assert event["method"] == TRACE_EVENT
     assert event["params"]["record"]["prompt"] == "real"
     await host.close()

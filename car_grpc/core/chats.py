@@ -38,6 +38,7 @@ from car_grpc.core.router import Reply, handles, handles_notification, streams
 from car_grpc.core.session import ClientSession, Role, SessionClosed
 from car_grpc.store.repositories import GoalStore
 from car_grpc.v1 import chats_pb2, session_pb2
+from car_grpc.wire import chat_text
 from car_grpc.wire.errors import INTERNAL, CarError, field_error, require
 
 if TYPE_CHECKING:
@@ -148,7 +149,9 @@ class Chat:
     agent: ClientSession | None
     #: The originating host's session.
     host: ClientSession
-    events: EventBuffer[chats_pb2.ChatEventNotice]
+    #: The host's notices, or (for a host behind car-grpc's gateway) their frames written
+    #: from the agent's text (chat_text.py).
+    events: EventBuffer[chats_pb2.ChatEventNotice | bytes]
     #: The stored goal's status when the chat began (None: no stored goal to follow).
     goal_before: GoalStatus | None
     accepted: bool = False
@@ -162,6 +165,9 @@ class Chat:
     remote: RemoteChat | None = None
     #: Brings a remote chat's events into `events`.
     relay: asyncio.Task[None] | None = None
+    #: Set while the pump delivers to a host of car-grpc's gateway: what its notices'
+    #: text starts with (chat_text.notice_head); the agent's text is then spliced in.
+    text_head: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -293,7 +299,7 @@ class Chats:
         through a relay task into the chat's buffer, as a local agent's would."""
         assert self.peers is not None
         limit, stall = self.limits.buffer, self.limits.stall_timeout
-        events: EventBuffer[chats_pb2.ChatEventNotice] = EventBuffer(
+        events: EventBuffer[chats_pb2.ChatEventNotice | bytes] = EventBuffer(
             limit, stall, limit_bytes=self.limits.buffer_bytes
         )
         chat = Chat(session_id, req.agent_id, None, host, events, None)
@@ -413,17 +419,32 @@ class Chats:
 
     def start_pump(self, chat: Chat) -> None:
         """Deliver the chat's events to its session-stream host as notifications."""
+        if chat.host.bridged:
+            chat.text_head = chat_text.notice_head(chat.session_id, chat.agent_id)
         chat.pump = asyncio.create_task(self._pump(chat))
 
     async def _pump(self, chat: Chat) -> None:
+        host = chat.host
         try:
             while (notice := await chat.events.get()) is not None:
-                await chat.host.notify("agents_chat_event", notice)
+                if isinstance(notice, bytes):
+                    if not host.send_now(notice):
+                        await host.send(notice)
+                else:
+                    await host.notify("agents_chat_event", notice)
         except SessionClosed:
             pass
         finally:
             if self.open.get(chat.session_id) is not chat:
                 self._release(chat)
+
+    @staticmethod
+    async def next_notice(chat: Chat) -> chats_pb2.ChatEventNotice | None:
+        """The chat's next event for a host that takes protobuf (a typed Chat call, another
+        core): with no pump, none is written as text. None once the chat is over."""
+        notice = await chat.events.get()
+        assert not isinstance(notice, bytes), "text for a host without a pump"
+        return notice
 
     def relay(
         self, agent: ClientSession, notice: chats_pb2.AgentChatEventNotice
@@ -435,14 +456,20 @@ class Chats:
         if chat is None or chat.agent is not agent:
             return None  # unknown or over, or not this connection's chat: dropped
         event = notice.event
-        out = chats_pb2.ChatEventNotice(session_id=chat.session_id, agent_id=chat.agent_id)
-        out.event.CopyFrom(event)
         terminal = event.kind in TERMINAL_KINDS
         # Everything up to the buffer is synchronous, so events keep their arrival order.
         self._follow_goal(chat, event)
         if terminal:
             self._unroute(chat)
-        offered = chat.events.offer(out, out.ByteSize())
+        # The agent's text, trusted from car-grpc's gateway only, for a host behind it.
+        head, text = chat.text_head, notice.event_text
+        if head is not None and text and agent.bridged:
+            frame = chat_text.notice_frame(head, text)
+            offered = chat.events.offer(frame, len(frame))
+        else:
+            out = chats_pb2.ChatEventNotice(session_id=chat.session_id, agent_id=chat.agent_id)
+            out.event.CopyFrom(event)
+            offered = chat.events.offer(out, out.ByteSize())
         if isinstance(offered, PutResult):
             self._relayed(chat, offered, terminal)
             return None
@@ -597,7 +624,7 @@ class Chats:
         try:
             accepted = chats_pb2.ChatAccepted(accepted=True, session_id=chat.session_id)
             yield chats_pb2.ChatResponse(accepted=accepted)
-            while (notice := await chat.events.get()) is not None:
+            while (notice := await self.next_notice(chat)) is not None:
                 yield chats_pb2.ChatResponse(event=notice)
         finally:
             # The caller stopped listening (or the chat is over, and this does nothing).

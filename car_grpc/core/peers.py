@@ -125,7 +125,7 @@ class PeerService:
             try:
                 accepted = chats_pb2.ChatAccepted(accepted=True, session_id=chat.session_id)
                 yield chats_pb2.ChatResponse(accepted=accepted)
-                while (notice := await chat.events.get()) is not None:
+                while (notice := await self._chats.next_notice(chat)) is not None:
                     yield chats_pb2.ChatResponse(event=notice)
             finally:
                 self._chats.end(

@@ -174,6 +174,17 @@ class ClientSession:
             data = (frame if self.bridged else fill_out(frame)).SerializeToString()
         await self.outbound.put(data)
 
+    def send_now(self, data: bytes) -> bool:
+        """`send` of a serialized frame that need not wait, without a coroutine (a frame a
+        chat token); False when it would wait, or raise: nothing queued, `send` it."""
+        if self.closed.is_set() or not self.streaming:
+            return False
+        try:
+            self.outbound.put_nowait(data)
+        except asyncio.QueueFull:
+            return False
+        return True
+
     def try_send(self, frame: session_pb2.ServerFrame) -> bool:
         """Queue a frame without waiting; False when the queue is full (in frames or in
         bytes) or the session gone.

@@ -302,9 +302,11 @@ class Connection:
                     except decoder.DecodeFailed as e:
                         decoded = decoder.failed(str(e))
                     inbound = self.bridge.admit(decoded)
-                for text in inbound.replies:
-                    await self._queue(text)
-                await self._write_to_core(inbound.frames or inbound.wire)
+                frames = inbound.frames or inbound.wire
+                if inbound.replies or not self._push_now(frames):
+                    for text in inbound.replies:
+                        await self._queue(text)
+                    await self._write_to_core(frames)
         except ConnectionClosed:
             pass
         self._left()
@@ -334,6 +336,23 @@ class Connection:
             if loop.time() >= deadline:
                 await asyncio.sleep(0)
                 deadline = loop.time() + SLICE
+
+    def _push_now(self, frames: Sequence[OutFrame]) -> bool:
+        """_write_to_core of one frame that need not wait, on a multiplexed stream that
+        pulls: without a coroutine (a frame a chat token). False: nothing queued."""
+        if len(frames) != 1 or (pulled_by := self._pulled_by) is None:
+            return False
+        frame = frames[0]
+        data = frame if isinstance(frame, bytes) else frame.SerializeToString()
+        if self._upstream and (
+            len(self._upstream) >= batch.MAX_FRAMES
+            or self._upstream_bytes + len(data) > batch.MAX_BYTES
+        ):
+            return False
+        self._upstream.append(data)
+        self._upstream_bytes += len(data)
+        pulled_by.pull(self._take_upstream)
+        return True
 
     async def _write_upstream(self) -> None:
         """Write what the client sent onto the stream, every frame queued when a write

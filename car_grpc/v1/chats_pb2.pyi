@@ -500,9 +500,17 @@ class AgentChatEventNotice(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
     CHAT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TEXT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     chat_id: _builtins.str
     """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
+    event_text: _builtins.str
+    """From car-grpc's own gateway only (ignored from anyone else): the event's JSON members
+    as the wire writes them in the host's `agents.chat.event` after its session_id and
+    agent_id (`"kind":"token","delta":"hi"`, chat_text.py), or "" where it wrote none;
+    the host's notification is then put together from it instead of converting the
+    event back to JSON.
+    """
     @_builtins.property
     def event(self) -> Global___ChatEvent: ...
     def __init__(
@@ -511,10 +519,11 @@ class AgentChatEventNotice(_message.Message):
         session_id: _builtins.str = ...,
         event: Global___ChatEvent | None = ...,
         chat_id: _builtins.str = ...,
+        event_text: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_id", b"chat_id", "event", b"event", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_id", b"chat_id", "event", b"event", "event_text", b"event_text", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -530,10 +539,15 @@ class ChatEventNotice(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
     CHAT_ID_FIELD_NUMBER: _builtins.int
+    PARAMS_TEXT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     agent_id: _builtins.str
     chat_id: _builtins.str
     """The chat this is about: `session_id` on the JSON wire (a chat id, not a session)."""
+    params_text: _builtins.str
+    """To car-grpc's own gateway only, in place of every other field: the notification's
+    params as the JSON wire writes them.
+    """
     @_builtins.property
     def event(self) -> Global___ChatEvent: ...
     def __init__(
@@ -543,12 +557,15 @@ class ChatEventNotice(_message.Message):
         agent_id: _builtins.str = ...,
         event: Global___ChatEvent | None = ...,
         chat_id: _builtins.str = ...,
+        params_text: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_params_text", b"_params_text", "event", b"event", "params_text", b"params_text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "chat_id", b"chat_id", "event", b"event", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_params_text", b"_params_text", "agent_id", b"agent_id", "chat_id", b"chat_id", "event", b"event", "params_text", b"params_text", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__params_text: _TypeAlias = _typing.Literal["params_text"]  # noqa: Y015
+    _WhichOneofArgType__params_text: _TypeAlias = _typing.Literal["_params_text", b"_params_text"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__params_text) -> _WhichOneofReturnType__params_text | None: ...
 
 Global___ChatEventNotice: _TypeAlias = ChatEventNotice  # noqa: Y015
 

@@ -65,7 +65,7 @@ _MEMBERS = _members()
 _ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
-def _plain(value: Any) -> bool:
+def plain(value: Any) -> bool:
     """Whether free-form `value` holds only what orjson writes as the codec does."""
     kind = type(value)
     if kind is str or kind is bool or value is None:
@@ -73,9 +73,9 @@ def _plain(value: Any) -> bool:
     if kind is int:
         return bool(-_EXACT <= value <= _EXACT)
     if kind is dict:
-        return all(_plain(item) for item in value.values())
+        return all(plain(item) for item in value.values())
     if kind is list:
-        return all(_plain(item) for item in value)
+        return all(plain(item) for item in value)
     return False
 
 
@@ -93,7 +93,7 @@ def turn_text(turn: Any) -> str:
         if kind == _SCALAR:
             if value is None:
                 continue  # null reads as absent
-        elif kind != _FREE or not _plain(value):
+        elif kind != _FREE or not plain(value):
             return ""
         out[key] = value
     try:

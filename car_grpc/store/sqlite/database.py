@@ -472,22 +472,23 @@ class SqliteDatabase:
         return total
 
     async def close(self) -> None:
-        """Refuse new calls, let the store threads finish every call queued, and close."""
+        """Refuse new calls, let the store threads finish every call queued, and close:
+        the read thread first, so that the write connection closes last and folds the
+        write-ahead log away (two connections closing at once may each leave that to the
+        other, and the log stays behind)."""
         self._closed = True
         self._room.set()  # callers waiting for room give up
-        self._stop_threads()
-        for stopped, thread in (
-            (self._stopped, self._thread),
-            (self._read_stopped, self._read_thread),
+        for queue, stopped, thread in (
+            (self._reads, self._read_stopped, self._read_thread),
+            (self._writes, self._stopped, self._thread),
         ):
+            _stop_thread(queue)
             await asyncio.wait_for(asyncio.shield(stopped), _CLOSE_TIMEOUT)
             thread.join(_IDLE_TICK)  # it has nothing left to do but return
 
     def _stop_threads(self) -> None:
         for queue in (self._writes, self._reads):
-            with queue.wake:
-                queue.closing = True
-                queue.wake.notify()
+            _stop_thread(queue)
 
     # ------------------------------------------------------------ the store threads
 
@@ -738,6 +739,13 @@ def _connect(path: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _stop_thread(queue: _Queue) -> None:
+    """Tell a store thread to finish what is queued and stop."""
+    with queue.wake:
+        queue.closing = True
+        queue.wake.notify()
 
 
 def _connect_reader(path: Path) -> sqlite3.Connection:

@@ -1,0 +1,189 @@
+"""A chat event's JSON, written once: from the agent's JSON by the gateway that reads its
+`agent.chat.event`, spliced by the core into the host's `agents.chat.event` for a host
+behind car-grpc's own gateway (AgentChatEventNotice.event_text, ChatEventNotice.params_text).
+
+Per chat token, converting the event to protobuf and back (the core's copy into the host's
+notice, its serialization, the gateway's codec.message_to_text) cost more than the relay
+itself (bench/README.md, issue 16). The gateway reads the event here, as the codec reads
+it, and writes its text in the same pass (`read_event`); whatever is not read here the
+codec reads, and then no text is written.
+
+The text is what the codec writes of the host's ChatEventNotice after its `session_id` and
+`agent_id`: the event's members in field order (`kind` always, the others when present),
+then its other keys (the event's `extra`), strings, booleans, nulls and integers as the
+codec writes them (json's ASCII encoder). As for a run turn (turn_text.py), one freedom is
+taken: the other keys, and a free-form object's, come in the agent's order, where the codec
+writes protobuf's map order (a hash order; JSON objects are unordered). Where the two could
+differ otherwise, the event is left to the codec: a number in a free-form value that is not
+an integer of at most 53 bits (the codec writes what the double holds); and a text over
+TEXT_LIMIT is not sent.
+"""
+
+from __future__ import annotations
+
+import json
+from json.encoder import encode_basestring_ascii
+from typing import Any
+
+import orjson
+from google.protobuf.descriptor import FieldDescriptor
+
+from car_grpc.v1 import chats_pb2, options_pb2, session_pb2
+from car_grpc.wire import codec
+from car_grpc.wire.batch import varint
+from car_grpc.wire.turn_text import plain
+
+#: An event whose text is longer goes without (it would double a large frame on its way
+#: to the core; a token is a few dozen bytes).
+TEXT_LIMIT = 16 * 1024
+
+# What a member of ChatEvent is, for writing it.
+_STRING, _BOOL, _INTEGER = 0, 1, 2
+
+
+def _wire_fields(desc: Any) -> list[FieldDescriptor]:
+    """A message's fields that the JSON wire has (no typed twins, nothing internal)."""
+    out = []
+    for fd in desc.fields:
+        extensions = fd.GetOptions().Extensions
+        if not (extensions[options_pb2.json_twin] or extensions[options_pb2.json_internal]):
+            out.append(fd)
+    return out
+
+
+def _members() -> list[tuple[str, str, str, int, bool]]:
+    """ChatEvent's typed members in field order as (field name, key, the key's text with
+    the colon, kind, written when absent); its inline `extra` (the other keys) comes after
+    them."""
+    kinds = {FieldDescriptor.TYPE_STRING: _STRING, FieldDescriptor.TYPE_BOOL: _BOOL}
+    kinds[FieldDescriptor.TYPE_UINT32] = _INTEGER
+    out = []
+    for fd in _wire_fields(chats_pb2.ChatEvent.DESCRIPTOR):
+        if fd.type == FieldDescriptor.TYPE_MESSAGE:
+            continue  # `extra`
+        key = fd.GetOptions().Extensions[options_pb2.json_key] or fd.name
+        prefix = encode_basestring_ascii(key) + ":"
+        out.append((fd.name, key, prefix, kinds[fd.type], not fd.has_presence))
+    return out
+
+
+def _own_keys(desc: Any) -> set[str]:
+    """The keys of a notice's own (not inline) members."""
+    return {fd.name for fd in _wire_fields(desc) if fd.type != FieldDescriptor.TYPE_MESSAGE}
+
+
+_MEMBERS = _members()
+_UINT32_MAX = 2**32 - 1
+#: Keys that are not the event's other keys (`extra`) when the agent's notice is read:
+#: the event's members and the notice's session_id.
+_READ = frozenset(
+    {key for _, key, *_ in _MEMBERS} | _own_keys(chats_pb2.AgentChatEventNotice.DESCRIPTOR)
+)
+#: Keys of the host's notice that an other key of the same name never replaces.
+_HOST = frozenset(_own_keys(chats_pb2.ChatEventNotice.DESCRIPTOR))
+#: json's strict ASCII encoder: the codec's text of strings, integers, booleans and null.
+_ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def read_event(params: Any, notice: chats_pb2.AgentChatEventNotice) -> bool:
+    """Read an agent.chat.event's params into `notice` as the codec reads them (the same
+    message), and the event's text beside it (`event_text`, "" when over TEXT_LIMIT), in
+    one pass: for a token, a third of the codec's reading alone.
+
+    False, with `notice` untouched, for params not read here: a member that is not of its
+    field's type, another key whose value is not plain (turn_text.plain): the codec reads
+    those (and refuses what it refuses), and no text is written. Only for params too flat
+    to nest deeply (`plain` recurses)."""
+    if type(params) is not dict:
+        return False
+    session_id = params.get("session_id")
+    if session_id is not None and type(session_id) is not str:
+        return False
+    parts: list[str] = []
+    members: list[tuple[str, Any]] = []
+    taken = int("session_id" in params)  # keys of `params` read so far
+    for name, key, prefix, kind, always in _MEMBERS:
+        value = params.get(key)
+        if value is None:  # null reads as absent
+            if always:
+                parts.append(prefix + '""')  # a member without presence is written, empty
+            taken += key in params
+            continue
+        taken += 1
+        if kind == _STRING:
+            if type(value) is not str:
+                return False
+            parts.append(prefix + encode_basestring_ascii(value))
+        elif kind == _BOOL:
+            if type(value) is not bool:
+                return False
+            parts.append(prefix + ("true" if value else "false"))
+        else:
+            if type(value) is float and value.is_integer():
+                value = int(value)  # 3.0 reads as 3
+            if type(value) is not int or not 0 <= value <= _UINT32_MAX:
+                return False
+            parts.append(prefix + int.__repr__(value))
+        members.append((name, value))
+    others: list[tuple[str, Any]] = []
+    if len(params) > taken:
+        for key, value in params.items():
+            if key not in _READ:
+                if not plain(value) or (value_text := _free_text(value)) is None:
+                    return False
+                others.append((key, value))
+                if key not in _HOST:
+                    parts.append(encode_basestring_ascii(key) + ":" + value_text)
+    # As the codec: session_id when given, the event once any other key is there.
+    if session_id is not None:
+        notice.session_id = session_id
+    if len(params) > ("session_id" in params):
+        event = notice.event
+        event.SetInParent()
+        for name, value in members:
+            setattr(event, name, value)
+        for key, value in others:
+            codec.json_to_value(value, event.extra.fields[key])
+    text = ",".join(parts)
+    notice.event_text = text if len(text) <= TEXT_LIMIT else ""
+    return True
+
+
+def _free_text(value: Any) -> str | None:
+    """A free-form value (plain: turn_text.plain) as the codec writes it, its objects' keys
+    in the client's order; None when nested past orjson's limit."""
+    try:
+        data = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return None
+    # orjson writes other than ASCII as UTF-8, and DEL as itself: json escapes both.
+    return data.decode() if data.isascii() and b"\x7f" not in data else _ascii.encode(value)
+
+
+# ---------------------------------------------------------------- the core's side
+
+
+def notice_head(session_id: str, agent_id: str) -> bytes:
+    """What every agents.chat.event of a chat starts with, up to the event's members."""
+    return (
+        f'{{"session_id":{encode_basestring_ascii(session_id)},'
+        f'"agent_id":{encode_basestring_ascii(agent_id)},'
+    ).encode()
+
+
+_PARAMS_TEXT_FIELD = chats_pb2.ChatEventNotice.DESCRIPTOR.fields_by_name["params_text"].number
+_NOTICE_FIELD = session_pb2.ServerFrame.DESCRIPTOR.fields_by_name["agents_chat_event"].number
+_NOTICE_TAG = varint(_NOTICE_FIELD << 3 | 2)
+_PARAMS_TEXT_TAG = varint(_PARAMS_TEXT_FIELD << 3 | 2)
+
+
+def notice_frame(head: bytes, members: str) -> bytes:
+    """The serialized ServerFrame `agents_chat_event` of the event whose members are
+    `members` (`head`: notice_head), for car-grpc's gateway (ChatEventNotice.params_text
+    alone)."""
+    # In one join, not three nested concatenations (a frame a token).
+    body = members.encode()
+    size = len(head) + len(body) + 1
+    params_size = varint(size)
+    notice_size = varint(len(_PARAMS_TEXT_TAG) + len(params_size) + size)
+    return b"".join((_NOTICE_TAG, notice_size, _PARAMS_TEXT_TAG, params_size, head, body, b"}"))
