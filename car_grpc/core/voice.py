@@ -249,8 +249,9 @@ class VoiceSession:
     answer_bytes: int = 0
     answers_per_chunk: int = 0
     answer_bytes_per_chunk: int = 0
-    #: Set when the engine takes audio (or the session ends): the audio pump may go on.
-    engine_took: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Cleared while the audio pump waits for the engine's `taken`; set again by one that
+    #: takes audio in flight, or by the session's end.
+    engine_took: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))
     #: Audio to the engine. Never cancelled (it may be inside a write): once the session
     #: ends, its buffer is discarded and its writes are skipped, so it returns by itself.
     audio_pump: asyncio.Task[None] | None = None
@@ -676,7 +677,8 @@ class Voice:
 
         Audio makes events, so none goes to the engine while the owner has more than a
         quarter of voice_event_queue (or of voice_event_queue_bytes) still to take, and at
-        most a sixteenth of voice_event_queue at a time: a client that pushes audio
+        most a sixteenth of voice_event_queue at a time (a quarter, within _audio_room,
+        to an engine that acknowledges audio): a client that pushes audio
         faster than it reads what comes back is slowed down (its pushes wait in the audio
         queue) rather than losing its session when the engine's answers pile up. The
         engine's answers to audio it already has still count: with an engine that
@@ -684,18 +686,22 @@ class Voice:
         engine that answers several sends behind can still fill the queue."""
         keeps_up = _keeps_up(self.limits.event_queue)
         keeps_up_bytes = _keeps_up(self.limits.event_queue_bytes)
+        most = max(1, min(batch.MAX_FRAMES, self.limits.event_queue // 16))
+        # An engine's `taken` bounds its answers in flight (_audio_room): then up to a
+        # quarter of voice_event_queue a message (bench/README.md, `voice4`: fewer gRPC
+        # messages a chunk, about 0.75x the server's CPU a chunk against a sixteenth).
+        most_taken = max(1, min(batch.MAX_FRAMES, self.limits.event_queue // 4))
         # One at a time on ServeVoice: each write starts as the chunk leaves the queue,
         # so the queue's stall clock and the write's run together.
-        most = max(1, min(batch.MAX_FRAMES, self.limits.event_queue // 16))
         if not vs.engine.batched:
-            most = 1
+            most = most_taken = 1
         bounded = vs.engine.acknowledges_audio
         while True:
             if vs.events.qsize() > keeps_up or vs.events_bytes > keeps_up_bytes:
                 vs.owner_keeps_up.clear()
                 await vs.owner_keeps_up.wait()  # set again by the event pump, or _end
                 continue
-            count = self._audio_room(vs, most) if bounded else most
+            count = self._audio_room(vs, most, most_taken) if bounded else most
             if count == 0 and vs.state is not State.ENDED:
                 vs.engine_took.clear()
                 await vs.engine_took.wait()  # set again by a `taken`, or _end
@@ -703,19 +709,20 @@ class Voice:
             messages = await vs.audio.get_many(max(count, 1))
             if not messages:
                 return
-            vs.chunks_sent += len(messages)
+            # (The last message may be `stop`, after every chunk: never counted as one.)
+            vs.chunks_sent = min(vs.chunks_sent + len(messages), vs.chunks_in)
             if not await vs.engine.send_all(messages, vs):
                 return  # the engine is gone: its teardown ends the session
 
-    def _audio_room(self, vs: VoiceSession, most: int) -> int:
-        """How many more messages of audio may go to an engine that acknowledges audio:
-        with the audio in flight, they may make at most as many answers (events and
-        bytes, at the most per chunk the engine has answered so far) as fit three
-        quarters of the owner's queue besides what is queued. Before the engine's first
-        `taken`, one message at a time; never none when nothing is in flight."""
+    def _audio_room(self, vs: VoiceSession, first: int, most: int) -> int:
+        """How many more messages of audio (at most `most`) may go to an engine that
+        acknowledges audio: with the audio in flight, they may make at most as many
+        answers (events and bytes, at the most per chunk the engine has answered so far)
+        as fit three quarters of the owner's queue besides what is queued. Before the
+        engine's first `taken`, `first` at a time; never none when nothing is in flight."""
         in_flight = vs.chunks_sent - vs.chunks_taken
         if vs.answers_per_chunk == 0:
-            return most if in_flight == 0 else 0
+            return first if in_flight == 0 else 0
         room = self.limits.event_queue - _keeps_up(self.limits.event_queue) - vs.events.qsize()
         room_bytes = self.limits.event_queue_bytes - _keeps_up(self.limits.event_queue_bytes)
         room_bytes -= vs.events_bytes
@@ -727,10 +734,13 @@ class Voice:
         return max(count, 1 if in_flight == 0 else 0)
 
     def _engine_took(self, vs: VoiceSession, seq: int) -> None:
-        """The engine's `taken`: its answers since the last one were to these chunks."""
+        """The engine's `taken`: its answers since the last one were to these chunks. A
+        seq not above the last taken, or never sent, is ignored (voice.proto
+        VoiceAudioTaken): it holds nothing and costs a comparison."""
         taken = seq + 1
         if not vs.chunks_taken < taken <= vs.chunks_sent:
-            return  # stale, or audio never sent
+            return  # stale or repeated, or audio never sent (maybe late: an earlier
+            # session of the same id, whose close the engine had not read yet)
         chunks = taken - vs.chunks_taken
         vs.answers_per_chunk = max(vs.answers_per_chunk, 1, -(-vs.answers // chunks))
         per_chunk_bytes = -(-vs.answer_bytes // chunks)
@@ -1032,6 +1042,9 @@ class Voice:
             engine.fail(invalid_params("register may be sent only once"))
             return None
         if body is None:
+            return None
+        if body == "taken" and not engine.acknowledges_audio:
+            engine.fail(invalid_params("`taken` needs acknowledges_audio in register"))
             return None
         part = getattr(message, body)
         if body == "audio" or body == "event":

@@ -1420,7 +1420,7 @@ type ServeVoiceRequest_End struct {
 
 type ServeVoiceRequest_Taken struct {
 	// The engine is done with a session's audio up to a seq (an engine that registered
-	// with `acknowledges_audio` only).
+	// with `acknowledges_audio` only: from any other, INVALID_ARGUMENT ends the stream).
 	Taken *VoiceAudioTaken `protobuf:"bytes,6,opt,name=taken,proto3,oneof"`
 }
 
@@ -1676,10 +1676,11 @@ type RegisterVoiceEngine struct {
 	// session's audio in flight (sent, not yet taken) within what the session's owner can
 	// still queue: voice_event_queue events and voice_event_queue_bytes, less what is
 	// queued, divided by the events (and bytes) the engine answered per chunk so far (before
-	// the first `taken`, one message of audio at a time). So a client that stops reading is
-	// slowed down, never dropped, for answers the engine already owed it. An engine that
-	// does not set it gets the audio as fast as the owner reads (a burst of answers to
-	// audio in flight can then end the session).
+	// the first `taken`, one message of audio at a time), and sends it more audio a message
+	// (up to a quarter of voice_event_queue on ServeVoiceBatched, against a sixteenth). So
+	// a client that stops reading is slowed down, never dropped, for answers the engine
+	// already owed it. An engine that does not set it gets the audio as fast as the owner
+	// reads (a burst of answers to audio in flight can then end the session).
 	AcknowledgesAudio bool `protobuf:"varint,3,opt,name=acknowledges_audio,json=acknowledgesAudio,proto3" json:"acknowledges_audio,omitempty"`
 }
 
@@ -2147,14 +2148,21 @@ func (x *EndVoiceSession) GetVoiceSessionId() string {
 	return ""
 }
 
-// The engine is done with a session's audio through `seq`: every event and speech it
-// makes of that audio was sent before this message. An acknowledgement covers every
-// earlier seq; the server sends no more audio than fits the owner's room (see
-// RegisterVoiceEngine.acknowledges_audio), so an engine that holds its answers until it
+// The engine is done with a session's audio through `seq` (the seq of the audio it was
+// sent): what it has answered to that audio was sent before this message. The server
+// counts the events and speech chunks between two `taken`s as the answers to the chunks
+// the later one takes, and the most per chunk so far bounds the audio it sends (see
+// RegisterVoiceEngine.acknowledges_audio): an engine that answers later (a final
+// transcript) or more than before only tightens the bound for later audio, and one that
+// takes audio before answering it may overflow its own sessions' owners, as an engine
+// without `taken` may. An acknowledgement covers every earlier seq. The server sends no
+// more audio than fits the owner's room, so an engine that holds its answers until it
 // has more audio than that (an utterance longer than the room) must answer and
 // acknowledge what it has, else the session's audio stalls (and ends after
-// Config.voice_stall_timeout). A seq not yet sent, or lower than an earlier one, is
-// ignored.
+// Config.voice_stall_timeout). Ignored, holding nothing: a seq never sent to the session
+// (it may be late: for an earlier session of that id, whose close the engine had not
+// read), one not above the last taken (a repeat), one for a session that is over or not
+// the engine's. Each costs the server a lookup and a comparison, no more.
 type VoiceAudioTaken struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
