@@ -394,8 +394,12 @@ async def test_a_burst_of_answers_overflows_a_client_not_reading_unless_the_engi
                     return "client"  # ... for the client to read
                 return None
 
-            while (now := await until(state)) == "release":
-                await engine.release()
+            try:
+                while (now := await until(state)) == "release":
+                    await engine.release()
+            except TimeoutError:
+                where = (engine.received, engine.held_chunks, vs.chunks_sent, vs.chunks_taken)
+                raise AssertionError(f"stuck: {where}, released {engine.released}") from None
             c.resume_reading()
             engine.holding = False
             await engine.release()
