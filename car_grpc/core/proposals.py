@@ -29,7 +29,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -112,37 +112,35 @@ def plan(proposal: tools_pb2.ActionProposal) -> Plan:
     """Validate `proposal` and order its actions; CarError -32602 naming the field."""
     actions = list(proposal.actions)
     ids: dict[str, int] = {}
-    writers: dict[str, set[str]] = {}
     for i, action in enumerate(actions):
-        action_id = action.id
-        if not action_id:
-            raise field_error(f"proposal.actions[{i}].id")
-        if action_id in ids:
-            raise field_error(f"proposal.actions[{i}].id", f"duplicate action id '{action_id}'")
-        ids[action_id] = i
-        _validate_action(action, f"proposal.actions[{i}]")
+        path = f"proposal.actions[{i}]"
+        if not action.id:
+            raise field_error(f"{path}.id")
+        if action.id in ids:
+            raise field_error(f"{path}.id", f"duplicate action id '{action.id}'")
+        ids[action.id] = i
+        _validate_action(action, path)
+
+    writers: dict[str, set[str]] = {}
+    for action in actions:
         if action.type == tools_pb2.ACTION_TYPE_STATE_WRITE:
-            writers.setdefault(action.parameters.fields["key"].string_value, set()).add(action_id)
+            writers.setdefault(action.parameters.fields["key"].string_value, set()).add(action.id)
 
     deps: dict[str, frozenset[str]] = {}
     for i, action in enumerate(actions):
-        action_id = action.id
+        path = f"proposal.actions[{i}]"
         wanted: set[str] = set()
         for key in action.state_dependencies:
-            wanted |= writers.get(key, set()) - {action_id}
-        if action.parameters.fields:  # else nothing to refer to
-            path = f"proposal.actions[{i}].parameters"
-            for ref, ref_path in _references(action.parameters, path):
-                if ref not in ids:
-                    raise field_error(ref_path, f"reference to unknown action '{ref}'")
-                wanted.add(ref)
+            wanted |= writers.get(key, set()) - {action.id}
+        for ref, ref_path in _references(action.parameters, f"{path}.parameters"):
+            if ref not in ids:
+                raise field_error(ref_path, f"reference to unknown action '{ref}'")
+            wanted.add(ref)
         for j, dep in enumerate(action.dependencies):
             if dep not in ids:
-                raise field_error(
-                    f"proposal.actions[{i}].dependencies[{j}]", f"unknown action '{dep}'"
-                )
+                raise field_error(f"{path}.dependencies[{j}]", f"unknown action '{dep}'")
             wanted.add(dep)
-        deps[action_id] = frozenset(wanted)
+        deps[action.id] = frozenset(wanted)
 
     if cycle := _find_cycle([a.id for a in actions], deps):
         raise field_error("proposal.actions", "dependency cycle " + " -> ".join(cycle))
@@ -350,46 +348,31 @@ def _ms_since(start: float) -> int:
     return int((time.monotonic() - start) * 1000)
 
 
+@dataclass
 class _Run:
-    """One execution of a plan. The results are written in place into the ProposalResult
-    it returns, one slot per action in submission order, as each action finishes (no
-    result built and then copied in)."""
+    plan: Plan
+    state: MutableMapping[str, JSON]
+    policies: list[state_pb2.PolicyDefinition]
+    call_tool: CallTool
+    retry_backoff: float
+    results: dict[str, tools_pb2.ActionResult] = field(default_factory=dict)
+    outputs: dict[str, JSON] = field(default_factory=dict)
+    #: Before-images of the keys this proposal wrote: key -> (existed, value).
+    originals: dict[str, tuple[bool, JSON]] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)
+    cost: tools_pb2.ProposalCost = field(default_factory=tools_pb2.ProposalCost)
 
-    def __init__(
-        self,
-        plan: Plan,
-        state: MutableMapping[str, JSON],
-        policies: list[state_pb2.PolicyDefinition],
-        call_tool: CallTool,
-        retry_backoff: float,
-    ) -> None:
-        self.plan = plan
-        self.state = state
-        self.policies = policies
-        self.call_tool = call_tool
-        self.retry_backoff = retry_backoff
-        self.result = tools_pb2.ProposalResult(proposal_id=plan.proposal_id)
-        self.cost = self.result.cost
-        self.cost.SetInParent()  # present even when every count is 0, as on the wire before
-        actions = plan.actions
-        #: action id -> its slot among the results (filled when it finishes).
-        self.slots = {a.id: self.result.results.add() for a in actions}
-        #: The actions that have finished (their slot filled for good).
-        self.finished: set[str] = set()
-        self.outputs: dict[str, JSON] = {}
-        #: Before-images of the keys this proposal wrote: key -> (existed, value).
-        self.originals: dict[str, tuple[bool, JSON]] = {}
-        self.started: dict[str, float] = {}
-        self.by_id = {a.id: a for a in actions}
+    def __post_init__(self) -> None:
+        self.by_id = {a.id: a for a in self.plan.actions}
         #: action id -> the actions waiting for it.
-        self.dependents: dict[str, list[str]] = {a.id: [] for a in actions}
-        for action_id, deps in plan.deps.items():
+        self.dependents: dict[str, list[str]] = {a.id: [] for a in self.plan.actions}
+        for action_id, deps in self.plan.deps.items():
             for dep in deps:
                 self.dependents[dep].append(action_id)
         #: action id -> how many of its dependencies have not finished yet.
-        self.blocked = {action_id: len(deps) for action_id, deps in plan.deps.items()}
+        self.blocked = {action_id: len(deps) for action_id, deps in self.plan.deps.items()}
         #: Actions whose dependencies have all finished, in submission order at first.
-        self.ready = deque(a.id for a in actions if not self.blocked[a.id])
+        self.ready = deque(a.id for a in self.plan.actions if not self.blocked[a.id])
         #: Action tasks that have finished and not been taken by `run` yet.
         self._done: list[asyncio.Task[_Outcome]] = []
         self._wakeup: asyncio.Future[None] | None = None
@@ -421,12 +404,15 @@ class _Run:
             raise
         if abort_reason is not None:
             for action in self.plan.actions:
-                if action.id not in self.finished:
+                if action.id not in self.results:
                     reason = f"proposal aborted: {abort_reason}"
                     self._finish(action.id, self._skipped(action.id, reason))
             self._roll_back()
+        result = tools_pb2.ProposalResult(proposal_id=self.plan.proposal_id)
+        result.results.extend(self.results[a.id] for a in self.plan.actions)
         self.cost.total_duration_ms = _ms_since(begin)
-        return self.result
+        result.cost.CopyFrom(self.cost)
+        return result
 
     def _land(self, action_id: str, outcome: _Outcome) -> str | None:
         """Record a finished action; the abort reason when it aborts the proposal."""
@@ -455,7 +441,7 @@ class _Run:
         failed = sorted(
             d
             for d in self.plan.deps[action_id]
-            if self.slots[d].status != tools_pb2.ACTION_STATUS_SUCCEEDED
+            if self.results[d].status != tools_pb2.ACTION_STATUS_SUCCEEDED
         )
         if failed:
             reason = f"dependency '{failed[0]}' did not succeed"
@@ -474,8 +460,7 @@ class _Run:
                 running[task] = action_id
 
     def _finish(self, action_id: str, result: tools_pb2.ActionResult) -> None:
-        """Record `result` (the action's slot, filled by `_result`) as final."""
-        self.finished.add(action_id)
+        self.results[action_id] = result
         status = result.status
         if status in (tools_pb2.ACTION_STATUS_SUCCEEDED, tools_pb2.ACTION_STATUS_FAILED):
             self.cost.actions_executed += 1
@@ -508,8 +493,7 @@ class _Run:
                 state[key] = value
             else:
                 state.pop(key, None)
-        for action_id in self.finished:
-            result = self.slots[action_id]
+        for result in self.results.values():
             if result.status == tools_pb2.ACTION_STATUS_SUCCEEDED:
                 result.rolled_back = True
 
@@ -520,18 +504,7 @@ class _Run:
         error: str | None,
         output: JSON = None,
     ) -> tools_pb2.ActionResult:
-        """The action's slot, filled (anew: a cancelled action's may have been filled);
-        a result of its own for an action given up on already (a task left behind by
-        `_cancel`, finishing after the proposal's result went out)."""
-        if action_id in self.finished:
-            result = tools_pb2.ActionResult()
-        else:
-            result = self.slots[action_id]
-            if result.action_id:
-                result.Clear()
-        result.action_id = action_id
-        result.status = status
-        result.timestamp = now_ms()
+        result = tools_pb2.ActionResult(action_id=action_id, status=status, timestamp=now_ms())
         json_to_value(output, result.output)  # written in place: no Value to copy in
         result.state_changes.SetInParent()
         if error is not None:
