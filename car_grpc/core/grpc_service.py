@@ -70,8 +70,6 @@ class SessionStream:
         if isinstance(context, SessionChannel):
             self._channel = context
             self.session.write_now = self._write_now
-        else:
-            self.session.write_now = self._start_write
         self.inflight = asyncio.Semaphore(service.max_inflight)
         #: Each holds an in-flight slot: tasks, and the futures of notifications that wait
         #: without a task (_park).
@@ -131,36 +129,6 @@ class SessionStream:
         if not self.session.outbound.empty() or self.write_lock.locked():
             return False
         return self._channel.try_write(batch.encode((data,)))
-
-    def _start_write(self, data: bytes) -> bool:
-        """A frame (a call's request) onto a gRPC stream at once, when nothing is queued or
-        being written before it: the write is started here and finished by callbacks, not
-        awaited by the caller, so that no cancellation of the caller (the call's timeout,
-        the request's deadline) can leave it halfway (grpc.aio does not survive a write
-        abandoned halfway); the write lock is held until it has finished. No hop through
-        the writer task, and no wakeup of the caller when it is written: the caller waits
-        for the answer anyway. False: not written (the frame goes through the queue)."""
-        lock = self.write_lock
-        if not self.session.outbound.empty() or self._more or not _try_lock(lock):
-            return False
-        write = self.context.write(batch.encode((data,)) if self.batched else data)
-
-        def step(_: object = None) -> None:
-            try:
-                waiting = write.send(None)
-            except StopIteration:
-                lock.release()
-                return
-            except BaseException:  # the stream is gone: its read loop ends it
-                lock.release()
-                return
-            if waiting is None:  # a bare yield: run on at the next iteration
-                asyncio.get_running_loop().call_soon(step)
-            else:
-                waiting.add_done_callback(step)
-
-        step()
-        return True
 
     async def _read_loop(self) -> None:
         read = self.context.read
@@ -317,17 +285,6 @@ class SessionStream:
             async with asyncio.timeout(5):
                 await self.session.outbound.join()
         await self.context.abort(grpc.StatusCode.UNAUTHENTICATED, "auth required")
-
-
-def _try_lock(lock: asyncio.Lock) -> bool:
-    """Acquire `lock` when that needs no wait (asyncio.Lock has no acquire_nowait)."""
-    acquire = lock.acquire()
-    try:
-        acquire.send(None)
-    except StopIteration:
-        return True
-    acquire.close()  # it would have waited: leave the queue of waiters as it was
-    return False
 
 
 # ------------------------------------------------------------------ typed RPCs
