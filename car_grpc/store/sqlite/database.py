@@ -470,7 +470,7 @@ class SqliteDatabase:
         for call in calls:
             self._pending -= 1
             self._pending_bytes -= call.size
-            del self._unanswered[call]
+            self._unanswered.pop(call, None)
             if call.key is not None and self._last_by_key.get(call.key) is call:
                 del self._last_by_key[call.key]
             if call.settled is not None:
