@@ -6,8 +6,10 @@ upstream queue), the upstream writer (every frame queued when a write can start,
 gRPC message; on a multiplexed stream no task: the stream pulls the queue's frames
 itself when it writes next), core -> client (opens the stream, then the ServerFrames of
 each message through the Bridge to the WebSocket: sent at once, in one socket write,
-while the client keeps up, else onto a bounded queue), the writer (queue -> WebSocket,
-what waits in one write), the keepalive and the authentication deadline.
+while the client keeps up, else onto a bounded queue; on a multiplexed stream a batch
+that finds this task waiting and the client keeping up is written by the stream's reader
+itself, no wakeup: _take_now), the writer (queue -> WebSocket, what waits in one write),
+the keepalive and the authentication deadline.
 
 Opening is paced: a gateway has at most `ws_pending_streams` Connect streams that the core
 has not taken in yet (the core says so with its initial metadata), so a burst of
@@ -46,12 +48,13 @@ import grpc
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConcurrencyError, ConnectionClosed
 from websockets.frames import CloseCode
+from websockets.protocol import State
 
 from car_grpc.config import GatewayConfig
 from car_grpc.gateway import audio_frames, decoder
 from car_grpc.gateway.decoder import DecoderPool
 from car_grpc.gateway.jsonrpc import MAX_BATCH, Bridge
-from car_grpc.gateway.multiplex import MultiplexedCall
+from car_grpc.gateway.multiplex import Batch, MultiplexedCall
 from car_grpc.gateway.outbound import OutboundQueue
 from car_grpc.v1 import session_pb2, voice_pb2
 from car_grpc.wire import batch
@@ -100,6 +103,28 @@ class TrackedConnection(ServerConnection):
         # Any bytes count: messages, pongs, pings, close frames.
         self.last_activity = self.loop.time()
         super().data_received(data)
+
+    def can_send_now(self) -> bool:
+        """Whether send_now may write: the connection open and its writes not paused."""
+        return self.protocol.state is State.OPEN and not self.paused
+
+    def send_now(self, messages: Sequence[str | bytes]) -> bool:
+        """send_all without a wait, when can_send_now() (the caller keeps within the write
+        buffer's room, so there is nothing to drain); False when the write failed (the
+        connection is done for, as send_all would have raised ConnectionClosed)."""
+        protocol = self.protocol
+        for message in messages:
+            if isinstance(message, str):
+                protocol.send_text(message.encode())
+            else:
+                protocol.send_binary(message)
+        try:
+            self.send_data()
+        except Exception as exc:  # as send_context: the connection is given up
+            self.set_connection_exc(exc)
+            self.transport.abort()
+            return False
+        return True
 
     async def send_all(self, messages: Sequence[str | bytes]) -> None:
         """Send several messages (text: str, binary: bytes) in one write to the socket,
@@ -422,10 +447,14 @@ class Connection:
 
     async def _core_to_client(self) -> None:
         await self._open()
+        if isinstance(self.call, MultiplexedCall):
+            self.call.take_now = self._take_now  # while this waits in read()
         loop = asyncio.get_running_loop()
         try:
             while True:
                 message = await self.call.read()
+                if self.bridge.auth_refused:
+                    return  # met by _take_now, which ended the connection
                 if message is grpc.aio.EOF:
                     reason = "core ended the session"
                     break
@@ -447,13 +476,70 @@ class Connection:
                 if out:
                     await self._send(out)
                 if refused:
-                    self._abandon("auth required")
-                    self.end(CloseCode.POLICY_VIOLATION, "auth required", flush=True)
+                    self._refused()
                     return
         except grpc.aio.AioRpcError as e:
+            if self.bridge.auth_refused:
+                return  # as above
             reason = f"core unavailable: {e.code().name}: {e.details()}"
         self._abandon(reason)
         self.end(CloseCode.INTERNAL_ERROR, reason, flush=True)
+
+    def _take_now(self, data: bytes, turn_ends: float) -> Batch | None:
+        """A batch from the core taken at once, in the multiplexed stream's reader, while
+        _core_to_client waits in read() with nothing unread (no wakeup, no task): its
+        frames go to the client there and then, as _core_to_client would send them, so
+        long as that needs no wait (the connection open, nothing queued or being written,
+        within the write buffer's room) and the reader's turn lasts. The frame that finds
+        no room waits in the queue (empty until then: it fits); what is left of the batch
+        (None: nothing) is for _core_to_client, in order."""
+        ws = self.ws
+        if (
+            self._ended.is_set()
+            or self._writing
+            or not self.outbound.empty()
+            or not ws.can_send_now()
+            or ws.loop.time() >= turn_ends
+        ):
+            return data
+        room = self.config.ws_write_limit - ws.transport.get_write_buffer_size()
+        try:
+            message = session_pb2.ConnectBatchedResponse.FromString(data)
+            frames = message.frames
+            out: list[str | bytes] = []
+            overflow: str | bytes | None = None
+            taken, n = 0, len(frames)
+            while taken < n:
+                sent = self._from_core(frames[taken])
+                taken += 1
+                if sent is not None:
+                    room -= len(sent) + 14  # as _send counts it
+                    if room <= 0:
+                        overflow = sent
+                        break
+                    out.append(sent)
+                if self.bridge.auth_refused or ws.loop.time() >= turn_ends:
+                    break
+            if out and not ws.send_now(out):
+                self._left()
+            if overflow is not None:
+                self.outbound.put_nowait(overflow)
+        except Exception as e:  # as _task_done: a bug ends this connection, not the stream
+            log.error("gateway: connection task failed", exc_info=e)
+            self.end(CloseCode.INTERNAL_ERROR, "internal error")
+            return None
+        if self.bridge.auth_refused:
+            self._refused()
+            return None
+        if taken == n:
+            return None
+        del frames[:taken]
+        return message
+
+    def _refused(self) -> None:
+        """The core refused the session (-32001): what is queued goes, then the close."""
+        self._abandon("auth required")
+        self.end(CloseCode.POLICY_VIOLATION, "auth required", flush=True)
 
     def _from_core(self, frame: session_pb2.ServerFrame) -> str | bytes | None:
         """What one frame of the core's becomes for the client (None: nothing)."""
@@ -482,6 +568,10 @@ class Connection:
         room = self.config.ws_write_limit - self.ws.transport.get_write_buffer_size()
         size = sum(len(m) + 14 for m in messages)
         if self.outbound.empty() and not self._writing and size < room:
+            if self.ws.can_send_now():  # no wait: see send_now
+                if not self.ws.send_now(messages):
+                    self._left()
+                return
             try:
                 await self.ws.send_all(messages)
             except ConnectionClosed:
