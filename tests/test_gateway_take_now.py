@@ -1,9 +1,12 @@
-"""Batches from the core written by the multiplexed stream's reader itself
-(Connection._take_now, gateway/multiplex.py): a connection whose reader waits and whose
-client keeps up gets its batch there and then, acknowledged at once; everything else
-(a client behind, a write under way, no room left in the write buffer) takes the
-connection's own read, in order. Real core, real gateway, real sockets; the spy only
-records what `_take_now` returned."""
+"""Frames handled where they arrive, without waking the connection's tasks (no change on
+the wire). Down: batches from the core written by the multiplexed stream's reader itself
+(Connection._from_core_at_once, gateway/multiplex.py): a connection whose reader waits
+and whose client keeps up gets its batch there and then, acknowledged at once; everything
+else (a client behind, a write under way, no room left in the write buffer) takes the
+connection's own read, in order. Up: a client's message handled in data_received while
+the connection's reader waits (Connection._from_client_at_once), the rest through recv(),
+in order. Real core, real gateway, real sockets; the spies only record what those
+methods did."""
 
 from __future__ import annotations
 
@@ -21,22 +24,38 @@ from car_grpc.gateway.multiplex import Batch
 from tests.conftest import make_config
 from tests.ws_helpers import RawWebSocket, rpc, running
 
-#: By connection: what each _take_now call did with its batch.
+#: By connection: what each _from_core_at_once / _from_client_at_once call did.
 Takes = dict[Connection, list[str]]
 
 
 @pytest.fixture
 def takes(monkeypatch: pytest.MonkeyPatch) -> Takes:
-    """Records each _take_now: "taken" (all of it), "left" (nothing), "part" (some)."""
+    """Records each _from_core_at_once: "taken" (all of it), "left" (nothing), "part" (some)."""
     seen: Takes = defaultdict(list)
-    take_now = Connection._take_now
+    take_now = Connection._from_core_at_once
 
     def spy(self: Connection, data: bytes, turn_ends: float) -> Batch | None:
         left = take_now(self, data, turn_ends)
         seen[self].append("taken" if left is None else "left" if left is data else "part")
         return left
 
-    monkeypatch.setattr(connection_module.Connection, "_take_now", spy)
+    monkeypatch.setattr(connection_module.Connection, "_from_core_at_once", spy)
+    return seen
+
+
+@pytest.fixture
+def arrivals(monkeypatch: pytest.MonkeyPatch) -> Takes:
+    """Records each _from_client_at_once: "taken", "carried" (translated, the rest left to
+    recv()) or "left" (untouched)."""
+    seen: Takes = defaultdict(list)
+    at_once = Connection._from_client_at_once
+
+    def spy(self: Connection, message: str | bytes) -> bool:
+        taken = at_once(self, message)
+        seen[self].append("taken" if taken else "carried" if self._carried else "left")
+        return taken
+
+    monkeypatch.setattr(connection_module.Connection, "_from_client_at_once", spy)
     return seen
 
 
@@ -128,3 +147,51 @@ async def test_a_batch_past_the_write_room_arrives_whole_and_in_order(
             assert all(answer["result"] == "v" * 3000 for answer in got)
         assert "part" in takes[connection]
         raw.close()
+
+
+async def test_a_burst_from_a_client_reaches_the_core_whole_and_in_order(
+    tmp_path: Path, arrivals: Takes
+) -> None:
+    """An agent sends 300 chat tokens at once, with a frame that is not JSON (answered by
+    the gateway) and a JSON-RPC batch of two tokens among them: the first ones are taken
+    as they arrive, the frame not JSON is translated there and finished by the
+    connection's reader with the rest; the host gets every token in order, the agent its
+    error."""
+    config = make_config(tmp_path, chat_ack_timeout=5)
+    async with running(config) as (core, gateway), rpc(gateway.url) as host:
+        assert core.parts is not None and core.parts.tokens is not None
+        await host.login(core.parts.tokens.daemon)
+        [host_connection] = gateway.connections
+        async with rpc(gateway.url) as agent:
+            await agent.login(
+                agent_id="agent-1", token=await core.parts.agent_tokens.add("agent-1")
+            )
+            [agent_connection] = gateway.connections - {host_connection}
+            chat = asyncio.create_task(
+                host.call("agents.chat", {"agent_id": "agent-1", "prompt": "go"})
+            )
+            await agent.answer(await agent.expect_request("agent.chat"), {"accepted": True})
+            sid = (await chat)["result"]["session_id"]
+            arrivals[agent_connection].clear()
+
+            def token(i: int) -> dict[str, Any]:
+                params = {"session_id": sid, "kind": "token", "delta": f"{i},"}
+                return {"jsonrpc": "2.0", "method": "agent.chat.event", "params": params}
+
+            burst: list[str] = []
+            for i in range(300):
+                if i == 100:
+                    burst.append("{not json")
+                if i == 200:
+                    burst.append(json.dumps([token(i), token(i + 1)]))
+                elif i != 201:
+                    burst.append(json.dumps(token(i)))
+            for text in burst:  # no await that yields: the gateway reads them together
+                await agent.ws.send(text)
+            got = [await host.expect_notification("agents.chat.event") for _ in range(300)]
+            assert "".join(e["delta"] for e in got) == "".join(f"{i}," for i in range(300))
+            error = await agent.next_frame()
+            assert error["error"]["code"] == -32700 and error["id"] is None
+            seen = arrivals[agent_connection]
+            assert seen[:100] == ["taken"] * 100
+            assert seen[100] == "carried"
