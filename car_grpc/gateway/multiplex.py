@@ -349,7 +349,7 @@ class _Stream:
             return
         if part.ack_batches:
             call.acknowledged(part.ack_batches, part.ack_bytes)
-        if part.batch and not call.deliver(part.batch, turn_ends):
+        if (data := part.batch) and not call.deliver(data, turn_ends):  # (a copy per access)
             call.cancel()
             call.finish(_error(grpc.StatusCode.INTERNAL, "the core sent past the credits"))
             return
