@@ -13,12 +13,18 @@
   in-process) per operation. Run it against another tree with
   `PYTHONPATH=TREE python bench/bench_proposals.py` (by path: TREE's car_grpc and tests).
 
+Every figure is measured with one client, `LeanClient` below: a Connect client that answers
+`tools.execute` in its read loop, as a user writing for speed would. (tests/tool_host.py,
+which the tests use, queues each callback and answers it in a task of its own, and records
+it for the test to inspect: about 0.3x of a state.get more than the two state.gets.)
+
     python -m bench bench_proposals          (or ./dev bench bench_proposals)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
@@ -26,19 +32,81 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import struct_pb2
 
 from bench import summary
 from car_grpc.config import CoreConfig
 from car_grpc.core.server import Core
-from car_grpc.v1 import state_pb2, tools_pb2
+from car_grpc.v1 import session_pb2, session_pb2_grpc, state_pb2, tools_pb2
 from car_grpc.wire import codec
-from tests.session_client import SessionClient, connect
-from tests.tool_host import ToolHost
+from car_grpc.wire.errors import CarError
 
 ROUND_TRIPS = 500
 WIDTH = 200
 #: Rounds of the interleaved part (each: a state.get, a proposal, two state.gets).
 ROUNDS = 800
+
+
+class LeanClient:
+    """The client every figure here is measured with: what a user would write for speed.
+
+    One Connect stream, one read loop. The loop matches answers to the requests waiting
+    on them and answers each `tools.execute` itself, at once (the tool here returns
+    nothing: the cost measured is the callback's round trip, not a tool's work). No
+    queue, no task per callback, no condition (tests/tool_host.py records every request
+    for the tests to inspect, which a benchmark does not need); requests and answers
+    written under one lock (grpc.aio takes one write at a time per call). Requests and
+    the callbacks' answers take the same path, so the proposal and the state.gets it is
+    compared with pay the client's side alike."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.call: Any = session_pb2_grpc.SessionServiceStub(channel).Connect()
+        self._ids = 0
+        self._waiting: dict[str, asyncio.Future[session_pb2.ServerFrame]] = {}
+        self._writing = asyncio.Lock()
+        self.callbacks = 0
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        read, waiting = self.call.read, self._waiting
+        output = tools_pb2.ExecuteToolResponse(output=struct_pb2.Value(number_value=1))
+        while (frame := await read()) is not grpc.aio.EOF:
+            if (future := waiting.pop(frame.id, None)) is not None:
+                future.set_result(frame)
+            elif frame.HasField("tools_execute"):
+                self.callbacks += 1
+                answer = session_pb2.ClientFrame(id=frame.id, tools_execute=output)
+                async with self._writing:
+                    await self.call.write(answer)
+
+    async def request(self, member: str, message: Any, timeout: float = 10) -> Any:
+        self._ids += 1
+        frame_id = str(self._ids)
+        frame = session_pb2.ClientFrame(id=frame_id)
+        getattr(frame, member).CopyFrom(message)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[frame_id] = future
+        async with asyncio.timeout(timeout):
+            async with self._writing:
+                await self.call.write(frame)
+            answer = await future
+        if answer.HasField("error"):
+            raise CarError.from_proto(answer.error)
+        return getattr(answer, member)
+
+    async def close(self) -> None:
+        self.call.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader
+
+
+async def _lean_connect(channel: grpc.aio.Channel, token: str) -> LeanClient:
+    client = LeanClient(channel)
+    await client.request("session_auth", session_pb2.AuthenticateRequest(token=token))
+    handshake = session_pb2.HandshakeRequest(client_version="bench")
+    handshake.protocol_version.number_value = 3
+    await client.request("server_handshake", handshake)
+    return client
 
 
 def _submit(actions: list[dict[str, Any]]) -> tools_pb2.SubmitProposalRequest:
@@ -47,7 +115,7 @@ def _submit(actions: list[dict[str, Any]]) -> tools_pb2.SubmitProposalRequest:
     return req
 
 
-async def _p(client: SessionClient, member: str, message: Any) -> list[float]:
+async def _p(client: LeanClient, member: str, message: Any) -> list[float]:
     times = []
     for _ in range(ROUND_TRIPS):
         start = time.perf_counter()
@@ -56,7 +124,7 @@ async def _p(client: SessionClient, member: str, message: Any) -> list[float]:
     return times
 
 
-async def _two(client: SessionClient, request: state_pb2.GetStateRequest) -> list[float]:
+async def _two(client: LeanClient, request: state_pb2.GetStateRequest) -> list[float]:
     """Two round trips one after the other: what a proposal with one callback costs on
     the stream before any proposal work (its submit and answer, the callback and its)."""
     times = []
@@ -69,7 +137,7 @@ async def _two(client: SessionClient, request: state_pb2.GetStateRequest) -> lis
 
 
 async def _callbacks_per_second(
-    client: SessionClient, proposal: tools_pb2.SubmitProposalRequest
+    client: LeanClient, proposal: tools_pb2.SubmitProposalRequest
 ) -> float:
     start = time.perf_counter()
     reply = await client.request("proposal_submit", proposal)
@@ -79,7 +147,7 @@ async def _callbacks_per_second(
 
 
 async def _interleaved(
-    client: SessionClient, get: state_pb2.GetStateRequest, one: tools_pb2.SubmitProposalRequest
+    client: LeanClient, get: state_pb2.GetStateRequest, one: tools_pb2.SubmitProposalRequest
 ) -> None:
     """p50 and CPU per operation of the three, interleaved (see the module's docstring)."""
 
@@ -130,8 +198,7 @@ async def _run() -> None:
         try:
             async with grpc.aio.insecure_channel(core.grpc_address) as channel:
                 assert core.parts is not None and core.parts.tokens is not None
-                client = await connect(channel, token=core.parts.tokens.daemon)
-                host = ToolHost(client, lambda req: asyncio.sleep(0, 1))
+                client = await _lean_connect(channel, core.parts.tokens.daemon)
 
                 get = state_pb2.GetStateRequest(key="k")
                 base = await _p(client, "state_get", get)
@@ -178,7 +245,6 @@ async def _run() -> None:
                 rate = await _callbacks_per_second(client, chain)
                 print(f"chain ({WIDTH} dependent): {rate:.0f} callbacks/s")
                 await _interleaved(client, get, one)
-                await host.close()
                 await client.close()
         finally:
             await core.stop(grace=0)

@@ -78,14 +78,18 @@ async def run_engine(address: str) -> None:
 
     It holds ServeVoiceBatched, as an engine written against voice.proto would: the
     answers to every message of a batch leave together, at most BATCH_MESSAGES and about
-    BATCH_BYTES a gRPC message (the bounds the proto states)."""
+    BATCH_BYTES a gRPC message (the bounds the proto states), with `taken` for each
+    session's last chunk after them (it registers with acknowledges_audio)."""
     async with grpc.aio.insecure_channel(address) as channel:
         call = voice_pb2_grpc.VoiceServiceStub(channel).ServeVoiceBatched()
-        register = voice_pb2.RegisterVoiceEngine(engine="bench", providers=["bench"])
+        register = voice_pb2.RegisterVoiceEngine(
+            engine="bench", providers=["bench"], acknowledges_audio=True
+        )
         await call.write(batch_of([voice_pb2.ServeVoiceRequest(register=register)]))
         partial = codec.to_value({"type": "transcript", "final": False, "text": "..."})
         async for received in call:
             out: list[voice_pb2.ServeVoiceRequest] = []
+            last: dict[str, int] = {}  # session -> its last chunk in this batch
             for message in received.messages:
                 body = message.WhichOneof("body")
                 if body == "open":
@@ -102,9 +106,13 @@ async def run_engine(address: str) -> None:
                     )
                     out.append(voice_pb2.ServeVoiceRequest(event=event))
                     out.append(voice_pb2.ServeVoiceRequest(audio=speech))
+                    last[chunk.session_id] = chunk.seq
                 elif body == "stop":
                     end = voice_pb2.EndVoiceSession(session_id=message.stop.session_id)
                     out.append(voice_pb2.ServeVoiceRequest(end=end))
+            for session_id, seq in last.items():
+                taken = voice_pb2.VoiceAudioTaken(session_id=session_id, seq=seq)
+                out.append(voice_pb2.ServeVoiceRequest(taken=taken))
             for part in batches(out):
                 await call.write(batch_of(part))
 

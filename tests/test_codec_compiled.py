@@ -198,12 +198,15 @@ def test_gateway_frames_from_the_core_are_the_reference_text(msg: Message, clien
             continue
         frame = session_pb2.ServerFrame()
         getattr(frame, name).CopyFrom(msg)
+        # The reference reads the frame's copy: a copy may list a map's keys in another
+        # order than its source (upb), and JSON text keeps the order it is given.
+        sent = getattr(frame, name)
         try:
             expected: str | None = jsonrpc.dumps(
                 {
                     "jsonrpc": "2.0",
                     "method": m.method,
-                    "params": reference.message_to_result(msg, m.bare_field),
+                    "params": reference.message_to_result(sent, m.bare_field),
                 }
             )
         except ValueError:

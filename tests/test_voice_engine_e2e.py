@@ -240,8 +240,14 @@ async def test_an_embedded_engine_keeps_its_session_limit_and_survives_its_provi
                 "voice engine 'small' refused the session: the engine is busy: it serves at "
                 "most 1 sessions at once"
             )
+            # It takes its audio (`taken`) as it decodes it: all of it by its end.
+            assert core.parts is not None
+            vs = core.parts.voice.sessions[first["session_id"]]
+            assert vs.engine.acknowledges_audio
+            sent = await stream(c, first["session_id"], silence(1, 16000), 16000)
             await c.result("voice.transcribe_stream.stop", first)
             assert (await c.next_event())["event"]["type"] == "ended"
+            assert vs.chunks_taken == vs.chunks_sent == sent == 10
             # A place again. A provider that fails refuses its session, or ends it.
             answer = await c.call("voice.transcribe_stream.start", {"provider": "at-once"})
             assert answer["error"]["message"] == (

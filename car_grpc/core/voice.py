@@ -239,6 +239,19 @@ class VoiceSession:
     #: (and of voice_event_queue_bytes):
     #: only then does the audio pump hand the engine more audio (_pump_audio).
     owner_keeps_up: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))
+    #: With an engine that acknowledges audio (Engine.acknowledges_audio): the messages of
+    #: audio handed to the engine, and the chunks it has taken (its last `taken` seq + 1).
+    chunks_sent: int = 0
+    chunks_taken: int = 0
+    #: The engine's answers (frames towards the owner, and their bytes) since its last
+    #: `taken`, and the most per chunk taken it has sent so far (0: nothing taken yet).
+    answers: int = 0
+    answer_bytes: int = 0
+    answers_per_chunk: int = 0
+    answer_bytes_per_chunk: int = 0
+    #: Cleared while the audio pump waits for the engine's `taken`; set again by one that
+    #: takes audio in flight, or by the session's end.
+    engine_took: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))
     #: Audio to the engine. Never cancelled (it may be inside a write): once the session
     #: ends, its buffer is discarded and its writes are skipped, so it returns by itself.
     audio_pump: asyncio.Task[None] | None = None
@@ -293,12 +306,16 @@ class Engine:
         stall_timeout: float,
         *,
         batched: bool = False,
+        acknowledges_audio: bool = False,
     ) -> None:
         self.name = name
         self.providers = providers
         self.stream = stream
         self.stall_timeout = stall_timeout
         self.batched = batched
+        #: The engine sends `taken` for its sessions' audio (VoiceAudioTaken): each
+        #: session's audio in flight is then bounded by its owner's room (_audio_room).
+        self.acknowledges_audio = acknowledges_audio
         self.sessions: dict[str, VoiceSession] = {}
         #: Messages waiting for the writer: (message, its session, the future of the
         #: send it ends, if it is the last of one).
@@ -660,27 +677,77 @@ class Voice:
 
         Audio makes events, so none goes to the engine while the owner has more than a
         quarter of voice_event_queue (or of voice_event_queue_bytes) still to take, and at
-        most a sixteenth of voice_event_queue at a time: a client that pushes audio
+        most a sixteenth of voice_event_queue at a time (a quarter, within _audio_room,
+        to an engine that acknowledges audio): a client that pushes audio
         faster than it reads what comes back is slowed down (its pushes wait in the audio
-        queue) rather than losing its session when the engine's answers pile up. (The
-        engine's answers to audio it already has still count: an engine that answers each
-        chunk with several events, several sends behind, can still fill the queue.)"""
+        queue) rather than losing its session when the engine's answers pile up. The
+        engine's answers to audio it already has still count: with an engine that
+        acknowledges audio, only what they fit goes (_audio_room); with another one, an
+        engine that answers several sends behind can still fill the queue."""
         keeps_up = _keeps_up(self.limits.event_queue)
         keeps_up_bytes = _keeps_up(self.limits.event_queue_bytes)
+        most = max(1, min(batch.MAX_FRAMES, self.limits.event_queue // 16))
+        # An engine's `taken` bounds its answers in flight (_audio_room): then up to a
+        # quarter of voice_event_queue a message (bench/README.md, `voice4`: fewer gRPC
+        # messages a chunk, about 0.75x the server's CPU a chunk against a sixteenth).
+        most_taken = max(1, min(batch.MAX_FRAMES, self.limits.event_queue // 4))
         # One at a time on ServeVoice: each write starts as the chunk leaves the queue,
         # so the queue's stall clock and the write's run together.
-        most = max(1, min(batch.MAX_FRAMES, self.limits.event_queue // 16))
         if not vs.engine.batched:
-            most = 1
+            most = most_taken = 1
+        bounded = vs.engine.acknowledges_audio
         while True:
             if vs.events.qsize() > keeps_up or vs.events_bytes > keeps_up_bytes:
                 vs.owner_keeps_up.clear()
                 await vs.owner_keeps_up.wait()  # set again by the event pump, or _end
-            messages = await vs.audio.get_many(most)
+                continue
+            count = self._audio_room(vs, most, most_taken) if bounded else most
+            if count == 0 and vs.state is not State.ENDED:
+                vs.engine_took.clear()
+                await vs.engine_took.wait()  # set again by a `taken`, or _end
+                continue
+            messages = await vs.audio.get_many(max(count, 1))
             if not messages:
                 return
+            # (The last message may be `stop`, after every chunk: never counted as one.)
+            vs.chunks_sent = min(vs.chunks_sent + len(messages), vs.chunks_in)
             if not await vs.engine.send_all(messages, vs):
                 return  # the engine is gone: its teardown ends the session
+
+    def _audio_room(self, vs: VoiceSession, first: int, most: int) -> int:
+        """How many more messages of audio (at most `most`) may go to an engine that
+        acknowledges audio: with the audio in flight, they may make at most as many
+        answers (events and bytes, at the most per chunk the engine has answered so far)
+        as fit three quarters of the owner's queue besides what is queued. Before the
+        engine's first `taken`, `first` at a time; never none when nothing is in flight."""
+        in_flight = vs.chunks_sent - vs.chunks_taken
+        if vs.answers_per_chunk == 0:
+            return first if in_flight == 0 else 0
+        room = self.limits.event_queue - _keeps_up(self.limits.event_queue) - vs.events.qsize()
+        room_bytes = self.limits.event_queue_bytes - _keeps_up(self.limits.event_queue_bytes)
+        room_bytes -= vs.events_bytes
+        count = min(
+            most,
+            room // vs.answers_per_chunk - in_flight,
+            room_bytes // vs.answer_bytes_per_chunk - in_flight,
+        )
+        return max(count, 1 if in_flight == 0 else 0)
+
+    def _engine_took(self, vs: VoiceSession, seq: int) -> None:
+        """The engine's `taken`: its answers since the last one were to these chunks. A
+        seq not above the last taken, or never sent, is ignored (voice.proto
+        VoiceAudioTaken): it holds nothing and costs a comparison."""
+        taken = seq + 1
+        if not vs.chunks_taken < taken <= vs.chunks_sent:
+            return  # stale or repeated, or audio never sent (maybe late: an earlier
+            # session of the same id, whose close the engine had not read yet)
+        chunks = taken - vs.chunks_taken
+        vs.answers_per_chunk = max(vs.answers_per_chunk, 1, -(-vs.answers // chunks))
+        per_chunk_bytes = -(-vs.answer_bytes // chunks)
+        vs.answer_bytes_per_chunk = max(vs.answer_bytes_per_chunk, 1, per_chunk_bytes)
+        vs.answers = vs.answer_bytes = 0
+        vs.chunks_taken = taken
+        vs.engine_took.set()
 
     # -------------------------------------------------------------- events out
 
@@ -733,6 +800,8 @@ class Voice:
     def _offer(self, vs: VoiceSession, frame: bytes) -> bool:
         if vs.state is State.ENDED:
             return False
+        vs.answers += 1  # counted against the engine's next `taken` (_audio_room)
+        vs.answer_bytes += len(frame)
         queued = vs.events_bytes
         if vs.events.qsize() >= self.limits.event_queue or (
             queued and queued + len(frame) > self.limits.event_queue_bytes
@@ -848,6 +917,7 @@ class Voice:
                 future.set_result(reason)
         vs.audio.discard()
         vs.owner_keeps_up.set()  # the audio pump sees the end
+        vs.engine_took.set()
         if terminal is not None and started:
             last = _event_bytes(vs.notice_head, terminal)
             vs.events.put_nowait((last, True))  # kept slot
@@ -930,7 +1000,14 @@ class Voice:
                     f"provider '{provider}' is served by voice engine '{other.name}'"
                 )
         name = first.register.engine[:MAX_NAME] or f"engine-{next(self._engine_numbers)}"
-        engine = Engine(name, providers, stream, self.limits.stall_timeout, batched=batched)
+        engine = Engine(
+            name,
+            providers,
+            stream,
+            self.limits.stall_timeout,
+            batched=batched,
+            acknowledges_audio=first.register.acknowledges_audio,
+        )
         for provider in providers:
             self.providers[provider] = engine
         registered = voice_pb2.VoiceEngineRegistered(engine=name, providers=providers)
@@ -966,6 +1043,9 @@ class Voice:
             return None
         if body is None:
             return None
+        if body == "taken" and not engine.acknowledges_audio:
+            engine.fail(invalid_params("`taken` needs acknowledges_audio in register"))
+            return None
         part = getattr(message, body)
         if body == "audio" or body == "event":
             # Their twin is the session id alone, which fill_in would put in place of an
@@ -989,6 +1069,8 @@ class Voice:
             self.deliver_speech(vs, part)
         elif body == "end":
             self._engine_ended(vs, part.error if part.HasField("error") else None)
+        elif body == "taken":
+            self._engine_took(vs, part.seq)
         return None
 
     # -------------------------------------------------------------- listings and life

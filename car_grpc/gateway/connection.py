@@ -2,12 +2,16 @@
 session stream with many frames per gRPC message: wire/batch.py).
 
 Six tasks per connection: client -> core (text frames through the Bridge onto a bounded
-upstream queue), the upstream writer (every frame queued when a write can start, in one
-gRPC message; on a multiplexed stream no task: the stream pulls the queue's frames
-itself when it writes next), core -> client (opens the stream, then the ServerFrames of
-each message through the Bridge to the WebSocket: sent at once, in one socket write,
-while the client keeps up, else onto a bounded queue), the writer (queue -> WebSocket,
-what waits in one write), the keepalive and the authentication deadline.
+upstream queue; a message that arrives while this task waits for one is handled as it
+arrives, no wakeup, when it needs no wait: _from_client_at_once), the upstream writer
+(every frame queued when a write can start, in one gRPC message; on a multiplexed stream
+no task: the stream pulls the queue's frames itself when it writes next), core -> client
+(opens the stream, then the ServerFrames of each message through the Bridge to the
+WebSocket: sent at once, in one socket write, while the client keeps up, else onto a
+bounded queue; on a multiplexed stream a batch that finds this task waiting and the client
+keeping up is written by the stream's reader itself, no wakeup: _from_core_at_once), the
+writer (queue -> WebSocket, what waits in one write), the keepalive and the
+authentication deadline.
 
 Opening is paced: a gateway has at most `ws_pending_streams` Connect streams that the core
 has not taken in yet (the core says so with its initial metadata), so a burst of
@@ -45,13 +49,14 @@ from typing import Any, Protocol
 import grpc
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConcurrencyError, ConnectionClosed
-from websockets.frames import CloseCode
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.protocol import Event, State
 
 from car_grpc.config import GatewayConfig
 from car_grpc.gateway import audio_frames, decoder
 from car_grpc.gateway.decoder import DecoderPool
-from car_grpc.gateway.jsonrpc import MAX_BATCH, Bridge
-from car_grpc.gateway.multiplex import MultiplexedCall
+from car_grpc.gateway.jsonrpc import MAX_BATCH, Bridge, Inbound
+from car_grpc.gateway.multiplex import Batch, MultiplexedCall
 from car_grpc.gateway.outbound import OutboundQueue
 from car_grpc.v1 import session_pb2, voice_pb2
 from car_grpc.wire import batch
@@ -90,16 +95,65 @@ OPEN_TIMEOUT = 30.0
 
 
 class TrackedConnection(ServerConnection):
-    """A server connection that notes when the peer last sent anything at all."""
+    """A server connection that notes when the peer last sent anything at all, and may
+    hand a message over as it arrives (`take_message`) rather than wake recv()."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.last_activity = self.loop.time()
+        #: Takes a message as it arrives, while a recv() waits with nothing received
+        #: before it: True when it did (recv() never sees it), False to leave it to recv().
+        self.take_message: Callable[[str | bytes], bool] | None = None
 
     def data_received(self, data: bytes) -> None:
         # Any bytes count: messages, pongs, pings, close frames.
         self.last_activity = self.loop.time()
         super().data_received(data)
+
+    def process_event(self, event: Event) -> None:
+        """A message of one frame goes to take_message while recv() waits with nothing
+        queued before it (no wakeup, no task step); anything else (a fragment, text that is
+        not UTF-8, which recv() refuses as websockets does) as websockets handles it."""
+        take = self.take_message
+        if (
+            take is not None
+            and isinstance(event, Frame)
+            and event.fin
+            and (event.opcode is Opcode.TEXT or event.opcode is Opcode.BINARY)
+        ):
+            waiting = self.recv_messages
+            if waiting.get_in_progress and not waiting.frames:
+                data = event.data if type(event.data) is bytes else bytes(event.data)
+                if event.opcode is Opcode.BINARY:
+                    if take(data):
+                        return
+                else:
+                    with contextlib.suppress(UnicodeDecodeError):
+                        if take(data.decode()):
+                            return
+        super().process_event(event)
+
+    def can_send_now(self) -> bool:
+        """Whether send_now may write: the connection open and its writes not paused."""
+        return self.protocol.state is State.OPEN and not self.paused
+
+    def send_now(self, messages: Sequence[str | bytes]) -> bool:
+        """send_all without a wait, when can_send_now() (the caller keeps within the write
+        buffer's room, so there is nothing to drain); False when the write failed (the
+        connection is done for, as send_all would have raised ConnectionClosed)."""
+        protocol = self.protocol
+        for message in messages:
+            if isinstance(message, str):
+                protocol.send_text(message.encode())
+            else:
+                protocol.send_binary(message)
+        try:
+            self.send_data()
+        except Exception as exc:  # as send_context: the connection is given up
+            self.set_connection_exc(exc)
+            self.transport.abort()
+            return False
+        return True
 
     async def send_all(self, messages: Sequence[str | bytes]) -> None:
         """Send several messages (text: str, binary: bytes) in one write to the socket,
@@ -179,6 +233,9 @@ class Connection:
         self._upstream_writer: asyncio.Task[None] | None = None
         #: The session on a multiplexed stream, once opened: it pulls what is queued.
         self._pulled_by: MultiplexedCall | None = None
+        #: A message _from_client_at_once translated and could not finish: the rest of it
+        #: for _client_to_core, which receives that message next.
+        self._carried: Inbound | None = None
         self._ended = asyncio.Event()
         self.close_code: int = CloseCode.NORMAL_CLOSURE
         self.close_reason = ""
@@ -288,13 +345,15 @@ class Connection:
             self.end(CloseCode.POLICY_VIOLATION, f"client not reading: stalled for {stall:g}s")
 
     async def _client_to_core(self) -> None:
+        self.ws.take_message = self._from_client_at_once  # while this waits in recv()
         try:
             async for message in self.ws:
-                if isinstance(message, bytes) and audio_frames.is_audio_frame(message):
-                    inbound = audio_frames.from_client(message)  # CAR binary audio frame
-                elif self._decoder is None or decoder.inline(message):
-                    inbound = self.bridge.from_client(message)
+                if (carried := self._carried) is not None:
+                    inbound, self._carried = carried, None  # translated in _from_client_at_once
+                elif (translated := self._translate(message)) is not None:
+                    inbound = translated
                 else:  # off the event loop: see decoder.py
+                    assert self._decoder is not None
                     try:
                         first_id = self.bridge.reserve_ids(MAX_BATCH)
                         callbacks = self.bridge.callbacks
@@ -309,7 +368,40 @@ class Connection:
                     await self._write_to_core(frames)
         except ConnectionClosed:
             pass
+        finally:
+            self.ws.take_message = None
         self._left()
+
+    def _translate(self, message: str | bytes) -> Inbound | None:
+        """What a client message becomes, translated on the event loop; None for one
+        decoded off it (decoder.py)."""
+        if isinstance(message, bytes) and audio_frames.is_audio_frame(message):
+            return audio_frames.from_client(message)  # CAR binary audio frame
+        if self._decoder is None or decoder.inline(message):
+            return self.bridge.from_client(message)
+        return None
+
+    def _from_client_at_once(self, message: str | bytes) -> bool:
+        """A client message taken as it arrives (TrackedConnection.take_message), while
+        _client_to_core waits for one with nothing received before it (no wakeup): on a
+        multiplexed stream that pulls, translated and its frame queued as _push_now does
+        it, when that needs no wait. False leaves the message to _client_to_core (and with
+        it, in `_carried`, what it was translated into, when it was: replies to queue, or
+        frames that need _write_to_core)."""
+        if self._pulled_by is None:
+            return False
+        try:
+            inbound = self._translate(message)
+            if inbound is None:
+                return False
+            if not inbound.replies and self._push_now(inbound.frames or inbound.wire):
+                return True
+            self._carried = inbound
+            return False
+        except Exception as e:  # as _task_done: a bug ends this connection
+            log.error("gateway: connection task failed", exc_info=e)
+            self.end(CloseCode.INTERNAL_ERROR, "internal error")
+            return True
 
     async def _write_to_core(self, frames: Sequence[OutFrame]) -> None:
         """Queue the frames of one client frame (a batch: up to 1,000) for the core,
@@ -422,10 +514,14 @@ class Connection:
 
     async def _core_to_client(self) -> None:
         await self._open()
+        if isinstance(self.call, MultiplexedCall):
+            self.call.take_now = self._from_core_at_once  # while this waits in read()
         loop = asyncio.get_running_loop()
         try:
             while True:
                 message = await self.call.read()
+                if self.bridge.auth_refused:
+                    return  # met by _from_core_at_once, which ended the connection
                 if message is grpc.aio.EOF:
                     reason = "core ended the session"
                     break
@@ -447,13 +543,70 @@ class Connection:
                 if out:
                     await self._send(out)
                 if refused:
-                    self._abandon("auth required")
-                    self.end(CloseCode.POLICY_VIOLATION, "auth required", flush=True)
+                    self._refused()
                     return
         except grpc.aio.AioRpcError as e:
+            if self.bridge.auth_refused:
+                return  # as above
             reason = f"core unavailable: {e.code().name}: {e.details()}"
         self._abandon(reason)
         self.end(CloseCode.INTERNAL_ERROR, reason, flush=True)
+
+    def _from_core_at_once(self, data: bytes, turn_ends: float) -> Batch | None:
+        """A batch from the core taken at once, in the multiplexed stream's reader, while
+        _core_to_client waits in read() with nothing unread (no wakeup, no task): its
+        frames go to the client there and then, as _core_to_client would send them, so
+        long as that needs no wait (the connection open, nothing queued or being written,
+        within the write buffer's room) and the reader's turn lasts. The frame that finds
+        no room waits in the queue (empty until then: it fits); what is left of the batch
+        (None: nothing) is for _core_to_client, in order."""
+        ws = self.ws
+        if (
+            self._ended.is_set()
+            or self._writing
+            or not self.outbound.empty()
+            or not ws.can_send_now()
+            or ws.loop.time() >= turn_ends
+        ):
+            return data
+        room = self.config.ws_write_limit - ws.transport.get_write_buffer_size()
+        try:
+            message = session_pb2.ConnectBatchedResponse.FromString(data)
+            frames = message.frames
+            out: list[str | bytes] = []
+            overflow: str | bytes | None = None
+            taken, n = 0, len(frames)
+            while taken < n:
+                sent = self._from_core(frames[taken])
+                taken += 1
+                if sent is not None:
+                    room -= len(sent) + 14  # as _send counts it
+                    if room <= 0:
+                        overflow = sent
+                        break
+                    out.append(sent)
+                if self.bridge.auth_refused or ws.loop.time() >= turn_ends:
+                    break
+            if out and not ws.send_now(out):
+                self._left()
+            if overflow is not None:
+                self.outbound.put_nowait(overflow)
+        except Exception as e:  # as _task_done: a bug ends this connection, not the stream
+            log.error("gateway: connection task failed", exc_info=e)
+            self.end(CloseCode.INTERNAL_ERROR, "internal error")
+            return None
+        if self.bridge.auth_refused:
+            self._refused()
+            return None
+        if taken == n:
+            return None
+        del frames[:taken]
+        return message
+
+    def _refused(self) -> None:
+        """The core refused the session (-32001): what is queued goes, then the close."""
+        self._abandon("auth required")
+        self.end(CloseCode.POLICY_VIOLATION, "auth required", flush=True)
 
     def _from_core(self, frame: session_pb2.ServerFrame) -> str | bytes | None:
         """What one frame of the core's becomes for the client (None: nothing)."""
@@ -482,6 +635,10 @@ class Connection:
         room = self.config.ws_write_limit - self.ws.transport.get_write_buffer_size()
         size = sum(len(m) + 14 for m in messages)
         if self.outbound.empty() and not self._writing and size < room:
+            if self.ws.can_send_now():  # no wait: see send_now
+                if not self.ws.send_now(messages):
+                    self._left()
+                return
             try:
                 await self.ws.send_all(messages)
             except ConnectionClosed:

@@ -22,6 +22,12 @@ connection's next batch itself when it writes its next message, within the credi
 the frames that came meanwhile in one batch, and no task. An acknowledgement owed to a
 session goes in the record of the session's next batch (one record per round trip each
 way, not two); on its own only once half a window is owed (wire/multiplex.py).
+
+Down, a connection need not be woken for each batch: while it waits in read() with
+nothing unread, the stream's reader hands it the batch (`take_now`), and the connection
+writes it to its client there and then when it can do so without waiting; the batch is
+acknowledged at once. What it cannot take so (its client behind, a write under way, the
+reader's turn over) is read as before, in order, and acknowledged when read.
 """
 
 from __future__ import annotations
@@ -43,6 +49,15 @@ _CONNECT_MULTIPLEXED = (
     f"/{session_pb2.DESCRIPTOR.services_by_name['SessionService'].full_name}/ConnectMultiplexed"
 )
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
+#: Longest the stream's reader works through one message's batches itself (take_now)
+#: before it leaves the rest to the sessions' own reads: no session hogs the loop.
+TURN = 0.002
+
+#: A batch from the core, as read() returns it: serialized, or what is left of one.
+Batch = bytes | session_pb2.ConnectBatchedResponse
+#: Takes a batch at once (its bytes, and the time the reader's turn ends): None when it
+#: took all of it, else what is left for read() (its bytes when it took nothing).
+TakeNow = Callable[[bytes, float], Batch | None]
 _NO_METADATA = grpc.aio.Metadata()
 
 
@@ -64,9 +79,14 @@ class MultiplexedCall:
     def __init__(self, stream: _Stream, key: int) -> None:
         self._stream = stream
         self.key = key
-        #: Batches from the core not yet read (at most the session's credits).
-        self._inbound: deque[bytes] = deque()
+        #: Batches from the core not yet read (at most the session's credits), each with
+        #: the size it counts for.
+        self._inbound: deque[tuple[Batch, int]] = deque()
         self._inbound_bytes = 0
+        #: The connection's taker of batches at once (see the module's doc), and whether
+        #: a read() waits with nothing unread, when it may be used.
+        self.take_now: TakeNow | None = None
+        self._waiting = False
         #: Batches sent up and not yet acknowledged by the core, and their bytes.
         self._unacked = 0
         self._unacked_bytes = 0
@@ -133,11 +153,17 @@ class MultiplexedCall:
                     raise self._end
                 return grpc.aio.EOF
             self._changed.clear()
-            await self._changed.wait()
-        data = self._inbound.popleft()
-        self._inbound_bytes -= len(data)
-        self._stream.acknowledge(self.key, len(data))
-        return session_pb2.ConnectBatchedResponse.FromString(data)
+            self._waiting = True
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiting = False
+        data, size = self._inbound.popleft()
+        self._inbound_bytes -= size
+        self._stream.acknowledge(self.key, size)
+        if isinstance(data, bytes):
+            return session_pb2.ConnectBatchedResponse.FromString(data)
+        return data
 
     async def done_writing(self) -> None:
         if not self._ended and not self._half_closed:
@@ -163,13 +189,21 @@ class MultiplexedCall:
 
     # -------------------------------------------------------------- as the stream feeds it
 
-    def deliver(self, data: bytes) -> bool:
+    def deliver(self, data: bytes, turn_ends: float) -> bool:
         """A batch from the core; False when it exceeds the session's credits (what is
-        unread and what was read but not yet acknowledged)."""
+        unread and what was read but not yet acknowledged). Taken at once when a read()
+        waits with nothing unread and the connection can (until `turn_ends`)."""
         owed, owed_bytes = self._stream.owed.of(self.key)
         if not multiplex.fits(len(self._inbound) + owed, self._inbound_bytes + owed_bytes):
             return False
-        self._inbound.append(data)
+        left: Batch = data
+        if self._waiting and not self._inbound and (take := self.take_now) is not None:
+            rest = take(data, turn_ends)
+            if rest is None:
+                self._stream.acknowledge(self.key, len(data))  # taken: as read() would
+                return True
+            left = rest
+        self._inbound.append((left, len(data)))
         self._inbound_bytes += len(data)
         self._changed.set()
         return True
@@ -290,11 +324,13 @@ class _Stream:
 
     async def _read_loop(self) -> None:
         error = _error(grpc.StatusCode.UNAVAILABLE, "the multiplexed stream ended")
+        loop = asyncio.get_running_loop()
         try:
             while (message := await self.call.read()) is not grpc.aio.EOF:
                 assert isinstance(message, session_pb2.ConnectMultiplexedResponse)
+                turn_ends = loop.time() + TURN
                 for part in message.sessions:
-                    self._take(part)
+                    self._take(part, turn_ends)
         except grpc.aio.AioRpcError as e:
             error = _as_sessions_see_it(e)
         finally:
@@ -304,7 +340,7 @@ class _Stream:
             self.calls.clear()
             self._writer.cancel()
 
-    def _take(self, part: session_pb2.MultiplexedServerSession) -> None:
+    def _take(self, part: session_pb2.MultiplexedServerSession, turn_ends: float) -> None:
         call = self.calls.get(part.session)
         if call is None:
             # Cancelled here: what was on its way is moot, but for its end.
@@ -313,7 +349,7 @@ class _Stream:
             return
         if part.ack_batches:
             call.acknowledged(part.ack_batches, part.ack_bytes)
-        if part.batch and not call.deliver(part.batch):
+        if (data := part.batch) and not call.deliver(data, turn_ends):  # (a copy per access)
             call.cancel()
             call.finish(_error(grpc.StatusCode.INTERNAL, "the core sent past the credits"))
             return

@@ -661,6 +661,7 @@ class ServeVoiceRequest(_message.Message):
     EVENT_FIELD_NUMBER: _builtins.int
     AUDIO_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
+    TAKEN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register(self) -> Global___RegisterVoiceEngine:
         """First, and only once: what the engine serves."""
@@ -686,6 +687,12 @@ class ServeVoiceRequest(_message.Message):
     def end(self) -> Global___EndVoiceSession:
         """The engine ends a session: the answer to `stop`, or on its own."""
 
+    @_builtins.property
+    def taken(self) -> Global___VoiceAudioTaken:
+        """The engine is done with a session's audio up to a seq (an engine that registered
+        with `acknowledges_audio` only: from any other, INVALID_ARGUMENT ends the stream).
+        """
+
     def __init__(
         self,
         *,
@@ -694,12 +701,13 @@ class ServeVoiceRequest(_message.Message):
         event: Global___VoiceEngineEvent | None = ...,
         audio: Global___VoiceAudio | None = ...,
         end: Global___EndVoiceSession | None = ...,
+        taken: Global___VoiceAudioTaken | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "audio", b"audio", "body", b"body", "end", b"end", "event", b"event", "register", b"register"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "audio", b"audio", "body", b"body", "end", b"end", "event", b"event", "register", b"register", "taken", b"taken"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "audio", b"audio", "body", b"body", "end", b"end", "event", b"event", "register", b"register"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "audio", b"audio", "body", b"body", "end", b"end", "event", b"event", "register", b"register", "taken", b"taken"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "answer", "event", "audio", "end"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "answer", "event", "audio", "end", "taken"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -807,8 +815,20 @@ class RegisterVoiceEngine(_message.Message):
 
     ENGINE_FIELD_NUMBER: _builtins.int
     PROVIDERS_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGES_AUDIO_FIELD_NUMBER: _builtins.int
     engine: _builtins.str
     """A name for logs and listings; defaults to `engine-<n>`."""
+    acknowledges_audio: _builtins.bool
+    """The engine sends `taken` for the audio of its sessions. The server then keeps each
+    session's audio in flight (sent, not yet taken) within what the session's owner can
+    still queue: voice_event_queue events and voice_event_queue_bytes, less what is
+    queued, divided by the events (and bytes) the engine answered per chunk so far (before
+    the first `taken`, one message of audio at a time), and sends it more audio a message
+    (up to a quarter of voice_event_queue on ServeVoiceBatched, against a sixteenth). So
+    a client that stops reading is slowed down, never dropped, for answers the engine
+    already owed it. An engine that does not set it gets the audio as fast as the owner
+    reads (a burst of answers to audio in flight can then end the session).
+    """
     @_builtins.property
     def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The provider names it serves: 1 to 64 names of 1 to 128 characters, each served by
@@ -820,10 +840,11 @@ class RegisterVoiceEngine(_message.Message):
         *,
         engine: _builtins.str | None = ...,
         providers: _abc.Iterable[_builtins.str] | None = ...,
+        acknowledges_audio: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_engine", b"_engine", "engine", b"engine"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_engine", b"_engine", "engine", b"engine", "providers", b"providers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_engine", b"_engine", "acknowledges_audio", b"acknowledges_audio", "engine", b"engine", "providers", b"providers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__engine: _TypeAlias = _typing.Literal["engine"]  # noqa: Y015
     _WhichOneofArgType__engine: _TypeAlias = _typing.Literal["_engine", b"_engine"]  # noqa: Y015
@@ -1026,6 +1047,51 @@ class EndVoiceSession(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__error) -> _WhichOneofReturnType__error | None: ...
 
 Global___EndVoiceSession: _TypeAlias = EndVoiceSession  # noqa: Y015
+
+@_typing.final
+class VoiceAudioTaken(_message.Message):
+    """The engine is done with a session's audio through `seq` (the seq of the audio it was
+    sent): what it has answered to that audio was sent before this message. The server
+    counts the events and speech chunks between two `taken`s as the answers to the chunks
+    the later one takes, and the most per chunk so far bounds the audio it sends (see
+    RegisterVoiceEngine.acknowledges_audio): an engine that answers later (a final
+    transcript) or more than before only tightens the bound for later audio, and one that
+    takes audio before answering it may overflow its own sessions' owners, as an engine
+    without `taken` may. An acknowledgement covers every earlier seq. The server sends no
+    more audio than fits the owner's room, so an engine that holds its answers until it
+    has more audio than that (an utterance longer than the room) must answer and
+    acknowledge what it has, else the session's audio stalls (and ends after
+    Config.voice_stall_timeout). Ignored, holding nothing: a seq never sent to the session
+    (it may be late: for an earlier session of that id, whose close the engine had not
+    read), one not above the last taken (a repeat), one for a session that is over or not
+    the engine's. Each costs the server a lookup and a comparison, no more.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session."""
+    seq: _builtins.int
+    """The last chunk taken."""
+    voice_session_id: _builtins.str
+    """The voice session: `session_id` on the JSON wire."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        voice_session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq", "session_id", b"session_id", "voice_session_id", b"voice_session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoiceAudioTaken: _TypeAlias = VoiceAudioTaken  # noqa: Y015
 
 @_typing.final
 class CloseVoiceSession(_message.Message):

@@ -16,6 +16,11 @@ PIECE_BYTES): while it is full the reader waits, and the core's audio waits in t
 own bounded queue. Decoding runs in worker threads, so the event loop stays free, and the
 reader waits at most as long as one piece takes to decode (the core drops an engine that
 reads nothing for 10 s). At most MAX_SESSIONS sessions at once; more are refused.
+
+It registers with `acknowledges_audio`: a session sends `taken` for a chunk once it has
+decoded the chunk's last piece and sent the events that came of it (a session that does
+not listen takes its audio as it drops it), so the core keeps each session's audio in
+flight within what its client can still queue (voice.proto VoiceAudioTaken).
 """
 
 from __future__ import annotations
@@ -145,6 +150,12 @@ class Stream:
             )
         )
 
+    async def taken(self, session_id: str, seq: int) -> None:
+        """The session is done with its audio through chunk `seq`."""
+        await self.send(
+            ServeVoiceRequest(taken=voice_pb2.VoiceAudioTaken(session_id=session_id, seq=seq))
+        )
+
     async def end(self, session_id: str, error: str | None = None) -> None:
         await self.send(
             ServeVoiceRequest(end=voice_pb2.EndVoiceSession(session_id=session_id, error=error))
@@ -157,8 +168,11 @@ class Session:
 
     id: str
     opening: voice_pb2.OpenVoiceSession
-    #: PCM chunks, then None once the client stopped.
-    inbox: asyncio.Queue[bytes | None] = field(default_factory=lambda: asyncio.Queue(SESSION_QUEUE))
+    #: Pieces of PCM chunks, each with its chunk's seq on its last piece (None on the
+    #: others), then None once the client stopped.
+    inbox: asyncio.Queue[tuple[bytes, int | None] | None] = field(
+        default_factory=lambda: asyncio.Queue(SESSION_QUEUE)
+    )
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     #: Whether the provider takes audio (a TTS session drops what it is sent).
     listens: bool = True
@@ -179,9 +193,12 @@ async def transcribe(stream: Stream, session: Session) -> None:
         await stream.answer(session.id, str(e))
         return
     await stream.answer(session.id)
-    while (pcm := await session.inbox.get()) is not None:
+    while (piece := await session.inbox.get()) is not None:
+        pcm, last_of = piece
         for event in await asyncio.to_thread(recognizer.feed, pcm):
             await stream.event(session.id, event)
+        if last_of is not None:
+            await stream.taken(session.id, last_of)
     for event in await asyncio.to_thread(recognizer.finish):
         await stream.event(session.id, event)
     await stream.end(session.id)
@@ -306,7 +323,7 @@ class SpeechEngine:
         registered = False
         try:
             register = voice_pb2.RegisterVoiceEngine(
-                engine=self.name, providers=list(self.providers)
+                engine=self.name, providers=list(self.providers), acknowledges_audio=True
             )
             await stream.send(ServeVoiceRequest(register=register))
             async for received in stream.call:
@@ -343,13 +360,18 @@ class SpeechEngine:
         elif body == "open":
             await self._open(stream, sessions, message.open)
         elif body == "audio":
-            session = sessions.get(message.audio.session_id)
-            if session is not None and session.listens:
-                data = message.audio.data
+            audio = message.audio
+            session = sessions.get(audio.session_id)
+            if session is not None and not session.listens:
+                await stream.taken(session.id, audio.seq)  # dropped: taken at once
+            elif session is not None:
+                data = audio.data
                 for at in range(0, len(data), PIECE_BYTES):
                     if sessions.get(session.id) is not session:
                         break  # it ended meanwhile
-                    await session.inbox.put(data[at : at + PIECE_BYTES])  # waits while full
+                    last_of = audio.seq if at + PIECE_BYTES >= len(data) else None
+                    piece = (data[at : at + PIECE_BYTES], last_of)
+                    await session.inbox.put(piece)  # waits while full
         elif body == "stop":
             if (session := sessions.get(message.stop.session_id)) is not None:
                 session.stopped.set()

@@ -245,9 +245,12 @@ class _Call:
     answered: bool = False
     #: What the call touches (None: anything); see the module's docstring.
     key: Key | None = None
-    #: For a write: done once the store thread answered it, whatever its caller did
-    #: meanwhile (the reads queued after it wait for this, not for `future`).
+    #: For a write a read waits for: done once the store thread answered it, whatever its
+    #: caller did meanwhile (the reads queued after it wait for this, not for `future`);
+    #: made by the first such read.
     settled: asyncio.Future[None] | None = None
+    #: When its caller gives up (the event loop's clock).
+    deadline: float = 0.0
 
 
 @dataclass
@@ -299,6 +302,11 @@ class SqliteDatabase:
         self._last_write: _Call | None = None
         self._last_unkeyed: _Call | None = None
         self._last_by_key: dict[Key, _Call] = {}
+        #: The calls queued and not yet answered on the event loop, in the order queued,
+        #: and the one timer that fails those past their deadline (a timer per call cost
+        #: more than the rest of a write's way through the event loop; bench/README.md).
+        self._unanswered: dict[_Call, None] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
         self._ready: asyncio.Future[None] = loop.create_future()
         self._stopped: asyncio.Future[None] = loop.create_future()
@@ -351,8 +359,7 @@ class SqliteDatabase:
         """Run `fn` in a write transaction; returns once that transaction is committed.
         `size` is what the write holds in bytes (its share of the queue's byte bound);
         `key` what it changes (None: anything)."""
-        loop = self._loop
-        call = _Call(fn, True, size, loop.create_future(), key=key, settled=loop.create_future())
+        call = _Call(fn, True, size, self._loop.create_future(), key=key)
         return cast(T, await self._submit(call))
 
     async def write_merged(
@@ -366,9 +373,8 @@ class SqliteDatabase:
         for the items of every write of the same `merge` queued one after another in a
         group (in the order they were queued), and for `[item]` alone should that call
         fail. `merge` applies all of its items or raises. Returns once committed."""
-        loop = self._loop
-        call = _Call(lambda conn: merge(conn, [item]), True, size, loop.create_future())
-        call.merge, call.item, call.key, call.settled = merge, item, key, loop.create_future()
+        call = _Call(lambda conn: merge(conn, [item]), True, size, self._loop.create_future())
+        call.merge, call.item, call.key = merge, item, key
         await self._submit(call)
 
     async def read(self, fn: Callable[[sqlite3.Connection], T], key: Key | None = None) -> T:
@@ -384,13 +390,15 @@ class SqliteDatabase:
         size = call.size
         if not self._fits(size):
             await self._wait_for_room(size)
-        async with asyncio.timeout(self.limits.call_timeout):
-            if before:
+        call.deadline = self._loop.time() + self.limits.call_timeout
+        if before:
+            async with asyncio.timeout_at(call.deadline):
                 await asyncio.wait(before)  # their outcome is their callers' business
-            self._enqueue(call)
-            # Should the caller give up, only its own future is cancelled: the reads
-            # queued after a write wait for `settled`, which only the store thread sets.
-            return await call.future
+        self._enqueue(call)
+        # Should the caller give up, only its own future is cancelled: the reads queued
+        # after a write wait for `settled`, which only the store thread sets. Past its
+        # deadline, `_sweep` fails the future with TimeoutError.
+        return await call.future
 
     def _writes_before(self, key: Key | None) -> list[asyncio.Future[Any]]:
         """The answers a read of `key` waits for: the writes queued so far that it must see
@@ -399,11 +407,13 @@ class SqliteDatabase:
             lasts = [self._last_write]
         else:
             lasts = [self._last_unkeyed, self._last_by_key.get(key)]
-        return [
-            c.settled
-            for c in lasts
-            if c is not None and c.settled is not None and not c.settled.done()
-        ]
+        waits = []
+        for call in lasts:
+            if call is not None and call in self._unanswered:
+                if call.settled is None:
+                    call.settled = self._loop.create_future()
+                waits.append(call.settled)
+        return waits
 
     def _enqueue(self, call: _Call) -> None:
         queue = self._writes if call.write else self._reads
@@ -414,6 +424,9 @@ class SqliteDatabase:
             queue.wake.notify()
         self._pending += 1
         self._pending_bytes += call.size
+        self._unanswered[call] = None
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_at(call.deadline, self._sweep)
         if call.write:
             self._last_write = call
             if call.key is None:
@@ -440,11 +453,24 @@ class SqliteDatabase:
                 if self._closed:
                     raise RuntimeError("the store is closed")
 
+    def _sweep(self) -> None:
+        """On the event loop: fail the callers whose calls are past their deadline (the
+        calls themselves may still be done later), and look again at the next deadline."""
+        self._sweeper = None
+        now = self._loop.time()
+        for call in self._unanswered:
+            if call.deadline <= now and not call.future.done():
+                call.future.set_exception(TimeoutError("the store did not answer in time"))
+        waiting = [c.deadline for c in self._unanswered if not c.future.done()]
+        if waiting:
+            self._sweeper = self._loop.call_at(min(waiting), self._sweep)
+
     def _settle(self, calls: list[_Call]) -> None:
         """On the event loop: answer the callers of a group, and make room."""
         for call in calls:
             self._pending -= 1
             self._pending_bytes -= call.size
+            self._unanswered.pop(call, None)
             if call.key is not None and self._last_by_key.get(call.key) is call:
                 del self._last_by_key[call.key]
             if call.settled is not None:
@@ -478,6 +504,9 @@ class SqliteDatabase:
         other, and the log stays behind)."""
         self._closed = True
         self._room.set()  # callers waiting for room give up
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for queue, stopped, thread in (
             (self._reads, self._read_stopped, self._read_thread),
             (self._writes, self._stopped, self._thread),

@@ -8,8 +8,9 @@ and the row always agrees with its records.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from car_grpc.store.repositories import RunAgentRow, RunRow, StoreConflict
@@ -42,25 +43,37 @@ def _insert_records(
 
 
 def _insert_rows(conn: sqlite3.Connection, rows: list[object]) -> None:
-    """Insert `rows` (run_id, seq, record, flattened) with few statements: one per power
-    of two in their count (256 rows: one). Not executemany, which steps once per row, and
-    the sqlite3 module lets go of the GIL around every step: on a busy server each step
-    then waits for the event loop to hand the GIL back (a batch of 256 took 4-8 ms on
-    the store thread so, against 2 ms like this; bench/README.md)."""
-    count = len(rows) // 3
+    """Insert `rows` (run_id, seq, record, flattened) with few statements: one for up to
+    _EXACT rows, else one per power of two in their count (256 rows: one). Not
+    executemany, which steps once per row, and the sqlite3 module lets go of the GIL
+    around every step: on a busy server each step then waits for the event loop to hand
+    the GIL back (a batch of 256 took 4-8 ms on the store thread so, against 2 ms like
+    this; bench/README.md)."""
+    for start, size in _chunks(len(rows) // 3, _MAX_INSERT):
+        conn.execute(_insert_sql(size), rows[start * 3 : (start + size) * 3])
+
+
+def _chunks(count: int, most: int) -> Iterator[tuple[int, int]]:
+    """(start, size) of the statements for `count` rows: all in one up to _EXACT (a
+    group of 7 appends: one statement, not three), else powers of two up to `most` (so
+    that the statements stay few and in the sqlite3 module's cache of 128)."""
     done = 0
     while done < count:
-        power = min((count - done).bit_length() - 1, len(_INSERTS) - 1)
-        end = done + (1 << power)
-        conn.execute(_INSERTS[power], rows[done * 3 : end * 3])
-        done = end
+        left = count - done
+        size = left if left <= _EXACT else min(1 << (left.bit_length() - 1), most)
+        yield done, size
+        done += size
 
 
-#: INSERT statements of 1, 2, 4, ... 1024 rows (3 parameters each).
-_INSERTS = [
-    "INSERT INTO run_records(run_id, seq, record) VALUES " + ", ".join(["(?, ?, ?)"] * (1 << k))
-    for k in range(11)
-]
+#: Rows a statement takes in their exact number; above, a power of two.
+_EXACT = 32
+_MAX_INSERT = 1024
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    """The INSERT of `rows` records (3 parameters each)."""
+    return "INSERT INTO run_records(run_id, seq, record) VALUES " + ", ".join(["(?, ?, ?)"] * rows)
 
 
 @dataclass(frozen=True)
@@ -94,12 +107,8 @@ def _append_wave(conn: sqlite3.Connection, appends: list[_Append]) -> None:
         for i, blob in enumerate(append.blobs):
             records += (append.run_id, append.first_seq + i, blob)
     moved = 0
-    done = 0
-    while done < len(appends):
-        power = min((len(appends) - done).bit_length() - 1, len(_ADVANCES) - 1)
-        end = done + (1 << power)
-        moved += conn.execute(_ADVANCES[power], counters[done * 3 : end * 3]).rowcount
-        done = end
+    for start, size in _chunks(len(appends), _MAX_ADVANCE):
+        moved += conn.execute(_advance_sql(size), counters[start * 3 : (start + size) * 3]).rowcount
     if moved != len(appends):
         # Which one is not where we think is found when each runs alone (the database
         # runs them so once this raised).
@@ -108,14 +117,19 @@ def _append_wave(conn: sqlite3.Connection, appends: list[_Append]) -> None:
     _insert_rows(conn, records)
 
 
-#: UPDATEs moving the counters of 1, 2, 4, ... 256 runs, each only if it is at the
-#: record given (run_id, first_seq, count): what does not match is not updated.
-_ADVANCES = [
-    "UPDATE runs SET turn_count = turn_count + v.column3, record_count = record_count + v.column3"
-    " FROM (VALUES " + ", ".join(["(?, ?, ?)"] * (1 << k)) + ") AS v"
-    " WHERE runs.run_id = v.column1 AND runs.record_count = v.column2"
-    for k in range(9)
-]
+_MAX_ADVANCE = 256
+
+
+@functools.cache
+def _advance_sql(runs: int) -> str:
+    """The UPDATE moving the counters of `runs` runs, each only if it is at the record
+    given (run_id, first_seq, count): what does not match is not updated."""
+    return (
+        "UPDATE runs SET turn_count = turn_count + v.column3,"
+        " record_count = record_count + v.column3"
+        " FROM (VALUES " + ", ".join(["(?, ?, ?)"] * runs) + ") AS v"
+        " WHERE runs.run_id = v.column1 AND runs.record_count = v.column2"
+    )
 
 
 def _advance(
