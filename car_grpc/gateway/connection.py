@@ -149,8 +149,8 @@ class TrackedConnection(ServerConnection):
                 protocol.send_binary(message)
         try:
             self.send_data()
-        except Exception as exc:  # as send_context: the connection is given up
-            self.set_connection_exc(exc)
+        except Exception:  # as send_context: the connection is given up
+            self.logger.debug("! error while sending data", exc_info=True)
             self.transport.abort()
             return False
         return True
