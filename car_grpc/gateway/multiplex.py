@@ -242,7 +242,7 @@ class _Stream:
         self.failed = False
         #: What goes in the next messages, in order: records, and sessions whose pull
         #: waits (their record is made when the message is).
-        self._records: deque[bytes | MultiplexedCall] = deque()
+        self._records: deque[bytes | multiplex.Pull] = deque()
         self.owed = multiplex.Owed()  # the acknowledgements owed to the core
         #: Bytes sent up and not yet acknowledged, over every session, and what the core
         #: allows (None until its initial metadata has said).
@@ -375,7 +375,7 @@ class _Stream:
         """The records of the next message: what is queued (and what the pulls take), up
         to MAX_MESSAGE_BYTES, then, once some session is owed half a window, every
         acknowledgement owed (the others wait for their sessions' next records)."""
-        out, more = _next_records(self._records)
+        out, more = multiplex.next_records(self._records)
         if more:
             self._ready.set()
         if self.owed.due:
@@ -387,35 +387,6 @@ class _Stream:
         for task in (self._reader, self._writer):
             task.cancel()
         await asyncio.gather(self._reader, self._writer, return_exceptions=True)
-
-
-def _next_records(queue: deque[bytes | MultiplexedCall]) -> tuple[list[bytes], bool]:
-    """Records from the front of `queue` for one message, up to MAX_MESSAGE_BYTES (a larger
-    record goes alone), and whether more are ready. A pull the credits hold back keeps its
-    place (its session's acknowledgement wakes the writer)."""
-    out: list[bytes] = []
-    size = 0
-    held: list[MultiplexedCall] = []
-    while queue:
-        item = queue[0]
-        if isinstance(item, MultiplexedCall):
-            record = item.pulled()
-            if record is None:
-                queue.popleft()
-                held.append(item)
-                continue
-            if not record:
-                queue.popleft()
-                continue
-            queue[0] = item = record  # taken: from here on an ordinary record
-        if out and size + len(item) > multiplex.MAX_MESSAGE_BYTES:
-            break
-        queue.popleft()
-        out.append(item)
-        size += len(item)
-    more = bool(queue)
-    queue.extendleft(reversed(held))
-    return out, more
 
 
 class Multiplexer:
