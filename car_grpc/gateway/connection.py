@@ -141,12 +141,7 @@ class TrackedConnection(ServerConnection):
         """send_all without a wait, when can_send_now() (the caller keeps within the write
         buffer's room, so there is nothing to drain); False when the write failed (the
         connection is done for, as send_all would have raised ConnectionClosed)."""
-        protocol = self.protocol
-        for message in messages:
-            if isinstance(message, str):
-                protocol.send_text(message.encode())
-            else:
-                protocol.send_binary(message)
+        self._frame(messages)
         try:
             self.send_data()
         except Exception:  # as send_context: the connection is given up
@@ -159,12 +154,16 @@ class TrackedConnection(ServerConnection):
         """Send several messages (text: str, binary: bytes) in one write to the socket,
         rather than one system call each; ConnectionClosed as send() raises it."""
         async with self.send_context():
-            protocol = self.protocol
-            for message in messages:
-                if isinstance(message, str):
-                    protocol.send_text(message.encode())
-                else:
-                    protocol.send_binary(message)
+            self._frame(messages)
+
+    def _frame(self, messages: Sequence[str | bytes]) -> None:
+        """Frame the messages (text: str, binary: bytes) for the next send_data()."""
+        protocol = self.protocol
+        for message in messages:
+            if isinstance(message, str):
+                protocol.send_text(message.encode())
+            else:
+                protocol.send_binary(message)
 
     def send_data(self) -> None:
         """As websockets writes outgoing data, but the frames ready at once in one write
