@@ -7,6 +7,7 @@ counting at once; and car-grpc's own gateway keeps within the bound the core ann
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -26,6 +27,14 @@ STREAM_BYTES = 4096
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     return make_config(tmp_path, multiplex_stream_bytes=STREAM_BYTES)
+
+
+@pytest.fixture
+async def gateway(core: Core, channel: grpc.aio.Channel) -> AsyncIterator[Gateway]:
+    """A ConnectMultiplexed stream to the core, by hand (test_connect_multiplexed.py)."""
+    stream = Gateway(channel, daemon_token(core))
+    yield stream
+    await stream.close()
 
 
 def notice(size: int) -> bytes:
@@ -49,52 +58,40 @@ async def ended(gateway: Gateway) -> grpc.aio.AioRpcError:
 
 
 async def test_the_core_announces_the_bound_in_the_streams_initial_metadata(
-    core: Core, channel: grpc.aio.Channel
+    gateway: Gateway,
 ) -> None:
-    gateway = Gateway(channel, daemon_token(core))
-    try:
-        metadata = dict(await gateway.call.initial_metadata())
-        assert metadata[multiplex.STREAM_BYTES_KEY] == str(STREAM_BYTES)
-    finally:
-        await gateway.close()
+    metadata = dict(await gateway.call.initial_metadata())
+    assert metadata[multiplex.STREAM_BYTES_KEY] == str(STREAM_BYTES)
 
 
 async def test_a_batch_past_the_streams_credits_ends_the_stream(
-    core: Core, channel: grpc.aio.Channel
+    core: Core, gateway: Gateway
 ) -> None:
     """Each batch is well within its session's credits; together they are not."""
-    gateway = Gateway(channel, daemon_token(core))
-    try:
-        await authenticated(core, gateway, 1, 2)
-        big = notice(STREAM_BYTES)
-        assert len(big) < multiplex.WINDOW_BYTES // 2  # the session acknowledges none yet
-        await gateway.send(multiplex.record(1, big))
-        await gateway.send(multiplex.record(2, notice(10)))
-        error = await ended(gateway)
-        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert (error.details() or "").startswith(
-            f"session 2: a batch past the stream's credits ({len(big)} bytes"
-            f" unacknowledged across its sessions, at most {STREAM_BYTES})"
-        )
-    finally:
-        await gateway.close()
+    await authenticated(core, gateway, 1, 2)
+    big = notice(STREAM_BYTES)
+    assert len(big) < multiplex.WINDOW_BYTES // 2  # the session acknowledges none yet
+    await gateway.send(multiplex.record(1, big))
+    await gateway.send(multiplex.record(2, notice(10)))
+    error = await ended(gateway)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.details() or "").startswith(
+        f"session 2: a batch past the stream's credits ({len(big)} bytes"
+        f" unacknowledged across its sessions, at most {STREAM_BYTES})"
+    )
 
 
 async def test_a_cancelled_sessions_batches_stop_counting_at_once(
-    core: Core, channel: grpc.aio.Channel
+    core: Core, gateway: Gateway
 ) -> None:
-    gateway = Gateway(channel, daemon_token(core))
-    try:
-        await authenticated(core, gateway, 1, 2)
-        await gateway.send(multiplex.record(1, notice(STREAM_BYTES)))
-        await gateway.send(
-            multiplex.record(1, flag4=1),  # cancel
-            multiplex.record(2, batch.encode([_frame("t", "tools_list")])),
-        )
-        await gateway.until(lambda: "t" in gateway.ids(2) and 1 in gateway.ends)
-        assert gateway.ends[1].code == grpc.StatusCode.CANCELLED.value[0]
-    finally:
-        await gateway.close()
+    await authenticated(core, gateway, 1, 2)
+    await gateway.send(multiplex.record(1, notice(STREAM_BYTES)))
+    await gateway.send(
+        multiplex.record(1, flag4=1),  # cancel
+        multiplex.record(2, batch.encode([_frame("t", "tools_list")])),
+    )
+    await gateway.until(lambda: "t" in gateway.ids(2) and 1 in gateway.ends)
+    assert gateway.ends[1].code == grpc.StatusCode.CANCELLED.value[0]
 
 
 async def test_the_gateway_keeps_within_the_bound_the_core_announces(tmp_path: Path) -> None:
