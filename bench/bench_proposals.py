@@ -100,8 +100,11 @@ class LeanClient:
             await self._reader
 
 
-async def _lean_connect(channel: grpc.aio.Channel, token: str) -> LeanClient:
-    client = LeanClient(channel)
+async def _lean_connect(
+    channel: grpc.aio.Channel, token: str, kind: type[LeanClient] = LeanClient
+) -> LeanClient:
+    """A client of `kind`, authenticated with `token` and past the handshake."""
+    client = kind(channel)
     await client.request("session_auth", session_pb2.AuthenticateRequest(token=token))
     handshake = session_pb2.HandshakeRequest(client_version="bench")
     handshake.protocol_version.number_value = 3

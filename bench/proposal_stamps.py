@@ -100,12 +100,8 @@ async def _run(kind: str, n: int) -> None:
         try:
             async with grpc.aio.insecure_channel(core.grpc_address) as channel:
                 assert core.parts is not None and core.parts.tokens is not None
-                client = StampingClient(channel)
-                auth = session_pb2.AuthenticateRequest(token=core.parts.tokens.daemon)
-                await client.request("session_auth", auth)
-                handshake = session_pb2.HandshakeRequest(client_version="bench")
-                handshake.protocol_version.number_value = 3
-                await client.request("server_handshake", handshake)
+                token = core.parts.tokens.daemon
+                client = await bench_proposals._lean_connect(channel, token, StampingClient)
                 get = state_pb2.GetStateRequest(key="k")
                 one = bench_proposals._submit([{"id": "a", "type": "tool_call", "tool": "t"}])
                 rows = []
