@@ -59,7 +59,7 @@ def _instrument() -> None:
         "_handle",
         lambda frame: f"the core's read loop has {frame.WhichOneof('body')}",
     )
-    _wrap_async(ClientSession, "_send_call", lambda *_: "tools.execute queued")
+    _wrap_async(ClientSession, "send", lambda *_: "tools.execute queued")
     _wrap_async(grpc_service.SessionStream, "_send", lambda *_: "the response's write")
     plan, resolve = proposals.plan, ClientSession.resolve
 
