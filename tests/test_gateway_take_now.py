@@ -22,6 +22,7 @@ from car_grpc.gateway import connection as connection_module
 from car_grpc.gateway.connection import Connection
 from car_grpc.gateway.multiplex import Batch
 from tests.conftest import make_config
+from tests.test_gateway_e2e import _slow_reader_config
 from tests.ws_helpers import RawWebSocket, rpc, running
 
 #: By connection: what each _from_core_at_once / _from_client_at_once call did.
@@ -73,15 +74,7 @@ async def test_a_client_that_stops_reading_holds_back_only_itself(
     """Two clients on one multiplexed stream: the one that stops reading has its answers
     queued (its batches left to its own read) until it reads them all, in order; the
     other, meanwhile, gets each answer written by the stream's reader at once."""
-    config = make_config(
-        tmp_path,
-        auth=False,
-        ws_outbound_queue=8,
-        ws_write_limit=16 * 1024,
-        session_outbound_queue=8,
-        max_inflight_per_session=8,
-        ws_stall_timeout=10,
-    )
+    config = _slow_reader_config(tmp_path, ws_stall_timeout=10)
     async with running(config) as (_core, gateway):
         slow = await _authenticated_raw(gateway.ws_port, rcvbuf=4096)
         [slow_connection] = gateway.connections
