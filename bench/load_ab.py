@@ -12,7 +12,7 @@ its first process (the core) and the rest (gateway processes, with
 `--gateway-processes N`), and the load generator's and the machine's CPU in cores. Run it
 from outside any checkout (the current directory comes first on sys.path).
 LOAD_AB_SPY=DIR: a py-spy profile (`--gil`, raw) of each core during its traffic, into
-DIR (LOAD_AB_SPY_BIN: py-spy's path, default /tmp/spy/bin/py-spy). Not part of
+DIR (and of each gateway process, `NAME-gwN.txt`) (LOAD_AB_SPY_BIN: py-spy's path, default /tmp/spy/bin/py-spy). Not part of
 `python -m bench`.
 """
 
@@ -59,8 +59,11 @@ async def one(arm: str, flags: Sequence[str], name: str) -> bench_load.Phase:
             spies: list[subprocess.Popen[bytes]] = []
 
             def at_go() -> None:
-                if (spy := _spy(server.proc.pid, name)) is not None:
-                    spies.append(spy)
+                pid = server.proc.pid
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                for n, each in enumerate([pid, *map(int, children)]):
+                    if (spy := _spy(each, name if n == 0 else f"{name}-gw{n}")) is not None:
+                        spies.append(spy)
 
             phase = await bench_load.drive(
                 server.proc.pid,
