@@ -7,11 +7,12 @@ import gc
 import subprocess
 import sys
 
-from car_grpc.heap import freeze_startup_heap
+from car_grpc.heap import YOUNG_THRESHOLD, freeze_startup_heap
 
 
 def test_startup_objects_are_frozen_and_later_garbage_is_still_collected() -> None:
     startup = [[i] for i in range(1000)]  # lists: objects the collector tracks
+    threshold = gc.get_threshold()
     try:
         freeze_startup_heap()
         assert gc.get_freeze_count() >= len(startup)
@@ -25,6 +26,7 @@ def test_startup_objects_are_frozen_and_later_garbage_is_still_collected() -> No
         assert gc.collect() >= 1
     finally:
         gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 def test_large_buffers_freed_are_reused_without_faulting_their_pages_in_again() -> None:
@@ -47,3 +49,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     faults = int(subprocess.check_output([sys.executable, "-c", code], text=True, timeout=30))
     # Without it each round gives its 16 MiB back and faults its 4,096 pages in again.
     assert faults < 4096, faults
+
+
+def test_young_collections_are_rarer_once_serving() -> None:
+    threshold = gc.get_threshold()
+    try:
+        freeze_startup_heap()
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, *threshold[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
