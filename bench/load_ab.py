@@ -12,8 +12,8 @@ its first process (the core) and the rest (gateway processes, with
 `--gateway-processes N`), and the load generator's and the machine's CPU in cores. Run it
 from outside any checkout (the current directory comes first on sys.path).
 LOAD_AB_SPY=DIR: a py-spy profile (`--gil`, raw) of each core during its traffic, into
-DIR (and of each gateway process, `NAME-gwN.txt`) (LOAD_AB_SPY_BIN: py-spy's path, default /tmp/spy/bin/py-spy). Not part of
-`python -m bench`.
+DIR, and of each gateway process (`NAME-gwN.txt`) (LOAD_AB_SPY_BIN: py-spy's path,
+default /tmp/spy/bin/py-spy). Not part of `python -m bench`.
 """
 
 from __future__ import annotations
