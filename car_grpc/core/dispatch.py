@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
+from car_grpc.core.deadlines import Deadline, Deadlines
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.router import Reply, Router
 from car_grpc.store import StoreRefused, StoreUnavailable
@@ -85,6 +86,7 @@ class Dispatcher:
         self._gate = gate
         self._gated = gated_methods
         self._handler_timeout = handler_timeout
+        self._deadlines = Deadlines(handler_timeout)
         self._metrics = metrics
 
     def check_access(self, session: ClientSession, access: options_pb2.Access, method: str) -> None:
@@ -128,17 +130,23 @@ class Dispatcher:
         handler = self.router.requests.get(member)
         if handler is None:
             raise CarError(METHOD_NOT_FOUND, f"unknown method: {method}")
-        deadline: asyncio.Timeout | None = None
+        deadline: Deadline | None = None
         try:
             if self.runs_inline(member):
                 # It never waits: no deadline could interrupt it, and no gate parks it
                 # (a timer and a coroutine less per request).
                 return await handler(session, request)
-            deadline = asyncio.timeout(self._handler_timeout)
-            async with deadline:
+            deadline = self._deadlines.start()
+            try:
                 if method in self._gated:  # the rest would pass the gate at once: no call
                     await self._gate(session, method, request)
                 return await handler(session, request)
+            except asyncio.CancelledError:
+                if self._deadlines.end(deadline):
+                    raise TimeoutError from None  # as asyncio.timeout raises it
+                raise
+            finally:
+                self._deadlines.end(deadline)
         except CarError:
             raise
         except StoreUnavailable as e:
@@ -146,7 +154,7 @@ class Dispatcher:
         except StoreRefused as e:
             raise invalid_params(f"invalid params: {e}") from None
         except TimeoutError as e:
-            if deadline is not None and deadline.expired():
+            if deadline is not None and deadline.timed_out:
                 limit = self._handler_timeout
                 raise CarError(
                     DEADLINE_EXCEEDED, f"handler deadline exceeded: {method} ran past {limit:g}s"
