@@ -91,6 +91,9 @@ class MultiplexedCall:
         self._unacked = 0
         self._unacked_bytes = 0
         self._changed = asyncio.Event()  # something arrived: batches, credits, the end
+        #: Whether a write() waits for credits: only then do credits wake anyone (a
+        #: read() waits for batches or the end, and woke for every acknowledgement).
+        self._write_waits = False
         self._end: grpc.aio.AioRpcError | None = None  # how the session ended (OK: EOF)
         self._ended = False
         self._half_closed = False
@@ -111,7 +114,11 @@ class MultiplexedCall:
         while not self._may_send():
             self._check_writable()
             self._changed.clear()
-            await self._changed.wait()
+            self._write_waits = True
+            try:
+                await self._changed.wait()
+            finally:
+                self._write_waits = False
         self._check_writable()
         self._stream.send(self._record(data))
 
@@ -212,7 +219,8 @@ class MultiplexedCall:
         self._unacked = max(0, self._unacked - batches)
         freed = min(size, self._unacked_bytes)
         self._unacked_bytes -= freed
-        self._changed.set()
+        if self._write_waits:
+            self._changed.set()
         self._stream.release(freed)
         if self._take is not None:
             self._stream.wake()  # a pull may wait for these credits
@@ -224,7 +232,8 @@ class MultiplexedCall:
 
     def room(self) -> None:
         """The stream has room again: a write waiting for it goes on."""
-        self._changed.set()
+        if self._write_waits:
+            self._changed.set()
 
     def finish(self, error: grpc.aio.AioRpcError | None) -> None:
         """The session ended (None: OK); what was delivered is still read first."""
