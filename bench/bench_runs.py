@@ -21,9 +21,11 @@ The 16 concurrent recorders are compared with one recorder of batch 1 (target: a
 
     python -m bench bench_runs          (or ./dev bench bench_runs)
 
-For an A/B of the batch of 256 alone: `python -m bench.bench_runs batch256 [ROUNDS]` runs it
-ROUNDS times (3) after a warm-up, subscribed then not, and prints each round's turns/s and
-the server's CPU per turn, with its main thread's (where the event loop runs) beside.
+For an A/B of the batch of 256 alone: `python -m bench.bench_runs batch256 [ROUNDS [FLAGS]]`
+runs it ROUNDS times (3) after a warm-up, subscribed then not, and prints each round's
+turns/s, p50 and the server's CPU per turn, with its main thread's (where the event loop
+runs) and its gateway processes' beside (FLAGS go to `car-grpc serve`, e.g.
+`--gateway-processes 1`).
 `python -m bench.bench_runs concurrent [ROUNDS]` runs one recorder of batch 1, then the 16
 at once, ROUNDS times (3), with the server's CPU per turn by thread. `python -m
 bench.bench_runs paired WINDOWS TREE...` starts a server from each source tree at once
@@ -51,7 +53,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench import summary
-from bench.proc import cpu_seconds
+from bench.proc import cpu_seconds, own_cpu_seconds, process_tree
 from car_grpc.core.tokens import HOST_TOKEN_FILE, AgentTokens
 from car_grpc.store import open_store
 from tests.processes import EPHEMERAL, car_grpc_argv, car_grpc_serve, cli_env, launch, log_listening
@@ -380,16 +382,18 @@ def main_thread_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def batch256(rounds: int) -> None:
-    """The batch of 256 alone, `rounds` times each subscribed and not (see the docstring)."""
+async def batch256(rounds: int, flags: list[str]) -> None:
+    """The batch of 256 alone, `rounds` times each subscribed and not (see the docstring);
+    `flags` go to `car-grpc serve` (e.g. --gateway-processes 1)."""
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         store = await open_store(home)
         token = await AgentTokens(store.agent_tokens).add("bench-agent")
         await store.close()
-        async with car_grpc_serve(home) as server:
+        async with car_grpc_serve(home, *flags) as server:
             _, url = await server.listeners(2, timeout=30)
             pid = server.proc.pid
+            children = process_tree(pid)[1:]  # the gateway processes, if any
             host_token = (home / "ai.parslee.car" / HOST_TOKEN_FILE).read_text()
             agent = await open_client(url, {"agent_id": "bench-agent", "token": token})
             watcher = await open_client(url, {"host_token": host_token})
@@ -397,12 +401,17 @@ async def batch256(rounds: int) -> None:
             for subscriber in (watcher, None):
                 for _ in range(rounds):
                     main_thread = main_thread_seconds(pid)
+                    others = sum(map(own_cpu_seconds, children))
                     ours, seen = await bench_car_grpc(256, agent, subscriber, pid)
                     main_thread = main_thread_seconds(pid) - main_thread
+                    others = sum(map(own_cpu_seconds, children)) - others
+                    gateways = f", gateway processes {others / TURNS[256] * 1e6:5.1f}"
                     print(
                         f"{'subscribed' if subscriber else 'no subscriber':>13}:"
-                        f" {ours.turns_per_s:8,.0f} turns/s, server CPU {ours.cpu_us:5.1f} us/turn"
-                        f" (main thread {main_thread / TURNS[256] * 1e6:5.1f}),"
+                        f" {ours.turns_per_s:8,.0f} turns/s, p50 {ours.p50_ms:6.2f} ms,"
+                        f" server CPU {ours.cpu_us:5.1f} us/turn"
+                        f" (main thread {main_thread / TURNS[256] * 1e6:5.1f}"
+                        f"{gateways if children else ''}),"
                         f" events {seen.events}, gaps {seen.gaps}",
                         flush=True,
                     )
@@ -532,7 +541,7 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["echo"]:
         asyncio.run(run_echo_server())
     elif sys.argv[1:2] == ["batch256"]:
-        asyncio.run(batch256(int(sys.argv[2]) if len(sys.argv) > 2 else 3))
+        asyncio.run(batch256(int(sys.argv[2]) if len(sys.argv) > 2 else 3, sys.argv[3:]))
     elif sys.argv[1:2] == ["paired"]:
         asyncio.run(paired(int(sys.argv[2]), sys.argv[3:]))
     elif sys.argv[1:2] == ["concurrent"]:
