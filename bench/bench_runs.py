@@ -31,7 +31,9 @@ at once, ROUNDS times (3), with the server's CPU per turn by thread. `python -m
 bench.bench_runs paired WINDOWS TREE...` starts a server from each source tree at once
 (e.g. an export of main beside this checkout) and gives them the same two loads in
 alternated windows: on a shared machine the paired figures say more than runs one after
-the other.
+the other. `python -m bench.bench_runs paired256 WINDOWS ARM...` does the same for the
+batch of 256 subscribed (an ARM is a tree, then its serve flags after commas, e.g.
+`DIR,--gateway-processes,1`), with each arm's p50 a batch.
 """
 
 from __future__ import annotations
@@ -467,20 +469,22 @@ async def concurrent(rounds: int) -> None:
 
 
 async def _recorders_of(
-    stack: contextlib.AsyncExitStack, tree: str | None = None
+    stack: contextlib.AsyncExitStack, tree: str | None = None, recorders: int = RECORDERS
 ) -> tuple[int, Client, Client, list[Client]]:
-    """A `car-grpc serve` (importing `tree` first, if given), with an agent, a host and
-    RECORDERS recorders connected: (its pid, the agent, the host, the recorders)."""
+    """A `car-grpc serve` (importing `tree` first, if given: a directory, then its own
+    serve flags after commas), with an agent, a host and `recorders` recorders connected:
+    (its pid, the agent, the host, the recorders)."""
     home = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "home"
     store = await open_store(home)
     tokens = AgentTokens(store.agent_tokens)
-    ids = ["bench-agent", *(f"bench-recorder-{i}" for i in range(RECORDERS))]
+    ids = ["bench-agent", *(f"bench-recorder-{i}" for i in range(recorders))]
     secrets = [await tokens.add(agent_id) for agent_id in ids]
     await store.close()
     if tree is None:
         server = await stack.enter_async_context(car_grpc_serve(home))
     else:
-        argv = car_grpc_argv("serve", *EPHEMERAL)
+        tree, *flags = tree.split(",")
+        argv = car_grpc_argv("serve", *EPHEMERAL, *flags)
         server = await stack.enter_async_context(
             launch(argv, env=cli_env(home, PYTHONPATH=tree), cwd=tree)
         )
@@ -537,11 +541,46 @@ async def paired(windows: int, trees: list[str]) -> None:
         )
 
 
+async def paired256(windows: int, arms: list[str]) -> None:
+    """`car-grpc serve` of every arm at once (a tree, then its serve flags after commas),
+    the batch of 256 subscribed given to each in turn, window after window (the order
+    reversed every other one; the first a warm-up). Prints each arm's p50 a batch and
+    server CPU per turn (median and range over the windows), and the paired p50 ratios."""
+    async with contextlib.AsyncExitStack() as stack:
+        servers = [await _recorders_of(stack, arm, recorders=0) for arm in arms]
+        p50: list[list[float]] = [[] for _ in arms]
+        cpu: list[list[float]] = [[] for _ in arms]
+        for window in range(windows + 1):
+            order = list(range(len(arms))) if window % 2 else list(range(len(arms)))[::-1]
+            for i in order:
+                pid, agent, watcher, _ = servers[i]
+                figures, _ = await bench_car_grpc(256, agent, watcher, pid)
+                if window:
+                    p50[i].append(figures.p50_ms)
+                    cpu[i].append(figures.cpu_us)
+        for _, agent, watcher, _ in servers:
+            await _close(agent, watcher)
+    print("batch 256 subscribed, median (range) over the windows: p50 ms | server CPU us/turn")
+    for arm, p, c in zip(arms, p50, cpu, strict=True):
+        print(
+            f"  {arm:48} {statistics.median(p):6.2f} ({min(p):.2f}-{max(p):.2f})"
+            f" | {statistics.median(c):5.1f} ({min(c):.1f}-{max(c):.1f})"
+        )
+    for i in range(1, len(arms)):
+        ratios = [y / x for x, y in zip(p50[0], p50[i], strict=True)]
+        print(
+            f"  p50 paired ratio {arms[i]} / {arms[0]}: median"
+            f" {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        )
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["echo"]:
         asyncio.run(run_echo_server())
     elif sys.argv[1:2] == ["batch256"]:
         asyncio.run(batch256(int(sys.argv[2]) if len(sys.argv) > 2 else 3, sys.argv[3:]))
+    elif sys.argv[1:2] == ["paired256"]:
+        asyncio.run(paired256(int(sys.argv[2]), sys.argv[3:]))
     elif sys.argv[1:2] == ["paired"]:
         asyncio.run(paired(int(sys.argv[2]), sys.argv[3:]))
     elif sys.argv[1:2] == ["concurrent"]:
