@@ -99,11 +99,14 @@ def _instrument() -> None:
     _wrap(database.SqliteDatabase, "_hand_back", "store thread: committed", None)
     _wrap(runs.LiveRun, "publish", "core: publish starts", "core: publish done (256 queued)")
     try_write = multiplex.SessionChannel.try_write
+    # The answer's way out: set when the handler returns, until the gateway writes it.
+    answer = {"core": False, "message": False, "gateway": False}
 
     def tried(self: Any, data: bytes) -> bool:
         written = try_write(self, data)
         if STAMPS and STAMPS[-1][0].startswith("core: handler returns"):
             _stamp("core: answer try_write " + ("ok" if written else "refused"))
+            answer["core"] = answer["message"] = True
         return written
 
     multiplex.SessionChannel.try_write = tried  # type: ignore[method-assign]
@@ -111,27 +114,29 @@ def _instrument() -> None:
 
     def taken_down(self: Any) -> list[bytes]:
         records = take_down(self)
-        size = sum(map(len, records))
-        if size >= BIG:
-            _stamp("core: message to the gateway taken for write")
-        elif size and STAMPS and "answer" in STAMPS[-1][0]:
+        if sum(map(len, records)) >= BIG:
+            _stamp("core: events' message taken for write")
+        if records and answer["message"]:
+            answer["message"] = False
+            answer["gateway"] = True
             _stamp("core: answer's message taken for write")
         return records
 
     multiplex.MultiplexedStream._take = taken_down  # type: ignore[method-assign]
     take_part = gateway_multiplex._Stream._take
-    parts: dict[str, int] = {"n": 0}
 
     def took(self: Any, part: Any, turn_ends: float) -> None:
         size = len(part.batch)
         if size >= BIG:
             _stamp("gw: events' batch read")
+        elif 0 < size < 300 and answer["gateway"]:
+            _stamp("gw: answer read")
         take_part(self, part, turn_ends)
         if size >= BIG:
             _stamp("gw: events' batch handled by the reader")
-        elif 0 < size < 300 and STAMPS and STAMPS[-1][0].startswith("gw: events"):
-            _stamp("gw: answer handled by the reader")
-        parts["n"] += 1
+        elif 0 < size < 300 and answer["gateway"]:
+            answer["gateway"] = False
+            _stamp("gw: answer written to the agent (or queued)")
 
     gateway_multiplex._Stream._take = took  # type: ignore[method-assign]
     send = conn._send
