@@ -14,7 +14,9 @@ warm-up). Not part of `python -m bench`; a diagnostic (the wrapping costs a litt
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -225,24 +227,35 @@ async def drive(batches: int) -> None:
     _report(rows[16:], stamps)
 
 
+#: Steps after the answer (the fan-out, the answer's way back): counted from the batch's
+#: `core: handler returns` to the next batch's, since they may come after the next send.
+_LATE = ("events", "host's task", "gw: answer")
+
+
 def _report(rows: list[tuple[int, int, int]], stamps: list[tuple[str, int]]) -> None:
     """Each step's median time from the send, over the batches: a step's first stamp in
-    its batch's window (from its send to the next send)."""
-    offsets: dict[str, list[float]] = {}
-    sends = [r[0] for r in rows] + [2**63]
-    i = 0
+    its batch's window (from its send to the next send; for the steps after the answer,
+    from its handler's return to the next batch's)."""
     stamps.sort(key=lambda s: s[1])
+    times = [at for _, at in stamps]
+
+    def first(step: str, start: int, end: int) -> int | None:
+        for i in range(bisect.bisect_left(times, start), bisect.bisect_left(times, end)):
+            if stamps[i][0] == step:
+                return stamps[i][1]
+        return None
+
+    sends = [r[0] for r in rows] + [2**63]
+    returns = [first("core: handler returns", s, e) or s for s, e in itertools.pairwise(sends)]
+    returns.append(2**63)
+    steps = {step for step, _ in stamps}
+    offsets: dict[str, list[float]] = {}
     for k, (sent, answered, last) in enumerate(rows):
-        seen: set[str] = set()
-        while i < len(stamps) and stamps[i][1] < sent:
-            i += 1
-        j = i
-        while j < len(stamps) and stamps[j][1] < sends[k + 1]:
-            step, when = stamps[j]
-            if step not in seen:
-                seen.add(step)
-                offsets.setdefault(step, []).append((when - sent) / 1000)
-            j += 1
+        for step in steps:
+            late = any(word in step for word in _LATE)
+            start, end = (returns[k], returns[k + 1]) if late else (sent, sends[k + 1])
+            if (reached := first(step, start, end)) is not None:
+                offsets.setdefault(step, []).append((reached - sent) / 1000)
         offsets.setdefault("client: answer read", []).append((answered - sent) / 1000)
         offsets.setdefault("client: the batch's last event read", []).append((last - sent) / 1000)
     medians = {k: statistics.median(v) for k, v in offsets.items()}
