@@ -221,8 +221,9 @@ class LiveRun:
         self.appended = asyncio.Event()
         #: WatchRun readers of a run held by another core (see Runs.remote).
         self.watchers = 0
-        #: Fan-outs held until their recorder's answer is queued (`publish(after_answer)`),
-        #: in order, each with the run's status and subscribers when it was published.
+        #: The fan-out held until its recorder's answer is written (`publish(after_answer)`;
+        #: one at most, or what is left of it), with the run's status and subscribers when
+        #: it was published.
         self._held: collections.deque[_Fanout] = collections.deque()
         self._releasing = False  # a slice of what is held is due (release_soon)
 
@@ -240,11 +241,11 @@ class LiveRun:
         subscribers' events are built and queued by `release()`, which the caller runs
         once its answer is queued (the recorder's answer need not wait for the fan-out;
         its events keep their place: anything published later releases them first)."""
+        self.release()  # what an earlier answer held goes first: at most one is held
         fanout = (records, first_cursor, texts, self.status, list(self.subscribers.values()))
         if after_answer and fanout[4]:
             self._held.append(fanout)
         else:
-            self.release()
             self._fan_out(*fanout)
         woken, self.appended = self.appended, asyncio.Event()
         woken.set()
