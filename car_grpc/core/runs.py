@@ -192,9 +192,6 @@ class Subscription:
                         return
 
 
-#: Records a held fan-out sends per turn of the event loop (LiveRun.release_soon): 64
-#: events take ~0.3 ms to build and queue.
-_FANOUT_SLICE = 64
 #: A fan-out held for after an answer: the records, the first one's cursor, their texts,
 #: and the run's status and subscribers when they were published (LiveRun.publish).
 _Fanout: TypeAlias = tuple[
@@ -222,10 +219,8 @@ class LiveRun:
         #: WatchRun readers of a run held by another core (see Runs.remote).
         self.watchers = 0
         #: The fan-out held until its recorder's answer is written (`publish(after_answer)`;
-        #: one at most, or what is left of it), with the run's status and subscribers when
-        #: it was published.
+        #: one at most), with the run's status and subscribers when it was published.
         self._held: collections.deque[_Fanout] = collections.deque()
-        self._releasing = False  # a slice of what is held is due (release_soon)
 
     def publish(
         self,
@@ -255,28 +250,6 @@ class LiveRun:
         held = self._held
         while held:
             self._fan_out(*held.popleft())
-
-    def release_soon(self) -> None:
-        """Fan out what is held a slice of _FANOUT_SLICE records per turn of the event
-        loop, from the next: what is ready meanwhile (the answer's way on, when the
-        gateway shares this loop) goes first."""
-        if self._held and not self._releasing:
-            self._releasing = True
-            asyncio.get_running_loop().call_soon(self._release_slice)
-
-    def _release_slice(self) -> None:
-        self._releasing = False
-        if not self._held:
-            return  # released meanwhile (a later publish releases first)
-        records, first_cursor, texts, status, subs = self._held[0]
-        n = _FANOUT_SLICE
-        if len(records) <= n:
-            self._held.popleft()
-            self._fan_out(records, first_cursor, texts, status, subs)
-        else:
-            self._held[0] = (records[n:], first_cursor + n, texts[n:], status, subs)
-            self._fan_out(records[:n], first_cursor, texts[:n], status, subs)
-        self.release_soon()
 
     def _fan_out(
         self,
@@ -714,7 +687,7 @@ class Runs:
             answer = runs_pb2.RecordTurnsResponse(
                 run_id=run_id, base_index=base, count=len(records), ok=True
             )
-            return Reply(answer, then=run.release_soon, after_written=True)
+            return Reply(answer, then=run.release, after_written=True)
 
         # A caller that gave up (its deadline, its stream's end) never queues the answer:
         # the events go out when the write is done, all the same.
