@@ -18,7 +18,7 @@ from car_grpc.config import Config, CoreConfig, gateway_processes
 from car_grpc.core.server import Core
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.gateway import Gateway
-from car_grpc.heap import freeze_startup_heap
+from car_grpc.heap import freeze_startup_heap, keep_large_buffers
 from car_grpc.serve import Server
 from car_grpc.store import (
     Store,
@@ -246,6 +246,7 @@ async def _run_until_signalled(service: _Service) -> None:
         loop.add_signal_handler(sig, stop.set)
     await service.start()
     freeze_startup_heap()
+    keep_large_buffers()
     try:
         await stop.wait()
     finally:
