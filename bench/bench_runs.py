@@ -21,15 +21,19 @@ The 16 concurrent recorders are compared with one recorder of batch 1 (target: a
 
     python -m bench bench_runs          (or ./dev bench bench_runs)
 
-For an A/B of the batch of 256 alone: `python -m bench.bench_runs batch256 [ROUNDS]` runs it
-ROUNDS times (3) after a warm-up, subscribed then not, and prints each round's turns/s and
-the server's CPU per turn, with its main thread's (where the event loop runs) beside.
+For an A/B of the batch of 256 alone: `python -m bench.bench_runs batch256 [ROUNDS [FLAGS]]`
+runs it ROUNDS times (3) after a warm-up, subscribed then not, and prints each round's
+turns/s, p50 and the server's CPU per turn, with its main thread's (where the event loop
+runs) and its gateway processes' beside (FLAGS go to `car-grpc serve`, e.g.
+`--gateway-processes 1`).
 `python -m bench.bench_runs concurrent [ROUNDS]` runs one recorder of batch 1, then the 16
 at once, ROUNDS times (3), with the server's CPU per turn by thread. `python -m
 bench.bench_runs paired WINDOWS TREE...` starts a server from each source tree at once
 (e.g. an export of main beside this checkout) and gives them the same two loads in
 alternated windows: on a shared machine the paired figures say more than runs one after
-the other.
+the other. `python -m bench.bench_runs paired256 WINDOWS ARM...` does the same for the
+batch of 256 subscribed (an ARM is a tree, then its serve flags after commas, e.g.
+`DIR,--gateway-processes,1`), with each arm's p50 a batch.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench import summary
-from bench.proc import cpu_seconds
+from bench.proc import cpu_seconds, own_cpu_seconds, process_tree
 from car_grpc.core.tokens import HOST_TOKEN_FILE, AgentTokens
 from car_grpc.store import open_store
 from tests.processes import EPHEMERAL, car_grpc_argv, car_grpc_serve, cli_env, launch, log_listening
@@ -380,16 +384,18 @@ def main_thread_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def batch256(rounds: int) -> None:
-    """The batch of 256 alone, `rounds` times each subscribed and not (see the docstring)."""
+async def batch256(rounds: int, flags: list[str]) -> None:
+    """The batch of 256 alone, `rounds` times each subscribed and not (see the docstring);
+    `flags` go to `car-grpc serve` (e.g. --gateway-processes 1)."""
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         store = await open_store(home)
         token = await AgentTokens(store.agent_tokens).add("bench-agent")
         await store.close()
-        async with car_grpc_serve(home) as server:
+        async with car_grpc_serve(home, *flags) as server:
             _, url = await server.listeners(2, timeout=30)
             pid = server.proc.pid
+            children = process_tree(pid)[1:]  # the gateway processes, if any
             host_token = (home / "ai.parslee.car" / HOST_TOKEN_FILE).read_text()
             agent = await open_client(url, {"agent_id": "bench-agent", "token": token})
             watcher = await open_client(url, {"host_token": host_token})
@@ -397,12 +403,17 @@ async def batch256(rounds: int) -> None:
             for subscriber in (watcher, None):
                 for _ in range(rounds):
                     main_thread = main_thread_seconds(pid)
+                    others = sum(map(own_cpu_seconds, children))
                     ours, seen = await bench_car_grpc(256, agent, subscriber, pid)
                     main_thread = main_thread_seconds(pid) - main_thread
+                    others = sum(map(own_cpu_seconds, children)) - others
+                    gateways = f", gateway processes {others / TURNS[256] * 1e6:5.1f}"
                     print(
                         f"{'subscribed' if subscriber else 'no subscriber':>13}:"
-                        f" {ours.turns_per_s:8,.0f} turns/s, server CPU {ours.cpu_us:5.1f} us/turn"
-                        f" (main thread {main_thread / TURNS[256] * 1e6:5.1f}),"
+                        f" {ours.turns_per_s:8,.0f} turns/s, p50 {ours.p50_ms:6.2f} ms,"
+                        f" server CPU {ours.cpu_us:5.1f} us/turn"
+                        f" (main thread {main_thread / TURNS[256] * 1e6:5.1f}"
+                        f"{gateways if children else ''}),"
                         f" events {seen.events}, gaps {seen.gaps}",
                         flush=True,
                     )
@@ -458,20 +469,22 @@ async def concurrent(rounds: int) -> None:
 
 
 async def _recorders_of(
-    stack: contextlib.AsyncExitStack, tree: str | None = None
+    stack: contextlib.AsyncExitStack, tree: str | None = None, recorders: int = RECORDERS
 ) -> tuple[int, Client, Client, list[Client]]:
-    """A `car-grpc serve` (importing `tree` first, if given), with an agent, a host and
-    RECORDERS recorders connected: (its pid, the agent, the host, the recorders)."""
+    """A `car-grpc serve` (importing `tree` first, if given: a directory, then its own
+    serve flags after commas), with an agent, a host and `recorders` recorders connected:
+    (its pid, the agent, the host, the recorders)."""
     home = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "home"
     store = await open_store(home)
     tokens = AgentTokens(store.agent_tokens)
-    ids = ["bench-agent", *(f"bench-recorder-{i}" for i in range(RECORDERS))]
+    ids = ["bench-agent", *(f"bench-recorder-{i}" for i in range(recorders))]
     secrets = [await tokens.add(agent_id) for agent_id in ids]
     await store.close()
     if tree is None:
         server = await stack.enter_async_context(car_grpc_serve(home))
     else:
-        argv = car_grpc_argv("serve", *EPHEMERAL)
+        tree, *flags = tree.split(",")
+        argv = car_grpc_argv("serve", *EPHEMERAL, *flags)
         server = await stack.enter_async_context(
             launch(argv, env=cli_env(home, PYTHONPATH=tree), cwd=tree)
         )
@@ -528,11 +541,46 @@ async def paired(windows: int, trees: list[str]) -> None:
         )
 
 
+async def paired256(windows: int, arms: list[str]) -> None:
+    """`car-grpc serve` of every arm at once (a tree, then its serve flags after commas),
+    the batch of 256 subscribed given to each in turn, window after window (the order
+    reversed every other one; the first a warm-up). Prints each arm's p50 a batch and
+    server CPU per turn (median and range over the windows), and the paired p50 ratios."""
+    async with contextlib.AsyncExitStack() as stack:
+        servers = [await _recorders_of(stack, arm, recorders=0) for arm in arms]
+        p50: list[list[float]] = [[] for _ in arms]
+        cpu: list[list[float]] = [[] for _ in arms]
+        for window in range(windows + 1):
+            order = list(range(len(arms))) if window % 2 else list(range(len(arms)))[::-1]
+            for i in order:
+                pid, agent, watcher, _ = servers[i]
+                figures, _ = await bench_car_grpc(256, agent, watcher, pid)
+                if window:
+                    p50[i].append(figures.p50_ms)
+                    cpu[i].append(figures.cpu_us)
+        for _, agent, watcher, _ in servers:
+            await _close(agent, watcher)
+    print("batch 256 subscribed, median (range) over the windows: p50 ms | server CPU us/turn")
+    for arm, p, c in zip(arms, p50, cpu, strict=True):
+        print(
+            f"  {arm:48} {statistics.median(p):6.2f} ({min(p):.2f}-{max(p):.2f})"
+            f" | {statistics.median(c):5.1f} ({min(c):.1f}-{max(c):.1f})"
+        )
+    for i in range(1, len(arms)):
+        ratios = [y / x for x, y in zip(p50[0], p50[i], strict=True)]
+        print(
+            f"  p50 paired ratio {arms[i]} / {arms[0]}: median"
+            f" {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        )
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["echo"]:
         asyncio.run(run_echo_server())
     elif sys.argv[1:2] == ["batch256"]:
-        asyncio.run(batch256(int(sys.argv[2]) if len(sys.argv) > 2 else 3))
+        asyncio.run(batch256(int(sys.argv[2]) if len(sys.argv) > 2 else 3, sys.argv[3:]))
+    elif sys.argv[1:2] == ["paired256"]:
+        asyncio.run(paired256(int(sys.argv[2]), sys.argv[3:]))
     elif sys.argv[1:2] == ["paired"]:
         asyncio.run(paired(int(sys.argv[2]), sys.argv[3:]))
     elif sys.argv[1:2] == ["concurrent"]:

@@ -494,3 +494,32 @@ async def _slow_ws_subscriber(peers: Peers, gateway: Gateway) -> None:
     ended = json.loads((await slow.read_frame())[1])["params"]
     assert (ended["record"]["record"], ended["cursor"]) == ("ended", total)
     slow.close()
+
+
+async def test_a_recorder_that_leaves_before_its_answer_still_fans_its_turns_out(
+    peers: Peers,
+) -> None:
+    """A batch's events go out after its answer is on its way (the recorder's answer does
+    not wait for the fan-out); a recorder that leaves before its answer does not keep
+    them back: the host gets an event for every turn that was committed, then `ended`."""
+    bot = await peers.agent()
+    watcher = await peers.host_role()
+    for _ in range(3):
+        run_id = await start(bot)
+        await watcher.result("runs.subscribe", {"run_id": run_id})
+        request = {"run_id": run_id, "turns": turns(256)}
+        await bot.send(
+            {"jsonrpc": "2.0", "id": 1, "method": "runs.record_turns", "params": request}
+        )
+        bot.drop()
+        cursors = []
+        while (event := await watcher.expect_notification(TRACE_EVENT))["record"][
+            "record"
+        ] == "turn":
+            cursors.append(event["cursor"])
+        assert event["status"] == "incomplete"
+        trace = await watcher.result("runs.get_trace", {"run_id": run_id})
+        committed = sum(1 for r in trace["records"] if r["record"] == "turn")
+        assert committed in (0, 256)  # a batch is appended whole or not at all
+        assert cursors == list(range(1, committed + 1))
+        bot = await peers.agent()

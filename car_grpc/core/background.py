@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from car_grpc.store import StoreUnavailable
@@ -38,13 +38,23 @@ class Background:
         task.add_done_callback(self._done)
         return task
 
-    async def to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
+    async def to_the_end(
+        self, work: Coroutine[Any, Any, T], gave_up: Callable[[T], None] | None = None
+    ) -> T:
         """Run `work` to completion even if the caller is cancelled. The caller is
         answered by the work's last step (one wakeup, where asyncio.shield of the task
-        takes two: a write's answer waits on this)."""
+        takes two: a write's answer waits on this). `gave_up`: given the work's result
+        when the caller was cancelled before taking it."""
         answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self.spawn(_answering(work, answer))
-        return await answer
+        self.spawn(_answering(work, answer, gave_up))
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            # Cancelled after the answer came but before this resumed: the result is lost.
+            done = answer.done() and not answer.cancelled()
+            if gave_up is not None and done and answer.exception() is None:
+                gave_up(answer.result())
+            raise
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -63,8 +73,13 @@ class Background:
             await asyncio.wait(list(self._tasks), timeout=timeout)
 
 
-async def _answering(work: Coroutine[Any, Any, T], answer: asyncio.Future[T]) -> T:
-    """`work`, its outcome also given to `answer` (unless its caller gave up on it)."""
+async def _answering(
+    work: Coroutine[Any, Any, T],
+    answer: asyncio.Future[T],
+    gave_up: Callable[[T], None] | None = None,
+) -> T:
+    """`work`, its outcome also given to `answer` (unless its caller gave up on it: then
+    its result to `gave_up`)."""
     try:
         result = await work
     except asyncio.CancelledError:
@@ -76,4 +91,6 @@ async def _answering(work: Coroutine[Any, Any, T], answer: asyncio.Future[T]) ->
         raise
     if not answer.done():
         answer.set_result(result)
+    elif gave_up is not None:
+        gave_up(result)
     return result

@@ -281,7 +281,10 @@ class SessionStream:
         message = result.message if isinstance(result, Reply) else result
         await self._send(answer_bytes(frame.id, member, message, twins=not self.session.bridged))
         if reply is not None:
-            reply.then()
+            if reply.after_written and self._channel is not None:
+                self._channel.after_written(reply.then)
+            else:
+                reply.then()
         return True
 
     async def _send(self, frame: session_pb2.ServerFrame | bytes) -> None:

@@ -191,6 +191,11 @@ class SessionChannel:
         self._unacked_bytes += len(data)
         return multiplex.record(self.key, data, ack=self._stream.owed.take(self.key))
 
+    def after_written(self, work: Callable[[], None]) -> None:
+        """Run `work` once what the session has queued so far is written (see
+        MultiplexedStream.after_written)."""
+        self._stream.after_written(work)
+
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise _Ended(code, details)
 
@@ -214,6 +219,8 @@ class MultiplexedStream:
         self.limit_bytes = service.multiplex_stream_bytes
         self._ready = asyncio.Event()
         self._closing = False  # no session is left: the writer ends once all is written
+        #: Work to run once the next message is written (after_written).
+        self._after_write: list[Callable[[], None]] = []
 
     @property
     def unacked_bytes(self) -> int:
@@ -226,6 +233,20 @@ class MultiplexedStream:
 
     def wake(self) -> None:
         self._ready.set()
+
+    def after_written(self, work: Callable[[], None]) -> None:
+        """Run `work` once the next message (what is queued now, as far as it fits) is
+        written, or the stream ends: a recorder's answer leaves before the fan-out that
+        `work` builds. Never waits."""
+        self._after_write.append(work)
+        self._ready.set()
+
+    def _run_after_write(self, done: list[Callable[[], None]]) -> None:
+        for work in done:
+            try:
+                work()
+            except Exception:
+                log.exception("work after a multiplexed write failed")
 
     def acknowledge(self, key: int, size: int) -> None:
         """Session `key` took a batch of `size` bytes: owed to the gateway (Owed)."""
@@ -255,6 +276,8 @@ class MultiplexedStream:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
+            left, self._after_write = self._after_write, []
+            self._run_after_write(left)  # the stream is over: nothing to wait for
 
     async def _read_loop(self) -> None:
         while (message := await self.context.read()) is not grpc.aio.EOF:
@@ -328,9 +351,13 @@ class MultiplexedStream:
             if len(self.sessions) > 1:
                 await asyncio.sleep(0)
             self._ready.clear()
-            records = self._take()
-            if records:
-                await self.context.write(b"".join(records))
+            after, self._after_write = self._after_write, []
+            try:
+                records = self._take()
+                if records:
+                    await self.context.write(b"".join(records))
+            finally:
+                self._run_after_write(after)
             if self._closing and not self._records and not self.owed:
                 return
 

@@ -39,6 +39,9 @@ class Reply:
 
     message: Message
     then: Callable[[], None]
+    #: `then` may wait until the response is on its way (on a multiplexed stream: until
+    #: the message holding it is written), so that the response leaves first.
+    after_written: bool = False
 
 
 Handler = Callable[["ClientSession", Any], Awaitable[Message | Reply]]

@@ -192,6 +192,13 @@ class Subscription:
                         return
 
 
+#: A fan-out held for after an answer: the records, the first one's cursor, their texts,
+#: and the run's status and subscribers when they were published (LiveRun.publish).
+_Fanout: TypeAlias = tuple[
+    Sequence[runs_pb2.RunRecord], int, Sequence[str | None], RunStatus, list[Subscription]
+]
+
+
 class LiveRun:
     """An in-progress run of this process (and, once ended, its last state)."""
 
@@ -211,27 +218,58 @@ class LiveRun:
         self.appended = asyncio.Event()
         #: WatchRun readers of a run held by another core (see Runs.remote).
         self.watchers = 0
+        #: The fan-out held until its recorder's answer is written (`publish(after_answer)`;
+        #: one at most), with the run's status and subscribers when it was published.
+        self._held: collections.deque[_Fanout] = collections.deque()
 
     def publish(
         self,
         records: Sequence[runs_pb2.RunRecord],
         first_cursor: int,
         texts: Sequence[str | None] = (),
+        *,
+        after_answer: bool = False,
     ) -> None:
         """Fan committed records out to subscribers and watchers (never waits). `texts`:
         for each record, the JSON members of its turn after `index` (turn_text.py) when
-        known, for the subscribers behind car-grpc's gateway."""
-        if subs := list(self.subscribers.values()):
+        known, for the subscribers behind car-grpc's gateway. `after_answer`: the
+        subscribers' events are built and queued by `release()`, which the caller runs
+        once its answer is queued (the recorder's answer need not wait for the fan-out;
+        its events keep their place: anything published later releases them first)."""
+        self.release()  # what an earlier answer held goes first: at most one is held
+        fanout = (records, first_cursor, texts, self.status, list(self.subscribers.values()))
+        if after_answer and fanout[4]:
+            self._held.append(fanout)
+        else:
+            self._fan_out(*fanout)
+        woken, self.appended = self.appended, asyncio.Event()
+        woken.set()
+
+    def release(self) -> None:
+        """Fan out what `publish` held for after an answer, in order (none: nothing)."""
+        held = self._held
+        while held:
+            self._fan_out(*held.popleft())
+
+    def _fan_out(
+        self,
+        records: Sequence[runs_pb2.RunRecord],
+        first_cursor: int,
+        texts: Sequence[str | None],
+        status: RunStatus,
+        subs: list[Subscription],
+    ) -> None:
+        if subs:
             # What every event of this call shares, serialized once.
             head = runs_pb2.RunTraceEvent(
-                run_id=self.run_id, agent_id=self.agent_id, status=self.status
+                run_id=self.run_id, agent_id=self.agent_id, status=status
             ).SerializeToString()
             bridged = [sub.session.bridged for sub in subs]
             typed = not all(bridged)  # some subscriber takes the event as protobuf
             text_head = text_tail = ""
             if len(texts) == len(records) and any(bridged):
                 text_head = turn_text.event_head(self.run_id, self.agent_id)
-                text_tail = turn_text.event_tail(enum_to_json(_STATUS_ENUM, self.status))
+                text_tail = turn_text.event_tail(enum_to_json(_STATUS_ENUM, status))
             for i, record in enumerate(records):
                 cursor = first_cursor + i
                 ended = record.record == ENDED
@@ -250,8 +288,6 @@ class LiveRun:
                 )
                 for sub, text_ok in zip(subs, bridged, strict=True):
                     sub.offer(as_text if text_ok and as_text is not None else full)
-        woken, self.appended = self.appended, asyncio.Event()
-        woken.set()
 
 
 #: ServerFrame's `runs_trace_event` and RunTraceEvent's `record`: their field numbers.
@@ -416,11 +452,12 @@ class Runs:
         return held
 
     async def _locked(self, run: LiveRun, fn: Callable[[], Awaitable[T]]) -> T:
-        async def section() -> T:
-            async with run.lock:
-                return await fn()
+        return await self._background.to_the_end(self._in_section(run, fn))
 
-        return await self._background.to_the_end(section())
+    @staticmethod
+    async def _in_section(run: LiveRun, fn: Callable[[], Awaitable[T]]) -> T:
+        async with run.lock:
+            return await fn()
 
     def _own(self, run: LiveRun, session: ClientSession) -> None:
         if not session.streaming:
@@ -603,7 +640,7 @@ class Runs:
     @handles("runs_record_turns")
     async def record_turns(
         self, session: ClientSession, req: runs_pb2.RecordTurnsRequest
-    ) -> runs_pb2.RecordTurnsResponse:
+    ) -> runs_pb2.RecordTurnsResponse | Reply:
         if not req.run_id:
             raise _usage_error("run_id")
         if not 1 <= len(req.turns) <= MAX_TURNS_PER_BATCH:
@@ -627,7 +664,7 @@ class Runs:
             return _dropped(run_id, runs_pb2.RUN_DROP_REASON_RUN_TERMINAL)
         turns = req.turns
 
-        async def append() -> runs_pb2.RecordTurnsResponse:
+        async def append() -> runs_pb2.RecordTurnsResponse | Reply:
             if not may_write(session, run.agent_id):
                 return _dropped(run_id, runs_pb2.RUN_DROP_REASON_RUN_NOT_FOUND)
             if run.status != IN_PROGRESS:
@@ -644,12 +681,19 @@ class Runs:
             self._told(run_id)
             run.turn_count += len(records)
             run.record_count += len(records)
-            run.publish(records, base + 1, texts)
-            return runs_pb2.RecordTurnsResponse(
+            # The events go out once the answer is queued: the recorder's answer does not
+            # wait for 256 events to be built and sent (bench/README.md, turns4).
+            run.publish(records, base + 1, texts, after_answer=True)
+            answer = runs_pb2.RecordTurnsResponse(
                 run_id=run_id, base_index=base, count=len(records), ok=True
             )
+            return Reply(answer, then=run.release, after_written=True)
 
-        return await self._locked(run, append)
+        # A caller that gave up (its deadline, its stream's end) never queues the answer:
+        # the events go out when the write is done, all the same.
+        return await self._background.to_the_end(
+            self._in_section(run, append), gave_up=_release_held
+        )
 
     # ------------------------------------------------------------ readers
 
@@ -820,6 +864,12 @@ def _turn_members(text: str, defaulted: bool, turn: runs_pb2.RunTurn) -> str | N
     if turn.HasField("policy_rejected"):
         return None  # the verdict's place is before it
     return f"{members},{_VERDICT_MEMBER}" if members else _VERDICT_MEMBER
+
+
+def _release_held(outcome: runs_pb2.RecordTurnsResponse | Reply) -> None:
+    """What a record_turns whose caller gave up had held for after its answer goes out."""
+    if isinstance(outcome, Reply):
+        outcome.then()
 
 
 def _dropped(run_id: str, reason: DropReason) -> runs_pb2.RecordTurnsResponse:
