@@ -1,7 +1,9 @@
 """Load: SESSIONS concurrent WebSocket sessions with mixed traffic against `car-grpc serve`.
 
-`car-grpc serve` (gateway + core, auth on, its own CAR_HOME) runs in its own process; the
-sessions are spread over WORKERS load-generator processes. Every session has a role:
+`car-grpc serve` (gateway + core, auth on, its own CAR_HOME) runs in processes of its own
+(as many gateway processes as its default gives, or CAR_GATEWAY_PROCESSES; its memory and
+CPU are those of all of them); the sessions are spread over WORKERS load-generator
+processes. Every session has a role:
 
 - proposer (4 in 10): proposal.submit of one tool_call, answered by the session itself
   when the server calls back (tools.execute);
@@ -78,8 +80,9 @@ OP_TIMEOUT = 30.0
 #: Connections a worker opens at a time.
 OPEN_CONCURRENCY = 25
 #: Gateway processes beside the core (`car-grpc serve --gateway-processes`), from this
-#: benchmark's own CAR_GATEWAY_PROCESSES (the server is started without CAR_* variables).
-GATEWAY_PROCESSES = os.environ.get("CAR_GATEWAY_PROCESSES", "0")
+#: benchmark's own CAR_GATEWAY_PROCESSES (the server is started without CAR_* variables);
+#: unset: the server's default.
+GATEWAY_PROCESSES = os.environ.get("CAR_GATEWAY_PROCESSES", "").strip()
 ROLES = ("proposer",) * 4 + ("recorder",) * 3 + ("chat_host", "chat_agent", "idle")
 
 JSON = Any
@@ -392,7 +395,8 @@ async def _line(worker: Process, timeout: float) -> str:
 
 @contextlib.asynccontextmanager
 async def car_grpc_serve_ws(home: Path) -> AsyncIterator[tuple[Process, str]]:
-    flags = ("--no-dashboard", "--gateway-processes", GATEWAY_PROCESSES)
+    chosen = ("--gateway-processes", GATEWAY_PROCESSES) if GATEWAY_PROCESSES else ()
+    flags = ("--no-dashboard", *chosen)
     async with car_grpc_serve(home, *flags) as server:
         _, url = await server.listeners(2, timeout=30)
         yield server, url
@@ -466,6 +470,9 @@ class Phase:
     latencies: dict[str, list[float]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     left_open: int = -1
+    #: The gateway processes that ran beside the core, as car-grpc's log says (e.g.
+    #: "1 (auto, 2 CPUs)").
+    gateway_processes: str = ""
 
 
 def _worker(
@@ -575,6 +582,8 @@ async def run() -> tuple[Phase, Phase, Phase]:
             ours = await drive(
                 server.proc.pid, url, str(tokens_file), lambda: sessions_left(home, url)
             )
+            said = await server.next_line("gateway processes: ")
+            ours.gateway_processes = said.split("gateway processes: ", 1)[1]
 
         async def nothing() -> int:
             return 0
@@ -611,7 +620,7 @@ def main() -> None:
         f"{DURATION:g}s of traffic, mean pause {THINK:g}s: {ops} operations "
         f"({ops / DURATION:.0f}/s), protocol errors: {len(ours.errors)}, "
         f"sessions left after close: {ours.left_open}; gateway processes beside the core: "
-        f"{GATEWAY_PROCESSES} (CAR_GATEWAY_PROCESSES)"
+        f"{ours.gateway_processes} (CAR_GATEWAY_PROCESSES={GATEWAY_PROCESSES or 'unset'})"
     )
     print(f"{'operation':18}{'count':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
           f"{'p50 / echo':>12}{'p99 / echo':>12}")  # fmt: skip

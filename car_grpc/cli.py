@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from car_grpc.a2a.callers import A2aCallers
-from car_grpc.config import Config, CoreConfig, gateway_processes
+from car_grpc.config import Config, CoreConfig, GatewayProcesses, gateway_processes
 from car_grpc.core.server import Core
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.gateway import Gateway
@@ -145,7 +145,7 @@ def _seconds(raw: str) -> float:
     return value
 
 
-def _processes(raw: str) -> int:
+def _processes(raw: str) -> GatewayProcesses:
     try:
         return gateway_processes(raw)
     except ValueError as e:
@@ -426,9 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--gateway-processes",
         type=_processes,
-        metavar="N",
+        metavar="N|auto",
         help="run the WebSocket gateway in N processes of its own beside the core's, sharing "
-        "the port (or CAR_GATEWAY_PROCESSES; default 0: in the core's process)",
+        "the port; 0: in the core's process (or CAR_GATEWAY_PROCESSES; default auto: 1 where "
+        "the server may run on 2 CPUs or more, else 0; the log says which ran)",
     )
     _add_core_flags(serve)
     serve.set_defaults(func=_cmd_serve)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Literal
 
 #: Methods the approval gate parks by default (docs/protocol.md §6).
 DEFAULT_GATED_METHODS = frozenset(
@@ -51,17 +52,44 @@ CAPABILITIES = frozenset(
 
 #: Most gateway processes `car-grpc serve` starts.
 MAX_GATEWAY_PROCESSES = 64
+#: How many gateway processes `car-grpc serve` runs beside the core's: a number, or "auto"
+#: (`serve_gateway_processes` decides).
+GatewayProcesses = int | Literal["auto"]
 
 
-def gateway_processes(raw: str) -> int:
-    """A number of gateway processes, 0 to MAX_GATEWAY_PROCESSES (ValueError else)."""
+def gateway_processes(raw: str) -> GatewayProcesses:
+    """The setting `raw` spells: "auto", or a number of gateway processes from 0 to
+    MAX_GATEWAY_PROCESSES (ValueError else)."""
+    if raw == "auto":
+        return "auto"
     try:
         count = int(raw)
     except ValueError:
         count = -1
     if not 0 <= count <= MAX_GATEWAY_PROCESSES:
-        raise ValueError(f"must be a number from 0 to {MAX_GATEWAY_PROCESSES}, got {raw!r}")
+        raise ValueError(f"must be a number from 0 to {MAX_GATEWAY_PROCESSES} or auto, got {raw!r}")
     return count
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity where the system keeps one (Linux),
+    else every CPU of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def serve_gateway_processes(setting: GatewayProcesses, cpus: int | None = None) -> tuple[int, str]:
+    """The gateway processes `car-grpc serve` runs for `setting`, and how that was decided
+    (its log says both). "auto" is 1 where the server may run on 2 CPUs or more (`cpus`,
+    else `usable_cpus()`): the gateway then has a CPU of its own, which serves many clients
+    at once faster (bench/README.md, Throughput) for a little more latency of one client;
+    on one CPU it is 0, the gateway in the core's process."""
+    if isinstance(setting, int):
+        return setting, "as set"
+    if cpus is None:
+        cpus = usable_cpus()
+    return (1 if cpus >= 2 else 0), f"auto, {cpus} CPU{'' if cpus == 1 else 's'}"
 
 
 def _env_flag(name: str) -> bool:
@@ -357,9 +385,10 @@ class GatewayConfig:
     #: How long closing a WebSocket may take before the TCP connection is dropped.
     ws_close_timeout: float = 10.0
     #: Gateway processes `car-grpc serve` runs beside the core's (--gateway-processes,
-    #: CAR_GATEWAY_PROCESSES), sharing the WebSocket port (SO_REUSEPORT); 0: the gateway
-    #: runs in the core's process. See README (Throughput).
-    gateway_processes: int = 0
+    #: CAR_GATEWAY_PROCESSES), sharing the WebSocket port; 0: the gateway runs in the
+    #: core's process; "auto": 1 where the server may run on 2 CPUs or more, else 0
+    #: (`serve_gateway_processes`). See README (Processes and throughput).
+    gateway_processes: GatewayProcesses = "auto"
     #: ConnectMultiplexed streams a gateway that holds the daemon token (the one `car-grpc
     #: serve` runs) carries all its connections over, instead of a ConnectBatched stream
     #: each; 0: a stream each (as a gateway without the token always does).

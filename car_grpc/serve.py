@@ -1,34 +1,45 @@
 """The whole server: the gRPC core and a WebSocket gateway in front of it.
 
-    async with Server(Config().with_overrides(grpc_port=0, ws_port=0)) as server:
+    config = Config().with_overrides(grpc_port=0, ws_port=0, gateway_processes=0)
+    async with Server(config) as server:
         ... server.gateway.url, server.core.grpc_address, server.dashboard.login_url ...
 
-This is what `car-grpc serve` runs. The gateway runs in the core's process, or with
-`gateway_processes` N > 0 in N processes of its own that share the WebSocket port
-(gateway/process.py): each still reaches the core over gRPC, as any gateway does. To
-scale out further, run the core alone (`Core`, `car-grpc core`) and any number of
-`Gateway`s (`car-grpc gateway --core ADDR`).
+This is what `car-grpc serve` runs. The gateway runs in the core's process
+(`server.gateway`), or with `gateway_processes` N > 0 in N processes of its own that share
+the WebSocket port (gateway/process.py; `server.gateway` is then None): each still reaches
+the core over gRPC, as any gateway does. The default, "auto", is 1 where the server may run
+on 2 CPUs or more, else 0 (config.py `serve_gateway_processes`). To scale out further, run
+the core alone (`Core`, `car-grpc core`) and any number of `Gateway`s (`car-grpc gateway
+--core ADDR`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from dataclasses import replace
 from types import TracebackType
 
-from car_grpc.config import Config
+from car_grpc.config import Config, serve_gateway_processes
 from car_grpc.core.server import Core
 from car_grpc.dashboard import Dashboard
 from car_grpc.gateway import Gateway
 from car_grpc.gateway.process import GatewayProcess, listen
 from car_grpc.store import Store
 
+log = logging.getLogger(__name__)
+
 
 class Server:
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config = config.for_serve()
         self.core = Core(config.core, store)
+        #: Gateway processes to run beside the core's ("auto" decided here, once), and how
+        #: that was decided, for the log.
+        self.gateway_process_count, self._counted = serve_gateway_processes(
+            config.gateway.gateway_processes
+        )
         #: Created by start(), once the core's port is known (in this process).
         self.gateway: Gateway | None = None
         #: Or, with gateway_processes > 0, the gateway processes (the first announces)
@@ -42,7 +53,8 @@ class Server:
         """Start the core (store, tokens, gRPC port), then the gateway's listeners and
         the dashboard's."""
         await self.core.start()
-        if self.config.gateway.gateway_processes > 0:
+        log.info("serve: gateway processes: %d (%s)", self.gateway_process_count, self._counted)
+        if self.gateway_process_count > 0:
             try:
                 await self._start_gateway_processes()
             except BaseException:
@@ -83,7 +95,7 @@ class Server:
         another (the first also serves the Unix socket)."""
         config = self.config.gateway
         listener = self._listener = listen(config)
-        for i in range(config.gateway_processes):
+        for i in range(self.gateway_process_count):
             if i > 0:
                 config = replace(config, unix_socket=None)
             process = GatewayProcess(

@@ -48,6 +48,9 @@ def make_config(root: Path, **overrides: object) -> Config:
         # need a neighbouring port that another test may hold meanwhile.
         "a2a_port": 0,
         "unix_socket": None,
+        # A Server made from it runs its gateway in this process (`server.gateway`), not
+        # in processes of its own as "auto" may (tests/test_gateway_processes*.py do).
+        "gateway_processes": 0,
     }
     if TEST_STORE == "postgresql" and "store" not in overrides:
         # One database per state root: a core restarted on the same root finds its state.

@@ -42,6 +42,10 @@ from typing import TypeVar
 LISTENING = re.compile(r"\blistening on (?P<address>\S+)")
 #: `car-grpc serve` flags for ephemeral TCP ports and no Unix socket.
 EPHEMERAL = ("--port", "0", "--grpc-port", "0", "--no-unix-socket")
+#: `car-grpc serve` flags for one process (the gateway in the core's), for tests that are
+#: about neither its processes nor its default: a gateway process of its own (what the
+#: default "auto" starts on 2 CPUs) costs each server start ~1.5 s of CPU more.
+ONE_PROCESS = ("--gateway-processes", "0")
 #: Seconds a process has between SIGTERM and SIGKILL when it is stopped.
 GRACE = 10.0
 
@@ -307,12 +311,12 @@ class Served:
         return self.proc.returncode
 
 
-def start_serve(car_home: Path, timeout: float = 30) -> Served:
-    """`car-grpc serve` on ephemeral loopback ports with its state in `car_home`, once it
-    listens (stop it with `Served.stop`)."""
+def start_serve(car_home: Path, *flags: str, timeout: float = 30) -> Served:
+    """`car-grpc serve FLAGS` on ephemeral loopback ports with its state in `car_home`, once
+    it listens (stop it with `Served.stop`)."""
     car_home.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        car_grpc_argv("serve", *EPHEMERAL),
+        car_grpc_argv("serve", *EPHEMERAL, *flags),
         env=cli_env(car_home),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

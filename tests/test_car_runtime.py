@@ -19,7 +19,7 @@ from car_grpc.wire.errors import (
     METHOD_NOT_FOUND,
     PROTOCOL_VERSION_MISMATCH,
 )
-from tests.processes import serve
+from tests.processes import ONE_PROCESS, serve
 
 SCENARIOS = Path(__file__).with_name("car_runtime_scenarios.py")
 
@@ -55,7 +55,7 @@ async def run_scenario(name: str, url: str, home: Path, **extra: str) -> dict[st
 
 async def scenario(tmp_path: Path, name: str, *serve_flags: str) -> dict[str, Any]:
     home = tmp_path / "home"
-    async with serve(home, *serve_flags) as url:
+    async with serve(home, *ONE_PROCESS, *serve_flags) as url:
         return await run_scenario(name, url, home)
 
 
@@ -96,7 +96,7 @@ async def test_errors_are_daemon_rpc_errors_with_their_codes(tmp_path: Path) -> 
 
 async def test_without_a_token_the_handshake_is_refused(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    async with serve(home) as url:
+    async with serve(home, *ONE_PROCESS) as url:
         seen = await run_scenario("no_token", url, tmp_path / "elsewhere")
     first = seen["first"]
     assert first["raised"] == "RuntimeError"
@@ -161,7 +161,7 @@ async def mint_agent_token(home: Path, agent_id: str) -> str:
 async def test_runs_start_and_complete_as_an_attached_agent(tmp_path: Path) -> None:
     home = tmp_path / "home"
     token = await mint_agent_token(home, "agent-7")
-    async with serve(home) as url:
+    async with serve(home, *ONE_PROCESS) as url:
         seen = await run_scenario("runs", url, home, CAR_AGENT_ID="agent-7", CAR_AGENT_TOKEN=token)
     started = seen["start"]["result"]
     assert started["agent_id"] == "agent-7" and started["run_id"]
@@ -179,7 +179,7 @@ async def test_a_plain_daemon_client_starts_and_completes_its_own_run(tmp_path: 
     """car-runtime without an agent identity: runs_start + runs_complete of a one-shot
     script (the session that started a run may complete it)."""
     home = tmp_path / "home"
-    async with serve(home) as url:
+    async with serve(home, *ONE_PROCESS) as url:
         seen = await run_scenario("runs", url, home)
     started = seen["start"]["result"]
     assert started["agent_id"] == "name:mine" and started["run_id"]

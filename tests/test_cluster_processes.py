@@ -18,7 +18,7 @@ from pathlib import Path
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.store import open_store
 from tests.postgres_server import PostgresServer
-from tests.processes import Process, car_grpc_serve
+from tests.processes import ONE_PROCESS, Process, car_grpc_serve
 from tests.ws_client import Rpc, RpcError, rpc
 
 #: A short lease keeps the test quick (the release comes within lease + a third of it),
@@ -54,7 +54,7 @@ async def core(home: Path, url: str, core_id: str) -> AsyncIterator[tuple[Proces
         "host.register_agent",
         "--no-dashboard",
     )
-    async with car_grpc_serve(home, *flags) as process:
+    async with car_grpc_serve(home, *ONE_PROCESS, *flags) as process:
         _, ws_url = await process.listeners(2)
         host_token = (home / "ai.parslee.car" / "host-token").read_text().strip()
         yield process, ws_url, host_token

@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.dashboard_helpers import LOGIN_LINE, log_in, request
-from tests.processes import car_grpc
+from tests.processes import ONE_PROCESS, car_grpc
 
 
 async def test_serve_prints_a_login_link_that_logs_in_once(tmp_path: Path) -> None:
     flags = ("--port", "0", "--grpc-port", "0", "--no-unix-socket", "--dashboard-port", "0")
-    async with car_grpc(tmp_path / "home", "serve", *flags) as server:
+    async with car_grpc(tmp_path / "home", "serve", *ONE_PROCESS, *flags) as server:
         match = LOGIN_LINE.search(await server.next_line("dashboard: log in at"))
         assert match is not None
         link = match["url"]
@@ -27,7 +27,7 @@ async def test_serve_prints_a_login_link_that_logs_in_once(tmp_path: Path) -> No
 
 async def test_no_dashboard(tmp_path: Path) -> None:
     flags = ("--port", "0", "--grpc-port", "0", "--no-unix-socket", "--no-dashboard")
-    async with car_grpc(tmp_path / "home", "serve", *flags) as server:
+    async with car_grpc(tmp_path / "home", "serve", *ONE_PROCESS, *flags) as server:
         await server.listeners(2)
         assert await server.terminate() == 0
     assert not any("dashboard" in line for line in server.lines)

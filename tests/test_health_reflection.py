@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from car_grpc.wire import api
-from tests.processes import car_grpc
+from tests.processes import ONE_PROCESS, car_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -26,7 +26,16 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 @pytest.mark.parametrize(
     "command",
     [
-        ("serve", "--port", "0", "--grpc-port", "0", "--no-unix-socket", "--no-dashboard"),
+        (
+            "serve",
+            "--port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--no-unix-socket",
+            "--no-dashboard",
+            *ONE_PROCESS,
+        ),
         ("core", "--grpc-port", "0"),
     ],
     ids=["serve", "core"],

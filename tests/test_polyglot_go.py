@@ -19,7 +19,7 @@ from car_grpc.v1 import runs_pb2, runs_pb2_grpc, session_pb2, tools_pb2, tools_p
 from car_grpc.wire.codec import json_to_message, value_to_json
 from tests.client_programs import Program, ensure_installed, run_node
 from tests.go_programs import build_go_programs, run_go
-from tests.processes import Served, start_serve
+from tests.processes import ONE_PROCESS, Served, start_serve
 from tests.session_client import connect
 from tests.test_polyglot_node import assert_chat_reply, node_reply, serve_chats_in_python
 from tests.ws_helpers import rpc
@@ -33,7 +33,7 @@ def go_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    server = start_serve(tmp_path_factory.mktemp("serve") / "car-home")
+    server = start_serve(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS)
     try:
         yield server
     finally:

@@ -20,7 +20,7 @@ from car_grpc.v1 import chats_pb2, runs_pb2, runs_pb2_grpc, session_pb2, tools_p
 from car_grpc.wire.codec import json_to_message
 from tests.client_programs import Program, ensure_installed, run_car_runtime_agent, run_node
 from tests.conftest import make_config
-from tests.processes import Served, start_serve
+from tests.processes import ONE_PROCESS, Served, start_serve
 from tests.session_client import SessionClient, connect
 from tests.ws_helpers import rpc
 
@@ -33,7 +33,7 @@ def _node_modules() -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One `car-grpc serve` for this module; each test uses its own agents and sessions."""
-    server = start_serve(tmp_path_factory.mktemp("serve") / "car-home")
+    server = start_serve(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS)
     try:
         yield server
     finally:

@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import unix_connect
 
 from car_grpc.core.server import Core
-from tests.processes import Process, car_grpc, port
+from tests.processes import ONE_PROCESS, Process, car_grpc, port
 from tests.ws_helpers import Rpc, daemon_token, rpc
 
 
@@ -54,6 +54,7 @@ async def test_serve_flags(tmp_path: Path) -> None:
     async with car_grpc(
         tmp_path / "home",
         "serve",
+        *ONE_PROCESS,
         "--host",
         "127.0.0.1",
         "--port",
