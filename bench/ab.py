@@ -17,8 +17,10 @@ MODE: `rt1`, `rt16`, `rt64`, ... (that many clients, each one `tools.list` after
 for AB_SECONDS, default 2), `chat` (one chat of AB_TOKENS tokens, default 20,000, agent
 -> host as bench_chats, per window) or `voice` (AB_CHUNKS PCM chunks, default 5,000,
 flooded through one voice session to bench_voice's engine and spoken back, per window:
-the CPU of `car-grpc serve` alone per chunk; the engine's is printed beside it; for
-`echo` and `mux`, bench_voice's echo and relay of the binary frames). Not part of
+the CPU of `car-grpc serve` alone per chunk; beside it, that of its first process (the
+core) and of the rest (gateway processes), of the engine and of the client, this process;
+for `echo` and `mux`, bench_voice's echo and relay of the binary frames). AB_SPY=DIR:
+a py-spy profile of each of those processes during each flood (see `_spy`). Not part of
 `python -m bench`.
 """
 
@@ -27,17 +29,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from websockets.asyncio.client import connect
 
 from bench import bench_chats, bench_gateway, bench_voice
-from bench.proc import cpu_seconds
+from bench.proc import cpu_seconds, own_cpu_seconds, process_tree
 from tests.processes import EPHEMERAL, car_grpc_argv, cli_env, launch
 
 BARE = ("echo", "mux")
@@ -53,6 +58,10 @@ class Arm:
     #: `voice`: the engine process and its CPU per chunk.
     engine_pid: int = 0
     engine_us: list[float] = field(default_factory=list)
+    #: `voice`: the server's CPU per chunk split into its first process (the core, or the
+    #: whole server in one process) and the rest (gateway processes), and this client's.
+    core_us: list[float] = field(default_factory=list)
+    client_us: list[float] = field(default_factory=list)
 
 
 async def _start(
@@ -85,10 +94,43 @@ async def _voice(arm: Arm, chunks: int) -> tuple[float, float]:
     async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
         session = await bench_voice.open_session(ws) if arm.bridged else uuid.uuid4()
         engine = cpu_seconds(arm.engine_pid) if arm.engine_pid else 0.0
+        core, client = own_cpu_seconds(arm.server.pid), _client_cpu_seconds()
+        spies = _spy(arm)
         rate, cpu_us = await bench_voice.flood(ws, session, [arm.server.pid], chunks, arm.tree)
+        arm.client_us.append((_client_cpu_seconds() - client) / chunks * 1e6)
+        arm.core_us.append((own_cpu_seconds(arm.server.pid) - core) / chunks * 1e6)
         if arm.engine_pid:
             arm.engine_us.append((cpu_seconds(arm.engine_pid) - engine) / chunks * 1e6)
+        for spy in spies:
+            spy.wait(30)
         return rate, cpu_us
+
+
+def _client_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _spy(arm: Arm) -> list[subprocess.Popen[bytes]]:
+    """AB_SPY=DIR: py-spy (`--gil`, raw, AB_SPY_SECONDS, default 5) of each process of the
+    server and of the engine from the flood's start, into DIR (one window's worth: the
+    profiles of later windows replace it)."""
+    folder = os.environ.get("AB_SPY")
+    if not folder:
+        return []
+    seconds = os.environ.get("AB_SPY_SECONDS", "5")
+    spy = os.environ.get("AB_SPY_BIN", "/tmp/spy/bin/py-spy")
+    pids = [*process_tree(arm.server.pid), *([arm.engine_pid] if arm.engine_pid else [])]
+    name = Path(arm.tree.split(",")[0]).name + "-" + "-".join(arm.tree.split(",")[1:])
+    argv = [spy, "record", "--gil", "-d", seconds, "-r", "200", "-f", "raw"]
+    return [
+        subprocess.Popen(
+            [*argv, "-p", str(pid), "-o", str(Path(folder) / f"{name}-{i}-{pid}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i, pid in enumerate(pids)
+    ]
 
 
 async def _chat(url: str, n: int, tokens: int) -> float:
@@ -129,8 +171,10 @@ async def run(mode: str, windows: int, trees: Sequence[str], flags: Sequence[str
                 if window:
                     arm.cpu_us.append(cpu_us)
                     arm.rates.append(rate)
-                elif arm.engine_us:
-                    arm.engine_us.pop()  # the warm-up's
+                elif mode == "voice":  # the warm-up's
+                    for figures in (arm.engine_us, arm.core_us, arm.client_us):
+                        if figures:
+                            figures.pop()
         return arms
 
 
@@ -148,8 +192,14 @@ def main() -> None:
             f"  {arm.tree:32} {statistics.median(cpu):7.1f} ({min(cpu):.0f}-{max(cpu):.0f})"
             f"  {statistics.median(rate):9,.0f}/s   windows: {' '.join(f'{c:.0f}' for c in cpu)}"
         )
+        if arm.core_us and arm.bridged:
+            gateway = [whole - core for whole, core in zip(cpu, arm.core_us, strict=True)]
+            print(f"  {'  its first process (core)':32} {statistics.median(arm.core_us):7.1f}")
+            print(f"  {'  the rest (gateway processes)':32} {statistics.median(gateway):7.1f}")
         if arm.engine_us:
             print(f"  {'  its engine':32} {statistics.median(arm.engine_us):7.1f}")
+        if arm.client_us:
+            print(f"  {'  the client (this process)':32} {statistics.median(arm.client_us):7.1f}")
 
 
 if __name__ == "__main__":

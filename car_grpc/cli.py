@@ -16,7 +16,7 @@ from typing import Protocol
 from car_grpc.a2a.callers import A2aCallers
 from car_grpc.config import Config, CoreConfig, gateway_processes
 from car_grpc.core.tokens import AgentTokens
-from car_grpc.heap import freeze_startup_heap
+from car_grpc.heap import freeze_startup_heap, keep_large_buffers
 from car_grpc.store import (
     Store,
     StoreLocation,
@@ -243,6 +243,7 @@ async def _run_until_signalled(service: _Service) -> None:
         loop.add_signal_handler(sig, stop.set)
     await service.start()
     freeze_startup_heap()
+    keep_large_buffers()
     try:
         await stop.wait()
     finally:

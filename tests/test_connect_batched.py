@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from car_grpc.core.server import Core
-from car_grpc.v1 import session_pb2, session_pb2_grpc
+from car_grpc.v1 import session_pb2, session_pb2_grpc, voice_pb2
 from car_grpc.wire import batch
 from tests.ws_helpers import daemon_token
 
@@ -72,3 +72,11 @@ async def test_requests_before_auth_are_refused_as_on_connect(
         assert ended.value.code() is grpc.StatusCode.UNAUTHENTICATED
     finally:
         call.cancel()
+
+
+def test_varint_is_the_protobuf_encoding_at_every_length() -> None:
+    # One to five bytes, at each boundary: a batch's length, a long session's seq.
+    for value in (1, 0x7F, 0x80, 0x3FFF, 0x4000, 0x1FFFFF, 0x200000, 2**28, 2**32):
+        serialized = voice_pb2.VoiceAudio(seq=value).SerializeToString()  # tag, then varint
+        assert batch.varint(value) == serialized[1:], value
+    assert batch.varint(0) == b"\x00"

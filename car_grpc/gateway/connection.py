@@ -644,7 +644,10 @@ class Connection:
                 self._left()
         else:
             for message in messages:
-                await self._queue(message)
+                try:  # no coroutine a frame while it fits (a client behind, in a flood)
+                    self.outbound.put_nowait(message)
+                except asyncio.QueueFull:
+                    await self._queue(message)
                 if self._ended.is_set():
                     return
 

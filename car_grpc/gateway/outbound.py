@@ -58,9 +58,9 @@ class OutboundQueue:
     async def put(self, frame: Frame, stall: float) -> bool:
         """Queue `frame`, waiting for room while the client takes frames. False when it
         took none for `stall` seconds (nothing was queued then)."""
-        loop = asyncio.get_running_loop()
         while not self._fits(frame):
-            taken = loop.create_future()
+            # (Only when it waits: get_running_loop() is a system call, getpid.)
+            taken = asyncio.get_running_loop().create_future()
             self._putters.append(taken)
             try:
                 async with asyncio.timeout(stall):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from car_grpc.config import GatewayConfig
 from car_grpc.gateway.server import LISTEN_BACKLOG, Gateway
-from car_grpc.heap import freeze_startup_heap
+from car_grpc.heap import freeze_startup_heap, keep_large_buffers
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ async def _serve(orders: _Orders) -> None:
     )
     await gateway.start()
     freeze_startup_heap()
+    keep_large_buffers()
     try:
         sys.stdout.write("serving\n")
         sys.stdout.flush()

@@ -30,6 +30,8 @@ def varint(value: int) -> bytes:
         return _SMALL[value]
     if value < 0x4000:  # two bytes: most lengths of frames and audio chunks
         return bytes((value & 0x7F | 0x80, value >> 7))
+    if value < 0x200000:  # three: a batch's length, a seq past 16,383
+        return bytes((value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)

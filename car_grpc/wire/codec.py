@@ -81,7 +81,8 @@ def value_to_json(value: struct_pb2.Value) -> JSON:
 
 
 def struct_to_json(struct: struct_pb2.Struct) -> dict[str, JSON]:
-    return {k: value_to_json(v) for k, v in struct.fields.items()}
+    fields = struct.fields  # (by key: a map's items() is a Python view, ~1 us a member)
+    return {k: value_to_json(fields[k]) for k in fields}
 
 
 def json_to_value(data: JSON, out: struct_pb2.Value, path: str = "") -> None:
@@ -362,7 +363,8 @@ def value_to_text(value: struct_pb2.Value) -> str:
 
 def struct_to_text(struct: struct_pb2.Struct) -> str:
     """The JSON text of struct_to_json(struct)."""
-    members = [_string_text(k) + ":" + value_to_text(v) for k, v in struct.fields.items()]
+    fields = struct.fields  # (by key: a map's items() is a Python view, ~1 us a member)
+    members = [_string_text(k) + ":" + value_to_text(fields[k]) for k in fields]
     return "{" + ",".join(members) + "}"
 
 
@@ -502,8 +504,10 @@ def _merge_struct(text: bool) -> Callable[[struct_pb2.Struct, dict[str, Any]], N
     """An inline Struct's keys merged into the parent's, never replacing one of its own."""
 
     def merge(struct: struct_pb2.Struct, out: dict[str, Any]) -> None:
-        for k, v in struct.fields.items():
+        fields = struct.fields  # (by key: see struct_to_text)
+        for k in fields:
             if k not in out:
+                v = fields[k]
                 out[k] = _string_text(k) + ":" + value_to_text(v) if text else value_to_json(v)
 
     return merge
