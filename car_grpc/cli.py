@@ -15,11 +15,8 @@ from typing import Protocol
 
 from car_grpc.a2a.callers import A2aCallers
 from car_grpc.config import Config, CoreConfig, GatewayProcesses, gateway_processes
-from car_grpc.core.server import Core
 from car_grpc.core.tokens import AgentTokens
-from car_grpc.gateway import Gateway
 from car_grpc.heap import freeze_startup_heap, keep_large_buffers
-from car_grpc.serve import Server
 from car_grpc.store import (
     Store,
     StoreLocation,
@@ -263,15 +260,26 @@ def _run(service: _Service) -> int:
     return 0
 
 
+# The servers are imported by the commands that run them: loading the core (its A2UI
+# catalogs above all) costs over a second of CPU, which `agents`, `a2a-clients` and
+# --help need not pay.
+
+
 def _cmd_core(args: argparse.Namespace) -> int:
+    from car_grpc.core.server import Core
+
     return _run(Core(config_from(args).core))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from car_grpc.serve import Server
+
     return _run(Server(config_from(args)))
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
+    from car_grpc.gateway import Gateway
+
     config = config_from(args)
     if args.unix_socket is None:  # several gateways may run side by side: none by default
         config = config.with_overrides(unix_socket=None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import shutil
 import subprocess
@@ -27,8 +28,17 @@ _STAMP = NODE_DIR / "node_modules" / ".car-grpc-installed-lock"
 
 
 def ensure_installed() -> None:
-    """`npm ci` in clients/node, unless node_modules was installed from this lock file."""
-    lock = _LOCK.read_bytes()
+    """`npm ci` in clients/node, unless node_modules was installed from this lock file.
+
+    Both test workers may get here at once on a clean checkout: `npm ci` removes
+    node_modules first, so one worker's install would pull the other's away. They take
+    turns on an exclusive lock of the lock file (which `npm ci` only reads)."""
+    with _LOCK.open("rb") as locked:
+        fcntl.flock(locked, fcntl.LOCK_EX)
+        _install(locked.read())
+
+
+def _install(lock: bytes) -> None:
     if _STAMP.exists() and _STAMP.read_bytes() == lock:
         return
     npm = shutil.which("npm")

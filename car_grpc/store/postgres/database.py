@@ -250,6 +250,12 @@ MIGRATION_LOCK = int.from_bytes(b"car-grpc", "big")
 #: within about this long (the pool's back-off between attempts grows up to it).
 RECONNECT_WINDOW = 2.0
 
+#: How long opening the store waits for its pool's first connections when the per-call
+#: timeout is shorter: a connection costs a password exchange (SCRAM) on both sides, which
+#: a busy machine can stretch past a short call timeout; each attempt stays bounded by
+#: libpq's connect_timeout.
+OPEN_WINDOW = 10.0
+
 
 class PostgresDatabase:
     """One database, through a bounded pool. `run(fn)` calls `fn(cursor)` in a transaction.
@@ -326,7 +332,7 @@ class PostgresDatabase:
             open=False,
         )
         try:
-            await pool.open(wait=True, timeout=timeout)
+            await pool.open(wait=True, timeout=max(timeout, OPEN_WINDOW))
         except psycopg.OperationalError as e:
             await pool.close()
             raise StoreUnavailable(f"store {where}: {_first_line(e)}") from None
