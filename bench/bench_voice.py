@@ -92,7 +92,9 @@ async def run_engine(address: str) -> None:
             last: dict[str, int] = {}  # session -> its last chunk in this batch
             for message in received.messages:
                 body = message.WhichOneof("body")
-                if body == "open":
+                if body == "registered":
+                    print("registered", flush=True)  # what bench_engines waits for
+                elif body == "open":
                     answer = voice_pb2.VoiceSessionAnswer(session_id=message.open.session_id)
                     out.append(voice_pb2.ServeVoiceRequest(answer=answer))
                 elif body == "audio":
@@ -404,7 +406,7 @@ async def bench_engines() -> None:
                 launch(real, name="voice-engine", env=cli_env(home)) as real_engine,
             ):
                 await real_engine.next_line("serving providers", timeout=30)
-                await asyncio.sleep(0.5)  # the echo engine registers too
+                await echo_engine.next_line("registered", timeout=30)
                 runs = {
                     "echo engine": await measure_engine(
                         url, echo_engine.proc.pid, "bench", {}, finals=False
