@@ -370,7 +370,7 @@ def main() -> None:
         f" recorder {one.cpu_us:.0f})"
     )
     print(
-        "car-grpc: `car-grpc serve` (gateway + core in one process), one writer, one batch in"
+        "car-grpc: `car-grpc serve` (its default processes), one writer, one batch in"
         " flight; `subscribed`: a host subscribed to every run (events: turn events it got;"
         " gaps: where fan-out fell behind the recorder and dropped; server CPU: subscribed, then"
         " no subscriber). turns/s ratios: higher is better."
