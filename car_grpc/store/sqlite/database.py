@@ -260,8 +260,6 @@ class _Queue:
     wake: threading.Condition = field(default_factory=threading.Condition)
     calls: collections.deque[_Call] = field(default_factory=collections.deque)
     closing: bool = False
-    #: A wake-up of its thread is due at the end of the event loop's turn (loop only).
-    kick_due: bool = False
 
 
 class _InDoubt(Exception):
@@ -423,12 +421,7 @@ class SqliteDatabase:
             if queue.closing:  # closing, or its store thread is gone
                 raise RuntimeError("the store is closed")
             queue.calls.append(call)
-        if not queue.kick_due:
-            # The thread is woken once for all the calls queued in this turn of the event
-            # loop, not once per call: waking an idle thread (a futex, a GIL hand-off,
-            # the answers' hand-back) was the cost, and the group is larger.
-            queue.kick_due = True
-            self._loop.call_soon(self._kick, queue)
+            queue.wake.notify()
         self._pending += 1
         self._pending_bytes += call.size
         self._unanswered[call] = None
@@ -440,12 +433,6 @@ class SqliteDatabase:
                 self._last_unkeyed = call
             else:
                 self._last_by_key[call.key] = call
-
-    @staticmethod
-    def _kick(queue: _Queue) -> None:
-        queue.kick_due = False
-        with queue.wake:
-            queue.wake.notify()
 
     @property
     def pending(self) -> tuple[int, int]:
