@@ -523,3 +523,25 @@ async def test_a_recorder_that_leaves_before_its_answer_still_fans_its_turns_out
         assert committed in (0, 256)  # a batch is appended whole or not at all
         assert cursors == list(range(1, committed + 1))
         bot = await peers.agent()
+
+
+async def test_a_writer_that_leaves_before_its_answer_does_not_hold_back_a_live_run(
+    peers: Peers,
+) -> None:
+    """As above, but the batch comes from a second session of the run's agent, which
+    closes right after sending it, while the run's owner stays: nothing ends the run to
+    release what was held, and the host still gets an event for every turn at once."""
+    owner = await peers.agent()
+    watcher = await peers.host_role()
+    run_id = await start(owner)
+    await watcher.result("runs.subscribe", {"run_id": run_id})
+    for round_ in range(3):
+        writer = await peers.agent()
+        request = {"run_id": run_id, "turns": turns(256)}
+        await writer.send(
+            {"jsonrpc": "2.0", "id": 1, "method": "runs.record_turns", "params": request}
+        )
+        await writer.ws.close()  # the request is read before the close: it is committed
+        events = [await watcher.expect_notification(TRACE_EVENT) for _ in range(256)]
+        assert [e["record"]["record"] for e in events] == ["turn"] * 256
+        assert [e["cursor"] for e in events] == list(range(256 * round_ + 1, 256 * round_ + 257))

@@ -279,7 +279,14 @@ class SessionStream:
             result = e.answer  # the wire's answer to this refusal is a result
         reply = result if isinstance(result, Reply) else None
         message = result.message if isinstance(result, Reply) else result
-        await self._send(answer_bytes(frame.id, member, message, twins=not self.session.bridged))
+        try:
+            await self._send(
+                answer_bytes(frame.id, member, message, twins=not self.session.bridged)
+            )
+        except BaseException:
+            if reply is not None and reply.after_written:
+                reply.then()  # what waits for the answer must not wait for one never sent
+            raise
         if reply is not None:
             if reply.after_written and self._channel is not None:
                 self._channel.after_written(reply.then)
