@@ -38,7 +38,7 @@ class Server:
         #: Gateway processes to run beside the core's ("auto" decided here, once), and how
         #: that was decided, for the log.
         self.gateway_process_count, self._counted = serve_gateway_processes(
-            config.gateway.gateway_processes
+            config.gateway.gateway_processes, config.gateway.ws_host
         )
         #: Created by start(), once the core's port is known (in this process).
         self.gateway: Gateway | None = None

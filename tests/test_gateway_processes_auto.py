@@ -20,19 +20,31 @@ from tests.ws_helpers import rpc
     [(1, (0, "auto, 1 CPU")), (2, (1, "auto, 2 CPUs")), (64, (1, "auto, 64 CPUs"))],
 )
 def test_auto_is_one_gateway_process_from_two_cpus(cpus: int, expected: tuple[int, str]) -> None:
-    assert serve_gateway_processes("auto", cpus) == expected
+    assert serve_gateway_processes("auto", "127.0.0.1", cpus) == expected
+    assert serve_gateway_processes("auto", "::1", cpus) == expected
+
+
+@pytest.mark.parametrize("host", ["", "localhost", "example.internal"])
+def test_auto_keeps_the_gateway_in_the_core_for_a_host_that_is_not_one_address(
+    host: str,
+) -> None:
+    # Gateway processes share one socket of one address; a name may have several.
+    assert serve_gateway_processes("auto", host, 64) == (
+        0,
+        f"auto, host {host!r} is not one IP address",
+    )
 
 
 def test_auto_counts_the_cpus_this_process_may_run_on() -> None:
     assert usable_cpus() == len(os.sched_getaffinity(0))
     cpus = usable_cpus()
-    assert serve_gateway_processes("auto") == serve_gateway_processes("auto", cpus)
+    assert serve_gateway_processes("auto") == serve_gateway_processes("auto", "127.0.0.1", cpus)
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 64])
 @pytest.mark.parametrize("cpus", [1, 2])
 def test_a_number_is_taken_as_set(count: int, cpus: int) -> None:
-    assert serve_gateway_processes(count, cpus) == (count, "as set")
+    assert serve_gateway_processes(count, "localhost", cpus) == (count, "as set")
 
 
 @pytest.mark.parametrize(("raw", "expected"), [("auto", "auto"), ("0", 0), ("1", 1), ("64", 64)])
