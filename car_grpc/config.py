@@ -93,6 +93,8 @@ def serve_gateway_processes(
     where the core's own gateway listens on every address the name has."""
     if isinstance(setting, int):
         return setting, "as set"
+    if setting != "auto":
+        raise ValueError(f"gateway_processes: a number or 'auto', got {setting!r}")
     try:
         ipaddress.ip_address(host)
     except ValueError:

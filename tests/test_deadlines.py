@@ -11,12 +11,17 @@ LIMIT = 0.05
 
 
 async def _request(deadlines: Deadlines, done: asyncio.Event, log: list[str], name: str) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     deadline = deadlines.start()
     try:
         await done.wait()
         log.append(f"{name} finished")
     except asyncio.CancelledError:
-        log.append(f"{name} timed out" if deadlines.end(deadline) else f"{name} cancelled")
+        timed_out = deadlines.end(deadline)
+        if timed_out:  # not one moment before its own deadline
+            assert loop.time() - started >= LIMIT, f"{name} expired early"
+        log.append(f"{name} timed out" if timed_out else f"{name} cancelled")
         raise
     finally:
         deadlines.end(deadline)

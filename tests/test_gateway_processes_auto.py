@@ -47,6 +47,11 @@ def test_a_number_is_taken_as_set(count: int, cpus: int) -> None:
     assert serve_gateway_processes(count, "localhost", cpus) == (count, "as set")
 
 
+def test_a_setting_that_is_neither_a_number_nor_auto_is_refused() -> None:
+    with pytest.raises(ValueError, match="gateway_processes: a number or 'auto', got '0'"):
+        serve_gateway_processes("0")  # type: ignore[arg-type]  # a str where an int belongs
+
+
 @pytest.mark.parametrize(("raw", "expected"), [("auto", "auto"), ("0", 0), ("1", 1), ("64", 64)])
 def test_the_values_read(raw: str, expected: object) -> None:
     assert gateway_processes(raw) == expected
