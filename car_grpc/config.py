@@ -72,12 +72,22 @@ def gateway_processes(raw: str) -> GatewayProcesses:
     return count
 
 
-def usable_cpus() -> int:
+#: Where cgroup v2 keeps this process's CPU quota ("QUOTA PERIOD", or "max PERIOD": none).
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cpus(cpu_max: Path = CPU_MAX) -> int:
     """The CPUs this process may run on: its affinity where the system keeps one (Linux),
-    else every CPU of the machine."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    else every CPU of the machine; no more than whole CPUs of its cgroup's quota (a
+    container started with `--cpus=1` has one, whatever the machine's count)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    cpus = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()
+        cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):  # no cgroup v2 file, or no quota ("max")
+        pass
+    return cpus
 
 
 def serve_gateway_processes(

@@ -35,8 +35,22 @@ def test_auto_keeps_the_gateway_in_the_core_for_a_host_that_is_not_one_address(
     )
 
 
-def test_auto_counts_the_cpus_this_process_may_run_on() -> None:
-    assert usable_cpus() == len(os.sched_getaffinity(0))
+@pytest.mark.parametrize(
+    ("cpu_max", "quota_cpus"),
+    [("max 100000\n", None), ("100000 100000\n", 1), ("150000 100000\n", 1),
+     ("50000 100000\n", 1), ("800000 100000\n", 8), ("garbage\n", None)],
+)  # fmt: skip
+def test_auto_counts_no_more_cpus_than_the_cgroup_quota_allows(
+    tmp_path: Path, cpu_max: str, quota_cpus: int | None
+) -> None:
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    expected = affinity if quota_cpus is None else min(affinity, quota_cpus)
+    assert usable_cpus(tmp_path / "cpu.max") == expected
+
+
+def test_auto_counts_the_cpus_this_process_may_run_on(tmp_path: Path) -> None:
+    assert usable_cpus(tmp_path / "absent") == len(os.sched_getaffinity(0))
     cpus = usable_cpus()
     assert serve_gateway_processes("auto") == serve_gateway_processes("auto", "127.0.0.1", cpus)
 
