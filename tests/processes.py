@@ -324,5 +324,9 @@ def start_serve(car_home: Path, *flags: str, timeout: float = 30) -> Served:
         text=True,
     )
     served = Served(proc, car_home)
-    served.wait_ready(timeout)
+    try:
+        served.wait_ready(timeout)
+    except BaseException:  # pytest-timeout's too: no server outlives its test
+        served.stop()
+        raise
     return served
