@@ -90,10 +90,11 @@ class MultiplexedCall:
         #: Batches sent up and not yet acknowledged by the core, and their bytes.
         self._unacked = 0
         self._unacked_bytes = 0
-        self._changed = asyncio.Event()  # something arrived: batches, credits, the end
-        #: Whether a write() waits for credits: only then do credits wake anyone (a
-        #: read() waits for batches or the end, and woke for every acknowledgement).
-        self._write_waits = False
+        #: What a read() waits for (batches, the end) and what a write() waits for
+        #: (credits, the stream's room, the end): apart, so that an acknowledgement does
+        #: not wake a read() for nothing.
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
         self._end: grpc.aio.AioRpcError | None = None  # how the session ended (OK: EOF)
         self._ended = False
         self._half_closed = False
@@ -113,12 +114,8 @@ class MultiplexedCall:
     async def write(self, data: bytes) -> None:
         while not self._may_send():
             self._check_writable()
-            self._changed.clear()
-            self._write_waits = True
-            try:
-                await self._changed.wait()
-            finally:
-                self._write_waits = False
+            self._writable.clear()
+            await self._writable.wait()
         self._check_writable()
         self._stream.send(self._record(data))
 
@@ -159,10 +156,10 @@ class MultiplexedCall:
                 if self._end is not None:
                     raise self._end
                 return grpc.aio.EOF
-            self._changed.clear()
+            self._readable.clear()
             self._waiting = True
             try:
-                await self._changed.wait()
+                await self._readable.wait()
             finally:
                 self._waiting = False
         data, size = self._inbound.popleft()
@@ -212,15 +209,14 @@ class MultiplexedCall:
             left = rest
         self._inbound.append((left, len(data)))
         self._inbound_bytes += len(data)
-        self._changed.set()
+        self._readable.set()
         return True
 
     def acknowledged(self, batches: int, size: int) -> None:
         self._unacked = max(0, self._unacked - batches)
         freed = min(size, self._unacked_bytes)
         self._unacked_bytes -= freed
-        if self._write_waits:
-            self._changed.set()
+        self._writable.set()
         self._stream.release(freed)
         if self._take is not None:
             self._stream.wake()  # a pull may wait for these credits
@@ -232,14 +228,14 @@ class MultiplexedCall:
 
     def room(self) -> None:
         """The stream has room again: a write waiting for it goes on."""
-        if self._write_waits:
-            self._changed.set()
+        self._writable.set()
 
     def finish(self, error: grpc.aio.AioRpcError | None) -> None:
         """The session ended (None: OK); what was delivered is still read first."""
         if not self._ended:
             self._ended, self._end = True, error
-            self._changed.set()
+            self._readable.set()
+            self._writable.set()
 
 
 class _Stream:
