@@ -220,7 +220,7 @@ class LiveRun:
         self.watchers = 0
         #: The fan-out held until its recorder's answer is written (`publish(after_answer)`;
         #: one at most), with the run's status and subscribers when it was published.
-        self._held: collections.deque[_Fanout] = collections.deque()
+        self._held: _Fanout | None = None
 
     def publish(
         self,
@@ -239,17 +239,17 @@ class LiveRun:
         self.release()  # what an earlier answer held goes first: at most one is held
         fanout = (records, first_cursor, texts, self.status, list(self.subscribers.values()))
         if after_answer and fanout[4]:
-            self._held.append(fanout)
+            self._held = fanout
         else:
             self._fan_out(*fanout)
         woken, self.appended = self.appended, asyncio.Event()
         woken.set()
 
     def release(self) -> None:
-        """Fan out what `publish` held for after an answer, in order (none: nothing)."""
-        held = self._held
-        while held:
-            self._fan_out(*held.popleft())
+        """Fan out what `publish` held for after an answer (none: nothing)."""
+        if (held := self._held) is not None:
+            self._held = None
+            self._fan_out(*held)
 
     def _fan_out(
         self,
