@@ -28,6 +28,7 @@ import contextlib
 import statistics
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +194,10 @@ def _quantiles(times: list[float]) -> tuple[float, float]:
     return cuts[49] * 1000, cuts[98] * 1000
 
 
-async def _run() -> None:
+@contextlib.asynccontextmanager
+async def lean_session(kind: type[LeanClient] = LeanClient) -> AsyncIterator[LeanClient]:
+    """An in-process core with its state in a temporary directory, and a client of `kind`
+    on it with the daemon token (`_lean_connect`); both closed after."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         core = Core(CoreConfig(state_root=root, token_dir=root / "tokens", grpc_port=0))
@@ -201,56 +205,60 @@ async def _run() -> None:
         try:
             async with grpc.aio.insecure_channel(core.grpc_address) as channel:
                 assert core.parts is not None and core.parts.tokens is not None
-                client = await _lean_connect(channel, core.parts.tokens.daemon)
-
-                get = state_pb2.GetStateRequest(key="k")
-                base = await _p(client, "state_get", get)
-                one = _submit([{"id": "a", "type": "tool_call", "tool": "t"}])
-                calls = await _p(client, "proposal_submit", one)
-                floor = await _two(client, get)
-                (b50, _), (c50, c99), (f50, _) = map(_quantiles, (base, calls, floor))
-                print(
-                    f"round trip: p50 {c50:.3f} ms, p99 {c99:.3f} ms "
-                    f"({c50 / b50:.2f}x a state.get at p50 {b50:.3f} ms)"
-                )
-                print(
-                    f"floor, two state.gets in a row: p50 {f50:.3f} ms ({f50 / b50:.2f}x one); "
-                    f"the proposal is {c50 / f50:.2f}x its floor"
-                )
-                summary.report(
-                    summary.at_most(
-                        "proposal with one tool callback, p50",
-                        f"{c50:.3f} ms",
-                        c50 / b50,
-                        2,
-                        "a state.get",
-                        floor=f50 / b50,
-                    )
-                )
-
-                wide = _submit(
-                    [{"id": f"a{i}", "type": "tool_call", "tool": "t"} for i in range(WIDTH)]
-                )
-                rate = await _callbacks_per_second(client, wide)
-                print(f"wide ({WIDTH} independent): {rate:.0f} callbacks/s")
-
-                chain = _submit(
-                    [
-                        {
-                            "id": f"a{i}",
-                            "type": "tool_call",
-                            "tool": "t",
-                            "parameters": {"prev": f"$a{i - 1}.output"} if i else {},
-                        }
-                        for i in range(WIDTH)
-                    ]
-                )
-                rate = await _callbacks_per_second(client, chain)
-                print(f"chain ({WIDTH} dependent): {rate:.0f} callbacks/s")
-                await _interleaved(client, get, one)
-                await client.close()
+                client = await _lean_connect(channel, core.parts.tokens.daemon, kind)
+                try:
+                    yield client
+                finally:
+                    await client.close()
         finally:
             await core.stop(grace=0)
+
+
+async def _run() -> None:
+    async with lean_session() as client:
+        get = state_pb2.GetStateRequest(key="k")
+        base = await _p(client, "state_get", get)
+        one = _submit([{"id": "a", "type": "tool_call", "tool": "t"}])
+        calls = await _p(client, "proposal_submit", one)
+        floor = await _two(client, get)
+        (b50, _), (c50, c99), (f50, _) = map(_quantiles, (base, calls, floor))
+        print(
+            f"round trip: p50 {c50:.3f} ms, p99 {c99:.3f} ms "
+            f"({c50 / b50:.2f}x a state.get at p50 {b50:.3f} ms)"
+        )
+        print(
+            f"floor, two state.gets in a row: p50 {f50:.3f} ms ({f50 / b50:.2f}x one); "
+            f"the proposal is {c50 / f50:.2f}x its floor"
+        )
+        summary.report(
+            summary.at_most(
+                "proposal with one tool callback, p50",
+                f"{c50:.3f} ms",
+                c50 / b50,
+                2,
+                "a state.get",
+                floor=f50 / b50,
+            )
+        )
+
+        wide = _submit([{"id": f"a{i}", "type": "tool_call", "tool": "t"} for i in range(WIDTH)])
+        rate = await _callbacks_per_second(client, wide)
+        print(f"wide ({WIDTH} independent): {rate:.0f} callbacks/s")
+
+        chain = _submit(
+            [
+                {
+                    "id": f"a{i}",
+                    "type": "tool_call",
+                    "tool": "t",
+                    "parameters": {"prev": f"$a{i - 1}.output"} if i else {},
+                }
+                for i in range(WIDTH)
+            ]
+        )
+        rate = await _callbacks_per_second(client, chain)
+        print(f"chain ({WIDTH} dependent): {rate:.0f} callbacks/s")
+        await _interleaved(client, get, one)
 
 
 def main() -> None:

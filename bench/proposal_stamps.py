@@ -15,19 +15,15 @@ from __future__ import annotations
 import asyncio
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
 
 from bench import bench_proposals
-from car_grpc.config import CoreConfig
 from car_grpc.core import grpc_service, proposals
-from car_grpc.core.server import Core
 from car_grpc.core.session import ClientSession
 from car_grpc.v1 import session_pb2, state_pb2, tools_pb2
 
@@ -93,30 +89,19 @@ class StampingClient(bench_proposals.LeanClient):
 
 async def _run(kind: str, n: int) -> None:
     _instrument()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        core = Core(CoreConfig(state_root=root, token_dir=root / "tokens", grpc_port=0))
-        await core.start()
-        try:
-            async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-                assert core.parts is not None and core.parts.tokens is not None
-                token = core.parts.tokens.daemon
-                client = await bench_proposals._lean_connect(channel, token, StampingClient)
-                get = state_pb2.GetStateRequest(key="k")
-                one = bench_proposals._submit([{"id": "a", "type": "tool_call", "tool": "t"}])
-                rows = []
-                for _ in range(n):
-                    STAMPS.clear()
-                    start = now()
-                    if kind == "proposal":
-                        await client.request("proposal_submit", one)
-                    else:
-                        await client.request("state_get", get)
-                    STAMPS["the caller wakes"] = now()
-                    rows.append({k: (v - start) / 1000 for k, v in STAMPS.items()})
-                await client.close()
-        finally:
-            await core.stop(grace=0)
+    async with bench_proposals.lean_session(StampingClient) as client:
+        get = state_pb2.GetStateRequest(key="k")
+        one = bench_proposals._submit([{"id": "a", "type": "tool_call", "tool": "t"}])
+        rows = []
+        for _ in range(n):
+            STAMPS.clear()
+            start = now()
+            if kind == "proposal":
+                await client.request("proposal_submit", one)
+            else:
+                await client.request("state_get", get)
+            STAMPS["the caller wakes"] = now()
+            rows.append({k: (v - start) / 1000 for k, v in STAMPS.items()})
     medians = {k: statistics.median(r[k] for r in rows if k in r) for k in rows[-1]}
     previous = 0.0
     for step, at in sorted(medians.items(), key=lambda item: item[1]):
