@@ -13,6 +13,7 @@ import os
 import random
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,8 @@ async def test_frames_split_anyhow_reach_the_core_in_order(
             at += step
             for _ in range(rng.randint(0, 3)):  # let the gateway read it as it comes
                 await asyncio.sleep(0)
-        answered, ponged = [], []
+        answered: list[int] = []
+        ponged: list[bytes] = []
         while len(answered) < 400 or len(ponged) < len(pings):
             opcode, payload = await raw.read_frame()
             if opcode == OP_PONG:
@@ -115,17 +117,18 @@ async def test_frames_split_anyhow_reach_the_core_in_order(
     assert len(unmasked) == 400 - 1 - 2, len(unmasked)
 
 
-@pytest.mark.parametrize(
-    ("bad", "code"),
-    [
-        (frame(b'{"id": 1}', first=0x40), 1002),  # a reserved bit, no extension
-        (frame(b'"\xff"'), 1007),  # text that is not UTF-8
-        (frame(b"x", 0x3), 1002),  # an unknown opcode
-        (struct.pack("!BB", 0x81, 2) + b"{}", 1002),  # not masked
-    ],
-)
+#: Frames websockets refuses (built per test: each is masked afresh), and its close code.
+BAD_FRAMES: dict[str, tuple[Callable[[], bytes], int]] = {
+    "a reserved bit, no extension": (lambda: frame(b'{"id": 1}', first=0x40), 1002),
+    "text that is not UTF-8": (lambda: frame(b'"\xff"'), 1007),
+    "an unknown opcode": (lambda: frame(b"x", 0x3), 1002),
+    "not masked": (lambda: struct.pack("!BB", 0x81, 2) + b"{}", 1002),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_FRAMES)
 async def test_a_frame_websockets_refuses_closes_as_it_would(
-    tmp_path: Path, unmasked: list[int], bad: bytes, code: int
+    tmp_path: Path, unmasked: list[int], bad: str
 ) -> None:
     """After a request read by the gateway itself, in the same read: the connection
     closes with websockets' code for the bad frame (the request's answer, when it comes
@@ -134,9 +137,10 @@ async def test_a_frame_websockets_refuses_closes_as_it_would(
         raw = await RawWebSocket.open("127.0.0.1", gateway.ws_port)
         await raw.send_text({"id": 0, "method": "session.auth", "params": {}})
         assert "result" in json.loads((await raw.read_frame())[1])
-        raw.writer.write(frame(request(1)) + bad)
+        make, code = BAD_FRAMES[bad]
+        raw.writer.write(frame(request(1)) + make())
         await raw.writer.drain()
-        frames = []
+        frames: list[tuple[int, bytes]] = []
         while not frames or frames[-1][0] != OP_CLOSE:
             frames.append(await raw.read_frame())
         raw.close()
