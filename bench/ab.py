@@ -16,12 +16,14 @@ A TREE may carry serve flags of its own after commas (`DIR,--gateway-processes,1
 MODE: `rt1`, `rt16`, `rt64`, ... (that many clients, each one `tools.list` after another,
 for AB_SECONDS, default 2), `chat` (one chat of AB_TOKENS tokens, default 20,000, agent
 -> host as bench_chats, per window: the server's CPU per token, and that of its first
-process (the core) and of the rest (gateway processes)) or `voice` (AB_CHUNKS PCM chunks, default 5,000,
-flooded through one voice session to bench_voice's engine and spoken back, per window:
-the CPU of `car-grpc serve` alone per chunk; beside it, that of its first process (the
-core) and of the rest (gateway processes), of the engine and of the client, this process;
-for `echo` and `mux`, bench_voice's echo and relay of the binary frames). AB_SPY=DIR:
-a py-spy profile of each of those processes during each flood (see `_spy`). Not part of
+process (the core) and of the rest (gateway processes)) or `voice` (AB_CHUNKS PCM
+chunks, default 5,000, flooded through one voice session to bench_voice's engine and
+spoken back, per window: the CPU of `car-grpc serve` alone per chunk; beside it, that of
+its first process (the core) and of the rest (gateway processes), of the engine and of
+the client, this process; for `echo` and `mux`, bench_voice's echo and relay of the
+binary frames). AB_SPY=DIR: a py-spy profile of each of those processes during each
+flood (see `_spy`). Each arm's CPU is also given window by window against the first arm
+of its set-up (`paired`: the median and range of the ratios). Not part of
 `python -m bench`.
 """
 
@@ -205,16 +207,24 @@ def main() -> None:
             print(f"  {'  its engine':32} {statistics.median(arm.engine_us):7.1f}")
         if arm.client_us:
             print(f"  {'  the client (this process)':32} {statistics.median(arm.client_us):7.1f}")
-    for arm in arms[1:]:  # window by window against the first arm: the load they shared
-        print(f"  paired {arm.tree} / {arms[0].tree}: {_paired(arm.cpu_us, arms[0].cpu_us)}")
-        if arm.core_us and arms[0].core_us and arm.bridged and arms[0].bridged:
-            rest = [[w - c for w, c in zip(a.cpu_us, a.core_us, strict=True)] for a in (arm, arms[0])]
-            print(f"    core {_paired(arm.core_us, arms[0].core_us)}, rest {_paired(*rest)}")
+    # Window by window (the load they shared), each arm against the first of its set-up
+    # (the same flags after the commas).
+    firsts: dict[tuple[str, ...], Arm] = {}
+    for arm in arms:
+        first = firsts.setdefault(tuple(arm.tree.split(",")[1:]), arm)
+        if first is arm:
+            continue
+        print(f"  paired {arm.tree} / {first.tree}: {_paired(arm.cpu_us, first.cpu_us)}")
+        if arm.core_us and first.core_us and arm.bridged and first.bridged:
+            rest = [[w - c for w, c in zip(a.cpu_us, a.core_us, strict=True)] for a in (arm, first)]
+            print(f"    core {_paired(arm.core_us, first.core_us)}, rest {_paired(*rest)}")
 
 
 def _paired(these: Sequence[float], those: Sequence[float]) -> str:
     """Window-by-window ratios of `these` to `those`: median (range)."""
     ratios = [a / b for a, b in zip(these, those, strict=True) if b > 0]
+    if not ratios:  # (nothing to compare: one process, no rest)
+        return "-"
     return f"{statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 

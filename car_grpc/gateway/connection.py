@@ -155,15 +155,19 @@ class TrackedConnection(ServerConnection):
                 self._own_frames = False
                 at = end
                 feed(data[at:])
+        limit = ws_frames.frame_limit(protocol)  # (it changes with what websockets reads)
         while at < end:
-            found = ws_frames.header(data, at)
-            if found is None:
+            second = data[at + 1] if end - at > 5 else 0
+            if 0x80 <= second < 0xFE:  # masked, under 126 bytes: the header is all there
+                size, length = 6, second & 0x7F
+            elif (found := ws_frames.header(data, at)) is not None:
+                size, length = found
+                second = data[at + 1]
+            else:
                 self._partial = data[at:]
                 break
-            size, length = found
             first, total = data[at], size + length
-            limit = ws_frames.frame_limit(protocol)
-            if not ws_frames.readable(first, data[at + 1], length, limit):
+            if not ws_frames.readable(first, second, length, limit):
                 self._own_frames = False  # websockets fails the connection on its header
                 feed(data[at:])
                 break
@@ -177,11 +181,15 @@ class TrackedConnection(ServerConnection):
             if (first == ws_frames.TEXT_HEAD or first == ws_frames.BINARY_HEAD) and (
                 protocol.current_size is None
             ):
-                events.append(
-                    (first == ws_frames.TEXT_HEAD, ws_frames.unmask(data, at + size, at + total))
-                )
+                text = first == ws_frames.TEXT_HEAD
+                payload = ws_frames.unmask(data, at + size, at + total)
+                if fed:  # after what websockets read: in order, after its answers go
+                    events.append((text, payload))
+                elif not self._offer(text, payload):
+                    super().process_event(Frame(Opcode.TEXT if text else Opcode.BINARY, payload))
             else:  # a control frame, a fragment: websockets', alone
                 feed(data[at : at + total])
+                limit = ws_frames.frame_limit(protocol)
                 if not self._may_own_frames():
                     self._own_frames = False
                     feed(data[at + total :])
