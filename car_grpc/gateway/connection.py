@@ -227,6 +227,26 @@ class TrackedConnection(ServerConnection):
                 return
         super().process_event(event)
 
+    def next_queued(self) -> str | bytes | None:
+        """The next message received, as recv() would return it, when it is there already
+        and of one frame (text that is UTF-8); None otherwise (nothing there, a recv()
+        under way, or one for recv() to take: a fragment, text that is not UTF-8)."""
+        messages = self.recv_messages
+        queue = messages.frames.queue
+        if not queue or messages.get_in_progress or not queue[0].fin:
+            return None
+        frame = queue[0]
+        data = frame.data if type(frame.data) is bytes else bytes(frame.data)
+        message: str | bytes = data
+        if frame.opcode is Opcode.TEXT:
+            try:
+                message = data.decode()
+            except UnicodeDecodeError:
+                return None
+        queue.popleft()
+        messages.maybe_resume()  # as recv(): reading resumes below the low water mark
+        return message
+
     def _offer(self, text: bool, data: bytes) -> bool:
         """A whole message to take_message, when recv() waits with nothing queued: True
         when it took it."""
@@ -469,9 +489,14 @@ class Connection:
             self.end(CloseCode.POLICY_VIOLATION, f"client not reading: stalled for {stall:g}s")
 
     async def _client_to_core(self) -> None:
-        self.ws.take_message = self._from_client_at_once  # while this waits in recv()
+        ws = self.ws
+        ws.take_message = self._from_client_at_once  # while this waits in recv()
         try:
-            async for message in self.ws:
+            while True:
+                # What was received meanwhile without recv() each (a flood), then recv().
+                message = ws.next_queued()
+                if message is None:
+                    message = await ws.recv()
                 if (carried := self._carried) is not None:
                     inbound, self._carried = carried, None  # translated in _from_client_at_once
                 elif (translated := self._translate(message)) is not None:
