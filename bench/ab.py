@@ -15,12 +15,15 @@ A TREE may carry serve flags of its own after commas (`DIR,--gateway-processes,1
 `DIR`: one tree in two set-ups).
 MODE: `rt1`, `rt16`, `rt64`, ... (that many clients, each one `tools.list` after another,
 for AB_SECONDS, default 2), `chat` (one chat of AB_TOKENS tokens, default 20,000, agent
--> host as bench_chats, per window) or `voice` (AB_CHUNKS PCM chunks, default 5,000,
-flooded through one voice session to bench_voice's engine and spoken back, per window:
-the CPU of `car-grpc serve` alone per chunk; beside it, that of its first process (the
-core) and of the rest (gateway processes), of the engine and of the client, this process;
-for `echo` and `mux`, bench_voice's echo and relay of the binary frames). AB_SPY=DIR:
-a py-spy profile of each of those processes during each flood (see `_spy`). Not part of
+-> host as bench_chats, per window: the server's CPU per token, and that of its first
+process (the core) and of the rest (gateway processes)) or `voice` (AB_CHUNKS PCM
+chunks, default 5,000, flooded through one voice session to bench_voice's engine and
+spoken back, per window: the CPU of `car-grpc serve` alone per chunk; beside it, that of
+its first process (the core) and of the rest (gateway processes), of the engine and of
+the client, this process; for `echo` and `mux`, bench_voice's echo and relay of the
+binary frames). AB_SPY=DIR: a py-spy profile of each of those processes during each
+flood (see `_spy`). Each arm's CPU is also given window by window against the first arm
+of its set-up (`paired`: the median and range of the ratios). Not part of
 `python -m bench`.
 """
 
@@ -58,8 +61,9 @@ class Arm:
     #: `voice`: the engine process and its CPU per chunk.
     engine_pid: int = 0
     engine_us: list[float] = field(default_factory=list)
-    #: `voice`: the server's CPU per chunk split into its first process (the core, or the
-    #: whole server in one process) and the rest (gateway processes), and this client's.
+    #: `voice`, `chat`: the server's CPU per chunk (token) split into its first process
+    #: (the core, or the whole server in one process) and the rest (gateway processes);
+    #: `voice`: this client's.
     core_us: list[float] = field(default_factory=list)
     client_us: list[float] = field(default_factory=list)
 
@@ -159,9 +163,12 @@ async def run(mode: str, windows: int, trees: Sequence[str], flags: Sequence[str
         for window in range(windows + 1):  # the first: warm-up, not counted
             for arm in arms if window % 2 else arms[::-1]:
                 if mode == "chat":
-                    before = cpu_seconds(arm.server.pid)
+                    before, core = cpu_seconds(arm.server.pid), own_cpu_seconds(arm.server.pid)
                     rate = await _chat(arm.server.url, window, tokens)
                     cpu_us = (cpu_seconds(arm.server.pid) - before) / tokens * 1e6
+                    if window:
+                        core_us = (own_cpu_seconds(arm.server.pid) - core) / tokens * 1e6
+                        arm.core_us.append(core_us)
                 elif mode == "voice":
                     rate, cpu_us = await _voice(arm, int(os.environ.get("AB_CHUNKS", "5000")))
                 else:
@@ -200,6 +207,25 @@ def main() -> None:
             print(f"  {'  its engine':32} {statistics.median(arm.engine_us):7.1f}")
         if arm.client_us:
             print(f"  {'  the client (this process)':32} {statistics.median(arm.client_us):7.1f}")
+    # Window by window (the load they shared), each arm against the first of its set-up
+    # (the same flags after the commas).
+    firsts: dict[tuple[str, ...], Arm] = {}
+    for arm in arms:
+        first = firsts.setdefault(tuple(arm.tree.split(",")[1:]), arm)
+        if first is arm:
+            continue
+        print(f"  paired {arm.tree} / {first.tree}: {_paired(arm.cpu_us, first.cpu_us)}")
+        if arm.core_us and first.core_us and arm.bridged and first.bridged:
+            rest = [[w - c for w, c in zip(a.cpu_us, a.core_us, strict=True)] for a in (arm, first)]
+            print(f"    core {_paired(arm.core_us, first.core_us)}, rest {_paired(*rest)}")
+
+
+def _paired(these: Sequence[float], those: Sequence[float]) -> str:
+    """Window-by-window ratios of `these` to `those`: median (range)."""
+    ratios = [a / b for a, b in zip(these, those, strict=True) if b > 0]
+    if not ratios:  # (nothing to compare: one process, no rest)
+        return "-"
+    return f"{statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import Event, State
 
 from car_grpc.config import GatewayConfig
-from car_grpc.gateway import audio_frames, decoder
+from car_grpc.gateway import audio_frames, decoder, ws_frames
 from car_grpc.gateway.decoder import DecoderPool
 from car_grpc.gateway.jsonrpc import MAX_BATCH, Bridge, Inbound
 from car_grpc.gateway.multiplex import Batch, MultiplexedCall
@@ -104,34 +104,162 @@ class TrackedConnection(ServerConnection):
         #: Takes a message as it arrives, while a recv() waits with nothing received
         #: before it: True when it did (recv() never sees it), False to leave it to recv().
         self.take_message: Callable[[str | bytes], bool] | None = None
+        #: Whether data_received reads whole data frames itself (ws_frames.py): while the
+        #: connection is open with no extension and websockets' parser is at a boundary.
+        self._own_frames = False
+        #: The start of a frame whose rest has not arrived yet (while _own_frames),
+        self._partial = b""
+        #: or the bytes of a large frame that websockets reads still to come.
+        self._to_websockets = 0
 
     def data_received(self, data: bytes) -> None:
         # Any bytes count: messages, pongs, pings, close frames.
         self.last_activity = self.loop.time()
+        if self._partial:
+            data, self._partial = self._partial + data, b""
+        if self._own_frames and self.protocol.state is State.OPEN:
+            self._read_frames(data)
+            return
         super().data_received(data)
+        self._own_frames = self._may_own_frames()
+
+    def _may_own_frames(self) -> bool:
+        protocol = self.protocol
+        return (
+            protocol.state is State.OPEN
+            and not protocol.extensions
+            and not protocol.debug
+            and ws_frames.at_boundary(protocol)
+        )
+
+    def _read_frames(self, data: bytes) -> None:
+        """websockets' data_received, with each whole data frame read here (ws_frames.py)
+        and every other frame fed to websockets on its own, so that its parser is at a
+        frame boundary after it; from a frame it refuses on, the rest is all websockets'."""
+        protocol = self.protocol
+        events: list[Event | tuple[bool, bytes]] = []  # (text?, payload): read here
+        fed = False
+
+        def feed(chunk: bytes) -> None:
+            nonlocal fed
+            protocol.receive_data(chunk)
+            events.extend(protocol.events_received())
+            fed = True
+
+        at, end = 0, len(data)
+        if left := self._to_websockets:  # the rest of a large frame websockets reads
+            at = min(left, end)
+            self._to_websockets = left - at
+            feed(data[:at])
+            if not self._to_websockets and not self._may_own_frames():
+                self._own_frames = False
+                at = end
+                feed(data[at:])
+        limit = ws_frames.frame_limit(protocol)  # (it changes with what websockets reads)
+        while at < end:
+            second = data[at + 1] if end - at > 5 else 0
+            if 0x80 <= second < 0xFE:  # masked, under 126 bytes: the header is all there
+                size, length = 6, second & 0x7F
+            elif (found := ws_frames.header(data, at)) is not None:
+                size, length = found
+                second = data[at + 1]
+            else:
+                self._partial = data[at:]
+                break
+            first, total = data[at], size + length
+            if not ws_frames.readable(first, second, length, limit):
+                self._own_frames = False  # websockets fails the connection on its header
+                feed(data[at:])
+                break
+            if end - at < total:
+                if total <= ws_frames.PARTIAL_BYTES:
+                    self._partial = data[at:]
+                else:  # a large frame: websockets reads it into a buffer of its own
+                    self._to_websockets = total - (end - at)
+                    feed(data[at:])
+                break
+            if (first == ws_frames.TEXT_HEAD or first == ws_frames.BINARY_HEAD) and (
+                protocol.current_size is None
+            ):
+                text = first == ws_frames.TEXT_HEAD
+                payload = ws_frames.unmask(data, at + size, at + total)
+                if fed:  # after what websockets read: in order, after its answers go
+                    events.append((text, payload))
+                elif not self._offer(text, payload):
+                    super().process_event(Frame(Opcode.TEXT if text else Opcode.BINARY, payload))
+            else:  # a control frame, a fragment: websockets', alone
+                feed(data[at : at + total])
+                limit = ws_frames.frame_limit(protocol)
+                if not self._may_own_frames():
+                    self._own_frames = False
+                    feed(data[at + total :])
+                    break
+            at += total
+        if fed:  # as websockets' data_received: what it answers (a pong, a close) goes
+            try:
+                self.send_data()
+            except Exception as exc:
+                self.logger.debug("! error while sending data", exc_info=True)
+                self.set_connection_exc(exc)
+            expected, timeout = protocol.close_expected(), self.close_timeout
+            if expected and self.close_deadline is None and timeout is not None:
+                self.close_deadline = self.loop.time() + timeout
+        for event in events:
+            if isinstance(event, tuple):
+                text, payload = event
+                if not self._offer(text, payload):
+                    super().process_event(Frame(Opcode.TEXT if text else Opcode.BINARY, payload))
+            else:
+                self.process_event(event)
 
     def process_event(self, event: Event) -> None:
         """A message of one frame goes to take_message while recv() waits with nothing
         queued before it (no wakeup, no task step); anything else (a fragment, text that is
         not UTF-8, which recv() refuses as websockets does) as websockets handles it."""
-        take = self.take_message
         if (
-            take is not None
+            self.take_message is not None
             and isinstance(event, Frame)
             and event.fin
             and (event.opcode is Opcode.TEXT or event.opcode is Opcode.BINARY)
         ):
-            waiting = self.recv_messages
-            if waiting.get_in_progress and not waiting.frames:
-                data = event.data if type(event.data) is bytes else bytes(event.data)
-                if event.opcode is Opcode.BINARY:
-                    if take(data):
-                        return
-                else:
-                    with contextlib.suppress(UnicodeDecodeError):
-                        if take(data.decode()):
-                            return
+            data = event.data if type(event.data) is bytes else bytes(event.data)
+            if self._offer(event.opcode is Opcode.TEXT, data):
+                return
         super().process_event(event)
+
+    def next_queued(self) -> str | bytes | None:
+        """The next message received, as recv() would return it, when it is there already
+        and of one frame (text that is UTF-8); None otherwise (nothing there, a recv()
+        under way, or one for recv() to take: a fragment, text that is not UTF-8)."""
+        messages = self.recv_messages
+        queue = messages.frames.queue
+        if not queue or messages.get_in_progress or not queue[0].fin:
+            return None
+        frame = queue[0]
+        data = frame.data if type(frame.data) is bytes else bytes(frame.data)
+        message: str | bytes = data
+        if frame.opcode is Opcode.TEXT:
+            try:
+                message = data.decode()
+            except UnicodeDecodeError:
+                return None
+        queue.popleft()
+        messages.maybe_resume()  # as recv(): reading resumes below the low water mark
+        return message
+
+    def _offer(self, text: bool, data: bytes) -> bool:
+        """A whole message to take_message, when recv() waits with nothing queued: True
+        when it took it."""
+        take = self.take_message
+        waiting = self.recv_messages
+        if take is None or not waiting.get_in_progress or waiting.frames:
+            return False
+        if not text:
+            return take(data)
+        try:
+            return take(data.decode())
+        except UnicodeDecodeError:
+            return False  # recv() refuses it, as websockets does
 
     def can_send_now(self) -> bool:
         """Whether send_now may write: the connection open and its writes not paused."""
@@ -157,13 +285,30 @@ class TrackedConnection(ServerConnection):
             self._frame(messages)
 
     def _frame(self, messages: Sequence[str | bytes]) -> None:
-        """Frame the messages (text: str, binary: bytes) for the next send_data()."""
+        """Frame the messages (text: str, binary: bytes) for the next send_data(): while
+        the connection is open with no extension, as ws_frames writes them."""
         protocol = self.protocol
+        if (
+            protocol.state is not State.OPEN
+            or protocol.extensions
+            or protocol.expect_continuation_frame
+            or protocol.debug
+        ):
+            for message in messages:
+                if isinstance(message, str):
+                    protocol.send_text(message.encode())
+                else:
+                    protocol.send_binary(message)
+            return
+        writes = protocol.writes
         for message in messages:
             if isinstance(message, str):
-                protocol.send_text(message.encode())
+                payload, first = message.encode(), ws_frames.TEXT_HEAD
             else:
-                protocol.send_binary(message)
+                payload, first = message, ws_frames.BINARY_HEAD
+            writes.append(ws_frames.frame_header(first, len(payload)))
+            if payload:  # (an empty write is what marks the end of the stream)
+                writes.append(payload)
 
     def send_data(self) -> None:
         """As websockets writes outgoing data, but the frames ready at once in one write
@@ -344,9 +489,14 @@ class Connection:
             self.end(CloseCode.POLICY_VIOLATION, f"client not reading: stalled for {stall:g}s")
 
     async def _client_to_core(self) -> None:
-        self.ws.take_message = self._from_client_at_once  # while this waits in recv()
+        ws = self.ws
+        ws.take_message = self._from_client_at_once  # while this waits in recv()
         try:
-            async for message in self.ws:
+            while True:
+                # What was received meanwhile without recv() each (a flood), then recv().
+                message = ws.next_queued()
+                if message is None:
+                    message = await ws.recv()
                 if (carried := self._carried) is not None:
                     inbound, self._carried = carried, None  # translated in _from_client_at_once
                 elif (translated := self._translate(message)) is not None:
