@@ -149,6 +149,10 @@ class Session:
         ws.on_lost = self._on_lost
         self.run_id = ""
         self.turns = 0
+        #: When the operation in flight started (perf_counter), for `_watchdog`; whether it
+        #: cancelled it.
+        self.op_started: float | None = None
+        self.overdue = False
         #: The tail (after the id) of this session's proposal.submit and, at the floor,
         #: of its answer to the echoed tools.execute.
         self._proposal_tail = _tail({"method": "proposal.submit", "params": self._proposal()})
@@ -363,7 +367,7 @@ def _credentials(tokens: dict[str, JSON], index: int) -> dict[str, str]:
 async def _traffic(session: Session, until: float) -> None:
     role = role_of(session.index)
     if role in ("idle", "chat_agent"):
-        return  # chat agents answer from their reader task
+        return  # chat agents answer as their messages arrive
     operation: Callable[[], Awaitable[None]] = {
         "proposer": session.propose,
         "recorder": session.record,
@@ -374,15 +378,32 @@ async def _traffic(session: Session, until: float) -> None:
         kind, operation = "echo", session.echo
     await asyncio.sleep(random.uniform(0, THINK))  # spread the starts
     while time.monotonic() < until:
-        start = time.perf_counter()
+        start = session.op_started = time.perf_counter()
         try:
-            async with asyncio.timeout(OP_TIMEOUT):  # no task of its own, unlike wait_for
-                await operation()
-        except (ProtocolError, TimeoutError) as e:
+            await operation()
+        except ProtocolError as e:
             session.stats.errors.append(f"session {session.index} {role}: {e!r}")
             return
+        except asyncio.CancelledError:
+            if not session.overdue:
+                raise
+            session.stats.errors.append(f"session {session.index} {role}: {TimeoutError()!r}")
+            return
+        session.op_started = None
         session.stats.note(kind, time.perf_counter() - start)
         await asyncio.sleep(random.expovariate(1 / THINK))
+
+
+async def _watchdog(traffic: dict[Session, asyncio.Task[None]]) -> None:
+    """Cancel an operation past OP_TIMEOUT (its session's traffic, which counts it as an
+    error): one timer a second for a worker's sessions, rather than one an operation."""
+    while True:
+        await asyncio.sleep(1)
+        now = time.perf_counter()
+        for session, task in traffic.items():
+            if session.op_started is not None and now - session.op_started > OP_TIMEOUT:
+                session.overdue = True
+                task.cancel()
 
 
 async def worker(url: str, first: int, count: int, tokens: dict[str, JSON] | str) -> None:
@@ -411,7 +432,10 @@ async def worker(url: str, first: int, count: int, tokens: dict[str, JSON] | str
     command = (await loop.run_in_executor(None, sys.stdin.readline)).split()
     assert command[0] == "go", command
     until = time.monotonic() + float(command[1])
-    await asyncio.gather(*(_traffic(s, until) for s in sessions))
+    traffic = {s: asyncio.create_task(_traffic(s, until)) for s in sessions}
+    watchdog = asyncio.create_task(_watchdog(traffic))
+    await asyncio.gather(*traffic.values())
+    watchdog.cancel()
     print(json.dumps({"latencies": stats.latencies, "errors": stats.errors}), flush=True)
     assert (await loop.run_in_executor(None, sys.stdin.readline)).strip() == "close"
     await asyncio.gather(*(s.close() for s in sessions))

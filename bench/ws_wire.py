@@ -32,9 +32,15 @@ class WireClosed(Exception):
     """The connection closed (or never opened)."""
 
 
-class Wire(asyncio.Protocol):
+#: Where every connection of the process reads into (`recv_into`; asyncio's own reads
+#: allocate 256 KiB for each): what a read gets is parsed (copied) before the next read.
+_READS = memoryview(bytearray(64 * 1024))
+
+
+class Wire(asyncio.BufferedProtocol):
     """One client connection. `on_message(data)` gets each text or binary message (bytes)
-    in the order received; `on_lost(exc)` is called once when the connection is gone."""
+    in the order received; `on_lost(exc)` is called once when the connection is gone.
+    Reads go into one buffer (`_READS`), not a new bytes object each."""
 
     def __init__(self, protocol: ClientProtocol) -> None:
         self.protocol = protocol
@@ -47,7 +53,7 @@ class Wire(asyncio.Protocol):
         self._fragments: list[bytes] = []
         self._abort_scheduled = False
 
-    # -------------------------------------------------------------- asyncio.Protocol
+    # -------------------------------------------------------------- asyncio.BufferedProtocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -57,8 +63,11 @@ class Wire(asyncio.Protocol):
         self.protocol.send_request(request)
         self._flush()
 
-    def data_received(self, data: bytes) -> None:
-        self.protocol.receive_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READS
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.protocol.receive_data(_READS[:nbytes].tobytes())
         self._flush()  # pongs, the close handshake's reply
         for event in self.protocol.events_received():
             if isinstance(event, Response):
