@@ -735,14 +735,14 @@ def main() -> None:
     print(
         "during the traffic (CPU in cores: CPU seconds per second of traffic):\n"
         f"{'':22}{'ops/s':>8}{'errors':>8}{'p99 ms':>9}{'server':>8}{'us/op':>8}"
-        f"{'load gen':>10}{'machine':>9}  (of {cores} cores)"
+        f"{'load gen':>10}{'us/op':>8}{'machine':>9}  (of {cores} cores)"
     )  # fmt: skip
     for name, phase in (("car-grpc", ours), ("floor (bare relay)", floor), ("bare echo", bare)):
         n = _ops(phase)
         print(
             f"{name:22}{n / DURATION:8.0f}{len(phase.errors):8d}{_worst_p99(phase):9.1f}"
             f"{phase.cpu_traffic_s / phase.traffic_s:8.2f}{phase.cpu_traffic_s / n * 1e6:8.0f}"
-            f"{phase.cpu_workers_s / phase.traffic_s:10.2f}"
+            f"{phase.cpu_workers_s / phase.traffic_s:10.2f}{phase.cpu_workers_s / n * 1e6:8.0f}"
             f"{phase.cpu_machine_s / phase.traffic_s:9.2f}"
         )
     print(
