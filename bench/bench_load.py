@@ -34,6 +34,11 @@ sender, or, prefixed `@N `, to session N's connection (the chat's hops between s
 the sessions write and read the same JSON frames as against car-grpc. If the floor misses
 the target, the target is out of reach on this path on this machine.
 
+The load generator shares the machine with the server, so it is kept cheap: each session
+is a connection on websockets' Sans-I/O protocol (`bench/ws_wire.py`, a message handled as
+it is parsed), its frames are the bytes `json.dumps` writes for them, assembled from pieces
+written once (`_check_frames`), and one watchdog per worker times out operations.
+
 For each run the coordinator also reads the CPU time of the load generator's processes
 and of the whole machine (/proc/stat) during the traffic: the load generator shares the
 machine with the server, and a figure the server reaches only with cores to spare says so.
