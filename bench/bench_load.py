@@ -150,8 +150,6 @@ class Session:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[JSON]] = {}
         self._chats: dict[str, asyncio.Future[None]] = {}
-        ws.on_message = self._on_message
-        ws.on_lost = self._on_lost
         self.run_id = ""
         self.turns = 0
         #: When the operation in flight started (perf_counter), for `_watchdog`; whether it
@@ -162,6 +160,7 @@ class Session:
         #: of its answer to the echoed tools.execute.
         self._proposal_tail = _tail({"method": "proposal.submit", "params": self._proposal()})
         self._floor_answer_tail = _tail({"result": {"ok": True, "echo": {"n": index}}})
+        ws.listen(self._on_message, self._on_lost)
 
     def _on_message(self, raw: bytes) -> None:
         routed = False

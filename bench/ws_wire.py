@@ -1,10 +1,10 @@
 """A lean WebSocket client connection for load generators: websockets' Sans-I/O
-`ClientProtocol` on an `asyncio.Protocol`.
+`ClientProtocol` on an `asyncio.BufferedProtocol`.
 
 websockets' asyncio client hands every message to a reader task through a queue and a
 future, and wraps every send in an async context manager; a load generator of 250
 sessions a process spends a good part of its CPU there. Here a message is handed to
-`on_message` in `data_received`, as it is parsed, and `send_text` writes the frame to the
+the listener as soon as a read is parsed, and `send_text` writes the frame to the
 transport at once: the same frames (masked, one `transport.write` each, as websockets'
 `send` does), parsed and built by websockets, with no task, queue or future between the
 socket and the caller.
@@ -38,15 +38,18 @@ _READS = memoryview(bytearray(64 * 1024))
 
 
 class Wire(asyncio.BufferedProtocol):
-    """One client connection. `on_message(data)` gets each text or binary message (bytes)
-    in the order received; `on_lost(exc)` is called once when the connection is gone.
+    """One client connection. Once `listen(on_message, on_lost)` is called, `on_message(data)`
+    gets each text or binary message (bytes) in the order received (those that came before,
+    e.g. with the handshake's response, first); `on_lost(exc)` is called once when the
+    connection is gone.
     Reads go into one buffer (`_READS`), not a new bytes object each."""
 
     def __init__(self, protocol: ClientProtocol) -> None:
         self.protocol = protocol
         self.transport: asyncio.Transport | None = None
-        self.on_message: Callable[[bytes], None] = lambda data: None
-        self.on_lost: Callable[[Exception], None] = lambda exc: None
+        self._early: list[bytes] = []  # messages before listen()
+        self._on_message: Callable[[bytes], None] = self._early.append
+        self._on_lost: Callable[[Exception], None] = lambda exc: None
         loop = asyncio.get_running_loop()
         self.opened: asyncio.Future[None] = loop.create_future()
         self.lost: asyncio.Future[None] = loop.create_future()
@@ -92,9 +95,20 @@ class Wire(asyncio.BufferedProtocol):
         self._fail_open(error)
         if not self.lost.done():
             self.lost.set_result(None)
-        self.on_lost(error)
+        self._on_lost(error)
 
     # -------------------------------------------------------------- the caller's side
+
+    def listen(
+        self, on_message: Callable[[bytes], None], on_lost: Callable[[Exception], None]
+    ) -> None:
+        """Where the messages go from now on, and the news that the connection is gone."""
+        self._on_message, self._on_lost = on_message, on_lost
+        early, self._early = self._early, []
+        for data in early:
+            on_message(data)
+        if self.lost.done():
+            on_lost(WireClosed("connection closed"))
 
     def send_text(self, data: bytes) -> None:
         """Write one text frame of UTF-8 `data` (raises WireClosed if not open)."""
@@ -120,9 +134,9 @@ class Wire(asyncio.BufferedProtocol):
     def _frame(self, frame: Frame) -> None:
         if frame.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
             if frame.fin and not self._fragments:
-                self.on_message(bytes(frame.data))
+                self._on_message(bytes(frame.data))
             elif frame.fin:
-                self.on_message(b"".join([*self._fragments, frame.data]))
+                self._on_message(b"".join([*self._fragments, frame.data]))
                 self._fragments.clear()
             else:
                 self._fragments.append(bytes(frame.data))
