@@ -34,6 +34,11 @@ sender, or, prefixed `@N `, to session N's connection (the chat's hops between s
 the sessions write and read the same JSON frames as against car-grpc. If the floor misses
 the target, the target is out of reach on this path on this machine.
 
+The load generator shares the machine with the server, so it is kept cheap: each session
+is a connection on websockets' Sans-I/O protocol (`bench/ws_wire.py`, a message handled as
+it is parsed), its frames are the bytes `json.dumps` writes for them, assembled from pieces
+written once (`_check_frames`), and one watchdog per worker times out operations.
+
 For each run the coordinator also reads the CPU time of the load generator's processes
 and of the whole machine (/proc/stat) during the traffic: the load generator shares the
 machine with the server, and a figure the server reaches only with cores to spare says so.
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -59,12 +65,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
+import orjson
 from websockets.asyncio.server import ServerConnection, serve
 
-from bench import summary
+from bench import summary, ws_wire
 from bench.bench_gateway import mux_echo
 from bench.proc import cpu_seconds, machine_busy_seconds, own_cpu_seconds, rss_kib
+from bench.ws_wire import Wire, WireClosed
 from tests.processes import Process, car_grpc_serve, launch, log_listening
 
 SESSIONS = 1000
@@ -127,10 +134,15 @@ CAR, ECHO, FLOOR = "car-grpc", "echo", "floor"
 
 
 class Session:
-    """One WebSocket session of a worker: requests by id, the server's requests and chat
-    events dispatched by a reader task."""
+    """One WebSocket session of a worker: requests by id; answers, the server's requests and
+    chat events dispatched as each message is parsed (`ws_wire`: no reader task).
 
-    def __init__(self, ws: ClientConnection, index: int, stats: Stats, *, mode: str) -> None:
+    Every frame is the JSON text `json.dumps` writes for it (the bytes this benchmark has
+    always sent), assembled from pieces written once: the fixed part of each request, a
+    turn's JSON by its number (`_turn_json`), the chat events' parts (`_check_frames` says
+    they are the same bytes)."""
+
+    def __init__(self, ws: Wire, index: int, stats: Stats, *, mode: str) -> None:
         self.ws = ws
         self.index = index
         self.stats = stats
@@ -138,68 +150,83 @@ class Session:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[JSON]] = {}
         self._chats: dict[str, asyncio.Future[None]] = {}
-        self._reader = asyncio.create_task(self._read())
         self.run_id = ""
         self.turns = 0
+        #: When the operation in flight started (perf_counter), for `_watchdog`; whether it
+        #: cancelled it.
+        self.op_started: float | None = None
+        self.overdue = False
+        #: The tail (after the id) of this session's proposal.submit and, at the floor,
+        #: of its answer to the echoed tools.execute.
+        self._proposal_tail = _tail({"method": "proposal.submit", "params": self._proposal()})
+        self._floor_answer_tail = _tail({"result": {"ok": True, "echo": {"n": index}}})
+        ws.listen(self._on_message, self._on_lost)
 
-    async def _read(self) -> None:
-        try:
-            async for raw in self.ws:
-                routed = False
-                if self.mode == FLOOR and isinstance(raw, str) and raw[:1] == "@":
-                    routed, raw = True, raw.partition(" ")[2]  # from another session
-                message = json.loads(raw)
-                # An answer: at the echo server any frame, at the floor any frame not routed
-                # from another session (its own frames come back).
-                echoed = self.mode == ECHO or (self.mode == FLOOR and not routed)
-                if echoed or "method" not in message:
-                    future = self._waiting.pop(message.get("id"), None)
-                    if future is not None and not future.done():
-                        future.set_result(message)
-                elif "id" in message:
-                    await self._answer(message)
-                elif message["method"] in ("agents.chat.event", "agent.chat.event"):
-                    params = message["params"]
-                    waiter = self._chats.get(params["session_id"])
-                    if params["kind"] == "done" and waiter is not None and not waiter.done():
-                        waiter.set_result(None)
-                    elif params["kind"] not in ("token", "done"):
-                        self.stats.errors.append(f"chat event {params}")
-        except Exception as e:  # the connection went away
-            for future in self._waiting.values():
-                if not future.done():
-                    future.set_exception(ProtocolError(f"connection lost: {e!r}"))
+    def _on_message(self, raw: bytes) -> None:
+        routed = False
+        if self.mode == FLOOR and raw[:1] == b"@":
+            routed, raw = True, raw.partition(b" ")[2]  # from another session
+        message = orjson.loads(raw)
+        # An answer: at the echo server any frame, at the floor any frame not routed
+        # from another session (its own frames come back).
+        echoed = self.mode == ECHO or (self.mode == FLOOR and not routed)
+        if echoed or "method" not in message:
+            future = self._waiting.pop(message.get("id"), None)
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif "id" in message:
+            with contextlib.suppress(ProtocolError):  # lost: _on_lost fails what waits
+                self._answer(message)
+        elif message["method"] in ("agents.chat.event", "agent.chat.event"):
+            params = message["params"]
+            waiter = self._chats.get(params["session_id"])
+            if params["kind"] == "done" and waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            elif params["kind"] not in ("token", "done"):
+                self.stats.errors.append(f"chat event {params}")
 
-    async def _answer(self, request: dict[str, JSON]) -> None:
+    def _on_lost(self, e: Exception) -> None:
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(ProtocolError(f"connection lost: {e!r}"))
+
+    def _answer(self, request: dict[str, JSON]) -> None:
         method = request["method"]
         if method == "tools.execute":
-            result: JSON = {"ok": True, "echo": request["params"].get("parameters")}
-            await self.ws.send(
-                json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": result})
-            )
+            echo = json.dumps(request["params"].get("parameters"))
+            self._send(f'{{"jsonrpc": "2.0", "id": {json.dumps(request["id"])}, '
+                       f'"result": {{"ok": true, "echo": {echo}}}}}')  # fmt: skip
         elif method in ("agent.chat", "agents.chat"):  # the latter: the floor's host
             # The floor routes the agent's frames to its host (session index - 1).
             to = f"@{self.index - 1} " if self.mode == FLOOR else ""
-            session_id = request["params"]["session_id"]
-            accepted = {"jsonrpc": "2.0", "id": request["id"], "result": {"accepted": True}}
-            await self.ws.send(to + json.dumps(accepted))
+            session_id = json.dumps(request["params"]["session_id"])
+            self._send(f'{to}{{"jsonrpc": "2.0", "id": {json.dumps(request["id"])}, '
+                       '"result": {"accepted": true}}')  # fmt: skip
             for n in range(CHAT_TOKENS):
-                await self.ws.send(to + _chat_event(session_id, "token", f"t{n} "))
-            await self.ws.send(to + _chat_event(session_id, "done", None))
+                self._send(to + _chat_event(session_id, "token", f'"t{n} "'))
+            self._send(to + _chat_event(session_id, "done", "null"))
         else:
             self.stats.errors.append(f"unexpected server request {method}")
 
-    async def request(self, frame: dict[str, JSON], to: str = "") -> JSON:
-        """Send `frame` with the next id (prefixed `to`); the frame that answers it."""
+    def _send(self, text: str) -> None:
+        try:
+            self.ws.send_text(text.encode())
+        except WireClosed as e:
+            raise ProtocolError(f"connection lost: {e!r}") from e
+
+    async def request(self, tail: str, to: str = "") -> JSON:
+        """Send the request whose JSON after its id is `tail` (`_tail`) with the next id
+        (prefixed `to`); the frame that answers it."""
         request_id = next(self._ids)
         future: asyncio.Future[JSON] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
-        await self.ws.send(to + json.dumps({"jsonrpc": "2.0", "id": request_id, **frame}))
+        self._send(f'{to}{{"jsonrpc": "2.0", "id": {request_id}, {tail}')
         return await future
 
-    async def call(self, method: str, params: JSON, to: str = "") -> JSON:
-        """A request; its result, or ProtocolError for an error answer."""
-        answer = await self.request({"method": method, "params": params}, to)
+    async def call(self, method: str, params: JSON, to: str = "", tail: str = "") -> JSON:
+        """A request (its tail `tail` if given, else written from `params`); its result, or
+        ProtocolError for an error answer."""
+        answer = await self.request(tail or _tail({"method": method, "params": params}), to)
         if "error" in answer:
             raise ProtocolError(f"{method}: {answer['error']}")
         return answer["result"] if self.mode == CAR else answer
@@ -216,24 +243,29 @@ class Session:
 
     async def propose(self) -> None:
         if self.mode == FLOOR:  # the request comes back as the tools.execute, its answer
-            await self.call("proposal.submit", self._proposal())  # as the response
-            await self.request({"result": {"ok": True, "echo": {"n": self.index}}})
+            await self.call("proposal.submit", None, tail=self._proposal_tail)  # as the
+            await self.request(self._floor_answer_tail)  # response
             return
-        result = await self.call("proposal.submit", self._proposal())
+        result = await self.call("proposal.submit", None, tail=self._proposal_tail)
         if result["results"][0]["status"] != "succeeded":
             raise ProtocolError(f"proposal: {result}")
 
+    def _record_tail(self, run_id: str) -> str:
+        """The tail of runs.record_turns of the next TURNS_PER_BATCH turns to `run_id`."""
+        turns = ", ".join(_turn_json(self.turns + n) for n in range(TURNS_PER_BATCH))
+        return (f'"method": "runs.record_turns", "params": {{"run_id": {json.dumps(run_id)}, '
+                f'"turns": [{turns}]}}}}')  # fmt: skip
+
     async def record(self) -> None:
         if self.mode == FLOOR:
-            turns = [turn(self.turns + n) for n in range(TURNS_PER_BATCH)]
-            await self.call("runs.record_turns", {"run_id": "floor", "turns": turns})
+            await self.call("runs.record_turns", None, tail=self._record_tail("floor"))
             self.turns += TURNS_PER_BATCH
             return
         if not self.run_id or self.turns + TURNS_PER_BATCH > 2000:
             started = await self.call("runs.start", {"intent": f"load {self.index}"})
             self.run_id, self.turns = started["run_id"], 0
-        turns = [turn(self.turns + n) for n in range(TURNS_PER_BATCH)]
-        reply = await self.call("runs.record_turns", {"run_id": self.run_id, "turns": turns})
+        tail = self._record_tail(self.run_id)
+        reply = await self.call("runs.record_turns", None, tail=tail)
         if not reply.get("ok") or reply["count"] != TURNS_PER_BATCH:
             raise ProtocolError(f"record_turns: {reply}")
         self.turns += TURNS_PER_BATCH
@@ -264,20 +296,51 @@ class Session:
         request_id = next(self._ids)
         future: asyncio.Future[JSON] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
-        await self.ws.send(
-            json.dumps({"id": request_id, "method": "proposal.submit", "params": self._proposal()})
-        )
+        self._send(f'{{"id": {request_id}, {self._proposal_tail}')
         await future
 
     async def close(self) -> None:
         await self.ws.close()
-        with contextlib.suppress(Exception):
-            await self._reader
 
 
-def _chat_event(session_id: str, kind: str, delta: str | None) -> str:
-    params = {"session_id": session_id, "kind": kind, "delta": delta}
-    return json.dumps({"jsonrpc": "2.0", "method": "agent.chat.event", "params": params})
+def _tail(frame: dict[str, JSON]) -> str:
+    """What `json.dumps` writes after `"id": N, ` of a request whose members after its id
+    are `frame`'s."""
+    return json.dumps(frame)[1:]
+
+
+#: A turn's JSON by its number: a session writes turns 0.. of each of its runs, so every
+#: session of a worker writes the same few thousand.
+_turn_json = functools.cache(lambda n: json.dumps(turn(n)))
+
+
+def _chat_event(session_id_json: str, kind: str, delta_json: str) -> str:
+    return ('{"jsonrpc": "2.0", "method": "agent.chat.event", "params": {"session_id": '
+            f'{session_id_json}, "kind": "{kind}", "delta": {delta_json}}}}}')  # fmt: skip
+
+
+def _check_frames() -> None:
+    """The frames assembled from pieces are the bytes json.dumps writes for them."""
+
+    def dumps(request_id: int, frame: dict[str, JSON]) -> str:
+        return json.dumps({"jsonrpc": "2.0", "id": request_id, **frame})
+
+    session = Session.__new__(Session)
+    session.index, session.turns = 7, 40
+    turns = [turn(40 + n) for n in range(TURNS_PER_BATCH)]
+    record = {"method": "runs.record_turns", "params": {"run_id": "r-1", "turns": turns}}
+    proposal = {"method": "proposal.submit", "params": session._proposal()}
+    checks = [
+        (f'{{"jsonrpc": "2.0", "id": 5, {session._record_tail("r-1")}', dumps(5, record)),
+        (f'{{"jsonrpc": "2.0", "id": 5, {_tail(proposal)}', dumps(5, proposal)),
+        (f'{{"id": 5, {_tail(proposal)}', json.dumps({"id": 5, **proposal})),
+    ]
+    for kind, delta in (("token", "t3 "), ("done", None)):
+        params = {"session_id": "load-7-2", "kind": kind, "delta": delta}
+        expected = json.dumps({"jsonrpc": "2.0", "method": "agent.chat.event", "params": params})
+        checks.append((_chat_event('"load-7-2"', kind, json.dumps(delta)), expected))
+    for assembled, expected in checks:
+        assert assembled == expected, (assembled, expected)
 
 
 # ------------------------------------------------------------------ a worker process
@@ -290,7 +353,7 @@ async def _open(
     floor's relay: on the path `/index`, which the relay routes by)."""
     if mode == FLOOR:
         url = f"{url}/{index}"
-    ws = await connect(url, ping_interval=None, compression=None, max_size=None, open_timeout=60)
+    ws = await ws_wire.connect(url, timeout=60)
     session = Session(ws, index, stats, mode=mode)
     if credentials is not None:
         await session.login(credentials)
@@ -308,7 +371,7 @@ def _credentials(tokens: dict[str, JSON], index: int) -> dict[str, str]:
 async def _traffic(session: Session, until: float) -> None:
     role = role_of(session.index)
     if role in ("idle", "chat_agent"):
-        return  # chat agents answer from their reader task
+        return  # chat agents answer as their messages arrive
     operation: Callable[[], Awaitable[None]] = {
         "proposer": session.propose,
         "recorder": session.record,
@@ -319,14 +382,32 @@ async def _traffic(session: Session, until: float) -> None:
         kind, operation = "echo", session.echo
     await asyncio.sleep(random.uniform(0, THINK))  # spread the starts
     while time.monotonic() < until:
-        start = time.perf_counter()
+        start = session.op_started = time.perf_counter()
         try:
-            await asyncio.wait_for(operation(), OP_TIMEOUT)
-        except (ProtocolError, TimeoutError) as e:
+            await operation()
+        except ProtocolError as e:
             session.stats.errors.append(f"session {session.index} {role}: {e!r}")
             return
+        except asyncio.CancelledError:
+            if not session.overdue:
+                raise
+            session.stats.errors.append(f"session {session.index} {role}: {TimeoutError()!r}")
+            return
+        session.op_started = None
         session.stats.note(kind, time.perf_counter() - start)
         await asyncio.sleep(random.expovariate(1 / THINK))
+
+
+async def _watchdog(traffic: dict[Session, asyncio.Task[None]]) -> None:
+    """Cancel an operation past OP_TIMEOUT (its session's traffic, which counts it as an
+    error): one timer a second for a worker's sessions, rather than one an operation."""
+    while True:
+        await asyncio.sleep(1)
+        now = time.perf_counter()
+        for session, task in traffic.items():
+            if session.op_started is not None and now - session.op_started > OP_TIMEOUT:
+                session.overdue = True
+                task.cancel()
 
 
 async def worker(url: str, first: int, count: int, tokens: dict[str, JSON] | str) -> None:
@@ -334,6 +415,7 @@ async def worker(url: str, first: int, count: int, tokens: dict[str, JSON] | str
     FIRST+COUNT-1 (TOKENS: a JSON file of the daemon and agent tokens, `echo` for the bare
     echo server, `floor` for the floor's relay), then follow the lines of stdin: `go
     SECONDS`, then `close`."""
+    _check_frames()
     random.seed(first)
     stats = Stats()
     mode = tokens if isinstance(tokens, str) else CAR
@@ -354,7 +436,10 @@ async def worker(url: str, first: int, count: int, tokens: dict[str, JSON] | str
     command = (await loop.run_in_executor(None, sys.stdin.readline)).split()
     assert command[0] == "go", command
     until = time.monotonic() + float(command[1])
-    await asyncio.gather(*(_traffic(s, until) for s in sessions))
+    traffic = {s: asyncio.create_task(_traffic(s, until)) for s in sessions}
+    watchdog = asyncio.create_task(_watchdog(traffic))
+    await asyncio.gather(*traffic.values())
+    watchdog.cancel()
     print(json.dumps({"latencies": stats.latencies, "errors": stats.errors}), flush=True)
     assert (await loop.run_in_executor(None, sys.stdin.readline)).strip() == "close"
     await asyncio.gather(*(s.close() for s in sessions))
@@ -654,14 +739,14 @@ def main() -> None:
     print(
         "during the traffic (CPU in cores: CPU seconds per second of traffic):\n"
         f"{'':22}{'ops/s':>8}{'errors':>8}{'p99 ms':>9}{'server':>8}{'us/op':>8}"
-        f"{'load gen':>10}{'machine':>9}  (of {cores} cores)"
+        f"{'load gen':>10}{'us/op':>8}{'machine':>9}  (of {cores} cores)"
     )  # fmt: skip
     for name, phase in (("car-grpc", ours), ("floor (bare relay)", floor), ("bare echo", bare)):
         n = _ops(phase)
         print(
             f"{name:22}{n / DURATION:8.0f}{len(phase.errors):8d}{_worst_p99(phase):9.1f}"
             f"{phase.cpu_traffic_s / phase.traffic_s:8.2f}{phase.cpu_traffic_s / n * 1e6:8.0f}"
-            f"{phase.cpu_workers_s / phase.traffic_s:10.2f}"
+            f"{phase.cpu_workers_s / phase.traffic_s:10.2f}{phase.cpu_workers_s / n * 1e6:8.0f}"
             f"{phase.cpu_machine_s / phase.traffic_s:9.2f}"
         )
     print(

@@ -91,12 +91,13 @@ def _row(phase: bench_load.Phase) -> dict[str, float]:
         "rest us/op": (phase.cpu_traffic_s - phase.cpu_first_s) / n * 1e6,
         "core cores": phase.cpu_first_s / t,
         "load gen": phase.cpu_workers_s / t,
+        "load gen us/op": phase.cpu_workers_s / n * 1e6,
         "machine": phase.cpu_machine_s / t,
     }
 
 
 _FORMAT = {"ops/s": "{:.0f}", "errors": "{:.0f}", "p99 ms": "{:.0f}", "us/op": "{:.0f}",
-           "core us/op": "{:.0f}", "rest us/op": "{:.0f}"}  # fmt: skip
+           "core us/op": "{:.0f}", "rest us/op": "{:.0f}", "load gen us/op": "{:.0f}"}  # fmt: skip
 
 
 def _cell(key: str, value: float) -> str:
