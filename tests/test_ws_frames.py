@@ -20,6 +20,7 @@ import pytest
 from websockets.utils import apply_mask
 
 from car_grpc.gateway import ws_frames
+from car_grpc.gateway.connection import TrackedConnection
 from tests.conftest import make_config
 from tests.ws_helpers import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWebSocket, running
 
@@ -148,3 +149,35 @@ async def test_a_frame_websockets_refuses_closes_as_it_would(
     assert [json.loads(answer)["id"] for _, answer in before] in ([], [1])
     assert struct.unpack("!H", close[:2])[0] == code
     assert unmasked  # the request was read by the gateway
+
+
+async def test_a_frame_sent_a_byte_at_a_time_is_read_once_it_is_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 4 KiB request written one byte at a time: answered, and the gateway went over
+    the bytes it holds only when its header and then the whole frame were there (not
+    once a read, which would copy the held bytes again on every read)."""
+    passes: list[int] = []
+    read_frames = TrackedConnection._read_frames
+
+    def spy(self: TrackedConnection, data: bytes) -> None:
+        passes.append(len(data))
+        read_frames(self, data)
+
+    monkeypatch.setattr(TrackedConnection, "_read_frames", spy)
+    async with running(make_config(tmp_path, auth=False)) as (_core, gateway):
+        raw = await RawWebSocket.open("127.0.0.1", gateway.ws_port)
+        raw.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await raw.send_text({"id": 0, "method": "session.auth", "params": {}})
+        assert "result" in json.loads((await raw.read_frame())[1])
+        data = frame(request(1, pad=4096))
+        before = len(passes)
+        for byte in range(len(data)):
+            raw.writer.write(data[byte : byte + 1])
+            await raw.writer.drain()
+            await asyncio.sleep(0)
+        opcode, payload = await raw.read_frame()
+        raw.close()
+    assert opcode == OP_TEXT and json.loads(payload)["id"] == 1
+    # The first read (2 bytes or more), the header's rest, then the whole frame.
+    assert 1 <= len(passes) - before <= 3, passes[before:]

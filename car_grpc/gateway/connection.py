@@ -107,8 +107,11 @@ class TrackedConnection(ServerConnection):
         #: Whether data_received reads whole data frames itself (ws_frames.py): while the
         #: connection is open with no extension and websockets' parser is at a boundary.
         self._own_frames = False
-        #: The start of a frame whose rest has not arrived yet (while _own_frames),
-        self._partial = b""
+        #: The start of a frame whose rest has not arrived yet (while _own_frames), and
+        #: how many bytes it needs before it is read again: its header's, then the whole
+        #: frame's (so a frame sent a byte at a time is copied once, not once a byte),
+        self._partial = bytearray()
+        self._partial_needs = 0
         #: or the bytes of a large frame that websockets reads still to come.
         self._to_websockets = 0
 
@@ -116,12 +119,20 @@ class TrackedConnection(ServerConnection):
         # Any bytes count: messages, pongs, pings, close frames.
         self.last_activity = self.loop.time()
         if self._partial:
-            data, self._partial = self._partial + data, b""
+            self._partial += data
+            if len(self._partial) < self._partial_needs:
+                return
+            data, self._partial = bytes(self._partial), bytearray()
         if self._own_frames and self.protocol.state is State.OPEN:
             self._read_frames(data)
             return
         super().data_received(data)
         self._own_frames = self._may_own_frames()
+
+    def _hold(self, data: bytes, at: int, needs: int) -> None:
+        """Keep the frame starting at `at` until it has `needs` bytes."""
+        self._partial = bytearray(memoryview(data)[at:])
+        self._partial_needs = needs
 
     def _may_own_frames(self) -> bool:
         protocol = self.protocol
@@ -164,7 +175,7 @@ class TrackedConnection(ServerConnection):
                 size, length = found
                 second = data[at + 1]
             else:
-                self._partial = data[at:]
+                self._hold(data, at, ws_frames.needed(data, at))
                 break
             first, total = data[at], size + length
             if not ws_frames.readable(first, second, length, limit):
@@ -173,7 +184,7 @@ class TrackedConnection(ServerConnection):
                 break
             if end - at < total:
                 if total <= ws_frames.PARTIAL_BYTES:
-                    self._partial = data[at:]
+                    self._hold(data, at, total)
                 else:  # a large frame: websockets reads it into a buffer of its own
                     self._to_websockets = total - (end - at)
                     feed(data[at:])

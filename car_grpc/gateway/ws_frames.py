@@ -64,6 +64,16 @@ def header(data: bytes, at: int) -> tuple[int, int] | None:
     return (size, length) if left >= size else None
 
 
+def needed(data: bytes, at: int) -> int:
+    """How many bytes from `at` the frame starting there needs before `header` reads it
+    (used while its header is not all there)."""
+    if len(data) - at < 2:
+        return 2
+    second = data[at + 1]
+    length = second & 0x7F
+    return 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if second & _MASKED else 0)
+
+
 def readable(first: int, second: int, length: int, limit: int | None) -> bool:
     """Whether websockets reads past the header of a frame from a client (else it fails
     the connection there): masked, a known opcode, within `limit` (frame_limit)."""
