@@ -189,7 +189,7 @@ def config_from(args: argparse.Namespace) -> Config:
             cluster_secret=flag("cluster_secret") or None,
             cluster_lease=flag("cluster_lease"),
             multiplex_stream_bytes=flag("multiplex_stream_bytes"),
-            ws_host=flag("host") or None,
+            ws_host=flag("host"),  # "" is every interface
             ws_port=flag("port"),
             unix_socket=flag("unix_socket"),
             ws_tls_cert=flag("tls_cert"),
@@ -207,7 +207,11 @@ def config_from(args: argparse.Namespace) -> Config:
 
 
 def _add_ws_flags(p: argparse.ArgumentParser, unix_default: str, core_ca_default: str) -> None:
-    p.add_argument("--host", help="WebSocket listen address (default 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        help="WebSocket listen address: an IP address, a name (each of its addresses) or '' "
+        "(every interface) (default 127.0.0.1)",
+    )
     p.add_argument("--port", type=int, help="WebSocket port (default 9100; 0 picks a free one)")
     p.add_argument(
         "--unix-socket",

@@ -10,7 +10,6 @@ mutates a config once built: a component keeps the one it was given.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -90,25 +89,18 @@ def usable_cpus(cpu_max: Path = CPU_MAX) -> int:
     return cpus
 
 
-def serve_gateway_processes(
-    setting: GatewayProcesses, host: str = "127.0.0.1", cpus: int | None = None
-) -> tuple[int, str]:
-    """The gateway processes `car-grpc serve` runs for `setting` on WebSocket host `host`,
-    and how that was decided (its log says both). "auto" is 1 where the server may run on
-    2 CPUs or more (`cpus`, else `usable_cpus()`): the gateway then has a CPU of its own,
-    which serves many clients at once faster (bench/README.md, Throughput) for a little
-    more latency of one client; on one CPU it is 0, the gateway in the core's process. It
-    is 0 as well when `host` is not one IP address (a name, or "" for every interface):
-    gateway processes share one listening socket of one address (gateway/process.py),
-    where the core's own gateway listens on every address the name has."""
+def serve_gateway_processes(setting: GatewayProcesses, cpus: int | None = None) -> tuple[int, str]:
+    """The gateway processes `car-grpc serve` runs for `setting`, and how that was decided
+    (its log says both). "auto" is 1 where the server may run on 2 CPUs or more (`cpus`,
+    else `usable_cpus()`): the gateway then has a CPU of its own, which serves many
+    clients at once faster (bench/README.md, Throughput) for a little more latency of one
+    client; on one CPU it is 0, the gateway in the core's process. Gateway processes
+    listen on every address of the WebSocket host, as the core's own gateway would
+    (gateway/server.py `listen`), so the host does not matter."""
     if isinstance(setting, int):
         return setting, "as set"
     if setting != "auto":
         raise ValueError(f"gateway_processes: a number or 'auto', got {setting!r}")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return 0, f"auto, host {host!r} is not one IP address"
     if cpus is None:
         cpus = usable_cpus()
     return (1 if cpus >= 2 else 0), f"auto, {cpus} CPU{'' if cpus == 1 else 's'}"

@@ -25,7 +25,8 @@ from car_grpc.config import Config, serve_gateway_processes
 from car_grpc.core.server import Core
 from car_grpc.dashboard import Dashboard
 from car_grpc.gateway import Gateway
-from car_grpc.gateway.process import GatewayProcess, listen
+from car_grpc.gateway.process import GatewayProcess
+from car_grpc.gateway.server import listen
 from car_grpc.store import Store
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,14 @@ class Server:
         #: Gateway processes to run beside the core's ("auto" decided here, once), and how
         #: that was decided, for the log.
         self.gateway_process_count, self._counted = serve_gateway_processes(
-            config.gateway.gateway_processes, config.gateway.ws_host
+            config.gateway.gateway_processes
         )
         #: Created by start(), once the core's port is known (in this process).
         self.gateway: Gateway | None = None
         #: Or, with gateway_processes > 0, the gateway processes (the first announces)
-        #: and the listening socket they share.
+        #: and the listening sockets they share (one per address of the host).
         self.gateway_processes: list[GatewayProcess] = []
-        self._listener: socket.socket | None = None
+        self._listeners: list[socket.socket] = []
         #: Created by start() unless the dashboard is off: a host client of the core.
         self.dashboard: Dashboard | None = None
 
@@ -94,14 +95,14 @@ class Server:
         """Bind the WebSocket port here, then start the gateway processes on it one after
         another (the first also serves the Unix socket)."""
         config = self.config.gateway
-        listener = self._listener = listen(config)
+        listeners = self._listeners = listen(config.ws_host, config.ws_port)
         for i in range(self.gateway_process_count):
             if i > 0:
                 config = replace(config, unix_socket=None)
             process = GatewayProcess(
                 config,
                 self.core.grpc_address,
-                listener,
+                listeners,
                 announce=i == 0,
                 core_token=self._core_token(),
             )
@@ -119,9 +120,9 @@ class Server:
             self.gateway = None
         processes, self.gateway_processes = self.gateway_processes, []
         await asyncio.gather(*(p.stop() for p in processes))
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
         await self.core.stop()
 
     async def __aenter__(self) -> Server:
