@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Protocol
 
 from car_grpc.a2a.callers import A2aCallers
-from car_grpc.config import Config, CoreConfig, GatewayProcesses, gateway_processes
+from car_grpc.config import (
+    SERVE_GATEWAY_PROCESSES,
+    Config,
+    CoreConfig,
+    GatewayProcesses,
+    gateway_processes,
+)
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.heap import freeze_startup_heap, keep_large_buffers
 from car_grpc.store import (
@@ -168,7 +174,9 @@ def config_from(args: argparse.Namespace) -> Config:
     """The one config of a command: the environment's, then the flags it was given (a
     command has only its own flags; the others read as not given)."""
     flag = vars(args).get
-    config = Config.from_env()
+    # `serve` runs "auto" unless told; an embedded Server, the gateway in its process.
+    serves = "gateway_processes" in vars(args)
+    config = Config.from_env(gateway_processes_default=SERVE_GATEWAY_PROCESSES if serves else None)
     config = config.with_overrides(
         **_given(
             store=flag("store") or None,

@@ -1,14 +1,16 @@
 """The whole server: the gRPC core and a WebSocket gateway in front of it.
 
-    config = Config().with_overrides(grpc_port=0, ws_port=0, gateway_processes=0)
+    config = Config().with_overrides(grpc_port=0, ws_port=0)
     async with Server(config) as server:
-        ... server.gateway.url, server.core.grpc_address, server.dashboard.login_url ...
+        ... server.gateway.url (server.ws_port), server.core.grpc_address,
+        server.dashboard.login_url ...
 
 This is what `car-grpc serve` runs. The gateway runs in the core's process
-(`server.gateway`), or with `gateway_processes` N > 0 in N processes of its own that share
-the WebSocket port (gateway/process.py; `server.gateway` is then None): each still reaches
-the core over gRPC, as any gateway does. The default, "auto", is 1 where the server may run
-on 2 CPUs or more, else 0 (config.py `serve_gateway_processes`). To scale out further, run
+(`server.gateway`: GatewayConfig's default, 0), or with `gateway_processes` N > 0 in N
+processes of its own that share the WebSocket port (gateway/process.py; `server.gateway`
+is then None): each still reaches the core over gRPC, as any gateway does. "auto", which
+`car-grpc serve` runs unless told (config.py SERVE_GATEWAY_PROCESSES), is 1 where the
+server may run on 2 CPUs or more, else 0 (`serve_gateway_processes`). To scale out further, run
 the core alone (`Core`, `car-grpc core`) and any number of `Gateway`s (`car-grpc gateway
 --core ADDR`).
 """
@@ -49,6 +51,14 @@ class Server:
         self._listeners: list[socket.socket] = []
         #: Created by start() unless the dashboard is off: a host client of the core.
         self.dashboard: Dashboard | None = None
+
+    @property
+    def ws_port(self) -> int:
+        """The WebSocket port (the one picked with ws_port=0), its gateway's or the one its
+        gateway processes share; 0 before start()."""
+        if self.gateway is not None:
+            return self.gateway.ws_port
+        return self._listeners[0].getsockname()[1] if self._listeners else 0
 
     async def start(self) -> None:
         """Start the core (store, tokens, gRPC port), then the gateway's listeners and

@@ -69,8 +69,11 @@ def test_a_bad_value_is_refused_precisely(raw: str) -> None:
 
 
 def test_the_default_the_environment_and_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Config().gateway.gateway_processes == "auto"
     monkeypatch.delenv("CAR_GATEWAY_PROCESSES", raising=False)
+    # The embedded API's default is the gateway in the caller's process
+    # (tests/test_embedded_gateway.py); "auto" is `car-grpc serve`'s.
+    assert Config().gateway.gateway_processes == 0
+    assert Config.from_env().gateway.gateway_processes == 0
     serve = build_parser().parse_args(["serve"])
     assert config_from(serve).gateway.gateway_processes == "auto"
     monkeypatch.setenv("CAR_GATEWAY_PROCESSES", "0")
