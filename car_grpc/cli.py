@@ -295,17 +295,42 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     config = config_from(args)
     if args.unix_socket is None:  # several gateways may run side by side: none by default
         config = config.with_overrides(unix_socket=None)
-    token: str | None = None
+    token: TokenFile | None = None
     if args.core_token_file is not None:
+        token = TokenFile(args.core_token_file)
         try:
-            token = args.core_token_file.read_text().strip()
+            token.read()
         except OSError as e:
             print(f"car-grpc: gateway: cannot read --core-token-file: {e}", file=sys.stderr)
             return 1
-        if not token:
-            print(f"car-grpc: gateway: {args.core_token_file} holds no token", file=sys.stderr)
+        except ValueError as e:
+            print(f"car-grpc: gateway: {e}", file=sys.stderr)
             return 1
     return _run(Gateway(config.gateway, args.core, core_token=token))
+
+
+class TokenFile:
+    """The core's daemon token in a file (--core-token-file), read again each time the
+    gateway opens a multiplexed stream: a core that restarted wrote its new token there.
+    While the file is missing or empty (the core is between runs) the last one stands."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._last = ""
+
+    def read(self) -> str:
+        """The token in the file now (OSError: unreadable; ValueError: empty)."""
+        token = self.path.read_text().strip()
+        if not token:
+            raise ValueError(f"{self.path} holds no token")
+        self._last = token
+        return token
+
+    def __call__(self) -> str:
+        try:
+            return self.read()
+        except (OSError, ValueError):
+            return self._last
 
 
 def _cmd_voice_engine(args: argparse.Namespace) -> int:
@@ -474,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="the core's daemon token, read from PATH (its auth-token file): the gateway then "
         "carries its connections over shared multiplexed streams, and does not start if the "
-        "core refuses the token",
+        "core refuses the token; PATH is read again whenever the gateway reconnects (a core "
+        "that restarted writes its new token there)",
     )
     _add_ws_flags(gateway, "none", "default: plaintext")
     gateway.set_defaults(func=_cmd_gateway)

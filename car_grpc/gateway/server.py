@@ -22,7 +22,7 @@ import os
 import socket
 import ssl
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +115,14 @@ class Gateway:
         *,
         listeners: Sequence[socket.socket] = (),
         announce: bool = True,
-        core_token: str | None = None,
+        core_token: str | Callable[[], str] | None = None,
     ) -> None:
         self.config = config
         self.core_address = core_address
-        #: The core's daemon token ("" when the core runs with auth off): with it the
-        #: gateway may carry its connections over ConnectMultiplexed streams (None: a
-        #: ConnectBatched stream per connection).
+        #: The core's daemon token ("" when the core runs with auth off), or what reads it
+        #: (each time a multiplexed stream is opened: a core that restarted has a new one):
+        #: with it the gateway may carry its connections over ConnectMultiplexed streams
+        #: (None: a ConnectBatched stream per connection).
         self._core_token = core_token
         self._multiplexer: Multiplexer | None = None
         self._mux_channel: grpc.aio.Channel | None = None
@@ -186,9 +187,12 @@ class Gateway:
             request_serializer=batch.serialize,
             response_deserializer=session_pb2.ConnectBatchedResponse.FromString,
         )
-        if self._core_token is not None and config.ws_multiplex_streams > 0:
-            token = self._core_token
-            metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if (core_token := self._core_token) is not None and config.ws_multiplex_streams > 0:
+
+            def metadata() -> tuple[tuple[str, str], ...]:
+                token = core_token() if callable(core_token) else core_token
+                return (("authorization", f"Bearer {token}"),) if token else ()
+
             # A channel of their own: the shared streams keep gRPC's window probing (their
             # sessions' credits, not the stream window, bound what a slow client holds).
             self._mux_channel = tls.core_channel(
