@@ -53,3 +53,18 @@ async def test_the_gateway_listens_on_every_address_of_its_host(
         count, counted = serve_gateway_processes(gateway_processes(processes))
         assert f"serve: gateway processes: {count} ({counted})" in server.log
         assert await server.terminate() == 0, server.log
+
+
+@pytest.mark.parametrize("processes", ["0", "1"])
+async def test_a_taken_port_is_named(tmp_path: Path, processes: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        flags = ("--no-dashboard", "--gateway-processes", processes)
+        async with car_grpc_serve(tmp_path / "home", *flags, "--port", str(busy)) as server:
+            assert await server.wait(30) == 1, server.log
+    said = (
+        f"error while attempting to bind on address ('127.0.0.1', {busy}): address already in use"
+    )
+    assert f"car-grpc: [Errno 98] {said}" in server.lines, server.log

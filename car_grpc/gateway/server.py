@@ -91,7 +91,13 @@ def _bind(family: int, address: tuple[Any, ...]) -> socket.socket | None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does
         if family == socket.AF_INET6:  # "::" takes IPv6 alone: IPv4 has its own socket
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address)
+        try:
+            sock.bind(address)
+        except OSError as e:  # said as asyncio says it: with the address
+            reason = (e.strerror or str(e)).lower()
+            raise OSError(
+                e.errno, f"error while attempting to bind on address {address!r}: {reason}"
+            ) from None
         sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
