@@ -61,7 +61,8 @@ async def test_a_taken_port_is_named(tmp_path: Path, processes: str) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        flags = ("--no-dashboard", "--gateway-processes", processes)
+        # (No A2A port beside it: by default the WebSocket port + 3, which may be taken.)
+        flags = ("--no-dashboard", "--a2a-port", "0", "--gateway-processes", processes)
         async with car_grpc_serve(tmp_path / "home", *flags, "--port", str(busy)) as server:
             assert await server.wait(30) == 1, server.log
     said = (
