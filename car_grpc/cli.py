@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Protocol
 
 from car_grpc.a2a.callers import A2aCallers
-from car_grpc.config import Config, CoreConfig, GatewayProcesses, gateway_processes
+from car_grpc.config import (
+    SERVE_GATEWAY_PROCESSES,
+    Config,
+    CoreConfig,
+    GatewayProcesses,
+    gateway_processes,
+)
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.heap import freeze_startup_heap, keep_large_buffers
 from car_grpc.store import (
@@ -168,7 +174,9 @@ def config_from(args: argparse.Namespace) -> Config:
     """The one config of a command: the environment's, then the flags it was given (a
     command has only its own flags; the others read as not given)."""
     flag = vars(args).get
-    config = Config.from_env()
+    # `serve` runs "auto" unless told; an embedded Server, the gateway in its process.
+    serves = "gateway_processes" in vars(args)
+    config = Config.from_env(gateway_processes_default=SERVE_GATEWAY_PROCESSES if serves else None)
     config = config.with_overrides(
         **_given(
             store=flag("store") or None,
@@ -189,7 +197,7 @@ def config_from(args: argparse.Namespace) -> Config:
             cluster_secret=flag("cluster_secret") or None,
             cluster_lease=flag("cluster_lease"),
             multiplex_stream_bytes=flag("multiplex_stream_bytes"),
-            ws_host=flag("host") or None,
+            ws_host=flag("host"),  # "" is every interface
             ws_port=flag("port"),
             unix_socket=flag("unix_socket"),
             ws_tls_cert=flag("tls_cert"),
@@ -207,7 +215,11 @@ def config_from(args: argparse.Namespace) -> Config:
 
 
 def _add_ws_flags(p: argparse.ArgumentParser, unix_default: str, core_ca_default: str) -> None:
-    p.add_argument("--host", help="WebSocket listen address (default 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        help="WebSocket listen address: an IP address, a name (each of its addresses) or '' "
+        "(every interface) (default 127.0.0.1)",
+    )
     p.add_argument("--port", type=int, help="WebSocket port (default 9100; 0 picks a free one)")
     p.add_argument(
         "--unix-socket",
@@ -283,17 +295,42 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     config = config_from(args)
     if args.unix_socket is None:  # several gateways may run side by side: none by default
         config = config.with_overrides(unix_socket=None)
-    token: str | None = None
+    token: TokenFile | None = None
     if args.core_token_file is not None:
+        token = TokenFile(args.core_token_file)
         try:
-            token = args.core_token_file.read_text().strip()
+            token.read()
         except OSError as e:
             print(f"car-grpc: gateway: cannot read --core-token-file: {e}", file=sys.stderr)
             return 1
-        if not token:
-            print(f"car-grpc: gateway: {args.core_token_file} holds no token", file=sys.stderr)
+        except ValueError as e:
+            print(f"car-grpc: gateway: {e}", file=sys.stderr)
             return 1
     return _run(Gateway(config.gateway, args.core, core_token=token))
+
+
+class TokenFile:
+    """The core's daemon token in a file (--core-token-file), read again each time the
+    gateway opens a multiplexed stream: a core that restarted wrote its new token there.
+    While the file is missing or empty (the core is between runs) the last one stands."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._last = ""
+
+    def read(self) -> str:
+        """The token in the file now (OSError: unreadable; ValueError: empty)."""
+        token = self.path.read_text().strip()
+        if not token:
+            raise ValueError(f"{self.path} holds no token")
+        self._last = token
+        return token
+
+    def __call__(self) -> str:
+        try:
+            return self.read()
+        except (OSError, ValueError):
+            return self._last
 
 
 def _cmd_voice_engine(args: argparse.Namespace) -> int:
@@ -462,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="the core's daemon token, read from PATH (its auth-token file): the gateway then "
         "carries its connections over shared multiplexed streams, and does not start if the "
-        "core refuses the token",
+        "core refuses the token; PATH is read again whenever the gateway reconnects (a core "
+        "that restarted writes its new token there)",
     )
     _add_ws_flags(gateway, "none", "default: plaintext")
     gateway.set_defaults(func=_cmd_gateway)

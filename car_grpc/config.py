@@ -10,7 +10,6 @@ mutates a config once built: a component keeps the one it was given.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -51,6 +50,9 @@ CAPABILITIES = frozenset(
 )
 
 
+#: The gateway processes of `car-grpc serve` when neither --gateway-processes nor
+#: CAR_GATEWAY_PROCESSES says (GatewayConfig's default, for an embedding program, is 0).
+SERVE_GATEWAY_PROCESSES: GatewayProcesses = "auto"
 #: Most gateway processes `car-grpc serve` starts.
 MAX_GATEWAY_PROCESSES = 64
 #: How many gateway processes `car-grpc serve` runs beside the core's: a number, or "auto"
@@ -90,25 +92,18 @@ def usable_cpus(cpu_max: Path = CPU_MAX) -> int:
     return cpus
 
 
-def serve_gateway_processes(
-    setting: GatewayProcesses, host: str = "127.0.0.1", cpus: int | None = None
-) -> tuple[int, str]:
-    """The gateway processes `car-grpc serve` runs for `setting` on WebSocket host `host`,
-    and how that was decided (its log says both). "auto" is 1 where the server may run on
-    2 CPUs or more (`cpus`, else `usable_cpus()`): the gateway then has a CPU of its own,
-    which serves many clients at once faster (bench/README.md, Throughput) for a little
-    more latency of one client; on one CPU it is 0, the gateway in the core's process. It
-    is 0 as well when `host` is not one IP address (a name, or "" for every interface):
-    gateway processes share one listening socket of one address (gateway/process.py),
-    where the core's own gateway listens on every address the name has."""
+def serve_gateway_processes(setting: GatewayProcesses, cpus: int | None = None) -> tuple[int, str]:
+    """The gateway processes `car-grpc serve` runs for `setting`, and how that was decided
+    (its log says both). "auto" is 1 where the server may run on 2 CPUs or more (`cpus`,
+    else `usable_cpus()`): the gateway then has a CPU of its own, which serves many
+    clients at once faster (bench/README.md, Throughput) for a little more latency of one
+    client; on one CPU it is 0, the gateway in the core's process. Gateway processes
+    listen on every address of the WebSocket host, as the core's own gateway would
+    (gateway/server.py `listen`), so the host does not matter."""
     if isinstance(setting, int):
         return setting, "as set"
     if setting != "auto":
         raise ValueError(f"gateway_processes: a number or 'auto', got {setting!r}")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return 0, f"auto, host {host!r} is not one IP address"
     if cpus is None:
         cpus = usable_cpus()
     return (1 if cpus >= 2 else 0), f"auto, {cpus} CPU{'' if cpus == 1 else 's'}"
@@ -406,11 +401,14 @@ class GatewayConfig:
     ws_write_limit: int = 64 * 1024
     #: How long closing a WebSocket may take before the TCP connection is dropped.
     ws_close_timeout: float = 10.0
-    #: Gateway processes `car-grpc serve` runs beside the core's (--gateway-processes,
+    #: Gateway processes a `Server` runs beside the core's (--gateway-processes,
     #: CAR_GATEWAY_PROCESSES), sharing the WebSocket port; 0: the gateway runs in the
-    #: core's process; "auto": 1 where the server may run on 2 CPUs or more, else 0
-    #: (`serve_gateway_processes`). See README (Processes and throughput).
-    gateway_processes: GatewayProcesses = "auto"
+    #: core's process (`server.gateway`), what an embedding program gets unless it asks;
+    #: "auto": 1 where the server may run on 2 CPUs or more, else 0
+    #: (`serve_gateway_processes`), what `car-grpc serve` runs unless told
+    #: (SERVE_GATEWAY_PROCESSES).
+    #: See README (Processes and throughput).
+    gateway_processes: GatewayProcesses = 0
     #: ConnectMultiplexed streams a gateway that holds the daemon token (the one `car-grpc
     #: serve` runs) carries all its connections over, instead of a ConnectBatched stream
     #: each; 0: a stream each (as a gateway without the token always does).
@@ -460,15 +458,19 @@ class Config:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
     @classmethod
-    def from_env(cls) -> Config:
+    def from_env(cls, *, gateway_processes_default: GatewayProcesses | None = None) -> Config:
         """The defaults, with what the environment sets (docs/protocol.md: CAR_NO_AUTH,
         CAR_NO_APPROVALS, CAR_TOOL_TIMEOUT, CAR_HANDLER_TIMEOUT, CAR_APPROVAL_TIMEOUT,
-        CAR_GATED_METHODS, CAR_STORE, CAR_MULTIPLEX_STREAM_BYTES; CAR_HOME through the path
-        defaults)."""
+        CAR_GATED_METHODS, CAR_STORE, CAR_MULTIPLEX_STREAM_BYTES, CAR_GATEWAY_PROCESSES;
+        CAR_HOME through the path defaults). `gateway_processes_default` stands in for
+        GatewayConfig's when CAR_GATEWAY_PROCESSES is unset (`car-grpc serve` passes
+        SERVE_GATEWAY_PROCESSES)."""
         defaults = CoreConfig()
         overrides: dict[str, object] = {
             "gated_methods": defaults.gated_methods | _env_methods("CAR_GATED_METHODS")
         }
+        if gateway_processes_default is not None:
+            overrides["gateway_processes"] = gateway_processes_default
         if _env_flag("CAR_NO_AUTH"):
             overrides["auth"] = False
         if _env_flag("CAR_NO_APPROVALS"):

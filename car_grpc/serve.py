@@ -1,14 +1,16 @@
 """The whole server: the gRPC core and a WebSocket gateway in front of it.
 
-    config = Config().with_overrides(grpc_port=0, ws_port=0, gateway_processes=0)
+    config = Config().with_overrides(grpc_port=0, ws_port=0)
     async with Server(config) as server:
-        ... server.gateway.url, server.core.grpc_address, server.dashboard.login_url ...
+        ... server.gateway.url (server.ws_port), server.core.grpc_address,
+        server.dashboard.login_url ...
 
 This is what `car-grpc serve` runs. The gateway runs in the core's process
-(`server.gateway`), or with `gateway_processes` N > 0 in N processes of its own that share
-the WebSocket port (gateway/process.py; `server.gateway` is then None): each still reaches
-the core over gRPC, as any gateway does. The default, "auto", is 1 where the server may run
-on 2 CPUs or more, else 0 (config.py `serve_gateway_processes`). To scale out further, run
+(`server.gateway`: GatewayConfig's default, 0), or with `gateway_processes` N > 0 in N
+processes of its own that share the WebSocket port (gateway/process.py; `server.gateway`
+is then None): each still reaches the core over gRPC, as any gateway does. "auto", which
+`car-grpc serve` runs unless told (config.py SERVE_GATEWAY_PROCESSES), is 1 where the
+server may run on 2 CPUs or more, else 0 (`serve_gateway_processes`). To scale out further, run
 the core alone (`Core`, `car-grpc core`) and any number of `Gateway`s (`car-grpc gateway
 --core ADDR`).
 """
@@ -25,7 +27,8 @@ from car_grpc.config import Config, serve_gateway_processes
 from car_grpc.core.server import Core
 from car_grpc.dashboard import Dashboard
 from car_grpc.gateway import Gateway
-from car_grpc.gateway.process import GatewayProcess, listen
+from car_grpc.gateway.process import GatewayProcess
+from car_grpc.gateway.server import listen
 from car_grpc.store import Store
 
 log = logging.getLogger(__name__)
@@ -38,16 +41,24 @@ class Server:
         #: Gateway processes to run beside the core's ("auto" decided here, once), and how
         #: that was decided, for the log.
         self.gateway_process_count, self._counted = serve_gateway_processes(
-            config.gateway.gateway_processes, config.gateway.ws_host
+            config.gateway.gateway_processes
         )
         #: Created by start(), once the core's port is known (in this process).
         self.gateway: Gateway | None = None
         #: Or, with gateway_processes > 0, the gateway processes (the first announces)
-        #: and the listening socket they share.
+        #: and the listening sockets they share (one per address of the host).
         self.gateway_processes: list[GatewayProcess] = []
-        self._listener: socket.socket | None = None
+        self._listeners: list[socket.socket] = []
         #: Created by start() unless the dashboard is off: a host client of the core.
         self.dashboard: Dashboard | None = None
+
+    @property
+    def ws_port(self) -> int:
+        """The WebSocket port (the one picked with ws_port=0), its gateway's or the one its
+        gateway processes share; 0 before start()."""
+        if self.gateway is not None:
+            return self.gateway.ws_port
+        return self._listeners[0].getsockname()[1] if self._listeners else 0
 
     async def start(self) -> None:
         """Start the core (store, tokens, gRPC port), then the gateway's listeners and
@@ -94,14 +105,14 @@ class Server:
         """Bind the WebSocket port here, then start the gateway processes on it one after
         another (the first also serves the Unix socket)."""
         config = self.config.gateway
-        listener = self._listener = listen(config)
+        listeners = self._listeners = listen(config.ws_host, config.ws_port)
         for i in range(self.gateway_process_count):
             if i > 0:
                 config = replace(config, unix_socket=None)
             process = GatewayProcess(
                 config,
                 self.core.grpc_address,
-                listener,
+                listeners,
                 announce=i == 0,
                 core_token=self._core_token(),
             )
@@ -119,9 +130,9 @@ class Server:
             self.gateway = None
         processes, self.gateway_processes = self.gateway_processes, []
         await asyncio.gather(*(p.stop() for p in processes))
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
         await self.core.stop()
 
     async def __aenter__(self) -> Server:

@@ -15,7 +15,7 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from tests.postgres_server import PostgresServer
-from tests.ws_helpers import running
+from tests.ws_helpers import running, stopped
 
 #: `CAR_TEST_STORE=postgresql ./dev test` runs every core that make_config configures (the
 #: in-process ones) on a database of its own on the session's PostgreSQL server instead of
@@ -79,7 +79,7 @@ async def core(config: Config) -> AsyncIterator[Core]:
     try:
         yield core
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0), "the core's stop")
 
 
 @pytest.fixture

@@ -20,19 +20,9 @@ from tests.ws_helpers import rpc
     [(1, (0, "auto, 1 CPU")), (2, (1, "auto, 2 CPUs")), (64, (1, "auto, 64 CPUs"))],
 )
 def test_auto_is_one_gateway_process_from_two_cpus(cpus: int, expected: tuple[int, str]) -> None:
-    assert serve_gateway_processes("auto", "127.0.0.1", cpus) == expected
-    assert serve_gateway_processes("auto", "::1", cpus) == expected
-
-
-@pytest.mark.parametrize("host", ["", "localhost", "example.internal"])
-def test_auto_keeps_the_gateway_in_the_core_for_a_host_that_is_not_one_address(
-    host: str,
-) -> None:
-    # Gateway processes share one socket of one address; a name may have several.
-    assert serve_gateway_processes("auto", host, 64) == (
-        0,
-        f"auto, host {host!r} is not one IP address",
-    )
+    # Whatever the host: gateway processes listen on each of its addresses
+    # (tests/test_gateway_processes_hosts.py).
+    assert serve_gateway_processes("auto", cpus) == expected
 
 
 @pytest.mark.parametrize(
@@ -52,13 +42,13 @@ def test_auto_counts_no_more_cpus_than_the_cgroup_quota_allows(
 def test_auto_counts_the_cpus_this_process_may_run_on(tmp_path: Path) -> None:
     assert usable_cpus(tmp_path / "absent") == len(os.sched_getaffinity(0))
     cpus = usable_cpus()
-    assert serve_gateway_processes("auto") == serve_gateway_processes("auto", "127.0.0.1", cpus)
+    assert serve_gateway_processes("auto") == serve_gateway_processes("auto", cpus)
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 64])
 @pytest.mark.parametrize("cpus", [1, 2])
 def test_a_number_is_taken_as_set(count: int, cpus: int) -> None:
-    assert serve_gateway_processes(count, "localhost", cpus) == (count, "as set")
+    assert serve_gateway_processes(count, cpus) == (count, "as set")
 
 
 def test_a_setting_that_is_neither_a_number_nor_auto_is_refused() -> None:
@@ -79,8 +69,11 @@ def test_a_bad_value_is_refused_precisely(raw: str) -> None:
 
 
 def test_the_default_the_environment_and_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Config().gateway.gateway_processes == "auto"
     monkeypatch.delenv("CAR_GATEWAY_PROCESSES", raising=False)
+    # The embedded API's default is the gateway in the caller's process
+    # (tests/test_embedded_gateway.py); "auto" is `car-grpc serve`'s.
+    assert Config().gateway.gateway_processes == 0
+    assert Config.from_env().gateway.gateway_processes == 0
     serve = build_parser().parse_args(["serve"])
     assert config_from(serve).gateway.gateway_processes == "auto"
     monkeypatch.setenv("CAR_GATEWAY_PROCESSES", "0")

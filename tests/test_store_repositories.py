@@ -377,6 +377,19 @@ async def test_goal_status_and_evaluations(store: Store, other: Store) -> None:
     assert await goals.get("gone") is None
 
 
+async def test_goal_updates_of_an_owner_leave_another_owners_goal_alone(
+    store: Store, other: Store
+) -> None:
+    theirs = await put_goal(store.goals, "s", "theirs", 2, owner="agent:b")
+    event = chats_pb2.ChatEvent(kind="goal_evaluated", iteration=1, met=True, reason="mine")
+    await store.goals.record_evaluation("s", event, MET, owner="host")
+    await store.goals.set_status("s", MET, "done", owner="host")
+    assert await other.goals.get("s") == theirs
+    await store.goals.set_status("s", RUNNING, owner="agent:b")  # its owner's update lands
+    got = await other.goals.get("s")
+    assert got is not None and got.status == RUNNING
+
+
 async def test_goals_listed_cleared_and_reset_after_restart(store: Store, other: Store) -> None:
     goals = store.goals
     for session_id in ("c", "a", "b"):

@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from websockets.utils import apply_mask
@@ -35,6 +35,22 @@ __all__ = [
 ]
 
 
+#: How long a fixture's stop of a server may take before its test fails saying so.
+STOP_BOUND = 20.0
+
+
+async def stopped(stop: Awaitable[None], what: str) -> None:
+    """Await `stop` (a server's stop), failing the test clearly past STOP_BOUND. The bound
+    is an asyncio timeout, so it fires in this coroutine: pytest-timeout's alarm lands
+    wherever the main thread is, and inside grpc.aio's callbacks it can be swallowed,
+    leaving the xdist worker hung with every later result."""
+    try:
+        async with asyncio.timeout(STOP_BOUND):
+            await stop
+    except TimeoutError:
+        raise AssertionError(f"{what} did not return within {STOP_BOUND:g} s") from None
+
+
 @contextlib.asynccontextmanager
 async def running(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
     """A core and a gateway in front of it, both on ephemeral loopback ports; the gateway
@@ -50,8 +66,10 @@ async def running(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
         await gateway.start()
         yield core, gateway
     finally:
-        await gateway.stop()
-        await core.stop(grace=0)
+        try:
+            await stopped(gateway.stop(), "the gateway's stop")
+        finally:
+            await stopped(core.stop(grace=0), "the core's stop")
 
 
 def daemon_token(core: Core) -> str:

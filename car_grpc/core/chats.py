@@ -154,6 +154,9 @@ class Chat:
     events: EventBuffer[chats_pb2.ChatEventNotice | bytes]
     #: The stored goal's status when the chat began (None: no stored goal to follow).
     goal_before: GoalStatus | None
+    #: Whose goal it follows (GoalScope.filter of its host; None: the daemon's, any
+    #: owner's): its writes leave alone a goal another caller set on the session_id since.
+    goal_owner: str | None = None
     accepted: bool = False
     #: Why the chat ended before the agent's ack was in.
     lost: str | None = None
@@ -270,12 +273,15 @@ class Chats:
             host=host,
             events=EventBuffer(limit, stall, limit_bytes=self.limits.buffer_bytes),
             goal_before=stored.status if stored is not None else None,
+            goal_owner=owner,
         )
         self._route(chat)
         if stored is not None:
             self._write_goal(
                 session_id,
-                lambda: self.goals.set_status(session_id, chats_pb2.GOAL_STATUS_RUNNING),
+                lambda: self.goals.set_status(
+                    session_id, chats_pb2.GOAL_STATUS_RUNNING, owner=owner
+                ),
             )
         request = chats_pb2.AgentChatRequest(
             session_id=session_id,
@@ -551,9 +557,11 @@ class Chats:
             chat.evaluated = True
             chat.met = event.met
             status = chats_pb2.GOAL_STATUS_MET if event.met else chats_pb2.GOAL_STATUS_RUNNING
-            sid, copy = chat.session_id, chats_pb2.ChatEvent()
+            sid, owner, copy = chat.session_id, chat.goal_owner, chats_pb2.ChatEvent()
             copy.CopyFrom(event)
-            self._write_goal(sid, lambda: self.goals.record_evaluation(sid, copy, status))
+            self._write_goal(
+                sid, lambda: self.goals.record_evaluation(sid, copy, status, owner=owner)
+            )
         elif event.kind in TERMINAL_KINDS:
             self._settle_goal(chat, event.kind)
 
@@ -561,15 +569,15 @@ class Chats:
         if chat.goal_before is None:
             return
         status = goal_status_after(kind, chat.evaluated, chat.met)
-        sid = chat.session_id
-        self._write_goal(sid, lambda: self.goals.set_status(sid, status, kind))
+        sid, owner = chat.session_id, chat.goal_owner
+        self._write_goal(sid, lambda: self.goals.set_status(sid, status, kind, owner=owner))
 
     def _restore_goal(self, chat: Chat) -> None:
         """The chat never started: its goal goes back to the status it had."""
         if chat.goal_before is None:
             return
-        before, sid = chat.goal_before, chat.session_id
-        self._write_goal(sid, lambda: self.goals.set_status(sid, before))
+        before, sid, owner = chat.goal_before, chat.session_id, chat.goal_owner
+        self._write_goal(sid, lambda: self.goals.set_status(sid, before, owner=owner))
 
     # -------------------------------------------------------------- goal book
 

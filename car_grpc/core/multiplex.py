@@ -13,6 +13,12 @@ takes every frame queued by then itself when it builds its next message, as one 
 within the session's credits (a pull the credits hold keeps its place until the
 gateway's acknowledgement wakes the writer). A frame with nothing queued before it is
 written at once (`try_write`). Neither awaits: no cancellation can leave a write halfway.
+
+What waits to be written is bounded as well: while more than the stream's bytes bound
+(multiplex_stream_bytes) of records wait for the gateway to read them, the stream reads
+no further record from it. Sessions' credits bound each session's records, but not those
+of sessions that end (their end records, and answers) nor of sessions refused, which a
+gateway that does not read would otherwise make pile up without end.
 """
 
 from __future__ import annotations
@@ -171,7 +177,11 @@ class SessionChannel:
             queue.task_done()
         if not queue.empty():
             self._pull()  # past one batch's bounds: the rest in the next batch
-        return self._record(batch.encode(frames)) if frames else b""
+        if not frames:
+            return b""
+        record = self._record(batch.encode(frames))
+        self._stream.made(record)
+        return record
 
     def try_write(self, data: bytes) -> bool:
         """A batch into the stream's next message at once: False (nothing written) when
@@ -218,6 +228,11 @@ class MultiplexedStream:
         self.inbound_bytes = 0
         self.limit_bytes = service.multiplex_stream_bytes
         self._ready = asyncio.Event()
+        #: Bytes of records made and not yet taken by the writer; past limit_bytes the
+        #: reader waits for `_drained` (the gateway must read for the core to read on).
+        self.backlog_bytes = 0
+        self._drained = asyncio.Event()
+        self._paused_once = False  # said in the log (once a stream)
         self._closing = False  # no session is left: the writer ends once all is written
         #: Work to run once the next message is written (after_written).
         self._after_write: list[Callable[[], None]] = []
@@ -228,8 +243,29 @@ class MultiplexedStream:
         return self.inbound_bytes + self.owed.bytes
 
     def send(self, record: bytes | multiplex.Pull) -> None:
+        if isinstance(record, bytes):  # a pull counts once its record is made (made())
+            self.backlog_bytes += len(record)
         self._records.append(record)
         self._ready.set()
+
+    def made(self, record: bytes) -> None:
+        """A pull made `record`, into the message being built (counted as sent ones are)."""
+        self.backlog_bytes += len(record)
+
+    async def _read_on(self) -> None:
+        """Return once the records waiting for the gateway are within the bound."""
+        if self.backlog_bytes <= self.limit_bytes:
+            return
+        if not self._paused_once:
+            self._paused_once = True
+            log.warning(
+                "multiplexed stream from %s: %d bytes wait for the gateway to read them"
+                " (at most %d): reading paused until it does",
+                self.peer, self.backlog_bytes, self.limit_bytes,
+            )  # fmt: skip
+        while self.backlog_bytes > self.limit_bytes:
+            self._drained.clear()
+            await self._drained.wait()
 
     def wake(self) -> None:
         self._ready.set()
@@ -283,6 +319,7 @@ class MultiplexedStream:
         while (message := await self.context.read()) is not grpc.aio.EOF:
             assert isinstance(message, session_pb2.ConnectMultiplexedRequest)
             for part in message.sessions:
+                await self._read_on()
                 if (entry := self._session_for(part)) is None:
                     continue
                 channel, task = entry
@@ -369,6 +406,9 @@ class MultiplexedStream:
         out, more = multiplex.next_records(self._records)
         if more:
             self._ready.set()
+        self.backlog_bytes -= sum(map(len, out))
+        if self.backlog_bytes <= self.limit_bytes:
+            self._drained.set()
         # Otherwise they wait for their sessions' next records (wire/multiplex.py).
         if self.owed.due or self._closing:
             out += self.owed.records()

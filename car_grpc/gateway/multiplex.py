@@ -398,13 +398,17 @@ class Multiplexer:
     """Opens sessions over `streams` ConnectMultiplexed streams of one channel."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, streams: int, metadata: tuple[tuple[str, str], ...]
+        self,
+        channel: grpc.aio.Channel,
+        streams: int,
+        metadata: Callable[[], tuple[tuple[str, str], ...]],
     ) -> None:
         self._open_stream = channel.stream_stream(
             _CONNECT_MULTIPLEXED,
             request_serializer=batch.serialize,
             response_deserializer=session_pb2.ConnectMultiplexedResponse.FromString,
         )
+        #: The metadata of each stream opened (its token read anew each time).
         self._metadata = metadata
         self._streams: list[_Stream | None] = [None] * streams
         self._next_key = 0
@@ -417,7 +421,7 @@ class Multiplexer:
     def _stream(self, slot: int) -> _Stream:
         stream = self._streams[slot]
         if stream is None or stream.failed:
-            stream = self._streams[slot] = _Stream(self._open_stream(metadata=self._metadata))
+            stream = self._streams[slot] = _Stream(self._open_stream(metadata=self._metadata()))
         return stream
 
     async def check(self) -> None:

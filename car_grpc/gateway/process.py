@@ -1,15 +1,16 @@
 """A gateway in a process of its own, beside the core: how `car-grpc serve` uses a second
 CPU core (the GIL keeps one Python process on one).
 
-The parent binds the WebSocket port once (`listen`); each `GatewayProcess` starts
-`python -m car_grpc.gateway.process` with that listening socket, writes the gateway's
+The parent binds the WebSocket port once (server.py `listen`: a socket per address of the
+host, as the gateway of the core's process listens); each `GatewayProcess` starts
+`python -m car_grpc.gateway.process` with those listening sockets, writes the gateway's
 config (pickled) on its stdin and keeps that pipe open. The child says on stdout when it
 serves, and logs to the same stderr as its parent (one log). It stops, closing its
 connections as a gateway does, when the pipe closes (the parent stopped it, or died: no
 gateway outlives its core) or on SIGTERM/SIGINT.
 
-Several gateway processes accept on the one socket, and whichever is free takes the next
-connection. The socket is shared rather than bound by each with SO_REUSEPORT, which
+Several gateway processes accept on the same sockets, and whichever is free takes the next
+connection. The sockets are shared rather than bound by each with SO_REUSEPORT, which
 would let a second server started by mistake on the same port take half of the
 connections without a word: here it fails with "address already in use", as it should.
 """
@@ -24,10 +25,11 @@ import signal
 import socket
 import struct
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from car_grpc.config import GatewayConfig
-from car_grpc.gateway.server import LISTEN_BACKLOG, Gateway
+from car_grpc.gateway.server import Gateway
 from car_grpc.heap import freeze_startup_heap, keep_large_buffers
 
 log = logging.getLogger(__name__)
@@ -45,30 +47,13 @@ class _Orders:
 
     config: GatewayConfig
     core_address: str
-    #: The listening socket's descriptor in the child.
-    listener_fd: int
+    #: The listening sockets' descriptors in the child (one per address).
+    listener_fds: tuple[int, ...]
     #: Log its listening lines (the first process does; the others share its port).
     announce: bool
     #: The core's daemon token, for ConnectMultiplexed (Gateway's core_token; it travels
     #: in the pipe, never on a command line).
     core_token: str | None = None
-
-
-def listen(config: GatewayConfig) -> socket.socket:
-    """The gateway's TCP listener, for its processes to share (OSError when the port is
-    taken)."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        config.ws_host, config.ws_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does
-        sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class GatewayProcess:
@@ -78,12 +63,14 @@ class GatewayProcess:
         self,
         config: GatewayConfig,
         core_address: str,
-        listener: socket.socket,
+        listeners: Sequence[socket.socket],
         *,
         announce: bool,
         core_token: str | None = None,
     ) -> None:
-        self._orders = _Orders(config, core_address, listener.fileno(), announce, core_token)
+        self._orders = _Orders(
+            config, core_address, tuple(s.fileno() for s in listeners), announce, core_token
+        )
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -96,7 +83,7 @@ class GatewayProcess:
         proc = self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "car_grpc.gateway.process",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            pass_fds=(self._orders.listener_fd,),
+            pass_fds=self._orders.listener_fds,
         )  # fmt: skip
         assert proc.stdin is not None and proc.stdout is not None
         orders = self._orders  # as a tuple: the child runs this module as __main__
@@ -104,7 +91,7 @@ class GatewayProcess:
             (
                 orders.config,
                 orders.core_address,
-                orders.listener_fd,
+                orders.listener_fds,
                 orders.announce,
                 orders.core_token,
             )
@@ -145,11 +132,10 @@ async def _serve(orders: _Orders) -> None:
     # The parent's pipe: end of file when the parent closes it or dies.
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    listener = socket.socket(fileno=orders.listener_fd)
     gateway = Gateway(
         orders.config,
         orders.core_address,
-        listener=listener,
+        listeners=[socket.socket(fileno=fd) for fd in orders.listener_fds],
         announce=orders.announce,
         core_token=orders.core_token,
     )

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
 import ssl
 import stat
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,64 @@ log = logging.getLogger(__name__)
 LISTEN_BACKLOG = 4096
 
 
+def listen(host: str, port: int) -> list[socket.socket]:
+    """The gateway's TCP listeners: one socket per address `host` stands for, as asyncio's
+    create_server binds them ("": every interface, IPv4 and IPv6; a name: each address it
+    resolves to), all on one port (`port` 0: the one the first picks). OSError when the
+    port is taken. Gateway processes share these sockets (process.py)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    addresses = list(dict.fromkeys((family, address) for family, _, _, _, address in infos))
+    for attempt in range(_PORT_ATTEMPTS):
+        sockets: list[socket.socket] = []
+        try:
+            for family, address in addresses:
+                if sockets and port == 0:  # the port the first one picked, for every address
+                    address = (address[0], sockets[0].getsockname()[1], *address[2:])
+                if (sock := _bind(family, address)) is not None:
+                    sockets.append(sock)
+        except OSError as e:
+            for sock in sockets:
+                sock.close()
+            # With port 0, the first address's pick may be taken on another: pick again.
+            repick = port == 0 and sockets and e.errno == errno.EADDRINUSE
+            if not repick or attempt == _PORT_ATTEMPTS - 1:
+                raise
+            continue
+        if not sockets:
+            raise OSError(f"no address of {host!r} can be listened on")
+        return sockets
+    raise AssertionError("unreachable")
+
+
+#: Picks of a free port for every address of a host before listen() gives up.
+_PORT_ATTEMPTS = 8
+
+
+def _bind(family: int, address: tuple[Any, ...]) -> socket.socket | None:
+    """A socket listening on `address`; None when this system has no such family (an
+    IPv6 address where IPv6 is off), which asyncio skips as well."""
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+        return None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does
+        if family == socket.AF_INET6:  # "::" takes IPv6 alone: IPv4 has its own socket
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:  # said as asyncio says it: with the address
+            reason = (e.strerror or str(e)).lower()
+            raise OSError(
+                e.errno, f"error while attempting to bind on address {address!r}: {reason}"
+            ) from None
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class CoreCheckFailed(OSError):
     """The gateway cannot serve through the core: it refuses the gateway's token, or is
     unavailable (the message says which)."""
@@ -59,21 +119,22 @@ class Gateway:
         config: GatewayConfig,
         core_address: str,
         *,
-        listener: socket.socket | None = None,
+        listeners: Sequence[socket.socket] = (),
         announce: bool = True,
-        core_token: str | None = None,
+        core_token: str | Callable[[], str] | None = None,
     ) -> None:
         self.config = config
         self.core_address = core_address
-        #: The core's daemon token ("" when the core runs with auth off): with it the
-        #: gateway may carry its connections over ConnectMultiplexed streams (None: a
-        #: ConnectBatched stream per connection).
+        #: The core's daemon token ("" when the core runs with auth off), or what reads it
+        #: (each time a multiplexed stream is opened: a core that restarted has a new one):
+        #: with it the gateway may carry its connections over ConnectMultiplexed streams
+        #: (None: a ConnectBatched stream per connection).
         self._core_token = core_token
         self._multiplexer: Multiplexer | None = None
         self._mux_channel: grpc.aio.Channel | None = None
-        #: A listening TCP socket to serve instead of binding ws_host:ws_port (one that
-        #: several gateway processes share).
-        self._listener = listener
+        #: Listening TCP sockets to serve instead of binding ws_host:ws_port (`listen`'s,
+        #: which several gateway processes share).
+        self._listeners = listeners
         #: Log the listening lines (one of several gateways on a port does).
         self._announce = announce
         #: The bound TCP port (useful with ws_port=0), known after start().
@@ -132,9 +193,12 @@ class Gateway:
             request_serializer=batch.serialize,
             response_deserializer=session_pb2.ConnectBatchedResponse.FromString,
         )
-        if self._core_token is not None and config.ws_multiplex_streams > 0:
-            token = self._core_token
-            metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if (core_token := self._core_token) is not None and config.ws_multiplex_streams > 0:
+
+            def metadata() -> tuple[tuple[str, str], ...]:
+                token = core_token() if callable(core_token) else core_token
+                return (("authorization", f"Bearer {token}"),) if token else ()
+
             # A channel of their own: the shared streams keep gRPC's window probing (their
             # sessions' credits, not the stream window, bound what a slow client holds).
             self._mux_channel = tls.core_channel(
@@ -144,12 +208,16 @@ class Gateway:
                 self._mux_channel, config.ws_multiplex_streams, metadata
             )
             await self._check_core_token()
-        if self._listener is not None:
-            tcp = await self._serve(sock=self._listener, ssl=self._ssl)
-        else:
-            tcp = await self._serve(host=config.ws_host, port=config.ws_port, ssl=self._ssl)
-        self._servers.append(tcp)
-        self.ws_port = tcp.sockets[0].getsockname()[1]
+        unserved = list(self._listeners) or listen(config.ws_host, config.ws_port)
+        self.ws_port = unserved[0].getsockname()[1]
+        try:
+            while unserved:  # each served is closed by its server
+                self._servers.append(await self._serve(sock=unserved[0], ssl=self._ssl))
+                del unserved[0]
+        finally:
+            if not self._listeners:  # bound here: close what was not served
+                for sock in unserved:
+                    sock.close()
         if self._announce:
             log.info("gateway: WebSocket listening on %s (core %s)", self.url, self.core_address)
         if config.unix_socket is not None:

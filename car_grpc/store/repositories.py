@@ -227,17 +227,23 @@ class GoalStore(Protocol):
         session_id: str,
         status: chats_pb2.GoalStatus.ValueType,
         terminal_kind: str | None = None,
+        *,
+        owner: str | None = None,
     ) -> None:
-        """Move the goal to `status`; `terminal_kind` is recorded when given, else kept."""
+        """Move the goal to `status`; `terminal_kind` is recorded when given, else kept.
+        With `owner`, only that owner's goal (a chat moves the goal of its host's scope,
+        not one another caller set on the session_id meanwhile)."""
 
     async def record_evaluation(
         self,
         session_id: str,
         event: chats_pb2.ChatEvent,
         status: chats_pb2.GoalStatus.ValueType,
+        *,
+        owner: str | None = None,
     ) -> None:
         """Record a goal_evaluated event's iteration, met, grounded and reason (an absent
-        field clears the stored one) and the status."""
+        field clears the stored one) and the status (of `owner`'s goal, as set_status)."""
 
     async def reset_running(self) -> int:
         """After a restart no chat runs any goal: `running` goals become `active`; how many."""

@@ -100,13 +100,17 @@ class PostgresGoalStore:
         session_id: str,
         status: GoalStatus.ValueType,
         terminal_kind: str | None = None,
+        *,
+        owner: str | None = None,
     ) -> None:
+        mine, param = _mine(owner)
+
         async def update(cur: Cursor) -> None:
             await cur.execute(
                 "UPDATE goals SET status = %s,"
                 " terminal_kind = COALESCE(%s::text, terminal_kind),"
-                f" updated_at = %s, {_THIS_CORE} WHERE session_id = %s",
-                (goal_status_name(status), terminal_kind, now_ms(), session_id),
+                f" updated_at = %s, {_THIS_CORE} WHERE session_id = %s{mine}",
+                (goal_status_name(status), terminal_kind, now_ms(), session_id, *param),
             )
 
         await self._db.run(update)
@@ -116,7 +120,10 @@ class PostgresGoalStore:
         session_id: str,
         event: chats_pb2.ChatEvent,
         status: GoalStatus.ValueType,
+        *,
+        owner: str | None = None,
     ) -> None:
+        mine, param = _mine(owner)
         values = (
             goal_status_name(status),
             event.iteration if event.HasField("iteration") else None,
@@ -125,13 +132,14 @@ class PostgresGoalStore:
             event.reason if event.HasField("reason") else None,
             now_ms(),
             session_id,
+            *param,
         )
 
         async def update(cur: Cursor) -> None:
             await cur.execute(
                 "UPDATE goals SET status = %s, last_iteration = %s, last_met = %s,"
                 " last_grounded = %s, last_reason = %s, updated_at = %s,"
-                f" {_THIS_CORE} WHERE session_id = %s",
+                f" {_THIS_CORE} WHERE session_id = %s{mine}",
                 values,
             )
 

@@ -103,12 +103,16 @@ class SqliteGoalStore:
         session_id: str,
         status: GoalStatus.ValueType,
         terminal_kind: str | None = None,
+        *,
+        owner: str | None = None,
     ) -> None:
+        mine, param = _mine(owner)
+
         def update(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE goals SET status = ?, terminal_kind = COALESCE(?, terminal_kind),"
-                " updated_at = ? WHERE session_id = ?",
-                (goal_status_name(status), terminal_kind, now_ms(), session_id),
+                f" updated_at = ? WHERE session_id = ?{mine}",
+                (goal_status_name(status), terminal_kind, now_ms(), session_id, *param),
             )
 
         await self._db.write(update, key=("goal", session_id))
@@ -118,7 +122,10 @@ class SqliteGoalStore:
         session_id: str,
         event: chats_pb2.ChatEvent,
         status: GoalStatus.ValueType,
+        *,
+        owner: str | None = None,
     ) -> None:
+        mine, param = _mine(owner)
         reason = event.reason if event.HasField("reason") else None
         values = (
             goal_status_name(status),
@@ -128,12 +135,13 @@ class SqliteGoalStore:
             reason,
             now_ms(),
             session_id,
+            *param,
         )
 
         def update(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE goals SET status = ?, last_iteration = ?, last_met = ?,"
-                " last_grounded = ?, last_reason = ?, updated_at = ? WHERE session_id = ?",
+                f" last_grounded = ?, last_reason = ?, updated_at = ? WHERE session_id = ?{mine}",
                 values,
             )
 

@@ -1,0 +1,106 @@
+"""What a ConnectMultiplexed stream's records wait for the gateway is bounded too: a
+gateway that sends but does not read cannot make the core pile up the answers and end
+records of session after session (each within its credits, but without end). Past the
+stream's bytes bound (CoreConfig.multiplex_stream_bytes) the core reads no further record
+until the gateway reads; then everything goes on, nothing lost. On a real core over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from car_grpc.config import Config
+from car_grpc.core.server import Core
+from car_grpc.v1 import session_pb2
+from car_grpc.wire import batch, multiplex
+from tests.conftest import make_config
+from tests.test_connect_multiplexed import PATH, _frame
+from tests.ws_helpers import daemon_token
+
+#: The stream's bound here: a few dozen sessions' answers.
+STREAM_BYTES = 4096
+#: Sessions the gateway opens and ends: their answers are far past the bound and the
+#: transport's windows (a few hundred KB).
+SESSIONS = 3000
+#: Sessions opened by one message.
+PER_MESSAGE = 100
+PAUSED = re.compile(r"(\d+) bytes wait for the gateway to read them \(at most (\d+)\)")
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return make_config(tmp_path, multiplex_stream_bytes=STREAM_BYTES)
+
+
+class _Said(logging.Handler):
+    """The core's log lines that match PAUSED, as they come (the core runs in this loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[re.Match[str]] = []
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if match := PAUSED.search(record.getMessage()):
+            self.found.append(match)
+            self.event.set()
+
+
+@pytest.fixture
+def said() -> Iterator[_Said]:
+    handler = _Said()
+    logger = logging.getLogger("car_grpc.core.multiplex")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+async def test_a_gateway_that_does_not_read_stops_being_read(core: Core, said: _Said) -> None:
+    # Small fixed windows on this side, as car-grpc's gateway keeps for its other streams.
+    options = [("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(core.grpc_address, options=options) as channel:
+        call = channel.stream_stream(
+            PATH,
+            request_serializer=batch.serialize,
+            response_deserializer=session_pb2.ConnectMultiplexedResponse.FromString,
+        )(metadata=(("authorization", f"Bearer {daemon_token(core)}"),))
+        # Sessions that each ask once (unauthenticated: refused) and end at once.
+        ask = batch.encode([_frame("1", "tools_list")])
+
+        async def send() -> None:
+            for first in range(0, SESSIONS, PER_MESSAGE):
+                keys = range(first, first + PER_MESSAGE)
+                await call.write(b"".join(multiplex.record(k, ask, end=True) for k in keys))
+
+        sending = asyncio.create_task(send())
+        try:
+            try:
+                async with asyncio.timeout(30):
+                    await said.event.wait()  # the core paused reading, holding no more than:
+            except TimeoutError:
+                pytest.fail("the core read on while the answers for the gateway piled up")
+            held, bound = map(int, said.found[0].groups())
+            # Past the bound by at most what sessions opened before the pause still said
+            # (those of one message here, each an answer and an end record).
+            assert bound == STREAM_BYTES and held <= STREAM_BYTES + PER_MESSAGE * 128
+
+            ended: set[int] = set()
+            async with asyncio.timeout(60):  # read now: the core reads on, to the end
+                while len(ended) < SESSIONS:
+                    message = await call.read()
+                    assert isinstance(message, session_pb2.ConnectMultiplexedResponse)
+                    ended |= {part.session for part in message.sessions if part.end}
+                await sending
+            assert ended == set(range(SESSIONS))
+            assert len(said.found) == 1  # said once a stream
+        finally:
+            sending.cancel()
+            call.cancel()
