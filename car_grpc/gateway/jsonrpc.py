@@ -424,20 +424,27 @@ def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Mess
     body = getattr(frame, binding.field)
     body.SetInParent()
     params = message.get("params")
+    turns = turn_text.NOT_READ
     try:
         # A chat event (a token: the hot path) is read with its JSON text for the host's
-        # notification in one pass where it can be (chat_text.py), else by the codec.
-        if not (binding.field == _CHAT_EVENT and shallow and chat_text.read_event(params, body)):
+        # notification in one pass where it can be (chat_text.py), and so are a batch of
+        # run turns and their texts (turn_text.py); else the codec reads them.
+        if binding.field == _RECORD_TURNS:
+            turns = turn_text.read_turns(params, body)
+        if turns == turn_text.NOT_READ and not (
+            binding.field == _CHAT_EVENT and shallow and chat_text.read_event(params, body)
+        ):
             codec.params_to_message(params, body, binding.bare_field)
     except (ValueError, TypeError, RecursionError) as e:
         msg, data = _params_error(e)
         msg = api.params_usage(body.DESCRIPTOR) or msg  # e.g. runs.record_turns
         return _refuse(is_request, client_id, error_object(INVALID_PARAMS, msg, data))
-    if binding.deep and not shallow and _too_deep(frame):
+    deep = binding.deep and not shallow and turns != turn_text.READ_FLAT
+    if deep and _too_deep(frame):
         msg = f"invalid params: nested more than {MAX_PROTO_DEPTH} levels deep"
         return _refuse(is_request, client_id, error_object(INVALID_PARAMS, msg))
-    if binding.field == _RECORD_TURNS:
-        _add_turn_texts(message.get("params"), body)
+    if binding.field == _RECORD_TURNS and turns == turn_text.NOT_READ:
+        _add_turn_texts(params, body)
     return Message(frame=frame, client_id=client_id, answered=is_request, notice=notice)
 
 
