@@ -346,11 +346,18 @@ _PARAMS_TEXT_FIELD = runs_pb2.RunTraceEvent.DESCRIPTOR.fields_by_name["params_te
 _STATUS_ENUM = runs_pb2.RunStatus.DESCRIPTOR
 
 
+_TRACE_EVENT_TAG = batch.varint(_TRACE_EVENT_FIELD << 3 | 2)
+_PARAMS_TEXT_TAG = batch.varint(_PARAMS_TEXT_FIELD << 3 | 2)
+
+
 def _text_event(params: str) -> bytes:
     """The serialized ServerFrame `runs_trace_event` of the event whose JSON params are
     `params`, for car-grpc's gateway (RunTraceEvent.params_text alone)."""
-    event = batch.length_delimited(_PARAMS_TEXT_FIELD, params.encode())
-    return batch.length_delimited(_TRACE_EVENT_FIELD, event)
+    # In one join, not two nested length_delimited (256 events a batch).
+    body = params.encode()
+    size = batch.varint(len(body))
+    event_size = batch.varint(len(_PARAMS_TEXT_TAG) + len(size) + len(body))
+    return b"".join((_TRACE_EVENT_TAG, event_size, _PARAMS_TEXT_TAG, size, body))
 
 
 def _trace_event(head: bytes, record: runs_pb2.RunRecord, cursor: int) -> bytes:
