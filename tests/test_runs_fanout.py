@@ -90,7 +90,7 @@ def test_stored_turns_are_the_records_serialized(first_index: int, timestamp: in
     full = _full_turn()
     full.ClearField("index")  # as capped() leaves every turn
     turns = [full, runs_pb2.RunTurn(), runs_pb2.RunTurn(prompt="é" * 100)]
-    stored = turn_records(turns, first_index, timestamp)
+    stored = turn_records([turn.SerializeToString() for turn in turns], first_index, timestamp)
     assert (stored.timestamp, stored.first_index) == (timestamp, first_index)
     head = runs_pb2.RunTraceEvent(run_id="r", agent_id="a").SerializeToString()
     for i, (turn, data) in enumerate(zip(turns, stored.records, strict=True)):

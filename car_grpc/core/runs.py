@@ -208,20 +208,17 @@ _TURN_TAG = batch.varint(runs_pb2.RunRecord.DESCRIPTOR.fields_by_name["turn"].nu
 _INDEX_TAG = batch.varint(runs_pb2.RunTurn.DESCRIPTOR.fields_by_name["index"].number << 3)
 
 
-def turn_records(
-    turns: Sequence[runs_pb2.RunTurn], first_index: int, timestamp: int
-) -> StoredTurns:
-    """The turns' records as stored (kind turn, `timestamp`, each turn's index from
-    `first_index`; the turns have none of their own, capped() clears it): each turn's
+def turn_records(turns: Sequence[bytes], first_index: int, timestamp: int) -> StoredTurns:
+    """The records of serialized turns as stored (kind turn, `timestamp`, each turn's index
+    from `first_index`; the turns have none of their own, capped() clears it): each turn's
     bytes with its index before them, not a copy of the turn in a RunRecord serialized
     again (a third of the cost; bench/README.md, turns5). The index is RunTurn's first
     field and the turn RunRecord's last set, so this is the bytes serializing gives."""
     head = runs_pb2.RunRecord(record=TURN, timestamp=timestamp).SerializeToString() + _TURN_TAG
     varint = batch.varint
     records = []
-    for i, turn in enumerate(turns):
+    for i, data in enumerate(turns):
         index = varint(first_index + i)
-        data = turn.SerializeToString()
         size = varint(len(_INDEX_TAG) + len(index) + len(data))
         records.append(b"".join((head, size, _INDEX_TAG, index, data)))
     return StoredTurns(records, timestamp, first_index)
@@ -710,11 +707,13 @@ class Runs:
         # Each turn's JSON as the gateway wrote it: trusted from car-grpc's gateway only.
         given = req.turn_texts if session.bridged and len(req.turn_texts) == len(req.turns) else ()
         texts: list[str | None] = []
+        turns: list[bytes] = []  # each capped turn, serialized
         for i, turn in enumerate(req.turns):
             defaulted = bool(given) and not turn.HasField("verifier_verdict")
-            outcome = capped(turn)
+            outcome, data = capped(turn)
             if outcome == TOO_LARGE:
                 return _dropped(run_id, runs_pb2.RUN_DROP_REASON_TURN_TOO_LARGE)
+            turns.append(data)
             if given:
                 texts.append(_turn_members(given[i], defaulted, turn) if outcome == KEPT else None)
         run = self.live.get(run_id)
@@ -723,7 +722,6 @@ class Runs:
             if row is None or not may_write(session, row.agent_id):
                 return _dropped(run_id, runs_pb2.RUN_DROP_REASON_RUN_NOT_FOUND)
             return _dropped(run_id, runs_pb2.RUN_DROP_REASON_RUN_TERMINAL)
-        turns = req.turns
 
         async def append() -> runs_pb2.RecordTurnsResponse | Reply:
             if not may_write(session, run.agent_id):
