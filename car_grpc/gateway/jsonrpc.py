@@ -381,12 +381,15 @@ def decode(text: str | bytes, callbacks: Mapping[str, str], first_id: int | None
         return Decoded(error=_invalid(f"batch of more than {MAX_BATCH} entries"))
     except ValueError as e:
         return Decoded(error=error_response(None, error_object(PARSE_ERROR, f"parse error: {e}")))
-    shallow = _shallow(text)
     if not isinstance(message, list):
-        decoded = Decoded([_message(message, callbacks, shallow)])
+        # A runs.record_turns is checked for depth unless its turns are read flat
+        # (turn_text.read_turns): no need to count its brackets (two passes over the frame).
+        turns = type(message) is dict and message.get("method") == _RECORD_TURNS_METHOD
+        decoded = Decoded([_message(message, callbacks, not turns and _shallow(text))])
     elif not message:
         return Decoded(error=_invalid("empty batch"))
     else:
+        shallow = _shallow(text)
         decoded = Decoded([_message(m, callbacks, shallow) for m in message], batch=True)
     if first_id is not None:
         gids = (str(n) for n in itertools.count(first_id))
@@ -449,6 +452,7 @@ def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Mess
 
 
 _RECORD_TURNS = "runs_record_turns"
+_RECORD_TURNS_METHOD = api.CLIENT_MEMBERS[_RECORD_TURNS].method
 _CHAT_EVENT = "agent_chat_event"
 
 
