@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
+from websockets.asyncio.client import ClientConnection, connect
 
 from bench import summary
 from car_grpc.config import CoreConfig
@@ -41,8 +43,13 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2, session_pb2_grpc, state_pb2, tools_pb2
 from car_grpc.wire import codec
 from car_grpc.wire.errors import CarError
+from tests.processes import car_grpc_serve
 
-ROUND_TRIPS = 500
+#: The headline's blocks: BLOCKS rounds of a block of BLOCK operations of each kind.
+BLOCKS = 24
+BLOCK = 40
+#: Operations of each kind before any is measured.
+WARMUP = 100
 WIDTH = 200
 #: Rounds of the interleaved part (each: a state.get, a proposal, two state.gets).
 ROUNDS = 800
@@ -101,6 +108,78 @@ class LeanClient:
             await self._reader
 
 
+class LeanWsClient:
+    """`LeanClient` over a WebSocket (JSON-RPC text frames), for a server's gateway: its
+    read loop matches answers to the requests waiting on them and answers each
+    `tools.execute` itself, at once (output `1`). Requests take ready-made JSON text with
+    `%d` for the id (the same text every time: no encoding measured but the id's)."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self._ids = 0
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.callbacks = 0
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        waiting, send = self._waiting, self.ws.send
+        async for text in self.ws:
+            message = json.loads(text)
+            if "method" not in message:
+                if (future := waiting.pop(message.get("id"), None)) is not None:
+                    future.set_result(message)
+            elif message["method"] == "tools.execute":
+                self.callbacks += 1
+                await send(
+                    f'{{"jsonrpc":"2.0","id":{json.dumps(message["id"])},"result":{{"output":1}}}}'
+                )
+
+    async def request(self, template: str, timeout: float = 10) -> dict[str, Any]:
+        """Send `template % id` and wait for its answer's result."""
+        self._ids += 1
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[self._ids] = future
+        async with asyncio.timeout(timeout):
+            await self.ws.send(template % self._ids)
+            answer = await future
+        if "result" not in answer:
+            raise RuntimeError(f"error answer: {answer}")
+        return answer["result"]  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader
+        await self.ws.close()
+
+
+#: The JSON-RPC texts of the operations measured over WebSocket (`LeanWsClient.request`).
+WS_STATE_GET = '{"jsonrpc":"2.0","id":%d,"method":"state.get","params":{"key":"k"}}'
+WS_PROPOSAL = (
+    '{"jsonrpc":"2.0","id":%d,"method":"proposal.submit","params":{"proposal":'
+    '{"actions":[{"id":"a","type":"tool_call","tool":"t"}]}}}'
+)
+
+
+async def lean_ws_connect(url: str) -> LeanWsClient:
+    """A `LeanWsClient` on the gateway at `url` (auth off), past auth and the handshake."""
+    ws = await connect(url, ping_interval=None, compression=None, max_size=None)
+    for request in (
+        {"jsonrpc": "2.0", "id": 0, "method": "session.auth", "params": {}},
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "server.handshake",
+            "params": {"protocol_version": 3, "client_version": "bench"},
+        },
+    ):
+        await ws.send(json.dumps(request))
+        answer = json.loads(await ws.recv())
+        if "result" not in answer:
+            raise RuntimeError(f"session did not open: {answer}")
+    return LeanWsClient(ws)
+
+
 async def _lean_connect(
     channel: grpc.aio.Channel, token: str, kind: type[LeanClient] = LeanClient
 ) -> LeanClient:
@@ -117,27 +196,6 @@ def _submit(actions: list[dict[str, Any]]) -> tools_pb2.SubmitProposalRequest:
     req = tools_pb2.SubmitProposalRequest()
     codec.json_to_message({"proposal": {"actions": actions}}, req)
     return req
-
-
-async def _p(client: LeanClient, member: str, message: Any) -> list[float]:
-    times = []
-    for _ in range(ROUND_TRIPS):
-        start = time.perf_counter()
-        await client.request(member, message)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-async def _two(client: LeanClient, request: state_pb2.GetStateRequest) -> list[float]:
-    """Two round trips one after the other: what a proposal with one callback costs on
-    the stream before any proposal work (its submit and answer, the callback and its)."""
-    times = []
-    for _ in range(ROUND_TRIPS):
-        start = time.perf_counter()
-        await client.request("state_get", request)
-        await client.request("state_get", request)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 async def _callbacks_per_second(
@@ -214,33 +272,98 @@ async def lean_session(kind: type[LeanClient] = LeanClient) -> AsyncIterator[Lea
             await core.stop(grace=0)
 
 
-async def _run() -> None:
-    async with lean_session() as client:
-        get = state_pb2.GetStateRequest(key="k")
-        base = await _p(client, "state_get", get)
-        one = _submit([{"id": "a", "type": "tool_call", "tool": "t"}])
-        calls = await _p(client, "proposal_submit", one)
-        floor = await _two(client, get)
-        (b50, _), (c50, c99), (f50, _) = map(_quantiles, (base, calls, floor))
+Op = Callable[[], Awaitable[object]]
+
+
+async def _blocks(ops: dict[str, Op]) -> dict[str, float]:
+    """p50 in us of each operation of `ops`, measured in blocks of BLOCK of one kind one
+    after the other (as a client doing one thing at a time does them: what is left of
+    one runs into the next of its own kind), the blocks alternated, BLOCKS rounds of
+    every kind in a rotating order, so that each sees the same load on a shared machine."""
+    times: dict[str, list[float]] = {kind: [] for kind in ops}
+    order = list(ops)
+    clock = time.perf_counter
+    for i in range(BLOCKS):
+        for kind in order[i % len(order) :] + order[: i % len(order)]:
+            op, samples = ops[kind], times[kind]
+            for _ in range(BLOCK):
+                start = clock()
+                await op()
+                samples.append(clock() - start)
+    return {kind: statistics.median(t) * 1e6 for kind, t in times.items()}
+
+
+def _two(op: Op) -> Op:
+    async def two() -> None:
+        await op()
+        await op()
+
+    return two
+
+
+async def _served() -> list[summary.Figure]:
+    """The headline: `car-grpc serve` as it runs by default (its core in a process of its
+    own; on 2 CPUs or more the gateway in another), a LeanClient on the core's gRPC port
+    and a LeanWsClient on the gateway, both in this process; a state.get, a proposal
+    and two state.gets through each, in alternated blocks (`_blocks`)."""
+    with tempfile.TemporaryDirectory() as home:
+        async with car_grpc_serve(home, "--no-auth", "--no-dashboard") as server:
+            grpc_address, url = await server.listeners(2, timeout=60)
+            async with grpc.aio.insecure_channel(grpc_address) as channel:
+                client = await _lean_connect(channel, "")
+                ws = await lean_ws_connect(url)
+                try:
+                    get = state_pb2.GetStateRequest(key="k")
+                    one = _submit([{"id": "a", "type": "tool_call", "tool": "t"}])
+
+                    def state_get() -> Awaitable[object]:
+                        return client.request("state_get", get)
+
+                    def ws_get() -> Awaitable[object]:
+                        return ws.request(WS_STATE_GET)
+
+                    ops: dict[str, Op] = {
+                        "get": state_get,
+                        "proposal": lambda: client.request("proposal_submit", one),
+                        "two": _two(state_get),
+                        "ws get": ws_get,
+                        "ws proposal": lambda: ws.request(WS_PROPOSAL),
+                        "ws two": _two(ws_get),
+                    }
+                    for op in ops.values():  # warm-up
+                        for _ in range(WARMUP):
+                            await op()
+                    p50 = await _blocks(ops)
+                finally:
+                    await ws.close()
+                    await client.close()
+    figures = []
+    for via, name in (("", "over gRPC"), ("ws ", "over WebSocket, via the gateway")):
+        base, proposal, two = (p50[via + kind] for kind in ("get", "proposal", "two"))
         print(
-            f"round trip: p50 {c50:.3f} ms, p99 {c99:.3f} ms "
-            f"({c50 / b50:.2f}x a state.get at p50 {b50:.3f} ms)"
+            f"car-grpc serve, {name}: p50 state.get {base:.0f} us, proposal {proposal:.0f} "
+            f"us ({proposal / base:.2f}x), two state.gets {two:.0f} us ({two / base:.2f}x); "
+            f"the proposal is {proposal / two:.2f}x its floor"
         )
-        print(
-            f"floor, two state.gets in a row: p50 {f50:.3f} ms ({f50 / b50:.2f}x one); "
-            f"the proposal is {c50 / f50:.2f}x its floor"
-        )
-        summary.report(
+        figures.append(
             summary.at_most(
-                "proposal with one tool callback, p50",
-                f"{c50:.3f} ms",
-                c50 / b50,
+                "proposal with one tool callback, p50"
+                + (", via the gateway (WebSocket)" if via else ""),
+                f"{proposal / 1000:.3f} ms",
+                proposal / base,
                 2,
                 "a state.get",
-                floor=f50 / b50,
+                floor=two / base,
             )
         )
+    return figures
 
+
+async def _run() -> None:
+    figures = await _served()
+    async with lean_session() as client:
+        get = state_pb2.GetStateRequest(key="k")
+        one = _submit([{"id": "a", "type": "tool_call", "tool": "t"}])
         wide = _submit([{"id": f"a{i}", "type": "tool_call", "tool": "t"} for i in range(WIDTH)])
         rate = await _callbacks_per_second(client, wide)
         print(f"wide ({WIDTH} independent): {rate:.0f} callbacks/s")
@@ -259,6 +382,7 @@ async def _run() -> None:
         rate = await _callbacks_per_second(client, chain)
         print(f"chain ({WIDTH} dependent): {rate:.0f} callbacks/s")
         await _interleaved(client, get, one)
+    summary.report(*figures)
 
 
 def main() -> None:

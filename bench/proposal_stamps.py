@@ -2,7 +2,7 @@
 
 An in-process core and bench_proposals' LeanClient; a few of the core's functions are
 wrapped to note when each step is reached (the read loop's `_handle`, `proposals.plan`,
-`ClientSession._send_call` and `resolve`, the answer's `_send`), and the client's read
+`ClientSession.send`, `_write_call_now` and `resolve`, the answer's `_send`), and the client's read
 loop notes when it reads the callback, answers it and reads the response. Prints the
 median time of each step from the request's start, over N operations. Not part of
 `python -m bench`; a diagnostic (the wrapping costs a little at every step).
@@ -57,7 +57,7 @@ def _instrument() -> None:
     )
     _wrap_async(ClientSession, "send", lambda *_: "tools.execute queued")
     _wrap_async(grpc_service.SessionStream, "_send", lambda *_: "the response's write")
-    plan, resolve = proposals.plan, ClientSession.resolve
+    plan, resolve, write_now = proposals.plan, ClientSession.resolve, ClientSession._write_call_now
 
     def planned(proposal: Any) -> proposals.Plan:
         _stamp("the handler starts (plan)")
@@ -67,8 +67,13 @@ def _instrument() -> None:
         _stamp("the core resolves the answer")
         return resolve(self, frame)
 
+    def written(self: ClientSession, data: bytes) -> bool:
+        _stamp("tools.execute written at once (or not: queued)")
+        return write_now(self, data)
+
     proposals.plan = planned
     ClientSession.resolve = resolved  # type: ignore[method-assign]
+    ClientSession._write_call_now = written  # type: ignore[method-assign]
 
 
 class StampingClient(bench_proposals.LeanClient):

@@ -1,16 +1,25 @@
-"""A/B of the core's CPU per proposal, from several source trees at once, in alternated windows.
+"""A/B of proposals with one tool callback, from several source trees at once, in
+alternated windows.
 
-Each tree's core runs in a process of its own (importing the tree first: PYTHONPATH), and
-one client process (bench_proposals' LeanClient, one session on each core) gives each in
+Each arm is a tree's server in a process (or processes) of its own, importing the tree first
+(PYTHONPATH), and one client of this process on it: one client process gives each arm in
 turn, window after window (the order reversed every other window), 400 proposals with one
-tool callback and 400 pairs of state.gets, alternately. For each window: the core's CPU
-per operation (every thread of its process, /proc/PID/task/*/schedstat: nanoseconds, not
-the ticks of /proc/PID/stat) and the p50 of each. What it prints per tree: the core's CPU
-per proposal above its floor (the two state.gets), median and range over the windows,
-and the median ratio of the proposal's p50 to the two state.gets'. The client's own CPU is
-not counted (it is the same code for every tree). Not part of `python -m bench`.
+tool callback and 400 pairs of state.gets, alternately. An arm is either
 
-    cd /tmp && PYTHONPATH=/path/to/checkout python -m bench.proposals_ab WINDOWS TREE...
+- `TREE`: the tree's core alone in a process of its own, bench_proposals' LeanClient on it
+  over gRPC (SessionService.Connect), or
+- `TREE,FLAG,...`: `car-grpc serve FLAG...` of the tree (auth off, no dashboard), e.g.
+  `TREE,--gateway-processes,1`, and bench_proposals' LeanWsClient on its gateway (JSON-RPC
+  over WebSocket): the path of a WebSocket client of the default server.
+
+For each window: the server's CPU per operation (every thread, /proc/PID/task/*/schedstat:
+nanoseconds, not the ticks of /proc/PID/stat), split into its first process (the core) and
+the rest (gateway processes), and the p50 of each. What it prints per arm: the CPU per
+proposal above its floor (the two state.gets), median and range over the windows, the
+p50s and the median ratio of the proposal's p50 to the two state.gets'. The client's own
+CPU is not counted (it is the same code for every tree). Not part of `python -m bench`.
+
+    cd /tmp && PYTHONPATH=/path/to/checkout python -m bench.proposals_ab WINDOWS ARM...
 
 A tree is a directory holding `car_grpc`, e.g. an export of main (`git archive main | tar
 -x -C DIR`). Run it from outside any checkout: the current directory comes first on
@@ -20,18 +29,33 @@ sys.path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import grpc
 
-from bench.bench_proposals import LeanClient, _lean_connect, _submit
+from bench.bench_proposals import (
+    WS_PROPOSAL,
+    WS_STATE_GET,
+    _lean_connect,
+    _submit,
+    lean_ws_connect,
+)
+from bench.proc import process_tree
 from car_grpc.v1 import state_pb2
+from tests.processes import EPHEMERAL, car_grpc_argv, cli_env, launch
 
-PER_WINDOW = 400
+#: Operations of each kind per window (AB_PER_WINDOW): fewer, in more windows, for a finer
+#: alternation on a busy machine.
+PER_WINDOW = int(os.environ.get("AB_PER_WINDOW", "400"))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -67,71 +91,139 @@ asyncio.run(serve())
 """
 
 
-async def _window(client: LeanClient, pid: int, kind: str, results: dict[str, list[float]]) -> None:
-    get = state_pb2.GetStateRequest(key="k")
-    one = _submit([{"id": "a", "type": "tool_call", "tool": "t"}])
+@dataclass
+class Arm:
+    """One tree's server and this process's client on it: `get` is one state.get,
+    `proposal` one proposal with one callback; `pid` the server's first process (the
+    core, or the whole server in one process) and `gateway` whether it has others."""
+
+    tree: str
+    pid: int
+    get: Callable[[], Awaitable[object]]
+    proposal: Callable[[], Awaitable[object]]
+    close: Callable[[], Awaitable[None]]
+    results: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+
+def _gateway_cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of every process under `pid`, not counting `pid` itself."""
+    return sum(_cpu_seconds(child) for child in process_tree(pid)[1:])
+
+
+async def _window(arm: Arm, kind: str) -> None:
     times = []
-    cpu = _cpu_seconds(pid)
+    cpu, gateway = _cpu_seconds(arm.pid), _gateway_cpu_seconds(arm.pid)
     for _ in range(PER_WINDOW):
         start = time.perf_counter()
         if kind == "proposal":
-            await client.request("proposal_submit", one)
+            await arm.proposal()
         else:
-            await client.request("state_get", get)
-            await client.request("state_get", get)
+            await arm.get()
+            await arm.get()
         times.append(time.perf_counter() - start)
-    results[kind].append((_cpu_seconds(pid) - cpu) / PER_WINDOW * 1e6)
-    results[kind + " p50"].append(statistics.median(times))
+    arm.results[kind + " times"] += times
+    arm.results[kind].append((_cpu_seconds(arm.pid) - cpu) / PER_WINDOW * 1e6)
+    arm.results[kind + " gateway"].append(
+        (_gateway_cpu_seconds(arm.pid) - gateway) / PER_WINDOW * 1e6
+    )
+    arm.results[kind + " p50"].append(statistics.median(times) * 1e6)
+
+
+async def _core_arm(stack: contextlib.AsyncExitStack, tree: str) -> Arm:
+    """`tree`'s core alone in a process of its own (_SERVE), a LeanClient on it over gRPC."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _SERVE,
+        env={**os.environ, "PYTHONPATH": tree},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+
+    async def stop() -> None:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        await asyncio.wait_for(proc.wait(), 30)
+
+    stack.push_async_callback(stop)
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 60)
+    address, token = line.decode().split()
+    channel = grpc.aio.insecure_channel(address)
+    stack.push_async_callback(channel.close)
+    client = await _lean_connect(channel, token)
+    get = state_pb2.GetStateRequest(key="k")
+    one = _submit([{"id": "a", "type": "tool_call", "tool": "t"}])
+    return Arm(
+        tree,
+        proc.pid,
+        lambda: client.request("state_get", get),
+        lambda: client.request("proposal_submit", one),
+        client.close,
+    )
+
+
+async def _serve_arm(stack: contextlib.AsyncExitStack, tree: str) -> Arm:
+    """`car-grpc serve FLAGS` of `tree` (auth off, ephemeral ports), a LeanWsClient on its
+    gateway (JSON-RPC over WebSocket)."""
+    directory, *flags = tree.split(",")
+    home = stack.enter_context(tempfile.TemporaryDirectory())
+    argv = car_grpc_argv("serve", *EPHEMERAL, "--no-auth", "--no-dashboard", *flags)
+    env = cli_env(home, PYTHONPATH=directory)
+    process = await stack.enter_async_context(launch(argv, env=env, cwd=directory))
+    _, url = await process.listeners(2, timeout=60)
+    client = await lean_ws_connect(url)
+    return Arm(
+        tree,
+        process.proc.pid,
+        lambda: client.request(WS_STATE_GET),
+        lambda: client.request(WS_PROPOSAL),
+        client.close,
+    )
+
+
+def _report(arm: Arm) -> None:
+    r = arm.results
+    above = [p - t for p, t in zip(r["proposal"], r["two"], strict=True)]
+    ratios = [p / t for p, t in zip(r["proposal p50"], r["two p50"], strict=True)]
+    line = (
+        f"{arm.tree}: core CPU per proposal {statistics.median(r['proposal']):.0f} us, per "
+        f"two state.gets {statistics.median(r['two']):.0f} us; above its floor: median "
+        f"{statistics.median(above):.0f} us (windows {min(above):.0f} to {max(above):.0f})"
+    )
+    if any(r["proposal gateway"]):
+        gateway = [p - t for p, t in zip(r["proposal gateway"], r["two gateway"], strict=True)]
+        line += (
+            f"; gateway processes per proposal {statistics.median(r['proposal gateway']):.0f} "
+            f"us, per two state.gets {statistics.median(r['two gateway']):.0f} us, above: "
+            f"{statistics.median(gateway):.0f} us"
+        )
+    proposal, two = (statistics.median(r[kind + " times"]) * 1e6 for kind in ("proposal", "two"))
+    print(
+        f"{line}; p50 (every window's operations) proposal {proposal:.0f} us, two state.gets "
+        f"{two:.0f} us: {proposal / two:.2f}; median of the windows' ratios "
+        f"{statistics.median(ratios):.2f} (windows {min(ratios):.2f} to {max(ratios):.2f})"
+    )
 
 
 async def run(windows: int, trees: list[str]) -> None:
-    procs = []
-    try:
-        for tree in trees:
-            procs.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-c",
-                    _SERVE,
-                    env={**os.environ, "PYTHONPATH": tree},
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
+    async with contextlib.AsyncExitStack() as stack:
         arms = []
-        for proc in procs:
-            assert proc.stdout is not None
-            line = await asyncio.wait_for(proc.stdout.readline(), 60)
-            address, token = line.decode().split()
-            channel = grpc.aio.insecure_channel(address)
-            arms.append((proc.pid, channel, await _lean_connect(channel, token)))
-        results: list[dict[str, list[float]]] = [
-            {"proposal": [], "two": [], "proposal p50": [], "two p50": []} for _ in trees
-        ]
+        for tree in trees:
+            arm = await (_serve_arm if "," in tree else _core_arm)(stack, tree)
+            stack.push_async_callback(arm.close)
+            arms.append(arm)
+        for arm in arms:  # warm-up, not counted
+            for _ in range(100):
+                await arm.proposal()
+                await arm.get()
         for w in range(windows):
-            order = list(range(len(arms)))[:: 1 if w % 2 == 0 else -1]
-            for i in order:
-                pid, _, client = arms[i]
+            for arm in arms[:: 1 if w % 2 == 0 else -1]:
                 for kind in ("two", "proposal") if w % 2 == 0 else ("proposal", "two"):
-                    await _window(client, pid, kind, results[i])
-        for tree, r in zip(trees, results, strict=True):
-            above = [p - t for p, t in zip(r["proposal"], r["two"], strict=True)]
-            ratios = [p / t for p, t in zip(r["proposal p50"], r["two p50"], strict=True)]
-            print(
-                f"{tree}: core CPU per proposal {statistics.median(r['proposal']):.0f} us, per "
-                f"two state.gets {statistics.median(r['two']):.0f} us; above its floor: median "
-                f"{statistics.median(above):.0f} us (windows {min(above):.0f} to "
-                f"{max(above):.0f}); p50 proposal / two state.gets {statistics.median(ratios):.2f}"
-            )
-        for _, channel, client in arms:
-            await client.close()
-            await channel.close()
-    finally:
-        for proc in procs:
-            assert proc.stdin is not None
-            proc.stdin.close()
-            await asyncio.wait_for(proc.wait(), 30)
+                    await _window(arm, kind)
+        for arm in arms:
+            _report(arm)
 
 
 def main() -> None:

@@ -73,6 +73,8 @@ class SessionStream:
             self._channel.attach(self.session.outbound)
             self._channel.take_batch = self._take_batch
             self.session.write_now = self._write_now
+        else:
+            self.session.write_now = self._start_write
         #: In-flight slots free (max_inflight at most), and set when one is freed.
         self._slots = service.max_inflight
         self._slot_freed = asyncio.Event()
@@ -136,6 +138,34 @@ class SessionStream:
         leave halfway. False: not written."""
         assert self._channel is not None
         return self._channel.try_write(batch.encode((data,)))
+
+    def _start_write(self, data: bytes) -> bool:
+        """A frame (a call's request) onto the gRPC stream at once, when nothing is queued
+        or being written before it: the write is started here and finished by callbacks,
+        not awaited by the caller, so that no cancellation of the caller (the request's
+        deadline, an aborted proposal's action) can leave it halfway (grpc.aio does not
+        survive a write abandoned halfway); the write lock is held until it has finished.
+        No hop through the writer task, and no wakeup of the caller once it is written
+        (it waits for the answer anyway). False: not written (the frame goes through the
+        queue)."""
+        lock = self.write_lock
+        if self._more or not self.session.outbound.empty() or not _try_lock(lock):
+            return False
+        write = self.context.write(batch.encode((data,)) if self.batched else data)
+
+        def step(_: object = None) -> None:
+            try:
+                waiting = write.send(None)
+            except BaseException:  # written, or the stream is gone (its read loop ends it)
+                lock.release()
+                return
+            if waiting is None:  # a bare yield: on at the event loop's next turn
+                asyncio.get_running_loop().call_soon(step)
+            else:
+                waiting.add_done_callback(step)
+
+        step()
+        return True
 
     def _take_batch(self, message: session_pb2.ConnectBatchedRequest) -> bool:
         """A batch of a multiplexed session handled as it arrives, from the stream's read
@@ -355,6 +385,17 @@ class SessionStream:
             async with asyncio.timeout(5):
                 await self.session.outbound.join()
         await self.context.abort(grpc.StatusCode.UNAUTHENTICATED, "auth required")
+
+
+def _try_lock(lock: asyncio.Lock) -> bool:
+    """Acquire `lock` when that needs no wait (asyncio.Lock has no acquire_nowait)."""
+    acquire = lock.acquire()
+    try:
+        acquire.send(None)
+    except StopIteration:
+        return True
+    acquire.close()  # it would have waited: its waiters are left as they were
+    return False
 
 
 # ------------------------------------------------------------------ typed RPCs

@@ -138,9 +138,9 @@ class ClientSession:
         self.outbound = OutboundQueue(limits.outbound_frames, limits.outbound_bytes)
         self._callback_ids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[session_pb2.ClientFrame]] = {}
-        #: Set by a stream that can take a serialized frame at once, without waiting (a
-        #: multiplexed session's): writes it when nothing is queued before it; False when
-        #: it did not (the frame then goes through the queue).
+        #: Set by a stream that can take a serialized frame (a call's request) at once,
+        #: without waiting: writes it when nothing is queued before it; False when it did
+        #: not (the frame then goes through the queue).
         self.write_now: Callable[[bytes], bool] | None = None
         self._close_hooks: list[CloseHook] = []
 
@@ -248,7 +248,8 @@ class ClientSession:
         self._pending[cid] = future
         sent = time.perf_counter()
         try:
-            if self._write_call_now(frame):
+            data = (frame if self.bridged else fill_out(frame)).SerializeToString()
+            if self._write_call_now(data) or self.send_now(data):
                 # Only the answer is waited for: a timer on its future is enough (cheaper
                 # than a Timeout around the task), and it raises the same TimeoutError.
                 expiry = loop.call_later(timeout, _expire, future)
@@ -256,9 +257,9 @@ class ClientSession:
                     answer = await future
                 finally:
                     expiry.cancel()
-            else:
+            else:  # the queue is full: wait for room, within the same timeout
                 async with asyncio.timeout(timeout):
-                    await self.send(frame)
+                    await self.send(data)
                     answer = await future
         finally:
             self._pending.pop(cid, None)
@@ -268,12 +269,12 @@ class ClientSession:
             raise CarError.from_proto(answer.error)
         return answer
 
-    def _write_call_now(self, frame: session_pb2.ServerFrame) -> bool:
+    def _write_call_now(self, data: bytes) -> bool:
         """A call's request written at once when the stream can take it (no hop through
         its writer task; the caller waits for the answer anyway); False: not written."""
         if self.write_now is None or self.closed.is_set():
             return False
-        return self.write_now((frame if self.bridged else fill_out(frame)).SerializeToString())
+        return self.write_now(data)
 
     def _check_callable(self) -> None:
         """Raise unless the client can be called now (a stream, room among its pending
