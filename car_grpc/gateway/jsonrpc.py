@@ -654,12 +654,10 @@ class Bridge:
                 ),
             )
         try:
-            params = (
-                body.params_text
-                # An empty text is no params at all: the event is written from its fields.
-                if member in _PARAMS_TEXT and body.params_text
-                else codec.result_to_text(body, binding.bare_field)
-            )
+            # An empty text is no params at all: the event is written from its fields. (The
+            # text read once: each read of a string field makes a new str.)
+            given = body.params_text if member in _PARAMS_TEXT else ""
+            params = given or codec.result_to_text(body, binding.bare_field)
         except ValueError as e:
             log.error("gateway: dropped %s from the core: not strict JSON: %s", binding.method, e)
             return None
