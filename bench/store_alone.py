@@ -39,10 +39,11 @@ WRITERS = (1, 16, 256)
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def turn(i: int) -> runs_pb2.RunRecord:
+def turn(i: int) -> bytes:
+    """A turn record, serialized as the store takes it."""
     record = runs_pb2.RunRecord(record=runs_pb2.RUN_RECORD_KIND_TURN, timestamp=i)
     record.turn.prompt = f"step {i}: " + "look at the failing test and decide " * 12
-    return record
+    return record.SerializeToString()
 
 
 def thread_cpu() -> dict[str, float]:

@@ -13,6 +13,7 @@ from car_grpc.core.run_turns import (
     TURN_REPLACED,
     cap_text,
     cap_turn,
+    capped,
     json_size,
 )
 from car_grpc.v1 import runs_pb2
@@ -111,3 +112,20 @@ def test_escapes_count_towards_the_turn_size() -> None:
     assert turn.ByteSize() < TURN_CAP
     assert json_size(turn) > TURN_CAP
     assert not cap_turn(turn)
+
+
+def test_capped_gives_the_turn_it_leaves_serialized() -> None:
+    """capped's bytes (what the store keeps) are the turn it leaves: kept, cut, or
+    replaced by the marker; none when the turn cannot be stored."""
+    kept = runs_pb2.RunTurn(index=4, prompt="p")
+    cut = runs_pb2.RunTurn(prompt="x" * (FIELD_CAP + 10))
+    replaced = runs_pb2.RunTurn(
+        prompt="p" * (2 * FIELD_CAP), cli_outcome=to_value("c" * (TURN_CAP - 6000))
+    )
+    for turn, outcome in ((kept, 0), (cut, 1), (replaced, 1)):
+        got, data = capped(turn)
+        assert got == outcome and runs_pb2.RunTurn.FromString(data) == turn
+        assert not turn.HasField("index") and turn.verifier_verdict == DEFAULT_VERDICT
+    assert replaced.prompt == TURN_REPLACED
+    too_large = runs_pb2.RunTurn(cli_outcome=to_value("z" * TURN_CAP))
+    assert capped(too_large) == (2, b"")

@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from car_grpc.core.runs import COMPLETED, ENDED, IN_PROGRESS, STARTED, TURN, _trace_event
+from car_grpc.core.runs import (
+    COMPLETED,
+    ENDED,
+    IN_PROGRESS,
+    STARTED,
+    TURN,
+    _trace_event,
+    _turn_event,
+    turn_records,
+)
 from car_grpc.v1 import runs_pb2, session_pb2
 from car_grpc.wire.codec import to_value
 from car_grpc.wire.twins import fill_out
@@ -70,3 +79,24 @@ def test_a_turn_needs_no_typed_twins() -> None:
     )
     before = frame.SerializeToString(deterministic=True)
     assert fill_out(frame).SerializeToString(deterministic=True) == before
+
+
+@pytest.mark.parametrize("first_index", [0, 127, 128, 1999])
+@pytest.mark.parametrize("timestamp", [1, 1_764_000_000_000])
+def test_stored_turns_are_the_records_serialized(first_index: int, timestamp: int) -> None:
+    """turn_records puts each stored record together from its turn's bytes: they read as
+    the RunRecord of the turn with its index (what the store kept before), and a typed
+    subscriber's event of them is _trace_event's of that record."""
+    full = _full_turn()
+    full.ClearField("index")  # as capped() leaves every turn
+    turns = [full, runs_pb2.RunTurn(), runs_pb2.RunTurn(prompt="é" * 100)]
+    stored = turn_records([turn.SerializeToString() for turn in turns], first_index, timestamp)
+    assert (stored.timestamp, stored.first_index) == (timestamp, first_index)
+    head = runs_pb2.RunTraceEvent(run_id="r", agent_id="a").SerializeToString()
+    for i, (turn, data) in enumerate(zip(turns, stored.records, strict=True)):
+        expected = runs_pb2.RunRecord(record=TURN, timestamp=timestamp, turn=turn)
+        expected.turn.index = first_index + i
+        assert runs_pb2.RunRecord.FromString(data) == expected
+        assert session_pb2.ServerFrame.FromString(
+            _turn_event(head, data, i + 1)
+        ) == session_pb2.ServerFrame.FromString(_trace_event(head, expected, i + 1))

@@ -99,7 +99,7 @@ async def test_the_store_ends_runs_left_open(tmp_path: Path) -> None:
     runs = store.runs
     row = RunRow("left-open", "bot", "i", None, 1, None, IN_PROGRESS, 0, 1)
     await runs.create(row, runs_pb2.RunRecord(record=STARTED, timestamp=1))
-    await runs.append("left-open", 1, [runs_pb2.RunRecord(record=TURN)])
+    await runs.append("left-open", 1, [runs_pb2.RunRecord(record=TURN).SerializeToString()])
 
     assert await runs.abandon_open(ended_record(INCOMPLETE)) == ["left-open"]
     assert await runs.abandon_open(ended_record(INCOMPLETE)) == []

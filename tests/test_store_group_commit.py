@@ -53,8 +53,9 @@ def reader(path: Path, store: SqliteStore) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
-def turn(at: int) -> runs_pb2.RunRecord:
-    return runs_pb2.RunRecord(record=TURN, timestamp=at)
+def turn(at: int) -> bytes:
+    """A turn record, as the store takes it."""
+    return runs_pb2.RunRecord(record=TURN, timestamp=at).SerializeToString()
 
 
 async def create_runs(store: SqliteStore, count: int) -> list[str]:

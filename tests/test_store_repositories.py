@@ -226,6 +226,11 @@ def record(kind: runs_pb2.RunRecordKind.ValueType, at: int = 1) -> runs_pb2.RunR
     return runs_pb2.RunRecord(record=kind, timestamp=at)
 
 
+def turn(at: int = 1) -> bytes:
+    """A turn record, as `append` takes it (serialized)."""
+    return record(TURN, at).SerializeToString()
+
+
 STARTED, TURN, ENDED_RECORD = (
     runs_pb2.RUN_RECORD_KIND_STARTED,
     runs_pb2.RUN_RECORD_KIND_TURN,
@@ -244,8 +249,8 @@ async def test_a_run_is_created_appended_and_ended(store: Store, other: Store) -
     row = RunRow("r", "bot", "fix it", "tests pass", 7, None, IN_PROGRESS, 0, 1)
     await runs.create(row, record(STARTED, 7))
     assert await other.runs.get("r") == row
-    await runs.append("r", 1, [record(TURN, 8), record(TURN, 9)])
-    await runs.append("r", 3, [record(TURN, 10)])
+    await runs.append("r", 1, [turn(8), turn(9)])
+    await runs.append("r", 3, [turn(10)])
     await runs.end("r", 4, ended(COMPLETED, 11), COMPLETED)
     got = await other.runs.get("r")
     assert got is not None
@@ -265,11 +270,11 @@ async def test_run_writes_that_contradict_the_store_conflict(store: Store) -> No
     with pytest.raises(StoreConflict):
         await runs.create(run_row("r"), record(STARTED))
     with pytest.raises(StoreConflict):  # not at record 1: nothing of the batch is kept
-        await runs.append("r", 2, [record(TURN), record(TURN)])
+        await runs.append("r", 2, [turn(), turn()])
     with pytest.raises(StoreConflict):
         await runs.end("r", 3, ended(COMPLETED, 2), COMPLETED)
     with pytest.raises(StoreConflict):
-        await runs.append("nope", 1, [record(TURN)])
+        await runs.append("nope", 1, [turn()])
     assert await runs.get("r") == run_row("r")
     assert [r.record for r in await runs.records("r", 0, 10)] == [STARTED]
 
@@ -279,7 +284,7 @@ async def test_batches_of_every_size_are_stored_in_order(store: Store, other: St
     await runs.create(run_row("r"), record(STARTED, 0))
     seq = 1
     for size in (1, 3, 255, 256, 600, 2):
-        await runs.append("r", seq, [record(TURN, seq + i) for i in range(size)])
+        await runs.append("r", seq, [turn(seq + i) for i in range(size)])
         seq += size
     got = await other.runs.get("r")
     assert got is not None and (got.turn_count, got.record_count) == (seq - 1, seq)
@@ -308,7 +313,7 @@ async def test_runs_listed_newest_first_and_agents_by_latest_run(store: Store) -
 async def test_runs_left_open_are_ended_once(store: Store, other: Store) -> None:
     runs = store.runs
     await runs.create(run_row("open"), record(STARTED))
-    await runs.append("open", 1, [record(TURN)])
+    await runs.append("open", 1, [turn()])
     await runs.create(run_row("done"), record(STARTED))
     await runs.end("done", 1, ended(COMPLETED, 2), COMPLETED)
     assert await runs.abandon_open(ended(INCOMPLETE, 9)) == ["open"]

@@ -134,6 +134,65 @@ def test_a_malformed_turn_gets_the_codecs_error(turn: JSON, field: str) -> None:
     assert error["code"] == -32602 and error["data"] == {"field": field}
 
 
+def _read_here(turns: list[JSON]) -> tuple[int, runs_pb2.RecordTurnsRequest]:
+    request = runs_pb2.RecordTurnsRequest()
+    return turn_text.read_turns({"run_id": "r", "turns": turns}, request), request
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_turns_read_in_one_pass_are_the_codecs(plain: bool) -> None:
+    """read_turns (the gateway's reading of runs.record_turns) gives the codec's message
+    and turn_texts' texts; a turn it does not read (a float, a large integer) the codec
+    reads, and the frame is then checked for depth as any other."""
+    rng = random.Random(17)
+    turns = [_turn(rng, plain=plain) for _ in range(400)]
+    how, request = _read_here(turns)
+    assert how == (turn_text.READ_FLAT if plain else turn_text.READ)
+    assert list(request.turns) == list(_codec_read(turns).turns) and request.run_id == "r"
+    assert list(request.turn_texts) == turn_text.turn_texts(turns)
+
+
+def _nest(depth: int) -> JSON:
+    """`depth` brackets, objects and arrays in turn."""
+    value: JSON = "x"
+    for level in range(depth):
+        value = {"k": value} if level % 2 else [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [turn_text.FLAT_NESTING - 4, turn_text.FLAT_NESTING - 3, 25, 40])
+def test_turns_nested_deeper_than_flat_are_the_codecs_and_checked(depth: int) -> None:
+    """A turn's free-form value opens brackets from the fifth on (message, params, turns,
+    turn); up to FLAT_NESTING the frame cannot nest past the core's parser and is not
+    checked, deeper the codec reads the turn and decode checks the frame's depth (40
+    brackets of a turn: past upb's limit)."""
+    turns = [{"prompt": "p"}, {"parameters": _nest(depth)}]
+    how, request = _read_here(turns)
+    flat = 4 + depth <= turn_text.FLAT_NESTING
+    assert how == (turn_text.READ_FLAT if flat else turn_text.READ)
+    assert list(request.turns) == list(_codec_read(turns).turns)
+    params = {"run_id": "r", "turns": turns}
+    text = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "runs.record_turns", "params": params})
+    [message] = decode(text, {}).messages
+    if depth < 40:
+        assert isinstance(message.frame, session_pb2.ClientFrame), message.reply
+        session_pb2.ClientFrame.FromString(message.frame.SerializeToString())  # upb reads it
+    else:
+        assert message.frame is None and message.reply is not None
+        assert "nested more than 100 levels deep" in json.loads(message.reply)["error"]["message"]
+
+
+def test_a_turn_protobuf_refuses_gets_the_codecs_error() -> None:
+    """A string protobuf refuses (a lone surrogate) met before a member of the wrong type
+    that the codec reads first: the codec's error, for the member it names."""
+    turn = {"tool": "\ud800", "prompt": 5}
+    request = {"jsonrpc": "2.0", "id": 1, "method": "runs.record_turns"}
+    text = json.dumps(request | {"params": {"run_id": "r", "turns": [{"prompt": "p"}, turn]}})
+    [message] = decode(text, {}).messages
+    assert message.reply is not None
+    assert json.loads(message.reply)["error"]["data"] == {"field": "turns[1].prompt"}
+
+
 def test_keys_keep_the_clients_order() -> None:
     turn = {"parameters": {"b": 1, "a": 2, "c": 3}}
     assert list(_decoded([turn]).turn_texts) == ['{"parameters":{"b":1,"a":2,"c":3}}']

@@ -72,7 +72,7 @@ def cap_turn(turn: runs_pb2.RunTurn) -> bool:
     The client's `index` is dropped (the server stamps it) and a missing verifier_verdict
     becomes "not_run".
     """
-    return capped(turn) != TOO_LARGE
+    return capped(turn)[0] != TOO_LARGE
 
 
 #: What capped() did to a turn: kept it as the client sent it (but for `index` and the
@@ -80,13 +80,20 @@ def cap_turn(turn: runs_pb2.RunTurn) -> bool:
 KEPT, CUT, TOO_LARGE = 0, 1, 2
 
 
-def capped(turn: runs_pb2.RunTurn) -> int:
-    """cap_turn, saying what it did (KEPT, CUT or TOO_LARGE)."""
+def capped(turn: runs_pb2.RunTurn) -> tuple[int, bytes]:
+    """cap_turn, saying what it did (KEPT, CUT or TOO_LARGE), and the turn it leaves
+    serialized (b"" when TOO_LARGE): the usual turn's size is that of its bytes, which
+    the store keeps (runs.turn_records), so it is serialized once."""
     turn.ClearField("index")
     if not turn.HasField("verifier_verdict"):
         turn.verifier_verdict = DEFAULT_VERDICT
-    if turn.ByteSize() <= FIELD_CAP:
-        return KEPT  # the usual turn: no string in it can be over a cap, nor the whole
+    data = turn.SerializeToString()
+    if len(data) <= FIELD_CAP:
+        return KEPT, data  # the usual turn: no string in it can be over a cap, nor the whole
+    return _cut(turn)
+
+
+def _cut(turn: runs_pb2.RunTurn) -> tuple[int, bytes]:
     if turn.HasField("prompt"):
         turn.prompt = cap_text(turn.prompt)
     if turn.HasField("parameters"):
@@ -94,8 +101,8 @@ def capped(turn: runs_pb2.RunTurn) -> int:
     if turn.output.WhichOneof("kind") == "string_value":
         turn.output.string_value = cap_text(turn.output.string_value)
     if _fits(turn):
-        return CUT
+        return CUT, turn.SerializeToString()
     turn.prompt = TURN_REPLACED
     turn.parameters.string_value = TURN_REPLACED
     turn.output.string_value = TURN_REPLACED
-    return CUT if _fits(turn) else TOO_LARGE
+    return (CUT, turn.SerializeToString()) if _fits(turn) else (TOO_LARGE, b"")

@@ -32,6 +32,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import TypeAlias, TypeVar
 
@@ -192,10 +193,45 @@ class Subscription:
                         return
 
 
+@dataclass(frozen=True)
+class StoredTurns:
+    """Turns appended together as the store keeps them: their RunRecords serialized (kind
+    turn, one timestamp, indexes from `first_index`), by turn_records."""
+
+    records: list[bytes]
+    timestamp: int
+    first_index: int
+
+
+#: RunRecord's `turn` and RunTurn's `index`: their tags.
+_TURN_TAG = batch.varint(runs_pb2.RunRecord.DESCRIPTOR.fields_by_name["turn"].number << 3 | 2)
+_INDEX_TAG = batch.varint(runs_pb2.RunTurn.DESCRIPTOR.fields_by_name["index"].number << 3)
+
+
+def turn_records(turns: Sequence[bytes], first_index: int, timestamp: int) -> StoredTurns:
+    """The records of serialized turns as stored (kind turn, `timestamp`, each turn's index
+    from `first_index`; the turns have none of their own, capped() clears it): each turn's
+    bytes with its index before them, not a copy of the turn in a RunRecord serialized
+    again (a third of the cost; bench/README.md, turns5). The index is RunTurn's first
+    field and the turn RunRecord's last set, so this is the bytes serializing gives."""
+    head = runs_pb2.RunRecord(record=TURN, timestamp=timestamp).SerializeToString() + _TURN_TAG
+    varint = batch.varint
+    records = []
+    for i, data in enumerate(turns):
+        index = varint(first_index + i)
+        size = varint(len(_INDEX_TAG) + len(index) + len(data))
+        records.append(b"".join((head, size, _INDEX_TAG, index, data)))
+    return StoredTurns(records, timestamp, first_index)
+
+
 #: A fan-out held for after an answer: the records, the first one's cursor, their texts,
 #: and the run's status and subscribers when they were published (LiveRun.publish).
 _Fanout: TypeAlias = tuple[
-    Sequence[runs_pb2.RunRecord], int, Sequence[str | None], RunStatus, list[Subscription]
+    Sequence[runs_pb2.RunRecord] | StoredTurns,
+    int,
+    Sequence[str | None],
+    RunStatus,
+    list[Subscription],
 ]
 
 
@@ -224,7 +260,7 @@ class LiveRun:
 
     def publish(
         self,
-        records: Sequence[runs_pb2.RunRecord],
+        records: Sequence[runs_pb2.RunRecord] | StoredTurns,
         first_cursor: int,
         texts: Sequence[str | None] = (),
         *,
@@ -253,7 +289,7 @@ class LiveRun:
 
     def _fan_out(
         self,
-        records: Sequence[runs_pb2.RunRecord],
+        records: Sequence[runs_pb2.RunRecord] | StoredTurns,
         first_cursor: int,
         texts: Sequence[str | None],
         status: RunStatus,
@@ -266,26 +302,36 @@ class LiveRun:
             ).SerializeToString()
             bridged = [sub.session.bridged for sub in subs]
             typed = not all(bridged)  # some subscriber takes the event as protobuf
+            count = len(records.records) if isinstance(records, StoredTurns) else len(records)
             text_head = text_tail = ""
-            if len(texts) == len(records) and any(bridged):
+            if len(texts) == count and any(bridged):
                 text_head = turn_text.event_head(self.run_id, self.agent_id)
                 text_tail = turn_text.event_tail(enum_to_json(_STATUS_ENUM, status))
-            for i, record in enumerate(records):
+            for i in range(count):
                 cursor = first_cursor + i
-                ended = record.record == ENDED
+                if isinstance(records, StoredTurns):
+                    ended, timestamp, index = False, records.timestamp, records.first_index + i
+                else:
+                    record = records[i]
+                    ended, timestamp, index = (
+                        record.record == ENDED,
+                        record.timestamp,
+                        record.turn.index,
+                    )
                 members = texts[i] if text_head else None
                 # Each encoding built once, for every subscriber that takes it.
                 as_text = None
                 if members is not None:
                     text = turn_text.event_text(
-                        text_head, record.timestamp, record.turn.index, members, cursor, text_tail
+                        text_head, timestamp, index, members, cursor, text_tail
                     )
                     as_text = (_text_event(text), ended)
-                full = (
-                    (_trace_event(head, record, cursor), ended)
-                    if as_text is None or typed
-                    else as_text
-                )
+                if as_text is not None and not typed:
+                    full = as_text
+                elif isinstance(records, StoredTurns):
+                    full = (_turn_event(head, records.records[i], cursor), ended)
+                else:
+                    full = (_trace_event(head, records[i], cursor), ended)
                 for sub, text_ok in zip(subs, bridged, strict=True):
                     sub.offer(as_text if text_ok and as_text is not None else full)
 
@@ -297,11 +343,18 @@ _PARAMS_TEXT_FIELD = runs_pb2.RunTraceEvent.DESCRIPTOR.fields_by_name["params_te
 _STATUS_ENUM = runs_pb2.RunStatus.DESCRIPTOR
 
 
+_TRACE_EVENT_TAG = batch.varint(_TRACE_EVENT_FIELD << 3 | 2)
+_PARAMS_TEXT_TAG = batch.varint(_PARAMS_TEXT_FIELD << 3 | 2)
+
+
 def _text_event(params: str) -> bytes:
     """The serialized ServerFrame `runs_trace_event` of the event whose JSON params are
     `params`, for car-grpc's gateway (RunTraceEvent.params_text alone)."""
-    event = batch.length_delimited(_PARAMS_TEXT_FIELD, params.encode())
-    return batch.length_delimited(_TRACE_EVENT_FIELD, event)
+    # In one join, not two nested length_delimited (256 events a batch).
+    body = params.encode()
+    size = batch.varint(len(body))
+    event_size = batch.varint(len(_PARAMS_TEXT_TAG) + len(size) + len(body))
+    return b"".join((_TRACE_EVENT_TAG, event_size, _PARAMS_TEXT_TAG, size, body))
 
 
 def _trace_event(head: bytes, record: runs_pb2.RunRecord, cursor: int) -> bytes:
@@ -318,9 +371,14 @@ def _trace_event(head: bytes, record: runs_pb2.RunRecord, cursor: int) -> bytes:
         message.record.CopyFrom(record)
         message.cursor = cursor
         return fill_out(session_pb2.ServerFrame(runs_trace_event=message)).SerializeToString()
+    return _turn_event(head, record.SerializeToString(), cursor)
+
+
+def _turn_event(head: bytes, record: bytes, cursor: int) -> bytes:
+    """_trace_event of a turn's serialized record."""
     event = (
         head
-        + batch.length_delimited(_RECORD_FIELD, record.SerializeToString())
+        + batch.length_delimited(_RECORD_FIELD, record)
         + runs_pb2.RunTraceEvent(cursor=cursor).SerializeToString()
     )
     return batch.length_delimited(_TRACE_EVENT_FIELD, event)
@@ -649,11 +707,13 @@ class Runs:
         # Each turn's JSON as the gateway wrote it: trusted from car-grpc's gateway only.
         given = req.turn_texts if session.bridged and len(req.turn_texts) == len(req.turns) else ()
         texts: list[str | None] = []
+        turns: list[bytes] = []  # each capped turn, serialized
         for i, turn in enumerate(req.turns):
             defaulted = bool(given) and not turn.HasField("verifier_verdict")
-            outcome = capped(turn)
+            outcome, data = capped(turn)
             if outcome == TOO_LARGE:
                 return _dropped(run_id, runs_pb2.RUN_DROP_REASON_TURN_TOO_LARGE)
+            turns.append(data)
             if given:
                 texts.append(_turn_members(given[i], defaulted, turn) if outcome == KEPT else None)
         run = self.live.get(run_id)
@@ -662,7 +722,6 @@ class Runs:
             if row is None or not may_write(session, row.agent_id):
                 return _dropped(run_id, runs_pb2.RUN_DROP_REASON_RUN_NOT_FOUND)
             return _dropped(run_id, runs_pb2.RUN_DROP_REASON_RUN_TERMINAL)
-        turns = req.turns
 
         async def append() -> runs_pb2.RecordTurnsResponse | Reply:
             if not may_write(session, run.agent_id):
@@ -672,20 +731,16 @@ class Runs:
             base = run.turn_count
             if base + len(turns) > MAX_TURNS_PER_RUN:
                 return _dropped(run_id, runs_pb2.RUN_DROP_REASON_RUN_TURN_LIMIT)
-            timestamp = now_ms()
-            records = []
-            for i, turn in enumerate(turns):
-                turn.index = base + i
-                records.append(runs_pb2.RunRecord(record=TURN, timestamp=timestamp, turn=turn))
-            await self.store.append(run_id, run.record_count, records)
+            stored = turn_records(turns, base, now_ms())
+            await self.store.append(run_id, run.record_count, stored.records)
             self._told(run_id)
-            run.turn_count += len(records)
-            run.record_count += len(records)
+            run.turn_count += len(turns)
+            run.record_count += len(turns)
             # The events go out once the answer is queued: the recorder's answer does not
             # wait for 256 events to be built and sent (bench/README.md, turns4).
-            run.publish(records, base + 1, texts, after_answer=True)
+            run.publish(stored, base + 1, texts, after_answer=True)
             answer = runs_pb2.RecordTurnsResponse(
-                run_id=run_id, base_index=base, count=len(records), ok=True
+                run_id=run_id, base_index=base, count=len(turns), ok=True
             )
             return Reply(answer, then=run.release, after_written=True)
 

@@ -381,12 +381,15 @@ def decode(text: str | bytes, callbacks: Mapping[str, str], first_id: int | None
         return Decoded(error=_invalid(f"batch of more than {MAX_BATCH} entries"))
     except ValueError as e:
         return Decoded(error=error_response(None, error_object(PARSE_ERROR, f"parse error: {e}")))
-    shallow = _shallow(text)
     if not isinstance(message, list):
-        decoded = Decoded([_message(message, callbacks, shallow)])
+        # A runs.record_turns is checked for depth unless its turns are read flat
+        # (turn_text.read_turns): no need to count its brackets (two passes over the frame).
+        turns = type(message) is dict and message.get("method") == _RECORD_TURNS_METHOD
+        decoded = Decoded([_message(message, callbacks, not turns and _shallow(text))])
     elif not message:
         return Decoded(error=_invalid("empty batch"))
     else:
+        shallow = _shallow(text)
         decoded = Decoded([_message(m, callbacks, shallow) for m in message], batch=True)
     if first_id is not None:
         gids = (str(n) for n in itertools.count(first_id))
@@ -424,24 +427,32 @@ def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Mess
     body = getattr(frame, binding.field)
     body.SetInParent()
     params = message.get("params")
+    turns = turn_text.NOT_READ
     try:
         # A chat event (a token: the hot path) is read with its JSON text for the host's
-        # notification in one pass where it can be (chat_text.py), else by the codec.
-        if not (binding.field == _CHAT_EVENT and shallow and chat_text.read_event(params, body)):
+        # notification in one pass where it can be (chat_text.py), and so are a batch of
+        # run turns and their texts (turn_text.py); else the codec reads them.
+        if binding.field == _RECORD_TURNS:
+            turns = turn_text.read_turns(params, body)
+        if turns == turn_text.NOT_READ and not (
+            binding.field == _CHAT_EVENT and shallow and chat_text.read_event(params, body)
+        ):
             codec.params_to_message(params, body, binding.bare_field)
     except (ValueError, TypeError, RecursionError) as e:
         msg, data = _params_error(e)
         msg = api.params_usage(body.DESCRIPTOR) or msg  # e.g. runs.record_turns
         return _refuse(is_request, client_id, error_object(INVALID_PARAMS, msg, data))
-    if binding.deep and not shallow and _too_deep(frame):
+    deep = binding.deep and not shallow and turns != turn_text.READ_FLAT
+    if deep and _too_deep(frame):
         msg = f"invalid params: nested more than {MAX_PROTO_DEPTH} levels deep"
         return _refuse(is_request, client_id, error_object(INVALID_PARAMS, msg))
-    if binding.field == _RECORD_TURNS:
-        _add_turn_texts(message.get("params"), body)
+    if binding.field == _RECORD_TURNS and turns == turn_text.NOT_READ:
+        _add_turn_texts(params, body)
     return Message(frame=frame, client_id=client_id, answered=is_request, notice=notice)
 
 
 _RECORD_TURNS = "runs_record_turns"
+_RECORD_TURNS_METHOD = api.CLIENT_MEMBERS[_RECORD_TURNS].method
 _CHAT_EVENT = "agent_chat_event"
 
 
@@ -643,12 +654,10 @@ class Bridge:
                 ),
             )
         try:
-            params = (
-                body.params_text
-                # An empty text is no params at all: the event is written from its fields.
-                if member in _PARAMS_TEXT and body.params_text
-                else codec.result_to_text(body, binding.bare_field)
-            )
+            # An empty text is no params at all: the event is written from its fields. (The
+            # text read once: each read of a string field makes a new str.)
+            given = body.params_text if member in _PARAMS_TEXT else ""
+            params = given or codec.result_to_text(body, binding.bare_field)
         except ValueError as e:
             log.error("gateway: dropped %s from the core: not strict JSON: %s", binding.method, e)
             return None

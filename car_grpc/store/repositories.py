@@ -159,10 +159,9 @@ class RunStore(Protocol):
     async def create(self, row: RunRow, started: runs_pb2.RunRecord) -> None:
         """Store a new run (record_count 1) and its record 0; StoreConflict if it exists."""
 
-    async def append(
-        self, run_id: str, first_seq: int, turns: Sequence[runs_pb2.RunRecord]
-    ) -> None:
-        """Add turn records from seq `first_seq` (the run's record_count)."""
+    async def append(self, run_id: str, first_seq: int, turns: Sequence[bytes]) -> None:
+        """Add turn records, serialized RunRecords (the core puts them together from the
+        turns' bytes: runs.turn_records), from seq `first_seq` (the run's record_count)."""
 
     async def end(
         self,

@@ -58,7 +58,7 @@ async def _release(
     status = run_status_name(ended.ended.status)
     for run_id, seq in runs:
         await _advance(cur, run_id, seq, _END, status, ended.timestamp)
-        await _insert_records(cur, run_id, seq, [ended])
+        await _insert_records(cur, run_id, seq, [ended.SerializeToString()])
     await cur.execute(
         "SELECT approval FROM approvals WHERE status = %s AND core_id = ANY(%s)"
         " ORDER BY created_at, ord FOR UPDATE",

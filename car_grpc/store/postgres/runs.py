@@ -20,13 +20,13 @@ RunStatus = runs_pb2.RunStatus
 
 
 async def _insert_records(
-    cur: Cursor, run_id: str, first_seq: int, records: Sequence[runs_pb2.RunRecord]
+    cur: Cursor, run_id: str, first_seq: int, records: Sequence[bytes]
 ) -> None:
-    """Store `records` from seq `first_seq`, in one statement."""
+    """Store `records` (serialized RunRecords) from seq `first_seq`, in one statement."""
     await cur.execute(
         "INSERT INTO run_records(run_id, seq, record)"
         " SELECT %s, %s + n - 1, r FROM unnest(%s::bytea[]) WITH ORDINALITY AS t(r, n)",
-        (run_id, first_seq, [r.SerializeToString() for r in records]),
+        (run_id, first_seq, list(records)),
     )
 
 
@@ -63,13 +63,11 @@ class PostgresRunStore:
             )
             if rows_affected(cur) != 1:
                 raise StoreConflict(f"run {row.run_id!r} exists")
-            await _insert_records(cur, row.run_id, 0, [started])
+            await _insert_records(cur, row.run_id, 0, [started.SerializeToString()])
 
         await self._db.run(insert)
 
-    async def append(
-        self, run_id: str, first_seq: int, turns: Sequence[runs_pb2.RunRecord]
-    ) -> None:
+    async def append(self, run_id: str, first_seq: int, turns: Sequence[bytes]) -> None:
         count = len(turns)
 
         async def insert(cur: Cursor) -> None:
@@ -90,7 +88,7 @@ class PostgresRunStore:
     ) -> None:
         async def insert(cur: Cursor) -> None:
             await _advance(cur, run_id, seq, _END, run_status_name(status), ended.timestamp)
-            await _insert_records(cur, run_id, seq, [ended])
+            await _insert_records(cur, run_id, seq, [ended.SerializeToString()])
 
         await self._db.run(insert)
 
@@ -152,7 +150,7 @@ class PostgresRunStore:
             open_runs = [(str(run_id), int(seq)) for run_id, seq in await cur.fetchall()]
             for run_id, seq in open_runs:
                 await _advance(cur, run_id, seq, _END, status, ended.timestamp)
-                await _insert_records(cur, run_id, seq, [ended])
+                await _insert_records(cur, run_id, seq, [ended.SerializeToString()])
             return [run_id for run_id, _ in open_runs]
 
         return await self._db.run(close_all)

@@ -170,10 +170,9 @@ class SqliteRunStore:
 
         await self._db.write(insert, size, ("run", row.run_id))
 
-    async def append(
-        self, run_id: str, first_seq: int, turns: Sequence[runs_pb2.RunRecord]
-    ) -> None:
-        blobs, size = _serialized(turns)
+    async def append(self, run_id: str, first_seq: int, turns: Sequence[bytes]) -> None:
+        blobs = list(turns)  # the caller's list is its own
+        size = sum(map(len, blobs)) + _ROW_OVERHEAD * len(blobs)
         append = _Append(run_id, first_seq, blobs)
         await self._db.write_merged(_append_all, append, size, ("run", run_id))
 
