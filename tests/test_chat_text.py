@@ -322,3 +322,87 @@ async def test_text_from_an_agent_not_of_the_gateway_is_ignored(
         }
         await agent.close()
     await host.close()
+
+
+def _frame_of(text: str) -> bytes | None:
+    """The one frame the bridge sends the core for a client's text frame (None for none),
+    serialized."""
+    inbound = Bridge().from_client(text)
+    assert not inbound.replies
+    frames = [*inbound.wire, *(f.SerializeToString() for f in inbound.frames)]
+    assert len(frames) <= 1
+    return frames[0] if frames else None
+
+
+def _decoded_frame(text: str) -> bytes | None:
+    """The frame decode() builds for a client's text frame, serialized (None for none)."""
+    [message] = decode(text, {}).messages
+    assert not isinstance(message.frame, bytes)
+    return message.frame.SerializeToString() if message.frame is not None else None
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_a_tokens_frame_written_at_once_is_the_codecs(plain: bool) -> None:
+    """Bridge.from_client writes an agent's event frame for the core straight from its
+    params (chat_text.event_frame): byte for byte the frame decode() builds (read_event,
+    else the codec), for random events and members of the wrong type; an event with other
+    keys, or a member of the wrong type, is left to decode()."""
+    rng = random.Random(5)
+    at_once = 0
+    for _ in range(1500):
+        params = _params(rng, plain=plain)
+        if rng.random() < 0.5:  # most tokens: members only
+            params = {k: v for k, v in params.items() if k not in ("tool", "args", "agent_id")}
+            params.pop("event_text", None)
+        text = json.dumps({"jsonrpc": "2.0", "method": "agent.chat.event", "params": params})
+        expected = _decoded_frame(text)
+        assert _frame_of(text) == expected, params
+        written = chat_text.event_frame(params)
+        assert written is None or written == expected, params
+        at_once += written is not None
+    assert 400 < at_once < 1500
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"session_id": "s", "kind": "token", "delta": "\ud800"},  # protobuf refuses it
+        {"session_id": "\udfff", "kind": "token"},
+        {"session_id": 7, "kind": "token"},
+        {"session_id": "s", "kind": 1},
+        {"session_id": "s", "kind": "goal_evaluated", "iteration": 2**32},
+        {"session_id": "s", "kind": "goal_evaluated", "met": 1},
+        {"session_id": "s", "kind": "token", "tool": "x"},  # the event's other keys
+        {"session_id": "s", "kind": "token", "delta": "x" * chat_text.TEXT_LIMIT},
+        {"session_id": "", "kind": "", "delta": ""},
+        {"session_id": "s", "kind": None, "delta": None, "met": False, "iteration": 0},
+        {"session_id": "s"},
+        {},
+        [],
+        None,
+    ],
+)
+def test_a_token_at_once_or_as_before(params: JSON) -> None:
+    """Unusual and bad events: the same frame as decode(), or nothing as before (a bad
+    member: the codec's error, a notification is not answered)."""
+    text = json.dumps({"jsonrpc": "2.0", "method": "agent.chat.event", "params": params})
+    expected = _decoded_frame(text)
+    assert _frame_of(text) == expected
+    if params is not None and not isinstance(params, list) and params.get("session_id") == 7:
+        assert expected is None
+
+
+def test_a_token_with_an_id_is_answered_as_before() -> None:
+    """A token sent as a request goes the codec's way: its (empty) answer, or its error
+    with the member's path."""
+    bridge = Bridge()
+    params: JSON = {"session_id": "s", "kind": "token", "delta": "hi"}
+    request = {"jsonrpc": "2.0", "id": 3, "method": "agent.chat.event", "params": params}
+    inbound = bridge.from_client(json.dumps(request))
+    assert [json.loads(r) for r in inbound.replies] == [{"jsonrpc": "2.0", "id": 3, "result": None}]
+    [frame] = inbound.frames
+    assert frame.agent_chat_event.event.delta == "hi"
+    request["params"] = {"session_id": "s", "kind": "token", "delta": 5}
+    [reply] = bridge.from_client(json.dumps(request)).replies
+    error = json.loads(reply)["error"]
+    assert error["code"] == -32602 and error["data"] == {"field": "delta"}

@@ -377,10 +377,22 @@ def decode(text: str | bytes, callbacks: Mapping[str, str], first_id: int | None
     nothing else, so it can run off the event loop."""
     try:
         message = parse(text)
-    except BatchTooLarge:
-        return Decoded(error=_invalid(f"batch of more than {MAX_BATCH} entries"))
     except ValueError as e:
-        return Decoded(error=error_response(None, error_object(PARSE_ERROR, f"parse error: {e}")))
+        return _unparsed(e)
+    return _decode_parsed(message, text, callbacks, first_id)
+
+
+def _unparsed(e: ValueError) -> Decoded:
+    """The answer to a frame that is not JSON (parse's error `e`)."""
+    if isinstance(e, BatchTooLarge):
+        return Decoded(error=_invalid(f"batch of more than {MAX_BATCH} entries"))
+    return Decoded(error=error_response(None, error_object(PARSE_ERROR, f"parse error: {e}")))
+
+
+def _decode_parsed(
+    message: JSON, text: str | bytes, callbacks: Mapping[str, str], first_id: int | None
+) -> Decoded:
+    """decode() of the frame `text`, parsed into `message`."""
     if not isinstance(message, list):
         # A runs.record_turns is checked for depth unless its turns are read flat
         # (turn_text.read_turns): no need to count its brackets (two passes over the frame).
@@ -454,6 +466,7 @@ def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Mess
 _RECORD_TURNS = "runs_record_turns"
 _RECORD_TURNS_METHOD = api.CLIENT_MEMBERS[_RECORD_TURNS].method
 _CHAT_EVENT = "agent_chat_event"
+_CHAT_EVENT_METHOD = api.CLIENT_MEMBERS[_CHAT_EVENT].method
 
 
 def _add_turn_texts(params: JSON, request: Any) -> None:
@@ -578,7 +591,20 @@ class Bridge:
 
     def from_client(self, text: str | bytes) -> Inbound:
         """Translate one text frame from the client."""
-        return self.admit(decode(text, self._callbacks))
+        try:
+            message = parse(text)
+        except ValueError as e:
+            return self.admit(_unparsed(e))
+        # An agent's chat token (the hot path): its frame for the core written at once
+        # (chat_text.event_frame), no message to build, nothing to remember.
+        if (
+            type(message) is dict
+            and message.get("method") == _CHAT_EVENT_METHOD
+            and "id" not in message
+            and (frame := chat_text.event_frame(message.get("params"))) is not None
+        ):
+            return Inbound(wire=[frame])
+        return self.admit(_decode_parsed(message, text, self._callbacks, None))
 
     def admit(self, decoded: Decoded) -> Inbound:
         """Take a decoded frame in: requests get their gateway ids and are remembered,

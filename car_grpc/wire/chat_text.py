@@ -149,6 +149,96 @@ def read_event(params: Any, notice: chats_pb2.AgentChatEventNotice) -> bool:
     return True
 
 
+# ---------------------------------------------------------------- a token's whole frame
+
+
+def _frame_members() -> list[tuple[str, bytes, str, int, bool]]:
+    """ChatEvent's typed members in field order as (key, the field's tag, the key's text
+    with the colon, kind, written when absent)."""
+    wire_types = {_STRING: 2, _BOOL: 0, _INTEGER: 0}
+    numbers = chats_pb2.ChatEvent.DESCRIPTOR.fields_by_name
+    return [
+        (key, varint(numbers[name].number << 3 | wire_types[kind]), prefix, kind, always)
+        for name, key, prefix, kind, always in _MEMBERS
+    ]
+
+
+_FRAME_MEMBERS = _frame_members()
+_NOTICE_FIELDS = chats_pb2.AgentChatEventNotice.DESCRIPTOR.fields_by_name
+_SESSION_ID_TAG = varint(_NOTICE_FIELDS["session_id"].number << 3 | 2)
+_EVENT_TAG = varint(_NOTICE_FIELDS["event"].number << 3 | 2)
+_EVENT_TEXT_TAG = varint(_NOTICE_FIELDS["event_text"].number << 3 | 2)
+_FRAME_TAG = varint(
+    session_pb2.ClientFrame.DESCRIPTOR.fields_by_name["agent_chat_event"].number << 3 | 2
+)
+_TRUE, _FALSE = b"\x01", b"\x00"
+
+
+def event_frame(params: Any) -> bytes | None:
+    """The serialized ClientFrame of an agent.chat.event notification of `params`: the
+    bytes of the frame that read_event and the codec give (`agent_chat_event` with its
+    `event_text`, no id), written straight from the params, without a protobuf message (a
+    frame a token: half the gateway's reading of it).
+
+    None for params not written here: those with other keys than the event's members and
+    session_id (the event's `extra`), and whatever read_event leaves to the codec; the
+    caller then reads them as before (read_event, the codec, with its errors)."""
+    if type(params) is not dict:
+        return None
+    try:
+        session_id = params.get("session_id")
+        if session_id is None:
+            head = b""
+        elif type(session_id) is str:
+            data = session_id.encode()  # UnicodeEncodeError (a lone surrogate): the codec's
+            head = _SESSION_ID_TAG + varint(len(data)) + data if data else b""
+        else:
+            return None
+        texts: list[str] = []
+        fields: list[bytes] = []
+        taken = int("session_id" in params)  # keys of `params` read so far
+        for key, tag, prefix, kind, always in _FRAME_MEMBERS:
+            value = params.get(key)
+            if value is None:  # null reads as absent
+                if always:
+                    texts.append(prefix + '""')  # a member without presence is written, empty
+                taken += key in params
+                continue
+            taken += 1
+            if kind == _STRING:
+                if type(value) is not str:
+                    return None
+                texts.append(prefix + encode_basestring_ascii(value))
+                data = value.encode()
+                if data or not always:  # a member without presence: "" is not written
+                    fields += (tag, varint(len(data)), data)
+            elif kind == _BOOL:
+                if type(value) is not bool:
+                    return None
+                texts.append(prefix + ("true" if value else "false"))
+                fields += (tag, _TRUE if value else _FALSE)
+            else:
+                if type(value) is float and value.is_integer():
+                    value = int(value)  # 3.0 reads as 3
+                if type(value) is not int or not 0 <= value <= _UINT32_MAX:
+                    return None
+                texts.append(prefix + int.__repr__(value))
+                fields += (tag, varint(value))
+        if len(params) > taken:
+            return None  # the event's other keys: read_event reads them
+    except UnicodeEncodeError:
+        return None
+    notice = [head]
+    if taken > ("session_id" in params):  # as the codec: the event once any other key is there
+        event = b"".join(fields)
+        notice += (_EVENT_TAG, varint(len(event)), event)
+    text = ",".join(texts)
+    if 0 < len(text) <= TEXT_LIMIT:
+        notice += (_EVENT_TEXT_TAG, varint(len(text)), text.encode())
+    body = b"".join(notice)
+    return _FRAME_TAG + varint(len(body)) + body
+
+
 def _free_text(value: Any) -> str | None:
     """A free-form value (plain: turn_text.plain) as the codec writes it, its objects' keys
     in the client's order; None when nested past orjson's limit."""
