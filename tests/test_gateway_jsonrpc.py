@@ -550,7 +550,8 @@ def test_server_notification() -> None:
 def test_client_notification_becomes_a_frame_without_id() -> None:
     params = {"delta": "Hel", "kind": "token", "session_id": "chat-1"}
     inbound = send(Bridge(), {"jsonrpc": "2.0", "method": "agent.chat.event", "params": params})
-    [frame] = inbound.frames
+    # A token's frame is written serialized (chat_text.event_frame).
+    [frame] = [session_pb2.ClientFrame.FromString(data) for data in inbound.wire]
     assert inbound.replies == []
     assert frame.id == "" and frame.WhichOneof("body") == "agent_chat_event"
     assert frame.agent_chat_event.session_id == "chat-1"
