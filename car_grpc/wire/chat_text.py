@@ -174,6 +174,26 @@ _FRAME_TAG = varint(
 _TRUE, _FALSE = b"\x01", b"\x00"
 
 
+_Member = tuple[str, bytes, str, int, bool]
+#: The members event_frame reads of params with these keys, in this order (a token's are
+#: always the same few): those of the keys, and those written when absent; None for keys
+#: that are not all the event's members or session_id. Bounded: past _SHAPES_MAX shapes
+#: the plan is worked out for each event.
+_shapes: dict[tuple[str, ...], list[_Member] | None] = {}
+_SHAPES_MAX = 256
+_FRAME_KEYS = frozenset({key for key, *_ in _FRAME_MEMBERS} | {"session_id"})
+
+
+def _plan(keys: tuple[str, ...]) -> list[_Member] | None:
+    plan = _shapes.get(keys)
+    if plan is None and keys not in _shapes:
+        if _FRAME_KEYS.issuperset(keys):
+            plan = [m for m in _FRAME_MEMBERS if m[0] in keys or m[4]]
+        if len(_shapes) < _SHAPES_MAX:
+            _shapes[keys] = plan
+    return plan
+
+
 def event_frame(params: Any) -> bytes | None:
     """The serialized ClientFrame of an agent.chat.event notification of `params`: the
     bytes of the frame that read_event and the codec give (`agent_chat_event` with its
@@ -183,7 +203,7 @@ def event_frame(params: Any) -> bytes | None:
     None for params not written here: those with other keys than the event's members and
     session_id (the event's `extra`), and whatever read_event leaves to the codec; the
     caller then reads them as before (read_event, the codec, with its errors)."""
-    if type(params) is not dict:
+    if type(params) is not dict or (plan := _plan(tuple(params))) is None:
         return None
     try:
         session_id = params.get("session_id")
@@ -196,15 +216,12 @@ def event_frame(params: Any) -> bytes | None:
             return None
         texts: list[str] = []
         fields: list[bytes] = []
-        taken = int("session_id" in params)  # keys of `params` read so far
-        for key, tag, prefix, kind, always in _FRAME_MEMBERS:
+        for key, tag, prefix, kind, always in plan:
             value = params.get(key)
             if value is None:  # null reads as absent
                 if always:
                     texts.append(prefix + '""')  # a member without presence is written, empty
-                taken += key in params
                 continue
-            taken += 1
             if kind == _STRING:
                 if type(value) is not str:
                     return None
@@ -224,12 +241,10 @@ def event_frame(params: Any) -> bytes | None:
                     return None
                 texts.append(prefix + int.__repr__(value))
                 fields += (tag, varint(value))
-        if len(params) > taken:
-            return None  # the event's other keys: read_event reads them
     except UnicodeEncodeError:
         return None
     notice = [head]
-    if taken > ("session_id" in params):  # as the codec: the event once any other key is there
+    if len(params) > ("session_id" in params):  # as the codec: the event once any key is
         event = b"".join(fields)
         notice += (_EVENT_TAG, varint(len(event)), event)
     text = ",".join(texts)
