@@ -6,7 +6,9 @@ Per chat token, converting the event to protobuf and back (the core's copy into 
 notice, its serialization, the gateway's codec.message_to_text) cost more than the relay
 itself (bench/README.md, issue 16). The gateway reads the event here, as the codec reads
 it, and writes its text in the same pass (`read_event`); whatever is not read here the
-codec reads, and then no text is written.
+codec reads, and then no text is written. For the usual event (its members and
+session_id only) the gateway writes the whole frame for the core as bytes in that pass
+(`event_frame`), without a protobuf message.
 
 The text is what the codec writes of the host's ChatEventNotice after its `session_id` and
 `agent_id`: the event's members in field order (`kind` always, the others when present),
