@@ -406,3 +406,15 @@ def test_a_token_with_an_id_is_answered_as_before() -> None:
     [reply] = bridge.from_client(json.dumps(request)).replies
     error = json.loads(reply)["error"]
     assert error["code"] == -32602 and error["data"] == {"field": "delta"}
+
+
+def test_only_the_events_own_shapes_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Params with keys of the client's own choosing (any number, any size) are read as
+    before and never kept by event_frame; an event's own shape is."""
+    monkeypatch.setattr(chat_text, "_shapes", {})
+    for n in range(2 * chat_text._SHAPES_MAX):
+        junk = {"kind": "token", "delta": "x", f"k{n}" + "y" * 1000: n}
+        assert chat_text.event_frame(junk) is None
+    assert all(chat_text._FRAME_KEYS.issuperset(keys) for keys in chat_text._shapes)
+    assert chat_text.event_frame({"delta": "x", "kind": "token"}) is not None
+    assert ("delta", "kind") in chat_text._shapes

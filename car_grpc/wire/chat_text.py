@@ -178,19 +178,22 @@ _TRUE, _FALSE = b"\x01", b"\x00"
 
 _Member = tuple[str, bytes, str, int, bool]
 #: The members event_frame reads of params with these keys, in this order (a token's are
-#: always the same few): those of the keys, and those written when absent; None for keys
-#: that are not all the event's members or session_id. Bounded: past _SHAPES_MAX shapes
-#: the plan is worked out for each event.
-_shapes: dict[tuple[str, ...], list[_Member] | None] = {}
+#: always the same few): those of the keys, and those written when absent. Only shapes of
+#: the event's members and session_id are kept (a client's other keys, of any number and
+#: size, are never held here), and at most _SHAPES_MAX of them: past it the plan is worked
+#: out for each event.
+_shapes: dict[tuple[str, ...], list[_Member]] = {}
 _SHAPES_MAX = 256
 _FRAME_KEYS = frozenset({key for key, *_ in _FRAME_MEMBERS} | {"session_id"})
 
 
 def _plan(keys: tuple[str, ...]) -> list[_Member] | None:
+    """The members to read of params with `keys`; None when a key is not the event's."""
     plan = _shapes.get(keys)
-    if plan is None and keys not in _shapes:
-        if _FRAME_KEYS.issuperset(keys):
-            plan = [m for m in _FRAME_MEMBERS if m[0] in keys or m[4]]
+    if plan is None:
+        if not _FRAME_KEYS.issuperset(keys):
+            return None
+        plan = [m for m in _FRAME_MEMBERS if m[0] in keys or m[4]]
         if len(_shapes) < _SHAPES_MAX:
             _shapes[keys] = plan
     return plan
