@@ -20,7 +20,8 @@ process (the core) and of the rest (gateway processes)) or `voice` (AB_CHUNKS PC
 chunks, default 5,000, flooded through one voice session to bench_voice's engine and
 spoken back, per window: the CPU of `car-grpc serve` alone per chunk; beside it, that of
 its first process (the core) and of the rest (gateway processes), of the engine and of
-the client, this process; for `echo` and `mux`, bench_voice's echo and relay of the
+the client, this process (AB_ENGINE=tree: each arm's engine from its own tree, not
+this one's); for `echo` and `mux`, bench_voice's echo and relay of the
 binary frames). AB_SPY=DIR: a py-spy profile of each of those processes during each
 flood (see `_spy`). Each arm's CPU is also given window by window against the first arm
 of its set-up (`paired`: the median and range of the ratios). Not part of
@@ -85,9 +86,15 @@ async def _start(
     process = await stack.enter_async_context(launch(argv, env=env, cwd=directory))
     grpc_address, url = await process.listeners(2, timeout=60)
     arm = Arm(tree, bench_gateway.Server(url, process.proc.pid), bridged=True)
-    if mode == "voice":  # the same bench engine (this tree's) for every server
+    if mode == "voice":  # the same bench engine (this tree's) for every server, or
+        # AB_ENGINE=tree: each arm's tree's (an A/B of the bench engine itself)
         engine = [sys.executable, "-m", "bench.bench_voice", "engine", grpc_address]
-        arm.engine_pid = (await stack.enter_async_context(launch(engine, stdin=True))).proc.pid
+        if os.environ.get("AB_ENGINE") == "tree":
+            launching = launch(engine, stdin=True, env=env, cwd=directory)
+        else:
+            launching = launch(engine, stdin=True)
+        launched = await stack.enter_async_context(launching)
+        arm.engine_pid = launched.proc.pid
     return arm
 
 

@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,9 +86,8 @@ async def run_engine(address: str) -> None:
             engine="bench", providers=["bench"], acknowledges_audio=True
         )
         await call.write(batch_of([voice_pb2.ServeVoiceRequest(register=register)]))
-        partial = codec.to_value({"type": "transcript", "final": False, "text": "..."})
         async for received in call:
-            out: list[voice_pb2.ServeVoiceRequest] = []
+            answers = Answers()
             last: dict[str, int] = {}  # session -> its last chunk in this batch
             for message in received.messages:
                 body = message.WhichOneof("body")
@@ -96,51 +95,75 @@ async def run_engine(address: str) -> None:
                     print("registered", flush=True)  # what bench_engines waits for
                 elif body == "open":
                     answer = voice_pb2.VoiceSessionAnswer(session_id=message.open.session_id)
-                    out.append(voice_pb2.ServeVoiceRequest(answer=answer))
+                    answers.add(voice_pb2.ServeVoiceRequest(answer=answer))
                 elif body == "audio":
                     chunk = message.audio
-                    event = voice_pb2.VoiceEngineEvent(session_id=chunk.session_id, event=partial)
-                    speech = voice_pb2.VoiceAudio(
-                        session_id=chunk.session_id,
-                        seq=chunk.seq,
-                        type=voice_pb2.AUDIO_FRAME_TYPE_TTS_CHUNK,
-                        data=chunk.data,
-                    )
-                    out.append(voice_pb2.ServeVoiceRequest(event=event))
-                    out.append(voice_pb2.ServeVoiceRequest(audio=speech))
+                    answers.partial(chunk.session_id)
+                    answers.speak(chunk.session_id, chunk.seq, chunk.data)
                     last[chunk.session_id] = chunk.seq
                 elif body == "stop":
                     end = voice_pb2.EndVoiceSession(session_id=message.stop.session_id)
-                    out.append(voice_pb2.ServeVoiceRequest(end=end))
+                    answers.add(voice_pb2.ServeVoiceRequest(end=end))
             for session_id, seq in last.items():
                 taken = voice_pb2.VoiceAudioTaken(session_id=session_id, seq=seq)
-                out.append(voice_pb2.ServeVoiceRequest(taken=taken))
-            for part in batches(out):
-                await call.write(batch_of(part))
+                answers.add(voice_pb2.ServeVoiceRequest(taken=taken))
+            for batch in answers.batches:
+                await call.write(batch)
 
 
 #: What one ServeVoiceBatched message may hold (voice.proto).
 BATCH_MESSAGES = 256
 BATCH_BYTES = 1024 * 1024
+#: The partial transcript the engine answers every chunk with.
+PARTIAL = codec.to_value({"type": "transcript", "final": False, "text": "..."})
+#: A session's partial event as a serialized ServeVoiceRequest (it is the same every time).
+_partials: dict[str, bytes] = {}
+
+
+class Answers:
+    """The engine's answers to one received message, as ServeVoiceBatchedRequests within
+    the bounds. Each answer is written into its batch in place (no message built, copied
+    in and sized twice per answer: this is the bench's engine, not the server under test)."""
+
+    def __init__(self) -> None:
+        self.batches: list[voice_pb2.ServeVoiceBatchedRequest] = []
+        self._add: Callable[[], voice_pb2.ServeVoiceRequest] | None = None  # the last's
+        self._count = self._size = 0
+
+    def _room(self, size: int) -> voice_pb2.ServeVoiceRequest:
+        """The next message of the batch that has room for `size` more bytes."""
+        if self._add is None or self._count == BATCH_MESSAGES or self._size + size > BATCH_BYTES:
+            self.batches.append(voice_pb2.ServeVoiceBatchedRequest())
+            self._add = self.batches[-1].messages.add
+            self._count = self._size = 0
+        self._count += 1
+        self._size += size
+        return self._add()
+
+    def add(self, message: voice_pb2.ServeVoiceRequest) -> None:
+        self._room(message.ByteSize()).CopyFrom(message)
+
+    def partial(self, session_id: str) -> None:
+        serialized = _partials.get(session_id)
+        if serialized is None:
+            event = voice_pb2.VoiceEngineEvent(session_id=session_id, event=PARTIAL)
+            serialized = voice_pb2.ServeVoiceRequest(event=event).SerializeToString()
+            if len(_partials) < 1024:  # (a cache, bounded: the bench has one session)
+                _partials[session_id] = serialized
+        self._room(len(serialized)).MergeFromString(serialized)
+
+    def speak(self, session_id: str, seq: int, data: bytes) -> None:
+        # A ServeVoiceRequest's size: the audio's fields and their tags and lengths (at
+        # most 32 bytes beyond the id and the data, which are under 2 MiB here).
+        speech = self._room(len(session_id) + len(data) + 32).audio
+        speech.session_id = session_id
+        speech.seq = seq
+        speech.type = voice_pb2.AUDIO_FRAME_TYPE_TTS_CHUNK
+        speech.data = data
 
 
 def batch_of(messages: list[voice_pb2.ServeVoiceRequest]) -> voice_pb2.ServeVoiceBatchedRequest:
     return voice_pb2.ServeVoiceBatchedRequest(messages=messages)
-
-
-def batches(
-    messages: list[voice_pb2.ServeVoiceRequest],
-) -> list[list[voice_pb2.ServeVoiceRequest]]:
-    """`messages` cut into batches within the bounds."""
-    out: list[list[voice_pb2.ServeVoiceRequest]] = []
-    size = 0
-    for message in messages:
-        if not out or len(out[-1]) == BATCH_MESSAGES or size + message.ByteSize() > BATCH_BYTES:
-            out.append([])
-            size = 0
-        out[-1].append(message)
-        size += message.ByteSize()
-    return out
 
 
 async def run_echo() -> None:
