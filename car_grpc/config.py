@@ -307,6 +307,11 @@ class CoreConfig:
     #: past it ends the stream (INVALID_ARGUMENT). --multiplex-stream-bytes,
     #: CAR_MULTIPLEX_STREAM_BYTES.
     multiplex_stream_bytes: int = 64 * 1024 * 1024
+    #: How long a ConnectMultiplexed stream may wait for its gateway to read the records
+    #: held for it (past multiplex_stream_bytes, reading pauses) before the stream ends
+    #: (RESOURCE_EXHAUSTED): a gateway's reader never stops reading, so one that does is
+    #: stuck.
+    multiplex_stall_timeout: float = 30.0
     #: Frames queued towards one session before senders wait (or fan-out drops).
     session_outbound_queue: int = 1024
     #: The same in bytes (serialized frames); one larger frame passes when none is queued.

@@ -21,7 +21,7 @@ from car_grpc.v1 import session_pb2
 from car_grpc.wire import batch, multiplex
 from tests.conftest import make_config
 from tests.test_connect_multiplexed import PATH, _frame
-from tests.ws_helpers import daemon_token
+from tests.ws_helpers import daemon_token, stopped
 
 #: The stream's bound here: a few dozen sessions' answers.
 STREAM_BYTES = 4096
@@ -31,6 +31,7 @@ SESSIONS = 3000
 #: Sessions opened by one message.
 PER_MESSAGE = 100
 PAUSED = re.compile(r"(\d+) bytes wait for the gateway to read them \(at most (\d+)\)")
+ENDED = re.compile(r"multiplexed stream from \S+ ended: the gateway read none")
 
 
 @pytest.fixture
@@ -39,17 +40,21 @@ def config(tmp_path: Path) -> Config:
 
 
 class _Said(logging.Handler):
-    """The core's log lines that match PAUSED, as they come (the core runs in this loop)."""
+    """The core's log lines that match PAUSED, as they come (the core runs in this loop),
+    and whether it said that a stream ended (ENDED)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.found: list[re.Match[str]] = []
         self.event = asyncio.Event()
+        self.ended = asyncio.Event()
 
     def emit(self, record: logging.LogRecord) -> None:
         if match := PAUSED.search(record.getMessage()):
             self.found.append(match)
             self.event.set()
+        if ENDED.search(record.getMessage()):
+            self.ended.set()
 
 
 @pytest.fixture
@@ -104,3 +109,52 @@ async def test_a_gateway_that_does_not_read_stops_being_read(core: Core, said: _
         finally:
             sending.cancel()
             call.cancel()
+
+
+async def test_a_gateway_that_never_reads_loses_its_stream(tmp_path: Path, said: _Said) -> None:
+    """Reading paused, a gateway that still reads nothing within multiplex_stall_timeout
+    loses its stream, and the core what it held for it: reading afterwards, the gateway
+    gets what was already on its way, then RESOURCE_EXHAUSTED saying why (grpc sends the
+    status after the data before it), not every session's end."""
+    config = make_config(tmp_path, multiplex_stream_bytes=STREAM_BYTES, multiplex_stall_timeout=0.5)
+    core = Core(config.core)
+    await core.start()
+    try:
+        options = [("grpc.http2.bdp_probe", 0)]
+        async with grpc.aio.insecure_channel(core.grpc_address, options=options) as channel:
+            call = channel.stream_stream(
+                PATH,
+                request_serializer=batch.serialize,
+                response_deserializer=session_pb2.ConnectMultiplexedResponse.FromString,
+            )(metadata=(("authorization", f"Bearer {daemon_token(core)}"),))
+            ask = batch.encode([_frame("1", "tools_list")])
+
+            async def send() -> None:
+                for first in range(0, SESSIONS, PER_MESSAGE):
+                    keys = range(first, first + PER_MESSAGE)
+                    await call.write(b"".join(multiplex.record(k, ask, end=True) for k in keys))
+
+            sending = asyncio.create_task(send())
+            try:
+                async with asyncio.timeout(30):
+                    await said.ended.wait()  # paused, then ended by the core
+                assert said.found
+                ended: set[int] = set()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    async with asyncio.timeout(30):
+                        while True:
+                            message = await call.read()
+                            assert isinstance(message, session_pb2.ConnectMultiplexedResponse)
+                            ended |= {part.session for part in message.sessions if part.end}
+            finally:
+                sending.cancel()
+                call.cancel()
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert re.fullmatch(
+            rf"the gateway read none of the \d+ bytes held for it \(at most {STREAM_BYTES}\)"
+            r" in 0.5 s",
+            str(refused.value.details()),
+        ), refused.value.details()
+        assert len(ended) < SESSIONS
+    finally:
+        await stopped(core.stop(grace=0), "the core's stop")

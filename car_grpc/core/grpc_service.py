@@ -491,6 +491,7 @@ class GrpcService:
         *,
         max_inflight: int,
         multiplex_stream_bytes: int,
+        multiplex_stall_timeout: float,
     ) -> None:
         self.registry = registry
         self.authentication = authentication
@@ -498,6 +499,8 @@ class GrpcService:
         self.max_inflight = max_inflight
         #: Bytes a ConnectMultiplexed stream may leave unacknowledged across its sessions.
         self.multiplex_stream_bytes = multiplex_stream_bytes
+        #: How long one may wait for its gateway to read what is held for it.
+        self.multiplex_stall_timeout = multiplex_stall_timeout
         #: In a cluster: raises FAILED_PRECONDITION naming the core a session id lives on,
         #: when another core has it (a typed call bound to it must go there).
         self.locate_session: Callable[[str], Awaitable[None]] | None = None

@@ -16,7 +16,8 @@ written at once (`try_write`). Neither awaits: no cancellation can leave a write
 
 What waits to be written is bounded as well: while more than the stream's bytes bound
 (multiplex_stream_bytes) of records wait for the gateway to read them, the stream reads
-no further record from it. Sessions' credits bound each session's records, but not those
+no further record from it, for at most multiplex_stall_timeout (then the stream ends:
+RESOURCE_EXHAUSTED). Sessions' credits bound each session's records, but not those
 of sessions that end (their end records, and answers) nor of sessions refused, which a
 gateway that does not read would otherwise make pile up without end.
 """
@@ -227,6 +228,7 @@ class MultiplexedStream:
         #: credits bound (at most limit_bytes, plus one batch).
         self.inbound_bytes = 0
         self.limit_bytes = service.multiplex_stream_bytes
+        self.stall_timeout = service.multiplex_stall_timeout
         self._ready = asyncio.Event()
         #: Bytes of records made and not yet taken by the writer; past limit_bytes the
         #: reader waits for `_drained` (the gateway must read for the core to read on).
@@ -263,9 +265,18 @@ class MultiplexedStream:
                 " (at most %d): reading paused until it does",
                 self.peer, self.backlog_bytes, self.limit_bytes,
             )  # fmt: skip
-        while self.backlog_bytes > self.limit_bytes:
-            self._drained.clear()
-            await self._drained.wait()
+        try:
+            async with asyncio.timeout(self.stall_timeout):
+                while self.backlog_bytes > self.limit_bytes:
+                    self._drained.clear()
+                    await self._drained.wait()
+        except TimeoutError:
+            why = (
+                f"the gateway read none of the {self.backlog_bytes} bytes held for it"
+                f" (at most {self.limit_bytes}) in {self.stall_timeout:g} s"
+            )
+            log.warning("multiplexed stream from %s ended: %s", self.peer, why)
+            await self.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
 
     def wake(self) -> None:
         self._ready.set()
