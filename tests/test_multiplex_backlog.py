@@ -7,10 +7,12 @@ until the gateway reads; then everything goes on, nothing lost. On a real core o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -68,8 +70,11 @@ def said() -> Iterator[_Said]:
         logger.removeHandler(handler)
 
 
-async def test_a_gateway_that_does_not_read_stops_being_read(core: Core, said: _Said) -> None:
-    # Small fixed windows on this side, as car-grpc's gateway keeps for its other streams.
+@contextlib.asynccontextmanager
+async def flooded(core: Core) -> AsyncIterator[tuple[Any, asyncio.Task[None]]]:
+    """A ConnectMultiplexed stream (with the small fixed windows car-grpc's gateway keeps
+    for its other streams) and the task that opens SESSIONS sessions on it, each asking
+    once (unauthenticated: refused) and ending at once, whether the caller reads or not."""
     options = [("grpc.http2.bdp_probe", 0)]
     async with grpc.aio.insecure_channel(core.grpc_address, options=options) as channel:
         call = channel.stream_stream(
@@ -77,7 +82,6 @@ async def test_a_gateway_that_does_not_read_stops_being_read(core: Core, said: _
             request_serializer=batch.serialize,
             response_deserializer=session_pb2.ConnectMultiplexedResponse.FromString,
         )(metadata=(("authorization", f"Bearer {daemon_token(core)}"),))
-        # Sessions that each ask once (unauthenticated: refused) and end at once.
         ask = batch.encode([_frame("1", "tools_list")])
 
         async def send() -> None:
@@ -87,28 +91,38 @@ async def test_a_gateway_that_does_not_read_stops_being_read(core: Core, said: _
 
         sending = asyncio.create_task(send())
         try:
-            try:
-                async with asyncio.timeout(30):
-                    await said.event.wait()  # the core paused reading, holding no more than:
-            except TimeoutError:
-                pytest.fail("the core read on while the answers for the gateway piled up")
-            held, bound = map(int, said.found[0].groups())
-            # Past the bound by at most what sessions opened before the pause still said
-            # (those of one message here, each an answer and an end record).
-            assert bound == STREAM_BYTES and held <= STREAM_BYTES + PER_MESSAGE * 128
-
-            ended: set[int] = set()
-            async with asyncio.timeout(60):  # read now: the core reads on, to the end
-                while len(ended) < SESSIONS:
-                    message = await call.read()
-                    assert isinstance(message, session_pb2.ConnectMultiplexedResponse)
-                    ended |= {part.session for part in message.sessions if part.end}
-                await sending
-            assert ended == set(range(SESSIONS))
-            assert len(said.found) == 1  # said once a stream
+            yield call, sending
         finally:
             sending.cancel()
             call.cancel()
+
+
+async def read_ends(call: Any, ended: set[int], until: int) -> None:
+    """Read the stream, noting each session whose end comes, until `until` have."""
+    while len(ended) < until:
+        message = await call.read()
+        assert isinstance(message, session_pb2.ConnectMultiplexedResponse)
+        ended |= {part.session for part in message.sessions if part.end}
+
+
+async def test_a_gateway_that_does_not_read_stops_being_read(core: Core, said: _Said) -> None:
+    async with flooded(core) as (call, sending):
+        try:
+            async with asyncio.timeout(30):
+                await said.event.wait()  # the core paused reading, holding no more than:
+        except TimeoutError:
+            pytest.fail("the core read on while the answers for the gateway piled up")
+        held, bound = map(int, said.found[0].groups())
+        # Past the bound by at most what sessions opened before the pause still said
+        # (those of one message here, each an answer and an end record).
+        assert bound == STREAM_BYTES and held <= STREAM_BYTES + PER_MESSAGE * 128
+
+        ended: set[int] = set()
+        async with asyncio.timeout(60):  # read now: the core reads on, to the end
+            await read_ends(call, ended, SESSIONS)
+            await sending
+    assert ended == set(range(SESSIONS))
+    assert len(said.found) == 1  # said once a stream
 
 
 async def test_a_gateway_that_never_reads_loses_its_stream(tmp_path: Path, said: _Said) -> None:
@@ -120,35 +134,14 @@ async def test_a_gateway_that_never_reads_loses_its_stream(tmp_path: Path, said:
     core = Core(config.core)
     await core.start()
     try:
-        options = [("grpc.http2.bdp_probe", 0)]
-        async with grpc.aio.insecure_channel(core.grpc_address, options=options) as channel:
-            call = channel.stream_stream(
-                PATH,
-                request_serializer=batch.serialize,
-                response_deserializer=session_pb2.ConnectMultiplexedResponse.FromString,
-            )(metadata=(("authorization", f"Bearer {daemon_token(core)}"),))
-            ask = batch.encode([_frame("1", "tools_list")])
-
-            async def send() -> None:
-                for first in range(0, SESSIONS, PER_MESSAGE):
-                    keys = range(first, first + PER_MESSAGE)
-                    await call.write(b"".join(multiplex.record(k, ask, end=True) for k in keys))
-
-            sending = asyncio.create_task(send())
-            try:
+        ended: set[int] = set()
+        async with flooded(core) as (call, _):
+            async with asyncio.timeout(30):
+                await said.ended.wait()  # paused, then ended by the core
+            assert said.found
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
                 async with asyncio.timeout(30):
-                    await said.ended.wait()  # paused, then ended by the core
-                assert said.found
-                ended: set[int] = set()
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    async with asyncio.timeout(30):
-                        while True:
-                            message = await call.read()
-                            assert isinstance(message, session_pb2.ConnectMultiplexedResponse)
-                            ended |= {part.session for part in message.sessions if part.end}
-            finally:
-                sending.cancel()
-                call.cancel()
+                    await read_ends(call, ended, SESSIONS)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert re.fullmatch(
             rf"the gateway read none of the \d+ bytes held for it \(at most {STREAM_BYTES}\)"
