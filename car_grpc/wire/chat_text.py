@@ -87,6 +87,20 @@ _HOST = frozenset(_own_keys(chats_pb2.ChatEventNotice.DESCRIPTOR))
 _ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
+def _typed(kind: int, value: Any) -> tuple[str, Any] | None:
+    """A typed member's text as the codec writes it and its value as the codec reads it
+    (3.0 as 3); None for a value not of the member's type (the codec reads it)."""
+    if kind == _STRING:
+        return (encode_basestring_ascii(value), value) if type(value) is str else None
+    if kind == _BOOL:
+        return ("true" if value else "false", value) if type(value) is bool else None
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    if type(value) is not int or not 0 <= value <= _UINT32_MAX:
+        return None
+    return int.__repr__(value), value
+
+
 def read_event(params: Any, notice: chats_pb2.AgentChatEventNotice) -> bool:
     """Read an agent.chat.event's params into `notice` as the codec reads them (the same
     message), and the event's text beside it (`event_text`, "" when over TEXT_LIMIT), in
@@ -112,20 +126,10 @@ def read_event(params: Any, notice: chats_pb2.AgentChatEventNotice) -> bool:
             taken += key in params
             continue
         taken += 1
-        if kind == _STRING:
-            if type(value) is not str:
-                return False
-            parts.append(prefix + encode_basestring_ascii(value))
-        elif kind == _BOOL:
-            if type(value) is not bool:
-                return False
-            parts.append(prefix + ("true" if value else "false"))
-        else:
-            if type(value) is float and value.is_integer():
-                value = int(value)  # 3.0 reads as 3
-            if type(value) is not int or not 0 <= value <= _UINT32_MAX:
-                return False
-            parts.append(prefix + int.__repr__(value))
+        if (typed := _typed(kind, value)) is None:
+            return False
+        text, value = typed
+        parts.append(prefix + text)
         members.append((name, value))
     others: list[tuple[str, Any]] = []
     if len(params) > taken:
@@ -227,24 +231,17 @@ def event_frame(params: Any) -> bytes | None:
                 if always:
                     texts.append(prefix + '""')  # a member without presence is written, empty
                 continue
+            if (typed := _typed(kind, value)) is None:
+                return None
+            text, value = typed
+            texts.append(prefix + text)
             if kind == _STRING:
-                if type(value) is not str:
-                    return None
-                texts.append(prefix + encode_basestring_ascii(value))
                 data = value.encode()
                 if data or not always:  # a member without presence: "" is not written
                     fields += (tag, varint(len(data)), data)
             elif kind == _BOOL:
-                if type(value) is not bool:
-                    return None
-                texts.append(prefix + ("true" if value else "false"))
                 fields += (tag, _TRUE if value else _FALSE)
             else:
-                if type(value) is float and value.is_integer():
-                    value = int(value)  # 3.0 reads as 3
-                if type(value) is not int or not 0 <= value <= _UINT32_MAX:
-                    return None
-                texts.append(prefix + int.__repr__(value))
                 fields += (tag, varint(value))
     except UnicodeEncodeError:
         return None
