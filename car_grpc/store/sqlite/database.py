@@ -763,6 +763,11 @@ def _connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=10000")
         conn.execute("PRAGMA foreign_keys=ON")
+        # A group's multi-row statements keep a statement journal (the pages they change,
+        # to undo a statement that fails half-way); past 64 KiB SQLite spills it to a
+        # temporary file, created, written and deleted on every other commit. In memory
+        # it is bounded by a group's size, and it was never part of what is durable.
+        conn.execute("PRAGMA temp_store=MEMORY")
         migrate(conn)
     except BaseException:
         conn.close()
