@@ -763,12 +763,14 @@ def _connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=10000")
         conn.execute("PRAGMA foreign_keys=ON")
-        # A group's multi-row statements keep a statement journal (the pages they change,
-        # to undo a statement that fails half-way); past 64 KiB SQLite spills it to a
-        # temporary file, created, written and deleted on every other commit. In memory
-        # it is bounded by a group's size, and it was never part of what is durable.
-        conn.execute("PRAGMA temp_store=MEMORY")
         migrate(conn)
+        # A group's multi-row statements keep a statement journal (the pages they change,
+        # to undo a statement that fails half-way); past 64 KiB SQLite spilled it to a
+        # temporary file, created, written and deleted on every other commit (bench/
+        # README.md, rec6). In memory it is bounded by a group's bounds, and it was never
+        # part of what is durable. Set after the migrations, whose index builds may sort
+        # whole tables and keep spilling to disk.
+        conn.execute("PRAGMA temp_store=MEMORY")
     except BaseException:
         conn.close()
         raise
