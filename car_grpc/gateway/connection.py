@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -53,7 +53,7 @@ from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import Event, State
 
 from car_grpc.config import GatewayConfig
-from car_grpc.gateway import audio_frames, core_frames, decoder, ws_frames
+from car_grpc.gateway import audio_frames, decoder, ws_frames
 from car_grpc.gateway.decoder import DecoderPool
 from car_grpc.gateway.jsonrpc import MAX_BATCH, Bridge, Inbound
 from car_grpc.gateway.multiplex import Batch, MultiplexedCall
@@ -685,16 +685,11 @@ class Connection:
                 if message is grpc.aio.EOF:
                     reason = "core ended the session"
                     break
-                # A multiplexed session's batch comes as bytes (core_frames reads them).
-                frames: Iterable[core_frames.Frame] = (
-                    core_frames.frames(message)
-                    if isinstance(message, bytes)
-                    else message.frames  # a ConnectBatchedResponse
-                )
+                assert isinstance(message, session_pb2.ConnectBatchedResponse)
                 out: list[str | bytes] = []
                 refused = False
                 deadline = loop.time() + SLICE
-                for frame in frames:
+                for frame in message.frames:
                     if (sent := self._from_core(frame)) is not None:
                         out.append(sent)
                     if refused := self.bridge.auth_refused:
@@ -736,15 +731,14 @@ class Connection:
             return data
         room = self.config.ws_write_limit - ws.transport.get_write_buffer_size()
         try:
+            message = session_pb2.ConnectBatchedResponse.FromString(data)
+            frames = message.frames
             out: list[str | bytes] = []
             overflow: str | bytes | None = None
-            at, n = 0, len(data)
-            while at < n:
-                # Read from the bytes (core_frames): a text notification needs no parsing.
-                frame, at = core_frames.read(data, at)
-                if frame is None:
-                    break  # not as the core writes a batch: _core_to_client reads the rest
-                sent = self._from_core(frame)
+            taken, n = 0, len(frames)
+            while taken < n:
+                sent = self._from_core(frames[taken])
+                taken += 1
                 if sent is not None:
                     room -= len(sent) + 14  # as _send counts it
                     if room <= 0:
@@ -764,19 +758,18 @@ class Connection:
         if self.bridge.auth_refused:
             self._refused()
             return None
-        if at == n:
+        if taken == n:
             return None
-        return data[at:] if at else data  # (what is left of a batch is a batch)
+        del frames[:taken]
+        return message
 
     def _refused(self) -> None:
         """The core refused the session (-32001): what is queued goes, then the close."""
         self._abandon("auth required")
         self.end(CloseCode.POLICY_VIOLATION, "auth required", flush=True)
 
-    def _from_core(self, frame: core_frames.Frame) -> str | bytes | None:
+    def _from_core(self, frame: session_pb2.ServerFrame) -> str | bytes | None:
         """What one frame of the core's becomes for the client (None: nothing)."""
-        if isinstance(frame, str):
-            return frame  # a notification's text, read by core_frames
         if frame.HasField("voice_audio"):
             return self._audio(frame.voice_audio)
         text = self.bridge.from_core(frame)

@@ -165,8 +165,8 @@ class MultiplexedCall:
         data, size = self._inbound.popleft()
         self._inbound_bytes -= size
         self._stream.acknowledge(self.key, size)
-        # As it came, serialized (or what is left of it): the connection reads the bytes
-        # (gateway/core_frames.py).
+        if isinstance(data, bytes):
+            return session_pb2.ConnectBatchedResponse.FromString(data)
         return data
 
     async def done_writing(self) -> None:
