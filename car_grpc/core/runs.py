@@ -331,6 +331,13 @@ class LiveRun:
             if len(texts) == count and any(bridged):
                 text_head = turn_text.event_head(self.run_id, self.agent_id)
                 text_tail = turn_text.event_tail(enum_to_json(_STATUS_ENUM, status))
+            if text_head and not typed and isinstance(records, StoredTurns):
+                # The usual fan-out of record_turns (every subscriber behind car-grpc's
+                # gateway): one list of events for all, each a text where there is one.
+                shared = self._turn_texts(records, first_cursor, texts, head, text_head, text_tail)
+                for sub in subs:
+                    sub.offer_all(shared)
+                return
             for i in range(count):
                 cursor = first_cursor + i
                 if isinstance(records, StoredTurns):
@@ -360,6 +367,33 @@ class LiveRun:
                     events.append(as_text if text_ok and as_text is not None else full)
             for sub, events in zip(subs, offers, strict=True):
                 sub.offer_all(events)
+
+    @staticmethod
+    def _turn_texts(
+        records: StoredTurns,
+        first_cursor: int,
+        texts: Sequence[str | None],
+        head: bytes,
+        text_head: str,
+        text_tail: str,
+    ) -> list[tuple[bytes, bool]]:
+        """The events of stored turns for subscribers behind car-grpc's gateway: what
+        _fan_out's loop gives them, in one pass."""
+        timestamp, first_index, stored = records.timestamp, records.first_index, records.records
+        event_text = turn_text.event_text
+        return [
+            (
+                _text_event(
+                    event_text(text_head, timestamp, first_index + i, members, cursor, text_tail)
+                )
+                if members is not None
+                else _turn_event(head, stored[i], cursor),
+                False,
+            )
+            for i, (members, cursor) in enumerate(
+                zip(texts, range(first_cursor, first_cursor + len(stored)), strict=True)
+            )
+        ]
 
 
 #: ServerFrame's `runs_trace_event` and RunTraceEvent's `record`: their field numbers.
