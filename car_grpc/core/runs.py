@@ -325,8 +325,6 @@ class LiveRun:
             bridged = [sub.session.bridged for sub in subs]
             typed = not all(bridged)  # some subscriber takes the event as protobuf
             count = len(records.records) if isinstance(records, StoredTurns) else len(records)
-            #: Each subscriber's events, offered together once built.
-            offers: list[list[tuple[bytes, bool]]] = [[] for _ in subs]
             text_head = text_tail = ""
             if len(texts) == count and any(bridged):
                 text_head = turn_text.event_head(self.run_id, self.agent_id)
@@ -338,6 +336,7 @@ class LiveRun:
                 for sub in subs:
                     sub.offer_all(shared)
                 return
+            offers: list[list[tuple[bytes, bool]]] = [[] for _ in subs]  # offered together
             for i in range(count):
                 cursor = first_cursor + i
                 if isinstance(records, StoredTurns):
