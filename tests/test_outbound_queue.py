@@ -109,3 +109,20 @@ async def test_join_waits_for_every_frame_to_be_done() -> None:
         assert not joined.done()
         q.task_done()
     await asyncio.wait_for(joined, 1)
+
+
+async def test_many_frames_queued_at_once_as_one_by_one() -> None:
+    """put_many_nowait queues frames in order while each fits as put_nowait would let it
+    in (frames and bytes), stops at the first that does not, and leaves the rest out."""
+    q = OutboundQueue(max_frames=4, max_bytes=100)
+    told: list[int] = []
+    q.on_put = lambda: told.append(len(q))
+    assert q.put_many_nowait([b"a" * 40, b"b" * 40, b"c" * 21, b"d"]) == 2  # c: 101 bytes
+    assert (len(q), q.bytes, told) == (2, 80, [2])  # the stream told once
+    assert q.put_many_nowait([b"c" * 20, b"d", b"e"]) == 1  # d: past 100 bytes
+    assert q.take_ready(10, 1000) == [b"a" * 40, b"b" * 40, b"c" * 20]
+    assert q.put_many_nowait([b"x" * 1000, b"y"]) == 1  # a lone oversized frame, then full
+    q.task_done(3)
+    assert not q._finished.is_set()  # the oversized frame is not done
+    q.close(Gone)
+    assert q.put_many_nowait([b"z"]) == 0

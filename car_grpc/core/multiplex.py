@@ -174,8 +174,7 @@ class SessionChannel:
             return None
         self._pulling = False  # before the take: frames let in by it pull again, after
         frames = queue.take_ready(batch.MAX_FRAMES, batch.MAX_BYTES)
-        for _ in frames:
-            queue.task_done()
+        queue.task_done(len(frames))
         if not queue.empty():
             self._pull()  # past one batch's bounds: the rest in the next batch
         if not frames:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 class OutboundQueue:
@@ -64,6 +64,29 @@ class OutboundQueue:
         if self._closed is not None or self._putters or not self._fits(len(data)):
             raise asyncio.QueueFull
         self._append(data)
+
+    def put_many_nowait(self, frames: Sequence[bytes]) -> int:
+        """put_nowait of each frame in order, until one does not fit: how many were
+        queued (the rest were not). The stream is told once (on_put)."""
+        if self._closed is not None or self._putters:
+            return 0
+        items, queued, size = self._items, 0, self.bytes
+        for data in frames:
+            if items and (len(items) >= self.max_frames or size + len(data) > self.max_bytes):
+                break
+            items.append(data)
+            size += len(data)
+            queued += 1
+        if queued:
+            self.bytes = size
+            self._unfinished += queued
+            self._finished.clear()
+            if self.on_put is not None:
+                self.on_put()
+            else:
+                for _ in range(queued):
+                    self._wake_getter()
+        return queued
 
     async def put(self, data: bytes) -> None:
         """Queue `data`, waiting while it does not fit. Ends with the close error when the
@@ -119,8 +142,8 @@ class OutboundQueue:
             self._admit()
         return taken
 
-    def task_done(self) -> None:
-        self._unfinished -= 1
+    def task_done(self, frames: int = 1) -> None:
+        self._unfinished -= frames
         if self._unfinished <= 0:
             self._finished.set()
 

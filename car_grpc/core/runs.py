@@ -153,6 +153,28 @@ class Subscription:
         self.events.append(event)
         self._ready.set()
 
+    def offer_all(self, events: Sequence[tuple[bytes, bool]]) -> None:
+        """offer() of each event, in order: those that fit go into the session's queue
+        in one step (a batch of 256 turns makes 256 events)."""
+        taken = 0
+        if not self.events and self._pump is not None and not self._stopped:
+            taken = self._put_all(events)
+        for i in range(taken, len(events)):
+            self.offer(events[i])
+
+    def _put_all(self, events: Sequence[tuple[bytes, bool]]) -> int:
+        """_put() of events from the first on, while each fits: how many went."""
+        session = self.session
+        if session.closed.is_set() or not session.streaming:
+            return 0
+        # Up to the run's end, if it is among them: nothing goes after it (_put stops).
+        upto = next((i + 1 for i, (_, ended) in enumerate(events) if ended), len(events))
+        taken = session.outbound.put_many_nowait([frame for frame, _ in events[:upto]])
+        if taken and events[taken - 1][1]:
+            self.stop()
+            self.runs.forget(self)
+        return taken
+
     def _put(self, event: tuple[bytes, bool]) -> bool:
         """Queue `event` for the session at once when it fits without waiting (and nothing
         of this subscription waits before it): no hop through the pump. False: it did
@@ -307,6 +329,14 @@ class LiveRun:
             if len(texts) == count and any(bridged):
                 text_head = turn_text.event_head(self.run_id, self.agent_id)
                 text_tail = turn_text.event_tail(enum_to_json(_STATUS_ENUM, status))
+            if text_head and not typed and isinstance(records, StoredTurns):
+                # The usual fan-out of record_turns (every subscriber behind car-grpc's
+                # gateway): one list of events for all, each a text where there is one.
+                shared = self._turn_texts(records, first_cursor, texts, head, text_head, text_tail)
+                for sub in subs:
+                    sub.offer_all(shared)
+                return
+            offers: list[list[tuple[bytes, bool]]] = [[] for _ in subs]  # offered together
             for i in range(count):
                 cursor = first_cursor + i
                 if isinstance(records, StoredTurns):
@@ -332,8 +362,37 @@ class LiveRun:
                     full = (_turn_event(head, records.records[i], cursor), ended)
                 else:
                     full = (_trace_event(head, records[i], cursor), ended)
-                for sub, text_ok in zip(subs, bridged, strict=True):
-                    sub.offer(as_text if text_ok and as_text is not None else full)
+                for events, text_ok in zip(offers, bridged, strict=True):
+                    events.append(as_text if text_ok and as_text is not None else full)
+            for sub, events in zip(subs, offers, strict=True):
+                sub.offer_all(events)
+
+    @staticmethod
+    def _turn_texts(
+        records: StoredTurns,
+        first_cursor: int,
+        texts: Sequence[str | None],
+        head: bytes,
+        text_head: str,
+        text_tail: str,
+    ) -> list[tuple[bytes, bool]]:
+        """The events of stored turns for subscribers behind car-grpc's gateway: what
+        _fan_out's loop gives them, in one pass."""
+        timestamp, first_index, stored = records.timestamp, records.first_index, records.records
+        event_text = turn_text.event_text
+        return [
+            (
+                _text_event(
+                    event_text(text_head, timestamp, first_index + i, members, cursor, text_tail)
+                )
+                if members is not None
+                else _turn_event(head, stored[i], cursor),
+                False,
+            )
+            for i, (members, cursor) in enumerate(
+                zip(texts, range(first_cursor, first_cursor + len(stored)), strict=True)
+            )
+        ]
 
 
 #: ServerFrame's `runs_trace_event` and RunTraceEvent's `record`: their field numbers.

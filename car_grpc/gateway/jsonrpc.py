@@ -243,6 +243,12 @@ _PARAMS_TEXT = frozenset(
 
 #: Each method name of the core's frames as JSON text.
 _METHOD_TEXT = {binding.method: dumps(binding.method) for _, binding in _FROM_CORE.values()}
+#: Each of _PARAMS_TEXT's notifications: its text up to the params (a run's 256 turn events
+#: a batch take this way: Bridge.from_core).
+_TEXT_NOTIFICATION_HEAD = {
+    name: f'{{"jsonrpc":"2.0","method":{_METHOD_TEXT[_FROM_CORE[name][1].method]},"params":'
+    for name in _PARAMS_TEXT
+}
 
 
 def _describe(value: JSON) -> str:
@@ -660,6 +666,10 @@ class Bridge:
         text is written straight from the message (codec.result_to_text): the same text
         as dumps() of the JSON-RPC object with codec.message_to_result's payload."""
         member = frame.WhichOneof("body")
+        if (head := _TEXT_NOTIFICATION_HEAD.get(member or "")) is not None and (
+            given := getattr(frame, member or "").params_text  # (read once: a new str each)
+        ):
+            return f"{head}{given}}}"  # a notification the core wrote as its params' text
         if member == "error":
             if frame.error.code == AUTH_REQUIRED:
                 self.auth_refused = True
