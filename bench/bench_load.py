@@ -91,6 +91,9 @@ OPEN_CONCURRENCY = 25
 #: unset: the server's default.
 GATEWAY_PROCESSES = os.environ.get("CAR_GATEWAY_PROCESSES", "").strip()
 ROLES = ("proposer",) * 4 + ("recorder",) * 3 + ("chat_host", "chat_agent", "idle")
+#: LOAD_ROLES=proposer,chat_host: only these roles operate, the other sessions stay idle
+#: (a micro run of one operation's kind, for `load_ab`); unset: every role.
+ACTIVE_ROLES = frozenset(os.environ.get("LOAD_ROLES", "").split(",")) - {""} or set(ROLES)
 
 JSON = Any
 
@@ -370,7 +373,7 @@ def _credentials(tokens: dict[str, JSON], index: int) -> dict[str, str]:
 
 async def _traffic(session: Session, until: float) -> None:
     role = role_of(session.index)
-    if role in ("idle", "chat_agent"):
+    if role in ("idle", "chat_agent") or role not in ACTIVE_ROLES:
         return  # chat agents answer as their messages arrive
     operation: Callable[[], Awaitable[None]] = {
         "proposer": session.propose,

@@ -89,6 +89,33 @@ async def test_ws_host_and_ws_agent_stream_a_chat(served: tuple[Core, Gateway]) 
         assert events[4]["kind"] == "done"
 
 
+async def test_ws_agent_events_sent_with_its_ack_go_to_the_host_as_text(
+    served: tuple[Core, Gateway],
+) -> None:
+    """The events an agent sends right behind its ack (before the host has its answer and
+    the chat's pump starts) are written for a WebSocket host as text like every later one:
+    the chat has its text head from the moment the agent is asked."""
+    core, gateway = served
+    assert core.parts is not None
+    async with ws_peer(gateway, daemon(core)) as h, ws_peer(gateway, await as_agent(core)) as a:
+        pending = asyncio.create_task(h.call("agents.chat", {"agent_id": "agent-1", "prompt": "p"}))
+        request = await a.expect_request("agent.chat")
+        sid = request["params"]["session_id"]
+        assert core.parts.chats.open[sid].text_head is not None
+        await a.answer(request, {"accepted": True})
+        for n in range(3):
+            token = {"session_id": sid, "kind": "token", "delta": f"{n}"}
+            await a.notify("agent.chat.event", token)
+        await a.notify("agent.chat.event", {"session_id": sid, "kind": "done"})
+        assert (await pending)["result"] == {"accepted": True, "session_id": sid}
+        events = [await h.expect_notification("agents.chat.event") for _ in range(4)]
+        assert events == [
+            *({"session_id": sid, "agent_id": "agent-1", "kind": "token", "delta": f"{n}"}
+              for n in range(3)),
+            {"session_id": sid, "agent_id": "agent-1", "kind": "done"},
+        ]  # fmt: skip
+
+
 async def test_ws_errors_for_unattached_agents_and_bad_params(
     served: tuple[Core, Gateway],
 ) -> None:

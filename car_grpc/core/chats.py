@@ -236,6 +236,7 @@ class Chats:
         *,
         local_only: bool = False,
         goals: GoalScope | None = None,
+        pumped: bool = False,
     ) -> Chat:
         """Validate, route to the attached agent and wait for its ack.
 
@@ -244,6 +245,7 @@ class Chats:
         attached on another core of the cluster is chatted with there (`local_only`: the
         request came from another core, which looked already). The stored goal of the
         session_id is used only when it is within `goals` (default: the host's scope).
+        `pumped`: the events go to the host by `start_pump`.
         """
         goals = goals or GoalScope.of(host)
         agent_id = require(req.agent_id, "agent_id")
@@ -275,6 +277,10 @@ class Chats:
             goal_before=stored.status if stored is not None else None,
             goal_owner=owner,
         )
+        if pumped and host.bridged:
+            # Set before the agent is asked: its first events may come with its ack, before
+            # the pump starts, and are then written as text too (no notice, no twins walk).
+            chat.text_head = chat_text.notice_head(session_id, agent_id)
         self._route(chat)
         if stored is not None:
             self._write_goal(
@@ -425,8 +431,6 @@ class Chats:
 
     def start_pump(self, chat: Chat) -> None:
         """Deliver the chat's events to its session-stream host as notifications."""
-        if chat.host.bridged:
-            chat.text_head = chat_text.notice_head(chat.session_id, chat.agent_id)
         chat.pump = asyncio.create_task(self._pump(chat))
 
     async def _pump(self, chat: Chat) -> None:
@@ -617,7 +621,7 @@ class Chats:
 
     @handles("agents_chat")
     async def agents_chat(self, session: ClientSession, req: chats_pb2.ChatRequest) -> Reply:
-        chat = await self.open_chat(session, req)
+        chat = await self.open_chat(session, req, pumped=True)
         # Events wait in the chat's buffer until the host has its `accepted` answer.
         accepted = chats_pb2.ChatAccepted(accepted=True, session_id=chat.session_id)
         return Reply(accepted, lambda: self.start_pump(chat))
