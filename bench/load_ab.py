@@ -88,20 +88,22 @@ async def one(arm: str, flags: Sequence[str], name: str) -> tuple[bench_load.Pha
             tokens_file.write_text(json.dumps({"daemon": daemon, "agents": agents}))
             spies: list[subprocess.Popen[bytes]] = []
 
+            switches: list[dict[str, int]] = []
+
             def at_go() -> None:
                 pid = server.proc.pid
+                switches.append(_switches(pid))
                 children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
                 for n, each in enumerate([pid, *map(int, children)]):
                     if (spy := _spy(each, name if n == 0 else f"{name}-gw{n}")) is not None:
                         spies.append(spy)
 
-            switches: list[dict[str, int]] = []
             phase = await bench_load.drive(
                 server.proc.pid,
                 url,
                 str(tokens_file),
                 lambda: bench_load.sessions_left(home, url),
-                lambda: (at_go(), switches.append(_switches(server.proc.pid))),
+                at_go,
                 lambda: switches.append(_switches(server.proc.pid)),
             )
             for spy in spies:
