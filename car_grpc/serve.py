@@ -37,13 +37,12 @@ log = logging.getLogger(__name__)
 class Server:
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config = config.for_serve()
+        self.core = Core(config.core, store)
         #: Gateway processes to run beside the core's ("auto" decided here, once), and how
         #: that was decided, for the log.
         self.gateway_process_count, self._counted = serve_gateway_processes(
             config.gateway.gateway_processes
         )
-        # Gateway processes reach the core over a Unix socket (Core.local_address).
-        self.core = Core(config.core, store, local_socket=self.gateway_process_count > 0)
         #: Created by start(), once the core's port is known (in this process).
         self.gateway: Gateway | None = None
         #: Or, with gateway_processes > 0, the gateway processes (the first announces)
@@ -112,7 +111,7 @@ class Server:
                 config = replace(config, unix_socket=None)
             process = GatewayProcess(
                 config,
-                self.core.local_address or self.core.grpc_address,
+                self.core.grpc_address,
                 listeners,
                 announce=i == 0,
                 core_token=self._core_token(),

@@ -11,8 +11,6 @@ A `store` may be injected (e.g. a shared test store or another implementation).
 from __future__ import annotations
 
 import logging
-import secrets
-import sys
 from typing import Any
 
 import grpc
@@ -40,19 +38,10 @@ MAX_PENDING_CALLS = 16384
 
 
 class Core:
-    def __init__(
-        self, config: CoreConfig, store: Store | None = None, *, local_socket: bool = False
-    ) -> None:
+    def __init__(self, config: CoreConfig, store: Store | None = None) -> None:
         self.config = config
         self._store = store
         self._owns_store = store is None
-        #: With local_socket, a plaintext core on Linux also listens on an abstract Unix
-        #: socket, `local_address` once started, for gateway processes on this host: a
-        #: gRPC message costs less CPU there than over TCP loopback (bench/README.md,
-        #: "gRPC's own settings"). It is reachable as the loopback port is (from this
-        #: host's network namespace) and its calls are checked the same.
-        self._local_socket = local_socket
-        self.local_address: str | None = None
         #: The wired domains while the core runs.
         self.parts: CoreParts | None = None
         self.grpc_port = 0
@@ -85,10 +74,6 @@ class Core:
         )
         if credentials is None:
             self.grpc_port = server.add_insecure_port(address)
-            if self._local_socket and sys.platform == "linux":
-                local = f"unix-abstract:car-grpc-core-{secrets.token_hex(8)}"
-                server.add_insecure_port(local)
-                self.local_address = local
         else:
             self.grpc_port = server.add_secure_port(address, credentials)
         self.core_id = self.config.core_id or default_core_id(self.config.state_root)
