@@ -577,9 +577,11 @@ async def drive(
     tokens_file: str,
     check: Callable[[], Awaitable[int]],
     at_go: Callable[[], object] | None = None,
+    at_end: Callable[[], object] | None = None,
 ) -> Phase:
     """Open the sessions over the workers, run the traffic, close, measuring the server.
-    `at_go()` is called as the traffic starts (bench/load_ab.py: a profiler)."""
+    `at_go()` is called as the traffic starts (bench/load_ab.py: a profiler), `at_end()`
+    as it ends (before the sessions close)."""
     phase = Phase(rss_start_kib=rss_kib(server_pid))
     per_worker = SESSIONS // WORKERS
     started = time.perf_counter()
@@ -613,6 +615,8 @@ async def drive(
         phase.traffic_s = time.perf_counter() - go
         phase.cpu_workers_s = sum(cpu_seconds(w.proc.pid) for w in workers) - cpu_workers
         phase.cpu_machine_s = machine_busy_seconds() - cpu_machine
+        if at_end is not None:
+            at_end()
         phase.rss_active_kib = max(samples)
         for report in reports:
             result = json.loads(report.result())

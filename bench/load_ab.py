@@ -9,7 +9,11 @@ PYTHONPATH, and the server's working directory; flags after commas are that arm'
 e.g. `DIR,--gateway-processes,1` beside `DIR`), and prints, per round and tree: ops/s,
 protocol errors, the worst p99, the server's CPU in cores and per operation, split into
 its first process (the core) and the rest (gateway processes, with
-`--gateway-processes N`), and the load generator's and the machine's CPU in cores. Run it
+`--gateway-processes N`), and the load generator's and the machine's CPU in cores; then the
+context switches per operation over the traffic (/proc/PID/task/TID/status) of the core's
+process and of the rest: voluntary (`vcs`, a thread went to sleep: a wakeup) and forced
+(`ics`, preempted), of all their threads and of the threads beside the event loop alone
+(`thr`: gRPC's, the store's) and of gRPC's EventEngine threads alone (`ee`). Run it
 from outside any checkout (the current directory comes first on sys.path).
 LOAD_AB_SPY=DIR: a py-spy profile (`--gil`, raw) of each core during its traffic, into
 DIR, and of each gateway process (`NAME-gwN.txt`) (LOAD_AB_SPY_BIN: py-spy's path,
@@ -30,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import bench_load
+from bench.proc import process_tree
 from tests.processes import EPHEMERAL, car_grpc_argv, cli_env, launch
 
 
@@ -44,7 +49,32 @@ def _spy(pid: int, name: str) -> subprocess.Popen[bytes] | None:
     )
 
 
-async def one(arm: str, flags: Sequence[str], name: str) -> bench_load.Phase:
+def _switches(pid: int) -> dict[str, int]:
+    """Voluntary and forced context switches so far of `pid` (`core`) and its descendants
+    (`gw`), of all their threads, of the threads other than each process's main one and of
+    gRPC's EventEngine threads."""
+    counts = dict.fromkeys(
+        (f"{who} {kind}" for who in ("core", "gw") for kind in ("vcs", "ics", "thr vcs", "ee vcs")),
+        0,
+    )
+    for process in process_tree(pid):
+        who = "core" if process == pid else "gw"
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{process}/task"):
+                with contextlib.suppress(OSError):
+                    status = Path(f"/proc/{process}/task/{tid}/status").read_text()
+                    vcs = int(status.split("\nvoluntary_ctxt_switches:")[1].split()[0])
+                    ics = int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
+                    counts[f"{who} vcs"] += vcs
+                    counts[f"{who} ics"] += ics
+                    if int(tid) != process:
+                        counts[f"{who} thr vcs"] += vcs
+                    if Path(f"/proc/{process}/task/{tid}/comm").read_text().startswith("event_en"):
+                        counts[f"{who} ee vcs"] += vcs
+    return counts
+
+
+async def one(arm: str, flags: Sequence[str], name: str) -> tuple[bench_load.Phase, dict[str, int]]:
     tree, *own = arm.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
@@ -58,8 +88,11 @@ async def one(arm: str, flags: Sequence[str], name: str) -> bench_load.Phase:
             tokens_file.write_text(json.dumps({"daemon": daemon, "agents": agents}))
             spies: list[subprocess.Popen[bytes]] = []
 
+            switches: list[dict[str, int]] = []
+
             def at_go() -> None:
                 pid = server.proc.pid
+                switches.append(_switches(pid))
                 children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
                 for n, each in enumerate([pid, *map(int, children)]):
                     if (spy := _spy(each, name if n == 0 else f"{name}-gw{n}")) is not None:
@@ -71,14 +104,15 @@ async def one(arm: str, flags: Sequence[str], name: str) -> bench_load.Phase:
                 str(tokens_file),
                 lambda: bench_load.sessions_left(home, url),
                 at_go,
+                lambda: switches.append(_switches(server.proc.pid)),
             )
             for spy in spies:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     spy.wait(30)
-            return phase
+            return phase, {k: switches[1][k] - switches[0][k] for k in switches[0]}
 
 
-def _row(phase: bench_load.Phase) -> dict[str, float]:
+def _row(phase: bench_load.Phase, switches: dict[str, int]) -> dict[str, float]:
     n = bench_load._ops(phase)
     t = phase.traffic_s
     return {
@@ -93,6 +127,7 @@ def _row(phase: bench_load.Phase) -> dict[str, float]:
         "load gen": phase.cpu_workers_s / t,
         "load gen us/op": phase.cpu_workers_s / n * 1e6,
         "machine": phase.cpu_machine_s / t,
+        **{f"{k}/op": v / n for k, v in switches.items()},
     }
 
 
@@ -110,7 +145,7 @@ async def run(rounds: int, trees: Sequence[str], flags: Sequence[str]) -> None:
     keys: list[str] | None = None
     for r in range(rounds):
         for i, tree in enumerate(trees if r % 2 == 0 else trees[::-1]):
-            row = _row(await one(tree, flags, f"r{r}-{i}"))
+            row = _row(*await one(tree, flags, f"r{r}-{i}"))
             rows[tree].append(row)
             keys = list(row)
             cells = " ".join(f"{k} {_cell(k, v)}" for k, v in row.items())
