@@ -624,10 +624,14 @@ async def execute(
     policies: Iterable[state_pb2.PolicyDefinition] = (),
     call_tool: CallTool,
     retry_backoff: float = 0.1,
+    outputs: dict[str, JSON] | None = None,
 ) -> tools_pb2.ProposalResult:
     """Run `plan` against `state` (changed in place; rolled back on abort). A write that
-    `state` refuses (a session's KeyValueState over its budget) fails the action."""
+    `state` refuses (a session's KeyValueState over its budget) fails the action.
+    `outputs`, when given, gets each succeeded action's output (its result's `output`)."""
     run = _Run(plan, state, list(policies), call_tool, retry_backoff)
+    if outputs is not None:
+        run.outputs = outputs
     return await run.run()
 
 

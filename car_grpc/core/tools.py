@@ -32,6 +32,7 @@ from car_grpc.core.router import handles
 from car_grpc.core.session import ClientSession, SessionClosed
 from car_grpc.core.tool_hosts import ToolHosts
 from car_grpc.v1 import session_pb2, tools_pb2
+from car_grpc.wire import proposal_text
 from car_grpc.wire.codec import JSON, json_to_struct, value_to_json
 from car_grpc.wire.errors import INTERNAL, CarError, field_error, require
 
@@ -149,15 +150,21 @@ class Tools:
         call_tool = self._hosts.call_tool(
             session, proposal_id=plan.proposal_id, label=label, fallback=fallback
         )
+        outputs: dict[str, JSON] = {}
         result = await proposals.execute(
             plan,
             state=session.kv,
             policies=list(session.policies.values()),
             call_tool=call_tool,
+            outputs=outputs,
         )
         if any(r.terminal for r in result.results):
             session.halted = True
-        return tools_pb2.SubmitProposalResponse(result=result)
+        response = tools_pb2.SubmitProposalResponse(result=result)
+        if session.bridged:  # car-grpc's gateway: the result's text too (proposal_text.py)
+            texts = fallback.texts if fallback is not None else {}
+            response.result_text = proposal_text.result_text(result, outputs, texts)
+        return response
 
 
 class SessionTools:
@@ -170,6 +177,9 @@ class SessionTools:
         self.label = label
         self._tool_timeout = tool_timeout
         self._grace = grace
+        #: action id -> (the output of its last call answered with a text, that text), from
+        #: car-grpc's gateway (ExecuteToolResponse.output_text): written into the result.
+        self.texts: dict[str, tuple[JSON, str]] = {}
 
     async def __call__(self, inv: ToolInvocation) -> JSON:
         wait = self._tool_timeout if inv.timeout_ms is None else inv.timeout_ms / 1000 + self._grace
@@ -201,7 +211,12 @@ class SessionTools:
         member = answer.WhichOneof("body")
         if member != "tools_execute":
             raise ToolFailed(f"tool '{inv.tool}' callback was answered with {member}")
-        return value_to_json(answer.tools_execute.output)
+        body = answer.tools_execute
+        if self.session.bridged and (text := body.output_text):  # (json_internal)
+            output = proposal_text.read_output(text)
+            self.texts[inv.action_id] = (output, text)
+            return output
+        return value_to_json(body.output)
 
     def _cancel(self, request_id: str, inv: ToolInvocation, reason: str) -> None:
         """Send tools.cancel without waiting (a cancelled task must not block on a full

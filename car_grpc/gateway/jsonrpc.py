@@ -37,7 +37,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from car_grpc.v1 import errors_pb2, options_pb2, session_pb2
-from car_grpc.wire import api, chat_text, codec, turn_text
+from car_grpc.wire import api, chat_text, codec, proposal_text, turn_text
 from car_grpc.wire.errors import (
     AUTH_REQUIRED,
     INTERNAL,
@@ -239,6 +239,14 @@ _PARAMS_TEXT = frozenset(
     name
     for name, m in api.SERVER_MEMBERS.items()
     if m.kind == api.NOTIFICATION and "params_text" in m.message.fields_by_name
+)
+
+#: The core's responses that may come as their result's JSON text already (`result_text`,
+#: a json_internal field: tools.proto).
+_RESULT_TEXT = frozenset(
+    name
+    for name, m in api.SERVER_MEMBERS.items()
+    if m.kind == api.RESPONSE and "result_text" in m.message.fields_by_name
 )
 
 #: Each method name of the core's frames as JSON text.
@@ -472,6 +480,7 @@ def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Mess
 _RECORD_TURNS = "runs_record_turns"
 _RECORD_TURNS_METHOD = api.CLIENT_MEMBERS[_RECORD_TURNS].method
 _CHAT_EVENT = "agent_chat_event"
+_TOOLS_EXECUTE = "tools_execute"
 _CHAT_EVENT_METHOD = api.CLIENT_MEMBERS[_CHAT_EVENT].method
 
 
@@ -505,6 +514,10 @@ def _answer(message: dict[str, JSON], callbacks: Mapping[str, str], shallow: boo
             codec.params_to_message(message["result"], body, binding.bare_field)
             if binding.deep and not shallow and _too_deep(frame):
                 raise ValueError(f"nested more than {MAX_PROTO_DEPTH} levels deep")
+            if binding.field == _TOOLS_EXECUTE:
+                # A tool's output goes with its text where it has one (proposal_text.py):
+                # the core reads that and writes it into the proposal's result as it is.
+                body.output_text = proposal_text.output_text(message["result"])
         except (ValueError, TypeError, RecursionError) as e:
             # Fail the core's call at once rather than let it wait for its timeout.
             reason = _params_error(e)[0].removeprefix("invalid params: ")
@@ -683,6 +696,9 @@ class Bridge:
         body = getattr(frame, member)
         if kind == api.RESPONSE:
             self.authenticated = True
+            if member in _RESULT_TEXT and (given := body.result_text):
+                # The result the core wrote as its text (a proposal's: proposal_text.py).
+                return self._settle(frame.id, lambda client_id: _response_text(client_id, given))
             return self._settle(
                 frame.id,
                 lambda client_id: _response_text(

@@ -716,16 +716,22 @@ class SubmitProposalResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
+    RESULT_TEXT_FIELD_NUMBER: _builtins.int
+    result_text: _builtins.str
+    """The result's JSON text as the wire writes it, for car-grpc's own gateway, which sends
+    it on as it is instead of writing `result`; never a JSON key (options.proto).
+    """
     @_builtins.property
     def result(self) -> Global___ProposalResult: ...
     def __init__(
         self,
         *,
         result: Global___ProposalResult | None = ...,
+        result_text: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "result_text", b"result_text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -798,16 +804,22 @@ class ExecuteToolResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OUTPUT_FIELD_NUMBER: _builtins.int
+    OUTPUT_TEXT_FIELD_NUMBER: _builtins.int
+    output_text: _builtins.str
+    """The output's JSON text as the wire writes it, from car-grpc's own gateway beside
+    `output`: the core reads it instead; never a JSON key (options.proto).
+    """
     @_builtins.property
     def output(self) -> _struct_pb2.Value: ...
     def __init__(
         self,
         *,
         output: _struct_pb2.Value | None = ...,
+        output_text: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "output_text", b"output_text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

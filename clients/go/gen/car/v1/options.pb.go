@@ -423,7 +423,8 @@ var (
 	// reads nor writes it). It carries JSON text that car-grpc's own gateway or core wrote
 	// for the wire, so that a message is not converted again on its way (runs.proto:
 	// RecordTurnsRequest.turn_texts, RunTraceEvent.params_text; chats.proto:
-	// AgentChatEventNotice.event_text, ChatEventNotice.params_text). The core takes such text
+	// AgentChatEventNotice.event_text, ChatEventNotice.params_text; tools.proto:
+	// ExecuteToolResponse.output_text, SubmitProposalResponse.result_text). The core takes such text
 	// only from, and sends it only to, sessions of car-grpc's own gateway (a
 	// ConnectMultiplexed stream, which only the daemon token opens); everyone else gets
 	// and may send the message without it.
