@@ -13,8 +13,10 @@ field order, the enum's JSON name, strings, booleans, nulls and integers as the 
 writes them (json's ASCII encoder). As for a run turn (turn_text.py), one freedom is taken:
 a free-form object's keys come in the order the client sent them, where the codec writes
 protobuf's map order (a hash order; JSON objects are unordered). Where the two could
-differ otherwise (a free-form value that is not turn_text.plain: a float, an integer past
-53 bits), no text is written and the message goes as protobuf, as before.
+differ otherwise (an output that is not turn_text.plain: a float, an integer past 53
+bits), the gateway writes no output text and the core writes that output with the codec,
+from its Value. The gateway still sends the output's Value and the core the result's
+protobuf beside the texts: the frames between them read as before.
 """
 
 from __future__ import annotations
@@ -115,10 +117,11 @@ def result_text(
     texts: Mapping[str, tuple[JSON, str]],
 ) -> str:
     """The JSON text of `result` as codec.result_to_text writes its SubmitProposalResponse;
-    "" where it goes as protobuf. `outputs`: each succeeded action's output, as the
-    executor holds it (its result's `output` is that value's Value); `texts`: action id ->
-    (an output, its text as the gateway sent it), used when that very output is the
-    action's."""
+    "" past RESULT_TEXT_LIMIT. `outputs`: each succeeded action's output, as the executor
+    holds it (its result's `output` is that value's Value); `texts`: action id -> (an
+    output, its text as the gateway sent it), used when that very output is the action's.
+    An output with no such text is written from its JSON where that is plain, else by the
+    codec from its Value, as are state changes (few: a state_write's)."""
     items = []
     for r in result.results:
         action_id = r.action_id
@@ -127,12 +130,10 @@ def result_text(
             given = texts.get(action_id)
             if given is not None and given[0] is output:
                 out = given[1]
-            elif not (out := free_text(output)):
-                return ""
-        elif r.output.WhichOneof("kind") == "null_value":
-            out = "null"
+            else:  # the codec's text of the output's Value where its own could differ
+                out = free_text(output) or codec.value_to_text(r.output)
         else:
-            return ""
+            out = codec.value_to_text(r.output)  # null: the executor's
         status = _STATUS_TEXT.get(r.status, "")
         parts = ['{"action_id":', _string(action_id), status, ',"output":', out]
         if r.HasField("error"):
@@ -140,10 +141,7 @@ def result_text(
         if r.HasField("state_changes"):
             changes = r.state_changes
             if changes.fields:
-                text = free_text(codec.struct_to_json(changes))
-                if not text:
-                    return ""
-                parts += (',"state_changes":', text)
+                parts += (',"state_changes":', codec.struct_to_text(changes))
             else:
                 parts.append(',"state_changes":{}')
         parts.append(f',"duration_ms":{r.duration_ms},"timestamp":{r.timestamp}')
