@@ -243,7 +243,7 @@ async def test_a_proposal_through_the_gateway_answers_as_the_codec_writes(
     ws = await ws_session(gateway.url, {"host_token": state.tokens.host})
     await _call(ws, 2, "tools.register", [{"name": "t"}])
     assert "result" in json.loads(await recv_text(ws))
-    actions = [
+    actions: list[dict[str, JSON]] = [
         {
             "id": f"a{i}",
             "type": "tool_call",
