@@ -112,7 +112,8 @@ def test_an_answer_refused_as_before_has_no_text() -> None:
 
 
 def test_edge_case_outputs_are_the_codecs_text() -> None:
-    for result in (None, True, 0, 2**53, -(2**53), "", '\x7f\x00é€😀"\\/', {}, [], {"": [{}]}):
+    edge: list[JSON] = [None, True, 0, 2**53, -(2**53), "", '\x7f\x00é€😀"\\/', {}, [], {"": [{}]}]
+    for result in edge:
         body = _answer(result).tools_execute
         assert body.output_text == codec.value_to_text(body.output), result
 
