@@ -480,8 +480,8 @@ def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Mess
 _RECORD_TURNS = "runs_record_turns"
 _RECORD_TURNS_METHOD = api.CLIENT_MEMBERS[_RECORD_TURNS].method
 _CHAT_EVENT = "agent_chat_event"
-_TOOLS_EXECUTE = "tools_execute"
 _CHAT_EVENT_METHOD = api.CLIENT_MEMBERS[_CHAT_EVENT].method
+_TOOLS_EXECUTE = "tools_execute"
 
 
 def _add_turn_texts(params: JSON, request: Any) -> None:
