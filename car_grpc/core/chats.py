@@ -430,18 +430,33 @@ class Chats:
     # -------------------------------------------------------------- delivery to hosts
 
     def start_pump(self, chat: Chat) -> None:
-        """Deliver the chat's events to its session-stream host as notifications."""
-        chat.pump = asyncio.create_task(self._pump(chat))
+        """Deliver the chat's events to its session-stream host as notifications. What the
+        buffer holds already is written at once while the host's queue takes it (an agent's
+        events often come with its ack): a chat over by then needs no pump task."""
+        events, host = chat.events, chat.host
+        while (first := events.get_nowait()) is not None:
+            if not (isinstance(first, bytes) and host.send_now(first)):
+                break
+        else:
+            if events.closed:  # closed and drained: every event is on its way
+                if self.open.get(chat.session_id) is not chat:
+                    self._release(chat)
+                return
+        chat.pump = asyncio.create_task(self._pump(chat, first))
 
-    async def _pump(self, chat: Chat) -> None:
+    async def _pump(
+        self, chat: Chat, first: chats_pb2.ChatEventNotice | bytes | None = None
+    ) -> None:
         host = chat.host
         try:
-            while (notice := await chat.events.get()) is not None:
+            notice = first if first is not None else await chat.events.get()
+            while notice is not None:
                 if isinstance(notice, bytes):
                     if not host.send_now(notice):
                         await host.send(notice)
                 else:
                     await host.notify("agents_chat_event", notice)
+                notice = await chat.events.get()
         except SessionClosed:
             pass
         finally:
