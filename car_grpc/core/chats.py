@@ -289,18 +289,20 @@ class Chats:
                     session_id, chats_pb2.GOAL_STATUS_RUNNING, owner=owner
                 ),
             )
-        request = chats_pb2.AgentChatRequest(
-            session_id=session_id,
-            prompt=req.prompt,
-            stream=req.stream if req.HasField("stream") else True,
-            attachments=req.attachments,
-            context=chats_pb2.AgentChatContext(host_client_id=host.id),
-        )
+        # Written straight into the frame that goes out (no request message to copy in).
+        frame = session_pb2.ServerFrame(id=agent.next_callback_id())
+        request = frame.agent_chat
+        request.session_id = session_id
+        request.prompt = req.prompt
+        request.stream = req.stream if req.HasField("stream") else True
+        if req.attachments:
+            request.attachments.extend(req.attachments)
+        request.context.host_client_id = host.id
         if req.HasField("model"):
             request.model = req.model
         if goal is not None:
             request.goal.CopyFrom(goal)
-        await self._await_ack(chat, request)
+        await self._await_ack(chat, frame)
         return chat
 
     async def _open_remote(
@@ -356,12 +358,13 @@ class Chats:
             reason = f"agent '{chat.agent_id}' is gone: {e.message}"
         self.end(chat, reason, cancel_agent=False, tell_host=True, kind="error")
 
-    async def _await_ack(self, chat: Chat, request: chats_pb2.AgentChatRequest) -> None:
+    async def _await_ack(self, chat: Chat, frame: session_pb2.ServerFrame) -> None:
+        """Ask the agent (`frame`: its agent.chat request) and wait for its ack."""
         timeout = self.limits.ack_timeout
         who = f"agent '{chat.agent_id}'"
         assert chat.agent is not None
         try:
-            answer = await chat.agent.call("agent_chat", request, timeout=timeout)
+            answer = await chat.agent.call_frame(frame, "agent_chat", timeout)
         except TimeoutError:
             reason = f"{who} did not acknowledge the chat within {timeout:g}s"
             raise self._lost(chat, reason, cancel_agent=True) from None
