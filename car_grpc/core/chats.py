@@ -256,7 +256,13 @@ class Chats:
             raise field_error("goal", "goal and attachments are mutually exclusive")
         session_id = req.session_id or f"chat-{uuid.uuid4()}"
         owner = goals.filter
-        stored = await self._goal_order.run(session_id, lambda: self.goals.get(session_id, owner))
+        # A session_id drawn here is new to every store and core: no goal can be stored
+        # for it yet (nobody knew it), so there is nothing to read.
+        stored = (
+            await self._goal_order.run(session_id, lambda: self.goals.get(session_id, owner))
+            if req.session_id
+            else None
+        )
         # From here to the reverse call nothing awaits: routing is set up atomically.
         if session_id in self.open:
             raise field_error("session_id", "a chat with this session_id is already open")
