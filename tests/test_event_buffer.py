@@ -261,3 +261,16 @@ def test_goal_status_after_the_chat(
     kind: str | None, evaluated: bool, met: bool, status: int
 ) -> None:
     assert goal_status_after(kind, evaluated, met) == status
+
+
+async def test_get_nowait_takes_what_is_there_and_never_waits() -> None:
+    buffer: EventBuffer[int] = EventBuffer(2, 5.0, limit_bytes=1 << 20)
+    assert buffer.get_nowait() is None  # empty: nothing, and nothing awaited
+    assert buffer.offer(1, 1) is PutResult.QUEUED and buffer.offer(2, 1) is PutResult.QUEUED
+    waiting = buffer.offer(3, 1)  # full: it waits in line
+    assert not isinstance(waiting, PutResult)
+    assert buffer.get_nowait() == 1
+    assert await buffer.admitted(waiting) is PutResult.QUEUED  # the take let it in
+    buffer.close()
+    assert [buffer.get_nowait(), buffer.get_nowait(), buffer.get_nowait()] == [2, 3, None]
+    assert buffer.closed
