@@ -81,7 +81,9 @@ def fuzz_config(root: Path) -> Config:
         root,
         tool_timeout=0.5,
         callback_grace=0.1,
-        handler_timeout=1.0,
+        # Not shorter: the rig's own runs.start (a store write) ran past 1 s on a loaded
+        # machine; what a fuzzed handler waits for is bounded by the shorter waits here.
+        handler_timeout=5.0,
         approval_timeout=0.05,
         gated_methods=frozenset({"policy.unregister"}),
         chat_ack_timeout=0.2,

@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -18,6 +18,7 @@ import pytest
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
+from car_grpc.store.repositories import GoalStore
 from car_grpc.v1 import chats_pb2
 from tests.chat_helpers import accept_chat, bearer, chat_stub, emit, tokens
 from tests.conftest import make_config
@@ -36,8 +37,10 @@ async def ws_peer(gateway: Gateway, auth: dict[str, str]) -> AsyncIterator[Rpc]:
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
-    return make_config(tmp_path, chat_ack_timeout=0.5)
+def config(tmp_path: Path, request: pytest.FixtureRequest) -> Config:
+    """An ack bound of 10 s (an agent's ack may come late on a loaded machine); a test of
+    the bound gives its own (indirect parametrize)."""
+    return make_config(tmp_path, chat_ack_timeout=getattr(request, "param", 10.0))
 
 
 def daemon(core: Core) -> dict[str, str]:
@@ -116,6 +119,39 @@ async def test_ws_agent_events_sent_with_its_ack_go_to_the_host_as_text(
         ]  # fmt: skip
 
 
+async def test_ws_chat_without_a_session_id_asks_the_store_for_no_goal(
+    served: tuple[Core, Gateway],
+) -> None:
+    """A session_id the core draws for a chat is new to every store: no goal can be stored
+    for it, so the chat reads none; a chat that names its session_id reads its goal."""
+    core, gateway = served
+    assert core.parts is not None
+    chats = core.parts.chats
+    store, reads = chats.goals, []
+
+    class CountingGoals:  # the real store, its reads counted
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def get(self, session_id: str, owner: str | None = None) -> Any:
+            reads.append(session_id)
+            return await store.get(session_id, owner)
+
+    chats.goals = cast(GoalStore, CountingGoals())
+    try:
+        async with (
+            ws_peer(gateway, daemon(core)) as h,
+            ws_peer(gateway, await as_agent(core)) as a,
+        ):
+            for named in ({}, {"session_id": "named-1"}):
+                sid, _ = await ws_chat(h, a, prompt="p", **named)
+                await a.notify("agent.chat.event", {"session_id": sid, "kind": "done"})
+                assert (await h.expect_notification("agents.chat.event"))["kind"] == "done"
+    finally:
+        chats.goals = store
+    assert reads == ["named-1"]
+
+
 async def test_ws_errors_for_unattached_agents_and_bad_params(
     served: tuple[Core, Gateway],
 ) -> None:
@@ -145,6 +181,7 @@ async def test_ws_errors_for_unattached_agents_and_bad_params(
         assert both["error"]["code"] == -32602 and "goal" in both["error"]["message"]
 
 
+@pytest.mark.parametrize("config", [2.0], indirect=True)  # the ack bound
 async def test_ws_agent_that_never_acks(served: tuple[Core, Gateway]) -> None:
     core, gateway = served
     async with ws_peer(gateway, daemon(core)) as h, ws_peer(gateway, await as_agent(core)) as a:

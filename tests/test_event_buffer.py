@@ -80,11 +80,13 @@ async def test_after_a_stall_new_producers_hear_at_once_until_the_reader_is_back
 
 
 async def test_a_slow_reader_that_keeps_reading_is_not_a_stall() -> None:
-    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=0.2, limit_bytes=1 << 20)
+    buffer: EventBuffer[int] = EventBuffer(limit=1, stall_timeout=1.0, limit_bytes=1 << 20)
     producer = asyncio.gather(*(buffer.put(i, 1) for i in range(6)))
     got = []
-    for _ in range(6):  # each take is well within the bound, all of them together are not
-        await asyncio.sleep(0.05)
+    # Each take is well within the bound (by 0.75 s: a loaded machine may wake this loop
+    # late), all of them together are not.
+    for _ in range(6):
+        await asyncio.sleep(0.25)
         item = await buffer.get()
         assert item is not None
         got.append(item)
@@ -259,3 +261,16 @@ def test_goal_status_after_the_chat(
     kind: str | None, evaluated: bool, met: bool, status: int
 ) -> None:
     assert goal_status_after(kind, evaluated, met) == status
+
+
+async def test_get_nowait_takes_what_is_there_and_never_waits() -> None:
+    buffer: EventBuffer[int] = EventBuffer(2, 5.0, limit_bytes=1 << 20)
+    assert buffer.get_nowait() is None  # empty: nothing, and nothing awaited
+    assert buffer.offer(1, 1) is PutResult.QUEUED and buffer.offer(2, 1) is PutResult.QUEUED
+    waiting = buffer.offer(3, 1)  # full: it waits in line
+    assert not isinstance(waiting, PutResult)
+    assert buffer.get_nowait() == 1
+    assert await buffer.admitted(waiting) is PutResult.QUEUED  # the take let it in
+    buffer.close()
+    assert [buffer.get_nowait(), buffer.get_nowait(), buffer.get_nowait()] == [2, 3, None]
+    assert buffer.closed

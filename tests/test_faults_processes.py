@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from car_grpc.core.server import Core
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.gateway import Gateway
 from car_grpc.store import open_store
-from tests.processes import Process, car_grpc
+from tests.processes import Process, car_grpc, port
 from tests.ws_helpers import Rpc, RpcError, daemon_token, rpc
 
 
@@ -34,10 +33,11 @@ async def child(home: Path, *args: str) -> AsyncIterator[tuple[Process, str]]:
         yield process, address
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def restartable_core(grpc_port: int) -> tuple[str, ...]:
+    """`car-grpc core` arguments on `grpc_port` (0 the first time: a port picked free and
+    bound later may be taken in between; then the port it got, to restart on it), the A2A
+    port ephemeral (by default the gRPC port + 1, which nobody keeps free)."""
+    return ("core", "--grpc-port", str(grpc_port), "--a2a-port", "0")
 
 
 def token_file(home: Path, name: str) -> str:
@@ -136,15 +136,16 @@ async def back_in(url: str, **credentials: str) -> AsyncIterator[Rpc]:
 async def test_core_killed_mid_traffic_loses_nothing_acknowledged(tmp_path: Path) -> None:
     home = tmp_path / "home"
     bot_token = await mint_agent_token(home, "bot")
-    port = free_port()
-    # The A2A port too: by default the gRPC port + 1, which free_port does not keep free.
-    core_args = ("core", "--grpc-port", str(port), "--a2a-port", "0")
-    gateway_args = ("gateway", "--core", f"127.0.0.1:{port}", "--port", "0")
     turns: list[str] = []
     approvals: list[str] = []
     approved: list[str] = []
     resolving: list[str] = []
-    async with child(home, *core_args) as (core, _), child(home, *gateway_args) as (_, url):
+    # The core starts on an ephemeral port (a port picked free and bound later may be
+    # taken in between) and restarts on the one it got; the A2A port is ephemeral too.
+    async with (
+        child(home, *restartable_core(0)) as (core, address),
+        child(home, "gateway", "--core", address, "--port", "0") as (_, url),
+    ):
         async with rpc(url) as bot, rpc(url) as asker:
             await bot.login(token=bot_token, agent_id="bot")
             await asker.login(token=token_file(home, "auth-token"))
@@ -168,7 +169,7 @@ async def test_core_killed_mid_traffic_loses_nothing_acknowledged(tmp_path: Path
                 assert reason.startswith("core unavailable: "), reason
 
         async with (
-            child(home, *core_args),
+            child(home, *restartable_core(port(address))),
             back_in(url, host_token=token_file(home, "host-token")) as host,
         ):
             trace = await host.result("runs.get_trace", {"run_id": run_id})

@@ -59,13 +59,15 @@ async def test_a_producer_gives_up_when_the_client_takes_nothing_for_the_stall_t
 
 
 async def test_the_stall_time_restarts_whenever_the_client_takes_a_frame() -> None:
-    """A slow reader is waited for: 0.5 s of waiting with a frame taken every 0.1 s."""
+    """A slow reader is waited for: 1.25 s of waiting (more than the 1 s stall time) with
+    a frame taken every 0.25 s (a wide margin below it: a loaded machine may wake this
+    loop late)."""
     queue = OutboundQueue(max_frames=16, max_bytes=100)
     for _ in range(10):
         queue.put_nowait("a" * 10)
-    big = asyncio.create_task(queue.put("b" * 100, stall=0.2))
+    big = asyncio.create_task(queue.put("b" * 100, stall=1.0))
     for _ in range(5):
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.25)
         assert not big.done()
         await queue.get()
     for _ in range(5):

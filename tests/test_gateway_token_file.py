@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from tests.test_faults_processes import child, free_port, token_file
+from tests.processes import port
+from tests.test_faults_processes import child, restartable_core, token_file
 from tests.ws_helpers import RpcError, rpc
 
 
@@ -32,15 +33,14 @@ async def logged_in(url: str, token: str) -> object:
 
 async def test_a_gateway_reads_the_cores_new_token_after_a_restart(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    core_args = ("core", "--grpc-port", str(free_port()), "--a2a-port", "0")
-    async with child(home, *core_args) as (core, address):
+    async with child(home, *restartable_core(0)) as (core, address):
         path = home / "ai.parslee.car" / "auth-token"
         args = ("gateway", "--core", address, "--port", "0", "--core-token-file", str(path))
         async with child(tmp_path / "gw", *args) as (_, url):
             assert await logged_in(url, token_file(home, "auth-token")) == {"tools": [], "count": 0}
             old = token_file(home, "auth-token")
             assert await core.terminate() == 0
-            async with child(home, *core_args):
+            async with child(home, *restartable_core(port(address))):
                 fresh = token_file(home, "auth-token")
                 assert fresh != old
                 assert await logged_in(url, fresh) == {"tools": [], "count": 0}

@@ -9,6 +9,7 @@ start within core_check_timeout.)"""
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,8 @@ from car_grpc.core.tokens import mint_token
 from car_grpc.gateway import Gateway
 from car_grpc.gateway.server import CoreCheckFailed
 from tests.conftest import make_config
-from tests.processes import LISTENING, car_grpc
-from tests.test_faults_processes import child, free_port, token_file
+from tests.processes import LISTENING, car_grpc, port
+from tests.test_faults_processes import child, restartable_core, token_file
 from tests.ws_helpers import RpcError, rpc
 
 REFUSED = "the core refused the gateway's own token"
@@ -28,38 +29,38 @@ async def test_a_gateway_whose_token_the_core_refuses_exits_saying_so(tmp_path: 
     home = tmp_path / "home"
     wrong = tmp_path / "wrong"
     wrong.write_text(mint_token())
-    unused = f"127.0.0.1:{free_port()}"
-    async with child(home, "core", "--grpc-port", "0") as (_, address):
-        host = tmp_path / "host"
-        host.write_text(token_file(home, "host-token"))
-        for core, token, said in (
-            (
-                address,
-                wrong,
-                f"cannot serve through the core at {address}: UNAUTHENTICATED: {REFUSED}",
-            ),
-            (
-                address,
-                host,
-                f"cannot serve through the core at {address}: PERMISSION_DENIED: {REFUSED}",
-            ),
-            (unused, wrong, f"cannot serve through the core at {unused}: UNAVAILABLE: "),
-        ):
-            args = ("gateway", "--core", core, "--port", "0", "--core-token-file", str(token))
-            async with car_grpc(tmp_path / "gw", *args) as gateway:
-                assert await gateway.wait(30) == 1, gateway.log
-                assert any(line.startswith(f"car-grpc: {said}") for line in gateway.lines), (
-                    gateway.log
-                )
-                assert not any(LISTENING.search(line) for line in gateway.lines)
+    # A port bound and not listening: refused, and nobody else's for the test's time.
+    with socket.socket() as nothing_there:
+        nothing_there.bind(("127.0.0.1", 0))
+        unused = f"127.0.0.1:{nothing_there.getsockname()[1]}"
+        async with child(home, "core", "--grpc-port", "0") as (_, address):
+            host = tmp_path / "host"
+            host.write_text(token_file(home, "host-token"))
+            for core, token, said in (
+                (
+                    address,
+                    wrong,
+                    f"cannot serve through the core at {address}: UNAUTHENTICATED: {REFUSED}",
+                ),
+                (
+                    address,
+                    host,
+                    f"cannot serve through the core at {address}: PERMISSION_DENIED: {REFUSED}",
+                ),
+                (unused, wrong, f"cannot serve through the core at {unused}: UNAVAILABLE: "),
+            ):
+                args = ("gateway", "--core", core, "--port", "0", "--core-token-file", str(token))
+                async with car_grpc(tmp_path / "gw", *args) as gateway:
+                    assert await gateway.wait(30) == 1, gateway.log
+                    assert any(line.startswith(f"car-grpc: {said}") for line in gateway.lines), (
+                        gateway.log
+                    )
+                    assert not any(LISTENING.search(line) for line in gateway.lines)
 
 
 async def test_a_token_refused_later_is_named_to_every_client(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    port = free_port()
-    # The A2A port too: by default the gRPC port + 1, which free_port does not keep free.
-    core_args = ("core", "--grpc-port", str(port), "--a2a-port", "0")
-    async with child(home, *core_args) as (core, address):
+    async with child(home, *restartable_core(0)) as (core, address):
         token = tmp_path / "daemon"
         token.write_text(token_file(home, "auth-token"))
         args = ("gateway", "--core", address, "--port", "0", "--core-token-file", str(token))
@@ -69,7 +70,7 @@ async def test_a_token_refused_later_is_named_to_every_client(tmp_path: Path) ->
                 assert await client.result("state.set", {"key": "k", "value": 1}) is not None
             # The core restarts on its port with new tokens: the gateway's is stale.
             assert await core.terminate() == 0
-            async with child(home, *core_args):
+            async with child(home, *restartable_core(port(address))):
                 fresh = token_file(home, "auth-token")
                 assert fresh != token.read_text()
                 answer = await refused_login(url, fresh)

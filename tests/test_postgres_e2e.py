@@ -332,7 +332,10 @@ async def test_a_postgresql_restart_fails_requests_clearly_then_they_work_again(
         # None hangs: each request ends within the store's timeout (and some slack for a
         # loaded machine), failed or not.
         assert max(o.took for o in outcomes) < timeout + 2.0
-        assert all(o.error is None for o in outcomes if o.began < down_at - 0.05)
+        # Those that ended before the stop began did not fail (one begun just before may
+        # still be in flight then: on a loaded machine a write and read begun 0.28 s before
+        # were).
+        assert all(o.error is None for o in outcomes if o.began + o.took < down_at)
         assert all(o.error is None for o in outcomes[recovered:])
         # The same sessions go on, and what was acknowledged before is still there.
         assert before in {s.run_id for s in await summaries(reader, "bot")}

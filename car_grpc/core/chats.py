@@ -256,7 +256,13 @@ class Chats:
             raise field_error("goal", "goal and attachments are mutually exclusive")
         session_id = req.session_id or f"chat-{uuid.uuid4()}"
         owner = goals.filter
-        stored = await self._goal_order.run(session_id, lambda: self.goals.get(session_id, owner))
+        # A session_id drawn here is new to every store and core: no goal can be stored
+        # for it yet (nobody knew it), so there is nothing to read.
+        stored = (
+            await self._goal_order.run(session_id, lambda: self.goals.get(session_id, owner))
+            if req.session_id
+            else None
+        )
         # From here to the reverse call nothing awaits: routing is set up atomically.
         if session_id in self.open:
             raise field_error("session_id", "a chat with this session_id is already open")
@@ -289,18 +295,20 @@ class Chats:
                     session_id, chats_pb2.GOAL_STATUS_RUNNING, owner=owner
                 ),
             )
-        request = chats_pb2.AgentChatRequest(
-            session_id=session_id,
-            prompt=req.prompt,
-            stream=req.stream if req.HasField("stream") else True,
-            attachments=req.attachments,
-            context=chats_pb2.AgentChatContext(host_client_id=host.id),
-        )
+        # Written straight into the frame that goes out (no request message to copy in).
+        frame = session_pb2.ServerFrame(id=agent.next_callback_id())
+        request = frame.agent_chat
+        request.session_id = session_id
+        request.prompt = req.prompt
+        request.stream = req.stream if req.HasField("stream") else True
+        if req.attachments:
+            request.attachments.extend(req.attachments)
+        request.context.host_client_id = host.id
         if req.HasField("model"):
             request.model = req.model
         if goal is not None:
             request.goal.CopyFrom(goal)
-        await self._await_ack(chat, request)
+        await self._await_ack(chat, frame)
         return chat
 
     async def _open_remote(
@@ -356,12 +364,13 @@ class Chats:
             reason = f"agent '{chat.agent_id}' is gone: {e.message}"
         self.end(chat, reason, cancel_agent=False, tell_host=True, kind="error")
 
-    async def _await_ack(self, chat: Chat, request: chats_pb2.AgentChatRequest) -> None:
+    async def _await_ack(self, chat: Chat, frame: session_pb2.ServerFrame) -> None:
+        """Ask the agent (`frame`: its agent.chat request) and wait for its ack."""
         timeout = self.limits.ack_timeout
         who = f"agent '{chat.agent_id}'"
         assert chat.agent is not None
         try:
-            answer = await chat.agent.call("agent_chat", request, timeout=timeout)
+            answer = await chat.agent.call_frame(frame, "agent_chat", timeout)
         except TimeoutError:
             reason = f"{who} did not acknowledge the chat within {timeout:g}s"
             raise self._lost(chat, reason, cancel_agent=True) from None
@@ -430,18 +439,33 @@ class Chats:
     # -------------------------------------------------------------- delivery to hosts
 
     def start_pump(self, chat: Chat) -> None:
-        """Deliver the chat's events to its session-stream host as notifications."""
-        chat.pump = asyncio.create_task(self._pump(chat))
+        """Deliver the chat's events to its session-stream host as notifications. What the
+        buffer holds already is written at once while the host's queue takes it (an agent's
+        events often come with its ack): a chat over by then needs no pump task."""
+        events, host = chat.events, chat.host
+        while (first := events.get_nowait()) is not None:
+            if not (isinstance(first, bytes) and host.send_now(first)):
+                break
+        else:
+            if events.closed:  # closed and drained: every event is on its way
+                if self.open.get(chat.session_id) is not chat:
+                    self._release(chat)
+                return
+        chat.pump = asyncio.create_task(self._pump(chat, first))
 
-    async def _pump(self, chat: Chat) -> None:
+    async def _pump(
+        self, chat: Chat, first: chats_pb2.ChatEventNotice | bytes | None = None
+    ) -> None:
         host = chat.host
         try:
-            while (notice := await chat.events.get()) is not None:
+            notice = first if first is not None else await chat.events.get()
+            while notice is not None:
                 if isinstance(notice, bytes):
                     if not host.send_now(notice):
                         await host.send(notice)
                 else:
                     await host.notify("agents_chat_event", notice)
+                notice = await chat.events.get()
         except SessionClosed:
             pass
         finally:

@@ -141,6 +141,13 @@ class EventBuffer(Generic[T]):
             await self._readable.wait()
         return self._take(self._loop().time())
 
+    def get_nowait(self) -> T | None:
+        """The next item if the buffer holds one, without waiting; None otherwise (see
+        `closed` for whether more may come)."""
+        if not self._items:
+            return None
+        return self._take(self._loop().time())
+
     async def get_many(self, limit: int) -> list[T]:
         """The next items: at least one (waiting for it), at most `limit`, all that the
         buffer holds (not the producers it admits meanwhile); [] once the buffer is
