@@ -329,14 +329,9 @@ class LiveRun:
             if len(texts) == count and any(bridged):
                 text_head = turn_text.event_head(self.run_id, self.agent_id)
                 text_tail = turn_text.event_tail(enum_to_json(_STATUS_ENUM, status))
-            if text_head and not typed and isinstance(records, StoredTurns):
-                # The usual fan-out of record_turns (every subscriber behind car-grpc's
-                # gateway): one list of events for all, each a text where there is one.
-                shared = self._turn_texts(records, first_cursor, texts, head, text_head, text_tail)
-                for sub in subs:
-                    sub.offer_all(shared)
-                return
-            offers: list[list[tuple[bytes, bool]]] = [[] for _ in subs]  # offered together
+            # Every subscriber behind car-grpc's gateway (the usual record_turns fan-out):
+            # all take the same events, so one list serves them all.
+            offers: list[list[tuple[bytes, bool]]] = [[] for _ in (subs if typed else subs[:1])]
             for i in range(count):
                 cursor = first_cursor + i
                 if isinstance(records, StoredTurns):
@@ -362,37 +357,13 @@ class LiveRun:
                     full = (_turn_event(head, records.records[i], cursor), ended)
                 else:
                     full = (_trace_event(head, records[i], cursor), ended)
+                if not typed:
+                    offers[0].append(full)
+                    continue
                 for events, text_ok in zip(offers, bridged, strict=True):
                     events.append(as_text if text_ok and as_text is not None else full)
-            for sub, events in zip(subs, offers, strict=True):
+            for sub, events in zip(subs, offers if typed else offers * len(subs), strict=True):
                 sub.offer_all(events)
-
-    @staticmethod
-    def _turn_texts(
-        records: StoredTurns,
-        first_cursor: int,
-        texts: Sequence[str | None],
-        head: bytes,
-        text_head: str,
-        text_tail: str,
-    ) -> list[tuple[bytes, bool]]:
-        """The events of stored turns for subscribers behind car-grpc's gateway: what
-        _fan_out's loop gives them, in one pass."""
-        timestamp, first_index, stored = records.timestamp, records.first_index, records.records
-        event_text = turn_text.event_text
-        return [
-            (
-                _text_event(
-                    event_text(text_head, timestamp, first_index + i, members, cursor, text_tail)
-                )
-                if members is not None
-                else _turn_event(head, stored[i], cursor),
-                False,
-            )
-            for i, (members, cursor) in enumerate(
-                zip(texts, range(first_cursor, first_cursor + len(stored)), strict=True)
-            )
-        ]
 
 
 #: ServerFrame's `runs_trace_event` and RunTraceEvent's `record`: their field numbers.
