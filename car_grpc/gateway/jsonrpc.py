@@ -679,10 +679,13 @@ class Bridge:
         text is written straight from the message (codec.result_to_text): the same text
         as dumps() of the JSON-RPC object with codec.message_to_result's payload."""
         member = frame.WhichOneof("body")
+        # A notification the core wrote as its params' text (an empty text is none: the
+        # event is then written from its fields below). Read once: each read of a string
+        # field makes a new str.
         if (head := _TEXT_NOTIFICATION_HEAD.get(member or "")) is not None and (
-            given := getattr(frame, member or "").params_text  # (read once: a new str each)
+            given := getattr(frame, member or "").params_text
         ):
-            return f"{head}{given}}}"  # a notification the core wrote as its params' text
+            return f"{head}{given}}}"
         if member == "error":
             if frame.error.code == AUTH_REQUIRED:
                 self.auth_refused = True
@@ -706,10 +709,7 @@ class Bridge:
                 ),
             )
         try:
-            # An empty text is no params at all: the event is written from its fields. (The
-            # text read once: each read of a string field makes a new str.)
-            given = body.params_text if member in _PARAMS_TEXT else ""
-            params = given or codec.result_to_text(body, binding.bare_field)
+            params = codec.result_to_text(body, binding.bare_field)
         except ValueError as e:
             log.error("gateway: dropped %s from the core: not strict JSON: %s", binding.method, e)
             return None
