@@ -70,15 +70,14 @@ class OutboundQueue:
         queued (the rest were not). The stream is told once (on_put)."""
         if self._closed is not None or self._putters:
             return 0
-        items, queued, size = self._items, 0, self.bytes
+        queued = 0
         for data in frames:
-            if items and (len(items) >= self.max_frames or size + len(data) > self.max_bytes):
+            if not self._fits(len(data)):
                 break
-            items.append(data)
-            size += len(data)
+            self._items.append(data)
+            self.bytes += len(data)
             queued += 1
         if queued:
-            self.bytes = size
             self._unfinished += queued
             self._finished.clear()
             if self.on_put is not None:
