@@ -511,15 +511,27 @@ class GrpcService:
 
         auth = "required" if self.authentication.enabled else "off"
 
+        async def session_stream(
+            context: grpc.aio.ServicerContext[Any, Any], *, batched: bool
+        ) -> None:
+            # Refused (RESOURCE_EXHAUSTED, rich details) when the core holds max_sessions:
+            # before its initial metadata if so already, else when it would be one more.
+            try:
+                self.registry.check_room()
+                await context.send_initial_metadata(((AUTH_KEY, auth),))
+                stream = SessionStream(self, context, batched=batched)
+            except CarError as e:
+                await _abort(context, e)
+                return
+            await stream.run()
+
         async def connect(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            await context.send_initial_metadata(((AUTH_KEY, auth),))
-            await SessionStream(self, context).run()
+            await session_stream(context, batched=False)
 
         async def connect_batched(
             _requests: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> None:
-            await context.send_initial_metadata(((AUTH_KEY, auth),))
-            await SessionStream(self, context, batched=True).run()
+            await session_stream(context, batched=True)
 
         multiplexed_access = api.rpc_access(
             session_pb2.DESCRIPTOR.services_by_name["SessionService"].methods_by_name[

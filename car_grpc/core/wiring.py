@@ -153,6 +153,7 @@ async def wire(
         ),
         metrics,
         auth_enabled=auth_enabled,
+        max_sessions=config.max_sessions,
     )
     agent_tokens = AgentTokens(store.agent_tokens)
     authentication = Authentication(tokens, agent_tokens, registry)

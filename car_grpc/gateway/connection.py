@@ -32,6 +32,8 @@ Whichever side ends first ends the connection once, with one close code and reas
   session (an agent's final chat tokens are not lost); then the stream is cancelled;
 - the core ends the stream: open requests get -32603, then the WebSocket closes (1011);
 - the core refuses the session (-32001): the error is sent, then the WebSocket closes (1008);
+- the core has no room for the session (RESOURCE_EXHAUSTED: it holds max_sessions):
+  closed (1013, try again later) with the core's reason, which names the limit;
 - the client takes nothing from a full queue for `ws_stall_timeout` seconds: closed (1008);
 - the session is not authenticated `ws_auth_timeout` seconds after the core took the
   stream in (and no request is on its way): closed (1008); not when auth is off;
@@ -114,6 +116,15 @@ class TrackedConnection(ServerConnection):
         self._partial_needs = 0
         #: or the bytes of a large frame that websockets reads still to come.
         self._to_websockets = 0
+        #: Called once when the TCP connection is gone, however it ended: the gateway's
+        #: connection caps count it until then (Gateway._admit).
+        self.on_lost: Callable[[], None] | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if (lost := self.on_lost) is not None:
+            self.on_lost = None
+            lost()
 
     def data_received(self, data: bytes) -> None:
         # Any bytes count: messages, pongs, pings, close frames.
@@ -674,6 +685,7 @@ class Connection:
 
     async def _core_to_client(self) -> None:
         await self._open()
+        code = CloseCode.INTERNAL_ERROR  # how the connection closes when the stream ends
         if isinstance(self.call, MultiplexedCall):
             self.call.take_now = self._from_core_at_once  # while this waits in read()
         loop = asyncio.get_running_loop()
@@ -709,8 +721,12 @@ class Connection:
             if self.bridge.auth_refused:
                 return  # as above
             reason = f"core unavailable: {e.code().name}: {e.details()}"
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # The core is full (max_sessions, which the details name): the client may
+                # come back once sessions have ended.
+                code, reason = CloseCode.TRY_AGAIN_LATER, e.details() or "server busy"
         self._abandon(reason)
-        self.end(CloseCode.INTERNAL_ERROR, reason, flush=True)
+        self.end(code, reason, flush=True)
 
     def _from_core_at_once(self, data: bytes, turn_ends: float) -> Batch | None:
         """A batch from the core taken at once, in the multiplexed stream's reader, while
