@@ -24,6 +24,8 @@ from car_grpc.v1 import session_pb2, session_pb2_grpc
 from car_grpc.wire.errors import INTERNAL
 from tests.conftest import make_config
 from tests.error_details import assert_rich_status, car_error
+from tests.processes import ONE_PROCESS, serve
+from tests.test_car_runtime import run_scenario
 from tests.ws_helpers import Rpc, daemon_token, running
 
 MAX_SESSIONS_REFUSAL = "too many sessions: the core holds at most 2 (max_sessions)"
@@ -146,7 +148,9 @@ async def test_a_session_past_max_sessions_is_closed_1013_and_the_others_go_on(
         await works(held[1])
 
 
-async def test_a_request_sent_before_the_refusal_is_answered_with_it(tmp_path: Path) -> None:
+async def test_the_first_request_is_answered_with_the_refusal(tmp_path: Path) -> None:
+    """Sent right after the handshake (as car-runtime sends session.auth), before or after
+    the core's refusal reaches the gateway: answered with the reason, then the close."""
     config = make_config(tmp_path, max_sessions=2)
     async with running(config) as (core, gateway), contextlib.AsyncExitStack() as stack:
         for _ in "ab":
@@ -195,3 +199,33 @@ async def test_a_grpc_stream_past_max_sessions_gets_resource_exhausted_with_deta
                 call.cancel()
     finally:
         await core.stop(grace=0)
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (
+            ("--ws-max-connections-per-peer", "1"),
+            "connect daemon at {url}: HTTP error: 503 Service Unavailable",
+        ),
+        (
+            ("--max-sessions", "1"),
+            "session.auth rejected by daemon: too many sessions: the core holds at most 1"
+            " (max_sessions)",
+        ),
+    ],
+    ids=["gateway-cap", "max-sessions"],
+)
+async def test_car_runtime_sees_a_clear_error(
+    tmp_path: Path, flags: tuple[str, str], error: str
+) -> None:
+    """The official client, against `car-grpc serve` with a cap set by its flag, while
+    another connection holds the room: refused at the handshake (car-runtime shows the
+    status, not the body), or its session refused by the core (its first request, auth,
+    gets the reason)."""
+    home = tmp_path / "home"
+    async with serve(home, *ONE_PROCESS, *flags) as url, client(url):
+        seen = await run_scenario("first_call", url, home)
+    first = seen["first"]
+    assert first["raised"] == "RuntimeError"
+    assert first["message"] == error.format(url=url)

@@ -91,6 +91,10 @@ _MAX_REASON_BYTES = 123
 #: Longest the gateway works through one client frame (its batch's writes), or through
 #: one batch of frames from the core, before it lets other tasks run.
 SLICE = 0.002
+#: How long a connection the core has no room for (1013) waits for the client's first
+#: request, to answer it with the reason before closing: car-runtime sends session.auth
+#: right after the handshake, and a close that overtakes it shows as a failed send.
+REFUSAL_GRACE = 1.0
 #: Longest a connection waits for its turn to open a stream, and then for the core to take
 #: it in, before going on without (the pacing is a courtesy, not a condition).
 OPEN_TIMEOUT = 30.0
@@ -360,6 +364,18 @@ def _clip(reason: str) -> str:
     return raw[: _MAX_REASON_BYTES - 3].decode(errors="ignore") + "..."
 
 
+class _Refused:
+    """Where the frames of a connection the core has refused go (in place of a multiplexed
+    call's pull): nowhere, once they have said that the client sent something."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+
+    def pull(self, take: Callable[[], bytes]) -> None:
+        take()
+        self.asked.set()
+
+
 class Connection:
     """The bridge between one WebSocket and its Connect stream."""
 
@@ -398,7 +414,7 @@ class Connection:
         self._upstream_room: asyncio.Future[None] | None = None
         self._upstream_writer: asyncio.Task[None] | None = None
         #: The session on a multiplexed stream, once opened: it pulls what is queued.
-        self._pulled_by: MultiplexedCall | None = None
+        self._pulled_by: MultiplexedCall | _Refused | None = None
         #: A message _from_client_at_once translated and could not finish: the rest of it
         #: for _client_to_core, which receives that message next.
         self._carried: Inbound | None = None
@@ -629,7 +645,8 @@ class Connection:
             return  # the stream ended: _core_to_client says why
         finally:
             self._upstream_writer = None
-            if self._opened.is_set() and isinstance(self.call, MultiplexedCall):
+            opened = self._opened.is_set() and self._pulled_by is None  # (not _Refused)
+            if opened and isinstance(self.call, MultiplexedCall):
                 self._pulled_by = self.call
 
     def _take_upstream(self) -> bytes:
@@ -725,8 +742,20 @@ class Connection:
                 # The core is full (max_sessions, which the details name): the client may
                 # come back once sessions have ended.
                 code, reason = CloseCode.TRY_AGAIN_LATER, e.details() or "server busy"
+                await self._first_request()
         self._abandon(reason)
         self.end(code, reason, flush=True)
+
+    async def _first_request(self) -> None:
+        """Return once the client has sent something (at most REFUSAL_GRACE): from now on
+        its frames go nowhere, and the first says so. (A request is open in the bridge
+        before its frames are handed on, so the refusal answers it.)"""
+        if self.bridge.open_requests:
+            return
+        refused = self._pulled_by = _Refused()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REFUSAL_GRACE):
+                await refused.asked.wait()
 
     def _from_core_at_once(self, data: bytes, turn_ends: float) -> Batch | None:
         """A batch from the core taken at once, in the multiplexed stream's reader, while
