@@ -18,6 +18,8 @@ from websockets.asyncio.client import connect, unix_connect
 from websockets.exceptions import InvalidStatus
 from websockets.frames import CloseCode
 
+from car_grpc.cli import build_parser, config_from
+from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway.server import RETRY_AFTER
 from car_grpc.v1 import session_pb2, session_pb2_grpc
@@ -229,3 +231,50 @@ async def test_car_runtime_sees_a_clear_error(
     first = seen["first"]
     assert first["raised"] == "RuntimeError"
     assert first["message"] == error.format(url=url)
+
+
+def test_the_caps_come_from_the_environment_or_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = Config()
+    assert defaults.core.max_sessions == 65_536
+    gateway = defaults.gateway
+    assert (gateway.ws_max_connections, gateway.ws_max_connections_per_peer) == (16_384, 4_096)
+    monkeypatch.setenv("CAR_MAX_SESSIONS", "10")
+    monkeypatch.setenv("CAR_WS_MAX_CONNECTIONS", "20")
+    monkeypatch.setenv("CAR_WS_MAX_CONNECTIONS_PER_PEER", "5")
+    config = Config.from_env()
+    assert config.core.max_sessions == 10
+    assert (config.gateway.ws_max_connections, config.gateway.ws_max_connections_per_peer) == (
+        20,
+        5,
+    )
+    for command in ("serve", "gateway"):
+        args = [command, "--ws-max-connections", "7", "--ws-max-connections-per-peer", "3"]
+        if command == "gateway":
+            args += ["--core", "127.0.0.1:1"]
+        flagged = config_from(build_parser().parse_args(args)).gateway
+        assert (flagged.ws_max_connections, flagged.ws_max_connections_per_peer) == (7, 3)
+    for command in ("serve", "core"):
+        flagged_core = config_from(build_parser().parse_args([command, "--max-sessions", "4"]))
+        assert flagged_core.core.max_sessions == 4
+    monkeypatch.setenv("CAR_WS_MAX_CONNECTIONS_PER_PEER", "0")
+    with pytest.raises(ValueError, match="CAR_WS_MAX_CONNECTIONS_PER_PEER must be a whole"):
+        Config.from_env()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["core", "--max-sessions", "0"])
+
+
+async def test_a_gateway_process_counts_its_own_connections(tmp_path: Path) -> None:
+    """With the gateway in a process of its own the cap holds there (each process counts
+    its own; here one process)."""
+    home = tmp_path / "home"
+    flags = ("--gateway-processes", "1", "--ws-max-connections-per-peer", "1")
+    async with serve(home, *flags) as url, client(url) as held:
+        status, retry, body = await refused(url)
+        assert (status, retry) == (503, str(RETRY_AFTER))
+        assert (
+            body == "too many connections from 127.0.0.1: at most 1 (ws_max_connections_per_peer)\n"
+        )
+        await held.close()
+        async with client(url) as again:
+            await again.login((home / "ai.parslee.car" / "auth-token").read_text().strip())
+            await works(again)
