@@ -39,6 +39,7 @@ class SessionRegistry:
         #: Sessions of session streams held at most (CoreConfig.max_sessions), and now.
         self.max_sessions = max_sessions
         self.streamed = 0
+        self._refusing = False  # said in the log since a session last opened
         #: agent_id -> the live session attached as that agent.
         self.attached: dict[str, ClientSession] = {}
         self._detach_hooks: list[DetachHook] = []
@@ -54,9 +55,13 @@ class SessionRegistry:
         """Raise RESOURCE_EXHAUSTED, naming the limit, when the core holds max_sessions
         sessions of session streams already (a stream is refused before it is answered)."""
         if self.streamed >= self.max_sessions:
-            raise resource_exhausted(
-                f"too many sessions: the core holds at most {self.max_sessions} (max_sessions)"
-            )
+            most = self.max_sessions
+            refused = f"too many sessions: the core holds at most {most} (max_sessions)"
+            if not self._refusing:  # once until one opens again: a flood floods no log
+                self._refusing = True
+                log.warning("refusing sessions: %s", refused)
+            raise resource_exhausted(refused)
+        self._refusing = False
 
     def open(self, *, streaming: bool, peer: str = "") -> ClientSession:
         """A new session; a streaming one only while there is room (`check_room`)."""
