@@ -84,11 +84,11 @@ async def test_connections_past_the_total_and_the_peer_caps_are_refused_with_503
         status, retry, body = await refused(url, "127.0.0.3")
         assert (status, retry) == (503, str(RETRY_AFTER))
         assert body == "too many connections: the gateway holds at most 3 (ws_max_connections)\n"
+        for rpc in (*first, other):  # the admitted are served as before
+            await works(await logged_in(core, rpc))
         # Refused before any stream to the core: it holds the three admitted alone.
         assert len(gateway.connections) == 3
         assert core.parts is not None and core.parts.registry.streamed == 3
-        for rpc in (*first, other):  # the admitted are served as before
-            await works(await logged_in(core, rpc))
 
 
 async def test_the_count_frees_when_a_connection_closes_or_drops(tmp_path: Path) -> None:
