@@ -300,6 +300,11 @@ class CoreConfig:
     #: TLS of the gRPC port: certificate chain and private key, PEM (both or neither).
     grpc_tls_cert: Path | None = None
     grpc_tls_key: Path | None = None
+    #: How long a session stream of its own (Connect, ConnectBatched) may stay
+    #: unauthenticated; then it ends UNAUTHENTICATED ("auth timeout"). A request being
+    #: answered then (session.auth) is not cut short. Not with auth off; a multiplexed
+    #: session's gateway keeps its own (GatewayConfig.ws_auth_timeout).
+    auth_timeout: float = 10.0
     #: Most requests one session may have in flight; reading pauses beyond it.
     max_inflight_per_session: int = 256
     #: Sessions the core holds at once over all its session streams (Connect,

@@ -738,7 +738,10 @@ class Connection:
             if self.bridge.auth_refused:
                 return  # as above
             reason = f"core unavailable: {e.code().name}: {e.details()}"
-            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                # The core's own auth deadline (CoreConfig.auth_timeout), met first.
+                code, reason = CloseCode.POLICY_VIOLATION, e.details() or "auth required"
+            elif e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 # The core is full (max_sessions, which the details name): the client may
                 # come back once sessions have ended.
                 code, reason = CloseCode.TRY_AGAIN_LATER, e.details() or "server busy"
