@@ -79,8 +79,9 @@ async def main(n: int, repeats: int) -> None:
 
             print(f"tree: {codec.__file__.rsplit('/car_grpc/', 1)[0]}")
             for _ in range(2):
-                print(f"proposal  (execute + answer_bytes): {await _best(proposal, n, repeats):7.2f} us")
-                print(f"state.get (execute + answer_bytes): {await _best(state_get, n, repeats):7.2f} us")
+                for name, step in (("proposal", proposal), ("state.get", state_get)):
+                    cost = await _best(step, n, repeats)
+                    print(f"{name:9} (execute + answer_bytes): {cost:7.2f} us")
         finally:
             await core.stop()
 

@@ -703,7 +703,7 @@ def lone_call(proposal: tools_pb2.ActionProposal) -> tools_pb2.Action | None:
         or action.HasField("timeout_ms")
     ):
         return None
-    if action.parameters.fields and next(_references(action.parameters, ""), None):
+    if action.parameters.fields and any(_references(action.parameters, "")):
         return None  # a reference to itself or to no action: plan's error
     return action
 
