@@ -18,6 +18,10 @@ A tool call being given up is signalled by cancelling its task with a reason (`t
 `proposal aborted`, `proposal cancelled`) that the binding forwards as `tools.cancel`
 (`cancel_reason`: a cancellation without one of them is `proposal cancelled`: an action
 that runs alone runs in the request's own task, which its deadline cancels as it is).
+
+`lone_call` and `run_lone` are `execute` for a proposal that is one tool call with
+nothing to order, check, retry or time out: the same result, without the plan and run
+built for it (the common proposal; the caller picks the path).
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ request_id `cb-N`), waited for at most timeout_ms + callback_grace (or tool_time
 the action declares no timeout_ms). Every call given up — timeout, proposal abort,
 handler deadline, cancelled RPC — sends the notification `tools.cancel`; a late answer is
 ignored by the session. A client error answer fails the action with its message; one with
-`data.terminal: true` aborts the proposal and halts the session.
+`data.terminal: true` aborts the proposal and halts the session. The most common proposal,
+one tool call of the session's own client with nothing to order, retry or time out
+(`proposals.lone_call`), runs without the plan and the executor's run (`run_lone`): the
+same answer, calls and cancels (tests/test_proposal_lone.py runs both paths).
 
 A tool that a tool host serves (ToolService.ServeTools, tool_hosts.py) is called on that
 host instead: a host bound to the session serves the session's own tools (listed by
