@@ -162,8 +162,8 @@ async def submit_on(
 
 
 def same(lone: Seen, general: Seen) -> None:
+    assert lone.answer == general.answer  # first on its own: the clearer diff
     assert lone == general
-    assert lone.answer == general.answer  # (said apart, for the diff)
 
 
 def answer_with(output: JSON) -> Tool:
