@@ -478,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_ws_flags(
         serve,
-        "$CAR_HOME/run/car-server.sock, else $XDG_RUNTIME_DIR/ai.parslee.car/car-server.sock",
+        "$CAR_HOME/run/car-server.sock, else $XDG_RUNTIME_DIR/ai.parslee.car/car-server.sock, "
+        "else none",
         "default: the core's own --grpc-tls-cert, right for a self-signed one",
     )
     serve.add_argument(

@@ -19,7 +19,7 @@ from car_grpc.wire.errors import (
     METHOD_NOT_FOUND,
     PROTOCOL_VERSION_MISMATCH,
 )
-from tests.processes import ONE_PROCESS, serve
+from tests.processes import ONE_PROCESS, car_grpc_argv, serve
 
 SCENARIOS = Path(__file__).with_name("car_runtime_scenarios.py")
 
@@ -188,3 +188,51 @@ async def test_a_plain_daemon_client_starts_and_completes_its_own_run(tmp_path: 
     assert seen["complete_again"]["raised"] == "RuntimeError"
     trace = seen["trace"]["result"]
     assert (trace["run_id"], trace["not_found"], trace["records"]) == (started["run_id"], True, [])
+
+
+def readme_example() -> tuple[str, list[str]]:
+    """The Python block under `<!-- car-runtime-example -->` in README.md, and the output
+    the README shows for it."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    after = readme.split("<!-- car-runtime-example -->", 1)[1]
+    code, rest = after.split("```python\n", 1)[1].split("```", 1)
+    shown = rest.split("```\n", 1)[1].split("```", 1)[0].splitlines()
+    return code, shown[1:]  # shown[0] is the command line
+
+
+async def test_the_readme_example(tmp_path: Path) -> None:
+    code, expected = readme_example()
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    home = tmp_path / "home"
+    async with serve(home, *ONE_PROCESS) as url:
+        add = await asyncio.create_subprocess_exec(
+            *car_grpc_argv("agents", "add", "my-agent"),
+            env=car_env(home),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        token, _ = await asyncio.wait_for(add.communicate(), 30)
+        env = car_env(
+            home,
+            CAR_DAEMON_URL=url,
+            CAR_NO_VERSION_WARNING="1",
+            CAR_AGENT_ID="my-agent",
+            CAR_AGENT_TOKEN=token.decode().strip(),
+        )
+        example = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(script),
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(example.communicate(), 45)
+        finally:
+            if example.returncode is None:
+                example.kill()
+                await example.wait()
+    assert example.returncode == 0, err.decode()
+    assert out.decode().splitlines() == expected
