@@ -313,18 +313,28 @@ def _json_error_to_proto(error: JSON) -> errors_pb2.Error:
     """A client's error answer as car.v1.Error, tolerating loose shapes."""
     out = errors_pb2.Error(code=INTERNAL)
     if not isinstance(error, dict):
-        out.message = _describe(error)
+        out.message = _unicode(_describe(error))
         return out
     code, message = error.get("code"), error.get("message")
     if isinstance(code, int) and not isinstance(code, bool) and -(2**31) <= code < 2**31:
         out.code = code
-    out.message = message if isinstance(message, str) else _describe(message)
+    out.message = _unicode(message if isinstance(message, str) else _describe(message))
     if "data" in error:
         try:
             codec.json_to_value(error["data"], out.data)
         except (ValueError, RecursionError):
             out.ClearField("data")
     return out
+
+
+def _unicode(text: str) -> str:
+    """`text` as a protobuf string can hold it: a lone surrogate (JSON may escape one, no
+    UTF-8 holds it) written as its escape, `\\ud800`."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode(errors="backslashreplace").decode()
+    return text
 
 
 def _params_error(e: Exception) -> tuple[str, JSON]:
