@@ -38,7 +38,7 @@ from car_grpc.core.run_turns import FIELD_CAP, KEPT, TOO_LARGE, capped
 from car_grpc.gateway import audio_frames, jsonrpc
 from car_grpc.gateway.jsonrpc import Bridge
 from car_grpc.v1 import runs_pb2, session_pb2, tools_pb2, voice_pb2
-from car_grpc.wire import api, batch, chat_text, codec, proposal_text, turn_text
+from car_grpc.wire import api, batch, chat_text, codec, multiplex, proposal_text, turn_text
 from car_grpc.wire.twins import fill_out
 from tests.fuzz_strategies import messages, proto_values
 
@@ -619,13 +619,30 @@ def _trace_events(
     text_head = turn_text.event_head(run_id, agent_id)
     text_tail = turn_text.event_tail(codec.enum_to_json(runs._STATUS_ENUM, status))
     for i, member_text in enumerate(members):
+        cursor = 100 + i
+        # The stored record and its event, written from serialized parts, are the
+        # serializer's (the event's record and cursor appended after its head: field order
+        # is free, batch.length_delimited).
+        turn = runs_pb2.RunTurn.FromString(stored[i])
+        turn.index = 7 + i
+        record = runs_pb2.RunRecord(record=runs.TURN, timestamp=timestamp, turn=turn)
+        read = runs_pb2.RunRecord.FromString(records.records[i])
+        assert read == record
+        # (deterministic: a Struct's entries in key order, as no serializer promises more)
+        assert read.SerializeToString(deterministic=True) == record.SerializeToString(
+            deterministic=True
+        )
+        event = runs._turn_event(head.SerializeToString(), records.records[i], cursor)
+        whole = runs_pb2.RunTraceEvent(
+            run_id=run_id, agent_id=agent_id, status=status, record=record, cursor=cursor
+        )
+        expected = fill_out(session_pb2.ServerFrame(runs_trace_event=whole))
+        assert session_pb2.ServerFrame.FromString(event) == expected
         if member_text is None:
             continue
-        cursor = 100 + i
         params = turn_text.event_text(text_head, timestamp, 7 + i, member_text, cursor, text_tail)
         fast = Bridge().from_core(session_pb2.ServerFrame.FromString(runs._text_event(params)))
-        event = runs._turn_event(head.SerializeToString(), records.records[i], cursor)
-        generic = Bridge().from_core(session_pb2.ServerFrame.FromString(event))
+        generic = Bridge().from_core(expected)
         assert fast is not None and generic is not None
         _same_text(fast, generic, lambda path: path in ([], ["params"], ["params", "record"]))
 
@@ -861,3 +878,31 @@ def test_voices_bytes_are_the_serializers(
     assert read_frame.SerializeToString(deterministic=True) == frame.SerializeToString(
         deterministic=True
     )
+
+
+@DIFF
+@given(
+    st.integers(1, 2**64 - 1),
+    st.binary(max_size=4) | st.integers(0x7F, 0x81).map(lambda n: b"\x0a" * n),
+    st.booleans(),
+    st.integers(0, 16),
+    st.tuples(st.integers(1, 2**32 - 1), st.integers(1, 2**64 - 1)) | st.just((0, 0)),
+    st.text(_any_chars.filter(lambda c: not 0xD800 <= ord(c) <= 0xDFFF), max_size=6),
+)
+def test_a_multiplexed_record_is_the_serializers(
+    session_id: int, data: bytes, end: bool, code: int, ack: tuple[int, int], message: str
+) -> None:
+    """wire/multiplex.record, written by hand: the bytes of the MultiplexedServerSession
+    (and, `code` as `cancel`, MultiplexedClientSession) the serializer writes."""
+    written = multiplex.record(session_id, data, end=end, flag4=code, ack=ack, message=message)
+    down = session_pb2.MultiplexedServerSession(
+        session=session_id, batch=data, end=end, code=code, message=message
+    )
+    down.ack_batches, down.ack_bytes = ack
+    assert written == session_pb2.ConnectMultiplexedResponse(sessions=[down]).SerializeToString()
+    written = multiplex.record(session_id, data, end=end, flag4=code & 1, ack=ack)
+    up = session_pb2.MultiplexedClientSession(
+        session=session_id, batch=data, end=end, cancel=bool(code & 1)
+    )
+    up.ack_batches, up.ack_bytes = ack
+    assert written == session_pb2.ConnectMultiplexedRequest(sessions=[up]).SerializeToString()
