@@ -906,3 +906,23 @@ def test_a_multiplexed_record_is_the_serializers(
     )
     up.ack_batches, up.ack_bytes = ack
     assert written == session_pb2.ConnectMultiplexedRequest(sessions=[up]).SerializeToString()
+
+
+@pytest.mark.parametrize("depth", [254, 255, 400, 900])
+def test_turns_nested_past_orjson_and_python_are_refused_as_by_the_codec(depth: int) -> None:
+    """A turn nested deeper than orjson writes (255) or Python recurses in `plain` (about
+    400): the codec's refusal (nested more than MAX_PROTO_DEPTH), not a RecursionError from
+    the turn's text turned into the usage error; and no text for it."""
+    nested: JSON = 1
+    for _ in range(depth):
+        nested = [nested]
+    assert turn_text.plain(nested) == (depth < 255)  # orjson writes 254 levels, no more
+    assert turn_text.turn_text({"parameters": nested}) == ""  # (the turn's object: one more)
+    text = json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "runs.record_turns",
+         "params": {"run_id": "x", "turns": [{"parameters": nested}]}}
+    )  # fmt: skip
+    [reply] = _through(text)[2]
+    error = json.loads(reply)["error"]
+    assert error["message"] == "invalid params: nested more than 100 levels deep"
+    _differential(text)
