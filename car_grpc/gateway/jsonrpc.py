@@ -476,7 +476,8 @@ def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Mess
             codec.params_to_message(params, body, binding.bare_field)
     except (ValueError, TypeError, RecursionError) as e:
         msg, data = _params_error(e)
-        msg = api.params_usage(body.DESCRIPTOR) or msg  # e.g. runs.record_turns
+        if not isinstance(e, RecursionError):  # too deep: the error _too_deep gives too
+            msg = api.params_usage(body.DESCRIPTOR) or msg  # e.g. runs.record_turns
         return _refuse(is_request, client_id, error_object(INVALID_PARAMS, msg, data))
     deep = binding.deep and not shallow and turns != turn_text.READ_FLAT
     if deep and _too_deep(frame):
