@@ -185,7 +185,11 @@ def _loads(text: str) -> JSON:
     reads the same. It refuses what json reads differently or with its own error (lone
     surrogates, NaN/Infinity, numbers past the float range, nesting past 1,024 levels):
     json then decides, and says why. Integers past 64 bits orjson would read as floats:
-    a text with 19 digits in a row (any such integer) goes to json from the start."""
+    a text with 19 digits in a row (any such integer) goes to json from the start. One
+    difference is left: json refuses nesting past Python's recursion limit less the
+    caller's stack (about 990 levels) where orjson reads up to 1,024; telling them apart
+    would cost every large frame a scan, and such a frame is refused all the same unless
+    its deep part is in a member nothing reads (-32602 nested too deeply, not -32700)."""
     try:
         data = text.encode()
     except UnicodeEncodeError:
