@@ -981,3 +981,23 @@ def test_turns_nested_past_what_python_converts_get_the_nesting_error_not_the_us
 
 
 NESTED = "invalid params: nested more than 100 levels deep"
+
+
+@DIFF
+@given(
+    st.none()
+    | st.integers()
+    | st.sampled_from([0, -1, 2**53 + 1, 2**64, -(2**70)])
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(_any_chars, max_size=6),
+    st.sampled_from(['{"a":1}', "null", '"\\u00e9"', "[1,2.5]"]),
+)
+def test_a_result_written_as_text_answers_the_clients_id_as_the_encoder(
+    client_id: JSON, result: str
+) -> None:
+    """Bridge.from_core's answer from a result already written (_response_text, an integer
+    id written as itself): the encoder's text of the whole response, for any id a client
+    may send (a valid_id)."""
+    assert jsonrpc.valid_id(client_id)
+    fast = jsonrpc._response_text(client_id, result)
+    assert fast == jsonrpc.response(client_id, json.loads(result))
