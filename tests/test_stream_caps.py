@@ -1,9 +1,10 @@
 """The core's long-lived typed streams (ChatService.Chat, RunService.WatchRun,
 HostService.WatchHostEvents, ToolService.ServeTools, VoiceService.ServeVoice and
-ServeVoiceBatched) count with the session streams under max_sessions, on a real core over
-real gRPC with a small cap: the stream past it is refused RESOURCE_EXHAUSTED with the rich
-details naming the limit, the held ones go on, and a slot frees when one ends. A caller
-refused for its credentials never holds a slot."""
+ServeVoiceBatched, A2A's SendStreamingMessage and SubscribeToTask) count with the session
+streams under max_sessions, on a real core over real gRPC with a small cap: the stream past
+it is refused RESOURCE_EXHAUSTED with the rich details naming the limit, the held ones go
+on, and a slot frees however one ends. A caller refused for its credentials never holds a
+slot."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from a2a.types import a2a_pb2, a2a_pb2_grpc
 from google.protobuf import struct_pb2
 
 from car_grpc.core.server import Core
@@ -25,9 +27,9 @@ from car_grpc.v1 import (
     host_pb2_grpc,
     runs_pb2,
     runs_pb2_grpc,
+    session_pb2_grpc,
     tools_pb2,
     tools_pb2_grpc,
-    session_pb2_grpc,
     voice_pb2,
     voice_pb2_grpc,
 )
@@ -36,7 +38,7 @@ from tests.chat_helpers import accept_chat, bearer, chat_stub, emit, tokens
 from tests.conftest import make_config
 from tests.error_details import assert_rich_status, car_error
 from tests.roles import agent, ordinary
-from tests.runs_helpers import record, start, turns
+from tests.runs_helpers import complete, record, start, turns
 from tests.session_client import SessionClient
 from tests.test_connection_caps import MAX_SESSIONS_REFUSAL, until
 
@@ -82,7 +84,7 @@ class Kind:
     open: Callable[[Core, grpc.aio.Channel, SessionClient | None], Awaitable[Held]]
     works: Callable[[Core, grpc.aio.Channel, SessionClient | None, list[Held]], Awaitable[None]]
     #: What a refused stream is opened with (a bidi one writes nothing before it).
-    refused: Callable[[Core, grpc.aio.Channel], Any]
+    refused: Callable[[Core, grpc.aio.Channel, SessionClient | None], Any]
 
 
 def _daemon(core: Core) -> tuple[tuple[str, str], ...]:
@@ -96,14 +98,14 @@ async def _chat_setup(core: Core, channel: grpc.aio.Channel) -> SessionClient:
     return await agent(core, channel, "capped-agent")
 
 
-def _chat_call(core: Core, channel: grpc.aio.Channel, session_id: str = "refused") -> Any:
+def _chat_call(core: Core, channel: grpc.aio.Channel, *_: Any, session_id: str = "refused") -> Any:
     request = chats_pb2.ChatRequest(agent_id="capped-agent", prompt="hi", session_id=session_id)
     return chat_stub(channel).Chat(request, metadata=_daemon(core))
 
 
 async def _chat_open(core: Core, channel: grpc.aio.Channel, agent: SessionClient | None) -> Held:
     assert agent is not None
-    held = Held(_chat_call(core, channel, f"chat-{next(_names)}"))
+    held = Held(_chat_call(core, channel, session_id=f"chat-{next(_names)}"))
     held.name = (await accept_chat(agent)).session_id
     first = await held.call.read()
     assert first.accepted.accepted
@@ -128,14 +130,15 @@ async def _run_setup(core: Core, channel: grpc.aio.Channel) -> SessionClient:
     return session
 
 
-def _run_call(core: Core, channel: grpc.aio.Channel, run_id: str = "unknown") -> Any:
+def _run_call(core: Core, channel: grpc.aio.Channel, owner: SessionClient | None) -> Any:
+    run_id = owner.run_id  # type: ignore[union-attr]
     stub = runs_pb2_grpc.RunServiceStub(channel)
     request = runs_pb2.WatchRunRequest(run_id=run_id)
     return stub.WatchRun(request, metadata=bearer(tokens(core)[1]))  # a host reads every run
 
 
 async def _run_open(core: Core, channel: grpc.aio.Channel, owner: SessionClient | None) -> Held:
-    call = _run_call(core, channel, owner.run_id)  # type: ignore[union-attr]
+    call = _run_call(core, channel, owner)
     assert (await call.read()).cursor == 1  # the run's start
     return Held(call)
 
@@ -156,7 +159,7 @@ async def _nothing(core: Core, channel: grpc.aio.Channel) -> None:
     return None
 
 
-def _host_call(core: Core, channel: grpc.aio.Channel) -> Any:
+def _host_call(core: Core, channel: grpc.aio.Channel, *_: Any) -> Any:
     stub = host_pb2_grpc.HostServiceStub(channel)
     return stub.WatchHostEvents(host_pb2.WatchHostEventsRequest(), metadata=_daemon(core))
 
@@ -186,7 +189,7 @@ async def _host_works(
 # ------------------------------------------------------------------ ServeTools
 
 
-def _tools_call(core: Core, channel: grpc.aio.Channel) -> Any:
+def _tools_call(core: Core, channel: grpc.aio.Channel, *_: Any) -> Any:
     return tools_pb2_grpc.ToolServiceStub(channel).ServeTools(metadata=_daemon(core))
 
 
@@ -223,7 +226,7 @@ async def _tools_works(
 
 
 def _voice(batched: bool) -> tuple[Callable[..., Any], Callable[..., Awaitable[Any]]]:
-    def call_of(core: Core, channel: grpc.aio.Channel) -> Any:
+    def call_of(core: Core, channel: grpc.aio.Channel, *_: Any) -> Any:
         stub = voice_pb2_grpc.VoiceServiceStub(channel)
         serve = stub.ServeVoiceBatched if batched else stub.ServeVoice
         return serve(metadata=_daemon(core))
@@ -257,6 +260,90 @@ async def _voice_works(
     assert not any(held.call.done() for held in calls)
 
 
+# ------------------------------------------------------------------ A2A SendStreamingMessage
+
+
+async def _a2a_setup(core: Core, channel: grpc.aio.Channel) -> SessionClient:
+    """The agent the A2A caller's messages go to (its session holds one slot), and the
+    caller's token."""
+    session = await agent(core, channel, "a2a-agent")
+    assert core.parts is not None and core.parts.a2a is not None
+    session.caller_token = await core.parts.a2a.callers.add("capped")  # type: ignore[attr-defined]
+    return session
+
+
+def _a2a_call(core: Core, channel: grpc.aio.Channel, agent: SessionClient | None) -> Any:
+    token = agent.caller_token  # type: ignore[union-attr]
+    message = a2a_pb2.Message(
+        role=a2a_pb2.Role.ROLE_USER, message_id=f"m-{next(_names)}", parts=[a2a_pb2.Part(text="hi")]
+    )
+    request = a2a_pb2.SendMessageRequest(tenant="a2a-agent", message=message)
+    stub = a2a_pb2_grpc.A2AServiceStub(channel)  # type: ignore[no-untyped-call]
+    return stub.SendStreamingMessage(request, metadata=bearer(token))
+
+
+async def _a2a_open(core: Core, channel: grpc.aio.Channel, agent: SessionClient | None) -> Held:
+    assert agent is not None
+    held = Held(_a2a_call(core, channel, agent))
+    held.name = (await accept_chat(agent)).session_id
+    assert (await held.call.read()).HasField("task")
+    return held
+
+
+async def _a2a_works(
+    core: Core, channel: grpc.aio.Channel, agent: SessionClient | None, calls: list[Held]
+) -> None:
+    assert agent is not None
+    for held in calls:
+        await emit(agent, held.name, "token", delta="x")
+        await read_until(held.call, lambda r: r.HasField("artifact_update"))
+
+
+# ------------------------------------------------------------------ A2A SubscribeToTask
+
+
+async def _task_setup(core: Core, channel: grpc.aio.Channel) -> SessionClient:
+    """A running A2A task (sent with SendMessage, returning at once: no stream held) of the
+    caller's, its chat taken by the agent."""
+    session = await _a2a_setup(core, channel)
+    message = a2a_pb2.Message(
+        role=a2a_pb2.Role.ROLE_USER, message_id="m-task", parts=[a2a_pb2.Part(text="go")]
+    )
+    request = a2a_pb2.SendMessageRequest(
+        tenant="a2a-agent",
+        message=message,
+        configuration=a2a_pb2.SendMessageConfiguration(return_immediately=True),
+    )
+    stub = a2a_pb2_grpc.A2AServiceStub(channel)  # type: ignore[no-untyped-call]
+    token = session.caller_token  # type: ignore[attr-defined]
+    sending = asyncio.ensure_future(stub.SendMessage(request, metadata=bearer(token)))
+    session.chat_id = (await accept_chat(session)).session_id  # type: ignore[attr-defined]
+    session.task_id = (await sending).task.id  # type: ignore[attr-defined]
+    return session
+
+
+def _task_call(core: Core, channel: grpc.aio.Channel, agent: SessionClient | None) -> Any:
+    token, task_id = agent.caller_token, agent.task_id  # type: ignore[union-attr]
+    request = a2a_pb2.SubscribeToTaskRequest(tenant="a2a-agent", id=task_id)
+    stub = a2a_pb2_grpc.A2AServiceStub(channel)  # type: ignore[no-untyped-call]
+    return stub.SubscribeToTask(request, metadata=bearer(token))
+
+
+async def _task_open(core: Core, channel: grpc.aio.Channel, agent: SessionClient | None) -> Held:
+    held = Held(_task_call(core, channel, agent))
+    assert (await held.call.read()).task.id == agent.task_id  # type: ignore[union-attr]
+    return held
+
+
+async def _task_works(
+    core: Core, channel: grpc.aio.Channel, agent: SessionClient | None, calls: list[Held]
+) -> None:
+    assert agent is not None
+    await emit(agent, agent.chat_id, "token", delta="x")  # type: ignore[attr-defined]
+    for held in calls:
+        await read_until(held.call, lambda r: r.HasField("artifact_update"))
+
+
 _voice_call, _voice_open = _voice(batched=False)
 _voice_batched_call, _voice_batched_open = _voice(batched=True)
 
@@ -267,6 +354,8 @@ KINDS = [
     Kind("ServeTools", _nothing, _tools_open, _tools_works, _tools_call),
     Kind("ServeVoice", _nothing, _voice_open, _voice_works, _voice_call),
     Kind("ServeVoiceBatched", _nothing, _voice_batched_open, _voice_works, _voice_batched_call),
+    Kind("A2A-SendStreamingMessage", _a2a_setup, _a2a_open, _a2a_works, _a2a_call),
+    Kind("A2A-SubscribeToTask", _task_setup, _task_open, _task_works, _task_call),
 ]
 
 
@@ -300,7 +389,7 @@ async def test_a_stream_past_max_sessions_is_refused_and_the_others_go_on(
     session = await kind.setup(core, channel)  # a live session holds one slot, if any
     calls = [await kind.open(core, channel, session) for _ in range(3 - held(core))]
     assert held(core) == 3
-    await assert_refused(kind.refused(core, channel), streams_refusal(3))
+    await assert_refused(kind.refused(core, channel, session), streams_refusal(3))
     await kind.works(core, channel, session, calls)  # the held streams are served
     # A stream that ends (here cancelled by its client) frees its slot.
     calls.pop(0).cancel()
@@ -356,3 +445,32 @@ async def _connect_refused(core: Core, channel: grpc.aio.Channel) -> str:
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert_rich_status(error.value, car_error(error.value))
     return error.value.details() or ""
+
+
+async def test_a_slot_frees_however_the_stream_ends(capped: tuple[Core, grpc.aio.Channel]) -> None:
+    """Besides a cancel: the server ends the stream (its run completes), the stream fails
+    (a tool host's first message is not `register`), the client goes (its connection
+    closes)."""
+    core, channel = capped
+    owner = await _run_setup(core, channel)
+    watch = await _run_open(core, channel, owner)
+    assert held(core) == 2
+    await complete(owner, owner.run_id)  # type: ignore[attr-defined]
+    await read_until(watch.call, lambda r: r.status != runs_pb2.RUN_STATUS_IN_PROGRESS)
+    assert await watch.call.read() is grpc.aio.EOF
+    assert await watch.call.code() == grpc.StatusCode.OK
+    await until(lambda: held(core) == 1)
+
+    failing = _tools_call(core, channel)
+    await failing.write(tools_pb2.ServeToolsRequest(result=tools_pb2.ToolResult()))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await failing.read()
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await until(lambda: held(core) == 1)
+
+    async with grpc.aio.insecure_channel(core.grpc_address) as other:
+        await _host_open(core, other, None)
+        assert held(core) == 2
+    await until(lambda: held(core) == 1)  # the connection closed with the stream open
+    await owner.close()
+    await until(lambda: held(core) == 0)
