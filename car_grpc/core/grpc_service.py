@@ -29,7 +29,7 @@ from car_grpc.core.session import ClientSession, Role, SessionClosed, answer_byt
 from car_grpc.store import StoreUnavailable
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import api, batch, multiplex
-from car_grpc.wire.errors import INVALID_REQUEST, CarError
+from car_grpc.wire.errors import INVALID_REQUEST, CarError, auth_timeout
 from car_grpc.wire.metadata import AGENT_ID_KEY, AUTH_KEY, SESSION_ID_KEY
 from car_grpc.wire.twins import fill_in, fill_out
 
@@ -127,10 +127,8 @@ class SessionStream:
                 with contextlib.suppress(asyncio.CancelledError):
                     await writer
         if self._auth_deadline.expired():
-            timeout = self._auth_timeout
             await self.context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"auth timeout: not authenticated within {timeout:g}s",
+                grpc.StatusCode.UNAUTHENTICATED, auth_timeout(self._auth_timeout)
             )
 
     async def _write_loop(self) -> None:

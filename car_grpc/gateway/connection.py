@@ -62,6 +62,7 @@ from car_grpc.gateway.multiplex import Batch, MultiplexedCall
 from car_grpc.gateway.outbound import OutboundQueue
 from car_grpc.v1 import session_pb2, voice_pb2
 from car_grpc.wire import batch
+from car_grpc.wire.errors import AUTH_TIMEOUT, auth_timeout
 from car_grpc.wire.metadata import AUTH_KEY
 
 log = logging.getLogger(__name__)
@@ -698,7 +699,7 @@ class Connection:
                     return
             if grace or not self.bridge.open_requests:
                 break
-        self.end(CloseCode.POLICY_VIOLATION, f"auth timeout: not authenticated within {timeout:g}s")
+        self.end(CloseCode.POLICY_VIOLATION, auth_timeout(timeout))
 
     async def _core_to_client(self) -> None:
         await self._open()
@@ -738,9 +739,10 @@ class Connection:
             if self.bridge.auth_refused:
                 return  # as above
             reason = f"core unavailable: {e.code().name}: {e.details()}"
-            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+            details = e.details() or ""
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED and details.startswith(AUTH_TIMEOUT):
                 # The core's own auth deadline (CoreConfig.auth_timeout), met first.
-                code, reason = CloseCode.POLICY_VIOLATION, e.details() or "auth required"
+                code, reason = CloseCode.POLICY_VIOLATION, details
             elif e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 # The core is full (max_sessions, which the details name): the client may
                 # come back once sessions have ended.
