@@ -298,6 +298,7 @@ class Session:
         async with self._writing:  # one write at a time on a gRPC stream
             await self._call.write(frame)
 
+    # guide:session-request
     async def request(
         self, frame: session_pb2.ClientFrame, timeout: float = 10
     ) -> session_pb2.ServerFrame:
@@ -319,6 +320,8 @@ class Session:
         if answer.WhichOneof("body") != member:
             raise CarError(0, f"{member}: answered with {answer.WhichOneof('body')}")
         return answer
+
+    # guide:end
 
     def close(self) -> None:
         """Ends the stream, and with it the session; `ended` then finishes with None."""

@@ -18,12 +18,13 @@ import contextlib
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TypeAlias
 
 import grpc
 from car import JSON, channel, daemon_token, fail, from_struct, log, metadata, to_struct, to_value
 
 from car_grpc.v1 import options_pb2, tools_pb2, tools_pb2_grpc
-from car_grpc.v1.tools_pb2 import ServeToolsRequest
+from car_grpc.v1.tools_pb2 import ServeToolsRequest, ServeToolsResponse
 
 
 # The tools: parameters in, output (any JSON) out, or an exception. A cancelled call is a
@@ -57,70 +58,77 @@ NUMBERS: dict[str, JSON] = {
     "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
 }
 
+Stream: TypeAlias = grpc.aio.StreamStreamCall[ServeToolsRequest, ServeToolsResponse]
+
+
+# guide:serve-tools
+class ToolHost:
+    """One ServeTools stream: what the host sends goes through `send`; each call is
+    answered by a task of its own, which a `cancel` cancels."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.sending = asyncio.Lock()  # one write at a time on a gRPC stream
+        self.running: dict[str, asyncio.Task[None]] = {}  # request_id -> its task
+
+    async def send(self, message: ServeToolsRequest) -> None:
+        async with self.sending:
+            await self.stream.write(message)
+
+    def start(self, call: tools_pb2.ToolCall) -> None:
+        task = asyncio.create_task(self.serve(call))
+        self.running[call.request_id] = task
+        task.add_done_callback(lambda _: self.running.pop(call.request_id, None))
+
+    def cancel(self, request_id: str) -> None:
+        if task := self.running.get(request_id):
+            task.cancel()
+
+    async def serve(self, call: tools_pb2.ToolCall) -> None:
+        result = tools_pb2.ToolResult(request_id=call.request_id)
+        try:
+            output = await TOOLS[call.tool](from_struct(call.parameters))
+            result.output.CopyFrom(to_value(output))
+        except Exception as e:
+            # terminal=True would also abort the proposal and halt the caller's session.
+            result.error.message = str(e)
+        # A cancelled call stops above, unanswered: the server no longer waits for it.
+        # The stream may be gone by now (its end comes to the reader).
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+            await self.send(ServeToolsRequest(result=result))
+
+    async def end_when_stdin_closes(self) -> None:
+        """Closing stdin ends the stream cleanly: the server then drops the tools."""
+        stdin = asyncio.StreamReader()
+        loop = asyncio.get_running_loop()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+        while await stdin.read(4096):
+            pass
+        async with self.sending:
+            await self.stream.done_writing()
+
+
+# guide:end
+
 
 async def main(session_id: str) -> None:
     agent_id = os.environ.get("CAR_AGENT_ID", "")
     token = os.environ.get("CAR_AGENT_TOKEN", "") if agent_id else daemon_token()
-    loop = asyncio.get_running_loop()
     async with channel() as ch:
-        # guide:serve-tools
-        credentials = metadata(token, agent_id=agent_id, session_id=session_id)
-        stream = tools_pb2_grpc.ToolServiceStub(ch).ServeTools(metadata=credentials)
-        sending = asyncio.Lock()  # one write at a time on a gRPC stream
-        running: dict[str, asyncio.Task[None]] = {}  # request_id -> the task answering it
-
-        async def send(message: ServeToolsRequest) -> None:
-            async with sending:
-                await stream.write(message)
-
-        async def serve(call: tools_pb2.ToolCall) -> None:
-            result = tools_pb2.ToolResult(request_id=call.request_id)
-            try:
-                output = await TOOLS[call.tool](from_struct(call.parameters))
-                result.output.CopyFrom(to_value(output))
-            except Exception as e:
-                # terminal=True would also abort the proposal and halt the caller's session.
-                result.error.message = str(e)
-            # A cancelled call stops above, unanswered: the server no longer waits for it.
-            # The stream may be gone by now (its end comes to the reader below).
-            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
-                await send(ServeToolsRequest(result=result))
-
-        def start(call: tools_pb2.ToolCall) -> None:
-            task = loop.create_task(serve(call))
-            running[call.request_id] = task
-            task.add_done_callback(lambda _: running.pop(call.request_id, None))
-
-        async def end_when_stdin_closes() -> None:
-            # Closing stdin ends the stream cleanly: the server then drops the tools.
-            stdin = asyncio.StreamReader()
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-            while await stdin.read(4096):
-                pass
-            async with sending:
-                await stream.done_writing()
-
-        tools = [
-            tools_pb2.ToolDefinition(name=name, parameters=to_struct(NUMBERS)) for name in TOOLS
-        ]
-        await send(
-            ServeToolsRequest(register=tools_pb2.RegisterToolHost(host="python-tools", tools=tools))
-        )
-        stdin_closed = loop.create_task(end_when_stdin_closes())
-        # guide:end
         # guide:serve-tools-loop
+        credentials = metadata(token, agent_id=agent_id, session_id=session_id)
+        host = ToolHost(tools_pb2_grpc.ToolServiceStub(ch).ServeTools(metadata=credentials))
+        tools = [tools_pb2.ToolDefinition(name=n, parameters=to_struct(NUMBERS)) for n in TOOLS]
+        register = tools_pb2.RegisterToolHost(host="python-tools", tools=tools)
+        await host.send(ServeToolsRequest(register=register))
+        stdin_closed = asyncio.create_task(host.end_when_stdin_closes())
         try:
-            async for message in stream:
+            async for message in host.stream:
                 body = message.WhichOneof("body")
                 if body == "registered":
                     registered = message.registered
                     scope = tools_pb2.ToolScope.Name(registered.scope)
-                    log(
-                        "registered",
-                        host=registered.host,
-                        scope=scope,
-                        tools=list(registered.tools),
-                    )
+                    log("registered", host=registered.host, scope=scope, tools=[*registered.tools])
                 elif body == "call":
                     call = message.call
                     log(
@@ -132,7 +140,7 @@ async def main(session_id: str) -> None:
                         caller_role=options_pb2.CallerRole.Name(call.caller.role),
                         agent_id=call.caller.agent_id,
                     )
-                    start(call)
+                    host.start(call)
                 elif body == "cancel":
                     cancel = message.cancel
                     log(
@@ -141,8 +149,7 @@ async def main(session_id: str) -> None:
                         action_id=cancel.action_id,
                         reason=cancel.reason,
                     )
-                    if task := running.get(cancel.request_id):
-                        task.cancel()
+                    host.cancel(cancel.request_id)
         except grpc.aio.AioRpcError as e:
             # A refused registration (PERMISSION_DENIED, INVALID_ARGUMENT, ...) ends here too.
             fail(e)
