@@ -127,7 +127,6 @@ class SessionClient:
             await self._reader
 
 
-# guide:connect
 async def connect(
     channel: grpc.aio.Channel,
     *,
@@ -151,6 +150,3 @@ async def connect(
         hs.protocol_version.number_value = 3
         await client.request("server_handshake", hs)
     return client
-
-
-# guide:end
