@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from car_grpc.gateway import jsonrpc
+from car_grpc.v1 import session_pb2
 from car_grpc.wire import batch, limits, multiplex
 from car_grpc.wire.errors import INVALID_PARAMS
 from tests.conftest import make_config
@@ -117,3 +118,26 @@ def test_a_frame_at_the_limit_fits_in_a_message_with_its_envelopes() -> None:
         ack=(2**32 - 1, 2**64 - 1),
     )
     assert len(record) <= limits.MAX_MESSAGE_BYTES - 60_000
+
+
+def test_each_kind_of_message_past_the_limit_is_refused_as_it_can_be() -> None:
+    """A request gets the error, a notification nothing, an answer to a server request
+    becomes an error for the core's call (which fails at once, not at its timeout)."""
+    over = bytes(limits.MAX_FRAME_BYTES + 1)
+    reason = f"frame too large: {len(over)} bytes as protobuf, {LIMIT}"
+    request = jsonrpc._bounded(jsonrpc.Message(frame=over, client_id=7, answered=True))
+    assert request.frame is None and request.reply is not None
+    error = json.loads(request.reply)
+    assert error == {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "error": {"code": INVALID_PARAMS, "message": f"invalid params: {reason}"},
+    }
+    notice = jsonrpc._bounded(jsonrpc.Message(frame=over, notice=True))
+    assert notice.frame is None and notice.reply is None
+    answer = jsonrpc._bounded(jsonrpc.Message(frame=over, answer_to="cb-3"))
+    assert isinstance(answer.frame, session_pb2.ClientFrame)
+    assert answer.frame.id == "cb-3" and answer.frame.error.code == INVALID_PARAMS
+    assert answer.frame.error.message == f"invalid answer: {reason}"
+    fits = bytes(limits.MAX_FRAME_BYTES)
+    assert jsonrpc._bounded(jsonrpc.Message(frame=fits, answered=True)).frame is fits
