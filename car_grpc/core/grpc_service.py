@@ -28,8 +28,8 @@ from car_grpc.core.router import GrpcOnlyHandler, Reply
 from car_grpc.core.session import ClientSession, Role, SessionClosed, answer_bytes
 from car_grpc.store import StoreUnavailable
 from car_grpc.v1 import session_pb2
-from car_grpc.wire import api, batch, multiplex
-from car_grpc.wire.errors import INVALID_REQUEST, CarError, auth_timeout
+from car_grpc.wire import api, batch, limits, multiplex
+from car_grpc.wire.errors import INVALID_REQUEST, CarError, auth_timeout, invalid_params
 from car_grpc.wire.metadata import AGENT_ID_KEY, AUTH_KEY, SESSION_ID_KEY
 from car_grpc.wire.twins import fill_in, fill_out
 
@@ -332,10 +332,13 @@ class SessionStream:
             result = e.answer  # the wire's answer to this refusal is a result
         reply = result if isinstance(result, Reply) else None
         message = result.message if isinstance(result, Reply) else result
+        answer: session_pb2.ServerFrame | bytes
+        answer = answer_bytes(frame.id, member, message, twins=not self.session.bridged)
+        if len(answer) > limits.MAX_FRAME_BYTES:  # it would end the stream: fail the request
+            error = invalid_params(f"invalid params: {limits.frame_too_large(len(answer))}")
+            answer = _error_frame(frame.id, error)
         try:
-            await self._send(
-                answer_bytes(frame.id, member, message, twins=not self.session.bridged)
-            )
+            await self._send(answer)
         except BaseException:
             if reply is not None and reply.after_written:
                 reply.then()  # what waits for the answer must not wait for one never sent

@@ -28,7 +28,7 @@ from car_grpc.core.kv import KeyValueState, StateBudget
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.outbound import OutboundQueue
 from car_grpc.v1 import options_pb2, session_pb2, state_pb2, tools_pb2
-from car_grpc.wire import api, batch
+from car_grpc.wire import api, batch, limits
 from car_grpc.wire.errors import INTERNAL, CarError, invalid_params
 from car_grpc.wire.twins import fill_out
 
@@ -167,7 +167,8 @@ class ClientSession:
 
     async def send(self, frame: session_pb2.ServerFrame | bytes) -> None:
         """Queue a frame for the client, waiting while the queue is full, in frames or in
-        bytes (backpressure); SessionClosed when the session ends first. A frame fanned
+        bytes (backpressure); SessionClosed when the session ends first, CarError (-32602)
+        for a frame past limits.MAX_FRAME_BYTES (it would end the stream). A frame fanned
         out to many sessions comes serialized once (bytes, its twins derived with
         wire/twins.fill_out as for any frame)."""
         if self.closed.is_set():
@@ -178,12 +179,14 @@ class ClientSession:
             data = frame
         else:
             data = (frame if self.bridged else fill_out(frame)).SerializeToString()
+        if len(data) > limits.MAX_FRAME_BYTES:  # it would end the stream, shared or not
+            raise invalid_params(f"invalid params: {limits.frame_too_large(len(data))}")
         await self.outbound.put(data)
 
     def send_now(self, data: bytes) -> bool:
         """`send` of a serialized frame that need not wait, without a coroutine (a frame a
         chat token); False when it would wait, or raise: nothing queued, `send` it."""
-        if self.closed.is_set() or not self.streaming:
+        if self.closed.is_set() or not self.streaming or len(data) > limits.MAX_FRAME_BYTES:
             return False
         try:
             self.outbound.put_nowait(data)
@@ -202,9 +205,11 @@ class ClientSession:
         try:
             if self.outbound.full():  # no need to serialize what is dropped anyway
                 raise asyncio.QueueFull
-            self.outbound.put_nowait(
-                (frame if self.bridged else fill_out(frame)).SerializeToString()
-            )
+            data = (frame if self.bridged else fill_out(frame)).SerializeToString()
+            if len(data) > limits.MAX_FRAME_BYTES:  # it would end the stream: dropped
+                log.warning("core: %s dropped: %s", repr(self), limits.frame_too_large(len(data)))
+                raise asyncio.QueueFull
+            self.outbound.put_nowait(data)
         except asyncio.QueueFull:
             self._metrics.queue_drops.inc("session_outbound")
             return False
@@ -249,6 +254,8 @@ class ClientSession:
         sent = time.perf_counter()
         try:
             data = (frame if self.bridged else fill_out(frame)).SerializeToString()
+            if len(data) > limits.MAX_FRAME_BYTES:  # it would end the stream: the call fails
+                raise invalid_params(f"invalid params: {limits.frame_too_large(len(data))}")
             if self._write_call_now(data) or self.send_now(data):
                 # Only the answer is waited for: a timer on its future is enough (cheaper
                 # than a Timeout around the task), and it raises the same TimeoutError.

@@ -37,7 +37,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from car_grpc.v1 import errors_pb2, options_pb2, session_pb2
-from car_grpc.wire import api, chat_text, codec, proposal_text, turn_text
+from car_grpc.wire import api, chat_text, codec, limits, proposal_text, turn_text
 from car_grpc.wire.errors import (
     AUTH_REQUIRED,
     INTERNAL,
@@ -112,6 +112,19 @@ def _shallow(text: str | bytes) -> bool:
     if isinstance(text, str):
         return text.count("{") + text.count("[") <= SHALLOW_BRACKETS
     return text.count(b"{") + text.count(b"[") <= SHALLOW_BRACKETS
+
+
+#: A text frame of at most this many characters (or bytes) cannot make a ClientFrame past
+#: limits.MAX_FRAME_BYTES, so only a longer one has its frames measured (_bounded). One
+#: character of the text makes under 18 bytes of frame: at most 5.5 of protobuf (the worst
+#: is a bare `0,` in a free-form array, 2 characters for 11 bytes: the Value's tag and
+#: double, the ListValue entry's tag and length; a typed member, a string, an object's
+#: entry or a level of nesting costs less per character) and at most 12 of the JSON texts
+#: some members carry beside their protobuf (turn_texts, event_text, output_text: json's
+#: ASCII encoder writes one astral character as two \u escapes), and a message adds a few
+#: bytes of id. So 32 bytes a character is a bound with room to spare
+#: (tests/test_frame_size.py builds the worst cases).
+CHECK_SIZE_ABOVE = limits.MAX_FRAME_BYTES // 32
 
 
 @dataclass(frozen=True)
@@ -436,7 +449,30 @@ def _decode_parsed(
         for m in decoded.messages:
             if isinstance(m.frame, session_pb2.ClientFrame) and not (m.notice or m.answer_to):
                 m.gid = m.frame.id = next(gids)
+    if len(text) > CHECK_SIZE_ABOVE:
+        decoded.messages = [_bounded(m) for m in decoded.messages]
     return decoded
+
+
+def _bounded(message: Message) -> Message:
+    """`message` with its frame serialized (measuring it is serializing it: the bytes are
+    what goes to the core), or its refusal when the frame is past limits.MAX_FRAME_BYTES:
+    one such frame would end the stream, and with it every session the stream carries."""
+    frame = message.frame
+    if frame is None:
+        return message
+    data = frame if isinstance(frame, bytes) else frame.SerializeToString()
+    if len(data) <= limits.MAX_FRAME_BYTES:
+        message.frame = data
+        return message
+    reason = limits.frame_too_large(len(data))
+    if message.answer_to:  # the core's call fails at once rather than wait for its timeout
+        refusal = session_pb2.ClientFrame(id=message.answer_to)
+        refusal.error.code = INVALID_PARAMS
+        refusal.error.message = f"invalid answer: {reason}"
+        return Message(frame=refusal, answer_to=message.answer_to)
+    error = error_object(INVALID_PARAMS, f"invalid params: {reason}")
+    return _refuse(message.answered, message.client_id, error)
 
 
 def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Message:
@@ -636,6 +672,7 @@ class Bridge:
             and message.get("method") == _CHAT_EVENT_METHOD
             and "id" not in message
             and (frame := chat_text.event_frame(message.get("params"))) is not None
+            and (len(text) <= CHECK_SIZE_ABOVE or len(frame) <= limits.MAX_FRAME_BYTES)
         ):
             return Inbound(wire=[frame])
         return self.admit(_decode_parsed(message, text, self._callbacks, None))
