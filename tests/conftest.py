@@ -14,8 +14,9 @@ import pytest
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
+from tests.bounded import stopped
 from tests.postgres_server import PostgresServer
-from tests.ws_helpers import running, stopped
+from tests.ws_helpers import running
 
 #: `CAR_TEST_STORE=postgresql ./dev test` runs every core that make_config configures (the
 #: in-process ones) on a database of its own on the session's PostgreSQL server instead of

@@ -38,6 +38,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from tests.bounded import bounded
+
 #: A listener's log line; `address` as logged.
 LISTENING = re.compile(r"\blistening on (?P<address>\S+)")
 #: `car-grpc serve` flags for ephemeral TCP ports and no Unix socket.
@@ -152,10 +154,13 @@ class Process:
 
     async def wait(self, timeout: float = 10) -> int:
         """Its exit code, once it exited and its log is read to the end."""
-        async with asyncio.timeout(timeout):
+
+        async def exited() -> int:
             code = await self.proc.wait()
             await self._reader
-        return code
+            return code
+
+        return await bounded(exited(), f"{self.name}'s exit", within=timeout)
 
     async def terminate(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
         """Send `sig` and return the exit code (within `timeout`)."""
@@ -178,7 +183,7 @@ class Process:
                 await asyncio.wait_for(self.proc.wait(), grace)
             except TimeoutError:
                 self.proc.kill()
-        return await self.wait()
+        return await self.wait()  # bounded: after SIGKILL only the log's end is awaited
 
 
 @contextlib.asynccontextmanager
@@ -306,7 +311,7 @@ class Served:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+                self.proc.wait(GRACE)
         self._reader.join(5)
         return self.proc.returncode
 

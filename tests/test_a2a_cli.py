@@ -22,6 +22,7 @@ from car_grpc.a2a.server import A2aListener
 from car_grpc.cli import build_parser, config_from
 from car_grpc.config import Config
 from car_grpc.core.server import Core
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.test_cli_e2e import TOKEN, run_car_grpc
 from tests.test_tls import Certificate, certificate
@@ -60,7 +61,7 @@ async def test_a2a_clients_add_list_remove_on_a_running_core(tmp_path: Path) -> 
         code, _, err = await run_car_grpc(car_home, "a2a-clients", "remove", "peer")
         assert code == 1 and "peer" in err
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 def test_a2a_flags_and_default_ports() -> None:
@@ -90,7 +91,7 @@ async def test_no_a2a_serves_no_listener_and_no_service(tmp_path: Path) -> None:
                 await stub.GetTask(GetTaskRequest(tenant="a", id="t"))
             assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 async def test_the_a2a_listener_speaks_tls_with_its_certificate(
@@ -139,4 +140,4 @@ async def test_a_connection_that_sends_no_request_head_in_time_is_closed() -> No
         async with httpx.AsyncClient() as http:  # a prompt request is served as ever
             assert (await http.get(f"{listener.url}/")).text == "ok"
     finally:
-        await listener.stop()
+        await stopped(listener.stop())

@@ -47,6 +47,7 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.store import A2aTaskRow
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.postgres_server import PostgresServer
 from tests.test_chats_ws import car_runtime_agent
@@ -358,7 +359,7 @@ async def test_tasks_survive_a_restart_and_one_left_running_ends_failed(config: 
             await asyncio.wait_for(started, 10)
             left_id = await task_id_of(agent, chat)
             # The server stops while the second task runs.
-            await core.stop(grace=0)
+            await stopped(core.stop(grace=0))
     async with running(config) as (core, _):
         answer = await jsonrpc(core, AGENT, token, "GetTask", {"id": done_id})
         assert answer["result"]["status"]["state"] == "TASK_STATE_COMPLETED"

@@ -16,6 +16,7 @@ from car_grpc.store import open_store
 from car_grpc.v1 import errors_pb2, host_pb2, host_pb2_grpc, session_pb2, tools_pb2
 from car_grpc.wire import codec
 from car_grpc.wire.errors import APPROVAL_DENIED, ERROR_TRAILER, INTERNAL, INVALID_PARAMS, CarError
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.error_details import error_info
 from tests.session_client import SessionClient, connect
@@ -36,7 +37,7 @@ async def started(tmp_path: Path) -> AsyncIterator[Any]:
 
     yield start
     for core in cores:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 def token(core: Core) -> str:
@@ -273,7 +274,7 @@ async def test_methods_that_cannot_be_gated_are_refused_at_start(tmp_path: Path)
     core = Core(make_config(tmp_path, gated_methods=frozenset({"host.resolve_approval"})).core)
     with pytest.raises(ValueError, match=r"cannot be gated: host\.resolve_approval"):
         await core.start()
-    await core.stop()
+    await stopped(core.stop())
 
 
 async def test_a_gated_proposal_calls_its_tools_only_after_approval(started: Any) -> None:
@@ -345,7 +346,7 @@ async def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:
                 "host_request_approval", host_pb2.RequestApprovalRequest(title="Later?")
             )
         ).approval
-        await first.stop(grace=0)
+        await stopped(first.stop(grace=0))
         with pytest.raises(ConnectionError):
             await parked
         await raiser.close()
@@ -365,7 +366,7 @@ async def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:
             assert not snapshot.approvals  # nothing is pending any more
             await reader.close()
     finally:
-        await second.stop(grace=0)
+        await stopped(second.stop(grace=0))
 
 
 async def test_pending_approvals_of_a_dead_server_expire_at_start(tmp_path: Path) -> None:
@@ -395,7 +396,7 @@ async def test_pending_approvals_of_a_dead_server_expire_at_start(tmp_path: Path
             )
             await reader.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 # ---------------------------------------------------------------- who may resolve and read

@@ -16,6 +16,7 @@ from typing import Any
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.wire.errors import APPROVAL_DENIED, HANDSHAKE_REQUIRED, INVALID_PARAMS
+from tests.bounded import bounded
 from tests.conftest import make_config
 from tests.ws_helpers import Rpc, daemon_token, rpc, running
 
@@ -142,7 +143,7 @@ async def test_car_runtime_tools_run_only_after_the_gate_approves(tmp_path: Path
             finally:
                 if proc.returncode is None:
                     proc.kill()
-                    await proc.wait()
+                    await bounded(proc.wait())
             assert proc.returncode == 0, err.decode()
             *_, last = out.decode().splitlines()
             seen = json.loads(last)

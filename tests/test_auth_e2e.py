@@ -15,6 +15,7 @@ from car_grpc.core.session import Role
 from car_grpc.core.tokens import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
 from car_grpc.v1 import session_pb2, state_pb2
 from car_grpc.wire.errors import AUTH_REQUIRED, INTERNAL, CarError
+from tests.bounded import bounded, stopped
 from tests.conftest import make_config
 from tests.session_client import SessionClient
 
@@ -108,7 +109,7 @@ async def test_wrong_tokens_leave_the_session_unauthenticated(
     with pytest.raises(CarError) as err:
         await client.request("state_keys", state_pb2.ListStateKeysRequest())
     assert err.value.code == AUTH_REQUIRED
-    await client.ended.wait()
+    await bounded(client.ended.wait())
     assert client.end_code == grpc.StatusCode.UNAUTHENTICATED
     await client.close()
 
@@ -121,7 +122,7 @@ async def test_missing_auth_is_refused_and_the_stream_closed(
         await client.request("state_keys", state_pb2.ListStateKeysRequest())
     assert err.value.code == AUTH_REQUIRED
     assert err.value.message.startswith("auth required: ")
-    await client.ended.wait()
+    await bounded(client.ended.wait())
     assert client.end_code == grpc.StatusCode.UNAUTHENTICATED
     await client.close()
 
@@ -169,7 +170,7 @@ async def test_no_auth(tmp_path: Path) -> None:
             await assert_usable(client)
             await client.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 def _mode(path: Path) -> int:
@@ -188,7 +189,7 @@ async def test_token_files_are_private_and_removed_on_stop(tmp_path: Path) -> No
         assert len(daemon) == len(host) == 43 and daemon != host
         assert _mode(auth_file) == _mode(host_file) == 0o600
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
     assert not auth_file.exists() and not host_file.exists()
 
 

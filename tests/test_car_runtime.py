@@ -19,6 +19,7 @@ from car_grpc.wire.errors import (
     METHOD_NOT_FOUND,
     PROTOCOL_VERSION_MISMATCH,
 )
+from tests.bounded import bounded
 from tests.processes import ONE_PROCESS, serve
 
 SCENARIOS = Path(__file__).with_name("car_runtime_scenarios.py")
@@ -47,7 +48,7 @@ async def run_scenario(name: str, url: str, home: Path, **extra: str) -> dict[st
     finally:
         if proc.returncode is None:
             proc.kill()
-            await proc.wait()
+            await bounded(proc.wait())
     assert proc.returncode == 0, err.decode()
     result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
     return result

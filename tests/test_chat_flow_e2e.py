@@ -14,6 +14,7 @@ import pytest
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2, session_pb2, session_pb2_grpc
+from tests.bounded import bounded, stopped
 from tests.chat_helpers import (
     accept_chat,
     bearer,
@@ -51,7 +52,7 @@ async def stall_core(tmp_path: Path) -> AsyncIterator[Core]:
     try:
         yield core
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 async def test_fast_agent_reading_host_gets_every_token_in_order(
@@ -194,6 +195,6 @@ async def test_agent_that_sends_its_last_tokens_and_leaves_loses_none(
     got = [await next_chat_event(h) for _ in range(n + 1)]
     assert "".join(e.event.delta for e in got[:-1]) == "".join(f"{i}," for i in range(n))
     assert got[-1].event.kind == "done"
-    await a.ended.wait()
+    await bounded(a.ended.wait())
     await h.close()
     await a.close()

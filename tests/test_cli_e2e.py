@@ -20,6 +20,7 @@ from car_grpc.core.server import Core
 from car_grpc.core.tokens import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
 from car_grpc.v1 import session_pb2
 from car_grpc.wire.errors import INTERNAL, CarError
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.processes import car_grpc
 from tests.session_client import SessionClient
@@ -162,7 +163,7 @@ async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> Non
             for c in (first, second):
                 await c.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 async def test_agents_add_names_a_new_store_and_the_home_it_came_from(tmp_path: Path) -> None:

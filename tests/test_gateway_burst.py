@@ -22,6 +22,7 @@ import grpc
 from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import batch
+from tests.bounded import bounded
 from tests.conftest import make_config
 from tests.ws_helpers import daemon_token, rpc, running
 
@@ -89,7 +90,7 @@ async def test_a_burst_of_websocket_connections_ends_no_session(tmp_path: Path) 
         finally:
             if proc.returncode is None:
                 proc.kill()
-                await proc.wait()
+                await bounded(proc.wait())
         assert json.loads(out)["results"] == {"ok": 1400}
         async with rpc(gateway.url) as other:  # and the gateway is fine afterwards
             await other.login(daemon_token(core))

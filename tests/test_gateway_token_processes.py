@@ -17,6 +17,7 @@ import pytest
 from car_grpc.core.tokens import mint_token
 from car_grpc.gateway import Gateway
 from car_grpc.gateway.server import CoreCheckFailed
+from tests.bounded import bounded
 from tests.conftest import make_config
 from tests.processes import LISTENING, car_grpc, port
 from tests.test_faults_processes import child, restartable_core, token_file
@@ -117,4 +118,4 @@ async def test_a_core_that_never_answers_fails_the_start_within_the_check_timeou
         for writer in held:
             writer.close()
         silent.close()
-        await silent.wait_closed()
+        await bounded(silent.wait_closed())

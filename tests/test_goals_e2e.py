@@ -13,6 +13,7 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2
 from car_grpc.wire.errors import INVALID_PARAMS, CarError
+from tests.bounded import stopped
 from tests.chat_helpers import accept_chat, emit, next_chat_event
 from tests.roles import agent, chat_host
 from tests.session_client import SessionClient
@@ -188,7 +189,7 @@ async def test_goals_survive_a_restart_and_running_becomes_active(config: Config
         before = await status(h, "crashed")
         assert before is not None and before.status == S.GOAL_STATUS_RUNNING
         await h.close()
-    await core.stop(grace=0)
+    await stopped(core.stop(grace=0))
     again = Core(config.core)
     await again.start()
     try:
@@ -207,4 +208,4 @@ async def test_goals_survive_a_restart_and_running_becomes_active(config: Config
             )
             await h.close()
     finally:
-        await again.stop(grace=0)
+        await stopped(again.stop(grace=0))

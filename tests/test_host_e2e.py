@@ -15,6 +15,7 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import host_pb2, host_pb2_grpc, session_pb2, session_pb2_grpc
 from car_grpc.wire import codec
 from car_grpc.wire.errors import HANDSHAKE_REQUIRED, INVALID_PARAMS, CarError
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.session_client import SessionClient, connect
 
@@ -259,7 +260,7 @@ async def test_watch_resume_point_out_of_history_shows_a_gap(tmp_path: Any) -> N
             )
             await owner.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 # ---------------------------------------------------------------- slow subscribers
@@ -318,7 +319,7 @@ async def test_a_stalled_subscriber_slows_neither_the_gate_nor_other_subscribers
             stalled.call.cancel()
     finally:
         await stalled_channel.close()
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 class StalledSubscriber:

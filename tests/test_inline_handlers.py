@@ -13,6 +13,7 @@ from car_grpc.core.server import Core
 from car_grpc.core.session import Role
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import api, codec
+from tests.bounded import stopped
 from tests.conftest import make_config
 
 #: A valid request (JSON-RPC params) for every inline member that needs one.
@@ -48,7 +49,7 @@ async def test_the_common_requests_are_inline(tmp_path: Any) -> None:
         # ...and the ones that wait on a client, the store or a person are not.
         assert not {"proposal_submit", "runs_record_turns", "agents_chat"} & inline
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 async def test_every_inline_handler_completes_without_waiting(tmp_path: Any) -> None:
@@ -72,7 +73,7 @@ async def test_every_inline_handler_completes_without_waiting(tmp_path: Any) -> 
             pytest.fail(f"inline handler {member} waited")
         await core.parts.registry.close(session)
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 @pytest.mark.parametrize("approvals", [True, False])
@@ -87,4 +88,4 @@ async def test_a_gated_method_is_never_inline(tmp_path: Any, approvals: bool) ->
         assert dispatcher.runs_inline("tools_list") is not approvals
         assert dispatcher.runs_inline("state_get")
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))

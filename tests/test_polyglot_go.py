@@ -17,6 +17,7 @@ import pytest
 
 from car_grpc.v1 import runs_pb2, runs_pb2_grpc, session_pb2, tools_pb2, tools_pb2_grpc
 from car_grpc.wire.codec import json_to_message, value_to_json
+from tests.bounded import bounded
 from tests.client_programs import Program, ensure_installed, run_node
 from tests.go_programs import build_go_programs, run_go
 from tests.processes import ONE_PROCESS, Served, start_serve
@@ -167,7 +168,7 @@ async def test_go_watcher_of_another_agents_run_gets_the_servers_error(
     other = {"CAR_AGENT_ID": "go-agent", "CAR_AGENT_TOKEN": served.add_agent("go-agent")}
     async with go(go_bin, served, "watch-run", run.run_id, **other) as watcher:
         error = await watcher.next_event()
-        assert await watcher.proc.wait() == 1
+        assert await bounded(watcher.proc.wait()) == 1
     assert error["event"] == "error"
     assert error["grpc_code"] == "NotFound"
     assert error["code"] == -32602
@@ -211,7 +212,7 @@ async def test_go_host_chat_with_an_agent_that_is_not_attached(
 ) -> None:
     async with go(go_bin, served, "chat", "nobody", "hello?") as host:
         error = await host.next_event()
-        assert await host.proc.wait() == 1
+        assert await bounded(host.proc.wait()) == 1
     # The server's own answer: its JSON-RPC code and message come from car-error-bin.
     assert error["event"] == "error"
     assert error["message"] == "agent 'nobody' is not attached"
@@ -337,6 +338,6 @@ async def test_a_go_tool_host_serves_one_python_sessions_own_tools(
         error = await host.next_event()
         while error["event"] != "error":
             error = await host.next_event()
-        assert await host.proc.wait() == 1
+        assert await bounded(host.proc.wait()) == 1
     assert error["grpc_code"] == "FailedPrecondition"
     assert "has ended" in error["message"]

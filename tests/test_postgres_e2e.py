@@ -26,6 +26,7 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, runs_pb2_grpc, session_pb2
 from car_grpc.wire import codec
 from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS, CarError
+from tests.bounded import bounded, stopped
 from tests.conftest import make_config
 from tests.error_details import error_info
 from tests.postgres_server import PostgresServer
@@ -51,7 +52,7 @@ async def running(config: Config) -> AsyncIterator[tuple[Core, grpc.aio.Channel]
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
             yield core, channel
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 def tokens(core: Core) -> Any:
@@ -321,7 +322,7 @@ async def test_a_postgresql_restart_fails_requests_clearly_then_they_work_again(
             raise AssertionError(f"no recovery: {seen()}") from None
         finally:
             stop.set()
-            await load
+            await bounded(load, "the load's end")
         print(seen())  # shown when an assertion below fails
         failed = [o for o in outcomes if o.error is not None]
         assert failed, "no request met the outage"

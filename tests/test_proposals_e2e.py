@@ -16,6 +16,7 @@ from car_grpc.core.tools import HALTED
 from car_grpc.v1 import session_pb2, state_pb2, tools_pb2
 from car_grpc.wire.codec import json_to_message, struct_to_json, to_value, value_to_json
 from car_grpc.wire.errors import DEADLINE_EXCEEDED, INVALID_PARAMS, CarError
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.session_client import SessionClient, connect
 from tests.tool_host import ToolHost, terminal_error
@@ -167,7 +168,7 @@ async def test_server_backstop_without_timeout_ms(tmp_path: Path) -> None:
             await host.close()
             await client.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 async def test_abort_rolls_back_state(client: SessionClient) -> None:
@@ -390,4 +391,4 @@ async def test_handler_deadline_cancels_tool_calls(tmp_path: Path) -> None:
             await host.close()
             await client.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))

@@ -11,6 +11,7 @@ from car_grpc.core.router import Router, handles, handles_notification, streams
 from car_grpc.core.server import Core
 from car_grpc.core.session import ClientSession
 from car_grpc.v1 import chats_pb2, runs_pb2, tools_pb2, voice_pb2
+from tests.bounded import stopped
 from tests.conftest import make_config
 
 
@@ -67,7 +68,7 @@ async def test_the_wired_core_serves_every_request(tmp_path: Path) -> None:
             "car.v1.ToolService.ServeTools",
         }
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 class _Notices:

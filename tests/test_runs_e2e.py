@@ -14,6 +14,7 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import runs_pb2, runs_pb2_grpc
 from car_grpc.wire.codec import message_to_json, to_value, value_to_json
 from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS, CarError
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.error_details import error_info
 from tests.roles import agent, host_role, ordinary
@@ -546,4 +547,4 @@ async def test_a_session_holds_a_bounded_number_of_run_subscriptions(tmp_path: P
             await bot.close()
             await boss.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))

@@ -13,6 +13,7 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.v1 import errors_pb2, runs_pb2, runs_pb2_grpc, session_pb2
 from car_grpc.wire.errors import ERROR_TRAILER, INVALID_PARAMS
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.roles import agent, host_role
 from tests.runs_helpers import (
@@ -99,7 +100,7 @@ async def test_resuming_within_the_grace_keeps_the_run(
             assert statuses == {"kept": IN_PROGRESS, "dropped": INCOMPLETE}
             assert (await record(again, kept, turns(1))).ok
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 async def test_stop_ends_open_runs(tmp_path: Path) -> None:
@@ -110,7 +111,7 @@ async def test_stop_ends_open_runs(tmp_path: Path) -> None:
         bot = await agent(core, channel, "bot")
         run_id = await start(bot)
         await record(bot, run_id, turns(2))
-    await core.stop(grace=0)
+    await stopped(core.stop(grace=0))
 
     core = Core(config.core)
     await core.start()
@@ -121,7 +122,7 @@ async def test_stop_ends_open_runs(tmp_path: Path) -> None:
             assert [r.record for r in got.records] == [STARTED, TURN, TURN, ENDED]
             assert got.records[-1].ended.status == INCOMPLETE
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 # ---------------------------------------------------------------- a slow subscriber
@@ -141,7 +142,7 @@ async def test_a_subscriber_that_stops_reading_slows_no_one(tmp_path: Path) -> N
         ):
             await _slow_subscriber_scenario(core, channel, slow_channel)
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 async def _slow_subscriber_scenario(

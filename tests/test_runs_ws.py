@@ -21,6 +21,7 @@ from car_grpc.core.run_turns import FIELD_CAP, TRUNCATED, TURN_REPLACED
 from car_grpc.core.runs import RECORD_TURNS_USAGE
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
+from tests.bounded import bounded
 from tests.conftest import make_config
 from tests.ws_helpers import RawWebSocket, Rpc, running
 
@@ -394,7 +395,7 @@ async def test_car_runtime_records_a_run(peers: Peers) -> None:
     finally:
         if proc.returncode is None:
             proc.kill()
-            await proc.wait()
+            await bounded(proc.wait())
     assert proc.returncode == 0, err.decode()
     seen = json.loads(out.decode().strip().splitlines()[-1])
     run_id = seen["run"]["run_id"]

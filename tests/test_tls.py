@@ -28,6 +28,7 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.serve import Server
+from tests.bounded import bounded, stopped
 from tests.conftest import make_config
 from tests.dashboard_helpers import request
 from tests.processes import car_grpc
@@ -176,13 +177,13 @@ async def test_a_separate_gateway_needs_core_ca_for_a_tls_core(
                         await client.send({"jsonrpc": "2.0", "id": 1, "method": "tools.list"})
                         assert (await client.recv())["error"]["code"] == -32001
                     else:  # plaintext to a TLS core: the connection closes and says why
-                        await ws.wait_closed()
+                        await bounded(ws.wait_closed())
                         assert ws.close_code == CloseCode.INTERNAL_ERROR
                         assert (ws.close_reason or "").startswith("core unavailable")
             finally:
-                await gateway.stop()
+                await stopped(gateway.stop())
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 def test_tls_flags_fill_the_config(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from car_grpc.gateway import Gateway
 from car_grpc.v1 import options_pb2, session_pb2, tools_pb2, tools_pb2_grpc
 from car_grpc.wire.codec import json_to_message, struct_to_json, value_to_json
 from car_grpc.wire.errors import INVALID_PARAMS, CarError
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.runs_helpers import state_of
 from tests.session_client import SessionClient, connect
@@ -617,7 +618,7 @@ async def core_with(tmp_path: Path, **overrides: object) -> AsyncIterator[Core]:
     try:
         yield core
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 def skip(id: str, tool: str, **extra: JSON) -> dict[str, JSON]:

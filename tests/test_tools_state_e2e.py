@@ -12,6 +12,7 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2, state_pb2, tools_pb2
 from car_grpc.wire.codec import json_to_message, message_to_json, struct_to_json, value_to_json
 from car_grpc.wire.errors import INVALID_PARAMS, CarError
+from tests.bounded import bounded
 from tests.session_client import SessionClient, connect
 
 
@@ -202,6 +203,6 @@ async def test_session_state_is_released_on_close(core: Core, channel: grpc.aio.
     session = core.parts.registry.sessions[session_id]
     await client.request("state_set", msg(state_pb2.SetStateRequest, {"key": "k", "value": 1}))
     await client.close()
-    await session.closed.wait()
+    await bounded(session.closed.wait())
     assert session_id not in core.parts.registry.sessions
     assert not session.tools and not session.kv

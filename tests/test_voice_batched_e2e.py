@@ -25,6 +25,7 @@ from car_grpc.gateway import Gateway
 from car_grpc.gateway.audio_frames import decode
 from car_grpc.v1 import session_pb2, voice_pb2, voice_pb2_grpc
 from car_grpc.wire import codec
+from tests.bounded import bounded, stopped
 from tests.conftest import make_config
 from tests.session_client import connect
 from tests.voice_helpers import VoiceRpc, partial_event, voice_rpc
@@ -108,7 +109,9 @@ class BatchedEngine:
     async def close(self) -> None:
         self.call.cancel()
         if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
+            await stopped(
+                asyncio.gather(self._reader, return_exceptions=True), "the engine's reader"
+            )
 
 
 class HoldingEngine(BatchedEngine):
@@ -284,7 +287,7 @@ async def test_a_client_that_pushes_far_faster_than_it_reads_is_slowed_down_not_
             assert (await c.request("voice_transcribe_stream_stop", stop)).stopped
             await c.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 @pytest.mark.parametrize("bad", ["too many", "register not first", "taken unannounced"])
@@ -423,7 +426,9 @@ async def test_a_burst_of_answers_overflows_a_client_not_reading_unless_the_engi
                 assert speech == list(range(len(speech)))
                 assert len(frames) < 2 * hold
                 sending.cancel()
-                await asyncio.gather(sending, return_exceptions=True)
+                await stopped(
+                    asyncio.gather(sending, return_exceptions=True), "the cancelled sending"
+                )
                 return
             # Exactly every answer, in order, and nothing else (no error: no overflow).
             assert len(frames) == 2 * count, (now, len(frames), events[-1:], engine.released)
@@ -432,7 +437,7 @@ async def test_a_burst_of_answers_overflows_a_client_not_reading_unless_the_engi
             assert [a.seq for a in engine.audio[session_id]] == list(range(count))
             # Each burst fitted three quarters of the client's queue.
             assert engine.released[0] > 0 and max(engine.released) <= room, engine.released
-            await sending
+            await bounded(sending, "the sending of the audio")
             stop = voice_pb2.StopTranscribeStreamRequest(session_id=session_id)
             assert (await c.request("voice_transcribe_stream_stop", stop)).stopped
             last = event_of(await c.next_notification())
@@ -440,4 +445,4 @@ async def test_a_burst_of_answers_overflows_a_client_not_reading_unless_the_engi
             await c.close()
             await engine.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))

@@ -11,6 +11,7 @@ import grpc
 from car_grpc.core.server import Core
 from car_grpc.v1 import voice_pb2
 from car_grpc.wire import codec
+from tests.bounded import bounded, stopped
 from tests.conftest import make_config
 from tests.session_client import connect
 from tests.voice_helpers import EchoEngine
@@ -45,7 +46,7 @@ async def test_an_owner_that_lets_large_events_pile_up_past_the_byte_bound_loses
                 await engine.event(slow_id, {"type": "transcript", "final": False, "text": text})
                 sent += 1
                 assert sent < 10_000, "the session never ended"
-            closed = await engine.closed.get()
+            closed = await bounded(engine.closed.get())
             assert closed.session_id == slow_id
             prefix = "client not reading: "
             suffix = f" bytes of voice events queued (at most {QUEUE_BYTES})"
@@ -63,4 +64,4 @@ async def test_an_owner_that_lets_large_events_pile_up_past_the_byte_bound_loses
             await slow.close()
             await engine.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))

@@ -24,6 +24,7 @@ from car_grpc.gateway.audio_frames import decode
 from car_grpc.v1 import session_pb2, voice_pb2, voice_pb2_grpc
 from car_grpc.wire import codec
 from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS, INVALID_REQUEST
+from tests.bounded import bounded, stopped
 from tests.conftest import make_config
 from tests.session_client import SessionClient, connect
 from tests.voice_helpers import (
@@ -241,7 +242,7 @@ async def test_binary_frames_in_and_speech_out_round_trip(
 ) -> None:
     async for c in client(served):
         session_id = (await c.start(options={"tts": True}))["session_id"]
-        opened = await engine.opened.get()
+        opened = await bounded(engine.opened.get())
         assert opened.session_id == session_id and opened.audio_source == "client"
         assert opened.voice_session_id == session_id  # its typed name
         payloads = [b"\x01\x00\x02\x00", b"\x03\x00", b"\x04\x00\x05\x00\x06\x00"]
@@ -381,7 +382,7 @@ async def test_a_stop_the_engine_never_confirms_ends_the_session_in_bounded_time
                     "session_id": session_id,
                     "event": {"type": "error", "message": message, "terminal": True},
                 }
-                closed = await engine.closed.get()
+                closed = await bounded(engine.closed.get())
                 assert (closed.session_id, closed.reason) == (session_id, message)
 
 
@@ -414,7 +415,7 @@ async def test_an_engine_that_sends_what_it_must_not_ends_that_session_only(
                     "TTS_CHUNK, TTS_FINAL or TTS_ERROR"
                 )
                 # The engine was told, and serves the other session as before.
-                told = {(await engine.closed.get()).session_id for _ in range(2)}
+                told = {(await bounded(engine.closed.get())).session_id for _ in range(2)}
                 assert told == {big, wrong}
                 await push(c, fine, b"\x01\x00")
                 assert await c.next_event() == {"session_id": fine, "event": partial_event(0)}
@@ -443,7 +444,7 @@ async def test_a_client_that_stops_reading_loses_its_session_and_nobody_else_wai
                 await engine.event(slow_id, {"type": "transcript", "final": False, "n": sent})
                 sent += 1
                 assert sent < 100_000, "the session never ended"
-            closed = await engine.closed.get()
+            closed = await bounded(engine.closed.get())
             assert closed.session_id == slow_id
             assert closed.reason == "client not reading: 4 voice events queued"
             # The engine and the other client go on.
@@ -467,7 +468,7 @@ async def test_a_client_that_stops_reading_loses_its_session_and_nobody_else_wai
                 await c.close()
             await engine.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 async def test_an_engine_that_stops_reading_is_dropped_with_a_clear_error(

@@ -13,6 +13,7 @@ import grpc
 from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2, voice_pb2
 from car_grpc.wire import codec
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.session_client import connect
 from tests.test_voice_batched_e2e import BatchedEngine, Request
@@ -61,4 +62,4 @@ async def test_an_engine_that_sets_only_the_twin_is_understood(tmp_path: Any) ->
             await c.close()
             await engine.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))

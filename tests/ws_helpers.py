@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import struct
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from websockets.utils import apply_mask
@@ -19,6 +19,7 @@ from websockets.utils import apply_mask
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
+from tests.bounded import stopped
 from tests.ws_client import Rpc, RpcError, rpc
 
 __all__ = [
@@ -33,22 +34,6 @@ __all__ = [
     "rpc",
     "running",
 ]
-
-
-#: How long a fixture's stop of a server may take before its test fails saying so.
-STOP_BOUND = 20.0
-
-
-async def stopped(stop: Awaitable[None], what: str) -> None:
-    """Await `stop` (a server's stop), failing the test clearly past STOP_BOUND. The bound
-    is an asyncio timeout, so it fires in this coroutine: pytest-timeout's alarm lands
-    wherever the main thread is, and inside grpc.aio's callbacks it can be swallowed,
-    leaving the xdist worker hung with every later result."""
-    try:
-        async with asyncio.timeout(STOP_BOUND):
-            await stop
-    except TimeoutError:
-        raise AssertionError(f"{what} did not return within {STOP_BOUND:g} s") from None
 
 
 @contextlib.asynccontextmanager
