@@ -3,6 +3,7 @@ with a message naming what did not finish, instead of stalling the suite.
 
     await stopped(core.stop(grace=0))               # "Core.stop() did not finish within 20 s"
     await bounded(engine.closed.get(), "the engine's close")
+    await until(lambda: not root.exists(), "the directory's removal")   # no event to await
 
 The bound is an asyncio timeout, so it fires in the waiting coroutine: pytest-timeout's
 alarm lands wherever the main thread is, and inside grpc.aio's callbacks it can be
@@ -13,7 +14,7 @@ pytest's own (60 s, pyproject.toml) so that this message, not pytest's, is what 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -50,3 +51,18 @@ async def bounded(wait: Awaitable[T], what: str | None = None, *, within: float 
 async def stopped(stop: Awaitable[T], what: str | None = None, *, within: float = STOP_BOUND) -> T:
     """`bounded` for a stop: `await stopped(gateway.stop())`."""
     return await bounded(stop, what, within=within)
+
+
+async def until(
+    condition: Callable[[], bool], what: str, *, within: float = WAIT_BOUND, every: float = 0.01
+) -> None:
+    """Poll `condition` every `every` seconds until it holds, for a state with no event to
+    wait on (another process's, a file's); `bounded` by `within`, failing with `what`."""
+
+    async def holds() -> None:
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(every)
+
+    await bounded(holds(), what, within=within)
