@@ -162,6 +162,13 @@ class Process:
 
         return await bounded(exited(), f"{self.name}'s exit", within=timeout)
 
+    async def output(self, timeout: float = 45) -> tuple[int, str]:
+        """Its exit code and all it wrote to stdout (launched with stdout=True), once it
+        exited within `timeout`."""
+        assert self.proc.stdout is not None, "launched without stdout=True"
+        out = await bounded(self.proc.stdout.read(), f"{self.name}'s output", within=timeout)
+        return await self.wait(timeout), out.decode()
+
     async def terminate(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
         """Send `sig` and return the exit code (within `timeout`)."""
         self.proc.send_signal(sig)
@@ -215,6 +222,23 @@ async def launch(
         yield process
     finally:
         await process.stop(grace)
+
+
+async def completed(
+    argv: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 30
+) -> tuple[int, str, str]:
+    """Run `argv` to its end (within `timeout`): its exit code, stdout and stderr."""
+    async with launch(argv, env=env, stdout=True) as process:
+        code, out = await process.output(timeout)
+    return code, out, process.log
+
+
+async def agents_add(home: str | Path, agent_id: str) -> str:
+    """`car-grpc agents add AGENT_ID` with CAR_HOME=home, the operator's command (it prints
+    the agent's token once, by design); the token."""
+    code, out, err = await completed(car_grpc_argv("agents", "add", agent_id), cli_env(home))
+    assert code == 0, err
+    return out.strip()
 
 
 def car_grpc(home: str | Path, *args: str) -> contextlib.AbstractAsyncContextManager[Process]:

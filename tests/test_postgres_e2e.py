@@ -30,6 +30,7 @@ from tests.bounded import bounded, stopped
 from tests.conftest import make_config
 from tests.error_details import error_info
 from tests.postgres_server import PostgresServer
+from tests.processes import completed
 from tests.roles import agent, host_role
 from tests.runs_helpers import complete, record, start, summaries, trace, turns
 from tests.session_client import SessionClient, connect
@@ -178,16 +179,7 @@ async def cli(
 ) -> tuple[int, str, str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("CAR_", "PG"))}
     environ |= {"CAR_HOME": str(car_home), **(env or {})}
-    proc = await asyncio.create_subprocess_exec(
-        CAR_GRPC,
-        *args,
-        env=environ,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await completed([CAR_GRPC, *args], environ)
 
 
 async def test_agent_tokens_through_the_cli_with_store(
