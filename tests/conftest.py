@@ -16,7 +16,8 @@ from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from tests.bounded import stopped
 from tests.postgres_server import PostgresServer
-from tests.ws_helpers import running
+from tests.session_client import SessionClient, connect
+from tests.ws_helpers import daemon_token, running
 
 #: `CAR_TEST_STORE=postgresql ./dev test` runs every core that make_config configures (the
 #: in-process ones) on a database of its own on the session's PostgreSQL server instead of
@@ -87,6 +88,14 @@ async def core(config: Config) -> AsyncIterator[Core]:
 async def channel(core: Core) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(core.grpc_address) as ch:
         yield ch
+
+
+@pytest.fixture
+async def client(core: Core, channel: grpc.aio.Channel) -> AsyncIterator[SessionClient]:
+    """A session on `core` with its daemon token."""
+    c = await connect(channel, token=daemon_token(core))
+    yield c
+    await c.close()
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.error_details import error_info
 from tests.session_client import SessionClient, connect
+from tests.ws_helpers import running_core
 
 HostApproval = host_pb2.HostApproval
 
@@ -352,21 +353,19 @@ async def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:
         await raiser.close()
         await person.close()
 
-    second = Core(config.core)
-    await second.start()
-    try:
-        async with grpc.aio.insecure_channel(second.grpc_address) as channel:
-            reader = await session(second, channel)
-            rows = {a.id: a for a in await listing(reader)}
-            assert (status_of(rows[kept.id]), rows[kept.id].notes) == ("approved", "ok")
-            assert rows[kept.id].action == "Ship it?"
-            for pending in (gated, open_one):
-                assert status_of(rows[pending.id]) == "expired"
-            snapshot = await reader.request("host_subscribe", host_pb2.SubscribeHostRequest())
-            assert not snapshot.approvals  # nothing is pending any more
-            await reader.close()
-    finally:
-        await stopped(second.stop(grace=0))
+    async with (
+        running_core(config.core) as second,
+        grpc.aio.insecure_channel(second.grpc_address) as channel,
+    ):
+        reader = await session(second, channel)
+        rows = {a.id: a for a in await listing(reader)}
+        assert (status_of(rows[kept.id]), rows[kept.id].notes) == ("approved", "ok")
+        assert rows[kept.id].action == "Ship it?"
+        for pending in (gated, open_one):
+            assert status_of(rows[pending.id]) == "expired"
+        snapshot = await reader.request("host_subscribe", host_pb2.SubscribeHostRequest())
+        assert not snapshot.approvals  # nothing is pending any more
+        await reader.close()
 
 
 async def test_pending_approvals_of_a_dead_server_expire_at_start(tmp_path: Path) -> None:
@@ -383,20 +382,18 @@ async def test_pending_approvals_of_a_dead_server_expire_at_start(tmp_path: Path
     await store.approvals.insert(orphan)
     await store.close()
 
-    core = Core(config.core)
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-            reader = await session(core, channel)
-            (row,) = await listing(reader)
-            assert (row.id, status_of(row), row.notes) == (
-                "orphan",
-                "expired",
-                "the server stopped",
-            )
-            await reader.close()
-    finally:
-        await stopped(core.stop(grace=0))
+    async with (
+        running_core(config.core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
+        reader = await session(core, channel)
+        (row,) = await listing(reader)
+        assert (row.id, status_of(row), row.notes) == (
+            "orphan",
+            "expired",
+            "the server stopped",
+        )
+        await reader.close()
 
 
 # ---------------------------------------------------------------- who may resolve and read

@@ -14,14 +14,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from car_grpc.core.server import Core
 from car_grpc.core.tokens import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
 from car_grpc.v1 import session_pb2
 from car_grpc.wire.errors import INTERNAL, CarError
-from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.processes import car_grpc, cli_env, completed
 from tests.session_client import SessionClient
+from tests.ws_helpers import running_core
 
 CAR_GRPC = str(Path(sys.executable).with_name("car-grpc"))
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -97,9 +96,7 @@ async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> Non
     # CAR_HOME is tmp_path/car-home, and its store is the one `agents` uses by default
     config = make_config(tmp_path, store=None)
     car_home = config.core.state_root
-    core = Core(config.core)
-    await core.start()
-    try:
+    async with running_core(config.core) as core:
         code, out, err = await run_car_grpc(car_home, "agents", "add", "agent-x")
         assert code == 0, err
         token = out.removesuffix("\n")
@@ -141,8 +138,6 @@ async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> Non
             assert code == 1 and "agent-x" in err
             for c in (first, second):
                 await c.close()
-    finally:
-        await stopped(core.stop(grace=0))
 
 
 async def test_agents_add_names_a_new_store_and_the_home_it_came_from(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from tests.client_programs import Program, ensure_installed, run_car_runtime_age
 from tests.conftest import make_config
 from tests.processes import ONE_PROCESS, Served, start_serve
 from tests.session_client import SessionClient, connect
-from tests.ws_helpers import rpc
+from tests.ws_helpers import rpc, running_core
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -400,9 +400,7 @@ async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) 
     """The watcher reconnects with its last cursor (and the new host token) and sees the
     run that the restart left incomplete end, with nothing missed or repeated."""
     config = make_config(tmp_path)
-    core = Core(config.core)
-    await core.start()
-    try:
+    async with running_core(config.core) as core:
         assert core.parts is not None
         token = await core.parts.agent_tokens.add("py-agent")
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
@@ -428,8 +426,6 @@ async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) 
                 seen = len(watcher.events)
                 events = (await watcher.finish(timeout=20))[seen:]
             await agent.close()
-    finally:
-        await stopped(core.stop(grace=0))
     assert [(e["event"], e.get("cursor"), e.get("kind")) for e in events] == [
         ("record", 3, "ended"),
         ("end", 3, None),

@@ -26,7 +26,7 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, runs_pb2_grpc, session_pb2
 from car_grpc.wire import codec
 from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS, CarError
-from tests.bounded import bounded, stopped
+from tests.bounded import bounded
 from tests.conftest import make_config
 from tests.error_details import error_info
 from tests.postgres_server import PostgresServer
@@ -34,6 +34,7 @@ from tests.processes import completed
 from tests.roles import agent, host_role
 from tests.runs_helpers import complete, record, start, summaries, trace, turns
 from tests.session_client import SessionClient, connect
+from tests.ws_helpers import running_core
 
 CAR_GRPC = str(Path(sys.executable).with_name("car-grpc"))
 UNAVAILABLE_MESSAGE = "the store is unavailable, try again later"
@@ -47,13 +48,11 @@ def store_url(postgres_server: PostgresServer) -> str:
 
 @contextlib.asynccontextmanager
 async def running(config: Config) -> AsyncIterator[tuple[Core, grpc.aio.Channel]]:
-    core = Core(config.core)
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-            yield core, channel
-    finally:
-        await stopped(core.stop(grace=0))
+    async with (
+        running_core(config.core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
+        yield core, channel
 
 
 def tokens(core: Core) -> Any:

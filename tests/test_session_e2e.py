@@ -10,11 +10,7 @@ from car_grpc.v1 import session_pb2
 from car_grpc.wire.errors import AUTH_REQUIRED, PROTOCOL_VERSION_MISMATCH, CarError
 from tests.bounded import bounded
 from tests.session_client import SessionClient, connect
-
-
-def daemon_token(core: Core) -> str:
-    assert core.parts is not None and core.parts.tokens is not None
-    return core.parts.tokens.daemon
+from tests.ws_helpers import daemon_token
 
 
 async def test_handshake_over_connect(core: Core, channel: grpc.aio.Channel) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -14,18 +13,7 @@ from car_grpc.wire.codec import json_to_message, message_to_json, struct_to_json
 from car_grpc.wire.errors import INVALID_PARAMS, CarError
 from tests.bounded import bounded
 from tests.session_client import SessionClient, connect
-
-
-def daemon_token(core: Core) -> str:
-    assert core.parts is not None and core.parts.tokens is not None
-    return core.parts.tokens.daemon
-
-
-@pytest.fixture
-async def client(core: Core, channel: grpc.aio.Channel) -> AsyncIterator[SessionClient]:
-    c = await connect(channel, token=daemon_token(core))
-    yield c
-    await c.close()
+from tests.ws_helpers import daemon_token
 
 
 def msg(cls: type[Any], data: dict[str, Any]) -> Any:

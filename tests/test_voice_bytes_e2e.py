@@ -8,14 +8,13 @@ from pathlib import Path
 
 import grpc
 
-from car_grpc.core.server import Core
 from car_grpc.v1 import voice_pb2
 from car_grpc.wire import codec
-from tests.bounded import bounded, stopped
+from tests.bounded import bounded
 from tests.conftest import make_config
 from tests.session_client import connect
 from tests.voice_helpers import EchoEngine
-from tests.ws_helpers import daemon_token
+from tests.ws_helpers import daemon_token, running_core
 
 QUEUE_BYTES = 64 * 1024
 
@@ -29,9 +28,7 @@ async def test_an_owner_that_lets_large_events_pile_up_past_the_byte_bound_loses
         voice_event_queue_bytes=QUEUE_BYTES,
         session_outbound_queue=8,
     )
-    core = Core(config.core)
-    await core.start()
-    try:
+    async with running_core(config.core) as core:
         token = daemon_token(core)
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
             engine = EchoEngine(channel, ["echo"], token=token)
@@ -63,5 +60,3 @@ async def test_an_owner_that_lets_large_events_pile_up_past_the_byte_bound_loses
             assert event == {"type": "error", "message": closed.reason, "terminal": True}
             await slow.close()
             await engine.close()
-    finally:
-        await stopped(core.stop(grace=0))

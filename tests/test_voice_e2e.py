@@ -24,7 +24,7 @@ from car_grpc.gateway.audio_frames import decode
 from car_grpc.v1 import session_pb2, voice_pb2, voice_pb2_grpc
 from car_grpc.wire import codec
 from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS, INVALID_REQUEST
-from tests.bounded import bounded, stopped
+from tests.bounded import bounded
 from tests.conftest import make_config
 from tests.session_client import SessionClient, connect
 from tests.voice_helpers import (
@@ -35,7 +35,7 @@ from tests.voice_helpers import (
     partial_event,
     voice_rpc,
 )
-from tests.ws_helpers import daemon_token, running
+from tests.ws_helpers import daemon_token, running, running_core
 
 
 @pytest.fixture
@@ -425,9 +425,7 @@ async def test_a_client_that_stops_reading_loses_its_session_and_nobody_else_wai
     tmp_path: Any,
 ) -> None:
     config = make_config(tmp_path, voice_event_queue=4, session_outbound_queue=8)
-    core = Core(config.core)
-    await core.start()
-    try:
+    async with running_core(config.core) as core:
         token = daemon_token(core)
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
             engine = EchoEngine(channel, ["echo"], token=token)
@@ -467,8 +465,6 @@ async def test_a_client_that_stops_reading_loses_its_session_and_nobody_else_wai
             for c in (slow, fast):
                 await c.close()
             await engine.close()
-    finally:
-        await stopped(core.stop(grace=0))
 
 
 async def test_an_engine_that_stops_reading_is_dropped_with_a_clear_error(
