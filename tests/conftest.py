@@ -14,10 +14,9 @@ import pytest
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
-from tests.bounded import stopped
 from tests.postgres_server import PostgresServer
 from tests.session_client import SessionClient, connect
-from tests.ws_helpers import daemon_token, running
+from tests.ws_helpers import daemon_token, running, running_core
 
 #: `CAR_TEST_STORE=postgresql ./dev test` runs every core that make_config configures (the
 #: in-process ones) on a database of its own on the session's PostgreSQL server instead of
@@ -76,12 +75,8 @@ async def served(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
 
 @pytest.fixture
 async def core(config: Config) -> AsyncIterator[Core]:
-    core = Core(config.core)
-    await core.start()
-    try:
+    async with running_core(config.core) as core:
         yield core
-    finally:
-        await stopped(core.stop(grace=0), "the core's stop")
 
 
 @pytest.fixture

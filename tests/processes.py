@@ -34,7 +34,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -359,3 +359,15 @@ def start_serve(car_home: Path, *flags: str, timeout: float = 30) -> Served:
         served.stop()
         raise
     return served
+
+
+@contextlib.contextmanager
+def serving(car_home: Path, *flags: str) -> Iterator[Served]:
+    """`start_serve(car_home, *flags)` for a fixture: stopped at the end, which fails unless
+    it exited cleanly."""
+    server = start_serve(car_home, *flags)
+    try:
+        yield server
+    finally:
+        code = server.stop()
+    assert code == 0, "car-grpc serve did not exit cleanly:\n" + server.log

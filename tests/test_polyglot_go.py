@@ -20,7 +20,7 @@ from car_grpc.wire.codec import json_to_message, value_to_json
 from tests.bounded import bounded
 from tests.client_programs import Program, ensure_installed, run_node
 from tests.go_programs import build_go_programs, run_go
-from tests.processes import ONE_PROCESS, Served, start_serve
+from tests.processes import ONE_PROCESS, Served, serving
 from tests.session_client import connect
 from tests.test_polyglot_node import assert_chat_reply, node_reply, serve_chats_in_python
 from tests.ws_helpers import rpc
@@ -28,7 +28,7 @@ from tests.ws_helpers import rpc
 # The suite's 60 s bound is for each test's own run, not the module's setup: compiling
 # clients/go from a cold Go build cache (gRPC, protobuf) takes longer than that on a
 # loaded 2-core machine. The build and the server start have their own bounds
-# (build_go_programs, start_serve).
+# (build_go_programs, serving).
 pytestmark = pytest.mark.timeout(func_only=True)
 
 
@@ -40,12 +40,8 @@ def go_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    server = start_serve(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS)
-    try:
+    with serving(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS) as server:
         yield server
-    finally:
-        code = server.stop()
-    assert code == 0, "car-grpc serve did not exit cleanly:\n" + server.log
 
 
 @pytest.fixture

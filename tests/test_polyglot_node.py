@@ -21,7 +21,7 @@ from car_grpc.wire.codec import json_to_message
 from tests.bounded import bounded, stopped
 from tests.client_programs import Program, ensure_installed, run_car_runtime_agent, run_node
 from tests.conftest import make_config
-from tests.processes import ONE_PROCESS, Served, start_serve
+from tests.processes import ONE_PROCESS, Served, serving
 from tests.session_client import SessionClient, connect
 from tests.ws_helpers import rpc, running_core
 
@@ -34,12 +34,8 @@ def _node_modules() -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One `car-grpc serve` for this module; each test uses its own agents and sessions."""
-    server = start_serve(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS)
-    try:
+    with serving(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS) as server:
         yield server
-    finally:
-        code = server.stop()
-    assert code == 0, "car-grpc serve did not exit cleanly:\n" + server.log
 
 
 @pytest.fixture
