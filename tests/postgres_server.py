@@ -20,6 +20,9 @@ terminal's signals). Two mechanisms, the second for when the first is killed too
   (EOF) and the watchdog destroys the cluster;
 - each cluster's directory names its owner (OWNER: pid and start time, so a reused pid is
   no owner), and `create` first destroys every cluster whose owner is gone (`reap`).
+
+Both stop an orphan's server by its postmaster.pid (SIGQUIT, checked to be a server of that
+directory) and remove the directory with OWNER last, so a removal cut short is reaped later.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,9 +51,10 @@ SETUP = ROOT / "scripts" / "setup_postgres.sh"
 ROLE = "car"
 #: The clusters' directories: PREFIX + a random part, under /tmp or the temporary directory.
 PREFIX = "car-grpc-pg-"
-#: In a cluster's directory: its owner ("PID STARTTIME") and what a watchdog needs to
-#: destroy it (the bin directory and the OS user, one a line).
-OWNER, SETTINGS = "owner", "settings"
+#: In a cluster's directory: its owner ("PID STARTTIME"), removed last.
+OWNER = "owner"
+#: Seconds an orphaned server has to end after SIGQUIT (immediate shutdown) before SIGKILL.
+QUIT_GRACE = 30.0
 
 
 def ensure_installed() -> Path:
@@ -106,7 +112,6 @@ class PostgresServer:
         # (a TMPDIR under root's home would not let it).
         root = Path(tempfile.mkdtemp(prefix=PREFIX, dir="/tmp" if user else None))
         (root / OWNER).write_text(_identity(os.getpid()) + "\n")
-        (root / SETTINGS).write_text(f"{bindir}\n{user or ''}\n")
         server = cls(bindir=bindir, root=root, user=user)
         server._watch()
         if user is not None:
@@ -181,7 +186,7 @@ class PostgresServer:
     def destroy(self) -> None:
         with contextlib.suppress(Exception):
             self.stop("immediate")
-        shutil.rmtree(self.root, ignore_errors=True)
+        _remove(self.root)
         if self._lifeline is not None:  # the watchdog's read ends: it has nothing left to do
             os.close(self._lifeline)
             self._lifeline = None
@@ -208,12 +213,6 @@ class PostgresServer:
         finally:
             os.close(read)
         self.watchdog_pid = watchdog.pid
-
-    @classmethod
-    def load(cls, root: Path) -> PostgresServer:
-        """The cluster in `root`, as `create` described it there (to destroy it)."""
-        bindir, user = (root / SETTINGS).read_text().split("\n")[:2]
-        return cls(bindir=Path(bindir), root=root, user=user or None)
 
     def log_tail(self, lines: int = 40) -> str:
         with contextlib.suppress(OSError):
@@ -292,6 +291,43 @@ def _owner_alive(root: Path) -> bool:
     return _identity(pid) == owner
 
 
+def _postmaster(root: Path) -> int | None:
+    """The pid of the server running on the cluster in `root` (None: none does): its data
+    directory's postmaster.pid, if that process is a server of this very directory."""
+    data = root / "data"
+    try:
+        pid = int((data / "postmaster.pid").read_text().split()[0])
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if str(data).encode() in command and _identity(pid) else None
+
+
+def _remove(root: Path) -> None:
+    """Stop the server of the cluster in `root` if one runs (SIGQUIT: an immediate shutdown,
+    as `pg_ctl stop -m immediate`, which needs neither its programs nor its user), then
+    remove the directory, its OWNER last: what a kill interrupts is still reaped later."""
+    pid = _postmaster(root)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGQUIT)
+        deadline = time.monotonic() + QUIT_GRACE
+        while _identity(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            if _identity(pid):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        for entry in root.iterdir():
+            if entry.name != OWNER:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        (root / OWNER).unlink(missing_ok=True)
+        root.rmdir()
+
+
 def reap() -> list[Path]:
     """Destroy every cluster whose owner is gone and whose watchdog did not destroy it (it
     was killed too); the directories reaped."""
@@ -299,9 +335,8 @@ def reap() -> list[Path]:
     for parent in {Path("/tmp"), Path(tempfile.gettempdir())}:
         for root in parent.glob(PREFIX + "*"):
             if not _owner_alive(root):
-                with contextlib.suppress(OSError):
-                    PostgresServer.load(root).destroy()
-                    reaped.append(root)
+                _remove(root)
+                reaped.append(root)
     return reaped
 
 
@@ -309,8 +344,7 @@ def _watchdog(root: Path) -> None:
     """Wait for the owner to be gone (EOF on stdin), then destroy the cluster in `root`."""
     while sys.stdin.buffer.read(65536):
         pass
-    with contextlib.suppress(OSError):  # gone already: its owner destroyed it
-        PostgresServer.load(root).destroy()
+    _remove(root)
 
 
 if __name__ == "__main__":

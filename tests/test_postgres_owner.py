@@ -1,6 +1,7 @@
 """No test PostgreSQL server outlives its owner (tests/postgres_server.py): a child process
 starts one and is SIGKILLed; the server is stopped and its directory removed, by the
-watchdog, or, when the watchdog was killed too, by the next `create` (`reap`)."""
+watchdog, or, when the watchdog was killed too, by the next `create` (`reap`), which
+leaves the servers of running owners alone."""
 
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ async def test_the_watchdog_stops_the_server_of_a_killed_owner() -> None:
 async def test_the_next_create_reaps_a_server_whose_owner_and_watchdog_were_killed() -> None:
     async with owner() as child:
         root, pid, watchdog = await owned_server(child)
+        assert root not in await asyncio.to_thread(reap)  # its owner runs: not reaped
         os.kill(watchdog, signal.SIGKILL)
         await gone(watchdog, None, "the killed watchdog")
         child.kill()
@@ -69,12 +71,3 @@ async def test_the_next_create_reaps_a_server_whose_owner_and_watchdog_were_kill
         assert _identity(pid) and root.exists(), "the server outlived both"
         await asyncio.to_thread(reap)  # what PostgresServer.create does first
         await gone(pid, root, "the reaped server")
-
-
-async def test_a_running_owner_keeps_its_server_and_its_exit_stops_it() -> None:
-    async with owner() as child:
-        root, pid, _ = await owned_server(child)
-        assert root not in await asyncio.to_thread(reap)
-        assert _identity(pid) and root.exists()
-    # It exited (its stdin closed) without destroying the server: the watchdog does.
-    await gone(pid, root, "the server of an owner that exited")
