@@ -136,6 +136,13 @@ def _add_core_flags(p: argparse.ArgumentParser) -> None:
         help="bytes a gateway's multiplexed stream may leave unacknowledged across its "
         "sessions (default 67108864, 64 MiB; or CAR_MULTIPLEX_STREAM_BYTES)",
     )
+    p.add_argument(
+        "--max-sessions",
+        type=_count,
+        metavar="N",
+        help="sessions the core holds at once over all its session streams, one more is "
+        "refused with RESOURCE_EXHAUSTED (default 65536; or CAR_MAX_SESSIONS)",
+    )
 
 
 def _seconds(raw: str) -> float:
@@ -197,6 +204,9 @@ def config_from(args: argparse.Namespace) -> Config:
             cluster_secret=flag("cluster_secret") or None,
             cluster_lease=flag("cluster_lease"),
             multiplex_stream_bytes=flag("multiplex_stream_bytes"),
+            max_sessions=flag("max_sessions"),
+            ws_max_connections=flag("ws_max_connections"),
+            ws_max_connections_per_peer=flag("ws_max_connections_per_peer"),
             ws_host=flag("host"),  # "" is every interface
             ws_port=flag("port"),
             unix_socket=flag("unix_socket"),
@@ -239,6 +249,20 @@ def _add_ws_flags(p: argparse.ArgumentParser, unix_default: str, core_ca_default
         type=Path,
         metavar="PEM",
         help=f"dial the core over TLS, trusting these CA certificates ({core_ca_default})",
+    )
+    p.add_argument(
+        "--ws-max-connections",
+        type=_count,
+        metavar="N",
+        help="WebSocket connections a gateway (each gateway process) holds at once; one more "
+        "is refused with HTTP 503 (default 16384; or CAR_WS_MAX_CONNECTIONS)",
+    )
+    p.add_argument(
+        "--ws-max-connections-per-peer",
+        type=_count,
+        metavar="N",
+        help="the same for one peer, an IPv4 address or an IPv6 /64; all of loopback is one "
+        "(default 4096; or CAR_WS_MAX_CONNECTIONS_PER_PEER)",
     )
 
 

@@ -300,8 +300,21 @@ class CoreConfig:
     #: TLS of the gRPC port: certificate chain and private key, PEM (both or neither).
     grpc_tls_cert: Path | None = None
     grpc_tls_key: Path | None = None
+    #: How long a session stream of its own (Connect, ConnectBatched) may stay
+    #: unauthenticated; then it ends UNAUTHENTICATED ("auth timeout"). A request being
+    #: answered then (session.auth) is not cut short. Not with auth off; a multiplexed
+    #: session's gateway keeps its own (GatewayConfig.ws_auth_timeout).
+    auth_timeout: float = 10.0
     #: Most requests one session may have in flight; reading pauses beyond it.
     max_inflight_per_session: int = 256
+    #: Sessions the core holds at once over all its session streams (Connect,
+    #: ConnectBatched, and each session of a ConnectMultiplexed stream; not the one-call
+    #: sessions of typed RPCs): one more is refused with RESOURCE_EXHAUSTED naming this
+    #: limit (--max-sessions, CAR_MAX_SESSIONS). At ~43 KiB an idle session (more when
+    #: busy: bench/README.md) the default is some 2.7 GiB idle, the most a core on a
+    #: machine of a few GiB should be asked to hold; it equals four gateway processes at
+    #: their ws_max_connections each.
+    max_sessions: int = 65_536
     #: Bytes one ConnectMultiplexed stream (a gateway's) may leave unacknowledged across
     #: all its sessions, beside each session's own credits (wire/multiplex.py); a batch
     #: past it ends the stream (INVALID_ARGUMENT). --multiplex-stream-bytes,
@@ -389,6 +402,15 @@ class GatewayConfig:
     #: How long a full queue may wait for the client to take a frame before the gateway
     #: gives up on the client (1008) instead of holding its core session any longer.
     ws_stall_timeout: float = 30.0
+    #: WebSocket connections one gateway (each gateway process counts its own) holds at
+    #: once, over its TCP and Unix listeners; one more is refused at the handshake with
+    #: HTTP 503 and Retry-After, before any core stream is opened (--ws-max-connections,
+    #: CAR_WS_MAX_CONNECTIONS). ~43 KiB an idle session: some 700 MiB at the default.
+    ws_max_connections: int = 16_384
+    #: The same for one peer, an IPv4 address or an IPv6 /64 (every loopback client is
+    #: one peer, every client of the Unix socket another); never more than
+    #: ws_max_connections (--ws-max-connections-per-peer, CAR_WS_MAX_CONNECTIONS_PER_PEER).
+    ws_max_connections_per_peer: int = 4_096
     #: How long a connection may take to complete session.auth once the core has taken its
     #: stream in; then it is closed (1008). No deadline when the core runs with auth off.
     ws_auth_timeout: float = 10.0
@@ -466,7 +488,8 @@ class Config:
     def from_env(cls, *, gateway_processes_default: GatewayProcesses | None = None) -> Config:
         """The defaults, with what the environment sets (docs/protocol.md: CAR_NO_AUTH,
         CAR_NO_APPROVALS, CAR_TOOL_TIMEOUT, CAR_HANDLER_TIMEOUT, CAR_APPROVAL_TIMEOUT,
-        CAR_GATED_METHODS, CAR_STORE, CAR_MULTIPLEX_STREAM_BYTES, CAR_GATEWAY_PROCESSES;
+        CAR_GATED_METHODS, CAR_STORE, CAR_MULTIPLEX_STREAM_BYTES, CAR_GATEWAY_PROCESSES,
+        CAR_MAX_SESSIONS, CAR_WS_MAX_CONNECTIONS, CAR_WS_MAX_CONNECTIONS_PER_PEER;
         CAR_HOME through the path defaults). `gateway_processes_default` stands in for
         GatewayConfig's when CAR_GATEWAY_PROCESSES is unset (`car-grpc serve` passes
         SERVE_GATEWAY_PROCESSES)."""
@@ -495,6 +518,13 @@ class Config:
             overrides["multiplex_stream_bytes"] = _positive_int(
                 "CAR_MULTIPLEX_STREAM_BYTES", stream_bytes
             )
+        for name, variable in (
+            ("max_sessions", "CAR_MAX_SESSIONS"),
+            ("ws_max_connections", "CAR_WS_MAX_CONNECTIONS"),
+            ("ws_max_connections_per_peer", "CAR_WS_MAX_CONNECTIONS_PER_PEER"),
+        ):
+            if raw := os.environ.get(variable, "").strip():
+                overrides[name] = _positive_int(variable, raw)
         for name, variable in (
             ("tool_timeout", "CAR_TOOL_TIMEOUT"),
             ("handler_timeout", "CAR_HANDLER_TIMEOUT"),

@@ -82,6 +82,12 @@ def no_token(rt: CarRuntime) -> dict[str, Any]:
 
 
 @scenario
+def first_call(rt: CarRuntime) -> dict[str, Any]:
+    # What the first call shows when the server has no room (tests/test_connection_caps.py).
+    return {"first": call(rt, "tools.list", {})}
+
+
+@scenario
 def proposal(rt: CarRuntime) -> dict[str, Any]:
     calls: list[dict[str, Any]] = []
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from car_grpc.config import Config
+from car_grpc.connection_caps import peer_of
 from car_grpc.dashboard import access as access_module
 from car_grpc.dashboard.access import COOKIE, MAX_SESSIONS, Access
 from car_grpc.dashboard.http import (
@@ -14,7 +15,6 @@ from car_grpc.dashboard.http import (
     Request,
     ServerSentEvent,
     parse_head,
-    peer_of,
 )
 
 

@@ -29,7 +29,7 @@ from car_grpc.core.session import ClientSession, Role, SessionClosed, answer_byt
 from car_grpc.store import StoreUnavailable
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import api, batch, multiplex
-from car_grpc.wire.errors import INVALID_REQUEST, CarError
+from car_grpc.wire.errors import INVALID_REQUEST, CarError, auth_timeout
 from car_grpc.wire.metadata import AGENT_ID_KEY, AUTH_KEY, SESSION_ID_KEY
 from car_grpc.wire.twins import fill_in, fill_out
 
@@ -88,6 +88,16 @@ class SessionStream:
         self.write_lock = asyncio.Lock()
         #: More frames of the message being read follow: answers queue up for one write.
         self._more = False
+        #: When the session must be authenticated by (loop time; None: no deadline): a
+        #: stream of its own while auth is on. A multiplexed session's gateway keeps its
+        #: own deadline (ws_auth_timeout), which also answers the WebSocket client.
+        self._auth_timeout = service.auth_timeout
+        self._auth_by = (
+            None
+            if self.session.authenticated or self._channel is not None
+            else asyncio.get_running_loop().time() + self._auth_timeout
+        )
+        self._auth_deadline = asyncio.timeout(None)
         #: Requests and notifications read and handed to a task that has not started yet:
         #: while there are any, a notification handled at once goes in a task behind them
         #: (so it does not overtake them: e.g. a JSON audio push before a binary frame).
@@ -97,7 +107,12 @@ class SessionStream:
         # A multiplexed session has no writer: its stream takes its frames.
         writer = asyncio.create_task(self._write_loop()) if self._channel is None else None
         try:
-            await self._read_loop()
+            try:
+                async with asyncio.timeout_at(self._auth_by) as self._auth_deadline:
+                    await self._read_loop()
+            except TimeoutError:
+                if not self._auth_deadline.expired():
+                    raise
             if self.notifying:  # each bounded by its handler; the client may cancel
                 await asyncio.wait(set(self.notifying))
         finally:
@@ -111,6 +126,10 @@ class SessionStream:
             if writer is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await writer
+        if self._auth_deadline.expired():
+            await self.context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, auth_timeout(self._auth_timeout)
+            )
 
     async def _write_loop(self) -> None:
         queue, lock = self.session.outbound, self.write_lock
@@ -243,10 +262,14 @@ class SessionStream:
                 self._unstarted += 1
                 self.notifying.add(await self._spawn(self._notification, binding.field, frame))
         elif not self.session.authenticated:
-            # Until auth succeeds, requests run one at a time, in order.
+            # Until auth succeeds, requests run one at a time, in order; the auth deadline
+            # does not cut one short (each is bounded by its handler's own timeout).
+            deadline, by = self._auth_deadline, self._auth_by
+            deadline.reschedule(None)
             if not await self._request(frame, binding.field):
                 await self._end_unauthenticated()
                 return False
+            deadline.reschedule(None if self.session.authenticated else by)
         elif self.dispatcher.runs_inline(binding.field):
             # It never waits: answered here, without the cost of a task.
             await self._request(frame, binding.field)
@@ -492,11 +515,14 @@ class GrpcService:
         max_inflight: int,
         multiplex_stream_bytes: int,
         multiplex_stall_timeout: float,
+        auth_timeout: float = 10.0,
     ) -> None:
         self.registry = registry
         self.authentication = authentication
         self.dispatcher = dispatcher
         self.max_inflight = max_inflight
+        #: How long a session stream may stay unauthenticated (CoreConfig.auth_timeout).
+        self.auth_timeout = auth_timeout
         #: Bytes a ConnectMultiplexed stream may leave unacknowledged across its sessions.
         self.multiplex_stream_bytes = multiplex_stream_bytes
         #: How long one may wait for its gateway to read what is held for it.
@@ -511,15 +537,27 @@ class GrpcService:
 
         auth = "required" if self.authentication.enabled else "off"
 
+        async def session_stream(
+            context: grpc.aio.ServicerContext[Any, Any], *, batched: bool
+        ) -> None:
+            # Refused (RESOURCE_EXHAUSTED, rich details) when the core holds max_sessions:
+            # before its initial metadata if so already, else when it would be one more.
+            try:
+                self.registry.check_room()
+                await context.send_initial_metadata(((AUTH_KEY, auth),))
+                stream = SessionStream(self, context, batched=batched)
+            except CarError as e:
+                await _abort(context, e)
+                return
+            await stream.run()
+
         async def connect(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            await context.send_initial_metadata(((AUTH_KEY, auth),))
-            await SessionStream(self, context).run()
+            await session_stream(context, batched=False)
 
         async def connect_batched(
             _requests: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> None:
-            await context.send_initial_metadata(((AUTH_KEY, auth),))
-            await SessionStream(self, context, batched=True).run()
+            await session_stream(context, batched=True)
 
         multiplexed_access = api.rpc_access(
             session_pb2.DESCRIPTOR.services_by_name["SessionService"].methods_by_name[

@@ -36,6 +36,7 @@ from google.protobuf.message import DecodeError
 
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import batch, multiplex
+from car_grpc.wire.errors import CarError
 
 if TYPE_CHECKING:
     from car_grpc.core.grpc_service import GrpcService
@@ -361,7 +362,11 @@ class MultiplexedStream:
             refused = "too many sessions on one stream"
             self.send(multiplex.record(key, end=True, flag4=_RESOURCE_EXHAUSTED, message=refused))
             return None
-        return self._open(key)
+        try:
+            return self._open(key)
+        except CarError as e:  # the core holds max_sessions: this session alone is refused
+            self.send(multiplex.record(key, end=True, flag4=e.status.value[0], message=e.message))
+            return None
 
     def _open(self, key: int) -> tuple[SessionChannel, asyncio.Task[None]]:
         from car_grpc.core.grpc_service import SessionStream  # which imports this module

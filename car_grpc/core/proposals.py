@@ -18,6 +18,10 @@ A tool call being given up is signalled by cancelling its task with a reason (`t
 `proposal aborted`, `proposal cancelled`) that the binding forwards as `tools.cancel`
 (`cancel_reason`: a cancellation without one of them is `proposal cancelled`: an action
 that runs alone runs in the request's own task, which its deadline cancels as it is).
+
+`lone_call` and `run_lone` are `execute` for a proposal that is one tool call with
+nothing to order, check, retry or time out: the same result, without the plan and run
+built for it (the common proposal; the caller picks the path).
 """
 
 from __future__ import annotations
@@ -144,8 +148,12 @@ def plan(proposal: tools_pb2.ActionProposal) -> Plan:
 
     if cycle := _find_cycle([a.id for a in actions], deps):
         raise field_error("proposal.actions", "dependency cycle " + " -> ".join(cycle))
-    proposal_id = proposal.id if proposal.HasField("id") and proposal.id else _fresh_id()
-    return Plan(proposal_id, actions, deps)
+    return Plan(proposal_id(proposal), actions, deps)
+
+
+def proposal_id(proposal: tools_pb2.ActionProposal) -> str:
+    """The proposal's own id, else a fresh one."""
+    return proposal.id if proposal.HasField("id") and proposal.id else _fresh_id()
 
 
 def _fresh_id() -> str:
@@ -348,6 +356,42 @@ def _ms_since(start: float) -> int:
     return int((time.monotonic() - start) * 1000)
 
 
+def _write_result(
+    result: tools_pb2.ActionResult,
+    status: tools_pb2.ActionStatus.ValueType,
+    error: str | None,
+    output: JSON,
+    started: float | None,
+) -> None:
+    """An action's result written into `result` (its action_id already set); `started`:
+    when the action started (its duration), None when it never did."""
+    result.status = status
+    result.timestamp = now_ms()
+    json_to_value(output, result.output)  # written in place: no Value to copy in
+    result.state_changes.SetInParent()
+    if error is not None:
+        result.error = error
+    if started is not None:
+        result.duration_ms = _ms_since(started)
+
+
+def _as_failure(error: BaseException, tool: str) -> _ActionFailed | None:
+    """What a tool call's exception does to its attempt: the _ActionFailed it fails with,
+    or None when it is to propagate (this task is being cancelled, not just the call)."""
+    if isinstance(error, _ActionFailed):
+        return error
+    if isinstance(error, ToolFailed):
+        return _ActionFailed(error.message, terminal=error.terminal)
+    if isinstance(error, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            return None
+        return _ActionFailed(f"tool '{tool}' call was cancelled")
+    if isinstance(error, Exception):  # a broken binding fails the action, not the proposal
+        return _ActionFailed(f"tool '{tool}' call failed: {error}")
+    return None
+
+
 @dataclass
 class _Run:
     plan: Plan
@@ -504,13 +548,8 @@ class _Run:
         error: str | None,
         output: JSON = None,
     ) -> tools_pb2.ActionResult:
-        result = tools_pb2.ActionResult(action_id=action_id, status=status, timestamp=now_ms())
-        json_to_value(output, result.output)  # written in place: no Value to copy in
-        result.state_changes.SetInParent()
-        if error is not None:
-            result.error = error
-        if action_id in self.started:
-            result.duration_ms = _ms_since(self.started[action_id])
+        result = tools_pb2.ActionResult(action_id=action_id)
+        _write_result(result, status, error, output, self.started.get(action_id))
         return result
 
     def _skipped(self, action_id: str, reason: str) -> tools_pb2.ActionResult:
@@ -589,17 +628,11 @@ class _Run:
                 # reason as it is.
                 return await self.call_tool(invocation)
             return await self._call_within(invocation, timeout_ms)
-        except _ActionFailed:
-            raise
-        except ToolFailed as e:
-            raise _ActionFailed(e.message, terminal=e.terminal) from None
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # this task is being cancelled, not just the call
-            raise _ActionFailed(f"tool '{action.tool}' call was cancelled") from None
-        except Exception as e:  # a broken binding fails the action, not the proposal
-            raise _ActionFailed(f"tool '{action.tool}' call failed: {e}") from None
+        except BaseException as e:
+            failure = _as_failure(e, action.tool)
+            if failure is None:
+                raise
+            raise failure from None
 
     async def _call_within(self, invocation: ToolInvocation, timeout_ms: int) -> JSON:
         """The call in a task of its own, cancelled with CANCEL_TIMEOUT at `timeout_ms`."""
@@ -649,3 +682,75 @@ def skipped_result(plan: Plan, reason: str) -> tools_pb2.ProposalResult:
         item.state_changes.SetInParent()
     result.cost.actions_skipped = len(plan.actions)
     return result
+
+
+# ------------------------------------------------------------------ one tool call
+
+
+def lone_call(proposal: tools_pb2.ActionProposal) -> tools_pb2.Action | None:
+    """The action of a proposal that is one tool call with nothing to order, check, retry
+    or time out (no preconditions, state_dependencies, dependencies, `$<id>.output`
+    reference, retry or timeout_ms; a valid id and tool): `run_lone` runs it. None for
+    every other proposal (`plan` and `execute`: they also give every error)."""
+    actions = proposal.actions
+    if len(actions) != 1:
+        return None
+    action = actions[0]
+    if (
+        action.type != tools_pb2.ACTION_TYPE_TOOL_CALL
+        or not action.id
+        or not action.tool
+        or action.preconditions
+        or action.state_dependencies
+        or action.dependencies
+        or action.failure_behavior == tools_pb2.FAILURE_BEHAVIOR_RETRY
+        or action.HasField("timeout_ms")
+    ):
+        return None
+    if action.parameters.fields and any(_references(action.parameters, "")):
+        return None  # a reference to itself or to no action: plan's error
+    return action
+
+
+async def run_lone(
+    action: tools_pb2.Action,
+    into: tools_pb2.ProposalResult,
+    *,
+    state: Mapping[str, JSON],
+    policies: Iterable[state_pb2.PolicyDefinition],
+    call_tool: CallTool,
+    outputs: dict[str, JSON],
+) -> None:
+    """`execute` of the plan of `lone_call`'s action, its result written into `into`
+    (whose proposal_id the caller sets): the same result, outputs and cancellations, but
+    no plan, run or ordering built for the one action, which runs in the caller's task as
+    `execute` runs a lone action. It writes no state, so there is nothing to roll back;
+    its failure (abort or skip) ends the proposal either way."""
+    begin = time.monotonic()
+    cost = into.cost
+    cost.SetInParent()
+    parameters = struct_to_json(action.parameters)
+    for policy in policies:
+        if denial := policy_denial(policy, action, parameters, state):
+            item = into.results.add(action_id=action.id)
+            _write_result(item, tools_pb2.ACTION_STATUS_REJECTED, denial, None, begin)
+            cost.actions_rejected = 1
+            cost.total_duration_ms = _ms_since(begin)
+            return
+    cost.tool_calls = 1
+    try:
+        output = await call_tool(ToolInvocation(action.id, action.tool, parameters, None, 1))
+    except BaseException as e:
+        failure = _as_failure(e, action.tool)
+        if failure is None:
+            raise
+        item = into.results.add(action_id=action.id)
+        _write_result(item, tools_pb2.ACTION_STATUS_FAILED, failure.message, None, begin)
+        if failure.terminal:
+            item.terminal = True
+    else:
+        outputs[action.id] = output
+        item = into.results.add(action_id=action.id)
+        _write_result(item, tools_pb2.ACTION_STATUS_SUCCEEDED, None, output, begin)
+    cost.actions_executed = 1
+    cost.total_duration_ms = _ms_since(begin)

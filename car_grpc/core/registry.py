@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.session import ClientSession, Role, SessionLimits
+from car_grpc.wire.errors import resource_exhausted
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +24,22 @@ AttachHook = Callable[[str, ClientSession], Awaitable[None]]
 
 
 class SessionRegistry:
-    def __init__(self, limits: SessionLimits, metrics: Metrics, *, auth_enabled: bool) -> None:
+    def __init__(
+        self,
+        limits: SessionLimits,
+        metrics: Metrics,
+        *,
+        auth_enabled: bool,
+        max_sessions: int = 65_536,
+    ) -> None:
         self._limits = limits
         self._metrics = metrics
         self.auth_enabled = auth_enabled
         self.sessions: dict[str, ClientSession] = {}
+        #: Sessions of session streams held at most (CoreConfig.max_sessions), and now.
+        self.max_sessions = max_sessions
+        self.streamed = 0
+        self._refusing = False  # said in the log since a session last opened
         #: agent_id -> the live session attached as that agent.
         self.attached: dict[str, ClientSession] = {}
         self._detach_hooks: list[DetachHook] = []
@@ -39,7 +51,22 @@ class SessionRegistry:
     def on_detach(self, hook: DetachHook) -> None:
         self._detach_hooks.append(hook)
 
+    def check_room(self) -> None:
+        """Raise RESOURCE_EXHAUSTED, naming the limit, when the core holds max_sessions
+        sessions of session streams already (a stream is refused before it is answered)."""
+        if self.streamed >= self.max_sessions:
+            most = self.max_sessions
+            refused = f"too many sessions: the core holds at most {most} (max_sessions)"
+            if not self._refusing:  # once until one opens again: a flood floods no log
+                self._refusing = True
+                log.warning("refusing sessions: %s", refused)
+            raise resource_exhausted(refused)
+        self._refusing = False
+
     def open(self, *, streaming: bool, peer: str = "") -> ClientSession:
+        """A new session; a streaming one only while there is room (`check_room`)."""
+        if streaming:
+            self.check_room()
         session = ClientSession(
             self._limits,
             self._metrics,
@@ -49,11 +76,13 @@ class SessionRegistry:
         )
         self.sessions[session.id] = session
         if streaming:
+            self.streamed += 1
             self._metrics.sessions_opened.inc()
         return session
 
     async def close(self, session: ClientSession) -> None:
-        self.sessions.pop(session.id, None)
+        if self.sessions.pop(session.id, None) is not None and session.streaming:
+            self.streamed -= 1
         if session.agent_id and self.attached.get(session.agent_id) is session:
             del self.attached[session.agent_id]
             await self._detached(session.agent_id, session)

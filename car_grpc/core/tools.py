@@ -7,7 +7,10 @@ request_id `cb-N`), waited for at most timeout_ms + callback_grace (or tool_time
 the action declares no timeout_ms). Every call given up — timeout, proposal abort,
 handler deadline, cancelled RPC — sends the notification `tools.cancel`; a late answer is
 ignored by the session. A client error answer fails the action with its message; one with
-`data.terminal: true` aborts the proposal and halts the session.
+`data.terminal: true` aborts the proposal and halts the session. The most common proposal,
+one tool call of the session's own client with nothing to order, retry or time out
+(`proposals.lone_call`), runs without the plan and the executor's run (`run_lone`): the
+same answer, calls and cancels (tests/test_proposal_lone.py runs both paths).
 
 A tool that a tool host serves (ToolService.ServeTools, tool_hosts.py) is called on that
 host instead: a host bound to the session serves the session's own tools (listed by
@@ -123,6 +126,14 @@ class Tools:
     ) -> tools_pb2.SubmitProposalResponse:
         if not req.HasField("proposal"):
             raise field_error("proposal")
+        lone = proposals.lone_call(req.proposal)
+        if (
+            lone is not None
+            and session.streaming
+            and not session.halted
+            and self._hosts.resolve(session, lone.tool) is None
+        ):
+            return await self._submit_lone(session, req, lone)
         plan = proposals.plan(req.proposal)
         if session.halted:
             return tools_pb2.SubmitProposalResponse(result=proposals.skipped_result(plan, HALTED))
@@ -164,6 +175,32 @@ class Tools:
         if session.bridged:  # car-grpc's gateway: the result's text too (proposal_text.py)
             texts = fallback.texts if fallback is not None else {}
             response.result_text = proposal_text.result_text(result, outputs, texts)
+        return response
+
+    async def _submit_lone(
+        self, session: ClientSession, req: tools_pb2.SubmitProposalRequest, action: tools_pb2.Action
+    ) -> tools_pb2.SubmitProposalResponse:
+        """proposal_submit of a proposal that is one tool call of the session's own client
+        (`proposals.lone_call`), the most common one: the same answer, its result written
+        once, in place, without the plan and the executor's run built for one action."""
+        label = req.session_id if req.HasField("session_id") else None
+        call_tool = SessionTools(session, label, self._tool_timeout, self._callback_grace)
+        response = tools_pb2.SubmitProposalResponse()
+        result = response.result
+        result.proposal_id = proposals.proposal_id(req.proposal)
+        outputs: dict[str, JSON] = {}
+        await proposals.run_lone(
+            action,
+            result,
+            state=session.kv,
+            policies=list(session.policies.values()),
+            call_tool=call_tool,
+            outputs=outputs,
+        )
+        if result.results[0].terminal:
+            session.halted = True
+        if session.bridged:  # car-grpc's gateway: the result's text too (proposal_text.py)
+            response.result_text = proposal_text.result_text(result, outputs, call_tool.texts)
         return response
 
 

@@ -153,6 +153,7 @@ async def wire(
         ),
         metrics,
         auth_enabled=auth_enabled,
+        max_sessions=config.max_sessions,
     )
     agent_tokens = AgentTokens(store.agent_tokens)
     authentication = Authentication(tokens, agent_tokens, registry)
@@ -278,6 +279,7 @@ async def wire(
         max_inflight=config.max_inflight_per_session,
         multiplex_stream_bytes=config.multiplex_stream_bytes,
         multiplex_stall_timeout=config.multiplex_stall_timeout,
+        auth_timeout=config.auth_timeout,
     )
     a2a = None
     if config.a2a:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
+
+from car_grpc.connection_caps import PeerCounts, peer_of
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +67,6 @@ class Limits:
             raise ValueError("need 0 < max_connections_per_peer <= max_connections")
         if not (self.header_timeout > 0 and self.idle_timeout > 0):
             raise ValueError("timeouts must be positive")
-
-
-def peer_of(peername: object) -> str:
-    """Whose connection this is, for the per-peer cap: the IPv4 address (an IPv4-mapped
-    IPv6 one counts as IPv4), or the /64 of an IPv6 address (one host usually holds a
-    whole /64). Every loopback client is the same peer, 127.0.0.1."""
-    if not isinstance(peername, tuple) or not peername:
-        return ""
-    host = str(peername[0]).partition("%")[0]
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 class HttpError(Exception):
@@ -243,7 +226,7 @@ class HttpServer:
         self._tasks: set[asyncio.Task[None]] = set()
         #: The connections the caps count (an evicted one leaves at once).
         self._counted: set[_Connection] = set()
-        self._per_peer: dict[str, int] = {}
+        self._counts = PeerCounts()
         #: Counted connections waiting for (the rest of) a request, longest waiting first.
         self._waiting: dict[_Connection, None] = {}
 
@@ -281,7 +264,7 @@ class HttpServer:
         connection = _Connection(peer)
         task = connection.task = asyncio.create_task(self._connection(connection, reader, writer))
         self._counted.add(connection)
-        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+        self._counts.add(peer)
         self._waiting[connection] = None  # for its first request
         self._tasks.add(task)
         try:
@@ -296,12 +279,12 @@ class HttpServer:
         """Whether a new connection of `peer` may be served, after closing the connection
         that has waited longest for a request if the peer's or the global cap is reached
         (the peer's own first). False if every connection in the way is busy."""
-        if self._per_peer.get(peer, 0) >= self.limits.max_connections_per_peer:
+        if self._counts.of(peer) >= self.limits.max_connections_per_peer:
             victim = next((c for c in self._waiting if c.peer == peer), None)
             if victim is None:
                 return False
             self._evict(victim)
-        if len(self._counted) >= self.limits.max_connections:
+        if self._counts.total >= self.limits.max_connections:
             victim = next(iter(self._waiting), None)
             if victim is None:
                 return False
@@ -318,11 +301,7 @@ class HttpServer:
             return
         self._counted.discard(connection)
         self._waiting.pop(connection, None)
-        left = self._per_peer[connection.peer] - 1
-        if left:
-            self._per_peer[connection.peer] = left
-        else:
-            del self._per_peer[connection.peer]
+        self._counts.remove(connection.peer)
 
     async def _connection(
         self, connection: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

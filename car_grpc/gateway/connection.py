@@ -32,6 +32,8 @@ Whichever side ends first ends the connection once, with one close code and reas
   session (an agent's final chat tokens are not lost); then the stream is cancelled;
 - the core ends the stream: open requests get -32603, then the WebSocket closes (1011);
 - the core refuses the session (-32001): the error is sent, then the WebSocket closes (1008);
+- the core has no room for the session (RESOURCE_EXHAUSTED: it holds max_sessions):
+  closed (1013, try again later) with the core's reason, which names the limit;
 - the client takes nothing from a full queue for `ws_stall_timeout` seconds: closed (1008);
 - the session is not authenticated `ws_auth_timeout` seconds after the core took the
   stream in (and no request is on its way): closed (1008); not when auth is off;
@@ -60,6 +62,7 @@ from car_grpc.gateway.multiplex import Batch, MultiplexedCall
 from car_grpc.gateway.outbound import OutboundQueue
 from car_grpc.v1 import session_pb2, voice_pb2
 from car_grpc.wire import batch
+from car_grpc.wire.errors import AUTH_TIMEOUT, auth_timeout
 from car_grpc.wire.metadata import AUTH_KEY
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,10 @@ _MAX_REASON_BYTES = 123
 #: Longest the gateway works through one client frame (its batch's writes), or through
 #: one batch of frames from the core, before it lets other tasks run.
 SLICE = 0.002
+#: How long a connection the core has no room for (1013) waits for the client's first
+#: request, to answer it with the reason before closing: car-runtime sends session.auth
+#: right after the handshake, and a close that overtakes it shows as a failed send.
+REFUSAL_GRACE = 1.0
 #: Longest a connection waits for its turn to open a stream, and then for the core to take
 #: it in, before going on without (the pacing is a courtesy, not a condition).
 OPEN_TIMEOUT = 30.0
@@ -114,6 +121,15 @@ class TrackedConnection(ServerConnection):
         self._partial_needs = 0
         #: or the bytes of a large frame that websockets reads still to come.
         self._to_websockets = 0
+        #: Called once when the TCP connection is gone, however it ended: the gateway's
+        #: connection caps count it until then (Gateway._admit).
+        self.on_lost: Callable[[], None] | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if (lost := self.on_lost) is not None:
+            self.on_lost = None
+            lost()
 
     def data_received(self, data: bytes) -> None:
         # Any bytes count: messages, pongs, pings, close frames.
@@ -349,6 +365,18 @@ def _clip(reason: str) -> str:
     return raw[: _MAX_REASON_BYTES - 3].decode(errors="ignore") + "..."
 
 
+class _Refused:
+    """Where the frames of a connection the core has refused go (in place of a multiplexed
+    call's pull): nowhere, once they have said that the client sent something."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+
+    def pull(self, take: Callable[[], bytes]) -> None:
+        take()
+        self.asked.set()
+
+
 class Connection:
     """The bridge between one WebSocket and its Connect stream."""
 
@@ -387,7 +415,7 @@ class Connection:
         self._upstream_room: asyncio.Future[None] | None = None
         self._upstream_writer: asyncio.Task[None] | None = None
         #: The session on a multiplexed stream, once opened: it pulls what is queued.
-        self._pulled_by: MultiplexedCall | None = None
+        self._pulled_by: MultiplexedCall | _Refused | None = None
         #: A message _from_client_at_once translated and could not finish: the rest of it
         #: for _client_to_core, which receives that message next.
         self._carried: Inbound | None = None
@@ -618,7 +646,8 @@ class Connection:
             return  # the stream ended: _core_to_client says why
         finally:
             self._upstream_writer = None
-            if self._opened.is_set() and isinstance(self.call, MultiplexedCall):
+            opened = self._opened.is_set() and self._pulled_by is None  # (not _Refused)
+            if opened and isinstance(self.call, MultiplexedCall):
                 self._pulled_by = self.call
 
     def _take_upstream(self) -> bytes:
@@ -670,10 +699,11 @@ class Connection:
                     return
             if grace or not self.bridge.open_requests:
                 break
-        self.end(CloseCode.POLICY_VIOLATION, f"auth timeout: not authenticated within {timeout:g}s")
+        self.end(CloseCode.POLICY_VIOLATION, auth_timeout(timeout))
 
     async def _core_to_client(self) -> None:
         await self._open()
+        code = CloseCode.INTERNAL_ERROR  # how the connection closes when the stream ends
         if isinstance(self.call, MultiplexedCall):
             self.call.take_now = self._from_core_at_once  # while this waits in read()
         loop = asyncio.get_running_loop()
@@ -709,8 +739,28 @@ class Connection:
             if self.bridge.auth_refused:
                 return  # as above
             reason = f"core unavailable: {e.code().name}: {e.details()}"
+            details = e.details() or ""
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED and details.startswith(AUTH_TIMEOUT):
+                # The core's own auth deadline (CoreConfig.auth_timeout), met first.
+                code, reason = CloseCode.POLICY_VIOLATION, details
+            elif e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # The core is full (max_sessions, which the details name): the client may
+                # come back once sessions have ended.
+                code, reason = CloseCode.TRY_AGAIN_LATER, e.details() or "server busy"
+                await self._first_request()
         self._abandon(reason)
-        self.end(CloseCode.INTERNAL_ERROR, reason, flush=True)
+        self.end(code, reason, flush=True)
+
+    async def _first_request(self) -> None:
+        """Return once the client has sent something (at most REFUSAL_GRACE): from now on
+        its frames go nowhere, and the first says so. (A request is open in the bridge
+        before its frames are handed on, so the refusal answers it.)"""
+        if self.bridge.open_requests:
+            return
+        refused = self._pulled_by = _Refused()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REFUSAL_GRACE):
+                await refused.asked.wait()
 
     def _from_core_at_once(self, data: bytes, turn_ends: float) -> Batch | None:
         """A batch from the core taken at once, in the multiplexed stream's reader, while

@@ -23,15 +23,18 @@ import socket
 import ssl
 import stat
 from collections.abc import Callable, Sequence
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import grpc
 from websockets.asyncio.server import Server, serve
 from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
 
 from car_grpc import tls
 from car_grpc.config import GatewayConfig
+from car_grpc.connection_caps import PeerCounts, peer_of
 from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection
 from car_grpc.gateway.decoder import DecoderPool
 from car_grpc.gateway.multiplex import Multiplexer
@@ -40,6 +43,10 @@ from car_grpc.wire import batch
 from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger(__name__)
+
+#: Seconds a client refused at the connection caps is asked to wait (Retry-After) before
+#: it tries again: connections end all the time, and one that obeys does not hammer.
+RETRY_AFTER = 5
 
 #: Connections the kernel queues for the listener before the gateway accepts them (it caps
 #: this at net.core.somaxconn). asyncio's default, 100, overflows under a burst: the
@@ -144,6 +151,10 @@ class Gateway:
         self._servers: list[Server] = []
         self._unix_socket: Path | None = None
         self._connections: set[Connection] = set()
+        #: The TCP (and Unix socket) connections admitted and not yet lost, in all and per
+        #: peer, against ws_max_connections[_per_peer] (`_admit`).
+        self._counts = PeerCounts()
+        self._refusing = False  # said in the log since the last admission
         #: A slot per Connect stream the core has not taken in yet (see Connection._open).
         self._opening = asyncio.Semaphore(config.ws_pending_streams)
         #: Worker processes for large frames, started when first needed.
@@ -255,6 +266,7 @@ class Gateway:
             # Typed for ServerConnection; create_connection makes it a TrackedConnection.
             self._handle,  # type: ignore[arg-type]
             create_connection=TrackedConnection,
+            process_request=self._admit,  # type: ignore[arg-type]  # as the handler
             ping_interval=None,  # our keepalive counts any traffic, not just pongs
             # Raised to ws_max_message_bytes once the session is authenticated.
             max_size=min(config.ws_max_message_bytes, config.ws_max_message_bytes_before_auth),
@@ -263,6 +275,36 @@ class Gateway:
             backlog=LISTEN_BACKLOG,
             **where,
         )
+
+    def _admit(self, ws: TrackedConnection, _request: Request) -> Response | None:
+        """websockets' process_request: admit a connection within the caps (counted
+        until its TCP connection is lost, however it ends), or refuse its handshake with
+        503 and Retry-After, naming the cap, before any stream to the core is opened."""
+        if ws.connection_lost_waiter.done():
+            return None  # gone already: its handshake fails, nothing to count
+        config, counts = self.config, self._counts
+        peer = peer_of(ws.remote_address)
+        if counts.total >= config.ws_max_connections:
+            refused = (
+                "too many connections: the gateway holds at most"
+                f" {config.ws_max_connections} (ws_max_connections)"
+            )
+        elif counts.of(peer) >= config.ws_max_connections_per_peer:
+            refused = (
+                f"too many connections from {peer or 'the Unix socket'}: at most"
+                f" {config.ws_max_connections_per_peer} (ws_max_connections_per_peer)"
+            )
+        else:
+            counts.add(peer)
+            ws.on_lost = lambda: counts.remove(peer)
+            self._refusing = False
+            return None
+        if not self._refusing:  # once until one is admitted again: a flood floods no log
+            self._refusing = True
+            log.warning("gateway: refusing connections (503): %s", refused)
+        response = ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, refused + "\n")
+        response.headers["Retry-After"] = str(RETRY_AFTER)
+        return response
 
     async def _handle(self, ws: TrackedConnection) -> None:
         assert self._connect is not None

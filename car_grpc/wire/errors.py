@@ -39,6 +39,16 @@ class _Twin:
     reason: str  # the ErrorCode name without its prefix, e.g. "INVALID_PARAMS"
 
 
+#: How a session that did not authenticate in time is ended: the gateway's close reason
+#: (1008) and the core's UNAUTHENTICATED details say the same, so that a gateway whose
+#: stream the core ended for it closes its client 1008 too (`auth_timeout`).
+AUTH_TIMEOUT = "auth timeout: not authenticated within "
+
+
+def auth_timeout(seconds: float) -> str:
+    return f"{AUTH_TIMEOUT}{seconds:g}s"
+
+
 def _load_twins() -> dict[int, _Twin]:
     twins: dict[int, _Twin] = {}
     for value in errors_pb2.DESCRIPTOR.enum_types_by_name["ErrorCode"].values:
