@@ -23,7 +23,7 @@ from tests.client_programs import Program, ensure_installed, run_car_runtime_age
 from tests.conftest import make_config
 from tests.processes import ONE_PROCESS, Served, serving
 from tests.session_client import SessionClient, connect
-from tests.ws_helpers import rpc, running_core
+from tests.ws_helpers import rpc
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -396,7 +396,9 @@ async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) 
     """The watcher reconnects with its last cursor (and the new host token) and sees the
     run that the restart left incomplete end, with nothing missed or repeated."""
     config = make_config(tmp_path)
-    async with running_core(config.core) as core:
+    core = Core(config.core)
+    await core.start()
+    try:
         assert core.parts is not None
         token = await core.parts.agent_tokens.add("py-agent")
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
@@ -411,9 +413,8 @@ async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) 
                 car_home=config.core.token_dir.parent,
             ) as watcher:
                 assert [(await watcher.expect("record"))["cursor"] for _ in range(2)] == [1, 2]
-                await stopped(
-                    core.stop(grace=0)
-                )  # the agent is still connected: its run stays open
+                # The agent is still connected: its run stays open.
+                await stopped(core.stop(grace=0))
                 assert (await watcher.next_event())["event"] == "reconnecting"
                 # The same address, a new process state.
                 config = config.with_overrides(grpc_port=core.grpc_port)
@@ -422,6 +423,8 @@ async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) 
                 seen = len(watcher.events)
                 events = (await watcher.finish(timeout=20))[seen:]
             await agent.close()
+    finally:
+        await stopped(core.stop(grace=0))  # the second core, started in the test
     assert [(e["event"], e.get("cursor"), e.get("kind")) for e in events] == [
         ("record", 3, "ended"),
         ("end", 3, None),
