@@ -44,7 +44,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,16 +90,25 @@ async def _grpc_echo(requests: object, context: grpc.aio.ServicerContext[Any, An
         await context.write(message)
 
 
-@contextlib.asynccontextmanager
-async def grpc_echo() -> AsyncIterator[grpc.aio.StreamStreamMultiCallable[bytes, bytes]]:
-    """A grpc.aio echo servicer in this process, and the method that opens a stream to it."""
+async def relay_servicer(
+    behaviour: Callable[[object, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]],
+) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server of the relays' one bytes method (`_RELAY_METHOD`) served by
+    `behaviour`, started on a free loopback port: the server and its port."""
     server = grpc.aio.server()
-    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.stream_stream_rpc_method_handler(_grpc_echo)
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.stream_stream_rpc_method_handler(behaviour)
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("bench.Relay", {"Echo": handler})]
     )
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    return server, grpc_port
+
+
+@contextlib.asynccontextmanager
+async def grpc_echo() -> AsyncIterator[grpc.aio.StreamStreamMultiCallable[bytes, bytes]]:
+    """A grpc.aio echo servicer in this process, and the method that opens a stream to it."""
+    server, grpc_port = await relay_servicer(_grpc_echo)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         yield channel.stream_stream(_RELAY_METHOD)
     await server.stop(0)
@@ -129,6 +138,21 @@ _MUX_HEADER = struct.Struct("<II")
 MUX_STREAMS = int(os.environ.get("BENCH_MUX_STREAMS", "1"))
 
 
+def mux_frame(conn_id: int, data: bytes) -> bytes:
+    """`data` tagged for the multiplexed stream: connection id and length first."""
+    return _MUX_HEADER.pack(conn_id, len(data)) + data
+
+
+def mux_frames(message: bytes) -> Iterator[tuple[int, bytes]]:
+    """The (connection id, payload) of each frame of a message of the multiplexed stream."""
+    offset = 0
+    while offset < len(message):
+        conn_id, length = _MUX_HEADER.unpack_from(message, offset)
+        offset += _MUX_HEADER.size
+        yield conn_id, message[offset : offset + length]
+        offset += length
+
+
 class MuxStream:
     """One shared grpc.aio stream to the echo servicer: `send` queues a tagged frame, every
     frame ready at once goes in one message, and each frame echoed back is handed to
@@ -146,7 +170,7 @@ class MuxStream:
         self.tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read())]
 
     def send(self, conn_id: int, data: bytes) -> None:
-        self.pending.append(_MUX_HEADER.pack(conn_id, len(data)) + data)
+        self.pending.append(mux_frame(conn_id, data))
         self.ready.set()
 
     async def _write(self) -> None:
@@ -162,12 +186,7 @@ class MuxStream:
     async def _read(self) -> None:
         while (message := await self.call.read()) is not grpc.aio.EOF:
             assert isinstance(message, bytes)
-            offset = 0
-            while offset < len(message):
-                conn_id, length = _MUX_HEADER.unpack_from(message, offset)
-                offset += _MUX_HEADER.size
-                payload = message[offset : offset + length]
-                offset += length
+            for conn_id, payload in mux_frames(message):
                 with contextlib.suppress(Exception):
                     await self.deliver(conn_id, payload)
 
@@ -179,10 +198,17 @@ class MuxStream:
 
 @contextlib.asynccontextmanager
 async def mux_echo(
-    streams: int, deliver: Callable[[int, bytes], Awaitable[None]]
+    streams: int, deliver: Callable[[int, bytes], Awaitable[None]], core: str | None = None
 ) -> AsyncIterator[list[MuxStream]]:
-    """A grpc.aio echo servicer in this process and `streams` shared streams to it."""
-    async with grpc_echo() as echo:
+    """A grpc.aio echo servicer in this process and `streams` shared streams to it; or,
+    given `core` (a host:port), `streams` shared streams to the same method served by
+    another process (bench_runs' floor core, which answers instead of echoing)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if core is None:
+            echo = await stack.enter_async_context(grpc_echo())
+        else:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(core))
+            echo = channel.stream_stream(_RELAY_METHOD)
         shared = [MuxStream(echo(), deliver) for _ in range(streams)]
         try:
             yield shared
@@ -191,17 +217,20 @@ async def mux_echo(
                 stream.close()
 
 
-async def run_mux_relay_server(streams: int = MUX_STREAMS, *, text: bool = True) -> None:
-    """`python -m bench.bench_gateway mux`: every WebSocket connection over `streams` shared
-    grpc.aio streams to the echo servicer; a message carries every frame ready at once.
-    Frames go back as text messages, or (`text=False`) as binary ones."""
+async def run_mux_relay_server(
+    streams: int = MUX_STREAMS, *, text: bool = True, core: str | None = None
+) -> None:
+    """`python -m bench.bench_gateway mux [CORE]`: every WebSocket connection over `streams`
+    shared grpc.aio streams to the echo servicer (or to CORE's, see `mux_echo`); a message
+    carries every frame ready at once. Frames go back as text messages, or (`text=False`)
+    as binary ones."""
     connections: dict[int, ServerConnection] = {}
 
     async def deliver(conn_id: int, payload: bytes) -> None:
         if (ws := connections.get(conn_id)) is not None:
             await ws.send(payload.decode() if text else payload)
 
-    async with mux_echo(streams, deliver) as shared:
+    async with mux_echo(streams, deliver, core) as shared:
         ids = iter(range(1 << 32))
 
         async def relay(ws: ServerConnection) -> None:
@@ -454,7 +483,7 @@ if __name__ == "__main__":
         asyncio.run(run_echo_server())
     elif sys.argv[1:] == ["relay"]:
         asyncio.run(run_relay_server())
-    elif sys.argv[1:] == ["mux"]:
-        asyncio.run(run_mux_relay_server())
+    elif sys.argv[1:2] == ["mux"] and len(sys.argv) <= 3:
+        asyncio.run(run_mux_relay_server(core=sys.argv[2] if len(sys.argv) == 3 else None))
     else:
         main()

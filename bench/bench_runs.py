@@ -16,6 +16,14 @@ Two baselines, measured in the same run:
 - `echo`: the same record_turns frames sent to a bare `websockets` echo server in its own
   process: the cost of the WebSocket round trip.
 
+The floor of the batch of 256 subscribed, in the same run: the same clients (the same
+frames, the same code reading the answers and the events) through a bare relay in its own
+process (bench_gateway's multiplexed relay: each WebSocket message as opaque bytes over one
+grpc.aio stream, each frame back as a WebSocket message) to a bare core process
+(`FloorCore`): the frame parsed with orjson, the turns written as the `sqlite` baseline
+writes them, the answer, then the 256 events in one gRPC message. Its ratio to raw SQLite
+is the summary's floor: a target it misses is out of reach with grpc.aio and this client.
+
 The 16 concurrent recorders are compared with one recorder of batch 1 (target: at least
 5x its turns/s) and with raw SQLite committing one turn per transaction, from the same run.
 
@@ -33,13 +41,15 @@ bench.bench_runs paired WINDOWS TREE...` starts a server from each source tree a
 alternated windows: on a shared machine the paired figures say more than runs one after
 the other. `python -m bench.bench_runs paired256 WINDOWS ARM...` does the same for the
 batch of 256 subscribed (an ARM is a tree, then its serve flags after commas, e.g.
-`DIR,--gateway-processes,1`), with each arm's p50 a batch.
+`DIR,--gateway-processes,1`, or `floor`), with each arm's p50 a batch, its turns/s over
+raw SQLite's of the same window, and its CPU per turn by process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import sqlite3
@@ -47,14 +57,18 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench import summary
+from bench.bench_gateway import mux_frame, mux_frames, relay_servicer
 from bench.proc import cpu_seconds, own_cpu_seconds, process_tree
 from car_grpc.core.tokens import HOST_TOKEN_FILE, AgentTokens
 from car_grpc.store import open_store
@@ -239,8 +253,8 @@ async def bench_concurrent(
 # ------------------------------------------------------------------ baselines
 
 
-def bench_sqlite(batch_size: int, path: Path) -> Figures:
-    """The same batches as raw inserts: WAL, synchronous=FULL, one transaction each."""
+def open_raw(path: Path) -> sqlite3.Connection:
+    """The raw SQLite baseline's database: WAL, synchronous=FULL, one table of turns."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
@@ -248,15 +262,26 @@ def bench_sqlite(batch_size: int, path: Path) -> Figures:
         "CREATE TABLE IF NOT EXISTS t(run INTEGER, seq INTEGER, body BLOB,"
         " PRIMARY KEY (run, seq)) WITHOUT ROWID"
     )
+    return conn
+
+
+def insert_raw(conn: sqlite3.Connection, rows: list[tuple[int, int, bytes]]) -> None:
+    """A batch of (run, seq, body) rows in one transaction, committed (durable)."""
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
+    conn.execute("COMMIT")
+
+
+def bench_sqlite(batch_size: int, path: Path) -> Figures:
+    """The same batches as raw inserts: WAL, synchronous=FULL, one transaction each."""
+    conn = open_raw(path)
     total = TURNS[batch_size]
     latencies: list[float] = []
     clock = time.perf_counter
     for n in range(0, total, batch_size):
         rows = [(batch_size, n + i, json.dumps(turn(n + i)).encode()) for i in range(batch_size)]
         start = clock()
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
-        conn.execute("COMMIT")
+        insert_raw(conn, rows)
         latencies.append(clock() - start)
     conn.close()
     return figures(total, sum(latencies), latencies)
@@ -292,13 +317,146 @@ async def bench_echo(batch_size: int) -> Figures:
     return figures(total, sum(latencies), latencies)
 
 
+# ------------------------------------------------------------------ the floor
+
+#: `_recorders_of`'s name for the floor (an arm of `paired256`).
+FLOOR = "floor"
+
+
+@dataclass
+class FloorRun:
+    run_id: str
+    #: `"run_id":"...","agent_id":"..."`, as car-grpc's texts begin.
+    ids: bytes
+    #: Its key in the raw table (`t.run`), and the turns it has.
+    number: int
+    turns: int = 0
+    #: The connections subscribed to it (the relay's connection ids).
+    subscribers: list[int] = field(default_factory=list)
+
+
+class FloorCore:
+    """The floor's bare core: bench_car_grpc's frames read with orjson and answered with
+    the texts car-grpc answers (the checks, protobuf and sessions left out). A batch of
+    turns is written as the raw SQLite baseline writes it (`insert_raw`: one transaction,
+    WAL, synchronous=FULL; each turn's orjson bytes), on the event loop; then the answer,
+    then each turn's runs.trace.event for every subscriber, all of them in one gRPC
+    message, which the relay writes as one WebSocket message each."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.runs: dict[str, FloorRun] = {}
+        self.numbers = itertools.count()
+        self.agents: dict[int, str] = {}
+
+    async def serve(self, requests: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """The relay's stream (bench_gateway's multiplexed framing both ways)."""
+        while (message := await context.read()) is not grpc.aio.EOF:
+            assert isinstance(message, bytes)
+            for conn_id, payload in mux_frames(message):
+                for out in self.handle(conn_id, orjson.loads(payload)):
+                    await context.write(out)
+
+    def handle(self, conn_id: int, request: dict[str, Any]) -> list[bytes]:
+        """The gRPC messages that answer `request` of connection `conn_id`, in order."""
+        method, params = request["method"], request.get("params", {})
+        events = b""
+        if method == "runs.record_turns":
+            run = self.runs[params["run_id"]]
+            result, events = self.record(run, params["turns"])
+        elif method == "session.auth":
+            self.agents[conn_id] = params.get("agent_id", "")
+            result = b'{"ok":true}'
+        elif method == "server.handshake":
+            result = b'{"protocol_version":3}'
+        elif method == "runs.start":
+            run_id, agent_id = f"run-{uuid.uuid4().hex}", self.agents[conn_id]
+            ids = b'"run_id":"%b","agent_id":"%b"' % (run_id.encode(), agent_id.encode())
+            run = self.runs[run_id] = FloorRun(run_id, ids, next(self.numbers))
+            result = b"{%b}" % ids
+        elif method == "runs.subscribe":
+            run = self.runs[params["run_id"]]
+            run.subscribers.append(conn_id)
+            result = b'{%b,"turns_so_far":[],"cursor":%d,"status":"in_progress"}' % (
+                run.ids,
+                run.turns,
+            )
+        elif method == "runs.complete":
+            run = self.runs.pop(params["run_id"])
+            result = b'{"run_id":"%b","ok":true}' % run.run_id.encode()
+            ended = (
+                b'{"jsonrpc":"2.0","method":"runs.trace.event","params":{%b,"record":{"record":'
+                b'"ended","timestamp":%d,"status":"completed","outcome":{"status":"ok",'
+                b'"timestamp":%d}},"cursor":%d,"status":"completed"}}'
+            ) % (run.ids, _now(), _now(), run.turns)
+            events = b"".join(mux_frame(subscriber, ended) for subscriber in run.subscribers)
+        else:
+            raise ValueError(method)
+        answer = b'{"jsonrpc":"2.0","id":%d,"result":%b}' % (request["id"], result)
+        return [mux_frame(conn_id, answer), events] if events else [mux_frame(conn_id, answer)]
+
+    def record(self, run: FloorRun, turns: list[dict[str, Any]]) -> tuple[bytes, bytes]:
+        """Store `turns` on `run` (committed): the answer's result and the events."""
+        base, bodies = run.turns, [orjson.dumps(t) for t in turns]
+        insert_raw(self.db, [(run.number, base + i, body) for i, body in enumerate(bodies)])
+        run.turns += len(bodies)
+        result = b'{"run_id":"%b","base_index":%d,"count":%d,"ok":true}' % (
+            run.run_id.encode(),
+            base,
+            len(bodies),
+        )
+        if not run.subscribers:
+            return result, b""
+        head = (
+            b'{"jsonrpc":"2.0","method":"runs.trace.event","params":{%b,"record":{"record":'
+            b'"turn","timestamp":%d,"index":'
+        ) % (run.ids, _now())
+        tail = b'},"cursor":%d,"status":"in_progress"}}'
+        texts = [
+            b"%b%d,%b" % (head, base + i, body[1:-1]) + tail % (base + i + 1)
+            for i, body in enumerate(bodies)
+        ]
+        return result, b"".join(mux_frame(s, text) for s in run.subscribers for text in texts)
+
+
+def _now() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def run_floor() -> None:
+    """`python -m bench.bench_runs floor`: the floor's core in this process (gRPC on a free
+    port, its database in a temporary directory) and its relay in a process of its own
+    (bench_gateway's multiplexed relay over one grpc.aio stream to this core), as `car-grpc
+    serve` starts its gateway; logs both addresses, serves until stdin closes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        core = FloorCore(open_raw(Path(tmp) / "floor.sqlite3"))
+        server, port = await relay_servicer(core.serve)
+        log_listening("floor core: gRPC", f"127.0.0.1:{port}")
+        argv = [sys.executable, "-m", "bench.bench_gateway", "mux", f"127.0.0.1:{port}"]
+        async with launch(argv, name="floor relay", stdin=True) as relay:
+            [url] = await relay.listeners(1)
+            log_listening("floor relay: WebSocket", url)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await server.stop(0)
+
+
 # ------------------------------------------------------------------ report
 
 
 Row = tuple[int, Figures, Figures, Figures, Figures, Delivery]
 
 
-async def run() -> tuple[list[Row], Figures, Delivery]:
+async def bench_floor(batch_size: int) -> tuple[Figures, Delivery]:
+    """`bench_car_grpc` subscribed against the floor (`run_floor`), after a warm-up."""
+    async with contextlib.AsyncExitStack() as stack:
+        pid, agent, watcher, _ = await _recorders_of(stack, FLOOR, recorders=0)
+        await bench_car_grpc(batch_size, agent, watcher, pid)  # warm up
+        measured = await bench_car_grpc(batch_size, agent, watcher, pid)
+        await _close(agent, watcher)
+    return measured
+
+
+async def run() -> tuple[list[Row], Figures, Delivery, tuple[Figures, Delivery]]:
     rows = []
     async with contextlib.AsyncExitStack() as stack:
         pid, agent, watcher, recorders = await _recorders_of(stack)
@@ -310,15 +468,16 @@ async def run() -> tuple[list[Row], Figures, Delivery]:
             raw = bench_sqlite(size, raw_dir / f"raw-{size}.sqlite3")
             echo = await bench_echo(size)
             rows.append((size, ours, alone, raw, echo, delivery))
+        floor = await bench_floor(BATCH_SIZES[-1])  # beside the last size's raw SQLite
         await bench_concurrent(recorders, watcher, pid)  # warm up
         concurrent, concurrent_delivery = await bench_concurrent(recorders, watcher, pid)
         await _close(agent, watcher, *recorders)
-    return rows, concurrent, concurrent_delivery
+    return rows, concurrent, concurrent_delivery, floor
 
 
 def main() -> None:
     started = time.perf_counter()
-    rows, concurrent, concurrent_delivery = asyncio.run(run())
+    rows, concurrent, concurrent_delivery, (floor, floor_seen) = asyncio.run(run())
     print(
         f"{'':6}{'car-grpc, subscribed':>21}{'no subscriber':>16}{'sqlite':>16}{'ws echo':>16}"
         f"{'subscribed / baseline':>30}{'subscriber':>17}"
@@ -332,25 +491,33 @@ def main() -> None:
     for size, ours, alone, raw, echo, seen in rows:
         vs_raw = ours.turns_per_s / raw.turns_per_s
         vs_echo = ours.turns_per_s / echo.turns_per_s
-        floor = raw.p50_ms + echo.p50_ms
+        both = raw.p50_ms + echo.p50_ms
         print(
             f"{size:5d} {ours.turns_per_s:11.0f}{ours.p50_ms:9.2f}"
             + "".join(f"{f.turns_per_s:9.0f}{f.p50_ms:7.2f}" for f in (alone, raw, echo))
-            + f"   {vs_raw:8.2f}x{vs_echo:7.2f}x{ours.p50_ms / floor:11.1f}x"
+            + f"   {vs_raw:8.2f}x{vs_echo:7.2f}x{ours.p50_ms / both:11.1f}x"
             f"   {seen.events / TURNS[size]:7.0%}{seen.gaps:5d}"
             f"   {ours.cpu_us:9.0f}{alone.cpu_us:10.0f}"
         )
     _, one, _, raw_one, _, _ = rows[0]
     total = RECORDERS * TURNS_PER_RECORDER
     rate = concurrent.turns_per_s
-    _, big, _, raw_big, _, _ = rows[-1]
+    size, big, _, raw_big, _, _ = rows[-1]
+    print(
+        f"floor (bare relay + bare core), batch {size}, subscribed: {floor.turns_per_s:.0f}"
+        f" turns/s, p50 {floor.p50_ms:.2f} ms = {floor.turns_per_s / raw_big.turns_per_s:.2f}x"
+        f" sqlite ({big.turns_per_s / floor.turns_per_s:.2f}x of it car-grpc's);"
+        f" events {floor_seen.events / TURNS[size]:.0%}, gaps {floor_seen.gaps};"
+        f" its CPU {floor.cpu_us:.0f} us/turn"
+    )
     summary.report(
         summary.at_least(
-            f"runs.record_turns, batch {rows[-1][0]}, subscribed",
+            f"runs.record_turns, batch {size}, subscribed",
             f"{big.turns_per_s:,.0f} turns/s",
             big.turns_per_s / raw_big.turns_per_s,
             0.3,
             "raw SQLite",
+            floor.turns_per_s / raw_big.turns_per_s,
         ),
         summary.at_least(
             f"{RECORDERS} concurrent recorders of batch 1",
@@ -472,12 +639,19 @@ async def _recorders_of(
     stack: contextlib.AsyncExitStack, tree: str | None = None, recorders: int = RECORDERS
 ) -> tuple[int, Client, Client, list[Client]]:
     """A `car-grpc serve` (importing `tree` first, if given: a directory, then its own
-    serve flags after commas), with an agent, a host and `recorders` recorders connected:
-    (its pid, the agent, the host, the recorders)."""
+    serve flags after commas; or the floor's core and relay, `FLOOR`), with an agent, a host
+    and `recorders` recorders connected: (its pid, the agent, the host, the recorders)."""
     home = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "home"
+    ids = ["bench-agent", *(f"bench-recorder-{i}" for i in range(recorders))]
+    if tree == FLOOR:  # no tokens: the floor checks nothing
+        argv = [sys.executable, "-m", "bench.bench_runs", "floor"]
+        server = await stack.enter_async_context(launch(argv, name="floor", stdin=True))
+        _, url = await server.listeners(2, timeout=60)
+        watcher = await open_client(url, {"host_token": FLOOR})
+        clients = [await open_client(url, {"agent_id": agent_id}) for agent_id in ids]
+        return server.proc.pid, clients[0], watcher, clients[1:]
     store = await open_store(home)
     tokens = AgentTokens(store.agent_tokens)
-    ids = ["bench-agent", *(f"bench-recorder-{i}" for i in range(recorders))]
     secrets = [await tokens.add(agent_id) for agent_id in ids]
     await store.close()
     if tree is None:
@@ -542,29 +716,48 @@ async def paired(windows: int, trees: list[str]) -> None:
 
 
 async def paired256(windows: int, arms: list[str]) -> None:
-    """`car-grpc serve` of every arm at once (a tree, then its serve flags after commas),
-    the batch of 256 subscribed given to each in turn, window after window (the order
-    reversed every other one; the first a warm-up). Prints each arm's p50 a batch and
-    server CPU per turn (median and range over the windows), and the paired p50 ratios."""
+    """`car-grpc serve` of every arm at once (a tree, then its serve flags after commas; or
+    `floor`), the batch of 256 subscribed given to each in turn, window after window (the
+    order reversed every other one; the first a warm-up), and raw SQLite's batch of 256
+    once a window. Prints each arm's p50 a batch, its turns/s over raw SQLite's of the same
+    window, and its CPU per turn: all its processes, the first (the core) and the others
+    (the gateway or relay); median and range over the windows; then the paired p50 ratios."""
     async with contextlib.AsyncExitStack() as stack:
         servers = [await _recorders_of(stack, arm, recorders=0) for arm in arms]
+        raw_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         p50: list[list[float]] = [[] for _ in arms]
-        cpu: list[list[float]] = [[] for _ in arms]
+        vs_raw: list[list[float]] = [[] for _ in arms]
+        cpu: list[list[tuple[float, float, float]]] = [[] for _ in arms]
         for window in range(windows + 1):
             order = list(range(len(arms))) if window % 2 else list(range(len(arms)))[::-1]
+            raw = bench_sqlite(256, raw_dir / f"raw-{window}.sqlite3")
             for i in order:
                 pid, agent, watcher, _ = servers[i]
+                core = own_cpu_seconds(pid)
                 figures, _ = await bench_car_grpc(256, agent, watcher, pid)
+                core = (own_cpu_seconds(pid) - core) / TURNS[256] * 1e6
                 if window:
                     p50[i].append(figures.p50_ms)
-                    cpu[i].append(figures.cpu_us)
+                    vs_raw[i].append(figures.turns_per_s / raw.turns_per_s)
+                    cpu[i].append((figures.cpu_us, core, figures.cpu_us - core))
         for _, agent, watcher, _ in servers:
             await _close(agent, watcher)
-    print("batch 256 subscribed, median (range) over the windows: p50 ms | server CPU us/turn")
-    for arm, p, c in zip(arms, p50, cpu, strict=True):
+
+    def spread(values: list[float], unit: str = "") -> str:
+        return (
+            f"{statistics.median(values):.2f}{unit} ({min(values):.2f}-{max(values):.2f})"
+            if unit else f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+        )  # fmt: skip
+
+    print(
+        "batch 256 subscribed, median (range) over the windows: p50 ms | turns/s / raw SQLite's"
+        " | CPU us/turn: all processes = the first (core) + the others (gateway, relay)"
+    )
+    for arm, p, r, c in zip(arms, p50, vs_raw, cpu, strict=True):
+        every, first, others = ([x[k] for x in c] for k in range(3))
         print(
-            f"  {arm:48} {statistics.median(p):6.2f} ({min(p):.2f}-{max(p):.2f})"
-            f" | {statistics.median(c):5.1f} ({min(c):.1f}-{max(c):.1f})"
+            f"  {arm:48} {spread(p)} | {spread(r, 'x')}"
+            f" | {spread(every)} = {spread(first)} + {spread(others)}"
         )
     for i in range(1, len(arms)):
         ratios = [y / x for x, y in zip(p50[0], p50[i], strict=True)]
@@ -577,6 +770,8 @@ async def paired256(windows: int, arms: list[str]) -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["echo"]:
         asyncio.run(run_echo_server())
+    elif sys.argv[1:] == [FLOOR]:
+        asyncio.run(run_floor())
     elif sys.argv[1:2] == ["batch256"]:
         asyncio.run(batch256(int(sys.argv[2]) if len(sys.argv) > 2 else 3, sys.argv[3:]))
     elif sys.argv[1:2] == ["paired256"]:

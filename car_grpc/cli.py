@@ -140,8 +140,9 @@ def _add_core_flags(p: argparse.ArgumentParser) -> None:
         "--max-sessions",
         type=_count,
         metavar="N",
-        help="sessions the core holds at once over all its session streams, one more is "
-        "refused with RESOURCE_EXHAUSTED (default 65536; or CAR_MAX_SESSIONS)",
+        help="sessions the core holds at once over all its session streams, with its "
+        "long-lived typed streams; one more is refused with RESOURCE_EXHAUSTED "
+        "(default 65536; or CAR_MAX_SESSIONS)",
     )
 
 
@@ -478,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_ws_flags(
         serve,
-        "$CAR_HOME/run/car-server.sock, else $XDG_RUNTIME_DIR/ai.parslee.car/car-server.sock",
+        "$CAR_HOME/run/car-server.sock, else $XDG_RUNTIME_DIR/ai.parslee.car/car-server.sock, "
+        "else none",
         "default: the core's own --grpc-tls-cert, right for a self-signed one",
     )
     serve.add_argument(

@@ -309,11 +309,12 @@ class CoreConfig:
     max_inflight_per_session: int = 256
     #: Sessions the core holds at once over all its session streams (Connect,
     #: ConnectBatched, and each session of a ConnectMultiplexed stream; not the one-call
-    #: sessions of typed RPCs): one more is refused with RESOURCE_EXHAUSTED naming this
-    #: limit (--max-sessions, CAR_MAX_SESSIONS). At ~43 KiB an idle session (more when
-    #: busy: bench/README.md) the default is some 2.7 GiB idle, the most a core on a
-    #: machine of a few GiB should be asked to hold; it equals four gateway processes at
-    #: their ws_max_connections each.
+    #: sessions of typed RPCs), counted with its long-lived typed streams (Chat, WatchRun,
+    #: WatchHostEvents, ServeTools, ServeVoice[Batched], A2A's gRPC streams): one more is
+    #: refused with RESOURCE_EXHAUSTED naming this limit (--max-sessions, CAR_MAX_SESSIONS).
+    #: At ~43 KiB an idle session (more when busy: bench/README.md) the default is some
+    #: 2.7 GiB idle, the most a core on a machine of a few GiB should be asked to hold; it
+    #: equals four gateway processes at their ws_max_connections each.
     max_sessions: int = 65_536
     #: Bytes one ConnectMultiplexed stream (a gateway's) may leave unacknowledged across
     #: all its sessions, beside each session's own credits (wire/multiplex.py); a batch

@@ -151,3 +151,32 @@ async def test_a_plain_daemon_client_starts_and_completes_its_own_run(tmp_path: 
     assert seen["complete_again"]["raised"] == "RuntimeError"
     trace = seen["trace"]["result"]
     assert (trace["run_id"], trace["not_found"], trace["records"]) == (started["run_id"], True, [])
+
+
+def readme_example() -> tuple[str, list[str]]:
+    """The Python block under `<!-- car-runtime-example -->` in README.md, and the output
+    the README shows for it."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    after = readme.split("<!-- car-runtime-example -->", 1)[1]
+    code, rest = after.split("```python\n", 1)[1].split("```", 1)
+    shown = rest.split("```\n", 1)[1].split("```", 1)[0].splitlines()
+    return code, shown[1:]  # shown[0] is the command line
+
+
+async def test_the_readme_example(tmp_path: Path) -> None:
+    code, expected = readme_example()
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    home = tmp_path / "home"
+    async with serve(home, *ONE_PROCESS) as url:
+        env = cli_env(
+            home,
+            CAR_DAEMON_URL=url,
+            CAR_NO_VERSION_WARNING="1",
+            CAR_AGENT_ID="my-agent",
+            CAR_AGENT_TOKEN=await agents_add(home, "my-agent"),
+        )
+        async with launch([sys.executable, str(script)], env=env, stdout=True) as example:
+            status, out = await example.output(45)
+    assert status == 0, example.log
+    assert out.splitlines() == expected

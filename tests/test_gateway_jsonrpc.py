@@ -177,6 +177,27 @@ def test_deeply_nested_answers_to_server_requests_fail_precisely_not_the_connect
         session_pb2.ClientFrame.FromString(failed.SerializeToString())  # upb reads it
 
 
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        ("\ud800", '"\\ud800"'),  # not an object: described as JSON
+        ({"code": -32000, "message": "disk \udfff gone"}, "disk \\udfff gone"),
+        ({"code": -32000, "message": ["\ud83d"]}, '["\\ud83d"]'),
+    ],
+)
+def test_an_error_answer_holding_a_lone_surrogate_reaches_the_core(
+    error: Any, message: str
+) -> None:
+    """A client's error answer with an escaped lone surrogate (valid JSON, no valid
+    protobuf string): the core gets the error, its message escaped, and from_client does
+    not raise."""
+    bridge = Bridge()
+    bridge.from_core(tools_execute("cb-1"))
+    [failed] = send(bridge, {"id": "cb-1", "error": error}).frames
+    assert failed.id == "cb-1" and failed.error.message == message
+    session_pb2.ClientFrame.FromString(failed.SerializeToString())
+
+
 def test_bad_params_of_a_notification_are_dropped_silently() -> None:
     inbound = send(Bridge(), {"method": "tools.unregister", "params": {"name": 5}})
     assert inbound.frames == [] and inbound.replies == []

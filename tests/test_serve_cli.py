@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,22 @@ async def serve_and_stop(server: Process, home: Path) -> None:
     # Exactly one line per listener (websockets' own start-up lines are quiet); the
     # fourth is the dashboard's.
     assert sum("listening on" in line for line in server.lines) == 4
+
+
+async def test_serve_says_in_one_line_that_its_grpc_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        async with car_grpc(
+            tmp_path / "home", "serve", "--port", "0", "--grpc-port", busy
+        ) as server:
+            assert await server.wait() == 1
+    assert server.lines[-1].startswith(
+        f"car-grpc: core: cannot listen for gRPC on 127.0.0.1:{busy}"
+    )
+    assert not any("Traceback" in line for line in server.lines)
+    assert not (tmp_path / "home" / "ai.parslee.car" / "auth-token").exists()
 
 
 async def test_serve_flags(tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ from car_grpc.core.chats import Chats
 from car_grpc.core.host import Host
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.store.repositories import A2aClientStore, A2aTaskStore
+from car_grpc.wire.errors import CarError
 
 log = logging.getLogger(__name__)
 
@@ -363,8 +364,14 @@ class A2aServer:
             request: ProtoMessage, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             _GRPC_OWNER.set(await self._grpc_owner(request, context))
-            async for item in behaviour(request, context):
-                yield item
+            try:
+                # Counted with the core's sessions and streams once the caller is known.
+                with self._registry.holding_stream():
+                    async for item in behaviour(request, context):
+                        yield item
+            except CarError as e:  # no room (max_sessions)
+                context.set_trailing_metadata(e.trailers())
+                await context.abort(e.status, e.message)
 
         return call
 

@@ -661,8 +661,9 @@ class GrpcService:
                     raise CarError(-32601, f"unknown method: {rpc.service.name}/{rpc.name}")
                 async with _CallSession(self, context) as session:
                     self.dispatcher.check_access(session, access, rpc.method)
-                    async for item in handler(session, request):
-                        yield item
+                    with self.registry.holding_stream():
+                        async for item in handler(session, request):
+                            yield item
             except CarError as e:
                 await _abort(context, e)
             except StoreUnavailable as e:
@@ -691,7 +692,8 @@ class GrpcService:
             try:
                 async with _CallSession(self, context) as session:
                     self.dispatcher.check_access(session, access, method.full_name)
-                    await handler(session, _ContextStream(context))
+                    with self.registry.holding_stream():
+                        await handler(session, _ContextStream(context))
             except CarError as e:
                 await _abort(context, e)
             except StoreUnavailable as e:

@@ -8,8 +8,9 @@ agents (chats) hear of it through their detach hooks, as they do when the sessio
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from car_grpc.core.metrics import Metrics
 from car_grpc.core.session import ClientSession, Role, SessionLimits
@@ -36,7 +37,8 @@ class SessionRegistry:
         self._metrics = metrics
         self.auth_enabled = auth_enabled
         self.sessions: dict[str, ClientSession] = {}
-        #: Sessions of session streams held at most (CoreConfig.max_sessions), and now.
+        #: Sessions of session streams and long-lived typed streams (`holding_stream`)
+        #: held at most (CoreConfig.max_sessions), and now.
         self.max_sessions = max_sessions
         self.streamed = 0
         self._refusing = False  # said in the log since a session last opened
@@ -51,17 +53,36 @@ class SessionRegistry:
     def on_detach(self, hook: DetachHook) -> None:
         self._detach_hooks.append(hook)
 
-    def check_room(self) -> None:
+    def check_room(self, *, stream: bool = False) -> None:
         """Raise RESOURCE_EXHAUSTED, naming the limit, when the core holds max_sessions
-        sessions of session streams already (a stream is refused before it is answered)."""
+        sessions and streams already (a stream is refused before it is answered);
+        `stream`: the refusal is of a typed stream, not a session."""
         if self.streamed >= self.max_sessions:
             most = self.max_sessions
-            refused = f"too many sessions: the core holds at most {most} (max_sessions)"
+            refused = (
+                f"too many streams: the core holds at most {most} sessions and streams"
+                " (max_sessions)"
+                if stream
+                else f"too many sessions: the core holds at most {most} (max_sessions)"
+            )
             if not self._refusing:  # once until one opens again: a flood floods no log
                 self._refusing = True
                 log.warning("refusing sessions: %s", refused)
             raise resource_exhausted(refused)
         self._refusing = False
+
+    @contextlib.contextmanager
+    def holding_stream(self) -> Iterator[None]:
+        """A long-lived typed stream (a subscription, a chat, a tool host's or a voice
+        engine's stream) counted with the sessions under max_sessions while it lasts,
+        however it ends; refused (`check_room`) when there is no room. Taken once the
+        caller is authenticated and allowed, so no one else ever holds a slot."""
+        self.check_room(stream=True)
+        self.streamed += 1
+        try:
+            yield
+        finally:
+            self.streamed -= 1
 
     def open(self, *, streaming: bool, peer: str = "") -> ClientSession:
         """A new session; a streaming one only while there is room (`check_room`)."""

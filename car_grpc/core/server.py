@@ -72,10 +72,16 @@ class Core:
         credentials = tls.grpc_server_credentials(
             self.config.grpc_tls_cert, self.config.grpc_tls_key
         )
-        if credentials is None:
-            self.grpc_port = server.add_insecure_port(address)
-        else:
-            self.grpc_port = server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.grpc_port = server.add_insecure_port(address)
+            else:
+                self.grpc_port = server.add_secure_port(address, credentials)
+        except RuntimeError as e:  # grpc's "Failed to bind": as an OSError, the CLI's one line
+            raise OSError(
+                f"core: cannot listen for gRPC on {address} (a port in use? --grpc-port 0 "
+                f"picks a free one): {e}"
+            ) from None
         self.core_id = self.config.core_id or default_core_id(self.config.state_root)
         store = self._store or await self._open_store()
         tokens = ServerTokens.mint(self.config.token_dir, write=False) if self.config.auth else None

@@ -185,7 +185,11 @@ def _loads(text: str) -> JSON:
     reads the same. It refuses what json reads differently or with its own error (lone
     surrogates, NaN/Infinity, numbers past the float range, nesting past 1,024 levels):
     json then decides, and says why. Integers past 64 bits orjson would read as floats:
-    a text with 19 digits in a row (any such integer) goes to json from the start."""
+    a text with 19 digits in a row (any such integer) goes to json from the start. One
+    difference is left: json refuses nesting past Python's recursion limit less the
+    caller's stack (about 990 levels) where orjson reads up to 1,024; telling them apart
+    would cost every large frame a scan, and such a frame is refused all the same unless
+    its deep part is in a member nothing reads (-32602 nested too deeply, not -32700)."""
     try:
         data = text.encode()
     except UnicodeEncodeError:
@@ -313,18 +317,28 @@ def _json_error_to_proto(error: JSON) -> errors_pb2.Error:
     """A client's error answer as car.v1.Error, tolerating loose shapes."""
     out = errors_pb2.Error(code=INTERNAL)
     if not isinstance(error, dict):
-        out.message = _describe(error)
+        out.message = _unicode(_describe(error))
         return out
     code, message = error.get("code"), error.get("message")
     if isinstance(code, int) and not isinstance(code, bool) and -(2**31) <= code < 2**31:
         out.code = code
-    out.message = message if isinstance(message, str) else _describe(message)
+    out.message = _unicode(message if isinstance(message, str) else _describe(message))
     if "data" in error:
         try:
             codec.json_to_value(error["data"], out.data)
         except (ValueError, RecursionError):
             out.ClearField("data")
     return out
+
+
+def _unicode(text: str) -> str:
+    """`text` as a protobuf string can hold it: a lone surrogate (JSON may escape one, no
+    UTF-8 holds it) written as its escape, `\\ud800`."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode(errors="backslashreplace").decode()
+    return text
 
 
 def _params_error(e: Exception) -> tuple[str, JSON]:
@@ -466,7 +480,8 @@ def _message(message: JSON, callbacks: Mapping[str, str], shallow: bool) -> Mess
             codec.params_to_message(params, body, binding.bare_field)
     except (ValueError, TypeError, RecursionError) as e:
         msg, data = _params_error(e)
-        msg = api.params_usage(body.DESCRIPTOR) or msg  # e.g. runs.record_turns
+        if not isinstance(e, RecursionError):  # too deep: the error _too_deep gives too
+            msg = api.params_usage(body.DESCRIPTOR) or msg  # e.g. runs.record_turns
         return _refuse(is_request, client_id, error_object(INVALID_PARAMS, msg, data))
     deep = binding.deep and not shallow and turns != turn_text.READ_FLAT
     if deep and _too_deep(frame):

@@ -70,18 +70,39 @@ _MEMBERS = _members()
 _ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
-def plain(value: Any) -> bool:
-    """Whether free-form `value` holds only what orjson writes as the codec does."""
+#: The most objects and arrays orjson writes nested in one another.
+_ORJSON_NESTING = 254
+
+
+def plain(value: Any, depth: int = 0) -> bool:
+    """Whether free-form `value` holds only what orjson writes as the codec does (nested
+    no deeper than it writes: deeper, this would recurse past Python's limit; `depth`: the
+    objects and arrays `value` is in)."""
     kind = type(value)
     if kind is str or kind is bool or value is None:
         return True
     if kind is int:
         return bool(-_EXACT <= value <= _EXACT)
     if kind is dict:
-        return all(plain(item) for item in value.values())
-    if kind is list:
-        return all(plain(item) for item in value)
-    return False
+        items = value.values()
+    elif kind is list:
+        items = value
+    else:
+        return False
+    if depth >= _ORJSON_NESTING:
+        return False
+    depth += 1
+    for item in items:  # scalars here, without a call each
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            continue
+        if kind is int:
+            if -_EXACT <= item <= _EXACT:
+                continue
+            return False
+        if not plain(item, depth):
+            return False
+    return True
 
 
 def turn_text(turn: Any) -> str:
