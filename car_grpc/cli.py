@@ -474,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the server: the gRPC core and the WebSocket gateway in one process",
         description="Run the gRPC core and the WebSocket JSON-RPC gateway in one process, "
         "with its store (the SQLite file under $CAR_HOME unless --store names another) and "
-        "the token files under $CAR_HOME. Logs one line per "
+        "its token files (in $CAR_HOME/ai.parslee.car when CAR_HOME is set, else "
+        "$XDG_RUNTIME_DIR/ai.parslee.car, else ~/.config/ai.parslee.car). Logs one line per "
         "listener; SIGINT/SIGTERM stop it cleanly (token files removed, store closed).",
     )
     _add_ws_flags(
@@ -538,8 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
         "as any speech engine would: 'sphinx' (speech to text; options sample_rate, phrases) "
         "and, when espeak-ng is installed, 'espeak' (text to speech; options text, voice, "
         "words_per_minute, sample_rate). Authenticates with CAR_AUTH_TOKEN or the daemon "
-        "token file under $CAR_HOME; connects again whenever the core goes away. Needs the "
-        "voice extra: pip install 'car-grpc[voice]'.",
+        "token file where serve writes it ($CAR_HOME/ai.parslee.car, else "
+        "$XDG_RUNTIME_DIR/ai.parslee.car, else ~/.config/ai.parslee.car); connects again "
+        "whenever the core goes away. Needs the voice extra: pip install 'car-grpc[voice]'.",
     )
     voice.add_argument(
         "--core",

@@ -1,5 +1,6 @@
 """Client programs in other processes: the TypeScript client (clients/node, run by Node.js
-with tsx) and an agent on the official `car-runtime` client (tests/car_runtime_agent.py).
+with tsx), the Python examples (clients/python) and an agent on the official `car-runtime`
+client (tests/car_runtime_agent.py).
 
 The programs report what they do as JSON lines on stdout (`{"event": "ready", ...}`); a
 test waits for the events it expects. `npm ci` runs once, when node_modules does not match
@@ -23,6 +24,7 @@ from tests.processes import Process, cli_env, launch
 
 TESTS = Path(__file__).resolve().parent
 NODE_DIR = TESTS.parent / "clients" / "node"
+PYTHON_DIR = TESTS.parent / "clients" / "python"
 _LOCK = NODE_DIR / "package-lock.json"
 _STAMP = NODE_DIR / "node_modules" / ".car-grpc-installed-lock"
 
@@ -132,6 +134,17 @@ def run_node(
     full_env = cli_env(car_home, CAR_GRPC_ADDRESS=address, **env)
     argv = [node, "--import", "tsx", str(NODE_DIR / script), *args]
     return run_program(script, argv, full_env, NODE_DIR)
+
+
+def run_python(
+    script: str, *args: str, address: str, car_home: Path, **env: str
+) -> contextlib.AbstractAsyncContextManager[Program]:
+    """Start `python clients/python/<script> <args>` (this interpreter: car_grpc.v1 is
+    installed) against the server's gRPC `address`, finding the token files under
+    `car_home` as a local client would; `env` is added."""
+    full_env = cli_env(car_home, CAR_GRPC_ADDRESS=address, **env)
+    argv = [sys.executable, str(PYTHON_DIR / script), *args]
+    return run_program(script, argv, full_env, PYTHON_DIR)
 
 
 def run_car_runtime_agent(

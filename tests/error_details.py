@@ -40,7 +40,6 @@ def error_info(e: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     return infos[0]
 
 
-# guide:errors
 def car_error(e: grpc.aio.AioRpcError) -> errors_pb2.Error:
     """The car.v1.Error among the details of the google.rpc.Status of a failed call."""
     status = rpc_status.from_call(e)
@@ -52,9 +51,6 @@ def car_error(e: grpc.aio.AioRpcError) -> errors_pb2.Error:
             errors.append(error)
     assert len(errors) == 1, status
     return errors[0]
-
-
-# guide:end
 
 
 def assert_rich_status(e: grpc.aio.AioRpcError, error: errors_pb2.Error) -> None:

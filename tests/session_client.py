@@ -128,7 +128,6 @@ class SessionClient:
         await stopped(asyncio.gather(self._reader, return_exceptions=True), "the client's reader")
 
 
-# guide:connect
 async def connect(
     channel: grpc.aio.Channel,
     *,
@@ -152,6 +151,3 @@ async def connect(
         hs.protocol_version.number_value = 3
         await client.request("server_handshake", hs)
     return client
-
-
-# guide:end

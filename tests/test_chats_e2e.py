@@ -24,6 +24,7 @@ from tests.chat_helpers import (
     tokens,
 )
 from tests.conftest import make_config
+from tests.error_details import car_error, error_info
 from tests.roles import agent, chat_host, host_role, ordinary
 from tests.session_client import SessionClient
 
@@ -149,8 +150,12 @@ async def test_chat_with_an_agent_that_is_not_attached(
     with pytest.raises(grpc.aio.AioRpcError) as rpc_err:
         async for _ in call:
             pass
-    assert rpc_err.value.code() == grpc.StatusCode.INTERNAL
+    # The session stream (the JSON wire's frames) keeps -32603; a typed client gets the
+    # status of a state it can wait out, with the same JSON-RPC code in its details.
+    assert rpc_err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert rpc_err.value.details() == "agent 'nobody' is not attached"
+    assert car_error(rpc_err.value).code == INTERNAL
+    assert error_info(rpc_err.value).reason == "FAILED_PRECONDITION"
 
 
 @pytest.mark.parametrize("config", [2.0], indirect=True)  # the ack bound

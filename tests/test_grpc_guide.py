@@ -52,15 +52,20 @@ def test_the_guide_names_every_service_and_no_retired_setup() -> None:
 
 def test_every_program_the_guide_shows_is_run_by_a_test() -> None:
     text = GUIDE.read_text()
-    tests = (ROOT / "tests" / "test_polyglot_node.py").read_text() + (
-        ROOT / "tests" / "test_polyglot_go.py"
-    ).read_text()
+    tests = "".join(
+        (ROOT / "tests" / f"test_polyglot_{language}.py").read_text()
+        for language in ("node", "go", "python")
+    )
     node = set(re.findall(r"clients/node/([\w-]+\.ts)", text)) | set(
         re.findall(r"\]\(\.\./clients/node/([\w-]+\.ts)\)", text)
     )
     go = set(re.findall(r"clients/go/cmd/([\w-]+)/main\.go", text))
-    assert node and go
+    # car.py is the programs' helper, not a program.
+    python = set(re.findall(r"clients/python/([\w-]+\.py)", text)) - {"car.py"}
+    assert node and go and python
     for program in node:
         assert f'"{program}"' in tests, f"no test runs clients/node/{program}"
     for program in go:
         assert f'"{program}"' in tests, f"no test runs clients/go/cmd/{program}"
+    for program in python:
+        assert f'"{program}"' in tests, f"no test runs clients/python/{program}"

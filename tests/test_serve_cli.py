@@ -111,6 +111,12 @@ async def test_help_documents_every_flag() -> None:
     _, text, _ = await completed(car_grpc_argv("serve", "--help"), timeout=20)
     for flag in ("--host", "--port", "--grpc-port", "--no-auth", "--no-approvals"):
         assert re.search(rf"^\s+{flag}\b.*\S", text, re.M), flag
+    # Where the token files go, as config.default_token_dir decides it.
+    where = (
+        "$CAR_HOME/ai.parslee.car when CAR_HOME is set, else $XDG_RUNTIME_DIR/ai.parslee.car, "
+        "else ~/.config/ai.parslee.car"
+    )
+    assert where in " ".join(text.split())
 
 
 async def test_gateway_process_in_front_of_a_core(tmp_path: Path, core: Core) -> None:

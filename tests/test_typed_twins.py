@@ -195,19 +195,16 @@ async def test_typed_clients_see_enums(core: Core, channel: grpc.aio.Channel) ->
         outcome = runs_pb2.RunOutcome(status_enum=runs_pb2.RUN_OUTCOME_STATUS_PARTIAL_SUCCESS)
         complete = runs_pb2.CompleteRunRequest(run_id=run.run_id, outcome=outcome)
         await agent.request("runs_complete", complete)
-        # guide:typed-rpc
         runs = runs_pb2_grpc.RunServiceStub(channel)
         trace = await runs.GetTrace(
             runs_pb2.GetTraceRequest(run_id=run.run_id), metadata=as_agent, timeout=10
         )
         ended = trace.records[-1].ended.outcome
-        # guide:end
         assert (ended.status, ended.status_enum) == (
             "partial_success",
             runs_pb2.RUN_OUTCOME_STATUS_PARTIAL_SUCCESS,
         )
 
-        # guide:typed-error
         # Errors: the ErrorCode beside the JSON-RPC code, in car-error-bin.
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await runs.GetTrace(
@@ -217,7 +214,6 @@ async def test_typed_clients_see_enums(core: Core, channel: grpc.aio.Channel) ->
         assert isinstance(trailer, bytes)
         error = errors_pb2.Error.FromString(trailer)
         assert (error.code, error.error_code) == (-32602, errors_pb2.ERROR_CODE_INVALID_PARAMS)
-        # guide:end
     finally:
         for session in (client, agent, host):
             await session.close()

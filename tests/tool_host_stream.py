@@ -3,7 +3,7 @@
 `StreamToolHost(channel, tools, metadata=...)` registers `tools` (name -> async function
 of the ToolCall returning the output, or raising `HostToolError`), answers every call on
 its own task, and cancels that task when the server sends a cancel. Every call and cancel
-is recorded for the test to inspect. docs/grpc-guide.md §7 shows its core.
+is recorded for the test to inspect. (For users: clients/python/serve-tools.py.)
 """
 
 from __future__ import annotations
@@ -90,7 +90,6 @@ class StreamToolHost:
     def resume_reading(self) -> None:
         self._reading.set()
 
-    # guide:read
     async def _read(self) -> None:
         try:
             while True:
@@ -116,15 +115,12 @@ class StreamToolHost:
         finally:
             self.ended.set()
 
-    # guide:end
-
     def _start(self, call: tools_pb2.ToolCall) -> None:
         """Answer `call` on a task of its own (cancelled by a cancel for it)."""
         task = asyncio.create_task(self._answer(call))
         self._answering[call.request_id] = task
         task.add_done_callback(lambda _: self._answering.pop(call.request_id, None))
 
-    # guide:answer
     async def _answer(self, call: tools_pb2.ToolCall) -> None:
         result = tools_pb2.ToolResult(request_id=call.request_id)
         try:
@@ -134,8 +130,6 @@ class StreamToolHost:
         # The stream may be gone by now (its status still comes to the reader).
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
             await self.send(ServeToolsRequest(result=result))
-
-    # guide:end
 
     async def answer(self, request_id: str, output: Any) -> None:
         """Answer a call by hand (e.g. after it was cancelled: a late answer)."""

@@ -39,7 +39,7 @@ from car_grpc.core.session import ClientSession, Role, SessionClosed
 from car_grpc.store.repositories import GoalStore
 from car_grpc.v1 import chats_pb2, session_pb2
 from car_grpc.wire import chat_text
-from car_grpc.wire.errors import INTERNAL, CarError, field_error, require
+from car_grpc.wire.errors import INTERNAL, CarError, failed_precondition, field_error, require
 
 if TYPE_CHECKING:
     from car_grpc.core.peers import Peers, RemoteChat
@@ -131,6 +131,12 @@ def goal_status_after(kind: str | None, evaluated: bool, met: bool) -> GoalStatu
     if kind == "done" and not evaluated:
         return chats_pb2.GOAL_STATUS_UNEVALUATED
     return chats_pb2.GOAL_STATUS_ACTIVE  # the goal still stands; no chat runs it
+
+
+def _not_attached(agent_id: str) -> CarError:
+    """No session is attached as `agent_id` (on any core): -32603 on the JSON wire, as
+    car-runtime expects, and FAILED_PRECONDITION for typed clients (a state, not a fault)."""
+    return failed_precondition(INTERNAL, f"agent '{agent_id}' is not attached")
 
 
 def _error_event(message: str) -> chats_pb2.ChatEvent:
@@ -241,7 +247,8 @@ class Chats:
         """Validate, route to the attached agent and wait for its ack.
 
         Returns the accepted chat; raises CarError (-32602 for bad params, -32603 when the
-        agent is not attached, refuses, disconnects or does not ack in time). An agent
+        agent is not attached (FAILED_PRECONDITION on typed RPCs), refuses, disconnects or
+        does not ack in time). An agent
         attached on another core of the cluster is chatted with there (`local_only`: the
         request came from another core, which looked already). The stored goal of the
         session_id is used only when it is within `goals` (default: the host's scope).
@@ -269,7 +276,7 @@ class Chats:
         agent = self._registry.attached.get(agent_id)
         if agent is None:
             if self.peers is None or local_only:
-                raise CarError(INTERNAL, f"agent '{agent_id}' is not attached")
+                raise _not_attached(agent_id)
             return await self._open_remote(host, req, session_id, goals)
         if goal is None and stored is not None:
             goal = chats_pb2.ChatGoal(check=stored.check, max_iterations=stored.max_iterations)
@@ -335,7 +342,8 @@ class Chats:
             self._lost(chat, "the host went away", cancel_agent=False)
             raise
         if remote is None:
-            raise self._lost(chat, f"agent '{req.agent_id}' is not attached", cancel_agent=False)
+            self._lost(chat, f"agent '{req.agent_id}' is not attached", cancel_agent=False)
+            raise _not_attached(req.agent_id)
         chat.remote = remote
         if chat.lost is not None:  # the host went away meanwhile
             remote.cancel()
