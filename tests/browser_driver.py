@@ -15,6 +15,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from tests.bounded import stopped
+
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "tests" / "browser" / "driver.mjs"
 SETUP = ROOT / "scripts" / "setup_browser.sh"
@@ -128,4 +130,4 @@ class Browser:
         if self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
-        await self._proc.wait()
+        await stopped(self._proc.wait(), "the browser driver's exit")

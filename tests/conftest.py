@@ -15,7 +15,8 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from tests.postgres_server import PostgresServer
-from tests.ws_helpers import running, stopped
+from tests.session_client import SessionClient, connect
+from tests.ws_helpers import daemon_token, running, running_core
 
 #: `CAR_TEST_STORE=postgresql ./dev test` runs every core that make_config configures (the
 #: in-process ones) on a database of its own on the session's PostgreSQL server instead of
@@ -74,18 +75,22 @@ async def served(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
 
 @pytest.fixture
 async def core(config: Config) -> AsyncIterator[Core]:
-    core = Core(config.core)
-    await core.start()
-    try:
+    async with running_core(config.core) as core:
         yield core
-    finally:
-        await stopped(core.stop(grace=0), "the core's stop")
 
 
 @pytest.fixture
 async def channel(core: Core) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(core.grpc_address) as ch:
         yield ch
+
+
+@pytest.fixture
+async def client(core: Core, channel: grpc.aio.Channel) -> AsyncIterator[SessionClient]:
+    """A session on `core` with its daemon token."""
+    c = await connect(channel, token=daemon_token(core))
+    yield c
+    await c.close()
 
 
 @pytest.fixture(scope="session")

@@ -34,9 +34,11 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+from tests.bounded import bounded
 
 #: A listener's log line; `address` as logged.
 LISTENING = re.compile(r"\blistening on (?P<address>\S+)")
@@ -152,10 +154,20 @@ class Process:
 
     async def wait(self, timeout: float = 10) -> int:
         """Its exit code, once it exited and its log is read to the end."""
-        async with asyncio.timeout(timeout):
+
+        async def exited() -> int:
             code = await self.proc.wait()
             await self._reader
-        return code
+            return code
+
+        return await bounded(exited(), f"{self.name}'s exit", within=timeout)
+
+    async def output(self, timeout: float = 45) -> tuple[int, str]:
+        """Its exit code and all it wrote to stdout (launched with stdout=True), once it
+        exited within `timeout`."""
+        assert self.proc.stdout is not None, "launched without stdout=True"
+        out = await bounded(self.proc.stdout.read(), f"{self.name}'s output", within=timeout)
+        return await self.wait(timeout), out.decode()
 
     async def terminate(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
         """Send `sig` and return the exit code (within `timeout`)."""
@@ -178,7 +190,7 @@ class Process:
                 await asyncio.wait_for(self.proc.wait(), grace)
             except TimeoutError:
                 self.proc.kill()
-        return await self.wait()
+        return await self.wait()  # bounded: after SIGKILL only the log's end is awaited
 
 
 @contextlib.asynccontextmanager
@@ -210,6 +222,23 @@ async def launch(
         yield process
     finally:
         await process.stop(grace)
+
+
+async def completed(
+    argv: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 30
+) -> tuple[int, str, str]:
+    """Run `argv` to its end (within `timeout`): its exit code, stdout and stderr."""
+    async with launch(argv, env=env, stdout=True) as process:
+        code, out = await process.output(timeout)
+    return code, out, process.log
+
+
+async def agents_add(home: str | Path, agent_id: str) -> str:
+    """`car-grpc agents add AGENT_ID` with CAR_HOME=home, the operator's command (it prints
+    the agent's token once, by design); the token."""
+    code, out, err = await completed(car_grpc_argv("agents", "add", agent_id), cli_env(home))
+    assert code == 0, err
+    return out.strip()
 
 
 def car_grpc(home: str | Path, *args: str) -> contextlib.AbstractAsyncContextManager[Process]:
@@ -306,7 +335,7 @@ class Served:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+                self.proc.wait(GRACE)
         self._reader.join(5)
         return self.proc.returncode
 
@@ -330,3 +359,15 @@ def start_serve(car_home: Path, *flags: str, timeout: float = 30) -> Served:
         served.stop()
         raise
     return served
+
+
+@contextlib.contextmanager
+def serving(car_home: Path, *flags: str) -> Iterator[Served]:
+    """`start_serve(car_home, *flags)` for a fixture: stopped at the end, which fails unless
+    it exited cleanly."""
+    server = start_serve(car_home, *flags)
+    try:
+        yield server
+    finally:
+        code = server.stop()
+    assert code == 0, "car-grpc serve did not exit cleanly:\n" + server.log

@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 from car_grpc.v1 import session_pb2, session_pb2_grpc
 from car_grpc.wire.errors import CarError
+from tests.bounded import stopped
 
 ServerRequestHandler = Callable[[session_pb2.ServerFrame], Coroutine[Any, Any, None]]
 
@@ -123,8 +124,8 @@ class SessionClient:
         with contextlib.suppress(Exception):
             await self.call.done_writing()
         self.call.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._reader
+        # Whatever it ended with (cancelled, the stream's error) is no news at a close.
+        await stopped(asyncio.gather(self._reader, return_exceptions=True), "the client's reader")
 
 
 async def connect(

@@ -22,10 +22,11 @@ from car_grpc.a2a.server import A2aListener
 from car_grpc.cli import build_parser, config_from
 from car_grpc.config import Config
 from car_grpc.core.server import Core
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.test_cli_e2e import TOKEN, run_car_grpc
 from tests.test_tls import Certificate, certificate
-from tests.ws_helpers import rpc, running
+from tests.ws_helpers import rpc, running, running_core
 
 __all__ = ["certificate"]
 
@@ -42,9 +43,7 @@ async def get_task(core: Core, token: str) -> httpx.Response:
 async def test_a2a_clients_add_list_remove_on_a_running_core(tmp_path: Path) -> None:
     config = make_config(tmp_path, store=None)  # the store `a2a-clients` uses by default
     car_home = config.core.state_root
-    core = Core(config.core)
-    await core.start()
-    try:
+    async with running_core(config.core) as core:
         code, out, err = await run_car_grpc(car_home, "a2a-clients", "add", "peer")
         assert code == 0, err
         token = out.strip()
@@ -59,8 +58,6 @@ async def test_a2a_clients_add_list_remove_on_a_running_core(tmp_path: Path) -> 
         assert (await get_task(core, token)).status_code == 401
         code, _, err = await run_car_grpc(car_home, "a2a-clients", "remove", "peer")
         assert code == 1 and "peer" in err
-    finally:
-        await core.stop(grace=0)
 
 
 def test_a2a_flags_and_default_ports() -> None:
@@ -80,17 +77,13 @@ def test_a2a_flags_and_default_ports() -> None:
 
 
 async def test_no_a2a_serves_no_listener_and_no_service(tmp_path: Path) -> None:
-    core = Core(make_config(tmp_path, a2a=False).core)
-    await core.start()
-    try:
+    async with running_core(make_config(tmp_path, a2a=False).core) as core:
         assert core.a2a is None and core.a2a_url == ""
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
             stub = a2a_pb2_grpc.A2AServiceStub(channel)  # type: ignore[no-untyped-call]
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.GetTask(GetTaskRequest(tenant="a", id="t"))
             assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    finally:
-        await core.stop(grace=0)
 
 
 async def test_the_a2a_listener_speaks_tls_with_its_certificate(
@@ -139,4 +132,4 @@ async def test_a_connection_that_sends_no_request_head_in_time_is_closed() -> No
         async with httpx.AsyncClient() as http:  # a prompt request is served as ever
             assert (await http.get(f"{listener.url}/")).text == "ok"
     finally:
-        await listener.stop()
+        await stopped(listener.stop())

@@ -47,8 +47,10 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.store import A2aTaskRow
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.postgres_server import PostgresServer
+from tests.processes import launch
 from tests.test_chats_ws import car_runtime_agent
 from tests.ws_helpers import Rpc, rpc, running
 
@@ -358,7 +360,7 @@ async def test_tasks_survive_a_restart_and_one_left_running_ends_failed(config: 
             await asyncio.wait_for(started, 10)
             left_id = await task_id_of(agent, chat)
             # The server stops while the second task runs.
-            await core.stop(grace=0)
+            await stopped(core.stop(grace=0))
     async with running(config) as (core, _):
         answer = await jsonrpc(core, AGENT, token, "GetTask", {"id": done_id})
         assert answer["result"]["status"]["state"] == "TASK_STATE_COMPLETED"
@@ -495,18 +497,18 @@ async def test_the_readme_example_talks_to_an_attached_agent(
         "A2A_AGENT_URL": f"{core.a2a_url}/a2a/my-agent",
         "A2A_TOKEN": await caller_token(core, "my-peer"),
     }
-    async with attached(gateway, core, "my-agent") as agent:
-        example = await asyncio.create_subprocess_exec(
-            sys.executable, str(script), env=env, stdout=asyncio.subprocess.PIPE
-        )
+    async with (
+        attached(gateway, core, "my-agent") as agent,
+        launch([sys.executable, str(script)], env=env, stdout=True) as example,
+    ):
         chat = await take_chat(agent)
         assert chat["prompt"] == "Hello!"
         for delta in ("Hi ", "there"):
             await say(agent, chat["session_id"], "token", delta=delta)
         await say(agent, chat["session_id"], "done")
-        out, _ = await asyncio.wait_for(example.communicate(), 30)
-    assert example.returncode == 0
-    assert out.decode().splitlines()[-2:] == ["Hi there", "[TASK_STATE_COMPLETED]"]
+        code, out = await example.output(30)
+    assert code == 0, example.log
+    assert out.splitlines()[-2:] == ["Hi there", "[TASK_STATE_COMPLETED]"]
 
 
 async def test_v0_3_method_names_are_served_as_aliases(served: tuple[Core, Gateway]) -> None:

@@ -32,7 +32,7 @@ from car_grpc.wire.errors import INVALID_PARAMS
 from tests.a2a_remote_agent import QUESTION, SURFACE, RemoteAgent, remote_agent
 from tests.conftest import make_config
 from tests.postgres_server import PostgresServer
-from tests.test_car_runtime import car_env
+from tests.processes import cli_env, completed
 from tests.ws_helpers import Rpc, daemon_token, rpc, running
 
 SECRET = "route-secret-7f3a9c1e5b"
@@ -333,22 +333,13 @@ async def test_car_runtime_a2a_send_reaches_the_remote_agent(tmp_path: Path) -> 
     users call them, in a process of their own."""
     config = make_config(tmp_path)
     async with remote_agent() as agent, running(config) as (_core, gateway):
-        env = car_env(
+        env = cli_env(
             config.core.state_root, CAR_DAEMON_URL=gateway.url, CAR_NO_VERSION_WARNING="1"
         )
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(CAR_RUNTIME_A2A),
-            agent.url,
-            SECRET,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), 45)
-        assert proc.returncode == 0, err.decode()
-        seen = json.loads(out.decode().strip().splitlines()[-1])
+        argv = [sys.executable, str(CAR_RUNTIME_A2A), agent.url, SECRET]
+        code, out, err = await completed(argv, env, timeout=45)
+        assert code == 0, err
+        seen = json.loads(out.strip().splitlines()[-1])
         sent = seen["a2a_send"]["result"]
         assert sent["result"]["task"]["status"]["state"] == "TASK_STATE_INPUT_REQUIRED"
         assert [s["surfaceId"] for s in seen["a2ui_surfaces"]["result"]] == [SURFACE]

@@ -16,9 +16,11 @@ from car_grpc.store import open_store
 from car_grpc.v1 import errors_pb2, host_pb2, host_pb2_grpc, session_pb2, tools_pb2
 from car_grpc.wire import codec
 from car_grpc.wire.errors import APPROVAL_DENIED, ERROR_TRAILER, INTERNAL, INVALID_PARAMS, CarError
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.error_details import error_info
 from tests.session_client import SessionClient, connect
+from tests.ws_helpers import running_core
 
 HostApproval = host_pb2.HostApproval
 
@@ -36,7 +38,7 @@ async def started(tmp_path: Path) -> AsyncIterator[Any]:
 
     yield start
     for core in cores:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 def token(core: Core) -> str:
@@ -273,7 +275,7 @@ async def test_methods_that_cannot_be_gated_are_refused_at_start(tmp_path: Path)
     core = Core(make_config(tmp_path, gated_methods=frozenset({"host.resolve_approval"})).core)
     with pytest.raises(ValueError, match=r"cannot be gated: host\.resolve_approval"):
         await core.start()
-    await core.stop()
+    await stopped(core.stop())
 
 
 async def test_a_gated_proposal_calls_its_tools_only_after_approval(started: Any) -> None:
@@ -345,27 +347,25 @@ async def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:
                 "host_request_approval", host_pb2.RequestApprovalRequest(title="Later?")
             )
         ).approval
-        await first.stop(grace=0)
+        await stopped(first.stop(grace=0))
         with pytest.raises(ConnectionError):
             await parked
         await raiser.close()
         await person.close()
 
-    second = Core(config.core)
-    await second.start()
-    try:
-        async with grpc.aio.insecure_channel(second.grpc_address) as channel:
-            reader = await session(second, channel)
-            rows = {a.id: a for a in await listing(reader)}
-            assert (status_of(rows[kept.id]), rows[kept.id].notes) == ("approved", "ok")
-            assert rows[kept.id].action == "Ship it?"
-            for pending in (gated, open_one):
-                assert status_of(rows[pending.id]) == "expired"
-            snapshot = await reader.request("host_subscribe", host_pb2.SubscribeHostRequest())
-            assert not snapshot.approvals  # nothing is pending any more
-            await reader.close()
-    finally:
-        await second.stop(grace=0)
+    async with (
+        running_core(config.core) as second,
+        grpc.aio.insecure_channel(second.grpc_address) as channel,
+    ):
+        reader = await session(second, channel)
+        rows = {a.id: a for a in await listing(reader)}
+        assert (status_of(rows[kept.id]), rows[kept.id].notes) == ("approved", "ok")
+        assert rows[kept.id].action == "Ship it?"
+        for pending in (gated, open_one):
+            assert status_of(rows[pending.id]) == "expired"
+        snapshot = await reader.request("host_subscribe", host_pb2.SubscribeHostRequest())
+        assert not snapshot.approvals  # nothing is pending any more
+        await reader.close()
 
 
 async def test_pending_approvals_of_a_dead_server_expire_at_start(tmp_path: Path) -> None:
@@ -382,20 +382,18 @@ async def test_pending_approvals_of_a_dead_server_expire_at_start(tmp_path: Path
     await store.approvals.insert(orphan)
     await store.close()
 
-    core = Core(config.core)
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-            reader = await session(core, channel)
-            (row,) = await listing(reader)
-            assert (row.id, status_of(row), row.notes) == (
-                "orphan",
-                "expired",
-                "the server stopped",
-            )
-            await reader.close()
-    finally:
-        await core.stop(grace=0)
+    async with (
+        running_core(config.core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
+        reader = await session(core, channel)
+        (row,) = await listing(reader)
+        assert (row.id, status_of(row), row.notes) == (
+            "orphan",
+            "expired",
+            "the server stopped",
+        )
+        await reader.close()
 
 
 # ---------------------------------------------------------------- who may resolve and read

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.wire.errors import APPROVAL_DENIED, HANDSHAKE_REQUIRED, INVALID_PARAMS
 from tests.conftest import make_config
+from tests.processes import cli_env, launch
 from tests.ws_helpers import Rpc, daemon_token, rpc, running
 
 JSON = Any
@@ -118,33 +118,21 @@ async def test_car_runtime_tools_run_only_after_the_gate_approves(tmp_path: Path
     config = make_config(tmp_path, gated_methods=frozenset({"proposal.submit"}))
     async with running(config) as (core, gateway), peer(core, gateway) as person:
         await person.result("host.subscribe", {})
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-        env |= {
-            "CAR_DAEMON_URL": gateway.url,
-            "CAR_AUTH_TOKEN": daemon_token(core),
-            "CAR_NO_VERSION_WARNING": "1",
-        }
+        env = cli_env(
+            CAR_DAEMON_URL=gateway.url,
+            CAR_AUTH_TOKEN=daemon_token(core),
+            CAR_NO_VERSION_WARNING="1",
+        )
         for approved in (True, False):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                str(GATED_SCRIPT),
-                env=env,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            try:
+            async with launch([sys.executable, str(GATED_SCRIPT)], env=env, stdout=True) as proc:
                 approval = (await host_event(person, "approval.requested"))["payload"]
                 assert approval["action"] == "ws.method:proposal.submit"
                 await person.result(
                     "host.resolve_approval", {"approval_id": approval["id"], "approved": approved}
                 )
-                out, err = await asyncio.wait_for(proc.communicate(), 30)
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-            assert proc.returncode == 0, err.decode()
-            *_, last = out.decode().splitlines()
+                code, out = await proc.output(30)
+            assert code == 0, proc.log
+            *_, last = out.splitlines()
             seen = json.loads(last)
             if approved:
                 (action,) = seen["result"]["results"]

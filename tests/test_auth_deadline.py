@@ -18,6 +18,7 @@ from websockets.frames import CloseCode
 
 from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2, session_pb2_grpc
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.ws_helpers import Rpc, daemon_token, running
 
@@ -71,7 +72,7 @@ async def test_a_stream_not_authenticated_in_time_ends_unauthenticated(
             # Its session was open (the deadline starts with it): its room is free again.
             await until(lambda: streams_held(core) == 0)
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 @pytest.mark.parametrize("method", ["Connect", "ConnectBatched"])
@@ -93,7 +94,7 @@ async def test_an_authenticated_stream_outlives_the_deadline(tmp_path: Path, met
                 assert members(method, await call.read()) == ["state_keys"]
             call.cancel()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 async def test_no_deadline_with_auth_off(tmp_path: Path) -> None:
@@ -112,7 +113,7 @@ async def test_no_deadline_with_auth_off(tmp_path: Path) -> None:
             assert answer.WhichOneof("body") == "state_keys"
             call.cancel()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 async def test_a_gateway_client_of_an_expired_stream_is_closed_1008_with_the_reason(

@@ -15,8 +15,10 @@ from car_grpc.core.session import Role
 from car_grpc.core.tokens import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
 from car_grpc.v1 import session_pb2, state_pb2
 from car_grpc.wire.errors import AUTH_REQUIRED, INTERNAL, CarError
+from tests.bounded import bounded
 from tests.conftest import make_config
 from tests.session_client import SessionClient
+from tests.ws_helpers import running_core
 
 Auth = session_pb2.AuthenticateRequest
 TOKEN_MISMATCH = "auth failed: token mismatch"
@@ -108,7 +110,7 @@ async def test_wrong_tokens_leave_the_session_unauthenticated(
     with pytest.raises(CarError) as err:
         await client.request("state_keys", state_pb2.ListStateKeysRequest())
     assert err.value.code == AUTH_REQUIRED
-    await client.ended.wait()
+    await bounded(client.ended.wait())
     assert client.end_code == grpc.StatusCode.UNAUTHENTICATED
     await client.close()
 
@@ -121,7 +123,7 @@ async def test_missing_auth_is_refused_and_the_stream_closed(
         await client.request("state_keys", state_pb2.ListStateKeysRequest())
     assert err.value.code == AUTH_REQUIRED
     assert err.value.message.startswith("auth required: ")
-    await client.ended.wait()
+    await bounded(client.ended.wait())
     assert client.end_code == grpc.StatusCode.UNAUTHENTICATED
     await client.close()
 
@@ -152,9 +154,7 @@ async def test_reattach_replaces_the_older_attachment(
 
 async def test_no_auth(tmp_path: Path) -> None:
     config = make_config(tmp_path, auth=False)
-    core = Core(config.core)
-    await core.start()
-    try:
+    async with running_core(config.core) as core:
         assert not (config.core.token_dir / AUTH_TOKEN_FILE).exists()
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
             client, reply = await auth(channel, Auth(token="anything", memory_namespace="n"))
@@ -168,8 +168,6 @@ async def test_no_auth(tmp_path: Path) -> None:
             assert (await client.request("server_handshake", hs)).protocol_version == 3
             await assert_usable(client)
             await client.close()
-    finally:
-        await core.stop(grace=0)
 
 
 def _mode(path: Path) -> int:
@@ -178,17 +176,13 @@ def _mode(path: Path) -> int:
 
 async def test_token_files_are_private_and_removed_on_stop(tmp_path: Path) -> None:
     config = make_config(tmp_path)
-    core = Core(config.core)
-    await core.start()
-    try:
+    async with running_core(config.core) as core:
         daemon, host = tokens(core)
         auth_file = config.core.token_dir / AUTH_TOKEN_FILE
         host_file = config.core.token_dir / HOST_TOKEN_FILE
         assert auth_file.read_text() == daemon and host_file.read_text() == host
         assert len(daemon) == len(host) == 43 and daemon != host
         assert _mode(auth_file) == _mode(host_file) == 0o600
-    finally:
-        await core.stop(grace=0)
     assert not auth_file.exists() and not host_file.exists()
 
 

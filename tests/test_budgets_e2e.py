@@ -26,6 +26,7 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2, state_pb2, tools_pb2
 from car_grpc.wire.codec import to_value
 from car_grpc.wire.errors import INVALID_PARAMS
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.session_client import connect
 from tests.ws_helpers import Rpc, daemon_token, rpc, running
@@ -273,7 +274,7 @@ async def test_the_cores_outbound_queue_is_bounded_in_bytes(tmp_path: Path) -> N
                 assert result.output.string_value == value
             await client.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 def test_the_budgets_defaults() -> None:

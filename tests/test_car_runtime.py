@@ -6,9 +6,7 @@ configured only by environment variables and keeps process-wide handlers)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,37 +17,19 @@ from car_grpc.wire.errors import (
     METHOD_NOT_FOUND,
     PROTOCOL_VERSION_MISMATCH,
 )
-from tests.processes import ONE_PROCESS, car_grpc_argv, serve
+from tests.processes import ONE_PROCESS, agents_add, cli_env, launch, serve
 
 SCENARIOS = Path(__file__).with_name("car_runtime_scenarios.py")
 
 
-def car_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-    return env | {"CAR_HOME": str(home), **extra}
-
-
 async def run_scenario(name: str, url: str, home: Path, **extra: str) -> dict[str, Any]:
-    env = car_env(
+    env = cli_env(
         home, CAR_DAEMON_URL=url, CAR_NO_VERSION_WARNING="1", CAR_DAEMON_TIMEOUT="20", **extra
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(SCENARIOS),
-        name,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 45)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()
-    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    async with launch([sys.executable, str(SCENARIOS), name], env=env, stdout=True) as proc:
+        code, out = await proc.output(45)
+    assert code == 0, proc.log
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
 
@@ -141,26 +121,9 @@ async def test_cancel_handler_receives_tools_cancel(tmp_path: Path) -> None:
     assert seen["after"]["result"]["count"] == 0  # the late answer did no harm
 
 
-async def mint_agent_token(home: Path, agent_id: str) -> str:
-    """`car-grpc agents add` (the operator command) prints the agent's token once."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "car_grpc.cli",
-        "agents",
-        "add",
-        agent_id,
-        env=car_env(home),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0
-    return out.decode().strip()
-
-
 async def test_runs_start_and_complete_as_an_attached_agent(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    token = await mint_agent_token(home, "agent-7")
+    token = await agents_add(home, "agent-7")
     async with serve(home, *ONE_PROCESS) as url:
         seen = await run_scenario("runs", url, home, CAR_AGENT_ID="agent-7", CAR_AGENT_TOKEN=token)
     started = seen["start"]["result"]
@@ -206,33 +169,14 @@ async def test_the_readme_example(tmp_path: Path) -> None:
     script.write_text(code)
     home = tmp_path / "home"
     async with serve(home, *ONE_PROCESS) as url:
-        add = await asyncio.create_subprocess_exec(
-            *car_grpc_argv("agents", "add", "my-agent"),
-            env=car_env(home),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        token, _ = await asyncio.wait_for(add.communicate(), 30)
-        env = car_env(
+        env = cli_env(
             home,
             CAR_DAEMON_URL=url,
             CAR_NO_VERSION_WARNING="1",
             CAR_AGENT_ID="my-agent",
-            CAR_AGENT_TOKEN=token.decode().strip(),
+            CAR_AGENT_TOKEN=await agents_add(home, "my-agent"),
         )
-        example = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(script),
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            out, err = await asyncio.wait_for(example.communicate(), 45)
-        finally:
-            if example.returncode is None:
-                example.kill()
-                await example.wait()
-    assert example.returncode == 0, err.decode()
-    assert out.decode().splitlines() == expected
+        async with launch([sys.executable, str(script)], env=env, stdout=True) as example:
+            status, out = await example.output(45)
+    assert status == 0, example.log
+    assert out.splitlines() == expected

@@ -14,6 +14,7 @@ import pytest
 from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2, session_pb2, session_pb2_grpc
+from tests.bounded import bounded
 from tests.chat_helpers import (
     accept_chat,
     bearer,
@@ -25,6 +26,7 @@ from tests.chat_helpers import (
 )
 from tests.conftest import make_config
 from tests.roles import agent, chat_host
+from tests.ws_helpers import running_core
 
 BUFFER = 4
 
@@ -46,12 +48,8 @@ def config(tmp_path: Path) -> Config:
 
 @pytest.fixture
 async def stall_core(tmp_path: Path) -> AsyncIterator[Core]:
-    core = Core(tiny_buffers(tmp_path / "stall", chat_stall_timeout=0.3).core)
-    await core.start()
-    try:
+    async with running_core(tiny_buffers(tmp_path / "stall", chat_stall_timeout=0.3).core) as core:
         yield core
-    finally:
-        await core.stop(grace=0)
 
 
 async def test_fast_agent_reading_host_gets_every_token_in_order(
@@ -194,6 +192,6 @@ async def test_agent_that_sends_its_last_tokens_and_leaves_loses_none(
     got = [await next_chat_event(h) for _ in range(n + 1)]
     assert "".join(e.event.delta for e in got[:-1]) == "".join(f"{i}," for i in range(n))
     assert got[-1].event.kind == "done"
-    await a.ended.wait()
+    await bounded(a.ended.wait())
     await h.close()
     await a.close()

@@ -26,15 +26,9 @@ from car_grpc.gateway import Gateway
 from car_grpc.gateway.jsonrpc import Bridge, decode
 from car_grpc.v1 import chats_pb2, session_pb2
 from car_grpc.wire import chat_text, codec
+from tests import json_text_helpers as helpers
 from tests import roles
 from tests.chat_helpers import accept_chat, chat_stub
-from tests.json_text_helpers import (
-    one_key_objects,
-    random_json,
-    random_string,
-    recv_text,
-    ws_session,
-)
 from tests.runs_helpers import state_of
 
 JSON = Any
@@ -47,17 +41,19 @@ _WRONG: list[JSON] = [5, "x", True, -1, 2**32, 1.5, [], {}]
 def _params(rng: random.Random, *, plain: bool = True) -> dict[str, JSON]:
     """The params of a random agent.chat.event (every member the codec reads); unless
     `plain`, now and then a member of a type the codec refuses."""
-    params: dict[str, JSON] = {"session_id": random_string(rng) if rng.random() < 0.95 else None}
+    params: dict[str, JSON] = {
+        "session_id": helpers.random_string(rng) if rng.random() < 0.95 else None
+    }
     kinds = ["token", "done", "goal_evaluated", "tool_call", "", "é"]
     for key, make in (
         ("kind", lambda: rng.choice(kinds)),
-        ("delta", lambda: random_string(rng)),
-        ("approval_id", lambda: random_string(rng)),
+        ("delta", lambda: helpers.random_string(rng)),
+        ("approval_id", lambda: helpers.random_string(rng)),
         ("iteration", lambda: rng.choice([0, 3, 3.0, 2**32 - 1])),
         ("met", lambda: rng.choice([True, False])),
         ("grounded", lambda: rng.choice([True, False])),
-        ("reason", lambda: random_string(rng)),
-        ("message", lambda: random_string(rng)),
+        ("reason", lambda: helpers.random_string(rng)),
+        ("message", lambda: helpers.random_string(rng)),
     ):
         if rng.random() < 0.4:
             params[key] = make() if rng.random() < 0.9 else None
@@ -65,7 +61,7 @@ def _params(rng: random.Random, *, plain: bool = True) -> dict[str, JSON]:
                 params[key] = rng.choice(_WRONG)
     for key in ("tool", "agent_id", "args", "event_text"):  # the event's other keys
         if rng.random() < 0.2:
-            params[key] = random_json(rng, plain=plain)
+            params[key] = helpers.random_json(rng, plain=plain)
     keys = list(params)
     rng.shuffle(keys)  # the agent's member order is its own
     return {k: params[k] for k in keys}
@@ -135,7 +131,7 @@ def test_the_gateway_reads_events_as_the_codec_and_writes_their_text(plain: bool
         spliced, expected = _spliced(notice), _host_text(notice)
         assert json.loads(spliced) == json.loads(expected)
         others = [k for k in params if k in ("tool", "args", "event_text")]
-        if len(others) <= 1 and all(one_key_objects(params[k]) for k in others):
+        if len(others) <= 1 and all(helpers.one_key_objects(params[k]) for k in others):
             assert spliced == expected, params
             exact += 1
     if plain:
@@ -223,11 +219,11 @@ async def _open_ws_chat(host: ClientConnection, agent: ClientConnection, chat_id
     await host.send(
         json.dumps({"jsonrpc": "2.0", "id": 7, "method": "agents.chat", "params": params})
     )
-    request = json.loads(await recv_text(agent))
+    request = json.loads(await helpers.recv_text(agent))
     assert request["method"] == "agent.chat", request
     answer = {"jsonrpc": "2.0", "id": request["id"], "result": {"accepted": True}}
     await agent.send(json.dumps(answer))
-    assert json.loads(await recv_text(host))["result"]["accepted"]
+    assert json.loads(await helpers.recv_text(host))["result"]["accepted"]
 
 
 EVENTS: list[JSON] = [
@@ -250,13 +246,13 @@ async def test_a_host_behind_the_gateway_gets_the_agents_text_and_a_typed_host_p
     core, gateway = served
     state = state_of(core)
     token = await state.agent_tokens.add(AGENT)
-    agent = await ws_session(gateway.url, {"agent_id": AGENT, "token": token})
-    host = await ws_session(gateway.url, {"host_token": state.tokens.host})
+    agent = await helpers.ws_session(gateway.url, {"agent_id": AGENT, "token": token})
+    host = await helpers.ws_session(gateway.url, {"host_token": state.tokens.host})
     # Through the gateway, both ways: spliced from the agent's text where it wrote one.
     await _open_ws_chat(host, agent, "c1")
     for event in EVENTS:
         await agent.send(_event_frame("c1", event))
-    received = [await recv_text(host) for _ in EVENTS]
+    received = [await helpers.recv_text(host) for _ in EVENTS]
     for event, text in zip(EVENTS, received, strict=True):
         expected = _host_text(_decoded({"session_id": "c1", **event}))
         if "args" in event:
@@ -270,7 +266,7 @@ async def test_a_host_behind_the_gateway_gets_the_agents_text_and_a_typed_host_p
         call = chat_stub(channel).Chat(
             chats_pb2.ChatRequest(agent_id=AGENT, prompt="p", session_id="c2"), metadata=metadata
         )
-        request = json.loads(await recv_text(agent))
+        request = json.loads(await helpers.recv_text(agent))
         answer = {"jsonrpc": "2.0", "id": request["id"], "result": {"accepted": True}}
         await agent.send(json.dumps(answer))
         first = await call.read()
@@ -297,7 +293,7 @@ async def test_text_from_an_agent_not_of_the_gateway_is_ignored(
     """A typed agent's AgentChatEventNotice.event_text never reaches a host."""
     core, gateway = served
     state = state_of(core)
-    host = await ws_session(gateway.url, {"host_token": state.tokens.host})
+    host = await helpers.ws_session(gateway.url, {"host_token": state.tokens.host})
     async with grpc.aio.insecure_channel(core.grpc_address) as channel:
         agent = await roles.agent(core, channel, AGENT)
         params = {"agent_id": AGENT, "prompt": "p", "session_id": "c"}
@@ -305,14 +301,14 @@ async def test_text_from_an_agent_not_of_the_gateway_is_ignored(
             json.dumps({"jsonrpc": "2.0", "id": 7, "method": "agents.chat", "params": params})
         )
         await accept_chat(agent)
-        assert json.loads(await recv_text(host))["result"]["accepted"]
+        assert json.loads(await helpers.recv_text(host))["result"]["accepted"]
         frame = session_pb2.ClientFrame()
         frame.agent_chat_event.session_id = "c"
         frame.agent_chat_event.event.kind = "token"
         frame.agent_chat_event.event.delta = "real"
         frame.agent_chat_event.event_text = '"kind":"token","delta":"forged"'
         await agent.send(frame)
-        event = json.loads(await recv_text(host))
+        event = json.loads(await helpers.recv_text(host))
         assert event["method"] == "agents.chat.event"
         assert event["params"] == {
             "session_id": "c",

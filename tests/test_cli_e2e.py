@@ -4,8 +4,6 @@ honours at once, and name the store they used; `./dev car-grpc` runs it from a c
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
 import stat
 import sys
@@ -16,13 +14,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from car_grpc.core.server import Core
 from car_grpc.core.tokens import AUTH_TOKEN_FILE, HOST_TOKEN_FILE
 from car_grpc.v1 import session_pb2
 from car_grpc.wire.errors import INTERNAL, CarError
 from tests.conftest import make_config
-from tests.processes import car_grpc
+from tests.processes import car_grpc, cli_env, completed
 from tests.session_client import SessionClient
+from tests.ws_helpers import running_core
 
 CAR_GRPC = str(Path(sys.executable).with_name("car-grpc"))
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -30,27 +28,8 @@ TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 NEW_STORE = "that store did not exist before"
 
 
-def car_env(car_home: Path | None, home: Path | None = None) -> dict[str, str]:
-    """The environment without CAR_* variables, then CAR_HOME (and HOME) as given."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-    if car_home is not None:
-        env["CAR_HOME"] = str(car_home)
-    if home is not None:
-        env["HOME"] = str(home)
-    return env
-
-
-async def run(argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def run_car_grpc(car_home: Path, *args: str) -> tuple[int, str, str]:
-    return await run([CAR_GRPC, *args], car_env(car_home))
+    return await completed([CAR_GRPC, *args], cli_env(car_home))
 
 
 def store_line(car_home: Path) -> str:
@@ -117,9 +96,7 @@ async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> Non
     # CAR_HOME is tmp_path/car-home, and its store is the one `agents` uses by default
     config = make_config(tmp_path, store=None)
     car_home = config.core.state_root
-    core = Core(config.core)
-    await core.start()
-    try:
+    async with running_core(config.core) as core:
         code, out, err = await run_car_grpc(car_home, "agents", "add", "agent-x")
         assert code == 0, err
         token = out.removesuffix("\n")
@@ -161,21 +138,19 @@ async def test_agents_add_works_at_once_on_a_running_core(tmp_path: Path) -> Non
             assert code == 1 and "agent-x" in err
             for c in (first, second):
                 await c.close()
-    finally:
-        await core.stop(grace=0)
 
 
 async def test_agents_add_names_a_new_store_and_the_home_it_came_from(tmp_path: Path) -> None:
     """Without CAR_HOME the token goes to ~/.car: `agents add` says so, and that the store
     did not exist (no server has used it), while stdout stays the token alone."""
     home = tmp_path / "user"
-    code, out, err = await run([CAR_GRPC, "agents", "add", "bot"], car_env(None, home=home))
+    code, out, err = await completed([CAR_GRPC, "agents", "add", "bot"], cli_env(HOME=str(home)))
     assert code == 0, err
     assert TOKEN.fullmatch(out.removesuffix("\n")) and out.count("\n") == 1
     store = home / ".car" / "car-grpc" / "store.sqlite3"
     assert f"agent tokens of the store {store} (CAR_HOME unset, so {home / '.car'})" in err
     assert NEW_STORE in err and "its own CAR_HOME" in err
-    code, out, err = await run([CAR_GRPC, "agents", "list"], car_env(None, home=home))
+    code, out, err = await completed([CAR_GRPC, "agents", "list"], cli_env(HOME=str(home)))
     assert code == 0 and out.startswith("bot\t")
     assert str(store) in err and NEW_STORE not in err
 
@@ -189,9 +164,9 @@ async def test_dev_runs_any_car_grpc_command_from_the_checkout(tmp_path: Path) -
     command's alone (here the token), so `$(./dev car-grpc agents add a)` works."""
     dev = str(CHECKOUT / "dev")
     car_home = tmp_path / "car-home"
-    code, out, err = await run([dev, "car-grpc", "agents", "add", "a1"], car_env(car_home))
+    code, out, err = await completed([dev, "car-grpc", "agents", "add", "a1"], cli_env(car_home))
     assert code == 0, err
     assert TOKEN.fullmatch(out.removesuffix("\n")) and out.count("\n") == 1
     assert store_line(car_home) in err
-    code, out, _ = await run([dev, "car-grpc", "agents", "list"], car_env(car_home))
+    code, out, _ = await completed([dev, "car-grpc", "agents", "list"], cli_env(car_home))
     assert code == 0 and out.startswith("a1\t")

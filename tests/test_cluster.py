@@ -25,6 +25,7 @@ from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, runs_pb2_grpc, session_pb
 from car_grpc.wire import codec
 from car_grpc.wire.errors import INTERNAL, CarError
 from car_grpc.wire.metadata import SESSION_ID_KEY
+from tests.bounded import stopped
 from tests.chat_helpers import accept_chat, emit, next_agent_notice, next_chat_event
 from tests.conftest import make_config
 from tests.postgres_server import PostgresServer
@@ -65,7 +66,7 @@ async def nodes(
     yield node
     for core, channel in reversed(started):
         await channel.close()
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 async def host_of(node: Node) -> SessionClient:

@@ -18,6 +18,7 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import batch, multiplex
 from car_grpc.wire.codec import json_to_message
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.ws_helpers import daemon_token
 
@@ -86,7 +87,7 @@ class Gateway:
     async def close(self) -> None:
         self.call.cancel()
         self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        await stopped(asyncio.gather(self._reader, return_exceptions=True), "the gateway's reader")
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from tests.conftest import make_config
 from tests.error_details import assert_rich_status, car_error
 from tests.processes import ONE_PROCESS, serve
 from tests.test_car_runtime import run_scenario
-from tests.ws_helpers import Rpc, daemon_token, running
+from tests.ws_helpers import Rpc, daemon_token, running, running_core
 
 MAX_SESSIONS_REFUSAL = "too many sessions: the core holds at most 2 (max_sessions)"
 
@@ -167,40 +167,38 @@ async def test_the_first_request_is_answered_with_the_refusal(tmp_path: Path) ->
 async def test_a_grpc_stream_past_max_sessions_gets_resource_exhausted_with_details(
     tmp_path: Path, method: str
 ) -> None:
-    core = Core(make_config(tmp_path, max_sessions=2).core)
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-            stub = session_pb2_grpc.SessionServiceStub(channel)
-            open_stream: Callable[[], Any] = getattr(stub, method)
-            held = [open_stream() for _ in "ab"]
-            for call in held:
-                assert dict(await call.initial_metadata())  # taken in
-            past = open_stream()
-            with pytest.raises(grpc.aio.AioRpcError) as error:
-                await past.read()
-            e = error.value
-            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert e.details() == MAX_SESSIONS_REFUSAL
-            assert car_error(e).message == MAX_SESSIONS_REFUSAL
-            assert_rich_status(e, car_error(e))
-            # The held streams are served; when one ends there is room for another.
-            held[0].cancel()
-            assert core.parts is not None
-            await until(lambda: core.parts is not None and core.parts.registry.streamed == 1)
-            again = open_stream()
-            auth = session_pb2.ClientFrame(id="a")
-            auth.session_auth.token = daemon_token(core)
-            await again.write(
-                auth if method == "Connect" else session_pb2.ConnectBatchedRequest(frames=[auth])
-            )
-            answer = await again.read()
-            frames = [answer] if method == "Connect" else list(answer.frames)
-            assert [f.WhichOneof("body") for f in frames] == ["session_auth"]
-            for call in (held[1], again):
-                call.cancel()
-    finally:
-        await core.stop(grace=0)
+    async with (
+        running_core(make_config(tmp_path, max_sessions=2).core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
+        stub = session_pb2_grpc.SessionServiceStub(channel)
+        open_stream: Callable[[], Any] = getattr(stub, method)
+        held = [open_stream() for _ in "ab"]
+        for call in held:
+            assert dict(await call.initial_metadata())  # taken in
+        past = open_stream()
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await past.read()
+        e = error.value
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert e.details() == MAX_SESSIONS_REFUSAL
+        assert car_error(e).message == MAX_SESSIONS_REFUSAL
+        assert_rich_status(e, car_error(e))
+        # The held streams are served; when one ends there is room for another.
+        held[0].cancel()
+        assert core.parts is not None
+        await until(lambda: core.parts is not None and core.parts.registry.streamed == 1)
+        again = open_stream()
+        auth = session_pb2.ClientFrame(id="a")
+        auth.session_auth.token = daemon_token(core)
+        await again.write(
+            auth if method == "Connect" else session_pb2.ConnectBatchedRequest(frames=[auth])
+        )
+        answer = await again.read()
+        frames = [answer] if method == "Connect" else list(answer.frames)
+        assert [f.WhichOneof("body") for f in frames] == ["session_auth"]
+        for call in (held[1], again):
+            call.cancel()
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from car_grpc.config import DEFAULT_GATED_METHODS
 from car_grpc.serve import Server
 from car_grpc.v1 import chats_pb2
 from car_grpc.wire.errors import APPROVAL_DENIED
+from tests.bounded import stopped
 from tests.browser_driver import Browser, ensure_installed
 from tests.chat_helpers import accept_chat
 from tests.conftest import make_config
@@ -224,7 +225,7 @@ async def test_turns_appear_live_and_the_trace_resumes_after_a_reconnect(
         # reconnects by itself and resumes after the last turn it showed.
         dashboard = site.server.dashboard
         assert dashboard is not None
-        await dashboard.stop()
+        await stopped(dashboard.stop())
         await record({"prompt": "Publish the summary", "tool": "wiki.publish", "output": "ok"})
         await dashboard.start()
         await page.wait_count("#records li.turn", 4)

@@ -20,6 +20,7 @@ from car_grpc.dashboard import Dashboard
 from car_grpc.serve import Server
 from car_grpc.v1 import host_pb2, state_pb2
 from car_grpc.wire.errors import APPROVAL_DENIED, INVALID_PARAMS, CarError
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.dashboard_helpers import (
     PARTIAL_HEAD,
@@ -293,8 +294,8 @@ async def test_a_dashboard_beside_a_core_in_another_server(
         status = await request("GET", dashboard.url + "api/status", {"Cookie": cookie})
         assert status.status == 200 and status.json()["auth_enabled"] is True
     finally:
-        await dashboard.stop()
-        await core.stop(grace=0)
+        await stopped(dashboard.stop())
+        await stopped(core.stop(grace=0))
     core = Core(config.core)
     await core.start()
     wrong = Dashboard(config.dashboard, core.grpc_address, "not-the-host-token")
@@ -305,8 +306,8 @@ async def test_a_dashboard_beside_a_core_in_another_server(
         assert health.status == 503
         assert health.body.startswith(b"unhealthy: auth failed: token mismatch"), health.body
     finally:
-        await wrong.stop()
-        await core.stop(grace=0)
+        await stopped(wrong.stop())
+        await stopped(core.stop(grace=0))
 
 
 # ------------------------------------------------------------------ half-open connections

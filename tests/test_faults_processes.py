@@ -20,6 +20,7 @@ from car_grpc.core.server import Core
 from car_grpc.core.tokens import AgentTokens
 from car_grpc.gateway import Gateway
 from car_grpc.store import open_store
+from tests.bounded import stopped
 from tests.processes import Process, car_grpc, port
 from tests.ws_helpers import Rpc, RpcError, daemon_token, rpc
 
@@ -254,4 +255,4 @@ async def test_a_killed_gateway_ends_its_sessions_and_no_others(core: Core, tmp_
             assert await host.result("state.get", {"key": "k"}) == "still here"
             assert (await watcher.result("host.agents", {}))["agents"] == []
     finally:
-        await staying.stop()
+        await stopped(staying.stop())

@@ -294,6 +294,19 @@ async def close(client: Rpc, data: st.DataObject) -> None:
         client.ws.transport.abort()
 
 
+async def answered(fuzzed: Rig, role: str, frames: list[str | bytes], data: st.DataObject) -> None:
+    """`frames` and the sentinel on a connection logged in as `role`: each gets its precise
+    answer; then the connection goes (`close`) and the server settles."""
+    async with rpc(fuzzed.gateway.url) as client:
+        await login(client, fuzzed, role)
+        expected = Expected(authenticated=True)
+        for frame in [*frames, SENTINEL]:
+            expected.frame(frame)
+        await exchange(client.ws, [*frames, SENTINEL], expected, data)
+        await close(client, data)
+    await fuzzed.settle()
+
+
 # ------------------------------------------------------------------ every method
 
 
@@ -318,14 +331,7 @@ async def test_every_method_with_mutated_params(
         frames = [json.dumps(m) for m in messages]
     if data.draw(st.booleans(), label="in binary frames"):
         frames = [f.encode() if isinstance(f, str) else f for f in frames]
-    async with rpc(fuzzed.gateway.url) as client:
-        await login(client, fuzzed, role)
-        expected = Expected(authenticated=True)
-        for frame in [*frames, SENTINEL]:
-            expected.frame(frame)
-        await exchange(client.ws, [*frames, SENTINEL], expected, data)
-        await close(client, data)
-    await fuzzed.settle()
+    await answered(fuzzed, role, frames, data)
 
 
 # ------------------------------------------------------------------ any frame at all
@@ -380,14 +386,7 @@ any_frame: st.SearchStrategy[str | bytes] = st.one_of(
 async def test_any_frame_gets_its_precise_answer(fuzzed: Rig, data: st.DataObject) -> None:
     role = data.draw(ROLES, label="role")
     frames = data.draw(st.lists(any_frame, min_size=1, max_size=4), label="frames")
-    async with rpc(fuzzed.gateway.url) as client:
-        await login(client, fuzzed, role)
-        expected = Expected(authenticated=True)
-        for frame in [*frames, SENTINEL]:
-            expected.frame(frame)
-        await exchange(client.ws, [*frames, SENTINEL], expected, data)
-        await close(client, data)
-    await fuzzed.settle()
+    await answered(fuzzed, role, frames, data)
 
 
 # ------------------------------------------------------------------ before auth

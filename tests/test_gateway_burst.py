@@ -23,6 +23,7 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import batch
 from tests.conftest import make_config
+from tests.processes import launch
 from tests.ws_helpers import daemon_token, rpc, running
 
 _CONNECT = "/car.v1.SessionService/ConnectBatched"
@@ -80,17 +81,10 @@ async def test_a_burst_of_websocket_connections_ends_no_session(tmp_path: Path) 
     made first, then every upgrade request written in one go): each authenticates and
     does a round trip."""
     async with running(make_config(tmp_path)) as (core, gateway):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.ws_burst", str(gateway.ws_port), daemon_token(core),
-            "1400", stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), 45)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        assert json.loads(out)["results"] == {"ok": 1400}
+        argv = [sys.executable, "-m", "tests.ws_burst", str(gateway.ws_port), daemon_token(core)]
+        async with launch([*argv, "1400"], stdout=True) as burst:
+            _, out = await burst.output(45)
+        assert json.loads(out)["results"] == {"ok": 1400}, burst.log
         async with rpc(gateway.url) as other:  # and the gateway is fine afterwards
             await other.login(daemon_token(core))
 

@@ -13,6 +13,7 @@ from car_grpc.gateway.decoder import DecodeFailed, DecoderPool, inline
 from car_grpc.gateway.jsonrpc import Bridge, Decoded, decode
 from car_grpc.v1 import session_pb2
 from car_grpc.wire.errors import INVALID_PARAMS, METHOD_NOT_FOUND
+from tests.bounded import stopped
 
 
 def test_small_frames_with_few_values_are_decoded_inline() -> None:
@@ -84,7 +85,7 @@ async def test_a_worker_decodes_as_the_event_loop_would() -> None:
             assert remote.batch and remote.messages[0].gid == "7"
         assert pool.workers == 1  # one worker, reused
     finally:
-        await pool.stop()
+        await stopped(pool.stop())
     assert pool.workers == 0
 
 
@@ -101,7 +102,7 @@ async def test_a_frame_that_takes_too_long_fails_and_its_worker_is_killed() -> N
         assert message.reply is not None
         assert json.loads(message.reply)["error"]["code"] == METHOD_NOT_FOUND
     finally:
-        await pool.stop()
+        await stopped(pool.stop())
 
 
 async def test_a_worker_that_grew_large_retires_after_its_frame() -> None:
@@ -113,12 +114,12 @@ async def test_a_worker_that_grew_large_retires_after_its_frame() -> None:
             assert json.loads(decoded.messages[2].reply or "")["error"]["code"] == INVALID_PARAMS
             assert pool.workers == 0  # gone after each frame; the next one starts afresh
     finally:
-        await pool.stop()
+        await stopped(pool.stop())
 
 
 async def test_a_stopped_pool_decodes_nothing() -> None:
     pool = DecoderPool(1)
-    await pool.stop()
+    await stopped(pool.stop())
     with pytest.raises(DecodeFailed, match="stopping"):
         await pool.decode("[1]", {}, 1)
 

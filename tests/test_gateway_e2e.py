@@ -30,6 +30,7 @@ from car_grpc.wire.errors import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
 )
+from tests.bounded import bounded, stopped
 from tests.conftest import make_config
 from tests.ws_helpers import RawWebSocket, Rpc, daemon_token, rpc, running
 
@@ -308,15 +309,15 @@ async def test_core_stopping_mid_call_fails_the_call_and_closes_with_a_reason(
             )
             call = await client.recv()
             assert call["method"] == "tools.execute"
-            await core.stop(grace=0)  # the core goes away while proposal.submit waits
+            await stopped(core.stop(grace=0))  # the core goes away while proposal.submit waits
             failed = await client.recv()
             assert failed["id"] == 77 and failed["error"]["code"] == INTERNAL
             assert failed["error"]["message"].startswith("core unavailable")
             code, reason = await close_of(client.ws)
             assert code == 1011 and reason.startswith("core unavailable")
     finally:
-        await gateway.stop()
-        await core.stop(grace=0)
+        await stopped(gateway.stop())
+        await stopped(core.stop(grace=0))
 
 
 async def test_core_unreachable_closes_with_a_reason(tmp_path: Path) -> None:
@@ -329,7 +330,7 @@ async def test_core_unreachable_closes_with_a_reason(tmp_path: Path) -> None:
             code, reason = await close_of(client.ws)
             assert code == 1011 and reason.startswith("core unavailable: UNAVAILABLE")
     finally:
-        await gateway.stop()
+        await stopped(gateway.stop())
 
 
 async def test_client_going_away_ends_the_core_session(served: tuple[Core, Gateway]) -> None:
@@ -424,8 +425,8 @@ async def test_a_separate_gateway_learns_from_the_core_that_auth_is_off(tmp_path
             await asyncio.sleep(0.6)
             assert await client.result("tools.list") == {"tools": [], "count": 0}
     finally:
-        await gateway.stop()
-        await core.stop(grace=0)
+        await stopped(gateway.stop())
+        await stopped(core.stop(grace=0))
 
 
 async def test_silent_client_is_closed_after_the_idle_timeout(tmp_path: Path) -> None:
@@ -524,7 +525,7 @@ async def test_client_that_reads_late_gets_every_response(tmp_path: Path) -> Non
             assert answer["result"]["protocol_version"] == 3
             ids.add(answer["id"])
         assert ids == set(range(1, n + 1))
-        await flood
+        await bounded(flood, "the sending of every request")
         assert not session.closed.is_set()
         raw.close()
 
@@ -600,7 +601,7 @@ async def test_gateway_stop_closes_connections_with_a_reason(served: tuple[Core,
         await client.login(daemon_token(core))
         stopping = asyncio.create_task(gateway.stop())
         assert await close_of(client.ws) == (1001, "server shutting down")
-        await stopping
+        await stopped(stopping, "the gateway's stop")
 
 
 async def test_gateway_stop_while_clients_are_connecting(served: tuple[Core, Gateway]) -> None:
@@ -614,8 +615,8 @@ async def test_gateway_stop_while_clients_are_connecting(served: tuple[Core, Gat
 
     attempts = [asyncio.create_task(attempt()) for _ in range(20)]
     await asyncio.sleep(0.01)
-    await asyncio.wait_for(gateway.stop(), 10)
-    await asyncio.wait_for(asyncio.gather(*attempts), 10)
+    await stopped(gateway.stop(), within=10)
+    await bounded(asyncio.gather(*attempts), "the connection attempts", within=10)
 
 
 async def test_unix_socket(tmp_path: Path) -> None:
@@ -672,7 +673,7 @@ async def test_two_gateways_serve_one_core(served: tuple[Core, Gateway]) -> None
             assert await a.result("state.get", {"key": "k"}) == "a"
             assert await b.result("state.get", {"key": "k"}) == "b"
             # Stopping one gateway leaves the other's sessions alone.
-            await second.stop()
+            await stopped(second.stop())
             assert await a.result("state.get", {"key": "k"}) == "a"
             await session_closed(core, auth_b["session_id"])
             # ... and the core saw b's session end: its agent left the registry.
@@ -680,4 +681,4 @@ async def test_two_gateways_serve_one_core(served: tuple[Core, Gateway]) -> None
             assert gone["params"]["kind"] == "agent.unregistered"
             assert gone["params"]["agent_id"] == agent["id"]
     finally:
-        await second.stop()
+        await stopped(second.stop())

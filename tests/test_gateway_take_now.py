@@ -21,6 +21,7 @@ import pytest
 from car_grpc.gateway import connection as connection_module
 from car_grpc.gateway.connection import Connection
 from car_grpc.gateway.multiplex import Batch
+from tests.bounded import bounded
 from tests.conftest import make_config
 from tests.test_gateway_e2e import _slow_reader_config
 from tests.ws_helpers import RawWebSocket, rpc, running
@@ -108,7 +109,7 @@ async def test_a_client_that_stops_reading_holds_back_only_itself(
             assert answer["result"]["protocol_version"] == 3
             ids.append(answer["id"])
         assert ids == list(range(1, n + 1))
-        await flood
+        await bounded(flood, "the sending of every request")
         slow.close()
 
 

@@ -14,10 +14,15 @@ from tests.processes import port
 from tests.test_faults_processes import child, restartable_core, token_file
 from tests.ws_helpers import RpcError, rpc
 
+#: tools.list's answer on a core without tools.
+NO_TOOLS = {"tools": [], "count": 0}
 
-async def logged_in(url: str, token: str) -> object:
-    """tools.list through the gateway once a session authenticates with `token` (until the
-    gateway reaches the new core its stream to the old one may still be failing)."""
+
+async def login_once_reached(url: str, token: str, *, accepted: bool) -> object:
+    """A session's session.auth with `token` through the gateway at `url`, once the gateway
+    reaches the new core (until then its stream to the old one may still be failing:
+    UNAVAILABLE, tried again). `accepted`: the session authenticates; tools.list's result.
+    Else the token is refused: the error's message, which the connection closed with."""
     async with asyncio.timeout(20):
         while True:
             async with rpc(url) as client:
@@ -25,8 +30,13 @@ async def logged_in(url: str, token: str) -> object:
                     await client.login(token)
                 except RpcError as e:
                     message = str(e.args[0]["error"]["message"])
-                    assert "UNAVAILABLE" in message, message  # never the token refused
+                    if "UNAVAILABLE" not in message:
+                        assert not accepted, message  # never the token refused
+                        code, reason = await client.wait_closed()
+                        assert (code, reason) == (1011, message)
+                        return message
                 else:
+                    assert accepted, "a session authenticated through a refused stream"
                     return await client.result("tools.list")
             await asyncio.sleep(0.05)  # polling another process: nothing to wait on
 
@@ -37,10 +47,10 @@ async def test_a_gateway_reads_the_cores_new_token_after_a_restart(tmp_path: Pat
         path = home / "ai.parslee.car" / "auth-token"
         args = ("gateway", "--core", address, "--port", "0", "--core-token-file", str(path))
         async with child(tmp_path / "gw", *args) as (_, url):
-            assert await logged_in(url, token_file(home, "auth-token")) == {"tools": [], "count": 0}
             old = token_file(home, "auth-token")
+            assert await login_once_reached(url, old, accepted=True) == NO_TOOLS
             assert await core.terminate() == 0
             async with child(home, *restartable_core(port(address))):
                 fresh = token_file(home, "auth-token")
                 assert fresh != old
-                assert await logged_in(url, fresh) == {"tools": [], "count": 0}
+                assert await login_once_reached(url, fresh, accepted=True) == NO_TOOLS

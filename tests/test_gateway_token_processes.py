@@ -17,10 +17,12 @@ import pytest
 from car_grpc.core.tokens import mint_token
 from car_grpc.gateway import Gateway
 from car_grpc.gateway.server import CoreCheckFailed
+from tests.bounded import bounded
 from tests.conftest import make_config
 from tests.processes import LISTENING, car_grpc, port
 from tests.test_faults_processes import child, restartable_core, token_file
-from tests.ws_helpers import RpcError, rpc
+from tests.test_gateway_token_file import login_once_reached
+from tests.ws_helpers import rpc
 
 REFUSED = "the core refused the gateway's own token"
 
@@ -73,29 +75,10 @@ async def test_a_token_refused_later_is_named_to_every_client(tmp_path: Path) ->
             async with child(home, *restartable_core(port(address))):
                 fresh = token_file(home, "auth-token")
                 assert fresh != token.read_text()
-                answer = await refused_login(url, fresh)
+                answer = await login_once_reached(url, fresh, accepted=False)
                 assert answer == (
                     f"core unavailable: UNAUTHENTICATED: {REFUSED} (auth failed: token mismatch)"
                 )
-
-
-async def refused_login(url: str, token: str) -> str:
-    """The error a client's session.auth gets, once the gateway reaches the new core (until
-    then its stream to the old one may still be failing: UNAVAILABLE)."""
-    async with asyncio.timeout(20):
-        while True:
-            async with rpc(url) as client:
-                try:
-                    await client.login(token)
-                except RpcError as e:
-                    message = str(e.args[0]["error"]["message"])
-                    if "UNAVAILABLE" not in message:
-                        code, reason = await client.wait_closed()
-                        assert (code, reason) == (1011, message)
-                        return message
-                else:
-                    raise AssertionError("a session authenticated through a refused stream")
-            await asyncio.sleep(0.05)  # polling another process: nothing to wait on
 
 
 async def test_a_core_that_never_answers_fails_the_start_within_the_check_timeout(
@@ -117,4 +100,4 @@ async def test_a_core_that_never_answers_fails_the_start_within_the_check_timeou
         for writer in held:
             writer.close()
         silent.close()
-        await silent.wait_closed()
+        await bounded(silent.wait_closed())

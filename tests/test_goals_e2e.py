@@ -13,9 +13,11 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2
 from car_grpc.wire.errors import INVALID_PARAMS, CarError
+from tests.bounded import stopped
 from tests.chat_helpers import accept_chat, emit, next_chat_event
 from tests.roles import agent, chat_host
 from tests.session_client import SessionClient
+from tests.ws_helpers import running_core
 
 S = chats_pb2
 
@@ -188,23 +190,21 @@ async def test_goals_survive_a_restart_and_running_becomes_active(config: Config
         before = await status(h, "crashed")
         assert before is not None and before.status == S.GOAL_STATUS_RUNNING
         await h.close()
-    await core.stop(grace=0)
-    again = Core(config.core)
-    await again.start()
-    try:
-        async with grpc.aio.insecure_channel(again.grpc_address) as channel:
-            h = await chat_host(again, channel)
-            kept, crashed = await status(h, "kept"), await status(h, "crashed")
-            assert kept is not None and crashed is not None
-            assert (kept.check, kept.max_iterations, kept.status) == (
-                "stays",
-                5,
-                S.GOAL_STATUS_ACTIVE,
-            )
-            assert (crashed.check, crashed.status) == (
-                "was running at the crash",
-                S.GOAL_STATUS_ACTIVE,
-            )
-            await h.close()
-    finally:
-        await again.stop(grace=0)
+    await stopped(core.stop(grace=0))
+    async with (
+        running_core(config.core) as again,
+        grpc.aio.insecure_channel(again.grpc_address) as channel,
+    ):
+        h = await chat_host(again, channel)
+        kept, crashed = await status(h, "kept"), await status(h, "crashed")
+        assert kept is not None and crashed is not None
+        assert (kept.check, kept.max_iterations, kept.status) == (
+            "stays",
+            5,
+            S.GOAL_STATUS_ACTIVE,
+        )
+        assert (crashed.check, crashed.status) == (
+            "was running at the crash",
+            S.GOAL_STATUS_ACTIVE,
+        )
+        await h.close()

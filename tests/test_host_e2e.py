@@ -15,8 +15,10 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import host_pb2, host_pb2_grpc, session_pb2, session_pb2_grpc
 from car_grpc.wire import codec
 from car_grpc.wire.errors import HANDSHAKE_REQUIRED, INVALID_PARAMS, CarError
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.session_client import SessionClient, connect
+from tests.ws_helpers import running_core
 
 
 def token(core: Core) -> str:
@@ -239,27 +241,23 @@ async def test_watch_host_events_replays_then_follows(
 
 
 async def test_watch_resume_point_out_of_history_shows_a_gap(tmp_path: Any) -> None:
-    core = Core(make_config(tmp_path, host_event_history=2).core)
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-            owner = await session(core, channel)
-            for i in range(5):
-                await owner.request("host_register_agent", register(f"a{i}"))
-            stream = watch(core, channel, after=1)
-            # Events 2 and 3 fell out of the history: the stream starts at the oldest kept.
-            assert [e.sequence for e in await take(stream, 2)] == [4, 5]
-            await stream.aclose()
+    async with (
+        running_core(make_config(tmp_path, host_event_history=2).core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
+        owner = await session(core, channel)
+        for i in range(5):
+            await owner.request("host_register_agent", register(f"a{i}"))
+        stream = watch(core, channel, after=1)
+        # Events 2 and 3 fell out of the history: the stream starts at the oldest kept.
+        assert [e.sequence for e in await take(stream, 2)] == [4, 5]
+        await stream.aclose()
 
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await take(watch(core, channel, after=99), 1)
-            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "after_sequence 99 is ahead of the newest host event (5)" in str(
-                err.value.details()
-            )
-            await owner.close()
-    finally:
-        await core.stop(grace=0)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await take(watch(core, channel, after=99), 1)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "after_sequence 99 is ahead of the newest host event (5)" in str(err.value.details())
+        await owner.close()
 
 
 # ---------------------------------------------------------------- slow subscribers
@@ -318,7 +316,7 @@ async def test_a_stalled_subscriber_slows_neither_the_gate_nor_other_subscribers
             stalled.call.cancel()
     finally:
         await stalled_channel.close()
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
 
 
 class StalledSubscriber:

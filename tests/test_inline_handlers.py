@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from car_grpc.core.server import Core
 from car_grpc.core.session import Role
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import api, codec
 from tests.conftest import make_config
+from tests.ws_helpers import running_core
 
 #: A valid request (JSON-RPC params) for every inline member that needs one.
 VALID_PARAMS: dict[str, Any] = {
@@ -39,22 +39,16 @@ def _request(member: str) -> Any:
 
 
 async def test_the_common_requests_are_inline(tmp_path: Any) -> None:
-    core = Core(make_config(tmp_path, auth=False).core)
-    await core.start()
-    try:
+    async with running_core(make_config(tmp_path, auth=False).core) as core:
         assert core.parts is not None
         inline = core.parts.router.inline
         assert {"tools_list", "state_get", "state_set", "server_handshake"} <= inline
         # ...and the ones that wait on a client, the store or a person are not.
         assert not {"proposal_submit", "runs_record_turns", "agents_chat"} & inline
-    finally:
-        await core.stop(grace=0)
 
 
 async def test_every_inline_handler_completes_without_waiting(tmp_path: Any) -> None:
-    core = Core(make_config(tmp_path, auth=False).core)
-    await core.start()
-    try:
+    async with running_core(make_config(tmp_path, auth=False).core) as core:
         assert core.parts is not None
         router = core.parts.router
         session = core.parts.registry.open(streaming=True)
@@ -71,20 +65,16 @@ async def test_every_inline_handler_completes_without_waiting(tmp_path: Any) -> 
             coro.close()
             pytest.fail(f"inline handler {member} waited")
         await core.parts.registry.close(session)
-    finally:
-        await core.stop(grace=0)
 
 
 @pytest.mark.parametrize("approvals", [True, False])
 async def test_a_gated_method_is_never_inline(tmp_path: Any, approvals: bool) -> None:
     gated = frozenset({"tools.list"})
-    core = Core(make_config(tmp_path, auth=False, gated_methods=gated, approvals=approvals).core)
-    await core.start()
-    try:
+    async with running_core(
+        make_config(tmp_path, auth=False, gated_methods=gated, approvals=approvals).core
+    ) as core:
         assert core.parts is not None
         dispatcher = core.parts.grpc.dispatcher
         # Gated (only while the gate is on) means parked: never in the read loop.
         assert dispatcher.runs_inline("tools_list") is not approvals
         assert dispatcher.runs_inline("state_get")
-    finally:
-        await core.stop(grace=0)

@@ -17,6 +17,7 @@ from car_grpc.store import open_store
 from car_grpc.store.location import store_location
 from car_grpc.v1 import voice_pb2
 from car_grpc.wire.errors import INVALID_PARAMS
+from tests.bounded import bounded
 from tests.conftest import make_config
 from tests.voice_helpers import FAREWELL, VoiceRpc, echo_engine, final_event, voice_rpc
 from tests.ws_helpers import daemon_token, running
@@ -64,7 +65,7 @@ async def test_a_meetings_transcript_survives_the_client_leaving_and_a_restart(
                     final_event(2, 6),
                 ]
             # The owner is gone without stopping: the engine is told, the meeting interrupted.
-            closed = await engine.closed.get()
+            closed = await bounded(engine.closed.get())
             assert (closed.session_id, closed.reason) == (first_session, "client disconnected")
             async with voice_rpc(gateway.url) as other:
                 await other.login(daemon_token(core))

@@ -21,9 +21,10 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import batch, multiplex
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.test_connect_multiplexed import PATH, _frame
-from tests.ws_helpers import daemon_token, stopped
+from tests.ws_helpers import daemon_token
 
 #: The stream's bound here: a few dozen sessions' answers.
 STREAM_BYTES = 4096

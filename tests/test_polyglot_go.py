@@ -17,9 +17,10 @@ import pytest
 
 from car_grpc.v1 import runs_pb2, runs_pb2_grpc, session_pb2, tools_pb2, tools_pb2_grpc
 from car_grpc.wire.codec import json_to_message, value_to_json
+from tests.bounded import bounded
 from tests.client_programs import Program, ensure_installed, run_node
 from tests.go_programs import build_go_programs, run_go
-from tests.processes import ONE_PROCESS, Served, start_serve
+from tests.processes import ONE_PROCESS, Served, serving
 from tests.session_client import connect
 from tests.test_polyglot_node import assert_chat_reply, node_reply, serve_chats_in_python
 from tests.ws_helpers import rpc
@@ -27,7 +28,7 @@ from tests.ws_helpers import rpc
 # The suite's 60 s bound is for each test's own run, not the module's setup: compiling
 # clients/go from a cold Go build cache (gRPC, protobuf) takes longer than that on a
 # loaded 2-core machine. The build and the server start have their own bounds
-# (build_go_programs, start_serve).
+# (build_go_programs, serving).
 pytestmark = pytest.mark.timeout(func_only=True)
 
 
@@ -39,12 +40,8 @@ def go_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    server = start_serve(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS)
-    try:
+    with serving(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS) as server:
         yield server
-    finally:
-        code = server.stop()
-    assert code == 0, "car-grpc serve did not exit cleanly:\n" + server.log
 
 
 @pytest.fixture
@@ -167,7 +164,7 @@ async def test_go_watcher_of_another_agents_run_gets_the_servers_error(
     other = {"CAR_AGENT_ID": "go-agent", "CAR_AGENT_TOKEN": served.add_agent("go-agent")}
     async with go(go_bin, served, "watch-run", run.run_id, **other) as watcher:
         error = await watcher.next_event()
-        assert await watcher.proc.wait() == 1
+        assert await bounded(watcher.proc.wait()) == 1
     assert error["event"] == "error"
     assert error["grpc_code"] == "NotFound"
     assert error["code"] == -32602
@@ -211,7 +208,7 @@ async def test_go_host_chat_with_an_agent_that_is_not_attached(
 ) -> None:
     async with go(go_bin, served, "chat", "nobody", "hello?") as host:
         error = await host.next_event()
-        assert await host.proc.wait() == 1
+        assert await bounded(host.proc.wait()) == 1
     # The server's own answer: its JSON-RPC code and message come from car-error-bin.
     assert error["event"] == "error"
     assert error["message"] == "agent 'nobody' is not attached"
@@ -337,6 +334,6 @@ async def test_a_go_tool_host_serves_one_python_sessions_own_tools(
         error = await host.next_event()
         while error["event"] != "error":
             error = await host.next_event()
-        assert await host.proc.wait() == 1
+        assert await bounded(host.proc.wait()) == 1
     assert error["grpc_code"] == "FailedPrecondition"
     assert "has ended" in error["message"]

@@ -18,9 +18,10 @@ import pytest
 from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2, runs_pb2, runs_pb2_grpc, session_pb2, tools_pb2, tools_pb2_grpc
 from car_grpc.wire.codec import json_to_message
+from tests.bounded import bounded, stopped
 from tests.client_programs import Program, ensure_installed, run_car_runtime_agent, run_node
 from tests.conftest import make_config
-from tests.processes import ONE_PROCESS, Served, start_serve
+from tests.processes import ONE_PROCESS, Served, serving
 from tests.session_client import SessionClient, connect
 from tests.ws_helpers import rpc
 
@@ -33,12 +34,8 @@ def _node_modules() -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One `car-grpc serve` for this module; each test uses its own agents and sessions."""
-    server = start_serve(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS)
-    try:
+    with serving(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS) as server:
         yield server
-    finally:
-        code = server.stop()
-    assert code == 0, "car-grpc serve did not exit cleanly:\n" + server.log
 
 
 @pytest.fixture
@@ -104,7 +101,7 @@ async def test_node_agent_with_a_wrong_token_is_refused(served: Served) -> None:
             "code": -32603,
             "message": "auth failed: token mismatch",
         }
-        assert await agent.proc.wait() == 1
+        assert await bounded(agent.proc.wait()) == 1
 
 
 async def test_python_grpc_host_chats_with_the_node_agent(
@@ -383,7 +380,7 @@ async def test_a_typescript_watcher_of_another_agents_run_gets_the_servers_error
     other = {"CAR_AGENT_ID": "ts-agent", "CAR_AGENT_TOKEN": served.add_agent("ts-agent")}
     async with node(served, "watch-run.ts", run.run_id, **other) as watcher:
         error = await watcher.next_event()
-        assert await watcher.proc.wait() == 1
+        assert await bounded(watcher.proc.wait()) == 1
     assert (error["event"], error["grpc_code"], error["code"]) == ("error", "NotFound", -32602)
     assert error["error_code"] == "ERROR_CODE_INVALID_PARAMS"  # from the google.rpc.Status
     assert run.run_id in error["message"]
@@ -416,7 +413,8 @@ async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) 
                 car_home=config.core.token_dir.parent,
             ) as watcher:
                 assert [(await watcher.expect("record"))["cursor"] for _ in range(2)] == [1, 2]
-                await core.stop(grace=0)  # the agent is still connected: its run stays open
+                # The agent is still connected: its run stays open.
+                await stopped(core.stop(grace=0))
                 assert (await watcher.next_event())["event"] == "reconnecting"
                 # The same address, a new process state.
                 config = config.with_overrides(grpc_port=core.grpc_port)
@@ -426,7 +424,7 @@ async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) 
                 events = (await watcher.finish(timeout=20))[seen:]
             await agent.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))  # the second core, started in the test
     assert [(e["event"], e.get("cursor"), e.get("kind")) for e in events] == [
         ("record", 3, "ended"),
         ("end", 3, None),

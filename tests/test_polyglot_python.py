@@ -18,9 +18,10 @@ import pytest
 from car_grpc.core.server import Core
 from car_grpc.v1 import runs_pb2, runs_pb2_grpc, tools_pb2, tools_pb2_grpc
 from car_grpc.wire.codec import json_to_message
+from tests.bounded import bounded, stopped
 from tests.client_programs import Program, run_python
 from tests.conftest import make_config
-from tests.processes import ONE_PROCESS, Served, start_serve
+from tests.processes import ONE_PROCESS, Served, serving
 from tests.session_client import connect
 from tests.test_polyglot_node import assert_chat_reply, step
 from tests.test_tls import _self_signed
@@ -30,12 +31,8 @@ from tests.ws_helpers import rpc
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One `car-grpc serve` for this module; each test uses its own agents and runs."""
-    server = start_serve(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS)
-    try:
+    with serving(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS) as server:
         yield server
-    finally:
-        code = server.stop()
-    assert code == 0, "car-grpc serve did not exit cleanly:\n" + server.log
 
 
 @pytest.fixture
@@ -92,7 +89,7 @@ async def test_the_python_agent_with_a_wrong_token_is_refused(served: Served) ->
     env = {"CAR_AGENT_ID": "py-agent", "CAR_AGENT_TOKEN": "not-the-token"}
     async with python(served, "agent.py", **env) as agent:
         error = await agent.next_event()
-        assert await agent.proc.wait() == 1
+        assert await bounded(agent.proc.wait()) == 1
     # The session stream's answer: a JSON-RPC error, no gRPC status.
     assert error == {"event": "error", "code": -32603, "message": "auth failed: token mismatch"}
 
@@ -119,7 +116,7 @@ async def test_the_python_agent_serves_a_websocket_host(served: Served) -> None:
 async def test_the_python_host_chat_with_an_agent_that_is_not_attached(served: Served) -> None:
     async with python(served, "chat.py", "nobody", "hello?") as host:
         error = await host.next_event()
-        assert await host.proc.wait() == 1
+        assert await bounded(host.proc.wait()) == 1
     # The server's answer, from car-error-bin: the JSON-RPC code, a typed status.
     assert error == {
         "event": "error",
@@ -222,7 +219,7 @@ async def test_a_python_watcher_of_another_agents_run_gets_the_servers_error(
         served, "watch-run.py", run.run_id, **as_agent(served, "py-other")
     ) as watcher:
         error = await watcher.next_event()
-        assert await watcher.proc.wait() == 1
+        assert await bounded(watcher.proc.wait()) == 1
     assert (error["event"], error["grpc_code"], error["code"]) == ("error", "NotFound", -32602)
     assert error["error_code"] == "ERROR_CODE_INVALID_PARAMS"
     assert run.run_id in error["message"]
@@ -247,7 +244,8 @@ async def test_the_python_watcher_resumes_across_a_server_restart(tmp_path: Path
                 car_home=config.core.token_dir.parent,
             ) as watcher:
                 assert (await watcher.expect("record"))["cursor"] == 1
-                await core.stop(grace=0)  # the agent is still connected: its run stays open
+                # The agent is still connected: its run stays open.
+                await stopped(core.stop(grace=0))
                 assert (await watcher.next_event())["event"] == "reconnecting"
                 config = config.with_overrides(grpc_port=core.grpc_port)
                 core = Core(config.core)
@@ -256,7 +254,7 @@ async def test_the_python_watcher_resumes_across_a_server_restart(tmp_path: Path
                 events = (await watcher.finish(timeout=20))[seen:]
             await agent.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))
     assert [(e["event"], e.get("cursor"), e.get("kind")) for e in events] == [
         ("record", 2, "ended"),
         ("end", 2, None),
@@ -369,7 +367,7 @@ async def test_a_python_example_reaches_a_tls_core_that_it_trusts(tmp_path: Path
         # Without the trust, the same program cannot connect: no answer from the server.
         async with run_python("tool-host.py", address=core.grpc_address, car_home=home) as plain:
             error = await plain.next_event(timeout=20)
-            assert await plain.proc.wait() == 1
+            assert await bounded(plain.proc.wait()) == 1
         assert (error["event"], error["code"], error["grpc_code"]) == ("error", 0, "Unavailable")
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))

@@ -26,12 +26,15 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2, host_pb2, runs_pb2, runs_pb2_grpc, session_pb2
 from car_grpc.wire import codec
 from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS, CarError
+from tests.bounded import bounded
 from tests.conftest import make_config
 from tests.error_details import error_info
 from tests.postgres_server import PostgresServer
+from tests.processes import completed
 from tests.roles import agent, host_role
 from tests.runs_helpers import complete, record, start, summaries, trace, turns
 from tests.session_client import SessionClient, connect
+from tests.ws_helpers import running_core
 
 CAR_GRPC = str(Path(sys.executable).with_name("car-grpc"))
 UNAVAILABLE_MESSAGE = "the store is unavailable, try again later"
@@ -45,13 +48,11 @@ def store_url(postgres_server: PostgresServer) -> str:
 
 @contextlib.asynccontextmanager
 async def running(config: Config) -> AsyncIterator[tuple[Core, grpc.aio.Channel]]:
-    core = Core(config.core)
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-            yield core, channel
-    finally:
-        await core.stop(grace=0)
+    async with (
+        running_core(config.core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
+        yield core, channel
 
 
 def tokens(core: Core) -> Any:
@@ -177,16 +178,7 @@ async def cli(
 ) -> tuple[int, str, str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("CAR_", "PG"))}
     environ |= {"CAR_HOME": str(car_home), **(env or {})}
-    proc = await asyncio.create_subprocess_exec(
-        CAR_GRPC,
-        *args,
-        env=environ,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await completed([CAR_GRPC, *args], environ)
 
 
 async def test_agent_tokens_through_the_cli_with_store(
@@ -321,7 +313,7 @@ async def test_a_postgresql_restart_fails_requests_clearly_then_they_work_again(
             raise AssertionError(f"no recovery: {seen()}") from None
         finally:
             stop.set()
-            await load
+            await bounded(load, "the load's end")
         print(seen())  # shown when an assertion below fails
         failed = [o for o in outcomes if o.error is not None]
         assert failed, "no request met the outage"

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.bounded import stopped
 from tests.processes import launch, port
 
 CHILD = """
@@ -49,4 +50,4 @@ async def test_a_silent_child_fails_the_wait_and_is_stopped() -> None:
         await child.next_line("up")  # its log has a line to show (a slow start is no failure)
         with pytest.raises(AssertionError, match=r"sleeper: no line with 'never'.*\nup"):
             await child.next_line("never", timeout=0.2)
-        assert await child.stop() == -signal.SIGTERM
+        assert await stopped(child.stop()) == -signal.SIGTERM

@@ -29,7 +29,7 @@ from car_grpc.wire.errors import INVALID_PARAMS, CarError
 from tests.conftest import make_config
 from tests.session_client import SessionClient, connect
 from tests.tool_host import ToolHost, terminal_error
-from tests.ws_helpers import rpc, running
+from tests.ws_helpers import rpc, running, running_core
 
 JSON = Any
 Tool = Callable[[tools_pb2.ExecuteToolRequest], Awaitable[JSON]]
@@ -296,18 +296,16 @@ async def test_other_shapes_and_a_halted_session_take_the_general_path(
 
 
 async def test_the_backstop_timeout_cancels_the_call(tmp_path: Path, paths: Paths) -> None:
-    core = Core(make_config(tmp_path, tool_timeout=0.2).core)
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+    async with (
+        running_core(make_config(tmp_path, tool_timeout=0.2).core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
 
-            async def never(req: tools_pb2.ExecuteToolRequest) -> JSON:
-                await asyncio.Event().wait()
+        async def never(req: tools_pb2.ExecuteToolRequest) -> JSON:
+            await asyncio.Event().wait()
 
-            proposal = {"id": "p", "actions": [call()]}
-            lone, general = await paths.both(lambda: submit_on(core, channel, proposal, never))
-    finally:
-        await core.stop(grace=0)
+        proposal = {"id": "p", "actions": [call()]}
+        lone, general = await paths.both(lambda: submit_on(core, channel, proposal, never))
     same(lone, general)
     assert isinstance(lone.answer, tools_pb2.ProposalResult)
     assert lone.answer.results[0].error == "tool 't' callback timed out (0.2s)"
@@ -315,18 +313,16 @@ async def test_the_backstop_timeout_cancels_the_call(tmp_path: Path, paths: Path
 
 
 async def test_the_handler_deadline_cancels_the_call(tmp_path: Path, paths: Paths) -> None:
-    core = Core(make_config(tmp_path, handler_timeout=0.3).core)
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+    async with (
+        running_core(make_config(tmp_path, handler_timeout=0.3).core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
 
-            async def never(req: tools_pb2.ExecuteToolRequest) -> JSON:
-                await asyncio.Event().wait()
+        async def never(req: tools_pb2.ExecuteToolRequest) -> JSON:
+            await asyncio.Event().wait()
 
-            proposal = {"id": "p", "actions": [call()]}
-            lone, general = await paths.both(lambda: submit_on(core, channel, proposal, never))
-    finally:
-        await core.stop(grace=0)
+        proposal = {"id": "p", "actions": [call()]}
+        lone, general = await paths.both(lambda: submit_on(core, channel, proposal, never))
     same(lone, general)
     assert isinstance(lone.answer, tuple) and "handler deadline exceeded" in lone.answer[1]
     assert [(c.action_id, c.reason) for c in lone.cancels] == [("a", "proposal cancelled")]

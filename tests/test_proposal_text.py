@@ -22,14 +22,8 @@ from car_grpc.gateway import Gateway
 from car_grpc.gateway.jsonrpc import MAX_PROTO_DEPTH, Bridge
 from car_grpc.v1 import session_pb2, tools_pb2
 from car_grpc.wire import codec, proposal_text
+from tests import json_text_helpers as helpers
 from tests import roles
-from tests.json_text_helpers import (
-    one_key_objects,
-    random_json,
-    random_string,
-    recv_text,
-    ws_session,
-)
 from tests.runs_helpers import state_of
 
 JSON = Any
@@ -63,7 +57,7 @@ def test_the_gateway_sends_an_outputs_text_beside_its_value(plain: bool) -> None
     rng = random.Random(4)
     written = exact = 0
     for _ in range(400):
-        result = random_json(rng, plain=plain)
+        result = helpers.random_json(rng, plain=plain)
         body = _answer(result).tools_execute
         expected = _codec_output(result)
         assert body.output == expected.output  # the value as before
@@ -74,7 +68,7 @@ def test_the_gateway_sends_an_outputs_text_beside_its_value(plain: bool) -> None
         assert body.output_text.isascii()
         assert json.loads(body.output_text) == json.loads(text)
         assert proposal_text.read_output(body.output_text) == codec.value_to_json(body.output)
-        if one_key_objects(result):
+        if helpers.one_key_objects(result):
             assert body.output_text == text, result
             exact += 1
     if plain:
@@ -125,24 +119,26 @@ def _random_result(
     rng: random.Random, *, plain: bool
 ) -> tuple[tools_pb2.ProposalResult, dict[str, JSON]]:
     """A ProposalResult as the executor writes one, and its succeeded actions' outputs."""
-    result = tools_pb2.ProposalResult(proposal_id=random_string(rng) + "p")
+    result = tools_pb2.ProposalResult(proposal_id=helpers.random_string(rng) + "p")
     outputs: dict[str, JSON] = {}
     for i in range(rng.randint(0, 4)):
-        action_id = random_string(rng) + str(i)
+        action_id = helpers.random_string(rng) + str(i)
         status = rng.choice(list(tools_pb2.ActionStatus.values()))
         r = result.results.add(action_id=action_id, status=status, timestamp=rng.randint(0, 2**45))
         r.duration_ms = rng.choice([0, 7, 2**40])
         output = (
-            random_json(rng, plain=plain) if status == tools_pb2.ACTION_STATUS_SUCCEEDED else None
+            helpers.random_json(rng, plain=plain)
+            if status == tools_pb2.ACTION_STATUS_SUCCEEDED
+            else None
         )
         if status == tools_pb2.ACTION_STATUS_SUCCEEDED:
             outputs[action_id] = output
         codec.json_to_value(output, r.output)
         r.state_changes.SetInParent()
         if rng.random() < 0.3:
-            codec.json_to_value(random_json(rng, plain=plain), r.state_changes.fields["k"])
+            codec.json_to_value(helpers.random_json(rng, plain=plain), r.state_changes.fields["k"])
         if rng.random() < 0.4:
-            r.error = random_string(rng)
+            r.error = helpers.random_string(rng)
         if rng.random() < 0.3:
             r.rolled_back = rng.random() < 0.5
         if rng.random() < 0.3:
@@ -159,7 +155,7 @@ def _one_key_objects(result: tools_pb2.ProposalResult) -> bool:
     """Whether no free-form object of `result` has two keys (their order cannot differ)."""
     values = [codec.value_to_json(r.output) for r in result.results]
     values += [codec.struct_to_json(r.state_changes) for r in result.results]
-    return all(one_key_objects(v) for v in values)
+    return all(helpers.one_key_objects(v) for v in values)
 
 
 def _codec_result(result: tools_pb2.ProposalResult) -> str:
@@ -241,9 +237,9 @@ async def test_a_proposal_through_the_gateway_answers_as_the_codec_writes(
 ) -> None:
     core, gateway = served
     state = state_of(core)
-    ws = await ws_session(gateway.url, {"host_token": state.tokens.host})
+    ws = await helpers.ws_session(gateway.url, {"host_token": state.tokens.host})
     await _call(ws, 2, "tools.register", [{"name": "t"}])
-    assert "result" in json.loads(await recv_text(ws))
+    assert "result" in json.loads(await helpers.recv_text(ws))
     actions: list[dict[str, JSON]] = [
         {
             "id": f"a{i}",
@@ -263,7 +259,7 @@ async def test_a_proposal_through_the_gateway_answers_as_the_codec_writes(
     answer = ""
     async with asyncio.timeout(10):
         while not answer:
-            text = await recv_text(ws)
+            text = await helpers.recv_text(ws)
             message = json.loads(text)
             if message.get("id") == 3:
                 answer = text

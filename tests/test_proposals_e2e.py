@@ -4,7 +4,6 @@ the Connect stream (tools.execute / tools.cancel), as docs/protocol.md §3 descr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +18,10 @@ from car_grpc.wire.errors import DEADLINE_EXCEEDED, INVALID_PARAMS, CarError
 from tests.conftest import make_config
 from tests.session_client import SessionClient, connect
 from tests.tool_host import ToolHost, terminal_error
+from tests.ws_helpers import daemon_token, running_core
 
 Status = tools_pb2.ActionStatus
 JSON = Any
-
-
-def daemon_token(core: Core) -> str:
-    assert core.parts is not None and core.parts.tokens is not None
-    return core.parts.tokens.daemon
-
-
-@pytest.fixture
-async def client(core: Core, channel: grpc.aio.Channel) -> AsyncIterator[SessionClient]:
-    c = await connect(channel, token=daemon_token(core))
-    yield c
-    await c.close()
 
 
 def submit_request(
@@ -154,20 +142,18 @@ async def test_timeout_sends_cancel_and_fails(client: SessionClient) -> None:
 
 
 async def test_server_backstop_without_timeout_ms(tmp_path: Path) -> None:
-    core = Core(make_config(tmp_path, tool_timeout=0.2).core)
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-            client = await connect(channel, token=daemon_token(core))
-            host = ToolHost(client, lambda req: asyncio.Event().wait())
-            result = await submit(client, [call("s", "never")])
-            assert result.results[0].error == "tool 'never' callback timed out (0.2s)"
-            cancel = await next_cancel(client)
-            assert (cancel.action_id, cancel.reason) == ("s", "timeout")
-            await host.close()
-            await client.close()
-    finally:
-        await core.stop(grace=0)
+    async with (
+        running_core(make_config(tmp_path, tool_timeout=0.2).core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
+        client = await connect(channel, token=daemon_token(core))
+        host = ToolHost(client, lambda req: asyncio.Event().wait())
+        result = await submit(client, [call("s", "never")])
+        assert result.results[0].error == "tool 'never' callback timed out (0.2s)"
+        cancel = await next_cancel(client)
+        assert (cancel.action_id, cancel.reason) == ("s", "timeout")
+        await host.close()
+        await client.close()
 
 
 async def test_abort_rolls_back_state(client: SessionClient) -> None:
@@ -374,20 +360,18 @@ async def test_concurrent_proposals_on_several_sessions(
 
 
 async def test_handler_deadline_cancels_tool_calls(tmp_path: Path) -> None:
-    core = Core(make_config(tmp_path, handler_timeout=0.3).core)
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-            client = await connect(channel, token=daemon_token(core))
-            host = ToolHost(client, lambda req: asyncio.Event().wait())
-            with pytest.raises(CarError) as err:
-                await submit(client, [call("s", "never")])
-            assert err.value.code == DEADLINE_EXCEEDED
-            assert "proposal.submit" in err.value.message
-            cancel = await next_cancel(client)
-            assert (cancel.action_id, cancel.reason) == ("s", "proposal cancelled")
-            assert cancel.request_id == host.requests[0][0]
-            await host.close()
-            await client.close()
-    finally:
-        await core.stop(grace=0)
+    async with (
+        running_core(make_config(tmp_path, handler_timeout=0.3).core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
+        client = await connect(channel, token=daemon_token(core))
+        host = ToolHost(client, lambda req: asyncio.Event().wait())
+        with pytest.raises(CarError) as err:
+            await submit(client, [call("s", "never")])
+        assert err.value.code == DEADLINE_EXCEEDED
+        assert "proposal.submit" in err.value.message
+        cancel = await next_cancel(client)
+        assert (cancel.action_id, cancel.reason) == ("s", "proposal cancelled")
+        assert cancel.request_id == host.requests[0][0]
+        await host.close()
+        await client.close()

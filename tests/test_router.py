@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from car_grpc.core.router import Router, handles, handles_notification, streams
-from car_grpc.core.server import Core
 from car_grpc.core.session import ClientSession
 from car_grpc.v1 import chats_pb2, runs_pb2, tools_pb2, voice_pb2
 from tests.conftest import make_config
+from tests.ws_helpers import running_core
 
 
 class _Lists:
@@ -54,9 +54,7 @@ def test_marking_an_unknown_member_fails_at_once() -> None:
 
 
 async def test_the_wired_core_serves_every_request(tmp_path: Path) -> None:
-    core = Core(make_config(tmp_path).core)
-    await core.start()
-    try:
+    async with running_core(make_config(tmp_path).core) as core:
         assert core.parts is not None
         assert core.parts.router.unserved() == []
         assert set(core.parts.router.streams) == {"WatchRun", "WatchHostEvents", "Chat"}
@@ -66,8 +64,6 @@ async def test_the_wired_core_serves_every_request(tmp_path: Path) -> None:
             "car.v1.VoiceService.PublishVoiceEvent",
             "car.v1.ToolService.ServeTools",
         }
-    finally:
-        await core.stop(grace=0)
 
 
 class _Notices:

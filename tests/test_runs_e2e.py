@@ -27,6 +27,7 @@ from tests.runs_helpers import (
     trace,
     turns,
 )
+from tests.ws_helpers import running_core
 
 IN_PROGRESS = runs_pb2.RUN_STATUS_IN_PROGRESS
 COMPLETED = runs_pb2.RUN_STATUS_COMPLETED
@@ -527,23 +528,21 @@ async def test_subscribe_while_appending_has_no_gap_and_no_duplicate(
 
 
 async def test_a_session_holds_a_bounded_number_of_run_subscriptions(tmp_path: Path) -> None:
-    core = Core(make_config(tmp_path, run_subscriptions_per_session=2).core)
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-            bot, boss = await agent(core, channel, "bot"), await host_role(core, channel)
-            runs = [await start(bot) for _ in range(3)]
-            for run_id in runs[:2]:
-                await boss.request("runs_subscribe", runs_pb2.SubscribeRunRequest(run_id=run_id))
-            with pytest.raises(CarError) as refused:
-                await boss.request("runs_subscribe", runs_pb2.SubscribeRunRequest(run_id=runs[2]))
-            assert refused.value.code == INVALID_PARAMS
-            assert "run_subscriptions_per_session (2)" in refused.value.message
-            # Subscribing again to a run replaces its own subscription; ending one frees it.
-            await boss.request("runs_subscribe", runs_pb2.SubscribeRunRequest(run_id=runs[0]))
-            await boss.request("runs_unsubscribe", runs_pb2.UnsubscribeRunRequest(run_id=runs[1]))
+    async with (
+        running_core(make_config(tmp_path, run_subscriptions_per_session=2).core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
+        bot, boss = await agent(core, channel, "bot"), await host_role(core, channel)
+        runs = [await start(bot) for _ in range(3)]
+        for run_id in runs[:2]:
+            await boss.request("runs_subscribe", runs_pb2.SubscribeRunRequest(run_id=run_id))
+        with pytest.raises(CarError) as refused:
             await boss.request("runs_subscribe", runs_pb2.SubscribeRunRequest(run_id=runs[2]))
-            await bot.close()
-            await boss.close()
-    finally:
-        await core.stop(grace=0)
+        assert refused.value.code == INVALID_PARAMS
+        assert "run_subscriptions_per_session (2)" in refused.value.message
+        # Subscribing again to a run replaces its own subscription; ending one frees it.
+        await boss.request("runs_subscribe", runs_pb2.SubscribeRunRequest(run_id=runs[0]))
+        await boss.request("runs_unsubscribe", runs_pb2.UnsubscribeRunRequest(run_id=runs[1]))
+        await boss.request("runs_subscribe", runs_pb2.SubscribeRunRequest(run_id=runs[2]))
+        await bot.close()
+        await boss.close()

@@ -13,6 +13,7 @@ from car_grpc.config import Config
 from car_grpc.core.server import Core
 from car_grpc.v1 import errors_pb2, runs_pb2, runs_pb2_grpc, session_pb2
 from car_grpc.wire.errors import ERROR_TRAILER, INVALID_PARAMS
+from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.roles import agent, host_role
 from tests.runs_helpers import (
@@ -26,6 +27,7 @@ from tests.runs_helpers import (
     turns,
     wait_for_status,
 )
+from tests.ws_helpers import running_core
 
 IN_PROGRESS = runs_pb2.RUN_STATUS_IN_PROGRESS
 COMPLETED = runs_pb2.RUN_STATUS_COMPLETED
@@ -82,24 +84,22 @@ async def test_resuming_within_the_grace_keeps_the_run(
     tmp_path: Path,
 ) -> None:
     # A grace long enough to reconnect in, on any machine.
-    core = Core(make_config(tmp_path, run_complete_grace=0.5).core)
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-            first = await agent(core, channel, "bot")
-            kept = await start(first, idempotency_key="kept")
-            dropped = await start(first, idempotency_key="dropped")
-            await first.close()
+    async with (
+        running_core(make_config(tmp_path, run_complete_grace=0.5).core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
+        first = await agent(core, channel, "bot")
+        kept = await start(first, idempotency_key="kept")
+        dropped = await start(first, idempotency_key="dropped")
+        await first.close()
 
-            again = await agent(core, channel, "bot")
-            assert await start(again, idempotency_key="kept") == "kept"
-            # Both graces began together; once one has fired the other has too.
-            await wait_for_status(again, "bot", dropped, INCOMPLETE)
-            statuses = {s.run_id: s.status for s in await summaries(again, "bot")}
-            assert statuses == {"kept": IN_PROGRESS, "dropped": INCOMPLETE}
-            assert (await record(again, kept, turns(1))).ok
-    finally:
-        await core.stop(grace=0)
+        again = await agent(core, channel, "bot")
+        assert await start(again, idempotency_key="kept") == "kept"
+        # Both graces began together; once one has fired the other has too.
+        await wait_for_status(again, "bot", dropped, INCOMPLETE)
+        statuses = {s.run_id: s.status for s in await summaries(again, "bot")}
+        assert statuses == {"kept": IN_PROGRESS, "dropped": INCOMPLETE}
+        assert (await record(again, kept, turns(1))).ok
 
 
 async def test_stop_ends_open_runs(tmp_path: Path) -> None:
@@ -110,38 +110,33 @@ async def test_stop_ends_open_runs(tmp_path: Path) -> None:
         bot = await agent(core, channel, "bot")
         run_id = await start(bot)
         await record(bot, run_id, turns(2))
-    await core.stop(grace=0)
+    await stopped(core.stop(grace=0))
 
-    core = Core(config.core)
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-            boss = await host_role(core, channel)
-            got = await trace(boss, run_id)
-            assert [r.record for r in got.records] == [STARTED, TURN, TURN, ENDED]
-            assert got.records[-1].ended.status == INCOMPLETE
-    finally:
-        await core.stop(grace=0)
+    async with (
+        running_core(config.core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
+        boss = await host_role(core, channel)
+        got = await trace(boss, run_id)
+        assert [r.record for r in got.records] == [STARTED, TURN, TURN, ENDED]
+        assert got.records[-1].ended.status == INCOMPLETE
 
 
 # ---------------------------------------------------------------- a slow subscriber
 
 
 async def test_a_subscriber_that_stops_reading_slows_no_one(tmp_path: Path) -> None:
-    core = Core(make_config(tmp_path, session_outbound_queue=32, run_subscriber_queue=32).core)
-    await core.start()
-    try:
-        async with (
-            grpc.aio.insecure_channel(core.grpc_address) as channel,
-            # Its own connection, as a separate client would have, whose receive window
-            # stays at its initial 64 KiB (no BDP probing): what it does not read backs up.
-            grpc.aio.insecure_channel(
-                core.grpc_address, options=[("grpc.http2.bdp_probe", 0)]
-            ) as slow_channel,
-        ):
-            await _slow_subscriber_scenario(core, channel, slow_channel)
-    finally:
-        await core.stop(grace=0)
+    config = make_config(tmp_path, session_outbound_queue=32, run_subscriber_queue=32)
+    async with (
+        running_core(config.core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+        # Its own connection, as a separate client would have, whose receive window
+        # stays at its initial 64 KiB (no BDP probing): what it does not read backs up.
+        grpc.aio.insecure_channel(
+            core.grpc_address, options=[("grpc.http2.bdp_probe", 0)]
+        ) as slow_channel,
+    ):
+        await _slow_subscriber_scenario(core, channel, slow_channel)
 
 
 async def _slow_subscriber_scenario(

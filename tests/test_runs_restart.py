@@ -12,12 +12,12 @@ import grpc
 import pytest
 
 from car_grpc.core.runs import ENDED, IN_PROGRESS, INCOMPLETE, STARTED, TURN, ended_record
-from car_grpc.core.tokens import AgentTokens
 from car_grpc.store import RunRow, open_store
 from car_grpc.v1 import runs_pb2
 from tests.processes import Process, car_grpc
 from tests.runs_helpers import record, start, summaries, trace
 from tests.session_client import SessionClient, connect
+from tests.test_faults_processes import mint_agent_token
 
 
 @contextlib.asynccontextmanager
@@ -26,14 +26,6 @@ async def core_process(home: Path) -> AsyncIterator[tuple[Process, str]]:
     async with car_grpc(home, "core", "--grpc-port", "0") as core:
         [address] = await core.listeners(1)
         yield core, address
-
-
-async def mint_agent_token(home: Path, agent_id: str) -> str:
-    store = await open_store(home)
-    try:
-        return await AgentTokens(store.agent_tokens).add(agent_id)
-    finally:
-        await store.close()
 
 
 async def stream_turns(

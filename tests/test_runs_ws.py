@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from car_grpc.core.runs import RECORD_TURNS_USAGE
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from tests.conftest import make_config
+from tests.processes import cli_env, launch
 from tests.ws_helpers import RawWebSocket, Rpc, running
 
 JSON = Any
@@ -372,31 +372,17 @@ print(json.dumps({"run": run, "recorded": recorded, "done": done}))
 
 async def test_car_runtime_records_a_run(peers: Peers) -> None:
     token = await peers.state.agent_tokens.add("bot")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-    env |= {
-        "CAR_DAEMON_URL": peers.url,
-        "CAR_AGENT_ID": "bot",
-        "CAR_AGENT_TOKEN": token,
-        "CAR_NO_VERSION_WARNING": "1",
-        "CAR_DAEMON_TIMEOUT": "20",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CAR_RUNTIME_AGENT,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    env = cli_env(
+        CAR_DAEMON_URL=peers.url,
+        CAR_AGENT_ID="bot",
+        CAR_AGENT_TOKEN=token,
+        CAR_NO_VERSION_WARNING="1",
+        CAR_DAEMON_TIMEOUT="20",
     )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 45)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()
-    seen = json.loads(out.decode().strip().splitlines()[-1])
+    async with launch([sys.executable, "-c", CAR_RUNTIME_AGENT], env=env, stdout=True) as agent:
+        code, out = await agent.output(45)
+    assert code == 0, agent.log
+    seen = json.loads(out.strip().splitlines()[-1])
     run_id = seen["run"]["run_id"]
     assert seen == {
         "run": {"run_id": run_id, "agent_id": "bot"},

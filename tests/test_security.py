@@ -11,14 +11,12 @@ WebSocket message (test_gateway_e2e), the Unix socket's mode (test_gateway_e2e).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import os
 import re
 import sqlite3
 import stat
-import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from car_grpc.wire.errors import AUTH_REQUIRED, INTERNAL
 from car_grpc.wire.limits import MAX_MESSAGE_BYTES
 from car_grpc.wire.metadata import AGENT_ID_KEY
 from tests.conftest import make_config
-from tests.processes import Process, car_grpc, port
+from tests.processes import Process, agents_add, car_grpc, port
 from tests.ws_helpers import RpcError, rpc, running
 
 TOKEN_MISMATCH = "auth failed: token mismatch"
@@ -180,18 +178,6 @@ async def serve_logged(home: Path) -> AsyncIterator[tuple[Process, list[str]]]:
     async with car_grpc(home, *args) as served:
         yield served, await served.listeners(4)
         assert await served.terminate(timeout=15) == 0, served.log
-
-
-async def agents_add(home: Path, agent_id: str) -> str:
-    """`car-grpc agents add`, the operator's command (it prints the token once, by design)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
-    env["CAR_HOME"] = str(home)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "car_grpc.cli", "agents", "add", agent_id,
-        env=env, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    return out.decode().strip()
 
 
 async def test_secrets_stay_out_of_logs_and_error_messages(tmp_path: Path) -> None:

@@ -4,18 +4,16 @@ socket, and stop cleanly on SIGTERM, removing the token files."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import signal
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import unix_connect
 
 from car_grpc.core.server import Core
-from tests.processes import ONE_PROCESS, Process, car_grpc, port
+from tests.processes import ONE_PROCESS, Process, car_grpc, car_grpc_argv, completed, port
 from tests.ws_helpers import Rpc, daemon_token, rpc
 
 
@@ -110,11 +108,7 @@ async def test_serve_shuts_down_cleanly_on(sig: int, tmp_path: Path) -> None:
 
 
 async def test_help_documents_every_flag() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "car_grpc.cli", "serve", "--help", stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 20)
-    text = out.decode()
+    _, text, _ = await completed(car_grpc_argv("serve", "--help"), timeout=20)
     for flag in ("--host", "--port", "--grpc-port", "--no-auth", "--no-approvals"):
         assert re.search(rf"^\s+{flag}\b.*\S", text, re.M), flag
     # Where the token files go, as config.default_token_dir decides it.

@@ -8,12 +8,9 @@ import pytest
 from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2
 from car_grpc.wire.errors import AUTH_REQUIRED, PROTOCOL_VERSION_MISMATCH, CarError
+from tests.bounded import bounded
 from tests.session_client import SessionClient, connect
-
-
-def daemon_token(core: Core) -> str:
-    assert core.parts is not None and core.parts.tokens is not None
-    return core.parts.tokens.daemon
+from tests.ws_helpers import daemon_token
 
 
 async def test_handshake_over_connect(core: Core, channel: grpc.aio.Channel) -> None:
@@ -48,6 +45,6 @@ async def test_request_before_auth_is_refused_and_stream_closed(
     with pytest.raises(CarError) as err:
         await client.request("server_handshake", hs)
     assert err.value.code == AUTH_REQUIRED
-    await client.ended.wait()
+    await bounded(client.ended.wait())
     assert client.end_code == grpc.StatusCode.UNAUTHENTICATED
     await client.close()

@@ -23,6 +23,7 @@ from car_grpc.store import RunRow, StoreConflict
 from car_grpc.store.sqlite import SqliteStore
 from car_grpc.store.sqlite.database import DEFAULT_WRITE_SIZE, GroupLimits, Key, SqliteDatabase
 from car_grpc.v1 import host_pb2, runs_pb2
+from tests.bounded import bounded
 
 IN_PROGRESS = runs_pb2.RUN_STATUS_IN_PROGRESS
 STARTED = runs_pb2.RUN_RECORD_KIND_STARTED
@@ -267,7 +268,7 @@ async def test_close_drains_what_is_queued(path: Path) -> None:
     with pytest.raises(RuntimeError, match="closed"):
         await store.runs.append(run_ids[0], 4, [turn(4)])  # refused once closing
     await gate.open()
-    await closing
+    await bounded(closing, "the store's close")
     assert await settle(tasks) == [None] * len(tasks)  # every queued write went in
     again = await SqliteStore.open(path)
     try:
@@ -365,15 +366,18 @@ async def test_a_read_sees_the_writes_queued_before_it(store: SqliteStore) -> No
         assert [r.record for r in other_run] == [STARTED]
         await asyncio.sleep(0.05)
         assert not (gate.task.done() or write.done() or same_run.done() or everything.done())
-    await write
-    assert [r.timestamp for r in await same_run] == [1, 2]
-    assert {r.run_id: r.record_count for r in await everything} == {run_ids[0]: 2, run_ids[1]: 1}
+    await bounded(write, "the gated write")
+    assert [r.timestamp for r in await bounded(same_run)] == [1, 2]
+    assert {r.run_id: r.record_count for r in await bounded(everything)} == {
+        run_ids[0]: 2,
+        run_ids[1]: 1,
+    }
     # A write without a key may touch anything: every read queued after it waits.
     async with gated(db) as gate:
         read = asyncio.create_task(store.runs.get(run_ids[1]))
         await asyncio.sleep(0.05)
         assert not (gate.task.done() or read.done())
-    assert await read is not None
+    assert await bounded(read, "the read queued behind a write") is not None
 
 
 async def test_a_read_waits_for_a_write_queued_before_it_whose_caller_gave_up(
@@ -393,7 +397,7 @@ async def test_a_read_waits_for_a_write_queued_before_it_whose_caller_gave_up(
         read = asyncio.create_task(store.runs.records(run_id, 0, 10))
         await asyncio.sleep(0.05)
         assert not (gate.task.done() or read.done())
-    assert [r.timestamp for r in await read] == [1, 2]
+    assert [r.timestamp for r in await bounded(read, "the read queued behind a write")] == [1, 2]
 
 
 async def test_a_group_of_appends_is_merged_and_a_bad_one_fails_alone(

@@ -41,6 +41,7 @@ from tests.roles import agent, ordinary
 from tests.runs_helpers import complete, record, start, turns
 from tests.session_client import SessionClient
 from tests.test_connection_caps import MAX_SESSIONS_REFUSAL, until
+from tests.ws_helpers import running_core
 
 _names = itertools.count()
 
@@ -362,13 +363,11 @@ KINDS = [
 @pytest.fixture
 async def capped(tmp_path: Path) -> AsyncIterator[tuple[Core, grpc.aio.Channel]]:
     """A core holding at most 3 sessions and streams, and a channel to it."""
-    core = Core(make_config(tmp_path, max_sessions=3).core)
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(core.grpc_address) as channel:
-            yield core, channel
-    finally:
-        await core.stop(grace=0)
+    async with (
+        running_core(make_config(tmp_path, max_sessions=3).core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
+        yield core, channel
 
 
 async def assert_refused(call: Any, message: str) -> None:

@@ -25,13 +25,13 @@ from websockets.frames import CloseCode
 
 from car_grpc import cli
 from car_grpc.config import Config
-from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.serve import Server
+from tests.bounded import bounded, stopped
 from tests.conftest import make_config
 from tests.dashboard_helpers import request
 from tests.processes import car_grpc
-from tests.ws_helpers import Rpc, daemon_token
+from tests.ws_helpers import Rpc, daemon_token, running_core
 
 
 @dataclass
@@ -163,9 +163,7 @@ async def test_a_separate_gateway_needs_core_ca_for_a_tls_core(
     core_config = make_config(
         tmp_path, grpc_tls_cert=certificate.cert, grpc_tls_key=certificate.key
     )
-    core = Core(core_config.core)
-    await core.start()
-    try:
+    async with running_core(core_config.core) as core:
         for core_ca, works in ((certificate.cert, True), (None, False)):
             gateway = Gateway(make_config(tmp_path, core_ca=core_ca).gateway, core.grpc_address)
             await gateway.start()
@@ -176,13 +174,11 @@ async def test_a_separate_gateway_needs_core_ca_for_a_tls_core(
                         await client.send({"jsonrpc": "2.0", "id": 1, "method": "tools.list"})
                         assert (await client.recv())["error"]["code"] == -32001
                     else:  # plaintext to a TLS core: the connection closes and says why
-                        await ws.wait_closed()
+                        await bounded(ws.wait_closed())
                         assert ws.close_code == CloseCode.INTERNAL_ERROR
                         assert (ws.close_reason or "").startswith("core unavailable")
             finally:
-                await gateway.stop()
-    finally:
-        await core.stop(grace=0)
+                await stopped(gateway.stop())
 
 
 def test_tls_flags_fill_the_config(tmp_path: Path) -> None:

@@ -20,14 +20,15 @@ from car_grpc.core.server import Core
 from car_grpc.core.tools import HALTED
 from car_grpc.gateway import Gateway
 from car_grpc.v1 import options_pb2, session_pb2, tools_pb2, tools_pb2_grpc
-from car_grpc.wire.codec import json_to_message, struct_to_json, value_to_json
+from car_grpc.wire.codec import struct_to_json, value_to_json
 from car_grpc.wire.errors import INVALID_PARAMS, CarError
 from tests.conftest import make_config
 from tests.runs_helpers import state_of
 from tests.session_client import SessionClient, connect
+from tests.test_proposals_e2e import submit_request
 from tests.tool_host import ToolHost
 from tests.tool_host_stream import HostToolError, StreamToolHost, bearer, serving
-from tests.ws_helpers import Rpc, daemon_token, rpc, running
+from tests.ws_helpers import Rpc, daemon_token, rpc, running, running_core
 
 JSON = Any
 SHARED, SESSION = tools_pb2.TOOL_SCOPE_SHARED, tools_pb2.TOOL_SCOPE_SESSION
@@ -50,14 +51,6 @@ async def ws_submit(client: Rpc, actions: list[dict[str, JSON]], **extra: JSON) 
     return await client.result(
         "proposal.submit", {"proposal": {"id": "p1", "actions": actions}, **extra}
     )
-
-
-def submit_request(
-    actions: list[dict[str, JSON]], **extra: JSON
-) -> tools_pb2.SubmitProposalRequest:
-    req = tools_pb2.SubmitProposalRequest()
-    json_to_message({"proposal": {"id": "p1", "actions": actions}, **extra}, req)
-    return req
 
 
 async def typed_submit(
@@ -612,12 +605,8 @@ async def test_a_host_that_disconnects_mid_call_fails_the_action_at_once(
 @contextlib.asynccontextmanager
 async def core_with(tmp_path: Path, **overrides: object) -> AsyncIterator[Core]:
     """A core with these config overrides."""
-    core = Core(make_config(tmp_path, **overrides).core)
-    await core.start()
-    try:
+    async with running_core(make_config(tmp_path, **overrides).core) as core:
         yield core
-    finally:
-        await core.stop(grace=0)
 
 
 def skip(id: str, tool: str, **extra: JSON) -> dict[str, JSON]:

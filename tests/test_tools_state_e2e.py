@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -12,19 +11,9 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2, state_pb2, tools_pb2
 from car_grpc.wire.codec import json_to_message, message_to_json, struct_to_json, value_to_json
 from car_grpc.wire.errors import INVALID_PARAMS, CarError
+from tests.bounded import bounded
 from tests.session_client import SessionClient, connect
-
-
-def daemon_token(core: Core) -> str:
-    assert core.parts is not None and core.parts.tokens is not None
-    return core.parts.tokens.daemon
-
-
-@pytest.fixture
-async def client(core: Core, channel: grpc.aio.Channel) -> AsyncIterator[SessionClient]:
-    c = await connect(channel, token=daemon_token(core))
-    yield c
-    await c.close()
+from tests.ws_helpers import daemon_token
 
 
 def msg(cls: type[Any], data: dict[str, Any]) -> Any:
@@ -202,6 +191,6 @@ async def test_session_state_is_released_on_close(core: Core, channel: grpc.aio.
     session = core.parts.registry.sessions[session_id]
     await client.request("state_set", msg(state_pb2.SetStateRequest, {"key": "k", "value": 1}))
     await client.close()
-    await session.closed.wait()
+    await bounded(session.closed.wait())
     assert session_id not in core.parts.registry.sessions
     assert not session.tools and not session.kv

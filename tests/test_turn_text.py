@@ -23,14 +23,8 @@ from car_grpc.gateway import Gateway
 from car_grpc.gateway.jsonrpc import Bridge, decode
 from car_grpc.v1 import runs_pb2, session_pb2
 from car_grpc.wire import codec, turn_text
+from tests import json_text_helpers as helpers
 from tests import roles
-from tests.json_text_helpers import (
-    one_key_objects,
-    random_json,
-    random_string,
-    recv_text,
-    ws_session,
-)
 from tests.runs_helpers import state_of
 
 JSON = Any
@@ -49,10 +43,10 @@ def _turn(rng: random.Random, *, plain: bool = True) -> dict[str, JSON]:
     turn: dict[str, JSON] = {}
     for key in ("prompt", "tool", "verifier_verdict"):
         if rng.random() < 0.6:
-            turn[key] = random_string(rng) if rng.random() < 0.9 else None
+            turn[key] = helpers.random_string(rng) if rng.random() < 0.9 else None
     for key in ("parameters", "output", "cli_outcome"):
         if rng.random() < 0.6:
-            turn[key] = random_json(rng, plain=plain)
+            turn[key] = helpers.random_json(rng, plain=plain)
     if rng.random() < 0.3:
         turn["policy_rejected"] = rng.choice([True, False, None])
     if rng.random() < 0.2:
@@ -96,7 +90,7 @@ def test_the_gateway_reads_turns_as_the_codec_and_writes_their_text(plain: bool)
             expected = _codec_text(turn)
             assert text.isascii()
             assert json.loads(text) == json.loads(expected)
-            if all(one_key_objects(v) for v in turn.values()):
+            if all(helpers.one_key_objects(v) for v in turn.values()):
                 assert text == expected, turn
                 exact += 1
     if plain:
@@ -216,7 +210,7 @@ def test_a_client_cannot_send_the_text_itself() -> None:
 
 async def _call(ws: ClientConnection, method: str, params: JSON) -> JSON:
     await ws.send(json.dumps({"jsonrpc": "2.0", "id": 99, "method": method, "params": params}))
-    answer = json.loads(await recv_text(ws))
+    answer = json.loads(await helpers.recv_text(ws))
     assert answer["id"] == 99 and "result" in answer, answer
     return answer["result"]
 
@@ -239,8 +233,8 @@ async def test_events_behind_the_gateway_are_put_together_from_the_turns_text(
     core, gateway = served
     state = state_of(core)
     token = await state.agent_tokens.add("bot")
-    agent = await ws_session(gateway.url, {"agent_id": "bot", "token": token})
-    host = await ws_session(gateway.url, {"host_token": state.tokens.host})
+    agent = await helpers.ws_session(gateway.url, {"agent_id": "bot", "token": token})
+    host = await helpers.ws_session(gateway.url, {"host_token": state.tokens.host})
     async with grpc.aio.insecure_channel(core.grpc_address) as channel:
         typed = await roles.host_role(core, channel)  # takes the events as protobuf
         run_id = (await _call(agent, "runs.start", {"intent": "i"}))["run_id"]
@@ -258,7 +252,7 @@ async def test_events_behind_the_gateway_are_put_together_from_the_turns_text(
         ]
         answer = await _call(agent, "runs.record_turns", {"run_id": run_id, "turns": turns})
         assert answer["ok"] and answer["count"] == len(turns)
-        received = [await recv_text(host) for _ in turns]
+        received = [await helpers.recv_text(host) for _ in turns]
         protos = [await typed.next_notification() for _ in turns]
         await typed.close()
     stored = await state.runs.store.records(run_id, 1, len(turns))
@@ -282,7 +276,7 @@ async def test_text_from_a_session_not_of_the_gateway_is_ignored(
     """A typed client's RecordTurnsRequest.turn_texts never reaches a subscriber."""
     core, gateway = served
     state = state_of(core)
-    host = await ws_session(gateway.url, {"host_token": state.tokens.host})
+    host = await helpers.ws_session(gateway.url, {"host_token": state.tokens.host})
     async with grpc.aio.insecure_channel(core.grpc_address) as channel:
         agent = await roles.agent(core, channel, "bot")
         start = runs_pb2.StartRunRequest(intent="i")
@@ -295,7 +289,7 @@ async def test_text_from_a_session_not_of_the_gateway_is_ignored(
         )
         assert (await agent.request("runs_record_turns", forged)).ok
         await agent.close()
-    event = json.loads(await recv_text(host))
+    event = json.loads(await helpers.recv_text(host))
     assert event["method"] == TRACE_EVENT
     assert event["params"]["record"]["prompt"] == "real"
     await host.close()

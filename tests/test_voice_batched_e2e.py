@@ -25,10 +25,11 @@ from car_grpc.gateway import Gateway
 from car_grpc.gateway.audio_frames import decode
 from car_grpc.v1 import session_pb2, voice_pb2, voice_pb2_grpc
 from car_grpc.wire import codec
+from tests.bounded import bounded, stopped
 from tests.conftest import make_config
 from tests.session_client import connect
 from tests.voice_helpers import VoiceRpc, partial_event, voice_rpc
-from tests.ws_helpers import daemon_token, running
+from tests.ws_helpers import daemon_token, running, running_core
 
 Request = voice_pb2.ServeVoiceRequest
 Batch = voice_pb2.ServeVoiceBatchedRequest
@@ -108,7 +109,9 @@ class BatchedEngine:
     async def close(self) -> None:
         self.call.cancel()
         if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
+            await stopped(
+                asyncio.gather(self._reader, return_exceptions=True), "the engine's reader"
+            )
 
 
 class HoldingEngine(BatchedEngine):
@@ -249,42 +252,36 @@ async def test_a_client_that_pushes_far_faster_than_it_reads_is_slowed_down_not_
         session_outbound_queue=8,
         voice_stall_timeout=30.0,
     )
-    core = Core(config.core)
-    await core.start()
-    try:
-        async with (
-            batched_engine(core) as engine,
-            grpc.aio.insecure_channel(core.grpc_address) as channel,
-        ):
-            c = await connect(channel, token=daemon_token(core))
-            start = voice_pb2.StartTranscribeStreamRequest()
-            session_id = (await c.request("voice_transcribe_stream_start", start)).session_id
-            c.pause_reading()
-            count, payload = 128, b"\x01\x00" * (32 * 1024)
-            for seq in range(count):
-                audio = voice_pb2.VoiceAudio(session_id=session_id, seq=seq, data=payload)
-                await c.send(session_pb2.ClientFrame(voice_audio=audio))
-            c.resume_reading()
-            frames: list[session_pb2.ServerFrame] = []
-            with contextlib.suppress(TimeoutError):
-                while len(frames) < 2 * count:
-                    frames.append(await c.next_notification(timeout=30))
-            # On a shortfall, say what came last (an error event says why the session ended).
-            assert len(frames) == 2 * count, (len(frames), frames[-1:])
-            speech = [f.voice_audio for f in frames if f.HasField("voice_audio")]
-            events = [
-                codec.value_to_json(f.voice_event.event)
-                for f in frames
-                if f.HasField("voice_event")
-            ]
-            assert [(s.seq, s.data) for s in speech] == [(n, payload) for n in range(count)]
-            assert events == [partial_event(n) for n in range(count)]
-            assert [a.seq for a in engine.audio[session_id]] == list(range(count))
-            stop = voice_pb2.StopTranscribeStreamRequest(session_id=session_id)
-            assert (await c.request("voice_transcribe_stream_stop", stop)).stopped
-            await c.close()
-    finally:
-        await core.stop(grace=0)
+    async with (
+        running_core(config.core) as core,
+        batched_engine(core) as engine,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
+        c = await connect(channel, token=daemon_token(core))
+        start = voice_pb2.StartTranscribeStreamRequest()
+        session_id = (await c.request("voice_transcribe_stream_start", start)).session_id
+        c.pause_reading()
+        count, payload = 128, b"\x01\x00" * (32 * 1024)
+        for seq in range(count):
+            audio = voice_pb2.VoiceAudio(session_id=session_id, seq=seq, data=payload)
+            await c.send(session_pb2.ClientFrame(voice_audio=audio))
+        c.resume_reading()
+        frames: list[session_pb2.ServerFrame] = []
+        with contextlib.suppress(TimeoutError):
+            while len(frames) < 2 * count:
+                frames.append(await c.next_notification(timeout=30))
+        # On a shortfall, say what came last (an error event says why the session ended).
+        assert len(frames) == 2 * count, (len(frames), frames[-1:])
+        speech = [f.voice_audio for f in frames if f.HasField("voice_audio")]
+        events = [
+            codec.value_to_json(f.voice_event.event) for f in frames if f.HasField("voice_event")
+        ]
+        assert [(s.seq, s.data) for s in speech] == [(n, payload) for n in range(count)]
+        assert events == [partial_event(n) for n in range(count)]
+        assert [a.seq for a in engine.audio[session_id]] == list(range(count))
+        stop = voice_pb2.StopTranscribeStreamRequest(session_id=session_id)
+        assert (await c.request("voice_transcribe_stream_stop", stop)).stopped
+        await c.close()
 
 
 @pytest.mark.parametrize("bad", ["too many", "register not first", "taken unannounced"])
@@ -423,7 +420,9 @@ async def test_a_burst_of_answers_overflows_a_client_not_reading_unless_the_engi
                 assert speech == list(range(len(speech)))
                 assert len(frames) < 2 * hold
                 sending.cancel()
-                await asyncio.gather(sending, return_exceptions=True)
+                await stopped(
+                    asyncio.gather(sending, return_exceptions=True), "the cancelled sending"
+                )
                 return
             # Exactly every answer, in order, and nothing else (no error: no overflow).
             assert len(frames) == 2 * count, (now, len(frames), events[-1:], engine.released)
@@ -432,7 +431,7 @@ async def test_a_burst_of_answers_overflows_a_client_not_reading_unless_the_engi
             assert [a.seq for a in engine.audio[session_id]] == list(range(count))
             # Each burst fitted three quarters of the client's queue.
             assert engine.released[0] > 0 and max(engine.released) <= room, engine.released
-            await sending
+            await bounded(sending, "the sending of the audio")
             stop = voice_pb2.StopTranscribeStreamRequest(session_id=session_id)
             assert (await c.request("voice_transcribe_stream_stop", stop)).stopped
             last = event_of(await c.next_notification())
@@ -440,4 +439,4 @@ async def test_a_burst_of_answers_overflows_a_client_not_reading_unless_the_engi
             await c.close()
             await engine.close()
     finally:
-        await core.stop(grace=0)
+        await stopped(core.stop(grace=0))

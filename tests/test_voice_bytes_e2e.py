@@ -8,13 +8,13 @@ from pathlib import Path
 
 import grpc
 
-from car_grpc.core.server import Core
 from car_grpc.v1 import voice_pb2
 from car_grpc.wire import codec
+from tests.bounded import bounded
 from tests.conftest import make_config
 from tests.session_client import connect
 from tests.voice_helpers import EchoEngine
-from tests.ws_helpers import daemon_token
+from tests.ws_helpers import daemon_token, running_core
 
 QUEUE_BYTES = 64 * 1024
 
@@ -28,9 +28,7 @@ async def test_an_owner_that_lets_large_events_pile_up_past_the_byte_bound_loses
         voice_event_queue_bytes=QUEUE_BYTES,
         session_outbound_queue=8,
     )
-    core = Core(config.core)
-    await core.start()
-    try:
+    async with running_core(config.core) as core:
         token = daemon_token(core)
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
             engine = EchoEngine(channel, ["echo"], token=token)
@@ -45,7 +43,7 @@ async def test_an_owner_that_lets_large_events_pile_up_past_the_byte_bound_loses
                 await engine.event(slow_id, {"type": "transcript", "final": False, "text": text})
                 sent += 1
                 assert sent < 10_000, "the session never ended"
-            closed = await engine.closed.get()
+            closed = await bounded(engine.closed.get())
             assert closed.session_id == slow_id
             prefix = "client not reading: "
             suffix = f" bytes of voice events queued (at most {QUEUE_BYTES})"
@@ -62,5 +60,3 @@ async def test_an_owner_that_lets_large_events_pile_up_past_the_byte_bound_loses
             assert event == {"type": "error", "message": closed.reason, "terminal": True}
             await slow.close()
             await engine.close()
-    finally:
-        await core.stop(grace=0)

@@ -24,6 +24,7 @@ from car_grpc.gateway.audio_frames import decode
 from car_grpc.v1 import session_pb2, voice_pb2, voice_pb2_grpc
 from car_grpc.wire import codec
 from car_grpc.wire.errors import INTERNAL, INVALID_PARAMS, INVALID_REQUEST
+from tests.bounded import bounded
 from tests.conftest import make_config
 from tests.session_client import SessionClient, connect
 from tests.voice_helpers import (
@@ -34,7 +35,7 @@ from tests.voice_helpers import (
     partial_event,
     voice_rpc,
 )
-from tests.ws_helpers import daemon_token, running
+from tests.ws_helpers import daemon_token, running, running_core
 
 
 @pytest.fixture
@@ -241,7 +242,7 @@ async def test_binary_frames_in_and_speech_out_round_trip(
 ) -> None:
     async for c in client(served):
         session_id = (await c.start(options={"tts": True}))["session_id"]
-        opened = await engine.opened.get()
+        opened = await bounded(engine.opened.get())
         assert opened.session_id == session_id and opened.audio_source == "client"
         assert opened.voice_session_id == session_id  # its typed name
         payloads = [b"\x01\x00\x02\x00", b"\x03\x00", b"\x04\x00\x05\x00\x06\x00"]
@@ -381,7 +382,7 @@ async def test_a_stop_the_engine_never_confirms_ends_the_session_in_bounded_time
                     "session_id": session_id,
                     "event": {"type": "error", "message": message, "terminal": True},
                 }
-                closed = await engine.closed.get()
+                closed = await bounded(engine.closed.get())
                 assert (closed.session_id, closed.reason) == (session_id, message)
 
 
@@ -414,7 +415,7 @@ async def test_an_engine_that_sends_what_it_must_not_ends_that_session_only(
                     "TTS_CHUNK, TTS_FINAL or TTS_ERROR"
                 )
                 # The engine was told, and serves the other session as before.
-                told = {(await engine.closed.get()).session_id for _ in range(2)}
+                told = {(await bounded(engine.closed.get())).session_id for _ in range(2)}
                 assert told == {big, wrong}
                 await push(c, fine, b"\x01\x00")
                 assert await c.next_event() == {"session_id": fine, "event": partial_event(0)}
@@ -424,9 +425,7 @@ async def test_a_client_that_stops_reading_loses_its_session_and_nobody_else_wai
     tmp_path: Any,
 ) -> None:
     config = make_config(tmp_path, voice_event_queue=4, session_outbound_queue=8)
-    core = Core(config.core)
-    await core.start()
-    try:
+    async with running_core(config.core) as core:
         token = daemon_token(core)
         async with grpc.aio.insecure_channel(core.grpc_address) as channel:
             engine = EchoEngine(channel, ["echo"], token=token)
@@ -443,7 +442,7 @@ async def test_a_client_that_stops_reading_loses_its_session_and_nobody_else_wai
                 await engine.event(slow_id, {"type": "transcript", "final": False, "n": sent})
                 sent += 1
                 assert sent < 100_000, "the session never ended"
-            closed = await engine.closed.get()
+            closed = await bounded(engine.closed.get())
             assert closed.session_id == slow_id
             assert closed.reason == "client not reading: 4 voice events queued"
             # The engine and the other client go on.
@@ -466,8 +465,6 @@ async def test_a_client_that_stops_reading_loses_its_session_and_nobody_else_wai
             for c in (slow, fast):
                 await c.close()
             await engine.close()
-    finally:
-        await core.stop(grace=0)
 
 
 async def test_an_engine_that_stops_reading_is_dropped_with_a_clear_error(

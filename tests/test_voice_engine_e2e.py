@@ -28,6 +28,7 @@ from car_grpc.gateway.audio_frames import decode, encode
 from car_grpc.v1 import voice_pb2
 from car_grpc.voice_engine.engine import Session, SpeechEngine, Stream, transcribe
 from car_grpc.wire.errors import INTERNAL
+from tests.bounded import bounded, stopped
 from tests.conftest import make_config
 from tests.voice_helpers import (
     VoiceRpc,
@@ -213,7 +214,7 @@ async def fails_at_once(stream: Stream, session: Session) -> None:
 
 async def fails_on_audio(stream: Stream, session: Session) -> None:
     await stream.answer(session.id)
-    await session.inbox.get()
+    await bounded(session.inbox.get())
     raise RuntimeError("lost the model")
 
 
@@ -265,7 +266,7 @@ async def test_an_embedded_engine_keeps_its_session_limit_and_survives_its_provi
             }
             await c.start(provider="sphinx", options={"phrases": PHRASES})  # the engine goes on
         finally:
-            await engine.stop()
+            await stopped(engine.stop())
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from tests.bounded import bounded
 from tests.ws_client import Rpc, RpcError, rpc
 
 Script = Callable[[ServerConnection], Awaitable[None]]
@@ -131,7 +132,7 @@ async def test_queued_files_what_arrived_without_waiting() -> None:
         await ws.wait_closed()
 
     async with scripted(script) as client:
-        await sent.wait()
+        await bounded(sent.wait(), "the script's send")
         async with asyncio.timeout(5):
             while not await client.queued():  # noqa: ASYNC110 (queued() is what is tested)
                 await asyncio.sleep(0.01)

@@ -17,6 +17,7 @@ from google.protobuf import struct_pb2
 from car_grpc.v1 import tools_pb2
 from car_grpc.wire.codec import json_to_value, to_value
 from car_grpc.wire.errors import CarError
+from tests.bounded import stopped
 from tests.session_client import SessionClient
 
 Tool = Callable[[tools_pb2.ExecuteToolRequest], Awaitable[Any]]
@@ -72,4 +73,4 @@ class ToolHost:
             task.cancel()
         for task in [self._reader, *self._tasks]:
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await stopped(task, "the tool host's task")

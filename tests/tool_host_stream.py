@@ -17,6 +17,7 @@ import grpc
 
 from car_grpc.v1 import tools_pb2, tools_pb2_grpc
 from car_grpc.wire.codec import to_value
+from tests.bounded import stopped
 
 Tool = Callable[[tools_pb2.ToolCall], Awaitable[Any]]
 ServeToolsRequest = tools_pb2.ServeToolsRequest
@@ -164,9 +165,7 @@ class StreamToolHost:
         tasks = [t for t in [self._reader, *self._answering.values()] if t is not None]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stopped(asyncio.gather(*tasks, return_exceptions=True), "the tool host's tasks")
 
 
 @contextlib.asynccontextmanager

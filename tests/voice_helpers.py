@@ -18,6 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from car_grpc.v1 import voice_pb2, voice_pb2_grpc
 from car_grpc.wire import codec
+from tests.bounded import stopped
 from tests.processes import Process, car_grpc_argv, cli_env, launch
 from tests.ws_helpers import Rpc
 
@@ -163,8 +164,9 @@ class EchoEngine:
         """Go away abruptly (the RPC is cancelled)."""
         self.call.cancel()
         if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+            await stopped(
+                asyncio.gather(self._reader, return_exceptions=True), "the voice client's reader"
+            )
 
 
 @contextlib.asynccontextmanager

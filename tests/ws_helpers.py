@@ -11,14 +11,15 @@ import contextlib
 import json
 import os
 import struct
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from websockets.utils import apply_mask
 
-from car_grpc.config import Config
+from car_grpc.config import Config, CoreConfig
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
+from tests.bounded import stopped
 from tests.ws_client import Rpc, RpcError, rpc
 
 __all__ = [
@@ -32,23 +33,19 @@ __all__ = [
     "daemon_token",
     "rpc",
     "running",
+    "running_core",
 ]
 
 
-#: How long a fixture's stop of a server may take before its test fails saying so.
-STOP_BOUND = 20.0
-
-
-async def stopped(stop: Awaitable[None], what: str) -> None:
-    """Await `stop` (a server's stop), failing the test clearly past STOP_BOUND. The bound
-    is an asyncio timeout, so it fires in this coroutine: pytest-timeout's alarm lands
-    wherever the main thread is, and inside grpc.aio's callbacks it can be swallowed,
-    leaving the xdist worker hung with every later result."""
+@contextlib.asynccontextmanager
+async def running_core(config: CoreConfig) -> AsyncIterator[Core]:
+    """A started core, stopped (bounded) at the end."""
+    core = Core(config)
+    await core.start()
     try:
-        async with asyncio.timeout(STOP_BOUND):
-            await stop
-    except TimeoutError:
-        raise AssertionError(f"{what} did not return within {STOP_BOUND:g} s") from None
+        yield core
+    finally:
+        await stopped(core.stop(grace=0), "the core's stop")
 
 
 @contextlib.asynccontextmanager
@@ -56,20 +53,16 @@ async def running(config: Config) -> AsyncIterator[tuple[Core, Gateway]]:
     """A core and a gateway in front of it, both on ephemeral loopback ports; the gateway
     holds the core's daemon token, as in `car-grpc serve` (so it multiplexes its
     connections unless config.gateway.ws_multiplex_streams is 0)."""
-    core = Core(config.core)
-    await core.start()
-    assert core.parts is not None
-    tokens = core.parts.tokens
-    core_token = tokens.daemon if tokens is not None else ""
-    gateway = Gateway(config.gateway, core.grpc_address, core_token=core_token)
-    try:
-        await gateway.start()
-        yield core, gateway
-    finally:
+    async with running_core(config.core) as core:
+        assert core.parts is not None
+        tokens = core.parts.tokens
+        core_token = tokens.daemon if tokens is not None else ""
+        gateway = Gateway(config.gateway, core.grpc_address, core_token=core_token)
         try:
-            await stopped(gateway.stop(), "the gateway's stop")
+            await gateway.start()
+            yield core, gateway
         finally:
-            await stopped(core.stop(grace=0), "the core's stop")
+            await stopped(gateway.stop(), "the gateway's stop")
 
 
 def daemon_token(core: Core) -> str:
