@@ -144,6 +144,20 @@ def _add_core_flags(p: argparse.ArgumentParser) -> None:
         "long-lived typed streams; one more is refused with RESOURCE_EXHAUSTED "
         "(default 65536; or CAR_MAX_SESSIONS)",
     )
+    p.add_argument(
+        "--max-health-watches",
+        type=_count,
+        metavar="N",
+        help="grpc.health.v1 Watch streams the core holds at once (open to anyone); one "
+        "more is refused with RESOURCE_EXHAUSTED (default 64; or CAR_MAX_HEALTH_WATCHES)",
+    )
+    p.add_argument(
+        "--max-reflection-streams",
+        type=_count,
+        metavar="N",
+        help="server reflection streams the core holds at once (open to anyone); one "
+        "more is refused with RESOURCE_EXHAUSTED (default 64; or CAR_MAX_REFLECTION_STREAMS)",
+    )
 
 
 def _seconds(raw: str) -> float:
@@ -206,6 +220,8 @@ def config_from(args: argparse.Namespace) -> Config:
             cluster_lease=flag("cluster_lease"),
             multiplex_stream_bytes=flag("multiplex_stream_bytes"),
             max_sessions=flag("max_sessions"),
+            max_health_watches=flag("max_health_watches"),
+            max_reflection_streams=flag("max_reflection_streams"),
             ws_max_connections=flag("ws_max_connections"),
             ws_max_connections_per_peer=flag("ws_max_connections_per_peer"),
             ws_host=flag("host"),  # "" is every interface

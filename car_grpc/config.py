@@ -316,6 +316,13 @@ class CoreConfig:
     #: 2.7 GiB idle, the most a core on a machine of a few GiB should be asked to hold; it
     #: equals four gateway processes at their ws_max_connections each.
     max_sessions: int = 65_536
+    #: grpc.health.v1.Health/Watch streams, and server reflection streams (v1 and v1alpha
+    #: together), the core holds at once: open to anyone without credentials (load
+    #: balancers, grpcurl), so capped for the whole core; one more is refused with
+    #: RESOURCE_EXHAUSTED naming the limit (--max-health-watches, CAR_MAX_HEALTH_WATCHES;
+    #: --max-reflection-streams, CAR_MAX_REFLECTION_STREAMS). Health.Check is not counted.
+    max_health_watches: int = 64
+    max_reflection_streams: int = 64
     #: Bytes one ConnectMultiplexed stream (a gateway's) may leave unacknowledged across
     #: all its sessions, beside each session's own credits (wire/multiplex.py); a batch
     #: past it ends the stream (INVALID_ARGUMENT). --multiplex-stream-bytes,
@@ -521,6 +528,8 @@ class Config:
             )
         for name, variable in (
             ("max_sessions", "CAR_MAX_SESSIONS"),
+            ("max_health_watches", "CAR_MAX_HEALTH_WATCHES"),
+            ("max_reflection_streams", "CAR_MAX_REFLECTION_STREAMS"),
             ("ws_max_connections", "CAR_WS_MAX_CONNECTIONS"),
             ("ws_max_connections_per_peer", "CAR_WS_MAX_CONNECTIONS_PER_PEER"),
         ):

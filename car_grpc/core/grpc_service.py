@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from car_grpc.core.authentication import Authentication
 from car_grpc.core.dispatch import AuthRequired, Dispatcher, store_unavailable
 from car_grpc.core.multiplex import MultiplexedStream, SessionChannel
+from car_grpc.core.open_services import CappedHealth, StreamCap
 from car_grpc.core.reflection import add_reflection
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.core.router import GrpcOnlyHandler, Reply
@@ -754,18 +755,25 @@ def _serialize_frame(frame: Message | bytes) -> bytes:
     return frame if isinstance(frame, bytes) else _write(frame)
 
 
-async def add_health_and_reflection(server: grpc.aio.Server, extra: Iterable[str] = ()) -> Any:
+async def add_health_and_reflection(
+    server: grpc.aio.Server,
+    extra: Iterable[str],
+    *,
+    watches: StreamCap,
+    reflection_streams: StreamCap,
+) -> Any:
     """Standard gRPC health (all services SERVING) and server reflection (v1 and
-    v1alpha). Returns the asyncio health servicer (`enter_graceful_shutdown()` on stop):
-    its Watch streams end when the server stops, where the thread of the synchronous
-    one would keep the process from exiting. `extra`: other services the server has (the
-    A2A service)."""
+    v1alpha), open to anyone, their streams capped (`watches`, `reflection_streams`:
+    core/open_services.py). Returns the asyncio health servicer
+    (`enter_graceful_shutdown()` on stop): its Watch streams end when the server stops,
+    where the thread of the synchronous one would keep the process from exiting.
+    `extra`: other services the server has (the A2A service)."""
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(CappedHealth(health_servicer, watches), server)
     names = sorted(
         {"car.v1.SessionService", *(r.service.full_name for r in api.TYPED_RPCS), *extra}
     )
     for name in [*names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    add_reflection(server, [*names, health.SERVICE_NAME])
+    add_reflection(server, [*names, health.SERVICE_NAME], reflection_streams)
     return health_servicer

@@ -15,6 +15,8 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from car_grpc.core.open_services import StreamCap, capped_stream
+
 V1ALPHA_SERVICE: str = reflection.SERVICE_NAME
 V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 _V1_FILE = "grpc/reflection/v1/reflection.proto"
@@ -50,14 +52,16 @@ def _ensure_v1_descriptor() -> None:
         pool.AddSerializedFile(_v1_file().SerializeToString())
 
 
-def add_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
+def add_reflection(
+    server: grpc.aio.Server, service_names: Iterable[str], streams: StreamCap
+) -> None:
     """Serve reflection (v1 and v1alpha) listing `service_names` and both reflection
-    services, each once."""
+    services, each once; its streams, of both versions, held under `streams`."""
     _ensure_v1_descriptor()
     names = sorted({*service_names, V1_SERVICE, V1ALPHA_SERVICE})
     servicer = reflection.aio.ReflectionServicer(names)
     handler = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
+        capped_stream(servicer.ServerReflectionInfo, streams),
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
     )

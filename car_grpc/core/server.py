@@ -21,6 +21,7 @@ from car_grpc.a2a.server import A2aListener, Endpoints
 from car_grpc.config import CoreConfig
 from car_grpc.core.cluster import default_core_id
 from car_grpc.core.grpc_service import add_health_and_reflection
+from car_grpc.core.open_services import StreamCap
 from car_grpc.core.tokens import ServerTokens, mint_token, write_secret
 from car_grpc.core.wiring import CoreParts, wire
 from car_grpc.store import Store, open_store, store_location
@@ -52,6 +53,13 @@ class Core:
         self.a2a: A2aListener | None = None
         #: The asyncio grpc.health.v1 servicer (untyped: grpc_health has no stubs).
         self._health: Any = None
+        #: Health.Watch and reflection streams held: open to anyone, capped for the core.
+        self.health_watches = StreamCap(
+            config.max_health_watches, "health watches", "max_health_watches"
+        )
+        self.reflection_streams = StreamCap(
+            config.max_reflection_streams, "reflection streams", "max_reflection_streams"
+        )
 
     @property
     def grpc_address(self) -> str:
@@ -109,7 +117,9 @@ class Core:
             extra.append(A2A_SERVICE)
         if parts.peer_service is not None:  # core to core, secret-checked, not in reflection
             server.add_generic_rpc_handlers((parts.peer_service.handler(),))
-        self._health = await add_health_and_reflection(server, extra)
+        self._health = await add_health_and_reflection(
+            server, extra, watches=self.health_watches, reflection_streams=self.reflection_streams
+        )
         if tokens is not None:
             tokens.write_files()
         await server.start()

@@ -1,0 +1,99 @@
+"""The gRPC services anyone may call, credentials or not: grpc.health.v1.Health (load
+balancers) and server reflection (grpcurl). No token or role bounds who opens their
+long-lived streams, so each kind is capped for the whole core (CoreConfig
+max_health_watches, max_reflection_streams); the library servicers do the work.
+
+grpcio-health-checking keeps, per service name being watched, a condition and a count
+(an entry of two dicts, whatever the name, known or not), dropped when that name's last
+watch ends: the cap on watches bounds those entries, and MAX_WATCHED_NAME each key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from typing import Any
+
+import grpc
+
+from car_grpc.wire.errors import CarError, field_error, resource_exhausted
+
+log = logging.getLogger(__name__)
+
+#: Longest service name a Health.Watch may name (the core's are under 64 characters):
+#: the request, its name with it, is held as long as the watch.
+MAX_WATCHED_NAME = 256
+
+
+class StreamCap:
+    """At most `most` streams of one kind held at once; one more is refused with
+    RESOURCE_EXHAUSTED naming `limit` (the config field)."""
+
+    def __init__(self, most: int, what: str, limit: str) -> None:
+        self.most = most
+        self.what = what
+        self.limit = limit
+        self.held = 0
+        self._refusing = False  # said in the log since one was last let in
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """A slot while the stream lasts, freed however it ends."""
+        if self.held >= self.most:
+            refused = f"too many {self.what}: the core holds at most {self.most} ({self.limit})"
+            if not self._refusing:  # once until one is let in again: a flood floods no log
+                self._refusing = True
+                log.warning("refusing %s: %s", self.what, refused)
+            raise resource_exhausted(refused)
+        self._refusing = False
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
+
+
+async def _refuse(context: grpc.aio.ServicerContext[Any, Any], error: CarError) -> None:
+    context.set_trailing_metadata(error.trailers())
+    await context.abort(error.status, error.message)
+
+
+class CappedHealth:
+    """The library's asyncio health servicer (`library`), its Watch streams capped by
+    `watches`. Registered in its place (add_HealthServicer_to_server)."""
+
+    def __init__(self, library: Any, watches: StreamCap) -> None:
+        self.library = library
+        self.watches = watches
+        # The unary calls, not counted, as the library serves them.
+        self.Check = library.Check
+        self.List = library.List
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        try:
+            if len(request.service) > MAX_WATCHED_NAME:
+                raise field_error("service", f"longer than {MAX_WATCHED_NAME} characters")
+            with self.watches.holding():
+                await self.library.Watch(request, context)
+        except CarError as e:
+            await _refuse(context, e)
+
+
+Handler = Callable[[AsyncIterable[Any], grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+
+
+def capped_stream(handler: Handler, cap: StreamCap) -> Handler:
+    """A bidi streaming handler (an async generator) held under `cap`."""
+
+    async def capped(
+        requests: AsyncIterable[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        try:
+            with cap.holding():
+                async for reply in handler(requests, context):
+                    yield reply
+        except CarError as e:
+            await _refuse(context, e)
+
+    return capped
