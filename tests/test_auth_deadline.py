@@ -7,7 +7,6 @@ through a gateway with a stream per connection the client is closed 1008 with th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from websockets.frames import CloseCode
 
 from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2, session_pb2_grpc
-from tests.bounded import stopped
+from tests.bounded import stopped, until
 from tests.conftest import make_config
 from tests.ws_helpers import Rpc, daemon_token, running
 
@@ -33,14 +32,6 @@ def frame_for(method: str, frame: session_pb2.ClientFrame) -> Any:
 def members(method: str, answer: Any) -> list[str | None]:
     frames = [answer] if method == "Connect" else list(answer.frames)
     return [f.WhichOneof("body") for f in frames]
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.01)
 
 
 def streams_held(core: Core) -> int:
@@ -70,7 +61,7 @@ async def test_a_stream_not_authenticated_in_time_ends_unauthenticated(
             assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert error.value.details() == EXPIRED
             # Its session was open (the deadline starts with it): its room is free again.
-            await until(lambda: streams_held(core) == 0)
+            await until(lambda: streams_held(core) == 0, "the core holds no session")
     finally:
         await stopped(core.stop(grace=0))
 
@@ -128,4 +119,4 @@ async def test_a_gateway_client_of_an_expired_stream_is_closed_1008_with_the_rea
         async with connect(gateway.url, ping_interval=None) as ws:
             async with asyncio.timeout(10):
                 assert await Rpc(ws).wait_closed() == (CloseCode.POLICY_VIOLATION, EXPIRED)
-        await until(lambda: streams_held(core) == 0)
+        await until(lambda: streams_held(core) == 0, "the core holds no session")

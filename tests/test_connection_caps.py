@@ -6,7 +6,6 @@ plain stream; on a multiplexed one that session alone, its WebSocket closed 1013
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from car_grpc.core.server import Core
 from car_grpc.gateway.server import RETRY_AFTER
 from car_grpc.v1 import session_pb2, session_pb2_grpc
 from car_grpc.wire.errors import INTERNAL
+from tests.bounded import until
 from tests.conftest import make_config
 from tests.error_details import assert_rich_status, car_error
 from tests.processes import ONE_PROCESS, serve
@@ -31,15 +31,6 @@ from tests.test_car_runtime import run_scenario
 from tests.ws_helpers import Rpc, daemon_token, running, running_core
 
 MAX_SESSIONS_REFUSAL = "too many sessions: the core holds at most 2 (max_sessions)"
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10) -> None:
-    """Wait (bounded) until `predicate()` holds: the gateway's count of what it holds."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.005)
 
 
 @contextlib.asynccontextmanager
@@ -104,7 +95,7 @@ async def test_the_count_frees_when_a_connection_closes_or_drops(tmp_path: Path)
             await logged_in(core, dropped)
             assert (await refused(url))[0] == 503
             dropped.drop()  # no close frame: the TCP connection just ends
-            await until(lambda: len(gateway.connections) == 1)
+            await until(lambda: len(gateway.connections) == 1, "the gateway holds 1 connection")
             async with client(url) as after:
                 await works(await logged_in(core, after))
         await works(await logged_in(core, kept))
@@ -144,7 +135,8 @@ async def test_a_session_past_max_sessions_is_closed_1013_and_the_others_go_on(
             await works(rpc)
         await held[0].close()
         assert core.parts is not None
-        await until(lambda: core.parts is not None and core.parts.registry.streamed == 1)
+        registry = core.parts.registry
+        await until(lambda: registry.streamed == 1, "the core holds 1 session")
         async with client(url) as again:
             await works(await logged_in(core, again))
         await works(held[1])
@@ -187,7 +179,8 @@ async def test_a_grpc_stream_past_max_sessions_gets_resource_exhausted_with_deta
         # The held streams are served; when one ends there is room for another.
         held[0].cancel()
         assert core.parts is not None
-        await until(lambda: core.parts is not None and core.parts.registry.streamed == 1)
+        registry = core.parts.registry
+        await until(lambda: registry.streamed == 1, "the core holds 1 session")
         again = open_stream()
         auth = session_pb2.ClientFrame(id="a")
         auth.session_auth.token = daemon_token(core)

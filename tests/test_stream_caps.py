@@ -34,13 +34,14 @@ from car_grpc.v1 import (
     voice_pb2_grpc,
 )
 from car_grpc.wire.codec import json_to_message
+from tests.bounded import until
 from tests.chat_helpers import accept_chat, bearer, chat_stub, emit, tokens
 from tests.conftest import make_config
 from tests.error_details import assert_rich_status, car_error
 from tests.roles import agent, ordinary
 from tests.runs_helpers import complete, record, start, turns
 from tests.session_client import SessionClient
-from tests.test_connection_caps import MAX_SESSIONS_REFUSAL, until
+from tests.test_connection_caps import MAX_SESSIONS_REFUSAL
 from tests.ws_helpers import running_core
 
 _names = itertools.count()
@@ -392,13 +393,16 @@ async def test_a_stream_past_max_sessions_is_refused_and_the_others_go_on(
     await kind.works(core, channel, session, calls)  # the held streams are served
     # A stream that ends (here cancelled by its client) frees its slot.
     calls.pop(0).cancel()
-    await until(lambda: held(core) == 2)
+    await until(lambda: held(core) == 2, "the core holds 2 sessions and streams")
     calls.append(await kind.open(core, channel, session))
     await kind.works(core, channel, session, calls)
     assert held(core) == 3
     for held_call in calls:
         held_call.cancel()
-    await until(lambda: held(core) == (0 if session is None else 1))
+    await until(
+        lambda: held(core) == (0 if session is None else 1),
+        "the core holds only the session, if any",
+    )
     if session is not None:
         await session.close()
 
@@ -424,17 +428,17 @@ async def test_session_streams_and_typed_streams_share_the_cap_and_strangers_hol
     assert connect == MAX_SESSIONS_REFUSAL.replace("at most 2", "at most 3")
     # A session ends: a typed stream takes its slot; the typed stream ends: a session.
     await sessions.pop().close()
-    await until(lambda: held(core) == 2)
+    await until(lambda: held(core) == 2, "the core holds 2 sessions and streams")
     other = await _host_open(core, channel, None)
     watch.cancel()
-    await until(lambda: held(core) == 2)
+    await until(lambda: held(core) == 2, "the core holds 2 sessions and streams")
     sessions.append(await ordinary(core, channel))
     await _host_works(core, channel, None, [other])
     assert held(core) == 3
     other.cancel()
     for session in sessions:
         await session.close()
-    await until(lambda: held(core) == 0)
+    await until(lambda: held(core) == 0, "the core holds none")
 
 
 async def _connect_refused(core: Core, channel: grpc.aio.Channel) -> str:
@@ -458,18 +462,19 @@ async def test_a_slot_frees_however_the_stream_ends(capped: tuple[Core, grpc.aio
     await read_until(watch.call, lambda r: r.status != runs_pb2.RUN_STATUS_IN_PROGRESS)
     assert await watch.call.read() is grpc.aio.EOF
     assert await watch.call.code() == grpc.StatusCode.OK
-    await until(lambda: held(core) == 1)
+    await until(lambda: held(core) == 1, "the core holds 1 session or stream")
 
     failing = _tools_call(core, channel)
     await failing.write(tools_pb2.ServeToolsRequest(result=tools_pb2.ToolResult()))
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await failing.read()
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    await until(lambda: held(core) == 1)
+    await until(lambda: held(core) == 1, "the core holds 1 session or stream")
 
     async with grpc.aio.insecure_channel(core.grpc_address) as other:
         await _host_open(core, other, None)
         assert held(core) == 2
-    await until(lambda: held(core) == 1)  # the connection closed with the stream open
+    # the connection closed with the stream open
+    await until(lambda: held(core) == 1, "the core holds 1 session or stream")
     await owner.close()
-    await until(lambda: held(core) == 0)
+    await until(lambda: held(core) == 0, "the core holds none")
