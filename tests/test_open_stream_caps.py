@@ -18,12 +18,12 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from car_grpc.cli import build_parser, config_from
 from car_grpc.config import Config
-from car_grpc.core.open_services import MAX_WATCHED_NAME
+from car_grpc.core.open_services import MAX_WATCHED_NAME, StreamCap
 from car_grpc.core.server import Core
 from car_grpc.wire.errors import INTERNAL
+from tests.bounded import until
 from tests.conftest import make_config
 from tests.error_details import assert_rich_status, car_error
-from tests.test_connection_caps import until
 from tests.test_health_reflection import REFLECTION
 from tests.ws_helpers import running_core
 
@@ -39,6 +39,12 @@ async def core(tmp_path: Path) -> AsyncIterator[Core]:
     config = make_config(tmp_path, max_health_watches=2, max_reflection_streams=2)
     async with running_core(config.core) as core:
         yield core
+
+
+async def held(cap: StreamCap, count: int) -> None:
+    """Wait (bounded) until the core holds `count` streams under `cap`: the server sees a
+    cancel or a client's going a little after the client does."""
+    await until(lambda: cap.held == count, f"the core holds {count} {cap.what}")
 
 
 def _watch(channel: grpc.aio.Channel, service: str = "") -> Any:
@@ -90,20 +96,20 @@ async def test_health_watches_past_the_cap_are_refused_and_slots_free(core: Core
         assert (await _read(known)).status == Status.SERVING
 
         known.cancel()  # the client cancels: its slot frees
-        await until(lambda: core.health_watches.held == 1)
+        await held(core.health_watches, 1)
         again = _watch(channel)
         assert (await _read(again)).status == Status.SERVING
         await _refused(_watch(channel), WATCHES_REFUSAL)
 
         await other.close()  # the client goes: its watch's slot frees
-        await until(lambda: core.health_watches.held == 1)
+        await held(core.health_watches, 1)
         last = _watch(channel, "no.such.Service")
         assert (await _read(last)).status == Status.SERVICE_UNKNOWN
         # The library's entries for watched names are only those being watched.
         assert set(health._server_watchers) == {"", "no.such.Service"}
         again.cancel()
         last.cancel()
-        await until(lambda: core.health_watches.held == 0)
+        await held(core.health_watches, 0)
         assert not health._server_watchers and not health._watcher_count_by_service
 
 
@@ -141,29 +147,29 @@ async def test_reflection_streams_past_the_cap_are_refused_and_slots_free(core: 
         grpc.aio.insecure_channel(core.grpc_address) as channel,
         grpc.aio.insecure_channel(core.grpc_address) as other,
     ):
-        held = [_reflection(channel, "v1"), _reflection(other, "v1alpha")]
-        for call in held:
+        calls = [_reflection(channel, "v1"), _reflection(other, "v1alpha")]
+        for call in calls:
             await _lists(call)
         assert core.reflection_streams.held == 2  # both versions count under one cap
         for version in REFLECTION:
             await _refused(_reflection(channel, version), REFLECTION_REFUSAL)
-        for call in held:
+        for call in calls:
             await _lists(call)
 
-        held[0].cancel()  # the client cancels
-        await until(lambda: core.reflection_streams.held == 1)
+        calls[0].cancel()  # the client cancels
+        await held(core.reflection_streams, 1)
         again = _reflection(channel, "v1")
         await _lists(again)
         await _refused(_reflection(channel, "v1alpha"), REFLECTION_REFUSAL)
 
         await other.close()  # the client goes
-        await until(lambda: core.reflection_streams.held == 1)
+        await held(core.reflection_streams, 1)
         last = _reflection(channel, "v1alpha")
         await _lists(last)
 
         await again.done_writing()  # the stream ends as it should
         assert await again.read() is grpc.aio.EOF
-        await until(lambda: core.reflection_streams.held == 1)
+        await held(core.reflection_streams, 1)
         await _lists(_reflection(channel, "v1"))
         assert core.reflection_streams.held == 2
         # Health watches are counted apart.
