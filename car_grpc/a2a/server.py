@@ -370,8 +370,7 @@ class A2aServer:
                     async for item in behaviour(request, context):
                         yield item
             except CarError as e:  # no room (max_sessions)
-                context.set_trailing_metadata(e.trailers())
-                await context.abort(e.status, e.message)
+                await e.abort(context)
 
         return call
 

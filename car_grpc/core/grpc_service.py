@@ -428,11 +428,6 @@ def _try_lock(lock: asyncio.Lock) -> bool:
 # ------------------------------------------------------------------ typed RPCs
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: CarError) -> None:
-    context.set_trailing_metadata(error.trailers())
-    await context.abort(error.status, error.message)
-
-
 class _CallSession:
     """The session a typed RPC runs as: a live one (car-session-id) or a one-call session."""
 
@@ -551,7 +546,7 @@ class GrpcService:
                 await context.send_initial_metadata(((AUTH_KEY, auth),))
                 stream = SessionStream(self, context, batched=batched)
             except CarError as e:
-                await _abort(context, e)
+                await e.abort(context)
                 return
             await stream.run()
 
@@ -580,10 +575,10 @@ class GrpcService:
                         caller, multiplexed_access, "car.v1.SessionService.ConnectMultiplexed"
                     )
             except CarError as e:
-                await _abort(context, e)
+                await e.abort(context)
                 return
             except StoreUnavailable as e:
-                await _abort(context, store_unavailable("ConnectMultiplexed", e))
+                await store_unavailable("ConnectMultiplexed", e).abort(context)
                 return
             stream_bytes = (multiplex.STREAM_BYTES_KEY, str(self.multiplex_stream_bytes))
             await context.send_initial_metadata(((AUTH_KEY, auth), stream_bytes))
@@ -641,10 +636,10 @@ class GrpcService:
                 async with _CallSession(self, context) as session:
                     result = await self.dispatcher.execute(session, member, request)
             except CarError as e:
-                await _abort(context, e)
+                await e.abort(context)
                 raise AssertionError("unreachable") from None
             except StoreUnavailable as e:  # authenticating the call (an agent's token)
-                await _abort(context, store_unavailable(api.CLIENT_MEMBERS[member].method, e))
+                await store_unavailable(api.CLIENT_MEMBERS[member].method, e).abort(context)
                 raise AssertionError("unreachable") from None
             if isinstance(result, Reply):
                 result.then()  # the answer travels apart from any session stream: start now
@@ -669,9 +664,9 @@ class GrpcService:
                         async for item in handler(session, request):
                             yield item
             except CarError as e:
-                await _abort(context, e)
+                await e.abort(context)
             except StoreUnavailable as e:
-                await _abort(context, store_unavailable(rpc.method, e))
+                await store_unavailable(rpc.method, e).abort(context)
 
         return call
 
@@ -688,9 +683,9 @@ class GrpcService:
                     self.dispatcher.check_access(session, access, method.full_name)
                     return await handler(session, request)
             except CarError as e:
-                await _abort(context, e)
+                await e.abort(context)
             except StoreUnavailable as e:
-                await _abort(context, store_unavailable(method.full_name, e))
+                await store_unavailable(method.full_name, e).abort(context)
 
         async def bidi(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             try:
@@ -699,9 +694,9 @@ class GrpcService:
                     with self.registry.holding_stream():
                         await handler(session, _ContextStream(context))
             except CarError as e:
-                await _abort(context, e)
+                await e.abort(context)
             except StoreUnavailable as e:
-                await _abort(context, store_unavailable(method.full_name, e))
+                await store_unavailable(method.full_name, e).abort(context)
 
         if not method.client_streaming and not method.server_streaming:
             return grpc.unary_unary_rpc_method_handler(

@@ -54,11 +54,6 @@ class StreamCap:
             self.held -= 1
 
 
-async def _refuse(context: grpc.aio.ServicerContext[Any, Any], error: CarError) -> None:
-    context.set_trailing_metadata(error.trailers())
-    await context.abort(error.status, error.message)
-
-
 class CappedHealth:
     """The library's asyncio health servicer (`library`), its Watch streams capped by
     `watches`. Registered in its place (add_HealthServicer_to_server)."""
@@ -77,7 +72,7 @@ class CappedHealth:
             with self.watches.holding():
                 await self.library.Watch(request, context)
         except CarError as e:
-            await _refuse(context, e)
+            await e.abort(context)
 
 
 Handler = Callable[[AsyncIterable[Any], grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
@@ -94,6 +89,6 @@ def capped_stream(handler: Handler, cap: StreamCap) -> Handler:
                 async for reply in handler(requests, context):
                     yield reply
         except CarError as e:
-            await _refuse(context, e)
+            await e.abort(context)
 
     return capped

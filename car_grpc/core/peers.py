@@ -120,8 +120,7 @@ class PeerService:
                 goals = self._goal_scope(context)
                 chat = await self._chats.open_chat(stand_in, req, local_only=True, goals=goals)
             except CarError as e:
-                context.set_trailing_metadata(e.trailers())
-                await context.abort(e.status, e.message)
+                await e.abort(context)
             try:
                 accepted = chats_pb2.ChatAccepted(accepted=True, session_id=chat.session_id)
                 yield chats_pb2.ChatResponse(accepted=accepted)
@@ -154,9 +153,7 @@ class PeerService:
         try:
             return await self._chats.agents_chat_approve(stand_in, req)
         except CarError as e:
-            context.set_trailing_metadata(e.trailers())
-            await context.abort(e.status, e.message)
-            raise
+            await e.abort(context)
         finally:
             await asyncio.shield(self._registry.close(stand_in))
 

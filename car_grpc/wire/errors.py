@@ -14,6 +14,7 @@ JSON-RPC code never changes for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, struct_pb2
@@ -128,6 +129,12 @@ class CarError(Exception):
     @classmethod
     def from_proto(cls, error: errors_pb2.Error) -> CarError:
         return cls(error.code, error.message, error.data if error.HasField("data") else None)
+
+    async def abort(self, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+        """End the gRPC call `context` serves with this error: its status, message and
+        trailers (below)."""
+        context.set_trailing_metadata(self.trailers())
+        await context.abort(self.status, self.message)
 
     def trailers(self) -> tuple[tuple[str, str | bytes], ...]:
         """The trailing metadata of a typed RPC failing with this error: the exact Error
