@@ -22,9 +22,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from car_grpc.core.authentication import Authentication
 from car_grpc.core.dispatch import AuthRequired, Dispatcher, store_unavailable
 from car_grpc.core.multiplex import MultiplexedStream, SessionChannel
-from car_grpc.core.open_services import CappedHealth, StreamCap
+from car_grpc.core.open_services import CappedHealth
 from car_grpc.core.reflection import add_reflection
-from car_grpc.core.registry import SessionRegistry
+from car_grpc.core.registry import SessionRegistry, StreamCap
 from car_grpc.core.router import GrpcOnlyHandler, Reply
 from car_grpc.core.session import ClientSession, Role, SessionClosed, answer_bytes
 from car_grpc.store import StoreUnavailable

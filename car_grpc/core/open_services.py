@@ -10,48 +10,17 @@ watch ends: the cap on watches bounds those entries, and MAX_WATCHED_NAME each k
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
-from car_grpc.wire.errors import CarError, field_error, resource_exhausted
-
-log = logging.getLogger(__name__)
+from car_grpc.core.registry import StreamCap
+from car_grpc.wire.errors import CarError, field_error
 
 #: Longest service name a Health.Watch may name (the core's are under 64 characters):
 #: the request, its name with it, is held as long as the watch.
 MAX_WATCHED_NAME = 256
-
-
-class StreamCap:
-    """At most `most` streams of one kind held at once; one more is refused with
-    RESOURCE_EXHAUSTED naming `limit` (the config field)."""
-
-    def __init__(self, most: int, what: str, limit: str) -> None:
-        self.most = most
-        self.what = what
-        self.limit = limit
-        self.held = 0
-        self._refusing = False  # said in the log since one was last let in
-
-    @contextlib.contextmanager
-    def holding(self) -> Iterator[None]:
-        """A slot while the stream lasts, freed however it ends."""
-        if self.held >= self.most:
-            refused = f"too many {self.what}: the core holds at most {self.most} ({self.limit})"
-            if not self._refusing:  # once until one is let in again: a flood floods no log
-                self._refusing = True
-                log.warning("refusing %s: %s", self.what, refused)
-            raise resource_exhausted(refused)
-        self._refusing = False
-        self.held += 1
-        try:
-            yield
-        finally:
-            self.held -= 1
 
 
 class CappedHealth:

@@ -15,7 +15,8 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from car_grpc.core.open_services import StreamCap, capped_stream
+from car_grpc.core.open_services import capped_stream
+from car_grpc.core.registry import StreamCap
 
 V1ALPHA_SERVICE: str = reflection.SERVICE_NAME
 V1_SERVICE = "grpc.reflection.v1.ServerReflection"

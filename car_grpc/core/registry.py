@@ -24,6 +24,43 @@ DetachHook = Callable[[str, ClientSession], Awaitable[None]]
 AttachHook = Callable[[str, ClientSession], Awaitable[None]]
 
 
+class StreamCap:
+    """At most `most` streams of one kind held at once (the sessions and typed streams of
+    the registry; health watches; reflection streams); one more is refused with
+    RESOURCE_EXHAUSTED naming `limit` (the config field), said once in the log until one
+    is let in again."""
+
+    def __init__(self, most: int, what: str, limit: str) -> None:
+        self.most = most
+        self.what = what
+        self.limit = limit
+        self.held = 0
+        self._refusing = False  # said in the log since one was last let in
+
+    def check(self, refused: str = "") -> None:
+        """Raise the refusal (`refused`, else "too many <what>: ...") when it is full."""
+        if self.held < self.most:
+            self._refusing = False
+            return
+        refused = (
+            refused or f"too many {self.what}: the core holds at most {self.most} ({self.limit})"
+        )
+        if not self._refusing:  # once until one is let in again: a flood floods no log
+            self._refusing = True
+            log.warning("refusing %s: %s", self.what, refused)
+        raise resource_exhausted(refused)
+
+    @contextlib.contextmanager
+    def holding(self, refused: str = "") -> Iterator[None]:
+        """A slot while the stream lasts, freed however it ends."""
+        self.check(refused)
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
+
+
 class SessionRegistry:
     def __init__(
         self,
@@ -37,11 +74,9 @@ class SessionRegistry:
         self._metrics = metrics
         self.auth_enabled = auth_enabled
         self.sessions: dict[str, ClientSession] = {}
-        #: Sessions of session streams and long-lived typed streams (`holding_stream`)
-        #: held at most (CoreConfig.max_sessions), and now.
-        self.max_sessions = max_sessions
-        self.streamed = 0
-        self._refusing = False  # said in the log since a session last opened
+        #: Sessions of session streams and long-lived typed streams (`holding_stream`),
+        #: at most CoreConfig.max_sessions together.
+        self.room = StreamCap(max_sessions, "sessions", "max_sessions")
         #: agent_id -> the live session attached as that agent.
         self.attached: dict[str, ClientSession] = {}
         self._detach_hooks: list[DetachHook] = []
@@ -53,36 +88,25 @@ class SessionRegistry:
     def on_detach(self, hook: DetachHook) -> None:
         self._detach_hooks.append(hook)
 
-    def check_room(self, *, stream: bool = False) -> None:
-        """Raise RESOURCE_EXHAUSTED, naming the limit, when the core holds max_sessions
-        sessions and streams already (a stream is refused before it is answered);
-        `stream`: the refusal is of a typed stream, not a session."""
-        if self.streamed >= self.max_sessions:
-            most = self.max_sessions
-            refused = (
-                f"too many streams: the core holds at most {most} sessions and streams"
-                " (max_sessions)"
-                if stream
-                else f"too many sessions: the core holds at most {most} (max_sessions)"
-            )
-            if not self._refusing:  # once until one opens again: a flood floods no log
-                self._refusing = True
-                log.warning("refusing sessions: %s", refused)
-            raise resource_exhausted(refused)
-        self._refusing = False
+    @property
+    def streamed(self) -> int:
+        """Sessions and typed streams held now (`room`)."""
+        return self.room.held
 
-    @contextlib.contextmanager
-    def holding_stream(self) -> Iterator[None]:
+    def check_room(self) -> None:
+        """Raise RESOURCE_EXHAUSTED, naming the limit, when the core holds max_sessions
+        sessions and streams already (a stream is refused before it is answered)."""
+        self.room.check()
+
+    def holding_stream(self) -> contextlib.AbstractContextManager[None]:
         """A long-lived typed stream (a subscription, a chat, a tool host's or a voice
         engine's stream) counted with the sessions under max_sessions while it lasts,
-        however it ends; refused (`check_room`) when there is no room. Taken once the
-        caller is authenticated and allowed, so no one else ever holds a slot."""
-        self.check_room(stream=True)
-        self.streamed += 1
-        try:
-            yield
-        finally:
-            self.streamed -= 1
+        however it ends; refused when there is no room. Taken once the caller is
+        authenticated and allowed, so no one else ever holds a slot."""
+        most = self.room.most
+        return self.room.holding(
+            f"too many streams: the core holds at most {most} sessions and streams (max_sessions)"
+        )
 
     def open(self, *, streaming: bool, peer: str = "") -> ClientSession:
         """A new session; a streaming one only while there is room (`check_room`)."""
@@ -97,13 +121,13 @@ class SessionRegistry:
         )
         self.sessions[session.id] = session
         if streaming:
-            self.streamed += 1
+            self.room.held += 1
             self._metrics.sessions_opened.inc()
         return session
 
     async def close(self, session: ClientSession) -> None:
         if self.sessions.pop(session.id, None) is not None and session.streaming:
-            self.streamed -= 1
+            self.room.held -= 1
         if session.agent_id and self.attached.get(session.agent_id) is session:
             del self.attached[session.agent_id]
             await self._detached(session.agent_id, session)

@@ -21,7 +21,7 @@ from car_grpc.a2a.server import A2aListener, Endpoints
 from car_grpc.config import CoreConfig
 from car_grpc.core.cluster import default_core_id
 from car_grpc.core.grpc_service import add_health_and_reflection
-from car_grpc.core.open_services import StreamCap
+from car_grpc.core.registry import StreamCap
 from car_grpc.core.tokens import ServerTokens, mint_token, write_secret
 from car_grpc.core.wiring import CoreParts, wire
 from car_grpc.store import Store, open_store, store_location
