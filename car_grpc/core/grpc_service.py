@@ -637,10 +637,8 @@ class GrpcService:
                     result = await self.dispatcher.execute(session, member, request)
             except CarError as e:
                 await e.abort(context)
-                raise AssertionError("unreachable") from None
             except StoreUnavailable as e:  # authenticating the call (an agent's token)
                 await store_unavailable(api.CLIENT_MEMBERS[member].method, e).abort(context)
-                raise AssertionError("unreachable") from None
             if isinstance(result, Reply):
                 result.then()  # the answer travels apart from any session stream: start now
                 return result.message

@@ -746,7 +746,7 @@ class Connection:
             elif e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 # The core is full (max_sessions, which the details name): the client may
                 # come back once sessions have ended.
-                code, reason = CloseCode.TRY_AGAIN_LATER, e.details() or "server busy"
+                code, reason = CloseCode.TRY_AGAIN_LATER, details or "server busy"
                 await self._first_request()
         self._abandon(reason)
         self.end(code, reason, flush=True)
