@@ -18,7 +18,8 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from car_grpc.cli import build_parser, config_from
 from car_grpc.config import Config
-from car_grpc.core.open_services import MAX_WATCHED_NAME, StreamCap
+from car_grpc.core.open_services import MAX_WATCHED_NAME
+from car_grpc.core.registry import StreamCap
 from car_grpc.core.server import Core
 from car_grpc.wire.errors import INTERNAL
 from tests.bounded import until
