@@ -153,6 +153,24 @@ def mux_frames(message: bytes) -> Iterator[tuple[int, bytes]]:
         offset += length
 
 
+#: Bytes of one message of the multiplexed stream at most (a frame larger goes alone):
+#: frames that piled up while the relay was descheduled (a voice flood: thousands of
+#: 3 KiB chunks) once made one message past grpc's 4 MiB limit, which ended the stream.
+MUX_MESSAGE_BYTES = 1 << 20
+
+
+def _messages(frames: list[bytes]) -> Iterator[bytes]:
+    """`frames`, in order, joined into messages of at most MUX_MESSAGE_BYTES each."""
+    start, size = 0, 0
+    for i, frame in enumerate(frames):
+        if size + len(frame) > MUX_MESSAGE_BYTES and i > start:
+            yield b"".join(frames[start:i])
+            start, size = i, 0
+        size += len(frame)
+    if start < len(frames):
+        yield b"".join(frames[start:])
+
+
 class MuxStream:
     """One shared grpc.aio stream to the echo servicer: `send` queues a tagged frame, every
     frame ready at once goes in one message, and each frame echoed back is handed to
@@ -180,8 +198,9 @@ class MuxStream:
             # its frame: 2-4x the frames per message at 16-64 clients, no timer.
             await asyncio.sleep(0)
             self.ready.clear()
-            batch, self.pending = b"".join(self.pending), []
-            await self.call.write(batch)
+            frames, self.pending = self.pending, []
+            for message in _messages(frames):
+                await self.call.write(message)
 
     async def _read(self) -> None:
         while (message := await self.call.read()) is not grpc.aio.EOF:

@@ -14,6 +14,11 @@ server runs in its own process too. Frames are 100 ms of 16 kHz PCM16 (3200 byte
 - the floor beside them: the same client through a bare relay (`run_relay`), each frame
   over one shared grpc.aio stream to an echo and back.
 
+The three servers run at once and get ROUNDS throughput windows each, in turn (after a
+warm-up round): the echo's window is short (5,000 chunks in 0.08-0.12 s quiet), so one
+window of it, measured seconds before car-grpc's, compared two moments of the machine more
+than the two paths. The ratio reported is the median of the rounds' ratios.
+
 Then speech to text with the reference engine (`car-grpc voice-engine`, PocketSphinx) beside
 the same echo engine, on espeak-ng's speech of SPOKEN (six phrases, a second apart, 22,050
 Hz: resampled by the engine):
@@ -38,6 +43,7 @@ import asyncio
 import contextlib
 import json
 import math
+import statistics
 import struct
 import sys
 import tempfile
@@ -61,7 +67,10 @@ from tests.voice_helpers import VoiceRpc, chunks, say, silence, voice_rpc
 
 CHUNK = 3200  # 100 ms of 16 kHz mono PCM16
 ROUND_TRIPS = 500
+#: Chunks a throughput window (a flood), and the windows each server is given (after a
+#: warm-up one): the rates and their ratio are medians of those.
 CHUNKS = 5000
+ROUNDS = 7
 #: Longest the throughput phase waits for the last TTS chunk once every chunk is sent.
 RECEIVE_TIMEOUT = 30.0
 
@@ -225,19 +234,8 @@ async def open_session(ws: ClientConnection) -> uuid.UUID:
             await asyncio.sleep(0.05)
 
 
-@dataclass
-class Flood:
-    p50_ms: float
-    p99_ms: float
-    chunks_per_s: float
-    #: CPU time of the server processes (car-grpc serve and the engine, or the echo
-    #: server) per chunk of the throughput phase, in us: less disturbed than the rate on
-    #: a busy machine.
-    cpu_us: float
-
-
-async def measure(url: str, bridged: bool, pids: list[int]) -> Flood:
-    """One client: the latency, then the throughput phase (module docstring)."""
+async def latency(url: str, bridged: bool) -> tuple[float, float]:
+    """One chunk at a time, ROUND_TRIPS times: the p50 and p99 of a round trip, in ms."""
     async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
         session = await open_session(ws) if bridged else uuid.uuid4()
         times = []
@@ -247,10 +245,14 @@ async def measure(url: str, bridged: bool, pids: list[int]) -> Flood:
             await _binary(ws)
             times.append(time.perf_counter() - t)
         times.sort()
-        p50, p99 = times[len(times) // 2] * 1e3, times[int(len(times) * 0.99)] * 1e3
+        return times[len(times) // 2] * 1e3, times[int(len(times) * 0.99)] * 1e3
 
-        rate, cpu_us = await flood(ws, session, pids, CHUNKS, "car-grpc" if bridged else "echo")
-        return Flood(p50, p99, rate, cpu_us)
+
+async def flood_once(url: str, bridged: bool, pids: list[int], name: str) -> tuple[float, float]:
+    """One throughput window of CHUNKS chunks on a session of its own: `flood`'s figures."""
+    async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
+        session = await open_session(ws) if bridged else uuid.uuid4()
+        return await flood(ws, session, pids, CHUNKS, name)
 
 
 async def flood(
@@ -284,36 +286,73 @@ async def flood(
     return rate, cpu_us
 
 
+@dataclass
+class Side:
+    """One of the three servers measured: its latency and its floods' figures."""
+
+    name: str
+    url: str
+    bridged: bool
+    #: Its processes (car-grpc serve and the engine, or the echo or relay server): the
+    #: CPU per chunk is theirs, less disturbed than the rate on a busy machine.
+    pids: list[int]
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    rates: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+
+
+def _spread(values: list[float], form: str) -> str:
+    return f"{statistics.median(values):{form}} ({min(values):{form}}-{max(values):{form}})"
+
+
 async def bench() -> None:
-    async with echo_server() as (url, pids):
-        bare = await measure(url, False, pids)
-    async with echo_server("relay") as (url, pids):
-        floor = await measure(url, False, pids)
-    async with car_grpc_with_engine() as (url, pids):
-        voice = await measure(url, True, pids)
+    async with (
+        echo_server() as (echo_url, echo_pids),
+        echo_server("relay") as (relay_url, relay_pids),
+        car_grpc_with_engine() as (url, pids),
+    ):
+        sides = [
+            Side("bare echo", echo_url, False, echo_pids),
+            Side("WS+gRPC relay (floor)", relay_url, False, relay_pids),
+            Side("car-grpc + engine", url, True, pids),
+        ]
+        for side in sides:
+            side.p50_ms, side.p99_ms = await latency(side.url, side.bridged)
+        # The three servers are up together and flooded in turn, round after round (the
+        # order reversed every other round, the first a warm-up): each ratio is of floods
+        # a few hundred ms apart, so the machine's load is the same on both sides of it.
+        for n in range(ROUNDS + 1):
+            for side in sides if n % 2 else sides[::-1]:
+                rate, cpu_us = await flood_once(side.url, side.bridged, side.pids, side.name)
+                if n:
+                    side.rates.append(rate)
+                    side.cpu_us.append(cpu_us)
+    bare, floor, voice = sides
     print(
-        f"{'':24}{'p50 ms':>10}{'p99 ms':>10}{'chunks/s':>12}{'audio x realtime':>18}"
-        f"{'CPU us/chunk':>14}"
+        f"{'':24}{'p50 ms':>8}{'p99 ms':>8}{'chunks/s, median (range)':>30}"
+        f"{'x realtime':>12}{'CPU us/chunk':>22}"
     )
-    runs = (("bare echo", bare), ("WS+gRPC relay (floor)", floor), ("car-grpc + engine", voice))
-    for name, run in runs:
+    for side in sides:
         print(
-            f"{name:24}{run.p50_ms:10.3f}{run.p99_ms:10.3f}{run.chunks_per_s:12.0f}"
-            f"{run.chunks_per_s / 10:18.0f}{run.cpu_us:14.1f}"
+            f"{side.name:24}{side.p50_ms:8.3f}{side.p99_ms:8.3f}{_spread(side.rates, ',.0f'):>30}"
+            f"{statistics.median(side.rates) / 10:12,.0f}{_spread(side.cpu_us, '.1f'):>22}"
         )
-    ratio = voice.chunks_per_s / bare.chunks_per_s
+    ratios = [v / b for v, b in zip(voice.rates, bare.rates, strict=True)]
+    floors = [f / b for f, b in zip(floor.rates, bare.rates, strict=True)]
     print(
-        f"{'ratio':24}{voice.p50_ms / bare.p50_ms:10.2f}{voice.p99_ms / bare.p99_ms:10.2f}"
-        f"{ratio:12.2f}{'':18}{voice.cpu_us / bare.cpu_us:14.2f}"
+        f"car-grpc / bare echo, round by round: chunks/s {_spread(ratios, '.2f')}x,"
+        f" the floor's {_spread(floors, '.2f')}x; p50 {voice.p50_ms / bare.p50_ms:.1f}x,"
+        f" p99 {voice.p99_ms / bare.p99_ms:.1f}x; {ROUNDS} rounds of {CHUNKS:,} chunks a side"
     )
     summary.report(
         summary.at_least(
             "voice chunks/s",
-            f"{voice.chunks_per_s:,.0f}/s",
-            ratio,
+            f"{statistics.median(voice.rates):,.0f}/s",
+            statistics.median(ratios),
             0.3,
             "echo",
-            floor.chunks_per_s / bare.chunks_per_s,
+            statistics.median(floors),
         )
     )
 
