@@ -234,25 +234,16 @@ async def open_session(ws: ClientConnection) -> uuid.UUID:
             await asyncio.sleep(0.05)
 
 
-async def latency(url: str, bridged: bool) -> tuple[float, float]:
+async def latency(ws: ClientConnection, session: uuid.UUID) -> tuple[float, float]:
     """One chunk at a time, ROUND_TRIPS times: the p50 and p99 of a round trip, in ms."""
-    async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
-        session = await open_session(ws) if bridged else uuid.uuid4()
-        times = []
-        for seq in range(ROUND_TRIPS):
-            t = time.perf_counter()
-            await ws.send(pcm_frame(session, seq))
-            await _binary(ws)
-            times.append(time.perf_counter() - t)
-        times.sort()
-        return times[len(times) // 2] * 1e3, times[int(len(times) * 0.99)] * 1e3
-
-
-async def flood_once(url: str, bridged: bool, pids: list[int], name: str) -> tuple[float, float]:
-    """One throughput window of CHUNKS chunks on a session of its own: `flood`'s figures."""
-    async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
-        session = await open_session(ws) if bridged else uuid.uuid4()
-        return await flood(ws, session, pids, CHUNKS, name)
+    times = []
+    for seq in range(ROUND_TRIPS):
+        t = time.perf_counter()
+        await ws.send(pcm_frame(session, seq))
+        await _binary(ws)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2] * 1e3, times[int(len(times) * 0.99)] * 1e3
 
 
 async def flood(
@@ -296,6 +287,9 @@ class Side:
     #: Its processes (car-grpc serve and the engine, or the echo or relay server): the
     #: CPU per chunk is theirs, less disturbed than the rate on a busy machine.
     pids: list[int]
+    #: Its client's one connection and session (every flood's).
+    ws: ClientConnection | None = None
+    session: uuid.UUID = field(default_factory=uuid.uuid4)
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     rates: list[float] = field(default_factory=list)
@@ -307,24 +301,29 @@ def _spread(values: list[float], form: str) -> str:
 
 
 async def bench() -> None:
-    async with (
-        echo_server() as (echo_url, echo_pids),
-        echo_server("relay") as (relay_url, relay_pids),
-        car_grpc_with_engine() as (url, pids),
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        echo_url, echo_pids = await stack.enter_async_context(echo_server())
+        relay_url, relay_pids = await stack.enter_async_context(echo_server("relay"))
+        url, pids = await stack.enter_async_context(car_grpc_with_engine())
         sides = [
             Side("bare echo", echo_url, False, echo_pids),
             Side("WS+gRPC relay (floor)", relay_url, False, relay_pids),
             Side("car-grpc + engine", url, True, pids),
         ]
-        for side in sides:
-            side.p50_ms, side.p99_ms = await latency(side.url, side.bridged)
+        for side in sides:  # one client session a side, as a voice client holds one
+            side.ws = ws = await stack.enter_async_context(
+                connect(side.url, ping_interval=None, compression=None, max_size=None)
+            )
+            if side.bridged:
+                side.session = await open_session(ws)
+            side.p50_ms, side.p99_ms = await latency(ws, side.session)
         # The three servers are up together and flooded in turn, round after round (the
         # order reversed every other round, the first a warm-up): each ratio is of floods
         # a few hundred ms apart, so the machine's load is the same on both sides of it.
         for n in range(ROUNDS + 1):
             for side in sides if n % 2 else sides[::-1]:
-                rate, cpu_us = await flood_once(side.url, side.bridged, side.pids, side.name)
+                assert side.ws is not None
+                rate, cpu_us = await flood(side.ws, side.session, side.pids, CHUNKS, side.name)
                 if n:
                     side.rates.append(rate)
                     side.cpu_us.append(cpu_us)
