@@ -7,13 +7,15 @@ against a fresh `car-grpc serve --no-dashboard SERVE_FLAGS` of each TREE in turn
 reversed every other round; a TREE is a directory holding `car_grpc`, imported first:
 PYTHONPATH, and the server's working directory; flags after commas are that arm's own,
 e.g. `DIR,--gateway-processes,1` beside `DIR`), and prints, per round and tree: ops/s,
-protocol errors, the worst p99, the server's CPU in cores and per operation, split into
-its first process (the core) and the rest (gateway processes, with
+protocol errors, the worst p99 and each kind's, the server's CPU in cores and per operation,
+split into its first process (the core) and the rest (gateway processes, with
 `--gateway-processes N`), and the load generator's and the machine's CPU in cores; then the
 context switches per operation over the traffic (/proc/PID/task/TID/status) of the core's
 process and of the rest: voluntary (`vcs`, a thread went to sleep: a wakeup) and forced
 (`ics`, preempted), of all their threads and of the threads beside the event loop alone
-(`thr`: gRPC's, the store's) and of gRPC's EventEngine threads alone (`ee`). Run it
+(`thr`: gRPC's, the store's) and of gRPC's EventEngine threads alone (`ee`), and the
+CPU per operation of each of these three kinds of thread (`loop`, `ee`, `thr`; the rest of
+the core's `thr` beyond the gateway's is mostly its store threads). Run it
 from outside any checkout (the current directory comes first on sys.path).
 LOAD_AB_SPY=DIR: a py-spy profile (`--gil`, raw) of each core during its traffic, into
 DIR, and of each gateway process (`NAME-gwN.txt`) (LOAD_AB_SPY_BIN: py-spy's path,
@@ -49,27 +51,44 @@ def _spy(pid: int, name: str) -> subprocess.Popen[bytes] | None:
     )
 
 
-def _switches(pid: int) -> dict[str, int]:
+#: The three kinds of thread of a server process, for its CPU: the event loop (its main
+#: thread), gRPC's EventEngine threads, and the others (grpc.aio's completion-queue
+#: poller; in the core also the store's writer and reader).
+_THREADS = ("loop", "ee", "thr")
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _thread_counts(pid: int) -> dict[str, int]:
     """Voluntary and forced context switches so far of `pid` (`core`) and its descendants
     (`gw`), of all their threads, of the threads other than each process's main one and of
-    gRPC's EventEngine threads."""
+    gRPC's EventEngine threads; and the CPU clock ticks so far of each kind of thread
+    (_THREADS)."""
     counts = dict.fromkeys(
         (f"{who} {kind}" for who in ("core", "gw") for kind in ("vcs", "ics", "thr vcs", "ee vcs")),
         0,
+    )
+    counts.update(
+        dict.fromkeys((f"{who} {kind} cpu" for who in ("core", "gw") for kind in _THREADS), 0)
     )
     for process in process_tree(pid):
         who = "core" if process == pid else "gw"
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{process}/task"):
-                with contextlib.suppress(OSError):
-                    status = Path(f"/proc/{process}/task/{tid}/status").read_text()
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    task = Path(f"/proc/{process}/task/{tid}")
+                    status = (task / "status").read_text()
                     vcs = int(status.split("\nvoluntary_ctxt_switches:")[1].split()[0])
                     ics = int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
+                    stat = (task / "stat").read_text()
+                    ticks = sum(map(int, stat[stat.rindex(")") + 2 :].split()[11:13]))
                     counts[f"{who} vcs"] += vcs
                     counts[f"{who} ics"] += ics
-                    if int(tid) != process:
+                    ee = (task / "comm").read_text().startswith("event_en")
+                    kind = "loop" if int(tid) == process else "ee" if ee else "thr"
+                    counts[f"{who} {kind} cpu"] += ticks
+                    if kind != "loop":
                         counts[f"{who} thr vcs"] += vcs
-                    if Path(f"/proc/{process}/task/{tid}/comm").read_text().startswith("event_en"):
+                    if ee:
                         counts[f"{who} ee vcs"] += vcs
     return counts
 
@@ -88,11 +107,11 @@ async def one(arm: str, flags: Sequence[str], name: str) -> tuple[bench_load.Pha
             tokens_file.write_text(json.dumps({"daemon": daemon, "agents": agents}))
             spies: list[subprocess.Popen[bytes]] = []
 
-            switches: list[dict[str, int]] = []
+            counts: list[dict[str, int]] = []
 
             def at_go() -> None:
                 pid = server.proc.pid
-                switches.append(_switches(pid))
+                counts.append(_thread_counts(pid))
                 children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
                 for n, each in enumerate([pid, *map(int, children)]):
                     if (spy := _spy(each, name if n == 0 else f"{name}-gw{n}")) is not None:
@@ -104,21 +123,25 @@ async def one(arm: str, flags: Sequence[str], name: str) -> tuple[bench_load.Pha
                 str(tokens_file),
                 lambda: bench_load.sessions_left(home, url),
                 at_go,
-                lambda: switches.append(_switches(server.proc.pid)),
+                lambda: counts.append(_thread_counts(server.proc.pid)),
             )
             for spy in spies:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     spy.wait(30)
-            return phase, {k: switches[1][k] - switches[0][k] for k in switches[0]}
+            return phase, {k: counts[1][k] - counts[0][k] for k in counts[0]}
 
 
-def _row(phase: bench_load.Phase, switches: dict[str, int]) -> dict[str, float]:
+def _row(phase: bench_load.Phase, counts: dict[str, int]) -> dict[str, float]:
     n = bench_load._ops(phase)
     t = phase.traffic_s
     return {
         "ops/s": n / bench_load.DURATION,
         "errors": len(phase.errors) + abs(phase.left_open),
         "p99 ms": bench_load._worst_p99(phase),
+        # Each kind's own (the worst of them is the target's figure).
+        **{
+            f"p99 {kind}": bench_load._ms(v, 99) for kind, v in sorted(phase.latencies.items()) if v
+        },
         "server cores": phase.cpu_traffic_s / t,
         "us/op": phase.cpu_traffic_s / n * 1e6,
         "core us/op": phase.cpu_first_s / n * 1e6,
@@ -127,7 +150,13 @@ def _row(phase: bench_load.Phase, switches: dict[str, int]) -> dict[str, float]:
         "load gen": phase.cpu_workers_s / t,
         "load gen us/op": phase.cpu_workers_s / n * 1e6,
         "machine": phase.cpu_machine_s / t,
-        **{f"{k}/op": v / n for k, v in switches.items()},
+        # CPU per operation of each kind of thread (_THREADS): us; switches: per operation.
+        **{
+            f"{k} us/op" if k.endswith(" cpu") else f"{k}/op": (
+                v / _TICK / n * 1e6 if k.endswith(" cpu") else v / n
+            )
+            for k, v in counts.items()
+        },
     }
 
 
@@ -136,7 +165,8 @@ _FORMAT = {"ops/s": "{:.0f}", "errors": "{:.0f}", "p99 ms": "{:.0f}", "us/op": "
 
 
 def _cell(key: str, value: float) -> str:
-    return _FORMAT.get(key, "{:.2f}").format(value)
+    whole = key.startswith("p99") or key.endswith("us/op")
+    return _FORMAT.get(key, "{:.0f}" if whole else "{:.2f}").format(value)
 
 
 async def run(rounds: int, trees: Sequence[str], flags: Sequence[str]) -> None:
@@ -155,7 +185,9 @@ async def run(rounds: int, trees: Sequence[str], flags: Sequence[str]) -> None:
     for tree, tree_rows in rows.items():
         print(f"  {tree}")
         for k in keys:
-            values = [row[k] for row in tree_rows]
+            values = [row[k] for row in tree_rows if k in row]
+            if not values:
+                continue
             print(
                 f"    {k:14} {_cell(k, statistics.median(values)):>8}"
                 f"  ({_cell(k, min(values))}-{_cell(k, max(values))})"
