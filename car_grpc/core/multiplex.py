@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from car_grpc import stepping
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import batch, multiplex
 from car_grpc.wire.errors import CarError
@@ -66,11 +65,9 @@ class SessionChannel:
         self.inbound_bytes = 0
         self._readable = asyncio.Event()
         self._idle = False  # the session waits for its next batch, all before it handled
-        #: Set by the session: what handles a batch as it arrives when nothing in it need
-        #: wait, with no hop through its reader (None: the reader handles it).
-        self.take_batch: (
-            Callable[[session_pb2.ConnectBatchedRequest], Callable[[], None] | None] | None
-        ) = None
+        #: Set by the session: handles a batch as it arrives when nothing in it need wait
+        #: (True), with no hop through its reader; False: nothing done.
+        self.take_batch: Callable[[session_pb2.ConnectBatchedRequest], bool] | None = None
         self.client_done = False  # the gateway said `end`
         #: Batches written to the gateway and not yet acknowledged, and their bytes.
         self._unacked = 0
@@ -104,10 +101,8 @@ class SessionChannel:
             # the reader, which fails the session alone, as before.)
             with contextlib.suppress(DecodeError):
                 message = session_pb2.ConnectBatchedRequest.FromString(batch)
-                if (take := self.take_batch(message)) is not None:
-                    # Acknowledged first: an answer written at once carries it.
+                if self.take_batch(message):
                     stream.acknowledge(self.key, len(batch))
-                    take()
                     return None
                 item = message
         self.inbound.append((len(batch), item))
@@ -235,8 +230,6 @@ class MultiplexedStream:
         self.limit_bytes = service.multiplex_stream_bytes
         self.stall_timeout = service.multiplex_stall_timeout
         self._ready = asyncio.Event()
-        #: Held while a message is written (by the writer, or at once: _write_at_once).
-        self._write_lock = asyncio.Lock()
         #: Bytes of records made and not yet taken by the writer; past limit_bytes the
         #: reader waits for `_drained` (the gateway must read for the core to read on).
         self.backlog_bytes = 0
@@ -255,25 +248,7 @@ class MultiplexedStream:
         if isinstance(record, bytes):  # a pull counts once its record is made (made())
             self.backlog_bytes += len(record)
         self._records.append(record)
-        if not isinstance(record, bytes) or len(self.sessions) != 1 or not self._write_at_once():
-            self._ready.set()
-
-    def _write_at_once(self) -> bool:
-        """A session's record written at once (an answer with nothing queued before it,
-        SessionChannel.try_write) when the stream carries that session alone: there is
-        nothing to gather into the message, so it goes now, where it was made, with no
-        hop through the writer (whose turn a single request in flight would wait for);
-        the write lock held until it has finished (stepping.start). False when a write is
-        under way: the writer takes it after that one. (A pull waits for the writer: the
-        frames queued meanwhile go along, e.g. the answers to a burst.)"""
-        if not stepping.try_lock(self._write_lock):
-            return False
-        if records := self._take():
-            # Written, or the stream is gone (its read loop ends it): the lock is released.
-            stepping.start(self.context.write(b"".join(records)), self._write_lock.release)
-        else:
-            self._write_lock.release()
-        return True
+        self._ready.set()
 
     def made(self, record: bytes) -> None:
         """A pull made `record`, into the message being built (counted as sent ones are)."""
@@ -427,15 +402,14 @@ class MultiplexedStream:
             # goes in the same message (no timer; and no turn when no other session could).
             if len(self.sessions) > 1:
                 await asyncio.sleep(0)
-            async with self._write_lock:  # after a write started at once (_write_at_once)
-                self._ready.clear()
-                after, self._after_write = self._after_write, []
-                try:
-                    records = self._take()
-                    if records:
-                        await self.context.write(b"".join(records))
-                finally:
-                    self._run_after_write(after)
+            self._ready.clear()
+            after, self._after_write = self._after_write, []
+            try:
+                records = self._take()
+                if records:
+                    await self.context.write(b"".join(records))
+            finally:
+                self._run_after_write(after)
             if self._closing and not self._records and not self.owed:
                 return
 
