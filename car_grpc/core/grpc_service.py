@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 import grpc
@@ -103,9 +103,6 @@ class SessionStream:
         #: while there are any, a notification handled at once goes in a task behind them
         #: (so it does not overtake them: e.g. a JSON audio push before a binary frame).
         self._unstarted = 0
-        #: An inline request _take_batch began that waited after all (it should not): the
-        #: reader lets it finish before it handles anything more, and _take_batch waits too.
-        self._unfinished: asyncio.Task[object] | None = None
 
     async def run(self) -> None:
         # A multiplexed session has no writer: its stream takes its frames.
@@ -194,19 +191,9 @@ class SessionStream:
         """A batch of a multiplexed session handled as it arrives, from the stream's read
         loop, with no hop through this session's reader, when nothing in it need wait:
         answers to the session's calls (resolved) and, once authenticated, requests that
-        run in a task (each started, an in-flight slot free for it) or a batch of one
-        inline request (answered here: _answer_now). False (nothing done) for any other
-        batch: the reader handles it, in order."""
-        if self._unfinished is not None:
-            if not self._unfinished.done():
-                return False
-            self._unfinished = None
+        run in a task (each started, an in-flight slot free for it). False (nothing
+        done) for any other batch: the reader handles it, in order."""
         frames = message.frames
-        if len(frames) == 1 and self.session.authenticated:
-            only = frames[0].WhichOneof("body") or ""
-            if only in api.CLIENT_MEMBERS and self.dispatcher.runs_inline(only):
-                self._answer_now(frames[0], only)
-                return True
         requests = 0
         for frame in frames:
             member = frame.WhichOneof("body")
@@ -234,29 +221,10 @@ class SessionStream:
                 self.session.resolve(frame)  # late or unknown answers are ignored
         return True
 
-    def _answer_now(self, frame: session_pb2.ClientFrame, member: str) -> None:
-        """An inline request run here up to its first wait, which it has none of (its
-        handler never waits; its answer is written at once, or queued where there is
-        room): answered with no task and no hop through the reader. Should it wait after
-        all, a task finishes it (`_unfinished`)."""
-        self._more = False
-        request = self._request(frame, member)
-        try:
-            waiting = request.send(None)
-        except StopIteration:
-            return
-        except Exception:  # as in a request's task: logged, the request unanswered
-            log.exception("request %s failed", member)
-            return
-        self._unfinished = self._start(_finish(request, waiting))
-
     async def _read_loop(self) -> None:
         read = self.context.read
         while True:
             message = await read()
-            if (unfinished := self._unfinished) is not None:
-                await asyncio.wait((unfinished,))  # what _answer_now left goes first
-                self._unfinished = None
             if message is grpc.aio.EOF:
                 return
             if not self.batched:
@@ -444,34 +412,6 @@ class SessionStream:
             async with asyncio.timeout(5):
                 await self.session.outbound.join()
         await self.context.abort(grpc.StatusCode.UNAUTHENTICATED, "auth required")
-
-
-async def _finish(coroutine: Coroutine[Any, Any, object], waiting: object) -> object:
-    """The rest of `coroutine`, which was run by hand up to a wait (`waiting`: what it
-    yielded there): in the task that awaits this, as if that task had run it from the
-    start (each wait, its outcome and a cancellation passed through)."""
-    return await _Rest(coroutine, waiting)
-
-
-class _Rest:
-    def __init__(self, coroutine: Coroutine[Any, Any, object], waiting: object) -> None:
-        self._coroutine, self._waiting = coroutine, waiting
-
-    def __await__(self) -> Generator[Any, None, object]:
-        coroutine, waiting = self._coroutine, self._waiting
-        while True:
-            try:
-                yield waiting
-            except BaseException as error:
-                try:
-                    waiting = coroutine.throw(error)
-                except StopIteration as done:
-                    return done.value
-                continue
-            try:
-                waiting = coroutine.send(None)
-            except StopIteration as done:
-                return done.value
 
 
 def _try_lock(lock: asyncio.Lock) -> bool:
