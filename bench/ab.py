@@ -6,8 +6,9 @@ the same time (each its own `car-grpc serve`, importing its tree first: PYTHONPA
 the same load is given to each in turn, window after window (the order reversed every
 other window); each window gives the server's CPU per operation (its process tree,
 /proc/PID/stat) and its rate. A tree is a directory holding `car_grpc`, e.g. an export of
-main (`git archive main | tar -x -C DIR`); `echo` and `mux` stand for bench_gateway's bare
-echo and bare multiplexed relay.
+main (`git archive main | tar -x -C DIR`); `echo`, `relay`, `relay-apart` and `mux` stand
+for bench_gateway's bare echo, bare relay (its echo servicer in the relay's process, or in
+a process of its own) and bare multiplexed relay.
 
     python -m bench.ab MODE WINDOWS TREE... [-- SERVE_FLAGS]
 
@@ -53,7 +54,7 @@ from bench import bench_chats, bench_gateway, bench_voice
 from bench.proc import cpu_seconds, own_cpu_seconds, process_tree
 from tests.processes import EPHEMERAL, car_grpc_argv, cli_env, launch
 
-BARE = ("echo", "mux")
+BARE = ("echo", "relay", "relay-apart", "mux")
 
 
 @dataclass

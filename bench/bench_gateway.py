@@ -114,9 +114,30 @@ async def grpc_echo() -> AsyncIterator[grpc.aio.StreamStreamMultiCallable[bytes,
     await server.stop(0)
 
 
-async def run_relay_server() -> None:
-    """`python -m bench.bench_gateway relay`: WebSocket -> grpc.aio stream -> echo -> back."""
-    async with grpc_echo() as echo:
+@contextlib.asynccontextmanager
+async def grpc_echo_apart() -> AsyncIterator[grpc.aio.StreamStreamMultiCallable[bytes, bytes]]:
+    """The same echo servicer in a process of its own (`grpc-echo`), as `car-grpc serve`
+    has its core apart from its gateway, and the method that opens a stream to it."""
+    argv = [sys.executable, "-m", "bench.bench_gateway", "grpc-echo"]
+    async with launch(argv, stdin=True) as servicer:
+        [address] = await servicer.listeners(1)
+        async with grpc.aio.insecure_channel(address) as channel:
+            yield channel.stream_stream(_RELAY_METHOD)
+
+
+async def run_grpc_echo_server() -> None:
+    """`python -m bench.bench_gateway grpc-echo`: the relays' echo servicer alone."""
+    server, grpc_port = await relay_servicer(_grpc_echo)
+    log_listening("grpc echo", f"127.0.0.1:{grpc_port}")
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await server.stop(0)
+
+
+async def run_relay_server(*, apart: bool = False) -> None:
+    """`python -m bench.bench_gateway relay`: WebSocket -> grpc.aio stream -> echo -> back;
+    `relay-apart`: the echo servicer in a process of its own (two processes, as
+    `car-grpc serve` runs by default: the floor of its one-client round trip)."""
+    async with grpc_echo_apart() if apart else grpc_echo() as echo:
 
         async def relay(ws: ServerConnection) -> None:
             call = echo()
@@ -259,7 +280,8 @@ class Server:
 
 @contextlib.asynccontextmanager
 async def echo_server(kind: str = "echo") -> AsyncIterator[Server]:
-    """A bench server of this module in its own process (`echo`, `relay` or `mux`)."""
+    """A bench server of this module in its own process (`echo`, `relay`, `relay-apart`
+    or `mux`)."""
     async with launch([sys.executable, "-m", "bench.bench_gateway", kind], stdin=True) as server:
         [url] = await server.listeners(1)
         yield Server(url, server.proc.pid)
@@ -483,6 +505,10 @@ if __name__ == "__main__":
         asyncio.run(run_echo_server())
     elif sys.argv[1:] == ["relay"]:
         asyncio.run(run_relay_server())
+    elif sys.argv[1:] == ["relay-apart"]:
+        asyncio.run(run_relay_server(apart=True))
+    elif sys.argv[1:] == ["grpc-echo"]:
+        asyncio.run(run_grpc_echo_server())
     elif sys.argv[1:2] == ["mux"] and len(sys.argv) <= 3:
         asyncio.run(run_mux_relay_server(core=sys.argv[2] if len(sys.argv) == 3 else None))
     else:
