@@ -6,17 +6,21 @@ the same time (each its own `car-grpc serve`, importing its tree first: PYTHONPA
 the same load is given to each in turn, window after window (the order reversed every
 other window); each window gives the server's CPU per operation (its process tree,
 /proc/PID/stat) and its rate. A tree is a directory holding `car_grpc`, e.g. an export of
-main (`git archive main | tar -x -C DIR`); `echo` and `mux` stand for bench_gateway's bare
-echo and bare multiplexed relay.
+main (`git archive main | tar -x -C DIR`); `echo`, `relay`, `relay-apart` and `mux` stand
+for bench_gateway's bare echo, bare relay (its echo servicer in the relay's process, or in
+a process of its own) and bare multiplexed relay.
 
     python -m bench.ab MODE WINDOWS TREE... [-- SERVE_FLAGS]
 
 A TREE may carry serve flags of its own after commas (`DIR,--gateway-processes,1` beside
 `DIR`: one tree in two set-ups).
 MODE: `rt1`, `rt16`, `rt64`, ... (that many clients, each one `tools.list` after another,
-for AB_SECONDS, default 2), `chat` (one chat of AB_TOKENS tokens, default 20,000, agent
--> host as bench_chats, per window: the server's CPU per token, and that of its first
-process (the core) and of the rest (gateway processes)) or `voice` (AB_CHUNKS PCM
+for AB_SECONDS, default 2), `p50` (one client's `tools.list` round trips as bench_gateway's
+latency measures them, AB_ROUND_TRIPS of them a window, default 2,000 after its warm-up: the
+p50 of each window, and its ratio to the first arm's window by window), `chat` (one chat
+of AB_TOKENS tokens, default 20,000, agent -> host as bench_chats, per window: the
+server's CPU per token, and that of its first process (the core) and of the rest
+(gateway processes)) or `voice` (AB_CHUNKS PCM
 chunks, default 5,000, flooded through one voice session to bench_voice's engine and
 spoken back, per window: the CPU of `car-grpc serve` alone per chunk; beside it, that of
 its first process (the core) and of the rest (gateway processes), of the engine and of
@@ -38,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,7 +54,7 @@ from bench import bench_chats, bench_gateway, bench_voice
 from bench.proc import cpu_seconds, own_cpu_seconds, process_tree
 from tests.processes import EPHEMERAL, car_grpc_argv, cli_env, launch
 
-BARE = ("echo", "mux")
+BARE = ("echo", "relay", "relay-apart", "mux")
 
 
 @dataclass
@@ -67,6 +72,8 @@ class Arm:
     #: `voice`: this client's.
     core_us: list[float] = field(default_factory=list)
     client_us: list[float] = field(default_factory=list)
+    #: `p50`: one client's p50 round trip, each window's (us).
+    p50_us: list[float] = field(default_factory=list)
 
 
 async def _start(
@@ -144,6 +151,17 @@ def _spy(arm: Arm) -> list[subprocess.Popen[bytes]]:
     ]
 
 
+async def _p50(arm: Arm) -> tuple[float, float]:
+    """One client's round trips (bench_gateway.latency): round trips/s and the server's
+    CPU per round trip (warm-up included); the p50 goes into `arm.p50_us`."""
+    cpu, start = cpu_seconds(arm.server.pid), time.perf_counter()
+    samples = await bench_gateway.latency(arm.server.url, arm.bridged)
+    total = bench_gateway.WARMUP + len(samples)
+    arm.p50_us.append(statistics.median(samples) * 1e6)
+    rate = total / (time.perf_counter() - start)
+    return rate, (cpu_seconds(arm.server.pid) - cpu) / total * 1e6
+
+
 async def _chat(url: str, n: int, tokens: int) -> float:
     """One chat of `tokens` tokens from the attached agent to a host: tokens/s."""
     async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
@@ -164,6 +182,8 @@ async def run(mode: str, windows: int, trees: Sequence[str], flags: Sequence[str
                 assert agent.proc.stdout is not None
                 line = await asyncio.wait_for(agent.proc.stdout.readline(), 20)
                 assert line.strip() == b"attached", line
+        elif mode == "p50":
+            bench_gateway.ROUND_TRIPS = int(os.environ.get("AB_ROUND_TRIPS", "2000"))
         elif mode != "voice":
             bench_gateway.THROUGHPUT_SECONDS = float(os.environ.get("AB_SECONDS", "2"))
             clients = int(mode.removeprefix("rt"))
@@ -178,6 +198,8 @@ async def run(mode: str, windows: int, trees: Sequence[str], flags: Sequence[str
                         arm.core_us.append(core_us)
                 elif mode == "voice":
                     rate, cpu_us = await _voice(arm, int(os.environ.get("AB_CHUNKS", "5000")))
+                elif mode == "p50":
+                    rate, cpu_us = await _p50(arm)
                 else:
                     rate, _, cpu_us = await bench_gateway.throughput(
                         arm.server, arm.bridged, clients
@@ -185,6 +207,8 @@ async def run(mode: str, windows: int, trees: Sequence[str], flags: Sequence[str
                 if window:
                     arm.cpu_us.append(cpu_us)
                     arm.rates.append(rate)
+                elif mode == "p50":
+                    arm.p50_us.pop()
                 elif mode == "voice":  # the warm-up's
                     for figures in (arm.engine_us, arm.core_us, arm.client_us):
                         if figures:
@@ -214,6 +238,11 @@ def main() -> None:
             print(f"  {'  its engine':32} {statistics.median(arm.engine_us):7.1f}")
         if arm.client_us:
             print(f"  {'  the client (this process)':32} {statistics.median(arm.client_us):7.1f}")
+        if p50 := arm.p50_us:
+            print(
+                f"  {'  p50 round trip (us)':32} {statistics.median(p50):7.1f}"
+                f" ({min(p50):.0f}-{max(p50):.0f})   windows: {' '.join(f'{p:.0f}' for p in p50)}"
+            )
     # Window by window (the load they shared), each arm against the first of its set-up
     # (the same flags after the commas).
     firsts: dict[tuple[str, ...], Arm] = {}
@@ -222,6 +251,8 @@ def main() -> None:
         if first is arm:
             continue
         print(f"  paired {arm.tree} / {first.tree}: {_paired(arm.cpu_us, first.cpu_us)}")
+        if arm.p50_us and first.p50_us:
+            print(f"    p50 {_paired(arm.p50_us, first.p50_us)}")
         if arm.core_us and first.core_us and arm.bridged and first.bridged:
             rest = [[w - c for w, c in zip(a.cpu_us, a.core_us, strict=True)] for a in (arm, first)]
             print(f"    core {_paired(arm.core_us, first.core_us)}, rest {_paired(*rest)}")

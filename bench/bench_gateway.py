@@ -18,7 +18,10 @@ CPUs or more the gateway in a process of its own, two cores) and with
 A third server shows what the architecture itself costs: a relay that forwards each
 WebSocket message, as opaque bytes, over a grpc.aio bidi stream to an echo servicer in the
 same process and back (no JSON, no protobuf, no session logic). The gateway cannot beat
-it; `gateway / relay` is what our own code adds on top of the two hops.
+it; `gateway / relay` is what our own code adds on top of the two hops. The same relay with
+its echo servicer in a process of its own (`relay-apart`: one client's p50 only) is the
+floor of the default server, whose gateway and core are two processes: the summary's
+floor for its one-client p50 (the one-process relay's for `--gateway-processes 0`).
 
 A fourth, the multiplexed relay, shows what carrying many connections over few streams
 could reach at best: every WebSocket connection of the process shares ONE grpc.aio bidi
@@ -114,9 +117,30 @@ async def grpc_echo() -> AsyncIterator[grpc.aio.StreamStreamMultiCallable[bytes,
     await server.stop(0)
 
 
-async def run_relay_server() -> None:
-    """`python -m bench.bench_gateway relay`: WebSocket -> grpc.aio stream -> echo -> back."""
-    async with grpc_echo() as echo:
+@contextlib.asynccontextmanager
+async def grpc_echo_apart() -> AsyncIterator[grpc.aio.StreamStreamMultiCallable[bytes, bytes]]:
+    """The same echo servicer in a process of its own (`grpc-echo`), as `car-grpc serve`
+    has its core apart from its gateway, and the method that opens a stream to it."""
+    argv = [sys.executable, "-m", "bench.bench_gateway", "grpc-echo"]
+    async with launch(argv, stdin=True) as servicer:
+        [address] = await servicer.listeners(1)
+        async with grpc.aio.insecure_channel(address) as channel:
+            yield channel.stream_stream(_RELAY_METHOD)
+
+
+async def run_grpc_echo_server() -> None:
+    """`python -m bench.bench_gateway grpc-echo`: the relays' echo servicer alone."""
+    server, grpc_port = await relay_servicer(_grpc_echo)
+    log_listening("grpc echo", f"127.0.0.1:{grpc_port}")
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await server.stop(0)
+
+
+async def run_relay_server(*, apart: bool = False) -> None:
+    """`python -m bench.bench_gateway relay`: WebSocket -> grpc.aio stream -> echo -> back;
+    `relay-apart`: the echo servicer in a process of its own (two processes, as
+    `car-grpc serve` runs by default: the floor of its one-client round trip)."""
+    async with grpc_echo_apart() if apart else grpc_echo() as echo:
 
         async def relay(ws: ServerConnection) -> None:
             call = echo()
@@ -278,7 +302,8 @@ class Server:
 
 @contextlib.asynccontextmanager
 async def echo_server(kind: str = "echo") -> AsyncIterator[Server]:
-    """A bench server of this module in its own process (`echo`, `relay` or `mux`)."""
+    """A bench server of this module in its own process (`echo`, `relay`, `relay-apart`
+    or `mux`)."""
     async with launch([sys.executable, "-m", "bench.bench_gateway", kind], stdin=True) as server:
         [url] = await server.listeners(1)
         yield Server(url, server.proc.pid)
@@ -389,23 +414,25 @@ async def measure(server: Server, bridged: bool) -> Figures:
     return Figures(statistics.median(samples) * 1e6, p99 * 1e6, scaling)
 
 
-async def run() -> tuple[Figures, Figures, Figures, Figures, Figures]:
+async def run() -> tuple[Figures, Figures, Figures, Figures, Figures, float]:
     async with echo_server() as server:
         echo = await measure(server, bridged=False)
     async with echo_server("relay") as server:
         relay = await measure(server, bridged=False)
+    async with echo_server("relay-apart") as server:  # one client's p50 only
+        apart_p50 = statistics.median(await latency(server.url, bridged=False)) * 1e6
     async with echo_server("mux") as server:
         mux = await measure(server, bridged=False)
     async with car_grpc_server() as server:
         bridged = await measure(server, bridged=True)
     async with car_grpc_server("--gateway-processes", "0") as server:
         single = await measure(server, bridged=True)
-    return echo, relay, mux, bridged, single
+    return echo, relay, mux, bridged, single, apart_p50
 
 
 def main() -> None:
     started = time.perf_counter()
-    echo, relay, mux, bridged, single = asyncio.run(run())
+    echo, relay, mux, bridged, single, apart_p50 = asyncio.run(run())
     print(
         f"{'':26}{'bare echo':>10}{'WS+gRPC relay':>15}{'gateway->core':>15}"
         f"{'gateway/echo':>14}{'gateway/relay':>15}{'1 process':>13}{'/echo':>7}"
@@ -420,6 +447,11 @@ def main() -> None:
             f"{name:26}{e:10.0f}{r:15.0f}{b:15.0f}{b / e:13.2f}x{b / r:14.2f}x{s:13.0f}"
             f"{s / e:6.2f}x"
         )
+    print(
+        f"p50 round trip of the relay with its echo servicer in a process of its own (the "
+        f"floor of the default, two processes): {apart_p50:.0f} us, {apart_p50 / echo.p50_us:.2f}x"
+        f" echo; car-grpc serve {bridged.p50_us / apart_p50:.2f}x it"
+    )
     print(
         "\nscaling: round trips/s (p99 us) [server CPU us per round trip] by number of "
         "clients, each one request in flight"
@@ -469,7 +501,7 @@ def main() -> None:
             bridged.p50_us / echo.p50_us,
             3.0,
             "echo",
-            relay.p50_us / echo.p50_us,
+            apart_p50 / echo.p50_us,  # its floor: two processes, as it runs by default
         ),
         summary.at_most(
             "  the same, --gateway-processes 0",
@@ -502,6 +534,10 @@ if __name__ == "__main__":
         asyncio.run(run_echo_server())
     elif sys.argv[1:] == ["relay"]:
         asyncio.run(run_relay_server())
+    elif sys.argv[1:] == ["relay-apart"]:
+        asyncio.run(run_relay_server(apart=True))
+    elif sys.argv[1:] == ["grpc-echo"]:
+        asyncio.run(run_grpc_echo_server())
     elif sys.argv[1:2] == ["mux"] and len(sys.argv) <= 3:
         asyncio.run(run_mux_relay_server(core=sys.argv[2] if len(sys.argv) == 3 else None))
     else:

@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from car_grpc.config import Config
+from car_grpc.core.grpc_service import SessionStream
 from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import batch, multiplex
@@ -318,3 +319,36 @@ async def test_requests_and_call_answers_run_as_their_batch_arrives(
     await gateway.request(1, _tool_answer(calls()[2]))
     await gateway.until(lambda: len(results()) == 3)
     assert results() == {"p1": "done", "p2": "done", "p3": "done"}
+
+
+async def test_an_inline_request_alone_in_its_batch_is_answered_where_it_arrives(
+    core: Core, gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of one inline request (a client's `tools.list`, `state.get`) is answered in
+    the stream's read loop: the session's reader handles none of them (one task hop less
+    a request), the answers come in order, and each answer's record acknowledges the
+    batch it answers. A batch of two still goes through the reader."""
+    handled: list[str] = []
+    handle = SessionStream._handle
+
+    async def spy(self: SessionStream, frame: session_pb2.ClientFrame, *, last: bool) -> bool:
+        handled.append(frame.id)
+        return await handle(self, frame, last=last)
+
+    monkeypatch.setattr(SessionStream, "_handle", spy)
+    await gateway.request(1, _frame("auth", "session_auth", token=daemon_token(core)))
+    await gateway.until(lambda: gateway.ids(1) == ["auth"])
+    assert handled == ["auth"]  # not authenticated yet: the reader's
+    ids = ["a", "b", "c", "d"]
+    members = ("tools_list", "state_get", "tools_list", "state_get")
+    for frame_id, member in zip(ids, members, strict=True):
+        fields = {"key": "k"} if member == "state_get" else {}
+        await gateway.request(1, _frame(frame_id, member, **fields))
+        await gateway.until(lambda frame_id=frame_id: gateway.ids(1)[-1] == frame_id)
+    assert gateway.ids(1) == ["auth", *ids]
+    assert tuple(f.WhichOneof("body") for f in gateway.frames[1][1:]) == members
+    assert handled == ["auth"]
+    assert gateway.records[1] == [(True, 1)] * 5
+    await gateway.request(1, _frame("e", "tools_list"), _frame("f", "tools_list"))
+    await gateway.until(lambda: gateway.ids(1)[-2:] == ["e", "f"])
+    assert handled == ["auth", "e", "f"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
@@ -19,6 +20,7 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from car_grpc import stepping
 from car_grpc.core.authentication import Authentication
 from car_grpc.core.dispatch import AuthRequired, Dispatcher, store_unavailable
 from car_grpc.core.multiplex import MultiplexedStream, SessionChannel
@@ -103,6 +105,9 @@ class SessionStream:
         #: while there are any, a notification handled at once goes in a task behind them
         #: (so it does not overtake them: e.g. a JSON audio push before a binary frame).
         self._unstarted = 0
+        #: An inline request _take_batch began that waited after all (it should not): the
+        #: reader lets it finish before it handles anything more, and _take_batch waits too.
+        self._unfinished: asyncio.Task[object] | None = None
 
     async def run(self) -> None:
         # A multiplexed session has no writer: its stream takes its frames.
@@ -169,31 +174,30 @@ class SessionStream:
         (it waits for the answer anyway). False: not written (the frame goes through the
         queue)."""
         lock = self.write_lock
-        if self._more or not self.session.outbound.empty() or not _try_lock(lock):
+        if self._more or not self.session.outbound.empty() or not stepping.try_lock(lock):
             return False
-        write = self.context.write(batch.encode((data,)) if self.batched else data)
-
-        def step(_: object = None) -> None:
-            try:
-                waiting = write.send(None)
-            except BaseException:  # written, or the stream is gone (its read loop ends it)
-                lock.release()
-                return
-            if waiting is None:  # a bare yield: on at the event loop's next turn
-                asyncio.get_running_loop().call_soon(step)
-            else:
-                waiting.add_done_callback(step)
-
-        step()
+        # Written, or the stream is gone (its read loop ends it): the lock is released.
+        stepping.start(
+            self.context.write(batch.encode((data,)) if self.batched else data), lock.release
+        )
         return True
 
-    def _take_batch(self, message: session_pb2.ConnectBatchedRequest) -> bool:
-        """A batch of a multiplexed session handled as it arrives, from the stream's read
-        loop, with no hop through this session's reader, when nothing in it need wait:
-        answers to the session's calls (resolved) and, once authenticated, requests that
-        run in a task (each started, an in-flight slot free for it). False (nothing
-        done) for any other batch: the reader handles it, in order."""
+    def _take_batch(self, message: session_pb2.ConnectBatchedRequest) -> Callable[[], None] | None:
+        """What handles a batch of a multiplexed session as it arrives, in the stream's
+        read loop, with no hop through this session's reader, when nothing in it need
+        wait: answers to the session's calls (resolved) and, once authenticated, requests
+        that run in a task (each started, an in-flight slot free for it) or a batch of
+        one inline request (answered there: _answer_now). None for any other batch: the
+        reader handles it, in order."""
+        if self._unfinished is not None:
+            if not self._unfinished.done():
+                return None
+            self._unfinished = None
         frames = message.frames
+        if len(frames) == 1 and self.session.authenticated:
+            only = frames[0].WhichOneof("body") or ""
+            if only in api.CLIENT_MEMBERS and self.dispatcher.runs_inline(only):
+                return functools.partial(self._answer_now, frames[0], only)
         requests = 0
         for frame in frames:
             member = frame.WhichOneof("body")
@@ -201,15 +205,19 @@ class SessionStream:
                 continue
             binding = api.CLIENT_MEMBERS.get(member or "")
             if binding is None:
-                return False
+                return None
             if binding.kind == api.REQUEST:
                 if not self.session.authenticated or self.dispatcher.runs_inline(binding.field):
-                    return False
+                    return None
                 requests += 1
             elif binding.kind != api.RESPONSE:
-                return False
+                return None
         if requests > self._slots:
-            return False
+            return None
+        return functools.partial(self._start_all, frames)
+
+    def _start_all(self, frames: Iterable[session_pb2.ClientFrame]) -> None:
+        """A batch's answers resolved and its requests started, each in a task (_take_batch)."""
         self._more = False
         for frame in frames:
             member = frame.WhichOneof("body")
@@ -219,12 +227,30 @@ class SessionStream:
                 self._start(self._request_task(frame, binding.field))
             else:
                 self.session.resolve(frame)  # late or unknown answers are ignored
-        return True
+
+    def _answer_now(self, frame: session_pb2.ClientFrame, member: str) -> None:
+        """An inline request run here up to its first wait, which it has none of (its
+        handler never waits; its answer is written at once, or queued where there is
+        room): answered with no task and no hop through the reader. Should it wait after
+        all, a task finishes it (`_unfinished`)."""
+        self._more = False
+        request = self._request(frame, member)
+        try:
+            waiting = request.send(None)
+        except StopIteration:
+            return
+        except Exception:  # as in a request's task: logged, the request unanswered
+            log.exception("request %s failed", member)
+            return
+        self._unfinished = self._start(stepping.finish(request, waiting))
 
     async def _read_loop(self) -> None:
         read = self.context.read
         while True:
             message = await read()
+            if (unfinished := self._unfinished) is not None:
+                await asyncio.wait((unfinished,))  # what _answer_now left goes first
+                self._unfinished = None
             if message is grpc.aio.EOF:
                 return
             if not self.batched:
@@ -412,17 +438,6 @@ class SessionStream:
             async with asyncio.timeout(5):
                 await self.session.outbound.join()
         await self.context.abort(grpc.StatusCode.UNAUTHENTICATED, "auth required")
-
-
-def _try_lock(lock: asyncio.Lock) -> bool:
-    """Acquire `lock` when that needs no wait (asyncio.Lock has no acquire_nowait)."""
-    acquire = lock.acquire()
-    try:
-        acquire.send(None)
-    except StopIteration:
-        return True
-    acquire.close()  # it would have waited: its waiters are left as they were
-    return False
 
 
 # ------------------------------------------------------------------ typed RPCs

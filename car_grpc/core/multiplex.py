@@ -65,9 +65,11 @@ class SessionChannel:
         self.inbound_bytes = 0
         self._readable = asyncio.Event()
         self._idle = False  # the session waits for its next batch, all before it handled
-        #: Set by the session: handles a batch as it arrives when nothing in it need wait
-        #: (True), with no hop through its reader; False: nothing done.
-        self.take_batch: Callable[[session_pb2.ConnectBatchedRequest], bool] | None = None
+        #: Set by the session: what handles a batch as it arrives when nothing in it need
+        #: wait, with no hop through its reader (None: the reader handles it).
+        self.take_batch: (
+            Callable[[session_pb2.ConnectBatchedRequest], Callable[[], None] | None] | None
+        ) = None
         self.client_done = False  # the gateway said `end`
         #: Batches written to the gateway and not yet acknowledged, and their bytes.
         self._unacked = 0
@@ -101,8 +103,10 @@ class SessionChannel:
             # the reader, which fails the session alone, as before.)
             with contextlib.suppress(DecodeError):
                 message = session_pb2.ConnectBatchedRequest.FromString(batch)
-                if self.take_batch(message):
+                if (take := self.take_batch(message)) is not None:
+                    # Acknowledged first: an answer written at once carries it.
                     stream.acknowledge(self.key, len(batch))
+                    take()
                     return None
                 item = message
         self.inbound.append((len(batch), item))
