@@ -310,8 +310,10 @@ class CoreConfig:
     #: Sessions the core holds at once over all its session streams (Connect,
     #: ConnectBatched, and each session of a ConnectMultiplexed stream; not the one-call
     #: sessions of typed RPCs), counted with its long-lived typed streams (Chat, WatchRun,
-    #: WatchHostEvents, ServeTools, ServeVoice[Batched], A2A's gRPC streams): one more is
-    #: refused with RESOURCE_EXHAUSTED naming this limit (--max-sessions, CAR_MAX_SESSIONS).
+    #: WatchHostEvents, ServeTools, ServeVoice[Batched], A2A's gRPC streams, and each
+    #: request the A2A HTTP listener serves, its SSE stream with it): one more is refused
+    #: with RESOURCE_EXHAUSTED naming this limit (an A2A HTTP request: 503 and Retry-After)
+    #: (--max-sessions, CAR_MAX_SESSIONS).
     #: At ~43 KiB an idle session (more when busy: bench/README.md) the default is some
     #: 2.7 GiB idle, the most a core on a machine of a few GiB should be asked to hold; it
     #: equals four gateway processes at their ws_max_connections each.

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 
+#: Seconds a client refused at a cap with HTTP 503 (the gateway's handshake, an A2A
+#: request) is asked to wait (Retry-After) before it tries again: connections end all the
+#: time, and one that obeys does not hammer.
+RETRY_AFTER = 5
+
 
 def peer_of(peername: object) -> str:
     """Whose connection this is, for the per-peer cap: the IPv4 address (an IPv4-mapped

@@ -19,8 +19,8 @@ from websockets.frames import CloseCode
 
 from car_grpc.cli import build_parser, config_from
 from car_grpc.config import Config
+from car_grpc.connection_caps import RETRY_AFTER
 from car_grpc.core.server import Core
-from car_grpc.gateway.server import RETRY_AFTER
 from car_grpc.v1 import session_pb2, session_pb2_grpc
 from car_grpc.wire.errors import INTERNAL
 from tests.bounded import until

@@ -34,7 +34,7 @@ from websockets.http11 import Request, Response
 
 from car_grpc import tls
 from car_grpc.config import GatewayConfig
-from car_grpc.connection_caps import PeerCounts, peer_of
+from car_grpc.connection_caps import RETRY_AFTER, PeerCounts, peer_of
 from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection
 from car_grpc.gateway.decoder import DecoderPool
 from car_grpc.gateway.multiplex import Multiplexer
@@ -43,10 +43,6 @@ from car_grpc.wire import batch
 from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger(__name__)
-
-#: Seconds a client refused at the connection caps is asked to wait (Retry-After) before
-#: it tries again: connections end all the time, and one that obeys does not hammer.
-RETRY_AFTER = 5
 
 #: Connections the kernel queues for the listener before the gateway accepts them (it caps
 #: this at net.core.somaxconn). asyncio's default, 100, overflows under a burst: the
