@@ -416,6 +416,8 @@ class GatewayConfig:
     #: once, over its TCP and Unix listeners; one more is refused at the handshake with
     #: HTTP 503 and Retry-After, before any core stream is opened (--ws-max-connections,
     #: CAR_WS_MAX_CONNECTIONS). ~43 KiB an idle session: some 700 MiB at the default.
+    #: This and the next bound, apart, the TCP connections whose request has not come
+    #: yet (handshakes under way); past them a new one is closed at once, unanswered.
     ws_max_connections: int = 16_384
     #: The same for one peer, an IPv4 address or an IPv6 /64 (every loopback client is
     #: one peer, every client of the Unix socket another); never more than

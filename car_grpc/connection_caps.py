@@ -2,7 +2,8 @@
 dashboard's and the WebSocket gateway's (`dashboard_max_connections[_per_peer]`,
 `ws_max_connections[_per_peer]`). One place says who a peer is and keeps the counts; each
 listener decides what to do at its caps (the dashboard evicts idle connections, the
-gateway refuses the handshake with 503)."""
+gateway refuses the handshake with 503, and closes a connection past its handshakes under
+way at once)."""
 
 from __future__ import annotations
 
