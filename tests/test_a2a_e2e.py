@@ -518,7 +518,7 @@ async def test_a2a_http_requests_count_under_max_sessions_and_past_it_get_503(
                 "too many streams: the core holds at most 3 sessions and streams (max_sessions)"
             )
             assert refused.json()["error"] == {"code": -32603, "message": message}
-            await resumed.aclose()  # the client goes: the stream's slot frees
+            await cast(AsyncGenerator[StreamResponse, None], resumed).aclose()  # the client goes
             await until(lambda: registry.streamed == 2, "the subscription's slot freed")
             assert (await client.get_task(GetTaskRequest(id=task_id))).id == task_id
             await say(agent, chat["session_id"], "done")
