@@ -272,7 +272,8 @@ def _add_ws_flags(p: argparse.ArgumentParser, unix_default: str, core_ca_default
         type=_count,
         metavar="N",
         help="WebSocket connections a gateway (each gateway process) holds at once; one more "
-        "is refused with HTTP 503 (default 16384; or CAR_WS_MAX_CONNECTIONS)",
+        "is refused with HTTP 503; as many whose request has not come are held apart "
+        "(default 16384; or CAR_WS_MAX_CONNECTIONS)",
     )
     p.add_argument(
         "--ws-max-connections-per-peer",

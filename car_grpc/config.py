@@ -310,8 +310,10 @@ class CoreConfig:
     #: Sessions the core holds at once over all its session streams (Connect,
     #: ConnectBatched, and each session of a ConnectMultiplexed stream; not the one-call
     #: sessions of typed RPCs), counted with its long-lived typed streams (Chat, WatchRun,
-    #: WatchHostEvents, ServeTools, ServeVoice[Batched], A2A's gRPC streams): one more is
-    #: refused with RESOURCE_EXHAUSTED naming this limit (--max-sessions, CAR_MAX_SESSIONS).
+    #: WatchHostEvents, ServeTools, ServeVoice[Batched], A2A's gRPC streams, and each
+    #: request the A2A HTTP listener serves, its SSE stream with it): one more is refused
+    #: with RESOURCE_EXHAUSTED naming this limit (an A2A HTTP request: 503 and Retry-After)
+    #: (--max-sessions, CAR_MAX_SESSIONS).
     #: At ~43 KiB an idle session (more when busy: bench/README.md) the default is some
     #: 2.7 GiB idle, the most a core on a machine of a few GiB should be asked to hold; it
     #: equals four gateway processes at their ws_max_connections each.
@@ -414,6 +416,8 @@ class GatewayConfig:
     #: once, over its TCP and Unix listeners; one more is refused at the handshake with
     #: HTTP 503 and Retry-After, before any core stream is opened (--ws-max-connections,
     #: CAR_WS_MAX_CONNECTIONS). ~43 KiB an idle session: some 700 MiB at the default.
+    #: This and the next bound, apart, the TCP connections whose request has not come
+    #: yet (handshakes under way); past them a new one is closed at once, unanswered.
     ws_max_connections: int = 16_384
     #: The same for one peer, an IPv4 address or an IPv6 /64 (every loopback client is
     #: one peer, every client of the Unix socket another); never more than

@@ -2,11 +2,17 @@
 dashboard's and the WebSocket gateway's (`dashboard_max_connections[_per_peer]`,
 `ws_max_connections[_per_peer]`). One place says who a peer is and keeps the counts; each
 listener decides what to do at its caps (the dashboard evicts idle connections, the
-gateway refuses the handshake with 503)."""
+gateway refuses the handshake with 503, and closes a connection past its handshakes under
+way at once)."""
 
 from __future__ import annotations
 
 import ipaddress
+
+#: Seconds a client refused at a cap with HTTP 503 (the gateway's handshake, an A2A
+#: request) is asked to wait (Retry-After) before it tries again: connections end all the
+#: time, and one that obeys does not hammer.
+RETRY_AFTER = 5
 
 
 def peer_of(peername: object) -> str:

@@ -44,10 +44,11 @@ from a2a.types.a2a_pb2 import (
 from a2a.utils.errors import UnsupportedOperationError
 
 from car_grpc.config import Config
+from car_grpc.connection_caps import RETRY_AFTER
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.store import A2aTaskRow
-from tests.bounded import stopped
+from tests.bounded import stopped, until
 from tests.conftest import make_config
 from tests.postgres_server import PostgresServer
 from tests.processes import launch
@@ -477,6 +478,53 @@ async def test_bounds_body_size_running_tasks_per_caller_reply_size_and_time(
             updates = await asyncio.wait_for(slow, 10)
             failed = updates[-1].status_update.status
             assert failed.message.parts[0].text == "the task ran past 1s"
+
+
+async def test_a2a_http_requests_count_under_max_sessions_and_past_it_get_503(
+    tmp_path: Path,
+) -> None:
+    """An A2A request over HTTP is held as a stream of the core's while it is served (its
+    SSE stream as long as it streams): with the agent's session and two streams held, a
+    core of max_sessions 3 refuses the next request with 503 and Retry-After, naming the
+    limit, and takes requests again once a stream ends."""
+    config = make_config(tmp_path, max_sessions=3)
+    async with running(config) as (core, gateway):
+        assert core.parts is not None
+        registry = core.parts.registry
+        token = await caller_token(core)
+        async with a2a_client_when_attached(gateway, core, token) as (agent, client):
+            assert registry.streamed == 1  # the agent's session
+            sending = client.send_message(SendMessageRequest(message=user_message("go")))
+            first = asyncio.create_task(next_of(sending))
+            chat = await take_chat(agent)
+            await asyncio.wait_for(first, 10)
+            task_id = await task_id_of(agent, chat)
+            resumed = client.subscribe(SubscribeToTaskRequest(id=task_id))
+            assert (await asyncio.wait_for(anext(resumed), 10)).task.id == task_id
+            assert registry.streamed == 3
+            async with httpx.AsyncClient() as http:
+                refused = await http.post(
+                    f"{core.a2a_url}/a2a/{AGENT}",
+                    json={
+                        "jsonrpc": "2.0",
+                        "id": 1,
+                        "method": "GetTask",
+                        "params": {"id": task_id},
+                    },
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+            assert (refused.status_code, refused.headers["Retry-After"]) == (503, str(RETRY_AFTER))
+            message = (
+                "too many streams: the core holds at most 3 sessions and streams (max_sessions)"
+            )
+            assert refused.json()["error"] == {"code": -32603, "message": message}
+            await cast(AsyncGenerator[StreamResponse, None], resumed).aclose()  # the client goes
+            await until(lambda: registry.streamed == 2, "the subscription's slot freed")
+            assert (await client.get_task(GetTaskRequest(id=task_id))).id == task_id
+            await say(agent, chat["session_id"], "done")
+            updates = await asyncio.wait_for(drain(sending), 10)
+            assert updates[-1].status_update.status.state == COMPLETED
+        await until(lambda: registry.streamed == 0, "every slot freed")
 
 
 def readme_example() -> str:

@@ -26,8 +26,17 @@ from car_grpc.wire import codec
 from car_grpc.wire.errors import INTERNAL, CarError
 from car_grpc.wire.metadata import SESSION_ID_KEY
 from tests.bounded import stopped
-from tests.chat_helpers import accept_chat, emit, next_agent_notice, next_chat_event
+from tests.chat_helpers import (
+    accept_chat,
+    bearer,
+    chat_stub,
+    emit,
+    next_agent_notice,
+    next_chat_event,
+    tokens,
+)
 from tests.conftest import make_config
+from tests.error_details import car_error, error_info
 from tests.postgres_server import PostgresServer
 from tests.roles import agent, chat_host, host_role
 from tests.runs_helpers import complete, record, start, turns
@@ -194,6 +203,30 @@ async def test_attaching_an_agent_on_one_core_replaces_its_attachment_on_the_oth
     await h.close()
     await old.close()
     await new.close()
+
+
+async def test_an_agent_gone_from_the_core_the_store_names_is_not_attached_failed_precondition(
+    nodes: Callable[..., Awaitable[Node]],
+) -> None:
+    """The race of an agent leaving core b as a host on core a looks it up, held still:
+    the store still names b, which no longer has it. The host gets what it gets for an
+    agent attached nowhere (FAILED_PRECONDITION on the typed RPC), not INTERNAL."""
+    a, b = await nodes("a"), await nodes("b")
+    assert b[0].parts is not None and b[0].parts.cluster is not None
+    await b[0].parts.cluster.store.attach("gone", "0" * 32)
+    h = await chat_host(*a)
+    with pytest.raises(CarError) as err:
+        await h.request("agents_chat", chat_request("gone"))
+    assert (err.value.code, err.value.message) == (INTERNAL, "agent 'gone' is not attached")
+    call = chat_stub(a[1]).Chat(chat_request("gone"), metadata=bearer(tokens(a[0])[0]))
+    with pytest.raises(grpc.aio.AioRpcError) as rpc_err:
+        async for _ in call:
+            pass
+    assert rpc_err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert rpc_err.value.details() == "agent 'gone' is not attached"
+    assert car_error(rpc_err.value).code == INTERNAL
+    assert error_info(rpc_err.value).reason == "FAILED_PRECONDITION"
+    await h.close()
 
 
 async def test_core_to_core_calls_need_the_cluster_secret(

@@ -6,6 +6,7 @@ plain stream; on a multiplexed one that session alone, its WebSocket closed 1013
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,11 +20,11 @@ from websockets.frames import CloseCode
 
 from car_grpc.cli import build_parser, config_from
 from car_grpc.config import Config
+from car_grpc.connection_caps import RETRY_AFTER
 from car_grpc.core.server import Core
-from car_grpc.gateway.server import RETRY_AFTER
 from car_grpc.v1 import session_pb2, session_pb2_grpc
 from car_grpc.wire.errors import INTERNAL
-from tests.bounded import until
+from tests.bounded import WAIT_BOUND, until
 from tests.conftest import make_config
 from tests.error_details import assert_rich_status, car_error
 from tests.processes import ONE_PROCESS, serve
@@ -80,6 +81,59 @@ async def test_connections_past_the_total_and_the_peer_caps_are_refused_with_503
         # Refused before any stream to the core: it holds the three admitted alone.
         assert len(gateway.connections) == 3
         assert core.parts is not None and core.parts.registry.streamed == 3
+
+
+UPGRADE = (
+    b"GET / HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def silent(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection from `source` that sends nothing (yet)."""
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def closed_unanswered(reader: asyncio.StreamReader) -> None:
+    """The gateway closes the connection without a byte."""
+    with contextlib.suppress(ConnectionResetError):  # closed by a reset: as good
+        assert await asyncio.wait_for(reader.read(), WAIT_BOUND) == b""
+
+
+async def upgraded(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    """The connection, silent so far, is still open and served: its handshake succeeds."""
+    reader, writer = conn
+    writer.write(UPGRADE)
+    status = await asyncio.wait_for(reader.readline(), WAIT_BOUND)
+    assert status.startswith(b"HTTP/1.1 101"), status
+
+
+async def test_connections_that_never_send_a_request_are_held_within_the_caps(
+    tmp_path: Path,
+) -> None:
+    """Before its request comes a connection is a handshake under way, counted against
+    the same caps: one more from the peer (or past the total) is closed at once, while
+    the held ones are served when their request comes (their handshake slot then frees)."""
+    config = make_config(tmp_path, ws_max_connections=3, ws_max_connections_per_peer=2)
+    async with running(config) as (_, gateway):
+        port = gateway.ws_port
+        held = [await silent(port, "127.0.0.1") for _ in range(2)]
+        past_peer = await silent(port, "127.0.0.1")
+        await closed_unanswered(past_peer[0])
+        other_peer = await silent(port, "127.0.0.2")
+        past_total = await silent(port, "127.0.0.3")
+        await closed_unanswered(past_total[0])
+        # The held ones were not closed with them: each is answered when it asks.
+        await upgraded(held[0])
+        # Its handshake done, the peer may start another (its connection counts apart).
+        again = await silent(port, "127.0.0.1")
+        await upgraded(again)
+        await upgraded(other_peer)
+        # Two connections from 127.0.0.1 now: a third is refused with 503 as before.
+        assert (await refused(gateway.url))[0] == 503
+        for _, writer in (*held, past_peer, other_peer, past_total, again):
+            writer.close()
+        await until(lambda: not gateway._handshakes.total, "no handshake under way")
 
 
 async def test_the_count_frees_when_a_connection_closes_or_drops(tmp_path: Path) -> None:

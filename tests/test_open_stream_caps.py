@@ -128,6 +128,20 @@ async def test_a_watch_of_an_overlong_name_is_refused_without_a_slot(core: Core)
         longest.cancel()
 
 
+async def test_health_list_answers_every_service_with_the_status_check_gives(core: Core) -> None:
+    health: Any = core._health
+    async with grpc.aio.insecure_channel(core.grpc_address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        listed = (await stub.List(health_pb2.HealthListRequest(), timeout=5)).statuses
+        assert {"", "car.v1.SessionService", "lf.a2a.v1.A2AService"} <= set(listed)
+        for name, reply in listed.items():
+            assert reply.status == await _check(channel, name) == Status.SERVING, name
+        await health.set("car.v1.SessionService", Status.NOT_SERVING)
+        listed = (await stub.List(health_pb2.HealthListRequest(), timeout=5)).statuses
+        assert listed["car.v1.SessionService"].status == Status.NOT_SERVING
+        assert core.health_watches.held == 0  # a unary call, not counted
+
+
 def _reflection(channel: grpc.aio.Channel, version: str) -> Any:
     return channel.stream_stream(
         f"/{REFLECTION[version]}/ServerReflectionInfo",

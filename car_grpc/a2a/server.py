@@ -15,6 +15,7 @@ attached, the caller is under its running-task bound, the message can be carried
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import socket
@@ -59,12 +60,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message as AsgiMessage
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from car_grpc.a2a.bridge import BridgeLimits, ChatExecutor, chat_request
 from car_grpc.a2a.callers import A2aCallers
 from car_grpc.a2a.tasks import AGENT_KEY, CALLER_KEY, A2aTasks, Owner
 from car_grpc.config import SERVER_VERSION
+from car_grpc.connection_caps import RETRY_AFTER
 from car_grpc.core.chats import Chats
 from car_grpc.core.host import Host
 from car_grpc.core.registry import SessionRegistry
@@ -286,7 +289,15 @@ class A2aServer:
                 return _too_large(max_body)
             limited = Request(request.scope, _bounded(request.receive, max_body))
             limited.state.a2a_caller = caller
-            return await dispatcher.handle_requests(limited)
+            # Counted with the core's sessions and streams (max_sessions) until its answer
+            # is sent: an SSE stream as long as it streams, message/send its whole task.
+            with contextlib.ExitStack() as held:
+                try:
+                    held.enter_context(self._registry.holding_stream())
+                except CarError as e:
+                    return _no_room(e.message)
+                response = await dispatcher.handle_requests(limited)
+                return _Held(response, held.pop_all())
 
         return Starlette(
             routes=[
@@ -399,31 +410,41 @@ class _HttpContext(ServerCallContextBuilder):
         )
 
 
+def _refused(status: int, code: int, message: str, **headers: str) -> Response:
+    """An HTTP refusal before the request is read, its body a JSON-RPC error."""
+    error = {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}
+    return JSONResponse(error, status_code=status, headers=headers)
+
+
 def _unauthenticated() -> Response:
-    return JSONResponse(
-        {
-            "jsonrpc": "2.0",
-            "id": None,
-            "error": {
-                "code": -32600,
-                "message": "unauthenticated: send 'Authorization: Bearer <token>' with a "
-                "token from car-grpc a2a-clients add",
-            },
-        },
-        status_code=401,
-        headers={"WWW-Authenticate": 'Bearer realm="a2a"'},
+    message = (
+        "unauthenticated: send 'Authorization: Bearer <token>' with a token from car-grpc"
+        " a2a-clients add"
     )
+    return _refused(401, -32600, message, **{"WWW-Authenticate": 'Bearer realm="a2a"'})
 
 
 def _too_large(limit: int) -> Response:
-    return JSONResponse(
-        {
-            "jsonrpc": "2.0",
-            "id": None,
-            "error": {"code": -32600, "message": f"request body over {limit} bytes"},
-        },
-        status_code=413,
-    )
+    return _refused(413, -32600, f"request body over {limit} bytes")
+
+
+def _no_room(message: str) -> Response:
+    """The core holds max_sessions sessions and streams already: 503, as the gateway
+    refuses a connection at its caps."""
+    return _refused(503, -32603, message, **{"Retry-After": str(RETRY_AFTER)})
+
+
+class _Held(Response):
+    """`response`, sent with `held` (its slot under max_sessions) released once it is sent
+    or the client is gone, however it ends."""
+
+    def __init__(self, response: Response, held: contextlib.ExitStack) -> None:
+        self._response = response
+        self._held = held
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with self._held:
+            await self._response(scope, receive, send)
 
 
 def _bounded(

@@ -336,8 +336,9 @@ class Chats:
         forwarded.session_id = session_id
         try:
             remote = await self.peers.open_chat(forwarded, goals)
-        except CarError as e:
-            raise self._lost(chat, e.message, cancel_agent=False) from None
+        except CarError as e:  # as the agent's core refused it (its status kept)
+            self._lost(chat, e.message, cancel_agent=False)
+            raise
         except BaseException:
             self._lost(chat, "the host went away", cancel_agent=False)
             raise

@@ -5,7 +5,8 @@ max_health_watches, max_reflection_streams); the library servicers do the work.
 
 grpcio-health-checking keeps, per service name being watched, a condition and a count
 (an entry of two dicts, whatever the name, known or not), dropped when that name's last
-watch ends: the cap on watches bounds those entries, and MAX_WATCHED_NAME each key.
+watch ends: the cap on watches bounds those entries, and MAX_WATCHED_NAME each key. It
+serves no Health/List (UNIMPLEMENTED there, as of 1.85): CappedHealth answers it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from car_grpc.core.registry import StreamCap
 from car_grpc.wire.errors import CarError, field_error
@@ -30,9 +32,19 @@ class CappedHealth:
     def __init__(self, library: Any, watches: StreamCap) -> None:
         self.library = library
         self.watches = watches
-        # The unary calls, not counted, as the library serves them.
+        # Check, unary and not counted, as the library serves it.
         self.Check = library.Check
-        self.List = library.List
+
+    async def List(
+        self, _request: Any, _context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        """Every service the core has, with the status Check answers for it (the names are
+        the core's own, a few dozen: the answer is bounded). The library keeps the
+        statuses and offers no getter, so they are read where it keeps them."""
+        statuses: dict[str, int] = self.library._server_status
+        return health_pb2.HealthListResponse(
+            statuses={n: health_pb2.HealthCheckResponse(status=s) for n, s in statuses.items()}
+        )
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         try:

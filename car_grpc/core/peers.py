@@ -197,7 +197,9 @@ class RemoteChat:
                 req, metadata=self._peers.metadata, timeout=self._peers.ack_timeout + _ACK_MARGIN
             )
         except grpc.aio.AioRpcError as e:
-            raise CarError(INTERNAL, e.details() or f"core {self.core_id}: {e.code()}") from None
+            raise CarError.of_call(e) or CarError(
+                INTERNAL, e.details() or f"core {self.core_id}: {e.code()}"
+            ) from None
         assert isinstance(answer, chats_pb2.ApproveChatResponse)
         return answer
 
@@ -246,6 +248,11 @@ class Peers:
                 INTERNAL, f"agent '{req.agent_id}' on core {core_id} did not answer in time"
             ) from None
         except grpc.aio.AioRpcError as e:
+            # The agent's core refused the chat: its error as it gave it. The agent went
+            # from there after the store said it was there: FAILED_PRECONDITION "not
+            # attached", as when it is attached nowhere, not INTERNAL.
+            if (refused := CarError.of_call(e)) is not None:
+                raise refused from None
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 raise CarError(
                     INTERNAL, f"agent '{req.agent_id}' is on core {core_id}, unreachable"

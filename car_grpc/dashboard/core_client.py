@@ -20,7 +20,6 @@ from car_grpc import tls
 from car_grpc.v1 import (
     a2ui_pb2,
     a2ui_pb2_grpc,
-    errors_pb2,
     host_pb2,
     host_pb2_grpc,
     runs_pb2,
@@ -29,7 +28,7 @@ from car_grpc.v1 import (
     status_pb2_grpc,
 )
 from car_grpc.wire import codec
-from car_grpc.wire.errors import ERROR_TRAILER, INTERNAL, CarError
+from car_grpc.wire.errors import INTERNAL, CarError
 from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
 
 JSON = Any
@@ -43,10 +42,9 @@ ACTION_TIMEOUT = 30.0
 
 def car_error(e: grpc.aio.AioRpcError) -> CarError:
     """The core's exact error (from the `car-error-bin` trailer), or the bare status."""
-    for key, value in e.trailing_metadata() or ():
-        if key == ERROR_TRAILER and isinstance(value, bytes):
-            return CarError.from_proto(errors_pb2.Error.FromString(value))
-    return CarError(INTERNAL, f"core unavailable: {e.code().name}: {e.details()}")
+    return CarError.of_call(e) or CarError(
+        INTERNAL, f"core unavailable: {e.code().name}: {e.details()}"
+    )
 
 
 class CoreClient:

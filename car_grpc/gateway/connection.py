@@ -121,15 +121,28 @@ class TrackedConnection(ServerConnection):
         self._partial_needs = 0
         #: or the bytes of a large frame that websockets reads still to come.
         self._to_websockets = 0
-        #: Called once when the TCP connection is gone, however it ended: the gateway's
-        #: connection caps count it until then (Gateway._admit).
+        #: Asked once the TCP connection is accepted whether it may stay (False: it is
+        #: closed at once, nothing read): the gateway's count of handshakes under way.
+        self.on_accepted: Callable[[TrackedConnection], bool] | None = None
+        #: Frees what the gateway's caps count for this connection (its handshake, then
+        #: its connection): called by `release`, and at the latest when the TCP
+        #: connection is gone, however it ended.
         self.on_lost: Callable[[], None] | None = None
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.on_accepted is not None and not self.on_accepted(self):
+            self.transport.abort()  # websockets keeps it as the asyncio.Transport it is
+
+    def release(self) -> None:
+        """Free what the caps count for this connection now (once)."""
         if (lost := self.on_lost) is not None:
             self.on_lost = None
             lost()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.release()
 
     def data_received(self, data: bytes) -> None:
         # Any bytes count: messages, pongs, pings, close frames.

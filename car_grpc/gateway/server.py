@@ -34,7 +34,7 @@ from websockets.http11 import Request, Response
 
 from car_grpc import tls
 from car_grpc.config import GatewayConfig
-from car_grpc.connection_caps import PeerCounts, peer_of
+from car_grpc.connection_caps import RETRY_AFTER, PeerCounts, peer_of
 from car_grpc.gateway.connection import ConnectCallable, Connection, TrackedConnection
 from car_grpc.gateway.decoder import DecoderPool
 from car_grpc.gateway.multiplex import Multiplexer
@@ -43,10 +43,6 @@ from car_grpc.wire import batch
 from car_grpc.wire.limits import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger(__name__)
-
-#: Seconds a client refused at the connection caps is asked to wait (Retry-After) before
-#: it tries again: connections end all the time, and one that obeys does not hammer.
-RETRY_AFTER = 5
 
 #: Connections the kernel queues for the listener before the gateway accepts them (it caps
 #: this at net.core.somaxconn). asyncio's default, 100, overflows under a burst: the
@@ -155,6 +151,10 @@ class Gateway:
         #: peer, against ws_max_connections[_per_peer] (`_admit`).
         self._counts = PeerCounts()
         self._refusing = False  # said in the log since the last admission
+        #: The connections accepted whose handshake has not come yet (websockets gives one
+        #: open_timeout, 10 s), against the same caps (`_accepted`).
+        self._handshakes = PeerCounts()
+        self._closing = False  # said in the log since a handshake was last let in
         #: A slot per Connect stream the core has not taken in yet (see Connection._open).
         self._opening = asyncio.Semaphore(config.ws_pending_streams)
         #: Worker processes for large frames, started when first needed.
@@ -265,7 +265,7 @@ class Gateway:
         return await serve(
             # Typed for ServerConnection; create_connection makes it a TrackedConnection.
             self._handle,  # type: ignore[arg-type]
-            create_connection=TrackedConnection,
+            create_connection=self._connection,  # type: ignore[arg-type]  # called as a class
             process_request=self._admit,  # type: ignore[arg-type]  # as the handler
             ping_interval=None,  # our keepalive counts any traffic, not just pongs
             # Raised to ws_max_message_bytes once the session is authenticated.
@@ -276,25 +276,56 @@ class Gateway:
             **where,
         )
 
+    def _connection(self, *args: Any, **kwargs: Any) -> TrackedConnection:
+        ws = TrackedConnection(*args, **kwargs)
+        ws.on_accepted = self._accepted
+        return ws
+
+    def _accepted(self, ws: TrackedConnection) -> bool:
+        """A TCP connection just accepted: counted as a handshake under way until its
+        request comes (`_admit`) or it is lost, within the same caps as the connections;
+        past them False (closed at once, unanswered: it has asked nothing yet). So what
+        a flood of connections that never send a request holds is bounded by the caps,
+        not by the rate it opens them at times websockets' open_timeout."""
+        counts, peer = self._handshakes, peer_of(ws.remote_address)
+        refused = self._over_caps(counts, peer, "handshakes under way")
+        if refused:
+            if not self._closing:  # once until one is let in again
+                self._closing = True
+                log.warning("gateway: closing new connections: %s", refused)
+            return False
+        self._closing = False
+        counts.add(peer)
+        ws.on_lost = lambda: counts.remove(peer)
+        return True
+
+    def _over_caps(self, counts: PeerCounts, peer: str, what: str) -> str:
+        """Why one more of `counts` from `peer` is past ws_max_connections[_per_peer]
+        ("" when it is not)."""
+        config = self.config
+        if counts.total >= config.ws_max_connections:
+            return (
+                f"too many {what}: the gateway holds at most"
+                f" {config.ws_max_connections} (ws_max_connections)"
+            )
+        if counts.of(peer) >= config.ws_max_connections_per_peer:
+            return (
+                f"too many {what} from {peer or 'the Unix socket'}: at most"
+                f" {config.ws_max_connections_per_peer} (ws_max_connections_per_peer)"
+            )
+        return ""
+
     def _admit(self, ws: TrackedConnection, _request: Request) -> Response | None:
         """websockets' process_request: admit a connection within the caps (counted
         until its TCP connection is lost, however it ends), or refuse its handshake with
         503 and Retry-After, naming the cap, before any stream to the core is opened."""
         if ws.connection_lost_waiter.done():
             return None  # gone already: its handshake fails, nothing to count
-        config, counts = self.config, self._counts
+        ws.release()  # its handshake has come
+        counts = self._counts
         peer = peer_of(ws.remote_address)
-        if counts.total >= config.ws_max_connections:
-            refused = (
-                "too many connections: the gateway holds at most"
-                f" {config.ws_max_connections} (ws_max_connections)"
-            )
-        elif counts.of(peer) >= config.ws_max_connections_per_peer:
-            refused = (
-                f"too many connections from {peer or 'the Unix socket'}: at most"
-                f" {config.ws_max_connections_per_peer} (ws_max_connections_per_peer)"
-            )
-        else:
+        refused = self._over_caps(counts, peer, "connections")
+        if not refused:
             counts.add(peer)
             ws.on_lost = lambda: counts.remove(peer)
             self._refusing = False

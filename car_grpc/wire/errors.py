@@ -30,6 +30,8 @@ ErrorCode = errors_pb2.ErrorCode
 ERROR_TRAILER = "car-error-bin"
 # The `domain` of every ErrorInfo this server attaches.
 ERROR_DOMAIN = "car.v1"
+# Trailing-metadata key of the standard google.rpc.Status (grpcio-status writes it).
+_STATUS_DETAILS = "grpc-status-details-bin"
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,28 @@ class CarError(Exception):
     @classmethod
     def from_proto(cls, error: errors_pb2.Error) -> CarError:
         return cls(error.code, error.message, error.data if error.HasField("data") else None)
+
+    @classmethod
+    def of_call(cls, e: grpc.aio.AioRpcError) -> CarError | None:
+        """The error a car-grpc core ended the call `e` with (`trailers`, below): its code,
+        message and data, with the gRPC status and reason it was sent with; None when the
+        call carried none (it failed on the way, or another server answered)."""
+        error: errors_pb2.Error | None = None
+        reason = ""
+        for key, value in e.trailing_metadata() or ():
+            if not isinstance(value, bytes):
+                continue
+            if key == ERROR_TRAILER:
+                error = errors_pb2.Error.FromString(value)
+            elif key == _STATUS_DETAILS:
+                for detail in status_pb2.Status.FromString(value).details:
+                    info = error_details_pb2.ErrorInfo()
+                    if detail.Unpack(info):
+                        reason = info.reason
+        if error is None:
+            return None
+        data = error.data if error.HasField("data") else None
+        return cls(error.code, error.message, data, status=e.code(), reason=reason)
 
     async def abort(self, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
         """End the gRPC call `context` serves with this error: its status, message and
