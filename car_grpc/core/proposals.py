@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from google.protobuf import struct_pb2
 
@@ -76,9 +76,9 @@ def timed_out(tool: str, seconds: float) -> str:
     return f"tool '{tool}' callback timed out ({seconds:g}s)"
 
 
-@dataclass(frozen=True)
-class ToolInvocation:
-    """One tool call of one attempt of an action."""
+class ToolInvocation(NamedTuple):
+    """One tool call of one attempt of an action (a NamedTuple: as immutable as a frozen
+    dataclass, built in a third of its time, once a call)."""
 
     action_id: str
     tool: str
