@@ -4,6 +4,8 @@ preconditions and policies, with an in-process tool function instead of a client
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -123,6 +125,29 @@ def test_plan_orders_by_state_dependencies_references_and_dependencies() -> None
 def test_plan_gives_a_fresh_proposal_id_when_none() -> None:
     msg = tools_pb2.ActionProposal()
     assert proposals.plan(msg).proposal_id.startswith("proposal-")
+
+
+def test_fresh_proposal_ids_are_distinct_here_and_in_a_forked_child() -> None:
+    # A process's random prefix and a count (no getrandom per proposal): distinct within
+    # the process, and a forked child, whose count starts where the parent's was, draws a
+    # prefix of its own.
+    fresh = proposals.proposal_id(tools_pb2.ActionProposal())
+    ids = {proposals.proposal_id(tools_pb2.ActionProposal()) for _ in range(1000)}
+    assert len(ids) == 1000 and fresh not in ids
+    assert all(re.fullmatch(r"proposal-[0-9a-f]{32}", i) for i in ids)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: its next id, then out at once
+        os.write(write, proposals.proposal_id(tools_pb2.ActionProposal()).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        theirs = pipe.read().decode()
+    os.waitpid(child, 0)
+    ours = proposals.proposal_id(tools_pb2.ActionProposal())
+    assert re.fullmatch(r"proposal-[0-9a-f]{32}", theirs)
+    assert theirs[:25] != ours[:25]  # "proposal-" and the prefix
+    assert theirs[25:] == ours[25:]  # the same count: only the prefix tells them apart
 
 
 def test_unknown_reference_names_the_field() -> None:

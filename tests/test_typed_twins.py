@@ -12,7 +12,9 @@ import pytest
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
 
+from car_grpc.core.proposals import ToolInvocation
 from car_grpc.core.server import Core
+from car_grpc.core.tools import SessionTools
 from car_grpc.v1 import (
     chats_pb2,
     errors_pb2,
@@ -141,6 +143,30 @@ def test_twins_are_derived_deep_in_a_frame() -> None:
     fill_out(frame)
     outcome = frame.runs_get_trace.records[0].ended.outcome
     assert outcome.status_enum == runs_pb2.RUN_OUTCOME_STATUS_SUCCESS
+
+
+@pytest.mark.parametrize("label", [None, "", "nightly"])
+@pytest.mark.parametrize("bridged", [False, True])
+async def test_a_tool_calls_frame_has_its_twins_written_in_place(
+    core: Core, label: str | None, bridged: bool
+) -> None:
+    # SessionTools writes tools.execute's twin itself (no fill_out walk when it is sent):
+    # the frame is what fill_out would make of it, and a bridged session's has no twin.
+    assert core.parts is not None
+    session = core.parts.registry.open(streaming=True)
+    session.bridged = bridged
+    try:
+        inv = ToolInvocation("a", "t", {"q": 1}, None, 1)
+        frame = SessionTools(session, label, 1.0, 1.0).request_frame(inv, "cb-1")
+        derived = session_pb2.ServerFrame()
+        derived.CopyFrom(frame)
+        derived.tools_execute.ClearField("session_label")
+        if not bridged:
+            fill_out(derived)
+        assert frame == derived
+        assert frame.tools_execute.session_label == ("" if bridged else label or "")
+    finally:
+        await core.parts.registry.close(session)
 
 
 # ------------------------------------------------------------------ end to end

@@ -27,6 +27,7 @@ built for it (the common proposal; the caller picks the path).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -34,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from google.protobuf import struct_pb2
 
@@ -75,9 +76,9 @@ def timed_out(tool: str, seconds: float) -> str:
     return f"tool '{tool}' callback timed out ({seconds:g}s)"
 
 
-@dataclass(frozen=True)
-class ToolInvocation:
-    """One tool call of one attempt of an action."""
+class ToolInvocation(NamedTuple):
+    """One tool call of one attempt of an action (a NamedTuple: as immutable as a frozen
+    dataclass, built in a third of its time, once a call)."""
 
     action_id: str
     tool: str
@@ -156,8 +157,25 @@ def proposal_id(proposal: tools_pb2.ActionProposal) -> str:
     return proposal.id if proposal.HasField("id") and proposal.id else _fresh_id()
 
 
+#: A fresh proposal id is this process's random prefix and a count: unique within the process
+#: and, by the prefix's 64 random bits, beside any other. It is a label (echoed in the result
+#: and to tool hosts), never a key nor a secret, so it need not be unguessable: no getrandom
+#: call per proposal. A forked child draws a prefix of its own.
+_id_prefix = ""
+_ids = itertools.count()
+
+
+def _new_prefix() -> None:
+    global _id_prefix
+    _id_prefix = "proposal-" + os.urandom(8).hex()
+
+
+_new_prefix()
+os.register_at_fork(after_in_child=_new_prefix)
+
+
 def _fresh_id() -> str:
-    return "proposal-" + os.urandom(16).hex()  # as random as a uuid4, without building one
+    return f"{_id_prefix}{next(_ids):016x}"
 
 
 def _validate_action(action: tools_pb2.Action, path: str) -> None:
@@ -729,7 +747,7 @@ async def run_lone(
     begin = time.monotonic()
     cost = into.cost
     cost.SetInParent()
-    parameters = struct_to_json(action.parameters)
+    parameters = struct_to_json(action.parameters) if action.parameters.fields else {}
     for policy in policies:
         if denial := policy_denial(policy, action, parameters, state):
             item = into.results.add(action_id=action.id)

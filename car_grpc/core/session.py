@@ -242,10 +242,11 @@ class ClientSession:
         return await self.call_frame(frame, member, timeout)
 
     async def call_frame(
-        self, frame: session_pb2.ServerFrame, member: str, timeout: float
+        self, frame: session_pb2.ServerFrame, member: str, timeout: float, *, twins: bool = True
     ) -> session_pb2.ClientFrame:
         """`call` with the request frame already built (its id a fresh callback id, its
-        member `member` filled in place: nothing copied)."""
+        member `member` filled in place: nothing copied). `twins` False: the caller wrote
+        the frame's typed twins itself."""
         self._check_callable()
         cid = frame.id
         loop = asyncio.get_running_loop()
@@ -253,7 +254,7 @@ class ClientSession:
         self._pending[cid] = future
         sent = time.perf_counter()
         try:
-            data = (frame if self.bridged else fill_out(frame)).SerializeToString()
+            data = (fill_out(frame) if twins and not self.bridged else frame).SerializeToString()
             if len(data) > limits.MAX_FRAME_BYTES:  # it would end the stream: the call fails
                 raise invalid_params(f"invalid params: {limits.frame_too_large(len(data))}")
             if self._write_call_now(data) or self.send_now(data):

@@ -221,20 +221,9 @@ class SessionTools:
     async def __call__(self, inv: ToolInvocation) -> JSON:
         wait = self._tool_timeout if inv.timeout_ms is None else inv.timeout_ms / 1000 + self._grace
         request_id = self.session.next_callback_id()
-        # Written straight into the frame that goes out (no request message to copy in).
-        frame = session_pb2.ServerFrame(id=request_id)
-        request = frame.tools_execute
-        request.action_id = inv.action_id
-        request.tool = inv.tool
-        json_to_struct(inv.parameters, request.parameters)
-        request.attempt = inv.attempt
-        request.request_id = request_id
-        if inv.timeout_ms is not None:
-            request.timeout_ms = inv.timeout_ms
-        if self.label is not None:
-            request.session_id = self.label
+        frame = self.request_frame(inv, request_id)
         try:
-            answer = await self.session.call_frame(frame, "tools_execute", wait)
+            answer = await self.session.call_frame(frame, "tools_execute", wait, twins=False)
         except TimeoutError:
             self._cancel(request_id, inv, proposals.CANCEL_TIMEOUT)
             raise ToolFailed(proposals.timed_out(inv.tool, wait)) from None
@@ -254,6 +243,26 @@ class SessionTools:
             self.texts[inv.action_id] = (output, text)
             return output
         return value_to_json(body.output)
+
+    def request_frame(self, inv: ToolInvocation, request_id: str) -> session_pb2.ServerFrame:
+        """The call's tools.execute frame, written straight into the frame that goes out (no
+        request message to copy in), with its one twin (session_label) written here too:
+        no walk of wire/twins.fill_out over it (tests/test_typed_twins.py checks it adds
+        nothing)."""
+        frame = session_pb2.ServerFrame(id=request_id)
+        request = frame.tools_execute
+        request.action_id = inv.action_id
+        request.tool = inv.tool
+        json_to_struct(inv.parameters, request.parameters)
+        request.attempt = inv.attempt
+        request.request_id = request_id
+        if inv.timeout_ms is not None:
+            request.timeout_ms = inv.timeout_ms
+        if self.label is not None:
+            request.session_id = self.label
+            if not self.session.bridged:  # its gateway reads no twins (as fill_out skips them)
+                request.session_label = self.label
+        return frame
 
     def _cancel(self, request_id: str, inv: ToolInvocation, reason: str) -> None:
         """Send tools.cancel without waiting (a cancelled task must not block on a full
