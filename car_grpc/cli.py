@@ -109,6 +109,14 @@ def _add_core_flags(p: argparse.ArgumentParser) -> None:
         "--a2a-tls-key", type=Path, metavar="PEM", help="the private key of --a2a-tls-cert"
     )
     p.add_argument(
+        "--a2a-max-connections-per-peer",
+        type=_count,
+        metavar="N",
+        help="connections one peer (an IPv4 address, an IPv6 /64) may hold on the A2A port "
+        "at once; one more is answered 503 with Retry-After (default 64; or "
+        "CAR_A2A_MAX_CONNECTIONS_PER_PEER)",
+    )
+    p.add_argument(
         "--core-id",
         help="this core's id in a cluster (a PostgreSQL --store; or CAR_CORE_ID; "
         "default: the machine's name and a digest of CAR_HOME)",
@@ -214,6 +222,7 @@ def config_from(args: argparse.Namespace) -> Config:
             a2a_port=flag("a2a_port"),
             a2a_tls_cert=flag("a2a_tls_cert"),
             a2a_tls_key=flag("a2a_tls_key"),
+            a2a_max_connections_per_peer=flag("a2a_max_connections_per_peer"),
             core_id=flag("core_id") or None,
             advertise=flag("advertise") or None,
             cluster_secret=flag("cluster_secret") or None,

@@ -362,6 +362,15 @@ class CoreConfig:
     a2a_tls_key: Path | None = None
     #: Largest A2A request body, in bytes; a larger one is refused (413).
     a2a_max_body_bytes: int = 4 * 1024 * 1024
+    #: How long a request on the A2A HTTP listener may take, from its head, to send its
+    #: whole body; then it is answered 408 and its connection closed (a body trickled a
+    #: byte at a time would hold the connection for good).
+    a2a_body_timeout: float = 30.0
+    #: TCP connections one peer, an IPv4 address or an IPv6 /64 (every loopback client is
+    #: one peer), may hold on the A2A HTTP listener at once, of the listener's 256; one
+    #: more is answered 503 with Retry-After and closed, before any token is read
+    #: (--a2a-max-connections-per-peer, CAR_A2A_MAX_CONNECTIONS_PER_PEER).
+    a2a_max_connections_per_peer: int = 64
     #: How long one A2A task (its chat) may run before it fails.
     a2a_task_timeout: float = 1800.0
     #: Largest reply one A2A task streams, in bytes (its tokens); past it the task fails.
@@ -536,6 +545,7 @@ class Config:
             ("max_reflection_streams", "CAR_MAX_REFLECTION_STREAMS"),
             ("ws_max_connections", "CAR_WS_MAX_CONNECTIONS"),
             ("ws_max_connections_per_peer", "CAR_WS_MAX_CONNECTIONS_PER_PEER"),
+            ("a2a_max_connections_per_peer", "CAR_A2A_MAX_CONNECTIONS_PER_PEER"),
         ):
             if raw := os.environ.get(variable, "").strip():
                 overrides[name] = _positive_int(variable, raw)

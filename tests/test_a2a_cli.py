@@ -4,7 +4,6 @@ serves A2A on the WebSocket port + 3 unless told otherwise."""
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from pathlib import Path
 
@@ -13,16 +12,10 @@ import httpx
 import pytest
 from a2a.types import a2a_pb2_grpc
 from a2a.types.a2a_pb2 import GetTaskRequest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
 
-from car_grpc.a2a.server import A2aListener
 from car_grpc.cli import build_parser, config_from
 from car_grpc.config import Config
 from car_grpc.core.server import Core
-from tests.bounded import stopped
 from tests.conftest import make_config
 from tests.test_cli_e2e import TOKEN, run_car_grpc
 from tests.test_tls import Certificate, certificate
@@ -114,22 +107,3 @@ async def test_the_a2a_listener_speaks_tls_with_its_certificate(
             async with httpx.AsyncClient() as http:
                 with pytest.raises(httpx.HTTPError):
                     await http.get(plain)
-
-
-async def test_a_connection_that_sends_no_request_head_in_time_is_closed() -> None:
-    async def ok(_request: Request) -> Response:
-        return PlainTextResponse("ok")
-
-    app = Starlette(routes=[Route("/", ok)])
-    listener = A2aListener(app, "127.0.0.1", 0, None, head_timeout=0.3)
-    await listener.start()
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-        writer.write(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")  # and never the rest of the head
-        await writer.drain()
-        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
-        writer.close()
-        async with httpx.AsyncClient() as http:  # a prompt request is served as ever
-            assert (await http.get(f"{listener.url}/")).text == "ok"
-    finally:
-        await stopped(listener.stop())

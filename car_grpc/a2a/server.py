@@ -17,14 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import grpc
+import h11
 import uvicorn
 from a2a.server.context import ServerCallContext
 from a2a.server.events import Event
@@ -66,8 +69,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from car_grpc.a2a.bridge import BridgeLimits, ChatExecutor, chat_request
 from car_grpc.a2a.callers import A2aCallers
 from car_grpc.a2a.tasks import AGENT_KEY, CALLER_KEY, A2aTasks, Owner
-from car_grpc.config import SERVER_VERSION
-from car_grpc.connection_caps import RETRY_AFTER
+from car_grpc.config import SERVER_VERSION, CoreConfig
+from car_grpc.connection_caps import RETRY_AFTER, PeerCounts, peer_of
 from car_grpc.core.chats import Chats
 from car_grpc.core.host import Host
 from car_grpc.core.registry import SessionRegistry
@@ -410,10 +413,25 @@ class _HttpContext(ServerCallContextBuilder):
         )
 
 
+def _error(code: int, message: str) -> dict[str, Any]:
+    """The JSON-RPC error of an HTTP refusal, which answers no request id."""
+    return {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}
+
+
 def _refused(status: int, code: int, message: str, **headers: str) -> Response:
     """An HTTP refusal before the request is read, its body a JSON-RPC error."""
-    error = {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}
-    return JSONResponse(error, status_code=status, headers=headers)
+    return JSONResponse(_error(code, message), status_code=status, headers=headers)
+
+
+def _refused_raw(status: int, code: int, message: str, **headers: str) -> bytes:
+    """The same refusal written by the connection itself (no request, or none the app
+    answers), after which the connection is closed."""
+    body = json.dumps(_error(code, message)).encode()
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+    fields = {"Content-Type": "application/json", "Content-Length": str(len(body)), **headers}
+    head += [f"{name}: {value}" for name, value in fields.items()]
+    head += ["Connection: close", "", ""]
+    return "\r\n".join(head).encode() + body
 
 
 def _unauthenticated() -> Response:
@@ -451,39 +469,134 @@ def _bounded(
     receive: Callable[[], Awaitable[AsgiMessage]], limit: int
 ) -> Callable[[], Awaitable[AsgiMessage]]:
     """`receive` that fails (413, which the SDK answers as a JSON-RPC error) once the body
-    goes past `limit` bytes: a body sent without Content-Length is bounded too."""
+    goes past `limit` bytes: a body sent without Content-Length is bounded too. A client
+    gone before the body's end (or cut off at a2a_body_timeout) fails it too, quietly:
+    the SDK would log its ClientDisconnect as an unhandled exception."""
     seen = 0
+    whole = False
 
     async def bounded() -> AsgiMessage:
-        nonlocal seen
+        nonlocal seen, whole
         message = await receive()
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise HTTPException(413, f"request body over {limit} bytes")
+            whole = not message.get("more_body", False)
+        elif not whole:  # nobody to answer
+            raise HTTPException(400, "the client went before its request body's end")
         return message
 
     return bounded
 
 
-def _http_protocol(head_timeout: float) -> type[H11Protocol]:
-    """uvicorn's HTTP/1.1 with a deadline on a connection's first request: one that has not
-    sent a whole request head within `head_timeout` seconds is closed. (uvicorn times out
-    only kept-alive connections idle after a response: a connection that never sends a
-    request would be held for good.)"""
+#: Seconds a connection refused at a2a_max_connections_per_peer is kept once its 503 is
+#: written, for the client's request to come: read, so closing sends no reset that could
+#: take the answer with it.
+REFUSED_LINGER = 1.0
+
+
+@dataclass(frozen=True)
+class ListenerLimits:
+    """What the A2A HTTP listener bounds that uvicorn does not: the time to send a request
+    head and a request body, and the connections of one peer."""
+
+    head_timeout: float = 5.0
+    body_timeout: float = CoreConfig.a2a_body_timeout
+    max_connections_per_peer: int = CoreConfig.a2a_max_connections_per_peer
+
+
+def _http_protocol(limits: ListenerLimits) -> type[H11Protocol]:
+    """uvicorn's HTTP/1.1 with `limits`. uvicorn times out only kept-alive connections
+    idle after a response, and any byte that comes stops that timer: a connection that
+    never sends a whole request head, or a body a byte at a time, would be held for good.
+    Its 256 connections are open to anyone before a token is read, so one peer may hold
+    at most `max_connections_per_peer` of them."""
+    served = PeerCounts()  # connections served, by peer
+    refused = PeerCounts()  # connections answered 503 at the cap, until closed
+    cap = limits.max_connections_per_peer
 
     class Http(H11Protocol):
+        _counts: PeerCounts | None = None
+        _deadline: asyncio.TimerHandle | None = None
+        _phase: tuple[object, object] | None = None
+
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)  # type: ignore[arg-type]
-            self._head_deadline = self.loop.call_later(head_timeout, self._head_overdue)
-
-        def _head_overdue(self) -> None:
-            if self.cycle is None and not self.transport.is_closing():
+            self._peer = peer_of(transport.get_extra_info("peername"))
+            if served.of(self._peer) < cap:
+                self._counts = served
+                served.add(self._peer)
+                self._watch()
+                return
+            # Refused before it asks: not one of uvicorn's connections (its 256), answered
+            # at once, closed once its request has come; as many apart, then closed at once.
+            self.connections.discard(self)
+            message = (
+                f"too many connections from {self._peer or 'the Unix socket'}: at most"
+                f" {cap} (a2a_max_connections_per_peer)"
+            )
+            retry = {"Retry-After": str(RETRY_AFTER)}
+            self.transport.write(_refused_raw(503, -32603, message, **retry))
+            if refused.of(self._peer) >= cap:
                 self.transport.close()
+                return
+            self._counts = refused
+            refused.add(self._peer)
+            self._deadline = self.loop.call_later(REFUSED_LINGER, self.transport.close)
+
+        def data_received(self, data: bytes) -> None:
+            if self._counts is not served:  # refused: its request has come
+                self.transport.close()
+                return
+            super().data_received(data)
+            self._watch()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch()
+
+        def _should_upgrade(self) -> bool:
+            # No WebSocket here: an upgrade would hand the connection to another protocol
+            # object, never counted out (nor logged as refused); it is a plain request.
+            return False
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._head_deadline.cancel()
+            if self._deadline is not None:
+                self._deadline.cancel()
+            if self._counts is not None:
+                self._counts.remove(self._peer)
+                self._counts = None
             super().connection_lost(exc)
+
+        def _watch(self) -> None:
+            """Keep a deadline on what the connection waits for from its client: a request
+            head (head_timeout), the rest of a request's body (body_timeout from its
+            head, answered or not); none while a request is being answered."""
+            state = self.conn.their_state
+            if (state, self.cycle) == self._phase:
+                return
+            self._phase = (state, self.cycle)
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            if state is h11.IDLE:
+                self._deadline = self.loop.call_later(limits.head_timeout, self._head_overdue)
+            elif state is h11.SEND_BODY:
+                self._deadline = self.loop.call_later(limits.body_timeout, self._body_overdue)
+
+        def _head_overdue(self) -> None:
+            self.transport.close()
+
+        def _body_overdue(self) -> None:
+            cycle = self.cycle
+            if not cycle.response_started and not self.transport.is_closing():
+                cycle.disconnected = True  # the app's answer, if it comes, goes nowhere
+                message = (
+                    f"request body not received within {limits.body_timeout:g} s (a2a_body_timeout)"
+                )
+                self.transport.write(_refused_raw(408, -32600, message))
+            self.transport.close()
 
     return Http
 
@@ -498,10 +611,9 @@ class A2aListener:
         host: str,
         port: int,
         ssl_context: ssl.SSLContext | None,
-        *,
-        head_timeout: float = 5.0,
+        limits: ListenerLimits = ListenerLimits(),
     ) -> None:
-        self._head_timeout = head_timeout
+        self._limits = limits
         self._app = app
         self._host = host
         self._port = port
@@ -522,12 +634,13 @@ class A2aListener:
         sock = socket.create_server((self._host, self._port), family=family)
         config = uvicorn.Config(
             self._app,
-            http=_http_protocol(self._head_timeout),
+            http=_http_protocol(self._limits),
             lifespan="off",
             log_config=None,
             access_log=False,
-            # Bounds: a request head's size (and its time, above), idle keep-alive
-            # connections, requests at once (503 beyond).
+            # Bounds: a request head's size (its time, a body's and a peer's connections:
+            # above), idle keep-alive connections, connections and requests at once (503
+            # beyond).
             h11_max_incomplete_event_size=16 * 1024,
             timeout_keep_alive=5,
             limit_concurrency=256,
@@ -559,4 +672,4 @@ class A2aListener:
         sock.close()
 
 
-__all__ = ["A2aLimits", "A2aListener", "A2aServer", "Endpoints"]
+__all__ = ["A2aLimits", "A2aListener", "A2aServer", "Endpoints", "ListenerLimits"]

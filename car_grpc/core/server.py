@@ -17,7 +17,7 @@ import grpc
 
 from car_grpc import tls
 from car_grpc.a2a.server import SERVICE as A2A_SERVICE
-from car_grpc.a2a.server import A2aListener, Endpoints
+from car_grpc.a2a.server import A2aListener, Endpoints, ListenerLimits
 from car_grpc.config import CoreConfig
 from car_grpc.core.cluster import default_core_id
 from car_grpc.core.grpc_service import add_health_and_reflection
@@ -141,7 +141,11 @@ class Core:
     async def _start_a2a(self, app: Any) -> None:
         config = self.config
         context = tls.a2a_ssl_context(config.a2a_tls_cert, config.a2a_tls_key)
-        listener = A2aListener(app, config.a2a_host, config.a2a_listen_port, context)
+        limits = ListenerLimits(
+            body_timeout=config.a2a_body_timeout,
+            max_connections_per_peer=config.a2a_max_connections_per_peer,
+        )
+        listener = A2aListener(app, config.a2a_host, config.a2a_listen_port, context, limits)
         await listener.start()
         self.a2a = listener
         # Not "listening on": tests/processes.py reads the listeners of `serve` by position.
