@@ -142,6 +142,27 @@ async def test_one_peer_holds_at_most_its_connections_one_more_is_answered_503(
         second[1].close()
 
 
+async def test_a_flood_from_one_peer_leaves_the_listener_to_the_others(tmp_path: Path) -> None:
+    """300 connections that send nothing, from 127.0.0.2 (another peer than 127.0.0.1, on
+    loopback too): past the default 64 each is answered 503 and closed, so the listener's
+    256 connections stay open to other peers, and a request from 127.0.0.1 is served.
+    (uvicorn alone answered it 503, past 256 connections held by anyone.)"""
+    async with running_core(make_config(tmp_path).core) as core:
+        parts = urlsplit(core.a2a_url)
+        flood = [
+            await asyncio.open_connection(parts.hostname, parts.port, local_addr=("127.0.0.2", 0))
+            for _ in range(300)
+        ]
+        async with httpx.AsyncClient() as http:
+            card = await http.get(f"{core.a2a_url}/a2a/agent-1/.well-known/agent-card.json")
+        assert card.status_code == 404  # served: not attached
+        for reader, _ in flood[64:]:
+            status, _, body = await read_response(reader)
+            assert status == 503 and b"127.0.0.2: at most 64" in body
+        for _, writer in flood:
+            writer.close()
+
+
 async def test_a_request_body_not_sent_in_time_is_answered_408_and_its_connection_closed(
     tmp_path: Path,
 ) -> None:
