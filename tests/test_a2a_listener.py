@@ -87,6 +87,21 @@ async def trickling(writer: asyncio.StreamWriter, data: bytes) -> AsyncIterator[
             await task
 
 
+@contextlib.asynccontextmanager
+async def listening(limits: ListenerLimits) -> AsyncIterator[A2aListener]:
+    """A listener with `limits` whose app answers GET / with "ok"."""
+
+    async def ok(_request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    listener = A2aListener(Starlette(routes=[Route("/", ok)]), "127.0.0.1", 0, None, limits)
+    await listener.start()
+    try:
+        yield listener
+    finally:
+        await stopped(listener.stop())
+
+
 async def served(http: httpx.AsyncClient, url: str) -> httpx.Response:
     """The answer to GET `url` once it is not refused at the per-peer cap: once the server
     has seen a connection go (a client's close reaches it a moment later)."""
@@ -210,13 +225,7 @@ async def test_a_request_body_not_sent_in_time_is_answered_408_and_its_connectio
 
 
 async def test_a_connection_that_sends_no_request_head_in_time_is_closed() -> None:
-    async def ok(_request: Request) -> Response:
-        return PlainTextResponse("ok")
-
-    app = Starlette(routes=[Route("/", ok)])
-    listener = A2aListener(app, "127.0.0.1", 0, None, ListenerLimits(head_timeout=0.3))
-    await listener.start()
-    try:
+    async with listening(ListenerLimits(head_timeout=0.3)) as listener:
         reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the rest of the head
         await writer.drain()
@@ -224,21 +233,12 @@ async def test_a_connection_that_sends_no_request_head_in_time_is_closed() -> No
         writer.close()
         async with httpx.AsyncClient() as http:  # a prompt request is served as ever
             assert (await http.get(f"{listener.url}/")).text == "ok"
-    finally:
-        await stopped(listener.stop())
 
 
 async def test_a_kept_alive_connection_that_trickles_its_next_request_head_is_closed() -> None:
     """The head deadline holds for every request of a connection, not only its first:
     uvicorn's keep-alive timer stops at the first byte that comes."""
-
-    async def ok(_request: Request) -> Response:
-        return PlainTextResponse("ok")
-
-    app = Starlette(routes=[Route("/", ok)])
-    listener = A2aListener(app, "127.0.0.1", 0, None, ListenerLimits(head_timeout=0.3))
-    await listener.start()
-    try:
+    async with listening(ListenerLimits(head_timeout=0.3)) as listener:
         reader, writer = await connect(listener.url)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         status, _, body = await read_response(reader)
@@ -247,33 +247,22 @@ async def test_a_kept_alive_connection_that_trickles_its_next_request_head_is_cl
         async with trickling(writer, b"X-Slow: yes\r\n"):
             assert await closed_by_server(reader)
         writer.close()
-    finally:
-        await stopped(listener.stop())
 
 
 async def test_an_upgrade_request_is_a_plain_request_and_its_connection_counted_out() -> None:
     """The listener serves no WebSocket: a request asking for one is answered as any
     other, and its connection leaves the per-peer count when it closes (uvicorn would have
     handed it to a protocol that never counts it out)."""
-
-    async def ok(_request: Request) -> Response:
-        return PlainTextResponse("ok")
-
-    app = Starlette(routes=[Route("/", ok)])
-    listener = A2aListener(app, "127.0.0.1", 0, None, ListenerLimits(max_connections_per_peer=1))
-    await listener.start()
     upgrade = {
         "Connection": "Upgrade",
         "Upgrade": "websocket",
         "Sec-WebSocket-Version": "13",
         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
     }
-    try:
+    async with listening(ListenerLimits(max_connections_per_peer=1)) as listener:
         for _ in range(3):
             async with httpx.AsyncClient(headers=upgrade) as http:
                 assert (await served(http, f"{listener.url}/")).text == "ok"
-    finally:
-        await stopped(listener.stop())
 
 
 def test_the_per_peer_cap_comes_from_the_environment_or_the_flags(
