@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
+import socket
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
@@ -41,14 +43,14 @@ from a2a.types.a2a_pb2 import (
     TaskState,
     TaskStatus,
 )
-from a2a.utils.errors import UnsupportedOperationError
+from a2a.utils.errors import InternalError, UnsupportedOperationError
 
 from car_grpc.config import Config
 from car_grpc.connection_caps import RETRY_AFTER
 from car_grpc.core.server import Core
 from car_grpc.gateway import Gateway
 from car_grpc.store import A2aTaskRow
-from tests.bounded import stopped, until
+from tests.bounded import WAIT_BOUND, bounded, stopped, until
 from tests.conftest import make_config
 from tests.postgres_server import PostgresServer
 from tests.processes import launch
@@ -94,12 +96,19 @@ async def attached(gateway: Gateway, core: Core, agent_id: str = AGENT) -> Async
 
 @contextlib.asynccontextmanager
 async def a2a_client(
-    core: Core, token: str, *, transport: str = "JSONRPC", agent_id: str = AGENT
+    core: Core,
+    token: str,
+    *,
+    transport: str = "JSONRPC",
+    agent_id: str = AGENT,
+    http: httpx.AsyncClient | None = None,
 ) -> AsyncIterator[Client]:
-    """An a2a-sdk client that resolved the agent's card and speaks `transport`."""
+    """An a2a-sdk client that resolved the agent's card and speaks `transport` (over
+    `http`, if given)."""
     config = ClientConfig(
         supported_protocol_bindings=[transport],
         grpc_channel_factory=grpc.aio.insecure_channel,
+        httpx_client=http,
     )
     client = await create_client(
         f"{core.a2a_url}/a2a/{agent_id}", config, interceptors=[AuthInterceptor(Token(token))]
@@ -525,6 +534,60 @@ async def test_a2a_http_requests_count_under_max_sessions_and_past_it_get_503(
             updates = await asyncio.wait_for(drain(sending), 10)
             assert updates[-1].status_update.status.state == COMPLETED
         await until(lambda: registry.streamed == 0, "every slot freed")
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (the core is served in it), from /proc."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def test_a_reader_that_stops_reading_ends_its_stream_and_the_core_holds_little(
+    tmp_path: Path,
+) -> None:
+    """A `message/stream` reader that reads the task, then nothing while the agent streams
+    a 9 MiB reply in 64 KiB tokens. The a2a-sdk kept, with each event queued for such a
+    reader, a copy of the whole task (the reply so far): here the core grew by some
+    570 MiB. Now the core holds at most 256 events / 1 MiB behind a reader, then ends its
+    stream: its memory grows by the reply's passing copies (some 90 MiB here), and
+    the reader gets the documented resubscribe error before the reply's end. Over SSE the
+    sockets take a few MiB first (the kernel's, not the core's); the reader's receive
+    buffer is fixed so that it does not grow to take more."""
+    config = make_config(tmp_path, a2a_reply_max_bytes=16 * 1024 * 1024)
+    tokens, delta = 144, "y" * 64 * 1024
+    fixed = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)]
+    transport = httpx.AsyncHTTPTransport(socket_options=fixed)
+    async with (
+        running(config) as (core, gateway),
+        httpx.AsyncClient(transport=transport, timeout=WAIT_BOUND) as http,
+        attached(gateway, core) as agent,
+        a2a_client(core, token := await caller_token(core), http=http) as client,
+        a2a_client(core, token) as asking,
+    ):
+        stream = client.send_message(SendMessageRequest(message=user_message("long")))
+        first = asyncio.create_task(next_of(stream))
+        chat = await take_chat(agent)
+        task_id = (await bounded(first)).task.id
+        gc.collect()
+        before = rss_bytes()
+        for _ in range(tokens):
+            await say(agent, chat["session_id"], "token", delta=delta)
+        await say(agent, chat["session_id"], "done")
+
+        async def completed() -> None:  # every token taken from the agent
+            task = await asking.get_task(GetTaskRequest(id=task_id))
+            while task.status.state != COMPLETED:
+                await asyncio.sleep(0.05)
+                task = await asking.get_task(GetTaskRequest(id=task_id))
+
+        await bounded(completed(), "the task's completion")
+        gc.collect()
+        grown = rss_bytes() - before
+        assert grown < 192 * 1024 * 1024, f"the core grew {grown >> 20} MiB for an unread stream"
+        chunks = 0
+        with pytest.raises(InternalError, match=r"fell more than 256 events .* resubscribe"):
+            async for update in stream:
+                chunks += update.HasField("artifact_update")
+    assert 0 < chunks < tokens
 
 
 def readme_example() -> str:

@@ -51,10 +51,11 @@ from a2a.types.a2a_pb2 import (
     SecurityScheme,
     SendMessageRequest,
     StringList,
+    SubscribeToTaskRequest,
     Task,
 )
 from a2a.utils.constants import PROTOCOL_VERSION_CURRENT
-from a2a.utils.errors import UnsupportedOperationError
+from a2a.utils.errors import A2AError, InternalError, UnsupportedOperationError
 from google.protobuf import message_factory
 from google.protobuf.message import Message as ProtoMessage
 from starlette.applications import Starlette
@@ -72,6 +73,7 @@ from car_grpc.a2a.tasks import AGENT_KEY, CALLER_KEY, A2aTasks, Owner
 from car_grpc.config import SERVER_VERSION, CoreConfig
 from car_grpc.connection_caps import RETRY_AFTER, PeerCounts, peer_of
 from car_grpc.core.chats import Chats
+from car_grpc.core.event_buffer import EventBuffer, PutResult
 from car_grpc.core.host import Host
 from car_grpc.core.registry import SessionRegistry
 from car_grpc.store.repositories import A2aClientStore, A2aTaskStore
@@ -129,12 +131,59 @@ class AgentsRequestHandler(DefaultRequestHandler):
         self, params: SendMessageRequest, context: ServerCallContext
     ) -> AsyncGenerator[Event, None]:
         self._server.admit(params, context)
-        stream = super().on_message_send_stream(params, context)
+        async for event in _promptly(super().on_message_send_stream(params, context)):
+            yield event
+
+    async def on_subscribe_to_task(
+        self, params: SubscribeToTaskRequest, context: ServerCallContext
+    ) -> AsyncGenerator[Event, None]:
+        async for event in _promptly(super().on_subscribe_to_task(params, context)):
+            yield event
+
+
+#: What a reader of a task's stream (SSE or gRPC) may fall behind by, in events and in
+#: bytes (their serialized size; one larger event alone); one more ends its stream
+#: (`_promptly`). It may resubscribe (SubscribeToTask: the task, then what follows).
+BEHIND_EVENTS = 256
+BEHIND_BYTES = 1024 * 1024
+
+
+async def _promptly(stream: AsyncGenerator[Event, None]) -> AsyncGenerator[Event, None]:
+    """`stream`'s events, taken from the SDK as they come and held here for a reader that
+    is behind, at most BEHIND_EVENTS and BEHIND_BYTES; one more ends the reader's stream
+    (InternalError saying so). The SDK holds, with each event it keeps for a reader, a
+    copy of the whole task (the caller's message, the reply so far), up to 1,024 of
+    them: a reader that stopped reading made it hold that many copies of a task of
+    megabytes. Ends `stream` (the SDK's subscription) when the reader goes."""
+    buffer: EventBuffer[Event | A2AError] = EventBuffer(
+        BEHIND_EVENTS, 0.0, limit_bytes=BEHIND_BYTES
+    )
+
+    async def take() -> None:
         try:
             async for event in stream:
-                yield event
+                if buffer.offer(event, event.ByteSize()) is not PutResult.QUEUED:
+                    behind = InternalError(
+                        message=f"the reader fell more than {BEHIND_EVENTS} events or"
+                        f" {BEHIND_BYTES} bytes behind: resubscribe (SubscribeToTask)"
+                    )
+                    buffer.close(behind, drop_waiting=True)
+                    return
+        except A2AError as e:  # the request's refusal (a task not found): the reader's
+            buffer.close(e)
         finally:
+            buffer.close()
             await stream.aclose()
+
+    taking = asyncio.create_task(take())
+    try:
+        while (item := await buffer.get()) is not None:
+            if isinstance(item, A2AError):
+                raise item
+            yield item
+        await taking  # what it raised, if anything but a refusal
+    finally:
+        taking.cancel()
 
 
 class A2aServer:
