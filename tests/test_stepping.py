@@ -80,3 +80,27 @@ async def test_start_runs_to_the_end_by_callbacks_then_says_so() -> None:
     lock = asyncio.Lock()
     assert stepping.try_lock(lock) and lock.locked()
     assert not stepping.try_lock(lock)
+
+
+async def test_a_cancellation_before_the_task_first_runs_reaches_the_coroutine() -> None:
+    # The task that finishes a coroutine may be cancelled before its first step (a session
+    # ending as its inline request began to wait): the coroutine, suspended at its wait,
+    # must see that cancellation (to clean up: a queued frame taken back, a reply's `then`
+    # run), not be dropped unfinished.
+    loop = asyncio.get_running_loop()
+    never: asyncio.Future[None] = loop.create_future()
+    seen: list[str] = []
+
+    async def work() -> None:
+        try:
+            await never
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    coroutine = work()
+    task = asyncio.ensure_future(stepping.finish(coroutine, coroutine.send(None)))
+    task.cancel()  # before its first step
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    assert seen == ["cancelled"]
