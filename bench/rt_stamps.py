@@ -40,6 +40,8 @@ STEPS = (
     ("car_grpc.gateway.multiplex", "_Stream", "_take_records", "gw: message up taken for write"),
     ("car_grpc.core.multiplex", "SessionChannel", "push", "core: batch read off the stream"),
     ("car_grpc.core.grpc_service", "SessionStream", "_handle", "core: session's reader handles"),
+    # An inline request alone in its batch skips the reader (the stream's reader answers it).
+    ("car_grpc.core.grpc_service", "SessionStream", "_answer_now", "core: answered where read"),
     ("car_grpc.core.dispatch", "Dispatcher", "execute", "core: dispatch"),
     ("car_grpc.core.multiplex", "SessionChannel", "try_write", "core: answer written at once"),
     ("car_grpc.core.multiplex", "MultiplexedStream", "_take", "core: message down taken"),

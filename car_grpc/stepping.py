@@ -47,28 +47,40 @@ def start(coroutine: Coroutine[Any, Any, object], then: Callable[[], None]) -> N
     step()
 
 
-async def finish(coroutine: Coroutine[Any, Any, object], waiting: object) -> object:
+def finish(coroutine: Coroutine[Any, Any, object], waiting: object) -> Coroutine[Any, Any, object]:
     """The rest of `coroutine`, stepped by hand up to a wait (`waiting`: what it yielded
-    there): each wait, its outcome and a cancellation passed through to it."""
-    return await _Rest(coroutine, waiting)
+    there), as a coroutine for a task to run: each wait, its outcome and a cancellation
+    passed through to it, even a cancellation that comes before the task first runs."""
+    return _Rest(coroutine, waiting)
 
 
-class _Rest:
+class _Rest(Coroutine[Any, Any, object]):
+    # Not an `async def`: a task cancelled before its first step throws into its coroutine
+    # before that has begun, which ends it there; `coroutine`, suspended at its wait, would
+    # never see the cancellation (nor clean up: a queued frame, a reply's `then`).
     def __init__(self, coroutine: Coroutine[Any, Any, object], waiting: object) -> None:
-        self._coroutine, self._waiting = coroutine, waiting
+        self._coroutine = coroutine
+        self._waiting: object = waiting
+        self._started = False
+
+    def send(self, value: Any) -> Any:
+        if not self._started:  # first the wait the coroutine stopped at
+            self._started = True
+            return self._waiting
+        return self._coroutine.send(value)
+
+    def throw(self, *error: Any) -> Any:
+        self._started = True
+        return self._coroutine.throw(*error)
+
+    def close(self) -> None:
+        self._coroutine.close()
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def __iter__(self) -> _Rest:
+        return self
 
     def __await__(self) -> Generator[Any, None, object]:
-        coroutine, waiting = self._coroutine, self._waiting
-        while True:
-            try:
-                yield waiting
-            except BaseException as error:
-                try:
-                    waiting = coroutine.throw(error)
-                except StopIteration as done:
-                    return done.value
-                continue
-            try:
-                waiting = coroutine.send(None)
-            except StopIteration as done:
-                return done.value
+        return (yield from self)

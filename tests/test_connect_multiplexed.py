@@ -13,15 +13,16 @@ from typing import Any
 import grpc
 import pytest
 
+from car_grpc import stepping
 from car_grpc.config import Config
 from car_grpc.core.grpc_service import SessionStream
 from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2
 from car_grpc.wire import batch, multiplex
 from car_grpc.wire.codec import json_to_message
-from tests.bounded import stopped
+from tests.bounded import stopped, until
 from tests.conftest import make_config
-from tests.ws_helpers import daemon_token
+from tests.ws_helpers import daemon_token, running_core
 
 PATH = "/car.v1.SessionService/ConnectMultiplexed"
 
@@ -352,3 +353,64 @@ async def test_an_inline_request_alone_in_its_batch_is_answered_where_it_arrives
     await gateway.request(1, _frame("e", "tools_list"), _frame("f", "tools_list"))
     await gateway.until(lambda: gateway.ids(1)[-2:] == ["e", "f"])
     assert handled == ["auth", "e", "f"]
+
+
+async def test_an_inline_request_that_waits_after_all_is_finished_before_what_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An inline request answered where it arrives whose answer finds the session's credits
+    spent and its queue full waits after all: a task finishes it (stepping.finish), the
+    batches after it go to the session's reader, which lets it finish first; once the
+    gateway acknowledges, every answer comes, in order."""
+    handled: list[str] = []
+    taken: list[tuple[str, bool]] = []
+    finished: list[object] = []
+    handle, take_batch, finish = SessionStream._handle, SessionStream._take_batch, stepping.finish
+
+    async def spy(self: SessionStream, frame: session_pb2.ClientFrame, *, last: bool) -> bool:
+        handled.append(frame.id)
+        return await handle(self, frame, last=last)
+
+    def spy_take(self: SessionStream, message: session_pb2.ConnectBatchedRequest) -> Any:
+        take = take_batch(self, message)
+        taken.append((message.frames[0].id, take is not None))
+        return take
+
+    def spy_finish(coroutine: Any, waiting: object) -> Any:
+        finished.append(waiting)
+        return finish(coroutine, waiting)
+
+    monkeypatch.setattr(SessionStream, "_handle", spy)
+    monkeypatch.setattr(SessionStream, "_take_batch", spy_take)
+    monkeypatch.setattr(stepping, "finish", spy_finish)
+    config = make_config(tmp_path, session_outbound_queue=1)
+    async with (
+        running_core(config.core) as core,
+        grpc.aio.insecure_channel(core.grpc_address) as channel,
+    ):
+        gateway = Gateway(channel, daemon_token(core))
+        try:
+            await gateway.request(1, _frame("auth", "session_auth", token=daemon_token(core)))
+            await gateway.until(lambda: gateway.ids(1) == ["auth"])
+            await gateway.ack(1)
+            # The credits' 16 answers go, then the queue fills and one waits for room.
+            n = multiplex.WINDOW_BATCHES + 3
+            for i in range(n):
+                await gateway.request(1, _frame(str(i), "tools_list"))
+            await until(lambda: len(taken) == n, "every batch arrived")
+            assert len(finished) == 1
+            assert len(gateway.ids(1)) <= 1 + multiplex.WINDOW_BATCHES
+            waited = [frame_id for frame_id, took in taken if took][-1]
+            behind = [frame_id for frame_id, took in taken if not took]
+            assert [frame_id for frame_id, _ in taken] == [str(i) for i in range(n)]
+            assert behind == [str(i) for i in range(int(waited) + 1, n)] and behind
+            assert handled == ["auth"]  # the reader waits for the one left waiting
+            while len(gateway.ids(1)) < 1 + n:
+                await gateway.ack(1)
+                await gateway.until(
+                    lambda: bool(gateway.unacked[1]) or len(gateway.ids(1)) == 1 + n
+                )
+            assert gateway.ids(1) == ["auth", *(str(i) for i in range(n))]
+            assert handled == ["auth", *behind]
+        finally:
+            await gateway.close()

@@ -41,6 +41,11 @@ def frame(payload: bytes, opcode: int = OP_TEXT, *, fin: bool = True, first: int
     return header + mask + apply_mask(payload, mask)
 
 
+#: The most bytes an asyncio transport reads at once (selector_events' max_size).
+ONE_READ = 256 * 1024
+assert ONE_READ > ws_frames.PARTIAL_BYTES
+
+
 def request(n: int, pad: int = 0) -> bytes:
     params = {"key": f"k{n}", **({"pad": "x" * pad} if pad else {})}
     return json.dumps({"jsonrpc": "2.0", "id": n, "method": "state.get", "params": params}).encode()
@@ -89,7 +94,9 @@ async def test_frames_split_anyhow_reach_the_core_in_order(
                 ]
                 pings.append(b"between")
             elif n in (200, 300):
-                stream.append(frame(request(n, pad=ws_frames.PARTIAL_BYTES + 5000)))
+                # Past what asyncio reads at once too: however the writes below coalesce
+                # (a busy machine), it never comes whole in one read (then the gateway's).
+                stream.append(frame(request(n, pad=ONE_READ + 5000)))
             else:
                 stream.append(frame(request(n)))
         data = b"".join(stream)

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, struct_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -136,19 +136,23 @@ class CarError(Exception):
     def of_call(cls, e: grpc.aio.AioRpcError) -> CarError | None:
         """The error a car-grpc core ended the call `e` with (`trailers`, below): its code,
         message and data, with the gRPC status and reason it was sent with; None when the
-        call carried none (it failed on the way, or another server answered)."""
+        call carried none (it failed on the way, or another server answered), or one that
+        does not parse (so the caller's own error for the call stands)."""
         error: errors_pb2.Error | None = None
         reason = ""
-        for key, value in e.trailing_metadata() or ():
-            if not isinstance(value, bytes):
-                continue
-            if key == ERROR_TRAILER:
-                error = errors_pb2.Error.FromString(value)
-            elif key == _STATUS_DETAILS:
-                for detail in status_pb2.Status.FromString(value).details:
-                    info = error_details_pb2.ErrorInfo()
-                    if detail.Unpack(info):
-                        reason = info.reason
+        try:
+            for key, value in e.trailing_metadata() or ():
+                if not isinstance(value, bytes):
+                    continue
+                if key == ERROR_TRAILER:
+                    error = errors_pb2.Error.FromString(value)
+                elif key == _STATUS_DETAILS:
+                    for detail in status_pb2.Status.FromString(value).details:
+                        info = error_details_pb2.ErrorInfo()
+                        if detail.Unpack(info):
+                            reason = info.reason
+        except DecodeError:
+            return None
         if error is None:
             return None
         data = error.data if error.HasField("data") else None
