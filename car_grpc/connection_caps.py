@@ -19,8 +19,8 @@ RETRY_AFTER = 5
 def peer_of(peername: object) -> str:
     """Whose connection this is, for the per-peer cap: the IPv4 address (an IPv4-mapped
     IPv6 one counts as IPv4), or the /64 of an IPv6 address (one host usually holds a
-    whole /64). Every loopback client is the same peer, 127.0.0.1; every client of a Unix
-    socket is the peer ""."""
+    whole /64). A loopback client is the address it comes from (usually 127.0.0.1; each of
+    127/8 is a peer of its own); every client of a Unix socket is the peer ""."""
     if not isinstance(peername, tuple) or not peername:
         return ""
     host = str(peername[0]).partition("%")[0]
