@@ -371,9 +371,12 @@ async def test_an_inline_request_that_waits_after_all_is_finished_before_what_fo
         handled.append(frame.id)
         return await handle(self, frame, last=last)
 
+    streams: list[SessionStream] = []
+
     def spy_take(self: SessionStream, message: session_pb2.ConnectBatchedRequest) -> Any:
         take = take_batch(self, message)
         taken.append((message.frames[0].id, take is not None))
+        streams.append(self)
         return take
 
     def spy_finish(coroutine: Any, waiting: object) -> Any:
@@ -399,6 +402,9 @@ async def test_an_inline_request_that_waits_after_all_is_finished_before_what_fo
                 await gateway.request(1, _frame(str(i), "tools_list"))
             await until(lambda: len(taken) == n, "every batch arrived")
             assert len(finished) == 1
+            # The one left waiting holds no in-flight slot (the reader waits for it, as
+            # for an inline request it runs itself): none taken, none past the limit.
+            assert streams[-1]._slots == config.core.max_inflight_per_session
             assert len(gateway.ids(1)) <= 1 + multiplex.WINDOW_BATCHES
             waited = [frame_id for frame_id, took in taken if took][-1]
             behind = [frame_id for frame_id, took in taken if not took]
@@ -414,3 +420,38 @@ async def test_an_inline_request_that_waits_after_all_is_finished_before_what_fo
             assert handled == ["auth", *behind]
         finally:
             await gateway.close()
+
+
+async def test_an_inline_request_that_fails_where_it_arrives_ends_its_session_alone(
+    core: Core, gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An inline request answered where it arrives (the stream's read loop) fails as it
+    would in its session's reader: a handler's error is answered (-32603); what escapes
+    the request (a cancellation at its first step) ends that session alone, with the end
+    the reader's path gives it (a batch of two goes through the reader), while the other
+    sessions on the stream go on."""
+    assert core.parts is not None
+    failure: list[BaseException] = []
+
+    async def failing(session: Any, request: Any) -> Any:
+        raise failure[0]
+
+    monkeypatch.setitem(core.parts.router.requests, "tools_list", failing)
+    token = daemon_token(core)
+    for key in (1, 2, 3):
+        await gateway.request(key, _frame("auth", "session_auth", token=token))
+    await gateway.until(lambda: all(gateway.ids(key) == ["auth"] for key in (1, 2, 3)))
+    failure.append(RuntimeError("boom"))
+    await gateway.request(1, _frame("a", "tools_list"))
+    await gateway.until(lambda: gateway.ids(1) == ["auth", "a"])
+    assert gateway.frames[1][1].error.code == -32603
+    failure[0] = asyncio.CancelledError()
+    await gateway.request(1, _frame("b", "tools_list"))  # where it arrives
+    await gateway.request(3, _frame("c", "tools_list"), _frame("d", "state_get", key="k"))
+    await gateway.until(lambda: 1 in gateway.ends and 3 in gateway.ends)
+    assert gateway.ids(1) == ["auth", "a"] and gateway.ids(3) == ["auth"]
+    ends = [(gateway.ends[key].code, gateway.ends[key].message) for key in (1, 3)]
+    assert ends == [(grpc.StatusCode.CANCELLED.value[0], "cancelled")] * 2
+    await gateway.request(2, _frame("e", "state_get", key="k"))
+    await gateway.until(lambda: gateway.ids(2) == ["auth", "e"])
+    assert 2 not in gateway.ends

@@ -105,9 +105,10 @@ class SessionStream:
         #: while there are any, a notification handled at once goes in a task behind them
         #: (so it does not overtake them: e.g. a JSON audio push before a binary frame).
         self._unstarted = 0
-        #: An inline request _take_batch began that waited after all (it should not): the
-        #: reader lets it finish before it handles anything more, and _take_batch waits too.
-        self._unfinished: asyncio.Task[object] | None = None
+        #: An inline request _take_batch began that waited after all (it should not), or
+        #: its failure: the reader lets it finish (or raises the failure) before it
+        #: handles anything more, and _take_batch waits too.
+        self._unfinished: asyncio.Future[object] | None = None
 
     async def run(self) -> None:
         # A multiplexed session has no writer: its stream takes its frames.
@@ -189,9 +190,9 @@ class SessionStream:
         that run in a task (each started, an in-flight slot free for it) or a batch of
         one inline request (answered there: _answer_now). None for any other batch: the
         reader handles it, in order."""
-        if self._unfinished is not None:
-            if not self._unfinished.done():
-                return None
+        if (unfinished := self._unfinished) is not None:
+            if not unfinished.done() or unfinished.cancelled() or unfinished.exception():
+                return None  # the reader waits for it, or raises what it failed with
             self._unfinished = None
         frames = message.frames
         if len(frames) == 1 and self.session.authenticated:
@@ -232,17 +233,26 @@ class SessionStream:
         """An inline request run here up to its first wait, which it has none of (its
         handler never waits; its answer is written at once, or queued where there is
         room): answered with no task and no hop through the reader. Should it wait after
-        all, a task finishes it (`_unfinished`)."""
+        all, a task finishes it (`_unfinished`), in no in-flight slot: the reader waits
+        for it, as for an inline request it runs itself. A failure is the reader's to
+        raise, as if it had run the request (_handle): it ends this session alone, never
+        the stream's read loop (this) and every session on it."""
         self._more = False
         request = self._request(frame, member)
         try:
             waiting = request.send(None)
         except StopIteration:
             return
-        except Exception:  # as in a request's task: logged, the request unanswered
-            log.exception("request %s failed", member)
+        except (Exception, asyncio.CancelledError) as e:
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(e)
+            self._unfinished = failed
+            assert self._channel is not None  # only a multiplexed session's batches
+            self._channel.finish_input()  # the reader reads no more: it raises `e`
             return
-        self._unfinished = self._start(stepping.finish(request, waiting))
+        task = self._unfinished = asyncio.create_task(stepping.finish(request, waiting))
+        self.tasks.add(task)  # cancelled if the session ends first
+        task.add_done_callback(self.tasks.discard)
 
     async def _read_loop(self) -> None:
         read = self.context.read
@@ -251,6 +261,7 @@ class SessionStream:
             if (unfinished := self._unfinished) is not None:
                 await asyncio.wait((unfinished,))  # what _answer_now left goes first
                 self._unfinished = None
+                unfinished.result()  # its failure ends the session, as in _handle
             if message is grpc.aio.EOF:
                 return
             if not self.batched:
