@@ -1,10 +1,11 @@
 """Connections counted by peer, for the caps of the listeners that take any client: the
 dashboard's, the WebSocket gateway's and the A2A HTTP listener's
 (`dashboard_max_connections[_per_peer]`, `ws_max_connections[_per_peer]`,
-`a2a_max_connections_per_peer`). One place says who a peer is and keeps the counts; each
-listener decides what to do at its caps (the dashboard evicts idle connections, the
-gateway refuses the handshake with 503, and closes a connection past its handshakes under
-way at once; the A2A listener answers a connection past its cap 503 at once)."""
+`a2a_max_connections_per_peer` and a2a/server.py's MAX_CONNECTIONS). One place says who a
+peer is and keeps the counts; each listener decides what to do at its caps (the
+dashboard evicts idle connections, the gateway refuses the handshake with 503, and closes
+a connection past its handshakes under way at once; the A2A listener answers a connection
+past its caps 503 at once)."""
 
 from __future__ import annotations
 

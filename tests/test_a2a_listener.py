@@ -157,6 +157,37 @@ async def test_one_peer_holds_at_most_its_connections_one_more_is_answered_503(
         second[1].close()
 
 
+async def test_past_its_connections_in_all_one_more_is_answered_503_naming_the_limit() -> None:
+    """Two connections held from two peers fill a listener of two: a third, from a third
+    peer, is answered 503 with Retry-After and the JSON-RPC error naming the limit (not
+    uvicorn's bare 503), and closed; once one of the two goes, a request is served."""
+    async with listening(ListenerLimits(max_connections=2)) as listener:
+        parts = urlsplit(listener.url)
+        holding = [
+            await asyncio.open_connection(parts.hostname, parts.port, local_addr=(host, 0))
+            for host in ("127.0.0.2", "127.0.0.3")
+        ]
+        reader, writer = await asyncio.open_connection(
+            parts.hostname, parts.port, local_addr=("127.0.0.4", 0)
+        )
+        status, headers, body = await read_response(reader)
+        assert (status, headers["retry-after"]) == (503, str(RETRY_AFTER))
+        assert json.loads(body) == {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {
+                "code": -32603,
+                "message": "too many connections: at most 2 (the A2A listener's)",
+            },
+        }
+        assert await closed_by_server(reader)
+        writer.close()
+        holding[0][1].close()
+        async with httpx.AsyncClient() as http:
+            assert (await served(http, f"{listener.url}/")).text == "ok"
+        holding[1][1].close()
+
+
 async def test_a_flood_from_one_peer_leaves_the_listener_to_the_others(tmp_path: Path) -> None:
     """300 connections that send nothing, from 127.0.0.2 (another peer than 127.0.0.1, on
     loopback too): past the default 64 each is answered 503 and closed, so the listener's

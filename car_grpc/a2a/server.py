@@ -506,6 +506,10 @@ class _Held(Response):
     or the client is gone, however it ends."""
 
     def __init__(self, response: Response, held: contextlib.ExitStack) -> None:
+        # A whole Response, whose status and headers are what `response` sends (its body,
+        # which may stream, and its background task are `response`'s to send and run).
+        super().__init__(status_code=response.status_code)
+        self.raw_headers = response.raw_headers
         self._response = response
         self._held = held
 
@@ -544,14 +548,19 @@ def _bounded(
 #: take the answer with it.
 REFUSED_LINGER = 1.0
 
+#: Connections the A2A HTTP listener holds at once (each runs one request at a time, so
+#: this bounds its requests too); one more is answered 503 as at the per-peer cap.
+MAX_CONNECTIONS = 256
+
 
 @dataclass(frozen=True)
 class ListenerLimits:
     """What the A2A HTTP listener bounds that uvicorn does not: the time to send a request
-    head and a request body, and the connections of one peer."""
+    head and a request body, and its connections, in all and of one peer."""
 
     head_timeout: float = 5.0
     body_timeout: float = CoreConfig.a2a_body_timeout
+    max_connections: int = MAX_CONNECTIONS
     max_connections_per_peer: int = CoreConfig.a2a_max_connections_per_peer
 
 
@@ -559,11 +568,11 @@ def _http_protocol(limits: ListenerLimits) -> type[H11Protocol]:
     """uvicorn's HTTP/1.1 with `limits`. uvicorn times out only kept-alive connections
     idle after a response, and any byte that comes stops that timer: a connection that
     never sends a whole request head, or a body a byte at a time, would be held for good.
-    Its 256 connections are open to anyone before a token is read, so one peer may hold
+    Its `max_connections` are open to anyone before a token is read, so one peer may hold
     at most `max_connections_per_peer` of them."""
     served = PeerCounts()  # connections served, by peer
-    refused = PeerCounts()  # connections answered 503 at the cap, until closed
-    cap = limits.max_connections_per_peer
+    refused = PeerCounts()  # connections answered 503 at a cap, until closed
+    cap, total = limits.max_connections_per_peer, limits.max_connections
 
     class Http(H11Protocol):
         _counts: PeerCounts | None = None
@@ -573,21 +582,24 @@ def _http_protocol(limits: ListenerLimits) -> type[H11Protocol]:
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)  # type: ignore[arg-type]
             self._peer = peer_of(transport.get_extra_info("peername"))
-            if served.of(self._peer) < cap:
+            if served.of(self._peer) >= cap:
+                message = (
+                    f"too many connections from {self._peer or 'the Unix socket'}: at most"
+                    f" {cap} (a2a_max_connections_per_peer)"
+                )
+            elif served.total >= total:
+                message = f"too many connections: at most {total} (the A2A listener's)"
+            else:
                 self._counts = served
                 served.add(self._peer)
                 self._watch()
                 return
-            # Refused before it asks: not one of uvicorn's connections (its 256), answered
-            # at once, closed once its request has come; as many apart, then closed at once.
+            # Refused before it asks: not one of uvicorn's connections, answered at once,
+            # closed once its request has come; as many apart, then closed at once.
             self.connections.discard(self)
-            message = (
-                f"too many connections from {self._peer or 'the Unix socket'}: at most"
-                f" {cap} (a2a_max_connections_per_peer)"
-            )
             retry = {"Retry-After": str(RETRY_AFTER)}
             self.transport.write(_refused_raw(503, -32603, message, **retry))
-            if refused.of(self._peer) >= cap:
+            if refused.of(self._peer) >= cap or refused.total >= total:
                 self.transport.close()
                 return
             self._counts = refused
@@ -687,12 +699,11 @@ class A2aListener:
             lifespan="off",
             log_config=None,
             access_log=False,
-            # Bounds: a request head's size (its time, a body's and a peer's connections:
-            # above), idle keep-alive connections, connections and requests at once (503
-            # beyond).
+            # Bounds: a request head's size (its time, a body's, the connections: above),
+            # idle keep-alive connections. No limit_concurrency: its 503 would name no
+            # limit and ask for no wait (the listener's MAX_CONNECTIONS bound it instead).
             h11_max_incomplete_event_size=16 * 1024,
             timeout_keep_alive=5,
-            limit_concurrency=256,
             timeout_graceful_shutdown=2,
         )
         config.load()
