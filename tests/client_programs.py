@@ -16,11 +16,14 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.processes import Process, cli_env, launch
+import grpc
+import pytest
+
+from tests.processes import ONE_PROCESS, Process, Served, cli_env, launch, serving
 
 TESTS = Path(__file__).resolve().parent
 NODE_DIR = TESTS.parent / "clients" / "node"
@@ -159,3 +162,22 @@ def run_car_runtime_agent(
         CAR_NO_VERSION_WARNING="1",
     )
     return run_program("car_runtime_agent.py", [sys.executable, script, reply], env, TESTS)
+
+
+# The fixtures `served` and `channel` of the client programs' test modules, which import
+# them by these names (pytest registers a fixture under its `name`): one server a module.
+
+
+@pytest.fixture(scope="module", name="served")
+def served_per_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """One `car-grpc serve` (one process) for a module; each test uses its own agents,
+    sessions and runs."""
+    with serving(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS) as server:
+        yield server
+
+
+@pytest.fixture(name="channel")
+async def channel_to_served(served: Served) -> AsyncIterator[grpc.aio.Channel]:
+    """A gRPC channel to `served`'s core."""
+    async with grpc.aio.insecure_channel(served.grpc_address) as ch:
+        yield ch

@@ -8,7 +8,6 @@ submitted over the WebSocket and over typed gRPC from Python.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,15 @@ import pytest
 from car_grpc.v1 import runs_pb2, runs_pb2_grpc, session_pb2, tools_pb2, tools_pb2_grpc
 from car_grpc.wire.codec import json_to_message, value_to_json
 from tests.bounded import bounded
-from tests.client_programs import Program, ensure_installed, run_node
+from tests.client_programs import (  # noqa: F401 (fixtures)
+    Program,
+    channel_to_served,
+    ensure_installed,
+    run_node,
+    served_per_module,
+)
 from tests.go_programs import build_go_programs, run_go
-from tests.processes import ONE_PROCESS, Served, serving
+from tests.processes import Served
 from tests.session_client import connect
 from tests.test_polyglot_node import assert_chat_reply, node_reply, serve_chats_in_python
 from tests.ws_helpers import rpc
@@ -36,18 +41,6 @@ pytestmark = pytest.mark.timeout(func_only=True)
 def go_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """clients/go/cmd/*, compiled once for this module (setting up Debian's Go first)."""
     return build_go_programs(tmp_path_factory.mktemp("go-bin"))
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    with serving(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS) as server:
-        yield server
-
-
-@pytest.fixture
-async def channel(served: Served) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(served.grpc_address) as ch:
-        yield ch
 
 
 def go(

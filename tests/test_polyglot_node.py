@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,16 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import chats_pb2, runs_pb2, runs_pb2_grpc, session_pb2, tools_pb2, tools_pb2_grpc
 from car_grpc.wire.codec import json_to_message
 from tests.bounded import bounded, stopped
-from tests.client_programs import Program, ensure_installed, run_car_runtime_agent, run_node
+from tests.client_programs import (  # noqa: F401 (fixtures)
+    Program,
+    channel_to_served,
+    ensure_installed,
+    run_car_runtime_agent,
+    run_node,
+    served_per_module,
+)
 from tests.conftest import make_config
-from tests.processes import ONE_PROCESS, Served, serving
+from tests.processes import Served
 from tests.session_client import SessionClient, connect
 from tests.ws_helpers import rpc
 
@@ -29,19 +35,6 @@ from tests.ws_helpers import rpc
 @pytest.fixture(scope="session", autouse=True)
 def _node_modules() -> None:
     ensure_installed()
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """One `car-grpc serve` for this module; each test uses its own agents and sessions."""
-    with serving(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS) as server:
-        yield server
-
-
-@pytest.fixture
-async def channel(served: Served) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(served.grpc_address) as ch:
-        yield ch
 
 
 def node(

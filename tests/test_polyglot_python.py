@@ -8,37 +8,22 @@ proposals, and a client reaches a TLS core. They print what clients/node prints.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 
 from car_grpc.core.server import Core
 from car_grpc.v1 import runs_pb2, runs_pb2_grpc, tools_pb2, tools_pb2_grpc
 from car_grpc.wire.codec import json_to_message
 from tests.bounded import bounded, stopped
-from tests.client_programs import Program, run_python
+from tests.client_programs import Program, channel_to_served, run_python, served_per_module  # noqa: F401 (fixtures)
 from tests.conftest import make_config
-from tests.processes import ONE_PROCESS, Served, serving
+from tests.processes import Served
 from tests.session_client import connect
 from tests.test_polyglot_node import assert_chat_reply, step
 from tests.test_tls import _self_signed
 from tests.ws_helpers import rpc
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """One `car-grpc serve` for this module; each test uses its own agents and runs."""
-    with serving(tmp_path_factory.mktemp("serve") / "car-home", *ONE_PROCESS) as server:
-        yield server
-
-
-@pytest.fixture
-async def channel(served: Served) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(served.grpc_address) as ch:
-        yield ch
 
 
 def python(
