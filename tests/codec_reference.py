@@ -10,7 +10,6 @@ is imported from the codec rather than copied.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, cast
 
 from google.protobuf import struct_pb2
@@ -237,9 +236,7 @@ def _scalar(fd: FieldDescriptor, item: JSON, path: str) -> Any:
 # ---------------------------------------------------------------- bare params / results
 
 
-def params_to_message(
-    data: JSON, msg: Message, bare_field: str, wrap: Callable[[str], str] = str
-) -> None:
+def params_to_message(data: JSON, msg: Message, bare_field: str) -> None:
     """Fill a request or notification message from JSON-RPC params.
 
     Absent params read as an empty object. With `bare_field`, the whole params value is

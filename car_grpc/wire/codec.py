@@ -727,9 +727,7 @@ def _join(path: str, key: str) -> str:
 # ---------------------------------------------------------------- bare params / results
 
 
-def params_to_message(
-    data: JSON, msg: Message, bare_field: str, wrap: Callable[[str], str] = str
-) -> None:
+def params_to_message(data: JSON, msg: Message, bare_field: str) -> None:
     """Fill a request or notification message from JSON-RPC params.
 
     Absent params read as an empty object. With `bare_field`, the whole params value is
