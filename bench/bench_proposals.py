@@ -247,11 +247,6 @@ async def _interleaved(
     )
 
 
-def _quantiles(times: list[float]) -> tuple[float, float]:
-    cuts = statistics.quantiles(times, n=100)
-    return cuts[49] * 1000, cuts[98] * 1000
-
-
 @contextlib.asynccontextmanager
 async def lean_session(kind: type[LeanClient] = LeanClient) -> AsyncIterator[LeanClient]:
     """An in-process core with its state in a temporary directory, and a client of `kind`

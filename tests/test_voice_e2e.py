@@ -78,14 +78,6 @@ async def push(c: VoiceRpc, session_id: str, data: bytes) -> dict[str, Any]:
     return result
 
 
-async def events_until_terminal(c: VoiceRpc) -> list[dict[str, Any]]:
-    events = []
-    while True:
-        events.append(await c.next_event())
-        if events[-1]["event"].get("terminal"):
-            return events
-
-
 def error_of(answer: dict[str, Any]) -> dict[str, Any]:
     assert "error" in answer, answer
     error: dict[str, Any] = answer["error"]

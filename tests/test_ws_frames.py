@@ -24,7 +24,7 @@ from car_grpc.gateway.connection import TrackedConnection
 from tests.conftest import make_config
 from tests.ws_helpers import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWebSocket, running
 
-OP_CONT, OP_BINARY = 0x0, 0x2
+OP_CONT = 0x0
 
 
 def frame(payload: bytes, opcode: int = OP_TEXT, *, fin: bool = True, first: int = 0) -> bytes:

@@ -21,7 +21,6 @@ from a2ui.core.catalog import CatalogApi
 from a2ui.core.catalog.components import ComponentApi
 from a2ui.core.schema.v0_9.constants import SUPPORTED_PROTOCOL_VERSIONS
 from a2ui.core.schema.v0_9.server_to_client import A2uiMessage as _A2uiMessageModel
-from google.protobuf import struct_pb2
 from pydantic import TypeAdapter, ValidationError
 
 from car_grpc.wire import codec
@@ -201,7 +200,3 @@ def _first_error(error: ValidationError) -> str:
     first = error.errors()[0] if error.errors() else {"loc": (), "msg": str(error)}
     where = ".".join(str(p) for p in first["loc"])
     return f"invalid A2UI message: {where}: {first['msg']}"[:500]
-
-
-def struct_list(components: list[dict[str, Any]]) -> list[struct_pb2.Struct]:
-    return [codec.to_struct(c) for c in components]
