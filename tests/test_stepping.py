@@ -82,6 +82,13 @@ async def test_start_runs_to_the_end_by_callbacks_then_says_so() -> None:
     gate.set_result(None)
     await asyncio.wait_for(ended.wait(), 10)
     assert steps == ["started", "done"]
+
+
+async def test_try_lock_takes_a_free_lock_and_leaves_no_waiter_on_a_held_one() -> None:
     lock = asyncio.Lock()
     assert stepping.try_lock(lock) and lock.locked()
     assert not stepping.try_lock(lock)
+    lock.release()
+    # A waiter left behind by the refused attempt would be woken by that release and hold
+    # the lock's next acquirer back.
+    assert stepping.try_lock(lock) and lock.locked()
