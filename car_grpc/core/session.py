@@ -184,8 +184,9 @@ class ClientSession:
         await self.outbound.put(data)
 
     def send_now(self, data: bytes) -> bool:
-        """`send` of a serialized frame that need not wait, without a coroutine (a frame a
-        chat token); False when it would wait, or raise: nothing queued, `send` it."""
+        """`send` of a serialized frame that need not wait, without a coroutine (a chat's
+        events, a call's request); False when it would wait, or raise: nothing is queued
+        then, `send` it."""
         if self.closed.is_set() or not self.streaming or len(data) > limits.MAX_FRAME_BYTES:
             return False
         try:
