@@ -316,11 +316,16 @@ class A2aServer:
 
     # ------------------------------------------------------------ HTTP
 
-    def http_app(self) -> Starlette:
-        # v0.3 method names (message/send, tasks/get, ...) are served too, as aliases.
-        dispatcher = JsonRpcDispatcher(
+    def json_rpc_dispatcher(self) -> JsonRpcDispatcher:
+        """a2a-sdk's JSON-RPC dispatcher on this server's handler, for HTTP requests: the
+        listener's, and a session's handed over as one (a2a/sessions.py). v0.3 method
+        names (message/send, tasks/get, ...) are served too, as aliases."""
+        return JsonRpcDispatcher(
             self.handler, context_builder=_HttpContext(), enable_v0_3_compat=True
         )
+
+    def http_app(self) -> Starlette:
+        dispatcher = self.json_rpc_dispatcher()
         max_body = self.limits.max_body_bytes
 
         async def card(request: Request) -> Response:

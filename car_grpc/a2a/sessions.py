@@ -16,15 +16,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from a2a.server.context import ServerCallContext
-from a2a.server.routes import ServerCallContextBuilder
 from a2a.server.routes.jsonrpc_dispatcher import JsonRpcDispatcher
 from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, VERSION_HEADER
 from starlette.requests import Request
 from starlette.types import Message as AsgiMessage
 
 from car_grpc.a2a.server import A2aServer
-from car_grpc.a2a.tasks import AGENT_KEY, CALLER_KEY
 from car_grpc.core.router import handles
 from car_grpc.core.session import ClientSession
 from car_grpc.v1 import a2ui_pb2
@@ -48,17 +45,6 @@ _JSON_RPC_CODES = frozenset({INVALID_PARAMS, INTERNAL})
 def session_caller(session: ClientSession) -> str:
     """The A2A caller a session is: its tasks are its own."""
     return f"session:{session.id}"
-
-
-class _SessionContext(ServerCallContextBuilder):
-    def build(self, request: Request) -> ServerCallContext:
-        return ServerCallContext(
-            state={
-                AGENT_KEY: request.path_params["agent_id"],
-                CALLER_KEY: request.state.a2a_caller,
-                "headers": dict(request.headers),
-            }
-        )
 
 
 def _served(member: str, method: str) -> Any:
@@ -111,9 +97,7 @@ class A2aSessions:
         if not req.tenant:
             raise field_error("tenant", "name the attached agent (its agent_id)")
         if self._dispatcher is None:
-            self._dispatcher = JsonRpcDispatcher(
-                server.handler, context_builder=_SessionContext(), enable_v0_3_compat=True
-            )
+            self._dispatcher = server.json_rpc_dispatcher()
         caller = session_caller(session)
         if caller not in self._callers:
             self._callers.add(caller)
