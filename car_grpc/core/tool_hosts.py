@@ -317,11 +317,16 @@ def _checked(tools: list[tools_pb2.ToolDefinition], limit: int) -> list[tools_pb
         if tool.name in seen:
             raise invalid_params(f"invalid params: duplicate tool '{tool.name}': tools[{i}].name")
         seen.add(tool.name)
-        copy = tools_pb2.ToolDefinition()
-        copy.CopyFrom(tool)
-        copy.parameters.SetInParent()
-        checked.append(copy)
+        checked.append(kept_tool(tool))
     return checked
+
+
+def kept_tool(tool: tools_pb2.ToolDefinition) -> tools_pb2.ToolDefinition:
+    """A copy of `tool` as it is kept and listed: its parameters `{}` when not given."""
+    copy = tools_pb2.ToolDefinition()
+    copy.CopyFrom(tool)
+    copy.parameters.SetInParent()
+    return copy
 
 
 class ToolHosts:

@@ -33,7 +33,7 @@ from car_grpc.core.policies import checked_policy
 from car_grpc.core.proposals import ToolFailed, ToolInvocation
 from car_grpc.core.router import handles
 from car_grpc.core.session import ClientSession, SessionClosed
-from car_grpc.core.tool_hosts import ToolHosts
+from car_grpc.core.tool_hosts import ToolHosts, kept_tool
 from car_grpc.v1 import session_pb2, tools_pb2
 from car_grpc.wire import proposal_text
 from car_grpc.wire.codec import JSON, json_to_struct, value_to_json
@@ -48,14 +48,9 @@ def _checked_tools(
     tools: list[tools_pb2.ToolDefinition], path: str = "tools"
 ) -> list[tools_pb2.ToolDefinition]:
     """Copies of `tools` (parameters `{}` when not given), or -32602 naming the field."""
-    checked = []
     for i, tool in enumerate(tools):
         require(tool.name, f"{path}[{i}].name")
-        copy = tools_pb2.ToolDefinition()
-        copy.CopyFrom(tool)
-        copy.parameters.SetInParent()
-        checked.append(copy)
-    return checked
+    return [kept_tool(tool) for tool in tools]
 
 
 class Tools:
