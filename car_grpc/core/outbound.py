@@ -16,6 +16,8 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from car_grpc.wire import batch
+
 
 class OutboundQueue:
     def __init__(self, max_frames: int, max_bytes: int) -> None:
@@ -128,14 +130,7 @@ class OutboundQueue:
     def take_ready(self, max_frames: int, max_bytes: int) -> list[bytes]:
         """The frames queued now, oldest first, without waiting: at most `max_frames`, and
         within `max_bytes` unless the first alone is larger (for a batched write)."""
-        items, size = self._items, 0
-        taken: list[bytes] = []
-        while items and len(taken) < max_frames:
-            if taken and size + len(items[0]) > max_bytes:
-                break
-            data = items.popleft()
-            size += len(data)
-            taken.append(data)
+        taken, size = batch.take(self._items, max_frames, max_bytes)
         if taken:
             self.bytes -= size
             self._admit()

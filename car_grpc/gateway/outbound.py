@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import collections
 
+from car_grpc.wire import batch
+
 Frame = str | bytes
 
 
@@ -91,14 +93,7 @@ class OutboundQueue:
     def take_ready(self, max_frames: int, max_bytes: int) -> list[Frame]:
         """The frames queued now, oldest first, without waiting: at most `max_frames`, and
         within `max_bytes` unless the first alone is larger (for a batched write)."""
-        frames, size = self._frames, 0
-        taken: list[Frame] = []
-        while frames and len(taken) < max_frames:
-            if taken and size + len(frames[0]) > max_bytes:
-                break
-            frame = frames.popleft()
-            size += len(frame)
-            taken.append(frame)
+        taken, size = batch.take(self._frames, max_frames, max_bytes)
         if taken:
             self.nbytes -= size
             _wake(self._putters)

@@ -12,7 +12,11 @@ to write, and what becomes ready while that write is under way goes in the next 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Sequence, Sized
+from typing import TypeVar
+
+_Frame = TypeVar("_Frame", bound=Sized)
 
 #: Most frames in one message.
 MAX_FRAMES = 256
@@ -65,6 +69,20 @@ def encode(frames: Sequence[bytes]) -> bytes:
             append(_FRAME_TAG + varint(size))
         append(frame)
     return b"".join(parts)
+
+
+def take(frames: deque[_Frame], max_frames: int, max_bytes: int) -> tuple[list[_Frame], int]:
+    """The frames at the front of `frames` that one batch holds, taken out, and their
+    size: at most `max_frames`, within `max_bytes` unless the first alone is larger."""
+    size = 0
+    taken: list[_Frame] = []
+    while frames and len(taken) < max_frames:
+        if taken and size + len(frames[0]) > max_bytes:
+            break
+        frame = frames.popleft()
+        size += len(frame)
+        taken.append(frame)
+    return taken, size
 
 
 def member_frame(tag: bytes, message: bytes) -> bytes:
