@@ -411,24 +411,13 @@ class SessionStream:
 
     async def _notification(self, member: str, frame: session_pb2.ClientFrame) -> None:
         self._unstarted -= 1
-        if not self.session.authenticated:
-            return
-        if member in self.at_once:  # handled at once, in its turn
-            if (rest := self._notify_at_once(member, frame)) is not None:
-                await self._finish_notification(member, rest)
-            return
-        handler = self.dispatcher.router.notifications.get(member)
-        if handler is None:
-            return
-        try:
-            await handler(self.session, getattr(frame, member))
-        except Exception:
-            log.exception("notification handler %s failed", member)
+        if member in self.at_once and (rest := self._notify_at_once(member, frame)) is not None:
+            await self._finish_notification(member, rest)
 
     def _notify_at_once(
         self, member: str, frame: session_pb2.ClientFrame
     ) -> Awaitable[None] | None:
-        """Run a plain-function notification handler now; what it returns to wait for."""
+        """Run a notification's handler now; what it returns to wait for."""
         if not self.session.authenticated:
             return None
         try:

@@ -45,8 +45,7 @@ class Reply:
 
 
 Handler = Callable[["ClientSession", Any], Awaitable[Message | Reply]]
-NotificationHandler = Callable[["ClientSession", Any], Awaitable[None]]
-#: A notification handler that is a plain function: it takes the notification at once and
+#: A notification handler: a plain function that takes the notification at once and
 #: returns None, or returns what is left to wait for (see `handles_notification`).
 AtOnceHandler = Callable[["ClientSession", Any], Awaitable[Any] | None]
 StreamHandler = Callable[["ClientSession", Any], AsyncIterator[Message]]
@@ -104,10 +103,11 @@ def handles(member: str, *, inline: bool = False) -> Callable[[F], F]:
 def handles_notification(member: str) -> Callable[[F], F]:
     """Mark the method that takes a ClientFrame notification (or binary frame) member.
 
-    A coroutine function runs in a task of its own. A plain function runs at once, in the
-    session stream's read loop (no task: the hottest notifications, e.g. chat tokens), and
-    must not block: it returns None when done, or an awaitable for what it has to wait for
-    (e.g. room in a full buffer), which the stream then awaits in a task; an asyncio.Future
+    A plain function, not a coroutine function (the Router refuses one): it runs at once,
+    in the session stream's read loop (no task: the hottest notifications, e.g. chat
+    tokens), and must not block: it returns None when done, or an awaitable for what it
+    has to wait for (e.g. room in a full buffer, or a coroutine of the rest of its work),
+    which the stream then awaits in a task; an asyncio.Future
     needs no task: the stream holds an in-flight slot until it is done (a flood of audio
     waits that way, a future per chunk rather than a task). While work read
     before it still waits to start (a request's task), it runs in a task behind that work
@@ -143,8 +143,7 @@ class Router:
         self.requests: dict[str, Handler] = {}
         #: Request members whose handlers never wait (see `handles`).
         self.inline: set[str] = set()
-        self.notifications: dict[str, NotificationHandler] = {}
-        #: Notification members whose handlers are plain functions (see handles_notification).
+        #: Notification handlers, by member (see handles_notification).
         self.at_once: dict[str, AtOnceHandler] = {}
         self.streams: dict[str, StreamHandler] = {}
         self.grpc_only: dict[str, GrpcOnlyHandler] = {}
@@ -152,7 +151,7 @@ class Router:
         self.fills_in: set[str] = set()
         tables: dict[str, dict[str, Any]] = {
             _REQUEST: self.requests,
-            _NOTIFICATION: self.notifications,
+            _NOTIFICATION: self.at_once,
             _STREAM: self.streams,
             _GRPC_ONLY: self.grpc_only,
         }
@@ -164,13 +163,16 @@ class Router:
                 table = tables[route.kind]
                 if route.key in table:
                     raise ValueError(f"two handlers for {route.key!r}")
+                if route.kind == _NOTIFICATION and inspect.iscoroutinefunction(fn):
+                    raise ValueError(
+                        f"the handler of {route.key!r} is a coroutine function: a "
+                        "notification's is a plain function (it may return an awaitable)"
+                    )
                 table[route.key] = getattr(domain, name)
                 if route.inline:
                     self.inline.add(route.key)
                 if route.fills_in:
                     self.fills_in.add(route.key)
-                if route.kind == _NOTIFICATION and not inspect.iscoroutinefunction(fn):
-                    self.at_once[route.key] = table.pop(route.key)
 
     def unserved(self) -> list[str]:
         """Request members no domain serves (a wiring mistake; the tests check none)."""
