@@ -113,6 +113,34 @@ class Program:
         return self.events
 
 
+def step(program: Program) -> None:
+    """Lets a record-run program that waits for its steps (`-step`, `--step`) take its
+    next step."""
+    assert program.proc.stdin is not None
+    program.proc.stdin.write(b"\n")
+
+
+def recorded_turn(index: int, prompt: str) -> dict[str, Any]:
+    """watch-run's line for turn `index` that record-run records, as every language's
+    programs print it: `prompt` echoed by the tool `shell`, its output in capitals, after
+    the run's `started` record (cursor 1)."""
+    return {
+        "event": "record",
+        "cursor": index + 2,
+        "status": "RUN_STATUS_IN_PROGRESS",
+        "kind": "turn",
+        "index": index,
+        "prompt": prompt,
+        "tool": "shell",
+        "parameters": {
+            "argv": ["echo", prompt],
+            "step": index + 1,
+            "env": {"LANG": "C", "dry_run": False, "limit": None},
+        },
+        "output": prompt.upper(),
+    }
+
+
 @contextlib.asynccontextmanager
 async def run_program(
     name: str, argv: Sequence[str], env: dict[str, str], cwd: Path

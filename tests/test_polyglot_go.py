@@ -21,8 +21,10 @@ from tests.client_programs import (  # noqa: F401 (fixtures)
     Program,
     channel_to_served,
     ensure_installed,
+    recorded_turn,
     run_node,
     served_per_module,
+    step,
 )
 from tests.go_programs import build_go_programs, run_go
 from tests.processes import Served
@@ -49,21 +51,6 @@ def go(
     return run_go(
         go_bin, program, *args, address=served.grpc_address, car_home=served.car_home, **env
     )
-
-
-def parameters(step: int, prompt: str) -> dict[str, Any]:
-    """What clients/go/cmd/record-run records as the parameters of its turn `step`."""
-    return {
-        "argv": ["echo", prompt],
-        "step": step,
-        "env": {"LANG": "C", "dry_run": False, "limit": None},
-    }
-
-
-def step(program: Program) -> None:
-    """Lets `record-run -step` take its next step."""
-    assert program.proc.stdin is not None
-    program.proc.stdin.write(b"\n")
 
 
 # ------------------------------------------------------------------ runs
@@ -100,18 +87,7 @@ async def test_go_agent_records_a_run_that_a_go_host_watches_live(
                     "base_index": index,
                     "count": 1,
                 }
-                turn = await watcher.expect("record")
-                assert turn == {
-                    "event": "record",
-                    "cursor": index + 2,
-                    "kind": "turn",
-                    "index": index,
-                    "prompt": prompt,
-                    "tool": "shell",
-                    "parameters": parameters(index + 1, prompt),
-                    "output": prompt.upper(),
-                    "status": "RUN_STATUS_IN_PROGRESS",
-                }
+                assert await watcher.expect("record") == recorded_turn(index, prompt)
             step(agent)
             assert (await agent.expect("completed"))["run_id"] == run_id
             ended = await watcher.expect("record")

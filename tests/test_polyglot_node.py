@@ -22,9 +22,11 @@ from tests.client_programs import (  # noqa: F401 (fixtures)
     Program,
     channel_to_served,
     ensure_installed,
+    recorded_turn,
     run_car_runtime_agent,
     run_node,
     served_per_module,
+    step,
 )
 from tests.conftest import make_config
 from tests.processes import Served
@@ -326,22 +328,7 @@ async def test_a_typescript_agent_records_a_run_that_a_typescript_host_watches_l
                     index,
                     1,
                 )
-                turn = await watcher.expect("record")
-                assert turn == {
-                    "event": "record",
-                    "cursor": index + 2,
-                    "status": "RUN_STATUS_IN_PROGRESS",
-                    "kind": "turn",
-                    "index": index,
-                    "prompt": prompt,
-                    "tool": "shell",
-                    "parameters": {
-                        "argv": ["echo", prompt],
-                        "step": index + 1,
-                        "env": {"LANG": "C", "dry_run": False, "limit": None},
-                    },
-                    "output": prompt.upper(),
-                }
+                assert await watcher.expect("record") == recorded_turn(index, prompt)
             step(agent)
             assert (await agent.expect("completed"))["run_id"] == run_id
             ended = await watcher.expect("record")
@@ -377,12 +364,6 @@ async def test_a_typescript_watcher_of_another_agents_run_gets_the_servers_error
     assert (error["event"], error["grpc_code"], error["code"]) == ("error", "NotFound", -32602)
     assert error["error_code"] == "ERROR_CODE_INVALID_PARAMS"  # from the google.rpc.Status
     assert run.run_id in error["message"]
-
-
-def step(program: Program) -> None:
-    """Lets `record-run.ts --step` take its next step."""
-    assert program.proc.stdin is not None
-    program.proc.stdin.write(b"\n")
 
 
 async def test_node_run_watcher_resumes_across_a_server_restart(tmp_path: Path) -> None:

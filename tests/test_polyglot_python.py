@@ -17,11 +17,18 @@ from car_grpc.core.server import Core
 from car_grpc.v1 import runs_pb2, runs_pb2_grpc, tools_pb2, tools_pb2_grpc
 from car_grpc.wire.codec import json_to_message
 from tests.bounded import bounded, stopped
-from tests.client_programs import Program, channel_to_served, run_python, served_per_module  # noqa: F401 (fixtures)
+from tests.client_programs import (  # noqa: F401 (fixtures)
+    Program,
+    channel_to_served,
+    recorded_turn,
+    run_python,
+    served_per_module,
+    step,
+)
 from tests.conftest import make_config
 from tests.processes import Served
 from tests.session_client import connect
-from tests.test_polyglot_node import assert_chat_reply, step
+from tests.test_polyglot_node import assert_chat_reply
 from tests.test_tls import _self_signed
 from tests.ws_helpers import rpc
 
@@ -144,21 +151,7 @@ async def test_the_python_agent_records_a_run_that_the_python_host_watches_live(
                     "base_index": index,
                     "count": 1,
                 }
-                assert await watcher.expect("record") == {
-                    "event": "record",
-                    "cursor": index + 2,
-                    "status": "RUN_STATUS_IN_PROGRESS",
-                    "kind": "turn",
-                    "index": index,
-                    "prompt": prompt,
-                    "tool": "shell",
-                    "parameters": {
-                        "argv": ["echo", prompt],
-                        "step": index + 1,
-                        "env": {"LANG": "C", "dry_run": False, "limit": None},
-                    },
-                    "output": prompt.upper(),
-                }
+                assert await watcher.expect("record") == recorded_turn(index, prompt)
             step(agent)
             assert (await agent.expect("completed"))["run_id"] == run_id
             ended = await watcher.expect("record")
