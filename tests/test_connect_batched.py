@@ -3,6 +3,7 @@ real core over gRPC (the gateway's way in; Connect stays one frame per message).
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import grpc
@@ -30,6 +31,16 @@ def test_a_batch_is_its_frames_as_field_one() -> None:
     decoded = session_pb2.ConnectBatchedResponse.FromString(batch.encode(frames))
     assert [f.SerializeToString() for f in decoded.frames] == frames
     assert batch.encode([]) == b""
+
+
+def test_a_batch_takes_frames_within_its_bounds_and_a_larger_one_alone() -> None:
+    queued = deque([b"a" * 40, b"b" * 40, b"c" * 21, b"d"])
+    assert batch.take(queued, 8, 100) == ([b"a" * 40, b"b" * 40], 80)  # c: 101 bytes
+    assert batch.take(queued, 1, 100) == ([b"c" * 21], 21)  # at most one frame
+    queued.extendleft([b"x" * 500])
+    assert batch.take(queued, 8, 100) == ([b"x" * 500], 500)  # first, so alone
+    assert batch.take(queued, 8, 100) == ([b"d"], 1)
+    assert batch.take(queued, 8, 100) == ([], 0) and not queued
 
 
 async def test_a_burst_in_one_message_is_answered_in_order_and_in_few(
