@@ -2,7 +2,8 @@
 a real gateway and real sockets, with small caps: the gateway's ws_max_connections and
 ws_max_connections_per_peer (the handshake refused with 503 and Retry-After, before any
 core stream), and the core's max_sessions (RESOURCE_EXHAUSTED with its rich details on a
-plain stream; on a multiplexed one that session alone, its WebSocket closed 1013)."""
+plain stream; on a multiplexed one that session alone, its WebSocket closed 1013), as is
+a session past what one multiplexed stream carries."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from car_grpc.config import Config
 from car_grpc.connection_caps import RETRY_AFTER
 from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2, session_pb2_grpc
+from car_grpc.wire import multiplex
 from car_grpc.wire.errors import INTERNAL
 from tests.bounded import WAIT_BOUND, until
 from tests.conftest import make_config
@@ -194,6 +196,25 @@ async def test_a_session_past_max_sessions_is_closed_1013_and_the_others_go_on(
         async with client(url) as again:
             await works(await logged_in(core, again))
         await works(held[1])
+
+
+async def test_a_session_past_what_one_multiplexed_stream_carries_is_closed_1013(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wire/multiplex.MAX_SESSIONS (65,536 at once on one stream; 2 here), below the
+    core's max_sessions: that session alone ends, the stream carries the others on."""
+    monkeypatch.setattr(multiplex, "MAX_SESSIONS", 2)
+    config = make_config(tmp_path, max_sessions=10, ws_multiplex_streams=1)
+    async with running(config) as (core, gateway), contextlib.AsyncExitStack() as stack:
+        url = gateway.url
+        held = [await logged_in(core, await stack.enter_async_context(client(url))) for _ in "ab"]
+        async with client(url) as third:
+            assert await third.wait_closed() == (
+                CloseCode.TRY_AGAIN_LATER,
+                "too many sessions on one stream",
+            )
+        for rpc in held:
+            await works(rpc)
 
 
 async def test_the_first_request_is_answered_with_the_refusal(tmp_path: Path) -> None:
