@@ -404,20 +404,21 @@ def _cmd_voice_engine(args: argparse.Namespace) -> int:
     return _run(engine)
 
 
-def _store_note(config: CoreConfig, location: StoreLocation, new: bool) -> str:
-    """Which store an `agents` command used: a server honours the tokens of its own store
-    only (a token minted elsewhere fails `token mismatch`). Never the store's password."""
+def _store_note(config: CoreConfig, location: StoreLocation, new: bool, what: str) -> str:
+    """Which store a token command used (`what`: its tokens, e.g. "agent tokens"): a server
+    honours the tokens of its own store only (a token minted elsewhere fails `token
+    mismatch`). Never the store's password."""
     if config.store:
-        note = f"car-grpc: agent tokens of the store {location} (--store or CAR_STORE)"
+        note = f"car-grpc: {what} of the store {location} (--store or CAR_STORE)"
     else:
         home = os.environ.get("CAR_HOME")
         where = f"CAR_HOME={home}" if home else f"CAR_HOME unset, so {config.state_root}"
-        note = f"car-grpc: agent tokens of the store {location.path} ({where})"
+        note = f"car-grpc: {what} of the store {location.path} ({where})"
     if new:
         own = "its own store (its --store)" if config.store else "the store under its own CAR_HOME"
         note += (
-            "\ncar-grpc: that store did not exist before: a server honours only the agent "
-            f"tokens of {own}"
+            f"\ncar-grpc: that store did not exist before: a server honours only the {what} "
+            f"of {own}"
         )
     return note
 
@@ -449,7 +450,7 @@ async def _with_store(
     except (StoreUnavailable, StoreUrlError) as e:
         print(f"car-grpc: {e}", file=sys.stderr)
         return 1
-    print(_store_note(config, location, new).replace("agent tokens", what), file=sys.stderr)
+    print(_store_note(config, location, new, what), file=sys.stderr)
     try:
         return await command(args, store)
     except StoreUnavailable as e:
