@@ -45,7 +45,7 @@ from bench.bench_gateway import mux_frame, mux_frames, run_floor_processes
 from car_grpc.v1 import session_pb2, tools_pb2
 from car_grpc.v1.options_pb2 import CALLER_ROLE_DAEMON
 
-#: What the bare core says it is in the handshake (car-grpc's protocol version).
+#: What the bare core answers the handshake with: what car-grpc answers (check_frames compares).
 SERVER_VERSION = "0.58.0"
 PROTOCOL_VERSION = 3
 
