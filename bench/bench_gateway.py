@@ -93,16 +93,22 @@ async def _grpc_echo(requests: object, context: grpc.aio.ServicerContext[Any, An
         await context.write(message)
 
 
+Behaviour = Callable[[object, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
+
+
 async def relay_servicer(
-    behaviour: Callable[[object, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]],
+    behaviour: Behaviour, add: Callable[[grpc.aio.Server], None] | None = None
 ) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server of the relays' one bytes method (`_RELAY_METHOD`) served by
-    `behaviour`, started on a free loopback port: the server and its port."""
+    `behaviour` (and of what `add` adds to it), started on a free loopback port: the
+    server and its port."""
     server = grpc.aio.server()
     handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.stream_stream_rpc_method_handler(behaviour)
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("bench.Relay", {"Echo": handler})]
     )
+    if add is not None:
+        add(server)
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, grpc_port
@@ -292,6 +298,23 @@ async def run_mux_relay_server(
             port = ws_server.sockets[0].getsockname()[1]
             log_listening("mux relay", f"ws://127.0.0.1:{port}/")
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+async def run_floor_processes(
+    name: str, behaviour: Behaviour, add: Callable[[grpc.aio.Server], None] | None = None
+) -> None:
+    """A floor's bare core in this process (`relay_servicer(behaviour, add)`) and the
+    multiplexed relay to it in a process of its own (`mux` CORE), as `car-grpc serve` starts
+    its gateway: logs the core's gRPC address, then the relay's URL; serves until stdin
+    closes."""
+    server, port = await relay_servicer(behaviour, add)
+    log_listening(f"{name} core: gRPC", f"127.0.0.1:{port}")
+    argv = [sys.executable, "-m", "bench.bench_gateway", "mux", f"127.0.0.1:{port}"]
+    async with launch(argv, name=f"{name} relay", stdin=True) as relay:
+        [url] = await relay.listeners(1)
+        log_listening(f"{name} relay: WebSocket", url)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await server.stop(0)
 
 
 @dataclass

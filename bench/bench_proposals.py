@@ -1,9 +1,13 @@
-"""Proposals whose tool calls go back to the client, on an in-process core over real gRPC.
+"""Proposals whose tool calls go back to the client, through `car-grpc serve` and on an
+in-process core, over real gRPC.
 
-- round trip: p50/p99 of proposal.submit with one tool_call answered at once (request,
-  tools.execute, answer, response), as a ratio to a plain state.get on the same stream;
-  and beside it the floor: two state.gets one after the other, the same two round trips
-  on the stream with no proposal work at all.
+- the headline (`_served`): p50 of proposal.submit with one tool_call answered at once
+  (request, tools.execute, answer, response) through `car-grpc serve`, over gRPC to its
+  core and over WebSocket through its gateway, as a ratio to a plain state.get through the
+  same client; beside it the floor, the same ratio of the same clients and frames through
+  a bare path (`proposal_floor`: a bare core, and the bare relay in front of it for the
+  WebSocket), and as a diagnostic two state.gets one after the other (the same two round
+  trips on the stream with no proposal work at all), for both.
 - wide: one proposal of 200 independent tool calls (all in flight together): callbacks/s.
 - chain: one proposal of 200 tool calls, each taking the previous output ($<id>.output):
   callbacks/s, i.e. the cost of one dependent step.
@@ -27,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,12 +43,13 @@ from google.protobuf import struct_pb2
 from websockets.asyncio.client import ClientConnection, connect
 
 from bench import summary
+from bench.proposal_floor import check_frames, grpc_answers, ws_answers
 from car_grpc.config import CoreConfig
 from car_grpc.core.server import Core
 from car_grpc.v1 import session_pb2, session_pb2_grpc, state_pb2, tools_pb2
 from car_grpc.wire import codec
 from car_grpc.wire.errors import CarError
-from tests.processes import car_grpc_serve
+from tests.processes import car_grpc_serve, launch
 
 #: The headline's blocks: BLOCKS rounds of a block of BLOCK operations of each kind.
 BLOCKS = 24
@@ -77,21 +83,19 @@ class LeanClient:
 
     async def _read(self) -> None:
         read, waiting = self.call.read, self._waiting
-        output = tools_pb2.ExecuteToolResponse(output=struct_pb2.Value(number_value=1))
         while (frame := await read()) is not grpc.aio.EOF:
             if (future := waiting.pop(frame.id, None)) is not None:
                 future.set_result(frame)
             elif frame.HasField("tools_execute"):
                 self.callbacks += 1
-                answer = session_pb2.ClientFrame(id=frame.id, tools_execute=output)
+                answer = tool_answer(frame.id)
                 async with self._writing:
                     await self.call.write(answer)
 
     async def request(self, member: str, message: Any, timeout: float = 10) -> Any:
         self._ids += 1
         frame_id = str(self._ids)
-        frame = session_pb2.ClientFrame(id=frame_id)
-        getattr(frame, member).CopyFrom(message)
+        frame = lean_frame(frame_id, member, message)
         future = asyncio.get_running_loop().create_future()
         self._waiting[frame_id] = future
         async with asyncio.timeout(timeout):
@@ -106,6 +110,21 @@ class LeanClient:
         self.call.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._reader
+
+
+def lean_frame(frame_id: str, member: str, message: Any) -> session_pb2.ClientFrame:
+    """LeanClient's request frame: `message` as `member`, with the id `frame_id`."""
+    frame = session_pb2.ClientFrame(id=frame_id)
+    getattr(frame, member).CopyFrom(message)
+    return frame
+
+
+_OUTPUT = tools_pb2.ExecuteToolResponse(output=struct_pb2.Value(number_value=1))
+
+
+def tool_answer(call_id: str) -> session_pb2.ClientFrame:
+    """LeanClient's answer to the tools.execute `call_id` (the tool's output: 1)."""
+    return session_pb2.ClientFrame(id=call_id, tools_execute=_OUTPUT)
 
 
 class LeanWsClient:
@@ -130,9 +149,7 @@ class LeanWsClient:
                     future.set_result(message)
             elif message["method"] == "tools.execute":
                 self.callbacks += 1
-                await send(
-                    f'{{"jsonrpc":"2.0","id":{json.dumps(message["id"])},"result":{{"output":1}}}}'
-                )
+                await send(ws_tool_answer(message["id"]))
 
     async def request(self, template: str, timeout: float = 10) -> dict[str, Any]:
         """Send `template % id` and wait for its answer's result."""
@@ -161,23 +178,40 @@ WS_PROPOSAL = (
 )
 
 
-async def lean_ws_connect(url: str) -> LeanWsClient:
-    """A `LeanWsClient` on the gateway at `url` (auth off), past auth and the handshake."""
-    ws = await connect(url, ping_interval=None, compression=None, max_size=None)
-    for request in (
-        {"jsonrpc": "2.0", "id": 0, "method": "session.auth", "params": {}},
+#: What LeanWsClient's connection sends first (auth off): auth, then the handshake.
+WS_OPENING = [
+    json.dumps({"jsonrpc": "2.0", "id": 0, "method": "session.auth", "params": {}}),
+    json.dumps(
         {
             "jsonrpc": "2.0",
             "id": 1,
             "method": "server.handshake",
             "params": {"protocol_version": 3, "client_version": "bench"},
-        },
-    ):
-        await ws.send(json.dumps(request))
+        }
+    ),
+]
+
+
+def ws_tool_answer(call_id: Any) -> str:
+    """LeanWsClient's answer to the tools.execute `call_id` (the tool's output: 1)."""
+    return f'{{"jsonrpc":"2.0","id":{json.dumps(call_id)},"result":{{"output":1}}}}'
+
+
+async def lean_ws_connect(url: str) -> LeanWsClient:
+    """A `LeanWsClient` on the gateway at `url` (auth off), past auth and the handshake."""
+    ws = await connect(url, ping_interval=None, compression=None, max_size=None)
+    for request in WS_OPENING:
+        await ws.send(request)
         answer = json.loads(await ws.recv())
         if "result" not in answer:
             raise RuntimeError(f"session did not open: {answer}")
     return LeanWsClient(ws)
+
+
+def _handshake() -> session_pb2.HandshakeRequest:
+    handshake = session_pb2.HandshakeRequest(client_version="bench")
+    handshake.protocol_version.number_value = 3
+    return handshake
 
 
 async def _lean_connect(
@@ -186,9 +220,7 @@ async def _lean_connect(
     """A client of `kind`, authenticated with `token` and past the handshake."""
     client = kind(channel)
     await client.request("session_auth", session_pb2.AuthenticateRequest(token=token))
-    handshake = session_pb2.HandshakeRequest(client_version="bench")
-    handshake.protocol_version.number_value = 3
-    await client.request("server_handshake", handshake)
+    await client.request("server_handshake", _handshake())
     return client
 
 
@@ -296,59 +328,110 @@ def _two(op: Op) -> Op:
     return two
 
 
+#: The proposal every figure submits: one tool call.
+ONE_CALL = [{"id": "a", "type": "tool_call", "tool": "t"}]
+GET = state_pb2.GetStateRequest(key="k")
+
+
+async def _check_floor(served: list[str], floor: list[str]) -> None:
+    """Raise unless the floor (`floor`: its gRPC address and URL) answers LeanClient's
+    and LeanWsClient's exchange (auth, the handshake, a state.get, a proposal and its
+    call's answer) with the frames car-grpc's (`served`) answers it with
+    (`proposal_floor.check_frames`)."""
+    frames = [
+        lean_frame("1", "session_auth", session_pb2.AuthenticateRequest(token="")),
+        lean_frame("2", "server_handshake", _handshake()),
+        lean_frame("3", "state_get", GET),
+        lean_frame("4", "proposal_submit", _submit(ONE_CALL)),
+        tool_answer("cb-1"),
+    ]
+    texts = [*WS_OPENING, WS_STATE_GET % 2, WS_PROPOSAL % 3, ws_tool_answer("cb-1")]
+    check_frames(
+        await grpc_answers(served[0], frames),
+        await grpc_answers(floor[0], frames),
+        await ws_answers(served[1], texts),
+        await ws_answers(floor[1], texts),
+    )
+
+
+def _ops(prefix: str, client: LeanClient, ws: LeanWsClient) -> dict[str, Op]:
+    """A state.get, a proposal and two state.gets through each client, named `prefix` +
+    `get`, `proposal`, `two`, and `ws ` and those for the WebSocket's."""
+    one = _submit(ONE_CALL)
+
+    def state_get() -> Awaitable[object]:
+        return client.request("state_get", GET)
+
+    def ws_get() -> Awaitable[object]:
+        return ws.request(WS_STATE_GET)
+
+    return {
+        prefix + "get": state_get,
+        prefix + "proposal": lambda: client.request("proposal_submit", one),
+        prefix + "two": _two(state_get),
+        prefix + "ws get": ws_get,
+        prefix + "ws proposal": lambda: ws.request(WS_PROPOSAL),
+        prefix + "ws two": _two(ws_get),
+    }
+
+
 async def _served() -> list[summary.Figure]:
     """The headline: `car-grpc serve` as it runs by default (its core in a process of its
     own; on 2 CPUs or more the gateway in another), a LeanClient on the core's gRPC port
-    and a LeanWsClient on the gateway, both in this process; a state.get, a proposal
-    and two state.gets through each, in alternated blocks (`_blocks`)."""
+    and a LeanWsClient on the gateway, both in this process; and the same two clients on
+    the floor (`proposal_floor`: a bare core, and the bare relay in a process of its own in
+    front of it), which is first checked to answer with car-grpc's frames. A state.get, a
+    proposal and two state.gets through each of the four, in alternated blocks (`_blocks`)."""
     with tempfile.TemporaryDirectory() as home:
-        async with car_grpc_serve(home, "--no-auth", "--no-dashboard") as server:
-            grpc_address, url = await server.listeners(2, timeout=60)
-            async with grpc.aio.insecure_channel(grpc_address) as channel:
+        async with contextlib.AsyncExitStack() as stack:
+            server = await stack.enter_async_context(
+                car_grpc_serve(home, "--no-auth", "--no-dashboard")
+            )
+            served = await server.listeners(2, timeout=60)
+            argv = [sys.executable, "-m", "bench.proposal_floor"]
+            bare = await stack.enter_async_context(launch(argv, name="floor", stdin=True))
+            floor = await bare.listeners(2, timeout=60)
+            await _check_floor(served, floor)
+            ops: dict[str, Op] = {}
+            for prefix, (address, url) in (("", served), ("bare ", floor)):
+                channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
                 client = await _lean_connect(channel, "")
+                stack.push_async_callback(client.close)
                 ws = await lean_ws_connect(url)
-                try:
-                    get = state_pb2.GetStateRequest(key="k")
-                    one = _submit([{"id": "a", "type": "tool_call", "tool": "t"}])
-
-                    def state_get() -> Awaitable[object]:
-                        return client.request("state_get", get)
-
-                    def ws_get() -> Awaitable[object]:
-                        return ws.request(WS_STATE_GET)
-
-                    ops: dict[str, Op] = {
-                        "get": state_get,
-                        "proposal": lambda: client.request("proposal_submit", one),
-                        "two": _two(state_get),
-                        "ws get": ws_get,
-                        "ws proposal": lambda: ws.request(WS_PROPOSAL),
-                        "ws two": _two(ws_get),
-                    }
-                    for op in ops.values():  # warm-up
-                        for _ in range(WARMUP):
-                            await op()
-                    p50 = await _blocks(ops)
-                finally:
-                    await ws.close()
-                    await client.close()
+                stack.push_async_callback(ws.close)
+                ops |= _ops(prefix, client, ws)
+            for op in ops.values():  # warm-up
+                for _ in range(WARMUP):
+                    await op()
+            p50 = await _blocks(ops)
     figures = []
     for via, name in (("", "over gRPC"), ("ws ", "over WebSocket, via the gateway")):
         base, proposal, two = (p50[via + kind] for kind in ("get", "proposal", "two"))
+        bare_base, bare_proposal, bare_two = (
+            p50["bare " + via + kind] for kind in ("get", "proposal", "two")
+        )
+        ratio, floor_ratio = proposal / base, bare_proposal / bare_base
         print(
             f"car-grpc serve, {name}: p50 state.get {base:.0f} us, proposal {proposal:.0f} "
-            f"us ({proposal / base:.2f}x), two state.gets {two:.0f} us ({two / base:.2f}x); "
-            f"the proposal is {proposal / two:.2f}x its floor"
+            f"us ({ratio:.2f}x), two state.gets {two:.0f} us ({two / base:.2f}x; the "
+            f"proposal is {proposal / two:.2f}x them)"
+        )
+        print(
+            f"  its floor, the bare core{' behind the bare relay' if via else ''}: p50 "
+            f"state.get {bare_base:.0f} us, proposal {bare_proposal:.0f} us "
+            f"({floor_ratio:.2f}x), two state.gets {bare_two:.0f} us "
+            f"({bare_two / bare_base:.2f}x); car-grpc's ratio is {ratio / floor_ratio:.2f}x "
+            "the floor's"
         )
         figures.append(
             summary.at_most(
                 "proposal with one tool callback, p50"
                 + (", via the gateway (WebSocket)" if via else ""),
                 f"{proposal / 1000:.3f} ms",
-                proposal / base,
+                ratio,
                 2,
                 "a state.get",
-                floor=two / base,
+                floor=floor_ratio,
             )
         )
     return figures
@@ -357,8 +440,6 @@ async def _served() -> list[summary.Figure]:
 async def _run() -> None:
     figures = await _served()
     async with lean_session() as client:
-        get = state_pb2.GetStateRequest(key="k")
-        one = _submit([{"id": "a", "type": "tool_call", "tool": "t"}])
         wide = _submit([{"id": f"a{i}", "type": "tool_call", "tool": "t"} for i in range(WIDTH)])
         rate = await _callbacks_per_second(client, wide)
         print(f"wide ({WIDTH} independent): {rate:.0f} callbacks/s")
@@ -376,7 +457,7 @@ async def _run() -> None:
         )
         rate = await _callbacks_per_second(client, chain)
         print(f"chain ({WIDTH} dependent): {rate:.0f} callbacks/s")
-        await _interleaved(client, get, one)
+        await _interleaved(client, GET, _submit(ONE_CALL))
     summary.report(*figures)
 
 

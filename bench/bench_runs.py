@@ -71,7 +71,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from bench import summary
-from bench.bench_gateway import mux_frame, mux_frames, relay_servicer
+from bench.bench_gateway import mux_frame, mux_frames, run_floor_processes
 from bench.proc import cpu_seconds, own_cpu_seconds, process_tree
 from car_grpc.core.tokens import HOST_TOKEN_FILE, AgentTokens
 from car_grpc.store import open_store
@@ -435,14 +435,7 @@ async def run_floor() -> None:
     serve` starts its gateway; logs both addresses, serves until stdin closes."""
     with tempfile.TemporaryDirectory() as tmp:
         core = FloorCore(open_raw(Path(tmp) / "floor.sqlite3"))
-        server, port = await relay_servicer(core.serve)
-        log_listening("floor core: gRPC", f"127.0.0.1:{port}")
-        argv = [sys.executable, "-m", "bench.bench_gateway", "mux", f"127.0.0.1:{port}"]
-        async with launch(argv, name="floor relay", stdin=True) as relay:
-            [url] = await relay.listeners(1)
-            log_listening("floor relay: WebSocket", url)
-            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-        await server.stop(0)
+        await run_floor_processes("floor", core.serve)
 
 
 # ------------------------------------------------------------------ report

@@ -10,7 +10,10 @@ tool callback and 400 pairs of state.gets, alternately. An arm is either
   over gRPC (SessionService.Connect), or
 - `TREE,FLAG,...`: `car-grpc serve FLAG...` of the tree (auth off, no dashboard), e.g.
   `TREE,--gateway-processes,1`, and bench_proposals' LeanWsClient on its gateway (JSON-RPC
-  over WebSocket): the path of a WebSocket client of the default server.
+  over WebSocket): the path of a WebSocket client of the default server, or
+- `floor` (`floor,ws`): bench_proposals' floor (bench/proposal_floor.py, of the tree this
+  runs from: a bare core, and the bare relay in a process of its own), with the LeanClient
+  on its core (the LeanWsClient on its relay).
 
 For each window: the server's CPU per operation (every thread, /proc/PID/task/*/schedstat:
 nanoseconds, not the ticks of /proc/PID/stat), split into its first process (the core) and
@@ -43,6 +46,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from bench.bench_proposals import (
+    GET,
+    ONE_CALL,
     WS_PROPOSAL,
     WS_STATE_GET,
     _lean_connect,
@@ -50,8 +55,11 @@ from bench.bench_proposals import (
     lean_ws_connect,
 )
 from bench.proc import process_tree
-from car_grpc.v1 import state_pb2
 from tests.processes import EPHEMERAL, car_grpc_argv, cli_env, launch
+
+#: The arm of bench_proposals' floor (`proposal_floor`): `floor` over gRPC, `floor,ws` through
+#: its relay.
+FLOOR = "floor"
 
 #: Operations of each kind per window (AB_PER_WINDOW): fewer, in more windows, for a finer
 #: alternation on a busy machine.
@@ -150,18 +158,49 @@ async def _core_arm(stack: contextlib.AsyncExitStack, tree: str) -> Arm:
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 60)
     address, token = line.decode().split()
+    return await _grpc_arm(stack, tree, proc.pid, address, token)
+
+
+async def _grpc_arm(
+    stack: contextlib.AsyncExitStack, tree: str, pid: int, address: str, token: str
+) -> Arm:
+    """A LeanClient with `token` on the server at `address` (whose first process is `pid`)."""
     channel = grpc.aio.insecure_channel(address)
     stack.push_async_callback(channel.close)
     client = await _lean_connect(channel, token)
-    get = state_pb2.GetStateRequest(key="k")
-    one = _submit([{"id": "a", "type": "tool_call", "tool": "t"}])
+    one = _submit(ONE_CALL)
     return Arm(
         tree,
-        proc.pid,
-        lambda: client.request("state_get", get),
+        pid,
+        lambda: client.request("state_get", GET),
         lambda: client.request("proposal_submit", one),
         client.close,
     )
+
+
+async def _ws_arm(tree: str, pid: int, url: str) -> Arm:
+    """A LeanWsClient on the gateway (or relay) at `url` of the server whose first process
+    is `pid`."""
+    client = await lean_ws_connect(url)
+    return Arm(
+        tree,
+        pid,
+        lambda: client.request(WS_STATE_GET),
+        lambda: client.request(WS_PROPOSAL),
+        client.close,
+    )
+
+
+async def _floor_arm(stack: contextlib.AsyncExitStack, tree: str) -> Arm:
+    """The floor of bench_proposals (`proposal_floor`, from this process's tree: the bare
+    core, its relay in a process of its own): a LeanClient on the bare core over gRPC
+    (`floor`), or a LeanWsClient through the relay (`floor,ws`)."""
+    argv = [sys.executable, "-m", "bench.proposal_floor"]
+    process = await stack.enter_async_context(launch(argv, name="floor", stdin=True))
+    address, url = await process.listeners(2, timeout=60)
+    if tree == FLOOR:
+        return await _grpc_arm(stack, tree, process.proc.pid, address, "")
+    return await _ws_arm(tree, process.proc.pid, url)
 
 
 async def _serve_arm(stack: contextlib.AsyncExitStack, tree: str) -> Arm:
@@ -173,14 +212,7 @@ async def _serve_arm(stack: contextlib.AsyncExitStack, tree: str) -> Arm:
     env = cli_env(home, PYTHONPATH=directory)
     process = await stack.enter_async_context(launch(argv, env=env, cwd=directory))
     _, url = await process.listeners(2, timeout=60)
-    client = await lean_ws_connect(url)
-    return Arm(
-        tree,
-        process.proc.pid,
-        lambda: client.request(WS_STATE_GET),
-        lambda: client.request(WS_PROPOSAL),
-        client.close,
-    )
+    return await _ws_arm(tree, process.proc.pid, url)
 
 
 def _report(arm: Arm) -> None:
@@ -211,7 +243,10 @@ async def run(windows: int, trees: list[str]) -> None:
     async with contextlib.AsyncExitStack() as stack:
         arms = []
         for tree in trees:
-            arm = await (_serve_arm if "," in tree else _core_arm)(stack, tree)
+            if tree.split(",")[0] == FLOOR:
+                arm = await _floor_arm(stack, tree)
+            else:
+                arm = await (_serve_arm if "," in tree else _core_arm)(stack, tree)
             stack.push_async_callback(arm.close)
             arms.append(arm)
         for arm in arms:  # warm-up, not counted
