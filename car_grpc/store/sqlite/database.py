@@ -12,9 +12,13 @@ every write queued by then (up to GroupLimits.max_group writes and max_group_byt
 runs them in one transaction, each under its own savepoint, with one COMMIT, so one
 fsync, for all of them. A write that raises is rolled back to its savepoint and fails
 alone; the others commit. Every caller is answered only after that COMMIT returned (and
-the group's answers reach the event loop in one hand-off). There is no timer: a write
-that arrives while a group commits joins the next one ("natural" group commit; a window
-that waited for more writes did not pay, bench/README.md).
+the group's answers reach the event loop in one hand-off). A write that arrives while a
+group commits joins the next one ("natural" group commit). And when the group before had
+k writes, the writers then in flight are expected back: the store thread waits for k
+writes queued, for GroupLimits.window at most, before it commits. A lone writer (k = 1)
+never waits; a fixed window for every group did, and did not pay (bench/README.md); this
+one roughly doubles the groups of many concurrent writers, and so halves their commits
+and the hand-offs back to each caller, which are most of a write's CPU.
 
 Merged writes: `write_merged(apply, item)` is a write given as data, and writes of the
 same `apply` queued one after another in a group run as ONE call `apply(conn, items)`
@@ -206,9 +210,10 @@ class GroupLimits:
     #: Writes, and their bytes, committed in one transaction at most.
     max_group: int = 256
     max_group_bytes: int = 16 << 20
-    #: Seconds the store thread waits for more writes after the first of a group (0: no
-    #: timer, a group is whatever was queued when the thread became free).
-    window: float = 0.0
+    #: Seconds the store thread waits at most, with fewer writes queued than the group
+    #: before had, for that many (0: never; a group is whatever was queued when the
+    #: thread became free). Measured in bench/README.md (branch `rec8`).
+    window: float = 0.001
     #: How long a caller waits for its call before it gives up with TimeoutError (well
     #: past SQLite's busy_timeout). The call may still be done later: a write is then
     #: committed without having been acknowledged, never the other way round.
@@ -260,6 +265,10 @@ class _Queue:
     wake: threading.Condition = field(default_factory=threading.Condition)
     calls: collections.deque[_Call] = field(default_factory=collections.deque)
     closing: bool = False
+    #: GroupLimits.window for this queue's thread (0 for the reads), and the size of the
+    #: group it took last (used on that thread only).
+    window: float = 0.0
+    last_group: int = 1
 
 
 class _InDoubt(Exception):
@@ -290,7 +299,7 @@ class SqliteDatabase:
         self.commits = 0
         self.committed_writes = 0
         self._loop = loop
-        self._writes = _Queue()
+        self._writes = _Queue(window=limits.window)
         self._reads = _Queue()
         self._conn: sqlite3.Connection | None = None
         #: Calls and write bytes queued or under way (counted on the event loop).
@@ -578,9 +587,10 @@ class SqliteDatabase:
                 if queue.closing or self._loop.is_closed():
                     return []
                 queue.wake.wait(_IDLE_TICK)
-            if limits.window > 0:
-                deadline = time.monotonic() + limits.window
-                while len(queue.calls) < limits.max_group and not queue.closing:
+            expected = min(queue.last_group, limits.max_group)
+            if queue.window > 0 and len(queue.calls) < expected:
+                deadline = time.monotonic() + queue.window
+                while len(queue.calls) < expected and not queue.closing:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
@@ -593,6 +603,7 @@ class SqliteDatabase:
                     break
                 taken.append(queue.calls.popleft())
                 size += call.size
+            queue.last_group = len(taken)
             return taken
 
     def _read_all(self, conn: sqlite3.Connection, reads: list[_Call]) -> None:
