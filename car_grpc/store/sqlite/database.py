@@ -14,11 +14,13 @@ fsync, for all of them. A write that raises is rolled back to its savepoint and 
 alone; the others commit. Every caller is answered only after that COMMIT returned (and
 the group's answers reach the event loop in one hand-off). A write that arrives while a
 group commits joins the next one ("natural" group commit). And when the group before had
-k writes, the writers then in flight are expected back: the store thread waits for k
-writes queued, for GroupLimits.window at most, before it commits. A lone writer (k = 1)
-never waits; a fixed window for every group did, and did not pay (bench/README.md); this
-one roughly doubles the groups of many concurrent writers, and so halves their commits
-and the hand-offs back to each caller, which are most of a write's CPU.
+k writes, the writers then in flight are expected back (a writer with one write in flight
+writes again once answered): the store thread waits until k writes are queued, for
+GroupLimits.window at most, before it commits; after a wait that ran out it does not wait
+for the next group. A lone writer (k = 1) never waits (a fixed window for every group
+did, and did not pay); many writers in a loop make their groups about twice as large,
+so fewer commits, and their answers go back together: less CPU a write through the
+whole server (bench/README.md, branch `rec8`).
 
 Merged writes: `write_merged(apply, item)` is a write given as data, and writes of the
 same `apply` queued one after another in a group run as ONE call `apply(conn, items)`
@@ -265,8 +267,8 @@ class _Queue:
     wake: threading.Condition = field(default_factory=threading.Condition)
     calls: collections.deque[_Call] = field(default_factory=collections.deque)
     closing: bool = False
-    #: GroupLimits.window for this queue's thread (0 for the reads), and the size of the
-    #: group it took last (used on that thread only).
+    #: GroupLimits.window for this queue's thread (0 for the reads), and how many writes
+    #: the next group waits for: the last group's, 1 if its wait ran out (that thread's).
     window: float = 0.0
     last_group: int = 1
 
@@ -588,11 +590,13 @@ class SqliteDatabase:
                     return []
                 queue.wake.wait(_IDLE_TICK)
             expected = min(queue.last_group, limits.max_group)
+            came = True
             if queue.window > 0 and len(queue.calls) < expected:
                 deadline = time.monotonic() + queue.window
                 while len(queue.calls) < expected and not queue.closing:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
+                        came = False
                         break
                     queue.wake.wait(remaining)
             taken: list[_Call] = []
@@ -603,7 +607,8 @@ class SqliteDatabase:
                     break
                 taken.append(queue.calls.popleft())
                 size += call.size
-            queue.last_group = len(taken)
+            # Writers that did not all come back in time are not waited for next time.
+            queue.last_group = len(taken) if came else 1
             return taken
 
     def _read_all(self, conn: sqlite3.Connection, reads: list[_Call]) -> None:
