@@ -16,11 +16,11 @@ the group's answers reach the event loop in one hand-off). A write that arrives 
 group commits joins the next one ("natural" group commit). And when the group before had
 k writes, the writers then in flight are expected back (a writer with one write in flight
 writes again once answered): the store thread waits until k writes are queued, for
-GroupLimits.window at most, before it commits; after a wait that ran out it does not wait
-for the next group. A lone writer (k = 1) never waits (a fixed window for every group
-did, and did not pay); many writers in a loop make their groups about twice as large,
-so fewer commits, and their answers go back together: less CPU a write through the
-whole server (bench/README.md, branch `rec8`).
+GroupLimits.window at most, before it commits; waits that run out make it skip the next
+chances to wait, more and more of them. A lone writer (k = 1) never waits (a fixed window
+for every group did, and did not pay); many writers in a loop make their groups about
+twice as large, so fewer commits, and their answers go back together: less CPU a write
+through the whole server (bench/README.md, branch `rec8`).
 
 Merged writes: `write_merged(apply, item)` is a write given as data, and writes of the
 same `apply` queued one after another in a group run as ONE call `apply(conn, items)`
@@ -227,6 +227,8 @@ DEFAULT_WRITE_SIZE = 256
 #: How often the idle store thread looks whether its event loop is gone (a store that
 #: was never closed), in seconds.
 _IDLE_TICK = 1.0
+#: The most chances to wait for a group skipped after waits that ran out.
+_MAX_SKIP = 63
 #: Seconds to wait for the database to open (and migrate), and for close to drain.
 _OPEN_TIMEOUT = 60.0
 _CLOSE_TIMEOUT = 60.0
@@ -267,10 +269,13 @@ class _Queue:
     wake: threading.Condition = field(default_factory=threading.Condition)
     calls: collections.deque[_Call] = field(default_factory=collections.deque)
     closing: bool = False
-    #: GroupLimits.window for this queue's thread (0 for the reads), and how many writes
-    #: the next group waits for: the last group's, 1 if its wait ran out (that thread's).
+    #: GroupLimits.window for this queue's thread (0 for the reads); the size of the
+    #: group it took last; the chances to wait it skips next, and how many it skipped
+    #: after the last wait that ran out (`_wait_for`; all used on that thread only).
     window: float = 0.0
     last_group: int = 1
+    skip: int = 0
+    backoff: int = 0
 
 
 class _InDoubt(Exception):
@@ -590,15 +595,8 @@ class SqliteDatabase:
                     return []
                 queue.wake.wait(_IDLE_TICK)
             expected = min(queue.last_group, limits.max_group)
-            came = True
             if queue.window > 0 and len(queue.calls) < expected:
-                deadline = time.monotonic() + queue.window
-                while len(queue.calls) < expected and not queue.closing:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        came = False
-                        break
-                    queue.wake.wait(remaining)
+                self._wait_for(queue, expected)
             taken: list[_Call] = []
             size = 0
             while queue.calls and len(taken) < limits.max_group:
@@ -607,9 +605,27 @@ class SqliteDatabase:
                     break
                 taken.append(queue.calls.popleft())
                 size += call.size
-            # Writers that did not all come back in time are not waited for next time.
-            queue.last_group = len(taken) if came else 1
+            queue.last_group = len(taken)
             return taken
+
+    @staticmethod
+    def _wait_for(queue: _Queue, expected: int) -> None:
+        """Wait (holding `queue.wake`) until `expected` calls are queued, for the queue's
+        window at most; after waits that ran out, skip the next 1, 3, 7, ... (up to
+        _MAX_SKIP) chances to wait: writers that do not come back in time (e.g. clients
+        that pause between writes) are not waited for, writers in a loop are."""
+        if queue.skip:
+            queue.skip -= 1
+            return
+        deadline = time.monotonic() + queue.window
+        while len(queue.calls) < expected and not queue.closing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                queue.backoff = min(2 * queue.backoff + 1, _MAX_SKIP)
+                queue.skip = queue.backoff
+                return
+            queue.wake.wait(remaining)
+        queue.backoff = 0
 
     def _read_all(self, conn: sqlite3.Connection, reads: list[_Call]) -> None:
         """On the read thread: `reads` in one read transaction (one snapshot, taken after
