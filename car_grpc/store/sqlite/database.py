@@ -270,12 +270,12 @@ class _Queue:
     calls: collections.deque[_Call] = field(default_factory=collections.deque)
     closing: bool = False
     #: GroupLimits.window for this queue's thread (0 for the reads); the size of the
-    #: group it took last; the chances to wait it skips next, and how many it skipped
-    #: after the last wait that ran out (`_wait_for`; all used on that thread only).
+    #: group it took last; the chances to wait it skips next, and the waits in a row that
+    #: ran out (`_wait_for`; all used on that thread only).
     window: float = 0.0
     last_group: int = 1
     skip: int = 0
-    backoff: int = 0
+    misses: int = 0
 
 
 class _InDoubt(Exception):
@@ -611,9 +611,10 @@ class SqliteDatabase:
     @staticmethod
     def _wait_for(queue: _Queue, expected: int) -> None:
         """Wait (holding `queue.wake`) until `expected` calls are queued, for the queue's
-        window at most; after waits that ran out, skip the next 1, 3, 7, ... (up to
-        _MAX_SKIP) chances to wait: writers that do not come back in time (e.g. clients
-        that pause between writes) are not waited for, writers in a loop are."""
+        window at most. After n waits in a row that ran out, skip the next 2^n - 2 chances
+        to wait (0, 2, 6, ... up to _MAX_SKIP): writers that do not come back in time
+        (clients that pause between writes) are soon not waited for, writers in a loop
+        still are when one of them was late once."""
         if queue.skip:
             queue.skip -= 1
             return
@@ -621,11 +622,11 @@ class SqliteDatabase:
         while len(queue.calls) < expected and not queue.closing:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                queue.backoff = min(2 * queue.backoff + 1, _MAX_SKIP)
-                queue.skip = queue.backoff
+                queue.misses += 1
+                queue.skip = min(2**queue.misses - 2, _MAX_SKIP)
                 return
             queue.wake.wait(remaining)
-        queue.backoff = 0
+        queue.misses = 0
 
     def _read_all(self, conn: sqlite3.Connection, reads: list[_Call]) -> None:
         """On the read thread: `reads` in one read transaction (one snapshot, taken after
