@@ -15,9 +15,10 @@ alone; the others commit. Every caller is answered only after that COMMIT return
 the group's answers reach the event loop in one hand-off). A write that arrives while a
 group commits joins the next one ("natural" group commit). And when the group before had
 k writes, the writers then in flight are expected back (a writer with one write in flight
-writes again once answered): the store thread waits until k writes are queued, for
-GroupLimits.window at most, before it commits; waits that run out make it skip the next
-chances to wait, more and more of them. A lone writer (k = 1) never waits (a fixed window
+writes again once answered): the store thread waits until k writes are queued, as long
+as each comes within GroupLimits.window (1 ms) of the one before, 4 windows at most,
+before it commits; waits that run out in a row make it skip the next chances to wait,
+more and more of them. A lone writer (k = 1) never waits (a fixed window
 for every group did, and did not pay); many writers in a loop make their groups about
 twice as large, so fewer commits, and their answers go back together: less CPU a write
 through the whole server (bench/README.md, branch `rec8`).
@@ -212,9 +213,10 @@ class GroupLimits:
     #: Writes, and their bytes, committed in one transaction at most.
     max_group: int = 256
     max_group_bytes: int = 16 << 20
-    #: Seconds the store thread waits at most, with fewer writes queued than the group
-    #: before had, for that many (0: never; a group is whatever was queued when the
-    #: thread became free). Measured in bench/README.md (branch `rec8`).
+    #: With fewer writes queued than the group before had, how long the store thread
+    #: waits for the next of them, in seconds (4 windows in all at most; 0: never, a
+    #: group is whatever was queued when the thread became free). Measured in
+    #: bench/README.md (branch `rec8`).
     window: float = 0.001
     #: How long a caller waits for its call before it gives up with TimeoutError (well
     #: past SQLite's busy_timeout). The call may still be done later: a write is then
@@ -227,8 +229,10 @@ DEFAULT_WRITE_SIZE = 256
 #: How often the idle store thread looks whether its event loop is gone (a store that
 #: was never closed), in seconds.
 _IDLE_TICK = 1.0
-#: The most chances to wait for a group skipped after waits that ran out.
+#: The most chances to wait for a group skipped after waits that ran out, and the
+#: longest wait for a group, in windows.
 _MAX_SKIP = 63
+_MAX_WINDOWS = 4
 #: Seconds to wait for the database to open (and migrate), and for close to drain.
 _OPEN_TIMEOUT = 60.0
 _CLOSE_TIMEOUT = 60.0
@@ -610,17 +614,24 @@ class SqliteDatabase:
 
     @staticmethod
     def _wait_for(queue: _Queue, expected: int) -> None:
-        """Wait (holding `queue.wake`) until `expected` calls are queued, for the queue's
-        window at most. After n waits in a row that ran out, skip the next 2^n - 2 chances
-        to wait (0, 2, 6, ... up to _MAX_SKIP): writers that do not come back in time
-        (clients that pause between writes) are soon not waited for, writers in a loop
-        still are when one of them was late once."""
+        """Wait (holding `queue.wake`) until `expected` calls are queued, as long as each
+        comes within the queue's window of the one before (on a busy machine the writers
+        come back spread out, yet close to each other), for _MAX_WINDOWS windows in all.
+        After n waits in a row that ran out, skip the next 2^n - 2 chances to wait (0, 2,
+        6, ... up to _MAX_SKIP): writers that do not come back in time (clients that pause
+        between writes) are soon not waited for, writers in a loop still are when one of
+        them was late once."""
         if queue.skip:
             queue.skip -= 1
             return
-        deadline = time.monotonic() + queue.window
+        start = time.monotonic()
+        deadline, last = start + queue.window, start + _MAX_WINDOWS * queue.window
+        count = len(queue.calls)
         while len(queue.calls) < expected and not queue.closing:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            if len(queue.calls) > count:
+                count, deadline = len(queue.calls), min(now + queue.window, last)
+            remaining = deadline - now
             if remaining <= 0:
                 queue.misses += 1
                 queue.skip = min(2**queue.misses - 2, _MAX_SKIP)
