@@ -692,13 +692,14 @@ async def _close(*clients: Client) -> None:
 async def paired(windows: int, trees: list[str]) -> None:
     """`car-grpc serve` of every tree at once, the same load given to each in turn, window
     after window (the order reversed every other one; the first a warm-up): one recorder
-    of batch 1, then RECORDERS at once. Prints each tree's server CPU per turn (median and
-    range) for both, and the 16 recorders' rate."""
+    of batch 1, then RECORDERS at once. Prints for each tree, median (range) over the
+    windows: the 16's turns/s over one recorder's of the same window (the summary's ratio),
+    both rates, one recorder's p50 and the server's CPU per turn of both; then the paired
+    ratios of the 16's CPU and rate."""
     async with contextlib.AsyncExitStack() as stack:
         arms = [await _recorders_of(stack, tree) for tree in trees]
-        one: list[list[float]] = [[] for _ in arms]
-        many: list[list[float]] = [[] for _ in arms]
-        rates: list[list[float]] = [[] for _ in arms]
+        one: list[list[Figures]] = [[] for _ in arms]
+        many: list[list[Figures]] = [[] for _ in arms]
         for window in range(windows + 1):
             order = list(range(len(arms))) if window % 2 else list(range(len(arms)))[::-1]
             for i in order:
@@ -706,24 +707,37 @@ async def paired(windows: int, trees: list[str]) -> None:
                 single, _ = await bench_car_grpc(1, agent, watcher, pid)
                 concurrent, _ = await bench_concurrent(recorders, watcher, pid)
                 if window:
-                    one[i].append(single.cpu_us)
-                    many[i].append(concurrent.cpu_us)
-                    rates[i].append(concurrent.turns_per_s)
+                    one[i].append(single)
+                    many[i].append(concurrent)
         for _, agent, watcher, recorders in arms:
             await _close(agent, watcher, *recorders)
-    print("server CPU us per turn, median (range): one recorder | 16 recorders | 16 turns/s")
-    for tree, a, b, r in zip(trees, one, many, rates, strict=True):
+
+    def spread(values: list[float], digits: int = 0) -> str:
+        return (
+            f"{statistics.median(values):,.{digits}f}"
+            f" ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
+        )
+
+    print(
+        f"median (range) over {windows} windows: {RECORDERS} recorders / one recorder"
+        f" | {RECORDERS} turns/s | one turns/s | one p50 ms | server CPU us/turn: one | {RECORDERS}"
+    )
+    for tree, a, b in zip(trees, one, many, strict=True):
+        ratios = [y.turns_per_s / x.turns_per_s for x, y in zip(a, b, strict=True)]
         print(
-            f"  {tree:32} {statistics.median(a):6.0f} ({min(a):.0f}-{max(a):.0f})"
-            f" | {statistics.median(b):5.0f} ({min(b):.0f}-{max(b):.0f})"
-            f" | {statistics.median(r):6,.0f}   windows: {' '.join(f'{c:.0f}' for c in b)}"
+            f"  {tree:32} {spread(ratios, 2)}x | {spread([f.turns_per_s for f in b])}"
+            f" | {spread([f.turns_per_s for f in a])} | {spread([f.p50_ms for f in a], 3)}"
+            f" | {spread([f.cpu_us for f in a])} | {spread([f.cpu_us for f in b])}"
         )
     if len(trees) == 2:
-        ratios = [y / x for x, y in zip(many[0], many[1], strict=True)]
-        print(
-            f"  16 recorders, paired ratio {trees[1]} / {trees[0]}: median"
-            f" {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
-        )
+        for what, key in (("CPU us/turn", "cpu_us"), ("turns/s", "turns_per_s")):
+            ratios = [
+                getattr(y, key) / getattr(x, key) for x, y in zip(many[0], many[1], strict=True)
+            ]
+            print(
+                f"  {RECORDERS} recorders' {what}, paired ratio {trees[1]} / {trees[0]}:"
+                f" median {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+            )
 
 
 async def paired256(windows: int, arms: list[str]) -> None:

@@ -23,7 +23,7 @@ from car_grpc.store import RunRow, StoreConflict
 from car_grpc.store.sqlite import SqliteStore
 from car_grpc.store.sqlite.database import DEFAULT_WRITE_SIZE, GroupLimits, Key, SqliteDatabase
 from car_grpc.v1 import host_pb2, runs_pb2
-from tests.bounded import bounded
+from tests.bounded import WAIT_BOUND, bounded
 
 IN_PROGRESS = runs_pb2.RUN_STATUS_IN_PROGRESS
 STARTED = runs_pb2.RUN_RECORD_KIND_STARTED
@@ -422,6 +422,35 @@ async def test_a_group_of_appends_is_merged_and_a_bad_one_fails_alone(
         assert stored(reader, run_id) == [(0, 1), (1, 2), (2, 3)]
         got = await store.runs.get(run_id)
         assert got is not None and (got.turn_count, got.record_count) == (2, 3)
+
+
+async def test_after_a_group_of_k_the_store_waits_for_k_writes(path: Path) -> None:
+    """Writers in a loop come back: after a group of 3, a write alone is held (up to the
+    window, here longer than the test) until two more join it, and the three commit
+    together; a lone writer's groups are of one, so it never waits."""
+    db = await SqliteDatabase.open(path, GroupLimits(window=10 * WAIT_BOUND))
+    ran: list[int] = []
+
+    def note(n: int) -> Callable[[sqlite3.Connection], None]:
+        return lambda _: ran.append(n)
+
+    try:
+        for n in range(5):  # one writer: each write alone, none waits for company
+            await bounded(db.write(note(n)), "a lone writer's write")
+        async with gated(db):
+            three = [asyncio.create_task(db.write(note(n))) for n in range(5, 8)]
+            await queued()
+        await bounded(asyncio.gather(*three))
+        commits, writes = db.commits, db.committed_writes
+        fourth = asyncio.create_task(db.write(note(8)))
+        await asyncio.sleep(0.2)
+        assert not fourth.done()  # held for two more writes
+        rest = [asyncio.create_task(db.write(note(n))) for n in (9, 10)]
+        await bounded(asyncio.gather(fourth, *rest))
+        assert (db.commits - commits, db.committed_writes - writes) == (1, 3)
+        assert ran == list(range(11))
+    finally:
+        await db.close()
 
 
 async def test_every_read_sees_the_writes_acknowledged_before_it(store: SqliteStore) -> None:

@@ -12,9 +12,16 @@ every write queued by then (up to GroupLimits.max_group writes and max_group_byt
 runs them in one transaction, each under its own savepoint, with one COMMIT, so one
 fsync, for all of them. A write that raises is rolled back to its savepoint and fails
 alone; the others commit. Every caller is answered only after that COMMIT returned (and
-the group's answers reach the event loop in one hand-off). There is no timer: a write
-that arrives while a group commits joins the next one ("natural" group commit; a window
-that waited for more writes did not pay, bench/README.md).
+the group's answers reach the event loop in one hand-off). A write that arrives while a
+group commits joins the next one ("natural" group commit). And when the group before had
+k writes, the writers then in flight are expected back (a writer with one write in flight
+writes again once answered): the store thread waits until k writes are queued, as long
+as each comes within GroupLimits.window (1 ms) of the one before, 4 windows at most,
+before it commits; waits that run out in a row make it skip the next chances to wait,
+more and more of them. A lone writer (k = 1) never waits (a fixed window
+for every group did, and did not pay); many writers in a loop make their groups about
+twice as large, so fewer commits, and their answers go back together: less CPU a write
+through the whole server (bench/README.md, branch `rec8`).
 
 Merged writes: `write_merged(apply, item)` is a write given as data, and writes of the
 same `apply` queued one after another in a group run as ONE call `apply(conn, items)`
@@ -206,9 +213,11 @@ class GroupLimits:
     #: Writes, and their bytes, committed in one transaction at most.
     max_group: int = 256
     max_group_bytes: int = 16 << 20
-    #: Seconds the store thread waits for more writes after the first of a group (0: no
-    #: timer, a group is whatever was queued when the thread became free).
-    window: float = 0.0
+    #: With fewer writes queued than the group before had, how long the store thread
+    #: waits for the next of them, in seconds (4 windows in all at most; 0: never, a
+    #: group is whatever was queued when the thread became free). Measured in
+    #: bench/README.md (branch `rec8`).
+    window: float = 0.001
     #: How long a caller waits for its call before it gives up with TimeoutError (well
     #: past SQLite's busy_timeout). The call may still be done later: a write is then
     #: committed without having been acknowledged, never the other way round.
@@ -220,6 +229,10 @@ DEFAULT_WRITE_SIZE = 256
 #: How often the idle store thread looks whether its event loop is gone (a store that
 #: was never closed), in seconds.
 _IDLE_TICK = 1.0
+#: The most chances to wait for a group skipped after waits that ran out, and the
+#: longest wait for a group, in windows.
+_MAX_SKIP = 63
+_MAX_WINDOWS = 4
 #: Seconds to wait for the database to open (and migrate), and for close to drain.
 _OPEN_TIMEOUT = 60.0
 _CLOSE_TIMEOUT = 60.0
@@ -260,6 +273,13 @@ class _Queue:
     wake: threading.Condition = field(default_factory=threading.Condition)
     calls: collections.deque[_Call] = field(default_factory=collections.deque)
     closing: bool = False
+    #: GroupLimits.window for this queue's thread (0 for the reads); the size of the
+    #: group it took last; the chances to wait it skips next, and the waits in a row that
+    #: ran out (`_wait_for`; all used on that thread only).
+    window: float = 0.0
+    last_group: int = 1
+    skip: int = 0
+    misses: int = 0
 
 
 class _InDoubt(Exception):
@@ -290,7 +310,7 @@ class SqliteDatabase:
         self.commits = 0
         self.committed_writes = 0
         self._loop = loop
-        self._writes = _Queue()
+        self._writes = _Queue(window=limits.window)
         self._reads = _Queue()
         self._conn: sqlite3.Connection | None = None
         #: Calls and write bytes queued or under way (counted on the event loop).
@@ -578,13 +598,9 @@ class SqliteDatabase:
                 if queue.closing or self._loop.is_closed():
                     return []
                 queue.wake.wait(_IDLE_TICK)
-            if limits.window > 0:
-                deadline = time.monotonic() + limits.window
-                while len(queue.calls) < limits.max_group and not queue.closing:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    queue.wake.wait(remaining)
+            expected = min(queue.last_group, limits.max_group)
+            if queue.window > 0 and len(queue.calls) < expected:
+                self._wait_for(queue, expected)
             taken: list[_Call] = []
             size = 0
             while queue.calls and len(taken) < limits.max_group:
@@ -593,7 +609,35 @@ class SqliteDatabase:
                     break
                 taken.append(queue.calls.popleft())
                 size += call.size
+            queue.last_group = len(taken)
             return taken
+
+    @staticmethod
+    def _wait_for(queue: _Queue, expected: int) -> None:
+        """Wait (holding `queue.wake`) until `expected` calls are queued, as long as each
+        comes within the queue's window of the one before (on a busy machine the writers
+        come back spread out, yet close to each other), for _MAX_WINDOWS windows in all.
+        After n waits in a row that ran out, skip the next 2^n - 2 chances to wait (0, 2,
+        6, ... up to _MAX_SKIP): writers that do not come back in time (clients that pause
+        between writes) are soon not waited for, writers in a loop still are when one of
+        them was late once."""
+        if queue.skip:
+            queue.skip -= 1
+            return
+        start = time.monotonic()
+        deadline, last = start + queue.window, start + _MAX_WINDOWS * queue.window
+        count = len(queue.calls)
+        while len(queue.calls) < expected and not queue.closing:
+            now = time.monotonic()
+            if len(queue.calls) > count:
+                count, deadline = len(queue.calls), min(now + queue.window, last)
+            remaining = deadline - now
+            if remaining <= 0:
+                queue.misses += 1
+                queue.skip = min(2**queue.misses - 2, _MAX_SKIP)
+                return
+            queue.wake.wait(remaining)
+        queue.misses = 0
 
     def _read_all(self, conn: sqlite3.Connection, reads: list[_Call]) -> None:
         """On the read thread: `reads` in one read transaction (one snapshot, taken after
