@@ -41,6 +41,11 @@ def test_a_batch_takes_frames_within_its_bounds_and_a_larger_one_alone() -> None
     assert batch.take(queued, 8, 100) == ([b"x" * 500], 500)  # first, so alone
     assert batch.take(queued, 8, 100) == ([b"d"], 1)
     assert batch.take(queued, 8, 100) == ([], 0) and not queued
+    # After a frame taken before (`held` bytes), the rest fits beside it, or waits.
+    queued.extend([b"e" * 60, b"f" * 30])
+    assert batch.take(queued, 8, 100, held=500) == ([], 0)  # no company for a larger one
+    assert batch.take(queued, 8, 100, held=60) == ([], 0)  # e would make 120
+    assert batch.take(queued, 8, 100, held=40) == ([b"e" * 60], 60)
 
 
 async def test_a_burst_in_one_message_is_answered_in_order_and_in_few(
@@ -91,3 +96,31 @@ def test_varint_is_the_protobuf_encoding_at_every_length() -> None:
         serialized = voice_pb2.VoiceAudio(seq=value).SerializeToString()  # tag, then varint
         assert batch.varint(value) == serialized[1:], value
     assert batch.varint(0) == b"\x00"
+
+
+async def test_a_batch_stays_within_its_bytes_after_its_first_frame(
+    core: Core, channel: grpc.aio.Channel
+) -> None:
+    """Answers of 0.6 MiB queued one behind another go one a message: the frame behind the
+    one the writer took first does not fit in what is left of the batch's bytes, so it
+    waits for the next (taken along, two frames near gRPC's message bound would make one
+    message past it)."""
+    call: Any = session_pb2_grpc.SessionServiceStub(channel).ConnectBatched()
+    try:
+        put = _frame("set", "state_set", key="k")
+        put.state_set.value.string_value = "x" * (batch.MAX_BYTES * 6 // 10)
+        auth = _frame("auth", "session_auth", token=daemon_token(core))
+        await call.write(session_pb2.ConnectBatchedRequest(frames=[auth, put]))
+        gets = [_frame(str(i), "state_get", key="k") for i in range(3)]
+        await call.write(session_pb2.ConnectBatchedRequest(frames=gets))
+        answers: list[session_pb2.ServerFrame] = []
+        while len(answers) < 5:
+            message = await call.read()
+            assert message is not grpc.aio.EOF
+            answers += message.frames
+            sizes = [f.ByteSize() for f in message.frames]
+            assert len(sizes) == 1 or sum(sizes) <= batch.MAX_BYTES, sizes
+        assert [a.id for a in answers] == ["auth", "set", "0", "1", "2"]
+        assert all(a.HasField("state_get") for a in answers[2:])
+    finally:
+        call.cancel()

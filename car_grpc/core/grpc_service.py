@@ -151,8 +151,9 @@ class SessionStream:
                         continue
                     # What else is queued by now goes along (a direct write may have
                     # held the lock meanwhile).
-                    more = queue.take_ready(batch.MAX_FRAMES - 1, batch.MAX_BYTES - len(frames[0]))
-                    frames += more
+                    frames += queue.take_ready(
+                        batch.MAX_FRAMES - 1, batch.MAX_BYTES, len(frames[0])
+                    )
                     await self.context.write(batch.encode(frames))
             finally:
                 for _ in frames:

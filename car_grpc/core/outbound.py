@@ -127,10 +127,10 @@ class OutboundQueue:
         self._admit()
         return data
 
-    def take_ready(self, max_frames: int, max_bytes: int) -> list[bytes]:
-        """The frames queued now, oldest first, without waiting: at most `max_frames`, and
-        within `max_bytes` unless the first alone is larger (for a batched write)."""
-        taken, size = batch.take(self._items, max_frames, max_bytes)
+    def take_ready(self, max_frames: int, max_bytes: int, held: int = 0) -> list[bytes]:
+        """The frames queued now, oldest first, without waiting, for a batched write that
+        holds `held` bytes already: at most `max_frames`, within `max_bytes` (batch.take)."""
+        taken, size = batch.take(self._items, max_frames, max_bytes, held)
         if taken:
             self.bytes -= size
             self._admit()

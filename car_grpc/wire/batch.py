@@ -71,18 +71,23 @@ def encode(frames: Sequence[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def take(frames: deque[_Frame], max_frames: int, max_bytes: int) -> tuple[list[_Frame], int]:
+def take(
+    frames: deque[_Frame], max_frames: int, max_bytes: int, held: int = 0
+) -> tuple[list[_Frame], int]:
     """The frames at the front of `frames` that one batch holds, taken out, and their
-    size: at most `max_frames`, within `max_bytes` unless the first alone is larger."""
-    size = 0
+    size: at most `max_frames`, within `max_bytes` with the `held` bytes of the frame the
+    batch has already, if any, unless it is empty and the first alone is larger (a
+    larger frame goes alone, never with another: two of the largest frames would make a
+    message past gRPC's bound)."""
+    size = held
     taken: list[_Frame] = []
     while frames and len(taken) < max_frames:
-        if taken and size + len(frames[0]) > max_bytes:
+        if (taken or held) and size + len(frames[0]) > max_bytes:
             break
         frame = frames.popleft()
         size += len(frame)
         taken.append(frame)
-    return taken, size
+    return taken, size - held
 
 
 def member_frame(tag: bytes, message: bytes) -> bytes:
