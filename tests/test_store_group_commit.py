@@ -453,6 +453,34 @@ async def test_after_a_group_of_k_the_store_waits_for_k_writes(path: Path) -> No
         await db.close()
 
 
+async def test_close_ends_the_wait_for_a_group(path: Path) -> None:
+    """A write held for company (after a group of 3) when the store closes is committed
+    and answered at once: close does not wait out the window (here longer than the test),
+    and reads of other keys go on meanwhile (their thread never waits for a group)."""
+    db = await SqliteDatabase.open(path, GroupLimits(window=10 * WAIT_BOUND))
+    await db.write(lambda conn: conn.execute("CREATE TABLE t (n INTEGER)"))
+    async with gated(db):
+        three = [
+            asyncio.create_task(db.write(lambda conn: conn.execute("INSERT INTO t VALUES (0)")))
+            for _ in range(3)
+        ]
+        await queued()
+    await bounded(asyncio.gather(*three))
+    insert = "INSERT INTO t VALUES (1)"
+    held = asyncio.create_task(db.write(lambda conn: conn.execute(insert), key=("t", "1")))
+    await asyncio.sleep(0.2)
+    assert not held.done()  # waiting for two more
+    count = "SELECT count(*) FROM t"
+    assert await bounded(db.read(lambda conn: conn.execute(count).fetchone()[0], key=("t", "0")))
+    await bounded(db.close(), "close while a write waits for company")
+    await bounded(held)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT n, count(*) FROM t GROUP BY n").fetchall() == [(0, 3), (1, 1)]
+    finally:
+        conn.close()
+
+
 async def test_every_read_sees_the_writes_acknowledged_before_it(store: SqliteStore) -> None:
     """Read-your-writes across the two connections: each writer reads its run right after
     each acknowledged append (16 at once, so reads and group commits overlap)."""
