@@ -14,7 +14,7 @@ from car_grpc.gateway import Gateway
 from car_grpc.v1 import a2ui_pb2
 from car_grpc.wire import codec
 from tests.session_client import connect
-from tests.test_a2a_e2e import AGENT, attached, config, say, take_chat
+from tests.test_a2a_e2e import AGENT, attached, caller_token, config, jsonrpc, say, take_chat
 from tests.ws_client import Rpc, rpc
 from tests.ws_helpers import daemon_token
 
@@ -88,6 +88,33 @@ async def test_a_session_sends_a_message_gets_the_reply_and_alone_sees_its_task(
             if await core.parts.store.a2a_tasks.get(task["id"]) is None:
                 break
             await asyncio.sleep(0.02)
+
+
+async def test_a_session_and_an_a2a_listener_caller_see_none_of_each_others_tasks(
+    served: tuple[Core, Gateway],
+) -> None:
+    """The session's A2A methods and the listener share one dispatcher builder, and each
+    call runs as its own caller: the session's task is not the HTTP caller's, nor the
+    HTTP caller's task the session's."""
+    core, gateway = served
+    peer = await caller_token(core)
+    async with attached(gateway, core) as agent, rpc(gateway.url) as caller:
+        await caller.login(daemon_token(core))
+        task = await send(caller, agent, "mine")
+        answer = await jsonrpc(core, AGENT, peer, "GetTask", {"id": task["id"]})
+        assert answer["error"]["code"] == -32001
+        assert (await jsonrpc(core, AGENT, peer, "ListTasks", {}))["result"].get("tasks", []) == []
+
+        sending = asyncio.create_task(
+            jsonrpc(core, AGENT, peer, "SendMessage", {"message": message("theirs")})
+        )
+        chat = await take_chat(agent)
+        await say(agent, chat["session_id"], "done")
+        theirs = (await asyncio.wait_for(sending, 10))["result"]["task"]
+        refused = await caller.error("GetTask", {"tenant": AGENT, "id": theirs["id"]})
+        assert refused["data"]["a2a"]["code"] == -32001
+        listed = await caller.result("ListTasks", {"tenant": AGENT})
+        assert [t["id"] for t in listed["tasks"]] == [task["id"]]
 
 
 async def test_cancel_task_cancels_a_running_task_and_v0_3_names_work(
