@@ -275,11 +275,37 @@ class _Queue:
     closing: bool = False
     #: GroupLimits.window for this queue's thread (0 for the reads); the size of the
     #: group it took last; the chances to wait it skips next, and the waits in a row that
-    #: ran out (`_wait_for`; all used on that thread only).
+    #: ran out (`wait_for`; all used on that thread only).
     window: float = 0.0
     last_group: int = 1
     skip: int = 0
     misses: int = 0
+
+    def wait_for(self, expected: int) -> None:
+        """Wait (on the queue's thread, holding `wake`) until `expected` calls are queued,
+        as long as each comes within the window of the one before (on a busy machine the
+        writers come back spread out, yet close to each other), _MAX_WINDOWS windows in all.
+        After n waits in a row that ran out, skip the next 2^n - 2 chances to wait (0, 2,
+        6, ... up to _MAX_SKIP): writers that do not come back in time (clients that pause
+        between writes) are soon not waited for, writers in a loop still are when one of
+        them was late once."""
+        if self.skip:
+            self.skip -= 1
+            return
+        start = time.monotonic()
+        deadline, last = start + self.window, start + _MAX_WINDOWS * self.window
+        count = len(self.calls)
+        while len(self.calls) < expected and not self.closing:
+            now = time.monotonic()
+            if len(self.calls) > count:
+                count, deadline = len(self.calls), min(now + self.window, last)
+            remaining = deadline - now
+            if remaining <= 0:
+                self.misses += 1
+                self.skip = min(2**self.misses - 2, _MAX_SKIP)
+                return
+            self.wake.wait(remaining)
+        self.misses = 0
 
 
 class _InDoubt(Exception):
@@ -600,7 +626,7 @@ class SqliteDatabase:
                 queue.wake.wait(_IDLE_TICK)
             expected = min(queue.last_group, limits.max_group)
             if queue.window > 0 and len(queue.calls) < expected:
-                self._wait_for(queue, expected)
+                queue.wait_for(expected)
             taken: list[_Call] = []
             size = 0
             while queue.calls and len(taken) < limits.max_group:
@@ -611,33 +637,6 @@ class SqliteDatabase:
                 size += call.size
             queue.last_group = len(taken)
             return taken
-
-    @staticmethod
-    def _wait_for(queue: _Queue, expected: int) -> None:
-        """Wait (holding `queue.wake`) until `expected` calls are queued, as long as each
-        comes within the queue's window of the one before (on a busy machine the writers
-        come back spread out, yet close to each other), for _MAX_WINDOWS windows in all.
-        After n waits in a row that ran out, skip the next 2^n - 2 chances to wait (0, 2,
-        6, ... up to _MAX_SKIP): writers that do not come back in time (clients that pause
-        between writes) are soon not waited for, writers in a loop still are when one of
-        them was late once."""
-        if queue.skip:
-            queue.skip -= 1
-            return
-        start = time.monotonic()
-        deadline, last = start + queue.window, start + _MAX_WINDOWS * queue.window
-        count = len(queue.calls)
-        while len(queue.calls) < expected and not queue.closing:
-            now = time.monotonic()
-            if len(queue.calls) > count:
-                count, deadline = len(queue.calls), min(now + queue.window, last)
-            remaining = deadline - now
-            if remaining <= 0:
-                queue.misses += 1
-                queue.skip = min(2**queue.misses - 2, _MAX_SKIP)
-                return
-            queue.wake.wait(remaining)
-        queue.misses = 0
 
     def _read_all(self, conn: sqlite3.Connection, reads: list[_Call]) -> None:
         """On the read thread: `reads` in one read transaction (one snapshot, taken after
